@@ -13,6 +13,7 @@ Hook names are written out literally (``blocks.{l}.attn.hook_pattern``) so the s
 from __future__ import annotations
 
 import html
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .lipschitz import mlp_gain_gram, mlp_jacobian_frobenius, supports_certified
 from .models import check_length, format_prompt
 from .records import provenance
 
@@ -48,6 +50,7 @@ class Trace:
     predicted_token: str
     metadata: dict[str, Any] = field(default_factory=dict)
     resid: Float[Tensor, "layer_plus_1 pos d_model"] | None = None
+    mlp_gain: Float[Tensor, "layer pos"] | None = None
 
     @property
     def n_layers(self) -> int:
@@ -132,12 +135,15 @@ def trace(
     *,
     chat: bool | None = None,
     keep_resid: bool = False,
+    lipschitz: bool = False,
 ) -> Trace:
     """Run ``model`` once on ``prompt`` and keep what the analyses need (see :class:`Trace`).
 
     ``prompt`` is text (put through the chat template when the tokenizer has one, unless
     ``chat=False``) or token ids. ``keep_resid=True`` also keeps every layer's residual stream
-    (``[layer+1, pos, d_model]``), which the compression metrics need.
+    (``[layer+1, pos, d_model]``), which the compression metrics need. ``lipschitz=True`` also
+    computes ``‖J_{MLP∘N2}‖_F`` per layer and position (:mod:`lens_squash.lipschitz`), which the
+    certified bound needs.
     """
     tokens = as_tokens(model, prompt, chat=chat)
     n_layers = model.cfg.n_layers
@@ -173,6 +179,8 @@ def trace(
                 hooks.append((f"blocks.{layer}.{norm}.hook_scale", keep(f"{norm}.{layer}", lambda t: t[..., 0])))
         if f"blocks.{layer}.attn.hook_v" in model.hook_dict and hasattr(model.blocks[layer].attn, "W_O"):
             hooks.append((f"blocks.{layer}.attn.hook_v", value_norm_hook(layer)))
+    if lipschitz:
+        hooks += _mlp_gain_hooks(model, store)
     hooks.append((f"blocks.{n_layers - 1}.hook_resid_post", keep(f"resid.{n_layers}")))
     if "ln_final.hook_scale" in model.hook_dict:
         hooks.append(("ln_final.hook_scale", keep("final_scale", lambda t: t[..., 0])))
@@ -182,6 +190,45 @@ def trace(
     with torch.no_grad():
         logits = model.run_with_hooks(tokens[None].to(model.cfg.device), fwd_hooks=hooks)
     return _assemble(model, tokens, store, logits[0, -1].detach().to("cpu", dtype), keep_resid, chat)
+
+
+_GRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _gram(block, centred: bool) -> Tensor:
+    # Weight-only, so cached per block: a second trace of the same model skips the d_mlp² builds.
+    if block not in _GRAMS:
+        _GRAMS[block] = mlp_gain_gram(block, centred=centred)
+    return _GRAMS[block]
+
+
+def _mlp_gain_hooks(model, store: dict[str, Tensor]) -> list:
+    """Hooks that compute ‖J_{MLP∘N2}‖_F per position as the pass goes, keeping only [pos]."""
+    supports_certified(model)
+    centred = model.cfg.normalization_type in ("LN", "LNPre")
+    hooks = []
+    for layer, block in enumerate(model.blocks):
+        if model.cfg.attn_only:
+            break
+
+        def save(name):
+            def hook(value, hook):
+                store[name] = value[0].detach()
+            return hook
+
+        def gain(value, hook, layer=layer, block=block):
+            pre = store.pop(f"mlp_pre.{layer}")
+            pre_linear = store.pop(f"mlp_pre_linear.{layer}", None)
+            scale = store.get(f"ln2.{layer}")
+            scale = None if scale is None else scale.to(pre.device)
+            norms = mlp_jacobian_frobenius(block, _gram(block, centred), pre, pre_linear, scale)
+            store[f"mlp_gain.{layer}"] = norms.cpu()
+
+        hooks.append((f"blocks.{layer}.mlp.hook_pre", save(f"mlp_pre.{layer}")))
+        if f"blocks.{layer}.mlp.hook_pre_linear" in model.hook_dict:
+            hooks.append((f"blocks.{layer}.mlp.hook_pre_linear", save(f"mlp_pre_linear.{layer}")))
+        hooks.append((f"blocks.{layer}.mlp.hook_post", gain))
+    return hooks
 
 
 def _stack(store: dict[str, Tensor], prefix: str, n: int) -> Tensor | None:
@@ -217,4 +264,5 @@ def _assemble(model, tokens, store, last_logits, keep_resid: bool, chat) -> Trac
         predicted_token=predicted_str,
         metadata=provenance(model, chat=chat, n_tokens=int(tokens.shape[0])),
         resid=resid if keep_resid else None,
+        mlp_gain=_stack(store, "mlp_gain", n_layers),
     )
