@@ -50,6 +50,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from .ranks import pearson, spearman
+
 __all__ = [
     "SINK_EPS",
     "SINK_EPS_STRICT",
@@ -65,11 +67,8 @@ __all__ = [
     "massive_layers",
     "matrix_entropy",
     "mixing_score",
-    "pearson",
-    "rank_average",
     "sink_rate",
     "sink_report",
-    "spearman",
     "squared_singular_values",
 ]
 
@@ -365,29 +364,6 @@ def massive_layers(
 # ---------------------------------------------------------------------------------------------------
 # correlations
 # ---------------------------------------------------------------------------------------------------
-
-
-def rank_average(x: Float[Tensor, "n"]) -> Float[Tensor, "n"]:
-    """1-based ranks with ties given their average rank (``scipy.stats.rankdata`` 'average')."""
-    x = _check_curve(x, "x")
-    _, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
-    ends = torch.cumsum(counts, 0).to(_F64)  # last rank of each group of equal values
-    return (ends - (counts.to(_F64) - 1) / 2)[inverse]
-
-
-def pearson(a: Float[Tensor, "n"], b: Float[Tensor, "n"]) -> float:
-    """Pearson correlation; NaN when either input is constant (as scipy)."""
-    a, b = _check_curve(a, "a"), _check_curve(b, "b")
-    if a.shape != b.shape or a.numel() < 2:
-        raise ValueError(f"need two curves of the same length ≥ 2, got {a.numel()} and {b.numel()}")
-    a, b = a - a.mean(), b - b.mean()
-    denom = float(a.norm() * b.norm())
-    return float((a * b).sum()) / denom if denom > 0 else math.nan
-
-
-def spearman(a: Float[Tensor, "n"], b: Float[Tensor, "n"]) -> float:
-    """Spearman correlation: Pearson on average ranks."""
-    return pearson(rank_average(a), rank_average(b))
 
 
 def layer_correlations(
