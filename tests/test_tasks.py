@@ -1,0 +1,572 @@
+"""Tests for lens_squash.tasks: verbatim prompts (Appendix C.1/C.5), generators, parser, evaluation."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pandas as pd
+import pytest
+import torch
+
+from lens_squash import tasks
+from lens_squash.tasks import (
+    FILLER_WORDS,
+    MODES,
+    RESULT_COLUMNS,
+    TASKS,
+    ParsedAnswer,
+    TaskResults,
+    evaluate,
+    greedy_generate,
+    load_results,
+    make_instance,
+    make_instances,
+    parse_answer,
+    save_results,
+)
+
+# ----------------------------------------------------------------------------------------------
+# Prompts, verbatim (typed from Appendix C.1 and C.5, with the paper's quotes and quirks)
+
+COPY_TAIL = "Please answer exactly as \u2018The answer to your question is: <ANSWER>\u2019"
+FINAL = (
+    "Please give the answer on the final line exactly as \u2019The final answer to your maths question "
+    "is: xxxx\u2019, where \u2019xxxx"
+)
+ANSWER_ONLY = " Only output the answer, without any explanation or working."
+
+VERBATIM = {
+    "copy_last": "Consider the following sequence: 1 1 1 0. What is the last digit in this sequence? "
+    + COPY_TAIL,
+    "copy_first": "Consider the following sequence: 0 1 1 1. What is the first digit in this sequence? "
+    + COPY_TAIL,
+    "copy_last_hint": "Consider the following sequence: 1 1 1 0. What is the last digit in this sequence? "
+    + COPY_TAIL
+    + " *Hint* It\u2019s not necessarily a 1, check carefully",
+    "copy_alternating": "Consider the following sequence: 1 0 1 0. What is the last digit in this sequence? "
+    + COPY_TAIL,
+    "copy_type1": "What is the last digit of the following sequence? "
+    + COPY_TAIL
+    + ". Here is the sequence: 1 1 1 0",
+    "copy_type2": COPY_TAIL + ". What is the last digit of the following sequence? 1 1 1 0",
+    "sum_ones": "Please perform the following sum: 1 + 1 + 1 + 1. "
+    + FINAL
+    + "\u2019 is your answer.."
+    + ANSWER_ONLY,
+    "count_ones": "Please count the number of ones in the following sequence:1 1 1 1. "
+    + FINAL
+    + " is your answer."
+    + ANSWER_ONLY,
+}
+
+COT = " Let\u2019s think step by step, showing me your reasoning."
+PAPER_SUM_EXAMPLES = """Please perform the following sum: 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1
+We divide the sum into groups of 5.
+(1 + 1 + 1 + 1 + 1) + (1 + 1 + 1 + 1 + 1) + 1 + 1
+The answer is then 2 * 5 + 2 = 12
+The final answer to your maths question is: 12
+
+Please perform the following sum: 1 + 1 + 1 + 1 + 1 + 1
+We divide the sum into groups of 5.
+(1 + 1 + 1 + 1 + 1) + 1
+The answer is then 1 * 5 + 1 = 6
+The final answer to your maths question is: 6"""
+
+
+@pytest.mark.parametrize("task", sorted(VERBATIM))
+def test_prompt_is_the_papers_text(task):
+    assert make_instance(task, 4).prompt == VERBATIM[task]
+
+
+def test_bernoulli_and_car_prompts_wrap_the_sequence_in_the_papers_words():
+    bern = make_instance("count_bernoulli", 9, 3)
+    digits = " ".join(map(str, bern.sequence))
+    assert bern.prompt == VERBATIM["count_ones"].replace("1 1 1 1", digits)
+    car = make_instance("count_car", 7, 2)
+    sentence = " ".join(car.sequence)
+    assert car.prompt == (
+        "Please count the number of times \u2018car\u2019 appears in the following sentence: "
+        f"\u2019{sentence}\u2019. " + FINAL + "\u2019 is your answer." + ANSWER_ONLY
+    )
+
+
+def test_cot_modes_extend_the_question_and_few_shot_uses_the_appendix_sums():
+    question = make_instance("sum_ones", 5, mode="answer").prompt.removesuffix(ANSWER_ONLY)
+    cot = make_instance("sum_ones", 5, mode="cot").prompt
+    few = make_instance("sum_ones", 5, mode="cot_few_shot").prompt
+    assert cot == question + COT
+    assert few == cot + " Here are a few examples:\n\n" + PAPER_SUM_EXAMPLES
+    for task in ("count_ones", "count_bernoulli", "count_car"):
+        few = make_instance(task, 6, mode="cot_few_shot").prompt
+        assert (
+            few.count("The final answer to your maths question is:") == 3
+        )  # instruction + 2 examples
+        assert few.startswith(make_instance(task, 6, mode="cot").prompt)
+
+
+def test_our_few_shot_examples_state_correct_answers():
+    for task in ("count_ones", "count_bernoulli", "count_car"):
+        for example in TASKS[task].examples:
+            question, *_, last = example.split("\n")
+            body = question.split(": ", 1)[1].strip("\u2019")
+            truth = (
+                len(re.findall(r"\bcar\b", body))
+                if task == "count_car"
+                else body.split().count("1")
+            )
+            assert parse_answer(last, "count").value == truth
+
+
+def test_every_task_of_section_3_is_registered_with_its_modes():
+    assert set(TASKS) == {
+        "copy_last", "copy_first", "copy_last_hint", "copy_alternating", "copy_type1", "copy_type2",
+        "sum_ones", "count_ones", "count_bernoulli", "count_car",
+    }  # fmt: skip
+    for name, spec in TASKS.items():
+        assert spec.modes == (("answer",) if spec.kind == "copy" else MODES), name
+
+
+# ----------------------------------------------------------------------------------------------
+# Generators: determinism and truth (seeded property loops)
+
+
+def test_instances_are_deterministic_and_the_seed_is_not_pythons_salted_hash():
+    a = make_instance("count_bernoulli", 20, 4, "cot", seed=7)
+    assert a == make_instance("count_bernoulli", 20, 4, "cot", seed=7)
+    # pinned: the same draw in every process, whatever PYTHONHASHSEED is
+    assert make_instance("count_bernoulli", 12, 0).sequence == (0, 0, 1, 1, 1, 1, 1, 0, 1, 1, 1, 0)
+    assert make_instance("count_car", 4, 0).sequence == ("window", "new", "car", "small")
+    assert (
+        make_instance("count_car", 5, 1, seed=3).sequence
+        == make_instance("count_car", 5, 1, seed=3).sequence
+    )
+    draws = {make_instance("count_bernoulli", 30, s).sequence for s in range(20)}
+    assert len(draws) == 20  # samples differ
+    assert (
+        make_instance("count_bernoulli", 30, 0, seed=1).sequence
+        != make_instance("count_bernoulli", 30, 0).sequence
+    )
+    # the three modes ask about the same sequence
+    assert len({make_instance("count_car", 15, 2, m).sequence for m in MODES}) == 1
+
+
+def _sequence_text(task: str, prompt: str) -> str:
+    """The sequence as the prompt shows it, cut out with the paper's surrounding words."""
+    patterns = {
+        "copy_type1": r"Here is the sequence: (.*)$",
+        "copy_type2": r"following sequence\? (.*)$",
+        "sum_ones": r"following sum: (.*?)\. Please",
+        "count_ones": r"following sequence:(.*?)\. Please",
+        "count_bernoulli": r"following sequence:(.*?)\. Please",
+        "count_car": r"following sentence: \u2019(.*?)\u2019\. Please",
+    }
+    return re.search(patterns.get(task, r"following sequence: (.*?)\. What"), prompt).group(1)
+
+
+def _truth_from_text(task: str, text: str) -> int:
+    if task == "count_car":
+        return len(re.findall(r"\bcar\b", text))
+    items = text.split(" + ") if task == "sum_ones" else text.split(" ")
+    if task == "copy_first":
+        return int(items[0])
+    if task.startswith("copy"):
+        return int(items[-1])
+    return sum(int(x) for x in items)
+
+
+def test_every_generator_computes_the_truth_shown_in_its_prompt():
+    rng = random.Random(1234)
+    for _ in range(600):
+        task = rng.choice(sorted(TASKS))
+        length, sample, seed = rng.randint(1, 60), rng.randint(0, 50), rng.randint(0, 10**6)
+        mode = rng.choice(TASKS[task].modes)
+        inst = make_instance(task, length, sample, mode, seed)
+        text = _sequence_text(task, inst.prompt)
+        n_items = len(text.split(" + " if task == "sum_ones" else " "))
+        assert n_items == len(inst.sequence) == length, (task, length)
+        assert inst.truth == _truth_from_text(task, text), (task, length, sample, seed)
+        if task.startswith("copy"):
+            assert inst.truth == 0 and set(inst.sequence) <= {0, 1}
+            assert inst.sequence.count(0) == (length + 1) // 2 if task == "copy_alternating" else 1
+
+
+def test_alternating_sequences_alternate_and_end_in_zero():
+    for n in range(1, 15):
+        seq = make_instance("copy_alternating", n).sequence
+        assert seq[-1] == 0 and all(a != b for a, b in zip(seq, seq[1:], strict=False))
+
+
+def test_random_tasks_follow_their_rates():
+    ones = [x for s in range(200) for x in make_instance("count_bernoulli", 50, s).sequence]
+    assert abs(sum(ones) / len(ones) - tasks.BERNOULLI_P) < 0.02  # 10k draws: 5 sigma ~ 0.023
+    words = [w for s in range(200) for w in make_instance("count_car", 50, s).sequence]
+    assert abs(words.count("car") / len(words) - tasks.CAR_P) < 0.025
+    assert set(words) - {"car"} <= set(FILLER_WORDS)
+
+
+def test_filler_words_never_hide_car():
+    assert all("car" not in w for w in FILLER_WORDS)
+    for s in range(100):  # whole-word regex count, as an independent reader would do it
+        inst = make_instance("count_car", 40, s)
+        assert inst.truth == len(re.findall(r"\bcar\b", " ".join(inst.sequence)))
+        assert inst.truth == len(re.findall(r"car", " ".join(inst.sequence)))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"task": "copy_middle", "length": 3}, "valid tasks are copy_last, copy_first"),
+        ({"task": "copy_last", "length": 0}, "length must be >= 1"),
+        ({"task": "copy_last", "length": True}, "length must be an integer"),
+        ({"task": "copy_last", "length": 2.0}, "length must be an integer"),
+        ({"task": "copy_last", "length": 3, "sample": -1}, "sample must be >= 0"),
+        ({"task": "copy_last", "length": 3, "mode": "cot"}, "use one of: answer"),
+        ({"task": "sum_ones", "length": 3, "mode": "few_shot"}, "answer, cot, cot_few_shot"),
+    ],
+)
+def test_bad_arguments_say_what_is_wrong(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_instance(**kwargs)
+
+
+def test_make_instances_covers_the_grid_in_order():
+    grid = make_instances(["sum_ones", "count_car"], [3, 5], 2, ["answer", "cot"])
+    assert [i.key for i in grid][:3] == [("sum_ones", "answer", 3, 0), ("sum_ones", "answer", 3, 1),
+                                         ("sum_ones", "answer", 5, 0)]  # fmt: skip
+    assert len(grid) == len({i.key for i in grid}) == 2 * 2 * 2 * 2
+    assert len(make_instances("sum_ones", [3, 3, 4], 1)) == 2
+    with pytest.raises(ValueError, match="n_samples"):
+        make_instances("sum_ones", [3], 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Answer parsing
+
+PARSE_TABLE = [
+    # (output, kind, value or None)
+    ("The answer to your question is: 0", "copy", 0),
+    ("**The answer to your question is: 1**", "copy", 1),
+    ("The answer to your question is: **0**.", "copy", 0),
+    ("The answer to your question is: `0`", "copy", 0),
+    ("\u2018The answer to your question is: 0\u2019", "copy", 0),
+    ("The answer to your question is: <0>", "copy", 0),
+    ("The answer to your question is: <ANSWER>0</ANSWER>", "copy", 0),
+    ("THE ANSWER TO YOUR QUESTION IS 1", "copy", 1),
+    ("The answer to your question is : zero.", "copy", 0),
+    ("Sure! The answer to your question is:\n\n1", "copy", 1),
+    ("The sequence is 1 1 1 0.\nThe answer to your question is: 0 (the last digit).", "copy", 0),
+    ("The last digit in this sequence is 1.", "copy", 1),  # SmolLM2-135M-Instruct's habit
+    ("The first digit of the sequence is **zero**", "copy", 0),
+    ("0", "copy", 0),
+    ("**One**.", "copy", 1),
+    # adversarial copying outputs
+    ("The answer to your question is: <ANSWER>", "copy", None),
+    ("The answer to your question is:", "copy", None),
+    ("Please answer exactly as \u2018The answer to your question is: <ANSWER>\u2019", "copy", None),
+    ("The answer to your question is: 0\nThe answer to your question is: <ANSWER>", "copy", 0),
+    ("The last digit is 0", "copy", None),
+    ("The answer to your question is: someone else's", "copy", None),
+    ("", "copy", None),
+    ("   \n ", "copy", None),
+    # counting
+    ("The final answer to your maths question is: 12", "count", 12),
+    ("The final answer to your math question is: 1,024.", "count", 1024),
+    ("The final answer to your maths question is: thirty-two", "count", 32),
+    ("The final answer to your maths question is: twenty one", "count", 21),
+    ("The final answer to your maths question is: seventeen!", "count", 17),
+    ("The final answer to your maths question is: one hundred and twelve", "count", 112),
+    ("The final answer to your maths question is: 12.0", "count", 12),
+    ("The final answer to your maths question is:\n\n**15**", "count", 15),
+    ("# Result\n**The final answer to your maths question is:** 100", "count", 100),
+    ("the final answer to your maths question is 7", "count", 7),
+    (
+        "The final answer to your maths question is: 7\nWait, recount.\nThe final answer to your maths question is: 8",
+        "count",
+        8,
+    ),  # fmt: skip
+    (
+        "The final answer to your maths question is: 8\nas asked: \u2019The final answer to your maths question "
+        "is: xxxx\u2019",
+        "count",
+        8,
+    ),  # fmt: skip
+    (
+        "(1 + 1 + 1 + 1 + 1) + 1\nThe answer is then 1 * 5 + 1 = 6",
+        "count",
+        6,
+    ),  # fallback: final line
+    ("12", "count", 12),
+    # adversarial counting outputs
+    ("The final answer to your maths question is: xxxx", "count", None),
+    ("The final answer to your maths question is: 12.5", "count", None),
+    ("The final answer to your maths question is: none", "count", None),
+    ("I cannot count these, there are many ones.", "count", None),
+    ("There are 12 ones.\nI am not sure.", "count", None),  # no number on the final line
+    (None, "count", None),
+    (float("nan"), "count", None),
+]
+
+
+@pytest.mark.parametrize(("text", "kind", "value"), PARSE_TABLE)
+def test_parser_table(text, kind, value):
+    parsed = parse_answer(text, kind)
+    assert isinstance(parsed, ParsedAnswer)
+    assert parsed.value == value
+    assert parsed.status == ("unparsable" if value is None else "ok")
+    if value is not None:
+        assert parsed.matched and parsed.matched in text
+
+
+def test_parser_table_is_large_enough():
+    assert len(PARSE_TABLE) >= 25
+
+
+def test_parser_reads_back_numbers_written_in_many_styles():
+    words = {
+        0: "zero",
+        3: "three",
+        11: "eleven",
+        19: "nineteen",
+        20: "twenty",
+        45: "forty-five",
+        90: "ninety",
+    }
+    decorations = [
+        "{}",
+        "**{}**",
+        "`{}`",
+        "\u2018{}\u2019",
+        '"{}"',
+        "<{}>",
+        "[{}]",
+        "{}.",
+        "{}!",
+        " {} ",
+    ]
+    openers = ["", "Reasoning...\n", "**"]
+    rng = random.Random(5)
+    for _ in range(400):
+        value = rng.choice([*words, rng.randint(0, 5000)])
+        number = words[value] if value in words and rng.random() < 0.5 else f"{value:,}"
+        phrase = rng.choice(
+            ["The answer to your question is", "The final answer to your maths question is"]
+        )
+        colon = rng.choice([":", " :", "", ":  "])
+        text = f"{rng.choice(openers)}{phrase}{colon} {rng.choice(decorations).format(number)}"
+        assert parse_answer(text, rng.choice(["copy", "count"])).value == value, text
+
+
+def test_parser_never_raises_on_junk():
+    pieces = ["The", " answer", " to your", " question is", ":", " final", " maths", "<ANSWER>", "xxxx", "1",
+              ",", ".", "0", "\n", "**", "`", "one", "-", "hundred", "\u2019", "\ufffd", " "]  # fmt: skip
+    rng = random.Random(9)
+    for _ in range(1500):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 25)))
+        for kind in ("copy", "count"):
+            parsed = parse_answer(text, kind)
+            assert (parsed.value is None) == (parsed.status == "unparsable")
+    with pytest.raises(ValueError, match="kind must be"):
+        parse_answer("0", "sum")
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation and evaluation with tiny random models
+
+
+def _naive_greedy(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """Reference: recompute the whole unpadded sequence at every step, no cache, no mask."""
+    tokens = prompt.clone()
+    for _ in range(n):
+        tokens = torch.cat([tokens, model(tokens[None])[0, -1].argmax()[None]])
+    return tokens[len(prompt) :]
+
+
+@pytest.mark.parametrize("positional", ["standard", "rotary"])
+def test_batched_left_padded_generation_equals_one_at_a_time(positional):
+    from lens_squash.models import tiny_model
+
+    model = tiny_model(positional=positional, d_vocab=50, n_ctx=40, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 50, (n,), generator=gen) for n in (3, 11, 7, 1)]
+    with torch.inference_mode():
+        reference = [_naive_greedy(model, p, 6) for p in prompts]
+    batched = greedy_generate(model, prompts, max_new_tokens=6, stop_token_ids=[])
+    alone = [greedy_generate(model, [p], max_new_tokens=6, stop_token_ids=[])[0] for p in prompts]
+    for ref, b, a in zip(reference, batched, alone, strict=True):
+        assert torch.equal(b, ref) and torch.equal(a, ref)
+
+
+def test_generation_stops_at_a_stop_token_and_respects_the_context():
+    from lens_squash.models import tiny_model
+
+    model = tiny_model(d_vocab=50, n_ctx=20, seed=1)
+    prompt = torch.tensor([4, 9, 2, 7])
+    full = greedy_generate(model, [prompt], max_new_tokens=5, stop_token_ids=[])[0]
+    assert len(full) == 5
+    cut = greedy_generate(model, [prompt], max_new_tokens=5, stop_token_ids=[int(full[2])])[0]
+    first = int((full == full[2]).nonzero()[0])
+    assert torch.equal(cut, full[:first])  # the stop token and what follows are dropped
+    with pytest.raises(ValueError, match="n_ctx=20"):
+        greedy_generate(model, [prompt], max_new_tokens=17, stop_token_ids=[])
+
+
+@pytest.fixture(scope="module")
+def chat_model():
+    from lens_squash.models import tiny_model
+
+    return tiny_model(tokenizer="smollm2", n_ctx=256, d_model=16, n_heads=2, n_layers=1, seed=0)
+
+
+GRID = {
+    "task": ["copy_last", "count_bernoulli"],
+    "lengths": [2, 5],
+    "n_samples": 2,
+    "max_new_tokens": 4,
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(chat_model):
+    return evaluate(chat_model, **GRID, batch_size=3, progress=False)
+
+
+def test_evaluate_gives_a_tidy_frame(uninterrupted, chat_model):
+    frame = uninterrupted.frame
+    assert tuple(frame.columns) == RESULT_COLUMNS
+    expected = make_instances(GRID["task"], GRID["lengths"], GRID["n_samples"])
+    assert list(zip(frame.task, frame["mode"], frame.length, frame["sample"], strict=True)) == [
+        i.key for i in expected
+    ]
+    assert frame.truth.tolist() == [i.truth for i in expected]
+    assert frame.prompt.tolist() == [i.prompt for i in expected]
+    assert (frame.correct == (frame.parsed_answer == frame.truth).fillna(False)).all()
+    ok = frame.parse_status == "ok"
+    assert frame.parsed_answer.notna().eq(ok).all() and frame.abs_error.notna().eq(ok).all()
+    assert ((frame.abs_error - (frame.parsed_answer - frame.truth).abs()).dropna() == 0).all()
+    assert (frame.n_new_tokens <= GRID["max_new_tokens"]).all()
+    assert frame.raw_output.map(lambda s: isinstance(s, str)).all()
+    summary = uninterrupted.accuracy_by_length()
+    assert len(summary) == 4 and (summary.n == 2).all()
+    assert "TaskResults" in uninterrupted._repr_html_()
+
+
+def test_evaluate_scores_parsed_replies(chat_model, monkeypatch):
+    """Canned replies in place of the random model's: decoding, parsing and scoring end to end."""
+    tokenizer = chat_model.tokenizer
+    replies = iter(
+        [
+            "**The answer to your question is: 0**",  # copy_last 2: right
+            "The answer to your question is: 1",  # copy_last 4: wrong by 1
+            "I don't know",  # copy_last 5: unparsable
+            "The final answer to your maths question is: 2",  # sum_ones 2: right
+            "(1 + 1 + 1) + 1\nThe answer is then 3 + 1 = 7",  # sum_ones 4: no phrase, final line says 7
+            "The final answer to your maths question is: five",  # sum_ones 5: right, in words
+        ]
+    )
+
+    def canned(model, prompts, **kwargs):
+        return [
+            torch.tensor(tokenizer.encode(next(replies)) + [tokenizer.eos_token_id])
+            for _ in prompts
+        ]
+
+    monkeypatch.setattr(tasks, "greedy_generate", canned)
+    results = evaluate(
+        chat_model, ["copy_last", "sum_ones"], [2, 4, 5], 1, batch_size=2, progress=False
+    )
+    frame = results.frame
+    assert frame.raw_output.iloc[0] == "**The answer to your question is: 0**"  # EOS not decoded
+    assert frame.correct.tolist() == [True, False, False, True, False, True]
+    assert frame.parsed_answer.tolist() == [0, 1, pd.NA, 2, 7, 5]
+    assert frame.abs_error.tolist() == [0, 1, pd.NA, 0, 3, 0]
+    assert frame.parse_status.tolist() == ["ok", "ok", "unparsable", "ok", "ok", "ok"]
+    summary = results.accuracy_by_length().set_index(["task", "length"])
+    assert summary.loc[("copy_last", 2), "accuracy"] == 1.0
+    assert summary.loc[("copy_last", 5), "unparsable"] == 1.0
+    assert pd.isna(summary.loc[("copy_last", 5), "mean_abs_error"])
+    assert summary.loc[("sum_ones", 4), "mean_abs_error"] == 3.0
+
+
+def test_evaluate_matches_direct_generation_through_the_chat_template(uninterrupted, chat_model):
+    from lens_squash.models import format_prompt
+
+    row = uninterrupted.frame.iloc[-1]
+    ids = format_prompt(chat_model, row.prompt)
+    assert chat_model.tokenizer.decode(ids.tolist()).count(row.prompt) == 1
+    new = greedy_generate(chat_model, [ids], max_new_tokens=4)[0]
+    assert row.raw_output == chat_model.tokenizer.decode(new.tolist(), skip_special_tokens=True)
+    assert row.n_prompt_tokens == len(ids)
+
+
+def test_interrupted_run_resumes_without_redoing_work(
+    chat_model, uninterrupted, tmp_path, monkeypatch
+):
+    calls = []
+    real = tasks.greedy_generate
+
+    def counting(model, prompts, **kwargs):
+        calls.append(len(prompts))
+        return real(model, prompts, **kwargs)
+
+    def stop_after_first(index, rows):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tasks, "greedy_generate", counting)
+    out = tmp_path / "run.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(
+            chat_model,
+            **GRID,
+            batch_size=3,
+            out_path=out,
+            progress=False,
+            on_batch=stop_after_first,
+        )
+    assert calls == [3] and len(out.read_text().splitlines()) == 3
+    with open(out, "a") as handle:  # a crash in the middle of the next write leaves half a line
+        handle.write('{"task": "copy_last", "mode": "ans')
+    resumed = evaluate(chat_model, **GRID, batch_size=3, out_path=out, progress=False)
+    assert sum(calls) == len(uninterrupted.frame)  # every prompt generated exactly once
+    pd.testing.assert_frame_equal(resumed.frame, uninterrupted.frame)
+    lines = out.read_text().splitlines()
+    assert len(lines) == len(uninterrupted.frame) and all(json.loads(line) for line in lines)
+    again = evaluate(chat_model, **GRID, batch_size=3, out_path=out, progress=False)
+    assert sum(calls) == len(uninterrupted.frame)  # a finished run does no work
+    pd.testing.assert_frame_equal(again.frame, uninterrupted.frame)
+    with pytest.raises(ValueError, match="different prompt"):
+        evaluate(
+            chat_model,
+            **{**GRID, "task": ["count_bernoulli"]},
+            seed=1,
+            out_path=out,
+            progress=False,
+        )
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json", ".jsonl"])
+def test_save_results_round_trips_atomically(uninterrupted, tmp_path, suffix):
+    frame = uninterrupted.frame.copy()
+    frame.loc[0, "raw_output"] = 'multi\nline, "quoted"'
+    frame.loc[0, ["parsed_answer", "abs_error", "parse_status", "correct"]] = [
+        pd.NA,
+        pd.NA,
+        "unparsable",
+        False,
+    ]
+    path = save_results(TaskResults(frame), tmp_path / f"r{suffix}")
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
+    pd.testing.assert_frame_equal(load_results(path).frame, frame)
+    with pytest.raises(ValueError, match="use .csv, .json or .jsonl"):
+        save_results(frame, tmp_path / "r.parquet")
+
+
+def test_parser_says_how_it_read_the_answer():
+    assert parse_answer("The answer to your question is: 0").method == "phrase"
+    assert parse_answer("The last digit in this sequence is 1.").method == "fallback"
+    assert parse_answer("So 2 + 2 = 4", "count").method == "fallback"
+    assert parse_answer("So 2 + 2 = 4", "copy") == ParsedAnswer(None, "unparsable", "", "none")
+    # the phrase beats an echo or a final-line number when both are there
+    text = "The last digit in this sequence is 1.\nThe answer to your question is: 0\n7"
+    assert parse_answer(text, "copy").value == 0 and parse_answer(text, "count").value == 0
