@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench lint clean install
+.PHONY: demo test test-fast bench lint clean install chromium
 
 install: $(STAMP)
 
@@ -22,8 +22,15 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/lens-squash demo
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest -q
+
+# The browser tests drive Debian's headless Chromium; install it when absent (sudo only when not root).
+# A failed install does not stop `make test`: the browser tests then fail and say how to install it.
+SUDO := $(shell [ "$$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && echo sudo)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium) \
+		|| echo "warning: could not install chromium (apt-get install -y chromium); the browser tests will fail"
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not browser"

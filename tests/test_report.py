@@ -1,0 +1,210 @@
+"""HTML/JSON reports: every section and figure present, plotly.js inline once, user text escaped,
+files written atomically."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.offline
+import pytest
+import torch
+
+from lens_squash import plotting
+from lens_squash.records import provenance
+from lens_squash.report import (
+    SECTION_ORDER,
+    ReportSection,
+    analysis_sections,
+    build_report,
+    model_section,
+    prompt_section,
+    write_report,
+)
+
+PAYLOADS = (
+    "<script>window.__pwned=1</script>",
+    "</script><img src=x onerror=alert(1)>",
+    "<!--<script>",
+    "\"><svg onload=alert(1)>",
+)
+
+
+def small_figure(name: str = "curve") -> go.Figure:
+    return plotting.bound_vs_jacobian(None, torch.rand(4) + 0.1, {name: torch.rand(4) + 0.1}, normalised=False)
+
+
+def standard_sections() -> list[ReportSection]:
+    n = 5
+    patterns = torch.eye(n).expand(1, 2, n, n)
+    return [
+        model_section(provenance(None, note="test")),
+        prompt_section("the prompt", ["a", "b", "c", "d", "e"], predicted="f"),
+        ReportSection("bound vs gradient", figures=[small_figure()], table=pd.DataFrame({"variant": ["rollout"], "spearman": [0.5]})),
+        ReportSection("paths", figures=[plotting.attention_paths((patterns, torch.rand(1, n))),
+                                        plotting.attention_heatmap(patterns)]),
+        ReportSection("spectral", figures=[plotting.spectral_figure(dobrushin=torch.rand(3))]),
+        ReportSection("sinks", figures=[plotting.sink_figure({"mass": torch.rand(3)}, (1, 2))]),
+        ReportSection("collapse", figures=[plotting.collapse_figure([1, 2], {"float32": [1e-3, 0.0]})]),
+    ]
+
+
+def script_tags(page: str) -> tuple[int, int]:
+    lower = page.lower()
+    return lower.count("<script"), lower.count("</script")
+
+
+def test_report_has_every_section_and_figure_and_plotly_once():
+    sections = standard_sections()
+    page = build_report(sections, title="my report")
+    n_figures = sum(len(s.figures) for s in sections)
+    for i, section in enumerate(sections):
+        assert f'<section id="section-{i}"><h2>{section.title}</h2>' in page
+        assert f'<a href="#section-{i}">{section.title}</a>' in page
+    assert {s.title for s in sections} <= set(SECTION_ORDER)
+    assert page.count('class="plotly-graph-div"') == n_figures
+    assert page.count("Plotly.newPlot(") == n_figures
+    assert page.count(plotly.offline.get_plotlyjs()[:500]) == 1  # plotly.js inline, exactly once
+    ours = page.replace(plotly.offline.get_plotlyjs(), "")
+    assert not re.search(r"<(script|link|img|iframe)[^>]*\b(src|href)=", ours)  # offline: nothing fetched
+    assert script_tags(page) == (2 + n_figures, 2 + n_figures)
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert "<title>my report</title>" in page and f"{n_figures} figures" in page
+    assert "<td>rollout</td>" in page  # the DataFrame table
+
+
+def test_sections_as_a_dict_accept_figures_lists_and_pairs():
+    fig = small_figure()
+    page = build_report({
+        "one": fig,
+        "two": [fig, fig],
+        "three": ([fig], "some text"),
+        "four": (fig, pd.DataFrame({"x": [1]})),
+        "five": ReportSection("five", text="plain"),
+    })
+    assert page.count('class="plotly-graph-div"') == 5
+    assert '<p class="text">some text</p>' in page and '<p class="text">plain</p>' in page
+    ids = [f"lens-squash-figure-{i}" for i in range(5)]
+    assert all(page.count(f'id="{i}"') == 1 for i in ids)  # figure ids are unique across sections
+    with pytest.raises(TypeError, match="section"):
+        build_report({"bad": 3})
+    with pytest.raises(TypeError, match="Figure"):
+        build_report([ReportSection("bad", figures=["not a figure"])])
+    with pytest.raises(TypeError, match="ReportSection"):
+        build_report(["not a section"])
+
+
+def test_hostile_user_text_is_escaped_everywhere():
+    hostile_tokens = list(PAYLOADS) + ["ok"]
+    fig = plotting.bound_vs_jacobian(hostile_tokens, torch.rand(5) + 0.1, {PAYLOADS[0]: torch.rand(5) + 0.1})
+    sections = [
+        prompt_section(" ".join(PAYLOADS), hostile_tokens, predicted=PAYLOADS[1]),
+        ReportSection(PAYLOADS[1], figures=[fig, plotting.attention_heatmap(torch.eye(5).expand(1, 1, 5, 5), hostile_tokens)],
+                      text=PAYLOADS[0], table={PAYLOADS[2]: PAYLOADS[3], "nested": {"k": PAYLOADS[1]}},
+                      notes=(PAYLOADS[0],)),
+        ReportSection("frame", table=pd.DataFrame({PAYLOADS[0]: [PAYLOADS[1]]})),
+    ]
+    page = build_report(sections, title=PAYLOADS[0], metadata={"prompt": PAYLOADS[1], PAYLOADS[3]: 1})
+    for payload in PAYLOADS:
+        assert payload not in page
+    body = page.split("</head>", 1)[1]  # plotly.js itself (in <head>) mentions <svg
+    assert "<img" not in body and "<svg" not in body
+    assert html.escape(" ".join(PAYLOADS)) in page  # the prompt is shown, escaped
+    assert f"<title>{html.escape(PAYLOADS[0])}</title>" in page
+    assert script_tags(page) == (4, 4)  # two in <head>, one per figure: nothing injected
+    assert "<!--" not in page
+
+
+def test_a_figure_that_would_break_out_of_its_script_is_refused(monkeypatch):
+    fig = small_figure()
+    monkeypatch.setattr(go.Figure, "to_html", lambda self, **kw: "<div></div><script>x('</script><script>alert(1)')</script>")
+    with pytest.raises(ValueError, match="refusing"):
+        build_report([ReportSection("s", figures=[fig])])
+
+
+def test_write_report_writes_html_and_json(tmp_path):
+    results = {"bound": torch.tensor([1.0, 2.0]), "ratio": math.nan, "name": PAYLOADS[0]}
+    meta = {"model": {"name": "tiny"}}
+    html_path, json_path = write_report(tmp_path / "out", standard_sections(), results, title="t", metadata=meta)
+    assert html_path == tmp_path / "out" / "report.html" and json_path == tmp_path / "out" / "results.json"
+    n_figures = sum(len(s.figures) for s in standard_sections())
+    assert html_path.read_text(encoding="utf-8").count('class="plotly-graph-div"') == n_figures
+    data = json.loads(json_path.read_text(encoding="utf-8"))
+    assert data == {"bound": [1.0, 2.0], "ratio": None, "name": PAYLOADS[0], "metadata": meta}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.html", "results.json"]
+
+
+def test_a_failed_write_leaves_the_previous_files_intact(tmp_path, monkeypatch):
+    html_path, json_path = write_report(tmp_path, standard_sections()[:1], {"run": 1})
+    old_html, old_json = html_path.read_text(), json_path.read_text()
+    real_write_text = Path.write_text
+    for failing_call in (1, 2):  # the first file's write fails, or the second's after the first succeeded
+        calls = []
+
+        def half_then_fail(self, text, *args, failing_call=failing_call, calls=calls, **kwargs):
+            calls.append(self)
+            if len(calls) < failing_call:
+                return real_write_text(self, text, *args, **kwargs)
+            real_write_text(self, text[: len(text) // 2], *args, **kwargs)  # a partial file on disk...
+            raise OSError("disk full")  # ...then the write fails
+
+        monkeypatch.setattr(Path, "write_text", half_then_fail)
+        with pytest.raises(OSError, match="disk full"):
+            write_report(tmp_path, standard_sections(), {"run": 2})
+        monkeypatch.undo()
+        assert len(calls) == failing_call
+        assert html_path.read_text() == old_html and json_path.read_text() == old_json
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "results.json"]  # no temp files left
+
+
+def test_an_error_while_rendering_writes_nothing(tmp_path):
+    html_path, json_path = write_report(tmp_path, standard_sections()[:1], {"run": 1})
+    before = html_path.read_text(), json_path.read_text()
+    with pytest.raises(TypeError):
+        write_report(tmp_path, [ReportSection("bad", figures=[None])], {"run": 2})
+    assert (html_path.read_text(), json_path.read_text()) == before
+
+
+def test_prompt_and_model_sections(tiny):
+    section = prompt_section("hi <b>", [" a", "<b>", "\n"], predicted=" c")
+    assert section.trusted_html.count('class="tok"') == 3
+    assert "␣a" in section.trusted_html and "&lt;b&gt;" in section.trusted_html and "\\n" in section.trusted_html
+    assert "<b>" not in section.trusted_html and "<code>␣c</code>" in section.trusted_html
+    page = build_report([section])
+    assert "hi &lt;b&gt;" in page
+    model = model_section(provenance(tiny, chat=False))
+    assert model.table["model.n_layers"] == 2 and "versions" in model.table
+    assert "<th>model.name</th>" in build_report([model])
+
+
+def test_analysis_sections_cover_an_analysis_like_object(tiny):
+    from types import SimpleNamespace
+
+    from lens_squash.compare import compare_variants
+    from lens_squash.sinks import sink_report
+    from lens_squash.trace import trace
+
+    traced = trace(tiny, torch.arange(1, 9))
+    n, layers = traced.n_tokens, traced.n_layers
+    flows = SimpleNamespace(head_flows=traced.patterns.double() / 2, residual_flows=torch.full((layers, n), 0.5))
+    rollout = SimpleNamespace(bound=torch.rand(n, dtype=torch.float64) + 0.1, target=n - 1, flows=lambda: flows)
+    table, _ = compare_variants({"rollout": rollout}, torch.rand(n, dtype=torch.float64) + 0.1, str_tokens=traced.str_tokens)
+    analysis = SimpleNamespace(
+        trace=traced, bounds={"rollout": rollout}, table=table, best_variant="rollout",
+        summary=lambda: pd.DataFrame({"variant": ["rollout"], "spearman": [0.3]}),
+        spectral=SimpleNamespace(dobrushin=torch.rand(layers), distance_to_rank_one=torch.rand(layers)),
+        sinks=sink_report(traced.patterns, traced.resid_norms),
+    )
+    sections = analysis_sections(analysis, prompt=PAYLOADS[0])
+    assert [s.title for s in sections] == ["model", "prompt", "bound vs gradient", "paths", "attention", "spectral", "sinks"]
+    page = build_report(sections)
+    assert page.count('class="plotly-graph-div"') == 5 and PAYLOADS[0] not in page
+    spectral = sections[5].figures[0]
+    assert {t.name for t in spectral.data} == {"τ per layer", "Π τ (bound)", "distance to rank one"}
+    with pytest.raises(ValueError, match="spectral fields"):
+        plotting.spectral_report_figure(SimpleNamespace())
