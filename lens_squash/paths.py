@@ -213,6 +213,7 @@ def flow_decomposition(
     *,
     source: int | None = None,
     left_scale: Float[Tensor, "layer pos"] | None = None,
+    output_scale: float = 1.0,
 ) -> PathFlows:
     """The exact per-layer, per-head, per-edge split of the path sum (DESIGN §3): the flow through
     head ``h`` of layer ``l`` from ``k`` to ``j`` is ``f^(l)_j s^(l)_j E^(l,h)_{jk} g^(l)_k``."""
@@ -231,9 +232,10 @@ def flow_decomposition(
     if left_scale is not None:
         f = f * left_scale.double()
     g = _forward_vectors(mats, source)  # [layer, pos]
+    f = f * output_scale  # the variant's output factor (the constant C for `paper`) scales every flow
     head_flows = f[:, None, :, None] * edges.double() * g[:, None, None, :]
     residual_flows = f * residual.double() * g
-    row = bound_row(mats, target)
+    row = output_scale * bound_row(mats, target)
     total = float(row.sum() if source is None else row[source])
     return PathFlows(head_flows, residual_flows, total, target, source)
 

@@ -1,0 +1,228 @@
+"""Path-sum variants: which layered graph a sensitivity bound sums over, and what it guarantees.
+
+Every variant is a layered graph over positions (DESIGN §3). Layer ``l`` has one residual edge per
+position and one edge per head and causal pair ``k → j``::
+
+    M^(l) = diag(s^(l)) · (diag(r^(l)) + Σ_h E^(l,h)),     bound_n = o_n · [M^(L-1) ⋯ M^(0)]_{n,·}
+
+with residual weights ``r``, head edges ``E``, an optional per-position left scale ``s`` and an
+output factor ``o``. :mod:`lens_squash.paths` does the algebra: products, rows, flows, top paths.
+
+| variant | edges ``E^(l,h)_{jk}`` | residual ``r_j`` | left ``s_j`` | what it is |
+|---|---|---|---|---|
+| ``paper`` | ``w_h A^(l,h)_{jk} / β1`` | 1 | — | Theorem B.5 with the user's β's and σ_ψ (``o = C``) |
+| ``rollout`` | ``½ w_h A^(l,h)_{jk}`` | ½ | — | Prop. B.8's setting; attention rollout (Abnar & Zuidema) |
+| ``certified`` | ``A^(l,h)_{jk} ‖P diag(γ1) W_OV^h‖₂ / s1_k`` | 1 | ``1 + ‖J_MLP∘N2‖_F`` | a guaranteed upper bound on ``‖∂y_n/∂v_i‖₂`` of the frozen model |
+| ``value`` | ``A^(l,h)_{jk} ‖v_k W_O^h‖`` | ``‖x_j^(l)‖`` | — | estimate: the norm of what each edge carries (Kobayashi et al. 2020) |
+| ``value_rownorm`` | ``value``, each row scaled to sum 1 | | — | estimate: each edge's share of what reaches ``j`` |
+| ``certified_rownorm`` | ``certified``'s ``r + ΣE``, rows scaled to sum 1 | | — | estimate: the certified graph's shares, comparable across layers |
+
+``w_h`` are convex head weights (the mean by default). "Frozen" means patterns and norm scales held
+at their traced values, the paper's simplifying assumptions made exact; ``o_n`` for ``certified`` is
+``‖P diag(γ_f)‖₂ / s_f,n`` from the final norm. Only ``paper`` (under the theorem's assumptions) and
+``certified`` are bounds; the rest are estimates of where sensitivity lives.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from . import paths
+from .attention import check_attention, head_weights, ov_norms
+
+__all__ = ["VARIANTS", "PathBound", "PathGraph", "build_graph", "final_norm_gain", "path_bound"]
+
+
+@dataclass(frozen=True, eq=False)
+class PathGraph:
+    """One variant's layered graph (see the module docstring for the meaning of each field)."""
+
+    variant: str
+    residual: Float[Tensor, "layer pos"]
+    edges: Float[Tensor, "layer head query_pos key_pos"]
+    left_scale: Float[Tensor, "layer pos"] | None
+    output_scale: Float[Tensor, "pos"]
+    guarantee: str | None
+
+    def matrices(self) -> Float[Tensor, "layer query_pos key_pos"]:
+        return paths.layer_matrices(self.residual, self.edges, left_scale=self.left_scale)
+
+    def row(self, target: int) -> Float[Tensor, "pos"]:
+        row = paths.graph_row(self.residual, self.edges, target, left_scale=self.left_scale)
+        return self.output_scale[target].double() * row
+
+    def row_normalised(self) -> PathGraph:
+        """Each layer's rows scaled to sum to 1: ``D^{-1}(diag(r) + ΣE)`` (left scale dropped)."""
+        totals = self.residual + self.edges.sum(dim=(1, 3))  # [layer, pos]: row sums
+        totals = totals.clamp_min(torch.finfo(totals.dtype).tiny)
+        return replace(
+            self,
+            variant=f"{self.variant}_rownorm",
+            residual=self.residual / totals,
+            edges=self.edges / totals[:, None, :, None],
+            left_scale=None,
+            output_scale=torch.ones_like(self.output_scale),
+            guarantee=None,
+        )
+
+
+def final_norm_gain(model) -> float:
+    """``‖P diag(γ_f)‖₂``: the final norm's gain once its scale is frozen (1 without a final norm)."""
+    ln = getattr(model, "ln_final", None)
+    gain = getattr(ln, "w", None)
+    if gain is None:
+        return 1.0
+    gain = gain.detach().double()
+    if model.cfg.normalization_type in ("LN", "LNPre"):
+        d = gain.shape[0]
+        centring = torch.eye(d, dtype=torch.float64) - 1.0 / d
+        return float(torch.linalg.matrix_norm(centring * gain[None, :], ord=2))
+    return float(gain.abs().max())
+
+
+def _paper(trace, model=None, *, beta1=1.0, beta2=1.0, beta3=1.0, sigma_psi=1.0, head_scores=None) -> PathGraph:
+    n_layers, n_heads, n = trace.patterns.shape[:3]
+    beta1 = torch.as_tensor(beta1, dtype=torch.float64).expand(n_layers)
+    w = head_weights(n_layers, n_heads, head_scores)
+    edges = trace.patterns * (w / beta1[:, None]).to(trace.patterns.dtype)[:, :, None, None]
+    constant = paths.paper_constant(n_layers, beta2=beta2, beta3=beta3, sigma_psi=sigma_psi)
+    return PathGraph(
+        "paper", torch.ones(n_layers, n, dtype=torch.float64), edges, None,
+        torch.full((n,), float(constant), dtype=torch.float64),
+        "Theorem B.5's bound, under its Lipschitz and normalisation assumptions (β's, σ_ψ)",
+    )
+
+
+def _rollout(trace, model=None, *, head_scores=None) -> PathGraph:
+    n_layers, n_heads, n = trace.patterns.shape[:3]
+    w = head_weights(n_layers, n_heads, head_scores)
+    edges = trace.patterns * (0.5 * w).to(trace.patterns.dtype)[:, :, None, None]
+    return PathGraph(
+        "rollout", torch.full((n_layers, n), 0.5, dtype=torch.float64), edges, None,
+        torch.ones(n, dtype=torch.float64), None,
+    )
+
+
+def _certified(trace, model=None) -> PathGraph:
+    if model is None:
+        raise ValueError("the certified variant needs the model's weights: path_bound(trace, 'certified', model=model)")
+    if trace.mlp_gain is None and not model.cfg.attn_only:
+        raise ValueError("the certified variant needs MLP gains: trace(model, prompt, lipschitz=True)")
+    n_layers, _, n = trace.patterns.shape[:3]
+    ones = torch.ones(n_layers, n, dtype=torch.float64)
+    scale1 = trace.ln1_scale.double() if trace.ln1_scale is not None else ones
+    # float64 per-(layer, head, key) factor, applied in the trace's dtype to keep n = 2048 in memory
+    factor = ov_norms(model)[:, :, None] / scale1[:, None, :]
+    edges = trace.patterns * factor.to(trace.patterns.dtype)[:, :, None, :]
+    left = None if trace.mlp_gain is None else 1.0 + trace.mlp_gain.double()
+    final = trace.final_scale.double() if trace.final_scale is not None else torch.ones(n, dtype=torch.float64)
+    return PathGraph(
+        "certified", ones, edges, left, final_norm_gain(model) / final,
+        "an upper bound on ‖∂y_n/∂v_i‖₂ of the model with attention patterns and norm scales frozen",
+    )
+
+
+def _value(trace, model=None) -> PathGraph:
+    if trace.value_norms is None:
+        raise ValueError("the value variant needs ‖v W_O‖ per head; trace a model that exposes attn.hook_v and W_O")
+    n_layers, _, n = trace.patterns.shape[:3]
+    edges = trace.patterns * trace.value_norms.to(trace.patterns.dtype)[:, :, None, :]
+    residual = trace.resid_norms[:n_layers].double()
+    return PathGraph("value", residual, edges, None, torch.ones(n, dtype=torch.float64), None)
+
+
+#: variant name -> builder(trace, model, **params) -> PathGraph
+VARIANTS: dict[str, Callable[..., PathGraph]] = {
+    "paper": _paper,
+    "rollout": _rollout,
+    "certified": _certified,
+    "value": _value,
+    "value_rownorm": lambda trace, model=None: _value(trace, model).row_normalised(),
+    "certified_rownorm": lambda trace, model=None: _certified(trace, model).row_normalised(),
+}
+
+
+def build_graph(trace, variant: str = "paper", *, model=None, **params) -> PathGraph:
+    """The layered graph of ``variant`` for a traced prompt (see :data:`VARIANTS`)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
+    check_attention(trace.patterns)
+    return VARIANTS[variant](trace, model, **params)
+
+
+@dataclass(frozen=True, eq=False)
+class PathBound:
+    """Per input position, a variant's path-sum sensitivity of the target position."""
+
+    variant: str
+    target: int
+    bound: Float[Tensor, "pos"]
+    str_tokens: tuple[str, ...]
+    graph: PathGraph
+    guarantee: str | None
+    matrix: Float[Tensor, "query_pos key_pos"] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def first_token_share(self) -> float:
+        """Fraction of the bound's mass on position 0 (Prop. B.8's limit puts all of it there)."""
+        return float(self.bound[0] / self.bound.sum())
+
+    def flows(self, source: int | None = None):
+        return paths.flow_decomposition(
+            self.graph.residual, self.graph.edges, self.target, source=source, left_scale=self.graph.left_scale,
+            output_scale=float(self.graph.output_scale[self.target]),
+        )
+
+    def top_paths(self, k: int = 10, source: int | None = None):
+        return paths.top_paths(
+            self.graph.residual, self.graph.edges, self.target, k=k, source=source,
+            left_scale=self.graph.left_scale, output_scale=float(self.graph.output_scale[self.target]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "variant": self.variant, "target": self.target, "guarantee": self.guarantee,
+            "bound": self.bound, "first_token_share": self.first_token_share, "metadata": self.metadata,
+        }
+
+    def _repr_html_(self) -> str:
+        top = torch.topk(self.bound, k=min(5, self.bound.numel()))
+        cells = ", ".join(
+            f"{html.escape(repr(self.str_tokens[i]))}@{i}: {v:.3g}" for v, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        )
+        return (
+            f"<b>PathBound</b> <code>{html.escape(self.variant)}</code> → position {self.target}<br>"
+            f"guarantee: {html.escape(self.guarantee or 'none (an estimate)')}<br>"
+            f"first-token share: {self.first_token_share:.4f}<br>top positions: {cells}"
+        )
+
+
+def path_bound(
+    trace, variant: str = "paper", *, model=None, target: int = -1, full_matrix: bool = False, **params
+) -> PathBound:
+    """The path-sum bound of ``variant`` for ``target`` (default: the last token), per input position.
+
+    The row costs ``L`` vector–matrix products (O(L·n²)); ``full_matrix=True`` also returns the whole
+    ``n×n`` product (O(L·n³)).
+    """
+    graph = build_graph(trace, variant, model=model, **params)
+    n = graph.residual.shape[-1]
+    if not -n <= target < n:
+        raise ValueError(f"target position {target} is out of range for {n} tokens; use 0..{n - 1} or -1")
+    target = target % n
+    matrix = None
+    if full_matrix:
+        matrix = graph.output_scale[:, None] * paths.stack_product(graph.matrices())
+    return PathBound(
+        variant=graph.variant, target=target, bound=graph.row(target), str_tokens=trace.str_tokens,
+        graph=graph, guarantee=graph.guarantee, matrix=matrix,
+        metadata={**trace.metadata, "variant": graph.variant, "params": {k: str(v) for k, v in params.items()}},
+    )
