@@ -46,6 +46,7 @@ probability 0.25, the others drawn from :data:`FILLER_WORDS`.
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import math
 import os
@@ -69,6 +70,7 @@ __all__ = [
     "PAPER_QUIRKS",
     "RESULT_COLUMNS",
     "TASKS",
+    "TASK_FIGURES",
     "ParsedAnswer",
     "TaskInstance",
     "TaskResults",
@@ -79,7 +81,11 @@ __all__ = [
     "make_instance",
     "make_instances",
     "parse_answer",
+    "run_tasks",
     "save_results",
+    "summarize_results",
+    "task_figure",
+    "write_task_figures",
 ]
 
 # ----------------------------------------------------------------------------------------------
@@ -682,12 +688,27 @@ class TaskResults:
         """Write the frame to ``.csv``, ``.json`` or ``.jsonl`` atomically (see :func:`save_results`)."""
         return save_results(self, path)
 
+    def plot(self, kind: str = "accuracy", *, tasks: Iterable[str] | None = None):
+        """The paper's figure ``kind`` (see :data:`TASK_FIGURES`) as a plotly Figure.
+
+        ``accuracy`` is Fig. 2 (copying: first vs last, hint, alternating), ``abs_error`` Fig. 3
+        (counting, per task and mode), ``histogram`` Fig. 4 (the answers given) and
+        ``prompt_types`` Fig. 11 (Appendix C.5). ``tasks`` overrides which tasks are shown.
+        """
+        return task_figure(self, kind, tasks=tasks)
+
+    def figures(self) -> dict[str, Any]:
+        """Every figure of :data:`TASK_FIGURES` that has rows to show, by kind."""
+        shown = {kind: set(_figure_tasks(self.frame, kind)) - _REFERENCE_TASKS.get(kind, set()) for kind in TASK_FIGURES}
+        return {kind: task_figure(self, kind) for kind in TASK_FIGURES if shown[kind]}
+
     def _repr_html_(self) -> str:
         frame = self.frame
         unparsable = int((frame["parse_status"] == "unparsable").sum())
         model = self.meta.get("model", "?")
         head = (
-            f"<p><b>TaskResults</b>: {len(frame)} rows, model {model}, tasks {', '.join(frame['task'].unique())}; "
+            f"<p><b>TaskResults</b>: {len(frame)} rows, model {html.escape(str(model))}, "
+            f"tasks {html.escape(', '.join(map(str, frame['task'].unique())))}; "
             f"accuracy {frame['correct'].mean():.3f}, unparsable {unparsable}</p>"
             if len(frame)
             else "<p><b>TaskResults</b>: no rows</p>"
@@ -881,3 +902,139 @@ def evaluate(
     meta = {"model": getattr(model.cfg, "model_name", "?"), "seed": seed, "max_new_tokens": max_new_tokens,
             "chat": chat, "out_path": None if path is None else str(path)}  # fmt: skip
     return TaskResults(_frame([rows[i.key] for i in instances]), meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures like the paper's, a summary table, and a runner that writes everything to a folder
+
+#: figure kind -> (paper figure, the tasks it shows in legend order, plotting builder name, title)
+TASK_FIGURES: dict[str, tuple[str, tuple[str, ...], str, str]] = {
+    "accuracy": ("Fig. 2", ("copy_first", "copy_last", "copy_last_hint", "copy_alternating"),
+                 "accuracy_figure", "Copying: accuracy against sequence length (Fig. 2)"),
+    "abs_error": ("Fig. 3", ("sum_ones", "count_ones", "count_bernoulli", "count_car"),
+                  "abs_error_figure", "Counting: mean absolute error against length (Fig. 3)"),
+    "histogram": ("Fig. 4", ("sum_ones", "count_ones", "count_bernoulli", "count_car"),
+                  "answer_histogram", "Counting: distribution of the answers (Fig. 4)"),
+    # copy_last is the reference prompt the two reorderings of Appendix C.5 are compared against
+    "prompt_types": ("Fig. 11", ("copy_type1", "copy_type2", "copy_last"),
+                     "accuracy_figure", "Copying: prompt Type 1 vs Type 2 (Fig. 11, App. C.5)"),
+}  # fmt: skip
+# tasks a figure shows only for comparison: alone they do not make the figure worth drawing
+_REFERENCE_TASKS: dict[str, set[str]] = {"prompt_types": {"copy_last"}}
+
+
+def _figure_tasks(frame: pd.DataFrame, kind: str, tasks: Iterable[str] | None = None) -> list[str]:
+    """The tasks figure ``kind`` shows: ``tasks`` if given, else its default tasks present in ``frame``."""
+    if kind not in TASK_FIGURES:
+        raise ValueError(f"unknown figure kind {kind!r}; choose one of {', '.join(TASK_FIGURES)}")
+    present = set(frame["task"])
+    wanted = _as_tuple(tasks) if tasks is not None else TASK_FIGURES[kind][1]
+    return [t for t in wanted if t in present]
+
+
+def task_figure(results: TaskResults | pd.DataFrame, kind: str = "accuracy", *, tasks=None):
+    """Figure ``kind`` of :data:`TASK_FIGURES` for the rows of its tasks (a plotly Figure)."""
+    from . import plotting
+
+    frame = results.frame if isinstance(results, TaskResults) else results
+    chosen = _figure_tasks(frame, kind, tasks)
+    if not chosen:
+        wanted = ", ".join(_as_tuple(tasks) if tasks is not None else TASK_FIGURES[kind][1])
+        raise ValueError(
+            f"figure {kind!r} needs rows of one of the tasks {wanted}, but the results hold only "
+            f"{', '.join(map(str, frame['task'].unique())) or 'no rows'}; run those tasks or pass tasks=[...]"
+        )
+    # keep the figure's task order: the builders group series in order of appearance/sort
+    rows = frame[frame["task"].isin(chosen)]
+    _, _, builder, title = TASK_FIGURES[kind]
+    return getattr(plotting, builder)(rows, title=title)
+
+
+def summarize_results(results: TaskResults | pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
+    """Accuracy, mean absolute error and unparsable rate per task, mode and length.
+
+    Takes results, their frame, or a file written by :func:`save_results` / :func:`run_tasks`.
+    """
+    if isinstance(results, (str, os.PathLike)):
+        results = load_results(results)
+    if isinstance(results, pd.DataFrame):
+        results = TaskResults(results)
+    return results.accuracy_by_length()
+
+
+def write_task_figures(results: TaskResults, path: str | os.PathLike, *, metadata: dict | None = None) -> Path:
+    """One self-contained HTML page with the summary table and every figure the results can show."""
+    from .records import write_text_atomic
+    from .report import ReportSection, build_report
+
+    sections = [ReportSection("summary", table=summarize_results(results))]
+    for kind, fig in results.figures().items():
+        paper_fig, _, _, title = TASK_FIGURES[kind]
+        sections.append(ReportSection(f"{kind} ({paper_fig})", figures=[fig]))
+    page = build_report(sections, title="lens_squash copying and counting tasks", metadata=metadata)
+    return write_text_atomic(path, page)
+
+
+def _modes_for(task: str, modes: tuple[str, ...]) -> tuple[str, ...]:
+    spec = _spec(task)
+    usable = tuple(m for m in modes if m in spec.modes)
+    if not usable:
+        raise ValueError(
+            f"task {task!r} offers none of the modes {', '.join(modes)}; it offers {', '.join(spec.modes)} "
+            "(copying tasks have only 'answer'), so add one of those to modes"
+        )
+    return usable
+
+
+def run_tasks(
+    model,
+    tasks: str | Iterable[str],
+    lengths: Iterable[int],
+    n_samples: int = 1,
+    modes: str | Iterable[str] = "answer",
+    out_dir: str | os.PathLike | None = None,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    chat: bool | None = None,
+    progress: bool = True,
+    figures: bool = True,
+) -> TaskResults:
+    """Evaluate several tasks, each in the requested modes it offers, and write the results to ``out_dir``.
+
+    Into ``out_dir``: ``results.jsonl`` (appended per batch; a rerun with the same arguments resumes
+    from it, see :func:`evaluate`), then, once every row is there, ``results.csv``, ``results.json``
+    (``{"metadata": provenance, "summary": …, "rows": …}``) and ``figures.html``, all atomically.
+    A mode a task does not offer is skipped for that task (copying tasks are answer-only).
+    """
+    from .records import provenance, to_jsonable, write_json_atomic
+
+    tasks, modes = _as_tuple(tasks), _as_tuple(modes)
+    lengths = _as_tuple(lengths)
+    if not tasks or not modes:
+        raise ValueError("pass at least one task and one mode, e.g. tasks=['copy_last'], modes='answer'")
+    plan = {task: _modes_for(task, modes) for task in tasks}  # validate everything before generating
+    out = None if out_dir is None else Path(out_dir)
+    frames, metas = [], []
+    for task, task_modes in plan.items():
+        part = evaluate(
+            model, task, lengths, n_samples, mode=task_modes, seed=seed, batch_size=batch_size,
+            max_new_tokens=max_new_tokens, chat=chat, progress=progress,
+            out_path=None if out is None else out / "results.jsonl",
+        )  # fmt: skip
+        frames.append(part.frame)
+        metas.append(part.meta)
+    args = {"tasks": list(tasks), "lengths": list(lengths), "n_samples": n_samples, "modes": list(modes),
+            "batch_size": batch_size, "max_new_tokens": max_new_tokens, "seed": seed, "chat": chat}  # fmt: skip
+    meta = {**metas[0], "run_tasks": args, "out_dir": None if out is None else str(out)}
+    results = TaskResults(pd.concat(frames, ignore_index=True), meta)
+    if out is not None:
+        metadata = provenance(model, **args)
+        save_results(results, out / "results.csv")
+        payload = {"metadata": metadata, "summary": summarize_results(results).to_dict("records"),
+                   "rows": results.frame.astype(object).where(results.frame.notna(), None).to_dict("records")}  # fmt: skip
+        write_json_atomic(out / "results.json", to_jsonable(payload))
+        if figures:
+            write_task_figures(results, out / "figures.html", metadata=metadata)
+    return results

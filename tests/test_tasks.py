@@ -570,3 +570,129 @@ def test_parser_says_how_it_read_the_answer():
     # the phrase beats an echo or a final-line number when both are there
     text = "The last digit in this sequence is 1.\nThe answer to your question is: 0\n7"
     assert parse_answer(text, "copy").value == 0 and parse_answer(text, "count").value == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures, summary and the run_tasks runner (issue 5 remainder)
+
+
+def _synthetic_results(seed: int = 0) -> TaskResults:
+    """Rows scored by the real parser from random replies: every figure kind has data."""
+    rng = random.Random(seed)
+    instances = make_instances(
+        ["copy_first", "copy_last", "copy_last_hint", "copy_type1", "copy_type2"], [3, 6, 9], 4
+    ) + make_instances(["sum_ones", "count_bernoulli"], [3, 6, 9], 4, ["answer", "cot"])
+    rows = []
+    for inst in instances:
+        value = rng.choice([0, 1, inst.truth, inst.truth + 2, None])
+        phrase = "The final answer to your maths question is" if inst.kind == "count" else "The answer to your question is"
+        raw = "no idea" if value is None else f"{phrase}: {value}"
+        rows.append(tasks._row(inst, raw, 10, 5))
+    return TaskResults(tasks._frame(rows))
+
+
+def _scatter_by_name(fig) -> dict[str, tuple[list, list]]:
+    return {t.name: (list(t.x), [float(v) for v in t.y]) for t in fig.data if t.type == "scatter"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "column", "tasks_shown"),
+    [
+        ("accuracy", "accuracy", {"copy_first", "copy_last", "copy_last_hint"}),
+        ("prompt_types", "accuracy", {"copy_type1", "copy_type2", "copy_last"}),
+        ("abs_error", "mean_abs_error", {"sum_ones", "count_bernoulli"}),
+    ],
+)
+def test_line_figures_show_exactly_the_summary_table(kind, column, tasks_shown):
+    results = _synthetic_results()
+    summary = tasks.summarize_results(results)
+    expected = {}
+    for (task, mode), group in summary.groupby(["task", "mode"]):
+        if task not in tasks_shown:
+            continue
+        several = summary[summary.task == task]["mode"].nunique() > 1
+        group = group.dropna(subset=[column])
+        expected[f"{task} ({mode})" if several else task] = (group.length.tolist(), group[column].tolist())
+    shown = _scatter_by_name(results.plot(kind))
+    assert shown.keys() == expected.keys()
+    for name, (x, y) in expected.items():
+        assert shown[name][0] == x
+        assert shown[name][1] == pytest.approx(y, abs=1e-12)
+
+
+def test_histogram_counts_every_parsed_answer_once():
+    results = _synthetic_results(1)
+    fig = results.plot("histogram")
+    bars = [t for t in fig.data if t.type == "bar"]
+    counted = sum(int(sum(t.y)) for t in bars)
+    counting = results.frame[results.frame.task.isin(["sum_ones", "count_bernoulli"])]
+    assert counted == int(counting.parsed_answer.notna().sum())
+    # the first bar trace is the first panel's shortest length: its bars are that group's value counts
+    first_series = sorted(f"{t} ({m})" for t, m in set(zip(counting.task, counting["mode"], strict=True)))[0]
+    task, mode = first_series.split(" (")
+    rows = counting[(counting.task == task) & (counting["mode"] == mode.rstrip(")")) & (counting.length == 3)]
+    counts = rows.parsed_answer.dropna().astype(int).value_counts().sort_index()
+    assert list(bars[0].x) == counts.index.tolist() and list(bars[0].y) == counts.tolist()
+
+
+def test_figure_errors_say_what_to_do():
+    results = _synthetic_results()
+    with pytest.raises(ValueError, match="unknown figure kind"):
+        results.plot("pie")
+    copy_only = TaskResults(results.frame[results.frame.task == "copy_last"])
+    with pytest.raises(ValueError, match="run those tasks or pass tasks"):
+        copy_only.plot("abs_error")
+    assert set(copy_only.figures()) == {"accuracy"}  # copy_last alone is only Fig. 11's reference
+    assert _scatter_by_name(copy_only.plot("abs_error", tasks=["copy_last"])).keys() == {"copy_last"}
+
+
+def test_repr_html_escapes_the_model_name():
+    results = TaskResults(_synthetic_results().frame, {"model": "<script>x</script>"})
+    page = results._repr_html_()
+    assert "<script>" not in page and "&lt;script&gt;" in page
+
+
+RUN = {"tasks": ["copy_last", "copy_type2", "count_ones"], "lengths": [2, 4], "n_samples": 2,
+       "modes": ["answer", "cot"], "max_new_tokens": 3, "batch_size": 3, "progress": False}  # fmt: skip
+
+
+def test_run_tasks_writes_everything_and_resumes_after_an_interruption(chat_model, tmp_path, monkeypatch):
+    reference = tasks.run_tasks(chat_model, **RUN)  # in memory, no files
+    # copying tasks offer only "answer": 2 lengths x 2 samples each; count_ones both modes: 8 rows
+    assert len(reference.frame) == 4 + 4 + 8
+    assert set(zip(reference.frame.task, reference.frame["mode"], strict=True)) == {
+        ("copy_last", "answer"), ("copy_type2", "answer"), ("count_ones", "answer"), ("count_ones", "cot")}
+    real, calls = tasks.greedy_generate, []
+
+    def flaky(model, prompts, **kwargs):
+        calls.append(len(prompts))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # dies in the middle of the second task
+        return real(model, prompts, **kwargs)
+
+    monkeypatch.setattr(tasks, "greedy_generate", flaky)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        tasks.run_tasks(chat_model, **RUN, out_dir=out)
+    assert not (out / "results.csv").exists()  # final files appear only once every row is there
+    assert len((out / "results.jsonl").read_text().splitlines()) == sum(calls[:2])
+    resumed = tasks.run_tasks(chat_model, **RUN, out_dir=out)
+    assert sum(calls) - calls[2] == len(reference.frame)  # nothing generated twice
+    pd.testing.assert_frame_equal(resumed.frame, reference.frame)
+    pd.testing.assert_frame_equal(load_results(out / "results.csv").frame, reference.frame)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["metadata"]["model"]["name"] == chat_model.cfg.model_name
+    assert saved["metadata"]["lengths"] == [2, 4] and saved["metadata"]["seed"] == 0
+    assert [r["raw_output"] for r in saved["rows"]] == reference.frame.raw_output.tolist()
+    summary = tasks.summarize_results(out / "results.csv")
+    pd.testing.assert_frame_equal(summary, reference.accuracy_by_length())
+    assert [r["accuracy"] for r in saved["summary"]] == summary.accuracy.tolist()
+    page = (out / "figures.html").read_text()
+    assert page.count("Plotly.newPlot") == 4 and "Fig. 11" in page
+    assert sorted(p.name for p in out.iterdir()) == ["figures.html", "results.csv", "results.json", "results.jsonl"]
+
+
+def test_run_tasks_refuses_a_mode_a_task_does_not_offer(chat_model, tmp_path):
+    with pytest.raises(ValueError, match="copying tasks have only 'answer'"):
+        tasks.run_tasks(chat_model, ["copy_last"], [2], 1, "cot", tmp_path)
+    assert not any(tmp_path.iterdir())  # validated before any generation
