@@ -35,6 +35,12 @@ propose a Mix–Compress–Refine picture of depth. This module measures all thr
 
 Everything is a pure function on tensors and accumulates in float64. :func:`sink_report` bundles the
 per-layer curves into a :class:`SinkReport`. The model-facing helpers live at the bottom.
+
+**Links to over-squashing.** The ``rollout`` variant of the path bound composes ``Λ̃^(l) = ½(A^(l) + I)``
+(Prop. B.8). :func:`rollout_first_token_mass` follows the last token's mass on token 0 through the
+product layer by layer and :func:`layer_dobrushin` gives each layer's ergodicity coefficient ``τ``;
+:func:`sink_layer_links` compares both in and out of the sink layers, and the report correlates them
+with the sink and compression curves. :mod:`lens_squash.ablation` clamps the massive activation.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .ranks import pearson, spearman
+from .records import to_jsonable
+from .trace import Trace, trace
 
 __all__ = [
     "SINK_EPS",
@@ -63,12 +71,18 @@ __all__ = [
     "first_token_mass",
     "key_importance",
     "layer_correlations",
+    "layer_dobrushin",
+    "lazy_rollout_stack",
     "massive_activations",
     "massive_layers",
     "matrix_entropy",
     "mixing_score",
+    "rollout_first_token_mass",
+    "sink_analysis",
+    "sink_layer_links",
     "sink_rate",
     "sink_report",
+    "sink_report_from_trace",
     "squared_singular_values",
 ]
 
@@ -388,6 +402,103 @@ def layer_correlations(
 
 
 # ---------------------------------------------------------------------------------------------------
+# links to over-squashing: the rollout product and Dobrushin coefficients
+# ---------------------------------------------------------------------------------------------------
+
+
+def lazy_rollout_stack(
+    patterns: Float[Tensor, "layer head query_pos key_pos"],
+) -> Float[Tensor, "layer query_pos key_pos"]:
+    """``½(A^(l) + I)`` with ``A^(l)`` the head mean: the ``rollout`` variant's matrix (Prop. B.8)."""
+    patterns = _check_patterns(patterns)
+    eye = torch.eye(patterns.shape[-1], dtype=_F64)
+    return 0.5 * (patterns.mean(1) + eye)
+
+
+def rollout_first_token_mass(
+    patterns: Float[Tensor, "layer head query_pos key_pos"],
+) -> Float[Tensor, "layer"]:
+    """``[Λ̃^(l) … Λ̃^(0)]_{n-1, 0}`` for every depth ``l``: the last token's rollout mass on token 0.
+
+    Entry ``l`` is the product of layers ``0 … l``. Only the product's first column is needed, so it
+    is carried as a vector (``L`` matrix–vector products, ``O(L n²)``) instead of multiplying matrices.
+    """
+    stack = lazy_rollout_stack(patterns)
+    column = torch.zeros(stack.shape[-1], dtype=_F64)
+    column[0] = 1.0
+    mass = []
+    for layer_matrix in stack:
+        column = layer_matrix @ column
+        mass.append(column[-1])
+    return torch.stack(mass)
+
+
+def _min_row_overlap(p: Tensor, budget: int) -> float:
+    """``min_{j,k} Σ_i min(P_ji, P_ki)`` over row pairs, in blocks of rows that fit ``budget`` floats.
+
+    For a lower-triangular ``P`` row ``j`` lives on columns ``0 … j``, so a block of rows ``j < stop``
+    only needs those columns and only partners ``k ≥ start`` (earlier pairs were seen by symmetry).
+    """
+    n = p.shape[-1]
+    lower = bool((p.triu(1) == 0).all())
+    best, start = math.inf, 0
+    while start < n:
+        rows = max(1, budget // ((n - start) * n))
+        stop = min(n, start + rows)
+        cols = stop if lower else n
+        overlap = torch.minimum(p[start:stop, None, :cols], p[None, start:, :cols]).sum(-1)
+        best = min(best, float(overlap.min()))
+        start = stop
+    return best
+
+
+def layer_dobrushin(
+    stack: Float[Tensor, "layer query_pos key_pos"],
+    *,
+    budget: int = 2**24,
+) -> Float[Tensor, "layer"]:
+    """Dobrushin's coefficient ``τ(P) = ½ max_{j,k} ‖P_j − P_k‖₁ = 1 − min_{j,k} Σ_i min(P_ji, P_ki)``.
+
+    ``stack`` holds row-stochastic matrices (e.g. :func:`lazy_rollout_stack`). ``τ`` is
+    sub-multiplicative, so ``Π_l τ(P^(l))`` bounds how far the product is from rank one (DESIGN §4).
+    Exact: ``O(n³)`` per layer (``n³/6`` for triangular matrices), computed in blocks of at most
+    ``budget`` float64 entries.
+    """
+    stack = torch.as_tensor(stack).to(_F64)
+    if stack.ndim != 3 or stack.shape[-1] != stack.shape[-2]:
+        raise ValueError(f"stack must be [layer, query_pos, key_pos] with square matrices, got {tuple(stack.shape)}")
+    return torch.tensor([1.0 - _min_row_overlap(p, budget) for p in stack], dtype=_F64)
+
+
+def _group_mean(values: Tensor, mask: Tensor) -> float:
+    return float(values[mask].mean()) if mask.any() else math.nan
+
+
+def sink_layer_links(
+    sink_rate_per_layer: Float[Tensor, "layer"],
+    dobrushin: Float[Tensor, "layer"],
+    rollout_mass: Float[Tensor, "layer"],
+    *,
+    majority: float = 0.5,
+) -> dict[str, float]:
+    """How the over-squashing measures behave in *sink layers* (≥ ``majority`` of heads are sinks).
+
+    Mean Dobrushin ``τ`` and mean rollout-mass gain ``m_l − m_{l-1}`` (``m_{-1} = 0``) inside the
+    sink layers and elsewhere; NaN for an empty group.
+    """
+    sink_layers = torch.as_tensor(sink_rate_per_layer).to(_F64) >= majority
+    mass = torch.as_tensor(rollout_mass).to(_F64)
+    gain = torch.diff(mass, prepend=mass.new_zeros(1))
+    return {
+        "n sink layers": float(sink_layers.sum()),
+        "dobrushin | sink layers": _group_mean(dobrushin, sink_layers),
+        "dobrushin | other layers": _group_mean(dobrushin, ~sink_layers),
+        "rollout mass gain | sink layers": _group_mean(gain, sink_layers),
+        "rollout mass gain | other layers": _group_mean(gain, ~sink_layers),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
 # the report
 # ---------------------------------------------------------------------------------------------------
 
@@ -397,7 +508,9 @@ class SinkReport:
     """Per-layer sink, massive-activation, compression and mixing curves of one forward pass.
 
     Attention curves have one entry per layer ``L``; residual curves one per residual stream that
-    was passed (``L`` or ``L + 1`` when the final ``resid_post`` is included).
+    was passed (``L`` or ``L + 1`` when the final ``resid_post`` is included). ``rollout_mass[l]`` is
+    the last token's mass on token 0 after layers ``0 … l`` of the rollout product, ``dobrushin[l]``
+    the coefficient of layer ``l``'s ``½(A^(l) + I)``; ``links`` compares them in and out of sink layers.
     """
 
     eps: float
@@ -413,31 +526,49 @@ class SinkReport:
     massive_range: tuple[int, int] | None
     correlations: dict[str, float]
     metadata: dict[str, Any] = field(default_factory=dict)
+    top_dims: Int[Tensor, "resid k"] | None = None
+    top_values: Float[Tensor, "resid k"] | None = None
+    rollout_mass: Float[Tensor, "layer"] | None = None
+    dobrushin: Float[Tensor, "layer"] | None = None
+    links: dict[str, float] = field(default_factory=dict)
 
     @property
     def n_layers(self) -> int:
         return self.first_token_mass.numel()
 
+    def curves(self) -> dict[str, Tensor]:
+        """The per-layer curves that are present, by name (what :meth:`plot` draws)."""
+        names = ("first_token_mass", "sink_rate", "mixing", "norm_ratio", "entropy", "anisotropy",
+                 "rollout_mass", "dobrushin")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
     def to_dict(self) -> dict[str, Any]:
-        out = {}
-        for name, value in self.__dict__.items():
-            out[name] = value.tolist() if isinstance(value, Tensor) else value
-        out["phases"] = None if self.phases is None else list(self.phases)
-        out["massive_range"] = None if self.massive_range is None else list(self.massive_range)
-        out["correlations"] = dict(self.correlations)
-        out["metadata"] = dict(self.metadata)
-        return out
+        # to_jsonable turns NaN correlations (constant curves) into null, so the JSON stays valid
+        return to_jsonable(dict(self.__dict__))
+
+    def plot(self, **kwargs):
+        """Every per-layer curve on a shared layer axis, Mix–Compress–Refine shaded (plotly Figure)."""
+        from .plotting import sink_figure
+
+        kwargs.setdefault("log", ("norm_ratio",))
+        return sink_figure(self.curves(), self.phases, **kwargs)
 
     def _repr_html_(self) -> str:
         peak = int(self.norm_ratio.argmax())
         rows = [
+            ("model", str(self.metadata.get("model", {}).get("name", "—"))),
             ("layers", str(self.n_layers)),
             (f"sink rate (ε = {self.eps})", f"{self.sink_rate_overall:.1%} of heads"),
             ("first-token norm ÷ median (peak)", f"{self.norm_ratio[peak]:.1f}× at layer {peak}"),
             ("min normalised entropy",
              "—" if self.entropy is None else f"{self.entropy.min():.3f} at layer {int(self.entropy.argmin())}"),
             ("phases (mix_end, compress_end)", str(self.phases)),
-        ] + [(f"ρ({name})", f"{value:.2f}") for name, value in self.correlations.items()]
+            ("massive layers [start, end)", str(self.massive_range)),
+        ]
+        if self.rollout_mass is not None:
+            rows.append(("rollout mass on token 0 (all layers)", f"{self.rollout_mass[-1]:.4f}"))
+        rows += [(name, f"{value:.3g}") for name, value in self.links.items()]
+        rows += [(f"ρ({name})", f"{value:.2f}") for name, value in self.correlations.items()]
         body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
         return f"<b>lens_squash SinkReport</b><table>{body}</table>"
 
@@ -447,9 +578,11 @@ def sink_report(
     resid_norms: Float[Tensor, "resid pos"],
     *,
     representations: Float[Tensor, "resid pos d_model"] | None = None,
+    first_resid: Float[Tensor, "resid d_model"] | None = None,
     eps: float = SINK_EPS,
     factor: float = 10.0,
     method: Literal["spearman", "pearson"] = "spearman",
+    over_squashing: bool = True,
     metadata: dict[str, Any] | None = None,
 ) -> SinkReport:
     """All per-layer curves, phase boundaries and their cross-layer correlations in one report.
@@ -457,6 +590,9 @@ def sink_report(
     ``resid_norms[l]`` must be the stream *entering* layer ``l`` (``Trace.resid_norms``), so that
     correlations pair it with layer ``l``'s attention. Phases come from the entropy curve when
     ``representations`` are given; correlations are over the first ``L`` residual entries.
+    ``first_resid`` (the first token's residual vectors) adds the top massive dimensions.
+    ``over_squashing`` adds the rollout mass and Dobrushin curves (``O(L n³)``; off for long prompts
+    when only the sink curves are wanted).
     """
     patterns = _check_patterns(patterns)
     resid_norms = torch.as_tensor(resid_norms).to(_F64)
@@ -468,8 +604,9 @@ def sink_report(
         )
     mass = first_token_mass(patterns).mean(-1)
     rate = sink_rate(patterns, eps)
-    massive = massive_activations(resid_norms)
-    entropy = aniso = phases = None
+    massive = massive_activations(resid_norms, first_resid)
+    entropy = aniso = phases = rollout = tau = None
+    links: dict[str, float] = {}
     curves = {"first_token_norm": massive.first_norm, "sink_rate": rate.per_layer}
     if representations is not None:
         representations = _check_matrix_stack(representations, "representations")
@@ -481,16 +618,56 @@ def sink_report(
         entropy, aniso = matrix_entropy(representations), anisotropy(representations)
         phases = detect_phases(entropy)
         curves["entropy"] = entropy
+    if over_squashing:
+        rollout = rollout_first_token_mass(patterns)
+        tau = layer_dobrushin(lazy_rollout_stack(patterns))
+        links = sink_layer_links(rate.per_layer, tau, rollout)
+        curves["dobrushin"] = tau
+        curves["rollout_mass_gain"] = torch.diff(rollout, prepend=rollout.new_zeros(1))
     return SinkReport(
         eps=rate.eps, first_token_mass=mass, sink_rate=rate.per_layer, sink_rate_overall=rate.overall,
         mixing=mixing_score(patterns), first_token_norm=massive.first_norm, norm_ratio=massive.ratio,
         entropy=entropy, anisotropy=aniso, phases=phases,
         massive_range=massive_layers(massive.ratio, factor=factor),
         correlations=layer_correlations(curves, method=method), metadata=dict(metadata or {}),
+        top_dims=massive.top_dims, top_values=massive.top_values, rollout_mass=rollout, dobrushin=tau,
+        links=links,
     )
 
 
-# ===================================================================================================
-# MODEL-FACING SECTION — reserved for the lead (e.g. ``sink_report_from_trace(trace)`` or a helper
-# that runs the model with ``keep_resid=True``). Everything above stays a pure function on tensors.
-# ===================================================================================================
+# ---------------------------------------------------------------------------------------------------
+# model-facing: one traced forward pass
+# ---------------------------------------------------------------------------------------------------
+
+
+def sink_report_from_trace(tr: Trace, **kwargs) -> SinkReport:
+    """:func:`sink_report` from a :class:`~lens_squash.trace.Trace` taken with ``keep_resid=True``.
+
+    All ``L + 1`` residual streams are used (the ones entering each layer plus the final output).
+    """
+    if tr.resid is None:
+        raise ValueError("this trace has no residual streams; trace the model with keep_resid=True")
+    metadata = {**tr.metadata, "str_tokens": list(tr.str_tokens), **kwargs.pop("metadata", {})}
+    return sink_report(tr.patterns, tr.resid_norms, representations=tr.resid, first_resid=tr.first_token_resid,
+                       metadata=metadata, **kwargs)
+
+
+def sink_analysis(
+    model,
+    prompt: str | Tensor,
+    *,
+    chat: bool | None = None,
+    eps: float = SINK_EPS,
+    factor: float = 10.0,
+    method: Literal["spearman", "pearson"] = "spearman",
+    over_squashing: bool = True,
+) -> SinkReport:
+    """Every sink, massive-activation, compression and over-squashing curve from ONE forward pass.
+
+    ``prompt`` is text (chat template unless ``chat=False``) or token ids, as for
+    :func:`~lens_squash.trace.trace`. Hooks the caller has installed (e.g.
+    :func:`lens_squash.ablation.clamp_massive_activation`) stay active during the pass.
+    """
+    tr = trace(model, prompt, chat=chat, keep_resid=True)
+    return sink_report_from_trace(tr, eps=eps, factor=factor, method=method, over_squashing=over_squashing,
+                                  metadata={"analysis": "sinks", "prompt": prompt if isinstance(prompt, str) else None})

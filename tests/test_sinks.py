@@ -10,6 +10,8 @@ import pytest
 import scipy.stats
 import torch
 
+from lens_squash.ablation import ablation_effect, clamp_hooks, clamp_massive_activation
+from lens_squash.models import format_prompt
 from lens_squash.sinks import (
     SINK_EPS,
     SINK_EPS_STRICT,
@@ -18,12 +20,18 @@ from lens_squash.sinks import (
     first_token_mass,
     key_importance,
     layer_correlations,
+    layer_dobrushin,
+    lazy_rollout_stack,
     massive_activations,
     massive_layers,
     matrix_entropy,
     mixing_score,
+    rollout_first_token_mass,
+    sink_analysis,
+    sink_layer_links,
     sink_rate,
     sink_report,
+    sink_report_from_trace,
     squared_singular_values,
 )
 
@@ -227,3 +235,213 @@ def test_sink_report_on_a_planted_compression_valley():
     assert "SinkReport" in report._repr_html_()
     with pytest.raises(ValueError, match="resid_norms"):
         sink_report(planted_sinks(sink_weights, n), reps.norm(dim=-1)[:3])
+
+
+# --- links to over-squashing -------------------------------------------------------------------------
+
+
+def lazy_causal_stack(layers=3, n=7) -> torch.Tensor:
+    return 0.5 * (random_causal_patterns(layers, 1, n)[:, 0] + torch.eye(n, dtype=F64))
+
+
+def naive_dobrushin(p: torch.Tensor) -> float:
+    n = p.shape[0]
+    return max(0.5 * float((p[j] - p[k]).abs().sum()) for j in range(n) for k in range(n))
+
+
+def test_rollout_first_token_mass_equals_the_explicit_matrix_product():
+    pat = random_causal_patterns(layers=4, heads=3, n=8)
+    stack = lazy_rollout_stack(pat)
+    torch.testing.assert_close(stack[2], 0.5 * (pat[2].mean(0) + torch.eye(8, dtype=F64)))
+    mass = rollout_first_token_mass(pat)
+    for depth in range(4):
+        product = torch.eye(8, dtype=F64)
+        for layer in range(depth + 1):
+            product = stack[layer] @ product  # Λ̃^(depth) … Λ̃^(0)
+        assert mass[depth].item() == pytest.approx(product[-1, 0].item(), abs=1e-15)
+    # a perfect sink in every head sends all of the last token's mass to token 0 as depth grows
+    full_sinks = rollout_first_token_mass(planted_sinks([[1.0, 1.0]] * 20, 6))
+    assert (full_sinks.diff() > 0).all() and full_sinks[-1] > 1 - 1e-5
+
+
+@pytest.mark.parametrize("budget", [1, 50, 2**24])  # 1 and 50 force one- and few-row blocks
+def test_layer_dobrushin_equals_pairwise_definition(budget):
+    causal = lazy_causal_stack()
+    dense = torch.softmax(torch.randn(2, 6, 6, dtype=F64), -1)  # not triangular: the full-column path
+    for stack in (causal, dense):
+        expected = torch.tensor([naive_dobrushin(p) for p in stack], dtype=F64)
+        torch.testing.assert_close(layer_dobrushin(stack, budget=budget), expected, atol=1e-14, rtol=0)
+
+
+def test_layer_dobrushin_theorems():
+    p, q = lazy_causal_stack(layers=2, n=9)
+    tau = layer_dobrushin(torch.stack([p, q, q @ p]))
+    assert tau[2] <= tau[0] * tau[1] + 1e-14  # sub-multiplicative
+    # a lazy causal matrix keeps half of row j on j, where earlier rows are 0: τ ≥ ½; rank one: τ = 0
+    assert (tau[:2] >= 0.5 - 1e-15).all() and (tau <= 1 + 1e-15).all()
+    rank_one = torch.softmax(torch.randn(1, 5, dtype=F64), -1).expand(5, 5)
+    assert layer_dobrushin(rank_one[None]).item() == pytest.approx(0.0, abs=1e-15)
+    with pytest.raises(ValueError, match="layer, query_pos, key_pos"):
+        layer_dobrushin(p)
+
+
+def test_sink_layer_links_groups_layers_by_sink_rate():
+    rate = torch.tensor([0.0, 1.0, 0.75, 0.25])
+    tau = torch.tensor([0.9, 0.6, 0.5, 0.8], dtype=F64)
+    mass = torch.tensor([0.1, 0.5, 0.8, 0.85], dtype=F64)  # gains 0.1, 0.4, 0.3, 0.05
+    links = sink_layer_links(rate, tau, mass)
+    assert links["n sink layers"] == 2
+    assert links["dobrushin | sink layers"] == pytest.approx(0.55)
+    assert links["dobrushin | other layers"] == pytest.approx(0.85)
+    assert links["rollout mass gain | sink layers"] == pytest.approx(0.35)
+    assert links["rollout mass gain | other layers"] == pytest.approx(0.075)
+    assert math.isnan(sink_layer_links(torch.zeros(4), tau, mass)["dobrushin | sink layers"])
+
+
+def test_sink_report_links_sink_layers_to_over_squashing():
+    n, layers = 10, 6
+    sink_weights = torch.tensor([0.05, 0.05, 0.95, 0.95, 0.95, 0.05])[:, None].expand(layers, 3)
+    pat = planted_sinks(sink_weights, n)
+    norms = torch.rand(layers + 1, n, dtype=F64) + 1.0
+    report = sink_report(pat, norms)
+    torch.testing.assert_close(report.rollout_mass, rollout_first_token_mass(pat))
+    torch.testing.assert_close(report.dobrushin, layer_dobrushin(lazy_rollout_stack(pat)))
+    # sink layers pull the last token's rollout mass onto token 0 and contract less (rows agree on token 0)
+    assert report.links["rollout mass gain | sink layers"] > report.links["rollout mass gain | other layers"]
+    assert report.links["dobrushin | sink layers"] < report.links["dobrushin | other layers"]
+    assert report.correlations["sink_rate vs dobrushin"] < 0
+    assert report.entropy is None and report.top_dims is None
+    json.dumps(report.to_dict(), allow_nan=False)  # NaN correlations (constant curves) become null
+    assert sink_report(pat, norms, over_squashing=False).dobrushin is None
+
+
+# --- model-facing: one traced pass against run_with_cache ---------------------------------------------
+
+
+def direct_recomputation(model, tokens: torch.Tensor) -> dict:
+    """The report's curves recomputed independently from ``run_with_cache`` with numpy."""
+    _, cache = model.run_with_cache(tokens[None])
+    L = model.cfg.n_layers
+    pats = np.stack([cache["pattern", layer][0].double().numpy() for layer in range(L)])
+    resid = np.stack([cache["resid_pre", layer][0].double().numpy() for layer in range(L)]
+                     + [cache["resid_post", L - 1][0].double().numpy()])
+    n, d = resid.shape[1:]
+    entropy = []
+    for x in resid:
+        s2 = np.linalg.svd(x, compute_uv=False) ** 2
+        p = s2[s2 > 0] / s2.sum()
+        entropy.append(-(p * np.log(p)).sum() / np.log(min(n, d)))
+    norms = np.linalg.norm(resid, axis=-1)
+    mass = pats[:, :, 1:, 0].mean(-1)  # [layer, head]
+    product, rollout = np.eye(n), []
+    for layer in range(L):
+        product = 0.5 * (pats[layer].mean(0) + np.eye(n)) @ product
+        rollout.append(product[-1, 0])
+    return {
+        "first_token_mass": mass.mean(-1), "sink_rate": (mass > SINK_EPS).mean(-1),
+        "first_token_norm": norms[:, 0], "norm_ratio": norms[:, 0] / np.median(norms[:, 1:], axis=-1),
+        "entropy": np.array(entropy), "rollout_mass": np.array(rollout),
+        "top_dim": np.abs(resid[:, 0]).argmax(-1),
+    }
+
+
+def assert_report_matches(report, expected: dict, rtol: float) -> None:
+    for name in ("first_token_mass", "sink_rate", "first_token_norm", "norm_ratio", "entropy", "rollout_mass"):
+        np.testing.assert_allclose(getattr(report, name).numpy(), expected[name], rtol=rtol, atol=rtol, err_msg=name)
+    assert report.top_dims[:, 0].tolist() == expected["top_dim"].tolist()
+
+
+def test_sink_analysis_agrees_with_run_with_cache_on_a_tiny_model(tiny):
+    tokens = torch.randint(0, tiny.cfg.d_vocab, (12,))
+    report = sink_analysis(tiny, tokens)
+    assert_report_matches(report, direct_recomputation(tiny, tokens), rtol=1e-10)
+    assert report.metadata["model"]["n_layers"] == 2 and len(report.metadata["str_tokens"]) == 12
+    assert report.plot().data and "SinkReport" in report._repr_html_()
+    json.dumps(report.to_dict(), allow_nan=False)
+
+
+def test_sink_report_from_trace_needs_the_residual_stream(tiny):
+    from lens_squash.trace import trace
+
+    with pytest.raises(ValueError, match="keep_resid=True"):
+        sink_report_from_trace(trace(tiny, torch.arange(6)))
+
+
+@pytest.mark.slow
+def test_sink_analysis_agrees_with_run_with_cache_on_smollm2(smollm2):
+    tokens = format_prompt(smollm2, "Copy the last digit: 1 1 1 1 1 0", chat=False)
+    report = sink_analysis(smollm2, tokens)
+    expected = direct_recomputation(smollm2, tokens)
+    assert_report_matches(report, expected, rtol=2e-4)  # float32 model: the trace and the cache agree to rounding
+    assert report.norm_ratio.max() > 10  # SmolLM2's first token is massive in the middle layers
+
+
+# --- ablation ------------------------------------------------------------------------------------------
+
+
+def test_disabled_clamp_changes_nothing(tiny):
+    tokens = torch.randint(0, tiny.cfg.d_vocab, (10,))[None]
+    reference = tiny(tokens)
+    for layer, factor in [(None, None), (0, 1.0), (1, 1.0)]:
+        with clamp_massive_activation(tiny, layer, factor=factor) as hooks:
+            assert torch.equal(tiny(tokens), reference)
+        assert len(hooks) == (0 if layer is None else 1)
+    assert not tiny.list_hooks()  # removed on exit
+    with clamp_massive_activation(tiny, 0):  # the default clamp does change the output
+        assert not torch.equal(tiny(tokens), reference)
+
+
+def test_clamp_rescales_the_first_token_at_that_layer_only(tiny):
+    tokens = torch.randint(0, tiny.cfg.d_vocab, (11,))[None]
+    _, clean = tiny.run_with_cache(tokens)
+    with clamp_massive_activation(tiny, 0):
+        _, cache = tiny.run_with_cache(tokens)
+    before, after = clean["resid_post", 0][0], cache["resid_post", 0][0]
+    median = float(np.median(before[1:].norm(dim=-1).numpy()))
+    assert after[0].norm().item() == pytest.approx(median, rel=1e-12)  # the typical token norm
+    torch.testing.assert_close(after[0] / after[0].norm(), before[0] / before[0].norm())  # direction kept
+    assert torch.equal(after[1:], before[1:])
+    torch.testing.assert_close(cache["resid_pre", 1], cache["resid_post", 0])  # the next layer reads it
+    with clamp_massive_activation(tiny, -1, target_norm=0.5):
+        _, cache = tiny.run_with_cache(tokens)
+    assert cache["resid_post", 1][0, 0].norm().item() == pytest.approx(0.5, rel=1e-12)
+
+
+def test_clamp_top_dims_sets_them_to_their_median(tiny):
+    tokens = torch.randint(0, tiny.cfg.d_vocab, (9,))[None]
+    _, clean = tiny.run_with_cache(tokens)
+    x = clean["resid_post", 0][0]
+    top = x[0].abs().topk(3).indices
+    with clamp_massive_activation(tiny, 0, dims=3):
+        _, cache = tiny.run_with_cache(tokens)
+    after = cache["resid_post", 0][0, 0]
+    expected = x[0].clone()
+    expected[top] = torch.tensor(np.median(x[1:, top].numpy(), axis=0))
+    torch.testing.assert_close(after, expected, atol=1e-14, rtol=0)
+
+
+def test_clamp_option_errors(tiny):
+    for kwargs, match in [({"factor": 2.0, "dims": 1}, "at most one"), ({"target_norm": -1.0}, "≥ 0"),
+                          ({"dims": 0}, "k largest")]:
+        with pytest.raises(ValueError, match=match):
+            clamp_hooks(tiny, 0, **kwargs)
+    with pytest.raises(ValueError, match="blocks"):
+        clamp_hooks(tiny, 5)
+
+
+def test_ablation_effect_measures_the_clamped_model(tiny):
+    tokens = torch.randint(0, tiny.cfg.d_vocab, (10,))
+    result = ablation_effect(tiny, tokens, 0, jacobian=False)
+    with clamp_massive_activation(tiny, 0):
+        ablated = sink_analysis(tiny, tokens)
+    baseline = sink_analysis(tiny, tokens)
+    torch.testing.assert_close(result.sink_rate_change, ablated.sink_rate - baseline.sink_rate)
+    torch.testing.assert_close(result.entropy_change, ablated.entropy - baseline.entropy)
+    torch.testing.assert_close(result.entropy_change[:1], torch.zeros(1, dtype=F64))  # before the clamp
+    # the stream entering layer 1 is the clamped one: its first token now has the median norm
+    others = tiny.run_with_cache(tokens[None])[1]["resid_post", 0][0, 1:].norm(dim=-1)
+    assert result.ablated.first_token_norm[1].item() == pytest.approx(float(np.median(others.numpy())), rel=1e-12)
+    json.dumps(result.to_dict(), allow_nan=False)
+    assert "AblationResult" in result._repr_html_() and result.plot().data
+    with pytest.raises(ValueError, match="no Jacobians"):
+        result.plot_jacobian()
