@@ -80,6 +80,7 @@ __all__ = [
     "WindowSweepResult",
     "collapse_curve",
     "family_pairs",
+    "longest_distinguishable_run",
     "measure_pairs",
     "model_in_dtype",
     "window_hooks",
@@ -717,3 +718,26 @@ def _bound_shares(model, run_trace, tokens: Tensor, window: int | None) -> tuple
     row = path_bound(tr, "rollout").bound
     total = float(row.sum())
     return float(row[0]) / total, float(row[-1]) / total
+
+
+# ----------------------------------------------------------------------------------------------
+# Counting on the real model (Cor. 6.2 / B.10)
+
+
+def longest_distinguishable_run(
+    model,
+    dtypes: Sequence[str | torch.dtype] = DEFAULT_DTYPES,
+    max_len: int = 256,
+    *,
+    family: str | CollapseFamily = "count_ones",
+    chat: bool = True,
+    open_ended: bool = True,
+) -> tuple[dict[str, int], CollapseResult]:
+    """Per dtype, the longest run of ones ``n ≤ max_len`` such that every run up to ``n`` gets a final
+    representation different from one more one (``y(n) ≠ y(n+1)`` bit for bit); ``max_len`` means no
+    collapse was seen (a lower bound). Open-ended prompts by default: one forward pass per dtype."""
+    curve = collapse_curve(model, family, range(1, max_len + 1), dtypes, chat=chat, open_ended=open_ended)
+    longest = {}
+    for name, th in curve.thresholds().items():
+        longest[name] = max_len if th["exactly_zero"] is None else th["exactly_zero"] - 1
+    return longest, curve
