@@ -101,7 +101,6 @@ def clamp_hooks(
         if not -n <= position < n or n < 2:
             raise ValueError(f"cannot clamp position {position} in a sequence of {n} tokens (need ≥ 2)")
         pos = position % n
-        resid = resid.clone()  # never write into a tensor autograd or other hooks still hold
         x = resid[:, pos]
         if dims is not None:
             index = (x.abs().mean(0).topk(dims).indices if isinstance(dims, int)
@@ -114,8 +113,9 @@ def clamp_hooks(
             norm = x.norm(dim=-1, keepdim=True)
             # a zero vector has no direction to rescale along: leave it
             x = torch.where(norm > 0, x * (target.to(x) / norm.clamp_min(torch.finfo(x.dtype).tiny)), x)
-        resid[:, pos] = x
-        return resid
+        # out of place: autograd keeps resid (and the view x) for the backward pass of a Jacobian
+        at_pos = (torch.arange(n, device=resid.device) == pos)[None, :, None]
+        return torch.where(at_pos, x[:, None, :], resid)
 
     return [(f"blocks.{layer}.hook_resid_post", hook)]
 

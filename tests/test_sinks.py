@@ -368,12 +368,15 @@ def test_sink_report_from_trace_needs_the_residual_stream(tiny):
 
 
 @pytest.mark.slow
-def test_sink_analysis_agrees_with_run_with_cache_on_smollm2(smollm2):
+def test_sink_analysis_and_clamp_on_smollm2(smollm2):
     tokens = format_prompt(smollm2, "Copy the last digit: 1 1 1 1 1 0", chat=False)
-    report = sink_analysis(smollm2, tokens)
     expected = direct_recomputation(smollm2, tokens)
-    assert_report_matches(report, expected, rtol=2e-4)  # float32 model: the trace and the cache agree to rounding
-    assert report.norm_ratio.max() > 10  # SmolLM2's first token is massive in the middle layers
+    result = ablation_effect(smollm2, tokens, 11, jacobian=False, over_squashing=True)  # baseline: sink_analysis
+    assert_report_matches(result.baseline, expected, rtol=2e-4)  # float32 model: trace and cache agree to rounding
+    # SmolLM2's first token turns massive in block 11; the clamp brings it back to the median token norm
+    before, after = result.baseline.norm_ratio[12].item(), result.ablated.norm_ratio[12].item()
+    assert before > 10 and after == pytest.approx(1.0, rel=1e-5)
+    assert result.first_token_norm_change[12] < 0 and (result.first_token_norm_change[:12] == 0).all()
 
 
 # --- ablation ------------------------------------------------------------------------------------------
@@ -445,3 +448,18 @@ def test_ablation_effect_measures_the_clamped_model(tiny):
     assert "AblationResult" in result._repr_html_() and result.plot().data
     with pytest.raises(ValueError, match="no Jacobians"):
         result.plot_jacobian()
+
+
+def test_jacobian_pass_honours_the_clamp(tiny):
+    # factor 0 on the last token after the last block makes y_n = ln_final(0): constant in every input
+    tokens = torch.randint(0, tiny.cfg.d_vocab, (8,))
+    zeroed = ablation_effect(tiny, tokens, -1, position=-1, factor=0.0, jacobian=True, n_probes=16)
+    assert zeroed.layer == 1 and (zeroed.jacobian_baseline > 0).all()
+    assert torch.equal(zeroed.jacobian_ablated, torch.zeros(8, dtype=F64))
+    identity = ablation_effect(tiny, tokens, 0, factor=1.0, jacobian=True, n_probes=16)
+    assert torch.equal(identity.jacobian_ablated, identity.jacobian_baseline)  # same probes, same model
+    # 16 orthonormal probes in d_model = 16 recover the exact Frobenius norms of the clean model
+    from lens_squash.jacobian import jacobian
+
+    torch.testing.assert_close(identity.jacobian_baseline, jacobian(tiny, tokens, mode="exact").frobenius)
+    assert len(identity.plot_jacobian().data) == 4
