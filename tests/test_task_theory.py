@@ -138,8 +138,9 @@ def test_copy_sensitivity_refuses_counting_tasks(chat_tiny):
 def _final_representation(model, prompt):
     """y_n straight from a cached forward pass: ln_final's normalised output times its gain."""
     tokens = format_prompt(model, prompt)
-    logits, cache = model.run_with_cache(tokens[None])
-    return cache["ln_final.hook_normalized"][0, -1] * model.ln_final.w, logits[0, -1].argmax()
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens[None])
+    return cache["ln_final.hook_normalized"][0, -1] * model.ln_final.w.detach(), logits[0, -1].argmax()
 
 
 def test_count_collapse_measures_n_against_n_plus_one_ones(chat_tiny):
