@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 import torch
@@ -163,9 +165,11 @@ def two_nonzeros_condition(m: Float[Tensor, "... query_pos key_pos"], atol: floa
 
     Then no row ``j ≥ 1`` can be ``e_j``, so ``Λ_jj < 1`` and eigenvalue 1 is simple.
     """
-    m = _check_square(m)
-    counts = (m.abs() > atol).sum(-1)[..., 1:]
-    return (counts >= 2).all(-1)
+    return _two_nonzeros(_check_square(m), atol)
+
+
+def _two_nonzeros(m: Tensor, atol: float) -> Tensor:
+    return ((m.abs() > atol).sum(-1)[..., 1:] >= 2).all(-1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,7 +265,7 @@ def convergence_errors(m: SquareMatrix, depth: int) -> Float[Tensor, "depth_plus
         raise ValueError(f"need one matrix and depth ≥ 0, got shape {tuple(m.shape)}, depth {depth}")
     start = torch.ones(1, m.shape[-1], dtype=m.dtype)
     start[0, 0] = 0.0  # Λ̃^0 = I: every row but the first is entirely off the first token
-    gaps = torch.cat([start, first_token_gap(lazy(m).expand(depth, -1, -1))])
+    gaps = torch.cat([start, _propagate(repeat(lazy(m), depth), m.shape[-1], m.dtype)[1]])
     return gaps.max(-1).values
 
 
@@ -269,7 +273,7 @@ def asymptotic_depth(m: SquareMatrix, eps: float) -> float:
     """The rate-only prediction ``⌈log ε / log λ_2⌉`` of Prop. B.8 (``inf`` when ``λ_2 = 1``).
 
     It ignores the constant in ``E_L ≈ C·λ_2^L`` (and the polynomial factor of repeated diagonal
-    values), so it is an estimate; :func:`depth_to_epsilon` is the certified depth.
+    values), so it is an estimate; :func:`depth_to_epsilon` is the exact depth.
     """
     _check_eps(eps)
     lam2 = float(second_eigenvalue(m))
@@ -307,7 +311,7 @@ def depth_to_epsilon(m: SquareMatrix, eps: float, *, horizon: int = DEFAULT_HORI
     steps = max(horizon, n)
     lam = lazy(m)
     # row sums of B^r are 1 − [Λ̃^r]_{j0} for rows j ≥ 1 (Λ̃ is block lower-triangular around row 0)
-    row_sums = first_token_gap(lam.expand(steps, -1, -1))[:, 1:]  # [r − 1, j − 1]
+    row_sums = _propagate(repeat(lam, steps), n, lam.dtype)[1][:, 1:]  # [r − 1, j − 1]
     reached = torch.nonzero(row_sums.max(-1).values <= eps)
     if len(reached):
         return int(reached[0, 0]) + 1
@@ -316,6 +320,8 @@ def depth_to_epsilon(m: SquareMatrix, eps: float, *, horizon: int = DEFAULT_HORI
         if len(powers) > 64:
             return math.inf  # the gap is below float64 resolution
         powers.append(powers[-1] @ powers[-1])
+    if len(powers) == 1:  # B^steps computed directly rounds to ≤ eps where the recursion did not
+        return steps
     depth, current = steps * 2 ** (len(powers) - 2), powers[-2]
     for i in range(len(powers) - 3, -1, -1):
         candidate = current @ powers[i]
@@ -331,20 +337,19 @@ def depth_to_epsilon(m: SquareMatrix, eps: float, *, horizon: int = DEFAULT_HORI
 # --------------------------------------------------------------------------------------------------
 
 
-def _dobrushin_one(m: SquareMatrix, chunk: int) -> Tensor:
+def _dobrushin_one(m: SquareMatrix, chunk: int, causal: bool) -> Tensor:
     n = m.shape[-1]
-    causal = is_causal(m, atol=0.0)
-    # tail[k, c] = Σ_{i ≥ c} m[k, i]: the mass a row keeps beyond the columns a chunk compares
-    tail = torch.cat([m.flip(-1).cumsum(-1).flip(-1), m.new_zeros(n, 1)], dim=-1)
+    cumulative = m.cumsum(-1)
     best = m.new_zeros(())
     for j0 in range(0, n, chunk):
         j1 = min(n, j0 + chunk)
         # Causal rows j < j1 are zero beyond column j1, so only those columns need comparing; the
-        # other row's remaining mass is its tail. Pairs with k < j0 were seen when k's chunk ran.
+        # other row's remaining mass (its tail) is added as is. Pairs with k < j0 were seen when
+        # k's chunk ran (τ is symmetric in j, k).
         width = j1 if causal else n
         l1 = torch.cdist(m[None, j0:j1, :width], m[None, j0:, :width], p=1)[0]
-        if causal:
-            l1 = l1 + tail[None, j0:, width]
+        if causal and width < n:
+            l1 = l1 + (cumulative[j0:, -1] - cumulative[j0:, width - 1])[None, :]
         best = torch.maximum(best, l1.max())
     return 0.5 * best
 
@@ -362,7 +367,7 @@ def dobrushin(
     if chunk < 1:
         raise ValueError(f"chunk must be a positive number of rows, got {chunk}")
     flat = p.reshape(-1, *p.shape[-2:])
-    values = [_dobrushin_one(m, chunk) for m in flat]
+    values = [_dobrushin_one(m, chunk, causal=_above_diagonal(m) == 0) for m in flat]
     return torch.stack(values).reshape(p.shape[:-2]) if values else p.new_zeros(p.shape[:-2])
 
 
@@ -370,14 +375,17 @@ def _first_token_recursion(stack: LayerMatrices) -> tuple[Tensor, Tensor]:
     stack = _check_square(stack)
     if stack.ndim != 3:
         raise ValueError(f"stack must be [layer, query_pos, key_pos], got shape {tuple(stack.shape)}")
-    n = stack.shape[-1]
+    return _propagate(stack, stack.shape[-1], stack.dtype)
+
+
+def _propagate(layers: Iterable[Tensor], n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     # Column 0 of P^(d) and its complement 1 − column, carried together: Λ̃1 = 1 gives the
     # complement the same recursion, and carrying it avoids the cancellation of 1 − (mass ≈ 1)
     # that would floor distances at ~1e-16.
-    state = torch.zeros(n, 2, dtype=stack.dtype)
+    state = torch.zeros(n, 2, dtype=dtype)
     state[0, 0], state[1:, 1] = 1.0, 1.0
     states = []
-    for layer in stack:
+    for layer in layers:
         state = layer @ state
         states.append(state)
     states = torch.stack(states) if states else state.new_zeros(0, n, 2)
@@ -520,9 +528,11 @@ def analyze_stack(
     if n_layers == 0:
         raise ValueError("stack has no layers; pass one rollout matrix per layer")
     target = _position(target, n)
-    spectrum = causal_spectrum(stack, atol)
+    # the stack was checked once above; the helpers below skip their own checks
+    spectrum = stack.diagonal(dim1=-2, dim2=-1)
     second = _second_diagonal(spectrum)
-    tau = dobrushin(stack)
+    # entries above the diagonal within atol are treated as zero (causal fast path of τ)
+    tau = torch.stack([_dobrushin_one(layer, DOBRUSHIN_CHUNK, causal=True) for layer in stack.tril()])
     cumulative = torch.cumprod(tau, 0)
     column, gap = _first_token_recursion(stack)
     mass = column[:, target]
@@ -536,7 +546,7 @@ def analyze_stack(
         spectrum=spectrum,
         second_eigenvalue=second,
         multiplicity=((spectrum - 1).abs() <= unit_atol).sum(-1),
-        two_nonzeros=two_nonzeros_condition(stack),
+        two_nonzeros=_two_nonzeros(stack, 0.0),
         repeated_layer_depth=repeated,
         dobrushin=tau,
         cumulative_dobrushin=cumulative,
