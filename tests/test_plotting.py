@@ -232,6 +232,24 @@ def test_attention_paths_accepts_path_bound_like_objects_and_infers_the_target()
         plotting.attention_paths((head, resid[:, :3]))
 
 
+def test_attention_paths_on_a_real_rollout_bound(tiny):
+    from lens_squash.trace import trace
+    from lens_squash.variants import path_bound
+
+    traced = trace(tiny, torch.arange(1, 8))
+    bound = path_bound(traced, "rollout", target=5)
+    flows = bound.flows()
+    fig = plotting.attention_paths(bound, top_k=10)
+    assert f"target 5: {token_label(traced.str_tokens[5])}" in fig.layout.title.text
+    everything = torch.cat([flows.head_flows.flatten(), flows.residual_flows.flatten()]).double()
+    assert_data(sorted((e["flow"] for e in edges_of(fig)), reverse=True), everything.topk(10).values, atol=1e-12)
+    for edge in edges_of(fig):  # each drawn edge is the flow tensor's entry at its coordinates
+        expected = (flows.residual_flows[edge["layer"], edge["to"]] if edge["head"] is None
+                    else flows.head_flows[edge["layer"], edge["head"], edge["to"], edge["from"]])
+        assert edge["flow"] == pytest.approx(float(expected), rel=1e-12)
+        assert edge["to"] <= 5  # no flow reaches past the target
+
+
 # --- spectral, collapse, bands, PE, TV, sinks -----------------------------------------------------
 
 
@@ -250,6 +268,25 @@ def test_spectral_figure_panels_hold_the_curves():
     assert_data(by_name["distance to rank one"].y, dist, atol=1e-7)
     assert fig.layout.yaxis4.type == "log"
     assert len(plotting.spectral_figure().data) == 0
+
+
+def test_spectral_report_figure_shows_a_real_report(tiny):
+    from lens_squash.attention import aggregate_heads
+    from lens_squash.paths import rollout_matrices
+    from lens_squash.spectral import analyze_stack
+    from lens_squash.trace import trace
+
+    traced = trace(tiny, torch.arange(1, 9))
+    report = analyze_stack(rollout_matrices(aggregate_heads(traced.patterns.double())))
+    fig = plotting.spectral_report_figure(report)
+    by_name = {t.name: t for t in fig.data}
+    assert_data(by_name["eigenvalues Λ̃_ii"].y, report.spectrum.flatten())
+    assert_data(by_name["second eigenvalue"].y, report.second_eigenvalue)
+    assert_data(by_name["τ per layer"].y, report.dobrushin)
+    assert_data(by_name["Π τ (bound)"].y, report.cumulative_dobrushin, atol=1e-15)  # the figure's own cumprod
+    assert_data(by_name["[Π Λ̃]ₙ,₀"].y, report.first_token_mass)
+    assert_data(by_name["distance to rank one"].y, report.rank_one_distance)
+    assert (np.asarray(by_name["distance to rank one"].y) <= np.asarray(by_name["Π τ (bound)"].y) + 1e-12).all()
 
 
 def test_collapse_figure_draws_zeros_at_a_floor_below_everything():
