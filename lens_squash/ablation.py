@@ -240,14 +240,14 @@ def ablation_effect(
     jacobian: bool | None = None,
     n_probes: int = 32,
     seed: int = 0,
-    over_squashing: bool = False,
+    over_squashing: bool = True,
 ) -> AblationResult:
     """Clamp the massive activation after block ``layer`` and measure the change in sink rate,
     matrix entropy per layer and (optionally) the last token's Jacobian sensitivity per position.
 
     Two traced forward passes (baseline and ablated). ``jacobian=None`` computes the sketched
     Jacobians when :mod:`lens_squash.jacobian` is installed; ``True`` requires it; ``False`` skips.
-    ``over_squashing`` also fills both reports' rollout-mass and Dobrushin curves (``O(L n³)``).
+    ``over_squashing`` also fills both reports' rollout-mass and Dobrushin curves (``O(L n²)``).
     """
     tokens = as_tokens(model, prompt, chat=chat)
     settings = {"factor": factor, "target_norm": target_norm,

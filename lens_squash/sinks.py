@@ -434,19 +434,13 @@ def rollout_first_token_mass(
 
 
 def _min_row_overlap(p: Tensor, budget: int) -> float:
-    """``min_{j,k} Σ_i min(P_ji, P_ki)`` over row pairs, in blocks of rows that fit ``budget`` floats.
-
-    For a lower-triangular ``P`` row ``j`` lives on columns ``0 … j``, so a block of rows ``j < stop``
-    only needs those columns and only partners ``k ≥ start`` (earlier pairs were seen by symmetry).
-    """
+    """``min_{j,k} Σ_i min(P_ji, P_ki)`` over all row pairs, in blocks of rows that fit ``budget`` floats."""
     n = p.shape[-1]
-    lower = bool((p.triu(1) == 0).all())
     best, start = math.inf, 0
     while start < n:
-        rows = max(1, budget // ((n - start) * n))
-        stop = min(n, start + rows)
-        cols = stop if lower else n
-        overlap = torch.minimum(p[start:stop, None, :cols], p[None, start:, :cols]).sum(-1)
+        stop = min(n, start + max(1, budget // ((n - start) * n)))
+        # partners k < start were compared with these rows in earlier blocks (the overlap is symmetric)
+        overlap = torch.minimum(p[start:stop, None, :], p[None, start:, :]).sum(-1)
         best = min(best, float(overlap.min()))
         start = stop
     return best
@@ -461,13 +455,22 @@ def layer_dobrushin(
 
     ``stack`` holds row-stochastic matrices (e.g. :func:`lazy_rollout_stack`). ``τ`` is
     sub-multiplicative, so ``Π_l τ(P^(l))`` bounds how far the product is from rank one (DESIGN §4).
-    Exact: ``O(n³)`` per layer (``n³/6`` for triangular matrices), computed in blocks of at most
-    ``budget`` float64 entries.
+
+    **Causal matrices have a closed form**, ``τ(P) = 1 − min_j P_j0``: row 0 of a lower-triangular
+    ``P`` is ``e_0``, so the pair ``(0, j)`` overlaps by exactly ``P_j0``; and every pair overlaps by
+    at least ``Σ_i min_j P_ji`` (Doeblin), which is ``min_j P_j0`` because row 0 is zero off column 0.
+    The two bounds meet. So a causal layer contracts exactly as much as its *weakest* attention to
+    the first token allows: for ``½(A + I)``, ``τ = 1 − ½ min_{q ≥ 1} A[q, 0]`` — sinks are what make
+    a layer contract. ``O(n)`` per layer. Other matrices take the exact pairwise route, ``O(n³)`` in
+    blocks of at most ``budget`` float64 entries.
     """
     stack = torch.as_tensor(stack).to(_F64)
     if stack.ndim != 3 or stack.shape[-1] != stack.shape[-2]:
         raise ValueError(f"stack must be [layer, query_pos, key_pos] with square matrices, got {tuple(stack.shape)}")
-    return torch.tensor([1.0 - _min_row_overlap(p, budget) for p in stack], dtype=_F64)
+    return torch.tensor([
+        1.0 - (float(p[:, 0].min()) if bool((p.triu(1) == 0).all()) else _min_row_overlap(p, budget))
+        for p in stack
+    ], dtype=_F64)
 
 
 def _group_mean(values: Tensor, mask: Tensor) -> float:
@@ -591,8 +594,7 @@ def sink_report(
     correlations pair it with layer ``l``'s attention. Phases come from the entropy curve when
     ``representations`` are given; correlations are over the first ``L`` residual entries.
     ``first_resid`` (the first token's residual vectors) adds the top massive dimensions.
-    ``over_squashing`` adds the rollout mass and Dobrushin curves (``O(L n³)``; off for long prompts
-    when only the sink curves are wanted).
+    ``over_squashing`` adds the rollout mass and Dobrushin curves (``O(L n²)``).
     """
     patterns = _check_patterns(patterns)
     resid_norms = torch.as_tensor(resid_norms).to(_F64)
@@ -620,7 +622,7 @@ def sink_report(
         curves["entropy"] = entropy
     if over_squashing:
         rollout = rollout_first_token_mass(patterns)
-        tau = layer_dobrushin(lazy_rollout_stack(patterns))
+        tau = layer_dobrushin(lazy_rollout_stack(patterns))  # causal: O(n) per layer
         links = sink_layer_links(rate.per_layer, tau, rollout)
         curves["dobrushin"] = tau
         curves["rollout_mass_gain"] = torch.diff(rollout, prepend=rollout.new_zeros(1))
