@@ -208,6 +208,7 @@ def test_window_masks_attention_and_makes_long_runs_identical(rotary):
     assert d[0] > 1e-3 and (d[1:] < 1e-13).all()
 
 
+@pytest.mark.slow
 def test_window_sweep_reports_distance_and_bound(rotary):
     sweep = window_sweep(rotary, "count_ones", [4, 12], [None, 2, 8], chat=False, open_ended=True)
     assert sweep.distance.shape == (3, 2) and sweep.bound_first_share.shape == (3, 2)
