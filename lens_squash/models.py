@@ -37,12 +37,16 @@ __all__ = [
     "cache_dir",
     "format_prompt",
     "from_hf_llama",
+    "TINY_MODEL",
     "load_model",
     "resolve_dtype",
     "tiny_model",
 ]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+#: a seeded random Llama-like model with SmolLM2's tokenizer: every command runs on it in seconds,
+#: for trying the toolkit and for tests (its numbers describe a random network, nothing more)
+TINY_MODEL = "tiny-random"
 
 #: dtype names accepted wherever a dtype is asked for (CLI flags, JSON metadata)
 DTYPES: dict[str, torch.dtype] = {
@@ -118,6 +122,11 @@ def load_model(
     Hugging Face cache.
     """
     dtype = resolve_dtype(dtype)
+    if name.lower() == TINY_MODEL:
+        return tiny_model(
+            n_layers=2, n_heads=4, n_key_value_heads=2, d_model=64, positional="rotary", norm="RMS",
+            gated_mlp=True, act_fn="silu", tokenizer="smollm2", n_ctx=n_ctx, dtype=dtype, seed=0,
+        ).to(device).eval()
     if name.lower() in OFFLINE_MODELS:
         model = _load_offline(OFFLINE_MODELS[name.lower()], dtype=dtype, device=device, n_ctx=n_ctx)
     else:
@@ -126,7 +135,7 @@ def load_model(
 
 
 def _load_from_hub(name: str, *, dtype: torch.dtype, device: str, n_ctx: int) -> HookedTransformer:
-    offline = ", ".join(sorted(OFFLINE_MODELS))
+    offline = ", ".join([*sorted(OFFLINE_MODELS), TINY_MODEL])
     try:
         return HookedTransformer.from_pretrained(name, dtype=dtype, device=device, n_ctx=n_ctx)
     except Exception as err:  # noqa: BLE001 - re-raised with the fix, the cause attached
@@ -352,7 +361,8 @@ def format_prompt(
         tokens = torch.tensor(ids, dtype=torch.long)
     else:
         bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
-        tokens = model.to_tokens(text, prepend_bos=bos)[0].cpu()
+        # truncate=False: TransformerLens would otherwise cut the prompt to n_ctx without a word
+        tokens = model.to_tokens(text, prepend_bos=bos, truncate=False)[0].cpu()
     check_length(model, tokens.shape[-1])
     return tokens
 

@@ -356,20 +356,33 @@ def _dobrushin_one(m: SquareMatrix, chunk: int, causal: bool) -> Tensor:
     return 0.5 * best
 
 
+def _is_causal_stochastic(m: SquareMatrix, atol: float = 1e-9) -> bool:
+    return bool(_above_diagonal(m) == 0 and (m >= 0).all() and (m.sum(-1) - 1).abs().max() <= atol)
+
+
 def dobrushin(
-    p: Float[Tensor, "... query_pos key_pos"], *, chunk: int = DOBRUSHIN_CHUNK
+    p: Float[Tensor, "... query_pos key_pos"], *, chunk: int = DOBRUSHIN_CHUNK, method: str = "auto"
 ) -> Float[Tensor, "..."]:
     """Dobrushin's coefficient ``τ(P) = ½ max_{j,k} ‖P_j − P_k‖₁`` of each matrix.
 
-    Exact, O(n³) per matrix (about n³/6 for causal ones, which compare only the columns a row can
-    reach), in row chunks of ``chunk`` so memory stays O(chunk·n) for ``n`` up to thousands.
+    ``method="pairwise"`` is exact for any matrix, O(n³) (about n³/6 for causal ones, which compare
+    only the columns a row can reach), in row chunks of ``chunk`` so memory stays O(chunk·n).
+    ``"auto"`` uses the O(n) closed form ``τ = 1 − min_j P_{j0}`` for causal row-stochastic matrices:
+    ``τ = 1 − min_{j,k} Σ_i min(P_ji, P_ki)``; row 0 is ``e_0``, so the pair ``(0, k)`` overlaps by
+    ``P_k0``, and any pair overlaps by at least ``min(P_j0, P_k0)`` on column 0.
     For row-stochastic ``P``: ``τ ∈ [0, 1]``, 0 iff ``P`` has rank one, and ``τ(PQ) ≤ τ(P)τ(Q)``.
     """
     p = _check_square(p)
     if chunk < 1:
         raise ValueError(f"chunk must be a positive number of rows, got {chunk}")
+    if method not in ("auto", "pairwise"):
+        raise ValueError(f"method must be 'auto' or 'pairwise', got {method!r}")
     flat = p.reshape(-1, *p.shape[-2:])
-    values = [_dobrushin_one(m, chunk, causal=_above_diagonal(m) == 0) for m in flat]
+    values = [
+        1.0 - m[:, 0].min() if method == "auto" and _is_causal_stochastic(m)
+        else _dobrushin_one(m, chunk, causal=_above_diagonal(m) == 0)
+        for m in flat
+    ]
     return torch.stack(values).reshape(p.shape[:-2]) if values else p.new_zeros(p.shape[:-2])
 
 

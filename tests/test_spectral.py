@@ -246,6 +246,8 @@ def test_dobrushin_equals_double_loop(chunk):
     for m in mats:
         tau = float(dobrushin(m, chunk=chunk))
         assert tau == pytest.approx(brute_tau(m), abs=1e-14)
+        # the O(n) closed form (auto, for causal stochastic matrices) and the pairwise route agree
+        assert float(dobrushin(m, chunk=chunk, method="pairwise")) == pytest.approx(brute_tau(m), abs=1e-14)
         assert 0.0 <= tau <= 1.0 + 1e-15  # one rounding step above 1 is possible
     assert float(dobrushin(torch.eye(4, dtype=F64))) == 1.0
     assert float(dobrushin(torch.full((4, 4), 0.25, dtype=F64))) == 0.0
