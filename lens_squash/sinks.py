@@ -105,7 +105,15 @@ def _check_patterns(patterns: Tensor) -> Tensor:
             "patterns must have shape [layer, head, query_pos, key_pos] with square attention "
             f"matrices, got {tuple(patterns.shape)}; add the missing axes with unsqueeze"
         )
-    return patterns.to(_F64)
+    # no float64 copy of the whole stack here: at n = 2048 SmolLM2's patterns are 4.5 GB in float32,
+    # so callers convert slices or one layer at a time
+    return patterns
+
+
+def _layers_f64(patterns: Tensor):
+    """Each layer's ``[head, query_pos, key_pos]`` patterns in float64, one at a time."""
+    for layer_patterns in patterns:
+        yield layer_patterns.to(_F64)
 
 
 def _check_matrix_stack(x: Tensor, name: str) -> Tensor:
@@ -134,17 +142,17 @@ def first_token_mass(
     """Mean attention on position 0 over queries 1 … n-1 (or 0 … n-1 with ``include_first_query``)."""
     patterns = _check_patterns(patterns)
     if include_first_query:
-        return patterns[..., 0].mean(-1)
+        return patterns[..., 0].to(_F64).mean(-1)
     if patterns.shape[-1] < 2:
         raise ValueError("excluding query 0 needs at least 2 positions; pass include_first_query=True")
-    return patterns[..., 1:, 0].mean(-1)
+    return patterns[..., 1:, 0].to(_F64).mean(-1)
 
 
 def key_importance(
     patterns: Float[Tensor, "layer head query_pos key_pos"],
 ) -> Float[Tensor, "layer head key_pos"]:
     """Gu et al.'s importance score ``mean_{i ≥ k} A[i, k]`` of every key ``k``, per layer and head."""
-    patterns = _check_patterns(patterns)
+    patterns = _check_patterns(patterns).to(_F64)
     n = patterns.shape[-1]
     causal = torch.ones(n, n, dtype=torch.bool).tril()  # query i ≥ key k
     total = torch.where(causal, patterns, torch.zeros_like(patterns)).sum(-2)
@@ -194,12 +202,14 @@ def mixing_score(
     n = patterns.shape[-1]
     if n < 2:
         raise ValueError("mixing needs at least 2 positions (query 0 always has entropy 0)")
-    rows = patterns[..., 1:, :]
-    # 0 · log 0 = 0; clamp keeps log finite where A = 0.
-    entropy = -(rows * rows.clamp_min(1e-300).log()).sum(-1)
-    if normalize:
-        entropy = entropy / torch.arange(2, n + 1, dtype=_F64).log()
-    return entropy.mean(dim=(1, 2))
+    max_entropy = torch.arange(2, n + 1, dtype=_F64).log()[:, None]
+    scores = []
+    for layer_patterns in _layers_f64(patterns):
+        rows = layer_patterns[:, 1:, :]
+        # 0 · log 0 = 0; clamp keeps log finite where A = 0
+        entropy = -(rows * rows.clamp_min(1e-300).log()).sum(-1)
+        scores.append((entropy / max_entropy.T if normalize else entropy).mean())
+    return torch.stack(scores)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -265,8 +275,9 @@ def squared_singular_values(
 ) -> Float[Tensor, "*layer rank"]:
     """``σ_j²`` of each ``[pos, d_model]`` matrix, descending, in float64.
 
-    ``"gram"`` uses ``eigvalsh(XᵀX)`` (a ``d × d`` problem, padded with zero eigenvalues when
-    ``n < d``); ``"svd"`` uses ``svdvals(X)``; ``"auto"`` picks Gram when ``n > d``.
+    ``"gram"`` uses the eigenvalues of the smaller Gram matrix (``XᵀX``, ``d × d``, when ``n ≥ d``;
+    ``XXᵀ``, ``n × n``, otherwise: same non-zero spectrum); ``"svd"`` uses ``svdvals(X)``; ``"auto"``
+    picks Gram when ``n > d`` (there it is several times cheaper than the SVD of the tall matrix).
     """
     x = _check_matrix_stack(x, "x")
     n, d = x.shape[-2:]
@@ -275,7 +286,7 @@ def squared_singular_values(
     if method == "svd":
         return torch.linalg.svdvals(x) ** 2
     if method == "gram":
-        gram = x.transpose(-1, -2) @ x
+        gram = x.transpose(-1, -2) @ x if n >= d else x @ x.transpose(-1, -2)
         eig = torch.linalg.eigvalsh(gram).clamp_min(0.0)  # rounding gives tiny negatives
         return eig.flip(-1)[..., : min(n, d)]
     raise ValueError(f"method must be 'auto', 'svd' or 'gram', got {method!r}")
@@ -412,7 +423,7 @@ def lazy_rollout_stack(
     """``½(A^(l) + I)`` with ``A^(l)`` the head mean: the ``rollout`` variant's matrix (Prop. B.8)."""
     patterns = _check_patterns(patterns)
     eye = torch.eye(patterns.shape[-1], dtype=_F64)
-    return 0.5 * (patterns.mean(1) + eye)
+    return torch.stack([0.5 * (layer.mean(0) + eye) for layer in _layers_f64(patterns)])
 
 
 def rollout_first_token_mass(
@@ -423,12 +434,12 @@ def rollout_first_token_mass(
     Entry ``l`` is the product of layers ``0 … l``. Only the product's first column is needed, so it
     is carried as a vector (``L`` matrix–vector products, ``O(L n²)``) instead of multiplying matrices.
     """
-    stack = lazy_rollout_stack(patterns)
-    column = torch.zeros(stack.shape[-1], dtype=_F64)
+    patterns = _check_patterns(patterns)
+    column = torch.zeros(patterns.shape[-1], dtype=_F64)
     column[0] = 1.0
     mass = []
-    for layer_matrix in stack:
-        column = layer_matrix @ column
+    for layer_patterns in _layers_f64(patterns):  # one layer at a time: no [layer, n, n] float64 stack
+        column = 0.5 * (layer_patterns.mean(0) @ column + column)
         mass.append(column[-1])
     return torch.stack(mass)
 
@@ -471,6 +482,12 @@ def layer_dobrushin(
         1.0 - (float(p[:, 0].min()) if bool((p.triu(1) == 0).all()) else _min_row_overlap(p, budget))
         for p in stack
     ], dtype=_F64)
+
+
+def _lazy_dobrushin(patterns: Tensor) -> Tensor:
+    """:func:`layer_dobrushin` of each ``½(A^(l) + I)``, built one layer at a time."""
+    eye = torch.eye(patterns.shape[-1], dtype=_F64)
+    return torch.cat([layer_dobrushin(0.5 * (layer.mean(0) + eye)[None]) for layer in _layers_f64(patterns)])
 
 
 def _group_mean(values: Tensor, mask: Tensor) -> float:
@@ -622,7 +639,7 @@ def sink_report(
         curves["entropy"] = entropy
     if over_squashing:
         rollout = rollout_first_token_mass(patterns)
-        tau = layer_dobrushin(lazy_rollout_stack(patterns))  # causal: O(n) per layer
+        tau = _lazy_dobrushin(patterns)
         links = sink_layer_links(rate.per_layer, tau, rollout)
         curves["dobrushin"] = tau
         curves["rollout_mass_gain"] = torch.diff(rollout, prepend=rollout.new_zeros(1))
