@@ -9,8 +9,9 @@ in one run and on the same prompt:
 * each metric family on the traced tensors, and the whole ``sink_report_from_trace``;
 * matrix entropy of the ``[31, n, 576]`` residual stack through the ``d × d`` Gram matrix against the
   SVD of the ``n × d`` matrices (``auto`` picks Gram when ``n > d``);
-* Dobrushin's coefficient of ``½(A^(l) + I)`` by its causal closed form against the exact pairwise
-  definition (``O(n³)``, timed on ``--pairwise-layers`` layers and reported per layer).
+* Dobrushin's coefficient of ``½(A^(l) + I)`` by its causal closed form (``rollout_dobrushin``)
+  against ``spectral.dobrushin(method="pairwise")``, the exact ``O(n³)`` definition, timed on
+  ``--pairwise-layers`` layers and reported per layer.
 
     .venv/bin/python benchmarks/sinks.py            # n = 2048
     .venv/bin/python benchmarks/sinks.py --quick    # n = 256
@@ -23,18 +24,18 @@ import time
 
 import torch
 
-from lens_squash.models import format_prompt, load_model
+from lens_squash.models import load_model
 from lens_squash.sinks import (
-    _lazy_dobrushin,
-    _min_row_overlap,
     first_token_mass,
     massive_activations,
     matrix_entropy,
     mixing_score,
+    rollout_dobrushin,
     rollout_first_token_mass,
     sink_rate,
     sink_report_from_trace,
 )
+from lens_squash.spectral import dobrushin
 from lens_squash.trace import trace
 
 PARAGRAPH = (
@@ -45,11 +46,12 @@ PARAGRAPH = (
 
 
 def prompt_tokens(model, n: int) -> torch.Tensor:
-    text = PARAGRAPH * (n // 40 + 2)
-    tokens = format_prompt(model, text, chat=False)
-    if tokens.shape[0] < n:
-        raise ValueError(f"the benchmark text gives only {tokens.shape[0]} tokens, fewer than n = {n}")
-    return tokens[:n]
+    """The first ``n`` tokens of the paragraph repeated (raw text, no chat template)."""
+    # the tokenizer directly: format_prompt refuses texts longer than n_ctx before we can cut them
+    ids = model.tokenizer.encode(PARAGRAPH * (n // 20 + 2))
+    if len(ids) < n:
+        raise ValueError(f"the benchmark text gives only {len(ids)} tokens, fewer than n = {n}")
+    return torch.tensor(ids[:n])
 
 
 def timed(fn, repeat: int) -> tuple[float, object]:
@@ -94,14 +96,15 @@ def main() -> None:
     svd_s, svd = timed(lambda: matrix_entropy(resid, method="svd"), repeat)
     rows += [("matrix entropy via Gram (d × d)", gram_s), ("matrix entropy via SVD (n × d)", svd_s)]
     rows.append(("rollout first-token mass (L mat-vecs)", timed(lambda: rollout_first_token_mass(patterns), repeat)[0]))
-    closed_s, closed = timed(lambda: _lazy_dobrushin(patterns), repeat)
+    closed_s, closed = timed(lambda: rollout_dobrushin(patterns), repeat)
     rows.append(("Dobrushin τ, causal closed form (all layers)", closed_s))
 
     eye = torch.eye(n, dtype=torch.float64)
     layers = range(min(args.pairwise_layers, tr.n_layers))
     lazy = [0.5 * (patterns[layer].double().mean(0) + eye) for layer in layers]
+    lazy = [p / p.sum(-1, keepdim=True) for p in lazy]
     started = time.perf_counter()
-    pairwise = [1.0 - _min_row_overlap(p, 2**24) for p in lazy]
+    pairwise = [float(dobrushin(p, method="pairwise")) for p in lazy]
     pair_s = (time.perf_counter() - started) / len(lazy)
     rows.append((f"Dobrushin τ, pairwise O(n³), per layer ({len(lazy)} timed)", pair_s))
     rows.append(("sink_report_from_trace (everything above, Gram)",

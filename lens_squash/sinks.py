@@ -38,7 +38,7 @@ per-layer curves into a :class:`SinkReport`. The model-facing helpers live at th
 
 **Links to over-squashing.** The ``rollout`` variant of the path bound composes ``Λ̃^(l) = ½(A^(l) + I)``
 (Prop. B.8). :func:`rollout_first_token_mass` follows the last token's mass on token 0 through the
-product layer by layer and :func:`layer_dobrushin` gives each layer's ergodicity coefficient ``τ``;
+product layer by layer and :func:`rollout_dobrushin` gives each layer's ergodicity coefficient ``τ``;
 :func:`sink_layer_links` compares both in and out of the sink layers, and the report correlates them
 with the sink and compression curves. :mod:`lens_squash.ablation` clamps the massive activation.
 """
@@ -58,6 +58,7 @@ from torch import Tensor
 
 from .ranks import pearson, spearman
 from .records import to_jsonable
+from .spectral import dobrushin
 from .trace import Trace, trace
 
 __all__ = [
@@ -71,12 +72,11 @@ __all__ = [
     "first_token_mass",
     "key_importance",
     "layer_correlations",
-    "layer_dobrushin",
-    "lazy_rollout_stack",
     "massive_activations",
     "massive_layers",
     "matrix_entropy",
     "mixing_score",
+    "rollout_dobrushin",
     "rollout_first_token_mass",
     "sink_analysis",
     "sink_layer_links",
@@ -417,15 +417,6 @@ def layer_correlations(
 # ---------------------------------------------------------------------------------------------------
 
 
-def lazy_rollout_stack(
-    patterns: Float[Tensor, "layer head query_pos key_pos"],
-) -> Float[Tensor, "layer query_pos key_pos"]:
-    """``½(A^(l) + I)`` with ``A^(l)`` the head mean: the ``rollout`` variant's matrix (Prop. B.8)."""
-    patterns = _check_patterns(patterns)
-    eye = torch.eye(patterns.shape[-1], dtype=_F64)
-    return torch.stack([0.5 * (layer.mean(0) + eye) for layer in _layers_f64(patterns)])
-
-
 def rollout_first_token_mass(
     patterns: Float[Tensor, "layer head query_pos key_pos"],
 ) -> Float[Tensor, "layer"]:
@@ -433,6 +424,8 @@ def rollout_first_token_mass(
 
     Entry ``l`` is the product of layers ``0 … l``. Only the product's first column is needed, so it
     is carried as a vector (``L`` matrix–vector products, ``O(L n²)``) instead of multiplying matrices.
+    It is the last entry of :func:`lens_squash.spectral.first_token_column` of the rollout stack,
+    streamed one layer at a time so no ``[layer, n, n]`` float64 stack is built (1 GB at n = 2048).
     """
     patterns = _check_patterns(patterns)
     column = torch.zeros(patterns.shape[-1], dtype=_F64)
@@ -444,50 +437,24 @@ def rollout_first_token_mass(
     return torch.stack(mass)
 
 
-def _min_row_overlap(p: Tensor, budget: int) -> float:
-    """``min_{j,k} Σ_i min(P_ji, P_ki)`` over all row pairs, in blocks of rows that fit ``budget`` floats."""
-    n = p.shape[-1]
-    best, start = math.inf, 0
-    while start < n:
-        stop = min(n, start + max(1, budget // ((n - start) * n)))
-        # partners k < start were compared with these rows in earlier blocks (the overlap is symmetric)
-        overlap = torch.minimum(p[start:stop, None, :], p[None, start:, :]).sum(-1)
-        best = min(best, float(overlap.min()))
-        start = stop
-    return best
-
-
-def layer_dobrushin(
-    stack: Float[Tensor, "layer query_pos key_pos"],
-    *,
-    budget: int = 2**24,
+def rollout_dobrushin(
+    patterns: Float[Tensor, "layer head query_pos key_pos"],
 ) -> Float[Tensor, "layer"]:
-    """Dobrushin's coefficient ``τ(P) = ½ max_{j,k} ‖P_j − P_k‖₁ = 1 − min_{j,k} Σ_i min(P_ji, P_ki)``.
+    """Dobrushin's coefficient ``τ(½(A^(l) + I))`` of every layer, by :func:`lens_squash.spectral.dobrushin`.
 
-    ``stack`` holds row-stochastic matrices (e.g. :func:`lazy_rollout_stack`). ``τ`` is
-    sub-multiplicative, so ``Π_l τ(P^(l))`` bounds how far the product is from rank one (DESIGN §4).
-
-    **Causal matrices have a closed form**, ``τ(P) = 1 − min_j P_j0``: row 0 of a lower-triangular
-    ``P`` is ``e_0``, so the pair ``(0, j)`` overlaps by exactly ``P_j0``; and every pair overlaps by
-    at least ``Σ_i min_j P_ji`` (Doeblin), which is ``min_j P_j0`` because row 0 is zero off column 0.
-    The two bounds meet. So a causal layer contracts exactly as much as its *weakest* attention to
-    the first token allows: for ``½(A + I)``, ``τ = 1 − ½ min_{q ≥ 1} A[q, 0]`` — sinks are what make
-    a layer contract. ``O(n)`` per layer. Other matrices take the exact pairwise route, ``O(n³)`` in
-    blocks of at most ``budget`` float64 entries.
+    For a causal layer ``τ = 1 − min_j P_j0 = 1 − ½ min_{q ≥ 1} A^(l)[q, 0]``: a layer contracts
+    exactly as much as its *weakest* attention to the first token allows, so sinks are what make a
+    layer contract. Each layer is built alone in float64 and its rows renormalised: float32 softmax
+    rows sum to 1 only within ~1e-7, and the O(n) causal closed form needs stochastic rows (else
+    ``spectral.dobrushin`` falls back to its exact O(n³) pairwise route).
     """
-    stack = torch.as_tensor(stack).to(_F64)
-    if stack.ndim != 3 or stack.shape[-1] != stack.shape[-2]:
-        raise ValueError(f"stack must be [layer, query_pos, key_pos] with square matrices, got {tuple(stack.shape)}")
-    return torch.tensor([
-        1.0 - (float(p[:, 0].min()) if bool((p.triu(1) == 0).all()) else _min_row_overlap(p, budget))
-        for p in stack
-    ], dtype=_F64)
-
-
-def _lazy_dobrushin(patterns: Tensor) -> Tensor:
-    """:func:`layer_dobrushin` of each ``½(A^(l) + I)``, built one layer at a time."""
+    patterns = _check_patterns(patterns)
     eye = torch.eye(patterns.shape[-1], dtype=_F64)
-    return torch.cat([layer_dobrushin(0.5 * (layer.mean(0) + eye)[None]) for layer in _layers_f64(patterns)])
+    taus = []
+    for layer_patterns in _layers_f64(patterns):
+        lazy = 0.5 * (layer_patterns.mean(0) + eye)
+        taus.append(dobrushin(lazy / lazy.sum(-1, keepdim=True)))
+    return torch.stack(taus)
 
 
 def _group_mean(values: Tensor, mask: Tensor) -> float:
@@ -639,7 +606,7 @@ def sink_report(
         curves["entropy"] = entropy
     if over_squashing:
         rollout = rollout_first_token_mass(patterns)
-        tau = _lazy_dobrushin(patterns)
+        tau = rollout_dobrushin(patterns)
         links = sink_layer_links(rate.per_layer, tau, rollout)
         curves["dobrushin"] = tau
         curves["rollout_mass_gain"] = torch.diff(rollout, prepend=rollout.new_zeros(1))

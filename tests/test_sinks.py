@@ -20,12 +20,11 @@ from lens_squash.sinks import (
     first_token_mass,
     key_importance,
     layer_correlations,
-    layer_dobrushin,
-    lazy_rollout_stack,
     massive_activations,
     massive_layers,
     matrix_entropy,
     mixing_score,
+    rollout_dobrushin,
     rollout_first_token_mass,
     sink_analysis,
     sink_layer_links,
@@ -34,6 +33,7 @@ from lens_squash.sinks import (
     sink_report_from_trace,
     squared_singular_values,
 )
+from lens_squash.spectral import first_token_column, lazy
 
 F64 = torch.float64
 
@@ -240,10 +240,6 @@ def test_sink_report_on_a_planted_compression_valley():
 # --- links to over-squashing -------------------------------------------------------------------------
 
 
-def lazy_causal_stack(layers=3, n=7) -> torch.Tensor:
-    return 0.5 * (random_causal_patterns(layers, 1, n)[:, 0] + torch.eye(n, dtype=F64))
-
-
 def naive_dobrushin(p: torch.Tensor) -> float:
     n = p.shape[0]
     return max(0.5 * float((p[j] - p[k]).abs().sum()) for j in range(n) for k in range(n))
@@ -251,44 +247,30 @@ def naive_dobrushin(p: torch.Tensor) -> float:
 
 def test_rollout_first_token_mass_equals_the_explicit_matrix_product():
     pat = random_causal_patterns(layers=4, heads=3, n=8)
-    stack = lazy_rollout_stack(pat)
-    torch.testing.assert_close(stack[2], 0.5 * (pat[2].mean(0) + torch.eye(8, dtype=F64)))
+    stack = 0.5 * (pat.mean(1) + torch.eye(8, dtype=F64))
     mass = rollout_first_token_mass(pat)
     for depth in range(4):
         product = torch.eye(8, dtype=F64)
         for layer in range(depth + 1):
             product = stack[layer] @ product  # Λ̃^(depth) … Λ̃^(0)
         assert mass[depth].item() == pytest.approx(product[-1, 0].item(), abs=1e-15)
+    torch.testing.assert_close(mass, first_token_column(lazy(pat.mean(1)))[:, -1], atol=1e-15, rtol=0)
     # a perfect sink in every head sends all of the last token's mass to token 0 as depth grows
     full_sinks = rollout_first_token_mass(planted_sinks([[1.0, 1.0]] * 20, 6))
     assert (full_sinks.diff() > 0).all() and full_sinks[-1] > 1 - 1e-5
 
 
-@pytest.mark.parametrize("budget", [1, 50, 2**24])  # 1 and 50 force one- and few-row blocks
-def test_layer_dobrushin_equals_pairwise_definition(budget):
-    lazy, causal = lazy_causal_stack(), random_causal_patterns(2, 1, 7)[:, 0]  # causal: the closed form
-    dense = torch.softmax(torch.randn(2, 6, 6, dtype=F64), -1)  # not triangular: the pairwise route
-    for stack in (lazy, causal, dense):
-        expected = torch.tensor([naive_dobrushin(p) for p in stack], dtype=F64)
-        torch.testing.assert_close(layer_dobrushin(stack, budget=budget), expected, atol=1e-14, rtol=0)
-
-
-def test_dobrushin_of_a_lazy_causal_layer_is_set_by_its_weakest_sink():
+def test_rollout_dobrushin_equals_pairwise_definition_and_the_weakest_sink():
     pat = random_causal_patterns(layers=3, heads=2, n=9)
-    weakest = pat.mean(1)[:, 1:, 0].min(-1).values
-    torch.testing.assert_close(layer_dobrushin(lazy_rollout_stack(pat)), 1 - 0.5 * weakest, atol=1e-15, rtol=0)
-
-
-def test_layer_dobrushin_theorems():
-    p, q = lazy_causal_stack(layers=2, n=9)
-    tau = layer_dobrushin(torch.stack([p, q, q @ p]))
-    assert tau[2] <= tau[0] * tau[1] + 1e-14  # sub-multiplicative
-    # a lazy causal matrix keeps half of row j on j, where earlier rows are 0: τ ≥ ½; rank one: τ = 0
-    assert (tau[:2] >= 0.5 - 1e-15).all() and (tau <= 1 + 1e-15).all()
-    rank_one = torch.softmax(torch.randn(1, 5, dtype=F64), -1).expand(5, 5)
-    assert layer_dobrushin(rank_one[None]).item() == pytest.approx(0.0, abs=1e-15)
-    with pytest.raises(ValueError, match="layer, query_pos, key_pos"):
-        layer_dobrushin(p)
+    stack = 0.5 * (pat.mean(1) + torch.eye(9, dtype=F64))
+    tau = rollout_dobrushin(pat)
+    expected = torch.tensor([naive_dobrushin(p) for p in stack], dtype=F64)
+    torch.testing.assert_close(tau, expected, atol=1e-14, rtol=0)
+    torch.testing.assert_close(tau, 1 - 0.5 * pat.mean(1)[:, 1:, 0].min(-1).values, atol=1e-15, rtol=0)
+    assert (tau >= 0.5 - 1e-15).all()  # lazy: row j keeps ½ on j, where every earlier row is 0
+    # float32 rows sum to 1 only within rounding: still the pairwise value, to float32 precision
+    tau32 = rollout_dobrushin(pat.float())
+    torch.testing.assert_close(tau32, expected, atol=1e-6, rtol=0)
 
 
 def test_sink_layer_links_groups_layers_by_sink_rate():
@@ -311,7 +293,7 @@ def test_sink_report_links_sink_layers_to_over_squashing():
     norms = torch.rand(layers + 1, n, dtype=F64) + 1.0
     report = sink_report(pat, norms)
     torch.testing.assert_close(report.rollout_mass, rollout_first_token_mass(pat))
-    torch.testing.assert_close(report.dobrushin, layer_dobrushin(lazy_rollout_stack(pat)))
+    torch.testing.assert_close(report.dobrushin, rollout_dobrushin(pat))
     # sink layers pull the last token's rollout mass onto token 0 and contract less (rows agree on token 0)
     assert report.links["rollout mass gain | sink layers"] > report.links["rollout mass gain | other layers"]
     assert report.links["dobrushin | sink layers"] < report.links["dobrushin | other layers"]
