@@ -15,7 +15,7 @@ written (DESIGN §8); :mod:`lens_squash.report` embeds them in a self-contained 
 | :func:`head_band_figure` | mean, min and max over last-layer heads against length | Fig. 5 |
 | :func:`pe_figure` | the synthetic positional-encoding study | Fig. 7 |
 | :func:`tv_figure` | softmax total-variation decay with its bound | Lemma B.2, Fig. 9 |
-| :func:`sink_figure` | per-layer sink / compression curves with Mix–Compress–Refine phases | §7 |
+| :func:`sink_figure` | per-layer sink / compression curves with Mix–Compress–Refine phases | Queipo-de-Llano et al. |
 | :func:`accuracy_figure`, :func:`abs_error_figure`, :func:`answer_histogram` | task results | Figs. 2–4 |
 
 **Token text is untrusted.** Plotly renders a subset of HTML inside labels and hover text, so every
@@ -319,37 +319,51 @@ def _infer_target(head: np.ndarray, resid: np.ndarray) -> int:
     return int(np.argmax(inflow))
 
 
-def _edge_trace(edge: dict, labels: list[str], w_max: float, target: int, show_legend: bool) -> go.Scatter:
+def _edge_trace(edge: dict, labels: list[str], w_max: float, group: str, n_heads: int, show_legend: bool) -> go.Scatter:
     l, h, j, k, w = edge["layer"], edge["head"], edge["to"], edge["from"], edge["flow"]
     kind = "residual" if h is None else f"head {h}"
-    text = (f"target {target} · layer {l}, {kind}<br>{k} {labels[k]} → {j} {labels[j]}"
+    text = (f"{group} · layer {l}, {kind}<br>{k} {labels[k]} → {j} {labels[j]}"
             f"<br>flow {w:.4g} ({w / w_max:.1%} of the heaviest)")
+    # a head attending to its own position would hide under the vertical residual edge: bow it
+    # sideways, each head by its own amount, so every drawn edge stays visible
+    bow = 0.0 if h is None or j != k else 0.15 + 0.3 * h / max(1, n_heads - 1)
     return go.Scatter(
-        x=[k, (k + j) / 2, j], y=[l, l + 0.5, l + 1], mode="lines", hoverinfo="text", text=[text] * 3,
-        line={"width": 0.75 + 7.25 * w / w_max, "color": _RESIDUAL_GREY if h is None else _color(h, _HEAD_PALETTE)},
+        x=[k, (k + j) / 2 + bow, j], y=[l, l + 0.5, l + 1], mode="lines", hoverinfo="text", text=[text] * 3,
+        line={"width": 0.75 + 7.25 * w / w_max, "color": _RESIDUAL_GREY if h is None else _color(h, _HEAD_PALETTE),
+              "shape": "spline"},
         name=kind, legendgroup=kind, showlegend=show_legend, meta=edge,
     )
 
 
-def _path_group(flows: Any, labels: list[str], target: int | None, top_k: int) -> tuple[list[go.Scatter], int]:
+def _group_label(flows: Any, target: int, labels: list[str]) -> str:
+    """``target j: token``, plus ``← source i: token`` when the flows count paths from one input."""
+    label = f"target {target}: {labels[target]}"
+    source = getattr(flows, "source", None)
+    return label if source is None else f"{label} ← source {int(source)}: {labels[int(source)]}"
+
+
+def _path_group(flows: Any, labels: list[str], target: int | None, top_k: int) -> tuple[list[go.Scatter], int, str]:
     head, resid = _flow_tensors(flows)
-    if target is None:
-        target = getattr(flows, "target", None)
+    own = getattr(flows, "target", None)
+    if target is not None and own is not None and int(own) != int(target):
+        raise ValueError(f"flows under key {target} were computed for target {own}; key each by its own target")
+    target = own if target is None else target
     target = _infer_target(head, resid) if target is None else int(target)
+    group = _group_label(flows, target, labels)
     edges = _top_edges(head, resid, top_k)
     w_max = edges[0]["flow"] if edges else 1.0
     seen: set[str] = set()
     traces = []
     for edge in sorted(edges, key=lambda e: e["flow"]):  # heaviest drawn last, on top
         kind = "residual" if edge["head"] is None else f"head {edge['head']}"
-        traces.append(_edge_trace(edge, labels, w_max, target, kind not in seen))
+        traces.append(_edge_trace(edge, labels, w_max, group, head.shape[1], kind not in seen))
         seen.add(kind)
     traces.append(go.Scatter(
         x=[target], y=[head.shape[0]], mode="markers", name="target", showlegend=False,
         marker={"symbol": "star", "size": 16, "color": "crimson"}, hoverinfo="text",
         text=[f"target {target} {labels[target]}"],
     ))
-    return traces, target
+    return traces, target, group
 
 
 def attention_paths(
@@ -363,9 +377,11 @@ def attention_paths(
 
     Node ``(i, l)`` is position ``i`` in the residual stream entering layer ``l`` (``l = L`` is the
     output). A head edge of layer ``l`` runs from key ``k`` at level ``l`` to query ``j`` at level
-    ``l+1``; a residual edge is vertical. Only the ``top_k`` heaviest edges are drawn, width ∝ flow
-    (divided by the heaviest), coloured by head (residual grey); each edge's ``meta`` holds its layer,
-    head (``None`` for residual), from/to positions and flow.
+    ``l+1``; a residual edge is vertical, and a head attending to its own position bows sideways
+    (by an amount set by the head) so it does not hide under the residual edge. Only the ``top_k``
+    heaviest edges are drawn, width ∝ flow (divided by the heaviest), coloured by head (residual
+    grey); each edge's ``meta`` holds its layer, head (``None`` for residual), from/to positions and
+    flow. Flows of paths from one input (``PathBound.flows(source=i)``) are labelled with the source.
 
     ``flows`` is ``PathFlows`` (``.head_flows [layer, head, q, k]``, ``.residual_flows [layer, pos]``),
     a ``PathBound`` (its ``.flows()``), a ``(head_flows, residual_flows)`` pair, or a dict
@@ -385,20 +401,19 @@ def attention_paths(
         marker={"size": 4, "color": "lightgrey"}, name="positions", showlegend=False, hoverinfo="text",
         text=[f"level {l} · position {i} {labels[i]}" for l in range(n_layers + 1) for i in range(n)],
     ))
-    spans, targets = [], []
+    spans, names = [], []
     for key, group in groups.items():
-        traces, target = _path_group(group, labels, key, top_k)
+        traces, _, name = _path_group(group, labels, key, top_k)
         start = len(fig.data)
         fig.add_traces(traces)
         spans.append((start, len(fig.data)))
-        targets.append(target)
+        names.append(name)
     for trace in fig.data[spans[0][1]:]:
         trace.visible = False
     if len(groups) > 1:
         buttons = []
-        for (start, end), target in zip(spans, targets, strict=True):
+        for (start, end), label in zip(spans, names, strict=True):
             visible = [i == 0 or start <= i < end for i in range(len(fig.data))]
-            label = f"target {target}: {labels[target]}"
             buttons.append({"label": label, "method": "update",
                             "args": [{"visible": visible}, {"title.text": _escape(title) + " — " + label}]})
         fig.update_layout(updatemenus=[{"buttons": buttons, "x": 1.0, "xanchor": "right", "y": 1.15, "yanchor": "top"}])
@@ -408,8 +423,7 @@ def attention_paths(
         tickmode="array", tickvals=list(range(n_layers + 1)),
         ticktext=[str(l) for l in range(n_layers)] + ["output"],
     )
-    first = f"target {targets[0]}: {labels[targets[0]]}"
-    return _layout(fig, title, suffix=f" — {first}", height=max(450, 22 * n_layers + 250), hovermode="closest",
+    return _layout(fig, title, suffix=f" — {names[0]}", height=max(450, 22 * n_layers + 250), hovermode="closest",
                    legend={"title": {"text": "edge"}})
 
 

@@ -248,6 +248,17 @@ def test_attention_paths_on_a_real_rollout_bound(tiny):
                     else flows.head_flows[edge["layer"], edge["head"], edge["to"], edge["from"]])
         assert edge["flow"] == pytest.approx(float(expected), rel=1e-12)
         assert edge["to"] <= 5  # no flow reaches past the target
+    for drawn in fig.data:  # a head's self-edge bows sideways; residual and cross edges stay straight
+        edge = drawn.meta
+        if isinstance(edge, dict):
+            bowed = edge["head"] is not None and edge["to"] == edge["from"]
+            assert (drawn.x[1] != (edge["from"] + edge["to"]) / 2) == bowed
+    from_two = plotting.attention_paths(bound.flows(source=2), traced.str_tokens, top_k=200)
+    assert f"← source 2: {token_label(traced.str_tokens[2])}" in from_two.layout.title.text
+    drawn = edges_of(from_two)
+    assert drawn and all(2 <= e["from"] <= e["to"] <= 5 for e in drawn)  # causal paths from 2 to 5 only
+    with pytest.raises(ValueError, match="target 5"):
+        plotting.attention_paths({6: bound})
 
 
 # --- spectral, collapse, bands, PE, TV, sinks -----------------------------------------------------
