@@ -22,8 +22,10 @@ from lens_squash.report import (
     ReportSection,
     analysis_sections,
     build_report,
+    collapse_section,
     model_section,
     prompt_section,
+    tasks_section,
     write_report,
 )
 
@@ -208,3 +210,35 @@ def test_analysis_sections_cover_an_analysis_like_object(tiny):
     assert {t.name for t in spectral.data} == {"τ per layer", "Π τ (bound)", "distance to rank one"}
     with pytest.raises(ValueError, match="spectral fields"):
         plotting.spectral_report_figure(SimpleNamespace())
+
+
+def test_collapse_and_tasks_sections_show_the_results():
+    from lens_squash.collapse import collapse_curve
+    from lens_squash.models import tiny_model
+    from lens_squash.tasks import RESULT_COLUMNS, TaskResults
+
+    model = tiny_model(n_layers=2, n_heads=2, d_model=16, positional="rotary", norm="RMS", tokenizer="smollm2", n_ctx=128)
+    result = collapse_curve(model, "count_ones", [2, 4, 8], ("float64", "float32"), open_ended=True)
+    section = collapse_section(result, head_dtype="float32")
+    dtypes_fig, heads_fig = section.figures
+    lines = {t.name: t for t in dtypes_fig.data}
+    for d, name in enumerate(result.dtypes):  # y per dtype: the relative ∞-distance, zeros drawn at the floor
+        rel = result.distances[d, :, -1, 0] / result.reference[d, :, -1, 0]
+        shown = torch.where(rel == 0, torch.nan, rel)
+        torch.testing.assert_close(torch.as_tensor(lines[name].y, dtype=torch.float64), shown, equal_nan=True,
+                                   rtol=1e-12, atol=0)
+        assert list(lines[f"{name} resolution"].y) == [torch.finfo(getattr(torch, name)).eps] * 2
+    heads = result.head_distances[1]
+    torch.testing.assert_close(torch.as_tensor(heads_fig.data[0].y), heads.max(-1).values)
+    torch.testing.assert_close(torch.as_tensor(heads_fig.data[1].y), heads.min(-1).values)
+    torch.testing.assert_close(torch.as_tensor(heads_fig.data[2].y), heads.mean(-1))
+    assert list(section.table["dtype"]) == ["float64", "float32"]
+
+    frame = pd.DataFrame([{c: None for c in RESULT_COLUMNS} | {
+        "task": "count_ones", "mode": "answer", "length": n, "sample": 0, "truth": n, "parsed_answer": a,
+        "correct": a == n, "abs_error": abs(a - n), "parse_status": "ok"} for n, a in ((4, 4), (8, 5))])
+    tasks = tasks_section(TaskResults(frame))
+    assert [len(f.data) for f in tasks.figures] == [1, 1, 4]
+    assert list(tasks.figures[0].data[0].y) == [1.0, 0.0] and list(tasks.figures[1].data[0].y) == [0.0, 3.0]
+    page = build_report([section, tasks])
+    assert page.count('class="plotly-graph-div"') == 5
