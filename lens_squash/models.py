@@ -126,7 +126,7 @@ def load_model(
         return tiny_model(
             n_layers=2, n_heads=4, n_key_value_heads=2, d_model=64, positional="rotary", norm="RMS",
             gated_mlp=True, act_fn="silu", tokenizer="smollm2", n_ctx=n_ctx, dtype=dtype, seed=0,
-        ).to(device).eval()
+        ).to(device, print_details=False).eval()
     if name.lower() in OFFLINE_MODELS:
         model = _load_offline(OFFLINE_MODELS[name.lower()], dtype=dtype, device=device, n_ctx=n_ctx)
     else:

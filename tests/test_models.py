@@ -130,3 +130,15 @@ def test_bad_tiny_model_knobs():
 def test_gguf_folder_found_without_importing_the_chat_app():
     path = models._gguf_path(models.OFFLINE_MODELS[models.DEFAULT_MODEL])
     assert path.suffix == ".gguf" and Path(path).stat().st_size > 50_000_000
+
+
+def test_raw_prompt_longer_than_context_is_refused_not_truncated():
+    model = tiny_model(tokenizer="smollm2", n_ctx=16)
+    with pytest.raises(ValueError, match="n_ctx=16"):
+        format_prompt(model, "one two three four five six seven eight nine ten " * 3, chat=False)
+
+
+def test_tiny_random_loads_by_name_offline():
+    model = load_model(models.TINY_MODEL, n_ctx=128)
+    assert model.cfg.n_ctx == 128 and model.tokenizer is not None
+    assert len(format_prompt(model, "hello")) > 1  # chat template of the SmolLM2 tokenizer
