@@ -202,14 +202,16 @@ def mixing_score(
     n = patterns.shape[-1]
     if n < 2:
         raise ValueError("mixing needs at least 2 positions (query 0 always has entropy 0)")
-    max_entropy = torch.arange(2, n + 1, dtype=_F64).log()[:, None]
-    scores = []
-    for layer_patterns in _layers_f64(patterns):
-        rows = layer_patterns[:, 1:, :]
-        # 0 · log 0 = 0; clamp keeps log finite where A = 0
-        entropy = -(rows * rows.clamp_min(1e-300).log()).sum(-1)
-        scores.append((entropy / max_entropy.T if normalize else entropy).mean())
-    return torch.stack(scores)
+    return torch.stack([_layer_mixing(layer, normalize) for layer in _layers_f64(patterns)])
+
+
+def _layer_mixing(layer_patterns: Tensor, normalize: bool) -> Tensor:
+    rows = layer_patterns[:, 1:, :]
+    # 0 · log 0 = 0; clamp keeps log finite where A = 0
+    entropy = -(rows * rows.clamp_min(1e-300).log()).sum(-1)
+    if normalize:
+        entropy = entropy / torch.arange(2, rows.shape[-1] + 1, dtype=_F64).log()
+    return entropy.mean()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -428,13 +430,22 @@ def rollout_first_token_mass(
     streamed one layer at a time so no ``[layer, n, n]`` float64 stack is built (1 GB at n = 2048).
     """
     patterns = _check_patterns(patterns)
-    column = torch.zeros(patterns.shape[-1], dtype=_F64)
-    column[0] = 1.0
+    column = _first_column(patterns.shape[-1])
     mass = []
     for layer_patterns in _layers_f64(patterns):  # one layer at a time: no [layer, n, n] float64 stack
-        column = 0.5 * (layer_patterns.mean(0) @ column + column)
+        column = _rollout_step(layer_patterns.mean(0), column)
         mass.append(column[-1])
     return torch.stack(mass)
+
+
+def _first_column(n: int) -> Tensor:
+    column = torch.zeros(n, dtype=_F64)
+    column[0] = 1.0
+    return column
+
+
+def _rollout_step(layer_mean: Tensor, column: Tensor) -> Tensor:
+    return 0.5 * (layer_mean @ column + column)  # ½(A + I) c without building the matrix
 
 
 def rollout_dobrushin(
@@ -449,12 +460,29 @@ def rollout_dobrushin(
     ``spectral.dobrushin`` falls back to its exact O(n³) pairwise route).
     """
     patterns = _check_patterns(patterns)
-    eye = torch.eye(patterns.shape[-1], dtype=_F64)
-    taus = []
+    return torch.stack([_layer_tau(layer.mean(0)) for layer in _layers_f64(patterns)])
+
+
+def _layer_tau(layer_mean: Tensor) -> Tensor:
+    lazy = 0.5 * (layer_mean + torch.eye(layer_mean.shape[-1], dtype=_F64))
+    return dobrushin(lazy / lazy.sum(-1, keepdim=True))
+
+
+def _attention_curves(patterns: Tensor, over_squashing: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Mixing, rollout mass and Dobrushin curves in ONE float64 conversion per layer (what
+    :func:`sink_report` uses; calling the three public functions converts every layer three times)."""
+    column = _first_column(patterns.shape[-1])
+    mixing, mass, taus = [], [], []
     for layer_patterns in _layers_f64(patterns):
-        lazy = 0.5 * (layer_patterns.mean(0) + eye)
-        taus.append(dobrushin(lazy / lazy.sum(-1, keepdim=True)))
-    return torch.stack(taus)
+        mixing.append(_layer_mixing(layer_patterns, normalize=True))
+        if over_squashing:
+            layer_mean = layer_patterns.mean(0)
+            column = _rollout_step(layer_mean, column)
+            mass.append(column[-1])
+            taus.append(_layer_tau(layer_mean))
+    if not over_squashing:
+        return torch.stack(mixing), None, None
+    return torch.stack(mixing), torch.stack(mass), torch.stack(taus)
 
 
 def _group_mean(values: Tensor, mask: Tensor) -> float:
@@ -463,7 +491,7 @@ def _group_mean(values: Tensor, mask: Tensor) -> float:
 
 def sink_layer_links(
     sink_rate_per_layer: Float[Tensor, "layer"],
-    dobrushin: Float[Tensor, "layer"],
+    tau: Float[Tensor, "layer"],
     rollout_mass: Float[Tensor, "layer"],
     *,
     majority: float = 0.5,
@@ -478,8 +506,8 @@ def sink_layer_links(
     gain = torch.diff(mass, prepend=mass.new_zeros(1))
     return {
         "n sink layers": float(sink_layers.sum()),
-        "dobrushin | sink layers": _group_mean(dobrushin, sink_layers),
-        "dobrushin | other layers": _group_mean(dobrushin, ~sink_layers),
+        "dobrushin | sink layers": _group_mean(tau, sink_layers),
+        "dobrushin | other layers": _group_mean(tau, ~sink_layers),
         "rollout mass gain | sink layers": _group_mean(gain, sink_layers),
         "rollout mass gain | other layers": _group_mean(gain, ~sink_layers),
     }
@@ -591,7 +619,7 @@ def sink_report(
     mass = first_token_mass(patterns).mean(-1)
     rate = sink_rate(patterns, eps)
     massive = massive_activations(resid_norms, first_resid)
-    entropy = aniso = phases = rollout = tau = None
+    entropy = aniso = phases = None
     links: dict[str, float] = {}
     curves = {"first_token_norm": massive.first_norm, "sink_rate": rate.per_layer}
     if representations is not None:
@@ -604,15 +632,14 @@ def sink_report(
         entropy, aniso = matrix_entropy(representations), anisotropy(representations)
         phases = detect_phases(entropy)
         curves["entropy"] = entropy
+    mixing, rollout, tau = _attention_curves(patterns, over_squashing)
     if over_squashing:
-        rollout = rollout_first_token_mass(patterns)
-        tau = rollout_dobrushin(patterns)
         links = sink_layer_links(rate.per_layer, tau, rollout)
         curves["dobrushin"] = tau
         curves["rollout_mass_gain"] = torch.diff(rollout, prepend=rollout.new_zeros(1))
     return SinkReport(
         eps=rate.eps, first_token_mass=mass, sink_rate=rate.per_layer, sink_rate_overall=rate.overall,
-        mixing=mixing_score(patterns), first_token_norm=massive.first_norm, norm_ratio=massive.ratio,
+        mixing=mixing, first_token_norm=massive.first_norm, norm_ratio=massive.ratio,
         entropy=entropy, anisotropy=aniso, phases=phases,
         massive_range=massive_layers(massive.ratio, factor=factor),
         correlations=layer_correlations(curves, method=method), metadata=dict(metadata or {}),

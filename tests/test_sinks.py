@@ -321,20 +321,28 @@ def direct_recomputation(model, tokens: torch.Tensor) -> dict:
         entropy.append(-(p * np.log(p)).sum() / np.log(min(n, d)))
     norms = np.linalg.norm(resid, axis=-1)
     mass = pats[:, :, 1:, 0].mean(-1)  # [layer, head]
-    product, rollout = np.eye(n), []
+    product, rollout, tau, mixing = np.eye(n), [], [], []
     for layer in range(L):
-        product = 0.5 * (pats[layer].mean(0) + np.eye(n)) @ product
+        lazy = 0.5 * (pats[layer].mean(0) + np.eye(n))
+        product = lazy @ product
         rollout.append(product[-1, 0])
+        tau.append(0.5 * np.abs(lazy[:, None, :] - lazy[None, :, :]).sum(-1).max())  # every pair of rows
+        rows = pats[layer][:, 1:, :]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            row_entropy = -np.where(rows > 0, rows * np.log(rows), 0.0).sum(-1)
+        mixing.append((row_entropy / np.log(np.arange(2, n + 1))).mean())
     return {
         "first_token_mass": mass.mean(-1), "sink_rate": (mass > SINK_EPS).mean(-1),
         "first_token_norm": norms[:, 0], "norm_ratio": norms[:, 0] / np.median(norms[:, 1:], axis=-1),
-        "entropy": np.array(entropy), "rollout_mass": np.array(rollout),
+        "entropy": np.array(entropy), "rollout_mass": np.array(rollout), "dobrushin": np.array(tau),
+        "mixing": np.array(mixing),
         "top_dim": np.abs(resid[:, 0]).argmax(-1),
     }
 
 
 def assert_report_matches(report, expected: dict, rtol: float) -> None:
-    for name in ("first_token_mass", "sink_rate", "first_token_norm", "norm_ratio", "entropy", "rollout_mass"):
+    for name in ("first_token_mass", "sink_rate", "first_token_norm", "norm_ratio", "entropy", "rollout_mass",
+                 "dobrushin", "mixing"):
         np.testing.assert_allclose(getattr(report, name).numpy(), expected[name], rtol=rtol, atol=rtol, err_msg=name)
     assert report.top_dims[:, 0].tolist() == expected["top_dim"].tolist()
 
