@@ -312,11 +312,13 @@ def matrix_entropy(
 
     A single row or column (``min(n, d) = 1``) is rank one: its normalised entropy is defined as 0.
     """
-    p = _spectrum_distribution(x, method)
+    return _entropy(_spectrum_distribution(x, method), min(x.shape[-2:]), normalize)
+
+
+def _entropy(p: Tensor, rank_bound: int, normalize: bool) -> Tensor:
     h = -(p * p.clamp_min(1e-300).log()).sum(-1)
     if not normalize:
         return h
-    rank_bound = min(x.shape[-2:])
     return h / math.log(rank_bound) if rank_bound > 1 else torch.zeros_like(h)
 
 
@@ -629,7 +631,8 @@ def sink_report(
                 f"representations {tuple(representations.shape)} must match resid_norms "
                 f"{tuple(resid_norms.shape)} in their [layer, pos] axes"
             )
-        entropy, aniso = matrix_entropy(representations), anisotropy(representations)
+        p = _spectrum_distribution(representations, "auto")  # one spectrum for both curves
+        entropy, aniso = _entropy(p, min(representations.shape[-2:]), True), p[..., 0]
         phases = detect_phases(entropy)
         curves["entropy"] = entropy
     mixing, rollout, tau = _attention_curves(patterns, over_squashing)
