@@ -7,7 +7,7 @@ in one run and on the same prompt:
 * the plain forward pass (the baseline every ratio is taken against) and the trace that keeps the
   patterns and residual streams (``trace(keep_resid=True)``);
 * each metric family on the traced tensors, and the whole ``sink_report_from_trace``;
-* matrix entropy of the ``[31, n, 576]`` residual stack through the ``d × d`` Gram matrix against the
+* matrix entropy of the ``[31, n, 576]`` residual stack through the smaller Gram matrix against the
   SVD of the ``n × d`` matrices (``auto`` picks Gram when ``n > d``);
 * Dobrushin's coefficient of ``½(A^(l) + I)`` by its causal closed form (``rollout_dobrushin``)
   against ``spectral.dobrushin(method="pairwise")``, the exact ``O(n³)`` definition, timed on
@@ -94,7 +94,7 @@ def main() -> None:
     ]
     gram_s, gram = timed(lambda: matrix_entropy(resid, method="gram"), repeat)
     svd_s, svd = timed(lambda: matrix_entropy(resid, method="svd"), repeat)
-    rows += [("matrix entropy via Gram (d × d)", gram_s), ("matrix entropy via SVD (n × d)", svd_s)]
+    rows += [("matrix entropy via Gram (smaller side)", gram_s), ("matrix entropy via SVD (n × d)", svd_s)]
     rows.append(("rollout first-token mass (L mat-vecs)", timed(lambda: rollout_first_token_mass(patterns), repeat)[0]))
     closed_s, closed = timed(lambda: rollout_dobrushin(patterns), repeat)
     rows.append(("Dobrushin τ, causal closed form (all layers)", closed_s))
@@ -107,7 +107,7 @@ def main() -> None:
     pairwise = [float(dobrushin(p, method="pairwise")) for p in lazy]
     pair_s = (time.perf_counter() - started) / len(lazy)
     rows.append((f"Dobrushin τ, pairwise O(n³), per layer ({len(lazy)} timed)", pair_s))
-    rows.append(("sink_report_from_trace (everything above, Gram)",
+    rows.append(("sink_report_from_trace (all of it; entropy auto = Gram iff n > d)",
                  timed(lambda: sink_report_from_trace(tr), repeat)[0]))
 
     agree = max(abs(a - float(b)) for a, b in zip(pairwise, closed, strict=False))
