@@ -1,0 +1,161 @@
+"""Exact and sketched Jacobians on SmolLM2: time and peak extra memory, as ratios measured in one run.
+
+Each method runs in a fresh Python process (so one method's freed-but-kept heap cannot hide
+another's peak) on the same random prompt. Peak extra memory is the largest resident set size seen
+by a 2 ms sampling thread during the method, minus the resident size just before it (model loaded,
+warmed up). Methods:
+
+* ``exact``: ``lens_squash.jacobian.jacobian(mode="exact")`` with its default chunk size, norms included;
+* ``jacrev``: ``torch.func.jacrev(f, chunk_size=64)`` of the same function (blocks run by hand, then
+  ``ln_final``; parameters frozen as in ``exact``), the Jacobian only, no norms;
+* ``vjp``: one forward pass with graph, then single VJPs (the median of 3, times ``d_model``);
+* ``sketch``: ``mode="sketch", n_probes=64``.
+
+Targets (issue 3): exact ≤ 1.0× jacrev in time and ≤ 0.6× in memory, ≤ 1.1× d_model × one VJP;
+sketch ≥ 8× faster than exact with Spearman ≥ 0.95 against the exact Frobenius norms.
+
+    .venv/bin/python benchmarks/jacobian.py            # n = 128 tokens (several minutes on 2 cores)
+    .venv/bin/python benchmarks/jacobian.py --quick    # n = 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import textwrap
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys, threading, time, gc
+    import psutil, torch
+    from lens_squash.models import load_model
+    from lens_squash import jacobian as jac
+
+    method, n, chunk, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    if threads > 0:
+        torch.set_num_threads(threads)
+    chunk = None if chunk == "none" else int(chunk)
+    model = load_model(n_ctx=max(n, 16))
+    tokens = torch.randint(100, 20000, (n,), generator=torch.Generator().manual_seed(0))
+    jac.jacobian(model, tokens[:4], mode="sketch", n_probes=4)  # warm-up: allocator, kernels
+    gc.collect()
+    process = psutil.Process()
+    peak = [process.memory_info().rss]
+    base = peak[0]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(0.002)
+
+    def by_hand(v):
+        x = v
+        for block in model.blocks:
+            x = block(x)
+        return model.ln_final(x[:, -1:])[0, 0]
+
+    out = {"method": method, "n": n}
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    if method in ("exact", "sketch"):
+        result = jac.jacobian(model, tokens, mode=method, n_probes=64, chunk_size=chunk)
+        out["frobenius"] = result.frobenius.tolist()
+        out["chunk"] = result.metadata["chunk_size"]
+        out["estimated_bytes"] = result.metadata["estimated_bytes"]
+    elif method == "jacrev":
+        _, cache = model.run_with_cache(tokens[None], names_filter="blocks.0.hook_resid_pre")
+        v0 = cache["blocks.0.hook_resid_pre"].clone()
+        with jac._without_parameter_grads(model):
+            full = torch.func.jacrev(by_hand, chunk_size=chunk or 64)(v0)
+        out["chunk"] = chunk or 64
+    elif method == "vjp":
+        with jac._without_parameter_grads(model), torch.enable_grad():
+            y, v = jac._forward(model, tokens, n - 1, "final", 0, False)
+            forward = time.perf_counter() - started
+            times = []
+            for row in range(3):
+                cotangent = torch.zeros_like(y)
+                cotangent[row] = 1
+                t0 = time.perf_counter()
+                torch.autograd.grad(y, v, grad_outputs=cotangent, retain_graph=True)
+                times.append(time.perf_counter() - t0)
+        out["forward"] = forward
+        out["one_vjp"] = sorted(times)[1]
+    else:
+        raise SystemExit(f"unknown method {method}")
+    out["seconds"] = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    out["peak_extra_bytes"] = peak[0] - base
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+def run(method: str, n: int, chunk: int | None, threads: int) -> dict:
+    args = [sys.executable, "-W", "ignore", "-c", WORKER, method, str(n), str(chunk or "none"), str(threads)]
+    done = subprocess.run(args, check=True, capture_output=True, text=True)
+    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    import torch
+
+    from lens_squash.ranks import spearman as rank_correlation
+
+    return rank_correlation(torch.tensor(a), torch.tensor(b))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="n = 32 tokens instead of 128")
+    parser.add_argument("--n", type=int, default=None, help="number of tokens (overrides --quick)")
+    parser.add_argument("--chunk", type=int, default=None, help="chunk size for exact (default: the library's)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
+    parser.add_argument("--methods", default="vjp,exact,jacrev,sketch")
+    args = parser.parse_args()
+    n = args.n or (32 if args.quick else 128)
+    results = {}
+    for method in args.methods.split(","):
+        results[method] = run(method, n, args.chunk if method == "exact" else None, args.threads)
+        print(f"# {method}: {results[method]['seconds']:.1f} s, "
+              f"{results[method]['peak_extra_bytes'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+    report(results, n)
+
+
+def report(results: dict, n: int) -> None:
+    mib = 2**20
+    print(f"\nSmolLM2-135M-Instruct, fp32, n = {n} tokens, d_model = 576\n")
+    print("| method | seconds | peak extra MiB | note |\n|---|---|---|---|")
+    for name, r in results.items():
+        note = ""
+        if name == "vjp":
+            note = f"forward {r['forward']:.2f} s, one VJP {r['one_vjp']:.3f} s"
+        elif "chunk" in r:
+            note = f"chunk {r['chunk']}"
+            if "estimated_bytes" in r:
+                note += f", estimate_memory {r['estimated_bytes'] / mib:.0f} MiB"
+        print(f"| {name} | {r['seconds']:.1f} | {r['peak_extra_bytes'] / mib:.0f} | {note} |")
+    print("\n| ratio | measured | target |\n|---|---|---|")
+    exact = results.get("exact")
+    if exact and "jacrev" in results:
+        jr = results["jacrev"]
+        print(f"| exact time ÷ jacrev(chunk 64) time | {exact['seconds'] / jr['seconds']:.2f} | ≤ 1.0 |")
+        print(f"| exact memory ÷ jacrev memory | {exact['peak_extra_bytes'] / max(jr['peak_extra_bytes'], 1):.2f} | ≤ 0.6 |")
+    if exact and "vjp" in results:
+        floor = 576 * results["vjp"]["one_vjp"]
+        print(f"| exact time ÷ (d_model × one VJP = {floor:.1f} s) | {exact['seconds'] / floor:.2f} | ≤ 1.1 |")
+    if exact and "sketch" in results:
+        sk = results["sketch"]
+        print(f"| sketch(k=64) speed-up over exact | {exact['seconds'] / sk['seconds']:.1f}× | ≥ 8× |")
+        rho = spearman(sk["frobenius"], exact["frobenius"])
+        print(f"| Spearman(sketch ‖J_i‖_F, exact ‖J_i‖_F) over positions | {rho:.3f} | ≥ 0.95 |")
+
+
+if __name__ == "__main__":
+    main()
