@@ -15,16 +15,14 @@ from pathlib import Path
 __all__ = ["COMMANDS", "COPY_PROMPT", "build_parser", "copy_prompt", "main"]
 
 
-def copy_prompt(n_ones: int = 50, last: str = "0") -> str:
-    """The paper's copying prompt (Appendix C.1) for ``1 … 1 0`` with ``n_ones`` ones."""
-    sequence = " ".join(["1"] * n_ones + [last])
-    return (
-        f"Consider the following sequence: {sequence}. What is the last digit in this sequence? "
-        "Please answer exactly as 'The answer to your question is: <ANSWER>'"
-    )
+def copy_prompt(n_ones: int = 12) -> str:
+    """The paper's copying prompt (Appendix C.1, verbatim) for ``1 … 1 0`` with ``n_ones`` ones."""
+    from .tasks import make_instance
+
+    return make_instance("copy_last", n_ones + 1).prompt
 
 
-COPY_PROMPT = copy_prompt(50)
+COPY_PROMPT = copy_prompt(12)
 
 
 def _load(args):
@@ -93,11 +91,257 @@ def _trace_json(result, args) -> dict:
 
 
 def cmd_demo(args) -> int:
-    """The main job on the offline default model: trace and answer the paper's copying prompt."""
-    args.prompt, args.raw, args.generate = COPY_PROMPT, False, True
-    args.json = args.json or Path(args.out) / "trace.json"
-    print("prompt: " + args.prompt)
-    return cmd_trace(args)
+    """The main job on the offline default model: the paper's copying prompt analysed end to end
+    (bounds vs the exact Jacobian, spectral, sinks), the model's answer, and a collapse summary."""
+    from .analysis import analyze
+    from .report import analysis_sections, write_report
+
+    model = _load(args)
+    prompt = copy_prompt(args.ones)
+    print("prompt: " + prompt)
+    analysis = analyze(model, prompt, jacobian_mode=args.jacobian, n_probes=64)
+    print(f"{analysis.trace.n_tokens} tokens; predicted next token {analysis.trace.predicted_token!r}")
+    print(f"greedy answer: {generate_answer(model, analysis.trace.tokens)!r}")
+    print_analysis(analysis)
+    out = Path(args.out)
+    metadata = {**analysis.trace.metadata, "prompt": prompt, "command": "demo"}
+    html_path, json_path = write_report(out / "analyze", analysis_sections(analysis, prompt=prompt),
+                                        {**analysis.to_dict(), "metadata": metadata},
+                                        title="lens_squash demo: the copying prompt", metadata=metadata)
+    print(f"wrote {json_path} and {html_path}")
+    from .collapse import collapse_curve
+    from .records import write_json_atomic
+
+    collapse = collapse_curve(model, "count_ones", list(range(8, 129, 8)), ("float32", "bfloat16"),
+                              open_ended=True)
+    print("representational collapse, family (a) counting ones vs one more one "
+          "(relative ‖y − y*‖∞ of the final representation):")
+    print_collapse(collapse)
+    write_json_atomic(out / "collapse.json", collapse.to_dict())
+    print(f"wrote {out / 'collapse.json'}")
+    return 0
+
+
+def print_analysis(analysis) -> None:
+    """The summary table of ``analyze``: one row per variant, then the spectral and sink figures."""
+    import pandas as pd
+
+    table = analysis.summary()
+    with pd.option_context("display.float_format", "{:.4g}".format, "display.width", 160):
+        print(table.to_string(index=False))
+    best = analysis.best_variant
+    if best is not None:
+        paper = analysis.comparisons.get("paper")
+        paper_text = f"; paper: Spearman {paper.spearman:.3f}" if paper is not None else ""
+        print(f"best-ranking variant: {best} (Spearman {analysis.comparisons[best].spearman:.3f}{paper_text})")
+    spectral = analysis.spectral
+    print(
+        f"rollout stack: last token's mass on the first token after all layers "
+        f"{float(spectral.first_token_mass[-1]):.4f}; cumulative Dobrushin "
+        f"{float(spectral.cumulative_dobrushin[-1]):.3g}; depth to see only the first token "
+        f"{'≈ ' if spectral.extrapolated else ''}{spectral.depth_to_first_token:.0f}"
+        f"{' (extrapolated)' if spectral.extrapolated else ''}"
+    )
+    print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in analysis.seconds.items()))
+
+
+def cmd_analyze(args) -> int:
+    from .analysis import analyze
+    from .report import analysis_sections, write_report
+
+    if not args.prompt.strip():
+        raise ValueError("the prompt is empty; pass the text to analyse with --prompt TEXT")
+    model = _load(args)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    mode = None if args.jacobian == "none" else args.jacobian
+    analysis = analyze(model, args.prompt, variants=variants, jacobian_mode=mode, n_probes=args.probes,
+                       chat=False if args.raw else None)
+    print(f"{analysis.trace.n_tokens} tokens; predicted next token {analysis.trace.predicted_token!r}")
+    print_analysis(analysis)
+    metadata = {**analysis.trace.metadata, "prompt": args.prompt, "variants": variants, "jacobian": args.jacobian,
+                "command": "analyze"}
+    results = {**analysis.to_dict(), "metadata": metadata}
+    html_path, json_path = write_report(
+        args.out, analysis_sections(analysis, prompt=args.prompt), results,
+        title="lens_squash: over-squashing analysis", metadata=metadata,
+    )
+    print(f"wrote {json_path} and {html_path}")
+    return 0
+
+
+def _analyze_parser(sub) -> None:
+    from .analysis import DEFAULT_VARIANTS
+    from .variants import VARIANTS
+
+    parser = sub.add_parser("analyze", help="path-sum bounds vs the exact Jacobian, spectral and sink analysis")
+    parser.add_argument("--prompt", default=copy_prompt(12), help="prompt text (default: the paper's copy prompt)")
+    parser.add_argument("--raw", action="store_true", help="skip the chat template")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma-separated path-sum variants, from {', '.join(VARIANTS)}")
+    parser.add_argument("--jacobian", choices=["exact", "sketch", "none"], default="exact",
+                        help="how to compute the true sensitivities (sketch: random probes, much faster)")
+    parser.add_argument("--probes", type=int, default=64, help="probes for --jacobian sketch")
+    parser.add_argument("--out", default="out/analyze", help="folder for results.json and report.html")
+    _add_model_args(parser)
+
+
+def _ints(text: str) -> list[int]:
+    """``"5,10,20"`` or ``"5:40:5"`` (start:stop:step, stop included) as a list of ints."""
+    try:
+        if ":" in text:
+            start, stop, step = (int(v) for v in text.split(":"))
+            return list(range(start, stop + 1, step))
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise ValueError(f"lengths must look like '5,10,20' or '5:40:5', got {text!r}") from err
+
+
+def cmd_tasks(args) -> int:
+    import pandas as pd
+
+    from .tasks import run_tasks, summarize_results
+
+    model = _load(args)
+    results = run_tasks(
+        model, args.task.split(","), _ints(args.lengths), args.samples, args.modes.split(","), args.out,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=args.seed,
+    )
+    with pd.option_context("display.float_format", "{:.3g}".format, "display.width", 160):
+        print(summarize_results(results).to_string(index=False))
+    print(f"wrote {Path(args.out) / 'results.csv'}, results.json and figures.html")
+    return 0
+
+
+def _tasks_parser(sub) -> None:
+    from .tasks import MODES, TASKS
+
+    parser = sub.add_parser("tasks", help="the paper's copying and counting experiments (Appendix C.1, C.5)")
+    parser.add_argument("--task", default="copy_first,copy_last",
+                        help=f"comma-separated tasks, from {', '.join(TASKS)}")
+    parser.add_argument("--lengths", default="5,10,20,40", help="sequence lengths: '5,10,20' or '5:40:5'")
+    parser.add_argument("--samples", type=int, default=2, help="samples per task and length")
+    parser.add_argument("--modes", default="answer", help=f"comma-separated modes, from {', '.join(MODES)}")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="out/tasks", help="folder for results (a rerun resumes from it)")
+    _add_model_args(parser)
+
+
+def run_collapse(model, args):
+    """The collapse curve of one family (and, unless ``--no-theory``, the toy-model panels)."""
+    from .collapse import collapse_curve
+
+    return collapse_curve(model, args.family, _ints(args.lengths), [d for d in args.dtypes.split(",") if d],
+                          open_ended=args.open_ended, native=args.native, window=args.window)
+
+
+def print_collapse(result) -> None:
+    import pandas as pd
+
+    with pd.option_context("display.float_format", "{:.3g}".format, "display.width", 160):
+        print(result.summary().to_string())
+
+
+def cmd_collapse(args) -> int:
+    from .records import provenance
+    from .report import ReportSection, model_section, write_report
+
+    model = _load(args)
+    result = run_collapse(model, args)
+    print(f"family {args.family}: relative ‖y − y*‖∞ of the last token's final representation")
+    print_collapse(result)
+    sections = [model_section(provenance(model)),
+                ReportSection("collapse", table=result.summary().reset_index(),
+                              figures=[result.plot("dtypes"), result.plot("heads")])]
+    payload = {"collapse": result.to_dict()}
+    if not args.no_theory:
+        from .softmax_theory import tv_decay_experiment
+        from .synthetic import pe_collapse
+
+        pe = pe_collapse([2, 4, 8, 16, 32, 64, 128], seeds=3)
+        tv = tv_decay_experiment(n_max=2000, seeds=5)
+        sections.append(ReportSection("synthetic positional encodings", figures=[pe.plot()], table=pe.summary()))
+        sections.append(ReportSection("softmax total variation (Lemma B.2)", figures=[tv.plot()]))
+        payload |= {"synthetic": pe.to_dict(), "tv_decay": tv.to_dict()}
+    metadata = {**provenance(model), "command": "collapse", "family": args.family, "lengths": args.lengths,
+                "dtypes": args.dtypes, "window": args.window, "open_ended": args.open_ended}
+    html_path, json_path = write_report(args.out, sections, payload, metadata=metadata,
+                                        title=f"lens_squash: representational collapse ({args.family})")
+    print(f"wrote {json_path} and {html_path}")
+    return 0
+
+
+def _collapse_parser(sub) -> None:
+    from .collapse import FAMILIES
+
+    parser = sub.add_parser("collapse", help="representational collapse against length, per dtype (paper §4)")
+    parser.add_argument("--family", default="count_ones", help=f"prompt family, from {', '.join(FAMILIES)}")
+    parser.add_argument("--lengths", default="4:128:4", help="sequence lengths: '5,10,20' or '4:128:4'")
+    parser.add_argument("--dtypes", default="float32,bfloat16,float16", help="comma-separated dtypes")
+    parser.add_argument("--open-ended", action="store_true",
+                        help="stop the prompt right after the sequence (prefix-closed: one pass per dtype)")
+    parser.add_argument("--native", action="store_true", help="difference representations in the dtype itself")
+    parser.add_argument("--window", type=int, default=None, help="restrict attention to a local window")
+    parser.add_argument("--no-theory", action="store_true", help="skip the toy-model and softmax panels")
+    parser.add_argument("--out", default="out/collapse", help="folder for results.json and report.html")
+    _add_model_args(parser)
+
+
+def print_sinks(report) -> None:
+    print(f"{'layer':>5}  {'attn→first':>10}  {'sink rate':>9}  {'‖x₀‖/median':>11}  {'entropy':>8}  "
+          f"{'Dobrushin':>9}  {'rollout→first':>13}")
+    for layer in range(report.n_layers):
+        entropy = "" if report.entropy is None else f"{float(report.entropy[layer]):.3f}"
+        tau = "" if report.dobrushin is None else f"{float(report.dobrushin[layer]):.3f}"
+        mass = "" if report.rollout_mass is None else f"{float(report.rollout_mass[layer]):.4f}"
+        print(f"{layer:>5}  {float(report.first_token_mass[layer]):>10.3f}  {float(report.sink_rate[layer]):>9.2f}  "
+              f"{float(report.norm_ratio[layer]):>11.1f}  {entropy:>8}  {tau:>9}  {mass:>13}")
+    print(f"sink rate (ε = {report.eps}): {report.sink_rate_overall:.1%} of heads; phases (layers) "
+          f"{report.phases}; massive activation in layers {report.massive_range}")
+    for name, value in report.correlations.items():
+        print(f"  corr {name}: {value:.3f}")
+
+
+def cmd_sinks(args) -> int:
+    from .ablation import ablation_effect
+    from .records import provenance
+    from .report import ReportSection, model_section, write_report
+    from .sinks import sink_analysis
+
+    model = _load(args)
+    chat = False if args.raw else None
+    report = sink_analysis(model, args.prompt, chat=chat, eps=args.eps)
+    print_sinks(report)
+    sections = [model_section(provenance(model)), ReportSection("sinks", figures=[report.plot()])]
+    payload = {"sinks": report.to_dict()}
+    if args.clamp_layer is not None:
+        ablation = ablation_effect(model, args.prompt, args.clamp_layer, chat=chat, eps=args.eps,
+                                   jacobian=not args.no_jacobian)
+        print(f"clamping the first token's residual after block {args.clamp_layer}: sink rate "
+              f"{ablation.baseline.sink_rate_overall:.1%} → {ablation.ablated.sink_rate_overall:.1%}; "
+              f"peak norm ratio {float(ablation.baseline.norm_ratio.max()):.1f} → "
+              f"{float(ablation.ablated.norm_ratio.max()):.1f}")
+        figures = [ablation.plot()] + ([] if ablation.jacobian_baseline is None else [ablation.plot_jacobian()])
+        sections.append(ReportSection("massive-activation ablation", figures=figures))
+        payload["ablation"] = ablation.to_dict()
+    metadata = {**provenance(model), "command": "sinks", "prompt": args.prompt, "clamp_layer": args.clamp_layer}
+    html_path, json_path = write_report(args.out, sections, payload, metadata=metadata,
+                                        title="lens_squash: sinks, massive activations, compression")
+    print(f"wrote {json_path} and {html_path}")
+    return 0
+
+
+def _sinks_parser(sub) -> None:
+    parser = sub.add_parser("sinks", help="attention sinks, massive activations, compression per layer")
+    parser.add_argument("--prompt", default=copy_prompt(12), help="prompt text (default: the paper's copy prompt)")
+    parser.add_argument("--raw", action="store_true", help="skip the chat template")
+    parser.add_argument("--eps", type=float, default=0.3, help="sink threshold ε (0.3 or 0.8 in the literature)")
+    parser.add_argument("--clamp-layer", type=int, default=None,
+                        help="also clamp the first token's residual after this block and measure the change")
+    parser.add_argument("--no-jacobian", action="store_true", help="skip the sketched Jacobian in the ablation")
+    parser.add_argument("--out", default="out/sinks", help="folder for results.json and report.html")
+    _add_model_args(parser)
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -119,8 +363,9 @@ def _trace_parser(sub) -> None:
 
 def _demo_parser(sub) -> None:
     parser = sub.add_parser("demo", help="the main job on the offline default model")
+    parser.add_argument("--ones", type=int, default=12, help="ones before the final 0 in the copying prompt")
+    parser.add_argument("--jacobian", choices=["exact", "sketch"], default="exact")
     parser.add_argument("--out", default="out/demo", help="folder for the results")
-    parser.add_argument("--json", type=Path, default=None)
     _add_model_args(parser)
 
 
@@ -128,6 +373,10 @@ def _demo_parser(sub) -> None:
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "trace": (_trace_parser, cmd_trace),
     "demo": (_demo_parser, cmd_demo),
+    "analyze": (_analyze_parser, cmd_analyze),
+    "tasks": (_tasks_parser, cmd_tasks),
+    "collapse": (_collapse_parser, cmd_collapse),
+    "sinks": (_sinks_parser, cmd_sinks),
 }
 
 

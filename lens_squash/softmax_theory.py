@@ -284,6 +284,12 @@ class TVDecayResult:
             "metadata": dict(self.metadata),
         }
 
+    def plot(self, **kwargs):
+        """Fig. 9: TV against length per seed, with Lemma B.2's bound."""
+        from .plotting import tv_decay_figure
+
+        return tv_decay_figure(self, **kwargs)
+
     def _repr_html_(self) -> str:
         first, last = self.tv[:, 0], self.tv[:, -1]
         rows = [
