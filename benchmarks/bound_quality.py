@@ -78,8 +78,6 @@ def per_layer_diagnosis(model, prompt, variants, *, probes: int) -> pd.DataFrame
     """Where the ranking breaks down: for every depth l, the Spearman correlation between each
     variant's bound truncated to layers 0..l and the sketched Jacobian of ``blocks.{l}.hook_resid_post``
     at the last position (Frobenius), plus where that Jacobian's mass sits."""
-    from lens_squash import paths
-
     tokens = format_prompt(model, prompt.text, chat=prompt.chat)
     traced = trace(model, tokens, lipschitz=True)
     graphs = {name: path_bound(traced, name, model=model).graph for name in variants}
@@ -88,10 +86,8 @@ def per_layer_diagnosis(model, prompt, variants, *, probes: int) -> pd.DataFrame
         truth = jacobian(model, tokens, target=layer, mode="sketch", n_probes=probes).frobenius.double()
         row = {"layer": layer, "truth_first_share": float(truth[0] / truth.sum()),
                "truth_last_share": float(truth[-1] / truth.sum())}
-        for name, g in graphs.items():
-            left = None if g.left_scale is None else g.left_scale[: layer + 1]
-            bound = paths.graph_row(g.residual[: layer + 1], g.edges[: layer + 1], -1, left_scale=left)
-            row[name] = spearman(bound, truth)
+        for name, graph in graphs.items():
+            row[name] = spearman(graph.row(-1, n_layers=layer + 1), truth)
         rows.append(row)
     return pd.DataFrame(rows)
 

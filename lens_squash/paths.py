@@ -31,6 +31,7 @@ from torch import Tensor
 
 __all__ = [
     "PathFlows",
+    "factored_row",
     "PathRecord",
     "bound_row",
     "graph_row",
@@ -102,6 +103,40 @@ def graph_row(
         if left_scale is not None:
             row = row * left_scale[layer].double()
         row = row * residual[layer].double() + torch.einsum("j,hjk->k", row, edges[layer].double())
+    return row
+
+
+def factored_row(
+    residual: Float[Tensor, "layer pos"],
+    patterns: Float[Tensor, "layer head query_pos key_pos"],
+    key_scale: Float[Tensor, "layer head key_pos"],
+    target: int = -1,
+    *,
+    query_scale: Float[Tensor, "layer pos"] | None = None,
+    left_scale: Float[Tensor, "layer pos"] | None = None,
+) -> Float[Tensor, "pos"]:
+    """:func:`graph_row` for edges in factored form ``E^(l,h) = diag(q^(l)) A^(l,h) diag(c^(l,h))``.
+
+    Every variant's edges have this form, so the row needs only the traced patterns: no scaled
+    ``[layer, head, pos, pos]`` copy (4.5 GB for SmolLM2 at n = 2048). The vector–matrix products run
+    in the patterns' dtype (float32 patterns are accurate to ~1e-7 anyway); the row is float64.
+    """
+    n_layers, n_heads, n, _ = patterns.shape
+    if key_scale.shape != (n_layers, n_heads, n):
+        raise ValueError(f"key_scale must be [layer, head, key_pos] = {(n_layers, n_heads, n)}, got {tuple(key_scale.shape)}")
+    for name, value in (("residual", residual), ("query_scale", query_scale), ("left_scale", left_scale)):
+        if value is not None and value.shape != (n_layers, n):
+            raise ValueError(f"{name} must be [layer, pos] = {(n_layers, n)}, got {tuple(value.shape)}")
+    target = _check_target(target, n)
+    dtype = patterns.dtype
+    row = torch.zeros(n, dtype=torch.float64, device=patterns.device)
+    row[target] = 1.0
+    for layer in range(n_layers - 1, -1, -1):
+        if left_scale is not None:
+            row = row * left_scale[layer].double()
+        into_heads = row if query_scale is None else row * query_scale[layer].double()
+        heads = torch.einsum("j,hjk->hk", into_heads.to(dtype), patterns[layer])  # [head, key]
+        row = row * residual[layer].double() + (heads.double() * key_scale[layer].double()).sum(0)
     return row
 
 

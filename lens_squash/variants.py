@@ -42,31 +42,55 @@ __all__ = ["VARIANTS", "PathBound", "PathGraph", "build_graph", "final_norm_gain
 
 @dataclass(frozen=True, eq=False)
 class PathGraph:
-    """One variant's layered graph (see the module docstring for the meaning of each field)."""
+    """One variant's layered graph (see the module docstring for the meaning of each field).
+
+    Head edges are stored factored, ``E^(l,h)_{jk} = q^(l)_j · A^(l,h)_{jk} · c^(l,h)_k``, with the
+    traced patterns ``A`` shared, not copied: the row of an n = 2048 prompt needs no extra
+    ``[layer, head, pos, pos]`` tensor. :attr:`edges` materialises ``E`` for flows and top paths.
+    """
 
     variant: str
     residual: Float[Tensor, "layer pos"]
-    edges: Float[Tensor, "layer head query_pos key_pos"]
+    patterns: Float[Tensor, "layer head query_pos key_pos"]
+    key_scale: Float[Tensor, "layer head key_pos"]
     left_scale: Float[Tensor, "layer pos"] | None
     output_scale: Float[Tensor, "pos"]
     guarantee: str | None
+    query_scale: Float[Tensor, "layer pos"] | None = None
+
+    @property
+    def edges(self) -> Float[Tensor, "layer head query_pos key_pos"]:
+        edges = self.patterns.double() * self.key_scale.double()[:, :, None, :]
+        return edges if self.query_scale is None else edges * self.query_scale.double()[:, None, :, None]
 
     def matrices(self) -> Float[Tensor, "layer query_pos key_pos"]:
         return paths.layer_matrices(self.residual, self.edges, left_scale=self.left_scale)
 
-    def row(self, target: int) -> Float[Tensor, "pos"]:
-        row = paths.graph_row(self.residual, self.edges, target, left_scale=self.left_scale)
-        return self.output_scale[target].double() * row
+    def row(self, target: int, *, n_layers: int | None = None) -> Float[Tensor, "pos"]:
+        """The target's row; ``n_layers`` truncates the graph to its first layers (no output factor)."""
+        depth = slice(None) if n_layers is None else slice(0, n_layers)
+        row = paths.factored_row(
+            self.residual[depth], self.patterns[depth], self.key_scale[depth], target,
+            query_scale=None if self.query_scale is None else self.query_scale[depth],
+            left_scale=None if self.left_scale is None else self.left_scale[depth],
+        )
+        return row if n_layers is not None else self.output_scale[target].double() * row
+
+    def row_sums(self) -> Float[Tensor, "layer pos"]:
+        """``r_j + Σ_h Σ_k E^(l,h)_{jk}`` per layer (without the left scale)."""
+        heads = torch.einsum("lhjk,lhk->lj", self.patterns, self.key_scale.to(self.patterns.dtype)).double()
+        heads = heads if self.query_scale is None else heads * self.query_scale.double()
+        return self.residual.double() + heads
 
     def row_normalised(self) -> PathGraph:
         """Each layer's rows scaled to sum to 1: ``D^{-1}(diag(r) + ΣE)`` (left scale dropped)."""
-        totals = self.residual + self.edges.sum(dim=(1, 3))  # [layer, pos]: row sums
-        totals = totals.clamp_min(torch.finfo(totals.dtype).tiny)
+        totals = self.row_sums().clamp_min(torch.finfo(torch.float64).tiny)
+        query = 1.0 / totals if self.query_scale is None else self.query_scale.double() / totals
         return replace(
             self,
             variant=f"{self.variant}_rownorm",
-            residual=self.residual / totals,
-            edges=self.edges / totals[:, None, :, None],
+            residual=self.residual.double() / totals,
+            query_scale=query,
             left_scale=None,
             output_scale=torch.ones_like(self.output_scale),
             guarantee=None,
@@ -91,10 +115,10 @@ def _paper(trace, model=None, *, beta1=1.0, beta2=1.0, beta3=1.0, sigma_psi=1.0,
     n_layers, n_heads, n = trace.patterns.shape[:3]
     beta1 = torch.as_tensor(beta1, dtype=torch.float64).expand(n_layers)
     w = head_weights(n_layers, n_heads, head_scores)
-    edges = trace.patterns * (w / beta1[:, None]).to(trace.patterns.dtype)[:, :, None, None]
+    key_scale = (w / beta1[:, None])[:, :, None].expand(n_layers, n_heads, n)
     constant = paths.paper_constant(n_layers, beta2=beta2, beta3=beta3, sigma_psi=sigma_psi)
     return PathGraph(
-        "paper", torch.ones(n_layers, n, dtype=torch.float64), edges, None,
+        "paper", torch.ones(n_layers, n, dtype=torch.float64), trace.patterns, key_scale, None,
         torch.full((n,), float(constant), dtype=torch.float64),
         "Theorem B.5's bound, under its Lipschitz and normalisation assumptions (β's, σ_ψ)",
     )
@@ -103,9 +127,9 @@ def _paper(trace, model=None, *, beta1=1.0, beta2=1.0, beta3=1.0, sigma_psi=1.0,
 def _rollout(trace, model=None, *, head_scores=None) -> PathGraph:
     n_layers, n_heads, n = trace.patterns.shape[:3]
     w = head_weights(n_layers, n_heads, head_scores)
-    edges = trace.patterns * (0.5 * w).to(trace.patterns.dtype)[:, :, None, None]
+    key_scale = (0.5 * w)[:, :, None].expand(n_layers, n_heads, n)
     return PathGraph(
-        "rollout", torch.full((n_layers, n), 0.5, dtype=torch.float64), edges, None,
+        "rollout", torch.full((n_layers, n), 0.5, dtype=torch.float64), trace.patterns, key_scale, None,
         torch.ones(n, dtype=torch.float64), None,
     )
 
@@ -118,13 +142,11 @@ def _certified(trace, model=None) -> PathGraph:
     n_layers, _, n = trace.patterns.shape[:3]
     ones = torch.ones(n_layers, n, dtype=torch.float64)
     scale1 = trace.ln1_scale.double() if trace.ln1_scale is not None else ones
-    # float64 per-(layer, head, key) factor, applied in the trace's dtype to keep n = 2048 in memory
-    factor = ov_norms(model)[:, :, None] / scale1[:, None, :]
-    edges = trace.patterns * factor.to(trace.patterns.dtype)[:, :, None, :]
+    key_scale = ov_norms(model)[:, :, None] / scale1[:, None, :]  # ‖P diag(γ1) W_OV‖₂ / s1_k
     left = None if trace.mlp_gain is None else 1.0 + trace.mlp_gain.double()
     final = trace.final_scale.double() if trace.final_scale is not None else torch.ones(n, dtype=torch.float64)
     return PathGraph(
-        "certified", ones, edges, left, final_norm_gain(model) / final,
+        "certified", ones, trace.patterns, key_scale, left, final_norm_gain(model) / final,
         "an upper bound on ‖∂y_n/∂v_i‖₂ of the model with attention patterns and norm scales frozen",
     )
 
@@ -133,9 +155,9 @@ def _value(trace, model=None) -> PathGraph:
     if trace.value_norms is None:
         raise ValueError("the value variant needs ‖v W_O‖ per head; trace a model that exposes attn.hook_v and W_O")
     n_layers, _, n = trace.patterns.shape[:3]
-    edges = trace.patterns * trace.value_norms.to(trace.patterns.dtype)[:, :, None, :]
     residual = trace.resid_norms[:n_layers].double()
-    return PathGraph("value", residual, edges, None, torch.ones(n, dtype=torch.float64), None)
+    return PathGraph("value", residual, trace.patterns, trace.value_norms.double(), None,
+                     torch.ones(n, dtype=torch.float64), None)
 
 
 #: variant name -> builder(trace, model, **params) -> PathGraph

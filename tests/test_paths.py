@@ -123,3 +123,18 @@ def test_bad_inputs_have_clear_errors():
             paths.flow_decomposition(residual, edges, 0)
         finally:
             paths.MAX_FLOW_ELEMENTS = old
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_factored_row_equals_the_materialised_graph(dtype):
+    residual, edges, left_scale = random_graph(3, 2, 7, seed=21, left=True)
+    patterns = edges / edges.sum(-1, keepdim=True).clamp_min(1e-12)
+    gen = torch.Generator().manual_seed(5)
+    key_scale = torch.rand(3, 2, 7, generator=gen, dtype=torch.float64)
+    query_scale = torch.rand(3, 7, generator=gen, dtype=torch.float64)
+    materialised = query_scale[:, None, :, None] * patterns * key_scale[:, :, None, :]
+    expected = paths.graph_row(residual, materialised, 5, left_scale=left_scale)
+    row = paths.factored_row(residual, patterns.to(dtype), key_scale, 5, query_scale=query_scale,
+                             left_scale=left_scale)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(row, expected, rtol=tol, atol=0)
