@@ -7,15 +7,16 @@ the residual stream entering layer ``wrt`` at position ``i`` (layer 0: the embed
 ones included). Every ``J_i`` is ``d_model × d_model``; the full object is ``[d_out, pos, d_in]``.
 
 **Method.** Reverse mode is optimal: one vector–Jacobian product (VJP) ``uᵀ J`` gives row ``u`` of
-every ``J_i`` at once, so the exact Jacobian is one forward pass plus ``d_model`` VJPs. They run in
-batches (``torch.autograd.grad(..., is_grads_batched=True)``, i.e. a vmapped backward) of
-``chunk_size`` cotangents over one retained graph, and the per-position norms are accumulated chunk
-by chunk. The input is made differentiable by a forward hook that replaces ``blocks.{wrt}.hook_resid_pre``
-with a leaf tensor (the activation cache of TransformerLens is detached, so it cannot be used);
-the forward pass stops right after the target layer (``stop_at_layer``) and never runs the
-unembedding. Parameters are taken out of autograd for the call, so the graph holds only what the
-input-gradient needs. For causal models, positions after ``target_pos`` cannot influence it, so they
-are dropped from the forward pass altogether.
+every ``J_i`` at once, so the exact Jacobian is one forward pass plus ``d_model`` VJPs. The forward
+pass runs once under ``torch.func.vjp``; the VJPs then run in batches of ``chunk_size`` cotangents
+through ``torch.func.vmap`` of the returned ``vjp_fn`` (measured 2–4× faster on SmolLM2 than
+``torch.autograd.grad(..., is_grads_batched=True)``, whose older vmap falls back to slow paths), and
+the per-position norms are accumulated chunk by chunk. The input is made differentiable by a forward
+hook that replaces ``blocks.{wrt}.hook_resid_pre`` with the tracked input ``v`` (the activation cache
+of TransformerLens is detached, so it cannot be used); the forward pass stops right after the target
+layer (``stop_at_layer``) and never runs the unembedding. Parameters are taken out of autograd for
+the call, so the graph holds only what the input-gradient needs. For causal models, positions after
+``target_pos`` cannot influence it, so they are dropped from the forward pass altogether.
 
 **Modes.**
 
@@ -361,26 +362,36 @@ def _freeze_hooks(model, wrt: int) -> list[tuple[str, Any]]:
     return [(name, _detach) for name in names]
 
 
-def _forward(model, tokens: Tensor, pos: int, target: str | int, wrt: int, frozen: bool) -> tuple[Tensor, Tensor]:
-    """``(y, v)``: the target representation ``[d_out]`` and the leaf input ``[1, pos, d_in]``."""
-    leaf: dict[str, Tensor] = {}
+def _input_value(model, tokens: Tensor, wrt: int) -> Float[Tensor, "1 pos d_in"]:
+    """``blocks.{wrt}.hook_resid_pre`` from a no-grad pass that stops right there."""
+    seen: dict[str, Tensor] = {}
 
-    def make_leaf(value: Tensor, hook) -> Tensor:
-        leaf["v"] = value.detach().requires_grad_(True)
-        return leaf["v"]
+    def keep(value: Tensor, hook) -> None:
+        seen["v"] = value.detach().clone()
 
-    hooks = [(f"blocks.{wrt}.hook_resid_pre", make_leaf)]
-    if frozen:
-        hooks += _freeze_hooks(model, wrt)
-    last = model.cfg.n_layers - 1 if target == "final" else target
-    with model.hooks(fwd_hooks=hooks):
-        resid = model(tokens[None].to(model.cfg.device), stop_at_layer=last + 1)
-        y = resid[:, pos : pos + 1]
-        if target == "final" and model.cfg.normalization_type is not None:
-            y = model.ln_final(y)  # per position, so norming only the target is exact
-    if "v" not in leaf:
+    with torch.no_grad(), model.hooks(fwd_hooks=[(f"blocks.{wrt}.hook_resid_pre", keep)]):
+        model(tokens[None].to(model.cfg.device), stop_at_layer=wrt + 1)
+    if "v" not in seen:
         raise ValueError(f"blocks.{wrt}.hook_resid_pre never fired; is this a HookedTransformer?")
-    return y[0, 0], leaf["v"]
+    return seen["v"]
+
+
+def _target_function(model, tokens: Tensor, pos: int, target: str | int, wrt: int, frozen: bool):
+    """``f(v) = y``: the forward pass with ``blocks.{wrt}.hook_resid_pre`` replaced by ``v``."""
+    freeze = _freeze_hooks(model, wrt) if frozen else []
+    last = model.cfg.n_layers - 1 if target == "final" else target
+    tokens = tokens[None].to(model.cfg.device)
+
+    def f(v: Tensor) -> Float[Tensor, "d_out"]:
+        hooks = [(f"blocks.{wrt}.hook_resid_pre", lambda value, hook: v), *freeze]
+        with model.hooks(fwd_hooks=hooks):
+            resid = model(tokens, stop_at_layer=last + 1)
+            y = resid[:, pos : pos + 1]
+            if target == "final" and model.cfg.normalization_type is not None:
+                y = model.ln_final(y)  # per position, so norming only the target is exact
+        return y[0, 0]
+
+    return f
 
 
 # --------------------------------------------------------------------------------------------------
@@ -400,20 +411,21 @@ def _probes(mode: str, d_out: int, n_probes: int, seed: int, dtype, device) -> F
     return q.T.to(device, dtype).contiguous()
 
 
-def _accumulate(y: Tensor, v: Tensor, probes: Tensor, chunk: int, buffer: Tensor | None) -> tuple[Tensor, Tensor]:
+def _accumulate(vjp_fn, probes: Tensor, chunk: int, buffer: Tensor | None) -> tuple[Tensor, Tensor]:
     """Run the batched VJPs; return per-position ``(Σ ‖u_rᵀ J_i‖², Σ |u_rᵀ J_i|₁)`` and fill ``buffer``."""
-    n_rows, n = probes.shape[0], v.shape[1]
-    squares = torch.zeros(n, dtype=torch.float64, device=v.device)
-    absolute = torch.zeros(n, dtype=torch.float64, device=v.device)
-    for start in range(0, n_rows, chunk):
+    batched = torch.func.vmap(vjp_fn)
+    squares = absolute = None
+    for start in range(0, probes.shape[0], chunk):
         rows = probes[start : start + chunk]
-        last = start + chunk >= n_rows
-        (grad,) = torch.autograd.grad(y, v, grad_outputs=rows, is_grads_batched=True, retain_graph=not last)
+        (grad,) = batched(rows)
         grad = grad[:, 0]  # [row, pos, d_in]
-        squares += grad.pow(2).sum(dim=(0, 2), dtype=torch.float64)
-        absolute += grad.abs().sum(dim=(0, 2), dtype=torch.float64)
+        part_sq = grad.pow(2).sum(dim=(0, 2), dtype=torch.float64)
+        part_abs = grad.abs().sum(dim=(0, 2), dtype=torch.float64)
+        squares = part_sq if squares is None else squares + part_sq
+        absolute = part_abs if absolute is None else absolute + part_abs
         if buffer is not None:
             buffer[:, start : start + rows.shape[0]] = grad.transpose(0, 1)
+        del grad
     return squares, absolute
 
 
@@ -471,9 +483,10 @@ def jacobian(
     need_buffer = mode != "sketch" or keep_full
     buffer = torch.zeros(n, rows, d_out, dtype=dtype, device=device) if need_buffer else None
     with _without_parameter_grads(model), torch.enable_grad():
-        y, v = _forward(model, used, pos, target, wrt, frozen=mode == "frozen")
-        squares, absolute = _accumulate(y, v, probes, chunk, buffer)
-    del y, v
+        f = _target_function(model, used, pos, target, wrt, frozen=mode == "frozen")
+        _, vjp_fn = torch.func.vjp(f, _input_value(model, used, wrt))
+        squares, absolute = _accumulate(vjp_fn, probes, chunk, buffer)
+        del vjp_fn  # frees the retained graph before the spectral pass
     frobenius = (squares * (d_out / rows)).sqrt()
     spectral = _spectral_norms(buffer) if mode != "sketch" else None
     out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
