@@ -253,7 +253,8 @@ def test_result_renders_serialises_and_plots(tiny):
 def test_smollm2_exact_matches_jacrev_in_float32(smollm2):
     tokens = smollm2.to_tokens("The cat sat on the mat because", prepend_bos=False)[0][:8]
     result = jacobian(smollm2, tokens, keep_full=True, chat=False)
-    rows = torch.arange(0, smollm2.cfg.d_model, 4)  # a quarter of the output rows keeps jacrev cheap
+    # 12 of the 576 output rows: jacrev vmaps the backward of every block, which is slow on CPU
+    rows = torch.arange(0, smollm2.cfg.d_model, 48)
     ref = reference_jacobian(smollm2, tokens, rows=rows)
     scale = ref.abs().amax(dim=(0, 2), keepdim=True)  # per input position
     torch.testing.assert_close(result.full[rows] / scale, ref / scale, atol=1e-4, rtol=0)
