@@ -76,7 +76,8 @@ WORKER = textwrap.dedent(
         out["chunk"] = chunk or 64
     elif method == "vjp":
         with jac._without_parameter_grads(model), torch.enable_grad():
-            y, v = jac._forward(model, tokens, n - 1, "final", 0, False)
+            v = jac._input_value(model, tokens, 0).requires_grad_(True)
+            y = jac._target_function(model, tokens, n - 1, "final", 0, False)(v)
             forward = time.perf_counter() - started
             times = []
             for row in range(3):
@@ -109,7 +110,9 @@ WORKER = textwrap.dedent(
 
 def run(method: str, n: int, chunk: int | None, threads: int) -> dict:
     args = [sys.executable, "-W", "ignore", "-c", WORKER, method, str(n), str(chunk or "none"), str(threads)]
-    done = subprocess.run(args, check=True, capture_output=True, text=True)
+    done = subprocess.run(args, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the {method} worker failed:\n{done.stderr[-3000:]}")
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
     return json.loads(line.removeprefix("RESULT "))
 

@@ -517,7 +517,7 @@ def jacobian(
         full=buffer.permute(1, 0, 2).cpu() if keep_full else None,
         metadata=provenance(
             model, n_prompt_tokens=int(tokens.shape[0]), n_tokens=n, target_pos=pos, target=target,
-            wrt=wrt, mode=mode, n_probes=rows, chunk_size=chunk, seed=seed, chat=chat,
+            wrt=wrt, mode=mode, n_vjps=rows, chunk_size=chunk, seed=seed, chat=chat,
             estimated_bytes=fixed + chunk * per, max_memory_bytes=budget,
         ),
         seconds=time.perf_counter() - started,
