@@ -135,8 +135,11 @@ def factored_row(
         if left_scale is not None:
             row = row * left_scale[layer].double()
         into_heads = row if query_scale is None else row * query_scale[layer].double()
-        heads = torch.einsum("j,hjk->hk", into_heads.to(dtype), patterns[layer])  # [head, key]
-        row = row * residual[layer].double() + (heads.double() * key_scale[layer].double()).sum(0)
+        # rescaled to max 1 before the product in the patterns' dtype: certified rows reach 1e50+,
+        # beyond float32's range, while the float64 row holds them
+        peak = float(into_heads.abs().max()) or 1.0
+        heads = torch.einsum("j,hjk->hk", (into_heads / peak).to(dtype), patterns[layer])  # [head, key]
+        row = row * residual[layer].double() + peak * (heads.double() * key_scale[layer].double()).sum(0)
     return row
 
 

@@ -138,3 +138,16 @@ def test_factored_row_equals_the_materialised_graph(dtype):
                              left_scale=left_scale)
     tol = 1e-12 if dtype == torch.float64 else 1e-6
     torch.testing.assert_close(row, expected, rtol=tol, atol=0)
+
+
+def test_factored_row_keeps_huge_float32_rows_finite():
+    """Certified rows exceed float32's range on deep models; the float64 row must hold them."""
+    n_layers, n = 40, 5
+    patterns = torch.softmax(torch.randn(n_layers, 2, n, n).masked_fill(
+        ~torch.tril(torch.ones(n, n, dtype=torch.bool)), float("-inf")), dim=-1)
+    key_scale = torch.full((n_layers, 2, n), 1e3, dtype=torch.float64)
+    residual = torch.ones(n_layers, n, dtype=torch.float64)
+    row32 = paths.factored_row(residual, patterns, key_scale, -1)
+    row64 = paths.factored_row(residual, patterns.double(), key_scale, -1)
+    assert torch.isfinite(row32).all() and row64.max() > 1e100
+    torch.testing.assert_close(row32, row64, rtol=1e-5, atol=0)
