@@ -35,8 +35,10 @@ chromium:
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not browser"
 
+# Every speed goal, each measured as a ratio in one run (QUICK=--quick for small settings).
 bench: $(STAMP)
-	$(PY) benchmarks/load.py
+	for b in load bound_row jacobian collapse generation sinks bound_quality; do \
+		$(PY) benchmarks/$$b.py $(QUICK) || exit 1; done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lens_squash tests benchmarks

@@ -193,6 +193,12 @@ class PathBound:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def constant(self) -> float:
+        """The output factor of the target's row: Theorem B.5's ``C`` for ``paper``, the final
+        norm's frozen gain for ``certified``, 1 for the estimates."""
+        return float(self.graph.output_scale[self.target])
+
+    @property
     def first_token_share(self) -> float:
         """Fraction of the bound's mass on position 0 (Prop. B.8's limit puts all of it there)."""
         return float(self.bound[0] / self.bound.sum())
@@ -212,7 +218,7 @@ class PathBound:
     def to_dict(self) -> dict[str, Any]:
         return {
             "variant": self.variant, "target": self.target, "guarantee": self.guarantee,
-            "bound": self.bound, "first_token_share": self.first_token_share, "metadata": self.metadata,
+            "constant": self.constant, "bound": self.bound, "first_token_share": self.first_token_share, "metadata": self.metadata,
         }
 
     def _repr_html_(self) -> str:

@@ -40,6 +40,7 @@ def test_paper_variant_is_theorem_b5_product(traced):
     product = a_bar[2] @ a_bar[1] @ a_bar[0]
     constant = (1 / 1.5) * (0.5 / 3.0 + 1) ** 3
     torch.testing.assert_close(bound.bound, constant * product[-1], rtol=1e-12, atol=0)
+    assert bound.constant == pytest.approx(constant)
     torch.testing.assert_close(bound.matrix, constant * product, rtol=1e-12, atol=0)
 
 
@@ -96,7 +97,9 @@ def test_certified_bound_dominates_on_smollm2(smollm2):
     from lens_squash.jacobian import jacobian
     from lens_squash.models import format_prompt
 
-    tokens = format_prompt(smollm2, "Copy the last digit: 1 1 1 1 1 0", chat=False)[:24]
+    text = "Consider the following sequence: 1 1 1 1 1 1 0. What is the last digit in this sequence?"
+    tokens = format_prompt(smollm2, text, chat=False)[:24]
+    assert len(tokens) == 24
     t = trace(smollm2, tokens, lipschitz=True)
     bound = path_bound(t, "certified", model=smollm2).bound
     truth = jacobian(smollm2, tokens, mode="frozen").spectral.double()
