@@ -174,8 +174,7 @@ def _analyze_parser(sub) -> None:
     from .variants import VARIANTS
 
     parser = sub.add_parser("analyze", help="path-sum bounds vs the exact Jacobian, spectral and sink analysis")
-    parser.add_argument("--prompt", default=copy_prompt(12), help="prompt text (default: the paper's copy prompt)")
-    parser.add_argument("--raw", action="store_true", help="skip the chat template")
+    _add_prompt_args(parser)
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help=f"comma-separated path-sum variants, from {', '.join(VARIANTS)}")
     parser.add_argument("--jacobian", choices=["exact", "sketch", "none"], default="exact",
@@ -334,14 +333,18 @@ def cmd_sinks(args) -> int:
 
 def _sinks_parser(sub) -> None:
     parser = sub.add_parser("sinks", help="attention sinks, massive activations, compression per layer")
-    parser.add_argument("--prompt", default=copy_prompt(12), help="prompt text (default: the paper's copy prompt)")
-    parser.add_argument("--raw", action="store_true", help="skip the chat template")
+    _add_prompt_args(parser)
     parser.add_argument("--eps", type=float, default=0.3, help="sink threshold ε (0.3 or 0.8 in the literature)")
     parser.add_argument("--clamp-layer", type=int, default=None,
                         help="also clamp the first token's residual after this block and measure the change")
     parser.add_argument("--no-jacobian", action="store_true", help="skip the sketched Jacobian in the ablation")
     parser.add_argument("--out", default="out/sinks", help="folder for results.json and report.html")
     _add_model_args(parser)
+
+
+def _add_prompt_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", default=copy_prompt(12), help="prompt text (default: the paper's copy prompt)")
+    parser.add_argument("--raw", action="store_true", help="skip the chat template")
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:

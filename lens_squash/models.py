@@ -305,7 +305,7 @@ def _hooked_from_state(cfg: HookedTransformerConfig, state: dict, tokenizer) -> 
         center_unembed=False,
         fold_value_biases=False,
     )
-    return model.to(cfg.device)
+    return model.to(cfg.device, print_details=False)
 
 
 def from_hf_llama(
