@@ -36,6 +36,8 @@ from lens_squash.trace import trace
 from lens_squash.variants import VARIANTS, path_bound
 
 GUARANTEED = ("certified",)
+#: everything from this line on in the markdown file is hand-written reading, kept on regeneration
+NOTES_MARKER = "<!-- notes: kept when the tables are regenerated -->"
 QUICK_NAMES = ("prose_tide", "list_shopping")
 
 
@@ -94,13 +96,14 @@ def per_layer_diagnosis(model, prompt, variants, *, probes: int) -> pd.DataFrame
 
 def summarise(frame: pd.DataFrame) -> pd.DataFrame:
     """Median (and min) rank agreement per variant across the prompts."""
-    agg = {"prompts": ("prompt", "nunique"), "median_spearman_frob": ("spearman_frob", "median"),
+    agg = {"prompts": ("prompt", "nunique"), "exact_prompts": ("spearman_spec", "count") if "spearman_spec" in frame
+           else ("prompt", "size"), "median_spearman_frob": ("spearman_frob", "median"),
            "min_spearman_frob": ("spearman_frob", "min"), "median_kendall_frob": ("kendall_frob", "median"),
            "median_top5_frob": ("top5_frob", "median")}
     if "spearman_spec" in frame:
         agg |= {"median_spearman_spec": ("spearman_spec", "median"), "median_kendall_spec": ("kendall_spec", "median")}
-    if "violations" in frame:
-        agg |= {"violations": ("violations", "sum")}
+    if "violations" in frame:  # only guaranteed variants on prompts with a frozen Jacobian are checked
+        agg |= {"violations": ("violations", "sum"), "checked_prompts": ("violations", "count")}
     agg |= {"median_first_token_share": ("first_token_share", "median")}
     return frame.groupby("variant", sort=False).agg(**agg).reset_index()
 
@@ -112,7 +115,9 @@ def table_md(frame: pd.DataFrame, index: bool = False) -> str:
     def cell(value) -> str:
         if value is None or (isinstance(value, float) and value != value):
             return "–"
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
+        if isinstance(value, float):
+            return f"{value:.3g}" if value and not 1e-3 <= abs(value) < 1e4 else f"{value:.3f}"
+        return str(value)
 
     lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
@@ -188,9 +193,12 @@ def run(argv=None, *, model=None) -> tuple[pd.DataFrame, pd.DataFrame]:
                                "Jacobian of the layer-l residual stream at the last position "
                                "(`truth_*_share`: that Jacobian's share on the first / last token).", "",
                                table_md(diagnosis), ""])
+        if args.markdown.exists() and NOTES_MARKER in (old := args.markdown.read_text()):
+            text += "\n" + old[old.index(NOTES_MARKER):]
         write_text_atomic(args.markdown, text)
     if args.json:
-        write_json_atomic(args.json, {"metadata": provenance(model, command=command), "rows": rows})
+        write_json_atomic(args.json, {"metadata": provenance(model, command=command), "rows": rows,
+                                      "diagnosis": None if diagnosis is None else diagnosis.to_dict("records")})
     return frame, summary
 
 
