@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .attention import attention_defects
 from .lipschitz import mlp_gain_gram, mlp_jacobian_frobenius, supports_certified
 from .models import check_length, format_prompt
 from .records import provenance
@@ -239,6 +240,14 @@ def _stack(store: dict[str, Tensor], prefix: str, n: int) -> Tensor | None:
 def _assemble(model, tokens, store, last_logits, keep_resid: bool, chat) -> Trace:
     n_layers = model.cfg.n_layers
     resid = torch.stack([store[f"resid.{i}"] for i in range(n_layers + 1)])  # [layer+1, pos, d_model]
+    patterns = _stack(store, "pattern", n_layers)
+    # scanned once here, so every bound built from this trace can skip the O(L·H·n²) check
+    defects = attention_defects(patterns)
+    if defects["row_deviation"] != defects["row_deviation"] or not torch.isfinite(resid).all():
+        raise ValueError(
+            f"the forward pass produced NaN or inf (model dtype {model.cfg.dtype}); low precision overflowed: "
+            "load the model in float32 (load_model(dtype='float32')) or use a shorter prompt"
+        )
     if "final_normalized" in store:
         y_last = final_representation(model, store["final_normalized"][-1].to(model.cfg.device)).detach()
         y_last = y_last.to("cpu", resid.dtype)
@@ -252,7 +261,7 @@ def _assemble(model, tokens, store, last_logits, keep_resid: bool, chat) -> Trac
     return Trace(
         tokens=tokens.cpu(),
         str_tokens=str_tokens,
-        patterns=_stack(store, "pattern", n_layers),
+        patterns=patterns,
         ln1_scale=_stack(store, "ln1", n_layers),
         ln2_scale=_stack(store, "ln2", n_layers),
         final_scale=store.get("final_scale"),
@@ -262,7 +271,7 @@ def _assemble(model, tokens, store, last_logits, keep_resid: bool, chat) -> Trac
         y_last=y_last,
         last_logits=last_logits,
         predicted_token=predicted_str,
-        metadata=provenance(model, chat=chat, n_tokens=int(tokens.shape[0])),
+        metadata=provenance(model, chat=chat, n_tokens=int(tokens.shape[0]), attention_defects=defects),
         resid=resid if keep_resid else None,
         mlp_gain=_stack(store, "mlp_gain", n_layers),
     )

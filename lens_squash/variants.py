@@ -175,7 +175,8 @@ def build_graph(trace, variant: str = "paper", *, model=None, **params) -> PathG
     """The layered graph of ``variant`` for a traced prompt (see :data:`VARIANTS`)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
-    check_attention(trace.patterns)
+    # a trace records its patterns' defects once (see trace.py); anything else is scanned here
+    check_attention(trace.patterns, defects=trace.metadata.get("attention_defects"))
     return VARIANTS[variant](trace, model, **params)
 
 

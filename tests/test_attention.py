@@ -1,0 +1,58 @@
+"""Attention checks: defects against a brute-force scan, clear refusals, and the trace's record."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lens_squash import tiny_model, trace
+from lens_squash.attention import attention_defects, check_attention
+
+
+def causal_softmax(*shape, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n = shape[-1]
+    scores = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    return torch.softmax(scores.masked_fill(~torch.tril(torch.ones(n, n, dtype=torch.bool)), float("-inf")), -1)
+
+
+def test_defects_match_a_brute_force_scan():
+    patterns = causal_softmax(3, 2, 7, 7)
+    patterns[1, 0] = torch.softmax(torch.randn(7, 7, dtype=torch.float64), -1)  # one bidirectional head
+    defects = attention_defects(patterns, group=4)
+    flat = patterns.reshape(-1, 7, 7)
+    assert defects["above_diagonal"] == pytest.approx(max(float(torch.triu(m, 1).sum()) for m in flat))
+    assert defects["row_deviation"] == pytest.approx(float((flat.sum(-1) - 1).abs().max()))
+    assert defects["min_entry"] == float(flat.min())
+    with pytest.raises(ValueError, match="not causal"):
+        check_attention(patterns)
+    check_attention(patterns, causal=False)
+
+
+def test_bad_patterns_are_refused_with_the_reason():
+    good = causal_softmax(2, 5, 5)
+    check_attention(good)
+    nan = good.clone()
+    nan[1, 3, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        check_attention(nan)
+    with pytest.raises(ValueError, match="sum to 1"):
+        check_attention(good * 2)
+    negative = good.clone()
+    negative[0, 4, 0] -= 0.5
+    negative[0, 4, 1] += 0.5
+    with pytest.raises(ValueError, match="non-negative"):
+        check_attention(negative)
+    with pytest.raises(ValueError, match="square"):
+        check_attention(good[..., :4])
+
+
+def test_trace_records_defects_and_refuses_overflow():
+    model = tiny_model(n_layers=2, n_heads=2, d_model=16, d_vocab=32, seed=2)
+    t = trace(model, torch.arange(6))
+    assert t.metadata["attention_defects"] == attention_defects(t.patterns)
+    broken = tiny_model(n_layers=1, n_heads=2, d_model=16, d_vocab=32, dtype=torch.float16, seed=2)
+    with torch.no_grad():
+        broken.embed.W_E.mul_(1e6)  # beyond float16's range: the pass overflows to inf
+    with pytest.raises(ValueError, match="NaN or inf"):
+        trace(broken, torch.arange(6))
