@@ -52,6 +52,8 @@ class Trace:
     metadata: dict[str, Any] = field(default_factory=dict)
     resid: Float[Tensor, "layer_plus_1 pos d_model"] | None = None
     mlp_gain: Float[Tensor, "layer pos"] | None = None
+    #: the head-mean pattern of every layer, kept so head-averaged bound rows read L·n² numbers, not L·H·n²
+    mean_patterns: Float[Tensor, "layer query_pos key_pos"] | None = None
 
     @property
     def n_layers(self) -> int:
@@ -164,6 +166,13 @@ def trace(
             store[name] = fn(value[0].detach()).to("cpu", dtype)
         return hook
 
+    def keep_pattern(layer: int):
+        def hook(value, hook):
+            pattern = value[0].detach()
+            store[f"pattern.{layer}"] = pattern.to("cpu", dtype)
+            store[f"mean_pattern.{layer}"] = pattern.to(dtype).mean(0).cpu()
+        return hook
+
     def value_norm_hook(layer: int):
         def hook(value, hook):  # value: [batch, pos, kv_head, d_head]
             v = value[0].detach().to(dtype)[:, head_of.to(value.device)]  # [pos, head, d_head]
@@ -173,7 +182,7 @@ def trace(
 
     hooks = []
     for layer in range(n_layers):
-        hooks.append((f"blocks.{layer}.attn.hook_pattern", keep(f"pattern.{layer}")))
+        hooks.append((f"blocks.{layer}.attn.hook_pattern", keep_pattern(layer)))
         hooks.append((f"blocks.{layer}.hook_resid_pre", keep(f"resid.{layer}")))
         for norm in ("ln1", "ln2"):
             if f"blocks.{layer}.{norm}.hook_scale" in model.hook_dict:
@@ -274,4 +283,5 @@ def _assemble(model, tokens, store, last_logits, keep_resid: bool, chat) -> Trac
         metadata=provenance(model, chat=chat, n_tokens=int(tokens.shape[0]), attention_defects=defects),
         resid=resid if keep_resid else None,
         mlp_gain=_stack(store, "mlp_gain", n_layers),
+        mean_patterns=_stack(store, "mean_pattern", n_layers),
     )

@@ -57,6 +57,9 @@ class PathGraph:
     output_scale: Float[Tensor, "pos"]
     guarantee: str | None
     query_scale: Float[Tensor, "layer pos"] | None = None
+    #: ``(Σ_h w_h A^(l,h), c^(l))`` when every head's key scale is the same constant times ``w_h``:
+    #: the row then reads the head-aggregated stack (L·n² numbers instead of L·H·n²)
+    aggregated: tuple[Tensor, Tensor] | None = None
 
     @property
     def edges(self) -> Float[Tensor, "layer head query_pos key_pos"]:
@@ -69,8 +72,13 @@ class PathGraph:
     def row(self, target: int, *, n_layers: int | None = None) -> Float[Tensor, "pos"]:
         """The target's row; ``n_layers`` truncates the graph to its first layers (no output factor)."""
         depth = slice(None) if n_layers is None else slice(0, n_layers)
+        patterns, key_scale = self.patterns[depth], self.key_scale[depth]
+        if self.aggregated is not None and self.query_scale is None:
+            mean, scale = self.aggregated
+            patterns = mean[depth, None]
+            key_scale = scale[depth, None, None].expand(patterns.shape[0], 1, patterns.shape[-1])
         row = paths.factored_row(
-            self.residual[depth], self.patterns[depth], self.key_scale[depth], target,
+            self.residual[depth], patterns, key_scale, target,
             query_scale=None if self.query_scale is None else self.query_scale[depth],
             left_scale=None if self.left_scale is None else self.left_scale[depth],
         )
@@ -88,6 +96,7 @@ class PathGraph:
         query = 1.0 / totals if self.query_scale is None else self.query_scale.double() / totals
         return replace(
             self,
+            aggregated=None,
             variant=f"{self.variant}_rownorm",
             residual=self.residual.double() / totals,
             query_scale=query,
@@ -111,6 +120,13 @@ def final_norm_gain(model) -> float:
     return float(gain.abs().max())
 
 
+def _head_mean(trace, head_scores, per_layer: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The trace's head-mean patterns with their per-layer factor, when the heads are weighted uniformly."""
+    if head_scores is not None or trace.mean_patterns is None:
+        return None
+    return trace.mean_patterns, per_layer.to(torch.float64)
+
+
 def _paper(trace, model=None, *, beta1=1.0, beta2=1.0, beta3=1.0, sigma_psi=1.0, head_scores=None) -> PathGraph:
     n_layers, n_heads, n = trace.patterns.shape[:3]
     beta1 = torch.as_tensor(beta1, dtype=torch.float64).expand(n_layers)
@@ -121,6 +137,7 @@ def _paper(trace, model=None, *, beta1=1.0, beta2=1.0, beta3=1.0, sigma_psi=1.0,
         "paper", torch.ones(n_layers, n, dtype=torch.float64), trace.patterns, key_scale, None,
         torch.full((n,), float(constant), dtype=torch.float64),
         "Theorem B.5's bound, under its Lipschitz and normalisation assumptions (β's, σ_ψ)",
+        aggregated=_head_mean(trace, head_scores, 1.0 / beta1),
     )
 
 
@@ -131,6 +148,7 @@ def _rollout(trace, model=None, *, head_scores=None) -> PathGraph:
     return PathGraph(
         "rollout", torch.full((n_layers, n), 0.5, dtype=torch.float64), trace.patterns, key_scale, None,
         torch.ones(n, dtype=torch.float64), None,
+        aggregated=_head_mean(trace, head_scores, torch.full((n_layers,), 0.5, dtype=torch.float64)),
     )
 
 

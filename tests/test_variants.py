@@ -105,3 +105,15 @@ def test_certified_bound_dominates_on_smollm2(smollm2):
     truth = jacobian(smollm2, tokens, mode="frozen").spectral.double()
     # float32 model: the Jacobian is accurate to ~1e-5 relative; the bound must still dominate
     assert (bound >= truth * (1 - 1e-4)).all(), (bound / truth).min()
+
+
+@pytest.mark.parametrize("variant", ["paper", "rollout"])
+def test_head_mean_shortcut_equals_the_per_head_row(traced, variant):
+    from dataclasses import replace
+
+    _, t = traced
+    torch.testing.assert_close(t.mean_patterns, t.patterns.mean(1))
+    graph = path_bound(t, variant).graph
+    assert graph.aggregated is not None
+    for target in (-1, 3):
+        torch.testing.assert_close(graph.row(target), replace(graph, aggregated=None).row(target), rtol=1e-12, atol=0)
