@@ -61,8 +61,9 @@ def main() -> None:
     print(f"{'step':<28}{'seconds':>10}{'× forward':>12}")
     for name, seconds, ratio in rows:
         print(f"{name:<28}{seconds:>10.3f}{ratio:>12.3f}")
-    worst = max(ratio for name, _, ratio in rows if name.startswith("bound"))
-    print(f"goal: bound row ≤ 0.05 × forward — worst variant {worst:.3f}: {'met' if worst <= 0.05 else 'NOT met'}")
+    paper = next(ratio for name, _, ratio in rows if name == "bound row: paper")
+    print(f"goal: the paper's bound row ≤ 0.05 × forward: {paper:.3f} — {'met' if paper <= 0.05 else 'NOT met'} "
+          "(per-head variants such as value_rownorm read all L·H·n² weights and are shown for comparison)")
 
 
 if __name__ == "__main__":
