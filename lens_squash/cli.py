@@ -92,7 +92,7 @@ def _trace_json(result, args) -> dict:
 
 def cmd_demo(args) -> int:
     """The main job on the offline default model: the paper's copying prompt analysed end to end
-    (bounds vs the exact Jacobian, spectral, sinks), the model's answer, and a collapse summary."""
+    (bounds vs the sketched or exact Jacobian, spectral, sinks), the answer, and a collapse summary."""
     from .analysis import analyze
     from .report import analysis_sections, write_report
 
