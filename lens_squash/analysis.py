@@ -17,7 +17,6 @@ from typing import Any
 
 import pandas as pd
 
-from .attention import aggregate_heads
 from .compare import Comparison, compare_variants
 from .jacobian import JacobianResult, jacobian
 from .paths import rollout_matrices
@@ -120,7 +119,8 @@ def analyze(
         name: _timed(seconds, f"bound_{name}", path_bound, traced, name, model=model, target=target)
         for name in variants
     }
-    stack = rollout_matrices(aggregate_heads(traced.patterns.double()))
+    # the trace's head-mean patterns: no float64 copy of the whole [layer, head, n, n] stack
+    stack = rollout_matrices(traced.mean_patterns.double())
     spectral = _timed(seconds, "spectral", analyze_stack, stack)
     sinks = _timed(seconds, "sinks", sink_report_from_trace, traced)
     jac, table, comparisons = None, None, {}

@@ -54,14 +54,10 @@ def print_trace(result) -> None:
 
 def generate_answer(model, tokens, max_new_tokens: int = 24) -> str:
     """Greedy continuation of ``tokens``, decoded without the prompt and without special tokens."""
-    import torch
+    from .tasks import greedy_generate
 
-    with torch.no_grad():
-        out = model.generate(
-            tokens[None].to(model.cfg.device), max_new_tokens=max_new_tokens, do_sample=False,
-            stop_at_eos=True, verbose=False,
-        )
-    return model.tokenizer.decode(out[0, tokens.shape[0]:], skip_special_tokens=True).strip()
+    new_ids = greedy_generate(model, [tokens], max_new_tokens=max_new_tokens)[0]
+    return model.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
 
 
 def cmd_trace(args) -> int:

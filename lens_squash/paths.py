@@ -94,16 +94,10 @@ def graph_row(
     *,
     left_scale: Float[Tensor, "layer pos"] | None = None,
 ) -> Float[Tensor, "pos"]:
-    """:func:`bound_row` straight from the graph, one layer in float64 at a time (no ``M`` stack)."""
-    n_layers, _, n = _check_graph(residual, edges, left_scale)
-    target = _check_target(target, n)
-    row = torch.zeros(n, dtype=torch.float64, device=edges.device)
-    row[target] = 1.0
-    for layer in range(n_layers - 1, -1, -1):
-        if left_scale is not None:
-            row = row * left_scale[layer].double()
-        row = row * residual[layer].double() + torch.einsum("j,hjk->k", row, edges[layer].double())
-    return row
+    """:func:`bound_row` straight from the graph, one layer at a time (no ``M`` stack)."""
+    n_layers, n_heads, n = _check_graph(residual, edges, left_scale)
+    ones = torch.ones(n_layers, n_heads, n, dtype=torch.float64, device=edges.device)
+    return factored_row(residual, edges, ones, target, left_scale=left_scale)
 
 
 def factored_row(
@@ -115,7 +109,7 @@ def factored_row(
     query_scale: Float[Tensor, "layer pos"] | None = None,
     left_scale: Float[Tensor, "layer pos"] | None = None,
 ) -> Float[Tensor, "pos"]:
-    """:func:`graph_row` for edges in factored form ``E^(l,h) = diag(q^(l)) A^(l,h) diag(c^(l,h))``.
+    """:func:`bound_row` for edges in factored form ``E^(l,h) = diag(q^(l)) A^(l,h) diag(c^(l,h))``.
 
     Every variant's edges have this form, so the row needs only the traced patterns: no scaled
     ``[layer, head, pos, pos]`` copy (4.5 GB for SmolLM2 at n = 2048). The vector–matrix products run
