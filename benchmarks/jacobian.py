@@ -3,13 +3,17 @@
 Each method runs in a fresh Python process (so one method's freed-but-kept heap cannot hide
 another's peak) on the same random prompt. Peak extra memory is the largest resident set size seen
 by a 2 ms sampling thread during the method, minus the resident size just before it (model loaded,
-warmed up). Methods:
+warmed up, and the heap trimmed with glibc's ``malloc_trim(0)``: loading the model frees hundreds of
+MiB that would otherwise stay resident and hide part of every method's peak). Methods:
 
 * ``exact``: ``lens_squash.jacobian.jacobian(mode="exact")`` with its default chunk size, norms included;
 * ``jacrev``: ``torch.func.jacrev(f, chunk_size=64)`` of the same function (blocks run by hand, then
   ``ln_final``; parameters frozen as in ``exact``), the Jacobian only, no norms;
 * ``vjp``: one forward pass with graph, then single VJPs (the median of 3, times ``d_model``);
 * ``sketch``: ``mode="sketch", n_probes=64``;
+* ``METHOD:plain`` (e.g. ``sketch:plain``, not run by default): ``METHOD`` with the library's
+  steady heap turned off (``LENS_SQUASH_STEADY_HEAP=0``, see ``lens_squash/allocator.py``), to
+  measure what keeping freed memory in the heap saves;
 * ``autograd`` (not run by default): the same VJPs batched by ``torch.autograd.grad(...,
   is_grads_batched=True)`` instead of ``torch.func.vmap``, the alternative the library rejected.
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -33,7 +38,7 @@ WORKER = textwrap.dedent(
     import json, sys, threading, time, gc
     import psutil, torch
     from lens_squash.models import load_model
-    from lens_squash import jacobian as jac
+    from lens_squash import allocator, jacobian as jac
 
     method, n, chunk, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     if threads > 0:
@@ -43,6 +48,8 @@ WORKER = textwrap.dedent(
     tokens = torch.randint(100, 20000, (n,), generator=torch.Generator().manual_seed(0))
     jac.jacobian(model, tokens[:4], mode="sketch", n_probes=4)  # warm-up: allocator, kernels
     gc.collect()
+    if allocator._glibc() is not None:
+        allocator._glibc().malloc_trim(0)  # the baseline must not hold freed memory a method could reuse
     process = psutil.Process()
     peak = [process.memory_info().rss]
     base = peak[0]
@@ -109,12 +116,14 @@ WORKER = textwrap.dedent(
 
 
 def run(method: str, n: int, chunk: int | None, threads: int) -> dict:
-    args = [sys.executable, "-W", "ignore", "-c", WORKER, method, str(n), str(chunk or "none"), str(threads)]
-    done = subprocess.run(args, capture_output=True, text=True)
+    name, _, heap = method.partition(":")
+    env = dict(os.environ, LENS_SQUASH_STEADY_HEAP="0" if heap == "plain" else "1")
+    args = [sys.executable, "-W", "ignore", "-c", WORKER, name, str(n), str(chunk or "none"), str(threads)]
+    done = subprocess.run(args, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"the {method} worker failed:\n{done.stderr[-3000:]}")
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line.removeprefix("RESULT "))
+    return json.loads(line.removeprefix("RESULT ")) | {"method": method}
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -136,7 +145,8 @@ def main() -> None:
     n = args.n or (32 if args.quick else 128)
     results = {}
     for method in args.methods.split(","):
-        results[method] = run(method, n, args.chunk if method in ("exact", "autograd") else None, args.threads)
+        chunk = args.chunk if method.partition(":")[0] in ("exact", "autograd") else None
+        results[method] = run(method, n, chunk, args.threads)
         print(f"# {method}: {results[method]['seconds']:.1f} s, "
               f"{results[method]['peak_extra_bytes'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
     report(results, n)
@@ -169,6 +179,10 @@ def report(results: dict, n: int) -> None:
         print(f"| sketch(k=64) speed-up over exact | {exact['seconds'] / sk['seconds']:.1f}× | ≥ 8× |")
         rho = spearman(sk["frobenius"], exact["frobenius"])
         print(f"| Spearman(sketch ‖J_i‖_F, exact ‖J_i‖_F) over positions | {rho:.3f} | ≥ 0.95 |")
+    for name in ("exact", "sketch"):
+        if name in results and f"{name}:plain" in results:
+            saved = results[f"{name}:plain"]["seconds"] / results[name]["seconds"]
+            print(f"| {name}: plain heap time ÷ steady heap time | {saved:.2f} | (no target) |")
 
 
 if __name__ == "__main__":

@@ -56,12 +56,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .allocator import steady_heap
 from .records import provenance, to_jsonable
 from .trace import as_tokens
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "MEMORY_FRACTION",
+    "MEMORY_SLACK",
     "MODES",
     "NORM_KINDS",
     "JacobianResult",
@@ -209,9 +211,25 @@ def _layers_run(model, target: str | int, wrt: int) -> int:
     return last - wrt + 1
 
 
+#: resident size of the retained graph ÷ the bytes the formula counts for it (allocator slack, forward
+#: temporaries): 1.03, 1.13 and 1.11 on SmolLM2 at n = 32, 128, 256 (benchmarks/jacobian.py prints the
+#: whole estimate beside the measured peak)
+MEMORY_SLACK = 1.15
+
+
+def _weights_per_layer(cfg) -> int:
+    """Elements of one block's matrices: the forward pass keeps a reshaped copy of each for the backward."""
+    d, d_head, heads = cfg.d_model, cfg.d_head, cfg.n_heads
+    kv_heads = getattr(cfg, "n_key_value_heads", None) or heads
+    attention = 2 * d * heads * d_head + 2 * d * kv_heads * d_head
+    if cfg.attn_only or cfg.d_mlp is None:
+        return attention
+    return attention + (3 if cfg.gated_mlp else 2) * d * cfg.d_mlp
+
+
 def _memory_terms(model, n_tokens: int, mode: str, *, n_layers: int | None = None,
                   n_rows: int | None = None, keep_full: bool = False) -> tuple[int, int]:
-    """``(fixed, per_cotangent)`` bytes of :func:`estimate_memory`'s formula."""
+    """``(fixed, per_cotangent)`` bytes of :func:`estimate_memory`'s formula, slack included."""
     cfg = model.cfg
     n, d, heads = n_tokens, cfg.d_model, cfg.n_heads
     d_mlp = 0 if cfg.attn_only or cfg.d_mlp is None else cfg.d_mlp
@@ -220,15 +238,16 @@ def _memory_terms(model, n_tokens: int, mode: str, *, n_layers: int | None = Non
     # per layer and position: resid, norms, q/k/v/z, attention out (≈ 10 d_model); MLP pre/post and
     # the gate (≈ 3 d_mlp); scores, pattern and its softmax output (≈ 3 heads · n)
     per_layer = n * (10 * d + 3 * d_mlp + 3 * heads * n)
-    graph = layers * per_layer
+    graph = layers * (_weights_per_layer(cfg) + per_layer)
     rows = cfg.d_model if n_rows is None else n_rows
     buffer = rows * n * d if (mode != "sketch" or keep_full) else 0
-    # a vmapped backward's temporaries per cotangent, measured on SmolLM2 at n = 32 (5.6–8.4 MB per
-    # cotangent, i.e. 4–6 × per_layer), plus the cotangent's input gradient [pos, d_in]; the spectral
-    # pass works on 8 positions' Gram matrices at a time
-    per_cotangent = 6 * per_layer + n * d
+    # a vmapped backward's temporaries per cotangent, measured on SmolLM2 for n = 32…256 (2.1–3.8 ×
+    # per_layer), plus the cotangent's input gradient [pos, d_in]; the spectral pass works on 8
+    # positions' Gram matrices at a time
+    per_cotangent = 4 * per_layer + n * d
     spectral = 8 * d * d * 3 if mode != "sketch" else 0
-    return size * (graph + buffer + spectral), size * per_cotangent
+    fixed = size * (graph + buffer + spectral)
+    return int(MEMORY_SLACK * fixed), int(MEMORY_SLACK * size * per_cotangent)
 
 
 def estimate_memory(
@@ -242,13 +261,17 @@ def estimate_memory(
     mode) and ``b`` bytes per element of the model's dtype::
 
         per_layer = n · (10 d + 3 m + 3 H n)                     saved activations of one layer
-        bytes     = b · [ L · per_layer                          the retained autograd graph
+        W         = 2 d H d_head + 2 d H_kv d_head + (2 or 3) d m   one block's matrices
+        bytes     = 1.15 · b · [ L · (W + per_layer)             the retained autograd graph
                         + r · n · d        (exact, frozen, or keep_full)   the Jacobian buffer
-                        + c · (6 · per_layer + n · d)            the batched backward's working set
+                        + c · (4 · per_layer + n · d)            the batched backward's working set
                         + 24 d²            (exact, frozen)       the spectral pass, 8 positions at a time ]
 
-    The constants are upper estimates of what TransformerLens's blocks keep for the backward pass,
-    calibrated on SmolLM2; ``benchmarks/jacobian.py`` prints the prediction next to the measured peak.
+    ``W`` is there because TransformerLens's einsums save a reshaped copy of every weight matrix for
+    the input gradient (405 MiB on SmolLM2, whatever ``n``). The constants are upper estimates
+    calibrated on SmolLM2 against the peak resident size above a trimmed heap, and
+    :data:`MEMORY_SLACK` covers the allocator's slack; ``benchmarks/jacobian.py`` prints the
+    prediction next to the measured peak.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
@@ -495,13 +518,14 @@ def jacobian(
     probes = _probes(mode, d_out, n_probes, seed, dtype, device)
     need_buffer = mode != "sketch" or keep_full
     buffer = torch.zeros(n, rows, d_out, dtype=dtype, device=device) if need_buffer else None
-    with _without_parameter_grads(model), torch.enable_grad():
+    # steady_heap: without it every chunk page-faults its ~1 GB of gradients back in (allocator.py)
+    with steady_heap(), _without_parameter_grads(model), torch.enable_grad():
         f = _target_function(model, used, pos, target, wrt, frozen=mode == "frozen")
         _, vjp_fn = torch.func.vjp(f, _input_value(model, used, wrt))
         squares, absolute = _accumulate(vjp_fn, probes, chunk, buffer)
         del vjp_fn  # frees the retained graph before the spectral pass
+        spectral = _spectral_norms(buffer) if mode != "sketch" else None
     frobenius = (squares * (d_out / rows)).sqrt()
-    spectral = _spectral_norms(buffer) if mode != "sketch" else None
     out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     str_tokens = tuple(model.to_str_tokens(used)) if model.tokenizer is not None else tuple(str(int(t)) for t in used)
     return JacobianResult(

@@ -13,6 +13,7 @@ import re
 import pytest
 import torch
 
+from lens_squash import jacobian as jac_module
 from lens_squash.jacobian import JacobianResult, estimate_memory, jacobian
 from lens_squash.models import tiny_model
 
@@ -235,6 +236,32 @@ def test_estimate_grows_with_tokens_and_chunk(tiny):
     assert estimate_memory(tiny, 16, 4, mode="sketch", n_probes=4) < estimate_memory(tiny, 16, 4)
 
 
+def _graph_bytes(model, tokens) -> int:
+    """Bytes of every non-parameter tensor the library's forward pass saves for its backward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with _input_grad_only(model), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        f = jac_module._target_function(model, tokens, tokens.shape[0] - 1, "final", 0, False)
+        f(jac_module._input_value(model, tokens, 0).requires_grad_(True))
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize("n", [4, 24])
+def test_memory_estimate_covers_the_saved_autograd_graph(arch, n):
+    # independent count: the bytes autograd actually keeps (weight copies included), not the formula
+    model = _tiny(**ARCHITECTURES[arch])
+    fixed, per_cotangent = jac_module._memory_terms(model, n, "sketch", n_rows=1)
+    assert fixed >= _graph_bytes(model, _tokens(n)) and per_cotangent > 0
+
+
 def test_result_renders_serialises_and_plots(tiny):
     tokens = _tokens(5, 32)
     result = jacobian(tiny, tokens)
@@ -261,3 +288,12 @@ def test_smollm2_exact_matches_jacrev_in_float32(smollm2):
     # the float32 norms (accumulated per chunk, spectral by SVD) against float64 ones of the same J
     for kind, values in _norms_of(result.full.double()).items():
         torch.testing.assert_close(result.norms(kind).double(), values, rtol=1e-4, atol=0)
+
+
+@pytest.mark.slow
+def test_smollm2_memory_estimate_covers_the_saved_autograd_graph(smollm2):
+    tokens = torch.randint(100, 20000, (32,), generator=torch.Generator().manual_seed(0))
+    fixed, _ = jac_module._memory_terms(smollm2, 32, "sketch", n_rows=1)
+    saved = _graph_bytes(smollm2, tokens)
+    assert saved > 400 * 2**20  # the weight copies (~405 MiB) the old formula left out
+    assert fixed >= saved
