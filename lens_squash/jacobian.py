@@ -16,7 +16,9 @@ hook that replaces ``blocks.{wrt}.hook_resid_pre`` with the tracked input ``v`` 
 of TransformerLens is detached, so it cannot be used); the forward pass stops right after the target
 layer (``stop_at_layer``) and never runs the unembedding. Parameters are taken out of autograd for
 the call, so the graph holds only what the input-gradient needs. For causal models, positions after
-``target_pos`` cannot influence it, so they are dropped from the forward pass altogether.
+``target_pos`` cannot influence it, so they are dropped from the forward pass altogether. The whole
+loop runs inside :func:`lens_squash.allocator.steady_heap`, which stops glibc from handing each
+batch's freed gradients back to the kernel only to page-fault them in again for the next batch.
 
 **Modes.**
 
