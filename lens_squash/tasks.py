@@ -52,7 +52,6 @@ import math
 import os
 import random
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +60,8 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
+
+from .records import atomic_write
 
 __all__ = [
     "BERNOULLI_P",
@@ -721,18 +722,6 @@ class TaskResults:
         return f"TaskResults({len(self.frame)} rows, meta={self.meta})"
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_results(results: TaskResults | pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write results to ``.csv``, ``.json`` (records) or ``.jsonl``: a temp file, then ``os.replace``."""
     frame = results.frame if isinstance(results, TaskResults) else results
@@ -746,7 +735,7 @@ def save_results(results: TaskResults | pd.DataFrame, path: str | os.PathLike) -
         raise ValueError(
             f"unknown results format {path.suffix!r} for {path}; use .csv, .json or .jsonl"
         )
-    _atomic_write(path, writers[path.suffix])
+    atomic_write(path, writers[path.suffix])
     return path
 
 
@@ -798,7 +787,7 @@ def _read_jsonl(path: Path, *, repair: bool = True) -> dict[tuple, dict]:
         rows[tuple(row[k] for k in _KEY)] = row
     if repair and not clean:
         body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows.values())
-        _atomic_write(path, lambda tmp: tmp.write_text(body, encoding="utf-8"))
+        atomic_write(path, lambda tmp: tmp.write_text(body, encoding="utf-8"))
     return rows
 
 
