@@ -548,7 +548,7 @@ def parse_answer(text: Any, kind: Literal["copy", "count"] = "copy") -> ParsedAn
     non-empty line (the CoT examples end in "= 12"); for ``kind="copy"`` the question echoed as a
     statement ("The last digit in this sequence is 1.", what SmolLM2-135M-Instruct writes), else a reply
     that is nothing but a number ("0", "**one**."). These set ``method="fallback"``. Anything else is
-    ``status="unparsable"``.
+    ``status="unparsable"``, and so is a number beyond a 64-bit integer (``"1111…1"``, 19+ digits).
     """
     if kind not in ("copy", "count"):
         raise ValueError(f"kind must be 'copy' or 'count', got {kind!r}")
@@ -556,11 +556,19 @@ def parse_answer(text: Any, kind: Literal["copy", "count"] = "copy") -> ParsedAn
         return ParsedAnswer(None, "unparsable", "", "none")
     value, last_span = _last_phrase_value(text, _PHRASE)
     if value is not None:
-        return ParsedAnswer(value, "ok", last_span, "phrase")
+        return _checked(value, last_span, "phrase")
     value, span = (_fallback_count if kind == "count" else _fallback_copy)(text)
     if value is not None:
-        return ParsedAnswer(value, "ok", span, "fallback")
+        return _checked(value, span, "fallback")
     return ParsedAnswer(None, "unparsable", last_span or span, "none")
+
+
+def _checked(value: int, span: str, method: Literal["phrase", "fallback"]) -> ParsedAnswer:
+    # a reply that copies the run of ones as "1111…1" is no count, and past 2⁶³ it would not even fit
+    # the results table's integer column
+    if not -(2**63) <= value < 2**63:
+        return ParsedAnswer(None, "unparsable", span, "none")
+    return ParsedAnswer(value, "ok", span, method)
 
 
 # ----------------------------------------------------------------------------------------------

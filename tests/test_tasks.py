@@ -489,6 +489,23 @@ def test_evaluate_scores_parsed_replies(chat_model, monkeypatch):
     assert summary.loc[("sum_ones", 4), "mean_abs_error"] == 3.0
 
 
+def test_a_reply_that_copies_the_run_of_ones_is_unparsable_not_a_crash(chat_model, monkeypatch):
+    # what SmolLM2 wrote for a long count_ones prompt in demos/04: a number past int64 broke the table
+    ones = "1" * 40
+    assert parse_answer(f"The final answer to your maths question is: {ones}", "count").status == "unparsable"
+    assert parse_answer(f"1 + 1\n= {ones}", "count").value is None
+    assert parse_answer(f"The final answer to your maths question is: {'9' * 18}", "count").value == int("9" * 18)
+    tokenizer = chat_model.tokenizer
+
+    def canned(model, prompts, **kwargs):
+        return [torch.tensor(tokenizer.encode(ones) + [tokenizer.eos_token_id]) for _ in prompts]
+
+    monkeypatch.setattr(tasks, "greedy_generate", canned)
+    frame = evaluate(chat_model, "count_ones", [3], 1, progress=False).frame
+    assert frame.parse_status.tolist() == ["unparsable"] and frame.raw_output.tolist() == [ones]
+    assert frame.parsed_answer.isna().all() and not frame.correct.any()
+
+
 def test_evaluate_matches_direct_generation_through_the_chat_template(uninterrupted, chat_model):
     from lens_squash.models import format_prompt
 
