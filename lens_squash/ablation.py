@@ -36,6 +36,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .display import compact_repr
 from .records import provenance, to_jsonable
 from .sinks import SINK_EPS, SinkReport, sink_analysis
 from .trace import as_tokens
@@ -198,6 +199,8 @@ class AblationResult:
         kwargs.setdefault("title", f"Sensitivity of the last token, clamp after layer {self.layer}")
         return bound_vs_jacobian(self.str_tokens, self.jacobian_baseline, {"ablated ‖J‖_F": self.jacobian_ablated},
                                  truth_name="baseline ‖J‖_F", **kwargs)
+
+    __repr__ = compact_repr
 
     def _repr_html_(self) -> str:
         rows = [

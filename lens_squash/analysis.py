@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from .compare import Comparison, compare_variants
+from .display import compact_repr
 from .jacobian import JacobianResult, jacobian
 from .paths import rollout_matrices
 from .sinks import SinkReport, sink_report_from_trace
@@ -82,6 +83,8 @@ class Analysis:
             "sinks": self.sinks.to_dict(),
             "seconds": self.seconds,
         }
+
+    __repr__ = compact_repr
 
     def _repr_html_(self) -> str:
         head = (

@@ -66,6 +66,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .attention import local_window_mask
+from .display import compact_repr
 from .models import resolve_dtype
 from .records import provenance, to_jsonable
 from .tasks import TASKS
@@ -544,6 +545,8 @@ class CollapseResult:
             "resolutions": self.resolutions, "thresholds": self.thresholds(), "metadata": self.metadata,
         })
 
+    __repr__ = compact_repr
+
     def _repr_html_(self) -> str:
         frame = self.summary()
         head = (
@@ -656,6 +659,8 @@ class WindowSweepResult:
             "bound_first_share": self.bound_first_share[:, -1].tolist(),
             "bound_last_share": self.bound_last_share[:, -1].tolist(),
         }).set_index("window")
+
+    __repr__ = compact_repr
 
     def _repr_html_(self) -> str:
         return (f"<b>Sliding-window sweep</b> family <code>{html.escape(self.family)}</code>, longest length "

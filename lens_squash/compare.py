@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .display import compact_repr
 from .ranks import kendall, spearman, top_k_overlap
 
 __all__ = ["Comparison", "UShape", "compare", "compare_variants", "u_shape"]
@@ -71,6 +72,8 @@ class Comparison:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    __repr__ = compact_repr
 
     def _repr_html_(self) -> str:
         rows = "".join(

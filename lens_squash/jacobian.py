@@ -59,6 +59,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .allocator import steady_heap
+from .display import compact_repr
 from .records import provenance, to_jsonable
 from .trace import as_tokens
 
@@ -149,6 +150,8 @@ class JacobianResult:
         if include_full:
             out["full"] = to_jsonable(self.full)
         return out
+
+    __repr__ = compact_repr
 
     def _repr_html_(self) -> str:
         kind = self.best_norm()

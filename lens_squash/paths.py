@@ -29,6 +29,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .display import compact_repr
+
 __all__ = [
     "PathFlows",
     "factored_row",
@@ -201,6 +203,8 @@ class PathFlows:
 
         return attention_paths(self, str_tokens, **kwargs)
 
+    __repr__ = compact_repr
+
     def _repr_html_(self) -> str:
         totals = self.head_totals
         layer, head = divmod(int(totals.argmax()), totals.shape[1])
@@ -291,6 +295,8 @@ class PathRecord:
         for layer, head in enumerate(self.heads):
             steps.append(f"-[L{layer}{'R' if head is None else f'H{head}'}]→ {name(self.positions[layer + 1])}")
         return f"{self.weight:.4g}: " + " ".join(steps)
+
+    __repr__ = compact_repr
 
     def _repr_html_(self) -> str:
         return f"<code>{html.escape(self.describe())}</code>"

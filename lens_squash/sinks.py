@@ -56,6 +56,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from .display import compact_repr
 from .ranks import pearson, spearman
 from .records import to_jsonable
 from .spectral import dobrushin
@@ -168,6 +169,8 @@ class SinkRate:
     per_layer: Float[Tensor, "layer"]
     overall: float
 
+    __repr__ = compact_repr
+
     def _repr_html_(self) -> str:
         layers = ", ".join(f"{v:.2f}" for v in self.per_layer.tolist())
         return (f"<b>sink rate (ε = {self.eps})</b>: {self.overall:.1%} of heads"
@@ -228,6 +231,8 @@ class MassiveActivations:
     ratio: Float[Tensor, "layer"]
     top_dims: Int[Tensor, "layer k"] | None = None
     top_values: Float[Tensor, "layer k"] | None = None
+
+    __repr__ = compact_repr
 
     def _repr_html_(self) -> str:
         peak = int(self.ratio.argmax())
@@ -569,6 +574,8 @@ class SinkReport:
 
         kwargs.setdefault("log", ("norm_ratio",))
         return sink_figure(self.curves(), self.phases, **kwargs)
+
+    __repr__ = compact_repr
 
     def _repr_html_(self) -> str:
         peak = int(self.norm_ratio.argmax())

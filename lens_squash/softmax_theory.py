@@ -47,6 +47,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .display import compact_repr
+
 __all__ = [
     "ALTERNATING_LIMIT",
     "TVDecayResult",
@@ -289,6 +291,8 @@ class TVDecayResult:
         from .plotting import tv_decay_figure
 
         return tv_decay_figure(self, **kwargs)
+
+    __repr__ = compact_repr
 
     def _repr_html_(self) -> str:
         first, last = self.tv[:, 0], self.tv[:, -1]

@@ -45,6 +45,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from .display import compact_repr
 from .records import to_jsonable
 from .shapes import LayerMatrices, SquareMatrix
 
@@ -473,6 +474,8 @@ class SpectralReport:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON: tensors as lists, ``inf`` as ``null``."""
         return {name: to_jsonable(value) for name, value in self.__dict__.items()}
+
+    __repr__ = compact_repr
 
     def _repr_html_(self) -> str:
         depth = self.depth_to_first_token

@@ -37,6 +37,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .collapse import measure_pairs
+from .display import compact_repr
 from .models import resolve_dtype, tiny_model
 from .records import to_jsonable
 
@@ -146,6 +147,8 @@ class PECollapseResult:
         return to_jsonable({"encodings": list(self.encodings), "seeds": list(self.seeds), "lengths": self.lengths,
                             "site": self.site, "distances": self.distances, "metadata": self.metadata})
 
+    __repr__ = compact_repr
+
     def _repr_html_(self) -> str:
         return (f"<b>Collapse by positional encoding</b> (site <code>{html.escape(self.site)}</code>, "
                 f"{len(self.seeds)} seeds)<br>" + self.summary().to_html(escape=True, float_format=lambda v: f"{v:.3e}"))
@@ -227,6 +230,8 @@ class RatioInvarianceResult:
         return to_jsonable({"multiples": list(self.multiples), "unit": list(self.unit),
                             "distances": self.distances, "causal": self.causal,
                             "positional": self.positional, "metadata": self.metadata})
+
+    __repr__ = compact_repr
 
     def _repr_html_(self) -> str:
         rows = "".join(f"<tr><td>{k}</td><td>{float(d):.3e}</td></tr>" for k, d in zip(self.multiples, self.distances, strict=True))

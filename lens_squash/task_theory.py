@@ -32,6 +32,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from .display import compact_repr
 from .models import format_prompt
 from .plotting import token_label
 from .records import provenance, to_jsonable
@@ -176,6 +177,8 @@ class CopySensitivity:
         profiles = [{"task": t, "length": n, **p} for (t, n), p in self.profiles.items()]
         return to_jsonable({"meta": self.meta, "rows": self.frame.to_dict("records"), "profiles": profiles})
 
+    __repr__ = compact_repr
+
     def _repr_html_(self) -> str:
         shown = self.frame.drop(columns=["answer_token"]).assign(
             answer_token=[html.escape(token_label(t)) for t in self.frame["answer_token"]]
@@ -279,6 +282,8 @@ class CountCollapse:
 
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable({"meta": self.meta, "rows": self.frame.to_dict("records")})
+
+    __repr__ = compact_repr
 
     def _repr_html_(self) -> str:
         shown = self.frame.assign(

@@ -22,6 +22,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .attention import attention_defects
+from .display import compact_repr
 from .lipschitz import mlp_gain_gram, mlp_jacobian_frobenius, supports_certified
 from .models import check_length, format_prompt
 from .records import provenance
@@ -72,6 +73,8 @@ class Trace:
         if self.n_tokens < 2:
             return self.patterns[..., 0].mean(dim=(1, 2))
         return self.patterns[:, :, 1:, 0].mean(dim=(1, 2))
+
+    __repr__ = compact_repr
 
     def _repr_html_(self) -> str:
         mass = self.first_token_mass()

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from . import paths
 from .attention import check_attention, head_weights, ov_norms
+from .display import compact_repr
 
 __all__ = ["VARIANTS", "PathBound", "PathGraph", "build_graph", "final_norm_gain", "path_bound"]
 
@@ -239,6 +240,8 @@ class PathBound:
             "variant": self.variant, "target": self.target, "guarantee": self.guarantee,
             "constant": self.constant, "bound": self.bound, "first_token_share": self.first_token_share, "metadata": self.metadata,
         }
+
+    __repr__ = compact_repr
 
     def _repr_html_(self) -> str:
         top = torch.topk(self.bound, k=min(5, self.bound.numel()))
