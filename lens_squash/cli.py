@@ -234,8 +234,12 @@ def run_collapse(model, args):
 def print_collapse(result) -> None:
     import pandas as pd
 
+    table = result.summary()
+    for column in table.columns[table.dtypes == "Int64"]:  # to_string's na_rep skips pandas' <NA>
+        table[column] = table[column].astype(object).where(table[column].notna(), "-")
     with pd.option_context("display.float_format", "{:.3g}".format, "display.width", 160):
-        print(result.summary().to_string())
+        print(table.to_string())
+    print("(a length column is the first length where that happened; - means not within the measured lengths)")
 
 
 def cmd_collapse(args) -> int:

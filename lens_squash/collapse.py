@@ -520,7 +520,8 @@ class CollapseResult:
         return out
 
     def summary(self) -> pd.DataFrame:
-        """One row per dtype: resolution, the three lengths, and the relative distance at the ends."""
+        """One row per dtype: resolution, the three lengths (``<NA>``: not reached within the measured
+        lengths), and the relative distance at the ends."""
         rel, th = self.final("inf"), self.thresholds()
         rows = []
         for d, name in enumerate(self.dtypes):
@@ -532,7 +533,10 @@ class CollapseResult:
                 **th[name],
                 "forward_tokens": self.forward_tokens.get(name),
             })
-        return pd.DataFrame(rows).set_index("dtype")
+        frame = pd.DataFrame(rows).set_index("dtype")
+        # a threshold not reached within the measured lengths is <NA> in every column alike (pandas
+        # would show None in one column and NaN in another)
+        return frame.astype({name: "Int64" for name in th[self.dtypes[0]]})
 
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable({
