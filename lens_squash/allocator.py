@@ -7,8 +7,10 @@ settings the freed top of the heap is handed back to the kernel as soon as more 
 next batch page-faults the same memory in again: 190 000–430 000 minor faults and 0.3–1.7 s of
 system time per 16-probe batch, the first batch of a process paying the most (measured with
 ``getrusage`` on this project's 2-core machine). Keeping freed memory in the heap for the duration
-of the loop removes the faults (0 per batch after the first) and the first batch's ~1.5 s penalty,
-which matters most to the sketch mode: 4 batches instead of 36, so a fixed cost weighs 9× more.
+of the loop removes nearly all of them (74 000, 8 000, then 0 faults in the first three batches) and
+the first batch's ~1.5 s penalty, which matters most to the sketch mode: 4 batches instead of 36, so
+a fixed cost weighs 9× more (``benchmarks/jacobian.py``: sketch 1.19×, exact 1.04× faster). It is
+not a guarantee: a block that does not fit a freed hole still grows the heap.
 
 **What it changes.** Inside :func:`steady_heap`, ``M_TRIM_THRESHOLD`` is raised so that nothing is
 trimmed, and ``M_MMAP_THRESHOLD`` is pinned at 32 MiB (glibc's ceiling on 64-bit; blocks below it
