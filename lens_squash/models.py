@@ -374,8 +374,8 @@ def check_length(model: HookedTransformer, n_tokens: int) -> None:
     if n_tokens > model.cfg.n_ctx:
         raise ValueError(
             f"the prompt has {n_tokens} tokens but the model was loaded with n_ctx={model.cfg.n_ctx}; "
-            "shorten the prompt or load the model with a larger n_ctx "
-            "(load_model(..., n_ctx=...), up to the model's trained context)"
+            "shorten the prompt or load the model with a larger n_ctx (load_model(..., n_ctx=...) in "
+            "Python, --n-ctx on the command line), up to the model's trained context"
         )
 
 

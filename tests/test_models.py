@@ -134,8 +134,9 @@ def test_gguf_folder_found_without_importing_the_chat_app():
 
 def test_raw_prompt_longer_than_context_is_refused_not_truncated():
     model = tiny_model(tokenizer="smollm2", n_ctx=16)
-    with pytest.raises(ValueError, match="n_ctx=16"):
+    with pytest.raises(ValueError, match="n_ctx=16") as refused:
         format_prompt(model, "one two three four five six seven eight nine ten " * 3, chat=False)
+    assert "--n-ctx" in str(refused.value) and "load_model(..., n_ctx=...)" in str(refused.value)  # both ways out
 
 
 def test_tiny_random_loads_by_name_offline():
