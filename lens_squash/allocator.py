@@ -3,7 +3,7 @@
 **Why.** Every batched VJP of :func:`lens_squash.jacobian.jacobian` allocates and frees about a
 gigabyte of activation gradients on SmolLM2 at 128 tokens. With glibc's default, self-tuning
 settings the freed top of the heap is handed back to the kernel as soon as more than
-``M_TRIM_THRESHOLD`` bytes (twice the largest freed ``mmap`` block, ~25 MiB here) are free, so the
+``M_TRIM_THRESHOLD`` bytes (by default twice the largest freed ``mmap`` block) are free, so the
 next batch page-faults the same memory in again: 190 000–430 000 minor faults and 0.3–1.7 s of
 system time per 16-probe batch, the first batch of a process paying the most (measured with
 ``getrusage`` on this project's 2-core machine). Keeping freed memory in the heap for the duration
@@ -20,8 +20,8 @@ after the call. glibc has no getter for these settings, so they are left at the 
 dynamic tuning converges to after large frees (mmap threshold 32 MiB, trim threshold twice that)
 rather than "restored". Numbers computed inside are bitwise the same as without it (tested).
 
-Set ``LENS_SQUASH_STEADY_HEAP=0`` to turn it off (for example to measure its effect:
-``benchmarks/jacobian.py --plain-heap``).
+Set ``LENS_SQUASH_STEADY_HEAP=0`` to turn it off (``benchmarks/jacobian.py --methods
+sketch,sketch:plain`` measures its effect that way).
 """
 
 from __future__ import annotations
