@@ -10,6 +10,8 @@ centres for LayerNorm), computed here from the weights.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -57,7 +59,7 @@ def check_attention(
     ``defects`` (from :func:`attention_defects`, e.g. recorded by ``trace``) skips the scan.
     """
     defects = attention_defects(patterns) if defects is None else defects
-    if defects["row_deviation"] != defects["row_deviation"]:  # NaN
+    if math.isnan(defects["row_deviation"]):
         raise ValueError("attention patterns contain NaN or inf; rerun the model in float32 or float64")
     if defects["row_deviation"] > atol or defects["min_entry"] < -atol:
         raise ValueError(

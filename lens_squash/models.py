@@ -31,13 +31,13 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 __all__ = [
     "DEFAULT_MODEL",
+    "TINY_MODEL",
     "DTYPES",
     "OFFLINE_MODELS",
     "ModelLoadError",
     "cache_dir",
     "format_prompt",
     "from_hf_llama",
-    "TINY_MODEL",
     "load_model",
     "resolve_dtype",
     "tiny_model",

@@ -13,6 +13,7 @@ Hook names are written out literally (``blocks.{l}.attn.hook_pattern``) so the s
 from __future__ import annotations
 
 import html
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -255,7 +256,7 @@ def _assemble(model, tokens, store, last_logits, keep_resid: bool, chat) -> Trac
     patterns = _stack(store, "pattern", n_layers)
     # scanned once here, so every bound built from this trace can skip the O(L·H·n²) check
     defects = attention_defects(patterns)
-    if defects["row_deviation"] != defects["row_deviation"] or not torch.isfinite(resid).all():
+    if math.isnan(defects["row_deviation"]) or not torch.isfinite(resid).all():
         raise ValueError(
             f"the forward pass produced NaN or inf (model dtype {model.cfg.dtype}); low precision overflowed: "
             "load the model in float32 (load_model(dtype='float32')) or use a shorter prompt"
