@@ -45,6 +45,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from . import paths
 from .display import compact_repr
 from .records import to_jsonable
 from .shapes import LayerMatrices, SquareMatrix
@@ -94,9 +95,7 @@ def _check_square(m: Tensor) -> Tensor:
 
 
 def _above_diagonal(m: Tensor) -> float:
-    # a comparison mask rather than torch.triu, which costs ~10 ms per call on small CPU matrices
-    index = torch.arange(m.shape[-1])
-    return float(torch.where(index[:, None] < index, m.abs(), 0).max())
+    return float(m.triu(1).abs().max())
 
 
 def is_causal(m: Float[Tensor, "... query_pos key_pos"], atol: float = 1e-8) -> bool:
@@ -202,12 +201,9 @@ def stack_product(stack: LayerMatrices, atol: float = 1e-6) -> SquareMatrix:
     """The full product ``Λ̃^(L−1) … Λ̃^(0)`` (later layers on the left), causal row-stochastic by
     Lemma B.7. O(L·n³): for small ``n`` and tests; :func:`first_token_column` is the cheap path."""
     stack = check_causal_stochastic(stack, atol)
-    if stack.ndim != 3:
-        raise ValueError(f"stack must be [layer, query_pos, key_pos], got shape {tuple(stack.shape)}")
-    product = torch.eye(stack.shape[-1], dtype=stack.dtype)
-    for layer in stack:
-        product = layer @ product
-    return product
+    if stack.ndim != 3 or stack.shape[0] == 0:
+        raise ValueError(f"stack must be [layer, query_pos, key_pos] with a layer, got shape {tuple(stack.shape)}")
+    return paths.stack_product(stack).to(stack.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,8 +213,7 @@ def stack_product(stack: LayerMatrices, atol: float = 1e-6) -> SquareMatrix:
 
 def lazy(m: Float[Tensor, "... query_pos key_pos"]) -> Float[Tensor, "... query_pos key_pos"]:
     """``Λ̃ = ½(Λ + I)``: one layer of Prop. B.8 (residual and attention weighted equally)."""
-    m = _check_square(m)
-    return 0.5 * (m + torch.eye(m.shape[-1], dtype=m.dtype))
+    return paths.rollout_matrices(_check_square(m))
 
 
 def _second_diagonal(diagonal: Float[Tensor, "... pos"]) -> Float[Tensor, "..."]:
@@ -279,12 +274,16 @@ def asymptotic_depth(m: SquareMatrix, eps: float) -> float:
     values), so it is an estimate; :func:`depth_to_epsilon` is the exact depth.
     """
     _check_eps(eps)
-    lam2 = float(second_eigenvalue(m))
-    if lam2 >= 1:
+    return _rate_depth(float(second_eigenvalue(m)), eps)
+
+
+def _rate_depth(lam: float, eps: float) -> float:
+    """``⌈log ε / log λ⌉``: layers for ``λ^L ≤ ε`` (``inf`` for λ ≥ 1, 0 for λ ≤ 0)."""
+    if lam >= 1:
         return math.inf
-    if lam2 <= 0:
+    if lam <= 0:
         return 0
-    return max(0, math.ceil(math.log(eps) / math.log(lam2)))
+    return math.ceil(math.log(eps) / math.log(lam))
 
 
 def _check_eps(eps: float) -> None:
@@ -357,15 +356,19 @@ def _dobrushin_one(m: SquareMatrix, chunk: int, causal: bool) -> Tensor:
     return 0.5 * best
 
 
-def _is_causal_stochastic(m: SquareMatrix) -> bool:
-    # Rows of float32 softmax patterns sum to 1 within ~1e-7; the closed form's error is of that
-    # order too, so the tolerance follows the dtype (1e-9 in float64).
-    atol = max(1e-9, 100 * torch.finfo(m.dtype).eps) if m.is_floating_point() else 1e-9
+def _is_causal_stochastic(m: SquareMatrix, atol: float | None) -> bool:
+    # by default the tolerance follows the dtype (1e-9 in float64), so only rows stochastic to working
+    # precision take the closed form; float32 softmax rows cast to float64 need an explicit atol
+    atol = max(1e-9, 100 * torch.finfo(m.dtype).eps) if atol is None else atol
     return bool(_above_diagonal(m) == 0 and (m >= 0).all() and (m.sum(-1) - 1).abs().max() <= atol)
 
 
 def dobrushin(
-    p: Float[Tensor, "... query_pos key_pos"], *, chunk: int = DOBRUSHIN_CHUNK, method: str = "auto"
+    p: Float[Tensor, "... query_pos key_pos"],
+    *,
+    chunk: int = DOBRUSHIN_CHUNK,
+    method: str = "auto",
+    atol: float | None = None,
 ) -> Float[Tensor, "..."]:
     """Dobrushin's coefficient ``τ(P) = ½ max_{j,k} ‖P_j − P_k‖₁`` of each matrix.
 
@@ -373,7 +376,9 @@ def dobrushin(
     only the columns a row can reach), in row chunks of ``chunk`` so memory stays O(chunk·n).
     ``"auto"`` uses the O(n) closed form ``τ = 1 − min_j P_{j0}`` for causal row-stochastic matrices:
     ``τ = 1 − min_{j,k} Σ_i min(P_ji, P_ki)``; row 0 is ``e_0``, so the pair ``(0, k)`` overlaps by
-    ``P_k0``, and any pair overlaps by at least ``min(P_j0, P_k0)`` on column 0.
+    ``P_k0``, and any pair overlaps by at least ``min(P_j0, P_k0)`` on column 0. A causal matrix whose
+    rows sum to 1 within ``atol`` (default: 100 machine epsilons of its dtype) takes the closed form
+    on its rows divided by their sums (what float32 softmax rows approximate).
     For row-stochastic ``P``: ``τ ∈ [0, 1]``, 0 iff ``P`` has rank one, and ``τ(PQ) ≤ τ(P)τ(Q)``.
     """
     p = _check_square(p)
@@ -383,7 +388,7 @@ def dobrushin(
         raise ValueError(f"method must be 'auto' or 'pairwise', got {method!r}")
     flat = p.reshape(-1, *p.shape[-2:])
     values = [
-        1.0 - m[:, 0].min() if method == "auto" and _is_causal_stochastic(m)
+        1.0 - (m[:, 0] / m.sum(-1)).min() if method == "auto" and _is_causal_stochastic(m, atol)
         else _dobrushin_one(m, chunk, causal=_above_diagonal(m) == 0)
         for m in flat
     ]
@@ -502,12 +507,6 @@ class SpectralReport:
         return spectral_report_figure(self, **kwargs)
 
 
-def _position(target: int, n: int) -> int:
-    if not -n <= target < n:
-        raise ValueError(f"target position {target} is out of range for {n} tokens (use 0…{n - 1} or −{n}…−1)")
-    return target % n
-
-
 def _depth_to_first_token(
     gaps: Float[Tensor, "depth"], distance: Float[Tensor, "depth"], cumulative: Float[Tensor, "depth"], eps: float
 ) -> tuple[float, bool]:
@@ -538,8 +537,8 @@ def analyze_stack(
     """Spectral and Dobrushin analysis of the rollout matrices ``Λ̃^(l) = ½(A^(l) + I)`` of one prompt.
 
     ``atol`` is the tolerance of the causal / row-stochastic check (float32 softmax rows are off by
-    ~1e-7·√n); ``unit_atol`` decides which diagonal entries count as eigenvalue 1. Computed in float64;
-    cost O(L·n³/6) for the Dobrushin coefficients, O(L·n²) for the rest.
+    ~1e-7·√n); ``unit_atol`` decides which diagonal entries count as eigenvalue 1. Computed in float64,
+    O(L·n²): the Dobrushin coefficients take :func:`dobrushin`'s closed form on the row-normalised layers.
     """
     _check_eps(eps)
     stack = check_causal_stochastic(torch.as_tensor(stack), atol).to(torch.float64)
@@ -548,22 +547,17 @@ def analyze_stack(
     n_layers, n = stack.shape[0], stack.shape[-1]
     if n_layers == 0:
         raise ValueError("stack has no layers; pass one rollout matrix per layer")
-    target = _position(target, n)
-    # the stack was checked once above; the helpers below skip their own checks
-    spectrum = stack.diagonal(dim1=-2, dim2=-1)
+    target = paths._check_target(target, n)
+    spectrum = stack.diagonal(dim1=-2, dim2=-1).clone()  # not a view that keeps the stack alive
     second = _second_diagonal(spectrum)
-    # entries above the diagonal within atol are treated as zero (causal fast path of τ)
-    lower = torch.arange(n)[:, None] >= torch.arange(n)
-    tau = torch.stack([_dobrushin_one(layer, DOBRUSHIN_CHUNK, causal=True) for layer in stack * lower])
+    # entries above the diagonal within atol are treated as zero (the check above allowed them)
+    tau = dobrushin(stack.tril(), atol=atol)
     cumulative = torch.cumprod(tau, 0)
-    column, gap = _first_token_recursion(stack)
+    column, gap = _propagate(stack, n, stack.dtype)  # the stack was checked above
     mass = column[:, target]
     distance = gap.max(-1).values
     depth, extrapolated = _depth_to_first_token(gap[:, target], distance, cumulative, eps)
-    repeated = torch.tensor([
-        math.inf if lam >= 1 else 0.0 if lam <= 0 else float(math.ceil(math.log(eps) / math.log(lam)))
-        for lam in second.tolist()
-    ], dtype=torch.float64)
+    repeated = torch.tensor([float(_rate_depth(lam, eps)) for lam in second.tolist()], dtype=torch.float64)
     return SpectralReport(
         spectrum=spectrum,
         second_eigenvalue=second,

@@ -40,6 +40,7 @@ from .collapse import measure_pairs
 from .display import compact_repr
 from .models import resolve_dtype, tiny_model
 from .records import to_jsonable
+from .trace import final_representation
 
 __all__ = [
     "ENCODINGS",
@@ -263,8 +264,6 @@ def ratio_invariance(
             raise ValueError(f"multiple {k} needs {tokens.numel()} tokens, over n_ctx={model.cfg.n_ctx}")
         with torch.no_grad():
             _, cache = model.run_with_cache(tokens[None], names_filter=lambda name: name == "ln_final.hook_normalized")
-        from .trace import final_representation
-
         reps.append(final_representation(model, cache["ln_final.hook_normalized"][0, -1]).detach().cpu())
     return RatioInvarianceResult(
         multiples=multiples, unit=unit, representations=torch.stack(reps),

@@ -91,7 +91,7 @@ def test_checks_accept_causal_stochastic_and_reject_the_rest():
     gen = torch.Generator().manual_seed(1)
     a = softmax_causal(6, gen)
     assert is_causal(a) and is_row_stochastic(a)
-    assert check_causal_stochastic(a) is not None
+    assert check_causal_stochastic(a) is a  # returned as it is, not a copy or a rescaled matrix
     full = random_stochastic(6, gen)
     assert not is_causal(full) and is_row_stochastic(full)
     with pytest.raises(ValueError, match="causal-only analysis.*mass above the diagonal"):
@@ -138,7 +138,9 @@ def test_multiplicity_matches_eigvals_rank_and_absorbing_rows():
 def test_multiplicity_is_batched():
     gen = torch.Generator().manual_seed(4)
     stack = torch.stack([random_causal(6, gen) for _ in range(5)])
-    expected = torch.stack([eigenvalue_one_multiplicity(m) for m in stack])
+    # independent count: row 0 plus every row that is its own unit vector (Lemma B.6's absorbing rows)
+    eye = torch.eye(6, dtype=F64)
+    expected = torch.tensor([1 + sum(bool(torch.equal(m[j], eye[j])) for j in range(1, 6)) for m in stack])
     assert torch.equal(eigenvalue_one_multiplicity(stack), expected)
 
 
@@ -273,6 +275,7 @@ def test_first_token_column_and_rank_one_distance_match_the_full_product():
     for d in range(6):
         product = stack_product(stack[: d + 1])
         torch.testing.assert_close(column[d], product[:, 0], atol=1e-14, rtol=0)
+
         torch.testing.assert_close(gap[d], product[:, 1:].sum(-1), atol=1e-14, rtol=1e-12)
         distance = max(0.5 * float((product[j] - torch.eye(10, dtype=F64)[0]).abs().sum()) for j in range(10))
         assert float(report.rank_one_distance[d]) == pytest.approx(distance, abs=1e-13)
@@ -281,6 +284,18 @@ def test_first_token_column_and_rank_one_distance_match_the_full_product():
         assert distance <= float(torch.prod(tau[: d + 1])) + 1e-13
         assert float(report.first_token_mass[d]) == pytest.approx(float(product[-1, 0]), abs=1e-14)
     assert (report.rank_one_distance[1:] <= report.rank_one_distance[:-1] + 1e-15).all()
+
+
+def test_float32_softmax_rows_take_the_closed_form_within_their_rounding():
+    # float32 rows sum to 1 only within ~1e-7: analyze_stack's τ must still match the brute-force
+    # τ of the float64 matrices they round
+    gen = torch.Generator().manual_seed(13)
+    exact = torch.stack([lazy(softmax_causal(12, gen, scale=3.0)) for _ in range(4)])
+    rounded = exact.float().double()
+    assert (rounded.sum(-1) - 1).abs().max() > 1e-9  # really off by the float32 rounding
+    report = analyze_stack(rounded)
+    torch.testing.assert_close(report.dobrushin, torch.tensor([brute_tau(m) for m in exact], dtype=F64),
+                               atol=1e-6, rtol=0)
 
 
 def test_depth_to_first_token_within_the_stack_and_extrapolated():
