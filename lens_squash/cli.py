@@ -90,21 +90,14 @@ def cmd_demo(args) -> int:
     """The main job on the offline default model: the paper's copying prompt analysed end to end
     (bounds vs the sketched or exact Jacobian, spectral, sinks), the answer, and a collapse summary."""
     from .analysis import analyze
-    from .report import analysis_sections, write_report
 
     model = _load(args)
     prompt = copy_prompt(args.ones)
     print("prompt: " + prompt)
     analysis = analyze(model, prompt, jacobian_mode=args.jacobian, n_probes=64)
-    print(f"{analysis.trace.n_tokens} tokens; predicted next token {analysis.trace.predicted_token!r}")
-    print(f"greedy answer: {generate_answer(model, analysis.trace.tokens)!r}")
-    print_analysis(analysis)
     out = Path(args.out)
-    metadata = {**analysis.trace.metadata, "prompt": prompt, "command": "demo"}
-    html_path, json_path = write_report(out / "analyze", analysis_sections(analysis, prompt=prompt),
-                                        {**analysis.to_dict(), "metadata": metadata},
-                                        title="lens_squash demo: the copying prompt", metadata=metadata)
-    print(f"wrote {json_path} and {html_path}")
+    report_analysis(analysis, prompt, out / "analyze", title="lens_squash demo: the copying prompt",
+                    answer=generate_answer(model, analysis.trace.tokens), command="demo")
     from .collapse import collapse_curve
     from .records import write_json_atomic
 
@@ -116,6 +109,20 @@ def cmd_demo(args) -> int:
     write_json_atomic(out / "collapse.json", collapse.to_dict())
     print(f"wrote {out / 'collapse.json'}")
     return 0
+
+
+def report_analysis(analysis, prompt: str, out, *, title: str, answer: str | None = None, **metadata) -> None:
+    """Print ``analyze``'s result (and the greedy ``answer``), then write results.json and report.html."""
+    from .report import analysis_sections, write_report
+
+    print(f"{analysis.trace.n_tokens} tokens; predicted next token {analysis.trace.predicted_token!r}")
+    if answer is not None:
+        print(f"greedy answer: {answer!r}")
+    print_analysis(analysis)
+    metadata = {**analysis.trace.metadata, "prompt": prompt, **metadata}
+    html_path, json_path = write_report(out, analysis_sections(analysis, prompt=prompt),
+                                        {**analysis.to_dict(), "metadata": metadata}, title=title, metadata=metadata)
+    print(f"wrote {json_path} and {html_path}")
 
 
 def print_analysis(analysis) -> None:
@@ -143,7 +150,6 @@ def print_analysis(analysis) -> None:
 
 def cmd_analyze(args) -> int:
     from .analysis import analyze
-    from .report import analysis_sections, write_report
 
     if not args.prompt.strip():
         raise ValueError("the prompt is empty; pass the text to analyse with --prompt TEXT")
@@ -152,16 +158,8 @@ def cmd_analyze(args) -> int:
     mode = None if args.jacobian == "none" else args.jacobian
     analysis = analyze(model, args.prompt, variants=variants, jacobian_mode=mode, n_probes=args.probes,
                        chat=False if args.raw else None)
-    print(f"{analysis.trace.n_tokens} tokens; predicted next token {analysis.trace.predicted_token!r}")
-    print_analysis(analysis)
-    metadata = {**analysis.trace.metadata, "prompt": args.prompt, "variants": variants, "jacobian": args.jacobian,
-                "command": "analyze"}
-    results = {**analysis.to_dict(), "metadata": metadata}
-    html_path, json_path = write_report(
-        args.out, analysis_sections(analysis, prompt=args.prompt), results,
-        title="lens_squash: over-squashing analysis", metadata=metadata,
-    )
-    print(f"wrote {json_path} and {html_path}")
+    report_analysis(analysis, args.prompt, args.out, title="lens_squash: over-squashing analysis",
+                    command="analyze", variants=variants, jacobian=args.jacobian)
     return 0
 
 
@@ -224,7 +222,7 @@ def _tasks_parser(sub) -> None:
 
 
 def run_collapse(model, args):
-    """The collapse curve of one family (and, unless ``--no-theory``, the toy-model panels)."""
+    """The collapse curve of one family, as the command's flags ask."""
     from .collapse import collapse_curve
 
     return collapse_curve(model, args.family, _ints(args.lengths), [d for d in args.dtypes.split(",") if d],
@@ -244,15 +242,13 @@ def print_collapse(result) -> None:
 
 def cmd_collapse(args) -> int:
     from .records import provenance
-    from .report import ReportSection, model_section, write_report
+    from .report import ReportSection, collapse_section, model_section, write_report
 
     model = _load(args)
     result = run_collapse(model, args)
     print(f"family {args.family}: relative ‖y − y*‖∞ of the last token's final representation")
     print_collapse(result)
-    sections = [model_section(provenance(model)),
-                ReportSection("collapse", table=result.summary().reset_index(),
-                              figures=[result.plot("dtypes"), result.plot("heads")])]
+    sections = [model_section(provenance(model)), collapse_section(result)]
     payload = {"collapse": result.to_dict()}
     if not args.no_theory:
         from .softmax_theory import tv_decay_experiment
@@ -310,13 +306,15 @@ def cmd_sinks(args) -> int:
 
     model = _load(args)
     chat = False if args.raw else None
-    report = sink_analysis(model, args.prompt, chat=chat, eps=args.eps)
+    ablation = None
+    if args.clamp_layer is not None:  # its baseline is the plain sink report: one traced pass, not two
+        ablation = ablation_effect(model, args.prompt, args.clamp_layer, chat=chat, eps=args.eps,
+                                   jacobian=not args.no_jacobian)
+    report = sink_analysis(model, args.prompt, chat=chat, eps=args.eps) if ablation is None else ablation.baseline
     print_sinks(report)
     sections = [model_section(provenance(model)), ReportSection("sinks", figures=[report.plot()])]
     payload = {"sinks": report.to_dict()}
-    if args.clamp_layer is not None:
-        ablation = ablation_effect(model, args.prompt, args.clamp_layer, chat=chat, eps=args.eps,
-                                   jacobian=not args.no_jacobian)
+    if ablation is not None:
         print(f"clamping the first token's residual after block {args.clamp_layer}: sink rate "
               f"{ablation.baseline.sink_rate_overall:.1%} → {ablation.ablated.sink_rate_overall:.1%}; "
               f"peak norm ratio {float(ablation.baseline.norm_ratio.max()):.1f} → "
@@ -343,7 +341,7 @@ def _sinks_parser(sub) -> None:
 
 
 def _add_prompt_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", default=copy_prompt(12), help="prompt text (default: the paper's copy prompt)")
+    parser.add_argument("--prompt", default=COPY_PROMPT, help="prompt text (default: the paper's copy prompt)")
     parser.add_argument("--raw", action="store_true", help="skip the chat template")
 
 

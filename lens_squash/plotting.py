@@ -342,7 +342,7 @@ def _group_label(flows: Any, target: int, labels: list[str]) -> str:
     return label if source is None else f"{label} ← source {int(source)}: {labels[int(source)]}"
 
 
-def _path_group(flows: Any, labels: list[str], target: int | None, top_k: int) -> tuple[list[go.Scatter], int, str]:
+def _path_group(flows: Any, labels: list[str], target: int | None, top_k: int) -> tuple[list[go.Scatter], str]:
     head, resid = _flow_tensors(flows)
     own = getattr(flows, "target", None)
     if target is not None and own is not None and int(own) != int(target):
@@ -363,7 +363,7 @@ def _path_group(flows: Any, labels: list[str], target: int | None, top_k: int) -
         marker={"symbol": "star", "size": 16, "color": "crimson"}, hoverinfo="text",
         text=[f"target {target} {labels[target]}"],
     ))
-    return traces, target, group
+    return traces, group
 
 
 def attention_paths(
@@ -403,7 +403,7 @@ def attention_paths(
     ))
     spans, names = [], []
     for key, group in groups.items():
-        traces, _, name = _path_group(group, labels, key, top_k)
+        traces, name = _path_group(group, labels, key, top_k)
         start = len(fig.data)
         fig.add_traces(traces)
         spans.append((start, len(fig.data)))

@@ -109,28 +109,16 @@ def collapse_section(result: Any, *, head_dtype: str | None = None, title: str =
     """Representational collapse from a ``collapse.CollapseResult`` (read by duck typing): the
     per-dtype summary, the relative ∞-distance of ``y`` per dtype with each resolution (Fig. 6), and
     the last-layer heads' mean and min–max for ``head_dtype`` (default: the first dtype; Fig. 5)."""
-    dtypes = list(result.dtypes)
-    curves = dict(zip(dtypes, result.final("inf"), strict=True))
-    figures = [plotting.collapse_figure(
-        result.lengths, curves, result.resolutions, y_title="‖y − y*‖∞ / ‖y‖∞",
-        title=f"Representational collapse: {result.family}",
-    )]
-    d = dtypes.index(head_dtype) if head_dtype is not None else 0
-    heads = result.head_distances[d]
-    if heads.shape[-1] > 0:
-        figures.append(plotting.head_band_figure(
-            result.lengths, heads.mean(-1), heads.min(-1).values, heads.max(-1).values,
-            name=f"last-layer heads ({dtypes[d]})", title=f"Collapse per head: {result.family}",
-        ))
+    figures = [result.plot("dtypes")]
+    if result.head_distances.shape[-1] > 0:  # no heads were recorded (e.g. attention-free sites)
+        figures.append(result.plot("heads", head_dtype))
     return ReportSection(title, figures=figures, table=result.summary().reset_index())
 
 
 def tasks_section(results: Any, *, title: str = "tasks") -> ReportSection:
-    """Copying and counting results (a ``tasks.TaskResults`` or its frame): accuracy and mean absolute
-    error against length (Figs. 2–3), the answer histogram (Fig. 4) and the per-length table."""
-    figures = [plotting.accuracy_figure(results), plotting.abs_error_figure(results), plotting.answer_histogram(results)]
-    table = results.accuracy_by_length() if callable(getattr(results, "accuracy_by_length", None)) else None
-    return ReportSection(title, figures=figures, table=table)
+    """Copying and counting results (a ``tasks.TaskResults``, read by duck typing): each of the
+    paper's figures its tasks have rows for (``TaskResults.figures``) and the per-length table."""
+    return ReportSection(title, figures=list(results.figures().values()), table=results.accuracy_by_length())
 
 
 def analysis_sections(
@@ -139,12 +127,10 @@ def analysis_sections(
     prompt: str | None = None,
     path_variants: Sequence[str] | None = None,
     top_k: int = 40,
-    collapse: Any = None,
-    tasks: Any = None,
 ) -> list[ReportSection]:
     """The standard sections for an ``analysis.Analysis`` (read by duck typing): model, prompt,
-    bound vs gradient (with the per-variant summary), paths, attention, spectral and sinks, then
-    collapse and tasks when a ``CollapseResult`` / ``TaskResults`` is passed.
+    bound vs gradient (with the per-variant summary), paths, attention, spectral and sinks
+    (append :func:`collapse_section` / :func:`tasks_section` for those results).
 
     ``path_variants`` picks whose flows to draw (default: ``rollout`` and the best-ranking variant,
     those present), one figure each. ``prompt`` defaults to the
@@ -173,10 +159,6 @@ def analysis_sections(
         sections.append(ReportSection("spectral", figures=[plotting.spectral_report_figure(analysis.spectral)]))
     if getattr(analysis, "sinks", None) is not None:
         sections.append(ReportSection("sinks", figures=[plotting.sink_report_figure(analysis.sinks)]))
-    if collapse is not None:
-        sections.append(collapse_section(collapse))
-    if tasks is not None:
-        sections.append(tasks_section(tasks))
     return sections
 
 
