@@ -33,7 +33,7 @@ from lens_squash.ranks import spearman
 from lens_squash.records import provenance, write_json_atomic, write_text_atomic
 from lens_squash.suite import load_suite
 from lens_squash.trace import trace
-from lens_squash.variants import VARIANTS, path_bound
+from lens_squash.variants import VARIANTS, build_graph, path_bound
 
 GUARANTEED = ("certified",)
 #: everything from this line on in the markdown file is hand-written reading, kept on regeneration
@@ -46,7 +46,7 @@ def measure_prompt(model, prompt, variants, *, exact_max_tokens: int, probes: in
     tokens = format_prompt(model, prompt.text, chat=prompt.chat)
     n = int(tokens.shape[0])
     traced = trace(model, tokens, lipschitz=True)
-    bounds = {name: path_bound(traced, name, model=model).bound for name in variants}
+    bounds = {name: path_bound(traced, name, model=model) for name in variants}
     started = time.perf_counter()
     exact = n <= exact_max_tokens
     jac = jacobian(model, tokens, mode="exact" if exact else "sketch", n_probes=probes)
@@ -59,7 +59,8 @@ def measure_prompt(model, prompt, variants, *, exact_max_tokens: int, probes: in
         frozen_spectral = jacobian(model, tokens, mode="frozen").spectral
     seconds = time.perf_counter() - started
     rows = []
-    for name, bound in bounds.items():
+    for name, path in bounds.items():
+        bound = path.bound
         row = {"prompt": prompt.name, "kind": prompt.kind, "chat": prompt.chat, "n_tokens": n, "variant": name,
                "jacobian": "exact" if exact else f"sketch{probes}", "sketch_spearman": sketch_check,
                "seconds": seconds}
@@ -68,7 +69,7 @@ def measure_prompt(model, prompt, variants, *, exact_max_tokens: int, probes: in
         if jac.spectral is not None:
             spec = compare(bound, jac.spectral, variant=name)
             row |= {"spearman_spec": spec.spearman, "kendall_spec": spec.kendall, "top5_spec": spec.top5_overlap}
-        row["first_token_share"] = float(bound[0] / bound.sum())
+        row["first_token_share"] = path.first_token_share
         if name in GUARANTEED and frozen_spectral is not None:
             check = compare(bound, frozen_spectral, variant=name, guaranteed=True, rtol=1e-4)
             row |= {"violations": check.violations, "ratio_min": check.ratio_min}
@@ -82,7 +83,7 @@ def per_layer_diagnosis(model, prompt, variants, *, probes: int) -> pd.DataFrame
     at the last position (Frobenius), plus where that Jacobian's mass sits."""
     tokens = format_prompt(model, prompt.text, chat=prompt.chat)
     traced = trace(model, tokens, lipschitz=True)
-    graphs = {name: path_bound(traced, name, model=model).graph for name in variants}
+    graphs = {name: build_graph(traced, name, model=model) for name in variants}
     rows = []
     for layer in range(model.cfg.n_layers):
         truth = jacobian(model, tokens, target=layer, mode="sketch", n_probes=probes).frobenius.double()

@@ -1,9 +1,10 @@
 """The path-sum bound row at n = 2048 against one forward pass of SmolLM2 (issue 3's ≤ 5 % goal).
 
 Measured in one run, on the same prompt: one plain forward pass (no hooks, no grad), the traced pass
-that captures the attention patterns, and then the bound row of each variant from the trace (the
-row is L·H vector–matrix products over the shared patterns, O(L·H·n²)). The ratio row / forward is
-what the goal is about; the trace's own overhead is printed too.
+that captures the attention patterns, and then the bound row of each variant from the trace (paper
+and rollout read the trace's head-mean stack, L vector–matrix products, O(L·n²); the per-head
+variants L·H of them, O(L·H·n²)). The ratio row / forward is what the goal is about; the trace's
+own overhead is printed too.
 
     .venv/bin/python benchmarks/bound_row.py            # n = 2048
     .venv/bin/python benchmarks/bound_row.py --quick    # n = 256

@@ -76,8 +76,7 @@ WORKER = textwrap.dedent(
         out["chunk"] = result.metadata["chunk_size"]
         out["estimated_bytes"] = result.metadata["estimated_bytes"]
     elif method == "jacrev":
-        _, cache = model.run_with_cache(tokens[None], names_filter="blocks.0.hook_resid_pre")
-        v0 = cache["blocks.0.hook_resid_pre"].clone()
+        v0 = jac._input_value(model, tokens, 0)  # the embeddings only, as exact's set-up: no extra forward
         with jac._without_parameter_grads(model):
             full = torch.func.jacrev(by_hand, chunk_size=chunk or 64)(v0)
         out["chunk"] = chunk or 64

@@ -52,7 +52,7 @@ def attention_defects(patterns: Tensor, *, group: int = 16) -> dict[str, float]:
 
 
 def check_attention(
-    patterns: Tensor | None = None, *, causal: bool = True, atol: float = 1e-4, defects: dict | None = None
+    patterns: Tensor, *, causal: bool = True, atol: float = 1e-4, defects: dict | None = None
 ) -> None:
     """Refuse tensors that are not attention patterns of a causal model, saying what is wrong.
 

@@ -97,7 +97,7 @@ class PathGraph:
         query = 1.0 / totals if self.query_scale is None else self.query_scale.double() / totals
         return replace(
             self,
-            aggregated=None,
+            aggregated=None,  # the head-mean shortcut describes the unnormalised graph only
             variant=f"{self.variant}_rownorm",
             residual=self.residual.double() / totals,
             query_scale=query,
@@ -226,13 +226,13 @@ class PathBound:
     def flows(self, source: int | None = None):
         return paths.flow_decomposition(
             self.graph.residual, self.graph.edges, self.target, source=source, left_scale=self.graph.left_scale,
-            output_scale=float(self.graph.output_scale[self.target]),
+            output_scale=self.constant,
         )
 
     def top_paths(self, k: int = 10, source: int | None = None):
         return paths.top_paths(
             self.graph.residual, self.graph.edges, self.target, k=k, source=source,
-            left_scale=self.graph.left_scale, output_scale=float(self.graph.output_scale[self.target]),
+            left_scale=self.graph.left_scale, output_scale=self.constant,
         )
 
     def to_dict(self) -> dict[str, Any]:

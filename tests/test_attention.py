@@ -50,7 +50,9 @@ def test_bad_patterns_are_refused_with_the_reason():
 def test_trace_records_defects_and_refuses_overflow():
     model = tiny_model(n_layers=2, n_heads=2, d_model=16, d_vocab=32, seed=2)
     t = trace(model, torch.arange(6))
-    assert t.metadata["attention_defects"] == attention_defects(t.patterns)
+    defects = t.metadata["attention_defects"]  # float32 softmax: causal, non-negative, rows sum to 1
+    assert defects["above_diagonal"] == 0 and defects["min_entry"] >= 0 and defects["row_deviation"] < 1e-6
+    assert set(defects) == {"row_deviation", "above_diagonal", "min_entry"}
     broken = tiny_model(n_layers=1, n_heads=2, d_model=16, d_vocab=32, dtype=torch.float16, seed=2)
     with torch.no_grad():
         broken.embed.W_E.mul_(1e6)  # beyond float16's range: the pass overflows to inf

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from lens_squash.variants import VARIANTS
+from lens_squash.jacobian import jacobian
+from lens_squash.models import format_prompt
+from lens_squash.ranks import spearman
+from lens_squash.suite import load_suite
+from lens_squash.trace import trace
+from lens_squash.variants import VARIANTS, path_bound
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "bound_quality.py"
 
@@ -30,6 +35,14 @@ def test_benchmark_runs_on_a_two_prompt_subset(smollm2, tmp_path):
     assert len(frame) == 2 * len(VARIANTS) and set(summary["variant"]) == set(VARIANTS)
     assert frame["spearman_frob"].between(-1, 1).all() and frame["top5_frob"].between(0, 1).all()
     assert (frame["first_token_share"] > 0).all()
+    # one row recomputed from the library directly: the table reports what the functions give
+    (prompt,) = load_suite(names=[bench.QUICK_NAMES[0]])
+    tokens = format_prompt(smollm2, prompt.text, chat=prompt.chat)
+    bound = path_bound(trace(smollm2, tokens), "paper", model=smollm2).bound
+    truth = jacobian(smollm2, tokens, mode="sketch", n_probes=8).frobenius
+    row = frame[(frame["prompt"] == prompt.name) & (frame["variant"] == "paper")].iloc[0]
+    assert row["spearman_frob"] == pytest.approx(spearman(bound, truth), abs=1e-12)
+    assert row["first_token_share"] == pytest.approx(float(bound[0] / bound.sum()), abs=1e-12)
     text = markdown.read_text()
     assert "Regenerate with `python benchmarks/bound_quality.py --quick" in text
     assert all(name in text for name in VARIANTS)
