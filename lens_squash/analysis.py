@@ -23,8 +23,9 @@ from .jacobian import JacobianResult, jacobian
 from .paths import rollout_matrices
 from .sinks import SinkReport, sink_report_from_trace
 from .spectral import SpectralReport, analyze_stack
+from .support import UnsupportedModelError
 from .trace import Trace, trace
-from .variants import PathBound, path_bound
+from .variants import VARIANTS, PathBound, path_bound
 
 __all__ = ["DEFAULT_VARIANTS", "Analysis", "analyze"]
 
@@ -44,6 +45,8 @@ class Analysis:
     comparisons: dict[str, Comparison]
     sinks: SinkReport
     seconds: dict[str, float] = field(default_factory=dict)
+    #: default variants this model cannot support, with the reason each was skipped
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def best_variant(self) -> str | None:
@@ -67,6 +70,7 @@ class Analysis:
                     "ratio_min": c.ratio_min, "ratio_median": c.ratio_median, "below_truth": c.violations,
                 }
             rows.append(row)
+        rows += [{"variant": name, "skipped": reason} for name, reason in self.skipped.items()]
         return pd.DataFrame(rows)
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,6 +86,7 @@ class Analysis:
             "spectral": self.spectral.to_dict(),
             "sinks": self.sinks.to_dict(),
             "seconds": self.seconds,
+            "skipped": dict(self.skipped),
         }
 
     __repr__ = compact_repr
@@ -103,25 +108,80 @@ def _timed(seconds: dict[str, float], name: str, fn, *args, **kwargs):
     return result
 
 
+def _plan_variants(model, variants: Sequence[str] | None) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The variants to run and the default ones skipped (name → reason).
+
+    Defaults (``variants=None``) skip what the model's architecture cannot support, so one variant
+    never takes the analysis down; a variant asked for by name that cannot apply is an error, raised
+    before any forward pass.
+    """
+    names = DEFAULT_VARIANTS if variants is None else _checked_variants(variants)
+    certified = [name for name in names if name.startswith("certified")]
+    reason = _certified_refusal(model) if certified else None
+    if reason is None:
+        return names, {}
+    if variants is not None:
+        raise UnsupportedModelError(f"variant {certified[0]!r} cannot apply to this model: {reason}")
+    return tuple(name for name in names if name not in certified), dict.fromkeys(certified, reason)
+
+
+def _checked_variants(variants: Sequence[str]) -> tuple[str, ...]:
+    names = (variants,) if isinstance(variants, str) else tuple(variants)
+    known = ", ".join(sorted(VARIANTS))
+    if not names:
+        raise ValueError(f"variants is empty; pass None for the defaults or some of {known}")
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(map(repr, unknown))}; choose from {known}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"variants lists a name twice: {list(names)}")
+    return names
+
+
+def _certified_refusal(model) -> str | None:
+    """Why the certified bound cannot model this architecture, or None when it can."""
+    from .lipschitz import supports_certified
+
+    try:
+        supports_certified(model)
+    except UnsupportedModelError as err:
+        return str(err)
+    return None
+
+
+def _bounds(traced, model, names, target, seconds, skipped, *, explicit: bool) -> dict[str, PathBound]:
+    bounds = {}
+    for name in names:
+        try:
+            bounds[name] = _timed(seconds, f"bound_{name}", path_bound, traced, name, model=model, target=target)
+        except UnsupportedModelError as err:
+            if explicit:
+                raise
+            skipped[name] = str(err)
+    return bounds
+
+
 def analyze(
     model,
     prompt,
     *,
-    variants: Sequence[str] = DEFAULT_VARIANTS,
+    variants: Sequence[str] | None = None,
     jacobian_mode: str | None = "exact",
     n_probes: int = 64,
     chat: bool | None = None,
     target: int = -1,
 ) -> Analysis:
     """Trace ``prompt``, bound its last token's sensitivity with each variant, and check the bounds
-    against the Jacobian (``jacobian_mode`` = ``"exact"``, ``"sketch"`` or ``None`` to skip)."""
+    against the Jacobian (``jacobian_mode`` = ``"exact"``, ``"sketch"`` or ``None`` to skip).
+
+    ``variants=None`` runs :data:`DEFAULT_VARIANTS` that the model supports and records the others in
+    :attr:`Analysis.skipped` with the reason; naming a variant that cannot apply is an error.
+    """
     seconds: dict[str, float] = {}
-    needs_weights = any(v.startswith("certified") for v in variants)
+    names, skipped = _plan_variants(model, variants)
+    needs_weights = any(v.startswith("certified") for v in names)
     traced = _timed(seconds, "trace", trace, model, prompt, chat=chat, lipschitz=needs_weights, keep_resid=True)
-    bounds = {
-        name: _timed(seconds, f"bound_{name}", path_bound, traced, name, model=model, target=target)
-        for name in variants
-    }
+    bounds = _bounds(traced, model, names, target, seconds, skipped, explicit=variants is not None)
     # the trace's head-mean patterns: no float64 copy of the whole [layer, head, n, n] stack
     stack = rollout_matrices(traced.mean_patterns.double())
     spectral = _timed(seconds, "spectral", analyze_stack, stack)
@@ -138,4 +198,4 @@ def analyze(
             {name: bound.bound[:n] for name, bound in bounds.items()}, truth,
             str_tokens=traced.str_tokens[:n], truth_name="spectral" if jacobian_mode == "exact" else "frobenius",
         )
-    return Analysis(traced, bounds, spectral, jac, table, comparisons, sinks, seconds)
+    return Analysis(traced, bounds, spectral, jac, table, comparisons, sinks, seconds, skipped)

@@ -103,3 +103,52 @@ def test_sinks_command_with_ablation(tmp_path, capsys):
     assert "sink rate" in printed and "clamping" in printed
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["sinks"]["sink_rate"]) == 2 and results["ablation"]["layer"] == 0
+
+
+def _refuse_certified(monkeypatch, reason="toy blocks are not modelled by the certified bound"):
+    import lens_squash.lipschitz as lipschitz
+    from lens_squash.support import UnsupportedModelError
+
+    def refuse(model):
+        raise UnsupportedModelError(reason)
+
+    monkeypatch.setattr(lipschitz, "supports_certified", refuse)
+    return reason
+
+
+def test_default_variants_skip_what_the_model_cannot_support(chat_model, monkeypatch):
+    from lens_squash.analysis import DEFAULT_VARIANTS
+
+    reason = _refuse_certified(monkeypatch)
+    result = analyze(chat_model, "hello there", jacobian_mode="sketch", n_probes=4)
+    assert result.skipped == {"certified": reason}
+    assert set(result.bounds) == set(DEFAULT_VARIANTS) - {"certified"}
+    summary = result.summary()
+    skipped_rows = summary[summary["variant"] == "certified"]
+    assert skipped_rows["skipped"].tolist() == [reason]
+    assert json.loads(json.dumps(result.to_dict()["skipped"])) == {"certified": reason}
+    # the variants that ran are the ones analyze would give when asked for them by name
+    named = analyze(chat_model, "hello there", variants=tuple(result.bounds), jacobian_mode=None)
+    for name, bound in result.bounds.items():
+        torch.testing.assert_close(bound.bound, named.bounds[name].bound)
+
+
+def test_a_variant_named_explicitly_that_cannot_apply_is_an_error(chat_model, monkeypatch):
+    from lens_squash.support import UnsupportedModelError
+
+    reason = _refuse_certified(monkeypatch)
+    with pytest.raises(UnsupportedModelError, match=reason):
+        analyze(chat_model, "hello there", variants=("rollout", "certified"), jacobian_mode=None)
+
+
+@pytest.mark.parametrize("variants, message", [
+    ((), "variants is empty"),
+    (("paper", "nonsense"), "unknown variant"),
+    (("paper", "paper"), "twice"),
+])
+def test_bad_variant_lists_are_refused_before_tracing(chat_model, variants, message, monkeypatch):
+    import lens_squash.analysis as analysis
+
+    monkeypatch.setattr(analysis, "trace", lambda *a, **k: pytest.fail("traced before checking the variants"))
+    with pytest.raises(ValueError, match=message):
+        analyze(chat_model, "hello there", variants=variants, jacobian_mode=None)
