@@ -1,70 +1,99 @@
-"""Local Lipschitz constants of a pre-norm block with its attention and norm scales frozen.
+"""Local Lipschitz constants of a block with its attention patterns and norm scales frozen.
 
-DESIGN §3 (certified variant): with patterns and norm scales frozen at their traced values,
+DESIGN §3 (certified variant). Freeze the patterns ``A`` and every norm scale at their traced values;
+a frozen norm is then the linear map ``x ↦ (x P) diag(γ) / s`` (``P`` centres for LayerNorm, ``P = I``
+for RMSNorm). Write ``M_in = P diag(γ_in)`` for a norm a sublayer reads through and
+``M_out = Π P diag(γ_out)`` for the norms applied to what it writes (:mod:`lens_squash.blocks`).
 
-    ‖∂x^(l+1)_j / ∂x^(l)_k‖ ≤ m^(l)_j · T^(l)_{jk},
-    T^(l)_{jk} = δ_{jk} + Σ_h A^(l,h)_{jk} · ‖P diag(γ1) W_V^h W_O^h‖₂ / s1^(l)_k,
-    m^(l)_j   = 1 + ‖J_{MLP∘N2}(x^(l+½)_j)‖,
+**Attention edge.** ``a_j = Σ_h Σ_k A^h_{jk} (x_k M_in / s_in,k) W_V^h W_O^h M_out / s_out,j`` (biases drop
+out of the derivative), so ``‖∂a_j/∂x_k‖₂ ≤ (1/s_out,j) Σ_h A^h_{jk} ‖M_in W_V^h W_O^h M_out‖₂ / s_in,k``:
+a per-head key factor (:func:`lens_squash.attention.ov_norms` over ``s_in,k``) and a query factor.
+Learned sinks only make ``A``'s rows sub-stochastic; the inequality uses ``A`` as it is.
 
-where ``P`` is LayerNorm's centring (identity for RMSNorm). This module computes the two weight- and
-activation-dependent factors: the OV norms (weights only) and the MLP∘N2 Jacobian norm per position.
+**MLP at position j.** In row-vector form the MLP's Jacobian is ``Σ_a W'_a diag(c_a,j) W'_out`` with
+``W'_a = M_in W_a`` (a = gate and in for gated MLPs) and ``W'_out = W_out M_out``, all over
+``s_in,j · s_out,j``. Its Frobenius norm, which bounds the spectral norm, follows from a Gram identity
+without forming any ``d_model × d_model`` matrix:
 
-The MLP Jacobian at position j, in row-vector form, is ``Σ_a W'_a diag(c_a,j) W_out`` with
-``W'_a = P diag(γ2) W_a / s2_j`` (a = gate and in for gated MLPs). Its Frobenius norm, which bounds the
-spectral norm, follows from a Gram identity without forming any ``d_model × d_model`` matrix:
-
-    ‖Σ_a W'_a diag(c_a) W_out‖_F² = Σ_{a,b} c_aᵀ [(W'_aᵀ W'_b) ∘ (W_out W_outᵀ)] c_b,
+    ‖Σ_a W'_a diag(c_a) W'_out‖_F² = Σ_{a,b} c_aᵀ [(W'_aᵀ W'_b) ∘ (W'_out W'_outᵀ)] c_b,
 
 which costs O(d_mlp²) per position once the ``d_mlp × d_mlp`` Gram matrices are built per layer.
+``c_a`` are the elementwise derivatives of the activation: the certified bound refuses activations
+that are not elementwise (SoLU).
+
+**Block.** Sequential: ``‖∂x^(l+1)_j/∂x^(l)_k‖ ≤ (1 + g_j)(δ_jk + E_jk)``, since the MLP acts on
+``x^(l+½)_j`` only and ``‖I + J‖ ≤ 1 + ‖J‖_F``. Parallel: ``x^(l+1) = x + attn(x) + mlp(x)``, so
+``‖∂x^(l+1)_j/∂x^(l)_k‖ ≤ δ_jk (1 + g_j) + E_jk``: the MLP joins the residual weight.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from .attention import ov_norms
+from .blocks import BlockShape, apply_input_norm, apply_output_norms, block_shape, weight_signature
 
-__all__ = ["mlp_gain_gram", "mlp_jacobian_frobenius", "ov_norms", "supports_certified"]
-
-
-def supports_certified(model) -> None:
-    """Refuse architectures the certified bound does not model, saying which and why."""
-    cfg = model.cfg
-    if getattr(cfg, "parallel_attn_mlp", False):
-        raise ValueError("parallel attention+MLP blocks (GPT-J style) are not supported by the certified bound")
-    if cfg.normalization_type not in (None, "LN", "LNPre", "RMS", "RMSPre"):
-        raise ValueError(f"normalization {cfg.normalization_type!r} is not supported by the certified bound")
-    if cfg.act_fn is not None and cfg.act_fn.startswith("solu"):
-        raise ValueError("SoLU MLPs normalise inside the activation; the certified bound does not model them")
-    if getattr(cfg, "num_experts", None):
-        raise ValueError("mixture-of-experts MLPs are not supported by the certified bound")
+__all__ = [
+    "block_shape",
+    "cached_gram",
+    "mlp_gain_gram",
+    "mlp_jacobian_frobenius",
+    "ov_norms",
+    "supports_certified",
+]
 
 
-def _input_matrices(block, centred: bool) -> list[Tensor]:
-    """``P diag(γ2) W_a`` for each input matrix of the MLP (gate first when gated)."""
-    mlp = block.mlp
-    names = ["W_gate", "W_in"] if hasattr(mlp, "W_gate") else ["W_in"]
-    gain = getattr(block.ln2, "w", None)
-    mats = []
-    for name in names:
-        w = getattr(mlp, name).detach().double()  # [d_model, d_mlp]
-        if gain is not None:
-            w = w * gain.detach().double()[:, None]
-        if centred:
-            w = w - w.mean(dim=0, keepdim=True)
-        mats.append(w)
-    return mats
+def supports_certified(model) -> BlockShape:
+    """The model's block shape; refuses (``UnsupportedModelError``) what the certified bound does not model."""
+    return block_shape(model)
 
 
-def mlp_gain_gram(block, *, centred: bool) -> Float[Tensor, "two_d_mlp two_d_mlp"]:
-    """The block's Gram matrix ``[(W'_aᵀ W'_b) ∘ (W_out W_outᵀ)]_{a,b}`` stacked over a, b (float64)."""
-    w_in = torch.cat(_input_matrices(block, centred), dim=1)  # [d_model, k·d_mlp]
-    w_out = block.mlp.W_out.detach().double()  # [d_mlp, d_model]
+def _mlp_names(mlp) -> list[str]:
+    return ["W_gate", "W_in"] if hasattr(mlp, "W_gate") else ["W_in"]
+
+
+def _gram_inputs(block, shape: BlockShape) -> list[Tensor | None]:
+    """Every tensor the Gram reads, for the cache signature."""
+    tensors = [getattr(block.mlp, name) for name in (*_mlp_names(block.mlp), "W_out")]
+    for site in (shape.mlp_in, *shape.mlp_out):
+        if site is not None:
+            tensors.append(getattr(getattr(block, site), "w", None))
+    return tensors
+
+
+def mlp_gain_gram(block, shape: BlockShape) -> Float[Tensor, "k_d_mlp k_d_mlp"]:
+    """The block's Gram matrix ``[(W'_aᵀ W'_b) ∘ (W'_out W'_outᵀ)]_{a,b}`` stacked over a, b (float64)."""
+    mats = [getattr(block.mlp, name).detach().double() for name in _mlp_names(block.mlp)]  # [d_model, d_mlp]
+    if shape.mlp_in is not None:
+        mats = [apply_input_norm(w, getattr(block, shape.mlp_in), dim=0) for w in mats]
+    w_in = torch.cat(mats, dim=1)  # [d_model, k·d_mlp]
+    w_out = apply_output_norms(block.mlp.W_out, block, shape.mlp_out)  # [d_mlp, d_model]
     copies = w_in.shape[1] // w_out.shape[0]
-    out_gram = w_out @ w_out.T
-    return (w_in.T @ w_in) * out_gram.repeat(copies, copies)
+    return (w_in.T @ w_in) * (w_out @ w_out.T).repeat(copies, copies)
+
+
+_GRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def cached_gram(block, shape: BlockShape) -> Tensor:
+    """:func:`mlp_gain_gram`, reused while every weight it reads is unchanged.
+
+    Building it costs O(d_model · d_mlp²) per layer (seconds on SmolLM2), so a second trace of the
+    same model skips it. The key is each weight's identity, version and a checksum
+    (:func:`lens_squash.blocks.weight_signature`): ablations and steering edit weights in place, and a
+    cache keyed on the block alone served stale gains after ``W_out *= 2``.
+    """
+    key = (shape, weight_signature(*_gram_inputs(block, shape)))
+    hit = _GRAMS.get(block)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    gram = mlp_gain_gram(block, shape)
+    _GRAMS[block] = (key, gram)
+    return gram
 
 
 def _activation_coefficients(block, pre: Tensor, pre_linear: Tensor | None) -> Tensor:
@@ -85,10 +114,11 @@ def mlp_jacobian_frobenius(
     gram: Tensor,
     pre: Float[Tensor, "pos d_mlp"],
     pre_linear: Float[Tensor, "pos d_mlp"] | None,
-    scale2: Float[Tensor, "pos"] | None,
+    scale: Float[Tensor, "pos"] | None = None,
 ) -> Float[Tensor, "pos"]:
-    """``‖J_{MLP∘N2}‖_F`` at every position, with N2's scale frozen at ``scale2`` (float64)."""
+    """``‖J_MLP‖_F`` at every position from the block's Gram, divided by the product of the frozen
+    norm scales around the MLP at that position (``scale``; None: no norm) (float64)."""
     coeff = _activation_coefficients(block, pre, pre_linear)  # [pos, k·d_mlp]
     squared = torch.einsum("pa,ab,pb->p", coeff, gram, coeff).clamp_min(0.0)
     norms = squared.sqrt()
-    return norms if scale2 is None else norms / scale2.double()
+    return norms if scale is None else norms / scale.double()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import html
 import math
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,11 +21,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .attention import attention_defects
+from .attention import attention_defects, pattern_tolerance
 from .display import compact_repr
-from .lipschitz import mlp_gain_gram, mlp_jacobian_frobenius, supports_certified
+from .lipschitz import cached_gram, mlp_jacobian_frobenius, supports_certified
 from .models import check_length, format_prompt
 from .records import provenance
+from .support import UnsupportedModelError
 
 __all__ = ["Trace", "as_tokens", "final_representation", "required_hooks", "trace"]
 
@@ -36,7 +36,11 @@ class Trace:
     """What one forward pass of ``model`` on ``tokens`` showed. Tensors are on the CPU.
 
     Analysis tensors are float32 (float64 when the model is float64), whatever the model's dtype.
-    Norm scales are ``None`` for models without that norm.
+    Norm scales are ``None`` for models without that norm; ``ln1_scale``/``ln2_scale`` are
+    ``blocks.{l}.ln1/ln2.hook_scale`` wherever those norms sit (before the sublayers in pre-norm
+    models, on their outputs in OLMo-2: :mod:`lens_squash.blocks` says which). ``mlp_gain`` is
+    ``‖J_MLP‖_F`` with every frozen norm around the MLP included. ``metadata["attention_check"]``
+    records the tolerance the patterns were checked with and whether rows may sum to less than 1.
     """
 
     tokens: Int[Tensor, "pos"]
@@ -56,6 +60,9 @@ class Trace:
     mlp_gain: Float[Tensor, "layer pos"] | None = None
     #: the head-mean pattern of every layer, kept so head-averaged bound rows read L·n² numbers, not L·H·n²
     mean_patterns: Float[Tensor, "layer query_pos key_pos"] | None = None
+    #: scales of the norms Gemma-2/3 apply to what attention and the MLP write (``ln1_post``, ``ln2_post``)
+    ln1_post_scale: Float[Tensor, "layer pos"] | None = None
+    ln2_post_scale: Float[Tensor, "layer pos"] | None = None
 
     @property
     def n_layers(self) -> int:
@@ -129,11 +136,29 @@ def _analysis_dtype(model) -> torch.dtype:
     return torch.float64 if model.cfg.dtype == torch.float64 else torch.float32
 
 
-def _head_index(model) -> Tensor:
-    """For each query head, the key/value head it reads (grouped-query attention)."""
-    n_heads = model.cfg.n_heads
-    n_kv = getattr(model.cfg, "n_key_value_heads", None) or n_heads
-    return torch.arange(n_heads) // (n_heads // n_kv)
+def _head_index(n_heads: int, value_heads: int) -> Tensor:
+    """For each query head, the head of ``hook_v`` it reads. Decided from hook_v's actual head axis,
+    not from the config: with ``ungroup_grouped_query_attention`` hook_v already has ``n_heads`` heads
+    although ``n_key_value_heads`` is set, and regrouping them would read the wrong values."""
+    if value_heads == n_heads:
+        return torch.arange(n_heads)
+    if value_heads < 1 or n_heads % value_heads:
+        raise ValueError(f"hook_v has {value_heads} heads, which does not divide the {n_heads} query heads")
+    return torch.arange(n_heads) // (n_heads // value_heads)  # repeat_interleave, as TransformerLens expands
+
+
+def _per_position(scale: Tensor) -> Tensor:
+    """A norm's ``hook_scale`` as ``[pos]``. With split Q/K/V inputs (or ``use_attn_in``) the norm sees a
+    copy of the residual per head, so the scale has a head axis whose entries are equal."""
+    scale = scale[..., 0]
+    if scale.ndim == 1:
+        return scale
+    if scale.ndim == 2 and (scale == scale[:, :1]).all():
+        return scale[:, 0]
+    raise UnsupportedModelError(
+        f"a norm scale of shape {tuple(scale.shape)} differs between heads: the per-head norm inputs were "
+        "edited (hook_q_input / hook_k_input / hook_v_input); trace the model without those hooks"
+    )
 
 
 def trace(
@@ -163,7 +188,6 @@ def trace(
         )
     store: dict[str, Tensor] = {}
     dtype = _analysis_dtype(model)
-    head_of = _head_index(model)
 
     def keep(name: str, fn=lambda t: t):
         def hook(value, hook):
@@ -178,23 +202,30 @@ def trace(
         return hook
 
     def value_norm_hook(layer: int):
-        def hook(value, hook):  # value: [batch, pos, kv_head, d_head]
-            v = value[0].detach().to(dtype)[:, head_of.to(value.device)]  # [pos, head, d_head]
-            w_o = model.blocks[layer].attn.W_O.detach().to(v.device, dtype)  # [head, d_head, d_model]
-            store[f"value_norm.{layer}"] = torch.einsum("phd,hdm->phm", v, w_o).norm(dim=-1).T.cpu()
+        def hook(value, hook):  # value: [batch, pos, kv_head or head, d_head]
+            w_o = model.blocks[layer].attn.W_O.detach()  # [head, d_head, d_model]
+            head_of = _head_index(w_o.shape[0], value.shape[2]).to(value.device)
+            v = value[0].detach().to(dtype)[:, head_of]  # [pos, head, d_head]
+            store[f"value_norm.{layer}"] = torch.einsum("phd,hdm->phm", v, w_o.to(v.device, dtype)).norm(dim=-1).T.cpu()
         return hook
 
     hooks = []
     for layer in range(n_layers):
         hooks.append((f"blocks.{layer}.attn.hook_pattern", keep_pattern(layer)))
         hooks.append((f"blocks.{layer}.hook_resid_pre", keep(f"resid.{layer}")))
-        for norm in ("ln1", "ln2"):
+        for norm in _NORM_SITES:
             if f"blocks.{layer}.{norm}.hook_scale" in model.hook_dict:
-                hooks.append((f"blocks.{layer}.{norm}.hook_scale", keep(f"{norm}.{layer}", lambda t: t[..., 0])))
+                hooks.append((f"blocks.{layer}.{norm}.hook_scale", keep(f"{norm}.{layer}", _per_position)))
         if f"blocks.{layer}.attn.hook_v" in model.hook_dict and hasattr(model.blocks[layer].attn, "W_O"):
             hooks.append((f"blocks.{layer}.attn.hook_v", value_norm_hook(layer)))
+    unsupported, shape = None, None
     if lipschitz:
-        hooks += _mlp_gain_hooks(model, store)
+        try:
+            shape = supports_certified(model)
+        except UnsupportedModelError as error:  # the certified variant will refuse with this reason
+            unsupported = str(error)
+        else:
+            hooks += _mlp_gain_hooks(model, shape, store)
     hooks.append((f"blocks.{n_layers - 1}.hook_resid_post", keep(f"resid.{n_layers}")))
     if "ln_final.hook_scale" in model.hook_dict:
         hooks.append(("ln_final.hook_scale", keep("final_scale", lambda t: t[..., 0])))
@@ -203,27 +234,24 @@ def trace(
 
     with torch.no_grad():
         logits = model.run_with_hooks(tokens[None].to(model.cfg.device), fwd_hooks=hooks)
-    return _assemble(model, tokens, store, logits[0, -1].detach().to("cpu", dtype), keep_resid, chat)
+    gains = None if shape is None else _mlp_gains(store, n_layers, shape)
+    result = _assemble(model, tokens, store, logits[0, -1].detach().to("cpu", dtype), keep_resid, chat, gains)
+    if unsupported is not None:
+        result.metadata["lipschitz_unsupported"] = unsupported
+    return result
 
 
-_GRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: norms whose scales a trace keeps (Gemma-2/3 add the two post norms)
+_NORM_SITES = ("ln1", "ln2", "ln1_post", "ln2_post")
 
 
-def _gram(block, centred: bool) -> Tensor:
-    # Weight-only, so cached per block: a second trace of the same model skips the d_mlp² builds.
-    if block not in _GRAMS:
-        _GRAMS[block] = mlp_gain_gram(block, centred=centred)
-    return _GRAMS[block]
-
-
-def _mlp_gain_hooks(model, store: dict[str, Tensor]) -> list:
-    """Hooks that compute ‖J_{MLP∘N2}‖_F per position as the pass goes, keeping only [pos]."""
-    supports_certified(model)
-    centred = model.cfg.normalization_type in ("LN", "LNPre")
+def _mlp_gain_hooks(model, shape, store: dict[str, Tensor]) -> list:
+    """Hooks that compute ‖J_MLP‖_F per position as the pass goes, keeping only [pos]. The frozen
+    norms' scales are divided out in :func:`_assemble`: post norms fire after the MLP."""
     hooks = []
+    if shape.attn_only:
+        return hooks
     for layer, block in enumerate(model.blocks):
-        if model.cfg.attn_only:
-            break
 
         def save(name):
             def hook(value, hook):
@@ -233,10 +261,8 @@ def _mlp_gain_hooks(model, store: dict[str, Tensor]) -> list:
         def gain(value, hook, layer=layer, block=block):
             pre = store.pop(f"mlp_pre.{layer}")
             pre_linear = store.pop(f"mlp_pre_linear.{layer}", None)
-            scale = store.get(f"ln2.{layer}")
-            scale = None if scale is None else scale.to(pre.device)
-            norms = mlp_jacobian_frobenius(block, _gram(block, centred), pre, pre_linear, scale)
-            store[f"mlp_gain.{layer}"] = norms.cpu()
+            norms = mlp_jacobian_frobenius(block, cached_gram(block, shape), pre, pre_linear)
+            store[f"mlp_gain_unscaled.{layer}"] = norms.cpu()
 
         hooks.append((f"blocks.{layer}.mlp.hook_pre", save(f"mlp_pre.{layer}")))
         if f"blocks.{layer}.mlp.hook_pre_linear" in model.hook_dict:
@@ -245,12 +271,41 @@ def _mlp_gain_hooks(model, store: dict[str, Tensor]) -> list:
     return hooks
 
 
+def _mlp_gains(store: dict[str, Tensor], n_layers: int, shape) -> Tensor | None:
+    """``‖J_MLP‖_F / Π s`` per layer and position: the Gram norms over every frozen scale around the MLP."""
+    gains = _stack(store, "mlp_gain_unscaled", n_layers)
+    if gains is None:
+        return None
+    for site in (s for s in (shape.mlp_in, *shape.mlp_out) if s is not None):
+        scale = _stack(store, site, n_layers)
+        if scale is None:
+            raise ValueError(
+                f"blocks.{{l}}.{site}.hook_scale did not fire, so the MLP gains cannot include that norm; "
+                "use a HookedTransformer or a TransformerBridge in compatibility mode"
+            )
+        gains = gains / scale.double()
+    return gains
+
+
+def _attention_check(model, n_tokens: int, defects: dict[str, float]) -> dict[str, Any]:
+    """What the patterns will be checked against, recorded so a reader sees what was tolerated: the
+    dtype they were computed in, its row-sum tolerance, and whether rows may fall short of 1 (learned
+    sinks, ``use_attention_sinks``, take a share of every row by design)."""
+    tolerance = pattern_tolerance(model.cfg.dtype, n_tokens)
+    return {
+        "dtype": str(model.cfg.dtype).removeprefix("torch."),
+        "tolerance": tolerance,
+        "substochastic": bool(getattr(model.cfg, "use_attention_sinks", False)),
+        "tolerated_row_deviation": defects["row_deviation"] if defects["row_deviation"] <= tolerance else None,
+    }
+
+
 def _stack(store: dict[str, Tensor], prefix: str, n: int) -> Tensor | None:
     keys = [f"{prefix}.{i}" for i in range(n)]
     return torch.stack([store[k] for k in keys]) if all(k in store for k in keys) else None
 
 
-def _assemble(model, tokens, store, last_logits, keep_resid: bool, chat) -> Trace:
+def _assemble(model, tokens, store, last_logits, keep_resid: bool, chat, mlp_gain) -> Trace:
     n_layers = model.cfg.n_layers
     resid = torch.stack([store[f"resid.{i}"] for i in range(n_layers + 1)])  # [layer+1, pos, d_model]
     patterns = _stack(store, "pattern", n_layers)
@@ -284,8 +339,13 @@ def _assemble(model, tokens, store, last_logits, keep_resid: bool, chat) -> Trac
         y_last=y_last,
         last_logits=last_logits,
         predicted_token=predicted_str,
-        metadata=provenance(model, chat=chat, n_tokens=int(tokens.shape[0]), attention_defects=defects),
+        metadata=provenance(
+            model, chat=chat, n_tokens=int(tokens.shape[0]), attention_defects=defects,
+            attention_check=_attention_check(model, int(tokens.shape[0]), defects),
+        ),
         resid=resid if keep_resid else None,
-        mlp_gain=_stack(store, "mlp_gain", n_layers),
+        mlp_gain=mlp_gain,
         mean_patterns=_stack(store, "mean_pattern", n_layers),
+        ln1_post_scale=_stack(store, "ln1_post", n_layers),
+        ln2_post_scale=_stack(store, "ln2_post", n_layers),
     )

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from . import paths
 from .attention import check_attention, head_weights, ov_norms
+from .blocks import block_shape, norm_gain
 from .display import compact_repr
 
 __all__ = ["VARIANTS", "PathBound", "PathGraph", "build_graph", "final_norm_gain", "path_bound"]
@@ -108,13 +109,18 @@ class PathGraph:
 
 
 def final_norm_gain(model) -> float:
-    """``‖P diag(γ_f)‖₂``: the final norm's gain once its scale is frozen (1 without a final norm)."""
+    """``‖P diag(γ_f)‖₂``: the final norm's gain once its scale is frozen (1 without a final norm).
+
+    Whether it centres is read from the module, not the config: ``final_rms`` gives LayerNorm blocks
+    an RMSNorm at the end, and centring there would understate the gain (``‖P D‖₂ ≤ ‖D‖₂``).
+    """
     ln = getattr(model, "ln_final", None)
-    gain = getattr(ln, "w", None)
+    if ln is None or isinstance(ln, torch.nn.Identity):
+        return 1.0
+    gain, centred = norm_gain(ln)
     if gain is None:
         return 1.0
-    gain = gain.detach().double()
-    if model.cfg.normalization_type in ("LN", "LNPre"):
+    if centred:
         d = gain.shape[0]
         centring = torch.eye(d, dtype=torch.float64) - 1.0 / d
         return float(torch.linalg.matrix_norm(centring * gain[None, :], ord=2))
@@ -153,20 +159,59 @@ def _rollout(trace, model=None, *, head_scores=None) -> PathGraph:
     )
 
 
+def _scale(trace, site: str) -> Tensor:
+    """The traced ``blocks.{l}.{site}.hook_scale`` per layer and position (float64)."""
+    field = {"ln1": "ln1_scale", "ln2": "ln2_scale", "ln1_post": "ln1_post_scale", "ln2_post": "ln2_post_scale"}[site]
+    value = getattr(trace, field)
+    if value is None:
+        raise ValueError(
+            f"the certified variant needs blocks.{{l}}.{site}.hook_scale, which this trace lacks; trace a "
+            "HookedTransformer, or a TransformerBridge in compatibility mode"
+        )
+    return value.double()
+
+
 def _certified(trace, model=None) -> PathGraph:
+    """The certified graph for the model's block shape (:mod:`lens_squash.blocks`).
+
+    Proof sketch (the inequalities are in :mod:`lens_squash.lipschitz`): with patterns and norm scales
+    frozen, layer ``l`` maps ``x`` to ``x'`` with ``‖∂x'_j/∂x_k‖₂ ≤ left_j (r_j δ_jk + q_j Σ_h A^h_jk c_hk)``:
+
+    * ``c_hk = ‖M_in W_OV^h M_out‖₂ / s_in,k`` — the pre-attention norm's scale at the key (absent when
+      attention reads the raw stream, OLMo-2);
+    * ``q_j = Π 1 / s_out,j`` — the norms on what attention writes (Gemma-2's ``ln1_post``, OLMo-2's
+      ``ln1``) scale at the query;
+    * sequential blocks: ``r = 1``, ``left = 1 + g`` with ``g_j = ‖J_MLP‖_F`` (all its frozen norms
+      included) — the MLP acts on ``x'_j`` alone and ``‖I + J‖₂ ≤ 1 + ‖J‖_F``;
+    * parallel blocks (GPT-J, NeoX, Pythia, Phi): ``r = 1 + g``, no left scale — the MLP reads
+      ``x_j`` beside attention, so its Jacobian adds to the diagonal term only.
+
+    The chain rule makes ``∂y_n/∂v_i`` a sum over causal paths of products of these blocks; the
+    triangle inequality and sub-multiplicativity bound it by the path sum of the products of the
+    bounds, i.e. the row of ``M^(L-1) ⋯ M^(0)``, times the final norm's ``‖P diag(γ_f)‖₂ / s_f,n``.
+    The patterns are used as they are, so sub-stochastic rows (learned sinks) need nothing more.
+    """
     if model is None:
         raise ValueError("the certified variant needs the model's weights: path_bound(trace, 'certified', model=model)")
-    if trace.mlp_gain is None and not model.cfg.attn_only:
+    shape = block_shape(model)  # refuses (UnsupportedModelError) what the bound does not model
+    if trace.mlp_gain is None and not shape.attn_only:
         raise ValueError("the certified variant needs MLP gains: trace(model, prompt, lipschitz=True)")
     n_layers, _, n = trace.patterns.shape[:3]
     ones = torch.ones(n_layers, n, dtype=torch.float64)
-    scale1 = trace.ln1_scale.double() if trace.ln1_scale is not None else ones
-    key_scale = ov_norms(model)[:, :, None] / scale1[:, None, :]  # ‖P diag(γ1) W_OV‖₂ / s1_k
-    left = None if trace.mlp_gain is None else 1.0 + trace.mlp_gain.double()
+    key_scale = ov_norms(model)[:, :, None].expand(n_layers, -1, n)
+    if shape.attn_in is not None:
+        key_scale = key_scale / _scale(trace, shape.attn_in)[:, None, :]
+    query = None
+    for site in shape.attn_out:
+        query = (ones if query is None else query) / _scale(trace, site)
+    gain = None if shape.attn_only else 1.0 + trace.mlp_gain.double()
+    residual, left = (gain, None) if shape.parallel else (ones, gain)
     final = trace.final_scale.double() if trace.final_scale is not None else torch.ones(n, dtype=torch.float64)
     return PathGraph(
-        "certified", ones, trace.patterns, key_scale, left, final_norm_gain(model) / final,
+        "certified", ones if residual is None else residual, trace.patterns, key_scale, left,
+        final_norm_gain(model) / final,
         "an upper bound on ‖∂y_n/∂v_i‖₂ of the model with attention patterns and norm scales frozen",
+        query_scale=query,
     )
 
 
@@ -194,8 +239,13 @@ def build_graph(trace, variant: str = "paper", *, model=None, **params) -> PathG
     """The layered graph of ``variant`` for a traced prompt (see :data:`VARIANTS`)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
-    # a trace records its patterns' defects once (see trace.py); anything else is scanned here
-    check_attention(trace.patterns, defects=trace.metadata.get("attention_defects"))
+    # a trace records its patterns' defects and the tolerance of its dtype once (see trace.py)
+    check = trace.metadata.get("attention_check", {})
+    check_attention(
+        trace.patterns, defects=trace.metadata.get("attention_defects"), atol=check.get("tolerance"),
+        dtype=getattr(torch, check["dtype"]) if "dtype" in check else None,
+        substochastic=check.get("substochastic", False),
+    )
     return VARIANTS[variant](trace, model, **params)
 
 

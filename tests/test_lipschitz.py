@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lens_squash.lipschitz import ov_norms
+from lens_squash.lipschitz import ov_norms, supports_certified
 from lens_squash.models import tiny_model
+from lens_squash.support import UnsupportedModelError
 from lens_squash.trace import trace
+from lens_squash.variants import path_bound
 
 TOKENS = torch.tensor([5, 3, 9, 1, 7, 2])
 CASES = [
@@ -62,8 +64,55 @@ def test_ov_norms_equal_full_svd(knobs):
             torch.testing.assert_close(got[layer, head], torch.linalg.matrix_norm(full, ord=2), atol=1e-10, rtol=1e-10)
 
 
-def test_unsupported_architectures_are_refused():
-    model = tiny_model()
-    model.cfg.parallel_attn_mlp = True
-    with pytest.raises(ValueError, match="parallel"):
-        trace(model, TOKENS, lipschitz=True)
+@pytest.mark.parametrize(
+    ("knobs", "reason"),
+    [(dict(act_fn="solu_ln"), "SoLU"), (dict(causal=False), "bidirectional")],
+)
+def test_unsupported_architectures_are_refused_with_the_reason(knobs, reason):
+    model = tiny_model(dtype=torch.float64, **knobs)
+    with pytest.raises(UnsupportedModelError, match=reason) as caught:
+        supports_certified(model)
+    assert "jacobian(model, prompt, mode='frozen')" in str(caught.value)  # says what to use instead
+    t = trace(model, TOKENS, lipschitz=True)  # the trace itself still runs, and records why
+    assert t.mlp_gain is None and reason in t.metadata["lipschitz_unsupported"]
+    with pytest.raises(UnsupportedModelError, match=reason):
+        path_bound(t, "certified", model=model)
+
+
+def _gains_and_bound(model):
+    t = trace(model, TOKENS, lipschitz=True)
+    return t.mlp_gain, path_bound(t, "certified", model=model).bound
+
+
+@pytest.mark.parametrize("edit", ["in_place", "through_data"])
+def test_an_in_place_weight_edit_invalidates_the_gains(edit):
+    model = _with_random_gains(tiny_model(dtype=torch.float64, seed=6, norm="RMS", gated_mlp=True, act_fn="silu"))
+    gain, bound = _gains_and_bound(model)
+    w_out = model.blocks[1].mlp.W_out
+    with torch.no_grad():
+        if edit == "in_place":
+            w_out *= 2  # bumps the parameter's version counter
+        else:
+            w_out.data.mul_(2)  # does not: only the content checksum sees it
+    new_gain, new_bound = _gains_and_bound(model)
+    # ‖J_MLP‖_F is linear in W_out: layer 1's gains double exactly, layer 0's do not move
+    torch.testing.assert_close(new_gain[1], 2 * gain[1], rtol=1e-12, atol=0)
+    torch.testing.assert_close(new_gain[0], gain[0], rtol=0, atol=0)
+    assert (new_bound > bound).all()
+
+
+def test_ov_norms_expand_values_given_per_key_value_head(monkeypatch):
+    """A TransformerBridge gives W_V per key/value head; the norms must equal the expanded model's."""
+    from transformer_lens.components import GroupedQueryAttention
+
+    model = _with_random_gains(tiny_model(dtype=torch.float64, seed=7, norm="RMS", positional="rotary",
+                                          n_heads=4, n_key_value_heads=2))
+    expected = ov_norms(model)
+    monkeypatch.setattr(GroupedQueryAttention, "W_V", property(lambda self: self._W_V))
+    assert model.blocks[0].attn.W_V.shape[0] == 2
+    torch.testing.assert_close(ov_norms(model), expected, rtol=1e-12, atol=0)
+    # head h reads key/value head h // 2 (repeat_interleave), not h % 2
+    w_v = model.blocks[0].attn._W_V.double() * model.blocks[0].ln1.w.double()[None, :, None]
+    for head in range(4):
+        full = w_v[head // 2] @ model.blocks[0].attn.W_O[head].double()
+        torch.testing.assert_close(expected[0, head], torch.linalg.matrix_norm(full, ord=2), rtol=1e-10, atol=0)

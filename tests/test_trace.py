@@ -114,3 +114,46 @@ def test_keep_resid_and_first_token_residual():
     torch.testing.assert_close(result.resid.norm(dim=-1), result.resid_norms, atol=0, rtol=0)
     torch.testing.assert_close(result.first_token_resid, result.resid[:, 0], atol=0, rtol=0)
     assert "<table>" in result._repr_html_()
+
+
+def _gqa_pair():
+    """The same weights as a grouped and an ungrouped (``ungroup_grouped_query_attention``) model."""
+    grouped = tiny_model(dtype=torch.float64, seed=8, norm="RMS", positional="rotary", n_heads=4, n_key_value_heads=2)
+    cfg = grouped.cfg.to_dict()
+    cfg["ungroup_grouped_query_attention"] = True
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    ungrouped = HookedTransformer(HookedTransformerConfig(**cfg))
+    ungrouped.load_state_dict(grouped.state_dict())
+    return grouped, ungrouped
+
+
+def test_value_norms_are_invariant_to_gqa_grouping():
+    from lens_squash.variants import path_bound
+
+    grouped, ungrouped = _gqa_pair()
+    a, b = trace(grouped, TOKENS, lipschitz=True), trace(ungrouped, TOKENS, lipschitz=True)
+    _, cache = ungrouped.run_with_cache(TOKENS[None])
+    assert cache["blocks.0.attn.hook_v"].shape[2] == 4  # ungrouped: hook_v already has a head per query head
+    torch.testing.assert_close(a.patterns, b.patterns, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(a.value_norms, b.value_norms, rtol=1e-12, atol=1e-14)
+    # against the definition: ‖v_k W_O^h‖ with head h reading its own ungrouped value
+    direct = torch.einsum("phd,hdm->hpm", cache["blocks.1.attn.hook_v"][0], ungrouped.blocks[1].attn.W_O).norm(dim=-1)
+    torch.testing.assert_close(b.value_norms[1], direct, rtol=1e-12, atol=0)
+    for variant in ("value", "value_rownorm", "certified"):
+        torch.testing.assert_close(path_bound(a, variant, model=grouped).bound,
+                                   path_bound(b, variant, model=ungrouped).bound, rtol=1e-10, atol=0)
+
+
+def test_split_qkv_inputs_give_per_position_scales():
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    plain = tiny_model(dtype=torch.float64, seed=9)
+    cfg = plain.cfg.to_dict()
+    cfg["use_split_qkv_input"] = True
+    split = HookedTransformer(HookedTransformerConfig(**cfg))
+    split.load_state_dict(plain.state_dict())
+    a, b = trace(plain, TOKENS, lipschitz=True), trace(split, TOKENS, lipschitz=True)
+    assert b.ln1_scale.shape == (plain.cfg.n_layers, len(TOKENS))
+    torch.testing.assert_close(b.ln1_scale, a.ln1_scale, rtol=1e-12, atol=0)
+    torch.testing.assert_close(b.mlp_gain, a.mlp_gain, rtol=1e-12, atol=0)
