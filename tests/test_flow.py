@@ -1,0 +1,385 @@
+"""Sensitivity flow: layer-wise truth against independent Jacobians, parts against independent
+backward passes, edge norms against brute-force vectors, bound rows against dense products."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from lens_squash import paths
+from lens_squash.flow import (
+    SensitivityFlow,
+    bound_layer_rows,
+    flow,
+    flow_gradients,
+    head_value_parts,
+)
+from lens_squash.jacobian import _probes, jacobian
+from lens_squash.models import tiny_model
+from lens_squash.support import UnsupportedModelError
+from lens_squash.trace import trace
+from lens_squash.variants import build_graph
+
+F64 = torch.float64
+
+
+def _gpt2(**kw):
+    return tiny_model(n_layers=2, n_heads=2, d_model=16, d_vocab=32, dtype=kw.pop("dtype", F64), seed=1, **kw)
+
+
+def _llama(**kw):
+    return tiny_model(n_layers=3, n_heads=4, n_key_value_heads=2, d_model=16, d_vocab=32, norm="RMS",
+                      positional="rotary", gated_mlp=True, act_fn="silu", dtype=kw.pop("dtype", F64), seed=2, **kw)
+
+
+def _config_model(**kw):
+    cfg = dict(n_layers=2, n_heads=2, d_model=16, d_head=8, d_mlp=32, d_vocab=32, n_ctx=32, act_fn="gelu",
+               normalization_type="LN", attention_dir="causal", dtype=F64, device="cpu", seed=3)
+    cfg.update(kw)
+    model = HookedTransformer(HookedTransformerConfig(**cfg))
+    with torch.no_grad():  # TransformerLens initialises norms to identity; random gains test more
+        for name, p in model.named_parameters():
+            if name.endswith("ln1.w") or name.endswith("ln2.w"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    return model
+
+
+MODELS = {
+    "gpt2": _gpt2,
+    "llama_gqa": _llama,
+    "parallel": lambda: _config_model(parallel_attn_mlp=True),
+    "attn_only": lambda: _config_model(attn_only=True, d_mlp=None, act_fn=None),
+    "no_norm": lambda: _gpt2(norm=None),
+    "ln_pre": lambda: _config_model(normalization_type="LNPre"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def model(request):
+    return MODELS[request.param]()
+
+
+def _tokens(n=7, seed=0):
+    return torch.randint(0, 32, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------------------------------
+# layer-wise sensitivity
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["exact", "frozen", "sketch"])
+def test_every_layer_equals_jacobian_wrt_that_layer(model, mode):
+    tokens = _tokens()
+    result = flow(model, tokens, mode=mode, n_probes=5, variants=())
+    for layer in range(model.cfg.n_layers):
+        truth = jacobian(model, tokens, wrt=layer, mode=mode, n_probes=5).frobenius
+        torch.testing.assert_close(result.sensitivity[layer], truth, rtol=1e-10, atol=1e-12)
+
+
+def test_final_stream_is_the_final_norm_jacobian(model):
+    tokens = _tokens()
+    result = flow(model, tokens, mode="exact", variants=())
+    _, cache = model.run_with_cache(tokens[None])
+    x = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][0, -1]
+    norm = model.ln_final if model.cfg.normalization_type is not None else (lambda v: v)
+    expected = torch.zeros(tokens.shape[0], dtype=F64)
+    expected[-1] = torch.linalg.matrix_norm(torch.func.jacrev(norm)(x))
+    torch.testing.assert_close(result.sensitivity[-1], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_target_position_and_non_last_target(model):
+    tokens = _tokens(8)
+    result = flow(model, tokens, target_pos=4, mode="exact", variants=())
+    truth = jacobian(model, tokens, target_pos=4, mode="exact")
+    assert result.n_tokens == 5 and result.target_pos == 4
+    torch.testing.assert_close(result.sensitivity[0], truth.frobenius, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# the decomposition: parts sum to an independent autograd gradient; each part is what it claims
+# --------------------------------------------------------------------------------------------------
+
+
+def _independent_rows(model, tokens, layer, rows):
+    """``uᵀ ∂y/∂x^(l)`` from jacobian's own forward/backward (keep_full), not from the flow's hooks."""
+    full = jacobian(model, tokens, wrt=layer, mode="exact", keep_full=True).full  # [d_out, pos, d_in]
+    return torch.einsum("rd,dpe->rpe", rows, full)
+
+
+def test_parts_sum_to_autograd_float64(model):
+    tokens = _tokens()
+    rows = torch.randn(3, model.cfg.d_model, dtype=F64)
+    grads = flow_gradients(model, tokens, rows)
+    for layer in range(model.cfg.n_layers):
+        truth = _independent_rows(model, tokens, layer, rows)
+        err = (grads.parts_sum()[layer] - truth).norm() / truth.norm()
+        assert err < 1e-10, (layer, float(err))
+    # the parts are not trivially zero: each carries gradient somewhere
+    assert grads.value.abs().max() > 0 and grads.pattern.abs().max() > 0
+    if grads.mlp is not None:
+        assert grads.mlp.abs().max() > 0
+
+
+@pytest.mark.parametrize("make", [_gpt2, _llama], ids=["gpt2", "llama_gqa"])
+def test_parts_sum_to_autograd_float32(make):
+    model = make(dtype=torch.float32)
+    tokens = _tokens(9)
+    rows = torch.randn(4, model.cfg.d_model)
+    grads = flow_gradients(model, tokens, rows)
+    for layer in range(model.cfg.n_layers):
+        truth = _independent_rows(model, tokens, layer, rows)
+        err = (grads.parts_sum()[layer].double() - truth.double()).norm() / truth.double().norm()
+        assert err < 1e-5, (layer, float(err))
+    result = flow(model, tokens, mode="exact", variants=())
+    assert float(result.decomposition_error.max()) < 1e-5
+
+
+def test_mlp_part_is_the_mlp_vjp(model):
+    tokens = _tokens()
+    rows = torch.randn(2, model.cfg.d_model, dtype=F64)
+    grads = flow_gradients(model, tokens, rows)
+    if model.cfg.attn_only:  # no MLP, so no MLP part (and the parts still sum: test above)
+        assert grads.mlp is None
+        return
+    _, cache = model.run_with_cache(tokens[None])
+    for layer, block in enumerate(model.blocks):
+        name = "hook_resid_pre" if model.cfg.parallel_attn_mlp else "hook_resid_mid"
+        x = cache[f"blocks.{layer}.{name}"][0]
+        _, vjp = torch.func.vjp(lambda v, block=block: block.mlp(block.ln2(v[None]))[0], x)
+        expected = torch.stack([vjp(g)[0] for g in grads.total[layer + 1]])
+        torch.testing.assert_close(grads.mlp[layer], expected, rtol=1e-10, atol=1e-12)
+
+
+def _attention(block, query, value):
+    return block.attn(query_input=block.ln1(query), key_input=block.ln1(query), value_input=block.ln1(value))
+
+
+def test_pattern_and_value_parts_are_the_attention_vjps(model):
+    """Pattern part: backward through queries and keys with the values held; value part: through the
+    values with queries and keys held; both from a recomputed attention, no hooks."""
+    tokens = _tokens()
+    rows = torch.randn(2, model.cfg.d_model, dtype=F64)
+    grads = flow_gradients(model, tokens, rows)
+    _, cache = model.run_with_cache(tokens[None])
+    for layer, block in enumerate(model.blocks):
+        x = cache[f"blocks.{layer}.hook_resid_pre"]
+        _, vjp_qk = torch.func.vjp(lambda v, block=block, x=x: _attention(block, v, x)[0], x)
+        _, vjp_v = torch.func.vjp(lambda v, block=block, x=x: _attention(block, x, v)[0], x)
+        pattern = torch.stack([vjp_qk(g)[0][0] for g in grads.mid[layer]])
+        value = torch.stack([vjp_v(g)[0][0] for g in grads.mid[layer]])
+        torch.testing.assert_close(grads.pattern[layer], pattern, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grads.value[layer], value, rtol=1e-10, atol=1e-12)
+
+
+def test_frozen_mode_has_no_pattern_part():
+    model = _gpt2()
+    grads = flow_gradients(model, _tokens(), torch.randn(2, 16, dtype=F64), mode="frozen")
+    assert grads.pattern.abs().max() == 0
+    assert grads.value.abs().max() > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# per-head and per-edge value norms, by brute force
+# --------------------------------------------------------------------------------------------------
+
+
+def _ln1(model, block, x, scale=None):
+    """ln1 at one position; ``scale`` frozen when given (the frozen mode's linear map)."""
+    if scale is None:
+        return block.ln1(x[None, None])[0, 0]
+    if model.cfg.normalization_type in ("LN", "LNPre"):
+        x = x - x.mean()
+    out = x / scale
+    out = out * block.ln1.w if hasattr(block.ln1, "w") else out
+    return out + block.ln1.b if hasattr(block.ln1, "b") else out
+
+
+def _brute_edges(model, tokens, mode):
+    """``‖A_jk (∂N1_k)ᵀ W_V^h ∂z^h_j‖`` over the identity probes, one VJP per (head, j, k)."""
+    d = model.cfg.d_model
+    grads = flow_gradients(model, tokens, torch.eye(d, dtype=F64), mode=mode)
+    L, H, n = grads.patterns.shape[:3]
+    edges = torch.zeros(L, H, n, n, dtype=F64)
+    heads = torch.zeros(L, H, n, dtype=F64)
+    for layer, block in enumerate(model.blocks):
+        w_v = block.attn.W_V.detach()
+        for k in range(n):
+            x = grads.resid[layer, k]
+            frozen = None if mode != "frozen" or grads.scale is None else grads.scale[layer, k]
+            _, vjp = torch.func.vjp(lambda v, b=block, s=frozen: _ln1(model, b, v, s), x)
+            for h in range(H):
+                per_j = torch.einsum("rje,de->rjd", grads.dz[layer, :, :, h], w_v[h])  # W_V^h ∂z_j
+                vec = torch.stack([torch.stack([vjp(u)[0] for u in per_j[:, j]]) for j in range(n)])
+                vec = grads.patterns[layer, h, :, k][:, None, None] * vec  # [j, r, d]
+                edges[layer, h, :, k] = vec.pow(2).sum((1, 2)).sqrt()
+                heads[layer, h, k] = vec.sum(0).pow(2).sum().sqrt()
+    return edges, heads
+
+
+@pytest.mark.parametrize("mode", ["exact", "frozen"])
+@pytest.mark.parametrize("make", [_gpt2, _llama, MODELS["ln_pre"], MODELS["no_norm"]],
+                         ids=["gpt2", "llama_gqa", "ln_pre", "no_norm"])
+def test_edge_and_head_norms_match_brute_force(make, mode):
+    model = make()
+    tokens = _tokens(5)
+    result = flow(model, tokens, mode=mode, variants=())
+    edges, heads = _brute_edges(model, tokens, mode)
+    torch.testing.assert_close(result.edges, edges, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(result.value_heads, heads, rtol=1e-9, atol=1e-12)
+    assert edges.max() > 0
+
+
+def test_head_value_parts_sum_to_the_autograd_value_part(model):
+    tokens = _tokens()
+    grads = flow_gradients(model, tokens, torch.randn(3, model.cfg.d_model, dtype=F64))
+    centred = model.cfg.normalization_type in ("LN", "LNPre")
+    for layer, block in enumerate(model.blocks):
+        gain = getattr(block.ln1, "w", None)
+        parts = head_value_parts(
+            grads.dz[layer], grads.patterns[layer], grads.resid[layer], block.attn.W_V.detach(),
+            None if gain is None else gain.detach(), None if grads.scale is None else grads.scale[layer],
+            centred=centred, frozen=False,
+        )
+        torch.testing.assert_close(parts.sum(1), grads.value[layer], rtol=1e-10, atol=1e-12)
+
+
+def test_sketch_norms_estimate_exact_ones():
+    """Full-rank sketch (k = d_model orthonormal probes) reproduces every exact norm."""
+    model = _llama()
+    tokens = _tokens()
+    exact = flow(model, tokens, mode="exact", variants=())
+    sketch = flow(model, tokens, mode="sketch", n_probes=16, variants=())
+    for name in ("sensitivity", "mlp", "value", "pattern", "value_heads", "edges"):
+        torch.testing.assert_close(getattr(sketch, name), getattr(exact, name), rtol=1e-9, atol=1e-12)
+
+
+def test_chunking_does_not_change_the_result():
+    model = _gpt2()
+    tokens = _tokens()
+    one = flow(model, tokens, mode="exact", chunk_size=16, variants=())
+    many = flow(model, tokens, mode="exact", chunk_size=3, variants=())
+    torch.testing.assert_close(one.edges, many.edges, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(one.sensitivity, many.sensitivity, rtol=1e-12, atol=1e-14)
+
+
+def test_sink_split_partitions_the_edge_norms():
+    result = flow(_gpt2(), _tokens(), mode="exact", variants=())
+    split = result.sink_split()
+    torch.testing.assert_close(split["sink"] + split["content"], result.edges.sum((1, 3)))
+    torch.testing.assert_close(split["sink"], result.edges[:, :, :, 0].sum(1))
+    assert ((split["sink_share"] >= 0) & (split["sink_share"] <= 1)).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# bounds layer by layer
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["paper", "rollout", "certified", "value_rownorm"])
+def test_bound_rows_match_dense_products(variant):
+    model = _gpt2()
+    tokens = _tokens()
+    graph = build_graph(trace(model, tokens, lipschitz=True), variant, model=model)
+    rows = bound_layer_rows(graph, -1)
+    mats = graph.matrices()
+    scale = float(graph.output_scale[-1])
+    L = mats.shape[0]
+    for layer in range(L):
+        dense = scale * paths.stack_product(mats[layer:])[-1]
+        torch.testing.assert_close(rows[layer], dense, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(rows[0], graph.row(6), rtol=1e-6, atol=1e-12)
+    expected_top = torch.zeros(7, dtype=F64)
+    expected_top[-1] = scale
+    torch.testing.assert_close(rows[L], expected_top)
+
+
+def test_flow_carries_bounds_and_serialises():
+    model = _gpt2()
+    result = flow(model, _tokens(), mode="exact", variants=("paper", "rollout", "certified"))
+    assert set(result.bounds) == {"paper", "rollout", "certified"}
+    assert result.bounds["rollout"].shape == result.sensitivity.shape
+    json.dumps(result.to_dict(include_edges=True))
+    text = repr(result)
+    assert "\n" not in text and text.startswith("SensitivityFlow(")
+    assert "SensitivityFlow" in result._repr_html_()
+    rho = result.layer_spearman()
+    assert set(rho) == set(result.bounds) and rho["paper"].shape == (model.cfg.n_layers,)
+
+
+# --------------------------------------------------------------------------------------------------
+# refusals and bad input
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field_name, kw", [
+    ("use_split_qkv_input", {"use_split_qkv_input": True}),
+    ("use_attn_in", {"use_attn_in": True}),
+    ("act_fn", {"act_fn": "solu_ln"}),
+    ("original_architecture", {"original_architecture": "Olmo2ForCausalLM"}),
+])
+def test_unsupported_blocks_are_refused_naming_the_field(field_name, kw):
+    model = _config_model(**kw)
+    with pytest.raises(UnsupportedModelError, match=f"cfg.{field_name}"):
+        flow(model, _tokens(), variants=())
+
+
+def test_post_sublayer_norms_are_refused():
+    model = _config_model(normalization_type="RMS", use_normalization_before_and_after=True)
+    with pytest.raises(UnsupportedModelError, match="use_normalization_before_and_after"):
+        flow(model, _tokens(), variants=())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"target_pos": 7}, "outside the prompt"),
+    ({"target_pos": -8}, "outside the prompt"),
+    ({"mode": "sketch", "n_probes": 17}, "n_probes"),
+    ({"mode": "sketch", "n_probes": 0}, "n_probes"),
+    ({"mode": "fast"}, "unknown mode"),
+    ({"chunk_size": 0}, "chunk_size"),
+])
+def test_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        flow(_gpt2(), _tokens(), variants=(), **{"mode": "exact", **kwargs})
+
+
+def test_layer_and_position_checks():
+    result = flow(_gpt2(), _tokens(), mode="exact", variants=())
+    assert result.check_layer(2) == 2 and result.check_layer(-1) == 2
+    with pytest.raises(ValueError, match="out of range"):
+        result.check_layer(3)
+    with pytest.raises(ValueError, match="out of range"):
+        result.check_layer(2, with_output=False)
+    with pytest.raises(ValueError, match="outside the prompt"):
+        result.check_position(7)
+
+
+def test_memory_refusal():
+    with pytest.raises(MemoryError, match="chunk_size"):
+        flow(_gpt2(), _tokens(), mode="exact", variants=(), max_memory_bytes=1000)
+
+
+def test_flow_gradients_rejects_bad_rows():
+    with pytest.raises(ValueError, match="rows must be"):
+        flow_gradients(_gpt2(), _tokens(), torch.ones(2, 15, dtype=F64))
+
+
+# --------------------------------------------------------------------------------------------------
+# SmolLM2
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_decomposition_and_input_jacobian(smollm2):
+    from lens_squash.cli import copy_prompt
+
+    result = flow(smollm2, copy_prompt(12), mode="sketch", n_probes=8, variants=("rollout",))
+    truth = jacobian(smollm2, copy_prompt(12), mode="sketch", n_probes=8)
+    assert isinstance(result, SensitivityFlow) and result.n_tokens == 89
+    torch.testing.assert_close(result.sensitivity[0], truth.frobenius, rtol=1e-4, atol=0)
+    assert float(result.decomposition_error.max()) < 1e-5
+    probes = _probes("sketch", 576, 8, 0, torch.float32, torch.device("cpu"))
+    assert probes.shape == (8, 576)
