@@ -10,9 +10,12 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["COMMANDS", "COPY_PROMPT", "build_parser", "copy_prompt", "main"]
+from . import validate
+
+__all__ = ["COMMANDS", "COPY_PROMPT", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "Command", "build_parser", "copy_prompt", "main"]
 
 
 def copy_prompt(n_ones: int = 12) -> str:
@@ -62,10 +65,14 @@ def generate_answer(model, tokens, max_new_tokens: int = 24) -> str:
 
 def cmd_trace(args) -> int:
     from .records import write_json_atomic
-    from .trace import trace
+    from .trace import as_tokens, trace
 
     model = _load(args)
-    result = trace(model, args.prompt, chat=False if args.raw else None)
+    chat = False if args.raw else None
+    tokens = as_tokens(model, args.prompt, chat=chat)  # refuses an over-long prompt before the pass
+    if args.generate:
+        _check_room(model, len(tokens), _ANSWER_TOKENS, "--generate")
+    result = trace(model, args.prompt, chat=chat)
     print_trace(result)
     if args.generate:
         print(f"generated answer: {generate_answer(model, result.tokens)!r}")
@@ -86,29 +93,54 @@ def _trace_json(result, args) -> dict:
     }
 
 
+#: the demo's collapse summary: family (a), these lengths, these dtypes
+_DEMO_COLLAPSE = ("count_ones", tuple(range(8, 129, 8)), ("float32", "bfloat16"))
+#: greedy tokens of the answer that demo and trace --generate print
+_ANSWER_TOKENS = 24
+
+
 def cmd_demo(args) -> int:
     """The main job on the offline default model: the paper's copying prompt analysed end to end
     (bounds vs the sketched or exact Jacobian, spectral, sinks), the answer, and a collapse summary."""
     from .analysis import analyze
+    from .collapse import collapse_curve
+    from .records import write_json_atomic
+    from .trace import as_tokens
 
     model = _load(args)
     prompt = copy_prompt(args.ones)
+    _check_room(model, len(as_tokens(model, prompt)), _ANSWER_TOKENS, "--ones")  # before printing it
+    family, lengths, dtypes = _DEMO_COLLAPSE
+    _check_collapse_fits(model, family, lengths, open_ended=True, flag="the demo's collapse summary")
     print("prompt: " + prompt)
     analysis = analyze(model, prompt, jacobian_mode=args.jacobian, n_probes=64)
     out = Path(args.out)
     report_analysis(analysis, prompt, out / "analyze", title="lens_squash demo: the copying prompt",
-                    answer=generate_answer(model, analysis.trace.tokens), command="demo")
-    from .collapse import collapse_curve
-    from .records import write_json_atomic
-
-    collapse = collapse_curve(model, "count_ones", list(range(8, 129, 8)), ("float32", "bfloat16"),
-                              open_ended=True)
+                    answer=generate_answer(model, analysis.trace.tokens, _ANSWER_TOKENS), command="demo")
+    collapse = collapse_curve(model, family, list(lengths), dtypes, open_ended=True)
     print("representational collapse, family (a) counting ones vs one more one "
           "(relative ‖y − y*‖∞ of the final representation):")
     print_collapse(collapse)
     write_json_atomic(out / "collapse.json", collapse.to_dict())
     print(f"wrote {out / 'collapse.json'}")
     return 0
+
+
+def _check_room(model, n_prompt: int, n_new: int, flag: str) -> None:
+    """The prompt plus ``n_new`` generated tokens must fit the loaded context (checked before any pass)."""
+    if n_prompt + n_new > model.cfg.n_ctx:
+        raise ValueError(f"{flag}: the prompt has {n_prompt} tokens and {n_new} more are generated, beyond the "
+                         f"loaded context n_ctx={model.cfg.n_ctx}; pass a larger --n-ctx or a shorter prompt")
+
+
+def _check_collapse_fits(model, family: str, lengths, *, open_ended: bool, flag: str) -> None:
+    """The longest collapse prompt (``s*``, one token longer than ``s``) must fit the loaded context."""
+    from .collapse import family_pairs
+
+    _, s_star, _ = family_pairs(model, family, [max(lengths)], open_ended=open_ended)
+    if len(s_star[0]) > model.cfg.n_ctx:
+        raise ValueError(f"{flag}: the longest prompt has {len(s_star[0])} tokens, beyond the loaded context "
+                         f"n_ctx={model.cfg.n_ctx}; pass a larger --n-ctx or shorter --lengths")
 
 
 def report_analysis(analysis, prompt: str, out, *, title: str, answer: str | None = None, **metadata) -> None:
@@ -151,15 +183,15 @@ def print_analysis(analysis) -> None:
 def cmd_analyze(args) -> int:
     from .analysis import analyze
 
-    if not args.prompt.strip():
-        raise ValueError("the prompt is empty; pass the text to analyse with --prompt TEXT")
     model = _load(args)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.jacobian == "sketch" and args.probes > model.cfg.d_model:
+        raise ValueError(f"--probes {args.probes} is more than this model's d_model={model.cfg.d_model}: the "
+                         f"probes are orthonormal; pass --probes 1 … {model.cfg.d_model}, or --jacobian exact")
     mode = None if args.jacobian == "none" else args.jacobian
-    analysis = analyze(model, args.prompt, variants=variants, jacobian_mode=mode, n_probes=args.probes,
+    analysis = analyze(model, args.prompt, variants=args.variants, jacobian_mode=mode, n_probes=args.probes,
                        chat=False if args.raw else None)
     report_analysis(analysis, args.prompt, args.out, title="lens_squash: over-squashing analysis",
-                    command="analyze", variants=variants, jacobian=args.jacobian)
+                    command="analyze", variants=list(analysis.bounds), jacobian=args.jacobian)
     return 0
 
 
@@ -169,24 +201,14 @@ def _analyze_parser(sub) -> None:
 
     parser = sub.add_parser("analyze", help="path-sum bounds vs the exact Jacobian, spectral and sink analysis")
     _add_prompt_args(parser)
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                        help=f"comma-separated path-sum variants, from {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated path-sum variants, from {', '.join(VARIANTS)} (default: "
+                             f"{','.join(DEFAULT_VARIANTS)}, skipping those the model cannot support)")
     parser.add_argument("--jacobian", choices=["exact", "sketch", "none"], default="exact",
                         help="how to compute the true sensitivities (sketch: random probes, much faster)")
     parser.add_argument("--probes", type=int, default=64, help="probes for --jacobian sketch")
     parser.add_argument("--out", default="out/analyze", help="folder for results.json and report.html")
     _add_model_args(parser)
-
-
-def _ints(text: str) -> list[int]:
-    """``"5,10,20"`` or ``"5:40:5"`` (start:stop:step, stop included) as a list of ints."""
-    try:
-        if ":" in text:
-            start, stop, step = (int(v) for v in text.split(":"))
-            return list(range(start, stop + 1, step))
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise ValueError(f"lengths must look like '5,10,20' or '5:40:5', got {text!r}") from err
 
 
 def cmd_tasks(args) -> int:
@@ -196,8 +218,8 @@ def cmd_tasks(args) -> int:
 
     model = _load(args)
     results = run_tasks(
-        model, args.task.split(","), _ints(args.lengths), args.samples, args.modes.split(","), args.out,
-        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=args.seed,
+        model, args.task, args.lengths, args.samples, args.modes, args.out, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, seed=args.seed, overwrite=args.overwrite, loaded_as=args.model,
     )
     with pd.option_context("display.float_format", "{:.3g}".format, "display.width", 160):
         print(summarize_results(results).to_string(index=False))
@@ -217,7 +239,10 @@ def _tasks_parser(sub) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together (left-padded)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="greedy tokens per answer")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampled sequences (counting tasks)")
-    parser.add_argument("--out", default="out/tasks", help="folder for results (a rerun resumes from it)")
+    parser.add_argument("--out", default="out/tasks",
+                        help="folder for results (a rerun of the same run resumes from it; another run is refused)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="discard the results already in --out instead of resuming them")
     _add_model_args(parser)
 
 
@@ -225,8 +250,8 @@ def run_collapse(model, args):
     """The collapse curve of one family, as the command's flags ask."""
     from .collapse import collapse_curve
 
-    return collapse_curve(model, args.family, _ints(args.lengths), [d for d in args.dtypes.split(",") if d],
-                          open_ended=args.open_ended, native=args.native, window=args.window)
+    return collapse_curve(model, args.family, args.lengths, args.dtypes, open_ended=args.open_ended,
+                          native=args.native, window=args.window)
 
 
 def print_collapse(result) -> None:
@@ -245,6 +270,7 @@ def cmd_collapse(args) -> int:
     from .report import ReportSection, collapse_section, model_section, write_report
 
     model = _load(args)
+    _check_collapse_fits(model, args.family, args.lengths, open_ended=args.open_ended, flag="--lengths")
     result = run_collapse(model, args)
     print(f"family {args.family}: relative ‖y − y*‖∞ of the last token's final representation")
     print_collapse(result)
@@ -259,8 +285,8 @@ def cmd_collapse(args) -> int:
         sections.append(ReportSection("synthetic positional encodings", figures=[pe.plot()], table=pe.summary()))
         sections.append(ReportSection("softmax total variation (Lemma B.2)", figures=[tv.plot()]))
         payload |= {"synthetic": pe.to_dict(), "tv_decay": tv.to_dict()}
-    metadata = {**provenance(model), "command": "collapse", "family": args.family, "lengths": args.lengths,
-                "dtypes": args.dtypes, "window": args.window, "open_ended": args.open_ended}
+    metadata = {**provenance(model), "command": "collapse", "family": args.family, "lengths": list(args.lengths),
+                "dtypes": list(args.dtypes), "window": args.window, "open_ended": args.open_ended}
     html_path, json_path = write_report(args.out, sections, payload, metadata=metadata,
                                         title=f"lens_squash: representational collapse ({args.family})")
     print(f"wrote {json_path} and {html_path}")
@@ -292,10 +318,11 @@ def print_sinks(report) -> None:
         mass = "" if report.rollout_mass is None else f"{float(report.rollout_mass[layer]):.4f}"
         print(f"{layer:>5}  {float(report.first_token_mass[layer]):>10.3f}  {float(report.sink_rate[layer]):>9.2f}  "
               f"{float(report.norm_ratio[layer]):>11.1f}  {entropy:>8}  {tau:>9}  {mass:>13}")
-    print(f"sink rate (ε = {report.eps}): {report.sink_rate_overall:.1%} of heads; phases (layers) "
-          f"{report.phases}; massive activation in layers {report.massive_range}")
-    for name, value in report.correlations.items():
-        print(f"  corr {name}: {value:.3f}")
+    print(f"sink rate (ε = {report.eps}): {report.sink_rate_overall:.1%} of heads")
+    print(f"phases: {report.phase_text()}")
+    print(report.massive_text())
+    for line in report.correlation_lines():
+        print(f"  {line}")
 
 
 def cmd_sinks(args) -> int:
@@ -305,6 +332,9 @@ def cmd_sinks(args) -> int:
     from .sinks import sink_analysis
 
     model = _load(args)
+    if args.clamp_layer is not None and args.clamp_layer >= model.cfg.n_layers:
+        raise ValueError(f"--clamp-layer {args.clamp_layer} is past this model's last block: it has "
+                         f"{model.cfg.n_layers} blocks, so pass 0 … {model.cfg.n_layers - 1}")
     chat = False if args.raw else None
     ablation = None
     if args.clamp_layer is not None:  # its baseline is the plain sink report: one traced pass, not two
@@ -358,7 +388,7 @@ def _trace_parser(sub) -> None:
     parser.add_argument("--prompt", required=True, help="the prompt text")
     parser.add_argument("--raw", action="store_true", help="skip the chat template")
     parser.add_argument("--generate", action="store_true", help="also print the greedy answer")
-    parser.add_argument("--json", type=Path, help="write the trace summary to this JSON file")
+    parser.add_argument("--json", help="write the trace summary to this JSON file")
     _add_model_args(parser)
 
 
@@ -372,14 +402,154 @@ def _demo_parser(sub) -> None:
     _add_model_args(parser)
 
 
-#: sub-command name -> (parser builder, handler)
-COMMANDS: dict[str, tuple[Callable, Callable]] = {
-    "trace": (_trace_parser, cmd_trace),
-    "demo": (_demo_parser, cmd_demo),
-    "analyze": (_analyze_parser, cmd_analyze),
-    "tasks": (_tasks_parser, cmd_tasks),
-    "collapse": (_collapse_parser, cmd_collapse),
-    "sinks": (_sinks_parser, cmd_sinks),
+# --------------------------------------------------------------------------------------------------
+# validation: every flag is checked before the model loads; each message names the flag typed
+
+
+def _check_model_flags(args) -> None:
+    from .models import resolve_dtype
+
+    if not args.model.strip() or any(not ch.isprintable() for ch in args.model):
+        raise ValueError(f"--model {args.model!r} is not a model name; pass e.g. --model tiny-random")
+    try:
+        resolve_dtype(args.dtype)
+    except ValueError as err:
+        raise ValueError(f"--dtype: {err}") from err
+    validate.check_int(args.n_ctx, "--n-ctx", minimum=1, maximum=validate.MAX_N_CTX,
+                       hint="the number of positions to load the model with, e.g. --n-ctx 2048")
+
+
+def _check_prompt_flags(args) -> None:
+    validate.check_text(args.prompt, "--prompt")
+
+
+def _check_trace(args) -> None:
+    _check_prompt_flags(args)
+    if args.json is not None:
+        validate.check_out_file(args.json, "--json")
+
+
+def _check_demo(args) -> None:
+    validate.check_int(args.ones, "--ones", minimum=0, maximum=args.n_ctx,
+                       hint=f"the copying prompt holds that many ones, and must fit --n-ctx {args.n_ctx}")
+    validate.check_out_dir(args.out, "--out")
+
+
+def _check_analyze(args) -> None:
+    from .variants import VARIANTS
+
+    _check_prompt_flags(args)
+    if args.variants is not None:
+        args.variants = validate.parse_names(args.variants, VARIANTS, "--variants", what="variant")
+    validate.check_int(args.probes, "--probes", minimum=1, maximum=65_536)
+    validate.check_out_dir(args.out, "--out")
+
+
+#: the most prompts one tasks command may ask for (each is a generation of up to --max-new-tokens)
+_MAX_TASK_PROMPTS = 100_000
+
+
+def _check_tasks(args) -> None:
+    from .tasks import MODES, TASKS, check_run_folder, generation_fingerprint
+
+    args.task = validate.parse_names(args.task, TASKS, "--task", what="task")
+    args.modes = validate.parse_names(args.modes, MODES, "--modes", what="mode")
+    for task in args.task:
+        if not set(args.modes) & set(TASKS[task].modes):
+            raise ValueError(f"--task {task} offers none of --modes {','.join(args.modes)}; it offers "
+                             f"{','.join(TASKS[task].modes)} (copying tasks have only 'answer'): add one to --modes")
+    args.lengths = validate.parse_int_list(args.lengths, "--lengths", minimum=1, maximum=args.n_ctx)
+    validate.check_int(args.samples, "--samples", minimum=1, maximum=_MAX_TASK_PROMPTS)
+    n_prompts = len(args.task) * len(args.modes) * len(args.lengths) * args.samples
+    if n_prompts > _MAX_TASK_PROMPTS:
+        raise ValueError(f"--task × --modes × --lengths × --samples asks for {n_prompts} prompts, more than "
+                         f"{_MAX_TASK_PROMPTS}; run fewer at a time")
+    validate.check_int(args.batch_size, "--batch-size", minimum=1, maximum=_MAX_TASK_PROMPTS)
+    validate.check_int(args.max_new_tokens, "--max-new-tokens", minimum=1, maximum=args.n_ctx - 1,
+                       hint=f"the prompt and the answer must fit --n-ctx {args.n_ctx}")
+    validate.check_int(args.seed, "--seed", minimum=0, maximum=2**63 - 1)
+    validate.check_out_dir(args.out, "--out")
+    _check_tasks_folder(args, check_run_folder, generation_fingerprint)
+
+
+def _check_tasks_folder(args, check_run_folder, generation_fingerprint) -> None:
+    """Refuse to resume a folder made by another run before loading the model: the fields known
+    without it (the --model asked for, dtype, generation, versions); weights are checked after load."""
+    from .models import resolve_dtype
+
+    if args.overwrite:
+        return
+    partial = generation_fingerprint(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, chat=None,
+                                     seed=args.seed)
+    partial["model"] = {"dtype": str(resolve_dtype(args.dtype)).removeprefix("torch.")}
+    check_run_folder(Path(args.out) / "results.jsonl", partial, partial=True, loaded_as=args.model)
+
+
+def _check_collapse(args) -> None:
+    from .collapse import FAMILIES
+    from .models import resolve_dtype
+
+    validate.check_names([args.family], FAMILIES, "--family", what="family")
+    args.lengths = validate.parse_int_list(args.lengths, "--lengths", minimum=1, maximum=args.n_ctx)
+    names = [part.strip() for part in args.dtypes.split(",") if part.strip()]
+    if not names:
+        raise ValueError("--dtypes is empty; pass e.g. --dtypes float32,bfloat16")
+    try:
+        resolved = [str(resolve_dtype(name)).removeprefix("torch.") for name in names]
+    except ValueError as err:
+        raise ValueError(f"--dtypes: {err}") from err
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"--dtypes names a dtype twice ({args.dtypes!r}); list each once")
+    args.dtypes = resolved
+    if args.window is not None:
+        validate.check_int(args.window, "--window", minimum=1, maximum=args.n_ctx,
+                           hint="the number of keys each query sees, itself included")
+    validate.check_out_dir(args.out, "--out")
+
+
+def _check_sinks(args) -> None:
+    _check_prompt_flags(args)
+    validate.check_float(args.eps, "--eps", low=0.0, high=1.0, low_open=True, high_open=True)
+    if args.clamp_layer is not None:  # the upper end needs the model's depth: checked right after loading
+        validate.check_int(args.clamp_layer, "--clamp-layer", minimum=0,
+                           hint="a block index counted from 0 (negative indices are not accepted)")
+    validate.check_out_dir(args.out, "--out")
+
+
+def _saved_nothing(args) -> str:
+    return f"nothing was saved ({args.command} writes its results when it finishes); run the same command again"
+
+
+def _saved_tasks(args) -> str:
+    path = Path(args.out) / "results.jsonl"
+    try:
+        n_rows = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    except OSError:
+        n_rows = 0
+    if not n_rows:
+        return "no rows were saved yet; run the same command again to start over"
+    return f"{n_rows} rows are saved in {path}; run the same command again to resume from them"
+
+
+@dataclass(frozen=True)
+class Command:
+    """One sub-command: its parser, the checks run before the model loads, the handler, and what an
+    interruption leaves behind (for the one-line Ctrl-C message)."""
+
+    add_parser: Callable
+    check: Callable
+    run: Callable
+    saved: Callable = _saved_nothing
+
+
+#: sub-command name -> Command
+COMMANDS: dict[str, Command] = {
+    "trace": Command(_trace_parser, _check_trace, cmd_trace),
+    "demo": Command(_demo_parser, _check_demo, cmd_demo),
+    "analyze": Command(_analyze_parser, _check_analyze, cmd_analyze),
+    "tasks": Command(_tasks_parser, _check_tasks, cmd_tasks, _saved_tasks),
+    "collapse": Command(_collapse_parser, _check_collapse, cmd_collapse),
+    "sinks": Command(_sinks_parser, _check_sinks, cmd_sinks),
 }
 
 
@@ -409,19 +579,32 @@ def build_parser() -> argparse.ArgumentParser:
         "`lens-squash COMMAND -h` lists a command's options.",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
-    for add_parser, _ in COMMANDS.values():
-        add_parser(sub)
+    for command in COMMANDS.values():
+        command.add_parser(sub)
     return parser
+
+
+#: exit status of a command interrupted by Ctrl-C (128 + SIGINT), as shells report it
+EXIT_INTERRUPTED = 130
+#: exit status of refused input, as argparse uses for its own errors
+EXIT_BAD_INPUT = 2
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    command = COMMANDS[args.command]
     try:
-        return COMMANDS[args.command][1](args)
-    except (ValueError, RuntimeError, MemoryError) as err:
+        _check_model_flags(args)
+        command.check(args)  # before the model loads: bad input costs no load and no forward pass
+        return command.run(args)
+    except KeyboardInterrupt:
+        print(f"lens-squash {args.command}: interrupted; {command.saved(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, TypeError, RuntimeError, MemoryError, OSError) as err:
         # Bad input and refused requests: one clear line, no traceback, non-zero exit.
-        print(f"lens-squash {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"lens-squash {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -14,13 +14,15 @@ import math
 import os
 import platform
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["atomic_write", "provenance", "to_jsonable", "write_json_atomic", "write_text_atomic"]
+__all__ = [
+    "atomic_write", "provenance", "to_jsonable", "write_json_atomic", "write_jsonl_atomic", "write_text_atomic",
+]
 
 _PACKAGES = ("lens-squash", "torch", "transformer-lens", "transformers", "gguf", "numpy", "plotly")
 
@@ -74,14 +76,44 @@ def to_jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` can only be read by setting it,
+    which would race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _target_mode(path: Path) -> int:
+    """The permission rule of every result file: an existing file keeps its mode; a new one gets what
+    ``open(path, "w")`` would give it (``0o666`` less the umask). ``mkstemp`` alone would make it 0600."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` then move the file into ``path`` atomically; clean up on failure."""
+    """Call ``write(tmp_path)``, flush it to disk, then move the file into ``path`` atomically.
+
+    A reader, or a crash at any point, sees either the previous file or the complete new one; a
+    failure removes the temporary file. The mode follows :func:`_target_mode`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, _target_mode(path))
+        with open(tmp, "rb") as handle:  # the data must be on disk before the rename publishes it
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -97,3 +129,9 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     # allow_nan=False: NaN is not JSON; to_jsonable already turned it into null.
     text = json.dumps(to_jsonable(obj), indent=1, allow_nan=False)
     return write_text_atomic(path, text)
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """One JSON object per line, the whole file replaced atomically (no half-appended last line)."""
+    body = "".join(json.dumps(to_jsonable(dict(row)), ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
+    return write_text_atomic(path, body)

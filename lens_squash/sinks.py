@@ -576,6 +576,35 @@ class SinkReport:
         kwargs.setdefault("log", ("norm_ratio",))
         return sink_figure(self.curves(), self.phases, **kwargs)
 
+    def phase_text(self) -> str:
+        """The Mix–Compress–Refine boundaries in words (``phases`` indexes the residual streams)."""
+        if self.phases is None:
+            return "no compression valley (the matrix entropy never dips clearly below its early level)"
+        if self.entropy is None:
+            return "phases unknown (no residual streams were kept)"
+        mix_end, compress_end = self.phases
+        n = self.entropy.numel()
+        refine = f"refine {compress_end}–{n - 1}" if compress_end < n else "no refine phase (the valley reaches the output)"
+        mix = f"mix 0–{mix_end - 1}" if mix_end > 0 else "no mix phase"
+        return f"residual streams: {mix}, compress {mix_end}–{compress_end - 1}, {refine}"
+
+    def massive_text(self) -> str:
+        """Where the first token's norm is massive, in words."""
+        peak = int(self.norm_ratio.argmax())
+        if self.massive_range is None:
+            return (f"no massive activation (the first token's norm peaks at {float(self.norm_ratio[peak]):.1f}× "
+                    f"the median, at residual stream {peak})")
+        start, end = self.massive_range
+        return f"massive first-token activation in residual streams {start}–{end - 1} (peak {float(self.norm_ratio[peak]):.1f}× at {peak})"
+
+    def correlation_lines(self) -> list[str]:
+        """One line per cross-layer correlation; an undefined one (a constant curve) says so, not ``nan``."""
+        lines = []
+        for name, value in self.correlations.items():
+            text = f"{value:.3f}" if math.isfinite(value) else "undefined (one of the curves is constant across layers)"
+            lines.append(f"corr {name}: {text}")
+        return lines
+
     __repr__ = compact_repr
 
     def _repr_html_(self) -> str:
@@ -587,13 +616,14 @@ class SinkReport:
             ("first-token norm ÷ median (peak)", f"{self.norm_ratio[peak]:.1f}× at layer {peak}"),
             ("min normalised entropy",
              "—" if self.entropy is None else f"{self.entropy.min():.3f} at layer {int(self.entropy.argmin())}"),
-            ("phases (mix_end, compress_end)", str(self.phases)),
-            ("massive layers [start, end)", str(self.massive_range)),
+            ("phases", self.phase_text()),
+            ("massive activation", self.massive_text()),
         ]
         if self.rollout_mass is not None:
             rows.append(("rollout mass on token 0 (all layers)", f"{self.rollout_mass[-1]:.4f}"))
         rows += [(name, f"{value:.3g}") for name, value in self.links.items()]
-        rows += [(f"ρ({name})", f"{value:.2f}") for name, value in self.correlations.items()]
+        rows += [(f"ρ({name})", f"{value:.2f}" if math.isfinite(value) else "undefined (constant curve)")
+                 for name, value in self.correlations.items()]
         body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
         return f"<b>lens_squash SinkReport</b><table>{body}</table>"
 

@@ -61,7 +61,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .records import atomic_write
+from .records import atomic_write, write_jsonl_atomic
 
 __all__ = [
     "BERNOULLI_P",
@@ -76,16 +76,24 @@ __all__ = [
     "TaskInstance",
     "TaskResults",
     "TaskSpec",
+    "check_run_folder",
+    "check_single_run",
     "evaluate",
+    "fingerprint_differences",
+    "fingerprint_digest",
+    "fingerprint_path",
+    "generation_fingerprint",
     "greedy_generate",
     "load_results",
     "make_instance",
     "make_instances",
     "parse_answer",
+    "run_fingerprint",
     "run_tasks",
     "save_results",
     "summarize_results",
     "task_figure",
+    "weights_sha256",
     "write_task_figures",
 ]
 
@@ -655,7 +663,7 @@ def greedy_generate(
 #: the columns of every results frame, in order
 RESULT_COLUMNS: tuple[str, ...] = (
     "task", "mode", "length", "sample", "seed", "prompt", "raw_output", "parsed_answer", "parse_status",
-    "truth", "correct", "abs_error", "n_prompt_tokens", "n_new_tokens",
+    "truth", "correct", "abs_error", "n_prompt_tokens", "n_new_tokens", "fingerprint",
 )  # fmt: skip
 _KEY = ("task", "mode", "length", "sample")
 
@@ -667,7 +675,20 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
     for column in ("parsed_answer", "abs_error"):
         frame[column] = frame[column].astype("Int64")
     frame["correct"] = frame["correct"].astype(bool)
+    # files written before rows were fingerprinted have no such field: None, not NaN
+    frame["fingerprint"] = frame["fingerprint"].astype(object).where(frame["fingerprint"].notna(), None)
     return frame
+
+
+def check_single_run(frame: pd.DataFrame, source: str = "these results") -> None:
+    """Refuse rows made by different runs (different fingerprints), e.g. two results files merged."""
+    digests = {d for d in frame.get("fingerprint", pd.Series(dtype=object)) if d is not None}
+    if len(digests) > 1:
+        raise ValueError(
+            f"{source} mix rows of {len(digests)} different runs (fingerprints {', '.join(sorted(digests))}); "
+            "summarise each run separately (filter on the fingerprint column), or pass allow_mixed=True "
+            "if mixing is what you want"
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -747,12 +768,15 @@ def save_results(results: TaskResults | pd.DataFrame, path: str | os.PathLike) -
     return path
 
 
-def load_results(path: str | os.PathLike) -> TaskResults:
-    """Read a file written by :func:`save_results` or :func:`evaluate`'s ``out_path``."""
+def load_results(path: str | os.PathLike, *, allow_mixed: bool = False) -> TaskResults:
+    """Read a file written by :func:`save_results` or :func:`evaluate`'s ``out_path``.
+
+    Rows of different runs (different fingerprints) are refused unless ``allow_mixed=True``."""
     path = Path(path)
     if path.suffix == ".csv":
         rows = pd.read_csv(
-            path, keep_default_na=False, na_values={"parsed_answer": [""], "abs_error": [""]}
+            path, keep_default_na=False, na_values={"parsed_answer": [""], "abs_error": [""]},
+            dtype={"fingerprint": str},  # an all-digit hex digest must stay text
         )
         rows = rows.astype({"prompt": str, "raw_output": str}).to_dict("records")
     elif path.suffix == ".json":
@@ -764,6 +788,7 @@ def load_results(path: str | os.PathLike) -> TaskResults:
             f"unknown results format {path.suffix!r} for {path}; use .csv, .json or .jsonl"
         )
     for row in rows:  # CSV/JSON readers give NaN or float for the nullable integer columns
+        row["fingerprint"] = row.get("fingerprint") or None
         for column in ("parsed_answer", "abs_error"):
             value = row.get(column)
             row[column] = (
@@ -771,7 +796,10 @@ def load_results(path: str | os.PathLike) -> TaskResults:
                 if value is None or (isinstance(value, float) and math.isnan(value))
                 else int(value)
             )
-    return TaskResults(_frame(rows), {"source": str(path)})
+    frame = _frame(rows)
+    if not allow_mixed:
+        check_single_run(frame, str(path))
+    return TaskResults(frame, {"source": str(path)})
 
 
 def _read_jsonl(path: Path, *, repair: bool = True) -> dict[tuple, dict]:
@@ -794,20 +822,11 @@ def _read_jsonl(path: Path, *, repair: bool = True) -> dict[tuple, dict]:
             continue
         rows[tuple(row[k] for k in _KEY)] = row
     if repair and not clean:
-        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows.values())
-        atomic_write(path, lambda tmp: tmp.write_text(body, encoding="utf-8"))
+        write_jsonl_atomic(path, rows.values())
     return rows
 
 
-def _append_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _row(instance: TaskInstance, raw: str, n_prompt: int, n_new: int) -> dict:
+def _row(instance: TaskInstance, raw: str, n_prompt: int, n_new: int, fingerprint: str) -> dict:
     parsed = parse_answer(raw, instance.kind)
     error = None if parsed.value is None else abs(parsed.value - instance.truth)
     return {
@@ -825,6 +844,7 @@ def _row(instance: TaskInstance, raw: str, n_prompt: int, n_new: int) -> dict:
         "abs_error": error,
         "n_prompt_tokens": n_prompt,
         "n_new_tokens": n_new,
+        "fingerprint": fingerprint,
     }
 
 
@@ -838,18 +858,169 @@ def _check_resumable(done: dict[tuple, dict], instances: list[TaskInstance], pat
             )
 
 
+# ----------------------------------------------------------------------------------------------
+# Run fingerprints: a results folder never mixes rows made by different runs
+
+#: the packages whose version can change a generated reply
+_FINGERPRINT_PACKAGES = ("lens-squash", "torch", "transformer-lens", "transformers")
+_HASH_CHUNK = 1 << 24  # bytes per hashlib update: bounded extra memory, few Python round trips
+
+
+def weights_sha256(model) -> str:
+    """SHA-256 of every parameter of ``model``, ALL bytes (no sampling), in ``named_parameters``
+    order, each prefixed by its name, dtype and shape; the bytes are fed in 16 MB chunks.
+
+    Buffers (rotary tables, masks) are left out: they follow from the config and ``n_ctx``, not from
+    training. About 1 GB/s on one core, so a second or less for SmolLM2-135M in float32.
+    """
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        flat = param.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        digest.update(f"{name}|{str(param.dtype).removeprefix('torch.')}|{tuple(param.shape)}|".encode())
+        for start in range(0, flat.numel(), _HASH_CHUNK):
+            digest.update(flat[start : start + _HASH_CHUNK].numpy().tobytes())
+    return digest.hexdigest()
+
+
+def generation_fingerprint(*, max_new_tokens: int, batch_size: int, chat: bool | None, seed: int) -> dict[str, Any]:
+    """The part of a run's fingerprint known without a model: decoding, batching, seed, versions."""
+    from .records import _version
+
+    return {
+        "generation": {"decoding": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                       "chat": chat},
+        "tasks": {"seed": seed},
+        "versions": {package: _version(package) for package in _FINGERPRINT_PACKAGES},
+    }  # fmt: skip
+
+
+def run_fingerprint(model, *, max_new_tokens: int, batch_size: int, chat: bool | None, seed: int) -> dict[str, Any]:
+    """Everything that can change a row's reply: the model (name, weights hash, dtype, device, stop
+    tokens), the generation and task parameters and the library versions.
+
+    Which rows exist (tasks, modes, lengths, samples) is not part of it: every row is keyed by those,
+    so a rerun may add lengths to a folder without mixing anything.
+    """
+    model_part = {
+        "name": getattr(model.cfg, "model_name", None),
+        "weights_sha256": weights_sha256(model),
+        "dtype": str(model.cfg.dtype).removeprefix("torch."),
+        "device": str(model.cfg.device),
+        "stop_token_ids": _stop_ids(model.tokenizer),
+    }
+    return {"model": model_part, **generation_fingerprint(max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                                          chat=chat, seed=seed)}
+
+
+def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
+    """A short, stable id of a fingerprint (16 hex digits of the SHA-256 of its canonical JSON)."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _flat(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def fingerprint_differences(stored: dict[str, Any], current: dict[str, Any], *, partial: bool = False) -> list[str]:
+    """``"field: stored → current"`` for every field that differs. ``partial=True`` compares only the
+    fields ``current`` has (a check made before the model is loaded)."""
+    old, new = _flat(stored), _flat(current)
+    keys = new.keys() if partial else old.keys() | new.keys()
+    return [f"{key}: {old.get(key, '(absent)')!r} → {new.get(key, '(absent)')!r}"
+            for key in sorted(keys) if old.get(key) != new.get(key)]
+
+
+def fingerprint_path(out_path: str | os.PathLike) -> Path:
+    """Where a results JSONL keeps the fingerprint of the run that made it: ``results.fingerprint.json``."""
+    path = Path(out_path)
+    return path.with_name(f"{path.stem}.fingerprint.json")
+
+
+def _refuse_mix(path: Path, reason: str) -> ValueError:
+    return ValueError(
+        f"{path} holds results of a different run ({reason}); resuming would mix the two. Pass a new "
+        "output folder (--out DIR, or out_dir= / out_path= in Python), or discard the old results with "
+        "--overwrite (overwrite=True)"
+    )
+
+
+def check_run_folder(out_path: str | os.PathLike, fingerprint: dict[str, Any], *, partial: bool = False,
+                     loaded_as: str | None = None) -> None:
+    """Refuse to resume ``out_path`` (a results JSONL) when its rows were made by another run.
+
+    ``partial=True`` compares only the fields ``fingerprint`` holds (before loading a model: dtype,
+    generation, versions); ``loaded_as`` is the model name the user asked for, compared with the
+    name recorded by the command line. A missing file is fine.
+    """
+    path = Path(out_path)
+    if not path.exists():
+        return
+    record_path = fingerprint_path(path)
+    if not record_path.exists():
+        if _read_jsonl(path, repair=False):
+            raise _refuse_mix(path, f"it has no {record_path.name}, so what made its rows is unknown")
+        return
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        stored = record["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise _refuse_mix(path, f"{record_path.name} cannot be read: {err}") from err
+    differences = fingerprint_differences(stored, fingerprint, partial=partial)
+    hint = record.get("loaded_as")
+    if loaded_as is not None and hint is not None and hint.lower() != loaded_as.lower():
+        differences.insert(0, f"model: {hint!r} → {loaded_as!r}")
+    if differences:
+        raise _refuse_mix(path, "; ".join(differences))
+    if not partial:
+        digest = record.get("digest")
+        foreign = {row.get("fingerprint") for row in _read_jsonl(path, repair=False).values()} - {digest}
+        if foreign:
+            raise _refuse_mix(path, f"rows with fingerprints {sorted(map(str, foreign))} beside {digest!r}")
+
+
+def _record_fingerprint(path: Path, fingerprint: dict[str, Any], loaded_as: str | None) -> None:
+    """Keep the run's fingerprint beside its results (once: a resumed run has the same one)."""
+    from .records import write_json_atomic
+
+    record_path = fingerprint_path(path)
+    if not record_path.exists():
+        write_json_atomic(record_path, {"digest": fingerprint_digest(fingerprint), "fingerprint": fingerprint,
+                                        "loaded_as": loaded_as})
+
+
 def _run_batch(
-    model, batch: list[TaskInstance], chat: bool | None, max_new_tokens: int
+    model, batch: list[TaskInstance], prompts: dict[tuple, torch.Tensor], max_new_tokens: int, fingerprint: str
 ) -> list[dict]:
+    ids = [prompts[inst.key] for inst in batch]
+    outputs = greedy_generate(model, ids, max_new_tokens=max_new_tokens)
+    texts = [model.tokenizer.decode(out.tolist(), skip_special_tokens=True) for out in outputs]
+    return [
+        _row(i, t, len(p), len(o), fingerprint)
+        for i, t, p, o in zip(batch, texts, ids, outputs, strict=True)
+    ]
+
+
+def _tokenized(model, todo: list[TaskInstance], chat: bool | None, max_new_tokens: int) -> dict[tuple, torch.Tensor]:
+    """Every prompt still to run, tokenized up front, so that a prompt too long for the context is
+    refused before the first batch is generated rather than after hours of work."""
     from lens_squash.models import format_prompt
 
-    prompts = [format_prompt(model, inst.prompt, chat=chat) for inst in batch]
-    outputs = greedy_generate(model, prompts, max_new_tokens=max_new_tokens)
-    texts = [model.tokenizer.decode(ids.tolist(), skip_special_tokens=True) for ids in outputs]
-    return [
-        _row(i, t, len(p), len(o))
-        for i, t, p, o in zip(batch, texts, prompts, outputs, strict=True)
-    ]
+    prompts = {inst.key: format_prompt(model, inst.prompt, chat=chat) for inst in todo}
+    if prompts:
+        key, longest = max(prompts.items(), key=lambda item: len(item[1]))
+        if len(longest) + max_new_tokens > model.cfg.n_ctx:
+            raise ValueError(
+                f"the prompt of {key} has {len(longest)} tokens; with max_new_tokens={max_new_tokens} "
+                f"(--max-new-tokens) it exceeds the model's n_ctx={model.cfg.n_ctx}; lower max_new_tokens "
+                "or the task lengths, or load the model with a larger n_ctx (--n-ctx)"
+            )
+    return prompts
 
 
 def evaluate(
@@ -864,6 +1035,8 @@ def evaluate(
     max_new_tokens: int = 64,
     chat: bool | None = None,
     out_path: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    loaded_as: str | None = None,
     progress: bool = True,
     on_batch: Callable[[int, list[dict]], None] | None = None,
 ) -> TaskResults:
@@ -871,33 +1044,56 @@ def evaluate(
 
     Prompts go through the chat template when the tokenizer has one (``chat=None``; see
     :func:`lens_squash.models.format_prompt`), are generated ``batch_size`` at a time by
-    :func:`greedy_generate`, and are parsed with :func:`parse_answer`. With ``out_path`` (a ``.jsonl``
-    file) each finished batch is appended and fsync'ed, and a rerun skips the rows already there, so an
-    interrupted run continues where it stopped. ``on_batch(index, rows)`` is called after each batch
-    is saved. Copying tasks are deterministic: their samples repeat the same prompt.
+    :func:`greedy_generate`, and are parsed with :func:`parse_answer`. Every row carries the digest
+    of the run's :func:`run_fingerprint`.
+
+    With ``out_path`` (a ``.jsonl`` file) the file is rewritten atomically after each batch (a crash
+    leaves the previous version), and a rerun skips the rows already there, so an interrupted run
+    continues where it stopped — but only a rerun of the same run: the fingerprint is kept beside
+    the file (:func:`fingerprint_path`) and a different one is refused (:func:`check_run_folder`);
+    ``overwrite=True`` discards the old rows instead. ``loaded_as`` (the model name the user typed)
+    is recorded so the command line can refuse a different ``--model`` before loading it.
+    ``on_batch(index, rows)`` is called after each batch is saved. Copying tasks are deterministic:
+    their samples repeat the same prompt.
     """
+    from .validate import check_chat
+
     _check_int("batch_size", batch_size, 1)
+    _check_int("max_new_tokens", max_new_tokens, 1)
+    check_chat(chat)
     instances = make_instances(task, lengths, n_samples, mode, seed)
     path = None if out_path is None else Path(out_path)
     if path is not None and path.suffix != ".jsonl":
-        raise ValueError(f"out_path must end in .jsonl (rows are appended per batch), got {path}")
+        raise ValueError(f"out_path must end in .jsonl (rows are saved per batch), got {path}")
+    fingerprint = run_fingerprint(model, max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat, seed=seed)
+    digest = fingerprint_digest(fingerprint)
+    if path is not None:
+        if overwrite:
+            path.unlink(missing_ok=True)
+            fingerprint_path(path).unlink(missing_ok=True)
+        check_run_folder(path, fingerprint, loaded_as=loaded_as)
     done = _read_jsonl(path) if path is not None else {}
     _check_resumable(done, instances, path)
     rows = {i.key: done[i.key] for i in instances if i.key in done}
     todo = [i for i in instances if i.key not in rows]
+    prompts = _tokenized(model, todo, chat, max_new_tokens)  # refuse over-long prompts before any work
+    if path is not None:
+        _record_fingerprint(path, fingerprint, loaded_as)
     with tqdm(
         total=len(instances), initial=len(rows), disable=not progress, desc="evaluate"
     ) as bar:
         for index, start in enumerate(range(0, len(todo), batch_size)):
-            new_rows = _run_batch(model, todo[start : start + batch_size], chat, max_new_tokens)
+            new_rows = _run_batch(model, todo[start : start + batch_size], prompts, max_new_tokens, digest)
+            keyed = {tuple(r[k] for k in _KEY): r for r in new_rows}
             if path is not None:
-                _append_jsonl(path, new_rows)
-            rows.update({tuple(r[k] for k in _KEY): r for r in new_rows})
+                done.update(keyed)
+                write_jsonl_atomic(path, done.values())
+            rows.update(keyed)
             bar.update(len(new_rows))
             if on_batch is not None:
                 on_batch(index, new_rows)
     meta = {"model": getattr(model.cfg, "model_name", "?"), "seed": seed, "max_new_tokens": max_new_tokens,
-            "chat": chat, "out_path": None if path is None else str(path)}  # fmt: skip
+            "chat": chat, "out_path": None if path is None else str(path), "fingerprint": digest}  # fmt: skip
     return TaskResults(_frame([rows[i.key] for i in instances]), meta)
 
 
@@ -947,15 +1143,19 @@ def task_figure(results: TaskResults | pd.DataFrame, kind: str = "accuracy", *, 
     return getattr(plotting, builder)(rows, title=title)
 
 
-def summarize_results(results: TaskResults | pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
+def summarize_results(results: TaskResults | pd.DataFrame | str | os.PathLike, *,
+                      allow_mixed: bool = False) -> pd.DataFrame:
     """Accuracy, mean absolute error and unparsable rate per task, mode and length.
 
     Takes results, their frame, or a file written by :func:`save_results` / :func:`run_tasks`.
+    Rows of different runs (different fingerprints) are refused unless ``allow_mixed=True``.
     """
     if isinstance(results, (str, os.PathLike)):
-        results = load_results(results)
+        results = load_results(results, allow_mixed=allow_mixed)
     if isinstance(results, pd.DataFrame):
         results = TaskResults(results)
+    if not allow_mixed:
+        check_single_run(results.frame)
     return results.accuracy_by_length()
 
 
@@ -995,15 +1195,20 @@ def run_tasks(
     max_new_tokens: int = 64,
     seed: int = 0,
     chat: bool | None = None,
+    overwrite: bool = False,
+    loaded_as: str | None = None,
     progress: bool = True,
     figures: bool = True,
 ) -> TaskResults:
     """Evaluate several tasks, each in the requested modes it offers, and write the results to ``out_dir``.
 
-    Into ``out_dir``: ``results.jsonl`` (appended per batch; a rerun with the same arguments resumes
-    from it, see :func:`evaluate`), then, once every row is there, ``results.csv``, ``results.json``
-    (``{"metadata": provenance, "summary": …, "rows": …}``) and ``figures.html``, all atomically.
-    A mode a task does not offer is skipped for that task (copying tasks are answer-only).
+    Into ``out_dir``: ``results.jsonl`` (rewritten atomically per batch; a rerun of the same run
+    resumes from it, another run is refused unless ``overwrite=True``, see :func:`evaluate`),
+    ``results.fingerprint.json`` (what made the rows), then, once every row is there,
+    ``results.csv``, ``results.json`` (``{"metadata": provenance, "summary": …, "rows": …}``) and
+    ``figures.html``, all atomically. A mode a task does not offer is skipped for that task (copying
+    tasks are answer-only). Every argument, and the length of every prompt, is checked before the
+    first reply is generated.
     """
     from .records import provenance, to_jsonable, write_json_atomic
 
@@ -1012,19 +1217,23 @@ def run_tasks(
     if not tasks or not modes:
         raise ValueError("pass at least one task and one mode, e.g. tasks=['copy_last'], modes='answer'")
     plan = {task: _modes_for(task, modes) for task in tasks}  # validate everything before generating
+    _check_int("max_new_tokens", max_new_tokens, 1)
+    everything = [i for task, task_modes in plan.items() for i in make_instances(task, lengths, n_samples, task_modes, seed)]
+    _tokenized(model, everything, chat, max_new_tokens)  # no task may fail for length after another has run
     out = None if out_dir is None else Path(out_dir)
     frames, metas = [], []
-    for task, task_modes in plan.items():
+    for index, (task, task_modes) in enumerate(plan.items()):
         part = evaluate(
             model, task, lengths, n_samples, mode=task_modes, seed=seed, batch_size=batch_size,
-            max_new_tokens=max_new_tokens, chat=chat, progress=progress,
-            out_path=None if out is None else out / "results.jsonl",
+            max_new_tokens=max_new_tokens, chat=chat, progress=progress, loaded_as=loaded_as,
+            out_path=None if out is None else out / "results.jsonl", overwrite=overwrite and index == 0,
         )  # fmt: skip
         frames.append(part.frame)
         metas.append(part.meta)
     args = {"tasks": list(tasks), "lengths": list(lengths), "n_samples": n_samples, "modes": list(modes),
             "batch_size": batch_size, "max_new_tokens": max_new_tokens, "seed": seed, "chat": chat}  # fmt: skip
     meta = {**metas[0], "run_tasks": args, "out_dir": None if out is None else str(out)}
+    args["fingerprint"] = metas[0]["fingerprint"]
     results = TaskResults(pd.concat(frames, ignore_index=True), meta)
     if out is not None:
         metadata = provenance(model, **args)

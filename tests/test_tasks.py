@@ -552,7 +552,7 @@ def test_interrupted_run_resumes_without_redoing_work(
     again = evaluate(chat_model, **GRID, batch_size=3, out_path=out, progress=False)
     assert sum(calls) == len(uninterrupted.frame)  # a finished run does no work
     pd.testing.assert_frame_equal(again.frame, uninterrupted.frame)
-    with pytest.raises(ValueError, match="different prompt"):
+    with pytest.raises(ValueError, match=r"different run \(generation.batch_size: 3 → 8; tasks.seed: 0 → 1\)"):
         evaluate(
             chat_model,
             **{**GRID, "task": ["count_bernoulli"]},
@@ -604,7 +604,7 @@ def _synthetic_results(seed: int = 0) -> TaskResults:
         value = rng.choice([0, 1, inst.truth, inst.truth + 2, None])
         phrase = "The final answer to your maths question is" if inst.kind == "count" else "The answer to your question is"
         raw = "no idea" if value is None else f"{phrase}: {value}"
-        rows.append(tasks._row(inst, raw, 10, 5))
+        rows.append(tasks._row(inst, raw, 10, 5, "synthetic"))
     return TaskResults(tasks._frame(rows))
 
 
@@ -706,7 +706,8 @@ def test_run_tasks_writes_everything_and_resumes_after_an_interruption(chat_mode
     assert [r["accuracy"] for r in saved["summary"]] == summary.accuracy.tolist()
     page = (out / "figures.html").read_text()
     assert page.count("Plotly.newPlot") == 4 and "Fig. 11" in page
-    assert sorted(p.name for p in out.iterdir()) == ["figures.html", "results.csv", "results.json", "results.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "figures.html", "results.csv", "results.fingerprint.json", "results.json", "results.jsonl"]
 
 
 def test_run_tasks_refuses_a_mode_a_task_does_not_offer(chat_model, tmp_path):
