@@ -7,7 +7,11 @@ and ``results.json`` atomically through :mod:`lens_squash.records`: a reader nev
 half-written file, and a failure leaves the previous files untouched.
 
 **Escaping.** Every piece of user text (title, section titles, prompt, tokens, metadata, table
-cells) goes through ``html.escape``. Figures carry user text inside their JSON, inside a
+cells) goes through :func:`escape_text`: bidirectional controls (the embeddings, overrides and
+isolates U+202A–U+202E, U+2066–U+2069, and the marks U+200E, U+200F, U+061C) are first replaced by
+a visible ``⟨U+202E⟩``, so a prompt can never *display* in another order than the model read it
+("Trojan Source"); other C0/C1 control characters (tab and newline excepted) are shown the same
+way, since HTML would drop or mangle them; then ``html.escape``. Figures carry user text inside their JSON, inside a
 ``<script>``: plotly's encoder writes ``<``, ``>`` and ``/`` as ``\\u003c``-style escapes, so a token
 ``</script><script>…`` cannot close the script element; :func:`build_report` checks each figure's
 fragment for a stray ``</script`` or ``<!--`` anyway and refuses to embed it. The only unescaped
@@ -37,12 +41,16 @@ from .plotting import token_label
 from .records import to_jsonable, write_text_atomic
 
 __all__ = [
+    "BIDI_DISPLAY",
+    "DISPLAY_CONTROLS",
     "SECTION_ORDER",
     "ReportSection",
     "analysis_sections",
     "build_report",
     "collapse_section",
+    "escape_text",
     "model_section",
+    "neutralize_controls",
     "prompt_section",
     "tasks_section",
     "write_report",
@@ -54,6 +62,25 @@ SECTION_ORDER: tuple[str, ...] = (
 )
 
 _FIGURE_CONFIG = {"displaylogo": False, "responsive": True}
+
+#: bidirectional formatting characters: they reorder how the text around them is displayed
+BIDI_DISPLAY: frozenset[str] = frozenset(
+    chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C))
+#: characters that must never reach a reader as themselves: the bidi controls, and the C0/C1 controls
+#: other than tab, newline and carriage return
+DISPLAY_CONTROLS: frozenset[str] = BIDI_DISPLAY | frozenset(
+    chr(c) for c in (*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)) if chr(c) not in "\t\n\r")
+_CONTROL_RE = re.compile("[" + "".join(re.escape(c) for c in sorted(DISPLAY_CONTROLS)) + "]")
+
+
+def neutralize_controls(text: Any) -> str:
+    """``text`` with every :data:`DISPLAY_CONTROLS` character shown as a visible ``⟨U+XXXX⟩``."""
+    return _CONTROL_RE.sub(lambda m: f"⟨U+{ord(m.group()):04X}⟩", str(text))
+
+
+def escape_text(text: Any) -> str:
+    """User text for HTML: controls made visible (:func:`neutralize_controls`), then ``html.escape``."""
+    return html.escape(neutralize_controls(text))
 
 
 @dataclass(frozen=True)
@@ -186,44 +213,58 @@ def _check_fragment(fragment: str) -> str:
     return fragment
 
 
+# a JSON \\uXXXX escape of a bidi control, not preceded by an odd number of backslashes (which would
+# make it the literal text "\\u202e" typed by a user)
+_JSON_BIDI_RE = re.compile(r"(?<!\\)((?:\\\\)*)\\u(202[a-eA-E]|206[6-9]|200[eEfF]|061[cC])")
+
+
+def _neutralize_fragment(fragment: str) -> str:
+    """Bidi controls inside a figure's JSON (plotly writes them as ``\\u202e`` escapes) shown as
+    ``⟨U+202E⟩``, so figure titles and legends cannot reorder either."""
+    fragment = _JSON_BIDI_RE.sub(lambda m: f"{m.group(1)}⟨U+{m.group(2).upper()}⟩", fragment)
+    return "".join(f"⟨U+{ord(c):04X}⟩" if c in BIDI_DISPLAY else c for c in fragment)
+
+
 def _render_figure(fig: go.Figure, index: int) -> str:
     if not isinstance(fig, go.Figure):
         raise TypeError(f"sections hold plotly Figures, got {type(fig).__name__}")
     fragment = fig.to_html(
         full_html=False, include_plotlyjs=False, div_id=f"lens-squash-figure-{index}", config=_FIGURE_CONFIG,
     )
-    return f'<div class="figure">{_check_fragment(fragment)}</div>'
+    return f'<div class="figure">{_neutralize_fragment(_check_fragment(fragment))}</div>'
 
 
 def _cell(value: Any) -> str:
     if isinstance(value, float):
-        return html.escape(f"{value:.6g}")
+        return escape_text(f"{value:.6g}")
     if isinstance(value, (Mapping, list, tuple)):
-        return f"<code>{html.escape(json.dumps(to_jsonable(value), ensure_ascii=False))}</code>"
-    return html.escape(str(value))
+        return f"<code>{escape_text(json.dumps(to_jsonable(value), ensure_ascii=False))}</code>"
+    return escape_text(str(value))
 
 
 def _render_table(table: pd.DataFrame | Mapping[str, Any] | None) -> str:
     if table is None:
         return ""
     if isinstance(table, pd.DataFrame):
-        # escape=True escapes cells and headers; the formatter keeps floats short
+        # escape=True escapes cells and headers; controls are made visible first; the formatter keeps floats short
+        table = table.rename(columns=neutralize_controls).map(
+            lambda v: neutralize_controls(v) if isinstance(v, str) else v)
         return table.to_html(escape=True, index=False, border=0, classes="data", float_format=lambda v: f"{v:.4g}",
                              max_rows=200)
-    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_cell(v)}</td></tr>" for k, v in table.items())
+    rows = "".join(f"<tr><th>{escape_text(str(k))}</th><td>{_cell(v)}</td></tr>" for k, v in table.items())
     return f'<table class="data kv">{rows}</table>'
 
 
 def _render_text(text: str) -> str:
     paragraphs = [p for p in re.split(r"\n\s*\n", str(text)) if p.strip()]
-    return "".join(f'<p class="text">{html.escape(p)}</p>' for p in paragraphs)
+    return "".join(f'<p class="text">{escape_text(p)}</p>' for p in paragraphs)
 
 
 def _render_section(section: ReportSection, index: int, first_figure: int) -> tuple[str, int]:
     figures = [_render_figure(fig, first_figure + i) for i, fig in enumerate(section.figures)]
-    notes = "".join(f'<p class="muted">{html.escape(str(n))}</p>' for n in section.notes)
+    notes = "".join(f'<p class="muted">{escape_text(str(n))}</p>' for n in section.notes)
     body = (
-        f'<section id="section-{index}"><h2>{html.escape(section.title)}</h2>'
+        f'<section id="section-{index}"><h2>{escape_text(section.title)}</h2>'
         f"{_render_text(section.text)}{section.trusted_html}{_render_table(section.table)}{notes}"
         f"{''.join(figures)}</section>"
     )
@@ -297,19 +338,19 @@ def build_report(
     for i, section in enumerate(sections):
         body, next_figure = _render_section(section, i, next_figure)
         rendered.append(body)
-    toc = "".join(f'<li><a href="#section-{i}">{html.escape(s.title)}</a></li>' for i, s in enumerate(sections))
+    toc = "".join(f'<li><a href="#section-{i}">{escape_text(s.title)}</a></li>' for i, s in enumerate(sections))
     meta = _render_table(_flatten(metadata)) if metadata else ""
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f'<meta name="generator" content="lens_squash">\n<title>{html.escape(title)}</title>',
+        f'<meta name="generator" content="lens_squash">\n<title>{escape_text(title)}</title>',
         f"<style>{_STYLE}</style>",
         '<script type="text/javascript">window.PlotlyConfig = {MathJaxConfig: "local"};</script>',
         f'<script type="text/javascript">{_plotly_js()}</script>',
         "</head><body>",
-        f'<h1>{html.escape(title)}</h1><p class="muted">created {created} · {next_figure} figures · '
+        f'<h1>{escape_text(title)}</h1><p class="muted">created {created} · {next_figure} figures · '
         "works offline (plotly.js embedded)</p>",
         f"<nav><ol>{toc}</ol></nav>" if sections else "",
         f'<details><summary>metadata</summary>{meta}</details>' if meta else "",
