@@ -101,7 +101,9 @@ def check_flow_support(model) -> None:
 
     Covered: pre-norm blocks (LayerNorm, RMSNorm, their ``Pre`` forms, or none), standard or
     grouped-query attention, dense, gated or mixture-of-experts MLPs, attention-only models,
-    parallel attention+MLP blocks, and attention sinks (the pattern hooked is the one used).
+    parallel attention+MLP blocks, extra norms after each sublayer (Gemma-2's
+    ``use_normalization_before_and_after``: they act after ``hook_z``, so the captured ``∂z`` already
+    carries them) and attention sinks (the pattern hooked is the one used).
     """
     from transformer_lens.components import TransformerBlock
     from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
@@ -110,8 +112,6 @@ def check_flow_support(model) -> None:
     refusals = [
         (getattr(cfg, "original_architecture", None) in POST_NORM_ARCHITECTURES, "original_architecture",
          f"{cfg.original_architecture!r} is a post-norm architecture (the norm follows the sublayer)"),
-        (getattr(cfg, "use_normalization_before_and_after", False), "use_normalization_before_and_after",
-         "post-sublayer norms (ln1_post/ln2_post) are not modelled by the value-edge formula"),
         (getattr(cfg, "use_split_qkv_input", False), "use_split_qkv_input",
          "per-head query/key/value inputs are not hooked"),
         (getattr(cfg, "use_attn_in", False), "use_attn_in", "per-head attention inputs are not hooked"),

@@ -54,6 +54,7 @@ MODELS = {
     "attn_only": lambda: _config_model(attn_only=True, d_mlp=None, act_fn=None),
     "no_norm": lambda: _gpt2(norm=None),
     "ln_pre": lambda: _config_model(normalization_type="LNPre"),
+    "gemma_sandwich": lambda: _config_model(normalization_type="RMS", use_normalization_before_and_after=True),
 }
 
 
@@ -149,13 +150,14 @@ def test_mlp_part_is_the_mlp_vjp(model):
     for layer, block in enumerate(model.blocks):
         name = "hook_resid_pre" if model.cfg.parallel_attn_mlp else "hook_resid_mid"
         x = cache[f"blocks.{layer}.{name}"][0]
-        _, vjp = torch.func.vjp(lambda v, block=block: block.mlp(block.ln2(v[None]))[0], x)
+        _, vjp = torch.func.vjp(lambda v, block=block: block.apply_mlp(block.ln2(v[None]))[0], x)
         expected = torch.stack([vjp(g)[0] for g in grads.total[layer + 1]])
         torch.testing.assert_close(grads.mlp[layer], expected, rtol=1e-10, atol=1e-12)
 
 
 def _attention(block, query, value):
-    return block.attn(query_input=block.ln1(query), key_input=block.ln1(query), value_input=block.ln1(value))
+    out = block.attn(query_input=block.ln1(query), key_input=block.ln1(query), value_input=block.ln1(value))
+    return block.ln1_post(out) if hasattr(block, "ln1_post") else out  # Gemma-2's sandwich norm
 
 
 def test_pattern_and_value_parts_are_the_attention_vjps(model):
@@ -221,8 +223,8 @@ def _brute_edges(model, tokens, mode):
 
 
 @pytest.mark.parametrize("mode", ["exact", "frozen"])
-@pytest.mark.parametrize("make", [_gpt2, _llama, MODELS["ln_pre"], MODELS["no_norm"]],
-                         ids=["gpt2", "llama_gqa", "ln_pre", "no_norm"])
+@pytest.mark.parametrize("make", [_gpt2, _llama, MODELS["ln_pre"], MODELS["no_norm"], MODELS["gemma_sandwich"]],
+                         ids=["gpt2", "llama_gqa", "ln_pre", "no_norm", "gemma_sandwich"])
 def test_edge_and_head_norms_match_brute_force(make, mode):
     model = make()
     tokens = _tokens(5)
@@ -324,12 +326,6 @@ def test_flow_carries_bounds_and_serialises():
 def test_unsupported_blocks_are_refused_naming_the_field(field_name, kw):
     model = _config_model(**kw)
     with pytest.raises(UnsupportedModelError, match=f"cfg.{field_name}"):
-        flow(model, _tokens(), variants=())
-
-
-def test_post_sublayer_norms_are_refused():
-    model = _config_model(normalization_type="RMS", use_normalization_before_and_after=True)
-    with pytest.raises(UnsupportedModelError, match="use_normalization_before_and_after"):
         flow(model, _tokens(), variants=())
 
 
