@@ -379,3 +379,97 @@ def test_smollm2_decomposition_and_input_jacobian(smollm2):
     assert float(result.decomposition_error.max()) < 1e-5
     probes = _probes("sketch", 576, 8, 0, torch.float32, torch.device("cpu"))
     assert probes.shape == (8, 576)
+
+
+# --------------------------------------------------------------------------------------------------
+# connected paths
+# --------------------------------------------------------------------------------------------------
+
+
+def _enumerate(residual, edges, target, left_scale=None):
+    """Every causal path into ``target`` with its weight, by brute force: {source: [weights]}."""
+    L, E, n, _ = edges.shape
+    out = {i: [] for i in range(n)}
+
+    def walk(layer, position, weight, seq):
+        if layer < 0:
+            out[position].append((weight, tuple(reversed(seq))))
+            return
+        scale = 1.0 if left_scale is None else float(left_scale[layer, position])
+        walk(layer - 1, position, weight * scale * float(residual[layer, position]), seq + [position])
+        for e in range(E):
+            for key in range(n):
+                w = float(edges[layer, e, position, key])
+                if w > 0:
+                    walk(layer - 1, key, weight * scale * w, seq + [key])
+
+    walk(L - 1, target, 1.0, [target])
+    return out
+
+
+def test_top_paths_by_source_matches_enumeration():
+    from lens_squash.flow_paths import top_paths_by_source
+
+    gen = torch.Generator().manual_seed(0)
+    L, E, n = 3, 2, 4
+    edges = torch.rand(L, E, n, n, generator=gen, dtype=F64).tril()
+    residual = torch.rand(L, n, generator=gen, dtype=F64)
+    left = torch.rand(L, n, generator=gen, dtype=F64) + 0.5
+    found = top_paths_by_source(residual, edges, 3, k=4, left_scale=left)
+    brute = _enumerate(residual, edges, 3, left)
+    for source in range(n):
+        expected = sorted((w for w, _ in brute[source]), reverse=True)[:4]
+        got = [w for w, _, _ in found[source]]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-12, atol=0)
+        for w, positions, _ in found[source]:
+            assert positions[0] == source and positions[-1] == 3
+            assert any(abs(w - bw) < 1e-12 and bp == positions for bw, bp in brute[source])
+
+
+def test_graph_paths_shares_are_terms_of_the_bound():
+    from lens_squash.flow_paths import graph_paths
+
+    model = _gpt2()
+    tokens = _tokens(5)
+    graph = build_graph(trace(model, tokens), "rollout")
+    result = graph_paths(graph, -1, k=200)
+    bound = graph.row(4)
+    for source, found in result.paths.items():
+        # k is large enough to list every path here, so the shares of a source sum to one
+        assert abs(sum(p.share for p in found) - 1) < 1e-9
+        torch.testing.assert_close(torch.tensor(sum(p.weight for p in found), dtype=F64), bound[source])
+        for p in found:
+            assert abs(p.weight - float(graph.output_scale[4]) * torch.tensor(p.shares, dtype=F64).prod().item()) < 1e-12
+
+
+def test_flow_paths_are_connected_products_of_shares():
+    from lens_squash.flow_paths import flow_edge_shares
+
+    result = flow(_llama(), _tokens(6), mode="exact", variants=())
+    res_w, edge_w = flow_edge_shares(result.residual, result.mlp, result.edges)
+    out = res_w + edge_w.sum((1, 3))  # shares leaving each query position
+    reached = (result.residual + result.mlp + result.edges.sum((1, 3))) > 0
+    torch.testing.assert_close(out[reached], torch.ones_like(out[reached]))
+    found = result.top_paths(k=3)
+    assert set(found.paths) == set(range(result.n_tokens))
+    for source, paths_ in found.paths.items():
+        for p in paths_:
+            assert p.positions[0] == source and p.positions[-1] == result.target_pos
+            assert all(a <= b for a, b in zip(p.positions, p.positions[1:], strict=False))
+            assert abs(p.weight - torch.tensor(p.shares, dtype=F64).prod().item()) < 1e-12
+        assert [p.weight for p in paths_] == sorted((p.weight for p in paths_), reverse=True)
+    assert found.pattern_share.shape == (3,) and (found.pattern_share > 0).all()
+    json.dumps(found.to_dict())
+    with pytest.raises(ValueError, match="outside the prompt"):
+        result.top_paths(source=6)
+
+
+def test_select_paths_keeps_every_path_above_the_share():
+    from lens_squash.flow_paths import FlowPath, select_paths
+
+    paths_ = [FlowPath(w, w, (0, 1), (0,), (w,)) for w in (0.5, 0.3, 0.04, 0.026, 0.024, 0.001)]
+    kept = select_paths(paths_, min_share=0.05)
+    assert [p.share for p in kept] == [0.5, 0.3, 0.04, 0.026]  # 0.05 × 0.5 = 0.025
+    assert len(select_paths(paths_, min_share=0.0, max_paths=2)) == 2
+    with pytest.raises(ValueError, match="min_share"):
+        select_paths(paths_, min_share=1.5)
