@@ -1,0 +1,168 @@
+"""Independent references for the conformance suite and ``scripts/architectures.py``.
+
+``reference_jacobian`` differentiates ``y_n`` with ``torch.func.jacrev`` through a plain hooked pass
+of the *whole* model (no ``stop_at_layer``, no lens_squash code). Its frozen mode replays, as
+constants, every attention pattern and norm scale recorded in a clean pass, in call order (a norm
+with split Q/K/V inputs fires three times, with different head counts), instead of detaching them.
+``adversarial`` makes the weight edits that broke the bound before: post norms renormalising shrunk
+sublayers, gains that amplify what a sublayer writes, sharp patterns, heavy sinks.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+__all__ = ["ADVERSARIAL", "adversarial", "edit_in_place", "frozen_names", "reference_jacobian"]
+
+
+def frozen_names(model) -> list[str]:
+    """The hooks the frozen Jacobian holds fixed: every attention pattern and norm scale."""
+    return [n for n in model.hook_dict if n.endswith("attn.hook_pattern") or n.endswith(".hook_scale")]
+
+
+def _recorded(model, tokens: Tensor, names: list[str]) -> tuple[Tensor, dict[str, list[Tensor]]]:
+    values: dict[str, list[Tensor]] = defaultdict(list)
+    hooks = [(n, lambda x, hook: values[hook.name].append(x.detach().clone())) for n in names]
+    hooks.append(("blocks.0.hook_resid_pre", lambda x, hook: values["v0"].append(x.detach().clone())))
+    with torch.no_grad():
+        model.run_with_hooks(tokens[None], fwd_hooks=hooks)
+    return values.pop("v0")[0][0], values
+
+
+def reference_jacobian(model, tokens: Tensor, *, frozen: bool) -> Tensor:
+    """``∂y_n/∂v_i`` for every position i, ``[d_out, pos, d_in]``, by ``jacrev`` of the full model."""
+    names = frozen_names(model) if frozen else []
+    v0, values = _recorded(model, tokens, names)
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+
+    def f(v: Tensor) -> Tensor:
+        seen: dict[str, Tensor] = {}
+        calls: dict[str, int] = defaultdict(int)
+
+        def replay(x, hook):
+            value = values[hook.name][calls[hook.name]]
+            calls[hook.name] += 1
+            return value
+
+        def keep(x, hook):
+            seen["resid"] = x
+
+        # y_n inside the one full pass, so the final norm's scale is replayed like every other
+        out = "ln_final.hook_normalized" if "ln_final.hook_normalized" in model.hook_dict else last
+        hooks = [("blocks.0.hook_resid_pre", lambda x, hook: v[None]), *[(n, replay) for n in names], (out, keep)]
+        model.run_with_hooks(tokens[None], fwd_hooks=hooks)
+        y = seen["resid"][0, -1]
+        if out != last:
+            ln = model.ln_final
+            y = y * ln.w if hasattr(ln, "w") else y
+            y = y + ln.b if hasattr(ln, "b") else y
+        return y
+
+    return torch.func.jacrev(f)(v0).detach()
+
+
+def _norms(model):
+    for block in model.blocks:
+        for name in ("ln1", "ln2", "ln1_post", "ln2_post"):
+            gain = getattr(getattr(block, name, None), "w", None)
+            if gain is not None:
+                yield name, block, gain
+
+
+def _shrink(factor: float):
+    def edit(model):
+        for block in model.blocks:
+            block.attn.W_O.mul_(factor)
+            if hasattr(getattr(block, "mlp", None), "W_out"):
+                block.mlp.W_out.mul_(factor)
+    return edit
+
+
+def _amplifying_gains(model):
+    """Gains that amplify the coordinates a sublayer writes most (hurts output norms, OLMo-2 and Gemma-2)."""
+    for _, block, gain in _norms(model):
+        writes = block.attn.W_O.detach().double().pow(2).sum(dim=(0, 1)).sqrt()  # [d_model]
+        gain.copy_((1 + 30 * writes / writes.max()).to(gain.dtype))
+
+
+def _large_random_gains(model):
+    generator = torch.Generator().manual_seed(11)
+    for _, _, gain in _norms(model):
+        gain.copy_((10 ** (2.3 * torch.rand(gain.shape, generator=generator, dtype=torch.float64) - 1)).to(gain.dtype))
+
+
+def _split_gains(model):
+    """Sublayers that read one half of the coordinates and write the other, with tiny gains on the half
+    they read and large ones on the half they write: a gain counted on the wrong side of W_OV (or of
+    the MLP) is off by 64× per layer."""
+    d = model.cfg.d_model
+    read, write = torch.arange(d) < d // 2, torch.arange(d) >= d // 2
+    for block in model.blocks:
+        attn = block.attn
+        (attn._W_V if hasattr(attn, "_W_V") else attn.W_V)[:, write, :] = 0
+        attn.W_O[:, :, read] = 0
+        mlp = getattr(block, "mlp", None)
+        for name in ("W_in", "W_gate"):
+            if isinstance(getattr(mlp, name, None), torch.nn.Parameter):
+                getattr(mlp, name)[write, :] = 0
+        if isinstance(getattr(mlp, "W_out", None), torch.nn.Parameter):
+            mlp.W_out[:, read] = 0
+    for _, _, gain in _norms(model):
+        gain.copy_(torch.where(write, 8.0, 0.125).to(gain.dtype))
+
+
+def _cancelling_values(model):
+    """Two value dimensions whose contributions to W_V W_O cancel, one of them pushed into saturation by
+    its bias: under ``clip_qkv`` the clamp kills one and the head writes what ‖W_V W_O‖ says is zero."""
+    for block in model.blocks:
+        attn = block.attn
+        w_v = attn._W_V if hasattr(attn, "_W_V") else attn.W_V
+        b_v = attn._b_V if hasattr(attn, "_b_V") else attn.b_V
+        w_v[..., 1] = w_v[..., 0]
+        attn.W_O[:, 1, :] = -attn.W_O[:, 0, :]
+        attn.W_O[:, 2:, :] = 0  # so W_V W_O = 0 exactly
+        b_v[:, 0] = 10.0
+
+
+def _sharp(model):
+    """Sharp patterns and heavy learned sinks."""
+    for block in model.blocks:
+        block.attn.W_Q.mul_(6)
+        if hasattr(block.attn, "sinks"):
+            block.attn.sinks.add_(3.0)
+
+
+#: name -> in-place edit (run under no_grad)
+ADVERSARIAL = {
+    "shrink_0.3": _shrink(0.3),
+    "shrink_0.1": _shrink(0.1),
+    "shrink_0.01": _shrink(0.01),
+    "split_gains": _split_gains,
+    "cancelling_values": _cancelling_values,
+    "amplifying_gains": _amplifying_gains,
+    "large_random_gains": _large_random_gains,
+    "sharp_patterns": _sharp,
+}
+
+
+def adversarial(model, name: str):
+    with torch.no_grad():
+        ADVERSARIAL[name](model)
+    return model
+
+
+def edit_in_place(model, factor: float = 1.7) -> None:
+    """Scale block 1's W_O and MLP output weights in place, the way ablation and steering edit models."""
+    block = model.blocks[1]
+    with torch.no_grad():
+        block.attn.W_O.mul_(factor)
+        mlp = getattr(block, "mlp", None)
+        if mlp is None:
+            return
+        if hasattr(mlp, "W_out"):
+            mlp.W_out.mul_(factor)
+        for expert in getattr(mlp, "experts", []):
+            expert.W_out.weight.mul_(factor)

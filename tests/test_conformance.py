@@ -1,0 +1,137 @@
+"""Conformance: every architecture family TransformerLens 3.9 runs, against independent references.
+
+On one random-weight float64 model per family (``tests/families.py``): exact and frozen Jacobians
+equal ``jacrev`` of the whole model with constant replayed patterns and scales; the certified bound
+dominates the frozen Jacobian at every position, also under adversarial weights; traced patterns
+equal ``run_with_cache``; value norms and bounds do not depend on GQA grouping; every result moves
+after an in-place weight edit; refused families raise the typed refusal that names what to use.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lens_squash.jacobian import jacobian
+from lens_squash.support import UnsupportedModelError
+from lens_squash.trace import trace
+from lens_squash.variants import VARIANTS, path_bound
+
+from .families import FAMILIES, REFUSED, TOKENS, build
+from .reference import ADVERSARIAL, adversarial, edit_in_place, reference_jacobian
+
+CERTIFIABLE = sorted(set(FAMILIES) - set(REFUSED))
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    name = request.param
+    model = build(name)
+    return name, model, trace(model, TOKENS, lipschitz=True)
+
+
+def _spectral(full: torch.Tensor) -> torch.Tensor:
+    """Per-position spectral norms of a ``[d_out, pos, d_in]`` Jacobian."""
+    return torch.linalg.matrix_norm(full.permute(1, 0, 2), ord=2)
+
+
+def _assert_dominates(bound: torch.Tensor, truth: torch.Tensor, label) -> None:
+    truth = torch.cat([truth, truth.new_zeros(len(bound) - len(truth))])  # causal: later positions are 0
+    # float64 rounding: relative 1e-9, plus 1e-12 of the largest norm for entries that are 0 up to
+    # rounding (the cancelling-values attack makes W_V W_O vanish to ~1e-16)
+    slack = 1e-12 * float(truth.max())
+    assert (bound >= truth * (1 - 1e-9) - slack).all(), (label, float((bound / truth.clamp_min(1e-300)).min()))
+
+
+@pytest.mark.parametrize("mode", ["exact", "frozen"])
+def test_jacobians_equal_jacrev_of_the_whole_model(family, mode):
+    name, model, _ = family
+    got = jacobian(model, TOKENS, mode=mode, keep_full=True)
+    expected = reference_jacobian(model, TOKENS, frozen=mode == "frozen")[:, : got.n_tokens]
+    torch.testing.assert_close(got.full, expected, atol=1e-10, rtol=1e-10, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(got.spectral, _spectral(expected), atol=1e-10, rtol=1e-10)
+
+
+def test_traced_patterns_equal_run_with_cache(family):
+    name, model, t = family
+    _, cache = model.run_with_cache(TOKENS[None])
+    expected = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][0] for l in range(model.cfg.n_layers)])
+    torch.testing.assert_close(t.patterns, expected, atol=0, rtol=0)
+    for site, field in (("ln1", "ln1_scale"), ("ln2", "ln2_scale"), ("ln1_post", "ln1_post_scale")):
+        hook = f"blocks.0.{site}.hook_scale"
+        if hook in cache:  # the last call's scale, one per position (split inputs repeat it per head)
+            scale = cache[hook][0].reshape(len(TOKENS), -1)[:, 0]
+            torch.testing.assert_close(getattr(t, field)[0], scale, atol=0, rtol=0)
+
+
+def test_certified_dominates_the_frozen_jacobian(family):
+    name, model, t = family
+    if name in REFUSED:
+        with pytest.raises(UnsupportedModelError, match=REFUSED[name]) as caught:
+            path_bound(t, "certified", model=model)
+        assert "use " in str(caught.value).lower()  # says what to use instead
+        return
+    truth = _spectral(reference_jacobian(model, TOKENS, frozen=True))
+    for target in (-1, 6):
+        bound = path_bound(t, "certified", model=model, target=target).bound
+        expected = truth if target == -1 else _spectral(reference_jacobian(model, TOKENS[: target + 1], frozen=True))
+        _assert_dominates(bound, expected, (name, target))
+
+
+@pytest.mark.parametrize("attack", sorted(ADVERSARIAL))
+@pytest.mark.parametrize("name", CERTIFIABLE)
+def test_certified_dominates_under_adversarial_weights(name, attack):
+    model = adversarial(build(name, seed=3), attack)
+    t = trace(model, TOKENS, lipschitz=True)
+    bound = path_bound(t, "certified", model=model).bound
+    # jacobian(mode="frozen") equals the independent jacrev reference on every family (test above)
+    _assert_dominates(bound, jacobian(model, TOKENS, mode="frozen").spectral, (name, attack))
+
+
+def test_every_variant_runs_or_refuses_with_the_typed_error(family):
+    name, model, t = family
+    for variant in sorted(VARIANTS):
+        if name == "bidirectional" or (variant.startswith("certified") and name in REFUSED):
+            with pytest.raises(UnsupportedModelError):
+                path_bound(t, variant, model=model)
+            continue
+        bound = path_bound(t, variant, model=model).bound
+        assert torch.isfinite(bound).all() and (bound >= 0).all() and bound.sum() > 0, (name, variant)
+
+
+GQA = sorted(n for n, kw in FAMILIES.items() if kw.get("n_key_value_heads") and n not in REFUSED)
+
+
+@pytest.mark.parametrize("name", GQA)
+def test_results_are_invariant_to_gqa_grouping(name):
+    grouped = build(name)
+    flipped = not FAMILIES[name].get("ungroup_grouped_query_attention", False)
+    twin = build(name, ungroup_grouped_query_attention=flipped)
+    twin.load_state_dict(grouped.state_dict())
+    a, b = trace(grouped, TOKENS, lipschitz=True), trace(twin, TOKENS, lipschitz=True)
+    torch.testing.assert_close(a.patterns, b.patterns, atol=1e-13, rtol=0)
+    torch.testing.assert_close(a.value_norms, b.value_norms, atol=1e-13, rtol=1e-12)
+    for variant in ("value", "value_rownorm", "certified"):
+        torch.testing.assert_close(path_bound(a, variant, model=grouped).bound,
+                                   path_bound(b, variant, model=twin).bound, atol=0, rtol=1e-10)
+
+
+def _results(model):
+    t = trace(model, TOKENS, lipschitz=True)
+    out = {"y_last": t.y_last, "value_norms": t.value_norms, "exact": jacobian(model, TOKENS).spectral,
+           "frozen": jacobian(model, TOKENS, mode="frozen").spectral}
+    if t.mlp_gain is not None:
+        out["mlp_gain"] = t.mlp_gain
+    if "lipschitz_unsupported" not in t.metadata and model.cfg.attention_dir == "causal":
+        out["certified"] = path_bound(t, "certified", model=model).bound
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_result_changes_after_an_in_place_weight_edit(name):
+    model = build(name, seed=5)
+    before = _results(model)
+    edit_in_place(model)
+    after = _results(model)
+    for key, value in before.items():
+        assert not torch.equal(value, after[key]), (name, key)
