@@ -30,3 +30,197 @@ def test_every_option_with_a_default_shows_it(capsys, command):
         assert action.help, f"{command} {action.option_strings[0]} has no help text"
         if "default" not in action.help:  # those that describe their default in words keep the words
             assert f"(default: {action.default})" in text, (command, action.option_strings[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input: refused before the model loads, in one line that names the flag (issue 14)
+
+import json  # noqa: E402
+
+import lens_squash.models  # noqa: E402
+from lens_squash import cli  # noqa: E402
+
+
+@pytest.fixture()
+def no_load(monkeypatch):
+    """Fail the test if any command loads a model."""
+
+    def refuse(*args, **kwargs):
+        pytest.fail(f"the model was loaded for bad input ({args}, {kwargs})")
+
+    monkeypatch.setattr(lens_squash.models, "load_model", refuse)
+
+
+@pytest.fixture(scope="module")
+def tiny_random():
+    return lens_squash.models.load_model("tiny-random", n_ctx=256)
+
+
+@pytest.fixture()
+def loads_tiny(monkeypatch, tiny_random):
+    """Commands get the cached tiny-random model; returns the list of load calls."""
+    calls = []
+
+    def load(name, **kwargs):
+        calls.append(name)
+        return tiny_random
+
+    monkeypatch.setattr(lens_squash.models, "load_model", load)
+    return calls
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _refused(capsys, argv, flag: str, message: str) -> None:
+    code, out, err = _run(capsys, *argv)
+    assert code == 2 and out == "", (argv, out, err)
+    assert err.count("\n") == 1 and err.startswith(f"lens-squash {argv[0]}: error: "), err
+    assert flag in err and message in err, err
+
+
+BAD_FLAGS = [
+    (["sinks", "--clamp-layer", "-1"], "--clamp-layer", "must be >= 0"),
+    (["sinks", "--eps", "nan"], "--eps", "finite number in (0, 1)"),
+    (["sinks", "--eps", "1.5"], "--eps", "finite number"),
+    (["demo", "--ones", "-1"], "--ones", "between 0 and 2048, got -1"),
+    (["demo", "--ones", "100000"], "--ones", "got 100000"),
+    (["analyze", "--variants", ","], "--variants", "is empty"),
+    (["analyze", "--variants", "paper,papr"], "--variants", "unknown variant 'papr'"),
+    (["analyze", "--variants", "paper,paper"], "--variants", "more than once"),
+    (["analyze", "--prompt", "   "], "--prompt", "empty or only whitespace"),
+    (["analyze", "--probes", "0"], "--probes", "between 1 and"),
+    (["analyze", "--out", "/proc/lens_squash_x"], "--out", "is not writable"),
+    (["analyze", "--out", "/dev/null/sub"], "--out", "'/dev/null' exists and is not a folder"),
+    (["trace", "--prompt", "hi", "--json", "/tmp"], "--json", "is a folder"),
+    (["trace", "--prompt", "hi", "--n-ctx", "-5"], "--n-ctx", "between 1 and"),
+    (["trace", "--prompt", "hi", "--dtype", "int8"], "--dtype", "unknown dtype name 'int8'"),
+    (["tasks", "--samples", "0"], "--samples", "got 0"),
+    (["tasks", "--lengths", "5:1:1"], "--lengths", "start <= stop"),
+    (["tasks", "--task", "copy_middle"], "--task", "unknown task 'copy_middle'"),
+    (["tasks", "--task", "copy_last", "--modes", "cot"], "--modes", "copying tasks have only 'answer'"),
+    (["tasks", "--max-new-tokens", "4096"], "--max-new-tokens", "must fit --n-ctx 2048"),
+    (["tasks", "--batch-size", "0"], "--batch-size", "got 0"),
+    (["collapse", "--family", "nope"], "--family", "unknown family 'nope'"),
+    (["collapse", "--dtypes", "fp32,float32"], "--dtypes", "twice"),
+    (["collapse", "--window", "0"], "--window", "got 0"),
+]
+
+
+@pytest.mark.parametrize(("argv", "flag", "message"), BAD_FLAGS, ids=[" ".join(c[0]) for c in BAD_FLAGS])
+def test_bad_flags_are_refused_before_the_model_loads(capsys, no_load, argv, flag, message):
+    _refused(capsys, argv, flag, message)
+
+
+def test_an_existing_file_as_out_is_refused_and_left_alone(capsys, no_load, tmp_path):
+    target = tmp_path / "results"
+    target.write_text("previous")
+    _refused(capsys, ["sinks", "--out", str(target)], "--out", "is an existing file, not a folder")
+    assert target.read_text() == "previous" and [p.name for p in tmp_path.iterdir()] == ["results"]
+
+
+def test_a_layer_past_the_last_block_is_refused_after_loading_and_before_any_pass(
+    capsys, loads_tiny, tiny_random, monkeypatch, tmp_path
+):
+    def no_forward(*args, **kwargs):
+        pytest.fail("a forward pass ran before --clamp-layer was checked")
+
+    monkeypatch.setattr(type(tiny_random), "forward", no_forward)
+    n_layers = tiny_random.cfg.n_layers
+    code, out, err = _run(capsys, "sinks", "--model", "tiny-random", "--clamp-layer", str(n_layers),
+                          "--out", str(tmp_path / "s"))
+    assert code == 2 and loads_tiny == ["tiny-random"]
+    assert f"--clamp-layer {n_layers} is past this model's last block" in err and f"0 … {n_layers - 1}" in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_sinks_prints_words_not_nan_none_or_tuples(capsys, loads_tiny, tmp_path):
+    code, out, err = _run(capsys, "sinks", "--model", "tiny-random", "--out", str(tmp_path))
+    assert code == 0, err
+    assert "nan" not in out and "None" not in out and not any(f"({a}, {b})" in out for a in range(9) for b in range(9))
+    assert "phases: " in out and "massive" in out
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["metadata"]["command"] == "sinks"
+
+
+def test_trace_writes_its_json_file(capsys, loads_tiny, tmp_path):
+    path = tmp_path / "deep" / "trace.json"
+    code, out, err = _run(capsys, "trace", "--model", "tiny-random", "--prompt", "1 1 0", "--json", str(path))
+    assert code == 0, err
+    saved = json.loads(path.read_text())
+    assert saved["metadata"]["prompt"] == "1 1 0" and len(saved["tokens"]) == len(saved["str_tokens"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Ctrl-C: one line saying what was saved and how to resume, exit status 130
+
+
+def test_ctrl_c_during_any_command_is_one_line_and_exit_130(capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_load", interrupted)
+    code, out, err = _run(capsys, "analyze", "--model", "tiny-random", "--out", "/tmp/lens_squash_never")
+    assert code == cli.EXIT_INTERRUPTED == 130 and out == ""
+    assert err == ("lens-squash analyze: interrupted; nothing was saved (analyze writes its results when it "
+                   "finishes); run the same command again\n")
+
+
+def _with(argv: list[str], flag: str, value: str) -> list[str]:
+    """``argv`` with ``flag`` set to ``value`` (replaced where present, appended otherwise)."""
+    if flag not in argv:
+        return [*argv, flag, value]
+    at = argv.index(flag)
+    return [*argv[: at + 1], value, *argv[at + 2 :]]
+
+
+TASK_ARGS = ["tasks", "--model", "tiny-random", "--task", "copy_last", "--lengths", "2,3,4", "--samples", "1",
+             "--batch-size", "1", "--max-new-tokens", "4"]
+
+
+def test_tasks_interrupted_says_what_was_saved_then_resumes(capsys, loads_tiny, monkeypatch, tmp_path):
+    from lens_squash import tasks
+
+    real, calls = tasks.greedy_generate, []
+
+    def flaky(model, prompts, **kwargs):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(model, prompts, **kwargs)
+
+    monkeypatch.setattr(tasks, "greedy_generate", flaky)
+    out_dir = tmp_path / "run"
+    code, out, err = _run(capsys, *TASK_ARGS, "--out", str(out_dir))
+    assert code == 130
+    assert err.strip().splitlines()[-1] == (f"lens-squash tasks: interrupted; 1 rows are saved in {out_dir / 'results.jsonl'}; "
+                                            "run the same command again to resume from them")
+    code, out, err = _run(capsys, *TASK_ARGS, "--out", str(out_dir))
+    assert code == 0 and len(calls) == 4  # the saved row is not generated again
+    rows = (out_dir / "results.jsonl").read_text().splitlines()
+    assert len(rows) == 3 and len({json.loads(r)["fingerprint"] for r in rows}) == 1
+
+
+def test_tasks_refuses_to_resume_another_run_before_loading(capsys, loads_tiny, monkeypatch, tmp_path):
+    out_dir = tmp_path / "run"
+    assert _run(capsys, *TASK_ARGS, "--out", str(out_dir))[0] == 0
+    assert loads_tiny == ["tiny-random"]
+    before = (out_dir / "results.jsonl").read_bytes()
+    changed = [("--max-new-tokens", "5", "generation.max_new_tokens: 4 → 5"),
+               ("--dtype", "bf16", "model.dtype: 'float32' → 'bfloat16'"),
+               ("--seed", "3", "tasks.seed: 0 → 3"),
+               ("--model", "smollm2-135m-instruct", "model: 'tiny-random' → 'smollm2-135m-instruct'")]
+    for flag, value, field in changed:
+        code, out, err = _run(capsys, *_with(TASK_ARGS, flag, value), "--out", str(out_dir))
+        assert code == 2 and field in err and "--overwrite" in err and "holds results of a different run" in err, err
+    assert loads_tiny == ["tiny-random"]  # none of the refusals loaded a model
+    assert (out_dir / "results.jsonl").read_bytes() == before
+    code, out, err = _run(capsys, *_with(TASK_ARGS, "--max-new-tokens", "5"), "--out", str(out_dir), "--overwrite")
+    assert code == 0, err
+    rows = [json.loads(r) for r in (out_dir / "results.jsonl").read_text().splitlines()]
+    record = json.loads((out_dir / "results.fingerprint.json").read_text())
+    assert record["fingerprint"]["generation"]["max_new_tokens"] == 5
+    assert {r["fingerprint"] for r in rows} == {record["digest"]}
