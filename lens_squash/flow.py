@@ -282,7 +282,7 @@ class FlowGradients:
 
 
 class _FlowPass:
-    """One forward pass under :func:`torch.func.vjp`; :meth:`gradients` runs one batched backward."""
+    """One forward pass under :func:`torch.func.vjp`; :meth:`raw` runs one batched backward."""
 
     def __init__(self, model, tokens: Tensor, pos: int, frozen: bool):
         self.model, self.store = model, {}
@@ -292,26 +292,30 @@ class _FlowPass:
         _, self.vjp_fn = torch.func.vjp(_flow_function(model, tokens, pos, frozen, self.store), offsets)
         self.batched = torch.func.vmap(self.vjp_fn)
 
-    def gradients(self, rows: Tensor) -> FlowGradients:
+    def raw(self, rows: Tensor) -> dict[str, list[Tensor]]:
+        """Per point, one ``[row, pos, …]`` gradient per layer (no stacked copies)."""
         (grads,) = self.batched(rows)
-        L = self.model.cfg.n_layers
+        return {name: [g[:, 0] for g in values] for name, values in grads.items()}
 
-        def stack(name):
-            return torch.stack([g[:, 0] for g in grads[name]])
+    def forward_stack(self, name: str) -> Tensor | None:
+        values = [self.store.get(f"{name}.{layer}") for layer in range(self.model.cfg.n_layers)]
+        return None if values[0] is None else torch.stack(values)
 
-        scale = [self.store.get(f"scale.{layer}") for layer in range(L)]
-        total = stack("resid")
+    def gradients(self, rows: Tensor) -> FlowGradients:
+        raw = self.raw(rows)
+        total = torch.stack(raw["resid"])
+        scale = self.forward_stack("scale")
         return FlowGradients(
             total=total,
-            mid=stack("mid") if self.has_mid else total[1:],  # parallel blocks: attention reads g^(l+1)
-            mlp=stack("mlp") if self.has_mlp else None,
-            value=stack("v"),
-            pattern_query=stack("q"),
-            pattern_key=stack("k"),
-            dz=stack("z"),
-            patterns=torch.stack([self.store[f"pattern.{layer}"] for layer in range(L)]),
-            resid=torch.stack([self.store[f"resid.{layer}"] for layer in range(L)]),
-            scale=None if scale[0] is None else torch.stack([s[..., 0] for s in scale]),
+            mid=torch.stack(raw["mid"]) if self.has_mid else total[1:],  # parallel: attention reads g^(l+1)
+            mlp=torch.stack(raw["mlp"]) if self.has_mlp else None,
+            value=torch.stack(raw["v"]),
+            pattern_query=torch.stack(raw["q"]),
+            pattern_key=torch.stack(raw["k"]),
+            dz=torch.stack(raw["z"]),
+            patterns=self.forward_stack("pattern"),
+            resid=self.forward_stack("resid"),
+            scale=None if scale is None else scale[..., 0],
         )
 
 
@@ -388,13 +392,18 @@ def value_geometry(
 def _edge_terms(dz: Tensor, patterns: Tensor, geo: ValueGeometry) -> dict[str, Tensor]:
     """One layer's probe sums: ``t1[h, j] = Σ_r ∂zᵀG∂z``, ``t2[h, j, k] = Σ_r (ṽ_k·∂z_j)²`` and the
     same two for the per-(head, key) value vector ``W^h_k = Σ_j A_jk ∂z_j`` (``k1``, ``k2``)."""
-    dz = dz.double()  # [row, pos, head, d_head]
-    t1 = torch.einsum("rjhe,hef,rjhf->hj", dz, geo.gram, dz)
-    t2 = torch.einsum("rjhe,khe->rhjk", dz, geo.vtilde).pow(2).sum(0)
-    keyed = torch.einsum("hjk,rjhe->rkhe", patterns.double(), dz)
-    k1 = torch.einsum("rkhe,hef,rkhf->hk", keyed, geo.gram, keyed)
-    k2 = torch.einsum("rkhe,khe->rhk", keyed, geo.vtilde).pow(2).sum(0)
-    return {"t1": t1, "t2": t2, "k1": k1, "k2": k2}
+    # in the gradients' dtype (float32 sums of ~1e4 squares are good to ~1e-6), accumulated in float64
+    rows, n, heads, d_head = dz.shape
+    gram, vtilde = geo.gram.to(dz.dtype), geo.vtilde.to(dz.dtype)
+    by_head = dz.permute(2, 0, 1, 3)  # [head, row, pos, d_head]
+    t1 = (by_head @ gram[:, None] * by_head).sum((1, 3))
+    # one batched matmul per head: (ṽ_k · ∂z_rj) for every (r, j, k)
+    dots = by_head.reshape(heads, rows * n, d_head) @ vtilde.permute(1, 2, 0)  # [head, r·j, k]
+    t2 = dots.reshape(heads, rows, n, n).pow(2).sum(1)
+    keyed = torch.einsum("hjk,hrje->hrke", patterns.to(dz.dtype), by_head)
+    k1 = (keyed @ gram[:, None] * keyed).sum((1, 3))
+    k2 = torch.einsum("hrke,khe->hrk", keyed, vtilde).pow(2).sum(1)
+    return {"t1": t1.double(), "t2": t2.double(), "k1": k1.double(), "k2": k2.double()}
 
 
 def edge_norms(
@@ -662,42 +671,55 @@ def _check_probes(model, mode: str, n_probes: int) -> int:
     return n_probes
 
 
-class _Accumulator:
-    """Probe sums of squares, chunk by chunk (float64)."""
+def _sq(x: Tensor) -> Tensor:
+    """``Σ_r ‖x_{r,k}‖²`` per position, without a squared copy of ``x``."""
+    return torch.einsum("rpd,rpd->p", x, x).double()
 
-    def __init__(self):
+
+class _Accumulator:
+    """Probe sums of squares, chunk by chunk and layer by layer (float64)."""
+
+    def __init__(self, n_layers: int):
+        self.n_layers = n_layers
         self.sums: dict[str, Tensor] = {}
 
     def add(self, name: str, value: Tensor) -> None:
         self.sums[name] = value if name not in self.sums else self.sums[name] + value
 
-    def take(self, grads: FlowGradients, geometry: list[ValueGeometry]) -> None:
-        def sq(x):  # Σ_r ‖x_r,k‖² → [layer, pos]
-            return x.double().pow(2).sum(dim=(1, 3))
-
-        self.add("total", sq(grads.total))
-        self.add("value", sq(grads.value))
-        self.add("pattern", sq(grads.pattern))
-        if grads.mlp is not None:
-            self.add("mlp", sq(grads.mlp))
-        gap = grads.parts_sum().double() - grads.total[:-1].double()
-        self.add("gap", gap.pow(2).sum(dim=(1, 2, 3)))
+    def take(self, raw: dict[str, list[Tensor]], patterns: Tensor, geometry: list[ValueGeometry]) -> None:
+        total = raw["resid"]
+        self.add(f"total.{self.n_layers}", _sq(total[-1]))
         for layer, geo in enumerate(geometry):
-            for name, value in _edge_terms(grads.dz[layer], grads.patterns[layer], geo).items():
+            g, value = total[layer], raw["v"][layer]
+            pattern = raw["q"][layer] + raw["k"][layer]
+            self.add(f"total.{layer}", _sq(g))
+            self.add(f"value.{layer}", _sq(value))
+            self.add(f"pattern.{layer}", _sq(pattern))
+            parts = pattern.add_(value).add_(total[layer + 1])  # reuses pattern's buffer
+            if raw["mlp"]:
+                self.add(f"mlp.{layer}", _sq(raw["mlp"][layer]))
+                parts.add_(raw["mlp"][layer])
+            gap = parts.sub_(g)
+            self.add(f"gap.{layer}", _sq(gap).sum())
+            for name, value in _edge_terms(raw["z"][layer], patterns[layer], geo).items():
                 self.add(f"{name}.{layer}", value)
 
-    def stack(self, name: str, n_layers: int) -> Tensor:
+    def stack(self, name: str, n_layers: int | None = None) -> Tensor | None:
+        n_layers = self.n_layers if n_layers is None else n_layers
+        if f"{name}.0" not in self.sums:
+            return None
         return torch.stack([self.sums[f"{name}.{layer}"] for layer in range(n_layers)])
 
 
-def _geometry(model, grads: FlowGradients, frozen: bool) -> list[ValueGeometry]:
+def _geometry(model, flow_pass: _FlowPass, frozen: bool) -> list[ValueGeometry]:
     centred = model.cfg.normalization_type in ("LN", "LNPre")
+    resid, scale = flow_pass.forward_stack("resid"), flow_pass.forward_stack("scale")
     out = []
     for layer, block in enumerate(model.blocks):
         gain = getattr(block.ln1, "w", None)
         out.append(value_geometry(
-            grads.resid[layer], block.attn.W_V.detach(), None if gain is None else gain.detach(),
-            None if grads.scale is None else grads.scale[layer], centred=centred, frozen=frozen,
+            resid[layer], block.attn.W_V.detach(), None if gain is None else gain.detach(),
+            None if scale is None else scale[layer, :, 0], centred=centred, frozen=frozen,
         ))
     return out
 
@@ -749,17 +771,15 @@ def flow(
     budget = max_memory_bytes if max_memory_bytes is not None else int(MEMORY_FRACTION * available_memory(model.cfg.device))
     chunk = _choose_chunk(fixed, per, rows, chunk_size, budget)
     probes = _probes(mode, d_out, n_probes, seed, model.cfg.dtype, torch.device(model.cfg.device))
-    acc, frozen = _Accumulator(), mode == "frozen"
+    acc, frozen = _Accumulator(L), mode == "frozen"
     with steady_heap(), _without_parameter_grads(model), torch.enable_grad():
         flow_pass = _FlowPass(model, used, pos, frozen)
-        geometry = None
+        geometry = _geometry(model, flow_pass, frozen)
+        patterns = flow_pass.forward_stack("pattern")
         for start in range(0, rows, chunk):
-            grads = flow_pass.gradients(probes[start : start + chunk])
-            geometry = geometry or _geometry(model, grads, frozen)
-            acc.take(grads, geometry)
-            patterns = grads.patterns.double().cpu()
-            del grads
+            acc.take(flow_pass.raw(probes[start : start + chunk]), patterns, geometry)
         del flow_pass
+    patterns = patterns.double().cpu()
     factor = d_out / rows  # the sketch's unbiased scaling (1 for exact probes)
     inv_scale = torch.stack([g.inv_scale for g in geometry]).cpu()
     coef = torch.stack([g.coef for g in geometry]).cpu()
@@ -768,16 +788,17 @@ def flow(
     heads = inv_scale[:, None] * (k1 - coef[:, None] * k2).clamp_min(0).sqrt()
     out_dtype = torch.float64 if model.cfg.dtype == torch.float64 else torch.float32
 
-    def norm(name):
-        return None if name not in acc.sums else (factor * acc.sums[name]).sqrt().cpu().to(out_dtype)
+    def norm(name, n_layers=L):
+        sums = acc.stack(name, n_layers)
+        return None if sums is None else (factor * sums).sqrt().cpu().to(out_dtype)
 
-    total_sq = acc.sums["total"][:-1].sum(-1).clamp_min(torch.finfo(torch.float64).tiny)
+    total_sq = acc.stack("total").sum(-1).clamp_min(torch.finfo(torch.float64).tiny)
     str_tokens = tuple(model.to_str_tokens(used)) if model.tokenizer is not None else tuple(str(int(t)) for t in used)
     return SensitivityFlow(
         tokens=used.cpu(), str_tokens=str_tokens, target_pos=pos, mode=mode, n_probes=rows,
-        sensitivity=norm("total"), mlp=norm("mlp"), value=norm("value"), pattern=norm("pattern"),
+        sensitivity=norm("total", L + 1), mlp=norm("mlp"), value=norm("value"), pattern=norm("pattern"),
         value_heads=(factor**0.5 * heads).to(out_dtype), edges=(factor**0.5 * edges).to(out_dtype),
-        decomposition_error=(acc.sums["gap"] / total_sq).sqrt().cpu(),
+        decomposition_error=(acc.stack("gap") / total_sq).sqrt().cpu(),
         bounds=_bounds(model, used, pos, variants),
         metadata=provenance(
             model, n_prompt_tokens=int(tokens.shape[0]), n_tokens=n, target_pos=pos, mode=mode,
