@@ -782,7 +782,7 @@ def load_results(path: str | os.PathLike, *, allow_mixed: bool = False) -> TaskR
     elif path.suffix == ".json":
         rows = json.loads(path.read_text(encoding="utf-8"))
     elif path.suffix == ".jsonl":
-        rows = list(_read_jsonl(path, repair=False).values())
+        rows = _jsonl_rows(path)[0]  # every row: a repeated key from another run must stay visible
     else:
         raise ValueError(
             f"unknown results format {path.suffix!r} for {path}; use .csv, .json or .jsonl"
@@ -802,17 +802,15 @@ def load_results(path: str | os.PathLike, *, allow_mixed: bool = False) -> TaskR
     return TaskResults(frame, {"source": str(path)})
 
 
-def _read_jsonl(path: Path, *, repair: bool = True) -> dict[tuple, dict]:
-    """Complete rows of a results JSONL, keyed by (task, mode, length, sample).
+def _jsonl_rows(path: Path) -> tuple[list[dict], bool]:
+    """Every complete row of a results JSONL, in file order (repeats kept), and whether all lines were.
 
-    A line cut short by an interruption (no newline, or not valid JSON) is dropped and, with
-    ``repair``, the file is rewritten without it, so that appending continues from a clean end.
+    A line cut short (no newline, or not valid JSON; files written before saves were atomic) is skipped.
     """
     if not path.exists():
-        return {}
-    text = path.read_text(encoding="utf-8")
-    rows, clean = {}, True
-    for line in text.splitlines(keepends=True):
+        return [], True
+    rows, clean = [], True
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
         try:
             row = json.loads(line) if line.endswith("\n") else None
         except json.JSONDecodeError:
@@ -820,7 +818,18 @@ def _read_jsonl(path: Path, *, repair: bool = True) -> dict[tuple, dict]:
         if not isinstance(row, dict) or not set(_KEY) <= row.keys():
             clean = False
             continue
-        rows[tuple(row[k] for k in _KEY)] = row
+        rows.append(row)
+    return rows, clean
+
+
+def _read_jsonl(path: Path, *, repair: bool = True) -> dict[tuple, dict]:
+    """Complete rows of a results JSONL, keyed by (task, mode, length, sample).
+
+    A line cut short by an interruption is dropped and, with ``repair``, the file is rewritten
+    without it, so that saving continues from a clean file.
+    """
+    listed, clean = _jsonl_rows(path)
+    rows = {tuple(row[k] for k in _KEY): row for row in listed}
     if repair and not clean:
         write_jsonl_atomic(path, rows.values())
     return rows
@@ -932,8 +941,9 @@ def fingerprint_differences(stored: dict[str, Any], current: dict[str, Any], *, 
     fields ``current`` has (a check made before the model is loaded)."""
     old, new = _flat(stored), _flat(current)
     keys = new.keys() if partial else old.keys() | new.keys()
-    return [f"{key}: {old.get(key, '(absent)')!r} → {new.get(key, '(absent)')!r}"
-            for key in sorted(keys) if old.get(key) != new.get(key)]
+    absent = "(absent)"  # a field one side lacks differs even from None
+    return [f"{key}: {old.get(key, absent)!r} → {new.get(key, absent)!r}"
+            for key in sorted(keys) if (key in old, old.get(key)) != (key in new, new.get(key))]
 
 
 def fingerprint_path(out_path: str | os.PathLike) -> Path:
@@ -979,7 +989,7 @@ def check_run_folder(out_path: str | os.PathLike, fingerprint: dict[str, Any], *
         raise _refuse_mix(path, "; ".join(differences))
     if not partial:
         digest = record.get("digest")
-        foreign = {row.get("fingerprint") for row in _read_jsonl(path, repair=False).values()} - {digest}
+        foreign = {row.get("fingerprint") for row in _jsonl_rows(path)[0]} - {digest}
         if foreign:
             raise _refuse_mix(path, f"rows with fingerprints {sorted(map(str, foreign))} beside {digest!r}")
 

@@ -714,3 +714,107 @@ def test_run_tasks_refuses_a_mode_a_task_does_not_offer(chat_model, tmp_path):
     with pytest.raises(ValueError, match="copying tasks have only 'answer'"):
         tasks.run_tasks(chat_model, ["copy_last"], [2], 1, "cot", tmp_path)
     assert not any(tmp_path.iterdir())  # validated before any generation
+
+
+# ----------------------------------------------------------------------------------------------
+# Run fingerprints: a results folder never mixes runs (issue 14)
+
+
+def _reference_weights_sha256(model) -> str:
+    """Independent reference: every parameter's bytes through numpy, in one update each."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        digest.update(f"{name}|{str(param.dtype).removeprefix('torch.')}|{tuple(param.shape)}|".encode())
+        digest.update(param.detach().double().to(param.dtype).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_weights_hash_reads_every_byte(chat_model):
+    from lens_squash.models import tiny_model
+
+    twin = tiny_model(tokenizer="smollm2", n_ctx=256, d_model=16, n_heads=2, n_layers=1, seed=0)
+    assert tasks.weights_sha256(twin) == tasks.weights_sha256(chat_model) == _reference_weights_sha256(chat_model)
+    last = list(twin.parameters())[-1]
+    with torch.no_grad():  # one element of one tensor, far from any stride a sample would take
+        last.view(-1)[-1] = torch.nextafter(last.view(-1)[-1], torch.tensor(float("inf")))
+    assert tasks.weights_sha256(twin) != tasks.weights_sha256(chat_model)
+    assert tasks.weights_sha256(twin) == _reference_weights_sha256(twin)
+
+
+def test_fingerprint_differences_name_each_field():
+    old = {"model": {"name": "a", "dtype": "float32"}, "generation": {"max_new_tokens": 4}}
+    new = {"model": {"name": "b", "dtype": "float32"}, "generation": {"max_new_tokens": 4, "chat": None}}
+    assert tasks.fingerprint_differences(old, new) == ["generation.chat: '(absent)' → None", "model.name: 'a' → 'b'"]
+    assert tasks.fingerprint_differences(old, {"model": {"dtype": "float32"}}, partial=True) == []
+    assert tasks.fingerprint_digest(old) == tasks.fingerprint_digest(json.loads(json.dumps(old)))
+    assert tasks.fingerprint_digest(old) != tasks.fingerprint_digest(new)
+
+
+SMALL = {"task": "copy_last", "lengths": [2, 3], "n_samples": 1, "max_new_tokens": 3, "progress": False}
+
+
+def test_resuming_with_another_model_or_setting_is_refused_and_overwrite_starts_over(chat_model, tmp_path):
+    from lens_squash.models import tiny_model
+
+    out = tmp_path / "results.jsonl"
+    first = evaluate(chat_model, **SMALL, out_path=out)
+    before = out.read_bytes()
+    other = tiny_model(tokenizer="smollm2", n_ctx=256, d_model=16, n_heads=2, n_layers=1, seed=1)
+    with pytest.raises(ValueError, match=r"different run \(model.weights_sha256: '[0-9a-f]{64}' → '[0-9a-f]{64}'\)"):
+        evaluate(other, **SMALL, out_path=out)
+    with pytest.raises(ValueError, match=r"generation.max_new_tokens: 3 → 4.*overwrite=True"):
+        evaluate(chat_model, **{**SMALL, "max_new_tokens": 4}, out_path=out)
+    with pytest.raises(ValueError, match=r"generation.chat: None → False"):
+        evaluate(chat_model, **SMALL, chat=False, out_path=out)
+    assert out.read_bytes() == before  # refusals touch nothing
+    again = evaluate(other, **SMALL, out_path=out, overwrite=True)
+    assert set(again.frame.fingerprint) == {again.meta["fingerprint"]} != {first.meta["fingerprint"]}
+    stored = json.loads(tasks.fingerprint_path(out).read_text())
+    assert stored["digest"] == again.meta["fingerprint"]
+    assert stored["fingerprint"]["model"]["weights_sha256"] == tasks.weights_sha256(other)
+
+
+def test_rows_carry_the_fingerprint_so_a_merged_file_cannot_hide_a_mix(chat_model, tmp_path):
+    a = evaluate(chat_model, **SMALL)
+    b = evaluate(chat_model, **{**SMALL, "max_new_tokens": 4})
+    assert a.meta["fingerprint"] != b.meta["fingerprint"]
+    merged = pd.concat([a.frame, b.frame], ignore_index=True)
+    for suffix in (".csv", ".json", ".jsonl"):
+        path = save_results(merged, tmp_path / f"merged{suffix}")
+        with pytest.raises(ValueError, match="mix rows of 2 different runs"):
+            load_results(path)
+        with pytest.raises(ValueError, match="mix rows of 2 different runs"):
+            tasks.summarize_results(path)
+        assert len(load_results(path, allow_mixed=True).frame) == len(merged)
+    with pytest.raises(ValueError, match="mix rows of 2 different runs"):
+        tasks.summarize_results(merged)
+
+
+def test_a_results_file_with_foreign_rows_or_no_record_is_refused(chat_model, tmp_path):
+    out = tmp_path / "results.jsonl"
+    evaluate(chat_model, **SMALL, out_path=out)
+    lines = out.read_text().splitlines()
+    foreign = json.loads(lines[0]) | {"length": 9, "fingerprint": "0123456789abcdef"}
+    out.write_text("\n".join([*lines, json.dumps(foreign)]) + "\n")
+    with pytest.raises(ValueError, match="rows with fingerprints \\['0123456789abcdef'\\]"):
+        evaluate(chat_model, **SMALL, out_path=out)
+    tasks.fingerprint_path(out).unlink()
+    with pytest.raises(ValueError, match="no results.fingerprint.json, so what made its rows is unknown"):
+        evaluate(chat_model, **SMALL, out_path=out)
+
+
+def test_every_prompt_is_checked_against_the_context_before_the_first_reply(chat_model, monkeypatch, tmp_path):
+    def never(*args, **kwargs):
+        pytest.fail("generated before the over-long prompt was refused")
+
+    monkeypatch.setattr(tasks, "greedy_generate", never)
+    with pytest.raises(ValueError, match=r"the prompt has \d+ tokens but the model was loaded with n_ctx=256"):
+        tasks.run_tasks(chat_model, ["copy_first", "copy_last"], [2, 400], 1, "answer", tmp_path / "run",
+                        max_new_tokens=3, progress=False)
+    # fits alone, but not with the answer: the last task's longest prompt names itself
+    with pytest.raises(ValueError, match=r"\('copy_(first|last)', 'answer', 3, 0\) has \d+ tokens; with max_new_tokens=200"):
+        tasks.run_tasks(chat_model, ["copy_first", "copy_last"], [2, 3], 1, "answer", tmp_path / "run",
+                        max_new_tokens=200, progress=False)
+    assert not (tmp_path / "run").exists()
