@@ -621,7 +621,8 @@ class SinkReport:
         ]
         if self.rollout_mass is not None:
             rows.append(("rollout mass on token 0 (all layers)", f"{self.rollout_mass[-1]:.4f}"))
-        rows += [(name, f"{value:.3g}") for name, value in self.links.items()]
+        rows += [(name, f"{value:.3g}" if math.isfinite(value) else "— (no layers in this group)")
+                 for name, value in self.links.items()]
         rows += [(f"ρ({name})", f"{value:.2f}" if math.isfinite(value) else "undefined (constant curve)")
                  for name, value in self.correlations.items()]
         body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -235,6 +236,37 @@ def test_sink_report_on_a_planted_compression_valley():
     assert "SinkReport" in report._repr_html_()
     with pytest.raises(ValueError, match="resid_norms"):
         sink_report(planted_sinks(sink_weights, n), reps.norm(dim=-1)[:3])
+
+
+def test_report_describes_phases_massive_range_and_undefined_correlations_in_words():
+    n, d = 12, 16
+    massive = torch.tensor([1.0, 1.0, 50.0, 80.0, 60.0, 1.0, 1.0])
+    reps = torch.randn(7, n, d, dtype=F64)
+    reps[:, 0, 3] += massive.to(F64)
+    sink_weights = torch.tensor([0.1, 0.2, 0.9, 0.9, 0.9, 0.2])[:, None].expand(6, 4)
+    report = sink_report(planted_sinks(sink_weights, n), reps.norm(dim=-1), representations=reps)
+    assert report.phases == (2, 5)  # the planted valley, in words with inclusive ends
+    assert report.phase_text() == "residual streams: mix 0–1, compress 2–4, refine 5–6"
+    peak = int(report.norm_ratio.argmax())
+    assert report.massive_text().startswith("massive first-token activation in residual streams 2–4")
+    assert f"at {peak})" in report.massive_text()
+    # a constant sink-rate curve (no sinks at all) makes its correlations undefined: said, not "nan"
+    flat = sink_report(planted_sinks(torch.full((6, 4), 0.05), n), torch.ones(7, n, dtype=F64), representations=reps)
+    assert flat.massive_range is None and flat.massive_text().startswith("no massive activation")
+    undefined = [name for name, v in flat.correlations.items() if math.isnan(v)]
+    assert undefined, "the flat curves should make some correlation undefined"
+    lines = flat.correlation_lines()
+    assert len(lines) == len(flat.correlations) and not any("nan" in line for line in lines)
+    assert sum("undefined (one of the curves is constant" in line for line in lines) == len(undefined)
+    assert "nan" not in flat._repr_html_() and "None" not in flat._repr_html_()
+
+
+def test_phase_text_for_a_valley_at_either_end_and_none():
+    report = sink_report(planted_sinks(torch.full((3, 2), 0.5), 6), torch.ones(4, 6, dtype=F64))
+    assert report.phases is None and report.phase_text().startswith("no compression valley")
+    shaped = dataclasses.replace(report, entropy=torch.ones(4, dtype=F64), phases=(0, 4))
+    assert shaped.phase_text() == ("residual streams: no mix phase, compress 0–3, no refine phase "
+                                   "(the valley reaches the output)")
 
 
 # --- links to over-squashing -------------------------------------------------------------------------
