@@ -14,48 +14,39 @@ TransformerLens model (DESIGN §6):
 - per dtype three lengths: the first where the relative ∞-distance of ``y`` falls below the dtype's
   machine epsilon (``‖y − y*‖∞ < eps · ‖y‖∞``: the two vectors differ by less than the spacing of
   the dtype's numbers around ``y``'s largest entry, up to a factor 2), the first where ``y = y*``
-  exactly, and the first where the next-token predictions (argmax) agree.
+  exactly, and the first where the next-token predictions (argmax) agree — with whether that
+  agreement is *trivial* (both predict the repeated token ``a`` itself, i.e. continue the run) and
+  the first length where they agree on another token.
 
-**Families** (:data:`FAMILIES`) wrap sequences in the paper's verbatim Appendix C.1 prompts
-(:mod:`lens_squash.tasks`): (a) ``count_ones`` a run of ones against one more one, (b)
-``random_digits`` uniform random digits ending in ``1`` against ``1 1`` (Fig. 5 a, b), (c)
-``copy_ones`` copying a run of ones without commas and (d) ``copy_ones_commas`` the same with a comma
-every third digit (Fig. 5 c, d, the paper's mitigation). Our choice where the paper is silent:
-elements are written with no separator (``separator=""``, e.g. ``"1111"``). SmolLM2's tokenizer
-splits digits one per token, so each element is exactly one token and ``s* = s + [a]`` holds at the
-token level, the theorem's setting; pass ``separator=" "`` for tokenizers where ``" 1"`` is one token.
-For (d) the pair is ``n`` against ``n + 1`` ones in the comma format: when ``n`` is a multiple of
-three, ``s*`` gains ``",1"`` (two tokens) rather than a repeated ``1``; ``exact_repeat`` records which
-lengths are exact repeats. Every pair is checked at the token level: ``s*`` must be ``s`` with the
-tokens of the appended text inserted at the end of the sequence, else a ``ValueError`` explains the
-tokenisation problem.
+The prompt families live in :mod:`lens_squash.collapse_families` (re-exported here).
 
-**Causality makes it cheap.** In a causal model position ``t``'s representation depends only on
-tokens ``≤ t``, so every prompt that is a prefix of another is read off that one's forward pass.
-``open_ended=True`` stops the prompt right after the sequence (the chat template's header is kept,
-the user turn left open): the family is then prefix-closed and *one* forward pass per dtype covers
-all lengths. Otherwise (text after the sequence) the prompts are batched across lengths with
-right padding: a causal mask makes right padding exact (real positions never see the pads) while
-keeping absolute positions right, which left padding would not. Bidirectional models get neither
-trick: one exact-length pass per prompt.
+**Bit-level thresholds need bit-level passes.** The three thresholds are bit-level criteria, and
+sharing passes across prompts is exact only in exact arithmetic (:mod:`lens_squash.collapse_passes`
+explains why, with measurements). By default (``exact=True``) every distinct prompt runs in its own
+unpadded pass, bit for bit what separate ``model(tokens)`` calls give (path ``"separate"``).
+``exact=False`` takes the fast path: causality reads every prompt that is a prefix of a longer one
+off that one's pass (``open_ended=True`` stops the prompt right after the sequence, so the runs of
+ones need *one* pass per dtype; path ``"prefix"``), and otherwise batches lengths with right padding
+(path ``"batched"``). The fast path then measures its own **noise floor**: separate passes at
+``noise_samples`` evenly spread lengths, and the largest ``‖y_fast − y_separate‖∞ / ‖y_separate‖∞``
+over them and both prompts. Every threshold records the path it came from and that noise floor.
+Bidirectional models never share passes.
 
-**Dtypes and TransformerLens (3.9) upcasts.** A model copy per dtype is built from the same
-parameters (buffers such as the rotary tables recomputed at that dtype). TransformerLens computes
-``RMSNorm`` / ``LayerNorm`` in float32 for 16-bit models (``hook_scale`` and ``hook_normalized`` are
-float32, the result is cast back before the gain ``w``), builds rotary sin/cos in float32 (float64
-for float64 models) and the ALiBi bias in float32 before casting; attention scores, softmax,
-matmuls and the MLP run in the model's dtype. So every activation read here (residual streams,
-``y``, ``z``, logits) is already held in the dtype. By default differences are taken in float64 of
-what the model produced, and per-head outputs ``z W_O^h`` are formed in float64; ``native=True``
-casts every captured activation to the dtype first and forms ``z W_O^h`` in the dtype — the
-representations as the dtype holds them.
+**Dtypes and TransformerLens upcasts.** A model copy per dtype is built from the same parameters
+(buffers such as the rotary tables recomputed at that dtype). TransformerLens computes ``RMSNorm`` /
+``LayerNorm`` in float32 for 16-bit models (``hook_scale`` and ``hook_normalized`` are float32, the
+result is cast back before the gain ``w``), builds rotary sin/cos in float32 (float64 for float64
+models) and the ALiBi bias in float32 before casting; attention scores, softmax, matmuls and the MLP
+run in the model's dtype. So every activation read here (residual streams, ``y``, ``z``, logits) is
+already held in the dtype. By default differences are taken in float64 of what the model produced,
+and per-head outputs ``z W_O^h`` are formed in float64; ``native=True`` casts every captured
+activation to the dtype first and forms ``z W_O^h`` in the dtype — the representations as the dtype
+holds them.
 """
 
 from __future__ import annotations
 
-import copy
 import html
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,21 +57,39 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .attention import local_window_mask
+from .collapse_families import (
+    FAMILIES,
+    CollapseFamily,
+    _check_lengths,
+    _family,
+    _family_pairs,
+    family_pairs,
+)
+from .collapse_passes import (
+    NORMS,
+    PATHS,
+    PairMeasurement,
+    is_prefix_closed,
+    measure_pairs,
+    model_in_dtype,
+    relative_gap,
+)
 from .display import compact_repr
 from .models import resolve_dtype
 from .records import provenance, to_jsonable
-from .tasks import TASKS
 
 __all__ = [
     "DEFAULT_DTYPES",
     "FAMILIES",
     "NORMS",
+    "PATHS",
     "CollapseFamily",
     "CollapseResult",
     "PairMeasurement",
     "WindowSweepResult",
     "collapse_curve",
     "family_pairs",
+    "format_summary",
     "longest_distinguishable_run",
     "measure_pairs",
     "model_in_dtype",
@@ -89,194 +98,13 @@ __all__ = [
 ]
 
 DEFAULT_DTYPES: tuple[str, ...] = ("float64", "float32", "bfloat16", "float16")
-#: the vector norms every distance is reported in, as ``torch.linalg.vector_norm`` orders
-NORMS: dict[str, float] = {"inf": float("inf"), "1": 1.0, "2": 2.0}
 _INF = 0  # index of the ∞-norm in NORMS, used by the resolution criterion
+#: the threshold entries that are lengths (the others say how they were obtained)
+_LENGTH_KEYS = ("below_resolution", "exactly_zero", "same_prediction", "same_nontrivial_prediction")
 
 
 # ----------------------------------------------------------------------------------------------
-# Families
-
-
-@dataclass(frozen=True)
-class CollapseFamily:
-    """Prompt pairs ``(s, s*)``: ``sequences(n, separator, rng)`` gives the two sequence texts,
-    ``s*``'s text extending ``s``'s; ``template`` (with a ``{seq}`` slot) is the paper's prompt."""
-
-    name: str
-    description: str
-    template: str
-    sequences: Callable[[int, str, random.Random], tuple[str, str]]
-    paper: str
-
-
-def _ones(n: int, sep: str, rng: random.Random) -> tuple[str, str]:
-    return sep.join("1" * n), sep.join("1" * (n + 1))
-
-
-def _random_then_one(n: int, sep: str, rng: random.Random) -> tuple[str, str]:
-    # One seeded draw shared by all lengths (prefixes of it), so lengths are comparable.
-    digits = [str(rng.randrange(10)) for _ in range(n - 1)] + ["1"]
-    s = sep.join(digits)
-    return s, s + sep + "1"
-
-
-def _grouped(n: int, sep: str) -> str:
-    groups = [sep.join("1" * min(3, n - i)) for i in range(0, n, 3)]
-    return ",".join(groups)
-
-
-def _comma_ones(n: int, sep: str, rng: random.Random) -> tuple[str, str]:
-    return _grouped(n, sep), _grouped(n + 1, sep)
-
-
-#: the four prompt families of paper Fig. 5, by name
-FAMILIES: dict[str, CollapseFamily] = {
-    f.name: f
-    for f in (
-        CollapseFamily("count_ones", "(a) count a run of n ones vs n + 1 ones", TASKS["count_ones"].template,
-                       _ones, "Fig. 5a"),
-        CollapseFamily("random_digits", "(b) count ones in uniform random digits ending in 1 vs 1 1",
-                       TASKS["count_ones"].template, _random_then_one, "Fig. 5b"),
-        CollapseFamily("copy_ones", "(c) copy the last digit of a run of ones, no commas",
-                       TASKS["copy_last"].template, _ones, "Fig. 5c"),
-        CollapseFamily("copy_ones_commas", "(d) the same with a comma every third digit",
-                       TASKS["copy_last"].template, _comma_ones, "Fig. 5d"),
-    )
-}  # fmt: skip
-
-
-def _family(family: str | CollapseFamily) -> CollapseFamily:
-    if isinstance(family, CollapseFamily):
-        return family
-    if family not in FAMILIES:
-        raise ValueError(f"unknown collapse family {family!r}; use one of {', '.join(FAMILIES)}")
-    return FAMILIES[family]
-
-
-def _chat_frame(tokenizer) -> tuple[str, str]:
-    """The chat template's text before and after the user message."""
-    sentinel = "\x00LENS_SQUASH_MESSAGE\x00"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": sentinel}], add_generation_prompt=True, tokenize=False
-    )
-    head, _, tail = text.partition(sentinel)
-    return head, tail
-
-
-def _tokenize(model, text: str) -> list[int]:
-    ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
-    if model.cfg.default_prepend_bos and model.tokenizer.bos_token_id is not None and not text.startswith(
-        model.tokenizer.bos_token or "\x00"
-    ):
-        ids = [model.tokenizer.bos_token_id] + ids
-    return ids
-
-
-def _prompt_text(model, family: CollapseFamily, seq: str, chat: bool, open_ended: bool) -> str:
-    before, _, after = family.template.partition("{seq}")
-    message = before + seq + ("" if open_ended else after)
-    if not chat:
-        return message
-    if not getattr(model.tokenizer, "chat_template", None):
-        raise ValueError("this tokenizer has no chat template; call with chat=False")
-    head, tail = _chat_frame(model.tokenizer)
-    return head + message + ("" if open_ended else tail)
-
-
-def _check_insertion(s: list[int], s_star: list[int], appended: list[int], n: int) -> bool:
-    """``s*`` must be ``s`` with ``appended`` inserted once; returns whether it is a repeat of the
-    token before it (the theorem's exact ``s* = s + [a]``)."""
-    k = len(s_star) - len(s)
-    d = next((i for i, (a, b) in enumerate(zip(s, s_star, strict=False)) if a != b), len(s))
-    # With repeats the first difference is the end of a run, which is where the element goes.
-    ok = k == len(appended) and s_star[d + k:] == s[d:] and s_star[d:d + k] == appended
-    if not ok:
-        raise ValueError(
-            f"at length {n} the prompt s* is not s plus the appended element's tokens {appended}: the "
-            "repeated element tokenises differently in context (e.g. '1' vs ' 1', or digits merged into "
-            "multi-digit tokens). Pass a separator under which every element is its own token "
-            "(separator=' ' for GPT-2-style tokenizers, '' for digit-splitting ones like SmolLM2's)"
-        )
-    return k == 1 and d >= 1 and s_star[d] == s_star[d - 1]
-
-
-@dataclass(frozen=True, eq=False)
-class _Pairs:
-    s: list[list[int]]
-    s_star: list[list[int]]
-    exact_repeat: tuple[bool, ...]
-    appended: tuple[str, ...]
-
-
-def family_pairs(
-    model,
-    family: str | CollapseFamily,
-    lengths: Sequence[int],
-    *,
-    chat: bool = True,
-    open_ended: bool = False,
-    separator: str = "",
-    seed: int = 0,
-) -> tuple[list[Tensor], list[Tensor], tuple[bool, ...]]:
-    """Token ids of ``s`` and ``s*`` for each length, checked; and whether each is an exact repeat."""
-    pairs = _family_pairs(model, _family(family), _check_lengths(lengths), chat, open_ended, separator, seed)
-    as_t = lambda xs: [torch.tensor(x, dtype=torch.long) for x in xs]  # noqa: E731
-    return as_t(pairs.s), as_t(pairs.s_star), pairs.exact_repeat
-
-
-def _family_pairs(model, family, lengths, chat, open_ended, separator, seed) -> _Pairs:
-    if model.tokenizer is None:
-        raise ValueError("prompt families need a tokenizer; use measure_pairs with token ids instead")
-    s_all, star_all, exact, appended = [], [], [], []
-    for n in lengths:
-        seq, seq_star = family.sequences(n, separator, random.Random(seed))
-        if not seq_star.startswith(seq):
-            raise ValueError(f"family {family.name!r} gave an s* that does not extend s at length {n}")
-        s = _tokenize(model, _prompt_text(model, family, seq, chat, open_ended))
-        s_star = _tokenize(model, _prompt_text(model, family, seq_star, chat, open_ended))
-        extra = seq_star[len(seq):]
-        exact.append(_check_insertion(s, s_star, list(model.tokenizer(extra, add_special_tokens=False)["input_ids"]), n))
-        s_all.append(s)
-        star_all.append(s_star)
-        appended.append(extra)
-    return _Pairs(s_all, star_all, tuple(exact), tuple(appended))
-
-
-def _check_lengths(lengths: Sequence[int]) -> list[int]:
-    out = [int(n) for n in lengths]
-    if not out:
-        raise ValueError("lengths is empty; pass e.g. lengths=range(1, 65)")
-    if any(n < 1 for n in out) or any(n != float(m) for n, m in zip(out, lengths, strict=True)):
-        raise ValueError(f"lengths must be integers ≥ 1, got {list(lengths)}")
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Model copies per dtype and window masks
-
-
-def model_in_dtype(model, dtype: torch.dtype | str):
-    """``model`` itself if it already has ``dtype``, else a fresh copy with its parameters cast.
-
-    The copy is rebuilt from the config (not ``.to(dtype)``) so buffers — rotary tables, masks —
-    are computed at the new dtype exactly as TransformerLens would for a model loaded in it.
-    """
-    from transformer_lens import HookedTransformer
-
-    dtype = resolve_dtype(dtype)
-    if model.cfg.dtype == dtype:
-        return model
-    cfg = copy.deepcopy(model.cfg)
-    cfg.dtype = dtype
-    cfg.init_weights = False
-    twin = HookedTransformer(cfg, tokenizer=model.tokenizer, move_to_device=False)
-    params = {name: p.detach().to(dtype) for name, p in model.named_parameters()}
-    missing, unexpected = twin.load_state_dict(params, strict=False)
-    buffers = {name for name, _ in twin.named_buffers()}
-    if unexpected or set(missing) - buffers:
-        raise ValueError(f"could not copy the model to {dtype}: missing {missing}, unexpected {unexpected}")
-    return twin.to(model.cfg.device, print_details=False).eval()
+# Window masks
 
 
 def window_hooks(n_layers: int, window: int) -> list[tuple[str, Callable]]:
@@ -291,170 +119,6 @@ def window_hooks(n_layers: int, window: int) -> list[tuple[str, Callable]]:
 
     return [(f"blocks.{layer}.attn.hook_attn_scores", mask) for layer in range(n_layers)]
 
-
-# ----------------------------------------------------------------------------------------------
-# The measurement core: token pairs in, distances out
-
-
-@dataclass(frozen=True, eq=False)
-class PairMeasurement:
-    """Distances between ``s`` and ``s*`` for one dtype (see :func:`measure_pairs`)."""
-
-    sites: tuple[str, ...]
-    distances: Float[Tensor, "length site norm"]
-    reference: Float[Tensor, "length site norm"]
-    head_distances: Float[Tensor, "length head"]
-    predictions: Int[Tensor, "length 2"]
-    logits_equal: Bool[Tensor, "length"]
-    forward_tokens: int
-    n_passes: int
-    n_rows: int
-
-
-def _plan_rows(seqs: list[list[int]], causal: bool) -> tuple[list[list[int]], list[tuple[int, int]]]:
-    """Rows to run and, per sequence, ``(row, position of its last token)``.
-
-    In a causal model a sequence that is a prefix of a row is read off that row (longest first)."""
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    rows: list[list[int]] = []
-    where: list[tuple[int, int]] = [(0, 0)] * len(seqs)
-    for i in order:
-        seq = seqs[i]
-        hit = next((r for r, row in enumerate(rows) if causal and row[: len(seq)] == seq), None)
-        if hit is None:
-            rows.append(seq)
-            hit = len(rows) - 1
-        where[i] = (hit, len(seq) - 1)
-    return rows, where
-
-
-def _batches(rows: list[list[int]], causal: bool, batch_tokens: int) -> list[list[int]]:
-    """Group row indices; bidirectional models only batch rows of equal length (no padding)."""
-    order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
-    groups: list[list[int]] = []
-    for r in order:
-        if groups:
-            g = groups[-1]
-            width = len(rows[g[0]])
-            fits = (len(g) + 1) * width <= batch_tokens and (causal or len(rows[r]) == width)
-            if fits:
-                g.append(r)
-                continue
-        groups.append([r])
-    return groups
-
-
-def _capture_hooks(model, store: dict, rows_idx: Tensor, pos_idx: Tensor) -> list:
-    def grab(name):
-        def hook(value, hook):
-            store[name] = value[rows_idx, pos_idx].detach()
-        return hook
-
-    n_layers = model.cfg.n_layers
-    hooks = [(f"blocks.{layer}.hook_resid_pre", grab(f"resid.{layer}")) for layer in range(n_layers)]
-    return hooks + [(f"blocks.{n_layers - 1}.attn.hook_z", grab("z"))]
-
-
-def _run_batch(model, rows: list[list[int]], rows_idx: Tensor, pos_idx: Tensor, extra_hooks, native: bool):
-    """One padded forward pass; returns ``[site, item, d_model]``, per-head outputs, logits."""
-    width = max(len(r) for r in rows)
-    tokens = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        tokens[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    padded = bool((mask == 0).any())
-    left = model.tokenizer is not None and getattr(model.tokenizer, "padding_side", "right") == "left"
-    kwargs = {"attention_mask": mask.to(model.cfg.device)} if padded or left else {}
-    store: dict[str, Tensor] = {}
-    hooks = _capture_hooks(model, store, rows_idx, pos_idx) + list(extra_hooks)
-    with torch.no_grad():
-        resid = model.run_with_hooks(
-            tokens.to(model.cfg.device), fwd_hooks=hooks, stop_at_layer=model.cfg.n_layers, **kwargs
-        )
-        post = resid[rows_idx, pos_idx]
-        final = model.ln_final(post) if hasattr(model, "ln_final") else post
-        logits = model.unembed(final[:, None])[:, 0]
-        w_o = model.blocks[-1].attn.W_O.detach()  # [head, d_head, d_model]
-        z = store["z"]  # [item, head, d_head]
-        heads = torch.einsum("ihd,hdm->ihm", z, w_o) if native else torch.einsum(
-            "ihd,hdm->ihm", z.double(), w_o.double()
-        )
-    sites = [store[f"resid.{layer}"] for layer in range(model.cfg.n_layers)] + [post, final]
-    cast = (lambda t: t.to(model.cfg.dtype).double()) if native else (lambda t: t.double())
-    return torch.stack([cast(s) for s in sites]).cpu(), cast(heads).cpu(), logits.cpu()
-
-
-def _site_names(n_layers: int) -> tuple[str, ...]:
-    return tuple(f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)) + (
-        f"blocks.{n_layers - 1}.hook_resid_post",
-        "ln_final",
-    )
-
-
-def _norms(x: Tensor) -> Tensor:
-    return torch.stack([torch.linalg.vector_norm(x, ord=p, dim=-1) for p in NORMS.values()], dim=-1)
-
-
-def measure_pairs(
-    model,
-    s: Sequence[Tensor | list[int]],
-    s_star: Sequence[Tensor | list[int]],
-    *,
-    native: bool = False,
-    fwd_hooks: Sequence = (),
-    batch_tokens: int = 8192,
-) -> PairMeasurement:
-    """Distances between the last token of each ``s[i]`` and of ``s_star[i]`` at every site.
-
-    Causal models run the fewest rows that contain every sequence as a prefix (one row for a
-    prefix-closed family), right-padded and batched up to ``batch_tokens`` tokens per pass.
-    """
-    if len(s) != len(s_star) or not s:
-        raise ValueError(f"pass one s* per s (got {len(s)} and {len(s_star)}), at least one pair")
-    seqs = [[int(t) for t in x] for x in list(s) + list(s_star)]
-    longest = max(len(x) for x in seqs)
-    if longest > model.cfg.n_ctx:
-        too_long = [i % len(s) for i, x in enumerate(seqs) if len(x) > model.cfg.n_ctx]
-        raise ValueError(
-            f"a prompt has {longest} tokens but the model's n_ctx is {model.cfg.n_ctx} (pair index "
-            f"{too_long[0]}); drop the longer lengths or load the model with a larger n_ctx"
-        )
-    if min(len(x) for x in seqs) == 0:
-        raise ValueError("a prompt has no tokens; every s and s* needs at least one token")
-    causal = model.cfg.attention_dir == "causal"
-    rows, where = _plan_rows(seqs, causal)
-    n_items = len(seqs)
-    resid = heads = logits = None
-    batches = _batches(rows, causal, batch_tokens)
-    for group in batches:
-        local = {r: i for i, r in enumerate(group)}
-        items = [i for i in range(n_items) if where[i][0] in local]
-        rows_idx = torch.tensor([local[where[i][0]] for i in items])
-        pos_idx = torch.tensor([where[i][1] for i in items])
-        out_sites, out_heads, out_logits = _run_batch(
-            model, [rows[r] for r in group], rows_idx, pos_idx, fwd_hooks, native
-        )
-        if resid is None:
-            resid = torch.zeros(out_sites.shape[0], n_items, out_sites.shape[-1], dtype=torch.float64)
-            heads = torch.zeros(n_items, *out_heads.shape[1:], dtype=torch.float64)
-            logits = torch.zeros(n_items, out_logits.shape[-1], dtype=out_logits.dtype)
-        idx = torch.tensor(items)
-        resid[:, idx], heads[idx], logits[idx] = out_sites, out_heads, out_logits
-    n = len(s)
-    sites = _site_names(model.cfg.n_layers)
-    a, b = resid[:, :n], resid[:, n:]
-    return PairMeasurement(
-        sites=sites,
-        distances=_norms(a - b).permute(1, 0, 2),
-        reference=_norms(a).permute(1, 0, 2),
-        head_distances=torch.linalg.vector_norm(heads[:n] - heads[n:], dim=-1),
-        predictions=torch.stack([logits[:n].argmax(-1), logits[n:].argmax(-1)], dim=-1),
-        logits_equal=(logits[:n] == logits[n:]).all(-1),
-        forward_tokens=sum(len(rows[r]) for g in batches for r in g),
-        n_passes=len(batches),
-        n_rows=len(rows),
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,6 +136,10 @@ class CollapseResult:
 
     ``distances[d, i, site, norm]`` is ``‖x(s) − x(s*)‖`` at length ``lengths[i]`` in dtype
     ``dtypes[d]``; ``reference`` the same norm of ``x(s)``; norms are ordered as :data:`NORMS`.
+    ``repeated_token[i]`` is the token id of the repeated element ``a``; ``paths[dtype]`` the path
+    (:data:`PATHS`) every number of that dtype came from, ``noise_floor[dtype]`` the fast path's
+    measured largest relative change of ``y`` against separate passes at ``noise_lengths`` (``None``
+    on the exact path, which *is* separate passes).
     """
 
     family: str
@@ -485,7 +153,11 @@ class CollapseResult:
     logits_equal: Bool[Tensor, "dtype length"]
     n_tokens: Int[Tensor, "length"]
     exact_repeat: tuple[bool, ...]
+    repeated_token: Int[Tensor, "length"]
     prefix_closed: bool
+    paths: dict[str, str]
+    noise_floor: dict[str, float | None]
+    noise_lengths: tuple[int, ...]
     forward_tokens: dict[str, int]
     naive_tokens: int
     native: bool
@@ -505,23 +177,37 @@ class CollapseResult:
         values = self.relative() if relative else self.distances
         return values[:, :, -1, list(NORMS).index(norm)]
 
-    def thresholds(self) -> dict[str, dict[str, int | None]]:
-        """Per dtype, the first length where ``y`` is below resolution, exactly equal, and where the
-        argmax predictions agree (``None``: not within the measured lengths)."""
+    def trivial_agreement(self) -> Bool[Tensor, "dtype length"]:
+        """Both prompts predict the repeated token itself: the run just continues, which says
+        nothing about whether the model can tell ``s`` from ``s*``."""
+        p = self.predictions
+        return (p[..., 0] == p[..., 1]) & (p[..., 0] == self.repeated_token)
+
+    def thresholds(self) -> dict[str, dict[str, Any]]:
+        """Per dtype: the first length where ``y`` is below resolution, exactly equal, where the
+        argmax predictions agree (and whether that agreement is trivial), and where they agree on a
+        token other than the repeated one (``None``: not within the measured lengths); then the
+        ``path`` they came from and its ``noise_floor`` (``None``: exact)."""
         lengths = self.lengths.tolist()
-        rel = self.final("inf")
+        rel, trivial = self.final("inf"), self.trivial_agreement()
         out = {}
         for d, name in enumerate(self.dtypes):
+            same = self.predictions[d, :, 0] == self.predictions[d, :, 1]
+            first_same = _first(lengths, same)
             out[name] = {
                 "below_resolution": _first(lengths, rel[d] < self.resolutions[name]),
                 "exactly_zero": _first(lengths, self.distances[d, :, -1, _INF] == 0),
-                "same_prediction": _first(lengths, self.predictions[d, :, 0] == self.predictions[d, :, 1]),
+                "same_prediction": first_same,
+                "same_prediction_trivial": None if first_same is None else bool(trivial[d, lengths.index(first_same)]),
+                "same_nontrivial_prediction": _first(lengths, same & ~trivial[d]),
+                "path": self.paths[name],
+                "noise_floor": self.noise_floor[name],
             }
         return out
 
     def summary(self) -> pd.DataFrame:
-        """One row per dtype: resolution, the three lengths (``<NA>``: not reached within the measured
-        lengths), and the relative distance at the ends."""
+        """One row per dtype: resolution, the relative distance at the ends, the threshold lengths
+        (``<NA>``: not reached within the measured lengths), the path and its noise floor."""
         rel, th = self.final("inf"), self.thresholds()
         rows = []
         for d, name in enumerate(self.dtypes):
@@ -536,7 +222,8 @@ class CollapseResult:
         frame = pd.DataFrame(rows).set_index("dtype")
         # a threshold not reached within the measured lengths is <NA> in every column alike (pandas
         # would show None in one column and NaN in another)
-        return frame.astype({name: "Int64" for name in th[self.dtypes[0]]})
+        return frame.astype({**{key: "Int64" for key in _LENGTH_KEYS}, "same_prediction_trivial": "boolean",
+                             "noise_floor": "Float64"})
 
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable({
@@ -544,9 +231,11 @@ class CollapseResult:
             "sites": list(self.sites), "norms": list(NORMS), "distances": self.distances,
             "reference": self.reference, "head_distances": self.head_distances,
             "predictions": self.predictions, "logits_equal": self.logits_equal, "n_tokens": self.n_tokens,
-            "exact_repeat": list(self.exact_repeat), "prefix_closed": self.prefix_closed,
-            "forward_tokens": self.forward_tokens, "naive_tokens": self.naive_tokens, "native": self.native,
-            "resolutions": self.resolutions, "thresholds": self.thresholds(), "metadata": self.metadata,
+            "exact_repeat": list(self.exact_repeat), "repeated_token": self.repeated_token,
+            "prefix_closed": self.prefix_closed, "paths": self.paths, "noise_floor": self.noise_floor,
+            "noise_lengths": list(self.noise_lengths), "forward_tokens": self.forward_tokens,
+            "naive_tokens": self.naive_tokens, "native": self.native, "resolutions": self.resolutions,
+            "thresholds": self.thresholds(), "metadata": self.metadata,
         })
 
     __repr__ = compact_repr
@@ -555,10 +244,9 @@ class CollapseResult:
         frame = self.summary()
         head = (
             f"<b>Representational collapse</b> family <code>{html.escape(self.family)}</code>, "
-            f"lengths {int(self.lengths[0])}…{int(self.lengths[-1])}, "
-            f"{'one pass per dtype (prefix-closed)' if self.prefix_closed else 'batched passes'}<br>"
+            f"lengths {int(self.lengths[0])}…{int(self.lengths[-1])}; {html.escape(_path_note(self))}<br>"
         )
-        return head + frame.to_html(escape=True, float_format=lambda v: f"{v:.3e}")
+        return head + frame.to_html(escape=True, float_format=lambda v: f"{v:.3e}", na_rep="-")
 
     def plot(self, kind: str = "dtypes", dtype: str | None = None):
         """``kind="dtypes"``: relative ∞-distance of ``y`` per dtype with each resolution dashed;
@@ -581,6 +269,35 @@ class CollapseResult:
         raise ValueError(f"kind must be 'dtypes' or 'heads', got {kind!r}")
 
 
+def _path_note(result: CollapseResult) -> str:
+    if set(result.paths.values()) == {"separate"}:
+        return "every prompt in its own unpadded pass (bit for bit as separate passes)"
+    lengths = ", ".join(str(n) for n in result.noise_lengths)
+    return (f"shared passes (prefix: read off a longer prompt's pass; batched: right-padded rows); noise floor "
+            f"= largest ‖y_shared − y_separate‖∞ / ‖y_separate‖∞ at lengths {lengths}")
+
+
+def format_summary(result: CollapseResult) -> str:
+    """:meth:`CollapseResult.summary` as plain text for a terminal: ``-`` where a threshold was not
+    reached (or a noise floor does not apply), then what the columns and the path mean."""
+    table = result.summary()
+    for column in table.columns:
+        if str(table[column].dtype) in ("Int64", "boolean", "Float64"):  # to_string's na_rep skips <NA>
+            values = table[column].astype(object)
+            if str(table[column].dtype) == "Float64":
+                values = values.map(lambda v: f"{v:.3g}", na_action="ignore")
+            table[column] = values.where(table[column].notna(), "-")
+    with pd.option_context("display.float_format", "{:.3g}".format, "display.width", 200):
+        text = table.to_string()
+    return "\n".join([
+        text,
+        "(a length column is the first length where that happened; - means not within the measured lengths)",
+        "(same_prediction_trivial: both prompts predict the repeated token itself, i.e. continue the run;",
+        " same_nontrivial_prediction: the first length where they agree on another token)",
+        f"(path: {_path_note(result)})",
+    ])
+
+
 def collapse_curve(
     model,
     family: str | CollapseFamily,
@@ -594,39 +311,78 @@ def collapse_curve(
     window: int | None = None,
     seed: int = 0,
     batch_tokens: int = 8192,
+    exact: bool = True,
+    noise_samples: int = 3,
 ) -> CollapseResult:
     """Measure representational collapse of ``family`` at each length (number of sequence elements)
-    in each dtype. See the module docstring for the sites, norms, thresholds and the two tricks.
+    in each dtype. See the module docstring for the sites, norms, thresholds and the paths.
 
-    ``window`` restricts every layer to a causal local window of that many keys (Appendix C.6).
+    ``exact=True`` runs every distinct prompt in its own unpadded pass, so the thresholds are those
+    of separate passes bit for bit. ``exact=False`` shares passes (prefix trick, right-padded batches
+    of ``batch_tokens``) and measures the noise floor against separate passes at ``noise_samples``
+    evenly spread lengths. ``window`` restricts every layer to a causal local window of that many
+    keys (Appendix C.6).
     """
     fam = _family(family)
     lengths = _check_lengths(lengths)
+    _check_path_args(exact, noise_samples)
     dtype_names = tuple(str(resolve_dtype(d)).removeprefix("torch.") for d in dtypes)
     if not dtype_names:
         raise ValueError("pass at least one dtype, e.g. dtypes=('float32',)")
     pairs = _family_pairs(model, fam, lengths, chat, open_ended, separator, seed)
     hooks = window_hooks(model.cfg.n_layers, window) if window is not None else []
-    measured = {}
+    sample = () if exact else _spread(len(lengths), noise_samples)
+    measured, noise, tokens = {}, {}, {}
     for name in dtype_names:
         twin = model_in_dtype(model, name)
-        measured[name] = measure_pairs(twin, pairs.s, pairs.s_star, native=native, fwd_hooks=hooks,
-                                       batch_tokens=batch_tokens)
+        measured[name], noise[name], tokens[name] = _measure_dtype(
+            twin, pairs, sample, native=native, hooks=hooks, batch_tokens=batch_tokens, exact=exact
+        )
         del twin
     first = measured[dtype_names[0]]
     stack = lambda attr: torch.stack([getattr(measured[d], attr) for d in dtype_names])  # noqa: E731
+    causal = model.cfg.attention_dir == "causal"
     return CollapseResult(
         family=fam.name, lengths=torch.tensor(lengths), dtypes=dtype_names, sites=first.sites,
         distances=stack("distances"), reference=stack("reference"), head_distances=stack("head_distances"),
         predictions=stack("predictions"), logits_equal=stack("logits_equal"),
         n_tokens=torch.tensor([len(x) for x in pairs.s]), exact_repeat=pairs.exact_repeat,
-        prefix_closed=first.n_rows == 1,
-        forward_tokens={d: m.forward_tokens for d, m in measured.items()},
+        repeated_token=torch.tensor(pairs.repeated), prefix_closed=causal and is_prefix_closed(pairs.s + pairs.s_star),
+        paths={d: m.path for d, m in measured.items()}, noise_floor=noise,
+        noise_lengths=tuple(lengths[i] for i in sample), forward_tokens=tokens,
         naive_tokens=sum(len(x) + len(y) for x, y in zip(pairs.s, pairs.s_star, strict=True)),
         native=native,
         metadata=provenance(model, family=fam.name, chat=chat, open_ended=open_ended, separator=separator,
-                            window=window, seed=seed, appended=list(pairs.appended)),
+                            window=window, seed=seed, appended=list(pairs.appended), exact=exact),
     )
+
+
+def _check_path_args(exact: bool, noise_samples: int) -> None:
+    if not isinstance(exact, bool):
+        raise TypeError(f"exact must be True (separate passes) or False (shared passes), got {exact!r}")
+    if isinstance(noise_samples, bool) or not isinstance(noise_samples, int):
+        raise TypeError(f"noise_samples must be an int (lengths checked against separate passes), got {noise_samples!r}")
+    if not exact and noise_samples < 1:
+        raise ValueError(f"exact=False needs noise_samples ≥ 1 to measure its noise floor, got {noise_samples}")
+
+
+def _spread(n: int, k: int) -> tuple[int, ...]:
+    """``k`` indices spread evenly over ``range(n)``, both ends included (fewer if ``n < k``)."""
+    if k == 1 or n == 1:
+        return (0,)
+    return tuple(sorted({round(i * (n - 1) / (k - 1)) for i in range(k)}))
+
+
+def _measure_dtype(twin, pairs, sample, *, native, hooks, batch_tokens, exact):
+    """One dtype: the measurement, its noise floor (``None`` when exact) and the tokens it cost."""
+    measured = measure_pairs(twin, pairs.s, pairs.s_star, native=native, fwd_hooks=hooks,
+                             batch_tokens=batch_tokens, separate=exact)
+    if exact:
+        return measured, None, measured.forward_tokens
+    check = measure_pairs(twin, [pairs.s[i] for i in sample], [pairs.s_star[i] for i in sample], native=native,
+                          fwd_hooks=hooks, separate=True)
+    return measured, relative_gap(measured.y[list(sample)], check.y), measured.forward_tokens + check.forward_tokens
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -694,10 +450,11 @@ def window_sweep(
     separator: str = "",
     bound: bool = True,
     seed: int = 0,
+    exact: bool = True,
 ) -> WindowSweepResult:
-    """Rerun :func:`collapse_curve` (model dtype) with every layer restricted to each window ``w``,
-    and the rollout path bound (``variants.path_bound(trace, "rollout")``) of ``s`` traced under the
-    same mask: its share on the first token and on the last one, per length."""
+    """Rerun :func:`collapse_curve` (model dtype, ``exact`` as there) with every layer restricted to
+    each window ``w``, and the rollout path bound (``variants.path_bound(trace, "rollout")``) of ``s``
+    traced under the same mask: its share on the first token and on the last one, per length."""
     from .trace import trace as run_trace
 
     fam, lengths = _family(family), _check_lengths(lengths)
@@ -705,7 +462,7 @@ def window_sweep(
     s_tokens = family_pairs(model, fam, lengths, chat=chat, open_ended=open_ended, separator=separator, seed=seed)[0]
     for w in windows:
         curves.append(collapse_curve(model, fam, lengths, (model.cfg.dtype,), chat=chat, open_ended=open_ended,
-                                     separator=separator, window=w, seed=seed))
+                                     separator=separator, window=w, seed=seed, exact=exact))
         shares = [_bound_shares(model, run_trace, toks, w) for toks in s_tokens] if bound else []
         first.append([f for f, _ in shares] or [float("nan")] * len(lengths))
         last.append([v for _, v in shares] or [float("nan")] * len(lengths))
@@ -741,11 +498,15 @@ def longest_distinguishable_run(
     family: str | CollapseFamily = "count_ones",
     chat: bool = True,
     open_ended: bool = True,
+    exact: bool = True,
 ) -> tuple[dict[str, int], CollapseResult]:
     """Per dtype, the longest run of ones ``n ≤ max_len`` such that every run up to ``n`` gets a final
     representation different from one more one (``y(n) ≠ y(n+1)`` bit for bit); ``max_len`` means no
-    collapse was seen (a lower bound). Open-ended prompts by default: one forward pass per dtype."""
-    curve = collapse_curve(model, family, range(1, max_len + 1), dtypes, chat=chat, open_ended=open_ended)
+    collapse was seen (a lower bound). Consecutive lengths share prompts (``s*`` at ``n`` is ``s`` at
+    ``n + 1``), so the exact path costs one pass per run length; ``exact=False`` reads every length
+    off one open-ended pass per dtype, within the noise floor the result reports."""
+    curve = collapse_curve(model, family, range(1, max_len + 1), dtypes, chat=chat, open_ended=open_ended,
+                           exact=exact)
     longest = {}
     for name, th in curve.thresholds().items():
         longest[name] = max_len if th["exactly_zero"] is None else th["exactly_zero"] - 1

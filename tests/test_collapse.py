@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
@@ -10,6 +11,7 @@ from lens_squash.collapse import (
     CollapseFamily,
     collapse_curve,
     family_pairs,
+    format_summary,
     measure_pairs,
     model_in_dtype,
     window_hooks,
@@ -93,27 +95,38 @@ def test_comma_family_marks_which_pairs_are_exact_repeats(rotary):
 @pytest.mark.parametrize("open_ended", [True, False])
 def test_shared_passes_equal_separate_passes(model_name, open_ended, request):
     """The prefix trick (open_ended) and right-padded batching (text after the sequence) both give
-    the distances of one separate forward pass per prompt, for rotary and absolute positions."""
+    the distances of one separate forward pass per prompt (in float64, to rounding), for rotary and
+    absolute positions; the exact path runs each distinct prompt once."""
     model = request.getfixturevalue(model_name)
     lengths = [1, 3, 8, 20]
-    result = collapse_curve(model, "count_ones", lengths, ("float64",), chat=True, open_ended=open_ended,
-                            batch_tokens=200)
     s, s_star, _ = family_pairs(model, "count_ones", lengths, chat=True, open_ended=open_ended)
     expected = _brute_distances(model, s, s_star)
-    torch.testing.assert_close(result.distances[0, :, :, 0], expected, atol=1e-12, rtol=1e-9)
-    assert result.prefix_closed == open_ended
-    if open_ended:  # one pass over the longest prompt serves all lengths
-        assert result.forward_tokens["float64"] == len(s_star[-1])
+    for exact in (True, False):
+        result = collapse_curve(model, "count_ones", lengths, ("float64",), chat=True, open_ended=open_ended,
+                                batch_tokens=200, exact=exact, noise_samples=2)
+        torch.testing.assert_close(result.distances[0, :, :, 0], expected, atol=1e-12, rtol=1e-9)
+        assert result.prefix_closed == open_ended
+    # separate passes: one per distinct prompt (s* at length 1 is s at length 2: no sharing here)
+    exact = collapse_curve(model, "count_ones", lengths, ("float64",), chat=True, open_ended=open_ended)
+    assert exact.forward_tokens["float64"] == exact.naive_tokens and exact.paths == {"float64": "separate"}
+    if open_ended:  # one pass over the longest prompt serves all lengths, plus the two noise lengths alone
+        noise = {tuple(x.tolist()) for i in (0, len(lengths) - 1) for x in (s[i], s_star[i])}
+        assert result.forward_tokens["float64"] == len(s_star[-1]) + sum(map(len, noise))
+        assert result.paths == {"float64": "prefix"} and result.noise_lengths == (1, 20)
 
 
 def test_batching_random_digits_equals_separate_passes(absolute):
     lengths = [2, 5, 9]
-    result = collapse_curve(absolute, "random_digits", lengths, ("float64",), chat=False, batch_tokens=64)
+    result = collapse_curve(absolute, "random_digits", lengths, ("float64",), chat=False, batch_tokens=64,
+                            exact=False)
     s, s_star, _ = family_pairs(absolute, "random_digits", lengths, chat=False)
     torch.testing.assert_close(result.distances[0, :, :, 0], _brute_distances(absolute, s, s_star),
                                atol=1e-12, rtol=1e-9)
     # text follows the sequence, so no prompt is a prefix of another: every prompt is its own row
-    assert result.forward_tokens["float64"] == result.naive_tokens and not result.prefix_closed
+    assert not result.prefix_closed and result.paths == {"float64": "separate"}  # one row per pass
+    batched = collapse_curve(absolute, "random_digits", lengths, ("float64",), chat=False, exact=False)
+    torch.testing.assert_close(batched.distances, result.distances, atol=1e-12, rtol=1e-9)
+    assert batched.paths == {"float64": "batched"}
 
 
 def test_bidirectional_models_get_separate_exact_passes():
@@ -158,8 +171,10 @@ def test_model_in_dtype_casts_parameters_and_rebuilds_buffers(rotary):
 
 def test_dtype_sweep_thresholds_and_native_mode(rotary):
     lengths = list(range(1, 60, 4))
-    default = collapse_curve(rotary, "count_ones", lengths, ("float64", "bfloat16"), chat=False, open_ended=True)
-    native = collapse_curve(rotary, "count_ones", lengths, ("bfloat16",), chat=False, open_ended=True, native=True)
+    default = collapse_curve(rotary, "count_ones", lengths, ("float64", "bfloat16"), chat=False, open_ended=True,
+                             exact=False)
+    native = collapse_curve(rotary, "count_ones", lengths, ("bfloat16",), chat=False, open_ended=True, native=True,
+                            exact=False)
     # TransformerLens hands back residuals, y and logits already in bf16: native changes none of them
     torch.testing.assert_close(native.distances[0], default.distances[1], atol=0, rtol=0)
     th = default.thresholds()
@@ -218,3 +233,150 @@ def test_window_sweep_reports_distance_and_bound(rotary):
     # a narrow window cuts the sink path: the rollout bound's first-token share falls at length 12
     assert sweep.bound_first_share[1, -1] < sweep.bound_first_share[0, -1]
     assert sweep.summary().shape[0] == 3 and len(sweep.plot("bound").data) >= 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Bit-level thresholds: the exact path against separate single-prompt passes
+
+
+@pytest.fixture(scope="module")
+def wide_heads():
+    """d_head = 64 like SmolLM2: on this CPU the prefix trick is already off by float32 ulps here."""
+    return tiny_model(n_layers=2, n_heads=1, d_model=64, d_head=64, n_ctx=200, tokenizer="smollm2",
+                      positional="rotary", norm="RMS", gated_mlp=True, act_fn="silu", dtype=torch.float32, seed=3)
+
+
+def _alone(model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sites, y and logits of the last token from this one prompt run by itself, unpadded."""
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens[None])
+        n_layers = model.cfg.n_layers
+        post = cache[f"blocks.{n_layers - 1}.hook_resid_post"]
+        y = model.ln_final(post)[0, -1]  # the final norm over the whole sequence, as the forward pass applies it
+    sites = [cache[f"blocks.{layer}.hook_resid_pre"][0, -1] for layer in range(n_layers)] + [post[0, -1], y]
+    return torch.stack(sites).double(), y, logits[0, -1]
+
+
+def _first_length(lengths, flags):
+    return next((n for n, f in zip(lengths, flags.tolist(), strict=True) if f), None)
+
+
+@pytest.mark.parametrize(("family", "open_ended", "dtype"), [
+    ("count_ones", False, "float32"), ("count_ones", False, "bfloat16"), ("count_ones", False, "float16"),
+    ("count_ones", True, "bfloat16"), ("random_digits", True, "float32"), ("random_digits", True, "bfloat16"),
+    ("count_ones", True, "float32"),
+])
+def test_exact_path_equals_separate_passes_bit_for_bit(wide_heads, dtype, family, open_ended):
+    """Every site's distance, the predictions and the thresholds equal those of each prompt run by
+    itself — bit for bit. (On the 2-core development machine the prefix trick is off by float32 ulps
+    on this model at length 90 read off the 196-token prompt of length 160: see collapse_passes.)"""
+    lengths = [1, 4, 11] if not open_ended or dtype != "float32" else [1, 90, 160]
+    result = collapse_curve(wide_heads, family, lengths, (dtype,), chat=True, open_ended=open_ended)
+    twin = model_in_dtype(wide_heads, dtype)
+    s, s_star, _ = family_pairs(wide_heads, family, lengths, chat=True, open_ended=open_ended)
+    alone = [(_alone(twin, a), _alone(twin, b)) for a, b in zip(s, s_star, strict=True)]
+    for i, ((sites_a, _, logits_a), (sites_b, _, logits_b)) in enumerate(alone):
+        assert torch.equal(result.distances[0, i, :, 0], (sites_a - sites_b).abs().amax(-1))
+        assert torch.equal(result.reference[0, i, :, 0], sites_a.abs().amax(-1))
+        assert result.predictions[0, i].tolist() == [int(logits_a.argmax()), int(logits_b.argmax())]
+        assert bool(result.logits_equal[0, i]) == torch.equal(logits_a, logits_b)
+    eps = torch.finfo(getattr(torch, dtype)).eps
+    rel = torch.tensor([float((ya - yb).double().abs().max() / ya.double().abs().max())
+                        for (_, ya, _), (_, yb, _) in alone])
+    zero = torch.tensor([torch.equal(ya, yb) for (_, ya, _), (_, yb, _) in alone])
+    same = torch.tensor([int(la.argmax()) == int(lb.argmax()) for (_, _, la), (_, _, lb) in alone])
+    th = result.thresholds()[dtype]
+    assert th["below_resolution"] == _first_length(lengths, rel < eps)
+    assert th["exactly_zero"] == _first_length(lengths, zero)
+    assert th["same_prediction"] == _first_length(lengths, same)
+    assert th["path"] == "separate" and th["noise_floor"] is None
+
+
+def test_fast_path_reports_its_noise_floor_against_separate_passes(wide_heads):
+    lengths = [1, 4, 90, 120, 160]  # on the development machine the prefix trick drifts at 90 here
+    s, s_star, _ = family_pairs(wide_heads, "count_ones", lengths, chat=True, open_ended=True)
+    for dtype in ("float32",):
+        result = collapse_curve(wide_heads, "count_ones", lengths, (dtype,), open_ended=True, exact=False,
+                                noise_samples=3)
+        assert result.noise_lengths == (1, 90, 160) and result.paths[dtype] == "prefix"
+        twin = model_in_dtype(wide_heads, dtype)
+        fast = measure_pairs(twin, s, s_star)
+        gaps = []
+        for i in (0, 2, 4):
+            for tokens, y_fast in ((s[i], fast.y[i, 0]), (s_star[i], fast.y[i, 1])):
+                y_alone = _alone(twin, tokens)[1].double()
+                gaps.append(float((y_fast - y_alone).abs().max() / y_alone.abs().max()))
+        assert result.noise_floor[dtype] == max(gaps)
+        assert result.thresholds()[dtype]["noise_floor"] == max(gaps)
+        assert result.summary().loc[dtype, "path"] == "prefix"
+
+
+def _rigged(token: str):
+    """A tiny model whose unembedding bias makes ``token`` the prediction after every prompt."""
+    model = tiny_model(n_layers=1, n_heads=2, d_model=16, n_ctx=160, tokenizer="smollm2", positional="rotary",
+                       norm="RMS", dtype=torch.float32, seed=5)
+    with torch.no_grad():
+        model.unembed.b_U[model.tokenizer.convert_tokens_to_ids(token)] = 1e4
+    return model
+
+
+def test_same_prediction_says_when_the_agreement_is_the_repeated_token():
+    lengths = [2, 5, 9]
+    trivial = collapse_curve(_rigged("1"), "count_ones", lengths, ("float32",), chat=False, open_ended=True)
+    th = trivial.thresholds()["float32"]
+    assert trivial.repeated_token.tolist() == [trivial.predictions[0, 0, 0].item()] * 3
+    assert th["same_prediction"] == 2 and th["same_prediction_trivial"] is True
+    assert th["same_nontrivial_prediction"] is None and trivial.trivial_agreement().all()
+    other = collapse_curve(_rigged("7"), "count_ones", lengths, ("float32",), chat=False, open_ended=True)
+    th = other.thresholds()["float32"]
+    assert th["same_prediction"] == 2 and th["same_prediction_trivial"] is False
+    assert th["same_nontrivial_prediction"] == 2 and not other.trivial_agreement().any()
+    row = trivial.summary().loc["float32"]
+    assert bool(row["same_prediction_trivial"]) and row["same_nontrivial_prediction"] is pd.NA
+
+
+def test_format_summary_shows_paths_noise_and_unreached_thresholds(rotary):
+    exact = collapse_curve(rotary, "count_ones", [2, 4], ("float64",), chat=False, open_ended=True)
+    text = format_summary(exact)
+    assert "separate" in text and "bit for bit" in text
+    # float64 on a random model never collapses at length 4: the unreached lengths print as '-'
+    assert exact.thresholds()["float64"]["exactly_zero"] is None
+    row = next(line for line in text.splitlines() if line.startswith("float64"))
+    assert " - " in row + " "
+    fast = collapse_curve(rotary, "count_ones", [2, 4], ("float64",), chat=False, open_ended=True, exact=False)
+    text = format_summary(fast)
+    assert "prefix" in text and "noise floor" in text and "lengths 2, 4" in text
+    assert exact.to_dict()["paths"] == {"float64": "separate"} and fast.to_dict()["noise_floor"]["float64"] >= 0
+
+
+def test_path_arguments_are_checked(rotary):
+    with pytest.raises(TypeError, match="exact must be True"):
+        collapse_curve(rotary, "count_ones", [2], ("float64",), exact="yes")
+    with pytest.raises(ValueError, match="noise_samples"):
+        collapse_curve(rotary, "count_ones", [2], ("float64",), exact=False, noise_samples=0)
+
+
+@pytest.mark.slow
+def test_smollm2_bfloat16_thresholds_equal_separate_passes(smollm2):
+    """The default family (count_ones, text after the run, chat template) in bfloat16: every
+    threshold equals the one separate model(tokens) calls give. Consecutive lengths share prompts."""
+    lengths = [29, 30, 31, 32]
+    result = collapse_curve(smollm2, "count_ones", lengths, ("bfloat16",))
+    twin = model_in_dtype(smollm2, "bfloat16")
+    s, s_star, _ = family_pairs(smollm2, "count_ones", lengths)
+    runs = {}
+    for x in list(s) + list(s_star):
+        key = tuple(x.tolist())
+        if key not in runs:
+            with torch.no_grad():
+                runs[key] = _alone(twin, x)[1:]
+    pairs = [(runs[tuple(a.tolist())], runs[tuple(b.tolist())]) for a, b in zip(s, s_star, strict=True)]
+    rel = torch.tensor([float((ya - yb).double().abs().max() / ya.double().abs().max()) for (ya, _), (yb, _) in pairs])
+    torch.testing.assert_close(result.final("inf")[0], rel.double(), rtol=0, atol=0)
+    th = result.thresholds()["bfloat16"]
+    eps = torch.finfo(torch.bfloat16).eps
+    assert th["below_resolution"] == _first_length(lengths, rel < eps)
+    assert th["exactly_zero"] == _first_length(lengths, torch.tensor([torch.equal(a[0], b[0]) for a, b in pairs]))
+    same = torch.tensor([int(la.argmax()) == int(lb.argmax()) for (_, la), (_, lb) in pairs])
+    assert th["same_prediction"] == _first_length(lengths, same)
+    assert th["path"] == "separate" and result.forward_tokens["bfloat16"] == sum(map(len, runs))
