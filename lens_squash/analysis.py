@@ -39,7 +39,8 @@ class Analysis:
 
     trace: Trace
     bounds: dict[str, PathBound]
-    spectral: SpectralReport
+    #: ``None`` when the model's attention is not row-stochastic (learned sinks); see ``skipped``
+    spectral: SpectralReport | None
     jacobian: JacobianResult | None
     table: pd.DataFrame | None
     comparisons: dict[str, Comparison]
@@ -83,7 +84,7 @@ class Analysis:
             "jacobian": None if self.jacobian is None else self.jacobian.to_dict(),
             "comparisons": {name: c.to_dict() for name, c in self.comparisons.items()},
             "best_variant": self.best_variant,
-            "spectral": self.spectral.to_dict(),
+            "spectral": None if self.spectral is None else self.spectral.to_dict(),
             "sinks": self.sinks.to_dict(),
             "seconds": self.seconds,
             "skipped": dict(self.skipped),
@@ -106,6 +107,15 @@ def _timed(seconds: dict[str, float], name: str, fn, *args, **kwargs):
     result = fn(*args, **kwargs)
     seconds[name] = round(time.perf_counter() - started, 3)
     return result
+
+
+def _check_causal(model) -> None:
+    cfg = getattr(model, "cfg", None)
+    if getattr(cfg, "attention_dir", "causal") != "causal":
+        raise UnsupportedModelError(
+            f"this model's attention is {cfg.attention_dir!r}, not causal: the over-squashing analysis follows "
+            "causal paths to the last token (Theorem B.5) and needs a decoder-only model"
+        )
 
 
 def _plan_variants(model, variants: Sequence[str] | None) -> tuple[tuple[str, ...], dict[str, str]]:
@@ -161,6 +171,26 @@ def _bounds(traced, model, names, target, seconds, skipped, *, explicit: bool) -
     return bounds
 
 
+def _spectral(traced: Trace, skipped: dict[str, str]) -> SpectralReport | None:
+    """Perron–Frobenius / Dobrushin analysis of the head-mean rollout stack, or None (reason in
+    ``skipped``) when the rows are not stochastic by design.
+
+    Lemmas B.6–B.7 and Prop. B.8 are about row-stochastic matrices. Rows that miss 1 by rounding (a
+    16-bit model: the trace checked them against its dtype's tolerance) are analysed with that
+    tolerance; rows that fall short of 1 by design (learned sinks take a share of every row) are not.
+    """
+    check = traced.metadata.get("attention_check", {})
+    if check.get("substochastic"):
+        skipped["spectral"] = (
+            "the Perron–Frobenius analysis needs row-stochastic attention, and this model's learned "
+            "attention sinks take a share of every row (use_attention_sinks); the path bounds still apply"
+        )
+        return None
+    # the trace's head-mean patterns: no float64 copy of the whole [layer, head, n, n] stack
+    stack = rollout_matrices(traced.mean_patterns.double())
+    return analyze_stack(stack, atol=max(1e-4, float(check.get("tolerance", 0.0))))
+
+
 def analyze(
     model,
     prompt,
@@ -178,13 +208,12 @@ def analyze(
     :attr:`Analysis.skipped` with the reason; naming a variant that cannot apply is an error.
     """
     seconds: dict[str, float] = {}
+    _check_causal(model)
     names, skipped = _plan_variants(model, variants)
     needs_weights = any(v.startswith("certified") for v in names)
     traced = _timed(seconds, "trace", trace, model, prompt, chat=chat, lipschitz=needs_weights, keep_resid=True)
     bounds = _bounds(traced, model, names, target, seconds, skipped, explicit=variants is not None)
-    # the trace's head-mean patterns: no float64 copy of the whole [layer, head, n, n] stack
-    stack = rollout_matrices(traced.mean_patterns.double())
-    spectral = _timed(seconds, "spectral", analyze_stack, stack)
+    spectral = _timed(seconds, "spectral", _spectral, traced, skipped)
     sinks = _timed(seconds, "sinks", sink_report_from_trace, traced)
     jac, table, comparisons = None, None, {}
     if jacobian_mode is not None:

@@ -14,6 +14,8 @@ from lens_squash.jacobian import jacobian
 from lens_squash.ranks import spearman
 from lens_squash.variants import path_bound
 
+from .families import FAMILIES, REFUSED, TOKENS, build
+
 
 @pytest.fixture(scope="module")
 def chat_model():
@@ -152,3 +154,33 @@ def test_bad_variant_lists_are_refused_before_tracing(chat_model, variants, mess
     monkeypatch.setattr(analysis, "trace", lambda *a, **k: pytest.fail("traced before checking the variants"))
     with pytest.raises(ValueError, match=message):
         analyze(chat_model, "hello there", variants=variants, jacobian_mode=None)
+
+
+@pytest.mark.parametrize("family", sorted(name for name in FAMILIES if name != "bidirectional"))
+def test_analyze_with_defaults_runs_on_every_causal_family(family):
+    from lens_squash.analysis import DEFAULT_VARIANTS
+
+    model = build(family)
+    result = analyze(model, TOKENS, jacobian_mode="sketch", n_probes=4)
+    certified = {name for name in DEFAULT_VARIANTS if name.startswith("certified")}
+    expected_skips = certified if family in REFUSED else set()
+    sinks = model.cfg.use_attention_sinks  # rows short of 1 by design: no Perron–Frobenius analysis
+    assert set(result.skipped) == expected_skips | ({"spectral"} if sinks else set())
+    assert (result.spectral is None) == sinks
+    for name in expected_skips:
+        assert REFUSED[family] in result.skipped[name] and "use the" in result.skipped[name]  # what to do instead
+    assert set(result.bounds) == set(DEFAULT_VARIANTS) - expected_skips
+    for name, bound in result.bounds.items():
+        assert torch.isfinite(bound.bound).all() and (bound.bound >= 0).all(), name
+        torch.testing.assert_close(bound.bound, path_bound(result.trace, name, model=model).bound)
+    assert set(result.comparisons) == set(result.bounds)
+
+
+def test_analyze_refuses_a_bidirectional_model_in_one_clear_error():
+    import lens_squash.analysis as analysis
+    from lens_squash.support import UnsupportedModelError
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(analysis, "trace", lambda *a, **k: pytest.fail("traced a bidirectional model"))
+        with pytest.raises(UnsupportedModelError, match="not causal.*decoder-only"):
+            analyze(build("bidirectional"), TOKENS, jacobian_mode=None)
