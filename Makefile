@@ -35,6 +35,8 @@ chromium:
 # TransformerLens 4.x has only TransformerBridge: a second venv with it runs the bridge tests
 # (marker `bridge`), which need no HookedTransformer. Built once, like .venv (its own stamp).
 TL4 ?= transformer-lens==4.3.0
+# the files that hold bridge tests; the others import HookedTransformer-only code at collection
+TL4_TESTS ?= tests/test_bridge.py
 VENV_TL4 := .venv-tl4
 PY_TL4 := $(VENV_TL4)/bin/python
 STAMP_TL4 := $(VENV_TL4)/.installed
@@ -49,7 +51,7 @@ $(STAMP_TL4): pyproject.toml Makefile
 	touch $(STAMP_TL4)
 
 test-tl4: $(STAMP_TL4)
-	$(PY_TL4) -m pytest -q -m bridge
+	$(PY_TL4) -m pytest -q -m bridge $(TL4_TESTS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not browser"

@@ -190,7 +190,7 @@ def check_model(model: Any) -> None:
                 "or load it with lens_squash.load_model(name, backend='bridge')"
             )
         return
-    from transformer_lens.hook_points import HookedRootModule
+    from transformer_lens import HookedRootModule  # TL 4 moved it out of hook_points
 
     if isinstance(model, HookedRootModule) and hasattr(model, "cfg") and hasattr(model, "blocks"):
         return
@@ -360,8 +360,14 @@ def _load_from_hub(name: str, *, dtype: torch.dtype, device: str, n_ctx: int, ba
 # TransformerBridge: boot from a local transformers model, then compatibility mode
 
 
-def _boot_bridge(repo: str, *, hf_model, tokenizer, dtype: torch.dtype, device: str, n_ctx: int):
-    """A bridge in compatibility mode with ``no_processing``: the original weights, legacy hooks."""
+def _boot_bridge(
+    repo: str, *, hf_model, tokenizer, dtype: torch.dtype, device: str, n_ctx: int, prepend_bos: bool | None = None
+):
+    """A bridge in compatibility mode with ``no_processing``: the original weights, legacy hooks.
+
+    ``prepend_bos`` overrides the bridge's default BOS handling for raw text, so that the offline
+    models tokenize as their hooked twins do (their tokenizer adds no BOS; chat prompts open with it).
+    """
     bridge_cls = _bridge_class()
     if hf_model is not None:
         hf_model = hf_model.to(device=device, dtype=dtype).eval()
@@ -374,6 +380,8 @@ def _boot_bridge(repo: str, *, hf_model, tokenizer, dtype: torch.dtype, device: 
         raise ValueError(f"n_ctx={n_ctx} is outside 1..{max_ctx}, the positions this model was trained on")
     # check_length reads cfg.n_ctx: prompts beyond the requested context are refused, as on the hooked twin
     bridge.cfg.n_ctx = n_ctx
+    if prepend_bos is not None:
+        bridge.cfg.default_prepend_bos = prepend_bos
     return bridge.eval()
 
 
@@ -581,7 +589,10 @@ def _load_offline(spec: OfflineModel, *, dtype: torch.dtype, device: str, n_ctx:
 def _load_offline_bridge(spec: OfflineModel, *, dtype: torch.dtype, device: str, n_ctx: int):
     hf_model, tokenizer, _ = _cached_weights(spec, "bridge")
     # booted under its Hub name so TransformerLens picks the Llama adapter; hf_model= means no download
-    return _boot_bridge(spec.hf_name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device=device, n_ctx=n_ctx)
+    return _boot_bridge(
+        spec.hf_name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device=device, n_ctx=n_ctx,
+        prepend_bos=False,
+    )
 
 
 def _hooked_from_state(cfg: HookedTransformerConfig, state: dict, tokenizer) -> HookedTransformer:
@@ -863,4 +874,7 @@ def _tiny_random_llama(*, dtype: torch.dtype, n_ctx: int, tokenizer):
 def _tiny_random_bridge(*, dtype: torch.dtype, device: str, n_ctx: int):
     tokenizer = _offline_tokenizer()
     hf_model = _tiny_random_llama(dtype=dtype, n_ctx=n_ctx, tokenizer=tokenizer)
-    return _boot_bridge(TINY_MODEL, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device=device, n_ctx=n_ctx)
+    return _boot_bridge(
+        TINY_MODEL, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device=device, n_ctx=n_ctx,
+        prepend_bos=False,
+    )

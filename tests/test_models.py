@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def test_chat_prompt_starts_with_a_single_bos(smollm2):
 
 @pytest.mark.slow
 def test_corrupt_cache_is_rebuilt_with_identical_logits(smollm2, tmp_path, monkeypatch):
-    entry = next((models.cache_dir() / models.DEFAULT_MODEL).iterdir())
+    key, _ = models._cache_key(models._gguf_path(models.OFFLINE_MODELS[models.DEFAULT_MODEL]))
+    entry = models.cache_dir() / models.DEFAULT_MODEL / key  # the hooked layout (bridge-… is the other)
     copy = tmp_path / models.DEFAULT_MODEL / entry.name
     shutil.copytree(entry, copy)
     state = copy / "state_dict.pt"
@@ -64,6 +66,60 @@ def test_unknown_model_offline_names_the_offline_models(monkeypatch):
     with pytest.raises(ModelLoadError, match="smollm2-135m-instruct") as info:
         load_model("no-such-org/no-such-model-xyz")
     assert "no-such-model-xyz" in str(info.value)
+
+
+def test_unknown_model_gets_one_short_line_with_close_names_not_the_whole_list():
+    from transformer_lens.loading_from_pretrained import make_model_alias_map
+
+    with pytest.raises(ModelLoadError) as info:
+        load_model("gpt2-smal")
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 400 and "smollm2-135m-instruct" in message
+    suggested = re.findall(r"'([^']+)'", message.split("Did you mean ")[1].split("?")[0])
+    # a few whole names that load (quoted, never cut mid-name), the intended one among them
+    assert "gpt2-small" in suggested and 1 <= len(suggested) <= 3
+    assert all(name in make_model_alias_map() for name in suggested)
+
+
+def test_offline_hub_model_is_refused_before_from_pretrained(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+    from transformer_lens import HookedTransformer
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("from_pretrained ran although the Hub is unreachable and nothing is cached")
+
+    monkeypatch.setattr(HookedTransformer, "from_pretrained", no_download)
+    with pytest.raises(ModelLoadError, match="unreachable") as info:
+        load_model("gpt2")
+    assert "smollm2-135m-instruct, tiny-random" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_cached_hub_model_loads_with_the_hub_offline_for_the_call(monkeypatch):
+    from huggingface_hub import constants
+    from transformer_lens import HookedTransformer
+
+    seen = {}
+
+    def fake_from_pretrained(name, **kwargs):
+        seen["offline"] = constants.HF_HUB_OFFLINE
+        return tiny_model()
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=1.0: False)
+    monkeypatch.setattr(models, "_in_hf_cache", lambda repo: True)
+    monkeypatch.setattr(HookedTransformer, "from_pretrained", fake_from_pretrained)
+    load_model("gpt2")
+    assert seen["offline"] is True and constants.HF_HUB_OFFLINE is False  # set for the call, then restored
+
+
+@pytest.mark.parametrize("n_ctx", [-5, 0, 1.5, False])
+def test_bad_n_ctx_is_refused_before_loading(n_ctx, monkeypatch):
+    monkeypatch.setattr(models, "_load_offline", lambda *a, **k: pytest.fail("loaded despite a bad n_ctx"))
+    with pytest.raises(ValueError, match="n_ctx must be a positive integer"):
+        load_model(n_ctx=n_ctx)
 
 
 @pytest.mark.parametrize("name", ["float8", "fp12", "int8", ""])

@@ -1,0 +1,328 @@
+"""TransformerBridge as a backend: loading, the model gate, and Jacobians against independent references.
+
+Tests marked ``bridge`` need no ``HookedTransformer``; ``make test-tl4`` runs them on TransformerLens 4.
+Their references are TransformerLens-free or share no code with :mod:`lens_squash.jacobian`:
+``torch.func.jacrev`` through the ``transformers`` model the bridge wraps (``inputs_embeds`` in,
+hidden states out), and ``jacrev`` through the bridge's own full forward pass with constant patterns and
+norm scales. The twin tests (unmarked) compare the bridge with the HookedTransformer built from the same
+weights, which only TransformerLens 3 has.
+
+Tolerances: a ``transformers`` Llama computes its RMSNorm and rotary tables in float32 even in a
+float64 model, so the bridge and the hooked twin agree to float32 resolution (measured 3e-7 of the
+largest entry on tiny-random), while the bridge and the ``transformers`` model it runs agree to float64.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from lens_squash import models
+from lens_squash.jacobian import jacobian
+from lens_squash.models import ModelLoadError, check_model, load_model
+
+TOL64 = {"atol": 1e-10, "rtol": 1e-9}
+
+
+def _tokens(n: int, seed: int = 0):
+    return torch.randint(100, 5000, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def bridge64():
+    return load_model(models.TINY_MODEL, backend="bridge", dtype=torch.float64, n_ctx=64)
+
+
+@contextlib.contextmanager
+def _input_grad_only(module):
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _hf_reference(bridge, tokens, *, target="final", target_pos=-1):
+    """``[d_out, pos, d_in]`` by jacrev through the wrapped ``transformers`` model alone (no TL code).
+
+    The input is ``inputs_embeds`` (= ``blocks.0.hook_resid_pre`` for a rotary model); ``y`` is the
+    normed last hidden state (``target="final"``) or layer ``target``'s output, ``hidden_states[l+1]``.
+    """
+    hf = bridge.original_model
+    embeds = hf.get_input_embeddings()(tokens[None]).detach()
+
+    def f(v):
+        out = hf(inputs_embeds=v, output_hidden_states=True, use_cache=False)
+        y = out.hidden_states[-1] if target == "final" else out.hidden_states[target + 1]
+        return y[0, target_pos]
+
+    with _input_grad_only(hf):
+        return torch.func.jacrev(f)(embeds)[:, 0]
+
+
+def _constant(value):
+    return lambda activation, hook: value
+
+
+def _bridge_reference(bridge, tokens, *, constant_names=()):
+    """jacrev through the bridge's full forward (no early stop), ``y`` read at ``ln_final.hook_out``.
+
+    Activations named in ``constant_names`` are replaced by their values from a no-grad run: the
+    frozen model built the plain way, with constants instead of ``detach`` hooks. That run passes
+    every scale through an identity edit, which puts the bridge's norms on the path an edited scale
+    takes (``x / scale`` in the model's dtype, not HF's float32 kernel), so the constants are taken at
+    the very point the frozen forward pass runs through.
+    """
+    edit = [(n, lambda value, hook: value.clone()) for n in constant_names if n.endswith(".hook_scale")]
+    with bridge.hooks(fwd_hooks=edit):
+        _, cache = bridge.run_with_cache(tokens[None], names_filter=lambda n: n in constant_names)
+    constants = [(n, _constant(cache[n].clone())) for n in constant_names]
+    embeds = bridge.original_model.get_input_embeddings()(tokens[None]).detach()
+
+    def f(v):
+        seen = {}
+
+        def keep(value, hook):
+            seen["y"] = value
+
+        hooks = [("blocks.0.hook_resid_pre", lambda value, hook: v), *constants, ("ln_final.hook_out", keep)]
+        with bridge.hooks(fwd_hooks=hooks):
+            bridge(tokens[None])
+        return seen["y"][0, -1]
+
+    with _input_grad_only(bridge):
+        return torch.func.jacrev(f)(embeds)[:, 0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Jacobians on the bridge, TransformerLens-free references
+
+
+@pytest.mark.bridge
+def test_bridge_exact_jacobian_matches_jacrev_through_transformers(bridge64):
+    tokens = _tokens(7)
+    result = jacobian(bridge64, tokens, keep_full=True, chunk_size=5)  # ragged last chunk
+    ref = _hf_reference(bridge64, tokens)
+    torch.testing.assert_close(result.full, ref, **TOL64)
+    blocks = ref.permute(1, 0, 2)
+    torch.testing.assert_close(result.spectral, torch.linalg.matrix_norm(blocks, ord=2), **TOL64)
+    # y is the final norm's output, not logits: d_out is d_model, and the norm matters
+    assert result.full.shape == (64, 7, 64)
+
+
+@pytest.mark.bridge
+@pytest.mark.parametrize(("target", "target_pos"), [(0, -1), (0, 3)])  # HF's last hidden state is normed
+def test_bridge_layer_targets_match_transformers_hidden_states(bridge64, target, target_pos):
+    tokens = _tokens(6, seed=1)
+    result = jacobian(bridge64, tokens, target=target, target_pos=target_pos, keep_full=True)
+    ref = _hf_reference(bridge64, tokens, target=target, target_pos=target_pos)
+    n = result.n_tokens  # causal: only positions up to target_pos are kept
+    torch.testing.assert_close(result.full, ref[:, :n], **TOL64)
+    assert (ref[:, n:] == 0).all()  # later positions cannot reach y
+
+
+@pytest.mark.bridge
+def test_bridge_frozen_jacobian_matches_constant_patterns_and_scales(bridge64):
+    tokens = _tokens(6, seed=2)
+    names = [n for n in bridge64.hook_dict if n.endswith(".hook_scale") or n.endswith("attn.hook_pattern")]
+    assert len(names) == 2 * 2 + 1 + 2  # ln1, ln2 per layer, ln_final, one pattern per layer
+    frozen = jacobian(bridge64, tokens, mode="frozen", keep_full=True)
+    torch.testing.assert_close(frozen.full, _bridge_reference(bridge64, tokens, constant_names=names), **TOL64)
+    exact = jacobian(bridge64, tokens, keep_full=True)
+    torch.testing.assert_close(exact.full, _bridge_reference(bridge64, tokens), **TOL64)
+    # freezing is not a no-op on the bridge: its patterns and scales feed the computation
+    assert (exact.full - frozen.full).abs().max() > 1e-3 * exact.full.abs().max()
+
+
+@pytest.mark.bridge
+def test_bridge_sketch_with_a_full_basis_is_exact(bridge64):
+    tokens = _tokens(5, seed=3)
+    exact = jacobian(bridge64, tokens)
+    sketch = jacobian(bridge64, tokens, mode="sketch", n_probes=64, seed=4, chunk_size=24)
+    # not 1e-10: the backward through HF's float32 RMSNorm rounds each VJP at float32 resolution,
+    # and the two bases round differently (measured 4.5e-9 relative)
+    torch.testing.assert_close(sketch.frobenius, exact.frobenius, rtol=1e-7, atol=0)
+    partial = jacobian(bridge64, tokens, mode="sketch", n_probes=8, seed=4)
+    assert not torch.allclose(partial.frobenius, exact.frobenius)  # 8 of 64 probes: an estimate
+
+
+# ------------------------------------------------------------------------------------------------
+# The model gate and load_model's checks
+
+
+@pytest.mark.bridge
+def test_non_transformer_lens_objects_are_refused_with_a_type_error():
+    for thing in (torch.nn.Linear(2, 2), "gpt2", None):
+        with pytest.raises(TypeError, match="TransformerLens model"):
+            check_model(thing)
+    with pytest.raises(TypeError, match="Linear"):
+        jacobian(torch.nn.Linear(2, 2), torch.arange(3))
+
+
+@pytest.mark.bridge
+def test_bridge_before_compatibility_mode_is_refused():
+    tokenizer = models._offline_tokenizer()
+    hf_model = models._tiny_random_llama(dtype=torch.float32, n_ctx=32, tokenizer=tokenizer)
+    bridge = models._bridge_class().boot_transformers(
+        models.TINY_MODEL, hf_model=hf_model, tokenizer=tokenizer, device="cpu"
+    )
+    with pytest.raises(ValueError, match=r"enable_compatibility_mode\(no_processing=True\)"):
+        check_model(bridge)
+    with pytest.raises(ValueError, match="compatibility mode"):
+        jacobian(bridge, torch.arange(4))
+    bridge.enable_compatibility_mode(no_processing=True, disable_warnings=True)
+    check_model(bridge)  # accepted once in compatibility mode
+
+
+@pytest.mark.bridge
+@pytest.mark.parametrize("n_ctx", [-5, 0, 2.5, True, "64", None])
+def test_bad_n_ctx_is_refused_first(n_ctx):
+    with pytest.raises(ValueError, match=r"n_ctx must be a positive integer.*got"):
+        load_model(models.TINY_MODEL, backend="bridge", n_ctx=n_ctx)
+
+
+@pytest.mark.bridge
+@pytest.mark.parametrize("backend", ["jax", "Bridge", "", 1])
+def test_unknown_backend_names_the_two(backend):
+    with pytest.raises(ValueError, match="'hooked', 'bridge'"):
+        load_model(models.TINY_MODEL, backend=backend)
+
+
+@pytest.mark.bridge
+def test_bridge_raw_prompts_get_no_bos_as_the_tokenizer_gives_none(bridge64):
+    tokenizer = bridge64.tokenizer
+    plain = models._offline_tokenizer()  # TransformerLens wraps the bridge's to add BOS; this one adds none
+    for text in ["hello", "1 1 1 0"]:
+        assert models.format_prompt(bridge64, text, chat=False).tolist() == plain(text)["input_ids"]
+    chat = models.format_prompt(bridge64, "hello")
+    assert chat[0] == tokenizer.bos_token_id and (chat == tokenizer.bos_token_id).sum() == 3
+
+
+@pytest.mark.bridge
+def test_bridge_load_respects_n_ctx_and_returns_compatibility_mode():
+    bridge = load_model(models.TINY_MODEL, backend="bridge", n_ctx=16)
+    assert models.is_bridge(bridge) and bridge.compatibility_mode and bridge.cfg.n_ctx == 16
+    with pytest.raises(ValueError, match="n_ctx=16"):
+        jacobian(bridge, "one two three four five six seven eight nine ten " * 3, chat=False)
+
+
+@pytest.mark.bridge
+def test_without_hooked_transformer_the_bridge_is_the_default(monkeypatch):
+    monkeypatch.setattr(models, "has_hooked_transformer", lambda: False)
+    assert models.default_backend() == "bridge"
+    assert models.is_bridge(load_model(models.TINY_MODEL, n_ctx=16))
+    with pytest.raises(ModelLoadError, match="backend='bridge'") as refused:
+        load_model(models.TINY_MODEL, backend="hooked")
+    assert "removed it" in str(refused.value)
+
+
+@pytest.mark.bridge
+def test_offline_hub_model_is_refused_at_once_without_trying_to_load(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty Hugging Face cache
+    bridge_cls = models._bridge_class()
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("load_model tried to load although the Hub is unreachable")
+
+    monkeypatch.setattr(bridge_cls, "boot_transformers", no_download)
+    with pytest.raises(ModelLoadError) as refused:
+        load_model("HuggingFaceTB/SmolLM2-360M", backend="bridge")
+    message = str(refused.value)
+    assert "\n" not in message and "unreachable" in message
+    assert "smollm2-135m-instruct" in message and "tiny-random" in message
+
+
+@pytest.mark.bridge
+def test_hub_probe_gives_up_on_an_unreachable_endpoint(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://127.0.0.1:9")  # discard port: nothing listens
+    assert models._hub_reachable(timeout=1.0) is False
+
+
+# ------------------------------------------------------------------------------------------------
+# The HookedTransformer twin (TransformerLens 3 only)
+
+
+@pytest.fixture(scope="module")
+def hooked64():
+    return load_model(models.TINY_MODEL, backend="hooked", dtype=torch.float64, n_ctx=64)
+
+
+def test_tiny_random_bridge_carries_the_hooked_weights(hooked64, bridge64):
+    state = hooked64.state_dict()
+    for name, value in models._tiny_random_state(hooked64.cfg.d_vocab, torch.float64).items():
+        assert torch.equal(state[name], value), name
+    for name, value in state.items():  # every other parameter: zero biases and unit gains
+        if name.endswith((".b_Q", ".b_O", "._b_K", "._b_V", ".b_in", ".b_out", "b_U")):
+            assert value.abs().max() == 0, name
+        elif name.endswith(".w"):
+            assert torch.equal(value, torch.ones_like(value)), name
+    tokens = _tokens(9)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(bridge64(tokens), hooked64(tokens), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["exact", "frozen", "sketch"])
+@pytest.mark.parametrize(("target", "wrt"), [("final", 0), (1, 1)])
+def test_bridge_jacobians_equal_the_hooked_twin(hooked64, bridge64, mode, target, wrt):
+    tokens = _tokens(8, seed=5)
+    kwargs = {"mode": mode, "target": target, "wrt": wrt, "keep_full": True, "n_probes": 8, "seed": 1}
+    ours, twin = jacobian(bridge64, tokens, **kwargs), jacobian(hooked64, tokens, **kwargs)
+    scale = twin.full.abs().max()
+    # float32 resolution: transformers' RMSNorm and rotary tables are float32 (module docstring)
+    torch.testing.assert_close(ours.full / scale, twin.full / scale, atol=2e-6, rtol=0)
+    torch.testing.assert_close(ours.frobenius, twin.frobenius, rtol=2e-6, atol=0)
+    assert ours.tokens.tolist() == twin.tokens.tolist()
+
+
+def test_hooked_is_the_default_with_transformer_lens_3():
+    assert models.has_hooked_transformer() and models.default_backend() == "hooked"
+    assert not models.is_bridge(load_model(models.TINY_MODEL, n_ctx=16))
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_bridge_tokenizes_prompts_as_the_hooked_twin(hooked64, bridge64, chat):
+    for text in ["hello", "1 1 1 0", "The cat sat on the mat."]:
+        ours = models.format_prompt(bridge64, text, chat=chat)
+        assert ours.tolist() == models.format_prompt(hooked64, text, chat=chat).tolist()
+
+
+@pytest.mark.slow
+def test_smollm2_bridge_jacobian_norms_equal_the_hooked_twin(smollm2):
+    bridge = load_model(backend="bridge", n_ctx=512)
+    tokens = models.format_prompt(smollm2, "The cat sat on the mat because it was")
+    ours = jacobian(bridge, tokens, mode="sketch", n_probes=16, seed=2)
+    twin = jacobian(smollm2, tokens, mode="sketch", n_probes=16, seed=2)
+    relative = (ours.frobenius - twin.frobenius).abs() / twin.frobenius
+    assert relative.max() <= 1e-5, relative.max()
+    assert twin.frobenius.min() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.bridge
+def test_smollm2_bridge_sketch_matches_vjps_through_transformers():
+    """On either TransformerLens: the bridge's probe rows ``u_rᵀ J`` against autograd through HF alone."""
+    from lens_squash.jacobian import _probes
+
+    bridge = load_model(backend="bridge", n_ctx=512)
+    tokens = models.format_prompt(bridge, "Count the ones: 1 1 1 1 0", chat=False)
+    ours = jacobian(bridge, tokens, mode="sketch", n_probes=4, seed=3, keep_full=True)
+    hf = bridge.original_model
+    embeds = hf.get_input_embeddings()(tokens[None]).detach().requires_grad_(True)
+    with _input_grad_only(hf):
+        y = hf(inputs_embeds=embeds, output_hidden_states=True, use_cache=False).hidden_states[-1][0, -1]
+        probes = _probes("sketch", y.shape[0], 4, 3, y.dtype, y.device)
+        rows = torch.stack([torch.autograd.grad(y @ u, embeds, retain_graph=True)[0][0] for u in probes])
+    scale = rows.abs().amax(dim=(0, 2), keepdim=True)  # per input position
+    torch.testing.assert_close(ours.full / scale, rows / scale, atol=1e-5, rtol=0)
+    assert ours.full.shape == (4, len(tokens), 576)
