@@ -1,62 +1,120 @@
-"""Benchmark: a prefix-closed collapse sweep in one forward pass per dtype vs one pass per length.
+"""Benchmark: the exact collapse path (separate passes) against the shared fast path, same run.
 
-Family ``copy_ones`` in the chat template, open-ended (the prompt stops after the run of ones), so
-every ``s`` and ``s*`` is a prefix of the longest prompt. The baseline runs one forward pass per
-length over ``s*`` (which contains ``s`` as a prefix, so it is already the cheaper per-length way)
-through the same :func:`lens_squash.collapse.measure_pairs`, in the same process, and checks that
-both give the same distances.
+Per dtype, :func:`lens_squash.collapse.collapse_curve` runs twice on SmolLM2: ``exact=True`` (every
+distinct prompt in its own unpadded pass, what the thresholds are judged on) and ``exact=False`` (the
+prefix trick and right-padded batches, with its noise floor measured at three lengths). It prints the
+cost of the exact path as a ratio to the fast one, the noise floor, and both paths' thresholds.
 
-    .venv/bin/python benchmarks/collapse.py            # 64 lengths up to 512 tokens, fp32 + bf16
-    .venv/bin/python benchmarks/collapse.py --quick    # 16 lengths up to 128 tokens
+``--reference`` adds a third, independent computation: every distinct prompt through a plain
+``run_with_cache`` call (no lens_squash code), from which the thresholds are recomputed and compared
+with both paths' — the issue's question "do the thresholds equal those of separate passes?".
+
+    .venv/bin/python benchmarks/collapse.py --quick                 # 6 lengths, float32 + bfloat16
+    .venv/bin/python benchmarks/collapse.py                         # the CLI's defaults: count_ones, 4:128:4
+    .venv/bin/python benchmarks/collapse.py --reference --dtypes bfloat16,float32,float16   # threshold equality
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
 
-from lens_squash.collapse import family_pairs, measure_pairs, model_in_dtype
+from lens_squash.collapse import collapse_curve, family_pairs, model_in_dtype
 from lens_squash.models import load_model
 
+_KEYS = ("below_resolution", "exactly_zero", "same_prediction")
 
-def _lengths(model, n_lengths: int, max_tokens: int) -> list[int]:
-    # the prompt's fixed part, measured, so the longest s* has at most max_tokens tokens
-    fixed = len(family_pairs(model, "copy_ones", [1], open_ended=True)[1][0]) - 2
-    top = max_tokens - fixed - 1
-    return sorted({round(1 + i * (top - 1) / (n_lengths - 1)) for i in range(n_lengths)})
+
+def _lengths(text: str) -> list[int]:
+    if ":" in text:
+        start, stop, step = (int(v) for v in text.split(":"))
+        return list(range(start, stop + 1, step))
+    return [int(v) for v in text.split(",")]
+
+
+def _first(lengths, flags) -> int | None:
+    return next((n for n, f in zip(lengths, flags, strict=True) if f), None)
+
+
+def reference_thresholds(model, dtype: str, family: str, lengths: list[int], open_ended: bool) -> dict:
+    """The three thresholds from one plain ``run_with_cache`` call per distinct prompt."""
+    twin = model_in_dtype(model, dtype)
+    s, s_star, _ = family_pairs(model, family, lengths, open_ended=open_ended)
+    post = f"blocks.{twin.cfg.n_layers - 1}.hook_resid_post"
+    runs: dict[tuple[int, ...], tuple[torch.Tensor, int]] = {}
+    for tokens in list(s) + list(s_star):
+        key = tuple(tokens.tolist())
+        if key not in runs:
+            with torch.no_grad():
+                logits, cache = twin.run_with_cache(tokens[None], names_filter=post)
+                y = twin.ln_final(cache[post])[0, -1].double()
+            runs[key] = (y, int(logits[0, -1].argmax()))
+    pairs = [(runs[tuple(a.tolist())], runs[tuple(b.tolist())]) for a, b in zip(s, s_star, strict=True)]
+    eps = torch.finfo(getattr(torch, dtype)).eps
+    rel = [float((ya - yb).abs().max() / ya.abs().max()) for (ya, _), (yb, _) in pairs]
+    return {
+        "below_resolution": _first(lengths, [r < eps for r in rel]),
+        "exactly_zero": _first(lengths, [torch.equal(ya, yb) for (ya, _), (yb, _) in pairs]),
+        "same_prediction": _first(lengths, [pa == pb for (_, pa), (_, pb) in pairs]),
+    }
+
+
+def _timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="16 lengths up to 128 tokens")
+    parser.add_argument("--quick", action="store_true", help="6 lengths (4:24:4), float32 and bfloat16")
+    parser.add_argument("--family", default="count_ones", help="prompt family (the CLI's default)")
+    parser.add_argument("--lengths", default=None, help="'4:128:4' (the CLI's default) or '5,10,20'")
+    parser.add_argument("--dtypes", default=None, help="comma-separated (default float32,bfloat16)")
+    parser.add_argument("--open-ended", action="store_true", help="stop the prompt after the sequence")
+    parser.add_argument("--reference", action="store_true", help="recompute thresholds from plain passes")
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
-    n_lengths, max_tokens = (16, 128) if args.quick else (64, 512)
-    model = load_model(n_ctx=max_tokens + 8)
-    lengths = _lengths(model, n_lengths, max_tokens)
-    s, s_star, _ = family_pairs(model, "copy_ones", lengths, open_ended=True)
-    print(f"{len(lengths)} lengths, {lengths[0]}..{lengths[-1]} ones, longest prompt {len(s_star[-1])} tokens, "
-          f"torch threads {torch.get_num_threads()}")
+    lengths = _lengths(args.lengths or ("4:24:4" if args.quick else "4:128:4"))
+    dtypes = (args.dtypes or "float32,bfloat16").split(",")
+    model = load_model(n_ctx=512)
+    print(f"family {args.family}{' (open-ended)' if args.open_ended else ''}, lengths {lengths[0]}..{lengths[-1]} "
+          f"({len(lengths)}), torch threads {torch.get_num_threads()}", flush=True)
     rows = []
-    for dtype in ("float32", "bfloat16"):
-        twin = model_in_dtype(model, dtype)
-        start = time.perf_counter()
-        shared = measure_pairs(twin, s, s_star)
-        t_shared = time.perf_counter() - start
-        start = time.perf_counter()
-        per_length = [measure_pairs(twin, [a], [b]) for a, b in zip(s, s_star, strict=True)]
-        t_base = time.perf_counter() - start
-        base_tokens = sum(m.forward_tokens for m in per_length)
-        base_dist = torch.cat([m.distances for m in per_length])
-        gap = float((base_dist - shared.distances).abs().max() / shared.distances.abs().max())
-        rows.append((dtype, shared.forward_tokens, base_tokens, t_shared, t_base, gap))
-        del twin
-    print(f"\n{'dtype':<9} {'shared tok':>10} {'per-len tok':>11} {'tok ratio':>9} "
-          f"{'shared s':>9} {'per-len s':>9} {'speed-up':>8} {'max rel gap':>11}")
-    for dtype, tok, base_tok, ts, tb, gap in rows:
-        print(f"{dtype:<9} {tok:>10} {base_tok:>11} {base_tok / tok:>8.1f}x {ts:>9.2f} {tb:>9.2f} "
-              f"{tb / ts:>7.1f}x {gap:>11.1e}")
+    for dtype in dtypes:
+        common = (model, args.family, lengths, (dtype,))
+        fast, t_fast = _timed(collapse_curve, *common, open_ended=args.open_ended, exact=False)
+        exact, t_exact = _timed(collapse_curve, *common, open_ended=args.open_ended, exact=True)
+        row = {
+            "dtype": dtype, "exact_s": t_exact, "fast_s": t_fast, "ratio": t_exact / t_fast,
+            "exact_tokens": exact.forward_tokens[dtype], "fast_tokens": fast.forward_tokens[dtype],
+            "fast_path": fast.paths[dtype], "noise_floor": fast.noise_floor[dtype],
+            "noise_lengths": list(fast.noise_lengths),
+            "exact": {k: exact.thresholds()[dtype][k] for k in _KEYS},
+            "fast": {k: fast.thresholds()[dtype][k] for k in _KEYS},
+            "max_rel_dist_gap": float((fast.final("inf") - exact.final("inf")).abs().max()),
+        }
+        if args.reference:
+            row["reference"], row["reference_s"] = _timed(
+                reference_thresholds, model, dtype, args.family, lengths, args.open_ended)
+            row["exact_equals_reference"] = row["exact"] == row["reference"]
+            row["fast_equals_reference"] = row["fast"] == row["reference"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\n{'dtype':<9} {'exact s':>8} {'fast s':>7} {'exact/fast':>10} {'fast path':>9} {'noise floor':>11} "
+          f"{'max |Δ rel dist|':>16}  thresholds exact | fast (below_res, zero, same_pred)")
+    for r in rows:
+        th = lambda d: ", ".join("-" if d[k] is None else str(d[k]) for k in _KEYS)  # noqa: E731
+        print(f"{r['dtype']:<9} {r['exact_s']:>8.1f} {r['fast_s']:>7.1f} {r['ratio']:>9.2f}x {r['fast_path']:>9} "
+              f"{r['noise_floor']:>11.2e} {r['max_rel_dist_gap']:>16.2e}  {th(r['exact'])} | {th(r['fast'])}"
+              + (f"  reference {th(r['reference'])}: exact {'==' if r['exact_equals_reference'] else '!='}, "
+                 f"fast {'==' if r['fast_equals_reference'] else '!='}" if "reference" in r else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

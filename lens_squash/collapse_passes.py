@@ -10,12 +10,15 @@
 - ``"prefix"`` — causality: a prompt that is a prefix of a longer one is read off that one's pass
   (one pass per dtype for a prefix-closed family). Exact in exact arithmetic, not bit for bit: the
   pattern–value product ``z = A v`` then sums over more (zero-weighted) keys, and the CPU kernels'
-  reduction order depends on that length. Measured on SmolLM2 on this machine: float32 bit-identical
-  at every length we checked; bfloat16 differs from layer 20's ``hook_z`` on at short lengths (while
-  every earlier activation is equal), by one ulp there and about one bf16 ulp of ``y`` at the end.
+  blocking depends on those lengths. Measured on the 2-core development machine (torch 2.13 CPU):
+  SmolLM2 in bfloat16, runs of 4 and 16 ones read off the 100-token prompt of 64 ones differ from
+  their own passes first at layer 20's ``hook_z`` (every earlier activation equal), while 32 and 64
+  match; a float32 model with ``d_head = 64`` matches up to a 136-token pass but drifts by float32
+  ulps once the shared pass has about 200 tokens. So no dtype is safe.
 - ``"batched"`` — rows of different lengths right-padded into one pass (the causal mask makes right
   padding exact in exact arithmetic; left padding would shift absolute positions). A batch of two
-  *identical* bfloat16 rows already differs from the single row: kernels depend on the batch shape.
+  *identical* SmolLM2 bfloat16 rows already differs from the single row: kernels depend on the batch
+  shape.
 
 So a bit-level criterion (``y = y*`` exactly, below the dtype's spacing, same argmax) is judged on
 ``"separate"`` passes; the fast paths draw curves and come with a measured noise floor (see
