@@ -395,14 +395,14 @@ def _edge_terms(dz: Tensor, patterns: Tensor, geo: ValueGeometry) -> dict[str, T
     # in the gradients' dtype (float32 sums of ~1e4 squares are good to ~1e-6), accumulated in float64
     rows, n, heads, d_head = dz.shape
     gram, vtilde = geo.gram.to(dz.dtype), geo.vtilde.to(dz.dtype)
-    by_head = dz.permute(2, 0, 1, 3)  # [head, row, pos, d_head]
-    t1 = (by_head @ gram[:, None] * by_head).sum((1, 3))
+    flat = dz.permute(2, 0, 1, 3).reshape(heads, rows * n, d_head)  # [head, r·j, d_head], one copy
+    t1 = ((flat @ gram) * flat).reshape(heads, rows, n, d_head).sum((1, 3))
     # one batched matmul per head: (ṽ_k · ∂z_rj) for every (r, j, k)
-    dots = by_head.reshape(heads, rows * n, d_head) @ vtilde.permute(1, 2, 0)  # [head, r·j, k]
-    t2 = dots.reshape(heads, rows, n, n).pow(2).sum(1)
-    keyed = torch.einsum("hjk,hrje->hrke", patterns.to(dz.dtype), by_head)
-    k1 = (keyed @ gram[:, None] * keyed).sum((1, 3))
-    k2 = torch.einsum("hrke,khe->hrk", keyed, vtilde).pow(2).sum(1)
+    dots = flat @ vtilde.permute(1, 2, 0)  # [head, r·j, k]
+    t2 = dots.reshape(heads, rows, n, n).square().sum(1)
+    keyed = patterns.to(dz.dtype).transpose(1, 2)[:, None] @ flat.reshape(heads, rows, n, d_head)  # [h, r, k, e]
+    k1 = ((keyed @ gram[:, None]) * keyed).sum((1, 3))
+    k2 = (keyed * vtilde.permute(1, 0, 2)[:, None]).sum(-1).square().sum(1)
     return {"t1": t1.double(), "t2": t2.double(), "k1": k1.double(), "k2": k2.double()}
 
 
@@ -673,7 +673,7 @@ def _check_probes(model, mode: str, n_probes: int) -> int:
 
 def _sq(x: Tensor) -> Tensor:
     """``Σ_r ‖x_{r,k}‖²`` per position, without a squared copy of ``x``."""
-    return torch.einsum("rpd,rpd->p", x, x).double()
+    return torch.linalg.vector_norm(x, dim=(0, 2), dtype=torch.float64).square()
 
 
 class _Accumulator:

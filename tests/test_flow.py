@@ -473,3 +473,62 @@ def test_select_paths_keeps_every_path_above_the_share():
     assert len(select_paths(paths_, min_share=0.0, max_paths=2)) == 2
     with pytest.raises(ValueError, match="min_share"):
         select_paths(paths_, min_share=1.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# views
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_flow():
+    return flow(_llama(), _tokens(6), mode="exact", variants=("paper", "rollout"))
+
+
+def test_views_have_captions_and_titled_axes(tiny_flow):
+    from lens_squash.plotting import caption_of
+
+    for kind in ("layers", "heatmap", "heads", "paths"):
+        fig = tiny_flow.plot(kind)
+        assert caption_of(fig), kind
+        titled = [a.title.text for name, a in fig.layout.to_plotly_json().items() if False] or [
+            fig.layout[name].title.text for name in fig.layout if name.startswith(("xaxis", "yaxis"))]
+        assert any(titled), kind
+    with pytest.raises(ValueError, match="unknown kind"):
+        tiny_flow.plot("pie")
+
+
+def test_truth_vs_bounds_shows_the_chosen_layer(tiny_flow):
+    fig = tiny_flow.plot("layers", layer=2)
+    visible = [t for t in fig.data if t.visible]
+    truth = next(t for t in visible if t.name == "truth")
+    torch.testing.assert_close(torch.tensor(truth.y), tiny_flow.sensitivity[2].double())
+    for t in visible:
+        if t.name != "truth":
+            assert abs(sum(t.y) - 1) < 1e-9  # shares
+    with pytest.raises(ValueError, match="out of range"):
+        tiny_flow.plot("layers", layer=4)
+
+
+def test_path_figure_draws_every_hop_of_every_selected_path(tiny_flow):
+    paths_ = tiny_flow.top_paths(k=3)
+    fig = paths_.plot(min_share=0.05)
+    drawn = {tuple(e) for e in fig.layout.meta["edges"]}
+    selected = paths_.selected(min_share=0.05)
+    assert selected
+    for p in selected:
+        for layer, hop in enumerate(p.hops):
+            assert (layer, hop, p.positions[layer], p.positions[layer + 1]) in drawn
+    edge_traces = [t for t in fig.data if t.meta]
+    for t in edge_traces:
+        if t.meta["key"] != t.meta["query"]:
+            assert t.line.width >= 2.0
+            assert "query" in t.hovertemplate and "key" in t.hovertemplate and "share" in t.hovertemplate
+    heads = [t for t in edge_traces if t.showlegend and t.name.startswith("layer")]
+    ranks = [t.legendrank for t in heads]
+    assert ranks == sorted(ranks) and len({t.name for t in heads}) == len(heads)
+
+
+def test_head_grid_rejects_bad_layers(tiny_flow):
+    with pytest.raises(ValueError, match="out of range"):
+        tiny_flow.plot("heads", layers=[3])
