@@ -244,3 +244,51 @@ def test_collapse_and_tasks_sections_show_the_results():
     assert list(tasks.figures[0].data[0].y) == [0.0, 3.0] and list(tasks.table["accuracy"]) == [1.0, 0.0]
     page = build_report([section, tasks])
     assert page.count('class="plotly-graph-div"') == 4
+
+
+# --------------------------------------------------------------------------------------------------
+# bidirectional overrides and control characters never reach the reader as themselves (issue 14)
+
+from lens_squash.report import BIDI_DISPLAY, escape_text, neutralize_controls  # noqa: E402
+
+_REQUIRED_BIDI = [chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))]
+
+
+def _body(page: str) -> str:
+    return page[page.index("</head>"):]  # plotly.js itself is not user text
+
+
+def test_every_required_bidi_control_is_shown_as_its_code_point():
+    assert set(_REQUIRED_BIDI) <= BIDI_DISPLAY
+    for ch in _REQUIRED_BIDI:
+        assert neutralize_controls(f"a{ch}b") == f"a⟨U+{ord(ch):04X}⟩b"
+    assert neutralize_controls("tab\tnew\nline") == "tab\tnew\nline"  # layout characters stay
+    assert escape_text("\x00<b>\u202e") == "⟨U+0000⟩&lt;b&gt;⟨U+202E⟩"
+
+
+def test_a_trojan_source_prompt_displays_in_reading_order_everywhere(tmp_path):
+    evil = "access = 'user\u202e \u2066# admin only\u2069 \u2066'  <script>alert(1)</script>"
+    fig = go.Figure(go.Scatter(x=[0, 1], y=[1, 2], name=evil), layout={"title": {"text": evil}})
+    sections = [
+        prompt_section(evil, ["<s>", "user\u202e", " x"], predicted="\u2067y"),
+        ReportSection(evil, figures=[fig], table=pd.DataFrame({evil: [evil]}), notes=[evil]),
+        ReportSection("kv", table={evil: evil, "nested": {"p": evil}}),
+    ]
+    html_path, json_path = write_report(tmp_path, sections, {"prompt": evil}, title=evil, metadata={"prompt": evil})
+    body = _body(html_path.read_text(encoding="utf-8"))
+    raw_bidi = [hex(ord(c)) for c in body if c in BIDI_DISPLAY]
+    scripts = "".join(re.findall(r"<script[^>]*>(.*?)</script>", body, flags=re.S))  # the figures' JSON
+    escaped_bidi = re.findall(r"(?<!\\)(?:\\\\)*\\u(?:202[a-eA-E]|206[6-9])", scripts)
+    assert raw_bidi == [] and escaped_bidi == [] and "⟨U+202E⟩" in scripts
+    assert "user\\u202e" in body  # a token chip shows the control as its repr, as text
+    assert body.count("⟨U+202E⟩") >= 8 and "<script>alert(1)" not in body
+    # the JSON twin keeps the user's text exactly: neutralising is for display only
+    assert json.loads(json_path.read_text(encoding="utf-8"))["prompt"] == evil
+
+
+def test_a_literal_backslash_u_typed_by_the_user_is_left_alone_in_figures(tmp_path):
+    typed = "C:\\u202e\\dir"  # a backslash, then the letters u202e: not a control character
+    fig = go.Figure(go.Scatter(x=[0], y=[0], name=typed))
+    page = build_report([ReportSection("f", figures=[fig])])
+    assert "⟨U+202E⟩" not in _body(page)
+    assert typed.replace("\\", "\\\\") in page  # still valid JSON for the same string
