@@ -224,3 +224,34 @@ def test_tasks_refuses_to_resume_another_run_before_loading(capsys, loads_tiny, 
     record = json.loads((out_dir / "results.fingerprint.json").read_text())
     assert record["fingerprint"]["generation"]["max_new_tokens"] == 5
     assert {r["fingerprint"] for r in rows} == {record["digest"]}
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and TransformerLens: about 10-20 s
+def test_a_real_sigint_ends_tasks_with_one_line_and_exit_130(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "lens_squash.cli", "tasks", "--model", "tiny-random", "--task", "count_ones",
+            "--lengths", "1:300:1", "--samples", "1", "--batch-size", "1", "--max-new-tokens", "8",
+            "--out", str(out_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out_dir / "results.jsonl").exists():  # the first batch is saved: the run is under way
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no batch was saved in time"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    n_rows = len((out_dir / "results.jsonl").read_text().splitlines())
+    assert last == (f"lens-squash tasks: interrupted; {n_rows} rows are saved in {out_dir / 'results.jsonl'}; "
+                    "run the same command again to resume from them")
