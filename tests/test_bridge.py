@@ -126,6 +126,38 @@ def test_bridge_layer_targets_match_transformers_hidden_states(bridge64, target,
     assert (ref[:, n:] == 0).all()  # later positions cannot reach y
 
 
+@contextlib.contextmanager
+def _forbidden(module):
+    """Fail if ``module`` runs: the forward pass must stop before it."""
+
+    def refuse(mod, args):
+        raise AssertionError(f"{type(mod).__name__} ran although y lies before it")
+
+    handle = module.register_forward_pre_hook(refuse)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@pytest.mark.bridge
+def test_bridge_forward_stops_at_the_target_layer(bridge64):
+    tokens = _tokens(5, seed=8)
+    with _forbidden(bridge64.unembed):
+        final = jacobian(bridge64, tokens, mode="sketch", n_probes=4)
+    with _forbidden(bridge64.blocks[1]), _forbidden(bridge64.ln_final):
+        first = jacobian(bridge64, tokens, target=0, mode="sketch", n_probes=4)
+    assert final.frobenius.shape == first.frobenius.shape == (5,)
+
+
+@pytest.mark.bridge
+def test_unknown_hook_name_is_an_error_not_a_silent_skip(bridge64):
+    from lens_squash.jacobian import _run_until
+
+    with pytest.raises(ValueError, match="never fired"):
+        _run_until(bridge64, _tokens(3)[None], "blocks.7.hook_resid_post")
+
+
 @pytest.mark.bridge
 def test_bridge_frozen_jacobian_matches_constant_patterns_and_scales(bridge64):
     tokens = _tokens(6, seed=2)
@@ -149,6 +181,18 @@ def test_bridge_sketch_with_a_full_basis_is_exact(bridge64):
     torch.testing.assert_close(sketch.frobenius, exact.frobenius, rtol=1e-7, atol=0)
     partial = jacobian(bridge64, tokens, mode="sketch", n_probes=8, seed=4)
     assert not torch.allclose(partial.frobenius, exact.frobenius)  # 8 of 64 probes: an estimate
+
+
+@pytest.mark.bridge
+def test_certified_bound_covers_the_frozen_jacobian_on_the_bridge(bridge64):
+    """The theorem of DESIGN §3 on the bridge: certified ≥ ‖frozen J_i‖₂ at every position (GQA model)."""
+    from lens_squash.analysis import analyze
+
+    tokens = _tokens(8, seed=6)
+    bound = analyze(bridge64, tokens, variants=["certified"], jacobian_mode=None).bounds["certified"].bound
+    frozen = jacobian(bridge64, tokens, mode="frozen").spectral
+    assert bound.shape == frozen.shape and (frozen > 0).all()
+    assert (bound.double() >= frozen * (1 - 1e-9)).all(), (bound / frozen).min()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -283,6 +327,17 @@ def test_bridge_jacobians_equal_the_hooked_twin(hooked64, bridge64, mode, target
     torch.testing.assert_close(ours.full / scale, twin.full / scale, atol=2e-6, rtol=0)
     torch.testing.assert_close(ours.frobenius, twin.frobenius, rtol=2e-6, atol=0)
     assert ours.tokens.tolist() == twin.tokens.tolist()
+
+
+def test_analyze_on_the_bridge_equals_the_hooked_twin(hooked64, bridge64):
+    from lens_squash.analysis import analyze
+
+    tokens = _tokens(8, seed=7)
+    ours, twin = analyze(bridge64, tokens, jacobian_mode="exact"), analyze(hooked64, tokens, jacobian_mode="exact")
+    assert ours.skipped == twin.skipped and set(ours.bounds) == set(twin.bounds) and ours.bounds
+    for name, bound in twin.bounds.items():
+        torch.testing.assert_close(ours.bounds[name].bound, bound.bound, rtol=2e-6, atol=0, msg=name)
+    torch.testing.assert_close(ours.jacobian.spectral, twin.jacobian.spectral, rtol=2e-6, atol=0)
 
 
 def test_hooked_is_the_default_with_transformer_lens_3():

@@ -122,6 +122,31 @@ def test_final_target_without_final_norm_is_last_resid_post():
     torch.testing.assert_close(final.full, reference_jacobian(model, tokens), **TOL64)
 
 
+def test_forward_pass_stops_at_the_target_layer():
+    model = _tiny(n_layers=3)
+    tokens = _tokens(5)
+
+    def refuse(module, args):
+        raise AssertionError(f"{type(module).__name__} ran although y lies before it")
+
+    handles = [model.unembed.register_forward_pre_hook(refuse)]
+    try:
+        final = jacobian(model, tokens, keep_full=True)
+        handles.append(model.blocks[2].register_forward_pre_hook(refuse))
+        handles.append(model.ln_final.register_forward_pre_hook(refuse))
+        middle = jacobian(model, tokens, target=1, keep_full=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(final.full, reference_jacobian(model, tokens), **TOL64)
+    torch.testing.assert_close(middle.full, reference_jacobian(model, tokens, target=1), **TOL64)
+
+
+def test_non_models_are_refused_before_any_work():
+    with pytest.raises(TypeError, match="TransformerLens model"):
+        jacobian(torch.nn.Linear(2, 2), torch.arange(3))
+
+
 def _constant_attention_model():
     model = _tiny(norm=None)
     with torch.no_grad():
