@@ -7,6 +7,7 @@ results atomically (JSON with provenance; HTML figures where the command makes t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from . import validate
 
-__all__ = ["COMMANDS", "COPY_PROMPT", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "Command", "build_parser", "copy_prompt", "main"]
+__all__ = ["COMMANDS", "COPY_PROMPT", "EXIT_BAD_INPUT", "EXIT_INTERNAL_ERROR", "EXIT_INTERRUPTED", "Command", "build_parser", "copy_prompt", "main"]
 
 
 def copy_prompt(n_ones: int = 12) -> str:
@@ -133,6 +134,16 @@ def _check_room(model, n_prompt: int, n_new: int, flag: str) -> None:
                          f"loaded context n_ctx={model.cfg.n_ctx}; pass a larger --n-ctx or a shorter prompt")
 
 
+def _check_two_tokens(model, prompt: str, chat: bool | None) -> None:
+    """Sinks and sensitivities compare the first token with later ones: one token is not enough."""
+    from .trace import as_tokens
+
+    n_tokens = len(as_tokens(model, prompt, chat=chat))  # also refuses a prompt longer than n_ctx
+    if n_tokens < 2:
+        raise ValueError(f"--prompt {prompt!r} is {n_tokens} token; this analysis compares the first token with "
+                         "later ones, so it needs at least 2: pass a longer prompt (or drop --raw)")
+
+
 def _check_collapse_fits(model, family: str, lengths, *, open_ended: bool, flag: str) -> None:
     """The longest collapse prompt (``s*``, one token longer than ``s``) must fit the loaded context."""
     from .collapse import family_pairs
@@ -184,6 +195,7 @@ def cmd_analyze(args) -> int:
     from .analysis import analyze
 
     model = _load(args)
+    _check_two_tokens(model, args.prompt, False if args.raw else None)
     if args.jacobian == "sketch" and args.probes > model.cfg.d_model:
         raise ValueError(f"--probes {args.probes} is more than this model's d_model={model.cfg.d_model}: the "
                          f"probes are orthonormal; pass --probes 1 … {model.cfg.d_model}, or --jacobian exact")
@@ -336,6 +348,7 @@ def cmd_sinks(args) -> int:
         raise ValueError(f"--clamp-layer {args.clamp_layer} is past this model's last block: it has "
                          f"{model.cfg.n_layers} blocks, so pass 0 … {model.cfg.n_layers - 1}")
     chat = False if args.raw else None
+    _check_two_tokens(model, args.prompt, chat)
     ablation = None
     if args.clamp_layer is not None:  # its baseline is the plain sink report: one traced pass, not two
         ablation = ablation_effect(model, args.prompt, args.clamp_layer, chat=chat, eps=args.eps,
@@ -588,6 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
 EXIT_INTERRUPTED = 130
 #: exit status of refused input, as argparse uses for its own errors
 EXIT_BAD_INPUT = 2
+#: exit status of a bug (an exception that is not a refusal)
+EXIT_INTERNAL_ERROR = 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -602,9 +617,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except (ValueError, TypeError, RuntimeError, MemoryError, OSError) as err:
         # Bad input and refused requests: one clear line, no traceback, non-zero exit.
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"lens-squash {args.command}: error: {message}", file=sys.stderr)
+        print(f"lens-squash {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as err:  # noqa: BLE001 - a bug, not bad input: still one line, and how to see more
+        if os.environ.get("LENS_SQUASH_DEBUG"):
+            raise
+        print(f"lens-squash {args.command}: internal error ({type(err).__name__}: {_one_line(err)}); "
+              "please report it; rerun with LENS_SQUASH_DEBUG=1 for the traceback", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ from .paths import rollout_matrices
 from .ranks import pearson, spearman
 from .records import to_jsonable
 from .spectral import dobrushin
-from .trace import Trace, trace
+from .trace import Trace, as_tokens, trace
 
 __all__ = [
     "SINK_EPS",
@@ -723,6 +723,9 @@ def sink_analysis(
     :func:`~lens_squash.trace.trace`. Hooks the caller has installed (e.g.
     :func:`lens_squash.ablation.clamp_massive_activation`) stay active during the pass.
     """
+    if len(as_tokens(model, prompt, chat=chat)) < 2:  # before the pass: query 0 alone says nothing
+        raise ValueError("the prompt is a single token; sinks compare the first token with later ones, so pass "
+                         "a prompt of at least 2 tokens")
     tr = trace(model, prompt, chat=chat, keep_resid=True)
     return sink_report_from_trace(tr, eps=eps, factor=factor, method=method, over_squashing=over_squashing,
                                   metadata={"analysis": "sinks", "prompt": prompt if isinstance(prompt, str) else None})

@@ -255,3 +255,33 @@ def test_a_real_sigint_ends_tasks_with_one_line_and_exit_130(tmp_path):
     n_rows = len((out_dir / "results.jsonl").read_text().splitlines())
     assert last == (f"lens-squash tasks: interrupted; {n_rows} rows are saved in {out_dir / 'results.jsonl'}; "
                     "run the same command again to resume from them")
+
+
+@pytest.mark.parametrize("command", ["analyze", "sinks"])
+def test_a_single_token_prompt_is_refused_after_loading_and_before_any_pass(
+    capsys, loads_tiny, tiny_random, monkeypatch, tmp_path, command
+):
+    def no_forward(*args, **kwargs):
+        pytest.fail("a forward pass ran for a one-token prompt")
+
+    monkeypatch.setattr(type(tiny_random), "forward", no_forward)
+    code, out, err = _run(capsys, command, "--model", "tiny-random", "--raw", "--prompt", "a",
+                          "--out", str(tmp_path / "o"))
+    assert code == 2 and "--prompt 'a' is 1 token" in err and "at least 2" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_bug_is_one_line_with_exit_1_and_debug_mode_shows_the_traceback(capsys, monkeypatch):
+    def broken(args):
+        raise KeyError("oops")
+
+    original = cli.COMMANDS["trace"]
+    monkeypatch.setitem(cli.COMMANDS, "trace", cli.Command(original.add_parser, original.check, broken))
+    monkeypatch.delenv("LENS_SQUASH_DEBUG", raising=False)
+    code, out, err = _run(capsys, "trace", "--prompt", "hi")
+    assert code == cli.EXIT_INTERNAL_ERROR == 1
+    assert err == ("lens-squash trace: internal error (KeyError: 'oops'); please report it; rerun with "
+                   "LENS_SQUASH_DEBUG=1 for the traceback\n")
+    monkeypatch.setenv("LENS_SQUASH_DEBUG", "1")
+    with pytest.raises(KeyError, match="oops"):
+        main(["trace", "--prompt", "hi"])

@@ -492,3 +492,17 @@ def test_jacobian_pass_honours_the_clamp(tiny):
     # 16 orthonormal probes in d_model = 16 recover the exact Frobenius norms of the clean model
     torch.testing.assert_close(identity.jacobian_baseline, jacobian(tiny, tokens, mode="exact").frobenius)
     assert len(identity.plot_jacobian().data) == 4
+
+
+def test_sink_analysis_refuses_a_single_token_before_tracing(monkeypatch):
+    from lens_squash import sinks
+    from lens_squash.models import tiny_model
+
+    model = tiny_model(n_layers=1, n_heads=2, d_model=16, d_vocab=32, seed=0)
+
+    def no_trace(*args, **kwargs):
+        pytest.fail("traced a one-token prompt")
+
+    monkeypatch.setattr(sinks, "trace", no_trace)
+    with pytest.raises(ValueError, match="single token; sinks compare the first token with later ones"):
+        sinks.sink_analysis(model, torch.tensor([3]))
