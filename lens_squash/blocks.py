@@ -16,12 +16,15 @@ block shapes, all read from the config here:
 QK-norm, soft-capping, ALiBi, rotary, local windows, logn scaling and learned sinks change only the
 patterns, which are frozen. Split Q/K/V inputs (``use_split_qkv_input``, ``use_attn_in``) feed every
 head the same normalised residual, so they are the plain shape with a head axis on the norm's scale.
-Refused, each with the reason and what to use instead (:class:`~lens_squash.support.UnsupportedModelError`):
-bidirectional attention, mixture-of-experts MLPs, SoLU activations, 4-bit weights and non-decoder blocks.
+Mixture-of-experts MLPs (Mixtral, OLMoE, GPT-OSS) are a router-weighted sum of gated experts; with the
+router's weights frozen (like the patterns) that sum is linear in the experts. Refused, each with the
+reason and what to use instead (:class:`~lens_squash.support.UnsupportedModelError`): bidirectional
+attention, SoLU activations, 4-bit weights and non-decoder blocks.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +64,8 @@ class BlockShape:
     attn_only: bool
     #: ``clip_qkv`` clamps values: the value path is then ``W_V diag(m) W_O`` with m ∈ {0, 1}
     value_clip: bool
+    #: mixture-of-experts MLP (``num_experts``): the router's weights are frozen like the patterns
+    moe: bool = False
 
     @property
     def norm_sites(self) -> tuple[str, ...]:
@@ -76,8 +81,6 @@ def _check_supported(model) -> None:
     cfg = model.cfg
     if getattr(cfg, "attention_dir", "causal") != "causal":
         _refuse("bidirectional attention (Theorem B.5 sums over causal paths only; use a decoder-only model)")
-    if getattr(cfg, "num_experts", None):
-        _refuse("mixture-of-experts MLPs (the discrete router is not modelled)")
     act = getattr(cfg, "act_fn", None)
     if act is not None and act.startswith("solu"):
         _refuse(f"SoLU MLPs (act_fn={act!r} mixes the neurons of a position: x·softmax(x), then a norm)")
@@ -90,6 +93,11 @@ def _check_supported(model) -> None:
     block = model.blocks[0]
     if not (hasattr(block, "attn") and hasattr(block.attn, "W_O") and hasattr(block.attn, "W_V")):
         _refuse(f"blocks of type {type(block).__name__} without attn.W_V / attn.W_O")
+    experts = getattr(getattr(block, "mlp", None), "experts", None)
+    if getattr(cfg, "num_experts", None) and not all(
+        isinstance(getattr(e, name, None), torch.nn.Linear) for e in experts or [None] for name in ("W_gate", "W_in", "W_out")
+    ):
+        _refuse("mixture-of-experts MLPs whose experts are not gated nn.Linear triples (W_gate, W_in, W_out)")
 
 
 def _present(block, name: str) -> bool:
@@ -119,6 +127,7 @@ def block_shape(model) -> BlockShape:
         parallel=parallel and not cfg.attn_only,
         attn_only=bool(cfg.attn_only),
         value_clip=getattr(cfg, "clip_qkv", None) is not None,
+        moe=bool(getattr(cfg, "num_experts", None)) and not cfg.attn_only,
     )
 
 
@@ -165,7 +174,7 @@ def apply_output_norms(weight: Tensor, block, names: tuple[str, ...]) -> Tensor:
 
 
 def weight_signature(*tensors: Tensor | None) -> tuple:
-    """Identity, version and a content checksum of each tensor, so a cache keyed on it goes stale
+    """Storage, version and a content checksum of each tensor, so a cache keyed on it goes stale
     after any edit: in place under ``no_grad`` (bumps ``_version``) or through ``.data`` (does not,
     but changes the checksum)."""
     out = []
@@ -174,6 +183,12 @@ def weight_signature(*tensors: Tensor | None) -> tuple:
             out.append(None)
             continue
         flat = t.detach().reshape(-1).double()
-        ramp = torch.cos(torch.arange(flat.numel(), dtype=torch.float64, device=flat.device))
-        out.append((id(t), t.data_ptr(), tuple(t.shape), t._version, float(flat.sum()), float((flat * ramp).sum())))
+        ramp = _ramp(flat.numel(), flat.device)
+        out.append((t.data_ptr(), tuple(t.shape), t._version, float(flat.sum()), float((flat * ramp).sum())))
     return tuple(out)
+
+
+@functools.lru_cache(maxsize=16)
+def _ramp(size: int, device: torch.device) -> Tensor:
+    """Fixed checksum weights: a weighted sum with them changes when entries are permuted or rescaled."""
+    return torch.cos(torch.arange(size, dtype=torch.float64, device=device))

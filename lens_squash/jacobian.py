@@ -23,9 +23,10 @@ batch's freed gradients back to the kernel only to page-fault them in again for 
 **Modes.**
 
 * ``exact``: the Jacobian of the model as it is.
-* ``frozen``: attention patterns (``blocks.{l}.attn.hook_pattern``) and every norm scale
-  (``*.hook_scale``) are detached through hooks, so attention and normalisation act as fixed linear
-  maps. This is exactly the object the certified path-sum bound bounds (DESIGN §3).
+* ``frozen``: attention patterns (``blocks.{l}.attn.hook_pattern``), every norm scale
+  (``*.hook_scale``) and mixture-of-experts router weights (``blocks.{l}.mlp.hook_expert_weights``)
+  are detached through hooks, so attention, normalisation and routing act as fixed linear maps. This
+  is exactly the object the certified path-sum bound bounds (DESIGN §3).
 * ``sketch``: ``k = n_probes`` probes ``u_r``, orthonormal (QR of a seeded Gaussian), estimate
   ``‖J_i‖_F² ≈ (d_out / k) Σ_r ‖u_rᵀ J_i‖²`` (unbiased: ``E[U Uᵀ] = (k / d_out) I`` for a Haar-random
   orthonormal ``U``). With ``k = d_out`` probes ``U Uᵀ = I`` and the estimate is exact. ``k`` VJPs
@@ -383,11 +384,16 @@ def _detach(value: Tensor, hook) -> Tensor:
     return value.detach()
 
 
+#: hooks the frozen mode detaches: attention patterns, norm scales, and mixture-of-experts router
+#: weights (frozen like the patterns; the certified bound assumes all three)
+_FROZEN_SUFFIXES = (".hook_scale", "attn.hook_pattern", "mlp.hook_expert_weights")
+
+
 def _freeze_hooks(model, wrt: int) -> list[tuple[str, Any]]:
-    """Detach every attention pattern and norm scale the input can reach (the ``frozen`` mode)."""
+    """Detach every attention pattern, norm scale and MoE router weight the input can reach (``frozen`` mode)."""
     names = []
     for name in model.hook_dict:
-        if not (name.endswith(".hook_scale") or name.endswith("attn.hook_pattern")):
+        if not name.endswith(_FROZEN_SUFFIXES):
             continue
         match = re.match(r"blocks\.(\d+)\.", name)
         if match is None or int(match.group(1)) >= wrt:

@@ -42,6 +42,7 @@ __all__ = [
     "cached_gram",
     "mlp_gain_gram",
     "mlp_jacobian_frobenius",
+    "moe_jacobian_frobenius",
     "ov_norms",
     "supports_certified",
 ]
@@ -56,43 +57,55 @@ def _mlp_names(mlp) -> list[str]:
     return ["W_gate", "W_in"] if hasattr(mlp, "W_gate") else ["W_in"]
 
 
-def _gram_inputs(block, shape: BlockShape) -> list[Tensor | None]:
-    """Every tensor the Gram reads, for the cache signature."""
-    tensors = [getattr(block.mlp, name) for name in (*_mlp_names(block.mlp), "W_out")]
-    for site in (shape.mlp_in, *shape.mlp_out):
-        if site is not None:
-            tensors.append(getattr(getattr(block, site), "w", None))
-    return tensors
+def _gram_from(block, shape: BlockShape, mats: list[Tensor], w_out: Tensor) -> Tensor:
+    """``[(W'_aᵀ W'_b) ∘ (W'_out W'_outᵀ)]_{a,b}`` for input matrices ``mats`` ([d_model, d_mlp] each)
+    and ``w_out`` ([d_mlp, d_model]), with the block's frozen MLP norms folded in (float64)."""
+    mats = [w.detach().double() for w in mats]
+    if shape.mlp_in is not None:
+        mats = [apply_input_norm(w, getattr(block, shape.mlp_in), dim=0) for w in mats]
+    w_in = torch.cat(mats, dim=1)  # [d_model, k·d_mlp]
+    w_out = apply_output_norms(w_out, block, shape.mlp_out)  # [d_mlp, d_model]
+    copies = w_in.shape[1] // w_out.shape[0]
+    return (w_in.T @ w_in) * (w_out @ w_out.T).repeat(copies, copies)
+
+
+def _mlp_matrices(block) -> tuple[list[Tensor], Tensor]:
+    return [getattr(block.mlp, name) for name in _mlp_names(block.mlp)], block.mlp.W_out
+
+
+def _expert_matrices(expert) -> tuple[list[Tensor], Tensor]:
+    """An expert's ``nn.Linear`` weights as row-vector matrices (``x @ W``): the transposes."""
+    return [expert.W_gate.weight.T, expert.W_in.weight.T], expert.W_out.weight.T
 
 
 def mlp_gain_gram(block, shape: BlockShape) -> Float[Tensor, "k_d_mlp k_d_mlp"]:
     """The block's Gram matrix ``[(W'_aᵀ W'_b) ∘ (W'_out W'_outᵀ)]_{a,b}`` stacked over a, b (float64)."""
-    mats = [getattr(block.mlp, name).detach().double() for name in _mlp_names(block.mlp)]  # [d_model, d_mlp]
-    if shape.mlp_in is not None:
-        mats = [apply_input_norm(w, getattr(block, shape.mlp_in), dim=0) for w in mats]
-    w_in = torch.cat(mats, dim=1)  # [d_model, k·d_mlp]
-    w_out = apply_output_norms(block.mlp.W_out, block, shape.mlp_out)  # [d_mlp, d_model]
-    copies = w_in.shape[1] // w_out.shape[0]
-    return (w_in.T @ w_in) * (w_out @ w_out.T).repeat(copies, copies)
+    return _gram_from(block, shape, *_mlp_matrices(block))
 
 
 _GRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def cached_gram(block, shape: BlockShape) -> Tensor:
-    """:func:`mlp_gain_gram`, reused while every weight it reads is unchanged.
+def _norm_gains(block, shape: BlockShape) -> list[Tensor | None]:
+    return [getattr(getattr(block, site), "w", None) for site in (shape.mlp_in, *shape.mlp_out) if site is not None]
+
+
+def cached_gram(block, shape: BlockShape, expert=None) -> Tensor:
+    """:func:`mlp_gain_gram` (or an MoE expert's), reused while every weight it reads is unchanged.
 
     Building it costs O(d_model · d_mlp²) per layer (seconds on SmolLM2), so a second trace of the
     same model skips it. The key is each weight's identity, version and a checksum
     (:func:`lens_squash.blocks.weight_signature`): ablations and steering edit weights in place, and a
     cache keyed on the block alone served stale gains after ``W_out *= 2``.
     """
-    key = (shape, weight_signature(*_gram_inputs(block, shape)))
-    hit = _GRAMS.get(block)
+    mats, w_out = _mlp_matrices(block) if expert is None else _expert_matrices(expert)
+    owner = block if expert is None else expert
+    key = (shape, weight_signature(*mats, w_out, *_norm_gains(block, shape)))
+    hit = _GRAMS.get(owner)
     if hit is not None and hit[0] == key:
         return hit[1]
-    gram = mlp_gain_gram(block, shape)
-    _GRAMS[block] = (key, gram)
+    gram = _gram_from(block, shape, mats, w_out)
+    _GRAMS[owner] = (key, gram)
     return gram
 
 
@@ -107,6 +120,46 @@ def _activation_coefficients(block, pre: Tensor, pre_linear: Tensor | None) -> T
     if pre_linear is None:
         return slope
     return torch.cat([slope * pre_linear.double(), value.detach()], dim=-1)
+
+
+def _expert_post(expert, gate: Tensor, up: Tensor) -> Tensor:
+    """The expert's elementwise map from its two projections to what ``W_out`` reads."""
+    if type(expert).__name__ == "GptOssExpert":  # TL's GPT-OSS GLU: clamps, then gate·σ(α gate)·(up + 1)
+        from transformer_lens.components.mlps.gpt_oss_moe import GPT_OSS_ALPHA, GPT_OSS_LIMIT
+
+        gate = gate.clamp(max=GPT_OSS_LIMIT)
+        up = up.clamp(min=-GPT_OSS_LIMIT, max=GPT_OSS_LIMIT)
+        return (up + 1) * gate * torch.sigmoid(gate * GPT_OSS_ALPHA)
+    return expert.act_fn(gate) * up
+
+
+def moe_jacobian_frobenius(
+    block, shape: BlockShape, moe_in: Float[Tensor, "pos d_model"], routing: Float[Tensor, "pos expert"]
+) -> Float[Tensor, "pos"]:
+    """``Σ_e g_e ‖J_e‖_F`` per position: with the router's weights ``g`` frozen (as ``jacobian``'s
+    frozen mode freezes ``hook_expert_weights``) the MoE is ``Σ_e g_e expert_e``, so its Jacobian is
+    ``Σ_e g_e J_e`` and the triangle inequality bounds its norm. Each ``‖J_e‖_F`` comes from the
+    expert's Gram like a gated MLP's; the coefficients are the exact partial derivatives of the
+    expert's elementwise map (its clamps included). Without the frozen norms' scales (float64)."""
+    x = moe_in.detach().double()
+    total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for index, expert in enumerate(block.mlp.experts):
+        weight = routing[:, index].double()
+        if not (weight > 0).any():
+            continue
+        w_gate, w_in = (m.double() for m in _expert_matrices(expert)[0])
+        gate = (x @ w_gate + _bias(expert.W_gate)).requires_grad_(True)
+        up = (x @ w_in + _bias(expert.W_in)).requires_grad_(True)
+        with torch.enable_grad():
+            slope_gate, slope_up = torch.autograd.grad(_expert_post(expert, gate, up).sum(), (gate, up))
+        coeff = torch.cat([slope_gate, slope_up], dim=-1)  # elementwise map: these are its derivatives
+        squared = torch.einsum("pa,ab,pb->p", coeff, cached_gram(block, shape, expert), coeff).clamp_min(0.0)
+        total = total + weight * squared.sqrt()
+    return total
+
+
+def _bias(linear) -> Tensor | float:
+    return 0.0 if linear.bias is None else linear.bias.detach().double()
 
 
 def mlp_jacobian_frobenius(

@@ -12,6 +12,7 @@ Hook names are written out literally (``blocks.{l}.attn.hook_pattern``) so the s
 
 from __future__ import annotations
 
+import functools
 import html
 import math
 from dataclasses import dataclass, field
@@ -23,7 +24,12 @@ from torch import Tensor
 
 from .attention import attention_defects, pattern_tolerance
 from .display import compact_repr
-from .lipschitz import cached_gram, mlp_jacobian_frobenius, supports_certified
+from .lipschitz import (
+    cached_gram,
+    mlp_jacobian_frobenius,
+    moe_jacobian_frobenius,
+    supports_certified,
+)
 from .models import check_length, format_prompt
 from .records import provenance
 from .support import UnsupportedModelError
@@ -251,6 +257,8 @@ def _mlp_gain_hooks(model, shape, store: dict[str, Tensor]) -> list:
     hooks = []
     if shape.attn_only:
         return hooks
+    if shape.moe:
+        return _moe_gain_hooks(model, shape, store)
     for layer, block in enumerate(model.blocks):
 
         def save(name):
@@ -269,6 +277,60 @@ def _mlp_gain_hooks(model, shape, store: dict[str, Tensor]) -> list:
             hooks.append((f"blocks.{layer}.mlp.hook_pre_linear", save(f"mlp_pre_linear.{layer}")))
         hooks.append((f"blocks.{layer}.mlp.hook_post", gain))
     return hooks
+
+
+def _routing(mlp, weights: Tensor, indices: Tensor, cfg) -> Tensor:
+    """The weight each expert's output gets, ``[pos, expert]``, as TransformerLens's MoE forward uses it.
+    GPT-OSS's hook holds them already; Mixtral's holds the softmax over all experts, which the
+    forward then cuts to the top k (and renormalises with ``norm_topk_prob``), in the same float32."""
+    if type(mlp).__name__ == "GptOssMoE":
+        return weights.double()
+    top = torch.gather(weights, -1, indices)
+    if getattr(cfg, "norm_topk_prob", False):
+        top = top / top.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(weights, dtype=torch.float64).scatter(-1, indices, top.to(cfg.dtype).double())
+
+
+def _moe_gain_hooks(model, shape, store: dict[str, Tensor]) -> list:
+    """Σ_e g_e ‖J_e‖_F per position for mixture-of-experts MLPs (router weights frozen, see lipschitz)."""
+    hooks = []
+    for layer, block in enumerate(model.blocks):
+
+        def save(name, value, hook):
+            store[name] = value.detach()
+
+        input_hook, affine = _mlp_input_hook(model, layer, shape)
+
+        def moe_input(value, hook, layer=layer, affine=affine):
+            value = value[0].detach()
+            store[f"moe_in.{layer}"] = value if affine is None else affine(value).detach()
+
+        def gain(value, hook, layer=layer, block=block):
+            routing = _routing(block.mlp, store.pop(f"expert_weights.{layer}"), store.pop(f"expert_indices.{layer}"),
+                               model.cfg)
+            norms = moe_jacobian_frobenius(block, shape, store.pop(f"moe_in.{layer}"), routing)
+            store[f"mlp_gain_unscaled.{layer}"] = norms.cpu()
+
+        name = f"blocks.{layer}"
+        hooks.append((f"{name}.mlp.hook_expert_weights", functools.partial(save, f"expert_weights.{layer}")))
+        hooks.append((f"{name}.mlp.hook_expert_indices", functools.partial(save, f"expert_indices.{layer}")))
+        hooks.append((input_hook, moe_input))
+        hooks.append((f"{name}.hook_mlp_out", gain))
+    return hooks
+
+
+def _mlp_input_hook(model, layer: int, shape) -> tuple[str, Any]:
+    """A hook whose value gives the MLP's input, and how: the MLP norm's ``hook_normalized`` with its
+    gain and bias re-applied, or the residual the MLP reads when no norm precedes it."""
+    if shape.mlp_in is None:
+        return (f"blocks.{layer}.hook_resid_pre" if shape.parallel else f"blocks.{layer}.hook_resid_mid"), None
+    norm = getattr(model.blocks[layer], shape.mlp_in)
+
+    def affine(normalized: Tensor) -> Tensor:
+        out = normalized * norm.w if hasattr(norm, "w") else normalized
+        return out + norm.b if hasattr(norm, "b") else out
+
+    return f"blocks.{layer}.{shape.mlp_in}.hook_normalized", affine
 
 
 def _mlp_gains(store: dict[str, Tensor], n_layers: int, shape) -> Tensor | None:

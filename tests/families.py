@@ -45,7 +45,12 @@ FAMILIES: dict[str, dict] = {
     "olmo2_output_norms": dict(_LLAMA, original_architecture="Olmo2ForCausalLM"),
     "olmo_clip_qkv": dict(_LLAMA, clip_qkv=0.3),
     "gpt_oss_sinks": dict(_LLAMA, n_key_value_heads=2, use_attention_sinks=True),
-    "moe": dict(_LLAMA, num_experts=4, experts_per_token=2),
+    "moe_mixtral": dict(_LLAMA, num_experts=4, experts_per_token=2),
+    "moe_topk_renormalised": dict(_LLAMA, num_experts=4, experts_per_token=2, norm_topk_prob=True),
+    "gpt_oss_moe_sinks": dict(
+        _LLAMA, n_key_value_heads=2, num_experts=4, experts_per_token=2, use_attention_sinks=True,
+        original_architecture="GptOssForCausalLM",
+    ),
     "solu": dict(act_fn="solu_ln"),
     "split_qkv": dict(use_split_qkv_input=True),
     "split_qkv_gqa": dict(_LLAMA, n_key_value_heads=2, use_split_qkv_input=True),
@@ -60,7 +65,7 @@ FAMILIES: dict[str, dict] = {
 }
 
 #: families the certified bound refuses, with a word its message must contain
-REFUSED = {"moe": "mixture-of-experts", "solu": "SoLU", "bidirectional": "bidirectional"}
+REFUSED = {"solu": "SoLU", "bidirectional": "bidirectional"}
 
 TOKENS = torch.tensor([3, 17, 5, 5, 9, 30, 2, 11, 4, 41, 8, 1])
 

@@ -19,8 +19,8 @@ __all__ = ["ADVERSARIAL", "adversarial", "edit_in_place", "frozen_names", "refer
 
 
 def frozen_names(model) -> list[str]:
-    """The hooks the frozen Jacobian holds fixed: every attention pattern and norm scale."""
-    return [n for n in model.hook_dict if n.endswith("attn.hook_pattern") or n.endswith(".hook_scale")]
+    """The hooks the frozen Jacobian holds fixed: every attention pattern, norm scale and MoE router weight."""
+    return [n for n in model.hook_dict if n.endswith(("attn.hook_pattern", ".hook_scale", "mlp.hook_expert_weights"))]
 
 
 def _recorded(model, tokens: Tensor, names: list[str]) -> tuple[Tensor, dict[str, list[Tensor]]]:

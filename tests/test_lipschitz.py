@@ -116,3 +116,39 @@ def test_ov_norms_expand_values_given_per_key_value_head(monkeypatch):
     for head in range(4):
         full = w_v[head // 2] @ model.blocks[0].attn.W_O[head].double()
         torch.testing.assert_close(expected[0, head], torch.linalg.matrix_norm(full, ord=2), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("family", "experts_per_token"),
+    [("moe_mixtral", 1), ("moe_mixtral", 2), ("moe_topk_renormalised", 2), ("gpt_oss_moe_sinks", 1)],
+)
+def test_moe_gain_against_the_jacobian_of_the_frozen_router_moe(family, experts_per_token):
+    """With one expert per token the gain is exactly ‖g J_e‖_F; with more, Σ g_e ‖J_e‖_F bounds ‖Σ g_e J_e‖_F."""
+    from .families import TOKENS as tokens
+    from .families import build
+
+    model = build(family, experts_per_token=experts_per_token)
+    if family.startswith("gpt_oss"):  # push projections past GPT-OSS's clamps at ±7, so they matter
+        with torch.no_grad():
+            for block in model.blocks:
+                for expert in block.mlp.experts:
+                    expert.W_gate.weight.mul_(40)
+                    expert.W_in.weight.mul_(40)
+    result = trace(model, tokens, lipschitz=True)
+    names = [f"blocks.{l}.{n}" for l in range(3) for n in ("hook_resid_mid", "ln2.hook_scale", "mlp.hook_expert_weights")]
+    _, cache = model.run_with_cache(tokens[None], names_filter=names)
+    for layer, block in enumerate(model.blocks):
+        mid, scale = cache[f"blocks.{layer}.hook_resid_mid"][0], cache[f"blocks.{layer}.ln2.hook_scale"][0]
+        routing = cache[f"blocks.{layer}.mlp.hook_expert_weights"]  # [pos, expert]
+        for pos in range(0, len(tokens), 3):
+            hook = (f"blocks.{layer}.mlp.hook_expert_weights", lambda v, hook, r=routing[pos : pos + 1]: r)
+
+            def moe_of_frozen_norm(x, block=block, s=scale[pos], hook=hook):
+                with model.hooks(fwd_hooks=[hook]):  # the router's weights held at their traced values
+                    return block.mlp((x / s * block.ln2.w)[None, None])[0, 0]
+
+            explicit = torch.linalg.matrix_norm(torch.func.jacrev(moe_of_frozen_norm)(mid[pos]))
+            if experts_per_token == 1:
+                torch.testing.assert_close(result.mlp_gain[layer, pos], explicit, atol=1e-10, rtol=1e-10)
+            else:
+                assert result.mlp_gain[layer, pos] >= explicit * (1 - 1e-10)
