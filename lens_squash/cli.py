@@ -1,7 +1,11 @@
 """The ``lens-squash`` command line: one sub-command per analysis, registered in :data:`COMMANDS`.
 
-Each sub-command loads the model once, runs the pure analyses, prints a short table and writes its
-results atomically (JSON with provenance; HTML figures where the command makes them).
+Each sub-command first checks every flag (:mod:`lens_squash.validate`; output paths included, so a
+bad value costs no model load), then loads the model once, checks what needs the model (a layer
+index against its depth, the prompt's tokens against its context) before any forward pass, runs the
+pure analyses, prints a short table and writes its results atomically (JSON with provenance; HTML
+figures where the command makes them). Refusals are one line naming the flag, exit status 2;
+Ctrl-C is one line saying what was saved and how to resume, exit status 130.
 """
 
 from __future__ import annotations

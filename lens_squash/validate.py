@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -193,9 +194,11 @@ def check_text(text: Any, name: str = "prompt") -> str:
 def check_prompt(prompt: Any, name: str = "prompt") -> str | torch.Tensor:
     """One prompt: text (see :func:`check_text`) or integer token ids of shape ``[pos]`` or ``[1, pos]``.
 
-    Lists are refused whatever they hold: a list of strings is several prompts (call once per
+    A numpy integer array counts as a tensor. Lists are refused whatever they hold: a list of strings is several prompts (call once per
     prompt), and a list of ids is ambiguous with a batch (wrap it in ``torch.tensor``).
     """
+    if isinstance(prompt, np.ndarray):  # ids from numpy are as good as a tensor
+        prompt = torch.from_numpy(prompt)
     if isinstance(prompt, torch.Tensor):
         return _check_id_tensor(prompt, name)
     if isinstance(prompt, (list, tuple)):
