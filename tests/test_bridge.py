@@ -231,6 +231,22 @@ def test_bad_n_ctx_is_refused_first(n_ctx):
 
 
 @pytest.mark.bridge
+@pytest.mark.parametrize("name", [models.TINY_MODEL, models.DEFAULT_MODEL])
+def test_n_ctx_beyond_the_trained_positions_is_refused_before_loading(name, monkeypatch):
+    for loader in ("_tiny_random_bridge", "_load_offline_bridge", "_cached_weights"):
+        monkeypatch.setattr(models, loader, lambda *a, **k: pytest.fail("loaded despite a bad n_ctx"))
+    with pytest.raises(ValueError, match=r"n_ctx=10000000000 is outside 1\.\.8192"):
+        load_model(name, backend="bridge", n_ctx=10**10)
+
+
+@pytest.mark.bridge
+@pytest.mark.parametrize("device", ["tpu", "cpu:x", 3.5])
+def test_bad_device_is_refused_first(device):
+    with pytest.raises(ValueError, match="device"):
+        load_model(models.TINY_MODEL, backend="bridge", device=device)
+
+
+@pytest.mark.bridge
 @pytest.mark.parametrize("backend", ["jax", "Bridge", "", 1])
 def test_unknown_backend_names_the_two(backend):
     with pytest.raises(ValueError, match="'hooked', 'bridge'"):
