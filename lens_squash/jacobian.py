@@ -14,7 +14,9 @@ through ``torch.func.vmap`` of the returned ``vjp_fn`` (measured 2–4× faster 
 the per-position norms are accumulated chunk by chunk. The input is made differentiable by a forward
 hook that replaces ``blocks.{wrt}.hook_resid_pre`` with the tracked input ``v`` (the activation cache
 of TransformerLens is detached, so it cannot be used); the forward pass stops right after the target
-layer (``stop_at_layer``) and never runs the unembedding. Parameters are taken out of autograd for
+layer (a hook on its ``hook_resid_post`` raises, which works on a ``HookedTransformer`` and on a
+``TransformerBridge`` alike, where ``stop_at_layer=n_layers`` would not stop) and never runs the
+unembedding. Parameters are taken out of autograd for
 the call, so the graph holds only what the input-gradient needs. For causal models, positions after
 ``target_pos`` cannot influence it, so they are dropped from the forward pass altogether. The whole
 loop runs inside :func:`lens_squash.allocator.steady_heap`, which stops glibc from handing each
