@@ -371,9 +371,9 @@ def test_bridge_tokenizes_prompts_as_the_hooked_twin(hooked64, bridge64, chat):
 @pytest.mark.slow
 def test_smollm2_bridge_jacobian_norms_equal_the_hooked_twin(smollm2):
     bridge = load_model(backend="bridge", n_ctx=512)
-    tokens = models.format_prompt(smollm2, "The cat sat on the mat because it was")
-    ours = jacobian(bridge, tokens, mode="sketch", n_probes=16, seed=2)
-    twin = jacobian(smollm2, tokens, mode="sketch", n_probes=16, seed=2)
+    tokens = models.format_prompt(smollm2, "The cat sat on the mat because it was", chat=False)
+    ours = jacobian(bridge, tokens, mode="sketch", n_probes=8, seed=2)
+    twin = jacobian(smollm2, tokens, mode="sketch", n_probes=8, seed=2)
     relative = (ours.frobenius - twin.frobenius).abs() / twin.frobenius
     assert relative.max() <= 1e-5, relative.max()
     assert twin.frobenius.min() > 0
