@@ -55,8 +55,10 @@ class ModelSpec:
         return load_model(self.name, dtype=self.dtype, device=self.device, n_ctx=self.n_ctx)
 
 
-# one model per spec per process: a worker that runs many prompts loads its model once
-_MODELS: dict[Any, Any] = {}
+# one model per spec per process: a worker that runs many prompts loads its model once. Each model
+# has its own lock, held for a whole analysis: tracing adds hooks to the shared model, so two threads
+# analysing on one model at once would read each other's activations
+_MODELS: dict[Any, tuple[Any, threading.Lock]] = {}
 _MODELS_LOCK = threading.Lock()
 
 
@@ -66,18 +68,26 @@ def _cache_key(source) -> Any:
     return source if isinstance(source, ModelSpec) else ("factory", pickle.dumps(source))
 
 
-def cached_model(source: ModelSpec | Callable[[], Any]):
-    """The model ``source`` describes, loaded on the first call in this process and reused after."""
+def _cached(source) -> tuple[Any, threading.Lock]:
     key = _cache_key(source)
     with _MODELS_LOCK:  # a worker with several threads must still load only once
         if key not in _MODELS:
-            _MODELS[key] = source.load() if isinstance(source, ModelSpec) else source()
+            model = source.load() if isinstance(source, ModelSpec) else source()
+            _MODELS[key] = (model, threading.Lock())
         return _MODELS[key]
 
 
+def cached_model(source: ModelSpec | Callable[[], Any]):
+    """The model ``source`` describes, loaded on the first call in this process and reused after."""
+    return _cached(source)[0]
+
+
 def _analyze_in_worker(source, prompt, kwargs: dict[str, Any]) -> Analysis:
-    """The task each executor runs: the worker's cached model, then one ``analyze``."""
-    return analyze(cached_model(source), prompt, **kwargs)
+    """The task each executor runs: the worker's cached model, then one ``analyze`` (one at a time
+    per model in a process: threads of one worker take turns, processes run side by side)."""
+    model, lock = _cached(source)
+    with lock:
+        return analyze(model, prompt, **kwargs)
 
 
 @dataclass(frozen=True, eq=False)
@@ -169,8 +179,19 @@ def _local_model(model_or_factory):
     if _is_model(model_or_factory):
         return model_or_factory
     if isinstance(model_or_factory, ModelSpec) or callable(model_or_factory):
-        return cached_model(model_or_factory)
+        return cached_model(model_or_factory)  # run in this thread only: no lock needed
     raise TypeError(f"model_or_factory must be a model, a ModelSpec or a factory, got {type(model_or_factory).__name__}")
+
+
+def _results_in_order(futures: list) -> tuple[Analysis, ...]:
+    """Each future's result, in submission order; on the first error the prompts not yet started
+    are cancelled (``cancel`` exists on concurrent.futures and Dask futures alike) and it is raised."""
+    try:
+        return tuple(future.result() for future in futures)
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
 
 
 def analyze_many(model_or_factory, prompts, *, executor=None, **analyze_kwargs) -> ManyAnalyses:
@@ -180,7 +201,9 @@ def analyze_many(model_or_factory, prompts, *, executor=None, **analyze_kwargs) 
     ``executor`` the prompts run one after the other in this process. With ``executor`` (anything
     with ``submit(fn, *args)`` returning a future with ``.result()``: ``concurrent.futures``
     executors, ``dask.distributed.Client``) each prompt is one task; the model must then be a
-    ``ModelSpec`` or a picklable factory, loaded once per worker process. ``analyze_kwargs`` go to
+    ``ModelSpec`` or a picklable factory, loaded once per worker process (threads of one worker
+    share it and take turns, since tracing hooks the model: use one thread per worker and more
+    workers to run prompts side by side). ``analyze_kwargs`` go to
     ``analyze`` unchanged (``variants``, ``jacobian_mode``, ``n_probes``, ``chat``, ``target``).
     Results come back in prompt order; a task's error is raised here, as the executor reports it.
     """
@@ -194,6 +217,6 @@ def analyze_many(model_or_factory, prompts, *, executor=None, **analyze_kwargs) 
                             f"dask.distributed.Client), got {type(executor).__name__}")
         source = _source_for_executor(model_or_factory)
         futures = [executor.submit(_analyze_in_worker, source, prompt, analyze_kwargs) for prompt in prompts]
-        analyses = tuple(future.result() for future in futures)
+        analyses = _results_in_order(futures)
     return ManyAnalyses(_frame(prompts, analyses), analyses, prompts)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import pandas as pd
 import pytest
@@ -116,6 +116,18 @@ def test_bad_input_is_refused_with_the_fix(model):
         analyze_many(SPEC, ["a"], executor=object())
     with pytest.raises(ValueError, match="dtype"):
         ModelSpec(name="tiny-random", dtype="float8")
+
+
+def test_threads_sharing_one_cached_model_take_turns_and_errors_come_back(model, one_thread):
+    # tracing hooks the shared model: without the per-model lock the threads would see each other's
+    # activations. Four threads on one cached model must give the in-process numbers exactly.
+    reference = analyze_many(model, PROMPTS, **KWARGS)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        threaded = analyze_many(SPEC, PROMPTS, executor=pool, **KWARGS)
+        assert_same_many(reference, threaded)
+        too_long = " ".join(["one"] * 400)  # more tokens than the spec's n_ctx = 128
+        with pytest.raises(ValueError, match="n_ctx"):
+            analyze_many(SPEC, [PROMPTS[0], too_long], executor=pool, **KWARGS)
 
 
 def test_a_process_pool_gives_the_same_numbers(model, one_thread):
