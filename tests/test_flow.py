@@ -55,7 +55,23 @@ MODELS = {
     "no_norm": lambda: _gpt2(norm=None),
     "ln_pre": lambda: _config_model(normalization_type="LNPre"),
     "gemma_sandwich": lambda: _config_model(normalization_type="RMS", use_normalization_before_and_after=True),
+    "sinks": lambda: _sinks_model(),
 }
+
+
+def _sinks_model():
+    """Learned attention sinks (gpt-oss): the hooked pattern is the one used, rows sum below 1."""
+    model = _config_model(normalization_type="RMS", use_attention_sinks=True)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.sinks.normal_()
+    return model
+
+
+def _moe(dtype=torch.float32):
+    """Mixture-of-experts MLPs (TransformerLens's router runs in float32 only)."""
+    return _config_model(num_experts=4, experts_per_token=2, gated_mlp=True, act_fn="silu",
+                         normalization_type="RMS", dtype=dtype)
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
@@ -125,7 +141,7 @@ def test_parts_sum_to_autograd_float64(model):
         assert grads.mlp.abs().max() > 0
 
 
-@pytest.mark.parametrize("make", [_gpt2, _llama], ids=["gpt2", "llama_gqa"])
+@pytest.mark.parametrize("make", [_gpt2, _llama, _moe], ids=["gpt2", "llama_gqa", "moe"])
 def test_parts_sum_to_autograd_float32(make):
     model = make(dtype=torch.float32)
     tokens = _tokens(9)
@@ -223,8 +239,8 @@ def _brute_edges(model, tokens, mode):
 
 
 @pytest.mark.parametrize("mode", ["exact", "frozen"])
-@pytest.mark.parametrize("make", [_gpt2, _llama, MODELS["ln_pre"], MODELS["no_norm"], MODELS["gemma_sandwich"]],
-                         ids=["gpt2", "llama_gqa", "ln_pre", "no_norm", "gemma_sandwich"])
+@pytest.mark.parametrize("make", [_gpt2, _llama, MODELS["ln_pre"], MODELS["no_norm"], MODELS["gemma_sandwich"],
+                                  _sinks_model], ids=["gpt2", "llama_gqa", "ln_pre", "no_norm", "gemma_sandwich", "sinks"])
 def test_edge_and_head_norms_match_brute_force(make, mode):
     model = make()
     tokens = _tokens(5)
