@@ -699,3 +699,42 @@ def test_every_figure_explains_itself_and_sends_typed_arrays():
                 numeric = value is not None and len(value) > 1 and np.asarray(value).dtype.kind in "fiu"
                 if numeric and not isinstance(trace, go.Bar):
                     assert isinstance(value, np.ndarray), (type(trace).__name__, name)
+
+
+# --- in a real Chromium: the slider and the menus work -------------------------------------------
+
+
+@pytest.mark.browser
+def test_the_layer_slider_and_target_menu_work_in_chromium(tmp_path):
+    from lens_squash.report import ReportSection, write_report
+    from tests.test_browser import _Browser, _chromium, _load
+
+    binary = _chromium()
+    assert binary, "install Chromium (apt-get install -y chromium) or set LENS_SQUASH_CHROMIUM"
+    patterns = causal_patterns(layers=3, heads=2, n=7)
+    heat = plotting.attention_heatmap(patterns, tokens(7))
+    paths = plotting.attention_paths({6: random_flows(3, 2, 7), 4: random_flows(3, 2, 7)}, tokens(7), top_k=5)
+    html_path, _ = write_report(tmp_path, [ReportSection("views", figures=[heat, paths])], {})
+    browser = _Browser(binary)
+    try:
+        page = _load(browser, html_path, 2)
+        # apply each slider step and menu button as a click would, and read back what plotly.js shows
+        shown = page.evaluate(
+            "(async () => { const [heat, paths] = document.querySelectorAll('.js-plotly-plot'); const out = [];"
+            " for (const step of heat.layout.sliders[0].steps) { await Plotly.update(heat, ...step.args);"
+            "   out.push([heat.data.filter(t => t.type === 'heatmap' && t.visible !== false).map(t => t.name),"
+            "             heat.layout.title.text, heat._fullLayout.xaxis2.visible]); }"
+            " for (const b of paths.layout.updatemenus[0].buttons) { await Plotly.update(paths, ...b.args);"
+            "   out.push([paths.data.filter(t => t.visible !== false && t.name === 'target').map(t => t.x[0])]); }"
+            " return out; })()")
+        assert page.errors() == []
+    finally:
+        browser.close()
+    steps = [s.label for s in heat.layout.sliders[0].steps]
+    assert steps == ["all", "0", "1", "2"]
+    assert shown[0][0] == ["mean of all layers and heads"] and shown[0][2] is False  # empty panels hidden
+    for l in range(3):
+        names, title, second_panel = shown[1 + l]
+        assert names == [f"layer {l}, mean of heads", f"layer {l}, head 0", f"layer {l}, head 1"]
+        assert f"layer {l}" in title and second_panel is True
+    assert shown[4] == [[6]] and shown[5] == [[4]]  # each target's star, one at a time
