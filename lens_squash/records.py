@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 __all__ = [
-    "atomic_write", "provenance", "to_jsonable", "write_json_atomic", "write_jsonl_atomic", "write_text_atomic",
+    "atomic_write", "provenance", "target_mode", "to_jsonable", "write_json_atomic", "write_jsonl_atomic", "write_text_atomic",
 ]
 
 _PACKAGES = ("lens-squash", "torch", "transformer-lens", "transformers", "gguf", "numpy", "plotly")
@@ -90,7 +90,7 @@ def _umask() -> int:
     return mask
 
 
-def _target_mode(path: Path) -> int:
+def target_mode(path: Path) -> int:
     """The permission rule of every result file: an existing file keeps its mode; a new one gets what
     ``open(path, "w")`` would give it (``0o666`` less the umask). ``mkstemp`` alone would make it 0600."""
     try:
@@ -103,7 +103,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     """Call ``write(tmp_path)``, flush it to disk, then move the file into ``path`` atomically.
 
     A reader, or a crash at any point, sees either the previous file or the complete new one; a
-    failure removes the temporary file. The mode follows :func:`_target_mode`.
+    failure removes the temporary file. The mode follows :func:`target_mode`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +111,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     os.close(fd)
     try:
         write(Path(tmp))
-        os.chmod(tmp, _target_mode(path))
+        os.chmod(tmp, target_mode(path))
         with open(tmp, "rb") as handle:  # the data must be on disk before the rename publishes it
             os.fsync(handle.fileno())
         os.replace(tmp, path)

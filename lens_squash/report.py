@@ -38,7 +38,7 @@ import plotly.offline
 
 from . import plotting
 from .plotting import token_label
-from .records import to_jsonable, write_text_atomic
+from .records import target_mode, to_jsonable, write_text_atomic
 
 __all__ = [
     "BIDI_DISPLAY",
@@ -389,6 +389,7 @@ def write_report(
         for path, content in targets.items():
             staged.append(write_text_atomic(path.with_name(f".{path.name}.staged"), content))
         for staged_path, path in zip(staged, targets, strict=True):
+            os.chmod(staged_path, target_mode(path))  # the target's mode, not the staging name's
             os.replace(staged_path, path)
     finally:
         for staged_path in staged:

@@ -1197,6 +1197,10 @@ def _modes_for(task: str, modes: tuple[str, ...]) -> tuple[str, ...]:
     return usable
 
 
+#: what run_tasks writes once every row is there (beside results.jsonl and its fingerprint)
+_FINAL_FILES = ("results.csv", "results.json", "figures.html")
+
+
 def run_tasks(
     model,
     tasks: str | Iterable[str],
@@ -1235,6 +1239,9 @@ def run_tasks(
     everything = [i for task, task_modes in plan.items() for i in make_instances(task, lengths, n_samples, task_modes, seed)]
     _tokenized(model, everything, chat, max_new_tokens)  # no task may fail for length after another has run
     out = None if out_dir is None else Path(out_dir)
+    if out is not None and overwrite:  # the old run's summaries must not outlive its rows
+        for name in _FINAL_FILES:
+            (out / name).unlink(missing_ok=True)
     fingerprint = run_fingerprint(model, max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat, seed=seed)
     frames, metas = [], []
     for index, (task, task_modes) in enumerate(plan.items()):

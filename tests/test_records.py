@@ -114,3 +114,14 @@ def test_jsonl_rows_are_one_valid_json_object_per_line(tmp_path):
     lines = path.read_text(encoding="utf-8").splitlines()
     assert [json.loads(line) for line in lines] == [{"text": "multi\nline \u202e", "nan": None},
                                                     {"text": "", "nan": 1.5}]
+
+
+def test_the_report_pair_follows_the_same_rule(tmp_path):
+    from lens_squash.report import ReportSection, write_report
+
+    html_path, json_path = write_report(tmp_path, [ReportSection("s", text="x")], {"a": 1})
+    expected = 0o666 & ~_umask()
+    assert {html_path.stat().st_mode & 0o777, json_path.stat().st_mode & 0o777} == {expected}
+    html_path.chmod(0o640)
+    write_report(tmp_path, [ReportSection("s", text="y")], {"a": 2})
+    assert html_path.stat().st_mode & 0o777 == 0o640 and json.loads(json_path.read_text()) == {"a": 2}

@@ -818,3 +818,21 @@ def test_every_prompt_is_checked_against_the_context_before_the_first_reply(chat
         tasks.run_tasks(chat_model, ["copy_first", "copy_last"], [2, 3], 1, "answer", tmp_path / "run",
                         max_new_tokens=200, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_overwrite_removes_the_old_runs_summaries_before_generating(chat_model, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    tasks.run_tasks(chat_model, "copy_last", [2], 1, "answer", out, max_new_tokens=3, progress=False)
+    assert (out / "results.csv").exists() and (out / "figures.html").exists()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tasks, "greedy_generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tasks.run_tasks(chat_model, "copy_last", [2], 1, "answer", out, max_new_tokens=4, overwrite=True,
+                        progress=False)
+    # nothing of the discarded run is left to be mistaken for the new one
+    assert sorted(p.name for p in out.iterdir()) == ["results.fingerprint.json"]
+    record = json.loads((out / "results.fingerprint.json").read_text())
+    assert record["fingerprint"]["generation"]["max_new_tokens"] == 4
