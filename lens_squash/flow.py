@@ -100,7 +100,8 @@ def check_flow_support(model) -> None:
     """Refuse, with one line naming the config field, block shapes the decomposition does not cover.
 
     Covered: pre-norm blocks (LayerNorm, RMSNorm, their ``Pre`` forms, or none), standard or
-    grouped-query attention, dense, gated or mixture-of-experts MLPs, attention-only models,
+    grouped-query attention, causal or bidirectional, with QK norms or score soft-capping (they act on
+    the pattern side only), dense, gated or mixture-of-experts MLPs, attention-only models,
     parallel attention+MLP blocks, extra norms after each sublayer (Gemma-2's
     ``use_normalization_before_and_after``: they act after ``hook_z``, so the captured ``∂z`` already
     carries them) and attention sinks (the pattern hooked is the one used).

@@ -108,6 +108,17 @@ def test_final_stream_is_the_final_norm_jacobian(model):
     torch.testing.assert_close(result.sensitivity[-1], expected, rtol=1e-10, atol=1e-12)
 
 
+def test_bidirectional_model_matches_jacobian():
+    model = tiny_model(n_layers=2, n_heads=2, d_model=16, d_vocab=32, causal=False, dtype=F64, seed=4)
+    tokens = _tokens(6)
+    result = flow(model, tokens, target_pos=2, mode="exact", variants=())
+    assert result.n_tokens == 6  # later positions reach position 2 when attention is bidirectional
+    torch.testing.assert_close(result.sensitivity[0], jacobian(model, tokens, target_pos=2).frobenius,
+                               rtol=1e-10, atol=1e-12)
+    assert float(result.decomposition_error.max()) < 1e-12
+    assert result.edges[:, :, 0, 3:].abs().max() > 0  # edges from later keys exist
+
+
 def test_target_position_and_non_last_target(model):
     tokens = _tokens(8)
     result = flow(model, tokens, target_pos=4, mode="exact", variants=())
