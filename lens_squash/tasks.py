@@ -996,11 +996,12 @@ def check_run_folder(out_path: str | os.PathLike, fingerprint: dict[str, Any], *
 
 
 def _record_fingerprint(path: Path, fingerprint: dict[str, Any], loaded_as: str | None) -> None:
-    """Keep the run's fingerprint beside its results (once: a resumed run has the same one)."""
+    """Keep the run's fingerprint beside its results (a resumed run has the same one, checked before)."""
     from .records import write_json_atomic
 
     record_path = fingerprint_path(path)
-    if not record_path.exists():
+    # a record without rows (a run stopped before its first batch) is stale: this run replaces it
+    if not record_path.exists() or not _jsonl_rows(path)[0]:
         write_json_atomic(record_path, {"digest": fingerprint_digest(fingerprint), "fingerprint": fingerprint,
                                         "loaded_as": loaded_as})
 

@@ -836,3 +836,20 @@ def test_overwrite_removes_the_old_runs_summaries_before_generating(chat_model, 
     assert sorted(p.name for p in out.iterdir()) == ["results.fingerprint.json"]
     record = json.loads((out / "results.fingerprint.json").read_text())
     assert record["fingerprint"]["generation"]["max_new_tokens"] == 4
+
+
+def test_a_record_left_without_rows_is_replaced_not_trusted(chat_model, tmp_path, monkeypatch):
+    out = tmp_path / "results.jsonl"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tasks, "greedy_generate", interrupted)
+        with pytest.raises(KeyboardInterrupt):  # stopped before its first batch: a record, no rows
+            evaluate(chat_model, **SMALL, out_path=out)
+    assert tasks.fingerprint_path(out).exists() and not out.exists()
+    other = evaluate(chat_model, **{**SMALL, "max_new_tokens": 4}, out_path=out)  # nothing to mix with
+    stored = json.loads(tasks.fingerprint_path(out).read_text())
+    assert stored["digest"] == other.meta["fingerprint"] and set(other.frame.fingerprint) == {stored["digest"]}
+    evaluate(chat_model, **{**SMALL, "max_new_tokens": 4}, out_path=out)  # and it resumes
