@@ -967,16 +967,15 @@ def check_run_folder(out_path: str | os.PathLike, fingerprint: dict[str, Any], *
 
     ``partial=True`` compares only the fields ``fingerprint`` holds (before loading a model: dtype,
     generation, versions); ``loaded_as`` is the model name the user asked for, compared with the
-    name recorded by the command line. A missing file is fine.
+    name recorded by the command line. A missing or empty file is fine.
     """
     path = Path(out_path)
-    if not path.exists():
+    rows = _jsonl_rows(path)[0]
+    if not rows:  # nothing saved yet (or no file): nothing to mix with
         return
     record_path = fingerprint_path(path)
     if not record_path.exists():
-        if _read_jsonl(path, repair=False):
-            raise _refuse_mix(path, f"it has no {record_path.name}, so what made its rows is unknown")
-        return
+        raise _refuse_mix(path, f"it has no {record_path.name}, so what made its rows is unknown")
     try:
         record = json.loads(record_path.read_text(encoding="utf-8"))
         stored = record["fingerprint"]
@@ -990,7 +989,7 @@ def check_run_folder(out_path: str | os.PathLike, fingerprint: dict[str, Any], *
         raise _refuse_mix(path, "; ".join(differences))
     if not partial:
         digest = record.get("digest")
-        foreign = {row.get("fingerprint") for row in _jsonl_rows(path)[0]} - {digest}
+        foreign = {row.get("fingerprint") for row in rows} - {digest}
         if foreign:
             raise _refuse_mix(path, f"rows with fingerprints {sorted(map(str, foreign))} beside {digest!r}")
 
