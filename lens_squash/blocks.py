@@ -17,9 +17,11 @@ QK-norm, soft-capping, ALiBi, rotary, local windows, logn scaling and learned si
 patterns, which are frozen. Split Q/K/V inputs (``use_split_qkv_input``, ``use_attn_in``) feed every
 head the same normalised residual, so they are the plain shape with a head axis on the norm's scale.
 Mixture-of-experts MLPs (Mixtral, OLMoE, GPT-OSS) are a router-weighted sum of gated experts; with the
-router's weights frozen (like the patterns) that sum is linear in the experts. Refused, each with the
-reason and what to use instead (:class:`~lens_squash.support.UnsupportedModelError`): bidirectional
-attention, SoLU activations, 4-bit weights and non-decoder blocks.
+router's weights frozen (like the patterns) that sum is linear in the experts. SoLU MLPs
+(``x·softmax(x)``, then a LayerNorm over the neurons whose scale is frozen too) have a
+diagonal-plus-rank-one activation Jacobian. Refused, each with the reason and what to use instead
+(:class:`~lens_squash.support.UnsupportedModelError`): bidirectional attention, gated or MoE SoLU,
+4-bit weights and non-decoder blocks.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class BlockShape:
     value_clip: bool
     #: mixture-of-experts MLP (``num_experts``): the router's weights are frozen like the patterns
     moe: bool = False
+    #: SoLU activation (``solu``, ``solu_ln``): x·softmax(x) mixes a position's neurons
+    solu: bool = False
 
     @property
     def norm_sites(self) -> tuple[str, ...]:
@@ -82,8 +86,10 @@ def _check_supported(model) -> None:
     if getattr(cfg, "attention_dir", "causal") != "causal":
         _refuse("bidirectional attention (Theorem B.5 sums over causal paths only; use a decoder-only model)")
     act = getattr(cfg, "act_fn", None)
-    if act is not None and act.startswith("solu"):
-        _refuse(f"SoLU MLPs (act_fn={act!r} mixes the neurons of a position: x·softmax(x), then a norm)")
+    if act == "solu" and (cfg.gated_mlp or getattr(cfg, "num_experts", None)):
+        _refuse("gated or mixture-of-experts SoLU MLPs (act_fn='solu' times a linear branch is not modelled)")
+    if act is not None and act.startswith("solu") and getattr(cfg, "num_experts", None):
+        _refuse(f"mixture-of-experts MLPs with act_fn={act!r} (their experts assume an elementwise activation)")
     if getattr(cfg, "load_in_4bit", False):
         _refuse("4-bit quantised weights (the OV and MLP matrices are not readable); load the model in float32")
     if cfg.normalization_type not in _NORMS:
@@ -128,6 +134,7 @@ def block_shape(model) -> BlockShape:
         attn_only=bool(cfg.attn_only),
         value_clip=getattr(cfg, "clip_qkv", None) is not None,
         moe=bool(getattr(cfg, "num_experts", None)) and not cfg.attn_only,
+        solu=not cfg.attn_only and str(getattr(cfg, "act_fn", "")).startswith("solu"),
     )
 
 

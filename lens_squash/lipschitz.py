@@ -18,8 +18,8 @@ without forming any ``d_model × d_model`` matrix:
     ‖Σ_a W'_a diag(c_a) W'_out‖_F² = Σ_{a,b} c_aᵀ [(W'_aᵀ W'_b) ∘ (W'_out W'_outᵀ)] c_b,
 
 which costs O(d_mlp²) per position once the ``d_mlp × d_mlp`` Gram matrices are built per layer.
-``c_a`` are the elementwise derivatives of the activation: the certified bound refuses activations
-that are not elementwise (SoLU).
+``c_a`` are the elementwise derivatives of the activation. SoLU is not elementwise; its Jacobian is
+diagonal plus rank one, which keeps the same Gram route (:func:`solu_jacobian_frobenius`).
 
 **Block.** Sequential: ``‖∂x^(l+1)_j/∂x^(l)_k‖ ≤ (1 + g_j)(δ_jk + E_jk)``, since the MLP acts on
 ``x^(l+½)_j`` only and ``‖I + J‖ ≤ 1 + ‖J‖_F``. Parallel: ``x^(l+1) = x + attn(x) + mlp(x)``, so
@@ -44,6 +44,7 @@ __all__ = [
     "mlp_jacobian_frobenius",
     "moe_jacobian_frobenius",
     "ov_norms",
+    "solu_jacobian_frobenius",
     "supports_certified",
 ]
 
@@ -120,6 +121,53 @@ def _activation_coefficients(block, pre: Tensor, pre_linear: Tensor | None) -> T
     if pre_linear is None:
         return slope
     return torch.cat([slope * pre_linear.double(), value.detach()], dim=-1)
+
+
+def _solu_grams(block, shape: BlockShape) -> tuple[Tensor, Tensor]:
+    """``(G_in, G_M)`` of a SoLU MLP: ``W'_inᵀ W'_in`` and ``M Mᵀ`` with ``M = P_m diag(γ_ln) W'_out``
+    (the neuron LayerNorm folded into the output side), cached like :func:`cached_gram`."""
+    mlp = block.mlp
+    w_in = mlp.W_gate if hasattr(mlp, "W_gate") else mlp.W_in  # TL's gated SoLU reads only W_gate
+    ln = getattr(mlp, "ln", None)
+    key = (shape, "solu", weight_signature(w_in, mlp.W_out, getattr(ln, "w", None), *_norm_gains(block, shape)))
+    hit = _GRAMS.get(mlp)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    w_in = w_in.detach().double()
+    if shape.mlp_in is not None:
+        w_in = apply_input_norm(w_in, getattr(block, shape.mlp_in), dim=0)
+    m = apply_output_norms(mlp.W_out, block, shape.mlp_out)  # [d_mlp, d_model]
+    if ln is not None:
+        m = apply_input_norm(m, ln, dim=0)
+    grams = (w_in.T @ w_in, m @ m.T)
+    _GRAMS[mlp] = (key, grams)
+    return grams
+
+
+def solu_jacobian_frobenius(
+    block, shape: BlockShape, pre: Float[Tensor, "pos d_mlp"], ln_scale: Float[Tensor, "pos"] | None
+) -> Float[Tensor, "pos"]:
+    """``‖J_MLP‖_F`` per position for a SoLU MLP, with its neuron LayerNorm's scale frozen (float64).
+
+    ``solu(p) = p ⊙ σ(p)`` with ``σ = softmax(p)`` has the row-form Jacobian ``S = diag(a) − σ uᵀ``,
+    ``u = p ⊙ σ``, ``a = σ + u``. So ``J · s_ln = W'_in diag(a) M − (W'_in σ)(uᵀ M)``, and with
+    ``‖A − b cᵀ‖_F² = ‖A‖_F² − 2 bᵀ A c + ‖b‖² ‖c‖²`` every term is a quadratic form in the two
+    ``d_mlp × d_mlp`` Grams: ``aᵀ(G_in ∘ G_M)a − 2 Σ_i (G_in σ)_i a_i (G_M u)_i + (σᵀ G_in σ)(uᵀ G_M u)``.
+    Without the residual norms' scales (divided out by the trace like every MLP gain).
+    """
+    g_in, g_m = _solu_grams(block, shape)
+    p = pre.detach().double()
+    sigma = torch.softmax(p, dim=-1)
+    u = p * sigma
+    a = sigma + u
+    gin_sigma, gm_u = sigma @ g_in, u @ g_m  # Grams are symmetric
+    squared = (
+        torch.einsum("pa,ab,pb->p", a, g_in * g_m, a)
+        - 2 * (gin_sigma * a * gm_u).sum(-1)
+        + (gin_sigma * sigma).sum(-1) * (gm_u * u).sum(-1)
+    )
+    norms = squared.clamp_min(0.0).sqrt()
+    return norms if ln_scale is None else norms / ln_scale.double()
 
 
 def _expert_post(expert, gate: Tensor, up: Tensor) -> Tensor:

@@ -28,6 +28,7 @@ from .lipschitz import (
     cached_gram,
     mlp_jacobian_frobenius,
     moe_jacobian_frobenius,
+    solu_jacobian_frobenius,
     supports_certified,
 )
 from .models import check_length, format_prompt
@@ -259,6 +260,8 @@ def _mlp_gain_hooks(model, shape, store: dict[str, Tensor]) -> list:
         return hooks
     if shape.moe:
         return _moe_gain_hooks(model, shape, store)
+    if shape.solu:
+        return _solu_gain_hooks(model, shape, store)
     for layer, block in enumerate(model.blocks):
 
         def save(name):
@@ -276,6 +279,28 @@ def _mlp_gain_hooks(model, shape, store: dict[str, Tensor]) -> list:
         if f"blocks.{layer}.mlp.hook_pre_linear" in model.hook_dict:
             hooks.append((f"blocks.{layer}.mlp.hook_pre_linear", save(f"mlp_pre_linear.{layer}")))
         hooks.append((f"blocks.{layer}.mlp.hook_post", gain))
+    return hooks
+
+
+def _solu_gain_hooks(model, shape, store: dict[str, Tensor]) -> list:
+    """‖J_MLP‖_F per position for SoLU MLPs, with the neuron LayerNorm's scale frozen (see lipschitz)."""
+    hooks = []
+    for layer, block in enumerate(model.blocks):
+        name = f"blocks.{layer}.mlp"
+
+        def save(key, value, hook):
+            store[key] = value[0].detach()
+
+        def gain(value, hook, layer=layer, block=block):
+            ln_scale = store.pop(f"solu_ln.{layer}", None)
+            pre = store.pop(f"mlp_pre.{layer}")
+            norms = solu_jacobian_frobenius(block, shape, pre, None if ln_scale is None else ln_scale[..., 0])
+            store[f"mlp_gain_unscaled.{layer}"] = norms.cpu()
+
+        hooks.append((f"{name}.hook_pre", functools.partial(save, f"mlp_pre.{layer}")))
+        if f"{name}.ln.hook_scale" in model.hook_dict:
+            hooks.append((f"{name}.ln.hook_scale", functools.partial(save, f"solu_ln.{layer}")))
+        hooks.append((f"{name}.hook_post", gain))
     return hooks
 
 

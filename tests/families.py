@@ -52,6 +52,7 @@ FAMILIES: dict[str, dict] = {
         original_architecture="GptOssForCausalLM",
     ),
     "solu": dict(act_fn="solu_ln"),
+    "solu_gated_rms": dict(act_fn="solu_ln", gated_mlp=True, normalization_type="RMS"),
     "split_qkv": dict(use_split_qkv_input=True),
     "split_qkv_gqa": dict(_LLAMA, n_key_value_heads=2, use_split_qkv_input=True),
     "ungrouped_gqa": dict(_LLAMA, n_key_value_heads=2, ungroup_grouped_query_attention=True),
@@ -65,7 +66,7 @@ FAMILIES: dict[str, dict] = {
 }
 
 #: families the certified bound refuses, with a word its message must contain
-REFUSED = {"solu": "SoLU", "bidirectional": "bidirectional"}
+REFUSED = {"bidirectional": "bidirectional"}
 
 TOKENS = torch.tensor([3, 17, 5, 5, 9, 30, 2, 11, 4, 41, 8, 1])
 

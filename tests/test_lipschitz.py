@@ -66,7 +66,7 @@ def test_ov_norms_equal_full_svd(knobs):
 
 @pytest.mark.parametrize(
     ("knobs", "reason"),
-    [(dict(act_fn="solu_ln"), "SoLU"), (dict(causal=False), "bidirectional")],
+    [(dict(act_fn="solu", gated_mlp=True), "SoLU"), (dict(causal=False), "bidirectional")],
 )
 def test_unsupported_architectures_are_refused_with_the_reason(knobs, reason):
     model = tiny_model(dtype=torch.float64, **knobs)
@@ -152,3 +152,33 @@ def test_moe_gain_against_the_jacobian_of_the_frozen_router_moe(family, experts_
                 torch.testing.assert_close(result.mlp_gain[layer, pos], explicit, atol=1e-10, rtol=1e-10)
             else:
                 assert result.mlp_gain[layer, pos] >= explicit * (1 - 1e-10)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(act_fn="solu"), dict(normalization_type="LNPre"),
+     dict(normalization_type="RMS", gated_mlp=True), dict(use_normalization_before_and_after=True,
+                                                          normalization_type="RMS")],
+)
+def test_solu_gain_equals_the_jacobian_with_frozen_neuron_norm(overrides):
+    """SoLU's gain (diagonal-plus-rank-one Gram route) against jacrev of MLP∘N2 with both scales frozen."""
+    from .families import TOKENS as tokens
+    from .families import build
+
+    model = build("solu", **overrides)
+    result = trace(model, tokens, lipschitz=True)
+    _, cache = model.run_with_cache(tokens[None])
+    for layer, block in enumerate(model.blocks):
+        mid = cache[f"blocks.{layer}.hook_resid_mid"][0]
+        for pos in range(0, len(tokens), 3):
+            freeze = [(name, lambda v, hook, c=cache[name][:, pos : pos + 1]: c) for name in
+                      (f"blocks.{layer}.ln2.hook_scale", f"blocks.{layer}.mlp.ln.hook_scale",
+                       f"blocks.{layer}.ln2_post.hook_scale") if name in cache]
+
+            def mlp_of_frozen_norm(x, block=block, freeze=freeze):
+                with model.hooks(fwd_hooks=freeze):
+                    out = block.mlp(block.ln2(x[None, None]) if hasattr(block, "ln2") else x[None, None])
+                    return (block.ln2_post(out) if hasattr(block, "ln2_post") else out)[0, 0]
+
+            explicit = torch.linalg.matrix_norm(torch.func.jacrev(mlp_of_frozen_norm)(mid[pos]))
+            torch.testing.assert_close(result.mlp_gain[layer, pos], explicit, atol=1e-10, rtol=1e-10)
