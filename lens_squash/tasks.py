@@ -1235,7 +1235,11 @@ def run_tasks(
     if not tasks or not modes:
         raise ValueError("pass at least one task and one mode, e.g. tasks=['copy_last'], modes='answer'")
     plan = {task: _modes_for(task, modes) for task in tasks}  # validate everything before generating
+    from .validate import check_chat
+
+    check_chat(chat)
     _check_int("max_new_tokens", max_new_tokens, 1)
+    _check_int("batch_size", batch_size, 1)
     everything = [i for task, task_modes in plan.items() for i in make_instances(task, lengths, n_samples, task_modes, seed)]
     _tokenized(model, everything, chat, max_new_tokens)  # no task may fail for length after another has run
     out = None if out_dir is None else Path(out_dir)

@@ -853,3 +853,15 @@ def test_a_record_left_without_rows_is_replaced_not_trusted(chat_model, tmp_path
     stored = json.loads(tasks.fingerprint_path(out).read_text())
     assert stored["digest"] == other.meta["fingerprint"] and set(other.frame.fingerprint) == {stored["digest"]}
     evaluate(chat_model, **{**SMALL, "max_new_tokens": 4}, out_path=out)  # and it resumes
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"chat": "yes"}, TypeError, "chat must be None"),
+    ({"batch_size": 0}, ValueError, "batch_size must be >= 1"),
+    ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be >= 1"),
+])
+def test_run_tasks_refuses_bad_settings_before_any_work(chat_model, tmp_path, monkeypatch, kwargs, error, message):
+    monkeypatch.setattr(tasks, "weights_sha256", lambda model: pytest.fail("hashed before refusing"))
+    with pytest.raises(error, match=message):
+        tasks.run_tasks(chat_model, "copy_last", [2], 1, "answer", tmp_path / "run", progress=False, **kwargs)
+    assert not (tmp_path / "run").exists()
