@@ -139,12 +139,15 @@ def block_shape(model) -> BlockShape:
 
 
 def _is_centred(module) -> bool:
-    """LayerNorm centres (``P = I − 11ᵀ/d``); RMSNorm does not. Read from the module's class."""
+    """LayerNorm centres (``P = I − 11ᵀ/d``); RMSNorm does not. Read from the module's class, or from a
+    TransformerBridge ``NormalizationBridge``'s own ``uses_rms_norm``."""
     name = type(module).__name__
     if "LayerNorm" in name:
         return True
     if "RMS" in name:
         return False
+    if isinstance(getattr(module, "uses_rms_norm", None), bool):
+        return not module.uses_rms_norm
     raise UnsupportedModelError(
         f"the certified bound does not know the norm module {name!r} (expected LayerNorm or RMSNorm); {_INSTEAD}"
     )

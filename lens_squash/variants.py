@@ -12,14 +12,18 @@ output factor ``o``. :mod:`lens_squash.paths` does the algebra: products, rows, 
 |---|---|---|---|---|
 | ``paper`` | ``w_h A^(l,h)_{jk} / β1`` | 1 | — | Theorem B.5 with the user's β's and σ_ψ (``o = C``) |
 | ``rollout`` | ``½ w_h A^(l,h)_{jk}`` | ½ | — | Prop. B.8's setting; attention rollout (Abnar & Zuidema) |
-| ``certified`` | ``A^(l,h)_{jk} ‖P diag(γ1) W_OV^h‖₂ / s1_k`` | 1 | ``1 + ‖J_MLP∘N2‖_F`` | a guaranteed upper bound on ``‖∂y_n/∂v_i‖₂`` of the frozen model |
+| ``certified`` | ``q_j A^(l,h)_{jk} ‖M_in W_OV^h M_out‖₂ / s_in,k`` | 1 (parallel: ``1 + g_j``) | ``1 + g_j`` (parallel: —) | a guaranteed upper bound on ``‖∂y_n/∂v_i‖₂`` of the frozen model |
 | ``value`` | ``A^(l,h)_{jk} ‖v_k W_O^h‖`` | ``‖x_j^(l)‖`` | — | estimate: the norm of what each edge carries (Kobayashi et al. 2020) |
 | ``value_rownorm`` | ``value``, each row scaled to sum 1 | | — | estimate: each edge's share of what reaches ``j`` |
 | ``certified_rownorm`` | ``certified``'s ``r + ΣE``, rows scaled to sum 1 | | — | estimate: the certified graph's shares, comparable across layers |
 
-``w_h`` are convex head weights (the mean by default). "Frozen" means patterns and norm scales held
-at their traced values, the paper's simplifying assumptions made exact; ``o_n`` for ``certified`` is
-``‖P diag(γ_f)‖₂ / s_f,n`` from the final norm. Only ``paper`` (under the theorem's assumptions) and
+``w_h`` are convex head weights (the mean by default). "Frozen" means patterns, norm scales and MoE
+router weights held at their traced values, the paper's simplifying assumptions made exact; ``o_n``
+for ``certified`` is ``‖P diag(γ_f)‖₂ / s_f,n`` from the final norm. In ``certified``, ``M_in`` and
+``s_in`` are the pre-attention norm's frozen map and scale (absent for OLMo-2's output norms), ``M_out``
+and ``q_j = 1/s_out,j`` those of the norms on attention's output (Gemma-2's ``ln1_post``, OLMo-2's
+``ln1``), and ``g_j = ‖J_MLP‖_F`` with every frozen norm around the MLP (:mod:`lens_squash.blocks`
+lists the block shapes; :func:`_certified` has the proof sketch). Only ``paper`` (under the theorem's assumptions) and
 ``certified`` are bounds; the rest are estimates of where sensitivity lives.
 """
 
