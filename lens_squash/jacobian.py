@@ -423,6 +423,14 @@ def _run_until(model, tokens: Tensor, hook_name: str, fwd_hooks: list | tuple = 
     def stop(value: Tensor, hook) -> None:
         raise _ReachedHook(value)
 
+    # checked here: TransformerLens 3's bridge skips an unknown name without a word, the others raise
+    # a bare KeyError
+    missing = [name for name in (hook_name, *(n for n, _ in fwd_hooks)) if name not in model.hook_dict]
+    if missing:
+        raise ValueError(
+            f"this model has no hook {missing[0]!r}; lens_squash needs a HookedTransformer or a "
+            "TransformerBridge after enable_compatibility_mode(no_processing=True)"
+        )
     try:
         with model.hooks(fwd_hooks=[*fwd_hooks, (hook_name, stop)]):
             model(tokens)

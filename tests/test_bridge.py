@@ -154,7 +154,7 @@ def test_bridge_forward_stops_at_the_target_layer(bridge64):
 def test_unknown_hook_name_is_an_error_not_a_silent_skip(bridge64):
     from lens_squash.jacobian import _run_until
 
-    with pytest.raises(ValueError, match="never fired"):
+    with pytest.raises(ValueError, match="no hook 'blocks.7.hook_resid_post'"):
         _run_until(bridge64, _tokens(3)[None], "blocks.7.hook_resid_post")
 
 
