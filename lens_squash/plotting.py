@@ -564,14 +564,30 @@ def _heatmap_steps(patterns: np.ndarray, layer: int | None, head: int | None, ma
     layers = [layer] if layer is not None else list(range(n_layers))
     overall = layer is None
     with_heads = (len(layers) * (n_heads + 1) + overall) * n * n <= max_cells
+    notes = [] if with_heads or n_heads == 1 else ["per-head maps left out for size"]
+    if not with_heads and overall:
+        kept = _spread(layers, max(1, max_cells // (n * n) - 1))
+        if len(kept) < len(layers):
+            notes.append(f"{len(kept)} of {len(layers)} layers shown")
+        layers = kept
     steps = [("all", "mean of all layers and heads", [("mean of all layers and heads", patterns.mean((0, 1)))])] if overall else []
     for l in layers:
         panels = [(f"layer {l}, mean of heads", patterns[l].mean(0))]
         if with_heads:
             panels += [(f"layer {l}, head {h}", patterns[l, h]) for h in range(n_heads)]
         steps.append((str(l), f"layer {l}" + (", mean of heads and each head" if with_heads else ", mean of heads"), panels))
-    note = "" if with_heads or n_heads == 1 else " (per-head maps left out for size: pass layer=… or a larger max_cells)"
+    note = f" ({'; '.join(notes)}: pass layer=… or a larger max_cells)" if notes else ""
     return steps, note
+
+
+def _spread(layers: list[int], count: int) -> list[int]:
+    """``count`` of ``layers``, evenly spread, the first and the last always among them."""
+    if count >= len(layers):
+        return layers
+    if count == 1:
+        return [layers[-1]]
+    picks = np.unique(np.round(np.linspace(0, len(layers) - 1, count)).astype(int))
+    return [layers[i] for i in picks]
 
 
 def _checked_index(value: int | None, size: int, name: str) -> None:
@@ -622,10 +638,12 @@ def attention_heatmap(
     shown side by side as small multiples beside their mean. ``layer`` and ``head`` both set: that
     one map. ``layer`` only: its head mean and every head, no slider. ``head`` only: that head, a
     slider over layers. Neither: a slider over "all" (the mean of every layer and head) and each
-    layer, with the heads included when the total stays under ``max_cells`` entries (each costs about
-    5 bytes of HTML). The colour scale is ``"log"`` by default (down to ``floor``; the first-token
-    column would saturate a linear scale), or ``"power"`` (``A^gamma``) or ``"linear"``; ``z`` and the
-    hover always hold the attention itself (3 significant digits), and cells that are exactly 0 (the
+    layer, with the heads included when the total stays under ``max_cells`` entries (a float32 cell
+    costs about 5.3 bytes of HTML); when even the layer means exceed it, evenly spread layers (the
+    first and last among them) are kept, and the title and caption say so. The colour scale is
+    ``"log"`` by default (down to ``floor``; the first-token column would saturate a linear scale),
+    or ``"power"`` (``A^gamma``) or ``"linear"``; ``z`` and the hover always hold the attention
+    itself (float32, shown to 3 significant digits), and cells that are exactly 0 (the
     causal mask) are left blank. Axis categories are ``"i: token"`` (unique, so repeated tokens stay
     apart); beyond :data:`MAX_TICKS` tokens only every k-th is labelled, the hover names every one.
     """
@@ -701,7 +719,8 @@ def _heatmap_caption(n: int, steps, color_scale: str, floor: float, gamma: float
     if max(len(p) for _, _, p in steps) > 1:
         parts.append("Small multiples show the layer's mean over heads, then each head.")
     if note:
-        parts.append("Per-head maps were left out to keep the figure small; pass layer= to see one layer's heads.")
+        parts.append(f"To keep the figure small, {note.strip(' ()').split(':')[0]}; pass layer= to see one layer "
+                     "and its heads.")
     return " ".join(parts)
 
 

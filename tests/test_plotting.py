@@ -359,6 +359,10 @@ def test_attention_heatmap_single_layer_head_and_size_budget():
     small = plotting.attention_heatmap(patterns, max_cells=4 * 16)
     assert len(heatmaps(small)) == 1 + 3 and "left out" in small.layout.title.text
     assert "left out" in caption_of(small)
+    tight = plotting.attention_heatmap(causal_patterns(layers=7, heads=2, n=4), max_cells=4 * 16)
+    assert [s.label for s in tight.layout.sliders[0].steps] == ["all", "0", "3", "6"]  # first and last kept
+    assert "3 of 7 layers shown" in tight.layout.title.text and "3 of 7 layers shown" in caption_of(tight)
+    assert sum(np.asarray(t.z).size for t in heatmaps(tight)) <= 4 * 16
     for fig in (one, layer, head, small):
         assert_explains_itself(fig)
 
