@@ -49,11 +49,12 @@ class _Peak:
         self.extra = self.peak - self.base
 
 
-def _timed(fn):
+def _timed(fn, name: str):
     with _Peak() as peak:
         started = time.perf_counter()
         result = fn()
         seconds = time.perf_counter() - started
+    print(f"  {name}: {seconds:.1f} s", flush=True)  # progress: a full run takes minutes
     return result, seconds, peak.extra
 
 
@@ -63,12 +64,12 @@ def _compare(model, tokens, mode: str, repeats: int, with_bounds: bool) -> dict:
 
     jac_times, flow_times, bound_times = [], [], []
     for _ in range(repeats):
-        j, t, j_peak = _timed(lambda: jacobian(model, tokens, mode=mode, n_probes=64))
+        j, t, j_peak = _timed(lambda: jacobian(model, tokens, mode=mode, n_probes=64), f"jacobian {mode}")
         jac_times.append(t)
-        f, t, f_peak = _timed(lambda: flow(model, tokens, mode=mode, n_probes=64, variants=()))
+        f, t, f_peak = _timed(lambda: flow(model, tokens, mode=mode, n_probes=64, variants=()), f"flow {mode}")
         flow_times.append(t)
         if with_bounds:
-            _, t, _ = _timed(lambda: flow(model, tokens, mode=mode, n_probes=64))
+            _, t, _ = _timed(lambda: flow(model, tokens, mode=mode, n_probes=64), f"flow {mode} + bound rows")
             bound_times.append(t)
     rel = ((f.sensitivity[0].double() - j.frobenius.double()).abs() / j.frobenius.double()).max()
     out = {

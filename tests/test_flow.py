@@ -17,7 +17,7 @@ from lens_squash.flow import (
     flow_gradients,
     head_value_parts,
 )
-from lens_squash.jacobian import _probes, jacobian
+from lens_squash.jacobian import jacobian
 from lens_squash.models import tiny_model
 from lens_squash.support import UnsupportedModelError
 from lens_squash.trace import trace
@@ -395,17 +395,32 @@ def test_flow_gradients_rejects_bad_rows():
 # --------------------------------------------------------------------------------------------------
 
 
+def _assert_every_hop_drawn(found, min_share=0.05):
+    fig = found.plot(min_share=min_share)
+    drawn = {tuple(e) for e in fig.layout.meta["edges"]}
+    selected = found.selected(min_share=min_share)
+    assert selected
+    for p in selected:
+        for layer, hop in enumerate(p.hops):
+            assert (layer, hop, p.positions[layer], p.positions[layer + 1]) in drawn
+    return selected
+
+
 @pytest.mark.slow
-def test_smollm2_decomposition_and_input_jacobian(smollm2):
+def test_smollm2_decomposition_input_jacobian_and_paths(smollm2):
     from lens_squash.cli import copy_prompt
+    from lens_squash.flow_paths import graph_paths
 
     result = flow(smollm2, copy_prompt(12), mode="sketch", n_probes=8, variants=("rollout",))
     truth = jacobian(smollm2, copy_prompt(12), mode="sketch", n_probes=8)
     assert isinstance(result, SensitivityFlow) and result.n_tokens == 89
     torch.testing.assert_close(result.sensitivity[0], truth.frobenius, rtol=1e-4, atol=0)
     assert float(result.decomposition_error.max()) < 1e-5
-    probes = _probes("sketch", 576, 8, 0, torch.float32, torch.device("cpu"))
-    assert probes.shape == (8, 576)
+    # the path figures (true flow and the rollout bound) draw every hop of every path they select
+    _assert_every_hop_drawn(result.top_paths(k=3))
+    graph = build_graph(trace(smollm2, result.tokens), "rollout")
+    selected = _assert_every_hop_drawn(graph_paths(graph, -1, k=3, str_tokens=result.str_tokens))
+    assert any(p.cross_hops() for p in selected)  # paths from other positions reach the target
 
 
 # --------------------------------------------------------------------------------------------------
