@@ -302,15 +302,18 @@ def _hub_name(name: str, backend: str) -> str:
 
 
 def _bridge_hub_name(name: str) -> tuple[str | None, list[str]]:
-    # The bridge loads any Hub repo whose architecture it supports; a repo id needs an owner.
-    try:
-        from transformer_lens.supported_models import MODEL_ALIASES
-    except ImportError:  # older layouts keep the aliases elsewhere; repo ids still work
-        MODEL_ALIASES = {}
-    for official, aliases in MODEL_ALIASES.items():
-        if name == official or name in aliases:
-            return official, sorted(MODEL_ALIASES)
-    return (name if "/" in name else None), sorted(MODEL_ALIASES)
+    """The official name for ``name`` (itself, or the model an alias stands for) and every known name.
+
+    The bridge also loads any Hub repository whose architecture it supports, so an ``owner/name``
+    id TransformerLens does not list is passed through (a missing one fails at the cache check).
+    """
+    from transformer_lens.supported_models import MODEL_ALIASES, OFFICIAL_MODEL_NAMES
+
+    by_alias = {alias: official for official, aliases in MODEL_ALIASES.items() for alias in aliases}
+    known = sorted({*OFFICIAL_MODEL_NAMES, *by_alias})
+    if name in OFFICIAL_MODEL_NAMES:
+        return name, known
+    return by_alias.get(name, name if "/" in name else None), known
 
 
 def _hub_reachable(timeout: float = 1.0) -> bool:

@@ -301,6 +301,19 @@ def test_offline_hub_model_is_refused_at_once_without_trying_to_load(monkeypatch
 
 
 @pytest.mark.bridge
+def test_bridge_hub_names_resolve_aliases_and_refuse_unknown_names_briefly():
+    from transformer_lens.supported_models import MODEL_ALIASES
+
+    official, aliases = next((o, a) for o, a in MODEL_ALIASES.items() if a)
+    assert models._hub_name(aliases[0], "bridge") == official
+    assert models._hub_name(official, "bridge") == official
+    assert models._hub_name("some-owner/some-model", "bridge") == "some-owner/some-model"  # any repo id
+    with pytest.raises(ModelLoadError, match="unknown model 'gpt2-smal'. Did you mean 'gpt2-small'") as refused:
+        load_model("gpt2-smal", backend="bridge")
+    assert "\n" not in str(refused.value) and len(str(refused.value)) < 400
+
+
+@pytest.mark.bridge
 def test_hub_probe_gives_up_on_an_unreachable_endpoint(monkeypatch):
     from huggingface_hub import constants
 
