@@ -31,7 +31,8 @@ from .lipschitz import (
     solu_jacobian_frobenius,
     supports_certified,
 )
-from .models import check_length, format_prompt
+from . import validate
+from .models import check_length, check_model, format_prompt
 from .records import provenance
 from .support import UnsupportedModelError
 
@@ -117,18 +118,16 @@ def required_hooks(n_layers: int) -> list[str]:
 
 
 def as_tokens(model, prompt: str | Tensor, *, chat: bool | None = None) -> Int[Tensor, "pos"]:
-    """Token ids for a text prompt (chat template by default) or a 1-D / ``[1, pos]`` id tensor."""
+    """Token ids for a text prompt (chat template by default) or a 1-D / ``[1, pos]`` id tensor (or
+    numpy array), checked before any forward pass: type, emptiness, vocabulary and context length."""
+    check_model(model)
+    validate.check_chat(chat)
+    prompt = validate.check_prompt(prompt)
     if isinstance(prompt, str):
         return format_prompt(model, prompt, chat=chat)
-    tokens = torch.as_tensor(prompt)
-    if tokens.ndim == 2 and tokens.shape[0] == 1:
-        tokens = tokens[0]
-    if tokens.ndim != 1:
-        raise ValueError(f"pass one prompt: token ids of shape [pos] or [1, pos], got {tuple(tokens.shape)}")
-    if tokens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"token ids must be integers, got {tokens.dtype}")
+    tokens = validate.check_token_ids(prompt, model.cfg.d_vocab)
     check_length(model, tokens.shape[0])
-    return tokens.long()
+    return tokens
 
 
 def final_representation(model, normalized: Tensor) -> Tensor:
@@ -240,7 +239,7 @@ def trace(
         hooks.append(("ln_final.hook_normalized", keep("final_normalized")))
 
     with torch.no_grad():
-        logits = model.run_with_hooks(tokens[None].to(model.cfg.device), fwd_hooks=hooks)
+        logits = _run(model, tokens[None].to(model.cfg.device), hooks)
     gains = None if shape is None else _mlp_gains(store, n_layers, shape)
     result = _assemble(model, tokens, store, logits[0, -1].detach().to("cpu", dtype), keep_resid, chat, gains)
     if unsupported is not None:
@@ -250,6 +249,26 @@ def trace(
 
 #: norms whose scales a trace keeps (Gemma-2/3 add the two post norms)
 _NORM_SITES = ("ln1", "ln2", "ln1_post", "ln2_post")
+
+
+def _run(model, tokens: Tensor, hooks: list) -> Tensor:
+    """The hooked forward pass; when it fails and the plain ``model(tokens)`` fails too, the config is
+    one TransformerLens itself cannot run (e.g. ``use_attn_in`` with grouped-query attention, or
+    ``parallel_attn_mlp`` with ``attn_only``): say so in one line instead of its traceback."""
+    try:
+        return model.run_with_hooks(tokens, fwd_hooks=hooks)
+    except (UnsupportedModelError, torch.OutOfMemoryError):
+        raise
+    except Exception as error:  # noqa: BLE001 - re-raised below unless TransformerLens fails alone
+        try:
+            model(tokens)
+        except Exception as plain:  # noqa: BLE001
+            raise UnsupportedModelError(
+                f"TransformerLens cannot run this model's forward pass ({type(plain).__name__}: {plain}); "
+                "its config combines options TransformerLens does not support together: change the config "
+                "until model(tokens) runs"
+            ) from plain
+        raise error
 
 
 def _mlp_gain_hooks(model, shape, store: dict[str, Tensor]) -> list:

@@ -91,7 +91,7 @@ def test_model_without_the_needed_hooks_is_refused():
         hook_dict: dict = {}
         tokenizer = None
 
-    with pytest.raises(ValueError, match="enable_compatibility_mode"):
+    with pytest.raises(TypeError, match="enable_compatibility_mode"):  # not a TransformerLens model at all
         trace(NoHooks(), TOKENS)
 
 
@@ -157,3 +157,23 @@ def test_split_qkv_inputs_give_per_position_scales():
     assert b.ln1_scale.shape == (plain.cfg.n_layers, len(TOKENS))
     torch.testing.assert_close(b.ln1_scale, a.ln1_scale, rtol=1e-12, atol=0)
     torch.testing.assert_close(b.mlp_gain, a.mlp_gain, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(
+    "overrides", [dict(use_attn_in=True, n_key_value_heads=2, n_heads=4), dict(parallel_attn_mlp=True, attn_only=True)]
+)
+def test_a_config_transformer_lens_cannot_run_is_one_clear_error(overrides):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from lens_squash.support import UnsupportedModelError
+
+    kwargs = dict(n_layers=1, d_model=16, n_heads=2, d_head=4, d_mlp=32, d_vocab=32, n_ctx=16, act_fn="gelu",
+                  normalization_type="LN", positional_embedding_type="rotary", rotary_dim=4)
+    kwargs.update(overrides)
+    if kwargs.get("attn_only"):
+        kwargs.update(d_mlp=None, act_fn=None)
+    model = HookedTransformer(HookedTransformerConfig(**kwargs))
+    with pytest.raises(Exception):  # noqa: B017 - TransformerLens's own failure, whatever its type
+        model(TOKENS[None])
+    with pytest.raises(UnsupportedModelError, match="TransformerLens cannot run"):
+        trace(model, TOKENS)
