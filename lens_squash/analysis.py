@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from . import validate
 from .compare import Comparison, compare_variants
 from .display import compact_repr
 from .jacobian import JacobianResult, jacobian
@@ -24,7 +25,7 @@ from .paths import rollout_matrices
 from .sinks import SinkReport, sink_report_from_trace
 from .spectral import SpectralReport, analyze_stack
 from .support import UnsupportedModelError
-from .trace import Trace, trace
+from .trace import Trace, as_tokens, trace
 from .variants import VARIANTS, PathBound, path_bound
 
 __all__ = ["DEFAULT_VARIANTS", "Analysis", "analyze"]
@@ -208,10 +209,12 @@ def analyze(
     :attr:`Analysis.skipped` with the reason; naming a variant that cannot apply is an error.
     """
     seconds: dict[str, float] = {}
+    tokens = as_tokens(model, prompt, chat=chat)  # checks the model, the prompt and chat first
+    validate.check_target(target, tokens.shape[0])
     _check_causal(model)
     names, skipped = _plan_variants(model, variants)
     needs_weights = any(v.startswith("certified") for v in names)
-    traced = _timed(seconds, "trace", trace, model, prompt, chat=chat, lipschitz=needs_weights, keep_resid=True)
+    traced = _timed(seconds, "trace", trace, model, tokens, chat=chat, lipschitz=needs_weights, keep_resid=True)
     bounds = _bounds(traced, model, names, target, seconds, skipped, explicit=variants is not None)
     spectral = _timed(seconds, "spectral", _spectral, traced, skipped)
     sinks = _timed(seconds, "sinks", sink_report_from_trace, traced)

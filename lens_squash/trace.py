@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from . import validate
 from .attention import attention_defects, pattern_tolerance
 from .display import compact_repr
 from .lipschitz import (
@@ -31,7 +32,6 @@ from .lipschitz import (
     solu_jacobian_frobenius,
     supports_certified,
 )
-from . import validate
 from .models import check_length, check_model, format_prompt
 from .records import provenance
 from .support import UnsupportedModelError

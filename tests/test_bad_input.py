@@ -6,9 +6,8 @@ a ``TypeError``/``ValueError`` naming the argument in Python — or in a correct
 a hang or a silently accepted nonsense value. On the command line, bad input must be refused before any
 model loads: the loader is replaced by one that fails the test.
 
-API entry points owned elsewhere that do not refuse yet are ``xfail(strict=True)``: they turn into
-failures (XPASS) the moment the checks of :mod:`lens_squash.validate` are wired in, so the mark gets
-removed then.
+The API entry points (``trace``, ``jacobian``, ``analyze``) run the checks of :mod:`lens_squash.validate`
+before any forward pass.
 """
 
 from __future__ import annotations
@@ -270,9 +269,7 @@ def test_check_variants_accepts_only_distinct_known_names(variants):
 
 
 # --------------------------------------------------------------------------------------------------
-# the API entry points as they are today (trace, analyze, jacobian)
-
-_WIRE = "validate.{0} is not yet called by {1} (the lead wires it; then remove this mark)"
+# the API entry points (trace, analyze, jacobian)
 
 
 def _refuses(call, error, *words: str) -> None:
@@ -297,7 +294,6 @@ def test_blank_prompts_are_refused_by_the_api(tiny_random, entry):
         _refuses(lambda p=prompt: call[entry](p), ValueError, "prompt")
 
 
-@pytest.mark.xfail(strict=True, reason=_WIRE.format("check_prompt", "trace.as_tokens"))
 @pytest.mark.parametrize("prompt", [None, ["a", "b"], b"1 1 0"], ids=["None", "list-of-str", "bytes"])
 def test_trace_refuses_a_prompt_of_the_wrong_type(tiny_random, prompt):
     from lens_squash.trace import trace
@@ -305,7 +301,6 @@ def test_trace_refuses_a_prompt_of_the_wrong_type(tiny_random, prompt):
     _refuses(lambda: trace(tiny_random, prompt), TypeError, "prompt")
 
 
-@pytest.mark.xfail(strict=True, reason=_WIRE.format("check_prompt", "analysis.analyze"))
 @pytest.mark.parametrize("prompt", [None, ["a", "b"]], ids=["None", "list-of-str"])
 def test_analyze_refuses_a_prompt_of_the_wrong_type(tiny_random, prompt):
     from lens_squash.analysis import analyze
@@ -313,7 +308,6 @@ def test_analyze_refuses_a_prompt_of_the_wrong_type(tiny_random, prompt):
     _refuses(lambda: analyze(tiny_random, prompt, jacobian_mode=None), TypeError, "prompt")
 
 
-@pytest.mark.xfail(strict=True, reason=_WIRE.format("check_token_ids", "trace.as_tokens and jacobian.jacobian"))
 @pytest.mark.parametrize("bad", [999_999, -5])
 @pytest.mark.parametrize("entry", ["trace", "jacobian"])
 def test_token_ids_outside_the_vocabulary_are_refused(tiny_random, entry, bad):
@@ -326,7 +320,6 @@ def test_token_ids_outside_the_vocabulary_are_refused(tiny_random, entry, bad):
     _refuses(call, ValueError, str(bad), "vocabulary")
 
 
-@pytest.mark.xfail(strict=True, reason=_WIRE.format("check_chat", "trace.trace and analysis.analyze"))
 @pytest.mark.parametrize("entry", ["trace", "analyze"])
 def test_chat_must_be_none_or_a_bool(tiny_random, entry):
     from lens_squash.analysis import analyze
@@ -337,14 +330,12 @@ def test_chat_must_be_none_or_a_bool(tiny_random, entry):
     _refuses(call, TypeError, "chat")
 
 
-@pytest.mark.xfail(strict=True, reason=_WIRE.format("check_target", "analysis.analyze"))
 def test_analyze_refuses_the_first_token_as_target(tiny_random):
     from lens_squash.analysis import analyze
 
     _refuses(lambda: analyze(tiny_random, "1 1 0", target=0, jacobian_mode="sketch", n_probes=2), ValueError, "target")
 
 
-@pytest.mark.xfail(strict=True, reason="models.check_model is not yet called by analysis.analyze (the lead wires it)")
 def test_analyze_refuses_something_that_is_not_a_transformerlens_model():
     from lens_squash.analysis import analyze
 
