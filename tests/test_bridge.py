@@ -410,3 +410,37 @@ def test_smollm2_bridge_sketch_matches_vjps_through_transformers():
     scale = rows.abs().amax(dim=(0, 2), keepdim=True)  # per input position
     torch.testing.assert_close(ours.full / scale, rows / scale, atol=1e-5, rtol=0)
     assert ours.full.shape == (4, len(tokens), 576)
+
+
+@pytest.fixture(scope="module")
+def smollm2_bridge():
+    return load_model(backend="bridge", n_ctx=512)
+
+
+@pytest.mark.slow
+def test_smollm2_bridge_logits_equal_the_gguf_transformers_model(smollm2_bridge, smollm2_hf):
+    hf_model, _ = smollm2_hf  # read from the GGUF directly, not from the bridge's cache entry
+    tokens = models.format_prompt(smollm2_bridge, "The capital of France is")
+    with torch.no_grad():
+        ours, reference = smollm2_bridge(tokens[None])[0], hf_model(tokens[None]).logits[0]
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)  # the same weights through the same code
+    assert torch.equal(ours.argmax(-1), reference.argmax(-1))
+
+
+@pytest.mark.slow
+def test_damaged_bridge_cache_is_rebuilt_with_identical_logits(smollm2_bridge, tmp_path, monkeypatch):
+    import shutil
+
+    key, _ = models._cache_key(models._gguf_path(models.OFFLINE_MODELS[models.DEFAULT_MODEL]))
+    entry = models.cache_dir() / models.DEFAULT_MODEL / f"bridge-{key}"
+    copy = tmp_path / models.DEFAULT_MODEL / entry.name
+    shutil.copytree(entry, copy)
+    weights = copy / "hf_model" / "model.safetensors"
+    with open(weights, "r+b") as handle:  # a crash mid-write, or a full disk
+        handle.truncate(weights.stat().st_size // 2)
+    monkeypatch.setenv("LENS_SQUASH_CACHE", str(tmp_path))
+    reloaded = load_model(backend="bridge", n_ctx=512)
+    assert weights.stat().st_size == (entry / "hf_model" / "model.safetensors").stat().st_size
+    tokens = models.format_prompt(smollm2_bridge, "The capital of France is")
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens[None]), smollm2_bridge(tokens[None]))
