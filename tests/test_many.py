@@ -130,6 +130,7 @@ def test_threads_sharing_one_cached_model_take_turns_and_errors_come_back(model,
             analyze_many(SPEC, [PROMPTS[0], too_long], executor=pool, **KWARGS)
 
 
+@pytest.mark.slow  # starts worker processes: tens of seconds (pyproject's 'more than a few seconds')
 def test_a_process_pool_gives_the_same_numbers(model, one_thread):
     reference = analyze_many(model, PROMPTS, **KWARGS)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing inherited from this one
@@ -139,6 +140,7 @@ def test_a_process_pool_gives_the_same_numbers(model, one_thread):
     assert_same_many(reference, remote)
 
 
+@pytest.mark.slow  # starts worker processes: tens of seconds (pyproject's 'more than a few seconds')
 def test_a_two_worker_dask_cluster_gives_the_same_numbers_and_loads_once_per_worker(model, one_thread):
     # a dev dependency (pip install "dask[distributed]"): a missing one fails the test, never skips it
     from dask import distributed
