@@ -18,10 +18,10 @@ import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # torch and numpy are imported where tensors are checked: the CLI's checks need neither
+    import torch
 
 __all__ = [
     "BIDI_CONTROLS",
@@ -197,7 +197,9 @@ def check_prompt(prompt: Any, name: str = "prompt") -> str | torch.Tensor:
     A numpy integer array counts as a tensor. Lists are refused whatever they hold: a list of strings is several prompts (call once per
     prompt), and a list of ids is ambiguous with a batch (wrap it in ``torch.tensor``).
     """
-    if isinstance(prompt, np.ndarray):  # ids from numpy are as good as a tensor
+    import torch
+
+    if type(prompt).__module__ == "numpy" and hasattr(prompt, "dtype"):  # ids from numpy are as good as a tensor
         prompt = torch.from_numpy(prompt)
     if isinstance(prompt, torch.Tensor):
         return _check_id_tensor(prompt, name)
@@ -211,6 +213,8 @@ def check_prompt(prompt: Any, name: str = "prompt") -> str | torch.Tensor:
 
 
 def _check_id_tensor(ids: torch.Tensor, name: str) -> torch.Tensor:
+    import torch
+
     if ids.dtype == torch.bool or ids.dtype.is_floating_point or ids.dtype.is_complex:
         raise TypeError(f"{name} must hold integer token ids, got a {str(ids.dtype).removeprefix('torch.')} "
                         "tensor; convert with .long() only if the values are really ids")
@@ -226,6 +230,8 @@ def _check_id_tensor(ids: torch.Tensor, name: str) -> torch.Tensor:
 
 def check_token_ids(ids: Any, d_vocab: int, name: str = "tokens") -> torch.Tensor:
     """Integer token ids ``[pos]`` (or ``[1, pos]``, squeezed) all in ``[0, d_vocab)``, as int64."""
+    import torch
+
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be a tensor of token ids, got {type(ids).__name__}; "
                         "wrap a list with torch.tensor(ids)")
