@@ -348,11 +348,14 @@ def _load(browser, path: Path, n_figures: int) -> _Page:
 
 
 def _apply_every_menu_button(page: _Page) -> int:
-    """Apply each dropdown button's own args with Plotly.update, as a click would; count them."""
+    """Apply each dropdown button's and slider step's own args with Plotly.update, as a click would
+    (every control the figures use is an 'update'); count them."""
     return page.evaluate(
         "(async () => { let n = 0; for (const d of document.querySelectorAll('.js-plotly-plot')) {"
         " for (const menu of (d.layout.updatemenus || [])) { for (const b of menu.buttons) {"
-        " await Plotly.update(d, ...b.args); n += 1; } } } return n; })()"
+        " await Plotly.update(d, ...b.args); n += 1; } }"
+        " for (const s of (d.layout.sliders || [])) { for (const st of s.steps) {"
+        " await Plotly.update(d, ...st.args); n += 1; } } } return n; })()"
     )
 
 
