@@ -43,6 +43,8 @@ from .records import target_mode, to_jsonable, write_text_atomic
 __all__ = [
     "BIDI_DISPLAY",
     "DISPLAY_CONTROLS",
+    "ATTENTION_CELLS",
+    "SECTION_CAPTIONS",
     "SECTION_ORDER",
     "ReportSection",
     "analysis_sections",
@@ -56,12 +58,51 @@ __all__ = [
     "write_report",
 ]
 
+#: attention cells the report's heatmap may hold (plotting.attention_heatmap's max_cells): about 0.8 MB
+#: of figure data on the demo's 89-token prompt
+ATTENTION_CELLS = 120_000
+
 #: the usual sections of an over-squashing report, in reading order (any subset may be present)
 SECTION_ORDER: tuple[str, ...] = (
     "model", "prompt", "bound vs gradient", "paths", "attention", "spectral", "sinks", "collapse", "tasks",
 )
 
 _FIGURE_CONFIG = {"displaylogo": False, "responsive": True}
+
+#: what each standard section shows and how to read it, printed under its title
+SECTION_CAPTIONS: dict[str, str] = {
+    "model": "The model's configuration and the library versions the numbers were computed with.",
+    "prompt": "The prompt as the model saw it, one numbered chip per token, and the token it predicts next.",
+    "bound vs gradient": (
+        "How sensitive the last token's final representation is to each input position: the Jacobian "
+        "norm ‖∂y_n/∂v_i‖ (the truth) against each path-sum variant's bound. Curves are scaled to one "
+        "maximum so their shapes compare; the table gives rank agreement (Spearman, Kendall), top-5 "
+        "overlap and bound/true ratios, and names any default variant skipped for this model and why."
+    ),
+    "paths": (
+        "The heaviest paths of a variant's layered graph from each input position to the last token: "
+        "each hop is one head of one layer (or the residual stream), drawn by its share of the path's weight."
+    ),
+    "attention": (
+        "Attention patterns A^(l,h): query positions are rows, key positions columns (CircuitsVis "
+        "convention). A log colour scale keeps the first-token column from hiding everything else."
+    ),
+    "spectral": (
+        "Perron–Frobenius view of the head-averaged rollout stack ½(A + I): the last token's mass on the "
+        "first token, Dobrushin's coefficient per layer and cumulated, and the depth at which the last "
+        "token would see only the first (Prop. B.8)."
+    ),
+    "sinks": (
+        "Attention sinks per layer (heads whose queries put at least ε of their attention on the first "
+        "token), massive first-token activations, and the compression (matrix entropy) of the residual stream."
+    ),
+    "collapse": (
+        "Representational collapse: the distance between the final representations of a sequence and the "
+        "same sequence with its last token repeated, per dtype, against length; it falls below each dtype's "
+        "resolution where the two prompts can no longer be told apart (Theorem 4.2)."
+    ),
+    "tasks": "Copying and counting accuracy against sequence length, as in the paper's Figures 2, 3 and 11.",
+}
 
 #: bidirectional formatting characters: they reorder how the text around them is displayed
 BIDI_DISPLAY: frozenset[str] = frozenset(
@@ -98,6 +139,8 @@ class ReportSection:
     table: pd.DataFrame | Mapping[str, Any] | None = None
     trusted_html: str = ""
     notes: Sequence[str] = field(default_factory=tuple)
+    #: plain text under the title (None: :data:`SECTION_CAPTIONS` for a standard title)
+    caption: str | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,10 +213,12 @@ def analysis_sections(
         prompt_section("".join(tokens) if prompt is None else prompt, tokens, predicted=traced.predicted_token),
     ]
     table = getattr(analysis, "table", None)
-    figure = (plotting.comparison_figure(table) if table is not None
+    figure = (plotting.comparison_figure(table, getattr(analysis, "comparisons", None)) if table is not None
               else plotting.bound_vs_jacobian(tokens, None, bounds))
     summary = analysis.summary() if callable(getattr(analysis, "summary", None)) else None
-    sections.append(ReportSection("bound vs gradient", figures=[figure], table=summary))
+    skipped = dict(getattr(analysis, "skipped", {}) or {})
+    notes = [f"{name} skipped: {reason}" for name, reason in skipped.items() if name != "spectral"]
+    sections.append(ReportSection("bound vs gradient", figures=[figure], table=summary, notes=notes))
     if path_variants is None:
         path_variants = [v for v in dict.fromkeys(("rollout", getattr(analysis, "best_variant", None))) if v in bounds]
         path_variants = path_variants or list(bounds)[:1]
@@ -181,9 +226,13 @@ def analysis_sections(
         plotting.attention_paths(bounds[name], tokens, top_k=top_k, title=f"Heaviest paths of the {name} graph")
         for name in path_variants
     ]))
-    sections.append(ReportSection("attention", figures=[plotting.attention_heatmap(traced.patterns, tokens)]))
+    # a budget of cells keeps the page small: every layer's head mean, and heads where they fit
+    sections.append(ReportSection("attention", figures=[
+        plotting.attention_heatmap(traced.patterns, tokens, max_cells=ATTENTION_CELLS)]))
     if getattr(analysis, "spectral", None) is not None:
         sections.append(ReportSection("spectral", figures=[plotting.spectral_report_figure(analysis.spectral)]))
+    elif "spectral" in skipped:
+        sections.append(ReportSection("spectral", text=f"Not computed: {skipped['spectral']}."))
     if getattr(analysis, "sinks", None) is not None:
         sections.append(ReportSection("sinks", figures=[plotting.sink_report_figure(analysis.sinks)]))
     return sections
@@ -231,7 +280,9 @@ def _render_figure(fig: go.Figure, index: int) -> str:
     fragment = fig.to_html(
         full_html=False, include_plotlyjs=False, div_id=f"lens-squash-figure-{index}", config=_FIGURE_CONFIG,
     )
-    return f'<div class="figure">{_neutralize_fragment(_check_fragment(fragment))}</div>'
+    caption = plotting.caption_of(fig)
+    below = f'<p class="caption">{escape_text(caption)}</p>' if caption else ""
+    return f'<div class="figure">{_neutralize_fragment(_check_fragment(fragment))}{below}</div>'
 
 
 def _cell(value: Any) -> str:
@@ -263,8 +314,10 @@ def _render_text(text: str) -> str:
 def _render_section(section: ReportSection, index: int, first_figure: int) -> tuple[str, int]:
     figures = [_render_figure(fig, first_figure + i) for i, fig in enumerate(section.figures)]
     notes = "".join(f'<p class="muted">{escape_text(str(n))}</p>' for n in section.notes)
+    caption = section.caption if section.caption is not None else SECTION_CAPTIONS.get(section.title, "")
+    caption_html = f'<p class="caption">{escape_text(caption)}</p>' if caption else ""
     body = (
-        f'<section id="section-{index}"><h2>{escape_text(section.title)}</h2>'
+        f'<section id="section-{index}"><h2>{escape_text(section.title)}</h2>{caption_html}'
         f"{_render_text(section.text)}{section.trusted_html}{_render_table(section.table)}{notes}"
         f"{''.join(figures)}</section>"
     )
@@ -312,7 +365,7 @@ def _flatten(metadata: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 _STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1200px;padding:0 24px 48px;color:#222}
 h1{font-size:1.6em;margin-top:1.2em}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:2em}
-.muted{color:#666;font-size:.9em}.text{white-space:pre-wrap;font-family:ui-monospace,monospace;background:#f7f7f7;padding:8px;border-radius:4px;overflow-wrap:anywhere}
+.muted{color:#666;font-size:.9em}.caption{color:#444;font-size:.92em;max-width:60em;margin:.3em 0 .8em}.text{white-space:pre-wrap;font-family:ui-monospace,monospace;background:#f7f7f7;padding:8px;border-radius:4px;overflow-wrap:anywhere}
 table.data{border-collapse:collapse;font-size:.85em;margin:8px 0}table.data td,table.data th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
 table.data code{white-space:pre-wrap;overflow-wrap:anywhere}
 .tokens{display:flex;flex-wrap:wrap;gap:3px;font-family:ui-monospace,monospace;font-size:.85em}

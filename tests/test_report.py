@@ -292,3 +292,40 @@ def test_a_literal_backslash_u_typed_by_the_user_is_left_alone_in_figures(tmp_pa
     page = build_report([ReportSection("f", figures=[fig])])
     assert "⟨U+202E⟩" not in _body(page)
     assert typed.replace("\\", "\\\\") in page  # still valid JSON for the same string
+
+
+def test_every_standard_section_and_every_analysis_figure_has_a_caption(tmp_path):
+    import re
+
+    from lens_squash.analysis import analyze
+    from lens_squash.models import load_model
+    from lens_squash.report import SECTION_CAPTIONS, SECTION_ORDER, analysis_sections, write_report
+
+    assert set(SECTION_ORDER) == set(SECTION_CAPTIONS)
+    model = load_model("tiny-random", n_ctx=256)
+    analysis = analyze(model, "Copy: 1 1 1 0", jacobian_mode="sketch", n_probes=4)
+    sections = analysis_sections(analysis)
+    for section in sections:
+        for fig in section.figures:
+            assert plotting.caption_of(fig), (section.title, fig.layout.title.text)
+    html_path, _ = write_report(tmp_path, sections, {}, metadata=analysis.trace.metadata)
+    page = html_path.read_text()
+    n_figures = sum(len(s.figures) for s in sections)
+    # one caption under each section title, one under each figure
+    assert len(re.findall(r'<p class="caption">', page)) == len(sections) + n_figures
+
+
+def test_skipped_default_variants_are_named_in_the_report(monkeypatch):
+    import lens_squash.lipschitz as lipschitz
+    from lens_squash.analysis import analyze
+    from lens_squash.models import load_model
+    from lens_squash.report import analysis_sections
+    from lens_squash.support import UnsupportedModelError
+
+    def refuse(model):
+        raise UnsupportedModelError("toy blocks are not modelled")
+
+    monkeypatch.setattr(lipschitz, "supports_certified", refuse)
+    analysis = analyze(load_model("tiny-random", n_ctx=256), "Copy: 1 1 1 0", jacobian_mode=None)
+    section = next(s for s in analysis_sections(analysis) if s.title == "bound vs gradient")
+    assert "certified skipped: toy blocks are not modelled" in section.notes
