@@ -37,9 +37,25 @@ def _load(args):
     from .models import load_model
 
     started = time.perf_counter()
-    model = load_model(args.model, dtype=args.dtype, n_ctx=args.n_ctx)
-    print(f"loaded {args.model} ({args.dtype}) in {time.perf_counter() - started:.1f} s")
+    model = load_model(args.model, dtype=args.dtype, n_ctx=args.n_ctx, device=args.device, backend=args.backend)
+    where = "" if args.device == "cpu" else f" on {args.device}"
+    print(f"loaded {args.model} ({args.dtype}{where}) in {time.perf_counter() - started:.1f} s")
     return model
+
+
+def _write_report(args, out, sections, payload, *, title: str, metadata: dict):
+    """``report.write_report`` into ``out``, then (``--figures``) every figure of the report as files."""
+    from .report import write_report
+
+    html_path, json_path = write_report(out, sections, payload, title=title, metadata=metadata)
+    print(f"wrote {json_path} and {html_path}")
+    if args.figures:
+        from .export import write_figures
+
+        figures = {f"{section.title}-{i}": fig for section in sections for i, fig in enumerate(section.figures)}
+        written = write_figures(figures, Path(out) / "figures", args.figures)
+        print(f"wrote {sum(len(paths) for paths in written.values())} figure files to {Path(out) / 'figures'}")
+    return html_path, json_path
 
 
 def _short(token: str, width: int = 12) -> str:
@@ -120,7 +136,7 @@ def cmd_demo(args) -> int:
     print("prompt: " + prompt)
     analysis = analyze(model, prompt, jacobian_mode=args.jacobian, n_probes=64)
     out = Path(args.out)
-    report_analysis(analysis, prompt, out / "analyze", title="lens_squash demo: the copying prompt",
+    report_analysis(args, analysis, prompt, out / "analyze", title="lens_squash demo: the copying prompt",
                     answer=generate_answer(model, analysis.trace.tokens, _ANSWER_TOKENS), command="demo")
     collapse = collapse_curve(model, family, list(lengths), dtypes, open_ended=True)
     print("representational collapse, family (a) counting ones vs one more one "
@@ -158,18 +174,17 @@ def _check_collapse_fits(model, family: str, lengths, *, open_ended: bool, flag:
                          f"n_ctx={model.cfg.n_ctx}; pass a larger --n-ctx or shorter --lengths")
 
 
-def report_analysis(analysis, prompt: str, out, *, title: str, answer: str | None = None, **metadata) -> None:
+def report_analysis(args, analysis, prompt: str, out, *, title: str, answer: str | None = None, **metadata) -> None:
     """Print ``analyze``'s result (and the greedy ``answer``), then write results.json and report.html."""
-    from .report import analysis_sections, write_report
+    from .report import analysis_sections
 
     print(f"{analysis.trace.n_tokens} tokens; predicted next token {analysis.trace.predicted_token!r}")
     if answer is not None:
         print(f"greedy answer: {answer!r}")
     print_analysis(analysis)
     metadata = {**analysis.trace.metadata, "prompt": prompt, **metadata}
-    html_path, json_path = write_report(out, analysis_sections(analysis, prompt=prompt),
-                                        {**analysis.to_dict(), "metadata": metadata}, title=title, metadata=metadata)
-    print(f"wrote {json_path} and {html_path}")
+    _write_report(args, out, analysis_sections(analysis, prompt=prompt),
+                  {**analysis.to_dict(), "metadata": metadata}, title=title, metadata=metadata)
 
 
 def print_analysis(analysis) -> None:
@@ -184,14 +199,17 @@ def print_analysis(analysis) -> None:
         paper = analysis.comparisons.get("paper")
         paper_text = f"; paper: Spearman {paper.spearman:.3f}" if paper is not None else ""
         print(f"best-ranking variant: {best} (Spearman {analysis.comparisons[best].spearman:.3f}{paper_text})")
+    for name, reason in analysis.skipped.items():
+        print(f"skipped {name}: {reason}")
     spectral = analysis.spectral
-    print(
-        f"rollout stack: last token's mass on the first token after all layers "
-        f"{float(spectral.first_token_mass[-1]):.4f}; cumulative Dobrushin "
-        f"{float(spectral.cumulative_dobrushin[-1]):.3g}; depth to see only the first token "
-        f"{'≈ ' if spectral.extrapolated else ''}{spectral.depth_to_first_token:.0f}"
-        f"{' (extrapolated)' if spectral.extrapolated else ''}"
-    )
+    if spectral is not None:
+        print(
+            f"rollout stack: last token's mass on the first token after all layers "
+            f"{float(spectral.first_token_mass[-1]):.4f}; cumulative Dobrushin "
+            f"{float(spectral.cumulative_dobrushin[-1]):.3g}; depth to see only the first token "
+            f"{'≈ ' if spectral.extrapolated else ''}{spectral.depth_to_first_token:.0f}"
+            f"{' (extrapolated)' if spectral.extrapolated else ''}"
+        )
     print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in analysis.seconds.items()))
 
 
@@ -206,7 +224,7 @@ def cmd_analyze(args) -> int:
     mode = None if args.jacobian == "none" else args.jacobian
     analysis = analyze(model, args.prompt, variants=args.variants, jacobian_mode=mode, n_probes=args.probes,
                        chat=False if args.raw else None)
-    report_analysis(analysis, args.prompt, args.out, title="lens_squash: over-squashing analysis",
+    report_analysis(args, analysis, args.prompt, args.out, title="lens_squash: over-squashing analysis",
                     command="analyze", variants=list(analysis.bounds), jacobian=args.jacobian)
     return 0
 
@@ -283,7 +301,7 @@ def print_collapse(result) -> None:
 
 def cmd_collapse(args) -> int:
     from .records import provenance
-    from .report import ReportSection, collapse_section, model_section, write_report
+    from .report import ReportSection, collapse_section, model_section
 
     model = _load(args)
     _check_collapse_fits(model, args.family, args.lengths, open_ended=args.open_ended, flag="--lengths")
@@ -303,9 +321,8 @@ def cmd_collapse(args) -> int:
         payload |= {"synthetic": pe.to_dict(), "tv_decay": tv.to_dict()}
     metadata = {**provenance(model), "command": "collapse", "family": args.family, "lengths": list(args.lengths),
                 "dtypes": list(args.dtypes), "window": args.window, "open_ended": args.open_ended}
-    html_path, json_path = write_report(args.out, sections, payload, metadata=metadata,
-                                        title=f"lens_squash: representational collapse ({args.family})")
-    print(f"wrote {json_path} and {html_path}")
+    _write_report(args, args.out, sections, payload, metadata=metadata,
+                  title=f"lens_squash: representational collapse ({args.family})")
     return 0
 
 
@@ -344,7 +361,7 @@ def print_sinks(report) -> None:
 def cmd_sinks(args) -> int:
     from .ablation import ablation_effect
     from .records import provenance
-    from .report import ReportSection, model_section, write_report
+    from .report import ReportSection, model_section
     from .sinks import sink_analysis
 
     model = _load(args)
@@ -370,9 +387,8 @@ def cmd_sinks(args) -> int:
         sections.append(ReportSection("massive-activation ablation", figures=figures))
         payload["ablation"] = ablation.to_dict()
     metadata = {**provenance(model), "command": "sinks", "prompt": args.prompt, "clamp_layer": args.clamp_layer}
-    html_path, json_path = write_report(args.out, sections, payload, metadata=metadata,
-                                        title="lens_squash: sinks, massive activations, compression")
-    print(f"wrote {json_path} and {html_path}")
+    _write_report(args, args.out, sections, payload, metadata=metadata,
+                  title="lens_squash: sinks, massive activations, compression")
     return 0
 
 
@@ -398,6 +414,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name (default: the offline SmolLM2)")
     parser.add_argument("--dtype", default="float32", help="float32, float64, bfloat16 or float16")
     parser.add_argument("--n-ctx", type=int, default=2048, help="context length to load the model with")
+    parser.add_argument("--device", default="cpu", help="torch device to load the model on: cpu, cuda, cuda:1, mps")
+    parser.add_argument("--backend", choices=["hooked", "bridge"], default=None,
+                        help="HookedTransformer or TransformerBridge (default: hooked where TransformerLens has it)")
+    parser.add_argument("--figures", default=None,
+                        help="also write every figure of the report as files, e.g. --figures png,svg,pdf "
+                             "(plotly's static export through kaleido and Chromium)")
 
 
 def _trace_parser(sub) -> None:
@@ -434,6 +456,40 @@ def _check_model_flags(args) -> None:
         raise ValueError(f"--dtype: {err}") from err
     validate.check_int(args.n_ctx, "--n-ctx", minimum=1, maximum=validate.MAX_N_CTX,
                        hint="the number of positions to load the model with, e.g. --n-ctx 2048")
+    _check_device(args.device)
+    if args.figures is not None:
+        args.figures = _check_figures(args.figures)
+
+
+def _check_device(device: str) -> None:
+    """A device torch can name and this machine has, checked before the model loads."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"--device {device!r} is not a torch device; pass e.g. --device cpu or --device cuda:0") from err
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (parsed.index is not None and parsed.index >= count):
+            raise ValueError(f"--device {device}: this machine has {count} CUDA device(s) visible to torch; "
+                             "pass --device cpu, or a cuda:N below that count")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: Apple's MPS backend is not available here; pass --device cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device!r}: lens_squash runs on cpu, cuda or mps devices")
+
+
+def _check_figures(text: str) -> tuple[str, ...]:
+    """The formats of ``--figures``, and the exporter and browser they need, before any work."""
+    from .export import FORMATS, ExportError, require_exporter
+
+    formats = validate.parse_names(text, FORMATS, "--figures", what="figure format")
+    try:
+        require_exporter()
+    except ExportError as err:
+        raise ValueError(f"--figures: {err}") from err
+    return formats
 
 
 def _check_prompt_flags(args) -> None:

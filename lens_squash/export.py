@@ -24,7 +24,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-__all__ = ["FORMATS", "ExportError", "chromium_path", "fig_to_file", "write_figures"]
+__all__ = ["FORMATS", "ExportError", "chromium_path", "fig_to_file", "require_exporter", "write_figures"]
 
 #: the formats kaleido writes (EPS is gone from kaleido 1)
 FORMATS: tuple[str, ...] = ("png", "svg", "pdf", "jpeg", "webp")
@@ -64,6 +64,17 @@ def _kaleido():
     if not hasattr(kaleido, "write_fig_from_object_sync"):  # kaleido 0.x: a bundled, retired Chromium
         raise ExportError(f"kaleido {getattr(kaleido, '__version__', '<1')} is too old; pip install -U \"kaleido>=1\"")
     return kaleido
+
+
+def require_exporter() -> str:
+    """The browser static export will drive, after checking kaleido is there too; else ExportError.
+
+    Call it before long work whose figures are to be exported, so a missing piece is found first."""
+    _kaleido()
+    browser = chromium_path()
+    if browser is None:
+        raise ExportError(f"static export drives Chrome or Chromium, and none was found; {_INSTALL_BROWSER}")
+    return browser
 
 
 def _format(path: Path, format: str | None) -> str:

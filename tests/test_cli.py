@@ -285,3 +285,34 @@ def test_a_bug_is_one_line_with_exit_1_and_debug_mode_shows_the_traceback(capsys
     monkeypatch.setenv("LENS_SQUASH_DEBUG", "1")
     with pytest.raises(KeyError, match="oops"):
         main(["trace", "--prompt", "hi"])
+
+
+def test_device_flag_is_checked_before_the_model_loads(monkeypatch, capsys):
+    import lens_squash.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model for a bad --device"))
+    for device, words in (("gpu9", "not a torch device"), ("cuda:7", "CUDA device"), ("xla", "cpu, cuda or mps")):
+        assert cli.main(["trace", "--model", "tiny-random", "--prompt", "1 1 0", "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert "--device" in err and words in err and len(err.strip().splitlines()) == 1
+
+
+def test_figures_flag_names_a_bad_format_before_the_model_loads(monkeypatch, capsys):
+    import lens_squash.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model for bad --figures"))
+    assert cli.main(["sinks", "--model", "tiny-random", "--figures", "png,bmp"]) == 2
+    err = capsys.readouterr().err
+    assert "--figures" in err and "bmp" in err
+
+
+@pytest.mark.browser
+def test_figures_flag_writes_every_report_figure_as_png(tmp_path, capsys):
+    out = tmp_path / "sinks"
+    assert cli.main(["sinks", "--model", "tiny-random", "--prompt", "1 1 1 0", "--out", str(out),
+                     "--figures", "png", "--no-jacobian"]) == 0
+    pngs = sorted((out / "figures").glob("*.png"))
+    page = (out / "report.html").read_text()
+    assert pngs and len(pngs) == page.count('class="plotly-graph-div"')
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000
