@@ -258,6 +258,15 @@ def cmd_tasks(args) -> int:
     with pd.option_context("display.float_format", "{:.3g}".format, "display.width", 160):
         print(summarize_results(results).to_string(index=False))
     print(f"wrote {Path(args.out) / 'results.csv'}, results.json and figures.html")
+    if args.figures:
+        from .export import write_figures
+
+        figures = results.figures()
+        if figures:
+            written = write_figures(figures, Path(args.out) / "figures", args.figures)
+            print(f"wrote {sum(len(p) for p in written.values())} figure files to {Path(args.out) / 'figures'}")
+        else:
+            print("no figure files: these tasks have no figure of the paper's to draw")
     return 0
 
 
@@ -498,6 +507,8 @@ def _check_prompt_flags(args) -> None:
 
 def _check_trace(args) -> None:
     _check_prompt_flags(args)
+    if args.figures is not None:
+        raise ValueError("--figures: trace draws no figures; use analyze or sinks for a report with figures")
     if args.json is not None:
         validate.check_out_file(args.json, "--json")
 

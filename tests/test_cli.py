@@ -316,3 +316,8 @@ def test_figures_flag_writes_every_report_figure_as_png(tmp_path, capsys):
     assert pngs and len(pngs) == page.count('class="plotly-graph-div"')
     for png in pngs:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000
+
+
+def test_trace_refuses_figures_it_would_not_draw(capsys):
+    assert cli.main(["trace", "--model", "tiny-random", "--prompt", "1 1 0", "--figures", "png"]) == 2
+    assert "--figures" in capsys.readouterr().err
