@@ -78,6 +78,8 @@ def _shrink(factor: float):
             block.attn.W_O.mul_(factor)
             if hasattr(getattr(block, "mlp", None), "W_out"):
                 block.mlp.W_out.mul_(factor)
+            for expert in getattr(getattr(block, "mlp", None), "experts", []):
+                expert.W_out.weight.mul_(factor)
     return edit
 
 
@@ -110,6 +112,10 @@ def _split_gains(model):
                 getattr(mlp, name)[write, :] = 0
         if isinstance(getattr(mlp, "W_out", None), torch.nn.Parameter):
             mlp.W_out[:, read] = 0
+        for expert in getattr(mlp, "experts", []):  # nn.Linear weights are [out, in]
+            expert.W_gate.weight[:, write] = 0
+            expert.W_in.weight[:, write] = 0
+            expert.W_out.weight[read, :] = 0
     for _, _, gain in _norms(model):
         gain.copy_(torch.where(write, 8.0, 0.125).to(gain.dtype))
 
