@@ -20,7 +20,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
-__all__ = ["bars_enabled", "progress", "silenced"]
+__all__ = ["bars_enabled", "counter", "progress", "silenced"]
 
 T = TypeVar("T")
 
@@ -67,3 +67,26 @@ def progress(
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, total=total, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+class _NoBar:
+    """What :func:`counter` gives when bars are off: the same calls, doing nothing."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def counter(*, desc: str, total: int | None, initial: int = 0, unit: str = "it", enabled: bool | None = None):
+    """A bar advanced by hand (``with counter(...) as bar: bar.update(k)``), for work that is not one
+    loop over an iterable (batches of uneven size, resumed runs that start at ``initial``)."""
+    if not (bars_enabled() if enabled is None else enabled):
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(desc=desc, total=total, initial=initial, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True)

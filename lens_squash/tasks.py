@@ -59,8 +59,8 @@ from typing import Any, Literal
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
+from .progress import counter
 from .records import atomic_write, write_jsonl_atomic
 
 __all__ = [
@@ -1093,9 +1093,8 @@ def evaluate(
     prompts = _tokenized(model, todo, chat, max_new_tokens)  # refuse over-long prompts before any work
     if path is not None:
         _record_fingerprint(path, fingerprint, loaded_as)
-    with tqdm(
-        total=len(instances), initial=len(rows), disable=not progress, desc="evaluate"
-    ) as bar:
+    with counter(desc="generate", total=len(instances), initial=len(rows), unit="prompt",
+                 enabled=None if progress else False) as bar:
         for index, start in enumerate(range(0, len(todo), batch_size)):
             new_rows = _run_batch(model, todo[start : start + batch_size], prompts, max_new_tokens, digest)
             keyed = {tuple(r[k] for k in _KEY): r for r in new_rows}

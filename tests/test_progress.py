@@ -52,3 +52,17 @@ def test_off_by_default_when_stderr_is_not_a_terminal(monkeypatch):
     monkeypatch.delenv("LENS_SQUASH_PROGRESS", raising=False)
     # pytest's capture replaces stderr with a non-terminal stream, as a CI log or a pipe would
     assert not bars_enabled()
+
+
+def test_counter_counts_on_stderr_and_does_nothing_when_off(monkeypatch, capsys):
+    from lens_squash.progress import counter
+
+    monkeypatch.setenv("LENS_SQUASH_PROGRESS", "1")
+    with counter(desc="batches", total=5, initial=2) as bar:
+        bar.update(3)
+    captured = capsys.readouterr()
+    assert captured.out == "" and "batches" in captured.err and "2/5" in captured.err  # starts at initial
+    monkeypatch.setenv("LENS_SQUASH_PROGRESS", "0")
+    with counter(desc="quiet-batches", total=5) as bar:
+        bar.update(5)
+    assert "quiet-batches" not in capsys.readouterr().err
