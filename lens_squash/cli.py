@@ -24,10 +24,10 @@ __all__ = ["COMMANDS", "COPY_PROMPT", "EXIT_BAD_INPUT", "EXIT_INTERNAL_ERROR", "
 
 
 def copy_prompt(n_ones: int = 12) -> str:
-    """The paper's copying prompt (Appendix C.1, verbatim) for ``1 … 1 0`` with ``n_ones`` ones."""
-    from .tasks import make_instance
+    """The paper's copying prompt; kept here for old notebooks, use ``lens_squash.copy_prompt``."""
+    from .tasks import copy_prompt as build
 
-    return make_instance("copy_last", n_ones + 1).prompt
+    return build(n_ones)
 
 
 COPY_PROMPT = copy_prompt(12)

@@ -85,6 +85,7 @@ __all__ = [
     "generation_fingerprint",
     "greedy_generate",
     "load_results",
+    "copy_prompt",
     "make_instance",
     "make_instances",
     "parse_answer",
@@ -404,6 +405,12 @@ def make_instance(
     seq = tuple(spec.draw(rng, length))
     prompt = _compose(spec, mode, spec.render(seq))
     return TaskInstance(task, mode, length, sample, seed, prompt, spec.truth(seq), seq)
+
+
+def copy_prompt(n_ones: int = 12) -> str:
+    """The paper's copying prompt (Appendix C.1, verbatim) for ``1 … 1 0``: ``n_ones`` ones, then a 0."""
+    _check_int("n_ones", n_ones, 0)
+    return make_instance("copy_last", n_ones + 1).prompt
 
 
 def _as_tuple(value: str | Iterable) -> tuple:
