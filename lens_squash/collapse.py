@@ -30,7 +30,7 @@ ones need *one* pass per dtype; path ``"prefix"``), and otherwise batches length
 (path ``"batched"``). The fast path then measures its own **noise floor**: separate passes at
 ``noise_samples`` evenly spread lengths, and the largest ``‖y_fast − y_separate‖∞ / ‖y_separate‖∞``
 over them and both prompts. Every threshold records the path it came from and that noise floor.
-Bidirectional models never share passes.
+Bidirectional models never read one prompt off another's pass (later tokens change earlier positions).
 
 **Dtypes and TransformerLens upcasts.** A model copy per dtype is built from the same parameters
 (buffers such as the rotary tables recomputed at that dtype). TransformerLens computes ``RMSNorm`` /
