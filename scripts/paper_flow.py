@@ -72,7 +72,8 @@ def _reading(result) -> list[str]:
     out = []
     if len(digits) >= 3:
         rho = spearman(torch.tensor(digits, dtype=torch.float64), s0[digits])
-        verdict = "holds" if rho < 0 else "does not hold"
+        # |ρ| < 0.3 over 13 digits is no trend either way
+        verdict = "holds" if rho <= -0.3 else "does not hold" if rho >= 0.3 else "no clear trend either way"
         out.append(f"- **Earlier digits get more true sensitivity: {verdict} here.**")
         out.append(f"- Spearman ρ between a digit's position and its true sensitivity: **{rho:+.2f}** over the "
                    f"{len(digits)} digits (negative would mean earlier digits matter more, as 'more paths' predicts); "
