@@ -184,3 +184,17 @@ def test_analyze_refuses_a_bidirectional_model_in_one_clear_error():
         patch.setattr(analysis, "trace", lambda *a, **k: pytest.fail("traced a bidirectional model"))
         with pytest.raises(UnsupportedModelError, match="not causal.*decoder-only"):
             analyze(build("bidirectional"), TOKENS, jacobian_mode=None)
+
+
+def test_collapse_command_fast_path_says_where_its_thresholds_came_from(tmp_path, capsys):
+    base = ["collapse", "--model", "tiny-random", "--lengths", "2:20:6", "--dtypes", "float32,bfloat16",
+            "--no-theory", "--open-ended"]
+    assert main([*base, "--out", str(tmp_path / "exact")]) == 0
+    assert main([*base, "--fast", "--out", str(tmp_path / "fast")]) == 0
+    exact = json.loads((tmp_path / "exact" / "results.json").read_text())["collapse"]
+    fast = json.loads((tmp_path / "fast" / "results.json").read_text())["collapse"]
+    assert exact["paths"] == {"float32": "separate", "bfloat16": "separate"}
+    assert all(value is None for value in exact["noise_floor"].values())  # nothing shared, no noise to report
+    assert fast["paths"] == {"float32": "prefix", "bfloat16": "prefix"}  # open-ended: read off one pass
+    assert all(value >= 0 for value in fast["noise_floor"].values())
+    assert "prefix" in capsys.readouterr().out
