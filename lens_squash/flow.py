@@ -474,16 +474,16 @@ def bound_layer_rows(graph, target: int) -> Float[Tensor, "layer_plus_1 pos"]:
 
 def _flow_memory_terms(model, n: int, rows: int) -> tuple[int, int]:
     """jacobian's ``(fixed, per_cotangent)`` terms (sketch form: no [pos, d, d] buffer) plus the flow's
-    own: per cotangent the captured gradients (7 d_model vectors per layer and position, ∂z, two more for
+    own: per cotangent the captured gradients (7 d_model vectors per layer and position, ∂z, three more for
     vmap's copies, and the
     float64 ``[row, head, n, n]`` edge product of one layer), fixed the float64 edge accumulators."""
     cfg = model.cfg
     fixed, per = _memory_terms(model, n, "sketch", n_rows=rows)
     size = torch.finfo(cfg.dtype).bits // 8
     L, d, heads = cfg.n_layers, cfg.d_model, cfg.n_heads
-    # 10 rather than the 8 vectors captured: one SmolLM2 run (n = 89, chunk 16) peaked at 1871 MiB in-process
-    # RSS against 1755 MiB predicted with 8 (benchmarks/flow.py), so the extra two cover vmap's copies
-    per += size * (9 * L * n * d + L * n * heads * cfg.d_head) + 8 * 2 * heads * n * n
+    # 11 rather than the 8 vectors captured: SmolLM2 runs (n = 89, chunk 16) peaked at 1871 and 1968 MiB in-process
+    # RSS against 1755 MiB predicted with 8 and 1943 MiB with 10 (benchmarks/flow.py): the extra three cover vmap copies
+    per += size * (10 * L * n * d + L * n * heads * cfg.d_head) + 8 * 2 * heads * n * n
     fixed += 8 * 3 * L * heads * n * n
     return fixed, per
 
