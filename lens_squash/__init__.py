@@ -12,6 +12,7 @@ Jacobian norms, and the result classes those return::
 
 from .analysis import DEFAULT_VARIANTS, Analysis, analyze
 from .compare import Comparison
+from .flow import SensitivityFlow, flow
 from .jacobian import JacobianResult
 from .jacobian import jacobian as jacobian_norms
 from .many import ManyAnalyses, ModelSpec, analyze_many
@@ -46,6 +47,7 @@ __all__ = [
     "ModelLoadError",
     "ModelSpec",
     "PathBound",
+    "SensitivityFlow",
     "SinkReport",
     "SpectralReport",
     "Trace",
@@ -54,6 +56,7 @@ __all__ = [
     "analyze_many",
     "check_model",
     "copy_prompt",
+    "flow",
     "format_prompt",
     "from_hf_llama",
     "jacobian_norms",
