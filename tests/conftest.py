@@ -37,3 +37,14 @@ def smollm2_hf():
     from lens_squash.models import load_hf_reference
 
     return load_hf_reference()
+
+
+@pytest.fixture()
+def no_load(monkeypatch):
+    """Fail the test if anything loads a model (bad input must be refused before the load)."""
+    import lens_squash.models
+
+    def refuse(*args, **kwargs):
+        pytest.fail(f"a model was loaded for bad input ({args}, {kwargs})")
+
+    monkeypatch.setattr(lens_squash.models, "load_model", refuse)

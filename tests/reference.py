@@ -10,6 +10,7 @@ sublayers, gains that amplify what a sublayer writes, sharp patterns, heavy sink
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 
 import torch
@@ -172,3 +173,17 @@ def edit_in_place(model, factor: float = 1.7) -> None:
             mlp.W_out.mul_(factor)
         for expert in getattr(mlp, "experts", []):
             expert.W_out.weight.mul_(factor)
+
+
+@contextlib.contextmanager
+def input_grad_only(module):
+    """Parameters out of autograd for the block: jacrev would otherwise build per-cotangent weight
+    gradients (~20 GB on SmolLM2); the input gradient is all a Jacobian needs."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)

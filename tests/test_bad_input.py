@@ -41,13 +41,6 @@ HOSTILE_TEXT = st.text(alphabet=st.sampled_from(list(BIDI + CONTROLS + "<>&\"'/\
 # the command line
 
 
-@pytest.fixture()
-def no_load(monkeypatch):
-    def refuse(*args, **kwargs):
-        pytest.fail(f"a model was loaded for bad input: {args} {kwargs}")
-
-    monkeypatch.setattr(lens_squash.models, "load_model", refuse)
-
 
 @pytest.fixture(scope="module")
 def tiny_random():

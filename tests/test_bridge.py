@@ -23,6 +23,8 @@ from lens_squash import models
 from lens_squash.jacobian import jacobian
 from lens_squash.models import ModelLoadError, check_model, load_model
 
+from .reference import input_grad_only
+
 TOL64 = {"atol": 1e-10, "rtol": 1e-9}
 
 
@@ -34,17 +36,6 @@ def _tokens(n: int, seed: int = 0):
 def bridge64():
     return load_model(models.TINY_MODEL, backend="bridge", dtype=torch.float64, n_ctx=64)
 
-
-@contextlib.contextmanager
-def _input_grad_only(module):
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def _hf_reference(bridge, tokens, *, target="final", target_pos=-1):
@@ -61,7 +52,7 @@ def _hf_reference(bridge, tokens, *, target="final", target_pos=-1):
         y = out.hidden_states[-1] if target == "final" else out.hidden_states[target + 1]
         return y[0, target_pos]
 
-    with _input_grad_only(hf):
+    with input_grad_only(hf):
         return torch.func.jacrev(f)(embeds)[:, 0]
 
 
@@ -95,7 +86,7 @@ def _bridge_reference(bridge, tokens, *, constant_names=()):
             bridge(tokens[None])
         return seen["y"][0, -1]
 
-    with _input_grad_only(bridge):
+    with input_grad_only(bridge):
         return torch.func.jacrev(f)(embeds)[:, 0]
 
 
@@ -403,7 +394,7 @@ def test_smollm2_bridge_sketch_matches_vjps_through_transformers():
     ours = jacobian(bridge, tokens, mode="sketch", n_probes=4, seed=3, keep_full=True)
     hf = bridge.original_model
     embeds = hf.get_input_embeddings()(tokens[None]).detach().requires_grad_(True)
-    with _input_grad_only(hf):
+    with input_grad_only(hf):
         y = hf(inputs_embeds=embeds, output_hidden_states=True, use_cache=False).hidden_states[-1][0, -1]
         probes = _probes("sketch", y.shape[0], 4, 3, y.dtype, y.device)
         rows = torch.stack([torch.autograd.grad(y @ u, embeds, retain_graph=True)[0][0] for u in probes])

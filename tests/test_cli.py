@@ -41,16 +41,6 @@ import lens_squash.models  # noqa: E402
 from lens_squash import cli  # noqa: E402
 
 
-@pytest.fixture()
-def no_load(monkeypatch):
-    """Fail the test if any command loads a model."""
-
-    def refuse(*args, **kwargs):
-        pytest.fail(f"the model was loaded for bad input ({args}, {kwargs})")
-
-    monkeypatch.setattr(lens_squash.models, "load_model", refuse)
-
-
 @pytest.fixture(scope="module")
 def tiny_random():
     return lens_squash.models.load_model("tiny-random", n_ctx=256)
@@ -287,20 +277,14 @@ def test_a_bug_is_one_line_with_exit_1_and_debug_mode_shows_the_traceback(capsys
         main(["trace", "--prompt", "hi"])
 
 
-def test_device_flag_is_checked_before_the_model_loads(monkeypatch, capsys):
-    import lens_squash.models as models
-
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model for a bad --device"))
+def test_device_flag_is_checked_before_the_model_loads(no_load, capsys):
     for device, words in (("gpu9", "not a torch device"), ("cuda:7", "CUDA device"), ("xla", "cpu, cuda or mps")):
         assert cli.main(["trace", "--model", "tiny-random", "--prompt", "1 1 0", "--device", device]) == 2
         err = capsys.readouterr().err
         assert "--device" in err and words in err and len(err.strip().splitlines()) == 1
 
 
-def test_figures_flag_names_a_bad_format_before_the_model_loads(monkeypatch, capsys):
-    import lens_squash.models as models
-
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model for bad --figures"))
+def test_figures_flag_names_a_bad_format_before_the_model_loads(no_load, capsys):
     assert cli.main(["sinks", "--model", "tiny-random", "--figures", "png,bmp"]) == 2
     err = capsys.readouterr().err
     assert "--figures" in err and "bmp" in err

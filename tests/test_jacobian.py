@@ -7,7 +7,6 @@ hooked forward pass, the leaf hook or the batched VJPs of :mod:`lens_squash.jaco
 
 from __future__ import annotations
 
-import contextlib
 import re
 
 import pytest
@@ -16,6 +15,8 @@ import torch
 from lens_squash import jacobian as jac_module
 from lens_squash.jacobian import JacobianResult, estimate_memory, jacobian
 from lens_squash.models import tiny_model
+
+from .reference import input_grad_only
 
 TOL64 = {"atol": 1e-10, "rtol": 1e-9}
 
@@ -35,18 +36,6 @@ def _resid_pre(model, tokens, layer: int):
     return cache[name].clone()
 
 
-@contextlib.contextmanager
-def _input_grad_only(model):
-    # parameters that require grad make jacrev build per-cotangent weight gradients (~20 GB on SmolLM2)
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
 
 def reference_jacobian(model, tokens, *, target_pos=-1, target="final", wrt=0, fwd_hooks=(), rows=None):
     """``[d_out, pos, d_in]`` (or only the output ``rows``) by jacrev through a hand-written loop over the blocks."""
@@ -61,7 +50,7 @@ def reference_jacobian(model, tokens, *, target_pos=-1, target="final", wrt=0, f
         y = x[0, target_pos]
         return y if rows is None else y[rows]
 
-    with model.hooks(fwd_hooks=list(fwd_hooks)), _input_grad_only(model):
+    with model.hooks(fwd_hooks=list(fwd_hooks)), input_grad_only(model):
         return torch.func.jacrev(f, chunk_size=64)(_resid_pre(model, tokens, wrt))[:, 0]
 
 
@@ -272,7 +261,7 @@ def _graph_bytes(model, tokens) -> int:
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with _input_grad_only(model), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with input_grad_only(model), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         f = jac_module._target_function(model, tokens, tokens.shape[0] - 1, "final", 0, False)
         f(jac_module._input_value(model, tokens, 0).requires_grad_(True))
     return sum(saved.values())
