@@ -26,14 +26,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from lens_squash.compare import compare
-from lens_squash.jacobian import jacobian
-from lens_squash.models import format_prompt, load_model
-from lens_squash.ranks import spearman
-from lens_squash.records import provenance, write_json_atomic, write_text_atomic
-from lens_squash.suite import load_suite
-from lens_squash.trace import trace
-from lens_squash.variants import VARIANTS, build_graph, path_bound
+from lens_squash.algebra.compare import compare
+from lens_squash.edge.jacobian import jacobian
+from lens_squash.edge.models import format_prompt, load_model
+from lens_squash.algebra.ranks import spearman
+from lens_squash.core.records import provenance, write_json_atomic, write_text_atomic
+from lens_squash.experiments.suite import load_suite
+from lens_squash.edge.trace import trace
+from lens_squash.algebra.variants import VARIANTS, build_graph, path_bound
 
 GUARANTEED = ("certified",)
 #: everything from this line on in the markdown file is hand-written reading, kept on regeneration

@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from lens_squash.models import load_model
-from lens_squash.suite import load_suite
-from lens_squash.trace import trace
-from lens_squash.variants import path_bound
+from lens_squash.edge.models import load_model
+from lens_squash.experiments.suite import load_suite
+from lens_squash.edge.trace import trace
+from lens_squash.algebra.variants import path_bound
 
 
 def long_prompt(model, n_tokens: int) -> torch.Tensor:

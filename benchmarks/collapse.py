@@ -1,6 +1,6 @@
 """Benchmark: the exact collapse path (separate passes) against the shared fast path, same run.
 
-Per dtype, :func:`lens_squash.collapse.collapse_curve` runs twice on SmolLM2: ``exact=True`` (every
+Per dtype, :func:`lens_squash.experiments.collapse.collapse_curve` runs twice on SmolLM2: ``exact=True`` (every
 distinct prompt in its own unpadded pass, what the thresholds are judged on) and ``exact=False`` (the
 prefix trick and right-padded batches, with its noise floor measured at three lengths). It prints the
 cost of the exact path as a ratio to the fast one, the noise floor, and both paths' thresholds.
@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from lens_squash.collapse import collapse_curve, family_pairs, model_in_dtype
-from lens_squash.models import load_model
+from lens_squash.experiments.collapse import collapse_curve, family_pairs, model_in_dtype
+from lens_squash.edge.models import load_model
 
 _KEYS = ("below_resolution", "exactly_zero", "same_prediction")
 

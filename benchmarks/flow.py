@@ -59,8 +59,8 @@ def _timed(fn, name: str):
 
 
 def _compare(model, tokens, mode: str, repeats: int, with_bounds: bool) -> dict:
-    from lens_squash.flow import flow
-    from lens_squash.jacobian import jacobian
+    from lens_squash.edge.flow import flow
+    from lens_squash.edge.jacobian import jacobian
 
     jac_times, flow_times, bound_times = [], [], []
     for _ in range(repeats):
@@ -97,9 +97,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     from lens_squash.cli import copy_prompt
-    from lens_squash.flow import flow
-    from lens_squash.models import load_model
-    from lens_squash.trace import as_tokens
+    from lens_squash.edge.flow import flow
+    from lens_squash.edge.models import load_model
+    from lens_squash.edge.trace import as_tokens
 
     model = load_model()
     tokens = as_tokens(model, copy_prompt(12))

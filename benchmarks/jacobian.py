@@ -6,7 +6,7 @@ by a 2 ms sampling thread during the method, minus the resident size just before
 warmed up, and the heap trimmed with glibc's ``malloc_trim(0)``: loading the model frees hundreds of
 MiB that would otherwise stay resident and hide part of every method's peak). Methods:
 
-* ``exact``: ``lens_squash.jacobian.jacobian(mode="exact")`` with its default chunk size, norms included;
+* ``exact``: ``lens_squash.edge.jacobian.jacobian(mode="exact")`` with its default chunk size, norms included;
 * ``jacrev``: ``torch.func.jacrev(f, chunk_size=64)`` of the same function (blocks run by hand, then
   ``ln_final``; parameters frozen as in ``exact``), the Jacobian only, no norms;
 * ``vjp``: one forward pass with graph, then single VJPs (the median of 3, times ``d_model``);
@@ -37,8 +37,9 @@ WORKER = textwrap.dedent(
     """
     import json, sys, threading, time, gc
     import psutil, torch
-    from lens_squash.models import load_model
-    from lens_squash import allocator, jacobian as jac
+    from lens_squash.edge.models import load_model
+    from lens_squash.edge import allocator
+    from lens_squash.edge import jacobian as jac
 
     method, n, chunk, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     if threads > 0:
@@ -128,7 +129,7 @@ def run(method: str, n: int, chunk: int | None, threads: int) -> dict:
 def spearman(a: list[float], b: list[float]) -> float:
     import torch
 
-    from lens_squash.ranks import spearman as rank_correlation
+    from lens_squash.algebra.ranks import spearman as rank_correlation
 
     return rank_correlation(torch.tensor(a), torch.tensor(b))
 

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 
-LOAD = "from lens_squash.models import load_model; load_model()"
+LOAD = "from lens_squash.edge.models import load_model; load_model()"
 
 
 def timed_load(cache: str) -> float:

@@ -25,9 +25,9 @@ import time
 import pandas as pd
 import torch
 
-from lens_squash.analysis import analyze
-from lens_squash.many import ManyAnalyses, ModelSpec, analyze_many, cached_model
-from lens_squash.suite import load_suite
+from lens_squash.experiments.analysis import analyze
+from lens_squash.experiments.many import ManyAnalyses, ModelSpec, analyze_many, cached_model
+from lens_squash.experiments.suite import load_suite
 
 
 def equal_to_the_last_bit(a: ManyAnalyses, b: ManyAnalyses) -> bool:

@@ -1,6 +1,6 @@
 """Cost of the per-layer sink, compression and over-squashing metrics against one forward pass.
 
-Every metric of :func:`lens_squash.sinks.sink_analysis` comes from one traced forward pass of
+Every metric of :func:`lens_squash.algebra.sinks.sink_analysis` comes from one traced forward pass of
 SmolLM2-135M-Instruct (30 layers, 9 heads, d_model 576) on an ``n``-token prompt. This script times,
 in one run and on the same prompt:
 
@@ -24,9 +24,9 @@ import time
 
 import torch
 
-from lens_squash.models import load_model
-from lens_squash.paths import rollout_matrices
-from lens_squash.sinks import (
+from lens_squash.edge.models import load_model
+from lens_squash.algebra.paths import rollout_matrices
+from lens_squash.algebra.sinks import (
     first_token_mass,
     massive_activations,
     matrix_entropy,
@@ -36,8 +36,8 @@ from lens_squash.sinks import (
     sink_rate,
     sink_report_from_trace,
 )
-from lens_squash.spectral import dobrushin
-from lens_squash.trace import trace
+from lens_squash.algebra.spectral import dobrushin
+from lens_squash.edge.trace import trace
 
 PARAGRAPH = (
     "Consider the following sequence of digits and words. The river bends twice before the old mill, "

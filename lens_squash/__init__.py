@@ -8,60 +8,63 @@ Jacobian norms, and the result classes those return::
 
     from lens_squash import analyze, copy_prompt, load_model
     a = analyze(load_model(), copy_prompt(12), jacobian_mode="sketch")
+
+Every name is imported on first use (PEP 562), so ``import lens_squash`` and ``lens-squash --help``
+do not pay for torch and TransformerLens until something needs them.
 """
 
-from .analysis import DEFAULT_VARIANTS, Analysis, analyze
-from .compare import Comparison
-from .flow import SensitivityFlow, flow
-from .jacobian import JacobianResult
-from .jacobian import jacobian as jacobian_norms
-from .many import ManyAnalyses, ModelSpec, analyze_many
-from .models import (
-    DEFAULT_MODEL,
-    TINY_MODEL,
-    ModelLoadError,
-    check_model,
-    format_prompt,
-    from_hf_llama,
-    load_model,
-    tiny_model,
-)
-from .sinks import SinkReport
-from .spectral import SpectralReport
-from .support import UnsupportedModelError
-from .tasks import copy_prompt
-from .trace import Trace, trace
-from .variants import VARIANTS, PathBound, path_bound
+from importlib import import_module
+
+from . import _legacy
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "DEFAULT_VARIANTS",
-    "TINY_MODEL",
-    "VARIANTS",
-    "Analysis",
-    "Comparison",
-    "JacobianResult",
-    "ManyAnalyses",
-    "ModelLoadError",
-    "ModelSpec",
-    "PathBound",
-    "SensitivityFlow",
-    "SinkReport",
-    "SpectralReport",
-    "Trace",
-    "UnsupportedModelError",
-    "analyze",
-    "analyze_many",
-    "check_model",
-    "copy_prompt",
-    "flow",
-    "format_prompt",
-    "from_hf_llama",
-    "jacobian_norms",
-    "load_model",
-    "path_bound",
-    "tiny_model",
-    "trace",
-]
+# public name -> (module, attribute); the module is imported the first time the name is read
+_EXPORTS: dict[str, tuple[str, str]] = {
+    "DEFAULT_MODEL": (".edge.models", "DEFAULT_MODEL"),
+    "DEFAULT_VARIANTS": (".experiments.analysis", "DEFAULT_VARIANTS"),
+    "TINY_MODEL": (".edge.models", "TINY_MODEL"),
+    "VARIANTS": (".algebra.variants", "VARIANTS"),
+    "Analysis": (".experiments.analysis", "Analysis"),
+    "Comparison": (".algebra.compare", "Comparison"),
+    "JacobianResult": (".edge.jacobian", "JacobianResult"),
+    "ManyAnalyses": (".experiments.many", "ManyAnalyses"),
+    "ModelLoadError": (".edge.models", "ModelLoadError"),
+    "ModelSpec": (".experiments.many", "ModelSpec"),
+    "PathBound": (".algebra.variants", "PathBound"),
+    "SensitivityFlow": (".edge.flow", "SensitivityFlow"),
+    "SinkReport": (".algebra.sinks", "SinkReport"),
+    "SpectralReport": (".algebra.spectral", "SpectralReport"),
+    "Trace": (".edge.trace", "Trace"),
+    "UnsupportedModelError": (".core.support", "UnsupportedModelError"),
+    "analyze": (".experiments.analysis", "analyze"),
+    "analyze_many": (".experiments.many", "analyze_many"),
+    "check_model": (".edge.models", "check_model"),
+    "copy_prompt": (".experiments.tasks", "copy_prompt"),
+    "flow": (".edge.flow", "flow"),
+    "format_prompt": (".edge.models", "format_prompt"),
+    "from_hf_llama": (".edge.models", "from_hf_llama"),
+    "jacobian_norms": (".edge.jacobian", "jacobian"),
+    "load_model": (".edge.models", "load_model"),
+    "path_bound": (".algebra.variants", "path_bound"),
+    "tiny_model": (".edge.models", "tiny_model"),
+    "trace": (".edge.trace", "trace"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lens_squash' has no attribute {name!r}")
+    module, attribute = _EXPORTS[name]
+    value = getattr(import_module(module, __name__), attribute)
+    globals()[name] = value  # later reads skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+_legacy.install()

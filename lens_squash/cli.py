@@ -1,6 +1,6 @@
 """The ``lens-squash`` command line: one sub-command per analysis, registered in :data:`COMMANDS`.
 
-Each sub-command first checks every flag (:mod:`lens_squash.validate`; output paths included, so a
+Each sub-command first checks every flag (:mod:`lens_squash.core.validate`; output paths included, so a
 bad value costs no model load), then loads the model once, checks what needs the model (a layer
 index against its depth, the prompt's tokens against its context) before any forward pass, runs the
 pure analyses, prints a short table and writes its results atomically (JSON with provenance; HTML
@@ -18,14 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import validate
+from .core import validate
 
 __all__ = ["COMMANDS", "COPY_PROMPT", "EXIT_BAD_INPUT", "EXIT_INTERNAL_ERROR", "EXIT_INTERRUPTED", "Command", "build_parser", "copy_prompt", "main"]
 
 
 def copy_prompt(n_ones: int = 12) -> str:
     """The paper's copying prompt; kept here for old notebooks, use ``lens_squash.copy_prompt``."""
-    from .tasks import copy_prompt as build
+    from .experiments.tasks import copy_prompt as build
 
     return build(n_ones)
 
@@ -34,7 +34,7 @@ COPY_PROMPT = copy_prompt(12)
 
 
 def _load(args):
-    from .models import load_model
+    from .edge.models import load_model
 
     started = time.perf_counter()
     model = load_model(args.model, dtype=args.dtype, n_ctx=args.n_ctx, device=args.device, backend=args.backend)
@@ -45,12 +45,12 @@ def _load(args):
 
 def _write_report(args, out, sections, payload, *, title: str, metadata: dict):
     """``report.write_report`` into ``out``, then (``--figures``) every figure of the report as files."""
-    from .report import write_report
+    from .views.report import write_report
 
     html_path, json_path = write_report(out, sections, payload, title=title, metadata=metadata)
     print(f"wrote {json_path} and {html_path}")
     if args.figures:
-        from .export import write_figures
+        from .views.export import write_figures
 
         figures = {f"{section.title}-{i}": fig for section in sections for i, fig in enumerate(section.figures)}
         written = write_figures(figures, Path(out) / "figures", args.figures)
@@ -78,15 +78,15 @@ def print_trace(result) -> None:
 
 def generate_answer(model, tokens, max_new_tokens: int = 24) -> str:
     """Greedy continuation of ``tokens``, decoded without the prompt and without special tokens."""
-    from .tasks import greedy_generate
+    from .experiments.tasks import greedy_generate
 
     new_ids = greedy_generate(model, [tokens], max_new_tokens=max_new_tokens)[0]
     return model.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
 
 
 def cmd_trace(args) -> int:
-    from .records import write_json_atomic
-    from .trace import as_tokens, trace
+    from .core.records import write_json_atomic
+    from .edge.trace import as_tokens, trace
 
     model = _load(args)
     chat = False if args.raw else None
@@ -123,10 +123,10 @@ _ANSWER_TOKENS = 24
 def cmd_demo(args) -> int:
     """The main job on the offline default model: the paper's copying prompt analysed end to end
     (bounds vs the sketched or exact Jacobian, spectral, sinks), the answer, and a collapse summary."""
-    from .analysis import analyze
-    from .collapse import collapse_curve
-    from .records import write_json_atomic
-    from .trace import as_tokens
+    from .experiments.analysis import analyze
+    from .experiments.collapse import collapse_curve
+    from .core.records import write_json_atomic
+    from .edge.trace import as_tokens
 
     model = _load(args)
     prompt = copy_prompt(args.ones)
@@ -158,7 +158,7 @@ def _check_room(model, n_prompt: int, n_new: int, flag: str) -> None:
 
 def _check_two_tokens(model, prompt: str, chat: bool | None) -> None:
     """Sinks and sensitivities compare the first token with later ones: one token is not enough."""
-    from .trace import as_tokens
+    from .edge.trace import as_tokens
 
     n_tokens = len(as_tokens(model, prompt, chat=chat))  # also refuses a prompt longer than n_ctx
     if n_tokens < 2:
@@ -168,7 +168,7 @@ def _check_two_tokens(model, prompt: str, chat: bool | None) -> None:
 
 def _check_collapse_fits(model, family: str, lengths, *, open_ended: bool, flag: str) -> None:
     """The longest collapse prompt (``s*``, one token longer than ``s``) must fit the loaded context."""
-    from .collapse import family_pairs
+    from .experiments.collapse import family_pairs
 
     _, s_star, _ = family_pairs(model, family, [max(lengths)], open_ended=open_ended)
     if len(s_star[0]) > model.cfg.n_ctx:
@@ -178,7 +178,7 @@ def _check_collapse_fits(model, family: str, lengths, *, open_ended: bool, flag:
 
 def report_analysis(args, analysis, prompt: str, out, *, title: str, answer: str | None = None, **metadata) -> None:
     """Print ``analyze``'s result (and the greedy ``answer``), then write results.json and report.html."""
-    from .report import analysis_sections
+    from .views.report import analysis_sections
 
     print(f"{analysis.trace.n_tokens} tokens; predicted next token {analysis.trace.predicted_token!r}")
     if answer is not None:
@@ -216,7 +216,7 @@ def print_analysis(analysis) -> None:
 
 
 def cmd_analyze(args) -> int:
-    from .analysis import analyze
+    from .experiments.analysis import analyze
 
     model = _load(args)
     _check_two_tokens(model, args.prompt, False if args.raw else None)
@@ -232,8 +232,8 @@ def cmd_analyze(args) -> int:
 
 
 def _analyze_parser(sub) -> None:
-    from .analysis import DEFAULT_VARIANTS
-    from .variants import VARIANTS
+    from .experiments.analysis import DEFAULT_VARIANTS
+    from .algebra.variants import VARIANTS
 
     parser = sub.add_parser("analyze", help="path-sum bounds vs the exact Jacobian, spectral and sink analysis")
     _add_prompt_args(parser)
@@ -250,7 +250,7 @@ def _analyze_parser(sub) -> None:
 def cmd_tasks(args) -> int:
     import pandas as pd
 
-    from .tasks import run_tasks, summarize_results
+    from .experiments.tasks import run_tasks, summarize_results
 
     model = _load(args)
     results = run_tasks(
@@ -261,7 +261,7 @@ def cmd_tasks(args) -> int:
         print(summarize_results(results).to_string(index=False))
     print(f"wrote {Path(args.out) / 'results.csv'}, results.json and figures.html")
     if args.figures:
-        from .export import write_figures
+        from .views.export import write_figures
 
         figures = results.figures()
         if figures:
@@ -273,7 +273,7 @@ def cmd_tasks(args) -> int:
 
 
 def _tasks_parser(sub) -> None:
-    from .tasks import MODES, TASKS
+    from .experiments.tasks import MODES, TASKS
 
     parser = sub.add_parser("tasks", help="the paper's copying and counting experiments (Appendix C.1, C.5)")
     parser.add_argument("--task", default="copy_first,copy_last",
@@ -293,21 +293,21 @@ def _tasks_parser(sub) -> None:
 
 def run_collapse(model, args):
     """The collapse curve of one family, as the command's flags ask."""
-    from .collapse import collapse_curve
+    from .experiments.collapse import collapse_curve
 
     return collapse_curve(model, args.family, args.lengths, args.dtypes, open_ended=args.open_ended,
                           native=args.native, window=args.window, exact=not args.fast)
 
 
 def print_collapse(result) -> None:
-    from .collapse import format_summary
+    from .experiments.collapse import format_summary
 
     print(format_summary(result))
 
 
 def cmd_collapse(args) -> int:
-    from .records import provenance
-    from .report import ReportSection, collapse_section, model_section
+    from .core.records import provenance
+    from .views.report import ReportSection, collapse_section, model_section
 
     model = _load(args)
     _check_collapse_fits(model, args.family, args.lengths, open_ended=args.open_ended, flag="--lengths")
@@ -317,8 +317,8 @@ def cmd_collapse(args) -> int:
     sections = [model_section(provenance(model)), collapse_section(result)]
     payload = {"collapse": result.to_dict()}
     if not args.no_theory:
-        from .softmax_theory import tv_decay_experiment
-        from .synthetic import pe_collapse
+        from .algebra.softmax_theory import tv_decay_experiment
+        from .experiments.synthetic import pe_collapse
 
         pe = pe_collapse([2, 4, 8, 16, 32, 64, 128], seeds=3)
         tv = tv_decay_experiment(n_max=2000, seeds=5)
@@ -333,7 +333,7 @@ def cmd_collapse(args) -> int:
 
 
 def _collapse_parser(sub) -> None:
-    from .collapse import FAMILIES
+    from .experiments.collapse import FAMILIES
 
     parser = sub.add_parser("collapse", help="representational collapse against length, per dtype (paper §4)")
     parser.add_argument("--family", default="count_ones", help=f"prompt family, from {', '.join(FAMILIES)}")
@@ -369,10 +369,10 @@ def print_sinks(report) -> None:
 
 
 def cmd_sinks(args) -> int:
-    from .ablation import ablation_effect
-    from .records import provenance
-    from .report import ReportSection, model_section
-    from .sinks import sink_analysis
+    from .experiments.ablation import ablation_effect
+    from .core.records import provenance
+    from .views.report import ReportSection, model_section
+    from .algebra.sinks import sink_analysis
 
     model = _load(args)
     if args.clamp_layer is not None and args.clamp_layer >= model.cfg.n_layers:
@@ -419,7 +419,7 @@ def _add_prompt_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    from .models import DEFAULT_MODEL
+    from .edge.models import DEFAULT_MODEL
 
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name (default: the offline SmolLM2)")
     parser.add_argument("--dtype", default="float32", help="float32, float64, bfloat16 or float16")
@@ -456,7 +456,7 @@ def _demo_parser(sub) -> None:
 
 
 def _check_model_flags(args) -> None:
-    from .models import resolve_dtype
+    from .edge.models import resolve_dtype
 
     if not args.model.strip() or any(not ch.isprintable() for ch in args.model):
         raise ValueError(f"--model {args.model!r} is not a model name; pass e.g. --model tiny-random")
@@ -492,7 +492,7 @@ def _check_device(device: str) -> None:
 
 def _check_figures(text: str) -> tuple[str, ...]:
     """The formats of ``--figures``, and the exporter and browser they need, before any work."""
-    from .export import FORMATS, ExportError, require_exporter
+    from .views.export import FORMATS, ExportError, require_exporter
 
     formats = validate.parse_names(text, FORMATS, "--figures", what="figure format")
     try:
@@ -521,7 +521,7 @@ def _check_demo(args) -> None:
 
 
 def _check_analyze(args) -> None:
-    from .variants import VARIANTS
+    from .algebra.variants import VARIANTS
 
     _check_prompt_flags(args)
     if args.variants is not None:
@@ -535,7 +535,7 @@ _MAX_TASK_PROMPTS = 100_000
 
 
 def _check_tasks(args) -> None:
-    from .tasks import MODES, TASKS, check_run_folder, generation_fingerprint
+    from .experiments.tasks import MODES, TASKS, check_run_folder, generation_fingerprint
 
     args.task = validate.parse_names(args.task, TASKS, "--task", what="task")
     args.modes = validate.parse_names(args.modes, MODES, "--modes", what="mode")
@@ -560,7 +560,7 @@ def _check_tasks(args) -> None:
 def _check_tasks_folder(args, check_run_folder, generation_fingerprint) -> None:
     """Refuse to resume a folder made by another run before loading the model: the fields known
     without it (the --model asked for, dtype, generation, versions); weights are checked after load."""
-    from .models import resolve_dtype
+    from .edge.models import resolve_dtype
 
     if args.overwrite:
         return
@@ -571,8 +571,8 @@ def _check_tasks_folder(args, check_run_folder, generation_fingerprint) -> None:
 
 
 def _check_collapse(args) -> None:
-    from .collapse import FAMILIES
-    from .models import resolve_dtype
+    from .experiments.collapse import FAMILIES
+    from .edge.models import resolve_dtype
 
     validate.check_names([args.family], FAMILIES, "--family", what="family")
     args.lengths = validate.parse_int_list(args.lengths, "--lengths", minimum=1, maximum=args.n_ctx)

@@ -21,11 +21,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lens_squash.jacobian import jacobian  # noqa: E402
-from lens_squash.records import provenance  # noqa: E402
-from lens_squash.support import UnsupportedModelError  # noqa: E402
-from lens_squash.trace import trace  # noqa: E402
-from lens_squash.variants import VARIANTS, path_bound  # noqa: E402
+from lens_squash.edge.jacobian import jacobian  # noqa: E402
+from lens_squash.core.records import provenance  # noqa: E402
+from lens_squash.core.support import UnsupportedModelError  # noqa: E402
+from lens_squash.edge.trace import trace  # noqa: E402
+from lens_squash.algebra.variants import VARIANTS, path_bound  # noqa: E402
 from tests.families import FAMILIES, TOKENS, build  # noqa: E402
 from tests.reference import ADVERSARIAL, adversarial, reference_jacobian  # noqa: E402
 
@@ -130,7 +130,7 @@ def render(rows: dict[str, list[str]]) -> str:
         f"weights and {len(ADVERSARIAL)} adversarial edits ({', '.join(sorted(ADVERSARIAL))}); "
         "a theorem says it is ≥ 1. *Jacobians*: the largest entry difference from `torch.func.jacrev` "
         f"of the whole model (frozen: with replayed constant patterns and norm scales), tolerance "
-        f"{JACOBIAN_TOLERANCE:.0e}. A refusal raises `lens_squash.support.UnsupportedModelError` and says "
+        f"{JACOBIAN_TOLERANCE:.0e}. A refusal raises `lens_squash.core.support.UnsupportedModelError` and says "
         "what to use instead.",
         "",
         "| " + " | ".join(header) + " |",

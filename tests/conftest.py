@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lens_squash.models import tiny_model
+from lens_squash.edge.models import tiny_model
 
 COPY_PROMPT_12 = (
     "Consider the following sequence: " + " ".join(["1"] * 12 + ["0"]) + ". What is the last digit in "
@@ -27,14 +27,14 @@ def tiny():
 @pytest.fixture(scope="session")
 def smollm2():
     """The offline SmolLM2-135M-Instruct, float32 (built from the wheel's GGUF, cached)."""
-    from lens_squash.models import load_model
+    from lens_squash.edge.models import load_model
 
     return load_model(n_ctx=512)
 
 
 @pytest.fixture(scope="session")
 def smollm2_hf():
-    from lens_squash.models import load_hf_reference
+    from lens_squash.edge.models import load_hf_reference
 
     return load_hf_reference()
 
@@ -42,9 +42,9 @@ def smollm2_hf():
 @pytest.fixture()
 def no_load(monkeypatch):
     """Fail the test if anything loads a model (bad input must be refused before the load)."""
-    import lens_squash.models
+    import lens_squash.edge.models
 
     def refuse(*args, **kwargs):
         pytest.fail(f"a model was loaded for bad input ({args}, {kwargs})")
 
-    monkeypatch.setattr(lens_squash.models, "load_model", refuse)
+    monkeypatch.setattr(lens_squash.edge.models, "load_model", refuse)

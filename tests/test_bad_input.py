@@ -6,7 +6,7 @@ a ``TypeError``/``ValueError`` naming the argument in Python — or in a correct
 a hang or a silently accepted nonsense value. On the command line, bad input must be refused before any
 model loads: the loader is replaced by one that fails the test.
 
-The API entry points (``trace``, ``jacobian``, ``analyze``) run the checks of :mod:`lens_squash.validate`
+The API entry points (``trace``, ``jacobian``, ``analyze``) run the checks of :mod:`lens_squash.core.validate`
 before any forward pass.
 """
 
@@ -22,8 +22,9 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import lens_squash.models
-from lens_squash import cli, validate
+import lens_squash.edge.models
+from lens_squash import cli
+from lens_squash.core import validate
 
 # few examples and no deadline: the whole file runs in seconds on two shared cores; no database, so
 # nothing is written into the working tree
@@ -44,12 +45,12 @@ HOSTILE_TEXT = st.text(alphabet=st.sampled_from(list(BIDI + CONTROLS + "<>&\"'/\
 
 @pytest.fixture(scope="module")
 def tiny_random():
-    return lens_squash.models.load_model("tiny-random", n_ctx=128)
+    return lens_squash.edge.models.load_model("tiny-random", n_ctx=128)
 
 
 @pytest.fixture()
 def cached_tiny(monkeypatch, tiny_random):
-    monkeypatch.setattr(lens_squash.models, "load_model", lambda name, **kwargs: tiny_random)
+    monkeypatch.setattr(lens_squash.edge.models, "load_model", lambda name, **kwargs: tiny_random)
     return tiny_random
 
 
@@ -118,7 +119,7 @@ def test_blank_prompts_are_refused_before_loading(no_load, prompt):
 
 
 NAME_FLAGS = [("analyze", "--variants", "paper,rollout,certified,value,value_rownorm,certified_rownorm"),
-              ("tasks", "--task", ",".join(__import__("lens_squash.tasks", fromlist=["TASKS"]).TASKS)),
+              ("tasks", "--task", ",".join(__import__("lens_squash.experiments.tasks", fromlist=["TASKS"]).TASKS)),
               ("tasks", "--modes", "answer,cot,cot_few_shot"),
               ("collapse", "--family", "count_ones,random_digits,copy_ones,copy_ones_commas"),
               ("collapse", "--dtypes", "float64,fp64,float32,fp32,bfloat16,bf16,float16,fp16")]
@@ -180,7 +181,7 @@ def test_trace_json_must_be_a_writable_file(no_load, hostile_paths, choice):
 @settings(FAST, max_examples=12)
 @given(prompt=HOSTILE_TEXT.filter(str.strip))
 def test_hostile_but_valid_prompts_get_a_correct_trace(cached_tiny, prompt):
-    from lens_squash.models import format_prompt
+    from lens_squash.edge.models import format_prompt
 
     code, out, err = _cli(["trace", "--model", "tiny-random", f"--prompt={prompt}"])
     assert code == 0 and "Traceback" not in err, err
@@ -272,15 +273,15 @@ def _refuses(call, error, *words: str) -> None:
 
 
 def test_analyze_refuses_an_empty_variant_list(tiny_random):
-    from lens_squash.analysis import analyze
+    from lens_squash.experiments.analysis import analyze
 
     _refuses(lambda: analyze(tiny_random, "1 1 0", variants=[], jacobian_mode=None), ValueError, "variants")
 
 
 @pytest.mark.parametrize("entry", ["trace", "analyze"])
 def test_blank_prompts_are_refused_by_the_api(tiny_random, entry):
-    from lens_squash.analysis import analyze
-    from lens_squash.trace import trace
+    from lens_squash.experiments.analysis import analyze
+    from lens_squash.edge.trace import trace
 
     call = {"trace": lambda p: trace(tiny_random, p), "analyze": lambda p: analyze(tiny_random, p, jacobian_mode=None)}
     for prompt in ("", "  \n\t"):
@@ -289,14 +290,14 @@ def test_blank_prompts_are_refused_by_the_api(tiny_random, entry):
 
 @pytest.mark.parametrize("prompt", [None, ["a", "b"], b"1 1 0"], ids=["None", "list-of-str", "bytes"])
 def test_trace_refuses_a_prompt_of_the_wrong_type(tiny_random, prompt):
-    from lens_squash.trace import trace
+    from lens_squash.edge.trace import trace
 
     _refuses(lambda: trace(tiny_random, prompt), TypeError, "prompt")
 
 
 @pytest.mark.parametrize("prompt", [None, ["a", "b"]], ids=["None", "list-of-str"])
 def test_analyze_refuses_a_prompt_of_the_wrong_type(tiny_random, prompt):
-    from lens_squash.analysis import analyze
+    from lens_squash.experiments.analysis import analyze
 
     _refuses(lambda: analyze(tiny_random, prompt, jacobian_mode=None), TypeError, "prompt")
 
@@ -304,8 +305,8 @@ def test_analyze_refuses_a_prompt_of_the_wrong_type(tiny_random, prompt):
 @pytest.mark.parametrize("bad", [999_999, -5])
 @pytest.mark.parametrize("entry", ["trace", "jacobian"])
 def test_token_ids_outside_the_vocabulary_are_refused(tiny_random, entry, bad):
-    from lens_squash.jacobian import jacobian
-    from lens_squash.trace import trace
+    from lens_squash.edge.jacobian import jacobian
+    from lens_squash.edge.trace import trace
 
     ids = torch.tensor([1, bad])
     call = {"trace": lambda: trace(tiny_random, ids),
@@ -315,8 +316,8 @@ def test_token_ids_outside_the_vocabulary_are_refused(tiny_random, entry, bad):
 
 @pytest.mark.parametrize("entry", ["trace", "analyze"])
 def test_chat_must_be_none_or_a_bool(tiny_random, entry):
-    from lens_squash.analysis import analyze
-    from lens_squash.trace import trace
+    from lens_squash.experiments.analysis import analyze
+    from lens_squash.edge.trace import trace
 
     call = {"trace": lambda: trace(tiny_random, "1 1 0", chat="yes"),
             "analyze": lambda: analyze(tiny_random, "1 1 0", chat="yes", jacobian_mode=None)}[entry]
@@ -324,13 +325,13 @@ def test_chat_must_be_none_or_a_bool(tiny_random, entry):
 
 
 def test_analyze_refuses_the_first_token_as_target(tiny_random):
-    from lens_squash.analysis import analyze
+    from lens_squash.experiments.analysis import analyze
 
     _refuses(lambda: analyze(tiny_random, "1 1 0", target=0, jacobian_mode="sketch", n_probes=2), ValueError, "target")
 
 
 def test_analyze_refuses_something_that_is_not_a_transformerlens_model():
-    from lens_squash.analysis import analyze
+    from lens_squash.experiments.analysis import analyze
 
     _refuses(lambda: analyze(torch.nn.Linear(2, 2), "1 1 0", jacobian_mode=None), (TypeError, ValueError),
              "HookedTransformer")

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from lens_squash.jacobian import jacobian
-from lens_squash.models import format_prompt
-from lens_squash.ranks import spearman
-from lens_squash.suite import load_suite
-from lens_squash.trace import trace
-from lens_squash.variants import VARIANTS, path_bound
+from lens_squash.edge.jacobian import jacobian
+from lens_squash.edge.models import format_prompt
+from lens_squash.algebra.ranks import spearman
+from lens_squash.experiments.suite import load_suite
+from lens_squash.edge.trace import trace
+from lens_squash.algebra.variants import VARIANTS, path_bound
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "bound_quality.py"
 

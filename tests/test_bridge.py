@@ -1,7 +1,7 @@
 """TransformerBridge as a backend: loading, the model gate, and Jacobians against independent references.
 
 Tests marked ``bridge`` need no ``HookedTransformer``; ``make test-tl4`` runs them on TransformerLens 4.
-Their references are TransformerLens-free or share no code with :mod:`lens_squash.jacobian`:
+Their references are TransformerLens-free or share no code with :mod:`lens_squash.edge.jacobian`:
 ``torch.func.jacrev`` through the ``transformers`` model the bridge wraps (``inputs_embeds`` in,
 hidden states out), and ``jacrev`` through the bridge's own full forward pass with constant patterns and
 norm scales. The twin tests (unmarked) compare the bridge with the HookedTransformer built from the same
@@ -19,9 +19,9 @@ import contextlib
 import pytest
 import torch
 
-from lens_squash import models
-from lens_squash.jacobian import jacobian
-from lens_squash.models import ModelLoadError, check_model, load_model
+from lens_squash.edge import models
+from lens_squash.edge.jacobian import jacobian
+from lens_squash.edge.models import ModelLoadError, check_model, load_model
 
 from .reference import input_grad_only
 
@@ -143,7 +143,7 @@ def test_bridge_forward_stops_at_the_target_layer(bridge64):
 
 @pytest.mark.bridge
 def test_unknown_hook_name_is_an_error_not_a_silent_skip(bridge64):
-    from lens_squash.jacobian import _run_until
+    from lens_squash.edge.jacobian import _run_until
 
     with pytest.raises(ValueError, match="no hook 'blocks.7.hook_resid_post'"):
         _run_until(bridge64, _tokens(3)[None], "blocks.7.hook_resid_post")
@@ -177,7 +177,7 @@ def test_bridge_sketch_with_a_full_basis_is_exact(bridge64):
 @pytest.mark.bridge
 def test_certified_bound_covers_the_frozen_jacobian_on_the_bridge(bridge64):
     """The theorem of DESIGN §3 on the bridge: certified ≥ ‖frozen J_i‖₂ at every position (GQA model)."""
-    from lens_squash.analysis import analyze
+    from lens_squash.experiments.analysis import analyze
 
     tokens = _tokens(8, seed=6)
     bound = analyze(bridge64, tokens, variants=["certified"], jacobian_mode=None).bounds["certified"].bound
@@ -350,7 +350,7 @@ def test_bridge_jacobians_equal_the_hooked_twin(hooked64, bridge64, mode, target
 
 
 def test_analyze_on_the_bridge_equals_the_hooked_twin(hooked64, bridge64):
-    from lens_squash.analysis import analyze
+    from lens_squash.experiments.analysis import analyze
 
     tokens = _tokens(8, seed=7)
     ours, twin = analyze(bridge64, tokens, jacobian_mode="exact"), analyze(hooked64, tokens, jacobian_mode="exact")
@@ -387,7 +387,7 @@ def test_smollm2_bridge_jacobian_norms_equal_the_hooked_twin(smollm2):
 @pytest.mark.bridge
 def test_smollm2_bridge_sketch_matches_vjps_through_transformers():
     """On either TransformerLens: the bridge's probe rows ``u_rᵀ J`` against autograd through HF alone."""
-    from lens_squash.jacobian import _probes
+    from lens_squash.edge.jacobian import _probes
 
     bridge = load_model(backend="bridge", n_ctx=512)
     tokens = models.format_prompt(bridge, "Count the ones: 1 1 1 1 0", chat=False)

@@ -37,13 +37,13 @@ def test_every_option_with_a_default_shows_it(capsys, command):
 
 import json  # noqa: E402
 
-import lens_squash.models  # noqa: E402
+import lens_squash.edge.models  # noqa: E402
 from lens_squash import cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_random():
-    return lens_squash.models.load_model("tiny-random", n_ctx=256)
+    return lens_squash.edge.models.load_model("tiny-random", n_ctx=256)
 
 
 @pytest.fixture()
@@ -55,7 +55,7 @@ def loads_tiny(monkeypatch, tiny_random):
         calls.append(name)
         return tiny_random
 
-    monkeypatch.setattr(lens_squash.models, "load_model", load)
+    monkeypatch.setattr(lens_squash.edge.models, "load_model", load)
     return calls
 
 
@@ -172,7 +172,7 @@ TASK_ARGS = ["tasks", "--model", "tiny-random", "--task", "copy_last", "--length
 
 
 def test_tasks_interrupted_says_what_was_saved_then_resumes(capsys, loads_tiny, monkeypatch, tmp_path):
-    from lens_squash import tasks
+    from lens_squash.experiments import tasks
 
     real, calls = tasks.greedy_generate, []
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lens_squash.jacobian import jacobian
-from lens_squash.support import UnsupportedModelError
-from lens_squash.trace import trace
-from lens_squash.variants import VARIANTS, path_bound
+from lens_squash.edge.jacobian import jacobian
+from lens_squash.core.support import UnsupportedModelError
+from lens_squash.edge.trace import trace
+from lens_squash.algebra.variants import VARIANTS, path_bound
 
 from .families import FAMILIES, REFUSED, TOKENS, build
 from .reference import ADVERSARIAL, adversarial, edit_in_place, reference_jacobian

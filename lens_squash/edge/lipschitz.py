@@ -1,0 +1,225 @@
+"""Local Lipschitz constants of a block with its attention patterns and norm scales frozen.
+
+DESIGN §3 (certified variant). Freeze the patterns ``A`` and every norm scale at their traced values;
+a frozen norm is then the linear map ``x ↦ (x P) diag(γ) / s`` (``P`` centres for LayerNorm, ``P = I``
+for RMSNorm). Write ``M_in = P diag(γ_in)`` for a norm a sublayer reads through and
+``M_out = Π P diag(γ_out)`` for the norms applied to what it writes (:mod:`lens_squash.algebra.blocks`).
+
+**Attention edge.** ``a_j = Σ_h Σ_k A^h_{jk} (x_k M_in / s_in,k) W_V^h W_O^h M_out / s_out,j`` (biases drop
+out of the derivative), so ``‖∂a_j/∂x_k‖₂ ≤ (1/s_out,j) Σ_h A^h_{jk} ‖M_in W_V^h W_O^h M_out‖₂ / s_in,k``:
+a per-head key factor (:func:`lens_squash.algebra.attention.ov_norms` over ``s_in,k``) and a query factor.
+Learned sinks only make ``A``'s rows sub-stochastic; the inequality uses ``A`` as it is.
+
+**MLP at position j.** In row-vector form the MLP's Jacobian is ``Σ_a W'_a diag(c_a,j) W'_out`` with
+``W'_a = M_in W_a`` (a = gate and in for gated MLPs) and ``W'_out = W_out M_out``, all over
+``s_in,j · s_out,j``. Its Frobenius norm, which bounds the spectral norm, follows from a Gram identity
+without forming any ``d_model × d_model`` matrix:
+
+    ‖Σ_a W'_a diag(c_a) W'_out‖_F² = Σ_{a,b} c_aᵀ [(W'_aᵀ W'_b) ∘ (W'_out W'_outᵀ)] c_b,
+
+which costs O(d_mlp²) per position once the ``d_mlp × d_mlp`` Gram matrices are built per layer.
+``c_a`` are the elementwise derivatives of the activation. SoLU is not elementwise; its Jacobian is
+diagonal plus rank one, which keeps the same Gram route (:func:`solu_jacobian_frobenius`).
+
+**Block.** Sequential: ``‖∂x^(l+1)_j/∂x^(l)_k‖ ≤ (1 + g_j)(δ_jk + E_jk)``, since the MLP acts on
+``x^(l+½)_j`` only and ``‖I + J‖ ≤ 1 + ‖J‖_F``. Parallel: ``x^(l+1) = x + attn(x) + mlp(x)``, so
+``‖∂x^(l+1)_j/∂x^(l)_k‖ ≤ δ_jk (1 + g_j) + E_jk``: the MLP joins the residual weight.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..algebra.attention import ov_norms
+from ..algebra.blocks import BlockShape, apply_input_norm, apply_output_norms, block_shape, weight_signature
+
+__all__ = [
+    "block_shape",
+    "cached_gram",
+    "mlp_gain_gram",
+    "mlp_jacobian_frobenius",
+    "moe_jacobian_frobenius",
+    "ov_norms",
+    "solu_jacobian_frobenius",
+    "supports_certified",
+]
+
+
+def supports_certified(model) -> BlockShape:
+    """The model's block shape; refuses (``UnsupportedModelError``) what the certified bound does not model."""
+    return block_shape(model)
+
+
+def _mlp_names(mlp) -> list[str]:
+    return ["W_gate", "W_in"] if hasattr(mlp, "W_gate") else ["W_in"]
+
+
+def _gram_from(block, shape: BlockShape, mats: list[Tensor], w_out: Tensor) -> Tensor:
+    """``[(W'_aᵀ W'_b) ∘ (W'_out W'_outᵀ)]_{a,b}`` for input matrices ``mats`` ([d_model, d_mlp] each)
+    and ``w_out`` ([d_mlp, d_model]), with the block's frozen MLP norms folded in (float64)."""
+    mats = [w.detach().double() for w in mats]
+    if shape.mlp_in is not None:
+        mats = [apply_input_norm(w, getattr(block, shape.mlp_in), dim=0) for w in mats]
+    w_in = torch.cat(mats, dim=1)  # [d_model, k·d_mlp]
+    w_out = apply_output_norms(w_out, block, shape.mlp_out)  # [d_mlp, d_model]
+    copies = w_in.shape[1] // w_out.shape[0]
+    return (w_in.T @ w_in) * (w_out @ w_out.T).repeat(copies, copies)
+
+
+def _mlp_matrices(block) -> tuple[list[Tensor], Tensor]:
+    return [getattr(block.mlp, name) for name in _mlp_names(block.mlp)], block.mlp.W_out
+
+
+def _expert_matrices(expert) -> tuple[list[Tensor], Tensor]:
+    """An expert's ``nn.Linear`` weights as row-vector matrices (``x @ W``): the transposes."""
+    return [expert.W_gate.weight.T, expert.W_in.weight.T], expert.W_out.weight.T
+
+
+def mlp_gain_gram(block, shape: BlockShape) -> Float[Tensor, "k_d_mlp k_d_mlp"]:
+    """The block's Gram matrix ``[(W'_aᵀ W'_b) ∘ (W'_out W'_outᵀ)]_{a,b}`` stacked over a, b (float64)."""
+    return _gram_from(block, shape, *_mlp_matrices(block))
+
+
+_GRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _norm_gains(block, shape: BlockShape) -> list[Tensor | None]:
+    return [getattr(getattr(block, site), "w", None) for site in (shape.mlp_in, *shape.mlp_out) if site is not None]
+
+
+def cached_gram(block, shape: BlockShape, expert=None) -> Tensor:
+    """:func:`mlp_gain_gram` (or an MoE expert's), reused while every weight it reads is unchanged.
+
+    Building it costs O(d_model · d_mlp²) per layer (seconds on SmolLM2), so a second trace of the
+    same model skips it. The key is each weight's identity, version and a checksum
+    (:func:`lens_squash.algebra.blocks.weight_signature`): ablations and steering edit weights in place, and a
+    cache keyed on the block alone served stale gains after ``W_out *= 2``.
+    """
+    mats, w_out = _mlp_matrices(block) if expert is None else _expert_matrices(expert)
+    owner = block if expert is None else expert
+    key = (shape, weight_signature(*mats, w_out, *_norm_gains(block, shape)))
+    hit = _GRAMS.get(owner)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    gram = _gram_from(block, shape, mats, w_out)
+    _GRAMS[owner] = (key, gram)
+    return gram
+
+
+def _activation_coefficients(block, pre: Tensor, pre_linear: Tensor | None) -> Tensor:
+    """``c`` per position: the MLP's diagonal Jacobian factors, ``[pos, k·d_mlp]``."""
+    act = block.mlp.act_fn
+    pre = pre.detach().double().requires_grad_(True)
+    with torch.enable_grad():
+        value = act(pre)
+        # The activation is elementwise, so the gradient of its sum is exactly its derivative.
+        (slope,) = torch.autograd.grad(value.sum(), pre)
+    if pre_linear is None:
+        return slope
+    return torch.cat([slope * pre_linear.double(), value.detach()], dim=-1)
+
+
+def _solu_grams(block, shape: BlockShape) -> tuple[Tensor, Tensor]:
+    """``(G_in, G_M)`` of a SoLU MLP: ``W'_inᵀ W'_in`` and ``M Mᵀ`` with ``M = P_m diag(γ_ln) W'_out``
+    (the neuron LayerNorm folded into the output side), cached like :func:`cached_gram`."""
+    mlp = block.mlp
+    w_in = mlp.W_gate if hasattr(mlp, "W_gate") else mlp.W_in  # TL's gated SoLU reads only W_gate
+    ln = getattr(mlp, "ln", None)
+    key = (shape, "solu", weight_signature(w_in, mlp.W_out, getattr(ln, "w", None), *_norm_gains(block, shape)))
+    hit = _GRAMS.get(mlp)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    w_in = w_in.detach().double()
+    if shape.mlp_in is not None:
+        w_in = apply_input_norm(w_in, getattr(block, shape.mlp_in), dim=0)
+    m = apply_output_norms(mlp.W_out, block, shape.mlp_out)  # [d_mlp, d_model]
+    if ln is not None:
+        m = apply_input_norm(m, ln, dim=0)
+    grams = (w_in.T @ w_in, m @ m.T)
+    _GRAMS[mlp] = (key, grams)
+    return grams
+
+
+def solu_jacobian_frobenius(
+    block, shape: BlockShape, pre: Float[Tensor, "pos d_mlp"], ln_scale: Float[Tensor, "pos"] | None
+) -> Float[Tensor, "pos"]:
+    """``‖J_MLP‖_F`` per position for a SoLU MLP, with its neuron LayerNorm's scale frozen (float64).
+
+    ``solu(p) = p ⊙ σ(p)`` with ``σ = softmax(p)`` has the row-form Jacobian ``S = diag(a) − σ uᵀ``,
+    ``u = p ⊙ σ``, ``a = σ + u``. So ``J · s_ln = W'_in diag(a) M − (W'_in σ)(uᵀ M)``, and with
+    ``‖A − b cᵀ‖_F² = ‖A‖_F² − 2 bᵀ A c + ‖b‖² ‖c‖²`` every term is a quadratic form in the two
+    ``d_mlp × d_mlp`` Grams: ``aᵀ(G_in ∘ G_M)a − 2 Σ_i (G_in σ)_i a_i (G_M u)_i + (σᵀ G_in σ)(uᵀ G_M u)``.
+    Without the residual norms' scales (divided out by the trace like every MLP gain).
+    """
+    g_in, g_m = _solu_grams(block, shape)
+    p = pre.detach().double()
+    sigma = torch.softmax(p, dim=-1)
+    u = p * sigma
+    a = sigma + u
+    gin_sigma, gm_u = sigma @ g_in, u @ g_m  # Grams are symmetric
+    squared = (
+        torch.einsum("pa,ab,pb->p", a, g_in * g_m, a)
+        - 2 * (gin_sigma * a * gm_u).sum(-1)
+        + (gin_sigma * sigma).sum(-1) * (gm_u * u).sum(-1)
+    )
+    norms = squared.clamp_min(0.0).sqrt()
+    return norms if ln_scale is None else norms / ln_scale.double()
+
+
+def _expert_post(expert, gate: Tensor, up: Tensor) -> Tensor:
+    """The expert's elementwise map from its two projections to what ``W_out`` reads."""
+    if type(expert).__name__ == "GptOssExpert":  # TL's GPT-OSS GLU: clamps, then gate·σ(α gate)·(up + 1)
+        from transformer_lens.components.mlps.gpt_oss_moe import GPT_OSS_ALPHA, GPT_OSS_LIMIT
+
+        gate = gate.clamp(max=GPT_OSS_LIMIT)
+        up = up.clamp(min=-GPT_OSS_LIMIT, max=GPT_OSS_LIMIT)
+        return (up + 1) * gate * torch.sigmoid(gate * GPT_OSS_ALPHA)
+    return expert.act_fn(gate) * up
+
+
+def moe_jacobian_frobenius(
+    block, shape: BlockShape, moe_in: Float[Tensor, "pos d_model"], routing: Float[Tensor, "pos expert"]
+) -> Float[Tensor, "pos"]:
+    """``Σ_e g_e ‖J_e‖_F`` per position: with the router's weights ``g`` frozen (as ``jacobian``'s
+    frozen mode freezes ``hook_expert_weights``) the MoE is ``Σ_e g_e expert_e``, so its Jacobian is
+    ``Σ_e g_e J_e`` and the triangle inequality bounds its norm. Each ``‖J_e‖_F`` comes from the
+    expert's Gram like a gated MLP's; the coefficients are the exact partial derivatives of the
+    expert's elementwise map (its clamps included). Without the frozen norms' scales (float64)."""
+    x = moe_in.detach().double()
+    total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for index, expert in enumerate(block.mlp.experts):
+        weight = routing[:, index].double()
+        if not (weight > 0).any():
+            continue
+        w_gate, w_in = (m.double() for m in _expert_matrices(expert)[0])
+        gate = (x @ w_gate + _bias(expert.W_gate)).requires_grad_(True)
+        up = (x @ w_in + _bias(expert.W_in)).requires_grad_(True)
+        with torch.enable_grad():
+            slope_gate, slope_up = torch.autograd.grad(_expert_post(expert, gate, up).sum(), (gate, up))
+        coeff = torch.cat([slope_gate, slope_up], dim=-1)  # elementwise map: these are its derivatives
+        squared = torch.einsum("pa,ab,pb->p", coeff, cached_gram(block, shape, expert), coeff).clamp_min(0.0)
+        total = total + weight * squared.sqrt()
+    return total
+
+
+def _bias(linear) -> Tensor | float:
+    return 0.0 if linear.bias is None else linear.bias.detach().double()
+
+
+def mlp_jacobian_frobenius(
+    block,
+    gram: Tensor,
+    pre: Float[Tensor, "pos d_mlp"],
+    pre_linear: Float[Tensor, "pos d_mlp"] | None,
+    scale: Float[Tensor, "pos"] | None = None,
+) -> Float[Tensor, "pos"]:
+    """``‖J_MLP‖_F`` at every position from the block's Gram, divided by the product of the frozen
+    norm scales around the MLP at that position (``scale``; None: no norm) (float64)."""
+    coeff = _activation_coefficients(block, pre, pre_linear)  # [pos, k·d_mlp]
+    squared = torch.einsum("pa,ab,pb->p", coeff, gram, coeff).clamp_min(0.0)
+    norms = squared.sqrt()
+    return norms if scale is None else norms / scale.double()

@@ -1,0 +1,272 @@
+"""Untrained toy transformers for the paper's theory checks (Appendix C.3, C.4 and B.3).
+
+**Toy decoders** (Fig. 8, Fig. 10). One attention layer, ``d = 64``, one head, untrained, built
+with :func:`lens_squash.edge.models.tiny_model` so they run through the same TransformerLens code as real
+models. Token embeddings are standard Gaussian; the (pre-)LayerNorm makes each input unit-variance,
+and ``W_Q, W_K, W_V ~ N(0, 1/d²)`` then give queries, keys and values of variance ``1/d`` per
+coordinate, the paper's setting; ``W_O ~ N(0, 1/d)``. Positional encodings (:data:`ENCODINGS`):
+sinusoidal APE (Vaswani et al.), learned-style APE (Gaussian ``W_pos``, as embeddings), RoPE, ALiBi
+and NoPE. :func:`pe_collapse` measures ``‖y_n(s) − y_{n+1}(s*)‖`` for random token sequences ``s``
+and ``s* = s + [s_n]`` at the layer output (``site``), over seeds, with
+:func:`lens_squash.experiments.collapse.measure_pairs` (one shared pass for all ``s``, batched ``s*``).
+
+Note on absolute encodings: the last token of ``s*`` carries position ``n+1``'s embedding, the
+last of ``s`` position ``n``'s, and the residual stream passes that difference straight to the
+output; it does not decay with ``n`` (Theorem B.3 assumes positional information that decays). The
+attention output (``site="attn_out"``) is what the softmax argument controls and decays for every
+encoding.
+
+**Counting** (Prop. 6.1 / B.9). Without a causal mask and without positional encodings every
+position attends to the *multiset* of tokens: the softmax weights of ``k`` copies of each token
+are ``k e^{s}/(k Σ e^{s'})``, so ``10``, ``1100``, ``111000`` get identical representations,
+exactly up to float rounding. :func:`ratio_invariance` measures it; a causal mask or a positional
+encoding breaks it.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .collapse import measure_pairs
+from ..core.display import compact_repr
+from ..edge.models import resolve_dtype, tiny_model
+from ..core.records import to_jsonable
+from ..edge.trace import final_representation
+
+__all__ = [
+    "ENCODINGS",
+    "PECollapseResult",
+    "RatioInvarianceResult",
+    "pe_collapse",
+    "ratio_invariance",
+    "sinusoidal_table",
+    "toy_decoder",
+]
+
+
+def sinusoidal_table(n_ctx: int, d_model: int) -> Float[Tensor, "pos d_model"]:
+    """Vaswani et al.'s ``PE[p, 2i] = sin(p / 10000^{2i/d})``, ``PE[p, 2i+1] = cos(…)``."""
+    pos = torch.arange(n_ctx, dtype=torch.float64)[:, None]
+    freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    table = torch.zeros(n_ctx, d_model, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)
+    return table
+
+
+def _no_pos(model, gen):
+    return None
+
+
+def _sinusoidal(model, gen):
+    return sinusoidal_table(model.cfg.n_ctx, model.cfg.d_model)
+
+
+def _learned(model, gen):
+    return torch.randn(model.cfg.n_ctx, model.cfg.d_model, generator=gen, dtype=torch.float64)
+
+
+#: encoding name → (tiny_model ``positional``, builder of ``W_pos`` or None)
+ENCODINGS: dict[str, tuple[str, Callable]] = {
+    "sinusoidal": ("standard", _sinusoidal),
+    "learned": ("standard", _learned),
+    "rotary": ("rotary", _no_pos),
+    "alibi": ("alibi", _no_pos),
+    "nope": ("none", _no_pos),
+}
+
+
+def toy_decoder(
+    encoding: str = "nope",
+    *,
+    d_model: int = 64,
+    n_layers: int = 1,
+    d_vocab: int = 512,
+    n_ctx: int = 1024,
+    causal: bool = True,
+    seed: int = 0,
+    dtype: torch.dtype | str = torch.float64,
+):
+    """The paper's untrained one-layer, one-head decoder (see the module docstring)."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown positional encoding {encoding!r}; use one of {', '.join(ENCODINGS)}")
+    positional, w_pos = ENCODINGS[encoding]
+    model = tiny_model(n_layers=n_layers, n_heads=1, d_model=d_model, d_vocab=d_vocab, n_ctx=n_ctx,
+                       positional=positional, norm="LN", causal=causal, attn_only=True, dtype=dtype, seed=seed)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    d = d_model
+    with torch.no_grad():
+        model.embed.W_E.copy_(torch.randn(d_vocab, d, generator=gen, dtype=torch.float64))
+        for block in model.blocks:
+            attn = block.attn
+            for w in (attn.W_Q, attn.W_K, attn.W_V):
+                w.copy_(torch.randn(w.shape, generator=gen, dtype=torch.float64) / d)
+            attn.W_O.copy_(torch.randn(attn.W_O.shape, generator=gen, dtype=torch.float64) / math.sqrt(d))
+        table = w_pos(model, gen)
+        if table is not None:
+            model.pos_embed.W_pos.copy_(table)
+    return model
+
+
+_SITES = ("attn_out", "resid_post", "ln_final")
+
+
+@dataclass(frozen=True, eq=False)
+class PECollapseResult:
+    """``distances[e, seed, i]``: ``‖y_n(s) − y_{n+1}(s*)‖₂`` for encoding ``encodings[e]``."""
+
+    encodings: tuple[str, ...]
+    seeds: tuple[int, ...]
+    lengths: Int[Tensor, "length"]
+    site: str
+    distances: Float[Tensor, "encoding seed length"]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def mean_std(self) -> dict[str, tuple[Tensor, Tensor]]:
+        return {e: (self.distances[i].mean(0), self.distances[i].std(0, unbiased=False))
+                for i, e in enumerate(self.encodings)}
+
+    def summary(self) -> pd.DataFrame:
+        stats = self.mean_std()
+        first, last = int(self.lengths[0]), int(self.lengths[-1])
+        return pd.DataFrame({
+            "encoding": list(self.encodings),
+            f"mean@{first}": [float(m[0]) for m, _ in stats.values()],
+            f"mean@{last}": [float(m[-1]) for m, _ in stats.values()],
+        }).set_index("encoding")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_jsonable({"encodings": list(self.encodings), "seeds": list(self.seeds), "lengths": self.lengths,
+                            "site": self.site, "distances": self.distances, "metadata": self.metadata})
+
+    __repr__ = compact_repr
+
+    def _repr_html_(self) -> str:
+        return (f"<b>Collapse by positional encoding</b> (site <code>{html.escape(self.site)}</code>, "
+                f"{len(self.seeds)} seeds)<br>" + self.summary().to_html(escape=True, float_format=lambda v: f"{v:.3e}"))
+
+    def plot(self):
+        from ..views.plotting import pe_figure
+
+        return pe_figure(self.lengths, self.mean_std(), title=f"Collapse by positional encoding ({self.site})")
+
+
+def _distances_at(model, s, s_star, site: str) -> Tensor:
+    if site == "attn_out":  # the attention output at the last token, W_O included
+        return measure_pairs(model, s, s_star).head_distances[:, 0]
+    index = {"resid_post": -2, "ln_final": -1}[site]
+    return measure_pairs(model, s, s_star).distances[:, index, 2]
+
+
+def pe_collapse(
+    lengths: Sequence[int],
+    encodings: Sequence[str] = tuple(ENCODINGS),
+    seeds: int | Sequence[int] = 5,
+    *,
+    site: str = "resid_post",
+    d_model: int = 64,
+    d_vocab: int = 512,
+    dtype: torch.dtype | str = torch.float64,
+) -> PECollapseResult:
+    """Collapse distance against length per positional encoding, one toy model and sequence per seed."""
+    if site not in _SITES:
+        raise ValueError(f"site must be one of {_SITES}, got {site!r}")
+    lengths = [int(n) for n in lengths]
+    if not lengths or min(lengths) < 1:
+        raise ValueError("lengths must be a non-empty list of integers ≥ 1")
+    seed_list = tuple(range(seeds)) if isinstance(seeds, int) else tuple(int(s) for s in seeds)
+    n_ctx = max(lengths) + 1
+    table = torch.zeros(len(encodings), len(seed_list), len(lengths), dtype=torch.float64)
+    for e, enc in enumerate(encodings):
+        for j, seed in enumerate(seed_list):
+            model = toy_decoder(enc, d_model=d_model, d_vocab=d_vocab, n_ctx=n_ctx, seed=seed, dtype=dtype)
+            gen = torch.Generator().manual_seed(seed)
+            tokens = torch.randint(d_vocab, (max(lengths),), generator=gen)
+            s = [tokens[:n] for n in lengths]
+            s_star = [torch.cat([tokens[:n], tokens[n - 1:n]]) for n in lengths]
+            table[e, j] = _distances_at(model, s, s_star, site)
+    return PECollapseResult(
+        encodings=tuple(encodings), seeds=seed_list, lengths=torch.tensor(lengths), site=site, distances=table,
+        metadata={"d_model": d_model, "d_vocab": d_vocab, "dtype": str(resolve_dtype(dtype)), "n_heads": 1,
+                  "n_layers": 1, "qkv_variance": f"1/{d_model}"},
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Counting: Prop. 6.1 / B.9
+
+
+@dataclass(frozen=True, eq=False)
+class RatioInvarianceResult:
+    """Last-token final representations of ``unit`` with every token repeated ``k`` times."""
+
+    multiples: tuple[int, ...]
+    unit: tuple[int, ...]
+    representations: Float[Tensor, "multiple d_model"]
+    causal: bool
+    positional: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def distances(self) -> Float[Tensor, "multiple"]:
+        """Relative 2-distance of each representation from the first multiple's."""
+        ref = self.representations[0]
+        return (self.representations - ref).norm(dim=-1) / ref.norm()
+
+    def invariant(self, rtol: float | None = None) -> bool:
+        """All equal within ``rtol`` (default: 100 × the dtype's epsilon)."""
+        eps = torch.finfo(self.representations.dtype).eps
+        return bool((self.distances <= (100 * eps if rtol is None else rtol)).all())
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_jsonable({"multiples": list(self.multiples), "unit": list(self.unit),
+                            "distances": self.distances, "causal": self.causal,
+                            "positional": self.positional, "metadata": self.metadata})
+
+    __repr__ = compact_repr
+
+    def _repr_html_(self) -> str:
+        rows = "".join(f"<tr><td>{k}</td><td>{float(d):.3e}</td></tr>" for k, d in zip(self.multiples, self.distances, strict=True))
+        return (f"<b>Ratio invariance (Prop. B.9)</b> {'causal' if self.causal else 'bidirectional'}, "
+                f"positional <code>{html.escape(self.positional)}</code><table>"
+                f"<tr><th>k</th><th>relative distance to k={self.multiples[0]}</th></tr>{rows}</table>")
+
+    def plot(self):
+        from ..views.plotting import collapse_figure
+
+        return collapse_figure(list(self.multiples), {"relative distance": self.distances},
+                               y_title="‖y(k) − y(1)‖ / ‖y(1)‖", title="Ratio invariance (Prop. B.9)")
+
+
+def ratio_invariance(
+    model,
+    multiples: Sequence[int] = (1, 2, 3, 4),
+    unit: Sequence[int] = (1, 0),
+) -> RatioInvarianceResult:
+    """Run ``unit`` with each token repeated ``k`` times (``10``, ``1100``, ``111000`` for
+    ``unit=(1, 0)``) and keep the last token's final representation for each ``k``."""
+    multiples, unit = tuple(int(k) for k in multiples), tuple(int(t) for t in unit)
+    if not multiples or min(multiples) < 1 or not unit:
+        raise ValueError("need multiples ≥ 1 and a non-empty unit of token ids")
+    reps = []
+    for k in multiples:
+        tokens = torch.tensor([t for t in unit for _ in range(k)])
+        if tokens.numel() > model.cfg.n_ctx:
+            raise ValueError(f"multiple {k} needs {tokens.numel()} tokens, over n_ctx={model.cfg.n_ctx}")
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens[None], names_filter=lambda name: name == "ln_final.hook_normalized")
+        reps.append(final_representation(model, cache["ln_final.hook_normalized"][0, -1]).detach().cpu())
+    return RatioInvarianceResult(
+        multiples=multiples, unit=unit, representations=torch.stack(reps),
+        causal=model.cfg.attention_dir == "causal", positional=model.cfg.positional_embedding_type,
+        metadata={"model": model.cfg.model_name},
+    )

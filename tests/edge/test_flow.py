@@ -1,0 +1,576 @@
+"""Sensitivity flow: layer-wise truth against independent Jacobians, parts against independent
+backward passes, edge norms against brute-force vectors, bound rows against dense products."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from lens_squash.algebra import paths
+from lens_squash.edge.flow import (
+    SensitivityFlow,
+    bound_layer_rows,
+    flow,
+    flow_gradients,
+    head_value_parts,
+)
+from lens_squash.edge.jacobian import jacobian
+from lens_squash.edge.models import tiny_model
+from lens_squash.core.support import UnsupportedModelError
+from lens_squash.edge.trace import trace
+from lens_squash.algebra.variants import build_graph
+
+F64 = torch.float64
+
+
+def _gpt2(**kw):
+    return tiny_model(n_layers=2, n_heads=2, d_model=16, d_vocab=32, dtype=kw.pop("dtype", F64), seed=1, **kw)
+
+
+def _llama(**kw):
+    return tiny_model(n_layers=3, n_heads=4, n_key_value_heads=2, d_model=16, d_vocab=32, norm="RMS",
+                      positional="rotary", gated_mlp=True, act_fn="silu", dtype=kw.pop("dtype", F64), seed=2, **kw)
+
+
+def _config_model(**kw):
+    cfg = dict(n_layers=2, n_heads=2, d_model=16, d_head=8, d_mlp=32, d_vocab=32, n_ctx=32, act_fn="gelu",
+               normalization_type="LN", attention_dir="causal", dtype=F64, device="cpu", seed=3)
+    cfg.update(kw)
+    model = HookedTransformer(HookedTransformerConfig(**cfg))
+    with torch.no_grad():  # TransformerLens initialises norms to identity; random gains test more
+        for name, p in model.named_parameters():
+            if name.endswith("ln1.w") or name.endswith("ln2.w"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    return model
+
+
+MODELS = {
+    "gpt2": _gpt2,
+    "llama_gqa": _llama,
+    "parallel": lambda: _config_model(parallel_attn_mlp=True),
+    "attn_only": lambda: _config_model(attn_only=True, d_mlp=None, act_fn=None),
+    "no_norm": lambda: _gpt2(norm=None),
+    "ln_pre": lambda: _config_model(normalization_type="LNPre"),
+    "gemma_sandwich": lambda: _config_model(normalization_type="RMS", use_normalization_before_and_after=True),
+    "sinks": lambda: _sinks_model(),
+}
+
+
+def _sinks_model():
+    """Learned attention sinks (gpt-oss): the hooked pattern is the one used, rows sum below 1."""
+    model = _config_model(normalization_type="RMS", use_attention_sinks=True)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.sinks.normal_()
+    return model
+
+
+def _moe(dtype=torch.float32):
+    """Mixture-of-experts MLPs (TransformerLens's router runs in float32 only)."""
+    return _config_model(num_experts=4, experts_per_token=2, gated_mlp=True, act_fn="silu",
+                         normalization_type="RMS", dtype=dtype)
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def model(request):
+    return MODELS[request.param]()
+
+
+def _tokens(n=7, seed=0):
+    return torch.randint(0, 32, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------------------------------
+# layer-wise sensitivity
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["exact", "frozen", "sketch"])
+def test_every_layer_equals_jacobian_wrt_that_layer(model, mode):
+    tokens = _tokens()
+    result = flow(model, tokens, mode=mode, n_probes=5, variants=())
+    for layer in range(model.cfg.n_layers):
+        truth = jacobian(model, tokens, wrt=layer, mode=mode, n_probes=5).frobenius
+        torch.testing.assert_close(result.sensitivity[layer], truth, rtol=1e-10, atol=1e-12)
+
+
+def test_final_stream_is_the_final_norm_jacobian(model):
+    tokens = _tokens()
+    result = flow(model, tokens, mode="exact", variants=())
+    _, cache = model.run_with_cache(tokens[None])
+    x = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][0, -1]
+    norm = model.ln_final if model.cfg.normalization_type is not None else (lambda v: v)
+    expected = torch.zeros(tokens.shape[0], dtype=F64)
+    expected[-1] = torch.linalg.matrix_norm(torch.func.jacrev(norm)(x))
+    torch.testing.assert_close(result.sensitivity[-1], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_bidirectional_model_matches_jacobian():
+    model = tiny_model(n_layers=2, n_heads=2, d_model=16, d_vocab=32, causal=False, dtype=F64, seed=4)
+    tokens = _tokens(6)
+    result = flow(model, tokens, target_pos=2, mode="exact", variants=())
+    assert result.n_tokens == 6  # later positions reach position 2 when attention is bidirectional
+    torch.testing.assert_close(result.sensitivity[0], jacobian(model, tokens, target_pos=2).frobenius,
+                               rtol=1e-10, atol=1e-12)
+    assert float(result.decomposition_error.max()) < 1e-12
+    assert result.edges[:, :, 0, 3:].abs().max() > 0  # edges from later keys exist
+
+
+def test_target_position_and_non_last_target(model):
+    tokens = _tokens(8)
+    result = flow(model, tokens, target_pos=4, mode="exact", variants=())
+    truth = jacobian(model, tokens, target_pos=4, mode="exact")
+    assert result.n_tokens == 5 and result.target_pos == 4
+    torch.testing.assert_close(result.sensitivity[0], truth.frobenius, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# the decomposition: parts sum to an independent autograd gradient; each part is what it claims
+# --------------------------------------------------------------------------------------------------
+
+
+def _independent_rows(model, tokens, layer, rows):
+    """``uᵀ ∂y/∂x^(l)`` from jacobian's own forward/backward (keep_full), not from the flow's hooks."""
+    full = jacobian(model, tokens, wrt=layer, mode="exact", keep_full=True).full  # [d_out, pos, d_in]
+    return torch.einsum("rd,dpe->rpe", rows, full)
+
+
+def test_parts_sum_to_autograd_float64(model):
+    tokens = _tokens()
+    rows = torch.randn(3, model.cfg.d_model, dtype=F64)
+    grads = flow_gradients(model, tokens, rows)
+    for layer in range(model.cfg.n_layers):
+        truth = _independent_rows(model, tokens, layer, rows)
+        err = (grads.parts_sum()[layer] - truth).norm() / truth.norm()
+        assert err < 1e-10, (layer, float(err))
+    # the parts are not trivially zero: each carries gradient somewhere
+    assert grads.value.abs().max() > 0 and grads.pattern.abs().max() > 0
+    if grads.mlp is not None:
+        assert grads.mlp.abs().max() > 0
+
+
+@pytest.mark.parametrize("make", [_gpt2, _llama, _moe], ids=["gpt2", "llama_gqa", "moe"])
+def test_parts_sum_to_autograd_float32(make):
+    model = make(dtype=torch.float32)
+    tokens = _tokens(9)
+    rows = torch.randn(4, model.cfg.d_model)
+    grads = flow_gradients(model, tokens, rows)
+    for layer in range(model.cfg.n_layers):
+        truth = _independent_rows(model, tokens, layer, rows)
+        err = (grads.parts_sum()[layer].double() - truth.double()).norm() / truth.double().norm()
+        assert err < 1e-5, (layer, float(err))
+    result = flow(model, tokens, mode="exact", variants=())
+    assert float(result.decomposition_error.max()) < 1e-5
+
+
+def test_mlp_part_is_the_mlp_vjp(model):
+    tokens = _tokens()
+    rows = torch.randn(2, model.cfg.d_model, dtype=F64)
+    grads = flow_gradients(model, tokens, rows)
+    if model.cfg.attn_only:  # no MLP, so no MLP part (and the parts still sum: test above)
+        assert grads.mlp is None
+        return
+    _, cache = model.run_with_cache(tokens[None])
+    for layer, block in enumerate(model.blocks):
+        name = "hook_resid_pre" if model.cfg.parallel_attn_mlp else "hook_resid_mid"
+        x = cache[f"blocks.{layer}.{name}"][0]
+        _, vjp = torch.func.vjp(lambda v, block=block: block.apply_mlp(block.ln2(v[None]))[0], x)
+        expected = torch.stack([vjp(g)[0] for g in grads.total[layer + 1]])
+        torch.testing.assert_close(grads.mlp[layer], expected, rtol=1e-10, atol=1e-12)
+
+
+def _attention(block, query, value):
+    out = block.attn(query_input=block.ln1(query), key_input=block.ln1(query), value_input=block.ln1(value))
+    return block.ln1_post(out) if hasattr(block, "ln1_post") else out  # Gemma-2's sandwich norm
+
+
+def test_pattern_and_value_parts_are_the_attention_vjps(model):
+    """Pattern part: backward through queries and keys with the values held; value part: through the
+    values with queries and keys held; both from a recomputed attention, no hooks."""
+    tokens = _tokens()
+    rows = torch.randn(2, model.cfg.d_model, dtype=F64)
+    grads = flow_gradients(model, tokens, rows)
+    _, cache = model.run_with_cache(tokens[None])
+    for layer, block in enumerate(model.blocks):
+        x = cache[f"blocks.{layer}.hook_resid_pre"]
+        _, vjp_qk = torch.func.vjp(lambda v, block=block, x=x: _attention(block, v, x)[0], x)
+        _, vjp_v = torch.func.vjp(lambda v, block=block, x=x: _attention(block, x, v)[0], x)
+        pattern = torch.stack([vjp_qk(g)[0][0] for g in grads.mid[layer]])
+        value = torch.stack([vjp_v(g)[0][0] for g in grads.mid[layer]])
+        torch.testing.assert_close(grads.pattern[layer], pattern, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grads.value[layer], value, rtol=1e-10, atol=1e-12)
+
+
+def test_frozen_mode_has_no_pattern_part():
+    model = _gpt2()
+    grads = flow_gradients(model, _tokens(), torch.randn(2, 16, dtype=F64), mode="frozen")
+    assert grads.pattern.abs().max() == 0
+    assert grads.value.abs().max() > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# per-head and per-edge value norms, by brute force
+# --------------------------------------------------------------------------------------------------
+
+
+def _ln1(model, block, x, scale=None):
+    """ln1 at one position; ``scale`` frozen when given (the frozen mode's linear map)."""
+    if scale is None:
+        return block.ln1(x[None, None])[0, 0]
+    if model.cfg.normalization_type in ("LN", "LNPre"):
+        x = x - x.mean()
+    out = x / scale
+    out = out * block.ln1.w if hasattr(block.ln1, "w") else out
+    return out + block.ln1.b if hasattr(block.ln1, "b") else out
+
+
+def _brute_edges(model, tokens, mode):
+    """``‖A_jk (∂N1_k)ᵀ W_V^h ∂z^h_j‖`` over the identity probes, one VJP per (head, j, k)."""
+    d = model.cfg.d_model
+    grads = flow_gradients(model, tokens, torch.eye(d, dtype=F64), mode=mode)
+    L, H, n = grads.patterns.shape[:3]
+    edges = torch.zeros(L, H, n, n, dtype=F64)
+    heads = torch.zeros(L, H, n, dtype=F64)
+    for layer, block in enumerate(model.blocks):
+        w_v = block.attn.W_V.detach()
+        for k in range(n):
+            x = grads.resid[layer, k]
+            frozen = None if mode != "frozen" or grads.scale is None else grads.scale[layer, k]
+            _, vjp = torch.func.vjp(lambda v, b=block, s=frozen: _ln1(model, b, v, s), x)
+            for h in range(H):
+                per_j = torch.einsum("rje,de->rjd", grads.dz[layer, :, :, h], w_v[h])  # W_V^h ∂z_j
+                vec = torch.stack([torch.stack([vjp(u)[0] for u in per_j[:, j]]) for j in range(n)])
+                vec = grads.patterns[layer, h, :, k][:, None, None] * vec  # [j, r, d]
+                edges[layer, h, :, k] = vec.pow(2).sum((1, 2)).sqrt()
+                heads[layer, h, k] = vec.sum(0).pow(2).sum().sqrt()
+    return edges, heads
+
+
+@pytest.mark.parametrize("mode", ["exact", "frozen"])
+@pytest.mark.parametrize("make", [_gpt2, _llama, MODELS["ln_pre"], MODELS["no_norm"], MODELS["gemma_sandwich"],
+                                  _sinks_model], ids=["gpt2", "llama_gqa", "ln_pre", "no_norm", "gemma_sandwich", "sinks"])
+def test_edge_and_head_norms_match_brute_force(make, mode):
+    model = make()
+    tokens = _tokens(5)
+    result = flow(model, tokens, mode=mode, variants=())
+    edges, heads = _brute_edges(model, tokens, mode)
+    torch.testing.assert_close(result.edges, edges, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(result.value_heads, heads, rtol=1e-9, atol=1e-12)
+    assert edges.max() > 0
+
+
+def test_head_value_parts_sum_to_the_autograd_value_part(model):
+    tokens = _tokens()
+    grads = flow_gradients(model, tokens, torch.randn(3, model.cfg.d_model, dtype=F64))
+    centred = model.cfg.normalization_type in ("LN", "LNPre")
+    for layer, block in enumerate(model.blocks):
+        gain = getattr(block.ln1, "w", None)
+        parts = head_value_parts(
+            grads.dz[layer], grads.patterns[layer], grads.resid[layer], block.attn.W_V.detach(),
+            None if gain is None else gain.detach(), None if grads.scale is None else grads.scale[layer],
+            centred=centred, frozen=False,
+        )
+        torch.testing.assert_close(parts.sum(1), grads.value[layer], rtol=1e-10, atol=1e-12)
+
+
+def test_sketch_norms_estimate_exact_ones():
+    """Full-rank sketch (k = d_model orthonormal probes) reproduces every exact norm."""
+    model = _llama()
+    tokens = _tokens()
+    exact = flow(model, tokens, mode="exact", variants=())
+    sketch = flow(model, tokens, mode="sketch", n_probes=16, variants=())
+    for name in ("sensitivity", "mlp", "value", "pattern", "value_heads", "edges"):
+        torch.testing.assert_close(getattr(sketch, name), getattr(exact, name), rtol=1e-9, atol=1e-12)
+
+
+def test_chunking_does_not_change_the_result():
+    model = _gpt2()
+    tokens = _tokens()
+    one = flow(model, tokens, mode="exact", chunk_size=16, variants=())
+    many = flow(model, tokens, mode="exact", chunk_size=3, variants=())
+    torch.testing.assert_close(one.edges, many.edges, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(one.sensitivity, many.sensitivity, rtol=1e-12, atol=1e-14)
+
+
+def test_sink_split_partitions_the_edge_norms():
+    result = flow(_gpt2(), _tokens(), mode="exact", variants=())
+    split = result.sink_split()
+    torch.testing.assert_close(split["sink"] + split["content"], result.edges.sum((1, 3)))
+    torch.testing.assert_close(split["sink"], result.edges[:, :, :, 0].sum(1))
+    assert ((split["sink_share"] >= 0) & (split["sink_share"] <= 1)).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# bounds layer by layer
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["paper", "rollout", "certified", "value_rownorm"])
+def test_bound_rows_match_dense_products(variant):
+    model = _gpt2()
+    tokens = _tokens()
+    graph = build_graph(trace(model, tokens, lipschitz=True), variant, model=model)
+    rows = bound_layer_rows(graph, -1)
+    mats = graph.matrices()
+    scale = float(graph.output_scale[-1])
+    L = mats.shape[0]
+    for layer in range(L):
+        dense = scale * paths.stack_product(mats[layer:])[-1]
+        torch.testing.assert_close(rows[layer], dense, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(rows[0], graph.row(6), rtol=1e-6, atol=1e-12)
+    expected_top = torch.zeros(7, dtype=F64)
+    expected_top[-1] = scale
+    torch.testing.assert_close(rows[L], expected_top)
+
+
+def test_flow_carries_bounds_and_serialises():
+    model = _gpt2()
+    result = flow(model, _tokens(), mode="exact", variants=("paper", "rollout", "certified"))
+    assert set(result.bounds) == {"paper", "rollout", "certified"}
+    assert result.bounds["rollout"].shape == result.sensitivity.shape
+    json.dumps(result.to_dict(include_edges=True))
+    text = repr(result)
+    assert "\n" not in text and text.startswith("SensitivityFlow(")
+    assert "SensitivityFlow" in result._repr_html_()
+    rho = result.layer_spearman()
+    assert set(rho) == set(result.bounds) and rho["paper"].shape == (model.cfg.n_layers,)
+
+
+# --------------------------------------------------------------------------------------------------
+# refusals and bad input
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field_name, kw", [
+    ("use_split_qkv_input", {"use_split_qkv_input": True}),
+    ("use_attn_in", {"use_attn_in": True}),
+    ("act_fn", {"act_fn": "solu_ln"}),
+    ("original_architecture", {"original_architecture": "Olmo2ForCausalLM"}),
+])
+def test_unsupported_blocks_are_refused_naming_the_field(field_name, kw):
+    model = _config_model(**kw)
+    with pytest.raises(UnsupportedModelError, match=f"cfg.{field_name}"):
+        flow(model, _tokens(), variants=())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"target_pos": 7}, "outside the prompt"),
+    ({"target_pos": -8}, "outside the prompt"),
+    ({"mode": "sketch", "n_probes": 17}, "n_probes"),
+    ({"mode": "sketch", "n_probes": 0}, "n_probes"),
+    ({"mode": "fast"}, "unknown mode"),
+    ({"chunk_size": 0}, "chunk_size"),
+])
+def test_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        flow(_gpt2(), _tokens(), variants=(), **{"mode": "exact", **kwargs})
+
+
+def test_layer_and_position_checks():
+    result = flow(_gpt2(), _tokens(), mode="exact", variants=())
+    assert result.check_layer(2) == 2 and result.check_layer(-1) == 2
+    with pytest.raises(ValueError, match="out of range"):
+        result.check_layer(3)
+    with pytest.raises(ValueError, match="out of range"):
+        result.check_layer(2, with_output=False)
+    with pytest.raises(ValueError, match="outside the prompt"):
+        result.check_position(7)
+
+
+def test_memory_refusal():
+    with pytest.raises(MemoryError, match="chunk_size"):
+        flow(_gpt2(), _tokens(), mode="exact", variants=(), max_memory_bytes=1000)
+
+
+def test_flow_gradients_rejects_bad_rows():
+    with pytest.raises(ValueError, match="rows must be"):
+        flow_gradients(_gpt2(), _tokens(), torch.ones(2, 15, dtype=F64))
+
+
+# --------------------------------------------------------------------------------------------------
+# SmolLM2
+# --------------------------------------------------------------------------------------------------
+
+
+def _assert_every_hop_drawn(found, min_share=0.05):
+    fig = found.plot(min_share=min_share)
+    drawn = {tuple(e) for e in fig.layout.meta["edges"]}
+    selected = found.selected(min_share=min_share)
+    assert selected
+    for p in selected:
+        for layer, hop in enumerate(p.hops):
+            assert (layer, hop, p.positions[layer], p.positions[layer + 1]) in drawn
+    return selected
+
+
+@pytest.mark.slow
+def test_smollm2_decomposition_input_jacobian_and_paths(smollm2):
+    from lens_squash.cli import copy_prompt
+    from lens_squash.algebra.flow_paths import graph_paths
+
+    result = flow(smollm2, copy_prompt(12), mode="sketch", n_probes=8, variants=("rollout",))
+    truth = jacobian(smollm2, copy_prompt(12), mode="sketch", n_probes=8)
+    assert isinstance(result, SensitivityFlow) and result.n_tokens == 89
+    torch.testing.assert_close(result.sensitivity[0], truth.frobenius, rtol=1e-4, atol=0)
+    assert float(result.decomposition_error.max()) < 1e-5
+    # the path figures (true flow and the rollout bound) draw every hop of every path they select
+    _assert_every_hop_drawn(result.top_paths(k=3))
+    graph = build_graph(trace(smollm2, result.tokens), "rollout")
+    selected = _assert_every_hop_drawn(graph_paths(graph, -1, k=3, str_tokens=result.str_tokens))
+    assert any(p.cross_hops() for p in selected)  # paths from other positions reach the target
+
+
+# --------------------------------------------------------------------------------------------------
+# connected paths
+# --------------------------------------------------------------------------------------------------
+
+
+def _enumerate(residual, edges, target, left_scale=None):
+    """Every causal path into ``target`` with its weight, by brute force: {source: [weights]}."""
+    L, E, n, _ = edges.shape
+    out = {i: [] for i in range(n)}
+
+    def walk(layer, position, weight, seq):
+        if layer < 0:
+            out[position].append((weight, tuple(reversed(seq))))
+            return
+        scale = 1.0 if left_scale is None else float(left_scale[layer, position])
+        walk(layer - 1, position, weight * scale * float(residual[layer, position]), seq + [position])
+        for e in range(E):
+            for key in range(n):
+                w = float(edges[layer, e, position, key])
+                if w > 0:
+                    walk(layer - 1, key, weight * scale * w, seq + [key])
+
+    walk(L - 1, target, 1.0, [target])
+    return out
+
+
+def test_top_paths_by_source_matches_enumeration():
+    from lens_squash.algebra.flow_paths import top_paths_by_source
+
+    gen = torch.Generator().manual_seed(0)
+    L, E, n = 3, 2, 4
+    edges = torch.rand(L, E, n, n, generator=gen, dtype=F64).tril()
+    residual = torch.rand(L, n, generator=gen, dtype=F64)
+    left = torch.rand(L, n, generator=gen, dtype=F64) + 0.5
+    found = top_paths_by_source(residual, edges, 3, k=4, left_scale=left)
+    brute = _enumerate(residual, edges, 3, left)
+    for source in range(n):
+        expected = sorted((w for w, _ in brute[source]), reverse=True)[:4]
+        got = [w for w, _, _ in found[source]]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-12, atol=0)
+        for w, positions, _ in found[source]:
+            assert positions[0] == source and positions[-1] == 3
+            assert any(abs(w - bw) < 1e-12 and bp == positions for bw, bp in brute[source])
+
+
+def test_graph_paths_shares_are_terms_of_the_bound():
+    from lens_squash.algebra.flow_paths import graph_paths
+
+    model = _gpt2()
+    tokens = _tokens(5)
+    graph = build_graph(trace(model, tokens), "rollout")
+    result = graph_paths(graph, -1, k=200)
+    bound = graph.row(4)
+    for source, found in result.paths.items():
+        # k is large enough to list every path here, so the shares of a source sum to one
+        assert abs(sum(p.share for p in found) - 1) < 1e-9
+        torch.testing.assert_close(torch.tensor(sum(p.weight for p in found), dtype=F64), bound[source])
+        for p in found:
+            assert abs(p.weight - float(graph.output_scale[4]) * torch.tensor(p.shares, dtype=F64).prod().item()) < 1e-12
+
+
+def test_flow_paths_are_connected_products_of_shares():
+    from lens_squash.algebra.flow_paths import flow_edge_shares
+
+    result = flow(_llama(), _tokens(6), mode="exact", variants=())
+    res_w, edge_w = flow_edge_shares(result.residual, result.mlp, result.edges)
+    out = res_w + edge_w.sum((1, 3))  # shares leaving each query position
+    reached = (result.residual + result.mlp + result.edges.sum((1, 3))) > 0
+    torch.testing.assert_close(out[reached], torch.ones_like(out[reached]))
+    found = result.top_paths(k=3)
+    assert set(found.paths) == set(range(result.n_tokens))
+    for source, paths_ in found.paths.items():
+        for p in paths_:
+            assert p.positions[0] == source and p.positions[-1] == result.target_pos
+            assert all(a <= b for a, b in zip(p.positions, p.positions[1:], strict=False))
+            assert abs(p.weight - torch.tensor(p.shares, dtype=F64).prod().item()) < 1e-12
+        assert [p.weight for p in paths_] == sorted((p.weight for p in paths_), reverse=True)
+    assert found.pattern_share.shape == (3,) and (found.pattern_share > 0).all()
+    json.dumps(found.to_dict())
+    with pytest.raises(ValueError, match="outside the prompt"):
+        result.top_paths(source=6)
+
+
+def test_select_paths_keeps_every_path_above_the_share():
+    from lens_squash.algebra.flow_paths import FlowPath, select_paths
+
+    paths_ = [FlowPath(w, w, (0, 1), (0,), (w,)) for w in (0.5, 0.3, 0.04, 0.026, 0.024, 0.001)]
+    kept = select_paths(paths_, min_share=0.05)
+    assert [p.share for p in kept] == [0.5, 0.3, 0.04, 0.026]  # 0.05 × 0.5 = 0.025
+    assert len(select_paths(paths_, min_share=0.0, max_paths=2)) == 2
+    with pytest.raises(ValueError, match="min_share"):
+        select_paths(paths_, min_share=1.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# views
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_flow():
+    return flow(_llama(), _tokens(6), mode="exact", variants=("paper", "rollout"))
+
+
+def test_views_have_captions_and_titled_axes(tiny_flow):
+    from lens_squash.views.plotting import caption_of
+
+    for kind in ("layers", "heatmap", "heads", "paths"):
+        fig = tiny_flow.plot(kind)
+        assert caption_of(fig), kind
+        titled = [a.title.text for name, a in fig.layout.to_plotly_json().items() if False] or [
+            fig.layout[name].title.text for name in fig.layout if name.startswith(("xaxis", "yaxis"))]
+        assert any(titled), kind
+    with pytest.raises(ValueError, match="unknown kind"):
+        tiny_flow.plot("pie")
+
+
+def test_truth_vs_bounds_shows_the_chosen_layer(tiny_flow):
+    fig = tiny_flow.plot("layers", layer=2)
+    visible = [t for t in fig.data if t.visible]
+    truth = next(t for t in visible if t.name == "truth")
+    torch.testing.assert_close(torch.tensor(truth.y), tiny_flow.sensitivity[2].double())
+    for t in visible:
+        if t.name != "truth":
+            assert abs(sum(t.y) - 1) < 1e-9  # shares
+    with pytest.raises(ValueError, match="out of range"):
+        tiny_flow.plot("layers", layer=4)
+
+
+def test_path_figure_draws_every_hop_of_every_selected_path(tiny_flow):
+    paths_ = tiny_flow.top_paths(k=3)
+    fig = paths_.plot(min_share=0.05)
+    drawn = {tuple(e) for e in fig.layout.meta["edges"]}
+    selected = paths_.selected(min_share=0.05)
+    assert selected
+    for p in selected:
+        for layer, hop in enumerate(p.hops):
+            assert (layer, hop, p.positions[layer], p.positions[layer + 1]) in drawn
+    edge_traces = [t for t in fig.data if t.meta]
+    for t in edge_traces:
+        if t.meta["key"] != t.meta["query"]:
+            assert t.line.width >= 2.0
+            assert "query" in t.hovertemplate and "key" in t.hovertemplate and "share" in t.hovertemplate
+    heads = [t for t in edge_traces if t.showlegend and t.name.startswith("layer")]
+    ranks = [t.legendrank for t in heads]
+    assert ranks == sorted(ranks) and len({t.name for t in heads}) == len(heads)
+
+
+def test_head_grid_rejects_bad_layers(tiny_flow):
+    with pytest.raises(ValueError, match="out of range"):
+        tiny_flow.plot("heads", layers=[3])

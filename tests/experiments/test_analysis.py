@@ -1,0 +1,200 @@
+"""analyze() end to end, and the `lens-squash analyze` command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lens_squash import tiny_model
+from lens_squash.experiments.analysis import analyze
+from lens_squash.cli import main
+from lens_squash.edge.jacobian import jacobian
+from lens_squash.algebra.ranks import spearman
+from lens_squash.algebra.variants import path_bound
+
+from ..families import FAMILIES, REFUSED, TOKENS, build
+
+
+@pytest.fixture(scope="module")
+def chat_model():
+    return tiny_model(n_layers=2, n_heads=2, d_model=32, tokenizer="smollm2", dtype=torch.float64, n_ctx=256,
+                      positional="rotary", norm="RMS", seed=3)
+
+
+def test_analysis_matches_its_parts(chat_model):
+    result = analyze(chat_model, "Copy: 1 1 1 0", variants=("paper", "certified", "value_rownorm"))
+    n = result.trace.n_tokens
+    truth = jacobian(chat_model, result.trace.tokens, mode="exact").spectral
+    torch.testing.assert_close(torch.tensor(result.table["jacobian_spectral"].to_numpy()), truth.double())
+    for name in ("paper", "certified", "value_rownorm"):
+        assert result.bounds[name].bound.shape == (n,)
+        expected = spearman(path_bound(result.trace, name, model=chat_model).bound, truth)
+        assert result.comparisons[name].spearman == pytest.approx(expected)
+    best = result.best_variant
+    assert result.comparisons[best].spearman == max(c.spearman for c in result.comparisons.values())
+    assert "Analysis" in result._repr_html_()
+    payload = result.to_dict()
+    assert payload["best_variant"] == best and len(payload["str_tokens"]) == n
+
+
+def test_analysis_without_jacobian(chat_model):
+    result = analyze(chat_model, "hello there", variants=("rollout",), jacobian_mode=None)
+    assert result.jacobian is None and result.comparisons == {} and result.best_variant is None
+    assert float(result.spectral.first_token_mass[-1]) == pytest.approx(float(result.bounds["rollout"].bound[0]))
+
+
+def test_analyze_command_writes_results_and_report(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["analyze", "--model", "tiny-random", "--prompt", "The cat sat on the <b>door</b>.",
+                 "--jacobian", "sketch", "--probes", "8", "--variants", "paper,rollout,value_rownorm",
+                 "--n-ctx", "256", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "best-ranking variant" in printed and "value_rownorm" in printed
+    results = json.loads((out / "results.json").read_text())
+    n = len(results["str_tokens"])
+    assert len(results["bounds"]["paper"]["bound"]) == n and len(results["jacobian"]["frobenius"]) == n
+    assert results["metadata"]["prompt"].endswith("</b>.")
+    page = (out / "report.html").read_text()
+    assert "<b>door</b>" not in page and "bound vs gradient" in page
+
+
+def test_analyze_command_rejects_bad_input(tmp_path, capsys):
+    assert main(["analyze", "--prompt", "  ", "--raw", "--out", str(tmp_path)]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert main(["analyze", "--model", "tiny-random", "--prompt", "one two " * 200, "--raw", "--n-ctx", "64",
+                 "--out", str(tmp_path)]) == 2
+    assert "n_ctx=64" in capsys.readouterr().err  # refused, never silently truncated
+    assert main(["analyze", "--model", "tiny-random", "--prompt", "hi", "--variants", "paper,bogus",
+                 "--out", str(tmp_path)]) == 2
+    assert "unknown variant" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_tasks_command_runs_and_resumes(tmp_path, capsys):
+    argv = ["tasks", "--model", "tiny-random", "--task", "copy_last,count_ones", "--lengths", "3,5",
+            "--samples", "1", "--max-new-tokens", "4", "--n-ctx", "256", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert "copy_last" in first and "count_ones" in first and (tmp_path / "results.csv").exists()
+    rows = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert main(argv) == 0  # resumes: nothing is generated twice
+    assert (tmp_path / "results.jsonl").read_text().splitlines() == rows
+
+
+def test_collapse_command_writes_every_figure(tmp_path, capsys):
+    argv = ["collapse", "--model", "tiny-random", "--lengths", "2:20:6", "--dtypes", "float32,bfloat16",
+            "--open-ended", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "float32" in printed and "bfloat16" in printed and "same_prediction" in printed
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["collapse"]["lengths"] == [2, 8, 14, 20] and results["collapse"]["prefix_closed"]
+    assert {"synthetic", "tv_decay", "metadata"} <= set(results)
+    page = (tmp_path / "report.html").read_text()
+    assert page.count('class="plotly-graph-div"') >= 4
+
+
+def test_sinks_command_with_ablation(tmp_path, capsys):
+    argv = ["sinks", "--model", "tiny-random", "--prompt", "a b c d e f g", "--clamp-layer", "0",
+            "--out", str(tmp_path)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "sink rate" in printed and "clamping" in printed
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results["sinks"]["sink_rate"]) == 2 and results["ablation"]["layer"] == 0
+
+
+def _refuse_certified(monkeypatch, reason="toy blocks are not modelled by the certified bound"):
+    import lens_squash.edge.lipschitz as lipschitz
+    from lens_squash.core.support import UnsupportedModelError
+
+    def refuse(model):
+        raise UnsupportedModelError(reason)
+
+    monkeypatch.setattr(lipschitz, "supports_certified", refuse)
+    return reason
+
+
+def test_default_variants_skip_what_the_model_cannot_support(chat_model, monkeypatch):
+    from lens_squash.experiments.analysis import DEFAULT_VARIANTS
+
+    reason = _refuse_certified(monkeypatch)
+    result = analyze(chat_model, "hello there", jacobian_mode="sketch", n_probes=4)
+    assert result.skipped == {"certified": reason}
+    assert set(result.bounds) == set(DEFAULT_VARIANTS) - {"certified"}
+    summary = result.summary()
+    skipped_rows = summary[summary["variant"] == "certified"]
+    assert skipped_rows["skipped"].tolist() == [reason]
+    assert json.loads(json.dumps(result.to_dict()["skipped"])) == {"certified": reason}
+    # the variants that ran are the ones analyze would give when asked for them by name
+    named = analyze(chat_model, "hello there", variants=tuple(result.bounds), jacobian_mode=None)
+    for name, bound in result.bounds.items():
+        torch.testing.assert_close(bound.bound, named.bounds[name].bound)
+
+
+def test_a_variant_named_explicitly_that_cannot_apply_is_an_error(chat_model, monkeypatch):
+    from lens_squash.core.support import UnsupportedModelError
+
+    reason = _refuse_certified(monkeypatch)
+    with pytest.raises(UnsupportedModelError, match=reason):
+        analyze(chat_model, "hello there", variants=("rollout", "certified"), jacobian_mode=None)
+
+
+@pytest.mark.parametrize("variants, message", [
+    ((), "variants is empty"),
+    (("paper", "nonsense"), "unknown variant"),
+    (("paper", "paper"), "twice"),
+])
+def test_bad_variant_lists_are_refused_before_tracing(chat_model, variants, message, monkeypatch):
+    import lens_squash.experiments.analysis as analysis
+
+    monkeypatch.setattr(analysis, "trace", lambda *a, **k: pytest.fail("traced before checking the variants"))
+    with pytest.raises(ValueError, match=message):
+        analyze(chat_model, "hello there", variants=variants, jacobian_mode=None)
+
+
+@pytest.mark.parametrize("family", sorted(name for name in FAMILIES if name != "bidirectional"))
+def test_analyze_with_defaults_runs_on_every_causal_family(family):
+    from lens_squash.experiments.analysis import DEFAULT_VARIANTS
+
+    model = build(family)
+    result = analyze(model, TOKENS, jacobian_mode="sketch", n_probes=4)
+    certified = {name for name in DEFAULT_VARIANTS if name.startswith("certified")}
+    expected_skips = certified if family in REFUSED else set()
+    sinks = model.cfg.use_attention_sinks  # rows short of 1 by design: no Perron–Frobenius analysis
+    assert set(result.skipped) == expected_skips | ({"spectral"} if sinks else set())
+    assert (result.spectral is None) == sinks
+    for name in expected_skips:
+        assert REFUSED[family] in result.skipped[name] and "use the" in result.skipped[name]  # what to do instead
+    assert set(result.bounds) == set(DEFAULT_VARIANTS) - expected_skips
+    for name, bound in result.bounds.items():
+        assert torch.isfinite(bound.bound).all() and (bound.bound >= 0).all(), name
+        torch.testing.assert_close(bound.bound, path_bound(result.trace, name, model=model).bound)
+    assert set(result.comparisons) == set(result.bounds)
+
+
+def test_analyze_refuses_a_bidirectional_model_in_one_clear_error():
+    import lens_squash.experiments.analysis as analysis
+    from lens_squash.core.support import UnsupportedModelError
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(analysis, "trace", lambda *a, **k: pytest.fail("traced a bidirectional model"))
+        with pytest.raises(UnsupportedModelError, match="not causal.*decoder-only"):
+            analyze(build("bidirectional"), TOKENS, jacobian_mode=None)
+
+
+def test_collapse_command_fast_path_says_where_its_thresholds_came_from(tmp_path, capsys):
+    base = ["collapse", "--model", "tiny-random", "--lengths", "2:20:6", "--dtypes", "float32,bfloat16",
+            "--no-theory", "--open-ended"]
+    assert main([*base, "--out", str(tmp_path / "exact")]) == 0
+    assert main([*base, "--fast", "--out", str(tmp_path / "fast")]) == 0
+    exact = json.loads((tmp_path / "exact" / "results.json").read_text())["collapse"]
+    fast = json.loads((tmp_path / "fast" / "results.json").read_text())["collapse"]
+    assert exact["paths"] == {"float32": "separate", "bfloat16": "separate"}
+    assert all(value is None for value in exact["noise_floor"].values())  # nothing shared, no noise to report
+    assert fast["paths"] == {"float32": "prefix", "bfloat16": "prefix"}  # open-ended: read off one pass
+    assert all(value >= 0 for value in fast["noise_floor"].values())
+    assert "prefix" in capsys.readouterr().out

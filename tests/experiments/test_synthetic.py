@@ -1,0 +1,81 @@
+"""Toy decoders of Appendix C.3/C.4 and the counting invariance of Prop. 6.1 / B.9."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lens_squash.experiments.collapse import longest_distinguishable_run
+from lens_squash.edge.models import tiny_model
+from lens_squash.experiments.synthetic import (
+    ENCODINGS,
+    pe_collapse,
+    ratio_invariance,
+    sinusoidal_table,
+    toy_decoder,
+)
+
+
+def test_toy_decoder_matches_the_papers_setting():
+    model = toy_decoder("sinusoidal", n_ctx=64, seed=1).requires_grad_(False)
+    assert (model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_model, model.cfg.attn_only) == (1, 1, 64, True)
+    # Vaswani's table, independently: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(...)
+    p, i = 7, 5
+    assert math.isclose(float(model.pos_embed.W_pos[p, 2 * i]), math.sin(p / 10000 ** (2 * i / 64)), rel_tol=1e-12)
+    assert math.isclose(float(model.pos_embed.W_pos[p, 2 * i + 1]), math.cos(p / 10000 ** (2 * i / 64)), rel_tol=1e-12)
+    assert sinusoidal_table(4, 8).shape == (4, 8)
+    # queries of LayerNorm-ed inputs have variance ≈ 1/d
+    tokens = torch.randint(512, (1, 64), generator=torch.Generator().manual_seed(0))
+    _, cache = model.run_with_cache(tokens)
+    assert 0.5 / 64 < float(cache["blocks.0.attn.hook_q"].var()) < 2.0 / 64
+    assert float(toy_decoder("nope", n_ctx=8).pos_embed.W_pos.abs().max()) == 0.0
+    with pytest.raises(ValueError, match="unknown positional encoding"):
+        toy_decoder("xpos")
+
+
+@pytest.mark.slow
+def test_synthetic_collapse_distance_falls_with_length_averaged_over_seeds():
+    lengths = [2, 16, 128]
+    result = pe_collapse(lengths, seeds=3, site="attn_out", d_model=32)
+    means = result.distances.mean(1)  # [encoding, length]
+    # Lemma B.2 / Thm B.3: the attention output of the last token collapses for every encoding
+    assert (means[:, -1] < means[:, 0] / 10).all(), result.summary()
+    # residual stream: relative encodings collapse too; absolute ones keep p_{n+1} − p_n (no decay)
+    resid = pe_collapse(lengths, ("nope", "rotary", "sinusoidal"), seeds=2, site="resid_post", d_model=32)
+    m = resid.distances.mean(1)
+    assert (m[:2, -1] < m[:2, 0] / 10).all() and m[2, -1] > m[2, 0] / 3
+    assert len(result.plot().data) == 3 * len(ENCODINGS)
+    assert set(result.to_dict()) >= {"encodings", "distances", "lengths"}
+    with pytest.raises(ValueError, match="site"):
+        pe_collapse([2], site="logits")
+
+
+def test_ratio_invariance_exact_for_bidirectional_nope():
+    model = tiny_model(n_layers=2, n_heads=2, d_model=16, d_vocab=8, causal=False, positional="none",
+                       dtype=torch.float64, seed=2)
+    result = ratio_invariance(model, multiples=(1, 2, 3, 5))
+    assert result.invariant() and result.distances.max() < 1e-14  # float rounding only
+
+
+@pytest.mark.parametrize("causal, positional", [(True, "none"), (False, "standard"), (False, "rotary")])
+def test_ratio_invariance_broken_by_causal_mask_or_positions(causal, positional):
+    model = tiny_model(n_layers=2, n_heads=2, d_model=16, d_vocab=8, causal=causal, positional=positional,
+                       dtype=torch.float64, seed=2)
+    result = ratio_invariance(model, multiples=(1, 2, 3))
+    assert not result.invariant() and result.distances[1:].min() > 1e-4
+    assert "Prop. B.9" in result._repr_html_()
+
+
+@pytest.mark.slow
+def test_longest_distinguishable_run_is_where_equality_starts():
+    model = tiny_model(n_layers=1, n_heads=1, d_model=16, n_ctx=320, tokenizer="smollm2", positional="none",
+                       norm="RMS", attn_only=True, dtype=torch.float32, seed=0)
+    longest, curve = longest_distinguishable_run(model, ("float32", "bfloat16"), max_len=300, chat=False)
+    for d, name in enumerate(curve.dtypes):
+        n = longest[name]
+        equal = curve.distances[d, :, -1, 0] == 0
+        assert not equal[:n].any()  # every run up to n is told apart from one more one
+        assert n == 300 or equal[n]  # and n + 1 ones get the same y as n + 2
+    assert longest["bfloat16"] < 300 and longest["bfloat16"] < longest["float32"]
