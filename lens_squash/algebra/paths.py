@@ -199,7 +199,7 @@ class PathFlows:
         return self.head_flows.sum(dim=(1, 2, 3)) + self.residual_flows.sum(dim=1)
 
     def plot(self, str_tokens=None, **kwargs):
-        from ..views.plotting import attention_paths
+        from ..views.edge_figures import attention_paths
 
         return attention_paths(self, str_tokens, **kwargs)
 

@@ -571,7 +571,7 @@ class SinkReport:
 
     def plot(self, **kwargs):
         """Every per-layer curve on a shared layer axis, Mix–Compress–Refine shaded (plotly Figure)."""
-        from ..views.plotting import sink_figure
+        from ..views.sink_figures import sink_figure
 
         kwargs.setdefault("log", ("norm_ratio",))
         return sink_figure(self.curves(), self.phases, **kwargs)

@@ -288,7 +288,7 @@ class TVDecayResult:
 
     def plot(self, **kwargs):
         """Fig. 9: TV against length per seed, with Lemma B.2's bound."""
-        from ..views.plotting import tv_decay_figure
+        from ..views.collapse_figures import tv_decay_figure
 
         return tv_decay_figure(self, **kwargs)
 

@@ -501,8 +501,8 @@ class SpectralReport:
         return f"<b>lens_squash SpectralReport</b><table>{body}</table>"
 
     def plot(self, **kwargs):
-        """The four-panel spectral figure (:func:`lens_squash.views.plotting.spectral_report_figure`)."""
-        from ..views.plotting import spectral_report_figure  # plotly is only needed when plotting
+        """The four-panel spectral figure (:func:`lens_squash.views.spectral_figures.spectral_report_figure`)."""
+        from ..views.spectral_figures import spectral_report_figure  # plotly is only needed when plotting
 
         return spectral_report_figure(self, **kwargs)
 

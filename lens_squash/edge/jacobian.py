@@ -180,7 +180,7 @@ class JacobianResult:
 
     def plot(self, kind: str | None = None, **kwargs):
         """Per-position norm on a log axis (a plotly Figure), via ``plotting.bound_vs_jacobian``."""
-        from ..views.plotting import bound_vs_jacobian
+        from ..views.bound_figures import bound_vs_jacobian
 
         kind = kind or self.best_norm()
         name = {"spectral": "‖J_i‖₂", "frobenius": "‖J_i‖_F", "l1": "‖J_i‖₁ (entrywise)"}[kind]

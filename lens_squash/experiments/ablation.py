@@ -178,7 +178,7 @@ class AblationResult:
 
     def plot(self, **kwargs):
         """Per-layer changes (and both first-token norm ratios), the baseline's phases shaded."""
-        from ..views.plotting import sink_figure
+        from ..views.sink_figures import sink_figure
 
         curves = {
             "Δ sink rate": self.sink_rate_change,
@@ -192,7 +192,7 @@ class AblationResult:
 
     def plot_jacobian(self, **kwargs):
         """The last token's Jacobian sensitivity per position, baseline against ablated."""
-        from ..views.plotting import bound_vs_jacobian
+        from ..views.bound_figures import bound_vs_jacobian
 
         if self.jacobian_baseline is None:
             raise ValueError("this result has no Jacobians; run ablation_effect with jacobian=True")

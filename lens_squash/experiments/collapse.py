@@ -251,7 +251,7 @@ class CollapseResult:
     def plot(self, kind: str = "dtypes", dtype: str | None = None):
         """``kind="dtypes"``: relative ∞-distance of ``y`` per dtype with each resolution dashed;
         ``kind="heads"``: mean / min–max over last-layer heads for one dtype (Fig. 5)."""
-        from ..views.plotting import collapse_figure, head_band_figure
+        from ..views.collapse_figures import collapse_figure, head_band_figure
 
         if kind == "dtypes":
             curves = dict(zip(self.dtypes, self.final("inf"), strict=True))
@@ -429,7 +429,7 @@ class WindowSweepResult:
     def plot(self, what: str = "distance"):
         """``"distance"``: relative ∞-distance of ``y`` per window; ``"bound"``: the rollout bound's
         share on the first token (the sink) per window."""
-        from ..views.plotting import collapse_figure
+        from ..views.collapse_figures import collapse_figure
 
         if what not in ("distance", "bound"):
             raise ValueError(f"what must be 'distance' or 'bound', got {what!r}")

@@ -155,7 +155,7 @@ class PECollapseResult:
                 f"{len(self.seeds)} seeds)<br>" + self.summary().to_html(escape=True, float_format=lambda v: f"{v:.3e}"))
 
     def plot(self):
-        from ..views.plotting import pe_figure
+        from ..views.collapse_figures import pe_figure
 
         return pe_figure(self.lengths, self.mean_std(), title=f"Collapse by positional encoding ({self.site})")
 
@@ -241,7 +241,7 @@ class RatioInvarianceResult:
                 f"<tr><th>k</th><th>relative distance to k={self.multiples[0]}</th></tr>{rows}</table>")
 
     def plot(self):
-        from ..views.plotting import collapse_figure
+        from ..views.collapse_figures import collapse_figure
 
         return collapse_figure(list(self.multiples), {"relative distance": self.distances},
                                y_title="‖y(k) − y(1)‖ / ‖y(1)‖", title="Ratio invariance (Prop. B.9)")

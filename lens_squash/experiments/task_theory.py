@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..core.display import compact_repr
 from ..edge.models import format_prompt
-from ..views.plotting import token_label
+from ..core.tokens import token_label
 from ..core.records import provenance, to_jsonable
 from .tasks import TASKS, TaskInstance, make_instance
 

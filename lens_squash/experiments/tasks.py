@@ -1147,7 +1147,7 @@ def _figure_tasks(frame: pd.DataFrame, kind: str, tasks: Iterable[str] | None = 
 
 def task_figure(results: TaskResults | pd.DataFrame, kind: str = "accuracy", *, tasks=None):
     """Figure ``kind`` of :data:`TASK_FIGURES` for the rows of its tasks (a plotly Figure)."""
-    from ..views import plotting
+    from ..views import task_figures
 
     frame = results.frame if isinstance(results, TaskResults) else results
     chosen = _figure_tasks(frame, kind, tasks)
@@ -1160,7 +1160,7 @@ def task_figure(results: TaskResults | pd.DataFrame, kind: str = "accuracy", *, 
     # keep the figure's task order: the builders group series in order of appearance/sort
     rows = frame[frame["task"].isin(chosen)]
     _, _, builder, title = TASK_FIGURES[kind]
-    return getattr(plotting, builder)(rows, title=title)
+    return getattr(task_figures, builder)(rows, title=title)
 
 
 def summarize_results(results: TaskResults | pd.DataFrame | str | os.PathLike, *,

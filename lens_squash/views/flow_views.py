@@ -1,5 +1,5 @@
 """Figures of the sensitivity flow (:mod:`lens_squash.edge.flow`): every builder returns a plotly Figure
-with a caption (``plotting.caption_of``) and titled axes; nothing is shown.
+with a caption (``style.caption_of``) and titled axes; nothing is shown.
 
 * :func:`truth_vs_bounds` — the true ``‖∂y/∂x^(l)_k‖_F`` above each bound's row at the same layer, on
   one shared position axis, a menu switching the layer;
@@ -21,7 +21,8 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from .plotting import token_label, with_caption
+from ..core.tokens import token_label
+from .style import with_caption
 
 __all__ = ["head_grid", "layer_heatmaps", "path_figure", "truth_vs_bounds"]
 

@@ -36,9 +36,14 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.offline
 
-from . import plotting
-from .plotting import token_label
 from ..core.records import target_mode, to_jsonable, write_text_atomic
+from ..core.tokens import token_label
+from .attention_figures import attention_heatmap
+from .bound_figures import bound_vs_jacobian, comparison_figure
+from .edge_figures import attention_paths
+from .sink_figures import sink_report_figure
+from .spectral_figures import spectral_report_figure
+from .style import caption_of
 
 __all__ = [
     "BIDI_DISPLAY",
@@ -213,8 +218,8 @@ def analysis_sections(
         prompt_section("".join(tokens) if prompt is None else prompt, tokens, predicted=traced.predicted_token),
     ]
     table = getattr(analysis, "table", None)
-    figure = (plotting.comparison_figure(table, getattr(analysis, "comparisons", None)) if table is not None
-              else plotting.bound_vs_jacobian(tokens, None, bounds))
+    figure = (comparison_figure(table, getattr(analysis, "comparisons", None)) if table is not None
+              else bound_vs_jacobian(tokens, None, bounds))
     summary = analysis.summary() if callable(getattr(analysis, "summary", None)) else None
     skipped = dict(getattr(analysis, "skipped", {}) or {})
     notes = [f"{name} skipped: {reason}" for name, reason in skipped.items() if name != "spectral"]
@@ -223,18 +228,18 @@ def analysis_sections(
         path_variants = [v for v in dict.fromkeys(("rollout", getattr(analysis, "best_variant", None))) if v in bounds]
         path_variants = path_variants or list(bounds)[:1]
     sections.append(ReportSection("paths", figures=[
-        plotting.attention_paths(bounds[name], tokens, top_k=top_k, title=f"Heaviest paths of the {name} graph")
+        attention_paths(bounds[name], tokens, top_k=top_k, title=f"Heaviest paths of the {name} graph")
         for name in path_variants
     ]))
     # a budget of cells keeps the page small: every layer's head mean, and heads where they fit
     sections.append(ReportSection("attention", figures=[
-        plotting.attention_heatmap(traced.patterns, tokens, max_cells=ATTENTION_CELLS)]))
+        attention_heatmap(traced.patterns, tokens, max_cells=ATTENTION_CELLS)]))
     if getattr(analysis, "spectral", None) is not None:
-        sections.append(ReportSection("spectral", figures=[plotting.spectral_report_figure(analysis.spectral)]))
+        sections.append(ReportSection("spectral", figures=[spectral_report_figure(analysis.spectral)]))
     elif "spectral" in skipped:
         sections.append(ReportSection("spectral", text=f"Not computed: {skipped['spectral']}."))
     if getattr(analysis, "sinks", None) is not None:
-        sections.append(ReportSection("sinks", figures=[plotting.sink_report_figure(analysis.sinks)]))
+        sections.append(ReportSection("sinks", figures=[sink_report_figure(analysis.sinks)]))
     return sections
 
 
@@ -280,7 +285,7 @@ def _render_figure(fig: go.Figure, index: int) -> str:
     fragment = fig.to_html(
         full_html=False, include_plotlyjs=False, div_id=f"lens-squash-figure-{index}", config=_FIGURE_CONFIG,
     )
-    caption = plotting.caption_of(fig)
+    caption = caption_of(fig)
     below = f'<p class="caption">{escape_text(caption)}</p>' if caption else ""
     return f'<div class="figure">{_neutralize_fragment(_check_fragment(fragment))}{below}</div>'
 

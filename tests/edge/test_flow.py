@@ -528,7 +528,7 @@ def tiny_flow():
 
 
 def test_views_have_captions_and_titled_axes(tiny_flow):
-    from lens_squash.views.plotting import caption_of
+    from lens_squash.views.style import caption_of
 
     for kind in ("layers", "heatmap", "heads", "paths"):
         fig = tiny_flow.plot(kind)

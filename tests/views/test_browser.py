@@ -22,7 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lens_squash.views import plotting
+from lens_squash.views.attention_figures import attention_heatmap
+from lens_squash.views.bound_figures import bound_vs_jacobian
+from lens_squash.views.collapse_figures import collapse_figure, head_band_figure
+from lens_squash.views.edge_figures import attention_paths
 from lens_squash.views.report import (
     ReportSection,
     build_report,
@@ -30,6 +33,8 @@ from lens_squash.views.report import (
     prompt_section,
     write_report,
 )
+from lens_squash.views.sink_figures import sink_figure
+from lens_squash.views.spectral_figures import spectral_figure
 
 pytestmark = pytest.mark.browser
 
@@ -322,20 +327,20 @@ def _report_sections(traced, flows, profile, str_tokens, prompt):
     return [
         model_section(traced.metadata),
         prompt_section(prompt, str_tokens, predicted=traced.predicted_token),
-        ReportSection("bound vs gradient", figures=[plotting.bound_vs_jacobian(
+        ReportSection("bound vs gradient", figures=[bound_vs_jacobian(
             str_tokens, torch.linspace(1, 2, n), {"rollout": profile, "<b>hostile</b>": profile.flip(0) + 1e-3})]),
-        ReportSection("paths", figures=[plotting.attention_paths({n - 1: flows}, str_tokens, top_k=12),
-                                        plotting.attention_heatmap(traced.patterns, str_tokens)]),
-        ReportSection("spectral", figures=[plotting.spectral_figure(
+        ReportSection("paths", figures=[attention_paths({n - 1: flows}, str_tokens, top_k=12),
+                                        attention_heatmap(traced.patterns, str_tokens)]),
+        ReportSection("spectral", figures=[spectral_figure(
             spectrum=torch.rand(2, n), second_eigenvalue=torch.rand(2), dobrushin=torch.rand(2),
             first_token_mass=torch.rand(2), rank_one_distance=torch.rand(2))]),
-        ReportSection("sinks", figures=[plotting.sink_figure(
-            {"first token mass": traced.first_token_mass(), "norm ratio": torch.rand(3) * 100}, (1, 2),
+        ReportSection("sinks", figures=[sink_figure(
+            {"first token mass": traced.mean_first_token_attention(), "norm ratio": torch.rand(3) * 100}, (1, 2),
             log=("norm ratio",))]),
         ReportSection("collapse", figures=[
-            plotting.collapse_figure(lengths, {"float32": [1e-3, 1e-5, 0.0, 0.0], "bfloat16": [1e-2, 0, 0, 0]},
+            collapse_figure(lengths, {"float32": [1e-3, 1e-5, 0.0, 0.0], "bfloat16": [1e-2, 0, 0, 0]},
                                      {"float32": 6e-8, "bfloat16": 4e-3}),
-            plotting.head_band_figure(lengths, [1, 0.5, 0.2, 0.1], [0.5, 0.2, 0.1, 0.01], [2, 1, 0.5, 0.3]),
+            head_band_figure(lengths, [1, 0.5, 0.2, 0.1], [0.5, 0.2, 0.1, 0.01], [2, 1, 0.5, 0.3]),
         ]),
     ]
 

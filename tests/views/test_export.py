@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from lens_squash.views import export
-from lens_squash.views import plotting
+from lens_squash.views.attention_figures import attention_heatmap
+from lens_squash.views.bound_figures import bound_vs_jacobian
 from lens_squash.views.export import ExportError, fig_to_file, write_figures
 
 
 def figure(title: str = "Sensitivity check") -> go.Figure:
     n = 12
-    return plotting.bound_vs_jacobian([f" t{i}" for i in range(n)], torch.linspace(1, 3, n),
+    return bound_vs_jacobian([f" t{i}" for i in range(n)], torch.linspace(1, 3, n),
                                       {"rollout": torch.rand(n) + 0.5}, title=title)
 
 
@@ -160,7 +161,7 @@ def test_a_png_has_the_requested_size_and_is_not_blank(tmp_path):
 
 @pytest.mark.browser
 def test_write_figures_writes_every_format_of_every_figure(tmp_path):
-    figs = {"bound vs gradient": figure("Bound against gradient"), "heat": plotting.attention_heatmap(
+    figs = {"bound vs gradient": figure("Bound against gradient"), "heat": attention_heatmap(
         torch.softmax(torch.randn(1, 1, 5, 5).masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), -torch.inf), -1))}
     written = write_figures(figs, tmp_path / "figures", formats=("png", "svg", "pdf"), width=500, height=400)
     assert [p.name for p in written["bound vs gradient"]] == ["bound_vs_gradient.png", "bound_vs_gradient.svg",

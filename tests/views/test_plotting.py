@@ -17,12 +17,26 @@ import scipy.stats
 import torch
 from plotly.colors import sample_colorscale, unlabel_rgb
 
-from lens_squash.views import plotting
 from lens_squash.algebra.compare import compare_variants
-from lens_squash.views.plotting import caption_of, math_text, rounded, token_label, with_caption
 from lens_squash.algebra.sinks import sink_report
 from lens_squash.algebra.softmax_theory import tv_decay_experiment
+from lens_squash.core.tokens import token_label
 from lens_squash.experiments.tasks import RESULT_COLUMNS, TaskResults
+from lens_squash.views.attention_figures import attention_heatmap
+from lens_squash.views.bound_figures import bound_vs_jacobian, comparison_figure
+from lens_squash.views.collapse_figures import (
+    collapse_figure,
+    head_band_figure,
+    pe_figure,
+    tv_decay_figure,
+    tv_figure,
+)
+from lens_squash.views.compact import compact_figure, rounded
+from lens_squash.views.edge_figures import attention_paths
+from lens_squash.views.sink_figures import SINK_CURVES, sink_figure, sink_report_figure
+from lens_squash.views.spectral_figures import spectral_figure, spectral_report_figure
+from lens_squash.views.style import MAX_TICKS, caption_of, math_text, with_caption
+from lens_squash.views.task_figures import abs_error_figure, accuracy_figure, answer_histogram
 
 F64 = torch.float64
 HOSTILE = "</script><img src=x onerror=alert(1)>"
@@ -160,7 +174,7 @@ def test_compact_figure_rounds_numbers_into_typed_arrays_and_leaves_text():
     y = np.random.default_rng(1).random(300)
     fig = go.Figure([go.Scatter(x=list(range(300)), y=list(y), text=["a"] * 300, customdata=[f"t{i}" for i in range(300)]),
                      go.Heatmap(z=np.random.default_rng(2).random((20, 20)).tolist())])
-    small = plotting.compact_figure(fig, digits=3)
+    small = compact_figure(fig, digits=3)
     assert_data(small.data[0].y, y, digits=3)
     assert np.asarray(small.data[0].y).dtype == np.float32 and np.asarray(small.data[1].z).dtype == np.float32
     assert np.asarray(small.data[0].x).dtype.kind == "i"  # integers stay integers
@@ -177,7 +191,7 @@ def test_bound_vs_jacobian_shows_each_profile_raw_and_normalised():
     n = 7
     truth, rollout, paper = torch.rand(n) + 0.1, torch.rand(n, dtype=F64) + 0.1, torch.rand(n) + 0.1
     bound_object = SimpleNamespace(bound=paper)  # a PathBound-like object
-    fig = plotting.bound_vs_jacobian(tokens(n), truth, {"rollout": rollout, "paper": bound_object})
+    fig = bound_vs_jacobian(tokens(n), truth, {"rollout": rollout, "paper": bound_object})
     assert len(fig.data) == 6  # three curves, two panels
     for raw, shape, values in zip(fig.data[:6:2], fig.data[1:6:2], (truth, rollout, paper), strict=True):
         assert_data(raw.x, range(n))
@@ -197,7 +211,7 @@ def test_bound_vs_jacobian_shows_each_profile_raw_and_normalised():
 def test_coinciding_curves_are_told_apart_and_the_caption_says_so():
     n = 9
     paper = torch.rand(n, dtype=F64) + 0.1
-    fig = plotting.bound_vs_jacobian(None, torch.rand(n) + 0.1, {"paper": paper, "rollout": paper * 7.5,
+    fig = bound_vs_jacobian(None, torch.rand(n) + 0.1, {"paper": paper, "rollout": paper * 7.5,
                                                                "value": torch.rand(n, dtype=F64)})
     shapes = {t.name: t for t in fig.data[1::2]}
     assert_data(shapes["paper"].y, shapes["rollout"].y, digits=12)  # the same shape: one would hide the other
@@ -214,7 +228,7 @@ def test_rank_statistics_are_annotated_and_match_scipy():
     bounds = {"rollout": truth + 0.3 * torch.rand(n, dtype=F64, generator=generator),
               "value": torch.rand(n, dtype=F64, generator=generator)}
     table, comparisons = compare_variants(bounds, truth, str_tokens=tuple(tokens(n)))
-    for fig in (plotting.comparison_figure(table, comparisons), plotting.comparison_figure(table)):
+    for fig in (comparison_figure(table, comparisons), comparison_figure(table)):
         box = [a.text for a in fig.layout.annotations if "rank agreement" in a.text]
         assert len(box) == 1
         for name, values in bounds.items():
@@ -222,37 +236,37 @@ def test_rank_statistics_are_annotated_and_match_scipy():
             tau = scipy.stats.kendalltau(values, truth).statistic
             assert f"{name}: ρ = {rho:.2f}, τ = {tau:.2f}" in box[0]
         assert "Spearman" in box[0] and "Kendall" in caption_of(fig)
-    flat = plotting.comparison_figure(table.assign(value=1.0))  # a constant curve has no rank statistic
+    flat = comparison_figure(table.assign(value=1.0))  # a constant curve has no rank statistic
     assert "value: ρ = n/a" in next(a.text for a in flat.layout.annotations if "rank agreement" in a.text)
     with pytest.raises(ValueError, match="not plotted"):
-        plotting.bound_vs_jacobian(None, truth, bounds, stats={"paper": comparisons["rollout"]})
+        bound_vs_jacobian(None, truth, bounds, stats={"paper": comparisons["rollout"]})
 
 
 def test_bound_vs_jacobian_without_truth_single_panel_and_length_check():
-    fig = plotting.bound_vs_jacobian(None, None, {"a": [1.0, 2.0, 3.0]}, log=False, normalised=False)
+    fig = bound_vs_jacobian(None, None, {"a": [1.0, 2.0, 3.0]}, log=False, normalised=False)
     assert len(fig.data) == 1 and fig.layout.yaxis.type == "linear"
     assert list(fig.data[0].customdata) == ["0", "1", "2"]
     assert fig.layout.yaxis.title.text == "path-sum bound"
     assert_explains_itself(fig)
     with pytest.raises(ValueError, match="positions"):
-        plotting.bound_vs_jacobian(None, torch.rand(3), {"a": torch.rand(4)})
+        bound_vs_jacobian(None, torch.rand(3), {"a": torch.rand(4)})
     with pytest.raises(ValueError, match="nothing to plot"):
-        plotting.bound_vs_jacobian(None, None, {})
+        bound_vs_jacobian(None, None, {})
 
 
 def test_log_axes_label_whole_decades_with_exponents():
     n = 20
     span = torch.logspace(-3, 2, n, dtype=F64)  # five decades
-    fig = plotting.bound_vs_jacobian(None, span, {}, normalised=False)
+    fig = bound_vs_jacobian(None, span, {}, normalised=False)
     assert fig.layout.yaxis.dtick == 1 and fig.layout.yaxis.exponentformat == "power"
-    wide = plotting.bound_vs_jacobian(None, torch.logspace(-60, 2, n, dtype=F64), {}, normalised=False)
+    wide = bound_vs_jacobian(None, torch.logspace(-60, 2, n, dtype=F64), {}, normalised=False)
     assert wide.layout.yaxis.dtick is None  # sixty decades: plotly picks which decades to label
     assert_data(wide.data[0].y, torch.logspace(-60, 2, n, dtype=F64), digits=6)  # 1e-60 is not flushed to 0
 
 
 def test_every_token_is_labelled_up_to_max_ticks_and_thinned_beyond():
-    for n, step in ((89, 1), (plotting.MAX_TICKS, 1), (250, 3)):
-        fig = plotting.bound_vs_jacobian([f"w{i}" for i in range(n)], torch.rand(n) + 0.1, {}, normalised=False)
+    for n, step in ((89, 1), (MAX_TICKS, 1), (250, 3)):
+        fig = bound_vs_jacobian([f"w{i}" for i in range(n)], torch.rand(n) + 0.1, {}, normalised=False)
         assert list(fig.layout.xaxis.tickvals) == list(range(0, n, step))
         assert list(fig.layout.xaxis.ticktext) == [f"w{i}" for i in range(0, n, step)]
         assert list(fig.data[0].customdata) == [f"w{i}" for i in range(n)]  # the hover names every token
@@ -263,7 +277,7 @@ def test_comparison_figure_reads_the_compare_variants_table():
     n = 8
     truth, a, b = torch.rand(n, dtype=F64) + 0.1, torch.rand(n, dtype=F64), torch.rand(n, dtype=F64)
     table, _ = compare_variants({"rollout": a, "value": b}, truth, str_tokens=tuple(tokens(n)))
-    fig = plotting.comparison_figure(table, normalised=False)
+    fig = comparison_figure(table, normalised=False)
     assert [t.name for t in fig.data] == ["Jacobian (spectral)", "rollout", "value"]
     for trace, values in zip(fig.data, (truth, a, b), strict=True):
         assert_data(trace.y, values, digits=6)
@@ -285,7 +299,7 @@ def colour_at(colorscale, value: float) -> np.ndarray:
 
 def test_attention_heatmap_slider_over_layers_and_heads_as_small_multiples():
     patterns = causal_patterns(layers=2, heads=3, n=5)
-    fig = plotting.attention_heatmap(patterns, tokens(5))
+    fig = attention_heatmap(patterns, tokens(5))
     maps = heatmaps(fig)
     assert len(maps) == 1 + 2 * (1 + 3)  # "all", then each layer's mean and its three heads
     assert maps[0].name == "mean of all layers and heads"
@@ -319,7 +333,7 @@ def test_attention_heatmap_slider_over_layers_and_heads_as_small_multiples():
 
 def test_attention_colours_follow_a_log_scale_and_the_colour_bar_says_so():
     patterns = causal_patterns(layers=1, heads=1, n=4)
-    fig = plotting.attention_heatmap(patterns, layer=0, head=0, floor=1e-4)
+    fig = attention_heatmap(patterns, layer=0, head=0, floor=1e-4)
     colorscale = heatmaps(fig)[0].colorscale
     viridis = "Viridis"
     for value in (1e-4, 3e-4, 1e-3, 0.02, 0.1, 0.5, 1.0):
@@ -332,34 +346,34 @@ def test_attention_colours_follow_a_log_scale_and_the_colour_bar_says_so():
     assert list(bar.colorbar.tickvals) == [-4.0, -3.0, -2.0, -1.0, 0.0]
     assert list(bar.colorbar.ticktext) == ["≤ 10<sup>-4</sup>", "10<sup>-3</sup>", "10<sup>-2</sup>", "10<sup>-1</sup>", "1"]
     assert "log" in bar.colorbar.title.text
-    power = plotting.attention_heatmap(patterns, layer=0, head=0, color_scale="power", gamma=0.5)
+    power = attention_heatmap(patterns, layer=0, head=0, color_scale="power", gamma=0.5)
     for value in (0.01, 0.25, 0.64):
         expected = np.array(unlabel_rgb(sample_colorscale(viridis, [value ** 0.5])[0]), dtype=float)
         assert np.abs(colour_at(heatmaps(power)[0].colorscale, value) - expected).max() < 4.0
-    linear = plotting.attention_heatmap(patterns, layer=0, head=0, color_scale="linear")
+    linear = attention_heatmap(patterns, layer=0, head=0, color_scale="linear")
     expected = np.array(unlabel_rgb(sample_colorscale(viridis, [0.3])[0]), dtype=float)
     assert np.abs(colour_at(heatmaps(linear)[0].colorscale, 0.3) - expected).max() < 4.0
     for bad in ({"color_scale": "sqrt"}, {"floor": 0.0}, {"gamma": 2.0}, {"layer": 1}, {"head": -1}):
         with pytest.raises(ValueError):
-            plotting.attention_heatmap(patterns, **bad)
+            attention_heatmap(patterns, **bad)
 
 
 def test_attention_heatmap_single_layer_head_and_size_budget():
     patterns = causal_patterns(layers=3, heads=2, n=4)
-    one = plotting.attention_heatmap(patterns, layer=2, head=1)
+    one = attention_heatmap(patterns, layer=2, head=1)
     assert len(heatmaps(one)) == 1 and not one.layout.sliders
     assert_data(np.nan_to_num(heatmaps(one)[0].z, nan=0.0), patterns[2, 1], digits=6)
     assert one.layout.xaxis.title.text == "key position"
-    layer = plotting.attention_heatmap(patterns, layer=1)
+    layer = attention_heatmap(patterns, layer=1)
     assert [t.name for t in heatmaps(layer)] == ["layer 1, mean of heads", "layer 1, head 0", "layer 1, head 1"]
     assert not layer.layout.sliders  # one layer: its heads side by side, nothing to slide
-    head = plotting.attention_heatmap(patterns, head=0)
+    head = attention_heatmap(patterns, head=0)
     assert_data(np.nan_to_num(np.stack([t.z for t in heatmaps(head)]), nan=0.0), patterns[:, 0], digits=6)
     assert [s.label for s in head.layout.sliders[0].steps] == ["0", "1", "2"]
-    small = plotting.attention_heatmap(patterns, max_cells=4 * 16)
+    small = attention_heatmap(patterns, max_cells=4 * 16)
     assert len(heatmaps(small)) == 1 + 3 and "left out" in small.layout.title.text
     assert "left out" in caption_of(small)
-    tight = plotting.attention_heatmap(causal_patterns(layers=7, heads=2, n=4), max_cells=4 * 16)
+    tight = attention_heatmap(causal_patterns(layers=7, heads=2, n=4), max_cells=4 * 16)
     assert [s.label for s in tight.layout.sliders[0].steps] == ["all", "0", "3", "6"]  # first and last kept
     assert "3 of 7 layers shown" in tight.layout.title.text and "3 of 7 layers shown" in caption_of(tight)
     assert sum(np.asarray(t.z).size for t in heatmaps(tight)) <= 4 * 16
@@ -370,13 +384,13 @@ def test_attention_heatmap_single_layer_head_and_size_budget():
 def test_attention_heatmap_long_prompt_thins_labels_but_keeps_positions_apart():
     n = 130
     patterns = causal_patterns(layers=1, heads=1, n=n)
-    fig = plotting.attention_heatmap(patterns, ["1"] * n, layer=0, head=0)  # every token the same
+    fig = attention_heatmap(patterns, ["1"] * n, layer=0, head=0)  # every token the same
     assert len(set(heatmaps(fig)[0].x)) == n  # categories stay unique: "i: token"
     ticks = fig.layout.xaxis.tickvals
-    assert len(ticks) <= plotting.MAX_TICKS and ticks[1] == "2: 1"
+    assert len(ticks) <= MAX_TICKS and ticks[1] == "2: 1"
     assert "query %{y}" in heatmaps(fig)[0].hovertemplate  # the hover names every position's token
     assert fig.layout.yaxis.tickangle == 0 and fig.layout.xaxis.tickangle == -90
-    every = plotting.attention_heatmap(causal_patterns(layers=1, heads=1, n=89), layer=0, head=0)
+    every = attention_heatmap(causal_patterns(layers=1, heads=1, n=89), layer=0, head=0)
     assert len(every.layout.xaxis.tickvals) == 89  # the demo's 89 tokens are all labelled
 
 
@@ -395,7 +409,7 @@ def brute_force_top(head: torch.Tensor, resid: torch.Tensor, k: int) -> list[tup
 
 def test_attention_paths_draws_the_heaviest_edges_with_width_by_flow():
     head, resid = random_flows()
-    fig = plotting.attention_paths((head, resid), tokens(6), top_k=15)
+    fig = attention_paths((head, resid), tokens(6), top_k=15)
     edges = edges_of(fig)
     assert len(edges) == 15
     got = sorted(((e["flow"], e["layer"], e["head"], e["from"], e["to"]) for e in edges), key=lambda e: -e[0])
@@ -411,7 +425,7 @@ def test_attention_paths_draws_the_heaviest_edges_with_width_by_flow():
             assert trace.x[0] == trace.x[-1] and trace.line.color.startswith("rgba(120")
     colours = {(t.meta["head"], t.line.color) for t in fig.data if isinstance(t.meta, dict)}
     assert len({head for head, _ in colours}) == len(colours)  # one colour per head
-    hostile_target = plotting.attention_paths({1: (head, resid)}, tokens(6), title="a & b")
+    hostile_target = attention_paths({1: (head, resid)}, tokens(6), title="a & b")
     assert hostile_target.layout.title.text == f"a &amp; b — target 1: {ESCAPED}"  # escaped once, not twice
     nodes = fig.data[0]
     assert len(nodes.x) == 6 * 3 and max(nodes.y) == 2  # levels 0..L
@@ -423,7 +437,7 @@ def test_attention_paths_draws_the_heaviest_edges_with_width_by_flow():
 
 def test_attention_paths_menu_switches_between_targets():
     flows = {5: random_flows(), 3: SimpleNamespace(head_flows=random_flows()[0], residual_flows=torch.rand(2, 6))}
-    fig = plotting.attention_paths(flows, top_k=4)
+    fig = attention_paths(flows, top_k=4)
     buttons = fig.layout.updatemenus[0].buttons
     assert [b.label for b in buttons] == ["target 5: 5", "target 3: 3"]
     first, second = (b.args[0]["visible"] for b in buttons)
@@ -443,22 +457,22 @@ def test_attention_paths_accepts_path_bound_like_objects_and_infers_the_target()
     head[-1, :, :4] = 0  # only position 4 receives flow at the top layer
     resid[-1, :4] = 0
     bound = SimpleNamespace(flows=lambda: SimpleNamespace(head_flows=head, residual_flows=resid), str_tokens=tokens(5))
-    fig = plotting.attention_paths(bound, top_k=3)
+    fig = attention_paths(bound, top_k=3)
     assert "target 4" in fig.layout.title.text
     with pytest.raises(TypeError):
-        plotting.attention_paths(torch.rand(3))
+        attention_paths(torch.rand(3))
     with pytest.raises(ValueError, match="residual_flows"):
-        plotting.attention_paths((head, resid[:, :3]))
+        attention_paths((head, resid[:, :3]))
 
 
 def test_attention_paths_on_a_real_rollout_bound(tiny):
-    from lens_squash.edge.trace import trace
     from lens_squash.algebra.variants import path_bound
+    from lens_squash.edge.trace import trace
 
     traced = trace(tiny, torch.arange(1, 8))
     bound = path_bound(traced, "rollout", target=5)
     flows = bound.flows()
-    fig = plotting.attention_paths(bound, top_k=10)
+    fig = attention_paths(bound, top_k=10)
     assert f"target 5: {token_label(traced.str_tokens[5])}" in fig.layout.title.text
     everything = torch.cat([flows.head_flows.flatten(), flows.residual_flows.flatten()]).double()
     assert_data(sorted((e["flow"] for e in edges_of(fig)), reverse=True), everything.topk(10).values, atol=1e-12)
@@ -472,12 +486,12 @@ def test_attention_paths_on_a_real_rollout_bound(tiny):
         if isinstance(edge, dict):
             bowed = edge["head"] is not None and edge["to"] == edge["from"]
             assert (drawn.x[1] != (edge["from"] + edge["to"]) / 2) == bowed
-    from_two = plotting.attention_paths(bound.flows(source=2), traced.str_tokens, top_k=200)
+    from_two = attention_paths(bound.flows(source=2), traced.str_tokens, top_k=200)
     assert f"← source 2: {token_label(traced.str_tokens[2])}" in from_two.layout.title.text
     drawn = edges_of(from_two)
     assert drawn and all(2 <= e["from"] <= e["to"] <= 5 for e in drawn)  # causal paths from 2 to 5 only
     with pytest.raises(ValueError, match="target 5"):
-        plotting.attention_paths({6: bound})
+        attention_paths({6: bound})
 
 
 # --- spectral, collapse, bands, PE, TV, sinks -----------------------------------------------------
@@ -486,7 +500,7 @@ def test_attention_paths_on_a_real_rollout_bound(tiny):
 def test_spectral_figure_panels_hold_the_curves():
     spectrum, second, tau = torch.rand(3, 5), torch.rand(3), torch.rand(3)
     mass, dist = torch.rand(3), torch.rand(3)
-    fig = plotting.spectral_figure(spectrum=spectrum, second_eigenvalue=second, dobrushin=tau,
+    fig = spectral_figure(spectrum=spectrum, second_eigenvalue=second, dobrushin=tau,
                                    first_token_mass=mass, rank_one_distance=dist)
     by_name = {t.name: t for t in fig.data}
     assert_data(by_name["eigenvalues Λ̃_ii"].y, spectrum.flatten(), digits=6)
@@ -500,7 +514,7 @@ def test_spectral_figure_panels_hold_the_curves():
     assert by_name["τ per layer"].line.dash != by_name["Π τ (bound)"].line.dash
     assert fig.layout.xaxis.dtick == 1  # whole layers, no "layer 0.5"
     assert_explains_itself(fig)
-    assert len(plotting.spectral_figure().data) == 0
+    assert len(spectral_figure().data) == 0
 
 
 def test_spectral_report_figure_shows_a_real_report(tiny):
@@ -511,13 +525,13 @@ def test_spectral_report_figure_shows_a_real_report(tiny):
 
     traced = trace(tiny, torch.arange(1, 9))
     report = analyze_stack(rollout_matrices(aggregate_heads(traced.patterns.double())))
-    fig = plotting.spectral_report_figure(report)
+    fig = spectral_report_figure(report)
     by_name = {t.name: t for t in fig.data}
     assert_data(by_name["eigenvalues Λ̃_ii"].y, report.spectrum.flatten(), digits=6)
     assert_data(by_name["second eigenvalue"].y, report.second_eigenvalue, digits=6)
     assert_data(by_name["τ per layer"].y, report.dobrushin, digits=6)
     assert_data(by_name["Π τ (bound)"].y, report.cumulative_dobrushin, digits=6)  # the figure's own cumprod
-    assert_data(by_name["[Π Λ̃]ₙ,₀"].y, report.first_token_mass, digits=6)
+    assert_data(by_name["[Π Λ̃]ₙ,₀"].y, report.rollout_mass, digits=6)
     assert_data(by_name["distance to rank one"].y, report.rank_one_distance, digits=6)
     # the inequality the panel illustrates survives the rounding to what the hover shows
     assert (np.asarray(by_name["distance to rank one"].y) <= np.asarray(by_name["Π τ (bound)"].y) * (1 + 1e-3)).all()
@@ -527,7 +541,7 @@ def test_collapse_figure_draws_zeros_at_a_floor_below_everything():
     lengths = [2, 4, 8, 16]
     distances = {"float32": [1e-3, 1e-6, 0.0, 0.0], "bfloat16": torch.tensor([1e-2, 0.0, 0.0, 0.0])}
     resolutions = {"float32": 6e-8, "bfloat16": 3.9e-3}
-    fig = plotting.collapse_figure(lengths, distances, resolutions)
+    fig = collapse_figure(lengths, distances, resolutions)
     line = fig.data[0]
     assert_data(line.y[:2], [1e-3, 1e-6], digits=6)
     assert np.isnan(line.y[2:]).all()
@@ -545,47 +559,47 @@ def test_collapse_figure_draws_zeros_at_a_floor_below_everything():
     assert fig.layout.yaxis.title.text == "‖yₙ(s) − yₙ₊₁(s*)‖"  # no raw y_{n+1}
     assert_explains_itself(fig)
     assert "resolution" in caption_of(fig) and "exactly 0" in caption_of(fig)
-    fixed = plotting.collapse_figure(lengths, {"a": [0.0] * 4}, floor=1e-20, y_title="‖y_{n+1}‖")
+    fixed = collapse_figure(lengths, {"a": [0.0] * 4}, floor=1e-20, y_title="‖y_{n+1}‖")
     assert list(fixed.data[1].y) == [1e-20] * 4 and fixed.layout.yaxis.title.text == "‖yₙ₊₁‖"
     assert "‖yₙ₊₁‖" in caption_of(fixed)
     with pytest.raises(ValueError, match="lengths"):
-        plotting.collapse_figure([1, 2], {"a": [1.0]})
+        collapse_figure([1, 2], {"a": [1.0]})
 
 
 def test_head_band_and_pe_figures_hold_their_curves():
     lengths, mean, lo, hi = [1, 2, 4], [1.0, 0.5, 0.2], [0.5, 0.2, 0.1], [2.0, 1.0, 0.5]
-    band = plotting.head_band_figure(lengths, mean, lo, hi)
+    band = head_band_figure(lengths, mean, lo, hi)
     assert_data(band.data[0].y, hi, digits=6)
     assert_data(band.data[1].y, lo, digits=6)
     assert_data(band.data[2].y, mean, digits=6)
     assert band.data[1].fill == "tonexty"
     assert "ₙ₊₁" in band.layout.yaxis.title.text
     assert_explains_itself(band)
-    pe = plotting.pe_figure(lengths, {"rope": (torch.tensor(mean, dtype=F64), torch.tensor([0.1, 0.1, 0.1], dtype=F64))}, log=False)
+    pe = pe_figure(lengths, {"rope": (torch.tensor(mean, dtype=F64), torch.tensor([0.1, 0.1, 0.1], dtype=F64))}, log=False)
     assert_data(pe.data[0].y, np.add(mean, 0.1), digits=6)
     assert_data(pe.data[1].y, np.subtract(mean, 0.1), digits=6)
     assert_data(pe.data[2].y, mean, digits=6)
     assert pe.data[2].name == "rope"
     assert_explains_itself(pe)
-    clipped = plotting.pe_figure(lengths, {"x": (mean, [2.0, 2.0, 2.0])})  # log axis: lower band ≤ 0 clipped
+    clipped = pe_figure(lengths, {"x": (mean, [2.0, 2.0, 2.0])})  # log axis: lower band ≤ 0 clipped
     assert (np.asarray(clipped.data[1].y) > 0).all()
 
 
 def test_tv_figure_matches_the_experiment():
     result = tv_decay_experiment(n_max=40, perturbed=5, seeds=2, lengths=[5, 10, 20, 40])
-    fig = plotting.tv_decay_figure(result)
+    fig = tv_decay_figure(result)
     assert [t.name for t in fig.data] == ["seed 0", "bound, seed 0", "seed 1", "bound, seed 1"]
     assert_data(fig.data[0].y, result.tv[0], digits=6)
     assert_data(fig.data[3].y, result.bound[1], digits=6)
     assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
     assert_explains_itself(fig)
-    shared = plotting.tv_figure([1, 2], torch.rand(3, 2), torch.tensor([1.0, 0.5]))
+    shared = tv_figure([1, 2], torch.rand(3, 2), torch.tensor([1.0, 0.5]))
     assert [t.name for t in shared.data].count("bound") == 1
 
 
 def test_sink_figure_shades_the_three_phases():
     curves = {"first token mass": torch.rand(6), "norm ratio": torch.rand(7) * 100}
-    fig = plotting.sink_figure(curves, (2, 4), log=("norm ratio",))
+    fig = sink_figure(curves, (2, 4), log=("norm ratio",))
     assert_data(fig.data[0].y, curves["first token mass"], digits=6)
     assert_data(fig.data[1].y, curves["norm ratio"], digits=6)
     assert fig.layout.yaxis2.type == "log"
@@ -595,23 +609,23 @@ def test_sink_figure_shades_the_three_phases():
     assert fig.layout.yaxis.title.text == "first token mass"  # an unknown curve is titled by its name
     assert_explains_itself(fig)
     assert "Mix, Compress and Refine" in caption_of(fig) and "Log axes: norm ratio" in caption_of(fig)
-    assert not plotting.sink_figure(curves).layout.shapes
+    assert not sink_figure(curves).layout.shapes
 
 
 def test_sink_report_figure_reads_the_report():
     patterns = causal_patterns(layers=4, heads=2, n=6)
     report = sink_report(patterns, torch.rand(5, 6) + 1, representations=torch.randn(5, 6, 8, dtype=F64))
-    fig = plotting.sink_report_figure(report)
+    fig = sink_report_figure(report)
     names = [t.name for t in fig.data]
-    assert names == ["first_token_mass", "sink_rate", "mixing", "norm_ratio", "entropy", "anisotropy"]
-    assert_data(fig.data[0].y, report.first_token_mass, digits=6)
+    assert names == ["mean_first_token_attention", "sink_rate", "mixing", "norm_ratio", "entropy", "anisotropy"]
+    assert_data(fig.data[0].y, report.mean_first_token_attention, digits=6)
     assert_data(fig.data[5].y, report.anisotropy, digits=6)
     assert fig.layout.yaxis4.type == "log"
     assert [fig.layout[f"yaxis{'' if i == 1 else i}"].title.text for i in range(1, 7)] == [
-        plotting.SINK_CURVES[name][0] for name in names]
+        SINK_CURVES[name][0] for name in names]
     assert_explains_itself(fig)
     for name in names:
-        assert plotting.SINK_CURVES[name][1] in caption_of(fig)
+        assert SINK_CURVES[name][1] in caption_of(fig)
 
 
 # --- tasks -----------------------------------------------------------------------------------------
@@ -635,33 +649,33 @@ def task_frame() -> pd.DataFrame:
 
 def test_accuracy_and_error_figures_average_per_task_and_length():
     frame = task_frame()
-    accuracy = plotting.accuracy_figure(TaskResults(frame))
+    accuracy = accuracy_figure(TaskResults(frame))
     by_name = {t.name: t for t in accuracy.data}
     assert_data(by_name["count"].x, [5, 10])
     assert_data(by_name["count"].y, [1 / 3, 1 / 3], digits=6)
     assert_data(by_name["copy"].y, [2 / 3, 1 / 3], digits=6)
-    error = {t.name: t for t in plotting.abs_error_figure(frame).data}
+    error = {t.name: t for t in abs_error_figure(frame).data}
     assert_data(error["count"].y, [0.5, 4 / 3], digits=6)  # the unparsable answer is left out
     assert_data(error["count"].customdata, [2, 3])
     assert_explains_itself(accuracy)
     assert "exactly right" in caption_of(accuracy)
     assert len({(t.line.dash, t.marker.symbol) for t in accuracy.data}) == len(accuracy.data)
     two_modes = pd.concat([frame, frame.assign(mode="few-shot", correct=True)])
-    assert {t.name for t in plotting.accuracy_figure(two_modes).data} == {
+    assert {t.name for t in accuracy_figure(two_modes).data} == {
         "count (zero-shot)", "count (few-shot)", "copy (zero-shot)", "copy (few-shot)"}
 
 
 def test_answer_histogram_counts_parsed_answers():
-    fig = plotting.answer_histogram(task_frame(), task="count")
+    fig = answer_histogram(task_frame(), task="count")
     bars = [t for t in fig.data if isinstance(t, go.Bar)]
     assert [b.name for b in bars] == ["n = 5 (1 unparsable)", "n = 10"]
     assert dict(zip(bars[1].x, bars[1].y, strict=True)) == {8: 2, 10: 1}
     truths = [t for t in fig.data if isinstance(t, go.Scatter)]
     assert [t.x[0] for t in truths] == [5, 10]
-    assert len(plotting.answer_histogram(task_frame()).layout.annotations) == 2  # one panel per task
+    assert len(answer_histogram(task_frame()).layout.annotations) == 2  # one panel per task
     assert_explains_itself(fig)
     with pytest.raises(ValueError, match="no rows"):
-        plotting.answer_histogram(task_frame(), task="nope")
+        answer_histogram(task_frame(), task="nope")
 
 
 # --- every builder -------------------------------------------------------------------------------
@@ -671,18 +685,18 @@ def every_figure() -> list[go.Figure]:
     n = 6
     head, resid = random_flows(n=n)
     return [
-        plotting.bound_vs_jacobian(tokens(n), torch.rand(n), {HOSTILE: torch.rand(n)}),
-        plotting.attention_heatmap(causal_patterns(n=n), tokens(n)),
-        plotting.attention_paths({n - 1: (head, resid)}, tokens(n)),
-        plotting.spectral_figure(dobrushin=torch.rand(2), title=HOSTILE),
-        plotting.collapse_figure([1, 2], {HOSTILE: [1.0, 0.0]}, {HOSTILE: 0.1}),
-        plotting.head_band_figure([1, 2], [1, 1], [0.5, 0.5], [2, 2], name=HOSTILE),
-        plotting.pe_figure([1, 2], {HOSTILE: ([1, 1], [0, 0])}),
-        plotting.tv_figure([1, 2], torch.rand(2, 2)),
-        plotting.sink_figure({HOSTILE: torch.rand(3)}, (1, 2)),
-        plotting.accuracy_figure(task_frame().assign(task=HOSTILE)),
-        plotting.abs_error_figure(task_frame()),
-        plotting.answer_histogram(task_frame()),
+        bound_vs_jacobian(tokens(n), torch.rand(n), {HOSTILE: torch.rand(n)}),
+        attention_heatmap(causal_patterns(n=n), tokens(n)),
+        attention_paths({n - 1: (head, resid)}, tokens(n)),
+        spectral_figure(dobrushin=torch.rand(2), title=HOSTILE),
+        collapse_figure([1, 2], {HOSTILE: [1.0, 0.0]}, {HOSTILE: 0.1}),
+        head_band_figure([1, 2], [1, 1], [0.5, 0.5], [2, 2], name=HOSTILE),
+        pe_figure([1, 2], {HOSTILE: ([1, 1], [0, 0])}),
+        tv_figure([1, 2], torch.rand(2, 2)),
+        sink_figure({HOSTILE: torch.rand(3)}, (1, 2)),
+        accuracy_figure(task_frame().assign(task=HOSTILE)),
+        abs_error_figure(task_frame()),
+        answer_histogram(task_frame()),
     ]
 
 
@@ -711,13 +725,13 @@ def test_every_figure_explains_itself_and_sends_typed_arrays():
 @pytest.mark.browser
 def test_the_layer_slider_and_target_menu_work_in_chromium(tmp_path):
     from lens_squash.views.report import ReportSection, write_report
-    from tests.test_browser import _Browser, _chromium, _load
+    from .test_browser import _Browser, _chromium, _load
 
     binary = _chromium()
     assert binary, "install Chromium (apt-get install -y chromium) or set LENS_SQUASH_CHROMIUM"
     patterns = causal_patterns(layers=3, heads=2, n=7)
-    heat = plotting.attention_heatmap(patterns, tokens(7))
-    paths = plotting.attention_paths({6: random_flows(3, 2, 7), 4: random_flows(3, 2, 7)}, tokens(7), top_k=5)
+    heat = attention_heatmap(patterns, tokens(7))
+    paths = attention_paths({6: random_flows(3, 2, 7), 4: random_flows(3, 2, 7)}, tokens(7), top_k=5)
     html_path, _ = write_report(tmp_path, [ReportSection("views", figures=[heat, paths])], {})
     browser = _Browser(binary)
     try:

@@ -15,8 +15,11 @@ import plotly.offline
 import pytest
 import torch
 
-from lens_squash.views import plotting
 from lens_squash.core.records import provenance
+from lens_squash.views.attention_figures import attention_heatmap
+from lens_squash.views.bound_figures import bound_vs_jacobian
+from lens_squash.views.collapse_figures import collapse_figure
+from lens_squash.views.edge_figures import attention_paths
 from lens_squash.views.report import (
     SECTION_ORDER,
     ReportSection,
@@ -28,6 +31,9 @@ from lens_squash.views.report import (
     tasks_section,
     write_report,
 )
+from lens_squash.views.sink_figures import sink_figure
+from lens_squash.views.spectral_figures import spectral_figure, spectral_report_figure
+from lens_squash.views.style import caption_of
 
 PAYLOADS = (
     "<script>window.__pwned=1</script>",
@@ -38,7 +44,7 @@ PAYLOADS = (
 
 
 def small_figure(name: str = "curve") -> go.Figure:
-    return plotting.bound_vs_jacobian(None, torch.rand(4) + 0.1, {name: torch.rand(4) + 0.1}, normalised=False)
+    return bound_vs_jacobian(None, torch.rand(4) + 0.1, {name: torch.rand(4) + 0.1}, normalised=False)
 
 
 def standard_sections() -> list[ReportSection]:
@@ -48,11 +54,11 @@ def standard_sections() -> list[ReportSection]:
         model_section(provenance(None, note="test")),
         prompt_section("the prompt", ["a", "b", "c", "d", "e"], predicted="f"),
         ReportSection("bound vs gradient", figures=[small_figure()], table=pd.DataFrame({"variant": ["rollout"], "spearman": [0.5]})),
-        ReportSection("paths", figures=[plotting.attention_paths((patterns, torch.rand(1, n))),
-                                        plotting.attention_heatmap(patterns)]),
-        ReportSection("spectral", figures=[plotting.spectral_figure(dobrushin=torch.rand(3))]),
-        ReportSection("sinks", figures=[plotting.sink_figure({"mass": torch.rand(3)}, (1, 2))]),
-        ReportSection("collapse", figures=[plotting.collapse_figure([1, 2], {"float32": [1e-3, 0.0]})]),
+        ReportSection("paths", figures=[attention_paths((patterns, torch.rand(1, n))),
+                                        attention_heatmap(patterns)]),
+        ReportSection("spectral", figures=[spectral_figure(dobrushin=torch.rand(3))]),
+        ReportSection("sinks", figures=[sink_figure({"mass": torch.rand(3)}, (1, 2))]),
+        ReportSection("collapse", figures=[collapse_figure([1, 2], {"float32": [1e-3, 0.0]})]),
     ]
 
 
@@ -103,10 +109,10 @@ def test_sections_as_a_dict_accept_figures_lists_and_pairs():
 
 def test_hostile_user_text_is_escaped_everywhere():
     hostile_tokens = list(PAYLOADS) + ["ok"]
-    fig = plotting.bound_vs_jacobian(hostile_tokens, torch.rand(5) + 0.1, {PAYLOADS[0]: torch.rand(5) + 0.1})
+    fig = bound_vs_jacobian(hostile_tokens, torch.rand(5) + 0.1, {PAYLOADS[0]: torch.rand(5) + 0.1})
     sections = [
         prompt_section(" ".join(PAYLOADS), hostile_tokens, predicted=PAYLOADS[1]),
-        ReportSection(PAYLOADS[1], figures=[fig, plotting.attention_heatmap(torch.eye(5).expand(1, 1, 5, 5), hostile_tokens)],
+        ReportSection(PAYLOADS[1], figures=[fig, attention_heatmap(torch.eye(5).expand(1, 1, 5, 5), hostile_tokens)],
                       text=PAYLOADS[0], table={PAYLOADS[2]: PAYLOADS[3], "nested": {"k": PAYLOADS[1]}},
                       notes=(PAYLOADS[0],)),
         ReportSection("frame", table=pd.DataFrame({PAYLOADS[0]: [PAYLOADS[1]]})),
@@ -187,8 +193,11 @@ def test_prompt_and_model_sections(tiny):
 def test_analysis_sections_cover_an_analysis_like_object(tiny):
     from types import SimpleNamespace
 
+    from lens_squash.algebra.attention import aggregate_heads
     from lens_squash.algebra.compare import compare_variants
+    from lens_squash.algebra.paths import rollout_matrices
     from lens_squash.algebra.sinks import sink_report
+    from lens_squash.algebra.spectral import analyze_stack
     from lens_squash.edge.trace import trace
 
     traced = trace(tiny, torch.arange(1, 9))
@@ -199,7 +208,7 @@ def test_analysis_sections_cover_an_analysis_like_object(tiny):
     analysis = SimpleNamespace(
         trace=traced, bounds={"rollout": rollout}, table=table, best_variant="rollout",
         summary=lambda: pd.DataFrame({"variant": ["rollout"], "spearman": [0.3]}),
-        spectral=SimpleNamespace(dobrushin=torch.rand(layers), distance_to_rank_one=torch.rand(layers)),
+        spectral=analyze_stack(rollout_matrices(aggregate_heads(traced.patterns.double()))),
         sinks=sink_report(traced.patterns, traced.resid_norms),
     )
     sections = analysis_sections(analysis, prompt=PAYLOADS[0])
@@ -207,14 +216,21 @@ def test_analysis_sections_cover_an_analysis_like_object(tiny):
     page = build_report(sections)
     assert page.count('class="plotly-graph-div"') == 5 and PAYLOADS[0] not in page
     spectral = sections[5].figures[0]
-    assert {t.name for t in spectral.data} == {"τ per layer", "Π τ (bound)", "distance to rank one"}
-    with pytest.raises(ValueError, match="spectral fields"):
-        plotting.spectral_report_figure(SimpleNamespace())
+    assert {t.name for t in spectral.data} == {"eigenvalues Λ̃_ii", "second eigenvalue", "τ per layer", "Π τ (bound)",
+                                               "[Π Λ̃]ₙ,₀", "distance to rank one"}
+    # a field under another name (as an older SpectralReport had it) is refused, not silently dropped
+    fields = {name: getattr(analysis.spectral, name) for name in
+              ("spectrum", "second_eigenvalue", "dobrushin", "rollout_mass")}
+    with pytest.raises(ValueError, match="no spectral field 'rank_one_distance'"):
+        spectral_report_figure(SimpleNamespace(**fields, distance_to_rank_one=analysis.spectral.rank_one_distance))
+    with pytest.raises(ValueError, match=r"\['dobrushin'\].*None"):
+        spectral_report_figure(SimpleNamespace(**{**fields, "dobrushin": None},
+                                               rank_one_distance=analysis.spectral.rank_one_distance))
 
 
 def test_collapse_and_tasks_sections_show_the_results():
-    from lens_squash.experiments.collapse import collapse_curve
     from lens_squash.edge.models import tiny_model
+    from lens_squash.experiments.collapse import collapse_curve
     from lens_squash.experiments.tasks import RESULT_COLUMNS, TaskResults
 
     model = tiny_model(n_layers=2, n_heads=2, d_model=16, positional="rotary", norm="RMS", tokenizer="smollm2", n_ctx=128)
@@ -297,9 +313,14 @@ def test_a_literal_backslash_u_typed_by_the_user_is_left_alone_in_figures(tmp_pa
 def test_every_standard_section_and_every_analysis_figure_has_a_caption(tmp_path):
     import re
 
-    from lens_squash.experiments.analysis import analyze
     from lens_squash.edge.models import load_model
-    from lens_squash.views.report import SECTION_CAPTIONS, SECTION_ORDER, analysis_sections, write_report
+    from lens_squash.experiments.analysis import analyze
+    from lens_squash.views.report import (
+        SECTION_CAPTIONS,
+        SECTION_ORDER,
+        analysis_sections,
+        write_report,
+    )
 
     assert set(SECTION_ORDER) == set(SECTION_CAPTIONS)
     model = load_model("tiny-random", n_ctx=256)
@@ -307,7 +328,7 @@ def test_every_standard_section_and_every_analysis_figure_has_a_caption(tmp_path
     sections = analysis_sections(analysis)
     for section in sections:
         for fig in section.figures:
-            assert plotting.caption_of(fig), (section.title, fig.layout.title.text)
+            assert caption_of(fig), (section.title, fig.layout.title.text)
     html_path, _ = write_report(tmp_path, sections, {}, metadata=analysis.trace.metadata)
     page = html_path.read_text()
     n_figures = sum(len(s.figures) for s in sections)
@@ -317,10 +338,10 @@ def test_every_standard_section_and_every_analysis_figure_has_a_caption(tmp_path
 
 def test_skipped_default_variants_are_named_in_the_report(monkeypatch):
     import lens_squash.edge.lipschitz as lipschitz
-    from lens_squash.experiments.analysis import analyze
-    from lens_squash.edge.models import load_model
-    from lens_squash.views.report import analysis_sections
     from lens_squash.core.support import UnsupportedModelError
+    from lens_squash.edge.models import load_model
+    from lens_squash.experiments.analysis import analyze
+    from lens_squash.views.report import analysis_sections
 
     def refuse(model):
         raise UnsupportedModelError("toy blocks are not modelled")

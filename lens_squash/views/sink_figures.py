@@ -1,0 +1,103 @@
+"""Per-layer sink, massive-activation and compression curves with the Mix–Compress–Refine phases (Queipo-de-Llano et al.).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+from jaxtyping import Float
+from plotly.subplots import make_subplots
+from torch import Tensor
+
+from .style import (
+    as_array,
+    escape_label,
+    finish_layout,
+    integer_axis,
+    line_style,
+    palette_color,
+    trace_data,
+)
+
+__all__ = [
+    "SINK_CURVES",
+    "sink_figure",
+    "sink_report_figure",
+]
+
+_PHASES = (("Mix", "rgba(99,110,250,0.10)"), ("Compress", "rgba(239,85,59,0.12)"), ("Refine", "rgba(0,204,150,0.10)"))
+
+#: per-layer curve name -> (y-axis title, what it measures): the curves of ``sinks.SinkReport``
+SINK_CURVES: dict[str, tuple[str, str]] = {
+    "mean_first_token_attention": ("mass on token 0", "mean attention that queries 1…n−1 put on the first token"),
+    "sink_rate": ("sink heads", "fraction of heads whose first-token mass exceeds ε"),
+    "mixing": ("row entropy", "mean normalised attention-row entropy (1: uniform, 0: a point mass)"),
+    "norm_ratio": ("‖x₀‖ / median ‖xᵢ‖", "the first token's residual norm over the median of the others"),
+    "entropy": ("matrix entropy", "matrix entropy of the residual stream (1: isotropic, 0: rank one)"),
+    "anisotropy": ("σ₁² / ‖X‖²", "share of the residual stream's energy in its top direction"),
+    "rollout_mass": ("rollout mass on token 0", "the last token's rollout mass on token 0 after layers 0…l"),
+    "dobrushin": ("τ(½(A + I))", "Dobrushin coefficient of each layer's rollout matrix"),
+}
+
+
+def sink_figure(
+    curves: Mapping[str, Float[Tensor, "layer"]],
+    phases: tuple[int, int] | None = None,
+    *,
+    log: Sequence[str] = (),
+    title: str = "Sinks, massive activations and compression by layer",
+) -> go.Figure:
+    """One panel per per-layer curve, sharing the layer axis; Mix–Compress–Refine shaded.
+
+    ``phases = (mix_end, compress_end)`` as returned by ``sinks.detect_phases``: layers
+    ``[0, mix_end)`` mix, ``[mix_end, compress_end)`` compress, the rest refine. Curves named in
+    ``log`` get a log y axis (norm ratios span orders of magnitude). Curves named as in
+    :data:`SINK_CURVES` get its axis titles and descriptions; others are titled by their name.
+    """
+    curves = {str(k): as_array(v, f"curves[{k}]", ndim=1) for k, v in curves.items() if v is not None}
+    if not curves:
+        raise ValueError("pass at least one per-layer curve")
+    n_layers = max(len(v) for v in curves.values())
+    height = max(460, 270 * len(curves))
+    fig = make_subplots(rows=len(curves), cols=1, shared_xaxes=True, vertical_spacing=110 / height,
+                        subplot_titles=[escape_label(SINK_CURVES.get(k, (k, k))[1]) for k in curves])
+    for i, (name, values) in enumerate(curves.items()):
+        fig.add_trace(go.Scatter(x=np.arange(len(values)), y=trace_data(values), mode="lines+markers", name=escape_label(name),
+                                 line={"color": palette_color(i)}, marker={"symbol": line_style(i)[1], "size": 6}, showlegend=False,
+                                 hovertemplate=f"{escape_label(name)}<br>layer %{{x}}: %{{y:.4g}}<extra></extra>"),
+                      row=i + 1, col=1)
+        fig.update_yaxes(title_text=escape_label(SINK_CURVES.get(name, (name, ""))[0]), type="log" if name in log else "linear",
+                         row=i + 1, col=1)
+        fig.update_xaxes(title_text="layer", showticklabels=True, row=i + 1, col=1, **integer_axis(n_layers))
+    if phases is not None:
+        bounds = (0, *phases, n_layers)
+        for (label, color), start, end in zip(_PHASES, bounds[:-1], bounds[1:], strict=True):
+            if end > start:
+                fig.add_vrect(x0=start - 0.5, x1=end - 0.5, fillcolor=color, line_width=0, layer="below",
+                              row="all", col=1)
+                fig.add_annotation(x=(start + end - 1) / 2, y=1.0, yref="paper", yanchor="bottom", yshift=22,
+                                   text=f"<i>{label}</i>", showarrow=False, font={"size": 12, "color": "#555"})
+    caption = (
+        "Per-layer profiles of one forward pass, one panel each (x: layer index; curves computed from residual "
+        "streams are indexed by the stream entering that layer): "
+        + "; ".join(f"{name}: {SINK_CURVES.get(name, (name, 'as named'))[1]}" for name in curves) + "."
+        + (" Shading marks the Mix, Compress and Refine phases of depth (Queipo-de-Llano et al.): the Compress "
+           "phase is the valley of the matrix entropy." if phases is not None else "")
+        + (f" Log axes: {', '.join(n for n in curves if n in log)}." if any(n in log for n in curves) else "")
+    )
+    return finish_layout(fig, title, caption=caption, height=height, margin={"t": 110})
+
+
+_SINK_CURVES = ("mean_first_token_attention", "sink_rate", "mixing", "norm_ratio", "entropy", "anisotropy")
+
+
+def sink_report_figure(report: Any, **kwargs) -> go.Figure:
+    """:func:`sink_figure` for a ``sinks.SinkReport`` (its curves, phases, log axis for norm ratios)."""
+    curves = {name: getattr(report, name, None) for name in _SINK_CURVES}
+    kwargs.setdefault("log", ("norm_ratio",))
+    return sink_figure(curves, getattr(report, "phases", None), **kwargs)
+
+
