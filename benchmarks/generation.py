@@ -2,7 +2,7 @@
 
 The same task prompts (copying and counting, through the chat template, of different lengths so that
 left padding is exercised) are generated with the same ``max_new_tokens``: once in batches of
-``--batch-size`` by :func:`lens_squash.experiments.tasks.greedy_generate`, once one prompt per call. The goal
+``--batch-size`` by :func:`lens_squash.edge.generation.greedy_generate`, once one prompt per call. The goal
 (issue 5) is batched throughput ≥ 3× one-at-a-time. The batched outputs must equal the one-at-a-time
 outputs token for token (left padding must not change a greedy answer); any mismatch is printed.
 
@@ -18,7 +18,8 @@ import time
 import torch
 
 from lens_squash.edge.models import format_prompt, load_model
-from lens_squash.experiments.tasks import greedy_generate, make_instances
+from lens_squash.edge.generation import greedy_generate
+from lens_squash.experiments.task_prompts import make_instances
 
 
 def prompts_for(model, n_prompts: int) -> list[torch.Tensor]:

@@ -40,7 +40,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "analyze": (".experiments.analysis", "analyze"),
     "analyze_many": (".experiments.many", "analyze_many"),
     "check_model": (".edge.models", "check_model"),
-    "copy_prompt": (".experiments.tasks", "copy_prompt"),
+    "copy_prompt": (".experiments.task_prompts", "copy_prompt"),
     "flow": (".edge.flow", "flow"),
     "format_prompt": (".edge.models", "format_prompt"),
     "from_hf_llama": (".edge.models", "from_hf_llama"),

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .tasks import TASKS
+from .task_prompts import TASKS
 
 __all__ = ["FAMILIES", "CollapseFamily", "family_pairs"]
 

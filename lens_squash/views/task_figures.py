@@ -31,7 +31,7 @@ def _task_frame(results: Any) -> pd.DataFrame:
     if missing:
         raise ValueError(f"the results frame lacks columns {sorted(missing)}")
     frame = frame.copy()
-    modes = frame["mode"] if "mode" in frame.columns else pd.Series([""] * len(frame), index=frame.index)
+    modes = frame["style"] if "style" in frame.columns else pd.Series([""] * len(frame), index=frame.index)
     several = frame.assign(_mode=modes).groupby("task")["_mode"].nunique() > 1
     frame["series"] = [f"{t} ({m})" if several.get(t, False) else str(t) for t, m in zip(frame["task"], modes, strict=True)]
     return frame

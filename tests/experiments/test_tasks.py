@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from lens_squash.experiments import tasks
+from lens_squash.experiments import runs, task_eval, task_results, tasks
 from lens_squash.experiments.tasks import (
     FILLER_WORDS,
-    MODES,
     RESULT_COLUMNS,
+    STYLES,
     TASKS,
     ParsedAnswer,
     TaskResults,
@@ -92,18 +92,18 @@ def test_bernoulli_and_car_prompts_wrap_the_sequence_in_the_papers_words():
     )
 
 
-def test_cot_modes_extend_the_question_and_few_shot_uses_the_appendix_sums():
-    question = make_instance("sum_ones", 5, mode="answer").prompt.removesuffix(ANSWER_ONLY)
-    cot = make_instance("sum_ones", 5, mode="cot").prompt
-    few = make_instance("sum_ones", 5, mode="cot_few_shot").prompt
+def test_cot_styles_extend_the_question_and_few_shot_uses_the_appendix_sums():
+    question = make_instance("sum_ones", 5, style="answer").prompt.removesuffix(ANSWER_ONLY)
+    cot = make_instance("sum_ones", 5, style="cot").prompt
+    few = make_instance("sum_ones", 5, style="cot_few_shot").prompt
     assert cot == question + COT
     assert few == cot + " Here are a few examples:\n\n" + PAPER_SUM_EXAMPLES
     for task in ("count_ones", "count_bernoulli", "count_car"):
-        few = make_instance(task, 6, mode="cot_few_shot").prompt
+        few = make_instance(task, 6, style="cot_few_shot").prompt
         assert (
             few.count("The final answer to your maths question is:") == 3
         )  # instruction + 2 examples
-        assert few.startswith(make_instance(task, 6, mode="cot").prompt)
+        assert few.startswith(make_instance(task, 6, style="cot").prompt)
 
 
 def test_our_few_shot_examples_state_correct_answers():
@@ -119,13 +119,13 @@ def test_our_few_shot_examples_state_correct_answers():
             assert parse_answer(last, "count").value == truth
 
 
-def test_every_task_of_section_3_is_registered_with_its_modes():
+def test_every_task_of_section_3_is_registered_with_its_styles():
     assert set(TASKS) == {
         "copy_last", "copy_first", "copy_last_hint", "copy_alternating", "copy_type1", "copy_type2",
         "sum_ones", "count_ones", "count_bernoulli", "count_car",
     }  # fmt: skip
     for name, spec in TASKS.items():
-        assert spec.modes == (("answer",) if spec.kind == "copy" else MODES), name
+        assert spec.styles == (("answer",) if spec.kind == "copy" else STYLES), name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,8 +148,8 @@ def test_instances_are_deterministic_and_the_seed_is_not_pythons_salted_hash():
         make_instance("count_bernoulli", 30, 0, seed=1).sequence
         != make_instance("count_bernoulli", 30, 0).sequence
     )
-    # the three modes ask about the same sequence
-    assert len({make_instance("count_car", 15, 2, m).sequence for m in MODES}) == 1
+    # the three styles ask about the same sequence
+    assert len({make_instance("count_car", 15, 2, m).sequence for m in STYLES}) == 1
 
 
 def _sequence_text(task: str, prompt: str) -> str:
@@ -181,8 +181,8 @@ def test_every_generator_computes_the_truth_shown_in_its_prompt():
     for _ in range(600):
         task = rng.choice(sorted(TASKS))
         length, sample, seed = rng.randint(1, 60), rng.randint(0, 50), rng.randint(0, 10**6)
-        mode = rng.choice(TASKS[task].modes)
-        inst = make_instance(task, length, sample, mode, seed)
+        style = rng.choice(TASKS[task].styles)
+        inst = make_instance(task, length, sample, style, seed)
         text = _sequence_text(task, inst.prompt)
         n_items = len(text.split(" + " if task == "sum_ones" else " "))
         assert n_items == len(inst.sequence) == length, (task, length)
@@ -222,8 +222,8 @@ def test_filler_words_never_hide_car():
         ({"task": "copy_last", "length": True}, "length must be an integer"),
         ({"task": "copy_last", "length": 2.0}, "length must be an integer"),
         ({"task": "copy_last", "length": 3, "sample": -1}, "sample must be >= 0"),
-        ({"task": "copy_last", "length": 3, "mode": "cot"}, "use one of: answer"),
-        ({"task": "sum_ones", "length": 3, "mode": "few_shot"}, "answer, cot, cot_few_shot"),
+        ({"task": "copy_last", "length": 3, "style": "cot"}, "use one of: answer"),
+        ({"task": "sum_ones", "length": 3, "style": "few_shot"}, "answer, cot, cot_few_shot"),
     ],
 )
 def test_bad_arguments_say_what_is_wrong(kwargs, message):
@@ -436,7 +436,7 @@ def test_evaluate_gives_a_tidy_frame(uninterrupted, chat_model):
     frame = uninterrupted.frame
     assert tuple(frame.columns) == RESULT_COLUMNS
     expected = make_instances(GRID["task"], GRID["lengths"], GRID["n_samples"])
-    assert list(zip(frame.task, frame["mode"], frame.length, frame["sample"], strict=True)) == [
+    assert list(zip(frame.task, frame["style"], frame.length, frame["sample"], strict=True)) == [
         i.key for i in expected
     ]
     assert frame.truth.tolist() == [i.truth for i in expected]
@@ -472,7 +472,7 @@ def test_evaluate_scores_parsed_replies(chat_model, monkeypatch):
             for _ in prompts
         ]
 
-    monkeypatch.setattr(tasks, "greedy_generate", canned)
+    monkeypatch.setattr(task_eval, "greedy_generate", canned)
     results = evaluate(
         chat_model, ["copy_last", "sum_ones"], [2, 4, 5], 1, batch_size=2, progress=False
     )
@@ -500,7 +500,7 @@ def test_a_reply_that_copies_the_run_of_ones_is_unparsable_not_a_crash(chat_mode
     def canned(model, prompts, **kwargs):
         return [torch.tensor(tokenizer.encode(ones) + [tokenizer.eos_token_id]) for _ in prompts]
 
-    monkeypatch.setattr(tasks, "greedy_generate", canned)
+    monkeypatch.setattr(task_eval, "greedy_generate", canned)
     frame = evaluate(chat_model, "count_ones", [3], 1, progress=False).frame
     assert frame.parse_status.tolist() == ["unparsable"] and frame.raw_output.tolist() == [ones]
     assert frame.parsed_answer.isna().all() and not frame.correct.any()
@@ -521,7 +521,7 @@ def test_interrupted_run_resumes_without_redoing_work(
     chat_model, uninterrupted, tmp_path, monkeypatch
 ):
     calls = []
-    real = tasks.greedy_generate
+    real = task_eval.greedy_generate
 
     def counting(model, prompts, **kwargs):
         calls.append(len(prompts))
@@ -530,7 +530,7 @@ def test_interrupted_run_resumes_without_redoing_work(
     def stop_after_first(index, rows):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tasks, "greedy_generate", counting)
+    monkeypatch.setattr(task_eval, "greedy_generate", counting)
     out = tmp_path / "run.jsonl"
     with pytest.raises(KeyboardInterrupt):
         evaluate(
@@ -604,8 +604,8 @@ def _synthetic_results(seed: int = 0) -> TaskResults:
         value = rng.choice([0, 1, inst.truth, inst.truth + 2, None])
         phrase = "The final answer to your maths question is" if inst.kind == "count" else "The answer to your question is"
         raw = "no idea" if value is None else f"{phrase}: {value}"
-        rows.append(tasks._row(inst, raw, 10, 5, "synthetic"))
-    return TaskResults(tasks._frame(rows))
+        rows.append(task_eval._row(inst, raw, 10, 5, "synthetic"))
+    return TaskResults(task_results.results_frame(rows))
 
 
 def _scatter_by_name(fig) -> dict[str, tuple[list, list]]:
@@ -624,10 +624,10 @@ def test_line_figures_show_exactly_the_summary_table(kind, column, tasks_shown):
     results = _synthetic_results()
     summary = tasks.summarize_results(results)
     expected = {}
-    for (task, mode), group in summary.groupby(["task", "mode"]):
+    for (task, mode), group in summary.groupby(["task", "style"]):
         if task not in tasks_shown:
             continue
-        several = summary[summary.task == task]["mode"].nunique() > 1
+        several = summary[summary.task == task]["style"].nunique() > 1
         group = group.dropna(subset=[column])
         expected[f"{task} ({mode})" if several else task] = (group.length.tolist(), group[column].tolist())
     shown = _scatter_by_name(results.plot(kind))
@@ -645,9 +645,9 @@ def test_histogram_counts_every_parsed_answer_once():
     counting = results.frame[results.frame.task.isin(["sum_ones", "count_bernoulli"])]
     assert counted == int(counting.parsed_answer.notna().sum())
     # the first bar trace is the first panel's shortest length: its bars are that group's value counts
-    first_series = sorted(f"{t} ({m})" for t, m in set(zip(counting.task, counting["mode"], strict=True)))[0]
+    first_series = sorted(f"{t} ({m})" for t, m in set(zip(counting.task, counting["style"], strict=True)))[0]
     task, mode = first_series.split(" (")
-    rows = counting[(counting.task == task) & (counting["mode"] == mode.rstrip(")")) & (counting.length == 3)]
+    rows = counting[(counting.task == task) & (counting["style"] == mode.rstrip(")")) & (counting.length == 3)]
     counts = rows.parsed_answer.dropna().astype(int).value_counts().sort_index()
     assert list(bars[0].x) == counts.index.tolist() and list(bars[0].y) == counts.tolist()
 
@@ -670,16 +670,16 @@ def test_repr_html_escapes_the_model_name():
 
 
 RUN = {"tasks": ["copy_last", "copy_type2", "count_ones"], "lengths": [2, 4], "n_samples": 2,
-       "modes": ["answer", "cot"], "max_new_tokens": 3, "batch_size": 3, "progress": False}  # fmt: skip
+       "style": ["answer", "cot"], "max_new_tokens": 3, "batch_size": 3, "progress": False}  # fmt: skip
 
 
 def test_run_tasks_writes_everything_and_resumes_after_an_interruption(chat_model, tmp_path, monkeypatch):
     reference = tasks.run_tasks(chat_model, **RUN)  # in memory, no files
-    # copying tasks offer only "answer": 2 lengths x 2 samples each; count_ones both modes: 8 rows
+    # copying tasks offer only "answer": 2 lengths x 2 samples each; count_ones both styles: 8 rows
     assert len(reference.frame) == 4 + 4 + 8
-    assert set(zip(reference.frame.task, reference.frame["mode"], strict=True)) == {
+    assert set(zip(reference.frame.task, reference.frame["style"], strict=True)) == {
         ("copy_last", "answer"), ("copy_type2", "answer"), ("count_ones", "answer"), ("count_ones", "cot")}
-    real, calls = tasks.greedy_generate, []
+    real, calls = task_eval.greedy_generate, []
 
     def flaky(model, prompts, **kwargs):
         calls.append(len(prompts))
@@ -687,7 +687,7 @@ def test_run_tasks_writes_everything_and_resumes_after_an_interruption(chat_mode
             raise KeyboardInterrupt  # dies in the middle of the second task
         return real(model, prompts, **kwargs)
 
-    monkeypatch.setattr(tasks, "greedy_generate", flaky)
+    monkeypatch.setattr(task_eval, "greedy_generate", flaky)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         tasks.run_tasks(chat_model, **RUN, out_dir=out)
@@ -704,13 +704,12 @@ def test_run_tasks_writes_everything_and_resumes_after_an_interruption(chat_mode
     summary = tasks.summarize_results(out / "results.csv")
     pd.testing.assert_frame_equal(summary, reference.accuracy_by_length())
     assert [r["accuracy"] for r in saved["summary"]] == summary.accuracy.tolist()
-    page = (out / "figures.html").read_text()
-    assert page.count("Plotly.newPlot") == 4 and "Fig. 11" in page
+    # the figures are the results' own (the command line writes them to figures.html)
     assert sorted(p.name for p in out.iterdir()) == [
-        "figures.html", "results.csv", "results.fingerprint.json", "results.json", "results.jsonl"]
+        "results.csv", "results.fingerprint.json", "results.json", "results.jsonl"]
 
 
-def test_run_tasks_refuses_a_mode_a_task_does_not_offer(chat_model, tmp_path):
+def test_run_tasks_refuses_a_style_a_task_does_not_offer(chat_model, tmp_path):
     with pytest.raises(ValueError, match="copying tasks have only 'answer'"):
         tasks.run_tasks(chat_model, ["copy_last"], [2], 1, "cot", tmp_path)
     assert not any(tmp_path.iterdir())  # validated before any generation
@@ -809,7 +808,7 @@ def test_every_prompt_is_checked_against_the_context_before_the_first_reply(chat
     def never(*args, **kwargs):
         pytest.fail("generated before the over-long prompt was refused")
 
-    monkeypatch.setattr(tasks, "greedy_generate", never)
+    monkeypatch.setattr(task_eval, "greedy_generate", never)
     with pytest.raises(ValueError, match=r"the prompt has \d+ tokens but the model was loaded with n_ctx=256"):
         tasks.run_tasks(chat_model, ["copy_first", "copy_last"], [2, 400], 1, "answer", tmp_path / "run",
                         max_new_tokens=3, progress=False)
@@ -823,12 +822,13 @@ def test_every_prompt_is_checked_against_the_context_before_the_first_reply(chat
 def test_overwrite_removes_the_old_runs_summaries_before_generating(chat_model, tmp_path, monkeypatch):
     out = tmp_path / "run"
     tasks.run_tasks(chat_model, "copy_last", [2], 1, "answer", out, max_new_tokens=3, progress=False)
-    assert (out / "results.csv").exists() and (out / "figures.html").exists()
+    (out / "figures.html").write_text("the old run's page")  # what `lens-squash tasks` writes beside them
+    assert (out / "results.csv").exists()
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tasks, "greedy_generate", interrupted)
+    monkeypatch.setattr(task_eval, "greedy_generate", interrupted)
     with pytest.raises(KeyboardInterrupt):
         tasks.run_tasks(chat_model, "copy_last", [2], 1, "answer", out, max_new_tokens=4, overwrite=True,
                         progress=False)
@@ -845,7 +845,7 @@ def test_a_record_left_without_rows_is_replaced_not_trusted(chat_model, tmp_path
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(tasks, "greedy_generate", interrupted)
+        patch.setattr(task_eval, "greedy_generate", interrupted)
         with pytest.raises(KeyboardInterrupt):  # stopped before its first batch: a record, no rows
             evaluate(chat_model, **SMALL, out_path=out)
     assert tasks.fingerprint_path(out).exists() and not out.exists()
@@ -861,7 +861,24 @@ def test_a_record_left_without_rows_is_replaced_not_trusted(chat_model, tmp_path
     ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be >= 1"),
 ])
 def test_run_tasks_refuses_bad_settings_before_any_work(chat_model, tmp_path, monkeypatch, kwargs, error, message):
-    monkeypatch.setattr(tasks, "weights_sha256", lambda model: pytest.fail("hashed before refusing"))
+    monkeypatch.setattr(runs, "weights_sha256", lambda model: pytest.fail("hashed before refusing"))
     with pytest.raises(error, match=message):
         tasks.run_tasks(chat_model, "copy_last", [2], 1, "answer", tmp_path / "run", progress=False, **kwargs)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_old_name_mode_still_works_and_old_files_still_resume(chat_model, tmp_path, monkeypatch):
+    """``mode`` became ``style`` (issue 15: the word now means only the Jacobian's): the old keyword
+    warns and gives the same prompts, and a results file written with a ``mode`` field resumes."""
+    with pytest.warns(DeprecationWarning, match=r"make_instance\(mode=...\) is now make_instance\(style=...\)"):
+        old = make_instance("sum_ones", 5, mode="cot")
+    assert old == make_instance("sum_ones", 5, style="cot") and old.mode == "cot"
+    out = tmp_path / "results.jsonl"
+    first = evaluate(chat_model, **SMALL, out_path=out)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    out.write_text("".join(json.dumps({("mode" if k == "style" else k): v for k, v in row.items()}) + "\n"
+                           for row in lines))  # as the file was written before the rename
+    monkeypatch.setattr(task_eval, "greedy_generate", lambda *a, **k: pytest.fail("a finished row was redone"))
+    resumed = evaluate(chat_model, **SMALL, out_path=out)
+    pd.testing.assert_frame_equal(resumed.frame, first.frame)
+    pd.testing.assert_frame_equal(load_results(out).frame, first.frame)
