@@ -1,6 +1,6 @@
 """Cost of the per-layer sink, compression and over-squashing metrics against one forward pass.
 
-Every metric of :func:`lens_squash.algebra.sinks.sink_analysis` comes from one traced forward pass of
+Every metric of :func:`lens_squash.experiments.sinks.sink_analysis` comes from one traced forward pass of
 SmolLM2-135M-Instruct (30 layers, 9 heads, d_model 576) on an ``n``-token prompt. This script times,
 in one run and on the same prompt:
 
@@ -26,16 +26,10 @@ import torch
 
 from lens_squash.edge.models import load_model
 from lens_squash.algebra.paths import rollout_matrices
-from lens_squash.algebra.sinks import (
-    first_token_mass,
-    massive_activations,
-    matrix_entropy,
-    mixing_score,
-    rollout_dobrushin,
-    rollout_first_token_mass,
-    sink_rate,
-    sink_report_from_trace,
-)
+from lens_squash.algebra.compression import matrix_entropy
+from lens_squash.algebra.massive import massive_activations
+from lens_squash.algebra.sinks import first_token_attention, mixing_score, rollout_dobrushin, rollout_mass, sink_rate
+from lens_squash.experiments.sinks import sink_report_from_trace
 from lens_squash.algebra.spectral import dobrushin
 from lens_squash.edge.trace import trace
 
@@ -89,14 +83,14 @@ def main() -> None:
     patterns, resid = tr.patterns, tr.resid
     rows += [
         ("first-token mass + sink rate (ε = 0.3)",
-         timed(lambda: (first_token_mass(patterns), sink_rate(patterns)), repeat)[0]),
+         timed(lambda: (first_token_attention(patterns), sink_rate(patterns)), repeat)[0]),
         ("mixing score (row entropies)", timed(lambda: mixing_score(patterns), repeat)[0]),
         ("massive activations", timed(lambda: massive_activations(tr.resid_norms, tr.first_token_resid), repeat)[0]),
     ]
     gram_s, gram = timed(lambda: matrix_entropy(resid, method="gram"), repeat)
     svd_s, svd = timed(lambda: matrix_entropy(resid, method="svd"), repeat)
     rows += [("matrix entropy via Gram (smaller side)", gram_s), ("matrix entropy via SVD (n × d)", svd_s)]
-    rows.append(("rollout first-token mass (L mat-vecs)", timed(lambda: rollout_first_token_mass(patterns), repeat)[0]))
+    rows.append(("rollout first-token mass (L mat-vecs)", timed(lambda: rollout_mass(patterns), repeat)[0]))
     closed_s, closed = timed(lambda: rollout_dobrushin(patterns), repeat)
     rows.append(("Dobrushin τ, causal closed form (all layers)", closed_s))
 
