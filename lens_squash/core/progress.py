@@ -82,11 +82,14 @@ class _NoBar:
         pass
 
 
-def counter(*, desc: str, total: int | None, initial: int = 0, unit: str = "it", enabled: bool | None = None):
+def counter(*, desc: str, total: int | None, initial: int = 0, unit: str = "it", enabled: bool | None = None,
+            delay: float = 0.0):
     """A bar advanced by hand (``with counter(...) as bar: bar.update(k)``), for work that is not one
-    loop over an iterable (batches of uneven size, resumed runs that start at ``initial``)."""
+    loop over an iterable (batches of uneven size, resumed runs that start at ``initial``). ``delay``:
+    seconds before the bar appears (work that ends sooner shows none)."""
     if not (bars_enabled() if enabled is None else enabled):
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(desc=desc, total=total, initial=initial, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True)
+    return tqdm(desc=desc, total=total, initial=initial, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True,
+                delay=delay)

@@ -37,15 +37,15 @@ def _resid_pre(model, tokens, layer: int):
 
 
 
-def reference_jacobian(model, tokens, *, target_pos=-1, target="final", wrt=0, fwd_hooks=(), rows=None):
+def reference_jacobian(model, tokens, *, target_pos=-1, layer="final", wrt=0, fwd_hooks=(), rows=None):
     """``[d_out, pos, d_in]`` (or only the output ``rows``) by jacrev through a hand-written loop over the blocks."""
-    last = model.cfg.n_layers - 1 if target == "final" else target
+    last = model.cfg.n_layers - 1 if layer == "final" else layer
 
     def f(v):
         x = v
         for block in model.blocks[wrt : last + 1]:
             x = block(x)
-        if target == "final" and model.cfg.normalization_type is not None:
+        if layer == "final" and model.cfg.normalization_type is not None:
             x = model.ln_final(x)
         y = x[0, target_pos]
         return y if rows is None else y[rows]
@@ -92,12 +92,12 @@ def test_earlier_target_position_drops_later_tokens_exactly():
     assert ref[:, 4:].abs().max() == 0  # causality: the dropped positions have J_i = 0
 
 
-@pytest.mark.parametrize(("target", "wrt"), [(0, 0), (1, 1), ("final", 1), (2, 1)])
-def test_layer_targets_and_inputs(target, wrt):
+@pytest.mark.parametrize(("layer", "wrt"), [(0, 0), (1, 1), ("final", 1), (2, 1)])
+def test_layer_targets_and_inputs(layer, wrt):
     model = _tiny(n_layers=3, norm="RMS", positional="rotary")
     tokens = _tokens(6)
-    result = jacobian(model, tokens, target=target, wrt=wrt, keep_full=True)
-    ref = reference_jacobian(model, tokens, target=target, wrt=wrt)
+    result = jacobian(model, tokens, layer=layer, wrt=wrt, keep_full=True)
+    ref = reference_jacobian(model, tokens, layer=layer, wrt=wrt)
     torch.testing.assert_close(result.full, ref, **TOL64)
     torch.testing.assert_close(result.spectral, _norms_of(ref)["spectral"], **TOL64)
 
@@ -106,7 +106,7 @@ def test_final_target_without_final_norm_is_last_resid_post():
     model = _tiny(norm=None)
     tokens = _tokens(5)
     final = jacobian(model, tokens, keep_full=True)
-    last_layer = jacobian(model, tokens, target=1, keep_full=True)
+    last_layer = jacobian(model, tokens, layer=1, keep_full=True)
     torch.testing.assert_close(final.full, last_layer.full, atol=0, rtol=0)
     torch.testing.assert_close(final.full, reference_jacobian(model, tokens), **TOL64)
 
@@ -123,12 +123,12 @@ def test_forward_pass_stops_at_the_target_layer():
         final = jacobian(model, tokens, keep_full=True)
         handles.append(model.blocks[2].register_forward_pre_hook(refuse))
         handles.append(model.ln_final.register_forward_pre_hook(refuse))
-        middle = jacobian(model, tokens, target=1, keep_full=True)
+        middle = jacobian(model, tokens, layer=1, keep_full=True)
     finally:
         for handle in handles:
             handle.remove()
     torch.testing.assert_close(final.full, reference_jacobian(model, tokens), **TOL64)
-    torch.testing.assert_close(middle.full, reference_jacobian(model, tokens, target=1), **TOL64)
+    torch.testing.assert_close(middle.full, reference_jacobian(model, tokens, layer=1), **TOL64)
 
 
 def test_non_models_are_refused_before_any_work():
@@ -214,11 +214,11 @@ def test_sketch_is_unbiased_on_average_over_seeds():
     [
         ({"target_pos": 7}, "target_pos"),
         ({"target_pos": -8}, "target_pos"),
-        ({"target": 2}, "target"),
-        ({"target": "logits"}, "target"),
+        ({"layer": 2}, "layer"),
+        ({"layer": "logits"}, "layer"),
         ({"wrt": 2}, "wrt"),
         ({"wrt": -1}, "wrt"),
-        ({"target": 0, "wrt": 1}, "wrt"),
+        ({"layer": 0, "wrt": 1}, "wrt"),
         ({"mode": "adjoint"}, "mode"),
         ({"mode": "sketch", "n_probes": 17}, "n_probes"),
         ({"chunk_size": 0}, "chunk_size"),
@@ -233,15 +233,15 @@ def test_too_large_a_request_names_a_chunk_size_that_then_works(tiny):
     tokens = _tokens(7, 32)
     budget = estimate_memory(tiny, 7, chunk_size=3)
     with pytest.raises(MemoryError, match=r"chunk_size=\d+") as err:
-        jacobian(tiny, tokens, chunk_size=16, max_memory_bytes=budget)
+        jacobian(tiny, tokens, chunk_size=16, max_memory_bytes=budget, checkpoint=False)
     suggested = int(re.search(r"use chunk_size=(\d+)", str(err.value)).group(1))
     assert 1 <= suggested < 16
-    result = jacobian(tiny, tokens, chunk_size=suggested, max_memory_bytes=budget)
+    result = jacobian(tiny, tokens, chunk_size=suggested, max_memory_bytes=budget, checkpoint=False)
     torch.testing.assert_close(result.spectral, jacobian(tiny, tokens).spectral, **TOL64)
-    assert result.metadata["chunk_size"] == suggested
+    assert result.provenance["chunk_size"] == suggested
     # the default chunk shrinks by itself to fit; a budget below even one cotangent is refused
-    assert jacobian(tiny, tokens, max_memory_bytes=budget).metadata["chunk_size"] <= 3
-    with pytest.raises(MemoryError, match="mode='sketch'"):
+    assert jacobian(tiny, tokens, max_memory_bytes=budget, checkpoint=False).provenance["chunk_size"] <= 3
+    with pytest.raises(MemoryError, match="the largest prompt that fits is 0 tokens"):
         jacobian(tiny, tokens, max_memory_bytes=1000)
 
 
