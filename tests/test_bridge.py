@@ -19,7 +19,7 @@ import contextlib
 import pytest
 import torch
 
-from lens_squash.edge import models
+from lens_squash.edge import backends, gguf, hub, models, tiny
 from lens_squash.edge.jacobian import jacobian
 from lens_squash.edge.models import ModelLoadError, check_model, load_model
 
@@ -201,9 +201,9 @@ def test_non_transformer_lens_objects_are_refused_with_a_type_error():
 
 @pytest.mark.bridge
 def test_bridge_before_compatibility_mode_is_refused():
-    tokenizer = models._offline_tokenizer()
-    hf_model = models._tiny_random_llama(dtype=torch.float32, n_ctx=32, tokenizer=tokenizer)
-    bridge = models._bridge_class().boot_transformers(
+    tokenizer = gguf.offline_tokenizer()
+    hf_model = tiny._tiny_random_llama(dtype=torch.float32, n_ctx=32, tokenizer=tokenizer)
+    bridge = backends.bridge_class().boot_transformers(
         models.TINY_MODEL, hf_model=hf_model, tokenizer=tokenizer, device="cpu"
     )
     with pytest.raises(ValueError, match=r"enable_compatibility_mode\(no_processing=True\)"):
@@ -224,7 +224,7 @@ def test_bad_n_ctx_is_refused_first(n_ctx):
 @pytest.mark.bridge
 @pytest.mark.parametrize("name", [models.TINY_MODEL, models.DEFAULT_MODEL])
 def test_n_ctx_beyond_the_trained_positions_is_refused_before_loading(name, monkeypatch):
-    for loader in ("_tiny_random_bridge", "_load_offline_bridge", "_cached_weights"):
+    for loader in ("tiny_random_bridge", "load_offline_bridge"):
         monkeypatch.setattr(models, loader, lambda *a, **k: pytest.fail("loaded despite a bad n_ctx"))
     with pytest.raises(ValueError, match=r"n_ctx=10000000000 is outside 1\.\.8192"):
         load_model(name, backend="bridge", n_ctx=10**10)
@@ -247,7 +247,7 @@ def test_unknown_backend_names_the_two(backend):
 @pytest.mark.bridge
 def test_bridge_raw_prompts_get_no_bos_as_the_tokenizer_gives_none(bridge64):
     tokenizer = bridge64.tokenizer
-    plain = models._offline_tokenizer()  # TransformerLens wraps the bridge's to add BOS; this one adds none
+    plain = gguf.offline_tokenizer()  # TransformerLens wraps the bridge's to add BOS; this one adds none
     for text in ["hello", "1 1 1 0"]:
         assert models.format_prompt(bridge64, text, chat=False).tolist() == plain(text)["input_ids"]
     chat = models.format_prompt(bridge64, "hello")
@@ -278,7 +278,7 @@ def test_offline_hub_model_is_refused_at_once_without_trying_to_load(monkeypatch
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty Hugging Face cache
-    bridge_cls = models._bridge_class()
+    bridge_cls = backends.bridge_class()
 
     def no_download(*args, **kwargs):
         raise AssertionError("load_model tried to load although the Hub is unreachable")
@@ -296,9 +296,9 @@ def test_bridge_hub_names_resolve_aliases_and_refuse_unknown_names_briefly():
     from transformer_lens.supported_models import MODEL_ALIASES
 
     official, aliases = next((o, a) for o, a in MODEL_ALIASES.items() if a)
-    assert models._hub_name(aliases[0], "bridge") == official
-    assert models._hub_name(official, "bridge") == official
-    assert models._hub_name("some-owner/some-model", "bridge") == "some-owner/some-model"  # any repo id
+    assert hub._hub_name(aliases[0], "bridge") == official
+    assert hub._hub_name(official, "bridge") == official
+    assert hub._hub_name("some-owner/some-model", "bridge") == "some-owner/some-model"  # any repo id
     with pytest.raises(ModelLoadError, match="unknown model 'gpt2-smal'. Did you mean 'gpt2-small'") as refused:
         load_model("gpt2-smal", backend="bridge")
     assert "\n" not in str(refused.value) and len(str(refused.value)) < 400
@@ -310,7 +310,7 @@ def test_hub_probe_gives_up_on_an_unreachable_endpoint(monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "https://127.0.0.1:9")  # discard port: nothing listens
-    assert models._hub_reachable(timeout=1.0) is False
+    assert hub._hub_reachable(timeout=1.0) is False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -324,7 +324,7 @@ def hooked64():
 
 def test_tiny_random_bridge_carries_the_hooked_weights(hooked64, bridge64):
     state = hooked64.state_dict()
-    for name, value in models._tiny_random_state(hooked64.cfg.d_vocab, torch.float64).items():
+    for name, value in tiny.tiny_random_state(hooked64.cfg.d_vocab, torch.float64).items():
         assert torch.equal(state[name], value), name
     for name, value in state.items():  # every other parameter: zero biases and unit gains
         if name.endswith((".b_Q", ".b_O", "._b_K", "._b_V", ".b_in", ".b_out", "b_U")):
@@ -422,7 +422,7 @@ def test_smollm2_bridge_logits_equal_the_gguf_transformers_model(smollm2_bridge,
 def test_damaged_bridge_cache_is_rebuilt_with_identical_logits(smollm2_bridge, tmp_path, monkeypatch):
     import shutil
 
-    key, _ = models._cache_key(models._gguf_path(models.OFFLINE_MODELS[models.DEFAULT_MODEL]))
+    key, _ = gguf.cache_key(gguf.gguf_path(models.OFFLINE_MODELS[models.DEFAULT_MODEL]))
     entry = models.cache_dir() / models.DEFAULT_MODEL / f"bridge-{key}"
     copy = tmp_path / models.DEFAULT_MODEL / entry.name
     shutil.copytree(entry, copy)

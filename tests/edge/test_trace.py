@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lens_squash.edge.models import _offline_tokenizer, from_hf_llama, tiny_model
+from lens_squash.edge.gguf import offline_tokenizer
+from lens_squash.edge.models import from_hf_llama, tiny_model
 from lens_squash.edge.trace import final_representation, trace
 
 TOKENS = torch.tensor([3, 14, 15, 9, 2, 6, 5, 3])
@@ -57,7 +58,7 @@ def test_final_representation_matches_ln_final(norm):
 
 
 def _tiny_llama_pair():
-    tokenizer = _offline_tokenizer()
+    tokenizer = offline_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,

@@ -1,0 +1,198 @@
+"""Tiny random models: seeded, built in milliseconds, for tests, demos and the paper's synthetic checks.
+
+:func:`tiny_model` has every knob those need (positional encoding, norm, causal or bidirectional
+attention, GQA, local windows); ``tiny-random`` is SmolLM2's architecture in miniature with its
+tokenizer, the one set of weights on both backends (a ``HookedTransformer`` and a bridge over an
+equivalent ``transformers`` Llama).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import ModelLoadError, boot_bridge, hooked_api
+from .dtypes import resolve_dtype
+from .gguf import offline_tokenizer
+from .model_names import TINY_MODEL
+
+__all__ = ["TINY_RANDOM_MAX_CTX", "tiny_model", "tiny_random", "tiny_random_bridge",
+           "tiny_random_state"]
+
+_POSITIONAL = {"standard": "standard", "learned": "standard", "rotary": "rotary", "alibi": "alibi", "none": "standard"}
+_NORMS = {"LN": "LN", "RMS": "RMS", None: None, "none": None}
+
+
+def tiny_model(
+    *,
+    n_layers: int = 2,
+    n_heads: int = 2,
+    d_model: int = 32,
+    d_head: int | None = None,
+    d_mlp: int | None = None,
+    d_vocab: int = 64,
+    n_ctx: int = 64,
+    positional: str = "standard",
+    norm: str | None = "LN",
+    causal: bool = True,
+    n_key_value_heads: int | None = None,
+    window: int | None = None,
+    attn_only: bool = False,
+    gated_mlp: bool = False,
+    act_fn: str = "gelu",
+    init_range: float | None = None,
+    tokenizer: str | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    seed: int = 0,
+):
+    """A seeded, randomly initialised :class:`HookedTransformer` for tests and theory checks.
+
+    ``positional`` is one of ``standard`` (learned absolute), ``rotary``, ``alibi`` or ``none``
+    (NoPE: a standard model whose position embedding is zero). ``norm`` is ``LN``, ``RMS`` or ``None``.
+    ``window`` restricts every layer to a local attention window of that many keys.
+    ``tokenizer="smollm2"`` attaches the offline SmolLM2 tokenizer (with its chat template), which sets
+    ``d_vocab`` to its vocabulary size.
+    """
+    HookedTransformer, HookedTransformerConfig = hooked_api()
+    if positional not in _POSITIONAL:
+        raise ValueError(f"positional must be one of {sorted(_POSITIONAL)}, got {positional!r}")
+    if norm not in _NORMS:
+        raise ValueError(f"norm must be 'LN', 'RMS' or None, got {norm!r}")
+    hf_tokenizer = offline_tokenizer() if tokenizer == "smollm2" else None
+    if tokenizer not in (None, "smollm2"):
+        raise ValueError(f"tokenizer must be None or 'smollm2', got {tokenizer!r}")
+    if hf_tokenizer is not None:
+        d_vocab = len(hf_tokenizer)
+    d_head = d_head or d_model // n_heads
+    local = {"attn_types": ["local"] * n_layers, "window_size": window, "use_local_attn": True} if window else {}
+    cfg = HookedTransformerConfig(
+        model_name=f"tiny-{positional}-{norm}-{'causal' if causal else 'bidirectional'}",
+        n_layers=n_layers,
+        n_heads=n_heads,
+        d_model=d_model,
+        d_head=d_head,
+        d_mlp=None if attn_only else (d_mlp or 4 * d_model),
+        d_vocab=d_vocab,
+        n_ctx=n_ctx,
+        act_fn=None if attn_only else act_fn,
+        attn_only=attn_only,
+        gated_mlp=gated_mlp,
+        normalization_type=_NORMS[norm],
+        positional_embedding_type=_POSITIONAL[positional],
+        attention_dir="causal" if causal else "bidirectional",
+        n_key_value_heads=n_key_value_heads,
+        initializer_range=init_range if init_range is not None else -1.0,
+        default_prepend_bos=False,
+        dtype=resolve_dtype(dtype),
+        device="cpu",
+        **local,
+    )
+    # Seed inside a forked RNG: building a test model must not reset the caller's global seed
+    # (HookedTransformerConfig(seed=...) would call set_seed_everywhere).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = HookedTransformer(cfg, tokenizer=hf_tokenizer, move_to_device=False)
+    if positional == "none":
+        with torch.no_grad():
+            model.pos_embed.W_pos.zero_()
+        model.pos_embed.W_pos.requires_grad_(False)
+    return model.eval()
+
+
+
+
+# tiny-random: one set of weights, on both backends
+
+#: tiny-random's shape: SmolLM2's architecture (RMSNorm, rotary, GQA, gated SiLU) in miniature
+_TINY_RANDOM = {"n_layers": 2, "n_heads": 4, "n_key_value_heads": 2, "d_model": 64, "d_mlp": 256}
+_TINY_RANDOM_SEED = 0
+#: as SmolLM2; the rotary tables are n_ctx long, so a huge n_ctx must be refused, not allocated
+TINY_RANDOM_MAX_CTX = 8192
+
+
+def tiny_random(*, dtype: torch.dtype, n_ctx: int):
+    knobs = {k: v for k, v in _TINY_RANDOM.items() if k != "d_mlp"}  # tiny_model's d_mlp is 4 d_model
+    return tiny_model(
+        **knobs, positional="rotary", norm="RMS", gated_mlp=True, act_fn="silu", tokenizer="smollm2",
+        n_ctx=n_ctx, dtype=dtype, seed=_TINY_RANDOM_SEED,
+    )
+
+
+def tiny_random_state(d_vocab: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """tiny-random's matrices in TransformerLens layout, drawn as ``HookedTransformer.init_weights`` does.
+
+    GPT-2 init: every ``W_*`` parameter ~ N(0, 0.8/√d_model) in ``named_parameters`` order, biases 0,
+    norm gains 1. Reproduced here (not read off a HookedTransformer) so the bridge twin exists on
+    TransformerLens 4 too; a test checks that the draws equal the hooked model's on TransformerLens 3.
+    """
+    d, heads, kv, d_mlp = (_TINY_RANDOM[k] for k in ("d_model", "n_heads", "n_key_value_heads", "d_mlp"))
+    d_head = d // heads
+    shapes = [("embed.W_E", (d_vocab, d))]
+    for l in range(_TINY_RANDOM["n_layers"]):
+        shapes += [
+            (f"blocks.{l}.attn.W_Q", (heads, d, d_head)),
+            (f"blocks.{l}.attn.W_O", (heads, d_head, d)),
+            (f"blocks.{l}.attn._W_K", (kv, d, d_head)),
+            (f"blocks.{l}.attn._W_V", (kv, d, d_head)),
+            (f"blocks.{l}.mlp.W_in", (d, d_mlp)),
+            (f"blocks.{l}.mlp.W_out", (d_mlp, d)),
+            (f"blocks.{l}.mlp.W_gate", (d, d_mlp)),
+        ]
+    shapes.append(("unembed.W_U", (d, d_vocab)))
+    std = 0.8 / d**0.5
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_TINY_RANDOM_SEED)
+        return {name: torch.empty(shape, dtype=dtype).normal_(std=std) for name, shape in shapes}
+
+
+def _tiny_random_llama(*, dtype: torch.dtype, n_ctx: int, tokenizer):
+    """A ``transformers`` LlamaForCausalLM carrying tiny-random's weights (biases 0, gains 1)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d, heads, kv = _TINY_RANDOM["d_model"], _TINY_RANDOM["n_heads"], _TINY_RANDOM["n_key_value_heads"]
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=d, intermediate_size=_TINY_RANDOM["d_mlp"],
+        num_hidden_layers=_TINY_RANDOM["n_layers"], num_attention_heads=heads, num_key_value_heads=kv,
+        head_dim=d // heads, max_position_embeddings=n_ctx, rms_norm_eps=1e-5,  # TransformerLens's eps
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, hidden_act="silu",
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, attn_implementation="eager",
+    )
+    state = tiny_random_state(len(tokenizer), dtype)
+    with torch.random.fork_rng(devices=[]):  # its own init is overwritten below; keep the caller's RNG
+        hf_model = LlamaForCausalLM(config).to(dtype)
+
+    def heads_out(w):  # [head, d_model, d_head] -> nn.Linear weight [head·d_head, d_model]
+        return w.permute(0, 2, 1).reshape(-1, w.shape[1])
+
+    hf = {"model.embed_tokens.weight": state["embed.W_E"], "lm_head.weight": state["unembed.W_U"].T}
+    for l in range(config.num_hidden_layers):
+        tl, prefix = f"blocks.{l}.", f"model.layers.{l}."
+        hf[prefix + "self_attn.q_proj.weight"] = heads_out(state[tl + "attn.W_Q"])
+        hf[prefix + "self_attn.k_proj.weight"] = heads_out(state[tl + "attn._W_K"])
+        hf[prefix + "self_attn.v_proj.weight"] = heads_out(state[tl + "attn._W_V"])
+        # W_O [head, d_head, d_model] -> [d_model, head·d_head]
+        hf[prefix + "self_attn.o_proj.weight"] = state[tl + "attn.W_O"].reshape(-1, d).T
+        hf[prefix + "mlp.up_proj.weight"] = state[tl + "mlp.W_in"].T
+        hf[prefix + "mlp.gate_proj.weight"] = state[tl + "mlp.W_gate"].T
+        hf[prefix + "mlp.down_proj.weight"] = state[tl + "mlp.W_out"].T
+    missing = {k for k in hf_model.state_dict() if not k.endswith("norm.weight")} - set(hf)
+    if missing:  # a transformers release with other parameter names must fail here, not run at random
+        raise ModelLoadError(f"tiny-random: unexpected LlamaForCausalLM parameters {sorted(missing)}")
+    with torch.no_grad():
+        params = dict(hf_model.named_parameters())
+        for name, value in hf.items():
+            params[name].copy_(value)
+        for name, param in params.items():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+    return hf_model.eval()
+
+
+def tiny_random_bridge(*, dtype: torch.dtype, device: str, n_ctx: int):
+    tokenizer = offline_tokenizer()
+    hf_model = _tiny_random_llama(dtype=dtype, n_ctx=n_ctx, tokenizer=tokenizer)
+    return boot_bridge(
+        TINY_MODEL, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device=device, n_ctx=n_ctx,
+        prepend_bos=False,
+    )
