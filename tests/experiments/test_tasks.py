@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 
@@ -319,8 +320,30 @@ def test_parser_table(text, kind, value):
         assert parsed.matched and parsed.matched in text
 
 
-def test_parser_table_is_large_enough():
-    assert len(PARSE_TABLE) >= 25
+# number words the table uses, and a replacement for each with its value (by hand)
+_OTHER_WORD = {"zero": ("one", 1), "One": ("Zero", 0), "thirty-two": ("fifty-four", 54),
+               "seventeen": ("nineteen", 19), "one hundred and twelve": ("two hundred and five", 205)}
+
+
+def test_every_table_reading_follows_the_number_in_the_text():
+    """Metamorphic: put another number where the table's answer is written and the reading follows it,
+    so no entry can pass by a reading that ignores the text (a constant, or the first digit seen)."""
+    checked = 0
+    for text, kind, value in PARSE_TABLE:
+        if value is None or not isinstance(text, str):
+            continue
+        written = [m for m in re.finditer(r"\d[\d,]*", text) if int(m.group().replace(",", "")) == value]
+        swaps = []
+        if len(written) == 1:  # the answer is written once in digits
+            m = written[0]
+            swaps = [(text[: m.start()] + f"{new:,}" + text[m.end():], new) for new in (value + 7, 3)]
+        for word, (other, new) in _OTHER_WORD.items():
+            if re.search(rf"\b{word}\b", text):
+                swaps.append((re.sub(rf"\b{word}\b", other, text), new))
+        for swapped, new in swaps:
+            assert parse_answer(swapped, kind).value == new, (text, swapped)
+        checked += bool(swaps)
+    assert checked >= 28  # all 28 entries that write their answer once (in digits or a word above)
 
 
 def test_parser_reads_back_numbers_written_in_many_styles():
@@ -358,15 +381,26 @@ def test_parser_reads_back_numbers_written_in_many_styles():
         assert parse_answer(text, rng.choice(["copy", "count"])).value == value, text
 
 
-def test_parser_never_raises_on_junk():
+_NUMBERISH = re.compile(r"\d|zero|one|two|three|four|five|six|seven|eight|nine|ten|hundred", re.IGNORECASE)
+
+
+def test_parser_on_junk_reads_only_numbers_it_saw_and_a_planted_final_answer_wins():
     pieces = ["The", " answer", " to your", " question is", ":", " final", " maths", "<ANSWER>", "xxxx", "1",
               ",", ".", "0", "\n", "**", "`", "one", "-", "hundred", "\u2019", "\ufffd", " "]  # fmt: skip
+    phrase = {"copy": "The answer to your question is", "count": "The final answer to your maths question is"}
     rng = random.Random(9)
     for _ in range(1500):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 25)))
         for kind in ("copy", "count"):
             parsed = parse_answer(text, kind)
             assert (parsed.value is None) == (parsed.status == "unparsable")
+            if parsed.value is not None:  # a reading comes from a span of the text that holds a number
+                assert parsed.matched in text and _NUMBERISH.search(parsed.matched), (text, parsed)
+            # with every digit and number word struck out nothing can be read
+            assert parse_answer(_NUMBERISH.sub("", text), kind).value is None, text
+            # the answer phrase on the last line wins over whatever junk came before
+            answer = rng.randint(0, 999)
+            assert parse_answer(f"{text}\n{phrase[kind]}: {answer}", kind).value == answer, text
     with pytest.raises(ValueError, match="kind must be"):
         parse_answer("0", "sum")
 
@@ -445,11 +479,47 @@ def test_evaluate_gives_a_tidy_frame(uninterrupted, chat_model):
     ok = frame.parse_status == "ok"
     assert frame.parsed_answer.notna().eq(ok).all() and frame.abs_error.notna().eq(ok).all()
     assert ((frame.abs_error - (frame.parsed_answer - frame.truth).abs()).dropna() == 0).all()
-    assert (frame.n_new_tokens <= GRID["max_new_tokens"]).all()
-    assert frame.raw_output.map(lambda s: isinstance(s, str)).all()
-    summary = uninterrupted.accuracy_by_length()
-    assert len(summary) == 4 and (summary.n == 2).all()
+    # every reply against an independent generation: the chat template, then a cache-free argmax loop
+    # cut before the first stop token, decoded without special tokens
+    from lens_squash.edge.generation import stop_ids
+    from lens_squash.edge.models import format_prompt
+
+    stops = set(stop_ids(chat_model.tokenizer))
+    for row in frame.itertuples():
+        ids = format_prompt(chat_model, row.prompt)
+        with torch.inference_mode():
+            new = _naive_greedy(chat_model, ids, GRID["max_new_tokens"]).tolist()
+        new = new[: next((i for i, t in enumerate(new) if t in stops), len(new))]
+        assert row.raw_output == chat_model.tokenizer.decode(new, skip_special_tokens=True)
+        assert (row.n_new_tokens, row.n_prompt_tokens) == (len(new), len(ids))
+        reread = parse_answer(row.raw_output, "copy" if row.task.startswith("copy") else "count")
+        assert (reread.status, reread.value) == (row.parse_status, None if pd.isna(row.parsed_answer) else row.parsed_answer)
     assert "TaskResults" in uninterrupted._repr_html_()
+
+
+def test_accuracy_by_length_equals_a_loop_over_the_rows(uninterrupted):
+    # the random model answers nothing right: plant a mix of right, wrong and unparsable rows
+    frame = uninterrupted.frame.copy()
+    answers = [frame.truth[0], frame.truth[1] + 2, None, frame.truth[3], None, frame.truth[5] + 1, frame.truth[6],
+               frame.truth[7]]
+    frame["parsed_answer"] = pd.array(answers, dtype="Int64")
+    frame["parse_status"] = ["unparsable" if a is None else "ok" for a in answers]
+    frame["correct"] = [a is not None and a == t for a, t in zip(answers, frame.truth, strict=True)]
+    frame["abs_error"] = pd.array([None if a is None else abs(a - t) for a, t in zip(answers, frame.truth, strict=True)],
+                                  dtype="Int64")
+    summary = TaskResults(frame=frame).accuracy_by_length()
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(frame.itertuples()):
+        groups.setdefault((row.task, row.style, row.length), []).append(i)
+    assert [tuple(k) for k in summary[["task", "style", "length"]].itertuples(index=False)] == sorted(groups)
+    for (key, rows), got in zip(sorted(groups.items()), summary.itertuples(), strict=True):
+        errors = [abs(answers[i] - frame.truth[i]) for i in rows if answers[i] is not None]
+        assert got.n == len(rows)
+        assert got.accuracy == sum(bool(frame.correct[i]) for i in rows) / len(rows), key
+        assert got.unparsable == sum(answers[i] is None for i in rows) / len(rows), key
+        assert (math.isnan(got.mean_abs_error) if not errors else got.mean_abs_error == sum(errors) / len(errors)), key
+    # by hand: copy 2 (right, wrong), copy 5 (unparsable, right), count 2 (unparsable, wrong), count 5 (both right)
+    assert summary.accuracy.tolist() == [0.5, 0.5, 0.0, 1.0]
 
 
 def test_evaluate_scores_parsed_replies(chat_model, monkeypatch):
