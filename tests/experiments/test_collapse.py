@@ -67,12 +67,16 @@ def test_family_texts_are_the_papers_verbatim(rotary):
         ("copy_ones", PAPER_COPY, "111", "1111"),
         ("copy_ones_commas", PAPER_COPY, "111,111,1", "111,111,11"),
     ]:
-        assert FAMILIES[name].template == template.replace("{seq}", "{seq}")
+        assert FAMILIES[name].template == template and template.count("{seq}") == 1
         n = 7 if name == "copy_ones_commas" else 3
         s, s_star, _ = family_pairs(rotary, name, [n], chat=False)
-        if seq is not None:
-            assert tok.decode(s[0]) == template.format(seq=seq)
-            assert tok.decode(s_star[0]) == template.format(seq=seq_star)
+        if seq is None:  # random digits: the paper's text around n digits ending in 1, and s* adds a 1
+            before, after = template.split("{seq}")
+            text, text_star = tok.decode(s[0]), tok.decode(s_star[0])
+            seq, seq_star = text[len(before):len(text) - len(after)], text_star[len(before):len(text_star) - len(after)]
+            assert len(seq) == n and seq.isdigit() and seq.endswith("1") and seq_star == seq + "1"
+        assert tok.decode(s[0]) == template.format(seq=seq)
+        assert tok.decode(s_star[0]) == template.format(seq=seq_star)
         # With the chat template the tokens are exactly what format_prompt gives the model.
         s_chat, _, _ = family_pairs(rotary, name, [n], chat=True)
         assert s_chat[0].tolist() == format_prompt(rotary, tok.decode(s[0]), chat=True).tolist()
