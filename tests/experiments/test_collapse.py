@@ -6,6 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
+from lens_squash.edge.models import format_prompt, tiny_model
+from lens_squash.edge.trace import trace
 from lens_squash.experiments.collapse import (
     FAMILIES,
     CollapseFamily,
@@ -17,8 +19,6 @@ from lens_squash.experiments.collapse import (
     window_hooks,
     window_sweep,
 )
-from lens_squash.edge.models import format_prompt, tiny_model
-from lens_squash.edge.trace import trace
 
 # Appendix C.1 of the paper, typed out independently of lens_squash.experiments.tasks (quirks included).
 PAPER_COUNT = (
