@@ -16,9 +16,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .blocks import apply_input_norm, apply_output_norms, block_shape
 from ..core.shapes import HeadStack, LayerMatrices
 from ..core.support import UnsupportedModelError
+from .blocks import apply_input_norm, apply_output_norms, block_shape
 
 __all__ = [
     "AGGREGATIONS",
@@ -79,25 +79,30 @@ def pattern_tolerance(dtype: torch.dtype, n_keys: int) -> float:
 
 
 def check_attention(
-    patterns: Tensor,
+    patterns: Tensor | None,
     *,
     causal: bool = True,
     atol: float | None = None,
     defects: dict | None = None,
     dtype: torch.dtype | None = None,
     substochastic: bool = False,
+    n_keys: int | None = None,
 ) -> None:
     """Refuse tensors that are not attention patterns of a causal model, saying what is wrong.
 
     ``dtype`` is the precision the patterns were computed in (default: theirs); ``atol`` defaults to
     :func:`pattern_tolerance` of it. ``substochastic=True`` accepts rows that sum to less than 1 (learned
     attention sinks take a share of every row). ``defects`` (from :func:`attention_defects`, e.g.
-    recorded by ``trace``) skips the scan.
+    recorded by ``trace``) skips the scan; with ``defects`` and ``dtype`` given, ``patterns`` may be
+    ``None`` (a trace that streamed them), and ``n_keys`` sets the default tolerance.
     """
+    if patterns is None and (defects is None or dtype is None):
+        raise ValueError("check_attention without patterns needs their recorded defects and dtype")
     defects = attention_defects(patterns) if defects is None else defects
     dtype = patterns.dtype if dtype is None else dtype
     name = str(dtype).removeprefix("torch.")
-    atol = pattern_tolerance(dtype, patterns.shape[-1]) if atol is None else atol
+    n_keys = patterns.shape[-1] if n_keys is None else n_keys
+    atol = pattern_tolerance(dtype, n_keys) if atol is None else atol
     if math.isnan(defects["row_deviation"]):
         raise ValueError(
             f"attention patterns contain NaN or inf (computed in {name}); the model overflowed: rerun it in float32 or float64"

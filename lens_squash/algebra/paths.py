@@ -23,17 +23,20 @@ pure tensor function:
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from ..core.display import compact_repr
+from ..core.results import Record, Result, heavy
 
 __all__ = [
     "PathFlows",
     "factored_row",
+    "factored_step",
     "PathRecord",
     "bound_row",
     "graph_row",
@@ -124,19 +127,39 @@ def factored_row(
         if value is not None and value.shape != (n_layers, n):
             raise ValueError(f"{name} must be [layer, pos] = {(n_layers, n)}, got {tuple(value.shape)}")
     target = _check_target(target, n)
-    dtype = patterns.dtype
     row = torch.zeros(n, dtype=torch.float64, device=patterns.device)
     row[target] = 1.0
     for layer in range(n_layers - 1, -1, -1):
-        if left_scale is not None:
-            row = row * left_scale[layer].double()
-        into_heads = row if query_scale is None else row * query_scale[layer].double()
-        # rescaled to max 1 before the product in the patterns' dtype: certified rows reach 1e50+,
-        # beyond float32's range, while the float64 row holds them
-        peak = float(into_heads.abs().max()) or 1.0
-        heads = torch.einsum("j,hjk->hk", (into_heads / peak).to(dtype), patterns[layer])  # [head, key]
-        row = row * residual[layer].double() + peak * (heads.double() * key_scale[layer].double()).sum(0)
+        row = factored_step(
+            row, patterns[layer], key_scale[layer], residual[layer],
+            query_scale=None if query_scale is None else query_scale[layer],
+            left_scale=None if left_scale is None else left_scale[layer],
+        )
     return row
+
+
+def factored_step(
+    row: Float[Tensor, "query_pos"],
+    patterns: Float[Tensor, "head query_pos key_pos"],
+    key_scale: Float[Tensor, "head key_pos"],
+    residual: Float[Tensor, "query_pos"],
+    *,
+    query_scale: Float[Tensor, "query_pos"] | None = None,
+    left_scale: Float[Tensor, "query_pos"] | None = None,
+) -> Float[Tensor, "key_pos"]:
+    """One layer of :func:`factored_row`: ``row · diag(s) (diag(r) + Σ_h diag(q) A^h diag(c^h))``.
+
+    Needs only this layer's patterns, so a sweep that recomputes them one layer at a time (long
+    prompts, :mod:`lens_squash.edge.stream`) gives the same row as the whole stack.
+    """
+    if left_scale is not None:
+        row = row * left_scale.double()
+    into_heads = row if query_scale is None else row * query_scale.double()
+    # rescaled to max 1 before the product in the patterns' dtype: certified rows reach 1e50+,
+    # beyond float32's range, while the float64 row holds them
+    peak = float(into_heads.abs().max()) or 1.0
+    heads = torch.einsum("j,hjk->hk", (into_heads / peak).to(patterns.dtype), patterns)  # [head, key]
+    return row * residual.double() + peak * (heads.double() * key_scale.double()).sum(0)
 
 
 def stack_product(mats: Float[Tensor, "layer query_pos key_pos"]) -> Float[Tensor, "query_pos key_pos"]:
@@ -173,7 +196,7 @@ def rollout_matrices(attention: Float[Tensor, "layer query_pos key_pos"]) -> Flo
 
 
 @dataclass(frozen=True, eq=False)
-class PathFlows:
+class PathFlows(Result):
     """Every edge's exact share of a path sum towards ``target``.
 
     ``head_flows[l, h, j, k]`` is the mass of all paths that use head ``h`` of layer ``l`` from ``k`` to
@@ -182,11 +205,12 @@ class PathFlows:
     ``None`` (every input position at once).
     """
 
-    head_flows: Float[Tensor, "layer head query_pos key_pos"]
+    head_flows: Float[Tensor, "layer head query_pos key_pos"] = heavy()
     residual_flows: Float[Tensor, "layer pos"]
     total: float
     target: int
     source: int | None
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def head_totals(self) -> Float[Tensor, "layer head"]:
@@ -197,11 +221,6 @@ class PathFlows:
     def layer_totals(self) -> Float[Tensor, "layer"]:
         """Per layer, all flows together: equals :attr:`total` at every layer (a consistency check)."""
         return self.head_flows.sum(dim=(1, 2, 3)) + self.residual_flows.sum(dim=1)
-
-    def plot(self, str_tokens=None, **kwargs):
-        from ..views.edge_figures import attention_paths
-
-        return attention_paths(self, str_tokens, **kwargs)
 
     __repr__ = compact_repr
 
@@ -277,7 +296,7 @@ def flow_decomposition(
 
 
 @dataclass(frozen=True)
-class PathRecord:
+class PathRecord(Record):
     """One causal path ``positions[0] → … → positions[L]`` and its weight (product of edge weights).
 
     ``heads[l]`` is the head taken at layer ``l``, or ``None`` for the residual edge.

@@ -1,16 +1,8 @@
 """Perron–Frobenius and Dobrushin analysis of causal attention (Barbero et al. 2024, App. B.2).
 
-A causal attention matrix ``Λ`` is lower-triangular and row-stochastic. The paper's spectral results:
+A causal attention matrix ``Λ`` is lower-triangular and row-stochastic; its spectrum is its diagonal
+and eigenvalue 1 is simple under Lemma B.6's condition (:mod:`lens_squash.algebra.causal`). Here:
 
-* **Lemma B.6.** The eigenvalues of a triangular matrix are its diagonal, so the spectrum of ``Λ`` is
-  ``diag(Λ)`` (:func:`causal_spectrum`) and the largest eigenvalue is 1 (row 0 is always ``e_0``).
-  Eigenvalue 1 is simple when every row but the first has at least two non-zero entries
-  (:func:`two_nonzeros_condition`). Exactly: its multiplicity is the number of rows that put all their
-  mass on themselves (:func:`eigenvalue_one_multiplicity`); the condition is sufficient, not necessary
-  (a row ``e_k`` with ``k < j`` has diagonal 0).
-* **Lemma B.7.** Products of row-stochastic matrices are row-stochastic, and products of triangular
-  row-stochastic matrices are triangular row-stochastic (:func:`product_closure`); so a stack of
-  causal layers composes into a causal row-stochastic matrix (:func:`stack_product`).
 * **Prop. B.8.** With ``Λ̃ = ½(Λ + I)`` (β_1 = β_2 = σ_ψ = 1), ``Λ̃^L → 1·e_1ᵀ`` (0-based here:
   ``1·e_0ᵀ``, every token sees only the first one) when eigenvalue 1 is simple, at the rate of the
   second eigenvalue ``λ_2 = max_{i≥1} Λ̃_ii`` (:func:`steady_state`, :func:`second_eigenvalue`,
@@ -27,7 +19,8 @@ inhomogeneous product ``P^(d) = Λ̃^(d) … Λ̃^(0)`` with Dobrushin's ergodic
 ``τ(PQ) ≤ τ(P) τ(Q)``, and sandwiches the distance to rank one: ``τ(P)/2 ≤ ‖P − 1e_0ᵀ‖ ≤ τ(P)``, so
 ``‖P^(d) − 1e_0ᵀ‖ ≤ Π_{l≤d} τ(Λ̃^(l))``. Column 0 of ``P^(d)`` obeys ``c^(d) = Λ̃^(d) c^(d−1)``, so the
 first-token mass of *every* position at *every* depth costs one matrix–vector product per layer,
-O(L·n²) (:func:`first_token_column`); the full product is only built on request (:func:`stack_product`).
+O(L·n²) (:func:`first_token_column`); the full product is only built on request
+(:func:`lens_squash.algebra.paths.stack_product`).
 
 :func:`analyze_stack` bundles all of it for a stack of rollout matrices into a :class:`SpectralReport`.
 """
@@ -45,31 +38,33 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from . import paths
 from ..core.display import compact_repr
-from ..core.records import to_jsonable
+from ..core.results import Record, Result
 from ..core.shapes import LayerMatrices, SquareMatrix
+from . import paths
+from .causal import (
+    _above_diagonal,
+    _check_square,
+    _two_nonzeros,
+    causal_spectrum,
+    check_causal_stochastic,
+)
 
 __all__ = [
     "SpectralReport",
+    "SpectralLayers",
+    "SpectralStream",
     "analyze_stack",
+    "rollout_tolerance",
     "asymptotic_depth",
-    "causal_spectrum",
-    "check_causal_stochastic",
     "convergence_errors",
     "depth_to_epsilon",
     "dobrushin",
-    "eigenvalue_one_multiplicity",
     "first_token_column",
     "first_token_gap",
-    "is_causal",
-    "is_row_stochastic",
-    "lazy",
-    "product_closure",
     "second_eigenvalue",
-    "stack_product",
+    "spectral_report",
     "steady_state",
-    "two_nonzeros_condition",
 ]
 
 #: rows per Dobrushin chunk: the ``cdist`` output stays ``chunk × n`` (2 MB at n = 2048, float64)
@@ -79,141 +74,21 @@ DEFAULT_HORIZON: int = 1024
 
 
 # --------------------------------------------------------------------------------------------------
-# checks
-# --------------------------------------------------------------------------------------------------
-
-
-def _check_square(m: Tensor) -> Tensor:
-    m = torch.as_tensor(m)
-    if m.ndim < 2 or m.shape[-1] != m.shape[-2] or m.shape[-1] == 0:
-        raise ValueError(f"expected square matrices [..., query_pos, key_pos], got shape {tuple(m.shape)}")
-    if not m.is_floating_point():
-        m = m.double()
-    if not torch.isfinite(m).all():
-        raise ValueError("matrix contains NaN or inf; rerun the model in float32 or float64")
-    return m
-
-
-def _above_diagonal(m: Tensor) -> float:
-    return float(m.triu(1).abs().max())
-
-
-def is_causal(m: Float[Tensor, "... query_pos key_pos"], atol: float = 1e-8) -> bool:
-    """Whether every matrix is lower-triangular: no mass above the diagonal beyond ``atol``."""
-    return _above_diagonal(_check_square(m)) <= atol
-
-
-def is_row_stochastic(m: Float[Tensor, "... query_pos key_pos"], atol: float = 1e-8) -> bool:
-    """Whether every matrix is non-negative with rows summing to 1, both within ``atol``."""
-    m = _check_square(m)
-    return float(m.min()) >= -atol and float((m.sum(-1) - 1).abs().max()) <= atol
-
-
-def check_causal_stochastic(m: Float[Tensor, "... query_pos key_pos"], atol: float = 1e-6) -> Tensor:
-    """Return ``m`` if it is causal (lower-triangular) and row-stochastic; else say what is wrong."""
-    m = _check_square(m)
-    above = _above_diagonal(m)
-    if above > atol:
-        raise ValueError(
-            f"causal-only analysis; this matrix has mass above the diagonal (max {above:.3g}); trace a "
-            "causal (decoder-only) model: Lemmas B.6–B.7 and Prop. B.8 need lower-triangular attention"
-        )
-    if float(m.min()) < -atol:
-        raise ValueError(
-            f"matrix has negative entries (min {float(m.min()):.3g}); pass attention probabilities "
-            "(blocks.{l}.attn.hook_pattern) or rollout matrices ½(A + I), not scores"
-        )
-    deviation = float((m.sum(-1) - 1).abs().max())
-    if deviation > atol:
-        raise ValueError(
-            f"rows must sum to 1 (max deviation {deviation:.3g}); pass softmax patterns A or rollout "
-            "matrices ½(A + I), not scores or the paper's Ā = A/β₁ + I (rows sum to 1 + 1/β₁)"
-        )
-    return m
-
-
-# --------------------------------------------------------------------------------------------------
-# Lemma B.6: spectrum and the multiplicity of eigenvalue 1
-# --------------------------------------------------------------------------------------------------
-
-
-def causal_spectrum(m: Float[Tensor, "... query_pos key_pos"], atol: float = 1e-6) -> Float[Tensor, "... pos"]:
-    """Eigenvalues of lower-triangular matrices: their diagonals (no eigen-solver needed)."""
-    m = _check_square(m)
-    above = _above_diagonal(m)
-    if above > atol:
-        raise ValueError(
-            f"causal-only analysis; this matrix has mass above the diagonal (max {above:.3g}), so its "
-            "diagonal is not its spectrum; trace a causal model or use torch.linalg.eigvals"
-        )
-    return m.diagonal(dim1=-2, dim2=-1)
-
-
-def eigenvalue_one_multiplicity(
-    m: Float[Tensor, "... query_pos key_pos"], atol: float = 1e-9
-) -> Int[Tensor, "..."]:
-    """Algebraic multiplicity of eigenvalue 1 (Lemma B.6): diagonal entries within ``atol`` of 1.
-
-    For a causal row-stochastic matrix ``Λ_jj = 1`` means row ``j`` is ``e_j`` (it attends only to
-    itself), so the count is 1 (row 0) plus the number of such rows. Eigenvalue 1 of a stochastic
-    matrix is semisimple, so this is also the geometric multiplicity.
-    """
-    diagonal = causal_spectrum(check_causal_stochastic(m, atol=max(atol, 1e-6)))
-    return ((diagonal - 1).abs() <= atol).sum(-1)
-
-
-def two_nonzeros_condition(m: Float[Tensor, "... query_pos key_pos"], atol: float = 0.0) -> Bool[Tensor, "..."]:
-    """Lemma B.6's sufficient condition: every row but the first has ≥ 2 entries above ``atol``.
-
-    Then no row ``j ≥ 1`` can be ``e_j``, so ``Λ_jj < 1`` and eigenvalue 1 is simple.
-    """
-    return _two_nonzeros(_check_square(m), atol)
-
-
-def _two_nonzeros(m: Tensor, atol: float) -> Tensor:
-    return ((m.abs() > atol).sum(-1)[..., 1:] >= 2).all(-1)
-
-
-# --------------------------------------------------------------------------------------------------
-# Lemma B.7: products stay (causal) row-stochastic
-# --------------------------------------------------------------------------------------------------
-
-
-def product_closure(a: SquareMatrix, b: SquareMatrix, atol: float = 1e-9) -> dict[str, bool]:
-    """Lemma B.7 on one pair: which of its hypotheses ``a, b`` meet and what ``a @ b`` satisfies.
-
-    The lemma says ``factors_row_stochastic ⇒ product_row_stochastic`` and
-    ``factors_row_stochastic ∧ factors_causal ⇒ product_causal ∧ product_row_stochastic``.
-    """
-    a, b = _check_square(a), _check_square(b)
-    if a.shape != b.shape:
-        raise ValueError(f"factors must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    product = a @ b
-    return {
-        "factors_row_stochastic": is_row_stochastic(a, atol) and is_row_stochastic(b, atol),
-        "factors_causal": is_causal(a, atol) and is_causal(b, atol),
-        "product_row_stochastic": is_row_stochastic(product, atol),
-        "product_causal": is_causal(product, atol),
-    }
-
-
-def stack_product(stack: LayerMatrices, atol: float = 1e-6) -> SquareMatrix:
-    """The full product ``Λ̃^(L−1) … Λ̃^(0)`` (later layers on the left), causal row-stochastic by
-    Lemma B.7. O(L·n³): for small ``n`` and tests; :func:`first_token_column` is the cheap path."""
-    stack = check_causal_stochastic(stack, atol)
-    if stack.ndim != 3 or stack.shape[0] == 0:
-        raise ValueError(f"stack must be [layer, query_pos, key_pos] with a layer, got shape {tuple(stack.shape)}")
-    return paths.stack_product(stack).to(stack.dtype)
-
-
-# --------------------------------------------------------------------------------------------------
 # Prop. B.8: the homogeneous limit of Λ̃ = ½(Λ + I)
 # --------------------------------------------------------------------------------------------------
 
 
-def lazy(m: Float[Tensor, "... query_pos key_pos"]) -> Float[Tensor, "... query_pos key_pos"]:
+def _rollout(m: Float[Tensor, "... query_pos key_pos"]) -> Float[Tensor, "... query_pos key_pos"]:
     """``Λ̃ = ½(Λ + I)``: one layer of Prop. B.8 (residual and attention weighted equally)."""
     return paths.rollout_matrices(_check_square(m))
+
+
+def lazy(m: Float[Tensor, "... query_pos key_pos"]) -> Float[Tensor, "... query_pos key_pos"]:
+    """Deprecated name of :func:`lens_squash.algebra.paths.rollout_matrices` (one name per concept)."""
+    import warnings
+
+    warnings.warn("spectral.lazy is now lens_squash.algebra.paths.rollout_matrices", DeprecationWarning, stacklevel=2)
+    return _rollout(m)
 
 
 def _second_diagonal(diagonal: Float[Tensor, "... pos"]) -> Float[Tensor, "..."]:
@@ -226,7 +101,7 @@ def _second_diagonal(diagonal: Float[Tensor, "... pos"]) -> Float[Tensor, "..."]
 def second_eigenvalue(m: Float[Tensor, "... query_pos key_pos"]) -> Float[Tensor, "..."]:
     """``λ_2 = max_{i≥1} Λ̃_ii = max_{i≥1} (1 + Λ_ii)/2`` for the attention matrix ``m = Λ``: the rate at
     which ``Λ̃^L`` approaches ``1·e_0ᵀ`` (1 when eigenvalue 1 is not simple; 0 for one position)."""
-    return _second_diagonal(causal_spectrum(lazy(check_causal_stochastic(m))))
+    return _second_diagonal(causal_spectrum(_rollout(check_causal_stochastic(m))))
 
 
 def steady_state(m: SquareMatrix, atol: float = 1e-9) -> SquareMatrix:
@@ -263,7 +138,7 @@ def convergence_errors(m: SquareMatrix, depth: int) -> Float[Tensor, "depth_plus
         raise ValueError(f"need one matrix and depth ≥ 0, got shape {tuple(m.shape)}, depth {depth}")
     start = torch.ones(1, m.shape[-1], dtype=m.dtype)
     start[0, 0] = 0.0  # Λ̃^0 = I: every row but the first is entirely off the first token
-    gaps = torch.cat([start, _propagate(repeat(lazy(m), depth), m.shape[-1], m.dtype)[1]])
+    gaps = torch.cat([start, _propagate(repeat(_rollout(m), depth), m.shape[-1], m.dtype)[1]])
     return gaps.max(-1).values
 
 
@@ -311,7 +186,7 @@ def depth_to_epsilon(m: SquareMatrix, eps: float, *, horizon: int = DEFAULT_HORI
     if float(second_eigenvalue(m)) >= 1:
         return math.inf
     steps = max(horizon, n)
-    lam = lazy(m)
+    lam = _rollout(m)
     # row sums of B^r are 1 − [Λ̃^r]_{j0} for rows j ≥ 1 (Λ̃ is block lower-triangular around row 0)
     row_sums = _propagate(repeat(lam, steps), n, lam.dtype)[1][:, 1:]  # [r − 1, j − 1]
     reached = torch.nonzero(row_sums.max(-1).values <= eps)
@@ -435,14 +310,14 @@ def first_token_gap(stack: LayerMatrices) -> Float[Tensor, "depth pos"]:
 
 
 @dataclass(frozen=True, eq=False)
-class SpectralReport:
+class SpectralReport(Result):
     """Perron–Frobenius and Dobrushin analysis of a stack of rollout matrices ``Λ̃^(l)``.
 
     Per layer: ``spectrum`` (the diagonal of ``Λ̃^(l)``), ``second_eigenvalue``, ``multiplicity`` of
     eigenvalue 1, whether ``two_nonzeros`` (Lemma B.6) holds, ``repeated_layer_depth`` (Prop. B.8's
     rate-only depth if that layer were repeated, ``inf`` when eigenvalue 1 is not simple) and
     ``dobrushin`` ``τ(Λ̃^(l))``. Per depth ``d = 1 … L`` (index ``d − 1``): ``cumulative_dobrushin``
-    ``Π_{l<d} τ``, the ``target``'s ``first_token_mass`` ``[P^(d)]_{target,0}`` and
+    ``Π_{l<d} τ``, the ``target``'s ``rollout_mass`` ``[P^(d)]_{target,0}`` and
     ``rank_one_distance`` ``‖P^(d) − 1e_0ᵀ‖ ≤ cumulative_dobrushin``.
 
     ``depth_to_first_token`` is the number of layers after which the target puts at least ``1 − eps``
@@ -460,13 +335,13 @@ class SpectralReport:
     repeated_layer_depth: Float[Tensor, "layer"]
     dobrushin: Float[Tensor, "layer"]
     cumulative_dobrushin: Float[Tensor, "depth"]
-    first_token_mass: Float[Tensor, "depth"]
+    rollout_mass: Float[Tensor, "depth"]
     rank_one_distance: Float[Tensor, "depth"]
     depth_to_first_token: float
     extrapolated: bool
     target: int
     eps: float
-    metadata: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_layers(self) -> int:
@@ -476,9 +351,13 @@ class SpectralReport:
     def n_tokens(self) -> int:
         return self.spectrum.shape[1]
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON: tensors as lists, ``inf`` as ``null``."""
-        return {name: to_jsonable(value) for name, value in self.__dict__.items()}
+    @property
+    def first_token_mass(self) -> Float[Tensor, "depth"]:
+        """Deprecated name of :attr:`rollout_mass`."""
+        import warnings
+
+        warnings.warn("SpectralReport.first_token_mass is now SpectralReport.rollout_mass", DeprecationWarning, stacklevel=2)
+        return self.rollout_mass
 
     __repr__ = compact_repr
 
@@ -493,19 +372,12 @@ class SpectralReport:
              f"{float(self.second_eigenvalue.min()):.4f} … {float(self.second_eigenvalue.max()):.4f}"),
             ("Dobrushin τ per layer (min … max)", f"{float(self.dobrushin.min()):.4f} … {float(self.dobrushin.max()):.4f}"),
             ("Π τ over the stack", f"{float(self.cumulative_dobrushin[-1]):.3e}"),
-            (f"position {self.target}'s mass on the first token", f"{float(self.first_token_mass[-1]):.6f}"),
+            (f"position {self.target}'s mass on the first token", f"{float(self.rollout_mass[-1]):.6f}"),
             ("distance of the product to rank one", f"{float(self.rank_one_distance[-1]):.3e}"),
             (f"depth until position {self.target} sees only the first token (ε = {self.eps:g})", shown),
         ]
         body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
         return f"<b>lens_squash SpectralReport</b><table>{body}</table>"
-
-    def plot(self, **kwargs):
-        """The four-panel spectral figure (:func:`lens_squash.views.spectral_figures.spectral_report_figure`)."""
-        from ..views.spectral_figures import spectral_report_figure  # plotly is only needed when plotting
-
-        return spectral_report_figure(self, **kwargs)
-
 
 def _depth_to_first_token(
     gaps: Float[Tensor, "depth"], distance: Float[Tensor, "depth"], cumulative: Float[Tensor, "depth"], eps: float
@@ -525,6 +397,101 @@ def _depth_to_first_token(
     return n_layers + more, True
 
 
+@dataclass(frozen=True, eq=False)
+class SpectralLayers(Record):
+    """What :class:`SpectralReport` needs from each layer's ``Λ̃^(l)``, O(n) numbers per layer: its
+    diagonal, ``τ``, Lemma B.6's condition, and column 0 of the product ``P^(l)`` with its complement
+    (``states[l, :, 0]`` and ``[l, :, 1]``). :func:`spectral_report` finishes the analysis for any target."""
+
+    spectrum: Float[Tensor, "layer pos"]
+    dobrushin: Float[Tensor, "layer"]
+    two_nonzeros: Bool[Tensor, "layer"]
+    states: Float[Tensor, "layer pos 2"]
+    atol: float
+
+    __repr__ = compact_repr
+
+
+class SpectralStream:
+    """:func:`analyze_stack` one layer at a time, for stacks too large to hold (long prompts).
+
+    ``add`` takes each rollout matrix ``Λ̃^(l)`` in layer order, checks it and keeps only what is
+    O(n) per layer; ``finish`` gives the :class:`SpectralLayers`. :func:`analyze_stack` runs through
+    this same code, so a streamed report equals the whole-stack one.
+    """
+
+    def __init__(self, n: int, *, atol: float = 1e-4):
+        self.atol = atol
+        self._state = torch.zeros(n, 2, dtype=torch.float64)  # column 0 of P^(d) and its complement
+        self._state[0, 0], self._state[1:, 1] = 1.0, 1.0
+        self._spectra: list[Tensor] = []
+        self._taus: list[Tensor] = []
+        self._two: list[Tensor] = []
+        self._states: list[Tensor] = []
+
+    def add(self, layer: Float[Tensor, "query_pos key_pos"]) -> None:
+        """Fold in the next layer's ``Λ̃`` (any float dtype; checked in it, analysed in float64)."""
+        layer = check_causal_stochastic(layer, self.atol).to(torch.float64)
+        if layer.ndim != 2 or layer.shape[-1] != self._state.shape[0]:
+            raise ValueError(f"each layer must be [query_pos, key_pos] = {(self._state.shape[0],) * 2}, got {tuple(layer.shape)}")
+        self._spectra.append(layer.diagonal().clone())  # not a view that keeps the layer alive
+        # entries above the diagonal within atol are treated as zero (the check above allowed them)
+        self._taus.append(dobrushin(layer.tril(), atol=self.atol))
+        self._two.append(_two_nonzeros(layer, 0.0))
+        self._state = layer @ self._state
+        self._states.append(self._state)
+
+    def finish(self) -> SpectralLayers:
+        if not self._spectra:
+            raise ValueError("stack has no layers; pass one rollout matrix per layer")
+        return SpectralLayers(
+            torch.stack(self._spectra), torch.stack(self._taus), torch.stack(self._two), torch.stack(self._states),
+            self.atol,
+        )
+
+
+def spectral_report(
+    layers: SpectralLayers,
+    *,
+    target: int = -1,
+    eps: float = 1e-6,
+    unit_atol: float = 1e-6,
+    metadata: dict[str, Any] | None = None,
+) -> SpectralReport:
+    """The :class:`SpectralReport` of a stack from its per-layer summary (see :func:`analyze_stack`)."""
+    _check_eps(eps)
+    target = paths._check_target(target, layers.spectrum.shape[-1])
+    spectrum, tau = layers.spectrum, layers.dobrushin
+    second = _second_diagonal(spectrum)
+    cumulative = torch.cumprod(tau, 0)
+    column, gap = layers.states[..., 0], layers.states[..., 1]
+    distance = gap.max(-1).values
+    depth, extrapolated = _depth_to_first_token(gap[:, target], distance, cumulative, eps)
+    repeated = torch.tensor([float(_rate_depth(lam, eps)) for lam in second.tolist()], dtype=torch.float64)
+    return SpectralReport(
+        spectrum=spectrum,
+        second_eigenvalue=second,
+        multiplicity=((spectrum - 1).abs() <= unit_atol).sum(-1),
+        two_nonzeros=layers.two_nonzeros,
+        repeated_layer_depth=repeated,
+        dobrushin=tau,
+        cumulative_dobrushin=cumulative,
+        rollout_mass=column[:, target],
+        rank_one_distance=distance,
+        depth_to_first_token=depth,
+        extrapolated=extrapolated,
+        target=target,
+        eps=eps,
+        provenance=dict(metadata or {}),
+    )
+
+
+def rollout_tolerance(pattern_tolerance: float) -> float:
+    """The causal / row-stochastic tolerance for a prompt's rollout stack: its patterns' own
+    tolerance (:func:`lens_squash.algebra.attention.pattern_tolerance`), at least 1e-4."""
+    return max(1e-4, float(pattern_tolerance))
+
+
 def analyze_stack(
     stack: Float[Tensor, "layer query_pos key_pos"],
     *,
@@ -539,38 +506,13 @@ def analyze_stack(
     ``atol`` is the tolerance of the causal / row-stochastic check (float32 softmax rows are off by
     ~1e-7·√n); ``unit_atol`` decides which diagonal entries count as eigenvalue 1. Computed in float64,
     O(L·n²): the Dobrushin coefficients take :func:`dobrushin`'s closed form on the row-normalised layers.
+    Layer by layer through :class:`SpectralStream`.
     """
     _check_eps(eps)
-    stack = check_causal_stochastic(torch.as_tensor(stack), atol).to(torch.float64)
+    stack = _check_square(torch.as_tensor(stack))
     if stack.ndim != 3:
         raise ValueError(f"stack must be [layer, query_pos, key_pos], got shape {tuple(stack.shape)}")
-    n_layers, n = stack.shape[0], stack.shape[-1]
-    if n_layers == 0:
-        raise ValueError("stack has no layers; pass one rollout matrix per layer")
-    target = paths._check_target(target, n)
-    spectrum = stack.diagonal(dim1=-2, dim2=-1).clone()  # not a view that keeps the stack alive
-    second = _second_diagonal(spectrum)
-    # entries above the diagonal within atol are treated as zero (the check above allowed them)
-    tau = dobrushin(stack.tril(), atol=atol)
-    cumulative = torch.cumprod(tau, 0)
-    column, gap = _propagate(stack, n, stack.dtype)  # the stack was checked above
-    mass = column[:, target]
-    distance = gap.max(-1).values
-    depth, extrapolated = _depth_to_first_token(gap[:, target], distance, cumulative, eps)
-    repeated = torch.tensor([float(_rate_depth(lam, eps)) for lam in second.tolist()], dtype=torch.float64)
-    return SpectralReport(
-        spectrum=spectrum,
-        second_eigenvalue=second,
-        multiplicity=((spectrum - 1).abs() <= unit_atol).sum(-1),
-        two_nonzeros=_two_nonzeros(stack, 0.0),
-        repeated_layer_depth=repeated,
-        dobrushin=tau,
-        cumulative_dobrushin=cumulative,
-        first_token_mass=mass,
-        rank_one_distance=distance,
-        depth_to_first_token=depth,
-        extrapolated=extrapolated,
-        target=target,
-        eps=eps,
-        metadata=dict(metadata or {}),
-    )
+    stream = SpectralStream(stack.shape[-1], atol=atol)
+    for layer in stack:
+        stream.add(layer)
+    return spectral_report(stream.finish(), target=target, eps=eps, unit_atol=unit_atol, metadata=metadata)

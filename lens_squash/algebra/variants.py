@@ -38,16 +38,18 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..core.display import compact_repr
+from ..core.renames import renamed
+from ..core.results import Record, Result, heavy
 from . import paths
 from .attention import check_attention, head_weights, ov_norms
 from .blocks import block_shape, norm_gain
-from ..core.display import compact_repr
 
-__all__ = ["VARIANTS", "PathBound", "PathGraph", "build_graph", "final_norm_gain", "path_bound"]
+__all__ = ["VARIANTS", "PathBound", "PathGraph", "bound_from_row", "build_graph", "final_norm_gain", "path_bound"]
 
 
 @dataclass(frozen=True, eq=False)
-class PathGraph:
+class PathGraph(Record):
     """One variant's layered graph (see the module docstring for the meaning of each field).
 
     Head edges are stored factored, ``E^(l,h)_{jk} = q^(l)_j · A^(l,h)_{jk} · c^(l,h)_k``, with the
@@ -57,32 +59,58 @@ class PathGraph:
 
     variant: str
     residual: Float[Tensor, "layer pos"]
-    patterns: Float[Tensor, "layer head query_pos key_pos"]
+    #: the traced patterns, shared; ``None`` when the trace streamed them (long prompts): then only the
+    #: rows :func:`lens_squash.edge.stream.stream_bounds` swept are known, not flows or top paths
+    patterns: Float[Tensor, "layer head query_pos key_pos"] | None = heavy()
     key_scale: Float[Tensor, "layer head key_pos"]
     left_scale: Float[Tensor, "layer pos"] | None
     output_scale: Float[Tensor, "pos"]
     guarantee: str | None
     query_scale: Float[Tensor, "layer pos"] | None = None
-    #: ``(Σ_h w_h A^(l,h), c^(l))`` when every head's key scale is the same constant times ``w_h``:
-    #: the row then reads the head-aggregated stack (L·n² numbers instead of L·H·n²)
-    aggregated: tuple[Tensor, Tensor] | None = None
+    #: ``c^(l)`` when every head's key scale is the same constant times the uniform ``w_h``: the row then
+    #: reads the head-mean pattern ``Σ_h w_h A^(l,h)`` (L·n² numbers instead of L·H·n²)
+    head_factor: Float[Tensor, "layer"] | None = None
+    #: the trace's head-mean patterns, shared (``None`` when streamed or when heads are weighted)
+    mean_patterns: Float[Tensor, "layer query_pos key_pos"] | None = heavy(default=None)
+    #: rows still to be scaled to sum 1, layer by layer as a sweep meets each layer's patterns
+    normalise_rows: bool = False
+
+    __repr__ = compact_repr
+
+    @property
+    def n_layers(self) -> int:
+        return self.residual.shape[0]
+
+    def _patterns(self) -> Tensor:
+        if self.patterns is None:
+            raise ValueError(
+                f"the {self.variant} graph was swept from a trace that streamed its patterns (a long prompt), so "
+                "its edges, flows and paths are not kept; trace with keep_patterns=True (memory grows as "
+                "layer × head × pos²) for those, or use the bound row"
+            )
+        if self.normalise_rows:
+            raise ValueError(f"the {self.variant} graph's rows are not normalised yet; call row_normalised() on it")
+        return self.patterns
 
     @property
     def edges(self) -> Float[Tensor, "layer head query_pos key_pos"]:
-        edges = self.patterns.double() * self.key_scale.double()[:, :, None, :]
+        edges = self._patterns().double() * self.key_scale.double()[:, :, None, :]
         return edges if self.query_scale is None else edges * self.query_scale.double()[:, None, :, None]
 
     def matrices(self) -> Float[Tensor, "layer query_pos key_pos"]:
         return paths.layer_matrices(self.residual, self.edges, left_scale=self.left_scale)
 
+    def _uses_mean(self) -> bool:
+        return self.head_factor is not None and self.query_scale is None
+
     def row(self, target: int, *, n_layers: int | None = None) -> Float[Tensor, "pos"]:
         """The target's row; ``n_layers`` truncates the graph to its first layers (no output factor)."""
         depth = slice(None) if n_layers is None else slice(0, n_layers)
-        patterns, key_scale = self.patterns[depth], self.key_scale[depth]
-        if self.aggregated is not None and self.query_scale is None:
-            mean, scale = self.aggregated
-            patterns = mean[depth, None]
-            key_scale = scale[depth, None, None].expand(patterns.shape[0], 1, patterns.shape[-1])
+        if self._uses_mean() and self.mean_patterns is not None:
+            patterns = self.mean_patterns[depth, None]
+            key_scale = self.head_factor.double()[depth, None, None].expand(patterns.shape[0], 1, patterns.shape[-1])
+        else:
+            patterns, key_scale = self._patterns()[depth], self.key_scale[depth]
         row = paths.factored_row(
             self.residual[depth], patterns, key_scale, target,
             query_scale=None if self.query_scale is None else self.query_scale[depth],
@@ -90,20 +118,64 @@ class PathGraph:
         )
         return row if n_layers is not None else self.output_scale[target].double() * row
 
+    def step(
+        self,
+        row: Float[Tensor, "query_pos"],
+        layer: int,
+        patterns: Float[Tensor, "head query_pos key_pos"],
+        mean: Float[Tensor, "query_pos key_pos"] | None = None,
+        *,
+        totals: Float[Tensor, "query_pos"] | None = None,
+    ) -> Float[Tensor, "key_pos"]:
+        """One layer of :meth:`row` from that layer's patterns (and head mean), as a sweep meets them:
+        the same arithmetic as the whole stack, so the same row. ``totals`` (:meth:`layer_totals`)
+        normalises this layer's rows on the way, as :meth:`row_normalised` does for the whole graph."""
+        residual = self.residual[layer]
+        query = None if self.query_scale is None else self.query_scale[layer]
+        left = None if self.left_scale is None else self.left_scale[layer]
+        if totals is not None:
+            totals = totals.clamp_min(torch.finfo(torch.float64).tiny)
+            query = 1.0 / totals if query is None else query.double() / totals
+            residual, left = residual.double() / totals, None
+        if self._uses_mean() and mean is not None and totals is None:
+            patterns, key_scale = mean[None], self.head_factor.double()[layer].expand(1, mean.shape[-1])
+        else:
+            key_scale = self.key_scale[layer]
+        return paths.factored_step(row, patterns, key_scale, residual, query_scale=query, left_scale=left)
+
+    def layer_totals(self, layer: int, patterns: Float[Tensor, "head query_pos key_pos"]) -> Float[Tensor, "pos"]:
+        """``r_j + Σ_h Σ_k E^(l,h)_{jk}`` of one layer (without the left scale). Accumulated in float64,
+        one head at a time: a float32 sum over ``H·n`` terms is off by ~4e-6 at n = 700, and the
+        rows of ``*_rownorm`` divide by these totals at every layer."""
+        key_scale = self.key_scale[layer].double()
+        heads = torch.zeros(patterns.shape[-2], dtype=torch.float64, device=patterns.device)
+        for head in range(patterns.shape[0]):
+            heads = heads + patterns[head].double() @ key_scale[head]
+        heads = heads if self.query_scale is None else heads * self.query_scale[layer].double()
+        return self.residual[layer].double() + heads
+
     def row_sums(self) -> Float[Tensor, "layer pos"]:
         """``r_j + Σ_h Σ_k E^(l,h)_{jk}`` per layer (without the left scale)."""
-        heads = torch.einsum("lhjk,lhk->lj", self.patterns, self.key_scale.to(self.patterns.dtype)).double()
-        heads = heads if self.query_scale is None else heads * self.query_scale.double()
-        return self.residual.double() + heads
+        patterns = self._patterns()
+        return torch.stack([self.layer_totals(layer, patterns[layer]) for layer in range(self.n_layers)])
 
-    def row_normalised(self) -> PathGraph:
-        """Each layer's rows scaled to sum to 1: ``D^{-1}(diag(r) + ΣE)`` (left scale dropped)."""
-        totals = self.row_sums().clamp_min(torch.finfo(torch.float64).tiny)
+    def row_normalised(self, totals: Float[Tensor, "layer pos"] | None = None) -> PathGraph:
+        """Each layer's rows scaled to sum to 1: ``D^{-1}(diag(r) + ΣE)`` (left scale dropped).
+
+        ``totals`` are the row sums when a sweep has computed them (:meth:`layer_totals`); without
+        them and without patterns the graph is marked to be normalised layer by layer in the sweep.
+        """
+        name = self.variant if self.normalise_rows else f"{self.variant}_rownorm"
+        if totals is None and self.patterns is None:
+            return replace(self, variant=name, normalise_rows=True, head_factor=None, mean_patterns=None)
+        totals = (self.row_sums() if totals is None else totals).clamp_min(torch.finfo(torch.float64).tiny)
         query = 1.0 / totals if self.query_scale is None else self.query_scale.double() / totals
         return replace(
             self,
-            aggregated=None,  # the head-mean shortcut describes the unnormalised graph only
-            variant=f"{self.variant}_rownorm",
+            head_factor=None,  # the head-mean shortcut describes the unnormalised graph only
+            mean_patterns=None,
+            normalise_rows=False,
+            variant=name,
             residual=self.residual.double() / totals,
             query_scale=query,
             left_scale=None,
@@ -131,15 +203,16 @@ def final_norm_gain(model) -> float:
     return float(gain.abs().max())
 
 
-def _head_mean(trace, head_scores, per_layer: Tensor) -> tuple[Tensor, Tensor] | None:
-    """The trace's head-mean patterns with their per-layer factor, when the heads are weighted uniformly."""
-    if head_scores is not None or trace.mean_patterns is None:
-        return None
-    return trace.mean_patterns, per_layer.to(torch.float64)
+def _head_mean(trace, head_scores, per_layer: Tensor) -> dict[str, Tensor | None]:
+    """The head-mean shortcut's fields when the heads are weighted uniformly: the per-layer factor and
+    the trace's head-mean patterns (``None`` when the trace streamed them)."""
+    if head_scores is not None:
+        return {}
+    return {"head_factor": per_layer.to(torch.float64), "mean_patterns": trace.mean_patterns}
 
 
 def _paper(trace, model=None, *, beta1=1.0, beta2=1.0, beta3=1.0, sigma_psi=1.0, head_scores=None) -> PathGraph:
-    n_layers, n_heads, n = trace.patterns.shape[:3]
+    n_layers, n_heads, n = trace.n_layers, trace.n_heads, trace.n_tokens
     beta1 = torch.as_tensor(beta1, dtype=torch.float64).expand(n_layers)
     w = head_weights(n_layers, n_heads, head_scores)
     key_scale = (w / beta1[:, None])[:, :, None].expand(n_layers, n_heads, n)
@@ -148,18 +221,18 @@ def _paper(trace, model=None, *, beta1=1.0, beta2=1.0, beta3=1.0, sigma_psi=1.0,
         "paper", torch.ones(n_layers, n, dtype=torch.float64), trace.patterns, key_scale, None,
         torch.full((n,), float(constant), dtype=torch.float64),
         "Theorem B.5's bound, under its Lipschitz and normalisation assumptions (β's, σ_ψ)",
-        aggregated=_head_mean(trace, head_scores, 1.0 / beta1),
+        **_head_mean(trace, head_scores, 1.0 / beta1),
     )
 
 
 def _rollout(trace, model=None, *, head_scores=None) -> PathGraph:
-    n_layers, n_heads, n = trace.patterns.shape[:3]
+    n_layers, n_heads, n = trace.n_layers, trace.n_heads, trace.n_tokens
     w = head_weights(n_layers, n_heads, head_scores)
     key_scale = (0.5 * w)[:, :, None].expand(n_layers, n_heads, n)
     return PathGraph(
         "rollout", torch.full((n_layers, n), 0.5, dtype=torch.float64), trace.patterns, key_scale, None,
         torch.ones(n, dtype=torch.float64), None,
-        aggregated=_head_mean(trace, head_scores, torch.full((n_layers,), 0.5, dtype=torch.float64)),
+        **_head_mean(trace, head_scores, torch.full((n_layers,), 0.5, dtype=torch.float64)),
     )
 
 
@@ -200,7 +273,7 @@ def _certified(trace, model=None) -> PathGraph:
     shape = block_shape(model)  # refuses (UnsupportedModelError) what the bound does not model
     if trace.mlp_gain is None and not shape.attn_only:
         raise ValueError("the certified variant needs MLP gains: trace(model, prompt, lipschitz=True)")
-    n_layers, _, n = trace.patterns.shape[:3]
+    n_layers, n = trace.n_layers, trace.n_tokens
     ones = torch.ones(n_layers, n, dtype=torch.float64)
     key_scale = ov_norms(model)[:, :, None].expand(n_layers, -1, n)
     if shape.attn_in is not None:
@@ -222,7 +295,7 @@ def _certified(trace, model=None) -> PathGraph:
 def _value(trace, model=None) -> PathGraph:
     if trace.value_norms is None:
         raise ValueError("the value variant needs ‖v W_O‖ per head; trace a model that exposes attn.hook_v and W_O")
-    n_layers, _, n = trace.patterns.shape[:3]
+    n_layers, n = trace.n_layers, trace.n_tokens
     residual = trace.resid_norms[:n_layers].double()
     return PathGraph("value", residual, trace.patterns, trace.value_norms.double(), None,
                      torch.ones(n, dtype=torch.float64), None)
@@ -240,21 +313,25 @@ VARIANTS: dict[str, Callable[..., PathGraph]] = {
 
 
 def build_graph(trace, variant: str = "paper", *, model=None, **params) -> PathGraph:
-    """The layered graph of ``variant`` for a traced prompt (see :data:`VARIANTS`)."""
+    """The layered graph of ``variant`` for a traced prompt (see :data:`VARIANTS`).
+
+    A trace that streamed its patterns gives a graph without them (``patterns=None``): its row
+    comes from :func:`lens_squash.edge.stream.stream_bounds`, which recomputes each layer's patterns.
+    """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
     # a trace records its patterns' defects and the tolerance of its dtype once (see trace.py)
-    check = trace.metadata.get("attention_check", {})
+    check = trace.provenance.get("attention_check", {})
     check_attention(
-        trace.patterns, defects=trace.metadata.get("attention_defects"), atol=check.get("tolerance"),
+        trace.patterns, defects=trace.provenance.get("attention_defects"), atol=check.get("tolerance"),
         dtype=getattr(torch, check["dtype"]) if "dtype" in check else None,
-        substochastic=check.get("substochastic", False),
+        substochastic=check.get("substochastic", False), n_keys=trace.n_tokens,
     )
     return VARIANTS[variant](trace, model, **params)
 
 
 @dataclass(frozen=True, eq=False)
-class PathBound:
+class PathBound(Result):
     """Per input position, a variant's path-sum sensitivity of the target position."""
 
     variant: str
@@ -263,8 +340,8 @@ class PathBound:
     str_tokens: tuple[str, ...]
     graph: PathGraph
     guarantee: str | None
-    matrix: Float[Tensor, "query_pos key_pos"] | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
+    matrix: Float[Tensor, "query_pos key_pos"] | None = heavy(default=None)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def constant(self) -> float:
@@ -289,12 +366,6 @@ class PathBound:
             left_scale=self.graph.left_scale, output_scale=self.constant,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "variant": self.variant, "target": self.target, "guarantee": self.guarantee,
-            "constant": self.constant, "bound": self.bound, "first_token_share": self.first_token_share, "metadata": self.metadata,
-        }
-
     __repr__ = compact_repr
 
     def _repr_html_(self) -> str:
@@ -309,24 +380,38 @@ class PathBound:
         )
 
 
+@renamed(target="target_pos")
 def path_bound(
-    trace, variant: str = "paper", *, model=None, target: int = -1, full_matrix: bool = False, **params
+    trace, variant: str = "paper", *, model=None, target_pos: int = -1, full_matrix: bool = False, **params
 ) -> PathBound:
-    """The path-sum bound of ``variant`` for ``target`` (default: the last token), per input position.
+    """The path-sum bound of ``variant`` for ``target_pos`` (default: the last token), per input position.
 
     The row costs ``L`` vector–matrix products (O(L·n²)); ``full_matrix=True`` also returns the whole
-    ``n×n`` product (O(L·n³)).
+    ``n×n`` product (O(L·n³)). A trace that streamed its patterns (a long prompt) has no stack to
+    read: :func:`lens_squash.edge.stream.stream_bounds` sweeps its rows with the model.
     """
+    if trace.patterns is None:
+        raise ValueError(
+            f"this trace of {trace.n_tokens} tokens streamed its attention patterns instead of keeping "
+            "them; compute its bounds with lens_squash.edge.stream.stream_bounds(model, trace, variants), "
+            "or trace with keep_patterns=True (memory grows as layer × head × pos²)"
+        )
     graph = build_graph(trace, variant, model=model, **params)
     n = graph.residual.shape[-1]
-    if not -n <= target < n:
-        raise ValueError(f"target position {target} is out of range for {n} tokens; use 0..{n - 1} or -1")
-    target = target % n
+    if not -n <= target_pos < n:
+        raise ValueError(f"target position {target_pos} is out of range for {n} tokens; use 0..{n - 1} or -1")
+    target_pos = target_pos % n
     matrix = None
     if full_matrix:
         matrix = graph.output_scale[:, None] * paths.stack_product(graph.matrices())
+    return bound_from_row(trace, graph, target_pos, graph.row(target_pos), matrix=matrix, params=params)
+
+
+def bound_from_row(trace, graph: PathGraph, target_pos: int, row: Tensor, *, matrix=None, params=None) -> PathBound:
+    """The :class:`PathBound` of a graph whose row for ``target_pos`` is known (output factor included)."""
+    params = params or {}
     return PathBound(
-        variant=graph.variant, target=target, bound=graph.row(target), str_tokens=trace.str_tokens,
+        variant=graph.variant, target=target_pos, bound=row, str_tokens=trace.str_tokens,
         graph=graph, guarantee=graph.guarantee, matrix=matrix,
-        metadata={**trace.metadata, "variant": graph.variant, "params": {k: str(v) for k, v in params.items()}},
+        provenance={**trace.provenance, "variant": graph.variant, "params": {k: str(v) for k, v in params.items()}},
     )

@@ -12,7 +12,6 @@ Hook names are written out literally (``blocks.{l}.attn.hook_pattern``) so the s
 
 from __future__ import annotations
 
-import functools
 import html
 import math
 from dataclasses import dataclass, field
@@ -22,82 +21,102 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..core import validate
 from ..algebra.attention import attention_defects, pattern_tolerance
+from ..algebra.attention_stream import AttentionStream, AttentionSummary
+from ..algebra.spectral import rollout_tolerance
+from ..core import validate
 from ..core.display import compact_repr
-from .lipschitz import (
-    cached_gram,
-    mlp_jacobian_frobenius,
-    moe_jacobian_frobenius,
-    solu_jacobian_frobenius,
-    supports_certified,
-)
-from .models import check_length, check_model, format_prompt
+from ..core.progress import counter
 from ..core.records import provenance
+from ..core.results import Result, heavy
 from ..core.support import UnsupportedModelError
+from .cache_replay import replay_cache
+from .gain_hooks import mlp_gain_hooks, mlp_gains, stack_layers
+from .lipschitz import supports_certified
+from .models import check_length, check_model, format_prompt
 
 __all__ = ["Trace", "as_tokens", "final_representation", "required_hooks", "trace"]
 
 
 @dataclass(frozen=True, eq=False)
-class Trace:
+class Trace(Result):
     """What one forward pass of ``model`` on ``tokens`` showed. Tensors are on the CPU.
 
     Analysis tensors are float32 (float64 when the model is float64), whatever the model's dtype.
     Norm scales are ``None`` for models without that norm; ``ln1_scale``/``ln2_scale`` are
     ``blocks.{l}.ln1/ln2.hook_scale`` wherever those norms sit (before the sublayers in pre-norm
     models, on their outputs in OLMo-2: :mod:`lens_squash.algebra.blocks` says which). ``mlp_gain`` is
-    ``‖J_MLP‖_F`` with every frozen norm around the MLP included. ``metadata["attention_check"]``
+    ``‖J_MLP‖_F`` with every frozen norm around the MLP included. ``provenance["attention_check"]``
     records the tolerance the patterns were checked with and whether rows may sum to less than 1.
     """
 
     tokens: Int[Tensor, "pos"]
     str_tokens: tuple[str, ...]
-    patterns: Float[Tensor, "layer head query_pos key_pos"]
+    #: ``None`` when the trace streamed them (long prompts: see ``keep_patterns`` in :func:`trace`)
+    patterns: Float[Tensor, "layer head query_pos key_pos"] | None = heavy()
     ln1_scale: Float[Tensor, "layer pos"] | None
     ln2_scale: Float[Tensor, "layer pos"] | None
     final_scale: Float[Tensor, "pos"] | None
-    resid_norms: Float[Tensor, "layer_plus_1 pos"]
-    first_token_resid: Float[Tensor, "layer_plus_1 d_model"]
+    resid_norms: Float[Tensor, "layers_covered pos"]
+    first_token_resid: Float[Tensor, "layers_covered d_model"]
     value_norms: Float[Tensor, "layer head pos"] | None
     y_last: Float[Tensor, "d_model"]
     last_logits: Float[Tensor, "d_vocab"]
     predicted_token: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-    resid: Float[Tensor, "layer_plus_1 pos d_model"] | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    resid: Float[Tensor, "layers_covered pos d_model"] | None = heavy(default=None)
     mlp_gain: Float[Tensor, "layer pos"] | None = None
     #: the head-mean pattern of every layer, kept so head-averaged bound rows read L·n² numbers, not L·H·n²
-    mean_patterns: Float[Tensor, "layer query_pos key_pos"] | None = None
+    mean_patterns: Float[Tensor, "layer query_pos key_pos"] | None = heavy(default=None)
     #: scales of the norms Gemma-2/3 apply to what attention and the MLP write (``ln1_post``, ``ln2_post``)
     ln1_post_scale: Float[Tensor, "layer pos"] | None = None
     ln2_post_scale: Float[Tensor, "layer pos"] | None = None
+    #: ``A^(l,h)[q, 0]``: the attention every query pays to the first token (kept in both modes)
+    attention_to_first: Float[Tensor, "layer head query_pos"] | None = None
+    #: per-layer statistics taken during the pass when the patterns were streamed, not kept
+    attention: AttentionSummary | None = None
+
+    @property
+    def _shape(self) -> tuple[int, ...]:
+        return tuple(self.patterns.shape[:3]) if self.patterns is not None else tuple(self.attention_to_first.shape)
 
     @property
     def n_layers(self) -> int:
-        return self.patterns.shape[0]
+        return self._shape[0]
 
     @property
     def n_heads(self) -> int:
-        return self.patterns.shape[1]
+        return self._shape[1]
 
     @property
     def n_tokens(self) -> int:
-        return self.patterns.shape[-1]
+        return self._shape[2]
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the patterns were streamed (statistics kept, patterns not)."""
+        return self.patterns is None
 
     def first_token_mass(self) -> Float[Tensor, "layer"]:
+        """Deprecated name of :meth:`mean_first_token_attention`."""
+        import warnings
+
+        warnings.warn("Trace.first_token_mass() is now Trace.mean_first_token_attention()", DeprecationWarning, stacklevel=2)
+        return self.mean_first_token_attention()
+
+    def mean_first_token_attention(self) -> Float[Tensor, "layer"]:
         """Mean attention (over heads, queries 1..n-1) on position 0, per layer."""
-        if self.n_tokens < 2:
-            return self.patterns[..., 0].mean(dim=(1, 2))
-        return self.patterns[:, :, 1:, 0].mean(dim=(1, 2))
+        first = self.patterns[..., 0] if self.attention_to_first is None else self.attention_to_first
+        return first.mean(dim=(1, 2)) if self.n_tokens < 2 else first[:, :, 1:].mean(dim=(1, 2))
 
     __repr__ = compact_repr
 
     def _repr_html_(self) -> str:
-        mass = self.first_token_mass()
+        mass = self.mean_first_token_attention()
         rows = "".join(
             f"<tr><td>{name}</td><td>{html.escape(str(value))}</td></tr>"
             for name, value in [
-                ("model", self.metadata.get("model", {}).get("name", "?")),
+                ("model", self.provenance.get("model", {}).get("name", "?")),
                 ("tokens", self.n_tokens),
                 ("layers × heads", f"{self.n_layers} × {self.n_heads}"),
                 ("predicted next token", repr(self.predicted_token)),
@@ -167,6 +186,26 @@ def _per_position(scale: Tensor) -> Tensor:
     )
 
 
+#: whole per-head patterns are kept by default while ``L·H·n²`` of them fit in this many bytes
+#: (SmolLM2-135M: n ≤ 704 in float32); longer prompts stream them (``keep_patterns`` in :func:`trace`)
+KEEP_PATTERNS_BYTES: int = 512 * 2**20
+
+
+def patterns_bytes(model, n_tokens: int) -> int:
+    """Bytes of a whole ``[layer, head, query_pos, key_pos]`` stack in the analysis dtype, plus its
+    head mean: what ``keep_patterns=True`` costs."""
+    cfg = model.cfg
+    per = torch.finfo(_analysis_dtype(model)).bits // 8
+    return cfg.n_layers * (cfg.n_heads + 1) * n_tokens * n_tokens * per
+
+
+def keeps_patterns(model, n_tokens: int, keep_patterns: bool | None) -> bool:
+    """``keep_patterns``, or by default whether the whole stack fits in :data:`KEEP_PATTERNS_BYTES`."""
+    if keep_patterns is not None:
+        return bool(keep_patterns)
+    return patterns_bytes(model, n_tokens) <= KEEP_PATTERNS_BYTES
+
+
 def trace(
     model,
     prompt: str | Tensor,
@@ -174,17 +213,27 @@ def trace(
     chat: bool | None = None,
     keep_resid: bool = False,
     lipschitz: bool = False,
+    keep_patterns: bool | None = None,
+    cache=None,
 ) -> Trace:
     """Run ``model`` once on ``prompt`` and keep what the analyses need (see :class:`Trace`).
 
     ``prompt`` is text (put through the chat template when the tokenizer has one, unless
     ``chat=False``) or token ids. ``keep_resid=True`` also keeps every layer's residual stream
-    (``[layer+1, pos, d_model]``), which the compression metrics need. ``lipschitz=True`` also
+    (``[layers_covered, pos, d_model]``), which the compression metrics need. ``lipschitz=True`` also
     computes ``‖J_{MLP∘N2}‖_F`` per layer and position (:mod:`lens_squash.edge.lipschitz`), which the
     certified bound needs.
+
+    ``keep_patterns``: ``True`` keeps every per-head pattern (memory ``L·H·n²``); ``False`` streams
+    them: each layer's statistics are taken during the pass (:class:`AttentionSummary`), the residual
+    streams are kept (``L·n·d``) and the bound rows recompute one layer's patterns at a time
+    (:func:`lens_squash.edge.stream.stream_bounds`). ``None`` (default) keeps them while the stack
+    fits in :data:`KEEP_PATTERNS_BYTES`. ``cache``: a TransformerLens ``ActivationCache`` of this
+    prompt (``model.run_with_cache``) to read instead of running the model; it must hold every hook
+    the trace reads (the error names the missing ones).
     """
     tokens = as_tokens(model, prompt, chat=chat)
-    n_layers = model.cfg.n_layers
+    n_layers, n = model.cfg.n_layers, int(tokens.shape[0])
     missing = [name for name in required_hooks(n_layers) if name not in model.hook_dict]
     if missing:
         raise ValueError(
@@ -194,6 +243,36 @@ def trace(
         )
     store: dict[str, Tensor] = {}
     dtype = _analysis_dtype(model)
+    keep_whole = keeps_patterns(model, n, keep_patterns)
+    stream = None
+    if not keep_whole:
+        substochastic = bool(getattr(model.cfg, "use_attention_sinks", False))
+        atol = None if substochastic else rollout_tolerance(pattern_tolerance(model.cfg.dtype, n))
+        stream = AttentionStream(n, spectral_atol=atol)
+    hooks = _capture_hooks(model, store, dtype, stream)
+    unsupported, shape = None, None
+    if lipschitz:
+        try:
+            shape = supports_certified(model)
+        except UnsupportedModelError as error:  # the certified variant will refuse with this reason
+            unsupported = str(error)
+        else:
+            hooks += mlp_gain_hooks(model, shape, store)
+    with torch.no_grad(), counter(desc="trace", total=n_layers, unit="layer", enabled=_slow(model, n)) as bar:
+        hooks += [(f"blocks.{layer}.hook_resid_pre", lambda value, hook: bar.update(1)) for layer in range(n_layers)]
+        last_logits = _last_logits(model, tokens, hooks, cache)
+    gains = None if shape is None else mlp_gains(store, n_layers, shape)
+    summary = None if stream is None else stream.finish()
+    result = _assemble(model, tokens, store, last_logits.to("cpu", dtype), keep_resid or not keep_whole, chat, gains,
+                       summary)
+    if unsupported is not None:
+        result.provenance["lipschitz_unsupported"] = unsupported
+    return result
+
+
+def _capture_hooks(model, store: dict[str, Tensor], dtype: torch.dtype, stream: AttentionStream | None) -> list:
+    """The hooks that keep what a :class:`Trace` holds; with a ``stream``, patterns go through it."""
+    n_layers = model.cfg.n_layers
 
     def keep(name: str, fn=lambda t: t):
         def hook(value, hook):
@@ -203,7 +282,12 @@ def trace(
     def keep_pattern(layer: int):
         def hook(value, hook):
             pattern = value[0].detach()
-            store[f"pattern.{layer}"] = pattern.to("cpu", dtype)
+            on_cpu = pattern.to("cpu", dtype)
+            store[f"first.{layer}"] = on_cpu[:, :, 0].clone()
+            if stream is not None:
+                stream.add(on_cpu)  # O(n) statistics now; the bound rows recompute the layer later
+                return
+            store[f"pattern.{layer}"] = on_cpu
             store[f"mean_pattern.{layer}"] = pattern.to(dtype).mean(0).cpu()
         return hook
 
@@ -224,27 +308,28 @@ def trace(
                 hooks.append((f"blocks.{layer}.{norm}.hook_scale", keep(f"{norm}.{layer}", _per_position)))
         if f"blocks.{layer}.attn.hook_v" in model.hook_dict and hasattr(model.blocks[layer].attn, "W_O"):
             hooks.append((f"blocks.{layer}.attn.hook_v", value_norm_hook(layer)))
-    unsupported, shape = None, None
-    if lipschitz:
-        try:
-            shape = supports_certified(model)
-        except UnsupportedModelError as error:  # the certified variant will refuse with this reason
-            unsupported = str(error)
-        else:
-            hooks += _mlp_gain_hooks(model, shape, store)
     hooks.append((f"blocks.{n_layers - 1}.hook_resid_post", keep(f"resid.{n_layers}")))
     if "ln_final.hook_scale" in model.hook_dict:
         hooks.append(("ln_final.hook_scale", keep("final_scale", lambda t: t[..., 0])))
     if "ln_final.hook_normalized" in model.hook_dict:
         hooks.append(("ln_final.hook_normalized", keep("final_normalized")))
+    return hooks
 
-    with torch.no_grad():
-        logits = _run(model, tokens[None].to(model.cfg.device), hooks)
-    gains = None if shape is None else _mlp_gains(store, n_layers, shape)
-    result = _assemble(model, tokens, store, logits[0, -1].detach().to("cpu", dtype), keep_resid, chat, gains)
-    if unsupported is not None:
-        result.metadata["lipschitz_unsupported"] = unsupported
-    return result
+
+def _slow(model, n_tokens: int) -> bool:
+    """Whether a pass likely takes more than ~2 s (then the trace shows a bar): ~2·n·(12d² + 2nd)
+    multiply-adds per layer at ~10 GFLOP/s on a CPU, 50× that on a GPU."""
+    cfg = model.cfg
+    flops = 2 * cfg.n_layers * n_tokens * (12 * cfg.d_model**2 + 2 * n_tokens * cfg.d_model)
+    rate = 5e11 if str(cfg.device).startswith("cuda") else 1e10
+    return flops / rate > 2.0
+
+
+def _last_logits(model, tokens: Tensor, hooks: list, cache) -> Tensor:
+    """The last position's logits: from the hooked pass, or from ``cache`` by replaying the hooks."""
+    if cache is None:
+        return _run(model, tokens[None].to(model.cfg.device), hooks)[0, -1].detach()
+    return replay_cache(model, cache, hooks, int(tokens.shape[0]))
 
 
 #: norms whose scales a trace keeps (Gemma-2/3 add the two post norms)
@@ -271,128 +356,6 @@ def _run(model, tokens: Tensor, hooks: list) -> Tensor:
         raise error
 
 
-def _mlp_gain_hooks(model, shape, store: dict[str, Tensor]) -> list:
-    """Hooks that compute ‖J_MLP‖_F per position as the pass goes, keeping only [pos]. The frozen
-    norms' scales are divided out in :func:`_assemble`: post norms fire after the MLP."""
-    hooks = []
-    if shape.attn_only:
-        return hooks
-    if shape.moe:
-        return _moe_gain_hooks(model, shape, store)
-    if shape.solu:
-        return _solu_gain_hooks(model, shape, store)
-    for layer, block in enumerate(model.blocks):
-
-        def save(name):
-            def hook(value, hook):
-                store[name] = value[0].detach()
-            return hook
-
-        def gain(value, hook, layer=layer, block=block):
-            pre = store.pop(f"mlp_pre.{layer}")
-            pre_linear = store.pop(f"mlp_pre_linear.{layer}", None)
-            norms = mlp_jacobian_frobenius(block, cached_gram(block, shape), pre, pre_linear)
-            store[f"mlp_gain_unscaled.{layer}"] = norms.cpu()
-
-        hooks.append((f"blocks.{layer}.mlp.hook_pre", save(f"mlp_pre.{layer}")))
-        if f"blocks.{layer}.mlp.hook_pre_linear" in model.hook_dict:
-            hooks.append((f"blocks.{layer}.mlp.hook_pre_linear", save(f"mlp_pre_linear.{layer}")))
-        hooks.append((f"blocks.{layer}.mlp.hook_post", gain))
-    return hooks
-
-
-def _solu_gain_hooks(model, shape, store: dict[str, Tensor]) -> list:
-    """‖J_MLP‖_F per position for SoLU MLPs, with the neuron LayerNorm's scale frozen (see lipschitz)."""
-    hooks = []
-    for layer, block in enumerate(model.blocks):
-        name = f"blocks.{layer}.mlp"
-
-        def save(key, value, hook):
-            store[key] = value[0].detach()
-
-        def gain(value, hook, layer=layer, block=block):
-            ln_scale = store.pop(f"solu_ln.{layer}", None)
-            pre = store.pop(f"mlp_pre.{layer}")
-            norms = solu_jacobian_frobenius(block, shape, pre, None if ln_scale is None else ln_scale[..., 0])
-            store[f"mlp_gain_unscaled.{layer}"] = norms.cpu()
-
-        hooks.append((f"{name}.hook_pre", functools.partial(save, f"mlp_pre.{layer}")))
-        if f"{name}.ln.hook_scale" in model.hook_dict:
-            hooks.append((f"{name}.ln.hook_scale", functools.partial(save, f"solu_ln.{layer}")))
-        hooks.append((f"{name}.hook_post", gain))
-    return hooks
-
-
-def _routing(mlp, weights: Tensor, indices: Tensor, cfg) -> Tensor:
-    """The weight each expert's output gets, ``[pos, expert]``, as TransformerLens's MoE forward uses it.
-    GPT-OSS's hook holds them already; Mixtral's holds the softmax over all experts, which the
-    forward then cuts to the top k (and renormalises with ``norm_topk_prob``), in the same float32."""
-    if type(mlp).__name__ == "GptOssMoE":
-        return weights.double()
-    top = torch.gather(weights, -1, indices)
-    if getattr(cfg, "norm_topk_prob", False):
-        top = top / top.sum(dim=-1, keepdim=True)
-    return torch.zeros_like(weights, dtype=torch.float64).scatter(-1, indices, top.to(cfg.dtype).double())
-
-
-def _moe_gain_hooks(model, shape, store: dict[str, Tensor]) -> list:
-    """Σ_e g_e ‖J_e‖_F per position for mixture-of-experts MLPs (router weights frozen, see lipschitz)."""
-    hooks = []
-    for layer, block in enumerate(model.blocks):
-
-        def save(name, value, hook):
-            store[name] = value.detach()
-
-        input_hook, affine = _mlp_input_hook(model, layer, shape)
-
-        def moe_input(value, hook, layer=layer, affine=affine):
-            value = value[0].detach()
-            store[f"moe_in.{layer}"] = value if affine is None else affine(value).detach()
-
-        def gain(value, hook, layer=layer, block=block):
-            routing = _routing(block.mlp, store.pop(f"expert_weights.{layer}"), store.pop(f"expert_indices.{layer}"),
-                               model.cfg)
-            norms = moe_jacobian_frobenius(block, shape, store.pop(f"moe_in.{layer}"), routing)
-            store[f"mlp_gain_unscaled.{layer}"] = norms.cpu()
-
-        name = f"blocks.{layer}"
-        hooks.append((f"{name}.mlp.hook_expert_weights", functools.partial(save, f"expert_weights.{layer}")))
-        hooks.append((f"{name}.mlp.hook_expert_indices", functools.partial(save, f"expert_indices.{layer}")))
-        hooks.append((input_hook, moe_input))
-        hooks.append((f"{name}.hook_mlp_out", gain))
-    return hooks
-
-
-def _mlp_input_hook(model, layer: int, shape) -> tuple[str, Any]:
-    """A hook whose value gives the MLP's input, and how: the MLP norm's ``hook_normalized`` with its
-    gain and bias re-applied, or the residual the MLP reads when no norm precedes it."""
-    if shape.mlp_in is None:
-        return (f"blocks.{layer}.hook_resid_pre" if shape.parallel else f"blocks.{layer}.hook_resid_mid"), None
-    norm = getattr(model.blocks[layer], shape.mlp_in)
-
-    def affine(normalized: Tensor) -> Tensor:
-        out = normalized * norm.w if hasattr(norm, "w") else normalized
-        return out + norm.b if hasattr(norm, "b") else out
-
-    return f"blocks.{layer}.{shape.mlp_in}.hook_normalized", affine
-
-
-def _mlp_gains(store: dict[str, Tensor], n_layers: int, shape) -> Tensor | None:
-    """``‖J_MLP‖_F / Π s`` per layer and position: the Gram norms over every frozen scale around the MLP."""
-    gains = _stack(store, "mlp_gain_unscaled", n_layers)
-    if gains is None:
-        return None
-    for site in (s for s in (shape.mlp_in, *shape.mlp_out) if s is not None):
-        scale = _stack(store, site, n_layers)
-        if scale is None:
-            raise ValueError(
-                f"blocks.{{l}}.{site}.hook_scale did not fire, so the MLP gains cannot include that norm; "
-                "use a HookedTransformer or a TransformerBridge in compatibility mode"
-            )
-        gains = gains / scale.double()
-    return gains
-
-
 def _attention_check(model, n_tokens: int, defects: dict[str, float]) -> dict[str, Any]:
     """What the patterns will be checked against, recorded so a reader sees what was tolerated: the
     dtype they were computed in, its row-sum tolerance, and whether rows may fall short of 1 (learned
@@ -406,17 +369,13 @@ def _attention_check(model, n_tokens: int, defects: dict[str, float]) -> dict[st
     }
 
 
-def _stack(store: dict[str, Tensor], prefix: str, n: int) -> Tensor | None:
-    keys = [f"{prefix}.{i}" for i in range(n)]
-    return torch.stack([store[k] for k in keys]) if all(k in store for k in keys) else None
-
-
-def _assemble(model, tokens, store, last_logits, keep_resid: bool, chat, mlp_gain) -> Trace:
+def _assemble(model, tokens, store, last_logits, keep_resid: bool, chat, mlp_gain, summary) -> Trace:
     n_layers = model.cfg.n_layers
-    resid = torch.stack([store[f"resid.{i}"] for i in range(n_layers + 1)])  # [layer+1, pos, d_model]
-    patterns = _stack(store, "pattern", n_layers)
-    # scanned once here, so every bound built from this trace can skip the O(L·H·n²) check
-    defects = attention_defects(patterns)
+    resid = torch.stack([store.pop(f"resid.{i}") for i in range(n_layers + 1)])  # [layers_covered, pos, d_model]
+    patterns = stack_layers(store, "pattern", n_layers)
+    # scanned once here (or layer by layer as they streamed), so every bound built from this trace
+    # can skip the O(L·H·n²) check
+    defects = attention_defects(patterns) if summary is None else summary.defects
     if math.isnan(defects["row_deviation"]) or not torch.isfinite(resid).all():
         raise ValueError(
             f"the forward pass produced NaN or inf (model dtype {model.cfg.dtype}); low precision overflowed: "
@@ -436,22 +395,24 @@ def _assemble(model, tokens, store, last_logits, keep_resid: bool, chat, mlp_gai
         tokens=tokens.cpu(),
         str_tokens=str_tokens,
         patterns=patterns,
-        ln1_scale=_stack(store, "ln1", n_layers),
-        ln2_scale=_stack(store, "ln2", n_layers),
+        ln1_scale=stack_layers(store, "ln1", n_layers),
+        ln2_scale=stack_layers(store, "ln2", n_layers),
         final_scale=store.get("final_scale"),
         resid_norms=resid.norm(dim=-1),
         first_token_resid=resid[:, 0].clone(),
-        value_norms=_stack(store, "value_norm", n_layers),
+        value_norms=stack_layers(store, "value_norm", n_layers),
         y_last=y_last,
         last_logits=last_logits,
         predicted_token=predicted_str,
-        metadata=provenance(
+        provenance=provenance(
             model, chat=chat, n_tokens=int(tokens.shape[0]), attention_defects=defects,
             attention_check=_attention_check(model, int(tokens.shape[0]), defects),
         ),
         resid=resid if keep_resid else None,
         mlp_gain=mlp_gain,
-        mean_patterns=_stack(store, "mean_pattern", n_layers),
-        ln1_post_scale=_stack(store, "ln1_post", n_layers),
-        ln2_post_scale=_stack(store, "ln2_post", n_layers),
+        mean_patterns=stack_layers(store, "mean_pattern", n_layers),
+        ln1_post_scale=stack_layers(store, "ln1_post", n_layers),
+        ln2_post_scale=stack_layers(store, "ln2_post", n_layers),
+        attention_to_first=stack_layers(store, "first", n_layers),
+        attention=summary,
     )

@@ -10,23 +10,31 @@ is a frozen :class:`Analysis` that renders in Jupyter, plots, and serialises to 
 from __future__ import annotations
 
 import html
+import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from ..core import validate
+from ..algebra.attention_stream import sink_report_from_summary
 from ..algebra.compare import Comparison, compare_variants
-from ..core.display import compact_repr
-from ..edge.jacobian import JacobianResult, jacobian
 from ..algebra.paths import rollout_matrices
-from ..algebra.sinks import SinkReport, sink_report_from_trace
-from ..algebra.spectral import SpectralReport, analyze_stack
-from ..core.support import UnsupportedModelError
-from ..edge.trace import Trace, as_tokens, trace
+from ..algebra.sinks import SinkReport
+from ..algebra.spectral import SpectralReport, analyze_stack, rollout_tolerance, spectral_report
 from ..algebra.variants import VARIANTS, PathBound, path_bound
+from ..core import validate
+from ..core.display import compact_repr
+from ..core.renames import renamed
+from ..core.results import Result
+from ..core.support import UnsupportedModelError
+from ..edge.jacobian import JacobianResult, jacobian
+from ..edge.stream import check_fits, stream_bounds
+from ..edge.trace import Trace, as_tokens, trace
+from .sinks import sink_report_from_trace
 
 __all__ = ["DEFAULT_VARIANTS", "Analysis", "analyze"]
 
@@ -35,7 +43,7 @@ DEFAULT_VARIANTS = ("paper", "rollout", "certified", "value_rownorm")
 
 
 @dataclass(frozen=True, eq=False)
-class Analysis:
+class Analysis(Result):
     """Everything ``analyze`` measured for one prompt."""
 
     trace: Trace
@@ -49,6 +57,11 @@ class Analysis:
     seconds: dict[str, float] = field(default_factory=dict)
     #: default variants this model cannot support, with the reason each was skipped
     skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """How the analysis was made: the trace's provenance (model, dtype, versions, attention check)."""
+        return self.trace.provenance
 
     @property
     def best_variant(self) -> str | None:
@@ -75,21 +88,27 @@ class Analysis:
         rows += [{"variant": name, "skipped": reason} for name, reason in self.skipped.items()]
         return pd.DataFrame(rows)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "metadata": self.trace.metadata,
-            "tokens": self.trace.tokens,
-            "str_tokens": list(self.trace.str_tokens),
-            "predicted_token": self.trace.predicted_token,
-            "bounds": {name: bound.to_dict() for name, bound in self.bounds.items()},
-            "jacobian": None if self.jacobian is None else self.jacobian.to_dict(),
-            "comparisons": {name: c.to_dict() for name, c in self.comparisons.items()},
-            "best_variant": self.best_variant,
-            "spectral": None if self.spectral is None else self.spectral.to_dict(),
-            "sinks": self.sinks.to_dict(),
-            "seconds": self.seconds,
-            "skipped": dict(self.skipped),
-        }
+    def to_frame(self) -> pd.DataFrame:
+        """:meth:`summary`: one row per variant."""
+        return self.summary()
+
+    def _derived(self) -> dict[str, Any]:
+        # what a reader of results.json looks for first; from_dict recomputes it
+        return {"best_variant": self.best_variant, "str_tokens": list(self.trace.str_tokens),
+                "predicted_token": self.trace.predicted_token}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Analysis:
+        """An :class:`Analysis` from :meth:`save`'s file, or from the ``results.json`` that
+        ``lens-squash analyze`` writes (``to_dict(heavy=False)`` plus the report's ``"metadata"``,
+        which comes back as ``provenance["report"]``). A report's file leaves out the heavy tensors
+        (attention patterns, residual streams): ``provenance["dropped"]`` of each part lists them."""
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        report = data.pop("metadata", None) if isinstance(data, dict) else None
+        analysis = cls.from_dict(data)
+        if report is not None:
+            analysis.provenance.setdefault("report", report)
+        return analysis
 
     __repr__ = compact_repr
 
@@ -100,7 +119,12 @@ class Analysis:
         )
         if self.best_variant:
             head += f"; best-ranking variant: <code>{html.escape(self.best_variant)}</code>"
-        return head + self.summary().to_html(index=False, float_format=lambda v: f"{v:.4g}")
+        from ..core.tokens import sensitivity_html  # the prompt coloured by the true sensitivity
+
+        truth = [c for c in (() if self.table is None else self.table.columns) if str(c).startswith("jacobian_")]
+        coloured = "" if not truth else sensitivity_html(
+            self.trace.str_tokens, self.table[truth[0]].tolist(), label=f"Jacobian norm ({truth[0].removeprefix('jacobian_')})")
+        return head + coloured + self.summary().to_html(index=False, float_format=lambda v: f"{v:.4g}")
 
 
 def _timed(seconds: dict[str, float], name: str, fn, *args, **kwargs):
@@ -164,7 +188,7 @@ def _bounds(traced, model, names, target, seconds, skipped, *, explicit: bool) -
     bounds = {}
     for name in names:
         try:
-            bounds[name] = _timed(seconds, f"bound_{name}", path_bound, traced, name, model=model, target=target)
+            bounds[name] = _timed(seconds, f"bound_{name}", path_bound, traced, name, model=model, target_pos=target)
         except UnsupportedModelError as err:
             if explicit:
                 raise
@@ -179,19 +203,34 @@ def _spectral(traced: Trace, skipped: dict[str, str]) -> SpectralReport | None:
     Lemmas B.6–B.7 and Prop. B.8 are about row-stochastic matrices. Rows that miss 1 by rounding (a
     16-bit model: the trace checked them against its dtype's tolerance) are analysed with that
     tolerance; rows that fall short of 1 by design (learned sinks take a share of every row) are not.
+    A trace that streamed its patterns took the same per-layer summary during its pass.
     """
-    check = traced.metadata.get("attention_check", {})
+    check = traced.provenance.get("attention_check", {})
     if check.get("substochastic"):
         skipped["spectral"] = (
             "the Perron–Frobenius analysis needs row-stochastic attention, and this model's learned "
             "attention sinks take a share of every row (use_attention_sinks); the path bounds still apply"
         )
         return None
+    if traced.streamed:
+        if traced.attention.spectral is None:
+            raise ValueError(traced.attention.spectral_error or "the streamed trace took no spectral summary")
+        return spectral_report(traced.attention.spectral)
     # the trace's head-mean patterns: no float64 copy of the whole [layer, head, n, n] stack
     stack = rollout_matrices(traced.mean_patterns.double())
-    return analyze_stack(stack, atol=max(1e-4, float(check.get("tolerance", 0.0))))
+    return analyze_stack(stack, atol=rollout_tolerance(check.get("tolerance", 0.0)))
 
 
+def _sinks(traced: Trace) -> SinkReport:
+    if not traced.streamed:
+        return sink_report_from_trace(traced)
+    return sink_report_from_summary(
+        traced.attention, traced.attention_to_first, traced.resid_norms, representations=traced.resid,
+        first_resid=traced.first_token_resid, metadata={**traced.provenance, "str_tokens": list(traced.str_tokens)},
+    )
+
+
+@renamed(target="target_pos")
 def analyze(
     model,
     prompt,
@@ -200,29 +239,41 @@ def analyze(
     jacobian_mode: str | None = "exact",
     n_probes: int = 64,
     chat: bool | None = None,
-    target: int = -1,
+    target_pos: int = -1,
+    keep_patterns: bool | None = None,
 ) -> Analysis:
     """Trace ``prompt``, bound its last token's sensitivity with each variant, and check the bounds
     against the Jacobian (``jacobian_mode`` = ``"exact"``, ``"sketch"`` or ``None`` to skip).
 
     ``variants=None`` runs :data:`DEFAULT_VARIANTS` that the model supports and records the others in
     :attr:`Analysis.skipped` with the reason; naming a variant that cannot apply is an error.
+
+    ``keep_patterns`` (see :func:`lens_squash.edge.trace.trace`): by default per-head patterns are
+    kept while they fit in ``KEEP_PATTERNS_BYTES`` (SmolLM2: n ≤ 704); longer prompts stream them,
+    so memory grows as ``L·n·d + H·n²``, and their bounds have rows but no flows or paths. A prompt
+    whose estimate exceeds the free memory is refused first, with the longest that fits.
     """
     seconds: dict[str, float] = {}
     tokens = as_tokens(model, prompt, chat=chat)  # checks the model, the prompt and chat first
-    validate.check_target(target, tokens.shape[0])
+    validate.check_target(target_pos, tokens.shape[0])
     _check_causal(model)
     names, skipped = _plan_variants(model, variants)
+    check_fits(model, int(tokens.shape[0]), keep_patterns=keep_patterns)
     needs_weights = any(v.startswith("certified") for v in names)
-    traced = _timed(seconds, "trace", trace, model, tokens, chat=chat, lipschitz=needs_weights, keep_resid=True)
-    bounds = _bounds(traced, model, names, target, seconds, skipped, explicit=variants is not None)
+    traced = _timed(seconds, "trace", trace, model, tokens, chat=chat, lipschitz=needs_weights, keep_resid=True,
+                    keep_patterns=keep_patterns)
+    if traced.streamed:
+        bounds = _timed(seconds, "bounds", stream_bounds, model, traced, names, target_pos=target_pos,
+                        skipped=None if variants is not None else skipped)
+    else:
+        bounds = _bounds(traced, model, names, target_pos, seconds, skipped, explicit=variants is not None)
     spectral = _timed(seconds, "spectral", _spectral, traced, skipped)
-    sinks = _timed(seconds, "sinks", sink_report_from_trace, traced)
+    sinks = _timed(seconds, "sinks", _sinks, traced)
     jac, table, comparisons = None, None, {}
     if jacobian_mode is not None:
         jac = _timed(
             seconds, f"jacobian_{jacobian_mode}", jacobian, model, traced.tokens, mode=jacobian_mode,
-            n_probes=n_probes, target_pos=target,
+            n_probes=n_probes, target_pos=target_pos,
         )
         truth = jac.spectral if jacobian_mode == "exact" else jac.frobenius
         n = truth.shape[0]

@@ -9,28 +9,30 @@ import pytest
 import torch
 
 from lens_squash.algebra.attention import aggregate_heads
-from lens_squash.edge.models import tiny_model
+from lens_squash.algebra.causal import (
+    causal_spectrum,
+    check_causal_stochastic,
+    eigenvalue_one_multiplicity,
+    is_causal,
+    is_row_stochastic,
+    product_closure,
+    two_nonzeros_condition,
+)
+from lens_squash.algebra.paths import rollout_matrices as lazy
+from lens_squash.algebra.paths import stack_product
 from lens_squash.algebra.spectral import (
     SpectralReport,
     analyze_stack,
     asymptotic_depth,
-    causal_spectrum,
-    check_causal_stochastic,
     convergence_errors,
     depth_to_epsilon,
     dobrushin,
-    eigenvalue_one_multiplicity,
     first_token_column,
     first_token_gap,
-    is_causal,
-    is_row_stochastic,
-    lazy,
-    product_closure,
     second_eigenvalue,
-    stack_product,
     steady_state,
-    two_nonzeros_condition,
 )
+from lens_squash.edge.models import tiny_model
 from lens_squash.edge.trace import trace
 
 F64 = torch.float64
@@ -282,7 +284,7 @@ def test_first_token_column_and_rank_one_distance_match_the_full_product():
         tau_product = brute_tau(product)
         assert tau_product / 2 - 1e-13 <= distance <= tau_product + 1e-13
         assert distance <= float(torch.prod(tau[: d + 1])) + 1e-13
-        assert float(report.first_token_mass[d]) == pytest.approx(float(product[-1, 0]), abs=1e-14)
+        assert float(report.rollout_mass[d]) == pytest.approx(float(product[-1, 0]), abs=1e-14)
     assert (report.rank_one_distance[1:] <= report.rank_one_distance[:-1] + 1e-15).all()
 
 
@@ -322,7 +324,7 @@ def test_target_position_and_stack_shape_are_checked():
     with pytest.raises(ValueError, match=r"\[layer, query_pos, key_pos\]"):
         analyze_stack(stack[0])
     first = analyze_stack(stack, target=0)
-    assert first.depth_to_first_token == 1 and (first.first_token_mass == 1).all()
+    assert first.depth_to_first_token == 1 and (first.rollout_mass == 1).all()
 
 
 # --- on a model -------------------------------------------------------------------------------------
@@ -336,7 +338,7 @@ def test_report_on_a_tiny_model_trace(tiny):
     traced = trace(tiny, torch.randint(0, 32, (12,)))
     report = analyze_stack(_rollout(traced.patterns))
     assert isinstance(report, SpectralReport)
-    assert ((report.first_token_mass >= 0) & (report.first_token_mass <= 1 + 1e-12)).all()
+    assert ((report.rollout_mass >= 0) & (report.rollout_mass <= 1 + 1e-12)).all()
     assert (report.rank_one_distance <= report.cumulative_dobrushin + 1e-12).all()
     assert (report.multiplicity == 1).all() and report.two_nonzeros.all()  # softmax rows are dense
     json.dumps(report.to_dict(), allow_nan=False)

@@ -115,9 +115,9 @@ def test_head_mean_shortcut_equals_the_per_head_row(traced, variant):
     _, t = traced
     torch.testing.assert_close(t.mean_patterns, t.patterns.mean(1))
     graph = path_bound(t, variant).graph
-    assert graph.aggregated is not None
+    assert graph.head_factor is not None and graph.mean_patterns is t.mean_patterns
     for target in (-1, 3):
-        torch.testing.assert_close(graph.row(target), replace(graph, aggregated=None).row(target), rtol=1e-12, atol=0)
+        torch.testing.assert_close(graph.row(target), replace(graph, head_factor=None).row(target), rtol=1e-12, atol=0)
 
 
 @pytest.mark.slow

@@ -1,0 +1,202 @@
+"""Bound rows of long prompts: a top-down sweep that recomputes one layer's patterns at a time.
+
+A trace that streamed its patterns (``trace(..., keep_patterns=False)``, the default for long
+prompts) kept each layer's residual stream ``x^(l)`` (``L·n·d`` numbers) but not its
+``[head, query_pos, key_pos]`` patterns (``L·H·n²``). The bound row ``e_nᵀ M^(L-1) ⋯ M^(0)`` needs the
+layers last to first, so :func:`stream_bounds` walks down the layers, reruns block ``l`` on its
+stored input up to ``hook_pattern`` (the rest of the block is cut off), and advances every
+variant's row by that layer (:meth:`lens_squash.algebra.variants.PathGraph.step`, the same
+arithmetic as the whole stack). Memory: one layer's patterns at a time, ``H·n²``.
+
+The recomputed patterns must be the traced ones: the sweep compares their first column with the
+one the trace kept and refuses, saying why, when they differ (a hook that edits the model
+differently the second time). :func:`analysis_memory` estimates what an analysis needs, so that
+``analyze`` can refuse a length that will not fit before any work, naming the largest that does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..algebra.variants import PathBound, PathGraph, bound_from_row, build_graph
+from ..core.progress import progress
+from ..core.support import UnsupportedModelError
+from .trace import Trace, keeps_patterns, patterns_bytes
+
+__all__ = ["analysis_memory", "check_fits", "recompute_patterns", "stream_bounds"]
+
+
+class _StopAtPattern(Exception):
+    """Raised by the recompute hook once the layer's pattern exists: the rest of the block is not needed."""
+
+
+def _check_streamable(model) -> None:
+    from transformer_lens.components import TransformerBlock
+
+    if not all(isinstance(block, TransformerBlock) for block in model.blocks):
+        raise UnsupportedModelError(
+            "recomputing a layer's patterns from its stored input needs HookedTransformer blocks; this "
+            "model's blocks are not (a TransformerBridge?): trace it with keep_patterns=True"
+        )
+
+
+def _shortformer_embed(model, tokens: Tensor) -> Tensor | None:
+    """The positional embedding shortformer models add to queries and keys inside every block."""
+    if model.cfg.positional_embedding_type != "shortformer":
+        return None
+    return model.hook_pos_embed(model.pos_embed(tokens[None].to(model.cfg.device)))
+
+
+def recompute_patterns(
+    model, traced: Trace, layer: int, *, shortformer: Tensor | None = None
+) -> Float[Tensor, "head query_pos key_pos"]:
+    """Layer ``layer``'s patterns, recomputed from the trace's stored ``blocks.{layer}.hook_resid_pre``
+    (analysis dtype, CPU). The input goes back in the model's dtype, which is exact: float16 and
+    bfloat16 values survive the trip through float32 unchanged."""
+    if traced.resid is None:
+        raise ValueError("this trace kept no residual streams, so its patterns cannot be recomputed; trace again")
+    block = model.blocks[layer]
+    device = next(block.parameters()).device
+    x = traced.resid[layer][None].to(device, model.cfg.dtype)
+    caught: list[Tensor] = []
+
+    def stop(value, hook):
+        caught.append(value[0].detach())
+        raise _StopAtPattern
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(f"blocks.{layer}.attn.hook_pattern", stop)]):
+        try:
+            block(x, shortformer_pos_embed=None if shortformer is None else shortformer.to(device))
+        except _StopAtPattern:
+            pass
+    if not caught:
+        raise RuntimeError(f"blocks.{layer}.attn.hook_pattern did not fire when block {layer} was rerun")
+    return caught[0].to("cpu", traced.attention_to_first.dtype)
+
+
+def _check_same(traced: Trace, layer: int, patterns: Tensor) -> None:
+    kept = traced.attention_to_first[layer]
+    if not torch.equal(patterns[:, :, 0], kept):
+        gap = float((patterns[:, :, 0] - kept).abs().max())
+        raise RuntimeError(
+            f"recomputing layer {layer}'s attention from its stored input gave different patterns (first "
+            f"column off by {gap:.3g}): a hook on the model edits it differently on a second pass; remove "
+            "it, or trace with keep_patterns=True"
+        )
+
+
+def stream_bounds(
+    model,
+    traced: Trace,
+    variants: Sequence[str],
+    *,
+    target_pos: int = -1,
+    skipped: dict[str, str] | None = None,
+) -> dict[str, PathBound]:
+    """Every variant's bound row for ``target_pos`` in one top-down sweep over the layers.
+
+    A variant that cannot apply to the model raises ``UnsupportedModelError``, or, when ``skipped``
+    is given, is left out with its reason recorded there (what ``analyze`` does for its defaults).
+    """
+    _check_streamable(model)
+    n = traced.n_tokens
+    if not -n <= target_pos < n:
+        raise ValueError(f"target position {target_pos} is out of range for {n} tokens; use 0..{n - 1} or -1")
+    target_pos %= n
+    graphs: dict[str, PathGraph] = {}
+    for name in variants:
+        try:
+            graphs[name] = build_graph(traced, name, model=model)
+        except UnsupportedModelError as error:
+            if skipped is None:
+                raise
+            skipped[name] = str(error)
+    if not graphs:
+        return {}
+    rows = {name: torch.zeros(n, dtype=torch.float64) for name in graphs}
+    for row in rows.values():
+        row[target_pos] = 1.0
+    totals = {name: [] for name, graph in graphs.items() if graph.normalise_rows}
+    shortformer = _shortformer_embed(model, traced.tokens)
+    needs_mean = any(g.head_factor is not None and g.query_scale is None for g in graphs.values())
+    layers = progress(range(traced.n_layers - 1, -1, -1), desc="bound rows", total=traced.n_layers, unit="layer",
+                      enabled=None if n >= 1024 else False)
+    for layer in layers:
+        patterns = recompute_patterns(model, traced, layer, shortformer=shortformer)
+        _check_same(traced, layer, patterns)
+        mean = patterns.mean(0) if needs_mean else None  # as the trace keeps it: the patterns' dtype
+        for name, graph in graphs.items():
+            layer_totals = None
+            if graph.normalise_rows:
+                layer_totals = graph.layer_totals(layer, patterns)
+                totals[name].append(layer_totals)
+            rows[name] = graph.step(rows[name], layer, patterns, mean, totals=layer_totals)
+        del patterns, mean
+    bounds = {}
+    for name, graph in graphs.items():
+        if graph.normalise_rows:
+            graph = graph.row_normalised(totals=torch.stack(totals[name][::-1]))
+        bounds[name] = bound_from_row(traced, graph, target_pos, graph.output_scale[target_pos].double() * rows[name])
+    return bounds
+
+
+# --------------------------------------------------------------------------------------------------
+# memory
+# --------------------------------------------------------------------------------------------------
+
+
+def analysis_memory(model, n_tokens: int, *, keep_patterns: bool | None = None) -> dict[str, int]:
+    """Bytes an ``analyze`` without Jacobian needs at ``n_tokens``, per component (peak estimate).
+
+    * ``weights``: the model's parameters (already resident, not counted against free memory);
+    * ``residual``: the ``L + 1`` residual streams, float32, twice while they are stacked, plus the
+      float64 copy the compression metrics take;
+    * ``attention``: one layer's pass through attention: scores, masked scores and patterns, ``3·H·n²``
+      in the model's dtype, plus the statistics' float64 ``n × n`` buffers (``~6·n²``);
+    * ``patterns``: the whole per-head stack and its head mean when they are kept (``(H+1)·L·n²``);
+    * ``gains``: the MLP-gain Gram matrices, float64 ``(2·d_mlp)²`` per layer, kept across traces.
+    """
+    cfg = model.cfg
+    item = torch.finfo(cfg.dtype).bits // 8 if cfg.dtype.is_floating_point else 4
+    d_mlp = cfg.d_mlp or 0
+    gated = 2 if getattr(cfg, "gated_mlp", False) else 1
+    residual = (cfg.n_layers + 1) * n_tokens * cfg.d_model * (2 * 4 + 8)
+    attention = 3 * cfg.n_heads * n_tokens**2 * max(item, 4) + 6 * n_tokens**2 * 8
+    kept = patterns_bytes(model, n_tokens) if keeps_patterns(model, n_tokens, keep_patterns) else 0
+    gains = cfg.n_layers * (gated * d_mlp) ** 2 * 8
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"weights": weights, "residual": residual, "attention": attention, "patterns": kept, "gains": gains}
+
+
+def check_fits(model, n_tokens: int, *, keep_patterns: bool | None = None, available: int | None = None) -> None:
+    """Refuse, in one line with the estimate and the longest prompt that fits, an analysis whose
+    memory estimate exceeds what is free on the model's device (``available`` bytes, default: the
+    free memory there)."""
+    if available is None:
+        from .jacobian_memory import available_memory
+
+        available = available_memory(model.cfg.device)
+
+    def need(n: int) -> int:
+        parts = analysis_memory(model, n, keep_patterns=keep_patterns)
+        return sum(v for k, v in parts.items() if k != "weights")
+
+    needed = need(n_tokens)
+    if needed <= available:
+        return
+    low, high = 1, n_tokens  # need() grows with n: bisect the largest n that fits
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if need(mid) <= available else (low, mid - 1)
+    fits = low if need(low) <= available else 0
+    patterns = "" if keep_patterns is not True else " with keep_patterns=True (drop it to stream the patterns)"
+    raise MemoryError(
+        f"analyzing {n_tokens} tokens{patterns} needs about {needed / 2**30:.1f} GiB but {available / 2**30:.1f} GiB "
+        f"is free on {model.cfg.device}; the longest prompt that fits is about {fits} tokens"
+        + ("" if fits else " (none: free some memory)")
+    )
+

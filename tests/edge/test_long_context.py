@@ -1,0 +1,146 @@
+"""Long prompts: the streamed analysis (patterns never kept whole) equals the whole-pattern one.
+
+Every number of ``analyze(..., jacobian_mode=None)`` — each default bound row, the spectral report
+and the sink curves — is computed both ways on every architecture family of ``tests/families.py``
+and compared; a trace read from a TransformerLens ``ActivationCache`` equals a fresh one; bad input
+(a cache without the hooks, a prompt that will not fit, a hook that changes the second pass) is
+refused in one line that says what to do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lens_squash.edge.stream import analysis_memory, check_fits, recompute_patterns, stream_bounds
+from lens_squash.edge.trace import KEEP_PATTERNS_BYTES, keeps_patterns, patterns_bytes, trace
+from lens_squash.experiments.analysis import analyze
+
+from ..families import FAMILIES, REFUSED, TOKENS, build
+
+CAUSAL = [name for name in FAMILIES if name not in REFUSED]
+SPECTRAL_FIELDS = ("spectrum", "second_eigenvalue", "multiplicity", "two_nonzeros", "dobrushin",
+                   "cumulative_dobrushin", "rollout_mass", "rank_one_distance")
+SINK_CURVES = ("mean_first_token_attention", "sink_rate", "mixing", "first_token_norm", "norm_ratio", "entropy",
+               "anisotropy", "rollout_mass", "dobrushin")
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> None:
+    if a.dtype.is_floating_point:
+        torch.testing.assert_close(b, a, rtol=rtol, atol=0, equal_nan=True)
+    else:
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_streamed_analysis_equals_the_whole_pattern_one(family):
+    model = build(family)
+    whole = analyze(model, TOKENS, jacobian_mode=None, keep_patterns=True)
+    streamed = analyze(model, TOKENS, jacobian_mode=None, keep_patterns=False)
+    assert whole.trace.patterns is not None and streamed.trace.patterns is None
+    assert streamed.skipped == whole.skipped and set(streamed.bounds) == set(whole.bounds)
+    for name, bound in whole.bounds.items():  # the same arithmetic layer by layer: equal to rounding
+        _close(bound.bound, streamed.bounds[name].bound, rtol=1e-12)
+        assert streamed.bounds[name].constant == bound.constant
+    if whole.spectral is None:
+        assert streamed.spectral is None
+    else:
+        for name in SPECTRAL_FIELDS:
+            _close(getattr(whole.spectral, name), getattr(streamed.spectral, name), rtol=1e-12)
+        assert streamed.spectral.depth_to_first_token == whole.spectral.depth_to_first_token
+    for name in SINK_CURVES:
+        a, b = getattr(whole.sinks, name), getattr(streamed.sinks, name)
+        assert (a is None) == (b is None)
+        if a is not None:
+            _close(a, b, rtol=1e-12)
+    assert streamed.sinks.phases == whole.sinks.phases and streamed.sinks.massive_range == whole.sinks.massive_range
+    for key, value in whole.sinks.correlations.items():
+        other = streamed.sinks.correlations[key]
+        assert (math.isnan(value) and math.isnan(other)) or other == pytest.approx(value, rel=1e-9, abs=1e-12)
+    assert streamed.trace.provenance["attention_defects"] == whole.trace.provenance["attention_defects"]
+    torch.testing.assert_close(streamed.trace.mean_first_token_attention(), whole.trace.mean_first_token_attention())
+
+
+def test_stream_bounds_of_another_target_and_every_variant_match_path_bound():
+    from lens_squash.algebra.variants import VARIANTS, path_bound
+
+    model = build("llama_gqa")
+    whole = trace(model, TOKENS, lipschitz=True, keep_patterns=True)
+    streamed = trace(model, TOKENS, lipschitz=True, keep_patterns=False)
+    rows = stream_bounds(model, streamed, list(VARIANTS), target_pos=5)
+    for name in VARIANTS:
+        expected = path_bound(whole, name, model=model, target_pos=5).bound
+        torch.testing.assert_close(rows[name].bound, expected, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="keep_patterns=True"):
+        rows["rollout"].flows()  # the streamed graph has rows, not edges
+    with pytest.raises(ValueError, match="stream_bounds"):
+        path_bound(streamed, "rollout")
+
+
+def test_recomputed_patterns_are_the_traced_ones():
+    model = build("gemma2_post_norm")  # local windows, soft caps, post norms
+    whole = trace(model, TOKENS, keep_patterns=True)
+    streamed = trace(model, TOKENS, keep_patterns=False)
+    for layer in range(model.cfg.n_layers):
+        assert torch.equal(recompute_patterns(model, streamed, layer), whole.patterns[layer])
+
+
+def test_a_hook_that_changes_the_second_pass_is_refused():
+    model = build("gpt2")
+    calls = {"n": 0}
+
+    def drift(value, hook):  # a stateful edit: different on every call
+        calls["n"] += 1
+        return value * (1.0 + 0.1 * calls["n"])
+
+    model.add_hook("blocks.1.hook_resid_pre", drift)
+    try:
+        streamed = trace(model, TOKENS, keep_patterns=False)
+        with pytest.raises(RuntimeError, match="different patterns"):
+            stream_bounds(model, streamed, ["rollout"])
+    finally:
+        model.reset_hooks()
+
+
+def test_trace_from_an_activation_cache_equals_a_fresh_trace():
+    model = build("moe_mixtral")
+    fresh = trace(model, TOKENS, lipschitz=True, keep_resid=True)
+    _, cache = model.run_with_cache(TOKENS[None])
+    cached = trace(model, TOKENS, lipschitz=True, keep_resid=True, cache=cache)
+    for name in ("patterns", "ln1_scale", "ln2_scale", "final_scale", "resid", "value_norms", "mlp_gain", "y_last"):
+        assert torch.equal(getattr(cached, name), getattr(fresh, name)), name
+    torch.testing.assert_close(cached.last_logits, fresh.last_logits, rtol=0, atol=1e-12)
+    assert cached.predicted_token == fresh.predicted_token
+    _, partial = model.run_with_cache(TOKENS[None], names_filter=lambda name: "hook_pattern" in name)
+    with pytest.raises(ValueError, match=r"lacks 15 hook\(s\) .*blocks\.0\.hook_resid_pre"):
+        trace(model, TOKENS, cache=partial)
+    with pytest.raises(ValueError, match="positions"):
+        trace(model, TOKENS[:5], cache=cache)
+
+
+def test_the_default_keeps_patterns_only_while_they_fit():
+    model = build("gpt2")
+    n = int(math.isqrt(KEEP_PATTERNS_BYTES // (8 * model.cfg.n_layers * (model.cfg.n_heads + 1))))
+    assert patterns_bytes(model, n) <= KEEP_PATTERNS_BYTES < patterns_bytes(model, n + 1)
+    assert keeps_patterns(model, n, None) and not keeps_patterns(model, n + 1, None)
+    assert not keeps_patterns(model, 4, False) and keeps_patterns(model, 10**6, True)
+    assert trace(model, TOKENS).patterns is not None  # a short prompt keeps them by default
+
+
+def test_a_prompt_that_will_not_fit_is_refused_with_the_longest_that_does():
+    model = build("gpt2")
+    parts = analysis_memory(model, 4096, keep_patterns=False)
+    need = sum(v for k, v in parts.items() if k != "weights")
+    with pytest.raises(MemoryError) as caught:
+        check_fits(model, 4096, keep_patterns=False, available=need // 4)
+    message = str(caught.value)
+    assert "\n" not in message and f"{need / 2**30:.1f} GiB" in message
+    fits = int(message.rsplit("about ", 1)[1].split()[0])
+    assert 0 < fits < 4096
+    check_fits(model, fits, keep_patterns=False, available=need // 4)  # the named length does fit
+    with pytest.raises(MemoryError):
+        check_fits(model, fits + 1, keep_patterns=False, available=need // 4)
+    # streaming grows as H·n², keeping the patterns as L·H·n²
+    assert analysis_memory(model, 4096, keep_patterns=True)["patterns"] == patterns_bytes(model, 4096)
