@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -162,12 +165,72 @@ def test_tiny_model_is_seeded_and_leaves_the_global_rng_alone():
         assert torch.equal(a, b), name
 
 
+def _normalised(x: torch.Tensor, norm: str | None, block, eps: float) -> torch.Tensor:
+    """The block's first norm written out: LayerNorm centres and scales, RMSNorm only scales."""
+    if norm == "LN":
+        centred = x - x.mean(-1, keepdim=True)
+        return centred / (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt() * block.ln1.w + block.ln1.b
+    if norm == "RMS":
+        return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt() * block.ln1.w
+    return x
+
+
+def _rotate(x: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotary embedding by hand (GPT-NeoX halves): pair dimension k with k + d/2, turn position p by p·θ_k,
+    θ_k = base^(−2k/d). ``x`` is ``[pos, head, d_head]``."""
+    n, d = x.shape[0], x.shape[-1]
+    theta = base ** (-torch.arange(0, d // 2, dtype=x.dtype) * 2 / d)
+    angle = torch.arange(n, dtype=x.dtype)[:, None] * theta  # [pos, d/2]
+    cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
+    first, second = x[..., : d // 2], x[..., d // 2 :]
+    return torch.cat([first * cos - second * sin, second * cos + first * sin], -1)
+
+
 @pytest.mark.parametrize("positional", ["standard", "rotary", "alibi", "none"])
 @pytest.mark.parametrize("norm", ["LN", "RMS", None])
-def test_tiny_model_knobs_run(positional, norm):
-    model = tiny_model(positional=positional, norm=norm, n_heads=4, n_key_value_heads=2 if positional == "rotary" else None)
-    logits = model(torch.arange(10)[None])
-    assert logits.shape == (1, 10, model.cfg.d_vocab) and torch.isfinite(logits).all()
+def test_tiny_model_knobs_take_effect_in_the_attention_scores(positional, norm):
+    """Layer 0's attention scores recomputed by hand from the weights for each knob: the embedding
+    (learned positions added, or not), the norm (LN, RMS, none), q·k/√d_head, then the positional
+    mechanism (rotary turns q and k, ALiBi adds −m_h·(i − j) with m_h = 2^(−8(h+1)/H))."""
+    kv_heads = 2 if positional == "rotary" else None  # rotary also checks GQA: head h reads key head h // 2
+    model = tiny_model(positional=positional, norm=norm, n_heads=4, n_key_value_heads=kv_heads, n_layers=1,
+                       dtype=torch.float64)
+    tokens = torch.randint(0, model.cfg.d_vocab, (10,))
+    logits, cache = model.run_with_cache(tokens[None])
+    assert torch.isfinite(logits).all()
+    block, n, n_heads = model.blocks[0], len(tokens), model.cfg.n_heads
+    resid = model.W_E[tokens] + (model.W_pos[:n] if positional == "standard" else 0)
+    torch.testing.assert_close(cache["blocks.0.hook_resid_pre"][0], resid, atol=1e-12, rtol=0)
+    x = _normalised(resid, norm, block, model.cfg.eps)
+    q = torch.einsum("pd,hde->phe", x, block.attn.W_Q) + block.attn.b_Q
+    w_k, b_k = (block.attn._W_K, block.attn._b_K) if kv_heads else (block.attn.W_K, block.attn.b_K)
+    k = torch.einsum("pd,hde->phe", x, w_k) + b_k
+    torch.testing.assert_close(cache["blocks.0.attn.hook_q"][0], q, atol=1e-12, rtol=0)
+    if kv_heads:
+        k = k.repeat_interleave(n_heads // kv_heads, dim=1)
+    if positional == "rotary":
+        q, k = _rotate(q, model.cfg.rotary_base), _rotate(k, model.cfg.rotary_base)
+    scores = torch.einsum("qhe,khe->hqk", q, k) / model.cfg.d_head**0.5
+    if positional == "alibi":
+        slopes = 2.0 ** (-8 * torch.arange(1, n_heads + 1, dtype=torch.float64) / n_heads)  # 1/4 … 1/256
+        distance = torch.arange(n)[:, None] - torch.arange(n)[None, :]  # i − j
+        scores = scores - slopes[:, None, None] * distance
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    torch.testing.assert_close(cache["blocks.0.attn.hook_attn_scores"][0][:, causal], scores[:, causal],
+                               atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize(("positional", "depends_on"), [("none", "nothing"), ("alibi", "i - j"), ("rotary", "i - j"),
+                                                       ("standard", "i and j")])
+def test_on_a_repeated_token_the_scores_depend_on_what_the_positional_mechanism_says(positional, depends_on):
+    # every position holds the same token, so only the positional mechanism can tell positions apart
+    model = tiny_model(positional=positional, n_heads=4, n_layers=1, dtype=torch.float64)
+    scores = model.run_with_cache(torch.full((1, 9), 5))[1]["blocks.0.attn.hook_attn_scores"][0]
+    pairs = [(i, j) for i in range(9) for j in range(i + 1)]
+    spread = max(float((scores[:, i, j] - scores[:, 0, 0]).abs().max()) for i, j in pairs)
+    toeplitz = max(float((scores[:, i, j] - scores[:, i - j, 0]).abs().max()) for i, j in pairs)
+    assert (spread < 1e-12) == (depends_on == "nothing")  # NoPE cannot see position at all
+    assert (toeplitz < 1e-12) == (depends_on != "i and j")  # relative schemes see only the distance
 
 
 def test_nope_model_ignores_position_and_window_is_local():
@@ -191,8 +254,23 @@ def test_bad_tiny_model_knobs():
 
 
 def test_gguf_folder_found_without_importing_the_chat_app():
-    path = gguf.gguf_path(models.OFFLINE_MODELS[models.DEFAULT_MODEL])
-    assert path.suffix == ".gguf" and Path(path).stat().st_size > 50_000_000
+    spec = models.OFFLINE_MODELS[models.DEFAULT_MODEL]
+    path = gguf.gguf_path(spec)
+    assert path.name == spec.gguf_file and Path(path).stat().st_size > 50_000_000
+    assert path.parent == Path(importlib.util.find_spec(spec.package).submodule_search_locations[0])
+    # in a fresh interpreter (this one may have imported it elsewhere): finding the file imports
+    # neither the wheel's package nor anything under it (its chat app pulls in a web stack)
+    code = (
+        "import json, sys\nfrom lens_squash.edge import gguf, models\n"
+        "spec = models.OFFLINE_MODELS[models.DEFAULT_MODEL]\nbefore = set(sys.modules)\n"
+        "path = gguf.gguf_path(spec)\n"
+        "print(json.dumps({'path': str(path), 'loaded': sorted(m for m in sys.modules if m == spec.package "
+        "or m.startswith(spec.package + '.')), 'new': sorted(set(sys.modules) - before)}))"
+    )
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True)
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert seen["path"] == str(path) and seen["loaded"] == [], seen
+    assert not any(m.split(".")[0] == spec.package for m in seen["new"]), seen["new"]
 
 
 def test_raw_prompt_longer_than_context_is_refused_not_truncated():
