@@ -414,15 +414,24 @@ def test_attention_paths_draws_the_heaviest_edges_with_width_by_flow():
     assert len(edges) == 15
     got = sorted(((e["flow"], e["layer"], e["head"], e["from"], e["to"]) for e in edges), key=lambda e: -e[0])
     assert got == brute_force_top(head, resid, 15)
-    w_max = max(e["flow"] for e in edges)
+    drawn = [(t.meta["flow"], t.line.width) for t in fig.data if isinstance(t.meta, dict)]
     for trace in fig.data:
         edge = trace.meta
         if not isinstance(edge, dict):
             continue
         assert (trace.x[0], trace.y[0], trace.x[-1], trace.y[-1]) == (edge["from"], edge["layer"], edge["to"], edge["layer"] + 1)
-        assert trace.line.width == pytest.approx(0.75 + 7.25 * edge["flow"] / w_max)
         if edge["head"] is None:
             assert trace.x[0] == trace.x[-1] and trace.line.color.startswith("rgba(120")
+    # width by flow, read as a reader would: a heavier edge is strictly wider, width differences are
+    # proportional to flow differences (one affine scale), every edge stays visible, and only the flows
+    # relative to the heaviest matter (ten times every flow draws the same widths)
+    flows, widths = np.array(drawn).T
+    order = np.argsort(flows)
+    assert (np.diff(widths[order]) > 0).all() and widths.min() > 0
+    slopes = np.diff(widths[order]) / np.diff(flows[order])
+    np.testing.assert_allclose(slopes, slopes[0], rtol=1e-9)
+    scaled = attention_paths((head * 10, resid * 10), tokens(6), top_k=15)
+    assert sorted(t.line.width for t in scaled.data if isinstance(t.meta, dict)) == pytest.approx(sorted(widths))
     colours = {(t.meta["head"], t.line.color) for t in fig.data if isinstance(t.meta, dict)}
     assert len({head for head, _ in colours}) == len(colours)  # one colour per head
     hostile_target = attention_paths({1: (head, resid)}, tokens(6), title="a & b")
