@@ -24,14 +24,20 @@ import time
 
 import torch
 
-from lens_squash.edge.models import load_model
-from lens_squash.algebra.paths import rollout_matrices
 from lens_squash.algebra.compression import matrix_entropy
 from lens_squash.algebra.massive import massive_activations
-from lens_squash.algebra.sinks import first_token_attention, mixing_score, rollout_dobrushin, rollout_mass, sink_rate
-from lens_squash.experiments.sinks import sink_report_from_trace
+from lens_squash.algebra.paths import rollout_matrices
+from lens_squash.algebra.sinks import (
+    first_token_attention,
+    mixing_score,
+    rollout_dobrushin,
+    rollout_mass,
+    sink_rate,
+)
 from lens_squash.algebra.spectral import dobrushin
+from lens_squash.edge.models import load_model
 from lens_squash.edge.trace import trace
+from lens_squash.experiments.sinks import sink_report_from_trace
 
 PARAGRAPH = (
     "Consider the following sequence of digits and words. The river bends twice before the old mill, "

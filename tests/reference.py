@@ -246,7 +246,7 @@ def assert_json_carries(result) -> dict:
         elif isinstance(expected, (list, tuple)):
             got = _untag(got, "tuple")
             assert len(expected) == len(got), where
-            for i, (a, b) in enumerate(zip(expected, got)):
+            for i, (a, b) in enumerate(zip(expected, got, strict=True)):
                 same(a, b, f"{where}[{i}]")
         elif isinstance(expected, float) and not math.isfinite(expected):
             value = got["value"] if isinstance(got, dict) and got.get("__type__") == "float" else got
@@ -272,7 +272,7 @@ def assert_json_carries(result) -> dict:
                 equal(a[key], b[key], f"{where}[{key!r}]")
         elif isinstance(a, (list, tuple)):
             assert type(a) is type(b) and len(a) == len(b), where
-            for i, (x, y) in enumerate(zip(a, b)):
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
                 equal(x, y, f"{where}[{i}]")
         elif isinstance(a, float) and math.isnan(a):
             assert isinstance(b, float) and math.isnan(b), where

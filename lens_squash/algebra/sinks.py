@@ -48,8 +48,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..core.display import compact_repr
-from ..core.results import Record, Result
 from ..core.renames import renamed
+from ..core.results import Record, Result
 from .compression import _check_matrix_stack, compression_curves
 from .massive import massive_activations
 from .paths import rollout_matrices

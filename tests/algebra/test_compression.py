@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from lens_squash.algebra.compression import anisotropy, compression_curves, matrix_entropy, squared_singular_values
+from lens_squash.algebra.compression import (
+    anisotropy,
+    compression_curves,
+    matrix_entropy,
+    squared_singular_values,
+)
 
 F64 = torch.float64
 

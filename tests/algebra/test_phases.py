@@ -9,7 +9,6 @@ import torch
 from lens_squash.algebra.phases import detect_phases, layer_correlations, massive_layers
 
 
-
 def test_detect_phases_finds_planted_valley():
     entropy = torch.tensor([0.9, 0.88, 0.5, 0.3, 0.32, 0.6, 0.85, 0.9])
     # early 0.9, floor 0.3, threshold 0.6: layers 2, 3, 4 are strictly below, layer 5 is not

@@ -79,7 +79,12 @@ def test_ablation_effect_measures_the_clamped_model(tiny):
     assert result.ablated.first_token_norm[1].item() == pytest.approx(float(np.median(others.numpy())), rel=1e-12)
     loaded = assert_json_carries(result)  # both reports nested, every change curve by value
     assert loaded["sink_rate_overall_change"] == result.ablated.sink_rate_overall - result.baseline.sink_rate_overall
-    assert "AblationResult" in result._repr_html_() and result.plot().data
+    assert "AblationResult" in result._repr_html_()
+    drawn = [np.asarray(t.y, dtype=float) for t in result.plot().data]
+    expected = [result.sink_rate_change, result.entropy_change, result.baseline.norm_ratio, result.ablated.norm_ratio]
+    assert len(drawn) == len(expected)
+    for y, values in zip(drawn, expected, strict=True):
+        np.testing.assert_allclose(y, values.numpy(), rtol=1e-6, atol=1e-12)
     with pytest.raises(ValueError, match="no Jacobians"):
         result.plot_jacobian()
 
@@ -97,4 +102,9 @@ def test_jacobian_pass_honours_the_clamp(tiny):
     assert torch.equal(identity.jacobian_ablated, identity.jacobian_baseline)  # same probes, same model
     # 16 orthonormal probes in d_model = 16 recover the exact Frobenius norms of the clean model
     torch.testing.assert_close(identity.jacobian_baseline, jacobian(tiny, tokens, mode="exact").frobenius)
-    assert len(identity.plot_jacobian().data) == 4
+    # raw and normalised profiles, baseline then ablated: the figure holds the two Jacobians' values
+    raw_base, shape_base, raw_ablated, shape_ablated = identity.plot_jacobian().data
+    for trace, values in [(raw_base, identity.jacobian_baseline), (raw_ablated, identity.jacobian_ablated),
+                          (shape_base, identity.jacobian_baseline / identity.jacobian_baseline.sum()),
+                          (shape_ablated, identity.jacobian_ablated / identity.jacobian_ablated.sum())]:
+        np.testing.assert_allclose(np.asarray(trace.y, dtype=float), values.numpy(), rtol=1e-6)

@@ -64,7 +64,11 @@ def test_sink_analysis_agrees_with_run_with_cache_on_a_tiny_model(tiny):
     report = sink_analysis(tiny, tokens)
     assert_report_matches(report, direct_recomputation(tiny, tokens), rtol=1e-10)
     assert report.metadata["model"]["n_layers"] == 2 and len(report.metadata["str_tokens"]) == 12
-    assert report.plot().data and "SinkReport" in report._repr_html_()
+    fig = report.plot()
+    drawn = {t.name: np.asarray(t.y, dtype=float) for t in fig.data}
+    assert "mean_first_token_attention" in drawn and "SinkReport" in report._repr_html_()
+    for name, y in drawn.items():  # every panel holds its curve (float32 in the figure)
+        np.testing.assert_allclose(y, getattr(report, name).numpy(), rtol=1e-6, atol=1e-12, err_msg=name)
     assert_json_carries(report)  # every curve, the provenance and the tokens, by value
 
 
