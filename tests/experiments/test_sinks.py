@@ -125,3 +125,32 @@ def test_the_three_first_token_quantities_have_three_names_and_the_old_ones_stil
         assert torch.equal(traced.first_token_mass(), traced.mean_first_token_attention())
     with pytest.warns(DeprecationWarning, match="rollout_mass"):
         assert spectral.first_token_mass is spectral.rollout_mass
+
+
+def test_the_split_changed_no_number():
+    """Every curve of a tiny model's report equals what the code before the split wrote
+    (sinks_before_split.json): moving and renaming must not move a number."""
+    import json
+    import math
+    from pathlib import Path
+
+    from lens_squash.edge.models import tiny_model
+
+    before = json.loads((Path(__file__).parent / "sinks_before_split.json").read_text())
+    model = tiny_model(**before["model"])
+    report = sink_analysis(model, torch.tensor(before["tokens"]))
+    old = before["report"]
+    old["mean_first_token_attention"] = old.pop("first_token_mass")
+    for name, value in old.items():
+        now = getattr(report, name)
+        if isinstance(value, dict):
+            assert set(now) == set(value), name
+            for key in value:
+                assert (math.isnan(now[key]) and math.isnan(value[key])) or now[key] == pytest.approx(value[key], rel=1e-12, abs=1e-15), (name, key)
+        elif isinstance(value, list):
+            np.testing.assert_allclose(np.asarray(now, dtype=float), np.asarray(value, dtype=float), rtol=1e-12, atol=1e-15,
+                                       err_msg=name)
+        elif value is None:
+            assert now is None, name
+        else:
+            assert now == pytest.approx(value, rel=1e-12), name
