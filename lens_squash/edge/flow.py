@@ -642,7 +642,10 @@ class SensitivityFlow:
         ]
         body = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{v if k.startswith('largest') else html.escape(str(v))}</td></tr>"
                        for k, v in rows)
-        return f"<b>lens_squash SensitivityFlow</b><table>{body}</table>"
+        from ..core.tokens import sensitivity_html  # the input tokens coloured by their sensitivity
+
+        coloured = sensitivity_html(self.str_tokens, s0.tolist(), label="‖∂y/∂x⁽⁰⁾_k‖_F")
+        return f"<b>lens_squash SensitivityFlow</b><table>{body}</table>{coloured}"
 
     def _part_shares(self) -> dict[str, float]:
         mlp = torch.zeros_like(self.value) if self.mlp is None else self.mlp

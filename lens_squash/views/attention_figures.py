@@ -30,6 +30,8 @@ from .style import (
 __all__ = [
     "COLOR_SCALES",
     "attention_heatmap",
+    "block_size",
+    "pooled",
 ]
 
 #: colour scales for attention: name -> (value -> colour position in [0, 1]) given ``floor`` and ``gamma``
@@ -87,9 +89,11 @@ def _colorbar_trace(scale: str, floor: float, gamma: float) -> go.Scatter:
     )
 
 
-def _heatmap_steps(patterns: np.ndarray, layer: int | None, head: int | None, max_cells: int):
-    """``[(slider label, view name, [(panel name, matrix), …]), …]`` and a note when heads were left out."""
-    n_layers, n_heads, n, _ = patterns.shape
+def _heatmap_steps(patterns: np.ndarray, layer: int | None, head: int | None, max_cells: int, side: int):
+    """``[(slider label, view name, [(panel name, matrix), …]), …]`` and a note when heads were left out;
+    each map will be drawn as ``side × side`` cells (fewer than the positions when pooled)."""
+    n_layers, n_heads, _, _ = patterns.shape
+    n = side
     if layer is not None and head is not None:
         name = f"layer {layer}, head {head}"
         return [(str(layer), name, [(name, patterns[layer, head])])], ""
@@ -113,6 +117,33 @@ def _heatmap_steps(patterns: np.ndarray, layer: int | None, head: int | None, ma
         steps.append((str(l), f"layer {l}" + (", mean of heads and each head" if with_heads else ", mean of heads"), panels))
     note = f" ({'; '.join(notes)}: pass layer=… or a larger max_cells)" if notes else ""
     return steps, note
+
+
+def block_size(n: int, max_cells: int) -> int:
+    """Positions per block so that one ``n × n`` map pooled into blocks fits ``max_cells`` cells (1: no pooling)."""
+    return max(1, math.ceil(n / max(1, math.isqrt(max_cells))))
+
+
+def pooled(matrix: Float[np.ndarray, "query_pos key_pos"], block: int) -> Float[np.ndarray, "query_block key_block"]:
+    """Attention pooled into ``block × block`` cells: the mean over a block's queries of the mass they
+    put on a block of keys, so every pooled row still sums to what the rows summed to (1)."""
+    if block == 1:
+        return matrix
+    n = matrix.shape[-1]
+    m = -(-n // block)
+    padded = np.zeros((m * block, m * block), dtype=np.float64)
+    padded[:n, :n] = matrix
+    mass = padded.reshape(m, block, m, block).sum(axis=(1, 3))  # summed over the block's queries and keys
+    rows = np.minimum(block, n - np.arange(m) * block)  # the last block may hold fewer queries
+    return (mass / rows[:, None]).astype(np.float32)
+
+
+def _block_categories(labels: Sequence[str], block: int) -> list[str]:
+    """``"i: token"`` per position, or ``"i–j: token…"`` per block (unique either way)."""
+    if block == 1:
+        return [f"{i}: {label}" for i, label in enumerate(labels)]
+    n = len(labels)
+    return [f"{s}–{min(s + block, n) - 1}: {labels[s]}…" for s in range(0, n, block)]
 
 
 def _spread(layers: list[int], count: int) -> list[int]:
@@ -192,23 +223,30 @@ def attention_heatmap(
     n_layers, n_heads, n, _ = patterns.shape
     _checked_index(layer, n_layers, "layer")
     _checked_index(head, n_heads, "head")
-    categories = [f"{i}: {label}" for i, label in enumerate(position_labels(str_tokens, n))]
-    steps, note = _heatmap_steps(patterns, layer, head, max_cells)
+    # one map larger than the budget is pooled into blocks of positions (a 1000-token map is 4 MB)
+    block = block_size(n, max_cells)
+    categories = _block_categories(position_labels(str_tokens, n), block)
+    side = len(categories)
+    steps, note = _heatmap_steps(patterns, layer, head, max_cells, side)
     n_panels = max(len(panels) for _, _, panels in steps)
     cols = min(n_panels, 5)
     rows = math.ceil(n_panels / cols)
     fig = make_subplots(rows=rows, cols=cols, horizontal_spacing=0.05, vertical_spacing=0.1 if rows > 1 else 0.0)
     colorscale = _attention_colorscale(color_scale, floor, gamma)
+    hover = ("query %{y}<br>key %{x}<br>attention %{z:.3g}" if block == 1 else
+             "queries %{y}<br>keys %{x}<br>attention mass %{z:.3g} (mean over the queries)")
     spans = []
     for s, (_, _, panels) in enumerate(steps):
         start = len(fig.data)
         for p, (name, matrix) in enumerate(panels):
             fig.add_trace(go.Heatmap(
-                z=trace_data(np.where(matrix == 0, np.nan, matrix)), x=categories, y=categories, name=escape_label(name),
-                visible=s == 0, colorscale=colorscale, zmin=0.0, zmax=1.0, showscale=False, hoverongaps=False,
-                hovertemplate=f"{escape_label(name)}<br>query %{{y}}<br>key %{{x}}<br>attention %{{z:.3g}}<extra></extra>",
+                z=trace_data(np.where((cells := pooled(matrix, block)) == 0, np.nan, cells)), x=categories, y=categories,
+                name=escape_label(name), visible=s == 0, coloraxis="coloraxis", hoverongaps=False,
+                hovertemplate=f"{escape_label(name)}<br>{hover}<extra></extra>",
             ), row=p // cols + 1, col=p % cols + 1)
         spans.append((start, len(fig.data)))
+    # one colour axis for every map: the scale's 49 stops are written once, not once per heatmap
+    fig.update_layout(coloraxis={"colorscale": colorscale, "cmin": 0.0, "cmax": 1.0, "showscale": False})
     fig.add_trace(_colorbar_trace(color_scale, floor, gamma), row=1, col=1)
     small = n_panels > 1
     max_ticks = 12 if small else MAX_TICKS
@@ -234,14 +272,14 @@ def attention_heatmap(
         fig.update_layout(sliders=[{"active": 0, "steps": slider_steps, "currentvalue": {"prefix": "layer: "},
                                     "pad": {"t": 130 if small else 150}, "x": 0.0, "len": 1.0}])
     fig.update_layout(**_panel_visibility(spans[0][1] - spans[0][0], n_panels))
-    panel = max(170, min(300, 1000 // cols)) if small else min(900, 300 + 8 * n)
+    panel = max(170, min(300, 1000 // cols)) if small else min(900, 300 + 8 * side)
     slider_room = 170 if len(steps) > 1 else 0
-    caption = _heatmap_caption(n, steps, color_scale, floor, gamma, note)
+    caption = _heatmap_caption(n, steps, color_scale, floor, gamma, note, block)
     return finish_layout(fig, title, suffix=" — " + escape_label(steps[0][1]) + note, caption=caption, annotations=annotations[0],
                    height=rows * panel + 150 + slider_room, width=cols * panel + 200)
 
 
-def _heatmap_caption(n: int, steps, color_scale: str, floor: float, gamma: float, note: str) -> str:
+def _heatmap_caption(n: int, steps, color_scale: str, floor: float, gamma: float, note: str, block: int) -> str:
     scale = {"log": f"a logarithmic colour scale (values at or below {floor:g} share the darkest colour)",
              "power": f"a power colour scale (colour ∝ attention^{gamma:g}, which spreads small values out)",
              "linear": "a linear colour scale"}[color_scale]
@@ -249,6 +287,10 @@ def _heatmap_caption(n: int, steps, color_scale: str, floor: float, gamma: float
              "bottom), column = key position (the token attended to); each row sums to 1 over the keys at or before "
              f"the query. Colours use {scale}; blank cells are exactly 0 (the causal mask hides later keys). "
              "Hover a cell for its query, key and attention value. A bright first column is an attention sink."]
+    if block > 1:
+        parts.append(f"The {n} positions are pooled into blocks of {block} to keep the figure small: a cell is the "
+                     "attention mass a block of queries puts on a block of keys, averaged over the queries (rows "
+                     "still sum to 1); pass a larger max_cells for every position.")
     if len(steps) > 1:
         parts.append("The slider below picks the layer ('all' averages every layer and head).")
     if max(len(p) for _, _, p in steps) > 1:

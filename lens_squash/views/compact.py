@@ -20,11 +20,14 @@ from .style import (
 )
 
 __all__ = [
+    "SMALL_ARRAY",
     "compact_figure",
     "rounded",
 ]
 
 _F32 = np.finfo(np.float32)
+#: arrays with fewer values than this stay decimal lists (rounded all the same): shorter than base64
+SMALL_ARRAY = 16
 
 
 def rounded(values: Any, digits: int = HOVER_DIGITS) -> np.ndarray:
@@ -86,7 +89,8 @@ def compact_figure(fig: go.Figure, digits: int = 6) -> go.Figure:
     """A copy of ``fig`` whose numeric trace data (``x``, ``y``, ``z``, ``customdata``) is held as
     numpy arrays, so plotly writes compact typed arrays: float32 where every value fits it, rounded
     to ``digits`` significant digits (6, the default, is float32's own precision; 4 is what the
-    hovers show). Integer data stays integer; strings, dates and layout are untouched."""
+    hovers show). Integer data stays integer; strings, dates and layout are untouched. Arrays of
+    fewer than :data:`SMALL_ARRAY` values stay (rounded) lists, which are shorter than base64."""
     if not isinstance(fig, go.Figure):
         raise TypeError(f"compact_figure takes a plotly go.Figure, got {type(fig).__name__}")
     out = go.Figure(fig)
@@ -97,7 +101,12 @@ def compact_figure(fig: go.Figure, digits: int = 6) -> go.Figure:
             arr = _numeric(trace[name])
             if arr is None:
                 continue
-            trace[name] = arr if arr.dtype.kind in "iu" else rounded(arr, digits)
+            values = arr if arr.dtype.kind in "iu" else rounded(arr, digits)
+            if values.size < SMALL_ARRAY:  # a typed array's header ({"dtype": …, "bdata": …}) outweighs a few decimals
+                trace[name] = None  # else plotly would turn the list back into the array it replaces
+                trace[name] = values.tolist()
+            else:
+                trace[name] = values
     return out
 
 

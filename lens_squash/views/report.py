@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
-import html
 import json
 import os
 import re
@@ -36,14 +35,23 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.offline
 
+from ..algebra.flow_paths import graph_paths
 from ..core.records import target_mode, to_jsonable, write_text_atomic
-from ..core.tokens import token_label
+from ..core.tokens import (
+    BIDI_DISPLAY,
+    DISPLAY_CONTROLS,
+    escape_text,
+    neutralize_controls,
+    sensitivity_html,
+    token_label,
+)
 from .attention_figures import attention_heatmap
 from .bound_figures import bound_vs_jacobian, comparison_figure
-from .edge_figures import attention_paths
+from .compact import compact_figure
+from .flow_views import path_figure
 from .sink_figures import sink_report_figure
 from .spectral_figures import spectral_report_figure
-from .style import caption_of
+from .style import HOVER_DIGITS, caption_of
 
 __all__ = [
     "BIDI_DISPLAY",
@@ -63,9 +71,10 @@ __all__ = [
     "write_report",
 ]
 
-#: attention cells the report's heatmap may hold (plotting.attention_heatmap's max_cells): about 0.8 MB
-#: of figure data on the demo's 89-token prompt
-ATTENTION_CELLS = 120_000
+#: attention cells the report's heatmap may hold (attention_heatmap's max_cells; a float32 cell is about
+#: 5.3 bytes of HTML): on the demo's 89-token prompt the mean of all layers and 11 of the 30 layers
+#: (about 0.55 MB), on a 1000-token prompt one map pooled into blocks of 4 positions per layer shown
+ATTENTION_CELLS = 100_000
 
 #: the usual sections of an over-squashing report, in reading order (any subset may be present)
 SECTION_ORDER: tuple[str, ...] = (
@@ -109,26 +118,6 @@ SECTION_CAPTIONS: dict[str, str] = {
     "tasks": "Copying and counting accuracy against sequence length, as in the paper's Figures 2, 3 and 11.",
 }
 
-#: bidirectional formatting characters: they reorder how the text around them is displayed
-BIDI_DISPLAY: frozenset[str] = frozenset(
-    chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C))
-#: characters that must never reach a reader as themselves: the bidi controls, and the C0/C1 controls
-#: other than tab, newline and carriage return
-DISPLAY_CONTROLS: frozenset[str] = BIDI_DISPLAY | frozenset(
-    chr(c) for c in (*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)) if chr(c) not in "\t\n\r")
-_CONTROL_RE = re.compile("[" + "".join(re.escape(c) for c in sorted(DISPLAY_CONTROLS)) + "]")
-
-
-def neutralize_controls(text: Any) -> str:
-    """``text`` with every :data:`DISPLAY_CONTROLS` character shown as a visible ``⟨U+XXXX⟩``."""
-    return _CONTROL_RE.sub(lambda m: f"⟨U+{ord(m.group()):04X}⟩", str(text))
-
-
-def escape_text(text: Any) -> str:
-    """User text for HTML: controls made visible (:func:`neutralize_controls`), then ``html.escape``."""
-    return html.escape(neutralize_controls(text))
-
-
 @dataclass(frozen=True)
 class ReportSection:
     """One section: a title, optional plain text, an optional table, and figures, in that order.
@@ -165,11 +154,21 @@ def prompt_section(
     str_tokens: Sequence[str] | None = None,
     *,
     predicted: str | None = None,
+    sensitivity: Sequence[float] | None = None,
+    sensitivity_label: str = "sensitivity",
     title: str = "prompt",
 ) -> ReportSection:
-    """The prompt as text, its tokens as numbered chips, and the predicted next token."""
+    """The prompt as text, its tokens as numbered chips, and the predicted next token.
+
+    With ``sensitivity`` (one value per token, e.g. the Jacobian norm of the last token's output with
+    respect to each position) the chips are coloured by it, with a colour-scale legend
+    (:func:`lens_squash.core.tokens.sensitivity_html`)."""
     parts = []
-    if str_tokens is not None:
+    if str_tokens is not None and sensitivity is not None:
+        parts.append(f'<p class="muted">{len(str_tokens)} tokens (spaces shown as ␣), coloured by '
+                     f"{escape_text(sensitivity_label)}</p>")
+        parts.append(sensitivity_html(str_tokens, sensitivity, label=sensitivity_label))
+    elif str_tokens is not None:
         chips = "".join(
             f'<span class="tok" title="position {i}"><sub>{i}</sub>{token_label(t, max_len=None)}</span>'
             for i, t in enumerate(str_tokens)
@@ -201,23 +200,29 @@ def analysis_sections(
     *,
     prompt: str | None = None,
     path_variants: Sequence[str] | None = None,
-    top_k: int = 40,
+    k: int = 5,
 ) -> list[ReportSection]:
     """The standard sections for an ``analysis.Analysis`` (read by duck typing): model, prompt,
     bound vs gradient (with the per-variant summary), paths, attention, spectral and sinks
     (append :func:`collapse_section` / :func:`tasks_section` for those results).
 
-    ``path_variants`` picks whose flows to draw (default: ``rollout`` and the best-ranking variant,
-    those present), one figure each. ``prompt`` defaults to the
+    ``path_variants`` picks whose graphs' connected paths to draw (default: ``rollout`` and the
+    best-ranking variant, those present), one figure each, from the ``k`` heaviest paths per input
+    position (:func:`lens_squash.algebra.flow_paths.graph_paths`); an analysis holding a true
+    sensitivity flow (``analysis.flow``) gets its path figure first. ``prompt`` defaults to the
     concatenated tokens.
     """
     traced, bounds = analysis.trace, dict(analysis.bounds)
     tokens = tuple(traced.str_tokens)
     sections = [
-        model_section(traced.metadata),
-        prompt_section("".join(tokens) if prompt is None else prompt, tokens, predicted=traced.predicted_token),
+        model_section(traced.provenance),
     ]
     table = getattr(analysis, "table", None)
+    truth = next((c for c in (table.columns if table is not None else ()) if str(c).startswith("jacobian_")), None)
+    sections.append(prompt_section(
+        "".join(tokens) if prompt is None else prompt, tokens, predicted=traced.predicted_token,
+        sensitivity=None if truth is None else table[truth].to_numpy(dtype=float),
+        sensitivity_label=f"Jacobian norm ‖∂yₙ/∂vᵢ‖ ({str(truth).removeprefix('jacobian_')})"))
     figure = (comparison_figure(table, getattr(analysis, "comparisons", None)) if table is not None
               else bound_vs_jacobian(tokens, None, bounds))
     summary = analysis.summary() if callable(getattr(analysis, "summary", None)) else None
@@ -227,10 +232,7 @@ def analysis_sections(
     if path_variants is None:
         path_variants = [v for v in dict.fromkeys(("rollout", getattr(analysis, "best_variant", None))) if v in bounds]
         path_variants = path_variants or list(bounds)[:1]
-    sections.append(ReportSection("paths", figures=[
-        attention_paths(bounds[name], tokens, top_k=top_k, title=f"Heaviest paths of the {name} graph")
-        for name in path_variants
-    ]))
+    sections.append(ReportSection("paths", figures=_path_figures(analysis, bounds, tokens, path_variants, k)))
     # a budget of cells keeps the page small: every layer's head mean, and heads where they fit
     sections.append(ReportSection("attention", figures=[
         attention_heatmap(traced.patterns, tokens, max_cells=ATTENTION_CELLS)]))
@@ -241,6 +243,20 @@ def analysis_sections(
     if getattr(analysis, "sinks", None) is not None:
         sections.append(ReportSection("sinks", figures=[sink_report_figure(analysis.sinks)]))
     return sections
+
+
+def _path_figures(analysis: Any, bounds: Mapping[str, Any], tokens: Sequence[str], variants: Sequence[str],
+                  k: int) -> list[go.Figure]:
+    """Connected heaviest paths: the true flow's (when the analysis has one), then each variant's graph."""
+    figures = []
+    flow = getattr(analysis, "flow", None)
+    if flow is not None:
+        figures.append(path_figure(flow, k=k, title="Heaviest connected paths of the true gradient flow"))
+    for name in variants:
+        bound = bounds[name]
+        paths = graph_paths(bound.graph, bound.target, k=k, str_tokens=tokens)
+        figures.append(path_figure(paths, title=f"Heaviest connected paths of the {name} graph → position {bound.target}"))
+    return figures
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,7 +298,8 @@ def _neutralize_fragment(fragment: str) -> str:
 def _render_figure(fig: go.Figure, index: int) -> str:
     if not isinstance(fig, go.Figure):
         raise TypeError(f"sections hold plotly Figures, got {type(fig).__name__}")
-    fragment = fig.to_html(
+    # numbers rounded to the digits the hovers show, as typed arrays (float32 where the values fit)
+    fragment = compact_figure(fig, digits=HOVER_DIGITS).to_html(
         full_html=False, include_plotlyjs=False, div_id=f"lens-squash-figure-{index}", config=_FIGURE_CONFIG,
     )
     caption = caption_of(fig)

@@ -22,7 +22,7 @@ from lens_squash.algebra.sinks import sink_report
 from lens_squash.algebra.softmax_theory import tv_decay_experiment
 from lens_squash.core.tokens import token_label
 from lens_squash.experiments.tasks import RESULT_COLUMNS, TaskResults
-from lens_squash.views.attention_figures import attention_heatmap
+from lens_squash.views.attention_figures import attention_heatmap, block_size
 from lens_squash.views.bound_figures import bound_vs_jacobian, comparison_figure
 from lens_squash.views.collapse_figures import (
     collapse_figure,
@@ -334,7 +334,8 @@ def test_attention_heatmap_slider_over_layers_and_heads_as_small_multiples():
 def test_attention_colours_follow_a_log_scale_and_the_colour_bar_says_so():
     patterns = causal_patterns(layers=1, heads=1, n=4)
     fig = attention_heatmap(patterns, layer=0, head=0, floor=1e-4)
-    colorscale = heatmaps(fig)[0].colorscale
+    colorscale = fig.layout.coloraxis.colorscale
+    assert all(h.coloraxis == "coloraxis" for h in heatmaps(fig)) and not fig.layout.coloraxis.showscale
     viridis = "Viridis"
     for value in (1e-4, 3e-4, 1e-3, 0.02, 0.1, 0.5, 1.0):
         position = (math.log10(value) + 4) / 4  # where a log colour bar from 1e-4 to 1 puts it
@@ -349,13 +350,34 @@ def test_attention_colours_follow_a_log_scale_and_the_colour_bar_says_so():
     power = attention_heatmap(patterns, layer=0, head=0, color_scale="power", gamma=0.5)
     for value in (0.01, 0.25, 0.64):
         expected = np.array(unlabel_rgb(sample_colorscale(viridis, [value ** 0.5])[0]), dtype=float)
-        assert np.abs(colour_at(heatmaps(power)[0].colorscale, value) - expected).max() < 4.0
+        assert np.abs(colour_at(power.layout.coloraxis.colorscale, value) - expected).max() < 4.0
     linear = attention_heatmap(patterns, layer=0, head=0, color_scale="linear")
     expected = np.array(unlabel_rgb(sample_colorscale(viridis, [0.3])[0]), dtype=float)
-    assert np.abs(colour_at(heatmaps(linear)[0].colorscale, 0.3) - expected).max() < 4.0
+    assert np.abs(colour_at(linear.layout.coloraxis.colorscale, 0.3) - expected).max() < 4.0
     for bad in ({"color_scale": "sqrt"}, {"floor": 0.0}, {"gamma": 2.0}, {"layer": 1}, {"head": -1}):
         with pytest.raises(ValueError):
             attention_heatmap(patterns, **bad)
+
+
+def test_a_map_larger_than_the_budget_is_pooled_into_blocks_whose_rows_still_sum_to_one():
+    n, block = 23, 5  # 23 positions, at most 25 cells: blocks of 5 positions, 5 × 5 cells
+    patterns = causal_patterns(layers=1, heads=1, n=n)
+    fig = attention_heatmap(patterns, tokens(n), layer=0, head=0, max_cells=25)
+    (heat,) = heatmaps(fig)
+    z = np.nan_to_num(np.asarray(heat.z, dtype=np.float64), nan=0.0)
+    assert z.shape == (5, 5)
+    a = patterns[0, 0].numpy()
+    for qb in range(5):  # brute force: mean over the block's queries of their mass on each key block
+        queries = range(qb * block, min(n, (qb + 1) * block))
+        for kb in range(5):
+            keys = range(kb * block, min(n, (kb + 1) * block))
+            mass = np.mean([sum(a[q, k] for k in keys) for q in queries])
+            assert abs(z[qb, kb] - mass) <= 1e-6 * max(mass, 1e-30)
+    np.testing.assert_allclose(z.sum(1), 1.0, rtol=1e-6)  # every pooled row still sums to 1
+    assert list(heat.x)[-1].startswith("20–22: ") and list(heat.x)[0].startswith("0–4: ")
+    assert "pooled into blocks of 5" in caption_of(fig) and "attention mass" in heat.hovertemplate
+    assert block_size(89, 100_000) == 1 and block_size(1000, 100_000) == 4  # only maps over the budget pool
+    assert_explains_itself(fig)
 
 
 def test_attention_heatmap_single_layer_head_and_size_budget():
@@ -479,7 +501,7 @@ def test_attention_paths_on_a_real_rollout_bound(tiny):
     from lens_squash.edge.trace import trace
 
     traced = trace(tiny, torch.arange(1, 8))
-    bound = path_bound(traced, "rollout", target=5)
+    bound = path_bound(traced, "rollout", target_pos=5)
     flows = bound.flows()
     fig = attention_paths(bound, top_k=10)
     assert f"target 5: {token_label(traced.str_tokens[5])}" in fig.layout.title.text
@@ -647,7 +669,7 @@ def task_frame() -> pd.DataFrame:
         truth = length if task == "count" else 1
         for sample, answer in enumerate(parsed):
             rows.append({
-                "task": task, "mode": "zero-shot", "length": length, "sample": sample, "seed": 0, "prompt": HOSTILE,
+                "task": task, "style": "zero-shot", "length": length, "sample": sample, "seed": 0, "prompt": HOSTILE,
                 "raw_output": HOSTILE, "parsed_answer": answer, "parse_status": "ok" if answer is not None else "unparsable",
                 "truth": truth, "correct": answer == truth,
                 "abs_error": None if answer is None else abs(answer - truth), "n_prompt_tokens": 9, "n_new_tokens": 3,
@@ -669,7 +691,7 @@ def test_accuracy_and_error_figures_average_per_task_and_length():
     assert_explains_itself(accuracy)
     assert "exactly right" in caption_of(accuracy)
     assert len({(t.line.dash, t.marker.symbol) for t in accuracy.data}) == len(accuracy.data)
-    two_modes = pd.concat([frame, frame.assign(mode="few-shot", correct=True)])
+    two_modes = pd.concat([frame, frame.assign(style="few-shot", correct=True)])
     assert {t.name for t in accuracy_figure(two_modes).data} == {
         "count (zero-shot)", "count (few-shot)", "copy (zero-shot)", "copy (few-shot)"}
 
