@@ -73,7 +73,7 @@ def test_certified_dominates_the_frozen_jacobian(family):
         return
     truth = _spectral(reference_jacobian(model, TOKENS, frozen=True))
     for target in (-1, 6):
-        bound = path_bound(t, "certified", model=model, target=target).bound
+        bound = path_bound(t, "certified", model=model, target_pos=target).bound
         expected = truth if target == -1 else _spectral(reference_jacobian(model, TOKENS[: target + 1], frozen=True))
         _assert_dominates(bound, expected, (name, target))
 

@@ -34,16 +34,19 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..algebra.attention import ov_norms
-from ..algebra.blocks import BlockShape, apply_input_norm, apply_output_norms, block_shape, weight_signature
+from ..algebra.blocks import (
+    BlockShape,
+    apply_input_norm,
+    apply_output_norms,
+    block_shape,
+    weight_signature,
+)
 
 __all__ = [
-    "block_shape",
     "cached_gram",
     "mlp_gain_gram",
     "mlp_jacobian_frobenius",
     "moe_jacobian_frobenius",
-    "ov_norms",
     "solu_jacobian_frobenius",
     "supports_certified",
 ]

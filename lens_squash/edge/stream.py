@@ -25,9 +25,9 @@ from torch import Tensor
 from ..algebra.variants import PathBound, PathGraph, bound_from_row, build_graph
 from ..core.progress import progress
 from ..core.support import UnsupportedModelError
-from .trace import Trace, keeps_patterns, patterns_bytes
+from .trace import Trace, keeps_patterns
 
-__all__ = ["analysis_memory", "check_fits", "recompute_patterns", "stream_bounds"]
+__all__ = ["analysis_memory", "check_fits", "memory_model", "recompute_patterns", "stream_bounds"]
 
 
 class _StopAtPattern(Exception):
@@ -149,27 +149,35 @@ def stream_bounds(
 # --------------------------------------------------------------------------------------------------
 
 
-def analysis_memory(model, n_tokens: int, *, keep_patterns: bool | None = None) -> dict[str, int]:
-    """Bytes an ``analyze`` without Jacobian needs at ``n_tokens``, per component (peak estimate).
+def memory_model(cfg, n_tokens: int, *, kept: bool, weights: int = 0) -> dict[str, int]:
+    """Bytes an ``analyze`` without Jacobian needs at ``n_tokens``, per component (peak estimate),
+    from a TransformerLens config alone (so it can be evaluated for shapes one cannot load):
 
-    * ``weights``: the model's parameters (already resident, not counted against free memory);
+    * ``weights``: the model's parameters (given; already resident, not counted against free memory);
     * ``residual``: the ``L + 1`` residual streams, float32, twice while they are stacked, plus the
-      float64 copy the compression metrics take;
-    * ``attention``: one layer's pass through attention: scores, masked scores and patterns, ``3·H·n²``
-      in the model's dtype, plus the statistics' float64 ``n × n`` buffers (``~6·n²``);
+      float64 copy the compression metrics take (``L·n·d``);
+    * ``attention``: one layer's attention in flight: scores, masked scores and patterns,
+      ``3·H·n²`` in the model's dtype (at least 4 bytes: softmax runs in float32), plus the
+      statistics' float64 ``n × n`` buffers (``~6·n²``) (``H·n²``);
     * ``patterns``: the whole per-head stack and its head mean when they are kept (``(H+1)·L·n²``);
-    * ``gains``: the MLP-gain Gram matrices, float64 ``(2·d_mlp)²`` per layer, kept across traces.
+    * ``gains``: the MLP-gain Gram matrices, float64 ``(k·d_mlp)²`` per layer, kept across traces.
     """
-    cfg = model.cfg
     item = torch.finfo(cfg.dtype).bits // 8 if cfg.dtype.is_floating_point else 4
-    d_mlp = cfg.d_mlp or 0
+    analysis_item = 8 if cfg.dtype == torch.float64 else 4
     gated = 2 if getattr(cfg, "gated_mlp", False) else 1
-    residual = (cfg.n_layers + 1) * n_tokens * cfg.d_model * (2 * 4 + 8)
-    attention = 3 * cfg.n_heads * n_tokens**2 * max(item, 4) + 6 * n_tokens**2 * 8
-    kept = patterns_bytes(model, n_tokens) if keeps_patterns(model, n_tokens, keep_patterns) else 0
-    gains = cfg.n_layers * (gated * d_mlp) ** 2 * 8
+    return {
+        "weights": int(weights),
+        "residual": (cfg.n_layers + 1) * n_tokens * cfg.d_model * (2 * analysis_item + 8),
+        "attention": 3 * cfg.n_heads * n_tokens**2 * max(item, 4) + 6 * n_tokens**2 * 8,
+        "patterns": cfg.n_layers * (cfg.n_heads + 1) * n_tokens**2 * analysis_item if kept else 0,
+        "gains": cfg.n_layers * (gated * (cfg.d_mlp or 0)) ** 2 * 8,
+    }
+
+
+def analysis_memory(model, n_tokens: int, *, keep_patterns: bool | None = None) -> dict[str, int]:
+    """:func:`memory_model` for ``model`` (patterns kept as ``trace`` would decide)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"weights": weights, "residual": residual, "attention": attention, "patterns": kept, "gains": gains}
+    return memory_model(model.cfg, n_tokens, kept=keeps_patterns(model, n_tokens, keep_patterns), weights=weights)
 
 
 def check_fits(model, n_tokens: int, *, keep_patterns: bool | None = None, available: int | None = None) -> None:

@@ -49,7 +49,7 @@ def test_paper_variant_is_theorem_b5_product(traced):
 def test_row_normalised_variants_are_distributions(traced, variant):
     model, t = traced
     for target in (0, 4, -1):
-        bound = path_bound(t, variant, model=model, target=target)
+        bound = path_bound(t, variant, model=model, target_pos=target)
         assert float(bound.bound.sum()) == pytest.approx(1.0, abs=1e-10)
         assert (bound.bound >= 0).all()
         assert (bound.bound[bound.target + 1:] == 0).all()  # causality: no later position contributes
@@ -62,7 +62,7 @@ def test_bad_requests_are_refused(traced):
     with pytest.raises(ValueError, match="needs the model"):
         path_bound(t, "certified")
     with pytest.raises(ValueError, match="out of range"):
-        path_bound(t, "paper", target=len(TOKENS))
+        path_bound(t, "paper", target_pos=len(TOKENS))
     bidirectional = tiny_model(n_layers=1, n_heads=2, d_model=16, d_vocab=32, causal=False, dtype=torch.float64)
     with pytest.raises(ValueError, match="not causal"):
         path_bound(trace(bidirectional, TOKENS), "rollout")
@@ -86,7 +86,7 @@ def test_certified_bound_dominates_the_frozen_jacobian(name):
     model = tiny_model(**kwargs, dtype=torch.float64, seed=5)
     t = trace(model, TOKENS, lipschitz=True)
     for target in (-1, 4):
-        bound = path_bound(t, "certified", model=model, target=target).bound
+        bound = path_bound(t, "certified", model=model, target_pos=target).bound
         truth = jacobian(model, TOKENS, mode="frozen", target_pos=target).spectral
         truth = torch.cat([truth, truth.new_zeros(len(TOKENS) - len(truth))])  # causal: later positions are 0
         assert (bound >= truth * (1 - 1e-9)).all(), (name, target, (bound / truth).min())

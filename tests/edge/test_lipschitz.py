@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lens_squash.edge.lipschitz import ov_norms, supports_certified
-from lens_squash.edge.models import tiny_model
-from lens_squash.core.support import UnsupportedModelError
-from lens_squash.edge.trace import trace
+from lens_squash.algebra.attention import ov_norms
 from lens_squash.algebra.variants import path_bound
+from lens_squash.core.support import UnsupportedModelError
+from lens_squash.edge.lipschitz import supports_certified
+from lens_squash.edge.models import tiny_model
+from lens_squash.edge.trace import trace
 
 TOKENS = torch.tensor([5, 3, 9, 1, 7, 2])
 CASES = [
