@@ -238,7 +238,8 @@ def path_figure(paths, *, k: int = 5, min_share: float = 0.05, max_paths: int = 
         ys = [layer, layer + 0.5, layer + 1] if bow else [layer, layer + 1]
         # cross-position hops never thinner than 2 px: they are what the figure is for
         width = max(2.0 if cross else 0.8, 8.0 * entry["flow"] / top_flow)
-        hover = (f"{name}<br>query {query} {labels[query]} ← key {key} {labels[key]}"
+        where = name if name.startswith("layer") else f"layer {layer}, {name}"  # the layer, for every hop
+        hover = (f"{where}<br>query {query} {labels[query]} ← key {key} {labels[key]}"
                  f"<br>hop share {entry['share']:.3g} · flow of drawn paths {entry['flow']:.3g} "
                  f"({entry['paths']} path{'s' if entry['paths'] > 1 else ''})<extra></extra>")
         fig.add_trace(go.Scatter(
