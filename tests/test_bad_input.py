@@ -120,7 +120,7 @@ def test_blank_prompts_are_refused_before_loading(no_load, prompt):
 
 NAME_FLAGS = [("analyze", "--variants", "paper,rollout,certified,value,value_rownorm,certified_rownorm"),
               ("tasks", "--task", ",".join(__import__("lens_squash.experiments.tasks", fromlist=["TASKS"]).TASKS)),
-              ("tasks", "--modes", "answer,cot,cot_few_shot"),
+              ("tasks", "--styles", "answer,cot,cot_few_shot"),
               ("collapse", "--family", "count_ones,random_digits,copy_ones,copy_ones_commas"),
               ("collapse", "--dtypes", "float64,fp64,float32,fp32,bfloat16,bf16,float16,fp16")]
 
@@ -327,7 +327,7 @@ def test_chat_must_be_none_or_a_bool(tiny_random, entry):
 def test_analyze_refuses_the_first_token_as_target(tiny_random):
     from lens_squash.experiments.analysis import analyze
 
-    _refuses(lambda: analyze(tiny_random, "1 1 0", target=0, jacobian_mode="sketch", n_probes=2), ValueError, "target")
+    _refuses(lambda: analyze(tiny_random, "1 1 0", target_pos=0, jacobian_mode="sketch", n_probes=2), ValueError, "target")
 
 
 def test_analyze_refuses_something_that_is_not_a_transformerlens_model():

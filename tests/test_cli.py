@@ -91,7 +91,8 @@ BAD_FLAGS = [
     (["tasks", "--samples", "0"], "--samples", "got 0"),
     (["tasks", "--lengths", "5:1:1"], "--lengths", "start <= stop"),
     (["tasks", "--task", "copy_middle"], "--task", "unknown task 'copy_middle'"),
-    (["tasks", "--task", "copy_last", "--modes", "cot"], "--modes", "copying tasks have only 'answer'"),
+    (["tasks", "--task", "copy_last", "--styles", "cot"], "--styles", "copying tasks have only 'answer'"),
+    (["tasks", "--task", "copy_last", "--modes", "cot"], "--styles", "copying tasks have only 'answer'"),  # old name
     (["tasks", "--max-new-tokens", "4096"], "--max-new-tokens", "must fit --n-ctx 2048"),
     (["tasks", "--batch-size", "0"], "--batch-size", "got 0"),
     (["collapse", "--family", "nope"], "--family", "unknown family 'nope'"),
@@ -149,10 +150,10 @@ def test_trace_writes_its_json_file(capsys, loads_tiny, tmp_path):
 
 
 def test_ctrl_c_during_any_command_is_one_line_and_exit_130(capsys, monkeypatch):
-    def interrupted(args):
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_load", interrupted)
+    monkeypatch.setattr(lens_squash.edge.models, "load_model", interrupted)
     code, out, err = _run(capsys, "analyze", "--model", "tiny-random", "--out", "/tmp/lens_squash_never")
     assert code == cli.EXIT_INTERRUPTED == 130 and out == ""
     assert err == ("lens-squash analyze: interrupted; nothing was saved (analyze writes its results when it "
@@ -172,9 +173,9 @@ TASK_ARGS = ["tasks", "--model", "tiny-random", "--task", "copy_last", "--length
 
 
 def test_tasks_interrupted_says_what_was_saved_then_resumes(capsys, loads_tiny, monkeypatch, tmp_path):
-    from lens_squash.experiments import tasks
+    from lens_squash.experiments import task_eval
 
-    real, calls = tasks.greedy_generate, []
+    real, calls = task_eval.greedy_generate, []
 
     def flaky(model, prompts, **kwargs):
         calls.append(len(prompts))
@@ -182,7 +183,7 @@ def test_tasks_interrupted_says_what_was_saved_then_resumes(capsys, loads_tiny, 
             raise KeyboardInterrupt
         return real(model, prompts, **kwargs)
 
-    monkeypatch.setattr(tasks, "greedy_generate", flaky)
+    monkeypatch.setattr(task_eval, "greedy_generate", flaky)
     out_dir = tmp_path / "run"
     code, out, err = _run(capsys, *TASK_ARGS, "--out", str(out_dir))
     assert code == 130

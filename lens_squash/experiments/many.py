@@ -21,15 +21,17 @@ from __future__ import annotations
 import pickle
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 import torch
 
-from .analysis import Analysis, analyze
 from ..core.display import compact_repr
+from ..core.progress import progress
+from ..core.results import Result
 from ..edge.models import DEFAULT_MODEL, load_model, resolve_dtype
+from .analysis import Analysis, analyze
 
 __all__ = ["ManyAnalyses", "ModelSpec", "analyze_many", "cached_model"]
 
@@ -91,7 +93,7 @@ def _analyze_in_worker(source, prompt, kwargs: dict[str, Any]) -> Analysis:
 
 
 @dataclass(frozen=True, eq=False)
-class ManyAnalyses:
+class ManyAnalyses(Result):
     """``analyze`` over several prompts: the joined table and every :class:`Analysis`, in prompt order."""
 
     #: one row per prompt × variant: ``prompt_index``, ``prompt``, ``n_tokens``, ``predicted_token``,
@@ -99,6 +101,7 @@ class ManyAnalyses:
     frame: pd.DataFrame
     analyses: tuple[Analysis, ...]
     prompts: tuple[Any, ...]
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.analyses)
@@ -106,11 +109,9 @@ class ManyAnalyses:
     def __getitem__(self, index: int) -> Analysis:
         return self.analyses[index]
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "prompts": [_prompt_text(p) for p in self.prompts],
-            "analyses": [a.to_dict() for a in self.analyses],
-        }
+    def to_frame(self) -> pd.DataFrame:
+        """:attr:`frame`: one row per prompt × variant."""
+        return self.frame
 
     __repr__ = compact_repr
 
@@ -183,18 +184,26 @@ def _local_model(model_or_factory):
     raise TypeError(f"model_or_factory must be a model, a ModelSpec or a factory, got {type(model_or_factory).__name__}")
 
 
-def _results_in_order(futures: list) -> tuple[Analysis, ...]:
+def _results_in_order(futures: list, on_result) -> tuple[Analysis, ...]:
     """Each future's result, in submission order; on the first error the prompts not yet started
     are cancelled (``cancel`` exists on concurrent.futures and Dask futures alike) and it is raised."""
     try:
-        return tuple(future.result() for future in futures)
+        waiting = progress(futures, desc="prompts", total=len(futures), unit="prompt")
+        return tuple(_reported(i, future.result(), on_result) for i, future in enumerate(waiting))
     except BaseException:
         for future in futures:
             future.cancel()
         raise
 
 
-def analyze_many(model_or_factory, prompts, *, executor=None, **analyze_kwargs) -> ManyAnalyses:
+def _reported(index: int, analysis: Analysis, on_result) -> Analysis:
+    if on_result is not None:
+        on_result(index, analysis)
+    return analysis
+
+
+def analyze_many(model_or_factory, prompts, *, executor=None, on_result: Callable[[int, Analysis], None] | None = None,
+                 **analyze_kwargs) -> ManyAnalyses:
     """Run :func:`~lens_squash.experiments.analysis.analyze` on every prompt; one table, every ``Analysis`` kept.
 
     ``model_or_factory`` is a loaded model, a :class:`ModelSpec`, or a zero-argument factory. Without
@@ -206,17 +215,21 @@ def analyze_many(model_or_factory, prompts, *, executor=None, **analyze_kwargs) 
     workers to run prompts side by side). ``analyze_kwargs`` go to
     ``analyze`` unchanged (``variants``, ``jacobian_mode``, ``n_probes``, ``chat``, ``target``).
     Results come back in prompt order; a task's error is raised here, as the executor reports it.
+    ``on_result(index, analysis)`` is called for each prompt as its result arrives, in prompt order
+    (``lens-squash suite`` saves each one there, so an interrupted run resumes); a progress bar counts
+    the prompts.
     """
     prompts = _checked_prompts(prompts)
     if executor is None:
         model = _local_model(model_or_factory)
-        analyses = tuple(analyze(model, prompt, **analyze_kwargs) for prompt in prompts)
+        analyses = tuple(_reported(i, analyze(model, prompt, **analyze_kwargs), on_result)
+                         for i, prompt in enumerate(progress(prompts, desc="prompts", unit="prompt")))
     else:
         if not callable(getattr(executor, "submit", None)):
             raise TypeError(f"executor must have a submit() method (a concurrent.futures.Executor or a "
                             f"dask.distributed.Client), got {type(executor).__name__}")
         source = _source_for_executor(model_or_factory)
         futures = [executor.submit(_analyze_in_worker, source, prompt, analyze_kwargs) for prompt in prompts]
-        analyses = _results_in_order(futures)
+        analyses = _results_in_order(futures, on_result)
     return ManyAnalyses(_frame(prompts, analyses), analyses, prompts)
 

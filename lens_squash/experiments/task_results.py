@@ -40,6 +40,7 @@ __all__ = [
     "save_results",
     "summarize_results",
     "task_figure",
+    "task_figure_rows",
 ]
 
 #: the columns of every results frame, in order
@@ -120,7 +121,7 @@ class TaskResults(Result):
     def figures(self) -> dict[str, Any]:
         """Every figure of :data:`TASK_FIGURES` that has rows to show, by kind."""
         shown = {kind: set(_figure_tasks(self.frame, kind)) - _REFERENCE_TASKS.get(kind, set()) for kind in TASK_FIGURES}
-        return {kind: task_figure(self, kind) for kind in TASK_FIGURES if shown[kind]}
+        return {kind: self.plot(kind) for kind in TASK_FIGURES if shown[kind]}
 
     def _repr_html_(self) -> str:
         frame = self.frame
@@ -198,7 +199,7 @@ def load_results(path: str | os.PathLike, *, allow_mixed: bool = False) -> TaskR
 @dataclass(frozen=True)
 class TaskFigure:
     """One of the paper's task figures: which figure, the tasks it shows (legend order), its chart
-    (``"accuracy"``, ``"abs_error"`` or ``"histogram"``: a key of :func:`_charts`) and its title."""
+    (``"accuracy"``, ``"abs_error"`` or ``"histogram"``: a key of the views' ``TASK_CHARTS``) and its title."""
 
     paper_figure: str
     tasks: tuple[str, ...]
@@ -232,7 +233,15 @@ def _figure_tasks(frame: pd.DataFrame, kind: str, tasks: Iterable[str] | None = 
 
 
 def task_figure(results: TaskResults | pd.DataFrame, kind: str = "accuracy", *, tasks=None):
-    """Figure ``kind`` of :data:`TASK_FIGURES` for the rows of its tasks (a plotly Figure)."""
+    """Figure ``kind`` of :data:`TASK_FIGURES` for the rows of its tasks (a plotly Figure): the same
+    as ``results.plot(kind, tasks=tasks)``, for a frame too."""
+    results = results if isinstance(results, TaskResults) else TaskResults(results)
+    return results.plot(kind, tasks=tasks)
+
+
+def task_figure_rows(results: TaskResults | pd.DataFrame, kind: str, tasks=None) -> tuple[pd.DataFrame, TaskFigure]:
+    """The rows figure ``kind`` draws (its tasks only) and what it is; refused when none are there.
+    The chart itself is drawn by the views (``lens_squash.views.task_figures.TASK_CHARTS``)."""
     frame = results.frame if isinstance(results, TaskResults) else results
     chosen = _figure_tasks(frame, kind, tasks)
     if not chosen:
@@ -242,18 +251,7 @@ def task_figure(results: TaskResults | pd.DataFrame, kind: str = "accuracy", *, 
             f"{', '.join(map(str, frame['task'].unique())) or 'no rows'}; run those tasks or pass tasks=[...]"
         )
     # keep the figure's task order: the builders group series in order of appearance/sort
-    rows = frame[frame["task"].isin(chosen)]
-    figure = TASK_FIGURES[kind]
-    return _charts()[figure.chart](rows, title=figure.title)
-
-
-def _charts() -> dict:
-    """Chart name -> builder. Plotly is imported only when a figure is drawn (as every result's
-    ``plot()`` does), so reading and summarising results needs no plotting library."""
-    from ..views import task_figures
-
-    return {"accuracy": task_figures.accuracy_figure, "abs_error": task_figures.abs_error_figure,
-            "histogram": task_figures.answer_histogram}
+    return frame[frame["task"].isin(chosen)], TASK_FIGURES[kind]
 
 
 def summarize_results(results: TaskResults | pd.DataFrame | str | os.PathLike, *,

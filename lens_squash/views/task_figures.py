@@ -18,6 +18,7 @@ from .style import (
 )
 
 __all__ = [
+    "TASK_CHARTS",
     "abs_error_figure",
     "accuracy_figure",
     "answer_histogram",
@@ -119,3 +120,7 @@ def answer_histogram(
                "task and one bar colour per sequence length (cf. the paper's Figure 4); a triangle on the axis marks "
                "the true answer of that length. The legend counts the answers that could not be parsed.")
     return finish_layout(fig, title, caption=caption, barmode="group", height=height)
+
+
+#: chart name (``TaskFigure.chart``) -> builder(rows, *, title)
+TASK_CHARTS = {"accuracy": accuracy_figure, "abs_error": abs_error_figure, "histogram": answer_histogram}

@@ -724,7 +724,7 @@ def test_histogram_counts_every_parsed_answer_once():
 
 def test_figure_errors_say_what_to_do():
     results = _synthetic_results()
-    with pytest.raises(ValueError, match="unknown figure kind"):
+    with pytest.raises(ValueError, match="TaskResults has no figure kind 'pie'; use one of 'accuracy', 'abs_error'"):
         results.plot("pie")
     copy_only = TaskResults(results.frame[results.frame.task == "copy_last"])
     with pytest.raises(ValueError, match="run those tasks or pass tasks"):

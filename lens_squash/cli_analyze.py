@@ -1,0 +1,97 @@
+"""``lens-squash analyze``: path-sum bounds against the true Jacobian, spectral and sink analysis."""
+
+from __future__ import annotations
+
+from .cli_common import (
+    add_model_args,
+    add_prompt_args,
+    check_prompt_flags,
+    check_two_tokens,
+    load,
+    write_report,
+)
+from .cli_names import DEFAULT_VARIANTS, VARIANT_NAMES
+from .core import validate
+
+__all__ = ["add_parser", "check", "print_analysis", "report_analysis", "run"]
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("analyze", help="path-sum bounds vs the exact Jacobian, spectral and sink analysis")
+    add_prompt_args(parser)
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated path-sum variants, from {', '.join(VARIANT_NAMES)} (default: "
+                             f"{','.join(DEFAULT_VARIANTS)}, skipping those the model cannot support)")
+    parser.add_argument("--jacobian", choices=["exact", "sketch", "none"], default="exact",
+                        help="how to compute the true sensitivities (sketch: random probes, much faster)")
+    parser.add_argument("--probes", type=int, default=64, help="probes for --jacobian sketch")
+    parser.add_argument("--out", default="out/analyze", help="folder for results.json and report.html")
+    add_model_args(parser)
+
+
+def check(args) -> None:
+    check_prompt_flags(args)
+    if args.variants is not None:
+        args.variants = validate.parse_names(args.variants, VARIANT_NAMES, "--variants", what="variant")
+    validate.check_int(args.probes, "--probes", minimum=1, maximum=65_536)
+    validate.check_out_dir(args.out, "--out")
+
+
+def check_probes(model, args) -> None:
+    """The sketch's probes are orthonormal: at most d_model of them (checked once the model is loaded)."""
+    if args.jacobian == "sketch" and args.probes > model.cfg.d_model:
+        raise ValueError(f"--probes {args.probes} is more than this model's d_model={model.cfg.d_model}: the "
+                         f"probes are orthonormal; pass --probes 1 … {model.cfg.d_model}, or --jacobian exact")
+
+
+def run(args) -> int:
+    from .experiments.analysis import analyze
+
+    model = load(args)
+    check_two_tokens(model, args.prompt, False if args.raw else None)
+    check_probes(model, args)
+    mode = None if args.jacobian == "none" else args.jacobian
+    analysis = analyze(model, args.prompt, variants=args.variants, jacobian_mode=mode, n_probes=args.probes,
+                       chat=False if args.raw else None)
+    report_analysis(args, analysis, args.prompt, args.out, title="lens_squash: over-squashing analysis",
+                    command="analyze", variants=list(analysis.bounds), jacobian=args.jacobian)
+    return 0
+
+
+def report_analysis(args, analysis, prompt: str, out, *, title: str, answer: str | None = None, **metadata) -> None:
+    """Print ``analyze``'s result (and the greedy ``answer``), then write results.json and report.html."""
+    from .views.report import analysis_sections
+
+    print(f"{analysis.trace.n_tokens} tokens; predicted next token {analysis.trace.predicted_token!r}")
+    if answer is not None:
+        print(f"greedy answer: {answer!r}")
+    print_analysis(analysis)
+    metadata = {**analysis.provenance, "prompt": prompt, **metadata}
+    write_report(args, out, analysis_sections(analysis, prompt=prompt),
+                 {**analysis.to_dict(heavy=False), "metadata": metadata}, title=title, metadata=metadata)
+
+
+def print_analysis(analysis) -> None:
+    """The summary table of ``analyze``: one row per variant, then the spectral and sink figures."""
+    import pandas as pd
+
+    table = analysis.summary()
+    with pd.option_context("display.float_format", "{:.4g}".format, "display.width", 160):
+        print(table.to_string(index=False))
+    best = analysis.best_variant
+    if best is not None:
+        paper = analysis.comparisons.get("paper")
+        paper_text = f"; paper: Spearman {paper.spearman:.3f}" if paper is not None else ""
+        print(f"best-ranking variant: {best} (Spearman {analysis.comparisons[best].spearman:.3f}{paper_text})")
+    for name, reason in analysis.skipped.items():
+        print(f"skipped {name}: {reason}")
+    spectral = analysis.spectral
+    if spectral is not None:
+        print(
+            f"rollout stack: last token's mass on the first token after all layers "
+            f"{float(spectral.rollout_mass[-1]):.4f}; cumulative Dobrushin "
+            f"{float(spectral.cumulative_dobrushin[-1]):.3g}; depth to see only the first token "
+            f"{'≈ ' if spectral.extrapolated else ''}{spectral.depth_to_first_token:.0f}"
+            f"{' (extrapolated)' if spectral.extrapolated else ''}"
+        )
+    print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in analysis.seconds.items()))
