@@ -78,9 +78,9 @@ def _compare(model, tokens, mode: str, repeats: int, with_bounds: bool) -> dict:
         "decomposition_error_per_layer": f.decomposition_error.tolist(),
         "decomposition_error_max": float(f.decomposition_error.max()),
         "layer0_vs_jacobian_max_rel": float(rel),
-        "jacobian_estimated_MiB": j.metadata["estimated_bytes"] / 2**20, "jacobian_peak_MiB": j_peak / 2**20,
-        "flow_estimated_MiB": f.metadata["estimated_bytes"] / 2**20, "flow_peak_MiB": f_peak / 2**20,
-        "flow_chunk": f.metadata["chunk_size"], "jacobian_chunk": j.metadata["chunk_size"],
+        "jacobian_estimated_MiB": j.provenance["estimated_bytes"] / 2**20, "jacobian_peak_MiB": j_peak / 2**20,
+        "flow_estimated_MiB": f.provenance["estimated_bytes"] / 2**20, "flow_peak_MiB": f_peak / 2**20,
+        "flow_chunk": f.provenance["chunk_size"], "jacobian_chunk": j.provenance["chunk_size"],
     }
     if bound_times:
         out["flow_with_bounds_s"] = min(bound_times)

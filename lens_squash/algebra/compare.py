@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Collection, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 import torch
@@ -19,18 +19,21 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..core.display import compact_repr
+from ..core.results import Record, Result
 from .ranks import kendall, spearman, top_k_overlap
 
 __all__ = ["Comparison", "UShape", "compare", "compare_variants", "u_shape"]
 
 
 @dataclass(frozen=True)
-class UShape:
+class UShape(Record):
     """Mean of the first and last deciles of positions against the middle (deciles 2–9)."""
 
     first: float
     middle: float
     last: float
+
+    __repr__ = compact_repr
 
     @property
     def first_over_middle(self) -> float:
@@ -54,7 +57,7 @@ def u_shape(values: Float[Tensor, "pos"]) -> UShape:
 
 
 @dataclass(frozen=True)
-class Comparison:
+class Comparison(Result):
     """How one variant's profile compares with the exact Jacobian norms over positions."""
 
     variant: str
@@ -69,9 +72,7 @@ class Comparison:
     guaranteed: bool
     bound_u: UShape
     truth_u: UShape
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    provenance: dict = field(default_factory=dict, compare=False)
 
     __repr__ = compact_repr
 

@@ -24,13 +24,14 @@ disconnected).
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from ..core.display import compact_repr
+from ..core.results import Record, Result
 
 __all__ = [
     "MLP",
@@ -50,7 +51,7 @@ MLP = "mlp"
 
 
 @dataclass(frozen=True)
-class FlowPath:
+class FlowPath(Record):
     """One connected path ``positions[0] → … → positions[L]`` (input to target) through the layers.
 
     ``hops[l]`` is the head index taken at layer ``l``, or ``"residual"`` / ``"mlp"``; ``shares[l]``
@@ -92,7 +93,7 @@ class FlowPath:
 
 
 @dataclass(frozen=True, eq=False)
-class FlowPaths:
+class FlowPaths(Result):
     """The ``k`` heaviest connected paths from each source, for the true flow or one bound."""
 
     kind: str
@@ -102,24 +103,11 @@ class FlowPaths:
     n_layers: int
     n_heads: int
     pattern_share: Float[Tensor, "layer"] | None = None
+    provenance: dict = field(default_factory=dict)
 
     def selected(self, min_share: float = 0.05, max_paths: int = 60) -> list[FlowPath]:
         """:func:`select_paths` over every source."""
         return select_paths([p for ps in self.paths.values() for p in ps], min_share=min_share, max_paths=max_paths)
-
-    def plot(self, **kwargs):
-        from ..views.flow_views import path_figure
-
-        return path_figure(self, **kwargs)
-
-    def to_dict(self) -> dict:
-        return {
-            "kind": self.kind, "target": self.target, "n_layers": self.n_layers, "n_heads": self.n_heads,
-            "paths": {str(s): [{"weight": p.weight, "share": p.share, "positions": list(p.positions),
-                                "hops": list(p.hops), "shares": list(p.shares)} for p in ps]
-                      for s, ps in self.paths.items()},
-            "pattern_share": None if self.pattern_share is None else self.pattern_share.tolist(),
-        }
 
     __repr__ = compact_repr
 

@@ -48,6 +48,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..core.display import compact_repr
+from ..core.results import Result
 
 __all__ = [
     "ALTERNATING_LIMIT",
@@ -262,7 +263,7 @@ def prefix_tv_bound(
 
 
 @dataclass(frozen=True, eq=False)
-class TVDecayResult:
+class TVDecayResult(Result):
     """Figure 9: TV between the softmax of ``x[:m]`` and ``x*[:m]`` for each seed and length ``m``."""
 
     lengths: Int[Tensor, "length"]
@@ -272,25 +273,7 @@ class TVDecayResult:
     n_max: int
     perturbed: int
     noise: float
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "lengths": self.lengths.tolist(),
-            "tv": self.tv.tolist(),
-            "bound": self.bound.tolist(),
-            "seeds": list(self.seeds),
-            "n_max": self.n_max,
-            "perturbed": self.perturbed,
-            "noise": self.noise,
-            "metadata": dict(self.metadata),
-        }
-
-    def plot(self, **kwargs):
-        """Fig. 9: TV against length per seed, with Lemma B.2's bound."""
-        from ..views.collapse_figures import tv_decay_figure
-
-        return tv_decay_figure(self, **kwargs)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     __repr__ = compact_repr
 
@@ -343,7 +326,7 @@ def tv_decay_experiment(
     return TVDecayResult(
         lengths=lengths, tv=torch.stack(tvs), bound=torch.stack(bounds), seeds=seed_list,
         n_max=n_max, perturbed=perturbed, noise=float(noise),
-        metadata={"dtype": str(dtype).removeprefix("torch."), "tv_convention": "l1 (no 1/2)"},
+        provenance={"dtype": str(dtype).removeprefix("torch."), "tv_convention": "l1 (no 1/2)"},
     )
 
 

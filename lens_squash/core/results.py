@@ -16,7 +16,9 @@ tagged too, so ``json.dumps(d, allow_nan=False)`` succeeds and ``from_dict`` reb
 with its type (tensors bit-equal, dtypes kept). A tensor met twice (a bound's graph shares the
 trace's patterns) is written once and referenced after (``{"__type__": "ref"}``), and comes back
 shared. A field that cannot be stored (a model, a callable) is declared with :func:`unserialised`
-and dropped with a note under ``"__dropped__"``; anything else that JSON cannot hold raises
+and dropped with a note under ``"__dropped__"``. Values a class computes from its fields and wants a
+reader of the file to see (collapse thresholds) are written beside them, named under
+``"__derived__"``, and recomputed rather than read back. Anything else that JSON cannot hold raises
 ``TypeError`` naming the field, never a silent ``str()``.
 
 **Heavy fields.** Fields of ``layer × head × n²`` or ``layer × n × d_model`` numbers are declared
@@ -71,6 +73,7 @@ FIGURE_PLUGIN = "lens_squash.views.registry"
 _TAG = "__type__"
 _RECORD = "__record__"
 _DROPPED = "__dropped__"
+_DERIVED = "__derived__"
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 # a fixed table, not getattr(torch, name): a stored file names one of these or is refused
@@ -393,7 +396,15 @@ class Record:
                 out[f.name] = enc(getattr(self, f.name), f"{type(self).__name__}.{f.name}")
         if dropped:
             out[_DROPPED] = dropped
+        derived = self._derived()
+        if derived:  # read-only conveniences for a reader of the file; from_dict recomputes them
+            out.update({name: enc(value, f"{type(self).__name__}.{name}") for name, value in derived.items()})
+            out[_DERIVED] = list(derived)
         return out
+
+    def _derived(self) -> dict[str, Any]:
+        """Values computed from the fields that a stored file should show too (thresholds, shares)."""
+        return {}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]):
@@ -408,7 +419,7 @@ class Record:
     @classmethod
     def _decode_fields(cls, data: Mapping[str, Any], dec: _Decoder):
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-        extra = set(data) - set(fields) - {_RECORD, _DROPPED}
+        extra = set(data) - set(fields) - {_RECORD, _DROPPED, _DERIVED} - set(data.get(_DERIVED, ()))
         if extra:
             raise ValueError(f"{cls.__name__} has no fields {sorted(extra)}; was this written by another version?")
         dropped = dict(data.get(_DROPPED, {}))
@@ -516,14 +527,19 @@ class Result(Record):
     _OLD_PROVENANCE_NAMES: ClassVar[tuple[str, ...]] = ("metadata", "meta")
 
     @renamed(what="kind")
-    def plot(self, kind: str | None = None, **kwargs: Any):
+    def plot(self, kind: str | None = None, *args: Any, **kwargs: Any):
         """The figure ``kind`` (a plotly Figure); ``None`` draws the default kind
-        (:func:`figure_kinds` lists them)."""
+        (:func:`figure_kinds` lists them). Further arguments go to that kind's builder."""
+        if kind is not None and not isinstance(kind, str):
+            raise TypeError(
+                f"{type(self).__name__}.plot takes the figure kind first (one of {figure_kinds(type(self))}), "
+                f"got a {type(kind).__name__}; pass the builder's arguments by name"
+            )
         builders, default = _builders(type(self))
         kind = default if kind is None else kind
         if kind not in builders:
             raise UnknownFigureKindError(type(self), kind, figure_kinds(type(self)))
-        return builders[kind](self, **kwargs)
+        return builders[kind](self, *args, **kwargs)
 
     def to_frame(self):
         """The result as a pandas DataFrame, where it is a table; ``TypeError`` otherwise."""

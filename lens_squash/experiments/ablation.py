@@ -18,7 +18,7 @@ and watch both phenomena weaken. This module does the same on any TransformerLen
 * :func:`clamp_massive_activation` installs those hooks for a ``with`` block through
   ``model.hooks``; every forward pass inside (traces, Jacobians) runs the ablated model.
   ``layer=None`` installs nothing.
-* :func:`ablation_effect` runs :func:`lens_squash.algebra.sinks.sink_analysis` with and without the clamp
+* :func:`ablation_effect` runs :func:`lens_squash.experiments.sinks.sink_analysis` with and without the clamp
   and, when :mod:`lens_squash.edge.jacobian` is available, the last token's sketched Jacobian sensitivity
   to every input position, and returns the differences as an :class:`AblationResult`.
 """
@@ -37,8 +37,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..core.display import compact_repr
-from ..core.records import provenance, to_jsonable
-from ..algebra.sinks import SINK_EPS, SinkReport, sink_analysis
+from ..core.results import Result
+from ..core.records import provenance
+from ..algebra.sinks import SINK_EPS, SinkReport
+from .sinks import sink_analysis
 from ..edge.trace import as_tokens
 
 __all__ = ["AblationResult", "ablation_effect", "clamp_hooks", "clamp_massive_activation"]
@@ -146,7 +148,7 @@ def clamp_massive_activation(
 
 
 @dataclass(frozen=True, eq=False)
-class AblationResult:
+class AblationResult(Result):
     """Sink, compression and sensitivity curves with and without the clamp, and their changes.
 
     ``*_change`` are ablated minus baseline. ``jacobian_*`` are ``‖∂y_n/∂v_i‖_F`` per input position
@@ -164,41 +166,18 @@ class AblationResult:
     str_tokens: tuple[str, ...]
     jacobian_baseline: Float[Tensor, "pos"] | None = None
     jacobian_ablated: Float[Tensor, "pos"] | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def sink_rate_overall_change(self) -> float:
         return self.ablated.sink_rate_overall - self.baseline.sink_rate_overall
 
-    def to_dict(self) -> dict[str, Any]:
-        out = {name: value for name, value in self.__dict__.items() if name not in ("baseline", "ablated")}
-        out["baseline"], out["ablated"] = self.baseline.to_dict(), self.ablated.to_dict()
-        out["sink_rate_overall_change"] = self.sink_rate_overall_change
-        return to_jsonable(out)
-
-    def plot(self, **kwargs):
-        """Per-layer changes (and both first-token norm ratios), the baseline's phases shaded."""
-        from ..views.sink_figures import sink_figure
-
-        curves = {
-            "Δ sink rate": self.sink_rate_change,
-            "Δ matrix entropy": self.entropy_change,
-            "first-token norm ÷ median, baseline": self.baseline.norm_ratio,
-            "first-token norm ÷ median, ablated": self.ablated.norm_ratio,
-        }
-        kwargs.setdefault("log", tuple(name for name in curves if "÷" in name))
-        kwargs.setdefault("title", f"Clamping the massive activation of position {self.position} after layer {self.layer}")
-        return sink_figure(curves, self.baseline.phases, **kwargs)
+    def _derived(self) -> dict[str, Any]:
+        return {"sink_rate_overall_change": self.sink_rate_overall_change}
 
     def plot_jacobian(self, **kwargs):
-        """The last token's Jacobian sensitivity per position, baseline against ablated."""
-        from ..views.bound_figures import bound_vs_jacobian
-
-        if self.jacobian_baseline is None:
-            raise ValueError("this result has no Jacobians; run ablation_effect with jacobian=True")
-        kwargs.setdefault("title", f"Sensitivity of the last token, clamp after layer {self.layer}")
-        return bound_vs_jacobian(self.str_tokens, self.jacobian_baseline, {"ablated ‖J‖_F": self.jacobian_ablated},
-                                 truth_name="baseline ‖J‖_F", **kwargs)
+        """The last token's Jacobian sensitivity per position, baseline against ablated: ``plot("jacobian")``."""
+        return self.plot("jacobian", **kwargs)
 
     __repr__ = compact_repr
 
@@ -269,8 +248,8 @@ def ablation_effect(
         layer=layer, position=position, settings=settings, baseline=baseline, ablated=ablated,
         sink_rate_change=ablated.sink_rate - baseline.sink_rate, entropy_change=ablated.entropy - baseline.entropy,
         first_token_norm_change=ablated.first_token_norm - baseline.first_token_norm,
-        str_tokens=tuple(baseline.metadata.get("str_tokens", ())),
+        str_tokens=tuple(baseline.provenance.get("str_tokens", ())),
         jacobian_baseline=jac_base, jacobian_ablated=jac_ablated,
-        metadata=provenance(model, analysis="ablation", layer=layer, position=position, eps=eps,
+        provenance=provenance(model, analysis="ablation", layer=layer, position=position, eps=eps,
                             n_tokens=int(tokens.shape[0]), n_probes=n_probes if jacobian else None, **settings),
     )

@@ -75,8 +75,9 @@ from .collapse_passes import (
     relative_gap,
 )
 from ..core.display import compact_repr
+from ..core.results import Result
 from ..edge.models import resolve_dtype
-from ..core.records import provenance, to_jsonable
+from ..core.records import provenance
 
 __all__ = [
     "DEFAULT_DTYPES",
@@ -131,7 +132,7 @@ def _first(lengths: Sequence[int], flags: Tensor) -> int | None:
 
 
 @dataclass(frozen=True, eq=False)
-class CollapseResult:
+class CollapseResult(Result):
     """Collapse distances for one family over lengths and dtypes (see the module docstring).
 
     ``distances[d, i, site, norm]`` is ``‖x(s) − x(s*)‖`` at length ``lengths[i]`` in dtype
@@ -161,7 +162,7 @@ class CollapseResult:
     forward_tokens: dict[str, int]
     naive_tokens: int
     native: bool
-    metadata: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def resolutions(self) -> dict[str, float]:
@@ -225,18 +226,12 @@ class CollapseResult:
         return frame.astype({**{key: "Int64" for key in _LENGTH_KEYS}, "same_prediction_trivial": "boolean",
                              "noise_floor": "Float64"})
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_jsonable({
-            "family": self.family, "lengths": self.lengths, "dtypes": list(self.dtypes),
-            "sites": list(self.sites), "norms": list(NORMS), "distances": self.distances,
-            "reference": self.reference, "head_distances": self.head_distances,
-            "predictions": self.predictions, "logits_equal": self.logits_equal, "n_tokens": self.n_tokens,
-            "exact_repeat": list(self.exact_repeat), "repeated_token": self.repeated_token,
-            "prefix_closed": self.prefix_closed, "paths": self.paths, "noise_floor": self.noise_floor,
-            "noise_lengths": list(self.noise_lengths), "forward_tokens": self.forward_tokens,
-            "naive_tokens": self.naive_tokens, "native": self.native, "resolutions": self.resolutions,
-            "thresholds": self.thresholds(), "metadata": self.metadata,
-        })
+    def to_frame(self) -> pd.DataFrame:
+        """:meth:`summary`: one row per dtype."""
+        return self.summary()
+
+    def _derived(self) -> dict[str, Any]:
+        return {"norms": list(NORMS), "resolutions": self.resolutions, "thresholds": self.thresholds()}
 
     __repr__ = compact_repr
 
@@ -247,27 +242,6 @@ class CollapseResult:
             f"lengths {int(self.lengths[0])}…{int(self.lengths[-1])}; {html.escape(_path_note(self))}<br>"
         )
         return head + frame.to_html(escape=True, float_format=lambda v: f"{v:.3e}", na_rep="-")
-
-    def plot(self, kind: str = "dtypes", dtype: str | None = None):
-        """``kind="dtypes"``: relative ∞-distance of ``y`` per dtype with each resolution dashed;
-        ``kind="heads"``: mean / min–max over last-layer heads for one dtype (Fig. 5)."""
-        from ..views.collapse_figures import collapse_figure, head_band_figure
-
-        if kind == "dtypes":
-            curves = dict(zip(self.dtypes, self.final("inf"), strict=True))
-            return collapse_figure(
-                self.lengths, curves, self.resolutions, y_title="‖y − y*‖∞ / ‖y‖∞",
-                title=f"Representational collapse: {self.family}",
-            )
-        if kind == "heads":
-            d = self.dtypes.index(dtype) if dtype is not None else 0
-            h = self.head_distances[d]
-            return head_band_figure(
-                self.lengths, h.mean(-1), h.min(-1).values, h.max(-1).values,
-                name=f"last-layer heads ({self.dtypes[d]})", title=f"Collapse per head: {self.family}",
-            )
-        raise ValueError(f"kind must be 'dtypes' or 'heads', got {kind!r}")
-
 
 def _path_note(result: CollapseResult) -> str:
     if set(result.paths.values()) == {"separate"}:
@@ -352,7 +326,7 @@ def collapse_curve(
         noise_lengths=tuple(lengths[i] for i in sample), forward_tokens=tokens,
         naive_tokens=sum(len(x) + len(y) for x, y in zip(pairs.s, pairs.s_star, strict=True)),
         native=native,
-        metadata=provenance(model, family=fam.name, chat=chat, open_ended=open_ended, separator=separator,
+        provenance=provenance(model, family=fam.name, chat=chat, open_ended=open_ended, separator=separator,
                             window=window, seed=seed, appended=list(pairs.appended), exact=exact),
     )
 
@@ -390,7 +364,7 @@ def _measure_dtype(twin, pairs, sample, *, native, hooks, batch_tokens, exact):
 
 
 @dataclass(frozen=True, eq=False)
-class WindowSweepResult:
+class WindowSweepResult(Result):
     """Collapse distance and rollout path bound per local window ``w`` (``None``: full attention)."""
 
     family: str
@@ -400,17 +374,10 @@ class WindowSweepResult:
     bound_first_share: Float[Tensor, "window length"]
     bound_last_share: Float[Tensor, "window length"]
     curves: tuple[CollapseResult, ...]
-    metadata: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def _labels(self) -> list[str]:
         return ["full" if w is None else f"w={w}" for w in self.windows]
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_jsonable({
-            "family": self.family, "windows": list(self.windows), "lengths": self.lengths,
-            "distance": self.distance, "bound_first_share": self.bound_first_share,
-            "bound_last_share": self.bound_last_share, "metadata": self.metadata,
-        })
 
     def summary(self) -> pd.DataFrame:
         return pd.DataFrame({
@@ -420,24 +387,15 @@ class WindowSweepResult:
             "bound_last_share": self.bound_last_share[:, -1].tolist(),
         }).set_index("window")
 
+    def to_frame(self) -> pd.DataFrame:
+        """:meth:`summary`: one row per window."""
+        return self.summary()
+
     __repr__ = compact_repr
 
     def _repr_html_(self) -> str:
         return (f"<b>Sliding-window sweep</b> family <code>{html.escape(self.family)}</code>, longest length "
                 f"{int(self.lengths[-1])}<br>" + self.summary().to_html(escape=True))
-
-    def plot(self, what: str = "distance"):
-        """``"distance"``: relative ∞-distance of ``y`` per window; ``"bound"``: the rollout bound's
-        share on the first token (the sink) per window."""
-        from ..views.collapse_figures import collapse_figure
-
-        if what not in ("distance", "bound"):
-            raise ValueError(f"what must be 'distance' or 'bound', got {what!r}")
-        values = self.distance if what == "distance" else self.bound_first_share
-        y_title = "‖y − y*‖∞ / ‖y‖∞" if what == "distance" else "rollout bound share on token 0"
-        return collapse_figure(self.lengths, dict(zip(self._labels(), values, strict=True)), y_title=y_title,
-                               title=f"Sliding-window attention (App. C.6): {self.family}")
-
 
 def window_sweep(
     model,
@@ -471,7 +429,7 @@ def window_sweep(
         distance=torch.stack([c.final("inf")[0] for c in curves]),
         bound_first_share=torch.tensor(first, dtype=torch.float64),
         bound_last_share=torch.tensor(last, dtype=torch.float64), curves=tuple(curves),
-        metadata=provenance(model, family=fam.name, windows=list(windows), chat=chat, open_ended=open_ended),
+        provenance=provenance(model, family=fam.name, windows=list(windows), chat=chat, open_ended=open_ended),
     )
 
 

@@ -38,8 +38,8 @@ from torch import Tensor
 
 from .collapse import measure_pairs
 from ..core.display import compact_repr
+from ..core.results import Result
 from ..edge.models import resolve_dtype, tiny_model
-from ..core.records import to_jsonable
 from ..edge.trace import final_representation
 
 __all__ = [
@@ -121,7 +121,7 @@ _SITES = ("attn_out", "resid_post", "ln_final")
 
 
 @dataclass(frozen=True, eq=False)
-class PECollapseResult:
+class PECollapseResult(Result):
     """``distances[e, seed, i]``: ``‖y_n(s) − y_{n+1}(s*)‖₂`` for encoding ``encodings[e]``."""
 
     encodings: tuple[str, ...]
@@ -129,7 +129,7 @@ class PECollapseResult:
     lengths: Int[Tensor, "length"]
     site: str
     distances: Float[Tensor, "encoding seed length"]
-    metadata: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def mean_std(self) -> dict[str, tuple[Tensor, Tensor]]:
         return {e: (self.distances[i].mean(0), self.distances[i].std(0, unbiased=False))
@@ -144,21 +144,15 @@ class PECollapseResult:
             f"mean@{last}": [float(m[-1]) for m, _ in stats.values()],
         }).set_index("encoding")
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_jsonable({"encodings": list(self.encodings), "seeds": list(self.seeds), "lengths": self.lengths,
-                            "site": self.site, "distances": self.distances, "metadata": self.metadata})
+    def to_frame(self) -> pd.DataFrame:
+        """:meth:`summary`: one row per positional encoding."""
+        return self.summary()
 
     __repr__ = compact_repr
 
     def _repr_html_(self) -> str:
         return (f"<b>Collapse by positional encoding</b> (site <code>{html.escape(self.site)}</code>, "
                 f"{len(self.seeds)} seeds)<br>" + self.summary().to_html(escape=True, float_format=lambda v: f"{v:.3e}"))
-
-    def plot(self):
-        from ..views.collapse_figures import pe_figure
-
-        return pe_figure(self.lengths, self.mean_std(), title=f"Collapse by positional encoding ({self.site})")
-
 
 def _distances_at(model, s, s_star, site: str) -> Tensor:
     if site == "attn_out":  # the attention output at the last token, W_O included
@@ -196,7 +190,7 @@ def pe_collapse(
             table[e, j] = _distances_at(model, s, s_star, site)
     return PECollapseResult(
         encodings=tuple(encodings), seeds=seed_list, lengths=torch.tensor(lengths), site=site, distances=table,
-        metadata={"d_model": d_model, "d_vocab": d_vocab, "dtype": str(resolve_dtype(dtype)), "n_heads": 1,
+        provenance={"d_model": d_model, "d_vocab": d_vocab, "dtype": str(resolve_dtype(dtype)), "n_heads": 1,
                   "n_layers": 1, "qkv_variance": f"1/{d_model}"},
     )
 
@@ -206,7 +200,7 @@ def pe_collapse(
 
 
 @dataclass(frozen=True, eq=False)
-class RatioInvarianceResult:
+class RatioInvarianceResult(Result):
     """Last-token final representations of ``unit`` with every token repeated ``k`` times."""
 
     multiples: tuple[int, ...]
@@ -214,7 +208,7 @@ class RatioInvarianceResult:
     representations: Float[Tensor, "multiple d_model"]
     causal: bool
     positional: str
-    metadata: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def distances(self) -> Float[Tensor, "multiple"]:
@@ -227,10 +221,8 @@ class RatioInvarianceResult:
         eps = torch.finfo(self.representations.dtype).eps
         return bool((self.distances <= (100 * eps if rtol is None else rtol)).all())
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_jsonable({"multiples": list(self.multiples), "unit": list(self.unit),
-                            "distances": self.distances, "causal": self.causal,
-                            "positional": self.positional, "metadata": self.metadata})
+    def _derived(self) -> dict[str, Any]:
+        return {"distances": self.distances}
 
     __repr__ = compact_repr
 
@@ -239,13 +231,6 @@ class RatioInvarianceResult:
         return (f"<b>Ratio invariance (Prop. B.9)</b> {'causal' if self.causal else 'bidirectional'}, "
                 f"positional <code>{html.escape(self.positional)}</code><table>"
                 f"<tr><th>k</th><th>relative distance to k={self.multiples[0]}</th></tr>{rows}</table>")
-
-    def plot(self):
-        from ..views.collapse_figures import collapse_figure
-
-        return collapse_figure(list(self.multiples), {"relative distance": self.distances},
-                               y_title="‖y(k) − y(1)‖ / ‖y(1)‖", title="Ratio invariance (Prop. B.9)")
-
 
 def ratio_invariance(
     model,
@@ -268,5 +253,5 @@ def ratio_invariance(
     return RatioInvarianceResult(
         multiples=multiples, unit=unit, representations=torch.stack(reps),
         causal=model.cfg.attention_dir == "causal", positional=model.cfg.positional_embedding_type,
-        metadata={"model": model.cfg.model_name},
+        provenance={"model": model.cfg.model_name},
     )

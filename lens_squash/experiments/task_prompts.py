@@ -10,8 +10,7 @@
 
 The texts themselves, verbatim with the paper's quirks, are in :mod:`.task_texts`. Every instance is
 a pure function of ``(seed, task, length, sample)``: :func:`make_instance` derives its random stream
-from a SHA-256 of those four values, never from Python's salted ``hash()``. This module needs neither
-torch nor pandas, so the command line reads the task names from it without importing them.
+from a SHA-256 of those four values, never from Python's salted ``hash()``.
 
 Our choices where the paper is silent: sequences are digits separated by single spaces ("1 1 1 0"), the
 sum is "1 + 1 + 1"; the first-digit prompt swaps "last" for "first"; the hint is appended to the end

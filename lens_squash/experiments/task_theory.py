@@ -25,18 +25,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
-import plotly.graph_objects as go
 import torch
 from jaxtyping import Int
-from plotly.colors import qualitative
-from plotly.subplots import make_subplots
 from torch import Tensor
 
 from ..core.display import compact_repr
+from ..core.results import Result
 from ..edge.models import format_prompt
 from ..core.tokens import token_label
-from ..core.records import provenance, to_jsonable
-from .tasks import TASKS, TaskInstance, make_instance
+from ..core.records import provenance
+from .task_prompts import TASKS, TaskInstance, make_instance
 
 __all__ = [
     "ANSWER_ELEMENT",
@@ -125,32 +123,8 @@ def answer_position(model, instance: TaskInstance, *, chat: bool | None = None) 
 # Copying: Jacobian and path bound at the answer position
 
 
-def _lines_figure(
-    frame: pd.DataFrame, series: str, panels: list[tuple[str, str]], title: str, *, log_y: bool = True
-) -> go.Figure:
-    """One panel per ``(column, y title)``: that column against ``length``, one line per ``series`` value."""
-    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[html.escape(t) for _, t in panels])
-    for i, (name, group) in enumerate(frame.groupby(series, sort=True)):
-        group = group.sort_values("length")
-        for col, (column, y_title) in enumerate(panels, start=1):
-            label = html.escape(str(name))
-            fig.add_trace(
-                go.Scatter(
-                    x=group["length"].to_numpy(), y=group[column].to_numpy(dtype=float), mode="lines+markers",
-                    name=label, legendgroup=label, showlegend=col == 1,
-                    line={"color": qualitative.Plotly[i % len(qualitative.Plotly)]},
-                    hovertemplate=f"{label}<br>length %{{x}}<br>{html.escape(y_title)} %{{y:.3g}}<extra></extra>",
-                ),
-                row=1, col=col,
-            )  # fmt: skip
-            fig.update_yaxes(title_text=html.escape(y_title), type="log" if log_y else None, row=1, col=col)
-            fig.update_xaxes(title_text="sequence length", row=1, col=col)
-    fig.update_layout(title=html.escape(title), template="plotly_white", height=420)
-    return fig
-
-
 @dataclass(frozen=True, eq=False)
-class CopySensitivity:
+class CopySensitivity(Result):
     """Per copying task and length, the sensitivity of ``y_n`` to the answer digit's token.
 
     ``frame`` columns: task, length, n_tokens, answer_pos, answer_token, jacobian_frobenius,
@@ -161,21 +135,11 @@ class CopySensitivity:
 
     frame: pd.DataFrame
     profiles: dict[tuple[str, int], dict[str, Any]]
-    meta: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
-    def plot(self) -> go.Figure:
-        """Jacobian norm and path bound at the answer position against length, first vs last digit."""
-        variant = self.meta.get("variant", "bound")
-        return _lines_figure(
-            self.frame, "task",
-            [("jacobian_frobenius", "‖∂y_n/∂v_answer‖_F"), ("bound", f"path bound ({variant})"),
-             ("bound_share", "bound share of the answer position")],
-            "Sensitivity of the last token to the answer digit (paper §3.1 ↔ Thm. 5.1)",
-        )  # fmt: skip
-
-    def to_dict(self) -> dict[str, Any]:
-        profiles = [{"task": t, "length": n, **p} for (t, n), p in self.profiles.items()]
-        return to_jsonable({"meta": self.meta, "rows": self.frame.to_dict("records"), "profiles": profiles})
+    def to_frame(self) -> pd.DataFrame:
+        """:attr:`frame`, one row per task and length (or per ``n``)."""
+        return self.frame
 
     __repr__ = compact_repr
 
@@ -184,8 +148,8 @@ class CopySensitivity:
             answer_token=[html.escape(token_label(t)) for t in self.frame["answer_token"]]
         )
         return (
-            f"<b>CopySensitivity</b>: Jacobian mode {html.escape(str(self.meta.get('jacobian_mode')))}, "
-            f"bound {html.escape(str(self.meta.get('variant')))}<br>"
+            f"<b>CopySensitivity</b>: Jacobian mode {html.escape(str(self.provenance.get('jacobian_mode')))}, "
+            f"bound {html.escape(str(self.provenance.get('variant')))}<br>"
             + shown.to_html(index=False, float_format="%.4g", escape=False, max_rows=40)
         )
 
@@ -256,32 +220,18 @@ def copy_sensitivity(
 
 
 @dataclass(frozen=True, eq=False)
-class CountCollapse:
+class CountCollapse(Result):
     """Per ``n``, the distance between the final representations of the counting prompt with ``n`` and
     ``n + 1`` ones. ``frame`` columns: n, n_tokens, dist_inf, dist_1, dist_2, rel_2 (``dist_2 / ‖y(n)‖₂``),
     resolution (the model dtype's machine epsilon times ``‖y(n)‖∞``), below_resolution, prediction,
     prediction_next, same_prediction."""
 
     frame: pd.DataFrame
-    meta: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
-    def plot(self) -> go.Figure:
-        """The three distances against ``n`` (log scale) with the dtype's resolution as a dashed line."""
-        fig = go.Figure()
-        for i, (column, name) in enumerate([("dist_inf", "‖·‖∞"), ("dist_1", "‖·‖₁"), ("dist_2", "‖·‖₂")]):
-            fig.add_trace(go.Scatter(x=self.frame["n"], y=self.frame[column].astype(float), mode="lines+markers",
-                                     name=name, line={"color": qualitative.Plotly[i]}))  # fmt: skip
-        fig.add_trace(go.Scatter(x=self.frame["n"], y=self.frame["resolution"].astype(float), mode="lines",
-                                 name="dtype resolution", line={"dash": "dash", "color": "grey"}))  # fmt: skip
-        task = html.escape(str(self.meta.get("task", "count_ones")))
-        fig.update_xaxes(title_text="n (ones in the prompt)")
-        fig.update_yaxes(title_text="‖y(n) − y(n+1)‖", type="log")
-        fig.update_layout(title=f"Representational collapse on {task}: n vs n + 1 ones (Thm. 4.2)",
-                          template="plotly_white", height=420)  # fmt: skip
-        return fig
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_jsonable({"meta": self.meta, "rows": self.frame.to_dict("records")})
+    def to_frame(self) -> pd.DataFrame:
+        """:attr:`frame`, one row per task and length (or per ``n``)."""
+        return self.frame
 
     __repr__ = compact_repr
 
@@ -291,7 +241,7 @@ class CountCollapse:
             prediction_next=[html.escape(token_label(t)) for t in self.frame["prediction_next"]],
         )
         return (
-            f"<b>CountCollapse</b> on {html.escape(str(self.meta.get('task')))}<br>"
+            f"<b>CountCollapse</b> on {html.escape(str(self.provenance.get('task')))}<br>"
             + shown.to_html(index=False, float_format="%.4g", escape=False, max_rows=40)
         )
 

@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from lens_squash import tiny_model
-from lens_squash.experiments.analysis import analyze
+from lens_squash.core.records import to_jsonable
+from lens_squash.experiments.analysis import Analysis, analyze
+from lens_squash.algebra.sinks import SinkReport
+from lens_squash.experiments.ablation import AblationResult
+from lens_squash.experiments.collapse import CollapseResult
 from lens_squash.cli import main
 from lens_squash.edge.jacobian import jacobian
 from lens_squash.algebra.ranks import spearman
@@ -42,7 +46,7 @@ def test_analysis_matches_its_parts(chat_model):
 def test_analysis_without_jacobian(chat_model):
     result = analyze(chat_model, "hello there", variants=("rollout",), jacobian_mode=None)
     assert result.jacobian is None and result.comparisons == {} and result.best_variant is None
-    assert float(result.spectral.first_token_mass[-1]) == pytest.approx(float(result.bounds["rollout"].bound[0]))
+    assert float(result.spectral.rollout_mass[-1]) == pytest.approx(float(result.bounds["rollout"].bound[0]))
 
 
 def test_analyze_command_writes_results_and_report(tmp_path, capsys):
@@ -55,8 +59,13 @@ def test_analyze_command_writes_results_and_report(tmp_path, capsys):
     assert "best-ranking variant" in printed and "value_rownorm" in printed
     results = json.loads((out / "results.json").read_text())
     n = len(results["str_tokens"])
-    assert len(results["bounds"]["paper"]["bound"]) == n and len(results["jacobian"]["frobenius"]) == n
-    assert results["metadata"]["prompt"].endswith("</b>.")
+    loaded = Analysis.load(out / "results.json")  # the file is Analysis.to_dict(heavy=False) + the report's metadata
+    assert loaded.trace.n_tokens == n and loaded.bounds["paper"].bound.shape == (n,)
+    assert loaded.jacobian.frobenius.shape == (n,) and loaded.best_variant == results["best_variant"]
+    assert loaded.trace.patterns is None and "patterns" in loaded.trace.provenance["dropped"]  # heavy: left out
+    assert loaded.provenance["report"]["prompt"].endswith("</b>.")
+    summary = loaded.summary().set_index("variant")
+    assert summary.loc[loaded.best_variant, "spearman"] == summary["spearman"].max()
     page = (out / "report.html").read_text()
     assert "<b>door</b>" not in page and "bound vs gradient" in page
 
@@ -91,7 +100,9 @@ def test_collapse_command_writes_every_figure(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "float32" in printed and "bfloat16" in printed and "same_prediction" in printed
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["collapse"]["lengths"] == [2, 8, 14, 20] and results["collapse"]["prefix_closed"]
+    collapse = CollapseResult.from_dict(results["collapse"])  # each result in the file loads back
+    assert collapse.lengths.tolist() == [2, 8, 14, 20] and collapse.prefix_closed and collapse.dtypes == ("float32", "bfloat16")
+    assert results["collapse"]["thresholds"] == to_jsonable(collapse.thresholds())  # shown for readers, recomputed on load
     assert {"synthetic", "tv_decay", "metadata"} <= set(results)
     page = (tmp_path / "report.html").read_text()
     assert page.count('class="plotly-graph-div"') >= 4
@@ -104,7 +115,9 @@ def test_sinks_command_with_ablation(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "sink rate" in printed and "clamping" in printed
     results = json.loads((tmp_path / "results.json").read_text())
-    assert len(results["sinks"]["sink_rate"]) == 2 and results["ablation"]["layer"] == 0
+    sinks, ablation = SinkReport.from_dict(results["sinks"]), AblationResult.from_dict(results["ablation"])
+    assert sinks.sink_rate.shape == (2,) and ablation.layer == 0
+    assert torch.equal(ablation.baseline.sink_rate, sinks.sink_rate)  # the same pass, stored twice, read back equal
 
 
 def _refuse_certified(monkeypatch, reason="toy blocks are not modelled by the certified bound"):

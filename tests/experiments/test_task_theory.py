@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -124,9 +125,11 @@ def test_copy_sensitivity_renders_and_serialises(exact_rollout):
     frame = exact_rollout.frame
     assert shown[("copy_last", "x")] == frame[frame.task == "copy_last"].jacobian_frobenius.tolist()
     assert shown[("copy_first", "x2")] == frame[frame.task == "copy_first"].bound.tolist()
-    payload = json.loads(json.dumps(exact_rollout.to_dict()))
-    assert len(payload["rows"]) == 4 and len(payload["profiles"][0]["jacobian"]) == frame.n_tokens[0]
-    assert payload["meta"]["model"]["name"] == exact_rollout.meta["model"]["name"]
+    loaded = CopySensitivity.from_dict(json.loads(json.dumps(exact_rollout.to_dict(), allow_nan=False)))
+    pd.testing.assert_frame_equal(loaded.frame, frame, check_exact=True)
+    first = next(iter(exact_rollout.profiles))
+    assert len(loaded.profiles[first]["jacobian"]) == frame.n_tokens[0] and list(loaded.profiles) == list(exact_rollout.profiles)
+    assert loaded.provenance["model"]["name"] == exact_rollout.provenance["model"]["name"]
     assert "CopySensitivity" in exact_rollout._repr_html_()
 
 
@@ -159,7 +162,7 @@ def test_count_collapse_measures_n_against_n_plus_one_ones(chat_tiny):
     assert result.frame.resolution.gt(0).all()
     fig = result.plot()
     assert list(fig.data[2].y) == result.frame.dist_2.tolist()
-    assert json.loads(json.dumps(result.to_dict()))["meta"]["task"] == "count_ones"
+    assert json.loads(json.dumps(result.to_dict(), allow_nan=False))["provenance"]["task"] == "count_ones"
     assert "CountCollapse" in result._repr_html_()
 
 
