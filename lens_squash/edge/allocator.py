@@ -17,16 +17,20 @@ trimmed, and ``M_MMAP_THRESHOLD`` is pinned at 32 MiB (glibc's ceiling on 64-bit
 come from the reusable heap). Numbers computed inside are bitwise the same as without it (tested).
 
 **What "restore" means.** glibc has no getter for either threshold (``mallopt`` only sets;
-``mallinfo2`` reports usage, not settings), so on leaving the outermost block they are set back to
-the values *before* it as this module knows them: what an earlier block of this module left, else
-the values the process started with (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or
-``GLIBC_TUNABLES`` from the environment glibc read at startup, ``/proc/self/environ``; else glibc's
-documented defaults, 128 KiB each). Then ``malloc_trim(0)`` returns the freed memory to the kernel,
-so a notebook's resident size falls back after the call. One thing cannot be restored: glibc's
-*dynamic* threshold (which follows the largest freed ``mmap`` block) is switched off for good by any
-``mallopt`` of a threshold, so after the first block the thresholds stay fixed at those values
-instead of drifting. :func:`thresholds` says what is in force. The nesting count is guarded by a
-lock: threads may enter and leave in any order, the first entry tunes and the last exit restores.
+``mallinfo2`` reports usage, not settings), and by default it tunes the mmap threshold itself: each
+freed ``mmap`` block raises it to that block's size (up to 32 MiB) and the trim threshold to twice
+that, so after torch's first large frees a process typically runs at 32 MiB already. On entering
+the outermost block the *effective* mmap threshold is therefore measured: blocks of a binary search
+of sizes are ``malloc``-ed (never touched) and each chunk header's ``IS_MMAPPED`` bit says whether
+glibc mapped it, to 4 KiB. The trim threshold cannot be
+measured; it is taken as what this module last set, else the startup setting (``MALLOC_TRIM_THRESHOLD_``
+or ``GLIBC_TUNABLES`` in the environment glibc read, ``/proc/self/environ``), else glibc's own rule
+(128 KiB until the mmap threshold has moved, then twice it). On leaving, both are set back to those
+values and ``malloc_trim(0)`` returns the freed memory to the kernel, so a notebook's resident size
+falls back after the call. One thing cannot be restored: any ``mallopt`` of a threshold switches
+glibc's dynamic tuning off for good, so after the first block the thresholds stay fixed at the
+values they had rather than drifting further. The nesting count is guarded by a lock: threads may
+enter and leave in any order, the first entry tunes and the last exit restores.
 
 Set ``LENS_SQUASH_STEADY_HEAP=0`` to turn it off (``benchmarks/jacobian.py --methods
 sketch,sketch:plain`` measures its effect that way).
@@ -73,6 +77,8 @@ def _glibc() -> ctypes.CDLL | None:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
         libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+        libc.malloc.argtypes, libc.malloc.restype = [ctypes.c_size_t], ctypes.c_void_p
+        libc.free.argtypes, libc.free.restype = [ctypes.c_void_p], None
     except (OSError, AttributeError):
         return None
     return libc
@@ -102,36 +108,87 @@ def _startup_environment() -> dict[str, str]:
     return {k.decode(errors="replace"): v.decode(errors="replace") for k, _, v in pairs}
 
 
-def _tunables(env: dict[str, str]) -> dict[str, str]:
-    # GLIBC_TUNABLES=glibc.malloc.mmap_threshold=N:glibc.malloc.trim_threshold=M
+def _configured(env: dict[str, str], variable: str, tunable: str) -> int | None:
+    # GLIBC_TUNABLES=glibc.malloc.mmap_threshold=N:glibc.malloc.trim_threshold=M; the variable wins
     items = (item.partition("=") for item in env.get("GLIBC_TUNABLES", "").split(":") if item)
-    return {name: value for name, _, value in items}
-
-
-def _configured(env: dict[str, str], variable: str, tunable: str) -> int:
-    for text in (env.get(variable), _tunables(env).get(tunable)):  # glibc lets the variable win
+    tunables = {name: value for name, _, value in items}
+    for text in (env.get(variable), tunables.get(tunable)):
         try:
             return int(text, 0)
         except (TypeError, ValueError):
             continue
-    return GLIBC_DEFAULT
+    return None
+
+
+def _startup_settings() -> tuple[int | None, int | None]:
+    env = _startup_environment()
+    return (_configured(env, "MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold"),
+            _configured(env, "MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold"))
 
 
 def startup_thresholds() -> Thresholds:
     """The thresholds this process started with: ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
     or ``GLIBC_TUNABLES`` when set, else glibc's documented defaults (128 KiB each, mallopt(3))."""
-    env = _startup_environment()
-    return Thresholds(mmap=_configured(env, "MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold"),
-                      trim=_configured(env, "MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold"))
+    mmap, trim = _startup_settings()
+    return Thresholds(mmap=GLIBC_DEFAULT if mmap is None else mmap, trim=GLIBC_DEFAULT if trim is None else trim)
 
 
 def thresholds() -> Thresholds:
-    """The thresholds in force as far as this module can know: what it last set, else :func:`startup_thresholds`."""
+    """The thresholds this module knows to be set: what it last set, else :func:`startup_thresholds`
+    (before the first block, glibc's dynamic tuning may have raised the mmap threshold since)."""
     with _lock:
         return _set if _set is not None else startup_thresholds()
 
 
-def _apply(libc: ctypes.CDLL, values: Thresholds) -> None:
+def _is_mmapped(pointer: int) -> bool:
+    # glibc's chunk header ends one size_t before the pointer malloc returns; bit 1 of the size
+    # field is IS_MMAPPED (malloc/malloc.c, "chunk representations")
+    return bool(ctypes.c_size_t.from_address(pointer - ctypes.sizeof(ctypes.c_size_t)).value & 0x2)
+
+
+_PROBE_STEP = 4096
+
+
+def _probe(libc) -> tuple[int | None, list[int]]:
+    """The smallest request glibc mmaps now (to 4 KiB; ``None`` if it mmaps none up to 32 MiB), and
+    the mmapped probe blocks, still held: freeing one would move a dynamic threshold mid-search."""
+    held: list[int] = []
+
+    def mmapped(size: int) -> bool:
+        pointer = libc.malloc(size)
+        if not pointer:
+            raise MemoryError(f"malloc({size}) failed while measuring glibc's mmap threshold")
+        if _is_mmapped(pointer):
+            held.append(pointer)
+            return True
+        libc.free(pointer)  # a heap block: freeing it leaves the thresholds alone
+        return False
+
+    low, high = 0, MMAP_THRESHOLD + _PROBE_STEP  # mmapped(high) unless mmap is off altogether
+    if not mmapped(high):
+        return None, held
+    while high - low > _PROBE_STEP:
+        middle = (low + high) // 2 // _PROBE_STEP * _PROBE_STEP or _PROBE_STEP
+        if middle in (low, high):
+            break
+        low, high = (low, middle) if mmapped(middle) else (middle, high)
+    return high, held
+
+
+def _previous(measured: int | None) -> Thresholds:
+    """What the outermost block will restore (see the module doc)."""
+    if _set is not None:  # this module set both last; glibc no longer tunes them itself
+        return _set if measured is None else Thresholds(measured, _set.trim)
+    mmap, trim = _startup_settings()
+    if mmap is not None or trim is not None:  # configured at startup: glibc's dynamic tuning is off
+        return Thresholds(measured if measured is not None else (mmap or GLIBC_DEFAULT), GLIBC_DEFAULT if trim is None else trim)
+    if measured is None:
+        return startup_thresholds()
+    # glibc's own rule: the trim threshold follows at twice the mmap threshold once that has moved
+    return Thresholds(measured, GLIBC_DEFAULT if measured <= GLIBC_DEFAULT + _PROBE_STEP else 2 * measured)
+
+
+def _apply(libc, values: Thresholds) -> None:
     global _set
     libc.mallopt(_M_MMAP_THRESHOLD, values.mmap)
     libc.mallopt(_M_TRIM_THRESHOLD, values.trim)
@@ -150,8 +207,11 @@ def steady_heap() -> Iterator[None]:
         return
     with _lock:
         if _depth == 0:
-            _before = _set if _set is not None else startup_thresholds()
+            measured, held = _measure(libc)  # the effective mmap threshold, probe blocks still held
+            _before = _previous(measured)
             _apply(libc, Thresholds(mmap=MMAP_THRESHOLD, trim=_NEVER_TRIM))
+            for pointer in held:  # freed after mallopt: the dynamic threshold no longer moves
+                libc.free(pointer)
         _depth += 1
     try:
         yield
@@ -161,3 +221,8 @@ def steady_heap() -> Iterator[None]:
             if _depth == 0:  # only the last block out restores, so nesting and threads are safe
                 _apply(libc, _before)
                 libc.malloc_trim(0)
+
+
+def _measure(libc) -> tuple[int | None, list[int]]:
+    """:func:`_probe` (a seam: the tests' fake glibc has no heap to probe)."""
+    return _probe(libc)

@@ -67,6 +67,7 @@ def fake_glibc(monkeypatch):
         monkeypatch.setattr(allocator, "_glibc", lambda: libc)
         monkeypatch.setattr(allocator, "_startup_environment", lambda: dict(STARTUP_ENV))
         monkeypatch.setattr(allocator, "_set", None)  # as in a process where no block has run yet
+        monkeypatch.setattr(allocator, "_measure", lambda libc: (libc.state[MMAP], []))  # what glibc would report
         monkeypatch.delenv(allocator.ENV_VAR, raising=False)
         return libc
 
@@ -105,6 +106,28 @@ def test_nested_blocks_tune_once_and_restore_the_thresholds_from_before_at_the_o
         assert _tuned(libc.state)
         raise RuntimeError("an error inside still restores and gives the memory back")
     assert libc.state == STARTUP and len(libc.trims) == 2 and allocator._depth == 0
+
+
+def test_glibcs_dynamic_threshold_is_measured_and_restored_with_the_trim_rule(fake_glibc, monkeypatch):
+    # nothing configured at startup, and torch's large frees have moved the mmap threshold to 8 MiB
+    libc = fake_glibc()
+    monkeypatch.setattr(allocator, "_startup_environment", lambda: {})
+    libc.state = {MMAP: 8 * 2**20, TRIM: 16 * 2**20}  # glibc keeps trim at twice mmap once it moves
+    with allocator.steady_heap():
+        assert _tuned(libc.state)
+    assert libc.state == {MMAP: 8 * 2**20, TRIM: 16 * 2**20}
+    # unmoved (128 KiB) it restores both at 128 KiB; a measurement that fails falls back to the startup values
+    libc = fake_glibc()
+    monkeypatch.setattr(allocator, "_startup_environment", lambda: {})
+    libc.state = {MMAP: 128 * 1024, TRIM: 128 * 1024}
+    with allocator.steady_heap():
+        pass
+    assert libc.state == {MMAP: 128 * 1024, TRIM: 128 * 1024}
+    libc = fake_glibc()
+    monkeypatch.setattr(allocator, "_measure", lambda libc: (None, []))
+    with allocator.steady_heap():
+        pass
+    assert libc.state == STARTUP
 
 
 def test_a_block_restores_what_an_earlier_setting_left_not_the_startup_values(fake_glibc):
@@ -192,6 +215,40 @@ def _real_glibc(env: dict[str, str]) -> dict:
     done = subprocess.run([sys.executable, "-W", "ignore", "-c", _REAL_GLIBC], capture_output=True, text=True,
                           env=env, check=True)
     return json.loads(done.stdout.split("\n")[-2])
+
+
+# glibc's own tuning, nothing configured: an 8 MiB mapped block, freed, moves the mmap threshold to
+# 8 MiB. Then a 4 MiB block comes from the heap and a 12 MiB one is mapped, before and after the
+# block (inside, both come from the heap). The 12 MiB block is held across the block, so that its
+# own free cannot move the threshold it is meant to witness.
+_DYNAMIC = _REAL_GLIBC.split("out = ")[0] + """
+def mapped(size):
+    block = libc.malloc(size)
+    return block, allocator._is_mmapped(block)
+big, _ = mapped(8 * 2**20)
+libc.free(big)
+held, before_12 = mapped(12 * 2**20)
+out = {"before": [probe()["mmapped"], before_12]}
+with allocator.steady_heap():
+    inside = mapped(12 * 2**20)
+    out["inside"] = [probe()["mmapped"], inside[1]]
+    libc.free(inside[0])
+libc.free(held)
+after = mapped(12 * 2**20)
+out["after"] = [probe()["mmapped"], after[1]]
+print(json.dumps(out))
+"""
+
+
+@needs_glibc
+def test_real_glibc_dynamic_threshold_is_measured_and_restored():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", _DYNAMIC], capture_output=True, text=True,
+                          env={**env, allocator.ENV_VAR: "1"}, check=True)
+    seen = json.loads(done.stdout.splitlines()[-1])
+    # [4 MiB mapped?, 12 MiB mapped?]: the old code left 32 MiB (12 MiB from the heap after), a
+    # restore to glibc's 128 KiB default would map the 4 MiB block after
+    assert seen == {"before": [False, True], "inside": [False, False], "after": [False, True]}, seen
 
 
 @needs_glibc
