@@ -84,7 +84,7 @@ def _trace(args):
 
 def _trace_json(result, args) -> dict:
     return {
-        "metadata": {**result.metadata, "prompt": args.prompt, "raw": args.raw},
+        "metadata": {**result.provenance, "prompt": args.prompt, "raw": args.raw},
         "tokens": result.tokens,
         "str_tokens": list(result.str_tokens),
         "predicted_token": result.predicted_token,

@@ -21,7 +21,6 @@ from ..core.support import UnsupportedModelError
 from .blocks import apply_input_norm, apply_output_norms, block_shape
 
 __all__ = [
-    "AGGREGATIONS",
     "aggregate_heads",
     "attention_defects",
     "check_attention",
@@ -144,13 +143,6 @@ def aggregate_heads(patterns: HeadStack, weights: Tensor | None = None) -> Layer
     n_layers, n_heads = patterns.shape[:2]
     w = head_weights(n_layers, n_heads, weights).to(patterns)
     return torch.einsum("lh,lhqk->lqk", w, patterns)
-
-
-#: named head aggregations for the CLI and reports; each maps (patterns, ov_norms) -> weights
-AGGREGATIONS = {
-    "mean": lambda patterns, ov: None,
-    "ov": lambda patterns, ov: ov,
-}
 
 
 def local_window_mask(n_tokens: int, window: int) -> Float[Tensor, "query_pos key_pos"]:

@@ -333,9 +333,12 @@ class SinkReport(Result):
 
     def curves(self) -> dict[str, Tensor]:
         """The per-layer curves that are present, by name (what :meth:`plot` draws)."""
-        names = ("mean_first_token_attention", "sink_rate", "mixing", "norm_ratio", "entropy", "anisotropy",
-                 "rollout_mass", "dobrushin")
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        curves = {  # written out, not getattr by name: a renamed field is an error here, not a lost panel
+            "mean_first_token_attention": self.mean_first_token_attention, "sink_rate": self.sink_rate,
+            "mixing": self.mixing, "norm_ratio": self.norm_ratio, "entropy": self.entropy,
+            "anisotropy": self.anisotropy, "rollout_mass": self.rollout_mass, "dobrushin": self.dobrushin,
+        }
+        return {name: values for name, values in curves.items() if values is not None}
 
     def phase_text(self) -> str:
         """The Mix–Compress–Refine boundaries in words (``phases`` indexes the residual streams)."""

@@ -157,7 +157,7 @@ class JacobianResult(Result):
         """The per-position norm ``kind`` (``spectral``, ``frobenius`` or ``l1``)."""
         if kind not in NORM_KINDS:
             raise ValueError(f"unknown norm kind {kind!r}; use one of {NORM_KINDS}")
-        values = getattr(self, kind)
+        values = {"spectral": self.spectral, "frobenius": self.frobenius, "l1": self.l1}[kind]
         if values is None:
             raise ValueError(
                 f"the {kind} norm is not available in {self.mode!r} mode (a sketch estimates the "

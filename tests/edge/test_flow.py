@@ -295,6 +295,46 @@ def test_chunking_does_not_change_the_result():
     torch.testing.assert_close(one.sensitivity, many.sensitivity, rtol=1e-12, atol=1e-14)
 
 
+FLOW_FIELDS = ("sensitivity", "mlp", "value", "pattern", "value_heads", "edges")
+
+
+@pytest.mark.parametrize("mode", ["exact", "frozen", "sketch"])
+def test_checkpointed_flow_equals_the_plain_flow(model, mode):
+    # every block recomputed from its stored input; chunk 5: ragged, several chunks per block
+    tokens = _tokens()
+    plain = flow(model, tokens, mode=mode, n_probes=6, chunk_size=5, variants=(), checkpoint=False)
+    saved = flow(model, tokens, mode=mode, n_probes=6, chunk_size=5, variants=(), checkpoint=True)
+    assert plain.provenance["checkpoint"] is False and saved.provenance["checkpoint"] is True
+    for name in FLOW_FIELDS:
+        if getattr(plain, name) is not None:
+            torch.testing.assert_close(getattr(saved, name), getattr(plain, name), rtol=1e-10, atol=1e-13)
+    assert float(saved.decomposition_error.max()) < 1e-10  # the parts still sum to autograd's g^(l)
+
+
+@pytest.mark.parametrize("make", [_gpt2, _llama, _moe], ids=["gpt2", "llama_gqa", "moe"])
+def test_checkpointed_flow_equals_the_plain_flow_in_float32(make):
+    model = make(dtype=torch.float32)
+    tokens = _tokens(9, seed=4)
+    plain = flow(model, tokens, mode="exact", variants=(), checkpoint=False)
+    saved = flow(model, tokens, mode="exact", variants=(), checkpoint=True)
+    for name in ("sensitivity", "value", "pattern", "value_heads"):
+        torch.testing.assert_close(getattr(saved, name), getattr(plain, name), rtol=1e-5, atol=1e-6)
+    assert float(saved.decomposition_error.max()) < 1e-5
+
+
+def test_flow_checkpoints_by_itself_when_the_plain_backward_does_not_fit():
+    from lens_squash.edge.flow import estimate_flow_memory
+
+    model, tokens = _llama(), _tokens(12, seed=5)
+    plain_bytes = estimate_flow_memory(model, 12, 16)
+    saved_bytes = estimate_flow_memory(model, 12, 16, checkpoint=True)
+    assert saved_bytes < plain_bytes
+    tight = flow(model, tokens, mode="exact", variants=(), max_memory_bytes=(plain_bytes + saved_bytes) // 2)
+    roomy = flow(model, tokens, mode="exact", variants=(), max_memory_bytes=plain_bytes)
+    assert tight.provenance["checkpoint"] is True and roomy.provenance["checkpoint"] is False
+    torch.testing.assert_close(tight.edges, roomy.edges, rtol=1e-10, atol=1e-13)
+
+
 def test_sink_split_partitions_the_edge_norms():
     result = flow(_gpt2(), _tokens(), mode="exact", variants=())
     split = result.sink_split()
@@ -331,7 +371,9 @@ def test_flow_carries_bounds_and_serialises():
     result = flow(model, _tokens(), mode="exact", variants=("paper", "rollout", "certified"))
     assert set(result.bounds) == {"paper", "rollout", "certified"}
     assert result.bounds["rollout"].shape == result.sensitivity.shape
-    json.dumps(result.to_dict(include_edges=True))
+    back = SensitivityFlow.from_dict(json.loads(json.dumps(result.to_dict(), allow_nan=False)))
+    assert torch.equal(back.edges, result.edges) and set(back.bounds) == set(result.bounds)
+    assert "edges" in result.to_dict(heavy=False)["__dropped__"]  # [layer, head, n, n]: left out of a light copy
     text = repr(result)
     assert "\n" not in text and text.startswith("SensitivityFlow(")
     assert "SensitivityFlow" in result._repr_html_()
@@ -536,7 +578,7 @@ def test_views_have_captions_and_titled_axes(tiny_flow):
         titled = [a.title.text for name, a in fig.layout.to_plotly_json().items() if False] or [
             fig.layout[name].title.text for name in fig.layout if name.startswith(("xaxis", "yaxis"))]
         assert any(titled), kind
-    with pytest.raises(ValueError, match="unknown kind"):
+    with pytest.raises(ValueError, match="SensitivityFlow has no figure kind 'pie'; use one of 'layers'"):
         tiny_flow.plot("pie")
 
 

@@ -7,6 +7,7 @@ hooked forward pass, the leaf hook or the batched VJPs of :mod:`lens_squash.edge
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -280,9 +281,13 @@ def test_result_renders_serialises_and_plots(tiny):
     tokens = _tokens(5, 32)
     result = jacobian(tiny, tokens)
     assert isinstance(result, JacobianResult)
-    data = result.to_dict()
-    assert data["mode"] == "exact" and len(data["spectral"]) == 5 and "full" not in data
-    assert data["metadata"]["model"]["d_model"] == 16 and data["metadata"]["chunk_size"] >= 1
+    data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert data["mode"] == "exact" and data["spectral"]["shape"] == [5] and data["full"] is None
+    assert data["provenance"]["model"]["d_model"] == 16 and data["provenance"]["chunk_size"] >= 1
+    loaded = JacobianResult.from_dict(data)
+    assert torch.equal(loaded.spectral, result.spectral) and loaded.spectral.dtype == result.spectral.dtype
+    table = result.to_frame()
+    assert table["spectral"].tolist() == result.spectral.tolist() and list(table["token"]) == list(result.str_tokens)
     hostile = JacobianResult(**{**result.__dict__, "str_tokens": ("<script>",) * 5})
     assert "<script>" not in hostile._repr_html_() and "&lt;script&gt;" in hostile._repr_html_()
     fig = result.plot()
