@@ -306,3 +306,90 @@ def test_figures_flag_writes_every_report_figure_as_png(tmp_path, capsys):
 def test_trace_refuses_figures_it_would_not_draw(capsys):
     assert cli.main(["trace", "--model", "tiny-random", "--prompt", "1 1 0", "--figures", "png"]) == 2
     assert "--figures" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# a light parser: --help, COMMAND -h and refused flags import no torch (issue 17); the light name
+# lists it is built from equal the real registries
+
+
+_NO_TORCH = """
+import sys
+from lens_squash.cli import main
+for argv in {argvs!r}:
+    try:
+        code = main(argv)
+    except SystemExit as stop:
+        code = stop.code
+    assert code == {code}, (argv, code)
+heavy = sorted(m for m in ("torch", "transformer_lens", "transformers", "pandas", "plotly") if m in sys.modules)
+assert not heavy, heavy
+"""
+
+
+@pytest.mark.parametrize(("argvs", "code"), [
+    ([["--help"]] + [[name, "-h"] for name in COMMANDS], 0),
+    ([["sinks", "--eps", "2"], ["trace", "--prompt", "x", "--dtype", "int8"], ["tasks", "--task", "nope"],
+      ["suite", "--prompts", "/nonexistent.jsonl"], ["collapse", "--family", "nope"], ["analyze", "--bogus"],
+      ["trace", "--prompt", "x", "--device", "gpu9"], ["tasks", "--task", "copy_last", "--styles", "cot"]], 2),
+])
+def test_help_and_refused_flags_import_no_torch(argvs, code):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _NO_TORCH.format(argvs=argvs, code=code)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_light_name_lists_are_the_registries():
+    from lens_squash import cli_names
+    from lens_squash.algebra.variants import VARIANTS
+    from lens_squash.edge.dtypes import DTYPES
+    from lens_squash.edge.gguf import OFFLINE_MODELS
+    from lens_squash.edge.jacobian import MODES
+    from lens_squash.experiments.analysis import DEFAULT_VARIANTS
+    from lens_squash.experiments.collapse_families import FAMILIES
+    from lens_squash.experiments.task_prompts import STYLES, TASKS, copy_prompt
+    from lens_squash.views.export import FORMATS
+
+    assert cli_names.VARIANT_NAMES == tuple(VARIANTS)
+    assert cli_names.DEFAULT_VARIANTS == tuple(DEFAULT_VARIANTS)
+    assert cli_names.COLLAPSE_FAMILIES == tuple(FAMILIES)
+    assert cli_names.JACOBIAN_MODES == tuple(MODES)
+    assert cli_names.FIGURE_FORMATS == tuple(FORMATS)
+    assert cli_names.TASK_NAMES == tuple(TASKS) and cli_names.STYLES == STYLES
+    assert cli_names.TASK_STYLES == {name: spec.styles for name, spec in TASKS.items()}
+    assert cli_names.COPY_PROMPT == copy_prompt(12)
+    assert set(cli_names.DTYPE_NAMES) == set(DTYPES)
+    assert {name: str(DTYPES[name]).removeprefix("torch.") for name in DTYPES} == cli_names.DTYPE_NAMES
+    assert set(OFFLINE_MODELS) == set(lens_squash.edge.model_names.OFFLINE_MODEL_NAMES)
+
+
+@pytest.mark.parametrize("argv", [
+    ["trace", "--prompt", "1 1 0", "--generate", "--json", "-"],
+    ["suite", "--prompts", "{prompts}", "--jacobian", "sketch", "--probes", "4", "--json"],
+])
+def test_json_on_stdout_stays_valid_json_with_progress_bars_on(argv, tmp_path):
+    """A fresh process with bars forced on (LENS_SQUASH_PROGRESS=1): stdout must parse as JSON alone."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "1 1 1 0"}\n{"id": "b", "prompt": "one two three"}\n')
+    argv = [a.format(prompts=prompts) for a in argv] + ["--model", "tiny-random", "--n-ctx", "256"]
+    if argv[0] == "suite":
+        argv += ["--out", str(tmp_path / "out")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LENS_SQUASH_PROGRESS": "1"}
+    done = subprocess.run([sys.executable, "-m", "lens_squash.cli", *argv], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    payload = json.loads(done.stdout)
+    assert "loaded tiny-random" in done.stderr  # the human-readable lines went to stderr
+    if argv[0] == "trace":
+        assert payload["metadata"]["prompt"] == "1 1 0" and len(payload["tokens"]) == len(payload["str_tokens"])
+    else:
+        assert [row["id"] for row in payload][::4] == ["a", "b"]
+        assert re.search(r"prompts:\s+\d+%", done.stderr), done.stderr[-2000:]  # the bar, on stderr
