@@ -14,5 +14,11 @@ never shown or written (DESIGN §8); every figure titles its axes and carries a 
 | :mod:`.task_figures` | ``accuracy_figure``, ``abs_error_figure``, ``answer_histogram`` | Figs. 2–4 |
 | :mod:`.style` | shared palettes, ticks, captions (``with_caption``, ``caption_of``), ``math_text`` | |
 | :mod:`.compact` | ``compact_figure``, ``rounded``: small figure data | |
+| :mod:`.task_theory_figures` | ``copy_sensitivity_figure``, ``count_collapse_figure`` | §3 ↔ Thm. 4.2, 5.1 |
+| :mod:`.result_figures` | ``comparison_figure_of``, ``prompts_figure``: one comparison, many prompts | |
+| :mod:`.registry` | every result's figure kinds, ``(class, kind) -> builder``; ``Result.plot`` imports it | |
 | :mod:`.report`, :mod:`.export` | the HTML + JSON report; PNG / SVG / PDF through kaleido | |
+
+``Result.plot(kind)`` (:mod:`lens_squash.core.results`) imports :mod:`.registry` on first use, like a
+plotting backend: core code never imports the views above it.
 """
