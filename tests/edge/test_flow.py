@@ -10,6 +10,8 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from lens_squash.algebra import paths
+from lens_squash.algebra.variants import build_graph
+from lens_squash.core.support import UnsupportedModelError
 from lens_squash.edge.flow import (
     SensitivityFlow,
     bound_layer_rows,
@@ -19,9 +21,7 @@ from lens_squash.edge.flow import (
 )
 from lens_squash.edge.jacobian import jacobian
 from lens_squash.edge.models import tiny_model
-from lens_squash.core.support import UnsupportedModelError
 from lens_squash.edge.trace import trace
-from lens_squash.algebra.variants import build_graph
 
 F64 = torch.float64
 
@@ -450,8 +450,8 @@ def _assert_every_hop_drawn(found, min_share=0.05):
 
 @pytest.mark.slow
 def test_smollm2_decomposition_input_jacobian_and_paths(smollm2):
-    from lens_squash.cli import copy_prompt
     from lens_squash.algebra.flow_paths import graph_paths
+    from lens_squash.cli import copy_prompt
 
     result = flow(smollm2, copy_prompt(12), mode="sketch", n_probes=8, variants=("rollout",))
     truth = jacobian(smollm2, copy_prompt(12), mode="sketch", n_probes=8)
