@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_length", "format_prompt"]
+from ..core.validate import check_chat
+
+__all__ = ["check_length", "format_prompt", "uses_chat"]
 
 
 def format_prompt(
@@ -28,7 +30,7 @@ def format_prompt(
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise ValueError("this model has no tokenizer; pass token ids instead of text")
-    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+    use_chat = uses_chat(tokenizer, chat)
     if use_chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("this tokenizer has no chat template; call with chat=False for raw text")
@@ -56,3 +58,10 @@ def check_length(model, n_tokens: int) -> None:
             "shorten the prompt or load the model with a larger n_ctx (load_model(..., n_ctx=...) in "
             "Python, --n-ctx on the command line), up to the model's trained context"
         )
+
+
+def uses_chat(tokenizer, chat: bool | None) -> bool:
+    """What ``chat`` means everywhere in lens_squash: ``True`` the chat template, ``False`` raw text,
+    ``None`` (the default) the chat template when the tokenizer has one."""
+    check_chat(chat)
+    return bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat

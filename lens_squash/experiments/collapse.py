@@ -57,6 +57,11 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..algebra.attention import local_window_mask
+from ..core.display import compact_repr
+from ..core.records import provenance
+from ..core.results import Result
+from ..edge.models import resolve_dtype
+from ..edge.prompts import uses_chat
 from .collapse_families import (
     FAMILIES,
     CollapseFamily,
@@ -74,10 +79,6 @@ from .collapse_passes import (
     model_in_dtype,
     relative_gap,
 )
-from ..core.display import compact_repr
-from ..core.results import Result
-from ..edge.models import resolve_dtype
-from ..core.records import provenance
 
 __all__ = [
     "DEFAULT_DTYPES",
@@ -272,13 +273,18 @@ def format_summary(result: CollapseResult) -> str:
     ])
 
 
+def _resolved_chat(model, chat: bool | None) -> bool | None:
+    """``chat=None`` means the chat template when the tokenizer has one (as everywhere)."""
+    return chat if model.tokenizer is None else uses_chat(model.tokenizer, chat)
+
+
 def collapse_curve(
     model,
     family: str | CollapseFamily,
     lengths: Sequence[int],
     dtypes: Sequence[str | torch.dtype] = DEFAULT_DTYPES,
     *,
-    chat: bool = True,
+    chat: bool | None = None,
     open_ended: bool = False,
     native: bool = False,
     separator: str = "",
@@ -298,6 +304,7 @@ def collapse_curve(
     keys (Appendix C.6).
     """
     fam = _family(family)
+    chat = _resolved_chat(model, chat)  # provenance records what was done: True or False
     lengths = _check_lengths(lengths)
     _check_path_args(exact, noise_samples)
     dtype_names = tuple(str(resolve_dtype(d)).removeprefix("torch.") for d in dtypes)
@@ -403,7 +410,7 @@ def window_sweep(
     lengths: Sequence[int],
     windows: Sequence[int | None],
     *,
-    chat: bool = True,
+    chat: bool | None = None,
     open_ended: bool = False,
     separator: str = "",
     bound: bool = True,
@@ -416,6 +423,7 @@ def window_sweep(
     from ..edge.trace import trace as run_trace
 
     fam, lengths = _family(family), _check_lengths(lengths)
+    chat = _resolved_chat(model, chat)
     curves, first, last = [], [], []
     s_tokens = family_pairs(model, fam, lengths, chat=chat, open_ended=open_ended, separator=separator, seed=seed)[0]
     for w in windows:
@@ -454,7 +462,7 @@ def longest_distinguishable_run(
     max_len: int = 256,
     *,
     family: str | CollapseFamily = "count_ones",
-    chat: bool = True,
+    chat: bool | None = None,
     open_ended: bool = True,
     exact: bool = True,
 ) -> tuple[dict[str, int], CollapseResult]:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..edge.prompts import uses_chat
 from .task_prompts import TASKS
 
 __all__ = ["FAMILIES", "CollapseFamily", "family_pairs"]
@@ -111,6 +112,7 @@ def _tokenize(model, text: str) -> list[int]:
 
 
 def _prompt_text(model, family: CollapseFamily, seq: str, chat: bool, open_ended: bool) -> str:
+    # chat is resolved here already (uses_chat): True means the template, so one must exist
     before, _, after = family.template.partition("{seq}")
     message = before + seq + ("" if open_ended else after)
     if not chat:
@@ -154,7 +156,7 @@ def family_pairs(
     family: str | CollapseFamily,
     lengths: Sequence[int],
     *,
-    chat: bool = True,
+    chat: bool | None = None,
     open_ended: bool = False,
     separator: str = "",
     seed: int = 0,
@@ -168,6 +170,7 @@ def family_pairs(
 def _family_pairs(model, family, lengths, chat, open_ended, separator, seed) -> _Pairs:
     if model.tokenizer is None:
         raise ValueError("prompt families need a tokenizer; use measure_pairs with token ids instead")
+    chat = uses_chat(model.tokenizer, chat)
     s_all, star_all, exact, appended, repeated = [], [], [], [], []
     for n in lengths:
         seq, seq_star = family.sequences(n, separator, random.Random(seed))

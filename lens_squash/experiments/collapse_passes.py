@@ -35,6 +35,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from ..core.progress import progress
 from ..edge.models import resolve_dtype
 
 __all__ = ["NORMS", "PATHS", "PairMeasurement", "is_prefix_closed", "measure_pairs", "model_in_dtype", "relative_gap"]
@@ -263,7 +264,7 @@ def measure_pairs(
     n_items = len(seqs)
     resid = heads = logits = None
     batches = _batches(rows, causal, batch_tokens)
-    for group in batches:
+    for group in progress(batches, desc=f"collapse passes ({_dtype_name(model)})", unit="pass"):
         local = {r: i for i, r in enumerate(group)}
         items = [i for i in range(n_items) if where[i][0] in local]
         rows_idx = torch.tensor([local[where[i][0]] for i in items])
@@ -288,13 +289,18 @@ def measure_pairs(
 
 def _measure_separately(model, seqs: list[list[int]], n_pairs: int, fwd_hooks, native: bool) -> PairMeasurement:
     distinct = list(dict.fromkeys(tuple(x) for x in seqs))
-    runs = {seq: _run_alone(model, list(seq), torch.tensor([len(seq) - 1]), fwd_hooks, native) for seq in distinct}
+    runs = {seq: _run_alone(model, list(seq), torch.tensor([len(seq) - 1]), fwd_hooks, native)
+            for seq in progress(distinct, desc=f"collapse passes ({_dtype_name(model)})", unit="pass")}
     per_item = [runs[tuple(x)] for x in seqs]
     resid = torch.cat([sites for sites, _, _ in per_item], dim=1)
     heads = torch.cat([h for _, h, _ in per_item])
     logits = torch.cat([lg for _, _, lg in per_item])
     tokens = sum(len(x) for x in distinct)
     return _assemble(model, resid, heads, logits, n_pairs, "separate", tokens, len(distinct), len(distinct))
+
+
+def _dtype_name(model) -> str:
+    return str(model.cfg.dtype).removeprefix("torch.")
 
 
 def _assemble(model, resid, heads, logits, n, path, tokens, n_passes, n_rows) -> PairMeasurement:

@@ -385,3 +385,22 @@ def test_smollm2_bfloat16_thresholds_equal_separate_passes(smollm2):
     same = torch.tensor([int(la.argmax()) == int(lb.argmax()) for (_, la), (_, lb) in pairs])
     assert th["same_prediction"] == _first_length(lengths, same)
     assert th["path"] == "separate" and result.forward_tokens["bfloat16"] == sum(map(len, runs))
+
+
+def test_chat_none_means_the_template_when_the_tokenizer_has_one(monkeypatch):
+    """One meaning of ``chat`` everywhere (issue 15): ``None`` is ``True`` with a chat template, and
+    ``False`` (raw text) without one; the provenance records which was used."""
+    from lens_squash.edge.models import tiny_model
+    from lens_squash.experiments.collapse import collapse_curve, family_pairs
+
+    model = tiny_model(tokenizer="smollm2", n_ctx=256, d_model=16, n_heads=2, n_layers=1, seed=0)
+    def ids(**kwargs):
+        return [x.tolist() for x in family_pairs(model, "count_ones", [3, 5], **kwargs)[0]]
+
+    assert ids() == ids(chat=True) != ids(chat=False)
+    assert collapse_curve(model, "count_ones", [2], ("float32",)).provenance["chat"] is True
+    monkeypatch.setattr(model.tokenizer, "chat_template", None)
+    assert ids() == ids(chat=False)
+    assert collapse_curve(model, "count_ones", [2], ("float32",)).provenance["chat"] is False
+    with pytest.raises(TypeError, match="chat must be None"):
+        family_pairs(model, "count_ones", [3], chat="yes")
