@@ -84,7 +84,7 @@ def run(args) -> int:
     )
     with pd.option_context("display.float_format", "{:.3g}".format, "display.width", 160):
         print(summarize_results(results).to_string(index=False))
-    write_task_figures(results, Path(args.out) / "figures.html", metadata=results.meta)
+    write_task_figures(results, Path(args.out) / "figures.html", metadata=results.provenance)
     print(f"wrote {Path(args.out) / 'results.csv'}, results.json and figures.html")
     write_figure_files(args, results.figures(), args.out)
     return 0

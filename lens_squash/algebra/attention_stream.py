@@ -57,7 +57,7 @@ class AttentionSummary(Record):
     sink_dobrushin: Float[Tensor, "layer"]
     spectral: SpectralLayers | None = None
     spectral_error: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     __repr__ = compact_repr
 
