@@ -60,7 +60,7 @@ test-fast: $(STAMP)
 
 # Every speed goal, each measured as a ratio in one run (QUICK=--quick for small settings).
 bench: $(STAMP)
-	for b in load bound_row jacobian collapse generation sinks bound_quality; do \
+	for b in load bound_row jacobian collapse generation sinks many bound_quality; do \
 		$(PY) benchmarks/$$b.py $(QUICK) || exit 1; done
 
 lint: $(STAMP)

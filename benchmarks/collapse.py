@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from lens_squash.experiments.collapse import collapse_curve, family_pairs, model_in_dtype
 from lens_squash.edge.models import load_model
+from lens_squash.experiments.collapse import collapse_curve, family_pairs, model_in_dtype
 
 _KEYS = ("below_resolution", "exactly_zero", "same_prediction")
 

@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from lens_squash.edge.models import format_prompt, load_model
 from lens_squash.edge.generation import greedy_generate
+from lens_squash.edge.models import format_prompt, load_model
 from lens_squash.experiments.task_prompts import make_instances
 
 
