@@ -86,7 +86,7 @@ def per_layer_diagnosis(model, prompt, variants, *, probes: int) -> pd.DataFrame
     graphs = {name: build_graph(traced, name, model=model) for name in variants}
     rows = []
     for layer in range(model.cfg.n_layers):
-        truth = jacobian(model, tokens, target=layer, mode="sketch", n_probes=probes).frobenius.double()
+        truth = jacobian(model, tokens, layer=layer, mode="sketch", n_probes=probes).frobenius.double()
         row = {"layer": layer, "truth_first_share": float(truth[0] / truth.sum()),
                "truth_last_share": float(truth[-1] / truth.sum())}
         for name, graph in graphs.items():

@@ -110,7 +110,7 @@ def test_bridge_exact_jacobian_matches_jacrev_through_transformers(bridge64):
 @pytest.mark.parametrize(("target", "target_pos"), [(0, -1), (0, 3)])  # HF's last hidden state is normed
 def test_bridge_layer_targets_match_transformers_hidden_states(bridge64, target, target_pos):
     tokens = _tokens(6, seed=1)
-    result = jacobian(bridge64, tokens, target=target, target_pos=target_pos, keep_full=True)
+    result = jacobian(bridge64, tokens, layer=target, target_pos=target_pos, keep_full=True)
     ref = _hf_reference(bridge64, tokens, target=target, target_pos=target_pos)
     n = result.n_tokens  # causal: only positions up to target_pos are kept
     torch.testing.assert_close(result.full, ref[:, :n], **TOL64)
@@ -137,7 +137,7 @@ def test_bridge_forward_stops_at_the_target_layer(bridge64):
     with _forbidden(bridge64.unembed):
         final = jacobian(bridge64, tokens, mode="sketch", n_probes=4)
     with _forbidden(bridge64.blocks[1]), _forbidden(bridge64.ln_final):
-        first = jacobian(bridge64, tokens, target=0, mode="sketch", n_probes=4)
+        first = jacobian(bridge64, tokens, layer=0, mode="sketch", n_probes=4)
     assert final.frobenius.shape == first.frobenius.shape == (5,)
 
 
@@ -172,6 +172,24 @@ def test_bridge_sketch_with_a_full_basis_is_exact(bridge64):
     torch.testing.assert_close(sketch.frobenius, exact.frobenius, rtol=1e-7, atol=0)
     partial = jacobian(bridge64, tokens, mode="sketch", n_probes=8, seed=4)
     assert not torch.allclose(partial.frobenius, exact.frobenius)  # 8 of 64 probes: an estimate
+
+
+@pytest.mark.bridge
+@pytest.mark.parametrize("mode", ["exact", "frozen", "sketch"])
+def test_bridge_checkpointed_jacobian_equals_plain_and_the_references(bridge64, mode):
+    """Blocks recomputed one at a time through the wrapped transformers layers (their rotary tables,
+    mask and a dropped key–value cache): the same numbers as the plain backward and the references."""
+    tokens = _tokens(9, seed=7)
+    kwargs = {"mode": mode, "n_probes": 8, "keep_full": True}
+    saved = jacobian(bridge64, tokens, checkpoint=True, chunk_size=3, **kwargs)
+    plain = jacobian(bridge64, tokens, checkpoint=False, **kwargs)
+    assert saved.provenance["checkpoint"] is True
+    torch.testing.assert_close(saved.full, plain.full, **TOL64)
+    if mode == "exact":
+        torch.testing.assert_close(saved.full, _hf_reference(bridge64, tokens), **TOL64)
+    elif mode == "frozen":
+        names = [n for n in bridge64.hook_dict if n.endswith(".hook_scale") or n.endswith("attn.hook_pattern")]
+        torch.testing.assert_close(saved.full, _bridge_reference(bridge64, tokens, constant_names=names), **TOL64)
 
 
 @pytest.mark.bridge
