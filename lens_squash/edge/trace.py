@@ -258,8 +258,14 @@ def trace(
             unsupported = str(error)
         else:
             hooks += mlp_gain_hooks(model, shape, store)
-    with torch.no_grad(), counter(desc="trace", total=n_layers, unit="layer", enabled=_slow(model, n)) as bar:
-        hooks += [(f"blocks.{layer}.hook_resid_pre", lambda value, hook: bar.update(1)) for layer in range(n_layers)]
+    # a bar for passes of more than ~2 s, unless bars are switched off (core.progress decides)
+    with torch.no_grad(), counter(desc="trace", total=n_layers, unit="layer",
+                                  enabled=None if _slow(model, n) else False) as bar:
+
+        def advance(value, hook) -> None:  # returns None: a hook's return value would replace the activation
+            bar.update(1)
+
+        hooks += [(f"blocks.{layer}.hook_resid_pre", advance) for layer in range(n_layers)]
         last_logits = _last_logits(model, tokens, hooks, cache)
     gains = None if shape is None else mlp_gains(store, n_layers, shape)
     summary = None if stream is None else stream.finish()

@@ -20,17 +20,21 @@ from lens_squash.algebra.causal import (
 )
 from lens_squash.algebra.paths import rollout_matrices as lazy
 from lens_squash.algebra.paths import stack_product
-from lens_squash.algebra.spectral import (
-    SpectralReport,
-    analyze_stack,
+from lens_squash.algebra.homogeneous import (
     asymptotic_depth,
     convergence_errors,
     depth_to_epsilon,
+    second_eigenvalue,
+    steady_state,
+)
+from lens_squash.algebra.spectral import (
+    SpectralReport,
+    SpectralStream,
+    analyze_stack,
     dobrushin,
     first_token_column,
     first_token_gap,
-    second_eigenvalue,
-    steady_state,
+    spectral_report,
 )
 from lens_squash.edge.models import tiny_model
 from lens_squash.edge.trace import trace
@@ -351,3 +355,24 @@ def test_bidirectional_model_is_rejected():
     traced = trace(model, torch.randint(0, 32, (8,)))
     with pytest.raises(ValueError, match="causal-only analysis"):
         analyze_stack(_rollout(traced.patterns))
+
+
+def test_streamed_report_equals_the_whole_stack_and_refuses_what_it_refuses():
+    """SpectralStream one layer at a time gives analyze_stack's report, for every target."""
+    gen = torch.Generator().manual_seed(11)
+    stack = torch.stack([lazy(softmax_causal(9, gen, scale=3.0)) for _ in range(5)])
+    stream = SpectralStream(9, atol=1e-6)
+    for layer in stack:
+        stream.add(layer)
+    layers = stream.finish()
+    for target in (-1, 0, 4):
+        whole, streamed = analyze_stack(stack, target=target, atol=1e-6), spectral_report(layers, target=target)
+        for name in ("spectrum", "dobrushin", "two_nonzeros", "rollout_mass", "rank_one_distance", "cumulative_dobrushin"):
+            assert torch.equal(getattr(whole, name), getattr(streamed, name)), name
+        assert whole.depth_to_first_token == streamed.depth_to_first_token
+    # the brute-force product agrees with the carried column
+    product = stack_product(stack)
+    assert float(spectral_report(layers).rollout_mass[-1]) == pytest.approx(float(product[-1, 0]), abs=1e-14)
+    bad = SpectralStream(9)
+    with pytest.raises(ValueError, match="rows must sum to 1"):
+        bad.add(2 * stack[0])
