@@ -1,0 +1,247 @@
+"""Write docs/gallery.md: one PNG of every figure kind every result can draw, with its caption.
+
+Every ``(result class, kind)`` that :mod:`lens_squash.views.registry` registers is drawn on a real
+result computed from a small random model (a SmolLM2-style tiny model: rotary, RMSNorm, the real
+tokenizer, so the axes show real tokens), exported through :mod:`lens_squash.views.export`
+(kaleido driving Chromium), and listed in ``docs/gallery.md`` under ``Class.plot("kind")`` with the
+figure's own caption. A random model's numbers mean nothing; the page shows what each figure looks
+like and how to read it. A class without an example here is an error, so a new figure cannot be
+left out of the page.
+
+    .venv/bin/python scripts/gallery.py            # about a minute on two cores
+    .venv/bin/python scripts/gallery.py --out /tmp/gallery
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import plotly.graph_objects as go
+import torch
+
+from lens_squash.core.results import figure_kinds
+from lens_squash.views import registry  # noqa: F401  (importing it registers every figure kind)
+from lens_squash.views.export import write_figures
+from lens_squash.views.style import caption_of
+
+ROOT = Path(__file__).resolve().parent.parent
+WIDTH = 700  # pixels: every PNG is this wide, its layout drawn at its own size and scaled down
+PROMPT = "Copy the digits: 1 1 1 1 1 1 1 0"
+
+
+@functools.cache
+def model():
+    from lens_squash.edge.models import tiny_model
+
+    return tiny_model(tokenizer="smollm2", n_ctx=160, d_model=32, n_heads=4, n_layers=3, positional="rotary",
+                      norm="RMS", dtype=torch.float64, seed=2)
+
+
+@functools.cache
+def tokens() -> torch.Tensor:
+    from lens_squash.edge.trace import as_tokens
+
+    return as_tokens(model(), PROMPT, chat=False)
+
+
+@functools.cache
+def analysis():
+    from lens_squash.experiments.analysis import analyze
+
+    return analyze(model(), tokens(), jacobian_mode="exact")
+
+
+@functools.cache
+def sensitivity_flow():
+    from lens_squash.edge.flow import flow
+
+    return flow(model(), tokens(), mode="exact", variants=("rollout", "certified"))
+
+
+def task_results():
+    """Copying and counting on canned replies: a random model never answers, these parse (or not)."""
+    from lens_squash.experiments import task_eval
+
+    tokenizer = model().tokenizer
+    replies = itertools.cycle(["The answer to your question is: 1", "The answer to your question is: 0", "no idea",
+                               "The final answer to your maths question is: 2",
+                               "The final answer to your maths question is: 5"])
+
+    def canned(_model, prompts, **kwargs):
+        return [torch.tensor(tokenizer.encode(next(replies)) + [tokenizer.eos_token_id]) for _ in prompts]
+
+    with mock.patch.object(task_eval, "greedy_generate", canned):
+        return task_eval.evaluate(model(), ["copy_first", "copy_last", "copy_type1", "copy_type2", "count_ones",
+                                            "sum_ones"], [4, 8, 12], max_new_tokens=3, batch_size=4, progress=False)
+
+
+def _collapse():
+    from lens_squash.experiments.collapse import collapse_curve
+
+    return collapse_curve(model(), "count_ones", [4, 8, 16, 32], ("float64", "float32", "bfloat16"), chat=False,
+                          open_ended=True, exact=False)
+
+
+def _window_sweep():
+    from lens_squash.experiments.collapse import window_sweep
+
+    return window_sweep(model(), "count_ones", [4, 8, 16], [None, 2, 4], chat=False, open_ended=True)
+
+
+def _pe_collapse():
+    from lens_squash.experiments.synthetic import pe_collapse
+
+    return pe_collapse([4, 8, 16], seeds=2, d_model=8, d_vocab=16)
+
+
+def _ratio_invariance():
+    from lens_squash.experiments.synthetic import ratio_invariance
+
+    return ratio_invariance(model(), multiples=(1, 2, 4))
+
+
+def _tv_decay():
+    from lens_squash.algebra.softmax_theory import tv_decay_experiment
+
+    return tv_decay_experiment(n_max=200, perturbed=4, seeds=3, lengths=[8, 20, 50, 100, 200])
+
+
+def _ablation():
+    from lens_squash.experiments.ablation import ablation_effect
+
+    return ablation_effect(model(), tokens(), 0, jacobian=True, n_probes=8)
+
+
+def _copy_sensitivity():
+    from lens_squash.experiments.task_theory import copy_sensitivity
+
+    return copy_sensitivity(model(), [3, 6, 9], jacobian_mode="exact", variant="rollout")
+
+
+def _count_collapse():
+    from lens_squash.experiments.task_theory import count_collapse
+
+    return count_collapse(model(), [3, 6, 9])
+
+
+def _many():
+    from lens_squash.experiments.many import analyze_many
+
+    return analyze_many(model(), [PROMPT, "Count the ones: 1 1 1 1", "The quick brown fox"], jacobian_mode="sketch",
+                        n_probes=8, chat=False)
+
+
+#: class name -> how to make one (each figure kind of the class is drawn on it)
+EXAMPLES = {
+    "Trace": lambda: analysis().trace,
+    "JacobianResult": lambda: analysis().jacobian,
+    "PathBound": lambda: analysis().bounds["rollout"],
+    "PathFlows": lambda: analysis().bounds["rollout"].flows(),
+    "Comparison": lambda: analysis().comparisons["rollout"],
+    "SpectralReport": lambda: analysis().spectral,
+    "SinkReport": lambda: analysis().sinks,
+    "TVDecayResult": _tv_decay,
+    "SensitivityFlow": sensitivity_flow,
+    "FlowPaths": lambda: sensitivity_flow().top_paths(k=3),
+    "Analysis": analysis,
+    "ManyAnalyses": _many,
+    "CollapseResult": _collapse,
+    "WindowSweepResult": _window_sweep,
+    "PECollapseResult": _pe_collapse,
+    "RatioInvarianceResult": _ratio_invariance,
+    "AblationResult": _ablation,
+    "TaskResults": task_results,
+    "CopySensitivity": _copy_sensitivity,
+    "CountCollapse": _count_collapse,
+}
+
+
+def registered_classes() -> list[type]:
+    """Every class with a figure kind: the subclasses of Result the registry knows about."""
+    from lens_squash.core.results import Result
+
+    seen, todo = [], [Result]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub not in seen:
+                seen.append(sub)
+                todo.append(sub)
+    return [cls for cls in seen if figure_kinds(cls)]
+
+
+def export_sizes(fig: go.Figure) -> tuple[int, int, float]:
+    """The figure's own layout size (export's 1000 × 600 where it sets none) and the scale that makes
+    the PNG :data:`WIDTH` pixels wide: the layout is drawn as designed, only smaller."""
+    width, height = fig.layout.width or 1000, fig.layout.height or 600
+    return int(width), int(height), round(WIDTH / width, 4)
+
+
+def write_pngs(drawn, image_dir: Path) -> None:
+    """One browser session per distinct scale (write_figures takes one scale for all its figures)."""
+    groups: dict[tuple[int, int, float], dict[str, go.Figure]] = {}
+    for name, kind, fig in drawn:
+        groups.setdefault(export_sizes(fig), {})[f"{name}-{kind}"] = fig
+    for (width, height, scale), figs in groups.items():
+        write_figures(figs, image_dir, ("png",), width=width, height=height, scale=scale)
+
+
+def draw_all() -> list[tuple[str, str, go.Figure]]:
+    classes = registered_classes()
+    missing = sorted(cls.__name__ for cls in classes if cls.__name__ not in EXAMPLES)
+    if missing:
+        raise SystemExit(f"no gallery example for {', '.join(missing)}: add one to EXAMPLES in scripts/gallery.py")
+    drawn = []
+    for cls in sorted(classes, key=lambda c: list(EXAMPLES).index(c.__name__)):
+        started = time.perf_counter()
+        result = EXAMPLES[cls.__name__]()
+        for kind in figure_kinds(cls):
+            drawn.append((cls.__name__, kind, result.plot(kind)))
+        print(f"{cls.__name__}: {', '.join(figure_kinds(cls))} ({time.perf_counter() - started:.1f} s)", flush=True)
+    return drawn
+
+
+def markdown(drawn, image_dir: Path, page: Path) -> str:
+    lines = [
+        "# Gallery: every figure lens_squash draws",
+        "",
+        "One PNG of every figure kind of every result (`result.plot(kind)`), drawn on a small *random* model",
+        f"(3 layers, 4 heads, rotary, RMSNorm, SmolLM2's tokenizer) and the prompt `{PROMPT}`: the numbers",
+        "mean nothing, the page shows what each figure looks like and how to read it (each caption is the",
+        "figure's own, `lens_squash.views.style.caption_of(fig)`). Regenerate it with",
+        "`.venv/bin/python scripts/gallery.py`. Figures are interactive in a notebook and in the HTML report;",
+        "`lens_squash.views.export.fig_to_file(fig, \"fig.pdf\")` writes PNG, SVG or PDF.",
+        "",
+    ]
+    current = None
+    for name, kind, fig in drawn:
+        if name != current:
+            lines += [f"## {name}", ""]
+            current = name
+        image = (image_dir / f"{name}-{kind}.png").relative_to(page.parent)
+        lines += [f"### `{name}.plot({kind!r})`", "", f"![{name} {kind}]({image.as_posix()})", "",
+                  (caption_of(fig) or "").replace("\n", " "), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for gallery.md and gallery/")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    drawn = draw_all()
+    image_dir = args.out / "gallery"
+    write_pngs(drawn, image_dir)
+    page = args.out / "gallery.md"
+    page.write_text(markdown(drawn, image_dir, page), encoding="utf-8")
+    print(f"wrote {len(drawn)} figures to {image_dir} and {page} in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
