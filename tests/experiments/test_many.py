@@ -159,3 +159,15 @@ def test_a_two_worker_dask_cluster_gives_the_same_numbers_and_loads_once_per_wor
     assert len(pids) == 2 and os.getpid() not in pids  # two separate worker processes
     counts = [n for _, n in loads.values()]
     assert max(counts) == 1 and sum(counts) >= 1  # each worker that ran a prompt loaded the model once
+
+
+def test_on_result_sees_every_analysis_in_prompt_order_in_process_and_on_an_executor(model, one_thread):
+    """``on_result(index, analysis)`` is how the suite command saves each prompt as it finishes."""
+    for executor in (None, ThreadPoolExecutor(max_workers=2)):
+        seen = []
+        source = model if executor is None else SPEC
+        many = analyze_many(source, PROMPTS, executor=executor, on_result=lambda i, a: seen.append((i, a)), **KWARGS)
+        assert [i for i, _ in seen] == list(range(len(PROMPTS)))
+        assert all(a is b for (_, a), b in zip(seen, many.analyses, strict=True))
+        if executor is not None:
+            executor.shutdown()
