@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import threading
 import time
 
@@ -81,6 +82,8 @@ def _compare(model, tokens, mode: str, repeats: int, with_bounds: bool) -> dict:
         "jacobian_estimated_MiB": j.provenance["estimated_bytes"] / 2**20, "jacobian_peak_MiB": j_peak / 2**20,
         "flow_estimated_MiB": f.provenance["estimated_bytes"] / 2**20, "flow_peak_MiB": f_peak / 2**20,
         "flow_chunk": f.provenance["chunk_size"], "jacobian_chunk": j.provenance["chunk_size"],
+        "flow_checkpoint": f.provenance["checkpoint"], "jacobian_checkpoint": j.provenance["checkpoint"],
+        "load_average": os.getloadavg(),
     }
     if bound_times:
         out["flow_with_bounds_s"] = min(bound_times)
@@ -93,6 +96,8 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="sketch only, without the run that adds the bound rows (skips the exact comparison)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per method; the minimum time is kept (default 2)")
+    parser.add_argument("--modes", default="sketch,exact",
+                        help="comparisons to run (default both; --quick runs sketch only)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
@@ -105,8 +110,10 @@ def main(argv=None) -> None:
     tokens = as_tokens(model, copy_prompt(12))
     flow(model, tokens[:8], mode="sketch", n_probes=4, variants=())  # warm-up: allocator, kernels
     results = {"n_tokens": int(tokens.shape[0]), "runs": []}
-    results["runs"].append(_compare(model, tokens, "sketch", args.repeats, with_bounds=not args.quick))
-    if not args.quick:
+    modes = args.modes.split(",")
+    if "sketch" in modes:
+        results["runs"].append(_compare(model, tokens, "sketch", args.repeats, with_bounds=not args.quick))
+    if "exact" in modes and not args.quick:
         results["runs"].append(_compare(model, tokens, "exact", 1, with_bounds=False))
     for run in results["runs"]:
         print(f"{run['mode']:>6}: jacobian {run['jacobian_s']:.1f} s, flow {run['flow_s']:.1f} s, "
@@ -117,7 +124,8 @@ def main(argv=None) -> None:
               f"layer-0 sensitivity vs jacobian max rel {run['layer0_vs_jacobian_max_rel']:.1e}")
         print(f"        memory: jacobian est {run['jacobian_estimated_MiB']:.0f} MiB / peak {run['jacobian_peak_MiB']:.0f} MiB; "
               f"flow est {run['flow_estimated_MiB']:.0f} MiB / peak {run['flow_peak_MiB']:.0f} MiB "
-              f"(chunks {run['jacobian_chunk']} / {run['flow_chunk']})")
+              f"(chunks {run['jacobian_chunk']} / {run['flow_chunk']}, checkpointed {run['jacobian_checkpoint']} / "
+              f"{run['flow_checkpoint']}; load average {run['load_average'][0]:.1f})")
         print("        per-layer error: " + " ".join(f"{e:.1e}" for e in run["decomposition_error_per_layer"]))
     if args.json:
         with open(args.json, "w") as handle:

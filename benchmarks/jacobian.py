@@ -11,6 +11,8 @@ MiB that would otherwise stay resident and hide part of every method's peak). Me
   ``ln_final``; parameters frozen as in ``exact``), the Jacobian only, no norms;
 * ``vjp``: one forward pass with graph, then single VJPs (the median of 3, times ``d_model``);
 * ``sketch``: ``mode="sketch", n_probes=64``;
+* ``exact-ckpt``, ``sketch-ckpt``: the same with per-block activation checkpointing (``checkpoint=True``;
+  ``exact`` and ``sketch`` run with ``checkpoint=False``, the plain backward);
 * ``METHOD:plain`` (e.g. ``sketch:plain``, not run by default): ``METHOD`` with the library's
   steady heap turned off (``LENS_SQUASH_STEADY_HEAP=0``, see ``lens_squash/allocator.py``), to
   measure what keeping freed memory in the heap saves;
@@ -20,8 +22,13 @@ MiB that would otherwise stay resident and hide part of every method's peak). Me
 Targets (issue 3): exact ≤ 1.0× jacrev in time and ≤ 0.6× in memory, ≤ 1.1× d_model × one VJP;
 sketch ≥ 8× faster than exact with Spearman ≥ 0.95 against the exact Frobenius norms.
 
+Targets (issue 18, ``--long``): at n = 1024 the checkpointed sketch (k = 64) costs ≤ 1.5× the plain one
+and gives the same norms (≤ 1e-5 relative); at n = 4096 the checkpointed sketch peaks below 16 GiB
+resident (model included). The machine's load average is printed beside each run.
+
     .venv/bin/python benchmarks/jacobian.py            # n = 128 tokens (several minutes on 2 cores)
     .venv/bin/python benchmarks/jacobian.py --quick    # n = 32
+    .venv/bin/python benchmarks/jacobian.py --long     # n = 1024 plain vs checkpointed, then n = 4096 (long)
 """
 
 from __future__ import annotations
@@ -42,12 +49,15 @@ WORKER = textwrap.dedent(
     from lens_squash.edge import jacobian as jac
 
     method, n, chunk, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    budget = None if sys.argv[5] == "none" else int(float(sys.argv[5]) * 2**30)
+    wrt, n_probes = int(sys.argv[6]), int(sys.argv[7])
+    method, checkpoint = (method[:-5], True) if method.endswith("-ckpt") else (method, False)
     if threads > 0:
         torch.set_num_threads(threads)
     chunk = None if chunk == "none" else int(chunk)
     model = load_model(n_ctx=max(n, 16))
     tokens = torch.randint(100, 20000, (n,), generator=torch.Generator().manual_seed(0))
-    jac.jacobian(model, tokens[:4], mode="sketch", n_probes=4)  # warm-up: allocator, kernels
+    jac.jacobian(model, tokens[:4], mode="sketch", n_probes=4, checkpoint=checkpoint)  # warm-up: allocator, kernels
     gc.collect()
     if allocator._glibc() is not None:
         allocator._glibc().malloc_trim(0)  # the baseline must not hold freed memory a method could reuse
@@ -72,10 +82,12 @@ WORKER = textwrap.dedent(
     sampler.start()
     started = time.perf_counter()
     if method in ("exact", "sketch"):
-        result = jac.jacobian(model, tokens, mode=method, n_probes=64, chunk_size=chunk)
+        result = jac.jacobian(model, tokens, mode=method, n_probes=n_probes, chunk_size=chunk, checkpoint=checkpoint,
+                              max_memory_bytes=budget, wrt=wrt)
         out["frobenius"] = result.frobenius.tolist()
-        out["chunk"] = result.metadata["chunk_size"]
-        out["estimated_bytes"] = result.metadata["estimated_bytes"]
+        out["chunk"] = result.provenance["chunk_size"]
+        out["checkpoint"] = result.provenance["checkpoint"]
+        out["estimated_bytes"] = result.provenance["estimated_bytes"]
     elif method == "jacrev":
         v0 = jac._input_value(model, tokens, 0)  # the embeddings only, as exact's set-up: no extra forward
         with jac._without_parameter_grads(model):
@@ -110,20 +122,25 @@ WORKER = textwrap.dedent(
     done.set()
     sampler.join()
     out["peak_extra_bytes"] = peak[0] - base
+    out["peak_rss_bytes"] = peak[0]
+    out["base_rss_bytes"] = base
     print("RESULT " + json.dumps(out))
     """
 )
 
 
-def run(method: str, n: int, chunk: int | None, threads: int) -> dict:
+def run(method: str, n: int, chunk: int | None, threads: int, budget_gib: float | None = None, wrt: int = 0,
+        n_probes: int = 64) -> dict:
     name, _, heap = method.partition(":")
-    env = dict(os.environ, LENS_SQUASH_STEADY_HEAP="0" if heap == "plain" else "1")
-    args = [sys.executable, "-W", "ignore", "-c", WORKER, name, str(n), str(chunk or "none"), str(threads)]
+    env = dict(os.environ, LENS_SQUASH_STEADY_HEAP="0" if heap == "plain" else "1", LENS_SQUASH_PROGRESS="0")
+    args = [sys.executable, "-W", "ignore", "-c", WORKER, name, str(n), str(chunk or "none"), str(threads),
+            str(budget_gib or "none"), str(wrt), str(n_probes)]
+    load = os.getloadavg()
     done = subprocess.run(args, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"the {method} worker failed:\n{done.stderr[-3000:]}")
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line.removeprefix("RESULT ")) | {"method": method}
+    return json.loads(line.removeprefix("RESULT ")) | {"method": method, "load_before": load, "load_after": os.getloadavg()}
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -141,15 +158,77 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=None, help="chunk size for exact (default: the library's)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--methods", default="vjp,exact,jacrev,sketch")
+    parser.add_argument("--long", action="store_true",
+                        help="issue 18: sketch plain vs checkpointed at --long-n (1024), then checkpointed at --peak-n (4096)")
+    parser.add_argument("--long-n", type=int, default=1024)
+    parser.add_argument("--long-probes", type=int, default=64,
+                        help="sketch probes of the plain-vs-checkpointed pair (fewer probes make the ratio harder: "
+                             "the recompute is one extra forward pass whatever k, the rest grows with k)")
+    parser.add_argument("--peak-n", type=int, default=4096, help="0 skips the peak run")
+    parser.add_argument("--peak-wrt", type=int, default=0,
+                        help="the peak run differentiates w.r.t. blocks.{this}.hook_resid_pre: with 29 only the top "
+                             "block is swept (one block's recompute and k=64 backward, the per-block peak, 1/30 of "
+                             "the time); the other blocks' stored inputs, (29 - 0)·n·d floats, are then added by count")
+    parser.add_argument("--max-memory-gib", type=float, default=None,
+                        help="max_memory_bytes for the library's runs (default: half the free memory)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
+    if args.long:
+        return long_contexts(args)
     n = args.n or (32 if args.quick else 128)
     results = {}
     for method in args.methods.split(","):
         chunk = args.chunk if method.partition(":")[0] in ("exact", "autograd") else None
-        results[method] = run(method, n, chunk, args.threads)
+        results[method] = run(method, n, chunk, args.threads, args.max_memory_gib)
         print(f"# {method}: {results[method]['seconds']:.1f} s, "
               f"{results[method]['peak_extra_bytes'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
     report(results, n)
+
+
+def long_contexts(args) -> None:
+    """Issue 18's goals in one run: checkpointed ÷ plain at ``long_n``, and the peak at ``peak_n``."""
+    gib = 2**30
+    runs = {}
+    for method in ("sketch", "sketch-ckpt"):
+        runs[f"{method}@{args.long_n}"] = run(method, args.long_n, None, args.threads, args.max_memory_gib,
+                                              n_probes=args.long_probes)
+        _progress(f"{method}@{args.long_n}", runs[f"{method}@{args.long_n}"])
+    if args.peak_n:
+        runs[f"sketch-ckpt@{args.peak_n}"] = run("sketch-ckpt", args.peak_n, None, args.threads, args.max_memory_gib,
+                                                 args.peak_wrt)
+        _progress(f"sketch-ckpt@{args.peak_n}", runs[f"sketch-ckpt@{args.peak_n}"])
+    print(f"\nSmolLM2-135M-Instruct, fp32, sketch (k = {args.long_probes} at n = {args.long_n}, k = 64 at "
+          f"n = {args.peak_n}), random tokens; each run a fresh process\n")
+    print("| run | seconds | chunk | checkpoint | estimate GiB | peak extra GiB | peak RSS GiB | load avg (1 min) before/after |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in runs.items():
+        print(f"| {name} | {r['seconds']:.1f} | {r['chunk']} | {r['checkpoint']} | {r['estimated_bytes'] / gib:.2f} | "
+              f"{r['peak_extra_bytes'] / gib:.2f} | {r['peak_rss_bytes'] / gib:.2f} | "
+              f"{r['load_before'][0]:.1f} / {r['load_after'][0]:.1f} |")
+    plain, saved = runs[f"sketch@{args.long_n}"], runs[f"sketch-ckpt@{args.long_n}"]
+    import torch
+
+    a, b = torch.tensor(plain["frobenius"], dtype=torch.float64), torch.tensor(saved["frobenius"], dtype=torch.float64)
+    print("\n| goal | measured | target |\n|---|---|---|")
+    print(f"| n = {args.long_n}: checkpointed time ÷ plain time | {saved['seconds'] / plain['seconds']:.2f} | ≤ 1.5 |")
+    print(f"| n = {args.long_n}: checkpointed peak extra ÷ plain peak extra | "
+          f"{saved['peak_extra_bytes'] / max(plain['peak_extra_bytes'], 1):.2f} | (no target) |")
+    print(f"| n = {args.long_n}: max relative difference of ‖J_i‖_F | {float(((a - b).abs() / a).max()):.1e} | ≤ 1e-5 |")
+    if args.peak_n:
+        peak = runs[f"sketch-ckpt@{args.peak_n}"]
+        # the blocks below wrt would each keep one stored input, [n, d_model] in float32
+        unswept = args.peak_wrt * args.peak_n * 576 * 4
+        label = "" if not args.peak_wrt else f" (blocks {args.peak_wrt}.. swept; + {unswept / gib:.2f} GiB of stored inputs for the rest, counted)"
+        print(f"| n = {args.peak_n}: checkpointed peak resident size (model included){label} | "
+              f"{(peak['peak_rss_bytes'] + unswept) / gib:.2f} GiB | < 16 GiB |")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({k: {key: v for key, v in r.items() if key != "frobenius"} for k, r in runs.items()}, handle, indent=1)
+
+
+def _progress(name: str, r: dict) -> None:
+    print(f"# {name}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB, "
+          f"load {r['load_before'][0]:.1f}", file=sys.stderr, flush=True)
 
 
 def report(results: dict, n: int) -> None:
