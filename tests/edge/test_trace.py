@@ -178,3 +178,19 @@ def test_a_config_transformer_lens_cannot_run_is_one_clear_error(overrides):
         model(TOKENS[None])
     with pytest.raises(UnsupportedModelError, match="TransformerLens cannot run"):
         trace(model, TOKENS)
+
+
+def test_a_trace_with_its_progress_bar_on_gives_the_same_numbers(monkeypatch):
+    """The bar advances from a hook on every resid_pre; a hook's return value would replace the activation."""
+    import lens_squash.edge.trace as trace_module
+    from lens_squash.core.progress import bars_enabled
+
+    model = tiny_model(dtype=torch.float64, seed=3)
+    quiet = trace(model, TOKENS)
+    monkeypatch.setenv("LENS_SQUASH_PROGRESS", "1")
+    monkeypatch.setattr(trace_module, "_slow", lambda model, n: True)
+    assert bars_enabled()
+    loud = trace(model, TOKENS)
+    assert torch.equal(loud.patterns, quiet.patterns) and torch.equal(loud.last_logits, quiet.last_logits)
+    monkeypatch.setenv("LENS_SQUASH_PROGRESS", "0")  # the switch wins over the estimate
+    assert not bars_enabled()
