@@ -351,6 +351,18 @@ def test_repr_is_one_short_line_and_html_renders(name):
     assert isinstance(page, str) and page.lstrip().startswith("<") and "</" in page
 
 
+_HOSTILE = "<script>alert(1)</script>"
+
+
+@pytest.mark.parametrize("name", sorted(n for n, cls in RECORDS.items()
+                                        if "str_tokens" in {f.name for f in dataclasses.fields(cls)}))
+def test_html_escapes_token_text(name):
+    record = _instance(name)
+    hostile = dataclasses.replace(record, str_tokens=(_HOSTILE,) * len(record.str_tokens))
+    page = hostile._repr_html_()
+    assert _HOSTILE not in page and "<script" not in page
+
+
 @pytest.mark.parametrize("name", sorted(RECORDS))
 def test_json_round_trips_exactly_through_a_file(name, tmp_path):
     record = _instance(name)
