@@ -335,6 +335,20 @@ def test_flow_checkpoints_by_itself_when_the_plain_backward_does_not_fit():
     torch.testing.assert_close(tight.edges, roomy.edges, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_backward_chunks_show_a_progress_bar_unless_silenced(monkeypatch, capsys, checkpoint):
+    from lens_squash.core.progress import silenced
+    from lens_squash.edge import flow as flow_module
+
+    monkeypatch.setenv("LENS_SQUASH_PROGRESS", "1")
+    monkeypatch.setattr(flow_module, "PROGRESS_DELAY_S", 0.0)
+    flow(_gpt2(), _tokens(), mode="exact", chunk_size=8, variants=(), checkpoint=checkpoint)
+    assert "flow backward chunks" in capsys.readouterr().err
+    with silenced():
+        flow(_gpt2(), _tokens(), mode="exact", chunk_size=8, variants=(), checkpoint=checkpoint)
+    assert "flow backward chunks" not in capsys.readouterr().err
+
+
 def test_sink_split_partitions_the_edge_norms():
     result = flow(_gpt2(), _tokens(), mode="exact", variants=())
     split = result.sink_split()
