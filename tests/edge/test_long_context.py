@@ -144,3 +144,14 @@ def test_a_prompt_that_will_not_fit_is_refused_with_the_longest_that_does():
         check_fits(model, fits + 1, keep_patterns=False, available=need // 4)
     # streaming grows as H·n², keeping the patterns as L·H·n²
     assert analysis_memory(model, 4096, keep_patterns=True)["patterns"] == patterns_bytes(model, 4096)
+
+
+def test_a_streamed_analysis_renders_its_report_and_says_what_it_did_not_draw():
+    from lens_squash.views.report import analysis_sections
+
+    model = build("gpt2")
+    streamed = analyze(model, TOKENS, jacobian_mode=None, keep_patterns=False)
+    sections = {section.title: section for section in analysis_sections(streamed)}
+    assert "keep_patterns=True" in sections["attention"].text and not sections["attention"].figures
+    assert "keep_patterns=True" in sections["paths"].text
+    assert sections["spectral"].figures and sections["sinks"].figures
