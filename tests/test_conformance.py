@@ -122,7 +122,7 @@ def _results(model):
            "frozen": jacobian(model, TOKENS, mode="frozen").spectral}
     if t.mlp_gain is not None:
         out["mlp_gain"] = t.mlp_gain
-    if "lipschitz_unsupported" not in t.metadata and model.cfg.attention_dir == "causal":
+    if "lipschitz_unsupported" not in t.provenance and model.cfg.attention_dir == "causal":
         out["certified"] = path_bound(t, "certified", model=model).bound
     return out
 
