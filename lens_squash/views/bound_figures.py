@@ -92,7 +92,7 @@ def _bound_caption(n: int, truth_name: str | None, names: list[str], log: bool, 
         parts.append(f"Coloured, each with its own dash and marker: the path-sum bound of {', '.join(names)} "
                      "(Theorem B.5 and its variants); a bound is an upper estimate and may sit orders of magnitude "
                      "above the truth.")
-    parts.append(f"Top panel: raw values{' on a log axis' if log else ''}.")
+    parts.append(f"{'Top panel' if normalised else 'Y axis'}: raw values{' on a log axis' if log else ''}.")
     if normalised:
         parts.append("Bottom panel: each curve divided by its own sum, so only the shape is compared: a bound "
                      "that ranks positions well follows the black curve there.")

@@ -86,7 +86,11 @@ _FIGURE_CONFIG = {"displaylogo": False, "responsive": True}
 #: what each standard section shows and how to read it, printed under its title
 SECTION_CAPTIONS: dict[str, str] = {
     "model": "The model's configuration and the library versions the numbers were computed with.",
-    "prompt": "The prompt as the model saw it, one numbered chip per token, and the token it predicts next.",
+    "prompt": (
+        "The prompt as the model saw it, one numbered chip per token, and the token it predicts next. With a "
+        "Jacobian, each chip is coloured by how sensitive the last token's output is to it (white: not at all, "
+        "dark red: the most sensitive position); hover a chip for its value."
+    ),
     "bound vs gradient": (
         "How sensitive the last token's final representation is to each input position: the Jacobian "
         "norm ‖∂y_n/∂v_i‖ (the truth) against each path-sum variant's bound. Curves are scaled to one "
@@ -232,10 +236,15 @@ def analysis_sections(
     if path_variants is None:
         path_variants = [v for v in dict.fromkeys(("rollout", getattr(analysis, "best_variant", None))) if v in bounds]
         path_variants = path_variants or list(bounds)[:1]
-    sections.append(ReportSection("paths", figures=_path_figures(analysis, bounds, tokens, path_variants, k)))
-    # a budget of cells keeps the page small: every layer's head mean, and heads where they fit
-    sections.append(ReportSection("attention", figures=[
-        attention_heatmap(traced.patterns, tokens, max_cells=ATTENTION_CELLS)]))
+    if traced.patterns is None:  # a long prompt's trace streamed its patterns: rows only, no edges to draw
+        streamed = (f"Not drawn: the {traced.n_tokens}-token trace streamed its attention patterns instead of "
+                    "keeping them; analyze(..., keep_patterns=True) keeps them (memory grows as layer × head × pos²).")
+        sections += [ReportSection("paths", text=streamed), ReportSection("attention", text=streamed)]
+    else:
+        sections.append(ReportSection("paths", figures=_path_figures(analysis, bounds, tokens, path_variants, k)))
+        # a budget of cells keeps the page small: every layer's head mean, and heads where they fit
+        sections.append(ReportSection("attention", figures=[
+            attention_heatmap(traced.patterns, tokens, max_cells=ATTENTION_CELLS)]))
     if getattr(analysis, "spectral", None) is not None:
         sections.append(ReportSection("spectral", figures=[spectral_report_figure(analysis.spectral)]))
     elif "spectral" in skipped:

@@ -103,7 +103,7 @@ def _report_fields(report: Any) -> dict[str, Any]:
     except AttributeError as err:
         raise ValueError(f"spectral_report_figure takes a lens_squash.algebra.spectral.SpectralReport; "
                          f"{type(report).__name__} has no spectral field {err.name!r} (build one with "
-                         "spectral_report(...), or call spectral_figure with the panels you have)") from err
+                         "lens_squash.algebra.spectral.analyze_stack, or call spectral_figure with the panels you have)") from err
     empty = [name for name, value in fields.items() if value is None]
     if empty:
         raise ValueError(f"spectral field(s) {empty} of {type(report).__name__} are None: every panel needs its "
@@ -113,7 +113,8 @@ def _report_fields(report: Any) -> dict[str, Any]:
 
 def spectral_report_figure(report: Any, **kwargs) -> go.Figure:
     """:func:`spectral_figure` for a ``spectral.SpectralReport``: its ``spectrum``, ``second_eigenvalue``,
-    ``dobrushin``, ``first_token_mass`` and ``rank_one_distance``, each of which must be present."""
+    ``dobrushin``, ``rollout_mass`` (drawn as the first-token mass by depth) and ``rank_one_distance``,
+    each of which must be present."""
     return spectral_figure(**_report_fields(report), **kwargs)
 
 

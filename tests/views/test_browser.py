@@ -416,3 +416,41 @@ def test_hostile_prompt_and_tokens_do_not_execute(browser, tmp_path):
     ticks = page.evaluate("[...document.querySelectorAll('.xtick text')].map(t => t.textContent).join(' ')")
     assert "<img␣src=x␣onerror=alert(1)>" in ticks
     assert page.errors() == []
+
+
+def test_an_analysis_report_renders_its_typed_arrays_and_coloured_tokens(browser, tmp_path):
+    """The compact report as plotly.js reads it: every heatmap's decoded z is the figure's attention to the
+    four digits shown, and the prompt's chips carry the Jacobian's colours."""
+    import numpy as np
+
+    from lens_squash.core.tokens import sensitivity_colour
+    from lens_squash.edge.models import load_model
+    from lens_squash.experiments.analysis import analyze
+    from lens_squash.views.report import analysis_sections
+
+    model = load_model("tiny-random", n_ctx=256)
+    analysis = analyze(model, "Copy: 1 1 1 1 1 1 0", jacobian_mode="sketch", n_probes=4)
+    sections = analysis_sections(analysis)
+    figures = [fig for s in sections for fig in s.figures]
+    html_path, _ = write_report(tmp_path, sections, {}, metadata=analysis.trace.provenance)
+    page = _load(browser, html_path, len(figures))
+    assert page.errors() == []
+    attention = next(i for i, fig in enumerate(figures) if fig.layout.coloraxis.colorscale)
+    # plotly.js decodes a visible trace's typed array into _fullData (hidden ones wait for the slider)
+    decoded = page.evaluate(
+        f"(() => {{ const d = document.querySelectorAll('.js-plotly-plot')[{attention}];"
+        " return d._fullData.filter(t => t.type === 'heatmap' && t.z)"
+        ".map(t => [t.index, Array.from(t.z, r => Array.from(r, v => Number.isNaN(v) ? null : v))]); })()")
+    assert decoded  # the first step's maps were drawn
+    for index, got in decoded:
+        want = np.asarray(figures[attention].data[index].z, dtype=np.float64)
+        got = np.array([[np.nan if v is None else v for v in row] for row in got], dtype=np.float64)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=5.01e-4, atol=0, equal_nan=True)
+    truth = analysis.table[[c for c in analysis.table.columns if str(c).startswith("jacobian_")][0]].to_numpy()
+    colours = page.evaluate("[...document.querySelectorAll('.lens-squash-tokens bdi')]"
+                            ".map(b => getComputedStyle(b).backgroundColor)")
+    assert len(colours) == analysis.trace.n_tokens
+    for colour, value in zip(colours, truth, strict=True):
+        want = sensitivity_colour(value / truth.max())
+        assert colour == "rgb({}, {}, {})".format(*(int(want[i:i + 2], 16) for i in (1, 3, 5)))

@@ -114,14 +114,6 @@ def assert_explains_itself(fig: go.Figure):
 # --- tokens, math text, captions, rounding --------------------------------------------------------
 
 
-def test_token_label_is_escaped_and_shows_whitespace():
-    assert token_label("<script>") == "&lt;script&gt;"
-    assert token_label(HOSTILE) == ESCAPED
-    assert token_label(" a\n") == "␣a\\n"
-    assert token_label("&") == "&amp;"
-    assert token_label("x" * 100, max_len=10) == "x" * 9 + "…"
-
-
 def test_math_text_turns_tex_scripts_into_display_text():
     assert math_text("‖y_n(s) − y_{n+1}(s*)‖") == "‖yₙ(s) − yₙ₊₁(s*)‖"
     assert math_text("‖J‖_F") == "‖J‖<sub>F</sub>"  # no Unicode subscript F: plotly's <sub>
@@ -756,6 +748,7 @@ def test_every_figure_explains_itself_and_sends_typed_arrays():
 @pytest.mark.browser
 def test_the_layer_slider_and_target_menu_work_in_chromium(tmp_path):
     from lens_squash.views.report import ReportSection, write_report
+
     from .test_browser import _Browser, _chromium, _load
 
     binary = _chromium()
