@@ -1,6 +1,6 @@
 """Views: plotly figures, the self-contained HTML report and static export. Figures are returned,
 never shown or written (DESIGN §8); every figure titles its axes and carries a caption
-(:func:`lens_squash.views.style.caption_of`).
+(:func:`lens_squash.views.style.caption_of`). `docs/gallery.md` shows one of every kind.
 
 | module | builders | paper |
 |---|---|---|
@@ -12,6 +12,9 @@ never shown or written (DESIGN §8); every figure titles its axes and carries a 
 | :mod:`.collapse_figures` | ``collapse_figure``, ``head_band_figure``, ``pe_figure``, ``tv_figure`` | Thm. 4.2, Figs. 5–7, 9 |
 | :mod:`.sink_figures` | ``sink_figure``, ``sink_report_figure``: per-layer sinks, Mix–Compress–Refine | Queipo-de-Llano et al. |
 | :mod:`.task_figures` | ``accuracy_figure``, ``abs_error_figure``, ``answer_histogram`` | Figs. 2–4 |
+| :mod:`.task_theory_figures` | the answer digit's sensitivity, counting collapse | §3, Thm. 4.2, 5.1 |
+| :mod:`.result_figures` | one ``Comparison``; many prompts (``ManyAnalyses``) | |
+| :mod:`.registry` | ``(result class, kind) → builder``: what ``result.plot(kind)`` draws | |
 | :mod:`.style` | shared palettes, ticks, captions (``with_caption``, ``caption_of``), ``math_text`` | |
 | :mod:`.compact` | ``compact_figure``, ``rounded``: small figure data | |
 | :mod:`.task_theory_figures` | ``copy_sensitivity_figure``, ``count_collapse_figure`` | §3 ↔ Thm. 4.2, 5.1 |
