@@ -21,7 +21,7 @@ from __future__ import annotations
 import pickle
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -101,7 +101,12 @@ class ManyAnalyses(Result):
     frame: pd.DataFrame
     analyses: tuple[Analysis, ...]
     prompts: tuple[Any, ...]
-    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """The first analysis's provenance (one model made them all) and the number of prompts."""
+        first = self.analyses[0].provenance if self.analyses else {}
+        return {**first, "n_prompts": len(self.analyses)}
 
     def __len__(self) -> int:
         return len(self.analyses)
