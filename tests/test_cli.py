@@ -393,3 +393,17 @@ def test_json_on_stdout_stays_valid_json_with_progress_bars_on(argv, tmp_path):
     else:
         assert [row["id"] for row in payload][::4] == ["a", "b"]
         assert re.search(r"prompts:\s+\d+%", done.stderr), done.stderr[-2000:]  # the bar, on stderr
+
+
+def test_tasks_writes_the_page_of_figures_the_runner_no_longer_writes(capsys, loads_tiny, tmp_path):
+    """The runner (experiments) writes rows, CSV and JSON; the command adds figures.html (views)."""
+    out_dir = tmp_path / "run"
+    argv = ["tasks", "--model", "tiny-random", "--task", "copy_last,count_ones", "--lengths", "2,3", "--samples", "1",
+            "--max-new-tokens", "3", "--out", str(out_dir)]
+    code, out, err = _run(capsys, *argv)
+    assert code == 0, err
+    page = (out_dir / "figures.html").read_text()
+    # copy_last draws Fig. 2, count_ones Figs. 3 and 4; Fig. 11 needs a Type 1 or Type 2 prompt
+    assert page.count("Plotly.newPlot") == 3 and all(f"Fig. {n}" in page for n in (2, 3, 4)) and "Fig. 11" not in page
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "figures.html", "results.csv", "results.fingerprint.json", "results.json", "results.jsonl"]
