@@ -355,10 +355,11 @@ class PathBound(Result):
         return float(self.bound[0] / self.bound.sum())
 
     def flows(self, source: int | None = None):
-        return paths.flow_decomposition(
+        flows = paths.flow_decomposition(
             self.graph.residual, self.graph.edges, self.target, source=source, left_scale=self.graph.left_scale,
             output_scale=self.constant,
         )
+        return replace(flows, provenance={**self.provenance, "source": source})  # the bound's own provenance
 
     def top_paths(self, k: int = 10, source: int | None = None):
         return paths.top_paths(

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import html
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -202,7 +202,8 @@ class SensitivityFlow(Result):
         """The ``k`` heaviest connected paths of the true flow into the target (:mod:`flow_paths`)."""
         from ..algebra.flow_paths import flow_top_paths
 
-        return flow_top_paths(self, k=k, source=source, **kwargs)
+        found = flow_top_paths(self, k=k, source=source, **kwargs)
+        return replace(found, provenance={**self.provenance, "k": k, "source": source})
 
     __repr__ = compact_repr
 
