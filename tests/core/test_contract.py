@@ -427,6 +427,7 @@ def test_tables_and_provenance(name):
 
 
 def test_results_of_a_run_carry_the_model_they_came_from():
-    for name in ("Trace", "JacobianResult", "SensitivityFlow", "CollapseResult", "CopySensitivity", "AblationResult"):
+    for name in ("Trace", "JacobianResult", "SensitivityFlow", "CollapseResult", "CopySensitivity", "AblationResult",
+                 "PathBound", "PathFlows", "FlowPaths", "ManyAnalyses"):
         assert _instance(name).provenance["model"]["n_layers"] == 2, name
     assert _instance("Analysis").provenance is _instance("Trace").provenance
