@@ -36,12 +36,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..core.display import compact_repr
-from ..core.results import Result
-from ..core.records import provenance
 from ..algebra.sinks import SINK_EPS, SinkReport
-from .sinks import sink_analysis
+from ..core.display import compact_repr
+from ..core.records import provenance
+from ..core.results import Result
 from ..edge.trace import as_tokens
+from .sinks import sink_analysis
 
 __all__ = ["AblationResult", "ablation_effect", "clamp_hooks", "clamp_massive_activation"]
 

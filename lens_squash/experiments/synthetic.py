@@ -36,11 +36,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .collapse import measure_pairs
 from ..core.display import compact_repr
 from ..core.results import Result
 from ..edge.models import resolve_dtype, tiny_model
 from ..edge.trace import final_representation
+from .collapse import measure_pairs
 
 __all__ = [
     "ENCODINGS",

@@ -30,10 +30,10 @@ from jaxtyping import Int
 from torch import Tensor
 
 from ..core.display import compact_repr
-from ..core.results import Result
-from ..edge.models import format_prompt
-from ..core.tokens import token_label
 from ..core.records import provenance
+from ..core.results import Result
+from ..core.tokens import token_label
+from ..edge.models import format_prompt
 from .task_prompts import TASKS, TaskInstance, make_instance
 
 __all__ = [
@@ -155,9 +155,9 @@ class CopySensitivity(Result):
 
 
 def _copy_row(model, instance: TaskInstance, *, chat, jacobian_mode, n_probes, variant, seed) -> tuple[dict, dict]:
+    from ..algebra.variants import path_bound
     from ..edge.jacobian import jacobian
     from ..edge.trace import trace
-    from ..algebra.variants import path_bound
 
     tokens, pos = answer_position(model, instance, chat=chat)
     _, seq_pos = sequence_positions(model, instance, chat=chat)

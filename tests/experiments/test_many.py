@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
+from lens_squash.edge.models import load_model
 from lens_squash.experiments.analysis import analyze
 from lens_squash.experiments.many import ManyAnalyses, ModelSpec, analyze_many
-from lens_squash.edge.models import load_model
 
 SPEC = ModelSpec(name="tiny-random", dtype="float32", n_ctx=128)
 # different lengths, so an out-of-order result could not pass for the right one
@@ -164,9 +164,10 @@ def test_a_two_worker_dask_cluster_gives_the_same_numbers_and_loads_once_per_wor
 def test_on_result_sees_every_analysis_in_prompt_order_in_process_and_on_an_executor(model, one_thread):
     """``on_result(index, analysis)`` is how the suite command saves each prompt as it finishes."""
     for executor in (None, ThreadPoolExecutor(max_workers=2)):
-        seen = []
+        seen: list = []
         source = model if executor is None else SPEC
-        many = analyze_many(source, PROMPTS, executor=executor, on_result=lambda i, a: seen.append((i, a)), **KWARGS)
+        many = analyze_many(source, PROMPTS, executor=executor, on_result=lambda i, a, seen=seen: seen.append((i, a)),
+                            **KWARGS)
         assert [i for i, _ in seen] == list(range(len(PROMPTS)))
         assert all(a is b for (_, a), b in zip(seen, many.analyses, strict=True))
         if executor is not None:
