@@ -96,8 +96,9 @@ _SINK_CURVES = ("mean_first_token_attention", "sink_rate", "mixing", "norm_ratio
 
 def sink_report_figure(report: Any, **kwargs) -> go.Figure:
     """:func:`sink_figure` for a ``sinks.SinkReport`` (its curves, phases, log axis for norm ratios)."""
-    curves = {name: getattr(report, name, None) for name in _SINK_CURVES}
+    present = report.curves()  # the report names its own curves: a renamed field cannot drop a panel silently
+    curves = {name: present[name] for name in _SINK_CURVES if name in present}
     kwargs.setdefault("log", ("norm_ratio",))
-    return sink_figure(curves, getattr(report, "phases", None), **kwargs)
+    return sink_figure(curves, report.phases, **kwargs)
 
 
