@@ -138,7 +138,8 @@ def run(method: str, n: int, chunk: int | None, threads: int, budget_gib: float 
     load = os.getloadavg()
     done = subprocess.run(args, capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise SystemExit(f"the {method} worker failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"the {method} worker failed (exit status {done.returncode}; -9: killed, e.g. out of memory):\n"
+                         f"{done.stderr[-3000:]}")
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
     return json.loads(line.removeprefix("RESULT ")) | {"method": method, "load_before": load, "load_after": os.getloadavg()}
 
@@ -189,14 +190,14 @@ def long_contexts(args) -> None:
     """Issue 18's goals in one run: checkpointed ÷ plain at ``long_n``, and the peak at ``peak_n``."""
     gib = 2**30
     runs = {}
+    if args.peak_n:  # first: the headline number, on a machine whose other load changes over the run
+        runs[f"sketch-ckpt@{args.peak_n}"] = run("sketch-ckpt", args.peak_n, None, args.threads, args.max_memory_gib,
+                                                 args.peak_wrt)
+        _progress(f"sketch-ckpt@{args.peak_n}", runs[f"sketch-ckpt@{args.peak_n}"])
     for method in ("sketch", "sketch-ckpt"):
         runs[f"{method}@{args.long_n}"] = run(method, args.long_n, None, args.threads, args.max_memory_gib,
                                               n_probes=args.long_probes)
         _progress(f"{method}@{args.long_n}", runs[f"{method}@{args.long_n}"])
-    if args.peak_n:
-        runs[f"sketch-ckpt@{args.peak_n}"] = run("sketch-ckpt", args.peak_n, None, args.threads, args.max_memory_gib,
-                                                 args.peak_wrt)
-        _progress(f"sketch-ckpt@{args.peak_n}", runs[f"sketch-ckpt@{args.peak_n}"])
     print(f"\nSmolLM2-135M-Instruct, fp32, sketch (k = {args.long_probes} at n = {args.long_n}, k = 64 at "
           f"n = {args.peak_n}), random tokens; each run a fresh process\n")
     print("| run | seconds | chunk | checkpoint | estimate GiB | peak extra GiB | peak RSS GiB | load avg (1 min) before/after |")
