@@ -238,8 +238,8 @@ def _rollout(trace, model=None, *, head_scores=None) -> PathGraph:
 
 def _scale(trace, site: str) -> Tensor:
     """The traced ``blocks.{l}.{site}.hook_scale`` per layer and position (float64)."""
-    field = {"ln1": "ln1_scale", "ln2": "ln2_scale", "ln1_post": "ln1_post_scale", "ln2_post": "ln2_post_scale"}[site]
-    value = getattr(trace, field)
+    value = {"ln1": trace.ln1_scale, "ln2": trace.ln2_scale, "ln1_post": trace.ln1_post_scale,
+             "ln2_post": trace.ln2_post_scale}[site]
     if value is None:
         raise ValueError(
             f"the certified variant needs blocks.{{l}}.{site}.hook_scale, which this trace lacks; trace a "
