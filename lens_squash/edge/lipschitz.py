@@ -88,6 +88,26 @@ def mlp_gain_gram(block, shape: BlockShape) -> Float[Tensor, "k_d_mlp k_d_mlp"]:
 
 
 _GRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: bytes of Gram matrices kept between traces. SmolLM2's are 75 MB a layer (2.3 GB for 30 layers in
+#: float64), more than the rest of a 2048-token analysis; beyond this budget a Gram is rebuilt each
+#: trace (O(d_model · d_mlp²) per layer) instead of kept
+GRAM_CACHE_BYTES: int = 256 * 2**20
+
+
+def _cached_bytes() -> int:
+    total = 0
+    for _, value in list(_GRAMS.values()):
+        for tensor in value if isinstance(value, tuple) else (value,):
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _remember(owner, key, value) -> None:
+    """Keep ``value`` for ``owner`` while the cache stays within :data:`GRAM_CACHE_BYTES`."""
+    size = sum(t.numel() * t.element_size() for t in (value if isinstance(value, tuple) else (value,)))
+    _GRAMS.pop(owner, None)  # a stale entry for edited weights frees its room first
+    if _cached_bytes() + size <= GRAM_CACHE_BYTES:
+        _GRAMS[owner] = (key, value)
 
 
 def _norm_gains(block, shape: BlockShape) -> list[Tensor | None]:
@@ -98,7 +118,7 @@ def cached_gram(block, shape: BlockShape, expert=None) -> Tensor:
     """:func:`mlp_gain_gram` (or an MoE expert's), reused while every weight it reads is unchanged.
 
     Building it costs O(d_model · d_mlp²) per layer (seconds on SmolLM2), so a second trace of the
-    same model skips it. The key is each weight's identity, version and a checksum
+    same model skips it, for as many layers as fit in :data:`GRAM_CACHE_BYTES`. The key is each weight's identity, version and a checksum
     (:func:`lens_squash.algebra.blocks.weight_signature`): ablations and steering edit weights in place, and a
     cache keyed on the block alone served stale gains after ``W_out *= 2``.
     """
@@ -109,7 +129,7 @@ def cached_gram(block, shape: BlockShape, expert=None) -> Tensor:
     if hit is not None and hit[0] == key:
         return hit[1]
     gram = _gram_from(block, shape, mats, w_out)
-    _GRAMS[owner] = (key, gram)
+    _remember(owner, key, gram)
     return gram
 
 
@@ -143,7 +163,7 @@ def _solu_grams(block, shape: BlockShape) -> tuple[Tensor, Tensor]:
     if ln is not None:
         m = apply_input_norm(m, ln, dim=0)
     grams = (w_in.T @ w_in, m @ m.T)
-    _GRAMS[mlp] = (key, grams)
+    _remember(mlp, key, grams)
     return grams
 
 

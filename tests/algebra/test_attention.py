@@ -97,3 +97,24 @@ def test_non_causal_patterns_raise_the_typed_refusal():
     patterns = torch.softmax(torch.randn(1, 5, 5, dtype=torch.float64), -1)
     with pytest.raises(UnsupportedModelError, match="decoder-only"):
         check_attention(patterns)
+
+
+def test_ov_norms_equal_the_spectral_norm_of_the_dense_ov_circuit():
+    """ov_norms goes through the thin QR and a d_head × d_head Gram; the dense d_model × d_model
+    product's largest singular value is the reference, on every architecture family."""
+    from lens_squash.algebra.attention import expanded_values, ov_norms
+    from lens_squash.algebra.blocks import apply_input_norm, apply_output_norms, block_shape
+
+    from ..families import FAMILIES, REFUSED, build
+
+    for family in (name for name in FAMILIES if name not in REFUSED):
+        model = build(family)
+        shape = block_shape(model)
+        for layer, block in enumerate(model.blocks):
+            w_v = expanded_values(block.attn, model.cfg.n_heads).double()
+            if shape.attn_in is not None:
+                w_v = apply_input_norm(w_v, getattr(block, shape.attn_in), dim=1)
+            w_o = apply_output_norms(block.attn.W_O, block, shape.attn_out)
+            dense = (torch.linalg.matrix_norm(w_v, ord=2) * torch.linalg.matrix_norm(w_o, ord=2) if shape.value_clip
+                     else torch.linalg.svdvals(w_v @ w_o)[..., 0])
+            torch.testing.assert_close(ov_norms(model)[layer], dense, rtol=1e-12, atol=0)

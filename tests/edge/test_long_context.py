@@ -155,3 +155,16 @@ def test_a_streamed_analysis_renders_its_report_and_says_what_it_did_not_draw():
     assert "keep_patterns=True" in sections["attention"].text and not sections["attention"].figures
     assert "keep_patterns=True" in sections["paths"].text
     assert sections["spectral"].figures and sections["sinks"].figures
+
+
+def test_the_gram_cache_stays_within_its_budget_and_changes_no_gain(monkeypatch):
+    import lens_squash.edge.lipschitz as lipschitz
+
+    model = build("llama_gqa")
+    first = trace(model, TOKENS, lipschitz=True).mlp_gain
+    one_layer = max(t.numel() * t.element_size() for _, t in [v for v in lipschitz._GRAMS.values()])
+    lipschitz._GRAMS.clear()
+    monkeypatch.setattr(lipschitz, "GRAM_CACHE_BYTES", one_layer)  # room for one layer's Gram
+    again = trace(model, TOKENS, lipschitz=True).mlp_gain
+    assert lipschitz._cached_bytes() <= one_layer and len(lipschitz._GRAMS) == 1
+    assert torch.equal(again, first) and torch.equal(trace(model, TOKENS, lipschitz=True).mlp_gain, first)
