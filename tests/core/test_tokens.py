@@ -8,6 +8,7 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
+import torch
 
 from lens_squash.core.tokens import (
     BIDI_DISPLAY,
@@ -50,10 +51,11 @@ class _Chips(HTMLParser):
             self.chips[-1]["text"] += data
 
 
-def chips(fragment: str) -> list[dict]:
+def chips(fragment: str, *, only_chips: bool = True) -> list[dict]:
     parser = _Chips()
     parser.feed(fragment)
-    assert set(parser.tags) <= {"div", "span", "sub", "bdi"}, parser.tags  # nothing a token could have injected
+    if only_chips:  # nothing a token could have injected
+        assert set(parser.tags) <= {"div", "span", "sub", "bdi"}, parser.tags
     return parser.chips
 
 
@@ -127,3 +129,21 @@ def test_bad_arguments_say_what_to_pass():
         sensitivity_html(["a"], [1.0], scale="sqrt")
     with pytest.raises(ValueError, match="decades"):
         sensitivity_html(["a"], [1.0], scale="log", decades=0)
+
+
+def test_notebook_views_colour_the_prompt_by_the_true_sensitivity():
+    """Analysis and SensitivityFlow show their tokens coloured by the Jacobian norm they computed."""
+    from lens_squash.edge.flow import flow
+    from lens_squash.edge.models import tiny_model
+    from lens_squash.experiments.analysis import analyze
+
+    model = tiny_model(n_layers=2, n_heads=2, d_model=16, d_vocab=32, seed=1)
+    tokens = torch.tensor([1, 5, 9, 2, 7, 3])
+    analysis = analyze(model, tokens, jacobian_mode="exact")
+    truth = analysis.table[[c for c in analysis.table.columns if str(c).startswith("jacobian_")][0]].to_numpy()
+    parsed = chips(analysis._repr_html_(), only_chips=False)
+    assert [c["background"] for c in parsed] == [sensitivity_colour(v / truth.max()) for v in truth]
+    result = flow(model, tokens, mode="exact")
+    sensitivity = result.sensitivity[0]
+    parsed = chips(result._repr_html_(), only_chips=False)
+    assert [c["title"].rsplit(": ", 1)[1] for c in parsed] == [f"{float(v):.3g}" for v in sensitivity]
