@@ -25,7 +25,8 @@ from torch import Tensor
 from ..algebra.variants import PathBound, PathGraph, bound_from_row, build_graph
 from ..core.progress import progress
 from ..core.support import UnsupportedModelError
-from .trace import Trace, keeps_patterns
+from .lipschitz import GRAM_CACHE_BYTES
+from .trace import Trace, keeps_patterns, streamable
 
 __all__ = ["analysis_memory", "check_fits", "memory_model", "recompute_patterns", "stream_bounds"]
 
@@ -35,9 +36,7 @@ class _StopAtPattern(Exception):
 
 
 def _check_streamable(model) -> None:
-    from transformer_lens.components import TransformerBlock
-
-    if not all(isinstance(block, TransformerBlock) for block in model.blocks):
+    if not streamable(model):
         raise UnsupportedModelError(
             "recomputing a layer's patterns from its stored input needs HookedTransformer blocks; this "
             "model's blocks are not (a TransformerBridge?): trace it with keep_patterns=True"
@@ -160,17 +159,20 @@ def memory_model(cfg, n_tokens: int, *, kept: bool, weights: int = 0) -> dict[st
       ``3·H·n²`` in the model's dtype (at least 4 bytes: softmax runs in float32), plus the
       statistics' float64 ``n × n`` buffers (``~6·n²``) (``H·n²``);
     * ``patterns``: the whole per-head stack and its head mean when they are kept (``(H+1)·L·n²``);
-    * ``gains``: the MLP-gain Gram matrices, float64 ``(k·d_mlp)²`` per layer, kept across traces.
+    * ``gains``: the MLP-gain Gram matrices, float64 ``(k·d_mlp)²`` per layer, kept across traces up to
+      :data:`lens_squash.edge.lipschitz.GRAM_CACHE_BYTES`, plus the one in use.
     """
     item = torch.finfo(cfg.dtype).bits // 8 if cfg.dtype.is_floating_point else 4
     analysis_item = 8 if cfg.dtype == torch.float64 else 4
     gated = 2 if getattr(cfg, "gated_mlp", False) else 1
+    gram = (gated * (cfg.d_mlp or 0)) ** 2 * 8
     return {
         "weights": int(weights),
         "residual": (cfg.n_layers + 1) * n_tokens * cfg.d_model * (2 * analysis_item + 8),
         "attention": 3 * cfg.n_heads * n_tokens**2 * max(item, 4) + 6 * n_tokens**2 * 8,
         "patterns": cfg.n_layers * (cfg.n_heads + 1) * n_tokens**2 * analysis_item if kept else 0,
-        "gains": cfg.n_layers * (gated * (cfg.d_mlp or 0)) ** 2 * 8,
+        # the Gram matrices kept between traces (at most GRAM_CACHE_BYTES) and the one being used
+        "gains": min(cfg.n_layers * gram, GRAM_CACHE_BYTES) + gram,
     }
 
 

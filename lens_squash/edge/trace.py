@@ -200,10 +200,18 @@ def patterns_bytes(model, n_tokens: int) -> int:
 
 
 def keeps_patterns(model, n_tokens: int, keep_patterns: bool | None) -> bool:
-    """``keep_patterns``, or by default whether the whole stack fits in :data:`KEEP_PATTERNS_BYTES`."""
+    """``keep_patterns``, or by default whether the whole stack fits in :data:`KEEP_PATTERNS_BYTES`
+    (always, for models whose blocks cannot be rerun alone to recompute patterns: a TransformerBridge)."""
     if keep_patterns is not None:
         return bool(keep_patterns)
-    return patterns_bytes(model, n_tokens) <= KEEP_PATTERNS_BYTES
+    return patterns_bytes(model, n_tokens) <= KEEP_PATTERNS_BYTES or not streamable(model)
+
+
+def streamable(model) -> bool:
+    """Whether a layer's patterns can be recomputed by rerunning its block (HookedTransformer blocks)."""
+    from transformer_lens.components import TransformerBlock
+
+    return all(isinstance(block, TransformerBlock) for block in getattr(model, "blocks", ()))
 
 
 def trace(

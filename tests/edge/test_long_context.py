@@ -127,6 +127,9 @@ def test_the_default_keeps_patterns_only_while_they_fit():
     assert keeps_patterns(model, n, None) and not keeps_patterns(model, n + 1, None)
     assert not keeps_patterns(model, 4, False) and keeps_patterns(model, 10**6, True)
     assert trace(model, TOKENS).patterns is not None  # a short prompt keeps them by default
+    # blocks that cannot be rerun alone (a TransformerBridge's) keep their patterns whatever the length
+    bridge_like = type("Bridge", (), {"cfg": model.cfg, "blocks": [torch.nn.Identity()]})()
+    assert keeps_patterns(bridge_like, 10**5, None) and not keeps_patterns(model, 10**5, None)
 
 
 def test_a_prompt_that_will_not_fit_is_refused_with_the_longest_that_does():
