@@ -253,7 +253,7 @@ def test_collapse_and_tasks_sections_show_the_results():
     assert list(section.table["dtype"]) == ["float64", "float32"]
 
     frame = pd.DataFrame([{c: None for c in RESULT_COLUMNS} | {
-        "task": "count_ones", "mode": "answer", "length": n, "sample": 0, "truth": n, "parsed_answer": a,
+        "task": "count_ones", "style": "answer", "length": n, "sample": 0, "truth": n, "parsed_answer": a,
         "correct": a == n, "abs_error": abs(a - n), "parse_status": "ok"} for n, a in ((4, 4), (8, 5))])
     tasks = tasks_section(TaskResults(frame))
     # Figs. 3 and 4 only: Fig. 2 (accuracy) is drawn for copying tasks, and these rows are counting
