@@ -81,8 +81,8 @@ def _rollout_inplace(mean: Tensor) -> Tensor:
 
 def causal_mixing(layer: Float[Tensor, "head query_pos key_pos"]) -> Tensor:
     """:func:`lens_squash.algebra.sinks.mixing_score` of one layer (normalised, queries 1 … n-1), in
-    float64 row chunks that read only the causal keys: entries after the query are exactly 0, and
-    ``0 · log(1e-300)`` adds nothing to a row's entropy."""
+    float64 row chunks that read only the causal keys: entries after the query are exactly 0 and add
+    nothing to a row's entropy (equal to the whole-stack score to ~1e-16)."""
     n_heads, n = layer.shape[0], layer.shape[-1]
     if n < 2:
         raise ValueError("mixing needs at least 2 positions (query 0 always has entropy 0)")
@@ -90,8 +90,8 @@ def causal_mixing(layer: Float[Tensor, "head query_pos key_pos"]) -> Tensor:
     parts = []
     for start in range(1, n, rows_per_chunk):
         stop = min(n, start + rows_per_chunk)
-        rows = layer[:, start:stop, :stop].to(_F64)
-        parts.append(-(rows * rows.clamp_min(1e-300).log()).sum(-1))
+        # entr(p) = −p log p with entr(0) = 0: sinks' clamped formula in one pass, half its time
+        parts.append(torch.special.entr(layer[:, start:stop, :stop].to(_F64)).sum(-1))
     entropy = torch.cat(parts, dim=-1) / torch.arange(2, n + 1, dtype=_F64).log()
     return entropy.mean()
 
