@@ -34,13 +34,18 @@ def equal_to_the_last_bit(a: ManyAnalyses, b: ManyAnalyses) -> bool:
     for x, y in zip(a.analyses, b.analyses, strict=True):
         if x.bounds.keys() != y.bounds.keys() or not all(torch.equal(x.bounds[k].bound, y.bounds[k].bound) for k in x.bounds):
             return False
-        if not (torch.equal(x.jacobian.spectral, y.jacobian.spectral) and torch.equal(x.jacobian.frobenius, y.jacobian.frobenius)):
+        if not (_same(x.jacobian.spectral, y.jacobian.spectral) and _same(x.jacobian.frobenius, y.jacobian.frobenius)):
             return False
     try:
         pd.testing.assert_frame_equal(a.frame, b.frame, check_exact=True)
     except AssertionError:
         return False
     return True
+
+
+def _same(a, b) -> bool:
+    """Both absent (a sketch has no spectral norms) or equal to the last bit."""
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
 
 def on_cluster(n_workers: int, spec: ModelSpec, prompts, kwargs) -> tuple[ManyAnalyses, float, float]:
