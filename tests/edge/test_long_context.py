@@ -171,3 +171,22 @@ def test_the_gram_cache_stays_within_its_budget_and_changes_no_gain(monkeypatch)
     again = trace(model, TOKENS, lipschitz=True).mlp_gain
     assert lipschitz._cached_bytes() <= one_layer and len(lipschitz._GRAMS) == 1
     assert torch.equal(again, first) and torch.equal(trace(model, TOKENS, lipschitz=True).mlp_gain, first)
+
+
+def test_analyze_refuses_before_any_work_when_the_estimate_exceeds_free_memory(monkeypatch):
+    import lens_squash.edge.jacobian_memory as jacobian_memory
+    import lens_squash.edge.trace as trace_module
+
+    model = build("gpt2")
+    monkeypatch.setattr(jacobian_memory, "available_memory", lambda device="cpu": 1000)
+    monkeypatch.setattr(trace_module, "_run", lambda *a, **k: pytest.fail("the model ran for a refused length"))
+    with pytest.raises(MemoryError, match=r"needs about .* GiB but .* is free on cpu; the longest prompt that fits"):
+        analyze(model, TOKENS, jacobian_mode=None)
+
+
+def test_the_old_target_keyword_still_works():
+    model = build("gpt2")
+    new = analyze(model, TOKENS, jacobian_mode=None, target_pos=4, variants=("rollout",))
+    with pytest.warns(DeprecationWarning, match="target_pos"):
+        old = analyze(model, TOKENS, jacobian_mode=None, target=4, variants=("rollout",))
+    assert torch.equal(old.bounds["rollout"].bound, new.bounds["rollout"].bound) and new.bounds["rollout"].target == 4
