@@ -127,7 +127,7 @@ def longest_fit(kept: bool, budget_gib: float = 80.0) -> int:
 
 def svg_figure(rows: list[dict]) -> str:
     """A small log–log figure of analysis time ÷ forward and peak memory against n (hand-written SVG)."""
-    ok = [r for r in rows if "error" not in r and "analysis_s" in r]
+    ok = sorted((r for r in rows if "error" not in r and "analysis_s" in r), key=lambda r: r["n"])
     if len(ok) < 2:
         return ""
     w, h, pad = 640, 360, 60
@@ -186,6 +186,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--out", type=Path, help="folder for long_context.json and long_context.svg")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per n")
+    parser.add_argument("--from-json", type=Path, nargs="*", help="report (and --out) rows saved by earlier runs")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -193,6 +194,9 @@ def main() -> None:
         return
     sizes = args.sizes or ((512, 1024) if args.quick else SIZES)
     rows = []
+    if args.from_json:
+        rows = sorted((r for path in args.from_json for r in json.loads(path.read_text())), key=lambda r: r["n"])
+        sizes = []
     for n in sizes:
         rows.append(_measure(n, args.jacobian, args.timeout))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
