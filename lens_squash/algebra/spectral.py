@@ -404,3 +404,25 @@ def analyze_stack(
     for layer in stack:
         stream.add(layer)
     return spectral_report(stream.finish(), target=target, eps=eps, unit_atol=unit_atol, metadata=metadata)
+
+
+#: names that moved out of this module: Lemmas B.6–B.7 to ``causal``, Prop. B.8's one-matrix limit to
+#: ``homogeneous``, the plain product to ``paths``; the old import path still works, with a warning
+_MOVED = {
+    **dict.fromkeys(("causal_spectrum", "check_causal_stochastic", "eigenvalue_one_multiplicity", "is_causal",
+                     "is_row_stochastic", "product_closure", "two_nonzeros_condition"), "causal"),
+    **dict.fromkeys(("asymptotic_depth", "convergence_errors", "depth_to_epsilon", "second_eigenvalue",
+                     "steady_state", "DEFAULT_HORIZON"), "homogeneous"),
+    "stack_product": "paths",
+}
+
+
+def __getattr__(name: str):
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    import warnings
+
+    module = f"lens_squash.algebra.{_MOVED[name]}"
+    warnings.warn(f"lens_squash.algebra.spectral.{name} is now {module}.{name}", DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(module), name)
