@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -345,9 +344,27 @@ def test_report_on_a_tiny_model_trace(tiny):
     assert ((report.rollout_mass >= 0) & (report.rollout_mass <= 1 + 1e-12)).all()
     assert (report.rank_one_distance <= report.cumulative_dobrushin + 1e-12).all()
     assert (report.multiplicity == 1).all() and report.two_nonzeros.all()  # softmax rows are dense
-    json.dumps(report.to_dict(), allow_nan=False)
+    import numpy as np
+
+    from ..reference import assert_json_carries
+
+    assert_json_carries(report)  # strict JSON holding every value, and from_dict(to_dict()) bit-equal
     assert "SpectralReport" in report._repr_html_()
-    assert len(report.plot().data) >= 4
+    # the figure draws the report's own arrays; its Π τ is the report's cumulative Dobrushin
+    drawn = {t.name: (np.asarray(t.x, dtype=float), np.asarray(t.y, dtype=float)) for t in report.plot().data}
+    L = report.dobrushin.shape[0]
+    expected = {
+        "eigenvalues Λ̃_ii": (np.repeat(np.arange(L), report.spectrum.shape[1]), report.spectrum.numpy().ravel()),
+        "second eigenvalue": (np.arange(L), report.second_eigenvalue.numpy()),
+        "τ per layer": (np.arange(L), report.dobrushin.numpy()),
+        "Π τ (bound)": (np.arange(1, L + 1), report.cumulative_dobrushin.numpy()),
+        "[Π Λ̃]ₙ,₀": (np.arange(1, L + 1), report.rollout_mass.numpy()),
+        "distance to rank one": (np.arange(1, L + 1), report.rank_one_distance.numpy()),
+    }
+    assert set(drawn) == set(expected)
+    for name, (x, y) in expected.items():
+        np.testing.assert_array_equal(drawn[name][0], x, err_msg=name)
+        np.testing.assert_allclose(drawn[name][1], y, rtol=1e-12, atol=0, err_msg=name)
 
 
 def test_bidirectional_model_is_rejected():
