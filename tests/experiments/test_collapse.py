@@ -194,7 +194,19 @@ def test_dtype_sweep_thresholds_and_native_mode(rotary):
     assert list(frame.index) == ["float64", "bfloat16"]
     assert default.to_dict()["thresholds"] == th
     assert "count_ones" in default._repr_html_()
-    assert len(default.plot().data) >= 2 and len(default.plot("heads", "bfloat16").data) == 3
+    import numpy as np
+
+    # the figures draw the result's own numbers: each dtype's distances (0 as a gap on the log axis)
+    # and its resolution, and the bf16 heads' max, min and mean over heads
+    drawn = {t.name: np.asarray(t.y, dtype=float) for t in default.plot().data}
+    for d, name in enumerate(default.dtypes):
+        values = rel[d].double().numpy()
+        np.testing.assert_array_equal(drawn[name], np.where(values == 0, np.nan, values))
+        np.testing.assert_array_equal(drawn[f"{name} resolution"], [default.resolutions[name]] * 2)
+    heads = default.head_distances[1].double()
+    band = [np.asarray(t.y, dtype=float) for t in default.plot("heads", "bfloat16").data]
+    for got, want in zip(band, (heads.max(-1).values, heads.min(-1).values, heads.mean(-1)), strict=True):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=0)
 
 
 def test_bad_inputs_get_clear_errors(rotary):
@@ -236,7 +248,17 @@ def test_window_sweep_reports_distance_and_bound(rotary):
     torch.testing.assert_close(sweep.distance[0], plain.final("inf")[0])
     # a narrow window cuts the sink path: the rollout bound's first-token share falls at length 12
     assert sweep.bound_first_share[1, -1] < sweep.bound_first_share[0, -1]
-    assert sweep.summary().shape[0] == 3 and len(sweep.plot("bound").data) >= 3
+    assert sweep.summary().shape[0] == 3
+    import numpy as np
+
+    # one curve per window, each the sweep's own bound shares
+    traces = sweep.plot("bound").data
+    drawn = {t.name: np.asarray(t.y, dtype=float) for t in traces}
+    zeros = {t.legendgroup: np.asarray(t.x) for t in traces if "exactly 0" in t.name}
+    for label, want in zip(sweep._labels(), sweep.bound_first_share.double().numpy(), strict=True):
+        # a share of exactly 0 is a gap in the line and an x marker at its length
+        np.testing.assert_array_equal(drawn[label], np.where(want == 0, np.nan, want))
+        np.testing.assert_array_equal(zeros.get(label, np.array([], dtype=int)), np.array([4, 12])[want == 0])
 
 
 # ----------------------------------------------------------------------------------------------
