@@ -46,7 +46,19 @@ def test_synthetic_collapse_distance_falls_with_length_averaged_over_seeds():
     resid = pe_collapse(lengths, ("nope", "rotary", "sinusoidal"), seeds=2, site="resid_post", d_model=32)
     m = resid.distances.mean(1)
     assert (m[:2, -1] < m[:2, 0] / 10).all() and m[2, -1] > m[2, 0] / 3
-    assert len(result.plot().data) == 3 * len(ENCODINGS)
+    import numpy as np
+
+    # per encoding the figure draws the mean over seeds and its ±1 std band (the band's foot clipped
+    # to stay on the log axis)
+    drawn = {t.name: np.asarray(t.y, dtype=float) for t in result.plot().data}
+    assert len(drawn) == 3 * len(ENCODINGS)
+    for i, name in enumerate(result.encodings):
+        runs = result.distances[i].double().numpy()  # [seed, length]
+        mean, std = runs.mean(0), runs.std(0)
+        np.testing.assert_allclose(drawn[name], mean, rtol=1e-6)
+        np.testing.assert_allclose(drawn[f"{name} +std"], mean + std, rtol=1e-5)
+        lower = mean - std
+        np.testing.assert_allclose(drawn[f"{name} −std"][lower > 0], lower[lower > 0], rtol=1e-4)
     assert set(result.to_dict()) >= {"encodings", "distances", "lengths"}
     with pytest.raises(ValueError, match="site"):
         pe_collapse([2], site="logits")
