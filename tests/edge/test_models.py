@@ -283,4 +283,10 @@ def test_raw_prompt_longer_than_context_is_refused_not_truncated():
 def test_tiny_random_loads_by_name_offline():
     model = load_model(models.TINY_MODEL, n_ctx=128)
     assert model.cfg.n_ctx == 128 and model.tokenizer is not None
-    assert len(format_prompt(model, "hello")) > 1  # chat template of the SmolLM2 tokenizer
+    # the SmolLM2 tokenizer's ChatML template: the text as a user turn, then the assistant's opening
+    tokens = format_prompt(model, "hello").tolist()
+    text = model.tokenizer.decode(tokens)
+    assert text.startswith("<|im_start|>system\n"), text
+    assert text.endswith("<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"), text
+    raw = format_prompt(model, "hello", chat=False, prepend_bos=False).tolist()
+    assert any(tokens[i:i + len(raw)] == raw for i in range(len(tokens))), (tokens, raw)  # the raw ids, inside
