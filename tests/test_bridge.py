@@ -136,9 +136,18 @@ def test_bridge_forward_stops_at_the_target_layer(bridge64):
     tokens = _tokens(5, seed=8)
     with _forbidden(bridge64.unembed):
         final = jacobian(bridge64, tokens, mode="sketch", n_probes=4)
+        exact_final = jacobian(bridge64, tokens, keep_full=True)
     with _forbidden(bridge64.blocks[1]), _forbidden(bridge64.ln_final):
         first = jacobian(bridge64, tokens, layer=0, mode="sketch", n_probes=4)
-    assert final.frobenius.shape == first.frobenius.shape == (5,)
+        exact_first = jacobian(bridge64, tokens, layer=0, keep_full=True)
+    # stopping early changes no value: transformers' own full forward gives the same Jacobians
+    for exact, ref in ((exact_final, _hf_reference(bridge64, tokens)), (exact_first, _hf_reference(bridge64, tokens, target=0))):
+        torch.testing.assert_close(exact.full, ref, **TOL64)
+        torch.testing.assert_close(exact.frobenius, torch.linalg.matrix_norm(ref.permute(1, 0, 2)), **TOL64)
+    # 4 orthonormal probes of d_out = 64 rows: (k/d_out)·estimate² = ‖Uᵀ J_i‖_F² ≤ ‖J_i‖_F², and > 0
+    for sketch, exact in ((final, exact_final), (first, exact_first)):
+        projected = sketch.frobenius.double() * (4 / 64) ** 0.5
+        assert (projected <= exact.frobenius * (1 + 1e-9)).all() and (projected > 0).all(), (projected, exact.frobenius)
 
 
 @pytest.mark.bridge
