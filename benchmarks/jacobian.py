@@ -25,6 +25,11 @@ sketch ≥ 8× faster than exact with Spearman ≥ 0.95 against the exact Froben
 Targets (issue 18, ``--long``): at n = 1024 the checkpointed sketch (k = 64) costs ≤ 1.5× the plain one
 and gives the same norms (≤ 1e-5 relative); at n = 4096 the checkpointed sketch peaks below 16 GiB
 resident (model included). The machine's load average is printed beside each run.
+Measured 2026-12-02 on the shared 2-core machine at load average 6-9 (``--long --long-n 512 --long-probes 16
+--peak-n 4096 --peak-wrt 29 --max-memory-gib 12``): n = 512, k = 16: checkpointed 250 s vs plain 305 s (0.82x),
+peak extra 0.98 vs 2.99 GiB, norms bit-equal; n = 4096, k = 64, top block swept: peak RSS 4.77 GiB (+0.25 GiB of
+stored inputs for the other 29 blocks = 5.03 GiB) against an estimate of 11.3 GiB. The n = 1024 pair and a full
+30-block sweep at n = 4096 did not fit in the session on that load (the plain n = 1024 worker was killed).
 
     .venv/bin/python benchmarks/jacobian.py            # n = 128 tokens (several minutes on 2 cores)
     .venv/bin/python benchmarks/jacobian.py --quick    # n = 32
