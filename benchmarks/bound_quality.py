@@ -27,13 +27,13 @@ import pandas as pd
 import torch
 
 from lens_squash.algebra.compare import compare
+from lens_squash.algebra.ranks import spearman
+from lens_squash.algebra.variants import VARIANTS, build_graph, path_bound
+from lens_squash.core.records import provenance, write_json_atomic, write_text_atomic
 from lens_squash.edge.jacobian import jacobian
 from lens_squash.edge.models import format_prompt, load_model
-from lens_squash.algebra.ranks import spearman
-from lens_squash.core.records import provenance, write_json_atomic, write_text_atomic
-from lens_squash.experiments.suite import load_suite
 from lens_squash.edge.trace import trace
-from lens_squash.algebra.variants import VARIANTS, build_graph, path_bound
+from lens_squash.experiments.suite import load_suite
 
 GUARANTEED = ("certified",)
 #: everything from this line on in the markdown file is hand-written reading, kept on regeneration
@@ -61,9 +61,16 @@ def measure_prompt(model, prompt, variants, *, exact_max_tokens: int, probes: in
     rows = []
     for name, path in bounds.items():
         bound = path.bound
-        row = {"prompt": prompt.name, "kind": prompt.kind, "chat": prompt.chat, "n_tokens": n, "variant": name,
-               "jacobian": "exact" if exact else f"sketch{probes}", "sketch_spearman": sketch_check,
-               "seconds": seconds}
+        row = {
+            "prompt": prompt.name,
+            "kind": prompt.kind,
+            "chat": prompt.chat,
+            "n_tokens": n,
+            "variant": name,
+            "jacobian": "exact" if exact else f"sketch{probes}",
+            "sketch_spearman": sketch_check,
+            "seconds": seconds,
+        }
         frob = compare(bound, jac.frobenius, variant=name, truth_name="frobenius")
         row |= {"spearman_frob": frob.spearman, "kendall_frob": frob.kendall, "top5_frob": frob.top5_overlap}
         if jac.spectral is not None:
@@ -87,8 +94,11 @@ def per_layer_diagnosis(model, prompt, variants, *, probes: int) -> pd.DataFrame
     rows = []
     for layer in range(model.cfg.n_layers):
         truth = jacobian(model, tokens, layer=layer, mode="sketch", n_probes=probes).frobenius.double()
-        row = {"layer": layer, "truth_first_share": float(truth[0] / truth.sum()),
-               "truth_last_share": float(truth[-1] / truth.sum())}
+        row = {
+            "layer": layer,
+            "truth_first_share": float(truth[0] / truth.sum()),
+            "truth_last_share": float(truth[-1] / truth.sum()),
+        }
         for name, graph in graphs.items():
             row[name] = spearman(graph.row(-1, n_layers=layer + 1), truth)
         rows.append(row)
@@ -97,10 +107,14 @@ def per_layer_diagnosis(model, prompt, variants, *, probes: int) -> pd.DataFrame
 
 def summarise(frame: pd.DataFrame) -> pd.DataFrame:
     """Median (and min) rank agreement per variant across the prompts."""
-    agg = {"prompts": ("prompt", "nunique"), "exact_prompts": ("spearman_spec", "count") if "spearman_spec" in frame
-           else ("prompt", "size"), "median_spearman_frob": ("spearman_frob", "median"),
-           "min_spearman_frob": ("spearman_frob", "min"), "median_kendall_frob": ("kendall_frob", "median"),
-           "median_top5_frob": ("top5_frob", "median")}
+    agg = {
+        "prompts": ("prompt", "nunique"),
+        "exact_prompts": ("spearman_spec", "count") if "spearman_spec" in frame else ("prompt", "size"),
+        "median_spearman_frob": ("spearman_frob", "median"),
+        "min_spearman_frob": ("spearman_frob", "min"),
+        "median_kendall_frob": ("kendall_frob", "median"),
+        "median_top5_frob": ("top5_frob", "median"),
+    }
     if "spearman_spec" in frame:
         agg |= {"median_spearman_spec": ("spearman_spec", "median"), "median_kendall_spec": ("kendall_spec", "median")}
     if "violations" in frame:  # only guaranteed variants on prompts with a frozen Jacobian are checked
@@ -127,27 +141,29 @@ def table_md(frame: pd.DataFrame, index: bool = False) -> str:
 
 def markdown(frame: pd.DataFrame, summary: pd.DataFrame, command: str, device: str, seconds: float) -> str:
     by_kind = frame.pivot_table(index="variant", columns="kind", values="spearman_frob", aggfunc="median", sort=False)
-    return "\n".join([
-        "# Bound quality on the prompt suite",
-        "",
-        f"Regenerate with `{command}` ({device}; {seconds / 60:.1f} min). Truth: ‖∂y_n/∂v_i‖ of the last "
-        "token's final representation (SmolLM2-135M-Instruct, fp32); `spec` = spectral norm (exact Jacobians "
-        "only), `frob` = Frobenius norm (exact, or the sketch for long prompts). `violations` counts positions "
-        "where the certified bound falls below the frozen model's Jacobian (spectral), which it bounds.",
-        "",
-        "## Per variant (median across prompts)",
-        "",
-        table_md(summary),
-        "",
-        "## Median Spearman (Frobenius) by prompt kind",
-        "",
-        table_md(by_kind, index=True),
-        "",
-        "## Every prompt and variant",
-        "",
-        table_md(frame.drop(columns=["seconds"])),
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Bound quality on the prompt suite",
+            "",
+            f"Regenerate with `{command}` ({device}; {seconds / 60:.1f} min). Truth: ‖∂y_n/∂v_i‖ of the last "
+            "token's final representation (SmolLM2-135M-Instruct, fp32); `spec` = spectral norm (exact Jacobians "
+            "only), `frob` = Frobenius norm (exact, or the sketch for long prompts). `violations` counts positions "
+            "where the certified bound falls below the frozen model's Jacobian (spectral), which it bounds.",
+            "",
+            "## Per variant (median across prompts)",
+            "",
+            table_md(summary),
+            "",
+            "## Median Spearman (Frobenius) by prompt kind",
+            "",
+            table_md(by_kind, index=True),
+            "",
+            "## Every prompt and variant",
+            "",
+            table_md(frame.drop(columns=["seconds"])),
+            "",
+        ]
+    )
 
 
 def run(argv=None, *, model=None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -170,10 +186,20 @@ def run(argv=None, *, model=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     started = time.perf_counter()
     rows = []
     for i, prompt in enumerate(prompts):
-        rows += measure_prompt(model, prompt, variants, exact_max_tokens=args.exact_max_tokens,
-                               probes=args.probes, frozen=not args.no_frozen)
-        print(f"[{i + 1}/{len(prompts)}] {prompt.name}: {rows[-1]['n_tokens']} tokens, "
-              f"{rows[-1]['jacobian']}, {rows[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)
+        rows += measure_prompt(
+            model,
+            prompt,
+            variants,
+            exact_max_tokens=args.exact_max_tokens,
+            probes=args.probes,
+            frozen=not args.no_frozen,
+        )
+        print(
+            f"[{i + 1}/{len(prompts)}] {prompt.name}: {rows[-1]['n_tokens']} tokens, "
+            f"{rows[-1]['jacobian']}, {rows[-1]['seconds']:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     frame = pd.DataFrame(rows)
     summary = summarise(frame)
     seconds = time.perf_counter() - started
@@ -189,17 +215,31 @@ def run(argv=None, *, model=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     if args.markdown:
         text = markdown(frame, summary, command.strip(), device, seconds)
         if diagnosis is not None:
-            text += "\n".join(["", f"## Per-layer diagnosis on `{args.diagnose}`", "",
-                               "Spearman between each variant's bound truncated to layers 0..l and the sketched "
-                               "Jacobian of the layer-l residual stream at the last position "
-                               "(`truth_*_share`: that Jacobian's share on the first / last token).", "",
-                               table_md(diagnosis), ""])
+            text += "\n".join(
+                [
+                    "",
+                    f"## Per-layer diagnosis on `{args.diagnose}`",
+                    "",
+                    "Spearman between each variant's bound truncated to layers 0..l and the sketched "
+                    "Jacobian of the layer-l residual stream at the last position "
+                    "(`truth_*_share`: that Jacobian's share on the first / last token).",
+                    "",
+                    table_md(diagnosis),
+                    "",
+                ]
+            )
         if args.markdown.exists() and NOTES_MARKER in (old := args.markdown.read_text()):
-            text += "\n" + old[old.index(NOTES_MARKER):]
+            text += "\n" + old[old.index(NOTES_MARKER) :]
         write_text_atomic(args.markdown, text)
     if args.json:
-        write_json_atomic(args.json, {"metadata": provenance(model, command=command), "rows": rows,
-                                      "diagnosis": None if diagnosis is None else diagnosis.to_dict("records")})
+        write_json_atomic(
+            args.json,
+            {
+                "metadata": provenance(model, command=command),
+                "rows": rows,
+                "diagnosis": None if diagnosis is None else diagnosis.to_dict("records"),
+            },
+        )
     return frame, summary
 
 

@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from lens_squash.edge.models import load_model
-from lens_squash.experiments.suite import load_suite
-from lens_squash.edge.trace import trace
 from lens_squash.algebra.variants import path_bound
+from lens_squash.edge.models import load_model
+from lens_squash.edge.trace import trace
+from lens_squash.experiments.suite import load_suite
 
 
 def long_prompt(model, n_tokens: int) -> torch.Tensor:
@@ -63,8 +63,10 @@ def main() -> None:
     for name, seconds, ratio in rows:
         print(f"{name:<28}{seconds:>10.3f}{ratio:>12.3f}")
     paper = next(ratio for name, _, ratio in rows if name == "bound row: paper")
-    print(f"goal: the paper's bound row ≤ 0.05 × forward: {paper:.3f} — {'met' if paper <= 0.05 else 'NOT met'} "
-          "(per-head variants such as value_rownorm read all L·H·n² weights and are shown for comparison)")
+    print(
+        f"goal: the paper's bound row ≤ 0.05 × forward: {paper:.3f} — {'met' if paper <= 0.05 else 'NOT met'} "
+        "(per-head variants such as value_rownorm read all L·H·n² weights and are shown for comparison)"
+    )
 
 
 if __name__ == "__main__":

@@ -81,17 +81,25 @@ def main() -> None:
     lengths = _lengths(args.lengths or ("4:24:4" if args.quick else "4:128:4"))
     dtypes = (args.dtypes or "float32,bfloat16").split(",")
     model = load_model(n_ctx=512)
-    print(f"family {args.family}{' (open-ended)' if args.open_ended else ''}, lengths {lengths[0]}..{lengths[-1]} "
-          f"({len(lengths)}), torch threads {torch.get_num_threads()}", flush=True)
+    print(
+        f"family {args.family}{' (open-ended)' if args.open_ended else ''}, lengths {lengths[0]}..{lengths[-1]} "
+        f"({len(lengths)}), torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
     rows = []
     for dtype in dtypes:
         common = (model, args.family, lengths, (dtype,))
         fast, t_fast = _timed(collapse_curve, *common, open_ended=args.open_ended, exact=False)
         exact, t_exact = _timed(collapse_curve, *common, open_ended=args.open_ended, exact=True)
         row = {
-            "dtype": dtype, "exact_s": t_exact, "fast_s": t_fast, "ratio": t_exact / t_fast,
-            "exact_tokens": exact.forward_tokens[dtype], "fast_tokens": fast.forward_tokens[dtype],
-            "fast_path": fast.paths[dtype], "noise_floor": fast.noise_floor[dtype],
+            "dtype": dtype,
+            "exact_s": t_exact,
+            "fast_s": t_fast,
+            "ratio": t_exact / t_fast,
+            "exact_tokens": exact.forward_tokens[dtype],
+            "fast_tokens": fast.forward_tokens[dtype],
+            "fast_path": fast.paths[dtype],
+            "noise_floor": fast.noise_floor[dtype],
             "noise_lengths": list(fast.noise_lengths),
             "exact": {k: exact.thresholds()[dtype][k] for k in _KEYS},
             "fast": {k: fast.thresholds()[dtype][k] for k in _KEYS},
@@ -99,19 +107,28 @@ def main() -> None:
         }
         if args.reference:
             row["reference"], row["reference_s"] = _timed(
-                reference_thresholds, model, dtype, args.family, lengths, args.open_ended)
+                reference_thresholds, model, dtype, args.family, lengths, args.open_ended
+            )
             row["exact_equals_reference"] = row["exact"] == row["reference"]
             row["fast_equals_reference"] = row["fast"] == row["reference"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"\n{'dtype':<9} {'exact s':>8} {'fast s':>7} {'exact/fast':>10} {'fast path':>9} {'noise floor':>11} "
-          f"{'max |Δ rel dist|':>16}  thresholds exact | fast (below_res, zero, same_pred)")
+    print(
+        f"\n{'dtype':<9} {'exact s':>8} {'fast s':>7} {'exact/fast':>10} {'fast path':>9} {'noise floor':>11} "
+        f"{'max |Δ rel dist|':>16}  thresholds exact | fast (below_res, zero, same_pred)"
+    )
     for r in rows:
         th = lambda d: ", ".join("-" if d[k] is None else str(d[k]) for k in _KEYS)  # noqa: E731
-        print(f"{r['dtype']:<9} {r['exact_s']:>8.1f} {r['fast_s']:>7.1f} {r['ratio']:>9.2f}x {r['fast_path']:>9} "
-              f"{r['noise_floor']:>11.2e} {r['max_rel_dist_gap']:>16.2e}  {th(r['exact'])} | {th(r['fast'])}"
-              + (f"  reference {th(r['reference'])}: exact {'==' if r['exact_equals_reference'] else '!='}, "
-                 f"fast {'==' if r['fast_equals_reference'] else '!='}" if "reference" in r else ""))
+        print(
+            f"{r['dtype']:<9} {r['exact_s']:>8.1f} {r['fast_s']:>7.1f} {r['ratio']:>9.2f}x {r['fast_path']:>9} "
+            f"{r['noise_floor']:>11.2e} {r['max_rel_dist_gap']:>16.2e}  {th(r['exact'])} | {th(r['fast'])}"
+            + (
+                f"  reference {th(r['reference'])}: exact {'==' if r['exact_equals_reference'] else '!='}, "
+                f"fast {'==' if r['fast_equals_reference'] else '!='}"
+                if "reference" in r
+                else ""
+            )
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -75,14 +75,20 @@ def _compare(model, tokens, mode: str, repeats: int, with_bounds: bool) -> dict:
     rel = ((f.sensitivity[0].double() - j.frobenius.double()).abs() / j.frobenius.double()).max()
     out = {
         "mode": mode,
-        "jacobian_s": min(jac_times), "flow_s": min(flow_times), "ratio": min(flow_times) / min(jac_times),
+        "jacobian_s": min(jac_times),
+        "flow_s": min(flow_times),
+        "ratio": min(flow_times) / min(jac_times),
         "decomposition_error_per_layer": f.decomposition_error.tolist(),
         "decomposition_error_max": float(f.decomposition_error.max()),
         "layer0_vs_jacobian_max_rel": float(rel),
-        "jacobian_estimated_MiB": j.provenance["estimated_bytes"] / 2**20, "jacobian_peak_MiB": j_peak / 2**20,
-        "flow_estimated_MiB": f.provenance["estimated_bytes"] / 2**20, "flow_peak_MiB": f_peak / 2**20,
-        "flow_chunk": f.provenance["chunk_size"], "jacobian_chunk": j.provenance["chunk_size"],
-        "flow_checkpoint": f.provenance["checkpoint"], "jacobian_checkpoint": j.provenance["checkpoint"],
+        "jacobian_estimated_MiB": j.provenance["estimated_bytes"] / 2**20,
+        "jacobian_peak_MiB": j_peak / 2**20,
+        "flow_estimated_MiB": f.provenance["estimated_bytes"] / 2**20,
+        "flow_peak_MiB": f_peak / 2**20,
+        "flow_chunk": f.provenance["chunk_size"],
+        "jacobian_chunk": j.provenance["chunk_size"],
+        "flow_checkpoint": f.provenance["checkpoint"],
+        "jacobian_checkpoint": j.provenance["checkpoint"],
         "load_average": os.getloadavg(),
     }
     if bound_times:
@@ -93,11 +99,15 @@ def _compare(model, tokens, mode: str, repeats: int, with_bounds: bool) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="sketch only, without the run that adds the bound rows (skips the exact comparison)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="sketch only, without the run that adds the bound rows (skips the exact comparison)",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="runs per method; the minimum time is kept (default 2)")
-    parser.add_argument("--modes", default="sketch,exact",
-                        help="comparisons to run (default both; --quick runs sketch only)")
+    parser.add_argument(
+        "--modes", default="sketch,exact", help="comparisons to run (default both; --quick runs sketch only)"
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
@@ -116,16 +126,25 @@ def main(argv=None) -> None:
     if "exact" in modes and not args.quick:
         results["runs"].append(_compare(model, tokens, "exact", 1, with_bounds=False))
     for run in results["runs"]:
-        print(f"{run['mode']:>6}: jacobian {run['jacobian_s']:.1f} s, flow {run['flow_s']:.1f} s, "
-              f"ratio {run['ratio']:.2f}x (goal <= 1.5x)"
-              + (f"; with bound rows {run['flow_with_bounds_s']:.1f} s = {run['ratio_with_bounds']:.2f}x"
-                 if "ratio_with_bounds" in run else ""))
-        print(f"        decomposition error max over layers {run['decomposition_error_max']:.2e} (goal <= 1e-5); "
-              f"layer-0 sensitivity vs jacobian max rel {run['layer0_vs_jacobian_max_rel']:.1e}")
-        print(f"        memory: jacobian est {run['jacobian_estimated_MiB']:.0f} MiB / peak {run['jacobian_peak_MiB']:.0f} MiB; "
-              f"flow est {run['flow_estimated_MiB']:.0f} MiB / peak {run['flow_peak_MiB']:.0f} MiB "
-              f"(chunks {run['jacobian_chunk']} / {run['flow_chunk']}, checkpointed {run['jacobian_checkpoint']} / "
-              f"{run['flow_checkpoint']}; load average {run['load_average'][0]:.1f})")
+        print(
+            f"{run['mode']:>6}: jacobian {run['jacobian_s']:.1f} s, flow {run['flow_s']:.1f} s, "
+            f"ratio {run['ratio']:.2f}x (goal <= 1.5x)"
+            + (
+                f"; with bound rows {run['flow_with_bounds_s']:.1f} s = {run['ratio_with_bounds']:.2f}x"
+                if "ratio_with_bounds" in run
+                else ""
+            )
+        )
+        print(
+            f"        decomposition error max over layers {run['decomposition_error_max']:.2e} (goal <= 1e-5); "
+            f"layer-0 sensitivity vs jacobian max rel {run['layer0_vs_jacobian_max_rel']:.1e}"
+        )
+        print(
+            f"        memory: jacobian est {run['jacobian_estimated_MiB']:.0f} MiB / peak {run['jacobian_peak_MiB']:.0f} MiB; "
+            f"flow est {run['flow_estimated_MiB']:.0f} MiB / peak {run['flow_peak_MiB']:.0f} MiB "
+            f"(chunks {run['jacobian_chunk']} / {run['flow_chunk']}, checkpointed {run['jacobian_checkpoint']} / "
+            f"{run['flow_checkpoint']}; load average {run['load_average'][0]:.1f})"
+        )
         print("        per-layer error: " + " ".join(f"{e:.1e}" for e in run["decomposition_error_per_layer"]))
     if args.json:
         with open(args.json, "w") as handle:

@@ -53,8 +53,11 @@ def main() -> None:
     greedy_generate(model, prompts[:2], max_new_tokens=2)  # warm-up: first-call allocations
 
     def batched():
-        return [out for start in range(0, n_prompts, batch_size)
-                for out in greedy_generate(model, prompts[start : start + batch_size], max_new_tokens=new_tokens)]
+        return [
+            out
+            for start in range(0, n_prompts, batch_size)
+            for out in greedy_generate(model, prompts[start : start + batch_size], max_new_tokens=new_tokens)
+        ]
 
     def one_at_a_time():
         return [greedy_generate(model, [p], max_new_tokens=new_tokens)[0] for p in prompts]
@@ -65,19 +68,25 @@ def main() -> None:
     mismatches = [i for i, (a, b) in enumerate(zip(batch, single, strict=True)) if not torch.equal(a, b)]
 
     widths = sorted({len(p) for p in prompts})
-    print(f"SmolLM2-135M-Instruct on {args.device} ({torch.get_num_threads()} threads), {n_prompts} prompts of "
-          f"{widths[0]}–{widths[-1]} tokens, max_new_tokens={new_tokens}, {tokens} tokens generated\n")
+    print(
+        f"SmolLM2-135M-Instruct on {args.device} ({torch.get_num_threads()} threads), {n_prompts} prompts of "
+        f"{widths[0]}–{widths[-1]} tokens, max_new_tokens={new_tokens}, {tokens} tokens generated\n"
+    )
     print("| run | seconds | prompts/s | new tokens/s |\n|---|---|---|---|")
     print(f"| one prompt at a time | {t_single:.2f} | {n_prompts / t_single:.2f} | {tokens / t_single:.1f} |")
-    print(f"| batched (batch_size={batch_size}) | {t_batched:.2f} | {n_prompts / t_batched:.2f} | "
-          f"{tokens / t_batched:.1f} |")
+    print(
+        f"| batched (batch_size={batch_size}) | {t_batched:.2f} | {n_prompts / t_batched:.2f} | "
+        f"{tokens / t_batched:.1f} |"
+    )
     ratio = t_single / t_batched
     print(f"| **speed-up** | {ratio:.2f}× | goal ≥ 3× | {'met' if ratio >= 3 else 'NOT met'} |")
     print(f"\noutputs identical to one-at-a-time: {n_prompts - len(mismatches)}/{n_prompts}")
     for i in mismatches:
         decode = model.tokenizer.decode
-        print(f"  mismatch at prompt {i} ({len(prompts[i])} tokens): batched {decode(batch[i].tolist())!r} "
-              f"vs alone {decode(single[i].tolist())!r}")
+        print(
+            f"  mismatch at prompt {i} ({len(prompts[i])} tokens): batched {decode(batch[i].tolist())!r} "
+            f"vs alone {decode(single[i].tolist())!r}"
+        )
 
 
 if __name__ == "__main__":

@@ -134,19 +134,44 @@ WORKER = textwrap.dedent(
 )
 
 
-def run(method: str, n: int, chunk: int | None, threads: int, budget_gib: float | None = None, wrt: int = 0,
-        n_probes: int = 64) -> dict:
+def run(
+    method: str,
+    n: int,
+    chunk: int | None,
+    threads: int,
+    budget_gib: float | None = None,
+    wrt: int = 0,
+    n_probes: int = 64,
+) -> dict:
     name, _, heap = method.partition(":")
     env = dict(os.environ, LENS_SQUASH_STEADY_HEAP="0" if heap == "plain" else "1", LENS_SQUASH_PROGRESS="0")
-    args = [sys.executable, "-W", "ignore", "-c", WORKER, name, str(n), str(chunk or "none"), str(threads),
-            str(budget_gib or "none"), str(wrt), str(n_probes)]
+    args = [
+        sys.executable,
+        "-W",
+        "ignore",
+        "-c",
+        WORKER,
+        name,
+        str(n),
+        str(chunk or "none"),
+        str(threads),
+        str(budget_gib or "none"),
+        str(wrt),
+        str(n_probes),
+    ]
     load = os.getloadavg()
     done = subprocess.run(args, capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise SystemExit(f"the {method} worker failed (exit status {done.returncode}; -9: killed, e.g. out of memory):\n"
-                         f"{done.stderr[-3000:]}")
+        raise SystemExit(
+            f"the {method} worker failed (exit status {done.returncode}; -9: killed, e.g. out of memory):\n"
+            f"{done.stderr[-3000:]}"
+        )
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line.removeprefix("RESULT ")) | {"method": method, "load_before": load, "load_after": os.getloadavg()}
+    return json.loads(line.removeprefix("RESULT ")) | {
+        "method": method,
+        "load_before": load,
+        "load_after": os.getloadavg(),
+    }
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -164,19 +189,34 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=None, help="chunk size for exact (default: the library's)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--methods", default="vjp,exact,jacrev,sketch")
-    parser.add_argument("--long", action="store_true",
-                        help="issue 18: sketch plain vs checkpointed at --long-n (1024), then checkpointed at --peak-n (4096)")
+    parser.add_argument(
+        "--long",
+        action="store_true",
+        help="issue 18: sketch plain vs checkpointed at --long-n (1024), then checkpointed at --peak-n (4096)",
+    )
     parser.add_argument("--long-n", type=int, default=1024)
-    parser.add_argument("--long-probes", type=int, default=64,
-                        help="sketch probes of the plain-vs-checkpointed pair (fewer probes make the ratio harder: "
-                             "the recompute is one extra forward pass whatever k, the rest grows with k)")
+    parser.add_argument(
+        "--long-probes",
+        type=int,
+        default=64,
+        help="sketch probes of the plain-vs-checkpointed pair (fewer probes make the ratio harder: "
+        "the recompute is one extra forward pass whatever k, the rest grows with k)",
+    )
     parser.add_argument("--peak-n", type=int, default=4096, help="0 skips the peak run")
-    parser.add_argument("--peak-wrt", type=int, default=0,
-                        help="the peak run differentiates w.r.t. blocks.{this}.hook_resid_pre: with 29 only the top "
-                             "block is swept (one block's recompute and k=64 backward, the per-block peak, 1/30 of "
-                             "the time); the other blocks' stored inputs, (29 - 0)·n·d floats, are then added by count")
-    parser.add_argument("--max-memory-gib", type=float, default=None,
-                        help="max_memory_bytes for the library's runs (default: half the free memory)")
+    parser.add_argument(
+        "--peak-wrt",
+        type=int,
+        default=0,
+        help="the peak run differentiates w.r.t. blocks.{this}.hook_resid_pre: with 29 only the top "
+        "block is swept (one block's recompute and k=64 backward, the per-block peak, 1/30 of "
+        "the time); the other blocks' stored inputs, (29 - 0)·n·d floats, are then added by count",
+    )
+    parser.add_argument(
+        "--max-memory-gib",
+        type=float,
+        default=None,
+        help="max_memory_bytes for the library's runs (default: half the free memory)",
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     if args.long:
@@ -186,8 +226,11 @@ def main() -> None:
     for method in args.methods.split(","):
         chunk = args.chunk if method.partition(":")[0] in ("exact", "autograd") else None
         results[method] = run(method, n, chunk, args.threads, args.max_memory_gib)
-        print(f"# {method}: {results[method]['seconds']:.1f} s, "
-              f"{results[method]['peak_extra_bytes'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+        print(
+            f"# {method}: {results[method]['seconds']:.1f} s, {results[method]['peak_extra_bytes'] / 2**20:.0f} MiB",
+            file=sys.stderr,
+            flush=True,
+        )
     report(results, n)
 
 
@@ -196,45 +239,69 @@ def long_contexts(args) -> None:
     gib = 2**30
     runs = {}
     if args.peak_n:  # first: the headline number, on a machine whose other load changes over the run
-        runs[f"sketch-ckpt@{args.peak_n}"] = run("sketch-ckpt", args.peak_n, None, args.threads, args.max_memory_gib,
-                                                 args.peak_wrt)
+        runs[f"sketch-ckpt@{args.peak_n}"] = run(
+            "sketch-ckpt", args.peak_n, None, args.threads, args.max_memory_gib, args.peak_wrt
+        )
         _progress(f"sketch-ckpt@{args.peak_n}", runs[f"sketch-ckpt@{args.peak_n}"])
     for method in ("sketch", "sketch-ckpt"):
-        runs[f"{method}@{args.long_n}"] = run(method, args.long_n, None, args.threads, args.max_memory_gib,
-                                              n_probes=args.long_probes)
+        runs[f"{method}@{args.long_n}"] = run(
+            method, args.long_n, None, args.threads, args.max_memory_gib, n_probes=args.long_probes
+        )
         _progress(f"{method}@{args.long_n}", runs[f"{method}@{args.long_n}"])
-    print(f"\nSmolLM2-135M-Instruct, fp32, sketch (k = {args.long_probes} at n = {args.long_n}, k = 64 at "
-          f"n = {args.peak_n}), random tokens; each run a fresh process\n")
-    print("| run | seconds | chunk | checkpoint | estimate GiB | peak extra GiB | peak RSS GiB | load avg (1 min) before/after |")
+    print(
+        f"\nSmolLM2-135M-Instruct, fp32, sketch (k = {args.long_probes} at n = {args.long_n}, k = 64 at "
+        f"n = {args.peak_n}), random tokens; each run a fresh process\n"
+    )
+    print(
+        "| run | seconds | chunk | checkpoint | estimate GiB | peak extra GiB | peak RSS GiB | load avg (1 min) before/after |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, r in runs.items():
-        print(f"| {name} | {r['seconds']:.1f} | {r['chunk']} | {r['checkpoint']} | {r['estimated_bytes'] / gib:.2f} | "
-              f"{r['peak_extra_bytes'] / gib:.2f} | {r['peak_rss_bytes'] / gib:.2f} | "
-              f"{r['load_before'][0]:.1f} / {r['load_after'][0]:.1f} |")
+        print(
+            f"| {name} | {r['seconds']:.1f} | {r['chunk']} | {r['checkpoint']} | {r['estimated_bytes'] / gib:.2f} | "
+            f"{r['peak_extra_bytes'] / gib:.2f} | {r['peak_rss_bytes'] / gib:.2f} | "
+            f"{r['load_before'][0]:.1f} / {r['load_after'][0]:.1f} |"
+        )
     plain, saved = runs[f"sketch@{args.long_n}"], runs[f"sketch-ckpt@{args.long_n}"]
     import torch
 
     a, b = torch.tensor(plain["frobenius"], dtype=torch.float64), torch.tensor(saved["frobenius"], dtype=torch.float64)
     print("\n| goal | measured | target |\n|---|---|---|")
     print(f"| n = {args.long_n}: checkpointed time ÷ plain time | {saved['seconds'] / plain['seconds']:.2f} | ≤ 1.5 |")
-    print(f"| n = {args.long_n}: checkpointed peak extra ÷ plain peak extra | "
-          f"{saved['peak_extra_bytes'] / max(plain['peak_extra_bytes'], 1):.2f} | (no target) |")
-    print(f"| n = {args.long_n}: max relative difference of ‖J_i‖_F | {float(((a - b).abs() / a).max()):.1e} | ≤ 1e-5 |")
+    print(
+        f"| n = {args.long_n}: checkpointed peak extra ÷ plain peak extra | "
+        f"{saved['peak_extra_bytes'] / max(plain['peak_extra_bytes'], 1):.2f} | (no target) |"
+    )
+    print(
+        f"| n = {args.long_n}: max relative difference of ‖J_i‖_F | {float(((a - b).abs() / a).max()):.1e} | ≤ 1e-5 |"
+    )
     if args.peak_n:
         peak = runs[f"sketch-ckpt@{args.peak_n}"]
         # the blocks below wrt would each keep one stored input, [n, d_model] in float32
         unswept = args.peak_wrt * args.peak_n * 576 * 4
-        label = "" if not args.peak_wrt else f" (blocks {args.peak_wrt}.. swept; + {unswept / gib:.2f} GiB of stored inputs for the rest, counted)"
-        print(f"| n = {args.peak_n}: checkpointed peak resident size (model included){label} | "
-              f"{(peak['peak_rss_bytes'] + unswept) / gib:.2f} GiB | < 16 GiB |")
+        label = (
+            ""
+            if not args.peak_wrt
+            else f" (blocks {args.peak_wrt}.. swept; + {unswept / gib:.2f} GiB of stored inputs for the rest, counted)"
+        )
+        print(
+            f"| n = {args.peak_n}: checkpointed peak resident size (model included){label} | "
+            f"{(peak['peak_rss_bytes'] + unswept) / gib:.2f} GiB | < 16 GiB |"
+        )
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({k: {key: v for key, v in r.items() if key != "frobenius"} for k, r in runs.items()}, handle, indent=1)
+            json.dump(
+                {k: {key: v for key, v in r.items() if key != "frobenius"} for k, r in runs.items()}, handle, indent=1
+            )
 
 
 def _progress(name: str, r: dict) -> None:
-    print(f"# {name}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB, "
-          f"load {r['load_before'][0]:.1f}", file=sys.stderr, flush=True)
+    print(
+        f"# {name}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB, "
+        f"load {r['load_before'][0]:.1f}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def report(results: dict, n: int) -> None:
@@ -255,7 +322,9 @@ def report(results: dict, n: int) -> None:
     if exact and "jacrev" in results:
         jr = results["jacrev"]
         print(f"| exact time ÷ jacrev(chunk 64) time | {exact['seconds'] / jr['seconds']:.2f} | ≤ 1.0 |")
-        print(f"| exact memory ÷ jacrev memory | {exact['peak_extra_bytes'] / max(jr['peak_extra_bytes'], 1):.2f} | ≤ 0.6 |")
+        print(
+            f"| exact memory ÷ jacrev memory | {exact['peak_extra_bytes'] / max(jr['peak_extra_bytes'], 1):.2f} | ≤ 0.6 |"
+        )
     if exact and "vjp" in results:
         floor = 576 * results["vjp"]["one_vjp"]
         print(f"| exact time ÷ (d_model × one VJP = {floor:.1f} s) | {exact['seconds'] / floor:.2f} | ≤ 1.1 |")

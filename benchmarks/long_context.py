@@ -50,8 +50,13 @@ def _child(n: int, jacobian: bool) -> dict:
         started = time.perf_counter()
         model(tokens[None])
         forward = time.perf_counter() - started
-    out = {"n": n, "forward_s": forward, "threads": torch.get_num_threads(), "rss_before_gib": baseline / GIB,
-           "model": analysis_memory(model, n)}
+    out = {
+        "n": n,
+        "forward_s": forward,
+        "threads": torch.get_num_threads(),
+        "rss_before_gib": baseline / GIB,
+        "model": analysis_memory(model, n),
+    }
     with silenced():
         if jacobian:
             from lens_squash.edge.jacobian import jacobian as jac
@@ -132,24 +137,36 @@ def svg_figure(rows: list[dict]) -> str:
         return ""
     w, h, pad = 640, 360, 60
     xs = [math.log2(r["n"]) for r in ok]
-    series = {"peak GiB": [r["peak_gib"] for r in ok], "analysis s": [r["analysis_s"] for r in ok],
-              "forward s": [r["forward_s"] for r in ok]}
+    series = {
+        "peak GiB": [r["peak_gib"] for r in ok],
+        "analysis s": [r["analysis_s"] for r in ok],
+        "forward s": [r["forward_s"] for r in ok],
+    }
     lo = min(math.log2(v) for vs in series.values() for v in vs)
     hi = max(math.log2(v) for vs in series.values() for v in vs)
-    def px(x): return pad + (x - xs[0]) / max(xs[-1] - xs[0], 1e-9) * (w - 2 * pad)
-    def py(y): return h - pad - (math.log2(y) - lo) / max(hi - lo, 1e-9) * (h - 2 * pad)
+
+    def px(x):
+        return pad + (x - xs[0]) / max(xs[-1] - xs[0], 1e-9) * (w - 2 * pad)
+
+    def py(y):
+        return h - pad - (math.log2(y) - lo) / max(hi - lo, 1e-9) * (h - 2 * pad)
+
     colours = {"peak GiB": "#d62728", "analysis s": "#1f77b4", "forward s": "#7f7f7f"}
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
-             f'<text x="{w / 2}" y="20" text-anchor="middle">SmolLM2-135M: analyze(jacobian_mode=None) vs prompt length (log–log)</text>',
-             f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>',
-             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+        f'<text x="{w / 2}" y="20" text-anchor="middle">SmolLM2-135M: analyze(jacobian_mode=None) vs prompt length (log–log)</text>',
+        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>',
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
+    ]
     for r, x in zip(ok, xs, strict=True):
         parts.append(f'<text x="{px(x)}" y="{h - pad + 18}" text-anchor="middle">{r["n"]}</text>')
     for i, (name, values) in enumerate(series.items()):
         points = " ".join(f"{px(x):.1f},{py(v):.1f}" for x, v in zip(xs, values, strict=True))
         parts.append(f'<polyline points="{points}" fill="none" stroke="{colours[name]}" stroke-width="2"/>')
         slope = fit_exponent([r["n"] for r in ok], values)
-        parts.append(f'<text x="{w - pad - 150}" y="{pad + 16 * i}" fill="{colours[name]}">{name} ∝ n^{slope:.2f}</text>')
+        parts.append(
+            f'<text x="{w - pad - 150}" y="{pad + 16 * i}" fill="{colours[name]}">{name} ∝ n^{slope:.2f}</text>'
+        )
     parts.append(f'<text x="{w / 2}" y="{h - 15}" text-anchor="middle">prompt length n (tokens)</text></svg>')
     return "\n".join(parts)
 
@@ -162,19 +179,25 @@ def report(rows: list[dict]) -> str:
             continue
         model = sum(r["model"].values()) / GIB + r["rss_before_gib"] - r["model"]["weights"] / GIB
         took = r.get("analysis_s", r.get("jacobian_s", math.nan))
-        lines.append(f"{r['n']:>6} {r['forward_s']:>10.1f} {took:>11.1f} {took / r['forward_s']:>7.2f} "
-                     f"{r['peak_gib']:>9.2f} {model:>10.2f}  {r.get('streamed', '-')}")
+        lines.append(
+            f"{r['n']:>6} {r['forward_s']:>10.1f} {took:>11.1f} {took / r['forward_s']:>7.2f} "
+            f"{r['peak_gib']:>9.2f} {model:>10.2f}  {r.get('streamed', '-')}"
+        )
     ok = [r for r in rows if "error" not in r and "analysis_s" in r]
     if len(ok) >= 2:
         ns = [r["n"] for r in ok]
-        lines.append(f"growth exponents: forward n^{fit_exponent(ns, [r['forward_s'] for r in ok]):.2f}, "
-                     f"analysis n^{fit_exponent(ns, [r['analysis_s'] for r in ok]):.2f}, "
-                     f"peak memory n^{fit_exponent(ns, [r['peak_gib'] for r in ok]):.2f}")
+        lines.append(
+            f"growth exponents: forward n^{fit_exponent(ns, [r['forward_s'] for r in ok]):.2f}, "
+            f"analysis n^{fit_exponent(ns, [r['analysis_s'] for r in ok]):.2f}, "
+            f"peak memory n^{fit_exponent(ns, [r['peak_gib'] for r in ok]):.2f}"
+        )
     lines.append("model GiB = resident before the analysis + memory_model(residual, attention, patterns, gains)")
     lines.append("Llama-3-8B shapes (bf16, 32 × 32 heads) on one 80 GB GPU, by the same memory model:")
     for n, streamed, kept in llama_fit():
         lines.append(f"  n = {n:>6}: streamed {streamed:8.1f} GiB, patterns kept {kept:10.1f} GiB")
-    lines.append(f"  longest that fits in 80 GB: streamed n ≈ {longest_fit(False)}, patterns kept n ≈ {longest_fit(True)}")
+    lines.append(
+        f"  longest that fits in 80 GB: streamed n ≈ {longest_fit(False)}, patterns kept n ≈ {longest_fit(True)}"
+    )
     return "\n".join(lines)
 
 

@@ -32,7 +32,9 @@ from lens_squash.experiments.suite import load_suite
 
 def equal_to_the_last_bit(a: ManyAnalyses, b: ManyAnalyses) -> bool:
     for x, y in zip(a.analyses, b.analyses, strict=True):
-        if x.bounds.keys() != y.bounds.keys() or not all(torch.equal(x.bounds[k].bound, y.bounds[k].bound) for k in x.bounds):
+        if x.bounds.keys() != y.bounds.keys() or not all(
+            torch.equal(x.bounds[k].bound, y.bounds[k].bound) for k in x.bounds
+        ):
             return False
         if not (_same(x.jacobian.spectral, y.jacobian.spectral) and _same(x.jacobian.frobenius, y.jacobian.frobenius)):
             return False
@@ -52,8 +54,10 @@ def on_cluster(n_workers: int, spec: ModelSpec, prompts, kwargs) -> tuple[ManyAn
     """(results, seconds to load the model and warm up every worker, seconds for analyze_many)."""
     from dask.distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         started = time.perf_counter()
         client.run(cached_model, spec)  # the one load per worker, timed apart from the prompts
         client.run(_warm_up, spec, prompts[0], kwargs)  # lazy imports and first-call costs, on every worker
@@ -91,8 +95,10 @@ def main() -> None:
         result, loaded, seconds = on_cluster(n_workers, spec, prompts, kwargs)
         timings[n_workers] = seconds
         same = equal_to_the_last_bit(reference, result)
-        print(f"LocalCluster {n_workers} × 1 thread: {seconds:7.1f} s (model load and warm-up on the workers {loaded:.1f} s), "
-              f"equal to the in-process results to the last bit: {same}")
+        print(
+            f"LocalCluster {n_workers} × 1 thread: {seconds:7.1f} s (model load and warm-up on the workers {loaded:.1f} s), "
+            f"equal to the in-process results to the last bit: {same}"
+        )
         if not same:
             raise SystemExit(f"the {n_workers}-worker results differ from the in-process ones")
     print(f"speed-up of 2 × 1 over 1 × 1: {timings[1] / timings[2]:.2f}×")

@@ -88,8 +88,10 @@ def main() -> None:
     rows.append(("trace(keep_resid=True)", seconds))
     patterns, resid = tr.patterns, tr.resid
     rows += [
-        ("first-token mass + sink rate (ε = 0.3)",
-         timed(lambda: (first_token_attention(patterns), sink_rate(patterns)), repeat)[0]),
+        (
+            "first-token mass + sink rate (ε = 0.3)",
+            timed(lambda: (first_token_attention(patterns), sink_rate(patterns)), repeat)[0],
+        ),
         ("mixing score (row entropies)", timed(lambda: mixing_score(patterns), repeat)[0]),
         ("massive activations", timed(lambda: massive_activations(tr.resid_norms, tr.first_token_resid), repeat)[0]),
     ]
@@ -107,19 +109,27 @@ def main() -> None:
     pairwise = [float(dobrushin(p, method="pairwise")) for p in lazy]
     pair_s = (time.perf_counter() - started) / len(lazy)
     rows.append((f"Dobrushin τ, pairwise O(n³), per layer ({len(lazy)} timed)", pair_s))
-    rows.append(("sink_report_from_trace (all of it; entropy auto = Gram iff n > d)",
-                 timed(lambda: sink_report_from_trace(tr), repeat)[0]))
+    rows.append(
+        (
+            "sink_report_from_trace (all of it; entropy auto = Gram iff n > d)",
+            timed(lambda: sink_report_from_trace(tr), repeat)[0],
+        )
+    )
 
     agree = max(abs(a - float(b)) for a, b in zip(pairwise, closed, strict=False))
     forward_s = rows[0][1]
-    print(f"SmolLM2-135M-Instruct, n = {n} tokens, float32 model, metrics in float64, "
-          f"{torch.get_num_threads()} threads, best of {repeat}\n")
+    print(
+        f"SmolLM2-135M-Instruct, n = {n} tokens, float32 model, metrics in float64, "
+        f"{torch.get_num_threads()} threads, best of {repeat}\n"
+    )
     print("| step | seconds | ÷ forward pass |\n|---|---:|---:|")
     for name, seconds in rows:
         print(f"| {name} | {seconds:.3f} | {seconds / forward_s:.2f} |")
     print(f"\nGram / SVD entropy time: {gram_s / svd_s:.2f} (max |difference| {float((gram - svd).abs().max()):.1e})")
-    print(f"pairwise per layer / closed form per layer: {pair_s / (closed_s / tr.n_layers):.0f}× "
-          f"(max |difference| on the timed layers {agree:.1e})")
+    print(
+        f"pairwise per layer / closed form per layer: {pair_s / (closed_s / tr.n_layers):.0f}× "
+        f"(max |difference| on the timed layers {agree:.1e})"
+    )
 
 
 if __name__ == "__main__":

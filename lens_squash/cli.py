@@ -28,8 +28,17 @@ from . import cli_trace as trace
 from .cli_common import check_model_flags
 from .cli_names import COPY_PROMPT
 
-__all__ = ["COMMANDS", "COPY_PROMPT", "EXIT_BAD_INPUT", "EXIT_INTERNAL_ERROR", "EXIT_INTERRUPTED", "Command",
-           "build_parser", "copy_prompt", "main"]
+__all__ = [
+    "COMMANDS",
+    "COPY_PROMPT",
+    "EXIT_BAD_INPUT",
+    "EXIT_INTERNAL_ERROR",
+    "EXIT_INTERRUPTED",
+    "Command",
+    "build_parser",
+    "copy_prompt",
+    "main",
+]
 
 
 def copy_prompt(n_ones: int = 12) -> str:
@@ -122,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - a bug, not bad input: still one line, and how to see more
         if os.environ.get("LENS_SQUASH_DEBUG"):
             raise
-        print(f"lens-squash {args.command}: internal error ({type(err).__name__}: {_one_line(err)}); "
-              "please report it; rerun with LENS_SQUASH_DEBUG=1 for the traceback", file=sys.stderr)
+        print(
+            f"lens-squash {args.command}: internal error ({type(err).__name__}: {_one_line(err)}); "
+            "please report it; rerun with LENS_SQUASH_DEBUG=1 for the traceback",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL_ERROR
 
 

@@ -19,11 +19,18 @@ __all__ = ["add_parser", "check", "print_analysis", "report_analysis", "run"]
 def add_parser(sub) -> None:
     parser = sub.add_parser("analyze", help="path-sum bounds vs the exact Jacobian, spectral and sink analysis")
     add_prompt_args(parser)
-    parser.add_argument("--variants", default=None,
-                        help=f"comma-separated path-sum variants, from {', '.join(VARIANT_NAMES)} (default: "
-                             f"{','.join(DEFAULT_VARIANTS)}, skipping those the model cannot support)")
-    parser.add_argument("--jacobian", choices=["exact", "sketch", "none"], default="exact",
-                        help="how to compute the true sensitivities (sketch: random probes, much faster)")
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help=f"comma-separated path-sum variants, from {', '.join(VARIANT_NAMES)} (default: "
+        f"{','.join(DEFAULT_VARIANTS)}, skipping those the model cannot support)",
+    )
+    parser.add_argument(
+        "--jacobian",
+        choices=["exact", "sketch", "none"],
+        default="exact",
+        help="how to compute the true sensitivities (sketch: random probes, much faster)",
+    )
     parser.add_argument("--probes", type=int, default=64, help="probes for --jacobian sketch")
     parser.add_argument("--out", default="out/analyze", help="folder for results.json and report.html")
     add_model_args(parser)
@@ -40,8 +47,10 @@ def check(args) -> None:
 def check_probes(model, args) -> None:
     """The sketch's probes are orthonormal: at most d_model of them (checked once the model is loaded)."""
     if args.jacobian == "sketch" and args.probes > model.cfg.d_model:
-        raise ValueError(f"--probes {args.probes} is more than this model's d_model={model.cfg.d_model}: the "
-                         f"probes are orthonormal; pass --probes 1 … {model.cfg.d_model}, or --jacobian exact")
+        raise ValueError(
+            f"--probes {args.probes} is more than this model's d_model={model.cfg.d_model}: the "
+            f"probes are orthonormal; pass --probes 1 … {model.cfg.d_model}, or --jacobian exact"
+        )
 
 
 def run(args) -> int:
@@ -51,10 +60,24 @@ def run(args) -> int:
     check_two_tokens(model, args.prompt, False if args.raw else None)
     check_probes(model, args)
     mode = None if args.jacobian == "none" else args.jacobian
-    analysis = analyze(model, args.prompt, variants=args.variants, jacobian_mode=mode, n_probes=args.probes,
-                       chat=False if args.raw else None)
-    report_analysis(args, analysis, args.prompt, args.out, title="lens_squash: over-squashing analysis",
-                    command="analyze", variants=list(analysis.bounds), jacobian=args.jacobian)
+    analysis = analyze(
+        model,
+        args.prompt,
+        variants=args.variants,
+        jacobian_mode=mode,
+        n_probes=args.probes,
+        chat=False if args.raw else None,
+    )
+    report_analysis(
+        args,
+        analysis,
+        args.prompt,
+        args.out,
+        title="lens_squash: over-squashing analysis",
+        command="analyze",
+        variants=list(analysis.bounds),
+        jacobian=args.jacobian,
+    )
     return 0
 
 
@@ -67,8 +90,14 @@ def report_analysis(args, analysis, prompt: str, out, *, title: str, answer: str
         print(f"greedy answer: {answer!r}")
     print_analysis(analysis)
     metadata = {**analysis.provenance, "prompt": prompt, **metadata}
-    write_report(args, out, analysis_sections(analysis, prompt=prompt),
-                 {**analysis.to_dict(heavy=False), "metadata": metadata}, title=title, metadata=metadata)
+    write_report(
+        args,
+        out,
+        analysis_sections(analysis, prompt=prompt),
+        {**analysis.to_dict(heavy=False), "metadata": metadata},
+        title=title,
+        metadata=metadata,
+    )
 
 
 def print_analysis(analysis) -> None:

@@ -14,14 +14,20 @@ def add_parser(sub) -> None:
     parser.add_argument("--family", default="count_ones", help=f"prompt family, from {', '.join(COLLAPSE_FAMILIES)}")
     parser.add_argument("--lengths", default="4:128:4", help="sequence lengths: '5,10,20' or '4:128:4'")
     parser.add_argument("--dtypes", default="float32,bfloat16,float16", help="comma-separated dtypes")
-    parser.add_argument("--open-ended", action="store_true",
-                        help="stop the prompt right after the sequence (prefix-closed: one pass per dtype)")
+    parser.add_argument(
+        "--open-ended",
+        action="store_true",
+        help="stop the prompt right after the sequence (prefix-closed: one pass per dtype)",
+    )
     parser.add_argument("--native", action="store_true", help="difference representations in the dtype itself")
     parser.add_argument("--window", type=int, default=None, help="restrict attention to a local window")
-    parser.add_argument("--fast", action="store_true",
-                        help="share forward passes (prefix trick, padded batches) instead of one unpadded pass "
-                             "per prompt; faster, but not bit-identical: the table then reports the measured "
-                             "noise floor and which path each threshold came from")
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="share forward passes (prefix trick, padded batches) instead of one unpadded pass "
+        "per prompt; faster, but not bit-identical: the table then reports the measured "
+        "noise floor and which path each threshold came from",
+    )
     parser.add_argument("--no-theory", action="store_true", help="skip the toy-model and softmax panels")
     parser.add_argument("--out", default="out/collapse", help="folder for results.json and report.html")
     add_model_args(parser)
@@ -41,8 +47,13 @@ def check(args) -> None:
         raise ValueError(f"--dtypes names a dtype twice ({args.dtypes!r}); list each once")
     args.dtypes = resolved
     if args.window is not None:
-        validate.check_int(args.window, "--window", minimum=1, maximum=args.n_ctx,
-                           hint="the number of keys each query sees, itself included")
+        validate.check_int(
+            args.window,
+            "--window",
+            minimum=1,
+            maximum=args.n_ctx,
+            hint="the number of keys each query sees, itself included",
+        )
     validate.check_out_dir(args.out, "--out")
 
 
@@ -52,8 +63,10 @@ def check_collapse_fits(model, family: str, lengths, *, open_ended: bool, flag: 
 
     _, s_star, _ = family_pairs(model, family, [max(lengths)], open_ended=open_ended)
     if len(s_star[0]) > model.cfg.n_ctx:
-        raise ValueError(f"{flag}: the longest prompt has {len(s_star[0])} tokens, beyond the loaded context "
-                         f"n_ctx={model.cfg.n_ctx}; pass a larger --n-ctx or shorter --lengths")
+        raise ValueError(
+            f"{flag}: the longest prompt has {len(s_star[0])} tokens, beyond the loaded context "
+            f"n_ctx={model.cfg.n_ctx}; pass a larger --n-ctx or shorter --lengths"
+        )
 
 
 def print_collapse(result) -> None:
@@ -69,8 +82,16 @@ def run(args) -> int:
 
     model = load(args)
     check_collapse_fits(model, args.family, args.lengths, open_ended=args.open_ended, flag="--lengths")
-    result = collapse_curve(model, args.family, args.lengths, args.dtypes, open_ended=args.open_ended,
-                            native=args.native, window=args.window, exact=not args.fast)
+    result = collapse_curve(
+        model,
+        args.family,
+        args.lengths,
+        args.dtypes,
+        open_ended=args.open_ended,
+        native=args.native,
+        window=args.window,
+        exact=not args.fast,
+    )
     print(f"family {args.family}: relative ‖y − y*‖∞ of the last token's final representation")
     print_collapse(result)
     sections = [model_section(provenance(model)), collapse_section(result)]
@@ -84,8 +105,21 @@ def run(args) -> int:
         sections.append(ReportSection("synthetic positional encodings", figures=[pe.plot()], table=pe.summary()))
         sections.append(ReportSection("softmax total variation (Lemma B.2)", figures=[tv.plot()]))
         payload |= {"synthetic": pe.to_dict(), "tv_decay": tv.to_dict()}
-    metadata = {**provenance(model), "command": "collapse", "family": args.family, "lengths": list(args.lengths),
-                "dtypes": list(args.dtypes), "window": args.window, "open_ended": args.open_ended}
-    write_report(args, args.out, sections, payload, metadata=metadata,
-                 title=f"lens_squash: representational collapse ({args.family})")
+    metadata = {
+        **provenance(model),
+        "command": "collapse",
+        "family": args.family,
+        "lengths": list(args.lengths),
+        "dtypes": list(args.dtypes),
+        "window": args.window,
+        "open_ended": args.open_ended,
+    }
+    write_report(
+        args,
+        args.out,
+        sections,
+        payload,
+        metadata=metadata,
+        title=f"lens_squash: representational collapse ({args.family})",
+    )
     return 0

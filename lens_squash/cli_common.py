@@ -42,11 +42,18 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", help="float32, float64, bfloat16 or float16")
     parser.add_argument("--n-ctx", type=int, default=2048, help="context length to load the model with")
     parser.add_argument("--device", default="cpu", help="torch device to load the model on: cpu, cuda, cuda:1, mps")
-    parser.add_argument("--backend", choices=list(BACKENDS), default=None,
-                        help="HookedTransformer or TransformerBridge (default: hooked where TransformerLens has it)")
-    parser.add_argument("--figures", default=None,
-                        help="also write every figure of the report as files, e.g. --figures png,svg,pdf "
-                             "(plotly's static export through kaleido and Chromium)")
+    parser.add_argument(
+        "--backend",
+        choices=list(BACKENDS),
+        default=None,
+        help="HookedTransformer or TransformerBridge (default: hooked where TransformerLens has it)",
+    )
+    parser.add_argument(
+        "--figures",
+        default=None,
+        help="also write every figure of the report as files, e.g. --figures png,svg,pdf "
+        "(plotly's static export through kaleido and Chromium)",
+    )
 
 
 def check_model_flags(args) -> None:
@@ -56,8 +63,13 @@ def check_model_flags(args) -> None:
         canonical_dtype(args.dtype)
     except ValueError as err:
         raise ValueError(f"--dtype: {err}") from err
-    validate.check_int(args.n_ctx, "--n-ctx", minimum=1, maximum=validate.MAX_N_CTX,
-                       hint="the number of positions to load the model with, e.g. --n-ctx 2048")
+    validate.check_int(
+        args.n_ctx,
+        "--n-ctx",
+        minimum=1,
+        maximum=validate.MAX_N_CTX,
+        hint="the number of positions to load the model with, e.g. --n-ctx 2048",
+    )
     check_device(args.device)
     if args.figures is not None:
         args.figures = _check_figures(args.figures)
@@ -81,8 +93,10 @@ def check_device(device: str) -> None:
     if kind == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (index is not None and int(index) >= count):
-            raise ValueError(f"--device {device}: this machine has {count} CUDA device(s) visible to torch; "
-                             "pass --device cpu, or a cuda:N below that count")
+            raise ValueError(
+                f"--device {device}: this machine has {count} CUDA device(s) visible to torch; "
+                "pass --device cpu, or a cuda:N below that count"
+            )
     elif not torch.backends.mps.is_available():
         raise ValueError("--device mps: Apple's MPS backend is not available here; pass --device cpu")
 
@@ -108,8 +122,7 @@ def load(args):
     from .edge import models  # looked up at call time: tests replace models.load_model
 
     started = time.perf_counter()
-    model = models.load_model(args.model, dtype=args.dtype, n_ctx=args.n_ctx, device=args.device,
-                              backend=args.backend)
+    model = models.load_model(args.model, dtype=args.dtype, n_ctx=args.n_ctx, device=args.device, backend=args.backend)
     where = "" if args.device == "cpu" else f" on {args.device}"
     print(f"loaded {args.model} ({args.dtype}{where}) in {time.perf_counter() - started:.1f} s")
     return model
@@ -118,8 +131,10 @@ def load(args):
 def check_room(model, n_prompt: int, n_new: int, flag: str) -> None:
     """The prompt plus ``n_new`` generated tokens must fit the loaded context (checked before any pass)."""
     if n_prompt + n_new > model.cfg.n_ctx:
-        raise ValueError(f"{flag}: the prompt has {n_prompt} tokens and {n_new} more are generated, beyond the "
-                         f"loaded context n_ctx={model.cfg.n_ctx}; pass a larger --n-ctx or a shorter prompt")
+        raise ValueError(
+            f"{flag}: the prompt has {n_prompt} tokens and {n_new} more are generated, beyond the "
+            f"loaded context n_ctx={model.cfg.n_ctx}; pass a larger --n-ctx or a shorter prompt"
+        )
 
 
 def check_two_tokens(model, prompt: str, chat: bool | None) -> None:
@@ -128,8 +143,10 @@ def check_two_tokens(model, prompt: str, chat: bool | None) -> None:
 
     n_tokens = len(as_tokens(model, prompt, chat=chat))  # also refuses a prompt longer than n_ctx
     if n_tokens < 2:
-        raise ValueError(f"--prompt {prompt!r} is {n_tokens} token; this analysis compares the first token with "
-                         "later ones, so it needs at least 2: pass a longer prompt (or drop --raw)")
+        raise ValueError(
+            f"--prompt {prompt!r} is {n_tokens} token; this analysis compares the first token with "
+            "later ones, so it needs at least 2: pass a longer prompt (or drop --raw)"
+        )
 
 
 def write_figure_files(args, figures: dict, out) -> None:

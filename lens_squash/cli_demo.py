@@ -20,16 +20,25 @@ _DEMO_COLLAPSE = ("count_ones", tuple(range(8, 129, 8)), ("float32", "bfloat16")
 def add_parser(sub) -> None:
     parser = sub.add_parser("demo", help="the main job on the offline default model")
     parser.add_argument("--ones", type=int, default=12, help="ones before the final 0 in the copying prompt")
-    parser.add_argument("--jacobian", choices=["exact", "sketch"], default="sketch",
-                        help="sketch: 64 random probes (Frobenius norms, ~10 s on 2 idle cores); exact: "
-                             "all 576 VJPs (spectral norms too, ~80 s)")
+    parser.add_argument(
+        "--jacobian",
+        choices=["exact", "sketch"],
+        default="sketch",
+        help="sketch: 64 random probes (Frobenius norms, ~10 s on 2 idle cores); exact: "
+        "all 576 VJPs (spectral norms too, ~80 s)",
+    )
     parser.add_argument("--out", default="out/demo", help="folder for the results")
     add_model_args(parser)
 
 
 def check(args) -> None:
-    validate.check_int(args.ones, "--ones", minimum=0, maximum=args.n_ctx,
-                       hint=f"the copying prompt holds that many ones, and must fit --n-ctx {args.n_ctx}")
+    validate.check_int(
+        args.ones,
+        "--ones",
+        minimum=0,
+        maximum=args.n_ctx,
+        hint=f"the copying prompt holds that many ones, and must fit --n-ctx {args.n_ctx}",
+    )
     validate.check_out_dir(args.out, "--out")
 
 
@@ -49,13 +58,22 @@ def run(args) -> int:
     print("prompt: " + prompt)
     analysis = analyze(model, prompt, jacobian_mode=args.jacobian, n_probes=64)
     out = Path(args.out)
-    report_analysis(args, analysis, prompt, out / "analyze", title="lens_squash demo: the copying prompt",
-                    answer=generate_answer(model, analysis.trace.tokens, ANSWER_TOKENS), command="demo")
+    report_analysis(
+        args,
+        analysis,
+        prompt,
+        out / "analyze",
+        title="lens_squash demo: the copying prompt",
+        answer=generate_answer(model, analysis.trace.tokens, ANSWER_TOKENS),
+        command="demo",
+    )
     # the demo's summary shares passes (one per dtype, plus a few separate ones for the noise floor it
     # prints); `lens-squash collapse` runs every prompt alone for bit-exact thresholds
     collapse = collapse_curve(model, family, list(lengths), dtypes, open_ended=True, exact=False)
-    print("representational collapse, family (a) counting ones vs one more one "
-          "(relative ‖y − y*‖∞ of the final representation):")
+    print(
+        "representational collapse, family (a) counting ones vs one more one "
+        "(relative ‖y − y*‖∞ of the final representation):"
+    )
     print_collapse(collapse)
     write_json_atomic(out / "collapse.json", collapse.to_dict())
     print(f"wrote {out / 'collapse.json'}")

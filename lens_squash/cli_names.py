@@ -40,12 +40,23 @@ JACOBIAN_MODES: tuple[str, ...] = ("exact", "frozen", "sketch")
 #: ``lens_squash.views.export.FORMATS``
 FIGURE_FORMATS: tuple[str, ...] = ("png", "svg", "pdf", "jpeg", "webp")
 #: ``lens_squash.experiments.task_prompts.TASKS``, in its order
-TASK_NAMES: tuple[str, ...] = ("copy_last", "copy_first", "copy_last_hint", "copy_alternating", "copy_type1",
-                               "copy_type2", "sum_ones", "count_ones", "count_bernoulli", "count_car")
+TASK_NAMES: tuple[str, ...] = (
+    "copy_last",
+    "copy_first",
+    "copy_last_hint",
+    "copy_alternating",
+    "copy_type1",
+    "copy_type2",
+    "sum_ones",
+    "count_ones",
+    "count_bernoulli",
+    "count_car",
+)
 #: ``lens_squash.experiments.task_prompts.STYLES``
 STYLES: tuple[str, ...] = ("answer", "cot", "cot_few_shot")
 #: the prompting styles each task offers (copying tasks only the bare answer, as in the paper)
-TASK_STYLES: dict[str, tuple[str, ...]] = {name: ("answer",) if name.startswith("copy_") else STYLES
-                                           for name in TASK_NAMES}
+TASK_STYLES: dict[str, tuple[str, ...]] = {
+    name: ("answer",) if name.startswith("copy_") else STYLES for name in TASK_NAMES
+}
 #: the paper's copying prompt with 12 ones (``copy_prompt(12)``), the default ``--prompt``
 COPY_PROMPT = COPY_LAST.format(seq=" ".join(["1"] * 12 + ["0"]))

@@ -22,28 +22,48 @@ __all__ = ["add_parser", "check", "run", "saved"]
 
 def add_parser(sub) -> None:
     parser = sub.add_parser("suite", help="analyze every prompt of a JSONL file into one table (resumable)")
-    parser.add_argument("--prompts", required=True,
-                        help='JSONL file, one object per line: {"id": "p1", "prompt": "text"} '
-                             '(optional "chat": true/false; ids unique)')
-    parser.add_argument("--variants", default=None,
-                        help=f"comma-separated path-sum variants, from {', '.join(VARIANT_NAMES)} (default: "
-                             "analyze's defaults, skipping those the model cannot support)")
-    parser.add_argument("--jacobian", choices=["exact", "sketch", "none"], default="sketch",
-                        help="how to compute the true sensitivities (sketch: random probes, much faster)")
+    parser.add_argument(
+        "--prompts",
+        required=True,
+        help='JSONL file, one object per line: {"id": "p1", "prompt": "text"} '
+        '(optional "chat": true/false; ids unique)',
+    )
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help=f"comma-separated path-sum variants, from {', '.join(VARIANT_NAMES)} (default: "
+        "analyze's defaults, skipping those the model cannot support)",
+    )
+    parser.add_argument(
+        "--jacobian",
+        choices=["exact", "sketch", "none"],
+        default="sketch",
+        help="how to compute the true sensitivities (sketch: random probes, much faster)",
+    )
     parser.add_argument("--probes", type=int, default=64, help="probes for --jacobian sketch")
-    parser.add_argument("--out", default="out/suite",
-                        help="folder for the table and per-prompt results (a rerun of the same run resumes "
-                             "from it; another run is refused)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="discard the results already in --out instead of resuming them")
-    parser.add_argument("--json", action="store_true",
-                        help="print the table as JSON on standard output (everything else goes to standard error)")
+    parser.add_argument(
+        "--out",
+        default="out/suite",
+        help="folder for the table and per-prompt results (a rerun of the same run resumes "
+        "from it; another run is refused)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="discard the results already in --out instead of resuming them"
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the table as JSON on standard output (everything else goes to standard error)",
+    )
     add_model_args(parser)
 
 
 def _settings(args) -> dict:
-    return {"variants": args.variants, "jacobian_mode": None if args.jacobian == "none" else args.jacobian,
-            "n_probes": args.probes}
+    return {
+        "variants": args.variants,
+        "jacobian_mode": None if args.jacobian == "none" else args.jacobian,
+        "n_probes": args.probes,
+    }
 
 
 def check(args) -> None:
@@ -80,8 +100,10 @@ def _check_prompts_fit(model, args) -> None:
         except ValueError as err:
             raise ValueError(f"--prompts line {prompt.line} (id {prompt.id!r}): {err}") from None
         if n_tokens < 2:
-            raise ValueError(f"--prompts line {prompt.line} (id {prompt.id!r}) is {n_tokens} token; the analysis "
-                             "compares the first token with later ones, so it needs at least 2")
+            raise ValueError(
+                f"--prompts line {prompt.line} (id {prompt.id!r}) is {n_tokens} token; the analysis "
+                "compares the first token with later ones, so it needs at least 2"
+            )
 
 
 def run(args) -> int:
@@ -105,8 +127,9 @@ def _run(args):
     model = load(args)
     _check_prompts_fit(model, args)
     check_probes(model, args)
-    table = run_prompt_file(model, args.prompt_list, args.out, overwrite=args.overwrite, loaded_as=args.model,
-                            **_settings(args))
+    table = run_prompt_file(
+        model, args.prompt_list, args.out, overwrite=args.overwrite, loaded_as=args.model, **_settings(args)
+    )
     shown = [c for c in ("id", "variant", "spearman", "kendall", "top1_agree") if c in table.columns]
     with pd.option_context("display.float_format", "{:.4g}".format, "display.width", 160):
         print(table[shown].to_string(index=False))

@@ -20,20 +20,30 @@ _MAX_TASK_PROMPTS = 100_000
 
 def add_parser(sub) -> None:
     parser = sub.add_parser("tasks", help="the paper's copying and counting experiments (Appendix C.1, C.5)")
-    parser.add_argument("--task", default="copy_first,copy_last",
-                        help=f"comma-separated tasks, from {', '.join(TASK_NAMES)}")
+    parser.add_argument(
+        "--task", default="copy_first,copy_last", help=f"comma-separated tasks, from {', '.join(TASK_NAMES)}"
+    )
     parser.add_argument("--lengths", default="5,10,20,40", help="sequence lengths: '5,10,20' or '5:40:5'")
     parser.add_argument("--samples", type=int, default=2, help="samples per task and length")
     # --modes is the old spelling (the word now means only the Jacobian's exact / frozen / sketch)
-    parser.add_argument("--styles", "--modes", dest="styles", default="answer",
-                        help=f"comma-separated prompting styles, from {', '.join(STYLES)} (--modes: the old name)")
+    parser.add_argument(
+        "--styles",
+        "--modes",
+        dest="styles",
+        default="answer",
+        help=f"comma-separated prompting styles, from {', '.join(STYLES)} (--modes: the old name)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together (left-padded)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="greedy tokens per answer")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampled sequences (counting tasks)")
-    parser.add_argument("--out", default="out/tasks",
-                        help="folder for results (a rerun of the same run resumes from it; another run is refused)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="discard the results already in --out instead of resuming them")
+    parser.add_argument(
+        "--out",
+        default="out/tasks",
+        help="folder for results (a rerun of the same run resumes from it; another run is refused)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="discard the results already in --out instead of resuming them"
+    )
     add_model_args(parser)
 
 
@@ -42,17 +52,26 @@ def check(args) -> None:
     args.styles = validate.parse_names(args.styles, STYLES, "--styles", what="style")
     for task in args.task:
         if not set(args.styles) & set(TASK_STYLES[task]):
-            raise ValueError(f"--task {task} offers none of --styles {','.join(args.styles)}; it offers "
-                             f"{','.join(TASK_STYLES[task])} (copying tasks have only 'answer'): add one to --styles")
+            raise ValueError(
+                f"--task {task} offers none of --styles {','.join(args.styles)}; it offers "
+                f"{','.join(TASK_STYLES[task])} (copying tasks have only 'answer'): add one to --styles"
+            )
     args.lengths = validate.parse_int_list(args.lengths, "--lengths", minimum=1, maximum=args.n_ctx)
     validate.check_int(args.samples, "--samples", minimum=1, maximum=_MAX_TASK_PROMPTS)
     n_prompts = len(args.task) * len(args.styles) * len(args.lengths) * args.samples
     if n_prompts > _MAX_TASK_PROMPTS:
-        raise ValueError(f"--task × --styles × --lengths × --samples asks for {n_prompts} prompts, more than "
-                         f"{_MAX_TASK_PROMPTS}; run fewer at a time")
+        raise ValueError(
+            f"--task × --styles × --lengths × --samples asks for {n_prompts} prompts, more than "
+            f"{_MAX_TASK_PROMPTS}; run fewer at a time"
+        )
     validate.check_int(args.batch_size, "--batch-size", minimum=1, maximum=_MAX_TASK_PROMPTS)
-    validate.check_int(args.max_new_tokens, "--max-new-tokens", minimum=1, maximum=args.n_ctx - 1,
-                       hint=f"the prompt and the answer must fit --n-ctx {args.n_ctx}")
+    validate.check_int(
+        args.max_new_tokens,
+        "--max-new-tokens",
+        minimum=1,
+        maximum=args.n_ctx - 1,
+        hint=f"the prompt and the answer must fit --n-ctx {args.n_ctx}",
+    )
     validate.check_int(args.seed, "--seed", minimum=0, maximum=2**63 - 1)
     validate.check_out_dir(args.out, "--out")
     _check_folder(args)
@@ -66,8 +85,9 @@ def _check_folder(args) -> None:
 
     if args.overwrite:
         return
-    partial = generation_fingerprint(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, chat=None,
-                                     seed=args.seed)
+    partial = generation_fingerprint(
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, chat=None, seed=args.seed
+    )
     partial["model"] = {"dtype": canonical_dtype(args.dtype)}
     check_run_folder(Path(args.out) / "results.jsonl", partial, partial=True, loaded_as=args.model)
 
@@ -79,8 +99,17 @@ def run(args) -> int:
 
     model = load(args)
     results = run_tasks(
-        model, args.task, args.lengths, args.samples, args.styles, args.out, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, seed=args.seed, overwrite=args.overwrite, loaded_as=args.model,
+        model,
+        args.task,
+        args.lengths,
+        args.samples,
+        args.styles,
+        args.out,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        loaded_as=args.model,
     )
     with pd.option_context("display.float_format", "{:.3g}".format, "display.width", 160):
         print(summarize_results(results).to_string(index=False))

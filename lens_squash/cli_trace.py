@@ -17,8 +17,10 @@ def add_parser(sub) -> None:
     parser.add_argument("--prompt", required=True, help="the prompt text")
     parser.add_argument("--raw", action="store_true", help="skip the chat template")
     parser.add_argument("--generate", action="store_true", help="also print the greedy answer")
-    parser.add_argument("--json", help="write the trace summary to this JSON file ('-': standard output, "
-                                       "and the table goes to standard error)")
+    parser.add_argument(
+        "--json",
+        help="write the trace summary to this JSON file ('-': standard output, and the table goes to standard error)",
+    )
     add_model_args(parser)
 
 

@@ -21,11 +21,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lens_squash.edge.jacobian import jacobian  # noqa: E402
+from lens_squash.algebra.variants import VARIANTS, path_bound  # noqa: E402
 from lens_squash.core.records import provenance  # noqa: E402
 from lens_squash.core.support import UnsupportedModelError  # noqa: E402
+from lens_squash.edge.jacobian import jacobian  # noqa: E402
 from lens_squash.edge.trace import trace  # noqa: E402
-from lens_squash.algebra.variants import VARIANTS, path_bound  # noqa: E402
 from tests.families import FAMILIES, TOKENS, build  # noqa: E402
 from tests.reference import ADVERSARIAL, adversarial, reference_jacobian  # noqa: E402
 

@@ -39,8 +39,17 @@ PROMPT = "Copy the digits: 1 1 1 1 1 1 1 0"
 def model():
     from lens_squash.edge.models import tiny_model
 
-    return tiny_model(tokenizer="smollm2", n_ctx=160, d_model=32, n_heads=4, n_layers=3, positional="rotary",
-                      norm="RMS", dtype=torch.float64, seed=2)
+    return tiny_model(
+        tokenizer="smollm2",
+        n_ctx=160,
+        d_model=32,
+        n_heads=4,
+        n_layers=3,
+        positional="rotary",
+        norm="RMS",
+        dtype=torch.float64,
+        seed=2,
+    )
 
 
 @functools.cache
@@ -69,27 +78,46 @@ def task_results():
     from lens_squash.experiments import task_eval
 
     tokenizer = model().tokenizer
-    replies = itertools.cycle(["The answer to your question is: 1", "The answer to your question is: 0", "no idea",
-                               "The final answer to your maths question is: 2",
-                               "The final answer to your maths question is: 5"])
+    replies = itertools.cycle(
+        [
+            "The answer to your question is: 1",
+            "The answer to your question is: 0",
+            "no idea",
+            "The final answer to your maths question is: 2",
+            "The final answer to your maths question is: 5",
+        ]
+    )
 
     def canned(_model, prompts, **kwargs):
         return [torch.tensor(tokenizer.encode(next(replies)) + [tokenizer.eos_token_id]) for _ in prompts]
 
     with mock.patch.object(task_eval, "greedy_generate", canned):
-        return task_eval.evaluate(model(), ["copy_first", "copy_last", "copy_type1", "copy_type2", "count_ones",
-                                            "sum_ones"], [4, 8, 12], max_new_tokens=3, batch_size=4, progress=False)
+        return task_eval.evaluate(
+            model(),
+            ["copy_first", "copy_last", "copy_type1", "copy_type2", "count_ones", "sum_ones"],
+            [4, 8, 12],
+            max_new_tokens=3,
+            batch_size=4,
+            progress=False,
+        )
 
 
 def _collapse():
     from lens_squash.experiments.collapse import collapse_curve
 
-    return collapse_curve(model(), "count_ones", [4, 8, 16, 32], ("float64", "float32", "bfloat16"), chat=False,
-                          open_ended=True, exact=False)
+    return collapse_curve(
+        model(),
+        "count_ones",
+        [4, 8, 16, 32],
+        ("float64", "float32", "bfloat16"),
+        chat=False,
+        open_ended=True,
+        exact=False,
+    )
 
 
 def _window_sweep():
-    from lens_squash.experiments.collapse import window_sweep
+    from lens_squash.experiments.collapse_windows import window_sweep
 
     return window_sweep(model(), "count_ones", [4, 8, 16], [None, 2, 4], chat=False, open_ended=True)
 
@@ -133,8 +161,13 @@ def _count_collapse():
 def _many():
     from lens_squash.experiments.many import analyze_many
 
-    return analyze_many(model(), [PROMPT, "Count the ones: 1 1 1 1", "The quick brown fox"], jacobian_mode="sketch",
-                        n_probes=8, chat=False)
+    return analyze_many(
+        model(),
+        [PROMPT, "Count the ones: 1 1 1 1", "The quick brown fox"],
+        jacobian_mode="sketch",
+        n_probes=8,
+        chat=False,
+    )
 
 
 #: class name -> how to make one (each figure kind of the class is drawn on it)
@@ -215,7 +248,7 @@ def markdown(drawn, image_dir: Path, page: Path) -> str:
         "mean nothing, the page shows what each figure looks like and how to read it (each caption is the",
         "figure's own, `lens_squash.views.style.caption_of(fig)`). Regenerate it with",
         "`.venv/bin/python scripts/gallery.py`. Figures are interactive in a notebook and in the HTML report;",
-        "`lens_squash.views.export.fig_to_file(fig, \"fig.pdf\")` writes PNG, SVG or PDF.",
+        '`lens_squash.views.export.fig_to_file(fig, "fig.pdf")` writes PNG, SVG or PDF.',
         "",
     ]
     current = None
@@ -224,8 +257,14 @@ def markdown(drawn, image_dir: Path, page: Path) -> str:
             lines += [f"## {name}", ""]
             current = name
         image = (image_dir / f"{name}-{kind}.png").relative_to(page.parent)
-        lines += [f"### `{name}.plot({kind!r})`", "", f"![{name} {kind}]({image.as_posix()})", "",
-                  (caption_of(fig) or "").replace("\n", " "), ""]
+        lines += [
+            f"### `{name}.plot({kind!r})`",
+            "",
+            f"![{name} {kind}]({image.as_posix()})",
+            "",
+            (caption_of(fig) or "").replace("\n", " "),
+            "",
+        ]
     return "\n".join(lines)
 
 

@@ -34,7 +34,10 @@ def _top_heads(result, position: int, top: int = 3) -> list[tuple[int, int, floa
     delivered = result.value_heads[:, :, position].double()  # [layer, head]
     total = float(delivered.sum()) or 1.0
     values, index = delivered.flatten().topk(top)
-    return [(int(i) // result.n_heads, int(i) % result.n_heads, float(v) / total) for v, i in zip(values, index, strict=True)]
+    return [
+        (int(i) // result.n_heads, int(i) % result.n_heads, float(v) / total)
+        for v, i in zip(values, index, strict=True)
+    ]
 
 
 def _position_rows(result, paths) -> list[str]:
@@ -44,16 +47,20 @@ def _position_rows(result, paths) -> list[str]:
     chosen = {"first digit": digits[0], "middle digit": digits[len(digits) // 2], "last digit": digits[-1]}
     s0 = result.sensitivity[0].double()
     ranks = torch.argsort(torch.argsort(s0, descending=True)) + 1
-    rows = ["| position | token | ‖∂y/∂x_i‖_F | rank of n | share of Σ_i | rollout share | heads delivering most value flow to it (share) | heaviest true path |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| position | token | ‖∂y/∂x_i‖_F | rank of n | share of Σ_i | rollout share | heads delivering most value flow to it (share) | heaviest true path |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     rollout = result.bounds.get("rollout")
     for name, i in chosen.items():
         heads = ", ".join(f"L{layer}H{head} ({share:.0%})" for layer, head, share in _top_heads(result, i))
         best = paths.paths.get(i, [])
         path = best[0].describe(result.str_tokens).replace("|", "\\|") if best else "–"
         roll = "–" if rollout is None else f"{float(rollout[0, i] / rollout[0].sum()):.2e}"
-        rows.append(f"| {name} ({i}) | `{result.str_tokens[i]!r}` | {float(s0[i]):.3g} | {int(ranks[i])} of {result.n_tokens} "
-                    f"| {float(s0[i] / s0.sum()):.3f} | {roll} | {heads} | {path} |")
+        rows.append(
+            f"| {name} ({i}) | `{result.str_tokens[i]!r}` | {float(s0[i]):.3g} | {int(ranks[i])} of {result.n_tokens} "
+            f"| {float(s0[i] / s0.sum()):.3f} | {roll} | {heads} | {path} |"
+        )
     return rows
 
 
@@ -75,30 +82,42 @@ def _reading(result) -> list[str]:
         # |ρ| < 0.3 over 13 digits is no trend either way
         verdict = "holds" if rho <= -0.3 else "does not hold" if rho >= 0.3 else "no clear trend either way"
         out.append(f"- **Earlier digits get more true sensitivity: {verdict} here.**")
-        out.append(f"- Spearman ρ between a digit's position and its true sensitivity: **{rho:+.2f}** over the "
-                   f"{len(digits)} digits (negative would mean earlier digits matter more, as 'more paths' predicts); "
-                   f"first digit {float(s0[digits[0]]):.3g} vs last digit {float(s0[digits[-1]]):.3g}.")
+        out.append(
+            f"- Spearman ρ between a digit's position and its true sensitivity: **{rho:+.2f}** over the "
+            f"{len(digits)} digits (negative would mean earlier digits matter more, as 'more paths' predicts); "
+            f"first digit {float(s0[digits[0]]):.3g} vs last digit {float(s0[digits[-1]]):.3g}."
+        )
         rollout = result.bounds.get("rollout")
         if rollout is not None:
             r = rollout[0].double()
-            out.append(f"- The rollout bound's first/last digit ratio is {float(r[digits[0]] / r[digits[-1]]):.3g}, "
-                       f"the truth's {float(s0[digits[0]] / s0[digits[-1]]):.3g}.")
-    out.append(f"- Position 0 (the sink) holds {float(s0[0] / s0.sum()):.1%} of Σ_i ‖∂y/∂x_i‖_F; "
-               f"the last position itself {float(s0[last] / s0.sum()):.1%}.")
+            out.append(
+                f"- The rollout bound's first/last digit ratio is {float(r[digits[0]] / r[digits[-1]]):.3g}, "
+                f"the truth's {float(s0[digits[0]] / s0[digits[-1]]):.3g}."
+            )
+    out.append(
+        f"- Position 0 (the sink) holds {float(s0[0] / s0.sum()):.1%} of Σ_i ‖∂y/∂x_i‖_F; "
+        f"the last position itself {float(s0[last] / s0.sum()):.1%}."
+    )
     verdict = "holds" if float(own.mean()) > 0.5 else "does not hold"
     out.append(f"- **The last token's own residual carries most of its flow: {verdict} here.**")
-    out.append(f"- What leaves the last position at each layer goes through its own residual edge for "
-               f"{float(own.mean()):.1%} on average (min {float(own.min()):.1%} at layer {int(own.argmin())}, "
-               f"max {float(own.max()):.1%}), through its MLP for {float(mlp_share.mean()):.1%}, the rest through value edges "
-               "(shares of the part norms; the pattern part is not attributed).")
-    out.append(f"- Of the value-edge flow leaving the last position, sink edges (into position 0) carry "
-               f"{float(sink_last.mean()):.1%} on average over layers (max {float(sink_last.max()):.1%} at layer "
-               f"{int(sink_last.argmax())}); over all positions and layers the sink share is "
-               f"{float(split['sink'].sum() / (split['sink'].sum() + split['content'].sum())):.1%}.")
+    out.append(
+        f"- What leaves the last position at each layer goes through its own residual edge for "
+        f"{float(own.mean()):.1%} on average (min {float(own.min()):.1%} at layer {int(own.argmin())}, "
+        f"max {float(own.max()):.1%}), through its MLP for {float(mlp_share.mean()):.1%}, the rest through value edges "
+        "(shares of the part norms; the pattern part is not attributed)."
+    )
+    out.append(
+        f"- Of the value-edge flow leaving the last position, sink edges (into position 0) carry "
+        f"{float(sink_last.mean()):.1%} on average over layers (max {float(sink_last.max()):.1%} at layer "
+        f"{int(sink_last.argmax())}); over all positions and layers the sink share is "
+        f"{float(split['sink'].sum() / (split['sink'].sum() + split['content'].sum())):.1%}."
+    )
     rho_layers = result.layer_spearman()
     for name, rho in rho_layers.items():
-        out.append(f"- {name}: Spearman against the truth at layer 0 {float(rho[0]):+.2f}, median over layers "
-                   f"{float(rho.nanmedian()):+.2f}.")
+        out.append(
+            f"- {name}: Spearman against the truth at layer 0 {float(rho[0]):+.2f}, median over layers "
+            f"{float(rho.nanmedian()):+.2f}."
+        )
     return out
 
 
@@ -108,9 +127,19 @@ def _section(model, title: str, prompt: str) -> tuple[list[str], float]:
     started = time.perf_counter()
     result = flow(model, prompt, mode="sketch", n_probes=64, variants=("paper", "rollout", "value_rownorm"))
     paths = result.top_paths(k=3)
-    lines = [f"## {title}", "", f"{result.n_tokens} tokens; y = the final norm's output at position {result.target_pos}; "
-             f"sketched with 64 probes; decomposition error ≤ {float(result.decomposition_error.max()):.1e} at every layer.", ""]
-    lines += _position_rows(result, paths) + ["", "What the flow says about the paper's reading:", ""] + _reading(result) + [""]
+    lines = [
+        f"## {title}",
+        "",
+        f"{result.n_tokens} tokens; y = the final norm's output at position {result.target_pos}; "
+        f"sketched with 64 probes; decomposition error ≤ {float(result.decomposition_error.max()):.1e} at every layer.",
+        "",
+    ]
+    lines += (
+        _position_rows(result, paths)
+        + ["", "What the flow says about the paper's reading:", ""]
+        + _reading(result)
+        + [""]
+    )
     return lines, time.perf_counter() - started
 
 
@@ -120,28 +149,37 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from lens_squash.cli import copy_prompt
-    from lens_squash.edge.models import load_model
     from lens_squash.core.records import write_text_atomic
+    from lens_squash.edge.models import load_model
     from lens_squash.experiments.tasks import make_instance
 
     model = load_model()
     lines = [
-        "# The sensitivity flow on the paper's prompts (SmolLM2-135M-Instruct)", "",
-        "Generated by `scripts/paper_flow.py` (`.venv/bin/python scripts/paper_flow.py`); do not edit by hand.", "",
+        "# The sensitivity flow on the paper's prompts (SmolLM2-135M-Instruct)",
+        "",
+        "Generated by `scripts/paper_flow.py` (`.venv/bin/python scripts/paper_flow.py`); do not edit by hand.",
+        "",
         "For each prompt, `lens_squash.edge.flow.flow` splits the true gradient of the last token's final representation, "
         "layer by layer, into residual, MLP, per-head value-edge and pattern parts (each an autograd gradient at its "
         "own node; their sum matches the full gradient to the error quoted). 'Heads delivering most value flow' ranks "
         "(layer, head) by the norm of that head's value part at the digit's position; the heaviest path weights each "
-        "hop by its share of what leaves the query position (see `lens_squash/flow_paths.py`).", "",
+        "hop by its share of what leaves the query position (see `lens_squash/flow_paths.py`).",
+        "",
     ]
     timings = []
-    for title, prompt in (("Copy prompt: twelve 1s then 0 (copy the last digit)", copy_prompt(12)),
-                          ("Counting prompt: thirteen 1s (count the ones)", make_instance("count_ones", 13).prompt)):
+    for title, prompt in (
+        ("Copy prompt: twelve 1s then 0 (copy the last digit)", copy_prompt(12)),
+        ("Counting prompt: thirteen 1s (count the ones)", make_instance("count_ones", 13).prompt),
+    ):
         section, seconds = _section(model, title, prompt)
         lines += section
         timings.append(seconds)
-    lines += [f"Run on {platform.machine()} with torch {torch.__version__}, "
-              + ", ".join(f"{s:.0f} s" for s in timings) + " per prompt.", ""]
+    lines += [
+        f"Run on {platform.machine()} with torch {torch.__version__}, "
+        + ", ".join(f"{s:.0f} s" for s in timings)
+        + " per prompt.",
+        "",
+    ]
     write_text_atomic(args.out, "\n".join(lines))
     print(f"wrote {args.out}")
 

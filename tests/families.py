@@ -15,8 +15,17 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 __all__ = ["BASE", "FAMILIES", "REFUSED", "TOKENS", "build", "config"]
 
 BASE = dict(
-    n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=50, n_ctx=64, act_fn="gelu_new",
-    normalization_type="LN", positional_embedding_type="standard", default_prepend_bos=False,
+    n_layers=3,
+    d_model=32,
+    n_heads=4,
+    d_head=8,
+    d_mlp=64,
+    d_vocab=50,
+    n_ctx=64,
+    act_fn="gelu_new",
+    normalization_type="LN",
+    positional_embedding_type="standard",
+    default_prepend_bos=False,
 )
 _ROTARY = dict(positional_embedding_type="rotary", rotary_dim=8, normalization_type="RMS")
 _LLAMA = dict(_ROTARY, gated_mlp=True, act_fn="silu")
@@ -26,16 +35,29 @@ FAMILIES: dict[str, dict] = {
     "llama_gqa": dict(_LLAMA, n_key_value_heads=2),
     "gemma": dict(_LLAMA, act_fn="gelu_pytorch_tanh"),
     "gemma2_post_norm": dict(
-        _LLAMA, act_fn="gelu_pytorch_tanh", n_key_value_heads=2, use_normalization_before_and_after=True,
-        attn_scores_soft_cap=50.0, output_logits_soft_cap=30.0, use_local_attn=True, window_size=4,
+        _LLAMA,
+        act_fn="gelu_pytorch_tanh",
+        n_key_value_heads=2,
+        use_normalization_before_and_after=True,
+        attn_scores_soft_cap=50.0,
+        output_logits_soft_cap=30.0,
+        use_local_attn=True,
+        window_size=4,
         attn_types=["local", "global", "local"],
     ),
     "gemma3_post_norm_qk_norm": dict(
-        _LLAMA, act_fn="gelu_pytorch_tanh", n_key_value_heads=2, use_normalization_before_and_after=True,
+        _LLAMA,
+        act_fn="gelu_pytorch_tanh",
+        n_key_value_heads=2,
+        use_normalization_before_and_after=True,
         use_qk_norm=True,
     ),
     "mistral_windows": dict(
-        _LLAMA, n_key_value_heads=2, use_local_attn=True, window_size=3, attn_types=["local"] * 3,
+        _LLAMA,
+        n_key_value_heads=2,
+        use_local_attn=True,
+        window_size=3,
+        attn_types=["local"] * 3,
     ),
     "bloom_alibi": dict(positional_embedding_type="alibi", act_fn="gelu"),
     "qwen2_biases": dict(_LLAMA, n_key_value_heads=2),  # build() makes every bias random
@@ -48,7 +70,11 @@ FAMILIES: dict[str, dict] = {
     "moe_mixtral": dict(_LLAMA, num_experts=4, experts_per_token=2),
     "moe_topk_renormalised": dict(_LLAMA, num_experts=4, experts_per_token=2, norm_topk_prob=True),
     "gpt_oss_moe_sinks": dict(
-        _LLAMA, n_key_value_heads=2, num_experts=4, experts_per_token=2, use_attention_sinks=True,
+        _LLAMA,
+        n_key_value_heads=2,
+        num_experts=4,
+        experts_per_token=2,
+        use_attention_sinks=True,
         original_architecture="GptOssForCausalLM",
     ),
     "solu": dict(act_fn="solu_ln"),

@@ -81,6 +81,7 @@ def _shrink(factor: float):
                 block.mlp.W_out.mul_(factor)
             for expert in getattr(getattr(block, "mlp", None), "experts", []):
                 expert.W_out.weight.mul_(factor)
+
     return edit
 
 
@@ -189,7 +190,6 @@ def input_grad_only(module):
             p.requires_grad_(flag)
 
 
-
 _NON_FINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), None: float("nan")}
 
 
@@ -253,7 +253,10 @@ def assert_json_carries(result) -> dict:
             assert (math.isnan(expected) and value in (None, "nan")) or value == str(expected), (where, got)
         elif isinstance(expected, (bool, int, float, str)) or expected is None:
             assert got == expected and (type(got) is type(expected) or (type(expected), type(got)) == (float, int)), (
-                where, expected, got)
+                where,
+                expected,
+                got,
+            )
         else:
             assert got == str(expected) or isinstance(got, dict), (where, expected, got)
 

@@ -28,19 +28,24 @@ from lens_squash.core import validate
 
 # few examples and no deadline: the whole file runs in seconds on two shared cores; no database, so
 # nothing is written into the working tree
-FAST = settings(max_examples=15, deadline=None, database=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FAST = settings(
+    max_examples=15,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 BIDI = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
 CONTROLS = "".join(chr(c) for c in range(0, 32)) + "\x7f"
 WHITESPACE = [c for c in map(chr, range(0x3001)) if c.isspace()]
-HOSTILE_TEXT = st.text(alphabet=st.sampled_from(list(BIDI + CONTROLS + "<>&\"'/\\ 01aé漢") + WHITESPACE),
-                       min_size=1, max_size=40)
+HOSTILE_TEXT = st.text(
+    alphabet=st.sampled_from(list(BIDI + CONTROLS + "<>&\"'/\\ 01aé漢") + WHITESPACE), min_size=1, max_size=40
+)
 
 
 # --------------------------------------------------------------------------------------------------
 # the command line
-
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +109,10 @@ def test_integer_flags_refuse_out_of_range_and_non_integers(no_load, command, fl
 
 
 @FAST
-@given(value=st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0), st.just(math.nan)).map(repr)
-       | st.sampled_from(["nan", "-nan", "inf", "1e999", "", "x"]))
+@given(
+    value=st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0), st.just(math.nan)).map(repr)
+    | st.sampled_from(["nan", "-nan", "inf", "1e999", "", "x"])
+)
 def test_the_sink_threshold_refuses_values_outside_zero_one(no_load, value):
     _assert_refused(_argv("sinks", f"--eps={value}"), "--eps")
 
@@ -118,11 +125,13 @@ def test_blank_prompts_are_refused_before_loading(no_load, prompt):
         _assert_refused(argv, "--prompt")
 
 
-NAME_FLAGS = [("analyze", "--variants", "paper,rollout,certified,value,value_rownorm,certified_rownorm"),
-              ("tasks", "--task", ",".join(__import__("lens_squash.experiments.tasks", fromlist=["TASKS"]).TASKS)),
-              ("tasks", "--styles", "answer,cot,cot_few_shot"),
-              ("collapse", "--family", "count_ones,random_digits,copy_ones,copy_ones_commas"),
-              ("collapse", "--dtypes", "float64,fp64,float32,fp32,bfloat16,bf16,float16,fp16")]
+NAME_FLAGS = [
+    ("analyze", "--variants", "paper,rollout,certified,value,value_rownorm,certified_rownorm"),
+    ("tasks", "--task", ",".join(__import__("lens_squash.experiments.tasks", fromlist=["TASKS"]).TASKS)),
+    ("tasks", "--styles", "answer,cot,cot_few_shot"),
+    ("collapse", "--family", "count_ones,random_digits,copy_ones,copy_ones_commas"),
+    ("collapse", "--dtypes", "float64,fp64,float32,fp32,bfloat16,bf16,float16,fp16"),
+]
 
 
 def _valid_names(text: str, known: set[str], *, single: bool) -> bool:
@@ -137,9 +146,14 @@ def _valid_names(text: str, known: set[str], *, single: bool) -> bool:
 @given(data=st.data())
 def test_name_lists_refuse_unknown_empty_and_repeated_names(no_load, command, flag, known, data):
     names = known.split(",")
-    text = data.draw(st.one_of(
-        HOSTILE_TEXT, st.lists(st.sampled_from(names), min_size=2).map(",".join),
-        st.lists(st.sampled_from([*names, "", " ", "nope"]), max_size=4).map(",".join)), label="text")
+    text = data.draw(
+        st.one_of(
+            HOSTILE_TEXT,
+            st.lists(st.sampled_from(names), min_size=2).map(",".join),
+            st.lists(st.sampled_from([*names, "", " ", "nope"]), max_size=4).map(",".join),
+        ),
+        label="text",
+    )
     assume(not _valid_names(text, set(names), single=flag == "--family"))
     assume(not (flag == "--dtypes" and _distinct_dtypes(text)))
     _assert_refused(_argv(command, f"{flag}={text}"), flag)
@@ -160,8 +174,9 @@ def hostile_paths(tmp_path):
 
 @FAST
 @given(choice=st.integers(0, 6), command=st.sampled_from(["demo", "analyze", "tasks", "collapse", "sinks"]))
-def test_output_folders_that_cannot_be_written_are_refused_and_nothing_is_created(no_load, hostile_paths,
-                                                                                  choice, command):
+def test_output_folders_that_cannot_be_written_are_refused_and_nothing_is_created(
+    no_load, hostile_paths, choice, command
+):
     root, existing = hostile_paths
     paths = [existing, existing / "sub", "/proc/lens_squash_bad", "/dev/null/sub", "", "a\x00b", root / ("x" * 256)]
     before = sorted(p.name for p in root.iterdir())
@@ -195,8 +210,11 @@ def test_an_over_long_prompt_is_refused_after_loading_and_before_any_pass(cached
 
     monkeypatch.setattr(type(cached_tiny), "forward", no_forward)
     for command in ("trace", "sinks", "analyze"):
-        code, out, err = _cli([command, "--model", "tiny-random", "--prompt", "1 " * 500, "--out", "/tmp/never"]
-                              if command != "trace" else [command, "--model", "tiny-random", "--prompt", "1 " * 500])
+        code, out, err = _cli(
+            [command, "--model", "tiny-random", "--prompt", "1 " * 500, "--out", "/tmp/never"]
+            if command != "trace"
+            else [command, "--model", "tiny-random", "--prompt", "1 " * 500]
+        )
         assert code == 2 and "n_ctx=128" in err and "--n-ctx" in err and len(err.strip().splitlines()) == 1, err
     assert not Path("/tmp/never").exists()
 
@@ -216,8 +234,17 @@ def test_check_prompt_accepts_exactly_the_non_blank_text(text):
 
 
 @FAST
-@given(value=st.one_of(st.none(), st.integers(), st.floats(), st.binary(), st.lists(st.text(), max_size=3),
-                       st.dictionaries(st.text(), st.text(), max_size=2), st.booleans()))
+@given(
+    value=st.one_of(
+        st.none(),
+        st.integers(),
+        st.floats(),
+        st.binary(),
+        st.lists(st.text(), max_size=3),
+        st.dictionaries(st.text(), st.text(), max_size=2),
+        st.booleans(),
+    )
+)
 def test_check_prompt_refuses_every_non_text_by_name(value):
     with pytest.raises(TypeError, match="prompt"):
         validate.check_prompt(value)
@@ -280,8 +307,8 @@ def test_analyze_refuses_an_empty_variant_list(tiny_random):
 
 @pytest.mark.parametrize("entry", ["trace", "analyze"])
 def test_blank_prompts_are_refused_by_the_api(tiny_random, entry):
-    from lens_squash.experiments.analysis import analyze
     from lens_squash.edge.trace import trace
+    from lens_squash.experiments.analysis import analyze
 
     call = {"trace": lambda p: trace(tiny_random, p), "analyze": lambda p: analyze(tiny_random, p, jacobian_mode=None)}
     for prompt in ("", "  \n\t"):
@@ -309,29 +336,38 @@ def test_token_ids_outside_the_vocabulary_are_refused(tiny_random, entry, bad):
     from lens_squash.edge.trace import trace
 
     ids = torch.tensor([1, bad])
-    call = {"trace": lambda: trace(tiny_random, ids),
-            "jacobian": lambda: jacobian(tiny_random, ids, mode="sketch", n_probes=2)}[entry]
+    call = {
+        "trace": lambda: trace(tiny_random, ids),
+        "jacobian": lambda: jacobian(tiny_random, ids, mode="sketch", n_probes=2),
+    }[entry]
     _refuses(call, ValueError, str(bad), "vocabulary")
 
 
 @pytest.mark.parametrize("entry", ["trace", "analyze"])
 def test_chat_must_be_none_or_a_bool(tiny_random, entry):
-    from lens_squash.experiments.analysis import analyze
     from lens_squash.edge.trace import trace
+    from lens_squash.experiments.analysis import analyze
 
-    call = {"trace": lambda: trace(tiny_random, "1 1 0", chat="yes"),
-            "analyze": lambda: analyze(tiny_random, "1 1 0", chat="yes", jacobian_mode=None)}[entry]
+    call = {
+        "trace": lambda: trace(tiny_random, "1 1 0", chat="yes"),
+        "analyze": lambda: analyze(tiny_random, "1 1 0", chat="yes", jacobian_mode=None),
+    }[entry]
     _refuses(call, TypeError, "chat")
 
 
 def test_analyze_refuses_the_first_token_as_target(tiny_random):
     from lens_squash.experiments.analysis import analyze
 
-    _refuses(lambda: analyze(tiny_random, "1 1 0", target_pos=0, jacobian_mode="sketch", n_probes=2), ValueError, "target")
+    _refuses(
+        lambda: analyze(tiny_random, "1 1 0", target_pos=0, jacobian_mode="sketch", n_probes=2), ValueError, "target"
+    )
 
 
 def test_analyze_refuses_something_that_is_not_a_transformerlens_model():
     from lens_squash.experiments.analysis import analyze
 
-    _refuses(lambda: analyze(torch.nn.Linear(2, 2), "1 1 0", jacobian_mode=None), (TypeError, ValueError),
-             "HookedTransformer")
+    _refuses(
+        lambda: analyze(torch.nn.Linear(2, 2), "1 1 0", jacobian_mode=None),
+        (TypeError, ValueError),
+        "HookedTransformer",
+    )

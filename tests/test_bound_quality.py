@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from lens_squash.algebra.ranks import spearman
+from lens_squash.algebra.variants import VARIANTS, path_bound
 from lens_squash.edge.jacobian import jacobian
 from lens_squash.edge.models import format_prompt
-from lens_squash.algebra.ranks import spearman
-from lens_squash.experiments.suite import load_suite
 from lens_squash.edge.trace import trace
-from lens_squash.algebra.variants import VARIANTS, path_bound
+from lens_squash.experiments.suite import load_suite
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "bound_quality.py"
 
@@ -29,8 +29,9 @@ def test_benchmark_runs_on_a_two_prompt_subset(smollm2, tmp_path):
     bench = load_benchmark()
     markdown = tmp_path / "bound_quality.md"
     # sketched Jacobians only (8 probes): the exact route is what the full benchmark adds
-    frame, summary = bench.run(["--quick", "--exact-max-tokens", "0", "--probes", "8", "--markdown", str(markdown)],
-                               model=smollm2)
+    frame, summary = bench.run(
+        ["--quick", "--exact-max-tokens", "0", "--probes", "8", "--markdown", str(markdown)], model=smollm2
+    )
     assert set(frame["prompt"]) == set(bench.QUICK_NAMES)
     assert len(frame) == 2 * len(VARIANTS) and set(summary["variant"]) == set(VARIANTS)
     assert frame["spearman_frob"].between(-1, 1).all() and frame["top5_frob"].between(0, 1).all()

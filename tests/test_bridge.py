@@ -37,7 +37,6 @@ def bridge64():
     return load_model(models.TINY_MODEL, backend="bridge", dtype=torch.float64, n_ctx=64)
 
 
-
 def _hf_reference(bridge, tokens, *, target="final", target_pos=-1):
     """``[d_out, pos, d_in]`` by jacrev through the wrapped ``transformers`` model alone (no TL code).
 
@@ -141,7 +140,10 @@ def test_bridge_forward_stops_at_the_target_layer(bridge64):
         first = jacobian(bridge64, tokens, layer=0, mode="sketch", n_probes=4)
         exact_first = jacobian(bridge64, tokens, layer=0, keep_full=True)
     # stopping early changes no value: transformers' own full forward gives the same Jacobians
-    for exact, ref in ((exact_final, _hf_reference(bridge64, tokens)), (exact_first, _hf_reference(bridge64, tokens, target=0))):
+    for exact, ref in (
+        (exact_final, _hf_reference(bridge64, tokens)),
+        (exact_first, _hf_reference(bridge64, tokens, target=0)),
+    ):
         torch.testing.assert_close(exact.full, ref, **TOL64)
         torch.testing.assert_close(exact.frobenius, torch.linalg.matrix_norm(ref.permute(1, 0, 2)), **TOL64)
     # 4 orthonormal probes of d_out = 64 rows: (k/d_out)·estimate² = ‖Uᵀ J_i‖_F² ≤ ‖J_i‖_F², and > 0

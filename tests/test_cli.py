@@ -121,8 +121,9 @@ def test_a_layer_past_the_last_block_is_refused_after_loading_and_before_any_pas
 
     monkeypatch.setattr(type(tiny_random), "forward", no_forward)
     n_layers = tiny_random.cfg.n_layers
-    code, out, err = _run(capsys, "sinks", "--model", "tiny-random", "--clamp-layer", str(n_layers),
-                          "--out", str(tmp_path / "s"))
+    code, out, err = _run(
+        capsys, "sinks", "--model", "tiny-random", "--clamp-layer", str(n_layers), "--out", str(tmp_path / "s")
+    )
     assert code == 2 and loads_tiny == ["tiny-random"]
     assert f"--clamp-layer {n_layers} is past this model's last block" in err and f"0 … {n_layers - 1}" in err
     assert not (tmp_path / "s").exists()
@@ -156,8 +157,10 @@ def test_ctrl_c_during_any_command_is_one_line_and_exit_130(capsys, monkeypatch)
     monkeypatch.setattr(lens_squash.edge.models, "load_model", interrupted)
     code, out, err = _run(capsys, "analyze", "--model", "tiny-random", "--out", "/tmp/lens_squash_never")
     assert code == cli.EXIT_INTERRUPTED == 130 and out == ""
-    assert err == ("lens-squash analyze: interrupted; nothing was saved (analyze writes its results when it "
-                   "finishes); run the same command again\n")
+    assert err == (
+        "lens-squash analyze: interrupted; nothing was saved (analyze writes its results when it "
+        "finishes); run the same command again\n"
+    )
 
 
 def _with(argv: list[str], flag: str, value: str) -> list[str]:
@@ -168,8 +171,21 @@ def _with(argv: list[str], flag: str, value: str) -> list[str]:
     return [*argv[: at + 1], value, *argv[at + 2 :]]
 
 
-TASK_ARGS = ["tasks", "--model", "tiny-random", "--task", "copy_last", "--lengths", "2,3,4", "--samples", "1",
-             "--batch-size", "1", "--max-new-tokens", "4"]
+TASK_ARGS = [
+    "tasks",
+    "--model",
+    "tiny-random",
+    "--task",
+    "copy_last",
+    "--lengths",
+    "2,3,4",
+    "--samples",
+    "1",
+    "--batch-size",
+    "1",
+    "--max-new-tokens",
+    "4",
+]
 
 
 def test_tasks_interrupted_says_what_was_saved_then_resumes(capsys, loads_tiny, monkeypatch, tmp_path):
@@ -187,8 +203,10 @@ def test_tasks_interrupted_says_what_was_saved_then_resumes(capsys, loads_tiny, 
     out_dir = tmp_path / "run"
     code, out, err = _run(capsys, *TASK_ARGS, "--out", str(out_dir))
     assert code == 130
-    assert err.strip().splitlines()[-1] == (f"lens-squash tasks: interrupted; 1 rows are saved in {out_dir / 'results.jsonl'}; "
-                                            "run the same command again to resume from them")
+    assert err.strip().splitlines()[-1] == (
+        f"lens-squash tasks: interrupted; 1 rows are saved in {out_dir / 'results.jsonl'}; "
+        "run the same command again to resume from them"
+    )
     code, out, err = _run(capsys, *TASK_ARGS, "--out", str(out_dir))
     assert code == 0 and len(calls) == 4  # the saved row is not generated again
     rows = (out_dir / "results.jsonl").read_text().splitlines()
@@ -200,10 +218,12 @@ def test_tasks_refuses_to_resume_another_run_before_loading(capsys, loads_tiny, 
     assert _run(capsys, *TASK_ARGS, "--out", str(out_dir))[0] == 0
     assert loads_tiny == ["tiny-random"]
     before = (out_dir / "results.jsonl").read_bytes()
-    changed = [("--max-new-tokens", "5", "generation.max_new_tokens: 4 → 5"),
-               ("--dtype", "bf16", "model.dtype: 'float32' → 'bfloat16'"),
-               ("--seed", "3", "tasks.seed: 0 → 3"),
-               ("--model", "smollm2-135m-instruct", "model: 'tiny-random' → 'smollm2-135m-instruct'")]
+    changed = [
+        ("--max-new-tokens", "5", "generation.max_new_tokens: 4 → 5"),
+        ("--dtype", "bf16", "model.dtype: 'float32' → 'bfloat16'"),
+        ("--seed", "3", "tasks.seed: 0 → 3"),
+        ("--model", "smollm2-135m-instruct", "model: 'tiny-random' → 'smollm2-135m-instruct'"),
+    ]
     for flag, value, field in changed:
         code, out, err = _run(capsys, *_with(TASK_ARGS, flag, value), "--out", str(out_dir))
         assert code == 2 and field in err and "--overwrite" in err and "holds results of a different run" in err, err
@@ -226,9 +246,26 @@ def test_a_real_sigint_ends_tasks_with_one_line_and_exit_130(tmp_path):
     import time
 
     out_dir = tmp_path / "run"
-    argv = [sys.executable, "-m", "lens_squash.cli", "tasks", "--model", "tiny-random", "--task", "count_ones",
-            "--lengths", "1:300:1", "--samples", "1", "--batch-size", "1", "--max-new-tokens", "8",
-            "--out", str(out_dir)]
+    argv = [
+        sys.executable,
+        "-m",
+        "lens_squash.cli",
+        "tasks",
+        "--model",
+        "tiny-random",
+        "--task",
+        "count_ones",
+        "--lengths",
+        "1:300:1",
+        "--samples",
+        "1",
+        "--batch-size",
+        "1",
+        "--max-new-tokens",
+        "8",
+        "--out",
+        str(out_dir),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -244,8 +281,10 @@ def test_a_real_sigint_ends_tasks_with_one_line_and_exit_130(tmp_path):
     assert proc.returncode == 130 and "Traceback" not in err, err
     last = err.strip().splitlines()[-1]
     n_rows = len((out_dir / "results.jsonl").read_text().splitlines())
-    assert last == (f"lens-squash tasks: interrupted; {n_rows} rows are saved in {out_dir / 'results.jsonl'}; "
-                    "run the same command again to resume from them")
+    assert last == (
+        f"lens-squash tasks: interrupted; {n_rows} rows are saved in {out_dir / 'results.jsonl'}; "
+        "run the same command again to resume from them"
+    )
 
 
 @pytest.mark.parametrize("command", ["analyze", "sinks"])
@@ -256,8 +295,9 @@ def test_a_single_token_prompt_is_refused_after_loading_and_before_any_pass(
         pytest.fail("a forward pass ran for a one-token prompt")
 
     monkeypatch.setattr(type(tiny_random), "forward", no_forward)
-    code, out, err = _run(capsys, command, "--model", "tiny-random", "--raw", "--prompt", "a",
-                          "--out", str(tmp_path / "o"))
+    code, out, err = _run(
+        capsys, command, "--model", "tiny-random", "--raw", "--prompt", "a", "--out", str(tmp_path / "o")
+    )
     assert code == 2 and "--prompt 'a' is 1 token" in err and "at least 2" in err, err
     assert not (tmp_path / "o").exists()
 
@@ -271,8 +311,10 @@ def test_a_bug_is_one_line_with_exit_1_and_debug_mode_shows_the_traceback(capsys
     monkeypatch.delenv("LENS_SQUASH_DEBUG", raising=False)
     code, out, err = _run(capsys, "trace", "--prompt", "hi")
     assert code == cli.EXIT_INTERNAL_ERROR == 1
-    assert err == ("lens-squash trace: internal error (KeyError: 'oops'); please report it; rerun with "
-                   "LENS_SQUASH_DEBUG=1 for the traceback\n")
+    assert err == (
+        "lens-squash trace: internal error (KeyError: 'oops'); please report it; rerun with "
+        "LENS_SQUASH_DEBUG=1 for the traceback\n"
+    )
     monkeypatch.setenv("LENS_SQUASH_DEBUG", "1")
     with pytest.raises(KeyError, match="oops"):
         main(["trace", "--prompt", "hi"])
@@ -294,8 +336,23 @@ def test_figures_flag_names_a_bad_format_before_the_model_loads(no_load, capsys)
 @pytest.mark.browser
 def test_figures_flag_writes_every_report_figure_as_png(tmp_path, capsys):
     out = tmp_path / "sinks"
-    assert cli.main(["sinks", "--model", "tiny-random", "--prompt", "1 1 1 0", "--out", str(out),
-                     "--figures", "png", "--no-jacobian"]) == 0
+    assert (
+        cli.main(
+            [
+                "sinks",
+                "--model",
+                "tiny-random",
+                "--prompt",
+                "1 1 1 0",
+                "--out",
+                str(out),
+                "--figures",
+                "png",
+                "--no-jacobian",
+            ]
+        )
+        == 0
+    )
     pngs = sorted((out / "figures").glob("*.png"))
     page = (out / "report.html").read_text()
     assert pngs and len(pngs) == page.count('class="plotly-graph-div"')
@@ -327,18 +384,32 @@ assert not heavy, heavy
 """
 
 
-@pytest.mark.parametrize(("argvs", "code"), [
-    ([["--help"]] + [[name, "-h"] for name in COMMANDS], 0),
-    ([["sinks", "--eps", "2"], ["trace", "--prompt", "x", "--dtype", "int8"], ["tasks", "--task", "nope"],
-      ["suite", "--prompts", "/nonexistent.jsonl"], ["collapse", "--family", "nope"], ["analyze", "--bogus"],
-      ["trace", "--prompt", "x", "--device", "gpu9"], ["tasks", "--task", "copy_last", "--styles", "cot"]], 2),
-])
+@pytest.mark.parametrize(
+    ("argvs", "code"),
+    [
+        ([["--help"]] + [[name, "-h"] for name in COMMANDS], 0),
+        (
+            [
+                ["sinks", "--eps", "2"],
+                ["trace", "--prompt", "x", "--dtype", "int8"],
+                ["tasks", "--task", "nope"],
+                ["suite", "--prompts", "/nonexistent.jsonl"],
+                ["collapse", "--family", "nope"],
+                ["analyze", "--bogus"],
+                ["trace", "--prompt", "x", "--device", "gpu9"],
+                ["tasks", "--task", "copy_last", "--styles", "cot"],
+            ],
+            2,
+        ),
+    ],
+)
 def test_help_and_refused_flags_import_no_torch(argvs, code):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", _NO_TORCH.format(argvs=argvs, code=code)], capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH.format(argvs=argvs, code=code)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -366,10 +437,13 @@ def test_the_light_name_lists_are_the_registries():
     assert set(OFFLINE_MODELS) == set(lens_squash.edge.model_names.OFFLINE_MODEL_NAMES)
 
 
-@pytest.mark.parametrize("argv", [
-    ["trace", "--prompt", "1 1 0", "--generate", "--json", "-"],
-    ["suite", "--prompts", "{prompts}", "--jacobian", "sketch", "--probes", "4", "--json"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["trace", "--prompt", "1 1 0", "--generate", "--json", "-"],
+        ["suite", "--prompts", "{prompts}", "--jacobian", "sketch", "--probes", "4", "--json"],
+    ],
+)
 def test_json_on_stdout_stays_valid_json_with_progress_bars_on(argv, tmp_path):
     """A fresh process with bars forced on (LENS_SQUASH_PROGRESS=1): stdout must parse as JSON alone."""
     import os
@@ -383,8 +457,9 @@ def test_json_on_stdout_stays_valid_json_with_progress_bars_on(argv, tmp_path):
     if argv[0] == "suite":
         argv += ["--out", str(tmp_path / "out")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LENS_SQUASH_PROGRESS": "1"}
-    done = subprocess.run([sys.executable, "-m", "lens_squash.cli", *argv], capture_output=True, text=True,
-                          env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "lens_squash.cli", *argv], capture_output=True, text=True, env=env, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     payload = json.loads(done.stdout)
     assert "loaded tiny-random" in done.stderr  # the human-readable lines went to stderr
@@ -398,12 +473,30 @@ def test_json_on_stdout_stays_valid_json_with_progress_bars_on(argv, tmp_path):
 def test_tasks_writes_the_page_of_figures_the_runner_no_longer_writes(capsys, loads_tiny, tmp_path):
     """The runner (experiments) writes rows, CSV and JSON; the command adds figures.html (views)."""
     out_dir = tmp_path / "run"
-    argv = ["tasks", "--model", "tiny-random", "--task", "copy_last,count_ones", "--lengths", "2,3", "--samples", "1",
-            "--max-new-tokens", "3", "--out", str(out_dir)]
+    argv = [
+        "tasks",
+        "--model",
+        "tiny-random",
+        "--task",
+        "copy_last,count_ones",
+        "--lengths",
+        "2,3",
+        "--samples",
+        "1",
+        "--max-new-tokens",
+        "3",
+        "--out",
+        str(out_dir),
+    ]
     code, out, err = _run(capsys, *argv)
     assert code == 0, err
     page = (out_dir / "figures.html").read_text()
     # copy_last draws Fig. 2, count_ones Figs. 3 and 4; Fig. 11 needs a Type 1 or Type 2 prompt
     assert page.count("Plotly.newPlot") == 3 and all(f"Fig. {n}" in page for n in (2, 3, 4)) and "Fig. 11" not in page
     assert sorted(p.name for p in out_dir.iterdir()) == [
-        "figures.html", "results.csv", "results.fingerprint.json", "results.json", "results.jsonl"]
+        "figures.html",
+        "results.csv",
+        "results.fingerprint.json",
+        "results.json",
+        "results.jsonl",
+    ]

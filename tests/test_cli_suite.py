@@ -31,18 +31,20 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize(("lines", "where", "message"), [
-    (['{"id": "a", "prompt": "x"}', '{"id": "b", "prompt": "y"'], "line 2", "not valid JSON"),
-    (['["a", "x"]'], "line 1", "a JSON list, not an object"),
-    (['{"prompt": "x"}'], "line 1", '"id" must be a non-empty string'),
-    (['{"id": "a", "prompt": "  "}'], "line 1", '"prompt" must be non-empty text'),
-    (['{"id": "a", "prompt": "x"}', "", '{"id": "a", "prompt": "y"}'], "line 3", "repeats line 1"),
-    (['{"id": "a", "prompt": "x", "text": "y"}'], "line 1", "unknown keys ['text']"),
-    (['{"id": "a", "prompt": "x", "chat": "yes"}'], "line 1", '"chat" must be true, false or null'),
-    (["", "  "], "holds no prompts", "one JSON object per line"),
-])
-def test_a_bad_prompt_file_is_refused_by_line_before_the_model_loads(capsys, no_load, tmp_path, lines, where,
-                                                                      message):
+@pytest.mark.parametrize(
+    ("lines", "where", "message"),
+    [
+        (['{"id": "a", "prompt": "x"}', '{"id": "b", "prompt": "y"'], "line 2", "not valid JSON"),
+        (['["a", "x"]'], "line 1", "a JSON list, not an object"),
+        (['{"prompt": "x"}'], "line 1", '"id" must be a non-empty string'),
+        (['{"id": "a", "prompt": "  "}'], "line 1", '"prompt" must be non-empty text'),
+        (['{"id": "a", "prompt": "x"}', "", '{"id": "a", "prompt": "y"}'], "line 3", "repeats line 1"),
+        (['{"id": "a", "prompt": "x", "text": "y"}'], "line 1", "unknown keys ['text']"),
+        (['{"id": "a", "prompt": "x", "chat": "yes"}'], "line 1", '"chat" must be true, false or null'),
+        (["", "  "], "holds no prompts", "one JSON object per line"),
+    ],
+)
+def test_a_bad_prompt_file_is_refused_by_line_before_the_model_loads(capsys, no_load, tmp_path, lines, where, message):
     path = _write(tmp_path / "p.jsonl", lines)
     code, out, err = _run(capsys, "suite", "--model", "tiny-random", "--prompts", path, "--out", str(tmp_path / "o"))
     assert code == 2 and out == "" and err.count("\n") == 1, err
@@ -80,8 +82,20 @@ def counted(monkeypatch, tiny_random):
 
 
 def _suite(capsys, prompts_path, out, *extra):
-    return _run(capsys, "suite", "--model", "tiny-random", "--n-ctx", "256", "--prompts", prompts_path,
-                "--out", str(out), *SETTINGS, *extra)
+    return _run(
+        capsys,
+        "suite",
+        "--model",
+        "tiny-random",
+        "--n-ctx",
+        "256",
+        "--prompts",
+        prompts_path,
+        "--out",
+        str(out),
+        *SETTINGS,
+        *extra,
+    )
 
 
 def test_the_table_is_analyze_prompt_by_prompt_and_each_result_loads_back(capsys, counted, tiny_random, tmp_path):
@@ -94,8 +108,14 @@ def test_the_table_is_analyze_prompt_by_prompt_and_each_result_loads_back(capsys
     assert list(table["id"].astype(str).unique()) == ["copy", "7", "words"]
     rows = {json.loads(line)["id"]: json.loads(line) for line in (tmp_path / "out" / "prompts.jsonl").open()}
     for entry in PROMPTS:
-        reference = analyze(tiny_random, entry["prompt"], variants=["paper", "rollout", "value_rownorm"],
-                            jacobian_mode="sketch", n_probes=8, chat=entry.get("chat")).summary()
+        reference = analyze(
+            tiny_random,
+            entry["prompt"],
+            variants=["paper", "rollout", "value_rownorm"],
+            jacobian_mode="sketch",
+            n_probes=8,
+            chat=entry.get("chat"),
+        ).summary()
         mine = table[table["id"].astype(str) == str(entry["id"])]
         assert list(mine["variant"]) == list(reference["variant"])
         for column in ("spearman", "kendall", "first_token_share"):  # a CSV round trip: 15+ digits kept
@@ -106,8 +126,9 @@ def test_the_table_is_analyze_prompt_by_prompt_and_each_result_loads_back(capsys
     assert saved["metadata"]["command"] == "suite" and len(saved["rows"]) == len(table) == 9
 
 
-def test_an_interrupted_suite_resumes_to_the_same_table_without_redoing_a_prompt(capsys, counted, monkeypatch,
-                                                                                 tmp_path):
+def test_an_interrupted_suite_resumes_to_the_same_table_without_redoing_a_prompt(
+    capsys, counted, monkeypatch, tmp_path
+):
     path = _write(tmp_path / "p.jsonl", PROMPTS)
     assert _suite(capsys, path, tmp_path / "whole")[0] == 0
     whole = pd.read_csv(tmp_path / "whole" / "table.csv")
@@ -126,7 +147,8 @@ def test_an_interrupted_suite_resumes_to_the_same_table_without_redoing_a_prompt
     assert code == 130
     assert err.strip().splitlines()[-1] == (
         f"lens-squash suite: interrupted; 1 prompts are saved in {tmp_path / 'cut' / 'prompts.jsonl'}; "
-        "run the same command again to resume from them")
+        "run the same command again to resume from them"
+    )
     assert not (tmp_path / "cut" / "table.csv").exists()  # the table appears once every prompt is done
     counted["analysed"].clear()
     assert _suite(capsys, path, tmp_path / "cut")[0] == 0
@@ -134,15 +156,16 @@ def test_an_interrupted_suite_resumes_to_the_same_table_without_redoing_a_prompt
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "cut" / "table.csv"), whole)
 
 
-def test_another_run_or_a_changed_prompt_is_refused_before_loading_and_overwrite_starts_over(
-        capsys, counted, tmp_path):
+def test_another_run_or_a_changed_prompt_is_refused_before_loading_and_overwrite_starts_over(capsys, counted, tmp_path):
     path = _write(tmp_path / "p.jsonl", PROMPTS)
     out = tmp_path / "out"
     assert _suite(capsys, path, out)[0] == 0
     assert counted["loads"] == ["tiny-random"]
-    for extra, difference in ((["--probes", "4"], "analysis.n_probes: 8 → 4"),
-                              (["--dtype", "bf16"], "model.dtype: 'float32' → 'bfloat16'"),
-                              (["--jacobian", "exact"], "analysis.jacobian_mode: 'sketch' → 'exact'")):
+    for extra, difference in (
+        (["--probes", "4"], "analysis.n_probes: 8 → 4"),
+        (["--dtype", "bf16"], "model.dtype: 'float32' → 'bfloat16'"),
+        (["--jacobian", "exact"], "analysis.jacobian_mode: 'sketch' → 'exact'"),
+    ):
         code, _, err = _suite(capsys, path, out, *extra)
         assert code == 2 and "different run" in err and difference in err, err
     changed = _write(tmp_path / "q.jsonl", [PROMPTS[0], {**PROMPTS[1], "prompt": "A dog sat on the mat."}])

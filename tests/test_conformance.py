@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lens_squash.edge.jacobian import jacobian
-from lens_squash.core.support import UnsupportedModelError
-from lens_squash.edge.trace import trace
 from lens_squash.algebra.variants import VARIANTS, path_bound
+from lens_squash.core.support import UnsupportedModelError
+from lens_squash.edge.jacobian import jacobian
+from lens_squash.edge.trace import trace
 
 from .families import FAMILIES, REFUSED, TOKENS, build
 from .reference import ADVERSARIAL, adversarial, edit_in_place, reference_jacobian
@@ -112,14 +112,19 @@ def test_results_are_invariant_to_gqa_grouping(name):
     torch.testing.assert_close(a.patterns, b.patterns, atol=1e-13, rtol=0)
     torch.testing.assert_close(a.value_norms, b.value_norms, atol=1e-13, rtol=1e-12)
     for variant in ("value", "value_rownorm", "certified"):
-        torch.testing.assert_close(path_bound(a, variant, model=grouped).bound,
-                                   path_bound(b, variant, model=twin).bound, atol=0, rtol=1e-10)
+        torch.testing.assert_close(
+            path_bound(a, variant, model=grouped).bound, path_bound(b, variant, model=twin).bound, atol=0, rtol=1e-10
+        )
 
 
 def _results(model):
     t = trace(model, TOKENS, lipschitz=True)
-    out = {"y_last": t.y_last, "value_norms": t.value_norms, "exact": jacobian(model, TOKENS).spectral,
-           "frozen": jacobian(model, TOKENS, mode="frozen").spectral}
+    out = {
+        "y_last": t.y_last,
+        "value_norms": t.value_norms,
+        "exact": jacobian(model, TOKENS).spectral,
+        "frozen": jacobian(model, TOKENS, mode="frozen").spectral,
+    }
     if t.mlp_gain is not None:
         out["mlp_gain"] = t.mlp_gain
     if "lipschitz_unsupported" not in t.provenance and model.cfg.attention_dir == "causal":

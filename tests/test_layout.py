@@ -94,7 +94,9 @@ def imports_of(path: Path) -> list[Import]:
             if isinstance(child, ast.Import):
                 found.extend(Import(importer, child.lineno, alias.name, in_function) for alias in child.names)
             elif isinstance(child, ast.ImportFrom):
-                found.extend(Import(importer, child.lineno, t, in_function) for t in _resolve(child, importer, is_package))
+                found.extend(
+                    Import(importer, child.lineno, t, in_function) for t in _resolve(child, importer, is_package)
+                )
             elif isinstance(child, ast.Call):
                 target = _literal_import_module(child, importer, is_package)
                 if target is not None:
@@ -122,9 +124,14 @@ def test_the_import_scanner_resolves_relative_imports_and_sees_inside_functions(
     )
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", tmp_path / "lens_squash")
     got = [(i.line, i.target, i.in_function) for i in imports_of(fake / "demo.py")]
-    assert got == [(1, "lens_squash.algebra.paths", False), (2, "lens_squash.core.records", False),
-                   (3, "lens_squash.edge.trace", False), (5, "lens_squash.views.style", True),
-                   (6, "importlib", True), (7, "lens_squash.experiments.tasks", True)]
+    assert got == [
+        (1, "lens_squash.algebra.paths", False),
+        (2, "lens_squash.core.records", False),
+        (3, "lens_squash.edge.trace", False),
+        (5, "lens_squash.views.style", True),
+        (6, "importlib", True),
+        (7, "lens_squash.experiments.tasks", True),
+    ]
     assert [layer(t) for _, t, _ in got] == ["algebra", "core", "edge", "views", None, "experiments"]
 
 
@@ -169,15 +176,15 @@ def test_no_module_is_over_500_lines():
 
 
 def _fresh(code: str) -> dict:
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True,
-                          cwd=PACKAGE.parent)
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True, cwd=PACKAGE.parent
+    )
     return json.loads(done.stdout.splitlines()[-1])
 
 
 def test_import_lens_squash_does_not_import_torch():
     heavy = ("torch", "transformer_lens", "plotly", "pandas", "numpy", "scipy")
-    got = _fresh("import json, sys, lens_squash\n"
-                 f"print(json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)))")
+    got = _fresh(f"import json, sys, lens_squash\nprint(json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)))")
     assert got == [], f"`import lens_squash` imported {got}: keep them behind the lazy names"
 
 

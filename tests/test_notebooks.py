@@ -65,7 +65,8 @@ def _kernel_manager(tmp_path: Path) -> KernelManager:
 def _figures(notebook: nbformat.NotebookNode) -> int:
     return sum(
         FIGURE_MIME in output.get("data", {})
-        for cell in notebook.cells if cell.cell_type == "code"
+        for cell in notebook.cells
+        if cell.cell_type == "code"
         for output in cell.outputs
     )
 
@@ -79,7 +80,10 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
     monkeypatch.setenv("LENS_SQUASH_SMALL", "1")
     monkeypatch.setenv("PLOTLY_RENDERER", "plotly_mimetype")  # figures as JSON outputs, no plotly.js copy
     client = NotebookClient(
-        notebook, km=_kernel_manager(tmp_path), timeout=300, allow_errors=False,
+        notebook,
+        km=_kernel_manager(tmp_path),
+        timeout=300,
+        allow_errors=False,
         resources={"metadata": {"path": str(workdir)}},
     )
     client.execute()  # raises CellExecutionError, naming the cell, on the first failing cell

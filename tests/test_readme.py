@@ -12,7 +12,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def _notebook_example() -> str:
     text = README.read_text(encoding="utf-8")
-    section = text[text.index("## In a notebook"):]
+    section = text[text.index("## In a notebook") :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -20,7 +20,9 @@ def test_the_notebook_example_runs_and_every_line_shown_gives_a_figure_or_a_resu
     code = _notebook_example()
     assert "load_model()" in code
     code = code.replace("load_model()", 'load_model("tiny-random", n_ctx=512)')
-    code = code.replace("n_probes=64", "n_probes=8").replace('jacobian_mode="sketch"', 'jacobian_mode="sketch", n_probes=8')
+    code = code.replace("n_probes=64", "n_probes=8").replace(
+        'jacobian_mode="sketch"', 'jacobian_mode="sketch", n_probes=8'
+    )
     namespace: dict = {}
     figures = []
     for line in code.strip().splitlines():

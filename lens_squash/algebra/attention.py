@@ -48,14 +48,23 @@ def attention_defects(patterns: Tensor, *, group: int = 16) -> dict[str, float]:
         sums = block.sum(-1)  # NaN or ±inf entries make their row sum non-finite
         if not torch.isfinite(sums).all():
             nan = float("nan")
-            return {"row_deviation": nan, "row_excess": nan, "row_deficit": nan, "above_diagonal": nan, "min_entry": nan}
+            return {
+                "row_deviation": nan,
+                "row_excess": nan,
+                "row_deficit": nan,
+                "above_diagonal": nan,
+                "min_entry": nan,
+            }
         excess = max(excess, float((sums - 1).max()))
         deficit = max(deficit, float((1 - sums).max()))
         upper = max(upper, float(torch.tensordot(block, above, dims=([1, 2], [0, 1])).max()))
         smallest = min(smallest, float(block.amin()))
     return {
-        "row_deviation": max(excess, deficit), "row_excess": max(excess, 0.0), "row_deficit": max(deficit, 0.0),
-        "above_diagonal": upper, "min_entry": smallest,
+        "row_deviation": max(excess, deficit),
+        "row_excess": max(excess, 0.0),
+        "row_deficit": max(deficit, 0.0),
+        "above_diagonal": upper,
+        "min_entry": smallest,
     }
 
 

@@ -33,7 +33,7 @@ from . import sinks
 from .attention import attention_defects
 from .compression import compression_curves
 from .massive import massive_activations
-from .phases import detect_phases, layer_correlations, massive_layers
+from .phases import detect_phases, layer_correlations, massive_layers, sink_layer_links
 from .spectral import SpectralLayers, SpectralStream, dobrushin
 
 __all__ = ["AttentionStream", "AttentionSummary", "sink_report_from_summary"]
@@ -132,8 +132,12 @@ class AttentionStream:
         if self._spectral is not None and self._spectral_error is None and self._mass:
             spectral = self._spectral.finish()
         return AttentionSummary(
-            defects=self._defects or {}, mixing=_stacked(self._mixing), rollout_mass=_stacked(self._mass),
-            sink_dobrushin=_stacked(self._tau), spectral=spectral, spectral_error=self._spectral_error,
+            defects=self._defects or {},
+            mixing=_stacked(self._mixing),
+            rollout_mass=_stacked(self._mass),
+            sink_dobrushin=_stacked(self._tau),
+            spectral=spectral,
+            spectral_error=self._spectral_error,
         )
 
 
@@ -179,11 +183,22 @@ def sink_report_from_summary(
     curves["dobrushin"] = tau
     curves["rollout_mass_gain"] = torch.diff(rollout, prepend=rollout.new_zeros(1))
     return sinks.SinkReport(
-        eps=float(eps), mean_first_token_attention=head_mass.mean(-1), sink_rate=per_layer,
-        sink_rate_overall=float(is_sink.to(_F64).mean()), mixing=summary.mixing, first_token_norm=massive.first_norm,
-        norm_ratio=massive.ratio, entropy=entropy, anisotropy=aniso, phases=phases,
+        eps=float(eps),
+        mean_first_token_attention=head_mass.mean(-1),
+        sink_rate=per_layer,
+        sink_rate_overall=float(is_sink.to(_F64).mean()),
+        mixing=summary.mixing,
+        first_token_norm=massive.first_norm,
+        norm_ratio=massive.ratio,
+        entropy=entropy,
+        anisotropy=aniso,
+        phases=phases,
         massive_range=massive_layers(massive.ratio, factor=factor),
-        correlations=layer_correlations(curves, method=method), provenance=dict(metadata or {}),
-        top_dims=massive.top_dims, top_values=massive.top_values, rollout_mass=rollout, dobrushin=tau,
-        links=sinks.sink_layer_links(per_layer, tau, rollout),
+        correlations=layer_correlations(curves, method=method),
+        provenance=dict(metadata or {}),
+        top_dims=massive.top_dims,
+        top_values=massive.top_values,
+        rollout_mass=rollout,
+        dobrushin=tau,
+        links=sink_layer_links(per_layer, tau, rollout),
     )

@@ -101,7 +101,9 @@ def _check_supported(model) -> None:
         _refuse(f"blocks of type {type(block).__name__} without attn.W_V / attn.W_O")
     experts = getattr(getattr(block, "mlp", None), "experts", None)
     if getattr(cfg, "num_experts", None) and not all(
-        isinstance(getattr(e, name, None), torch.nn.Linear) for e in experts or [None] for name in ("W_gate", "W_in", "W_out")
+        isinstance(getattr(e, name, None), torch.nn.Linear)
+        for e in experts or [None]
+        for name in ("W_gate", "W_in", "W_out")
     ):
         _refuse("mixture-of-experts MLPs whose experts are not gated nn.Linear triples (W_gate, W_in, W_out)")
 

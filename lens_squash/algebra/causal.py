@@ -106,9 +106,7 @@ def causal_spectrum(m: Float[Tensor, "... query_pos key_pos"], atol: float = 1e-
     return m.diagonal(dim1=-2, dim2=-1)
 
 
-def eigenvalue_one_multiplicity(
-    m: Float[Tensor, "... query_pos key_pos"], atol: float = 1e-9
-) -> Int[Tensor, "..."]:
+def eigenvalue_one_multiplicity(m: Float[Tensor, "... query_pos key_pos"], atol: float = 1e-9) -> Int[Tensor, "..."]:
     """Algebraic multiplicity of eigenvalue 1 (Lemma B.6): diagonal entries within ``atol`` of 1.
 
     For a causal row-stochastic matrix ``Λ_jj = 1`` means row ``j`` is ``e_j`` (it attends only to

@@ -52,7 +52,9 @@ def u_shape(values: Float[Tensor, "pos"]) -> UShape:
         raise ValueError(f"a U-shape needs at least 3 positions, got {n}")
     edge = max(1, round(n / 10))
     return UShape(
-        first=float(values[:edge].mean()), middle=float(values[edge:n - edge].mean()), last=float(values[n - edge:].mean())
+        first=float(values[:edge].mean()),
+        middle=float(values[edge : n - edge].mean()),
+        last=float(values[n - edge :].mean()),
     )
 
 
@@ -78,9 +80,11 @@ class Comparison(Result):
 
     def _repr_html_(self) -> str:
         rows = "".join(
-            f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" if isinstance(v, float) else
-            f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
-            for k, v in asdict(self).items() if not isinstance(v, dict)
+            f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>"
+            if isinstance(v, float)
+            else f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
+            for k, v in asdict(self).items()
+            if not isinstance(v, dict)
         )
         return f"<b>Comparison</b><table>{rows}</table>"
 
@@ -102,7 +106,9 @@ def compare(
     bound = torch.as_tensor(bound, dtype=torch.float64)
     truth = torch.as_tensor(truth, dtype=torch.float64)
     if bound.shape != truth.shape:
-        raise ValueError(f"bound and truth must cover the same positions, got {tuple(bound.shape)} and {tuple(truth.shape)}")
+        raise ValueError(
+            f"bound and truth must cover the same positions, got {tuple(bound.shape)} and {tuple(truth.shape)}"
+        )
     ratio = bound / truth.clamp_min(torch.finfo(torch.float64).tiny)
     return Comparison(
         variant=variant,

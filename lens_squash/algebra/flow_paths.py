@@ -123,7 +123,8 @@ class FlowPaths(Result):
 
 
 def flow_edge_shares(
-    residual: Float[Tensor, "layer pos"], mlp: Float[Tensor, "layer pos"] | None,
+    residual: Float[Tensor, "layer pos"],
+    mlp: Float[Tensor, "layer pos"] | None,
     edges: Float[Tensor, "layer head query_pos key_pos"],
 ) -> tuple[Float[Tensor, "layer pos"], Float[Tensor, "layer head_plus_1 query_pos key_pos"]]:
     """Each hop's share of what leaves its query position (module docstring): ``(residual shares,
@@ -144,8 +145,12 @@ def flow_edge_shares(
 
 
 def top_paths_by_source(
-    residual: Float[Tensor, "layer pos"], edges: Float[Tensor, "layer edge query_pos key_pos"], target: int, *,
-    k: int = 5, left_scale: Float[Tensor, "layer pos"] | None = None,
+    residual: Float[Tensor, "layer pos"],
+    edges: Float[Tensor, "layer edge query_pos key_pos"],
+    target: int,
+    *,
+    k: int = 5,
+    left_scale: Float[Tensor, "layer pos"] | None = None,
 ) -> dict[int, list[tuple[float, tuple[int, ...], tuple[int | None, ...]]]]:
     """For every source ``i``, its ``k`` heaviest paths into ``target``: ``(weight, positions, edges)``
     with ``edges[l]`` the index into ``edges``' second axis, ``None`` for the residual edge.
@@ -208,8 +213,11 @@ def _layer_weights(residual, edges, left_scale, layer: int) -> tuple[Tensor, Ten
 
 
 def _layer_step(
-    heads: Float[Tensor, "edge_query key_pos"], res: Float[Tensor, "pos"], best: Float[Tensor, "query_pos rank"],
-    first: Tensor, block: int,
+    heads: Float[Tensor, "edge_query key_pos"],
+    res: Float[Tensor, "pos"],
+    best: Float[Tensor, "query_pos rank"],
+    first: Tensor,
+    block: int,
 ) -> tuple[Float[Tensor, "key_pos rank"], Tensor, Float[Tensor, "key_pos rank"]]:
     """The ``k`` best of ``w[(e, j), p] · best[j, r]`` per key ``p``: values, pointers ``(e·n + j)·k + r``
     (the residual edge is ``e = E`` at ``j = p``; ties to the lowest pointer) and the first hop's ``w``.
@@ -218,8 +226,13 @@ def _layer_step(
     ``(e', j', 0)``, which beats every ``(e', j', r)`` of a column left out), so those and the residual
     edge give ``(k+1)·k`` candidates per ``p`` instead of the ``(E+1)·n·k`` of a flat ``topk``."""
     n, k = best.shape
-    pairs = torch.cat([_head_columns(heads, best[:, 0], k, first, block),
-                       (heads.shape[0] + torch.arange(n))[:, None]], dim=1).sort(dim=1).values
+    pairs = (
+        torch.cat(
+            [_head_columns(heads, best[:, 0], k, first, block), (heads.shape[0] + torch.arange(n))[:, None]], dim=1
+        )
+        .sort(dim=1)
+        .values
+    )
     weights = torch.cat([heads.gather(0, pairs[:, :-1].T).T, res[:, None]], dim=1)
     values = (weights[:, :, None] * best[pairs % n]).reshape(n, -1)  # [p, (pair, rank)]
     pointers = (pairs[:, :, None] * k + torch.arange(k)).reshape(n, -1)  # ascending along each row
@@ -306,8 +319,10 @@ def flow_top_paths(flow, k: int = 5, *, source: int | None = None) -> FlowPaths:
     for s, records in found.items():
         if source is not None and s != source:
             continue
-        paths[s] = [FlowPath(weight, weight, positions, tuple(_label(e, n_heads) for e in taken), shares)
-                    for weight, positions, taken, shares in records]
+        paths[s] = [
+            FlowPath(weight, weight, positions, tuple(_label(e, n_heads) for e in taken), shares)
+            for weight, positions, taken, shares in records
+        ]
     mlp = torch.zeros_like(flow.value) if flow.mlp is None else flow.mlp
     parts = flow.residual.double() + mlp.double() + flow.value.double() + flow.pattern.double()
     pattern_share = flow.pattern.double().sum(-1) / parts.sum(-1).clamp_min(torch.finfo(torch.float64).tiny)
@@ -321,9 +336,9 @@ def _label(edge: int | None, n_heads: int) -> int | str:
 def _graph_layer_edges(graph, layer: int) -> Float[Tensor, "head query_pos key_pos"]:
     """``graph.edges[layer]`` without the whole ``[layer, head, pos, pos]`` float64 tensor (2 GiB at
     n = 1000 on SmolLM2): the property's own formula on a one-layer slice, so the same floats."""
-    query = None if graph.query_scale is None else graph.query_scale[layer:layer + 1]
-    patterns = None if graph.patterns is None else graph.patterns[layer:layer + 1]  # None: .edges says why
-    one = replace(graph, patterns=patterns, key_scale=graph.key_scale[layer:layer + 1], query_scale=query)
+    query = None if graph.query_scale is None else graph.query_scale[layer : layer + 1]
+    patterns = None if graph.patterns is None else graph.patterns[layer : layer + 1]  # None: .edges says why
+    one = replace(graph, patterns=patterns, key_scale=graph.key_scale[layer : layer + 1], query_scale=query)
     return one.edges[0]
 
 
@@ -338,8 +353,14 @@ def graph_paths(graph, target: int = -1, k: int = 5, *, str_tokens=(), source: i
     if source is not None and not -n <= source < n:
         raise ValueError(f"source position {source} is out of range for {n} tokens; use 0..{n - 1} or -1")
     n_layers, n_heads = graph.residual.shape[0], graph.key_scale.shape[1]
-    found = _top_paths(graph.residual, (n_layers, n_heads, n, n), lambda layer: _graph_layer_edges(graph, layer),
-                       target, k, graph.left_scale)
+    found = _top_paths(
+        graph.residual,
+        (n_layers, n_heads, n, n),
+        lambda layer: _graph_layer_edges(graph, layer),
+        target,
+        k,
+        graph.left_scale,
+    )
     scale = float(graph.output_scale[target])
     bound = scale * graph.row(target, n_layers=n_layers)
     paths = {}
@@ -347,9 +368,12 @@ def graph_paths(graph, target: int = -1, k: int = 5, *, str_tokens=(), source: i
         if source is not None and s != source % n:
             continue
         total = float(bound[s]) or 1.0
-        paths[s] = [FlowPath(scale * w, scale * w / total, positions, tuple(RESIDUAL if e is None else e for e in taken),
-                             shares)
-                    for w, positions, taken, shares in records]
+        paths[s] = [
+            FlowPath(
+                scale * w, scale * w / total, positions, tuple(RESIDUAL if e is None else e for e in taken), shares
+            )
+            for w, positions, taken, shares in records
+        ]
     return FlowPaths(graph.variant, target, paths, tuple(str_tokens), n_layers, n_heads)
 
 

@@ -21,7 +21,14 @@ from . import paths
 from .causal import _check_square, causal_spectrum, check_causal_stochastic
 from .spectral import _check_eps, _propagate, _rate_depth, _second_diagonal
 
-__all__ = ["DEFAULT_HORIZON", "asymptotic_depth", "convergence_errors", "depth_to_epsilon", "second_eigenvalue", "steady_state"]
+__all__ = [
+    "DEFAULT_HORIZON",
+    "asymptotic_depth",
+    "convergence_errors",
+    "depth_to_epsilon",
+    "second_eigenvalue",
+    "steady_state",
+]
 
 #: how many powers of Λ̃ :func:`depth_to_epsilon` computes exactly before it extrapolates
 DEFAULT_HORIZON: int = 1024

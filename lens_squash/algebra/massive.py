@@ -40,8 +40,10 @@ class MassiveActivations(Record):
     def _repr_html_(self) -> str:
         peak = int(self.ratio.argmax())
         dims = "" if self.top_dims is None else f"; top dims there: {self.top_dims[peak].tolist()}"
-        return (f"<b>massive activations</b>: first-token norm ÷ median peaks at "
-                f"{self.ratio[peak]:.1f}× in layer {peak}{html.escape(dims)}")
+        return (
+            f"<b>massive activations</b>: first-token norm ÷ median peaks at "
+            f"{self.ratio[peak]:.1f}× in layer {peak}{html.escape(dims)}"
+        )
 
 
 def massive_activations(

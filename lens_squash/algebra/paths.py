@@ -122,7 +122,9 @@ def factored_row(
     """
     n_layers, n_heads, n, _ = patterns.shape
     if key_scale.shape != (n_layers, n_heads, n):
-        raise ValueError(f"key_scale must be [layer, head, key_pos] = {(n_layers, n_heads, n)}, got {tuple(key_scale.shape)}")
+        raise ValueError(
+            f"key_scale must be [layer, head, key_pos] = {(n_layers, n_heads, n)}, got {tuple(key_scale.shape)}"
+        )
     for name, value in (("residual", residual), ("query_scale", query_scale), ("left_scale", left_scale)):
         if value is not None and value.shape != (n_layers, n):
             raise ValueError(f"{name} must be [layer, pos] = {(n_layers, n)}, got {tuple(value.shape)}")
@@ -131,7 +133,10 @@ def factored_row(
     row[target] = 1.0
     for layer in range(n_layers - 1, -1, -1):
         row = factored_step(
-            row, patterns[layer], key_scale[layer], residual[layer],
+            row,
+            patterns[layer],
+            key_scale[layer],
+            residual[layer],
             query_scale=None if query_scale is None else query_scale[layer],
             left_scale=None if left_scale is None else left_scale[layer],
         )

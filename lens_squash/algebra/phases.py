@@ -1,4 +1,5 @@
-"""Reading per-layer curves: Mix–Compress–Refine phases, the massive range, cross-layer correlations.
+"""Reading per-layer curves: Mix–Compress–Refine phases, the massive range, cross-layer correlations,
+and how the over-squashing measures behave in sink layers (:func:`sink_layer_links`).
 
 Queipo-de-Llano, Arroyo, Barbero et al. ("Attention Sinks and Compression Valleys in LLMs are Two
 Sides of the Same Coin") describe depth in three phases: early layers *mix* tokens, middle layers
@@ -11,6 +12,7 @@ layers: Pearson, or Spearman with average ranks for ties (as ``scipy.stats.spear
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from itertools import combinations
 from typing import Literal
@@ -21,7 +23,7 @@ from torch import Tensor
 
 from .ranks import pearson, spearman
 
-__all__ = ["detect_phases", "layer_correlations", "massive_layers"]
+__all__ = ["detect_phases", "layer_correlations", "massive_layers", "sink_layer_links"]
 
 
 def _check_curve(curve, name: str) -> Tensor:
@@ -104,3 +106,31 @@ def layer_correlations(
         n = min(len(a), len(b))
         out[f"{name_a} vs {name_b}"] = corr(torch.as_tensor(a)[:n], torch.as_tensor(b)[:n])
     return out
+
+
+def _group_mean(values: Tensor, mask: Tensor) -> float:
+    return float(values[mask].mean()) if mask.any() else math.nan
+
+
+def sink_layer_links(
+    sink_rate_per_layer: Float[Tensor, "layer"],
+    tau: Float[Tensor, "layer"],
+    rollout_mass: Float[Tensor, "layer"],
+    *,
+    majority: float = 0.5,
+) -> dict[str, float]:
+    """How the over-squashing measures behave in *sink layers* (≥ ``majority`` of heads are sinks).
+
+    Mean Dobrushin ``τ`` and mean rollout-mass gain ``m_l − m_{l-1}`` (``m_{-1} = 0``) inside the
+    sink layers and elsewhere; NaN for an empty group.
+    """
+    sink_layers = torch.as_tensor(sink_rate_per_layer).to(torch.float64) >= majority
+    mass = torch.as_tensor(rollout_mass).to(torch.float64)
+    gain = torch.diff(mass, prepend=mass.new_zeros(1))
+    return {
+        "n sink layers": float(sink_layers.sum()),
+        "dobrushin | sink layers": _group_mean(tau, sink_layers),
+        "dobrushin | other layers": _group_mean(tau, ~sink_layers),
+        "rollout mass gain | sink layers": _group_mean(gain, sink_layers),
+        "rollout mass gain | other layers": _group_mean(gain, ~sink_layers),
+    }

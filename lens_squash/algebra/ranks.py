@@ -61,8 +61,8 @@ def kendall(a: Float[Tensor, "n"], b: Float[Tensor, "n"], *, chunk: int = 1024) 
     a, b = _pair(a, b)
     concordance = tied_a = tied_b = 0.0
     for start in range(0, a.numel(), chunk):
-        da = torch.sign(a[start:start + chunk, None] - a[None, :])
-        db = torch.sign(b[start:start + chunk, None] - b[None, :])
+        da = torch.sign(a[start : start + chunk, None] - a[None, :])
+        db = torch.sign(b[start : start + chunk, None] - b[None, :])
         concordance += float((da * db).sum())
         tied_a += float((da == 0).sum())
         tied_b += float((db == 0).sum())

@@ -30,7 +30,7 @@ Three quantities about "the first token" have three names:
 averaged over heads. Row ``q`` has ``q + 1`` causal keys, so by default each row's entropy is
 divided by ``log(q + 1)``: 1 means uniform causal attention (broad mixing), 0 a point mass.
 **Contraction**: :func:`rollout_dobrushin` gives each layer's ergodicity coefficient ``τ``, and
-:func:`sink_layer_links` compares it and the rollout mass in and out of the sink layers.
+:func:`~lens_squash.algebra.phases.sink_layer_links` compares it and the rollout mass in and out of the sink layers.
 
 Everything accumulates in float64, one layer at a time (SmolLM2's patterns are 4.5 GB at n = 2048).
 """
@@ -53,7 +53,7 @@ from ..core.results import Record, Result
 from .compression import _check_matrix_stack, compression_curves
 from .massive import massive_activations
 from .paths import rollout_matrices
-from .phases import detect_phases, layer_correlations, massive_layers
+from .phases import detect_phases, layer_correlations, massive_layers, sink_layer_links
 from .spectral import dobrushin
 
 __all__ = [
@@ -66,7 +66,6 @@ __all__ = [
     "mixing_score",
     "rollout_dobrushin",
     "rollout_mass",
-    "sink_layer_links",
     "sink_rate",
     "sink_report",
 ]
@@ -144,8 +143,7 @@ class SinkRate(Record):
 
     def _repr_html_(self) -> str:
         layers = ", ".join(f"{v:.2f}" for v in self.per_layer.tolist())
-        return (f"<b>sink rate (ε = {self.eps})</b>: {self.overall:.1%} of heads"
-                f"<br>per layer: {html.escape(layers)}")
+        return f"<b>sink rate (ε = {self.eps})</b>: {self.overall:.1%} of heads<br>per layer: {html.escape(layers)}"
 
 
 def sink_rate(
@@ -259,34 +257,6 @@ def _attention_curves(patterns: Tensor, over_squashing: bool) -> tuple[Tensor, T
     return torch.stack(mixing), torch.stack(mass), torch.stack(taus)
 
 
-def _group_mean(values: Tensor, mask: Tensor) -> float:
-    return float(values[mask].mean()) if mask.any() else math.nan
-
-
-def sink_layer_links(
-    sink_rate_per_layer: Float[Tensor, "layer"],
-    tau: Float[Tensor, "layer"],
-    rollout_mass: Float[Tensor, "layer"],
-    *,
-    majority: float = 0.5,
-) -> dict[str, float]:
-    """How the over-squashing measures behave in *sink layers* (≥ ``majority`` of heads are sinks).
-
-    Mean Dobrushin ``τ`` and mean rollout-mass gain ``m_l − m_{l-1}`` (``m_{-1} = 0``) inside the
-    sink layers and elsewhere; NaN for an empty group.
-    """
-    sink_layers = torch.as_tensor(sink_rate_per_layer).to(_F64) >= majority
-    mass = torch.as_tensor(rollout_mass).to(_F64)
-    gain = torch.diff(mass, prepend=mass.new_zeros(1))
-    return {
-        "n sink layers": float(sink_layers.sum()),
-        "dobrushin | sink layers": _group_mean(tau, sink_layers),
-        "dobrushin | other layers": _group_mean(tau, ~sink_layers),
-        "rollout mass gain | sink layers": _group_mean(gain, sink_layers),
-        "rollout mass gain | other layers": _group_mean(gain, ~sink_layers),
-    }
-
-
 # ---------------------------------------------------------------------------------------------------
 # the report
 # ---------------------------------------------------------------------------------------------------
@@ -334,9 +304,14 @@ class SinkReport(Result):
     def curves(self) -> dict[str, Tensor]:
         """The per-layer curves that are present, by name (what :meth:`plot` draws)."""
         curves = {  # written out, not getattr by name: a renamed field is an error here, not a lost panel
-            "mean_first_token_attention": self.mean_first_token_attention, "sink_rate": self.sink_rate,
-            "mixing": self.mixing, "norm_ratio": self.norm_ratio, "entropy": self.entropy,
-            "anisotropy": self.anisotropy, "rollout_mass": self.rollout_mass, "dobrushin": self.dobrushin,
+            "mean_first_token_attention": self.mean_first_token_attention,
+            "sink_rate": self.sink_rate,
+            "mixing": self.mixing,
+            "norm_ratio": self.norm_ratio,
+            "entropy": self.entropy,
+            "anisotropy": self.anisotropy,
+            "rollout_mass": self.rollout_mass,
+            "dobrushin": self.dobrushin,
         }
         return {name: values for name, values in curves.items() if values is not None}
 
@@ -348,7 +323,9 @@ class SinkReport(Result):
             return "phases unknown (no residual streams were kept)"
         mix_end, compress_end = self.phases
         n = self.entropy.numel()
-        refine = f"refine {compress_end}–{n - 1}" if compress_end < n else "no refine phase (the valley reaches the output)"
+        refine = (
+            f"refine {compress_end}–{n - 1}" if compress_end < n else "no refine phase (the valley reaches the output)"
+        )
         mix = f"mix 0–{mix_end - 1}" if mix_end > 0 else "no mix phase"
         return f"residual streams: {mix}, compress {mix_end}–{compress_end - 1}, {refine}"
 
@@ -356,8 +333,10 @@ class SinkReport(Result):
         """Where the first token's norm is massive, in words."""
         peak = int(self.norm_ratio.argmax())
         if self.massive_range is None:
-            return (f"no massive activation (the first token's norm peaks at {float(self.norm_ratio[peak]):.1f}× "
-                    f"the median, at residual stream {peak})")
+            return (
+                f"no massive activation (the first token's norm peaks at {float(self.norm_ratio[peak]):.1f}× "
+                f"the median, at residual stream {peak})"
+            )
         start, end = self.massive_range
         return f"massive first-token activation in residual streams {start}–{end - 1} (peak {float(self.norm_ratio[peak]):.1f}× at {peak})"
 
@@ -378,17 +357,23 @@ class SinkReport(Result):
             ("layers", str(self.n_layers)),
             (f"sink rate (ε = {self.eps})", f"{self.sink_rate_overall:.1%} of heads"),
             ("first-token norm ÷ median (peak)", f"{self.norm_ratio[peak]:.1f}× at layer {peak}"),
-            ("min normalised entropy",
-             "—" if self.entropy is None else f"{self.entropy.min():.3f} at layer {int(self.entropy.argmin())}"),
+            (
+                "min normalised entropy",
+                "—" if self.entropy is None else f"{self.entropy.min():.3f} at layer {int(self.entropy.argmin())}",
+            ),
             ("phases", self.phase_text()),
             ("massive activation", self.massive_text()),
         ]
         if self.rollout_mass is not None:
             rows.append(("rollout mass on token 0 (all layers)", f"{self.rollout_mass[-1]:.4f}"))
-        rows += [(name, f"{value:.3g}" if math.isfinite(value) else "— (no layers in this group)")
-                 for name, value in self.links.items()]
-        rows += [(f"ρ({name})", f"{value:.2f}" if math.isfinite(value) else "undefined (constant curve)")
-                 for name, value in self.correlations.items()]
+        rows += [
+            (name, f"{value:.3g}" if math.isfinite(value) else "— (no layers in this group)")
+            for name, value in self.links.items()
+        ]
+        rows += [
+            (f"ρ({name})", f"{value:.2f}" if math.isfinite(value) else "undefined (constant curve)")
+            for name, value in self.correlations.items()
+        ]
         body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
         return f"<b>lens_squash SinkReport</b><table>{body}</table>"
 
@@ -443,12 +428,23 @@ def sink_report(
         curves["dobrushin"] = tau
         curves["rollout_mass_gain"] = torch.diff(rollout, prepend=rollout.new_zeros(1))
     return SinkReport(
-        eps=rate.eps, mean_first_token_attention=mass, sink_rate=rate.per_layer, sink_rate_overall=rate.overall,
-        mixing=mixing, first_token_norm=massive.first_norm, norm_ratio=massive.ratio,
-        entropy=entropy, anisotropy=aniso, phases=phases,
+        eps=rate.eps,
+        mean_first_token_attention=mass,
+        sink_rate=rate.per_layer,
+        sink_rate_overall=rate.overall,
+        mixing=mixing,
+        first_token_norm=massive.first_norm,
+        norm_ratio=massive.ratio,
+        entropy=entropy,
+        anisotropy=aniso,
+        phases=phases,
         massive_range=massive_layers(massive.ratio, factor=factor),
-        correlations=layer_correlations(curves, method=method), provenance=dict(metadata or {}),
-        top_dims=massive.top_dims, top_values=massive.top_values, rollout_mass=rollout, dobrushin=tau,
+        correlations=layer_correlations(curves, method=method),
+        provenance=dict(metadata or {}),
+        top_dims=massive.top_dims,
+        top_values=massive.top_values,
+        rollout_mass=rollout,
+        dobrushin=tau,
         links=links,
     )
 
@@ -480,7 +476,10 @@ def rollout_first_token_mass(patterns: Tensor) -> Tensor:
 
 # moved to sibling modules (those imported above stay plain attributes); sink_analysis and
 # sink_report_from_trace run the model, so they moved up to lens_squash.experiments.sinks
-_MOVED = {"MassiveActivations": "massive", **dict.fromkeys(("anisotropy", "matrix_entropy", "squared_singular_values"), "compression")}
+_MOVED = {
+    "MassiveActivations": "massive",
+    **dict.fromkeys(("anisotropy", "matrix_entropy", "squared_singular_values"), "compression"),
+}
 
 
 def __getattr__(name: str):

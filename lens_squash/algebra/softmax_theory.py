@@ -324,8 +324,13 @@ def tv_decay_experiment(
         tvs.append(prefix_total_variation(x, x_star, lengths, dtype=dtype))
         bounds.append(prefix_tv_bound(x, x_star, lengths, dtype=dtype))
     return TVDecayResult(
-        lengths=lengths, tv=torch.stack(tvs), bound=torch.stack(bounds), seeds=seed_list,
-        n_max=n_max, perturbed=perturbed, noise=float(noise),
+        lengths=lengths,
+        tv=torch.stack(tvs),
+        bound=torch.stack(bounds),
+        seeds=seed_list,
+        n_max=n_max,
+        perturbed=perturbed,
+        noise=float(noise),
         provenance={"dtype": str(dtype).removeprefix("torch."), "tv_convention": "l1 (no 1/2)"},
     )
 

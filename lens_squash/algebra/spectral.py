@@ -151,7 +151,8 @@ def dobrushin(
         raise ValueError(f"method must be 'auto' or 'pairwise', got {method!r}")
     flat = p.reshape(-1, *p.shape[-2:])
     values = [
-        1.0 - (m[:, 0] / m.sum(-1)).min() if method == "auto" and _is_causal_stochastic(m, atol)
+        1.0 - (m[:, 0] / m.sum(-1)).min()
+        if method == "auto" and _is_causal_stochastic(m, atol)
         else _dobrushin_one(m, chunk, causal=_above_diagonal(m) == 0)
         for m in flat
     ]
@@ -244,21 +245,31 @@ class SpectralReport(Result):
         """Deprecated name of :attr:`rollout_mass`."""
         import warnings
 
-        warnings.warn("SpectralReport.first_token_mass is now SpectralReport.rollout_mass", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "SpectralReport.first_token_mass is now SpectralReport.rollout_mass", DeprecationWarning, stacklevel=2
+        )
         return self.rollout_mass
 
     __repr__ = compact_repr
 
     def _repr_html_(self) -> str:
         depth = self.depth_to_first_token
-        shown = "never (no contraction)" if math.isinf(depth) else f"{depth}" + (
-            " (extrapolated)" if self.extrapolated else "")
+        shown = (
+            "never (no contraction)"
+            if math.isinf(depth)
+            else f"{depth}" + (" (extrapolated)" if self.extrapolated else "")
+        )
         rows = [
             ("layers × positions", f"{self.n_layers} × {self.n_tokens}"),
             ("layers with simple eigenvalue 1", f"{int((self.multiplicity == 1).sum())} of {self.n_layers}"),
-            ("second eigenvalue (min … max)",
-             f"{float(self.second_eigenvalue.min()):.4f} … {float(self.second_eigenvalue.max()):.4f}"),
-            ("Dobrushin τ per layer (min … max)", f"{float(self.dobrushin.min()):.4f} … {float(self.dobrushin.max()):.4f}"),
+            (
+                "second eigenvalue (min … max)",
+                f"{float(self.second_eigenvalue.min()):.4f} … {float(self.second_eigenvalue.max()):.4f}",
+            ),
+            (
+                "Dobrushin τ per layer (min … max)",
+                f"{float(self.dobrushin.min()):.4f} … {float(self.dobrushin.max()):.4f}",
+            ),
             ("Π τ over the stack", f"{float(self.cumulative_dobrushin[-1]):.3e}"),
             (f"position {self.target}'s mass on the first token", f"{float(self.rollout_mass[-1]):.6f}"),
             ("distance of the product to rank one", f"{float(self.rank_one_distance[-1]):.3e}"),
@@ -266,6 +277,7 @@ class SpectralReport(Result):
         ]
         body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
         return f"<b>lens_squash SpectralReport</b><table>{body}</table>"
+
 
 def _depth_to_first_token(
     gaps: Float[Tensor, "depth"], distance: Float[Tensor, "depth"], cumulative: Float[Tensor, "depth"], eps: float
@@ -321,7 +333,9 @@ class SpectralStream:
         """Fold in the next layer's ``Λ̃`` (any float dtype; checked in it, analysed in float64)."""
         layer = check_causal_stochastic(layer, self.atol).to(torch.float64)
         if layer.ndim != 2 or layer.shape[-1] != self._state.shape[0]:
-            raise ValueError(f"each layer must be [query_pos, key_pos] = {(self._state.shape[0],) * 2}, got {tuple(layer.shape)}")
+            raise ValueError(
+                f"each layer must be [query_pos, key_pos] = {(self._state.shape[0],) * 2}, got {tuple(layer.shape)}"
+            )
         self._spectra.append(layer.diagonal().clone())  # not a view that keeps the layer alive
         # entries above the diagonal within atol are treated as zero (the check above allowed them)
         self._taus.append(dobrushin(layer.tril(), atol=self.atol))
@@ -333,7 +347,10 @@ class SpectralStream:
         if not self._spectra:
             raise ValueError("stack has no layers; pass one rollout matrix per layer")
         return SpectralLayers(
-            torch.stack(self._spectra), torch.stack(self._taus), torch.stack(self._two), torch.stack(self._states),
+            torch.stack(self._spectra),
+            torch.stack(self._taus),
+            torch.stack(self._two),
+            torch.stack(self._states),
             self.atol,
         )
 
@@ -409,10 +426,29 @@ def analyze_stack(
 #: names that moved out of this module: Lemmas B.6–B.7 to ``causal``, Prop. B.8's one-matrix limit to
 #: ``homogeneous``, the plain product to ``paths``; the old import path still works, with a warning
 _MOVED = {
-    **dict.fromkeys(("causal_spectrum", "check_causal_stochastic", "eigenvalue_one_multiplicity", "is_causal",
-                     "is_row_stochastic", "product_closure", "two_nonzeros_condition"), "causal"),
-    **dict.fromkeys(("asymptotic_depth", "convergence_errors", "depth_to_epsilon", "second_eigenvalue",
-                     "steady_state", "DEFAULT_HORIZON"), "homogeneous"),
+    **dict.fromkeys(
+        (
+            "causal_spectrum",
+            "check_causal_stochastic",
+            "eigenvalue_one_multiplicity",
+            "is_causal",
+            "is_row_stochastic",
+            "product_closure",
+            "two_nonzeros_condition",
+        ),
+        "causal",
+    ),
+    **dict.fromkeys(
+        (
+            "asymptotic_depth",
+            "convergence_errors",
+            "depth_to_epsilon",
+            "second_eigenvalue",
+            "steady_state",
+            "DEFAULT_HORIZON",
+        ),
+        "homogeneous",
+    ),
     "stack_product": "paths",
 }
 

@@ -112,7 +112,10 @@ class PathGraph(Record):
         else:
             patterns, key_scale = self._patterns()[depth], self.key_scale[depth]
         row = paths.factored_row(
-            self.residual[depth], patterns, key_scale, target,
+            self.residual[depth],
+            patterns,
+            key_scale,
+            target,
             query_scale=None if self.query_scale is None else self.query_scale[depth],
             left_scale=None if self.left_scale is None else self.left_scale[depth],
         )
@@ -218,7 +221,11 @@ def _paper(trace, model=None, *, beta1=1.0, beta2=1.0, beta3=1.0, sigma_psi=1.0,
     key_scale = (w / beta1[:, None])[:, :, None].expand(n_layers, n_heads, n)
     constant = paths.paper_constant(n_layers, beta2=beta2, beta3=beta3, sigma_psi=sigma_psi)
     return PathGraph(
-        "paper", torch.ones(n_layers, n, dtype=torch.float64), trace.patterns, key_scale, None,
+        "paper",
+        torch.ones(n_layers, n, dtype=torch.float64),
+        trace.patterns,
+        key_scale,
+        None,
         torch.full((n,), float(constant), dtype=torch.float64),
         "Theorem B.5's bound, under its Lipschitz and normalisation assumptions (β's, σ_ψ)",
         **_head_mean(trace, head_scores, 1.0 / beta1),
@@ -230,16 +237,25 @@ def _rollout(trace, model=None, *, head_scores=None) -> PathGraph:
     w = head_weights(n_layers, n_heads, head_scores)
     key_scale = (0.5 * w)[:, :, None].expand(n_layers, n_heads, n)
     return PathGraph(
-        "rollout", torch.full((n_layers, n), 0.5, dtype=torch.float64), trace.patterns, key_scale, None,
-        torch.ones(n, dtype=torch.float64), None,
+        "rollout",
+        torch.full((n_layers, n), 0.5, dtype=torch.float64),
+        trace.patterns,
+        key_scale,
+        None,
+        torch.ones(n, dtype=torch.float64),
+        None,
         **_head_mean(trace, head_scores, torch.full((n_layers,), 0.5, dtype=torch.float64)),
     )
 
 
 def _scale(trace, site: str) -> Tensor:
     """The traced ``blocks.{l}.{site}.hook_scale`` per layer and position (float64)."""
-    value = {"ln1": trace.ln1_scale, "ln2": trace.ln2_scale, "ln1_post": trace.ln1_post_scale,
-             "ln2_post": trace.ln2_post_scale}[site]
+    value = {
+        "ln1": trace.ln1_scale,
+        "ln2": trace.ln2_scale,
+        "ln1_post": trace.ln1_post_scale,
+        "ln2_post": trace.ln2_post_scale,
+    }[site]
     if value is None:
         raise ValueError(
             f"the certified variant needs blocks.{{l}}.{site}.hook_scale, which this trace lacks; trace a "
@@ -285,7 +301,11 @@ def _certified(trace, model=None) -> PathGraph:
     residual, left = (gain, None) if shape.parallel else (ones, gain)
     final = trace.final_scale.double() if trace.final_scale is not None else torch.ones(n, dtype=torch.float64)
     return PathGraph(
-        "certified", ones if residual is None else residual, trace.patterns, key_scale, left,
+        "certified",
+        ones if residual is None else residual,
+        trace.patterns,
+        key_scale,
+        left,
         final_norm_gain(model) / final,
         "an upper bound on ‖∂y_n/∂v_i‖₂ of the model with attention patterns and norm scales frozen",
         query_scale=query,
@@ -297,8 +317,9 @@ def _value(trace, model=None) -> PathGraph:
         raise ValueError("the value variant needs ‖v W_O‖ per head; trace a model that exposes attn.hook_v and W_O")
     n_layers, n = trace.n_layers, trace.n_tokens
     residual = trace.resid_norms[:n_layers].double()
-    return PathGraph("value", residual, trace.patterns, trace.value_norms.double(), None,
-                     torch.ones(n, dtype=torch.float64), None)
+    return PathGraph(
+        "value", residual, trace.patterns, trace.value_norms.double(), None, torch.ones(n, dtype=torch.float64), None
+    )
 
 
 #: variant name -> builder(trace, model, **params) -> PathGraph
@@ -323,9 +344,12 @@ def build_graph(trace, variant: str = "paper", *, model=None, **params) -> PathG
     # a trace records its patterns' defects and the tolerance of its dtype once (see trace.py)
     check = trace.provenance.get("attention_check", {})
     check_attention(
-        trace.patterns, defects=trace.provenance.get("attention_defects"), atol=check.get("tolerance"),
+        trace.patterns,
+        defects=trace.provenance.get("attention_defects"),
+        atol=check.get("tolerance"),
         dtype=getattr(torch, check["dtype"]) if "dtype" in check else None,
-        substochastic=check.get("substochastic", False), n_keys=trace.n_tokens,
+        substochastic=check.get("substochastic", False),
+        n_keys=trace.n_tokens,
     )
     return VARIANTS[variant](trace, model, **params)
 
@@ -356,15 +380,24 @@ class PathBound(Result):
 
     def flows(self, source: int | None = None):
         flows = paths.flow_decomposition(
-            self.graph.residual, self.graph.edges, self.target, source=source, left_scale=self.graph.left_scale,
+            self.graph.residual,
+            self.graph.edges,
+            self.target,
+            source=source,
+            left_scale=self.graph.left_scale,
             output_scale=self.constant,
         )
         return replace(flows, provenance={**self.provenance, "source": source})  # the bound's own provenance
 
     def top_paths(self, k: int = 10, source: int | None = None):
         return paths.top_paths(
-            self.graph.residual, self.graph.edges, self.target, k=k, source=source,
-            left_scale=self.graph.left_scale, output_scale=self.constant,
+            self.graph.residual,
+            self.graph.edges,
+            self.target,
+            k=k,
+            source=source,
+            left_scale=self.graph.left_scale,
+            output_scale=self.constant,
         )
 
     __repr__ = compact_repr
@@ -372,7 +405,8 @@ class PathBound(Result):
     def _repr_html_(self) -> str:
         top = torch.topk(self.bound, k=min(5, self.bound.numel()))
         cells = ", ".join(
-            f"{html.escape(repr(self.str_tokens[i]))}@{i}: {v:.3g}" for v, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+            f"{html.escape(repr(self.str_tokens[i]))}@{i}: {v:.3g}"
+            for v, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
         )
         return (
             f"<b>PathBound</b> <code>{html.escape(self.variant)}</code> → position {self.target}<br>"
@@ -412,7 +446,12 @@ def bound_from_row(trace, graph: PathGraph, target_pos: int, row: Tensor, *, mat
     """The :class:`PathBound` of a graph whose row for ``target_pos`` is known (output factor included)."""
     params = params or {}
     return PathBound(
-        variant=graph.variant, target=target_pos, bound=row, str_tokens=trace.str_tokens,
-        graph=graph, guarantee=graph.guarantee, matrix=matrix,
+        variant=graph.variant,
+        target=target_pos,
+        bound=row,
+        str_tokens=trace.str_tokens,
+        graph=graph,
+        guarantee=graph.guarantee,
+        matrix=matrix,
         provenance={**trace.provenance, "variant": graph.variant, "params": {k: str(v) for k, v in params.items()}},
     )

@@ -55,8 +55,20 @@ _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 # a fixed table, not getattr(torch, name): a stored file names one of these or is refused
 _TORCH_DTYPES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d
-    for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128,
-              torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)
+    for d in (
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+        torch.complex64,
+        torch.complex128,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.bool,
+    )
 }
 
 
@@ -306,7 +318,6 @@ def _hashable(key: Any) -> Any:
 def decode(data: Any) -> Any:
     """The value :func:`encode` wrote (records come back as their classes)."""
     return Decoder()(data)
-
 
 
 # --------------------------------------------------------------------------------------------------

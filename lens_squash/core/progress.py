@@ -82,8 +82,9 @@ class _NoBar:
         pass
 
 
-def counter(*, desc: str, total: int | None, initial: int = 0, unit: str = "it", enabled: bool | None = None,
-            delay: float = 0.0):
+def counter(
+    *, desc: str, total: int | None, initial: int = 0, unit: str = "it", enabled: bool | None = None, delay: float = 0.0
+):
     """A bar advanced by hand (``with counter(...) as bar: bar.update(k)``), for work that is not one
     loop over an iterable (batches of uneven size, resumed runs that start at ``initial``). ``delay``:
     seconds before the bar appears (work that ends sooner shows none)."""
@@ -91,5 +92,13 @@ def counter(*, desc: str, total: int | None, initial: int = 0, unit: str = "it",
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(desc=desc, total=total, initial=initial, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True,
-                delay=delay)
+    return tqdm(
+        desc=desc,
+        total=total,
+        initial=initial,
+        unit=unit,
+        file=sys.stderr,
+        leave=False,
+        dynamic_ncols=True,
+        delay=delay,
+    )

@@ -21,7 +21,13 @@ from typing import Any
 import torch
 
 __all__ = [
-    "atomic_write", "provenance", "target_mode", "to_jsonable", "write_json_atomic", "write_jsonl_atomic", "write_text_atomic",
+    "atomic_write",
+    "provenance",
+    "target_mode",
+    "to_jsonable",
+    "write_json_atomic",
+    "write_jsonl_atomic",
+    "write_text_atomic",
 ]
 
 _PACKAGES = ("lens-squash", "torch", "transformer-lens", "transformers", "gguf", "numpy", "plotly")

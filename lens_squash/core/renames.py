@@ -26,9 +26,13 @@ def renamed(**old_to_new: str) -> Callable[[F], F]:
                 if old not in kwargs:
                     continue
                 if new in kwargs:
-                    raise TypeError(f"{function.__name__}() got {old}= and {new}=; {old} is the old name of {new}, pass only {new}")
+                    raise TypeError(
+                        f"{function.__name__}() got {old}= and {new}=; {old} is the old name of {new}, pass only {new}"
+                    )
                 warnings.warn(
-                    f"{function.__name__}({old}=...) is now {function.__name__}({new}=...)", DeprecationWarning, stacklevel=2
+                    f"{function.__name__}({old}=...) is now {function.__name__}({new}=...)",
+                    DeprecationWarning,
+                    stacklevel=2,
                 )
                 kwargs[new] = kwargs.pop(old)
             return function(*args, **kwargs)

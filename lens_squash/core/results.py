@@ -69,6 +69,7 @@ FIGURE_PLUGIN = "lens_squash.views.registry"
 # records
 # --------------------------------------------------------------------------------------------------
 
+
 class Record:
     """A stored, displayable value: mix into a frozen dataclass (``class X(Record)`` under ``@dataclass``).
 
@@ -85,7 +86,8 @@ class Record:
     def _repr_html_(self) -> str:
         rows = "".join(
             f"<tr><td>{html.escape(f.name)}</td><td>{html.escape(summarize_value(getattr(self, f.name)))}</td></tr>"
-            for f in dataclasses.fields(self) if f.repr
+            for f in dataclasses.fields(self)
+            if f.repr
         )
         return f"<b>lens_squash {type(self).__name__}</b><table>{rows}</table>"
 
@@ -256,9 +258,7 @@ class Result(Record):
 
     def to_frame(self):
         """The result as a pandas DataFrame, where it is a table; ``TypeError`` otherwise."""
-        raise TypeError(
-            f"{type(self).__name__} is not a table; read its fields, or to_dict() for everything it holds"
-        )
+        raise TypeError(f"{type(self).__name__} is not a table; read its fields, or to_dict() for everything it holds")
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -271,6 +271,7 @@ class Result(Record):
         return self._old_provenance("meta")
 
     def _old_provenance(self, name: str) -> dict[str, Any]:
-        warnings.warn(f"{type(self).__name__}.{name} is now {type(self).__name__}.provenance", DeprecationWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"{type(self).__name__}.{name} is now {type(self).__name__}.provenance", DeprecationWarning, stacklevel=3
+        )
         return self.provenance

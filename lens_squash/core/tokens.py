@@ -33,11 +33,13 @@ __all__ = [
 
 #: bidirectional formatting characters: they reorder how the text around them is displayed
 BIDI_DISPLAY: frozenset[str] = frozenset(
-    chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C))
+    chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C)
+)
 #: characters that must never reach a reader as themselves: the bidi controls, and the C0/C1 controls
 #: other than tab, newline and carriage return
 DISPLAY_CONTROLS: frozenset[str] = BIDI_DISPLAY | frozenset(
-    chr(c) for c in (*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)) if chr(c) not in "\t\n\r")
+    chr(c) for c in (*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)) if chr(c) not in "\t\n\r"
+)
 _CONTROL_RE = re.compile("[" + "".join(re.escape(c) for c in sorted(DISPLAY_CONTROLS)) + "]")
 
 
@@ -70,8 +72,13 @@ def token_label(token: Any, *, max_len: int | None = 40) -> str:
 #: how a value maps to a colour position in [0, 1]: value ÷ max, or its log over ``decades`` decades
 SENSITIVITY_SCALES: tuple[str, ...] = ("linear", "log")
 # white to deep red, sequential (a sensitivity is never negative): (position, (r, g, b))
-_STOPS = ((0.0, (255, 255, 255)), (0.25, (254, 224, 144)), (0.5, (253, 174, 97)), (0.75, (244, 109, 67)),
-          (1.0, (165, 0, 38)))
+_STOPS = (
+    (0.0, (255, 255, 255)),
+    (0.25, (254, 224, 144)),
+    (0.5, (253, 174, 97)),
+    (0.75, (244, 109, 67)),
+    (1.0, (165, 0, 38)),
+)
 _MISSING = "#dddddd"
 
 
@@ -95,17 +102,18 @@ def _positions(values: list[float], scale: str, decades: float) -> list[float]:
         return [0.0 if math.isfinite(v) else math.nan for v in values]
     if scale == "linear":
         return [v / top if math.isfinite(v) else math.nan for v in values]
-    return [1.0 + math.log10(max(v / top, 10.0 ** -decades)) / decades if math.isfinite(v) else math.nan
-            for v in values]
+    return [1.0 + math.log10(max(v / top, 10.0**-decades)) / decades if math.isfinite(v) else math.nan for v in values]
 
 
 def _legend(label: str, top: float, scale: str, decades: float) -> str:
     gradient = ", ".join(f"{sensitivity_colour(p)} {p:.0%}" for p in (0.0, 0.25, 0.5, 0.75, 1.0))
-    low = "0" if scale == "linear" else f"≤ {top * 10.0 ** -decades:.2g}"
-    return (f'<div style="font-size:.85em;color:#555;margin-top:4px">{escape_text(label)}: {low} '
-            f'<span style="display:inline-block;width:140px;height:.8em;vertical-align:middle;'
-            f'border:1px solid #ccc;background:linear-gradient(to right, {gradient})"></span> '
-            f"{top:.3g} ({'log' if scale == 'log' else 'linear'} scale; hover a token for its value)</div>")
+    low = "0" if scale == "linear" else f"≤ {top * 10.0**-decades:.2g}"
+    return (
+        f'<div style="font-size:.85em;color:#555;margin-top:4px">{escape_text(label)}: {low} '
+        f'<span style="display:inline-block;width:140px;height:.8em;vertical-align:middle;'
+        f'border:1px solid #ccc;background:linear-gradient(to right, {gradient})"></span> '
+        f"{top:.3g} ({'log' if scale == 'log' else 'linear'} scale; hover a token for its value)</div>"
+    )
 
 
 def sensitivity_html(
@@ -144,6 +152,8 @@ def sensitivity_html(
             f'border-radius:3px;padding:1px 4px"><sub>{i}</sub>{token_label(token, max_len=None)}</bdi>'
         )
     top = max((v for v in numbers if math.isfinite(v)), default=0.0)
-    return (f'<div class="lens-squash-tokens" dir="ltr"><div style="display:flex;flex-wrap:wrap;gap:3px;'
-            f'font-size:.85em;white-space:pre;font-family:ui-monospace,monospace">{"".join(chips)}</div>'
-            f"{_legend(label, top, scale, decades)}</div>")
+    return (
+        f'<div class="lens-squash-tokens" dir="ltr"><div style="display:flex;flex-wrap:wrap;gap:3px;'
+        f'font-size:.85em;white-space:pre;font-family:ui-monospace,monospace">{"".join(chips)}</div>'
+        f"{_legend(label, top, scale, decades)}</div>"
+    )

@@ -64,8 +64,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def check_int(value: Any, name: str, *, minimum: int | None = None, maximum: int | None = None,
-              hint: str = "") -> int:
+def check_int(value: Any, name: str, *, minimum: int | None = None, maximum: int | None = None, hint: str = "") -> int:
     """``value`` as an ``int`` in ``[minimum, maximum]``; ``hint`` is appended to the range error."""
     if not _is_int(value):
         raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
@@ -73,14 +72,20 @@ def check_int(value: Any, name: str, *, minimum: int | None = None, maximum: int
     low_ok = minimum is None or value >= minimum
     high_ok = maximum is None or value <= maximum
     if not (low_ok and high_ok):
-        bounds = (f"between {minimum} and {maximum}" if minimum is not None and maximum is not None
-                  else f">= {minimum}" if minimum is not None else f"<= {maximum}")
+        bounds = (
+            f"between {minimum} and {maximum}"
+            if minimum is not None and maximum is not None
+            else f">= {minimum}"
+            if minimum is not None
+            else f"<= {maximum}"
+        )
         raise ValueError(f"{name} must be {bounds}, got {value}{'; ' + hint if hint else ''}")
     return value
 
 
-def check_float(value: Any, name: str, *, low: float, high: float, low_open: bool = False,
-                high_open: bool = False) -> float:
+def check_float(
+    value: Any, name: str, *, low: float, high: float, low_open: bool = False, high_open: bool = False
+) -> float:
     """``value`` as a finite ``float`` in the interval ``low … high`` (open ends where asked)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
@@ -92,8 +97,9 @@ def check_float(value: Any, name: str, *, low: float, high: float, low_open: boo
     return value
 
 
-def parse_int_list(text: Any, name: str, *, minimum: int = 1, maximum: int | None = None,
-                   max_count: int = 10_000) -> list[int]:
+def parse_int_list(
+    text: Any, name: str, *, minimum: int = 1, maximum: int | None = None, max_count: int = 10_000
+) -> list[int]:
     """``"5,10,20"`` or ``"5:40:5"`` (start:stop:step, stop included) as a list of distinct ints."""
     if not isinstance(text, str):
         raise TypeError(f"{name} must be text like '5,10,20' or '5:40:5', got {type(text).__name__}")
@@ -129,8 +135,7 @@ def check_names(names: Any, known: Iterable[str], name: str, *, what: str = "nam
     """A non-empty sequence of distinct strings, each one of ``known``; returned as a tuple."""
     known = tuple(known)
     if isinstance(names, str):
-        raise TypeError(f"{name} must be a list of {what}s, got the single string {names!r}; "
-                        f"pass [{names!r}]")
+        raise TypeError(f"{name} must be a list of {what}s, got the single string {names!r}; pass [{names!r}]")
     if not isinstance(names, Iterable):
         raise TypeError(f"{name} must be a list of {what}s from {', '.join(known)}, got {type(names).__name__}")
     names = tuple(names)
@@ -141,8 +146,10 @@ def check_names(names: Any, known: Iterable[str], name: str, *, what: str = "nam
             raise TypeError(f"every {what} in {name} must be a string, got {item!r} ({type(item).__name__})")
     unknown = [item for item in names if item not in known]
     if unknown:
-        raise ValueError(f"unknown {what}{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in "
-                         f"{name}; choose from {', '.join(known)}")
+        raise ValueError(
+            f"unknown {what}{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in "
+            f"{name}; choose from {', '.join(known)}"
+        )
     repeated = sorted({item for item in names if names.count(item) > 1})
     if repeated:
         raise ValueError(f"{name} lists {', '.join(map(repr, repeated))} more than once; name each {what} once")
@@ -164,8 +171,10 @@ def check_variants(variants: Any, known: Iterable[str], name: str = "variants") 
 def check_chat(chat: Any, name: str = "chat") -> bool | None:
     """``None`` (the tokenizer's chat template when it has one), ``True`` or ``False``; nothing else."""
     if chat is not None and not isinstance(chat, bool):
-        raise TypeError(f"{name} must be None (use the chat template if the tokenizer has one), True or "
-                        f"False, got {chat!r} ({type(chat).__name__})")
+        raise TypeError(
+            f"{name} must be None (use the chat template if the tokenizer has one), True or "
+            f"False, got {chat!r} ({type(chat).__name__})"
+        )
     return chat
 
 
@@ -186,8 +195,10 @@ def check_text(text: Any, name: str = "prompt") -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise ValueError(f"{name} holds a character UTF-8 cannot encode (an unpaired surrogate at index "
-                         f"{err.start}); pass valid Unicode text") from err
+        raise ValueError(
+            f"{name} holds a character UTF-8 cannot encode (an unpaired surrogate at index "
+            f"{err.start}); pass valid Unicode text"
+        ) from err
     return text
 
 
@@ -205,10 +216,13 @@ def check_prompt(prompt: Any, name: str = "prompt") -> str | torch.Tensor:
         return _check_id_tensor(prompt, name)
     if isinstance(prompt, (list, tuple)):
         if prompt and all(isinstance(p, str) for p in prompt):
-            raise TypeError(f"{name} is a {type(prompt).__name__} of {len(prompt)} strings, but one prompt is "
-                            "analysed per call; call once per prompt")
-        raise TypeError(f"{name} is a {type(prompt).__name__}; pass text (a str) or token ids as a tensor, "
-                        "e.g. torch.tensor(ids)")
+            raise TypeError(
+                f"{name} is a {type(prompt).__name__} of {len(prompt)} strings, but one prompt is "
+                "analysed per call; call once per prompt"
+            )
+        raise TypeError(
+            f"{name} is a {type(prompt).__name__}; pass text (a str) or token ids as a tensor, e.g. torch.tensor(ids)"
+        )
     return check_text(prompt, name)
 
 
@@ -216,13 +230,17 @@ def _check_id_tensor(ids: torch.Tensor, name: str) -> torch.Tensor:
     import torch
 
     if ids.dtype == torch.bool or ids.dtype.is_floating_point or ids.dtype.is_complex:
-        raise TypeError(f"{name} must hold integer token ids, got a {str(ids.dtype).removeprefix('torch.')} "
-                        "tensor; convert with .long() only if the values are really ids")
+        raise TypeError(
+            f"{name} must hold integer token ids, got a {str(ids.dtype).removeprefix('torch.')} "
+            "tensor; convert with .long() only if the values are really ids"
+        )
     if ids.ndim == 2 and ids.shape[0] == 1:
         ids = ids[0]
     if ids.ndim != 1:
-        raise ValueError(f"{name} must be one prompt of shape [pos] or [1, pos], got shape {tuple(ids.shape)}; "
-                         "analyse one prompt per call")
+        raise ValueError(
+            f"{name} must be one prompt of shape [pos] or [1, pos], got shape {tuple(ids.shape)}; "
+            "analyse one prompt per call"
+        )
     if ids.numel() == 0:
         raise ValueError(f"{name} has no tokens; pass at least one token id")
     return ids
@@ -233,15 +251,18 @@ def check_token_ids(ids: Any, d_vocab: int, name: str = "tokens") -> torch.Tenso
     import torch
 
     if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor of token ids, got {type(ids).__name__}; "
-                        "wrap a list with torch.tensor(ids)")
+        raise TypeError(
+            f"{name} must be a tensor of token ids, got {type(ids).__name__}; wrap a list with torch.tensor(ids)"
+        )
     d_vocab = check_int(d_vocab, "d_vocab", minimum=1)
     ids = _check_id_tensor(ids, name)
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= d_vocab:
         bad = low if low < 0 else high
-        raise ValueError(f"{name} holds token id {bad}, outside this model's vocabulary [0, {d_vocab}); "
-                         "tokenize with the model's own tokenizer (model.to_tokens)")
+        raise ValueError(
+            f"{name} holds token id {bad}, outside this model's vocabulary [0, {d_vocab}); "
+            "tokenize with the model's own tokenizer (model.to_tokens)"
+        )
     return ids.long()
 
 
@@ -258,8 +279,10 @@ def check_target(target: Any, n: int, name: str = "target") -> int:
     """The token whose sensitivity is compared: it needs at least two positions (itself and one before)."""
     index = check_position(target, n, name)
     if index < 1:
-        raise ValueError(f"{name}={target} is the first token: only one position (itself) would be compared; "
-                         "pass a later position, e.g. -1 for the last token")
+        raise ValueError(
+            f"{name}={target} is the first token: only one position (itself) would be compared; "
+            "pass a later position, e.g. -1 for the last token"
+        )
     return index
 
 
@@ -289,8 +312,9 @@ def _existing_ancestor(path: Path, name: str) -> Path:
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise ValueError(f"{name} {str(path)!r} cannot be created: {str(ancestor)!r} exists and is not a folder; "
-                         "pick another path")
+        raise ValueError(
+            f"{name} {str(path)!r} cannot be created: {str(ancestor)!r} exists and is not a folder; pick another path"
+        )
     return ancestor
 
 
@@ -298,8 +322,10 @@ def _probe_writable(folder: Path, path: Path, name: str) -> None:
     try:
         fd, probe = tempfile.mkstemp(prefix=".lens_squash_probe.", dir=folder)
     except OSError as err:
-        raise ValueError(f"{name} {str(path)!r} is not writable (cannot create files in {str(folder)!r}: "
-                         f"{err.strerror}); pick a folder you can write to") from err
+        raise ValueError(
+            f"{name} {str(path)!r} is not writable (cannot create files in {str(folder)!r}: "
+            f"{err.strerror}); pick a folder you can write to"
+        ) from err
     os.close(fd)
     os.unlink(probe)
 
@@ -318,8 +344,10 @@ def check_out_file(path: Any, name: str = "path", *, suffixes: Sequence[str] = (
     """A file path that can be written (replacing a previous file is fine, a folder is not)."""
     path = _check_path_text(path, name)
     if path.is_dir():
-        raise ValueError(f"{name} {str(path)!r} is a folder; pass a file path inside it, e.g. "
-                         f"{str(path / ('out' + (suffixes[0] if suffixes else '.json')))!r}")
+        raise ValueError(
+            f"{name} {str(path)!r} is a folder; pass a file path inside it, e.g. "
+            f"{str(path / ('out' + (suffixes[0] if suffixes else '.json')))!r}"
+        )
     if path.exists() and not path.is_file():  # /dev/null, a FIFO: replacing it would be vandalism
         raise ValueError(f"{name} {str(path)!r} exists and is not a regular file; pass a file path")
     if suffixes and path.suffix not in suffixes:

@@ -49,8 +49,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ENV_VAR", "GLIBC_DEFAULT", "MMAP_THRESHOLD", "Thresholds", "enabled", "startup_thresholds", "steady_heap",
-           "thresholds"]
+__all__ = [
+    "ENV_VAR",
+    "GLIBC_DEFAULT",
+    "MMAP_THRESHOLD",
+    "Thresholds",
+    "enabled",
+    "startup_thresholds",
+    "steady_heap",
+    "thresholds",
+]
 
 #: environment variable that turns the tuning off when set to ``0``
 ENV_VAR = "LENS_SQUASH_STEADY_HEAP"
@@ -122,8 +130,10 @@ def _configured(env: dict[str, str], variable: str, tunable: str) -> int | None:
 
 def _startup_settings() -> tuple[int | None, int | None]:
     env = _startup_environment()
-    return (_configured(env, "MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold"),
-            _configured(env, "MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold"))
+    return (
+        _configured(env, "MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold"),
+        _configured(env, "MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold"),
+    )
 
 
 def startup_thresholds() -> Thresholds:
@@ -181,7 +191,9 @@ def _previous(measured: int | None) -> Thresholds:
         return _set if measured is None else Thresholds(measured, _set.trim)
     mmap, trim = _startup_settings()
     if mmap is not None or trim is not None:  # configured at startup: glibc's dynamic tuning is off
-        return Thresholds(measured if measured is not None else (mmap or GLIBC_DEFAULT), GLIBC_DEFAULT if trim is None else trim)
+        return Thresholds(
+            measured if measured is not None else (mmap or GLIBC_DEFAULT), GLIBC_DEFAULT if trim is None else trim
+        )
     if measured is None:
         return startup_thresholds()
     # glibc's own rule: the trim threshold follows at twice the mmap threshold once that has moved

@@ -15,8 +15,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["ModelLoadError", "boot_bridge", "bridge_class", "has_hooked_transformer", "hooked_api", "is_bridge",
-           "missing_hooked_error", "tl_version"]
+__all__ = [
+    "ModelLoadError",
+    "boot_bridge",
+    "bridge_class",
+    "has_hooked_transformer",
+    "hooked_api",
+    "is_bridge",
+    "missing_hooked_error",
+    "tl_version",
+]
 
 
 class ModelLoadError(RuntimeError):
@@ -77,9 +85,7 @@ def boot_bridge(
     bridge_cls = bridge_class()
     if hf_model is not None:
         hf_model = hf_model.to(device=device, dtype=dtype).eval()
-    bridge = bridge_cls.boot_transformers(
-        repo, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
-    )
+    bridge = bridge_cls.boot_transformers(repo, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype)
     bridge.enable_compatibility_mode(no_processing=True, disable_warnings=True)
     max_ctx = bridge.cfg.n_ctx
     if n_ctx > max_ctx:

@@ -20,7 +20,9 @@ __all__ = ["replay_cache"]
 def _cache_names(cache) -> list[str]:
     names = list(cache.keys()) if hasattr(cache, "keys") else None
     if names is None:
-        raise TypeError(f"cache must be a TransformerLens ActivationCache (from model.run_with_cache), got {type(cache).__name__}")
+        raise TypeError(
+            f"cache must be a TransformerLens ActivationCache (from model.run_with_cache), got {type(cache).__name__}"
+        )
     return names
 
 
@@ -44,7 +46,9 @@ def replay_cache(model, cache, hooks: list, n_tokens: int) -> Tensor:
     if batched and first.shape[0] != 1:
         raise ValueError(f"the cache holds a batch of {first.shape[0]} prompts; trace one prompt at a time")
     if length != n_tokens:
-        raise ValueError(f"the cache holds {length} positions but the prompt has {n_tokens} tokens; pass the tokens it was run on")
+        raise ValueError(
+            f"the cache holds {length} positions but the prompt has {n_tokens} tokens; pass the tokens it was run on"
+        )
     by_name: dict[str, list] = defaultdict(list)
     for name, fn in hooks:
         by_name[name].append(fn)

@@ -90,8 +90,10 @@ def _block_call(args: tuple, kwargs: dict[str, Any]) -> BlockCall:
         return BlockCall((None, *args[1:]), kwargs, 0)
     if isinstance(kwargs.get("hidden_states"), Tensor):
         return BlockCall(args, {k: v for k, v in kwargs.items() if k != "hidden_states"}, None)
-    raise ValueError("a block was called without its hidden state as the first argument or hidden_states=; "
-                     "checkpoint=False runs this model without recomputing blocks")
+    raise ValueError(
+        "a block was called without its hidden state as the first argument or hidden_states=; "
+        "checkpoint=False runs this model without recomputing blocks"
+    )
 
 
 def store_block_inputs(model, tokens: Tensor, first: int, last: int, fwd_hooks: list | tuple = ()) -> StoredPass:
@@ -107,11 +109,13 @@ def store_block_inputs(model, tokens: Tensor, first: int, last: int, fwd_hooks: 
     def keep_call(layer):
         def hook(module, args, kwargs):
             stored.calls.setdefault(layer, _block_call(args, kwargs))
+
         return hook
 
     def keep_input(layer):
         def hook(value, hook):
             stored.resid.setdefault(layer, value.detach().clone())
+
         return hook
 
     hooks = [*fwd_hooks, *((f"blocks.{layer}.hook_resid_pre", keep_input(layer)) for layer in range(first, last + 1))]
@@ -128,12 +132,16 @@ def store_block_inputs(model, tokens: Tensor, first: int, last: int, fwd_hooks: 
         for handle in handles:
             handle.remove()
     if stored.top is None or len(stored.calls) != last - first + 1 or len(stored.resid) != last - first + 1:
-        raise ValueError(f"blocks {first}..{last} did not all run with their hooks in one forward pass; "
-                         "checkpoint=False runs this model without recomputing blocks")
+        raise ValueError(
+            f"blocks {first}..{last} did not all run with their hooks in one forward pass; "
+            "checkpoint=False runs this model without recomputing blocks"
+        )
     return stored
 
 
-def run_block(model, layer: int, call: BlockCall, v: Tensor, fwd_hooks: list | tuple = ()) -> Float[Tensor, "1 pos d_model"]:
+def run_block(
+    model, layer: int, call: BlockCall, v: Tensor, fwd_hooks: list | tuple = ()
+) -> Float[Tensor, "1 pos d_model"]:
     """Block ``layer`` run again on input ``v`` (``blocks.{layer}.hook_resid_pre`` replaced by ``v``)."""
     replaced = []
 
@@ -154,7 +162,13 @@ def run_block(model, layer: int, call: BlockCall, v: Tensor, fwd_hooks: list | t
 
 
 def head_cotangents(
-    model, top: Float[Tensor, "1 pos d_model"], pos: int, rows: Float[Tensor, "row d_out"], *, final: bool, frozen: bool,
+    model,
+    top: Float[Tensor, "1 pos d_model"],
+    pos: int,
+    rows: Float[Tensor, "row d_out"],
+    *,
+    final: bool,
+    frozen: bool,
 ) -> Float[Tensor, "row 1 pos d_model"]:
     """``G^(top)``: each row's gradient at the last block's output, through ``ln_final`` at ``pos``
     when ``final`` (its scale detached when ``frozen``); zero at every other position."""
@@ -175,7 +189,13 @@ def head_cotangents(
 
 
 def input_gradient_sweep(
-    model, stored: StoredPass, grads: Float[Tensor, "row 1 pos d_model"], chunk: int, *, frozen: bool, wrt: int,
+    model,
+    stored: StoredPass,
+    grads: Float[Tensor, "row 1 pos d_model"],
+    chunk: int,
+    *,
+    frozen: bool,
+    wrt: int,
     bar=None,
 ) -> Float[Tensor, "row 1 pos d_model"]:
     """``G^(wrt)`` from ``G^(last+1)``, block by block top-down, ``chunk`` rows per batched VJP, in place.

@@ -47,7 +47,6 @@ in :mod:`lens_squash.edge.flow_sweep`, the edge geometry and bound rows in
 :mod:`lens_squash.edge.flow_edges`; this module holds the result and the entry point.
 """
 
-
 from __future__ import annotations
 
 import html
@@ -216,17 +215,23 @@ class SensitivityFlow(Result):
             ("mode", f"{self.mode} ({self.n_probes} probes)"),
             ("y", f"position {self.target_pos}"),
             ("layers × heads × positions", f"{self.n_layers} × {self.n_heads} × {self.n_tokens}"),
-            ("largest ‖∂y/∂x⁽⁰⁾_k‖_F", ", ".join(
-                f"{k}: {html.escape(repr(self.str_tokens[k]))} ({float(s0[k]):.3g})" for k in top)),
-            ("share of part norms (residual / MLP / value / pattern)",
-             " / ".join(f"{shares[name]:.3f}" for name in ("residual", "mlp", "value", "pattern"))),
+            (
+                "largest ‖∂y/∂x⁽⁰⁾_k‖_F",
+                ", ".join(f"{k}: {html.escape(repr(self.str_tokens[k]))} ({float(s0[k]):.3g})" for k in top),
+            ),
+            (
+                "share of part norms (residual / MLP / value / pattern)",
+                " / ".join(f"{shares[name]:.3f}" for name in ("residual", "mlp", "value", "pattern")),
+            ),
             ("first-position sink share of value edges", f"{self._sink_total():.3f}"),
             ("max decomposition error (relative)", f"{float(self.decomposition_error.max()):.2e}"),
             ("bounds", ", ".join(self.bounds) or "none"),
             ("seconds", f"{self.seconds:.2f}"),
         ]
-        body = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{v if k.startswith('largest') else html.escape(str(v))}</td></tr>"
-                       for k, v in rows)
+        body = "".join(
+            f"<tr><td>{html.escape(str(k))}</td><td>{v if k.startswith('largest') else html.escape(str(v))}</td></tr>"
+            for k, v in rows
+        )
         from ..core.tokens import sensitivity_html  # the input tokens coloured by their sensitivity
 
         coloured = sensitivity_html(self.str_tokens, s0.tolist(), label="‖∂y/∂x⁽⁰⁾_k‖_F")
@@ -299,14 +304,26 @@ def flow(
     def terms(n_tokens: int, saved: bool) -> tuple[int, int]:
         return flow_memory_terms(model, n_tokens, rows, saved)
 
-    plan = plan_memory(terms, n, rows, chunk_size, memory_budget(model, max_memory_bytes), checkpoint,
-                       what=f"the {mode} flow", n_max=model.cfg.n_ctx)
+    plan = plan_memory(
+        terms,
+        n,
+        rows,
+        chunk_size,
+        memory_budget(model, max_memory_bytes),
+        checkpoint,
+        what=f"the {mode} flow",
+        n_max=model.cfg.n_ctx,
+    )
     chunk, frozen = plan.chunk, mode == "frozen"
     probes = make_probes(mode, d_out, n_probes, seed, model.cfg.dtype, torch.device(model.cfg.device))
     sweep = checkpointed_sweep if plan.checkpoint else plain_sweep
     n_chunks = -(-rows // chunk) * (L if plan.checkpoint else 1)
-    with steady_heap(), without_parameter_grads(model), torch.enable_grad(), \
-            counter(desc=f"{mode} flow backward chunks", total=n_chunks, delay=PROGRESS_DELAY_S) as bar:
+    with (
+        steady_heap(),
+        without_parameter_grads(model),
+        torch.enable_grad(),
+        counter(desc=f"{mode} flow backward chunks", total=n_chunks, delay=PROGRESS_DELAY_S) as bar,
+    ):
         swept = sweep(model, used, pos, frozen, probes, chunk, bar)
     acc, inv_scale, coef = swept.sums, swept.inv_scale, swept.coef
     factor = d_out / rows  # the sketch's unbiased scaling (1 for exact probes)
@@ -321,15 +338,33 @@ def flow(
     total_sq = acc.stack("total").sum(-1).clamp_min(torch.finfo(torch.float64).tiny)
     str_tokens = tuple(model.to_str_tokens(used)) if model.tokenizer is not None else tuple(str(int(t)) for t in used)
     return SensitivityFlow(
-        tokens=used.cpu(), str_tokens=str_tokens, target_pos=pos, mode=mode, n_probes=rows,
-        sensitivity=norm("total", L + 1), mlp=norm("mlp"), value=norm("value"), pattern=norm("pattern"),
-        value_heads=(factor**0.5 * heads).to(out_dtype), edges=(factor**0.5 * swept.edges).to(out_dtype),
+        tokens=used.cpu(),
+        str_tokens=str_tokens,
+        target_pos=pos,
+        mode=mode,
+        n_probes=rows,
+        sensitivity=norm("total", L + 1),
+        mlp=norm("mlp"),
+        value=norm("value"),
+        pattern=norm("pattern"),
+        value_heads=(factor**0.5 * heads).to(out_dtype),
+        edges=(factor**0.5 * swept.edges).to(out_dtype),
         decomposition_error=(acc.stack("gap") / total_sq).sqrt().cpu(),
         bounds=_bounds(model, used, pos, variants),
         provenance=provenance(
-            model, n_prompt_tokens=int(tokens.shape[0]), n_tokens=n, target_pos=pos, mode=mode,
-            n_vjps=rows, chunk_size=chunk, checkpoint=plan.checkpoint, seed=seed, chat=chat,
-            variants=list(variants), estimated_bytes=plan.estimated_bytes, max_memory_bytes=plan.budget,
+            model,
+            n_prompt_tokens=int(tokens.shape[0]),
+            n_tokens=n,
+            target_pos=pos,
+            mode=mode,
+            n_vjps=rows,
+            chunk_size=chunk,
+            checkpoint=plan.checkpoint,
+            seed=seed,
+            chat=chat,
+            variants=list(variants),
+            estimated_bytes=plan.estimated_bytes,
+            max_memory_bytes=plan.budget,
         ),
         seconds=time.perf_counter() - started,
     )

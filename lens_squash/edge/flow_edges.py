@@ -48,9 +48,13 @@ class ValueGeometry(Record):
 
 
 def value_geometry(
-    resid: Float[Tensor, "pos d_model"], w_v: Float[Tensor, "head d_model d_head"],
-    gain: Float[Tensor, "d_model"] | None, scale: Float[Tensor, "pos"] | None, *,
-    centred: bool, frozen: bool,
+    resid: Float[Tensor, "pos d_model"],
+    w_v: Float[Tensor, "head d_model d_head"],
+    gain: Float[Tensor, "d_model"] | None,
+    scale: Float[Tensor, "pos"] | None,
+    *,
+    centred: bool,
+    frozen: bool,
 ) -> ValueGeometry:
     """The :class:`ValueGeometry` of one layer from its input, ``W_V`` and ln1's gain and scale."""
     x = resid.double()
@@ -95,8 +99,10 @@ def edge_terms(dz: Tensor, patterns: Tensor, geo: ValueGeometry) -> dict[str, Te
 
 
 def edge_norms(
-    patterns: Float[Tensor, "layer head query_pos key_pos"], inv_scale: Float[Tensor, "layer key_pos"],
-    coef: Float[Tensor, "layer key_pos"], t1: Float[Tensor, "layer head query_pos"],
+    patterns: Float[Tensor, "layer head query_pos key_pos"],
+    inv_scale: Float[Tensor, "layer key_pos"],
+    coef: Float[Tensor, "layer key_pos"],
+    t1: Float[Tensor, "layer head query_pos"],
     t2: Float[Tensor, "layer head query_pos key_pos"],
 ) -> Float[Tensor, "layer head query_pos key_pos"]:
     """``‖edge (l, h, j←k)‖_F = (A_jk / s_k) · sqrt(t1_hj − coef_k · t2_hjk)`` (module docstring)."""
@@ -106,10 +112,15 @@ def edge_norms(
 
 
 def head_value_parts(
-    dz: Float[Tensor, "row pos head d_head"], patterns: Float[Tensor, "head query_pos key_pos"],
-    resid: Float[Tensor, "pos d_model"], w_v: Float[Tensor, "head d_model d_head"],
-    gain: Float[Tensor, "d_model"] | None, scale: Float[Tensor, "pos"] | None, *,
-    centred: bool, frozen: bool,
+    dz: Float[Tensor, "row pos head d_head"],
+    patterns: Float[Tensor, "head query_pos key_pos"],
+    resid: Float[Tensor, "pos d_model"],
+    w_v: Float[Tensor, "head d_model d_head"],
+    gain: Float[Tensor, "d_model"] | None,
+    scale: Float[Tensor, "pos"] | None,
+    *,
+    centred: bool,
+    frozen: bool,
 ) -> Float[Tensor, "row head key_pos d_model"]:
     """Each head's value part as vectors, ``(∂N1_k)ᵀ W_V^h Σ_j A_jk ∂z^h_j`` (O(row·head·pos·d²): for
     small models and tests; :func:`flow` keeps only norms)."""

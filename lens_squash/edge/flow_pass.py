@@ -66,19 +66,33 @@ def check_flow_support(model) -> None:
 
     cfg = model.cfg
     refusals = [
-        (getattr(cfg, "original_architecture", None) in POST_NORM_ARCHITECTURES, "original_architecture",
-         f"{cfg.original_architecture!r} is a post-norm architecture (the norm follows the sublayer)"),
-        (getattr(cfg, "use_split_qkv_input", False), "use_split_qkv_input",
-         "per-head query/key/value inputs are not hooked"),
+        (
+            getattr(cfg, "original_architecture", None) in POST_NORM_ARCHITECTURES,
+            "original_architecture",
+            f"{cfg.original_architecture!r} is a post-norm architecture (the norm follows the sublayer)",
+        ),
+        (
+            getattr(cfg, "use_split_qkv_input", False),
+            "use_split_qkv_input",
+            "per-head query/key/value inputs are not hooked",
+        ),
         (getattr(cfg, "use_attn_in", False), "use_attn_in", "per-head attention inputs are not hooked"),
-        (getattr(cfg, "clip_qkv", None) is not None, "clip_qkv",
-         "clamped values break the value-edge formula wherever the clamp is active"),
-        (cfg.positional_embedding_type == "shortformer", "positional_embedding_type",
-         "shortformer embeddings are added after ln1"),
-        (cfg.normalization_type not in (None, "LN", "LNPre", "RMS", "RMSPre"), "normalization_type",
-         f"normalization {cfg.normalization_type!r} is not one the edge formula knows"),
-        (cfg.act_fn is not None and str(cfg.act_fn).startswith("solu"), "act_fn",
-         "SoLU normalises inside the MLP"),
+        (
+            getattr(cfg, "clip_qkv", None) is not None,
+            "clip_qkv",
+            "clamped values break the value-edge formula wherever the clamp is active",
+        ),
+        (
+            cfg.positional_embedding_type == "shortformer",
+            "positional_embedding_type",
+            "shortformer embeddings are added after ln1",
+        ),
+        (
+            cfg.normalization_type not in (None, "LN", "LNPre", "RMS", "RMSPre"),
+            "normalization_type",
+            f"normalization {cfg.normalization_type!r} is not one the edge formula knows",
+        ),
+        (cfg.act_fn is not None and str(cfg.act_fn).startswith("solu"), "act_fn", "SoLU normalises inside the MLP"),
     ]
     for refused, name, why in refusals:
         if refused:
@@ -111,7 +125,9 @@ def _zero_offsets(model, n: int) -> dict[str, list[Tensor]]:
     return {
         "resid": [torch.zeros(1, n, d, dtype=dtype, device=device) for _ in range(L + 1)],
         "mid": zeros(n, d) if has_mid else [],
-        "q": zeros(n, d), "k": zeros(n, d), "v": zeros(n, d),
+        "q": zeros(n, d),
+        "k": zeros(n, d),
+        "v": zeros(n, d),
         "mlp": zeros(n, d) if has_mlp else [],
         "z": zeros(n, cfg.n_heads, cfg.d_head),
     }
@@ -120,6 +136,7 @@ def _zero_offsets(model, n: int) -> dict[str, list[Tensor]]:
 def _add(offset: Tensor):
     def hook(value, hook):
         return value + offset
+
     return hook
 
 
@@ -143,11 +160,13 @@ def _norm_input_offsets(model, offsets: dict, layers: Iterable[int] | None = Non
             if index > 2:
                 return None
             return (args[0] + offsets["qkv"[index]][layer],) + tuple(args[1:])
+
         return hook
 
     def ln2_hook(layer):
         def hook(module, args):
             return (args[0] + offsets["mlp"][layer],) + tuple(args[1:])
+
         return hook
 
     for layer in layers:
@@ -170,6 +189,7 @@ def _norm_input_offsets(model, offsets: dict, layers: Iterable[int] | None = Non
 def _record(store: dict[str, Tensor], name: str):
     def hook(value, hook):
         store.setdefault(name, value[0].detach().clone())
+
     return hook
 
 
@@ -279,8 +299,13 @@ class FlowPass:
 
 
 def flow_gradients(
-    model, prompt: str | Tensor, rows: Float[Tensor, "row d_out"], *, target_pos: int = -1,
-    mode: str = "exact", chat: bool | None = None,
+    model,
+    prompt: str | Tensor,
+    rows: Float[Tensor, "row d_out"],
+    *,
+    target_pos: int = -1,
+    mode: str = "exact",
+    chat: bool | None = None,
 ) -> FlowGradients:
     """Every captured gradient for the cotangent ``rows`` in one batched backward (small models, tests)."""
     check_flow_support(model)
@@ -313,7 +338,9 @@ def layer_offsets(model, layer: int, n: int) -> dict[str, dict[int, Tensor]]:
 
     return {
         "mid": zeros(n, cfg.d_model) if has_mid else {},
-        "q": zeros(n, cfg.d_model), "k": zeros(n, cfg.d_model), "v": zeros(n, cfg.d_model),
+        "q": zeros(n, cfg.d_model),
+        "k": zeros(n, cfg.d_model),
+        "v": zeros(n, cfg.d_model),
         "mlp": zeros(n, cfg.d_model) if has_mlp else {},
         "z": zeros(n, cfg.n_heads, cfg.d_head),
     }

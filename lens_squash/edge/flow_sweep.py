@@ -27,8 +27,14 @@ from .flow_edges import ValueGeometry, edge_norms, edge_terms, value_geometry
 from .flow_pass import FLOW_MODES, FlowPass, block_flow_function, layer_offsets
 from .jacobian_memory import DEFAULT_CHUNK_SIZE, memory_terms
 
-__all__ = ["Accumulator", "SweepResult", "checkpointed_sweep", "estimate_flow_memory", "flow_memory_terms",
-           "plain_sweep"]
+__all__ = [
+    "Accumulator",
+    "SweepResult",
+    "checkpointed_sweep",
+    "estimate_flow_memory",
+    "flow_memory_terms",
+    "plain_sweep",
+]
 
 
 def check_probes(model, mode: str, n_probes: int) -> int:
@@ -64,8 +70,9 @@ class Accumulator:
     def take_top(self, g_top: Float[Tensor, "row pos d_model"]) -> None:
         self.add(f"total.{self.n_layers}", _sq(g_top))
 
-    def take_layer(self, layer: int, g: Tensor, g_next: Tensor, parts: dict[str, Tensor], pattern: Tensor,
-                   geo: ValueGeometry) -> None:
+    def take_layer(
+        self, layer: int, g: Tensor, g_next: Tensor, parts: dict[str, Tensor], pattern: Tensor, geo: ValueGeometry
+    ) -> None:
         """One layer's chunk: ``g = g^(l)``, ``g_next = g^(l+1)``, ``parts`` the gradients at v, q, k,
         mlp (``None`` without an MLP) and z, each ``[row, pos, …]``."""
         value = parts["v"]
@@ -111,8 +118,12 @@ def _layer_geometry(model, layer: int, resid: Tensor, scale: Tensor | None, froz
     block = model.blocks[layer]
     gain = getattr(block.ln1, "w", None)
     return value_geometry(
-        resid, block.attn.W_V.detach(), None if gain is None else gain.detach(),
-        None if scale is None else scale[:, 0], centred=model.cfg.normalization_type in ("LN", "LNPre"), frozen=frozen,
+        resid,
+        block.attn.W_V.detach(),
+        None if gain is None else gain.detach(),
+        None if scale is None else scale[:, 0],
+        centred=model.cfg.normalization_type in ("LN", "LNPre"),
+        frozen=frozen,
     )
 
 
@@ -122,8 +133,10 @@ def plain_sweep(model, used: Tensor, pos: int, frozen: bool, probes: Tensor, chu
     acc = Accumulator(n_layers)
     flow_pass = FlowPass(model, used, pos, frozen)
     resid, scale = flow_pass.forward_stack("resid"), flow_pass.forward_stack("scale")
-    geometry = [_layer_geometry(model, layer, resid[layer], None if scale is None else scale[layer], frozen)
-                for layer in range(n_layers)]
+    geometry = [
+        _layer_geometry(model, layer, resid[layer], None if scale is None else scale[layer], frozen)
+        for layer in range(n_layers)
+    ]
     patterns = flow_pass.forward_stack("pattern")
     for start in range(0, probes.shape[0], chunk):
         acc.take(flow_pass.raw(probes[start : start + chunk]), patterns, geometry)
@@ -165,8 +178,9 @@ def checkpointed_sweep(model, used: Tensor, pos: int, frozen: bool, probes: Tens
         stored.release(layer)
         inv_scale[layer], coef[layer] = geo.inv_scale.cpu(), geo.coef.cpu()
         t1, t2 = acc.sums.pop(f"t1.{layer}").cpu(), acc.sums.pop(f"t2.{layer}").cpu()
-        edges[layer] = edge_norms(pattern.double().cpu()[None], inv_scale[layer][None], coef[layer][None],
-                                  t1[None], t2[None])[0]
+        edges[layer] = edge_norms(
+            pattern.double().cpu()[None], inv_scale[layer][None], coef[layer][None], t1[None], t2[None]
+        )[0]
     return SweepResult(acc, torch.stack(edges), torch.stack(inv_scale), torch.stack(coef))
 
 
@@ -194,8 +208,9 @@ def flow_memory_terms(model, n: int, rows: int, checkpoint: bool = False) -> tup
     return fixed, per
 
 
-def estimate_flow_memory(model, n_tokens: int, chunk_size: int | None = None, *, n_rows: int | None = None,
-                         checkpoint: bool = False) -> int:
+def estimate_flow_memory(
+    model, n_tokens: int, chunk_size: int | None = None, *, n_rows: int | None = None, checkpoint: bool = False
+) -> int:
     """Predicted peak extra bytes of :func:`lens_squash.edge.flow.flow` (jacobian's estimate plus the
     captured gradients)."""
     rows = n_rows or model.cfg.d_model

@@ -37,6 +37,7 @@ def mlp_gain_hooks(model, shape, store: dict[str, Tensor]) -> list:
         def save(name):
             def hook(value, hook):
                 store[name] = value[0].detach()
+
             return hook
 
         def gain(value, hook, layer=layer, block=block):
@@ -101,8 +102,9 @@ def _moe_gain_hooks(model, shape, store: dict[str, Tensor]) -> list:
             store[f"moe_in.{layer}"] = value if affine is None else affine(value).detach()
 
         def gain(value, hook, layer=layer, block=block):
-            routing = _routing(block.mlp, store.pop(f"expert_weights.{layer}"), store.pop(f"expert_indices.{layer}"),
-                               model.cfg)
+            routing = _routing(
+                block.mlp, store.pop(f"expert_weights.{layer}"), store.pop(f"expert_indices.{layer}"), model.cfg
+            )
             norms = moe_jacobian_frobenius(block, shape, store.pop(f"moe_in.{layer}"), routing)
             store[f"mlp_gain_unscaled.{layer}"] = norms.cpu()
 

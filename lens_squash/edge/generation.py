@@ -24,9 +24,7 @@ def stop_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def _left_pad(
-    prompts: Sequence[torch.Tensor], pad_id: int, device
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_pad(prompts: Sequence[torch.Tensor], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)

@@ -79,7 +79,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LENS_SQUASH_CACHE", Path.home() / ".cache" / "lens_squash"))
 
 
-
 def gguf_path(spec: OfflineModel) -> Path:
     found = importlib.util.find_spec(spec.package)
     if found is None or not found.submodule_search_locations:
@@ -125,9 +124,7 @@ def _cache_key_for(gguf: str, size: int, mtime_ns: int) -> tuple[str, dict]:
     return key, meta
 
 
-def llama_config(
-    hf_config, *, dtype: torch.dtype, device: str, n_ctx: int, model_name: str = "llama"
-):
+def llama_config(hf_config, *, dtype: torch.dtype, device: str, n_ctx: int, model_name: str = "llama"):
     """A HookedTransformerConfig for a ``transformers`` Llama config (RMSNorm, rotary, GQA, gated SiLU)."""
     _, HookedTransformerConfig = hooked_api()
     max_ctx = hf_config.max_position_embeddings
@@ -204,7 +201,14 @@ def _write_cache_entry(hf_model, tokenizer, target: Path, meta: dict, *, layout:
         tokenizer.save_pretrained(staging / "tokenizer")
         (staging / "hf_config.json").write_text(hf_model.config.to_json_string())
         # "state_dict_bytes" for the hooked layout: the key entries written before the bridge had
-        meta = {**meta, **({"state_dict_bytes": weights_bytes} if layout == "hooked" else {"layout": layout, "weights_bytes": weights_bytes})}
+        meta = {
+            **meta,
+            **(
+                {"state_dict_bytes": weights_bytes}
+                if layout == "hooked"
+                else {"layout": layout, "weights_bytes": weights_bytes}
+            ),
+        }
         (staging / "meta.json").write_text(json.dumps(meta, indent=1))
         if target.exists():
             shutil.rmtree(target)
@@ -288,7 +292,12 @@ def load_offline_bridge(spec: OfflineModel, *, dtype: torch.dtype, device: str, 
     hf_model, tokenizer, _ = cached_weights(spec, "bridge")
     # booted under its Hub name so TransformerLens picks the Llama adapter; hf_model= means no download
     return boot_bridge(
-        spec.hf_name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device=device, n_ctx=n_ctx,
+        spec.hf_name,
+        hf_model=hf_model,
+        tokenizer=tokenizer,
+        dtype=dtype,
+        device=device,
+        n_ctx=n_ctx,
         prepend_bos=False,
     )
 
@@ -325,7 +334,6 @@ def from_hf_llama(
 def load_hf_reference(name: str = DEFAULT_MODEL):
     """The ``transformers`` model and tokenizer read from the same GGUF (for checks and tests)."""
     return _load_hf(gguf_path(OFFLINE_MODELS[name]))
-
 
 
 def offline_tokenizer():

@@ -112,7 +112,12 @@ NORM_KINDS = ("spectral", "frobenius", "l1")
 PROGRESS_DELAY_S = 2.0
 
 # the old private names, still imported by tests and benchmarks written against them
-_run_until, _probes, _input_value, _without_parameter_grads = run_until, make_probes, input_value, without_parameter_grads
+_run_until, _probes, _input_value, _without_parameter_grads = (
+    run_until,
+    make_probes,
+    input_value,
+    without_parameter_grads,
+)
 _memory_terms, _freeze_hooks, _check_position = memory_terms, freeze_hooks, check_position
 
 
@@ -183,22 +188,23 @@ class JacobianResult(Result):
         kind = self.best_norm()
         values = self.norms(kind)
         top = torch.argsort(values, descending=True)[:5].tolist()
-        top_text = ", ".join(
-            f"{i}: {html.escape(repr(self.str_tokens[i]))} ({float(values[i]):.3g})" for i in top
-        )
+        top_text = ", ".join(f"{i}: {html.escape(repr(self.str_tokens[i]))} ({float(values[i]):.3g})" for i in top)
         rows = [
             ("model", self.provenance.get("model", {}).get("name", "?")),
             ("mode", self.mode),
             ("y", f"layer={self.layer!r} at position {self.target_pos}"),
             ("v", f"blocks.{self.wrt}.hook_resid_pre"),
             ("positions", self.n_tokens),
-            (f"‖J_i‖ ({kind}) min / median / max",
-             f"{float(values.min()):.3g} / {float(values.median()):.3g} / {float(values.max()):.3g}"),
+            (
+                f"‖J_i‖ ({kind}) min / median / max",
+                f"{float(values.min()):.3g} / {float(values.median()):.3g} / {float(values.max()):.3g}",
+            ),
             ("seconds", f"{self.seconds:.2f}"),
         ]
         body = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
         body += f"<tr><td>largest (position: token)</td><td>{top_text}</td></tr>"
         return f"<b>lens_squash JacobianResult</b><table>{body}</table>"
+
 
 # --------------------------------------------------------------------------------------------------
 # validation
@@ -397,17 +403,31 @@ def jacobian(
     n_layers = _last_block(model, layer) - wrt + 1
 
     def terms(n_tokens: int, saved: bool) -> tuple[int, int]:
-        return memory_terms(model, n_tokens, mode, n_layers=n_layers, n_rows=rows, keep_full=keep_full, checkpoint=saved)
+        return memory_terms(
+            model, n_tokens, mode, n_layers=n_layers, n_rows=rows, keep_full=keep_full, checkpoint=saved
+        )
 
-    plan = plan_memory(terms, n, rows, chunk_size, memory_budget(model, max_memory_bytes), checkpoint,
-                       what=f"the {mode} Jacobian", n_max=model.cfg.n_ctx)
+    plan = plan_memory(
+        terms,
+        n,
+        rows,
+        chunk_size,
+        memory_budget(model, max_memory_bytes),
+        checkpoint,
+        what=f"the {mode} Jacobian",
+        n_max=model.cfg.n_ctx,
+    )
     chunk = plan.chunk
     dtype, device = model.cfg.dtype, torch.device(model.cfg.device)
     probes = make_probes(mode, d_out, n_probes, seed, dtype, device)
     n_chunks = -(-rows // chunk) * (n_layers if plan.checkpoint else 1)
     # steady_heap: without it every chunk page-faults its ~1 GB of gradients back in (allocator.py)
-    with steady_heap(), without_parameter_grads(model), torch.enable_grad(), \
-            counter(desc=f"{mode} Jacobian VJP chunks", total=n_chunks, delay=PROGRESS_DELAY_S) as bar:
+    with (
+        steady_heap(),
+        without_parameter_grads(model),
+        torch.enable_grad(),
+        counter(desc=f"{mode} Jacobian VJP chunks", total=n_chunks, delay=PROGRESS_DELAY_S) as bar,
+    ):
         if plan.checkpoint:
             squares, absolute, blocks = _checkpointed(model, used, pos, layer, wrt, mode, probes, chunk, bar)
         else:
@@ -428,9 +448,20 @@ def jacobian(
         l1=None if mode == "sketch" else absolute.to("cpu", out_dtype),
         full=blocks.permute(1, 0, 2).cpu() if keep_full else None,
         provenance=provenance(
-            model, n_prompt_tokens=int(tokens.shape[0]), n_tokens=n, target_pos=pos, layer=layer,
-            wrt=wrt, mode=mode, n_vjps=rows, chunk_size=chunk, checkpoint=plan.checkpoint, seed=seed, chat=chat,
-            estimated_bytes=plan.estimated_bytes, max_memory_bytes=plan.budget,
+            model,
+            n_prompt_tokens=int(tokens.shape[0]),
+            n_tokens=n,
+            target_pos=pos,
+            layer=layer,
+            wrt=wrt,
+            mode=mode,
+            n_vjps=rows,
+            chunk_size=chunk,
+            checkpoint=plan.checkpoint,
+            seed=seed,
+            chat=chat,
+            estimated_bytes=plan.estimated_bytes,
+            max_memory_bytes=plan.budget,
         ),
         seconds=time.perf_counter() - started,
     )

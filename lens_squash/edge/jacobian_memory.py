@@ -88,8 +88,16 @@ def _weights_per_layer(cfg) -> int:
     return attention + (3 if cfg.gated_mlp else 2) * d * cfg.d_mlp
 
 
-def memory_terms(model, n_tokens: int, mode: str, *, n_layers: int | None = None, n_rows: int | None = None,
-                 keep_full: bool = False, checkpoint: bool = False) -> tuple[int, int]:
+def memory_terms(
+    model,
+    n_tokens: int,
+    mode: str,
+    *,
+    n_layers: int | None = None,
+    n_rows: int | None = None,
+    keep_full: bool = False,
+    checkpoint: bool = False,
+) -> tuple[int, int]:
     """``(fixed, per_cotangent)`` bytes of :func:`estimate_memory`'s formula, slack included."""
     cfg = model.cfg
     n, d, heads = n_tokens, cfg.d_model, cfg.n_heads
@@ -116,8 +124,15 @@ def memory_terms(model, n_tokens: int, mode: str, *, n_layers: int | None = None
 
 
 def estimate_memory(
-    model, n_tokens: int, chunk_size: int | None = None, mode: str = "exact", *,
-    n_layers: int | None = None, n_probes: int | None = None, keep_full: bool = False, checkpoint: bool = False,
+    model,
+    n_tokens: int,
+    chunk_size: int | None = None,
+    mode: str = "exact",
+    *,
+    n_layers: int | None = None,
+    n_probes: int | None = None,
+    keep_full: bool = False,
+    checkpoint: bool = False,
 ) -> int:
     """Predicted peak extra bytes of :func:`jacobian.jacobian` (model weights excluded).
 
@@ -145,8 +160,9 @@ def estimate_memory(
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
     rows = n_probes if mode == "sketch" else None
-    fixed, per = memory_terms(model, n_tokens, mode, n_layers=n_layers, n_rows=rows, keep_full=keep_full,
-                              checkpoint=checkpoint)
+    fixed, per = memory_terms(
+        model, n_tokens, mode, n_layers=n_layers, n_rows=rows, keep_full=keep_full, checkpoint=checkpoint
+    )
     chunk = chunk_size or min(DEFAULT_CHUNK_SIZE, rows or model.cfg.d_model)
     return fixed + chunk * per
 
@@ -172,6 +188,7 @@ Terms = Callable[[int, bool], tuple[int, int]]
 
 def largest_fitting_tokens(terms: Terms, budget: int, n_max: int) -> int:
     """The most tokens (≤ ``n_max``) whose checkpointed estimate at one cotangent per batch fits; 0 if none."""
+
     def fits(n: int) -> bool:
         fixed, per = terms(n, True)
         return fixed + per <= budget
@@ -187,8 +204,17 @@ def largest_fitting_tokens(terms: Terms, budget: int, n_max: int) -> int:
     return low
 
 
-def plan_memory(terms: Terms, n_tokens: int, rows: int, chunk_size: int | None, budget: int,
-                checkpoint: bool | None, *, what: str = "this request", n_max: int | None = None) -> MemoryPlan:
+def plan_memory(
+    terms: Terms,
+    n_tokens: int,
+    rows: int,
+    chunk_size: int | None,
+    budget: int,
+    checkpoint: bool | None,
+    *,
+    what: str = "this request",
+    n_max: int | None = None,
+) -> MemoryPlan:
     """Choose plain or checkpointed and the chunk, or raise MemoryError in one line saying what fits."""
     plain, saved = terms(n_tokens, False), terms(n_tokens, True)
     if checkpoint is None:

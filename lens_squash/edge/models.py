@@ -67,7 +67,6 @@ def default_backend() -> str:
     return "hooked" if has_hooked_transformer() else "bridge"
 
 
-
 def check_model(model: Any) -> None:
     """Refuse, before any work, a model the analyses cannot run on.
 
@@ -98,9 +97,7 @@ def check_model(model: Any) -> None:
 
 def _check_load_arguments(name: Any, backend: Any, n_ctx: Any, device: Any) -> str:
     if not isinstance(name, str) or not name.strip():
-        raise TypeError(
-            f"the model name must be a non-empty string (e.g. {DEFAULT_MODEL!r}), got {name!r}"
-        )
+        raise TypeError(f"the model name must be a non-empty string (e.g. {DEFAULT_MODEL!r}), got {name!r}")
     if backend is None:
         backend = default_backend()
     if backend not in BACKENDS:
@@ -109,11 +106,12 @@ def _check_load_arguments(name: Any, backend: Any, n_ctx: Any, device: Any) -> s
         raise missing_hooked_error()  # the clear TL 4 message before anything is loaded
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
         raise ValueError(
-            f"n_ctx must be a positive integer (the longest prompt, in tokens, the model accepts), "
-            f"got {n_ctx!r}"
+            f"n_ctx must be a positive integer (the longest prompt, in tokens, the model accepts), got {n_ctx!r}"
         )
     key = name.lower()
-    max_ctx = OFFLINE_MODELS[key].max_ctx if key in OFFLINE_MODELS else TINY_RANDOM_MAX_CTX if key == TINY_MODEL else None
+    max_ctx = (
+        OFFLINE_MODELS[key].max_ctx if key in OFFLINE_MODELS else TINY_RANDOM_MAX_CTX if key == TINY_MODEL else None
+    )
     if max_ctx is not None and n_ctx > max_ctx:
         raise ValueError(f"n_ctx={n_ctx} is outside 1..{max_ctx}, the positions {name} accepts")
     _check_device(device)

@@ -122,8 +122,13 @@ def stream_bounds(
     totals = {name: [] for name, graph in graphs.items() if graph.normalise_rows}
     shortformer = _shortformer_embed(model, traced.tokens)
     needs_mean = any(g.head_factor is not None and g.query_scale is None for g in graphs.values())
-    layers = progress(range(traced.n_layers - 1, -1, -1), desc="bound rows", total=traced.n_layers, unit="layer",
-                      enabled=None if n >= 1024 else False)
+    layers = progress(
+        range(traced.n_layers - 1, -1, -1),
+        desc="bound rows",
+        total=traced.n_layers,
+        unit="layer",
+        enabled=None if n >= 1024 else False,
+    )
     for layer in layers:
         patterns = recompute_patterns(model, traced, layer, shortformer=shortformer)
         _check_same(traced, layer, patterns)
@@ -209,4 +214,3 @@ def check_fits(model, n_tokens: int, *, keep_patterns: bool | None = None, avail
         f"is free on {model.cfg.device}; the longest prompt that fits is about {fits} tokens"
         + ("" if fits else " (none: free some memory)")
     )
-

@@ -15,8 +15,7 @@ from .dtypes import resolve_dtype
 from .gguf import offline_tokenizer
 from .model_names import TINY_MODEL
 
-__all__ = ["TINY_RANDOM_MAX_CTX", "tiny_model", "tiny_random", "tiny_random_bridge",
-           "tiny_random_state"]
+__all__ = ["TINY_RANDOM_MAX_CTX", "tiny_model", "tiny_random", "tiny_random_bridge", "tiny_random_state"]
 
 _POSITIONAL = {"standard": "standard", "learned": "standard", "rotary": "rotary", "alibi": "alibi", "none": "standard"}
 _NORMS = {"LN": "LN", "RMS": "RMS", None: None, "none": None}
@@ -98,8 +97,6 @@ def tiny_model(
     return model.eval()
 
 
-
-
 # tiny-random: one set of weights, on both backends
 
 #: tiny-random's shape: SmolLM2's architecture (RMSNorm, rotary, GQA, gated SiLU) in miniature
@@ -112,8 +109,15 @@ TINY_RANDOM_MAX_CTX = 8192
 def tiny_random(*, dtype: torch.dtype, n_ctx: int):
     knobs = {k: v for k, v in _TINY_RANDOM.items() if k != "d_mlp"}  # tiny_model's d_mlp is 4 d_model
     return tiny_model(
-        **knobs, positional="rotary", norm="RMS", gated_mlp=True, act_fn="silu", tokenizer="smollm2",
-        n_ctx=n_ctx, dtype=dtype, seed=_TINY_RANDOM_SEED,
+        **knobs,
+        positional="rotary",
+        norm="RMS",
+        gated_mlp=True,
+        act_fn="silu",
+        tokenizer="smollm2",
+        n_ctx=n_ctx,
+        dtype=dtype,
+        seed=_TINY_RANDOM_SEED,
     )
 
 
@@ -150,13 +154,24 @@ def _tiny_random_llama(*, dtype: torch.dtype, n_ctx: int, tokenizer):
 
     d, heads, kv = _TINY_RANDOM["d_model"], _TINY_RANDOM["n_heads"], _TINY_RANDOM["n_key_value_heads"]
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=d, intermediate_size=_TINY_RANDOM["d_mlp"],
-        num_hidden_layers=_TINY_RANDOM["n_layers"], num_attention_heads=heads, num_key_value_heads=kv,
-        head_dim=d // heads, max_position_embeddings=n_ctx, rms_norm_eps=1e-5,  # TransformerLens's eps
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, hidden_act="silu",
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, attn_implementation="eager",
+        vocab_size=len(tokenizer),
+        hidden_size=d,
+        intermediate_size=_TINY_RANDOM["d_mlp"],
+        num_hidden_layers=_TINY_RANDOM["n_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=d // heads,
+        max_position_embeddings=n_ctx,
+        rms_norm_eps=1e-5,  # TransformerLens's eps
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attn_implementation="eager",
     )
     state = tiny_random_state(len(tokenizer), dtype)
     with torch.random.fork_rng(devices=[]):  # its own init is overwritten below; keep the caller's RNG
@@ -193,6 +208,11 @@ def tiny_random_bridge(*, dtype: torch.dtype, device: str, n_ctx: int):
     tokenizer = offline_tokenizer()
     hf_model = _tiny_random_llama(dtype=dtype, n_ctx=n_ctx, tokenizer=tokenizer)
     return boot_bridge(
-        TINY_MODEL, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device=device, n_ctx=n_ctx,
+        TINY_MODEL,
+        hf_model=hf_model,
+        tokenizer=tokenizer,
+        dtype=dtype,
+        device=device,
+        n_ctx=n_ctx,
         prepend_bos=False,
     )

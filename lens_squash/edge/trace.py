@@ -101,7 +101,9 @@ class Trace(Result):
         """Deprecated name of :meth:`mean_first_token_attention`."""
         import warnings
 
-        warnings.warn("Trace.first_token_mass() is now Trace.mean_first_token_attention()", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "Trace.first_token_mass() is now Trace.mean_first_token_attention()", DeprecationWarning, stacklevel=2
+        )
         return self.mean_first_token_attention()
 
     def mean_first_token_attention(self) -> Float[Tensor, "layer"]:
@@ -120,10 +122,14 @@ class Trace(Result):
                 ("tokens", self.n_tokens),
                 ("layers × heads", f"{self.n_layers} × {self.n_heads}"),
                 ("predicted next token", repr(self.predicted_token)),
-                ("first-token attention mass (min / mean / max over layers)",
-                 f"{mass.min():.3f} / {mass.mean():.3f} / {mass.max():.3f}"),
-                ("first-token residual norm ÷ median, last layer",
-                 f"{(self.resid_norms[-1, 0] / self.resid_norms[-1].median()):.1f}"),
+                (
+                    "first-token attention mass (min / mean / max over layers)",
+                    f"{mass.min():.3f} / {mass.mean():.3f} / {mass.max():.3f}",
+                ),
+                (
+                    "first-token residual norm ÷ median, last layer",
+                    f"{(self.resid_norms[-1, 0] / self.resid_norms[-1].median()):.1f}",
+                ),
             ]
         )
         return f"<b>lens_squash Trace</b><table>{rows}</table>"
@@ -131,9 +137,11 @@ class Trace(Result):
 
 def required_hooks(n_layers: int) -> list[str]:
     """The hooks a trace cannot do without."""
-    return [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)] + [
-        f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)
-    ] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+    return (
+        [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
+        + [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
+        + [f"blocks.{n_layers - 1}.hook_resid_post"]
+    )
 
 
 def as_tokens(model, prompt: str | Tensor, *, chat: bool | None = None) -> Int[Tensor, "pos"]:
@@ -267,8 +275,10 @@ def trace(
         else:
             hooks += mlp_gain_hooks(model, shape, store)
     # a bar for passes of more than ~2 s, unless bars are switched off (core.progress decides)
-    with torch.no_grad(), counter(desc="trace", total=n_layers, unit="layer",
-                                  enabled=None if _slow(model, n) else False) as bar:
+    with (
+        torch.no_grad(),
+        counter(desc="trace", total=n_layers, unit="layer", enabled=None if _slow(model, n) else False) as bar,
+    ):
 
         def advance(value, hook) -> None:  # returns None: a hook's return value would replace the activation
             bar.update(1)
@@ -277,8 +287,9 @@ def trace(
         last_logits = _last_logits(model, tokens, hooks, cache)
     gains = None if shape is None else mlp_gains(store, n_layers, shape)
     summary = None if stream is None else stream.finish()
-    result = _assemble(model, tokens, store, last_logits.to("cpu", dtype), keep_resid or not keep_whole, chat, gains,
-                       summary)
+    result = _assemble(
+        model, tokens, store, last_logits.to("cpu", dtype), keep_resid or not keep_whole, chat, gains, summary
+    )
     if unsupported is not None:
         result.provenance["lipschitz_unsupported"] = unsupported
     return result
@@ -291,6 +302,7 @@ def _capture_hooks(model, store: dict[str, Tensor], dtype: torch.dtype, stream: 
     def keep(name: str, fn=lambda t: t):
         def hook(value, hook):
             store[name] = fn(value[0].detach()).to("cpu", dtype)
+
         return hook
 
     def keep_pattern(layer: int):
@@ -303,6 +315,7 @@ def _capture_hooks(model, store: dict[str, Tensor], dtype: torch.dtype, stream: 
                 return
             store[f"pattern.{layer}"] = on_cpu
             store[f"mean_pattern.{layer}"] = pattern.to(dtype).mean(0).cpu()
+
         return hook
 
     def value_norm_hook(layer: int):
@@ -311,6 +324,7 @@ def _capture_hooks(model, store: dict[str, Tensor], dtype: torch.dtype, stream: 
             head_of = _head_index(w_o.shape[0], value.shape[2]).to(value.device)
             v = value[0].detach().to(dtype)[:, head_of]  # [pos, head, d_head]
             store[f"value_norm.{layer}"] = torch.einsum("phd,hdm->phm", v, w_o.to(v.device, dtype)).norm(dim=-1).T.cpu()
+
         return hook
 
     hooks = []
@@ -401,8 +415,8 @@ def _assemble(model, tokens, store, last_logits, keep_resid: bool, chat, mlp_gai
     else:  # no final norm: y_n is the last block's output
         y_last = resid[-1, -1]
     predicted = int(last_logits.argmax())
-    str_tokens = tuple(model.to_str_tokens(tokens)) if model.tokenizer is not None else tuple(
-        str(int(t)) for t in tokens
+    str_tokens = (
+        tuple(model.to_str_tokens(tokens)) if model.tokenizer is not None else tuple(str(int(t)) for t in tokens)
     )
     predicted_str = model.tokenizer.decode([predicted]) if model.tokenizer is not None else str(predicted)
     return Trace(
@@ -419,7 +433,10 @@ def _assemble(model, tokens, store, last_logits, keep_resid: bool, chat, mlp_gai
         last_logits=last_logits,
         predicted_token=predicted_str,
         provenance=provenance(
-            model, chat=chat, n_tokens=int(tokens.shape[0]), attention_defects=defects,
+            model,
+            chat=chat,
+            n_tokens=int(tokens.shape[0]),
+            attention_defects=defects,
             attention_check=_attention_check(model, int(tokens.shape[0]), defects),
         ),
         resid=resid if keep_resid else None,

@@ -70,8 +70,9 @@ def _check_options(model, layer: int, position: int, factor, target_norm, dims) 
         raise ValueError(f"layer must index one of the model's {n_layers} blocks, got {layer}")
     if not isinstance(position, int):
         raise ValueError(f"position must be an int (0 is the first token), got {position!r}")
-    chosen = [name for name, value in (("factor", factor), ("target_norm", target_norm), ("dims", dims))
-              if value is not None]
+    chosen = [
+        name for name, value in (("factor", factor), ("target_norm", target_norm), ("dims", dims)) if value is not None
+    ]
     if len(chosen) > 1:
         raise ValueError(f"pass at most one of factor, target_norm and dims, got {', '.join(chosen)}")
     if target_norm is not None and target_norm < 0:
@@ -106,8 +107,11 @@ def clamp_hooks(
         pos = position % n
         x = resid[:, pos]
         if dims is not None:
-            index = (x.abs().mean(0).topk(dims).indices if isinstance(dims, int)
-                     else torch.as_tensor(list(dims), device=x.device))
+            index = (
+                x.abs().mean(0).topk(dims).indices
+                if isinstance(dims, int)
+                else torch.as_tensor(list(dims), device=x.device)
+            )
             x = x.index_copy(-1, index, _median_other_coords(resid, pos, index).to(x.dtype))
         elif factor is not None:
             x = x * factor
@@ -185,14 +189,16 @@ class AblationResult(Result):
         rows = [
             ("clamp", f"position {self.position} after layer {self.layer}, {self.settings}"),
             ("sink rate (all heads)", f"{self.baseline.sink_rate_overall:.1%} → {self.ablated.sink_rate_overall:.1%}"),
-            ("first-token norm after the clamp",
-             f"{self.baseline.first_token_norm[self.layer + 1]:.3g} → {self.ablated.first_token_norm[self.layer + 1]:.3g}"),
-            ("mean Δ matrix entropy (layers after the clamp)",
-             f"{self.entropy_change[self.layer + 1:].mean():+.3f}"),
+            (
+                "first-token norm after the clamp",
+                f"{self.baseline.first_token_norm[self.layer + 1]:.3g} → {self.ablated.first_token_norm[self.layer + 1]:.3g}",
+            ),
+            ("mean Δ matrix entropy (layers after the clamp)", f"{self.entropy_change[self.layer + 1 :].mean():+.3f}"),
         ]
         if self.jacobian_baseline is not None:
-            rows.append(("Σ ‖J‖_F over positions",
-                         f"{self.jacobian_baseline.sum():.4g} → {self.jacobian_ablated.sum():.4g}"))
+            rows.append(
+                ("Σ ‖J‖_F over positions", f"{self.jacobian_baseline.sum():.4g} → {self.jacobian_ablated.sum():.4g}")
+            )
         body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
         return f"<b>lens_squash AblationResult</b><table>{body}</table>"
 
@@ -232,8 +238,11 @@ def ablation_effect(
     ``over_squashing`` also fills both reports' rollout-mass and Dobrushin curves (``O(L n²)``).
     """
     tokens = as_tokens(model, prompt, chat=chat)
-    settings = {"factor": factor, "target_norm": target_norm,
-                "dims": list(dims) if isinstance(dims, Sequence) else dims}
+    settings = {
+        "factor": factor,
+        "target_norm": target_norm,
+        "dims": list(dims) if isinstance(dims, Sequence) else dims,
+    }
     _check_options(model, layer, position, factor, target_norm, dims)
     layer = layer % model.cfg.n_layers
     clamp = dict(position=position, **settings)
@@ -245,11 +254,25 @@ def ablation_effect(
         ablated = sink_analysis(model, tokens, eps=eps, over_squashing=over_squashing)
         jac_ablated = _jacobian_norms(model, tokens, n_probes, seed) if jacobian else None
     return AblationResult(
-        layer=layer, position=position, settings=settings, baseline=baseline, ablated=ablated,
-        sink_rate_change=ablated.sink_rate - baseline.sink_rate, entropy_change=ablated.entropy - baseline.entropy,
+        layer=layer,
+        position=position,
+        settings=settings,
+        baseline=baseline,
+        ablated=ablated,
+        sink_rate_change=ablated.sink_rate - baseline.sink_rate,
+        entropy_change=ablated.entropy - baseline.entropy,
         first_token_norm_change=ablated.first_token_norm - baseline.first_token_norm,
         str_tokens=tuple(baseline.provenance.get("str_tokens", ())),
-        jacobian_baseline=jac_base, jacobian_ablated=jac_ablated,
-        provenance=provenance(model, analysis="ablation", layer=layer, position=position, eps=eps,
-                            n_tokens=int(tokens.shape[0]), n_probes=n_probes if jacobian else None, **settings),
+        jacobian_baseline=jac_base,
+        jacobian_ablated=jac_ablated,
+        provenance=provenance(
+            model,
+            analysis="ablation",
+            layer=layer,
+            position=position,
+            eps=eps,
+            n_tokens=int(tokens.shape[0]),
+            n_probes=n_probes if jacobian else None,
+            **settings,
+        ),
     )

@@ -81,8 +81,12 @@ class Analysis(Result):
             if name in self.comparisons:
                 c = self.comparisons[name]
                 row |= {
-                    "spearman": c.spearman, "kendall": c.kendall, "top5_overlap": c.top5_overlap,
-                    "ratio_min": c.ratio_min, "ratio_median": c.ratio_median, "below_truth": c.violations,
+                    "spearman": c.spearman,
+                    "kendall": c.kendall,
+                    "top5_overlap": c.top5_overlap,
+                    "ratio_min": c.ratio_min,
+                    "ratio_median": c.ratio_median,
+                    "below_truth": c.violations,
                 }
             rows.append(row)
         rows += [{"variant": name, "skipped": reason} for name, reason in self.skipped.items()]
@@ -94,8 +98,11 @@ class Analysis(Result):
 
     def _derived(self) -> dict[str, Any]:
         # what a reader of results.json looks for first; from_dict recomputes it
-        return {"best_variant": self.best_variant, "str_tokens": list(self.trace.str_tokens),
-                "predicted_token": self.trace.predicted_token}
+        return {
+            "best_variant": self.best_variant,
+            "str_tokens": list(self.trace.str_tokens),
+            "predicted_token": self.trace.predicted_token,
+        }
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Analysis:
@@ -122,8 +129,15 @@ class Analysis(Result):
         from ..core.tokens import sensitivity_html  # the prompt coloured by the true sensitivity
 
         truth = [c for c in (() if self.table is None else self.table.columns) if str(c).startswith("jacobian_")]
-        coloured = "" if not truth else sensitivity_html(
-            self.trace.str_tokens, self.table[truth[0]].tolist(), label=f"Jacobian norm ({truth[0].removeprefix('jacobian_')})")
+        coloured = (
+            ""
+            if not truth
+            else sensitivity_html(
+                self.trace.str_tokens,
+                self.table[truth[0]].tolist(),
+                label=f"Jacobian norm ({truth[0].removeprefix('jacobian_')})",
+            )
+        )
         return head + coloured + self.summary().to_html(index=False, float_format=lambda v: f"{v:.4g}")
 
 
@@ -225,8 +239,12 @@ def _sinks(traced: Trace) -> SinkReport:
     if not traced.streamed:
         return sink_report_from_trace(traced)
     return sink_report_from_summary(
-        traced.attention, traced.attention_to_first, traced.resid_norms, representations=traced.resid,
-        first_resid=traced.first_token_resid, metadata={**traced.provenance, "str_tokens": list(traced.str_tokens)},
+        traced.attention,
+        traced.attention_to_first,
+        traced.resid_norms,
+        representations=traced.resid,
+        first_resid=traced.first_token_resid,
+        metadata={**traced.provenance, "str_tokens": list(traced.str_tokens)},
     )
 
 
@@ -260,11 +278,28 @@ def analyze(
     names, skipped = _plan_variants(model, variants)
     check_fits(model, int(tokens.shape[0]), keep_patterns=keep_patterns)
     needs_weights = any(v.startswith("certified") for v in names)
-    traced = _timed(seconds, "trace", trace, model, tokens, chat=chat, lipschitz=needs_weights, keep_resid=True,
-                    keep_patterns=keep_patterns)
+    traced = _timed(
+        seconds,
+        "trace",
+        trace,
+        model,
+        tokens,
+        chat=chat,
+        lipschitz=needs_weights,
+        keep_resid=True,
+        keep_patterns=keep_patterns,
+    )
     if traced.streamed:
-        bounds = _timed(seconds, "bounds", stream_bounds, model, traced, names, target_pos=target_pos,
-                        skipped=None if variants is not None else skipped)
+        bounds = _timed(
+            seconds,
+            "bounds",
+            stream_bounds,
+            model,
+            traced,
+            names,
+            target_pos=target_pos,
+            skipped=None if variants is not None else skipped,
+        )
     else:
         bounds = _bounds(traced, model, names, target_pos, seconds, skipped, explicit=variants is not None)
     spectral = _timed(seconds, "spectral", _spectral, traced, skipped)
@@ -272,13 +307,21 @@ def analyze(
     jac, table, comparisons = None, None, {}
     if jacobian_mode is not None:
         jac = _timed(
-            seconds, f"jacobian_{jacobian_mode}", jacobian, model, traced.tokens, mode=jacobian_mode,
-            n_probes=n_probes, target_pos=target_pos,
+            seconds,
+            f"jacobian_{jacobian_mode}",
+            jacobian,
+            model,
+            traced.tokens,
+            mode=jacobian_mode,
+            n_probes=n_probes,
+            target_pos=target_pos,
         )
         truth = jac.spectral if jacobian_mode == "exact" else jac.frobenius
         n = truth.shape[0]
         table, comparisons = compare_variants(
-            {name: bound.bound[:n] for name, bound in bounds.items()}, truth,
-            str_tokens=traced.str_tokens[:n], truth_name="spectral" if jacobian_mode == "exact" else "frobenius",
+            {name: bound.bound[:n] for name, bound in bounds.items()},
+            truth,
+            str_tokens=traced.str_tokens[:n],
+            truth_name="spectral" if jacobian_mode == "exact" else "frobenius",
         )
     return Analysis(traced, bounds, spectral, jac, table, comparisons, sinks, seconds, skipped)

@@ -38,12 +38,8 @@ _TENS = ["twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ni
 _WORD_VALUES = {w: i for i, w in enumerate(_UNITS)} | {w: 10 + i for i, w in enumerate(_TEENS)}
 _WORD_VALUES |= {w: 20 + 10 * i for i, w in enumerate(_TENS)}
 _U19 = "|".join(_UNITS[1:])
-_BELOW_100 = (
-    rf"(?:(?:{'|'.join(_TENS)})(?:[ \t-]+(?:{_U19}))?|{'|'.join(_TEENS)}|{'|'.join(_UNITS)})"
-)
-_NUMBER_WORDS = (
-    rf"(?:(?:{_U19}|a)[ \t-]+hundred(?:[ \t-]+(?:and[ \t-]+)?{_BELOW_100})?|{_BELOW_100})"
-)
+_BELOW_100 = rf"(?:(?:{'|'.join(_TENS)})(?:[ \t-]+(?:{_U19}))?|{'|'.join(_TEENS)}|{'|'.join(_UNITS)})"
+_NUMBER_WORDS = rf"(?:(?:{_U19}|a)[ \t-]+hundred(?:[ \t-]+(?:and[ \t-]+)?{_BELOW_100})?|{_BELOW_100})"
 _NUMBER = re.compile(
     rf"(?P<digits>\d{{1,3}}(?:,\d{{3}})+(?!\d)|\d+)(?:\.(?P<frac>\d+))?(?!\d)|(?P<words>{_NUMBER_WORDS})\b",
     re.IGNORECASE,

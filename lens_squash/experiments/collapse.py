@@ -88,7 +88,6 @@ __all__ = [
     "CollapseFamily",
     "CollapseResult",
     "PairMeasurement",
-    "WindowSweepResult",
     "collapse_curve",
     "family_pairs",
     "format_summary",
@@ -96,7 +95,6 @@ __all__ = [
     "measure_pairs",
     "model_in_dtype",
     "window_hooks",
-    "window_sweep",
 ]
 
 DEFAULT_DTYPES: tuple[str, ...] = ("float64", "float32", "bfloat16", "float16")
@@ -116,11 +114,10 @@ def window_hooks(n_layers: int, window: int) -> list[tuple[str, Callable]]:
 
     def mask(scores, hook):  # [batch, head, query_pos, key_pos]
         q, k = scores.shape[-2:]
-        keep = local_window_mask(k, window)[k - q:].to(scores.device)
+        keep = local_window_mask(k, window)[k - q :].to(scores.device)
         return scores.masked_fill(~keep, float("-inf"))
 
     return [(f"blocks.{layer}.attn.hook_attn_scores", mask) for layer in range(n_layers)]
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,19 +210,22 @@ class CollapseResult(Result):
         rel, th = self.final("inf"), self.thresholds()
         rows = []
         for d, name in enumerate(self.dtypes):
-            rows.append({
-                "dtype": name,
-                "resolution": self.resolutions[name],
-                f"rel_dist@{int(self.lengths[0])}": float(rel[d, 0]),
-                f"rel_dist@{int(self.lengths[-1])}": float(rel[d, -1]),
-                **th[name],
-                "forward_tokens": self.forward_tokens.get(name),
-            })
+            rows.append(
+                {
+                    "dtype": name,
+                    "resolution": self.resolutions[name],
+                    f"rel_dist@{int(self.lengths[0])}": float(rel[d, 0]),
+                    f"rel_dist@{int(self.lengths[-1])}": float(rel[d, -1]),
+                    **th[name],
+                    "forward_tokens": self.forward_tokens.get(name),
+                }
+            )
         frame = pd.DataFrame(rows).set_index("dtype")
         # a threshold not reached within the measured lengths is <NA> in every column alike (pandas
         # would show None in one column and NaN in another)
-        return frame.astype({**{key: "Int64" for key in _LENGTH_KEYS}, "same_prediction_trivial": "boolean",
-                             "noise_floor": "Float64"})
+        return frame.astype(
+            {**{key: "Int64" for key in _LENGTH_KEYS}, "same_prediction_trivial": "boolean", "noise_floor": "Float64"}
+        )
 
     def to_frame(self) -> pd.DataFrame:
         """:meth:`summary`: one row per dtype."""
@@ -244,12 +244,15 @@ class CollapseResult(Result):
         )
         return head + frame.to_html(escape=True, float_format=lambda v: f"{v:.3e}", na_rep="-")
 
+
 def _path_note(result: CollapseResult) -> str:
     if set(result.paths.values()) == {"separate"}:
         return "every prompt in its own unpadded pass (bit for bit as separate passes)"
     lengths = ", ".join(str(n) for n in result.noise_lengths)
-    return (f"shared passes (prefix: read off a longer prompt's pass; batched: right-padded rows); noise floor "
-            f"= largest ‖y_shared − y_separate‖∞ / ‖y_separate‖∞ at lengths {lengths}")
+    return (
+        f"shared passes (prefix: read off a longer prompt's pass; batched: right-padded rows); noise floor "
+        f"= largest ‖y_shared − y_separate‖∞ / ‖y_separate‖∞ at lengths {lengths}"
+    )
 
 
 def format_summary(result: CollapseResult) -> str:
@@ -264,13 +267,15 @@ def format_summary(result: CollapseResult) -> str:
             table[column] = values.where(table[column].notna(), "-")
     with pd.option_context("display.float_format", "{:.3g}".format, "display.width", 200):
         text = table.to_string()
-    return "\n".join([
-        text,
-        "(a length column is the first length where that happened; - means not within the measured lengths)",
-        "(same_prediction_trivial: both prompts predict the repeated token itself, i.e. continue the run;",
-        " same_nontrivial_prediction: the first length where they agree on another token)",
-        f"(path: {_path_note(result)})",
-    ])
+    return "\n".join(
+        [
+            text,
+            "(a length column is the first length where that happened; - means not within the measured lengths)",
+            "(same_prediction_trivial: both prompts predict the repeated token itself, i.e. continue the run;",
+            " same_nontrivial_prediction: the first length where they agree on another token)",
+            f"(path: {_path_note(result)})",
+        ]
+    )
 
 
 def _resolved_chat(model, chat: bool | None) -> bool | None:
@@ -324,17 +329,36 @@ def collapse_curve(
     stack = lambda attr: torch.stack([getattr(measured[d], attr) for d in dtype_names])  # noqa: E731
     causal = model.cfg.attention_dir == "causal"
     return CollapseResult(
-        family=fam.name, lengths=torch.tensor(lengths), dtypes=dtype_names, sites=first.sites,
-        distances=stack("distances"), reference=stack("reference"), head_distances=stack("head_distances"),
-        predictions=stack("predictions"), logits_equal=stack("logits_equal"),
-        n_tokens=torch.tensor([len(x) for x in pairs.s]), exact_repeat=pairs.exact_repeat,
-        repeated_token=torch.tensor(pairs.repeated), prefix_closed=causal and is_prefix_closed(pairs.s + pairs.s_star),
-        paths={d: m.path for d, m in measured.items()}, noise_floor=noise,
-        noise_lengths=tuple(lengths[i] for i in sample), forward_tokens=tokens,
+        family=fam.name,
+        lengths=torch.tensor(lengths),
+        dtypes=dtype_names,
+        sites=first.sites,
+        distances=stack("distances"),
+        reference=stack("reference"),
+        head_distances=stack("head_distances"),
+        predictions=stack("predictions"),
+        logits_equal=stack("logits_equal"),
+        n_tokens=torch.tensor([len(x) for x in pairs.s]),
+        exact_repeat=pairs.exact_repeat,
+        repeated_token=torch.tensor(pairs.repeated),
+        prefix_closed=causal and is_prefix_closed(pairs.s + pairs.s_star),
+        paths={d: m.path for d, m in measured.items()},
+        noise_floor=noise,
+        noise_lengths=tuple(lengths[i] for i in sample),
+        forward_tokens=tokens,
         naive_tokens=sum(len(x) + len(y) for x, y in zip(pairs.s, pairs.s_star, strict=True)),
         native=native,
-        provenance=provenance(model, family=fam.name, chat=chat, open_ended=open_ended, separator=separator,
-                            window=window, seed=seed, appended=list(pairs.appended), exact=exact),
+        provenance=provenance(
+            model,
+            family=fam.name,
+            chat=chat,
+            open_ended=open_ended,
+            separator=separator,
+            window=window,
+            seed=seed,
+            appended=list(pairs.appended),
+            exact=exact,
+        ),
     )
 
 
@@ -342,7 +366,9 @@ def _check_path_args(exact: bool, noise_samples: int) -> None:
     if not isinstance(exact, bool):
         raise TypeError(f"exact must be True (separate passes) or False (shared passes), got {exact!r}")
     if isinstance(noise_samples, bool) or not isinstance(noise_samples, int):
-        raise TypeError(f"noise_samples must be an int (lengths checked against separate passes), got {noise_samples!r}")
+        raise TypeError(
+            f"noise_samples must be an int (lengths checked against separate passes), got {noise_samples!r}"
+        )
     if not exact and noise_samples < 1:
         raise ValueError(f"exact=False needs noise_samples ≥ 1 to measure its noise floor, got {noise_samples}")
 
@@ -356,100 +382,20 @@ def _spread(n: int, k: int) -> tuple[int, ...]:
 
 def _measure_dtype(twin, pairs, sample, *, native, hooks, batch_tokens, exact):
     """One dtype: the measurement, its noise floor (``None`` when exact) and the tokens it cost."""
-    measured = measure_pairs(twin, pairs.s, pairs.s_star, native=native, fwd_hooks=hooks,
-                             batch_tokens=batch_tokens, separate=exact)
+    measured = measure_pairs(
+        twin, pairs.s, pairs.s_star, native=native, fwd_hooks=hooks, batch_tokens=batch_tokens, separate=exact
+    )
     if exact:
         return measured, None, measured.forward_tokens
-    check = measure_pairs(twin, [pairs.s[i] for i in sample], [pairs.s_star[i] for i in sample], native=native,
-                          fwd_hooks=hooks, separate=True)
-    return measured, relative_gap(measured.y[list(sample)], check.y), measured.forward_tokens + check.forward_tokens
-
-
-
-# ----------------------------------------------------------------------------------------------
-# Sliding-window mitigation (Appendix C.6)
-
-
-@dataclass(frozen=True, eq=False)
-class WindowSweepResult(Result):
-    """Collapse distance and rollout path bound per local window ``w`` (``None``: full attention)."""
-
-    family: str
-    windows: tuple[int | None, ...]
-    lengths: Int[Tensor, "length"]
-    distance: Float[Tensor, "window length"]
-    bound_first_share: Float[Tensor, "window length"]
-    bound_last_share: Float[Tensor, "window length"]
-    curves: tuple[CollapseResult, ...]
-    provenance: dict[str, Any] = field(default_factory=dict)
-
-    def _labels(self) -> list[str]:
-        return ["full" if w is None else f"w={w}" for w in self.windows]
-
-    def summary(self) -> pd.DataFrame:
-        return pd.DataFrame({
-            "window": self._labels(),
-            f"rel_dist@{int(self.lengths[-1])}": self.distance[:, -1].tolist(),
-            "bound_first_share": self.bound_first_share[:, -1].tolist(),
-            "bound_last_share": self.bound_last_share[:, -1].tolist(),
-        }).set_index("window")
-
-    def to_frame(self) -> pd.DataFrame:
-        """:meth:`summary`: one row per window."""
-        return self.summary()
-
-    __repr__ = compact_repr
-
-    def _repr_html_(self) -> str:
-        return (f"<b>Sliding-window sweep</b> family <code>{html.escape(self.family)}</code>, longest length "
-                f"{int(self.lengths[-1])}<br>" + self.summary().to_html(escape=True))
-
-def window_sweep(
-    model,
-    family: str | CollapseFamily,
-    lengths: Sequence[int],
-    windows: Sequence[int | None],
-    *,
-    chat: bool | None = None,
-    open_ended: bool = False,
-    separator: str = "",
-    bound: bool = True,
-    seed: int = 0,
-    exact: bool = True,
-) -> WindowSweepResult:
-    """Rerun :func:`collapse_curve` (model dtype, ``exact`` as there) with every layer restricted to
-    each window ``w``, and the rollout path bound (``variants.path_bound(trace, "rollout")``) of ``s``
-    traced under the same mask: its share on the first token and on the last one, per length."""
-    from ..edge.trace import trace as run_trace
-
-    fam, lengths = _family(family), _check_lengths(lengths)
-    chat = _resolved_chat(model, chat)
-    curves, first, last = [], [], []
-    s_tokens = family_pairs(model, fam, lengths, chat=chat, open_ended=open_ended, separator=separator, seed=seed)[0]
-    for w in windows:
-        curves.append(collapse_curve(model, fam, lengths, (model.cfg.dtype,), chat=chat, open_ended=open_ended,
-                                     separator=separator, window=w, seed=seed, exact=exact))
-        shares = [_bound_shares(model, run_trace, toks, w) for toks in s_tokens] if bound else []
-        first.append([f for f, _ in shares] or [float("nan")] * len(lengths))
-        last.append([v for _, v in shares] or [float("nan")] * len(lengths))
-    return WindowSweepResult(
-        family=fam.name, windows=tuple(windows), lengths=torch.tensor(lengths),
-        distance=torch.stack([c.final("inf")[0] for c in curves]),
-        bound_first_share=torch.tensor(first, dtype=torch.float64),
-        bound_last_share=torch.tensor(last, dtype=torch.float64), curves=tuple(curves),
-        provenance=provenance(model, family=fam.name, windows=list(windows), chat=chat, open_ended=open_ended),
+    check = measure_pairs(
+        twin,
+        [pairs.s[i] for i in sample],
+        [pairs.s_star[i] for i in sample],
+        native=native,
+        fwd_hooks=hooks,
+        separate=True,
     )
-
-
-def _bound_shares(model, run_trace, tokens: Tensor, window: int | None) -> tuple[float, float]:
-    from ..algebra.variants import path_bound
-
-    hooks = window_hooks(model.cfg.n_layers, window) if window is not None else []
-    with model.hooks(fwd_hooks=hooks):
-        tr = run_trace(model, tokens)
-    row = path_bound(tr, "rollout").bound
-    total = float(row.sum())
-    return float(row[0]) / total, float(row[-1]) / total
+    return measured, relative_gap(measured.y[list(sample)], check.y), measured.forward_tokens + check.forward_tokens
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,8 +417,7 @@ def longest_distinguishable_run(
     collapse was seen (a lower bound). Consecutive lengths share prompts (``s*`` at ``n`` is ``s`` at
     ``n + 1``), so the exact path costs one pass per run length; ``exact=False`` reads every length
     off one open-ended pass per dtype, within the noise floor the result reports."""
-    curve = collapse_curve(model, family, range(1, max_len + 1), dtypes, chat=chat, open_ended=open_ended,
-                           exact=exact)
+    curve = collapse_curve(model, family, range(1, max_len + 1), dtypes, chat=chat, open_ended=open_ended, exact=exact)
     longest = {}
     for name, th in curve.thresholds().items():
         longest[name] = max_len if th["exactly_zero"] is None else th["exactly_zero"] - 1

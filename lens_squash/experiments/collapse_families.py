@@ -35,7 +35,6 @@ from .task_prompts import TASKS
 __all__ = ["FAMILIES", "CollapseFamily", "family_pairs"]
 
 
-
 @dataclass(frozen=True)
 class CollapseFamily:
     """Prompt pairs ``(s, s*)``: ``sequences(n, separator, rng)`` gives the two sequence texts,
@@ -104,8 +103,10 @@ def _chat_frame(tokenizer) -> tuple[str, str]:
 
 def _tokenize(model, text: str) -> list[int]:
     ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
-    if model.cfg.default_prepend_bos and model.tokenizer.bos_token_id is not None and not text.startswith(
-        model.tokenizer.bos_token or "\x00"
+    if (
+        model.cfg.default_prepend_bos
+        and model.tokenizer.bos_token_id is not None
+        and not text.startswith(model.tokenizer.bos_token or "\x00")
     ):
         ids = [model.tokenizer.bos_token_id] + ids
     return ids
@@ -129,7 +130,7 @@ def _check_insertion(s: list[int], s_star: list[int], appended: list[int], n: in
     k = len(s_star) - len(s)
     d = next((i for i, (a, b) in enumerate(zip(s, s_star, strict=False)) if a != b), len(s))
     # With repeats the first difference is the end of a run, which is where the element goes.
-    ok = k == len(appended) and s_star[d + k:] == s[d:] and s_star[d:d + k] == appended
+    ok = k == len(appended) and s_star[d + k :] == s[d:] and s_star[d : d + k] == appended
     if not ok:
         raise ValueError(
             f"at length {n} the prompt s* is not s plus the appended element's tokens {appended}: the "
@@ -178,7 +179,7 @@ def _family_pairs(model, family, lengths, chat, open_ended, separator, seed) -> 
             raise ValueError(f"family {family.name!r} gave an s* that does not extend s at length {n}")
         s = _tokenize(model, _prompt_text(model, family, seq, chat, open_ended))
         s_star = _tokenize(model, _prompt_text(model, family, seq_star, chat, open_ended))
-        extra = seq_star[len(seq):]
+        extra = seq_star[len(seq) :]
         extra_ids = list(model.tokenizer(extra, add_special_tokens=False)["input_ids"])
         exact.append(_check_insertion(s, s_star, extra_ids, n))
         s_all.append(s)
@@ -195,4 +196,3 @@ def _check_lengths(lengths: Sequence[int]) -> list[int]:
     if any(n < 1 for n in out) or any(n != float(m) for n, m in zip(out, lengths, strict=True)):
         raise ValueError(f"lengths must be integers ≥ 1, got {list(lengths)}")
     return out
-

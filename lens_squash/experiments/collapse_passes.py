@@ -140,6 +140,7 @@ def _capture_hooks(model, store: dict, rows_idx: Tensor, pos_idx: Tensor, *, pos
     def grab(name):
         def hook(value, hook):
             store[name] = value[rows_idx, pos_idx].detach()
+
         return hook
 
     n_layers = model.cfg.n_layers
@@ -183,8 +184,9 @@ def _run_batch(model, rows: list[list[int]], rows_idx: Tensor, pos_idx: Tensor, 
         final = model.ln_final(post) if hasattr(model, "ln_final") else post
         logits = model.unembed(final[:, None])[:, 0]
         heads = _head_outputs(model, store["z"], native)
-    sites, heads = _finish(model, [store[f"resid.{layer}"] for layer in range(model.cfg.n_layers)] + [post, final],
-                           heads, native)
+    sites, heads = _finish(
+        model, [store[f"resid.{layer}"] for layer in range(model.cfg.n_layers)] + [post, final], heads, native
+    )
     return sites, heads, logits.cpu()
 
 
@@ -196,8 +198,12 @@ def _run_alone(model, seq: list[int], positions: Tensor, extra_hooks, native: bo
     hooks = _capture_hooks(model, store, torch.zeros_like(positions), positions, post=True) + list(extra_hooks)
     norm = getattr(model, "ln_final", None)
     # the final norm's own output, read where model(tokens) computes it (over the whole sequence)
-    handle = None if norm is None else norm.register_forward_hook(
-        lambda _module, _inputs, out: store.__setitem__("y", out[0, positions].detach())
+    handle = (
+        None
+        if norm is None
+        else norm.register_forward_hook(
+            lambda _module, _inputs, out: store.__setitem__("y", out[0, positions].detach())
+        )
     )
     try:
         with torch.no_grad():
@@ -289,8 +295,10 @@ def measure_pairs(
 
 def _measure_separately(model, seqs: list[list[int]], n_pairs: int, fwd_hooks, native: bool) -> PairMeasurement:
     distinct = list(dict.fromkeys(tuple(x) for x in seqs))
-    runs = {seq: _run_alone(model, list(seq), torch.tensor([len(seq) - 1]), fwd_hooks, native)
-            for seq in progress(distinct, desc=f"collapse passes ({_dtype_name(model)})", unit="pass")}
+    runs = {
+        seq: _run_alone(model, list(seq), torch.tensor([len(seq) - 1]), fwd_hooks, native)
+        for seq in progress(distinct, desc=f"collapse passes ({_dtype_name(model)})", unit="pass")
+    }
     per_item = [runs[tuple(x)] for x in seqs]
     resid = torch.cat([sites for sites, _, _ in per_item], dim=1)
     heads = torch.cat([h for _, h, _ in per_item])

@@ -145,12 +145,16 @@ def _frame(prompts: Sequence[Any], analyses: Sequence[Analysis]) -> pd.DataFrame
 
 def _checked_prompts(prompts) -> tuple[Any, ...]:
     if isinstance(prompts, (str, bytes)):
-        raise TypeError("prompts must be a list of prompts, not one string; use analyze() for one prompt "
-                        "or wrap it: analyze_many(model, [prompt])")
+        raise TypeError(
+            "prompts must be a list of prompts, not one string; use analyze() for one prompt "
+            "or wrap it: analyze_many(model, [prompt])"
+        )
     try:
         prompts = tuple(prompts)
     except TypeError:
-        raise TypeError(f"prompts must be an iterable of strings or token-id tensors, got {type(prompts).__name__}") from None
+        raise TypeError(
+            f"prompts must be an iterable of strings or token-id tensors, got {type(prompts).__name__}"
+        ) from None
     if not prompts:
         raise ValueError("prompts is empty; pass at least one prompt")
     for i, prompt in enumerate(prompts):
@@ -170,7 +174,9 @@ def _source_for_executor(model_or_factory):
             "zero-argument factory, not a loaded model: each worker loads the model once itself"
         )
     if not isinstance(model_or_factory, ModelSpec) and not callable(model_or_factory):
-        raise TypeError(f"model_or_factory must be a model, a ModelSpec or a factory, got {type(model_or_factory).__name__}")
+        raise TypeError(
+            f"model_or_factory must be a model, a ModelSpec or a factory, got {type(model_or_factory).__name__}"
+        )
     try:
         pickle.dumps(model_or_factory)
     except (pickle.PicklingError, AttributeError, TypeError) as err:
@@ -186,7 +192,9 @@ def _local_model(model_or_factory):
         return model_or_factory
     if isinstance(model_or_factory, ModelSpec) or callable(model_or_factory):
         return cached_model(model_or_factory)  # run in this thread only: no lock needed
-    raise TypeError(f"model_or_factory must be a model, a ModelSpec or a factory, got {type(model_or_factory).__name__}")
+    raise TypeError(
+        f"model_or_factory must be a model, a ModelSpec or a factory, got {type(model_or_factory).__name__}"
+    )
 
 
 def _results_in_order(futures: list, on_result) -> tuple[Analysis, ...]:
@@ -207,8 +215,14 @@ def _reported(index: int, analysis: Analysis, on_result) -> Analysis:
     return analysis
 
 
-def analyze_many(model_or_factory, prompts, *, executor=None, on_result: Callable[[int, Analysis], None] | None = None,
-                 **analyze_kwargs) -> ManyAnalyses:
+def analyze_many(
+    model_or_factory,
+    prompts,
+    *,
+    executor=None,
+    on_result: Callable[[int, Analysis], None] | None = None,
+    **analyze_kwargs,
+) -> ManyAnalyses:
     """Run :func:`~lens_squash.experiments.analysis.analyze` on every prompt; one table, every ``Analysis`` kept.
 
     ``model_or_factory`` is a loaded model, a :class:`ModelSpec`, or a zero-argument factory. Without
@@ -227,14 +241,17 @@ def analyze_many(model_or_factory, prompts, *, executor=None, on_result: Callabl
     prompts = _checked_prompts(prompts)
     if executor is None:
         model = _local_model(model_or_factory)
-        analyses = tuple(_reported(i, analyze(model, prompt, **analyze_kwargs), on_result)
-                         for i, prompt in enumerate(progress(prompts, desc="prompts", unit="prompt")))
+        analyses = tuple(
+            _reported(i, analyze(model, prompt, **analyze_kwargs), on_result)
+            for i, prompt in enumerate(progress(prompts, desc="prompts", unit="prompt"))
+        )
     else:
         if not callable(getattr(executor, "submit", None)):
-            raise TypeError(f"executor must have a submit() method (a concurrent.futures.Executor or a "
-                            f"dask.distributed.Client), got {type(executor).__name__}")
+            raise TypeError(
+                f"executor must have a submit() method (a concurrent.futures.Executor or a "
+                f"dask.distributed.Client), got {type(executor).__name__}"
+            )
         source = _source_for_executor(model_or_factory)
         futures = [executor.submit(_analyze_in_worker, source, prompt, analyze_kwargs) for prompt in prompts]
         analyses = _results_in_order(futures, on_result)
     return ManyAnalyses(_frame(prompts, analyses), analyses, prompts)
-

@@ -40,8 +40,10 @@ class FilePrompt:
 
 
 def _refuse(path: Path, line: int, problem: str) -> ValueError:
-    return ValueError(f"{path}, line {line}: {problem}; each line must be one JSON object such as "
-                      '{"id": "p1", "prompt": "some text"} (optional "chat": true or false)')
+    return ValueError(
+        f"{path}, line {line}: {problem}; each line must be one JSON object such as "
+        '{"id": "p1", "prompt": "some text"} (optional "chat": true or false)'
+    )
 
 
 def _prompt(path: Path, line: int, text: str) -> FilePrompt:
@@ -89,6 +91,8 @@ def read_prompt_file(path: str | os.PathLike, name: str = "prompts") -> tuple[Fi
         seen[prompt.id] = number
         prompts.append(prompt)
     if not prompts:
-        raise ValueError(f"{name}: {path} holds no prompts; write one JSON object per line, e.g. "
-                         '{"id": "p1", "prompt": "some text"}')
+        raise ValueError(
+            f"{name}: {path} holds no prompts; write one JSON object per line, e.g. "
+            '{"id": "p1", "prompt": "some text"}'
+        )
     return tuple(prompts)

@@ -45,8 +45,15 @@ from .runs import (
     record_fingerprint,
 )
 
-__all__ = ["ROW_KEY", "check_prompt_folder", "prompt_rows_path", "run_prompt_file", "settings_fingerprint",
-           "suite_fingerprint", "table_frame"]
+__all__ = [
+    "ROW_KEY",
+    "check_prompt_folder",
+    "prompt_rows_path",
+    "run_prompt_file",
+    "settings_fingerprint",
+    "suite_fingerprint",
+    "table_frame",
+]
 
 #: what identifies a row of ``prompts.jsonl``
 ROW_KEY = ("id",)
@@ -63,8 +70,11 @@ def prompt_rows_path(out_dir: str | os.PathLike) -> Path:
 def settings_fingerprint(*, variants, jacobian_mode: str | None, n_probes: int) -> dict[str, Any]:
     """The part of a run's fingerprint known without a model: the analysis settings and versions."""
     return {
-        "analysis": {"variants": None if variants is None else list(variants), "jacobian_mode": jacobian_mode,
-                     "n_probes": n_probes},
+        "analysis": {
+            "variants": None if variants is None else list(variants),
+            "jacobian_mode": jacobian_mode,
+            "n_probes": n_probes,
+        },
         "versions": package_versions(_PACKAGES),
     }
 
@@ -74,8 +84,14 @@ def suite_fingerprint(model, **settings) -> dict[str, Any]:
     return {"model": model_fingerprint(model), **settings_fingerprint(**settings)}
 
 
-def check_prompt_folder(out_dir, prompts: tuple[FilePrompt, ...], fingerprint: dict[str, Any], *,
-                        partial: bool = False, loaded_as: str | None = None) -> dict[tuple, dict]:
+def check_prompt_folder(
+    out_dir,
+    prompts: tuple[FilePrompt, ...],
+    fingerprint: dict[str, Any],
+    *,
+    partial: bool = False,
+    loaded_as: str | None = None,
+) -> dict[tuple, dict]:
     """Refuse to resume ``out_dir`` when its rows were made by another run, or when an id of
     ``prompts`` was run with another text or chat setting; returns the rows already done."""
     path = prompt_rows_path(out_dir)
@@ -114,9 +130,15 @@ def table_frame(prompts: tuple[FilePrompt, ...], rows: dict[tuple, dict]) -> pd.
     for index, prompt in enumerate(prompts):
         row = rows[(prompt.id,)]
         part = pd.DataFrame(row["summary"])
-        for at, (column, value) in enumerate((("id", prompt.id), ("prompt_index", index), ("prompt", prompt.prompt),
-                                              ("n_tokens", row["n_tokens"]),
-                                              ("predicted_token", row["predicted_token"]))):
+        for at, (column, value) in enumerate(
+            (
+                ("id", prompt.id),
+                ("prompt_index", index),
+                ("prompt", prompt.prompt),
+                ("n_tokens", row["n_tokens"]),
+                ("predicted_token", row["predicted_token"]),
+            )
+        ):
             part.insert(at, column, value)
         parts.append(part)
     return pd.concat(parts, ignore_index=True)
@@ -129,9 +151,17 @@ def _start_over(out: Path) -> None:
     shutil.rmtree(out / "analyses", ignore_errors=True)
 
 
-def run_prompt_file(model, prompts: tuple[FilePrompt, ...], out_dir: str | os.PathLike, *, variants=None,
-                    jacobian_mode: str | None = "exact", n_probes: int = 64, overwrite: bool = False,
-                    loaded_as: str | None = None) -> pd.DataFrame:
+def run_prompt_file(
+    model,
+    prompts: tuple[FilePrompt, ...],
+    out_dir: str | os.PathLike,
+    *,
+    variants=None,
+    jacobian_mode: str | None = "exact",
+    n_probes: int = 64,
+    overwrite: bool = False,
+    loaded_as: str | None = None,
+) -> pd.DataFrame:
     """Analyse every prompt not yet done, saving each as it finishes; return the whole table."""
     from .many import analyze_many
 
@@ -155,12 +185,22 @@ def run_prompt_file(model, prompts: tuple[FilePrompt, ...], out_dir: str | os.Pa
             done[(prompt.id,)] = _row(prompt, analysis, digest, f"analyses/{name}")
             write_jsonl_atomic(path, done.values())
 
-        analyze_many(model, [p.prompt for p in group], on_result=save, variants=variants,
-                     jacobian_mode=jacobian_mode, n_probes=n_probes, chat=chat)
+        analyze_many(
+            model,
+            [p.prompt for p in group],
+            on_result=save,
+            variants=variants,
+            jacobian_mode=jacobian_mode,
+            n_probes=n_probes,
+            chat=chat,
+        )
     table = table_frame(prompts, done)
     atomic_write(out / "table.csv", lambda tmp: table.to_csv(tmp, index=False))
-    write_json_atomic(out / "table.json", {
-        "metadata": provenance(model, command="suite", fingerprint=digest, **settings),
-        "rows": table.astype(object).where(table.notna(), None).to_dict("records"),
-    })
+    write_json_atomic(
+        out / "table.json",
+        {
+            "metadata": provenance(model, command="suite", fingerprint=digest, **settings),
+            "rows": table.astype(object).where(table.notna(), None).to_dict("records"),
+        },
+    )
     return table

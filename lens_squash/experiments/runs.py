@@ -99,8 +99,11 @@ def fingerprint_differences(stored: dict[str, Any], current: dict[str, Any], *, 
     old, new = _flat(stored), _flat(current)
     keys = new.keys() if partial else old.keys() | new.keys()
     absent = "(absent)"  # a field one side lacks differs even from None
-    return [f"{key}: {old.get(key, absent)!r} → {new.get(key, absent)!r}"
-            for key in sorted(keys) if (key in old, old.get(key)) != (key in new, new.get(key))]
+    return [
+        f"{key}: {old.get(key, absent)!r} → {new.get(key, absent)!r}"
+        for key in sorted(keys)
+        if (key in old, old.get(key)) != (key in new, new.get(key))
+    ]
 
 
 def fingerprint_path(out_path: str | os.PathLike) -> Path:
@@ -109,8 +112,9 @@ def fingerprint_path(out_path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.stem}.fingerprint.json")
 
 
-def jsonl_rows(path: Path, key: Sequence[str], *, renamed_fields: Mapping[str, str] | None = None
-               ) -> tuple[list[dict], bool]:
+def jsonl_rows(
+    path: Path, key: Sequence[str], *, renamed_fields: Mapping[str, str] | None = None
+) -> tuple[list[dict], bool]:
     """Every complete row of a results JSONL, in file order (repeats kept), and whether all lines were.
 
     A line cut short (no newline, or not valid JSON; files written before saves were atomic) or
@@ -136,8 +140,9 @@ def jsonl_rows(path: Path, key: Sequence[str], *, renamed_fields: Mapping[str, s
     return rows, clean
 
 
-def read_jsonl(path: Path, key: Sequence[str], *, repair: bool = True,
-               renamed_fields: Mapping[str, str] | None = None) -> dict[tuple, dict]:
+def read_jsonl(
+    path: Path, key: Sequence[str], *, repair: bool = True, renamed_fields: Mapping[str, str] | None = None
+) -> dict[tuple, dict]:
     """Complete rows of a results JSONL, keyed by their ``key`` fields (the last row of a key wins).
 
     A line cut short by an interruption is dropped and, with ``repair``, the file is rewritten
@@ -160,9 +165,15 @@ def _refuse_mix(path: Path, reason: str) -> ValueError:
     )
 
 
-def check_run_folder(out_path: str | os.PathLike, fingerprint: dict[str, Any], *, key: Sequence[str],
-                     partial: bool = False, loaded_as: str | None = None,
-                     renamed_fields: Mapping[str, str] | None = None) -> None:
+def check_run_folder(
+    out_path: str | os.PathLike,
+    fingerprint: dict[str, Any],
+    *,
+    key: Sequence[str],
+    partial: bool = False,
+    loaded_as: str | None = None,
+    renamed_fields: Mapping[str, str] | None = None,
+) -> None:
     """Refuse to resume ``out_path`` (a results JSONL) when its rows were made by another run.
 
     ``partial=True`` compares only the fields ``fingerprint`` holds (before loading a model: dtype,
@@ -201,5 +212,6 @@ def record_fingerprint(path: Path, fingerprint: dict[str, Any], loaded_as: str |
     record_path = fingerprint_path(path)
     # a record without rows (a run stopped before its first batch) is stale: this run replaces it
     if not record_path.exists() or not jsonl_rows(path, key)[0]:
-        write_json_atomic(record_path, {"digest": fingerprint_digest(fingerprint), "fingerprint": fingerprint,
-                                        "loaded_as": loaded_as})
+        write_json_atomic(
+            record_path, {"digest": fingerprint_digest(fingerprint), "fingerprint": fingerprint, "loaded_as": loaded_as}
+        )

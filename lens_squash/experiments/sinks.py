@@ -28,8 +28,14 @@ def sink_report_from_trace(tr: Trace, **kwargs) -> SinkReport:
     if tr.resid is None:
         raise ValueError("this trace has no residual streams; trace the model with keep_resid=True")
     metadata = {**tr.provenance, "str_tokens": list(tr.str_tokens), **kwargs.pop("metadata", {})}
-    return sink_report(tr.patterns, tr.resid_norms, representations=tr.resid, first_resid=tr.first_token_resid,
-                       metadata=metadata, **kwargs)
+    return sink_report(
+        tr.patterns,
+        tr.resid_norms,
+        representations=tr.resid,
+        first_resid=tr.first_token_resid,
+        metadata=metadata,
+        **kwargs,
+    )
 
 
 def sink_analysis(
@@ -49,8 +55,16 @@ def sink_analysis(
     :func:`lens_squash.experiments.ablation.clamp_massive_activation`) stay active during the pass.
     """
     if len(as_tokens(model, prompt, chat=chat)) < 2:  # before the pass: query 0 alone says nothing
-        raise ValueError("the prompt is a single token; sinks compare the first token with later ones, so pass "
-                         "a prompt of at least 2 tokens")
+        raise ValueError(
+            "the prompt is a single token; sinks compare the first token with later ones, so pass "
+            "a prompt of at least 2 tokens"
+        )
     tr = trace(model, prompt, chat=chat, keep_resid=True)
-    return sink_report_from_trace(tr, eps=eps, factor=factor, method=method, over_squashing=over_squashing,
-                                  metadata={"analysis": "sinks", "prompt": prompt if isinstance(prompt, str) else None})
+    return sink_report_from_trace(
+        tr,
+        eps=eps,
+        factor=factor,
+        method=method,
+        over_squashing=over_squashing,
+        metadata={"analysis": "sinks", "prompt": prompt if isinstance(prompt, str) else None},
+    )

@@ -100,8 +100,19 @@ def toy_decoder(
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown positional encoding {encoding!r}; use one of {', '.join(ENCODINGS)}")
     positional, w_pos = ENCODINGS[encoding]
-    model = tiny_model(n_layers=n_layers, n_heads=1, d_model=d_model, d_vocab=d_vocab, n_ctx=n_ctx,
-                       positional=positional, norm="LN", causal=causal, attn_only=True, dtype=dtype, seed=seed)
+    model = tiny_model(
+        n_layers=n_layers,
+        n_heads=1,
+        d_model=d_model,
+        d_vocab=d_vocab,
+        n_ctx=n_ctx,
+        positional=positional,
+        norm="LN",
+        causal=causal,
+        attn_only=True,
+        dtype=dtype,
+        seed=seed,
+    )
     gen = torch.Generator().manual_seed(10_000 + seed)
     d = d_model
     with torch.no_grad():
@@ -132,17 +143,21 @@ class PECollapseResult(Result):
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def mean_std(self) -> dict[str, tuple[Tensor, Tensor]]:
-        return {e: (self.distances[i].mean(0), self.distances[i].std(0, unbiased=False))
-                for i, e in enumerate(self.encodings)}
+        return {
+            e: (self.distances[i].mean(0), self.distances[i].std(0, unbiased=False))
+            for i, e in enumerate(self.encodings)
+        }
 
     def summary(self) -> pd.DataFrame:
         stats = self.mean_std()
         first, last = int(self.lengths[0]), int(self.lengths[-1])
-        return pd.DataFrame({
-            "encoding": list(self.encodings),
-            f"mean@{first}": [float(m[0]) for m, _ in stats.values()],
-            f"mean@{last}": [float(m[-1]) for m, _ in stats.values()],
-        }).set_index("encoding")
+        return pd.DataFrame(
+            {
+                "encoding": list(self.encodings),
+                f"mean@{first}": [float(m[0]) for m, _ in stats.values()],
+                f"mean@{last}": [float(m[-1]) for m, _ in stats.values()],
+            }
+        ).set_index("encoding")
 
     def to_frame(self) -> pd.DataFrame:
         """:meth:`summary`: one row per positional encoding."""
@@ -151,8 +166,11 @@ class PECollapseResult(Result):
     __repr__ = compact_repr
 
     def _repr_html_(self) -> str:
-        return (f"<b>Collapse by positional encoding</b> (site <code>{html.escape(self.site)}</code>, "
-                f"{len(self.seeds)} seeds)<br>" + self.summary().to_html(escape=True, float_format=lambda v: f"{v:.3e}"))
+        return (
+            f"<b>Collapse by positional encoding</b> (site <code>{html.escape(self.site)}</code>, "
+            f"{len(self.seeds)} seeds)<br>" + self.summary().to_html(escape=True, float_format=lambda v: f"{v:.3e}")
+        )
+
 
 def _distances_at(model, s, s_star, site: str) -> Tensor:
     if site == "attn_out":  # the attention output at the last token, W_O included
@@ -186,12 +204,22 @@ def pe_collapse(
             gen = torch.Generator().manual_seed(seed)
             tokens = torch.randint(d_vocab, (max(lengths),), generator=gen)
             s = [tokens[:n] for n in lengths]
-            s_star = [torch.cat([tokens[:n], tokens[n - 1:n]]) for n in lengths]
+            s_star = [torch.cat([tokens[:n], tokens[n - 1 : n]]) for n in lengths]
             table[e, j] = _distances_at(model, s, s_star, site)
     return PECollapseResult(
-        encodings=tuple(encodings), seeds=seed_list, lengths=torch.tensor(lengths), site=site, distances=table,
-        provenance={"d_model": d_model, "d_vocab": d_vocab, "dtype": str(resolve_dtype(dtype)), "n_heads": 1,
-                  "n_layers": 1, "qkv_variance": f"1/{d_model}"},
+        encodings=tuple(encodings),
+        seeds=seed_list,
+        lengths=torch.tensor(lengths),
+        site=site,
+        distances=table,
+        provenance={
+            "d_model": d_model,
+            "d_vocab": d_vocab,
+            "dtype": str(resolve_dtype(dtype)),
+            "n_heads": 1,
+            "n_layers": 1,
+            "qkv_variance": f"1/{d_model}",
+        },
     )
 
 
@@ -227,10 +255,15 @@ class RatioInvarianceResult(Result):
     __repr__ = compact_repr
 
     def _repr_html_(self) -> str:
-        rows = "".join(f"<tr><td>{k}</td><td>{float(d):.3e}</td></tr>" for k, d in zip(self.multiples, self.distances, strict=True))
-        return (f"<b>Ratio invariance (Prop. B.9)</b> {'causal' if self.causal else 'bidirectional'}, "
-                f"positional <code>{html.escape(self.positional)}</code><table>"
-                f"<tr><th>k</th><th>relative distance to k={self.multiples[0]}</th></tr>{rows}</table>")
+        rows = "".join(
+            f"<tr><td>{k}</td><td>{float(d):.3e}</td></tr>" for k, d in zip(self.multiples, self.distances, strict=True)
+        )
+        return (
+            f"<b>Ratio invariance (Prop. B.9)</b> {'causal' if self.causal else 'bidirectional'}, "
+            f"positional <code>{html.escape(self.positional)}</code><table>"
+            f"<tr><th>k</th><th>relative distance to k={self.multiples[0]}</th></tr>{rows}</table>"
+        )
+
 
 def ratio_invariance(
     model,
@@ -251,7 +284,10 @@ def ratio_invariance(
             _, cache = model.run_with_cache(tokens[None], names_filter=lambda name: name == "ln_final.hook_normalized")
         reps.append(final_representation(model, cache["ln_final.hook_normalized"][0, -1]).detach().cpu())
     return RatioInvarianceResult(
-        multiples=multiples, unit=unit, representations=torch.stack(reps),
-        causal=model.cfg.attention_dir == "causal", positional=model.cfg.positional_embedding_type,
+        multiples=multiples,
+        unit=unit,
+        representations=torch.stack(reps),
+        causal=model.cfg.attention_dir == "causal",
+        positional=model.cfg.positional_embedding_type,
         provenance={"model": model.cfg.model_name},
     )

@@ -64,8 +64,10 @@ def run_fingerprint(model, *, max_new_tokens: int, batch_size: int, chat: bool |
     so a rerun may add lengths to a folder without mixing anything.
     """
     model_part = {**model_fingerprint(model), "stop_token_ids": stop_ids(model.tokenizer)}
-    return {"model": model_part, **generation_fingerprint(max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                                          chat=chat, seed=seed)}
+    return {
+        "model": model_part,
+        **generation_fingerprint(max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat, seed=seed),
+    }
 
 
 def _row(instance: TaskInstance, raw: str, n_prompt: int, n_new: int, fingerprint: str) -> dict:
@@ -106,13 +108,12 @@ def _run_batch(
     ids = [prompts[inst.key] for inst in batch]
     outputs = greedy_generate(model, ids, max_new_tokens=max_new_tokens)
     texts = [model.tokenizer.decode(out.tolist(), skip_special_tokens=True) for out in outputs]
-    return [
-        _row(i, t, len(p), len(o), fingerprint)
-        for i, t, p, o in zip(batch, texts, ids, outputs, strict=True)
-    ]
+    return [_row(i, t, len(p), len(o), fingerprint) for i, t, p, o in zip(batch, texts, ids, outputs, strict=True)]
 
 
-def tokenized_prompts(model, todo: list[TaskInstance], chat: bool | None, max_new_tokens: int) -> dict[tuple, torch.Tensor]:
+def tokenized_prompts(
+    model, todo: list[TaskInstance], chat: bool | None, max_new_tokens: int
+) -> dict[tuple, torch.Tensor]:
     """Every prompt still to run, tokenized up front, so that a prompt too long for the context is
     refused before the first batch is generated rather than after hours of work."""
     prompts = {inst.key: format_prompt(model, inst.prompt, chat=chat) for inst in todo}
@@ -170,8 +171,9 @@ def evaluate(
     path = None if out_path is None else Path(out_path)
     if path is not None and path.suffix != ".jsonl":
         raise ValueError(f"out_path must end in .jsonl (rows are saved per batch), got {path}")
-    fingerprint = _fingerprint or run_fingerprint(model, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                                  chat=chat, seed=seed)
+    fingerprint = _fingerprint or run_fingerprint(
+        model, max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat, seed=seed
+    )
     digest = fingerprint_digest(fingerprint)
     if path is not None:
         if overwrite:
@@ -185,8 +187,9 @@ def evaluate(
     prompts = tokenized_prompts(model, todo, chat, max_new_tokens)  # refuse over-long prompts before any work
     if path is not None:
         record_fingerprint(path, fingerprint, loaded_as, key=RESULT_KEY)
-    with counter(desc="generate", total=len(instances), initial=len(rows), unit="prompt",
-                 enabled=None if progress else False) as bar:
+    with counter(
+        desc="generate", total=len(instances), initial=len(rows), unit="prompt", enabled=None if progress else False
+    ) as bar:
         for index, start in enumerate(range(0, len(todo), batch_size)):
             new_rows = _run_batch(model, todo[start : start + batch_size], prompts, max_new_tokens, digest)
             keyed = {tuple(r[k] for k in RESULT_KEY): r for r in new_rows}

@@ -54,8 +54,18 @@ from .task_texts import (
     SUM_EXAMPLES,
 )
 
-__all__ = ["STYLES", "TASKS", "TaskInstance", "TaskSpec", "as_tuple", "check_int", "copy_prompt", "make_instance",
-           "make_instances", "task_spec"]
+__all__ = [
+    "STYLES",
+    "TASKS",
+    "TaskInstance",
+    "TaskSpec",
+    "as_tuple",
+    "check_int",
+    "copy_prompt",
+    "make_instance",
+    "make_instances",
+    "task_spec",
+]
 
 
 TaskSequence = tuple[int, ...] | tuple[str, ...]
@@ -164,6 +174,7 @@ TASKS: dict[str, TaskSpec] = {
     )
 }  # fmt: skip
 
+
 @dataclass(frozen=True)
 class TaskInstance(Record):
     """One prompt of one task: the user message (no chat template), its sequence and the truth."""
@@ -205,9 +216,7 @@ def check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     if value < minimum:
-        raise ValueError(
-            f"{name} must be >= {minimum}, got {value}; pass e.g. {name}={max(minimum, 1)}"
-        )
+        raise ValueError(f"{name} must be >= {minimum}, got {value}; pass e.g. {name}={max(minimum, 1)}")
     return value
 
 
@@ -228,9 +237,7 @@ def _compose(spec: TaskSpec, style: str, seq_text: str) -> str:
 
 
 @renamed(mode="style")
-def make_instance(
-    task: str, length: int, sample: int = 0, style: str = "answer", seed: int = 0
-) -> TaskInstance:
+def make_instance(task: str, length: int, sample: int = 0, style: str = "answer", seed: int = 0) -> TaskInstance:
     """The ``sample``-th prompt of ``task`` at sequence length ``length`` (digits, ones or words).
 
     Deterministic: the sequence depends only on ``(seed, task, length, sample)``, so the three styles
@@ -241,9 +248,7 @@ def make_instance(
     check_int("sample", sample, 0)
     check_int("seed", seed, 0)
     if style not in spec.styles:
-        raise ValueError(
-            f"style {style!r} is not available for task {task!r}; use one of: {', '.join(spec.styles)}"
-        )
+        raise ValueError(f"style {style!r} is not available for task {task!r}; use one of: {', '.join(spec.styles)}")
     rng = random.Random(_derived_seed(seed, task, length, sample))
     seq = tuple(spec.draw(rng, length))
     prompt = _compose(spec, style, spec.render(seq))
@@ -274,10 +279,4 @@ def make_instances(
     check_int("n_samples", n_samples, 1)
     if not tasks or not styles or not lengths:
         raise ValueError("tasks, styles and lengths must each hold at least one value")
-    return [
-        make_instance(t, n, s, m, seed)
-        for t in tasks
-        for m in styles
-        for n in lengths
-        for s in range(n_samples)
-    ]
+    return [make_instance(t, n, s, m, seed) for t in tasks for m in styles for n in lengths for s in range(n_samples)]

@@ -87,9 +87,7 @@ class TaskResults(Result):
     def accuracy_by_length(self) -> pd.DataFrame:
         """Accuracy, mean absolute error and unparsable rate per task, style and length."""
         frame = self.frame.assign(
-            abs_error=self.frame["abs_error"].astype(
-                "float64"
-            ),  # NaN where unparsable, skipped by mean
+            abs_error=self.frame["abs_error"].astype("float64"),  # NaN where unparsable, skipped by mean
             unparsable=self.frame["parse_status"] == "unparsable",
         )
         grouped = frame.groupby(["task", "style", "length"], sort=True)
@@ -120,7 +118,9 @@ class TaskResults(Result):
 
     def figures(self) -> dict[str, Any]:
         """Every figure of :data:`TASK_FIGURES` that has rows to show, by kind."""
-        shown = {kind: set(_figure_tasks(self.frame, kind)) - _REFERENCE_TASKS.get(kind, set()) for kind in TASK_FIGURES}
+        shown = {
+            kind: set(_figure_tasks(self.frame, kind)) - _REFERENCE_TASKS.get(kind, set()) for kind in TASK_FIGURES
+        }
         return {kind: self.plot(kind) for kind in TASK_FIGURES if shown[kind]}
 
     def _repr_html_(self) -> str:
@@ -134,9 +134,7 @@ class TaskResults(Result):
             if len(frame)
             else "<p><b>TaskResults</b>: no rows</p>"
         )
-        return head + self.accuracy_by_length().to_html(
-            index=False, float_format="%.3f", max_rows=30
-        )
+        return head + self.accuracy_by_length().to_html(index=False, float_format="%.3f", max_rows=30)
 
     __repr__ = compact_repr
 
@@ -151,9 +149,7 @@ def save_results(results: TaskResults | pd.DataFrame, path: str | os.PathLike) -
         ".jsonl": lambda tmp: frame.to_json(tmp, orient="records", lines=True, force_ascii=False),
     }
     if path.suffix not in writers:
-        raise ValueError(
-            f"unknown results format {path.suffix!r} for {path}; use .csv, .json or .jsonl"
-        )
+        raise ValueError(f"unknown results format {path.suffix!r} for {path}; use .csv, .json or .jsonl")
     atomic_write(path, writers[path.suffix])
     return path
 
@@ -165,7 +161,9 @@ def load_results(path: str | os.PathLike, *, allow_mixed: bool = False) -> TaskR
     path = Path(path)
     if path.suffix == ".csv":
         rows = pd.read_csv(
-            path, keep_default_na=False, na_values={"parsed_answer": [""], "abs_error": [""]},
+            path,
+            keep_default_na=False,
+            na_values={"parsed_answer": [""], "abs_error": [""]},
             dtype={"fingerprint": str},  # an all-digit hex digest must stay text
         )
         rows = rows.astype({"prompt": str, "raw_output": str}).to_dict("records")
@@ -175,9 +173,7 @@ def load_results(path: str | os.PathLike, *, allow_mixed: bool = False) -> TaskR
         # every row: a repeated key from another run must stay visible
         rows = jsonl_rows(path, RESULT_KEY, renamed_fields=RENAMED_FIELDS)[0]
     else:
-        raise ValueError(
-            f"unknown results format {path.suffix!r} for {path}; use .csv, .json or .jsonl"
-        )
+        raise ValueError(f"unknown results format {path.suffix!r} for {path}; use .csv, .json or .jsonl")
     for row in rows:  # CSV/JSON readers give NaN or float for the nullable integer columns
         for old, new in RENAMED_FIELDS.items():
             if old in row and new not in row:
@@ -185,11 +181,7 @@ def load_results(path: str | os.PathLike, *, allow_mixed: bool = False) -> TaskR
         row["fingerprint"] = row.get("fingerprint") or None
         for column in ("parsed_answer", "abs_error"):
             value = row.get(column)
-            row[column] = (
-                None
-                if value is None or (isinstance(value, float) and math.isnan(value))
-                else int(value)
-            )
+            row[column] = None if value is None or (isinstance(value, float) and math.isnan(value)) else int(value)
     frame = results_frame(rows)
     if not allow_mixed:
         check_single_run(frame, str(path))
@@ -254,8 +246,9 @@ def task_figure_rows(results: TaskResults | pd.DataFrame, kind: str, tasks=None)
     return frame[frame["task"].isin(chosen)], TASK_FIGURES[kind]
 
 
-def summarize_results(results: TaskResults | pd.DataFrame | str | os.PathLike, *,
-                      allow_mixed: bool = False) -> pd.DataFrame:
+def summarize_results(
+    results: TaskResults | pd.DataFrame | str | os.PathLike, *, allow_mixed: bool = False
+) -> pd.DataFrame:
     """Accuracy, mean absolute error and unparsable rate per task, style and length.
 
     Takes results, their frame, or a file written by :func:`save_results` / ``run_tasks``.

@@ -32,10 +32,7 @@ CAR_P = 0.25
 
 ANSWER_FORMAT = "Please answer exactly as ‘The answer to your question is: <ANSWER>’"
 
-COPY_LAST = (
-    "Consider the following sequence: {seq}. What is the last digit in this sequence? "
-    + ANSWER_FORMAT
-)
+COPY_LAST = "Consider the following sequence: {seq}. What is the last digit in this sequence? " + ANSWER_FORMAT
 # The Appendix gives only the last-digit prompt and says to "change appropriately"; the first-element
 # task of Figure 2 (a) asks for the first digit with otherwise identical wording.
 COPY_FIRST = COPY_LAST.replace("the last digit", "the first digit")
@@ -43,24 +40,16 @@ COPY_FIRST = COPY_LAST.replace("the last digit", "the first digit")
 # included); we append it to the end of the copying prompt.
 HINT = " *Hint* It’s not necessarily a 1, check carefully"
 # Appendix C.5, Type 1 (normalised: the paper's closing ” dropped, see the module docstring).
-COPY_TYPE1 = (
-    "What is the last digit of the following sequence? "
-    + ANSWER_FORMAT
-    + ". Here is the sequence: {seq}"
-)
+COPY_TYPE1 = "What is the last digit of the following sequence? " + ANSWER_FORMAT + ". Here is the sequence: {seq}"
 # Appendix C.5, Type 2, verbatim.
 COPY_TYPE2 = ANSWER_FORMAT + ". What is the last digit of the following sequence? {seq}"
 
 FINAL_FORMAT = "Please give the answer on the final line exactly as ’The final answer to your maths question is: xxxx’"
 # verbatim, including the double full stop at the end
-SUM = (
-    "Please perform the following sum: {seq}. " + FINAL_FORMAT + ", where ’xxxx’ is your answer.."
-)
+SUM = "Please perform the following sum: {seq}. " + FINAL_FORMAT + ", where ’xxxx’ is your answer.."
 # verbatim, including "sequence:seq" with no space and the missing quote after the second xxxx
 COUNT_ONES = (
-    "Please count the number of ones in the following sequence:{seq}. "
-    + FINAL_FORMAT
-    + ", where ’xxxx is your answer."
+    "Please count the number of ones in the following sequence:{seq}. " + FINAL_FORMAT + ", where ’xxxx is your answer."
 )
 # verbatim, including the sentence opened by ’ rather than ‘
 COUNT_CAR = (

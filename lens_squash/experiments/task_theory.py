@@ -240,9 +240,8 @@ class CountCollapse(Result):
             prediction=[html.escape(token_label(t)) for t in self.frame["prediction"]],
             prediction_next=[html.escape(token_label(t)) for t in self.frame["prediction_next"]],
         )
-        return (
-            f"<b>CountCollapse</b> on {html.escape(str(self.provenance.get('task')))}<br>"
-            + shown.to_html(index=False, float_format="%.4g", escape=False, max_rows=40)
+        return f"<b>CountCollapse</b> on {html.escape(str(self.provenance.get('task')))}<br>" + shown.to_html(
+            index=False, float_format="%.4g", escape=False, max_rows=40
         )
 
 

@@ -91,11 +91,13 @@ __all__ = [
 MODES = STYLES
 
 
-def check_run_folder(out_path: str | os.PathLike, fingerprint: dict[str, Any], *, partial: bool = False,
-                     loaded_as: str | None = None) -> None:
+def check_run_folder(
+    out_path: str | os.PathLike, fingerprint: dict[str, Any], *, partial: bool = False, loaded_as: str | None = None
+) -> None:
     """:func:`lens_squash.experiments.runs.check_run_folder` for a tasks ``results.jsonl``."""
-    _check_any_run_folder(out_path, fingerprint, key=RESULT_KEY, partial=partial, loaded_as=loaded_as,
-                          renamed_fields=RENAMED_FIELDS)
+    _check_any_run_folder(
+        out_path, fingerprint, key=RESULT_KEY, partial=partial, loaded_as=loaded_as, renamed_fields=RENAMED_FIELDS
+    )
 
 
 def _styles_for(task: str, styles: tuple[str, ...]) -> tuple[str, ...]:
@@ -150,7 +152,9 @@ def run_tasks(
     check_chat(chat)
     check_int("max_new_tokens", max_new_tokens, 1)
     check_int("batch_size", batch_size, 1)
-    everything = [i for task, task_styles in plan.items() for i in make_instances(task, lengths, n_samples, task_styles, seed)]
+    everything = [
+        i for task, task_styles in plan.items() for i in make_instances(task, lengths, n_samples, task_styles, seed)
+    ]
     tokenized_prompts(model, everything, chat, max_new_tokens)  # no task may fail for length after another has run
     out = None if out_dir is None else Path(out_dir)
     if out is not None and overwrite:  # the old run's summaries must not outlive its rows

@@ -53,7 +53,12 @@ def _attention_colorscale(scale: str, floor: float, gamma: float) -> list[list]:
     the stops sit at the values whose colour positions are evenly spaced, so the heatmap keeps the
     exact attention in ``z`` (and in its hover) while its colours are logarithmic or a power."""
     if scale == "linear":
-        return [[t, c] for t, c in zip(np.linspace(0, 1, 11), sample_colorscale("Viridis", list(np.linspace(0, 1, 11))), strict=True)]
+        return [
+            [t, c]
+            for t, c in zip(
+                np.linspace(0, 1, 11), sample_colorscale("Viridis", list(np.linspace(0, 1, 11))), strict=True
+            )
+        ]
     ts = np.linspace(0.0, 1.0, _STOPS + 1)
     values = floor ** (1.0 - ts) if scale == "log" else ts ** (1.0 / gamma)
     colors = sample_colorscale("Viridis", list(ts))
@@ -82,10 +87,25 @@ def _colorbar_trace(scale: str, floor: float, gamma: float) -> go.Scatter:
     low = math.log10(floor) if scale == "log" else 0.0
     high = 0.0 if scale == "log" else 1.0
     return go.Scatter(
-        x=[None], y=[None], mode="markers", name="colour scale", showlegend=False, hoverinfo="skip",
-        marker={"color": [low], "colorscale": "Viridis", "cmin": low, "cmax": high, "showscale": True,
-                "colorbar": {"title": {"text": label, "side": "right"}, "tickvals": tickvals, "ticktext": ticktext,
-                             "len": 0.9}},
+        x=[None],
+        y=[None],
+        mode="markers",
+        name="colour scale",
+        showlegend=False,
+        hoverinfo="skip",
+        marker={
+            "color": [low],
+            "colorscale": "Viridis",
+            "cmin": low,
+            "cmax": high,
+            "showscale": True,
+            "colorbar": {
+                "title": {"text": label, "side": "right"},
+                "tickvals": tickvals,
+                "ticktext": ticktext,
+                "len": 0.9,
+            },
+        },
     )
 
 
@@ -98,8 +118,10 @@ def _heatmap_steps(patterns: np.ndarray, layer: int | None, head: int | None, ma
         name = f"layer {layer}, head {head}"
         return [(str(layer), name, [(name, patterns[layer, head])])], ""
     if head is not None:
-        return [(str(l), f"layer {l}, head {head}", [(f"layer {l}, head {head}", patterns[l, head])])
-                for l in range(n_layers)], ""
+        return [
+            (str(l), f"layer {l}, head {head}", [(f"layer {l}, head {head}", patterns[l, head])])
+            for l in range(n_layers)
+        ], ""
     layers = [layer] if layer is not None else list(range(n_layers))
     overall = layer is None
     with_heads = (len(layers) * (n_heads + 1) + overall) * n * n <= max_cells
@@ -109,12 +131,18 @@ def _heatmap_steps(patterns: np.ndarray, layer: int | None, head: int | None, ma
         if len(kept) < len(layers):
             notes.append(f"{len(kept)} of {len(layers)} layers shown")
         layers = kept
-    steps = [("all", "mean of all layers and heads", [("mean of all layers and heads", patterns.mean((0, 1)))])] if overall else []
+    steps = (
+        [("all", "mean of all layers and heads", [("mean of all layers and heads", patterns.mean((0, 1)))])]
+        if overall
+        else []
+    )
     for l in layers:
         panels = [(f"layer {l}, mean of heads", patterns[l].mean(0))]
         if with_heads:
             panels += [(f"layer {l}, head {h}", patterns[l, h]) for h in range(n_heads)]
-        steps.append((str(l), f"layer {l}" + (", mean of heads and each head" if with_heads else ", mean of heads"), panels))
+        steps.append(
+            (str(l), f"layer {l}" + (", mean of heads and each head" if with_heads else ", mean of heads"), panels)
+        )
     note = f" ({'; '.join(notes)}: pass layer=… or a larger max_cells)" if notes else ""
     return steps, note
 
@@ -169,9 +197,19 @@ def _panel_annotations(fig: go.Figure, names: Sequence[str], cols: int, n_panels
     for p in range(n_panels):
         suffix = "" if p == 0 else str(p + 1)
         x_domain, y_domain = fig.layout[f"xaxis{suffix}"].domain, fig.layout[f"yaxis{suffix}"].domain
-        out.append({"text": escape_label(names[p]) if p < len(names) else "", "x": sum(x_domain) / 2, "y": y_domain[1],
-                    "xref": "paper", "yref": "paper", "xanchor": "center", "yanchor": "bottom", "showarrow": False,
-                    "font": {"size": 11}})
+        out.append(
+            {
+                "text": escape_label(names[p]) if p < len(names) else "",
+                "x": sum(x_domain) / 2,
+                "y": y_domain[1],
+                "xref": "paper",
+                "yref": "paper",
+                "xanchor": "center",
+                "yanchor": "bottom",
+                "showarrow": False,
+                "font": {"size": 11},
+            }
+        )
     return out
 
 
@@ -233,17 +271,29 @@ def attention_heatmap(
     rows = math.ceil(n_panels / cols)
     fig = make_subplots(rows=rows, cols=cols, horizontal_spacing=0.05, vertical_spacing=0.1 if rows > 1 else 0.0)
     colorscale = _attention_colorscale(color_scale, floor, gamma)
-    hover = ("query %{y}<br>key %{x}<br>attention %{z:.3g}" if block == 1 else
-             "queries %{y}<br>keys %{x}<br>attention mass %{z:.3g} (mean over the queries)")
+    hover = (
+        "query %{y}<br>key %{x}<br>attention %{z:.3g}"
+        if block == 1
+        else "queries %{y}<br>keys %{x}<br>attention mass %{z:.3g} (mean over the queries)"
+    )
     spans = []
     for s, (_, _, panels) in enumerate(steps):
         start = len(fig.data)
         for p, (name, matrix) in enumerate(panels):
-            fig.add_trace(go.Heatmap(
-                z=trace_data(np.where((cells := pooled(matrix, block)) == 0, np.nan, cells)), x=categories, y=categories,
-                name=escape_label(name), visible=s == 0, coloraxis="coloraxis", hoverongaps=False,
-                hovertemplate=f"{escape_label(name)}<br>{hover}<extra></extra>",
-            ), row=p // cols + 1, col=p % cols + 1)
+            fig.add_trace(
+                go.Heatmap(
+                    z=trace_data(np.where((cells := pooled(matrix, block)) == 0, np.nan, cells)),
+                    x=categories,
+                    y=categories,
+                    name=escape_label(name),
+                    visible=s == 0,
+                    coloraxis="coloraxis",
+                    hoverongaps=False,
+                    hovertemplate=f"{escape_label(name)}<br>{hover}<extra></extra>",
+                ),
+                row=p // cols + 1,
+                col=p % cols + 1,
+            )
         spans.append((start, len(fig.data)))
     # one colour axis for every map: the scale's 49 stops are written once, not once per heatmap
     fig.update_layout(coloraxis={"colorscale": colorscale, "cmin": 0.0, "cmax": 1.0, "showscale": False})
@@ -253,51 +303,92 @@ def attention_heatmap(
     for p in range(n_panels):
         row, col = p // cols + 1, p % cols + 1
         # small multiples share their tokens: tick labels on the outer panels only, titles on all
-        fig.update_xaxes(title_text="key" if small else "key position", type="category", row=row, col=col,
-                         showticklabels=not small or p + cols >= n_panels,
-                         **token_ticks(categories, categories, max_ticks))
-        fig.update_yaxes(title_text="query" if small else "query position", type="category", autorange="reversed",
-                         row=row, col=col, showticklabels=not small or col == 1,
-                         **token_ticks(categories, categories, max_ticks, axis="y"))
+        fig.update_xaxes(
+            title_text="key" if small else "key position",
+            type="category",
+            row=row,
+            col=col,
+            showticklabels=not small or p + cols >= n_panels,
+            **token_ticks(categories, categories, max_ticks),
+        )
+        fig.update_yaxes(
+            title_text="query" if small else "query position",
+            type="category",
+            autorange="reversed",
+            row=row,
+            col=col,
+            showticklabels=not small or col == 1,
+            **token_ticks(categories, categories, max_ticks, axis="y"),
+        )
     annotations = [_panel_annotations(fig, [name for name, _ in panels], cols, n_panels) for _, _, panels in steps]
     full_titles = [escape_label(title) + " — " + escape_label(view) + note for _, view, _ in steps]
     if len(steps) > 1:
         slider_steps = [
-            {"label": label, "method": "update",
-             "args": [{"visible": [start <= i < end or i == len(fig.data) - 1 for i in range(len(fig.data))]},
-                      {"title.text": full_titles[s], "annotations": annotations[s],
-                       **_panel_visibility(end - start, n_panels)}]}
+            {
+                "label": label,
+                "method": "update",
+                "args": [
+                    {"visible": [start <= i < end or i == len(fig.data) - 1 for i in range(len(fig.data))]},
+                    {
+                        "title.text": full_titles[s],
+                        "annotations": annotations[s],
+                        **_panel_visibility(end - start, n_panels),
+                    },
+                ],
+            }
             for s, ((label, _, _), (start, end)) in enumerate(zip(steps, spans, strict=True))
         ]
-        fig.update_layout(sliders=[{"active": 0, "steps": slider_steps, "currentvalue": {"prefix": "layer: "},
-                                    "pad": {"t": 130 if small else 150}, "x": 0.0, "len": 1.0}])
+        fig.update_layout(
+            sliders=[
+                {
+                    "active": 0,
+                    "steps": slider_steps,
+                    "currentvalue": {"prefix": "layer: "},
+                    "pad": {"t": 130 if small else 150},
+                    "x": 0.0,
+                    "len": 1.0,
+                }
+            ]
+        )
     fig.update_layout(**_panel_visibility(spans[0][1] - spans[0][0], n_panels))
     panel = max(170, min(300, 1000 // cols)) if small else min(900, 300 + 8 * side)
     slider_room = 170 if len(steps) > 1 else 0
     caption = _heatmap_caption(n, steps, color_scale, floor, gamma, note, block)
-    return finish_layout(fig, title, suffix=" — " + escape_label(steps[0][1]) + note, caption=caption, annotations=annotations[0],
-                   height=rows * panel + 150 + slider_room, width=cols * panel + 200)
+    return finish_layout(
+        fig,
+        title,
+        suffix=" — " + escape_label(steps[0][1]) + note,
+        caption=caption,
+        annotations=annotations[0],
+        height=rows * panel + 150 + slider_room,
+        width=cols * panel + 200,
+    )
 
 
 def _heatmap_caption(n: int, steps, color_scale: str, floor: float, gamma: float, note: str, block: int) -> str:
-    scale = {"log": f"a logarithmic colour scale (values at or below {floor:g} share the darkest colour)",
-             "power": f"a power colour scale (colour ∝ attention^{gamma:g}, which spreads small values out)",
-             "linear": "a linear colour scale"}[color_scale]
-    parts = [f"Attention patterns over the {n} tokens: row = query position (the token that attends, top to "
-             "bottom), column = key position (the token attended to); each row sums to 1 over the keys at or before "
-             f"the query. Colours use {scale}; blank cells are exactly 0 (the causal mask hides later keys). "
-             "Hover a cell for its query, key and attention value. A bright first column is an attention sink."]
+    scale = {
+        "log": f"a logarithmic colour scale (values at or below {floor:g} share the darkest colour)",
+        "power": f"a power colour scale (colour ∝ attention^{gamma:g}, which spreads small values out)",
+        "linear": "a linear colour scale",
+    }[color_scale]
+    parts = [
+        f"Attention patterns over the {n} tokens: row = query position (the token that attends, top to "
+        "bottom), column = key position (the token attended to); each row sums to 1 over the keys at or before "
+        f"the query. Colours use {scale}; blank cells are exactly 0 (the causal mask hides later keys). "
+        "Hover a cell for its query, key and attention value. A bright first column is an attention sink."
+    ]
     if block > 1:
-        parts.append(f"The {n} positions are pooled into blocks of {block} to keep the figure small: a cell is the "
-                     "attention mass a block of queries puts on a block of keys, averaged over the queries (rows "
-                     "still sum to 1); pass a larger max_cells for every position.")
+        parts.append(
+            f"The {n} positions are pooled into blocks of {block} to keep the figure small: a cell is the "
+            "attention mass a block of queries puts on a block of keys, averaged over the queries (rows "
+            "still sum to 1); pass a larger max_cells for every position."
+        )
     if len(steps) > 1:
         parts.append("The slider below picks the layer ('all' averages every layer and head).")
     if max(len(p) for _, _, p in steps) > 1:
         parts.append("Small multiples show the layer's mean over heads, then each head.")
     if note:
-        parts.append(f"To keep the figure small, {note.strip(' ()').split(':')[0]}; pass layer= to see one layer "
-                     "and its heads.")
+        parts.append(
+            f"To keep the figure small, {note.strip(' ()').split(':')[0]}; pass layer= to see one layer and its heads."
+        )
     return " ".join(parts)
-
-

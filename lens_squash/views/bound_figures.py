@@ -1,5 +1,4 @@
-"""Bound against gradient: the per-position Jacobian norm beside each variant's path-sum bound (§5, Thm. B.5).
-"""
+"""Bound against gradient: the per-position Jacobian norm beside each variant's path-sum bound (§5, Thm. B.5)."""
 
 from __future__ import annotations
 
@@ -33,6 +32,7 @@ __all__ = [
     "comparison_figure",
 ]
 
+
 def _bound_values(bound: Any) -> np.ndarray:
     return as_array(getattr(bound, "bound", bound), "bound", ndim=1)
 
@@ -54,8 +54,13 @@ def _fmt_stat(value: float) -> str:
 def _profile_trace(x, y, labels, name, color, style: int, width=2.0) -> go.Scatter:
     dash, symbol = line_style(style)
     return go.Scatter(
-        x=x, y=trace_data(y), name=escape_label(name), mode="lines+markers", customdata=labels,
-        line={"color": color, "dash": dash, "width": width}, marker={"size": 6, "symbol": symbol},
+        x=x,
+        y=trace_data(y),
+        name=escape_label(name),
+        mode="lines+markers",
+        customdata=labels,
+        line={"color": color, "dash": dash, "width": width},
+        marker={"size": 6, "symbol": symbol},
         legendgroup=escape_label(name),
         hovertemplate="position %{x} · %{customdata}<br>%{fullData.name}: %{y:.4g}<extra></extra>",
     )
@@ -69,38 +74,60 @@ def _shape(values: np.ndarray) -> np.ndarray:
 def _coinciding(curves: Mapping[str, np.ndarray]) -> list[tuple[str, str]]:
     """Pairs of curves whose shapes (each ÷ its sum) agree to 0.1 %: drawn on top of each other."""
     names, shapes = list(curves), {k: _shape(v) for k, v in curves.items()}
-    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
-            if np.allclose(shapes[a], shapes[b], rtol=1e-3, atol=0, equal_nan=True)]
+    return [
+        (a, b)
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+        if np.allclose(shapes[a], shapes[b], rtol=1e-3, atol=0, equal_nan=True)
+    ]
 
 
 def _stats_text(stats: Mapping[str, Any], truth_name: str) -> str:
     lines = ["<b>rank agreement</b>", f"with {escape_label(truth_name)}", "(Spearman ρ, Kendall τ)"]
     for name, value in stats.items():
-        lines.append(f"{escape_label(name)}: ρ = {_fmt_stat(_stat(value, 'spearman'))}, "
-                     f"τ = {_fmt_stat(_stat(value, 'kendall'))}")
+        lines.append(
+            f"{escape_label(name)}: ρ = {_fmt_stat(_stat(value, 'spearman'))}, τ = {_fmt_stat(_stat(value, 'kendall'))}"
+        )
     return "<br>".join(lines)
 
 
-def _bound_caption(n: int, truth_name: str | None, names: list[str], log: bool, normalised: bool,
-                   same: list[tuple[str, str]], stats: Mapping[str, Any] | None) -> str:
-    parts = [f"Each curve is a sensitivity profile over the {n} input positions of the prompt (x axis; the "
-             "token is under each tick and in the hover)."]
+def _bound_caption(
+    n: int,
+    truth_name: str | None,
+    names: list[str],
+    log: bool,
+    normalised: bool,
+    same: list[tuple[str, str]],
+    stats: Mapping[str, Any] | None,
+) -> str:
+    parts = [
+        f"Each curve is a sensitivity profile over the {n} input positions of the prompt (x axis; the "
+        "token is under each tick and in the hover)."
+    ]
     if truth_name is not None:
-        parts.append(f"Thick black: {truth_name}, the true sensitivity of the last token's final "
-                     "representation to each input position.")
+        parts.append(
+            f"Thick black: {truth_name}, the true sensitivity of the last token's final "
+            "representation to each input position."
+        )
     if names:
-        parts.append(f"Coloured, each with its own dash and marker: the path-sum bound of {', '.join(names)} "
-                     "(Theorem B.5 and its variants); a bound is an upper estimate and may sit orders of magnitude "
-                     "above the truth.")
+        parts.append(
+            f"Coloured, each with its own dash and marker: the path-sum bound of {', '.join(names)} "
+            "(Theorem B.5 and its variants); a bound is an upper estimate and may sit orders of magnitude "
+            "above the truth."
+        )
     parts.append(f"{'Top panel' if normalised else 'Y axis'}: raw values{' on a log axis' if log else ''}.")
     if normalised:
-        parts.append("Bottom panel: each curve divided by its own sum, so only the shape is compared: a bound "
-                     "that ranks positions well follows the black curve there.")
+        parts.append(
+            "Bottom panel: each curve divided by its own sum, so only the shape is compared: a bound "
+            "that ranks positions well follows the black curve there."
+        )
     for a, b in same:
         parts.append(f"{a} and {b} have the same shape and overlap; tell them apart by dash and marker.")
     if stats:
-        parts.append("The box gives each bound's Spearman and Kendall rank correlation with the truth across "
-                     "positions (1: same order, 0: unrelated, n/a: a constant curve).")
+        parts.append(
+            "The box gives each bound's Spearman and Kendall rank correlation with the truth across "
+            "positions (1: same order, 0: unrelated, n/a: a constant curve)."
+        )
     return " ".join(parts)
 
 
@@ -149,26 +176,49 @@ def bound_vs_jacobian(
             twin = _profile_trace(x, _shape(values), labels, name, color, i, width=trace.line.width)
             twin.showlegend = False
             fig.add_trace(twin, row=2, col=1)
-    raw_title = ("Jacobian norm and bounds" if truth is not None and bounds else
-                 "Jacobian norm" if truth is not None else "path-sum bound")
-    fig.update_yaxes(title_text=raw_title, row=1, col=1,
-                     **(log_axis(*curves.values()) if log else {"type": "linear"}))
+    raw_title = (
+        "Jacobian norm and bounds"
+        if truth is not None and bounds
+        else "Jacobian norm"
+        if truth is not None
+        else "path-sum bound"
+    )
+    fig.update_yaxes(title_text=raw_title, row=1, col=1, **(log_axis(*curves.values()) if log else {"type": "linear"}))
     if normalised:
         shapes = [_shape(v) for v in curves.values()]
-        fig.update_yaxes(title_text="fraction of the curve's sum", row=2, col=1,
-                         **(log_axis(*shapes) if log else {"type": "linear"}))
+        fig.update_yaxes(
+            title_text="fraction of the curve's sum", row=2, col=1, **(log_axis(*shapes) if log else {"type": "linear"})
+        )
     for row in range(1, rows + 1):
         fig.update_xaxes(title_text="input position i", showticklabels=True, row=row, col=1, **token_ticks(labels))
     if stats:  # in the right margin, where no curve can run under it
-        fig.add_annotation(text=_stats_text(stats, truth_name), xref="paper", yref="paper", x=1.02, y=1.0,
-                           xanchor="left", yanchor="top", showarrow=False, align="left", font={"size": 11},
-                           bgcolor="rgba(255,255,255,0.9)", bordercolor="#888", borderwidth=1)
+        fig.add_annotation(
+            text=_stats_text(stats, truth_name),
+            xref="paper",
+            yref="paper",
+            x=1.02,
+            y=1.0,
+            xanchor="left",
+            yanchor="top",
+            showarrow=False,
+            align="left",
+            font={"size": 11},
+            bgcolor="rgba(255,255,255,0.9)",
+            bordercolor="#888",
+            borderwidth=1,
+        )
     bound_curves = {k: v for k, v in curves.items() if k in bounds}
     same = _coinciding(bound_curves)
     caption = _bound_caption(n, truth_name if truth is not None else None, list(bounds), log, normalised, same, stats)
-    return finish_layout(fig, title, caption=caption, height=460 * rows, hovermode="x unified",
-                   legend={"orientation": "h", "y": -0.22 if rows == 2 else -0.4},
-                   margin={"r": 230 if stats else 80})
+    return finish_layout(
+        fig,
+        title,
+        caption=caption,
+        height=460 * rows,
+        hovermode="x unified",
+        legend={"orientation": "h", "y": -0.22 if rows == 2 else -0.4},
+        margin={"r": 230 if stats else 80},
+    )
 
 
 def _table_stats(table: pd.DataFrame, truth_col: str, names: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -201,5 +251,3 @@ def comparison_figure(table: pd.DataFrame, comparisons: Mapping[str, Any] | None
         else:
             kwargs.setdefault("stats", _table_stats(table, truth_cols[0], list(bounds)))
     return bound_vs_jacobian(tokens, truth, bounds, **kwargs)
-
-

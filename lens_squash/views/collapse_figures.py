@@ -1,5 +1,4 @@
-"""Representational collapse (Thm. 4.2, Figs. 5–7) and softmax total-variation decay (Lemma B.2, Fig. 9).
-"""
+"""Representational collapse (Thm. 4.2, Figs. 5–7) and softmax total-variation decay (Lemma B.2, Fig. 9)."""
 
 from __future__ import annotations
 
@@ -66,36 +65,61 @@ def collapse_figure(
     fig = go.Figure()
     for i, (name, values) in enumerate(curves.items()):
         color, zero = palette_color(i), values == 0
-        fig.add_trace(go.Scatter(
-            x=x, y=trace_data(np.where(zero, np.nan, values)), mode="lines+markers", name=escape_label(name),
-            legendgroup=escape_label(name), line={"color": color, "dash": line_style(i)[0]},
-            marker={"symbol": line_style(i)[1], "size": 6},
-            hovertemplate=f"{escape_label(name)}<br>length %{{x}}<br>distance %{{y:.3e}}<extra></extra>",
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=trace_data(np.where(zero, np.nan, values)),
+                mode="lines+markers",
+                name=escape_label(name),
+                legendgroup=escape_label(name),
+                line={"color": color, "dash": line_style(i)[0]},
+                marker={"symbol": line_style(i)[1], "size": 6},
+                hovertemplate=f"{escape_label(name)}<br>length %{{x}}<br>distance %{{y:.3e}}<extra></extra>",
+            )
+        )
         if zero.any():
-            fig.add_trace(go.Scatter(
-                x=x[zero], y=np.full(int(zero.sum()), floor), mode="markers", legendgroup=escape_label(name),
-                name=f"{escape_label(name)}: exactly 0 (drawn at {floor:.0e})",
-                marker={"symbol": "x-open", "size": 10, "color": color},
-                hovertemplate=f"{escape_label(name)}<br>length %{{x}}<br>distance exactly 0 "
-                              f"(drawn at the floor {floor:.0e})<extra></extra>",
-            ))
+            fig.add_trace(
+                go.Scatter(
+                    x=x[zero],
+                    y=np.full(int(zero.sum()), floor),
+                    mode="markers",
+                    legendgroup=escape_label(name),
+                    name=f"{escape_label(name)}: exactly 0 (drawn at {floor:.0e})",
+                    marker={"symbol": "x-open", "size": 10, "color": color},
+                    hovertemplate=f"{escape_label(name)}<br>length %{{x}}<br>distance exactly 0 "
+                    f"(drawn at the floor {floor:.0e})<extra></extra>",
+                )
+            )
         if name in resolutions:
-            fig.add_trace(go.Scatter(
-                x=np.array([x.min(), x.max()]), y=np.full(2, float(resolutions[name])), mode="lines", legendgroup=escape_label(name),
-                name=f"{escape_label(name)} resolution", line={"color": color, "dash": "dash", "width": 1.5},
-                hovertemplate=f"{escape_label(name)} resolution %{{y:.3e}}<extra></extra>",
-            ))
+            fig.add_trace(
+                go.Scatter(
+                    x=np.array([x.min(), x.max()]),
+                    y=np.full(2, float(resolutions[name])),
+                    mode="lines",
+                    legendgroup=escape_label(name),
+                    name=f"{escape_label(name)} resolution",
+                    line={"color": color, "dash": "dash", "width": 1.5},
+                    hovertemplate=f"{escape_label(name)} resolution %{{y:.3e}}<extra></extra>",
+                )
+            )
     fig.update_xaxes(title_text="prompt length n")
     fig.update_yaxes(title_text=math_text(y_title), type="log")
     caption = (
         f"How far apart the last token's representations of two prompts that differ only by a repeated last token "
         f"are ({_plain(y_title)}, log axis), as the prompt grows (x), one curve per {'series' if len(curves) > 1 else 'run'}"
         " (Theorem 4.2: the distance shrinks with length). "
-        + ("A dashed horizontal line is the resolution of that floating-point format: below it the two "
-           "representations are as good as identical. " if resolutions else "")
-        + ("Open x markers on the bottom line mean the distance is exactly 0 (a log axis cannot show 0): the "
-           "representations have collapsed. " if any((v == 0).any() for v in curves.values()) else "")
+        + (
+            "A dashed horizontal line is the resolution of that floating-point format: below it the two "
+            "representations are as good as identical. "
+            if resolutions
+            else ""
+        )
+        + (
+            "Open x markers on the bottom line mean the distance is exactly 0 (a log axis cannot show 0): the "
+            "representations have collapsed. "
+            if any((v == 0).any() for v in curves.values())
+            else ""
+        )
         + "Hover a point for its value."
     )
     return finish_layout(fig, title, caption=caption, height=480)
@@ -124,19 +148,47 @@ def head_band_figure(
         raise ValueError("mean, minimum and maximum need one value per length")
     mean, minimum, maximum = arrays
     label = escape_label(name)
-    fig = go.Figure([
-        go.Scatter(x=x, y=trace_data(maximum), mode="lines", line={"width": 0}, name=f"{label} max", showlegend=False,
-                   legendgroup=label, hovertemplate="max %{y:.3e}<extra></extra>"),
-        go.Scatter(x=x, y=trace_data(minimum), mode="lines", line={"width": 0}, fill="tonexty", name=f"{label} min–max",
-                   fillcolor="rgba(99,110,250,0.25)", legendgroup=label, hovertemplate="min %{y:.3e}<extra></extra>"),
-        go.Scatter(x=x, y=trace_data(mean), mode="lines+markers", name=f"{label} mean", line={"color": palette_color(0)},
-                   legendgroup=label, hovertemplate="length %{x}<br>mean %{y:.3e}<extra></extra>"),
-    ])
+    fig = go.Figure(
+        [
+            go.Scatter(
+                x=x,
+                y=trace_data(maximum),
+                mode="lines",
+                line={"width": 0},
+                name=f"{label} max",
+                showlegend=False,
+                legendgroup=label,
+                hovertemplate="max %{y:.3e}<extra></extra>",
+            ),
+            go.Scatter(
+                x=x,
+                y=trace_data(minimum),
+                mode="lines",
+                line={"width": 0},
+                fill="tonexty",
+                name=f"{label} min–max",
+                fillcolor="rgba(99,110,250,0.25)",
+                legendgroup=label,
+                hovertemplate="min %{y:.3e}<extra></extra>",
+            ),
+            go.Scatter(
+                x=x,
+                y=trace_data(mean),
+                mode="lines+markers",
+                name=f"{label} mean",
+                line={"color": palette_color(0)},
+                legendgroup=label,
+                hovertemplate="length %{x}<br>mean %{y:.3e}<extra></extra>",
+            ),
+        ]
+    )
     fig.update_xaxes(title_text="prompt length n")
     fig.update_yaxes(title_text=math_text(y_title), type="log" if log else "linear")
-    caption = (f"The representational-collapse distance measured at each attention head of the last layer ({name}) "
-               "against prompt length (cf. the paper's Figure 5): the line is the mean over heads, the shaded band "
-               "spans the smallest to the largest head. A narrow band means every head collapses alike.")
+    caption = (
+        f"The representational-collapse distance measured at each attention head of the last layer ({name}) "
+        "against prompt length (cf. the paper's Figure 5): the line is the mean over heads, the shaded band "
+        "spans the smallest to the largest head. A narrow band means every head collapses alike."
+    )
     return finish_layout(fig, title, caption=caption, height=450, hovermode="x unified")
 
 
@@ -157,27 +209,59 @@ def pe_figure(
         upper, lower = mean + std, mean - std
         if log:  # a band reaching ≤ 0 cannot be drawn on a log axis: clip it at the mean's smallest value
             lower = np.where(lower > 0, lower, np.nanmin(mean[mean > 0]) if (mean > 0).any() else np.nan)
-        fig.add_trace(go.Scatter(x=x, y=trace_data(upper), mode="lines", line={"width": 0}, showlegend=False,
-                                 legendgroup=label, name=f"{label} +std", hoverinfo="skip"))
-        fig.add_trace(go.Scatter(x=x, y=trace_data(lower), mode="lines", line={"width": 0}, fill="tonexty",
-                                 fillcolor=_rgba(color, 0.2), showlegend=False, legendgroup=label,
-                                 name=f"{label} −std", hoverinfo="skip"))
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=trace_data(upper),
+                mode="lines",
+                line={"width": 0},
+                showlegend=False,
+                legendgroup=label,
+                name=f"{label} +std",
+                hoverinfo="skip",
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=trace_data(lower),
+                mode="lines",
+                line={"width": 0},
+                fill="tonexty",
+                fillcolor=_rgba(color, 0.2),
+                showlegend=False,
+                legendgroup=label,
+                name=f"{label} −std",
+                hoverinfo="skip",
+            )
+        )
         dash, symbol = line_style(i)
-        fig.add_trace(go.Scatter(x=x, y=trace_data(mean), mode="lines+markers", name=label, legendgroup=label,
-                                 line={"color": color, "dash": dash}, marker={"symbol": symbol, "size": 6},
-                                 customdata=trace_data(std),
-                                 hovertemplate=f"{label}<br>length %{{x}}<br>%{{y:.3e}} ± %{{customdata:.1e}}<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=trace_data(mean),
+                mode="lines+markers",
+                name=label,
+                legendgroup=label,
+                line={"color": color, "dash": dash},
+                marker={"symbol": symbol, "size": 6},
+                customdata=trace_data(std),
+                hovertemplate=f"{label}<br>length %{{x}}<br>%{{y:.3e}} ± %{{customdata:.1e}}<extra></extra>",
+            )
+        )
     fig.update_xaxes(title_text="prompt length n")
     fig.update_yaxes(title_text=math_text(y_title), type="log" if log else "linear")
-    caption = ("Representational collapse in small untrained decoders that differ only in their positional encoding "
-               "(cf. the paper's Figure 7): each line is the mean distance over the seeded models, the band ±1 "
-               "standard deviation. A curve that falls faster with length collapses sooner.")
+    caption = (
+        "Representational collapse in small untrained decoders that differ only in their positional encoding "
+        "(cf. the paper's Figure 7): each line is the mean distance over the seeded models, the band ±1 "
+        "standard deviation. A curve that falls faster with length collapses sooner."
+    )
     return finish_layout(fig, title, caption=caption, height=450)
 
 
 def _rgba(color: str, alpha: float) -> str:
     color = color.lstrip("#")
-    r, g, b = (int(color[i:i + 2], 16) for i in (0, 2, 4))
+    r, g, b = (int(color[i : i + 2], 16) for i in (0, 2, 4))
     return f"rgba({r},{g},{b},{alpha})"
 
 
@@ -198,24 +282,41 @@ def tv_figure(
     per_seed = bounds is not None and bounds.ndim == 2
     fig = go.Figure()
     for i, seed in enumerate(seeds):
-        fig.add_trace(go.Scatter(x=x, y=trace_data(tv[i]), mode="lines+markers", name=f"seed {seed}",
-                                 line={"color": palette_color(i)}, marker={"symbol": line_style(i)[1], "size": 5},
-                                 legendgroup=f"seed {seed}", hovertemplate="m %{x}<br>TV %{y:.3e}<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=trace_data(tv[i]),
+                mode="lines+markers",
+                name=f"seed {seed}",
+                line={"color": palette_color(i)},
+                marker={"symbol": line_style(i)[1], "size": 5},
+                legendgroup=f"seed {seed}",
+                hovertemplate="m %{x}<br>TV %{y:.3e}<extra></extra>",
+            )
+        )
         if bounds is not None and (per_seed or i == 0):
             name = f"bound, seed {seed}" if per_seed else "bound"
-            fig.add_trace(go.Scatter(x=x, y=trace_data(bounds[i] if per_seed else bounds), mode="lines", name=name,
-                                     legendgroup=f"seed {seed}", line={"color": palette_color(i), "dash": "dash"},
-                                     hovertemplate="m %{x}<br>bound %{y:.3e}<extra></extra>"))
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=trace_data(bounds[i] if per_seed else bounds),
+                    mode="lines",
+                    name=name,
+                    legendgroup=f"seed {seed}",
+                    line={"color": palette_color(i), "dash": "dash"},
+                    hovertemplate="m %{x}<br>bound %{y:.3e}<extra></extra>",
+                )
+            )
     fig.update_xaxes(title_text="prefix length m", type="log")
     fig.update_yaxes(title_text="total variation", type="log")
-    caption = ("Total-variation distance between the softmax of a score vector and of the same vector with one entry "
-               "changed, over the first m entries (log–log; Lemma B.2, cf. the paper's Figure 9): one solid curve per "
-               "seed, the lemma's bound dashed. The distance decays as the prefix grows, and stays under its bound.")
+    caption = (
+        "Total-variation distance between the softmax of a score vector and of the same vector with one entry "
+        "changed, over the first m entries (log–log; Lemma B.2, cf. the paper's Figure 9): one solid curve per "
+        "seed, the lemma's bound dashed. The distance decays as the prefix grows, and stays under its bound."
+    )
     return finish_layout(fig, title, caption=caption, height=450)
 
 
 def tv_decay_figure(result: Any, **kwargs) -> go.Figure:
     """:func:`tv_figure` for a ``softmax_theory.TVDecayResult``."""
     return tv_figure(result.lengths, result.tv, result.bound, seeds=result.seeds, **kwargs)
-
-

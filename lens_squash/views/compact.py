@@ -55,13 +55,14 @@ def rounded(values: Any, digits: int = HOVER_DIGITS) -> np.ndarray:
         # scale in two factors so that 10**exponent never overflows, even for subnormal inputs
         first = np.minimum(exponent, 290.0)
         second = exponent - first
-        scaled = arr[nonzero] * 10.0 ** first * 10.0 ** second
-        out[nonzero] = np.round(scaled) / 10.0 ** second / 10.0 ** first
+        scaled = arr[nonzero] * 10.0**first * 10.0**second
+        out[nonzero] = np.round(scaled) / 10.0**second / 10.0**first
     magnitudes = np.abs(out[np.isfinite(out) & (out != 0)])
     # float32 input held no more range than float32 (its subnormals included); float64 input must
     # fit float32's normal range, where every value keeps its ~7 significant digits
-    in_range = magnitudes.size == 0 or (magnitudes.max() <= _F32.max
-                                        and (source.dtype == np.float32 or magnitudes.min() >= _F32.tiny))
+    in_range = magnitudes.size == 0 or (
+        magnitudes.max() <= _F32.max and (source.dtype == np.float32 or magnitudes.min() >= _F32.tiny)
+    )
     fits = digits <= 6 and in_range
     out = out.reshape(source.shape)
     return out.astype(np.float32) if fits else out
@@ -108,5 +109,3 @@ def compact_figure(fig: go.Figure, digits: int = 6) -> go.Figure:
             else:
                 trace[name] = values
     return out
-
-

@@ -27,6 +27,7 @@ __all__ = [
     "attention_paths",
 ]
 
+
 def _flow_tensors(flows: Any) -> tuple[np.ndarray, np.ndarray]:
     """``(head_flows [layer, head, q, k], residual_flows [layer, pos])`` from a PathFlows-like
     object, a ``PathBound`` (its ``.flows()``), or a pair of tensors."""
@@ -72,16 +73,28 @@ def _infer_target(head: np.ndarray, resid: np.ndarray) -> int:
 def _edge_trace(edge: dict, labels: list[str], w_max: float, group: str, n_heads: int, show_legend: bool) -> go.Scatter:
     l, h, j, k, w = edge["layer"], edge["head"], edge["to"], edge["from"], edge["flow"]
     kind = "residual" if h is None else f"head {h}"
-    text = (f"{group} · layer {l}, {kind}<br>{k} {labels[k]} → {j} {labels[j]}"
-            f"<br>flow {w:.4g} ({w / w_max:.1%} of the heaviest)")
+    text = (
+        f"{group} · layer {l}, {kind}<br>{k} {labels[k]} → {j} {labels[j]}"
+        f"<br>flow {w:.4g} ({w / w_max:.1%} of the heaviest)"
+    )
     # a head attending to its own position would hide under the vertical residual edge: bow it
     # sideways, each head by its own amount, so every drawn edge stays visible
     bow = 0.0 if h is None or j != k else 0.15 + 0.3 * h / max(1, n_heads - 1)
     return go.Scatter(
-        x=np.array([k, (k + j) / 2 + bow, j]), y=np.array([l, l + 0.5, l + 1]), mode="lines", hoverinfo="text", text=[text] * 3,
-        line={"width": 0.75 + 7.25 * w / w_max, "color": RESIDUAL_GREY if h is None else palette_color(h, HEAD_PALETTE),
-              "shape": "spline"},
-        name=kind, legendgroup=kind, showlegend=show_legend, meta=edge,
+        x=np.array([k, (k + j) / 2 + bow, j]),
+        y=np.array([l, l + 0.5, l + 1]),
+        mode="lines",
+        hoverinfo="text",
+        text=[text] * 3,
+        line={
+            "width": 0.75 + 7.25 * w / w_max,
+            "color": RESIDUAL_GREY if h is None else palette_color(h, HEAD_PALETTE),
+            "shape": "spline",
+        },
+        name=kind,
+        legendgroup=kind,
+        showlegend=show_legend,
+        meta=edge,
     )
 
 
@@ -108,11 +121,18 @@ def _path_group(flows: Any, labels: list[str], target: int | None, top_k: int) -
         kind = "residual" if edge["head"] is None else f"head {edge['head']}"
         traces.append(_edge_trace(edge, labels, w_max, group, head.shape[1], kind not in seen))
         seen.add(kind)
-    traces.append(go.Scatter(
-        x=[target], y=[head.shape[0]], mode="markers", name="target", showlegend=False,
-        marker={"symbol": "star", "size": 16, "color": "crimson"}, hoverinfo="text",
-        text=[f"target {target} {labels[target]}"],
-    ))
+    traces.append(
+        go.Scatter(
+            x=[target],
+            y=[head.shape[0]],
+            mode="markers",
+            name="target",
+            showlegend=False,
+            marker={"symbol": "star", "size": 16, "color": "crimson"},
+            hoverinfo="text",
+            text=[f"target {target} {labels[target]}"],
+        )
+    )
     return traces, group
 
 
@@ -146,11 +166,18 @@ def attention_paths(
     n_layers, n = head0.shape[0], head0.shape[-1]
     labels = position_labels(str_tokens, n)
     fig = go.Figure()
-    fig.add_trace(go.Scatter(
-        x=np.tile(np.arange(n), n_layers + 1), y=np.repeat(np.arange(n_layers + 1), n), mode="markers",
-        marker={"size": 4, "color": "lightgrey"}, name="positions", showlegend=False, hoverinfo="text",
-        text=[f"level {l} · position {i} {labels[i]}" for l in range(n_layers + 1) for i in range(n)],
-    ))
+    fig.add_trace(
+        go.Scatter(
+            x=np.tile(np.arange(n), n_layers + 1),
+            y=np.repeat(np.arange(n_layers + 1), n),
+            mode="markers",
+            marker={"size": 4, "color": "lightgrey"},
+            name="positions",
+            showlegend=False,
+            hoverinfo="text",
+            text=[f"level {l} · position {i} {labels[i]}" for l in range(n_layers + 1) for i in range(n)],
+        )
+    )
     spans, names = [], []
     for key, group in groups.items():
         traces, name = _path_group(group, labels, key, top_k)
@@ -158,21 +185,31 @@ def attention_paths(
         fig.add_traces(traces)
         spans.append((start, len(fig.data)))
         names.append(name)
-    for trace in fig.data[spans[0][1]:]:
+    for trace in fig.data[spans[0][1] :]:
         trace.visible = False
     if len(groups) > 1:
         buttons = []
         for (start, end), label in zip(spans, names, strict=True):
             visible = [i == 0 or start <= i < end for i in range(len(fig.data))]
-            buttons.append({"label": label, "method": "update",
-                            "args": [{"visible": visible}, {"title.text": escape_label(title) + " — " + label}]})
+            buttons.append(
+                {
+                    "label": label,
+                    "method": "update",
+                    "args": [{"visible": visible}, {"title.text": escape_label(title) + " — " + label}],
+                }
+            )
         # under the title, above the plot, on the left: it can neither hide the title nor the legend
-        fig.update_layout(updatemenus=[{"buttons": buttons, "x": 0.0, "xanchor": "left", "y": 1.01, "yanchor": "bottom",
-                                        "pad": {"b": 4}}])
+        fig.update_layout(
+            updatemenus=[
+                {"buttons": buttons, "x": 0.0, "xanchor": "left", "y": 1.01, "yanchor": "bottom", "pad": {"b": 4}}
+            ]
+        )
     fig.update_xaxes(title_text="position", range=[-0.5, n - 0.5], **token_ticks(labels))
     fig.update_yaxes(
-        title_text="layer (residual stream entering it)", range=[-0.3, n_layers + 0.3],
-        tickmode="array", tickvals=list(range(n_layers + 1)),
+        title_text="layer (residual stream entering it)",
+        range=[-0.3, n_layers + 0.3],
+        tickmode="array",
+        tickvals=list(range(n_layers + 1)),
         ticktext=[str(l) for l in range(n_layers)] + ["output"],
     )
     caption = (
@@ -184,8 +221,13 @@ def attention_paths(
         "token whose sensitivity is decomposed. Hover an edge for its layer, head, positions and flow."
         + (" The menu above the plot switches between targets." if len(groups) > 1 else "")
     )
-    return finish_layout(fig, title, suffix=f" — {names[0]}", caption=caption, height=max(450, 22 * n_layers + 250),
-                   hovermode="closest", legend={"title": {"text": "edge"}},
-                   margin={"t": 110 if len(groups) > 1 else 80})
-
-
+    return finish_layout(
+        fig,
+        title,
+        suffix=f" — {names[0]}",
+        caption=caption,
+        height=max(450, 22 * n_layers + 250),
+        hovermode="closest",
+        legend={"title": {"text": "edge"}},
+        margin={"t": 110 if len(groups) > 1 else 80},
+    )

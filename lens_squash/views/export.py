@@ -48,7 +48,9 @@ def chromium_path() -> str | None:
         if chosen:  # an explicit choice wins, and a wrong one is an error, not a silent fallback
             found = shutil.which(chosen) or (chosen if Path(chosen).is_file() else None)
             if found is None:
-                raise ExportError(f"${variable}={chosen!r} is not an executable file; fix the variable or {_INSTALL_BROWSER}")
+                raise ExportError(
+                    f"${variable}={chosen!r} is not an executable file; fix the variable or {_INSTALL_BROWSER}"
+                )
             return found
     if Path("/usr/bin/chromium").is_file():
         return "/usr/bin/chromium"
@@ -59,10 +61,11 @@ def _kaleido():
     try:
         import kaleido
     except ImportError:
-        raise ExportError('static export needs kaleido 1 or later: pip install "kaleido>=1" '
-                          '(it is in lens_squash\'s dev extras)') from None
+        raise ExportError(
+            'static export needs kaleido 1 or later: pip install "kaleido>=1" (it is in lens_squash\'s dev extras)'
+        ) from None
     if not hasattr(kaleido, "write_fig_from_object_sync"):  # kaleido 0.x: a bundled, retired Chromium
-        raise ExportError(f"kaleido {getattr(kaleido, '__version__', '<1')} is too old; pip install -U \"kaleido>=1\"")
+        raise ExportError(f'kaleido {getattr(kaleido, "__version__", "<1")} is too old; pip install -U "kaleido>=1"')
     return kaleido
 
 
@@ -115,8 +118,9 @@ def _render(jobs: list[tuple[go.Figure, Path, dict]]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     staging = {folder: Path(tempfile.mkdtemp(prefix=".lens-squash-export.", dir=folder)) for folder in folders}
     try:
-        specs = [{"fig": fig.to_dict(), "path": staging[path.parent] / path.name, "opts": opts}
-                 for fig, path, opts in jobs]
+        specs = [
+            {"fig": fig.to_dict(), "path": staging[path.parent] / path.name, "opts": opts} for fig, path, opts in jobs
+        ]
         try:
             kaleido.write_fig_from_object_sync(specs, kopts={"path": browser, "mathjax": False})
         except Exception as err:  # kaleido's errors name its own fixes; ours names the browser it drove

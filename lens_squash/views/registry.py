@@ -25,7 +25,8 @@ from ..edge.jacobian import JacobianResult
 from ..edge.trace import Trace
 from ..experiments.ablation import AblationResult
 from ..experiments.analysis import Analysis
-from ..experiments.collapse import CollapseResult, WindowSweepResult
+from ..experiments.collapse import CollapseResult
+from ..experiments.collapse_windows import WindowSweepResult
 from ..experiments.many import ManyAnalyses
 from ..experiments.synthetic import PECollapseResult, RatioInvarianceResult
 from ..experiments.task_results import TASK_FIGURES, TaskResults, task_figure_rows
@@ -187,7 +188,9 @@ def _ablation_changes(result: AblationResult, **kwargs):
         "first-token norm ÷ median, ablated": result.ablated.norm_ratio,
     }
     kwargs.setdefault("log", tuple(name for name in curves if "÷" in name))
-    kwargs.setdefault("title", f"Clamping the massive activation of position {result.position} after layer {result.layer}")
+    kwargs.setdefault(
+        "title", f"Clamping the massive activation of position {result.position} after layer {result.layer}"
+    )
     return sink_figure(curves, result.baseline.phases, **kwargs)
 
 
@@ -196,8 +199,13 @@ def _ablation_jacobian(result: AblationResult, **kwargs):
     if result.jacobian_baseline is None:
         raise ValueError("this result has no Jacobians; run ablation_effect with jacobian=True")
     kwargs.setdefault("title", f"Sensitivity of the last token, clamp after layer {result.layer}")
-    return bound_vs_jacobian(result.str_tokens, result.jacobian_baseline, {"ablated ‖J‖_F": result.jacobian_ablated},
-                             truth_name="baseline ‖J‖_F", **kwargs)
+    return bound_vs_jacobian(
+        result.str_tokens,
+        result.jacobian_baseline,
+        {"ablated ‖J‖_F": result.jacobian_ablated},
+        truth_name="baseline ‖J‖_F",
+        **kwargs,
+    )
 
 
 _register(CollapseResult, "dtypes", _collapse_dtypes)

@@ -22,10 +22,8 @@ result's ``_repr_html_``, which escapes its own text).
 from __future__ import annotations
 
 import datetime as _dt
-import functools
 import json
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +31,6 @@ from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
-import plotly.offline
 
 from ..algebra.flow_paths import graph_paths
 from ..core.records import target_mode, to_jsonable, write_text_atomic
@@ -47,11 +44,10 @@ from ..core.tokens import (
 )
 from .attention_figures import attention_heatmap
 from .bound_figures import bound_vs_jacobian, comparison_figure
-from .compact import compact_figure
 from .flow_views import path_figure
+from .report_html import plotly_js, render_figure, render_table, render_text
 from .sink_figures import sink_report_figure
 from .spectral_figures import spectral_report_figure
-from .style import HOVER_DIGITS, caption_of
 
 __all__ = [
     "BIDI_DISPLAY",
@@ -78,10 +74,16 @@ ATTENTION_CELLS = 100_000
 
 #: the usual sections of an over-squashing report, in reading order (any subset may be present)
 SECTION_ORDER: tuple[str, ...] = (
-    "model", "prompt", "bound vs gradient", "paths", "attention", "spectral", "sinks", "collapse", "tasks",
+    "model",
+    "prompt",
+    "bound vs gradient",
+    "paths",
+    "attention",
+    "spectral",
+    "sinks",
+    "collapse",
+    "tasks",
 )
-
-_FIGURE_CONFIG = {"displaylogo": False, "responsive": True}
 
 #: what each standard section shows and how to read it, printed under its title
 SECTION_CAPTIONS: dict[str, str] = {
@@ -121,6 +123,7 @@ SECTION_CAPTIONS: dict[str, str] = {
     ),
     "tasks": "Copying and counting accuracy against sequence length, as in the paper's Figures 2, 3 and 11.",
 }
+
 
 @dataclass(frozen=True)
 class ReportSection:
@@ -169,15 +172,19 @@ def prompt_section(
     (:func:`lens_squash.core.tokens.sensitivity_html`)."""
     parts = []
     if str_tokens is not None and sensitivity is not None:
-        parts.append(f'<p class="muted">{len(str_tokens)} tokens (spaces shown as ␣), coloured by '
-                     f"{escape_text(sensitivity_label)}</p>")
+        parts.append(
+            f'<p class="muted">{len(str_tokens)} tokens (spaces shown as ␣), coloured by '
+            f"{escape_text(sensitivity_label)}</p>"
+        )
         parts.append(sensitivity_html(str_tokens, sensitivity, label=sensitivity_label))
     elif str_tokens is not None:
         chips = "".join(
             f'<span class="tok" title="position {i}"><sub>{i}</sub>{token_label(t, max_len=None)}</span>'
             for i, t in enumerate(str_tokens)
         )
-        parts.append(f'<p class="muted">{len(str_tokens)} tokens (spaces shown as ␣)</p><div class="tokens">{chips}</div>')
+        parts.append(
+            f'<p class="muted">{len(str_tokens)} tokens (spaces shown as ␣)</p><div class="tokens">{chips}</div>'
+        )
     if predicted is not None:
         parts.append(f"<p>predicted next token: <code>{token_label(predicted, max_len=None)}</code></p>")
     return ReportSection(title=title, text=prompt or "", trusted_html="".join(parts))
@@ -223,12 +230,20 @@ def analysis_sections(
     ]
     table = getattr(analysis, "table", None)
     truth = next((c for c in (table.columns if table is not None else ()) if str(c).startswith("jacobian_")), None)
-    sections.append(prompt_section(
-        "".join(tokens) if prompt is None else prompt, tokens, predicted=traced.predicted_token,
-        sensitivity=None if truth is None else table[truth].to_numpy(dtype=float),
-        sensitivity_label=f"Jacobian norm ‖∂yₙ/∂vᵢ‖ ({str(truth).removeprefix('jacobian_')})"))
-    figure = (comparison_figure(table, getattr(analysis, "comparisons", None)) if table is not None
-              else bound_vs_jacobian(tokens, None, bounds))
+    sections.append(
+        prompt_section(
+            "".join(tokens) if prompt is None else prompt,
+            tokens,
+            predicted=traced.predicted_token,
+            sensitivity=None if truth is None else table[truth].to_numpy(dtype=float),
+            sensitivity_label=f"Jacobian norm ‖∂yₙ/∂vᵢ‖ ({str(truth).removeprefix('jacobian_')})",
+        )
+    )
+    figure = (
+        comparison_figure(table, getattr(analysis, "comparisons", None))
+        if table is not None
+        else bound_vs_jacobian(tokens, None, bounds)
+    )
     summary = analysis.summary() if callable(getattr(analysis, "summary", None)) else None
     skipped = dict(getattr(analysis, "skipped", {}) or {})
     notes = [f"{name} skipped: {reason}" for name, reason in skipped.items() if name != "spectral"]
@@ -237,14 +252,17 @@ def analysis_sections(
         path_variants = [v for v in dict.fromkeys(("rollout", getattr(analysis, "best_variant", None))) if v in bounds]
         path_variants = path_variants or list(bounds)[:1]
     if traced.patterns is None:  # a long prompt's trace streamed its patterns: rows only, no edges to draw
-        streamed = (f"Not drawn: the {traced.n_tokens}-token trace streamed its attention patterns instead of "
-                    "keeping them; analyze(..., keep_patterns=True) keeps them (memory grows as layer × head × pos²).")
+        streamed = (
+            f"Not drawn: the {traced.n_tokens}-token trace streamed its attention patterns instead of "
+            "keeping them; analyze(..., keep_patterns=True) keeps them (memory grows as layer × head × pos²)."
+        )
         sections += [ReportSection("paths", text=streamed), ReportSection("attention", text=streamed)]
     else:
         sections.append(ReportSection("paths", figures=_path_figures(analysis, bounds, tokens, path_variants, k)))
         # a budget of cells keeps the page small: every layer's head mean, and heads where they fit
-        sections.append(ReportSection("attention", figures=[
-            attention_heatmap(traced.patterns, tokens, max_cells=ATTENTION_CELLS)]))
+        sections.append(
+            ReportSection("attention", figures=[attention_heatmap(traced.patterns, tokens, max_cells=ATTENTION_CELLS)])
+        )
     if getattr(analysis, "spectral", None) is not None:
         sections.append(ReportSection("spectral", figures=[spectral_report_figure(analysis.spectral)]))
     elif "spectral" in skipped:
@@ -254,8 +272,9 @@ def analysis_sections(
     return sections
 
 
-def _path_figures(analysis: Any, bounds: Mapping[str, Any], tokens: Sequence[str], variants: Sequence[str],
-                  k: int) -> list[go.Figure]:
+def _path_figures(
+    analysis: Any, bounds: Mapping[str, Any], tokens: Sequence[str], variants: Sequence[str], k: int
+) -> list[go.Figure]:
     """Connected heaviest paths: the true flow's (when the analysis has one), then each variant's graph."""
     figures = []
     flow = getattr(analysis, "flow", None)
@@ -264,7 +283,9 @@ def _path_figures(analysis: Any, bounds: Mapping[str, Any], tokens: Sequence[str
     for name in variants:
         bound = bounds[name]
         paths = graph_paths(bound.graph, bound.target, k=k, str_tokens=tokens)
-        figures.append(path_figure(paths, title=f"Heaviest connected paths of the {name} graph → position {bound.target}"))
+        figures.append(
+            path_figure(paths, title=f"Heaviest connected paths of the {name} graph → position {bound.target}")
+        )
     return figures
 
 
@@ -273,83 +294,14 @@ def _path_figures(analysis: Any, bounds: Mapping[str, Any], tokens: Sequence[str
 # --------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def _plotly_js() -> str:
-    source = plotly.offline.get_plotlyjs()
-    if "</script" in source.lower():  # would end the inline <script> early; never seen in plotly.js
-        raise RuntimeError("this plotly.js build contains '</script' and cannot be inlined safely")
-    return source
-
-
-def _check_fragment(fragment: str) -> str:
-    """A figure fragment must hold exactly one script element and nothing that could end it early."""
-    lower = fragment.lower()
-    if lower.count("<script") != 1 or lower.count("</script") != 1 or "<!--" in lower:
-        raise ValueError(
-            "a figure's HTML contains '<script', '</script' or '<!--' inside its data; refusing to embed "
-            "it (plotly should escape '<' in its JSON — is this plotly version supported?)"
-        )
-    return fragment
-
-
-# a JSON \\uXXXX escape of a bidi control, not preceded by an odd number of backslashes (which would
-# make it the literal text "\\u202e" typed by a user)
-_JSON_BIDI_RE = re.compile(r"(?<!\\)((?:\\\\)*)\\u(202[a-eA-E]|206[6-9]|200[eEfF]|061[cC])")
-
-
-def _neutralize_fragment(fragment: str) -> str:
-    """Bidi controls inside a figure's JSON (plotly writes them as ``\\u202e`` escapes) shown as
-    ``⟨U+202E⟩``, so figure titles and legends cannot reorder either."""
-    fragment = _JSON_BIDI_RE.sub(lambda m: f"{m.group(1)}⟨U+{m.group(2).upper()}⟩", fragment)
-    return "".join(f"⟨U+{ord(c):04X}⟩" if c in BIDI_DISPLAY else c for c in fragment)
-
-
-def _render_figure(fig: go.Figure, index: int) -> str:
-    if not isinstance(fig, go.Figure):
-        raise TypeError(f"sections hold plotly Figures, got {type(fig).__name__}")
-    # numbers rounded to the digits the hovers show, as typed arrays (float32 where the values fit)
-    fragment = compact_figure(fig, digits=HOVER_DIGITS).to_html(
-        full_html=False, include_plotlyjs=False, div_id=f"lens-squash-figure-{index}", config=_FIGURE_CONFIG,
-    )
-    caption = caption_of(fig)
-    below = f'<p class="caption">{escape_text(caption)}</p>' if caption else ""
-    return f'<div class="figure">{_neutralize_fragment(_check_fragment(fragment))}{below}</div>'
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return escape_text(f"{value:.6g}")
-    if isinstance(value, (Mapping, list, tuple)):
-        return f"<code>{escape_text(json.dumps(to_jsonable(value), ensure_ascii=False))}</code>"
-    return escape_text(str(value))
-
-
-def _render_table(table: pd.DataFrame | Mapping[str, Any] | None) -> str:
-    if table is None:
-        return ""
-    if isinstance(table, pd.DataFrame):
-        # escape=True escapes cells and headers; controls are made visible first; the formatter keeps floats short
-        table = table.rename(columns=neutralize_controls).map(
-            lambda v: neutralize_controls(v) if isinstance(v, str) else v)
-        return table.to_html(escape=True, index=False, border=0, classes="data", float_format=lambda v: f"{v:.4g}",
-                             max_rows=200)
-    rows = "".join(f"<tr><th>{escape_text(str(k))}</th><td>{_cell(v)}</td></tr>" for k, v in table.items())
-    return f'<table class="data kv">{rows}</table>'
-
-
-def _render_text(text: str) -> str:
-    paragraphs = [p for p in re.split(r"\n\s*\n", str(text)) if p.strip()]
-    return "".join(f'<p class="text">{escape_text(p)}</p>' for p in paragraphs)
-
-
 def _render_section(section: ReportSection, index: int, first_figure: int) -> tuple[str, int]:
-    figures = [_render_figure(fig, first_figure + i) for i, fig in enumerate(section.figures)]
+    figures = [render_figure(fig, first_figure + i) for i, fig in enumerate(section.figures)]
     notes = "".join(f'<p class="muted">{escape_text(str(n))}</p>' for n in section.notes)
     caption = section.caption if section.caption is not None else SECTION_CAPTIONS.get(section.title, "")
     caption_html = f'<p class="caption">{escape_text(caption)}</p>' if caption else ""
     body = (
         f'<section id="section-{index}"><h2>{escape_text(section.title)}</h2>{caption_html}'
-        f"{_render_text(section.text)}{section.trusted_html}{_render_table(section.table)}{notes}"
+        f"{render_text(section.text)}{section.trusted_html}{render_table(section.table)}{notes}"
         f"{''.join(figures)}</section>"
     )
     return body, first_figure + len(figures)
@@ -423,24 +375,26 @@ def build_report(
         body, next_figure = _render_section(section, i, next_figure)
         rendered.append(body)
     toc = "".join(f'<li><a href="#section-{i}">{escape_text(s.title)}</a></li>' for i, s in enumerate(sections))
-    meta = _render_table(_flatten(metadata)) if metadata else ""
+    meta = render_table(_flatten(metadata)) if metadata else ""
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    return "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f'<meta name="generator" content="lens_squash">\n<title>{escape_text(title)}</title>',
-        f"<style>{_STYLE}</style>",
-        '<script type="text/javascript">window.PlotlyConfig = {MathJaxConfig: "local"};</script>',
-        f'<script type="text/javascript">{_plotly_js()}</script>',
-        "</head><body>",
-        f'<h1>{escape_text(title)}</h1><p class="muted">created {created} · {next_figure} figures · '
-        "works offline (plotly.js embedded)</p>",
-        f"<nav><ol>{toc}</ol></nav>" if sections else "",
-        f'<details><summary>metadata</summary>{meta}</details>' if meta else "",
-        *rendered,
-        "</body></html>",
-    ])
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f'<meta name="generator" content="lens_squash">\n<title>{escape_text(title)}</title>',
+            f"<style>{_STYLE}</style>",
+            '<script type="text/javascript">window.PlotlyConfig = {MathJaxConfig: "local"};</script>',
+            f'<script type="text/javascript">{plotly_js()}</script>',
+            "</head><body>",
+            f'<h1>{escape_text(title)}</h1><p class="muted">created {created} · {next_figure} figures · '
+            "works offline (plotly.js embedded)</p>",
+            f"<nav><ol>{toc}</ol></nav>" if sections else "",
+            f"<details><summary>metadata</summary>{meta}</details>" if meta else "",
+            *rendered,
+            "</body></html>",
+        ]
+    )
 
 
 def write_report(

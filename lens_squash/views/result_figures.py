@@ -24,14 +24,34 @@ _RATIOS = (("ratio_min", "min"), ("ratio_median", "median"), ("ratio_max", "max"
 
 def comparison_figure_of(comparison: Any, *, title: str | None = None) -> go.Figure:
     """Two panels: the rank agreements on [−1, 1], and the bound ÷ truth ratios on a log axis."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=["rank agreement with the truth", "bound ÷ truth over positions"])
+    fig = make_subplots(
+        rows=1, cols=2, subplot_titles=["rank agreement with the truth", "bound ÷ truth over positions"]
+    )
     stats = _statistics(comparison)
     ranks = [stats[name] for name, _ in _RANKS]
     ratios = [stats[name] for name, _ in _RATIOS]
-    fig.add_trace(go.Bar(x=[label for _, label in _RANKS], y=ranks, name="rank agreement",
-                         marker={"color": palette_color(0)}, hovertemplate="%{x}: %{y:.4g}<extra></extra>"), row=1, col=1)
-    fig.add_trace(go.Bar(x=[label for _, label in _RATIOS], y=ratios, name="bound ÷ truth",
-                         marker={"color": palette_color(1)}, hovertemplate="%{x}: %{y:.4g}<extra></extra>"), row=1, col=2)
+    fig.add_trace(
+        go.Bar(
+            x=[label for _, label in _RANKS],
+            y=ranks,
+            name="rank agreement",
+            marker={"color": palette_color(0)},
+            hovertemplate="%{x}: %{y:.4g}<extra></extra>",
+        ),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        go.Bar(
+            x=[label for _, label in _RATIOS],
+            y=ratios,
+            name="bound ÷ truth",
+            marker={"color": palette_color(1)},
+            hovertemplate="%{x}: %{y:.4g}<extra></extra>",
+        ),
+        row=1,
+        col=2,
+    )
     fig.update_yaxes(title_text="agreement (1: same order)", range=[-1.05, 1.05], row=1, col=1)
     fig.update_yaxes(title_text="bound ÷ truth", **log_axis(np.asarray(ratios)), row=1, col=2)
     fig.update_xaxes(title_text="statistic", row=1, col=1)
@@ -44,13 +64,24 @@ def comparison_figure_of(comparison: Any, *, title: str | None = None) -> go.Fig
         "smallest, median and largest ratio of bound to truth; a guaranteed bound keeps every ratio at or "
         f"above 1. {below} position(s) lie below the truth."
     )
-    return finish_layout(fig, title or f"{comparison.variant} against the {comparison.truth} Jacobian",
-                         caption=caption, showlegend=False, height=380)
+    return finish_layout(
+        fig,
+        title or f"{comparison.variant} against the {comparison.truth} Jacobian",
+        caption=caption,
+        showlegend=False,
+        height=380,
+    )
 
 
 def _statistics(c: Any) -> dict[str, float]:
-    return {"spearman": float(c.spearman), "kendall": float(c.kendall), "top5_overlap": float(c.top5_overlap),
-            "ratio_min": float(c.ratio_min), "ratio_median": float(c.ratio_median), "ratio_max": float(c.ratio_max)}
+    return {
+        "spearman": float(c.spearman),
+        "kendall": float(c.kendall),
+        "top5_overlap": float(c.top5_overlap),
+        "ratio_min": float(c.ratio_min),
+        "ratio_median": float(c.ratio_median),
+        "ratio_max": float(c.ratio_max),
+    }
 
 
 def prompts_figure(frame: Any, *, column: str = "spearman", title: str | None = None) -> go.Figure:
@@ -62,11 +93,17 @@ def prompts_figure(frame: Any, *, column: str = "spearman", title: str | None = 
     for i, (variant, group) in enumerate(rows.groupby("variant", sort=False)):
         dash, symbol = line_style(i)
         labels = [escape_label(str(p)) for p in group.get("prompt", group.index)]
-        fig.add_trace(go.Box(
-            y=group[column].astype(float).to_numpy(), name=escape_label(str(variant)), boxpoints="all",
-            jitter=0.3, marker={"color": palette_color(i), "symbol": symbol}, text=labels,
-            hovertemplate="%{text}<br>%{y:.4g}<extra>" + escape_label(str(variant)) + "</extra>",
-        ))
+        fig.add_trace(
+            go.Box(
+                y=group[column].astype(float).to_numpy(),
+                name=escape_label(str(variant)),
+                boxpoints="all",
+                jitter=0.3,
+                marker={"color": palette_color(i), "symbol": symbol},
+                text=labels,
+                hovertemplate="%{text}<br>%{y:.4g}<extra>" + escape_label(str(variant)) + "</extra>",
+            )
+        )
     fig.update_xaxes(title_text="variant")
     fig.update_yaxes(title_text=escape_label(column))
     caption = (
@@ -74,5 +111,10 @@ def prompts_figure(frame: Any, *, column: str = "spearman", title: str | None = 
         "box showing the quartiles. A variant whose points sit high and close together ranks positions like "
         "the Jacobian on every prompt, not just on average."
     )
-    return finish_layout(fig, title or f"{column} per variant over {frame['prompt_index'].nunique() if len(frame) else 0} prompts",
-                         caption=caption, showlegend=False, height=420)
+    return finish_layout(
+        fig,
+        title or f"{column} per variant over {frame['prompt_index'].nunique() if len(frame) else 0} prompts",
+        caption=caption,
+        showlegend=False,
+        height=420,
+    )

@@ -1,5 +1,4 @@
-"""Per-layer sink, massive-activation and compression curves with the Mix–Compress–Refine phases (Queipo-de-Llano et al.).
-"""
+"""Per-layer sink, massive-activation and compression curves with the Mix–Compress–Refine phases (Queipo-de-Llano et al.)."""
 
 from __future__ import annotations
 
@@ -62,30 +61,63 @@ def sink_figure(
         raise ValueError("pass at least one per-layer curve")
     n_layers = max(len(v) for v in curves.values())
     height = max(460, 270 * len(curves))
-    fig = make_subplots(rows=len(curves), cols=1, shared_xaxes=True, vertical_spacing=110 / height,
-                        subplot_titles=[escape_label(SINK_CURVES.get(k, (k, k))[1]) for k in curves])
+    fig = make_subplots(
+        rows=len(curves),
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=110 / height,
+        subplot_titles=[escape_label(SINK_CURVES.get(k, (k, k))[1]) for k in curves],
+    )
     for i, (name, values) in enumerate(curves.items()):
-        fig.add_trace(go.Scatter(x=np.arange(len(values)), y=trace_data(values), mode="lines+markers", name=escape_label(name),
-                                 line={"color": palette_color(i)}, marker={"symbol": line_style(i)[1], "size": 6}, showlegend=False,
-                                 hovertemplate=f"{escape_label(name)}<br>layer %{{x}}: %{{y:.4g}}<extra></extra>"),
-                      row=i + 1, col=1)
-        fig.update_yaxes(title_text=escape_label(SINK_CURVES.get(name, (name, ""))[0]), type="log" if name in log else "linear",
-                         row=i + 1, col=1)
+        fig.add_trace(
+            go.Scatter(
+                x=np.arange(len(values)),
+                y=trace_data(values),
+                mode="lines+markers",
+                name=escape_label(name),
+                line={"color": palette_color(i)},
+                marker={"symbol": line_style(i)[1], "size": 6},
+                showlegend=False,
+                hovertemplate=f"{escape_label(name)}<br>layer %{{x}}: %{{y:.4g}}<extra></extra>",
+            ),
+            row=i + 1,
+            col=1,
+        )
+        fig.update_yaxes(
+            title_text=escape_label(SINK_CURVES.get(name, (name, ""))[0]),
+            type="log" if name in log else "linear",
+            row=i + 1,
+            col=1,
+        )
         fig.update_xaxes(title_text="layer", showticklabels=True, row=i + 1, col=1, **integer_axis(n_layers))
     if phases is not None:
         bounds = (0, *phases, n_layers)
         for (label, color), start, end in zip(_PHASES, bounds[:-1], bounds[1:], strict=True):
             if end > start:
-                fig.add_vrect(x0=start - 0.5, x1=end - 0.5, fillcolor=color, line_width=0, layer="below",
-                              row="all", col=1)
-                fig.add_annotation(x=(start + end - 1) / 2, y=1.0, yref="paper", yanchor="bottom", yshift=22,
-                                   text=f"<i>{label}</i>", showarrow=False, font={"size": 12, "color": "#555"})
+                fig.add_vrect(
+                    x0=start - 0.5, x1=end - 0.5, fillcolor=color, line_width=0, layer="below", row="all", col=1
+                )
+                fig.add_annotation(
+                    x=(start + end - 1) / 2,
+                    y=1.0,
+                    yref="paper",
+                    yanchor="bottom",
+                    yshift=22,
+                    text=f"<i>{label}</i>",
+                    showarrow=False,
+                    font={"size": 12, "color": "#555"},
+                )
     caption = (
         "Per-layer profiles of one forward pass, one panel each (x: layer index; curves computed from residual "
         "streams are indexed by the stream entering that layer): "
-        + "; ".join(f"{name}: {SINK_CURVES.get(name, (name, 'as named'))[1]}" for name in curves) + "."
-        + (" Shading marks the Mix, Compress and Refine phases of depth (Queipo-de-Llano et al.): the Compress "
-           "phase is the valley of the matrix entropy." if phases is not None else "")
+        + "; ".join(f"{name}: {SINK_CURVES.get(name, (name, 'as named'))[1]}" for name in curves)
+        + "."
+        + (
+            " Shading marks the Mix, Compress and Refine phases of depth (Queipo-de-Llano et al.): the Compress "
+            "phase is the valley of the matrix entropy."
+            if phases is not None
+            else ""
+        )
         + (f" Log axes: {', '.join(n for n in curves if n in log)}." if any(n in log for n in curves) else "")
     )
     return finish_layout(fig, title, caption=caption, height=height, margin={"t": 110})
@@ -100,5 +132,3 @@ def sink_report_figure(report: Any, **kwargs) -> go.Figure:
     curves = {name: present[name] for name in _SINK_CURVES if name in present}
     kwargs.setdefault("log", ("norm_ratio",))
     return sink_figure(curves, report.phases, **kwargs)
-
-

@@ -1,5 +1,4 @@
-"""Perron–Frobenius and Dobrushin analysis of the rollout stack (Prop. B.8): spectrum, τ, convergence with depth.
-"""
+"""Perron–Frobenius and Dobrushin analysis of the rollout stack (Prop. B.8): spectrum, τ, convergence with depth."""
 
 from __future__ import annotations
 
@@ -25,11 +24,18 @@ __all__ = [
     "spectral_report_figure",
 ]
 
+
 def _line(x, y, name, i, *, dash=None, row=None, col=None, hover="%{y:.4g}", mode="lines+markers") -> go.Scatter:
     own_dash, symbol = line_style(i)
-    return go.Scatter(x=x, y=trace_data(y), mode=mode, name=name, line={"color": palette_color(i), "dash": dash or own_dash},
-                      marker={"symbol": symbol, "size": 6},
-                      hovertemplate=f"{name}<br>%{{x}}: {hover}<extra></extra>")
+    return go.Scatter(
+        x=x,
+        y=trace_data(y),
+        mode=mode,
+        name=name,
+        line={"color": palette_color(i), "dash": dash or own_dash},
+        marker={"symbol": symbol, "size": 6},
+        hovertemplate=f"{name}<br>%{{x}}: {hover}<extra></extra>",
+    )
 
 
 def spectral_figure(
@@ -51,15 +57,33 @@ def spectral_figure(
     * distance of the product to rank one by depth and the cumulative product ``Π τ`` that bounds it
       (log y). Depth curves start at ``depth_start`` (1: after the first layer).
     """
-    fig = make_subplots(rows=2, cols=2, vertical_spacing=0.17, horizontal_spacing=0.12, subplot_titles=(
-        "spectrum of Λ̃⁽ˡ⁾ per layer", "Dobrushin τ(Λ̃⁽ˡ⁾) per layer",
-        "last token's mass on the first token", "distance of Π Λ̃ to rank one"))
+    fig = make_subplots(
+        rows=2,
+        cols=2,
+        vertical_spacing=0.17,
+        horizontal_spacing=0.12,
+        subplot_titles=(
+            "spectrum of Λ̃⁽ˡ⁾ per layer",
+            "Dobrushin τ(Λ̃⁽ˡ⁾) per layer",
+            "last token's mass on the first token",
+            "distance of Π Λ̃ to rank one",
+        ),
+    )
     if spectrum is not None:
         values = as_array(spectrum, "spectrum", ndim=2)
         layers = np.repeat(np.arange(values.shape[0]), values.shape[1])
-        fig.add_trace(go.Scatter(x=layers, y=trace_data(values.ravel()), mode="markers", name="eigenvalues Λ̃_ii",
-                                 marker={"size": 4, "opacity": 0.4, "color": palette_color(0)},
-                                 hovertemplate="layer %{x}: eigenvalue %{y:.4g}<extra></extra>"), row=1, col=1)
+        fig.add_trace(
+            go.Scatter(
+                x=layers,
+                y=trace_data(values.ravel()),
+                mode="markers",
+                name="eigenvalues Λ̃_ii",
+                marker={"size": 4, "opacity": 0.4, "color": palette_color(0)},
+                hovertemplate="layer %{x}: eigenvalue %{y:.4g}<extra></extra>",
+            ),
+            row=1,
+            col=1,
+        )
     if second_eigenvalue is not None:
         second = as_array(second_eigenvalue, "second_eigenvalue", ndim=1)
         fig.add_trace(_line(np.arange(len(second)), second, "second eigenvalue", 1), row=1, col=1)
@@ -73,8 +97,14 @@ def spectral_figure(
     if rank_one_distance is not None:
         dist = as_array(rank_one_distance, "rank_one_distance", ndim=1)
         fig.add_trace(_line(np.arange(len(dist)) + depth_start, dist, "distance to rank one", 4), row=2, col=2)
-    n_layers = max((len(as_array(v)) for v in (second_eigenvalue, dobrushin, first_token_mass, rank_one_distance)
-                    if v is not None), default=1)
+    n_layers = max(
+        (
+            len(as_array(v))
+            for v in (second_eigenvalue, dobrushin, first_token_mass, rank_one_distance)
+            if v is not None
+        ),
+        default=1,
+    )
     fig.update_xaxes(title_text="layer l", row=1, **integer_axis(n_layers))
     fig.update_xaxes(title_text="depth (layers composed)", row=2, **integer_axis(n_layers))
     fig.update_yaxes(title_text="eigenvalue (diagonal of Λ̃⁽ˡ⁾)", row=1, col=1)
@@ -97,17 +127,25 @@ def _report_fields(report: Any) -> dict[str, Any]:
     """The five ``SpectralReport`` fields the panels draw, read by name (not looked up among aliases:
     a renamed field must fail here, loudly, rather than drop its panel)."""
     try:
-        fields = {"spectrum": report.spectrum, "second_eigenvalue": report.second_eigenvalue,
-                  "dobrushin": report.dobrushin, "first_token_mass": report.rollout_mass,
-                  "rank_one_distance": report.rank_one_distance}
+        fields = {
+            "spectrum": report.spectrum,
+            "second_eigenvalue": report.second_eigenvalue,
+            "dobrushin": report.dobrushin,
+            "first_token_mass": report.rollout_mass,
+            "rank_one_distance": report.rank_one_distance,
+        }
     except AttributeError as err:
-        raise ValueError(f"spectral_report_figure takes a lens_squash.algebra.spectral.SpectralReport; "
-                         f"{type(report).__name__} has no spectral field {err.name!r} (build one with "
-                         "lens_squash.algebra.spectral.analyze_stack, or call spectral_figure with the panels you have)") from err
+        raise ValueError(
+            f"spectral_report_figure takes a lens_squash.algebra.spectral.SpectralReport; "
+            f"{type(report).__name__} has no spectral field {err.name!r} (build one with "
+            "lens_squash.algebra.spectral.analyze_stack, or call spectral_figure with the panels you have)"
+        ) from err
     empty = [name for name, value in fields.items() if value is None]
     if empty:
-        raise ValueError(f"spectral field(s) {empty} of {type(report).__name__} are None: every panel needs its "
-                         "data (call spectral_figure with the panels you have)")
+        raise ValueError(
+            f"spectral field(s) {empty} of {type(report).__name__} are None: every panel needs its "
+            "data (call spectral_figure with the panels you have)"
+        )
     return fields
 
 
@@ -116,5 +154,3 @@ def spectral_report_figure(report: Any, **kwargs) -> go.Figure:
     ``dobrushin``, ``rollout_mass`` (drawn as the first-token mass by depth) and ``rank_one_distance``,
     each of which must be present."""
     return spectral_figure(**_report_fields(report), **kwargs)
-
-

@@ -79,6 +79,7 @@ def math_text(text: Any) -> str:
     PDF export and copy-paste), plotly's ``<sub>``/``<sup>`` otherwise (``‖J‖<sub>F</sub>``). Meant
     for axis titles written as math; names such as ``first_token_mass`` should not go through it.
     """
+
     def script(match: re.Match) -> str:
         body = match.group(2) if match.group(2) is not None else match.group(3)
         table, tag = (_SUBSCRIPTS, "sub") if match.group(1) == "_" else (_SUPERSCRIPTS, "sup")
@@ -134,6 +135,7 @@ def trace_data(values: Any) -> np.ndarray:
     stays. (Decimal rounding would not shrink a typed array: a float32 is four bytes either way.)"""
     return as_array(values)
 
+
 def position_labels(str_tokens: Sequence[str] | None, n: int) -> list[str]:
     if str_tokens is None:
         return [str(i) for i in range(n)]
@@ -142,8 +144,9 @@ def position_labels(str_tokens: Sequence[str] | None, n: int) -> list[str]:
     return [token_label(t) for t in str_tokens]
 
 
-def token_ticks(labels: Sequence[str], values: Sequence | None = None, max_ticks: int = MAX_TICKS, *,
-           axis: str = "x") -> dict:
+def token_ticks(
+    labels: Sequence[str], values: Sequence | None = None, max_ticks: int = MAX_TICKS, *, axis: str = "x"
+) -> dict:
     """Axis settings that label every token (smaller, and turned upright on an x axis, when there
     are many), or every k-th one beyond ``max_ticks`` (the hover of every trace names every token)."""
     values = list(range(len(labels))) if values is None else list(values)
@@ -151,8 +154,13 @@ def token_ticks(labels: Sequence[str], values: Sequence | None = None, max_ticks
     shown = list(labels[::step])
     size = 11 if len(shown) <= 40 else 9 if len(shown) <= 70 else 8
     crowded = len(shown) > 12 or sum(len(label) for label in shown) > 60
-    return {"tickmode": "array", "tickvals": values[::step], "ticktext": shown, "tickfont": {"size": size},
-            "tickangle": -90 if axis == "x" and crowded else 0}
+    return {
+        "tickmode": "array",
+        "tickvals": values[::step],
+        "ticktext": shown,
+        "tickfont": {"size": size},
+        "tickangle": -90 if axis == "x" and crowded else 0,
+    }
 
 
 def log_axis(*curves: np.ndarray) -> dict:
@@ -191,5 +199,3 @@ def finish_layout(fig: go.Figure, title: str, *, suffix: str = "", caption: str 
     if caption is not None:
         with_caption(fig, caption)
     return fig
-
-

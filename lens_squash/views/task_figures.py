@@ -1,5 +1,4 @@
-"""Copying and counting results against sequence length (the paper's Figs. 2–4).
-"""
+"""Copying and counting results against sequence length (the paper's Figs. 2–4)."""
 
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ __all__ = [
     "answer_histogram",
 ]
 
+
 def _task_frame(results: Any) -> pd.DataFrame:
     frame = getattr(results, "frame", results)
     if not isinstance(frame, pd.DataFrame):
@@ -34,22 +34,31 @@ def _task_frame(results: Any) -> pd.DataFrame:
     frame = frame.copy()
     modes = frame["style"] if "style" in frame.columns else pd.Series([""] * len(frame), index=frame.index)
     several = frame.assign(_mode=modes).groupby("task")["_mode"].nunique() > 1
-    frame["series"] = [f"{t} ({m})" if several.get(t, False) else str(t) for t, m in zip(frame["task"], modes, strict=True)]
+    frame["series"] = [
+        f"{t} ({m})" if several.get(t, False) else str(t) for t, m in zip(frame["task"], modes, strict=True)
+    ]
     return frame
 
 
-def _per_length_figure(frame: pd.DataFrame, column: str, y_title: str, title: str, caption: str,
-                       y_range=None) -> go.Figure:
+def _per_length_figure(
+    frame: pd.DataFrame, column: str, y_title: str, title: str, caption: str, y_range=None
+) -> go.Figure:
     fig = go.Figure()
     for i, (series, group) in enumerate(frame.groupby("series", sort=True)):
         stats = group.groupby("length")[column].agg(["mean", "count"]).reset_index()
         dash, symbol = line_style(i)
-        fig.add_trace(go.Scatter(
-            x=stats["length"].to_numpy(), y=trace_data(stats["mean"].to_numpy(dtype=float)),
-            customdata=stats["count"].to_numpy(), mode="lines+markers", name=escape_label(series),
-            line={"color": palette_color(i), "dash": dash}, marker={"symbol": symbol, "size": 7},
-            hovertemplate=f"{escape_label(series)}<br>length %{{x}}<br>{y_title} %{{y:.3g}} (n = %{{customdata}})<extra></extra>",
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=stats["length"].to_numpy(),
+                y=trace_data(stats["mean"].to_numpy(dtype=float)),
+                customdata=stats["count"].to_numpy(),
+                mode="lines+markers",
+                name=escape_label(series),
+                line={"color": palette_color(i), "dash": dash},
+                marker={"symbol": symbol, "size": 7},
+                hovertemplate=f"{escape_label(series)}<br>length %{{x}}<br>{y_title} %{{y:.3g}} (n = %{{customdata}})<extra></extra>",
+            )
+        )
     fig.update_xaxes(title_text="sequence length")
     fig.update_yaxes(title_text=y_title, range=y_range)
     return finish_layout(fig, title, caption=caption, height=450)
@@ -59,8 +68,10 @@ def accuracy_figure(results: Any, *, title: str = "Accuracy against sequence len
     """Figure 2: the fraction of correct answers per task (and mode) and length."""
     frame = _task_frame(results)
     frame["correct"] = frame["correct"].astype(float)
-    caption = ("The fraction of the model's answers that are exactly right (y) at each sequence length (x), one line "
-               "per task (cf. the paper's Figure 2); hover a point for the number of samples behind it.")
+    caption = (
+        "The fraction of the model's answers that are exactly right (y) at each sequence length (x), one line "
+        "per task (cf. the paper's Figure 2); hover a point for the number of samples behind it."
+    )
     return _per_length_figure(frame, "correct", "accuracy", title, caption, y_range=[-0.03, 1.03])
 
 
@@ -68,9 +79,11 @@ def abs_error_figure(results: Any, *, title: str = "Mean absolute error against 
     """Figure 3: the mean absolute error of parsed answers (unparsable answers left out)."""
     frame = _task_frame(results)
     frame["abs_error"] = pd.to_numeric(frame["abs_error"], errors="coerce").astype(float)
-    caption = ("The mean absolute difference between the model's parsed answer and the true one (y) at each sequence "
-               "length (x), one line per task (cf. the paper's Figure 3); answers that could not be parsed as a number "
-               "are left out, and the hover gives how many samples remain.")
+    caption = (
+        "The mean absolute difference between the model's parsed answer and the true one (y) at each sequence "
+        "length (x), one line per task (cf. the paper's Figure 3); answers that could not be parsed as a number "
+        "are left out, and the hover gives how many samples remain."
+    )
     return _per_length_figure(frame.dropna(subset=["abs_error"]), "abs_error", "mean |answer − truth|", title, caption)
 
 
@@ -91,8 +104,12 @@ def answer_histogram(
     series_names = sorted(frame["series"].unique())
     lengths = sorted(frame["length"].unique())
     height = max(400, 320 * len(series_names))
-    fig = make_subplots(rows=len(series_names), cols=1, subplot_titles=[escape_label(s) for s in series_names],
-                        vertical_spacing=90 / height)
+    fig = make_subplots(
+        rows=len(series_names),
+        cols=1,
+        subplot_titles=[escape_label(s) for s in series_names],
+        vertical_spacing=90 / height,
+    )
     for row, series in enumerate(series_names, start=1):
         group = frame[frame["series"] == series]
         for i, length in enumerate(lengths):
@@ -103,22 +120,42 @@ def answer_histogram(
             counts = answers.value_counts().sort_index()
             unparsable = len(rows) - len(answers)
             name = f"n = {length}" + (f" ({unparsable} unparsable)" if unparsable else "")
-            fig.add_trace(go.Bar(x=counts.index.to_numpy(), y=counts.to_numpy(), name=name, legendgroup=f"n{length}",
-                                 showlegend=row == 1, marker={"color": palette_color(i)},
-                                 hovertemplate=f"length {length}<br>answer %{{x}}: %{{y}} samples<extra></extra>"),
-                          row=row, col=1)
+            fig.add_trace(
+                go.Bar(
+                    x=counts.index.to_numpy(),
+                    y=counts.to_numpy(),
+                    name=name,
+                    legendgroup=f"n{length}",
+                    showlegend=row == 1,
+                    marker={"color": palette_color(i)},
+                    hovertemplate=f"length {length}<br>answer %{{x}}: %{{y}} samples<extra></extra>",
+                ),
+                row=row,
+                col=1,
+            )
             truths = rows["truth"].unique() if "truth" in rows.columns else []
             if len(truths) == 1:
-                fig.add_trace(go.Scatter(x=[int(truths[0])], y=[0], mode="markers", legendgroup=f"n{length}",
-                                         showlegend=False, name=f"truth, n = {length}",
-                                         marker={"symbol": "triangle-up", "size": 12, "color": palette_color(i)},
-                                         hovertemplate=f"true answer for length {length}: %{{x}}<extra></extra>"),
-                              row=row, col=1)
+                fig.add_trace(
+                    go.Scatter(
+                        x=[int(truths[0])],
+                        y=[0],
+                        mode="markers",
+                        legendgroup=f"n{length}",
+                        showlegend=False,
+                        name=f"truth, n = {length}",
+                        marker={"symbol": "triangle-up", "size": 12, "color": palette_color(i)},
+                        hovertemplate=f"true answer for length {length}: %{{x}}<extra></extra>",
+                    ),
+                    row=row,
+                    col=1,
+                )
         fig.update_xaxes(title_text="parsed answer", row=row, col=1)
         fig.update_yaxes(title_text="samples", row=row, col=1)
-    caption = ("How often the model gave each answer (x: the parsed answer, y: the number of samples), one panel per "
-               "task and one bar colour per sequence length (cf. the paper's Figure 4); a triangle on the axis marks "
-               "the true answer of that length. The legend counts the answers that could not be parsed.")
+    caption = (
+        "How often the model gave each answer (x: the parsed answer, y: the number of samples), one panel per "
+        "task and one bar colour per sequence length (cf. the paper's Figure 4); a triangle on the axis marks "
+        "the true answer of that length. The legend counts the answers that could not be parsed."
+    )
     return finish_layout(fig, title, caption=caption, barmode="group", height=height)
 
 

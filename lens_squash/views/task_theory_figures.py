@@ -19,7 +19,12 @@ __all__ = ["copy_sensitivity_figure", "count_collapse_figure", "lines_figure"]
 
 
 def lines_figure(
-    frame: pd.DataFrame, series: str, panels: list[tuple[str, str]], title: str, *, log_y: bool = True,
+    frame: pd.DataFrame,
+    series: str,
+    panels: list[tuple[str, str]],
+    title: str,
+    *,
+    log_y: bool = True,
     caption: str | None = None,
 ) -> go.Figure:
     """One panel per ``(column, y title)``: that column against ``length``, one line per ``series`` value."""
@@ -46,12 +51,15 @@ def lines_figure(
 def copy_sensitivity_figure(result: Any, **kwargs) -> go.Figure:
     """Jacobian norm and path bound at the answer position against length, first vs last digit."""
     variant = result.provenance.get("variant", "bound")
-    kwargs.setdefault("caption", (
-        "For each copying task (one line each) and sequence length: left, the Frobenius norm of the last "
-        "token's Jacobian with respect to the answer digit's input; middle, the path bound at that position; "
-        "right, the bound's share on the answer position. Falling curves mean the answer is harder to read "
-        "out of the last token (paper §3.1 against Thm. 5.1)."
-    ))
+    kwargs.setdefault(
+        "caption",
+        (
+            "For each copying task (one line each) and sequence length: left, the Frobenius norm of the last "
+            "token's Jacobian with respect to the answer digit's input; middle, the path bound at that position; "
+            "right, the bound's share on the answer position. Falling curves mean the answer is harder to read "
+            "out of the last token (paper §3.1 against Thm. 5.1)."
+        ),
+    )
     return lines_figure(
         result.frame, "task",
         [("jacobian_frobenius", "‖∂y_n/∂v_answer‖_F"), ("bound", f"path bound ({variant})"),
@@ -66,10 +74,25 @@ def count_collapse_figure(result: Any, *, title: str | None = None) -> go.Figure
     fig = go.Figure()
     for i, (column, name) in enumerate([("dist_inf", "‖·‖∞"), ("dist_1", "‖·‖₁"), ("dist_2", "‖·‖₂")]):
         dash, symbol = line_style(i)
-        fig.add_trace(go.Scatter(x=frame["n"], y=frame[column].astype(float), mode="lines+markers", name=name,
-                                 line={"color": palette_color(i), "dash": dash}, marker={"symbol": symbol}))
-    fig.add_trace(go.Scatter(x=frame["n"], y=frame["resolution"].astype(float), mode="lines",
-                             name="dtype resolution", line={"dash": "dash", "color": "grey"}))
+        fig.add_trace(
+            go.Scatter(
+                x=frame["n"],
+                y=frame[column].astype(float),
+                mode="lines+markers",
+                name=name,
+                line={"color": palette_color(i), "dash": dash},
+                marker={"symbol": symbol},
+            )
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=frame["n"],
+            y=frame["resolution"].astype(float),
+            mode="lines",
+            name="dtype resolution",
+            line={"dash": "dash", "color": "grey"},
+        )
+    )
     task = str(result.provenance.get("task", "count_ones"))
     fig.update_xaxes(title_text="n (ones in the prompt)")
     fig.update_yaxes(title_text="‖y(n) − y(n+1)‖", type="log")
@@ -78,5 +101,6 @@ def count_collapse_figure(result: Any, *, title: str | None = None) -> go.Figure
         "with n + 1 ones, in three norms. Below the dashed dtype resolution the two prompts are numerically "
         "the same to the model: it cannot count past that n (representational collapse, Thm. 4.2)."
     )
-    return finish_layout(fig, title or f"Representational collapse on {task}: n vs n + 1 ones (Thm. 4.2)",
-                         caption=caption, height=420)
+    return finish_layout(
+        fig, title or f"Representational collapse on {task}: n vs n + 1 ones (Thm. 4.2)", caption=caption, height=420
+    )

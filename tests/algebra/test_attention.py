@@ -55,8 +55,12 @@ def test_trace_records_defects_and_refuses_overflow():
     assert defects["above_diagonal"] == 0 and defects["min_entry"] >= 0 and defects["row_deviation"] < 1e-6
     assert set(defects) == {"row_deviation", "row_excess", "row_deficit", "above_diagonal", "min_entry"}
     check = t.metadata["attention_check"]
-    assert check == {"dtype": "float32", "tolerance": pattern_tolerance(torch.float32, 6), "substochastic": False,
-                     "tolerated_row_deviation": defects["row_deviation"]}
+    assert check == {
+        "dtype": "float32",
+        "tolerance": pattern_tolerance(torch.float32, 6),
+        "substochastic": False,
+        "tolerated_row_deviation": defects["row_deviation"],
+    }
     broken = tiny_model(n_layers=1, n_heads=2, d_model=16, d_vocab=32, dtype=torch.float16, seed=2)
     with torch.no_grad():
         broken.embed.W_E.mul_(1e6)  # beyond float16's range: the pass overflows to inf
@@ -115,6 +119,9 @@ def test_ov_norms_equal_the_spectral_norm_of_the_dense_ov_circuit():
             if shape.attn_in is not None:
                 w_v = apply_input_norm(w_v, getattr(block, shape.attn_in), dim=1)
             w_o = apply_output_norms(block.attn.W_O, block, shape.attn_out)
-            dense = (torch.linalg.matrix_norm(w_v, ord=2) * torch.linalg.matrix_norm(w_o, ord=2) if shape.value_clip
-                     else torch.linalg.svdvals(w_v @ w_o)[..., 0])
+            dense = (
+                torch.linalg.matrix_norm(w_v, ord=2) * torch.linalg.matrix_norm(w_o, ord=2)
+                if shape.value_clip
+                else torch.linalg.svdvals(w_v @ w_o)[..., 0]
+            )
             torch.testing.assert_close(ov_norms(model)[layer], dense, rtol=1e-12, atol=0)

@@ -19,7 +19,9 @@ def test_compare_against_scipy_and_direct_counts():
     assert result.kendall == pytest.approx(scipy.stats.kendalltau(bound, truth).statistic, abs=1e-12)
     assert result.violations == 2
     ratio = bound / truth
-    assert result.ratio_min == pytest.approx(float(ratio.min())) and result.ratio_max == pytest.approx(float(ratio.max()))
+    assert result.ratio_min == pytest.approx(float(ratio.min())) and result.ratio_max == pytest.approx(
+        float(ratio.max())
+    )
 
 
 def test_u_shape_on_a_planted_profile():

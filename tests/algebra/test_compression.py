@@ -16,7 +16,6 @@ from lens_squash.algebra.compression import (
 F64 = torch.float64
 
 
-
 @pytest.mark.parametrize("n, d", [(6, 10), (10, 10), (40, 8)])
 def test_entropy_is_one_for_isotropic_and_zero_for_rank_one(n, d):
     if n <= d:  # orthogonal rows of equal norm
@@ -37,7 +36,9 @@ def test_svd_path_equals_gram_path():
         torch.testing.assert_close(
             squared_singular_values(x, method="gram"), squared_singular_values(x, method="svd"), atol=1e-10, rtol=1e-10
         )
-        torch.testing.assert_close(matrix_entropy(x, method="gram"), matrix_entropy(x, method="svd"), atol=1e-12, rtol=0)
+        torch.testing.assert_close(
+            matrix_entropy(x, method="gram"), matrix_entropy(x, method="svd"), atol=1e-12, rtol=0
+        )
 
 
 def test_entropy_matches_numpy_recomputation_and_is_rotation_invariant():
@@ -57,7 +58,6 @@ def test_entropy_matches_numpy_recomputation_and_is_rotation_invariant():
 def test_entropy_errors_on_zero_matrix():
     with pytest.raises(ValueError, match="all zeros"):
         matrix_entropy(torch.zeros(5, 3))
-
 
 
 def test_compression_curves_share_one_spectrum_with_the_two_public_functions():

@@ -42,8 +42,10 @@ def _brute_force(residual, edges, target, k, left_scale=None):
     found = {}
     for source in range(n):
         ranked = sorted(suffixes(0, source), key=lambda item: item[0])[:k]
-        found[source] = [(weight, (source, *(j for _, j in hops)), tuple(None if e == E else e for e, _ in hops))
-                         for _, weight, hops in ranked]
+        found[source] = [
+            (weight, (source, *(j for _, j in hops)), tuple(None if e == E else e for e, _ in hops))
+            for _, weight, hops in ranked
+        ]
     return found
 
 
@@ -94,8 +96,12 @@ def _graph(L, E, n, *, seed, tied, left=True):
     return residual, edges, scale if left else None
 
 
-CASES = [(L, E, n, k, seed) for seed, (L, E, n, k) in enumerate(
-    [(1, 1, 1, 1), (1, 2, 3, 5), (2, 1, 4, 3), (2, 2, 5, 4), (3, 2, 4, 6), (2, 3, 6, 2), (3, 1, 5, 5), (2, 0, 4, 3)])]
+CASES = [
+    (L, E, n, k, seed)
+    for seed, (L, E, n, k) in enumerate(
+        [(1, 1, 1, 1), (1, 2, 3, 5), (2, 1, 4, 3), (2, 2, 5, 4), (3, 2, 4, 6), (2, 3, 6, 2), (3, 1, 5, 5), (2, 0, 4, 3)]
+    )
+]
 
 
 @pytest.mark.parametrize("block", [1, 2, 32])
@@ -107,7 +113,8 @@ def test_top_paths_equal_brute_force_with_ties(monkeypatch, block, L, E, n, k, s
         residual, edges, scale = _graph(L, E, n, seed=seed, tied=tied, left=left)
         for target in {n - 1, n // 2}:
             assert top_paths_by_source(residual, edges, target, k=k, left_scale=scale) == _brute_force(
-                residual, edges, target, k, scale)
+                residual, edges, target, k, scale
+            )
 
 
 def test_top_paths_with_ties_to_every_key_equal_brute_force(monkeypatch):
@@ -149,9 +156,16 @@ def test_graph_paths_hops_are_the_graphs_edges():
     L, H, n = 3, 2, 6
     patterns = torch.rand(L, H, n, n, generator=gen).tril()
     patterns = patterns / patterns.sum(-1, keepdim=True)
-    graph = PathGraph("value", torch.rand(L, n, generator=gen, dtype=F64), patterns,
-                      torch.rand(L, H, n, generator=gen, dtype=F64), torch.rand(L, n, generator=gen, dtype=F64) + 0.5,
-                      torch.rand(n, generator=gen, dtype=F64) + 1, None, query_scale=torch.rand(L, n, generator=gen, dtype=F64))
+    graph = PathGraph(
+        "value",
+        torch.rand(L, n, generator=gen, dtype=F64),
+        patterns,
+        torch.rand(L, H, n, generator=gen, dtype=F64),
+        torch.rand(L, n, generator=gen, dtype=F64) + 0.5,
+        torch.rand(n, generator=gen, dtype=F64) + 1,
+        None,
+        query_scale=torch.rand(L, n, generator=gen, dtype=F64),
+    )
     edges = graph.edges
     for layer in range(L):  # the one-layer slice computes the same floats as the whole property
         assert torch.equal(flow_paths._graph_layer_edges(graph, layer), edges[layer])

@@ -12,7 +12,6 @@ from lens_squash.algebra.phases import massive_layers
 F64 = torch.float64
 
 
-
 def test_massive_activations_ratio_and_top_dims():
     norms = torch.rand(4, 11, dtype=F64) + 1.0
     norms[:, 0] = torch.tensor([1.0, 40.0, 90.0, 2.0], dtype=F64)
@@ -27,7 +26,6 @@ def test_massive_activations_ratio_and_top_dims():
     assert massive_layers(res.ratio, factor=10.0) == (1, 3)
     assert massive_layers(res.ratio, factor=100.0) is None
     assert "massive" in res._repr_html_()
-
 
 
 def test_the_median_of_an_even_count_is_the_mean_of_the_two_middle_norms():

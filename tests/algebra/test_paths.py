@@ -54,8 +54,9 @@ def test_row_and_matrix_equal_path_enumeration(n_layers, n, left):
         for weight, chain, _ in enumerate_paths(residual, edges, left_scale, target):
             enumerated[chain[0]] += weight
         torch.testing.assert_close(paths.bound_row(mats, target), enumerated, rtol=1e-12, atol=1e-14)
-        torch.testing.assert_close(paths.graph_row(residual, edges, target, left_scale=left_scale), enumerated,
-                                   rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(
+            paths.graph_row(residual, edges, target, left_scale=left_scale), enumerated, rtol=1e-12, atol=1e-14
+        )
         torch.testing.assert_close(product[target], enumerated, rtol=1e-12, atol=1e-14)
 
 
@@ -95,8 +96,12 @@ def test_top_paths_match_brute_force(source):
 
 
 def test_rollout_rows_sum_to_one():
-    attention = torch.softmax(torch.randn(4, 6, 6, dtype=torch.float64).masked_fill(
-        ~torch.tril(torch.ones(6, 6, dtype=torch.bool)), float("-inf")), dim=-1)
+    attention = torch.softmax(
+        torch.randn(4, 6, 6, dtype=torch.float64).masked_fill(
+            ~torch.tril(torch.ones(6, 6, dtype=torch.bool)), float("-inf")
+        ),
+        dim=-1,
+    )
     rollout = paths.rollout_matrices(attention)
     torch.testing.assert_close(rollout.sum(-1), torch.ones(4, 6, dtype=torch.float64))
     torch.testing.assert_close(paths.stack_product(rollout).sum(-1), torch.ones(6, dtype=torch.float64))
@@ -134,8 +139,7 @@ def test_factored_row_equals_the_materialised_graph(dtype):
     query_scale = torch.rand(3, 7, generator=gen, dtype=torch.float64)
     materialised = query_scale[:, None, :, None] * patterns * key_scale[:, :, None, :]
     expected = paths.graph_row(residual, materialised, 5, left_scale=left_scale)
-    row = paths.factored_row(residual, patterns.to(dtype), key_scale, 5, query_scale=query_scale,
-                             left_scale=left_scale)
+    row = paths.factored_row(residual, patterns.to(dtype), key_scale, 5, query_scale=query_scale, left_scale=left_scale)
     tol = 1e-12 if dtype == torch.float64 else 1e-6
     torch.testing.assert_close(row, expected, rtol=tol, atol=0)
 
@@ -143,8 +147,10 @@ def test_factored_row_equals_the_materialised_graph(dtype):
 def test_factored_row_keeps_huge_float32_rows_finite():
     """Certified rows exceed float32's range on deep models; the float64 row must hold them."""
     n_layers, n = 40, 5
-    patterns = torch.softmax(torch.randn(n_layers, 2, n, n).masked_fill(
-        ~torch.tril(torch.ones(n, n, dtype=torch.bool)), float("-inf")), dim=-1)
+    patterns = torch.softmax(
+        torch.randn(n_layers, 2, n, n).masked_fill(~torch.tril(torch.ones(n, n, dtype=torch.bool)), float("-inf")),
+        dim=-1,
+    )
     key_scale = torch.full((n_layers, 2, n), 1e3, dtype=torch.float64)
     residual = torch.ones(n_layers, n, dtype=torch.float64)
     row32 = paths.factored_row(residual, patterns, key_scale, -1)

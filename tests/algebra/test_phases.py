@@ -40,7 +40,6 @@ def test_layer_correlations_pairs_and_lengths():
         layer_correlations({"a": norm, "b": entropy}, method="kendall")
 
 
-
 def test_massive_layers_is_the_run_around_the_peak_strictly_above_the_factor():
     ratio = torch.tensor([1.0, 12.0, 3.0, 20.0, 50.0, 10.0, 11.0])
     # peak at 4; 3 and 4 exceed 10, layer 5 equals it (strict), layers 1 and 6 exceed it but not contiguously

@@ -30,6 +30,8 @@ def test_kendall_and_top_k_overlap_match_scipy_and_sets():
         gen = torch.Generator().manual_seed(seed)
         a = torch.randint(0, 8, (60,), generator=gen).double()  # many ties
         b = a + torch.randint(0, 4, (60,), generator=gen).double()
-        assert kendall(a, b, chunk=7) == pytest.approx(scipy.stats.kendalltau(a.numpy(), b.numpy()).statistic, abs=1e-12)
+        assert kendall(a, b, chunk=7) == pytest.approx(
+            scipy.stats.kendalltau(a.numpy(), b.numpy()).statistic, abs=1e-12
+        )
     x = torch.arange(10.0)
     assert top_k_overlap(x, x, k=3) == 1.0 and top_k_overlap(x, -x, k=3) == 0.0

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from lens_squash.algebra.phases import sink_layer_links
 from lens_squash.algebra.sinks import (
     SINK_EPS,
     SINK_EPS_STRICT,
@@ -17,7 +18,6 @@ from lens_squash.algebra.sinks import (
     mixing_score,
     rollout_dobrushin,
     rollout_mass,
-    sink_layer_links,
     sink_rate,
     sink_report,
 )
@@ -174,8 +174,9 @@ def test_phase_text_for_a_valley_at_either_end_and_none():
     report = sink_report(planted_sinks(torch.full((3, 2), 0.5), 6), torch.ones(4, 6, dtype=F64))
     assert report.phases is None and report.phase_text().startswith("no compression valley")
     shaped = dataclasses.replace(report, entropy=torch.ones(4, dtype=F64), phases=(0, 4))
-    assert shaped.phase_text() == ("residual streams: no mix phase, compress 0–3, no refine phase "
-                                   "(the valley reaches the output)")
+    assert shaped.phase_text() == (
+        "residual streams: no mix phase, compress 0–3, no refine phase (the valley reaches the output)"
+    )
 
 
 # --- links to over-squashing -------------------------------------------------------------------------
@@ -254,8 +255,12 @@ def test_old_names_give_the_new_values_and_warn():
 
     pat = random_causal_patterns(layers=3, heads=2, n=7)
     with pytest.warns(DeprecationWarning, match="first_token_attention"):
-        torch.testing.assert_close(sinks.first_token_mass(pat, include_first_query=True),
-                                   first_token_attention(pat, include_first_query=True), atol=0, rtol=0)
+        torch.testing.assert_close(
+            sinks.first_token_mass(pat, include_first_query=True),
+            first_token_attention(pat, include_first_query=True),
+            atol=0,
+            rtol=0,
+        )
     with pytest.warns(DeprecationWarning, match="rollout_mass"):
         torch.testing.assert_close(sinks.rollout_first_token_mass(pat), rollout_mass(pat), atol=0, rtol=0)
     report = sink_report(pat, torch.rand(4, 7, dtype=F64) + 1)

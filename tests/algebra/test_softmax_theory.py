@@ -25,9 +25,7 @@ F64 = torch.float64
 
 
 def _direct_prefix_tv(x, x_star, lengths):
-    return torch.stack([
-        (torch.softmax(x[:m], 0) - torch.softmax(x_star[:m], 0)).abs().sum() for m in lengths
-    ])
+    return torch.stack([(torch.softmax(x[:m], 0) - torch.softmax(x_star[:m], 0)).abs().sum() for m in lengths])
 
 
 # --- Lemma B.1 ---------------------------------------------------------------------------------------

@@ -17,8 +17,6 @@ from lens_squash.algebra.causal import (
     product_closure,
     two_nonzeros_condition,
 )
-from lens_squash.algebra.paths import rollout_matrices as lazy
-from lens_squash.algebra.paths import stack_product
 from lens_squash.algebra.homogeneous import (
     asymptotic_depth,
     convergence_errors,
@@ -26,6 +24,8 @@ from lens_squash.algebra.homogeneous import (
     second_eigenvalue,
     steady_state,
 )
+from lens_squash.algebra.paths import rollout_matrices as lazy
+from lens_squash.algebra.paths import stack_product
 from lens_squash.algebra.spectral import (
     SpectralReport,
     SpectralStream,
@@ -222,6 +222,7 @@ def test_depth_to_epsilon_is_exact_beyond_the_horizon_even_with_repeated_diagona
     gen = torch.Generator().manual_seed(9)
     # equal diagonals: a Jordan block, E_L ~ L λ₂^L, so the rate-only estimate falls short
     m = with_diagonal(softmax_causal(5, gen), [1.0, 0.9, 0.9, 0.9, 0.9])
+
     def error(depth):
         return 0.5 * float((power(lazy(m), depth) - steady_state(m)).abs().sum(-1).max())
 
@@ -275,7 +276,9 @@ def test_first_token_column_and_rank_one_distance_match_the_full_product():
     torch.testing.assert_close(column + gap, torch.ones_like(column), atol=1e-14, rtol=0)
     report = analyze_stack(stack, target=-1)
     tau = dobrushin(stack)
-    torch.testing.assert_close(report.dobrushin, torch.tensor([brute_tau(m) for m in stack], dtype=F64), atol=1e-14, rtol=0)
+    torch.testing.assert_close(
+        report.dobrushin, torch.tensor([brute_tau(m) for m in stack], dtype=F64), atol=1e-14, rtol=0
+    )
     torch.testing.assert_close(report.cumulative_dobrushin, torch.cumprod(tau, 0), atol=1e-14, rtol=0)
     for d in range(6):
         product = stack_product(stack[: d + 1])
@@ -299,8 +302,9 @@ def test_float32_softmax_rows_take_the_closed_form_within_their_rounding():
     rounded = exact.float().double()
     assert (rounded.sum(-1) - 1).abs().max() > 1e-9  # really off by the float32 rounding
     report = analyze_stack(rounded)
-    torch.testing.assert_close(report.dobrushin, torch.tensor([brute_tau(m) for m in exact], dtype=F64),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        report.dobrushin, torch.tensor([brute_tau(m) for m in exact], dtype=F64), atol=1e-6, rtol=0
+    )
 
 
 def test_depth_to_first_token_within_the_stack_and_extrapolated():
@@ -384,7 +388,14 @@ def test_streamed_report_equals_the_whole_stack_and_refuses_what_it_refuses():
     layers = stream.finish()
     for target in (-1, 0, 4):
         whole, streamed = analyze_stack(stack, target=target, atol=1e-6), spectral_report(layers, target=target)
-        for name in ("spectrum", "dobrushin", "two_nonzeros", "rollout_mass", "rank_one_distance", "cumulative_dobrushin"):
+        for name in (
+            "spectrum",
+            "dobrushin",
+            "two_nonzeros",
+            "rollout_mass",
+            "rank_one_distance",
+            "cumulative_dobrushin",
+        ):
             assert torch.equal(getattr(whole, name), getattr(streamed, name)), name
         assert whole.depth_to_first_token == streamed.depth_to_first_token
     # the brute-force product agrees with the carried column

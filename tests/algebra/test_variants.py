@@ -24,11 +24,13 @@ def test_flows_sum_to_the_row_of_every_variant(traced, variant):
     model, t = traced
     bound = path_bound(t, variant, model=model)
     flows = bound.flows()
-    torch.testing.assert_close(flows.layer_totals, torch.full_like(flows.layer_totals, float(bound.bound.sum())),
-                               rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        flows.layer_totals, torch.full_like(flows.layer_totals, float(bound.bound.sum())), rtol=1e-10, atol=0
+    )
     one = bound.flows(source=2)
-    torch.testing.assert_close(one.layer_totals, torch.full_like(one.layer_totals, float(bound.bound[2])),
-                               rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        one.layer_totals, torch.full_like(one.layer_totals, float(bound.bound[2])), rtol=1e-10, atol=0
+    )
     top = bound.top_paths(k=3)
     assert top[0].weight <= float(bound.bound.max()) * (1 + 1e-12)  # one path never outweighs all paths
     assert top[0].positions[-1] == bound.target
@@ -52,7 +54,7 @@ def test_row_normalised_variants_are_distributions(traced, variant):
         bound = path_bound(t, variant, model=model, target_pos=target)
         assert float(bound.bound.sum()) == pytest.approx(1.0, abs=1e-10)
         assert (bound.bound >= 0).all()
-        assert (bound.bound[bound.target + 1:] == 0).all()  # causality: no later position contributes
+        assert (bound.bound[bound.target + 1 :] == 0).all()  # causality: no later position contributes
 
 
 def test_bad_requests_are_refused(traced):
@@ -71,8 +73,9 @@ def test_bad_requests_are_refused(traced):
 CERTIFIED_MODELS = {
     "LN+learned": dict(norm="LN", positional="standard"),
     "RMS+rotary": dict(norm="RMS", positional="rotary"),
-    "RMS+rotary+GQA+gated": dict(norm="RMS", positional="rotary", n_heads=4, n_key_value_heads=2,
-                                 gated_mlp=True, act_fn="silu"),
+    "RMS+rotary+GQA+gated": dict(
+        norm="RMS", positional="rotary", n_heads=4, n_key_value_heads=2, gated_mlp=True, act_fn="silu"
+    ),
     "LN+alibi": dict(norm="LN", positional="alibi"),
     "no norm": dict(norm=None, positional="standard"),
 }

@@ -68,8 +68,17 @@ def _model():
     from lens_squash.edge.models import tiny_model
 
     # rotary, RMSNorm and a real tokenizer, like SmolLM2: every experiment runs on it
-    return tiny_model(tokenizer="smollm2", n_ctx=160, d_model=16, n_heads=2, n_layers=2, positional="rotary",
-                      norm="RMS", dtype=torch.float64, seed=2)
+    return tiny_model(
+        tokenizer="smollm2",
+        n_ctx=160,
+        d_model=16,
+        n_heads=2,
+        n_layers=2,
+        positional="rotary",
+        norm="RMS",
+        dtype=torch.float64,
+        seed=2,
+    )
 
 
 _TOKENS = torch.tensor([1, 504, 2913, 314, 253, 1345, 28, 4007, 30, 28, 4007, 30])
@@ -93,8 +102,14 @@ def _value_geometry():
     from lens_squash.edge.flow import value_geometry
 
     model, traced = _model(), _analysis().trace
-    return value_geometry(traced.resid[0], model.blocks[0].attn.W_V, model.blocks[0].ln1.w, traced.ln1_scale[0],
-                          centred=False, frozen=False)
+    return value_geometry(
+        traced.resid[0],
+        model.blocks[0].attn.W_V,
+        model.blocks[0].ln1.w,
+        traced.ln1_scale[0],
+        centred=False,
+        frozen=False,
+    )
 
 
 def _flow_gradients():
@@ -125,12 +140,13 @@ def _ablation():
 def _collapse():
     from lens_squash.experiments.collapse import collapse_curve
 
-    return collapse_curve(_model(), "count_ones", [2, 5], ("float64", "bfloat16"), chat=False, open_ended=True,
-                          exact=False)
+    return collapse_curve(
+        _model(), "count_ones", [2, 5], ("float64", "bfloat16"), chat=False, open_ended=True, exact=False
+    )
 
 
 def _window_sweep():
-    from lens_squash.experiments.collapse import window_sweep
+    from lens_squash.experiments.collapse_windows import window_sweep
 
     return window_sweep(_model(), "count_ones", [3, 6], [None, 2], chat=False, open_ended=True)
 
@@ -172,15 +188,23 @@ def _task_results():
     from lens_squash.experiments import task_eval
 
     tokenizer = _model().tokenizer
-    replies = itertools.cycle(["The answer to your question is: 1", "**The answer to your question is: 0**", "no idea",
-                    "The final answer to your maths question is: 2", "The final answer to your maths question is: 5"])
+    replies = itertools.cycle(
+        [
+            "The answer to your question is: 1",
+            "**The answer to your question is: 0**",
+            "no idea",
+            "The final answer to your maths question is: 2",
+            "The final answer to your maths question is: 5",
+        ]
+    )
 
     def canned(model, prompts, **kwargs):  # a tiny random model never answers; these replies parse (or not)
         return [torch.tensor(tokenizer.encode(next(replies)) + [tokenizer.eos_token_id]) for _ in prompts]
 
     with mock.patch.object(task_eval, "greedy_generate", canned):
-        return task_eval.evaluate(_model(), ["copy_last", "count_ones"], [2, 3, 4], max_new_tokens=3,
-                                  batch_size=2, progress=False)
+        return task_eval.evaluate(
+            _model(), ["copy_last", "count_ones"], [2, 3, 4], max_new_tokens=3, batch_size=2, progress=False
+        )
 
 
 def _many():
@@ -282,7 +306,11 @@ def assert_same(a, b, where: str, *, heavy: bool = True) -> None:
             assert_same(getattr(a, f.name), getattr(b, f.name), f"{where}.{f.name}", heavy=heavy)
     elif isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and b.dtype == a.dtype and b.shape == a.shape, (where, b)
-        nan = torch.isnan(torch.view_as_real(a) if a.is_complex() else a) if a.is_floating_point() or a.is_complex() else None
+        nan = (
+            torch.isnan(torch.view_as_real(a) if a.is_complex() else a)
+            if a.is_floating_point() or a.is_complex()
+            else None
+        )
         if nan is None or not bool(nan.any()):
             assert torch.equal(_bits(a), _bits(b)), where
         else:
@@ -354,8 +382,9 @@ def test_repr_is_one_short_line_and_html_renders(name):
 _HOSTILE = "<script>alert(1)</script>"
 
 
-@pytest.mark.parametrize("name", sorted(n for n, cls in RECORDS.items()
-                                        if "str_tokens" in {f.name for f in dataclasses.fields(cls)}))
+@pytest.mark.parametrize(
+    "name", sorted(n for n, cls in RECORDS.items() if "str_tokens" in {f.name for f in dataclasses.fields(cls)})
+)
 def test_html_escapes_token_text(name):
     record = _instance(name)
     hostile = dataclasses.replace(record, str_tokens=(_HOSTILE,) * len(record.str_tokens))
@@ -402,16 +431,20 @@ def test_every_figure_kind_draws_a_captioned_figure_with_titled_axes(name):
         assert caption_of(fig), f"{name}.plot({kind!r}) has no caption"
         for axis in _axes_drawn(fig):
             assert fig.layout[axis].title.text, f"{name}.plot({kind!r}): {axis} has no title"
-        shared = [fig.layout[a].matches for a in fig.layout if a.startswith(("xaxis", "yaxis")) and fig.layout[a].matches]
+        shared = [
+            fig.layout[a].matches for a in fig.layout if a.startswith(("xaxis", "yaxis")) and fig.layout[a].matches
+        ]
         for ref in shared:
             assert fig.layout[f"{ref[0]}axis{ref[1:]}"].title.text, f"{name}.plot({kind!r}): shared {ref} has no title"
     assert type(result.plot()) is go.Figure
 
 
 # kinds whose builder needs an argument to show something on a tiny result
-_NEEDS_ARGUMENTS = {("TaskResults", "prompt_types"): {"tasks": ["copy_last"]},
-                    ("TaskResults", "abs_error"): {"tasks": ["count_ones"]},
-                    ("TaskResults", "histogram"): {"tasks": ["count_ones"]}}
+_NEEDS_ARGUMENTS = {
+    ("TaskResults", "prompt_types"): {"tasks": ["copy_last"]},
+    ("TaskResults", "abs_error"): {"tasks": ["count_ones"]},
+    ("TaskResults", "histogram"): {"tasks": ["count_ones"]},
+}
 
 
 @pytest.mark.parametrize("name", sorted(RESULTS))
@@ -427,7 +460,17 @@ def test_tables_and_provenance(name):
 
 
 def test_results_of_a_run_carry_the_model_they_came_from():
-    for name in ("Trace", "JacobianResult", "SensitivityFlow", "CollapseResult", "CopySensitivity", "AblationResult",
-                 "PathBound", "PathFlows", "FlowPaths", "ManyAnalyses"):
+    for name in (
+        "Trace",
+        "JacobianResult",
+        "SensitivityFlow",
+        "CollapseResult",
+        "CopySensitivity",
+        "AblationResult",
+        "PathBound",
+        "PathFlows",
+        "FlowPaths",
+        "ManyAnalyses",
+    ):
         assert _instance(name).provenance["model"]["n_layers"] == 2, name
     assert _instance("Analysis").provenance is _instance("Trace").provenance

@@ -24,7 +24,12 @@ def _result_classes():
             continue
         module = importlib.import_module(info.name)
         for name, cls in vars(module).items():
-            if inspect.isclass(cls) and cls.__module__ == module.__name__ and "_repr_html_" in vars(cls) and cls is not Record:
+            if (
+                inspect.isclass(cls)
+                and cls.__module__ == module.__name__
+                and "_repr_html_" in vars(cls)
+                and cls is not Record
+            ):
                 yield name, cls
 
 

@@ -112,8 +112,10 @@ def test_jsonl_rows_are_one_valid_json_object_per_line(tmp_path):
     rows = [{"text": "multi\nline \u202e", "nan": float("nan")}, {"text": "", "nan": 1.5}]
     path = records.write_jsonl_atomic(tmp_path / "r.jsonl", rows)
     lines = path.read_text(encoding="utf-8").splitlines()
-    assert [json.loads(line) for line in lines] == [{"text": "multi\nline \u202e", "nan": None},
-                                                    {"text": "", "nan": 1.5}]
+    assert [json.loads(line) for line in lines] == [
+        {"text": "multi\nline \u202e", "nan": None},
+        {"text": "", "nan": 1.5},
+    ]
 
 
 def test_the_report_pair_follows_the_same_rule(tmp_path):

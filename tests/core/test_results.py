@@ -61,8 +61,16 @@ def test_integer_bool_and_complex_tensors_and_arrays_keep_type_and_values():
 
 def test_containers_non_finite_floats_and_shared_tensors():
     shared = torch.arange(4.0)
-    value = {"a": (1, (2.5, None)), 3: "int key", (1, 2): {"x"}, "nan": float("nan"), "inf": -float("inf"),
-             "one": shared, "two": shared, "dtype": torch.bfloat16}
+    value = {
+        "a": (1, (2.5, None)),
+        3: "int key",
+        (1, 2): {"x"},
+        "nan": float("nan"),
+        "inf": -float("inf"),
+        "one": shared,
+        "two": shared,
+        "dtype": torch.bfloat16,
+    }
     back = _through_json(value)
     assert back["a"] == (1, (2.5, None)) and back[3] == "int key" and back[(1, 2)] == {"x"}
     assert np.isnan(back["nan"]) and back["inf"] == -float("inf") and back["dtype"] is torch.bfloat16
@@ -70,10 +78,15 @@ def test_containers_non_finite_floats_and_shared_tensors():
 
 
 def test_a_frame_comes_back_equal_with_its_dtypes_and_index():
-    frame = pd.DataFrame({
-        "n": [1, 2, 3], "x": [0.5, float("nan"), 1e-300], "name": ["a", None, "c"],
-        "count": pd.array([1, None, 3], dtype="Int64"), "ok": [True, False, True],
-    }).set_index(pd.Index([10, 20, 30], name="row"))
+    frame = pd.DataFrame(
+        {
+            "n": [1, 2, 3],
+            "x": [0.5, float("nan"), 1e-300],
+            "name": ["a", None, "c"],
+            "count": pd.array([1, None, 3], dtype="Int64"),
+            "ok": [True, False, True],
+        }
+    ).set_index(pd.Index([10, 20, 30], name="row"))
     back = _through_json(frame)
     pd.testing.assert_frame_equal(back, frame, check_exact=True)
     plain = frame.reset_index(drop=True)

@@ -60,7 +60,7 @@ def chips(fragment: str, *, only_chips: bool = True) -> list[dict]:
 
 
 def luminance(colour: str) -> float:
-    r, g, b = (int(colour[i:i + 2], 16) for i in (1, 3, 5))
+    r, g, b = (int(colour[i : i + 2], 16) for i in (1, 3, 5))
     return 0.2126 * r + 0.7152 * g + 0.0722 * b
 
 
@@ -106,7 +106,7 @@ def test_the_colour_scale_hits_its_stops():
 
 
 def test_log_scale_spreads_decades():
-    values = [1.0, 10 ** -1.5, 1e-3, 1e-6]
+    values = [1.0, 10**-1.5, 1e-3, 1e-6]
     parsed = chips(sensitivity_html(list("abcd"), values, scale="log", decades=3))
     assert [c["background"] for c in parsed] == [sensitivity_colour(1.0), sensitivity_colour(0.5), "#ffffff", "#ffffff"]
 

@@ -84,8 +84,14 @@ def test_the_startup_thresholds_come_from_the_environment_glibc_read(monkeypatch
         ({}, (128 * 1024, 128 * 1024)),  # glibc's documented defaults
         (STARTUP_ENV, (STARTUP[MMAP], STARTUP[TRIM])),
         # the variable wins over the tunable, as in glibc; an unreadable value falls back to the default
-        ({"MALLOC_TRIM_THRESHOLD_": "4096", "GLIBC_TUNABLES": "glibc.malloc.trim_threshold=8192:x=1",
-          "MALLOC_MMAP_THRESHOLD_": "lots"}, (128 * 1024, 4096)),
+        (
+            {
+                "MALLOC_TRIM_THRESHOLD_": "4096",
+                "GLIBC_TUNABLES": "glibc.malloc.trim_threshold=8192:x=1",
+                "MALLOC_MMAP_THRESHOLD_": "lots",
+            },
+            (128 * 1024, 4096),
+        ),
     ]:
         monkeypatch.setattr(allocator, "_startup_environment", lambda env=env: dict(env))
         assert allocator.startup_thresholds() == allocator.Thresholds(*expected)
@@ -164,6 +170,7 @@ def test_threads_entering_and_leaving_together_tune_once_and_restore_once(fake_g
             all_inside.wait(5)
             seen.append(_tuned(libc.state))
             time.sleep(0.001 * (n - i))  # leave in reverse order of start, overlapping
+
     threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
     for thread in threads:
         thread.start()
@@ -212,8 +219,9 @@ print(json.dumps(out))
 
 def _real_glibc(env: dict[str, str]) -> dict:
     env = {**os.environ, **env, allocator.ENV_VAR: "1"}
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", _REAL_GLIBC], capture_output=True, text=True,
-                          env=env, check=True)
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", _REAL_GLIBC], capture_output=True, text=True, env=env, check=True
+    )
     return json.loads(done.stdout.split("\n")[-2])
 
 
@@ -221,7 +229,9 @@ def _real_glibc(env: dict[str, str]) -> dict:
 # 8 MiB. Then a 4 MiB block comes from the heap and a 12 MiB one is mapped, before and after the
 # block (inside, both come from the heap). The 12 MiB block is held across the block, so that its
 # own free cannot move the threshold it is meant to witness.
-_DYNAMIC = _REAL_GLIBC.split("out = ")[0] + """
+_DYNAMIC = (
+    _REAL_GLIBC.split("out = ")[0]
+    + """
 def mapped(size):
     block = libc.malloc(size)
     return block, allocator._is_mmapped(block)
@@ -238,13 +248,19 @@ after = mapped(12 * 2**20)
 out["after"] = [probe()["mmapped"], after[1]]
 print(json.dumps(out))
 """
+)
 
 
 @needs_glibc
 def test_real_glibc_dynamic_threshold_is_measured_and_restored():
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", _DYNAMIC], capture_output=True, text=True,
-                          env={**env, allocator.ENV_VAR: "1"}, check=True)
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", _DYNAMIC],
+        capture_output=True,
+        text=True,
+        env={**env, allocator.ENV_VAR: "1"},
+        check=True,
+    )
     seen = json.loads(done.stdout.splitlines()[-1])
     # [4 MiB mapped?, 12 MiB mapped?]: the old code left 32 MiB (12 MiB from the heap after), a
     # restore to glibc's 128 KiB default would map the 4 MiB block after
@@ -279,8 +295,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 def _jacobian_faults(steady: bool) -> int:
     env = {**os.environ, allocator.ENV_VAR: "1" if steady else "0"}
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", _JACOBIAN_FAULTS], capture_output=True,
-                          text=True, env=env, check=True)
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", _JACOBIAN_FAULTS], capture_output=True, text=True, env=env, check=True
+    )
     return int(done.stdout.split()[-1])
 
 

@@ -31,13 +31,38 @@ def _gpt2(**kw):
 
 
 def _llama(**kw):
-    return tiny_model(n_layers=3, n_heads=4, n_key_value_heads=2, d_model=16, d_vocab=32, norm="RMS",
-                      positional="rotary", gated_mlp=True, act_fn="silu", dtype=kw.pop("dtype", F64), seed=2, **kw)
+    return tiny_model(
+        n_layers=3,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_model=16,
+        d_vocab=32,
+        norm="RMS",
+        positional="rotary",
+        gated_mlp=True,
+        act_fn="silu",
+        dtype=kw.pop("dtype", F64),
+        seed=2,
+        **kw,
+    )
 
 
 def _config_model(**kw):
-    cfg = dict(n_layers=2, n_heads=2, d_model=16, d_head=8, d_mlp=32, d_vocab=32, n_ctx=32, act_fn="gelu",
-               normalization_type="LN", attention_dir="causal", dtype=F64, device="cpu", seed=3)
+    cfg = dict(
+        n_layers=2,
+        n_heads=2,
+        d_model=16,
+        d_head=8,
+        d_mlp=32,
+        d_vocab=32,
+        n_ctx=32,
+        act_fn="gelu",
+        normalization_type="LN",
+        attention_dir="causal",
+        dtype=F64,
+        device="cpu",
+        seed=3,
+    )
     cfg.update(kw)
     model = HookedTransformer(HookedTransformerConfig(**cfg))
     with torch.no_grad():  # TransformerLens initialises norms to identity; random gains test more
@@ -70,8 +95,9 @@ def _sinks_model():
 
 def _moe(dtype=torch.float32):
     """Mixture-of-experts MLPs (TransformerLens's router runs in float32 only)."""
-    return _config_model(num_experts=4, experts_per_token=2, gated_mlp=True, act_fn="silu",
-                         normalization_type="RMS", dtype=dtype)
+    return _config_model(
+        num_experts=4, experts_per_token=2, gated_mlp=True, act_fn="silu", normalization_type="RMS", dtype=dtype
+    )
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
@@ -113,8 +139,9 @@ def test_bidirectional_model_matches_jacobian():
     tokens = _tokens(6)
     result = flow(model, tokens, target_pos=2, mode="exact", variants=())
     assert result.n_tokens == 6  # later positions reach position 2 when attention is bidirectional
-    torch.testing.assert_close(result.sensitivity[0], jacobian(model, tokens, target_pos=2).frobenius,
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        result.sensitivity[0], jacobian(model, tokens, target_pos=2).frobenius, rtol=1e-10, atol=1e-12
+    )
     assert float(result.decomposition_error.max()) < 1e-12
     assert result.edges[:, :, 0, 3:].abs().max() > 0  # edges from later keys exist
 
@@ -250,8 +277,11 @@ def _brute_edges(model, tokens, mode):
 
 
 @pytest.mark.parametrize("mode", ["exact", "frozen"])
-@pytest.mark.parametrize("make", [_gpt2, _llama, MODELS["ln_pre"], MODELS["no_norm"], MODELS["gemma_sandwich"],
-                                  _sinks_model], ids=["gpt2", "llama_gqa", "ln_pre", "no_norm", "gemma_sandwich", "sinks"])
+@pytest.mark.parametrize(
+    "make",
+    [_gpt2, _llama, MODELS["ln_pre"], MODELS["no_norm"], MODELS["gemma_sandwich"], _sinks_model],
+    ids=["gpt2", "llama_gqa", "ln_pre", "no_norm", "gemma_sandwich", "sinks"],
+)
 def test_edge_and_head_norms_match_brute_force(make, mode):
     model = make()
     tokens = _tokens(5)
@@ -269,9 +299,14 @@ def test_head_value_parts_sum_to_the_autograd_value_part(model):
     for layer, block in enumerate(model.blocks):
         gain = getattr(block.ln1, "w", None)
         parts = head_value_parts(
-            grads.dz[layer], grads.patterns[layer], grads.resid[layer], block.attn.W_V.detach(),
-            None if gain is None else gain.detach(), None if grads.scale is None else grads.scale[layer],
-            centred=centred, frozen=False,
+            grads.dz[layer],
+            grads.patterns[layer],
+            grads.resid[layer],
+            block.attn.W_V.detach(),
+            None if gain is None else gain.detach(),
+            None if grads.scale is None else grads.scale[layer],
+            centred=centred,
+            frozen=False,
         )
         torch.testing.assert_close(parts.sum(1), grads.value[layer], rtol=1e-10, atol=1e-12)
 
@@ -400,26 +435,32 @@ def test_flow_carries_bounds_and_serialises():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field_name, kw", [
-    ("use_split_qkv_input", {"use_split_qkv_input": True}),
-    ("use_attn_in", {"use_attn_in": True}),
-    ("act_fn", {"act_fn": "solu_ln"}),
-    ("original_architecture", {"original_architecture": "Olmo2ForCausalLM"}),
-])
+@pytest.mark.parametrize(
+    "field_name, kw",
+    [
+        ("use_split_qkv_input", {"use_split_qkv_input": True}),
+        ("use_attn_in", {"use_attn_in": True}),
+        ("act_fn", {"act_fn": "solu_ln"}),
+        ("original_architecture", {"original_architecture": "Olmo2ForCausalLM"}),
+    ],
+)
 def test_unsupported_blocks_are_refused_naming_the_field(field_name, kw):
     model = _config_model(**kw)
     with pytest.raises(UnsupportedModelError, match=f"cfg.{field_name}"):
         flow(model, _tokens(), variants=())
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"target_pos": 7}, "outside the prompt"),
-    ({"target_pos": -8}, "outside the prompt"),
-    ({"mode": "sketch", "n_probes": 17}, "n_probes"),
-    ({"mode": "sketch", "n_probes": 0}, "n_probes"),
-    ({"mode": "fast"}, "unknown mode"),
-    ({"chunk_size": 0}, "chunk_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"target_pos": 7}, "outside the prompt"),
+        ({"target_pos": -8}, "outside the prompt"),
+        ({"mode": "sketch", "n_probes": 17}, "n_probes"),
+        ({"mode": "sketch", "n_probes": 0}, "n_probes"),
+        ({"mode": "fast"}, "unknown mode"),
+        ({"chunk_size": 0}, "chunk_size"),
+    ],
+)
 def test_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
         flow(_gpt2(), _tokens(), variants=(), **{"mode": "exact", **kwargs})
@@ -537,7 +578,9 @@ def test_graph_paths_shares_are_terms_of_the_bound():
         assert abs(sum(p.share for p in found) - 1) < 1e-9
         torch.testing.assert_close(torch.tensor(sum(p.weight for p in found), dtype=F64), bound[source])
         for p in found:
-            assert abs(p.weight - float(graph.output_scale[4]) * torch.tensor(p.shares, dtype=F64).prod().item()) < 1e-12
+            assert (
+                abs(p.weight - float(graph.output_scale[4]) * torch.tensor(p.shares, dtype=F64).prod().item()) < 1e-12
+            )
 
 
 def test_flow_paths_are_connected_products_of_shares():
@@ -590,7 +633,8 @@ def test_views_have_captions_and_titled_axes(tiny_flow):
         fig = tiny_flow.plot(kind)
         assert caption_of(fig), kind
         titled = [a.title.text for name, a in fig.layout.to_plotly_json().items() if False] or [
-            fig.layout[name].title.text for name in fig.layout if name.startswith(("xaxis", "yaxis"))]
+            fig.layout[name].title.text for name in fig.layout if name.startswith(("xaxis", "yaxis"))
+        ]
         assert any(titled), kind
     with pytest.raises(ValueError, match="SensitivityFlow has no figure kind 'pie'; use one of 'layers'"):
         tiny_flow.plot("pie")

@@ -37,7 +37,6 @@ def _resid_pre(model, tokens, layer: int):
     return cache[name].clone()
 
 
-
 def reference_jacobian(model, tokens, *, target_pos=-1, layer="final", wrt=0, fwd_hooks=(), rows=None):
     """``[d_out, pos, d_in]`` (or only the output ``rows``) by jacrev through a hand-written loop over the blocks."""
     last = model.cfg.n_layers - 1 if layer == "final" else layer
@@ -204,7 +203,9 @@ def test_sketch_is_unbiased_on_average_over_seeds():
     tokens = _tokens(4)
     exact = jacobian(model, tokens).frobenius.pow(2)
     seeds = range(30)
-    mean = torch.stack([jacobian(model, tokens, mode="sketch", n_probes=8, seed=s).frobenius.pow(2) for s in seeds]).mean(0)
+    mean = torch.stack(
+        [jacobian(model, tokens, mode="sketch", n_probes=8, seed=s).frobenius.pow(2) for s in seeds]
+    ).mean(0)
     # k = d/2 Haar probes: one estimate's relative s.d. is at most ≈ 0.33 (rank-one J), so the mean
     # of 30 has s.e. ≤ 6 %; 25 % is four of them, while a biased scale (say d/k off by 2×) fails
     torch.testing.assert_close(mean, exact, rtol=0.25, atol=0)

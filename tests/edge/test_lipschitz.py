@@ -106,8 +106,9 @@ def test_ov_norms_expand_values_given_per_key_value_head(monkeypatch):
     """A TransformerBridge gives W_V per key/value head; the norms must equal the expanded model's."""
     from transformer_lens.components import GroupedQueryAttention
 
-    model = _with_random_gains(tiny_model(dtype=torch.float64, seed=7, norm="RMS", positional="rotary",
-                                          n_heads=4, n_key_value_heads=2))
+    model = _with_random_gains(
+        tiny_model(dtype=torch.float64, seed=7, norm="RMS", positional="rotary", n_heads=4, n_key_value_heads=2)
+    )
     expected = ov_norms(model)
     monkeypatch.setattr(GroupedQueryAttention, "W_V", property(lambda self: self._W_V))
     assert model.blocks[0].attn.W_V.shape[0] == 2
@@ -136,7 +137,9 @@ def test_moe_gain_against_the_jacobian_of_the_frozen_router_moe(family, experts_
                     expert.W_gate.weight.mul_(40)
                     expert.W_in.weight.mul_(40)
     result = trace(model, tokens, lipschitz=True)
-    names = [f"blocks.{l}.{n}" for l in range(3) for n in ("hook_resid_mid", "ln2.hook_scale", "mlp.hook_expert_weights")]
+    names = [
+        f"blocks.{l}.{n}" for l in range(3) for n in ("hook_resid_mid", "ln2.hook_scale", "mlp.hook_expert_weights")
+    ]
     _, cache = model.run_with_cache(tokens[None], names_filter=names)
     for layer, block in enumerate(model.blocks):
         mid, scale = cache[f"blocks.{layer}.hook_resid_mid"][0], cache[f"blocks.{layer}.ln2.hook_scale"][0]
@@ -157,9 +160,13 @@ def test_moe_gain_against_the_jacobian_of_the_frozen_router_moe(family, experts_
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(), dict(act_fn="solu"), dict(normalization_type="LNPre"),
-     dict(normalization_type="RMS", gated_mlp=True), dict(use_normalization_before_and_after=True,
-                                                          normalization_type="RMS")],
+    [
+        dict(),
+        dict(act_fn="solu"),
+        dict(normalization_type="LNPre"),
+        dict(normalization_type="RMS", gated_mlp=True),
+        dict(use_normalization_before_and_after=True, normalization_type="RMS"),
+    ],
 )
 def test_solu_gain_equals_the_jacobian_with_frozen_neuron_norm(overrides):
     """SoLU's gain (diagonal-plus-rank-one Gram route) against jacrev of MLP∘N2 with both scales frozen."""
@@ -172,9 +179,15 @@ def test_solu_gain_equals_the_jacobian_with_frozen_neuron_norm(overrides):
     for layer, block in enumerate(model.blocks):
         mid = cache[f"blocks.{layer}.hook_resid_mid"][0]
         for pos in range(0, len(tokens), 3):
-            freeze = [(name, lambda v, hook, c=cache[name][:, pos : pos + 1]: c) for name in
-                      (f"blocks.{layer}.ln2.hook_scale", f"blocks.{layer}.mlp.ln.hook_scale",
-                       f"blocks.{layer}.ln2_post.hook_scale") if name in cache]
+            freeze = [
+                (name, lambda v, hook, c=cache[name][:, pos : pos + 1]: c)
+                for name in (
+                    f"blocks.{layer}.ln2.hook_scale",
+                    f"blocks.{layer}.mlp.ln.hook_scale",
+                    f"blocks.{layer}.ln2_post.hook_scale",
+                )
+                if name in cache
+            ]
 
             def mlp_of_frozen_norm(x, block=block, freeze=freeze):
                 with model.hooks(fwd_hooks=freeze):

@@ -21,10 +21,27 @@ from lens_squash.experiments.analysis import analyze
 from ..families import FAMILIES, REFUSED, TOKENS, build
 
 CAUSAL = [name for name in FAMILIES if name not in REFUSED]
-SPECTRAL_FIELDS = ("spectrum", "second_eigenvalue", "multiplicity", "two_nonzeros", "dobrushin",
-                   "cumulative_dobrushin", "rollout_mass", "rank_one_distance")
-SINK_CURVES = ("mean_first_token_attention", "sink_rate", "mixing", "first_token_norm", "norm_ratio", "entropy",
-               "anisotropy", "rollout_mass", "dobrushin")
+SPECTRAL_FIELDS = (
+    "spectrum",
+    "second_eigenvalue",
+    "multiplicity",
+    "two_nonzeros",
+    "dobrushin",
+    "cumulative_dobrushin",
+    "rollout_mass",
+    "rank_one_distance",
+)
+SINK_CURVES = (
+    "mean_first_token_attention",
+    "sink_rate",
+    "mixing",
+    "first_token_norm",
+    "norm_ratio",
+    "entropy",
+    "anisotropy",
+    "rollout_mass",
+    "dobrushin",
+)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> None:

@@ -193,8 +193,9 @@ def test_tiny_model_knobs_take_effect_in_the_attention_scores(positional, norm):
     (learned positions added, or not), the norm (LN, RMS, none), q·k/√d_head, then the positional
     mechanism (rotary turns q and k, ALiBi adds −m_h·(i − j) with m_h = 2^(−8(h+1)/H))."""
     kv_heads = 2 if positional == "rotary" else None  # rotary also checks GQA: head h reads key head h // 2
-    model = tiny_model(positional=positional, norm=norm, n_heads=4, n_key_value_heads=kv_heads, n_layers=1,
-                       dtype=torch.float64)
+    model = tiny_model(
+        positional=positional, norm=norm, n_heads=4, n_key_value_heads=kv_heads, n_layers=1, dtype=torch.float64
+    )
     tokens = torch.randint(0, model.cfg.d_vocab, (10,))
     logits, cache = model.run_with_cache(tokens[None])
     assert torch.isfinite(logits).all()
@@ -216,12 +217,15 @@ def test_tiny_model_knobs_take_effect_in_the_attention_scores(positional, norm):
         distance = torch.arange(n)[:, None] - torch.arange(n)[None, :]  # i − j
         scores = scores - slopes[:, None, None] * distance
     causal = torch.ones(n, n, dtype=torch.bool).tril()
-    torch.testing.assert_close(cache["blocks.0.attn.hook_attn_scores"][0][:, causal], scores[:, causal],
-                               atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        cache["blocks.0.attn.hook_attn_scores"][0][:, causal], scores[:, causal], atol=1e-10, rtol=0
+    )
 
 
-@pytest.mark.parametrize(("positional", "depends_on"), [("none", "nothing"), ("alibi", "i - j"), ("rotary", "i - j"),
-                                                       ("standard", "i and j")])
+@pytest.mark.parametrize(
+    ("positional", "depends_on"),
+    [("none", "nothing"), ("alibi", "i - j"), ("rotary", "i - j"), ("standard", "i and j")],
+)
 def test_on_a_repeated_token_the_scores_depend_on_what_the_positional_mechanism_says(positional, depends_on):
     # every position holds the same token, so only the positional mechanism can tell positions apart
     model = tiny_model(positional=positional, n_heads=4, n_layers=1, dtype=torch.float64)
@@ -289,4 +293,4 @@ def test_tiny_random_loads_by_name_offline():
     assert text.startswith("<|im_start|>system\n"), text
     assert text.endswith("<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"), text
     raw = format_prompt(model, "hello", chat=False, prepend_bos=False).tolist()
-    assert any(tokens[i:i + len(raw)] == raw for i in range(len(tokens))), (tokens, raw)  # the raw ids, inside
+    assert any(tokens[i : i + len(raw)] == raw for i in range(len(tokens))), (tokens, raw)  # the raw ids, inside

@@ -60,8 +60,13 @@ def test_final_representation_matches_ln_final(norm):
 def _tiny_llama_pair():
     tokenizer = offline_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
         tie_word_embeddings=True,  # as SmolLM2, whose name the bridge is booted under
     )
     with torch.random.fork_rng():
@@ -81,7 +86,16 @@ def test_bridge_and_hooked_traces_agree():
     # no_processing: keep the original weights, so logits are not centred and norms not folded
     bridge.enable_compatibility_mode(no_processing=True)
     ours, theirs = trace(hooked, TOKENS), trace(bridge, TOKENS)
-    for name in ["patterns", "ln1_scale", "ln2_scale", "final_scale", "resid_norms", "value_norms", "y_last", "last_logits"]:
+    for name in [
+        "patterns",
+        "ln1_scale",
+        "ln2_scale",
+        "final_scale",
+        "resid_norms",
+        "value_norms",
+        "y_last",
+        "last_logits",
+    ]:
         torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), atol=1e-5, rtol=1e-5, msg=name)
     assert ours.str_tokens == theirs.str_tokens and ours.predicted_token == theirs.predicted_token
 
@@ -142,8 +156,12 @@ def test_value_norms_are_invariant_to_gqa_grouping():
     direct = torch.einsum("phd,hdm->hpm", cache["blocks.1.attn.hook_v"][0], ungrouped.blocks[1].attn.W_O).norm(dim=-1)
     torch.testing.assert_close(b.value_norms[1], direct, rtol=1e-12, atol=0)
     for variant in ("value", "value_rownorm", "certified"):
-        torch.testing.assert_close(path_bound(a, variant, model=grouped).bound,
-                                   path_bound(b, variant, model=ungrouped).bound, rtol=1e-10, atol=0)
+        torch.testing.assert_close(
+            path_bound(a, variant, model=grouped).bound,
+            path_bound(b, variant, model=ungrouped).bound,
+            rtol=1e-10,
+            atol=0,
+        )
 
 
 def test_split_qkv_inputs_give_per_position_scales():
@@ -168,8 +186,19 @@ def test_a_config_transformer_lens_cannot_run_is_one_clear_error(overrides):
 
     from lens_squash.core.support import UnsupportedModelError
 
-    kwargs = dict(n_layers=1, d_model=16, n_heads=2, d_head=4, d_mlp=32, d_vocab=32, n_ctx=16, act_fn="gelu",
-                  normalization_type="LN", positional_embedding_type="rotary", rotary_dim=4)
+    kwargs = dict(
+        n_layers=1,
+        d_model=16,
+        n_heads=2,
+        d_head=4,
+        d_mlp=32,
+        d_vocab=32,
+        n_ctx=16,
+        act_fn="gelu",
+        normalization_type="LN",
+        positional_embedding_type="rotary",
+        rotary_dim=4,
+    )
     kwargs.update(overrides)
     if kwargs.get("attn_only"):
         kwargs.update(d_mlp=None, act_fn=None)

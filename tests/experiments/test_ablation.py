@@ -14,7 +14,6 @@ from ..reference import assert_json_carries
 F64 = torch.float64
 
 
-
 def test_disabled_clamp_changes_nothing(tiny):
     tokens = torch.randint(0, tiny.cfg.d_vocab, (10,))[None]
     reference = tiny(tokens)
@@ -57,8 +56,11 @@ def test_clamp_top_dims_sets_them_to_their_median(tiny):
 
 
 def test_clamp_option_errors(tiny):
-    for kwargs, match in [({"factor": 2.0, "dims": 1}, "at most one"), ({"target_norm": -1.0}, "≥ 0"),
-                          ({"dims": 0}, "k largest")]:
+    for kwargs, match in [
+        ({"factor": 2.0, "dims": 1}, "at most one"),
+        ({"target_norm": -1.0}, "≥ 0"),
+        ({"dims": 0}, "k largest"),
+    ]:
         with pytest.raises(ValueError, match=match):
             clamp_hooks(tiny, 0, **kwargs)
     with pytest.raises(ValueError, match="blocks"):
@@ -104,7 +106,10 @@ def test_jacobian_pass_honours_the_clamp(tiny):
     torch.testing.assert_close(identity.jacobian_baseline, jacobian(tiny, tokens, mode="exact").frobenius)
     # raw and normalised profiles, baseline then ablated: the figure holds the two Jacobians' values
     raw_base, shape_base, raw_ablated, shape_ablated = identity.plot_jacobian().data
-    for trace, values in [(raw_base, identity.jacobian_baseline), (raw_ablated, identity.jacobian_ablated),
-                          (shape_base, identity.jacobian_baseline / identity.jacobian_baseline.sum()),
-                          (shape_ablated, identity.jacobian_ablated / identity.jacobian_ablated.sum())]:
+    for trace, values in [
+        (raw_base, identity.jacobian_baseline),
+        (raw_ablated, identity.jacobian_ablated),
+        (shape_base, identity.jacobian_baseline / identity.jacobian_baseline.sum()),
+        (shape_ablated, identity.jacobian_ablated / identity.jacobian_ablated.sum()),
+    ]:
         np.testing.assert_allclose(np.asarray(trace.y, dtype=float), values.numpy(), rtol=1e-6)

@@ -8,23 +8,32 @@ import pytest
 import torch
 
 from lens_squash import tiny_model
-from lens_squash.core.records import to_jsonable
-from lens_squash.experiments.analysis import Analysis, analyze
-from lens_squash.algebra.sinks import SinkReport
-from lens_squash.experiments.ablation import AblationResult
-from lens_squash.experiments.collapse import CollapseResult
-from lens_squash.cli import main
-from lens_squash.edge.jacobian import jacobian
 from lens_squash.algebra.ranks import spearman
+from lens_squash.algebra.sinks import SinkReport
 from lens_squash.algebra.variants import path_bound
+from lens_squash.cli import main
+from lens_squash.core.records import to_jsonable
+from lens_squash.edge.jacobian import jacobian
+from lens_squash.experiments.ablation import AblationResult
+from lens_squash.experiments.analysis import Analysis, analyze
+from lens_squash.experiments.collapse import CollapseResult
 
 from ..families import FAMILIES, REFUSED, TOKENS, build
 
 
 @pytest.fixture(scope="module")
 def chat_model():
-    return tiny_model(n_layers=2, n_heads=2, d_model=32, tokenizer="smollm2", dtype=torch.float64, n_ctx=256,
-                      positional="rotary", norm="RMS", seed=3)
+    return tiny_model(
+        n_layers=2,
+        n_heads=2,
+        d_model=32,
+        tokenizer="smollm2",
+        dtype=torch.float64,
+        n_ctx=256,
+        positional="rotary",
+        norm="RMS",
+        seed=3,
+    )
 
 
 def test_analysis_matches_its_parts(chat_model):
@@ -51,9 +60,25 @@ def test_analysis_without_jacobian(chat_model):
 
 def test_analyze_command_writes_results_and_report(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["analyze", "--model", "tiny-random", "--prompt", "The cat sat on the <b>door</b>.",
-                 "--jacobian", "sketch", "--probes", "8", "--variants", "paper,rollout,value_rownorm",
-                 "--n-ctx", "256", "--out", str(out)])
+    code = main(
+        [
+            "analyze",
+            "--model",
+            "tiny-random",
+            "--prompt",
+            "The cat sat on the <b>door</b>.",
+            "--jacobian",
+            "sketch",
+            "--probes",
+            "8",
+            "--variants",
+            "paper,rollout,value_rownorm",
+            "--n-ctx",
+            "256",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "best-ranking variant" in printed and "value_rownorm" in printed
@@ -73,18 +98,52 @@ def test_analyze_command_writes_results_and_report(tmp_path, capsys):
 def test_analyze_command_rejects_bad_input(tmp_path, capsys):
     assert main(["analyze", "--prompt", "  ", "--raw", "--out", str(tmp_path)]) == 2
     assert "empty" in capsys.readouterr().err
-    assert main(["analyze", "--model", "tiny-random", "--prompt", "one two " * 200, "--raw", "--n-ctx", "64",
-                 "--out", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "analyze",
+                "--model",
+                "tiny-random",
+                "--prompt",
+                "one two " * 200,
+                "--raw",
+                "--n-ctx",
+                "64",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "n_ctx=64" in capsys.readouterr().err  # refused, never silently truncated
-    assert main(["analyze", "--model", "tiny-random", "--prompt", "hi", "--variants", "paper,bogus",
-                 "--out", str(tmp_path)]) == 2
+    assert (
+        main(
+            ["analyze", "--model", "tiny-random", "--prompt", "hi", "--variants", "paper,bogus", "--out", str(tmp_path)]
+        )
+        == 2
+    )
     assert "unknown variant" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
 
 
 def test_tasks_command_runs_and_resumes(tmp_path, capsys):
-    argv = ["tasks", "--model", "tiny-random", "--task", "copy_last,count_ones", "--lengths", "3,5",
-            "--samples", "1", "--max-new-tokens", "4", "--n-ctx", "256", "--out", str(tmp_path)]
+    argv = [
+        "tasks",
+        "--model",
+        "tiny-random",
+        "--task",
+        "copy_last,count_ones",
+        "--lengths",
+        "3,5",
+        "--samples",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--n-ctx",
+        "256",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     first = capsys.readouterr().out
     assert "copy_last" in first and "count_ones" in first and (tmp_path / "results.csv").exists()
@@ -94,23 +153,48 @@ def test_tasks_command_runs_and_resumes(tmp_path, capsys):
 
 
 def test_collapse_command_writes_every_figure(tmp_path, capsys):
-    argv = ["collapse", "--model", "tiny-random", "--lengths", "2:20:6", "--dtypes", "float32,bfloat16",
-            "--open-ended", "--out", str(tmp_path)]
+    argv = [
+        "collapse",
+        "--model",
+        "tiny-random",
+        "--lengths",
+        "2:20:6",
+        "--dtypes",
+        "float32,bfloat16",
+        "--open-ended",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "float32" in printed and "bfloat16" in printed and "same_prediction" in printed
     results = json.loads((tmp_path / "results.json").read_text())
     collapse = CollapseResult.from_dict(results["collapse"])  # each result in the file loads back
-    assert collapse.lengths.tolist() == [2, 8, 14, 20] and collapse.prefix_closed and collapse.dtypes == ("float32", "bfloat16")
-    assert results["collapse"]["thresholds"] == to_jsonable(collapse.thresholds())  # shown for readers, recomputed on load
+    assert (
+        collapse.lengths.tolist() == [2, 8, 14, 20]
+        and collapse.prefix_closed
+        and collapse.dtypes == ("float32", "bfloat16")
+    )
+    assert results["collapse"]["thresholds"] == to_jsonable(
+        collapse.thresholds()
+    )  # shown for readers, recomputed on load
     assert {"synthetic", "tv_decay", "metadata"} <= set(results)
     page = (tmp_path / "report.html").read_text()
     assert page.count('class="plotly-graph-div"') >= 4
 
 
 def test_sinks_command_with_ablation(tmp_path, capsys):
-    argv = ["sinks", "--model", "tiny-random", "--prompt", "a b c d e f g", "--clamp-layer", "0",
-            "--out", str(tmp_path)]
+    argv = [
+        "sinks",
+        "--model",
+        "tiny-random",
+        "--prompt",
+        "a b c d e f g",
+        "--clamp-layer",
+        "0",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "sink rate" in printed and "clamping" in printed
@@ -156,11 +240,14 @@ def test_a_variant_named_explicitly_that_cannot_apply_is_an_error(chat_model, mo
         analyze(chat_model, "hello there", variants=("rollout", "certified"), jacobian_mode=None)
 
 
-@pytest.mark.parametrize("variants, message", [
-    ((), "variants is empty"),
-    (("paper", "nonsense"), "unknown variant"),
-    (("paper", "paper"), "twice"),
-])
+@pytest.mark.parametrize(
+    "variants, message",
+    [
+        ((), "variants is empty"),
+        (("paper", "nonsense"), "unknown variant"),
+        (("paper", "paper"), "twice"),
+    ],
+)
 def test_bad_variant_lists_are_refused_before_tracing(chat_model, variants, message, monkeypatch):
     import lens_squash.experiments.analysis as analysis
 
@@ -200,8 +287,17 @@ def test_analyze_refuses_a_bidirectional_model_in_one_clear_error():
 
 
 def test_collapse_command_fast_path_says_where_its_thresholds_came_from(tmp_path, capsys):
-    base = ["collapse", "--model", "tiny-random", "--lengths", "2:20:6", "--dtypes", "float32,bfloat16",
-            "--no-theory", "--open-ended"]
+    base = [
+        "collapse",
+        "--model",
+        "tiny-random",
+        "--lengths",
+        "2:20:6",
+        "--dtypes",
+        "float32,bfloat16",
+        "--no-theory",
+        "--open-ended",
+    ]
     assert main([*base, "--out", str(tmp_path / "exact")]) == 0
     assert main([*base, "--fast", "--out", str(tmp_path / "fast")]) == 0
     exact = json.loads((tmp_path / "exact" / "results.json").read_text())["collapse"]

@@ -17,8 +17,8 @@ from lens_squash.experiments.collapse import (
     measure_pairs,
     model_in_dtype,
     window_hooks,
-    window_sweep,
 )
+from lens_squash.experiments.collapse_windows import window_sweep
 
 # Appendix C.1 of the paper, typed out independently of lens_squash.experiments.tasks (quirks included).
 PAPER_COUNT = (
@@ -33,14 +33,32 @@ PAPER_COPY = (
 
 @pytest.fixture(scope="module")
 def rotary():
-    return tiny_model(n_layers=2, n_heads=2, d_model=16, n_ctx=160, tokenizer="smollm2", positional="rotary",
-                      norm="RMS", dtype=torch.float64, seed=3)
+    return tiny_model(
+        n_layers=2,
+        n_heads=2,
+        d_model=16,
+        n_ctx=160,
+        tokenizer="smollm2",
+        positional="rotary",
+        norm="RMS",
+        dtype=torch.float64,
+        seed=3,
+    )
 
 
 @pytest.fixture(scope="module")
 def absolute():
-    return tiny_model(n_layers=2, n_heads=2, d_model=16, n_ctx=160, tokenizer="smollm2", positional="standard",
-                      norm="LN", dtype=torch.float64, seed=4)
+    return tiny_model(
+        n_layers=2,
+        n_heads=2,
+        d_model=16,
+        n_ctx=160,
+        tokenizer="smollm2",
+        positional="standard",
+        norm="LN",
+        dtype=torch.float64,
+        seed=4,
+    )
 
 
 def _brute(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -53,10 +71,12 @@ def _brute(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _brute_distances(model, s, s_star):
-    return torch.stack([
-        torch.linalg.vector_norm(_brute(model, a) - _brute(model, b), ord=float("inf"), dim=-1)
-        for a, b in zip(s, s_star, strict=True)
-    ])
+    return torch.stack(
+        [
+            torch.linalg.vector_norm(_brute(model, a) - _brute(model, b), ord=float("inf"), dim=-1)
+            for a, b in zip(s, s_star, strict=True)
+        ]
+    )
 
 
 def test_family_texts_are_the_papers_verbatim(rotary):
@@ -73,7 +93,10 @@ def test_family_texts_are_the_papers_verbatim(rotary):
         if seq is None:  # random digits: the paper's text around n digits ending in 1, and s* adds a 1
             before, after = template.split("{seq}")
             text, text_star = tok.decode(s[0]), tok.decode(s_star[0])
-            seq, seq_star = text[len(before):len(text) - len(after)], text_star[len(before):len(text_star) - len(after)]
+            seq, seq_star = (
+                text[len(before) : len(text) - len(after)],
+                text_star[len(before) : len(text_star) - len(after)],
+            )
             assert len(seq) == n and seq.isdigit() and seq.endswith("1") and seq_star == seq + "1"
         assert tok.decode(s[0]) == template.format(seq=seq)
         assert tok.decode(s_star[0]) == template.format(seq=seq_star)
@@ -106,8 +129,17 @@ def test_shared_passes_equal_separate_passes(model_name, open_ended, request):
     s, s_star, _ = family_pairs(model, "count_ones", lengths, chat=True, open_ended=open_ended)
     expected = _brute_distances(model, s, s_star)
     for exact in (True, False):
-        result = collapse_curve(model, "count_ones", lengths, ("float64",), chat=True, open_ended=open_ended,
-                                batch_tokens=200, exact=exact, noise_samples=2)
+        result = collapse_curve(
+            model,
+            "count_ones",
+            lengths,
+            ("float64",),
+            chat=True,
+            open_ended=open_ended,
+            batch_tokens=200,
+            exact=exact,
+            noise_samples=2,
+        )
         torch.testing.assert_close(result.distances[0, :, :, 0], expected, atol=1e-12, rtol=1e-9)
         assert result.prefix_closed == open_ended
     # separate passes: one per distinct prompt (s* at length 1 is s at length 2: no sharing here)
@@ -121,11 +153,11 @@ def test_shared_passes_equal_separate_passes(model_name, open_ended, request):
 
 def test_batching_random_digits_equals_separate_passes(absolute):
     lengths = [2, 5, 9]
-    result = collapse_curve(absolute, "random_digits", lengths, ("float64",), chat=False, batch_tokens=64,
-                            exact=False)
+    result = collapse_curve(absolute, "random_digits", lengths, ("float64",), chat=False, batch_tokens=64, exact=False)
     s, s_star, _ = family_pairs(absolute, "random_digits", lengths, chat=False)
-    torch.testing.assert_close(result.distances[0, :, :, 0], _brute_distances(absolute, s, s_star),
-                               atol=1e-12, rtol=1e-9)
+    torch.testing.assert_close(
+        result.distances[0, :, :, 0], _brute_distances(absolute, s, s_star), atol=1e-12, rtol=1e-9
+    )
     # text follows the sequence, so no prompt is a prefix of another: every prompt is its own row
     assert not result.prefix_closed and result.paths == {"float64": "separate"}  # one row per pass
     batched = collapse_curve(absolute, "random_digits", lengths, ("float64",), chat=False, exact=False)
@@ -139,8 +171,7 @@ def test_bidirectional_models_get_separate_exact_passes():
     s_star = [torch.tensor([5, 6, 7, 7]), torch.tensor([5, 6, 6])]
     measured = measure_pairs(model, s, s_star)
     assert measured.n_rows == 4  # no prefix sharing: later tokens change earlier positions
-    torch.testing.assert_close(measured.distances[:, :, 0], _brute_distances(model, s, s_star),
-                               atol=1e-12, rtol=1e-9)
+    torch.testing.assert_close(measured.distances[:, :, 0], _brute_distances(model, s, s_star), atol=1e-12, rtol=1e-9)
 
 
 def test_norms_heads_and_relative_distances_match_definitions(rotary):
@@ -150,8 +181,10 @@ def test_norms_heads_and_relative_distances_match_definitions(rotary):
         a, b = _brute(rotary, s[i]), _brute(rotary, s_star[i])
         for j, p in enumerate((float("inf"), 1.0, 2.0)):
             torch.testing.assert_close(result.distances[0, i, :, j], torch.linalg.vector_norm(a - b, ord=p, dim=-1))
-            torch.testing.assert_close(result.relative()[0, i, :, j],
-                                       torch.linalg.vector_norm(a - b, ord=p, dim=-1) / torch.linalg.vector_norm(a, ord=p, dim=-1))
+            torch.testing.assert_close(
+                result.relative()[0, i, :, j],
+                torch.linalg.vector_norm(a - b, ord=p, dim=-1) / torch.linalg.vector_norm(a, ord=p, dim=-1),
+            )
         _, ca = rotary.run_with_cache(s[i][None])
         _, cb = rotary.run_with_cache(s_star[i][None])
         w_o = rotary.blocks[-1].attn.W_O
@@ -159,7 +192,9 @@ def test_norms_heads_and_relative_distances_match_definitions(rotary):
         hb = torch.einsum("hd,hdm->hm", cb["blocks.1.attn.hook_z"][0, -1], w_o)
         torch.testing.assert_close(result.head_distances[0, i], (ha - hb).norm(dim=-1))
         # heads sum (plus b_O, which cancels) to the attention output difference
-        torch.testing.assert_close((ha - hb).sum(0), ca["blocks.1.hook_attn_out"][0, -1] - cb["blocks.1.hook_attn_out"][0, -1])
+        torch.testing.assert_close(
+            (ha - hb).sum(0), ca["blocks.1.hook_attn_out"][0, -1] - cb["blocks.1.hook_attn_out"][0, -1]
+        )
 
 
 def test_model_in_dtype_casts_parameters_and_rebuilds_buffers(rotary):
@@ -167,18 +202,21 @@ def test_model_in_dtype_casts_parameters_and_rebuilds_buffers(rotary):
     assert bf16.cfg.dtype == torch.bfloat16 and rotary.cfg.dtype == torch.float64
     for (name, p), (_, q) in zip(rotary.named_parameters(), bf16.named_parameters(), strict=True):
         assert torch.equal(p.to(torch.bfloat16), q), name
-    fresh = tiny_model(n_layers=2, n_heads=2, d_model=16, n_ctx=160, positional="rotary", norm="RMS",
-                       dtype=torch.bfloat16, seed=3)
+    fresh = tiny_model(
+        n_layers=2, n_heads=2, d_model=16, n_ctx=160, positional="rotary", norm="RMS", dtype=torch.bfloat16, seed=3
+    )
     assert torch.equal(bf16.blocks[0].attn.rotary_sin, fresh.blocks[0].attn.rotary_sin)
     assert model_in_dtype(rotary, torch.float64) is rotary
 
 
 def test_dtype_sweep_thresholds_and_native_mode(rotary):
     lengths = list(range(1, 60, 4))
-    default = collapse_curve(rotary, "count_ones", lengths, ("float64", "bfloat16"), chat=False, open_ended=True,
-                             exact=False)
-    native = collapse_curve(rotary, "count_ones", lengths, ("bfloat16",), chat=False, open_ended=True, native=True,
-                            exact=False)
+    default = collapse_curve(
+        rotary, "count_ones", lengths, ("float64", "bfloat16"), chat=False, open_ended=True, exact=False
+    )
+    native = collapse_curve(
+        rotary, "count_ones", lengths, ("bfloat16",), chat=False, open_ended=True, native=True, exact=False
+    )
     # TransformerLens hands back residuals, y and logits already in bf16: native changes none of them
     torch.testing.assert_close(native.distances[0], default.distances[1], atol=0, rtol=0)
     th = default.thresholds()
@@ -233,8 +271,9 @@ def test_window_masks_attention_and_makes_long_runs_identical(rotary):
     # the rotary tables at different absolute positions.
     w, n_layers = 3, rotary.cfg.n_layers
     field = n_layers * (w - 1) + 1
-    result = collapse_curve(rotary, "copy_ones", [field - 1, field, field + 5], ("float64",), chat=False,
-                            open_ended=True, window=w)
+    result = collapse_curve(
+        rotary, "copy_ones", [field - 1, field, field + 5], ("float64",), chat=False, open_ended=True, window=w
+    )
     d = result.final("inf")[0]
     assert d[0] > 1e-3 and (d[1:] < 1e-13).all()
 
@@ -268,8 +307,20 @@ def test_window_sweep_reports_distance_and_bound(rotary):
 @pytest.fixture(scope="module")
 def wide_heads():
     """d_head = 64 like SmolLM2: on this CPU the prefix trick is already off by float32 ulps here."""
-    return tiny_model(n_layers=2, n_heads=1, d_model=64, d_head=64, n_ctx=200, tokenizer="smollm2",
-                      positional="rotary", norm="RMS", gated_mlp=True, act_fn="silu", dtype=torch.float32, seed=3)
+    return tiny_model(
+        n_layers=2,
+        n_heads=1,
+        d_model=64,
+        d_head=64,
+        n_ctx=200,
+        tokenizer="smollm2",
+        positional="rotary",
+        norm="RMS",
+        gated_mlp=True,
+        act_fn="silu",
+        dtype=torch.float32,
+        seed=3,
+    )
 
 
 def _alone(model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -287,11 +338,18 @@ def _first_length(lengths, flags):
     return next((n for n, f in zip(lengths, flags.tolist(), strict=True) if f), None)
 
 
-@pytest.mark.parametrize(("family", "open_ended", "dtype"), [
-    ("count_ones", False, "float32"), ("count_ones", False, "bfloat16"), ("count_ones", False, "float16"),
-    ("count_ones", True, "bfloat16"), ("random_digits", True, "float32"), ("random_digits", True, "bfloat16"),
-    ("count_ones", True, "float32"),
-])
+@pytest.mark.parametrize(
+    ("family", "open_ended", "dtype"),
+    [
+        ("count_ones", False, "float32"),
+        ("count_ones", False, "bfloat16"),
+        ("count_ones", False, "float16"),
+        ("count_ones", True, "bfloat16"),
+        ("random_digits", True, "float32"),
+        ("random_digits", True, "bfloat16"),
+        ("count_ones", True, "float32"),
+    ],
+)
 def test_exact_path_equals_separate_passes_bit_for_bit(wide_heads, dtype, family, open_ended):
     """Every site's distance, the predictions and the thresholds equal those of each prompt run by
     itself — bit for bit. (On the 2-core development machine the prefix trick is off by float32 ulps
@@ -307,8 +365,10 @@ def test_exact_path_equals_separate_passes_bit_for_bit(wide_heads, dtype, family
         assert result.predictions[0, i].tolist() == [int(logits_a.argmax()), int(logits_b.argmax())]
         assert bool(result.logits_equal[0, i]) == torch.equal(logits_a, logits_b)
     eps = torch.finfo(getattr(torch, dtype)).eps
-    rel = torch.tensor([float((ya.double() - yb.double()).abs().max() / ya.double().abs().max())
-                        for (_, ya, _), (_, yb, _) in alone], dtype=torch.float64)
+    rel = torch.tensor(
+        [float((ya.double() - yb.double()).abs().max() / ya.double().abs().max()) for (_, ya, _), (_, yb, _) in alone],
+        dtype=torch.float64,
+    )
     zero = torch.tensor([torch.equal(ya, yb) for (_, ya, _), (_, yb, _) in alone])
     same = torch.tensor([int(la.argmax()) == int(lb.argmax()) for (_, _, la), (_, _, lb) in alone])
     th = result.thresholds()[dtype]
@@ -322,8 +382,9 @@ def test_fast_path_reports_its_noise_floor_against_separate_passes(wide_heads):
     lengths = [1, 4, 90, 120, 160]  # on the development machine the prefix trick drifts at 90 here
     s, s_star, _ = family_pairs(wide_heads, "count_ones", lengths, chat=True, open_ended=True)
     for dtype in ("float32",):
-        result = collapse_curve(wide_heads, "count_ones", lengths, (dtype,), open_ended=True, exact=False,
-                                noise_samples=3)
+        result = collapse_curve(
+            wide_heads, "count_ones", lengths, (dtype,), open_ended=True, exact=False, noise_samples=3
+        )
         assert result.noise_lengths == (1, 90, 160) and result.paths[dtype] == "prefix"
         twin = model_in_dtype(wide_heads, dtype)
         fast = measure_pairs(twin, s, s_star)
@@ -339,8 +400,17 @@ def test_fast_path_reports_its_noise_floor_against_separate_passes(wide_heads):
 
 def _rigged(token: str):
     """A tiny model whose unembedding bias makes ``token`` the prediction after every prompt."""
-    model = tiny_model(n_layers=1, n_heads=2, d_model=16, n_ctx=160, tokenizer="smollm2", positional="rotary",
-                       norm="RMS", dtype=torch.float32, seed=5)
+    model = tiny_model(
+        n_layers=1,
+        n_heads=2,
+        d_model=16,
+        n_ctx=160,
+        tokenizer="smollm2",
+        positional="rotary",
+        norm="RMS",
+        dtype=torch.float32,
+        seed=5,
+    )
     with torch.no_grad():
         model.unembed.b_U[model.tokenizer.convert_tokens_to_ids(token)] = 1e4
     return model
@@ -397,8 +467,10 @@ def test_smollm2_bfloat16_thresholds_equal_separate_passes(smollm2):
             with torch.no_grad():
                 runs[key] = _alone(twin, x)[1:]
     pairs = [(runs[tuple(a.tolist())], runs[tuple(b.tolist())]) for a, b in zip(s, s_star, strict=True)]
-    rel = torch.tensor([float((ya.double() - yb.double()).abs().max() / ya.double().abs().max())
-                        for (ya, _), (yb, _) in pairs], dtype=torch.float64)
+    rel = torch.tensor(
+        [float((ya.double() - yb.double()).abs().max() / ya.double().abs().max()) for (ya, _), (yb, _) in pairs],
+        dtype=torch.float64,
+    )
     torch.testing.assert_close(result.final("inf")[0], rel, rtol=0, atol=0)
     th = result.thresholds()["bfloat16"]
     eps = torch.finfo(torch.bfloat16).eps
@@ -416,6 +488,7 @@ def test_chat_none_means_the_template_when_the_tokenizer_has_one(monkeypatch):
     from lens_squash.experiments.collapse import collapse_curve, family_pairs
 
     model = tiny_model(tokenizer="smollm2", n_ctx=256, d_model=16, n_heads=2, n_layers=1, seed=0)
+
     def ids(**kwargs):
         return [x.tolist() for x in family_pairs(model, "count_ones", [3, 5], **kwargs)[0]]
 

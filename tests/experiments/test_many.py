@@ -134,8 +134,9 @@ def test_threads_sharing_one_cached_model_take_turns_and_errors_come_back(model,
 def test_a_process_pool_gives_the_same_numbers(model, one_thread):
     reference = analyze_many(model, PROMPTS, **KWARGS)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing inherited from this one
-    with ProcessPoolExecutor(max_workers=2, mp_context=context, initializer=torch.set_num_threads,
-                             initargs=(1,)) as pool:
+    with ProcessPoolExecutor(
+        max_workers=2, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)
+    ) as pool:
         remote = analyze_many(SPEC, PROMPTS, executor=pool, **KWARGS)
     assert_same_many(reference, remote)
 
@@ -146,8 +147,10 @@ def test_a_two_worker_dask_cluster_gives_the_same_numbers_and_loads_once_per_wor
     from dask import distributed
 
     reference = analyze_many(model, PROMPTS, **KWARGS)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         remote = analyze_many(SPEC, PROMPTS, executor=client, **KWARGS)
         by_factory = analyze_many(counting_factory, PROMPTS, executor=client, **KWARGS)
         loads = client.run(loads_here)  # {worker address: (pid, loads in that process)}
@@ -166,8 +169,9 @@ def test_on_result_sees_every_analysis_in_prompt_order_in_process_and_on_an_exec
     for executor in (None, ThreadPoolExecutor(max_workers=2)):
         seen: list = []
         source = model if executor is None else SPEC
-        many = analyze_many(source, PROMPTS, executor=executor, on_result=lambda i, a, seen=seen: seen.append((i, a)),
-                            **KWARGS)
+        many = analyze_many(
+            source, PROMPTS, executor=executor, on_result=lambda i, a, seen=seen: seen.append((i, a)), **KWARGS
+        )
         assert [i for i, _ in seen] == list(range(len(PROMPTS)))
         assert all(a is b for (_, a), b in zip(seen, many.analyses, strict=True))
         if executor is not None:

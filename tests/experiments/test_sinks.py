@@ -17,14 +17,15 @@ from ..reference import assert_json_carries
 F64 = torch.float64
 
 
-
 def direct_recomputation(model, tokens: torch.Tensor) -> dict:
     """The report's curves recomputed independently from ``run_with_cache`` with numpy."""
     _, cache = model.run_with_cache(tokens[None])
     L = model.cfg.n_layers
     pats = np.stack([cache["pattern", layer][0].double().numpy() for layer in range(L)])
-    resid = np.stack([cache["resid_pre", layer][0].double().numpy() for layer in range(L)]
-                     + [cache["resid_post", L - 1][0].double().numpy()])
+    resid = np.stack(
+        [cache["resid_pre", layer][0].double().numpy() for layer in range(L)]
+        + [cache["resid_post", L - 1][0].double().numpy()]
+    )
     n, d = resid.shape[1:]
     entropy = []
     for x in resid:
@@ -44,17 +45,29 @@ def direct_recomputation(model, tokens: torch.Tensor) -> dict:
             row_entropy = -np.where(rows > 0, rows * np.log(rows), 0.0).sum(-1)
         mixing.append((row_entropy / np.log(np.arange(2, n + 1))).mean())
     return {
-        "mean_first_token_attention": mass.mean(-1), "sink_rate": (mass > SINK_EPS).mean(-1),
-        "first_token_norm": norms[:, 0], "norm_ratio": norms[:, 0] / np.median(norms[:, 1:], axis=-1),
-        "entropy": np.array(entropy), "rollout_mass": np.array(rollout), "dobrushin": np.array(tau),
+        "mean_first_token_attention": mass.mean(-1),
+        "sink_rate": (mass > SINK_EPS).mean(-1),
+        "first_token_norm": norms[:, 0],
+        "norm_ratio": norms[:, 0] / np.median(norms[:, 1:], axis=-1),
+        "entropy": np.array(entropy),
+        "rollout_mass": np.array(rollout),
+        "dobrushin": np.array(tau),
         "mixing": np.array(mixing),
         "top_dim": np.abs(resid[:, 0]).argmax(-1),
     }
 
 
 def assert_report_matches(report, expected: dict, rtol: float) -> None:
-    for name in ("mean_first_token_attention", "sink_rate", "first_token_norm", "norm_ratio", "entropy", "rollout_mass",
-                 "dobrushin", "mixing"):
+    for name in (
+        "mean_first_token_attention",
+        "sink_rate",
+        "first_token_norm",
+        "norm_ratio",
+        "entropy",
+        "rollout_mass",
+        "dobrushin",
+        "mixing",
+    ):
         np.testing.assert_allclose(getattr(report, name).numpy(), expected[name], rtol=rtol, atol=rtol, err_msg=name)
     assert report.top_dims[:, 0].tolist() == expected["top_dim"].tolist()
 
@@ -89,7 +102,6 @@ def test_sink_analysis_and_clamp_on_smollm2(smollm2):
     before, after = result.baseline.norm_ratio[12].item(), result.ablated.norm_ratio[12].item()
     assert before > 10 and after == pytest.approx(1.0, rel=1e-5)
     assert result.first_token_norm_change[12] < 0 and (result.first_token_norm_change[:12] == 0).all()
-
 
 
 def test_sink_analysis_refuses_a_single_token_before_tracing(monkeypatch):
@@ -153,10 +165,13 @@ def test_the_split_changed_no_number():
         if isinstance(value, dict):
             assert set(now) == set(value), name
             for key in value:
-                assert (math.isnan(now[key]) and math.isnan(value[key])) or now[key] == pytest.approx(value[key], rel=1e-12, abs=1e-15), (name, key)
+                assert (math.isnan(now[key]) and math.isnan(value[key])) or now[key] == pytest.approx(
+                    value[key], rel=1e-12, abs=1e-15
+                ), (name, key)
         elif isinstance(value, list):
-            np.testing.assert_allclose(np.asarray(now, dtype=float), np.asarray(value, dtype=float), rtol=1e-12, atol=1e-15,
-                                       err_msg=name)
+            np.testing.assert_allclose(
+                np.asarray(now, dtype=float), np.asarray(value, dtype=float), rtol=1e-12, atol=1e-15, err_msg=name
+            )
         elif value is None:
             assert now is None, name
         else:

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lens_squash.experiments.collapse import longest_distinguishable_run
 from lens_squash.edge.models import tiny_model
+from lens_squash.experiments.collapse import longest_distinguishable_run
 from lens_squash.experiments.synthetic import (
     ENCODINGS,
     pe_collapse,
@@ -65,16 +65,18 @@ def test_synthetic_collapse_distance_falls_with_length_averaged_over_seeds():
 
 
 def test_ratio_invariance_exact_for_bidirectional_nope():
-    model = tiny_model(n_layers=2, n_heads=2, d_model=16, d_vocab=8, causal=False, positional="none",
-                       dtype=torch.float64, seed=2)
+    model = tiny_model(
+        n_layers=2, n_heads=2, d_model=16, d_vocab=8, causal=False, positional="none", dtype=torch.float64, seed=2
+    )
     result = ratio_invariance(model, multiples=(1, 2, 3, 5))
     assert result.invariant() and result.distances.max() < 1e-14  # float rounding only
 
 
 @pytest.mark.parametrize("causal, positional", [(True, "none"), (False, "standard"), (False, "rotary")])
 def test_ratio_invariance_broken_by_causal_mask_or_positions(causal, positional):
-    model = tiny_model(n_layers=2, n_heads=2, d_model=16, d_vocab=8, causal=causal, positional=positional,
-                       dtype=torch.float64, seed=2)
+    model = tiny_model(
+        n_layers=2, n_heads=2, d_model=16, d_vocab=8, causal=causal, positional=positional, dtype=torch.float64, seed=2
+    )
     result = ratio_invariance(model, multiples=(1, 2, 3))
     assert not result.invariant() and result.distances[1:].min() > 1e-4
     assert "Prop. B.9" in result._repr_html_()
@@ -82,8 +84,18 @@ def test_ratio_invariance_broken_by_causal_mask_or_positions(causal, positional)
 
 @pytest.mark.slow
 def test_longest_distinguishable_run_is_where_equality_starts():
-    model = tiny_model(n_layers=1, n_heads=1, d_model=16, n_ctx=320, tokenizer="smollm2", positional="none",
-                       norm="RMS", attn_only=True, dtype=torch.float32, seed=0)
+    model = tiny_model(
+        n_layers=1,
+        n_heads=1,
+        d_model=16,
+        n_ctx=320,
+        tokenizer="smollm2",
+        positional="none",
+        norm="RMS",
+        attn_only=True,
+        dtype=torch.float32,
+        seed=0,
+    )
     longest, curve = longest_distinguishable_run(model, ("float32", "bfloat16"), max_len=300, chat=False)
     for d, name in enumerate(curve.dtypes):
         n = longest[name]

@@ -84,7 +84,11 @@ def test_copy_sensitivity_reads_jacobian_and_bound_at_the_answer_token(chat_tiny
 
     frame = exact_rollout.frame
     assert list(zip(frame.task, frame.length, strict=True)) == [
-        ("copy_first", 2), ("copy_first", 7), ("copy_last", 2), ("copy_last", 7)]
+        ("copy_first", 2),
+        ("copy_first", 7),
+        ("copy_last", 2),
+        ("copy_last", 7),
+    ]
     for row in frame.itertuples():
         instance = make_instance(row.task, row.length)
         tokens, pos = answer_position(chat_tiny, instance)
@@ -128,7 +132,9 @@ def test_copy_sensitivity_renders_and_serialises(exact_rollout):
     loaded = CopySensitivity.from_dict(json.loads(json.dumps(exact_rollout.to_dict(), allow_nan=False)))
     pd.testing.assert_frame_equal(loaded.frame, frame, check_exact=True)
     first = next(iter(exact_rollout.profiles))
-    assert len(loaded.profiles[first]["jacobian"]) == frame.n_tokens[0] and list(loaded.profiles) == list(exact_rollout.profiles)
+    assert len(loaded.profiles[first]["jacobian"]) == frame.n_tokens[0] and list(loaded.profiles) == list(
+        exact_rollout.profiles
+    )
     assert loaded.provenance["model"]["name"] == exact_rollout.provenance["model"]["name"]
     assert "CopySensitivity" in exact_rollout._repr_html_()
 

@@ -39,23 +39,16 @@ FINAL = (
 ANSWER_ONLY = " Only output the answer, without any explanation or working."
 
 VERBATIM = {
-    "copy_last": "Consider the following sequence: 1 1 1 0. What is the last digit in this sequence? "
-    + COPY_TAIL,
-    "copy_first": "Consider the following sequence: 0 1 1 1. What is the first digit in this sequence? "
-    + COPY_TAIL,
+    "copy_last": "Consider the following sequence: 1 1 1 0. What is the last digit in this sequence? " + COPY_TAIL,
+    "copy_first": "Consider the following sequence: 0 1 1 1. What is the first digit in this sequence? " + COPY_TAIL,
     "copy_last_hint": "Consider the following sequence: 1 1 1 0. What is the last digit in this sequence? "
     + COPY_TAIL
     + " *Hint* It\u2019s not necessarily a 1, check carefully",
     "copy_alternating": "Consider the following sequence: 1 0 1 0. What is the last digit in this sequence? "
     + COPY_TAIL,
-    "copy_type1": "What is the last digit of the following sequence? "
-    + COPY_TAIL
-    + ". Here is the sequence: 1 1 1 0",
+    "copy_type1": "What is the last digit of the following sequence? " + COPY_TAIL + ". Here is the sequence: 1 1 1 0",
     "copy_type2": COPY_TAIL + ". What is the last digit of the following sequence? 1 1 1 0",
-    "sum_ones": "Please perform the following sum: 1 + 1 + 1 + 1. "
-    + FINAL
-    + "\u2019 is your answer.."
-    + ANSWER_ONLY,
+    "sum_ones": "Please perform the following sum: 1 + 1 + 1 + 1. " + FINAL + "\u2019 is your answer.." + ANSWER_ONLY,
     "count_ones": "Please count the number of ones in the following sequence:1 1 1 1. "
     + FINAL
     + " is your answer."
@@ -101,9 +94,7 @@ def test_cot_styles_extend_the_question_and_few_shot_uses_the_appendix_sums():
     assert few == cot + " Here are a few examples:\n\n" + PAPER_SUM_EXAMPLES
     for task in ("count_ones", "count_bernoulli", "count_car"):
         few = make_instance(task, 6, style="cot_few_shot").prompt
-        assert (
-            few.count("The final answer to your maths question is:") == 3
-        )  # instruction + 2 examples
+        assert few.count("The final answer to your maths question is:") == 3  # instruction + 2 examples
         assert few.startswith(make_instance(task, 6, style="cot").prompt)
 
 
@@ -112,11 +103,7 @@ def test_our_few_shot_examples_state_correct_answers():
         for example in TASKS[task].examples:
             question, *_, last = example.split("\n")
             body = question.split(": ", 1)[1].strip("\u2019")
-            truth = (
-                len(re.findall(r"\bcar\b", body))
-                if task == "count_car"
-                else body.split().count("1")
-            )
+            truth = len(re.findall(r"\bcar\b", body)) if task == "count_car" else body.split().count("1")
             assert parse_answer(last, "count").value == truth
 
 
@@ -139,16 +126,10 @@ def test_instances_are_deterministic_and_the_seed_is_not_pythons_salted_hash():
     # pinned: the same draw in every process, whatever PYTHONHASHSEED is
     assert make_instance("count_bernoulli", 12, 0).sequence == (0, 0, 1, 1, 1, 1, 1, 0, 1, 1, 1, 0)
     assert make_instance("count_car", 4, 0).sequence == ("window", "new", "car", "small")
-    assert (
-        make_instance("count_car", 5, 1, seed=3).sequence
-        == make_instance("count_car", 5, 1, seed=3).sequence
-    )
+    assert make_instance("count_car", 5, 1, seed=3).sequence == make_instance("count_car", 5, 1, seed=3).sequence
     draws = {make_instance("count_bernoulli", 30, s).sequence for s in range(20)}
     assert len(draws) == 20  # samples differ
-    assert (
-        make_instance("count_bernoulli", 30, 0, seed=1).sequence
-        != make_instance("count_bernoulli", 30, 0).sequence
-    )
+    assert make_instance("count_bernoulli", 30, 0, seed=1).sequence != make_instance("count_bernoulli", 30, 0).sequence
     # the three styles ask about the same sequence
     assert len({make_instance("count_car", 15, 2, m).sequence for m in STYLES}) == 1
 
@@ -321,8 +302,13 @@ def test_parser_table(text, kind, value):
 
 
 # number words the table uses, and a replacement for each with its value (by hand)
-_OTHER_WORD = {"zero": ("one", 1), "One": ("Zero", 0), "thirty-two": ("fifty-four", 54),
-               "seventeen": ("nineteen", 19), "one hundred and twelve": ("two hundred and five", 205)}
+_OTHER_WORD = {
+    "zero": ("one", 1),
+    "One": ("Zero", 0),
+    "thirty-two": ("fifty-four", 54),
+    "seventeen": ("nineteen", 19),
+    "one hundred and twelve": ("two hundred and five", 205),
+}
 
 
 def test_every_table_reading_follows_the_number_in_the_text():
@@ -336,7 +322,7 @@ def test_every_table_reading_follows_the_number_in_the_text():
         swaps = []
         if len(written) == 1:  # the answer is written once in digits
             m = written[0]
-            swaps = [(text[: m.start()] + f"{new:,}" + text[m.end():], new) for new in (value + 7, 3)]
+            swaps = [(text[: m.start()] + f"{new:,}" + text[m.end() :], new) for new in (value + 7, 3)]
         for word, (other, new) in _OTHER_WORD.items():
             if re.search(rf"\b{word}\b", text):
                 swaps.append((re.sub(rf"\b{word}\b", other, text), new))
@@ -373,9 +359,7 @@ def test_parser_reads_back_numbers_written_in_many_styles():
     for _ in range(400):
         value = rng.choice([*words, rng.randint(0, 5000)])
         number = words[value] if value in words and rng.random() < 0.5 else f"{value:,}"
-        phrase = rng.choice(
-            ["The answer to your question is", "The final answer to your maths question is"]
-        )
+        phrase = rng.choice(["The answer to your question is", "The final answer to your maths question is"])
         colon = rng.choice([":", " :", "", ":  "])
         text = f"{rng.choice(openers)}{phrase}{colon} {rng.choice(decorations).format(number)}"
         assert parse_answer(text, rng.choice(["copy", "count"])).value == value, text
@@ -493,20 +477,32 @@ def test_evaluate_gives_a_tidy_frame(uninterrupted, chat_model):
         assert row.raw_output == chat_model.tokenizer.decode(new, skip_special_tokens=True)
         assert (row.n_new_tokens, row.n_prompt_tokens) == (len(new), len(ids))
         reread = parse_answer(row.raw_output, "copy" if row.task.startswith("copy") else "count")
-        assert (reread.status, reread.value) == (row.parse_status, None if pd.isna(row.parsed_answer) else row.parsed_answer)
+        assert (reread.status, reread.value) == (
+            row.parse_status,
+            None if pd.isna(row.parsed_answer) else row.parsed_answer,
+        )
     assert "TaskResults" in uninterrupted._repr_html_()
 
 
 def test_accuracy_by_length_equals_a_loop_over_the_rows(uninterrupted):
     # the random model answers nothing right: plant a mix of right, wrong and unparsable rows
     frame = uninterrupted.frame.copy()
-    answers = [frame.truth[0], frame.truth[1] + 2, None, frame.truth[3], None, frame.truth[5] + 1, frame.truth[6],
-               frame.truth[7]]
+    answers = [
+        frame.truth[0],
+        frame.truth[1] + 2,
+        None,
+        frame.truth[3],
+        None,
+        frame.truth[5] + 1,
+        frame.truth[6],
+        frame.truth[7],
+    ]
     frame["parsed_answer"] = pd.array(answers, dtype="Int64")
     frame["parse_status"] = ["unparsable" if a is None else "ok" for a in answers]
     frame["correct"] = [a is not None and a == t for a, t in zip(answers, frame.truth, strict=True)]
-    frame["abs_error"] = pd.array([None if a is None else abs(a - t) for a, t in zip(answers, frame.truth, strict=True)],
-                                  dtype="Int64")
+    frame["abs_error"] = pd.array(
+        [None if a is None else abs(a - t) for a, t in zip(answers, frame.truth, strict=True)], dtype="Int64"
+    )
     summary = TaskResults(frame=frame).accuracy_by_length()
     groups: dict[tuple, list[int]] = {}
     for i, row in enumerate(frame.itertuples()):
@@ -517,7 +513,7 @@ def test_accuracy_by_length_equals_a_loop_over_the_rows(uninterrupted):
         assert got.n == len(rows)
         assert got.accuracy == sum(bool(frame.correct[i]) for i in rows) / len(rows), key
         assert got.unparsable == sum(answers[i] is None for i in rows) / len(rows), key
-        assert (math.isnan(got.mean_abs_error) if not errors else got.mean_abs_error == sum(errors) / len(errors)), key
+        assert math.isnan(got.mean_abs_error) if not errors else got.mean_abs_error == sum(errors) / len(errors), key
     # by hand: copy 2 (right, wrong), copy 5 (unparsable, right), count 2 (unparsable, wrong), count 5 (both right)
     assert summary.accuracy.tolist() == [0.5, 0.5, 0.0, 1.0]
 
@@ -537,15 +533,10 @@ def test_evaluate_scores_parsed_replies(chat_model, monkeypatch):
     )
 
     def canned(model, prompts, **kwargs):
-        return [
-            torch.tensor(tokenizer.encode(next(replies)) + [tokenizer.eos_token_id])
-            for _ in prompts
-        ]
+        return [torch.tensor(tokenizer.encode(next(replies)) + [tokenizer.eos_token_id]) for _ in prompts]
 
     monkeypatch.setattr(task_eval, "greedy_generate", canned)
-    results = evaluate(
-        chat_model, ["copy_last", "sum_ones"], [2, 4, 5], 1, batch_size=2, progress=False
-    )
+    results = evaluate(chat_model, ["copy_last", "sum_ones"], [2, 4, 5], 1, batch_size=2, progress=False)
     frame = results.frame
     assert frame.raw_output.iloc[0] == "**The answer to your question is: 0**"  # EOS not decoded
     assert frame.correct.tolist() == [True, False, False, True, False, True]
@@ -587,9 +578,7 @@ def test_evaluate_matches_direct_generation_through_the_chat_template(uninterrup
     assert row.n_prompt_tokens == len(ids)
 
 
-def test_interrupted_run_resumes_without_redoing_work(
-    chat_model, uninterrupted, tmp_path, monkeypatch
-):
+def test_interrupted_run_resumes_without_redoing_work(chat_model, uninterrupted, tmp_path, monkeypatch):
     calls = []
     real = task_eval.greedy_generate
 
@@ -672,7 +661,9 @@ def _synthetic_results(seed: int = 0) -> TaskResults:
     rows = []
     for inst in instances:
         value = rng.choice([0, 1, inst.truth, inst.truth + 2, None])
-        phrase = "The final answer to your maths question is" if inst.kind == "count" else "The answer to your question is"
+        phrase = (
+            "The final answer to your maths question is" if inst.kind == "count" else "The answer to your question is"
+        )
         raw = "no idea" if value is None else f"{phrase}: {value}"
         rows.append(task_eval._row(inst, raw, 10, 5, "synthetic"))
     return TaskResults(task_results.results_frame(rows))
@@ -748,7 +739,11 @@ def test_run_tasks_writes_everything_and_resumes_after_an_interruption(chat_mode
     # copying tasks offer only "answer": 2 lengths x 2 samples each; count_ones both styles: 8 rows
     assert len(reference.frame) == 4 + 4 + 8
     assert set(zip(reference.frame.task, reference.frame["style"], strict=True)) == {
-        ("copy_last", "answer"), ("copy_type2", "answer"), ("count_ones", "answer"), ("count_ones", "cot")}
+        ("copy_last", "answer"),
+        ("copy_type2", "answer"),
+        ("count_ones", "answer"),
+        ("count_ones", "cot"),
+    }
     real, calls = task_eval.greedy_generate, []
 
     def flaky(model, prompts, **kwargs):
@@ -776,7 +771,11 @@ def test_run_tasks_writes_everything_and_resumes_after_an_interruption(chat_mode
     assert [r["accuracy"] for r in saved["summary"]] == summary.accuracy.tolist()
     # the figures are the results' own (the command line writes them to figures.html)
     assert sorted(p.name for p in out.iterdir()) == [
-        "results.csv", "results.fingerprint.json", "results.json", "results.jsonl"]
+        "results.csv",
+        "results.fingerprint.json",
+        "results.json",
+        "results.jsonl",
+    ]
 
 
 def test_run_tasks_refuses_a_style_a_task_does_not_offer(chat_model, tmp_path):
@@ -880,12 +879,30 @@ def test_every_prompt_is_checked_against_the_context_before_the_first_reply(chat
 
     monkeypatch.setattr(task_eval, "greedy_generate", never)
     with pytest.raises(ValueError, match=r"the prompt has \d+ tokens but the model was loaded with n_ctx=256"):
-        tasks.run_tasks(chat_model, ["copy_first", "copy_last"], [2, 400], 1, "answer", tmp_path / "run",
-                        max_new_tokens=3, progress=False)
+        tasks.run_tasks(
+            chat_model,
+            ["copy_first", "copy_last"],
+            [2, 400],
+            1,
+            "answer",
+            tmp_path / "run",
+            max_new_tokens=3,
+            progress=False,
+        )
     # fits alone, but not with the answer: the last task's longest prompt names itself
-    with pytest.raises(ValueError, match=r"\('copy_(first|last)', 'answer', 3, 0\) has \d+ tokens; with max_new_tokens=200"):
-        tasks.run_tasks(chat_model, ["copy_first", "copy_last"], [2, 3], 1, "answer", tmp_path / "run",
-                        max_new_tokens=200, progress=False)
+    with pytest.raises(
+        ValueError, match=r"\('copy_(first|last)', 'answer', 3, 0\) has \d+ tokens; with max_new_tokens=200"
+    ):
+        tasks.run_tasks(
+            chat_model,
+            ["copy_first", "copy_last"],
+            [2, 3],
+            1,
+            "answer",
+            tmp_path / "run",
+            max_new_tokens=200,
+            progress=False,
+        )
     assert not (tmp_path / "run").exists()
 
 
@@ -900,8 +917,9 @@ def test_overwrite_removes_the_old_runs_summaries_before_generating(chat_model, 
 
     monkeypatch.setattr(task_eval, "greedy_generate", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        tasks.run_tasks(chat_model, "copy_last", [2], 1, "answer", out, max_new_tokens=4, overwrite=True,
-                        progress=False)
+        tasks.run_tasks(
+            chat_model, "copy_last", [2], 1, "answer", out, max_new_tokens=4, overwrite=True, progress=False
+        )
     # nothing of the discarded run is left to be mistaken for the new one
     assert sorted(p.name for p in out.iterdir()) == ["results.fingerprint.json"]
     record = json.loads((out / "results.fingerprint.json").read_text())
@@ -925,11 +943,14 @@ def test_a_record_left_without_rows_is_replaced_not_trusted(chat_model, tmp_path
     evaluate(chat_model, **{**SMALL, "max_new_tokens": 4}, out_path=out)  # and it resumes
 
 
-@pytest.mark.parametrize(("kwargs", "error", "message"), [
-    ({"chat": "yes"}, TypeError, "chat must be None"),
-    ({"batch_size": 0}, ValueError, "batch_size must be >= 1"),
-    ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be >= 1"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"chat": "yes"}, TypeError, "chat must be None"),
+        ({"batch_size": 0}, ValueError, "batch_size must be >= 1"),
+        ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be >= 1"),
+    ],
+)
 def test_run_tasks_refuses_bad_settings_before_any_work(chat_model, tmp_path, monkeypatch, kwargs, error, message):
     monkeypatch.setattr(runs, "weights_sha256", lambda model: pytest.fail("hashed before refusing"))
     with pytest.raises(error, match=message):
@@ -946,8 +967,9 @@ def test_the_old_name_mode_still_works_and_old_files_still_resume(chat_model, tm
     out = tmp_path / "results.jsonl"
     first = evaluate(chat_model, **SMALL, out_path=out)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    out.write_text("".join(json.dumps({("mode" if k == "style" else k): v for k, v in row.items()}) + "\n"
-                           for row in lines))  # as the file was written before the rename
+    out.write_text(
+        "".join(json.dumps({("mode" if k == "style" else k): v for k, v in row.items()}) + "\n" for row in lines)
+    )  # as the file was written before the rename
     monkeypatch.setattr(task_eval, "greedy_generate", lambda *a, **k: pytest.fail("a finished row was redone"))
     resumed = evaluate(chat_model, **SMALL, out_path=out)
     pd.testing.assert_frame_equal(resumed.frame, first.frame)

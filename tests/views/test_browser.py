@@ -173,7 +173,9 @@ class _Page:
             if method == "Runtime.exceptionThrown":
                 found.append(f"exception: {params['exceptionDetails']}")
             elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-                found.append(f"console.{params['type']}: {[a.get('value', a.get('description')) for a in params['args']]}")
+                found.append(
+                    f"console.{params['type']}: {[a.get('value', a.get('description')) for a in params['args']]}"
+                )
             elif method == "Log.entryAdded" and params["entry"].get("level") == "error":
                 found.append(f"log: {params['entry'].get('text')} ({params['entry'].get('url')})")
         return found
@@ -186,11 +188,24 @@ class _Browser:
     def __init__(self, binary: str):
         self.profile = tempfile.mkdtemp(prefix="lens-squash-chromium-")
         self.process = subprocess.Popen(
-            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--disable-extensions", "--window-size=1280,1600", "--remote-debugging-port=0",
-             f"--user-data-dir={self.profile}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                binary,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-extensions",
+                "--window-size=1280,1600",
+                "--remote-debugging-port=0",
+                f"--user-data-dir={self.profile}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         self.next_id = 0
         self.pages: dict[str, _Page] = {}
@@ -327,21 +342,54 @@ def _report_sections(traced, flows, profile, str_tokens, prompt):
     return [
         model_section(traced.metadata),
         prompt_section(prompt, str_tokens, predicted=traced.predicted_token),
-        ReportSection("bound vs gradient", figures=[bound_vs_jacobian(
-            str_tokens, torch.linspace(1, 2, n), {"rollout": profile, "<b>hostile</b>": profile.flip(0) + 1e-3})]),
-        ReportSection("paths", figures=[attention_paths({n - 1: flows}, str_tokens, top_k=12),
-                                        attention_heatmap(traced.patterns, str_tokens)]),
-        ReportSection("spectral", figures=[spectral_figure(
-            spectrum=torch.rand(2, n), second_eigenvalue=torch.rand(2), dobrushin=torch.rand(2),
-            first_token_mass=torch.rand(2), rank_one_distance=torch.rand(2))]),
-        ReportSection("sinks", figures=[sink_figure(
-            {"first token mass": traced.mean_first_token_attention(), "norm ratio": torch.rand(3) * 100}, (1, 2),
-            log=("norm ratio",))]),
-        ReportSection("collapse", figures=[
-            collapse_figure(lengths, {"float32": [1e-3, 1e-5, 0.0, 0.0], "bfloat16": [1e-2, 0, 0, 0]},
-                                     {"float32": 6e-8, "bfloat16": 4e-3}),
-            head_band_figure(lengths, [1, 0.5, 0.2, 0.1], [0.5, 0.2, 0.1, 0.01], [2, 1, 0.5, 0.3]),
-        ]),
+        ReportSection(
+            "bound vs gradient",
+            figures=[
+                bound_vs_jacobian(
+                    str_tokens, torch.linspace(1, 2, n), {"rollout": profile, "<b>hostile</b>": profile.flip(0) + 1e-3}
+                )
+            ],
+        ),
+        ReportSection(
+            "paths",
+            figures=[
+                attention_paths({n - 1: flows}, str_tokens, top_k=12),
+                attention_heatmap(traced.patterns, str_tokens),
+            ],
+        ),
+        ReportSection(
+            "spectral",
+            figures=[
+                spectral_figure(
+                    spectrum=torch.rand(2, n),
+                    second_eigenvalue=torch.rand(2),
+                    dobrushin=torch.rand(2),
+                    first_token_mass=torch.rand(2),
+                    rank_one_distance=torch.rand(2),
+                )
+            ],
+        ),
+        ReportSection(
+            "sinks",
+            figures=[
+                sink_figure(
+                    {"first token mass": traced.mean_first_token_attention(), "norm ratio": torch.rand(3) * 100},
+                    (1, 2),
+                    log=("norm ratio",),
+                )
+            ],
+        ),
+        ReportSection(
+            "collapse",
+            figures=[
+                collapse_figure(
+                    lengths,
+                    {"float32": [1e-3, 1e-5, 0.0, 0.0], "bfloat16": [1e-2, 0, 0, 0]},
+                    {"float32": 6e-8, "bfloat16": 4e-3},
+                ),
+                head_band_figure(lengths, [1, 0.5, 0.2, 0.1], [0.5, 0.2, 0.1, 0.01], [2, 1, 0.5, 0.3]),
+            ],
+        ),
     ]
 
 
@@ -384,9 +432,9 @@ def test_report_renders_every_figure_without_console_errors(browser, tmp_path):
 
 HOSTILE = (
     "<script>window.__pwned = 1</script>",
-    "</script><img src=x onerror=\"window.__pwned = 2; alert(2)\">",
+    '</script><img src=x onerror="window.__pwned = 2; alert(2)">',
     "<img src=x onerror=alert(1)>",
-    "\"><svg onload=alert(3)>",
+    '"><svg onload=alert(3)>',
     "<script>document.title = 'pwned'</script>",
 )
 
@@ -440,7 +488,8 @@ def test_an_analysis_report_renders_its_typed_arrays_and_coloured_tokens(browser
     decoded = page.evaluate(
         f"(() => {{ const d = document.querySelectorAll('.js-plotly-plot')[{attention}];"
         " return d._fullData.filter(t => t.type === 'heatmap' && t.z)"
-        ".map(t => [t.index, Array.from(t.z, r => Array.from(r, v => Number.isNaN(v) ? null : v))]); })()")
+        ".map(t => [t.index, Array.from(t.z, r => Array.from(r, v => Number.isNaN(v) ? null : v))]); })()"
+    )
     assert decoded  # the first step's maps were drawn
     for index, got in decoded:
         want = np.asarray(figures[attention].data[index].z, dtype=np.float64)
@@ -448,9 +497,10 @@ def test_an_analysis_report_renders_its_typed_arrays_and_coloured_tokens(browser
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=5.01e-4, atol=0, equal_nan=True)
     truth = analysis.table[[c for c in analysis.table.columns if str(c).startswith("jacobian_")][0]].to_numpy()
-    colours = page.evaluate("[...document.querySelectorAll('.lens-squash-tokens bdi')]"
-                            ".map(b => getComputedStyle(b).backgroundColor)")
+    colours = page.evaluate(
+        "[...document.querySelectorAll('.lens-squash-tokens bdi')].map(b => getComputedStyle(b).backgroundColor)"
+    )
     assert len(colours) == analysis.trace.n_tokens
     for colour, value in zip(colours, truth, strict=True):
         want = sensitivity_colour(value / truth.max())
-        assert colour == "rgb({}, {}, {})".format(*(int(want[i:i + 2], 16) for i in (1, 3, 5)))
+        assert colour == "rgb({}, {}, {})".format(*(int(want[i : i + 2], 16) for i in (1, 3, 5)))

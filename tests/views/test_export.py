@@ -20,8 +20,9 @@ from lens_squash.views.export import ExportError, fig_to_file, write_figures
 
 def figure(title: str = "Sensitivity check") -> go.Figure:
     n = 12
-    return bound_vs_jacobian([f" t{i}" for i in range(n)], torch.linspace(1, 3, n),
-                                      {"rollout": torch.rand(n) + 0.5}, title=title)
+    return bound_vs_jacobian(
+        [f" t{i}" for i in range(n)], torch.linspace(1, 3, n), {"rollout": torch.rand(n) + 0.5}, title=title
+    )
 
 
 # --- a minimal PNG reader (RFC 2083: chunks, zlib, the five row filters) ------------------------------
@@ -31,8 +32,8 @@ def png_chunks(data: bytes) -> dict[bytes, bytes]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
     chunks, at = {}, 8
     while at < len(data):
-        (length,), kind = struct.unpack(">I", data[at:at + 4]), data[at + 4:at + 8]
-        chunks[kind] = chunks.get(kind, b"") + data[at + 8:at + 8 + length]
+        (length,), kind = struct.unpack(">I", data[at : at + 4]), data[at + 4 : at + 8]
+        chunks[kind] = chunks.get(kind, b"") + data[at + 8 : at + 8 + length]
         at += 12 + length
     return chunks
 
@@ -89,8 +90,12 @@ def test_the_png_reader_reads_a_png_it_did_not_write():
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 3, 2, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    data = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 3, 2, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
     assert png_size(data) == (3, 2)
     np.testing.assert_array_equal(decode_png(data), pixels)
 
@@ -161,13 +166,23 @@ def test_a_png_has_the_requested_size_and_is_not_blank(tmp_path):
 
 @pytest.mark.browser
 def test_write_figures_writes_every_format_of_every_figure(tmp_path):
-    figs = {"bound vs gradient": figure("Bound against gradient"), "heat": attention_heatmap(
-        torch.softmax(torch.randn(1, 1, 5, 5).masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), -torch.inf), -1))}
+    figs = {
+        "bound vs gradient": figure("Bound against gradient"),
+        "heat": attention_heatmap(
+            torch.softmax(
+                torch.randn(1, 1, 5, 5).masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), -torch.inf), -1
+            )
+        ),
+    }
     written = write_figures(figs, tmp_path / "figures", formats=("png", "svg", "pdf"), width=500, height=400)
-    assert [p.name for p in written["bound vs gradient"]] == ["bound_vs_gradient.png", "bound_vs_gradient.svg",
-                                                             "bound_vs_gradient.pdf"]
+    assert [p.name for p in written["bound vs gradient"]] == [
+        "bound_vs_gradient.png",
+        "bound_vs_gradient.svg",
+        "bound_vs_gradient.pdf",
+    ]
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == sorted(
-        p.name for paths in written.values() for p in paths)  # no staging folder left behind
+        p.name for paths in written.values() for p in paths
+    )  # no staging folder left behind
     png, svg, pdf = (p.read_bytes() for p in written["bound vs gradient"])
     assert png_size(png) == (500, 400)
     assert svg.lstrip().startswith(b"<svg") and b"Bound against gradient" in svg and b'width="500"' in svg

@@ -50,7 +50,9 @@ def causal_patterns(layers=2, heads=3, n=6) -> torch.Tensor:
 
 
 def random_flows(layers=2, heads=3, n=6) -> tuple[torch.Tensor, torch.Tensor]:
-    return causal_patterns(layers, heads, n) * torch.rand(layers, heads, n, 1, dtype=F64), torch.rand(layers, n, dtype=F64)
+    return causal_patterns(layers, heads, n) * torch.rand(layers, heads, n, 1, dtype=F64), torch.rand(
+        layers, n, dtype=F64
+    )
 
 
 def tokens(n: int) -> list[str]:
@@ -61,7 +63,7 @@ def tokens(n: int) -> list[str]:
 
 def assert_data(actual, expected, atol=0.0, digits: int | None = None):
     """Equal, or equal to ``digits`` significant digits (a float32 figure of float64 values holds about 7)."""
-    rtol = 0.0 if digits is None else 5.0 * 10.0 ** -digits + 1e-7
+    rtol = 0.0 if digits is None else 5.0 * 10.0**-digits + 1e-7
     np.testing.assert_allclose(np.asarray(actual, dtype=float), np.asarray(expected, dtype=float), atol=atol, rtol=rtol)
 
 
@@ -108,7 +110,6 @@ def assert_explains_itself(fig: go.Figure):
         assert (axis.get("title") or {}).get("text"), f"{name} has no title"
         assert axis.get("exponentformat") == "power", f"{name} would mix SI suffixes with exponents"
         assert "_{" not in axis["title"]["text"] and "^{" not in axis["title"]["text"]
-
 
 
 # --- tokens, math text, captions, rounding --------------------------------------------------------
@@ -164,8 +165,12 @@ def test_rounded_never_flushes_or_overflows_and_keeps_nan_inf_and_shape():
 
 def test_compact_figure_rounds_numbers_into_typed_arrays_and_leaves_text():
     y = np.random.default_rng(1).random(300)
-    fig = go.Figure([go.Scatter(x=list(range(300)), y=list(y), text=["a"] * 300, customdata=[f"t{i}" for i in range(300)]),
-                     go.Heatmap(z=np.random.default_rng(2).random((20, 20)).tolist())])
+    fig = go.Figure(
+        [
+            go.Scatter(x=list(range(300)), y=list(y), text=["a"] * 300, customdata=[f"t{i}" for i in range(300)]),
+            go.Heatmap(z=np.random.default_rng(2).random((20, 20)).tolist()),
+        ]
+    )
     small = compact_figure(fig, digits=3)
     assert_data(small.data[0].y, y, digits=3)
     assert np.asarray(small.data[0].y).dtype == np.float32 and np.asarray(small.data[1].z).dtype == np.float32
@@ -203,8 +208,9 @@ def test_bound_vs_jacobian_shows_each_profile_raw_and_normalised():
 def test_coinciding_curves_are_told_apart_and_the_caption_says_so():
     n = 9
     paper = torch.rand(n, dtype=F64) + 0.1
-    fig = bound_vs_jacobian(None, torch.rand(n) + 0.1, {"paper": paper, "rollout": paper * 7.5,
-                                                               "value": torch.rand(n, dtype=F64)})
+    fig = bound_vs_jacobian(
+        None, torch.rand(n) + 0.1, {"paper": paper, "rollout": paper * 7.5, "value": torch.rand(n, dtype=F64)}
+    )
     shapes = {t.name: t for t in fig.data[1::2]}
     assert_data(shapes["paper"].y, shapes["rollout"].y, digits=12)  # the same shape: one would hide the other
     assert shapes["paper"].line.dash != shapes["rollout"].line.dash
@@ -217,8 +223,10 @@ def test_rank_statistics_are_annotated_and_match_scipy():
     n = 12
     generator = torch.Generator().manual_seed(3)
     truth = torch.rand(n, dtype=F64, generator=generator) + 0.1
-    bounds = {"rollout": truth + 0.3 * torch.rand(n, dtype=F64, generator=generator),
-              "value": torch.rand(n, dtype=F64, generator=generator)}
+    bounds = {
+        "rollout": truth + 0.3 * torch.rand(n, dtype=F64, generator=generator),
+        "value": torch.rand(n, dtype=F64, generator=generator),
+    }
     table, comparisons = compare_variants(bounds, truth, str_tokens=tuple(tokens(n)))
     for fig in (comparison_figure(table, comparisons), comparison_figure(table)):
         box = [a.text for a in fig.layout.annotations if "rank agreement" in a.text]
@@ -337,11 +345,17 @@ def test_attention_colours_follow_a_log_scale_and_the_colour_bar_says_so():
     bar = fig.data[-1].marker
     assert bar.showscale and (bar.cmin, bar.cmax) == (-4.0, 0.0)
     assert list(bar.colorbar.tickvals) == [-4.0, -3.0, -2.0, -1.0, 0.0]
-    assert list(bar.colorbar.ticktext) == ["≤ 10<sup>-4</sup>", "10<sup>-3</sup>", "10<sup>-2</sup>", "10<sup>-1</sup>", "1"]
+    assert list(bar.colorbar.ticktext) == [
+        "≤ 10<sup>-4</sup>",
+        "10<sup>-3</sup>",
+        "10<sup>-2</sup>",
+        "10<sup>-1</sup>",
+        "1",
+    ]
     assert "log" in bar.colorbar.title.text
     power = attention_heatmap(patterns, layer=0, head=0, color_scale="power", gamma=0.5)
     for value in (0.01, 0.25, 0.64):
-        expected = np.array(unlabel_rgb(sample_colorscale(viridis, [value ** 0.5])[0]), dtype=float)
+        expected = np.array(unlabel_rgb(sample_colorscale(viridis, [value**0.5])[0]), dtype=float)
         assert np.abs(colour_at(power.layout.coloraxis.colorscale, value) - expected).max() < 4.0
     linear = attention_heatmap(patterns, layer=0, head=0, color_scale="linear")
     expected = np.array(unlabel_rgb(sample_colorscale(viridis, [0.3])[0]), dtype=float)
@@ -433,7 +447,12 @@ def test_attention_paths_draws_the_heaviest_edges_with_width_by_flow():
         edge = trace.meta
         if not isinstance(edge, dict):
             continue
-        assert (trace.x[0], trace.y[0], trace.x[-1], trace.y[-1]) == (edge["from"], edge["layer"], edge["to"], edge["layer"] + 1)
+        assert (trace.x[0], trace.y[0], trace.x[-1], trace.y[-1]) == (
+            edge["from"],
+            edge["layer"],
+            edge["to"],
+            edge["layer"] + 1,
+        )
         if edge["head"] is None:
             assert trace.x[0] == trace.x[-1] and trace.line.color.startswith("rgba(120")
     # width by flow, read as a reader would: a heavier edge is strictly wider, width differences are
@@ -500,8 +519,11 @@ def test_attention_paths_on_a_real_rollout_bound(tiny):
     everything = torch.cat([flows.head_flows.flatten(), flows.residual_flows.flatten()]).double()
     assert_data(sorted((e["flow"] for e in edges_of(fig)), reverse=True), everything.topk(10).values, atol=1e-12)
     for edge in edges_of(fig):  # each drawn edge is the flow tensor's entry at its coordinates
-        expected = (flows.residual_flows[edge["layer"], edge["to"]] if edge["head"] is None
-                    else flows.head_flows[edge["layer"], edge["head"], edge["to"], edge["from"]])
+        expected = (
+            flows.residual_flows[edge["layer"], edge["to"]]
+            if edge["head"] is None
+            else flows.head_flows[edge["layer"], edge["head"], edge["to"], edge["from"]]
+        )
         assert edge["flow"] == pytest.approx(float(expected), rel=1e-12)
         assert edge["to"] <= 5  # no flow reaches past the target
     for drawn in fig.data:  # a head's self-edge bows sideways; residual and cross edges stay straight
@@ -523,8 +545,9 @@ def test_attention_paths_on_a_real_rollout_bound(tiny):
 def test_spectral_figure_panels_hold_the_curves():
     spectrum, second, tau = torch.rand(3, 5), torch.rand(3), torch.rand(3)
     mass, dist = torch.rand(3), torch.rand(3)
-    fig = spectral_figure(spectrum=spectrum, second_eigenvalue=second, dobrushin=tau,
-                                   first_token_mass=mass, rank_one_distance=dist)
+    fig = spectral_figure(
+        spectrum=spectrum, second_eigenvalue=second, dobrushin=tau, first_token_mass=mass, rank_one_distance=dist
+    )
     by_name = {t.name: t for t in fig.data}
     assert_data(by_name["eigenvalues Λ̃_ii"].y, spectrum.flatten(), digits=6)
     assert_data(by_name["eigenvalues Λ̃_ii"].x, np.repeat(np.arange(3), 5))
@@ -598,7 +621,9 @@ def test_head_band_and_pe_figures_hold_their_curves():
     assert band.data[1].fill == "tonexty"
     assert "ₙ₊₁" in band.layout.yaxis.title.text
     assert_explains_itself(band)
-    pe = pe_figure(lengths, {"rope": (torch.tensor(mean, dtype=F64), torch.tensor([0.1, 0.1, 0.1], dtype=F64))}, log=False)
+    pe = pe_figure(
+        lengths, {"rope": (torch.tensor(mean, dtype=F64), torch.tensor([0.1, 0.1, 0.1], dtype=F64))}, log=False
+    )
     assert_data(pe.data[0].y, np.add(mean, 0.1), digits=6)
     assert_data(pe.data[1].y, np.subtract(mean, 0.1), digits=6)
     assert_data(pe.data[2].y, mean, digits=6)
@@ -628,7 +653,11 @@ def test_sink_figure_shades_the_three_phases():
     assert fig.layout.yaxis2.type == "log"
     spans = sorted({(s.x0, s.x1) for s in fig.layout.shapes})
     assert spans == [(-0.5, 1.5), (1.5, 3.5), (3.5, 6.5)]
-    assert [a.text for a in fig.layout.annotations if a.text.startswith("<i>")] == ["<i>Mix</i>", "<i>Compress</i>", "<i>Refine</i>"]
+    assert [a.text for a in fig.layout.annotations if a.text.startswith("<i>")] == [
+        "<i>Mix</i>",
+        "<i>Compress</i>",
+        "<i>Refine</i>",
+    ]
     assert fig.layout.yaxis.title.text == "first token mass"  # an unknown curve is titled by its name
     assert_explains_itself(fig)
     assert "Mix, Compress and Refine" in caption_of(fig) and "Log axes: norm ratio" in caption_of(fig)
@@ -645,7 +674,8 @@ def test_sink_report_figure_reads_the_report():
     assert_data(fig.data[5].y, report.anisotropy, digits=6)
     assert fig.layout.yaxis4.type == "log"
     assert [fig.layout[f"yaxis{'' if i == 1 else i}"].title.text for i in range(1, 7)] == [
-        SINK_CURVES[name][0] for name in names]
+        SINK_CURVES[name][0] for name in names
+    ]
     assert_explains_itself(fig)
     for name in names:
         assert SINK_CURVES[name][1] in caption_of(fig)
@@ -660,12 +690,24 @@ def task_frame() -> pd.DataFrame:
     for (task, length), parsed in answers.items():
         truth = length if task == "count" else 1
         for sample, answer in enumerate(parsed):
-            rows.append({
-                "task": task, "style": "zero-shot", "length": length, "sample": sample, "seed": 0, "prompt": HOSTILE,
-                "raw_output": HOSTILE, "parsed_answer": answer, "parse_status": "ok" if answer is not None else "unparsable",
-                "truth": truth, "correct": answer == truth,
-                "abs_error": None if answer is None else abs(answer - truth), "n_prompt_tokens": 9, "n_new_tokens": 3,
-            })
+            rows.append(
+                {
+                    "task": task,
+                    "style": "zero-shot",
+                    "length": length,
+                    "sample": sample,
+                    "seed": 0,
+                    "prompt": HOSTILE,
+                    "raw_output": HOSTILE,
+                    "parsed_answer": answer,
+                    "parse_status": "ok" if answer is not None else "unparsable",
+                    "truth": truth,
+                    "correct": answer == truth,
+                    "abs_error": None if answer is None else abs(answer - truth),
+                    "n_prompt_tokens": 9,
+                    "n_new_tokens": 3,
+                }
+            )
     frame = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
     return frame.astype({"parsed_answer": "Int64", "abs_error": "Int64"})
 
@@ -685,7 +727,11 @@ def test_accuracy_and_error_figures_average_per_task_and_length():
     assert len({(t.line.dash, t.marker.symbol) for t in accuracy.data}) == len(accuracy.data)
     two_modes = pd.concat([frame, frame.assign(style="few-shot", correct=True)])
     assert {t.name for t in accuracy_figure(two_modes).data} == {
-        "count (zero-shot)", "count (few-shot)", "copy (zero-shot)", "copy (few-shot)"}
+        "count (zero-shot)",
+        "count (few-shot)",
+        "copy (zero-shot)",
+        "copy (few-shot)",
+    }
 
 
 def test_answer_histogram_counts_parsed_answers():
@@ -768,7 +814,8 @@ def test_the_layer_slider_and_target_menu_work_in_chromium(tmp_path):
             "             heat.layout.title.text, heat._fullLayout.xaxis2.visible]); }"
             " for (const b of paths.layout.updatemenus[0].buttons) { await Plotly.update(paths, ...b.args);"
             "   out.push([paths.data.filter(t => t.visible !== false && t.name === 'target').map(t => t.x[0])]); }"
-            " return out; })()")
+            " return out; })()"
+        )
         assert page.errors() == []
     finally:
         browser.close()

@@ -41,7 +41,7 @@ PAYLOADS = (
     "<script>window.__pwned=1</script>",
     "</script><img src=x onerror=alert(1)>",
     "<!--<script>",
-    "\"><svg onload=alert(1)>",
+    '"><svg onload=alert(1)>',
 )
 
 
@@ -55,9 +55,12 @@ def standard_sections() -> list[ReportSection]:
     return [
         model_section(provenance(None, note="test")),
         prompt_section("the prompt", ["a", "b", "c", "d", "e"], predicted="f"),
-        ReportSection("bound vs gradient", figures=[small_figure()], table=pd.DataFrame({"variant": ["rollout"], "spearman": [0.5]})),
-        ReportSection("paths", figures=[attention_paths((patterns, torch.rand(1, n))),
-                                        attention_heatmap(patterns)]),
+        ReportSection(
+            "bound vs gradient",
+            figures=[small_figure()],
+            table=pd.DataFrame({"variant": ["rollout"], "spearman": [0.5]}),
+        ),
+        ReportSection("paths", figures=[attention_paths((patterns, torch.rand(1, n))), attention_heatmap(patterns)]),
         ReportSection("spectral", figures=[spectral_figure(dobrushin=torch.rand(3))]),
         ReportSection("sinks", figures=[sink_figure({"mass": torch.rand(3)}, (1, 2))]),
         ReportSection("collapse", figures=[collapse_figure([1, 2], {"float32": [1e-3, 0.0]})]),
@@ -90,13 +93,15 @@ def test_report_has_every_section_and_figure_and_plotly_once():
 
 def test_sections_as_a_dict_accept_figures_lists_and_pairs():
     fig = small_figure()
-    page = build_report({
-        "one": fig,
-        "two": [fig, fig],
-        "three": ([fig], "some text"),
-        "four": (fig, pd.DataFrame({"x": [1]})),
-        "five": ReportSection("five", text="plain"),
-    })
+    page = build_report(
+        {
+            "one": fig,
+            "two": [fig, fig],
+            "three": ([fig], "some text"),
+            "four": (fig, pd.DataFrame({"x": [1]})),
+            "five": ReportSection("five", text="plain"),
+        }
+    )
     assert page.count('class="plotly-graph-div"') == 5
     assert '<p class="text">some text</p>' in page and '<p class="text">plain</p>' in page
     ids = [f"lens-squash-figure-{i}" for i in range(5)]
@@ -114,9 +119,13 @@ def test_hostile_user_text_is_escaped_everywhere():
     fig = bound_vs_jacobian(hostile_tokens, torch.rand(5) + 0.1, {PAYLOADS[0]: torch.rand(5) + 0.1})
     sections = [
         prompt_section(" ".join(PAYLOADS), hostile_tokens, predicted=PAYLOADS[1]),
-        ReportSection(PAYLOADS[1], figures=[fig, attention_heatmap(torch.eye(5).expand(1, 1, 5, 5), hostile_tokens)],
-                      text=PAYLOADS[0], table={PAYLOADS[2]: PAYLOADS[3], "nested": {"k": PAYLOADS[1]}},
-                      notes=(PAYLOADS[0],)),
+        ReportSection(
+            PAYLOADS[1],
+            figures=[fig, attention_heatmap(torch.eye(5).expand(1, 1, 5, 5), hostile_tokens)],
+            text=PAYLOADS[0],
+            table={PAYLOADS[2]: PAYLOADS[3], "nested": {"k": PAYLOADS[1]}},
+            notes=(PAYLOADS[0],),
+        ),
         ReportSection("frame", table=pd.DataFrame({PAYLOADS[0]: [PAYLOADS[1]]})),
     ]
     page = build_report(sections, title=PAYLOADS[0], metadata={"prompt": PAYLOADS[1], PAYLOADS[3]: 1})
@@ -132,7 +141,9 @@ def test_hostile_user_text_is_escaped_everywhere():
 
 def test_a_figure_that_would_break_out_of_its_script_is_refused(monkeypatch):
     fig = small_figure()
-    monkeypatch.setattr(go.Figure, "to_html", lambda self, **kw: "<div></div><script>x('</script><script>alert(1)')</script>")
+    monkeypatch.setattr(
+        go.Figure, "to_html", lambda self, **kw: "<div></div><script>x('</script><script>alert(1)')</script>"
+    )
     with pytest.raises(ValueError, match="refusing"):
         build_report([ReportSection("s", figures=[fig])])
 
@@ -206,28 +217,50 @@ def test_analysis_sections_cover_an_analysis_like_object(tiny):
     traced = trace(tiny, torch.arange(1, 9))
     n = traced.n_tokens
     rollout = path_bound(traced, "rollout")
-    table, _ = compare_variants({"rollout": rollout}, torch.rand(n, dtype=torch.float64) + 0.1, str_tokens=traced.str_tokens)
+    table, _ = compare_variants(
+        {"rollout": rollout}, torch.rand(n, dtype=torch.float64) + 0.1, str_tokens=traced.str_tokens
+    )
     analysis = SimpleNamespace(
-        trace=traced, bounds={"rollout": rollout}, table=table, best_variant="rollout",
+        trace=traced,
+        bounds={"rollout": rollout},
+        table=table,
+        best_variant="rollout",
         summary=lambda: pd.DataFrame({"variant": ["rollout"], "spearman": [0.3]}),
         spectral=analyze_stack(rollout_matrices(aggregate_heads(traced.patterns.double()))),
         sinks=sink_report(traced.patterns, traced.resid_norms),
     )
     sections = analysis_sections(analysis, prompt=PAYLOADS[0])
-    assert [s.title for s in sections] == ["model", "prompt", "bound vs gradient", "paths", "attention", "spectral", "sinks"]
+    assert [s.title for s in sections] == [
+        "model",
+        "prompt",
+        "bound vs gradient",
+        "paths",
+        "attention",
+        "spectral",
+        "sinks",
+    ]
     page = build_report(sections)
     assert page.count('class="plotly-graph-div"') == 5 and PAYLOADS[0] not in page
     spectral = sections[5].figures[0]
-    assert {t.name for t in spectral.data} == {"eigenvalues Λ̃_ii", "second eigenvalue", "τ per layer", "Π τ (bound)",
-                                               "[Π Λ̃]ₙ,₀", "distance to rank one"}
+    assert {t.name for t in spectral.data} == {
+        "eigenvalues Λ̃_ii",
+        "second eigenvalue",
+        "τ per layer",
+        "Π τ (bound)",
+        "[Π Λ̃]ₙ,₀",
+        "distance to rank one",
+    }
     # a field under another name (as an older SpectralReport had it) is refused, not silently dropped
-    fields = {name: getattr(analysis.spectral, name) for name in
-              ("spectrum", "second_eigenvalue", "dobrushin", "rollout_mass")}
+    fields = {
+        name: getattr(analysis.spectral, name)
+        for name in ("spectrum", "second_eigenvalue", "dobrushin", "rollout_mass")
+    }
     with pytest.raises(ValueError, match="no spectral field 'rank_one_distance'"):
         spectral_report_figure(SimpleNamespace(**fields, distance_to_rank_one=analysis.spectral.rank_one_distance))
     with pytest.raises(ValueError, match=r"\['dobrushin'\].*None"):
-        spectral_report_figure(SimpleNamespace(**{**fields, "dobrushin": None},
-                                               rank_one_distance=analysis.spectral.rank_one_distance))
+        spectral_report_figure(
+            SimpleNamespace(**{**fields, "dobrushin": None}, rank_one_distance=analysis.spectral.rank_one_distance)
+        )
 
 
 def test_collapse_and_tasks_sections_show_the_results():
@@ -235,7 +268,9 @@ def test_collapse_and_tasks_sections_show_the_results():
     from lens_squash.experiments.collapse import collapse_curve
     from lens_squash.experiments.tasks import RESULT_COLUMNS, TaskResults
 
-    model = tiny_model(n_layers=2, n_heads=2, d_model=16, positional="rotary", norm="RMS", tokenizer="smollm2", n_ctx=128)
+    model = tiny_model(
+        n_layers=2, n_heads=2, d_model=16, positional="rotary", norm="RMS", tokenizer="smollm2", n_ctx=128
+    )
     result = collapse_curve(model, "count_ones", [2, 4, 8], ("float64", "float32"), open_ended=True)
     section = collapse_section(result, head_dtype="float32")
     dtypes_fig, heads_fig = section.figures
@@ -243,8 +278,9 @@ def test_collapse_and_tasks_sections_show_the_results():
     for d, name in enumerate(result.dtypes):  # y per dtype: the relative ∞-distance, zeros drawn at the floor
         rel = result.distances[d, :, -1, 0] / result.reference[d, :, -1, 0]
         shown = torch.where(rel == 0, torch.nan, rel)
-        torch.testing.assert_close(torch.as_tensor(lines[name].y, dtype=torch.float64), shown, equal_nan=True,
-                                   rtol=1e-12, atol=0)
+        torch.testing.assert_close(
+            torch.as_tensor(lines[name].y, dtype=torch.float64), shown, equal_nan=True, rtol=1e-12, atol=0
+        )
         assert list(lines[f"{name} resolution"].y) == [torch.finfo(getattr(torch, name)).eps] * 2
     heads = result.head_distances[1]
     torch.testing.assert_close(torch.as_tensor(heads_fig.data[0].y), heads.max(-1).values)
@@ -252,9 +288,23 @@ def test_collapse_and_tasks_sections_show_the_results():
     torch.testing.assert_close(torch.as_tensor(heads_fig.data[2].y), heads.mean(-1))
     assert list(section.table["dtype"]) == ["float64", "float32"]
 
-    frame = pd.DataFrame([{c: None for c in RESULT_COLUMNS} | {
-        "task": "count_ones", "style": "answer", "length": n, "sample": 0, "truth": n, "parsed_answer": a,
-        "correct": a == n, "abs_error": abs(a - n), "parse_status": "ok"} for n, a in ((4, 4), (8, 5))])
+    frame = pd.DataFrame(
+        [
+            {c: None for c in RESULT_COLUMNS}
+            | {
+                "task": "count_ones",
+                "style": "answer",
+                "length": n,
+                "sample": 0,
+                "truth": n,
+                "parsed_answer": a,
+                "correct": a == n,
+                "abs_error": abs(a - n),
+                "parse_status": "ok",
+            }
+            for n, a in ((4, 4), (8, 5))
+        ]
+    )
     tasks = tasks_section(TaskResults(frame))
     # Figs. 3 and 4 only: Fig. 2 (accuracy) is drawn for copying tasks, and these rows are counting
     assert [f.layout.title.text[:8] for f in tasks.figures] == ["Counting", "Counting"]
@@ -273,7 +323,7 @@ _REQUIRED_BIDI = [chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A
 
 
 def _body(page: str) -> str:
-    return page[page.index("</head>"):]  # plotly.js itself is not user text
+    return page[page.index("</head>") :]  # plotly.js itself is not user text
 
 
 def test_every_required_bidi_control_is_shown_as_its_code_point():
@@ -358,7 +408,17 @@ def test_skipped_default_variants_are_named_in_the_report(monkeypatch):
 # size: typed arrays rounded to the digits shown
 # --------------------------------------------------------------------------------------------------
 
-_TYPED = {"f8": "<f8", "f4": "<f4", "i4": "<i4", "u4": "<u4", "i2": "<i2", "u2": "<u2", "i1": "i1", "u1": "u1", "u1c": "u1"}
+_TYPED = {
+    "f8": "<f8",
+    "f4": "<f4",
+    "i4": "<i4",
+    "u4": "<u4",
+    "i2": "<i2",
+    "u2": "<u2",
+    "i1": "i1",
+    "u1": "u1",
+    "u1c": "u1",
+}
 
 
 def _figures_in(page: str) -> list[dict]:
@@ -433,6 +493,8 @@ def test_the_report_sends_typed_arrays_rounded_to_the_digits_shown(tmp_path):
                     assert ((magnitudes < tiny) | (magnitudes > huge)).any(), trace.get("name")
     beyond = len(page.encode()) - len(plotly.offline.get_plotlyjs())
     full = sum(len(fig.to_json()) for fig in figures)
-    print(f"tiny-random report ({analysis.trace.n_tokens} tokens): {beyond / 1e3:.1f} kB beyond plotly.js; "
-          f"the figures at full precision {full / 1e3:.1f} kB")
+    print(
+        f"tiny-random report ({analysis.trace.n_tokens} tokens): {beyond / 1e3:.1f} kB beyond plotly.js; "
+        f"the figures at full precision {full / 1e3:.1f} kB"
+    )
     assert beyond <= 1_000_000  # issue 17's budget for the demo report holds for this smaller one
