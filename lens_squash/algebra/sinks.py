@@ -277,16 +277,16 @@ class SinkReport(Result):
     sink_rate: Float[Tensor, "layer"]
     sink_rate_overall: float
     mixing: Float[Tensor, "layer"]
-    first_token_norm: Float[Tensor, "resid"]
-    norm_ratio: Float[Tensor, "resid"]
-    entropy: Float[Tensor, "resid"] | None
-    anisotropy: Float[Tensor, "resid"] | None
+    first_token_norm: Float[Tensor, "layers_covered"]
+    norm_ratio: Float[Tensor, "layers_covered"]
+    entropy: Float[Tensor, "layers_covered"] | None
+    anisotropy: Float[Tensor, "layers_covered"] | None
     phases: tuple[int, int] | None
     massive_range: tuple[int, int] | None
     correlations: dict[str, float]
     provenance: dict[str, Any] = field(default_factory=dict)
-    top_dims: Int[Tensor, "resid k"] | None = None
-    top_values: Float[Tensor, "resid k"] | None = None
+    top_dims: Int[Tensor, "layers_covered k"] | None = None
+    top_values: Float[Tensor, "layers_covered k"] | None = None
     rollout_mass: Float[Tensor, "layer"] | None = None
     dobrushin: Float[Tensor, "layer"] | None = None
     links: dict[str, float] = field(default_factory=dict)
@@ -380,10 +380,10 @@ class SinkReport(Result):
 
 def sink_report(
     patterns: Float[Tensor, "layer head query_pos key_pos"],
-    resid_norms: Float[Tensor, "resid pos"],
+    resid_norms: Float[Tensor, "layers_covered pos"],
     *,
-    representations: Float[Tensor, "resid pos d_model"] | None = None,
-    first_resid: Float[Tensor, "resid d_model"] | None = None,
+    representations: Float[Tensor, "layers_covered pos d_model"] | None = None,
+    first_resid: Float[Tensor, "layers_covered d_model"] | None = None,
     eps: float = SINK_EPS,
     factor: float = 10.0,
     method: Literal["spearman", "pearson"] = "spearman",

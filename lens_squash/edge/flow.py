@@ -130,7 +130,7 @@ class SensitivityFlow(Result):
     target_pos: int
     mode: str
     n_probes: int
-    sensitivity: Float[Tensor, "layer_plus_1 pos"]
+    sensitivity: Float[Tensor, "layers_covered pos"]
     mlp: Float[Tensor, "layer pos"] | None
     value: Float[Tensor, "layer pos"]
     pattern: Float[Tensor, "layer pos"]

@@ -145,7 +145,7 @@ def head_value_parts(
 # --------------------------------------------------------------------------------------------------
 
 
-def bound_layer_rows(graph, target: int) -> Float[Tensor, "layer_plus_1 pos"]:
+def bound_layer_rows(graph, target: int) -> Float[Tensor, "layers_covered pos"]:
     """A PathGraph's backward row at every layer: ``o_n · e_nᵀ M^(L-1) ⋯ M^(l)`` for ``l = 0..L``
     (``l = L``: ``o_n e_n``), one vector–matrix product per layer from the factored edges."""
     n_layers, _, n, _ = graph.patterns.shape

@@ -232,7 +232,7 @@ class FlowGradients(Record):
     ``None`` without a norm).
     """
 
-    total: Float[Tensor, "layer_plus_1 row pos d_model"]
+    total: Float[Tensor, "layers_covered row pos d_model"]
     mid: Float[Tensor, "layer row pos d_model"]
     mlp: Float[Tensor, "layer row pos d_model"] | None
     value: Float[Tensor, "layer row pos d_model"]

@@ -165,8 +165,8 @@ class AblationResult(Result):
     baseline: SinkReport
     ablated: SinkReport
     sink_rate_change: Float[Tensor, "layer"]
-    entropy_change: Float[Tensor, "resid"]
-    first_token_norm_change: Float[Tensor, "resid"]
+    entropy_change: Float[Tensor, "layers_covered"]
+    first_token_norm_change: Float[Tensor, "layers_covered"]
     str_tokens: tuple[str, ...]
     jacobian_baseline: Float[Tensor, "pos"] | None = None
     jacobian_ablated: Float[Tensor, "pos"] | None = None
