@@ -35,7 +35,14 @@ MOVED: dict[str, str] = {
 # old modules whose names now live in several modules, searched in this order
 SPLIT: dict[str, tuple[str, ...]] = {
     "collapse": ("experiments.collapse", "experiments.collapse_windows"),
-    "sinks": ("algebra.sinks", "algebra.massive", "algebra.compression", "algebra.phases", "experiments.sinks"),
+    "sinks": (
+        "algebra.sinks",
+        "algebra.sinks_legacy",
+        "algebra.massive",
+        "algebra.compression",
+        "algebra.phases",
+        "experiments.sinks",
+    ),
 }
 # names that are functions in the public API: never shadow them with a module
 SHADOWING = {"trace": "edge.trace", "flow": "edge.flow"}

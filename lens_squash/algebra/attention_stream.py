@@ -31,9 +31,6 @@ from ..core.display import compact_repr
 from ..core.results import Record
 from . import sinks
 from .attention import attention_defects
-from .compression import compression_curves
-from .massive import massive_activations
-from .phases import detect_phases, layer_correlations, massive_layers, sink_layer_links
 from .spectral import SpectralLayers, SpectralStream, dobrushin
 
 __all__ = ["AttentionStream", "AttentionSummary", "sink_report_from_summary"]
@@ -172,33 +169,18 @@ def sink_report_from_summary(
     head_mass = attention_to_first[..., 1:].to(_F64).mean(-1)  # [layer, head], as sinks.first_token_attention
     is_sink = head_mass > eps
     per_layer = is_sink.to(_F64).mean(-1)
-    massive = massive_activations(resid_norms, first_resid)
-    entropy = aniso = phases = None
-    curves = {"first_token_norm": massive.first_norm, "sink_rate": per_layer}
-    if representations is not None:
-        entropy, aniso = compression_curves(representations.to(_F64))
-        phases = detect_phases(entropy)
-        curves["entropy"] = entropy
-    rollout, tau = summary.rollout_mass, summary.sink_dobrushin
-    curves["dobrushin"] = tau
-    curves["rollout_mass_gain"] = torch.diff(rollout, prepend=rollout.new_zeros(1))
-    return sinks.SinkReport(
-        eps=float(eps),
+    return sinks.report_from_curves(
+        eps=eps,
         mean_first_token_attention=head_mass.mean(-1),
         sink_rate=per_layer,
         sink_rate_overall=float(is_sink.to(_F64).mean()),
         mixing=summary.mixing,
-        first_token_norm=massive.first_norm,
-        norm_ratio=massive.ratio,
-        entropy=entropy,
-        anisotropy=aniso,
-        phases=phases,
-        massive_range=massive_layers(massive.ratio, factor=factor),
-        correlations=layer_correlations(curves, method=method),
-        provenance=dict(metadata or {}),
-        top_dims=massive.top_dims,
-        top_values=massive.top_values,
-        rollout_mass=rollout,
-        dobrushin=tau,
-        links=sink_layer_links(per_layer, tau, rollout),
+        resid_norms=resid_norms,
+        first_resid=first_resid,
+        representations=representations,
+        rollout_mass=summary.rollout_mass,
+        dobrushin=summary.sink_dobrushin,
+        factor=factor,
+        method=method,
+        metadata=metadata,
     )

@@ -64,6 +64,7 @@ __all__ = [
     "first_token_attention",
     "key_importance",
     "mixing_score",
+    "report_from_curves",
     "rollout_dobrushin",
     "rollout_mass",
     "sink_rate",
@@ -298,7 +299,9 @@ class SinkReport(Result):
     @property
     def first_token_mass(self) -> Float[Tensor, "layer"]:
         """Deprecated name of :attr:`mean_first_token_attention` (it also named the rollout mass)."""
-        _deprecated("SinkReport.first_token_mass", "SinkReport.mean_first_token_attention")
+        warnings.warn(
+            "SinkReport.first_token_mass is now SinkReport.mean_first_token_attention", DeprecationWarning, stacklevel=2
+        )
         return self.mean_first_token_attention
 
     def curves(self) -> dict[str, Tensor]:
@@ -406,12 +409,48 @@ def sink_report(
             f"resid_norms must be [layer, pos] with {n_layers} or {n_layers + 1} rows (one per residual "
             f"stream entering each layer, optionally plus the final one), got {tuple(resid_norms.shape)}"
         )
-    mass = first_token_attention(patterns).mean(-1)
     rate = sink_rate(patterns, eps)
+    mixing, rollout, tau = _attention_curves(patterns, over_squashing)
+    return report_from_curves(
+        eps=rate.eps,
+        mean_first_token_attention=first_token_attention(patterns).mean(-1),
+        sink_rate=rate.per_layer,
+        sink_rate_overall=rate.overall,
+        mixing=mixing,
+        resid_norms=resid_norms,
+        first_resid=first_resid,
+        representations=representations,
+        rollout_mass=rollout,
+        dobrushin=tau,
+        factor=factor,
+        method=method,
+        metadata=metadata,
+    )
+
+
+def report_from_curves(
+    *,
+    eps: float,
+    mean_first_token_attention: Float[Tensor, "layer"],
+    sink_rate: Float[Tensor, "layer"],
+    sink_rate_overall: float,
+    mixing: Float[Tensor, "layer"],
+    resid_norms: Float[Tensor, "layers_covered pos"],
+    first_resid: Float[Tensor, "layers_covered d_model"] | None,
+    representations: Float[Tensor, "layers_covered pos d_model"] | None,
+    rollout_mass: Float[Tensor, "layer"] | None,
+    dobrushin: Float[Tensor, "layer"] | None,
+    factor: float,
+    method: Literal["spearman", "pearson"],
+    metadata: dict[str, Any] | None,
+) -> SinkReport:
+    """A :class:`SinkReport` from per-layer attention curves, however they were gathered (whole
+    patterns here, one layer at a time in :mod:`.attention_stream`): the residual, compression,
+    phase, correlation and sink-layer parts are computed the same way for both."""
     massive = massive_activations(resid_norms, first_resid)
     entropy = aniso = phases = None
     links: dict[str, float] = {}
-    curves = {"first_token_norm": massive.first_norm, "sink_rate": rate.per_layer}
+    curves = {"first_token_norm": massive.first_norm, "sink_rate": sink_rate}
     if representations is not None:
         representations = _check_matrix_stack(representations, "representations")
         if representations.shape[:2] != resid_norms.shape:
@@ -422,16 +461,15 @@ def sink_report(
         entropy, aniso = compression_curves(representations)  # one spectrum for both curves
         phases = detect_phases(entropy)
         curves["entropy"] = entropy
-    mixing, rollout, tau = _attention_curves(patterns, over_squashing)
-    if over_squashing:
-        links = sink_layer_links(rate.per_layer, tau, rollout)
-        curves["dobrushin"] = tau
-        curves["rollout_mass_gain"] = torch.diff(rollout, prepend=rollout.new_zeros(1))
+    if rollout_mass is not None:
+        links = sink_layer_links(sink_rate, dobrushin, rollout_mass)
+        curves["dobrushin"] = dobrushin
+        curves["rollout_mass_gain"] = torch.diff(rollout_mass, prepend=rollout_mass.new_zeros(1))
     return SinkReport(
-        eps=rate.eps,
-        mean_first_token_attention=mass,
-        sink_rate=rate.per_layer,
-        sink_rate_overall=rate.overall,
+        eps=float(eps),
+        mean_first_token_attention=mean_first_token_attention,
+        sink_rate=sink_rate,
+        sink_rate_overall=float(sink_rate_overall),
         mixing=mixing,
         first_token_norm=massive.first_norm,
         norm_ratio=massive.ratio,
@@ -443,49 +481,11 @@ def sink_report(
         provenance=dict(metadata or {}),
         top_dims=massive.top_dims,
         top_values=massive.top_values,
-        rollout_mass=rollout,
-        dobrushin=tau,
+        rollout_mass=rollout_mass,
+        dobrushin=dobrushin,
         links=links,
     )
 
 
 # the keyword of the field's old name still builds a report
 SinkReport.__init__ = renamed(first_token_mass="mean_first_token_attention")(SinkReport.__init__)
-
-
-# ---------------------------------------------------------------------------------------------------
-# old names: "first_token_mass" meant three things, now three names; metrics that moved modules
-# ---------------------------------------------------------------------------------------------------
-
-
-def _deprecated(old: str, new: str) -> None:
-    warnings.warn(f"{old} is now {new}", DeprecationWarning, stacklevel=3)
-
-
-def first_token_mass(patterns: Tensor, *, include_first_query: bool = False) -> Tensor:
-    """Deprecated name of :func:`first_token_attention`."""
-    _deprecated("sinks.first_token_mass", "sinks.first_token_attention")
-    return first_token_attention(patterns, include_first_query=include_first_query)
-
-
-def rollout_first_token_mass(patterns: Tensor) -> Tensor:
-    """Deprecated name of :func:`rollout_mass`."""
-    _deprecated("sinks.rollout_first_token_mass", "sinks.rollout_mass")
-    return rollout_mass(patterns)
-
-
-# moved to sibling modules (those imported above stay plain attributes); sink_analysis and
-# sink_report_from_trace run the model, so they moved up to lens_squash.experiments.sinks
-_MOVED = {
-    "MassiveActivations": "massive",
-    **dict.fromkeys(("anisotropy", "matrix_entropy", "squared_singular_values"), "compression"),
-}
-
-
-def __getattr__(name: str):
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from importlib import import_module
-
-    _deprecated(f"lens_squash.algebra.sinks.{name}", f"lens_squash.algebra.{_MOVED[name]}.{name}")
-    return getattr(import_module(f".{_MOVED[name]}", __package__), name)
