@@ -16,6 +16,8 @@ differently the second time). :func:`analysis_memory` estimates what an analysis
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -28,7 +30,14 @@ from ..core.support import UnsupportedModelError
 from .lipschitz import GRAM_CACHE_BYTES
 from .trace import Trace, keeps_patterns, streamable
 
-__all__ = ["analysis_memory", "check_fits", "memory_model", "recompute_patterns", "stream_bounds"]
+__all__ = [
+    "analysis_memory",
+    "check_fits",
+    "memory_model",
+    "recompute_patterns",
+    "softmax_after_scores",
+    "stream_bounds",
+]
 
 
 class _StopAtPattern(Exception):
@@ -55,26 +64,77 @@ def recompute_patterns(
 ) -> Float[Tensor, "head query_pos key_pos"]:
     """Layer ``layer``'s patterns, recomputed from the trace's stored ``blocks.{layer}.hook_resid_pre``
     (analysis dtype, CPU). The input goes back in the model's dtype, which is exact: float16 and
-    bfloat16 values survive the trip through float32 unchanged."""
+    bfloat16 values survive the trip through float32 unchanged.
+
+    Where TransformerLens's attention ends in a plain softmax (:func:`softmax_after_scores`), the
+    block stops at ``hook_attn_scores`` and the softmax is taken here, on the same tensor with the same
+    call, so the patterns are bit-identical; what is skipped is TransformerLens's NaN clean-up, a
+    ``where`` over ``H·n²`` entries that only changes NaN rows (about a third of the recompute at
+    n = 2048), applied here only when the patterns hold a NaN.
+    """
     if traced.resid is None:
         raise ValueError("this trace kept no residual streams, so its patterns cannot be recomputed; trace again")
+    own_softmax = softmax_after_scores(model, layer)
+    site = "hook_attn_scores" if own_softmax else "hook_pattern"
+    value = _run_until(model, traced, layer, site, shortformer)
+    if own_softmax:
+        value = torch.nn.functional.softmax(value, dim=-1)
+        if torch.isnan(value.sum()):  # entries are in [0, 1], so the sum is NaN iff one entry is
+            value.masked_fill_(torch.isnan(value), 0.0)
+    return value[0].to("cpu", traced.attention_to_first.dtype)
+
+
+def _run_until(model, traced: Trace, layer: int, site: str, shortformer: Tensor | None) -> Tensor:
+    """Block ``layer`` rerun on its stored input until ``blocks.{layer}.attn.{site}`` fires: its value."""
     block = model.blocks[layer]
     device = next(block.parameters()).device
     x = traced.resid[layer][None].to(device, model.cfg.dtype)
     caught: list[Tensor] = []
 
     def stop(value, hook):
-        caught.append(value[0].detach())
+        caught.append(value.detach())
         raise _StopAtPattern
 
-    with torch.no_grad(), model.hooks(fwd_hooks=[(f"blocks.{layer}.attn.hook_pattern", stop)]):
+    with torch.no_grad(), model.hooks(fwd_hooks=[(f"blocks.{layer}.attn.{site}", stop)]):
         try:
             block(x, shortformer_pos_embed=None if shortformer is None else shortformer.to(device))
         except _StopAtPattern:
             pass
     if not caught:
-        raise RuntimeError(f"blocks.{layer}.attn.hook_pattern did not fire when block {layer} was rerun")
-    return caught[0].to("cpu", traced.attention_to_first.dtype)
+        raise RuntimeError(f"blocks.{layer}.attn.{site} did not fire when block {layer} was rerun")
+    return caught[0]
+
+
+#: what TransformerLens 3.9's attention does between ``hook_attn_scores`` and ``hook_pattern``
+#: without learned sinks; a release whose source no longer reads so keeps the whole-block path
+_PLAIN_SOFTMAX = (
+    "pattern = F.softmax(attn_scores, dim=-1)",
+    "pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)",
+    "pattern = self.hook_pattern(pattern)",
+)
+
+
+@functools.cache
+def _transformer_lens_plain_softmax(forward) -> bool:
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):
+        return False
+    return all(line in source for line in _PLAIN_SOFTMAX)
+
+
+def softmax_after_scores(model, layer: int) -> bool:
+    """Whether block ``layer``'s patterns are exactly ``softmax(hook_attn_scores)`` with NaNs set to 0:
+    TransformerLens's own attention forward (not a subclass's override), no learned sinks, and no
+    hook of the user's on ``hook_pattern`` or ``hook_attn_scores`` that the shortcut would skip or
+    see in a different order."""
+    from transformer_lens.components.abstract_attention import AbstractAttention
+
+    attn = model.blocks[layer].attn
+    if getattr(model.cfg, "use_attention_sinks", False) or type(attn).forward is not AbstractAttention.forward:
+        return False
+    hooked = any(getattr(attn, name)._forward_hooks for name in ("hook_pattern", "hook_attn_scores"))
+    return not hooked and _transformer_lens_plain_softmax(AbstractAttention.forward)
 
 
 def _check_same(traced: Trace, layer: int, patterns: Tensor) -> None:

@@ -14,7 +14,13 @@ import math
 import pytest
 import torch
 
-from lens_squash.edge.stream import analysis_memory, check_fits, recompute_patterns, stream_bounds
+from lens_squash.edge.stream import (
+    analysis_memory,
+    check_fits,
+    recompute_patterns,
+    softmax_after_scores,
+    stream_bounds,
+)
 from lens_squash.edge.trace import KEEP_PATTERNS_BYTES, keeps_patterns, patterns_bytes, trace
 from lens_squash.experiments.analysis import analyze
 
@@ -96,12 +102,52 @@ def test_stream_bounds_of_another_target_and_every_variant_match_path_bound():
         path_bound(streamed, "rollout")
 
 
-def test_recomputed_patterns_are_the_traced_ones():
-    model = build("gemma2_post_norm")  # local windows, soft caps, post norms
+@pytest.mark.parametrize("family", CAUSAL)
+def test_recomputed_patterns_are_the_traced_ones(family):
+    """Bit for bit, on every family (local windows, soft caps, ALiBi, learned sinks, …), whether the
+    softmax is taken after ``hook_attn_scores`` or the block runs on to ``hook_pattern``."""
+    from lens_squash.edge.stream import _shortformer_embed
+
+    model = build(family)
     whole = trace(model, TOKENS, keep_patterns=True)
     streamed = trace(model, TOKENS, keep_patterns=False)
+    embed = _shortformer_embed(model, streamed.tokens)  # shortformer adds positions inside every block
     for layer in range(model.cfg.n_layers):
-        assert torch.equal(recompute_patterns(model, streamed, layer), whole.patterns[layer])
+        assert torch.equal(recompute_patterns(model, streamed, layer, shortformer=embed), whole.patterns[layer])
+
+
+def test_the_softmax_shortcut_applies_only_where_it_is_exact():
+    assert softmax_after_scores(build("llama_gqa"), 0)  # TransformerLens's plain attention
+    assert not softmax_after_scores(build("gpt_oss_sinks"), 0)  # learned sinks change the softmax
+    model = build("gpt2")
+    halve = lambda value, hook: value * 0.5  # noqa: E731 - a user's edit of the patterns
+    model.add_hook("blocks.0.attn.hook_pattern", halve)
+    try:
+        assert not softmax_after_scores(model, 0) and softmax_after_scores(model, 1)
+        edited = trace(model, TOKENS, keep_patterns=True).patterns[0]
+        streamed = trace(model, TOKENS, keep_patterns=False)
+        assert torch.equal(recompute_patterns(model, streamed, 0), edited)  # the user's hook ran again
+    finally:
+        model.reset_hooks()
+
+
+def test_nan_patterns_are_zeroed_as_transformer_lens_does():
+    """A NaN input position makes NaN scores: the shortcut zeroes the NaN entries exactly as
+    TransformerLens's ``where(isnan(pattern), 0, pattern)`` does."""
+    from dataclasses import replace
+
+    from lens_squash.edge.stream import _run_until
+
+    model = build("llama_gqa")
+    streamed = trace(model, TOKENS, keep_patterns=False)
+    resid = streamed.resid.clone()
+    resid[1, 3] = float("nan")
+    poisoned = replace(streamed, resid=resid)
+    assert softmax_after_scores(model, 1)
+    shortcut = recompute_patterns(model, poisoned, 1)
+    through = _run_until(model, poisoned, 1, "hook_pattern", None)[0]
+    assert torch.isnan(through).sum() == 0 and (through[:, 3] == 0).all()  # the poisoned query's rows
+    assert torch.equal(shortcut, through)
 
 
 def test_a_hook_that_changes_the_second_pass_is_refused():
