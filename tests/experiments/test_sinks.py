@@ -139,6 +139,10 @@ def test_the_three_first_token_quantities_have_three_names_and_the_old_ones_stil
         assert spectral.first_token_mass is spectral.rollout_mass
 
 
+#: float32 rounding across CPUs and thread counts, with margin (see the test)
+RTOL = 1e-5
+
+
 def test_the_split_changed_no_number():
     """Every curve of a tiny model's report equals what the code before the split wrote
     (sinks_before_split.json): moving and renaming must not move a number."""
@@ -151,7 +155,10 @@ def test_the_split_changed_no_number():
     before = json.loads((Path(__file__).parent / "sinks_before_split.json").read_text())
     model = tiny_model(**before["model"])
     # the file was written on one thread; float32 reductions split over more threads round differently
-    # (3.5e-8 relative in the anisotropy on two), which is not what this test is about
+    # (3.5e-8 relative in the anisotropy on two), which is not what this test is about. The model runs
+    # in float32, whose kernels also round differently from one CPU to another: on an AVX-512 Xeon
+    # every float32-derived curve moved by 1e-8 … 4e-7 relative from the file's. So the tolerance is
+    # float32's (RTOL), far below what a moved formula, layer or head average would change (≥ 1e-3).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -166,13 +173,13 @@ def test_the_split_changed_no_number():
             assert set(now) == set(value), name
             for key in value:
                 assert (math.isnan(now[key]) and math.isnan(value[key])) or now[key] == pytest.approx(
-                    value[key], rel=1e-12, abs=1e-15
+                    value[key], rel=RTOL, abs=1e-12
                 ), (name, key)
         elif isinstance(value, list):
             np.testing.assert_allclose(
-                np.asarray(now, dtype=float), np.asarray(value, dtype=float), rtol=1e-12, atol=1e-15, err_msg=name
+                np.asarray(now, dtype=float), np.asarray(value, dtype=float), rtol=RTOL, atol=1e-12, err_msg=name
             )
         elif value is None:
             assert now is None, name
         else:
-            assert now == pytest.approx(value, rel=1e-12), name
+            assert now == pytest.approx(value, rel=RTOL), name
