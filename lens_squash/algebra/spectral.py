@@ -336,12 +336,19 @@ class SpectralStream:
             raise ValueError(
                 f"each layer must be [query_pos, key_pos] = {(self._state.shape[0],) * 2}, got {tuple(layer.shape)}"
             )
-        self._spectra.append(layer.diagonal().clone())  # not a view that keeps the layer alive
         # entries above the diagonal within atol are treated as zero (the check above allowed them)
-        self._taus.append(dobrushin(layer.tril(), atol=self.atol))
-        self._two.append(_two_nonzeros(layer, 0.0))
-        self._state = layer @ self._state
-        self._states.append(self._state)
+        tau = dobrushin(layer.tril(), atol=self.atol)
+        # the diagonal is cloned: not a view that keeps the layer alive
+        self._append(layer.diagonal().clone(), tau, _two_nonzeros(layer, 0.0), layer @ self._state)
+
+    def _append(self, diagonal: Tensor, tau: Tensor, two_nonzeros: Tensor, state: Tensor) -> None:
+        """Keep one checked layer's numbers; ``state`` is ``Λ̃`` times the previous state (the
+        streamed attention path computes them row chunk by row chunk, already checked)."""
+        self._spectra.append(diagonal)
+        self._taus.append(tau)
+        self._two.append(two_nonzeros)
+        self._state = state
+        self._states.append(state)
 
     def finish(self) -> SpectralLayers:
         if not self._spectra:
