@@ -31,6 +31,13 @@ peak extra 0.98 vs 2.99 GiB, norms bit-equal; n = 4096, k = 64, top block swept:
 stored inputs for the other 29 blocks = 5.03 GiB) against an estimate of 11.3 GiB. The n = 1024 pair and a full
 30-block sweep at n = 4096 did not fit in the session on that load (the plain n = 1024 worker was killed).
 
+Measured 2026-12-02 (``--ckpt-check``-style runs, peaks from the kernel's high-water mark reset after warm-up):
+checkpointed sketch k = 64 peak extra 0.20 / 0.50 GiB at n = 128 / 256 (all 30 blocks, chunk 16), 0.54 / 0.92 GiB
+at n = 512 (top block, chunk 4 / 16), 1.76 GiB at n = 1024 (2 blocks, chunk 8); the new estimate is 1.01-1.19x
+these at n >= 256 (1.57x at n = 128). n = 1024, k = 64, chunk 8, wrt = 28, one process, nothing else of ours
+running: plain 108.5 s, checkpointed 63.3 s (0.58x), norms bit-equal (a first try beside other jobs: 1.64x).
+
+    .venv/bin/python benchmarks/jacobian.py --ckpt-check --pair-wrt 28 --pair-chunk 8   # issue 18 check
     .venv/bin/python benchmarks/jacobian.py            # n = 128 tokens (several minutes on 2 cores)
     .venv/bin/python benchmarks/jacobian.py --quick    # n = 32
     .venv/bin/python benchmarks/jacobian.py --long     # n = 1024 plain vs checkpointed, then n = 4096 (long)
@@ -47,7 +54,7 @@ import textwrap
 
 WORKER = textwrap.dedent(
     """
-    import json, sys, threading, time, gc
+    import json, resource, sys, threading, time, gc
     import psutil, torch
     from lens_squash.edge.models import load_model
     from lens_squash.edge import allocator
@@ -66,6 +73,10 @@ WORKER = textwrap.dedent(
     gc.collect()
     if allocator._glibc() is not None:
         allocator._glibc().malloc_trim(0)  # the baseline must not hold freed memory a method could reuse
+    try:  # reset the kernel's high-water mark (VmHWM, what ru_maxrss reads): loading the model peaked higher
+        open("/proc/self/clear_refs", "w").write("5")
+    except OSError:
+        pass
     process = psutil.Process()
     peak = [process.memory_info().rss]
     base = peak[0]
@@ -127,8 +138,51 @@ WORKER = textwrap.dedent(
     done.set()
     sampler.join()
     out["peak_extra_bytes"] = peak[0] - base
+    out["hwm_extra_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     out["peak_rss_bytes"] = peak[0]
     out["base_rss_bytes"] = base
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+#: issue 18: plain then checkpointed sketch in one process (same heap, same load), the kernel's
+#: high-water mark reset before each so each peak is its own
+PAIR_WORKER = textwrap.dedent(
+    """
+    import gc, json, sys, time
+    import torch
+    from lens_squash.edge.models import load_model
+    from lens_squash.edge import allocator
+    from lens_squash.edge import jacobian as jac
+
+    n, k, chunk, wrt = (int(a) for a in sys.argv[1:5])
+    model = load_model(n_ctx=max(n, 16))
+    tokens = torch.randint(100, 20000, (n,), generator=torch.Generator().manual_seed(0))
+    for checkpoint in (False, True):  # warm-up: allocator, kernels
+        jac.jacobian(model, tokens[:4], mode="sketch", n_probes=4, checkpoint=checkpoint)
+
+    def status(key):
+        with open("/proc/self/status") as handle:
+            return next(int(line.split()[1]) * 1024 for line in handle if line.startswith(key))
+
+    out = {}
+    for checkpoint in (False, True):
+        gc.collect()
+        if allocator._glibc() is not None:
+            allocator._glibc().malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # VmHWM (ru_maxrss's counter) restarts from the resident size
+        base = status("VmRSS:")
+        started = time.perf_counter()
+        result = jac.jacobian(model, tokens, mode="sketch", n_probes=k, chunk_size=chunk, wrt=wrt,
+                              checkpoint=checkpoint, max_memory_bytes=2**50)
+        out["ckpt" if checkpoint else "plain"] = {
+            "seconds": time.perf_counter() - started,
+            "estimated_bytes": result.provenance["estimated_bytes"],
+            "peak_extra_bytes": status("VmHWM:") - base,
+            "frobenius": result.frobenius.tolist(),
+        }
     print("RESULT " + json.dumps(out))
     """
 )
@@ -217,10 +271,22 @@ def main() -> None:
         default=None,
         help="max_memory_bytes for the library's runs (default: half the free memory)",
     )
+    parser.add_argument(
+        "--ckpt-check",
+        action="store_true",
+        help="issue 18: checkpointed estimate vs measured peak at --ckpt-n (fresh process each), then plain "
+        "and checkpointed sketch at --long-n in one process (time ratio, both peaks)",
+    )
+    parser.add_argument("--ckpt-n", default="128,256,512", help="token counts of the estimate check")
+    parser.add_argument("--ckpt-wrt", type=int, default=0, help="wrt of the estimate check (29: top block only)")
+    parser.add_argument("--pair-wrt", type=int, default=0, help="wrt of the plain/checkpointed pair")
+    parser.add_argument("--pair-chunk", type=int, default=16, help="chunk size of both runs of the pair")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     if args.long:
         return long_contexts(args)
+    if args.ckpt_check:
+        return checkpoint_check(args)
     n = args.n or (32 if args.quick else 128)
     results = {}
     for method in args.methods.split(","):
@@ -293,6 +359,39 @@ def long_contexts(args) -> None:
             json.dump(
                 {k: {key: v for key, v in r.items() if key != "frobenius"} for k, r in runs.items()}, handle, indent=1
             )
+
+
+def checkpoint_check(args) -> None:
+    """The checkpointed estimate against the measured peak, and checkpointed ÷ plain in one process."""
+    gib = 2**30
+    print("| n | wrt | chunk | estimate GiB | peak extra GiB (ru_maxrss) | estimate ÷ peak | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for n in (int(x) for x in args.ckpt_n.split(",") if x):
+        r = run("sketch-ckpt", n, None, args.threads, args.max_memory_gib, args.ckpt_wrt, args.long_probes)
+        peak = max(r["hwm_extra_bytes"], r["peak_extra_bytes"])
+        print(
+            f"| {n} | {args.ckpt_wrt} | {r['chunk']} | {r['estimated_bytes'] / gib:.3f} | {peak / gib:.3f} | "
+            f"{r['estimated_bytes'] / peak:.2f} | {r['seconds']:.1f} |",
+            flush=True,
+        )
+    if not args.long_n:
+        return
+    worker = [str(v) for v in (args.long_n, args.long_probes, args.pair_chunk, args.pair_wrt)]
+    env = dict(os.environ, LENS_SQUASH_PROGRESS="0")
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", PAIR_WORKER, *worker], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"the pair worker failed (exit status {done.returncode}):\n{done.stderr[-3000:]}")
+    out = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("RESULT ")).removeprefix("RESULT "))
+    plain, saved = out["plain"], out["ckpt"]
+    import torch
+
+    a, b = torch.tensor(plain["frobenius"], dtype=torch.float64), torch.tensor(saved["frobenius"], dtype=torch.float64)
+    print(f"\nsketch k = {args.long_probes}, n = {args.long_n}, wrt = {args.pair_wrt}, chunk {args.pair_chunk}, one process")
+    print("| run | seconds | estimate GiB | peak extra GiB |\n|---|---|---|---|")
+    for name, r in out.items():
+        print(f"| {name} | {r['seconds']:.1f} | {r['estimated_bytes'] / gib:.3f} | {r['peak_extra_bytes'] / gib:.3f} |")
+    print(f"| checkpointed ÷ plain time | {saved['seconds'] / plain['seconds']:.2f} (target ≤ 1.5) | | |")
+    print(f"| max relative difference of ‖J_i‖_F | {float(((a - b).abs() / a).max()):.1e} | | |")
 
 
 def _progress(name: str, r: dict) -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "MODES",
     "MemoryPlan",
     "available_memory",
+    "checkpoint_terms",
     "estimate_memory",
     "gib",
     "largest_fitting_tokens",
@@ -88,6 +89,31 @@ def _weights_per_layer(cfg) -> int:
     return attention + (3 if cfg.gated_mlp else 2) * d * cfg.d_mlp
 
 
+def checkpoint_terms(cfg, n_tokens: int, n_layers: int, rows: int) -> dict[str, int]:
+    """Elements the checkpointed mode keeps (:mod:`.checkpoint`), by what keeps them, before slack.
+
+    ``stored``, ``cotangents`` and ``norm_temporary`` are exact counts of tensors the code allocates;
+    ``block`` and ``per_cotangent`` are upper counts fitted to the peak resident size of SmolLM2 runs
+    (n = 128…1024, chunk 4…16; ``benchmarks/jacobian.py --ckpt-check``).
+    """
+    n, d, heads = n_tokens, cfg.d_model, cfg.n_heads
+    d_mlp = 0 if cfg.attn_only or cfg.d_mlp is None else cfg.d_mlp
+    saved = n * (10 * d + 3 * d_mlp + 3 * heads * n)  # one block's saved activations (≥ the measured 1–2 H n²)
+    # forward temporaries of the recompute (scores, masked scores, pattern: freed, but their heap
+    # holes stay while steady_heap keeps freed memory), and the einsums' weight copies with the
+    # allocator's fragmentation around them: 12 W is the fit (the saved graph alone holds 1 W)
+    recompute = n * (10 * d + 3 * d_mlp) + 2 * heads * n * n
+    return {
+        "stored": (n_layers + 1) * n * d,  # each swept block's input x^(l), and the top block's output
+        "cotangents": rows * n * d,  # G^(l), [row, 1, pos, d_model], updated in place
+        "norm_temporary": rows * n * d,  # _sums's grads.pow(2), as large as the cotangents
+        "block": 12 * _weights_per_layer(cfg) + saved + recompute,
+        # per cotangent of a chunk: three [heads, pos, pos] gradients alive at once in the attention
+        # backward (softmax and mask), the MLP's and the residual's gradients, and the chunk's result
+        "per_cotangent": n * (2 * d_mlp + 2 * d) + 3 * heads * n * n + n * d,
+    }
+
+
 def memory_terms(
     model,
     n_tokens: int,
@@ -109,15 +135,16 @@ def memory_terms(
     per_layer = n * (10 * d + 3 * d_mlp + 3 * heads * n)
     rows = cfg.d_model if n_rows is None else n_rows
     if checkpoint:
-        # stored block inputs, one block's graph, and every row's cotangent (the result buffer too)
-        kept = (layers + 1) * n * d + _weights_per_layer(cfg) + per_layer + rows * n * d
+        parts = checkpoint_terms(cfg, n, layers, rows)
+        kept = parts["stored"] + parts["cotangents"] + parts["norm_temporary"] + parts["block"]
+        per_cotangent = parts["per_cotangent"]
     else:
         buffer = rows * n * d if (mode != "sketch" or keep_full) else 0
         kept = layers * (_weights_per_layer(cfg) + per_layer) + buffer
-    # a vmapped backward's temporaries per cotangent, measured on SmolLM2 for n = 32…256 (2.1–3.8 ×
-    # per_layer), plus the cotangent's input gradient [pos, d_in]; the spectral pass works on 8
-    # positions' Gram matrices at a time
-    per_cotangent = 4 * per_layer + n * d
+        # a vmapped backward's temporaries per cotangent, measured on SmolLM2 for n = 32…256 (2.1–3.8 ×
+        # per_layer), plus the cotangent's input gradient [pos, d_in]
+        per_cotangent = 4 * per_layer + n * d
+    # the spectral pass works on 8 positions' Gram matrices at a time
     spectral = 8 * d * d * 3 if mode != "sketch" else 0
     fixed = size * (kept + spectral)
     return int(MEMORY_SLACK * fixed), int(MEMORY_SLACK * size * per_cotangent)
@@ -144,12 +171,16 @@ def estimate_memory(
         W         = 2 d H d_head + 2 d H_kv d_head + (2 or 3) d m   one block's matrices
         plain        = L · (W + per_layer)                       the retained autograd graph
                      + r · n · d   (exact, frozen, or keep_full) the Jacobian buffer
-        checkpointed = (L + 1) · n · d                           each block's stored input
-                     + W + per_layer                             one block's graph, recomputed
-                     + r · n · d                                 every row's cotangent
+        checkpointed = (L + 1) · n · d + 2 r · n · d             stored inputs, cotangents, the norms' temporary
+                     + 12 W + per_layer + n (10 d + 3 m) + 2 H n²  one block recomputed (fitted)
+                     + c · (n (2 m + 3 d) + 3 H n²)              per cotangent of a chunk (fitted)
         bytes     = 1.15 · b · [ plain or checkpointed
-                        + c · (4 · per_layer + n · d)            the batched backward's working set
+                        + c · (4 · per_layer + n · d)   (plain)  the batched backward's working set
                         + 24 d²            (exact, frozen)       the spectral pass, 8 positions at a time ]
+
+    The checkpointed terms (:func:`checkpoint_terms`) were fitted to SmolLM2's measured peaks: the
+    estimate is 1.01–1.19× the peak at n = 256…1024 (1.6× at n = 128, where it is 0.3 GiB); the
+    previous form (plain's per-cotangent term) was about 3× the peak.
 
     ``W`` is there because TransformerLens's einsums save a reshaped copy of every weight matrix for
     the input gradient (405 MiB on SmolLM2, whatever ``n``). The constants are upper estimates

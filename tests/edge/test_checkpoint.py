@@ -132,3 +132,61 @@ def test_vjp_chunks_show_a_progress_bar_unless_silenced(monkeypatch, capsys, che
     with silenced():
         jacobian(model, TOKENS, chunk_size=8, checkpoint=checkpoint)
     assert "Jacobian VJP chunks" not in capsys.readouterr().err
+
+
+def _profiled_peak_bytes(fn) -> int:
+    """Peak bytes of live CPU tensors during ``fn()``, from the profiler's allocation records."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for event in events:
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("n", [6, 24])
+def test_checkpointed_terms_count_the_tensors_the_sweep_keeps(n):
+    from lens_squash.edge.backward import without_parameter_grads
+    from lens_squash.edge.checkpoint import head_cotangents, run_block, store_block_inputs
+    from lens_squash.edge.jacobian_memory import checkpoint_terms
+
+    model = build("llama_gqa")
+    tokens = torch.randint(0, model.cfg.d_vocab, (n,), generator=torch.Generator().manual_seed(1))
+    layers, rows = model.cfg.n_layers, 8
+    terms = checkpoint_terms(model.cfg, n, layers, rows)
+    stored = store_block_inputs(model, tokens, 0, layers - 1)
+    kept = [*stored.resid.values(), stored.top]
+    assert terms["stored"] == sum(t.numel() for t in kept)
+    probes = torch.randn(rows, model.cfg.d_model, dtype=model.cfg.dtype)
+    grads = head_cotangents(model, stored.top, n - 1, probes, final=True, frozen=False)
+    assert terms["cotangents"] == terms["norm_temporary"] == grads.numel()
+    # one recomputed block's saved graph (its weight copies included) is inside the block term
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes() // t.element_size()
+        return t
+
+    v = stored.resid[1].clone().requires_grad_(True)
+    with without_parameter_grads(model), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run_block(model, 1, stored.calls[1], v)
+    assert 0 < sum(saved.values()) <= terms["block"]
+
+
+def test_checkpointed_estimate_covers_the_allocated_peak():
+    model = build("llama_gqa")
+    tokens = torch.randint(0, model.cfg.d_vocab, (24,), generator=torch.Generator().manual_seed(2))
+    for chunk in (1, 4):
+
+        def call(chunk=chunk):
+            jacobian(model, tokens, mode="sketch", n_probes=8, chunk_size=chunk, checkpoint=True)
+
+        peak = _profiled_peak_bytes(call)
+        estimate = estimate_memory(model, 24, chunk, "sketch", n_probes=8, checkpoint=True)
+        assert 0 < peak <= estimate
