@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .lipschitz import (
-    cached_gram,
+    cached_gram_blocks,
     mlp_jacobian_frobenius,
     moe_jacobian_frobenius,
     solu_jacobian_frobenius,
@@ -43,7 +43,7 @@ def mlp_gain_hooks(model, shape, store: dict[str, Tensor]) -> list:
         def gain(value, hook, layer=layer, block=block):
             pre = store.pop(f"mlp_pre.{layer}")
             pre_linear = store.pop(f"mlp_pre_linear.{layer}", None)
-            norms = mlp_jacobian_frobenius(block, cached_gram(block, shape), pre, pre_linear)
+            norms = mlp_jacobian_frobenius(block, cached_gram_blocks(block, shape), pre, pre_linear)
             store[f"mlp_gain_unscaled.{layer}"] = norms.cpu()
 
         hooks.append((f"blocks.{layer}.mlp.hook_pre", save(f"mlp_pre.{layer}")))

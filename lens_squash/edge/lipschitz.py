@@ -41,9 +41,11 @@ from ..algebra.blocks import (
     block_shape,
     weight_signature,
 )
+from ..algebra.symmetric_forms import LowerBlocks, lower_blocks, quadratic_form
 
 __all__ = [
     "cached_gram",
+    "cached_gram_blocks",
     "mlp_gain_gram",
     "mlp_jacobian_frobenius",
     "moe_jacobian_frobenius",
@@ -73,6 +75,26 @@ def _gram_from(block, shape: BlockShape, mats: list[Tensor], w_out: Tensor) -> T
     return (w_in.T @ w_in) * (w_out @ w_out.T).repeat(copies, copies)
 
 
+def _gram_blocks_from(block, shape: BlockShape, mats: list[Tensor], w_out: Tensor) -> LowerBlocks:
+    """:func:`_gram_from` as its lower block columns (:mod:`lens_squash.algebra.symmetric_forms`):
+    only those products are computed, and ``W'_out W'_outᵀ`` once, not per copy."""
+    mats = [w.detach().double() for w in mats]
+    if shape.mlp_in is not None:
+        mats = [apply_input_norm(w, getattr(block, shape.mlp_in), dim=0) for w in mats]
+    w_in = torch.cat(mats, dim=1)  # [d_model, k·d_mlp]
+    w_out = apply_output_norms(w_out, block, shape.mlp_out)  # [d_mlp, d_model]
+    out_gram = w_out @ w_out.T
+    d_mlp, size = w_out.shape[0], w_in.shape[1]
+    neuron = torch.arange(size, device=w_in.device) % d_mlp  # which neuron each stacked index is
+    w_in_rows = w_in.T.contiguous()  # row slices of a contiguous copy: the strided transpose was 1.4× slower
+
+    def entries(start: int, stop: int) -> Tensor:
+        out = out_gram.index_select(0, neuron[start:]).index_select(1, neuron[start:stop])
+        return (w_in_rows[start:] @ w_in[:, start:stop]).mul_(out)
+
+    return lower_blocks(size, entries)
+
+
 def _mlp_matrices(block) -> tuple[list[Tensor], Tensor]:
     return [getattr(block.mlp, name) for name in _mlp_names(block.mlp)], block.mlp.W_out
 
@@ -94,19 +116,20 @@ _GRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 GRAM_CACHE_BYTES: int = 256 * 2**20
 
 
+def _nbytes(value) -> int:
+    if isinstance(value, LowerBlocks):
+        return value.nbytes
+    return sum(t.numel() * t.element_size() for t in (value if isinstance(value, tuple) else (value,)))
+
+
 def _cached_bytes() -> int:
-    total = 0
-    for _, value in list(_GRAMS.values()):
-        for tensor in value if isinstance(value, tuple) else (value,):
-            total += tensor.numel() * tensor.element_size()
-    return total
+    return sum(_nbytes(value) for _, value in list(_GRAMS.values()))
 
 
 def _remember(owner, key, value) -> None:
     """Keep ``value`` for ``owner`` while the cache stays within :data:`GRAM_CACHE_BYTES`."""
-    size = sum(t.numel() * t.element_size() for t in (value if isinstance(value, tuple) else (value,)))
     _GRAMS.pop(owner, None)  # a stale entry for edited weights frees its room first
-    if _cached_bytes() + size <= GRAM_CACHE_BYTES:
+    if _cached_bytes() + _nbytes(value) <= GRAM_CACHE_BYTES:
         _GRAMS[owner] = (key, value)
 
 
@@ -131,6 +154,27 @@ def cached_gram(block, shape: BlockShape, expert=None) -> Tensor:
     gram = _gram_from(block, shape, mats, w_out)
     _remember(owner, key, gram)
     return gram
+
+
+def cached_gram_blocks(block, shape: BlockShape, expert=None) -> LowerBlocks:
+    """:func:`cached_gram` as :class:`~lens_squash.algebra.symmetric_forms.LowerBlocks`: what the traced
+    pass uses (half the work and 56 % of the bytes), cached under the same rule and key."""
+    mats, w_out = _mlp_matrices(block) if expert is None else _expert_matrices(expert)
+    owner = block if expert is None else expert
+    key = ("blocks", shape, weight_signature(*mats, w_out, *_norm_gains(block, shape)))
+    hit = _GRAMS.get(owner)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    blocks = _gram_blocks_from(block, shape, mats, w_out)
+    _remember(owner, key, blocks)
+    return blocks
+
+
+def _squared_norms(coeff: Tensor, gram: Tensor | LowerBlocks) -> Tensor:
+    """``c_pᵀ G c_p`` per position, from a dense Gram or its lower blocks."""
+    if isinstance(gram, LowerBlocks):
+        return quadratic_form(coeff, gram)
+    return torch.einsum("pa,ab,pb->p", coeff, gram, coeff)
 
 
 def _activation_coefficients(block, pre: Tensor, pre_linear: Tensor | None) -> Tensor:
@@ -224,7 +268,7 @@ def moe_jacobian_frobenius(
         with torch.enable_grad():
             slope_gate, slope_up = torch.autograd.grad(_expert_post(expert, gate, up).sum(), (gate, up))
         coeff = torch.cat([slope_gate, slope_up], dim=-1)  # elementwise map: these are its derivatives
-        squared = torch.einsum("pa,ab,pb->p", coeff, cached_gram(block, shape, expert), coeff).clamp_min(0.0)
+        squared = quadratic_form(coeff, cached_gram_blocks(block, shape, expert)).clamp_min(0.0)
         total = total + weight * squared.sqrt()
     return total
 
@@ -235,14 +279,15 @@ def _bias(linear) -> Tensor | float:
 
 def mlp_jacobian_frobenius(
     block,
-    gram: Tensor,
+    gram: Tensor | LowerBlocks,
     pre: Float[Tensor, "pos d_mlp"],
     pre_linear: Float[Tensor, "pos d_mlp"] | None,
     scale: Float[Tensor, "pos"] | None = None,
 ) -> Float[Tensor, "pos"]:
-    """``‖J_MLP‖_F`` at every position from the block's Gram, divided by the product of the frozen
-    norm scales around the MLP at that position (``scale``; None: no norm) (float64)."""
+    """``‖J_MLP‖_F`` at every position from the block's Gram (dense, :func:`cached_gram`, or its lower
+    blocks, :func:`cached_gram_blocks`), divided by the product of the frozen norm scales around the
+    MLP at that position (``scale``; None: no norm) (float64)."""
     coeff = _activation_coefficients(block, pre, pre_linear)  # [pos, k·d_mlp]
-    squared = torch.einsum("pa,ab,pb->p", coeff, gram, coeff).clamp_min(0.0)
+    squared = _squared_norms(coeff, gram).clamp_min(0.0)
     norms = squared.sqrt()
     return norms if scale is None else norms / scale.double()

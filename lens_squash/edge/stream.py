@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..algebra.symmetric_forms import N_BLOCKS
 from ..algebra.variants import PathBound, PathGraph, bound_from_row, build_graph
 from ..core.progress import progress
 from ..core.support import UnsupportedModelError
@@ -219,21 +220,23 @@ def memory_model(cfg, n_tokens: int, *, kept: bool, weights: int = 0) -> dict[st
 
     * ``weights``: the model's parameters (given; already resident, not counted against free memory);
     * ``residual``: the ``L + 1`` residual streams, float32, twice while they are stacked, plus the
-      float64 copy the compression metrics take (``L·n·d``);
+      float64 copy of one of them that the compression metrics take at a time (``L·n·d``);
     * ``attention``: one layer's attention in flight: scores, masked scores and patterns,
       ``3·H·n²`` in the model's dtype (at least 4 bytes: softmax runs in float32), plus the
       statistics' float64 ``n × n`` buffers (``~6·n²``) (``H·n²``);
     * ``patterns``: the whole per-head stack and its head mean when they are kept (``(H+1)·L·n²``);
-    * ``gains``: the MLP-gain Gram matrices, float64 ``(k·d_mlp)²`` per layer, kept across traces up to
+    * ``gains``: the MLP-gain Gram matrices, float64 ``(k·d_mlp)²`` per layer (56 % of it: their lower
+      block columns, :mod:`lens_squash.algebra.symmetric_forms`), kept across traces up to
       :data:`lens_squash.edge.lipschitz.GRAM_CACHE_BYTES`, plus the one in use.
     """
     item = torch.finfo(cfg.dtype).bits // 8 if cfg.dtype.is_floating_point else 4
     analysis_item = 8 if cfg.dtype == torch.float64 else 4
     gated = 2 if getattr(cfg, "gated_mlp", False) else 1
-    gram = (gated * (cfg.d_mlp or 0)) ** 2 * 8
+    # a Gram is kept as its lower block columns: (B + 1) / 2B of the dense float64 matrix
+    gram = (gated * (cfg.d_mlp or 0)) ** 2 * 8 * (N_BLOCKS + 1) // (2 * N_BLOCKS)
     return {
         "weights": int(weights),
-        "residual": (cfg.n_layers + 1) * n_tokens * cfg.d_model * (2 * analysis_item + 8),
+        "residual": (cfg.n_layers + 1) * n_tokens * cfg.d_model * 2 * analysis_item + n_tokens * cfg.d_model * 8,
         "attention": 3 * cfg.n_heads * n_tokens**2 * max(item, 4) + 6 * n_tokens**2 * 8,
         "patterns": cfg.n_layers * (cfg.n_heads + 1) * n_tokens**2 * analysis_item if kept else 0,
         # the Gram matrices kept between traces (at most GRAM_CACHE_BYTES) and the one being used

@@ -196,3 +196,31 @@ def test_solu_gain_equals_the_jacobian_with_frozen_neuron_norm(overrides):
 
             explicit = torch.linalg.matrix_norm(torch.func.jacrev(mlp_of_frozen_norm)(mid[pos]))
             torch.testing.assert_close(result.mlp_gain[layer, pos], explicit, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "gpt2", "gemma2_post_norm", "moe_mixtral", "olmo2_output_norms"])
+def test_the_cached_lower_blocks_are_the_dense_grams(family):
+    """The traced pass's Gram blocks (built block by block, W'_out W'_outᵀ once) are the blocks of
+    the dense ``mlp_gain_gram``, and give the same gains."""
+    from lens_squash.algebra.symmetric_forms import lower_blocks_from_dense, quadratic_form
+    from lens_squash.edge.lipschitz import _expert_matrices, _gram_from, cached_gram_blocks, mlp_gain_gram
+
+    from ..families import build
+
+    model = build(family)
+    shape = supports_certified(model)
+    for block in model.blocks:
+        experts = list(getattr(block.mlp, "experts", [])) or [None]
+        for expert in experts:
+            if expert is None:
+                dense = mlp_gain_gram(block, shape)
+            else:
+                dense = _gram_from(block, shape, *_expert_matrices(expert))
+            blocks, reference = cached_gram_blocks(block, shape, expert), lower_blocks_from_dense(dense)
+            assert blocks.starts == reference.starts
+            for got, want in zip(blocks.columns, reference.columns, strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+            coeff = torch.randn(7, dense.shape[0], dtype=torch.float64)
+            torch.testing.assert_close(
+                quadratic_form(coeff, blocks), torch.einsum("pa,ab,pb->p", coeff, dense, coeff), rtol=1e-12, atol=1e-12
+            )
