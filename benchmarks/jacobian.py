@@ -36,6 +36,8 @@ checkpointed sketch k = 64 peak extra 0.20 / 0.50 GiB at n = 128 / 256 (all 30 b
 at n = 512 (top block, chunk 4 / 16), 1.76 GiB at n = 1024 (2 blocks, chunk 8); the new estimate is 1.01-1.19x
 these at n >= 256 (1.57x at n = 128). n = 1024, k = 64, chunk 8, wrt = 28, one process, nothing else of ours
 running: plain 108.5 s, checkpointed 63.3 s (0.58x), norms bit-equal (a first try beside other jobs: 1.64x).
+Measured 2026-12-02 later, after the new estimate: n = 4096, k = 64, wrt = 29, max_memory 12 GiB: chunk 3,
+peak extra 7.86 GiB (estimate 11.17), peak RSS 9.00 GiB + 0.25 GiB of unswept stored inputs = 9.26 GiB, 419 s.
 
     .venv/bin/python benchmarks/jacobian.py --ckpt-check --pair-wrt 28 --pair-chunk 8   # issue 18 check
     .venv/bin/python benchmarks/jacobian.py            # n = 128 tokens (several minutes on 2 cores)
