@@ -367,8 +367,7 @@ def _last_position_only(model) -> list:
     the last block's output), after every hook that keeps a whole-sequence value. HookedTransformer
     only: its forward is known to read nothing after that point but the unembedding and soft cap.
     The logits are those of a one-row matmul: equal to the full pass's last row up to float32
-    rounding (SmolLM2: 3.5e-5 on logits of size 32, 1e-6 relative), bit-equal in float64 models'
-    tests to 1e-12."""
+    rounding (SmolLM2: 3.5e-5 on logits of size 32, 1e-6 relative; float64 models: within 1e-12)."""
     from transformer_lens import HookedTransformer
 
     if not isinstance(model, HookedTransformer):
