@@ -368,8 +368,10 @@ def _last_position_only(model) -> list:
     only: its forward is known to read nothing after that point but the unembedding and soft cap.
     The logits are those of a one-row matmul: equal to the full pass's last row up to float32
     rounding (SmolLM2: 3.5e-5 on logits of size 32, 1e-6 relative; float64 models: within 1e-12)."""
-    from transformer_lens import HookedTransformer
-
+    try:
+        from transformer_lens import HookedTransformer
+    except ImportError:  # TransformerLens 4 has bridges only, whose forward this does not assume
+        return []
     if not isinstance(model, HookedTransformer):
         return []
     site = "ln_final.hook_normalized" if "ln_final.hook_normalized" in model.hook_dict else None
