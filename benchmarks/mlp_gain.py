@@ -4,7 +4,8 @@ On random float32 weights of one SmolLM2-135M MLP (d_model 576, d_mlp 1536, gate
 3072 × 3072 float64), times building the Gram and evaluating ``‖J_MLP‖_F`` at ``n`` positions both
 ways — the dense ``(W_inᵀ W_in) ∘ (W_out W_outᵀ)`` with ``einsum("pa,ab,pb->p")`` (the baseline), and
 :mod:`lens_squash.algebra.symmetric_forms` (what a trace runs) — and prints the ratios and the
-largest relative difference of the gains.
+largest relative difference of the gains. A last line does the same for a SoLU MLP's Hadamard form
+``aᵀ(G_in ∘ G_M)a`` (d_mlp 1536, ungated): the dense product and einsum against per-call lower blocks.
 
     .venv/bin/python benchmarks/mlp_gain.py            # n = 2048
     .venv/bin/python benchmarks/mlp_gain.py --n 8192 --repeats 1
@@ -36,6 +37,18 @@ def _blocked_gram(w_in: torch.Tensor, w_out: torch.Tensor):
         lambda a, b: (w_in_rows[a:] @ w_in[:, a:b]).mul_(
             out_gram.index_select(0, neuron[a:]).index_select(1, neuron[a:b])
         ),
+    )
+
+
+def _solu_line(w_in: torch.Tensor, w_out: torch.Tensor, coeff: torch.Tensor, repeats: int) -> str:
+    from lens_squash.edge.lipschitz import _hadamard_blocks
+
+    g_in, g_m = w_in.T @ w_in, w_out @ w_out.T
+    dense, old = _best(lambda: torch.einsum("pa,ab,pb->p", coeff, g_in * g_m, coeff), repeats)
+    blocks, new = _best(lambda: quadratic_form(coeff, _hadamard_blocks(g_in, g_m)), repeats)
+    return (
+        f"solu:  dense {dense:.3f} s, blocks {blocks:.3f} s  ({blocks / dense:.2f}×), "
+        f"max relative difference {float(((new - old) / old).abs().max()):.1e}"
     )
 
 
@@ -72,6 +85,7 @@ def main() -> None:
     total_old, total_new = build_dense + form_dense, build_blocks + form_blocks
     print(f"both:  {total_new / total_old:.2f}× the dense path; bytes kept {blocks.nbytes / dense.nbytes:.2f}×")
     print(f"max relative difference: gains {float(((new - old) / old).abs().max()):.1e}, Gram entries {same:.1e}")
+    print(_solu_line(w_in[:, :d_mlp], w_out, coeff[:, :d_mlp], args.repeats))
 
 
 if __name__ == "__main__":

@@ -211,6 +211,12 @@ def _solu_grams(block, shape: BlockShape) -> tuple[Tensor, Tensor]:
     return grams
 
 
+def _hadamard_blocks(g_in: Tensor, g_m: Tensor) -> LowerBlocks:
+    """``G_in ∘ G_M`` as lower block columns, built per call from the cached Grams: O(d_mlp²) next to
+    the form's O(pos · d_mlp²), and only (B + 1)/2B of the dense product is ever held."""
+    return lower_blocks(g_in.shape[0], lambda start, stop: g_in[start:, start:stop] * g_m[start:, start:stop])
+
+
 def solu_jacobian_frobenius(
     block, shape: BlockShape, pre: Float[Tensor, "pos d_mlp"], ln_scale: Float[Tensor, "pos"] | None
 ) -> Float[Tensor, "pos"]:
@@ -229,7 +235,7 @@ def solu_jacobian_frobenius(
     a = sigma + u
     gin_sigma, gm_u = sigma @ g_in, u @ g_m  # Grams are symmetric
     squared = (
-        torch.einsum("pa,ab,pb->p", a, g_in * g_m, a)
+        quadratic_form(a, _hadamard_blocks(g_in, g_m))
         - 2 * (gin_sigma * a * gm_u).sum(-1)
         + (gin_sigma * sigma).sum(-1) * (gm_u * u).sum(-1)
     )

@@ -224,3 +224,24 @@ def test_the_cached_lower_blocks_are_the_dense_grams(family):
             torch.testing.assert_close(
                 quadratic_form(coeff, blocks), torch.einsum("pa,ab,pb->p", coeff, dense, coeff), rtol=1e-12, atol=1e-12
             )
+
+
+@pytest.mark.parametrize("family", ["solu", "solu_gated_rms"])
+def test_the_solu_hadamard_blocks_give_the_dense_form(family):
+    """SoLU's ``aᵀ(G_in ∘ G_M)a`` from per-call lower blocks equals the dense einsum it replaced."""
+    from lens_squash.algebra.symmetric_forms import quadratic_form
+    from lens_squash.edge.lipschitz import _hadamard_blocks, _solu_grams
+
+    from ..families import build
+
+    model = build(family)
+    shape = supports_certified(model)
+    for block in model.blocks:
+        g_in, g_m = _solu_grams(block, shape)
+        a = torch.randn(9, g_in.shape[0], dtype=torch.float64)
+        torch.testing.assert_close(
+            quadratic_form(a, _hadamard_blocks(g_in, g_m)),
+            torch.einsum("pa,ab,pb->p", a, g_in * g_m, a),
+            rtol=1e-12,
+            atol=1e-12,
+        )
