@@ -22,9 +22,11 @@ __version__ = "0.1.0"
 # public name -> (module, attribute); the module is imported the first time the name is read
 _EXPORTS: dict[str, tuple[str, str]] = {
     "DEFAULT_MODEL": (".edge.models", "DEFAULT_MODEL"),
-    "DEFAULT_VARIANTS": (".experiments.analysis", "DEFAULT_VARIANTS"),
+    "DEFAULT_VARIANTS": (".algebra.variant_registry", "DEFAULT_VARIANTS"),
     "TINY_MODEL": (".edge.models", "TINY_MODEL"),
-    "VARIANTS": (".algebra.variants", "VARIANTS"),
+    "VARIANTS": (".algebra.variant_registry", "VARIANTS"),
+    "VariantSpec": (".algebra.variant_registry", "VariantSpec"),
+    "register_variant": (".algebra.variant_registry", "register_variant"),
     "Analysis": (".experiments.analysis", "Analysis"),
     "Comparison": (".algebra.compare", "Comparison"),
     "JacobianResult": (".edge.jacobian", "JacobianResult"),

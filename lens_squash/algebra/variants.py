@@ -30,7 +30,6 @@ lists the block shapes; :func:`_certified` has the proof sketch). Only ``paper``
 from __future__ import annotations
 
 import html
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -44,6 +43,7 @@ from ..core.results import Record, Result, heavy
 from . import paths
 from .attention import check_attention, head_weights, ov_norms
 from .blocks import block_shape, norm_gain
+from .variant_registry import VARIANTS, VariantSpec, get_variant, register_variant
 
 __all__ = ["VARIANTS", "PathBound", "PathGraph", "bound_from_row", "build_graph", "final_norm_gain", "path_bound"]
 
@@ -322,15 +322,33 @@ def _value(trace, model=None) -> PathGraph:
     )
 
 
-#: variant name -> builder(trace, model, **params) -> PathGraph
-VARIANTS: dict[str, Callable[..., PathGraph]] = {
-    "paper": _paper,
-    "rollout": _rollout,
-    "certified": _certified,
-    "value": _value,
-    "value_rownorm": lambda trace, model=None: _value(trace, model).row_normalised(),
-    "certified_rownorm": lambda trace, model=None: _certified(trace, model).row_normalised(),
-}
+def _value_rownorm(trace, model=None) -> PathGraph:
+    return _value(trace, model).row_normalised()
+
+
+def _certified_rownorm(trace, model=None) -> PathGraph:
+    return _certified(trace, model).row_normalised()
+
+
+_SHARES = "shares of where sensitivity lives, with no inequality to the Jacobian"
+for _spec in (
+    VariantSpec("paper", _paper, "proxy", summary="Theorem B.5's path sum with the user's β's and σ_ψ",
+                statement="a bound only where Theorem B.5's Lipschitz and normalisation assumptions hold, which "
+                "lens_squash does not check; on real models read it as a path-sum proxy"),
+    VariantSpec("rollout", _rollout, "proxy", summary="attention rollout (Abnar & Zuidema), Prop. B.8's setting",
+                statement=_SHARES),
+    VariantSpec("certified", _certified, "bound", needs=frozenset({"weights", "mlp_gains", "norm_scales"}),
+                supports=block_shape, summary="frozen-model path sum with every norm and MLP gain",
+                statement="an upper bound on ‖∂y_n/∂v_i‖₂ of the model with attention patterns and norm scales frozen"),
+    VariantSpec("value", _value, "proxy", needs=frozenset({"value_norms", "residual"}),
+                summary="‖v W_O‖-weighted attention (Kobayashi et al. 2020)", statement=_SHARES),
+    VariantSpec("value_rownorm", _value_rownorm, "proxy", needs=frozenset({"value_norms", "residual"}),
+                summary="value, each row scaled to sum 1", statement=_SHARES),
+    VariantSpec("certified_rownorm", _certified_rownorm, "proxy",
+                needs=frozenset({"weights", "mlp_gains", "norm_scales"}), supports=block_shape,
+                summary="certified's graph, each row scaled to sum 1", statement=_SHARES),
+):  # fmt: skip
+    register_variant(_spec, replace=True)
 
 
 def build_graph(trace, variant: str = "paper", *, model=None, **params) -> PathGraph:
@@ -339,8 +357,7 @@ def build_graph(trace, variant: str = "paper", *, model=None, **params) -> PathG
     A trace that streamed its patterns gives a graph without them (``patterns=None``): its row
     comes from :func:`lens_squash.edge.stream.stream_bounds`, which recomputes each layer's patterns.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
+    spec = get_variant(variant)  # refuses an unknown name, listing the registered ones
     # a trace records its patterns' defects and the tolerance of its dtype once (see trace.py)
     check = trace.provenance.get("attention_check", {})
     check_attention(
@@ -351,7 +368,7 @@ def build_graph(trace, variant: str = "paper", *, model=None, **params) -> PathG
         substochastic=check.get("substochastic", False),
         n_keys=trace.n_tokens,
     )
-    return VARIANTS[variant](trace, model, **params)
+    return spec.build(trace, model, **params)
 
 
 @dataclass(frozen=True, eq=False)
@@ -372,6 +389,11 @@ class PathBound(Result):
         """The output factor of the target's row: Theorem B.5's ``C`` for ``paper``, the final
         norm's frozen gain for ``certified``, 1 for the estimates."""
         return float(self.graph.output_scale[self.target])
+
+    @property
+    def guarantee_kind(self) -> str:
+        """``"bound"`` or ``"proxy"``: what the registry says this variant's numbers promise."""
+        return get_variant(self.variant).guarantee
 
     @property
     def first_token_share(self) -> float:

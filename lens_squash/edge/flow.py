@@ -84,7 +84,6 @@ from .jacobian_memory import memory_budget, plan_memory
 from .trace import as_tokens
 
 __all__ = [
-    "DEFAULT_VARIANTS",
     "FLOW_MODES",
     "FlowGradients",
     "SensitivityFlow",
@@ -99,8 +98,6 @@ __all__ = [
     "value_geometry",
 ]
 
-#: the bound variants compared layer by layer when none are named (certified needs MLP gains)
-DEFAULT_VARIANTS = ("paper", "rollout", "value_rownorm")
 #: a progress bar appears once the backward chunks have run this many seconds
 PROGRESS_DELAY_S = 2.0
 _check_position = check_position  # the old private name
@@ -260,9 +257,27 @@ def _bounds(model, used: Tensor, pos: int, variants: tuple[str, ...]) -> dict[st
 
     if not variants:
         return {}
-    lipschitz = any(v.startswith("certified") for v in variants)
+    from ..algebra.variant_registry import variants_needing
+
+    lipschitz = variants_needing(variants, "mlp_gains")
     traced = trace(model, used, lipschitz=lipschitz)
     return {v: bound_layer_rows(build_graph(traced, v, model=model), pos) for v in variants}
+
+
+def _flow_variants(model, variants) -> tuple[str, ...]:
+    """The variants to compare: named ones checked (an unknown or unsupported name is an error), or the
+    registry's defaults less those the model cannot support."""
+    from ..algebra.variant_registry import DEFAULT_VARIANTS, check_variant_names, unsupported_reason
+    from ..core.support import UnsupportedModelError
+
+    if variants is None:
+        return tuple(name for name in DEFAULT_VARIANTS if unsupported_reason(name, model) is None)
+    names = tuple(variants) and check_variant_names(variants)
+    for name in names:
+        reason = unsupported_reason(name, model)
+        if reason is not None:
+            raise UnsupportedModelError(f"variant {name!r} cannot apply to this model: {reason}")
+    return names
 
 
 def flow(
@@ -273,7 +288,7 @@ def flow(
     mode: str = "sketch",
     n_probes: int = 64,
     chunk_size: int | None = None,
-    variants: tuple[str, ...] | list[str] = DEFAULT_VARIANTS,
+    variants: tuple[str, ...] | list[str] | None = None,
     checkpoint: bool | None = None,
     chat: bool | None = None,
     seed: int = 0,
@@ -284,8 +299,9 @@ def flow(
 
     ``mode`` is ``exact`` (d_model identity probes), ``sketch`` (``n_probes`` orthonormal probes,
     seeded as in :func:`jacobian.jacobian`) or ``frozen`` (exact probes, patterns and norm scales
-    detached). ``variants`` are the bound variants whose layer rows are computed beside the truth
-    (``()`` for none; ``certified`` traces MLP gains too). ``checkpoint`` recomputes one block at a time
+    detached). ``variants`` are the variants whose layer rows are computed beside the truth
+    (``None``: the registry's defaults that the model supports; ``()`` for none; a variant that needs MLP
+    gains traces them too). ``checkpoint`` recomputes one block at a time
     in the backward (``None``: only when the plain backward would not fit). Memory follows jacobian's
     estimate-and-refuse rule with the captured gradients added (:func:`estimate_flow_memory`).
     """
@@ -297,7 +313,7 @@ def flow(
     check_chunk_size(chunk_size)
     if checkpoint is not None and not isinstance(checkpoint, bool):
         raise ValueError(f"checkpoint must be True, False or None (choose by the memory estimate), got {checkpoint!r}")
-    variants = tuple(variants)
+    variants = _flow_variants(model, variants)
     used = tokens[: pos + 1] if model.cfg.attention_dir == "causal" else tokens
     n, d_out, L = used.shape[0], model.cfg.d_model, model.cfg.n_layers
 

@@ -25,7 +25,8 @@ from ..algebra.compare import Comparison, compare_variants
 from ..algebra.paths import rollout_matrices
 from ..algebra.sinks import SinkReport
 from ..algebra.spectral import SpectralReport, analyze_stack, rollout_tolerance, spectral_report
-from ..algebra.variants import VARIANTS, PathBound, path_bound
+from ..algebra.variant_registry import DEFAULT_VARIANTS, check_variant_names, unsupported_reason, variants_needing
+from ..algebra.variants import PathBound, path_bound
 from ..core import validate
 from ..core.display import compact_repr
 from ..core.renames import renamed
@@ -37,9 +38,6 @@ from ..edge.trace import Trace, as_tokens, trace
 from .sinks import sink_report_from_trace
 
 __all__ = ["DEFAULT_VARIANTS", "Analysis", "analyze"]
-
-#: the paper's two variants beside the certified bound and the best norm-aware estimate
-DEFAULT_VARIANTS = ("paper", "rollout", "certified", "value_rownorm")
 
 
 @dataclass(frozen=True, eq=False)
@@ -164,38 +162,15 @@ def _plan_variants(model, variants: Sequence[str] | None) -> tuple[tuple[str, ..
     never takes the analysis down; a variant asked for by name that cannot apply is an error, raised
     before any forward pass.
     """
-    names = DEFAULT_VARIANTS if variants is None else _checked_variants(variants)
-    certified = [name for name in names if name.startswith("certified")]
-    reason = _certified_refusal(model) if certified else None
-    if reason is None:
+    names = DEFAULT_VARIANTS if variants is None else check_variant_names(variants)
+    reasons = {name: unsupported_reason(name, model) for name in names}
+    refused = {name: reason for name, reason in reasons.items() if reason is not None}
+    if not refused:
         return names, {}
     if variants is not None:
-        raise UnsupportedModelError(f"variant {certified[0]!r} cannot apply to this model: {reason}")
-    return tuple(name for name in names if name not in certified), dict.fromkeys(certified, reason)
-
-
-def _checked_variants(variants: Sequence[str]) -> tuple[str, ...]:
-    names = (variants,) if isinstance(variants, str) else tuple(variants)
-    known = ", ".join(sorted(VARIANTS))
-    if not names:
-        raise ValueError(f"variants is empty; pass None for the defaults or some of {known}")
-    unknown = [name for name in names if name not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown variant(s) {', '.join(map(repr, unknown))}; choose from {known}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"variants lists a name twice: {list(names)}")
-    return names
-
-
-def _certified_refusal(model) -> str | None:
-    """Why the certified bound cannot model this architecture, or None when it can."""
-    from ..edge.lipschitz import supports_certified
-
-    try:
-        supports_certified(model)
-    except UnsupportedModelError as err:
-        return str(err)
-    return None
+        name, reason = next(iter(refused.items()))
+        raise UnsupportedModelError(f"variant {name!r} cannot apply to this model: {reason}")
+    return tuple(name for name in names if name not in refused), refused
 
 
 def _bounds(traced, model, names, target, seconds, skipped, *, explicit: bool) -> dict[str, PathBound]:
@@ -277,7 +252,7 @@ def analyze(
     _check_causal(model)
     names, skipped = _plan_variants(model, variants)
     check_fits(model, int(tokens.shape[0]), keep_patterns=keep_patterns)
-    needs_weights = any(v.startswith("certified") for v in names)
+    needs_weights = variants_needing(names, "mlp_gains")
     traced = _timed(
         seconds,
         "trace",

@@ -163,7 +163,9 @@ def _copy_row(model, instance: TaskInstance, *, chat, jacobian_mode, n_probes, v
     _, seq_pos = sequence_positions(model, instance, chat=chat)
     jac = jacobian(model, tokens, mode=jacobian_mode, n_probes=n_probes, target_pos=-1, seed=seed)
     # MLP gains are needed only by the certified variants, and cost a pass per layer
-    traced = trace(model, tokens, lipschitz=variant.startswith("certified"))
+    from ..algebra.variant_registry import variants_needing
+
+    traced = trace(model, tokens, lipschitz=variants_needing((variant,), "mlp_gains"))
     bound = path_bound(traced, variant, model=model).bound.double()
     frob = jac.frobenius.double()
     spectral = float("nan") if jac.spectral is None else float(jac.spectral[pos])
@@ -193,7 +195,7 @@ def copy_sensitivity(
 
     ``jacobian_mode`` is ``"sketch"`` (``n_probes`` VJPs, Frobenius only; capped at ``d_model``, where it
     is exact), ``"exact"`` or ``"frozen"`` (``d_model`` VJPs, spectral norms too); ``variant`` is any
-    :data:`lens_squash.algebra.variants.VARIANTS` name.
+    :data:`lens_squash.algebra.variant_registry.VARIANTS` name.
     """
     tasks, lengths = tuple(tasks), tuple(lengths)
     for task in tasks:

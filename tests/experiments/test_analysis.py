@@ -205,13 +205,19 @@ def test_sinks_command_with_ablation(tmp_path, capsys):
 
 
 def _refuse_certified(monkeypatch, reason="toy blocks are not modelled by the certified bound"):
-    import lens_squash.edge.lipschitz as lipschitz
+    from dataclasses import replace
+
+    from lens_squash.algebra import variant_registry
     from lens_squash.core.support import UnsupportedModelError
 
     def refuse(model):
         raise UnsupportedModelError(reason)
 
-    monkeypatch.setattr(lipschitz, "supports_certified", refuse)
+    # every variant whose spec needs the MLP gains refuses, through the registry (no name checks)
+    for name in variant_registry.variant_names():
+        spec = variant_registry.get_variant(name)
+        if "mlp_gains" in spec.needs:
+            monkeypatch.setitem(variant_registry._REGISTRY, name, replace(spec, supports=refuse))
     return reason
 
 
@@ -262,7 +268,9 @@ def test_analyze_with_defaults_runs_on_every_causal_family(family):
 
     model = build(family)
     result = analyze(model, TOKENS, jacobian_mode="sketch", n_probes=4)
-    certified = {name for name in DEFAULT_VARIANTS if name.startswith("certified")}
+    from lens_squash.algebra.variant_registry import get_variant
+
+    certified = {name for name in DEFAULT_VARIANTS if "mlp_gains" in get_variant(name).needs}
     expected_skips = certified if family in REFUSED else set()
     sinks = model.cfg.use_attention_sinks  # rows short of 1 by design: no Perron–Frobenius analysis
     assert set(result.skipped) == expected_skips | ({"spectral"} if sinks else set())

@@ -389,7 +389,9 @@ def test_every_standard_section_and_every_analysis_figure_has_a_caption(tmp_path
 
 
 def test_skipped_default_variants_are_named_in_the_report(monkeypatch):
-    import lens_squash.edge.lipschitz as lipschitz
+    from dataclasses import replace
+
+    from lens_squash.algebra import variant_registry
     from lens_squash.core.support import UnsupportedModelError
     from lens_squash.edge.models import load_model
     from lens_squash.experiments.analysis import analyze
@@ -398,7 +400,8 @@ def test_skipped_default_variants_are_named_in_the_report(monkeypatch):
     def refuse(model):
         raise UnsupportedModelError("toy blocks are not modelled")
 
-    monkeypatch.setattr(lipschitz, "supports_certified", refuse)
+    spec = variant_registry.get_variant("certified")
+    monkeypatch.setitem(variant_registry._REGISTRY, "certified", replace(spec, supports=refuse))
     analysis = analyze(load_model("tiny-random", n_ctx=256), "Copy: 1 1 1 0", jacobian_mode=None)
     section = next(s for s in analysis_sections(analysis) if s.title == "bound vs gradient")
     assert "certified skipped: toy blocks are not modelled" in section.notes
