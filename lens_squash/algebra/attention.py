@@ -19,6 +19,7 @@ from torch import Tensor
 from ..core.shapes import HeadStack, LayerMatrices
 from ..core.support import UnsupportedModelError
 from .blocks import apply_input_norm, apply_output_norms, block_shape
+from .model_facts import facts_of
 
 __all__ = [
     "aggregate_heads",
@@ -180,7 +181,7 @@ def expanded_values(attn, n_heads: int) -> Float[Tensor, "head d_model d_head"]:
 
 
 def ov_norms(model) -> Float[Tensor, "layer head"]:
-    """Per layer and query head, the Lipschitz constant of what the head writes per unit of attention
+    """For a model or its :class:`~lens_squash.algebra.model_facts.ModelFacts`: per layer and query head, the Lipschitz constant of what the head writes per unit of attention
     from a key once every norm around it is frozen (float64):
 
         ‖P diag(γ1) W_V^h W_O^h · Π_{post norms} P diag(γ_post)‖₂
@@ -192,14 +193,14 @@ def ov_norms(model) -> Float[Tensor, "layer head"]:
     norm-free models have ``P = I``. With ``clip_qkv`` the clamp between ``W_V`` and ``W_O`` has a 0/1
     Jacobian, so the product ``‖P diag(γ1) W_V‖₂ ‖W_O ⋯‖₂`` is used instead (it bounds every clamp).
     """
-    cfg = model.cfg
-    shape = block_shape(model)
-    norms = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.float64)
-    for layer, block in enumerate(model.blocks):
-        w_v = expanded_values(block.attn, cfg.n_heads).double()  # [head, d_model, d_head]
+    facts = facts_of(model)  # a model, or its ModelFacts (lens_squash.edge.adapter)
+    shape = block_shape(facts)
+    norms = torch.zeros(len(facts.layers), facts.n_heads, dtype=torch.float64)
+    for layer, weights in enumerate(facts.layers):
+        w_v = weights.w_v.double()  # [head, d_model, d_head], one per query head
         if shape.attn_in is not None:
-            w_v = apply_input_norm(w_v, getattr(block, shape.attn_in), dim=1)
-        w_o = apply_output_norms(block.attn.W_O, block, shape.attn_out)  # [head, d_head, d_model]
+            w_v = apply_input_norm(w_v, weights.norms[shape.attn_in], dim=1)
+        w_o = apply_output_norms(weights.w_o, [weights.norms[s] for s in shape.attn_out])  # [head, d_head, d_model]
         if shape.value_clip:
             norms[layer] = torch.linalg.matrix_norm(w_v, ord=2) * torch.linalg.matrix_norm(w_o, ord=2)
             continue

@@ -3,15 +3,17 @@
 The certified bound (DESIGN §3) needs, per block, where each norm sits relative to the attention and
 the MLP, because a frozen norm ``N(x) = (x P) diag(γ) / s + b`` is a linear map whose scale ``s``
 belongs to one position: the *key* when the norm reads the residual stream before attention (pre-norm),
-the *query* when it normalises what a sublayer writes (post-norm). TransformerLens 3.9 has these
-block shapes, all read from the config here:
+the *query* when it normalises what a sublayer writes (post-norm). The shapes below are read by
+:mod:`lens_squash.edge.adapter` (from a HookedTransformer's config, or from a TransformerBridge's
+modules and where their inputs come from) into :class:`~lens_squash.algebra.model_facts.ModelFacts`;
+this module only computes with them:
 
 | shape | config | attention edge ``k → j`` | MLP at ``j`` |
 |---|---|---|---|
 | pre-norm (GPT-2, Llama, Gemma) | default | ``N1`` at k, then ``W_OV`` | ``MLP∘N2`` |
 | pre+post (Gemma-2/3) | ``use_normalization_before_and_after`` | ``N1`` at k, ``W_OV``, ``ln1_post`` at j | ``ln2_post∘MLP∘N2`` |
 | output norms (OLMo-2/3) | ``original_architecture`` in ``POST_NORM_ARCHITECTURES`` | ``W_OV``, then ``ln1`` at j | ``ln2∘MLP`` |
-| parallel (GPT-J, NeoX, Pythia, Phi) | ``parallel_attn_mlp`` | as pre-norm, both read ``x^(l)`` | ``MLP∘N2`` of ``x^(l)`` |
+| parallel (GPT-J, NeoX, Pythia, Phi) | ``parallel_attn_mlp`` | as pre-norm, both read ``x^(l)`` | ``MLP∘N2`` of ``x^(l)`` (``N1`` where there is no ``N2``: Phi, GPT-J, Falcon) |
 
 QK-norm, soft-capping, ALiBi, rotary, local windows, logn scaling and learned sinks change only the
 patterns, which are frozen. Split Q/K/V inputs (``use_split_qkv_input``, ``use_attn_in``) feed every
@@ -27,26 +29,21 @@ diagonal-plus-rank-one activation Jacobian. Refused, each with the reason and wh
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..core.support import UnsupportedModelError
+from .model_facts import NormFacts, facts_of
 
-__all__ = ["BlockShape", "apply_input_norm", "apply_output_norms", "block_shape", "norm_gain", "weight_signature"]
-
-try:  # TransformerLens ≥ 3.8 names the architectures whose ln1/ln2 normalise sublayer outputs
-    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
-except ImportError:  # older releases have no such blocks
-    POST_NORM_ARCHITECTURES: set[str] = set()
+__all__ = ["INSTEAD", "BlockShape", "apply_input_norm", "apply_output_norms", "block_shape", "weight_signature"]
 
 #: what to use when the certified bound refuses a model
-_INSTEAD = (
+INSTEAD = (
     "use the estimate variants (paper, rollout, value, value_rownorm) or compare against "
     "jacobian(model, prompt, mode='frozen') directly"
 )
-_NORMS = (None, "LN", "LNPre", "RMS", "RMSPre")
 
 
 @dataclass(frozen=True)
@@ -77,111 +74,35 @@ class BlockShape:
         return tuple(dict.fromkeys(s for s in sites if s is not None))
 
 
-def _refuse(what: str) -> None:
-    raise UnsupportedModelError(f"the certified bound does not support {what}; {_INSTEAD}")
-
-
-def _check_supported(model) -> None:
-    cfg = model.cfg
-    if getattr(cfg, "attention_dir", "causal") != "causal":
-        _refuse("bidirectional attention (Theorem B.5 sums over causal paths only; use a decoder-only model)")
-    act = getattr(cfg, "act_fn", None)
-    if act == "solu" and (cfg.gated_mlp or getattr(cfg, "num_experts", None)):
-        _refuse("gated or mixture-of-experts SoLU MLPs (act_fn='solu' times a linear branch is not modelled)")
-    if act is not None and act.startswith("solu") and getattr(cfg, "num_experts", None):
-        _refuse(f"mixture-of-experts MLPs with act_fn={act!r} (their experts assume an elementwise activation)")
-    if getattr(cfg, "load_in_4bit", False):
-        _refuse("4-bit quantised weights (the OV and MLP matrices are not readable); load the model in float32")
-    if cfg.normalization_type not in _NORMS:
-        _refuse(f"normalization_type={cfg.normalization_type!r}")
-    if getattr(cfg, "positional_embedding_type", None) == "relative_positional_bias":
-        _refuse("encoder-decoder blocks with relative position bias (T5)")
-    block = model.blocks[0]
-    if not (hasattr(block, "attn") and hasattr(block.attn, "W_O") and hasattr(block.attn, "W_V")):
-        _refuse(f"blocks of type {type(block).__name__} without attn.W_V / attn.W_O")
-    experts = getattr(getattr(block, "mlp", None), "experts", None)
-    if getattr(cfg, "num_experts", None) and not all(
-        isinstance(getattr(e, name, None), torch.nn.Linear)
-        for e in experts or [None]
-        for name in ("W_gate", "W_in", "W_out")
-    ):
-        _refuse("mixture-of-experts MLPs whose experts are not gated nn.Linear triples (W_gate, W_in, W_out)")
-
-
-def _present(block, name: str) -> bool:
-    module = getattr(block, name, None)
-    return module is not None and not isinstance(module, torch.nn.Identity)
-
-
 def block_shape(model) -> BlockShape:
-    """The model's :class:`BlockShape`, or :class:`UnsupportedModelError` saying what is not modelled."""
-    _check_supported(model)
-    cfg = model.cfg
-    block = model.blocks[0]
-    normed = cfg.normalization_type is not None
-    output_normed = getattr(cfg, "original_architecture", None) in POST_NORM_ARCHITECTURES and normed
-    both = bool(getattr(cfg, "use_normalization_before_and_after", False))
-    parallel = bool(getattr(cfg, "parallel_attn_mlp", False))
-    if output_normed and parallel:
-        _refuse("parallel blocks whose norms sit on the sublayer outputs")
-    attn_out = (("ln1_post",) if both and _present(block, "ln1_post") else ()) + (("ln1",) if output_normed else ())
-    mlp_out = (("ln2_post",) if both and _present(block, "ln2_post") else ()) + (("ln2",) if output_normed else ())
-    pre = normed and not output_normed
-    return BlockShape(
-        attn_in="ln1" if pre else None,
-        attn_out=attn_out,
-        mlp_in="ln2" if pre and not cfg.attn_only else None,
-        mlp_out=() if cfg.attn_only else mlp_out,
-        parallel=parallel and not cfg.attn_only,
-        attn_only=bool(cfg.attn_only),
-        value_clip=getattr(cfg, "clip_qkv", None) is not None,
-        moe=bool(getattr(cfg, "num_experts", None)) and not cfg.attn_only,
-        solu=not cfg.attn_only and str(getattr(cfg, "act_fn", "")).startswith("solu"),
-    )
+    """The model's :class:`BlockShape` (a model or its :class:`ModelFacts`), or
+    :class:`~lens_squash.core.support.UnsupportedModelError` saying what the certified bound does not model."""
+    facts = facts_of(model)
+    facts.require("certified")
+    return facts.shape
 
 
-def _is_centred(module) -> bool:
-    """LayerNorm centres (``P = I − 11ᵀ/d``); RMSNorm does not. Read from the module's class, or from a
-    TransformerBridge ``NormalizationBridge``'s own ``uses_rms_norm``."""
-    name = type(module).__name__
-    if "LayerNorm" in name:
-        return True
-    if "RMS" in name:
-        return False
-    if isinstance(getattr(module, "uses_rms_norm", None), bool):
-        return not module.uses_rms_norm
-    raise UnsupportedModelError(
-        f"the certified bound does not know the norm module {name!r} (expected LayerNorm or RMSNorm); {_INSTEAD}"
-    )
-
-
-def norm_gain(module) -> tuple[Tensor | None, bool]:
-    """``(γ, centred)`` of a norm module: its gain (None without one) and whether it centres."""
-    gain = getattr(module, "w", None)
-    return (None if gain is None else gain.detach().double()), _is_centred(module)
-
-
-def apply_input_norm(weight: Tensor, module, *, dim: int) -> Tensor:
+def apply_input_norm(weight: Tensor, norm: NormFacts | None, *, dim: int) -> Tensor:
     """``P diag(γ) W``: a frozen norm read *into* ``weight`` along its d_model axis ``dim`` (float64)."""
-    gain, centred = norm_gain(module)
     weight = weight.detach().double()
-    if gain is not None:
+    if norm is None:
+        return weight
+    if norm.gain is not None:
         shape = [1] * weight.ndim
         shape[dim] = -1
-        weight = weight * gain.reshape(shape)
-    return weight - weight.mean(dim=dim, keepdim=True) if centred else weight
+        weight = weight * norm.gain.double().reshape(shape)
+    return weight - weight.mean(dim=dim, keepdim=True) if norm.centred else weight
 
 
-def apply_output_norms(weight: Tensor, block, names: tuple[str, ...]) -> Tensor:
+def apply_output_norms(weight: Tensor, norms: Sequence[NormFacts]) -> Tensor:
     """``W P diag(γ_a) P diag(γ_b) …``: frozen norms applied, in order, to what ``weight`` writes
     (its last axis is d_model). Each map is ``y ↦ (y P) diag(γ)``; its ``1/s`` is the caller's."""
     weight = weight.detach().double()
-    for name in names:
-        gain, centred = norm_gain(getattr(block, name))
-        if centred:
+    for norm in norms:
+        if norm.centred:
             weight = weight - weight.mean(dim=-1, keepdim=True)
-        if gain is not None:
-            weight = weight * gain
+        if norm.gain is not None:
+            weight = weight * norm.gain.double()
     return weight
 
 

@@ -42,7 +42,8 @@ from ..core.renames import renamed
 from ..core.results import Record, Result, heavy
 from . import paths
 from .attention import check_attention, head_weights, ov_norms
-from .blocks import block_shape, norm_gain
+from .blocks import block_shape
+from .model_facts import facts_of
 from .variant_registry import VARIANTS, VariantSpec, get_variant, register_variant
 
 __all__ = ["VARIANTS", "PathBound", "PathGraph", "bound_from_row", "build_graph", "final_norm_gain", "path_bound"]
@@ -188,18 +189,17 @@ class PathGraph(Record):
 
 
 def final_norm_gain(model) -> float:
-    """``‖P diag(γ_f)‖₂``: the final norm's gain once its scale is frozen (1 without a final norm).
+    """``‖P diag(γ_f)‖₂``: the final norm's gain once its scale is frozen (1 without a final norm), for a
+    model or its :class:`~lens_squash.algebra.model_facts.ModelFacts`.
 
     Whether it centres is read from the module, not the config: ``final_rms`` gives LayerNorm blocks
     an RMSNorm at the end, and centring there would understate the gain (``‖P D‖₂ ≤ ‖D‖₂``).
     """
-    ln = getattr(model, "ln_final", None)
-    if ln is None or isinstance(ln, torch.nn.Identity):
+    final = facts_of(model).final  # the effective gain: Gemma's 1 + w, read by lens_squash.edge.adapter
+    if final is None or final.gain is None:
         return 1.0
-    gain, centred = norm_gain(ln)
-    if gain is None:
-        return 1.0
-    if centred:
+    gain = final.gain.double()
+    if final.centred:
         d = gain.shape[0]
         centring = torch.eye(d, dtype=torch.float64) - 1.0 / d
         return float(torch.linalg.matrix_norm(centring * gain[None, :], ord=2))
@@ -286,6 +286,7 @@ def _certified(trace, model=None) -> PathGraph:
     """
     if model is None:
         raise ValueError("the certified variant needs the model's weights: path_bound(trace, 'certified', model=model)")
+    model = facts_of(model)  # read once (lens_squash.edge.adapter); the algebra never reads the model itself
     shape = block_shape(model)  # refuses (UnsupportedModelError) what the bound does not model
     if trace.mlp_gain is None and not shape.attn_only:
         raise ValueError("the certified variant needs MLP gains: trace(model, prompt, lipschitz=True)")

@@ -24,6 +24,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .adapter import check_frozen, functorch_ready
+
 __all__ = [
     "FROZEN_SUFFIXES",
     "ReachedHook",
@@ -54,7 +56,8 @@ def without_parameter_grads(model) -> Iterator[None]:
     for p in params:
         p.requires_grad_(False)
     try:
-        yield
+        with functorch_ready(model):  # BLOOM's GeLU is an autograd.Function torch.func cannot transform
+            yield
     finally:
         for p in params:
             p.requires_grad_(True)
@@ -71,6 +74,7 @@ def freeze_hooks(model, wrt: int = 0, layers: Iterable[int] | None = None) -> li
     (``ln_final.hook_scale``) always are. ``layers``: only those blocks' hooks (a checkpointed sweep
     reruns one block at a time), non-block hooks still included.
     """
+    check_frozen(model)  # a bridge whose hooks were not shown to act (OPT's hook_pattern) is refused
     wanted = None if layers is None else set(layers)
     names = []
     for name in model.hook_dict:

@@ -42,6 +42,7 @@ from ..algebra.blocks import (
     weight_signature,
 )
 from ..algebra.symmetric_forms import LowerBlocks, lower_blocks, quadratic_form
+from .adapter import activation, mlp_matrices, norm_facts, norm_weight, read_model
 
 __all__ = [
     "cached_gram",
@@ -55,12 +56,14 @@ __all__ = [
 
 
 def supports_certified(model) -> BlockShape:
-    """The model's block shape; refuses (``UnsupportedModelError``) what the certified bound does not model."""
-    return block_shape(model)
+    """The model's block shape (:mod:`lens_squash.edge.adapter`); refuses (``UnsupportedModelError``)
+    what the certified bound does not model."""
+    return block_shape(read_model(model))
 
 
-def _mlp_names(mlp) -> list[str]:
-    return ["W_gate", "W_in"] if hasattr(mlp, "W_gate") else ["W_in"]
+def _norm(block, site: str):
+    """The frozen norm at ``site`` with its effective gain (Gemma's ``1 + w``), read by the adapter."""
+    return norm_facts(getattr(block, site))
 
 
 def _folded(block, shape: BlockShape, mats: list[Tensor], w_out: Tensor) -> tuple[Tensor, Tensor]:
@@ -68,8 +71,8 @@ def _folded(block, shape: BlockShape, mats: list[Tensor], w_out: Tensor) -> tupl
     the MLP's matrices with the block's frozen norms folded in (float64)."""
     mats = [w.detach().double() for w in mats]
     if shape.mlp_in is not None:
-        mats = [apply_input_norm(w, getattr(block, shape.mlp_in), dim=0) for w in mats]
-    return torch.cat(mats, dim=1), apply_output_norms(w_out, block, shape.mlp_out)
+        mats = [apply_input_norm(w, _norm(block, shape.mlp_in), dim=0) for w in mats]
+    return torch.cat(mats, dim=1), apply_output_norms(w_out, [_norm(block, s) for s in shape.mlp_out])
 
 
 def _gram_from(block, shape: BlockShape, mats: list[Tensor], w_out: Tensor) -> Tensor:
@@ -97,7 +100,7 @@ def _gram_blocks_from(block, shape: BlockShape, mats: list[Tensor], w_out: Tenso
 
 
 def _mlp_matrices(block) -> tuple[list[Tensor], Tensor]:
-    return [getattr(block.mlp, name) for name in _mlp_names(block.mlp)], block.mlp.W_out
+    return mlp_matrices(block)  # gate first when gated; a bridge's plain MLP has W_gate = None
 
 
 def _expert_matrices(expert) -> tuple[list[Tensor], Tensor]:
@@ -135,7 +138,8 @@ def _remember(owner, key, value) -> None:
 
 
 def _norm_gains(block, shape: BlockShape) -> list[Tensor | None]:
-    return [getattr(getattr(block, site), "w", None) for site in (shape.mlp_in, *shape.mlp_out) if site is not None]
+    # the stored weights, not the effective gains: a cache key needs the parameter's identity and version
+    return [norm_weight(getattr(block, site)) for site in (shape.mlp_in, *shape.mlp_out) if site is not None]
 
 
 def cached_gram(block, shape: BlockShape, expert=None) -> Tensor:
@@ -178,7 +182,7 @@ def _squared_norms(coeff: Tensor, gram: Tensor | LowerBlocks) -> Tensor:
 
 def _activation_coefficients(block, pre: Tensor, pre_linear: Tensor | None) -> Tensor:
     """``c`` per position: the MLP's diagonal Jacobian factors, ``[pos, k·d_mlp]``."""
-    act = block.mlp.act_fn
+    act = activation(block)
     pre = pre.detach().double().requires_grad_(True)
     with torch.enable_grad():
         value = act(pre)
@@ -201,10 +205,10 @@ def _solu_grams(block, shape: BlockShape) -> tuple[Tensor, Tensor]:
         return hit[1]
     w_in = w_in.detach().double()
     if shape.mlp_in is not None:
-        w_in = apply_input_norm(w_in, getattr(block, shape.mlp_in), dim=0)
-    m = apply_output_norms(mlp.W_out, block, shape.mlp_out)  # [d_mlp, d_model]
+        w_in = apply_input_norm(w_in, _norm(block, shape.mlp_in), dim=0)
+    m = apply_output_norms(mlp.W_out, [_norm(block, s) for s in shape.mlp_out])  # [d_mlp, d_model]
     if ln is not None:
-        m = apply_input_norm(m, ln, dim=0)
+        m = apply_input_norm(m, norm_facts(ln), dim=0)
     grams = (w_in.T @ w_in, m @ m.T)
     _remember(mlp, key, grams)
     return grams

@@ -32,6 +32,7 @@ from ..core.results import Result, heavy
 from ..core.support import UnsupportedModelError
 from .cache_replay import replay_cache
 from .gain_hooks import mlp_gain_hooks, mlp_gains, stack_layers
+from .adapter import functorch_ready, norm_facts
 from .lipschitz import supports_certified
 from .models import check_length, check_model, format_prompt
 
@@ -159,10 +160,10 @@ def as_tokens(model, prompt: str | Tensor, *, chat: bool | None = None) -> Int[T
 
 def final_representation(model, normalized: Tensor) -> Tensor:
     """``y = ln_final(x)``, from the ``ln_final.hook_normalized`` value (the hook stops before the
-    learned gain and bias)."""
-    ln_final = model.ln_final
-    y = normalized * ln_final.w if hasattr(ln_final, "w") else normalized
-    return y + ln_final.b if hasattr(ln_final, "b") else y
+    learned gain and bias). The gain is the effective one (Gemma's ``1 + w``, :mod:`lens_squash.edge.adapter`)."""
+    final = norm_facts(model.ln_final)
+    y = normalized if final.gain is None else normalized * final.gain.to(normalized)
+    return y if final.bias is None else y + final.bias.to(normalized)
 
 
 def _analysis_dtype(model) -> torch.dtype:
@@ -181,8 +182,10 @@ def _head_index(n_heads: int, value_heads: int) -> Tensor:
 
 
 def _per_position(scale: Tensor) -> Tensor:
-    """A norm's ``hook_scale`` as ``[pos]``. With split Q/K/V inputs (or ``use_attn_in``) the norm sees a
-    copy of the residual per head, so the scale has a head axis whose entries are equal."""
+    """A norm's ``hook_scale`` (batch index 0 taken) as ``[pos]``. With split Q/K/V inputs (or
+    ``use_attn_in``) the norm sees a copy of the residual per head, so the scale has a head axis whose
+    entries are equal. OPT's bridge flattens batch and positions before its MLP norm, so that hook's
+    value is ``[pos, 1]`` and the batch index already took a position: see :func:`_scale_hook`."""
     scale = scale[..., 0]
     if scale.ndim == 1:
         return scale
@@ -192,6 +195,19 @@ def _per_position(scale: Tensor) -> Tensor:
         f"a norm scale of shape {tuple(scale.shape)} differs between heads: the per-head norm inputs were "
         "edited (hook_q_input / hook_k_input / hook_v_input); trace the model without those hooks"
     )
+
+
+def _scale_hook(store: dict[str, Tensor], name: str, dtype: torch.dtype, n_tokens: int):
+    """Keep a norm's ``hook_scale`` as ``[pos]``: ``[batch, pos, (head,) 1]`` as usual, or, where the model
+    flattened batch and positions first (OPT's bridge: ``[batch·pos, 1]``), reshaped back to batch 1."""
+
+    def hook(value, hook):
+        value = value.detach()
+        if value.ndim == 2 and value.shape == (n_tokens, 1):
+            value = value[None]
+        store[name] = _per_position(value[0]).to("cpu", dtype)
+
+    return hook
 
 
 #: whole per-head patterns are kept by default while ``L·H·n²`` of them fit in this many bytes
@@ -265,7 +281,7 @@ def trace(
         substochastic = bool(getattr(model.cfg, "use_attention_sinks", False))
         atol = None if substochastic else rollout_tolerance(pattern_tolerance(model.cfg.dtype, n))
         stream = AttentionStream(n, spectral_atol=atol)
-    hooks = _capture_hooks(model, store, dtype, stream)
+    hooks = _capture_hooks(model, store, dtype, stream, n)
     unsupported, shape = None, None
     if lipschitz:
         try:
@@ -295,7 +311,9 @@ def trace(
     return result
 
 
-def _capture_hooks(model, store: dict[str, Tensor], dtype: torch.dtype, stream: AttentionStream | None) -> list:
+def _capture_hooks(
+    model, store: dict[str, Tensor], dtype: torch.dtype, stream: AttentionStream | None, n_tokens: int
+) -> list:
     """The hooks that keep what a :class:`Trace` holds; with a ``stream``, patterns go through it."""
     n_layers = model.cfg.n_layers
 
@@ -333,7 +351,7 @@ def _capture_hooks(model, store: dict[str, Tensor], dtype: torch.dtype, stream: 
         hooks.append((f"blocks.{layer}.hook_resid_pre", keep(f"resid.{layer}")))
         for norm in _NORM_SITES:
             if f"blocks.{layer}.{norm}.hook_scale" in model.hook_dict:
-                hooks.append((f"blocks.{layer}.{norm}.hook_scale", keep(f"{norm}.{layer}", _per_position)))
+                hooks.append((f"blocks.{layer}.{norm}.hook_scale", _scale_hook(store, f"{norm}.{layer}", dtype, n_tokens)))
         if f"blocks.{layer}.attn.hook_v" in model.hook_dict and hasattr(model.blocks[layer].attn, "W_O"):
             hooks.append((f"blocks.{layer}.attn.hook_v", value_norm_hook(layer)))
     hooks.append((f"blocks.{n_layers - 1}.hook_resid_post", keep(f"resid.{n_layers}")))
@@ -388,7 +406,8 @@ def _run(model, tokens: Tensor, hooks: list) -> Tensor:
     one TransformerLens itself cannot run (e.g. ``use_attn_in`` with grouped-query attention, or
     ``parallel_attn_mlp`` with ``attn_only``): say so in one line instead of its traceback."""
     try:
-        return model.run_with_hooks(tokens, fwd_hooks=hooks)
+        with functorch_ready(model):  # weightless bridge norms (OLMo) crash under hooks otherwise
+            return model.run_with_hooks(tokens, fwd_hooks=hooks)
     except (UnsupportedModelError, torch.OutOfMemoryError):
         raise
     except Exception as error:  # noqa: BLE001 - re-raised below unless TransformerLens fails alone

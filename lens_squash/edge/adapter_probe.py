@@ -1,0 +1,305 @@
+"""Facts about a TransformerBridge established by running it (see :mod:`lens_squash.edge.adapter`).
+
+Each check compares what a module returned with what the read facts predict, in the model's own
+dtype with a tolerance of ``1e-4`` relative (float32 rounding is ~1e-7; a wrong convention or a
+missing norm is off by O(1)). A check that fails records the method it rules out and why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..algebra.blocks import INSTEAD, BlockShape
+from ..core.support import UnsupportedModelError
+
+__all__ = ["BridgeProbe", "probe_bridge", "probe_norm"]
+
+_RTOL = 1e-4
+_SITES = ("ln1", "ln2", "ln1_post", "ln2_post")
+_FROZEN_INSTEAD = "use mode='exact' or mode='sketch', or a HookedTransformer (transformer-lens>=3.9,<4)"
+
+
+@dataclass
+class BridgeProbe:
+    shape: BlockShape | None
+    mlp_kind: str
+    unsupported: dict[str, str] = field(default_factory=dict)
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    a, b = a.detach().double(), b.detach().double()
+    if a.numel() == b.numel() and a.numel() > 0:  # OPT's bridge flattens batch and positions before ln2
+        a, b = a.reshape(b.shape), b
+    return a.shape == b.shape and float((a - b).norm()) <= _RTOL * max(float(b.norm()), 1e-30)
+
+
+def probe_norm(module) -> tuple[bool, str]:
+    """``(centred, convention)`` of a bridge norm module, from its outputs on ``±x`` and ``x + c``.
+
+    The odd part ``(N(x) − N(−x)) / 2 = n(x) ⊙ γ`` gives the effective gain γ (``n`` is the plain
+    normalisation; ``|x| ≈ 100`` makes ε negligible); it must equal the module's ``w`` ("w"),
+    ``1 + w`` ("1+w"), or 1 without a weight ("none")."""
+    weight = getattr(module, "w", None)
+    if weight is None:
+        weight = getattr(getattr(module, "original_component", None), "weight", None)
+    ref = weight if isinstance(weight, Tensor) else next(module.parameters(), torch.zeros(()))
+    d = _width(module, weight)
+    x = 100.0 * torch.randn(1, 6, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = x.to(ref.device, ref.dtype if ref.is_floating_point() else torch.float32)
+    with torch.no_grad():
+        plus, minus, shifted = module(x), module(-x), module(x + 3.0)
+    centred = _close(shifted, plus)
+    xc = (x - x.mean(-1, keepdim=True)) if centred else x
+    n = (xc / xc.double().pow(2).mean(-1, keepdim=True).sqrt().to(xc.dtype)).double()
+    odd = (plus.double() - minus.double()) / 2
+    gain = (odd * n).sum((0, 1)) / (n * n).sum((0, 1))
+    candidates = {"none": torch.ones_like(gain)}
+    if isinstance(weight, Tensor):
+        candidates = {"w": weight.detach().double(), "1+w": 1.0 + weight.detach().double(), **candidates}
+    for convention, value in candidates.items():
+        if _close(gain, value.reshape(gain.shape)):
+            return centred, convention
+    raise UnsupportedModelError(
+        f"the norm {type(module).__name__} scales by neither its weight w nor 1 + w, so its gain is unknown; "
+        f"{INSTEAD}"
+    )
+
+
+def _width(module, weight) -> int:
+    if isinstance(weight, Tensor):
+        return weight.shape[-1]
+    shape = getattr(getattr(module, "original_component", module), "normalized_shape", None)
+    if shape is not None:
+        return int(shape[-1])
+    raise UnsupportedModelError(f"cannot tell the width of the norm {type(module).__name__}; {INSTEAD}")
+
+
+# ------------------------------------------------------------------------------------------------
+# One recorded forward pass
+
+
+class _Recorder:
+    """Forward hooks on block 0's modules: the first tensor each one read and the tensor it returned."""
+
+    def __init__(self, block):
+        self.inputs: dict[str, Tensor] = {}
+        self.extra: dict[str, Tensor | None] = {}
+        self.outputs: dict[str, Tensor] = {}
+        self.fallback_out: dict[str, Tensor] = {}
+        self.handles = []
+        for name in (*_SITES, "attn", "mlp"):
+            module = getattr(block, name, None)
+            if isinstance(module, torch.nn.Module):
+                self.handles.append(module.register_forward_hook(self._hook(name), with_kwargs=True))
+                self._hook_points(module, name)
+        self.handles.append(block.register_forward_hook(self._hook("block"), with_kwargs=True))
+
+    def _hook_points(self, module, name: str) -> None:
+        """The component's own ``hook_in``/``hook_out``: what it saw where the wrapped model calls the
+        ``transformers`` submodules directly (OPT's MLP never runs as one module)."""
+        hook_in, hook_out = getattr(module, "hook_in", None), getattr(module, "hook_out", None)
+        if not (isinstance(hook_in, torch.nn.Module) and isinstance(hook_out, torch.nn.Module)):
+            return
+
+        def seen_in(mod, args, output):
+            self.inputs.setdefault(name, output.detach())
+            self.extra.setdefault(name, None)
+
+        def seen_out(mod, args, output):
+            self.fallback_out.setdefault(name, output.detach())
+
+        self.handles += [hook_in.register_forward_hook(seen_in), hook_out.register_forward_hook(seen_out)]
+
+    def _hook(self, name: str):
+        def hook(module, args, kwargs, output):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.is_floating_point()]
+            if name in self.outputs or not tensors:
+                return
+            self.inputs[name] = tensors[0].detach()
+            # BLOOM's attention and MLP take the residual and add it to what they return
+            self.extra[name] = tensors[1].detach() if len(tensors) > 1 and tensors[1].shape == tensors[0].shape else None
+            self.outputs[name] = (output[0] if isinstance(output, tuple) else output).detach()
+
+        return hook
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for name, value in self.fallback_out.items():
+            self.outputs.setdefault(name, value)
+
+
+def _contribution(rec: _Recorder, name: str) -> Tensor:
+    """What a sublayer module adds: its output, less the residual it was handed (BLOOM)."""
+    extra = rec.extra.get(name)
+    out = rec.outputs[name]
+    if extra is not None and not _close(out, out - extra):
+        return out - extra
+    return out
+
+
+def probe_bridge(
+    model, *, activation: Callable, mlp_matrices: Callable, mlp_biases: Callable, runnable: Callable
+) -> BridgeProbe:
+    """Block shape, MLP kind and frozen-hook effect of a bridge, from short forward passes."""
+    block = model.blocks[0]
+    if not (hasattr(block, "attn") and hasattr(block.attn, "W_V") and hasattr(block.attn, "W_O")):
+        raise UnsupportedModelError(
+            f"{type(block).__name__} has no attention with W_V / W_O: lens_squash analyses causal attention "
+            "transformers (decoder-only); SSMs, hybrids and encoder-decoders are not supported"
+        )
+    tokens = torch.arange(1, 6, device=model.cfg.device)[None] % max(int(model.cfg.d_vocab), 2)
+    rec = _Recorder(block)
+    try:
+        with torch.no_grad(), runnable(model):
+            model(tokens)
+    finally:
+        rec.close()
+    kind = _mlp_kind(block)
+    unsupported: dict[str, str] = {}
+    shape = None
+    try:
+        shape = _shape(rec, block, kind)
+        if kind in ("plain", "gated"):
+            _check_mlp(rec, block, activation, mlp_matrices, mlp_biases)
+        elif kind == "moe":
+            raise UnsupportedModelError(
+                "the certified bound does not read a TransformerBridge's mixture-of-experts MLP (its experts are "
+                f"fused tensors behind a router with no frozen-weight hook); {INSTEAD}"
+            )
+    except UnsupportedModelError as error:
+        unsupported["certified"] = str(error)
+    with runnable(model):
+        frozen = _frozen_problem(model, tokens, kind)
+    if frozen is not None:
+        unsupported["frozen"] = frozen
+    return BridgeProbe(shape, kind, unsupported)
+
+
+def _mlp_kind(block) -> str:
+    mlp = getattr(block, "mlp", None)
+    if mlp is None:
+        return "none"
+    if hasattr(mlp, "experts") or "MoE" in type(mlp).__name__:
+        return "moe"
+    return "plain" if getattr(mlp, "W_gate", None) is None else "gated"
+
+
+def _reads(rec: _Recorder, site: str, candidates: dict[str, Tensor]) -> str | None:
+    for label, value in candidates.items():
+        if site in rec.inputs and _close(rec.inputs[site], value):
+            return label
+    return None
+
+
+def _shape(rec: _Recorder, block, kind: str) -> BlockShape:
+    """Where each norm sits, proven from what every module read in the recorded pass."""
+    if "block" not in rec.inputs or "attn" not in rec.outputs:
+        raise UnsupportedModelError(f"block 0 ({type(block).__name__}) did not run its attention; {INSTEAD}")
+    x = rec.inputs["block"]
+    attn_raw = _contribution(rec, "attn")
+    sites = [s for s in _SITES if s in rec.inputs]
+    sources = {"x": x, "attn": attn_raw}
+    if "mlp" in rec.outputs:
+        sources["mlp"] = _contribution(rec, "mlp")
+    reads = {site: _reads(rec, site, sources) for site in sites}
+    attn_out = tuple(s for s in sites if reads[s] == "attn")
+    attn_write = rec.outputs[attn_out[-1]] if attn_out else attn_raw
+    mid = x + attn_write
+    for site in sites:
+        if reads[site] is None and _close(rec.inputs[site], mid):
+            reads[site] = "mid"
+    unknown = [s for s in sites if reads[s] is None]
+    if unknown:
+        raise UnsupportedModelError(f"cannot establish what the norm {unknown[0]} of {type(block).__name__} reads; {INSTEAD}")
+    attn_in = _fed_by(rec, "attn", [s for s in sites if reads[s] == "x"], x)
+    if kind == "none" or "mlp" not in rec.inputs:
+        return BlockShape(attn_in, attn_out, None, (), False, True, False)
+    pre = [s for s in sites if reads[s] in ("x", "mid")]
+    mlp_in = _fed_by(rec, "mlp", pre, None)
+    parallel = (reads[mlp_in] == "x") if mlp_in is not None else _close(rec.inputs["mlp"], x)
+    if mlp_in is None and not parallel and not _close(rec.inputs["mlp"], mid):
+        raise UnsupportedModelError(f"cannot establish what the MLP of {type(block).__name__} reads; {INSTEAD}")
+    mlp_out = tuple(s for s in sites if reads[s] == "mlp")
+    mlp_write = rec.outputs[mlp_out[-1]] if mlp_out else sources["mlp"]
+    if not _close(rec.outputs["block"], x + attn_write + mlp_write):
+        raise UnsupportedModelError(
+            f"the output of {type(block).__name__} is not x + attention + MLP as read (a residual form the "
+            f"certified bound does not model); {INSTEAD}"
+        )
+    return BlockShape(attn_in, attn_out, mlp_in, mlp_out, parallel, False, False, moe=kind == "moe")
+
+
+def _fed_by(rec: _Recorder, sublayer: str, norms: list[str], raw: Tensor | None) -> str | None:
+    """The norm whose output ``sublayer`` read, or None when it read ``raw`` (no norm)."""
+    for site in norms:
+        if _close(rec.inputs[sublayer], rec.outputs[site]):
+            return site
+    if raw is not None and _close(rec.inputs[sublayer], raw):
+        return None
+    if raw is None:
+        return None
+    raise UnsupportedModelError(f"cannot establish which norm the {sublayer} of block 0 reads; {INSTEAD}")
+
+
+def _check_mlp(rec: _Recorder, block, activation: Callable, mlp_matrices: Callable, mlp_biases: Callable) -> None:
+    """``act(u W_a + b_a) [⊙ (u W_in + b_in)] W_out + b_out`` must equal what the MLP returned."""
+    act = activation(block)
+    mats, w_out = mlp_matrices(block)
+    biases, b_out = mlp_biases(block)
+    u = rec.inputs["mlp"]
+    pre = [u @ w.to(u.dtype) + (0 if b is None else b.to(u.dtype)) for w, b in zip(mats, biases, strict=True)]
+    with torch.no_grad():
+        hidden = act(pre[0]) if len(pre) == 1 else act(pre[0]) * pre[1]
+        out = hidden @ w_out.to(u.dtype) + (0 if b_out is None else b_out.to(u.dtype))
+    if not _close(out, _contribution(rec, "mlp")):
+        raise UnsupportedModelError(
+            f"{type(block.mlp).__name__} does not compute act(x W_gate)·(x W_in) W_out (or act(x W_in) W_out) "
+            f"from the weights it exposes; {INSTEAD}"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Frozen hooks must act
+
+
+def _frozen_problem(model, tokens: Tensor, kind: str) -> str | None:
+    """Why the frozen mode would not freeze what it claims, or None: replacing each frozen hook's value
+    (a uniform causal pattern, a doubled scale) must change the output."""
+    if kind == "moe" and not any(n.endswith("mlp.hook_expert_weights") for n in model.hook_dict):
+        return (
+            "this TransformerBridge's mixture-of-experts router has no hook_expert_weights to freeze, so a frozen "
+            f"Jacobian would keep the routing live; {_FROZEN_INSTEAD}"
+        )
+    last = model.cfg.n_layers - 1
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in sorted({0, last})]
+    names += [f"blocks.0.{site}.hook_scale" for site in _SITES if f"blocks.0.{site}.hook_scale" in model.hook_dict]
+    names += ["ln_final.hook_scale"] if "ln_final.hook_scale" in model.hook_dict else []
+    with torch.no_grad():
+        base = model(tokens)
+        for name in names:
+            if name not in model.hook_dict:
+                return f"this bridge has no {name}, so the frozen mode cannot freeze it; {_FROZEN_INSTEAD}"
+            with model.hooks(fwd_hooks=[(name, _replacement(name))]):
+                changed = model(tokens)
+            if torch.equal(changed, base):
+                return (
+                    f"replacing {name} leaves this bridge's output unchanged (its forward pass does not use the "
+                    f"hooked value), so a frozen Jacobian would keep that quantity live; {_FROZEN_INSTEAD}"
+                )
+    return None
+
+
+def _replacement(name: str):
+    def replace(value: Tensor, hook) -> Tensor:
+        if name.endswith("hook_pattern"):
+            n = value.shape[-1]
+            causal = torch.tril(torch.ones(n, n, dtype=value.dtype, device=value.device))
+            return (causal / causal.sum(-1, keepdim=True)).expand_as(value).clone()
+        return value * 2.0
+
+    return replace
