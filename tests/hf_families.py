@@ -9,11 +9,26 @@ does (``boot_transformers(..., hf_model=...)``, then compatibility mode without 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 
-__all__ = ["CAUSAL", "NON_CAUSAL", "TOKENS", "VOCAB", "boot", "build_hf", "perturb_norms"]
+__all__ = [
+    "ADVERSARIAL_GAINS",
+    "CAUSAL",
+    "NON_CAUSAL",
+    "OFFSET_GAINS",
+    "TOKENS",
+    "VOCAB",
+    "boot",
+    "build_hf",
+    "hf_block_input",
+    "hf_final",
+    "hf_jacobian",
+    "perturb_norms",
+    "set_gains",
+]
 
 VOCAB = 96
 TOKENS = torch.tensor([1, 17, 42, 5, 77, 9, 31, 64, 3, 50])
@@ -133,3 +148,144 @@ def boot(hf_model, *, compatibility: bool = True, no_processing: bool = True):
     if compatibility:
         bridge.enable_compatibility_mode(no_processing=no_processing, disable_warnings=True)
     return bridge.eval()
+
+
+#: families whose norms store ``w`` and scale by ``1 + w``
+OFFSET_GAINS = frozenset({"gemma", "gemma2", "gemma3_text"})
+
+
+def _norm_weights(model) -> list[torch.Tensor]:
+    return [
+        p
+        for name, module in model.named_modules()
+        if "norm" in type(module).__name__.lower() or "ln" in name.split(".")[-1]
+        for pname, p in module.named_parameters(recurse=False)
+        if pname == "weight"
+    ]
+
+
+def set_gains(model, family: str, gains) -> None:
+    """Every norm's *effective* gain set to ``gains(d)`` (a ``[d]`` tensor), whatever its convention."""
+    with torch.no_grad():
+        for weight in _norm_weights(model):
+            target = gains(weight.shape[-1]).to(weight.dtype)
+            weight.copy_(target - 1.0 if family in OFFSET_GAINS else target)
+
+
+#: adversarial norm gains on the transformers model: the small-gain and split-gain constructions of
+#: ``tests/reference.py`` (a gain counted on the wrong side of a sublayer, or 1 + w read as w, is off by 64×)
+ADVERSARIAL_GAINS = {
+    "small_gains": lambda d: torch.full((d,), 0.05),
+    "split_gains": lambda d: torch.where(torch.arange(d) >= d // 2, 8.0, 0.125),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# References by plain autograd on the transformers model (no TransformerLens, no lens_squash code)
+
+
+def _decoder_layers(hf) -> torch.nn.ModuleList:
+    n_layers = hf.config.num_hidden_layers
+    for module in hf.base_model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise AssertionError(f"no ModuleList of {n_layers} layers in {type(hf).__name__}")
+
+
+class _Frozen:
+    """Records every softmax (attention patterns, MoE routers), ``rsqrt`` (RMSNorm scales) and
+    LayerNorm scale of one forward pass, then replays them as constants: the frozen model."""
+
+    def __init__(self):
+        self.values: list[torch.Tensor] = []
+        self.replay = False
+        self.calls = 0
+
+    def _constant(self, value: torch.Tensor) -> torch.Tensor:
+        if not self.replay:
+            self.values.append(value.detach())
+            return value
+        self.calls += 1
+        return self.values[self.calls - 1]
+
+    @contextlib.contextmanager
+    def patched(self):
+        F = torch.nn.functional
+        softmax, rsqrt, layer_norm = F.softmax, torch.rsqrt, F.layer_norm
+
+        def frozen_layer_norm(x, shape, weight=None, bias=None, eps=1e-5):
+            centred = x - x.mean(-1, keepdim=True)
+            scale = self._constant((centred.pow(2).mean(-1, keepdim=True) + eps).sqrt())
+            y = centred / scale
+            y = y if weight is None else y * weight
+            return y if bias is None else y + bias
+
+        F.softmax = lambda *a, **k: self._constant(softmax(*a, **k))
+        torch.rsqrt = lambda *a, **k: self._constant(rsqrt(*a, **k))
+        F.layer_norm = frozen_layer_norm
+        self.calls = 0
+        try:
+            yield
+        finally:
+            F.softmax, torch.rsqrt, F.layer_norm = softmax, rsqrt, layer_norm
+
+
+def hf_block_input(hf, tokens: torch.Tensor) -> torch.Tensor:
+    """The first decoder layer's input ``[pos, d_model]`` (embeddings, scaled or positioned as the model does)."""
+    seen = {}
+    layer = _decoder_layers(hf)[0]
+
+    def keep(module, args, kwargs) -> None:
+        seen.setdefault("x", (args[0] if args else kwargs["hidden_states"]).detach())
+
+    handle = layer.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            hf(input_ids=tokens[None])
+    finally:
+        handle.remove()
+    return seen["x"][0]
+
+
+def hf_final(hf, tokens: torch.Tensor, **kwargs):
+    """The base model's output on ``tokens``: ``last_hidden_state`` is the final norm's output."""
+    with torch.no_grad():
+        return hf.base_model(input_ids=tokens[None], **kwargs)
+
+
+def hf_jacobian(hf, tokens: torch.Tensor, *, frozen: bool) -> torch.Tensor:
+    """``∂y_n/∂x_i`` ``[d_out, pos, d_in]``: y the final norm's output at the last position, x the first
+    layer's input, by ``torch.autograd.functional.jacobian`` (plain autograd: old-style autograd
+    Functions such as BLOOM's GeLU work). ``frozen``: patterns, router weights and norm scales replayed."""
+    x0 = hf_block_input(hf, tokens)
+    layer = _decoder_layers(hf)[0]
+    freezer = _Frozen()
+    if frozen:
+        with freezer.patched(), torch.no_grad():
+            hf.base_model(input_ids=tokens[None])
+        freezer.replay = True
+
+    def f(x):
+        def swap(module, args, kwargs):
+            if args:
+                return (x[None], *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": x[None]}
+
+        handle = layer.register_forward_pre_hook(swap, with_kwargs=True)
+        try:
+            with freezer.patched() if frozen else contextlib.nullcontext():
+                out = hf.base_model(input_ids=tokens[None]).last_hidden_state[0, -1]
+            if frozen:
+                assert freezer.calls == len(freezer.values), "the frozen replay saw a different forward pass"
+            return out
+        finally:
+            handle.remove()
+
+    params = [(p, p.requires_grad) for p in hf.parameters()]
+    for p, _ in params:
+        p.requires_grad_(False)
+    try:
+        return torch.autograd.functional.jacobian(f, x0)
+    finally:
+        for p, flag in params:
+            p.requires_grad_(flag)

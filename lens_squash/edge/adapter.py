@@ -42,6 +42,7 @@ from .backends import is_bridge
 __all__ = [
     "activation",
     "check_frozen",
+    "check_structure",
     "functorch_ready",
     "mlp_biases",
     "mlp_matrices",
@@ -327,6 +328,11 @@ def _bridge_structure(model) -> _Structure:
         model, activation=activation, mlp_matrices=mlp_matrices, mlp_biases=mlp_biases, runnable=functorch_ready
     )
     return _Structure(probe.shape, probe.mlp_kind, dict(probe.unsupported), probe)
+
+
+def check_structure(model) -> None:
+    """Read (once) what a bridge is; refuses a model that is not a causal attention decoder."""
+    _structure(model)
 
 
 def check_frozen(model) -> None:

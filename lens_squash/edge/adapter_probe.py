@@ -159,6 +159,7 @@ def probe_bridge(
             model(tokens)
     finally:
         rec.close()
+    _check_causal(model, tokens)
     kind = _mlp_kind(block)
     unsupported: dict[str, str] = {}
     shape = None
@@ -178,6 +179,20 @@ def probe_bridge(
     if frozen is not None:
         unsupported["frozen"] = frozen
     return BridgeProbe(shape, kind, unsupported)
+
+
+def _check_causal(model, tokens: Tensor) -> None:
+    """Changing the last token must leave every earlier position's output as it was."""
+    other = tokens.clone()
+    other[0, -1] = (other[0, -1] + 1) % max(int(model.cfg.d_vocab), 2)
+    with torch.no_grad():
+        a, b = model(tokens), model(other)
+    if not _close(a[0, :-1], b[0, :-1]):
+        raise UnsupportedModelError(
+            f"{type(getattr(model, 'original_model', model)).__name__} is not causal (changing the last token changes "
+            "earlier outputs): lens_squash analyses decoder-only causal attention models; bidirectional and "
+            "encoder-decoder models are not supported"
+        )
 
 
 def _mlp_kind(block) -> str:
@@ -279,6 +294,7 @@ def _frozen_problem(model, tokens: Tensor, kind: str) -> str | None:
     names = [f"blocks.{layer}.attn.hook_pattern" for layer in sorted({0, last})]
     names += [f"blocks.0.{site}.hook_scale" for site in _SITES if f"blocks.0.{site}.hook_scale" in model.hook_dict]
     names += ["ln_final.hook_scale"] if "ln_final.hook_scale" in model.hook_dict else []
+    names += ["blocks.0.mlp.hook_expert_weights"] if kind == "moe" else []
     with torch.no_grad():
         base = model(tokens)
         for name in names:
@@ -296,6 +312,8 @@ def _frozen_problem(model, tokens: Tensor, kind: str) -> str | None:
 
 def _replacement(name: str):
     def replace(value: Tensor, hook) -> Tensor:
+        if name.endswith("hook_expert_weights"):  # [tokens, expert]: uniform routing
+            return torch.full_like(value, 1.0 / value.shape[-1])
         if name.endswith("hook_pattern"):
             n = value.shape[-1]
             causal = torch.tril(torch.ones(n, n, dtype=value.dtype, device=value.device))

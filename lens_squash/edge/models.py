@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..core.progress import counter
+from .adapter import check_structure
 from .backends import ModelLoadError, has_hooked_transformer, is_bridge, missing_hooked_error
 from .dtypes import DTYPES, resolve_dtype
 from .gguf import (
@@ -83,6 +84,7 @@ def check_model(model: Any) -> None:
                 "first (no_processing keeps the original weights, so the numbers are the model's own), "
                 "or load it with lens_squash.load_model(name, backend='bridge')"
             )
+        check_structure(model)  # non-causal or non-attention bridges are refused here, in one line
         return
     from transformer_lens import HookedRootModule  # TL 4 moved it out of hook_points
 

@@ -109,6 +109,8 @@ def test_ov_norms_equal_the_spectral_norm_of_the_dense_ov_circuit():
     from lens_squash.algebra.attention import expanded_values, ov_norms
     from lens_squash.algebra.blocks import apply_input_norm, apply_output_norms, block_shape
 
+    from lens_squash.edge.adapter import norm_facts
+
     from ..families import FAMILIES, REFUSED, build
 
     for family in (name for name in FAMILIES if name not in REFUSED):
@@ -117,8 +119,8 @@ def test_ov_norms_equal_the_spectral_norm_of_the_dense_ov_circuit():
         for layer, block in enumerate(model.blocks):
             w_v = expanded_values(block.attn, model.cfg.n_heads).double()
             if shape.attn_in is not None:
-                w_v = apply_input_norm(w_v, getattr(block, shape.attn_in), dim=1)
-            w_o = apply_output_norms(block.attn.W_O, block, shape.attn_out)
+                w_v = apply_input_norm(w_v, norm_facts(getattr(block, shape.attn_in)), dim=1)
+            w_o = apply_output_norms(block.attn.W_O, [norm_facts(getattr(block, s)) for s in shape.attn_out])
             dense = (
                 torch.linalg.matrix_norm(w_v, ord=2) * torch.linalg.matrix_norm(w_o, ord=2)
                 if shape.value_clip
