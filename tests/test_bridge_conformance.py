@@ -23,6 +23,7 @@ import torch
 
 from lens_squash.algebra.variants import path_bound
 from lens_squash.core.support import UnsupportedModelError
+from lens_squash.edge.backends import has_hooked_transformer
 from lens_squash.edge.jacobian import jacobian
 from lens_squash.edge.models import check_model
 from lens_squash.edge.trace import trace
@@ -52,6 +53,9 @@ REFUSES = {
     "gptj": {"frozen": "hook_pattern leaves this bridge's output unchanged"},
     "mixtral": {"certified": "mixture-of-experts"},
 }
+if has_hooked_transformer():  # TransformerLens 3.9's bridge: OPT's MLP hooks never fire, MoE has no router hook
+    REFUSES["opt"] = {**REFUSES["opt"], "certified": "did not run as a module with hooks"}
+    REFUSES["mixtral"] = {**REFUSES["mixtral"], "frozen": "router has no hook_expert_weights"}
 #: transformers' Mixtral experts run a grouped matmul that has no float64 kernel
 FLOAT32_ONLY = frozenset({"mixtral"})
 FAMILIES = sorted(CAUSAL)

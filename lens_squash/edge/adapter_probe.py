@@ -232,8 +232,13 @@ def _shape(rec: _Recorder, block, kind: str) -> BlockShape:
     if unknown:
         raise UnsupportedModelError(f"cannot establish what the norm {unknown[0]} of {type(block).__name__} reads; {INSTEAD}")
     attn_in = _fed_by(rec, "attn", [s for s in sites if reads[s] == "x"], x)
-    if kind == "none" or "mlp" not in rec.inputs:
+    if kind == "none":
         return BlockShape(attn_in, attn_out, None, (), False, True, False)
+    if "mlp" not in rec.inputs or "mlp" not in rec.outputs:
+        raise UnsupportedModelError(
+            f"the MLP of {type(block).__name__} did not run as a module with hooks, so what it reads is unknown; "
+            f"{INSTEAD}"
+        )
     pre = [s for s in sites if reads[s] in ("x", "mid")]
     mlp_in = _fed_by(rec, "mlp", pre, None)
     parallel = (reads[mlp_in] == "x") if mlp_in is not None else _close(rec.inputs["mlp"], x)
