@@ -84,6 +84,13 @@ def check_model(model: Any) -> None:
                 "first (no_processing keeps the original weights, so the numbers are the model's own), "
                 "or load it with lens_squash.load_model(name, backend='bridge')"
             )
+        if getattr(model, "_weights_processed", False):
+            raise ValueError(
+                "this TransformerBridge's weights were processed (folded norms, centred weights), so its norm "
+                "outputs and gains are no longer the model's own; boot it again and call "
+                "bridge.enable_compatibility_mode(no_processing=True), or load it with "
+                "lens_squash.load_model(name, backend='bridge')"
+            )
         check_structure(model)  # non-causal or non-attention bridges are refused here, in one line
         return
     from transformer_lens import HookedRootModule  # TL 4 moved it out of hook_points
