@@ -123,7 +123,7 @@ def build_hf(family: str, *, dtype: torch.dtype = torch.float64, seed: int = 0, 
     model = model.to(dtype).eval()
     model.config.architectures = [type(model).__name__]  # how the bridge picks its adapter
     with torch.no_grad():  # HF inits with std 0.02: too small to exercise anything at d_model 32
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.ndim == 2:
                 param.mul_(10.0)
     perturb_norms(model, seed)

@@ -151,7 +151,9 @@ def norm_facts(module) -> NormFacts:
     elif convention == "1+w":
         gain = 1.0 + raw.detach().double()
     bias = _norm_bias(module)
-    return NormFacts(gain=gain, bias=None if bias is None else bias.detach().double(), centred=centred, convention=convention)
+    return NormFacts(
+        gain=gain, bias=None if bias is None else bias.detach().double(), centred=centred, convention=convention
+    )
 
 
 def _is_bridge_module(module) -> bool:

@@ -64,8 +64,7 @@ def probe_norm(module) -> tuple[bool, str]:
         if _close(gain, value.reshape(gain.shape)):
             return centred, convention
     raise UnsupportedModelError(
-        f"the norm {type(module).__name__} scales by neither its weight w nor 1 + w, so its gain is unknown; "
-        f"{INSTEAD}"
+        f"the norm {type(module).__name__} scales by neither its weight w nor 1 + w, so its gain is unknown; {INSTEAD}"
     )
 
 
@@ -121,7 +120,9 @@ class _Recorder:
                 return
             self.inputs[name] = tensors[0].detach()
             # BLOOM's attention and MLP take the residual and add it to what they return
-            self.extra[name] = tensors[1].detach() if len(tensors) > 1 and tensors[1].shape == tensors[0].shape else None
+            self.extra[name] = (
+                tensors[1].detach() if len(tensors) > 1 and tensors[1].shape == tensors[0].shape else None
+            )
             self.outputs[name] = (output[0] if isinstance(output, tuple) else output).detach()
 
         return hook
@@ -230,7 +231,9 @@ def _shape(rec: _Recorder, block, kind: str) -> BlockShape:
             reads[site] = "mid"
     unknown = [s for s in sites if reads[s] is None]
     if unknown:
-        raise UnsupportedModelError(f"cannot establish what the norm {unknown[0]} of {type(block).__name__} reads; {INSTEAD}")
+        raise UnsupportedModelError(
+            f"cannot establish what the norm {unknown[0]} of {type(block).__name__} reads; {INSTEAD}"
+        )
     attn_in = _fed_by(rec, "attn", [s for s in sites if reads[s] == "x"], x)
     if kind == "none":
         return BlockShape(attn_in, attn_out, None, (), False, True, False)

@@ -30,9 +30,9 @@ from ..core.progress import counter
 from ..core.records import provenance
 from ..core.results import Result, heavy
 from ..core.support import UnsupportedModelError
+from .adapter import functorch_ready, norm_facts
 from .cache_replay import replay_cache
 from .gain_hooks import mlp_gain_hooks, mlp_gains, stack_layers
-from .adapter import functorch_ready, norm_facts
 from .lipschitz import supports_certified
 from .models import check_length, check_model, format_prompt
 
@@ -351,7 +351,9 @@ def _capture_hooks(
         hooks.append((f"blocks.{layer}.hook_resid_pre", keep(f"resid.{layer}")))
         for norm in _NORM_SITES:
             if f"blocks.{layer}.{norm}.hook_scale" in model.hook_dict:
-                hooks.append((f"blocks.{layer}.{norm}.hook_scale", _scale_hook(store, f"{norm}.{layer}", dtype, n_tokens)))
+                hooks.append(
+                    (f"blocks.{layer}.{norm}.hook_scale", _scale_hook(store, f"{norm}.{layer}", dtype, n_tokens))
+                )
         if f"blocks.{layer}.attn.hook_v" in model.hook_dict and hasattr(model.blocks[layer].attn, "W_O"):
             hooks.append((f"blocks.{layer}.attn.hook_v", value_norm_hook(layer)))
     hooks.append((f"blocks.{n_layers - 1}.hook_resid_post", keep(f"resid.{n_layers}")))

@@ -108,7 +108,6 @@ def test_ov_norms_equal_the_spectral_norm_of_the_dense_ov_circuit():
     product's largest singular value is the reference, on every architecture family."""
     from lens_squash.algebra.attention import expanded_values, ov_norms
     from lens_squash.algebra.blocks import apply_input_norm, apply_output_norms, block_shape
-
     from lens_squash.edge.adapter import norm_facts
 
     from ..families import FAMILIES, REFUSED, build
