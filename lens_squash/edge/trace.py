@@ -30,6 +30,7 @@ from ..core.progress import counter
 from ..core.records import provenance
 from ..core.results import Result, heavy
 from ..core.support import UnsupportedModelError
+from .backends import has_hooked_transformer, is_bridge
 from .cache_replay import replay_cache
 from .gain_hooks import mlp_gain_hooks, mlp_gains, stack_layers
 from .lipschitz import supports_certified
@@ -216,7 +217,12 @@ def keeps_patterns(model, n_tokens: int, keep_patterns: bool | None) -> bool:
 
 
 def streamable(model) -> bool:
-    """Whether a layer's patterns can be recomputed by rerunning its block (HookedTransformer blocks)."""
+    """Whether a layer's patterns can be recomputed by rerunning its block (HookedTransformer blocks, or
+    a TransformerBridge's, called again as the model called them: :mod:`lens_squash.edge.stream`)."""
+    if is_bridge(model):
+        return True
+    if not has_hooked_transformer():
+        return False
     from transformer_lens.components import TransformerBlock
 
     return all(isinstance(block, TransformerBlock) for block in getattr(model, "blocks", ()))
