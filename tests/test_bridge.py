@@ -325,6 +325,7 @@ def test_non_transformer_lens_objects_are_refused_with_a_type_error():
         jacobian(torch.nn.Linear(2, 2), torch.arange(3))
 
 
+@pytest.mark.hooked
 @pytest.mark.bridge
 def test_bridge_before_compatibility_mode_is_refused():
     tokenizer = gguf.offline_tokenizer()
@@ -388,6 +389,7 @@ def test_bridge_load_respects_n_ctx_and_returns_compatibility_mode():
         jacobian(bridge, "one two three four five six seven eight nine ten " * 3, chat=False)
 
 
+@pytest.mark.hooked
 @pytest.mark.bridge
 def test_without_hooked_transformer_the_bridge_is_the_default(monkeypatch):
     monkeypatch.setattr(models, "has_hooked_transformer", lambda: False)
@@ -448,6 +450,7 @@ def hooked64():
     return load_model(models.TINY_MODEL, backend="hooked", dtype=torch.float64, n_ctx=64)
 
 
+@pytest.mark.hooked
 def test_tiny_random_bridge_carries_the_hooked_weights(hooked64, bridge64):
     state = hooked64.state_dict()
     for name, value in tiny.tiny_random_state(hooked64.cfg.d_vocab, torch.float64).items():
@@ -462,6 +465,7 @@ def test_tiny_random_bridge_carries_the_hooked_weights(hooked64, bridge64):
         torch.testing.assert_close(bridge64(tokens), hooked64(tokens), atol=1e-5, rtol=0)
 
 
+@pytest.mark.hooked
 @pytest.mark.parametrize("mode", ["exact", "frozen", "sketch"])
 @pytest.mark.parametrize(("target", "wrt"), [("final", 0), (1, 1)])
 def test_bridge_jacobians_equal_the_hooked_twin(hooked64, bridge64, mode, target, wrt):
@@ -475,6 +479,7 @@ def test_bridge_jacobians_equal_the_hooked_twin(hooked64, bridge64, mode, target
     assert ours.tokens.tolist() == twin.tokens.tolist()
 
 
+@pytest.mark.hooked
 def test_analyze_on_the_bridge_equals_the_hooked_twin(hooked64, bridge64):
     from lens_squash.experiments.analysis import analyze
 
@@ -491,6 +496,7 @@ def test_hooked_is_the_default_with_transformer_lens_3():
     assert not models.is_bridge(load_model(models.TINY_MODEL, n_ctx=16))
 
 
+@pytest.mark.hooked
 @pytest.mark.parametrize("chat", [True, False])
 def test_bridge_tokenizes_prompts_as_the_hooked_twin(hooked64, bridge64, chat):
     for text in ["hello", "1 1 1 0", "The cat sat on the mat."]:
@@ -563,6 +569,7 @@ def test_damaged_bridge_cache_is_rebuilt_with_identical_logits(smollm2_bridge, t
         assert torch.equal(reloaded(tokens[None]), smollm2_bridge(tokens[None]))
 
 
+@pytest.mark.hooked
 def test_bridge_flow_equals_the_hooked_twin(hooked64, bridge64):
     from lens_squash.edge.flow import flow
     from lens_squash.edge.flow_pass import flow_gradients
@@ -577,6 +584,7 @@ def test_bridge_flow_equals_the_hooked_twin(hooked64, bridge64):
     assert _relative_gap(ours, twin, names) <= 1e-6  # mid: a hooked offset there, g^(l+1) + mlp on the bridge
 
 
+@pytest.mark.hooked
 @pytest.mark.parametrize("n", [40, pytest.param(2048, marks=pytest.mark.slow)])
 def test_bridge_streamed_analysis_equals_the_hooked_twin(n):
     """Relative to each bound's largest entry: the two backends' float32 attention kernels round

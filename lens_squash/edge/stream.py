@@ -92,7 +92,7 @@ def recompute_patterns(
 
 
 def _run_until(
-    model, traced: Trace, layer: int, site: str, shortformer: Tensor | None, call: BlockCall | None
+    model, traced: Trace, layer: int, site: str, shortformer: Tensor | None, call: BlockCall | None = None
 ) -> Tensor:
     """Block ``layer`` rerun on its stored input until ``blocks.{layer}.attn.{site}`` fires: its value
     (called as ``call`` records, or as a HookedTransformer calls its blocks)."""

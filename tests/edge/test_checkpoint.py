@@ -21,6 +21,8 @@ from lens_squash.edge.models import tiny_model
 
 from ..families import FAMILIES, TOKENS, build
 
+pytestmark = pytest.mark.hooked  # builds HookedTransformer models (TransformerLens 3 only)
+
 #: float64: the two paths run the same operations on the same numbers, in another order of blocks
 TOL64 = {"atol": 1e-12, "rtol": 1e-10}
 MODES = ("exact", "frozen", "sketch")

@@ -64,6 +64,7 @@ def test_synthetic_collapse_distance_falls_with_length_averaged_over_seeds():
         pe_collapse([2], site="logits")
 
 
+@pytest.mark.hooked
 def test_ratio_invariance_exact_for_bidirectional_nope():
     model = tiny_model(
         n_layers=2, n_heads=2, d_model=16, d_vocab=8, causal=False, positional="none", dtype=torch.float64, seed=2
@@ -72,6 +73,7 @@ def test_ratio_invariance_exact_for_bidirectional_nope():
     assert result.invariant() and result.distances.max() < 1e-14  # float rounding only
 
 
+@pytest.mark.hooked
 @pytest.mark.parametrize("causal, positional", [(True, "none"), (False, "standard"), (False, "rotary")])
 def test_ratio_invariance_broken_by_causal_mask_or_positions(causal, positional):
     model = tiny_model(
@@ -82,6 +84,7 @@ def test_ratio_invariance_broken_by_causal_mask_or_positions(causal, positional)
     assert "Prop. B.9" in result._repr_html_()
 
 
+@pytest.mark.hooked
 @pytest.mark.slow
 def test_longest_distinguishable_run_is_where_equality_starts():
     model = tiny_model(
