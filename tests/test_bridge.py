@@ -325,7 +325,6 @@ def test_non_transformer_lens_objects_are_refused_with_a_type_error():
         jacobian(torch.nn.Linear(2, 2), torch.arange(3))
 
 
-@pytest.mark.hooked
 @pytest.mark.bridge
 def test_bridge_before_compatibility_mode_is_refused():
     tokenizer = gguf.offline_tokenizer()
@@ -389,7 +388,6 @@ def test_bridge_load_respects_n_ctx_and_returns_compatibility_mode():
         jacobian(bridge, "one two three four five six seven eight nine ten " * 3, chat=False)
 
 
-@pytest.mark.hooked
 @pytest.mark.bridge
 def test_without_hooked_transformer_the_bridge_is_the_default(monkeypatch):
     monkeypatch.setattr(models, "has_hooked_transformer", lambda: False)
@@ -491,6 +489,7 @@ def test_analyze_on_the_bridge_equals_the_hooked_twin(hooked64, bridge64):
     torch.testing.assert_close(ours.jacobian.spectral, twin.jacobian.spectral, rtol=2e-6, atol=0)
 
 
+@pytest.mark.hooked
 def test_hooked_is_the_default_with_transformer_lens_3():
     assert models.has_hooked_transformer() and models.default_backend() == "hooked"
     assert not models.is_bridge(load_model(models.TINY_MODEL, n_ctx=16))

@@ -44,12 +44,16 @@ def check_bridge_blocks(model) -> None:
     key and value projections (the only bridge shape :func:`bridge_offsets` knows)."""
     cfg = model.cfg
     if getattr(cfg, "parallel_attn_mlp", False):
-        raise UnsupportedModelError(f"the sensitivity flow on a TransformerBridge covers sequential blocks only; {_USE_JACOBIAN}")
+        raise UnsupportedModelError(
+            f"the sensitivity flow on a TransformerBridge covers sequential blocks only; {_USE_JACOBIAN}"
+        )
     for layer, block in enumerate(model.blocks):
         names = set(getattr(block, "submodules", {}) or {}) | {name for name, _ in block.named_children()}
         missing = [name for name in ("ln1", "attn") if name not in names]
         missing += [] if cfg.attn_only else [name for name in ("ln2",) if name not in names]
-        missing += [name for name in ("q", "k", "v") if not isinstance(getattr(block.attn, name, None), torch.nn.Module)]
+        missing += [
+            name for name in ("q", "k", "v") if not isinstance(getattr(block.attn, name, None), torch.nn.Module)
+        ]
         extra = [name for name in ("ln1_post", "ln2_post") if name in names]
         if missing or extra:
             raise UnsupportedModelError(

@@ -4,8 +4,10 @@ The forward pass adds a zero-valued differentiable offset at each point below, a
 :func:`torch.func.vjp` then returns the gradient at all of them from one vmapped backward:
 
 * ``blocks.{l}.hook_resid_pre`` (and the final ``hook_resid_post``): ``g^(l)``;
-* ``blocks.{l}.hook_resid_mid``: ``g^(l+½)``, what the attention sends backwards;
-* the three inputs of ``ln1`` (TransformerLens norms query, key and value inputs separately): the
+* ``blocks.{l}.hook_resid_mid``: ``g^(l+½)``, what the attention sends backwards (on a
+  TransformerBridge that hook is ``ln2``'s input only, so ``g^(l+½) = g^(l+1) + mlp`` there);
+* the three inputs of ``ln1`` (TransformerLens norms query, key and value inputs separately; a
+  bridge's block norms once, so ``ln1`` is run again per projection: :mod:`.flow_offsets`): the
   value part and the pattern part;
 * the input of ``ln2``: the MLP part;
 * ``blocks.{l}.attn.hook_z``: ``∂z^h_j = W_O^h g^(l+½)_j`` per head.

@@ -4,7 +4,8 @@ A trace that streamed its patterns (``trace(..., keep_patterns=False)``, the def
 prompts) kept each layer's residual stream ``x^(l)`` (``L·n·d`` numbers) but not its
 ``[head, query_pos, key_pos]`` patterns (``L·H·n²``). The bound row ``e_nᵀ M^(L-1) ⋯ M^(0)`` needs the
 layers last to first, so :func:`stream_bounds` walks down the layers, reruns block ``l`` on its
-stored input up to ``hook_pattern`` (the rest of the block is cut off), and advances every
+stored input up to ``hook_pattern`` (the rest of the block is cut off; a TransformerBridge's block is
+called with the arguments the model passed it, its rotary tables and mask), and advances every
 variant's row by that layer (:meth:`lens_squash.algebra.variants.PathGraph.step`, the same
 arithmetic as the whole stack). Memory: one layer's patterns at a time, ``H·n²``.
 

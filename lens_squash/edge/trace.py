@@ -210,7 +210,7 @@ def patterns_bytes(model, n_tokens: int) -> int:
 
 def keeps_patterns(model, n_tokens: int, keep_patterns: bool | None) -> bool:
     """``keep_patterns``, or by default whether the whole stack fits in :data:`KEEP_PATTERNS_BYTES`
-    (always, for models whose blocks cannot be rerun alone to recompute patterns: a TransformerBridge)."""
+    (always, for models whose blocks cannot be rerun alone to recompute patterns: :func:`streamable`)."""
     if keep_patterns is not None:
         return bool(keep_patterns)
     return patterns_bytes(model, n_tokens) <= KEEP_PATTERNS_BYTES or not streamable(model)

@@ -65,8 +65,10 @@ RESULTS = {name: cls for name, cls in RECORDS.items() if issubclass(cls, Result)
 
 @functools.cache
 def _model():
-    from lens_squash.edge.models import tiny_model
+    from lens_squash.edge.models import TINY_MODEL, has_hooked_transformer, load_model, tiny_model
 
+    if not has_hooked_transformer():  # TransformerLens 4: the bridge over SmolLM2's architecture in miniature
+        return load_model(TINY_MODEL, backend="bridge", dtype=torch.float64, n_ctx=160)
     # rotary, RMSNorm and a real tokenizer, like SmolLM2: every experiment runs on it
     return tiny_model(
         tokenizer="smollm2",
@@ -138,11 +140,11 @@ def _ablation():
 
 
 def _collapse():
+    from lens_squash.edge.models import is_bridge
     from lens_squash.experiments.collapse import collapse_curve
 
-    return collapse_curve(
-        _model(), "count_ones", [2, 5], ("float64", "bfloat16"), chat=False, open_ended=True, exact=False
-    )
+    dtypes = ("float64",) if is_bridge(_model()) else ("float64", "bfloat16")  # a bridge runs in its own dtype only
+    return collapse_curve(_model(), "count_ones", [2, 5], dtypes, chat=False, open_ended=True, exact=False)
 
 
 def _window_sweep():

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
-
 import dataclasses
 import importlib
 import inspect
 import pkgutil
 
 import pandas as pd
+import pytest
 import torch
 
 import lens_squash

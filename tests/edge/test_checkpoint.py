@@ -176,7 +176,11 @@ def test_checkpointed_terms_count_the_tensors_the_sweep_keeps(n):
         return t
 
     v = stored.resid[1].clone().requires_grad_(True)
-    with without_parameter_grads(model), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with (
+        without_parameter_grads(model),
+        torch.enable_grad(),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
         run_block(model, 1, stored.calls[1], v)
     assert 0 < sum(saved.values()) <= terms["block"]
 

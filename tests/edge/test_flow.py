@@ -101,7 +101,8 @@ def _moe(dtype=torch.float32):
     )
 
 
-@pytest.fixture(scope="module", params=sorted(MODELS))
+# HookedTransformer models: the bridge's flow is tested in tests/test_bridge.py
+@pytest.fixture(scope="module", params=[pytest.param(name, marks=pytest.mark.hooked) for name in sorted(MODELS)])
 def model(request):
     return MODELS[request.param]()
 
