@@ -78,6 +78,7 @@ def test_unknown_model_offline_names_the_offline_models(monkeypatch):
     assert "no-such-model-xyz" in str(info.value)
 
 
+@pytest.mark.hooked  # its reference is TransformerLens 3's alias map
 def test_unknown_model_gets_one_short_line_with_close_names_not_the_whole_list():
     from transformer_lens.loading_from_pretrained import make_model_alias_map
 

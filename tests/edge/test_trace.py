@@ -77,6 +77,7 @@ def _tiny_llama_pair():
     return hf_model, tokenizer
 
 
+@pytest.mark.hooked
 def test_bridge_and_hooked_traces_agree():
     from transformer_lens.model_bridge import TransformerBridge
 

@@ -121,6 +121,7 @@ def test_comma_family_marks_which_pairs_are_exact_repeats(rotary):
     assert exact == (True, True, False)  # 6 -> 7 ones adds ",1"
 
 
+@pytest.mark.hooked  # its rotary and absolute fixtures are HookedTransformers
 @pytest.mark.parametrize("model_name", ["rotary", "absolute"])
 @pytest.mark.parametrize("open_ended", [True, False])
 def test_shared_passes_equal_separate_passes(model_name, open_ended, request):

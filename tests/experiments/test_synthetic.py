@@ -18,6 +18,7 @@ from lens_squash.experiments.synthetic import (
 )
 
 
+@pytest.mark.hooked  # toy_decoder builds a HookedTransformer
 def test_toy_decoder_matches_the_papers_setting():
     model = toy_decoder("sinusoidal", n_ctx=64, seed=1).requires_grad_(False)
     assert (model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_model, model.cfg.attn_only) == (1, 1, 64, True)
