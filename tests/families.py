@@ -10,7 +10,6 @@ Shared by the conformance suite, ``scripts/architectures.py`` and anyone who wan
 from __future__ import annotations
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 __all__ = ["BASE", "FAMILIES", "REFUSED", "TOKENS", "build", "config"]
 
@@ -97,13 +96,17 @@ REFUSED = {"bidirectional": "bidirectional"}
 TOKENS = torch.tensor([3, 17, 5, 5, 9, 30, 2, 11, 4, 41, 8, 1])
 
 
-def config(name: str, **overrides) -> HookedTransformerConfig:
+def config(name: str, **overrides):
+    from transformer_lens import HookedTransformerConfig  # TransformerLens 3 only: imported when a family is built
+
     kwargs = {**BASE, **FAMILIES[name], **overrides}
     return HookedTransformerConfig(model_name=f"family-{name}", dtype=torch.float64, device="cpu", seed=0, **kwargs)
 
 
-def build(name: str, *, seed: int = 0, **overrides) -> HookedTransformer:
+def build(name: str, *, seed: int = 0, **overrides):
     """A seeded float64 model of family ``name`` with random norm gains, biases and sink logits."""
+    from transformer_lens import HookedTransformer  # TransformerLens 3 only
+
     torch.manual_seed(seed)
     model = HookedTransformer(config(name, **overrides))
     with torch.no_grad():  # TL 3.9's MoE experts are nn.Linear layers created in float32 whatever cfg.dtype

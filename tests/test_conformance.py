@@ -20,6 +20,8 @@ from lens_squash.edge.trace import trace
 from .families import FAMILIES, REFUSED, TOKENS, build
 from .reference import ADVERSARIAL, adversarial, edit_in_place, reference_jacobian
 
+pytestmark = pytest.mark.hooked  # builds HookedTransformer models (TransformerLens 3 only)
+
 CERTIFIABLE = sorted(set(FAMILIES) - set(REFUSED))
 
 

@@ -33,7 +33,15 @@ from torch import Tensor
 
 from .backward import ReachedHook, check_hooks, freeze_hooks, stop_at
 
-__all__ = ["BlockCall", "StoredPass", "head_cotangents", "input_gradient_sweep", "run_block", "store_block_inputs"]
+__all__ = [
+    "BlockCall",
+    "StoredPass",
+    "block_calls",
+    "head_cotangents",
+    "input_gradient_sweep",
+    "run_block",
+    "store_block_inputs",
+]
 
 #: keyword arguments that carry a key–value cache (TransformerLens and transformers names)
 _CACHE_KEYWORDS = frozenset({"past_kv_cache_entry", "past_key_value", "past_key_values", "layer_past", "cache"})
@@ -96,6 +104,15 @@ def _block_call(args: tuple, kwargs: dict[str, Any]) -> BlockCall:
     )
 
 
+def _keep_call(calls: dict[int, BlockCall], layer: int):
+    """A forward pre-hook (``with_kwargs``) that records how block ``layer`` was first called."""
+
+    def hook(module, args, kwargs):
+        calls.setdefault(layer, _block_call(args, kwargs))
+
+    return hook
+
+
 def store_block_inputs(model, tokens: Tensor, first: int, last: int, fwd_hooks: list | tuple = ()) -> StoredPass:
     """One no-grad forward pass, stopped after block ``last``, keeping what :func:`run_block` needs.
 
@@ -105,12 +122,6 @@ def store_block_inputs(model, tokens: Tensor, first: int, last: int, fwd_hooks: 
     """
     stored = StoredPass(first, last)
     handles = []
-
-    def keep_call(layer):
-        def hook(module, args, kwargs):
-            stored.calls.setdefault(layer, _block_call(args, kwargs))
-
-        return hook
 
     def keep_input(layer):
         def hook(value, hook):
@@ -122,7 +133,7 @@ def store_block_inputs(model, tokens: Tensor, first: int, last: int, fwd_hooks: 
     stop = f"blocks.{last}.hook_resid_post"
     check_hooks(model, (stop, *(name for name, _ in hooks)))
     for layer in range(first, last + 1):
-        handles.append(model.blocks[layer].register_forward_pre_hook(keep_call(layer), with_kwargs=True))
+        handles.append(model.blocks[layer].register_forward_pre_hook(_keep_call(stored.calls, layer), with_kwargs=True))
     try:
         with torch.no_grad(), model.hooks(fwd_hooks=[*hooks, (stop, stop_at)]):
             model(tokens[None].to(model.cfg.device))
@@ -137,6 +148,29 @@ def store_block_inputs(model, tokens: Tensor, first: int, last: int, fwd_hooks: 
             "checkpoint=False runs this model without recomputing blocks"
         )
     return stored
+
+
+def block_calls(model, tokens: Tensor, layers: range) -> dict[int, BlockCall]:
+    """How the model calls each block in ``layers`` (its arguments beside the hidden state), from a
+    no-grad forward pass that stops as the last of them begins: only those arguments are kept (on a
+    bridge the rotary tables and the attention mask, shared by the blocks), not the hidden states."""
+    calls: dict[int, BlockCall] = {}
+    handles = []
+    stop = f"blocks.{layers[-1]}.hook_resid_pre"
+    check_hooks(model, (stop,))
+    for layer in layers:
+        handles.append(model.blocks[layer].register_forward_pre_hook(_keep_call(calls, layer), with_kwargs=True))
+    try:
+        with torch.no_grad(), model.hooks(fwd_hooks=[(stop, stop_at)]):
+            model(tokens[None].to(model.cfg.device))
+    except ReachedHook:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(calls) != len(layers):
+        raise ValueError(f"blocks {layers[0]}..{layers[-1]} were not all called in one forward pass")
+    return calls
 
 
 def run_block(

@@ -4,8 +4,10 @@ The forward pass adds a zero-valued differentiable offset at each point below, a
 :func:`torch.func.vjp` then returns the gradient at all of them from one vmapped backward:
 
 * ``blocks.{l}.hook_resid_pre`` (and the final ``hook_resid_post``): ``g^(l)``;
-* ``blocks.{l}.hook_resid_mid``: ``g^(l+½)``, what the attention sends backwards;
-* the three inputs of ``ln1`` (TransformerLens norms query, key and value inputs separately): the
+* ``blocks.{l}.hook_resid_mid``: ``g^(l+½)``, what the attention sends backwards (on a
+  TransformerBridge that hook is ``ln2``'s input only, so ``g^(l+½) = g^(l+1) + mlp`` there);
+* the three inputs of ``ln1`` (TransformerLens norms query, key and value inputs separately; a
+  bridge's block norms once, so ``ln1`` is run again per projection: :mod:`.flow_offsets`): the
   value part and the pattern part;
 * the input of ``ln2``: the MLP part;
 * ``blocks.{l}.attn.hook_z``: ``∂z^h_j = W_O^h g^(l+½)_j`` per head.
@@ -18,8 +20,6 @@ from its stored input (:mod:`lens_squash.edge.checkpoint`).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +29,10 @@ from torch import Tensor
 from ..core.display import compact_repr
 from ..core.results import Record
 from ..core.support import UnsupportedModelError
-from .backward import check_position, freeze_hooks, without_parameter_grads
+from .backends import has_hooked_transformer, is_bridge
+from .backward import ReachedHook, check_position, freeze_hooks, stop_at, without_parameter_grads
 from .checkpoint import BlockCall, run_block
+from .flow_offsets import adds_mid_offset, check_bridge_blocks, norm_input_offsets
 from .trace import as_tokens
 
 __all__ = [
@@ -61,7 +63,6 @@ def check_flow_support(model) -> None:
     ``use_normalization_before_and_after``: they act after ``hook_z``, so the captured ``∂z`` already
     carries them) and attention sinks (the pattern hooked is the one used).
     """
-    from transformer_lens.components import TransformerBlock
     from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
     cfg = model.cfg
@@ -69,7 +70,7 @@ def check_flow_support(model) -> None:
         (
             getattr(cfg, "original_architecture", None) in POST_NORM_ARCHITECTURES,
             "original_architecture",
-            f"{cfg.original_architecture!r} is a post-norm architecture (the norm follows the sublayer)",
+            f"{getattr(cfg, 'original_architecture', None)!r} is a post-norm architecture (the norm follows the sublayer)",
         ),
         (
             getattr(cfg, "use_split_qkv_input", False),
@@ -100,6 +101,16 @@ def check_flow_support(model) -> None:
                 f"the sensitivity flow does not cover cfg.{name}={getattr(cfg, name, None)!r}: {why}; use "
                 "jacobian(model, prompt, wrt=l) for layer-wise sensitivity without the decomposition"
             )
+    if is_bridge(model):
+        check_bridge_blocks(model)  # the hooks check the rest of its shape as the pass runs
+        return
+    if not has_hooked_transformer():
+        raise UnsupportedModelError(
+            "the sensitivity flow needs a HookedTransformer or a TransformerBridge; load the model with "
+            "lens_squash.load_model(name)"
+        )
+    from transformer_lens.components import TransformerBlock
+
     if not all(isinstance(block, TransformerBlock) for block in model.blocks):
         raise UnsupportedModelError(
             "the sensitivity flow covers TransformerLens TransformerBlock blocks only (cfg.original_architecture="
@@ -117,7 +128,7 @@ def _zero_offsets(model, n: int) -> dict[str, list[Tensor]]:
     dtype, device = cfg.dtype, torch.device(cfg.device)
     L, d = cfg.n_layers, cfg.d_model
     has_mlp = not cfg.attn_only
-    has_mid = has_mlp and not cfg.parallel_attn_mlp
+    has_mid = adds_mid_offset(model)
 
     def zeros(*shape):
         return [torch.zeros(1, *shape, dtype=dtype, device=device) for _ in range(L)]
@@ -138,52 +149,6 @@ def _add(offset: Tensor):
         return value + offset
 
     return hook
-
-
-@contextlib.contextmanager
-def _norm_input_offsets(model, offsets: dict, layers: Iterable[int] | None = None) -> Iterator[None]:
-    """Add the q/k/v offsets to ``ln1``'s three inputs and the MLP offset to ``ln2``'s input.
-
-    TransformerBlock calls ``ln1`` on the query, key and value inputs in that order (keyword arguments
-    evaluate left to right); the count is checked afterwards so a different block shape cannot be
-    silently mislabelled. ``offsets[name][layer]`` (a list over layers, or one layer's dict);
-    ``layers``: the blocks hooked (all by default).
-    """
-    layers = range(model.cfg.n_layers) if layers is None else tuple(layers)
-    calls = {layer: 0 for layer in layers}
-    handles = []
-
-    def ln1_hook(layer):
-        def hook(module, args):
-            index = calls[layer]
-            calls[layer] += 1
-            if index > 2:
-                return None
-            return (args[0] + offsets["qkv"[index]][layer],) + tuple(args[1:])
-
-        return hook
-
-    def ln2_hook(layer):
-        def hook(module, args):
-            return (args[0] + offsets["mlp"][layer],) + tuple(args[1:])
-
-        return hook
-
-    for layer in layers:
-        block = model.blocks[layer]
-        handles.append(block.ln1.register_forward_pre_hook(ln1_hook(layer)))
-        if offsets["mlp"]:
-            handles.append(block.ln2.register_forward_pre_hook(ln2_hook(layer)))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-    if any(count != 3 for count in calls.values()):
-        raise UnsupportedModelError(
-            f"ln1 ran {list(calls.values())} times per block instead of 3 (query, key, value inputs): this block shape "
-            "is not the one the flow decomposes; use jacobian(model, prompt, wrt=l) instead"
-        )
 
 
 def _record(store: dict[str, Tensor], name: str):
@@ -211,8 +176,15 @@ def _flow_function(model, tokens: Tensor, pos: int, frozen: bool, store: dict[st
             if f"blocks.{layer}.ln1.hook_scale" in model.hook_dict:
                 hooks.append((f"blocks.{layer}.ln1.hook_scale", _record(store, f"scale.{layer}")))
         hooks.append((f"blocks.{L - 1}.hook_resid_post", _add(offsets["resid"][L])))
-        with model.hooks(fwd_hooks=hooks), _norm_input_offsets(model, offsets):
-            resid = model(batch, stop_at_layer=L)
+        # a hook that stops the pass, not stop_at_layer=L, which a TransformerBridge ignores
+        hooks.append((f"blocks.{L - 1}.hook_resid_post", stop_at))
+        with model.hooks(fwd_hooks=hooks), norm_input_offsets(model, offsets):
+            try:
+                model(batch)
+            except ReachedHook as reached:
+                resid = reached.value
+            else:
+                raise ValueError(f"blocks.{L - 1}.hook_resid_post never fired in the flow's forward pass")
             y = resid[:, pos : pos + 1]
             if cfg.normalization_type is not None:
                 y = model.ln_final(y)  # per position, so norming only the target is exact
@@ -268,6 +240,8 @@ class FlowPass:
         offsets = _zero_offsets(model, tokens.shape[0])
         self.has_mid = bool(offsets["mid"])
         self.has_mlp = bool(offsets["mlp"])
+        # a sequential bridge block has no mid offset (its hook_resid_mid is ln2's input): g^(l+½) = g^(l+1) + mlp
+        self.mid_adds_mlp = self.has_mlp and not self.has_mid and not model.cfg.parallel_attn_mlp
         _, self.vjp_fn = torch.func.vjp(_flow_function(model, tokens, pos, frozen, self.store), offsets)
         self.batched = torch.func.vmap(self.vjp_fn)
 
@@ -280,13 +254,20 @@ class FlowPass:
         values = [self.store.get(f"{name}.{layer}") for layer in range(self.model.cfg.n_layers)]
         return None if values[0] is None else torch.stack(values)
 
+    def _mid(self, raw: dict[str, list[Tensor]], total: Tensor) -> Tensor:
+        if self.has_mid:
+            return torch.stack(raw["mid"])
+        if self.mid_adds_mlp:
+            return total[1:] + torch.stack(raw["mlp"])
+        return total[1:]  # parallel or attention-only: the attention reads g^(l+1)
+
     def gradients(self, rows: Tensor) -> FlowGradients:
         raw = self.raw(rows)
         total = torch.stack(raw["resid"])
         scale = self.forward_stack("scale")
         return FlowGradients(
             total=total,
-            mid=torch.stack(raw["mid"]) if self.has_mid else total[1:],  # parallel: attention reads g^(l+1)
+            mid=self._mid(raw, total),
             mlp=torch.stack(raw["mlp"]) if self.has_mlp else None,
             value=torch.stack(raw["v"]),
             pattern_query=torch.stack(raw["q"]),
@@ -331,7 +312,7 @@ def layer_offsets(model, layer: int, n: int) -> dict[str, dict[int, Tensor]]:
     cfg = model.cfg
     dtype, device = cfg.dtype, torch.device(cfg.device)
     has_mlp = not cfg.attn_only
-    has_mid = has_mlp and not cfg.parallel_attn_mlp
+    has_mid = adds_mid_offset(model)
 
     def zeros(*shape):
         return {layer: torch.zeros(1, *shape, dtype=dtype, device=device)}
@@ -359,7 +340,7 @@ def block_flow_function(model, layer: int, call: BlockCall, frozen: bool, store:
         hooks.append((f"blocks.{layer}.attn.hook_pattern", _record(store, f"pattern.{layer}")))
         if f"blocks.{layer}.ln1.hook_scale" in model.hook_dict:
             hooks.append((f"blocks.{layer}.ln1.hook_scale", _record(store, f"scale.{layer}")))
-        with _norm_input_offsets(model, offsets, layers=(layer,)):
+        with norm_input_offsets(model, offsets, layers=(layer,)):
             return run_block(model, layer, call, v, hooks)
 
     return f

@@ -24,6 +24,7 @@ from torch import Tensor
 from .backward import freeze_hooks
 from .checkpoint import head_cotangents, store_block_inputs
 from .flow_edges import ValueGeometry, edge_norms, edge_terms, value_geometry
+from .flow_gain import head_groups, ln1_gain
 from .flow_pass import FLOW_MODES, FlowPass, block_flow_function, layer_offsets
 from .jacobian_memory import DEFAULT_CHUNK_SIZE, memory_terms
 
@@ -116,15 +117,13 @@ class SweepResult:
 
 def _layer_geometry(model, layer: int, resid: Tensor, scale: Tensor | None, frozen: bool) -> ValueGeometry:
     block = model.blocks[layer]
-    gain = getattr(block.ln1, "w", None)
-    return value_geometry(
-        resid,
-        block.attn.W_V.detach(),
-        None if gain is None else gain.detach(),
-        None if scale is None else scale[:, 0],
-        centred=model.cfg.normalization_type in ("LN", "LNPre"),
-        frozen=frozen,
-    )
+    scale = None if scale is None else scale[:, 0]
+    centred = model.cfg.normalization_type in ("LN", "LNPre")
+    gain = ln1_gain(model, layer, resid, scale, centred)
+    w_v = block.attn.W_V.detach()
+    if w_v.shape[0] != model.cfg.n_heads:  # a bridge's grouped-query W_V has one matrix per value head
+        w_v = w_v[head_groups(model.cfg.n_heads, w_v.shape[0])]
+    return value_geometry(resid, w_v, gain, scale, centred=centred, frozen=frozen)
 
 
 def plain_sweep(model, used: Tensor, pos: int, frozen: bool, probes: Tensor, chunk: int, bar) -> SweepResult:

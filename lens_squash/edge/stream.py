@@ -4,7 +4,8 @@ A trace that streamed its patterns (``trace(..., keep_patterns=False)``, the def
 prompts) kept each layer's residual stream ``x^(l)`` (``L·n·d`` numbers) but not its
 ``[head, query_pos, key_pos]`` patterns (``L·H·n²``). The bound row ``e_nᵀ M^(L-1) ⋯ M^(0)`` needs the
 layers last to first, so :func:`stream_bounds` walks down the layers, reruns block ``l`` on its
-stored input up to ``hook_pattern`` (the rest of the block is cut off), and advances every
+stored input up to ``hook_pattern`` (the rest of the block is cut off; a TransformerBridge's block is
+called with the arguments the model passed it, its rotary tables and mask), and advances every
 variant's row by that layer (:meth:`lens_squash.algebra.variants.PathGraph.step`, the same
 arithmetic as the whole stack). Memory: one layer's patterns at a time, ``H·n²``.
 
@@ -28,6 +29,8 @@ from ..algebra.symmetric_forms import N_BLOCKS
 from ..algebra.variants import PathBound, PathGraph, bound_from_row, build_graph
 from ..core.progress import progress
 from ..core.support import UnsupportedModelError
+from .backends import has_hooked_transformer, is_bridge
+from .checkpoint import BlockCall, block_calls
 from .lipschitz import GRAM_CACHE_BYTES
 from .trace import Trace, keeps_patterns, streamable
 
@@ -48,8 +51,8 @@ class _StopAtPattern(Exception):
 def _check_streamable(model) -> None:
     if not streamable(model):
         raise UnsupportedModelError(
-            "recomputing a layer's patterns from its stored input needs HookedTransformer blocks; this "
-            "model's blocks are not (a TransformerBridge?): trace it with keep_patterns=True"
+            "recomputing a layer's patterns from its stored input needs HookedTransformer blocks or a "
+            "TransformerBridge; this model's blocks are neither: trace it with keep_patterns=True"
         )
 
 
@@ -61,11 +64,13 @@ def _shortformer_embed(model, tokens: Tensor) -> Tensor | None:
 
 
 def recompute_patterns(
-    model, traced: Trace, layer: int, *, shortformer: Tensor | None = None
+    model, traced: Trace, layer: int, *, shortformer: Tensor | None = None, call: BlockCall | None = None
 ) -> Float[Tensor, "head query_pos key_pos"]:
     """Layer ``layer``'s patterns, recomputed from the trace's stored ``blocks.{layer}.hook_resid_pre``
     (analysis dtype, CPU). The input goes back in the model's dtype, which is exact: float16 and
-    bfloat16 values survive the trip through float32 unchanged.
+    bfloat16 values survive the trip through float32 unchanged. ``call``: how the model called the
+    block (a bridge's block needs its rotary tables and mask: :func:`block_calls`; by default they are
+    gathered here, one forward pass).
 
     Where TransformerLens's attention ends in a plain softmax (:func:`softmax_after_scores`), the
     block stops at ``hook_attn_scores`` and the softmax is taken here, on the same tensor with the same
@@ -77,7 +82,9 @@ def recompute_patterns(
         raise ValueError("this trace kept no residual streams, so its patterns cannot be recomputed; trace again")
     own_softmax = softmax_after_scores(model, layer)
     site = "hook_attn_scores" if own_softmax else "hook_pattern"
-    value = _run_until(model, traced, layer, site, shortformer)
+    if call is None and is_bridge(model):
+        call = block_calls(model, traced.tokens, range(layer, layer + 1))[layer]
+    value = _run_until(model, traced, layer, site, shortformer, call)
     if own_softmax:
         value = torch.nn.functional.softmax(value, dim=-1)
         if torch.isnan(value.sum()):  # entries are in [0, 1], so the sum is NaN iff one entry is
@@ -85,11 +92,18 @@ def recompute_patterns(
     return value[0].to("cpu", traced.attention_to_first.dtype)
 
 
-def _run_until(model, traced: Trace, layer: int, site: str, shortformer: Tensor | None) -> Tensor:
-    """Block ``layer`` rerun on its stored input until ``blocks.{layer}.attn.{site}`` fires: its value."""
+def _run_until(
+    model, traced: Trace, layer: int, site: str, shortformer: Tensor | None, call: BlockCall | None = None
+) -> Tensor:
+    """Block ``layer`` rerun on its stored input until ``blocks.{layer}.attn.{site}`` fires: its value
+    (called as ``call`` records, or as a HookedTransformer calls its blocks)."""
     block = model.blocks[layer]
     device = next(block.parameters()).device
     x = traced.resid[layer][None].to(device, model.cfg.dtype)
+    if call is None:
+        args, kwargs = (x,), {"shortformer_pos_embed": None if shortformer is None else shortformer.to(device)}
+    else:
+        args, kwargs = call.with_input(x)
     caught: list[Tensor] = []
 
     def stop(value, hook):
@@ -98,7 +112,7 @@ def _run_until(model, traced: Trace, layer: int, site: str, shortformer: Tensor 
 
     with torch.no_grad(), model.hooks(fwd_hooks=[(f"blocks.{layer}.attn.{site}", stop)]):
         try:
-            block(x, shortformer_pos_embed=None if shortformer is None else shortformer.to(device))
+            block(*args, **kwargs)
         except _StopAtPattern:
             pass
     if not caught:
@@ -128,7 +142,9 @@ def softmax_after_scores(model, layer: int) -> bool:
     """Whether block ``layer``'s patterns are exactly ``softmax(hook_attn_scores)`` with NaNs set to 0:
     TransformerLens's own attention forward (not a subclass's override), no learned sinks, and no
     hook of the user's on ``hook_pattern`` or ``hook_attn_scores`` that the shortcut would skip or
-    see in a different order."""
+    see in a different order. A bridge's attention is not TransformerLens's own: never."""
+    if is_bridge(model) or not has_hooked_transformer():
+        return False
     from transformer_lens.components.abstract_attention import AbstractAttention
 
     attn = model.blocks[layer].attn
@@ -182,6 +198,7 @@ def stream_bounds(
         row[target_pos] = 1.0
     totals = {name: [] for name, graph in graphs.items() if graph.normalise_rows}
     shortformer = _shortformer_embed(model, traced.tokens)
+    calls = block_calls(model, traced.tokens, range(traced.n_layers)) if is_bridge(model) else {}
     needs_mean = any(g.head_factor is not None and g.query_scale is None for g in graphs.values())
     layers = progress(
         range(traced.n_layers - 1, -1, -1),
@@ -191,7 +208,7 @@ def stream_bounds(
         enabled=None if n >= 1024 else False,
     )
     for layer in layers:
-        patterns = recompute_patterns(model, traced, layer, shortformer=shortformer)
+        patterns = recompute_patterns(model, traced, layer, shortformer=shortformer, call=calls.pop(layer, None))
         _check_same(traced, layer, patterns)
         mean = patterns.mean(0) if needs_mean else None  # as the trace keeps it: the patterns' dtype
         for name, graph in graphs.items():

@@ -31,6 +31,7 @@ from ..core.records import provenance
 from ..core.results import Result, heavy
 from ..core.support import UnsupportedModelError
 from .adapter import functorch_ready, norm_facts
+from .backends import has_hooked_transformer, is_bridge
 from .cache_replay import replay_cache
 from .gain_hooks import mlp_gain_hooks, mlp_gains, stack_layers
 from .lipschitz import supports_certified
@@ -225,14 +226,19 @@ def patterns_bytes(model, n_tokens: int) -> int:
 
 def keeps_patterns(model, n_tokens: int, keep_patterns: bool | None) -> bool:
     """``keep_patterns``, or by default whether the whole stack fits in :data:`KEEP_PATTERNS_BYTES`
-    (always, for models whose blocks cannot be rerun alone to recompute patterns: a TransformerBridge)."""
+    (always, for models whose blocks cannot be rerun alone to recompute patterns: :func:`streamable`)."""
     if keep_patterns is not None:
         return bool(keep_patterns)
     return patterns_bytes(model, n_tokens) <= KEEP_PATTERNS_BYTES or not streamable(model)
 
 
 def streamable(model) -> bool:
-    """Whether a layer's patterns can be recomputed by rerunning its block (HookedTransformer blocks)."""
+    """Whether a layer's patterns can be recomputed by rerunning its block (HookedTransformer blocks, or
+    a TransformerBridge's, called again as the model called them: :mod:`lens_squash.edge.stream`)."""
+    if is_bridge(model):
+        return True
+    if not has_hooked_transformer():
+        return False
     from transformer_lens.components import TransformerBlock
 
     return all(isinstance(block, TransformerBlock) for block in getattr(model, "blocks", ()))

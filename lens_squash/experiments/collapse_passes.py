@@ -36,7 +36,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..core.progress import progress
-from ..edge.models import resolve_dtype
+from ..core.support import UnsupportedModelError
+from ..edge.models import is_bridge, resolve_dtype
 
 __all__ = ["NORMS", "PATHS", "PairMeasurement", "is_prefix_closed", "measure_pairs", "model_in_dtype", "relative_gap"]
 
@@ -52,11 +53,16 @@ def model_in_dtype(model, dtype: torch.dtype | str):
     The copy is rebuilt from the config (not ``.to(dtype)``) so buffers — rotary tables, masks —
     are computed at the new dtype exactly as TransformerLens would for a model loaded in it.
     """
-    from transformer_lens import HookedTransformer
-
     dtype = resolve_dtype(dtype)
     if model.cfg.dtype == dtype:
         return model
+    if is_bridge(model):  # a bridge's config builds no HookedTransformer twin
+        raise UnsupportedModelError(
+            f"a TransformerBridge runs collapse in its own dtype ({model.cfg.dtype}) only; load it with "
+            f"load_model(name, dtype={str(dtype).removeprefix('torch.')!r}) for that dtype"
+        )
+    from transformer_lens import HookedTransformer
+
     cfg = copy.deepcopy(model.cfg)
     cfg.dtype = dtype
     cfg.init_weights = False

@@ -23,6 +23,7 @@ def _model():
     return tiny_model(n_layers=2, n_heads=2, d_model=32, d_vocab=50, dtype=torch.float32, seed=1)
 
 
+@pytest.mark.hooked
 def test_jacobian_is_bitwise_the_same_with_and_without_the_steady_heap(monkeypatch):
     model, tokens = _model(), torch.arange(3, 15)
     steady = jacobian(model, tokens, keep_full=True)
@@ -301,6 +302,7 @@ def _jacobian_faults(steady: bool) -> int:
     return int(done.stdout.split()[-1])
 
 
+@pytest.mark.hooked  # the subprocess builds a tiny_model
 @needs_glibc
 def test_a_jacobian_page_faults_its_chunks_in_far_less_often_with_the_steady_heap():
     # measured 4 times each: steady 8 688–10 290 faults, plain 22 126–32 178 (glibc trims the heap

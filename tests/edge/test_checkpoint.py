@@ -21,6 +21,8 @@ from lens_squash.edge.models import tiny_model
 
 from ..families import FAMILIES, TOKENS, build
 
+pytestmark = pytest.mark.hooked  # builds HookedTransformer models (TransformerLens 3 only)
+
 #: float64: the two paths run the same operations on the same numbers, in another order of blocks
 TOL64 = {"atol": 1e-12, "rtol": 1e-10}
 MODES = ("exact", "frozen", "sketch")
@@ -174,7 +176,11 @@ def test_checkpointed_terms_count_the_tensors_the_sweep_keeps(n):
         return t
 
     v = stored.resid[1].clone().requires_grad_(True)
-    with without_parameter_grads(model), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with (
+        without_parameter_grads(model),
+        torch.enable_grad(),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
         run_block(model, 1, stored.calls[1], v)
     assert 0 < sum(saved.values()) <= terms["block"]
 

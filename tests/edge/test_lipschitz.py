@@ -12,6 +12,8 @@ from lens_squash.edge.lipschitz import supports_certified
 from lens_squash.edge.models import tiny_model
 from lens_squash.edge.trace import trace
 
+pytestmark = pytest.mark.hooked  # builds HookedTransformer models (TransformerLens 3 only)
+
 TOKENS = torch.tensor([5, 3, 9, 1, 7, 2])
 CASES = [
     dict(norm="LN", act_fn="gelu"),

@@ -26,6 +26,8 @@ from lens_squash.experiments.analysis import analyze
 
 from ..families import FAMILIES, REFUSED, TOKENS, build
 
+pytestmark = pytest.mark.hooked  # builds HookedTransformer models (TransformerLens 3 only)
+
 CAUSAL = [name for name in FAMILIES if name not in REFUSED]
 SPECTRAL_FIELDS = (
     "spectrum",

@@ -36,6 +36,7 @@ def chat_model():
     )
 
 
+@pytest.mark.hooked
 def test_analysis_matches_its_parts(chat_model):
     result = analyze(chat_model, "Copy: 1 1 1 0", variants=("paper", "certified", "value_rownorm"))
     n = result.trace.n_tokens
@@ -52,6 +53,7 @@ def test_analysis_matches_its_parts(chat_model):
     assert payload["best_variant"] == best and len(payload["str_tokens"]) == n
 
 
+@pytest.mark.hooked
 def test_analysis_without_jacobian(chat_model):
     result = analyze(chat_model, "hello there", variants=("rollout",), jacobian_mode=None)
     assert result.jacobian is None and result.comparisons == {} and result.best_variant is None
@@ -152,6 +154,7 @@ def test_tasks_command_runs_and_resumes(tmp_path, capsys):
     assert (tmp_path / "results.jsonl").read_text().splitlines() == rows
 
 
+@pytest.mark.hooked  # several dtypes: a HookedTransformer twin per dtype
 def test_collapse_command_writes_every_figure(tmp_path, capsys):
     argv = [
         "collapse",
@@ -221,6 +224,7 @@ def _refuse_certified(monkeypatch, reason="toy blocks are not modelled by the ce
     return reason
 
 
+@pytest.mark.hooked
 def test_default_variants_skip_what_the_model_cannot_support(chat_model, monkeypatch):
     from lens_squash.experiments.analysis import DEFAULT_VARIANTS
 
@@ -238,6 +242,7 @@ def test_default_variants_skip_what_the_model_cannot_support(chat_model, monkeyp
         torch.testing.assert_close(bound.bound, named.bounds[name].bound)
 
 
+@pytest.mark.hooked
 def test_a_variant_named_explicitly_that_cannot_apply_is_an_error(chat_model, monkeypatch):
     from lens_squash.core.support import UnsupportedModelError
 
@@ -246,6 +251,7 @@ def test_a_variant_named_explicitly_that_cannot_apply_is_an_error(chat_model, mo
         analyze(chat_model, "hello there", variants=("rollout", "certified"), jacobian_mode=None)
 
 
+@pytest.mark.hooked
 @pytest.mark.parametrize(
     "variants, message",
     [
@@ -262,6 +268,7 @@ def test_bad_variant_lists_are_refused_before_tracing(chat_model, variants, mess
         analyze(chat_model, "hello there", variants=variants, jacobian_mode=None)
 
 
+@pytest.mark.hooked
 @pytest.mark.parametrize("family", sorted(name for name in FAMILIES if name != "bidirectional"))
 def test_analyze_with_defaults_runs_on_every_causal_family(family):
     from lens_squash.experiments.analysis import DEFAULT_VARIANTS
@@ -284,6 +291,7 @@ def test_analyze_with_defaults_runs_on_every_causal_family(family):
     assert set(result.comparisons) == set(result.bounds)
 
 
+@pytest.mark.hooked
 def test_analyze_refuses_a_bidirectional_model_in_one_clear_error():
     import lens_squash.experiments.analysis as analysis
     from lens_squash.core.support import UnsupportedModelError
@@ -294,6 +302,7 @@ def test_analyze_refuses_a_bidirectional_model_in_one_clear_error():
             analyze(build("bidirectional"), TOKENS, jacobian_mode=None)
 
 
+@pytest.mark.hooked  # several dtypes
 def test_collapse_command_fast_path_says_where_its_thresholds_came_from(tmp_path, capsys):
     base = [
         "collapse",

@@ -72,6 +72,7 @@ def assert_report_matches(report, expected: dict, rtol: float) -> None:
     assert report.top_dims[:, 0].tolist() == expected["top_dim"].tolist()
 
 
+@pytest.mark.hooked
 def test_sink_analysis_agrees_with_run_with_cache_on_a_tiny_model(tiny):
     tokens = torch.randint(0, tiny.cfg.d_vocab, (12,))
     report = sink_analysis(tiny, tokens)
@@ -85,6 +86,7 @@ def test_sink_analysis_agrees_with_run_with_cache_on_a_tiny_model(tiny):
     assert_json_carries(report)  # every curve, the provenance and the tokens, by value
 
 
+@pytest.mark.hooked
 def test_sink_report_from_trace_needs_the_residual_stream(tiny):
     from lens_squash.edge.trace import trace
 
@@ -104,6 +106,7 @@ def test_sink_analysis_and_clamp_on_smollm2(smollm2):
     assert result.first_token_norm_change[12] < 0 and (result.first_token_norm_change[:12] == 0).all()
 
 
+@pytest.mark.hooked
 def test_sink_analysis_refuses_a_single_token_before_tracing(monkeypatch):
     from lens_squash.edge.models import tiny_model
     from lens_squash.experiments import sinks
@@ -118,6 +121,7 @@ def test_sink_analysis_refuses_a_single_token_before_tracing(monkeypatch):
         sinks.sink_analysis(model, torch.tensor([3]))
 
 
+@pytest.mark.hooked
 def test_the_three_first_token_quantities_have_three_names_and_the_old_ones_still_read(tiny):
     """Trace.mean_first_token_attention (head mean), first_token_attention (per head) and the rollout
     mass (a product over layers) differ on a real pass; the deprecated first_token_mass of Trace and
@@ -143,6 +147,7 @@ def test_the_three_first_token_quantities_have_three_names_and_the_old_ones_stil
 RTOL = 1e-5
 
 
+@pytest.mark.hooked
 def test_the_split_changed_no_number():
     """Every curve of a tiny model's report equals what the code before the split wrote
     (sinks_before_split.json): moving and renaming must not move a number."""

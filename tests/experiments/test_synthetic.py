@@ -18,6 +18,7 @@ from lens_squash.experiments.synthetic import (
 )
 
 
+@pytest.mark.hooked  # toy_decoder builds a HookedTransformer
 def test_toy_decoder_matches_the_papers_setting():
     model = toy_decoder("sinusoidal", n_ctx=64, seed=1).requires_grad_(False)
     assert (model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_model, model.cfg.attn_only) == (1, 1, 64, True)
@@ -64,6 +65,7 @@ def test_synthetic_collapse_distance_falls_with_length_averaged_over_seeds():
         pe_collapse([2], site="logits")
 
 
+@pytest.mark.hooked
 def test_ratio_invariance_exact_for_bidirectional_nope():
     model = tiny_model(
         n_layers=2, n_heads=2, d_model=16, d_vocab=8, causal=False, positional="none", dtype=torch.float64, seed=2
@@ -72,6 +74,7 @@ def test_ratio_invariance_exact_for_bidirectional_nope():
     assert result.invariant() and result.distances.max() < 1e-14  # float rounding only
 
 
+@pytest.mark.hooked
 @pytest.mark.parametrize("causal, positional", [(True, "none"), (False, "standard"), (False, "rotary")])
 def test_ratio_invariance_broken_by_causal_mask_or_positions(causal, positional):
     model = tiny_model(
@@ -82,6 +85,7 @@ def test_ratio_invariance_broken_by_causal_mask_or_positions(causal, positional)
     assert "Prop. B.9" in result._repr_html_()
 
 
+@pytest.mark.hooked
 @pytest.mark.slow
 def test_longest_distinguishable_run_is_where_equality_starts():
     model = tiny_model(

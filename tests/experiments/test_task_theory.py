@@ -19,6 +19,8 @@ from lens_squash.experiments.task_theory import (
 )
 from lens_squash.experiments.tasks import make_instance
 
+pytestmark = pytest.mark.hooked  # builds HookedTransformer models (TransformerLens 3 only)
+
 
 @pytest.fixture(scope="module")
 def chat_tiny():

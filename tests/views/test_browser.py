@@ -412,6 +412,7 @@ def _apply_every_menu_button(page: _Page) -> int:
     )
 
 
+@pytest.mark.hooked
 def test_report_renders_every_figure_without_console_errors(browser, tmp_path):
     traced, flows, profile = _tiny_results()
     sections = _report_sections(traced, flows, profile, traced.str_tokens, "token ids 1..10 ($x$ & <ok>)")
@@ -439,6 +440,7 @@ HOSTILE = (
 )
 
 
+@pytest.mark.hooked
 def test_hostile_prompt_and_tokens_do_not_execute(browser, tmp_path):
     traced, flows, profile = _tiny_results()
     tokens = [HOSTILE[i % len(HOSTILE)] if i % 2 else t for i, t in enumerate(traced.str_tokens)]
