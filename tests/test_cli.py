@@ -92,7 +92,6 @@ BAD_FLAGS = [
     (["tasks", "--lengths", "5:1:1"], "--lengths", "start <= stop"),
     (["tasks", "--task", "copy_middle"], "--task", "unknown task 'copy_middle'"),
     (["tasks", "--task", "copy_last", "--styles", "cot"], "--styles", "copying tasks have only 'answer'"),
-    (["tasks", "--task", "copy_last", "--modes", "cot"], "--styles", "copying tasks have only 'answer'"),  # old name
     (["tasks", "--max-new-tokens", "4096"], "--max-new-tokens", "must fit --n-ctx 2048"),
     (["tasks", "--batch-size", "0"], "--batch-size", "got 0"),
     (["collapse", "--family", "nope"], "--family", "unknown family 'nope'"),

@@ -2,8 +2,7 @@
 
 The order is ``core < algebra < edge < experiments < views < cli`` (docs/ARCHITECTURE.md): a module may
 import its own layer and the layers below, never one above, not even inside a function. The
-top-level ``lens_squash/__init__.py`` (the lazy public API) and ``_legacy.py`` (the 0.1 module
-names) sit above everything. Each test lists every offender in its failure message.
+top-level ``lens_squash/__init__.py`` (the lazy public API) sits above everything. Each test lists every offender in its failure message.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lens_squash"
 ROLES = ("core", "algebra", "edge", "experiments", "views")  # lowest first
-TOP_LEVEL = ("__init__", "_legacy")  # the package's own API modules: above every role
+TOP_LEVEL = ("__init__",)  # the package's own API module: above every role
 RANK = {role: i for i, role in enumerate(ROLES)} | {"cli": len(ROLES), "top": len(ROLES) + 1}
 MAX_LINES = 500
 
@@ -148,7 +147,7 @@ def test_every_module_sits_in_a_role_folder():
         if len(parts) > 1 and parts[0] in ROLES:
             continue
         loose.append(str(path.relative_to(PACKAGE.parent)))
-    assert not loose, _report(f"modules outside the role folders {ROLES} (or top-level cli*, __init__, _legacy)", loose)
+    assert not loose, _report(f"modules outside the role folders {ROLES} (or top-level cli*, __init__)", loose)
 
 
 def test_no_import_runs_upward():

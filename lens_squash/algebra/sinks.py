@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import html
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -48,7 +47,6 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..core.display import compact_repr
-from ..core.renames import renamed
 from ..core.results import Record, Result
 from .compression import _check_matrix_stack, compression_curves
 from .massive import massive_activations
@@ -296,14 +294,6 @@ class SinkReport(Result):
     def n_layers(self) -> int:
         return self.mean_first_token_attention.numel()
 
-    @property
-    def first_token_mass(self) -> Float[Tensor, "layer"]:
-        """Deprecated name of :attr:`mean_first_token_attention` (it also named the rollout mass)."""
-        warnings.warn(
-            "SinkReport.first_token_mass is now SinkReport.mean_first_token_attention", DeprecationWarning, stacklevel=2
-        )
-        return self.mean_first_token_attention
-
     def curves(self) -> dict[str, Tensor]:
         """The per-layer curves that are present, by name (what :meth:`plot` draws)."""
         curves = {  # written out, not getattr by name: a renamed field is an error here, not a lost panel
@@ -485,7 +475,3 @@ def report_from_curves(
         dobrushin=dobrushin,
         links=links,
     )
-
-
-# the keyword of the field's old name still builds a report
-SinkReport.__init__ = renamed(first_token_mass="mean_first_token_attention")(SinkReport.__init__)

@@ -89,14 +89,6 @@ def _check_eps(eps: float) -> None:
         raise ValueError(f"eps must lie in (0, 1), got {eps}")
 
 
-def lazy(m: Float[Tensor, "... query_pos key_pos"]) -> Float[Tensor, "... query_pos key_pos"]:
-    """Deprecated name of :func:`lens_squash.algebra.paths.rollout_matrices` (one name per concept)."""
-    import warnings
-
-    warnings.warn("spectral.lazy is now lens_squash.algebra.paths.rollout_matrices", DeprecationWarning, stacklevel=2)
-    return paths.rollout_matrices(_check_square(m))
-
-
 # --------------------------------------------------------------------------------------------------
 # the inhomogeneous stack: Dobrushin coefficients and the first-token column
 # --------------------------------------------------------------------------------------------------
@@ -239,16 +231,6 @@ class SpectralReport(Result):
     @property
     def n_tokens(self) -> int:
         return self.spectrum.shape[1]
-
-    @property
-    def first_token_mass(self) -> Float[Tensor, "depth"]:
-        """Deprecated name of :attr:`rollout_mass`."""
-        import warnings
-
-        warnings.warn(
-            "SpectralReport.first_token_mass is now SpectralReport.rollout_mass", DeprecationWarning, stacklevel=2
-        )
-        return self.rollout_mass
 
     __repr__ = compact_repr
 
@@ -428,44 +410,3 @@ def analyze_stack(
     for layer in stack:
         stream.add(layer)
     return spectral_report(stream.finish(), target=target, eps=eps, unit_atol=unit_atol, metadata=metadata)
-
-
-#: names that moved out of this module: Lemmas B.6–B.7 to ``causal``, Prop. B.8's one-matrix limit to
-#: ``homogeneous``, the plain product to ``paths``; the old import path still works, with a warning
-_MOVED = {
-    **dict.fromkeys(
-        (
-            "causal_spectrum",
-            "check_causal_stochastic",
-            "eigenvalue_one_multiplicity",
-            "is_causal",
-            "is_row_stochastic",
-            "product_closure",
-            "two_nonzeros_condition",
-        ),
-        "causal",
-    ),
-    **dict.fromkeys(
-        (
-            "asymptotic_depth",
-            "convergence_errors",
-            "depth_to_epsilon",
-            "second_eigenvalue",
-            "steady_state",
-            "DEFAULT_HORIZON",
-        ),
-        "homogeneous",
-    ),
-    "stack_product": "paths",
-}
-
-
-def __getattr__(name: str):
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-    import warnings
-
-    module = f"lens_squash.algebra.{_MOVED[name]}"
-    warnings.warn(f"lens_squash.algebra.spectral.{name} is now {module}.{name}", DeprecationWarning, stacklevel=2)
-    return getattr(importlib.import_module(module), name)

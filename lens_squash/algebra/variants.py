@@ -38,7 +38,6 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..core.display import compact_repr
-from ..core.renames import renamed
 from ..core.results import Record, Result, heavy
 from . import paths
 from .attention import check_attention, head_weights, ov_norms
@@ -437,7 +436,6 @@ class PathBound(Result):
         )
 
 
-@renamed(target="target_pos")
 def path_bound(
     trace, variant: str = "paper", *, model=None, target_pos: int = -1, full_matrix: bool = False, **params
 ) -> PathBound:

@@ -29,7 +29,6 @@ from ..algebra.variant_registry import DEFAULT_VARIANTS, check_variant_names, un
 from ..algebra.variants import PathBound, path_bound
 from ..core import validate
 from ..core.display import compact_repr
-from ..core.renames import renamed
 from ..core.results import Result
 from ..core.support import UnsupportedModelError
 from ..edge.jacobian import JacobianResult, jacobian
@@ -223,7 +222,6 @@ def _sinks(traced: Trace) -> SinkReport:
     )
 
 
-@renamed(target="target_pos")
 def analyze(
     model,
     prompt,

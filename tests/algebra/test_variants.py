@@ -134,8 +134,8 @@ def test_16_bit_smollm2_runs_every_variant(dtype):
     model = load_model(n_ctx=512, dtype=dtype)
     # the MLP Grams cost minutes on 2 cores (30 layers of 3072² · 576): certified is checked in bfloat16 only
     t = trace(model, format_prompt(model, COPY_PROMPT_12), lipschitz=dtype == "bfloat16")
-    deviation = t.metadata["attention_defects"]["row_deviation"]
-    check = t.metadata["attention_check"]
+    deviation = t.provenance["attention_defects"]["row_deviation"]
+    check = t.provenance["attention_check"]
     assert deviation > 1e-4  # what the float32 tolerance refused as "pass softmax patterns, not scores"
     assert check["dtype"] == dtype and check["tolerated_row_deviation"] == deviation
     for variant in sorted(VARIANTS):

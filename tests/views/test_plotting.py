@@ -21,7 +21,7 @@ from lens_squash.algebra.compare import compare_variants
 from lens_squash.algebra.sinks import sink_report
 from lens_squash.algebra.softmax_theory import tv_decay_experiment
 from lens_squash.core.tokens import token_label
-from lens_squash.experiments.tasks import RESULT_COLUMNS, TaskResults
+from lens_squash.experiments.task_results import RESULT_COLUMNS, TaskResults
 from lens_squash.views.attention_figures import attention_heatmap, block_size
 from lens_squash.views.bound_figures import bound_vs_jacobian, comparison_figure
 from lens_squash.views.collapse_figures import (
