@@ -68,13 +68,14 @@ class Analysis(Result):
         return max(self.comparisons, key=lambda name: self.comparisons[name].spearman)
 
     def summary(self) -> pd.DataFrame:
-        """One row per variant: rank agreement, bound/true ratios, positions where the bound is below
-        the Jacobian it is compared with, first-token share. ``certified`` bounds the *frozen* model's
+        """One row per variant: its guarantee (``bound`` or ``proxy``), rank agreement, bound/true
+        ratios, positions where the bound is below the Jacobian it is compared with, first-token
+        share. ``certified`` bounds the *frozen* model's
         Jacobian, so positions below the exact Jacobian are not violations of its theorem (the
         tests and ``benchmarks/bound_quality.py`` check it against the frozen one)."""
         rows = []
         for name, bound in self.bounds.items():
-            row = {"variant": name, "first_token_share": bound.first_token_share}
+            row = {"variant": name, "guarantee": bound.guarantee_kind, "first_token_share": bound.first_token_share}
             if name in self.comparisons:
                 c = self.comparisons[name]
                 row |= {
