@@ -381,7 +381,7 @@ def sink_report(
     factor: float = 10.0,
     method: Literal["spearman", "pearson"] = "spearman",
     over_squashing: bool = True,
-    metadata: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> SinkReport:
     """All per-layer curves, phase boundaries and their cross-layer correlations in one report.
 
@@ -414,7 +414,7 @@ def sink_report(
         dobrushin=tau,
         factor=factor,
         method=method,
-        metadata=metadata,
+        provenance=provenance,
     )
 
 
@@ -432,7 +432,7 @@ def report_from_curves(
     dobrushin: Float[Tensor, "layer"] | None,
     factor: float,
     method: Literal["spearman", "pearson"],
-    metadata: dict[str, Any] | None,
+    provenance: dict[str, Any] | None,
 ) -> SinkReport:
     """A :class:`SinkReport` from per-layer attention curves, however they were gathered (whole
     patterns here, one layer at a time in :mod:`.attention_stream`): the residual, compression,
@@ -468,7 +468,7 @@ def report_from_curves(
         phases=phases,
         massive_range=massive_layers(massive.ratio, factor=factor),
         correlations=layer_correlations(curves, method=method),
-        provenance=dict(metadata or {}),
+        provenance=dict(provenance or {}),
         top_dims=massive.top_dims,
         top_values=massive.top_values,
         rollout_mass=rollout_mass,

@@ -219,7 +219,7 @@ def _sinks(traced: Trace) -> SinkReport:
         traced.resid_norms,
         representations=traced.resid,
         first_resid=traced.first_token_resid,
-        metadata={**traced.provenance, "str_tokens": list(traced.str_tokens)},
+        provenance={**traced.provenance, "str_tokens": list(traced.str_tokens)},
     )
 
 

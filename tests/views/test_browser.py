@@ -364,7 +364,7 @@ def _report_sections(traced, flows, profile, str_tokens, prompt):
                     spectrum=torch.rand(2, n),
                     second_eigenvalue=torch.rand(2),
                     dobrushin=torch.rand(2),
-                    first_token_mass=torch.rand(2),
+                    rollout_mass=torch.rand(2),
                     rank_one_distance=torch.rand(2),
                 )
             ],

@@ -546,7 +546,7 @@ def test_spectral_figure_panels_hold_the_curves():
     spectrum, second, tau = torch.rand(3, 5), torch.rand(3), torch.rand(3)
     mass, dist = torch.rand(3), torch.rand(3)
     fig = spectral_figure(
-        spectrum=spectrum, second_eigenvalue=second, dobrushin=tau, first_token_mass=mass, rank_one_distance=dist
+        spectrum=spectrum, second_eigenvalue=second, dobrushin=tau, rollout_mass=mass, rank_one_distance=dist
     )
     by_name = {t.name: t for t in fig.data}
     assert_data(by_name["eigenvalues Λ̃_ii"].y, spectrum.flatten(), digits=6)
