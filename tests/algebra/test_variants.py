@@ -33,7 +33,7 @@ def test_flows_sum_to_the_row_of_every_variant(traced, variant):
     )
     top = bound.top_paths(k=3)
     assert top[0].weight <= float(bound.bound.max()) * (1 + 1e-12)  # one path never outweighs all paths
-    assert top[0].positions[-1] == bound.target
+    assert top[0].positions[-1] == bound.target_pos
 
 
 def test_paper_variant_is_theorem_b5_product(traced):
@@ -54,7 +54,7 @@ def test_row_normalised_variants_are_distributions(traced, variant):
         bound = path_bound(t, variant, model=model, target_pos=target)
         assert float(bound.bound.sum()) == pytest.approx(1.0, abs=1e-10)
         assert (bound.bound >= 0).all()
-        assert (bound.bound[bound.target + 1 :] == 0).all()  # causality: no later position contributes
+        assert (bound.bound[bound.target_pos + 1 :] == 0).all()  # causality: no later position contributes
 
 
 def test_bad_requests_are_refused(traced):
