@@ -20,6 +20,9 @@ from lens_squash.edge.trace import trace
 from .families import FAMILIES, REFUSED, TOKENS, build
 from .reference import ADVERSARIAL, adversarial, edit_in_place, reference_jacobian
 
+#: the whole file is the per-family suite (minutes on two cores): `make test-fast` skips it
+pytestmark = pytest.mark.conformance
+
 CERTIFIABLE = sorted(set(FAMILIES) - set(REFUSED))
 
 

@@ -187,6 +187,7 @@ def test_import_lens_squash_does_not_import_torch():
     assert got == [], f"`import lens_squash` imported {got}: keep them behind the lazy names"
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and TransformerLens
 def test_the_torch_check_would_see_torch():
     # the check above reads sys.modules of a fresh interpreter: importing a name that needs torch shows it
     assert _fresh("import json, sys, lens_squash\nlens_squash.Trace\nprint(json.dumps('torch' in sys.modules))")
