@@ -212,3 +212,17 @@ def test_every_public_name_resolves():
 @pytest.mark.parametrize("role", ROLES)
 def test_each_role_folder_is_a_package(role):
     assert (PACKAGE / role / "__init__.py").is_file()
+
+
+def _warn_as(module: str) -> None:
+    code = compile("import warnings\nwarnings.warn('an old name', DeprecationWarning)", f"{module}.py", "exec")
+    exec(code, {"__name__": module})  # the warning is attributed to ``module``, as from its own code
+
+
+def test_a_deprecation_warning_from_our_code_fails_the_tests():
+    """pyproject's filterwarnings: no compatibility shims hide behind a warning nobody sees; a
+    third-party library's deprecation stays quiet."""
+    for module in ("lens_squash.core.fake", "tests.fake"):
+        with pytest.raises(DeprecationWarning, match="an old name"):
+            _warn_as(module)
+    _warn_as("somelib.fake")
