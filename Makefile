@@ -55,7 +55,7 @@ test-tl4: $(STAMP_TL4) chromium
 	$(PY_TL4) -m pytest -q -m "not hooked" --durations=25
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not browser"
+	$(PY) -m pytest -q -m "not slow and not browser and not conformance" --durations=25
 
 # Every speed goal, each measured as a ratio in one run (QUICK=--quick for small settings).
 bench: $(STAMP)

@@ -15,8 +15,6 @@ do not pay for torch and TransformerLens until something needs them.
 
 from importlib import import_module
 
-from . import _legacy
-
 __version__ = "0.1.0"
 
 # public name -> (module, attribute); the module is imported the first time the name is read
@@ -67,6 +65,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
-
-
-_legacy.install()

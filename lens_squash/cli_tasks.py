@@ -25,13 +25,8 @@ def add_parser(sub) -> None:
     )
     parser.add_argument("--lengths", default="5,10,20,40", help="sequence lengths: '5,10,20' or '5:40:5'")
     parser.add_argument("--samples", type=int, default=2, help="samples per task and length")
-    # --modes is the old spelling (the word now means only the Jacobian's exact / frozen / sketch)
     parser.add_argument(
-        "--styles",
-        "--modes",
-        dest="styles",
-        default="answer",
-        help=f"comma-separated prompting styles, from {', '.join(STYLES)} (--modes: the old name)",
+        "--styles", dest="styles", default="answer", help=f"comma-separated prompting styles, from {', '.join(STYLES)}"
     )
     parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together (left-padded)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="greedy tokens per answer")
@@ -95,7 +90,8 @@ def _check_folder(args) -> None:
 def run(args) -> int:
     import pandas as pd
 
-    from .experiments.tasks import run_tasks, summarize_results
+    from .experiments.task_results import summarize_results
+    from .experiments.tasks import run_tasks
 
     model = load(args)
     results = run_tasks(
@@ -122,7 +118,7 @@ def run(args) -> int:
 def write_task_figures(results, path, *, metadata: dict | None = None) -> Path:
     """One self-contained HTML page with the summary table and every figure the results can show."""
     from .core.records import write_text_atomic
-    from .experiments.tasks import TASK_FIGURES, summarize_results
+    from .experiments.task_results import TASK_FIGURES, summarize_results
     from .views.report import ReportSection, build_report
 
     sections = [ReportSection("summary", table=summarize_results(results))]

@@ -90,6 +90,6 @@ def _trace_json(result, args) -> dict:
         "tokens": result.tokens,
         "str_tokens": list(result.str_tokens),
         "predicted_token": result.predicted_token,
-        "first_token_mass": result.mean_first_token_attention(),
+        "mean_first_token_attention": result.mean_first_token_attention(),
         "resid_norms": result.resid_norms,
     }

@@ -175,7 +175,7 @@ EXAMPLES = {
     "Trace": lambda: analysis().trace,
     "JacobianResult": lambda: analysis().jacobian,
     "PathBound": lambda: analysis().bounds["rollout"],
-    "PathFlows": lambda: analysis().bounds["rollout"].flows(),
+    "BoundFlows": lambda: analysis().bounds["rollout"].flows(),
     "Comparison": lambda: analysis().comparisons["rollout"],
     "SpectralReport": lambda: analysis().spectral,
     "SinkReport": lambda: analysis().sinks,

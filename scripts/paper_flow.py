@@ -151,7 +151,7 @@ def main(argv=None) -> None:
     from lens_squash.cli import copy_prompt
     from lens_squash.core.records import write_text_atomic
     from lens_squash.edge.models import load_model
-    from lens_squash.experiments.tasks import make_instance
+    from lens_squash.experiments.task_prompts import make_instance
 
     model = load_model()
     lines = [

@@ -127,7 +127,7 @@ def test_blank_prompts_are_refused_before_loading(no_load, prompt):
 
 NAME_FLAGS = [
     ("analyze", "--variants", "paper,rollout,certified,value,value_rownorm,certified_rownorm"),
-    ("tasks", "--task", ",".join(__import__("lens_squash.experiments.tasks", fromlist=["TASKS"]).TASKS)),
+    ("tasks", "--task", ",".join(__import__("lens_squash.experiments.task_prompts", fromlist=["TASKS"]).TASKS)),
     ("tasks", "--styles", "answer,cot,cot_few_shot"),
     ("collapse", "--family", "count_ones,random_digits,copy_ones,copy_ones_commas"),
     ("collapse", "--dtypes", "float64,fp64,float32,fp32,bfloat16,bf16,float16,fp16"),

@@ -465,10 +465,10 @@ def test_tiny_random_bridge_carries_the_hooked_weights(hooked64, bridge64):
 
 @pytest.mark.hooked
 @pytest.mark.parametrize("mode", ["exact", "frozen", "sketch"])
-@pytest.mark.parametrize(("target", "wrt"), [("final", 0), (1, 1)])
-def test_bridge_jacobians_equal_the_hooked_twin(hooked64, bridge64, mode, target, wrt):
+@pytest.mark.parametrize(("layer", "wrt"), [("final", 0), (1, 1)])
+def test_bridge_jacobians_equal_the_hooked_twin(hooked64, bridge64, mode, layer, wrt):
     tokens = _tokens(8, seed=5)
-    kwargs = {"mode": mode, "target": target, "wrt": wrt, "keep_full": True, "n_probes": 8, "seed": 1}
+    kwargs = {"mode": mode, "layer": layer, "wrt": wrt, "keep_full": True, "n_probes": 8, "seed": 1}
     ours, twin = jacobian(bridge64, tokens, **kwargs), jacobian(hooked64, tokens, **kwargs)
     scale = twin.full.abs().max()
     # float32 resolution: transformers' RMSNorm and rotary tables are float32 (module docstring)

@@ -92,7 +92,6 @@ BAD_FLAGS = [
     (["tasks", "--lengths", "5:1:1"], "--lengths", "start <= stop"),
     (["tasks", "--task", "copy_middle"], "--task", "unknown task 'copy_middle'"),
     (["tasks", "--task", "copy_last", "--styles", "cot"], "--styles", "copying tasks have only 'answer'"),
-    (["tasks", "--task", "copy_last", "--modes", "cot"], "--styles", "copying tasks have only 'answer'"),  # old name
     (["tasks", "--max-new-tokens", "4096"], "--max-new-tokens", "must fit --n-ctx 2048"),
     (["tasks", "--batch-size", "0"], "--batch-size", "got 0"),
     (["collapse", "--family", "nope"], "--family", "unknown family 'nope'"),
@@ -444,6 +443,7 @@ def test_the_light_name_lists_are_the_registries():
     assert set(OFFLINE_MODELS) == set(lens_squash.edge.model_names.OFFLINE_MODEL_NAMES)
 
 
+@pytest.mark.slow  # a fresh interpreter per case loads torch, TransformerLens and a model
 @pytest.mark.parametrize(
     "argv",
     [
@@ -472,6 +472,7 @@ def test_json_on_stdout_stays_valid_json_with_progress_bars_on(argv, tmp_path):
     assert "loaded tiny-random" in done.stderr  # the human-readable lines went to stderr
     if argv[0] == "trace":
         assert payload["metadata"]["prompt"] == "1 1 0" and len(payload["tokens"]) == len(payload["str_tokens"])
+        assert len(payload["mean_first_token_attention"]) == 2  # one per layer of tiny-random, under its one name
     else:
         assert [row["id"] for row in payload][::4] == ["a", "b"]
         assert re.search(r"prompts:\s+\d+%", done.stderr), done.stderr[-2000:]  # the bar, on stderr

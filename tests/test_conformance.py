@@ -20,7 +20,9 @@ from lens_squash.edge.trace import trace
 from .families import FAMILIES, REFUSED, TOKENS, build
 from .reference import ADVERSARIAL, adversarial, edit_in_place, reference_jacobian
 
-pytestmark = pytest.mark.hooked  # builds HookedTransformer models (TransformerLens 3 only)
+#: the whole file is the per-family suite on HookedTransformer models (TransformerLens 3 only; minutes on
+#: two cores): `make test-fast` skips it, `make test-tl4` deselects it
+pytestmark = [pytest.mark.hooked, pytest.mark.conformance]
 
 CERTIFIABLE = sorted(set(FAMILIES) - set(REFUSED))
 

@@ -2,8 +2,7 @@
 
 The order is ``core < algebra < edge < experiments < views < cli`` (docs/ARCHITECTURE.md): a module may
 import its own layer and the layers below, never one above, not even inside a function. The
-top-level ``lens_squash/__init__.py`` (the lazy public API) and ``_legacy.py`` (the 0.1 module
-names) sit above everything. Each test lists every offender in its failure message.
+top-level ``lens_squash/__init__.py`` (the lazy public API) sits above everything. Each test lists every offender in its failure message.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lens_squash"
 ROLES = ("core", "algebra", "edge", "experiments", "views")  # lowest first
-TOP_LEVEL = ("__init__", "_legacy")  # the package's own API modules: above every role
+TOP_LEVEL = ("__init__",)  # the package's own API module: above every role
 RANK = {role: i for i, role in enumerate(ROLES)} | {"cli": len(ROLES), "top": len(ROLES) + 1}
 MAX_LINES = 500
 
@@ -148,7 +147,7 @@ def test_every_module_sits_in_a_role_folder():
         if len(parts) > 1 and parts[0] in ROLES:
             continue
         loose.append(str(path.relative_to(PACKAGE.parent)))
-    assert not loose, _report(f"modules outside the role folders {ROLES} (or top-level cli*, __init__, _legacy)", loose)
+    assert not loose, _report(f"modules outside the role folders {ROLES} (or top-level cli*, __init__)", loose)
 
 
 def test_no_import_runs_upward():
@@ -188,6 +187,7 @@ def test_import_lens_squash_does_not_import_torch():
     assert got == [], f"`import lens_squash` imported {got}: keep them behind the lazy names"
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and TransformerLens
 def test_the_torch_check_would_see_torch():
     # the check above reads sys.modules of a fresh interpreter: importing a name that needs torch shows it
     assert _fresh("import json, sys, lens_squash\nlens_squash.Trace\nprint(json.dumps('torch' in sys.modules))")
@@ -212,3 +212,17 @@ def test_every_public_name_resolves():
 @pytest.mark.parametrize("role", ROLES)
 def test_each_role_folder_is_a_package(role):
     assert (PACKAGE / role / "__init__.py").is_file()
+
+
+def _warn_as(module: str) -> None:
+    code = compile("import warnings\nwarnings.warn('an old name', DeprecationWarning)", f"{module}.py", "exec")
+    exec(code, {"__name__": module})  # the warning is attributed to ``module``, as from its own code
+
+
+def test_a_deprecation_warning_from_our_code_fails_the_tests():
+    """pyproject's filterwarnings: no compatibility shims hide behind a warning nobody sees; a
+    third-party library's deprecation stays quiet."""
+    for module in ("lens_squash.core.fake", "tests.fake"):
+        with pytest.raises(DeprecationWarning, match="an old name"):
+            _warn_as(module)
+    _warn_as("somelib.fake")

@@ -262,7 +262,7 @@ def sink_report_from_summary(
     eps: float = sinks.SINK_EPS,
     factor: float = 10.0,
     method: Literal["spearman", "pearson"] = "spearman",
-    metadata: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> sinks.SinkReport:
     """:func:`lens_squash.algebra.sinks.sink_report` (``over_squashing=True``) from a streamed summary
     and the attention every query pays to position 0: the same curves, correlations and phases."""
@@ -292,5 +292,5 @@ def sink_report_from_summary(
         dobrushin=summary.sink_dobrushin,
         factor=factor,
         method=method,
-        metadata=metadata,
+        provenance=provenance,
     )

@@ -97,7 +97,7 @@ class FlowPaths(Result):
     """The ``k`` heaviest connected paths from each source, for the true flow or one bound."""
 
     kind: str
-    target: int
+    target_pos: int
     paths: dict[int, list[FlowPath]]
     str_tokens: tuple[str, ...]
     n_layers: int
@@ -114,7 +114,7 @@ class FlowPaths(Result):
     def _repr_html_(self) -> str:
         best = self.selected(max_paths=5)
         items = "".join(f"<li><code>{html.escape(p.describe(self.str_tokens))}</code></li>" for p in best)
-        return f"<b>FlowPaths</b> ({html.escape(self.kind)}) → position {self.target}<ol>{items}</ol>"
+        return f"<b>FlowPaths</b> ({html.escape(self.kind)}) → position {self.target_pos}<ol>{items}</ol>"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,12 +147,12 @@ def flow_edge_shares(
 def top_paths_by_source(
     residual: Float[Tensor, "layer pos"],
     edges: Float[Tensor, "layer edge query_pos key_pos"],
-    target: int,
+    target_pos: int,
     *,
     k: int = 5,
     left_scale: Float[Tensor, "layer pos"] | None = None,
 ) -> dict[int, list[tuple[float, tuple[int, ...], tuple[int | None, ...]]]]:
-    """For every source ``i``, its ``k`` heaviest paths into ``target``: ``(weight, positions, edges)``
+    """For every source ``i``, its ``k`` heaviest paths into ``target_pos``: ``(weight, positions, edges)``
     with ``edges[l]`` the index into ``edges``' second axis, ``None`` for the residual edge.
 
     The programme of :func:`paths.top_paths`: ``best[p, r]`` is the ``r``-th heaviest partial path from
@@ -162,16 +162,16 @@ def top_paths_by_source(
     rank), lowest first (the residual edge after every other), so ties do not depend on how
     ``topk`` happens to order them.
     """
-    found = _top_paths(residual, edges.shape, edges.__getitem__, target, k, left_scale)
+    found = _top_paths(residual, edges.shape, edges.__getitem__, target_pos, k, left_scale)
     return {source: [record[:3] for record in records] for source, records in found.items()}
 
 
-def _top_paths(residual, shape, layer_edges, target: int, k: int, left_scale):
+def _top_paths(residual, shape, layer_edges, target_pos: int, k: int, left_scale):
     """:func:`top_paths_by_source` with each path's hop weights: ``(weight, positions, edges,
     shares)``, the edges of layer ``l`` from ``layer_edges(l)`` (so a graph need not hold them all)."""
     n_layers, n_edges, n, _ = shape
-    if not -n <= target < n:
-        raise ValueError(f"target position {target} is out of range for {n} tokens; use 0..{n - 1} or -1")
+    if not -n <= target_pos < n:
+        raise ValueError(f"target position {target_pos} is out of range for {n} tokens; use 0..{n - 1} or -1")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     _check_nonnegative("residual", residual)
@@ -180,7 +180,7 @@ def _top_paths(residual, shape, layer_edges, target: int, k: int, left_scale):
     # [edge, query (padded to whole blocks), key]; the padding's -1 loses to every real product
     first = torch.full((n_edges, -(-n // block) * block, n), -1.0, dtype=torch.float64)
     best = torch.zeros(n, k, dtype=torch.float64)
-    best[target % n, 0] = 1.0
+    best[target_pos % n, 0] = 1.0
     steps = []
     for layer in range(n_layers - 1, -1, -1):
         heads, res = _layer_weights(residual, layer_edges(layer), left_scale, layer)
@@ -342,14 +342,14 @@ def _graph_layer_edges(graph, layer: int) -> Float[Tensor, "head query_pos key_p
     return one.edges[0]
 
 
-def graph_paths(graph, target: int = -1, k: int = 5, *, str_tokens=(), source: int | None = None) -> FlowPaths:
+def graph_paths(graph, target_pos: int = -1, k: int = 5, *, str_tokens=(), source: int | None = None) -> FlowPaths:
     """The ``k`` heaviest paths of a bound's :class:`variants.PathGraph` from each source: weights are
     the graph's edges times its output factor, so a path's ``weight`` is its term of the path sum and
     its ``share`` that term over the bound at its source."""
     n = graph.residual.shape[-1]
-    if not -n <= target < n:
-        raise ValueError(f"target position {target} is out of range for {n} tokens; use 0..{n - 1} or -1")
-    target %= n
+    if not -n <= target_pos < n:
+        raise ValueError(f"target position {target_pos} is out of range for {n} tokens; use 0..{n - 1} or -1")
+    target_pos %= n
     if source is not None and not -n <= source < n:
         raise ValueError(f"source position {source} is out of range for {n} tokens; use 0..{n - 1} or -1")
     n_layers, n_heads = graph.residual.shape[0], graph.key_scale.shape[1]
@@ -357,12 +357,12 @@ def graph_paths(graph, target: int = -1, k: int = 5, *, str_tokens=(), source: i
         graph.residual,
         (n_layers, n_heads, n, n),
         lambda layer: _graph_layer_edges(graph, layer),
-        target,
+        target_pos,
         k,
         graph.left_scale,
     )
-    scale = float(graph.output_scale[target])
-    bound = scale * graph.row(target, n_layers=n_layers)
+    scale = float(graph.output_scale[target_pos])
+    bound = scale * graph.row(target_pos, n_layers=n_layers)
     paths = {}
     for s, records in found.items():
         if source is not None and s != source % n:
@@ -374,7 +374,7 @@ def graph_paths(graph, target: int = -1, k: int = 5, *, str_tokens=(), source: i
             )
             for w, positions, taken, shares in records
         ]
-    return FlowPaths(graph.variant, target, paths, tuple(str_tokens), n_layers, n_heads)
+    return FlowPaths(graph.variant, target_pos, paths, tuple(str_tokens), n_layers, n_heads)
 
 
 def select_paths(paths: list[FlowPath], *, min_share: float = 0.05, max_paths: int = 60) -> list[FlowPath]:

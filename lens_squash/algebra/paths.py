@@ -34,10 +34,10 @@ from ..core.display import compact_repr
 from ..core.results import Record, Result, heavy
 
 __all__ = [
-    "PathFlows",
+    "BoundFlows",
     "factored_row",
     "factored_step",
-    "PathRecord",
+    "BoundPath",
     "bound_row",
     "graph_row",
     "layer_matrices",
@@ -64,10 +64,10 @@ def _check_graph(residual: Tensor, edges: Tensor, left_scale: Tensor | None) -> 
     return n_layers, n_heads, n
 
 
-def _check_target(target: int, n: int, what: str = "target") -> int:
-    if not -n <= target < n:
-        raise ValueError(f"{what} position {target} is out of range for {n} tokens; use 0..{n - 1} or -1")
-    return target % n
+def _check_target(target_pos: int, n: int, what: str = "target") -> int:
+    if not -n <= target_pos < n:
+        raise ValueError(f"{what} position {target_pos} is out of range for {n} tokens; use 0..{n - 1} or -1")
+    return target_pos % n
 
 
 def layer_matrices(
@@ -82,11 +82,11 @@ def layer_matrices(
     return mats if left_scale is None else mats * left_scale.to(mats.dtype)[:, :, None]
 
 
-def bound_row(mats: Float[Tensor, "layer query_pos key_pos"], target: int = -1) -> Float[Tensor, "pos"]:
+def bound_row(mats: Float[Tensor, "layer query_pos key_pos"], target_pos: int = -1) -> Float[Tensor, "pos"]:
     """``e_target^T M^(L-1) ⋯ M^(0)`` in ``L`` vector–matrix products (float64)."""
-    target = _check_target(target, mats.shape[-1])
+    target_pos = _check_target(target_pos, mats.shape[-1])
     row = torch.zeros(mats.shape[-1], dtype=torch.float64, device=mats.device)
-    row[target] = 1.0
+    row[target_pos] = 1.0
     for layer in range(mats.shape[0] - 1, -1, -1):
         row = row @ mats[layer].double()
     return row
@@ -95,21 +95,21 @@ def bound_row(mats: Float[Tensor, "layer query_pos key_pos"], target: int = -1) 
 def graph_row(
     residual: Float[Tensor, "layer pos"],
     edges: Float[Tensor, "layer head query_pos key_pos"],
-    target: int = -1,
+    target_pos: int = -1,
     *,
     left_scale: Float[Tensor, "layer pos"] | None = None,
 ) -> Float[Tensor, "pos"]:
     """:func:`bound_row` straight from the graph, one layer at a time (no ``M`` stack)."""
     n_layers, n_heads, n = _check_graph(residual, edges, left_scale)
     ones = torch.ones(n_layers, n_heads, n, dtype=torch.float64, device=edges.device)
-    return factored_row(residual, edges, ones, target, left_scale=left_scale)
+    return factored_row(residual, edges, ones, target_pos, left_scale=left_scale)
 
 
 def factored_row(
     residual: Float[Tensor, "layer pos"],
     patterns: Float[Tensor, "layer head query_pos key_pos"],
     key_scale: Float[Tensor, "layer head key_pos"],
-    target: int = -1,
+    target_pos: int = -1,
     *,
     query_scale: Float[Tensor, "layer pos"] | None = None,
     left_scale: Float[Tensor, "layer pos"] | None = None,
@@ -128,9 +128,9 @@ def factored_row(
     for name, value in (("residual", residual), ("query_scale", query_scale), ("left_scale", left_scale)):
         if value is not None and value.shape != (n_layers, n):
             raise ValueError(f"{name} must be [layer, pos] = {(n_layers, n)}, got {tuple(value.shape)}")
-    target = _check_target(target, n)
+    target_pos = _check_target(target_pos, n)
     row = torch.zeros(n, dtype=torch.float64, device=patterns.device)
-    row[target] = 1.0
+    row[target_pos] = 1.0
     for layer in range(n_layers - 1, -1, -1):
         row = factored_step(
             row,
@@ -201,8 +201,9 @@ def rollout_matrices(attention: Float[Tensor, "layer query_pos key_pos"]) -> Flo
 
 
 @dataclass(frozen=True, eq=False)
-class PathFlows(Result):
-    """Every edge's exact share of a path sum towards ``target``.
+class BoundFlows(Result):
+    """Every edge's exact share of a bound's path sum towards ``target_pos`` (the bound side; the paths
+    picked from a flow by share are :class:`lens_squash.algebra.flow_paths.FlowPaths`).
 
     ``head_flows[l, h, j, k]`` is the mass of all paths that use head ``h`` of layer ``l`` from ``k`` to
     ``j``; ``residual_flows[l, j]`` the mass that stays at ``j`` through layer ``l``'s residual edge.
@@ -213,7 +214,7 @@ class PathFlows(Result):
     head_flows: Float[Tensor, "layer head query_pos key_pos"] = heavy()
     residual_flows: Float[Tensor, "layer pos"]
     total: float
-    target: int
+    target_pos: int
     source: int | None
     provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -233,7 +234,7 @@ class PathFlows(Result):
         totals = self.head_totals
         layer, head = divmod(int(totals.argmax()), totals.shape[1])
         return (
-            f"<b>PathFlows</b> → position {self.target}"
+            f"<b>BoundFlows</b> → position {self.target_pos}"
             f"{'' if self.source is None else f' from {self.source}'}: total {self.total:.4g}; "
             f"residual share {float(self.residual_flows.sum() / (self.total * totals.shape[0])):.3f}; "
             f"heaviest head L{layer}H{head} ({float(totals.max()):.4g})"
@@ -254,11 +255,11 @@ def _forward_vectors(mats: Tensor, source: int | None) -> Tensor:
     return torch.stack(out)
 
 
-def _backward_vectors(mats: Tensor, target: int) -> Tensor:
+def _backward_vectors(mats: Tensor, target_pos: int) -> Tensor:
     """``f^(l) = e_target^T M^(L-1) ⋯ M^(l+1)`` for every ``l`` (``f^(L-1) = e_target``)."""
     n_layers, n = mats.shape[0], mats.shape[-1]
     f = torch.zeros(n, dtype=torch.float64, device=mats.device)
-    f[target] = 1.0
+    f[target_pos] = 1.0
     out = [f]
     for layer in range(n_layers - 1, 0, -1):
         f = f @ mats[layer].double()
@@ -269,16 +270,16 @@ def _backward_vectors(mats: Tensor, target: int) -> Tensor:
 def flow_decomposition(
     residual: Float[Tensor, "layer pos"],
     edges: Float[Tensor, "layer head query_pos key_pos"],
-    target: int = -1,
+    target_pos: int = -1,
     *,
     source: int | None = None,
     left_scale: Float[Tensor, "layer pos"] | None = None,
     output_scale: float = 1.0,
-) -> PathFlows:
+) -> BoundFlows:
     """The exact per-layer, per-head, per-edge split of the path sum (DESIGN §3): the flow through
     head ``h`` of layer ``l`` from ``k`` to ``j`` is ``f^(l)_j s^(l)_j E^(l,h)_{jk} g^(l)_k``."""
     n_layers, n_heads, n = _check_graph(residual, edges, left_scale)
-    target = _check_target(target, n)
+    target_pos = _check_target(target_pos, n)
     if source is not None:
         source = _check_target(source, n, "source")
     if n_layers * n_heads * n * n > MAX_FLOW_ELEMENTS:
@@ -288,21 +289,22 @@ def flow_decomposition(
             "or a shorter prompt"
         )
     mats = layer_matrices(residual, edges, left_scale=left_scale)
-    f = _backward_vectors(mats, target)  # [layer, pos]
+    f = _backward_vectors(mats, target_pos)  # [layer, pos]
     if left_scale is not None:
         f = f * left_scale.double()
     g = _forward_vectors(mats, source)  # [layer, pos]
     f = f * output_scale  # the variant's output factor (the constant C for `paper`) scales every flow
     head_flows = f[:, None, :, None] * edges.double() * g[:, None, None, :]
     residual_flows = f * residual.double() * g
-    row = output_scale * bound_row(mats, target)
+    row = output_scale * bound_row(mats, target_pos)
     total = float(row.sum() if source is None else row[source])
-    return PathFlows(head_flows, residual_flows, total, target, source)
+    return BoundFlows(head_flows, residual_flows, total, target_pos, source)
 
 
 @dataclass(frozen=True)
-class PathRecord(Record):
-    """One causal path ``positions[0] → … → positions[L]`` and its weight (product of edge weights).
+class BoundPath(Record):
+    """One causal path ``positions[0] → … → positions[L]`` of a bound's graph and its weight (product
+    of edge weights; a flow figure's connected path is :class:`lens_squash.algebra.flow_paths.FlowPath`).
 
     ``heads[l]`` is the head taken at layer ``l``, or ``None`` for the residual edge.
     """
@@ -335,14 +337,14 @@ def _layer_edge_weights(residual: Tensor, edges: Tensor, left_scale: Tensor | No
 def top_paths(
     residual: Float[Tensor, "layer pos"],
     edges: Float[Tensor, "layer head query_pos key_pos"],
-    target: int = -1,
+    target_pos: int = -1,
     *,
     k: int = 10,
     source: int | None = None,
     left_scale: Float[Tensor, "layer pos"] | None = None,
     output_scale: float = 1.0,
-) -> list[PathRecord]:
-    """The ``k`` heaviest single paths into ``target`` (from ``source``, or from anywhere), heaviest
+) -> list[BoundPath]:
+    """The ``k`` heaviest single paths into ``target_pos`` (from ``source``, or from anywhere), heaviest
     first, by a k-best max-product dynamic programme from the target backwards.
 
     ``best[p, r]`` holds the ``r``-th heaviest partial path from position ``p`` at the current level to
@@ -350,13 +352,13 @@ def top_paths(
     ``(H+1)·n²·k`` multiplications, vectorised over positions.
     """
     n_layers, n_heads, n = _check_graph(residual, edges, left_scale)
-    target = _check_target(target, n)
+    target_pos = _check_target(target_pos, n)
     if source is not None:
         source = _check_target(source, n, "source")
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     best = torch.zeros(n, k, dtype=torch.float64)
-    best[target, 0] = 1.0  # level L: only the target, one empty path
+    best[target_pos, 0] = 1.0  # level L: only the target, one empty path
     pointers = []  # per layer: [pos, k] indices into the flattened (edge, successor, rank) candidates
     for layer in range(n_layers - 1, -1, -1):
         weights = _layer_edge_weights(residual, edges, left_scale, layer).cpu()  # [edge, j, p]
@@ -379,11 +381,11 @@ def top_paths(
     return records
 
 
-def _follow(pointers, position: int, rank: int, n: int, k: int, n_heads: int, weight: float) -> PathRecord:
+def _follow(pointers, position: int, rank: int, n: int, k: int, n_heads: int, weight: float) -> BoundPath:
     positions, heads = [position], []
     for layer_pointers in pointers:
         edge, rest = divmod(int(layer_pointers[position, rank]), n * k)
         position, rank = divmod(rest, k)
         heads.append(None if edge == n_heads else edge)
         positions.append(position)
-    return PathRecord(weight, tuple(positions), tuple(heads))
+    return BoundPath(weight, tuple(positions), tuple(heads))

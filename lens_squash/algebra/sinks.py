@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import html
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -48,7 +47,6 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..core.display import compact_repr
-from ..core.renames import renamed
 from ..core.results import Record, Result
 from .compression import _check_matrix_stack, compression_curves
 from .massive import massive_activations
@@ -296,14 +294,6 @@ class SinkReport(Result):
     def n_layers(self) -> int:
         return self.mean_first_token_attention.numel()
 
-    @property
-    def first_token_mass(self) -> Float[Tensor, "layer"]:
-        """Deprecated name of :attr:`mean_first_token_attention` (it also named the rollout mass)."""
-        warnings.warn(
-            "SinkReport.first_token_mass is now SinkReport.mean_first_token_attention", DeprecationWarning, stacklevel=2
-        )
-        return self.mean_first_token_attention
-
     def curves(self) -> dict[str, Tensor]:
         """The per-layer curves that are present, by name (what :meth:`plot` draws)."""
         curves = {  # written out, not getattr by name: a renamed field is an error here, not a lost panel
@@ -391,7 +381,7 @@ def sink_report(
     factor: float = 10.0,
     method: Literal["spearman", "pearson"] = "spearman",
     over_squashing: bool = True,
-    metadata: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> SinkReport:
     """All per-layer curves, phase boundaries and their cross-layer correlations in one report.
 
@@ -424,7 +414,7 @@ def sink_report(
         dobrushin=tau,
         factor=factor,
         method=method,
-        metadata=metadata,
+        provenance=provenance,
     )
 
 
@@ -442,7 +432,7 @@ def report_from_curves(
     dobrushin: Float[Tensor, "layer"] | None,
     factor: float,
     method: Literal["spearman", "pearson"],
-    metadata: dict[str, Any] | None,
+    provenance: dict[str, Any] | None,
 ) -> SinkReport:
     """A :class:`SinkReport` from per-layer attention curves, however they were gathered (whole
     patterns here, one layer at a time in :mod:`.attention_stream`): the residual, compression,
@@ -478,14 +468,10 @@ def report_from_curves(
         phases=phases,
         massive_range=massive_layers(massive.ratio, factor=factor),
         correlations=layer_correlations(curves, method=method),
-        provenance=dict(metadata or {}),
+        provenance=dict(provenance or {}),
         top_dims=massive.top_dims,
         top_values=massive.top_values,
         rollout_mass=rollout_mass,
         dobrushin=dobrushin,
         links=links,
     )
-
-
-# the keyword of the field's old name still builds a report
-SinkReport.__init__ = renamed(first_token_mass="mean_first_token_attention")(SinkReport.__init__)

@@ -89,14 +89,6 @@ def _check_eps(eps: float) -> None:
         raise ValueError(f"eps must lie in (0, 1), got {eps}")
 
 
-def lazy(m: Float[Tensor, "... query_pos key_pos"]) -> Float[Tensor, "... query_pos key_pos"]:
-    """Deprecated name of :func:`lens_squash.algebra.paths.rollout_matrices` (one name per concept)."""
-    import warnings
-
-    warnings.warn("spectral.lazy is now lens_squash.algebra.paths.rollout_matrices", DeprecationWarning, stacklevel=2)
-    return paths.rollout_matrices(_check_square(m))
-
-
 # --------------------------------------------------------------------------------------------------
 # the inhomogeneous stack: Dobrushin coefficients and the first-token column
 # --------------------------------------------------------------------------------------------------
@@ -206,7 +198,7 @@ class SpectralReport(Result):
     eigenvalue 1, whether ``two_nonzeros`` (Lemma B.6) holds, ``repeated_layer_depth`` (Prop. B.8's
     rate-only depth if that layer were repeated, ``inf`` when eigenvalue 1 is not simple) and
     ``dobrushin`` ``τ(Λ̃^(l))``. Per depth ``d = 1 … L`` (index ``d − 1``): ``cumulative_dobrushin``
-    ``Π_{l<d} τ``, the ``target``'s ``rollout_mass`` ``[P^(d)]_{target,0}`` and
+    ``Π_{l<d} τ``, the ``target_pos``'s ``rollout_mass`` ``[P^(d)]_{target,0}`` and
     ``rank_one_distance`` ``‖P^(d) − 1e_0ᵀ‖ ≤ cumulative_dobrushin``.
 
     ``depth_to_first_token`` is the number of layers after which the target puts at least ``1 − eps``
@@ -228,7 +220,7 @@ class SpectralReport(Result):
     rank_one_distance: Float[Tensor, "depth"]
     depth_to_first_token: float
     extrapolated: bool
-    target: int
+    target_pos: int
     eps: float
     provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -239,16 +231,6 @@ class SpectralReport(Result):
     @property
     def n_tokens(self) -> int:
         return self.spectrum.shape[1]
-
-    @property
-    def first_token_mass(self) -> Float[Tensor, "depth"]:
-        """Deprecated name of :attr:`rollout_mass`."""
-        import warnings
-
-        warnings.warn(
-            "SpectralReport.first_token_mass is now SpectralReport.rollout_mass", DeprecationWarning, stacklevel=2
-        )
-        return self.rollout_mass
 
     __repr__ = compact_repr
 
@@ -271,9 +253,9 @@ class SpectralReport(Result):
                 f"{float(self.dobrushin.min()):.4f} … {float(self.dobrushin.max()):.4f}",
             ),
             ("Π τ over the stack", f"{float(self.cumulative_dobrushin[-1]):.3e}"),
-            (f"position {self.target}'s mass on the first token", f"{float(self.rollout_mass[-1]):.6f}"),
+            (f"position {self.target_pos}'s mass on the first token", f"{float(self.rollout_mass[-1]):.6f}"),
             ("distance of the product to rank one", f"{float(self.rank_one_distance[-1]):.3e}"),
-            (f"depth until position {self.target} sees only the first token (ε = {self.eps:g})", shown),
+            (f"depth until position {self.target_pos} sees only the first token (ε = {self.eps:g})", shown),
         ]
         body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
         return f"<b>lens_squash SpectralReport</b><table>{body}</table>"
@@ -365,20 +347,20 @@ class SpectralStream:
 def spectral_report(
     layers: SpectralLayers,
     *,
-    target: int = -1,
+    target_pos: int = -1,
     eps: float = 1e-6,
     unit_atol: float = 1e-6,
-    metadata: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> SpectralReport:
     """The :class:`SpectralReport` of a stack from its per-layer summary (see :func:`analyze_stack`)."""
     _check_eps(eps)
-    target = paths._check_target(target, layers.spectrum.shape[-1])
+    target_pos = paths._check_target(target_pos, layers.spectrum.shape[-1])
     spectrum, tau = layers.spectrum, layers.dobrushin
     second = _second_diagonal(spectrum)
     cumulative = torch.cumprod(tau, 0)
     column, gap = layers.states[..., 0], layers.states[..., 1]
     distance = gap.max(-1).values
-    depth, extrapolated = _depth_to_first_token(gap[:, target], distance, cumulative, eps)
+    depth, extrapolated = _depth_to_first_token(gap[:, target_pos], distance, cumulative, eps)
     repeated = torch.tensor([float(_rate_depth(lam, eps)) for lam in second.tolist()], dtype=torch.float64)
     return SpectralReport(
         spectrum=spectrum,
@@ -388,13 +370,13 @@ def spectral_report(
         repeated_layer_depth=repeated,
         dobrushin=tau,
         cumulative_dobrushin=cumulative,
-        rollout_mass=column[:, target],
+        rollout_mass=column[:, target_pos],
         rank_one_distance=distance,
         depth_to_first_token=depth,
         extrapolated=extrapolated,
-        target=target,
+        target_pos=target_pos,
         eps=eps,
-        provenance=dict(metadata or {}),
+        provenance=dict(provenance or {}),
     )
 
 
@@ -407,11 +389,11 @@ def rollout_tolerance(pattern_tolerance: float) -> float:
 def analyze_stack(
     stack: Float[Tensor, "layer query_pos key_pos"],
     *,
-    target: int = -1,
+    target_pos: int = -1,
     eps: float = 1e-6,
     atol: float = 1e-4,
     unit_atol: float = 1e-6,
-    metadata: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> SpectralReport:
     """Spectral and Dobrushin analysis of the rollout matrices ``Λ̃^(l) = ½(A^(l) + I)`` of one prompt.
 
@@ -427,45 +409,4 @@ def analyze_stack(
     stream = SpectralStream(stack.shape[-1], atol=atol)
     for layer in stack:
         stream.add(layer)
-    return spectral_report(stream.finish(), target=target, eps=eps, unit_atol=unit_atol, metadata=metadata)
-
-
-#: names that moved out of this module: Lemmas B.6–B.7 to ``causal``, Prop. B.8's one-matrix limit to
-#: ``homogeneous``, the plain product to ``paths``; the old import path still works, with a warning
-_MOVED = {
-    **dict.fromkeys(
-        (
-            "causal_spectrum",
-            "check_causal_stochastic",
-            "eigenvalue_one_multiplicity",
-            "is_causal",
-            "is_row_stochastic",
-            "product_closure",
-            "two_nonzeros_condition",
-        ),
-        "causal",
-    ),
-    **dict.fromkeys(
-        (
-            "asymptotic_depth",
-            "convergence_errors",
-            "depth_to_epsilon",
-            "second_eigenvalue",
-            "steady_state",
-            "DEFAULT_HORIZON",
-        ),
-        "homogeneous",
-    ),
-    "stack_product": "paths",
-}
-
-
-def __getattr__(name: str):
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-    import warnings
-
-    module = f"lens_squash.algebra.{_MOVED[name]}"
-    warnings.warn(f"lens_squash.algebra.spectral.{name} is now {module}.{name}", DeprecationWarning, stacklevel=2)
-    return getattr(importlib.import_module(module), name)
+    return spectral_report(stream.finish(), target_pos=target_pos, eps=eps, unit_atol=unit_atol, provenance=provenance)

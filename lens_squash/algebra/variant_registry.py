@@ -26,6 +26,7 @@ __all__ = [
     "VARIANTS",
     "GUARANTEES",
     "NEEDS",
+    "UnknownVariantError",
     "VariantSpec",
     "check_variant_names",
     "get_variant",
@@ -94,6 +95,14 @@ _REGISTRY: dict[str, VariantSpec] = {}
 _loaded = False
 
 
+class UnknownVariantError(KeyError, ValueError):
+    """A name nobody registered: a ValueError to callers, and a KeyError so that ``name in VARIANTS``
+    and ``VARIANTS.get(name)`` answer as a mapping's do instead of raising."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])  # KeyError would quote the message
+
+
 class _RegistryView(Mapping):
     """A read-only, live view of the registry: name → :class:`VariantSpec`, in registration order."""
 
@@ -139,7 +148,7 @@ def variant_names() -> tuple[str, ...]:
 def get_variant(name: str) -> VariantSpec:
     registry = _registry()
     if name not in registry:
-        raise ValueError(f"unknown variant {name!r}; choose one of {', '.join(registry)}")
+        raise UnknownVariantError(f"unknown variant {name!r}; choose one of {', '.join(registry)}")
     return registry[name]
 
 

@@ -38,7 +38,6 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..core.display import compact_repr
-from ..core.renames import renamed
 from ..core.results import Record, Result, heavy
 from . import paths
 from .attention import check_attention, head_weights, ov_norms
@@ -104,7 +103,7 @@ class PathGraph(Record):
     def _uses_mean(self) -> bool:
         return self.head_factor is not None and self.query_scale is None
 
-    def row(self, target: int, *, n_layers: int | None = None) -> Float[Tensor, "pos"]:
+    def row(self, target_pos: int, *, n_layers: int | None = None) -> Float[Tensor, "pos"]:
         """The target's row; ``n_layers`` truncates the graph to its first layers (no output factor)."""
         depth = slice(None) if n_layers is None else slice(0, n_layers)
         if self._uses_mean() and self.mean_patterns is not None:
@@ -116,11 +115,11 @@ class PathGraph(Record):
             self.residual[depth],
             patterns,
             key_scale,
-            target,
+            target_pos,
             query_scale=None if self.query_scale is None else self.query_scale[depth],
             left_scale=None if self.left_scale is None else self.left_scale[depth],
         )
-        return row if n_layers is not None else self.output_scale[target].double() * row
+        return row if n_layers is not None else self.output_scale[target_pos].double() * row
 
     def step(
         self,
@@ -377,7 +376,7 @@ class PathBound(Result):
     """Per input position, a variant's path-sum sensitivity of the target position."""
 
     variant: str
-    target: int
+    target_pos: int
     bound: Float[Tensor, "pos"]
     str_tokens: tuple[str, ...]
     graph: PathGraph
@@ -389,7 +388,7 @@ class PathBound(Result):
     def constant(self) -> float:
         """The output factor of the target's row: Theorem B.5's ``C`` for ``paper``, the final
         norm's frozen gain for ``certified``, 1 for the estimates."""
-        return float(self.graph.output_scale[self.target])
+        return float(self.graph.output_scale[self.target_pos])
 
     @property
     def guarantee_kind(self) -> str:
@@ -405,7 +404,7 @@ class PathBound(Result):
         flows = paths.flow_decomposition(
             self.graph.residual,
             self.graph.edges,
-            self.target,
+            self.target_pos,
             source=source,
             left_scale=self.graph.left_scale,
             output_scale=self.constant,
@@ -416,7 +415,7 @@ class PathBound(Result):
         return paths.top_paths(
             self.graph.residual,
             self.graph.edges,
-            self.target,
+            self.target_pos,
             k=k,
             source=source,
             left_scale=self.graph.left_scale,
@@ -432,13 +431,12 @@ class PathBound(Result):
             for v, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
         )
         return (
-            f"<b>PathBound</b> <code>{html.escape(self.variant)}</code> → position {self.target}<br>"
+            f"<b>PathBound</b> <code>{html.escape(self.variant)}</code> → position {self.target_pos}<br>"
             f"guarantee: {html.escape(self.guarantee or 'none (an estimate)')}<br>"
             f"first-token share: {self.first_token_share:.4f}<br>top positions: {cells}"
         )
 
 
-@renamed(target="target_pos")
 def path_bound(
     trace, variant: str = "paper", *, model=None, target_pos: int = -1, full_matrix: bool = False, **params
 ) -> PathBound:
@@ -470,7 +468,7 @@ def bound_from_row(trace, graph: PathGraph, target_pos: int, row: Tensor, *, mat
     params = params or {}
     return PathBound(
         variant=graph.variant,
-        target=target_pos,
+        target_pos=target_pos,
         bound=row,
         str_tokens=trace.str_tokens,
         graph=graph,

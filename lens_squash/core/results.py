@@ -25,10 +25,9 @@ import importlib
 import json
 import os
 import threading
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from .codec import (
     DERIVED_KEY,
@@ -46,7 +45,6 @@ from .codec import (
 )
 from .display import summarize_value
 from .records import write_text_atomic
-from .renames import renamed
 
 __all__ = [
     "FIGURE_PLUGIN",
@@ -238,10 +236,6 @@ class Result(Record):
     it from their parts with a property.
     """
 
-    #: old names of ``provenance`` that still read, with a DeprecationWarning
-    _OLD_PROVENANCE_NAMES: ClassVar[tuple[str, ...]] = ("metadata", "meta")
-
-    @renamed(what="kind")
     def plot(self, kind: str | None = None, *args: Any, **kwargs: Any):
         """The figure ``kind`` (a plotly Figure); ``None`` draws the default kind
         (:func:`figure_kinds` lists them). Further arguments go to that kind's builder."""
@@ -259,19 +253,3 @@ class Result(Record):
     def to_frame(self):
         """The result as a pandas DataFrame, where it is a table; ``TypeError`` otherwise."""
         raise TypeError(f"{type(self).__name__} is not a table; read its fields, or to_dict() for everything it holds")
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        """Deprecated: the old name of :attr:`provenance`."""
-        return self._old_provenance("metadata")
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        """Deprecated: the old name of :attr:`provenance`."""
-        return self._old_provenance("meta")
-
-    def _old_provenance(self, name: str) -> dict[str, Any]:
-        warnings.warn(
-            f"{type(self).__name__}.{name} is now {type(self).__name__}.provenance", DeprecationWarning, stacklevel=3
-        )
-        return self.provenance

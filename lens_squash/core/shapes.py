@@ -10,7 +10,6 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 __all__ = [
-    "AttentionStack",
     "HeadStack",
     "LayerMatrices",
     "PositionVector",
@@ -22,7 +21,6 @@ __all__ = [
 HeadStack = Float[Tensor, "layer head query_pos key_pos"]
 #: one aggregated ``n×n`` matrix per layer (``A^(l)`` or ``Ā^(l)``)
 LayerMatrices = Float[Tensor, "layer query_pos key_pos"]
-AttentionStack = HeadStack
 SquareMatrix = Float[Tensor, "query_pos key_pos"]
 PositionVector = Float[Tensor, "pos"]
 TokenIds = Int[Tensor, "pos"]

@@ -68,7 +68,6 @@ from torch import Tensor
 from ..core.display import compact_repr
 from ..core.progress import counter
 from ..core.records import provenance
-from ..core.renames import renamed
 from ..core.results import Result, heavy
 from .allocator import steady_heap
 from .backward import (
@@ -152,11 +151,6 @@ class JacobianResult(Result):
     @property
     def n_tokens(self) -> int:
         return self.frobenius.shape[0]
-
-    @property
-    def target(self) -> str | int:
-        """The old name of :attr:`layer` (``target`` now always means a position elsewhere)."""
-        return self.layer
 
     def norms(self, kind: str = "spectral") -> Float[Tensor, "pos"]:
         """The per-position norm ``kind`` (``spectral``, ``frobenius`` or ``l1``)."""
@@ -360,7 +354,6 @@ def _checkpointed(model, used, pos, layer, wrt, mode, probes, chunk, bar):
 # --------------------------------------------------------------------------------------------------
 
 
-@renamed(target="layer")
 def jacobian(
     model,
     prompt: str | Tensor,
@@ -380,8 +373,7 @@ def jacobian(
     """Per input position ``i``, the norms of ``J_i = ∂y/∂v_i`` (see the module docstring).
 
     ``prompt`` is text (chat template unless ``chat=False``) or token ids. ``layer`` is ``"final"``
-    (the final norm's output, gain included) or a layer ``l`` (``blocks.{l}.hook_resid_post``;
-    ``target=`` is its old name); ``wrt=l`` differentiates with respect to
+    (the final norm's output, gain included) or a layer ``l`` (``blocks.{l}.hook_resid_post``); ``wrt=l`` differentiates with respect to
     ``blocks.{l}.hook_resid_pre``. ``chunk_size`` cotangents go through each batched VJP (default:
     :data:`DEFAULT_CHUNK_SIZE`, shrunk to fit the memory budget). ``checkpoint`` recomputes one block
     at a time in the backward (``None``: only when the plain backward would not fit).

@@ -99,15 +99,6 @@ class Trace(Result):
         """Whether the patterns were streamed (statistics kept, patterns not)."""
         return self.patterns is None
 
-    def first_token_mass(self) -> Float[Tensor, "layer"]:
-        """Deprecated name of :meth:`mean_first_token_attention`."""
-        import warnings
-
-        warnings.warn(
-            "Trace.first_token_mass() is now Trace.mean_first_token_attention()", DeprecationWarning, stacklevel=2
-        )
-        return self.mean_first_token_attention()
-
     def mean_first_token_attention(self) -> Float[Tensor, "layer"]:
         """Mean attention (over heads, queries 1..n-1) on position 0, per layer."""
         first = self.patterns[..., 0] if self.attention_to_first is None else self.attention_to_first

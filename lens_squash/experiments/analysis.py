@@ -29,7 +29,6 @@ from ..algebra.variant_registry import DEFAULT_VARIANTS, check_variant_names, un
 from ..algebra.variants import PathBound, path_bound
 from ..core import validate
 from ..core.display import compact_repr
-from ..core.renames import renamed
 from ..core.results import Result
 from ..core.support import UnsupportedModelError
 from ..edge.jacobian import JacobianResult, jacobian
@@ -69,13 +68,14 @@ class Analysis(Result):
         return max(self.comparisons, key=lambda name: self.comparisons[name].spearman)
 
     def summary(self) -> pd.DataFrame:
-        """One row per variant: rank agreement, bound/true ratios, positions where the bound is below
-        the Jacobian it is compared with, first-token share. ``certified`` bounds the *frozen* model's
+        """One row per variant: its guarantee (``bound`` or ``proxy``), rank agreement, bound/true
+        ratios, positions where the bound is below the Jacobian it is compared with, first-token
+        share. ``certified`` bounds the *frozen* model's
         Jacobian, so positions below the exact Jacobian are not violations of its theorem (the
         tests and ``benchmarks/bound_quality.py`` check it against the frozen one)."""
         rows = []
         for name, bound in self.bounds.items():
-            row = {"variant": name, "first_token_share": bound.first_token_share}
+            row = {"variant": name, "guarantee": bound.guarantee_kind, "first_token_share": bound.first_token_share}
             if name in self.comparisons:
                 c = self.comparisons[name]
                 row |= {
@@ -219,11 +219,10 @@ def _sinks(traced: Trace) -> SinkReport:
         traced.resid_norms,
         representations=traced.resid,
         first_resid=traced.first_token_resid,
-        metadata={**traced.provenance, "str_tokens": list(traced.str_tokens)},
+        provenance={**traced.provenance, "str_tokens": list(traced.str_tokens)},
     )
 
 
-@renamed(target="target_pos")
 def analyze(
     model,
     prompt,

@@ -27,13 +27,13 @@ def sink_report_from_trace(tr: Trace, **kwargs) -> SinkReport:
     """
     if tr.resid is None:
         raise ValueError("this trace has no residual streams; trace the model with keep_resid=True")
-    metadata = {**tr.provenance, "str_tokens": list(tr.str_tokens), **kwargs.pop("metadata", {})}
+    provenance = {**tr.provenance, "str_tokens": list(tr.str_tokens), **kwargs.pop("provenance", {})}
     return sink_report(
         tr.patterns,
         tr.resid_norms,
         representations=tr.resid,
         first_resid=tr.first_token_resid,
-        metadata=metadata,
+        provenance=provenance,
         **kwargs,
     )
 
@@ -66,5 +66,5 @@ def sink_analysis(
         factor=factor,
         method=method,
         over_squashing=over_squashing,
-        metadata={"analysis": "sinks", "prompt": prompt if isinstance(prompt, str) else None},
+        provenance={"analysis": "sinks", "prompt": prompt if isinstance(prompt, str) else None},
     )

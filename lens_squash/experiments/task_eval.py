@@ -19,7 +19,6 @@ import torch
 
 from ..core.progress import counter
 from ..core.records import write_jsonl_atomic
-from ..core.renames import renamed
 from ..core.validate import check_chat
 from ..edge.generation import greedy_generate, stop_ids
 from ..edge.models import format_prompt
@@ -128,7 +127,6 @@ def tokenized_prompts(
     return prompts
 
 
-@renamed(mode="style")
 def evaluate(
     model,
     task: str | Iterable[str],

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..core.display import compact_repr
-from ..core.renames import renamed
 from ..core.results import Record
 from .task_texts import (
     ANSWER_ONLY,
@@ -200,11 +199,6 @@ class TaskInstance(Record):
         """What identifies the instance in a results file: (task, style, length, sample)."""
         return (self.task, self.style, self.length, self.sample)
 
-    @property
-    def mode(self) -> str:
-        """The old name of :attr:`style`."""
-        return self.style
-
 
 def task_spec(task: str) -> TaskSpec:
     if task not in TASKS:
@@ -236,7 +230,6 @@ def _compose(spec: TaskSpec, style: str, seq_text: str) -> str:
     return question if spec.kind == "copy" else f"{question} {ANSWER_ONLY}"
 
 
-@renamed(mode="style")
 def make_instance(task: str, length: int, sample: int = 0, style: str = "answer", seed: int = 0) -> TaskInstance:
     """The ``sample``-th prompt of ``task`` at sequence length ``length`` (digits, ones or words).
 
@@ -266,7 +259,6 @@ def as_tuple(value: str | Iterable) -> tuple:
     return (value,) if isinstance(value, str) else tuple(dict.fromkeys(value))
 
 
-@renamed(modes="style")
 def make_instances(
     tasks: str | Iterable[str],
     lengths: Iterable[int],

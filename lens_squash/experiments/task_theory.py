@@ -252,7 +252,7 @@ def count_collapse(
     ns: Iterable[int],
     *,
     task: str = "count_ones",
-    mode: str = "answer",
+    style: str = "answer",
     chat: bool | None = None,
 ) -> CountCollapse:
     """``‖y(n ones) − y(n+1 ones)‖`` for the paper's counting prompt ``task``, per ``n`` in ``ns``.
@@ -266,13 +266,13 @@ def count_collapse(
     ns = tuple(ns)
     if not ns or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in ns):
         raise ValueError(f"ns must be positive integers, e.g. range(2, 40, 4); got {ns!r}")
-    if task not in TASKS or set(make_instance(task, 3, mode=mode).sequence) != {1}:
+    if task not in TASKS or set(make_instance(task, 3, style=style).sequence) != {1}:
         raise ValueError(f"task must repeat one token (count_ones or sum_ones), got {task!r}")
     cache: dict[int, Any] = {}
 
     def traced(n: int):
         if n not in cache:
-            cache[n] = trace(model, make_instance(task, n, mode=mode).prompt, chat=chat)
+            cache[n] = trace(model, make_instance(task, n, style=style).prompt, chat=chat)
         return cache[n]
 
     eps = torch.finfo(model.cfg.dtype).eps
@@ -288,5 +288,5 @@ def count_collapse(
             "prediction": a.predicted_token, "prediction_next": b.predicted_token,
             "same_prediction": a.predicted_token == b.predicted_token,
         })  # fmt: skip
-    meta = provenance(model, task=task, mode=mode, ns=list(ns), chat=chat)
+    meta = provenance(model, task=task, style=style, ns=list(ns), chat=chat)
     return CountCollapse(pd.DataFrame(rows), meta)

@@ -3,8 +3,8 @@
 The pieces, one module each: the paper's texts (:mod:`.task_texts`), the task registry and prompts
 (:mod:`.task_prompts`), the answer parser (:mod:`.answers`), generation
 (:mod:`lens_squash.edge.generation`), resumable evaluation (:mod:`.task_eval`), run fingerprints
-(:mod:`.runs`) and the results table with its figures (:mod:`.task_results`). Their public names are
-importable from here too, so ``from lens_squash.experiments.tasks import evaluate`` keeps working.
+(:mod:`.runs`) and the results table with its figures (:mod:`.task_results`); import each name from
+its module.
 """
 
 from __future__ import annotations
@@ -17,78 +17,13 @@ from typing import Any
 import pandas as pd
 
 from ..core.records import provenance, to_jsonable, write_json_atomic
-from ..core.renames import renamed
 from ..core.validate import check_chat
-from ..edge.generation import greedy_generate
-from .answers import ParsedAnswer, parse_answer
 from .runs import check_run_folder as _check_any_run_folder
-from .runs import fingerprint_differences, fingerprint_digest, fingerprint_path, weights_sha256
-from .task_eval import evaluate, generation_fingerprint, run_fingerprint, tokenized_prompts
-from .task_prompts import (
-    STYLES,
-    TASKS,
-    TaskInstance,
-    TaskSpec,
-    as_tuple,
-    check_int,
-    copy_prompt,
-    make_instance,
-    make_instances,
-    task_spec,
-)
-from .task_results import (
-    RENAMED_FIELDS,
-    RESULT_COLUMNS,
-    RESULT_KEY,
-    TASK_FIGURES,
-    TaskFigure,
-    TaskResults,
-    check_single_run,
-    load_results,
-    save_results,
-    summarize_results,
-    task_figure,
-)
-from .task_texts import BERNOULLI_P, CAR_P, FILLER_WORDS, PAPER_QUIRKS
+from .task_eval import evaluate, run_fingerprint, tokenized_prompts
+from .task_prompts import as_tuple, check_int, make_instances, task_spec
+from .task_results import RENAMED_FIELDS, RESULT_KEY, TaskResults, save_results, summarize_results
 
-__all__ = [
-    "BERNOULLI_P",
-    "CAR_P",
-    "FILLER_WORDS",
-    "MODES",
-    "PAPER_QUIRKS",
-    "RESULT_COLUMNS",
-    "STYLES",
-    "TASKS",
-    "TASK_FIGURES",
-    "ParsedAnswer",
-    "TaskFigure",
-    "TaskInstance",
-    "TaskResults",
-    "TaskSpec",
-    "check_run_folder",
-    "check_single_run",
-    "copy_prompt",
-    "evaluate",
-    "fingerprint_differences",
-    "fingerprint_digest",
-    "fingerprint_path",
-    "generation_fingerprint",
-    "greedy_generate",
-    "load_results",
-    "make_instance",
-    "make_instances",
-    "parse_answer",
-    "run_fingerprint",
-    "run_tasks",
-    "save_results",
-    "summarize_results",
-    "task_figure",
-    "weights_sha256",
-]
-
-#: the old name of :data:`STYLES` (prompting styles were called modes)
-MODES = STYLES
+__all__ = ["check_run_folder", "run_tasks"]
 
 
 def check_run_folder(
@@ -116,7 +51,6 @@ def _styles_for(task: str, styles: tuple[str, ...]) -> tuple[str, ...]:
 _FINAL_FILES = ("results.csv", "results.json", "figures.html")
 
 
-@renamed(modes="style")
 def run_tasks(
     model,
     tasks: str | Iterable[str],

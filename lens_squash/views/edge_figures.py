@@ -29,7 +29,7 @@ __all__ = [
 
 
 def _flow_tensors(flows: Any) -> tuple[np.ndarray, np.ndarray]:
-    """``(head_flows [layer, head, q, k], residual_flows [layer, pos])`` from a PathFlows-like
+    """``(head_flows [layer, head, q, k], residual_flows [layer, pos])`` from a BoundFlows-like
     object, a ``PathBound`` (its ``.flows()``), or a pair of tensors."""
     if hasattr(flows, "head_flows"):
         head, resid = flows.head_flows, flows.residual_flows
@@ -38,7 +38,7 @@ def _flow_tensors(flows: Any) -> tuple[np.ndarray, np.ndarray]:
     elif isinstance(flows, (tuple, list)) and len(flows) == 2:
         head, resid = flows
     else:
-        raise TypeError("pass PathFlows, a PathBound, or (head_flows, residual_flows)")
+        raise TypeError("pass BoundFlows, a PathBound, or (head_flows, residual_flows)")
     head, resid = as_array(head, "head_flows", ndim=4), as_array(resid, "residual_flows", ndim=2)
     if resid.shape != (head.shape[0], head.shape[-1]):
         raise ValueError(f"residual_flows must be [layer, pos] = {(head.shape[0], head.shape[-1])}, got {resid.shape}")
@@ -107,7 +107,7 @@ def _group_label(flows: Any, target: int, labels: list[str]) -> str:
 
 def _path_group(flows: Any, labels: list[str], target: int | None, top_k: int) -> tuple[list[go.Scatter], str]:
     head, resid = _flow_tensors(flows)
-    own = getattr(flows, "target", None)
+    own = getattr(flows, "target_pos", None)
     if target is not None and own is not None and int(own) != int(target):
         raise ValueError(f"flows under key {target} were computed for target {own}; key each by its own target")
     target = own if target is None else target
@@ -153,7 +153,7 @@ def attention_paths(
     grey); each edge's ``meta`` holds its layer, head (``None`` for residual), from/to positions and
     flow. Flows of paths from one input (``PathBound.flows(source=i)``) are labelled with the source.
 
-    ``flows`` is ``PathFlows`` (``.head_flows [layer, head, q, k]``, ``.residual_flows [layer, pos]``),
+    ``flows`` is ``BoundFlows`` (``.head_flows [layer, head, q, k]``, ``.residual_flows [layer, pos]``),
     a ``PathBound`` (its ``.flows()``), a ``(head_flows, residual_flows)`` pair, or a dict
     ``{target_pos: flows}``: then one trace group per target and a menu switches between them.
     """

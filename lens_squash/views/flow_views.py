@@ -402,7 +402,7 @@ def path_figure(
         height=max(450, 22 * L + 250),
         hovermode="closest",
         legend={"title": {"text": "hop"}, "traceorder": "normal"},
-        title={"text": title or f"Heaviest connected paths ({paths.kind}) → position {paths.target}"},
+        title={"text": title or f"Heaviest connected paths ({paths.kind}) → position {paths.target_pos}"},
     )
     fig.layout.meta = {"edges": [list(key) for key in merged]}
     pattern = ""
@@ -415,7 +415,7 @@ def path_figure(
         fig,
         (
             f"The {len(selected)} heaviest connected paths of the {paths.kind} from the input positions (bottom) to "
-            f"position {paths.target} (top), selected by share of flow (every path with at least {min_share:.0%} of the "
+            f"position {paths.target_pos} (top), selected by share of flow (every path with at least {min_share:.0%} of the "
             "heaviest path's share). Every hop of every drawn path is drawn: vertical grey lines are residual hops, "
             "orange ones MLP hops, coloured lines head hops (one legend entry per layer and head, in layer order); "
             "slanted lines move between positions. Width is the summed share of the drawn paths using the hop; "

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..algebra.compare import Comparison
 from ..algebra.flow_paths import FlowPaths
-from ..algebra.paths import PathFlows
+from ..algebra.paths import BoundFlows
 from ..algebra.sinks import SinkReport
 from ..algebra.softmax_theory import TVDecayResult
 from ..algebra.spectral import SpectralReport
@@ -73,7 +73,7 @@ def _jacobian_norm(norm: str | None):
 
 def _bound_profile(bound: PathBound, **kwargs):
     kwargs.setdefault("normalised", False)
-    kwargs.setdefault("title", f"The {bound.variant} bound of position {bound.target} on each input position")
+    kwargs.setdefault("title", f"The {bound.variant} bound of position {bound.target_pos} on each input position")
     return bound_vs_jacobian(bound.str_tokens, None, {bound.variant: bound.bound}, **kwargs)
 
 
@@ -81,7 +81,7 @@ def _bound_flows(bound: PathBound, *, source: int | None = None, **kwargs):
     return attention_paths(bound.flows(source), bound.str_tokens, **kwargs)
 
 
-def _flows_edges(flows: PathFlows, **kwargs):
+def _flows_edges(flows: BoundFlows, **kwargs):
     return attention_paths(flows, **kwargs)
 
 
@@ -91,7 +91,7 @@ for _norm in _NORM_NAMES:
     _register(JacobianResult, _norm, _jacobian_norm(_norm))
 _register(PathBound, "profile", _bound_profile)
 _register(PathBound, "flows", _bound_flows)
-_register(PathFlows, "edges", _flows_edges)
+_register(BoundFlows, "edges", _flows_edges)
 _register(Comparison, "statistics", comparison_figure_of)
 _register(SpectralReport, "report", spectral_report_figure)
 _register(SinkReport, "curves", sink_report_figure)

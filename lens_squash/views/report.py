@@ -282,9 +282,9 @@ def _path_figures(
         figures.append(path_figure(flow, k=k, title="Heaviest connected paths of the true gradient flow"))
     for name in variants:
         bound = bounds[name]
-        paths = graph_paths(bound.graph, bound.target, k=k, str_tokens=tokens)
+        paths = graph_paths(bound.graph, bound.target_pos, k=k, str_tokens=tokens)
         figures.append(
-            path_figure(paths, title=f"Heaviest connected paths of the {name} graph → position {bound.target}")
+            path_figure(paths, title=f"Heaviest connected paths of the {name} graph → position {bound.target_pos}")
         )
     return figures
 

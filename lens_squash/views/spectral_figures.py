@@ -43,7 +43,7 @@ def spectral_figure(
     spectrum: Float[Tensor, "layer pos"] | None = None,
     second_eigenvalue: Float[Tensor, "layer"] | None = None,
     dobrushin: Float[Tensor, "layer"] | None = None,
-    first_token_mass: Float[Tensor, "depth"] | None = None,
+    rollout_mass: Float[Tensor, "depth"] | None = None,
     rank_one_distance: Float[Tensor, "depth"] | None = None,
     depth_start: int = 1,
     title: str = "Perron–Frobenius and Dobrushin analysis of the rollout stack",
@@ -91,18 +91,14 @@ def spectral_figure(
         tau = as_array(dobrushin, "dobrushin", ndim=1)
         fig.add_trace(_line(np.arange(len(tau)), tau, "τ per layer", 2), row=1, col=2)
         fig.add_trace(_line(np.arange(len(tau)) + 1, np.cumprod(tau), "Π τ (bound)", 2, dash="dash"), row=2, col=2)
-    if first_token_mass is not None:
-        mass = as_array(first_token_mass, "first_token_mass", ndim=1)
+    if rollout_mass is not None:
+        mass = as_array(rollout_mass, "rollout_mass", ndim=1)
         fig.add_trace(_line(np.arange(len(mass)) + depth_start, mass, "[Π Λ̃]ₙ,₀", 3), row=2, col=1)
     if rank_one_distance is not None:
         dist = as_array(rank_one_distance, "rank_one_distance", ndim=1)
         fig.add_trace(_line(np.arange(len(dist)) + depth_start, dist, "distance to rank one", 4), row=2, col=2)
     n_layers = max(
-        (
-            len(as_array(v))
-            for v in (second_eigenvalue, dobrushin, first_token_mass, rank_one_distance)
-            if v is not None
-        ),
+        (len(as_array(v)) for v in (second_eigenvalue, dobrushin, rollout_mass, rank_one_distance) if v is not None),
         default=1,
     )
     fig.update_xaxes(title_text="layer l", row=1, **integer_axis(n_layers))
@@ -131,7 +127,7 @@ def _report_fields(report: Any) -> dict[str, Any]:
             "spectrum": report.spectrum,
             "second_eigenvalue": report.second_eigenvalue,
             "dobrushin": report.dobrushin,
-            "first_token_mass": report.rollout_mass,
+            "rollout_mass": report.rollout_mass,
             "rank_one_distance": report.rank_one_distance,
         }
     except AttributeError as err:

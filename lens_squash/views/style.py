@@ -77,7 +77,7 @@ def math_text(text: Any) -> str:
 
     Unicode sub/superscript characters where every character has one (``yₙ₊₁``: they survive SVG and
     PDF export and copy-paste), plotly's ``<sub>``/``<sup>`` otherwise (``‖J‖<sub>F</sub>``). Meant
-    for axis titles written as math; names such as ``first_token_mass`` should not go through it.
+    for axis titles written as math; names such as ``rollout_mass`` should not go through it.
     """
 
     def script(match: re.Match) -> str:

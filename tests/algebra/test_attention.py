@@ -52,10 +52,10 @@ def test_bad_patterns_are_refused_with_the_reason():
 def test_trace_records_defects_and_refuses_overflow():
     model = tiny_model(n_layers=2, n_heads=2, d_model=16, d_vocab=32, seed=2)
     t = trace(model, torch.arange(6))
-    defects = t.metadata["attention_defects"]  # float32 softmax: causal, non-negative, rows sum to 1
+    defects = t.provenance["attention_defects"]  # float32 softmax: causal, non-negative, rows sum to 1
     assert defects["above_diagonal"] == 0 and defects["min_entry"] >= 0 and defects["row_deviation"] < 1e-6
     assert set(defects) == {"row_deviation", "row_excess", "row_deficit", "above_diagonal", "min_entry"}
-    check = t.metadata["attention_check"]
+    check = t.provenance["attention_check"]
     assert check == {
         "dtype": "float32",
         "tolerance": pattern_tolerance(torch.float32, 6),

@@ -95,7 +95,7 @@ def test_top_paths_match_brute_force(source):
         assert match and match[0] == pytest.approx(record.weight, rel=1e-12)
 
 
-def test_rollout_rows_sum_to_one():
+def test_rollout_matrices_are_half_attention_plus_half_identity_and_rows_sum_to_one():
     attention = torch.softmax(
         torch.randn(4, 6, 6, dtype=torch.float64).masked_fill(
             ~torch.tril(torch.ones(6, 6, dtype=torch.bool)), float("-inf")
@@ -103,6 +103,12 @@ def test_rollout_rows_sum_to_one():
         dim=-1,
     )
     rollout = paths.rollout_matrices(attention)
+    for layer in range(4):  # Prop. B.8, entry by entry: ½ on the diagonal plus ½ of the attention
+        for j in range(6):
+            for k in range(6):
+                expected = 0.5 * float(attention[layer, j, k]) + (0.5 if j == k else 0.0)
+                assert float(rollout[layer, j, k]) == pytest.approx(expected, abs=1e-15)
+    assert (rollout.diagonal(dim1=-2, dim2=-1) >= 0.5).all()  # the residual's half: never the bare attention
     torch.testing.assert_close(rollout.sum(-1), torch.ones(4, 6, dtype=torch.float64))
     torch.testing.assert_close(paths.stack_product(rollout).sum(-1), torch.ones(6, dtype=torch.float64))
 

@@ -35,3 +35,15 @@ def test_kendall_and_top_k_overlap_match_scipy_and_sets():
         )
     x = torch.arange(10.0)
     assert top_k_overlap(x, x, k=3) == 1.0 and top_k_overlap(x, -x, k=3) == 0.0
+    y = x.clone()
+    y[9], y[0] = -1.0, 100.0  # top three of y: {0, 8, 7}; of x: {9, 8, 7}
+    assert top_k_overlap(x, y, k=3) == 2 / 3 and top_k_overlap(y, x, k=3) == 2 / 3
+    assert top_k_overlap(x, y, k=1) == 0.0 and top_k_overlap(x, y, k=4) == 3 / 4  # {9,8,7,6} vs {0,8,7,6}
+    for seed in range(20):  # against the set definition on random profiles, every k
+        gen = torch.Generator().manual_seed(seed)
+        a, b = torch.randn(12, generator=gen, dtype=F64), torch.randn(12, generator=gen, dtype=F64)
+        for k in range(1, 13):
+            top_a = set(sorted(range(12), key=lambda i: -float(a[i]))[:k])
+            top_b = set(sorted(range(12), key=lambda i: -float(b[i]))[:k])
+            assert top_k_overlap(a, b, k=k) == len(top_a & top_b) / k
+    assert top_k_overlap(x, y, k=50) == 1.0  # k beyond n: every position, so full overlap

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
+from lens_squash.algebra.paths import rollout_matrices
 from lens_squash.algebra.phases import sink_layer_links
 from lens_squash.algebra.sinks import (
     SINK_EPS,
     SINK_EPS_STRICT,
-    SinkReport,
     first_token_attention,
     key_importance,
     mixing_score,
@@ -21,7 +21,7 @@ from lens_squash.algebra.sinks import (
     sink_rate,
     sink_report,
 )
-from lens_squash.algebra.spectral import first_token_column, lazy
+from lens_squash.algebra.spectral import first_token_column
 
 from ..reference import assert_json_carries
 
@@ -196,7 +196,7 @@ def test_rollout_mass_equals_the_explicit_matrix_product():
         for layer in range(depth + 1):
             product = stack[layer] @ product  # Λ̃^(depth) … Λ̃^(0)
         assert mass[depth].item() == pytest.approx(product[-1, 0].item(), abs=1e-15)
-    torch.testing.assert_close(mass, first_token_column(lazy(pat.mean(1)))[:, -1], atol=1e-15, rtol=0)
+    torch.testing.assert_close(mass, first_token_column(rollout_matrices(pat.mean(1)))[:, -1], atol=1e-15, rtol=0)
     # a perfect sink in every head sends all of the last token's mass to token 0 as depth grows
     full_sinks = rollout_mass(planted_sinks([[1.0, 1.0]] * 20, 6))
     assert (full_sinks.diff() > 0).all() and full_sinks[-1] > 1 - 1e-5
@@ -245,41 +245,3 @@ def test_sink_report_links_sink_layers_to_over_squashing():
     loaded = assert_json_carries(report)
     assert loaded["links"]["n sink layers"] == 3.0 and loaded["entropy"] is None
     assert sink_report(pat, norms, over_squashing=False).dobrushin is None
-
-
-# --- old names -----------------------------------------------------------------------------------------
-
-
-def test_old_names_give_the_new_values_and_warn():
-    from lens_squash.algebra import sinks_legacy as sinks
-
-    pat = random_causal_patterns(layers=3, heads=2, n=7)
-    with pytest.warns(DeprecationWarning, match="first_token_attention"):
-        torch.testing.assert_close(
-            sinks.first_token_mass(pat, include_first_query=True),
-            first_token_attention(pat, include_first_query=True),
-            atol=0,
-            rtol=0,
-        )
-    with pytest.warns(DeprecationWarning, match="rollout_mass"):
-        torch.testing.assert_close(sinks.rollout_first_token_mass(pat), rollout_mass(pat), atol=0, rtol=0)
-    report = sink_report(pat, torch.rand(4, 7, dtype=F64) + 1)
-    with pytest.warns(DeprecationWarning, match="mean_first_token_attention"):
-        torch.testing.assert_close(report.first_token_mass, first_token_attention(pat).mean(-1), atol=0, rtol=0)
-    fields = {f.name: getattr(report, f.name) for f in dataclasses.fields(SinkReport)}
-    fields["first_token_mass"] = fields.pop("mean_first_token_attention")
-    with pytest.warns(DeprecationWarning, match="mean_first_token_attention"):
-        rebuilt = SinkReport(**fields)
-    assert rebuilt.mean_first_token_attention is report.mean_first_token_attention
-    # the 0.1 module name still finds a metric that moved to a sibling module, with a warning
-    import sys
-
-    sys.modules.pop("lens_squash.sinks", None)
-    with pytest.warns(DeprecationWarning, match="algebra.compression"):
-        import lens_squash.sinks as old_sinks
-    from lens_squash.algebra import compression
-    from lens_squash.algebra import sinks as pure_sinks
-
-    assert old_sinks.matrix_entropy is compression.matrix_entropy
-    with pytest.raises(AttributeError):
-        getattr(pure_sinks, "sink_analysis")  # noqa: B009  (runs the model: lives in lens_squash.experiments.sinks now)

@@ -274,7 +274,7 @@ def test_first_token_column_and_rank_one_distance_match_the_full_product():
     stack = torch.stack([lazy(softmax_causal(10, gen, scale=3.0)) for _ in range(6)])
     column, gap = first_token_column(stack), first_token_gap(stack)
     torch.testing.assert_close(column + gap, torch.ones_like(column), atol=1e-14, rtol=0)
-    report = analyze_stack(stack, target=-1)
+    report = analyze_stack(stack, target_pos=-1)
     tau = dobrushin(stack)
     torch.testing.assert_close(
         report.dobrushin, torch.tensor([brute_tau(m) for m in stack], dtype=F64), atol=1e-14, rtol=0
@@ -327,10 +327,10 @@ def test_target_position_and_stack_shape_are_checked():
     gen = torch.Generator().manual_seed(14)
     stack = torch.stack([lazy(softmax_causal(5, gen)) for _ in range(2)])
     with pytest.raises(ValueError, match="out of range"):
-        analyze_stack(stack, target=5)
+        analyze_stack(stack, target_pos=5)
     with pytest.raises(ValueError, match=r"\[layer, query_pos, key_pos\]"):
         analyze_stack(stack[0])
-    first = analyze_stack(stack, target=0)
+    first = analyze_stack(stack, target_pos=0)
     assert first.depth_to_first_token == 1 and (first.rollout_mass == 1).all()
 
 
@@ -389,7 +389,7 @@ def test_streamed_report_equals_the_whole_stack_and_refuses_what_it_refuses():
         stream.add(layer)
     layers = stream.finish()
     for target in (-1, 0, 4):
-        whole, streamed = analyze_stack(stack, target=target, atol=1e-6), spectral_report(layers, target=target)
+        whole, streamed = analyze_stack(stack, target_pos=target, atol=1e-6), spectral_report(layers, target_pos=target)
         for name in (
             "spectrum",
             "dobrushin",

@@ -34,7 +34,7 @@ def test_flows_sum_to_the_row_of_every_variant(traced, variant):
     )
     top = bound.top_paths(k=3)
     assert top[0].weight <= float(bound.bound.max()) * (1 + 1e-12)  # one path never outweighs all paths
-    assert top[0].positions[-1] == bound.target
+    assert top[0].positions[-1] == bound.target_pos
 
 
 @pytest.mark.hooked
@@ -57,7 +57,7 @@ def test_row_normalised_variants_are_distributions(traced, variant):
         bound = path_bound(t, variant, model=model, target_pos=target)
         assert float(bound.bound.sum()) == pytest.approx(1.0, abs=1e-10)
         assert (bound.bound >= 0).all()
-        assert (bound.bound[bound.target + 1 :] == 0).all()  # causality: no later position contributes
+        assert (bound.bound[bound.target_pos + 1 :] == 0).all()  # causality: no later position contributes
 
 
 @pytest.mark.hooked
@@ -101,6 +101,55 @@ def test_certified_bound_dominates_the_frozen_jacobian(name):
         assert (truth[bound == 0] == 0).all()
 
 
+def _hand_built_certified(model, tokens: torch.Tensor, target: int) -> torch.Tensor:
+    """The certified row of a sequential LayerNorm model from its factors, each found another way than
+    the package does: ‖P diag(γ1) W_V^h W_O^h‖₂ by a full SVD, the norm scales from run_with_cache, the
+    MLP gain ‖J‖_F from autograd's Jacobian of the MLP behind its frozen ln2, and the final norm's
+    ‖P diag(γ_f)‖₂ / s_f; then ``o_n · [M^(1) M^(0)]_n`` with ``M = diag(1 + g)(I + Σ_h A^h ∘ c^h)``."""
+    _, cache = model.run_with_cache(tokens[None])
+    d, n = model.cfg.d_model, tokens.numel()
+    centre = torch.eye(d, dtype=torch.float64) - 1.0 / d
+
+    def frozen_mlp(block, scale):  # the MLP behind ln2 with its scale held: x ↦ mlp(γ ⊙ P x / s + β)
+        return lambda x: block.mlp((x - x.mean()) / scale * block.ln2.w + block.ln2.b)
+
+    product = torch.eye(n, dtype=torch.float64)
+    for layer, block in enumerate(model.blocks):
+        s1 = cache[f"blocks.{layer}.ln1.hook_scale"][0, :, 0]
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0]  # [head, query, key]
+        edges = torch.zeros(n, n, dtype=torch.float64)
+        for h in range(model.cfg.n_heads):
+            ov = centre @ torch.diag(block.ln1.w) @ block.attn.W_V[h] @ block.attn.W_O[h]
+            c = torch.linalg.svdvals(ov)[0] / s1  # per key k
+            edges += pattern[h] * c[None, :]
+        s2 = cache[f"blocks.{layer}.ln2.hook_scale"][0, :, 0]
+        mid = cache[f"blocks.{layer}.hook_resid_mid"][0]
+        jacobians = [torch.autograd.functional.jacobian(frozen_mlp(block, s2[j]), mid[j]) for j in range(n)]
+        gain = torch.stack([torch.linalg.matrix_norm(j) for j in jacobians])  # Frobenius
+        product = torch.diag(1 + gain) @ (torch.eye(n, dtype=torch.float64) + edges) @ product
+    s_f = cache["ln_final.hook_scale"][0, :, 0]
+    output = torch.linalg.svdvals(centre @ torch.diag(model.ln_final.w))[0] / s_f
+    return output[target] * product[target]
+
+
+def test_certified_bound_equals_the_product_of_its_factors_built_by_hand():
+    """Tightness of the construction, not just domination: a bound ×10, a transposed W_OV, a missing
+    norm scale, an MLP gain off by a layer or γ left out all change this row."""
+    model = tiny_model(n_layers=2, n_heads=2, d_model=12, d_vocab=32, dtype=torch.float64, seed=6)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-trivial γ and β, so that leaving one out shows
+        for ln in [model.ln_final] + [getattr(b, name) for b in model.blocks for name in ("ln1", "ln2")]:
+            ln.w.copy_(0.5 + torch.rand(ln.w.shape, generator=gen, dtype=torch.float64))
+            ln.b.copy_(0.1 * torch.randn(ln.b.shape, generator=gen, dtype=torch.float64))
+    tokens = TOKENS[:7]
+    t = trace(model, tokens, lipschitz=True)
+    for target in (6, 3):
+        bound = path_bound(t, "certified", model=model, target_pos=target).bound
+        expected = _hand_built_certified(model, tokens, target)
+        torch.testing.assert_close(bound, expected, atol=0, rtol=1e-10)
+        assert (bound[target + 1 :] == 0).all() and (bound[: target + 1] > 0).all()
+
+
 @pytest.mark.slow
 def test_certified_bound_dominates_on_smollm2(smollm2):
     from lens_squash.edge.jacobian import jacobian
@@ -140,8 +189,8 @@ def test_16_bit_smollm2_runs_every_variant(dtype):
     model = load_model(n_ctx=512, dtype=dtype)
     # the MLP Grams cost minutes on 2 cores (30 layers of 3072² · 576): certified is checked in bfloat16 only
     t = trace(model, format_prompt(model, COPY_PROMPT_12), lipschitz=dtype == "bfloat16")
-    deviation = t.metadata["attention_defects"]["row_deviation"]
-    check = t.metadata["attention_check"]
+    deviation = t.provenance["attention_defects"]["row_deviation"]
+    check = t.provenance["attention_check"]
     assert deviation > 1e-4  # what the float32 tolerance refused as "pass softmax patterns, not scores"
     assert check["dtype"] == dtype and check["tolerated_row_deviation"] == deviation
     for variant in sorted(VARIANTS):

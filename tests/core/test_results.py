@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -148,7 +147,7 @@ def test_from_dict_refuses_another_class_and_unknown_fields():
         _Toy.from_dict({**toy, "extra": 1})
 
 
-def test_figures_dispatch_by_kind_with_a_typed_error_and_what_still_works(monkeypatch):
+def test_figures_dispatch_by_kind_with_a_typed_error(monkeypatch):
     monkeypatch.setattr(results, "_plugin_loaded", True)  # no views needed for a toy class
     monkeypatch.setattr(results, "_FIGURES", {})
     monkeypatch.setattr(results, "_DEFAULT_KIND", {})
@@ -156,8 +155,6 @@ def test_figures_dispatch_by_kind_with_a_typed_error_and_what_still_works(monkey
     results.register_figure(_Toy, "second")(lambda r, **kw: ("second", r.label, kw))
     toy = _Toy(torch.zeros(1), "x")
     assert toy.plot() == ("first", "x", {}) and toy.plot("second", a=1) == ("second", "x", {"a": 1})
-    with pytest.warns(DeprecationWarning, match="kind"):
-        assert toy.plot(what="second")[0] == "second"
     with pytest.raises(UnknownFigureKindError, match="'first', 'second'") as info:
         toy.plot("third")
     assert info.value.kinds == ("first", "second")
@@ -165,11 +162,7 @@ def test_figures_dispatch_by_kind_with_a_typed_error_and_what_still_works(monkey
         results.register_figure(_Toy, "first")(lambda r: None)
 
 
-def test_old_provenance_names_read_with_a_warning_and_tables_refuse_clearly():
+def test_tables_refuse_clearly():
     toy = _Toy(torch.zeros(1), "x", provenance={"model": "m"})
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert toy.metadata is toy.provenance and toy.meta is toy.provenance
-    assert [w.category for w in caught] == [DeprecationWarning, DeprecationWarning]
     with pytest.raises(TypeError, match="_Toy is not a table"):
         toy.to_frame()

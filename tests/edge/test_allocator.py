@@ -303,6 +303,7 @@ def _jacobian_faults(steady: bool) -> int:
 
 
 @pytest.mark.hooked  # the subprocess builds a tiny_model
+@pytest.mark.slow  # two fresh interpreters each run a Jacobian: the slowest test of make test-fast before
 @needs_glibc
 def test_a_jacobian_page_faults_its_chunks_in_far_less_often_with_the_steady_heap():
     # measured 4 times each: steady 8 688–10 290 faults, plain 22 126–32 178 (glibc trims the heap

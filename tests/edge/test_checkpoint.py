@@ -113,15 +113,6 @@ def test_checkpoint_argument_is_checked():
         jacobian(build("gpt2"), TOKENS, checkpoint="yes")
 
 
-def test_old_target_keyword_still_works_with_a_warning():
-    model = build("gpt2")
-    with pytest.warns(DeprecationWarning, match=r"target=.*layer="):
-        old = jacobian(model, TOKENS, target=1, mode="sketch", n_probes=4)
-    new = jacobian(model, TOKENS, layer=1, mode="sketch", n_probes=4)
-    torch.testing.assert_close(old.frobenius, new.frobenius, atol=0, rtol=0)
-    assert old.layer == 1 and old.target == 1
-
-
 @pytest.mark.parametrize("checkpoint", [False, True])
 def test_vjp_chunks_show_a_progress_bar_unless_silenced(monkeypatch, capsys, checkpoint):
     from lens_squash.core.progress import silenced

@@ -654,10 +654,14 @@ def test_views_have_captions_and_titled_axes(tiny_flow):
     for kind in ("layers", "heatmap", "heads", "paths"):
         fig = tiny_flow.plot(kind)
         assert caption_of(fig), kind
-        titled = [a.title.text for name, a in fig.layout.to_plotly_json().items() if False] or [
-            fig.layout[name].title.text for name in fig.layout if name.startswith(("xaxis", "yaxis"))
-        ]
-        assert any(titled), kind
+        # every axis a trace is drawn on and that is shown carries a title, not just one of them; an
+        # axis that shares (``matches``) another is titled there, and that one must be drawn on too
+        refs = {ref for t in fig.data for ref in (t.xaxis or "x", t.yaxis or "y")}
+        axes = {ref: fig.layout[ref[0] + "axis" + ref[1:]] for ref in sorted(refs)}
+        shown = {ref: axis for ref, axis in axes.items() if axis.visible is not False}
+        assert {axis.matches for axis in shown.values() if axis.matches} <= set(axes), kind
+        titled = [axis.title.text for axis in shown.values() if not axis.matches]
+        assert len(titled) >= 2 and all(titled), (kind, titled)
     with pytest.raises(ValueError, match="SensitivityFlow has no figure kind 'pie'; use one of 'layers'"):
         tiny_flow.plot("pie")
 

@@ -77,7 +77,7 @@ def test_unsupported_architectures_are_refused_with_the_reason(knobs, reason):
         supports_certified(model)
     assert "jacobian(model, prompt, mode='frozen')" in str(caught.value)  # says what to use instead
     t = trace(model, TOKENS, lipschitz=True)  # the trace itself still runs, and records why
-    assert t.mlp_gain is None and reason in t.metadata["lipschitz_unsupported"]
+    assert t.mlp_gain is None and reason in t.provenance["lipschitz_unsupported"]
     with pytest.raises(UnsupportedModelError, match=reason):
         path_bound(t, "certified", model=model)
 

@@ -250,11 +250,3 @@ def test_analyze_refuses_before_any_work_when_the_estimate_exceeds_free_memory(m
     monkeypatch.setattr(trace_module, "_run", lambda *a, **k: pytest.fail("the model ran for a refused length"))
     with pytest.raises(MemoryError, match=r"needs about .* GiB but .* is free on cpu; the longest prompt that fits"):
         analyze(model, TOKENS, jacobian_mode=None)
-
-
-def test_the_old_target_keyword_still_works():
-    model = build("gpt2")
-    new = analyze(model, TOKENS, jacobian_mode=None, target_pos=4, variants=("rollout",))
-    with pytest.warns(DeprecationWarning, match="target_pos"):
-        old = analyze(model, TOKENS, jacobian_mode=None, target=4, variants=("rollout",))
-    assert torch.equal(old.bounds["rollout"].bound, new.bounds["rollout"].bound) and new.bounds["rollout"].target == 4

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pandas as pd
 import pytest
 import torch
@@ -231,10 +233,18 @@ def test_dtype_sweep_thresholds_and_native_mode(rotary):
     th = default.thresholds()
     rel = default.final("inf")
     for d, name in enumerate(default.dtypes):
-        hit = th[name]["below_resolution"]
-        if hit is not None:
-            i = lengths.index(hit)
-            assert rel[d, i] < default.resolutions[name] and (rel[d, :i] >= default.resolutions[name]).all()
+        hit, resolution = th[name]["below_resolution"], default.resolutions[name]
+        i = len(lengths) if hit is None else lengths.index(hit)  # None: no measured length is below
+        assert (rel[d, :i] >= resolution).all(), name  # nothing before the threshold is below it
+        assert hit is None or rel[d, i] < resolution, name
+    # neither dtype collapses within these lengths on this model, so plant a collapse in bf16's curve
+    # (tiny at lengths[7], exactly 0 at lengths[10]) and check the thresholds find exactly those lengths
+    planted = default.distances.clone()
+    planted[1, 7, -1, :] *= 1e-6
+    planted[1, 10, -1, :] = 0
+    moved = dataclasses.replace(default, distances=planted).thresholds()["bfloat16"]
+    assert (moved["below_resolution"], moved["exactly_zero"]) == (lengths[7], lengths[10])
+    assert (th["bfloat16"]["exactly_zero"], th["float64"]["below_resolution"]) == (None, None)
     # bf16 rounding makes the low-precision curve differ from float64
     assert not torch.equal(default.distances[0], default.distances[1])
     frame = default.summary()

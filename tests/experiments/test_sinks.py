@@ -77,7 +77,7 @@ def test_sink_analysis_agrees_with_run_with_cache_on_a_tiny_model(tiny):
     tokens = torch.randint(0, tiny.cfg.d_vocab, (12,))
     report = sink_analysis(tiny, tokens)
     assert_report_matches(report, direct_recomputation(tiny, tokens), rtol=1e-10)
-    assert report.metadata["model"]["n_layers"] == 2 and len(report.metadata["str_tokens"]) == 12
+    assert report.provenance["model"]["n_layers"] == 2 and len(report.provenance["str_tokens"]) == 12
     fig = report.plot()
     drawn = {t.name: np.asarray(t.y, dtype=float) for t in fig.data}
     assert "mean_first_token_attention" in drawn and "SinkReport" in report._repr_html_()
@@ -122,10 +122,9 @@ def test_sink_analysis_refuses_a_single_token_before_tracing(monkeypatch):
 
 
 @pytest.mark.hooked
-def test_the_three_first_token_quantities_have_three_names_and_the_old_ones_still_read(tiny):
+def test_the_three_first_token_quantities_have_three_names(tiny):
     """Trace.mean_first_token_attention (head mean), first_token_attention (per head) and the rollout
-    mass (a product over layers) differ on a real pass; the deprecated first_token_mass of Trace and
-    SpectralReport read the new fields."""
+    mass (a product over layers) differ on a real pass."""
     from lens_squash.algebra.attention import aggregate_heads
     from lens_squash.algebra.paths import rollout_matrices
     from lens_squash.algebra.spectral import analyze_stack
@@ -137,10 +136,6 @@ def test_the_three_first_token_quantities_have_three_names_and_the_old_ones_stil
     spectral = analyze_stack(rollout_matrices(aggregate_heads(traced.patterns.double())))
     torch.testing.assert_close(spectral.rollout_mass, rollout_mass(traced.patterns), atol=1e-12, rtol=0)
     assert not torch.allclose(spectral.rollout_mass, per_head.mean(-1))  # a product, not a mean
-    with pytest.warns(DeprecationWarning, match="mean_first_token_attention"):
-        assert torch.equal(traced.first_token_mass(), traced.mean_first_token_attention())
-    with pytest.warns(DeprecationWarning, match="rollout_mass"):
-        assert spectral.first_token_mass is spectral.rollout_mass
 
 
 #: float32 rounding across CPUs and thread counts, with margin (see the test)

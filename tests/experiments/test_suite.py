@@ -8,7 +8,7 @@ import pytest
 
 from lens_squash.edge.models import format_prompt, tiny_model
 from lens_squash.experiments.suite import KINDS, load_suite
-from lens_squash.experiments.tasks import make_instance
+from lens_squash.experiments.task_prompts import make_instance
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lens_squash.edge.models import format_prompt, tiny_model
+from lens_squash.experiments.task_prompts import make_instance
 from lens_squash.experiments.task_theory import (
     CopySensitivity,
     CountCollapse,
@@ -17,7 +18,6 @@ from lens_squash.experiments.task_theory import (
     count_collapse,
     sequence_positions,
 )
-from lens_squash.experiments.tasks import make_instance
 
 pytestmark = pytest.mark.hooked  # builds HookedTransformer models (TransformerLens 3 only)
 
@@ -118,7 +118,7 @@ def test_certified_bound_is_above_the_frozen_jacobian_at_the_answer(chat_tiny):
 
 def test_sketch_with_d_model_probes_matches_the_exact_frobenius_norms(chat_tiny, exact_rollout):
     sketch = copy_sensitivity(chat_tiny, [2, 7], jacobian_mode="sketch", n_probes=10_000, variant="rollout")
-    assert sketch.meta["n_probes"] == chat_tiny.cfg.d_model  # capped: d_model orthonormal probes are exact
+    assert sketch.provenance["n_probes"] == chat_tiny.cfg.d_model  # capped: d_model orthonormal probes are exact
     for key, profile in sketch.profiles.items():
         torch.testing.assert_close(profile["jacobian"], exact_rollout.profiles[key]["jacobian"], rtol=1e-8, atol=0)
     assert sketch.frame.jacobian_spectral.isna().all()

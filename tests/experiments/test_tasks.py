@@ -11,22 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from lens_squash.experiments import runs, task_eval, task_results, tasks
-from lens_squash.experiments.tasks import (
-    FILLER_WORDS,
-    RESULT_COLUMNS,
-    STYLES,
-    TASKS,
-    ParsedAnswer,
-    TaskResults,
-    evaluate,
-    greedy_generate,
-    load_results,
-    make_instance,
-    make_instances,
-    parse_answer,
-    save_results,
-)
+from lens_squash.edge.generation import greedy_generate
+from lens_squash.experiments import runs, task_eval, task_results, task_texts, tasks
+from lens_squash.experiments.answers import ParsedAnswer, parse_answer
+from lens_squash.experiments.task_eval import evaluate
+from lens_squash.experiments.task_prompts import STYLES, TASKS, make_instance, make_instances
+from lens_squash.experiments.task_results import RESULT_COLUMNS, TaskResults, load_results, save_results
+from lens_squash.experiments.task_texts import FILLER_WORDS
 
 # ----------------------------------------------------------------------------------------------
 # Prompts, verbatim (typed from Appendix C.1 and C.5, with the paper's quotes and quirks)
@@ -182,9 +173,9 @@ def test_alternating_sequences_alternate_and_end_in_zero():
 
 def test_random_tasks_follow_their_rates():
     ones = [x for s in range(200) for x in make_instance("count_bernoulli", 50, s).sequence]
-    assert abs(sum(ones) / len(ones) - tasks.BERNOULLI_P) < 0.02  # 10k draws: 5 sigma ~ 0.023
+    assert abs(sum(ones) / len(ones) - task_texts.BERNOULLI_P) < 0.02  # 10k draws: 5 sigma ~ 0.023
     words = [w for s in range(200) for w in make_instance("count_car", 50, s).sequence]
-    assert abs(words.count("car") / len(words) - tasks.CAR_P) < 0.025
+    assert abs(words.count("car") / len(words) - task_texts.CAR_P) < 0.025
     assert set(words) - {"car"} <= set(FILLER_WORDS)
 
 
@@ -692,7 +683,7 @@ def _scatter_by_name(fig) -> dict[str, tuple[list, list]]:
 )
 def test_line_figures_show_exactly_the_summary_table(kind, column, tasks_shown):
     results = _synthetic_results()
-    summary = tasks.summarize_results(results)
+    summary = task_results.summarize_results(results)
     expected = {}
     for (task, mode), group in summary.groupby(["task", "style"]):
         if task not in tasks_shown:
@@ -776,7 +767,7 @@ def test_run_tasks_writes_everything_and_resumes_after_an_interruption(chat_mode
     assert saved["metadata"]["model"]["name"] == chat_model.cfg.model_name
     assert saved["metadata"]["lengths"] == [2, 4] and saved["metadata"]["seed"] == 0
     assert [r["raw_output"] for r in saved["rows"]] == reference.frame.raw_output.tolist()
-    summary = tasks.summarize_results(out / "results.csv")
+    summary = task_results.summarize_results(out / "results.csv")
     pd.testing.assert_frame_equal(summary, reference.accuracy_by_length())
     assert [r["accuracy"] for r in saved["summary"]] == summary.accuracy.tolist()
     # the figures are the results' own (the command line writes them to figures.html)
@@ -815,21 +806,21 @@ def test_weights_hash_reads_every_byte(chat_model):
     from lens_squash.edge.models import tiny_model
 
     twin = tiny_model(tokenizer="smollm2", n_ctx=256, d_model=16, n_heads=2, n_layers=1, seed=0)
-    assert tasks.weights_sha256(twin) == tasks.weights_sha256(chat_model) == _reference_weights_sha256(chat_model)
+    assert runs.weights_sha256(twin) == runs.weights_sha256(chat_model) == _reference_weights_sha256(chat_model)
     last = list(twin.parameters())[-1]
     with torch.no_grad():  # one element of one tensor, far from any stride a sample would take
         last.view(-1)[-1] = torch.nextafter(last.view(-1)[-1], torch.tensor(float("inf")))
-    assert tasks.weights_sha256(twin) != tasks.weights_sha256(chat_model)
-    assert tasks.weights_sha256(twin) == _reference_weights_sha256(twin)
+    assert runs.weights_sha256(twin) != runs.weights_sha256(chat_model)
+    assert runs.weights_sha256(twin) == _reference_weights_sha256(twin)
 
 
 def test_fingerprint_differences_name_each_field():
     old = {"model": {"name": "a", "dtype": "float32"}, "generation": {"max_new_tokens": 4}}
     new = {"model": {"name": "b", "dtype": "float32"}, "generation": {"max_new_tokens": 4, "chat": None}}
-    assert tasks.fingerprint_differences(old, new) == ["generation.chat: '(absent)' → None", "model.name: 'a' → 'b'"]
-    assert tasks.fingerprint_differences(old, {"model": {"dtype": "float32"}}, partial=True) == []
-    assert tasks.fingerprint_digest(old) == tasks.fingerprint_digest(json.loads(json.dumps(old)))
-    assert tasks.fingerprint_digest(old) != tasks.fingerprint_digest(new)
+    assert runs.fingerprint_differences(old, new) == ["generation.chat: '(absent)' → None", "model.name: 'a' → 'b'"]
+    assert runs.fingerprint_differences(old, {"model": {"dtype": "float32"}}, partial=True) == []
+    assert runs.fingerprint_digest(old) == runs.fingerprint_digest(json.loads(json.dumps(old)))
+    assert runs.fingerprint_digest(old) != runs.fingerprint_digest(new)
 
 
 SMALL = {"task": "copy_last", "lengths": [2, 3], "n_samples": 1, "max_new_tokens": 3, "progress": False}
@@ -851,27 +842,27 @@ def test_resuming_with_another_model_or_setting_is_refused_and_overwrite_starts_
         evaluate(chat_model, **SMALL, chat=False, out_path=out)
     assert out.read_bytes() == before  # refusals touch nothing
     again = evaluate(other, **SMALL, out_path=out, overwrite=True)
-    assert set(again.frame.fingerprint) == {again.meta["fingerprint"]} != {first.meta["fingerprint"]}
-    stored = json.loads(tasks.fingerprint_path(out).read_text())
-    assert stored["digest"] == again.meta["fingerprint"]
-    assert stored["fingerprint"]["model"]["weights_sha256"] == tasks.weights_sha256(other)
+    assert set(again.frame.fingerprint) == {again.provenance["fingerprint"]} != {first.provenance["fingerprint"]}
+    stored = json.loads(runs.fingerprint_path(out).read_text())
+    assert stored["digest"] == again.provenance["fingerprint"]
+    assert stored["fingerprint"]["model"]["weights_sha256"] == runs.weights_sha256(other)
 
 
 @pytest.mark.hooked
 def test_rows_carry_the_fingerprint_so_a_merged_file_cannot_hide_a_mix(chat_model, tmp_path):
     a = evaluate(chat_model, **SMALL)
     b = evaluate(chat_model, **{**SMALL, "max_new_tokens": 4})
-    assert a.meta["fingerprint"] != b.meta["fingerprint"]
+    assert a.provenance["fingerprint"] != b.provenance["fingerprint"]
     merged = pd.concat([a.frame, b.frame], ignore_index=True)
     for suffix in (".csv", ".json", ".jsonl"):
         path = save_results(merged, tmp_path / f"merged{suffix}")
         with pytest.raises(ValueError, match="mix rows of 2 different runs"):
             load_results(path)
         with pytest.raises(ValueError, match="mix rows of 2 different runs"):
-            tasks.summarize_results(path)
+            task_results.summarize_results(path)
         assert len(load_results(path, allow_mixed=True).frame) == len(merged)
     with pytest.raises(ValueError, match="mix rows of 2 different runs"):
-        tasks.summarize_results(merged)
+        task_results.summarize_results(merged)
 
 
 @pytest.mark.hooked
@@ -883,7 +874,7 @@ def test_a_results_file_with_foreign_rows_or_no_record_is_refused(chat_model, tm
     out.write_text("\n".join([*lines, json.dumps(foreign)]) + "\n")
     with pytest.raises(ValueError, match="rows with fingerprints \\['0123456789abcdef'\\]"):
         evaluate(chat_model, **SMALL, out_path=out)
-    tasks.fingerprint_path(out).unlink()
+    runs.fingerprint_path(out).unlink()
     with pytest.raises(ValueError, match="no results.fingerprint.json, so what made its rows is unknown"):
         evaluate(chat_model, **SMALL, out_path=out)
 
@@ -954,10 +945,10 @@ def test_a_record_left_without_rows_is_replaced_not_trusted(chat_model, tmp_path
         patch.setattr(task_eval, "greedy_generate", interrupted)
         with pytest.raises(KeyboardInterrupt):  # stopped before its first batch: a record, no rows
             evaluate(chat_model, **SMALL, out_path=out)
-    assert tasks.fingerprint_path(out).exists() and not out.exists()
+    assert runs.fingerprint_path(out).exists() and not out.exists()
     other = evaluate(chat_model, **{**SMALL, "max_new_tokens": 4}, out_path=out)  # nothing to mix with
-    stored = json.loads(tasks.fingerprint_path(out).read_text())
-    assert stored["digest"] == other.meta["fingerprint"] and set(other.frame.fingerprint) == {stored["digest"]}
+    stored = json.loads(runs.fingerprint_path(out).read_text())
+    assert stored["digest"] == other.provenance["fingerprint"] and set(other.frame.fingerprint) == {stored["digest"]}
     evaluate(chat_model, **{**SMALL, "max_new_tokens": 4}, out_path=out)  # and it resumes
 
 
@@ -978,12 +969,9 @@ def test_run_tasks_refuses_bad_settings_before_any_work(chat_model, tmp_path, mo
 
 
 @pytest.mark.hooked
-def test_the_old_name_mode_still_works_and_old_files_still_resume(chat_model, tmp_path, monkeypatch):
-    """``mode`` became ``style`` (issue 15: the word now means only the Jacobian's): the old keyword
-    warns and gives the same prompts, and a results file written with a ``mode`` field resumes."""
-    with pytest.warns(DeprecationWarning, match=r"make_instance\(mode=...\) is now make_instance\(style=...\)"):
-        old = make_instance("sum_ones", 5, mode="cot")
-    assert old == make_instance("sum_ones", 5, style="cot") and old.mode == "cot"
+def test_old_files_with_a_mode_field_still_resume(chat_model, tmp_path, monkeypatch):
+    """``mode`` became ``style`` (issue 15: the word now means only the Jacobian's): a results file
+    written with a ``mode`` field resumes."""
     out = tmp_path / "results.jsonl"
     first = evaluate(chat_model, **SMALL, out_path=out)
     lines = [json.loads(line) for line in out.read_text().splitlines()]

@@ -340,7 +340,7 @@ def _report_sections(traced, flows, profile, str_tokens, prompt):
     n = traced.n_tokens
     lengths = [2, 4, 8, 16]
     return [
-        model_section(traced.metadata),
+        model_section(traced.provenance),
         prompt_section(prompt, str_tokens, predicted=traced.predicted_token),
         ReportSection(
             "bound vs gradient",
@@ -364,7 +364,7 @@ def _report_sections(traced, flows, profile, str_tokens, prompt):
                     spectrum=torch.rand(2, n),
                     second_eigenvalue=torch.rand(2),
                     dobrushin=torch.rand(2),
-                    first_token_mass=torch.rand(2),
+                    rollout_mass=torch.rand(2),
                     rank_one_distance=torch.rand(2),
                 )
             ],
@@ -416,7 +416,7 @@ def _apply_every_menu_button(page: _Page) -> int:
 def test_report_renders_every_figure_without_console_errors(browser, tmp_path):
     traced, flows, profile = _tiny_results()
     sections = _report_sections(traced, flows, profile, traced.str_tokens, "token ids 1..10 ($x$ & <ok>)")
-    html_path, _ = write_report(tmp_path, sections, {"bound": profile}, metadata=traced.metadata)
+    html_path, _ = write_report(tmp_path, sections, {"bound": profile}, metadata=traced.provenance)
     n_figures = sum(len(s.figures) for s in sections)
     assert html_path.read_text().count('class="plotly-graph-div"') == n_figures
 

@@ -20,7 +20,7 @@ def rollout_paths(tiny):
 
     traced = trace(tiny, torch.tensor([5, 9, 2, 7, 7, 3, 1, 8]))
     bound = path_bound(traced, "rollout")
-    return graph_paths(bound.graph, bound.target, k=4, str_tokens=traced.str_tokens)
+    return graph_paths(bound.graph, bound.target_pos, k=4, str_tokens=traced.str_tokens)
 
 
 def test_every_hop_of_every_drawn_path_is_drawn_and_cross_position_hops_stand_out(rollout_paths):
@@ -62,4 +62,4 @@ def test_the_figure_explains_itself(rollout_paths):
     caption = caption_of(fig)
     assert "connected paths" in caption and "hover" in caption
     assert fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
-    assert str(rollout_paths.target) in fig.layout.title.text
+    assert str(rollout_paths.target_pos) in fig.layout.title.text

@@ -21,7 +21,7 @@ from lens_squash.algebra.compare import compare_variants
 from lens_squash.algebra.sinks import sink_report
 from lens_squash.algebra.softmax_theory import tv_decay_experiment
 from lens_squash.core.tokens import token_label
-from lens_squash.experiments.tasks import RESULT_COLUMNS, TaskResults
+from lens_squash.experiments.task_results import RESULT_COLUMNS, TaskResults
 from lens_squash.views.attention_figures import attention_heatmap, block_size
 from lens_squash.views.bound_figures import bound_vs_jacobian, comparison_figure
 from lens_squash.views.collapse_figures import (
@@ -547,7 +547,7 @@ def test_spectral_figure_panels_hold_the_curves():
     spectrum, second, tau = torch.rand(3, 5), torch.rand(3), torch.rand(3)
     mass, dist = torch.rand(3), torch.rand(3)
     fig = spectral_figure(
-        spectrum=spectrum, second_eigenvalue=second, dobrushin=tau, first_token_mass=mass, rank_one_distance=dist
+        spectrum=spectrum, second_eigenvalue=second, dobrushin=tau, rollout_mass=mass, rank_one_distance=dist
     )
     by_name = {t.name: t for t in fig.data}
     assert_data(by_name["eigenvalues Λ̃_ii"].y, spectrum.flatten(), digits=6)

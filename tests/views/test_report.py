@@ -269,7 +269,7 @@ def test_analysis_sections_cover_an_analysis_like_object(tiny):
 def test_collapse_and_tasks_sections_show_the_results():
     from lens_squash.edge.models import tiny_model
     from lens_squash.experiments.collapse import collapse_curve
-    from lens_squash.experiments.tasks import RESULT_COLUMNS, TaskResults
+    from lens_squash.experiments.task_results import RESULT_COLUMNS, TaskResults
 
     model = tiny_model(
         n_layers=2, n_heads=2, d_model=16, positional="rotary", norm="RMS", tokenizer="smollm2", n_ctx=128
@@ -384,7 +384,7 @@ def test_every_standard_section_and_every_analysis_figure_has_a_caption(tmp_path
     for section in sections:
         for fig in section.figures:
             assert caption_of(fig), (section.title, fig.layout.title.text)
-    html_path, _ = write_report(tmp_path, sections, {}, metadata=analysis.trace.metadata)
+    html_path, _ = write_report(tmp_path, sections, {}, metadata=analysis.trace.provenance)
     page = html_path.read_text()
     n_figures = sum(len(s.figures) for s in sections)
     # one caption under each section title, one under each figure
