@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..algebra.compare import Comparison
-from ..algebra.flow_paths import FlowPaths
+from ..algebra.flow_paths import FlowPaths, graph_paths
 from ..algebra.paths import PathFlows
 from ..algebra.sinks import SinkReport
 from ..algebra.softmax_theory import TVDecayResult
@@ -33,9 +33,14 @@ from ..experiments.task_results import TASK_FIGURES, TaskResults, task_figure_ro
 from ..experiments.task_theory import CopySensitivity, CountCollapse
 from . import flow_views
 from .attention_figures import attention_heatmap
-from .bound_figures import bound_vs_jacobian, comparison_figure
+from .attention_view import AttentionView, attention_view
+from .bound_figures import bound_vs_jacobian
+from .bound_panels import bound_truth_from_table
 from .collapse_figures import collapse_figure, head_band_figure, pe_figure, tv_decay_figure
 from .edge_figures import attention_paths
+from .pages import analysis_page, many_page
+from .path_graph import connected_paths
+from .report_parts import attention_view_html
 from .result_figures import comparison_figure_of, prompts_figure
 from .sink_figures import sink_figure, sink_report_figure
 from .spectral_figures import spectral_report_figure
@@ -81,6 +86,11 @@ def _bound_flows(bound: PathBound, *, source: int | None = None, **kwargs):
     return attention_paths(bound.flows(source), bound.str_tokens, **kwargs)
 
 
+def _bound_paths(bound: PathBound, *, k: int = 5, **kwargs):
+    """The bound graph's heaviest connected paths, sink route beside content route."""
+    return connected_paths(graph_paths(bound.graph, bound.target, k=k, str_tokens=bound.str_tokens), **kwargs)
+
+
 def _flows_edges(flows: PathFlows, **kwargs):
     return attention_paths(flows, **kwargs)
 
@@ -92,6 +102,7 @@ for _norm in _NORM_NAMES:
 _register(PathBound, "profile", _bound_profile)
 _register(PathBound, "flows", _bound_flows)
 _register(PathFlows, "edges", _flows_edges)
+_register(PathBound, "paths", _bound_paths)
 _register(Comparison, "statistics", comparison_figure_of)
 _register(SpectralReport, "report", spectral_report_figure)
 _register(SinkReport, "curves", sink_report_figure)
@@ -107,6 +118,8 @@ _register(SensitivityFlow, "heatmap", flow_views.layer_heatmaps)
 _register(SensitivityFlow, "heads", flow_views.head_grid)
 _register(SensitivityFlow, "paths", flow_views.path_figure)
 _register(FlowPaths, "paths", flow_views.path_figure)
+_register(FlowPaths, "connected", connected_paths)
+_register(SensitivityFlow, "connected", lambda flow, *, k=5, **kwargs: connected_paths(flow.top_paths(k=k), **kwargs))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,9 +130,25 @@ _register(FlowPaths, "paths", flow_views.path_figure)
 def _analysis_bounds(analysis: Analysis, **kwargs):
     """The report's "bound vs gradient" figure: each bound against the Jacobian it was compared with."""
     if analysis.table is not None:
-        return comparison_figure(analysis.table, analysis.comparisons, **kwargs)
+        guarantees = {name: bound.guarantee_kind for name, bound in analysis.bounds.items()}
+        return bound_truth_from_table(analysis.table, guarantees, analysis.comparisons, **kwargs)
     bounds = {name: bound.bound for name, bound in analysis.bounds.items()}
     return bound_vs_jacobian(analysis.trace.str_tokens, None, bounds, **kwargs)
+
+
+def _heads(trace: Trace, analysis: Analysis | None, **kwargs):
+    """The per-head attention view (an HTML/JS view, not a plotly figure), chips coloured by the
+    truth and each variant when an analysis is given."""
+    if trace.patterns is None:
+        dropped = trace.provenance.get("dropped", [])
+        why = "were not saved (a report's results.json leaves them out)" if "patterns" in dropped else "were streamed"
+        raise ValueError(
+            f"the per-head view needs the attention patterns, and this trace's patterns {why}; "
+            "rerun analyze(...) (or keep_patterns=True for a long prompt) and save with heavy fields"
+        )
+    if analysis is None:
+        return attention_view(trace.patterns, trace.str_tokens, **kwargs)
+    return AttentionView(attention_view_html(analysis), (), trace.patterns.shape[1])
 
 
 def _analysis_spectral(analysis: Analysis, **kwargs):
@@ -134,6 +163,11 @@ _register(Analysis, "attention", lambda analysis, **kwargs: _trace_attention(ana
 _register(Analysis, "spectral", _analysis_spectral)
 _register(Analysis, "sinks", lambda analysis, **kwargs: sink_report_figure(analysis.sinks, **kwargs))
 _register(ManyAnalyses, "spearman", lambda many, **kwargs: prompts_figure(many.frame, **kwargs))
+# not plotly figures: a whole page (Analysis.show / .report, ManyAnalyses.report) and the per-head HTML view
+_register(Analysis, "page", analysis_page)
+_register(ManyAnalyses, "page", many_page)
+_register(Analysis, "heads", lambda analysis, **kwargs: _heads(analysis.trace, analysis, **kwargs))
+_register(Trace, "heads", lambda trace, **kwargs: _heads(trace, None, **kwargs))
 
 
 # --------------------------------------------------------------------------------------------------
