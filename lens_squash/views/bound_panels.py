@@ -82,7 +82,7 @@ def _curve(x, values, window, labels, name, colour, style, *, width=2.0, legend=
         showlegend=legend,
         mode="lines+markers",
         line={"color": colour, "dash": dash, "width": width},
-        marker={"size": np.where(moved, 9, 5).tolist(), "symbol": symbols.tolist()},
+        marker={"size": np.where(moved, 9.0, 5.0).astype(np.float32), "symbol": symbols.tolist()},
         customdata=np.stack([np.asarray(labels, dtype=object), values.astype(object)], axis=-1),
         hovertemplate="position %{x} · %{customdata[0]}<br>"
         + escape_label(name)
@@ -103,8 +103,8 @@ def _rank_panel(fig, row, col, truth, values, name, colour, rho) -> None:
     )
     fig.add_trace(
         go.Scatter(
-            x=truth_rank,
-            y=bound_rank,
+            x=truth_rank.astype(np.float32),
+            y=bound_rank.astype(np.float32),
             mode="markers",
             marker={"color": colour, "size": 5},
             showlegend=False,
