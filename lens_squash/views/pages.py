@@ -19,11 +19,13 @@ from typing import Any
 import pandas as pd
 
 from ..core.records import write_text_atomic
+from ..experiments.analysis import Analysis
+from ..experiments.many import ManyAnalyses
 from ..core.tokens import escape_text
 from .report import ReportSection, analysis_sections, build_report, model_section
 from .result_figures import prompts_figure
 
-__all__ = ["ReportPage", "analysis_page", "many_page", "many_summary"]
+__all__ = ["ReportPage", "analysis_page", "many_page", "many_summary", "write_suite_report"]
 
 
 @dataclass(frozen=True)
@@ -153,3 +155,14 @@ def many_page(many: Any, *, links: Sequence[str] | None = None, title: str | Non
     if many.analyses:
         sections.append(model_section(many.analyses[0].provenance))
     return ReportPage(build_report(sections, title=title, metadata=many.provenance), title)
+
+
+def write_suite_report(out_dir: str | os.PathLike, table: pd.DataFrame, rows: Sequence[dict]) -> Path:
+    """``lens-squash suite``'s ``report.html``: :func:`many_page` over the analyses the suite saved
+    (``rows``: its ``prompts.jsonl`` rows in file order, each naming its ``analysis_file``), each
+    prompt linking its saved analysis."""
+    out = Path(out_dir)
+    analyses = tuple(Analysis.load(out / row["analysis_file"]) for row in rows)
+    many = ManyAnalyses(table, analyses, tuple(row["prompt"] for row in rows))
+    page = many_page(many, links=[row["analysis_file"] for row in rows], title=f"lens_squash suite: {len(rows)} prompts")
+    return page.write(out / "report.html")

@@ -134,3 +134,22 @@ def _check_connected_paths(page) -> int:
                     assert frontier, (p, source, level)  # a drawn edge leaves every reached node
                 assert target in frontier
     return len(figures)
+
+
+def test_suite_writes_a_report_linking_every_saved_analysis(tmp_path, capsys):
+    import json
+
+    from lens_squash.cli import main
+
+    prompts = [{"id": "copy", "prompt": PROMPT}, {"id": "count", "prompt": "Count: a a a b"}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in prompts), encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["suite", "--model", "tiny-random", "--prompts", str(path), "--out", str(out), "--probes", "4"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "prompts.jsonl").read_text(encoding="utf-8").splitlines()]
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "report.html" in capsys.readouterr().out
+    for row in rows:
+        assert f'href="{row["analysis_file"]}"' in page and (out / row["analysis_file"]).is_file()
+    assert page.index('class="verdict"') < page.index("per-variant Spearman across prompts</h2>")
