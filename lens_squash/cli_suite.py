@@ -70,7 +70,9 @@ def check(args) -> None:
     from .experiments.prompt_file import read_prompt_file
 
     if args.figures is not None:
-        raise ValueError("--figures: suite writes report.html but no figure files; run analyze on one prompt for its figures")
+        raise ValueError(
+            "--figures: suite writes report.html but no figure files; run analyze on one prompt for its figures"
+        )
     if args.variants is not None:
         args.variants = validate.parse_names(args.variants, VARIANT_NAMES, "--variants", what="variant")
     validate.check_int(args.probes, "--probes", minimum=1, maximum=65_536)

@@ -115,7 +115,7 @@ def _rank_panel(fig, row, col, truth, values, name, colour, rho) -> None:
         col=col,
     )
     fig.update_xaxes(title_text="truth rank", range=[0, n + 1], row=row, col=col)
-    fig.update_yaxes(title_text="variant rank" if col == 1 else "", range=[0, n + 1], row=row, col=col)
+    fig.update_yaxes(title_text="variant rank", range=[0, n + 1], row=row, col=col)
 
 
 def _guarantee_label(name: str, guarantees: Mapping[str, str]) -> str:

@@ -24,7 +24,15 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-__all__ = ["DEFAULT_SCALE", "FORMATS", "ExportError", "chromium_path", "fig_to_file", "require_exporter", "write_figures"]
+__all__ = [
+    "DEFAULT_SCALE",
+    "FORMATS",
+    "ExportError",
+    "chromium_path",
+    "fig_to_file",
+    "require_exporter",
+    "write_figures",
+]
 
 #: the formats kaleido writes (EPS is gone from kaleido 1)
 FORMATS: tuple[str, ...] = ("png", "svg", "pdf", "jpeg", "webp")

@@ -164,5 +164,7 @@ def write_suite_report(out_dir: str | os.PathLike, table: pd.DataFrame, rows: Se
     out = Path(out_dir)
     analyses = tuple(Analysis.load(out / row["analysis_file"]) for row in rows)
     many = ManyAnalyses(table, analyses, tuple(row["prompt"] for row in rows))
-    page = many_page(many, links=[row["analysis_file"] for row in rows], title=f"lens_squash suite: {len(rows)} prompts")
+    page = many_page(
+        many, links=[row["analysis_file"] for row in rows], title=f"lens_squash suite: {len(rows)} prompts"
+    )
     return page.write(out / "report.html")

@@ -156,12 +156,17 @@ def connected_paths(
         else:
             panels.append({"columns": [], "edges": []})
             fig.add_annotation(
-                text="no path here", x=0.5, y=0.5, xref=f"x{col} domain", yref=f"y{col} domain", showarrow=False
+                text="no path here",
+                x=0.5,
+                y=0.5,
+                xref=f"x{'' if col == 1 else col} domain",
+                yref=f"y{'' if col == 1 else col} domain",
+                showarrow=False,
             )
     level_ticks = {"tickmode": "array", "tickvals": list(range(paths.n_layers + 1))}
     level_text = [f"layer {i}" for i in range(paths.n_layers)] + ["output"]
     fig.update_yaxes(title_text="residual stream entering layer", ticktext=level_text, row=1, col=1, **level_ticks)
-    fig.update_yaxes(ticktext=level_text, row=1, col=2, **level_ticks)
+    fig.update_yaxes(title_text="residual stream entering layer", ticktext=level_text, row=1, col=2, **level_ticks)
     fig.layout.meta = {"panels": panels, "target": paths.target, "n_layers": paths.n_layers}
     return finish_layout(
         fig,

@@ -26,6 +26,7 @@ from ..edge.trace import Trace
 from ..experiments.ablation import AblationResult
 from ..experiments.analysis import Analysis
 from ..experiments.collapse import CollapseResult
+from ..experiments.compare_runs import RunComparison
 from ..experiments.collapse_windows import WindowSweepResult
 from ..experiments.many import ManyAnalyses
 from ..experiments.synthetic import PECollapseResult, RatioInvarianceResult
@@ -36,6 +37,7 @@ from .attention_figures import attention_heatmap
 from .attention_view import AttentionView, attention_view
 from .bound_figures import bound_vs_jacobian
 from .bound_panels import bound_truth_from_table
+from .compare_figures import comparison_runs_figure
 from .collapse_figures import collapse_figure, head_band_figure, pe_figure, tv_decay_figure
 from .edge_figures import attention_paths
 from .pages import analysis_page, many_page
@@ -47,7 +49,10 @@ from .spectral_figures import spectral_report_figure
 from .task_figures import TASK_CHARTS
 from .task_theory_figures import copy_sensitivity_figure, count_collapse_figure
 
-__all__: list[str] = []  # importing the module is the whole interface
+__all__ = ["HTML_KINDS"]  # importing the module registers every kind
+
+#: kinds that draw a whole HTML page or an HTML/JS view (``_repr_html_``, ``.write(path)``), not a plotly figure
+HTML_KINDS: frozenset[str] = frozenset({"page", "heads"})
 
 
 def _register(cls: type, kind: str, builder: Callable[..., Any]) -> None:
@@ -163,6 +168,7 @@ _register(Analysis, "attention", lambda analysis, **kwargs: _trace_attention(ana
 _register(Analysis, "spectral", _analysis_spectral)
 _register(Analysis, "sinks", lambda analysis, **kwargs: sink_report_figure(analysis.sinks, **kwargs))
 _register(ManyAnalyses, "spearman", lambda many, **kwargs: prompts_figure(many.frame, **kwargs))
+_register(RunComparison, "curves", comparison_runs_figure)
 # not plotly figures: a whole page (Analysis.show / .report, ManyAnalyses.report) and the per-head HTML view
 _register(Analysis, "page", analysis_page)
 _register(ManyAnalyses, "page", many_page)

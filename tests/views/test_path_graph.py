@@ -30,7 +30,9 @@ def test_each_panel_crops_to_its_positions_and_draws_every_hop():
     assert sink["columns"] == [0, 3] and content["columns"] == [1, 2, 3]
     drawn = [t for t in fig.data if t.meta]
     for panel, paths in ((1, route_paths(_paths(), per_route=3)[0]), (2, route_paths(_paths(), per_route=3)[1])):
-        hops = {(t.meta["layer"], t.meta["hop"], t.meta["key"], t.meta["query"]) for t in drawn if t.meta["panel"] == panel}
+        hops = {
+            (t.meta["layer"], t.meta["hop"], t.meta["key"], t.meta["query"]) for t in drawn if t.meta["panel"] == panel
+        }
         wanted = {(l, str(h), p.positions[l], p.positions[l + 1]) for p in paths for l, h in enumerate(p.hops)}
         assert hops == wanted
     labels = [a.text for a in fig.layout.annotations]
