@@ -19,9 +19,9 @@ from typing import Any
 import pandas as pd
 
 from ..core.records import write_text_atomic
+from ..core.tokens import escape_text
 from ..experiments.analysis import Analysis
 from ..experiments.many import ManyAnalyses
-from ..core.tokens import escape_text
 from .report import ReportSection, analysis_sections, build_report, model_section
 from .result_figures import prompts_figure
 

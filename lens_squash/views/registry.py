@@ -26,8 +26,8 @@ from ..edge.trace import Trace
 from ..experiments.ablation import AblationResult
 from ..experiments.analysis import Analysis
 from ..experiments.collapse import CollapseResult
-from ..experiments.compare_runs import RunComparison
 from ..experiments.collapse_windows import WindowSweepResult
+from ..experiments.compare_runs import RunComparison
 from ..experiments.many import ManyAnalyses
 from ..experiments.synthetic import PECollapseResult, RatioInvarianceResult
 from ..experiments.task_results import TASK_FIGURES, TaskResults, task_figure_rows
@@ -37,8 +37,8 @@ from .attention_figures import attention_heatmap
 from .attention_view import AttentionView, attention_view
 from .bound_figures import bound_vs_jacobian
 from .bound_panels import bound_truth_from_table
-from .compare_figures import comparison_runs_figure
 from .collapse_figures import collapse_figure, head_band_figure, pe_figure, tv_decay_figure
+from .compare_figures import comparison_runs_figure
 from .edge_figures import attention_paths
 from .pages import analysis_page, many_page
 from .path_graph import connected_paths

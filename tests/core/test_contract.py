@@ -25,9 +25,9 @@ import pytest
 import torch
 
 import lens_squash
-from lens_squash.views.registry import HTML_KINDS
 from lens_squash.core.display import compact_repr
 from lens_squash.core.results import Record, Result, figure_kinds
+from lens_squash.views.registry import HTML_KINDS
 from lens_squash.views.style import caption_of
 
 #: classes with a notebook view that are not stored records, and why
