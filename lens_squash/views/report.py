@@ -336,7 +336,7 @@ _STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1200px;padding:0 24px 48px;color:#222}
 h1{font-size:1.6em;margin-top:1.2em}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:2em}
 .muted{color:#666;font-size:.9em}.caption{color:#444;font-size:.92em;max-width:60em;margin:.3em 0 .8em}.text{white-space:pre-wrap;font-family:ui-monospace,monospace;background:#f7f7f7;padding:8px;border-radius:4px;overflow-wrap:anywhere}
-table.data{border-collapse:collapse;font-size:.85em;margin:8px 0}table.data td,table.data th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
+table.data{border-collapse:collapse;font-size:.85em;margin:8px 0;display:block;max-width:100%;overflow-x:auto}table.data td,table.data th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
 table.data code{white-space:pre-wrap;overflow-wrap:anywhere}
 .tokens{display:flex;flex-wrap:wrap;gap:3px;font-family:ui-monospace,monospace;font-size:.85em}
 .tok{background:#eef;border-radius:3px;padding:1px 4px;white-space:pre}.tok sub{color:#889;margin-right:2px}
