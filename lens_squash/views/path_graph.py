@@ -137,7 +137,8 @@ def connected_paths(
     if not sink and not content:
         raise ValueError(f"no path to draw: the {paths.kind} paths to position {paths.target} are empty")
     labels = [token_label(t, max_len=16) for t in paths.str_tokens] or [str(i) for i in range(paths.target + 1)]
-    top = max(p.weight for p in sink + content) or 1.0
+    # widths relative to the heaviest drawn hop (hops shared by several paths sum their weights)
+    top = max(e["weight"] for sel in (sink, content) if sel for e in _merged_hops(sel).values()) or 1.0
     sink_names = ", ".join(str(s) for s in sinks)
     fig = make_subplots(
         rows=1,
