@@ -66,8 +66,23 @@ def _register(cls: type, kind: str, builder: Callable[..., Any]) -> None:
 _NORM_NAMES = {"spectral": "‖J_i‖₂", "frobenius": "‖J_i‖_F", "l1": "‖J_i‖₁ (entrywise)"}
 
 
+def _patterns(trace: Trace):
+    """The trace's per-head patterns, or a message saying why there are none and how to get them."""
+    if trace.patterns is not None:
+        return trace.patterns
+    if "patterns" in trace.provenance.get("dropped", []):
+        raise ValueError(
+            "the attention patterns were not saved (a report's results.json and save(heavy=False) leave them out); "
+            "rerun analyze(...) or load a file saved with heavy fields (result.save(path))"
+        )
+    raise ValueError(
+        f"this {trace.n_tokens}-token trace streamed its attention patterns instead of keeping them; "
+        "rerun with keep_patterns=True (memory grows as layer × head × pos²)"
+    )
+
+
 def _trace_attention(trace: Trace, **kwargs):
-    return attention_heatmap(trace.patterns, trace.str_tokens, **kwargs)
+    return attention_heatmap(_patterns(trace), trace.str_tokens, **kwargs)
 
 
 def _jacobian_norm(norm: str | None):
@@ -144,15 +159,9 @@ def _analysis_bounds(analysis: Analysis, **kwargs):
 def _heads(trace: Trace, analysis: Analysis | None, **kwargs):
     """The per-head attention view (an HTML/JS view, not a plotly figure), chips coloured by the
     truth and each variant when an analysis is given."""
-    if trace.patterns is None:
-        dropped = trace.provenance.get("dropped", [])
-        why = "were not saved (a report's results.json leaves them out)" if "patterns" in dropped else "were streamed"
-        raise ValueError(
-            f"the per-head view needs the attention patterns, and this trace's patterns {why}; "
-            "rerun analyze(...) (or keep_patterns=True for a long prompt) and save with heavy fields"
-        )
+    patterns = _patterns(trace)
     if analysis is None:
-        return attention_view(trace.patterns, trace.str_tokens, **kwargs)
+        return attention_view(patterns, trace.str_tokens, **kwargs)
     return AttentionView(attention_view_html(analysis), (), trace.patterns.shape[1])
 
 

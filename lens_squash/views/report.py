@@ -258,7 +258,9 @@ def analysis_sections(
         path_variants = path_variants or list(bounds)[:1]
     if traced.patterns is None:  # a long prompt's trace streamed its attention patterns: rows only, no edges to draw
         streamed = (
-            f"Not drawn: the {traced.n_tokens}-token trace streamed its attention patterns instead of "
+            "Not drawn: the attention patterns were not saved with this analysis (save(path) keeps them)."
+            if "patterns" in traced.provenance.get("dropped", [])
+            else f"Not drawn: the {traced.n_tokens}-token trace streamed its attention patterns instead of "
             "keeping them; analyze(..., keep_patterns=True) keeps them (memory grows as layer × head × pos²)."
         )
         sections += [ReportSection("paths", text=streamed), ReportSection("attention", text=streamed)]

@@ -13,6 +13,7 @@ from lens_squash.edge.models import load_model
 from lens_squash.experiments.analysis import Analysis, analyze
 from lens_squash.experiments.many import analyze_many
 from lens_squash.views.pages import ReportPage, many_summary
+from lens_squash.views.report import analysis_sections
 from tests.views.test_browser import _load, browser  # noqa: F401  (the module-scoped browser fixture)
 
 PROMPT = "Copy: 1 1 1 1 1 0"
@@ -45,8 +46,11 @@ def test_a_saved_and_loaded_analysis_equals_the_original_and_a_changed_one_does_
 def test_the_per_head_view_needs_saved_patterns_and_says_so(analysis, tmp_path):
     analysis.save(tmp_path / "light.json", heavy=False)
     light = Analysis.load(tmp_path / "light.json")
-    with pytest.raises(ValueError, match="patterns were not saved"):
-        light.plot("heads")
+    for kind in ("heads", "attention"):
+        with pytest.raises(ValueError, match="patterns were not saved"):
+            light.plot(kind)
+    sections = {s.title: s for s in analysis_sections(light)}
+    assert "patterns were not saved" in sections["attention"].text and not sections["attention"].figures
 
 
 def test_analyze_many_takes_a_model_name_and_writes_a_report_linking_each_prompt(tmp_path):
