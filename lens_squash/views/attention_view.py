@@ -50,6 +50,9 @@ class AttentionView:
     def _repr_html_(self) -> str:
         return self.html
 
+    def __repr__(self) -> str:  # one line: the page itself is megabytes
+        return f"AttentionView({len(self.layers)} layers × {self.n_heads} heads, {len(self.html) / 1e6:.1f} MB of HTML)"
+
     def write(self, path: str | Path) -> Path:
         """A standalone page holding the view (atomic write); returns the path."""
         page = f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>attention</title></head><body>{self.html}</body></html>'
