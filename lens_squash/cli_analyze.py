@@ -28,8 +28,9 @@ def add_parser(sub) -> None:
     parser.add_argument(
         "--jacobian",
         choices=["exact", "sketch", "none"],
-        default="exact",
-        help="how to compute the true sensitivities (sketch: random probes, much faster)",
+        default="sketch",
+        help="how to compute the true sensitivities (default sketch: random probes, as demo and suite; "
+        "exact: the full Jacobian, minutes on SmolLM2)",
     )
     parser.add_argument("--probes", type=int, default=64, help="probes for --jacobian sketch")
     parser.add_argument("--out", default="out/analyze", help="folder for results.json and report.html")
@@ -85,6 +86,7 @@ def report_analysis(args, analysis, prompt: str, out, *, title: str, answer: str
     """Print ``analyze``'s result (and the greedy ``answer``), then write results.json and report.html."""
     from .views.report import analysis_sections
 
+    print(f"verdict: {analysis.verdict}")
     print(f"{analysis.trace.n_tokens} tokens; predicted next token {analysis.trace.predicted_token!r}")
     if answer is not None:
         print(f"greedy answer: {answer!r}")
@@ -106,7 +108,7 @@ def print_analysis(analysis) -> None:
 
     table = analysis.summary()
     with pd.option_context("display.float_format", "{:.4g}".format, "display.width", 160):
-        print(table.to_string(index=False))
+        print(table.to_string(index=False, na_rep="-"))
     best = analysis.best_variant
     if best is not None:
         paper = analysis.comparisons.get("paper")

@@ -70,7 +70,9 @@ def check(args) -> None:
     from .experiments.prompt_file import read_prompt_file
 
     if args.figures is not None:
-        raise ValueError("--figures: suite draws no figures; run analyze on one prompt for its report")
+        raise ValueError(
+            "--figures: suite writes report.html but no figure files; run analyze on one prompt for its figures"
+        )
     if args.variants is not None:
         args.variants = validate.parse_names(args.variants, VARIANT_NAMES, "--variants", what="variant")
     validate.check_int(args.probes, "--probes", minimum=1, maximum=65_536)
@@ -133,8 +135,20 @@ def _run(args):
     shown = [c for c in ("id", "variant", "spearman", "kendall", "top1_agree") if c in table.columns]
     with pd.option_context("display.float_format", "{:.4g}".format, "display.width", 160):
         print(table[shown].to_string(index=False))
-    print(f"wrote {Path(args.out) / 'table.csv'}, table.json, prompts.jsonl and analyses/")
+    report = _report(args, table)
+    print(f"wrote {Path(args.out) / 'table.csv'}, table.json, prompts.jsonl, analyses/ and {report}")
     return table
+
+
+def _report(args, table) -> Path:
+    """report.html: per-variant Spearman across prompts, prompts best to worst, each linking its analysis."""
+    from .experiments.prompt_runs import ROW_KEY, prompt_rows_path
+    from .experiments.runs import read_jsonl
+    from .views.pages import write_suite_report
+
+    rows = read_jsonl(prompt_rows_path(args.out), ROW_KEY, repair=False)
+    ordered = [rows[(ident,)] for ident in dict.fromkeys(table["id"])]
+    return write_suite_report(args.out, table, ordered)
 
 
 def saved(args) -> str:

@@ -1,14 +1,14 @@
 """Write docs/gallery.md: one PNG of every figure kind every result can draw, with its caption.
 
 Every ``(result class, kind)`` that :mod:`lens_squash.views.registry` registers is drawn on a real
-result computed from a small random model (a SmolLM2-style tiny model: rotary, RMSNorm, the real
-tokenizer, so the axes show real tokens), exported through :mod:`lens_squash.views.export`
+result computed from the offline SmolLM2-135M-Instruct (sketched Jacobians, short prompts, so the
+page regenerates in minutes on two cores), exported through :mod:`lens_squash.views.export`
 (kaleido driving Chromium), and listed in ``docs/gallery.md`` under ``Class.plot("kind")`` with the
-figure's own caption. A random model's numbers mean nothing; the page shows what each figure looks
-like and how to read it. A class without an example here is an error, so a new figure cannot be
-left out of the page.
+figure's own caption under it. The kinds that are whole pages or HTML views rather than plotly
+figures (``"page"``, ``"heads"``) are listed with how to open them. A class without an example here
+is an error, so a new figure cannot be left out of the page.
 
-    .venv/bin/python scripts/gallery.py            # about a minute on two cores
+    .venv/bin/python scripts/gallery.py            # several minutes on two cores
     .venv/bin/python scripts/gallery.py --out /tmp/gallery
 """
 
@@ -26,7 +26,7 @@ import plotly.graph_objects as go
 import torch
 
 from lens_squash.core.results import figure_kinds
-from lens_squash.views import registry  # noqa: F401  (importing it registers every figure kind)
+from lens_squash.views import registry  # importing it registers every figure kind
 from lens_squash.views.export import write_figures
 from lens_squash.views.style import caption_of
 
@@ -37,19 +37,9 @@ PROMPT = "Copy the digits: 1 1 1 1 1 1 1 0"
 
 @functools.cache
 def model():
-    from lens_squash.edge.models import tiny_model
+    from lens_squash.edge.models import load_model
 
-    return tiny_model(
-        tokenizer="smollm2",
-        n_ctx=160,
-        d_model=32,
-        n_heads=4,
-        n_layers=3,
-        positional="rotary",
-        norm="RMS",
-        dtype=torch.float64,
-        seed=2,
-    )
+    return load_model(n_ctx=512)  # the real SmolLM2-135M-Instruct, float32, offline
 
 
 @functools.cache
@@ -63,14 +53,14 @@ def tokens() -> torch.Tensor:
 def analysis():
     from lens_squash.experiments.analysis import analyze
 
-    return analyze(model(), tokens(), jacobian_mode="exact")
+    return analyze(model(), tokens(), jacobian_mode="exact")  # every norm; a short prompt keeps it quick
 
 
 @functools.cache
 def sensitivity_flow():
     from lens_squash.edge.flow import flow
 
-    return flow(model(), tokens(), mode="exact", variants=("rollout", "certified"))
+    return flow(model(), tokens(), mode="sketch", variants=("rollout", "certified"))
 
 
 def task_results():
@@ -108,8 +98,8 @@ def _collapse():
     return collapse_curve(
         model(),
         "count_ones",
-        [4, 8, 16, 32],
-        ("float64", "float32", "bfloat16"),
+        [4, 8, 16, 32, 64],
+        ("float32", "bfloat16", "float16"),
         chat=False,
         open_ended=True,
         exact=False,
@@ -149,7 +139,7 @@ def _ablation():
 def _copy_sensitivity():
     from lens_squash.experiments.task_theory import copy_sensitivity
 
-    return copy_sensitivity(model(), [3, 6, 9], jacobian_mode="exact", variant="rollout")
+    return copy_sensitivity(model(), [3, 6, 9], jacobian_mode="sketch", n_probes=16, variant="rollout")
 
 
 def _count_collapse():
@@ -158,6 +148,7 @@ def _count_collapse():
     return count_collapse(model(), [3, 6, 9])
 
 
+@functools.cache
 def _many():
     from lens_squash.experiments.many import analyze_many
 
@@ -168,6 +159,20 @@ def _many():
         n_probes=8,
         chat=False,
     )
+
+
+def _compare():
+    from lens_squash.experiments.compare_runs import compare
+
+    return compare(_many()[0], _many()[1], labels=("copy prompt", "count prompt"))
+
+
+#: kinds that are whole HTML pages or views, not plotly figures: listed, not exported
+HTML_NOTES = {
+    "page": 'the whole report as one offline HTML page: `a.show()` in Jupyter, `a.report("x.html")` to save it',
+    "heads": "every head of a layer as thumbnails (layer slider, click to enlarge, hover a token): renders in Jupyter, "
+    '`.write("heads.html")` saves it',
+}
 
 
 #: class name -> how to make one (each figure kind of the class is drawn on it)
@@ -184,6 +189,7 @@ EXAMPLES = {
     "FlowPaths": lambda: sensitivity_flow().top_paths(k=3),
     "Analysis": analysis,
     "ManyAnalyses": _many,
+    "RunComparison": lambda: _compare(),
     "CollapseResult": _collapse,
     "WindowSweepResult": _window_sweep,
     "PECollapseResult": _pe_collapse,
@@ -225,6 +231,8 @@ def write_pngs(drawn, image_dir: Path) -> None:
 
 
 def draw_all() -> list[tuple[str, str, go.Figure]]:
+    if set(HTML_NOTES) != set(registry.HTML_KINDS):
+        raise SystemExit(f"HTML_NOTES must describe every HTML kind: {sorted(registry.HTML_KINDS)}")
     classes = registered_classes()
     missing = sorted(cls.__name__ for cls in classes if cls.__name__ not in EXAMPLES)
     if missing:
@@ -234,6 +242,8 @@ def draw_all() -> list[tuple[str, str, go.Figure]]:
         started = time.perf_counter()
         result = EXAMPLES[cls.__name__]()
         for kind in figure_kinds(cls):
+            if kind in registry.HTML_KINDS:  # a page or an HTML view: no PNG, the page says how to open it
+                continue
             drawn.append((cls.__name__, kind, result.plot(kind)))
         print(f"{cls.__name__}: {', '.join(figure_kinds(cls))} ({time.perf_counter() - started:.1f} s)", flush=True)
     return drawn
@@ -243,14 +253,17 @@ def markdown(drawn, image_dir: Path, page: Path) -> str:
     lines = [
         "# Gallery: every figure lens_squash draws",
         "",
-        "One PNG of every figure kind of every result (`result.plot(kind)`), drawn on a small *random* model",
-        f"(3 layers, 4 heads, rotary, RMSNorm, SmolLM2's tokenizer) and the prompt `{PROMPT}`: the numbers",
-        "mean nothing, the page shows what each figure looks like and how to read it (each caption is the",
-        "figure's own, `lens_squash.views.style.caption_of(fig)`). Regenerate it with",
+        "One PNG of every figure kind of every result (`result.plot(kind)`), drawn on the real",
+        f"SmolLM2-135M-Instruct (30 layers, 9 heads; offline) and the prompt `{PROMPT}` (no chat template),",
+        "with the exact Jacobian (sketched ones for the flow and the many-prompt results). Under each image is the figure's own caption",
+        "(`lens_squash.views.style.caption_of(fig)`). Regenerate it with",
         "`.venv/bin/python scripts/gallery.py`. Figures are interactive in a notebook and in the HTML report;",
         '`lens_squash.views.export.fig_to_file(fig, "fig.pdf")` writes PNG, SVG or PDF.',
         "",
     ]
+    lines += ["Besides the figures, `Analysis`, `ManyAnalyses` and `Trace` draw HTML views:", ""]
+    lines += [f"- `.plot({kind!r})`: {text}" for kind, text in HTML_NOTES.items()]
+    lines += [""]
     current = None
     for name, kind, fig in drawn:
         if name != current:

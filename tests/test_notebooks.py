@@ -27,6 +27,7 @@ NOTEBOOKS = (
 )
 KERNEL = "lens-squash-test"
 FIGURE_MIME = "application/vnd.plotly.v1+json"
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
 
 def _read(name: str) -> nbformat.NotebookNode:
@@ -92,3 +93,22 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
     errors = [o for cell in code for o in cell.outputs if o.output_type == "error"]
     assert errors == []
     assert _figures(notebook) >= 1, f"{name} displayed no plotly figure"
+    outputs = [o for cell in code for o in cell.outputs]
+    warned = [o.text for o in outputs if o.output_type == "stream" and o.name == "stderr" and "Warning" in o.text]
+    assert warned == [], f"{name} printed warnings: {warned}"
+    assert not any(WIDGET_MIME in o.get("data", {}) for o in outputs), f"{name} saves widget state (progress bars)"
+    if name in PUBLIC_API:  # every interactive figure also carries a static PNG (GitHub and nbviewer show it)
+        figures = [o for o in outputs if FIGURE_MIME in o.get("data", {})]
+        assert figures and all("image/png" in o["data"] for o in figures), f"{name}: a figure without its PNG"
+
+
+#: the notebooks rewritten on the README's public API (``import lens_squash as ls``, ``analyze``, ``.plot``)
+PUBLIC_API = ("01_quickstart", "02_bound_vs_gradient")
+
+
+@pytest.mark.parametrize("name", PUBLIC_API)
+def test_notebook_uses_only_the_public_api(name):
+    code = "\n".join(cell.source for cell in _read(name).cells if cell.cell_type == "code")
+    assert "import lens_squash as ls" in code
+    internal = [line for line in code.splitlines() if "from lens_squash." in line or "import lens_squash." in line]
+    assert internal == [], f"{name} imports internal modules: {internal}"

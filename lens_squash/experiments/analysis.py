@@ -35,6 +35,7 @@ from ..edge.jacobian import JacobianResult, jacobian
 from ..edge.stream import check_fits, stream_bounds
 from ..edge.trace import Trace, as_tokens, trace
 from .sinks import sink_report_from_trace
+from .verdict import analysis_verdict
 
 __all__ = ["DEFAULT_VARIANTS", "Analysis", "analyze"]
 
@@ -59,6 +60,29 @@ class Analysis(Result):
     def provenance(self) -> dict[str, Any]:
         """How the analysis was made: the trace's provenance (model, dtype, versions, attention check)."""
         return self.trace.provenance
+
+    def __eq__(self, other: object) -> bool:
+        """Equal by value: the same fields to the bit (``to_dict``), so ``Analysis.load(saved) == a``."""
+        if not isinstance(other, Analysis):
+            return NotImplemented
+        return self is other or self.to_dict() == other.to_dict()
+
+    __hash__ = None  # equal by value and holding tensors: not hashable
+
+    @property
+    def verdict(self) -> str:
+        """One or two sentences from the numbers: how well the variants rank positions, which sit
+        below the truth (a registered bound doing so is flagged as a violation), the best one."""
+        return analysis_verdict(self)
+
+    def show(self):
+        """The whole report inline (in Jupyter: the returned page renders itself); ``.write(path)``
+        saves it. Drawn by the figure registry's ``"page"`` kind."""
+        return self.plot("page")
+
+    def report(self, path: str | os.PathLike) -> Path:
+        """Write the self-contained HTML report (verdict, figures, per-head attention) to ``path``."""
+        return self.plot("page").write(path)
 
     @property
     def best_variant(self) -> str | None:
@@ -119,6 +143,7 @@ class Analysis(Result):
 
     def _repr_html_(self) -> str:
         head = (
+            f"<p><b>Verdict.</b> {html.escape(self.verdict)}</p>"
             f"<b>lens_squash Analysis</b>: {self.trace.n_tokens} tokens, "
             f"predicted {html.escape(repr(self.trace.predicted_token))}"
         )
@@ -136,7 +161,8 @@ class Analysis(Result):
                 label=f"Jacobian norm ({truth[0].removeprefix('jacobian_')})",
             )
         )
-        return head + coloured + self.summary().to_html(index=False, float_format=lambda v: f"{v:.4g}")
+        table = self.summary().to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")
+        return head + coloured + table
 
 
 def _timed(seconds: dict[str, float], name: str, fn, *args, **kwargs):

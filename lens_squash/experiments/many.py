@@ -18,10 +18,12 @@ tests and ``benchmarks/many.py`` do).
 
 from __future__ import annotations
 
+import os
 import pickle
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -118,6 +120,20 @@ class ManyAnalyses(Result):
         """:attr:`frame`: one row per prompt × variant."""
         return self.frame
 
+    def report(self, path: str | os.PathLike, *, analyses: bool = True) -> Path:
+        """Write the many-prompt report to ``path``: per-variant Spearman across prompts, the prompts
+        from best to worst and, with ``analyses``, each prompt's own report in ``<stem>_analyses/``
+        (linked from its row). Returns the page's path."""
+        path = Path(path)
+        links = None
+        if analyses:
+            folder = path.with_name(f"{path.stem}_analyses")
+            links = []
+            for index, analysis in enumerate(self.analyses):
+                analysis.report(folder / f"prompt-{index:03d}.html")
+                links.append(f"{folder.name}/prompt-{index:03d}.html")
+        return self.plot("page", links=links).write(path)
+
     __repr__ = compact_repr
 
     def _repr_html_(self) -> str:
@@ -167,6 +183,11 @@ def _is_model(obj) -> bool:
     return isinstance(obj, torch.nn.Module)
 
 
+def _named(model_or_factory):
+    """A model name (``"smollm2-135m-instruct"``, ``"tiny-random"``) becomes its :class:`ModelSpec`."""
+    return ModelSpec(name=model_or_factory) if isinstance(model_or_factory, str) else model_or_factory
+
+
 def _source_for_executor(model_or_factory):
     if _is_model(model_or_factory):
         raise TypeError(
@@ -175,7 +196,7 @@ def _source_for_executor(model_or_factory):
         )
     if not isinstance(model_or_factory, ModelSpec) and not callable(model_or_factory):
         raise TypeError(
-            f"model_or_factory must be a model, a ModelSpec or a factory, got {type(model_or_factory).__name__}"
+            f"model_or_factory must be a model, a model name, a ModelSpec or a factory, got {type(model_or_factory).__name__}"
         )
     try:
         pickle.dumps(model_or_factory)
@@ -193,7 +214,7 @@ def _local_model(model_or_factory):
     if isinstance(model_or_factory, ModelSpec) or callable(model_or_factory):
         return cached_model(model_or_factory)  # run in this thread only: no lock needed
     raise TypeError(
-        f"model_or_factory must be a model, a ModelSpec or a factory, got {type(model_or_factory).__name__}"
+        f"model_or_factory must be a model, a model name, a ModelSpec or a factory, got {type(model_or_factory).__name__}"
     )
 
 
@@ -225,7 +246,8 @@ def analyze_many(
 ) -> ManyAnalyses:
     """Run :func:`~lens_squash.experiments.analysis.analyze` on every prompt; one table, every ``Analysis`` kept.
 
-    ``model_or_factory`` is a loaded model, a :class:`ModelSpec`, or a zero-argument factory. Without
+    ``model_or_factory`` is a loaded model, a model name (as :func:`~lens_squash.edge.models.load_model`
+    takes it), a :class:`ModelSpec`, or a zero-argument factory. Without
     ``executor`` the prompts run one after the other in this process. With ``executor`` (anything
     with ``submit(fn, *args)`` returning a future with ``.result()``: ``concurrent.futures``
     executors, ``dask.distributed.Client``) each prompt is one task; the model must then be a
@@ -239,6 +261,7 @@ def analyze_many(
     the prompts.
     """
     prompts = _checked_prompts(prompts)
+    model_or_factory = _named(model_or_factory)
     if executor is None:
         model = _local_model(model_or_factory)
         analyses = tuple(

@@ -61,10 +61,13 @@ def collapse_figure(
     for name, values in curves.items():
         if len(values) != len(x):
             raise ValueError(f"distances[{name!r}] has {len(values)} values for {len(x)} lengths")
-    floor = _floor(curves, resolutions) if floor is None else float(floor)
+    floor = _floor(curves, _near(curves, resolutions)) if floor is None else float(floor)
+    off_axis: list[str] = []
+    shown_range = _data_decades(curves, floor)
     fig = go.Figure()
     for i, (name, values) in enumerate(curves.items()):
         color, zero = palette_color(i), values == 0
+        # open markers growing with i, lines thinning: curves that coincide stay visible, one inside the other
         fig.add_trace(
             go.Scatter(
                 x=x,
@@ -72,8 +75,8 @@ def collapse_figure(
                 mode="lines+markers",
                 name=escape_label(name),
                 legendgroup=escape_label(name),
-                line={"color": color, "dash": line_style(i)[0]},
-                marker={"symbol": line_style(i)[1], "size": 6},
+                line={"color": color, "dash": line_style(i)[0], "width": max(1.0, 3.0 - 0.6 * i)},
+                marker={"symbol": f"{line_style(i)[1]}-open", "size": 7 + 4 * i, "line": {"width": 1.5}},
                 hovertemplate=f"{escape_label(name)}<br>length %{{x}}<br>distance %{{y:.3e}}<extra></extra>",
             )
         )
@@ -90,7 +93,9 @@ def collapse_figure(
                     f"(drawn at the floor {floor:.0e})<extra></extra>",
                 )
             )
-        if name in resolutions:
+        if name in resolutions and not _inside(float(resolutions[name]), shown_range):
+            off_axis.append(f"{name} {float(resolutions[name]):.1e}")
+        elif name in resolutions:
             fig.add_trace(
                 go.Scatter(
                     x=np.array([x.min(), x.max()]),
@@ -102,15 +107,22 @@ def collapse_figure(
                     hovertemplate=f"{escape_label(name)} resolution %{{y:.3e}}<extra></extra>",
                 )
             )
-    fig.update_xaxes(title_text="prompt length n")
-    fig.update_yaxes(title_text=math_text(y_title), type="log")
+    fig.update_xaxes(title_text="prompt length n (log axis)", **_length_axis(x))
+    fig.update_yaxes(title_text=math_text(y_title), type="log", range=list(shown_range), dtick=1)
+    if off_axis:  # a resolution far below every distance would stretch the axis over empty decades
+        fig.add_annotation(
+            text="resolution below the axis: " + ", ".join(escape_label(t) for t in off_axis),
+            xref="paper", yref="paper", x=0, y=0, xanchor="left", yanchor="bottom", showarrow=False,
+            font={"size": 11, "color": "#555"},
+        )  # fmt: skip
     caption = (
         f"How far apart the last token's representations of two prompts that differ only by a repeated last token "
-        f"are ({_plain(y_title)}, log axis), as the prompt grows (x), one curve per {'series' if len(curves) > 1 else 'run'}"
+        f"are ({_plain(y_title)}, log axis), as the prompt grows (x, log axis), one curve per {'series' if len(curves) > 1 else 'run'}"
         " (Theorem 4.2: the distance shrinks with length). "
         + (
             "A dashed horizontal line is the resolution of that floating-point format: below it the two "
-            "representations are as good as identical. "
+            "representations are as good as identical (a resolution far below every distance is named at the "
+            "bottom instead of stretching the axis). "
             if resolutions
             else ""
         )
@@ -123,6 +135,37 @@ def collapse_figure(
         + "Hover a point for its value."
     )
     return finish_layout(fig, title, caption=caption, height=480)
+
+
+def _data_decades(curves: Mapping[str, np.ndarray], floor: float) -> tuple[float, float]:
+    """log10 range of the distances (zeros at ``floor``), padded, at most 8 decades (the top kept)."""
+    values = np.concatenate([np.where(v == 0, floor, v) for v in curves.values()] or [np.ones(1)])
+    values = values[np.isfinite(values) & (values > 0)]
+    if not values.size:
+        return -1.0, 1.0
+    lo, hi = math.log10(values.min()) - 0.3, math.log10(values.max()) + 0.3
+    return max(lo, hi - 8.0), hi
+
+
+def _near(curves: Mapping[str, np.ndarray], resolutions: Mapping[str, float]) -> dict[str, float]:
+    """Resolutions within three decades of the smallest positive distance: the ones worth a line."""
+    positive = np.concatenate([v[v > 0] for v in curves.values()] or [np.ones(1)])
+    smallest = float(positive.min()) if positive.size else 1.0
+    return {k: float(r) for k, r in resolutions.items() if r > 0 and r >= smallest / 1e3}
+
+
+def _inside(value: float, window: tuple[float, float]) -> bool:
+    return value > 0 and window[0] <= math.log10(value) <= window[1] + 1.0
+
+
+def _length_axis(x: np.ndarray) -> dict:
+    """A log length axis ticked at the lengths run (at most 12 of them), as plain integers."""
+    lengths = sorted({int(v) for v in x if v > 0})
+    if not lengths or lengths[0] == lengths[-1]:
+        return {}
+    step = max(1, math.ceil(len(lengths) / 12))
+    ticks = lengths[::step]
+    return {"type": "log", "tickmode": "array", "tickvals": ticks, "ticktext": [str(t) for t in ticks]}
 
 
 def _plain(text: str) -> str:
@@ -287,24 +330,26 @@ def tv_figure(
                 x=x,
                 y=trace_data(tv[i]),
                 mode="lines+markers",
-                name=f"seed {seed}",
+                name=f"TV, one line per seed ({len(seeds)})" if i == 0 else f"seed {seed}",
+                showlegend=i == 0,  # one entry per kind of line, the seed in the hover: a sane legend
                 line={"color": palette_color(i)},
                 marker={"symbol": line_style(i)[1], "size": 5},
-                legendgroup=f"seed {seed}",
-                hovertemplate="m %{x}<br>TV %{y:.3e}<extra></extra>",
+                legendgroup="tv",
+                hovertemplate=f"seed {seed}<br>m %{{x}}<br>TV %{{y:.3e}}<extra></extra>",
             )
         )
         if bounds is not None and (per_seed or i == 0):
-            name = f"bound, seed {seed}" if per_seed else "bound"
+            name = "Lemma B.2 bound, one per seed" if per_seed else "Lemma B.2 bound"
             fig.add_trace(
                 go.Scatter(
                     x=x,
                     y=trace_data(bounds[i] if per_seed else bounds),
                     mode="lines",
                     name=name,
-                    legendgroup=f"seed {seed}",
+                    showlegend=i == 0,
+                    legendgroup="bound",
                     line={"color": palette_color(i), "dash": "dash"},
-                    hovertemplate="m %{x}<br>bound %{y:.3e}<extra></extra>",
+                    hovertemplate=f"seed {seed}<br>m %{{x}}<br>bound %{{y:.3e}}<extra></extra>",
                 )
             )
     fig.update_xaxes(title_text="prefix length m", type="log")

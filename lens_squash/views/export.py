@@ -24,7 +24,15 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-__all__ = ["FORMATS", "ExportError", "chromium_path", "fig_to_file", "require_exporter", "write_figures"]
+__all__ = [
+    "DEFAULT_SCALE",
+    "FORMATS",
+    "ExportError",
+    "chromium_path",
+    "fig_to_file",
+    "require_exporter",
+    "write_figures",
+]
 
 #: the formats kaleido writes (EPS is gone from kaleido 1)
 FORMATS: tuple[str, ...] = ("png", "svg", "pdf", "jpeg", "webp")
@@ -90,6 +98,10 @@ def _format(path: Path, format: str | None) -> str:
     return name
 
 
+#: pixels per layout pixel of a raster export: 2× by default, sharp on high-density screens
+DEFAULT_SCALE = 2.0
+
+
 def _size(fig: go.Figure, width, height, scale) -> dict:
     width = width if width is not None else fig.layout.width or _DEFAULT_WIDTH
     height = height if height is not None else fig.layout.height or _DEFAULT_HEIGHT
@@ -141,13 +153,13 @@ def fig_to_file(
     format: str | None = None,
     width: int | None = None,
     height: int | None = None,
-    scale: float = 1.0,
+    scale: float = DEFAULT_SCALE,
 ) -> Path:
     """Write ``fig`` as a static image at ``path`` and return the path.
 
     ``format`` defaults to the extension (``png``, ``svg``, ``pdf``, ``jpeg``/``jpg``, ``webp``).
     ``width`` and ``height`` are layout pixels (default: the figure's own size, else 1000 × 600); a
-    PNG has ``scale ×`` as many pixels each way. Raises :class:`ExportError` when kaleido or a
+    PNG has ``scale ×`` as many pixels each way (default 2: sharp on high-density screens and in print). Raises :class:`ExportError` when kaleido or a
     Chromium is missing, naming the fix.
     """
     fig, path = _checked_figure(fig), Path(path)
@@ -170,7 +182,7 @@ def write_figures(
     *,
     width: int | None = None,
     height: int | None = None,
-    scale: float = 1.0,
+    scale: float = DEFAULT_SCALE,
 ) -> dict[str, list[Path]]:
     """Write every figure in every format into ``folder`` (``<name>.<format>``), in one browser session.
 

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ..algebra.compare import Comparison
-from ..algebra.flow_paths import FlowPaths
-from ..algebra.paths import BoundFlows
+from ..algebra.flow_paths import FlowPaths, graph_paths
+from ..algebra.paths import PathFlows
 from ..algebra.sinks import SinkReport
 from ..algebra.softmax_theory import TVDecayResult
 from ..algebra.spectral import SpectralReport
@@ -27,22 +27,32 @@ from ..experiments.ablation import AblationResult
 from ..experiments.analysis import Analysis
 from ..experiments.collapse import CollapseResult
 from ..experiments.collapse_windows import WindowSweepResult
+from ..experiments.compare_runs import RunComparison
 from ..experiments.many import ManyAnalyses
 from ..experiments.synthetic import PECollapseResult, RatioInvarianceResult
 from ..experiments.task_results import TASK_FIGURES, TaskResults, task_figure_rows
 from ..experiments.task_theory import CopySensitivity, CountCollapse
 from . import flow_views
 from .attention_figures import attention_heatmap
-from .bound_figures import bound_vs_jacobian, comparison_figure
+from .attention_view import AttentionView, attention_view
+from .bound_figures import bound_vs_jacobian
+from .bound_panels import bound_truth_from_table
 from .collapse_figures import collapse_figure, head_band_figure, pe_figure, tv_decay_figure
+from .compare_figures import comparison_runs_figure
 from .edge_figures import attention_paths
+from .pages import analysis_page, many_page
+from .path_graph import connected_paths
+from .report_parts import attention_view_html
 from .result_figures import comparison_figure_of, prompts_figure
 from .sink_figures import sink_figure, sink_report_figure
 from .spectral_figures import spectral_report_figure
 from .task_figures import TASK_CHARTS
 from .task_theory_figures import copy_sensitivity_figure, count_collapse_figure
 
-__all__: list[str] = []  # importing the module is the whole interface
+__all__ = ["HTML_KINDS"]  # importing the module registers every kind
+
+#: kinds that draw a whole HTML page or an HTML/JS view (``_repr_html_``, ``.write(path)``), not a plotly figure
+HTML_KINDS: frozenset[str] = frozenset({"page", "heads"})
 
 
 def _register(cls: type, kind: str, builder: Callable[..., Any]) -> None:
@@ -56,8 +66,23 @@ def _register(cls: type, kind: str, builder: Callable[..., Any]) -> None:
 _NORM_NAMES = {"spectral": "‖J_i‖₂", "frobenius": "‖J_i‖_F", "l1": "‖J_i‖₁ (entrywise)"}
 
 
+def _patterns(trace: Trace):
+    """The trace's per-head patterns, or a message saying why there are none and how to get them."""
+    if trace.patterns is not None:
+        return trace.patterns
+    if "patterns" in trace.provenance.get("dropped", []):
+        raise ValueError(
+            "the attention patterns were not saved (a report's results.json and save(heavy=False) leave them out); "
+            "rerun analyze(...) or load a file saved with heavy fields (result.save(path))"
+        )
+    raise ValueError(
+        f"this {trace.n_tokens}-token trace streamed its attention patterns instead of keeping them; "
+        "rerun with keep_patterns=True (memory grows as layer × head × pos²)"
+    )
+
+
 def _trace_attention(trace: Trace, **kwargs):
-    return attention_heatmap(trace.patterns, trace.str_tokens, **kwargs)
+    return attention_heatmap(_patterns(trace), trace.str_tokens, **kwargs)
 
 
 def _jacobian_norm(norm: str | None):
@@ -81,7 +106,12 @@ def _bound_flows(bound: PathBound, *, source: int | None = None, **kwargs):
     return attention_paths(bound.flows(source), bound.str_tokens, **kwargs)
 
 
-def _flows_edges(flows: BoundFlows, **kwargs):
+def _bound_paths(bound: PathBound, *, k: int = 5, **kwargs):
+    """The bound graph's heaviest connected paths, sink route beside content route."""
+    return connected_paths(graph_paths(bound.graph, bound.target, k=k, str_tokens=bound.str_tokens), **kwargs)
+
+
+def _flows_edges(flows: PathFlows, **kwargs):
     return attention_paths(flows, **kwargs)
 
 
@@ -91,7 +121,8 @@ for _norm in _NORM_NAMES:
     _register(JacobianResult, _norm, _jacobian_norm(_norm))
 _register(PathBound, "profile", _bound_profile)
 _register(PathBound, "flows", _bound_flows)
-_register(BoundFlows, "edges", _flows_edges)
+_register(PathFlows, "edges", _flows_edges)
+_register(PathBound, "paths", _bound_paths)
 _register(Comparison, "statistics", comparison_figure_of)
 _register(SpectralReport, "report", spectral_report_figure)
 _register(SinkReport, "curves", sink_report_figure)
@@ -107,6 +138,8 @@ _register(SensitivityFlow, "heatmap", flow_views.layer_heatmaps)
 _register(SensitivityFlow, "heads", flow_views.head_grid)
 _register(SensitivityFlow, "paths", flow_views.path_figure)
 _register(FlowPaths, "paths", flow_views.path_figure)
+_register(FlowPaths, "connected", connected_paths)
+_register(SensitivityFlow, "connected", lambda flow, *, k=5, **kwargs: connected_paths(flow.top_paths(k=k), **kwargs))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,9 +150,19 @@ _register(FlowPaths, "paths", flow_views.path_figure)
 def _analysis_bounds(analysis: Analysis, **kwargs):
     """The report's "bound vs gradient" figure: each bound against the Jacobian it was compared with."""
     if analysis.table is not None:
-        return comparison_figure(analysis.table, analysis.comparisons, **kwargs)
+        guarantees = {name: bound.guarantee_kind for name, bound in analysis.bounds.items()}
+        return bound_truth_from_table(analysis.table, guarantees, analysis.comparisons, **kwargs)
     bounds = {name: bound.bound for name, bound in analysis.bounds.items()}
     return bound_vs_jacobian(analysis.trace.str_tokens, None, bounds, **kwargs)
+
+
+def _heads(trace: Trace, analysis: Analysis | None, **kwargs):
+    """The per-head attention view (an HTML/JS view, not a plotly figure), chips coloured by the
+    truth and each variant when an analysis is given."""
+    patterns = _patterns(trace)
+    if analysis is None:
+        return attention_view(patterns, trace.str_tokens, **kwargs)
+    return AttentionView(attention_view_html(analysis), (), trace.patterns.shape[1])
 
 
 def _analysis_spectral(analysis: Analysis, **kwargs):
@@ -134,6 +177,12 @@ _register(Analysis, "attention", lambda analysis, **kwargs: _trace_attention(ana
 _register(Analysis, "spectral", _analysis_spectral)
 _register(Analysis, "sinks", lambda analysis, **kwargs: sink_report_figure(analysis.sinks, **kwargs))
 _register(ManyAnalyses, "spearman", lambda many, **kwargs: prompts_figure(many.frame, **kwargs))
+_register(RunComparison, "curves", comparison_runs_figure)
+# not plotly figures: a whole page (Analysis.show / .report, ManyAnalyses.report) and the per-head HTML view
+_register(Analysis, "page", analysis_page)
+_register(ManyAnalyses, "page", many_page)
+_register(Analysis, "heads", lambda analysis, **kwargs: _heads(analysis.trace, analysis, **kwargs))
+_register(Trace, "heads", lambda trace, **kwargs: _heads(trace, None, **kwargs))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 
-from ..algebra.flow_paths import graph_paths
 from ..core.records import target_mode, to_jsonable, write_text_atomic
 from ..core.tokens import (
     BIDI_DISPLAY,
@@ -43,9 +42,8 @@ from ..core.tokens import (
     token_label,
 )
 from .attention_figures import attention_heatmap
-from .bound_figures import bound_vs_jacobian, comparison_figure
-from .flow_views import path_figure
 from .report_html import plotly_js, render_figure, render_table, render_text
+from .report_parts import attention_view_html, bound_figure, flow_figures, path_figures, truth_column, verdict_html
 from .sink_figures import sink_report_figure
 from .spectral_figures import spectral_report_figure
 
@@ -74,6 +72,7 @@ ATTENTION_CELLS = 100_000
 
 #: the usual sections of an over-squashing report, in reading order (any subset may be present)
 SECTION_ORDER: tuple[str, ...] = (
+    "verdict",
     "model",
     "prompt",
     "bound vs gradient",
@@ -87,6 +86,11 @@ SECTION_ORDER: tuple[str, ...] = (
 
 #: what each standard section shows and how to read it, printed under its title
 SECTION_CAPTIONS: dict[str, str] = {
+    "verdict": (
+        "The answer in one or two sentences, computed from the numbers below: how well the variants rank input "
+        "positions against the Jacobian, which sit below it (a registered bound doing so is a violation; a proxy "
+        "may), and which ranks best."
+    ),
     "model": "The model's configuration and the library versions the numbers were computed with.",
     "prompt": (
         "The prompt as the model saw it, one numbered chip per token, and the token it predicts next. With a "
@@ -95,17 +99,22 @@ SECTION_CAPTIONS: dict[str, str] = {
     ),
     "bound vs gradient": (
         "How sensitive the last token's final representation is to each input position: the Jacobian "
-        "norm ‖∂y_n/∂v_i‖ (the truth) against each path-sum variant's bound. Curves are scaled to one "
-        "maximum so their shapes compare; the table gives rank agreement (Spearman, Kendall), top-5 "
-        "overlap and bound/true ratios, and names any default variant skipped for this model and why."
+        "norm ‖∂y_n/∂v_i‖ (the truth) against each path-sum variant: every curve divided by its own total, "
+        "the ratio variant ÷ truth (under 1 it sits below the truth: a violation for a bound, allowed for a "
+        "proxy), and rank against rank; the table gives rank agreement (Spearman, Kendall), top-5 overlap, "
+        "bound/true ratios and positions below the truth, and names any default variant skipped and why."
     ),
     "paths": (
-        "The heaviest paths of a variant's layered graph from each input position to the last token: "
-        "each hop is one head of one layer (or the residual stream), drawn by its share of the path's weight."
+        "The heaviest connected paths of a variant's layered graph (and of the true gradient flow, when one "
+        "was computed) from input tokens to the last token: the route from the first token (the attention "
+        "sink) beside the routes from every other token; every hop (residual, MLP, head) is an edge whose "
+        "width grows with the weight of the paths using it, each path labelled with its weight."
     ),
     "attention": (
-        "Attention patterns A^(l,h): query positions are rows, key positions columns (CircuitsVis "
-        "convention). A log colour scale keeps the first-token column from hiding everything else."
+        "Attention patterns A^(l,h), query positions as rows and key positions as columns (CircuitsVis "
+        "convention): every head of a layer as a thumbnail (the slider picks the layer; click one to enlarge "
+        "it; hover a token to see what it attends to and what attends to it), then the head-mean maps on a "
+        "log colour scale that keeps the first-token column from hiding everything else."
     ),
     "spectral": (
         "Perron–Frobenius view of the head-averaged rollout stack ½(A + I): the last token's mass on the "
@@ -212,57 +221,54 @@ def analysis_sections(
     prompt: str | None = None,
     path_variants: Sequence[str] | None = None,
     k: int = 5,
+    flow: Any = None,
 ) -> list[ReportSection]:
-    """The standard sections for an ``analysis.Analysis`` (read by duck typing): model, prompt,
-    bound vs gradient (with the per-variant summary), paths, attention, spectral and sinks
+    """The standard sections for an ``analysis.Analysis`` (read by duck typing): the verdict, model,
+    prompt, bound vs gradient (with the per-variant summary), paths, attention, spectral and sinks
     (append :func:`collapse_section` / :func:`tasks_section` for those results).
 
     ``path_variants`` picks whose graphs' connected paths to draw (default: ``rollout`` and the
-    best-ranking variant, those present), one figure each, from the ``k`` heaviest paths per input
-    position (:func:`lens_squash.algebra.flow_paths.graph_paths`); an analysis holding a true
-    sensitivity flow (``analysis.flow``) gets its path figure first. ``prompt`` defaults to the
+    best-ranking variant, those present), sink route beside content route, from the ``k`` heaviest
+    paths per input position; a true sensitivity ``flow`` (``lens_squash.flow(...)``) adds its own
+    paths first and its per-layer heatmap of truth beside bounds. ``prompt`` defaults to the
     concatenated tokens.
     """
     traced, bounds = analysis.trace, dict(analysis.bounds)
     tokens = tuple(traced.str_tokens)
-    sections = [
-        model_section(traced.provenance),
-    ]
-    table = getattr(analysis, "table", None)
-    truth = next((c for c in (table.columns if table is not None else ()) if str(c).startswith("jacobian_")), None)
+    verdict = verdict_html(analysis)
+    sections = [ReportSection("verdict", trusted_html=verdict)] if verdict else []
+    sections.append(model_section(traced.provenance))
+    truth = truth_column(analysis)
     sections.append(
         prompt_section(
             "".join(tokens) if prompt is None else prompt,
             tokens,
             predicted=traced.predicted_token,
-            sensitivity=None if truth is None else table[truth].to_numpy(dtype=float),
+            sensitivity=None if truth is None else analysis.table[truth].to_numpy(dtype=float),
             sensitivity_label=f"Jacobian norm ‖∂yₙ/∂vᵢ‖ ({str(truth).removeprefix('jacobian_')})",
         )
-    )
-    figure = (
-        comparison_figure(table, getattr(analysis, "comparisons", None))
-        if table is not None
-        else bound_vs_jacobian(tokens, None, bounds)
     )
     summary = analysis.summary() if callable(getattr(analysis, "summary", None)) else None
     skipped = dict(getattr(analysis, "skipped", {}) or {})
     notes = [f"{name} skipped: {reason}" for name, reason in skipped.items() if name != "spectral"]
-    sections.append(ReportSection("bound vs gradient", figures=[figure], table=summary, notes=notes))
+    figures = [bound_figure(analysis, tokens, bounds), *flow_figures(flow)]
+    sections.append(ReportSection("bound vs gradient", figures=figures, table=summary, notes=notes))
     if path_variants is None:
         path_variants = [v for v in dict.fromkeys(("rollout", getattr(analysis, "best_variant", None))) if v in bounds]
         path_variants = path_variants or list(bounds)[:1]
-    if traced.patterns is None:  # a long prompt's trace streamed its patterns: rows only, no edges to draw
+    if traced.patterns is None:  # a long prompt's trace streamed its attention patterns: rows only, no edges to draw
         streamed = (
-            f"Not drawn: the {traced.n_tokens}-token trace streamed its attention patterns instead of "
+            "Not drawn: the attention patterns were not saved with this analysis (save(path) keeps them)."
+            if "patterns" in traced.provenance.get("dropped", [])
+            else f"Not drawn: the {traced.n_tokens}-token trace streamed its attention patterns instead of "
             "keeping them; analyze(..., keep_patterns=True) keeps them (memory grows as layer × head × pos²)."
         )
         sections += [ReportSection("paths", text=streamed), ReportSection("attention", text=streamed)]
     else:
-        sections.append(ReportSection("paths", figures=_path_figures(analysis, bounds, tokens, path_variants, k)))
-        # a budget of cells keeps the page small: every layer's head mean, and heads where they fit
-        sections.append(
-            ReportSection("attention", figures=[attention_heatmap(traced.patterns, tokens, max_cells=ATTENTION_CELLS)])
-        )
+        sections.append(ReportSection("paths", figures=path_figures(bounds, tokens, path_variants, k, flow)))
+        # the per-head view first; a budget of cells keeps the mean heatmap small
+        mean = attention_heatmap(traced.patterns, tokens, max_cells=ATTENTION_CELLS)
+        sections.append(ReportSection("attention", figures=[mean], trusted_html=attention_view_html(analysis)))
     if getattr(analysis, "spectral", None) is not None:
         sections.append(ReportSection("spectral", figures=[spectral_report_figure(analysis.spectral)]))
     elif "spectral" in skipped:
@@ -270,23 +276,6 @@ def analysis_sections(
     if getattr(analysis, "sinks", None) is not None:
         sections.append(ReportSection("sinks", figures=[sink_report_figure(analysis.sinks)]))
     return sections
-
-
-def _path_figures(
-    analysis: Any, bounds: Mapping[str, Any], tokens: Sequence[str], variants: Sequence[str], k: int
-) -> list[go.Figure]:
-    """Connected heaviest paths: the true flow's (when the analysis has one), then each variant's graph."""
-    figures = []
-    flow = getattr(analysis, "flow", None)
-    if flow is not None:
-        figures.append(path_figure(flow, k=k, title="Heaviest connected paths of the true gradient flow"))
-    for name in variants:
-        bound = bounds[name]
-        paths = graph_paths(bound.graph, bound.target_pos, k=k, str_tokens=tokens)
-        figures.append(
-            path_figure(paths, title=f"Heaviest connected paths of the {name} graph → position {bound.target_pos}")
-        )
-    return figures
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,7 +338,7 @@ _STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1200px;padding:0 24px 48px;color:#222}
 h1{font-size:1.6em;margin-top:1.2em}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:2em}
 .muted{color:#666;font-size:.9em}.caption{color:#444;font-size:.92em;max-width:60em;margin:.3em 0 .8em}.text{white-space:pre-wrap;font-family:ui-monospace,monospace;background:#f7f7f7;padding:8px;border-radius:4px;overflow-wrap:anywhere}
-table.data{border-collapse:collapse;font-size:.85em;margin:8px 0}table.data td,table.data th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
+table.data{border-collapse:collapse;font-size:.85em;margin:8px 0;display:block;max-width:100%;overflow-x:auto}table.data td,table.data th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
 table.data code{white-space:pre-wrap;overflow-wrap:anywhere}
 .tokens{display:flex;flex-wrap:wrap;gap:3px;font-family:ui-monospace,monospace;font-size:.85em}
 .tok{background:#eef;border-radius:3px;padding:1px 4px;white-space:pre}.tok sub{color:#889;margin-right:2px}

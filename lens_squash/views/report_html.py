@@ -89,7 +89,13 @@ def render_table(table: pd.DataFrame | Mapping[str, Any] | None) -> str:
             lambda v: neutralize_controls(v) if isinstance(v, str) else v
         )
         return table.to_html(
-            escape=True, index=False, border=0, classes="data", float_format=lambda v: f"{v:.4g}", max_rows=200
+            escape=True,
+            index=False,
+            border=0,
+            classes="data",
+            float_format=lambda v: f"{v:.4g}",
+            max_rows=200,
+            na_rep="-",
         )
     rows = "".join(f"<tr><th>{escape_text(str(k))}</th><td>{_cell(v)}</td></tr>" for k, v in table.items())
     return f'<table class="data kv">{rows}</table>'

@@ -27,11 +27,14 @@ import torch
 import lens_squash
 from lens_squash.core.display import compact_repr
 from lens_squash.core.results import Record, Result, figure_kinds
+from lens_squash.views.registry import HTML_KINDS
 from lens_squash.views.style import caption_of
 
 #: classes with a notebook view that are not stored records, and why
 NOT_RECORDS = {
     "ReportSection": "a piece of a rendered page (figures and trusted HTML): written into a report, never stored",
+    "ReportPage": "a rendered HTML page (Analysis.show / .report): written to a file, never stored as a result",
+    "AttentionView": "a rendered HTML/JS view of a trace's patterns: shown or written, never stored as a result",
 }
 # not records either: ModelSpec and TaskSpec are recipes (ModelSpec.load() loads a model; a TaskSpec
 # holds the functions that draw and render a task), not results
@@ -276,7 +279,14 @@ BUILDERS = {
     "AttentionSummary": _attention_summary,
     "SpectralLayers": lambda: _attention_summary().spectral,
     "ManyAnalyses": _many,
+    "RunComparison": lambda: _run_comparison(),
 }
+
+
+def _run_comparison():
+    from lens_squash.experiments.compare_runs import compare
+
+    return compare(_many()[0], _many()[1])
 
 
 @functools.cache
@@ -431,6 +441,9 @@ def test_every_figure_kind_draws_a_captioned_figure_with_titled_axes(name):
     kinds = figure_kinds(type(result))
     assert kinds, f"{name} registers no figure in lens_squash.views.registry"
     for kind in kinds:
+        if kind in HTML_KINDS:  # a whole page or an HTML/JS view, not a plotly figure: tests/views/test_pages.py
+            assert callable(getattr(result.plot(kind), "_repr_html_", None)), (name, kind)
+            continue
         if (name, kind) in _NEEDS_ARGUMENTS:
             fig = result.plot(kind, **_NEEDS_ARGUMENTS[name, kind])
         else:

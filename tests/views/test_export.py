@@ -152,7 +152,7 @@ def test_the_browser_choice_follows_the_documented_order(tmp_path, monkeypatch):
 @pytest.mark.browser
 def test_a_png_has_the_requested_size_and_is_not_blank(tmp_path):
     fig = figure()
-    path = fig_to_file(fig, tmp_path / "bound.png", width=640, height=480)
+    path = fig_to_file(fig, tmp_path / "bound.png", width=640, height=480, scale=1)
     data = path.read_bytes()
     assert png_size(data) == (640, 480)
     pixels = decode_png(data)[..., :3].astype(float)
@@ -160,7 +160,7 @@ def test_a_png_has_the_requested_size_and_is_not_blank(tmp_path):
     assert pixels.var() > 100  # a blank or single-colour image has (near) zero variance
     dark = (pixels.sum(-1) < 200).mean()  # text, axes and the black Jacobian curve
     assert 0.002 < dark < 0.5
-    doubled = fig_to_file(fig, tmp_path / "bound@2x.png", width=640, height=480, scale=2)
+    doubled = fig_to_file(fig, tmp_path / "bound@2x.png", width=640, height=480)  # 2× by default
     assert png_size(doubled.read_bytes()) == (1280, 960)
 
 
@@ -184,7 +184,7 @@ def test_write_figures_writes_every_format_of_every_figure(tmp_path):
         p.name for paths in written.values() for p in paths
     )  # no staging folder left behind
     png, svg, pdf = (p.read_bytes() for p in written["bound vs gradient"])
-    assert png_size(png) == (500, 400)
+    assert png_size(png) == (1000, 800)  # layout pixels × the default 2× scale
     assert svg.lstrip().startswith(b"<svg") and b"Bound against gradient" in svg and b'width="500"' in svg
     assert pdf.startswith(b"%PDF")
     heat = decode_png(written["heat"][0].read_bytes())[..., :3].astype(float)

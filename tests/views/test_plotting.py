@@ -607,6 +607,15 @@ def test_collapse_figure_draws_zeros_at_a_floor_below_everything():
     assert fig.layout.yaxis.title.text == "‖yₙ(s) − yₙ₊₁(s*)‖"  # no raw y_{n+1}
     assert_explains_itself(fig)
     assert "resolution" in caption_of(fig) and "exactly 0" in caption_of(fig)
+    assert fig.layout.xaxis.type == "log" and list(fig.layout.xaxis.tickvals) == lengths  # lengths on a log axis
+    # a resolution far below every distance is named, not drawn: it would stretch the axis over empty decades
+    far = collapse_figure(
+        lengths, {**distances, "float64": [1e-3, 1e-6, 1e-7, 1e-7]}, {**resolutions, "float64": 2.2e-16}
+    )
+    assert "float64 resolution" not in [t.name for t in far.data]
+    assert any("float64 2.2e-16" in a.text for a in far.layout.annotations)
+    low, high = far.layout.yaxis.range
+    assert high - low <= 8 and low > -16
     fixed = collapse_figure(lengths, {"a": [0.0] * 4}, floor=1e-20, y_title="‖y_{n+1}‖")
     assert list(fixed.data[1].y) == [1e-20] * 4 and fixed.layout.yaxis.title.text == "‖yₙ₊₁‖"
     assert "‖yₙ₊₁‖" in caption_of(fixed)
@@ -638,13 +647,16 @@ def test_head_band_and_pe_figures_hold_their_curves():
 def test_tv_figure_matches_the_experiment():
     result = tv_decay_experiment(n_max=40, perturbed=5, seeds=2, lengths=[5, 10, 20, 40])
     fig = tv_decay_figure(result)
-    assert [t.name for t in fig.data] == ["seed 0", "bound, seed 0", "seed 1", "bound, seed 1"]
+    # two legend entries (a line per seed, a bound per seed), the seed named in each hover
+    shown = [t.name for t in fig.data if t.showlegend is not False]
+    assert shown == ["TV, one line per seed (2)", "Lemma B.2 bound, one per seed"]
+    assert ["seed 1" in t.hovertemplate for t in fig.data] == [False, False, True, True]
     assert_data(fig.data[0].y, result.tv[0], digits=6)
     assert_data(fig.data[3].y, result.bound[1], digits=6)
     assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
     assert_explains_itself(fig)
     shared = tv_figure([1, 2], torch.rand(3, 2), torch.tensor([1.0, 0.5]))
-    assert [t.name for t in shared.data].count("bound") == 1
+    assert [t.name for t in shared.data].count("Lemma B.2 bound") == 1
 
 
 def test_sink_figure_shades_the_three_phases():
