@@ -17,6 +17,7 @@ from lens_squash.core.support import UnsupportedModelError
 from lens_squash.edge.flow_edges import bound_layer_rows
 from lens_squash.edge.stream import stream_bounds
 from lens_squash.edge.trace import trace
+
 from .. import families
 
 KINDS = C.KINDS
