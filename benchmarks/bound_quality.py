@@ -44,22 +44,46 @@ NOTES_MARKER = "<!-- notes: kept when the tables are regenerated -->"
 QUICK_NAMES = ("prose_tide", "list_shopping")
 
 
-def measure_prompt(model, prompt, variants, *, exact_max_tokens: int, probes: int, frozen: bool) -> list[dict]:
-    """One row per variant for one suite prompt."""
+def _truth(model, tokens, *, exact: bool, probes: int, frozen: bool) -> dict:
+    """The Jacobian norms a prompt is scored against (lists, so they can be saved and reused)."""
+    jac = jacobian(model, tokens, mode="exact" if exact else "sketch", n_probes=probes)
+    truth = {"jacobian": "exact" if exact else f"sketch{probes}", "frob": jac.frobenius.tolist()}
+    truth["spec"] = None if jac.spectral is None else jac.spectral.tolist()
+    truth["sketch_spearman"] = None
+    if exact:
+        sketch = jacobian(model, tokens, mode="sketch", n_probes=probes)
+        truth["sketch_spearman"] = spearman(sketch.frobenius, jac.frobenius)
+    truth["frozen_spec"] = jacobian(model, tokens, mode="frozen").spectral.tolist() if frozen and exact else None
+    return truth
+
+
+def measure_prompt(
+    model, prompt, variants, *, exact_max_tokens: int, probes: int, frozen: bool, truths: dict | None = None
+) -> list[dict]:
+    """One row per variant for one suite prompt. ``truths`` (prompt name → :func:`_truth`) are reused
+    when they hold this prompt with the Jacobian asked for, and the new one is added to them."""
     tokens = format_prompt(model, prompt.text, chat=prompt.chat)
     n = int(tokens.shape[0])
     traced = trace(model, tokens, lipschitz=True, keep_resid=True)
     bounds = {name: path_bound(traced, name, model=model) for name in variants}
     started = time.perf_counter()
     exact = n <= exact_max_tokens
-    jac = jacobian(model, tokens, mode="exact" if exact else "sketch", n_probes=probes)
-    sketch_check = None
-    if exact:
-        sketch = jacobian(model, tokens, mode="sketch", n_probes=probes)
-        sketch_check = spearman(sketch.frobenius, jac.frobenius)
-    frozen_spectral = None
-    if frozen and exact and any(v in GUARANTEED for v in variants):
-        frozen_spectral = jacobian(model, tokens, mode="frozen").spectral
+    truths = {} if truths is None else truths
+    truth = truths.get(prompt.name)
+    frozen = frozen and exact and any(v in GUARANTEED for v in variants)
+    if (
+        truth is None
+        or truth["jacobian"] != ("exact" if exact else f"sketch{probes}")
+        or (frozen and not truth["frozen_spec"])
+    ):
+        truth = truths[prompt.name] = {"prompt": prompt.name} | _truth(
+            model, tokens, exact=exact, probes=probes, frozen=frozen
+        )
+    jac_frob = torch.tensor(truth["frob"], dtype=torch.float64)
+    jac_spec = None if truth["spec"] is None else torch.tensor(truth["spec"], dtype=torch.float64)
+    frozen_spectral = (
+        None if not (frozen and truth["frozen_spec"]) else torch.tensor(truth["frozen_spec"], dtype=torch.float64)
+    )
     seconds = time.perf_counter() - started
     rows = []
     for name, path in bounds.items():
@@ -70,14 +94,14 @@ def measure_prompt(model, prompt, variants, *, exact_max_tokens: int, probes: in
             "chat": prompt.chat,
             "n_tokens": n,
             "variant": name,
-            "jacobian": "exact" if exact else f"sketch{probes}",
-            "sketch_spearman": sketch_check,
+            "jacobian": truth["jacobian"],
+            "sketch_spearman": truth["sketch_spearman"],
             "seconds": seconds,
         }
-        frob = compare(bound, jac.frobenius, variant=name, truth_name="frobenius")
+        frob = compare(bound, jac_frob, variant=name, truth_name="frobenius")
         row |= {"spearman_frob": frob.spearman, "kendall_frob": frob.kendall, "top5_frob": frob.top5_overlap}
-        if jac.spectral is not None:
-            spec = compare(bound, jac.spectral, variant=name)
+        if jac_spec is not None:
+            spec = compare(bound, jac_spec, variant=name)
             row |= {"spearman_spec": spec.spearman, "kendall_spec": spec.kendall, "top5_spec": spec.top5_overlap}
         row["first_token_share"] = path.first_token_share
         if name in GUARANTEED and frozen_spectral is not None:
@@ -232,6 +256,7 @@ def run(argv=None, *, model=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     parser.add_argument("--diagnose", help="comma-separated suite prompt names: per-layer Spearman against flow")
     parser.add_argument("--lines", type=Path, help="append each prompt's rows here (JSON lines) as it finishes")
     parser.add_argument("--diagnosis-lines", type=Path, help="append each diagnosed prompt's layer rows here")
+    parser.add_argument("--truths", type=Path, help="Jacobians per prompt (JSON lines): reused, and new ones added")
     parser.add_argument("--render", action="store_true", help="no computing: tables from --lines/--diagnosis-lines")
     parser.add_argument("--seconds", type=float, default=0.0, help="with --render: the compute time to report")
     args = parser.parse_args(argv)

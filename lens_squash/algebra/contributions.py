@@ -70,6 +70,8 @@ KINDS: tuple[str, ...] = ("alti", "alti_linear", "globenc")
 
 #: float elements of the ``[chunk, key, d_model]`` block ``alti`` forms at once
 CHUNK_ELEMENTS: int = 1 << 23
+#: queries per block in ``alti_linear`` and ``globenc`` (causal blocks skip the keys they cannot see)
+QUERY_CHUNK: int = 256
 
 
 @dataclass(frozen=True)
@@ -115,16 +117,34 @@ def _causal(patterns: Tensor, start: int, stop: int) -> bool:
     return not bool(patterns[:, start:stop, stop:].any())
 
 
-def _alti_linear(terms: LayerTerms, patterns: Tensor, y: Tensor) -> Tensor:
-    """``max(0, sign(y_j)·T_jk)``: per head, ``r^h_j = W_O^h sign(y_j)`` against the values."""
-    sign = torch.sign(y)
-    reads = torch.einsum("hdm,jm->hjd", terms.w_out, sign)  # [head, query, d_head]
-    scores = torch.einsum("hjd,hkd->hjk", reads, terms.values) * patterns.to(y.dtype)
-    out = scores.sum(0)
-    if terms.query_scale is not None:
-        out = out * terms.query_scale[:, None]
-    out.diagonal().add_((sign * terms.resid).sum(-1))
-    return out.clamp_min(0)
+def _query_chunks(patterns: Tensor, chunk: int):
+    """``(start, stop, keys)`` per block of queries: a causal block reads keys ``< stop`` only."""
+    n = patterns.shape[-1]
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        yield start, stop, stop if _causal(patterns, start, stop) else n
+
+
+def _alti_linear(terms: LayerTerms, patterns: Tensor, chunk: int) -> Tensor:
+    """``max(0, sign(y_j)·T_jk)``: per head, ``r^h_j = W_O^h sign(y_j)`` against the values, a block
+    of queries at a time (each reads only the keys it sees); ``y_j`` is formed on the way."""
+    values, w_out = terms.values, terms.w_out
+    patterns = patterns.to(values.dtype)
+    n = patterns.shape[-1]
+    out = torch.zeros(n, n, dtype=values.dtype)
+    for start, stop, keys in _query_chunks(patterns, chunk):
+        a = patterns[:, start:stop, :keys]
+        attn = torch.einsum("hjd,hdm->jm", torch.bmm(a, values[:, :keys]), w_out)
+        q = None if terms.query_scale is None else terms.query_scale[start:stop]
+        y = terms.resid[start:stop] + (attn if q is None else attn * q[:, None])
+        sign = torch.sign(y)
+        reads = torch.einsum("hdm,jm->hjd", w_out, sign)  # [head, query, d_head]
+        block = (torch.bmm(reads, values[:, :keys].transpose(1, 2)) * a).sum(0)
+        block = block if q is None else block * q[:, None]
+        own = torch.arange(start, stop)
+        block[own - start, own] += (sign * terms.resid[start:stop]).sum(-1)
+        out[start:stop, :keys] = block.clamp_min(0)
+    return out
 
 
 def _globenc(terms: LayerTerms, patterns: Tensor, chunk: int) -> Tensor:
@@ -133,10 +153,10 @@ def _globenc(terms: LayerTerms, patterns: Tensor, chunk: int) -> Tensor:
     gram = torch.einsum("hkm,gkm->khg", u, u)
     patterns = patterns.to(u.dtype)
     n = patterns.shape[-1]
-    squares = torch.empty(n, n, dtype=u.dtype)
-    for start in range(0, n, chunk):
-        a = patterns[:, start : start + chunk]  # [head, query, key]
-        squares[start : start + chunk] = torch.einsum("hjk,khg,gjk->jk", a, gram, a)
+    squares = torch.zeros(n, n, dtype=u.dtype)
+    for start, stop, keys in _query_chunks(patterns, chunk):
+        a = patterns[:, start:stop, :keys].permute(2, 1, 0)  # [key, query, head]
+        squares[start:stop, :keys] = (torch.bmm(a, gram[:keys]) * a).sum(-1).T
     if terms.query_scale is not None:
         squares = squares * terms.query_scale[:, None] ** 2
     own = torch.einsum("hj,hjm->jm", patterns.diagonal(dim1=1, dim2=2), u)
@@ -157,11 +177,10 @@ def contribution_matrix(
         raise ValueError(
             f"patterns must be [head, pos, pos] = {(terms.values.shape[0], n, n)}, got {tuple(patterns.shape)}"
         )
-    chunk = chunk or max(1, CHUNK_ELEMENTS // max(1, n * d))
-    if kind == "globenc":
-        return _globenc(terms, patterns, chunk)
-    y = terms.resid + _attention_part(terms, patterns)
-    return _alti(terms, patterns, y, chunk) if kind == "alti" else _alti_linear(terms, patterns, y)
+    if kind == "alti":
+        y = terms.resid + _attention_part(terms, patterns)
+        return _alti(terms, patterns, y, chunk or max(1, CHUNK_ELEMENTS // max(1, n * d)))
+    return (_globenc if kind == "globenc" else _alti_linear)(terms, patterns, chunk or QUERY_CHUNK)
 
 
 def normalise_rows(c: Float[Tensor, "query_pos key_pos"]) -> Float[Tensor, "query_pos key_pos"]:
