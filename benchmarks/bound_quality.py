@@ -29,7 +29,7 @@ import torch
 
 from lens_squash.algebra.compare import compare
 from lens_squash.algebra.ranks import spearman
-from lens_squash.algebra.variant_registry import guarantee_of
+from lens_squash.algebra.variant_registry import guarantee_of, variants_needing
 from lens_squash.algebra.variants import VARIANTS, path_bound
 from lens_squash.core.records import provenance, write_json_atomic, write_text_atomic
 from lens_squash.edge.flow import flow
@@ -64,7 +64,7 @@ def measure_prompt(
     when they hold this prompt with the Jacobian asked for, and the new one is added to them."""
     tokens = format_prompt(model, prompt.text, chat=prompt.chat)
     n = int(tokens.shape[0])
-    traced = trace(model, tokens, lipschitz=True, keep_resid=True)
+    traced = trace(model, tokens, lipschitz=variants_needing(variants, "mlp_gains"), keep_resid=True)
     bounds = {name: path_bound(traced, name, model=model) for name in variants}
     started = time.perf_counter()
     exact = n <= exact_max_tokens
@@ -216,9 +216,12 @@ def markdown(frame, summary, command: str, device: str, seconds: float, diagnosi
 
 
 def measure_suite(model, prompts, variants, args, sink) -> list[dict]:
-    """Every prompt's rows, each prompt's appended to ``sink`` (JSON lines) as soon as it is done."""
+    """Every prompt's rows, each prompt's appended to ``sink`` (JSON lines) as soon as it is done; the
+    Jacobians are read from and added to ``--truths`` (JSON lines), so a rerun scores new variants only."""
     rows = []
+    truths = {t["prompt"]: t for t in read_lines(args.truths)}
     for i, prompt in enumerate(prompts):
+        known = truths.get(prompt.name)
         new = measure_prompt(
             model,
             prompt,
@@ -226,7 +229,11 @@ def measure_suite(model, prompts, variants, args, sink) -> list[dict]:
             exact_max_tokens=args.exact_max_tokens,
             probes=args.probes,
             frozen=not args.no_frozen,
+            truths=truths,
         )
+        if args.truths is not None and truths[prompt.name] is not known:
+            with args.truths.open("a") as handle:
+                handle.write(json.dumps(truths[prompt.name]) + "\n")
         rows += new
         if sink is not None:
             with sink.open("a") as handle:
@@ -269,7 +276,10 @@ def run(argv=None, *, model=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     else:
         names = QUICK_NAMES if args.quick else (args.names.split(",") if args.names else None)
         model = model if model is not None else load_model(n_ctx=512)
-        rows = measure_suite(model, load_suite(names=names, limit=args.limit), variants, args, args.lines)
+        prompts = load_suite(names=names, limit=args.limit)
+        if names is not None:  # in the order given, so a run cut short has covered what was asked first
+            prompts.sort(key=lambda p: list(names).index(p.name))
+        rows = measure_suite(model, prompts, variants, args, args.lines)
         diagnosis = pd.DataFrame()
         for name in args.diagnose.split(",") if args.diagnose else []:
             found = per_layer_diagnosis(

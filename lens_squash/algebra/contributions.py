@@ -150,13 +150,14 @@ def _alti_linear(terms: LayerTerms, patterns: Tensor, chunk: int) -> Tensor:
 def _globenc(terms: LayerTerms, patterns: Tensor, chunk: int) -> Tensor:
     """``‖T_jk‖₂`` from each key's head Gram ``G_k^{hg} = u^h_k · u^g_k`` (no ``n²·d`` tensor)."""
     u = torch.einsum("hkd,hdm->hkm", terms.values, terms.w_out)
-    gram = torch.einsum("hkm,gkm->khg", u, u)
+    gram = torch.einsum("hkm,gkm->hgk", u, u)  # [head, head, key]
     patterns = patterns.to(u.dtype)
     n = patterns.shape[-1]
     squares = torch.zeros(n, n, dtype=u.dtype)
     for start, stop, keys in _query_chunks(patterns, chunk):
-        a = patterns[:, start:stop, :keys].permute(2, 1, 0)  # [key, query, head]
-        squares[start:stop, :keys] = (torch.bmm(a, gram[:keys]) * a).sum(-1).T
+        a = patterns[:, start:stop, :keys]  # kept in its [head, query, key] layout: no strided copy
+        for h in range(a.shape[0]):
+            squares[start:stop, :keys] += a[h] * (a * gram[h, :, None, :keys]).sum(0)
     if terms.query_scale is not None:
         squares = squares * terms.query_scale[:, None] ** 2
     own = torch.einsum("hj,hjm->jm", patterns.diagonal(dim1=1, dim2=2), u)
@@ -275,18 +276,25 @@ class ContributionGraph(PathGraph):
 
 
 def contribution_graph(
-    trace, model, kind: str, *, norm: bool = True, name: str | None = None, **kwargs: Any
+    trace, model, kind: str, *, norm: bool = True, per_unit: bool = False, name: str | None = None, **kwargs: Any
 ) -> ContributionGraph:
-    """The ``kind`` rollout of a traced prompt (``norm``: measure in the next norm's coordinates)."""
+    """The ``kind`` rollout of a traced prompt (``norm``: measure in the next norm's coordinates).
+
+    ``per_unit``: divide the first layer's column ``k`` by ``‖x^(0)_k‖``, turning a share of what
+    token ``k`` contributes into a contribution per unit of its input (for a linear map the
+    contribution ``‖J_k v_k‖`` over ``‖v_k‖`` is at most the sensitivity ``‖J_k‖`` that the
+    Jacobian measures); the rows then no longer sum to 1."""
     if model is None:
         raise ValueError(
             f"the {name or kind} variant needs the model's weights: path_bound(trace, {name or kind!r}, model=model)"
         )
 
     def layer_matrix(layer: int, patterns: Tensor) -> Tensor:
-        return normalise_rows(
-            contribution_matrix(kind, patterns, layer_terms(model, trace, layer, norm=norm), **kwargs)
-        )
+        terms = layer_terms(model, trace, layer, norm=norm)
+        matrix = normalise_rows(contribution_matrix(kind, patterns, terms, **kwargs))
+        if per_unit and layer == 0:
+            matrix = matrix / trace.resid[0].double().norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
+        return matrix
 
     n_layers, n = trace.n_layers, trace.n_tokens
     layer_terms(model, trace, 0, norm=norm)  # refuses a trace without residual streams before any work
