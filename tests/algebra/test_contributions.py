@@ -252,3 +252,12 @@ def test_a_trace_without_residual_streams_or_model_is_refused():
         path_bound(trace(model, families.TOKENS), "alti", model=model)
     with pytest.raises(ValueError, match="model's weights"):
         path_bound(_cached("gpt2")[0], "alti")
+
+
+def test_per_unit_divides_the_row_by_the_input_norms():
+    # only the first layer's columns are scaled, so the row is the plain row over ‖x^(0)_k‖
+    model = _model("gemma")
+    traced, _ = _cached("gemma")
+    plain = C.contribution_graph(traced, model, "alti_linear").row(-1)
+    per_unit = C.contribution_graph(traced, model, "alti_linear", per_unit=True).row(-1)
+    torch.testing.assert_close(per_unit, plain / traced.resid[0].double().norm(dim=-1))
