@@ -19,6 +19,7 @@ prompts that have both (``sketch_spearman`` column). ``--markdown`` rewrites doc
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -28,8 +29,10 @@ import torch
 
 from lens_squash.algebra.compare import compare
 from lens_squash.algebra.ranks import spearman
-from lens_squash.algebra.variants import VARIANTS, build_graph, path_bound
+from lens_squash.algebra.variant_registry import guarantee_of, variants_needing
+from lens_squash.algebra.variants import VARIANTS, path_bound
 from lens_squash.core.records import provenance, write_json_atomic, write_text_atomic
+from lens_squash.edge.flow import flow
 from lens_squash.edge.jacobian import jacobian
 from lens_squash.edge.models import format_prompt, load_model
 from lens_squash.edge.trace import trace
@@ -40,22 +43,46 @@ NOTES_MARKER = "<!-- notes: kept when the tables are regenerated -->"
 QUICK_NAMES = ("prose_tide", "list_shopping")
 
 
-def measure_prompt(model, prompt, variants, *, exact_max_tokens: int, probes: int, frozen: bool) -> list[dict]:
-    """One row per variant for one suite prompt."""
+def _truth(model, tokens, *, exact: bool, probes: int, frozen: bool) -> dict:
+    """The Jacobian norms a prompt is scored against (lists, so they can be saved and reused)."""
+    jac = jacobian(model, tokens, mode="exact" if exact else "sketch", n_probes=probes)
+    truth = {"jacobian": "exact" if exact else f"sketch{probes}", "frob": jac.frobenius.tolist()}
+    truth["spec"] = None if jac.spectral is None else jac.spectral.tolist()
+    truth["sketch_spearman"] = None
+    if exact:
+        sketch = jacobian(model, tokens, mode="sketch", n_probes=probes)
+        truth["sketch_spearman"] = spearman(sketch.frobenius, jac.frobenius)
+    truth["frozen_spec"] = jacobian(model, tokens, mode="frozen").spectral.tolist() if frozen and exact else None
+    return truth
+
+
+def measure_prompt(
+    model, prompt, variants, *, exact_max_tokens: int, probes: int, frozen: bool, truths: dict | None = None
+) -> list[dict]:
+    """One row per variant for one suite prompt. ``truths`` (prompt name → :func:`_truth`) are reused
+    when they hold this prompt with the Jacobian asked for, and the new one is added to them."""
     tokens = format_prompt(model, prompt.text, chat=prompt.chat)
     n = int(tokens.shape[0])
-    traced = trace(model, tokens, lipschitz=True)
+    traced = trace(model, tokens, lipschitz=variants_needing(variants, "mlp_gains"), keep_resid=True)
     bounds = {name: path_bound(traced, name, model=model) for name in variants}
     started = time.perf_counter()
     exact = n <= exact_max_tokens
-    jac = jacobian(model, tokens, mode="exact" if exact else "sketch", n_probes=probes)
-    sketch_check = None
-    if exact:
-        sketch = jacobian(model, tokens, mode="sketch", n_probes=probes)
-        sketch_check = spearman(sketch.frobenius, jac.frobenius)
-    frozen_spectral = None
-    if frozen and exact and any(VARIANTS[v].is_bound for v in variants):
-        frozen_spectral = jacobian(model, tokens, mode="frozen").spectral
+    truths = {} if truths is None else truths
+    truth = truths.get(prompt.name)
+    frozen = frozen and exact and any(VARIANTS[v].is_bound for v in variants)
+    if (
+        truth is None
+        or truth["jacobian"] != ("exact" if exact else f"sketch{probes}")
+        or (frozen and not truth["frozen_spec"])
+    ):
+        truth = truths[prompt.name] = {"prompt": prompt.name} | _truth(
+            model, tokens, exact=exact, probes=probes, frozen=frozen
+        )
+    jac_frob = torch.tensor(truth["frob"], dtype=torch.float64)
+    jac_spec = None if truth["spec"] is None else torch.tensor(truth["spec"], dtype=torch.float64)
+    frozen_spectral = (
+        None if not (frozen and truth["frozen_spec"]) else torch.tensor(truth["frozen_spec"], dtype=torch.float64)
+    )
     seconds = time.perf_counter() - started
     rows = []
     for name, path in bounds.items():
@@ -66,14 +93,14 @@ def measure_prompt(model, prompt, variants, *, exact_max_tokens: int, probes: in
             "chat": prompt.chat,
             "n_tokens": n,
             "variant": name,
-            "jacobian": "exact" if exact else f"sketch{probes}",
-            "sketch_spearman": sketch_check,
+            "jacobian": truth["jacobian"],
+            "sketch_spearman": truth["sketch_spearman"],
             "seconds": seconds,
         }
-        frob = compare(bound, jac.frobenius, variant=name, truth_name="frobenius")
+        frob = compare(bound, jac_frob, variant=name, truth_name="frobenius")
         row |= {"spearman_frob": frob.spearman, "kendall_frob": frob.kendall, "top5_frob": frob.top5_overlap}
-        if jac.spectral is not None:
-            spec = compare(bound, jac.spectral, variant=name)
+        if jac_spec is not None:
+            spec = compare(bound, jac_spec, variant=name)
             row |= {"spearman_spec": spec.spearman, "kendall_spec": spec.kendall, "top5_spec": spec.top5_overlap}
         row["first_token_share"] = path.first_token_share
         if VARIANTS[name].is_bound and frozen_spectral is not None:  # a proxy promises no inequality
@@ -83,29 +110,31 @@ def measure_prompt(model, prompt, variants, *, exact_max_tokens: int, probes: in
     return rows
 
 
-def per_layer_diagnosis(model, prompt, variants, *, probes: int) -> pd.DataFrame:
-    """Where the ranking breaks down: for every depth l, the Spearman correlation between each
-    variant's bound truncated to layers 0..l and the sketched Jacobian of ``blocks.{l}.hook_resid_post``
-    at the last position (Frobenius), plus where that Jacobian's mass sits."""
+def per_layer_diagnosis(model, prompt, variants, *, probes: int, exact_max_tokens: int) -> pd.DataFrame:
+    """Per layer ``l``, Spearman between each variant's backward row ``e_nᵀ M^(L-1) ⋯ M^(l)`` and the true
+    layer map ``‖∂y_n/∂x^(l)_k‖_F`` from :func:`flow` (exact probes where the prompt fits, the sketch
+    otherwise), plus where that map's mass sits."""
     tokens = format_prompt(model, prompt.text, chat=prompt.chat)
-    traced = trace(model, tokens, lipschitz=True)
-    graphs = {name: build_graph(traced, name, model=model) for name in variants}
+    mode = "exact" if tokens.shape[0] <= exact_max_tokens else "sketch"
+    found = flow(model, tokens, mode=mode, n_probes=probes, variants=variants)
+    per_layer = found.layer_spearman()
     rows = []
-    for layer in range(model.cfg.n_layers):
-        truth = jacobian(model, tokens, layer=layer, mode="sketch", n_probes=probes).frobenius.double()
+    for layer in range(found.n_layers):
+        truth = found.sensitivity[layer].double()
         row = {
+            "prompt": prompt.name,
+            "truth": mode,
             "layer": layer,
             "truth_first_share": float(truth[0] / truth.sum()),
             "truth_last_share": float(truth[-1] / truth.sum()),
         }
-        for name, graph in graphs.items():
-            row[name] = spearman(graph.row(-1, n_layers=layer + 1), truth)
-        rows.append(row)
+        rows.append(row | {name: float(values[layer]) for name, values in per_layer.items()})
     return pd.DataFrame(rows)
 
 
 def summarise(frame: pd.DataFrame) -> pd.DataFrame:
-    """Median (and min) rank agreement per variant across the prompts."""
+    """Median (and min) rank agreement per variant across the prompts, with what the registry
+    says the variant's numbers promise (``bound`` or ``proxy``)."""
     agg = {
         "prompts": ("prompt", "nunique"),
         "exact_prompts": ("spearman_spec", "count") if "spearman_spec" in frame else ("prompt", "size"),
@@ -119,7 +148,9 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
     if "violations" in frame:  # only guaranteed variants on prompts with a frozen Jacobian are checked
         agg |= {"violations": ("violations", "sum"), "checked_prompts": ("violations", "count")}
     agg |= {"median_first_token_share": ("first_token_share", "median")}
-    return frame.groupby("variant", sort=False).agg(**agg).reset_index()
+    summary = frame.groupby("variant", sort=False).agg(**agg).reset_index()
+    summary.insert(1, "guarantee", [guarantee_of(name) for name in summary["variant"]])
+    return summary
 
 
 def table_md(frame: pd.DataFrame, index: bool = False) -> str:
@@ -138,31 +169,83 @@ def table_md(frame: pd.DataFrame, index: bool = False) -> str:
     return "\n".join(lines)
 
 
-def markdown(frame: pd.DataFrame, summary: pd.DataFrame, command: str, device: str, seconds: float) -> str:
+def layer_table(diagnosis: pd.DataFrame, variants) -> pd.DataFrame:
+    """Per layer, the median over the diagnosed prompts of each variant's Spearman against the flow."""
+    columns = ["truth_first_share", "truth_last_share", *[v for v in variants if v in diagnosis]]
+    return diagnosis.groupby("layer")[columns].median().reset_index()
+
+
+def markdown(frame, summary, command: str, device: str, seconds: float, diagnosis=None, variants=()) -> str:
     by_kind = frame.pivot_table(index="variant", columns="kind", values="spearman_frob", aggfunc="median", sort=False)
-    return "\n".join(
-        [
-            "# Bound quality on the prompt suite",
+    exact = int((frame.groupby("prompt")["jacobian"].first() == "exact").sum())
+    longest = frame.loc[frame["jacobian"] == "exact", "n_tokens"].max()
+    parts = [
+        "# Bound quality on the prompt suite",
+        "",
+        f"Regenerate with `{command}` ({device}; {seconds / 60:.1f} min of compute; {frame['prompt'].nunique()} "
+        f"prompts, {exact} with exact Jacobians (up to {longest} tokens), the rest with the sketch). Truth: "
+        "‖∂y_n/∂v_i‖ of the last token's final representation (SmolLM2-135M-Instruct, fp32); `spec` = spectral "
+        "norm (exact Jacobians only), `frob` = Frobenius norm (exact, or the sketch for long prompts). "
+        "`guarantee` is the registry's: only a `bound` promises an inequality; a `proxy` ranks. `violations` "
+        "counts positions where the certified bound falls below the frozen model's Jacobian (spectral).",
+        "",
+        "## Per variant (median across prompts)",
+        "",
+        table_md(summary),
+        "",
+        "## Median Spearman (Frobenius) by prompt kind",
+        "",
+        table_md(by_kind, index=True),
+        "",
+    ]
+    if diagnosis is not None and len(diagnosis):
+        names = ", ".join(f"`{p}` ({t})" for p, t in diagnosis.groupby("prompt", sort=False)["truth"].first().items())
+        parts += [
+            "## Per layer, against the true flow",
             "",
-            f"Regenerate with `{command}` ({device}; {seconds / 60:.1f} min). Truth: ‖∂y_n/∂v_i‖ of the last "
-            "token's final representation (SmolLM2-135M-Instruct, fp32); `spec` = spectral norm (exact Jacobians "
-            "only), `frob` = Frobenius norm (exact, or the sketch for long prompts). `violations` counts positions "
-            "where the certified bound falls below the frozen model's Jacobian (spectral), which it bounds.",
+            f"Spearman between each variant's backward row at layer l (`e_nᵀ M^(L-1) ⋯ M^(l)`, what "
+            f"`flow(...)` puts beside the truth) and the true layer map ‖∂y_n/∂x^(l)_k‖_F, median over {names} "
+            "(`truth_*_share`: the map's share on the first / last token). Layer 0 is the whole stack.",
             "",
-            "## Per variant (median across prompts)",
-            "",
-            table_md(summary),
-            "",
-            "## Median Spearman (Frobenius) by prompt kind",
-            "",
-            table_md(by_kind, index=True),
-            "",
-            "## Every prompt and variant",
-            "",
-            table_md(frame.drop(columns=["seconds"])),
+            table_md(layer_table(diagnosis, variants)),
             "",
         ]
-    )
+    parts += ["## Every prompt and variant", "", table_md(frame.drop(columns=["seconds"])), ""]
+    return "\n".join(parts)
+
+
+def measure_suite(model, prompts, variants, args, sink) -> list[dict]:
+    """Every prompt's rows, each prompt's appended to ``sink`` (JSON lines) as soon as it is done; the
+    Jacobians are read from and added to ``--truths`` (JSON lines), so a rerun scores new variants only."""
+    rows = []
+    truths = {t["prompt"]: t for t in read_lines(args.truths)}
+    for i, prompt in enumerate(prompts):
+        known = truths.get(prompt.name)
+        new = measure_prompt(
+            model,
+            prompt,
+            variants,
+            exact_max_tokens=args.exact_max_tokens,
+            probes=args.probes,
+            frozen=not args.no_frozen,
+            truths=truths,
+        )
+        if args.truths is not None and truths[prompt.name] is not known:
+            with args.truths.open("a") as handle:
+                handle.write(json.dumps(truths[prompt.name]) + "\n")
+        rows += new
+        if sink is not None:
+            with sink.open("a") as handle:
+                handle.writelines(json.dumps(row) + "\n" for row in new)
+        print(f"[{i + 1}/{len(prompts)}] {prompt.name}: {new[-1]['n_tokens']} tokens, {new[-1]['jacobian']}, "
+              f"{new[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
+    return rows
+
+
+def read_lines(path: Path | None) -> list[dict]:
+    if path is None or not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def run(argv=None, *, model=None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -176,69 +259,52 @@ def run(argv=None, *, model=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     parser.add_argument("--no-frozen", action="store_true", help="skip the frozen Jacobian (no violation counts)")
     parser.add_argument("--markdown", type=Path, help="write the tables to this markdown file")
     parser.add_argument("--json", type=Path, help="write every row to this JSON file")
-    parser.add_argument("--diagnose", help="a suite prompt name: per-layer Spearman of truncated bounds")
+    parser.add_argument("--diagnose", help="comma-separated suite prompt names: per-layer Spearman against flow")
+    parser.add_argument("--lines", type=Path, help="append each prompt's rows here (JSON lines) as it finishes")
+    parser.add_argument("--diagnosis-lines", type=Path, help="append each diagnosed prompt's layer rows here")
+    parser.add_argument("--truths", type=Path, help="Jacobians per prompt (JSON lines): reused, and new ones added")
+    parser.add_argument("--render", action="store_true", help="no computing: tables from --lines/--diagnosis-lines")
+    parser.add_argument("--seconds", type=float, default=0.0, help="with --render: the compute time to report")
     args = parser.parse_args(argv)
-    names = QUICK_NAMES if args.quick else (args.names.split(",") if args.names else None)
-    prompts = load_suite(names=names, limit=args.limit)
     variants = [v for v in args.variants.split(",") if v]
-    model = model if model is not None else load_model(n_ctx=512)
-    started = time.perf_counter()
-    rows = []
-    for i, prompt in enumerate(prompts):
-        rows += measure_prompt(
-            model,
-            prompt,
-            variants,
-            exact_max_tokens=args.exact_max_tokens,
-            probes=args.probes,
-            frozen=not args.no_frozen,
-        )
-        print(
-            f"[{i + 1}/{len(prompts)}] {prompt.name}: {rows[-1]['n_tokens']} tokens, "
-            f"{rows[-1]['jacobian']}, {rows[-1]['seconds']:.0f} s",
-            file=sys.stderr,
-            flush=True,
-        )
-    frame = pd.DataFrame(rows)
-    summary = summarise(frame)
-    seconds = time.perf_counter() - started
-    with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 200):
-        print(summary.to_string(index=False))
     command = "python benchmarks/bound_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     device = f"{torch.get_num_threads()} CPU threads" if not torch.cuda.is_available() else torch.cuda.get_device_name()
-    diagnosis = None
-    if args.diagnose:
-        diagnosis = per_layer_diagnosis(model, load_suite(names=[args.diagnose])[0], variants, probes=args.probes)
-        with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 200):
-            print(diagnosis.to_string(index=False))
-    if args.markdown:
-        text = markdown(frame, summary, command.strip(), device, seconds)
-        if diagnosis is not None:
-            text += "\n".join(
-                [
-                    "",
-                    f"## Per-layer diagnosis on `{args.diagnose}`",
-                    "",
-                    "Spearman between each variant's bound truncated to layers 0..l and the sketched "
-                    "Jacobian of the layer-l residual stream at the last position "
-                    "(`truth_*_share`: that Jacobian's share on the first / last token).",
-                    "",
-                    table_md(diagnosis),
-                    "",
-                ]
+    started = time.perf_counter()
+    if args.render:
+        rows, diagnosis = read_lines(args.lines), pd.DataFrame(read_lines(args.diagnosis_lines))
+    else:
+        names = QUICK_NAMES if args.quick else (args.names.split(",") if args.names else None)
+        model = model if model is not None else load_model(n_ctx=512)
+        prompts = load_suite(names=names, limit=args.limit)
+        if names is not None:  # in the order given, so a run cut short has covered what was asked first
+            prompts.sort(key=lambda p: list(names).index(p.name))
+        rows = measure_suite(model, prompts, variants, args, args.lines)
+        diagnosis = pd.DataFrame()
+        for name in args.diagnose.split(",") if args.diagnose else []:
+            found = per_layer_diagnosis(
+                model, load_suite(names=[name])[0], variants, probes=args.probes, exact_max_tokens=args.exact_max_tokens
             )
+            diagnosis = pd.concat([diagnosis, found], ignore_index=True)
+            if args.diagnosis_lines is not None:
+                with args.diagnosis_lines.open("a") as handle:
+                    handle.writelines(json.dumps(r) + "\n" for r in found.to_dict("records"))
+    frame = pd.DataFrame(rows)
+    variants = [v for v in variants if v in set(frame["variant"])]
+    summary = summarise(frame)
+    seconds = args.seconds if args.render else time.perf_counter() - started
+    with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 200):
+        print(summary.to_string(index=False))
+        if len(diagnosis):
+            print(layer_table(diagnosis, variants).to_string(index=False))
+    if args.markdown:
+        text = markdown(frame, summary, command.strip(), device, seconds, diagnosis, variants)
         if args.markdown.exists() and NOTES_MARKER in (old := args.markdown.read_text()):
             text += "\n" + old[old.index(NOTES_MARKER) :]
         write_text_atomic(args.markdown, text)
     if args.json:
-        write_json_atomic(
-            args.json,
-            {
-                "metadata": provenance(model, command=command),
-                "rows": rows,
-                "diagnosis": None if diagnosis is None else diagnosis.to_dict("records"),
-            },
-        )
+        metadata = {"command": command} if model is None else provenance(model, command=command)
+        records = None if not len(diagnosis) else diagnosis.to_dict("records")
+        write_json_atomic(args.json, {"metadata": metadata, "rows": rows, "diagnosis": records})
     return frame, summary
 
 

@@ -30,7 +30,17 @@ __all__ = [
 ]
 
 #: ``lens_squash.algebra.variants.VARIANTS``, in its order
-VARIANT_NAMES: tuple[str, ...] = ("paper", "rollout", "certified", "value", "value_rownorm", "certified_rownorm")
+VARIANT_NAMES: tuple[str, ...] = (
+    "paper",
+    "rollout",
+    "certified",
+    "value",
+    "value_rownorm",
+    "certified_rownorm",
+    "alti",
+    "globenc",
+    "alti_linear",
+)
 #: ``lens_squash.experiments.analysis.DEFAULT_VARIANTS``
 DEFAULT_VARIANTS: tuple[str, ...] = ("paper", "rollout", "certified", "value_rownorm")
 #: ``lens_squash.experiments.collapse_families.FAMILIES``, in its order

@@ -6,11 +6,12 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 from lens_squash.algebra.ranks import spearman
 from lens_squash.algebra.variants import VARIANTS, path_bound
 from lens_squash.edge.jacobian import jacobian
-from lens_squash.edge.models import format_prompt
+from lens_squash.edge.models import format_prompt, load_model
 from lens_squash.edge.trace import trace
 from lens_squash.experiments.suite import load_suite
 
@@ -47,3 +48,35 @@ def test_benchmark_runs_on_a_two_prompt_subset(smollm2, tmp_path):
     text = markdown.read_text()
     assert "Regenerate with `python benchmarks/bound_quality.py --quick" in text
     assert all(name in text for name in VARIANTS)
+
+
+CONTRIBUTIONS = ["alti", "globenc", "alti_linear", "rollout"]
+
+
+def test_contribution_proxies_rows_layers_and_render(tmp_path):
+    """On the seeded tiny-random model: each proxy's row is the library's, the per-layer table is
+    flow's layer_spearman, and --render rebuilds the same tables from the saved lines."""
+    bench = load_benchmark()
+    model = load_model("tiny-random", n_ctx=512)
+    lines, layers = tmp_path / "rows.jsonl", tmp_path / "layers.jsonl"
+    names = "list_shopping,prose_tide"
+    common = ["--variants", ",".join(CONTRIBUTIONS), "--lines", str(lines), "--diagnosis-lines", str(layers)]
+    frame, summary = bench.run(
+        ["--names", names, "--exact-max-tokens", "0", "--probes", "8", "--diagnose", "prose_tide", *common], model=model
+    )
+    assert list(summary["guarantee"]) == ["proxy"] * len(CONTRIBUTIONS)
+    (prompt,) = load_suite(names=["prose_tide"])
+    tokens = format_prompt(model, prompt.text, chat=prompt.chat)
+    truth = jacobian(model, tokens, mode="sketch", n_probes=8).frobenius
+    for name in ("alti", "globenc"):
+        bound = path_bound(trace(model, tokens, keep_resid=True), name, model=model).bound
+        row = frame[(frame["prompt"] == prompt.name) & (frame["variant"] == name)].iloc[0]
+        assert row["spearman_frob"] == pytest.approx(spearman(bound, truth), abs=1e-12)
+    diagnosis = bench.pd.DataFrame(bench.read_lines(layers))
+    assert len(diagnosis) == model.cfg.n_layers and set(CONTRIBUTIONS) <= set(diagnosis.columns)
+    markdown = tmp_path / "bound_quality.md"
+    again, summary_again = bench.run(["--render", "--markdown", str(markdown), *common])
+    bench.pd.testing.assert_frame_equal(summary_again, summary)
+    text = markdown.read_text()
+    assert "## Per layer, against the true flow" in text and "| proxy |" in text
+    assert torch.isfinite(torch.tensor(again["spearman_frob"].to_numpy())).all()

@@ -52,7 +52,7 @@ NEEDS: frozenset[str] = frozenset({"weights", "mlp_gains", "value_norms", "norm_
 DEFAULT_VARIANTS: tuple[str, ...] = ("paper", "rollout", "certified", "value_rownorm")
 
 #: this package's modules that register variants when imported
-_BUILTIN_MODULES: tuple[str, ...] = ("lens_squash.algebra.variants",)
+_BUILTIN_MODULES: tuple[str, ...] = ("lens_squash.algebra.variants", "lens_squash.algebra.contributions")
 
 
 @dataclass(frozen=True)

@@ -260,7 +260,7 @@ def _bounds(model, used: Tensor, pos: int, variants: tuple[str, ...]) -> dict[st
     from ..algebra.variant_registry import variants_needing
 
     lipschitz = variants_needing(variants, "mlp_gains")
-    traced = trace(model, used, lipschitz=lipschitz)
+    traced = trace(model, used, lipschitz=lipschitz, keep_resid=variants_needing(variants, "residual"))
     return {v: bound_layer_rows(build_graph(traced, v, model=model), pos) for v in variants}
 
 

@@ -102,6 +102,12 @@ def _analysis():
     return analyze(_model(), _TOKENS, jacobian_mode="exact")
 
 
+def _contribution_graph():
+    from lens_squash.algebra.variants import path_bound
+
+    return path_bound(_analysis().trace, "alti", model=_model()).graph
+
+
 @functools.cache
 def _flow():
     from lens_squash.edge.flow import flow
@@ -250,6 +256,7 @@ BUILDERS = {
     "Trace": lambda: _analysis().trace,
     "PathBound": lambda: _analysis().bounds["certified"],
     "PathGraph": lambda: _analysis().bounds["rollout"].graph,
+    "ContributionGraph": lambda: _contribution_graph(),
     "JacobianResult": lambda: _analysis().jacobian,
     "Comparison": lambda: _analysis().comparisons["rollout"],
     "UShape": lambda: _analysis().comparisons["rollout"].truth_u,

@@ -1,0 +1,344 @@
+"""Contribution rollouts: ALTI (Ferrando et al. 2022) and GlobEnc (Modarressi et al. 2022) for pre-norm decoders.
+
+Each layer ``l`` gets a row-stochastic ``n×n`` matrix ``C^(l)`` of token-to-token contributions; the
+layers compose like attention rollout, ``row_n = e_nᵀ C^(L-1) ⋯ C^(0)``. They are **proxies** (shares of
+where the output's information comes from), never bounds. With ``x_j`` the residual stream entering
+the layer, the attention block writes, exactly (patterns as traced)::
+
+    T_jk = q_j Σ_h A^h_jk · u^h_k + δ_jk · x_j,      y_j = Σ_k T_jk = x_j + attn_j − q_j b_O,
+    u^h_k = (N1(x_k) W_V^h + b_V^h) W_O^h
+
+* **The input norm** ``N1`` (pre-norm blocks: ``ln1``) is applied to each key's own residual with its
+  traced scale ``s_k`` — exactly what the value reads, so ``T`` is the attention block's output split
+  by key, with no linearisation. ALTI's linearised LayerNorm is only needed for norms that act on a
+  *sum* of terms; here that is
+* **the measuring norm** ``N``: the norm that reads ``y_j`` next (``ln2``, the MLP's input norm, in
+  sequential pre-norm blocks; none for parallel, attention-only and output-norm blocks, whose next
+  reader is not a norm of ``y_j``). With its scale frozen, ``N(v) = (v P) diag(γ) / s_j`` is linear, so
+  ``N(y_j − T_jk) = N(y_j) − N(T_jk)`` and distances are taken in ``N``'s coordinates, as ALTI does
+  after the post-LN. The ``1/s_j`` is a per-row constant that the row scaling removes, so only
+  ``P diag(γ)`` enters (``norm=False`` measures raw residual coordinates instead).
+* **Output norms on attention** (Gemma-2/3's ``ln1_post``, OLMo-2's ``ln1``) act on ``attn_j`` only,
+  not on the residual: their ``P diag(γ)`` goes into ``W_O`` and their frozen ``1/s_j`` is ``q_j``.
+* **GQA**: query head ``h`` reads its group's value ``v^{g(h)}_k`` but writes through its own ``W_O^h``,
+  so ``u^h_k`` is per *query* head (``attn.W_V`` expands the groups, as TransformerLens does).
+  ``clip_qkv`` clamps the values as the model does; learned sinks leave rows summing to less than 1.
+* **The MLP** acts on each position alone, so it mixes no tokens: as in ALTI it leaves ``C`` unchanged
+  (its effect enters the next layer through ``x_j``).
+
+Per layer (``c`` before each row is scaled to sum 1; ``b_O`` and norm biases are attributed to no token):
+
+| kind | ``c_jk`` | cost per layer |
+|---|---|---|
+| ``alti`` | ``max(0, ‖N y_j‖₁ − ‖N(y_j − T_jk)‖₁)`` | ``n²·H·d`` (chunked: ``chunk·n·d`` memory) |
+| ``alti_linear`` | ``max(0, sign(N y_j)ᵀ N T_jk)`` | ``n²·d`` (a score-like product per head) |
+| ``globenc`` | ``‖N T_jk‖₂`` | ``n·H²·d + n²·H²`` (Gram of each key's head outputs) |
+
+``alti_linear`` is ALTI's distance to first order in ``T_jk``, and never below it: coordinatewise
+``|y_i| − |y_i − t_i| ≤ sign(y_i)·t_i``, with equality unless ``t_i`` flips the coordinate's sign. It reads
+``N T_jk`` through ``W_O^h`` once per query (``r^h_j = W_O^h (γ P sign(N y_j))``), so its cost is that of
+the attention scores, not of ``n²`` vectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..core.display import compact_repr
+from ..core.results import unserialised
+from .blocks import apply_output_norms, block_shape, norm_gain
+from .variant_registry import VariantSpec, register_variant
+from .variants import PathGraph
+
+__all__ = [
+    "KINDS",
+    "ContributionGraph",
+    "LayerTerms",
+    "contribution_graph",
+    "contribution_matrix",
+    "layer_terms",
+    "normalise_rows",
+]
+
+KINDS: tuple[str, ...] = ("alti", "alti_linear", "globenc")
+
+#: float elements of the ``[chunk, key, d_model]`` block ``alti`` forms at once
+CHUNK_ELEMENTS: int = 1 << 23
+#: queries per block in ``alti_linear`` and ``globenc`` (causal blocks skip the keys they cannot see)
+QUERY_CHUNK: int = 256
+
+
+@dataclass(frozen=True)
+class LayerTerms:
+    """What one layer's contributions read, all in the measuring norm's coordinates: ``T_jk =
+    q_j Σ_h A^h_jk values^h_k w_out^h + δ_jk resid_j``."""
+
+    resid: Float[Tensor, "pos d_model"]
+    values: Float[Tensor, "head pos d_head"]
+    w_out: Float[Tensor, "head d_head d_model"]
+    query_scale: Float[Tensor, "pos"] | None
+
+
+def _attention_part(terms: LayerTerms, patterns: Tensor) -> Tensor:
+    """``q_j Σ_h Σ_k A^h_jk u^h_k``: what attention writes at each query (no ``b_O``)."""
+    z = torch.einsum("hjk,hkd->hjd", patterns.to(terms.values.dtype), terms.values)
+    out = torch.einsum("hjd,hdm->jm", z, terms.w_out)
+    return out if terms.query_scale is None else out * terms.query_scale[:, None]
+
+
+def _alti(terms: LayerTerms, patterns: Tensor, y: Tensor, chunk: int) -> Tensor:
+    """Exact ALTI, ``chunk`` queries at a time over the keys they can see (``k ≤ j``, causal)."""
+    n, d = y.shape
+    u = torch.einsum("hkd,hdm->hkm", terms.values, terms.w_out)  # [head, key, d_model]
+    patterns = patterns.to(u.dtype)
+    norms = y.abs().sum(-1)
+    out = torch.zeros(n, n, dtype=y.dtype)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        keys = stop if _causal(patterns, start, stop) else n
+        a = patterns[:, start:stop, :keys].permute(2, 1, 0)  # [key, query, head]
+        rest = torch.bmm(a, u[:, :keys].transpose(0, 1))  # [key, query, d]: Σ_h A^h_jk u^h_k
+        if terms.query_scale is not None:
+            rest = rest * terms.query_scale[None, start:stop, None]
+        rest = y[None, start:stop] - rest
+        own = torch.arange(start, min(stop, keys))
+        rest[own, own - start] -= terms.resid[own]
+        out[start:stop, :keys] = (norms[start:stop, None] - rest.abs().sum(-1).T).clamp_min(0)
+    return out
+
+
+def _causal(patterns: Tensor, start: int, stop: int) -> bool:
+    return not bool(patterns[:, start:stop, stop:].any())
+
+
+def _query_chunks(patterns: Tensor, chunk: int):
+    """``(start, stop, keys)`` per block of queries: a causal block reads keys ``< stop`` only."""
+    n = patterns.shape[-1]
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        yield start, stop, stop if _causal(patterns, start, stop) else n
+
+
+def _alti_linear(terms: LayerTerms, patterns: Tensor, chunk: int) -> Tensor:
+    """``max(0, sign(y_j)·T_jk)``: per head, ``r^h_j = W_O^h sign(y_j)`` against the values, a block
+    of queries at a time (each reads only the keys it sees); ``y_j`` is formed on the way."""
+    values, w_out = terms.values, terms.w_out
+    patterns = patterns.to(values.dtype)
+    n = patterns.shape[-1]
+    out = torch.zeros(n, n, dtype=values.dtype)
+    for start, stop, keys in _query_chunks(patterns, chunk):
+        a = patterns[:, start:stop, :keys]
+        attn = torch.einsum("hjd,hdm->jm", torch.bmm(a, values[:, :keys]), w_out)
+        q = None if terms.query_scale is None else terms.query_scale[start:stop]
+        y = terms.resid[start:stop] + (attn if q is None else attn * q[:, None])
+        sign = torch.sign(y)
+        reads = torch.einsum("hdm,jm->hjd", w_out, sign)  # [head, query, d_head]
+        block = (torch.bmm(reads, values[:, :keys].transpose(1, 2)) * a).sum(0)
+        block = block if q is None else block * q[:, None]
+        own = torch.arange(start, stop)
+        block[own - start, own] += (sign * terms.resid[start:stop]).sum(-1)
+        out[start:stop, :keys] = block.clamp_min(0)
+    return out
+
+
+def _globenc(terms: LayerTerms, patterns: Tensor, chunk: int) -> Tensor:
+    """``‖T_jk‖₂`` from each key's head Gram ``G_k^{hg} = u^h_k · u^g_k`` (no ``n²·d`` tensor)."""
+    u = torch.einsum("hkd,hdm->hkm", terms.values, terms.w_out)
+    gram = torch.einsum("hkm,gkm->hgk", u, u)  # [head, head, key]
+    patterns = patterns.to(u.dtype)
+    n = patterns.shape[-1]
+    squares = torch.zeros(n, n, dtype=u.dtype)
+    for start, stop, keys in _query_chunks(patterns, chunk):
+        a = patterns[:, start:stop, :keys]  # kept in its [head, query, key] layout: no strided copy
+        for h in range(a.shape[0]):
+            squares[start:stop, :keys] += a[h] * (a * gram[h, :, None, :keys]).sum(0)
+    if terms.query_scale is not None:
+        squares = squares * terms.query_scale[:, None] ** 2
+    own = torch.einsum("hj,hjm->jm", patterns.diagonal(dim1=1, dim2=2), u)
+    if terms.query_scale is not None:
+        own = own * terms.query_scale[:, None]
+    squares.diagonal().copy_((own + terms.resid).pow(2).sum(-1))
+    return squares.clamp_min(0).sqrt()
+
+
+def contribution_matrix(
+    kind: str, patterns: Float[Tensor, "head query_pos key_pos"], terms: LayerTerms, *, chunk: int | None = None
+) -> Float[Tensor, "query_pos key_pos"]:
+    """One layer's contributions ``c_jk`` (rows not yet scaled; see the module docstring)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown contribution kind {kind!r}; choose one of {', '.join(KINDS)}")
+    n, d = terms.resid.shape
+    if patterns.shape != (terms.values.shape[0], n, n):
+        raise ValueError(
+            f"patterns must be [head, pos, pos] = {(terms.values.shape[0], n, n)}, got {tuple(patterns.shape)}"
+        )
+    if kind == "alti":
+        y = terms.resid + _attention_part(terms, patterns)
+        return _alti(terms, patterns, y, chunk or max(1, CHUNK_ELEMENTS // max(1, n * d)))
+    return (_globenc if kind == "globenc" else _alti_linear)(terms, patterns, chunk or QUERY_CHUNK)
+
+
+def normalise_rows(c: Float[Tensor, "query_pos key_pos"]) -> Float[Tensor, "query_pos key_pos"]:
+    """Each row scaled to sum 1 (an all-zero row stays zero)."""
+    c = c.double()
+    return c / c.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+
+
+# --------------------------------------------------------------------------------------------------
+# the terms of a traced layer, from the trace's residual streams and the model's weights
+# --------------------------------------------------------------------------------------------------
+
+_SCALES = {"ln1": "ln1_scale", "ln2": "ln2_scale", "ln1_post": "ln1_post_scale"}
+
+
+def _trace_scale(trace, site: str) -> Tensor:
+    value = getattr(trace, _SCALES[site], None)
+    if value is None:
+        raise ValueError(f"contribution rollouts need blocks.{{l}}.{site}.hook_scale, which this trace lacks")
+    return value
+
+
+def _input_norm(x: Tensor, module, scale: Tensor) -> Tensor:
+    """``N1(x_k)`` with its traced scale: ``(x P) diag(γ) / s_k + β``."""
+    gain, centred = norm_gain(module)
+    out = (x - x.mean(-1, keepdim=True) if centred else x) / scale[:, None].to(x.dtype)
+    out = out if gain is None else out * gain.to(x.dtype)
+    bias = getattr(module, "b", None)
+    return out if bias is None else out + bias.detach().to(x.dtype)
+
+
+def _measure(x: Tensor, block, sites: tuple[str, ...]) -> Tensor:
+    for site in sites:
+        gain, centred = norm_gain(getattr(block, site))
+        x = x - x.mean(-1, keepdim=True) if centred else x
+        x = x if gain is None else x * gain.to(x.dtype)
+    return x
+
+
+def layer_terms(model, trace, layer: int, *, norm: bool = True) -> LayerTerms:
+    """The :class:`LayerTerms` of block ``layer`` from the trace's residual stream and the weights."""
+    if trace.resid is None:
+        raise ValueError(
+            "contribution rollouts need the residual stream entering every layer: trace(model, prompt, keep_resid=True)"
+        )
+    shape = block_shape(model)
+    block, dtype = model.blocks[layer], trace.resid.dtype
+    x = trace.resid[layer]
+    read = (
+        x
+        if shape.attn_in is None
+        else _input_norm(x, getattr(block, shape.attn_in), _trace_scale(trace, shape.attn_in)[layer])
+    )
+    values = (
+        torch.einsum("kd,hde->hke", read, block.attn.W_V.detach().to(dtype))
+        + block.attn.b_V.detach().to(dtype)[:, None]
+    )
+    clip = getattr(model.cfg, "clip_qkv", None)
+    values = values if clip is None else values.clamp(-clip, clip)
+    measure = shape.mlp_in if (norm and shape.mlp_in is not None and not shape.parallel) else None
+    sites = () if measure is None else (measure,)
+    w_out = apply_output_norms(block.attn.W_O, block, shape.attn_out + sites).to(dtype)
+    query = None
+    for site in shape.attn_out:
+        scale = 1.0 / _trace_scale(trace, site)[layer].to(dtype)
+        query = scale if query is None else query * scale
+    return LayerTerms(_measure(x, block, sites), values, w_out, query)
+
+
+# --------------------------------------------------------------------------------------------------
+# the path graph
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class ContributionGraph(PathGraph):
+    """A contribution rollout as a :class:`PathGraph`: one pseudo-head whose "pattern" is ``C^(l)``,
+    residual 0 (the residual is ``C``'s diagonal), key scale 1. Rows, flows, top paths and layer rows
+    then work as for every variant. From a streamed trace ``patterns`` is ``None`` and :meth:`step`
+    computes ``C^(l)`` from the recomputed patterns (memory ``H·n²`` plus one chunk)."""
+
+    layer_matrix: Callable[[int, Tensor], Tensor] | None = unserialised(
+        "a function of the model's weights and the trace", default=None, repr=False
+    )
+
+    __repr__ = compact_repr
+
+    def step(self, row, layer, patterns, mean=None, *, totals=None):
+        if totals is not None or self.layer_matrix is None:
+            raise ValueError(f"the {self.variant} graph's layers are row-stochastic already and need the model")
+        return row.double() @ self.layer_matrix(layer, patterns).double()
+
+
+def contribution_graph(
+    trace, model, kind: str, *, norm: bool = True, per_unit: bool = False, name: str | None = None, **kwargs: Any
+) -> ContributionGraph:
+    """The ``kind`` rollout of a traced prompt (``norm``: measure in the next norm's coordinates).
+
+    ``per_unit``: divide the first layer's column ``k`` by ``‖x^(0)_k‖``, turning a share of what
+    token ``k`` contributes into a contribution per unit of its input (for a linear map the
+    contribution ``‖J_k v_k‖`` over ``‖v_k‖`` is at most the sensitivity ``‖J_k‖`` that the
+    Jacobian measures); the rows then no longer sum to 1."""
+    if model is None:
+        raise ValueError(
+            f"the {name or kind} variant needs the model's weights: path_bound(trace, {name or kind!r}, model=model)"
+        )
+
+    def layer_matrix(layer: int, patterns: Tensor) -> Tensor:
+        terms = layer_terms(model, trace, layer, norm=norm)
+        matrix = normalise_rows(contribution_matrix(kind, patterns, terms, **kwargs))
+        if per_unit and layer == 0:
+            matrix = matrix / trace.resid[0].double().norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
+        return matrix
+
+    n_layers, n = trace.n_layers, trace.n_tokens
+    layer_terms(model, trace, 0, norm=norm)  # refuses a trace without residual streams before any work
+    stack = None
+    if trace.patterns is not None:
+        stack = torch.stack([layer_matrix(layer, trace.patterns[layer]) for layer in range(n_layers)])[:, None]
+    return ContributionGraph(
+        name or kind,
+        torch.zeros(n_layers, n, dtype=torch.float64),
+        stack,
+        torch.ones(n_layers, 1, n, dtype=torch.float64),
+        None,
+        torch.ones(n, dtype=torch.float64),
+        None,
+        layer_matrix=layer_matrix,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# registration
+# --------------------------------------------------------------------------------------------------
+
+_NEEDS = frozenset({"weights", "residual", "norm_scales"})
+_STATEMENT = (
+    "shares of where the target's information comes from (token-to-token contributions composed like rollout), "
+    "with no inequality to the Jacobian"
+)
+
+
+def _builder(kind: str, name: str, **fixed: Any) -> Callable[..., ContributionGraph]:
+    def build(trace, model=None, **params: Any) -> ContributionGraph:
+        return contribution_graph(trace, model, kind, name=name, **{**fixed, **params})
+
+    build.__name__ = f"_{name}"
+    return build
+
+
+for _spec in (
+    VariantSpec("alti", _builder("alti", "alti"), "proxy", needs=_NEEDS, supports=block_shape,
+                summary="ALTI: L1 contributions with the residual, in the next norm's coordinates", statement=_STATEMENT),
+    VariantSpec("globenc", _builder("globenc", "globenc"), "proxy", needs=_NEEDS, supports=block_shape,
+                summary="GlobEnc: ‖N T_jk‖₂ with the residual and the next norm", statement=_STATEMENT),
+    VariantSpec("alti_linear", _builder("alti_linear", "alti_linear"), "proxy", needs=_NEEDS, supports=block_shape,
+                summary="ALTI to first order: max(0, sign(N y_j)·N T_jk), at the cost of the attention scores",
+                statement=_STATEMENT),
+):  # fmt: skip
+    register_variant(_spec, replace=True)
