@@ -357,9 +357,7 @@ def check_out_file(path: Any, name: str = "path", *, suffixes: Sequence[str] = (
     return path
 
 
-def check_out_paths(
-    out: Any, name: str = "out_dir", *, files: Iterable[str] = (), folders: Iterable[str] = ()
-) -> Path:
+def check_out_paths(out: Any, name: str = "out_dir", *, files: Iterable[str] = (), folders: Iterable[str] = ()) -> Path:
     """What a run will create under ``out`` (a folder, checked by :func:`check_out_dir`) can be created:
     each of ``files`` is a regular file or absent, each of ``folders`` a writable folder or absent.
 
@@ -381,7 +379,6 @@ def check_out_paths(
         if path.is_dir() or (path.exists() and not path.is_file()):
             kind = "a folder" if path.is_dir() else "not a regular file"
             raise ValueError(
-                f"{name}: {str(path)!r} is {kind}, but the run writes a file there; move it away or pass "
-                "another folder"
+                f"{name}: {str(path)!r} is {kind}, but the run writes a file there; move it away or pass another folder"
             )
     return out

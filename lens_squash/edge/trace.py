@@ -28,8 +28,9 @@ from ..core import validate
 from ..core.display import compact_repr
 from ..core.progress import counter
 from ..core.records import provenance
-from ..core.results import Result, heavy
+from ..core.results import Result, heavy, top_k
 from ..core.support import UnsupportedModelError
+from ..core.topk import TopK
 from .cache_replay import replay_cache
 from .gain_hooks import mlp_gain_hooks, mlp_gains, stack_layers
 from .lipschitz import supports_certified
@@ -61,7 +62,9 @@ class Trace(Result):
     first_token_resid: Float[Tensor, "layers_covered d_model"]
     value_norms: Float[Tensor, "layer head pos"] | None
     y_last: Float[Tensor, "d_model"]
-    last_logits: Float[Tensor, "d_vocab"]
+    #: the last position's next-token logits; a light file (``to_dict(heavy=False)``, what the CLI
+    #: writes) keeps the top 50 of them, loaded back as a :class:`~lens_squash.core.topk.TopK`
+    last_logits: Float[Tensor, "d_vocab"] | TopK = top_k(50)
     predicted_token: str
     provenance: dict[str, Any] = field(default_factory=dict)
     resid: Float[Tensor, "layers_covered pos d_model"] | None = heavy(default=None)
