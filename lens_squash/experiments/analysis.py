@@ -31,6 +31,7 @@ from ..core.renames import renamed
 from ..core.results import Result
 from ..core.stored import read_json
 from ..core.support import UnsupportedModelError
+from ..edge.finite import check_finite_values
 from ..edge.jacobian import JacobianResult, jacobian
 from ..edge.stream import check_fits, stream_bounds
 from ..edge.trace import Trace, as_tokens, trace
@@ -298,4 +299,8 @@ def analyze(
             str_tokens=traced.str_tokens[:n],
             truth_name="spectral" if jacobian_mode == "exact" else "frobenius",
         )
+    reported = {f"the {name} bound": bound.bound for name, bound in bounds.items()}
+    check_finite_values(
+        reported | {"the Jacobian norms": None if jac is None else truth}, model.cfg.dtype, what="the analysis"
+    )
     return Analysis(traced, bounds, spectral, jac, table, comparisons, sinks, seconds, skipped)
