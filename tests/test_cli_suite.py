@@ -267,7 +267,10 @@ def test_two_suites_started_together_into_one_folder_one_proceeds_and_the_folder
     runs = {
         probes: subprocess.Popen(
             [*argv, "--out", str(out), "--probes", str(probes), *_CONCURRENT],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
         for probes in (32, 48)
     }
@@ -282,7 +285,9 @@ def test_two_suites_started_together_into_one_folder_one_proceeds_and_the_folder
     rows = [json.loads(line) for line in (out / "prompts.jsonl").read_text().split("\n") if line]
     assert {r["fingerprint"] for r in rows} == {record["digest"]}
     assert json.loads((out / "table.json").read_text())["metadata"]["n_probes"] == winners[0]
-    assert sorted(f"analyses/{p.name}" for p in (out / "analyses").iterdir()) == sorted(r["analysis_file"] for r in rows)
+    assert sorted(f"analyses/{p.name}" for p in (out / "analyses").iterdir()) == sorted(
+        r["analysis_file"] for r in rows
+    )
     for row in rows:
         analysis = Analysis.load(out / row["analysis_file"])
         spearman = {s["variant"]: s["spearman"] for s in row["summary"]}
