@@ -248,6 +248,24 @@ def test_a_path_the_run_would_create_blocked_by_the_wrong_type_is_refused_before
     assert sorted(p.name for p in out.iterdir()) == [name]  # nothing written, no lock left behind
 
 
+@pytest.mark.parametrize("command", ["suite", "tasks", "analyze", "demo", "collapse", "sinks"])
+def test_a_folder_another_run_writes_into_is_refused_at_once_before_the_model_loads(no_load, tmp_path, command):
+    import os
+    import time
+
+    from lens_squash.core.lock import lock_folder
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "one two three"}\n')
+    extra = ["--prompts", str(prompts)] if command == "suite" else []
+    with lock_folder(tmp_path / "out", command="lens-squash tasks --seed 7"):
+        started = time.monotonic()
+        _assert_refused(_argv(command, f"--out={tmp_path / 'out'}", *extra), "--out")
+        code, _, err = _cli(_argv(command, f"--out={tmp_path / 'out'}", *extra))
+        assert time.monotonic() - started < 15
+    assert f"PID {os.getpid()} (lens-squash tasks --seed 7)" in err, err
+
+
 def test_a_nan_unembedding_column_is_refused_by_name_not_predicted(cached_tiny, tmp_path):
     with torch.no_grad():
         saved = cached_tiny.unembed.W_U[:, 7].clone()
