@@ -148,8 +148,10 @@ class Record:
             if not issubclass(stored, cls):
                 raise ValueError(f"the data holds a {stored.__name__}, not a {cls.__name__}")
             return stored._decode_fields(data, Decoder())
-        except (StoredDataError, ValueError, TypeError) as err:
-            raise (StoredDataError if isinstance(err, StoredDataError) else type(err))(f"{where}{err}") from None
+        except ValueError as err:  # StoredDataError included: it names the field
+            raise StoredDataError(f"{where}{err}") from None
+        except (TypeError, KeyError, AttributeError, IndexError, RuntimeError) as err:  # hostile data: one line
+            raise StoredDataError(f"{where}{cls.__name__} cannot be rebuilt ({type(err).__name__}: {err})") from None
 
     @classmethod
     def _decode_fields(cls, data: Mapping[str, Any], dec: Decoder):

@@ -158,3 +158,34 @@ def test_a_truncated_file_is_refused_naming_the_file(tmp_path, fraction):
     with pytest.raises(ValueError) as refused:
         Analysis.load(path)
     assert str(refused.value).startswith(f"{path} is not valid JSON") and "\n" not in str(refused.value)
+
+
+@FAST
+@given(seed=st.integers(0, 2**32))
+def test_random_structural_damage_is_refused_in_one_line_or_loads(tmp_path, seed):
+    """Delete or retype one random value anywhere in the file: a one-line ValueError naming the file,
+    never another exception (a traceback at the command line)."""
+    from lens_squash.experiments.analysis import Analysis
+
+    data = copy.deepcopy(_stored())
+    rng = random.Random(seed)
+    spots = []
+
+    def walk(value, parent, key):
+        spots.append((parent, key))
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for k, v in items:
+            walk(v, value, k)
+
+    walk(data, None, None)
+    parent, key = rng.choice(spots[1:])
+    if isinstance(parent, dict) and rng.random() < 0.5:
+        del parent[key]
+    else:
+        parent[key] = rng.choice([None, 3, "x", [], {}, {"__type__": "ref", "id": 999}, {"__record__": "Nope"}])
+    path = tmp_path / "damaged.json"
+    path.write_text(json.dumps(data))
+    try:
+        Analysis.load(path)
+    except ValueError as err:
+        assert str(err).startswith(f"{path}") and "\n" not in str(err), err
