@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERNAL_ERROR
+    finally:  # the --out folder's lock (cli_common.claim_out_folder), if the command took one
+        lock = getattr(args, "folder_lock", None)
+        if lock is not None:
+            lock.release()
 
 
 def _one_line(err: BaseException) -> str:

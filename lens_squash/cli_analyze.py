@@ -7,6 +7,7 @@ from .cli_common import (
     add_prompt_args,
     check_prompt_flags,
     check_two_tokens,
+    claim_out_folder,
     load,
     write_report,
 )
@@ -42,7 +43,7 @@ def check(args) -> None:
     if args.variants is not None:
         args.variants = validate.parse_names(args.variants, VARIANT_NAMES, "--variants", what="variant")
     validate.check_int(args.probes, "--probes", minimum=1, maximum=65_536)
-    validate.check_out_dir(args.out, "--out")
+    claim_out_folder(args, files=("results.json", "report.html"))
 
 
 def check_probes(model, args) -> None:

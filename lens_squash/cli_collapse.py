@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .cli_common import add_model_args, load, write_report
+from .cli_common import add_model_args, claim_out_folder, load, write_report
 from .cli_names import COLLAPSE_FAMILIES, canonical_dtype
 from .core import validate
 
@@ -54,7 +54,7 @@ def check(args) -> None:
             maximum=args.n_ctx,
             hint="the number of keys each query sees, itself included",
         )
-    validate.check_out_dir(args.out, "--out")
+    claim_out_folder(args, files=("results.json", "report.html"))  # one writer per folder
 
 
 def check_collapse_fits(model, family: str, lengths, *, open_ended: bool, flag: str) -> None:

@@ -23,6 +23,7 @@ __all__ = [
     "check_prompt_flags",
     "check_room",
     "check_two_tokens",
+    "claim_out_folder",
     "load",
     "write_figure_files",
     "write_report",
@@ -115,6 +116,18 @@ def _check_figures(text: str) -> tuple[str, ...]:
 
 def check_prompt_flags(args) -> None:
     validate.check_text(args.prompt, "--prompt")
+
+
+def claim_out_folder(args, *, files=(), folders=()) -> None:
+    """``--out`` for this run alone: what the run will write there can be written (``files`` and
+    ``folders``; ``figures/`` too with ``--figures``), then the folder's lock is taken
+    (:mod:`lens_squash.core.lock`). ``cli.main`` releases it when the command ends; a second run into
+    the folder is refused meanwhile. Call it last among the checks that need no model."""
+    from .core.lock import lock_folder
+
+    folders = (*folders, "figures") if args.figures else tuple(folders)
+    validate.check_out_paths(args.out, "--out", files=files, folders=folders)
+    args.folder_lock = lock_folder(args.out, name="--out")
 
 
 def load(args):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .cli_analyze import report_analysis
 from .cli_collapse import check_collapse_fits, print_collapse
-from .cli_common import ANSWER_TOKENS, add_model_args, check_room, load
+from .cli_common import ANSWER_TOKENS, add_model_args, check_room, claim_out_folder, load
 from .core import validate
 
 __all__ = ["add_parser", "check", "run"]
@@ -39,7 +39,7 @@ def check(args) -> None:
         maximum=args.n_ctx,
         hint=f"the copying prompt holds that many ones, and must fit --n-ctx {args.n_ctx}",
     )
-    validate.check_out_dir(args.out, "--out")
+    claim_out_folder(args, files=("results.json", "report.html"))  # one writer per folder
 
 
 def run(args) -> int:

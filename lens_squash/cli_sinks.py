@@ -8,6 +8,7 @@ from .cli_common import (
     add_prompt_args,
     check_prompt_flags,
     check_two_tokens,
+    claim_out_folder,
     load,
     write_report,
 )
@@ -41,7 +42,7 @@ def check(args) -> None:
             minimum=0,
             hint="a block index counted from 0 (negative indices are not accepted)",
         )
-    validate.check_out_dir(args.out, "--out")
+    claim_out_folder(args, files=("results.json", "report.html"))  # one writer per folder
 
 
 def print_sinks(report) -> None:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .cli_analyze import check_probes
-from .cli_common import add_model_args, load
+from .cli_common import add_model_args, claim_out_folder, load
 from .cli_names import VARIANT_NAMES, canonical_dtype
 from .core import validate
 
@@ -76,10 +76,19 @@ def check(args) -> None:
     if args.variants is not None:
         args.variants = validate.parse_names(args.variants, VARIANT_NAMES, "--variants", what="variant")
     validate.check_int(args.probes, "--probes", minimum=1, maximum=65_536)
-    validate.check_out_dir(args.out, "--out")
     args.prompt_list = read_prompt_file(args.prompts, "--prompts")  # every line, before the model loads
+    claim_out_folder(args, files=written_files(args.prompt_list), folders=("analyses",))
     if not args.overwrite:
         _check_folder(args)
+
+
+def written_files(prompts) -> tuple[str, ...]:
+    """Every file a suite run writes under ``--out`` (each prompt's analysis file included)."""
+    from .experiments.prompt_runs import analysis_file, prompt_rows_path
+
+    rows = prompt_rows_path(".")
+    return (rows.name, f"{rows.stem}.fingerprint.json", "table.csv", "table.json",
+            *(analysis_file(p.id) for p in prompts))  # fmt: skip
 
 
 def _check_folder(args) -> None:
@@ -154,10 +163,9 @@ def _report(args, table) -> Path:
 def saved(args) -> str:
     """What an interrupted run leaves: the prompts finished so far, resumed by the same command."""
     path = Path(args.out) / "prompts.jsonl"
-    try:
-        n_rows = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-    except OSError:
-        n_rows = 0
+    from .core.jsonl import count_rows
+
+    n_rows = count_rows(path)  # rows end at "\n" alone: a prompt holding U+2028 is one row, not two
     if not n_rows:
         return "no prompt was finished yet; run the same command again to start over"
     return f"{n_rows} prompts are saved in {path}; run the same command again to resume from them"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cli_common import add_model_args, load, write_figure_files
+from .cli_common import add_model_args, claim_out_folder, load, write_figure_files
 from .cli_names import STYLES, TASK_NAMES, TASK_STYLES, canonical_dtype
 from .core import validate
 
@@ -68,7 +68,10 @@ def check(args) -> None:
         hint=f"the prompt and the answer must fit --n-ctx {args.n_ctx}",
     )
     validate.check_int(args.seed, "--seed", minimum=0, maximum=2**63 - 1)
-    validate.check_out_dir(args.out, "--out")
+    claim_out_folder(
+        args,
+        files=("results.jsonl", "results.fingerprint.json", "results.csv", "results.json", "figures.html"),
+    )
     _check_folder(args)
 
 
@@ -131,10 +134,9 @@ def write_task_figures(results, path, *, metadata: dict | None = None) -> Path:
 def saved(args) -> str:
     """What an interrupted run leaves: the rows saved so far, resumed by the same command."""
     path = Path(args.out) / "results.jsonl"
-    try:
-        n_rows = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-    except OSError:
-        n_rows = 0
+    from .core.jsonl import count_rows
+
+    n_rows = count_rows(path)  # rows end at "\n" alone: a prompt holding U+2028 is one row, not two
     if not n_rows:
         return "no rows were saved yet; run the same command again to start over"
     return f"{n_rows} rows are saved in {path}; run the same command again to resume from them"

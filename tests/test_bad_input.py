@@ -221,6 +221,67 @@ def test_an_over_long_prompt_is_refused_after_loading_and_before_any_pass(cached
     assert not Path("/tmp/never").exists()
 
 
+#: (command, a path the run writes under --out, what stands there instead)
+BLOCKED_PATHS = [
+    ("suite", "analyses", "file"), ("suite", "table.csv", "folder"), ("suite", "prompts.jsonl", "folder"),
+    ("analyze", "report.html", "folder"), ("analyze", "results.json", "folder"),
+    ("tasks", "results.csv", "folder"), ("tasks", "figures.html", "folder"), ("tasks", "results.jsonl", "folder"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("command", "name", "kind"), BLOCKED_PATHS, ids=[f"{c} {n}" for c, n, _ in BLOCKED_PATHS])
+def test_a_path_the_run_would_create_blocked_by_the_wrong_type_is_refused_before_the_model_loads(
+    no_load, tmp_path, command, name, kind
+):
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    blocker = out / name
+    blocker.mkdir() if kind == "folder" else blocker.write_text("keep")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "one two three"}\n')
+    extra = ["--prompts", str(prompts)] if command == "suite" else []
+    started = time.monotonic()
+    _assert_refused(_argv(command, f"--out={out}", *extra), "--out")
+    assert time.monotonic() - started < 15
+    _, _, err = _cli(_argv(command, f"--out={out}", *extra))
+    assert str(blocker) in err and ("not a folder" if kind == "file" else "is a folder") in err, err
+    assert sorted(p.name for p in out.iterdir()) == [name]  # nothing written, no lock left behind
+
+
+@pytest.mark.parametrize("command", ["suite", "tasks", "analyze", "demo", "collapse", "sinks"])
+def test_a_folder_another_run_writes_into_is_refused_at_once_before_the_model_loads(no_load, tmp_path, command):
+    import os
+    import time
+
+    from lens_squash.core.lock import lock_folder
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "one two three"}\n')
+    extra = ["--prompts", str(prompts)] if command == "suite" else []
+    with lock_folder(tmp_path / "out", command="lens-squash tasks --seed 7"):
+        started = time.monotonic()
+        _assert_refused(_argv(command, f"--out={tmp_path / 'out'}", *extra), "--out")
+        code, _, err = _cli(_argv(command, f"--out={tmp_path / 'out'}", *extra))
+        assert time.monotonic() - started < 15
+    assert f"PID {os.getpid()} (lens-squash tasks --seed 7)" in err, err
+
+
+def test_a_nan_unembedding_column_is_refused_by_name_not_predicted(cached_tiny, tmp_path):
+    with torch.no_grad():
+        saved = cached_tiny.unembed.W_U[:, 7].clone()
+        cached_tiny.unembed.W_U[:, 7] = math.nan  # the argmax of NaN logits would "predict" token 7
+    try:
+        code, out, err = _cli(["analyze", "--model", "tiny-random", "--jacobian", "none", f"--out={tmp_path / 'o'}"])
+    finally:
+        with torch.no_grad():
+            cached_tiny.unembed.W_U[:, 7] = saved
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "unembed.W_U holds" in err and "NaN" in err, err
+    assert "low precision" not in err and not (tmp_path / "o" / "results.json").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # the API: validate's checks (used by the CLI, offered to analyze/trace/jacobian)
 

@@ -42,6 +42,8 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
         (['{"id": "a", "prompt": "x", "text": "y"}'], "line 1", "unknown keys ['text']"),
         (['{"id": "a", "prompt": "x", "chat": "yes"}'], "line 1", '"chat" must be true, false or null'),
         (["", "  "], "holds no prompts", "one JSON object per line"),
+        (['{"id": "\\ud800", "prompt": "x"}'], "line 1", '"id" holds an unpaired surrogate (U+D800'),
+        (['{"id": "a", "prompt": "x"}', '{"id": "b", "prompt": "y \\udfff"}'], "line 2", '"prompt" holds an unpaired'),
     ],
 )
 def test_a_bad_prompt_file_is_refused_by_line_before_the_model_loads(capsys, no_load, tmp_path, lines, where, message):
@@ -190,3 +192,108 @@ def test_json_flag_puts_the_table_alone_on_stdout(capsys, counted, tmp_path):
     rows = json.loads(out)
     assert [r["id"] for r in rows] == ["copy"] * 3 + ["7"] * 3 and "loaded tiny-random" in err
     assert rows == json.loads((tmp_path / "out" / "table.json").read_text())["rows"]
+
+
+#: ids and prompts holding what str.splitlines breaks at, emoji and right-to-left text
+AWKWARD = [
+    {"id": "line\u2028sep", "prompt": "one\u2028two three four"},
+    {"id": "para\u2029", "prompt": "alpha\u2029beta gamma delta"},
+    {"id": "nel\x85", "prompt": "x\x85y z w and more"},
+    {"id": "ff\x0c", "prompt": "page\x0cbreak here now"},
+    {"id": "😀", "prompt": "an emoji 😀 in a prompt"},
+    {"id": "שלום", "prompt": "مرحبا بالعالم and some more text"},
+]
+
+
+def test_awkward_ids_and_prompts_run_and_resume_without_redoing_a_prompt(capsys, counted, monkeypatch, tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in AWKWARD), encoding="utf-8")  # raw
+    real = many.analyze
+
+    def interrupted(model, prompt, **kwargs):
+        if len(counted["analysed"]) == 2:
+            raise KeyboardInterrupt
+        counted["analysed"].append(prompt)
+        return real(model, prompt, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(many, "analyze", interrupted)
+        code, _, err = _suite(capsys, str(path), tmp_path / "out")
+    rows_path = tmp_path / "out" / "prompts.jsonl"
+    rows = [json.loads(line) for line in rows_path.read_text(encoding="utf-8").split("\n") if line]
+    assert rows and code == 130 and f"interrupted; {len(rows)} prompts are saved" in err, err  # each row once
+    assert [(r["id"], r["prompt"]) for r in rows] == [(e["id"], e["prompt"]) for e in AWKWARD[: len(rows)]]
+    # rows written raw by another JSONL writer resume just as well
+    rows_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    counted["analysed"].clear()
+    code, _, err = _suite(capsys, str(path), tmp_path / "out")
+    assert code == 0, err
+    assert counted["analysed"] == [e["prompt"] for e in AWKWARD[len(rows) :]]  # none saved is redone
+    table = pd.read_csv(tmp_path / "out" / "table.csv", keep_default_na=False)
+    assert list(table["id"].unique()) == [e["id"] for e in AWKWARD]
+    assert list(table["prompt"].unique()) == [e["prompt"] for e in AWKWARD]
+
+
+def test_a_folder_in_use_is_refused_at_once_naming_the_holder_before_the_model_loads(capsys, no_load, tmp_path):
+    import os
+    import time
+
+    from lens_squash.core.lock import lock_folder
+
+    path = _write(tmp_path / "p.jsonl", PROMPTS)
+    with lock_folder(tmp_path / "out", command="lens-squash suite --probes 48"):
+        started = time.monotonic()
+        code, out, err = _suite(capsys, path, tmp_path / "out")
+        assert time.monotonic() - started < 15
+        assert [p.name for p in (tmp_path / "out").iterdir()] == [".lens_squash.lock"]  # the refused run wrote nothing
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "in use by another run" in err and f"PID {os.getpid()}" in err and "--probes 48" in err, err
+
+
+_CONCURRENT = ["--jacobian", "sketch", "--variants", "paper,rollout", "--n-ctx", "128"]
+
+
+@pytest.mark.slow
+def test_two_suites_started_together_into_one_folder_one_proceeds_and_the_folder_is_all_its(tmp_path):
+    """The issue's case: --probes 32 and --probes 48 into one --out at once. Exactly one may proceed,
+    and the fingerprint, rows, table and analysis files must all come from it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lens_squash.experiments.analysis import Analysis
+
+    path = _write(tmp_path / "p.jsonl", PROMPTS[:2])
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "lens_squash.cli", "suite", "--model", "tiny-random", "--prompts", path]
+    runs = {
+        probes: subprocess.Popen(
+            [*argv, "--out", str(out), "--probes", str(probes), *_CONCURRENT],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for probes in (32, 48)
+    }
+    done = {probes: (proc.wait(timeout=600), proc.stderr.read()) for probes, proc in runs.items()}
+    winners = [probes for probes, (code, _) in done.items() if code == 0]
+    assert len(winners) == 1, done
+    loser = 80 - winners[0]
+    code, err = done[loser]
+    assert code == 2 and ("in use by another run" in err or "different run" in err), err
+    record = json.loads((out / "prompts.fingerprint.json").read_text())
+    assert record["fingerprint"]["analysis"]["n_probes"] == winners[0]
+    rows = [json.loads(line) for line in (out / "prompts.jsonl").read_text().split("\n") if line]
+    assert {r["fingerprint"] for r in rows} == {record["digest"]}
+    assert json.loads((out / "table.json").read_text())["metadata"]["n_probes"] == winners[0]
+    assert sorted(f"analyses/{p.name}" for p in (out / "analyses").iterdir()) == sorted(
+        r["analysis_file"] for r in rows
+    )
+    for row in rows:
+        analysis = Analysis.load(out / row["analysis_file"])
+        spearman = {s["variant"]: s["spearman"] for s in row["summary"]}
+        assert {name: c.spearman for name, c in analysis.comparisons.items()} == pytest.approx(spearman, rel=1e-12)
+    assert not (out / ".lens_squash.lock").exists()

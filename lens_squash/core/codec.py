@@ -1,8 +1,10 @@
 """Exact JSON for results: what :mod:`.results`' ``to_dict`` / ``from_dict`` write and read.
 
-**Exact JSON.** ``to_dict`` tags what JSON has no type for: a tensor or array is
-``{"__type__": "tensor", "dtype", "shape", "data"}`` (``data`` flat, row-major; NaN/±inf written as
-``"nan"``/``"inf"``/``"-inf"``), tuples, non-string dict keys, non-finite floats, dtypes, DataFrames
+**Exact JSON.** ``to_dict`` tags what JSON has no type for: a tensor is
+``{"__type__": "tensor", "dtype", "shape", "byteorder": "little", "data"}`` with ``data`` its
+row-major bytes, little-endian, in base64 (a third of the size of number lists, and exact for every
+dtype; files of older versions hold a list of numbers, NaN/±inf as ``"nan"``/``"inf"``/``"-inf"``, and
+still load); a numpy array is ``"ndarray"`` with such a number list. Tuples, non-string dict keys, non-finite floats, dtypes, DataFrames
 (records plus dtypes and index) and nested records (``{"__record__": ClassName, ...fields}``) are
 tagged too, so ``json.dumps(d, allow_nan=False)`` succeeds and ``from_dict`` rebuilds every field
 with its type (tensors bit-equal, dtypes kept). A tensor met twice (a bound's graph shares the
@@ -13,6 +15,10 @@ reader of the file to see (collapse thresholds) are written beside them, named u
 ``"__derived__"``, and recomputed rather than read back. Anything else that JSON cannot hold raises
 ``TypeError`` naming the field, never a silent ``str()``.
 
+**Top-k fields.** A long vector only whose largest entries are read (next-token logits) is declared
+with :func:`top_k`: ``to_dict(heavy=False)`` keeps its ``k`` largest entries with their indices
+(:class:`lens_squash.core.topk.TopK`, loaded back as such); ``heavy=True`` keeps it whole.
+
 **Heavy fields.** Fields of ``layer × head × n²`` or ``layer × n × d_model`` numbers are declared
 with :func:`heavy`. ``to_dict(heavy=False)`` leaves them out (listed in ``"__dropped__"``) so that a
 report of a 1000-token prompt stays megabytes, not gigabytes; :meth:`Record.from_dict` fills them
@@ -22,8 +28,10 @@ default) keeps everything and round-trips exactly.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import math
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,15 +42,18 @@ __all__ = [
     "DERIVED_KEY",
     "DROPPED_KEY",
     "RECORD_KEY",
+    "STORED_DTYPES",
     "TYPE_KEY",
     "Decoder",
     "Encoder",
+    "StoredDataError",
     "decode",
     "encode",
     "heavy",
     "record_type",
     "record_types",
     "register_type",
+    "top_k",
     "unserialised",
 ]
 
@@ -70,6 +81,8 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {
         torch.bool,
     )
 }
+#: the dtype names a stored tensor may have
+STORED_DTYPES: tuple[str, ...] = tuple(_TORCH_DTYPES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,6 +102,12 @@ def heavy(**kwargs: Any) -> Any:
     return dataclasses.field(metadata={"heavy": True}, **kwargs)
 
 
+def top_k(k: int, **kwargs: Any) -> Any:
+    """A 1-D tensor field of which ``to_dict(heavy=False)`` keeps the ``k`` largest entries, exactly,
+    as a :class:`lens_squash.core.topk.TopK` (which is what such a file loads back)."""
+    return dataclasses.field(metadata={"top_k": k}, **kwargs)
+
+
 # --------------------------------------------------------------------------------------------------
 # encoding
 # --------------------------------------------------------------------------------------------------
@@ -98,25 +117,98 @@ def _flat_numbers(values: list) -> list:
     return [v if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")) for v in values]
 
 
+class StoredDataError(ValueError):
+    """A stored result that cannot be rebuilt as written: the message names the field and the problem
+    (``load`` adds the file). ``named``: the message already starts with ``Class.field``."""
+
+    def __init__(self, message: str, *, named: bool = False):
+        super().__init__(message)
+        self.named = named
+
+
+def _little_endian(raw: bytes, itemsize: int) -> bytes:
+    """``raw`` (native order items of ``itemsize`` bytes) in little-endian order; a no-op on x86 and ARM."""
+    if sys.byteorder == "little" or itemsize == 1:
+        return raw
+    import numpy as np
+
+    return np.frombuffer(raw, np.uint8).reshape(-1, itemsize)[:, ::-1].tobytes()
+
+
+def _scalar_size(dtype: torch.dtype) -> int:
+    """Bytes of one stored number (a complex one is two of them, real and imaginary)."""
+    real = torch.empty((), dtype=dtype)
+    return (torch.view_as_real(real) if dtype.is_complex else real).element_size() // (1 + dtype.is_complex)
+
+
 def _encode_tensor(t: torch.Tensor) -> dict[str, Any]:
     t = t.detach().cpu()
     dtype = str(t.dtype).removeprefix("torch.")
     if dtype not in _TORCH_DTYPES:
         raise TypeError(f"tensors of dtype {dtype} are not stored; use one of {sorted(_TORCH_DTYPES)}")
-    flat = torch.view_as_real(t).flatten() if t.is_complex() else t.flatten()
-    data = flat.tolist()
-    if flat.is_floating_point() and not bool(torch.isfinite(flat).all()):
-        data = _flat_numbers(data)
-    return {TYPE_KEY: "tensor", "dtype": dtype, "shape": list(t.shape), "data": data}
+    flat = t.contiguous().reshape(-1)
+    flat = torch.view_as_real(flat).reshape(-1) if t.is_complex() else flat
+    raw = flat.view(torch.uint8).numpy().tobytes()
+    data = base64.b64encode(_little_endian(raw, flat.element_size())).decode("ascii")
+    return {TYPE_KEY: "tensor", "dtype": dtype, "shape": list(t.shape), "byteorder": "little", "data": data}
+
+
+def _stored_dtype(name: Any) -> torch.dtype:
+    if not isinstance(name, str) or name not in _TORCH_DTYPES:
+        raise StoredDataError(f"unknown tensor dtype {name!r}; stored tensors are one of {', '.join(_TORCH_DTYPES)}")
+    return _TORCH_DTYPES[name]
+
+
+def _stored_shape(shape: Any) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise StoredDataError(f"tensor shape {shape!r} is not a list of sizes >= 0")
+    return tuple(shape)
 
 
 def _decode_tensor(d: Mapping[str, Any]) -> torch.Tensor:
-    dtype = _TORCH_DTYPES[d["dtype"]]
-    data = [_NON_FINITE[v] if isinstance(v, str) else v for v in d["data"]]
+    """A stored tensor: typed base64 (little-endian bytes), or the JSON number list older files hold."""
+    dtype, shape = _stored_dtype(d.get("dtype")), _stored_shape(d.get("shape"))
+    numel = math.prod(shape) * (2 if dtype.is_complex else 1)  # numbers stored: complex as (real, imag)
+    data = d.get("data")
+    real = {torch.complex64: torch.float32, torch.complex128: torch.float64}.get(dtype, dtype)
+    if isinstance(data, str):
+        flat = _from_base64(data, real, numel, shape)
+    elif isinstance(data, list):
+        flat = _from_numbers(data, real, numel, shape)
+    else:
+        raise StoredDataError(f"tensor data is a {type(data).__name__}, not base64 text or a list of numbers")
     if dtype.is_complex:
-        real = torch.tensor(data, dtype=torch.float32 if dtype == torch.complex64 else torch.float64)
-        return torch.view_as_complex(real.reshape(*d["shape"], 2).contiguous())
-    return torch.tensor(data, dtype=dtype).reshape(d["shape"])
+        return torch.view_as_complex(flat.reshape(*shape, 2).contiguous())
+    return flat.reshape(shape)
+
+
+def _from_base64(text: str, dtype: torch.dtype, numel: int, shape: tuple[int, ...]) -> torch.Tensor:
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except ValueError as err:
+        raise StoredDataError(f"tensor data is not valid base64 ({err})") from None
+    size = _scalar_size(dtype)
+    if len(raw) != numel * size:
+        raise StoredDataError(
+            f"tensor data holds {len(raw)} bytes, but shape {list(shape)} of {str(dtype).removeprefix('torch.')} "
+            f"needs {numel * size}"
+        )
+    if not numel:
+        return torch.empty(0, dtype=dtype)
+    flat = torch.frombuffer(bytearray(_little_endian(raw, size)), dtype=torch.uint8)
+    if dtype == torch.bool and bool((flat > 1).any()):
+        raise StoredDataError("bool tensor data holds bytes other than 0 and 1")
+    return flat.view(dtype)
+
+
+def _from_numbers(data: list, dtype: torch.dtype, numel: int, shape: tuple[int, ...]) -> torch.Tensor:
+    if len(data) != numel:
+        raise StoredDataError(f"tensor data holds {len(data)} numbers, but shape {list(shape)} needs {numel}")
+    try:
+        values = [_NON_FINITE[v] if isinstance(v, str) else v for v in data]
+        return torch.tensor(values, dtype=dtype) if values else torch.empty(0, dtype=dtype)
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as err:
+        raise StoredDataError(f"tensor data holds a value that is not a number ({err})") from None
 
 
 def _encode_array(a) -> dict[str, Any]:
@@ -271,14 +363,29 @@ class Decoder:
         if tag is None:
             return {k: self(v) for k, v in value.items()}
         if tag in ("tensor", "ndarray"):
-            decoded = _decode_tensor(value) if tag == "tensor" else _decode_array(value)
-            self.shared[value["id"]] = decoded
+            decoded = _checked(_decode_tensor if tag == "tensor" else _decode_array, value)
+            self.shared[value.get("id")] = decoded
             return decoded
         if tag == "ref":
+            if value.get("id") not in self.shared:
+                raise StoredDataError(
+                    f"a reference to stored tensor {value.get('id')!r}, which comes nowhere before it"
+                )
             return self.shared[value["id"]]
         if tag not in _DECODERS:
-            raise ValueError(f"unknown stored type {tag!r}; this file was written by a newer lens_squash?")
-        return _DECODERS[tag](value, self)
+            raise StoredDataError(f"unknown stored type {tag!r}; this file was written by a newer lens_squash?")
+        return _checked(_DECODERS[tag], value, self)
+
+
+def _checked(decode: Callable[..., Any], *args: Any) -> Any:
+    """``decode(*args)``, any failure on malformed data a :class:`StoredDataError` (not a bare KeyError)."""
+    try:
+        return decode(*args)
+    except StoredDataError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, OverflowError, AttributeError) as err:
+        what = f"missing key {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
+        raise StoredDataError(f"a stored {args[0].get(TYPE_KEY)!r} value is malformed ({what})") from None
 
 
 def _numpy_scalar(d, dec):

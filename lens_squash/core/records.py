@@ -138,6 +138,9 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
-    """One JSON object per line, the whole file replaced atomically (no half-appended last line)."""
-    body = "".join(json.dumps(to_jsonable(dict(row)), ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
+    """One JSON object per line (:func:`.jsonl.jsonl_line`: ``\n`` ends a row and nothing else does),
+    the whole file replaced atomically (no half-appended last line)."""
+    from .jsonl import jsonl_line  # here: records.py also runs alone (tests load it as a single file)
+
+    body = "".join(jsonl_line(to_jsonable(dict(row))) for row in rows)
     return write_text_atomic(path, body)

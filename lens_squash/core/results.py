@@ -35,16 +35,19 @@ from .codec import (
     RECORD_KEY,
     Decoder,
     Encoder,
+    StoredDataError,
     decode,
     encode,
     heavy,
     record_type,
     record_types,
     register_type,
+    top_k,
     unserialised,
 )
 from .display import summarize_value
 from .records import write_text_atomic
+from .stored import check_fields, read_json
 
 __all__ = [
     "FIGURE_PLUGIN",
@@ -55,6 +58,7 @@ __all__ = [
     "encode",
     "figure_kinds",
     "heavy",
+    "top_k",
     "record_types",
     "register_figure",
     "unserialised",
@@ -105,6 +109,12 @@ class Record:
                 dropped[f.name] = f.metadata.get("why", "not serialisable")
             elif f.metadata.get("heavy") and not enc.heavy:
                 dropped[f.name] = "heavy (to_dict(heavy=False))"
+            elif f.metadata.get("top_k") and not enc.heavy and getattr(getattr(self, f.name), "ndim", 0) == 1:
+                from .topk import TopK  # a record itself, so defined after this class
+
+                out[f.name] = enc(
+                    TopK.of(getattr(self, f.name), f.metadata["top_k"]), f"{type(self).__name__}.{f.name}"
+                )
             else:
                 out[f.name] = enc(getattr(self, f.name), f"{type(self).__name__}.{f.name}")
         if dropped:
@@ -120,14 +130,26 @@ class Record:
         return {}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]):
-        """The record ``to_dict`` wrote (heavy fields that were left out come back as ``None``)."""
+    def from_dict(cls, data: Mapping[str, Any], *, source: str | os.PathLike | None = None):
+        """The record ``to_dict`` wrote (heavy fields that were left out come back as ``None``).
+
+        Every tensor is checked against the class's annotations (dtype family, axes, and each
+        dimension's size across fields: :mod:`.stored`); anything malformed is refused in one line
+        naming the field (and ``source``, the file, when given)."""
+        where = f"{source}: " if source is not None else ""
         if not isinstance(data, Mapping) or RECORD_KEY not in data:
-            raise ValueError(f"{cls.__name__}.from_dict needs what to_dict wrote (a mapping with {RECORD_KEY!r})")
-        stored = record_type(data[RECORD_KEY])
-        if not issubclass(stored, cls):
-            raise ValueError(f"the data holds a {stored.__name__}, not a {cls.__name__}")
-        return stored._decode_fields(data, Decoder())
+            raise ValueError(
+                f"{where}{cls.__name__}.from_dict needs what to_dict wrote (a mapping with {RECORD_KEY!r})"
+            )
+        try:
+            stored = record_type(data[RECORD_KEY])
+            if not issubclass(stored, cls):
+                raise ValueError(f"the data holds a {stored.__name__}, not a {cls.__name__}")
+            return stored._decode_fields(data, Decoder())
+        except ValueError as err:  # StoredDataError included: it names the field
+            raise StoredDataError(f"{where}{err}") from None
+        except (TypeError, KeyError, AttributeError, IndexError, RuntimeError) as err:  # hostile data: one line
+            raise StoredDataError(f"{where}{cls.__name__} cannot be rebuilt ({type(err).__name__}: {err})") from None
 
     @classmethod
     def _decode_fields(cls, data: Mapping[str, Any], dec: Decoder):
@@ -139,12 +161,16 @@ class Record:
         kwargs: dict[str, Any] = {}
         for name, f in fields.items():
             if name in data:
-                kwargs[name] = dec(data[name])
+                kwargs[name] = _decoded_field(cls, name, data[name], dec)
             elif name in dropped and f.metadata.get("heavy"):
                 kwargs[name] = None
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ValueError(f"{cls.__name__}.{name} is missing from the data and has no default")
-        record = cls(**kwargs)
+        check_fields(cls, kwargs)
+        try:
+            record = cls(**kwargs)
+        except (TypeError, ValueError) as err:  # a class's own checks of its fields (__post_init__)
+            raise StoredDataError(f"{cls.__name__} refuses the stored fields: {err}", named=True) from None
         heavy_dropped = sorted(n for n in dropped if fields.get(n) is not None and fields[n].metadata.get("heavy"))
         if heavy_dropped and isinstance(getattr(record, "provenance", None), dict):
             record.provenance["dropped"] = heavy_dropped  # what a reader of this result cannot use
@@ -159,8 +185,17 @@ class Record:
 
     @classmethod
     def load(cls, path: str | os.PathLike):
-        """The record :meth:`save` wrote to ``path``."""
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        """The record :meth:`save` wrote to ``path``, checked as :meth:`from_dict` checks (errors name the file)."""
+        return cls.from_dict(read_json(path), source=path)
+
+
+def _decoded_field(cls: type, name: str, value: Any, dec: Decoder) -> Any:
+    try:
+        return dec(value)
+    except StoredDataError as err:
+        if err.named:  # a nested record named its own field
+            raise
+        raise StoredDataError(f"{cls.__name__}.{name}: {err}", named=True) from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ __all__ = [
     "check_names",
     "check_out_dir",
     "check_out_file",
+    "check_out_paths",
     "check_position",
     "check_prompt",
     "check_target",
@@ -354,3 +355,30 @@ def check_out_file(path: Any, name: str = "path", *, suffixes: Sequence[str] = (
         raise ValueError(f"{name} {str(path)!r} must end in {' or '.join(suffixes)}")
     _probe_writable(_existing_ancestor(path.parent, name), path, name)
     return path
+
+
+def check_out_paths(out: Any, name: str = "out_dir", *, files: Iterable[str] = (), folders: Iterable[str] = ()) -> Path:
+    """What a run will create under ``out`` (a folder, checked by :func:`check_out_dir`) can be created:
+    each of ``files`` is a regular file or absent, each of ``folders`` a writable folder or absent.
+
+    Checked before the model loads, so that ``OUT/table.csv`` existing as a folder or
+    ``OUT/analyses`` as a file is refused at once, not as an ``errno`` after the work.
+    """
+    out = check_out_dir(out, name)
+    for folder in folders:
+        path = out / folder
+        if path.exists() and not path.is_dir():
+            raise ValueError(
+                f"{name}: {str(path)!r} exists and is not a folder, but the run writes its files into it; "
+                "move it away or pass another folder"
+            )
+        if path.is_dir():
+            _probe_writable(path, path, name)
+    for file in files:
+        path = out / file
+        if path.is_dir() or (path.exists() and not path.is_file()):
+            kind = "a folder" if path.is_dir() else "not a regular file"
+            raise ValueError(
+                f"{name}: {str(path)!r} is {kind}, but the run writes a file there; move it away or pass another folder"
+            )
+    return out

@@ -13,7 +13,6 @@ Hook names are written out literally (``blocks.{l}.attn.hook_pattern``) so the s
 from __future__ import annotations
 
 import html
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,11 +27,13 @@ from ..core import validate
 from ..core.display import compact_repr
 from ..core.progress import counter
 from ..core.records import provenance
-from ..core.results import Result, heavy
+from ..core.results import Result, heavy, top_k
 from ..core.support import UnsupportedModelError
 from .adapter import functorch_ready, norm_facts
 from .backends import has_hooked_transformer, is_bridge
+from ..core.topk import TopK
 from .cache_replay import replay_cache
+from .finite import check_finite_values, check_finite_weights
 from .gain_hooks import mlp_gain_hooks, mlp_gains, stack_layers
 from .lipschitz import supports_certified
 from .models import check_length, check_model, format_prompt
@@ -63,7 +64,9 @@ class Trace(Result):
     first_token_resid: Float[Tensor, "layers_covered d_model"]
     value_norms: Float[Tensor, "layer head pos"] | None
     y_last: Float[Tensor, "d_model"]
-    last_logits: Float[Tensor, "d_vocab"]
+    #: the last position's next-token logits; a light file (``to_dict(heavy=False)``, what the CLI
+    #: writes) keeps the top 50 of them, loaded back as a :class:`~lens_squash.core.topk.TopK`
+    last_logits: Float[Tensor, "d_vocab"] | TopK = top_k(50)
     predicted_token: str
     provenance: dict[str, Any] = field(default_factory=dict)
     resid: Float[Tensor, "layers_covered pos d_model"] | None = heavy(default=None)
@@ -262,6 +265,7 @@ def trace(
     the trace reads (the error names the missing ones).
     """
     tokens = as_tokens(model, prompt, chat=chat)
+    check_finite_weights(model)  # a NaN weight named now, not met as NaN patterns or logits later
     n_layers, n = model.cfg.n_layers, int(tokens.shape[0])
     missing = [name for name in required_hooks(n_layers) if name not in model.hook_dict]
     if missing:
@@ -441,11 +445,9 @@ def _assemble(model, tokens, store, last_logits, keep_resid: bool, chat, mlp_gai
     # scanned once here (or layer by layer as they streamed), so every bound built from this trace
     # can skip the O(L·H·n²) check
     defects = attention_defects(patterns) if summary is None else summary.defects
-    if math.isnan(defects["row_deviation"]) or not torch.isfinite(resid).all():
-        raise ValueError(
-            f"the forward pass produced NaN or inf (model dtype {model.cfg.dtype}); low precision overflowed: "
-            "load the model in float32 (load_model(dtype='float32')) or use a shorter prompt"
-        )
+    reported = {"attention patterns": defects["row_deviation"], "the residual stream": resid,
+                "last_logits": last_logits, "final_scale": store.get("final_scale"), "mlp_gain": mlp_gain}  # fmt: skip
+    check_finite_values(reported, model.cfg.dtype, what="the forward pass")  # an argmax of NaN names a token
     if "final_normalized" in store:
         y_last = final_representation(model, store["final_normalized"][-1].to(model.cfg.device)).detach()
         y_last = y_last.to("cpu", resid.dtype)

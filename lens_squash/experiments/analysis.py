@@ -10,12 +10,10 @@ is a frozen :class:`Analysis` that renders in Jupyter, plots, and serialises to 
 from __future__ import annotations
 
 import html
-import json
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -30,7 +28,9 @@ from ..algebra.variants import PathBound, path_bound
 from ..core import validate
 from ..core.display import compact_repr
 from ..core.results import Result
+from ..core.stored import read_json
 from ..core.support import UnsupportedModelError
+from ..edge.finite import check_finite_values
 from ..edge.jacobian import JacobianResult, jacobian
 from ..edge.stream import check_fits, stream_bounds
 from ..edge.trace import Trace, as_tokens, trace
@@ -132,9 +132,9 @@ class Analysis(Result):
         ``lens-squash analyze`` writes (``to_dict(heavy=False)`` plus the report's ``"metadata"``,
         which comes back as ``provenance["report"]``). A report's file leaves out the heavy tensors
         (attention patterns, residual streams): ``provenance["dropped"]`` of each part lists them."""
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = read_json(path)  # errors name the file
         report = data.pop("metadata", None) if isinstance(data, dict) else None
-        analysis = cls.from_dict(data)
+        analysis = cls.from_dict(data, source=path)
         if report is not None:
             analysis.provenance.setdefault("report", report)
         return analysis
@@ -324,4 +324,8 @@ def analyze(
             str_tokens=traced.str_tokens[:n],
             truth_name="spectral" if jacobian_mode == "exact" else "frobenius",
         )
+    reported = {f"the {name} bound": bound.bound for name, bound in bounds.items()}
+    check_finite_values(
+        reported | {"the Jacobian norms": None if jac is None else truth}, model.cfg.dtype, what="the analysis"
+    )
     return Analysis(traced, bounds, spectral, jac, table, comparisons, sinks, seconds, skipped)

@@ -11,7 +11,8 @@ The schema (``lens-squash suite --prompts FILE.jsonl``)::
 - ``chat`` (optional): ``true`` for the chat template, ``false`` for raw text; absent or ``null``
   means the template when the tokenizer has one (as everywhere in lens_squash).
 
-Blank lines are skipped. Anything else (a line that is not JSON, not an object, a missing or empty
+Lines end at ``\n`` alone (``\r\n`` tolerated): U+2028, U+2029, NEL and form feed are text
+(:mod:`lens_squash.core.jsonl`). Blank lines are skipped. Anything else (a line that is not JSON, not an object, a missing or empty
 field, a duplicate id, an unknown key) is refused in one line that names the line number and says
 how to fix it. Pure: no torch, no model.
 """
@@ -22,6 +23,8 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..core.jsonl import jsonl_lines, read_jsonl_text
 
 __all__ = ["PROMPT_FIELDS", "FilePrompt", "read_prompt_file"]
 
@@ -46,6 +49,16 @@ def _refuse(path: Path, line: int, problem: str) -> ValueError:
     )
 
 
+def _check_encodable(path: Path, line: int, key: str, value: str) -> None:
+    """A lone surrogate (``"\\ud800"`` in the file) is valid JSON but no text: no file name, no tokens."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise _refuse(
+            path, line, f'"{key}" holds an unpaired surrogate (U+{ord(value[err.start]):04X} at index {err.start})'
+        ) from None
+
+
 def _prompt(path: Path, line: int, text: str) -> FilePrompt:
     try:
         entry = json.loads(text)
@@ -64,6 +77,8 @@ def _prompt(path: Path, line: int, text: str) -> FilePrompt:
     prompt = entry.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise _refuse(path, line, f'"prompt" must be non-empty text, got {prompt!r}')
+    for key, value in (("id", ident), ("prompt", prompt)):
+        _check_encodable(path, line, key, value)
     chat = entry.get("chat")
     if chat is not None and not isinstance(chat, bool):
         raise _refuse(path, line, f'"chat" must be true, false or null, got {chat!r}')
@@ -73,16 +88,9 @@ def _prompt(path: Path, line: int, text: str) -> FilePrompt:
 def read_prompt_file(path: str | os.PathLike, name: str = "prompts") -> tuple[FilePrompt, ...]:
     """Every prompt of a JSONL prompt file, in file order, each line checked (see the module docstring)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ValueError(f"{name}: {path} does not exist; pass a JSONL file of prompts") from None
-    except IsADirectoryError:
-        raise ValueError(f"{name}: {path} is a folder; pass a JSONL file of prompts") from None
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{name}: {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    text = read_jsonl_text(path, name)
     prompts, seen = [], {}
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line, _ in jsonl_lines(text):  # "\n" ends a line; U+2028, NEL, form feed do not
         if not line.strip():
             continue
         prompt = _prompt(path, number, line)

@@ -47,6 +47,7 @@ from .runs import (
 
 __all__ = [
     "ROW_KEY",
+    "analysis_file",
     "check_prompt_folder",
     "prompt_rows_path",
     "run_prompt_file",
@@ -105,6 +106,11 @@ def check_prompt_folder(
                 f"(see {path}); give the prompt a new id, or pass --overwrite (overwrite=True) to start over"
             )
     return done
+
+
+def analysis_file(ident: str) -> str:
+    """Where prompt ``ident``'s analysis is saved, relative to the output folder."""
+    return f"analyses/{_file_name(ident)}"
 
 
 def _file_name(ident: str) -> str:

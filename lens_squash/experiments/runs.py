@@ -22,6 +22,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..core.jsonl import jsonl_lines, read_jsonl_text
+
 __all__ = [
     "check_run_folder",
     "fingerprint_differences",
@@ -117,16 +119,16 @@ def jsonl_rows(
 ) -> tuple[list[dict], bool]:
     """Every complete row of a results JSONL, in file order (repeats kept), and whether all lines were.
 
-    A line cut short (no newline, or not valid JSON; files written before saves were atomic) or
-    lacking a ``key`` field is skipped. ``renamed_fields`` (old name → new name) upgrades rows written
+    Rows end at ``\n`` alone (:mod:`lens_squash.core.jsonl`). A line cut short (no newline, or not
+    valid JSON; files written before saves were atomic) or lacking a ``key`` field is skipped. ``renamed_fields`` (old name → new name) upgrades rows written
     before a field was renamed.
     """
     if not path.exists():
         return [], True
     rows, clean = [], True
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+    for _, line, ended in jsonl_lines(read_jsonl_text(path)):  # "\n" alone ends a row: not U+2028, NEL…
         try:
-            row = json.loads(line) if line.endswith("\n") else None
+            row = json.loads(line) if ended else None
         except json.JSONDecodeError:
             row = None
         if isinstance(row, dict):

@@ -11,7 +11,6 @@ fingerprint digest (:mod:`.runs`), and rows of different runs are refused where 
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 from collections.abc import Iterable
@@ -24,6 +23,7 @@ import pandas as pd
 from ..core.display import compact_repr
 from ..core.records import atomic_write
 from ..core.results import Result
+from ..core.stored import read_json
 from .runs import jsonl_rows
 from .task_prompts import as_tuple
 
@@ -168,7 +168,7 @@ def load_results(path: str | os.PathLike, *, allow_mixed: bool = False) -> TaskR
         )
         rows = rows.astype({"prompt": str, "raw_output": str}).to_dict("records")
     elif path.suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = read_json(path)  # errors name the file
     elif path.suffix == ".jsonl":
         # every row: a repeated key from another run must stay visible
         rows = jsonl_rows(path, RESULT_KEY, renamed_fields=RENAMED_FIELDS)[0]

@@ -254,6 +254,7 @@ def _attention_summary():
 
 BUILDERS = {
     "Trace": lambda: _analysis().trace,
+    "TopK": lambda: _top_k(),
     "PathBound": lambda: _analysis().bounds["certified"],
     "PathGraph": lambda: _analysis().bounds["rollout"].graph,
     "ContributionGraph": lambda: _contribution_graph(),
@@ -297,6 +298,12 @@ def _run_comparison():
 
 
 @functools.cache
+def _top_k():
+    from lens_squash.core.topk import TopK
+
+    return TopK.of(_analysis().trace.last_logits, 5)
+
+
 def _instance(name: str):
     value = BUILDERS[name]()
     assert type(value) is RECORDS[name], f"the {name} builder made a {type(value).__name__}"
@@ -328,6 +335,12 @@ def assert_same(a, b, where: str, *, heavy: bool = True) -> None:
                 continue
             if f.name == "provenance" and not heavy:
                 continue  # a light load adds provenance["dropped"]
+            if f.metadata.get("top_k") and not heavy:  # a light file keeps the top k, exactly
+                kept, whole = getattr(b, f.name), getattr(a, f.name)
+                top = torch.topk(whole, f.metadata["top_k"])
+                assert kept.size == whole.shape[0] and torch.equal(kept.values, top.values), f"{where}.{f.name}"
+                assert torch.equal(whole[kept.indices], kept.values), f"{where}.{f.name}"
+                continue
             assert_same(getattr(a, f.name), getattr(b, f.name), f"{where}.{f.name}", heavy=heavy)
     elif isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and b.dtype == a.dtype and b.shape == a.shape, (where, b)
