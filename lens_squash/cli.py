@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from . import cli_analyze as analyze
 from . import cli_collapse as collapse
 from . import cli_demo as demo
+from . import cli_lab as lab
+from . import cli_mixing as mixing
 from . import cli_sinks as sinks
 from . import cli_suite as suite
 from . import cli_tasks as tasks
@@ -72,6 +74,8 @@ COMMANDS: dict[str, Command] = {
     "tasks": Command(tasks.add_parser, tasks.check, tasks.run, tasks.saved),
     "collapse": Command(collapse.add_parser, collapse.check, collapse.run),
     "sinks": Command(sinks.add_parser, sinks.check, sinks.run),
+    "mixing": Command(mixing.add_parser, mixing.check, mixing.run),
+    "lab": Command(lab.add_parser, lab.check, lab.run),
 }
 
 

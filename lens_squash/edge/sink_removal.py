@@ -127,7 +127,8 @@ def input_jacobian_norms(
 
     Forward mode, ``chunk`` tangents per pass. ``probes=None`` is exact (one tangent per coordinate
     of ``x_k``); ``probes=p`` estimates ``‖J‖_F²`` as ``(1/p) Σ ‖J v‖²`` over ``p`` seeded Gaussian
-    tangents (unbiased; Hutchinson), ``d_model / p`` times cheaper. Positions before ``k`` get 0.
+    tangents (unbiased; Hutchinson), ``d_model / p`` times cheaper. Positions before ``k`` get 0
+    unless a hook mixes positions (the massive-activation clamp's median norm does).
     """
     _check_hooked(model)
     n, d_model = int(tokens.shape[-1]), model.cfg.d_model

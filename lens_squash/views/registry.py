@@ -28,15 +28,26 @@ from ..experiments.analysis import Analysis
 from ..experiments.collapse import CollapseResult
 from ..experiments.collapse_windows import WindowSweepResult
 from ..experiments.many import ManyAnalyses
+from ..experiments.mixing_result import MixingResult
 from ..experiments.synthetic import PECollapseResult, RatioInvarianceResult
 from ..experiments.task_results import TASK_FIGURES, TaskResults, task_figure_rows
 from ..experiments.task_theory import CopySensitivity, CountCollapse
+from ..lab.results import LabGrid, LabRun
 from . import flow_views
 from .attention_figures import attention_heatmap
 from .bound_figures import bound_vs_jacobian, comparison_figure
 from .collapse_figures import collapse_figure, head_band_figure, pe_figure, tv_decay_figure
 from .edge_figures import attention_paths
 from .result_figures import comparison_figure_of, prompts_figure
+from .mixing_figures import (
+    lab_grid_figure,
+    lab_run_figure,
+    lab_training_figure,
+    mixing_heads_figure,
+    mixing_heatmap,
+    mixing_jacobian_figure,
+    mixing_spread_figure,
+)
 from .sink_figures import sink_figure, sink_report_figure
 from .spectral_figures import spectral_report_figure
 from .task_figures import TASK_CHARTS
@@ -216,6 +227,14 @@ _register(PECollapseResult, "distance", _pe_collapse)
 _register(RatioInvarianceResult, "distance", _ratio_invariance)
 _register(AblationResult, "changes", _ablation_changes)
 _register(AblationResult, "jacobian", _ablation_jacobian)
+_register(MixingResult, "spread", mixing_spread_figure)
+_register(MixingResult, "heatmap", mixing_heatmap)
+_register(MixingResult, "heads", mixing_heads_figure)
+_register(MixingResult, "jacobian", mixing_jacobian_figure)
+_register(LabRun, "training", lab_run_figure)
+_register(LabGrid, "sink_share", lab_grid_figure)
+_register(LabGrid, "spread", lambda grid, **kwargs: lab_grid_figure(grid, "spread_ratio_mask", **kwargs))
+_register(LabGrid, "training", lab_training_figure)
 
 
 # --------------------------------------------------------------------------------------------------
