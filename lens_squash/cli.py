@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = COMMANDS[args.command]
     try:
-        check_model_flags(args)
+        if hasattr(args, "model"):  # every command but lab, which trains its own models
+            check_model_flags(args)
         command.check(args)  # before the model loads: bad input costs no load and no forward pass
         return command.run(args)
     except KeyboardInterrupt:

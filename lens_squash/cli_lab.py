@@ -19,6 +19,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--steps", type=int, default=400, help="training steps per run")
     parser.add_argument("--d-model", type=int, default=64, help="residual width (64 … 128 in the issue)")
     parser.add_argument("--batch-size", type=int, default=16, help="rows per step")
+    parser.add_argument("--lr", type=float, default=1e-2, help="peak AdamW learning rate")
     parser.add_argument("--eval-every", type=int, default=50, help="measure the sinks every this many steps")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (worker processes)")
     parser.add_argument("--out", default="out/lab", help="folder for checkpoints, run.json files and grid.json")
@@ -36,6 +37,7 @@ def check(args) -> None:
         raise ValueError(f"--d-model {args.d_model}: the lab's models have 4 heads, so pass a multiple of 4")
     validate.check_int(args.batch_size, "--batch-size", minimum=1)
     validate.check_int(args.eval_every, "--eval-every", minimum=1)
+    validate.check_float(args.lr, "--lr", low=0.0, high=1.0, low_open=True)
     validate.check_int(args.jobs, "--jobs", minimum=1, maximum=64)
     validate.check_out_dir(args.out, "--out")
     if args.figures is not None:
@@ -72,6 +74,7 @@ def run(args) -> int:
         d_model=args.d_model,
         batch_size=args.batch_size,
         eval_every=args.eval_every,
+        lr=args.lr,
     )
     print(f"training {len(configs)} runs into {args.out} ({args.jobs} at a time)", flush=True)
     grid = run_grid(args.out, configs, jobs=args.jobs, log=lambda line: print(line, flush=True))

@@ -49,7 +49,7 @@ class LabConfig:
     d_vocab: int = 64
     steps: int = 300
     batch_size: int = 16
-    lr: float = 3e-3
+    lr: float = 1e-2
     warmup: int = 30
     eval_every: int = 50
     eval_rows: int = 16
