@@ -75,7 +75,7 @@ COMMANDS: dict[str, Command] = {
     "collapse": Command(collapse.add_parser, collapse.check, collapse.run),
     "sinks": Command(sinks.add_parser, sinks.check, sinks.run),
     "mixing": Command(mixing.add_parser, mixing.check, mixing.run),
-    "lab": Command(lab.add_parser, lab.check, lab.run),
+    "lab": Command(lab.add_parser, lab.check, lab.run, lab.saved),
 }
 
 

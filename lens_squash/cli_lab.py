@@ -7,7 +7,7 @@ from .cli_common import write_figure_files
 from .cli_names import LAB_PACKINGS
 from .core import validate
 
-__all__ = ["add_parser", "check", "print_grid", "run"]
+__all__ = ["add_parser", "check", "print_grid", "run", "saved"]
 
 
 def add_parser(sub) -> None:
@@ -83,3 +83,16 @@ def run(args) -> int:
     if args.figures:
         write_figure_files(args, {"sink_share": grid.plot("sink_share"), "spread": grid.plot("spread")}, args.out)
     return 0
+
+
+def saved(args) -> str:
+    """What an interrupted grid leaves: finished runs and checkpoints, resumed by the same command."""
+    from pathlib import Path
+
+    out = Path(args.out)
+    finished = len(list(out.glob("*/run.json")))
+    started = len(list(out.glob("*/checkpoint.pt"))) - finished
+    return (
+        f"{finished} finished runs and {max(started, 0)} checkpoints of unfinished ones are saved in {out}; "
+        "run the same command again to resume from them"
+    )

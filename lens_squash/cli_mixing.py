@@ -29,7 +29,9 @@ def add_parser(sub) -> None:
     parser.add_argument(
         "--removals", default=",".join(MIXING_REMOVALS), help="sink removals: no_bos, mask, clamp (comma-separated)"
     )
-    parser.add_argument("--clamp-layer", type=int, default=None, help="clamp after this block (default: where it forms)")
+    parser.add_argument(
+        "--clamp-layer", type=int, default=None, help="clamp after this block (default: where it forms)"
+    )
     parser.add_argument("--probes", type=int, default=16, help="Gaussian probes of the Jacobian norm (0: exact)")
     parser.add_argument("--no-jacobian", action="store_true", help="skip the Jacobian norms")
     parser.add_argument("--out", default="out/mixing", help="folder for results.json and report.html")
@@ -60,7 +62,9 @@ def check(args) -> None:
 
 def print_mixing(result) -> None:
     settings = result.settings
-    print(f"replaced position {result.position} ({result.str_tokens[result.position]!r}) by {len(result.replacements)} token(s)")
+    print(
+        f"replaced position {result.position} ({result.str_tokens[result.position]!r}) by {len(result.replacements)} token(s)"
+    )
     header = f"{'layer':>5}" + "".join(f" {s + ' >thr':>12} {s + ' mean':>12}" for s in settings)
     print(header + "".join(f" {'ratio ' + s:>12}" for s in settings if s != "sink"))
     for layer in range(result.n_layers + 1):
@@ -101,9 +105,13 @@ def _mixing(args):
     n = len(as_tokens(model, args.prompt, chat=chat))
     position = n // 2 if args.position is None else args.position
     if not 1 <= position <= n - 2:
-        raise ValueError(f"--position {position}: the prompt has {n} tokens, so pass 1 … {n - 2} (a later token must exist)")
+        raise ValueError(
+            f"--position {position}: the prompt has {n} tokens, so pass 1 … {n - 2} (a later token must exist)"
+        )
     if args.clamp_layer is not None and args.clamp_layer >= model.cfg.n_layers:
-        raise ValueError(f"--clamp-layer {args.clamp_layer}: this model has {model.cfg.n_layers} blocks (0 … {model.cfg.n_layers - 1})")
+        raise ValueError(
+            f"--clamp-layer {args.clamp_layer}: this model has {model.cfg.n_layers} blocks (0 … {model.cfg.n_layers - 1})"
+        )
     result = mixing(
         model,
         args.prompt,

@@ -38,7 +38,9 @@ def test_bad_flags_are_refused_before_any_work(capsys, no_load, argv, flag, mess
     code = main(argv + (["--out", "/tmp/lens-squash-never-written"] if argv[0] == "lab" else []))
     captured = capsys.readouterr()
     assert code == 2 and captured.out == "", captured
-    assert captured.err.startswith(f"lens-squash {argv[0]}: error: ") and flag in captured.err and message in captured.err
+    assert (
+        captured.err.startswith(f"lens-squash {argv[0]}: error: ") and flag in captured.err and message in captured.err
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,9 @@ def tiny_random():
 
 def test_mixing_prints_json_and_writes_a_report(capsys, monkeypatch, tiny_random, tmp_path):
     monkeypatch.setattr(lens_squash.edge.models, "load_model", lambda name, **kwargs: tiny_random)
-    code = main(["mixing", "--prompt", "one two three four five six", "--removals", "mask", "--json", "--out", str(tmp_path)])
+    code = main(
+        ["mixing", "--prompt", "one two three four five six", "--removals", "mask", "--json", "--out", str(tmp_path)]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     rows = json.loads(captured.out)

@@ -163,7 +163,9 @@ def test_no_import_runs_upward():
             elif RANK[theirs] > RANK[own]:
                 where = " inside a function" if imp.in_function else ""
                 upward.append(f"{imp.module}:{imp.line} ({own}) imports {imp.target} ({theirs}){where}")
-    assert not upward, _report("imports that run upward in core < algebra < edge < experiments < lab < views < cli", upward)
+    assert not upward, _report(
+        "imports that run upward in core < algebra < edge < experiments < lab < views < cli", upward
+    )
 
 
 def test_no_module_is_over_500_lines():

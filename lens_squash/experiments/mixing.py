@@ -54,7 +54,9 @@ def pick_replacements(
         replacement = int(ids[0])
     ids = [replacement] if isinstance(replacement, int) else list(replacement)
     if not ids or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < d_vocab for t in ids):
-        raise ValueError(f"replacement must be 'random', text of one token, or token ids in [0, {d_vocab}); got {replacement!r}")
+        raise ValueError(
+            f"replacement must be 'random', text of one token, or token ids in [0, {d_vocab}); got {replacement!r}"
+        )
     if original in ids:
         raise ValueError(f"replacement {original} is the token already at position {position}: nothing would change")
     return tuple(ids)
@@ -117,7 +119,9 @@ def mixing(
     """
     tokens = as_tokens(model, prompt, chat=chat)
     n = int(tokens.shape[0])
-    validate.check_int(position, "position", minimum=1, maximum=n - 2, hint="a token after the first and before the last")
+    validate.check_int(
+        position, "position", minimum=1, maximum=n - 2, hint="a token after the first and before the last"
+    )
     validate.check_float(threshold, "threshold", low=0.0, high=float("inf"), low_open=True, high_open=True)
     validate.check_names(list(removals), REMOVALS, "removals", what="sink removal")
     bos = bos_token_id(model) if bos is None else bos
@@ -141,7 +145,9 @@ def mixing(
     if "clamp" in removals:
         layer = _clamp_layer(model, clean["resid"], massive_factor) if clamp_layer is None else clamp_layer
         if layer is None:
-            skipped["clamp"] = f"no massive activation: the first token's norm never reaches {massive_factor:g}× the median"
+            skipped["clamp"] = (
+                f"no massive activation: the first token's norm never reaches {massive_factor:g}× the median"
+            )
         else:
             clamp_layer = layer
             hooks["clamp"] = clamp_hooks(model, layer)

@@ -128,7 +128,10 @@ class MixingResult(Result):
 
     def _repr_html_(self) -> str:
         rows = [
-            ("replaced", f"position {self.position} ({self.str_tokens[self.position]!r}), {len(self.replacements)} tokens"),
+            (
+                "replaced",
+                f"position {self.position} ({self.str_tokens[self.position]!r}), {len(self.replacements)} tokens",
+            ),
             ("threshold", f"{self.threshold:g}"),
             ("head correlation (Spearman)", f"{self.head_correlation:+.3f}"),
         ]
@@ -144,4 +147,3 @@ def relative_change(
     """``‖h′ − h‖ / ‖h‖`` per position, in float64 (a zero ``h`` gives inf or nan, never a silent 0)."""
     clean, perturbed = clean.double(), perturbed.double()
     return (perturbed - clean).norm(dim=-1) / clean.norm(dim=-1)
-

@@ -51,7 +51,9 @@ class SyntheticLanguage:
         if self.d_vocab < 8 or self.n_topics < 1 or not 1 <= self.fan_out < self.d_vocab - 2:
             raise ValueError("need d_vocab ≥ 8, n_topics ≥ 1 and 1 ≤ fan_out < d_vocab − 2")
         if not (0.0 <= self.p_copy < 1.0 and 0.0 <= self.p_trigger < 1.0 and self.p_copy + self.p_trigger < 1.0):
-            raise ValueError(f"p_copy and p_trigger are probabilities summing below 1, got {self.p_copy}, {self.p_trigger}")
+            raise ValueError(
+                f"p_copy and p_trigger are probabilities summing below 1, got {self.p_copy}, {self.p_trigger}"
+            )
         if not 0 <= self.n_triggers < self.d_vocab - 2:
             raise ValueError(f"n_triggers must leave content tokens, got {self.n_triggers}")
 

@@ -108,5 +108,9 @@ class LabGrid(Result):
         """Mean and spread over seeds of each (context, depth, packing) cell."""
         frame = self.to_frame()
         keys = ["n_ctx", "n_layers", "packing"]
-        values = [c for c in frame.columns if c in ("loss_end", "sink_share", "first_token_attention") or c.startswith("spread_ratio")]
+        values = [
+            c
+            for c in frame.columns
+            if c in ("loss_end", "sink_share", "first_token_attention") or c.startswith("spread_ratio")
+        ]
         return frame.groupby(keys)[values].agg(["mean", "min", "max"])

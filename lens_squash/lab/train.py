@@ -92,7 +92,9 @@ def _new(config: LabConfig):
 
 
 def _held_out(config: LabConfig) -> torch.Tensor:
-    return config.language().batch(config.eval_rows, config.n_ctx, config.packing, step_generator(config.seed, _EVAL_STEP))
+    return config.language().batch(
+        config.eval_rows, config.n_ctx, config.packing, step_generator(config.seed, _EVAL_STEP)
+    )
 
 
 def load_trained(folder: str | Path):
@@ -162,7 +164,9 @@ def train_run(config: LabConfig, folder: str | Path, *, log: Callable[[str], Non
             save_checkpoint(path, model, optimizer, state)
             if log is not None:
                 last = state["history"][-1]
-                log(f"{config.name()} step {step + 1}/{config.steps} loss {last['loss']:.3f} sink share {last['share']:.2f}")
+                log(
+                    f"{config.name()} step {step + 1}/{config.steps} loss {last['loss']:.3f} sink share {last['share']:.2f}"
+                )
     ratios, first = measure_mixing(model, config)
     run = _record(config, state, ratios, first, time.perf_counter() - started)
     run.save(done)

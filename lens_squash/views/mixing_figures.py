@@ -43,12 +43,20 @@ def _line(fig, x, y, name: str, i: int, **where) -> None:
 def mixing_spread_figure(result: MixingResult, *, title: str | None = None) -> go.Figure:
     """Mean relative change after the replaced position, and how many positions pass the threshold,
     per residual stream, one line per setting."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("mean relative change", f"positions changed > {result.threshold:g}"))
+    fig = make_subplots(
+        rows=1, cols=2, subplot_titles=("mean relative change", f"positions changed > {result.threshold:g}")
+    )
     layers = np.arange(result.n_layers + 1)
     for i, setting in enumerate(result.settings):
         _line(fig, layers, result.mean_change(setting), SETTING_LABELS[setting], i, row=1, col=1)
         fig.add_trace(
-            go.Bar(x=layers, y=trace_data(result.spread(setting)), name=escape_label(setting), marker_color=palette_color(i), showlegend=False),
+            go.Bar(
+                x=layers,
+                y=trace_data(result.spread(setting)),
+                name=escape_label(setting),
+                marker_color=palette_color(i),
+                showlegend=False,
+            ),
             row=1,
             col=2,
         )
@@ -60,7 +68,9 @@ def mixing_spread_figure(result: MixingResult, *, title: str | None = None) -> g
         "position's residual stream, with the sink and with it removed. A sink that lets heads do nothing "
         "should keep the change smaller with it than without it."
     )
-    return finish_layout(fig, title or "Over-mixing: spread of one replaced token by layer", caption=caption, barmode="group")
+    return finish_layout(
+        fig, title or "Over-mixing: spread of one replaced token by layer", caption=caption, barmode="group"
+    )
 
 
 def mixing_heatmap(result: MixingResult, setting: str = "sink", *, title: str | None = None) -> go.Figure:
@@ -70,7 +80,13 @@ def mixing_heatmap(result: MixingResult, setting: str = "sink", *, title: str | 
     values = result.change[setting].double().clamp_min(1e-12).log10().numpy()
     labels = [escape_label(t) for t in result.str_tokens[result.position :]]
     fig = go.Figure(
-        go.Heatmap(z=values, x=list(range(len(labels))), y=list(range(values.shape[0])), colorbar={"title": "log₁₀ change"}, colorscale="Viridis")
+        go.Heatmap(
+            z=values,
+            x=list(range(len(labels))),
+            y=list(range(values.shape[0])),
+            colorbar={"title": "log₁₀ change"},
+            colorscale="Viridis",
+        )
     )
     fig.update_xaxes(title_text=f"position − {result.position}", tickvals=list(range(len(labels))), ticktext=labels)
     fig.update_yaxes(title_text="residual stream (entering layer l)")
@@ -125,12 +141,18 @@ def mixing_section(result: MixingResult) -> ReportSection:
     if result.jacobian is not None:
         figures.insert(1, mixing_jacobian_figure(result))
     notes = tuple(f"{setting} skipped: {why}" for setting, why in result.skipped.items())
-    return ReportSection("over-mixing", figures=figures, table=result.to_frame(), trusted_html=result._repr_html_(), notes=notes)
+    return ReportSection(
+        "over-mixing", figures=figures, table=result.to_frame(), trusted_html=result._repr_html_(), notes=notes
+    )
 
 
 def lab_run_figure(run: LabRun, *, title: str | None = None) -> go.Figure:
     """One run across training: held-out loss, sink share and each layer's first-token attention."""
-    fig = make_subplots(rows=1, cols=3, subplot_titles=("held-out loss", f"share of heads > {SINK_SHARE_EPS}", "attention to position 0"))
+    fig = make_subplots(
+        rows=1,
+        cols=3,
+        subplot_titles=("held-out loss", f"share of heads > {SINK_SHARE_EPS}", "attention to position 0"),
+    )
     steps = run.steps.numpy()
     _line(fig, steps, run.loss, "loss", 0, row=1, col=1)
     _line(fig, steps, run.sink_share, "sink share", 1, row=1, col=2)
@@ -140,7 +162,11 @@ def lab_run_figure(run: LabRun, *, title: str | None = None) -> go.Figure:
     fig.update_yaxes(title_text="cross-entropy (nats)", row=1, col=1)
     fig.update_yaxes(title_text="share of heads", row=1, col=2)
     fig.update_yaxes(title_text="mean attention", row=1, col=3)
-    return finish_layout(fig, title or f"Sinks across training: {run.label}", caption="Measured on held-out rows of the run's own packing.")
+    return finish_layout(
+        fig,
+        title or f"Sinks across training: {run.label}",
+        caption="Measured on held-out rows of the run's own packing.",
+    )
 
 
 def lab_training_figure(grid: LabGrid, *, title: str | None = None) -> go.Figure:
@@ -150,7 +176,9 @@ def lab_training_figure(grid: LabGrid, *, title: str | None = None) -> go.Figure
         _line(fig, run.steps, run.sink_share, run.label, i)
     fig.update_xaxes(title_text="training step")
     fig.update_yaxes(title_text=f"share of heads with attention to position 0 > {SINK_SHARE_EPS}")
-    return finish_layout(fig, title or "Sink formation across training", caption="Every run of the grid on its held-out rows.")
+    return finish_layout(
+        fig, title or "Sink formation across training", caption="Every run of the grid on its held-out rows."
+    )
 
 
 def lab_grid_figure(grid: LabGrid, column: str = "sink_share", *, title: str | None = None) -> go.Figure:
@@ -164,7 +192,13 @@ def lab_grid_figure(grid: LabGrid, column: str = "sink_share", *, title: str | N
     for i, seed in enumerate(sorted(frame.seed.unique())):
         part = frame[frame.seed == seed]
         fig.add_trace(
-            go.Scatter(x=part.cell, y=part[column], mode="markers", name=f"seed {seed}", marker={"size": 10, "color": palette_color(i), "symbol": line_style(i)[1]})
+            go.Scatter(
+                x=part.cell,
+                y=part[column],
+                mode="markers",
+                name=f"seed {seed}",
+                marker={"size": 10, "color": palette_color(i), "symbol": line_style(i)[1]},
+            )
         )
     fig.update_xaxes(title_text="cell (context length · depth · packing)")
     fig.update_yaxes(title_text=escape_label(column.replace("_", " ")))

@@ -38,7 +38,6 @@ from .attention_figures import attention_heatmap
 from .bound_figures import bound_vs_jacobian, comparison_figure
 from .collapse_figures import collapse_figure, head_band_figure, pe_figure, tv_decay_figure
 from .edge_figures import attention_paths
-from .result_figures import comparison_figure_of, prompts_figure
 from .mixing_figures import (
     lab_grid_figure,
     lab_run_figure,
@@ -48,6 +47,7 @@ from .mixing_figures import (
     mixing_jacobian_figure,
     mixing_spread_figure,
 )
+from .result_figures import comparison_figure_of, prompts_figure
 from .sink_figures import sink_figure, sink_report_figure
 from .spectral_figures import spectral_report_figure
 from .task_figures import TASK_CHARTS

@@ -39,7 +39,8 @@ def _cached_change(model, hooks=()) -> torch.Tensor:
             perturbed[POSITION] = token
             _, cache = model.run_with_cache(perturbed[None])
             rows = [
-                (cache[name][0, POSITION:] - clean[name][0, POSITION:]).norm(dim=-1) / clean[name][0, POSITION:].norm(dim=-1)
+                (cache[name][0, POSITION:] - clean[name][0, POSITION:]).norm(dim=-1)
+                / clean[name][0, POSITION:].norm(dim=-1)
                 for name in names
             ]
             changes.append(torch.stack(rows))
@@ -66,8 +67,12 @@ def test_spread_equals_run_with_cache_on_the_two_prompts():
     result = _result()
     torch.testing.assert_close(result.change["sink"], _cached_change(_model()), rtol=1e-10, atol=0)
     # the masked sink against masking the scores instead of renormalising the pattern
-    torch.testing.assert_close(result.change["mask"], _cached_change(_model(), _scores_mask_hooks(_model())), rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(result.change["clamp"], _cached_change(_model(), clamp_hooks(_model(), 0)), rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        result.change["mask"], _cached_change(_model(), _scores_mask_hooks(_model())), rtol=1e-9, atol=1e-12
+    )
+    torch.testing.assert_close(
+        result.change["clamp"], _cached_change(_model(), clamp_hooks(_model(), 0)), rtol=1e-10, atol=0
+    )
 
 
 def test_summaries_count_and_average_the_positions_after_the_replaced_one():
@@ -75,7 +80,9 @@ def test_summaries_count_and_average_the_positions_after_the_replaced_one():
     after = result.change["sink"][:, 1:]
     assert torch.equal(result.spread(), (after > result.threshold).sum(-1))
     torch.testing.assert_close(result.mean_change(), after.mean(-1))
-    torch.testing.assert_close(result.ratio("mask"), result.change["mask"][:, 1:].mean(-1) / after.mean(-1), equal_nan=True)
+    torch.testing.assert_close(
+        result.ratio("mask"), result.change["mask"][:, 1:].mean(-1) / after.mean(-1), equal_nan=True
+    )
     assert torch.isnan(result.ratio("mask")[0])  # 0 / 0: nothing has mixed before block 0
     assert float(result.mean_change()[0]) == 0.0  # before block 0 only the replaced token differs
 
@@ -85,7 +92,9 @@ def test_masked_sink_renormalises_exactly():
     names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
     # read each pattern just before and just after the mask, in the same (masked) pass
     hooks = [(name, lambda p, hook: before.__setitem__(hook.name, p.detach())) for name in names]
-    hooks += mask_sink_hooks(model) + [(name, lambda p, hook: after.__setitem__(hook.name, p.detach())) for name in names]
+    hooks += mask_sink_hooks(model) + [
+        (name, lambda p, hook: after.__setitem__(hook.name, p.detach())) for name in names
+    ]
     model.run_with_hooks(TOKENS[None], fwd_hooks=hooks)
     for name in names:
         masked, original = after[name][0], before[name][0]
@@ -106,7 +115,9 @@ def test_rotary_model_without_bos_equals_the_masked_sink():
 
 def _jacrev_norms(model, hooks) -> torch.Tensor:
     names, clean = residual_hook_names(model), {}
-    model.run_with_hooks(TOKENS[None], fwd_hooks=[("blocks.0.hook_resid_pre", lambda r, hook: clean.setdefault("x", r.detach()))])
+    model.run_with_hooks(
+        TOKENS[None], fwd_hooks=[("blocks.0.hook_resid_pre", lambda r, hook: clean.setdefault("x", r.detach()))]
+    )
 
     def f(x_k):
         out = {}

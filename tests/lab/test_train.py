@@ -75,7 +75,15 @@ def test_sink_share_is_the_share_of_heads_above_the_threshold():
 
 
 def test_grid_reads_finished_runs_back(tmp_path):
-    configs = grid_configs([16], [1], ["bos", "packed"], [0], steps=4, eval_every=2, **{k: v for k, v in SMALL.items() if k not in ("n_ctx", "n_layers")})
+    configs = grid_configs(
+        [16],
+        [1],
+        ["bos", "packed"],
+        [0],
+        steps=4,
+        eval_every=2,
+        **{k: v for k, v in SMALL.items() if k not in ("n_ctx", "n_layers")},
+    )
     grid = run_grid(tmp_path, configs)
     assert isinstance(grid, LabGrid) and len(grid.to_frame()) == 2
     assert set(grid.to_frame().packing) == {"bos", "packed"}
