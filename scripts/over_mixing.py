@@ -87,6 +87,13 @@ def _grid_table(grid) -> str:
     return "\n".join(rows)
 
 
+def _uniform_line(grid) -> str:
+    """What ``attn → 0`` would be with uniform causal attention: the mean over queries of 1/(i+1)."""
+    contexts = sorted({run.config["n_ctx"] for run in grid.runs})
+    values = [f"{sum(1 / (i + 1) for i in range(1, n)) / (n - 1):.3f} at ctx {n}" for n in contexts]
+    return "For scale, uniform causal attention would give `attn → 0` = " + ", ".join(values) + "."
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mixing", type=Path, default=ROOT / "out/mixing_smollm2/results.json")
@@ -121,6 +128,8 @@ def main() -> None:
         f"### The lab grid: {status}",
         "",
         _grid_table(grid),
+        "",
+        _uniform_line(grid),
         "",
         *[f"![{name}](over_mixing/{name}.png)" for name in figures if name.startswith("lab")],
         END,

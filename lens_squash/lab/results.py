@@ -103,14 +103,3 @@ class LabGrid(Result):
         import pandas as pd
 
         return pd.DataFrame([run.summary() for run in self.runs])
-
-    def cells(self):
-        """Mean and spread over seeds of each (context, depth, packing) cell."""
-        frame = self.to_frame()
-        keys = ["n_ctx", "n_layers", "packing"]
-        values = [
-            c
-            for c in frame.columns
-            if c in ("loss_end", "sink_share", "first_token_attention") or c.startswith("spread_ratio")
-        ]
-        return frame.groupby(keys)[values].agg(["mean", "min", "max"])
