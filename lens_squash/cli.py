@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from . import cli_analyze as analyze
 from . import cli_collapse as collapse
 from . import cli_demo as demo
+from . import cli_lab as lab
+from . import cli_mixing as mixing
 from . import cli_sinks as sinks
 from . import cli_suite as suite
 from . import cli_tasks as tasks
@@ -72,6 +74,8 @@ COMMANDS: dict[str, Command] = {
     "tasks": Command(tasks.add_parser, tasks.check, tasks.run, tasks.saved),
     "collapse": Command(collapse.add_parser, collapse.check, collapse.run),
     "sinks": Command(sinks.add_parser, sinks.check, sinks.run),
+    "mixing": Command(mixing.add_parser, mixing.check, mixing.run),
+    "lab": Command(lab.add_parser, lab.check, lab.run, lab.saved),
 }
 
 
@@ -118,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = COMMANDS[args.command]
     try:
-        check_model_flags(args)
+        if hasattr(args, "model"):  # every command but lab, which trains its own models
+            check_model_flags(args)
         command.check(args)  # before the model loads: bad input costs no load and no forward pass
         return command.run(args)
     except KeyboardInterrupt:

@@ -21,6 +21,8 @@ __all__ = [
     "DTYPE_NAMES",
     "FIGURE_FORMATS",
     "JACOBIAN_MODES",
+    "LAB_PACKINGS",
+    "MIXING_REMOVALS",
     "STYLES",
     "TASK_NAMES",
     "TASK_STYLES",
@@ -47,6 +49,10 @@ DEFAULT_VARIANTS: tuple[str, ...] = ("paper", "rollout", "certified", "value_row
 COLLAPSE_FAMILIES: tuple[str, ...] = ("count_ones", "random_digits", "copy_ones", "copy_ones_commas")
 #: ``lens_squash.edge.jacobian.MODES``
 JACOBIAN_MODES: tuple[str, ...] = ("exact", "frozen", "sketch")
+#: ``lens_squash.experiments.mixing.REMOVALS``: the ways ``mixing`` removes the sink
+MIXING_REMOVALS: tuple[str, ...] = ("no_bos", "mask", "clamp")
+#: ``lens_squash.lab.language.PACKINGS``
+LAB_PACKINGS: tuple[str, ...] = ("bos", "packed")
 #: ``lens_squash.views.export.FORMATS``
 FIGURE_FORMATS: tuple[str, ...] = ("png", "svg", "pdf", "jpeg", "webp")
 #: ``lens_squash.experiments.task_prompts.TASKS``, in its order

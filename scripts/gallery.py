@@ -136,6 +136,21 @@ def _ablation():
     return ablation_effect(model(), tokens(), 0, jacobian=True, n_probes=8)
 
 
+def _mixing():
+    from lens_squash.experiments.mixing import mixing
+
+    return mixing(model(), tokens(), 4, n_samples=2, clamp_layer=0)
+
+
+def _lab_grid():
+    import tempfile
+
+    from lens_squash.lab.grid import grid_configs, run_grid
+
+    small = dict(d_model=16, n_heads=2, d_vocab=16, steps=20, eval_every=5, batch_size=4, eval_rows=4, mixing_prompts=1)
+    return run_grid(tempfile.mkdtemp(prefix="gallery-lab-"), grid_configs([16], [1], ["bos", "packed"], [0], **small))
+
+
 def _copy_sensitivity():
     from lens_squash.experiments.task_theory import copy_sensitivity
 
@@ -195,6 +210,9 @@ EXAMPLES = {
     "PECollapseResult": _pe_collapse,
     "RatioInvarianceResult": _ratio_invariance,
     "AblationResult": _ablation,
+    "MixingResult": _mixing,
+    "LabRun": lambda: _lab_grid().runs[0],
+    "LabGrid": _lab_grid,
     "TaskResults": task_results,
     "CopySensitivity": _copy_sensitivity,
     "CountCollapse": _count_collapse,

@@ -1,6 +1,6 @@
 """The package layout as a test: role folders, imports that only run downward, short modules, a light import.
 
-The order is ``core < algebra < edge < experiments < views < cli`` (docs/ARCHITECTURE.md): a module may
+The order is ``core < algebra < edge < experiments < lab < views < cli`` (docs/ARCHITECTURE.md): a module may
 import its own layer and the layers below, never one above, not even inside a function. The
 top-level ``lens_squash/__init__.py`` (the lazy public API) sits above everything. Each test lists every offender in its failure message.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lens_squash"
-ROLES = ("core", "algebra", "edge", "experiments", "views")  # lowest first
+ROLES = ("core", "algebra", "edge", "experiments", "lab", "views")  # lowest first
 TOP_LEVEL = ("__init__",)  # the package's own API module: above every role
 RANK = {role: i for i, role in enumerate(ROLES)} | {"cli": len(ROLES), "top": len(ROLES) + 1}
 MAX_LINES = 500
@@ -162,7 +162,9 @@ def test_no_import_runs_upward():
             elif RANK[theirs] > RANK[own]:
                 where = " inside a function" if imp.in_function else ""
                 upward.append(f"{imp.module}:{imp.line} ({own}) imports {imp.target} ({theirs}){where}")
-    assert not upward, _report("imports that run upward in core < algebra < edge < experiments < views < cli", upward)
+    assert not upward, _report(
+        "imports that run upward in core < algebra < edge < experiments < lab < views < cli", upward
+    )
 
 
 def test_no_module_is_over_500_lines():

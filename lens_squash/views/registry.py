@@ -29,9 +29,11 @@ from ..experiments.collapse import CollapseResult
 from ..experiments.collapse_windows import WindowSweepResult
 from ..experiments.compare_runs import RunComparison
 from ..experiments.many import ManyAnalyses
+from ..experiments.mixing_result import MixingResult
 from ..experiments.synthetic import PECollapseResult, RatioInvarianceResult
 from ..experiments.task_results import TASK_FIGURES, TaskResults, task_figure_rows
 from ..experiments.task_theory import CopySensitivity, CountCollapse
+from ..lab.results import LabGrid, LabRun
 from . import flow_views
 from .attention_figures import attention_heatmap
 from .attention_view import AttentionView, attention_view
@@ -43,6 +45,15 @@ from .edge_figures import attention_paths
 from .pages import analysis_page, many_page
 from .path_graph import connected_paths
 from .report_parts import attention_view_html
+from .mixing_figures import (
+    lab_grid_figure,
+    lab_run_figure,
+    lab_training_figure,
+    mixing_heads_figure,
+    mixing_heatmap,
+    mixing_jacobian_figure,
+    mixing_spread_figure,
+)
 from .result_figures import comparison_figure_of, prompts_figure
 from .sink_figures import sink_figure, sink_report_figure
 from .spectral_figures import spectral_report_figure
@@ -265,6 +276,14 @@ _register(PECollapseResult, "distance", _pe_collapse)
 _register(RatioInvarianceResult, "distance", _ratio_invariance)
 _register(AblationResult, "changes", _ablation_changes)
 _register(AblationResult, "jacobian", _ablation_jacobian)
+_register(MixingResult, "spread", mixing_spread_figure)
+_register(MixingResult, "heatmap", mixing_heatmap)
+_register(MixingResult, "heads", mixing_heads_figure)
+_register(MixingResult, "jacobian", mixing_jacobian_figure)
+_register(LabRun, "training", lab_run_figure)
+_register(LabGrid, "sink_share", lab_grid_figure)
+_register(LabGrid, "spread", lambda grid, **kwargs: lab_grid_figure(grid, "spread_ratio_mask", **kwargs))
+_register(LabGrid, "training", lab_training_figure)
 
 
 # --------------------------------------------------------------------------------------------------

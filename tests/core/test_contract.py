@@ -154,6 +154,22 @@ def _ablation():
     return ablation_effect(_model(), _TOKENS, 0, jacobian=True, n_probes=4)
 
 
+def _mixing():
+    from lens_squash.experiments.mixing import mixing
+
+    return mixing(_model(), _TOKENS, 4, replacement=[42, 977], clamp_layer=0, bos=1)
+
+
+@functools.cache
+def _lab_grid():
+    import tempfile
+
+    from lens_squash.lab.grid import grid_configs, run_grid
+
+    small = dict(d_model=16, n_heads=2, d_vocab=16, steps=4, eval_every=2, batch_size=4, eval_rows=4, mixing_prompts=1)
+    return run_grid(tempfile.mkdtemp(prefix="lab-contract-"), grid_configs([16], [1], ["bos"], [0], **small))
+
+
 def _collapse():
     from lens_squash.edge.models import is_bridge
     from lens_squash.experiments.collapse import collapse_curve
@@ -274,6 +290,9 @@ BUILDERS = {
     "FlowGradients": _flow_gradients,
     "ValueGeometry": _value_geometry,
     "AblationResult": _ablation,
+    "MixingResult": _mixing,
+    "LabRun": lambda: _lab_grid().runs[0],
+    "LabGrid": _lab_grid,
     "CollapseResult": _collapse,
     "WindowSweepResult": _window_sweep,
     "PECollapseResult": _pe_collapse,
