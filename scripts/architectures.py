@@ -140,11 +140,11 @@ def render(rows: dict[str, list[str]]) -> str:
     lines += [
         "",
         "**TransformerBridge.** Every analysis reads the same hook names on a bridge in compatibility mode "
-        "(`enable_compatibility_mode(no_processing=True)`). The bridge is checked on the Llama family "
-        "(`tiny-random` and SmolLM2, `tests/test_bridge.py`): exact, frozen and sketched Jacobians equal "
-        "`jacrev` through the `transformers` model alone, the certified bound (GQA included) is at least "
-        "the frozen Jacobian, and every number equals the HookedTransformer twin's, on TransformerLens 3.9 "
-        "and 4.3 (`make test-tl4`). Other families are not yet checked on the bridge.",
+        "(`enable_compatibility_mode(no_processing=True)`); `lens_squash.edge.adapter` establishes each "
+        "bridge's norm gains and block shape by probing its modules. Twenty families, each against plain "
+        "autograd on the `transformers` model, on TransformerLens 3.9 and 4.3: "
+        "[architectures_bridge.md](architectures_bridge.md) (`scripts/architectures_bridge.py`, "
+        "`tests/test_bridge_conformance.py`).",
     ]
     lines += ["", "Family configurations (on top of the shared base):", ""]
     lines += [f"- **{name}**: {_family_note(name)}" for name in rows]
