@@ -503,6 +503,7 @@ def test_bridge_tokenizes_prompts_as_the_hooked_twin(hooked64, bridge64, chat):
         assert ours.tolist() == models.format_prompt(hooked64, text, chat=chat).tolist()
 
 
+@pytest.mark.hooked  # smollm2 is the hooked twin on TL 3
 @pytest.mark.slow
 def test_smollm2_bridge_jacobian_norms_equal_the_hooked_twin(smollm2):
     bridge = load_model(backend="bridge", n_ctx=512)

@@ -48,6 +48,7 @@ def test_chat_prompt_starts_with_a_single_bos(smollm2):
     assert with_bos[0] == bos and with_bos[1:].tolist() == raw.tolist()
 
 
+@pytest.mark.hooked  # the hooked cache layout (test_bridge checks the bridge's)
 @pytest.mark.slow
 def test_corrupt_cache_is_rebuilt_with_identical_logits(smollm2, tmp_path, monkeypatch):
     key, _ = gguf.cache_key(gguf.gguf_path(models.OFFLINE_MODELS[models.DEFAULT_MODEL]))

@@ -479,6 +479,7 @@ def test_path_arguments_are_checked(rotary):
         collapse_curve(rotary, "count_ones", [2], ("float64",), exact=False, noise_samples=0)
 
 
+@pytest.mark.hooked  # a HookedTransformer twin in bfloat16
 @pytest.mark.slow
 def test_smollm2_bfloat16_thresholds_equal_separate_passes(smollm2):
     """The default family (count_ones, text after the run, chat template) in bfloat16: every

@@ -36,6 +36,7 @@ def test_toy_decoder_matches_the_papers_setting():
         toy_decoder("xpos")
 
 
+@pytest.mark.hooked  # pe_collapse builds HookedTransformers
 @pytest.mark.slow
 def test_synthetic_collapse_distance_falls_with_length_averaged_over_seeds():
     lengths = [2, 16, 128]
