@@ -11,6 +11,12 @@ Jacobian ‖∂y_n/∂v_i‖ of the last token's final representation with respe
 Exact Jacobians are used for prompts up to ``--exact-max-tokens``; longer prompts use the sketch
 (``--probes`` orthonormal probes; Frobenius only), which is validated against the exact norms on the
 prompts that have both (``sketch_spearman`` column). ``--markdown`` rewrites docs/bound_quality.md.
+``--diagnose`` adds, per layer, each variant's backward row against :func:`flow`'s true layer map.
+
+Long runs on a shared machine: ``--lines`` appends each prompt's rows as it finishes and ``--truths``
+keeps each prompt's Jacobian norms (reused on a rerun, so new variants cost only a trace); several
+processes can each take part of the suite (``--names``, covered in the order given), and
+``--render`` builds the tables from their merged lines without computing anything.
 
     .venv/bin/python benchmarks/bound_quality.py --markdown docs/bound_quality.md
     .venv/bin/python benchmarks/bound_quality.py --quick          # two short prompts
