@@ -48,7 +48,9 @@ def _mixing_table(path: Path) -> tuple[str, object]:
         "",
         "Over the whole depth (summed mean changes, without / with the sink): "
         + ", ".join(f"{s} {result.mean_ratio(s):.3f}" for s in settings if s != "sink")
-        + f". Spearman over heads, sink attention vs head spread: {result.head_correlation:+.3f}.",
+        + f". Spearman over all heads, sink attention vs head spread: {result.head_correlation:+.3f}; within "
+        f"each layer (mean over layers): {float(result.layer_correlations.nanmean()):+.3f}, negative in "
+        f"{int((result.layer_correlations < 0).sum())} of {result.n_layers} layers.",
     ]
     lines += [f"Skipped {s}: {why}." for s, why in result.skipped.items()]
     if result.clamp_layer is not None:

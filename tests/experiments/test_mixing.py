@@ -170,6 +170,9 @@ def test_head_link_matches_the_caches():
             spreads[layer] += (delta.norm(dim=-1) / read[:, None])[POSITION + 1 :].mean(0) / len(REPLACEMENTS)
     torch.testing.assert_close(result.head_spread, spreads)
     assert result.head_correlation == spearman(result.sink_attention.flatten(), result.head_spread.flatten())
+    for layer in range(model.cfg.n_layers):
+        expected = spearman(result.sink_attention[layer], result.head_spread[layer])
+        assert float(result.layer_correlations[layer]) == pytest.approx(expected, nan_ok=True)
 
 
 def test_random_replacements_are_seeded_and_never_the_original():
