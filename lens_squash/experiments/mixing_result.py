@@ -104,7 +104,9 @@ class MixingResult(Result):
         """Spearman between sink attention and head spread over the heads of each layer: the
         relation without the depth trend (later layers both attend more to the sink and see a
         perturbation that has already spread), which :attr:`head_correlation` mixes in."""
-        return torch.tensor([spearman(a, b) for a, b in zip(self.sink_attention, self.head_spread)], dtype=torch.float64)
+        return torch.tensor(
+            [spearman(a, b) for a, b in zip(self.sink_attention, self.head_spread)], dtype=torch.float64
+        )
 
     def _after(self, setting: str) -> Tensor:
         if setting not in self.change:
