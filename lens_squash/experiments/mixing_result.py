@@ -105,7 +105,7 @@ class MixingResult(Result):
         relation without the depth trend (later layers both attend more to the sink and see a
         perturbation that has already spread), which :attr:`head_correlation` mixes in."""
         return torch.tensor(
-            [spearman(a, b) for a, b in zip(self.sink_attention, self.head_spread)], dtype=torch.float64
+            [spearman(a, b) for a, b in zip(self.sink_attention, self.head_spread, strict=True)], dtype=torch.float64
         )
 
     def _after(self, setting: str) -> Tensor:
