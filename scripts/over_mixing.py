@@ -48,17 +48,30 @@ def _mixing_table(path: Path) -> tuple[str, object]:
         "",
         "Over the whole depth (summed mean changes, without / with the sink): "
         + ", ".join(f"{s} {result.mean_ratio(s):.3f}" for s in settings if s != "sink")
-        + f". Spearman over heads, sink attention vs head spread: {result.head_correlation:+.3f}.",
+        + f". Spearman over all heads, sink attention vs head spread: {result.head_correlation:+.3f}; within "
+        f"each layer (mean over layers): {float(result.layer_correlations.nanmean()):+.3f}, negative in "
+        f"{int((result.layer_correlations < 0).sum())} of {result.n_layers} layers.",
     ]
     lines += [f"Skipped {s}: {why}." for s, why in result.skipped.items()]
     if result.clamp_layer is not None:
-        lines.append(f"The clamp acts after block {result.clamp_layer} (the first whose first-token norm is ≥ 10× the median).")
+        lines.append(
+            f"The clamp acts after block {result.clamp_layer} (the first whose first-token norm is ≥ 10× the median)."
+        )
     if result.jacobian is not None:
         jac = "| layer | " + " | ".join(f"‖J‖ {s}" for s in result.jacobian) + " |"
-        lines += ["", f"Jacobian ‖∂h_l,i / ∂x_k‖_F, mean over positions after k ({result.jacobian_probes} Gaussian probes):", "", jac]
+        lines += [
+            "",
+            f"Jacobian ‖∂h_l,i / ∂x_k‖_F, mean over positions after k ({result.jacobian_probes} Gaussian probes):",
+            "",
+            jac,
+        ]
         lines.append("|" + "---|" * (1 + len(result.jacobian)))
         for layer in range(1, result.n_layers + 1):
-            lines.append(f"| {layer} | " + " | ".join(f"{float(result.jacobian_mean(s)[layer]):.4g}" for s in result.jacobian) + " |")
+            lines.append(
+                f"| {layer} | "
+                + " | ".join(f"{float(result.jacobian_mean(s)[layer]):.4g}" for s in result.jacobian)
+                + " |"
+            )
     return "\n".join(lines), result
 
 
@@ -75,14 +88,16 @@ def _grid_table(grid) -> str:
     frame = grid.to_frame()
     ratio_columns = [c for c in frame.columns if c.startswith("spread_ratio")]
     cols = ["n_ctx", "n_layers", "packing", "seed", "loss_start", "loss_end", "sink_share", "first_token_attention"]
-    head = "| ctx | layers | packing | seed | loss start | loss end | sink share | attn → 0 | "
+    head = "| ctx | layers | packing | seed | loss start | loss end | sink share | attn → 0 | max head → 0 | "
     head += " | ".join(f"ratio {c.removeprefix('spread_ratio_')}" for c in ratio_columns) + " | wall s |"
-    rows = [head, "|" + "---|" * (len(cols) + len(ratio_columns) + 1)]
+    rows = [head, "|" + "---|" * (len(cols) + len(ratio_columns) + 2)]
     for row in frame.itertuples():
         ratios = [f"{getattr(row, c):.3f}" if getattr(row, c) == getattr(row, c) else "—" for c in ratio_columns]
         rows.append(
             f"| {row.n_ctx} | {row.n_layers} | {row.packing} | {row.seed} | {row.loss_start:.3f} | {row.loss_end:.3f} | "
-            f"{row.sink_share:.3f} | {row.first_token_attention:.3f} | " + " | ".join(ratios) + f" | {row.wall_s:.0f} |"
+            f"{row.sink_share:.3f} | {row.first_token_attention:.3f} | {row.max_head_attention:.3f} | "
+            + " | ".join(ratios)
+            + f" | {row.wall_s:.0f} |"
         )
     return "\n".join(rows)
 

@@ -11,6 +11,7 @@ import html
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -98,6 +99,15 @@ class MixingResult(Result):
         """Spearman rank correlation over heads between sink attention and head spread."""
         return spearman(self.sink_attention.flatten(), self.head_spread.flatten())
 
+    @property
+    def layer_correlations(self) -> Float[Tensor, "layer"]:
+        """Spearman between sink attention and head spread over the heads of each layer: the
+        relation without the depth trend (later layers both attend more to the sink and see a
+        perturbation that has already spread), which :attr:`head_correlation` mixes in."""
+        return torch.tensor(
+            [spearman(a, b) for a, b in zip(self.sink_attention, self.head_spread, strict=True)], dtype=torch.float64
+        )
+
     def _after(self, setting: str) -> Tensor:
         if setting not in self.change:
             reason = self.skipped.get(setting, "it was not asked for")
@@ -109,6 +119,7 @@ class MixingResult(Result):
         return {
             "mean_ratio": {s: self.mean_ratio(s) for s in removed},
             "head_correlation": self.head_correlation,
+            "layer_correlations": self.layer_correlations,
         }
 
     def to_frame(self):

@@ -65,6 +65,7 @@ class LabRun(Result):
             loss_end=float(self.loss[-1]),
             sink_share=float(self.sink_share[-1]),
             first_token_attention=float(self.first_token_attention[-1].mean()),
+            max_head_attention=float(self.head_attention[-1].max()),
             wall_s=self.wall_s,
         )
         row.update({f"spread_ratio_{k}": v for k, v in self.spread_ratio.items()})

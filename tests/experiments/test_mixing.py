@@ -170,6 +170,9 @@ def test_head_link_matches_the_caches():
             spreads[layer] += (delta.norm(dim=-1) / read[:, None])[POSITION + 1 :].mean(0) / len(REPLACEMENTS)
     torch.testing.assert_close(result.head_spread, spreads)
     assert result.head_correlation == spearman(result.sink_attention.flatten(), result.head_spread.flatten())
+    for layer in range(model.cfg.n_layers):
+        expected = spearman(result.sink_attention[layer], result.head_spread[layer])
+        assert float(result.layer_correlations[layer]) == pytest.approx(expected, nan_ok=True)
 
 
 def test_random_replacements_are_seeded_and_never_the_original():
@@ -226,3 +229,14 @@ def test_result_round_trips_and_tabulates(tmp_path):
         assert torch.equal(loaded.jacobian[setting], result.jacobian[setting])
     frame = result.to_frame()
     assert len(frame) == _model().cfg.n_layers + 1 and "ratio_mask" in frame
+
+
+def test_the_clamp_acts_after_the_first_block_with_a_massive_first_token():
+    from lens_squash.experiments.mixing import _clamp_layer
+
+    resid = torch.ones(1, 4, 6, 8, dtype=torch.float64)  # [batch, layer+1, pos, d_model]
+    resid[0, 2, 0] *= 9.0  # below 10× the median: not massive
+    resid[0, 3, 0] *= 12.0  # the output of block 2
+    assert _clamp_layer(_model(), resid, 10.0) == 2
+    assert _clamp_layer(_model(), resid, 8.0) == 1
+    assert _clamp_layer(_model(), resid, 20.0) is None
