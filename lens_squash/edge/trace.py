@@ -359,7 +359,9 @@ def _capture_hooks(
     hooks.append((f"blocks.{n_layers - 1}.hook_resid_post", keep(f"resid.{n_layers}")))
     if "ln_final.hook_scale" in model.hook_dict:
         hooks.append(("ln_final.hook_scale", keep("final_scale", lambda t: t[..., 0])))
-    if "ln_final.hook_normalized" in model.hook_dict:
+    if "ln_final.hook_out" in model.hook_dict:  # a bridge's final norm output, gain and bias included
+        hooks.append(("ln_final.hook_out", keep("final_out")))
+    elif "ln_final.hook_normalized" in model.hook_dict:
         hooks.append(("ln_final.hook_normalized", keep("final_normalized")))
     return hooks
 
@@ -449,7 +451,9 @@ def _assemble(model, tokens, store, last_logits, keep_resid: bool, chat, mlp_gai
             f"the forward pass produced NaN or inf (model dtype {model.cfg.dtype}); low precision overflowed: "
             "load the model in float32 (load_model(dtype='float32')) or use a shorter prompt"
         )
-    if "final_normalized" in store:
+    if "final_out" in store:
+        y_last = store["final_out"][-1].to("cpu", resid.dtype)
+    elif "final_normalized" in store:
         y_last = final_representation(model, store["final_normalized"][-1].to(model.cfg.device)).detach()
         y_last = y_last.to("cpu", resid.dtype)
     else:  # no final norm: y_n is the last block's output
