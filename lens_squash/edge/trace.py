@@ -360,7 +360,9 @@ def _capture_hooks(
     hooks.append((f"blocks.{n_layers - 1}.hook_resid_post", keep(f"resid.{n_layers}")))
     if "ln_final.hook_scale" in model.hook_dict:
         hooks.append(("ln_final.hook_scale", keep("final_scale", lambda t: t[..., 0])))
-    if "ln_final.hook_normalized" in model.hook_dict:
+    if "ln_final.hook_out" in model.hook_dict:  # a bridge's final norm output, gain and bias included
+        hooks.append(("ln_final.hook_out", keep("final_out")))
+    elif "ln_final.hook_normalized" in model.hook_dict:
         hooks.append(("ln_final.hook_normalized", keep("final_normalized")))
     return hooks
 
@@ -448,7 +450,9 @@ def _assemble(model, tokens, store, last_logits, keep_resid: bool, chat, mlp_gai
     reported = {"attention patterns": defects["row_deviation"], "the residual stream": resid,
                 "last_logits": last_logits, "final_scale": store.get("final_scale"), "mlp_gain": mlp_gain}  # fmt: skip
     check_finite_values(reported, model.cfg.dtype, what="the forward pass")  # an argmax of NaN names a token
-    if "final_normalized" in store:
+    if "final_out" in store:
+        y_last = store["final_out"][-1].to("cpu", resid.dtype)
+    elif "final_normalized" in store:
         y_last = final_representation(model, store["final_normalized"][-1].to(model.cfg.device)).detach()
         y_last = y_last.to("cpu", resid.dtype)
     else:  # no final norm: y_n is the last block's output

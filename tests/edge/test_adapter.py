@@ -113,3 +113,13 @@ def test_hooked_models_keep_their_config_shapes():
             w = getattr(getattr(model.blocks[0], site), "w", None)
             got = facts.layers[0].norms[site].gain
             assert (w is None and got is None) or torch.equal(got, w.detach().double()), (name, site)
+
+
+@pytest.mark.bridge
+def test_low_precision_bridges_get_the_same_facts():
+    """bfloat16 rounds at ~4e-3: the probes still tell 1 + w from w, a post-norm from none, RMS from LayerNorm."""
+    facts = read_model(boot(build_hf("gemma2", dtype=torch.bfloat16)))
+    assert facts.shape.attn_out == ("ln1_post",) and facts.shape.mlp_out == ("ln2_post",)
+    assert facts.layers[0].norms["ln1"].convention == "1+w" and not facts.layers[0].norms["ln1"].centred
+    gpt2 = read_model(boot(build_hf("gpt2", dtype=torch.bfloat16)))
+    assert gpt2.layers[0].norms["ln1"].centred and gpt2.layers[0].norms["ln1"].convention == "w"
