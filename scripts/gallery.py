@@ -5,7 +5,7 @@ result computed from the offline SmolLM2-135M-Instruct (sketched Jacobians, shor
 page regenerates in minutes on two cores), exported through :mod:`lens_squash.views.export`
 (kaleido driving Chromium), and listed in ``docs/gallery.md`` under ``Class.plot("kind")`` with the
 figure's own caption under it. The kinds that are whole pages or HTML views rather than plotly
-figures (``"page"``, ``"heads"``) are listed with how to open them. A class without an example here
+figures (``"page"``, ``"head_view"``) are listed with how to open them. A class without an example here
 is an error, so a new figure cannot be left out of the page.
 
     .venv/bin/python scripts/gallery.py            # several minutes on two cores
@@ -185,7 +185,7 @@ def _compare():
 #: kinds that are whole HTML pages or views, not plotly figures: listed, not exported
 HTML_NOTES = {
     "page": 'the whole report as one offline HTML page: `a.show()` in Jupyter, `a.report("x.html")` to save it',
-    "heads": "every head of a layer as thumbnails (layer slider, click to enlarge, hover a token): renders in Jupyter, "
+    "head_view": "every head of a layer as thumbnails (layer slider, click to enlarge, hover a token): renders in Jupyter, "
     '`.write("heads.html")` saves it',
 }
 

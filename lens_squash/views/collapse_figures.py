@@ -61,9 +61,10 @@ def collapse_figure(
     for name, values in curves.items():
         if len(values) != len(x):
             raise ValueError(f"distances[{name!r}] has {len(values)} values for {len(x)} lengths")
-    floor = _floor(curves, _near(curves, resolutions)) if floor is None else float(floor)
+    near = _near(curves, resolutions)  # resolutions worth a line: the axis reaches down to them
+    floor = _floor(curves, near) if floor is None else float(floor)
     off_axis: list[str] = []
-    shown_range = _data_decades(curves, floor)
+    shown_range = _data_decades({**curves, **{f"{k} resolution": np.array([r]) for k, r in near.items()}}, floor)
     fig = go.Figure()
     for i, (name, values) in enumerate(curves.items()):
         color, zero = palette_color(i), values == 0
@@ -151,7 +152,7 @@ def _near(curves: Mapping[str, np.ndarray], resolutions: Mapping[str, float]) ->
     """Resolutions within three decades of the smallest positive distance: the ones worth a line."""
     positive = np.concatenate([v[v > 0] for v in curves.values()] or [np.ones(1)])
     smallest = float(positive.min()) if positive.size else 1.0
-    return {k: float(r) for k, r in resolutions.items() if r > 0 and r >= smallest / 1e3}
+    return {k: float(r) for k, r in resolutions.items() if k in curves and r > 0 and r >= smallest / 1e3}
 
 
 def _inside(value: float, window: tuple[float, float]) -> bool:

@@ -143,7 +143,7 @@ def connected_paths(
     fig = make_subplots(
         rows=1,
         cols=2,
-        horizontal_spacing=0.08,
+        horizontal_spacing=0.14,  # room for the right panel's own layer axis title
         subplot_titles=(
             f"sink route: paths from position {sink_names}",
             "content routes: paths from every other position",

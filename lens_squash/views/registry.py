@@ -63,7 +63,7 @@ from .task_theory_figures import copy_sensitivity_figure, count_collapse_figure
 __all__ = ["HTML_KINDS"]  # importing the module registers every kind
 
 #: kinds that draw a whole HTML page or an HTML/JS view (``_repr_html_``, ``.write(path)``), not a plotly figure
-HTML_KINDS: frozenset[str] = frozenset({"page", "heads"})
+HTML_KINDS: frozenset[str] = frozenset({"page", "head_view"})
 
 
 def _register(cls: type, kind: str, builder: Callable[..., Any]) -> None:
@@ -192,8 +192,8 @@ _register(RunComparison, "curves", comparison_runs_figure)
 # not plotly figures: a whole page (Analysis.show / .report, ManyAnalyses.report) and the per-head HTML view
 _register(Analysis, "page", analysis_page)
 _register(ManyAnalyses, "page", many_page)
-_register(Analysis, "heads", lambda analysis, **kwargs: _heads(analysis.trace, analysis, **kwargs))
-_register(Trace, "heads", lambda trace, **kwargs: _heads(trace, None, **kwargs))
+_register(Analysis, "head_view", lambda analysis, **kwargs: _heads(analysis.trace, analysis, **kwargs))
+_register(Trace, "head_view", lambda trace, **kwargs: _heads(trace, None, **kwargs))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def test_a_saved_and_loaded_analysis_equals_the_original_and_a_changed_one_does_
 def test_the_per_head_view_needs_saved_patterns_and_says_so(analysis, tmp_path):
     analysis.save(tmp_path / "light.json", heavy=False)
     light = Analysis.load(tmp_path / "light.json")
-    for kind in ("heads", "attention"):
+    for kind in ("head_view", "attention"):
         with pytest.raises(ValueError, match="patterns were not saved"):
             light.plot(kind)
     sections = {s.title: s for s in analysis_sections(light)}
