@@ -43,8 +43,8 @@ def check_finite_weights(model) -> None:
         nan, inf = _non_finite(param)
         if nan or inf:
             raise ValueError(
-                f"the model's weight {name} holds {_count(nan, inf)} of {param.numel()} values; every "
-                "number computed from it would be NaN or meaningless: reload the model or repair that tensor"
+                f"the model's weight {name} holds {_count(nan, inf)} of {param.numel()} values; with NaN or inf "
+                "in the weights every number computed from them is meaningless: reload the model or repair that tensor"
             )
 
 
@@ -67,7 +67,7 @@ def check_finite_values(values: Mapping[str, Tensor | float | None], dtype: torc
                 else "the weights are finite, so values grew past the dtype's range or a hook on the model "
                 "edited them: check the weights' scale and remove added hooks (model.reset_hooks())"
             )
-            raise ValueError(f"{what} produced {_count(nan, inf)} in {name} on a {shown} model; {advice}")
+            raise ValueError(f"{what} produced NaN or inf ({_count(nan, inf)}) in {name} on a {shown} model; {advice}")
 
 
 def _count(nan: int, inf: int) -> str:
