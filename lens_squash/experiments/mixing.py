@@ -83,7 +83,7 @@ def _head_link(model, out: dict[str, Tensor], position: int) -> tuple[Tensor, Te
     return sink, spread
 
 
-def _clamp_layer(model, resid: Tensor, factor: float) -> int | None:
+def _clamp_layer(resid: Tensor, factor: float) -> int | None:
     """The first block after which the first token's norm is ``factor`` × the median of the others."""
     norms = resid[0, 1:].double().norm(dim=-1)  # [layer, pos]: the output of each block
     ratio = norms[:, 0] / norms[:, 1:].median(dim=-1).values
@@ -143,7 +143,7 @@ def mixing(
         hooks["mask"] = mask_sink_hooks(model)
         change["mask"], _ = _changes(model, batch, position, hooks["mask"], heads=False)
     if "clamp" in removals:
-        layer = _clamp_layer(model, clean["resid"], massive_factor) if clamp_layer is None else clamp_layer
+        layer = _clamp_layer(clean["resid"], massive_factor) if clamp_layer is None else clamp_layer
         if layer is None:
             skipped["clamp"] = (
                 f"no massive activation: the first token's norm never reaches {massive_factor:g}× the median"

@@ -237,6 +237,6 @@ def test_the_clamp_acts_after_the_first_block_with_a_massive_first_token():
     resid = torch.ones(1, 4, 6, 8, dtype=torch.float64)  # [batch, layer+1, pos, d_model]
     resid[0, 2, 0] *= 9.0  # below 10× the median: not massive
     resid[0, 3, 0] *= 12.0  # the output of block 2
-    assert _clamp_layer(_model(), resid, 10.0) == 2
-    assert _clamp_layer(_model(), resid, 8.0) == 1
-    assert _clamp_layer(_model(), resid, 20.0) is None
+    assert _clamp_layer(resid, 10.0) == 2
+    assert _clamp_layer(resid, 8.0) == 1
+    assert _clamp_layer(resid, 20.0) is None
