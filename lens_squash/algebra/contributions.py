@@ -52,7 +52,8 @@ from torch import Tensor
 
 from ..core.display import compact_repr
 from ..core.results import unserialised
-from .blocks import apply_output_norms, block_shape, norm_gain
+from .blocks import apply_output_norms, block_shape
+from .model_facts import NormFacts, facts_of
 from .variant_registry import VariantSpec, register_variant
 from .variants import PathGraph
 
@@ -204,20 +205,18 @@ def _trace_scale(trace, site: str) -> Tensor:
     return value
 
 
-def _input_norm(x: Tensor, module, scale: Tensor) -> Tensor:
-    """``N1(x_k)`` with its traced scale: ``(x P) diag(γ) / s_k + β``."""
-    gain, centred = norm_gain(module)
-    out = (x - x.mean(-1, keepdim=True) if centred else x) / scale[:, None].to(x.dtype)
-    out = out if gain is None else out * gain.to(x.dtype)
-    bias = getattr(module, "b", None)
-    return out if bias is None else out + bias.detach().to(x.dtype)
+def _input_norm(x: Tensor, norm: NormFacts, scale: Tensor) -> Tensor:
+    """``N1(x_k)`` with its traced scale: ``(x P) diag(γ) / s_k + β`` (γ the adapter's effective gain)."""
+    out = (x - x.mean(-1, keepdim=True) if norm.centred else x) / scale[:, None].to(x.dtype)
+    out = out if norm.gain is None else out * norm.gain.to(x.dtype)
+    return out if norm.bias is None else out + norm.bias.detach().to(x.dtype)
 
 
-def _measure(x: Tensor, block, sites: tuple[str, ...]) -> Tensor:
+def _measure(x: Tensor, norms: dict[str, NormFacts], sites: tuple[str, ...]) -> Tensor:
     for site in sites:
-        gain, centred = norm_gain(getattr(block, site))
-        x = x - x.mean(-1, keepdim=True) if centred else x
-        x = x if gain is None else x * gain.to(x.dtype)
+        norm = norms[site]
+        x = x - x.mean(-1, keepdim=True) if norm.centred else x
+        x = x if norm.gain is None else x * norm.gain.to(x.dtype)
     return x
 
 
@@ -228,27 +227,28 @@ def layer_terms(model, trace, layer: int, *, norm: bool = True) -> LayerTerms:
             "contribution rollouts need the residual stream entering every layer: trace(model, prompt, keep_resid=True)"
         )
     shape = block_shape(model)
+    facts = facts_of(model).layers[layer]  # effective norm gains (Gemma's 1 + w), W_V per query head
     block, dtype = model.blocks[layer], trace.resid.dtype
     x = trace.resid[layer]
     read = (
         x
         if shape.attn_in is None
-        else _input_norm(x, getattr(block, shape.attn_in), _trace_scale(trace, shape.attn_in)[layer])
+        else _input_norm(x, facts.norms[shape.attn_in], _trace_scale(trace, shape.attn_in)[layer])
     )
-    values = (
-        torch.einsum("kd,hde->hke", read, block.attn.W_V.detach().to(dtype))
-        + block.attn.b_V.detach().to(dtype)[:, None]
-    )
+    values = torch.einsum("kd,hde->hke", read, facts.w_v.to(dtype))
+    b_v = getattr(block.attn, "b_V", None)
+    if b_v is not None:
+        values = values + b_v.detach().to(dtype).reshape(values.shape[0], 1, -1)
     clip = getattr(model.cfg, "clip_qkv", None)
     values = values if clip is None else values.clamp(-clip, clip)
     measure = shape.mlp_in if (norm and shape.mlp_in is not None and not shape.parallel) else None
     sites = () if measure is None else (measure,)
-    w_out = apply_output_norms(block.attn.W_O, block, shape.attn_out + sites).to(dtype)
+    w_out = apply_output_norms(facts.w_o, [facts.norms[site] for site in shape.attn_out + sites]).to(dtype)
     query = None
     for site in shape.attn_out:
         scale = 1.0 / _trace_scale(trace, site)[layer].to(dtype)
         query = scale if query is None else query * scale
-    return LayerTerms(_measure(x, block, sites), values, w_out, query)
+    return LayerTerms(_measure(x, facts.norms, sites), values, w_out, query)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..algebra.compare import Comparison
 from ..algebra.flow_paths import FlowPaths, graph_paths
-from ..algebra.paths import PathFlows
+from ..algebra.paths import BoundFlows
 from ..algebra.sinks import SinkReport
 from ..algebra.softmax_theory import TVDecayResult
 from ..algebra.spectral import SpectralReport
@@ -122,7 +122,7 @@ def _bound_paths(bound: PathBound, *, k: int = 5, **kwargs):
     return connected_paths(graph_paths(bound.graph, bound.target, k=k, str_tokens=bound.str_tokens), **kwargs)
 
 
-def _flows_edges(flows: PathFlows, **kwargs):
+def _flows_edges(flows: BoundFlows, **kwargs):
     return attention_paths(flows, **kwargs)
 
 
@@ -132,7 +132,7 @@ for _norm in _NORM_NAMES:
     _register(JacobianResult, _norm, _jacobian_norm(_norm))
 _register(PathBound, "profile", _bound_profile)
 _register(PathBound, "flows", _bound_flows)
-_register(PathFlows, "edges", _flows_edges)
+_register(BoundFlows, "edges", _flows_edges)
 _register(PathBound, "paths", _bound_paths)
 _register(Comparison, "statistics", comparison_figure_of)
 _register(SpectralReport, "report", spectral_report_figure)
