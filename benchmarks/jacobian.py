@@ -50,9 +50,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import textwrap
+
+from harness import Timing, flop_line, jacobian_flops
 
 WORKER = textwrap.dedent(
     """
@@ -98,7 +101,7 @@ WORKER = textwrap.dedent(
     out = {"method": method, "n": n}
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     if method in ("exact", "sketch"):
         result = jac.jacobian(model, tokens, mode=method, n_probes=n_probes, chunk_size=chunk, checkpoint=checkpoint,
                               max_memory_bytes=budget, wrt=wrt)
@@ -136,16 +139,20 @@ WORKER = textwrap.dedent(
         out["chunk"] = chunk or 16
     else:
         raise SystemExit(f"unknown method {method}")
-    out["seconds"] = time.perf_counter() - started
+    out["seconds"], out["cpu_seconds"] = time.perf_counter() - started, time.process_time() - cpu_started
+    out["threads"] = torch.get_num_threads()
     done.set()
     sampler.join()
     out["peak_extra_bytes"] = peak[0] - base
     out["hwm_extra_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     out["peak_rss_bytes"] = peak[0]
     out["base_rss_bytes"] = base
+    sys.path.insert(0, BENCHMARKS)
+    import harness
+    out["matmul_gflops"] = harness.matmul_gflops("float32")  # this process's speed of light, after the peak
     print("RESULT " + json.dumps(out))
     """
-)
+).replace("BENCHMARKS", repr(os.path.dirname(os.path.abspath(__file__))))
 
 
 #: issue 18: plain then checkpointed sketch in one process (same heap, same load), the kernel's
@@ -223,11 +230,16 @@ def run(
             f"{done.stderr[-3000:]}"
         )
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line.removeprefix("RESULT ")) | {
+    out = json.loads(line.removeprefix("RESULT ")) | {
         "method": method,
         "load_before": load,
         "load_after": os.getloadavg(),
     }
+    if "cpu_seconds" in out:
+        out["timing"] = Timing(
+            out["seconds"], out["cpu_seconds"], out["threads"], load[0], out["load_after"][0], method
+        )
+    return out
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -245,6 +257,9 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=None, help="chunk size for exact (default: the library's)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--methods", default="vjp,exact,jacrev,sketch")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="rounds of the methods in turn (A B A B …); ratios are pairwise medians"
+    )
     parser.add_argument(
         "--long",
         action="store_true",
@@ -290,16 +305,15 @@ def main() -> None:
     if args.ckpt_check:
         return checkpoint_check(args)
     n = args.n or (32 if args.quick else 128)
-    results = {}
-    for method in args.methods.split(","):
-        chunk = args.chunk if method.partition(":")[0] in ("exact", "autograd") else None
-        results[method] = run(method, n, chunk, args.threads, args.max_memory_gib)
-        print(
-            f"# {method}: {results[method]['seconds']:.1f} s, {results[method]['peak_extra_bytes'] / 2**20:.0f} MiB",
-            file=sys.stderr,
-            flush=True,
-        )
-    report(results, n)
+    methods = args.methods.split(",")
+    runs: dict[str, list[dict]] = {method: [] for method in methods}
+    for _ in range(args.repeats):  # A B A B …: each pair ran close together, under about the same load
+        for method in methods:
+            chunk = args.chunk if method.partition(":")[0] in ("exact", "autograd") else None
+            r = run(method, n, chunk, args.threads, args.max_memory_gib)
+            runs[method].append(r)
+            print(f"# {r['timing'].describe()}, {r['peak_extra_bytes'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+    report(runs, n)
 
 
 def long_contexts(args) -> None:
@@ -380,7 +394,9 @@ def checkpoint_check(args) -> None:
         return
     worker = [str(v) for v in (args.long_n, args.long_probes, args.pair_chunk, args.pair_wrt)]
     env = dict(os.environ, LENS_SQUASH_PROGRESS="0")
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", PAIR_WORKER, *worker], capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", PAIR_WORKER, *worker], capture_output=True, text=True, env=env
+    )
     if done.returncode != 0:
         raise SystemExit(f"the pair worker failed (exit status {done.returncode}):\n{done.stderr[-3000:]}")
     out = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("RESULT ")).removeprefix("RESULT "))
@@ -388,7 +404,9 @@ def checkpoint_check(args) -> None:
     import torch
 
     a, b = torch.tensor(plain["frobenius"], dtype=torch.float64), torch.tensor(saved["frobenius"], dtype=torch.float64)
-    print(f"\nsketch k = {args.long_probes}, n = {args.long_n}, wrt = {args.pair_wrt}, chunk {args.pair_chunk}, one process")
+    print(
+        f"\nsketch k = {args.long_probes}, n = {args.long_n}, wrt = {args.pair_wrt}, chunk {args.pair_chunk}, one process"
+    )
     print("| run | seconds | estimate GiB | peak extra GiB |\n|---|---|---|---|")
     for name, r in out.items():
         print(f"| {name} | {r['seconds']:.1f} | {r['estimated_bytes'] / gib:.3f} | {r['peak_extra_bytes'] / gib:.3f} |")
@@ -405,38 +423,68 @@ def _progress(name: str, r: dict) -> None:
     )
 
 
-def report(results: dict, n: int) -> None:
+SMOLLM2 = argparse.Namespace(
+    n_layers=30, d_model=576, n_heads=9, n_key_value_heads=3, d_head=64, d_mlp=1536, gated_mlp=True, d_vocab=49152
+)
+
+
+def _median_ratio(runs: dict, a: str, b: str, key: str) -> float:
+    """Median over rounds of ``b[key] / a[key]`` (each round ran a then b, close together)."""
+    return statistics.median(rb[key] / max(ra[key], 1) for ra, rb in zip(runs[a], runs[b], strict=True))
+
+
+def report(runs: dict, n: int) -> None:
     mib = 2**20
-    print(f"\nSmolLM2-135M-Instruct, fp32, n = {n} tokens, d_model = 576\n")
-    print("| method | seconds | peak extra MiB | note |\n|---|---|---|---|")
-    for name, r in results.items():
-        note = ""
-        if name == "vjp":
-            note = f"forward {r['forward']:.2f} s, one VJP {r['one_vjp']:.3f} s"
-        elif "chunk" in r:
-            note = f"chunk {r['chunk']}"
-            if "estimated_bytes" in r:
-                note += f", estimate_memory {r['estimated_bytes'] / mib:.0f} MiB"
-        print(f"| {name} | {r['seconds']:.1f} | {r['peak_extra_bytes'] / mib:.0f} | {note} |")
-    print("\n| ratio | measured | target |\n|---|---|---|")
-    exact = results.get("exact")
-    if exact and "jacrev" in results:
-        jr = results["jacrev"]
-        print(f"| exact time ÷ jacrev(chunk 64) time | {exact['seconds'] / jr['seconds']:.2f} | ≤ 1.0 |")
-        print(
-            f"| exact memory ÷ jacrev memory | {exact['peak_extra_bytes'] / max(jr['peak_extra_bytes'], 1):.2f} | ≤ 0.6 |"
+    print(f"\nSmolLM2-135M-Instruct, fp32, n = {n} tokens, d_model = 576; {len(next(iter(runs.values())))} round(s)\n")
+    print("| method | seconds (median) | peak extra MiB (median) | CPU share (min) | flagged | FLOPs, GFLOP/s | note |")
+    print("|---|---|---|---|---|---|---|")
+    for name, rs in runs.items():
+        r, base = rs[0], name.partition(":")[0].removesuffix("-ckpt")
+        seconds = statistics.median(x["seconds"] for x in rs)
+        flops = {"exact": jacobian_flops(SMOLLM2, n, 576), "jacrev": jacobian_flops(SMOLLM2, n, 576)}.get(base)
+        if base == "sketch":
+            flops = jacobian_flops(SMOLLM2, n, 64, recompute=name.endswith("-ckpt"))
+        rate = flop_line("", flops, seconds).removeprefix(": ") if flops else "-"
+        note = (
+            f"forward {r['forward']:.2f} s, one VJP {r['one_vjp']:.3f} s"
+            if base == "vjp"
+            else f"chunk {r.get('chunk')}"
         )
-    if exact and "vjp" in results:
-        floor = 576 * results["vjp"]["one_vjp"]
-        print(f"| exact time ÷ (d_model × one VJP = {floor:.1f} s) | {exact['seconds'] / floor:.2f} | ≤ 1.1 |")
-    if exact and "sketch" in results:
-        sk = results["sketch"]
-        print(f"| sketch(k=64) speed-up over exact | {exact['seconds'] / sk['seconds']:.1f}× | ≥ 8× |")
-        rho = spearman(sk["frobenius"], exact["frobenius"])
+        if "estimated_bytes" in r:
+            note += f", estimate_memory {r['estimated_bytes'] / mib:.0f} MiB"
+        flagged = sum(x["timing"].flagged for x in rs)
+        print(
+            f"| {name} | {seconds:.1f} | {statistics.median(x['peak_extra_bytes'] for x in rs) / mib:.0f} | "
+            f"{min(x['timing'].cpu_share for x in rs):.0%} | {flagged}/{len(rs)} | {rate} | {note} |"
+        )
+    print(
+        f"\nmatmul fp32 measured in the workers: {min(x['matmul_gflops'] for rs in runs.values() for x in rs):.0f}-"
+        f"{max(x['matmul_gflops'] for rs in runs.values() for x in rs):.0f} GFLOP/s; "
+        f"load average {min(x['load_before'][0] for rs in runs.values() for x in rs):.1f}-"
+        f"{max(x['load_after'][0] for rs in runs.values() for x in rs):.1f}; a run is flagged when its CPU share "
+        "fell below 90 % of its threads"
+    )
+    print("\n| ratio (median of pairwise ratios) | measured | target |\n|---|---|---|")
+    if "exact" in runs and "jacrev" in runs:
+        print(
+            f"| exact time ÷ jacrev(chunk 64) time | {_median_ratio(runs, 'jacrev', 'exact', 'seconds'):.2f} | ≤ 1.0 |"
+        )
+        print(
+            f"| exact memory ÷ jacrev memory | {_median_ratio(runs, 'jacrev', 'exact', 'peak_extra_bytes'):.2f} | ≤ 0.6 |"
+        )
+    if "exact" in runs and "vjp" in runs:
+        floor = 576 * statistics.median(r["one_vjp"] for r in runs["vjp"])
+        exact = statistics.median(r["seconds"] for r in runs["exact"])
+        print(f"| exact time ÷ (d_model × one VJP = {floor:.1f} s) | {exact / floor:.2f} | ≤ 1.1 |")
+    if "exact" in runs and "sketch" in runs:
+        print(
+            f"| sketch(k=64) speed-up over exact | {1 / _median_ratio(runs, 'exact', 'sketch', 'seconds'):.1f}× | ≥ 8× |"
+        )
+        rho = spearman(runs["sketch"][0]["frobenius"], runs["exact"][0]["frobenius"])
         print(f"| Spearman(sketch ‖J_i‖_F, exact ‖J_i‖_F) over positions | {rho:.3f} | ≥ 0.95 |")
     for name in ("exact", "sketch"):
-        if name in results and f"{name}:plain" in results:
-            saved = results[f"{name}:plain"]["seconds"] / results[name]["seconds"]
+        if name in runs and f"{name}:plain" in runs:
+            saved = _median_ratio(runs, name, f"{name}:plain", "seconds")
             print(f"| {name}: plain heap time ÷ steady heap time | {saved:.2f} | (no target) |")
 
 
