@@ -35,6 +35,7 @@ __all__ = [
     "Pair",
     "Timing",
     "alternate",
+    "analysis_flops",
     "attention_flops",
     "child_cpu_seconds",
     "flop_line",
@@ -44,6 +45,7 @@ __all__ = [
     "linear_flops_per_token",
     "machine_line",
     "matmul_gflops",
+    "pattern_recompute_flops",
     "quadratic_form_flops",
     "threads",
     "timed",
@@ -221,7 +223,25 @@ def gram_flops(cfg, n_blocks: int = 8) -> int:
 def quadratic_form_flops(cfg, n: int, n_blocks: int = 8) -> int:
     """``c_pᵀ G c_p`` for every position and layer from the lower block columns (float64)."""
     size = _gram_size(cfg)
-    return cfg.n_layers * n * 2 * size * size * (n_blocks + 1) // n_blocks
+    return cfg.n_layers * n * size * size * (n_blocks + 1) // n_blocks  # 2 · (B + 1)/2B of the dense form
+
+
+def pattern_recompute_flops(cfg, n: int) -> int:
+    """The bound rows' recompute of every layer's patterns: Q, K and V projections and ``QKᵀ``."""
+    heads, kv, d_head = _heads(cfg)
+    return cfg.n_layers * (2 * n * cfg.d_model * (heads + 2 * kv) * d_head + 2 * heads * n * n * d_head)
+
+
+def analysis_flops(cfg, n: int, *, grams: bool) -> dict[str, int]:
+    """``analyze(jacobian_mode=None)``'s matmul FLOPs by part (``grams``: the Grams are built, not cached)."""
+    parts = {
+        "trace": forward_flops(cfg, n, unembed_rows=1),
+        "pattern recompute": pattern_recompute_flops(cfg, n),
+        "quadratic forms (fp64)": quadratic_form_flops(cfg, n),
+    }
+    if grams:
+        parts["Grams (fp64)"] = gram_flops(cfg)
+    return parts
 
 
 def matmul_gflops(dtype: str = "float32", size: int = 1024, repeats: int = 3) -> float:

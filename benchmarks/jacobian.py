@@ -11,8 +11,11 @@ MiB that would otherwise stay resident and hide part of every method's peak). Me
   ``ln_final``; parameters frozen as in ``exact``), the Jacobian only, no norms;
 * ``vjp``: one forward pass with graph, then single VJPs (the median of 3, times ``d_model``);
 * ``sketch``: ``mode="sketch", n_probes=64``;
-* ``exact-ckpt``, ``sketch-ckpt``: the same with per-block activation checkpointing (``checkpoint=True``;
-  ``exact`` and ``sketch`` run with ``checkpoint=False``, the plain backward);
+* ``exact``, ``sketch``: the library's default, ``checkpoint=None`` (whichever of the plain and the
+  checkpointed backward has the smaller memory estimate: checkpointed on SmolLM2 at every n);
+* ``exact-ckpt``, ``sketch-ckpt``: per-block activation checkpointing forced (``checkpoint=True``);
+  ``exact-graph``, ``sketch-graph``: the plain backward forced (``checkpoint=False``, every layer's
+  graph kept: what ``exact`` measured before issue 28, 1.21× jacrev's memory at n = 128);
 * ``METHOD:plain`` (e.g. ``sketch:plain``, not run by default): ``METHOD`` with the library's
   steady heap turned off (``LENS_SQUASH_STEADY_HEAP=0``, see ``lens_squash/allocator.py``), to
   measure what keeping freed memory in the heap saves;
@@ -68,7 +71,7 @@ WORKER = textwrap.dedent(
     method, n, chunk, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     budget = None if sys.argv[5] == "none" else int(float(sys.argv[5]) * 2**30)
     wrt, n_probes = int(sys.argv[6]), int(sys.argv[7])
-    method, checkpoint = (method[:-5], True) if method.endswith("-ckpt") else (method, False)
+    method, checkpoint = method.rsplit("-", 1)[0], {"ckpt": True, "graph": False}.get(method.rsplit("-", 1)[-1])
     if threads > 0:
         torch.set_num_threads(threads)
     chunk = None if chunk == "none" else int(chunk)
@@ -325,7 +328,7 @@ def long_contexts(args) -> None:
             "sketch-ckpt", args.peak_n, None, args.threads, args.max_memory_gib, args.peak_wrt
         )
         _progress(f"sketch-ckpt@{args.peak_n}", runs[f"sketch-ckpt@{args.peak_n}"])
-    for method in ("sketch", "sketch-ckpt"):
+    for method in ("sketch-graph", "sketch-ckpt"):
         runs[f"{method}@{args.long_n}"] = run(
             method, args.long_n, None, args.threads, args.max_memory_gib, n_probes=args.long_probes
         )
@@ -344,7 +347,7 @@ def long_contexts(args) -> None:
             f"{r['peak_extra_bytes'] / gib:.2f} | {r['peak_rss_bytes'] / gib:.2f} | "
             f"{r['load_before'][0]:.1f} / {r['load_after'][0]:.1f} |"
         )
-    plain, saved = runs[f"sketch@{args.long_n}"], runs[f"sketch-ckpt@{args.long_n}"]
+    plain, saved = runs[f"sketch-graph@{args.long_n}"], runs[f"sketch-ckpt@{args.long_n}"]
     import torch
 
     a, b = torch.tensor(plain["frobenius"], dtype=torch.float64), torch.tensor(saved["frobenius"], dtype=torch.float64)
@@ -439,11 +442,12 @@ def report(runs: dict, n: int) -> None:
     print("| method | seconds (median) | peak extra MiB (median) | CPU share (min) | flagged | FLOPs, GFLOP/s | note |")
     print("|---|---|---|---|---|---|---|")
     for name, rs in runs.items():
-        r, base = rs[0], name.partition(":")[0].removesuffix("-ckpt")
+        r, base = rs[0], name.partition(":")[0].removesuffix("-ckpt").removesuffix("-graph")
         seconds = statistics.median(x["seconds"] for x in rs)
-        flops = {"exact": jacobian_flops(SMOLLM2, n, 576), "jacrev": jacobian_flops(SMOLLM2, n, 576)}.get(base)
+        flops = {"exact": jacobian_flops(SMOLLM2, n, 576, recompute=r.get("checkpoint", False))}.get(base)
+        flops = jacobian_flops(SMOLLM2, n, 576) if base == "jacrev" else flops
         if base == "sketch":
-            flops = jacobian_flops(SMOLLM2, n, 64, recompute=name.endswith("-ckpt"))
+            flops = jacobian_flops(SMOLLM2, n, 64, recompute=r.get("checkpoint", False))
         rate = flop_line("", flops, seconds).removeprefix(": ") if flops else "-"
         note = (
             f"forward {r['forward']:.2f} s, one VJP {r['one_vjp']:.3f} s"

@@ -67,3 +67,19 @@ def test_a_run_starved_of_cpu_is_flagged():
 def test_matmul_rate_is_positive_and_finite():
     rate = harness.matmul_gflops("float32", size=64, repeats=1)
     assert 0 < rate < float("inf")
+
+
+def test_gram_and_quadratic_form_flops_equal_torchs_flop_counter():
+    from lens_squash.algebra.symmetric_forms import quadratic_form
+    from lens_squash.edge.lipschitz import _gram_blocks_from, _mlp_matrices, supports_certified
+
+    model = tiny_model(n_layers=2, d_model=32, d_mlp=48, gated_mlp=True, act_fn="silu", norm="RMS", dtype=torch.float64)
+    shape = supports_certified(model)
+    with FlopCounterMode(display=False) as counter:
+        grams = [_gram_blocks_from(block, shape, *_mlp_matrices(block)) for block in model.blocks]
+    assert harness.gram_flops(model.cfg) == counter.get_total_flops()
+    coeff = torch.randn(5, grams[0].size, dtype=torch.float64)
+    with FlopCounterMode(display=False) as counter:
+        for gram in grams:
+            quadratic_form(coeff, gram)
+    assert harness.quadratic_form_flops(model.cfg, 5) == counter.get_total_flops()

@@ -73,17 +73,20 @@ def test_checkpointed_equals_plain_in_float32(name, mode):
             torch.testing.assert_close(getattr(saved, kind), getattr(plain, kind), rtol=1e-5, atol=0)
 
 
-def test_auto_mode_checkpoints_only_when_the_plain_backward_does_not_fit():
+def test_auto_mode_takes_the_smaller_estimate_and_plain_when_asked():
     model = tiny_model(n_layers=4, n_heads=2, d_model=16, d_vocab=40, dtype=torch.float64, seed=3)
     tokens = torch.randint(0, 40, (24,), generator=torch.Generator().manual_seed(0))
     plain_bytes = estimate_memory(model, 24, 16)
     saved_bytes = estimate_memory(model, 24, 16, checkpoint=True)
     assert saved_bytes < plain_bytes
-    roomy = jacobian(model, tokens, max_memory_bytes=plain_bytes)
+    roomy = jacobian(model, tokens, max_memory_bytes=plain_bytes)  # both fit: the smaller is taken
     tight = jacobian(model, tokens, max_memory_bytes=(plain_bytes + saved_bytes) // 2)
-    assert roomy.provenance["checkpoint"] is False and tight.provenance["checkpoint"] is True
+    plain = jacobian(model, tokens, max_memory_bytes=plain_bytes, checkpoint=False)
+    assert roomy.provenance["checkpoint"] is True and tight.provenance["checkpoint"] is True
+    assert plain.provenance["checkpoint"] is False
     assert tight.provenance["estimated_bytes"] <= (plain_bytes + saved_bytes) // 2
-    torch.testing.assert_close(tight.spectral, roomy.spectral, **TOL64)
+    torch.testing.assert_close(roomy.spectral, plain.spectral, **TOL64)
+    torch.testing.assert_close(tight.spectral, plain.spectral, **TOL64)
 
 
 def test_refusal_names_checkpointed_mode_and_the_largest_prompt_that_fits():
@@ -174,7 +177,11 @@ def test_checkpointed_terms_count_the_tensors_the_sweep_keeps(n):
         return t
 
     v = stored.resid[1].clone().requires_grad_(True)
-    with without_parameter_grads(model), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with (
+        without_parameter_grads(model),
+        torch.enable_grad(),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
         run_block(model, 1, stored.calls[1], v)
     assert 0 < sum(saved.values()) <= terms["block"]
 
