@@ -22,6 +22,13 @@ MiB that would otherwise stay resident and hide part of every method's peak). Me
 * ``autograd`` (not run by default): the same VJPs batched by ``torch.autograd.grad(...,
   is_grads_batched=True)`` instead of ``torch.func.vmap``, the alternative the library rejected.
 
+The methods run in rounds (``--repeats``, default 2: A B A B …, :mod:`harness`); every ratio is the
+median of the pairwise ratios of the rounds. Each worker reports its CPU seconds and threads (a run
+whose CPU share fell below 90 % of its threads is flagged: its time says more about the other jobs
+on the machine than about the method) and this machine's fp32 matmul rate measured in that process;
+the table gives each method's FLOPs (:func:`harness.jacobian_flops`) and achieved GFLOP/s. Memory
+ratios hold under load; time ratios only between runs that were not flagged.
+
 Targets (issue 3): exact ≤ 1.0× jacrev in time and ≤ 0.6× in memory, ≤ 1.1× d_model × one VJP;
 sketch ≥ 8× faster than exact with Spearman ≥ 0.95 against the exact Frobenius norms.
 
