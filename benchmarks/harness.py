@@ -132,6 +132,12 @@ class Pair:
         return statistics.median(self.ratios)
 
     @property
+    def cpu_ratios(self) -> list[float]:
+        """``B`` CPU seconds ÷ ``A`` CPU seconds per pair: steadier than wall time when runs are flagged
+        (a starved process waits, it does not compute), though cache and memory contention still leak in."""
+        return [b.cpu_seconds / max(a.cpu_seconds, 1e-12) for a, b in zip(self.a, self.b, strict=True)]
+
+    @property
     def flagged(self) -> list[Timing]:
         return [t for t in (*self.a, *self.b) if t.flagged]
 
@@ -139,6 +145,10 @@ class Pair:
         lines = [t.describe() for pair in zip(self.a, self.b, strict=True) for t in pair]
         ratios = ", ".join(f"{r:.2f}" for r in self.ratios)
         lines.append(f"{name_b} ÷ {name_a}: median of pairwise ratios {self.median_ratio:.2f} (pairs: {ratios})")
+        cpu = ", ".join(f"{r:.2f}" for r in self.cpu_ratios)
+        lines.append(
+            f"{name_b} ÷ {name_a} in CPU seconds: median {statistics.median(self.cpu_ratios):.2f} (pairs: {cpu})"
+        )
         if self.flagged:
             lines.append(f"{len(self.flagged)} of {2 * len(self.a)} runs FLAGGED (CPU share < {MIN_CPU_SHARE:.0%})")
         return "\n".join(lines)

@@ -71,6 +71,7 @@ def _child(n: int, jacobian: bool, repeats: int) -> dict:
         "model": analysis_memory(model, n),
         "ratio_median": pair.median_ratio,
         "pairwise_ratios": pair.ratios,
+        "pairwise_cpu_ratios": pair.cpu_ratios,
         "runs": [t.describe() for pair_ in zip(pair.a, pair.b, strict=True) for t in pair_],
         "cpu_share_min": min(t.cpu_share for t in (*pair.a, *pair.b)),
         "flagged_runs": len(pair.flagged),
@@ -210,7 +211,8 @@ def report(rows: list[dict]) -> str:
         lines.append(
             f"n = {r['n']}: analysis ÷ forward, median of pairwise ratios {r['ratio_median']:.2f} "
             f"(pairs {', '.join(f'{x:.2f}' for x in r['pairwise_ratios'])}; the first analysis builds or reads the "
-            f"Grams, later ones find them in memory); CPU share min {r['cpu_share_min']:.0%}, "
+            f"Grams, later ones find them in memory; in CPU seconds "
+            f"{', '.join(f'{x:.2f}' for x in r.get('pairwise_cpu_ratios', []))}); CPU share min {r['cpu_share_min']:.0%}, "
             f"{r['flagged_runs']} run(s) flagged (< 90 % of {r['threads']} threads)"
         )
         lines.append(

@@ -53,6 +53,7 @@ def test_alternate_runs_a_then_b_and_reports_the_median_of_pairwise_ratios():
     assert order == ["a", "b"] * 3
     assert pair.ratios == [2.0, 3.0, 1.0]
     assert pair.median_ratio == statistics.median([2.0, 3.0, 1.0]) == 2.0
+    assert pair.cpu_ratios == [2.0, 3.0, 1.0]  # the scripted CPU clock ticks with the wall clock
 
 
 def test_a_run_starved_of_cpu_is_flagged():
