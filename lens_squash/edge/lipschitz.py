@@ -124,9 +124,10 @@ def _cached_bytes() -> int:
     return _CACHE.cached_bytes()
 
 
-def gram_cache_budget() -> int:
-    """Bytes the in-memory Gram cache may hold now (:data:`GRAM_CACHE_BYTES`, else a share of free memory)."""
-    return _CACHE.memory_budget()
+def gram_cache_budget(device: str | torch.device = "cpu") -> int:
+    """Bytes the in-memory Gram cache may hold now on ``device`` (:data:`GRAM_CACHE_BYTES`, else a share
+    of its free memory)."""
+    return _CACHE.memory_budget(device)
 
 
 def _norm_gains(block, shape: BlockShape) -> list[Tensor | None]:

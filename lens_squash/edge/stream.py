@@ -240,7 +240,7 @@ def memory_model(cfg, n_tokens: int, *, kept: bool, weights: int = 0) -> dict[st
         "attention": 3 * cfg.n_heads * n_tokens**2 * max(item, 4) + 6 * n_tokens**2 * 8,
         "patterns": cfg.n_layers * (cfg.n_heads + 1) * n_tokens**2 * analysis_item if kept else 0,
         # the Gram matrices kept between traces (at most gram_cache_budget()) and the one being used
-        "gains": min(cfg.n_layers * gram, gram_cache_budget()) + gram,
+        "gains": min(cfg.n_layers * gram, gram_cache_budget(getattr(cfg, "device", None) or "cpu")) + gram,
     }
 
 

@@ -188,12 +188,13 @@ class FactorCache:
     def cached_bytes(self) -> int:
         return sum(nbytes(value) for _, value in list(self.entries.values()))
 
-    def memory_budget(self) -> int:
-        """Bytes the memory side may hold now: ``budget``, else a share of free memory plus what it holds."""
+    def memory_budget(self, device: str | torch.device = "cpu") -> int:
+        """Bytes the memory side may hold now: ``budget``, else a share of ``device``'s free memory plus
+        what it holds (a GPU model's factors live on the GPU)."""
         fixed = self.budget()
         if fixed is not None:
             return int(fixed)
-        return int(MEMORY_SHARE * (available_memory("cpu") + self.cached_bytes()))
+        return int(MEMORY_SHARE * (available_memory(device) + self.cached_bytes()))
 
     def clear(self) -> None:
         self.entries.clear()
@@ -216,7 +217,7 @@ class FactorCache:
             return hit[1]
         self.entries.pop(owner, None)  # a stale entry for edited weights frees its room first
         value = self._from_disk_or_build(key, build, weights, label)
-        if self.cached_bytes() + nbytes(value) <= self.memory_budget():
+        if self.cached_bytes() + nbytes(value) <= self.memory_budget(_layout(value)[1][0].device):
             self.entries[owner] = (key, value)
         return value
 
