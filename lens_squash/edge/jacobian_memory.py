@@ -109,7 +109,7 @@ def checkpoint_terms(cfg, n_tokens: int, n_layers: int, rows: int) -> dict[str, 
     return {
         "stored": (n_layers + 1) * n * d,  # each swept block's input x^(l), and the top block's output
         "cotangents": rows * n * d,  # G^(l), [row, 1, pos, d_model], updated in place
-        "norm_temporary": rows * n * d,  # _sums's grads.pow(2), as large as the cotangents
+        "norm_temporary": rows * n * d,  # _sums squares one chunk at a time now; kept whole as an upper count
         "block": 12 * _weights_per_layer(cfg) + saved + recompute,
         # per cotangent of a chunk: three [heads, pos, pos] gradients alive at once in the attention
         # backward (softmax and mask), the MLP's and the residual's gradients, and the chunk's result
