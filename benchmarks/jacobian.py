@@ -29,6 +29,13 @@ on the machine than about the method) and this machine's fp32 matmul rate measur
 the table gives each method's FLOPs (:func:`harness.jacobian_flops`) and achieved GFLOP/s. Memory
 ratios hold under load; time ratios only between runs that were not flagged.
 
+Measured 2026-12-06 (issue 28; n = 128, one thread, each method a fresh worker of ``run``, not
+alternated: the session ran out before a full A B A B pair fitted): ``exact`` (now checkpointed by
+default) peak extra 422 MiB, estimate 693 MiB, 264 CPU s (82 % CPU share, load 3.9 → 2.3, flagged);
+``jacrev`` 988 MiB, 507 CPU s (46 % share, load 14.3 → 3.2, flagged): memory 0.43×, CPU seconds
+0.52×. Before the chunked norm sums the checkpointed exact run peaked at 855 MiB (0.87×; the whole
+buffer's float64 sum), and the plain path measured 1.21× in issue 28.
+
 Targets (issue 3): exact ≤ 1.0× jacrev in time and ≤ 0.6× in memory, ≤ 1.1× d_model × one VJP;
 sketch ≥ 8× faster than exact with Spearman ≥ 0.95 against the exact Frobenius norms.
 
