@@ -5,6 +5,12 @@ distinct prompt in its own unpadded pass, what the thresholds are judged on) and
 prefix trick and right-padded batches, with its noise floor measured at three lengths). It prints the
 cost of the exact path as a ratio to the fast one, the noise floor, and both paths' thresholds.
 
+Both paths alternate (fast, exact, fast, exact, … ``--repeats`` rounds, :mod:`harness`): the ratio is
+the median of the pairwise ratios, each run records its CPU share (flagged below 90 % of the threads)
+and the load. Forward tokens count every token either path pushed through the model, the fast path's
+noise-floor passes included (``CollapseCurves.forward_tokens``); FLOPs are those tokens' weight-matmul
+FLOPs (:func:`harness.linear_flops_per_token`; a lower count, see ``_flops``).
+
 ``--reference`` adds a third, independent computation: every distinct prompt through a plain
 ``run_with_cache`` call (no lens_squash code), from which the thresholds are recomputed and compared
 with both paths' — the issue's question "do the thresholds equal those of separate passes?".
@@ -18,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
+from harness import alternate, linear_flops_per_token, machine_line
 
 from lens_squash.edge.models import load_model
 from lens_squash.experiments.collapse import collapse_curve, family_pairs, model_in_dtype
@@ -68,6 +76,12 @@ def _timed(fn, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
+def _flops(model, tokens: int) -> float:
+    """The blocks' weight-matmul FLOPs of ``tokens`` forward tokens: a lower count (the attention's
+    length-dependent term and the unembedding are left out; at these lengths the weights dominate)."""
+    return tokens * model.cfg.n_layers * linear_flops_per_token(model.cfg)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="6 lengths (4:24:4), float32 and bfloat16")
@@ -77,6 +91,7 @@ def main() -> None:
     parser.add_argument("--open-ended", action="store_true", help="stop the prompt after the sequence")
     parser.add_argument("--reference", action="store_true", help="recompute thresholds from plain passes")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of fast, exact (ratios: pairwise medians)")
     args = parser.parse_args()
     lengths = _lengths(args.lengths or ("4:24:4" if args.quick else "4:128:4"))
     dtypes = (args.dtypes or "float32,bfloat16").split(",")
@@ -86,18 +101,30 @@ def main() -> None:
         f"({len(lengths)}), torch threads {torch.get_num_threads()}",
         flush=True,
     )
+    print(machine_line(), flush=True)
     rows = []
     for dtype in dtypes:
         common = (model, args.family, lengths, (dtype,))
-        fast, t_fast = _timed(collapse_curve, *common, open_ended=args.open_ended, exact=False)
-        exact, t_exact = _timed(collapse_curve, *common, open_ended=args.open_ended, exact=True)
+        pair = alternate(
+            lambda: collapse_curve(*common, open_ended=args.open_ended, exact=False),  # noqa: B023
+            lambda: collapse_curve(*common, open_ended=args.open_ended, exact=True),  # noqa: B023
+            args.repeats,
+            labels=("fast", "exact"),
+        )
+        fast, exact = pair.results_a[0], pair.results_b[0]
+        t_fast = statistics.median(t.seconds for t in pair.a)
+        t_exact = statistics.median(t.seconds for t in pair.b)
+        print(pair.describe("fast", "exact"), flush=True)
         row = {
             "dtype": dtype,
             "exact_s": t_exact,
             "fast_s": t_fast,
-            "ratio": t_exact / t_fast,
+            "ratio": pair.median_ratio,
+            "flagged_runs": len(pair.flagged),
             "exact_tokens": exact.forward_tokens[dtype],
             "fast_tokens": fast.forward_tokens[dtype],
+            "exact_gflop": _flops(model, exact.forward_tokens[dtype]) / 1e9,
+            "fast_gflop": _flops(model, fast.forward_tokens[dtype]) / 1e9,
             "fast_path": fast.paths[dtype],
             "noise_floor": fast.noise_floor[dtype],
             "noise_lengths": list(fast.noise_lengths),
@@ -117,6 +144,13 @@ def main() -> None:
         f"\n{'dtype':<9} {'exact s':>8} {'fast s':>7} {'exact/fast':>10} {'fast path':>9} {'noise floor':>11} "
         f"{'max |Δ rel dist|':>16}  thresholds exact | fast (below_res, zero, same_pred)"
     )
+    for r in rows:
+        print(
+            f"{r['dtype']}: forward tokens exact {r['exact_tokens']}, fast {r['fast_tokens']} (noise-floor passes "
+            f"included): exact ÷ fast {r['exact_tokens'] / r['fast_tokens']:.2f}; about {r['exact_gflop']:.0f} vs "
+            f"{r['fast_gflop']:.0f} GFLOP ({r['exact_gflop'] / r['exact_s']:.1f} / {r['fast_gflop'] / r['fast_s']:.1f} "
+            f"GFLOP/s achieved); {r['flagged_runs']} run(s) flagged"
+        )
     for r in rows:
         th = lambda d: ", ".join("-" if d[k] is None else str(d[k]) for k in _KEYS)  # noqa: E731
         print(

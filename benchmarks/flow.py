@@ -10,8 +10,10 @@ On the paper's copy prompt (``cli.copy_prompt(12)``, 89 tokens in the chat templ
 * the flow's layer-0 sensitivity against the Jacobian's Frobenius norms (same probes), the memory
   estimate of each call and the process's peak resident size while it ran (a 5 ms sampler).
 
-Runs alternate (Jacobian, flow, Jacobian, flow, …) and each time is the minimum over ``--repeats``
-runs, so load from other processes on the machine biases both sides alike.
+Runs alternate (Jacobian, flow, Jacobian, flow, …, :mod:`harness`) and each ratio is the median of
+the pairwise ratios over ``--repeats`` rounds, so load from other processes biases both sides of a
+pair alike; each run records its CPU share (flagged below 90 % of the threads), and the Jacobian's
+FLOPs and the machine's matmul rate are printed beside the times.
 
     .venv/bin/python benchmarks/flow.py --quick      # sketch only, no bound rows (about a minute on 2 idle cores)
     .venv/bin/python benchmarks/flow.py              # sketch and exact (several minutes)
@@ -22,8 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import threading
 import time
+
+from harness import alternate, flop_line, jacobian_flops, machine_line
 
 
 class _Peak:
@@ -50,34 +55,40 @@ class _Peak:
         self.extra = self.peak - self.base
 
 
-def _timed(fn, name: str):
-    with _Peak() as peak:
-        started = time.perf_counter()
-        result = fn()
-        seconds = time.perf_counter() - started
-    print(f"  {name}: {seconds:.1f} s", flush=True)  # progress: a full run takes minutes
-    return result, seconds, peak.extra
+def _peaked(fn):
+    """``fn`` with the peak resident size above its start recorded beside its result."""
+
+    def run():
+        with _Peak() as peak:
+            result = fn()
+        return result, peak.extra
+
+    return run
 
 
 def _compare(model, tokens, mode: str, repeats: int, with_bounds: bool) -> dict:
     from lens_squash.edge.flow import flow
     from lens_squash.edge.jacobian import jacobian
 
-    jac_times, flow_times, bound_times = [], [], []
-    for _ in range(repeats):
-        j, t, j_peak = _timed(lambda: jacobian(model, tokens, mode=mode, n_probes=64), f"jacobian {mode}")
-        jac_times.append(t)
-        f, t, f_peak = _timed(lambda: flow(model, tokens, mode=mode, n_probes=64, variants=()), f"flow {mode}")
-        flow_times.append(t)
-        if with_bounds:
-            _, t, _ = _timed(lambda: flow(model, tokens, mode=mode, n_probes=64), f"flow {mode} + bound rows")
-            bound_times.append(t)
+    pair = alternate(
+        _peaked(lambda: jacobian(model, tokens, mode=mode, n_probes=64)),
+        _peaked(lambda: flow(model, tokens, mode=mode, n_probes=64, variants=())),
+        repeats,
+        labels=(f"jacobian {mode}", f"flow {mode}"),
+    )
+    print(pair.describe(f"jacobian {mode}", f"flow {mode}"), flush=True)
+    (j, j_peak), (f, f_peak) = pair.results_a[-1], pair.results_b[-1]
     rel = ((f.sensitivity[0].double() - j.frobenius.double()).abs() / j.frobenius.double()).max()
+    rows = 576 if mode == "exact" else 64
     out = {
         "mode": mode,
-        "jacobian_s": min(jac_times),
-        "flow_s": min(flow_times),
-        "ratio": min(flow_times) / min(jac_times),
+        "jacobian_s": statistics.median(t.seconds for t in pair.a),
+        "flow_s": statistics.median(t.seconds for t in pair.b),
+        "ratio": pair.median_ratio,
+        "pairwise_ratios": pair.ratios,
+        "cpu_share_min": min(t.cpu_share for t in (*pair.a, *pair.b)),
+        "flagged_runs": len(pair.flagged),
+        "jacobian_gflop": jacobian_flops(model.cfg, tokens.shape[0], rows) / 1e9,
         "decomposition_error_per_layer": f.decomposition_error.tolist(),
         "decomposition_error_max": float(f.decomposition_error.max()),
         "layer0_vs_jacobian_max_rel": float(rel),
@@ -91,9 +102,17 @@ def _compare(model, tokens, mode: str, repeats: int, with_bounds: bool) -> dict:
         "jacobian_checkpoint": j.provenance["checkpoint"],
         "load_average": os.getloadavg(),
     }
-    if bound_times:
-        out["flow_with_bounds_s"] = min(bound_times)
-        out["ratio_with_bounds"] = min(bound_times) / min(jac_times)
+    if with_bounds:
+        bounds = alternate(
+            _peaked(lambda: jacobian(model, tokens, mode=mode, n_probes=64)),
+            _peaked(lambda: flow(model, tokens, mode=mode, n_probes=64)),
+            repeats,
+            labels=(f"jacobian {mode}", f"flow {mode} + bound rows"),
+        )
+        print(bounds.describe(f"jacobian {mode}", f"flow {mode} + bound rows"), flush=True)
+        out["flow_with_bounds_s"] = statistics.median(t.seconds for t in bounds.b)
+        out["ratio_with_bounds"] = bounds.median_ratio
+        out["flagged_runs"] += len(bounds.flagged)
     return out
 
 
@@ -119,6 +138,7 @@ def main(argv=None) -> None:
     model = load_model()
     tokens = as_tokens(model, copy_prompt(12))
     flow(model, tokens[:8], mode="sketch", n_probes=4, variants=())  # warm-up: allocator, kernels
+    print(machine_line(), flush=True)
     results = {"n_tokens": int(tokens.shape[0]), "runs": []}
     modes = args.modes.split(",")
     if "sketch" in modes:
@@ -128,7 +148,7 @@ def main(argv=None) -> None:
     for run in results["runs"]:
         print(
             f"{run['mode']:>6}: jacobian {run['jacobian_s']:.1f} s, flow {run['flow_s']:.1f} s, "
-            f"ratio {run['ratio']:.2f}x (goal <= 1.5x)"
+            f"ratio {run['ratio']:.2f}x (median of pairwise ratios; goal <= 1.5x)"
             + (
                 f"; with bound rows {run['flow_with_bounds_s']:.1f} s = {run['ratio_with_bounds']:.2f}x"
                 if "ratio_with_bounds" in run
@@ -146,6 +166,10 @@ def main(argv=None) -> None:
             f"{run['flow_checkpoint']}; load average {run['load_average'][0]:.1f})"
         )
         print("        per-layer error: " + " ".join(f"{e:.1e}" for e in run["decomposition_error_per_layer"]))
+        print(
+            f"        {flop_line('jacobian', run['jacobian_gflop'] * 1e9, run['jacobian_s'])}; "
+            f"CPU share min {run['cpu_share_min']:.0%}, {run['flagged_runs']} run(s) flagged (< 90 %)"
+        )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=1)

@@ -11,13 +11,30 @@ MiB that would otherwise stay resident and hide part of every method's peak). Me
   ``ln_final``; parameters frozen as in ``exact``), the Jacobian only, no norms;
 * ``vjp``: one forward pass with graph, then single VJPs (the median of 3, times ``d_model``);
 * ``sketch``: ``mode="sketch", n_probes=64``;
-* ``exact-ckpt``, ``sketch-ckpt``: the same with per-block activation checkpointing (``checkpoint=True``;
-  ``exact`` and ``sketch`` run with ``checkpoint=False``, the plain backward);
+* ``exact``, ``sketch``: the library's default, ``checkpoint=None`` (whichever of the plain and the
+  checkpointed backward has the smaller memory estimate: checkpointed on SmolLM2 at every n);
+* ``exact-ckpt``, ``sketch-ckpt``: per-block activation checkpointing forced (``checkpoint=True``);
+  ``exact-graph``, ``sketch-graph``: the plain backward forced (``checkpoint=False``, every layer's
+  graph kept: what ``exact`` measured before issue 28, 1.21× jacrev's memory at n = 128);
 * ``METHOD:plain`` (e.g. ``sketch:plain``, not run by default): ``METHOD`` with the library's
   steady heap turned off (``LENS_SQUASH_STEADY_HEAP=0``, see ``lens_squash/allocator.py``), to
   measure what keeping freed memory in the heap saves;
 * ``autograd`` (not run by default): the same VJPs batched by ``torch.autograd.grad(...,
   is_grads_batched=True)`` instead of ``torch.func.vmap``, the alternative the library rejected.
+
+The methods run in rounds (``--repeats``, default 2: A B A B …, :mod:`harness`); every ratio is the
+median of the pairwise ratios of the rounds. Each worker reports its CPU seconds and threads (a run
+whose CPU share fell below 90 % of its threads is flagged: its time says more about the other jobs
+on the machine than about the method) and this machine's fp32 matmul rate measured in that process;
+the table gives each method's FLOPs (:func:`harness.jacobian_flops`) and achieved GFLOP/s. Memory
+ratios hold under load; time ratios only between runs that were not flagged.
+
+Measured 2026-12-06 (issue 28; n = 128, one thread, each method a fresh worker of ``run``, not
+alternated: the session ran out before a full A B A B pair fitted): ``exact`` (now checkpointed by
+default) peak extra 422 MiB, estimate 693 MiB, 264 CPU s (82 % CPU share, load 3.9 → 2.3, flagged);
+``jacrev`` 988 MiB, 507 CPU s (46 % share, load 14.3 → 3.2, flagged): memory 0.43×, CPU seconds
+0.52×. Before the chunked norm sums the checkpointed exact run peaked at 855 MiB (0.87×; the whole
+buffer's float64 sum), and the plain path measured 1.21× in issue 28.
 
 Targets (issue 3): exact ≤ 1.0× jacrev in time and ≤ 0.6× in memory, ≤ 1.1× d_model × one VJP;
 sketch ≥ 8× faster than exact with Spearman ≥ 0.95 against the exact Frobenius norms.
@@ -50,9 +67,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import textwrap
+
+from harness import Timing, flop_line, jacobian_flops
 
 WORKER = textwrap.dedent(
     """
@@ -65,7 +85,7 @@ WORKER = textwrap.dedent(
     method, n, chunk, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     budget = None if sys.argv[5] == "none" else int(float(sys.argv[5]) * 2**30)
     wrt, n_probes = int(sys.argv[6]), int(sys.argv[7])
-    method, checkpoint = (method[:-5], True) if method.endswith("-ckpt") else (method, False)
+    method, checkpoint = method.rsplit("-", 1)[0], {"ckpt": True, "graph": False}.get(method.rsplit("-", 1)[-1])
     if threads > 0:
         torch.set_num_threads(threads)
     chunk = None if chunk == "none" else int(chunk)
@@ -98,7 +118,7 @@ WORKER = textwrap.dedent(
     out = {"method": method, "n": n}
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     if method in ("exact", "sketch"):
         result = jac.jacobian(model, tokens, mode=method, n_probes=n_probes, chunk_size=chunk, checkpoint=checkpoint,
                               max_memory_bytes=budget, wrt=wrt)
@@ -136,16 +156,20 @@ WORKER = textwrap.dedent(
         out["chunk"] = chunk or 16
     else:
         raise SystemExit(f"unknown method {method}")
-    out["seconds"] = time.perf_counter() - started
+    out["seconds"], out["cpu_seconds"] = time.perf_counter() - started, time.process_time() - cpu_started
+    out["threads"] = torch.get_num_threads()
     done.set()
     sampler.join()
     out["peak_extra_bytes"] = peak[0] - base
     out["hwm_extra_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     out["peak_rss_bytes"] = peak[0]
     out["base_rss_bytes"] = base
+    sys.path.insert(0, BENCHMARKS)
+    import harness
+    out["matmul_gflops"] = harness.matmul_gflops("float32")  # this process's speed of light, after the peak
     print("RESULT " + json.dumps(out))
     """
-)
+).replace("BENCHMARKS", repr(os.path.dirname(os.path.abspath(__file__))))
 
 
 #: issue 18: plain then checkpointed sketch in one process (same heap, same load), the kernel's
@@ -223,11 +247,16 @@ def run(
             f"{done.stderr[-3000:]}"
         )
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line.removeprefix("RESULT ")) | {
+    out = json.loads(line.removeprefix("RESULT ")) | {
         "method": method,
         "load_before": load,
         "load_after": os.getloadavg(),
     }
+    if "cpu_seconds" in out:
+        out["timing"] = Timing(
+            out["seconds"], out["cpu_seconds"], out["threads"], load[0], out["load_after"][0], method
+        )
+    return out
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -245,6 +274,9 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=None, help="chunk size for exact (default: the library's)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--methods", default="vjp,exact,jacrev,sketch")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="rounds of the methods in turn (A B A B …); ratios are pairwise medians"
+    )
     parser.add_argument(
         "--long",
         action="store_true",
@@ -290,16 +322,15 @@ def main() -> None:
     if args.ckpt_check:
         return checkpoint_check(args)
     n = args.n or (32 if args.quick else 128)
-    results = {}
-    for method in args.methods.split(","):
-        chunk = args.chunk if method.partition(":")[0] in ("exact", "autograd") else None
-        results[method] = run(method, n, chunk, args.threads, args.max_memory_gib)
-        print(
-            f"# {method}: {results[method]['seconds']:.1f} s, {results[method]['peak_extra_bytes'] / 2**20:.0f} MiB",
-            file=sys.stderr,
-            flush=True,
-        )
-    report(results, n)
+    methods = args.methods.split(",")
+    runs: dict[str, list[dict]] = {method: [] for method in methods}
+    for _ in range(args.repeats):  # A B A B …: each pair ran close together, under about the same load
+        for method in methods:
+            chunk = args.chunk if method.partition(":")[0] in ("exact", "autograd") else None
+            r = run(method, n, chunk, args.threads, args.max_memory_gib)
+            runs[method].append(r)
+            print(f"# {r['timing'].describe()}, {r['peak_extra_bytes'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+    report(runs, n)
 
 
 def long_contexts(args) -> None:
@@ -311,7 +342,7 @@ def long_contexts(args) -> None:
             "sketch-ckpt", args.peak_n, None, args.threads, args.max_memory_gib, args.peak_wrt
         )
         _progress(f"sketch-ckpt@{args.peak_n}", runs[f"sketch-ckpt@{args.peak_n}"])
-    for method in ("sketch", "sketch-ckpt"):
+    for method in ("sketch-graph", "sketch-ckpt"):
         runs[f"{method}@{args.long_n}"] = run(
             method, args.long_n, None, args.threads, args.max_memory_gib, n_probes=args.long_probes
         )
@@ -330,7 +361,7 @@ def long_contexts(args) -> None:
             f"{r['peak_extra_bytes'] / gib:.2f} | {r['peak_rss_bytes'] / gib:.2f} | "
             f"{r['load_before'][0]:.1f} / {r['load_after'][0]:.1f} |"
         )
-    plain, saved = runs[f"sketch@{args.long_n}"], runs[f"sketch-ckpt@{args.long_n}"]
+    plain, saved = runs[f"sketch-graph@{args.long_n}"], runs[f"sketch-ckpt@{args.long_n}"]
     import torch
 
     a, b = torch.tensor(plain["frobenius"], dtype=torch.float64), torch.tensor(saved["frobenius"], dtype=torch.float64)
@@ -380,7 +411,9 @@ def checkpoint_check(args) -> None:
         return
     worker = [str(v) for v in (args.long_n, args.long_probes, args.pair_chunk, args.pair_wrt)]
     env = dict(os.environ, LENS_SQUASH_PROGRESS="0")
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", PAIR_WORKER, *worker], capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", PAIR_WORKER, *worker], capture_output=True, text=True, env=env
+    )
     if done.returncode != 0:
         raise SystemExit(f"the pair worker failed (exit status {done.returncode}):\n{done.stderr[-3000:]}")
     out = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("RESULT ")).removeprefix("RESULT "))
@@ -388,7 +421,9 @@ def checkpoint_check(args) -> None:
     import torch
 
     a, b = torch.tensor(plain["frobenius"], dtype=torch.float64), torch.tensor(saved["frobenius"], dtype=torch.float64)
-    print(f"\nsketch k = {args.long_probes}, n = {args.long_n}, wrt = {args.pair_wrt}, chunk {args.pair_chunk}, one process")
+    print(
+        f"\nsketch k = {args.long_probes}, n = {args.long_n}, wrt = {args.pair_wrt}, chunk {args.pair_chunk}, one process"
+    )
     print("| run | seconds | estimate GiB | peak extra GiB |\n|---|---|---|---|")
     for name, r in out.items():
         print(f"| {name} | {r['seconds']:.1f} | {r['estimated_bytes'] / gib:.3f} | {r['peak_extra_bytes'] / gib:.3f} |")
@@ -405,38 +440,69 @@ def _progress(name: str, r: dict) -> None:
     )
 
 
-def report(results: dict, n: int) -> None:
+SMOLLM2 = argparse.Namespace(
+    n_layers=30, d_model=576, n_heads=9, n_key_value_heads=3, d_head=64, d_mlp=1536, gated_mlp=True, d_vocab=49152
+)
+
+
+def _median_ratio(runs: dict, a: str, b: str, key: str) -> float:
+    """Median over rounds of ``b[key] / a[key]`` (each round ran a then b, close together)."""
+    return statistics.median(rb[key] / max(ra[key], 1) for ra, rb in zip(runs[a], runs[b], strict=True))
+
+
+def report(runs: dict, n: int) -> None:
     mib = 2**20
-    print(f"\nSmolLM2-135M-Instruct, fp32, n = {n} tokens, d_model = 576\n")
-    print("| method | seconds | peak extra MiB | note |\n|---|---|---|---|")
-    for name, r in results.items():
-        note = ""
-        if name == "vjp":
-            note = f"forward {r['forward']:.2f} s, one VJP {r['one_vjp']:.3f} s"
-        elif "chunk" in r:
-            note = f"chunk {r['chunk']}"
-            if "estimated_bytes" in r:
-                note += f", estimate_memory {r['estimated_bytes'] / mib:.0f} MiB"
-        print(f"| {name} | {r['seconds']:.1f} | {r['peak_extra_bytes'] / mib:.0f} | {note} |")
-    print("\n| ratio | measured | target |\n|---|---|---|")
-    exact = results.get("exact")
-    if exact and "jacrev" in results:
-        jr = results["jacrev"]
-        print(f"| exact time ÷ jacrev(chunk 64) time | {exact['seconds'] / jr['seconds']:.2f} | ≤ 1.0 |")
-        print(
-            f"| exact memory ÷ jacrev memory | {exact['peak_extra_bytes'] / max(jr['peak_extra_bytes'], 1):.2f} | ≤ 0.6 |"
+    print(f"\nSmolLM2-135M-Instruct, fp32, n = {n} tokens, d_model = 576; {len(next(iter(runs.values())))} round(s)\n")
+    print("| method | seconds (median) | peak extra MiB (median) | CPU share (min) | flagged | FLOPs, GFLOP/s | note |")
+    print("|---|---|---|---|---|---|---|")
+    for name, rs in runs.items():
+        r, base = rs[0], name.partition(":")[0].removesuffix("-ckpt").removesuffix("-graph")
+        seconds = statistics.median(x["seconds"] for x in rs)
+        flops = {"exact": jacobian_flops(SMOLLM2, n, 576, recompute=r.get("checkpoint", False))}.get(base)
+        flops = jacobian_flops(SMOLLM2, n, 576) if base == "jacrev" else flops
+        if base == "sketch":
+            flops = jacobian_flops(SMOLLM2, n, 64, recompute=r.get("checkpoint", False))
+        rate = flop_line("", flops, seconds).removeprefix(": ") if flops else "-"
+        note = (
+            f"forward {r['forward']:.2f} s, one VJP {r['one_vjp']:.3f} s"
+            if base == "vjp"
+            else f"chunk {r.get('chunk')}"
         )
-    if exact and "vjp" in results:
-        floor = 576 * results["vjp"]["one_vjp"]
-        print(f"| exact time ÷ (d_model × one VJP = {floor:.1f} s) | {exact['seconds'] / floor:.2f} | ≤ 1.1 |")
-    if exact and "sketch" in results:
-        sk = results["sketch"]
-        print(f"| sketch(k=64) speed-up over exact | {exact['seconds'] / sk['seconds']:.1f}× | ≥ 8× |")
-        rho = spearman(sk["frobenius"], exact["frobenius"])
+        if "estimated_bytes" in r:
+            note += f", estimate_memory {r['estimated_bytes'] / mib:.0f} MiB"
+        flagged = sum(x["timing"].flagged for x in rs)
+        print(
+            f"| {name} | {seconds:.1f} | {statistics.median(x['peak_extra_bytes'] for x in rs) / mib:.0f} | "
+            f"{min(x['timing'].cpu_share for x in rs):.0%} | {flagged}/{len(rs)} | {rate} | {note} |"
+        )
+    print(
+        f"\nmatmul fp32 measured in the workers: {min(x['matmul_gflops'] for rs in runs.values() for x in rs):.0f}-"
+        f"{max(x['matmul_gflops'] for rs in runs.values() for x in rs):.0f} GFLOP/s; "
+        f"load average {min(x['load_before'][0] for rs in runs.values() for x in rs):.1f}-"
+        f"{max(x['load_after'][0] for rs in runs.values() for x in rs):.1f}; a run is flagged when its CPU share "
+        "fell below 90 % of its threads"
+    )
+    print("\n| ratio (median of pairwise ratios) | measured | target |\n|---|---|---|")
+    if "exact" in runs and "jacrev" in runs:
+        print(
+            f"| exact time ÷ jacrev(chunk 64) time | {_median_ratio(runs, 'jacrev', 'exact', 'seconds'):.2f} | ≤ 1.0 |"
+        )
+        print(
+            f"| exact memory ÷ jacrev memory | {_median_ratio(runs, 'jacrev', 'exact', 'peak_extra_bytes'):.2f} | ≤ 0.6 |"
+        )
+    if "exact" in runs and "vjp" in runs:
+        floor = 576 * statistics.median(r["one_vjp"] for r in runs["vjp"])
+        exact = statistics.median(r["seconds"] for r in runs["exact"])
+        print(f"| exact time ÷ (d_model × one VJP = {floor:.1f} s) | {exact / floor:.2f} | ≤ 1.1 |")
+    if "exact" in runs and "sketch" in runs:
+        print(
+            f"| sketch(k=64) speed-up over exact | {1 / _median_ratio(runs, 'exact', 'sketch', 'seconds'):.1f}× | ≥ 8× |"
+        )
+        rho = spearman(runs["sketch"][0]["frobenius"], runs["exact"][0]["frobenius"])
         print(f"| Spearman(sketch ‖J_i‖_F, exact ‖J_i‖_F) over positions | {rho:.3f} | ≥ 0.95 |")
     for name in ("exact", "sketch"):
-        if name in results and f"{name}:plain" in results:
-            saved = results[f"{name}:plain"]["seconds"] / results[name]["seconds"]
+        if name in runs and f"{name}:plain" in runs:
+            saved = _median_ratio(runs, name, f"{name}:plain", "seconds")
             print(f"| {name}: plain heap time ÷ steady heap time | {saved:.2f} | (no target) |")
 
 

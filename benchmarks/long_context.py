@@ -1,7 +1,10 @@
 """Time and peak memory of the non-Jacobian analysis against prompt length, on SmolLM2 (issue 18).
 
-For each n (512 … 8192) a fresh subprocess loads SmolLM2-135M (fp32), times one plain forward pass
-and then ``analyze(model, tokens, jacobian_mode=None)`` (trace, the default bound rows, spectral,
+For each n (512 … 8192) a fresh subprocess loads SmolLM2-135M (fp32), times a plain forward pass
+and ``analyze(model, tokens, jacobian_mode=None)`` in turn (forward, analysis, forward, analysis …
+``--repeats`` rounds, :mod:`harness`: the ratio is the median of the pairwise ratios; each run's CPU
+share is recorded and flagged below 90 % of its threads; FLOP counts of both sides and the matmul
+rate of that process are printed) (trace, the default bound rows, spectral,
 sinks; patterns streamed beyond ``KEEP_PATTERNS_BYTES``), and reports its peak resident memory
 (``ru_maxrss``: one process per n, so each peak is honest). ``--jacobian`` adds the sketched
 Jacobian (k = 64, checkpointed when the plain backward would not fit) in its own subprocess.
@@ -25,7 +28,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,9 +35,10 @@ SIZES = (512, 1024, 2048, 4096, 8192)
 GIB = 2**30
 
 
-def _child(n: int, jacobian: bool) -> dict:
-    """One measurement, in this (fresh) process."""
+def _child(n: int, jacobian: bool, repeats: int) -> dict:
+    """One measurement, in this (fresh) process: forward and the analysis alternate ``repeats`` times."""
     import torch
+    from harness import alternate, analysis_flops, forward_flops, jacobian_flops, matmul_gflops
 
     from lens_squash.core.progress import silenced
     from lens_squash.edge.models import load_model
@@ -46,31 +49,47 @@ def _child(n: int, jacobian: bool) -> dict:
     tokens = torch.randint(0, model.cfg.d_vocab, (n,), generator=torch.Generator().manual_seed(0))
     tokens[0] = model.tokenizer.bos_token_id
     baseline = _rss_peak()
-    with torch.no_grad():
-        started = time.perf_counter()
-        model(tokens[None])
-        forward = time.perf_counter() - started
+
+    def forward():
+        with torch.no_grad():
+            model(tokens[None])
+
+    def analysis():
+        with silenced():
+            if jacobian:
+                from lens_squash.edge.jacobian import jacobian as jac
+
+                return jac(model, tokens, mode="sketch", n_probes=64)
+            return analyze(model, tokens, jacobian_mode=None)
+
+    pair = alternate(forward, analysis, repeats, labels=("forward", "analysis"))
     out = {
         "n": n,
-        "forward_s": forward,
+        "forward_s": pair.a[0].seconds,
         "threads": torch.get_num_threads(),
         "rss_before_gib": baseline / GIB,
         "model": analysis_memory(model, n),
+        "ratio_median": pair.median_ratio,
+        "pairwise_ratios": pair.ratios,
+        "pairwise_cpu_ratios": pair.cpu_ratios,
+        "runs": [t.describe() for pair_ in zip(pair.a, pair.b, strict=True) for t in pair_],
+        "cpu_share_min": min(t.cpu_share for t in (*pair.a, *pair.b)),
+        "flagged_runs": len(pair.flagged),
+        "matmul_gflops": {"fp32": matmul_gflops("float32"), "fp64": matmul_gflops("float64")},
+        "forward_gflop": forward_flops(model.cfg, n) / 1e9,
     }
-    with silenced():
-        if jacobian:
-            from lens_squash.edge.jacobian import jacobian as jac
-
-            started = time.perf_counter()
-            jac(model, tokens, mode="sketch", n_probes=64)
-            out["jacobian_s"] = time.perf_counter() - started
-        else:
-            started = time.perf_counter()
-            result = analyze(model, tokens, jacobian_mode=None)
-            out["analysis_s"] = time.perf_counter() - started
-            out["parts_s"] = dict(result.seconds)
-            out["streamed"] = result.trace.streamed
-            out["first_token_share"] = {k: b.first_token_share for k, b in result.bounds.items()}
+    if jacobian:
+        out["jacobian_s"] = pair.b[0].seconds
+        out["analysis_gflop"] = jacobian_flops(model.cfg, n, 64) / 1e9
+    else:
+        result = pair.results_b[0]
+        out["analysis_s"] = pair.b[0].seconds
+        out["analysis_warm_s"] = [t.seconds for t in pair.b[1:]]
+        out["parts_s"] = dict(result.seconds)
+        out["streamed"] = result.trace.streamed
+        out["first_token_share"] = {k: b.first_token_share for k, b in result.bounds.items()}
+        out["analysis_parts_gflop"] = {k: v / 1e9 for k, v in analysis_flops(model.cfg, n, grams=True).items()}
+        out["analysis_gflop"] = sum(out["analysis_parts_gflop"].values())
     out["peak_gib"] = _rss_peak() / GIB
     return out
 
@@ -79,9 +98,11 @@ def _rss_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
-def _measure(n: int, jacobian: bool, timeout: float) -> dict:
+def _measure(n: int, jacobian: bool, timeout: float, repeats: int) -> dict:
     env = dict(os.environ, LENS_SQUASH_PROGRESS="0")
-    cmd = [sys.executable, __file__, "--child", str(n)] + (["--jacobian"] if jacobian else [])
+    cmd = [sys.executable, __file__, "--child", str(n), "--repeats", str(repeats)] + (
+        ["--jacobian"] if jacobian else []
+    )
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if done.returncode != 0:
         return {"n": n, "error": (done.stderr.strip().splitlines() or ["killed"])[-1]}
@@ -183,6 +204,24 @@ def report(rows: list[dict]) -> str:
             f"{r['n']:>6} {r['forward_s']:>10.1f} {took:>11.1f} {took / r['forward_s']:>7.2f} "
             f"{r['peak_gib']:>9.2f} {model:>10.2f}  {r.get('streamed', '-')}"
         )
+    for r in rows:
+        if "error" in r or "ratio_median" not in r:
+            continue
+        rates = r["matmul_gflops"]
+        lines.append(
+            f"n = {r['n']}: analysis ÷ forward, median of pairwise ratios {r['ratio_median']:.2f} "
+            f"(pairs {', '.join(f'{x:.2f}' for x in r['pairwise_ratios'])}; the first analysis builds or reads the "
+            f"Grams, later ones find them in memory; in CPU seconds "
+            f"{', '.join(f'{x:.2f}' for x in r.get('pairwise_cpu_ratios', []))}); CPU share min {r['cpu_share_min']:.0%}, "
+            f"{r['flagged_runs']} run(s) flagged (< 90 % of {r['threads']} threads)"
+        )
+        lines.append(
+            f"  FLOPs: forward {r['forward_gflop']:.0f} GFLOP ({r['forward_gflop'] / r['forward_s']:.0f} GFLOP/s "
+            f"achieved), analysis {r['analysis_gflop']:.0f} GFLOP "
+            + (", ".join(f"{k} {v:.0f}" for k, v in r.get("analysis_parts_gflop", {}).items()))
+            + f"; matmul now fp32 {rates['fp32']:.0f}, fp64 {rates['fp64']:.0f} GFLOP/s"
+        )
+        lines.extend(f"  {line}" for line in r["runs"])
     ok = [r for r in rows if "error" not in r and "analysis_s" in r]
     if len(ok) >= 2:
         ns = [r["n"] for r in ok]
@@ -210,10 +249,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="folder for long_context.json and long_context.svg")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per n")
     parser.add_argument("--from-json", type=Path, nargs="*", help="report (and --out) rows saved by earlier runs")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="forward/analysis rounds per n (A B A B; the ratio is the pairwise median)",
+    )
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(_child(args.child, args.jacobian)))
+        print(json.dumps(_child(args.child, args.jacobian, args.repeats)))
         return
     sizes = args.sizes or ((512, 1024) if args.quick else SIZES)
     rows = []
@@ -221,7 +266,7 @@ def main() -> None:
         rows = sorted((r for path in args.from_json for r in json.loads(path.read_text())), key=lambda r: r["n"])
         sizes = []
     for n in sizes:
-        rows.append(_measure(n, args.jacobian, args.timeout))
+        rows.append(_measure(n, args.jacobian, args.timeout, args.repeats))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(json.dumps(rows, indent=1) if args.json else report(rows))
     if args.out:

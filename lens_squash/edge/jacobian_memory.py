@@ -12,7 +12,10 @@ and picks how to run it:
   anyway), so each block is recomputed once whatever the number of chunks: the cost is about one
   extra forward pass.
 
-``checkpoint=None`` chooses plain when it fits with the default chunk, else checkpointed. A request
+``checkpoint=None`` chooses plain when it fits with the default chunk, else checkpointed (the Jacobian
+asks for the smaller of the two estimates instead: its recompute is one forward pass next to ``rows``
+VJPs, and keeping one block's graph instead of every layer's is what brings the exact Jacobian at
+n = 128 below jacrev's memory; ``plan_memory(smaller=True)``). A request
 that fits in neither is refused with one line giving the checkpointed estimate and the largest
 number of tokens that fits; the plain-mode refusals name what the checkpointed mode would need.
 """
@@ -106,7 +109,7 @@ def checkpoint_terms(cfg, n_tokens: int, n_layers: int, rows: int) -> dict[str, 
     return {
         "stored": (n_layers + 1) * n * d,  # each swept block's input x^(l), and the top block's output
         "cotangents": rows * n * d,  # G^(l), [row, 1, pos, d_model], updated in place
-        "norm_temporary": rows * n * d,  # _sums's grads.pow(2), as large as the cotangents
+        "norm_temporary": rows * n * d,  # _sums squares one chunk at a time now; kept whole as an upper count
         "block": 12 * _weights_per_layer(cfg) + saved + recompute,
         # per cotangent of a chunk: three [heads, pos, pos] gradients alive at once in the attention
         # backward (softmax and mask), the MLP's and the residual's gradients, and the chunk's result
@@ -245,12 +248,18 @@ def plan_memory(
     *,
     what: str = "this request",
     n_max: int | None = None,
+    smaller: bool = False,
 ) -> MemoryPlan:
-    """Choose plain or checkpointed and the chunk, or raise MemoryError in one line saying what fits."""
+    """Choose plain or checkpointed and the chunk, or raise MemoryError in one line saying what fits.
+
+    ``checkpoint=None`` runs plain when it fits, else checkpointed; with ``smaller=True`` it runs
+    whichever estimate is smaller (for callers whose recompute, one forward pass, is small next to
+    their backward work)."""
     plain, saved = terms(n_tokens, False), terms(n_tokens, True)
     if checkpoint is None:
         chunk = min(chunk_size or DEFAULT_CHUNK_SIZE, rows)
-        checkpoint = plain[0] + chunk * plain[1] > budget
+        plain_bytes, saved_bytes = plain[0] + chunk * plain[1], saved[0] + chunk * saved[1]
+        checkpoint = plain_bytes > budget or (smaller and saved_bytes < plain_bytes)
     fixed, per = saved if checkpoint else plain
     fits = (budget - fixed) // per if budget > fixed else 0
     if chunk_size is None and fits >= 1:

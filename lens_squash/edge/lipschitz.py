@@ -28,8 +28,6 @@ diagonal plus rank one, which keeps the same Gram route (:func:`solu_jacobian_fr
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -43,10 +41,13 @@ from ..algebra.blocks import (
 )
 from ..algebra.symmetric_forms import LowerBlocks, lower_blocks, quadratic_form
 from .adapter import activation, mlp_matrices, norm_facts, norm_weight, read_model
+from .weight_cache import FactorCache
 
 __all__ = [
+    "GRAM_CACHE_BYTES",
     "cached_gram",
     "cached_gram_blocks",
+    "gram_cache_budget",
     "mlp_gain_gram",
     "mlp_jacobian_frobenius",
     "moe_jacobian_frobenius",
@@ -113,28 +114,23 @@ def mlp_gain_gram(block, shape: BlockShape) -> Float[Tensor, "k_d_mlp k_d_mlp"]:
     return _gram_from(block, shape, *_mlp_matrices(block))
 
 
-_GRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-#: bytes of Gram matrices kept between traces. SmolLM2's are 75 MB a layer (2.3 GB for 30 layers in
-#: float64), more than the rest of a 2048-token analysis; beyond this budget a Gram is rebuilt each
-#: trace (O(d_model · d_mlp²) per layer) instead of kept
-GRAM_CACHE_BYTES: int = 256 * 2**20
-
-
-def _nbytes(value) -> int:
-    if isinstance(value, LowerBlocks):
-        return value.nbytes
-    return sum(t.numel() * t.element_size() for t in (value if isinstance(value, tuple) else (value,)))
+#: bytes of weight-only factors (the Gram matrices) kept in memory between traces; ``None``: a share
+#: of the free memory (:data:`lens_squash.edge.weight_cache.MEMORY_SHARE`), so every layer of SmolLM2
+#: (1.3 GB as lower blocks) stays on a machine with room for it. They are also kept on disk
+#: (:mod:`lens_squash.edge.weight_cache`), so a fresh process reads them instead of rebuilding
+GRAM_CACHE_BYTES: int | None = None
+_CACHE = FactorCache(budget=lambda: GRAM_CACHE_BYTES)
+_GRAMS = _CACHE.entries  # owner → (key, value), weakly keyed
 
 
 def _cached_bytes() -> int:
-    return sum(_nbytes(value) for _, value in list(_GRAMS.values()))
+    return _CACHE.cached_bytes()
 
 
-def _remember(owner, key, value) -> None:
-    """Keep ``value`` for ``owner`` while the cache stays within :data:`GRAM_CACHE_BYTES`."""
-    _GRAMS.pop(owner, None)  # a stale entry for edited weights frees its room first
-    if _cached_bytes() + _nbytes(value) <= GRAM_CACHE_BYTES:
-        _GRAMS[owner] = (key, value)
+def gram_cache_budget(device: str | torch.device = "cpu") -> int:
+    """Bytes the in-memory Gram cache may hold now on ``device`` (:data:`GRAM_CACHE_BYTES`, else a share
+    of its free memory)."""
+    return _CACHE.memory_budget(device)
 
 
 def _norm_gains(block, shape: BlockShape) -> list[Tensor | None]:
@@ -161,16 +157,32 @@ def cached_gram_blocks(block, shape: BlockShape, expert=None) -> LowerBlocks:
 
 def _cached(block, shape: BlockShape, expert, build):
     """``build(block, shape, mats, w_out)`` for the block's MLP (or ``expert``), from the cache while
-    the key holds: which form, the shape, and every weight's signature."""
+    the key holds: which form, the shape, the norms' kinds, and every weight's signature."""
     mats, w_out = _mlp_matrices(block) if expert is None else _expert_matrices(expert)
     owner = block if expert is None else expert
-    key = (build.__name__, shape, weight_signature(*mats, w_out, *_norm_gains(block, shape)))
-    hit = _GRAMS.get(owner)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    value = build(block, shape, mats, w_out)
-    _remember(owner, key, value)
-    return value
+    gains = _norm_gains(block, shape)
+    key = (build.__name__, shape, _norm_kinds(block, shape), weight_signature(*mats, w_out, *gains))
+    return _CACHE.get(
+        owner,
+        key,
+        lambda: build(block, shape, mats, w_out),
+        weights=lambda: [*mats, w_out, *gains],
+        label="gram",
+    )
+
+
+def _norm_kinds(block, shape: BlockShape) -> tuple[tuple[str, bool, str], ...]:
+    """What the norms folded into a Gram do beyond their weights: class, centring (LayerNorm or RMSNorm)
+    and gain convention (``w`` or Gemma's ``1 + w``), as the adapter read them. A bridge's norms share
+    one class whatever they compute, so the class alone would let two models with equal weights share
+    a cached (or on-disk) Gram."""
+    sites = (shape.mlp_in, *shape.mlp_out)
+    kinds = []
+    for site in sites:
+        if site is not None:
+            facts = _norm(block, site)
+            kinds.append((type(getattr(block, site)).__name__, facts.centred, facts.convention))
+    return tuple(kinds)
 
 
 def _squared_norms(coeff: Tensor, gram: Tensor | LowerBlocks) -> Tensor:
@@ -199,19 +211,24 @@ def _solu_grams(block, shape: BlockShape) -> tuple[Tensor, Tensor]:
     mlp = block.mlp
     w_in = mlp.W_gate if hasattr(mlp, "W_gate") else mlp.W_in  # TL's gated SoLU reads only W_gate
     ln = getattr(mlp, "ln", None)
-    key = (shape, "solu", weight_signature(w_in, mlp.W_out, getattr(ln, "w", None), *_norm_gains(block, shape)))
-    hit = _GRAMS.get(mlp)
-    if hit is not None and hit[0] == key:
-        return hit[1]
+    gains = (getattr(ln, "w", None), *_norm_gains(block, shape))
+    norms = (*_norm_kinds(block, shape), type(ln).__name__)
+    key = ("solu", shape, norms, weight_signature(w_in, mlp.W_out, *gains))
+    return _CACHE.get(
+        mlp, key, lambda: _solu_from(block, shape, w_in), weights=lambda: [w_in, mlp.W_out, *gains], label="solu"
+    )
+
+
+def _solu_from(block, shape: BlockShape, w_in: Tensor) -> tuple[Tensor, Tensor]:
+    mlp = block.mlp
+    ln = getattr(mlp, "ln", None)
     w_in = w_in.detach().double()
     if shape.mlp_in is not None:
         w_in = apply_input_norm(w_in, _norm(block, shape.mlp_in), dim=0)
     m = apply_output_norms(mlp.W_out, [_norm(block, s) for s in shape.mlp_out])  # [d_mlp, d_model]
     if ln is not None:
         m = apply_input_norm(m, norm_facts(ln), dim=0)
-    grams = (w_in.T @ w_in, m @ m.T)
-    _remember(mlp, key, grams)
-    return grams
+    return w_in.T @ w_in, m @ m.T
 
 
 def _hadamard_blocks(g_in: Tensor, g_m: Tensor) -> LowerBlocks:

@@ -31,7 +31,7 @@ from ..core.progress import progress
 from ..core.support import UnsupportedModelError
 from .backends import has_hooked_transformer, is_bridge
 from .checkpoint import BlockCall, block_calls
-from .lipschitz import GRAM_CACHE_BYTES
+from .lipschitz import gram_cache_budget
 from .trace import Trace, keeps_patterns, streamable
 
 __all__ = [
@@ -244,7 +244,7 @@ def memory_model(cfg, n_tokens: int, *, kept: bool, weights: int = 0) -> dict[st
     * ``patterns``: the whole per-head stack and its head mean when they are kept (``(H+1)·L·n²``);
     * ``gains``: the MLP-gain Gram matrices, float64 ``(k·d_mlp)²`` per layer (56 % of it: their lower
       block columns, :mod:`lens_squash.algebra.symmetric_forms`), kept across traces up to
-      :data:`lens_squash.edge.lipschitz.GRAM_CACHE_BYTES`, plus the one in use.
+      :func:`lens_squash.edge.lipschitz.gram_cache_budget`, plus the one in use.
     """
     item = torch.finfo(cfg.dtype).bits // 8 if cfg.dtype.is_floating_point else 4
     analysis_item = 8 if cfg.dtype == torch.float64 else 4
@@ -256,8 +256,8 @@ def memory_model(cfg, n_tokens: int, *, kept: bool, weights: int = 0) -> dict[st
         "residual": (cfg.n_layers + 1) * n_tokens * cfg.d_model * 2 * analysis_item + n_tokens * cfg.d_model * 8,
         "attention": 3 * cfg.n_heads * n_tokens**2 * max(item, 4) + 6 * n_tokens**2 * 8,
         "patterns": cfg.n_layers * (cfg.n_heads + 1) * n_tokens**2 * analysis_item if kept else 0,
-        # the Gram matrices kept between traces (at most GRAM_CACHE_BYTES) and the one being used
-        "gains": min(cfg.n_layers * gram, GRAM_CACHE_BYTES) + gram,
+        # the Gram matrices kept between traces (at most gram_cache_budget()) and the one being used
+        "gains": min(cfg.n_layers * gram, gram_cache_budget(getattr(cfg, "device", None) or "cpu")) + gram,
     }
 
 

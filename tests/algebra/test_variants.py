@@ -198,3 +198,23 @@ def test_16_bit_smollm2_runs_every_variant(dtype):
             continue
         bound = path_bound(t, variant, model=model).bound
         assert torch.isfinite(bound).all() and (bound >= 0).all() and bound.sum() > 0, variant
+
+
+@pytest.mark.parametrize("query_scaled", [False, True])
+def test_layer_totals_equal_the_float64_reference_at_n_700(query_scaled):
+    """The row-chunked float64 sums (no whole-pattern float64 copy) against an independent float64 sum
+    of the float32 patterns: same products, another summation order, so equal to float64 rounding."""
+    from lens_squash.algebra.variants import PathGraph
+
+    gen = torch.Generator().manual_seed(0)
+    n, heads = 700, 3  # 700 rows: the cache-sized row chunks do not divide it
+    patterns = torch.rand(1, heads, n, n, generator=gen).tril()
+    patterns = patterns / patterns.sum(-1, keepdim=True)  # float32, as traced
+    key_scale = torch.rand(1, heads, n, generator=gen, dtype=torch.float64) + 0.5
+    query = torch.rand(1, n, generator=gen, dtype=torch.float64) + 0.5 if query_scaled else None
+    residual = torch.rand(1, n, generator=gen, dtype=torch.float64)
+    graph = PathGraph("test", residual, patterns, key_scale, None, torch.ones(n), None, query_scale=query)
+    heads_sum = (patterns[0].double() * key_scale[0][:, None, :]).sum(dim=(0, 2))
+    expected = residual[0] + (heads_sum if query is None else heads_sum * query[0])
+    torch.testing.assert_close(graph.layer_totals(0, patterns[0]), expected, rtol=1e-13, atol=0)
+    torch.testing.assert_close(graph.row_sums()[0], expected, rtol=1e-13, atol=0)

@@ -82,17 +82,20 @@ def test_checkpointed_equals_plain_in_float32(name, mode):
 
 
 @pytest.mark.hooked
-def test_auto_mode_checkpoints_only_when_the_plain_backward_does_not_fit():
+def test_auto_mode_takes_the_smaller_estimate_and_plain_when_asked():
     model = tiny_model(n_layers=4, n_heads=2, d_model=16, d_vocab=40, dtype=torch.float64, seed=3)
     tokens = torch.randint(0, 40, (24,), generator=torch.Generator().manual_seed(0))
     plain_bytes = estimate_memory(model, 24, 16)
     saved_bytes = estimate_memory(model, 24, 16, checkpoint=True)
     assert saved_bytes < plain_bytes
-    roomy = jacobian(model, tokens, max_memory_bytes=plain_bytes)
+    roomy = jacobian(model, tokens, max_memory_bytes=plain_bytes)  # both fit: the smaller is taken
     tight = jacobian(model, tokens, max_memory_bytes=(plain_bytes + saved_bytes) // 2)
-    assert roomy.provenance["checkpoint"] is False and tight.provenance["checkpoint"] is True
+    plain = jacobian(model, tokens, max_memory_bytes=plain_bytes, checkpoint=False)
+    assert roomy.provenance["checkpoint"] is True and tight.provenance["checkpoint"] is True
+    assert plain.provenance["checkpoint"] is False
     assert tight.provenance["estimated_bytes"] <= (plain_bytes + saved_bytes) // 2
-    torch.testing.assert_close(tight.spectral, roomy.spectral, **TOL64)
+    torch.testing.assert_close(roomy.spectral, plain.spectral, **TOL64)
+    torch.testing.assert_close(tight.spectral, plain.spectral, **TOL64)
 
 
 @pytest.mark.hooked
