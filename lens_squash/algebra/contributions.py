@@ -52,6 +52,7 @@ from torch import Tensor
 
 from ..core.display import compact_repr
 from ..core.results import unserialised
+from ..core.support import UnsupportedModelError
 from .blocks import apply_output_norms, block_shape, norm_gain
 from .variant_registry import VariantSpec, register_variant
 from .variants import PathGraph
@@ -221,6 +222,19 @@ def _measure(x: Tensor, block, sites: tuple[str, ...]) -> Tensor:
     return x
 
 
+def _values(attn, read: Tensor, n_heads: int) -> Tensor:
+    """``N1(x_k) W_V^h + b_V^h`` per *query* head: a TransformerBridge keeps GQA's ``W_V`` per key-value
+    head, so groups are expanded here as TransformerLens expands them (``repeat_interleave``)."""
+    values = torch.einsum("kd,hde->hke", read, attn.W_V.detach().to(read.dtype))
+    if attn.b_V is not None:  # a bridge has None for bias-free projections
+        values = values + attn.b_V.detach().to(read.dtype)[:, None]
+    if values.shape[0] != n_heads:
+        if n_heads % values.shape[0]:
+            raise UnsupportedModelError(f"W_V has {values.shape[0]} heads, which does not divide {n_heads} query heads")
+        values = values.repeat_interleave(n_heads // values.shape[0], dim=0)
+    return values
+
+
 def layer_terms(model, trace, layer: int, *, norm: bool = True) -> LayerTerms:
     """The :class:`LayerTerms` of block ``layer`` from the trace's residual stream and the weights."""
     if trace.resid is None:
@@ -235,10 +249,7 @@ def layer_terms(model, trace, layer: int, *, norm: bool = True) -> LayerTerms:
         if shape.attn_in is None
         else _input_norm(x, getattr(block, shape.attn_in), _trace_scale(trace, shape.attn_in)[layer])
     )
-    values = (
-        torch.einsum("kd,hde->hke", read, block.attn.W_V.detach().to(dtype))
-        + block.attn.b_V.detach().to(dtype)[:, None]
-    )
+    values = _values(block.attn, read, model.cfg.n_heads)
     clip = getattr(model.cfg, "clip_qkv", None)
     values = values if clip is None else values.clamp(-clip, clip)
     measure = shape.mlp_in if (norm and shape.mlp_in is not None and not shape.parallel) else None
