@@ -237,11 +237,11 @@ def _values(attn, read: Tensor, n_heads: int) -> Tensor:
 
 def layer_terms(model, trace, layer: int, *, norm: bool = True) -> LayerTerms:
     """The :class:`LayerTerms` of block ``layer`` from the trace's residual stream and the weights."""
+    shape = block_shape(model)  # refuses (UnsupportedModelError) what the block algebra does not model
     if trace.resid is None:
         raise ValueError(
             "contribution rollouts need the residual stream entering every layer: trace(model, prompt, keep_resid=True)"
         )
-    shape = block_shape(model)
     block, dtype = model.blocks[layer], trace.resid.dtype
     x = trace.resid[layer]
     read = (
