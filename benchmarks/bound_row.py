@@ -2,7 +2,7 @@
 
 Issue 25's goal: each contribution proxy's row (``alti``, ``alti_linear``, ``globenc``) ≤ 0.2 × forward.
 (The paper-style rows of issue 3 are not timed here any more: at n = 2048 the trace streams its patterns,
-so they come from ``stream_bounds``, timed by ``benchmarks/long_context.py``.) Under a shared machine's load every timing is noisy,
+so they come from ``stream_bounds``, timed inside ``analyze`` by ``benchmarks/long_context.py``.) Under a shared machine's load every timing is noisy,
 so the forward pass and each row are timed alternately, A B A B, and the **median of the ratios** is
 reported (never a ratio of times taken minutes apart).
 
