@@ -31,7 +31,7 @@ CERTIFIABLE = sorted(set(FAMILIES) - set(REFUSED))
 def family(request):
     name = request.param
     model = build(name)
-    return name, model, trace(model, TOKENS, lipschitz=True)
+    return name, model, trace(model, TOKENS, lipschitz=True, keep_resid=True)
 
 
 def _spectral(full: torch.Tensor) -> torch.Tensor:
@@ -112,10 +112,10 @@ def test_results_are_invariant_to_gqa_grouping(name):
     flipped = not FAMILIES[name].get("ungroup_grouped_query_attention", False)
     twin = build(name, ungroup_grouped_query_attention=flipped)
     twin.load_state_dict(grouped.state_dict())
-    a, b = trace(grouped, TOKENS, lipschitz=True), trace(twin, TOKENS, lipschitz=True)
+    a, b = (trace(m, TOKENS, lipschitz=True, keep_resid=True) for m in (grouped, twin))
     torch.testing.assert_close(a.patterns, b.patterns, atol=1e-13, rtol=0)
     torch.testing.assert_close(a.value_norms, b.value_norms, atol=1e-13, rtol=1e-12)
-    for variant in ("value", "value_rownorm", "certified"):
+    for variant in ("value", "value_rownorm", "certified", "alti", "globenc", "alti_linear"):
         torch.testing.assert_close(
             path_bound(a, variant, model=grouped).bound, path_bound(b, variant, model=twin).bound, atol=0, rtol=1e-10
         )

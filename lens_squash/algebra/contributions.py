@@ -52,6 +52,7 @@ from torch import Tensor
 
 from ..core.display import compact_repr
 from ..core.results import unserialised
+from ..core.support import UnsupportedModelError
 from .blocks import apply_output_norms, block_shape
 from .model_facts import NormFacts, facts_of
 from .variant_registry import VariantSpec, register_variant
@@ -206,7 +207,8 @@ def _trace_scale(trace, site: str) -> Tensor:
 
 
 def _input_norm(x: Tensor, norm: NormFacts, scale: Tensor) -> Tensor:
-    """``N1(x_k)`` with its traced scale: ``(x P) diag(γ) / s_k + β`` (γ the adapter's effective gain)."""
+    """``N1(x_k)`` with its traced scale: ``(x P) diag(γ) / s_k + β`` (γ the adapter's effective gain:
+    Gemma's ``1 + w``)."""
     out = (x - x.mean(-1, keepdim=True) if norm.centred else x) / scale[:, None].to(x.dtype)
     out = out if norm.gain is None else out * norm.gain.to(x.dtype)
     return out if norm.bias is None else out + norm.bias.detach().to(x.dtype)
@@ -220,14 +222,30 @@ def _measure(x: Tensor, norms: dict[str, NormFacts], sites: tuple[str, ...]) -> 
     return x
 
 
+def _values(attn, w_v: Tensor, read: Tensor, n_heads: int) -> Tensor:
+    """``N1(x_k) W_V^h + b_V^h`` per *query* head. ``w_v`` is the adapter's ``W_V``, one matrix per query
+    head; a TransformerBridge keeps ``b_V`` per key-value head, so it is expanded here as TransformerLens
+    expands groups (``repeat_interleave``)."""
+    values = torch.einsum("kd,hde->hke", read, w_v.to(read.dtype))
+    bias = getattr(attn, "b_V", None)
+    if bias is not None:  # a bridge has None for bias-free projections
+        bias = bias.detach().to(read.dtype)
+        if bias.shape[0] != n_heads:
+            if n_heads % bias.shape[0]:
+                raise UnsupportedModelError(f"b_V has {bias.shape[0]} heads, which does not divide {n_heads} query heads")
+            bias = bias.repeat_interleave(n_heads // bias.shape[0], dim=0)
+        values = values + bias[:, None]
+    return values
+
+
 def layer_terms(model, trace, layer: int, *, norm: bool = True) -> LayerTerms:
     """The :class:`LayerTerms` of block ``layer`` from the trace's residual stream and the weights."""
+    shape = block_shape(model)  # refuses (UnsupportedModelError) what the block algebra does not model
     if trace.resid is None:
         raise ValueError(
             "contribution rollouts need the residual stream entering every layer: trace(model, prompt, keep_resid=True)"
         )
-    shape = block_shape(model)
-    facts = facts_of(model).layers[layer]  # effective norm gains (Gemma's 1 + w), W_V per query head
+    facts = facts_of(model).layers[layer]  # effective norm gains, W_V and W_O per query head
     block, dtype = model.blocks[layer], trace.resid.dtype
     x = trace.resid[layer]
     read = (
@@ -235,10 +253,7 @@ def layer_terms(model, trace, layer: int, *, norm: bool = True) -> LayerTerms:
         if shape.attn_in is None
         else _input_norm(x, facts.norms[shape.attn_in], _trace_scale(trace, shape.attn_in)[layer])
     )
-    values = torch.einsum("kd,hde->hke", read, facts.w_v.to(dtype))
-    b_v = getattr(block.attn, "b_V", None)
-    if b_v is not None:
-        values = values + b_v.detach().to(dtype).reshape(values.shape[0], 1, -1)
+    values = _values(block.attn, facts.w_v, read, model.cfg.n_heads)
     clip = getattr(model.cfg, "clip_qkv", None)
     values = values if clip is None else values.clamp(-clip, clip)
     measure = shape.mlp_in if (norm and shape.mlp_in is not None and not shape.parallel) else None

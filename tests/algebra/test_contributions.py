@@ -9,6 +9,7 @@ import torch
 
 from lens_squash.algebra import contributions as C
 from lens_squash.algebra.blocks import apply_output_norms, block_shape
+from lens_squash.edge.adapter import norm_facts
 from lens_squash.algebra.contributions import LayerTerms, contribution_matrix, layer_terms, normalise_rows
 from lens_squash.algebra.paths import stack_product
 from lens_squash.algebra.variant_registry import get_variant
@@ -128,7 +129,7 @@ def test_terms_sum_to_what_attention_writes(name):
         terms = layer_terms(model, traced, layer, norm=False)
         part = C._attention_part(terms, traced.patterns[layer])
         block = model.blocks[layer]
-        bias = apply_output_norms(block.attn.b_O[None], block, shape.attn_out)[0]
+        bias = apply_output_norms(block.attn.b_O[None], [norm_facts(getattr(block, s)) for s in shape.attn_out])[0]
         q = terms.query_scale[:, None] if terms.query_scale is not None else 1.0
         expected = cache[f"blocks.{layer}.hook_attn_out"][0] - q * bias
         for site in shape.attn_out:

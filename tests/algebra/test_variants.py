@@ -16,7 +16,7 @@ TOKENS = torch.tensor([3, 17, 5, 5, 9, 30, 2, 11, 4])
 @pytest.fixture(scope="module")
 def traced():
     model = tiny_model(n_layers=3, n_heads=2, d_model=16, d_vocab=32, dtype=torch.float64, seed=4)
-    return model, trace(model, TOKENS, lipschitz=True)
+    return model, trace(model, TOKENS, lipschitz=True, keep_resid=True)
 
 
 @pytest.mark.hooked

@@ -102,7 +102,7 @@ def test_stream_bounds_of_another_target_and_every_variant_match_path_bound():
     from lens_squash.algebra.variants import VARIANTS, path_bound
 
     model = build("llama_gqa")
-    whole = trace(model, TOKENS, lipschitz=True, keep_patterns=True)
+    whole = trace(model, TOKENS, lipschitz=True, keep_patterns=True, keep_resid=True)
     streamed = trace(model, TOKENS, lipschitz=True, keep_patterns=False)
     rows = stream_bounds(model, streamed, list(VARIANTS), target_pos=5)
     for name in VARIANTS:
