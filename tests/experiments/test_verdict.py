@@ -28,6 +28,16 @@ def test_a_bound_below_the_truth_opens_the_verdict_as_a_violation():
     assert "`certified` is registered" not in text
 
 
+def test_a_bound_below_a_truth_it_does_not_cover_is_named_but_not_a_violation():
+    """The certified theorem is about the frozen model's spectral norm: below the full model's Jacobian
+    (or a Frobenius sketch) it is reported plainly, never as a violation, and never silently."""
+    comparisons = _comparisons(TRUTH, certified=(TRUTH * 0.5).tolist())
+    text = verdict(comparisons, {"certified": "bound"}, n_positions=7, covered=False)
+    assert VIOLATION_MARK not in text
+    assert "`certified` bounds the frozen model's spectral norm, not this truth, and sits below it at 7 of 7" in text
+    assert verdict(comparisons, {"certified": "bound"}, n_positions=7).startswith(VIOLATION_MARK)
+
+
 def test_a_proxy_below_the_truth_is_called_a_proxy_never_a_bound():
     comparisons = _comparisons(TRUTH, rollout=(TRUTH / 100).tolist())
     text = verdict(comparisons, {"rollout": "proxy"})
