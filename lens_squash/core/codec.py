@@ -255,6 +255,9 @@ def _decode_frame(d: Mapping[str, Any], dec):
 
     columns = [dec(c) for c in d["columns"]]
     rows = [[dec(v) for v in row] for row in d["records"]]
+    ragged = [i for i, row in enumerate(rows) if not isinstance(row, list) or len(row) != len(columns)]
+    if ragged:  # pandas would pad them with NaN: a tampered table must not load as numbers
+        raise StoredDataError(f"table row {ragged[0]} has not one value per column ({len(columns)} columns)")
     frame = pd.DataFrame(rows, columns=columns)
     for column, dtype in zip(columns, d["dtypes"], strict=True):
         if str(frame[column].dtype) != dtype:

@@ -62,7 +62,7 @@ def analysis_page(
 
 def _target(analysis: Any) -> int:
     bound = next(iter(analysis.bounds.values()), None)
-    return analysis.trace.n_tokens - 1 if bound is None else bound.target
+    return analysis.trace.n_tokens - 1 if bound is None else bound.target_pos
 
 
 def many_summary(frame: pd.DataFrame) -> pd.DataFrame:

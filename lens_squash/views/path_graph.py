@@ -135,8 +135,8 @@ def connected_paths(
     ``fig.layout.meta["panels"]`` lists each panel's columns and drawn hops."""
     sink, content = route_paths(paths, per_route=per_route, sinks=sinks)
     if not sink and not content:
-        raise ValueError(f"no path to draw: the {paths.kind} paths to position {paths.target} are empty")
-    labels = [token_label(t, max_len=16) for t in paths.str_tokens] or [str(i) for i in range(paths.target + 1)]
+        raise ValueError(f"no path to draw: the {paths.kind} paths to position {paths.target_pos} are empty")
+    labels = [token_label(t, max_len=16) for t in paths.str_tokens] or [str(i) for i in range(paths.target_pos + 1)]
     # widths relative to the heaviest drawn hop (hops shared by several paths sum their weights)
     top = max(e["weight"] for sel in (sink, content) if sel for e in _merged_hops(sel).values()) or 1.0
     sink_names = ", ".join(str(s) for s in sinks)
@@ -168,10 +168,10 @@ def connected_paths(
     level_text = [f"layer {i}" for i in range(paths.n_layers)] + ["output"]
     fig.update_yaxes(title_text="residual stream entering layer", ticktext=level_text, row=1, col=1, **level_ticks)
     fig.update_yaxes(title_text="residual stream entering layer", ticktext=level_text, row=1, col=2, **level_ticks)
-    fig.layout.meta = {"panels": panels, "target": paths.target, "n_layers": paths.n_layers}
+    fig.layout.meta = {"panels": panels, "target": paths.target_pos, "n_layers": paths.n_layers}
     return finish_layout(
         fig,
-        title or f"Heaviest connected paths of the {paths.kind} → position {paths.target}",
+        title or f"Heaviest connected paths of the {paths.kind} → position {paths.target_pos}",
         caption=_caption(paths, len(sink), len(content), sink_names),
         height=max(520, 26 * paths.n_layers + 300),
         legend={"orientation": "h", "y": -0.18, "title": {"text": "hop: "}},
@@ -187,7 +187,7 @@ def _caption(paths: Any, n_sink: int, n_content: int, sink_names: str) -> str:
         else f"a path's weight is its exact term of the {paths.kind} path sum"
     )
     return (
-        f"The heaviest connected paths of the {paths.kind} from input tokens (bottom) to position {paths.target} "
+        f"The heaviest connected paths of the {paths.kind} from input tokens (bottom) to position {paths.target_pos} "
         f"(top): left, the {n_sink} heaviest starting at position {sink_names} (the attention sink); right, the "
         f"{n_content} heaviest starting anywhere else. Each panel keeps only the positions its paths touch. Every hop "
         "of every drawn path is an edge: grey the residual stream, orange an MLP, blue an attention head (labelled "

@@ -119,7 +119,7 @@ def _bound_flows(bound: PathBound, *, source: int | None = None, **kwargs):
 
 def _bound_paths(bound: PathBound, *, k: int = 5, **kwargs):
     """The bound graph's heaviest connected paths, sink route beside content route."""
-    return connected_paths(graph_paths(bound.graph, bound.target, k=k, str_tokens=bound.str_tokens), **kwargs)
+    return connected_paths(graph_paths(bound.graph, bound.target_pos, k=k, str_tokens=bound.str_tokens), **kwargs)
 
 
 def _flows_edges(flows: BoundFlows, **kwargs):

@@ -60,11 +60,11 @@ def path_figures(
         figures.append(connected_paths(flow.top_paths(k=k), title="Heaviest connected paths of the true gradient flow"))
     for name in variants:
         bound = bounds[name]
-        paths = graph_paths(bound.graph, bound.target, k=k, str_tokens=tokens)
+        paths = graph_paths(bound.graph, bound.target_pos, k=k, str_tokens=tokens)
         kind = getattr(bound, "guarantee_kind", "proxy")
         figures.append(
             connected_paths(
-                paths, title=f"Heaviest connected paths of the {name} graph ({kind}) → position {bound.target}"
+                paths, title=f"Heaviest connected paths of the {name} graph ({kind}) → position {bound.target_pos}"
             )
         )
     return figures
