@@ -48,6 +48,7 @@ def tiny_random():
     return lens_squash.edge.models.load_model("tiny-random", n_ctx=256)
 
 
+@pytest.mark.hooked
 def test_mixing_prints_json_and_writes_a_report(capsys, monkeypatch, tiny_random, tmp_path):
     monkeypatch.setattr(lens_squash.edge.models, "load_model", lambda name, **kwargs: tiny_random)
     code = main(
@@ -62,6 +63,7 @@ def test_mixing_prints_json_and_writes_a_report(capsys, monkeypatch, tiny_random
     assert code == 2 and "--position 5" in capsys.readouterr().err
 
 
+@pytest.mark.hooked
 def test_lab_trains_a_grid_and_reads_it_back(capsys, tmp_path):
     argv = ["lab", "--contexts", "16", "--depths", "1", "--seeds", "0", "--steps", "4", "--eval-every", "2"]
     argv += ["--d-model", "16", "--batch-size", "4", "--out", str(tmp_path)]
@@ -71,3 +73,14 @@ def test_lab_trains_a_grid_and_reads_it_back(capsys, tmp_path):
     assert main(argv) == 0  # every run is read back: the same table
     table = lambda out: [line for line in out.splitlines() if line.strip().startswith("16")]  # noqa: E731
     assert table(capsys.readouterr().out) == table(first)
+
+
+@pytest.mark.bridge
+def test_mixing_refuses_a_bridge_in_one_line():
+    from lens_squash.core.support import UnsupportedModelError
+    from lens_squash.edge.models import TINY_MODEL, load_model
+    from lens_squash.experiments.mixing import mixing
+
+    bridge = load_model(TINY_MODEL, backend="bridge", n_ctx=64)
+    with pytest.raises(UnsupportedModelError, match="backend='hooked'"):
+        mixing(bridge, "one two three four", 2)

@@ -15,6 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lens_squash.edge.models import tiny_model
 
+pytestmark = pytest.mark.hooked  # builds HookedTransformer models (TransformerLens 3 only)
+
 PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "harness.py"
 _spec = importlib.util.spec_from_file_location("harness", PATH)
 harness = importlib.util.module_from_spec(_spec)

@@ -18,6 +18,8 @@ from torch import Tensor
 
 from ..core import validate
 from ..core.records import provenance
+from ..core.support import UnsupportedModelError
+from ..edge.backends import is_bridge
 from ..edge.sink_removal import bos_token_id, input_jacobian_norms, mask_sink_hooks, residual_streams
 from ..edge.trace import as_tokens
 from .ablation import clamp_hooks
@@ -118,6 +120,11 @@ def mixing(
     estimates them from that many Gaussian tangents (for wide models).
     """
     tokens = as_tokens(model, prompt, chat=chat)
+    if is_bridge(model):  # its hooks read HookedTransformer's block internals; untested on bridges: refuse
+        raise UnsupportedModelError(
+            "mixing needs a HookedTransformer (it hooks and reruns TransformerLens's own blocks) and has not been "
+            "checked on a TransformerBridge; load the model with backend='hooked' (TransformerLens 3.9)"
+        )
     n = int(tokens.shape[0])
     validate.check_int(
         position, "position", minimum=1, maximum=n - 2, hint="a token after the first and before the last"

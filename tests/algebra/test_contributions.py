@@ -21,6 +21,8 @@ from lens_squash.edge.trace import trace
 
 from .. import families
 
+pytestmark = pytest.mark.hooked  # builds HookedTransformer models (TransformerLens 3 only)
+
 KINDS = C.KINDS
 
 

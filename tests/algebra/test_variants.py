@@ -132,6 +132,7 @@ def _hand_built_certified(model, tokens: torch.Tensor, target: int) -> torch.Ten
     return output[target] * product[target]
 
 
+@pytest.mark.hooked
 def test_certified_bound_equals_the_product_of_its_factors_built_by_hand():
     """Tightness of the construction, not just domination: a bound ×10, a transposed W_OV, a missing
     norm scale, an MLP gain off by a layer or γ left out all change this row."""

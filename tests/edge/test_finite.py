@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from lens_squash.edge.finite import _non_finite, check_finite_values, check_finite_weights
 from lens_squash.edge.models import tiny_model
 
+pytestmark = pytest.mark.hooked  # builds HookedTransformer models (TransformerLens 3 only)
+
 SPECIAL = st.sampled_from([math.nan, math.inf, -math.inf, 3.0e38, -3.0e38, 0.0, 1.5, 65504.0])
 
 

@@ -15,6 +15,8 @@ from lens_squash.edge.tiny import tiny_model
 from lens_squash.experiments.ablation import clamp_hooks
 from lens_squash.experiments.mixing import mixing
 
+pytestmark = pytest.mark.hooked  # builds HookedTransformer models (TransformerLens 3 only)
+
 BOS = 0
 TOKENS = torch.tensor([BOS, 17, 5, 33, 9, 41, 12, 7, 28, 3])
 POSITION = 3

@@ -14,6 +14,8 @@ from lens_squash.lab.grid import grid_configs, run_grid
 from lens_squash.lab.results import LabGrid, LabRun
 from lens_squash.lab.train import LabConfig, load_trained, measure_mixing, train_run
 
+pytestmark = pytest.mark.hooked  # builds HookedTransformer models (TransformerLens 3 only)
+
 SMALL = dict(n_ctx=16, n_layers=1, d_model=32, n_heads=2, d_vocab=16, batch_size=8, eval_rows=8, mixing_prompts=2)
 
 
