@@ -79,6 +79,7 @@ def _figures(notebook: nbformat.NotebookNode) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.hooked  # the small settings build tiny HookedTransformer models
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_executes(name, tmp_path, monkeypatch):
     notebook = _read(name)

@@ -232,7 +232,9 @@ def _values(attn, w_v: Tensor, read: Tensor, n_heads: int) -> Tensor:
         bias = bias.detach().to(read.dtype)
         if bias.shape[0] != n_heads:
             if n_heads % bias.shape[0]:
-                raise UnsupportedModelError(f"b_V has {bias.shape[0]} heads, which does not divide {n_heads} query heads")
+                raise UnsupportedModelError(
+                    f"b_V has {bias.shape[0]} heads, which does not divide {n_heads} query heads"
+                )
             bias = bias.repeat_interleave(n_heads // bias.shape[0], dim=0)
         values = values + bias[:, None]
     return values

@@ -29,9 +29,9 @@ from ..core.progress import counter
 from ..core.records import provenance
 from ..core.results import Result, heavy, top_k
 from ..core.support import UnsupportedModelError
+from ..core.topk import TopK
 from .adapter import functorch_ready, norm_facts
 from .backends import has_hooked_transformer, is_bridge
-from ..core.topk import TopK
 from .cache_replay import replay_cache
 from .finite import check_finite_values, check_finite_weights
 from .gain_hooks import mlp_gain_hooks, mlp_gains, stack_layers

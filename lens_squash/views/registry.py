@@ -42,9 +42,6 @@ from .bound_panels import bound_truth_from_table
 from .collapse_figures import collapse_figure, head_band_figure, pe_figure, tv_decay_figure
 from .compare_figures import comparison_runs_figure
 from .edge_figures import attention_paths
-from .pages import analysis_page, many_page
-from .path_graph import connected_paths
-from .report_parts import attention_view_html
 from .mixing_figures import (
     lab_grid_figure,
     lab_run_figure,
@@ -54,6 +51,9 @@ from .mixing_figures import (
     mixing_jacobian_figure,
     mixing_spread_figure,
 )
+from .pages import analysis_page, many_page
+from .path_graph import connected_paths
+from .report_parts import attention_view_html
 from .result_figures import comparison_figure_of, prompts_figure
 from .sink_figures import sink_figure, sink_report_figure
 from .spectral_figures import spectral_report_figure

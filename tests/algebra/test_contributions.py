@@ -9,12 +9,12 @@ import torch
 
 from lens_squash.algebra import contributions as C
 from lens_squash.algebra.blocks import apply_output_norms, block_shape
-from lens_squash.edge.adapter import norm_facts
 from lens_squash.algebra.contributions import LayerTerms, contribution_matrix, layer_terms, normalise_rows
 from lens_squash.algebra.paths import stack_product
 from lens_squash.algebra.variant_registry import get_variant
 from lens_squash.algebra.variants import path_bound
 from lens_squash.core.support import UnsupportedModelError
+from lens_squash.edge.adapter import norm_facts
 from lens_squash.edge.flow_edges import bound_layer_rows
 from lens_squash.edge.stream import stream_bounds
 from lens_squash.edge.trace import trace

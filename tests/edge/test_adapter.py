@@ -101,8 +101,8 @@ def test_a_norm_with_an_unknown_gain_convention_is_refused():
         probe_norm(_TwiceW())
 
 
+@pytest.mark.hooked
 def test_hooked_models_keep_their_config_shapes():
-    pytest.importorskip("transformer_lens.components")
     from ..families import FAMILIES, REFUSED, build
 
     for name in sorted(set(FAMILIES) - set(REFUSED)):
