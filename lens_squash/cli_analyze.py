@@ -35,6 +35,14 @@ def add_parser(sub) -> None:
     )
     parser.add_argument("--probes", type=int, default=64, help="probes for --jacobian sketch")
     parser.add_argument("--out", default="out/analyze", help="folder for results.json and report.html")
+    parser.add_argument(
+        "--mixing-position",
+        type=int,
+        default=None,
+        metavar="K",
+        help="also measure over-mixing: replace token K and follow the change through every layer with and "
+        "without the attention sink (a report section, as `lens-squash mixing`; HookedTransformer models)",
+    )
     add_model_args(parser)
 
 
@@ -43,6 +51,8 @@ def check(args) -> None:
     if args.variants is not None:
         args.variants = validate.parse_names(args.variants, VARIANT_NAMES, "--variants", what="variant")
     validate.check_int(args.probes, "--probes", minimum=1, maximum=65_536)
+    if args.mixing_position is not None:
+        validate.check_int(args.mixing_position, "--mixing-position", minimum=1, hint="a token after the first")
     claim_out_folder(args, files=("results.json", "report.html"))
 
 
@@ -61,6 +71,9 @@ def run(args) -> int:
     model = load(args)
     check_two_tokens(model, args.prompt, False if args.raw else None)
     check_probes(model, args)
+    chat = False if args.raw else None
+    if args.mixing_position is not None:
+        check_mixing_position(model, args.prompt, args.mixing_position, chat)
     mode = None if args.jacobian == "none" else args.jacobian
     analysis = analyze(
         model,
@@ -79,12 +92,35 @@ def run(args) -> int:
         command="analyze",
         variants=list(analysis.bounds),
         jacobian=args.jacobian,
+        mixing=None if args.mixing_position is None else _mixing(model, args.prompt, args.mixing_position, chat),
     )
     return 0
 
 
-def report_analysis(args, analysis, prompt: str, out, *, title: str, answer: str | None = None, **metadata) -> None:
-    """Print ``analyze``'s result (and the greedy ``answer``), then write results.json and report.html."""
+def check_mixing_position(model, prompt: str, position: int, chat) -> None:
+    """``--mixing-position`` against the tokenized prompt and the backend, before the first analysis."""
+    from .edge.backends import is_bridge
+    from .edge.trace import as_tokens
+
+    if is_bridge(model):
+        raise ValueError("--mixing-position needs a HookedTransformer model (--backend hooked, TransformerLens 3.9)")
+    n = int(as_tokens(model, prompt, chat=chat).shape[0])
+    validate.check_int(position, "--mixing-position", minimum=1, maximum=n - 2, hint=f"the prompt has {n} tokens")
+
+
+def _mixing(model, prompt: str, position: int, chat):
+    """The over-mixing result of ``--mixing-position`` (Jacobian norms estimated from 16 tangents)."""
+    from .experiments.mixing import mixing
+
+    return mixing(model, prompt, position, chat=chat, jacobian_probes=16)
+
+
+def report_analysis(
+    args, analysis, prompt: str, out, *, title: str, answer: str | None = None, mixing=None, **metadata
+) -> None:
+    """Print ``analyze``'s result (and the greedy ``answer``), then write results.json and report.html;
+    a ``mixing`` result (``--mixing-position``) adds its report section and a key in results.json."""
+    from .views.mixing_figures import mixing_section
     from .views.report import analysis_sections
 
     print(f"verdict: {analysis.verdict}")
@@ -93,11 +129,16 @@ def report_analysis(args, analysis, prompt: str, out, *, title: str, answer: str
         print(f"greedy answer: {answer!r}")
     print_analysis(analysis)
     metadata = {**analysis.provenance, "prompt": prompt, **metadata}
+    sections = analysis_sections(analysis, prompt=prompt)
+    payload = {**analysis.to_dict(heavy=False), "metadata": metadata}
+    if mixing is not None:
+        sections = [*sections, mixing_section(mixing)]
+        payload["mixing"] = mixing.to_dict(heavy=False)
     write_report(
         args,
         out,
-        analysis_sections(analysis, prompt=prompt),
-        {**analysis.to_dict(heavy=False), "metadata": metadata},
+        sections,
+        payload,
         title=title,
         metadata=metadata,
     )

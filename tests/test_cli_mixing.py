@@ -84,3 +84,19 @@ def test_mixing_refuses_a_bridge_in_one_line():
     bridge = load_model(TINY_MODEL, backend="bridge", n_ctx=64)
     with pytest.raises(UnsupportedModelError, match="backend='hooked'"):
         mixing(bridge, "one two three four", 2)
+
+
+@pytest.mark.hooked
+def test_analyze_adds_an_over_mixing_section_when_asked(capsys, monkeypatch, tiny_random, tmp_path):
+    from lens_squash.experiments.mixing_result import MixingResult
+
+    monkeypatch.setattr(lens_squash.edge.models, "load_model", lambda name, **kwargs: tiny_random)
+    prompt = "one two three four five six"
+    argv = ["analyze", "--prompt", prompt, "--raw", "--jacobian", "none", "--mixing-position", "2"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0, capsys.readouterr().err
+    stored = MixingResult.from_dict(json.loads((tmp_path / "results.json").read_text())["mixing"])
+    assert stored.position == 2 and "over-mixing" in (tmp_path / "report.html").read_text()
+    # the position is checked against the tokenized prompt before any analysis
+    code = main([*argv[:-1], "40", "--out", str(tmp_path / "far")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--mixing-position" in err and len(err.strip().splitlines()) == 1
