@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["count_rows", "jsonl_line", "jsonl_lines", "read_jsonl_text"]
+__all__ = ["count_rows", "jsonl_line", "jsonl_lines", "read_jsonl_text", "read_utf8_text"]
 
 # valid raw inside a JSON string, but line breaks to str.splitlines, JavaScript and many editors
 _ESCAPED = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
@@ -43,18 +43,23 @@ def jsonl_lines(text: str) -> Iterator[tuple[int, str, bool]]:
         yield number, line.removesuffix("\r") if ended else line, ended
 
 
-def read_jsonl_text(path: str | os.PathLike, name: str | None = None) -> str:
-    """The UTF-8 text of a JSONL file; a refusal that names the file (and ``name``, the flag) otherwise."""
+def read_utf8_text(path: str | os.PathLike, *, expected: str, folder: str | None = None, prefix: str = "") -> str:
+    """The UTF-8 text of ``path``; otherwise a one-line ``ValueError`` naming the file (after ``prefix``)
+    and what to pass instead: ``expected`` (and ``folder`` when the path is a folder)."""
     path = Path(path)
-    what = f"{name}: " if name else ""
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ValueError(f"{what}{path} does not exist; pass a JSONL file") from None
+        raise ValueError(f"{prefix}{path} does not exist; {expected}") from None
     except IsADirectoryError:
-        raise ValueError(f"{what}{path} is a folder; pass a JSONL file") from None
+        raise ValueError(f"{prefix}{path} is a folder; {folder or expected}") from None
     except UnicodeDecodeError as err:
-        raise ValueError(f"{what}{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise ValueError(f"{prefix}{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def read_jsonl_text(path: str | os.PathLike, name: str | None = None) -> str:
+    """The UTF-8 text of a JSONL file; a refusal that names the file (and ``name``, the flag) otherwise."""
+    return read_utf8_text(path, expected="pass a JSONL file", prefix=f"{name}: " if name else "")
 
 
 def count_rows(path: str | os.PathLike) -> int:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .codec import STORED_DTYPES, StoredDataError
+from .jsonl import read_utf8_text
 
 __all__ = ["StoredDataError", "check_fields", "read_json", "tensor_annotations"]
 
@@ -32,14 +33,9 @@ __all__ = ["StoredDataError", "check_fields", "read_json", "tensor_annotations"]
 def read_json(path: str | os.PathLike) -> Any:
     """The JSON in ``path``; a ``ValueError`` naming the file when it is missing, unreadable or not JSON."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ValueError(f"{path} does not exist; pass the path of a saved result") from None
-    except IsADirectoryError:
-        raise ValueError(f"{path} is a folder; pass the path of a saved result (a .json file)") from None
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); is it a result file?") from None
+    text = read_utf8_text(
+        path, expected="pass the path of a saved result", folder="pass the path of a saved result (a .json file)"
+    )
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
