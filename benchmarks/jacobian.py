@@ -134,7 +134,7 @@ WORKER = textwrap.dedent(
     elif method == "vjp":
         with jac._without_parameter_grads(model), torch.enable_grad():
             v = jac._input_value(model, tokens, 0).requires_grad_(True)
-            y = jac._target_function(model, tokens, n - 1, "final", 0, False)(v)
+            y = jac._target_function(model, tokens, jac.GradientRequest(target_pos=n - 1))(v)
             forward = time.perf_counter() - started
             times = []
             for row in range(3):
@@ -148,7 +148,7 @@ WORKER = textwrap.dedent(
     elif method == "autograd":  # the alternative batching: torch.autograd.grad(is_grads_batched=True)
         with jac._without_parameter_grads(model), torch.enable_grad():
             v = jac._input_value(model, tokens, 0).requires_grad_(True)
-            y = jac._target_function(model, tokens, n - 1, "final", 0, False)(v)
+            y = jac._target_function(model, tokens, jac.GradientRequest(target_pos=n - 1))(v)
             eye = torch.eye(y.shape[0])
             for start in range(0, y.shape[0], chunk or 16):
                 torch.autograd.grad(y, v, grad_outputs=eye[start : start + (chunk or 16)],

@@ -59,12 +59,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..core.display import compact_repr
-from ..core.progress import counter
-from ..core.records import provenance
 from ..core.results import Result, heavy
-from .allocator import steady_heap
-from .backward import check_chunk_size, check_position, without_parameter_grads
-from .backward import probes as make_probes
+from .backward import check_position
 from .flow_edges import (
     ValueGeometry,
     bound_layer_rows,
@@ -73,15 +69,9 @@ from .flow_edges import (
     value_geometry,
 )
 from .flow_pass import FLOW_MODES, FlowGradients, check_flow_support, flow_gradients
-from .flow_sweep import (
-    check_probes,
-    checkpointed_sweep,
-    estimate_flow_memory,
-    flow_memory_terms,
-    plain_sweep,
-)
-from .jacobian_memory import memory_budget, plan_memory
-from .trace import as_tokens
+from .flow_sweep import SweepResult, checkpointed_sweep, estimate_flow_memory, flow_memory_terms, plain_sweep
+from .gradient import DEFAULT_N_PROBES, GradientMethod, GradientRequest, GradientRun, run_gradient
+from .prompts import Tokens, tokenize
 
 __all__ = [
     "FLOW_MODES",
@@ -94,13 +84,10 @@ __all__ = [
     "estimate_flow_memory",
     "flow",
     "flow_gradients",
+    "flow_of",
     "head_value_parts",
     "value_geometry",
 ]
-
-#: a progress bar appears once the backward chunks have run this many seconds
-PROGRESS_DELAY_S = 2.0
-_check_position = check_position  # the old private name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,7 +154,7 @@ class SensitivityFlow(Result):
 
     def check_position(self, position: int) -> int:
         """``position`` as an index in ``0..n-1``; ValueError otherwise."""
-        return _check_position(position, self.n_tokens)
+        return check_position(position, self.n_tokens)
 
     def sink_split(self) -> dict[str, Tensor]:
         """Per layer and query position ``j``: the summed norms of the value edges ``j←0`` (sink edges,
@@ -251,7 +238,7 @@ class SensitivityFlow(Result):
 # --------------------------------------------------------------------------------------------------
 
 
-def _bounds(model, used: Tensor, pos: int, variants: tuple[str, ...]) -> dict[str, Tensor]:
+def _bounds(model, used: Tensor, target_pos: int, variants: tuple[str, ...]) -> dict[str, Tensor]:
     from ..algebra.variants import build_graph
     from .trace import trace
 
@@ -261,7 +248,7 @@ def _bounds(model, used: Tensor, pos: int, variants: tuple[str, ...]) -> dict[st
 
     lipschitz = variants_needing(variants, "mlp_gains")
     traced = trace(model, used, lipschitz=lipschitz, keep_resid=variants_needing(variants, "residual"))
-    return {v: bound_layer_rows(build_graph(traced, v, model=model), pos) for v in variants}
+    return {v: bound_layer_rows(build_graph(traced, v, model=model), target_pos) for v in variants}
 
 
 def _flow_variants(model, variants) -> tuple[str, ...]:
@@ -280,69 +267,84 @@ def _flow_variants(model, variants) -> tuple[str, ...]:
     return names
 
 
+@dataclass(frozen=True)
+class _FlowMethod(GradientMethod):
+    """The flow's sweep: every layer's parts and value edges, plain or checkpointed (:mod:`.flow_sweep`)."""
+
+    what = "flow"
+
+    def check(self, model, request: GradientRequest) -> None:
+        check_flow_support(model)
+        if request.layer != "final" or request.wrt != 0:
+            raise ValueError(
+                f"the flow runs from the embeddings (wrt=0) to the final norm (layer='final') through every "
+                f"layer, got layer={request.layer!r}, wrt={request.wrt!r}; use jacobian_of for other layers"
+            )
+
+    def memory_terms(self, model, request, *, n_blocks, rows, n_tokens, checkpoint):
+        return flow_memory_terms(model, n_tokens, rows, checkpoint=checkpoint)
+
+    def sweep(self, model, run: GradientRun, bar) -> SweepResult:
+        return (checkpointed_sweep if run.plan.checkpoint else plain_sweep)(model, run, bar)
+
+
 def flow(
     model,
-    prompt: str | Tensor,
+    prompt: str | Tensor | Tokens,
     *,
     target_pos: int = -1,
-    mode: str = "sketch",
-    n_probes: int = 64,
-    chunk_size: int | None = None,
-    variants: tuple[str, ...] | list[str] | None = None,
-    checkpoint: bool | None = None,
-    chat: bool | None = None,
+    mode: str = "exact",
+    n_probes: int = DEFAULT_N_PROBES,
     seed: int = 0,
+    chunk_size: int | None = None,
+    checkpoint: bool | None = None,
     max_memory_bytes: int | None = None,
+    variants: tuple[str, ...] | list[str] | None = None,
+    chat: bool | None = None,
 ) -> SensitivityFlow:
     """The sensitivity flow of ``y`` (the final norm's output at ``target_pos``) through every layer,
     head and value edge, from one batched backward per probe chunk (module docstring).
 
-    ``mode`` is ``exact`` (d_model identity probes), ``sketch`` (``n_probes`` orthonormal probes,
-    seeded as in :func:`jacobian.jacobian`) or ``frozen`` (exact probes, patterns and norm scales
-    detached). ``variants`` are the variants whose layer rows are computed beside the truth
-    (``None``: the registry's defaults that the model supports; ``()`` for none; a variant that needs MLP
-    gains traces them too). ``checkpoint`` recomputes one block at a time
-    in the backward (``None``: only when the plain backward would not fit). Memory follows jacobian's
+    The request keywords are :func:`jacobian.jacobian`'s, with the same defaults: ``mode`` is ``exact``
+    (d_model identity probes; the default), ``sketch`` (``n_probes`` orthonormal probes seeded by
+    ``seed``), ``frozen`` (exact probes, patterns and norm scales detached) or ``frozen-sketch``
+    (:meth:`GradientRequest.from_mode`). ``variants`` are the variants whose layer rows are computed
+    beside the truth (``None``: the registry's defaults that the model supports; ``()`` for none; a
+    variant that needs MLP gains traces them too). ``checkpoint`` recomputes one block at a time in the
+    backward (``None``: only when the plain backward would not fit). Memory follows jacobian's
     estimate-and-refuse rule with the captured gradients added (:func:`estimate_flow_memory`).
+    :func:`flow_of` takes a request instead.
     """
-    started = time.perf_counter()
-    check_flow_support(model)
-    rows = check_probes(model, mode, n_probes)
-    tokens = as_tokens(model, prompt, chat=chat)
-    pos = check_position(target_pos, tokens.shape[0])
-    check_chunk_size(chunk_size)
-    if checkpoint is not None and not isinstance(checkpoint, bool):
-        raise ValueError(f"checkpoint must be True, False or None (choose by the memory estimate), got {checkpoint!r}")
-    variants = _flow_variants(model, variants)
-    used = tokens[: pos + 1] if model.cfg.attention_dir == "causal" else tokens
-    n, d_out, L = used.shape[0], model.cfg.d_model, model.cfg.n_layers
-
-    def terms(n_tokens: int, saved: bool) -> tuple[int, int]:
-        return flow_memory_terms(model, n_tokens, rows, saved)
-
-    plan = plan_memory(
-        terms,
-        n,
-        rows,
-        chunk_size,
-        memory_budget(model, max_memory_bytes),
-        checkpoint,
-        what=f"the {mode} flow",
-        n_max=model.cfg.n_ctx,
+    request = GradientRequest.from_mode(
+        mode,
+        n_probes=n_probes,
+        seed=seed,
+        target_pos=target_pos,
+        chunk_size=chunk_size,
+        checkpoint=checkpoint,
+        max_memory_bytes=max_memory_bytes,
     )
-    chunk, frozen = plan.chunk, mode == "frozen"
-    probes = make_probes(mode, d_out, n_probes, seed, model.cfg.dtype, torch.device(model.cfg.device))
-    sweep = checkpointed_sweep if plan.checkpoint else plain_sweep
-    n_chunks = -(-rows // chunk) * (L if plan.checkpoint else 1)
-    with (
-        steady_heap(),
-        without_parameter_grads(model),
-        torch.enable_grad(),
-        counter(desc=f"{mode} flow backward chunks", total=n_chunks, delay=PROGRESS_DELAY_S) as bar,
-    ):
-        swept = sweep(model, used, pos, frozen, probes, chunk, bar)
+    return flow_of(model, prompt, request, variants=variants, chat=chat)
+
+
+def flow_of(
+    model,
+    prompt: str | Tensor | Tokens,
+    request: GradientRequest,
+    *,
+    variants: tuple[str, ...] | list[str] | None = None,
+    chat: bool | None = None,
+) -> SensitivityFlow:
+    """:func:`flow` for a :class:`GradientRequest` (``layer="final"`` and ``wrt=0``, the defaults)."""
+    started = time.perf_counter()
+    method = _FlowMethod()
+    method.check(model, request)
+    tokens = tokenize(model, prompt, chat=chat)
+    variants = _flow_variants(model, variants)
+    run, swept = run_gradient(model, tokens, request, method)
     acc, inv_scale, coef = swept.sums, swept.inv_scale, swept.coef
-    factor = d_out / rows  # the sketch's unbiased scaling (1 for exact probes)
+    L = model.cfg.n_layers
+    factor = model.cfg.d_model / run.rows  # the sketch's unbiased scaling (1 for exact probes)
     k1, k2 = acc.stack("k1", L).cpu(), acc.stack("k2", L).cpu()
     heads = inv_scale[:, None] * (k1 - coef[:, None] * k2).clamp_min(0).sqrt()
     out_dtype = torch.float64 if model.cfg.dtype == torch.float64 else torch.float32
@@ -352,13 +354,13 @@ def flow(
         return None if sums is None else (factor * sums).sqrt().cpu().to(out_dtype)
 
     total_sq = acc.stack("total").sum(-1).clamp_min(torch.finfo(torch.float64).tiny)
-    str_tokens = tuple(model.to_str_tokens(used)) if model.tokenizer is not None else tuple(str(int(t)) for t in used)
+    used = run.used
     return SensitivityFlow(
-        tokens=used.cpu(),
-        str_tokens=str_tokens,
-        target_pos=pos,
-        mode=mode,
-        n_probes=rows,
+        tokens=used.ids.cpu(),
+        str_tokens=used.str_tokens,
+        target_pos=run.target_pos,
+        mode=run.request.mode,
+        n_probes=run.rows,
         sensitivity=norm("total", L + 1),
         mlp=norm("mlp"),
         value=norm("value"),
@@ -366,21 +368,7 @@ def flow(
         value_heads=(factor**0.5 * heads).to(out_dtype),
         edges=(factor**0.5 * swept.edges).to(out_dtype),
         decomposition_error=(acc.stack("gap") / total_sq).sqrt().cpu(),
-        bounds=_bounds(model, used, pos, variants),
-        provenance=provenance(
-            model,
-            n_prompt_tokens=int(tokens.shape[0]),
-            n_tokens=n,
-            target_pos=pos,
-            mode=mode,
-            n_vjps=rows,
-            chunk_size=chunk,
-            checkpoint=plan.checkpoint,
-            seed=seed,
-            chat=chat,
-            variants=list(variants),
-            estimated_bytes=plan.estimated_bytes,
-            max_memory_bytes=plan.budget,
-        ),
+        bounds=_bounds(model, used.ids, run.target_pos, variants),
+        provenance=run.provenance(model, variants=list(variants)),
         seconds=time.perf_counter() - started,
     )

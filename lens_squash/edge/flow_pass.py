@@ -33,7 +33,8 @@ from .backends import has_hooked_transformer, is_bridge
 from .backward import ReachedHook, check_position, freeze_hooks, stop_at, without_parameter_grads
 from .checkpoint import BlockCall, run_block
 from .flow_offsets import adds_mid_offset, check_bridge_blocks, norm_input_offsets
-from .trace import as_tokens
+from .jacobian_memory import MODES
+from .prompts import Tokens, tokenize
 
 __all__ = [
     "FLOW_MODES",
@@ -45,7 +46,7 @@ __all__ = [
     "layer_offsets",
 ]
 
-FLOW_MODES = ("exact", "frozen", "sketch")
+FLOW_MODES = MODES  # the request names of lens_squash.edge.gradient, as jacobian takes them
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,8 +159,8 @@ def _record(store: dict[str, Tensor], name: str):
     return hook
 
 
-def _flow_function(model, tokens: Tensor, pos: int, frozen: bool, store: dict[str, Tensor]):
-    """``f(offsets) = y_pos``: the model with every offset added at its point (all zero)."""
+def _flow_function(model, tokens: Tensor, target_pos: int, *, frozen: bool, store: dict[str, Tensor]):
+    """``f(offsets) = y_target``: the model with every offset added at its point (all zero)."""
     cfg = model.cfg
     L = cfg.n_layers
     batch = tokens[None].to(cfg.device)
@@ -185,7 +186,7 @@ def _flow_function(model, tokens: Tensor, pos: int, frozen: bool, store: dict[st
                 resid = reached.value
             else:
                 raise ValueError(f"blocks.{L - 1}.hook_resid_post never fired in the flow's forward pass")
-            y = resid[:, pos : pos + 1]
+            y = resid[:, target_pos : target_pos + 1]
             if cfg.normalization_type is not None:
                 y = model.ln_final(y)  # per position, so norming only the target is exact
         return y[0, 0]
@@ -235,14 +236,15 @@ class FlowGradients(Record):
 class FlowPass:
     """One forward pass under :func:`torch.func.vjp`; :meth:`raw` runs one batched backward."""
 
-    def __init__(self, model, tokens: Tensor, pos: int, frozen: bool):
+    def __init__(self, model, tokens: Tensor, target_pos: int, *, frozen: bool):
         self.model, self.store = model, {}
         offsets = _zero_offsets(model, tokens.shape[0])
         self.has_mid = bool(offsets["mid"])
         self.has_mlp = bool(offsets["mlp"])
         # a sequential bridge block has no mid offset (its hook_resid_mid is ln2's input): g^(l+½) = g^(l+1) + mlp
         self.mid_adds_mlp = self.has_mlp and not self.has_mid and not model.cfg.parallel_attn_mlp
-        _, self.vjp_fn = torch.func.vjp(_flow_function(model, tokens, pos, frozen, self.store), offsets)
+        f = _flow_function(model, tokens, target_pos, frozen=frozen, store=self.store)
+        _, self.vjp_fn = torch.func.vjp(f, offsets)
         self.batched = torch.func.vmap(self.vjp_fn)
 
     def raw(self, rows: Tensor) -> dict[str, list[Tensor]]:
@@ -281,25 +283,27 @@ class FlowPass:
 
 def flow_gradients(
     model,
-    prompt: str | Tensor,
+    prompt: str | Tensor | Tokens,
     rows: Float[Tensor, "row d_out"],
     *,
     target_pos: int = -1,
     mode: str = "exact",
     chat: bool | None = None,
 ) -> FlowGradients:
-    """Every captured gradient for the cotangent ``rows`` in one batched backward (small models, tests)."""
+    """Every captured gradient for the cotangent ``rows`` in one batched backward (small models, tests).
+
+    ``mode`` matters only through whether it is frozen: the rows are given."""
     check_flow_support(model)
     if mode not in FLOW_MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {FLOW_MODES}")
-    tokens = as_tokens(model, prompt, chat=chat)
-    pos = check_position(target_pos, tokens.shape[0])
-    used = tokens[: pos + 1] if model.cfg.attention_dir == "causal" else tokens
+    tokens = tokenize(model, prompt, chat=chat)
+    target_pos = check_position(target_pos, len(tokens))
+    used = tokens.upto(target_pos) if model.cfg.attention_dir == "causal" else tokens
     rows = torch.as_tensor(rows).to(model.cfg.device, model.cfg.dtype)
     if rows.ndim != 2 or rows.shape[1] != model.cfg.d_model:
         raise ValueError(f"rows must be [row, d_model={model.cfg.d_model}], got {tuple(rows.shape)}")
     with without_parameter_grads(model), torch.enable_grad():
-        return FlowPass(model, used, pos, mode == "frozen").gradients(rows)
+        return FlowPass(model, used.ids, target_pos, frozen=mode.startswith("frozen")).gradients(rows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,7 +331,7 @@ def layer_offsets(model, layer: int, n: int) -> dict[str, dict[int, Tensor]]:
     }
 
 
-def block_flow_function(model, layer: int, call: BlockCall, frozen: bool, store: dict[str, Tensor]):
+def block_flow_function(model, layer: int, call: BlockCall, *, frozen: bool, store: dict[str, Tensor]):
     """``f(v, offsets) = x^(l+1)``: block ``layer`` run again on its input ``v`` with :func:`layer_offsets`
     added; it records the block's pattern and ln1 scale in ``store`` (as :func:`_flow_function` does)."""
     freeze = freeze_hooks(model, 0, layers=(layer,)) if frozen else []

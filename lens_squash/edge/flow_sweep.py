@@ -25,7 +25,8 @@ from .backward import freeze_hooks
 from .checkpoint import head_cotangents, store_block_inputs
 from .flow_edges import ValueGeometry, edge_norms, edge_terms, value_geometry
 from .flow_gain import head_groups, ln1_gain
-from .flow_pass import FLOW_MODES, FlowPass, block_flow_function, layer_offsets
+from .flow_pass import FlowPass, block_flow_function, layer_offsets
+from .gradient import GradientRun
 from .jacobian_memory import DEFAULT_CHUNK_SIZE, memory_terms
 
 __all__ = [
@@ -36,21 +37,6 @@ __all__ = [
     "flow_memory_terms",
     "plain_sweep",
 ]
-
-
-def check_probes(model, mode: str, n_probes: int) -> int:
-    """The number of probe rows: ``d_model`` for exact and frozen, ``n_probes`` (checked) for sketch."""
-    if mode not in FLOW_MODES:
-        raise ValueError(f"unknown mode {mode!r}; use one of {FLOW_MODES}")
-    d_out = model.cfg.d_model
-    if mode != "sketch":
-        return d_out
-    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or not 1 <= n_probes <= d_out:
-        raise ValueError(
-            f"n_probes must be an integer in [1, {d_out}] (orthonormal probes in d_model={d_out} "
-            f"dimensions), got {n_probes!r}"
-        )
-    return n_probes
 
 
 def _sq(x: Tensor) -> Tensor:
@@ -115,7 +101,7 @@ class SweepResult:
     coef: Float[Tensor, "layer key_pos"]
 
 
-def _layer_geometry(model, layer: int, resid: Tensor, scale: Tensor | None, frozen: bool) -> ValueGeometry:
+def _layer_geometry(model, layer: int, resid: Tensor, scale: Tensor | None, *, frozen: bool) -> ValueGeometry:
     block = model.blocks[layer]
     scale = None if scale is None else scale[:, 0]
     centred = model.cfg.normalization_type in ("LN", "LNPre")
@@ -126,14 +112,14 @@ def _layer_geometry(model, layer: int, resid: Tensor, scale: Tensor | None, froz
     return value_geometry(resid, w_v, gain, scale, centred=centred, frozen=frozen)
 
 
-def plain_sweep(model, used: Tensor, pos: int, frozen: bool, probes: Tensor, chunk: int, bar) -> SweepResult:
+def plain_sweep(model, run: GradientRun, bar) -> SweepResult:
     """The whole graph kept from one forward pass; one batched backward per probe chunk."""
-    n_layers = model.cfg.n_layers
+    n_layers, frozen, probes, chunk = model.cfg.n_layers, run.frozen, run.probes, run.chunk
     acc = Accumulator(n_layers)
-    flow_pass = FlowPass(model, used, pos, frozen)
+    flow_pass = FlowPass(model, run.used.ids, run.target_pos, frozen=frozen)
     resid, scale = flow_pass.forward_stack("resid"), flow_pass.forward_stack("scale")
     geometry = [
-        _layer_geometry(model, layer, resid[layer], None if scale is None else scale[layer], frozen)
+        _layer_geometry(model, layer, resid[layer], None if scale is None else scale[layer], frozen=frozen)
         for layer in range(n_layers)
     ]
     patterns = flow_pass.forward_stack("pattern")
@@ -148,23 +134,25 @@ def plain_sweep(model, used: Tensor, pos: int, frozen: bool, probes: Tensor, chu
     return SweepResult(acc, edges, inv_scale, coef)
 
 
-def checkpointed_sweep(model, used: Tensor, pos: int, frozen: bool, probes: Tensor, chunk: int, bar) -> SweepResult:
+def checkpointed_sweep(model, run: GradientRun, bar) -> SweepResult:
     """Block inputs kept; blocks recomputed top-down, every probe's cotangent through each block's VJP."""
-    n_layers, n = model.cfg.n_layers, used.shape[0]
+    n_layers, n, frozen, chunk = model.cfg.n_layers, len(run.used), run.frozen, run.chunk
     acc = Accumulator(n_layers)
-    stored = store_block_inputs(model, used, 0, n_layers - 1, freeze_hooks(model, 0) if frozen else [])
-    grads = head_cotangents(model, stored.top, pos, probes, final=True, frozen=frozen)  # [row, 1, pos, d]
+    stored = store_block_inputs(model, run.used.ids, 0, n_layers - 1, freeze_hooks(model, 0) if frozen else [])
+    grads = head_cotangents(
+        model, stored.top, run.target_pos, run.probes, final=True, frozen=frozen
+    )  # [row, 1, pos, d]
     stored.top = None
     for start in range(0, grads.shape[0], chunk):
         acc.take_top(grads[start : start + chunk, 0])
     edges, inv_scale, coef = [None] * n_layers, [None] * n_layers, [None] * n_layers
     for layer in range(n_layers - 1, -1, -1):
         store: dict[str, Tensor] = {}
-        function = block_flow_function(model, layer, stored.calls[layer], frozen, store)
+        function = block_flow_function(model, layer, stored.calls[layer], frozen=frozen, store=store)
         _, vjp_fn = torch.func.vjp(function, stored.resid[layer], layer_offsets(model, layer, n))
         batched = torch.func.vmap(vjp_fn)
         pattern = store[f"pattern.{layer}"]
-        geo = _layer_geometry(model, layer, stored.resid[layer][0], store.get(f"scale.{layer}"), frozen)
+        geo = _layer_geometry(model, layer, stored.resid[layer][0], store.get(f"scale.{layer}"), frozen=frozen)
         for start in range(0, grads.shape[0], chunk):
             g_next = grads[start : start + chunk]
             g, offsets = batched(g_next)
@@ -188,7 +176,7 @@ def checkpointed_sweep(model, used: Tensor, pos: int, frozen: bool, probes: Tens
 # --------------------------------------------------------------------------------------------------
 
 
-def flow_memory_terms(model, n: int, rows: int, checkpoint: bool = False) -> tuple[int, int]:
+def flow_memory_terms(model, n: int, rows: int, *, checkpoint: bool = False) -> tuple[int, int]:
     """jacobian's ``(fixed, per_cotangent)`` terms (sketch form: no [pos, d, d] buffer; checkpointed:
     the stored inputs, one block's graph and every row's cotangent) plus the flow's own: per cotangent
     the captured gradients (7 d_model vectors per layer and position, ∂z, three more for vmap's copies,
@@ -213,5 +201,5 @@ def estimate_flow_memory(
     """Predicted peak extra bytes of :func:`lens_squash.edge.flow.flow` (jacobian's estimate plus the
     captured gradients)."""
     rows = n_rows or model.cfg.d_model
-    fixed, per = flow_memory_terms(model, n_tokens, rows, checkpoint)
+    fixed, per = flow_memory_terms(model, n_tokens, rows, checkpoint=checkpoint)
     return fixed + (chunk_size or min(DEFAULT_CHUNK_SIZE, rows)) * per

@@ -68,20 +68,19 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..core.display import compact_repr
-from ..core.progress import counter
-from ..core.records import provenance
 from ..core.results import Result, heavy
-from .allocator import steady_heap
-from .backward import (
-    check_chunk_size,
-    check_position,
-    freeze_hooks,
-    input_value,
-    run_until,
-    without_parameter_grads,
-)
-from .backward import probes as make_probes
+from .backward import freeze_hooks, input_value, run_until, without_parameter_grads
 from .checkpoint import head_cotangents, input_gradient_sweep, store_block_inputs
+from .gradient import (
+    DEFAULT_N_PROBES,
+    Exact,
+    GradientMethod,
+    GradientRequest,
+    GradientRun,
+    Sketch,
+    last_block,
+    run_gradient,
+)
 from .jacobian_memory import (
     DEFAULT_CHUNK_SIZE,
     MEMORY_FRACTION,
@@ -89,12 +88,10 @@ from .jacobian_memory import (
     MODES,
     available_memory,
     estimate_memory,
-    memory_budget,
     memory_terms,
-    plan_memory,
 )
 from .models import check_model
-from .trace import as_tokens
+from .prompts import Tokens, tokenize
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -102,24 +99,19 @@ __all__ = [
     "MEMORY_SLACK",
     "MODES",
     "NORM_KINDS",
+    "Exact",
+    "GradientRequest",
     "JacobianResult",
+    "Sketch",
     "available_memory",
     "estimate_memory",
     "jacobian",
+    "jacobian_of",
 ]
 
 NORM_KINDS = ("spectral", "frobenius", "l1")
-#: a progress bar appears once the VJP chunks have run this many seconds
-PROGRESS_DELAY_S = 2.0
-
-# the old private names, still imported by tests and benchmarks written against them
-_run_until, _probes, _input_value, _without_parameter_grads = (
-    run_until,
-    make_probes,
-    input_value,
-    without_parameter_grads,
-)
-_memory_terms, _freeze_hooks, _check_position = memory_terms, freeze_hooks, check_position
+# private names benchmarks/jacobian.py builds its jacrev baseline from
+_input_value, _without_parameter_grads = input_value, without_parameter_grads
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,66 +195,20 @@ class JacobianResult(Result):
 
 
 # --------------------------------------------------------------------------------------------------
-# validation
-# --------------------------------------------------------------------------------------------------
-
-
-def _check_layer(model, layer: str | int) -> str | int:
-    if layer == "final":
-        return layer
-    n_layers = model.cfg.n_layers
-    if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layers <= layer < n_layers:
-        raise ValueError(
-            f"layer must be 'final' (the final norm's output) or a layer index in "
-            f"[-{n_layers}, {n_layers - 1}] (that layer's hook_resid_post), got {layer!r}"
-        )
-    return layer % n_layers
-
-
-def _last_block(model, layer: str | int) -> int:
-    return model.cfg.n_layers - 1 if layer == "final" else layer
-
-
-def _check_wrt(model, wrt: int, layer: str | int) -> int:
-    last = _last_block(model, layer)
-    if isinstance(wrt, bool) or not isinstance(wrt, int) or not 0 <= wrt <= last:
-        raise ValueError(
-            f"wrt must be a layer index in [0, {last}] (the input is blocks.{{wrt}}.hook_resid_pre and "
-            f"must come before the output layer, {layer!r}), got {wrt!r}"
-        )
-    return wrt
-
-
-def _check_mode(model, mode: str, n_probes: int) -> None:
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
-    d_out = model.cfg.d_model
-    if mode == "sketch" and not (isinstance(n_probes, int) and 1 <= n_probes <= d_out):
-        raise ValueError(
-            f"n_probes must be an integer in [1, {d_out}] (orthonormal probes in d_model={d_out} "
-            f"dimensions), got {n_probes!r}"
-        )
-
-
-def _check_checkpoint(checkpoint) -> None:
-    if checkpoint is not None and not isinstance(checkpoint, bool):
-        raise ValueError(f"checkpoint must be True, False or None (choose by the memory estimate), got {checkpoint!r}")
-
-
-# --------------------------------------------------------------------------------------------------
 # the hooked forward pass
 # --------------------------------------------------------------------------------------------------
 
 
-def _target_function(model, tokens: Tensor, pos: int, layer: str | int, wrt: int, frozen: bool):
+def _target_function(model, tokens: Tensor, request: GradientRequest):
     """``f(v) = y``: the forward pass with ``blocks.{wrt}.hook_resid_pre`` replaced by ``v``.
 
     It stops at ``blocks.{last}.hook_resid_post`` (the output layer) and, for ``layer="final"``,
     applies ``ln_final`` to the target position only: ``y`` is the final norm's output on either
-    backend, never the logits.
+    backend, never the logits. ``request`` is resolved (:func:`lens_squash.edge.gradient.resolve`).
     """
-    freeze = freeze_hooks(model, wrt) if frozen else []
-    last = _last_block(model, layer)
+    layer, wrt, target_pos = request.layer, request.wrt, request.target_pos
+    freeze = freeze_hooks(model, wrt) if request.frozen else []
+    last = last_block(model, layer)
     tokens = tokens[None].to(model.cfg.device)
 
     def f(v: Tensor) -> Float[Tensor, "d_out"]:
@@ -276,7 +222,7 @@ def _target_function(model, tokens: Tensor, pos: int, layer: str | int, wrt: int
         resid = run_until(model, tokens, f"blocks.{last}.hook_resid_post", hooks)
         if not replaced:  # y would not depend on v: a silent zero Jacobian
             raise ValueError(f"blocks.{wrt}.hook_resid_pre never fired, so the input could not be replaced")
-        y = resid[:, pos : pos + 1]
+        y = resid[:, target_pos : target_pos + 1]
         if layer == "final" and model.cfg.normalization_type is not None:
             with model.hooks(fwd_hooks=freeze):  # the final norm's scale is frozen too
                 y = model.ln_final(y)  # per position, so norming only the target is exact
@@ -336,136 +282,129 @@ def _spectral_norms(blocks: Float[Tensor, "pos d_out d_in"], group: int = 8) -> 
     return torch.cat(norms)
 
 
-def _plain(model, used, pos, layer, wrt, mode, probes, chunk, keep_full, bar):
+def _plain(model, run: GradientRun, bar, *, keep_full: bool):
     """One forward pass with the whole graph kept, then the batched VJPs: ``(squares, absolute, blocks)``."""
+    used, probes = run.used.ids, run.probes
     n, rows, d_in = used.shape[0], probes.shape[0], model.cfg.d_model
-    need_buffer = mode != "sketch" or keep_full
+    need_buffer = not run.request.sketched or keep_full
     buffer = torch.zeros(n, rows, d_in, dtype=probes.dtype, device=probes.device) if need_buffer else None
-    f = _target_function(model, used, pos, layer, wrt, frozen=mode == "frozen")
-    _, vjp_fn = torch.func.vjp(f, input_value(model, used, wrt))
-    squares, absolute = _accumulate(vjp_fn, probes, chunk, buffer, bar)
+    f = _target_function(model, used, run.request)
+    _, vjp_fn = torch.func.vjp(f, input_value(model, used, run.request.wrt))
+    squares, absolute = _accumulate(vjp_fn, probes, run.chunk, buffer, bar)
     del vjp_fn  # frees the retained graph before the spectral pass
     return squares, absolute, buffer
 
 
-def _checkpointed(model, used, pos, layer, wrt, mode, probes, chunk, bar):
+def _checkpointed(model, run: GradientRun, bar):
     """Block inputs kept, blocks recomputed top-down (:mod:`.checkpoint`): ``(squares, absolute, blocks)``."""
-    frozen = mode == "frozen"
-    freeze = freeze_hooks(model, wrt) if frozen else []
-    stored = store_block_inputs(model, used, wrt, _last_block(model, layer), freeze)
-    grads = head_cotangents(model, stored.top, pos, probes, final=layer == "final", frozen=frozen)
+    request, frozen = run.request, run.frozen
+    freeze = freeze_hooks(model, request.wrt) if frozen else []
+    stored = store_block_inputs(model, run.used.ids, request.wrt, run.last_block, freeze)
+    final = request.layer == "final"
+    grads = head_cotangents(model, stored.top, run.target_pos, run.probes, final=final, frozen=frozen)
     stored.top = None
-    grads = input_gradient_sweep(model, stored, grads, chunk, frozen=frozen, wrt=wrt, bar=bar)[:, 0]
-    squares, absolute = _sums(grads, chunk)  # chunked like the plain path: no whole-buffer copies
+    grads = input_gradient_sweep(model, stored, grads, run.chunk, frozen=frozen, wrt=request.wrt, bar=bar)[:, 0]
+    squares, absolute = _sums(grads, run.chunk)  # chunked like the plain path: no whole-buffer copies
     return squares, absolute, grads.transpose(0, 1)  # [pos, row, d_in]: a view of the only buffer
 
 
+@dataclass(frozen=True)
+class _JacobianMethod(GradientMethod):
+    """The Jacobian's sweep: plain or checkpointed VJPs, then the spectral pass for exact probes."""
+
+    keep_full: bool = False
+    what = "Jacobian"
+    smaller = True  # the recompute is one forward pass next to `rows` VJPs: take the smaller memory
+
+    def check(self, model, request: GradientRequest) -> None:
+        check_model(model)
+
+    def memory_terms(self, model, request, *, n_blocks, rows, n_tokens, checkpoint):
+        mode = "sketch" if request.sketched else "exact"
+        return memory_terms(
+            model, n_tokens, mode, n_layers=n_blocks, n_rows=rows, keep_full=self.keep_full, checkpoint=checkpoint
+        )
+
+    def sweep(self, model, run: GradientRun, bar):
+        if run.plan.checkpoint:
+            squares, absolute, blocks = _checkpointed(model, run, bar)
+        else:
+            squares, absolute, blocks = _plain(model, run, bar, keep_full=self.keep_full)
+        spectral = None if run.request.sketched else _spectral_norms(blocks)
+        return squares, absolute, blocks, spectral
+
+
 # --------------------------------------------------------------------------------------------------
-# entry point
+# entry points
 # --------------------------------------------------------------------------------------------------
 
 
 def jacobian(
     model,
-    prompt: str | Tensor,
+    prompt: str | Tensor | Tokens,
     *,
     target_pos: int = -1,
     layer: str | int = "final",
     wrt: int = 0,
     mode: str = "exact",
-    n_probes: int = 64,
+    n_probes: int = DEFAULT_N_PROBES,
+    seed: int = 0,
     chunk_size: int | None = None,
     keep_full: bool = False,
     checkpoint: bool | None = None,
-    chat: bool | None = None,
-    seed: int = 0,
     max_memory_bytes: int | None = None,
+    chat: bool | None = None,
 ) -> JacobianResult:
     """Per input position ``i``, the norms of ``J_i = ∂y/∂v_i`` (see the module docstring).
 
-    ``prompt`` is text (chat template unless ``chat=False``) or token ids. ``layer`` is ``"final"``
-    (the final norm's output, gain included) or a layer ``l`` (``blocks.{l}.hook_resid_post``); ``wrt=l`` differentiates with respect to
-    ``blocks.{l}.hook_resid_pre``. ``chunk_size`` cotangents go through each batched VJP (default:
-    :data:`DEFAULT_CHUNK_SIZE`, shrunk to fit the memory budget). ``checkpoint`` recomputes one block
-    at a time in the backward (``None``: when its memory estimate is the smaller one, or plain would not fit).
-    ``max_memory_bytes`` defaults to :data:`MEMORY_FRACTION` of the free memory.
+    ``prompt`` is text (chat template unless ``chat=False``), token ids or a
+    :class:`~lens_squash.edge.prompts.Tokens` value. ``layer`` is ``"final"`` (the final norm's
+    output, gain included) or a layer ``l`` (``blocks.{l}.hook_resid_post``); ``wrt=l`` differentiates
+    with respect to ``blocks.{l}.hook_resid_pre``. ``mode`` names the request
+    (:meth:`GradientRequest.from_mode`: ``exact``, ``frozen``, ``sketch`` with ``n_probes`` probes seeded
+    by ``seed``, ``frozen-sketch``); the default, exact, is :func:`flow.flow`'s too. ``chunk_size``
+    cotangents go through each batched VJP (default: :data:`DEFAULT_CHUNK_SIZE`, shrunk to fit the
+    memory budget). ``checkpoint`` recomputes one block at a time in the backward (``None``: when its
+    memory estimate is the smaller one, or plain would not fit). ``max_memory_bytes`` defaults to
+    :data:`MEMORY_FRACTION` of the free memory. :func:`jacobian_of` takes a request instead.
     """
-    started = time.perf_counter()
-    check_model(model)
-    tokens = as_tokens(model, prompt, chat=chat)
-    _check_mode(model, mode, n_probes)
-    layer = _check_layer(model, layer)
-    wrt = _check_wrt(model, wrt, layer)
-    pos = check_position(target_pos, tokens.shape[0])
-    check_chunk_size(chunk_size)
-    _check_checkpoint(checkpoint)
-    causal = model.cfg.attention_dir == "causal"
-    used = tokens[: pos + 1] if causal else tokens
-    n, d_out = used.shape[0], model.cfg.d_model
-    rows = n_probes if mode == "sketch" else d_out
-    n_layers = _last_block(model, layer) - wrt + 1
-
-    def terms(n_tokens: int, saved: bool) -> tuple[int, int]:
-        return memory_terms(
-            model, n_tokens, mode, n_layers=n_layers, n_rows=rows, keep_full=keep_full, checkpoint=saved
-        )
-
-    plan = plan_memory(
-        terms,
-        n,
-        rows,
-        chunk_size,
-        memory_budget(model, max_memory_bytes),
-        checkpoint,
-        what=f"the {mode} Jacobian",
-        n_max=model.cfg.n_ctx,
-        smaller=True,  # the recompute is one forward pass next to `rows` VJPs: take the smaller memory
-    )
-    chunk = plan.chunk
-    dtype, device = model.cfg.dtype, torch.device(model.cfg.device)
-    probes = make_probes(mode, d_out, n_probes, seed, dtype, device)
-    n_chunks = -(-rows // chunk) * (n_layers if plan.checkpoint else 1)
-    # steady_heap: without it every chunk page-faults its ~1 GB of gradients back in (allocator.py)
-    with (
-        steady_heap(),
-        without_parameter_grads(model),
-        torch.enable_grad(),
-        counter(desc=f"{mode} Jacobian VJP chunks", total=n_chunks, delay=PROGRESS_DELAY_S) as bar,
-    ):
-        if plan.checkpoint:
-            squares, absolute, blocks = _checkpointed(model, used, pos, layer, wrt, mode, probes, chunk, bar)
-        else:
-            squares, absolute, blocks = _plain(model, used, pos, layer, wrt, mode, probes, chunk, keep_full, bar)
-        spectral = _spectral_norms(blocks) if mode != "sketch" else None
-    frobenius = (squares * (d_out / rows)).sqrt()
-    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    str_tokens = tuple(model.to_str_tokens(used)) if model.tokenizer is not None else tuple(str(int(t)) for t in used)
-    return JacobianResult(
-        tokens=used.cpu(),
-        str_tokens=str_tokens,
-        target_pos=pos,
+    request = GradientRequest.from_mode(
+        mode,
+        n_probes=n_probes,
+        seed=seed,
+        target_pos=target_pos,
         layer=layer,
         wrt=wrt,
-        mode=mode,
+        chunk_size=chunk_size,
+        checkpoint=checkpoint,
+        max_memory_bytes=max_memory_bytes,
+    )
+    return jacobian_of(model, prompt, request, keep_full=keep_full, chat=chat)
+
+
+def jacobian_of(
+    model, prompt: str | Tensor | Tokens, request: GradientRequest, *, keep_full: bool = False, chat: bool | None = None
+) -> JacobianResult:
+    """:func:`jacobian` for a :class:`GradientRequest` (``keep_full``: return ``J`` itself too)."""
+    started = time.perf_counter()
+    method = _JacobianMethod(keep_full=keep_full)
+    method.check(model, request)
+    tokens = tokenize(model, prompt, chat=chat)
+    run, (squares, absolute, blocks, spectral) = run_gradient(model, tokens, request, method)
+    request, used = run.request, run.used
+    frobenius = (squares * (model.cfg.d_model / run.rows)).sqrt()
+    out_dtype = torch.float64 if model.cfg.dtype == torch.float64 else torch.float32
+    return JacobianResult(
+        tokens=used.ids.cpu(),
+        str_tokens=used.str_tokens,
+        target_pos=run.target_pos,
+        layer=request.layer,
+        wrt=request.wrt,
+        mode=request.mode,
         spectral=None if spectral is None else spectral.to("cpu", out_dtype),
         frobenius=frobenius.to("cpu", out_dtype),
-        l1=None if mode == "sketch" else absolute.to("cpu", out_dtype),
+        l1=None if request.sketched else absolute.to("cpu", out_dtype),
         full=blocks.permute(1, 0, 2).cpu() if keep_full else None,
-        provenance=provenance(
-            model,
-            n_prompt_tokens=int(tokens.shape[0]),
-            n_tokens=n,
-            target_pos=pos,
-            layer=layer,
-            wrt=wrt,
-            mode=mode,
-            n_vjps=rows,
-            chunk_size=chunk,
-            checkpoint=plan.checkpoint,
-            seed=seed,
-            chat=chat,
-            estimated_bytes=plan.estimated_bytes,
-            max_memory_bytes=plan.budget,
-        ),
+        provenance=run.provenance(model),
         seconds=time.perf_counter() - started,
     )

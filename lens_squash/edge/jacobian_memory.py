@@ -22,8 +22,8 @@ number of tokens that fits; the plain-mode refusals name what the checkpointed m
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -43,7 +43,8 @@ __all__ = [
     "plan_memory",
 ]
 
-MODES = ("exact", "frozen", "sketch")
+#: the request names :meth:`lens_squash.edge.gradient.GradientRequest.from_mode` maps to a request
+MODES = ("exact", "frozen", "sketch", "frozen-sketch")
 #: cotangents per batched VJP when none is given: on SmolLM2 (2 CPU cores) 16 was as fast as 8, 32 or
 #: 64 (within 10 %) at a quarter of 64's working memory (benchmarks/jacobian.py --chunk)
 DEFAULT_CHUNK_SIZE = 16
@@ -142,15 +143,20 @@ def memory_terms(
         kept = parts["stored"] + parts["cotangents"] + parts["norm_temporary"] + parts["block"]
         per_cotangent = parts["per_cotangent"]
     else:
-        buffer = rows * n * d if (mode != "sketch" or keep_full) else 0
+        buffer = rows * n * d if (not _sketched(mode) or keep_full) else 0
         kept = layers * (_weights_per_layer(cfg) + per_layer) + buffer
         # a vmapped backward's temporaries per cotangent, measured on SmolLM2 for n = 32…256 (2.1–3.8 ×
         # per_layer), plus the cotangent's input gradient [pos, d_in]
         per_cotangent = 4 * per_layer + n * d
     # the spectral pass works on 8 positions' Gram matrices at a time
-    spectral = 8 * d * d * 3 if mode != "sketch" else 0
+    spectral = 8 * d * d * 3 if not _sketched(mode) else 0
     fixed = size * (kept + spectral)
     return int(MEMORY_SLACK * fixed), int(MEMORY_SLACK * size * per_cotangent)
+
+
+def _sketched(mode: str) -> bool:
+    """Sketched probes keep no Jacobian buffer and take no spectral pass, frozen or not."""
+    return mode.endswith("sketch")
 
 
 def estimate_memory(
@@ -193,7 +199,7 @@ def estimate_memory(
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
-    rows = n_probes if mode == "sketch" else None
+    rows = n_probes if _sketched(mode) else None
     fixed, per = memory_terms(
         model, n_tokens, mode, n_layers=n_layers, n_rows=rows, keep_full=keep_full, checkpoint=checkpoint
     )
@@ -216,15 +222,17 @@ class MemoryPlan:
         return self.fixed + self.chunk * self.per_cotangent
 
 
-#: ``terms(n_tokens, checkpoint) -> (fixed, per_cotangent)`` for one request
-Terms = Callable[[int, bool], tuple[int, int]]
+class Terms(Protocol):
+    """``terms(n_tokens, checkpoint=...) -> (fixed, per_cotangent)`` bytes of one request."""
+
+    def __call__(self, n_tokens: int, *, checkpoint: bool) -> tuple[int, int]: ...
 
 
 def largest_fitting_tokens(terms: Terms, budget: int, n_max: int) -> int:
     """The most tokens (≤ ``n_max``) whose checkpointed estimate at one cotangent per batch fits; 0 if none."""
 
     def fits(n: int) -> bool:
-        fixed, per = terms(n, True)
+        fixed, per = terms(n, checkpoint=True)
         return fixed + per <= budget
 
     if not fits(1):
@@ -244,8 +252,8 @@ def plan_memory(
     rows: int,
     chunk_size: int | None,
     budget: int,
-    checkpoint: bool | None,
     *,
+    checkpoint: bool | None,
     what: str = "this request",
     n_max: int | None = None,
     smaller: bool = False,
@@ -255,7 +263,7 @@ def plan_memory(
     ``checkpoint=None`` runs plain when it fits, else checkpointed; with ``smaller=True`` it runs
     whichever estimate is smaller (for callers whose recompute, one forward pass, is small next to
     their backward work)."""
-    plain, saved = terms(n_tokens, False), terms(n_tokens, True)
+    plain, saved = terms(n_tokens, checkpoint=False), terms(n_tokens, checkpoint=True)
     if checkpoint is None:
         chunk = min(chunk_size or DEFAULT_CHUNK_SIZE, rows)
         plain_bytes, saved_bytes = plain[0] + chunk * plain[1], saved[0] + chunk * saved[1]
@@ -263,9 +271,17 @@ def plan_memory(
     fixed, per = saved if checkpoint else plain
     fits = (budget - fixed) // per if budget > fixed else 0
     if chunk_size is None and fits >= 1:
-        return MemoryPlan(checkpoint, int(min(DEFAULT_CHUNK_SIZE, rows, fits)), fixed, per, budget)
+        return MemoryPlan(
+            checkpoint=checkpoint,
+            chunk=int(min(DEFAULT_CHUNK_SIZE, rows, fits)),
+            fixed=fixed,
+            per_cotangent=per,
+            budget=budget,
+        )
     if chunk_size is not None and fixed + min(chunk_size, rows) * per <= budget:
-        return MemoryPlan(checkpoint, min(chunk_size, rows), fixed, per, budget)
+        return MemoryPlan(
+            checkpoint=checkpoint, chunk=min(chunk_size, rows), fixed=fixed, per_cotangent=per, budget=budget
+        )
     mode = "checkpointed (checkpoint=True)" if checkpoint else "plain (checkpoint=False)"
     if fits >= 1:  # the chunk asked for is too large, a smaller one fits
         needs = fixed + min(chunk_size, rows) * per

@@ -23,7 +23,6 @@ from torch import Tensor
 from ..algebra.attention import attention_defects, pattern_tolerance
 from ..algebra.attention_stream import AttentionStream, AttentionSummary
 from ..algebra.spectral import rollout_tolerance
-from ..core import validate
 from ..core.display import compact_repr
 from ..core.progress import counter
 from ..core.records import provenance
@@ -36,7 +35,7 @@ from .cache_replay import replay_cache
 from .finite import check_finite_values, check_finite_weights
 from .gain_hooks import mlp_gain_hooks, mlp_gains, stack_layers
 from .lipschitz import supports_certified
-from .models import check_length, check_model, format_prompt
+from .prompts import as_tokens  # the one conversion of a prompt (re-exported: callers import it from here)
 
 __all__ = ["Trace", "as_tokens", "final_representation", "required_hooks", "trace"]
 
@@ -138,19 +137,6 @@ def required_hooks(n_layers: int) -> list[str]:
         + [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
         + [f"blocks.{n_layers - 1}.hook_resid_post"]
     )
-
-
-def as_tokens(model, prompt: str | Tensor, *, chat: bool | None = None) -> Int[Tensor, "pos"]:
-    """Token ids for a text prompt (chat template by default) or a 1-D / ``[1, pos]`` id tensor (or
-    numpy array), checked before any forward pass: type, emptiness, vocabulary and context length."""
-    check_model(model)
-    validate.check_chat(chat)
-    prompt = validate.check_prompt(prompt)
-    if isinstance(prompt, str):
-        return format_prompt(model, prompt, chat=chat)
-    tokens = validate.check_token_ids(prompt, model.cfg.d_vocab)
-    check_length(model, tokens.shape[0])
-    return tokens
 
 
 def final_representation(model, normalized: Tensor) -> Tensor:

@@ -280,7 +280,7 @@ def format_summary(result: CollapseResult) -> str:
 
 def _resolved_chat(model, chat: bool | None) -> bool | None:
     """``chat=None`` means the chat template when the tokenizer has one (as everywhere)."""
-    return chat if model.tokenizer is None else uses_chat(model.tokenizer, chat)
+    return chat if model.tokenizer is None else uses_chat(model.tokenizer, chat=chat)
 
 
 def collapse_curve(

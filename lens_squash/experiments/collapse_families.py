@@ -171,7 +171,7 @@ def family_pairs(
 def _family_pairs(model, family, lengths, chat, open_ended, separator, seed) -> _Pairs:
     if model.tokenizer is None:
         raise ValueError("prompt families need a tokenizer; use measure_pairs with token ids instead")
-    chat = uses_chat(model.tokenizer, chat)
+    chat = uses_chat(model.tokenizer, chat=chat)
     s_all, star_all, exact, appended, repeated = [], [], [], [], []
     for n in lengths:
         seq, seq_star = family.sequences(n, separator, random.Random(seed))

@@ -16,9 +16,11 @@ from lens_squash.edge.flow import (
     bound_layer_rows,
     flow,
     flow_gradients,
+    flow_of,
     head_value_parts,
 )
-from lens_squash.edge.jacobian import jacobian
+from lens_squash.edge.gradient import Exact, GradientRequest, Sketch
+from lens_squash.edge.jacobian import jacobian, jacobian_of
 from lens_squash.edge.models import tiny_model
 from lens_squash.edge.trace import trace
 
@@ -123,6 +125,21 @@ def test_every_layer_equals_jacobian_wrt_that_layer(model, mode):
     for layer in range(model.cfg.n_layers):
         truth = jacobian(model, tokens, wrt=layer, mode=mode, n_probes=5).frobenius
         torch.testing.assert_close(result.sensitivity[layer], truth, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("probes", [Exact(), Sketch(5, seed=2)], ids=["exact", "sketch"])
+@pytest.mark.parametrize("frozen", [False, True], ids=["live", "frozen"])
+def test_one_request_gives_flow_totals_equal_to_jacobian_norms(model, frozen, probes):
+    # the same request through both front ends: the flow's layer-0 totals are the Jacobian's Frobenius
+    # norms, and its earlier target drops the later positions exactly as the Jacobian's does
+    request = GradientRequest(target_pos=-2, frozen=frozen, probes=probes, chunk_size=3)
+    truth = jacobian_of(model, _tokens(), request)
+    found = flow_of(model, _tokens(), request, variants=())
+    torch.testing.assert_close(found.sensitivity[0], truth.frobenius, rtol=1e-10, atol=1e-12)
+    assert found.str_tokens == truth.str_tokens and found.target_pos == truth.target_pos
+    assert found.mode == truth.mode == request.mode
+    kept = {"mode", "n_vjps", "chunk_size", "seed", "target_pos", "n_tokens"}  # the plans may differ
+    assert {k: found.provenance[k] for k in kept} == {k: truth.provenance[k] for k in kept}
 
 
 def test_final_stream_is_the_final_norm_jacobian(model):
@@ -384,10 +401,10 @@ def test_flow_checkpoints_by_itself_when_the_plain_backward_does_not_fit():
 @pytest.mark.parametrize("checkpoint", [False, True])
 def test_backward_chunks_show_a_progress_bar_unless_silenced(monkeypatch, capsys, checkpoint):
     from lens_squash.core.progress import silenced
-    from lens_squash.edge import flow as flow_module
+    from lens_squash.edge import gradient as gradient_module
 
     monkeypatch.setenv("LENS_SQUASH_PROGRESS", "1")
-    monkeypatch.setattr(flow_module, "PROGRESS_DELAY_S", 0.0)
+    monkeypatch.setattr(gradient_module, "PROGRESS_DELAY_S", 0.0)
     flow(_gpt2(), _tokens(), mode="exact", chunk_size=8, variants=(), checkpoint=checkpoint)
     assert "flow backward chunks" in capsys.readouterr().err
     with silenced():

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from lens_squash.edge import jacobian as jac_module
+from lens_squash.edge.gradient import GradientRequest
 from lens_squash.edge.jacobian import JacobianResult, estimate_memory, jacobian
+from lens_squash.edge.jacobian_memory import memory_terms
 from lens_squash.edge.models import tiny_model
 
 from ..reference import input_grad_only
@@ -277,7 +279,7 @@ def _graph_bytes(model, tokens) -> int:
         return t
 
     with input_grad_only(model), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        f = jac_module._target_function(model, tokens, tokens.shape[0] - 1, "final", 0, False)
+        f = jac_module._target_function(model, tokens, GradientRequest(target_pos=tokens.shape[0] - 1))
         f(jac_module._input_value(model, tokens, 0).requires_grad_(True))
     return sum(saved.values())
 
@@ -288,7 +290,7 @@ def _graph_bytes(model, tokens) -> int:
 def test_memory_estimate_covers_the_saved_autograd_graph(arch, n):
     # independent count: the bytes autograd actually keeps (weight copies included), not the formula
     model = _tiny(**ARCHITECTURES[arch])
-    fixed, per_cotangent = jac_module._memory_terms(model, n, "sketch", n_rows=1)
+    fixed, per_cotangent = memory_terms(model, n, "sketch", n_rows=1)
     assert fixed >= _graph_bytes(model, _tokens(n)) and per_cotangent > 0
 
 
@@ -331,7 +333,7 @@ def test_smollm2_exact_matches_jacrev_in_float32(smollm2):
 @pytest.mark.hooked  # the ~405 MiB it checks for are HookedTransformer's einsum weight copies
 def test_smollm2_memory_estimate_covers_the_saved_autograd_graph(smollm2):
     tokens = torch.randint(100, 20000, (32,), generator=torch.Generator().manual_seed(0))
-    fixed, _ = jac_module._memory_terms(smollm2, 32, "sketch", n_rows=1)
+    fixed, _ = memory_terms(smollm2, 32, "sketch", n_rows=1)
     saved = _graph_bytes(smollm2, tokens)
     assert saved > 400 * 2**20  # the weight copies (~405 MiB) the old formula left out
     assert fixed >= saved
