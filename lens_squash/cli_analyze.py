@@ -69,7 +69,7 @@ def run(args) -> int:
     from .experiments.analysis import analyze
 
     model = load(args)
-    check_two_tokens(model, args.prompt, False if args.raw else None)
+    check_two_tokens(model, args.prompt, chat=False if args.raw else None)
     check_probes(model, args)
     chat = False if args.raw else None
     if args.mixing_position is not None:
@@ -100,7 +100,7 @@ def run(args) -> int:
 def check_mixing_position(model, prompt: str, position: int, chat) -> None:
     """``--mixing-position`` against the tokenized prompt and the backend, before the first analysis."""
     from .edge.backends import is_bridge
-    from .edge.trace import as_tokens
+    from .edge.prompts import as_tokens
 
     if is_bridge(model):
         raise ValueError("--mixing-position needs a HookedTransformer model (--backend hooked, TransformerLens 3.9)")

@@ -150,9 +150,9 @@ def check_room(model, n_prompt: int, n_new: int, flag: str) -> None:
         )
 
 
-def check_two_tokens(model, prompt: str, chat: bool | None) -> None:
+def check_two_tokens(model, prompt: str, *, chat: bool | None) -> None:
     """Sinks and sensitivities compare the first token with later ones: one token is not enough."""
-    from .edge.trace import as_tokens
+    from .edge.prompts import as_tokens
 
     n_tokens = len(as_tokens(model, prompt, chat=chat))  # also refuses a prompt longer than n_ctx
     if n_tokens < 2:

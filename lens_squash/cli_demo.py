@@ -45,7 +45,7 @@ def check(args) -> None:
 def run(args) -> int:
     from .core.records import write_json_atomic
     from .edge.generation import generate_answer
-    from .edge.trace import as_tokens
+    from .edge.prompts import as_tokens
     from .experiments.analysis import analyze
     from .experiments.collapse import collapse_curve
     from .experiments.task_prompts import copy_prompt

@@ -94,14 +94,14 @@ def run(args) -> int:
 
 def _mixing(args):
     from .core.records import provenance
-    from .edge.trace import as_tokens
+    from .edge.prompts import as_tokens
     from .experiments.mixing import mixing
     from .views.mixing_figures import mixing_section
     from .views.report import model_section
 
     model = load(args)
     chat = False if args.raw else None
-    check_two_tokens(model, args.prompt, chat)
+    check_two_tokens(model, args.prompt, chat=chat)
     n = len(as_tokens(model, args.prompt, chat=chat))
     position = n // 2 if args.position is None else args.position
     if not 1 <= position <= n - 2:

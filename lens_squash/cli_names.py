@@ -48,7 +48,7 @@ DEFAULT_VARIANTS: tuple[str, ...] = ("paper", "rollout", "certified", "value_row
 #: ``lens_squash.experiments.collapse_families.FAMILIES``, in its order
 COLLAPSE_FAMILIES: tuple[str, ...] = ("count_ones", "random_digits", "copy_ones", "copy_ones_commas")
 #: ``lens_squash.edge.jacobian.MODES``
-JACOBIAN_MODES: tuple[str, ...] = ("exact", "frozen", "sketch")
+JACOBIAN_MODES: tuple[str, ...] = ("exact", "frozen", "sketch", "frozen-sketch")
 #: ``lens_squash.experiments.mixing.REMOVALS``: the ways ``mixing`` removes the sink
 MIXING_REMOVALS: tuple[str, ...] = ("no_bos", "mask", "clamp")
 #: ``lens_squash.lab.language.PACKINGS``

@@ -79,7 +79,7 @@ def run(args) -> int:
             f"{model.cfg.n_layers} blocks, so pass 0 … {model.cfg.n_layers - 1}"
         )
     chat = False if args.raw else None
-    check_two_tokens(model, args.prompt, chat)
+    check_two_tokens(model, args.prompt, chat=chat)
     ablation = None
     if args.clamp_layer is not None:  # its baseline is the plain sink report: one traced pass, not two
         ablation = ablation_effect(

@@ -103,7 +103,7 @@ def _check_folder(args) -> None:
 
 def _check_prompts_fit(model, args) -> None:
     """Every prompt must have 2+ tokens and fit the loaded context: checked before the first analysis."""
-    from .edge.trace import as_tokens
+    from .edge.prompts import as_tokens
 
     for prompt in args.prompt_list:
         try:

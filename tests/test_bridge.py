@@ -154,7 +154,7 @@ def test_bridge_forward_stops_at_the_target_layer(bridge64):
 
 @pytest.mark.bridge
 def test_unknown_hook_name_is_an_error_not_a_silent_skip(bridge64):
-    from lens_squash.edge.jacobian import _run_until
+    from lens_squash.edge.backward import run_until as _run_until
 
     with pytest.raises(ValueError, match="no hook 'blocks.7.hook_resid_post'"):
         _run_until(bridge64, _tokens(3)[None], "blocks.7.hook_resid_post")
@@ -519,7 +519,7 @@ def test_smollm2_bridge_jacobian_norms_equal_the_hooked_twin(smollm2):
 @pytest.mark.bridge
 def test_smollm2_bridge_sketch_matches_vjps_through_transformers():
     """On either TransformerLens: the bridge's probe rows ``u_rᵀ J`` against autograd through HF alone."""
-    from lens_squash.edge.jacobian import _probes
+    from lens_squash.edge.backward import probes as _probes
 
     bridge = load_model(backend="bridge", n_ctx=512)
     tokens = models.format_prompt(bridge, "Count the ones: 1 1 1 1 0", chat=False)

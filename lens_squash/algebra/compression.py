@@ -75,7 +75,7 @@ def _spectrum_distribution(x: Tensor, method: Method) -> Tensor:
     return s2 / total
 
 
-def _entropy(p: Tensor, rank_bound: int, normalize: bool) -> Tensor:
+def _entropy(p: Tensor, rank_bound: int, *, normalize: bool) -> Tensor:
     h = -(p * p.clamp_min(1e-300).log()).sum(-1)  # 0 · log 0 = 0
     if not normalize:
         return h
@@ -92,7 +92,7 @@ def matrix_entropy(
 
     A single row or column (``min(n, d) = 1``) is rank one: its normalised entropy is defined as 0.
     """
-    return _entropy(_spectrum_distribution(x, method), min(x.shape[-2:]), normalize)
+    return _entropy(_spectrum_distribution(x, method), min(x.shape[-2:]), normalize=normalize)
 
 
 def anisotropy(
@@ -112,4 +112,4 @@ def compression_curves(
     """Normalised :func:`matrix_entropy` and :func:`anisotropy` from ONE spectrum per matrix."""
     x = _check_matrix_stack(x, "x")
     p = _spectrum_distribution(x, method)
-    return _entropy(p, min(x.shape[-2:]), True), p[..., 0]
+    return _entropy(p, min(x.shape[-2:]), normalize=True), p[..., 0]

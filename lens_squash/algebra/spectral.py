@@ -94,7 +94,7 @@ def _check_eps(eps: float) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _dobrushin_one(m: SquareMatrix, chunk: int, causal: bool) -> Tensor:
+def _dobrushin_one(m: SquareMatrix, chunk: int, *, causal: bool) -> Tensor:
     n = m.shape[-1]
     cumulative = m.cumsum(-1)
     best = m.new_zeros(())

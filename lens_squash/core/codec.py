@@ -281,7 +281,7 @@ def _encode_index(index, enc) -> Any:
 class Encoder:
     """One ``to_dict`` call: a memo of the tensors already written, and the heavy-field switch."""
 
-    def __init__(self, heavy: bool):
+    def __init__(self, *, heavy: bool):
         self.heavy = heavy
         self.seen: dict[int, int] = {}
         self.keep: list[Any] = []  # ids stay unique while the objects they name are alive
@@ -348,7 +348,7 @@ class Encoder:
 
 def encode(value: Any, *, heavy: bool = True) -> Any:
     """``value`` as JSON-ready data that :func:`decode` turns back into an equal value."""
-    return Encoder(heavy)(value)
+    return Encoder(heavy=heavy)(value)
 
 
 class Decoder:

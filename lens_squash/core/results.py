@@ -97,7 +97,7 @@ class Record:
 
     def to_dict(self, *, heavy: bool = True) -> dict[str, Any]:
         """JSON-ready fields (see the module docstring); ``heavy=False`` leaves large tensors out."""
-        return self._encode_fields(Encoder(heavy))
+        return self._encode_fields(Encoder(heavy=heavy))
 
     def _encode_fields(self, enc: Encoder) -> dict[str, Any]:
         out: dict[str, Any] = {RECORD_KEY: type(self).__name__}

@@ -198,13 +198,13 @@ def run_block(
 def head_cotangents(
     model,
     top: Float[Tensor, "1 pos d_model"],
-    pos: int,
+    target_pos: int,
     rows: Float[Tensor, "row d_out"],
     *,
     final: bool,
     frozen: bool,
 ) -> Float[Tensor, "row 1 pos d_model"]:
-    """``G^(top)``: each row's gradient at the last block's output, through ``ln_final`` at ``pos``
+    """``G^(top)``: each row's gradient at the last block's output, through ``ln_final`` at ``target_pos``
     when ``final`` (its scale detached when ``frozen``); zero at every other position."""
     out = torch.zeros(rows.shape[0], *top.shape, dtype=top.dtype, device=top.device)
     if final and model.cfg.normalization_type is not None:
@@ -214,11 +214,11 @@ def head_cotangents(
             with model.hooks(fwd_hooks=hooks):
                 return model.ln_final(y)[0, 0]  # per position, so norming only the target is exact
 
-        _, vjp_fn = torch.func.vjp(norm, top[:, pos : pos + 1])
+        _, vjp_fn = torch.func.vjp(norm, top[:, target_pos : target_pos + 1])
         (grad,) = torch.func.vmap(vjp_fn)(rows)
-        out[:, :, pos] = grad[:, :, 0]
+        out[:, :, target_pos] = grad[:, :, 0]
     else:
-        out[:, 0, pos] = rows
+        out[:, 0, target_pos] = rows
     return out
 
 

@@ -145,15 +145,15 @@ def head_value_parts(
 # --------------------------------------------------------------------------------------------------
 
 
-def bound_layer_rows(graph, target: int) -> Float[Tensor, "layers_covered pos"]:
+def bound_layer_rows(graph, target_pos: int) -> Float[Tensor, "layers_covered pos"]:
     """A PathGraph's backward row at every layer: ``o_n · e_nᵀ M^(L-1) ⋯ M^(l)`` for ``l = 0..L``
     (``l = L``: ``o_n e_n``), one vector–matrix product per layer from the factored edges."""
     n_layers, _, n, _ = graph.patterns.shape
-    if not -n <= target < n:
-        raise ValueError(f"target position {target} is out of range for {n} tokens; use 0..{n - 1} or -1")
-    target %= n
+    if not -n <= target_pos < n:
+        raise ValueError(f"target position {target_pos} is out of range for {n} tokens; use 0..{n - 1} or -1")
+    target_pos %= n
     row = torch.zeros(n, dtype=torch.float64)
-    row[target] = 1.0
+    row[target_pos] = 1.0
     rows = [row]
     for layer in range(n_layers - 1, -1, -1):
         if graph.left_scale is not None:
@@ -162,4 +162,4 @@ def bound_layer_rows(graph, target: int) -> Float[Tensor, "layers_covered pos"]:
         heads = torch.einsum("j,hjk->hk", into, graph.patterns[layer].double())
         row = row * graph.residual[layer].double() + (heads * graph.key_scale[layer].double()).sum(0)
         rows.append(row)
-    return float(graph.output_scale[target]) * torch.stack(rows[::-1])
+    return float(graph.output_scale[target_pos]) * torch.stack(rows[::-1])

@@ -39,6 +39,7 @@ def ln1_gain(
     layer: int,
     resid: Float[Tensor, "pos d_model"],
     scale: Float[Tensor, "pos"] | None,
+    *,
     centred: bool,
 ) -> Float[Tensor, "d_model"] | None:
     """Block ``layer``'s ln1 gain ``γ`` (``None``: no gain, or no norm), after checking on ``resid`` that

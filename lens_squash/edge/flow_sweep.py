@@ -105,7 +105,7 @@ def _layer_geometry(model, layer: int, resid: Tensor, scale: Tensor | None, *, f
     block = model.blocks[layer]
     scale = None if scale is None else scale[:, 0]
     centred = model.cfg.normalization_type in ("LN", "LNPre")
-    gain = ln1_gain(model, layer, resid, scale, centred)
+    gain = ln1_gain(model, layer, resid, scale, centred=centred)
     w_v = block.attn.W_V.detach()
     if w_v.shape[0] != model.cfg.n_heads:  # a bridge's grouped-query W_V has one matrix per value head
         w_v = w_v[head_groups(model.cfg.n_heads, w_v.shape[0])]

@@ -22,17 +22,20 @@ the call, so the graph holds only what the input-gradient needs. For causal mode
 loop runs inside :func:`lens_squash.edge.allocator.steady_heap`, which stops glibc from handing each
 batch's freed gradients back to the kernel only to page-fault them in again for the next batch.
 
-**Modes.**
+**Requests.** A call is one :class:`~lens_squash.edge.gradient.GradientRequest`, run by the shared
+driver :func:`~lens_squash.edge.gradient.run_gradient` (:func:`jacobian_of` takes one; :func:`jacobian`
+builds it from its keywords, ``mode`` naming the two choices below at once). Two independent choices:
 
-* ``exact``: the Jacobian of the model as it is.
-* ``frozen``: attention patterns (``blocks.{l}.attn.hook_pattern``), every norm scale
-  (``*.hook_scale``) and mixture-of-experts router weights (``blocks.{l}.mlp.hook_expert_weights``)
-  are detached through hooks, so attention, normalisation and routing act as fixed linear maps. This
-  is exactly the object the certified path-sum bound bounds (DESIGN §3).
-* ``sketch``: ``k = n_probes`` probes ``u_r``, orthonormal (QR of a seeded Gaussian), estimate
+* attention live or ``frozen``: frozen detaches attention patterns (``blocks.{l}.attn.hook_pattern``),
+  every norm scale (``*.hook_scale``) and mixture-of-experts router weights
+  (``blocks.{l}.mlp.hook_expert_weights``) through hooks, so attention, normalisation and routing act
+  as fixed linear maps. This is exactly the object the certified path-sum bound bounds (DESIGN §3).
+* :class:`Exact` probes (every row of ``J``; ``mode="exact"`` or ``"frozen"``) or a
+  :class:`Sketch`: ``k = n_probes`` probes ``u_r``, orthonormal (QR of a seeded Gaussian), estimate
   ``‖J_i‖_F² ≈ (d_out / k) Σ_r ‖u_rᵀ J_i‖²`` (unbiased: ``E[U Uᵀ] = (k / d_out) I`` for a Haar-random
   orthonormal ``U``). With ``k = d_out`` probes ``U Uᵀ = I`` and the estimate is exact. ``k`` VJPs
-  instead of ``d_model``; spectral and L1 norms are not available.
+  instead of ``d_model``; spectral and L1 norms are not available (``mode="sketch"`` or
+  ``"frozen-sketch"``).
 
 **Norms per position.** Frobenius ``‖J_i‖_F`` and the entrywise L1 norm ``Σ_ab |J_i[a, b]|`` (the GNN
 influence score of Xu et al. 2018, Topping et al. 2022) accumulate per chunk. The spectral norm

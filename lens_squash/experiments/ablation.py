@@ -40,7 +40,7 @@ from ..algebra.sinks import SINK_EPS, SinkReport
 from ..core.display import compact_repr
 from ..core.records import provenance
 from ..core.results import Result
-from ..edge.trace import as_tokens
+from ..edge.prompts import Tokens, tokenize
 from .sinks import sink_analysis
 
 __all__ = ["AblationResult", "ablation_effect", "clamp_hooks", "clamp_massive_activation"]
@@ -203,7 +203,7 @@ class AblationResult(Result):
         return f"<b>lens_squash AblationResult</b><table>{body}</table>"
 
 
-def _jacobian_norms(model, tokens: Tensor, n_probes: int, seed: int) -> Tensor:
+def _jacobian_norms(model, tokens: Tokens, n_probes: int, seed: int) -> Tensor:
     try:
         from ..edge.jacobian import jacobian
     except ImportError as err:
@@ -237,7 +237,7 @@ def ablation_effect(
     Jacobians when :mod:`lens_squash.edge.jacobian` is installed; ``True`` requires it; ``False`` skips.
     ``over_squashing`` also fills both reports' rollout-mass and Dobrushin curves (``O(L n²)``).
     """
-    tokens = as_tokens(model, prompt, chat=chat)
+    tokens = tokenize(model, prompt, chat=chat)  # once: both passes and both Jacobians take this value
     settings = {
         "factor": factor,
         "target_norm": target_norm,
@@ -271,7 +271,7 @@ def ablation_effect(
             layer=layer,
             position=position,
             eps=eps,
-            n_tokens=int(tokens.shape[0]),
+            n_tokens=len(tokens),
             n_probes=n_probes if jacobian else None,
             **settings,
         ),

@@ -171,7 +171,7 @@ class CollapseResult(Result):
     def relative(self) -> Float[Tensor, "dtype length site norm"]:
         return self.distances / self.reference.clamp_min(torch.finfo(torch.float64).tiny)
 
-    def final(self, norm: str = "inf", relative: bool = True) -> Float[Tensor, "dtype length"]:
+    def final(self, norm: str = "inf", *, relative: bool = True) -> Float[Tensor, "dtype length"]:
         """The distance of the final-norm output ``y`` against length, per dtype."""
         values = self.relative() if relative else self.distances
         return values[:, :, -1, list(NORMS).index(norm)]
@@ -278,7 +278,7 @@ def format_summary(result: CollapseResult) -> str:
     )
 
 
-def _resolved_chat(model, chat: bool | None) -> bool | None:
+def _resolved_chat(model, *, chat: bool | None) -> bool | None:
     """``chat=None`` means the chat template when the tokenizer has one (as everywhere)."""
     return chat if model.tokenizer is None else uses_chat(model.tokenizer, chat=chat)
 
@@ -309,9 +309,9 @@ def collapse_curve(
     keys (Appendix C.6).
     """
     fam = _family(family)
-    chat = _resolved_chat(model, chat)  # provenance records what was done: True or False
+    chat = _resolved_chat(model, chat=chat)  # provenance records what was done: True or False
     lengths = _check_lengths(lengths)
-    _check_path_args(exact, noise_samples)
+    _check_path_args(noise_samples, exact=exact)
     dtype_names = tuple(str(resolve_dtype(d)).removeprefix("torch.") for d in dtypes)
     if not dtype_names:
         raise ValueError("pass at least one dtype, e.g. dtypes=('float32',)")
@@ -362,7 +362,7 @@ def collapse_curve(
     )
 
 
-def _check_path_args(exact: bool, noise_samples: int) -> None:
+def _check_path_args(noise_samples: int, *, exact: bool) -> None:
     if not isinstance(exact, bool):
         raise TypeError(f"exact must be True (separate passes) or False (shared passes), got {exact!r}")
     if isinstance(noise_samples, bool) or not isinstance(noise_samples, int):

@@ -112,7 +112,7 @@ def _tokenize(model, text: str) -> list[int]:
     return ids
 
 
-def _prompt_text(model, family: CollapseFamily, seq: str, chat: bool, open_ended: bool) -> str:
+def _prompt_text(model, family: CollapseFamily, seq: str, *, chat: bool, open_ended: bool) -> str:
     # chat is resolved here already (uses_chat): True means the template, so one must exist
     before, _, after = family.template.partition("{seq}")
     message = before + seq + ("" if open_ended else after)
@@ -177,8 +177,8 @@ def _family_pairs(model, family, lengths, chat, open_ended, separator, seed) -> 
         seq, seq_star = family.sequences(n, separator, random.Random(seed))
         if not seq_star.startswith(seq):
             raise ValueError(f"family {family.name!r} gave an s* that does not extend s at length {n}")
-        s = _tokenize(model, _prompt_text(model, family, seq, chat, open_ended))
-        s_star = _tokenize(model, _prompt_text(model, family, seq_star, chat, open_ended))
+        s = _tokenize(model, _prompt_text(model, family, seq, chat=chat, open_ended=open_ended))
+        s_star = _tokenize(model, _prompt_text(model, family, seq_star, chat=chat, open_ended=open_ended))
         extra = seq_star[len(seq) :]
         extra_ids = list(model.tokenizer(extra, add_special_tokens=False)["input_ids"])
         exact.append(_check_insertion(s, s_star, extra_ids, n))

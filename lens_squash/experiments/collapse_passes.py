@@ -103,7 +103,7 @@ def relative_gap(a: Float[Tensor, "*batch d"], b: Float[Tensor, "*batch d"]) -> 
     return float((torch.linalg.vector_norm(a - b, ord=float("inf"), dim=-1) / scale).max())
 
 
-def _plan_rows(seqs: list[list[int]], causal: bool) -> tuple[list[list[int]], list[tuple[int, int]]]:
+def _plan_rows(seqs: list[list[int]], *, causal: bool) -> tuple[list[list[int]], list[tuple[int, int]]]:
     """Rows to run and, per sequence, ``(row, position of its last token)``.
 
     In a causal model a sequence that is a prefix of a row is read off that row (longest first)."""
@@ -126,7 +126,7 @@ def is_prefix_closed(seqs: Sequence[Sequence[int]]) -> bool:
     return len(rows) == 1
 
 
-def _batches(rows: list[list[int]], causal: bool, batch_tokens: int) -> list[list[int]]:
+def _batches(rows: list[list[int]], batch_tokens: int, *, causal: bool) -> list[list[int]]:
     """Group row indices; bidirectional models only batch rows of equal length (no padding)."""
     order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
     groups: list[list[int]] = []
@@ -156,7 +156,7 @@ def _capture_hooks(model, store: dict, rows_idx: Tensor, pos_idx: Tensor, *, pos
     return hooks + [(f"blocks.{n_layers - 1}.attn.hook_z", grab("z"))]
 
 
-def _head_outputs(model, z: Tensor, native: bool) -> Tensor:
+def _head_outputs(model, z: Tensor, *, native: bool) -> Tensor:
     """``z W_O^h`` per head, ``[item, head, d_model]``: in the dtype (native) or in float64."""
     w_o = model.blocks[-1].attn.W_O.detach()  # [head, d_head, d_model]
     if native:
@@ -164,12 +164,12 @@ def _head_outputs(model, z: Tensor, native: bool) -> Tensor:
     return torch.einsum("ihd,hdm->ihm", z.double(), w_o.double())
 
 
-def _finish(model, sites: list[Tensor], heads: Tensor, native: bool) -> tuple[Tensor, Tensor]:
+def _finish(model, sites: list[Tensor], heads: Tensor, *, native: bool) -> tuple[Tensor, Tensor]:
     cast = (lambda t: t.to(model.cfg.dtype).double()) if native else (lambda t: t.double())
     return torch.stack([cast(s) for s in sites]).cpu(), cast(heads).cpu()
 
 
-def _run_batch(model, rows: list[list[int]], rows_idx: Tensor, pos_idx: Tensor, extra_hooks, native: bool):
+def _run_batch(model, rows: list[list[int]], rows_idx: Tensor, pos_idx: Tensor, extra_hooks, *, native: bool):
     """One padded forward pass; returns ``[site, item, d_model]``, per-head outputs, logits."""
     width = max(len(r) for r in rows)
     tokens = torch.zeros(len(rows), width, dtype=torch.long)
@@ -189,14 +189,14 @@ def _run_batch(model, rows: list[list[int]], rows_idx: Tensor, pos_idx: Tensor, 
         post = resid[rows_idx, pos_idx]
         final = model.ln_final(post) if hasattr(model, "ln_final") else post
         logits = model.unembed(final[:, None])[:, 0]
-        heads = _head_outputs(model, store["z"], native)
+        heads = _head_outputs(model, store["z"], native=native)
     sites, heads = _finish(
-        model, [store[f"resid.{layer}"] for layer in range(model.cfg.n_layers)] + [post, final], heads, native
+        model, [store[f"resid.{layer}"] for layer in range(model.cfg.n_layers)] + [post, final], heads, native=native
     )
     return sites, heads, logits.cpu()
 
 
-def _run_alone(model, seq: list[int], positions: Tensor, extra_hooks, native: bool):
+def _run_alone(model, seq: list[int], positions: Tensor, extra_hooks, *, native: bool):
     """One unpadded single-prompt pass, exactly ``model(tokens)``: same call, same shapes, so the
     same kernels. Reads ``positions`` (the last one: the prompt itself; earlier ones: its prefixes).
     Returns ``[site, item, d_model]``, per-head outputs ``[item, head, d_model]``, logits."""
@@ -214,12 +214,12 @@ def _run_alone(model, seq: list[int], positions: Tensor, extra_hooks, native: bo
     try:
         with torch.no_grad():
             logits = model.run_with_hooks(torch.tensor([seq], device=model.cfg.device), fwd_hooks=hooks)
-            heads = _head_outputs(model, store["z"], native)
+            heads = _head_outputs(model, store["z"], native=native)
     finally:
         if handle is not None:
             handle.remove()
     layers = [store[f"resid.{layer}"] for layer in range(model.cfg.n_layers)]
-    sites, heads = _finish(model, layers + [store["post"], store.get("y", store["post"])], heads, native)
+    sites, heads = _finish(model, layers + [store["post"], store.get("y", store["post"])], heads, native=native)
     return sites, heads, logits[0, positions].cpu()
 
 
@@ -270,22 +270,22 @@ def measure_pairs(
     """
     seqs = _check_pairs(model, s, s_star)
     if separate:
-        return _measure_separately(model, seqs, len(s), fwd_hooks, native)
+        return _measure_separately(model, seqs, len(s), fwd_hooks, native=native)
     causal = model.cfg.attention_dir == "causal"
-    rows, where = _plan_rows(seqs, causal)
+    rows, where = _plan_rows(seqs, causal=causal)
     n_items = len(seqs)
     resid = heads = logits = None
-    batches = _batches(rows, causal, batch_tokens)
+    batches = _batches(rows, batch_tokens, causal=causal)
     for group in progress(batches, desc=f"collapse passes ({_dtype_name(model)})", unit="pass"):
         local = {r: i for i, r in enumerate(group)}
         items = [i for i in range(n_items) if where[i][0] in local]
         rows_idx = torch.tensor([local[where[i][0]] for i in items])
         pos_idx = torch.tensor([where[i][1] for i in items])
         if len(group) == 1:  # a row alone runs as model(tokens) does: its own prompt is then exact
-            out_sites, out_heads, out_logits = _run_alone(model, rows[group[0]], pos_idx, fwd_hooks, native)
+            out_sites, out_heads, out_logits = _run_alone(model, rows[group[0]], pos_idx, fwd_hooks, native=native)
         else:
             out_sites, out_heads, out_logits = _run_batch(
-                model, [rows[r] for r in group], rows_idx, pos_idx, fwd_hooks, native
+                model, [rows[r] for r in group], rows_idx, pos_idx, fwd_hooks, native=native
             )
         if resid is None:
             resid = torch.zeros(out_sites.shape[0], n_items, out_sites.shape[-1], dtype=torch.float64)
@@ -299,10 +299,10 @@ def measure_pairs(
     return _assemble(model, resid, heads, logits, len(s), path, tokens, len(batches), len(rows))
 
 
-def _measure_separately(model, seqs: list[list[int]], n_pairs: int, fwd_hooks, native: bool) -> PairMeasurement:
+def _measure_separately(model, seqs: list[list[int]], n_pairs: int, fwd_hooks, *, native: bool) -> PairMeasurement:
     distinct = list(dict.fromkeys(tuple(x) for x in seqs))
     runs = {
-        seq: _run_alone(model, list(seq), torch.tensor([len(seq) - 1]), fwd_hooks, native)
+        seq: _run_alone(model, list(seq), torch.tensor([len(seq) - 1]), fwd_hooks, native=native)
         for seq in progress(distinct, desc=f"collapse passes ({_dtype_name(model)})", unit="pass")
     }
     per_item = [runs[tuple(x)] for x in seqs]

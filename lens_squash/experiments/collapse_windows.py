@@ -89,7 +89,7 @@ def window_sweep(
     from ..edge.trace import trace as run_trace
 
     fam, lengths = _family(family), _check_lengths(lengths)
-    chat = _resolved_chat(model, chat)
+    chat = _resolved_chat(model, chat=chat)
     curves, first, last = [], [], []
     s_tokens = family_pairs(model, fam, lengths, chat=chat, open_ended=open_ended, separator=separator, seed=seed)[0]
     for w in windows:

@@ -64,7 +64,7 @@ def pick_replacements(
     return tuple(ids)
 
 
-def _changes(model, batch: Tensor, start: int, hooks, heads: bool) -> tuple[Tensor, dict[str, Tensor]]:
+def _changes(model, batch: Tensor, start: int, hooks, *, heads: bool) -> tuple[Tensor, dict[str, Tensor]]:
     """Row 0 of ``batch`` is clean, the others perturbed: the mean relative change ``[layer+1, pos−start]``."""
     out = residual_streams(model, batch, fwd_hooks=hooks, heads=heads)
     resid = out["resid"][:, :, start:]

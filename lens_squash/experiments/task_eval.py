@@ -111,7 +111,7 @@ def _run_batch(
 
 
 def tokenized_prompts(
-    model, todo: list[TaskInstance], chat: bool | None, max_new_tokens: int
+    model, todo: list[TaskInstance], *, chat: bool | None, max_new_tokens: int
 ) -> dict[tuple, torch.Tensor]:
     """Every prompt still to run, tokenized up front, so that a prompt too long for the context is
     refused before the first batch is generated rather than after hours of work."""
@@ -182,7 +182,9 @@ def evaluate(
     _check_resumable(done, instances, path)
     rows = {i.key: done[i.key] for i in instances if i.key in done}
     todo = [i for i in instances if i.key not in rows]
-    prompts = tokenized_prompts(model, todo, chat, max_new_tokens)  # refuse over-long prompts before any work
+    prompts = tokenized_prompts(
+        model, todo, chat=chat, max_new_tokens=max_new_tokens
+    )  # refuse over-long prompts before any work
     if path is not None:
         record_fingerprint(path, fingerprint, loaded_as, key=RESULT_KEY)
     with counter(

@@ -33,7 +33,7 @@ from ..core.display import compact_repr
 from ..core.records import provenance
 from ..core.results import Result
 from ..core.tokens import token_label
-from ..edge.models import format_prompt
+from ..edge.prompts import Tokens, tokenize
 from .task_prompts import TASKS, TaskInstance, make_instance
 
 __all__ = [
@@ -55,13 +55,12 @@ ANSWER_ELEMENT: dict[str, int] = {"copy_first": 0}
 # Where the sequence sits among the tokens
 
 
-def _chat_text(model, prompt: str, chat: bool | None) -> str:
-    tokenizer = model.tokenizer
-    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
-    if not use_chat:
-        return prompt
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+def _formatted_text(model, tokens: Tokens) -> str:
+    """The text the model's tokens were made from: the prompt inside the chat template when it was applied."""
+    if not tokens.chat:
+        return tokens.text
+    return model.tokenizer.apply_chat_template(
+        [{"role": "user", "content": tokens.text}], add_generation_prompt=True, tokenize=False
     )
 
 
@@ -89,8 +88,8 @@ def sequence_positions(
 
     Uses the fast tokenizer's offset mapping, checked against the ids the model actually sees.
     """
-    tokens = format_prompt(model, instance.prompt, chat=chat)
-    text = _chat_text(model, instance.prompt, chat)
+    prompt = tokenize(model, instance.prompt, chat=chat)
+    tokens, text = prompt.ids, _formatted_text(model, prompt)
     encoded = model.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
     ids, spans = list(encoded["input_ids"]), list(encoded["offset_mapping"])
     shift = len(tokens) - len(ids)  # a BOS the model prepends to raw text

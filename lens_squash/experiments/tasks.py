@@ -89,7 +89,9 @@ def run_tasks(
     everything = [
         i for task, task_styles in plan.items() for i in make_instances(task, lengths, n_samples, task_styles, seed)
     ]
-    tokenized_prompts(model, everything, chat, max_new_tokens)  # no task may fail for length after another has run
+    tokenized_prompts(
+        model, everything, chat=chat, max_new_tokens=max_new_tokens
+    )  # no task may fail for length after another has run
     out = None if out_dir is None else Path(out_dir)
     if out is not None and overwrite:  # the old run's summaries must not outlive its rows
         for name in _FINAL_FILES:
