@@ -44,7 +44,9 @@ term and has no pattern part.
 **Modules.** The hooked passes are in :mod:`lens_squash.edge.flow_pass`, the backward sweeps (plain,
 or checkpointed: one block recomputed at a time from its stored input, chosen by the memory estimate)
 in :mod:`lens_squash.edge.flow_sweep`, the edge geometry and bound rows in
-:mod:`lens_squash.edge.flow_edges`; this module holds the result and the entry point.
+:mod:`lens_squash.edge.flow_edges`; the request, memory plan and probes are the shared gradient driver's
+(:mod:`lens_squash.edge.gradient`, as for :func:`jacobian.jacobian`); this module holds the result and the
+front ends (:func:`flow`, :func:`flow_of`).
 """
 
 from __future__ import annotations

@@ -44,6 +44,8 @@ __all__ = [
     "GradientRequest",
     "GradientRun",
     "Sketch",
+    "last_block",
+    "resolve",
     "run_gradient",
 ]
 
