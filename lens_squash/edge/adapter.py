@@ -36,13 +36,14 @@ from ..algebra.attention import expanded_values
 from ..algebra.blocks import INSTEAD, BlockShape
 from ..algebra.model_facts import LayerFacts, ModelFacts, NormFacts, register_reader
 from ..core.support import UnsupportedModelError
-from .adapter_probe import BridgeProbe, probe_bridge, probe_norm
+from .adapter_probe import PATTERN_FREEZE, BridgeProbe, probe_bridge, probe_norm
 from .backends import is_bridge
 
 __all__ = [
     "activation",
     "check_frozen",
     "check_structure",
+    "pattern_freeze",
     "functorch_ready",
     "mlp_biases",
     "mlp_matrices",
@@ -341,6 +342,16 @@ def check_frozen(model) -> None:
     """Refuse the frozen mode where freezing the hooks was not shown to freeze the quantity."""
     if is_bridge(model) and "frozen" in _structure(model).unsupported:
         raise UnsupportedModelError(_structure(model).unsupported["frozen"])
+
+
+def pattern_freeze(model) -> tuple[str, ...]:
+    """Hook suffixes whose detach freezes each attention pattern: ``attn.hook_pattern``, or on a bridge
+    whose pattern hook fires after transformers' attention has run, its queries and keys
+    (:data:`lens_squash.edge.adapter_probe.QK_FREEZE`)."""
+    if not is_bridge(model):
+        return PATTERN_FREEZE
+    probe = _structure(model).probe
+    return PATTERN_FREEZE if probe is None else probe.pattern_freeze
 
 
 # ------------------------------------------------------------------------------------------------

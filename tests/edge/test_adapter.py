@@ -7,13 +7,15 @@ where HF's forward applies them), and the norm modules' own outputs.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from lens_squash.algebra.blocks import block_shape
 from lens_squash.core.support import UnsupportedModelError
-from lens_squash.edge.adapter import norm_facts, read_model
-from lens_squash.edge.adapter_probe import probe_norm
+from lens_squash.edge.adapter import norm_facts, pattern_freeze, read_model
+from lens_squash.edge.adapter_probe import PATTERN_FREEZE, QK_FREEZE, pattern_acts, probe_norm
 from lens_squash.edge.backends import has_hooked_transformer
 from lens_squash.edge.jacobian import jacobian
 
@@ -69,18 +71,38 @@ def test_plain_bridge_mlps_have_one_input_matrix(bridges):
 
 
 @pytest.mark.bridge
-def test_a_hook_that_does_not_feed_the_forward_pass_refuses_frozen_mode(bridges):
+def test_a_pattern_hook_fired_after_the_fact_freezes_queries_and_keys_instead(bridges):
+    """OPT's bridge runs transformers' attention and fires hook_pattern afterwards: replacing it changes
+    nothing, so the frozen mode detaches the queries and keys, whose replacement does change the output
+    (the frozen Jacobian itself is matched to HF autograd in tests/test_bridge_conformance.py)."""
     bridge = bridges["opt"]
-    with pytest.raises(UnsupportedModelError, match="hook_pattern leaves this bridge's output unchanged"):
-        jacobian(bridge, TOKENS, mode="frozen")
-    # the proof behind it: replacing OPT's pattern really changes nothing
+    assert not pattern_acts(bridge) and pattern_freeze(bridge) == QK_FREEZE
     with torch.no_grad():
         base = bridge(TOKENS[None])
         flat = [("blocks.0.attn.hook_pattern", lambda v, hook: torch.ones_like(v) / v.shape[-1])]
-        with bridge.hooks(fwd_hooks=flat):
+        with warnings.catch_warnings(), bridge.hooks(fwd_hooks=flat):
+            warnings.simplefilter("ignore", UserWarning)  # TransformerLens says the edit is discarded
             assert torch.equal(bridge(TOKENS[None]), base)
+        for name in ("blocks.0.attn.hook_q", "blocks.1.attn.hook_k"):
+            with bridge.hooks(fwd_hooks=[(name, lambda v, hook: v * 0.5)]):
+                assert not torch.equal(bridge(TOKENS[None]), base), name
     if not has_hooked_transformer():
         assert block_shape(bridge).mlp_in == "ln2"  # the certified bound reads traced values and stays available
+
+
+@pytest.mark.bridge
+def test_bridges_computing_attention_in_transformerlens_freeze_the_pattern_itself(bridges):
+    assert pattern_acts(bridges["gpt2"]) and pattern_freeze(bridges["gpt2"]) == PATTERN_FREEZE
+
+
+@pytest.mark.bridge
+@pytest.mark.parametrize("name", ["opt", "gpt_neox", "phi"])
+def test_frozen_mode_raises_no_warning_on_native_path_norms(bridges, name):
+    """Detaching hook_scale makes TransformerLens 4 rebuild the norm from the frozen scale (the frozen
+    map itself) and warn; lens_squash ignores that one message, and nothing else is raised."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jacobian(bridges[name], TOKENS, mode="frozen")
 
 
 class _TwiceW(torch.nn.Module):
