@@ -161,7 +161,13 @@ def _contribution(rec: _Recorder, name: str) -> Tensor:
 
 
 def probe_bridge(
-    model, *, activation: Callable, mlp_matrices: Callable, mlp_biases: Callable, runnable: Callable
+    model,
+    *,
+    activation: Callable,
+    mlp_matrices: Callable,
+    mlp_biases: Callable,
+    runnable: Callable,
+    experts: Callable,
 ) -> BridgeProbe:
     """Block shape, MLP kind and frozen-hook effect of a bridge, from short forward passes."""
     block = model.blocks[0]
@@ -172,6 +178,9 @@ def probe_bridge(
         )
     tokens = _tokens(model)
     rec = _Recorder(block)
+    router = model.hook_dict.get("blocks.0.mlp.hook_expert_weights")
+    if router is not None:  # the MoE's final per-expert weights, [token, expert]
+        rec.handles.append(router.register_forward_hook(lambda m, a, out: rec.extra.setdefault("routing", out)))
     try:
         with torch.no_grad(), runnable(model):
             model(tokens)
@@ -191,10 +200,7 @@ def probe_bridge(
         if kind in ("plain", "gated"):
             _check_mlp(rec, block, activation, mlp_matrices, mlp_biases)
         elif kind == "moe":
-            raise UnsupportedModelError(
-                "the certified bound does not read a TransformerBridge's mixture-of-experts MLP (its experts are "
-                f"fused tensors behind a router with no frozen-weight hook); {INSTEAD}"
-            )
+            _check_moe(rec, block, experts)
     except UnsupportedModelError as error:
         unsupported["certified"] = str(error)
     with runnable(model):
@@ -312,6 +318,30 @@ def _check_mlp(rec: _Recorder, block, activation: Callable, mlp_matrices: Callab
         raise UnsupportedModelError(
             f"{type(block.mlp).__name__} does not compute act(x W_gate)·(x W_in) W_out (or act(x W_in) W_out) "
             f"from the weights it exposes; {INSTEAD}"
+        )
+
+
+def _check_moe(rec: _Recorder, block, experts: Callable) -> None:
+    """``Σ_e g_e act(u W_gate,e) ⊙ (u W_in,e) W_out,e`` with ``g`` the router hook's weights must equal what
+    the MoE returned: the expert weights are read right and the hook holds the final routing weights
+    (top-k, renormalised), which the certified bound's MLP gains and the frozen mode use as they are."""
+    routing = rec.extra.get("routing")
+    if routing is None:
+        raise UnsupportedModelError(
+            "the certified bound needs a mixture-of-experts router's final weights (hook_expert_weights), which "
+            f"this TransformerBridge does not fire; {INSTEAD}"
+        )
+    u = rec.inputs["mlp"].reshape(-1, rec.inputs["mlp"].shape[-1])
+    out = torch.zeros_like(u)
+    with torch.no_grad():
+        for index, expert in enumerate(experts(block)):
+            weight = routing.reshape(u.shape[0], -1)[:, index : index + 1].to(u.dtype)
+            hidden = expert.act_fn(u @ expert.W_gate.weight.T) * (u @ expert.W_in.weight.T)
+            out = out + weight * (hidden @ expert.W_out.weight.T)
+    if not _close(out, _contribution(rec, "mlp")):
+        raise UnsupportedModelError(
+            f"{type(block.mlp).__name__} does not compute Σ_e g_e act(x W_gate,e)·(x W_in,e) W_out,e from its "
+            f"experts' weights and its router hook's weights (a shared expert, biases or clamps); {INSTEAD}"
         )
 
 

@@ -8,16 +8,27 @@ where HF's forward applies them), and the norm modules' own outputs.
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from lens_squash.algebra.blocks import block_shape
 from lens_squash.core.support import UnsupportedModelError
-from lens_squash.edge.adapter import norm_facts, pattern_freeze, read_model
-from lens_squash.edge.adapter_probe import PATTERN_FREEZE, QK_FREEZE, pattern_acts, probe_norm
+from lens_squash.edge.adapter import (
+    activation,
+    functorch_ready,
+    mlp_biases,
+    mlp_matrices,
+    moe_experts,
+    norm_facts,
+    pattern_freeze,
+    read_model,
+)
+from lens_squash.edge.adapter_probe import PATTERN_FREEZE, QK_FREEZE, pattern_acts, probe_bridge, probe_norm
 from lens_squash.edge.backends import has_hooked_transformer
 from lens_squash.edge.jacobian import jacobian
+from lens_squash.edge.trace import trace
 
 from ..hf_families import TOKENS, boot, build_hf
 
@@ -145,3 +156,73 @@ def test_low_precision_bridges_get_the_same_facts():
     assert facts.layers[0].norms["ln1"].convention == "1+w" and not facts.layers[0].norms["ln1"].centred
     gpt2 = read_model(boot(build_hf("gpt2", dtype=torch.bfloat16)))
     assert gpt2.layers[0].norms["ln1"].centred and gpt2.layers[0].norms["ln1"].convention == "w"
+
+
+@pytest.fixture(scope="module")
+def mixtral():
+    return build_hf("mixtral", dtype=torch.float32), boot(build_hf("mixtral", dtype=torch.float32))
+
+
+def _hf_moe_gains(hf, layer: int) -> torch.Tensor:
+    """``Σ_e g_e ‖∂ expert_e(γ ⊙ h / s) / ∂h‖_F`` per position, from the transformers modules alone:
+    the router's top-k weights ``g`` and the frozen RMSNorm scale ``s`` held fixed."""
+    block = hf.model.layers[layer]
+    seen = {}
+
+    def keep(module, args) -> None:  # None: the input is left as it is
+        seen.setdefault("h", args[0][0])
+
+    handle = block.post_attention_layernorm.register_forward_pre_hook(keep)
+    with torch.no_grad():
+        hf(input_ids=TOKENS[None])
+    handle.remove()
+    h, norm, moe = seen["h"], block.post_attention_layernorm, block.mlp
+    scale = h.pow(2).mean(-1, keepdim=True).add(norm.variance_epsilon).sqrt()
+    with torch.no_grad():
+        _, weights, indices = moe.gate(h / scale * norm.weight)
+    gains = torch.zeros(h.shape[0], dtype=torch.float64)
+    for e in range(moe.experts.gate_up_proj.shape[0]):
+        g = (weights * (indices == e)).sum(-1).double()
+        for pos in torch.nonzero(g).flatten().tolist():
+
+            def expert(x, pos=pos, e=e):
+                one = torch.full((1, 1), e, dtype=torch.long)
+                return moe.experts((x / scale[pos] * norm.weight)[None], one, torch.ones(1, 1))[0]
+
+            jac = torch.autograd.functional.jacobian(expert, h[pos])
+            gains[pos] += g[pos] * jac.double().norm()
+    return gains
+
+
+@pytest.mark.bridge
+def test_fused_moe_gains_equal_the_routed_sum_of_expert_jacobians_by_hf_autograd(mixtral):
+    """The certified bound's MoE gain on a bridge over transformers' fused experts: Σ_e g_e ‖J_e‖_F with the
+    router's weights frozen (the frozen model's MoE is Σ_e g_e expert_e, so this bounds ‖J_MoE‖_F)."""
+    hf, bridge = mixtral
+    if has_hooked_transformer():  # TransformerLens 3.9's bridge has no router hook: refused in one line
+        with pytest.raises(UnsupportedModelError, match="hook_expert_weights"):
+            block_shape(bridge)
+        return
+    gains = trace(bridge, TOKENS, lipschitz=True).mlp_gain
+    for layer in range(gains.shape[0]):
+        torch.testing.assert_close(gains[layer].double(), _hf_moe_gains(hf, layer), rtol=1e-4, atol=0)
+
+
+@pytest.mark.bridge
+def test_experts_read_wrong_are_caught_by_recomputing_the_moe(mixtral):
+    """The probe recomputes the MoE from the read experts and the router hook: experts with gate and up
+    swapped do not reproduce it, so the certified bound is refused rather than computed from them."""
+    _, bridge = mixtral
+    if has_hooked_transformer():
+        pytest.skip("TransformerLens 3.9's bridge fires no router hook: nothing to recompute")
+
+    def swapped(block):
+        experts = moe_experts(block)
+        return [SimpleNamespace(W_gate=e.W_in, W_in=e.W_gate, W_out=e.W_out, act_fn=e.act_fn) for e in experts]
+
+    probe = probe_bridge(
+        bridge, activation=activation, mlp_matrices=mlp_matrices, mlp_biases=mlp_biases,
+        runnable=functorch_ready, experts=swapped,
+    )  # fmt: skip
+    assert "does not compute Σ_e g_e" in probe.unsupported["certified"]
+    assert "certified" not in read_model(bridge).unsupported  # the right reading passes
