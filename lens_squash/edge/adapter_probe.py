@@ -184,10 +184,12 @@ def probe_bridge(
     try:
         with torch.no_grad(), runnable(model):
             model(tokens)
-    except RuntimeError as error:  # TransformerLens's own forward fails (e.g. OLMo's bridge in bfloat16)
+    except RuntimeError as error:  # the forward fails (OLMo's bridge in bfloat16, Mixtral's experts in float64)
+        dtype = next(model.parameters()).dtype
+        other = "float32" if dtype == torch.float64 else "float32 or float64"
         raise UnsupportedModelError(
-            f"TransformerLens cannot run this bridge's forward pass ({type(error).__name__}: {error}); "
-            "load the model in float32 or float64"
+            f"this bridge's forward pass fails in {str(dtype).removeprefix('torch.')} "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); load the model in {other}"
         ) from error
     finally:
         rec.close()

@@ -102,6 +102,16 @@ def test_a_pattern_hook_fired_after_the_fact_freezes_queries_and_keys_instead(br
 
 
 @pytest.mark.bridge
+@pytest.mark.parametrize("name", ["opt", "gpt2"])
+def test_the_checkpointed_frozen_sweep_freezes_the_same_hooks(bridges, name):
+    """Rerunning one block at a time (checkpoint=True) installs the same per-layer freeze hooks: equal to
+    the one-pass frozen Jacobian (itself matched to HF autograd in tests/test_bridge_conformance.py)."""
+    plain = jacobian(bridges[name], TOKENS, mode="frozen", keep_full=True, checkpoint=False).full
+    swept = jacobian(bridges[name], TOKENS, mode="frozen", keep_full=True, checkpoint=True).full
+    torch.testing.assert_close(swept, plain, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.bridge
 def test_bridges_computing_attention_in_transformerlens_freeze_the_pattern_itself(bridges):
     assert pattern_acts(bridges["gpt2"]) and pattern_freeze(bridges["gpt2"]) == PATTERN_FREEZE
 
