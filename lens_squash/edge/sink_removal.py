@@ -200,5 +200,6 @@ def _tangent_squares(model, tokens, position, directions, fwd_hooks, names) -> T
     hooks = [("blocks.0.hook_resid_pre", seed), *fwd_hooks, *[(name, read(name)) for name in names]]
     # functorch_ready: BLOOM's GeLU is an autograd.Function without a forward-mode rule
     with torch.no_grad(), fwAD.dual_level(), functorch_ready(model):
-        model.run_with_hooks(tokens.reshape(1, -1), fwd_hooks=hooks)
+        # every row carries the prompt: batch-shaped side inputs (BLOOM's ALiBi on a bridge) match the tangents
+        model.run_with_hooks(tokens.reshape(1, -1).expand(batch, -1), fwd_hooks=hooks)
     return torch.stack([tangents[name].double().pow(2).sum(dim=(0, -1)).cpu() for name in names])

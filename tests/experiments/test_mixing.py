@@ -264,7 +264,7 @@ def test_bridges_spread_equals_the_hf_models_own_streams(name):
     """The sink and masked-sink spreads of a bridge equal the relative change of the HF model's
     residual streams (its eager softmax masked at key 0); OPT's bridge, whose hook_pattern does not
     feed its forward pass, skips the mask with the reason and still measures the rest."""
-    from ..edge.test_sink_removal import _hf_streams
+    from ..edge.test_sink_removal import hf_streams
     from ..hf_families import boot, build_hf
 
     hf, bridge = build_hf(name), boot(build_hf(name))
@@ -275,11 +275,11 @@ def test_bridges_spread_equals_the_hf_models_own_streams(name):
         assert "hook_pattern" in result.skipped["mask"]
     for setting, masked in settings.items():
         with torch.no_grad():
-            clean = _hf_streams(hf, TOKENS, masked=masked)[:, POSITION:]
+            clean = hf_streams(hf, TOKENS, masked=masked)[:, POSITION:]
             changes = []
             for token in REPLACEMENTS:
                 perturbed = TOKENS.clone()
                 perturbed[POSITION] = token
-                changes.append((_hf_streams(hf, perturbed, masked=masked)[:, POSITION:] - clean).norm(dim=-1))
+                changes.append((hf_streams(hf, perturbed, masked=masked)[:, POSITION:] - clean).norm(dim=-1))
         expected = torch.stack(changes).mean(0) / clean.norm(dim=-1)
         torch.testing.assert_close(result.change[setting].double(), expected, rtol=1e-9, atol=1e-12)
