@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
         default=None,
         metavar="K",
         help="also measure over-mixing: replace token K and follow the change through every layer with and "
-        "without the attention sink (a report section, as `lens-squash mixing`; HookedTransformer models)",
+        "without the attention sink (a report section, as `lens-squash mixing`)",
     )
     add_model_args(parser)
 
@@ -99,11 +99,8 @@ def run(args) -> int:
 
 def check_mixing_position(model, prompt: str, position: int, chat) -> None:
     """``--mixing-position`` against the tokenized prompt and the backend, before the first analysis."""
-    from .edge.backends import is_bridge
     from .edge.prompts import as_tokens
 
-    if is_bridge(model):
-        raise ValueError("--mixing-position needs a HookedTransformer model (--backend hooked, TransformerLens 3.9)")
     n = int(as_tokens(model, prompt, chat=chat).shape[0])
     validate.check_int(position, "--mixing-position", minimum=1, maximum=n - 2, hint=f"the prompt has {n} tokens")
 

@@ -8,8 +8,9 @@ For every family in ``tests/hf_families.py`` (random weights built from a ``tran
 norm gains and biases away from their defaults) it runs what ``tests/test_bridge_conformance.py``
 checks and tabulates the outcome: the trace's patterns and ``y_last`` against HF's
 ``output_attentions`` and final-norm output, the certified bound's smallest ratio to HF's frozen
-Jacobian (base weights and the adversarial gains), and the exact and frozen Jacobians' largest
-relative difference from ``torch.autograd.functional.jacobian`` of the HF model.
+Jacobian (base weights and the adversarial gains), over-mixing's masked-sink residual streams against
+HF's eager attention masked at key 0, and the exact and frozen Jacobians' largest relative difference
+from ``torch.autograd.functional.jacobian`` of the HF model.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ sys.path.insert(0, str(ROOT))
 from lens_squash.algebra.variants import path_bound  # noqa: E402
 from lens_squash.core.records import provenance  # noqa: E402
 from lens_squash.edge.jacobian import jacobian  # noqa: E402
+from lens_squash.edge.sink_removal import mask_sink_hooks, residual_streams  # noqa: E402
 from lens_squash.edge.trace import trace  # noqa: E402
+from tests.edge.test_sink_removal import hf_streams  # noqa: E402
 from tests.hf_families import (  # noqa: E402
     ADVERSARIAL_GAINS,
     CAUSAL,
@@ -75,6 +78,14 @@ def _certified(name: str) -> str:
     return f"ok (min ratio {worst:.3g})" if worst >= 1 - 1e-9 else f"**VIOLATED ({worst:.3g})**"
 
 
+def _masked_sink(reference, bridge) -> str:
+    """Over-mixing's sink removal: the residual streams with key 0 masked and renormalised against HF's eager
+    attention with key 0's scores at −∞ (queries 1…n−1)."""
+    got = residual_streams(bridge, TOKENS[None], fwd_hooks=mask_sink_hooks(bridge))["resid"][0]
+    with torch.no_grad():
+        return _rel(got, hf_streams(reference, TOKENS, masked=True))
+
+
 def _row(name: str) -> list[str]:
     reference, bridge = _models(name)
     out = hf_final(reference, TOKENS, output_attentions=True)
@@ -85,6 +96,7 @@ def _row(name: str) -> list[str]:
         _rel(traced.y_last, out.last_hidden_state[0, -1]),
         _cell(lambda: _certified(name)),
     ]
+    cells.append(_cell(lambda: _masked_sink(reference, bridge)))
     for mode in ("exact", "frozen"):
         cells.append(
             _cell(
@@ -100,7 +112,7 @@ def _row(name: str) -> list[str]:
 def section(rows: dict[str, list[str]]) -> str:
     versions = provenance()["versions"]
     tl = versions.get("transformer-lens", versions.get("transformer_lens", "?"))
-    header = ["family", "patterns", "y_last", "certified", "exact Jacobian", "frozen Jacobian"]
+    header = ["family", "patterns", "y_last", "certified", "masked sink", "exact Jacobian", "frozen Jacobian"]
     lines = [
         f"<!-- tl{tl.split('.')[0]} -->",
         f"## TransformerLens {tl} (transformers {versions.get('transformers', '?')}, torch {versions.get('torch', '?')})",
@@ -122,7 +134,9 @@ with `TransformerBridge.boot_transformers(..., hf_model=...)` and `enable_compat
 Every number is a largest difference relative to the largest reference entry, the reference being plain
 autograd on the HF model (frozen: HF's own softmaxes and norm scales replayed as constants). *certified*:
 the smallest bound / HF frozen-Jacobian ratio over the base weights and the adversarial gains
-(small_gains, split_gains); a theorem says it is ≥ 1. A refusal raises `UnsupportedModelError` in one line.
+(small_gains, split_gains); a theorem says it is ≥ 1. *masked sink*: over-mixing's residual streams with
+key 0 masked and renormalised, against HF's eager attention with key 0's scores at −∞.
+A refusal raises `UnsupportedModelError` in one line.
 Differences near 1e-7 come from steps transformers computes in float32 inside a float64 model.
 """
 

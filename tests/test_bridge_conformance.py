@@ -7,7 +7,8 @@ exact, frozen and sketched Jacobians equal ``torch.autograd.functional.jacobian`
 frozen one replays HF's own softmaxes and norm scales as constants); traced patterns equal HF's
 ``output_attentions``; ``y_last`` equals HF's final-norm output; the certified bound is at or above
 the frozen Jacobian, also with adversarial gains. Where lens_squash refuses a method it must say so in
-one typed line (frozen on bridges whose ``hook_pattern`` does not feed the forward pass, MoE).
+one typed line (MoE on TransformerLens 3.9's bridge, which has no router hook). OPT's and GPT-J's bridges run transformers' own attention and fire ``hook_pattern``
+after it: their frozen mode detaches the queries and keys, and must still equal HF's replayed patterns.
 
 Tolerance: 1e-10 relative in float64 where the HF model computes in float64. Where HF computes a step
 in float32 that the bridge's hooked path computes in the model's dtype, the two agree only to float32
@@ -48,14 +49,10 @@ FLOAT32_INSIDE = frozenset(
     | {"gpt_neox", "falcon"}
 )
 #: families lens_squash refuses a method on, with the refusal's wording
-REFUSES = {
-    "opt": {"frozen": "hook_pattern leaves this bridge's output unchanged"},
-    "gptj": {"frozen": "hook_pattern leaves this bridge's output unchanged"},
-    "mixtral": {"certified": "mixture-of-experts"},
-}
+REFUSES: dict[str, dict[str, str]] = {}
 if has_hooked_transformer():  # TransformerLens 3.9's bridge: OPT's MLP hooks never fire, MoE has no router hook
-    REFUSES["opt"] = {**REFUSES["opt"], "certified": "did not run as a module with hooks"}
-    REFUSES["mixtral"] = {**REFUSES["mixtral"], "frozen": "router has no hook_expert_weights"}
+    REFUSES["opt"] = {"certified": "did not run as a module with hooks"}
+    REFUSES["mixtral"] = {"frozen": "router has no hook_expert_weights", "certified": "hook_expert_weights"}
 #: transformers' Mixtral experts run a grouped matmul that has no float64 kernel
 FLOAT32_ONLY = frozenset({"mixtral"})
 FAMILIES = sorted(CAUSAL)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import lens_squash.edge.models
 from lens_squash.cli import main
@@ -76,14 +77,15 @@ def test_lab_trains_a_grid_and_reads_it_back(capsys, tmp_path):
 
 
 @pytest.mark.bridge
-def test_mixing_refuses_a_bridge_in_one_line():
-    from lens_squash.core.support import UnsupportedModelError
+def test_mixing_runs_on_a_bridge():
+    """Bridges are measured (tests/edge/test_sink_removal.py checks them against the HF model's own streams)."""
     from lens_squash.edge.models import TINY_MODEL, load_model
     from lens_squash.experiments.mixing import mixing
 
     bridge = load_model(TINY_MODEL, backend="bridge", n_ctx=64)
-    with pytest.raises(UnsupportedModelError, match="backend='hooked'"):
-        mixing(bridge, "one two three four", 2)
+    result = mixing(bridge, "one two three four", 2, n_samples=1, jacobian=False, removals=("mask",))
+    assert set(result.change) == {"sink", "mask"} and not result.skipped
+    assert bool(torch.isfinite(result.change["mask"]).all())
 
 
 @pytest.mark.hooked

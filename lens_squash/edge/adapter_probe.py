@@ -7,6 +7,7 @@ dtype with a tolerance of ``max(1e-4, 20 eps)`` relative (float32 rounding is ~1
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,11 +17,20 @@ from torch import Tensor
 from ..algebra.blocks import INSTEAD, BlockShape
 from ..core.support import UnsupportedModelError
 
-__all__ = ["BridgeProbe", "probe_bridge", "probe_norm"]
+__all__ = ["PATTERN_FREEZE", "QK_FREEZE", "BridgeProbe", "pattern_acts", "probe_bridge", "probe_norm"]
 
 _RTOL = 1e-4
 _SITES = ("ln1", "ln2", "ln1_post", "ln2_post")
 _FROZEN_INSTEAD = "use mode='exact' or mode='sketch', or a HookedTransformer (transformer-lens>=3.9,<4)"
+
+
+#: hooks whose detach freezes the attention pattern: the pattern itself where the bridge computes
+#: attention in TransformerLens (its hook_pattern feeds the output), else the queries and keys, which
+#: enter attention only through the scores ``q·k`` (OPT's and GPT-J's bridges run transformers' own
+#: attention and fire hook_pattern after the fact): with both detached the pattern is a constant and
+#: the values still carry the input, which is exactly the frozen-pattern map ``z = A v``
+PATTERN_FREEZE = ("attn.hook_pattern",)
+QK_FREEZE = ("attn.hook_q", "attn.hook_k")
 
 
 @dataclass
@@ -28,6 +38,8 @@ class BridgeProbe:
     shape: BlockShape | None
     mlp_kind: str
     unsupported: dict[str, str] = field(default_factory=dict)
+    #: hook suffixes whose detach freezes the pattern (:data:`PATTERN_FREEZE` or :data:`QK_FREEZE`)
+    pattern_freeze: tuple[str, ...] = PATTERN_FREEZE
 
 
 def _close(a: Tensor, b: Tensor, dtype: torch.dtype | None = None) -> bool:
@@ -149,7 +161,13 @@ def _contribution(rec: _Recorder, name: str) -> Tensor:
 
 
 def probe_bridge(
-    model, *, activation: Callable, mlp_matrices: Callable, mlp_biases: Callable, runnable: Callable
+    model,
+    *,
+    activation: Callable,
+    mlp_matrices: Callable,
+    mlp_biases: Callable,
+    runnable: Callable,
+    experts: Callable,
 ) -> BridgeProbe:
     """Block shape, MLP kind and frozen-hook effect of a bridge, from short forward passes."""
     block = model.blocks[0]
@@ -158,15 +176,20 @@ def probe_bridge(
             f"{type(block).__name__} has no attention with W_V / W_O: lens_squash analyses causal attention "
             "transformers (decoder-only); SSMs, hybrids and encoder-decoders are not supported"
         )
-    tokens = torch.arange(1, 6, device=model.cfg.device)[None] % max(int(model.cfg.d_vocab), 2)
+    tokens = _tokens(model)
     rec = _Recorder(block)
+    router = model.hook_dict.get("blocks.0.mlp.hook_expert_weights")
+    if router is not None:  # the MoE's final per-expert weights, [token, expert]
+        rec.handles.append(router.register_forward_hook(lambda m, a, out: rec.extra.setdefault("routing", out)))
     try:
         with torch.no_grad(), runnable(model):
             model(tokens)
-    except RuntimeError as error:  # TransformerLens's own forward fails (e.g. OLMo's bridge in bfloat16)
+    except RuntimeError as error:  # the forward fails (OLMo's bridge in bfloat16, Mixtral's experts in float64)
+        dtype = next(model.parameters()).dtype
+        other = "float32" if dtype == torch.float64 else "float32 or float64"
         raise UnsupportedModelError(
-            f"TransformerLens cannot run this bridge's forward pass ({type(error).__name__}: {error}); "
-            "load the model in float32 or float64"
+            f"this bridge's forward pass fails in {str(dtype).removeprefix('torch.')} "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); load the model in {other}"
         ) from error
     finally:
         rec.close()
@@ -179,17 +202,15 @@ def probe_bridge(
         if kind in ("plain", "gated"):
             _check_mlp(rec, block, activation, mlp_matrices, mlp_biases)
         elif kind == "moe":
-            raise UnsupportedModelError(
-                "the certified bound does not read a TransformerBridge's mixture-of-experts MLP (its experts are "
-                f"fused tensors behind a router with no frozen-weight hook); {INSTEAD}"
-            )
+            _check_moe(rec, block, experts)
     except UnsupportedModelError as error:
         unsupported["certified"] = str(error)
     with runnable(model):
-        frozen = _frozen_problem(model, tokens, kind)
+        freeze = PATTERN_FREEZE if pattern_acts(model, tokens) else QK_FREEZE
+        frozen = _frozen_problem(model, tokens, kind, freeze)
     if frozen is not None:
         unsupported["frozen"] = frozen
-    return BridgeProbe(shape, kind, unsupported)
+    return BridgeProbe(shape, kind, unsupported, freeze)
 
 
 def _check_causal(model, tokens: Tensor) -> None:
@@ -302,20 +323,71 @@ def _check_mlp(rec: _Recorder, block, activation: Callable, mlp_matrices: Callab
         )
 
 
+def _check_moe(rec: _Recorder, block, experts: Callable) -> None:
+    """``Σ_e g_e act(u W_gate,e) ⊙ (u W_in,e) W_out,e`` with ``g`` the router hook's weights must equal what
+    the MoE returned: the expert weights are read right and the hook holds the final routing weights
+    (top-k, renormalised), which the certified bound's MLP gains and the frozen mode use as they are."""
+    routing = rec.extra.get("routing")
+    if routing is None:
+        raise UnsupportedModelError(
+            "the certified bound needs a mixture-of-experts router's final weights (hook_expert_weights), which "
+            f"this TransformerBridge does not fire; {INSTEAD}"
+        )
+    u = rec.inputs["mlp"].reshape(-1, rec.inputs["mlp"].shape[-1])
+    out = torch.zeros_like(u)
+    with torch.no_grad():
+        for index, expert in enumerate(experts(block)):
+            weight = routing.reshape(u.shape[0], -1)[:, index : index + 1].to(u.dtype)
+            hidden = expert.act_fn(u @ expert.W_gate.weight.T) * (u @ expert.W_in.weight.T)
+            out = out + weight * (hidden @ expert.W_out.weight.T)
+    if not _close(out, _contribution(rec, "mlp")):
+        raise UnsupportedModelError(
+            f"{type(block.mlp).__name__} does not compute Σ_e g_e act(x W_gate,e)·(x W_in,e) W_out,e from its "
+            f"experts' weights and its router hook's weights (a shared expert, biases or clamps); {INSTEAD}"
+        )
+
+
 # ------------------------------------------------------------------------------------------------
 # Frozen hooks must act
 
 
-def _frozen_problem(model, tokens: Tensor, kind: str) -> str | None:
+def _probed_layers(model) -> list[int]:
+    return sorted({0, model.cfg.n_layers - 1})
+
+
+def _acts(model, tokens: Tensor, name: str, base: Tensor) -> bool:
+    """Replacing ``name``'s value changes the output (a hook fired after the fact does not)."""
+    with warnings.catch_warnings():  # TransformerLens warns that a post-hoc pattern edit is discarded: we test that
+        warnings.simplefilter("ignore", UserWarning)
+        with model.hooks(fwd_hooks=[(name, _replacement(name))]):
+            changed = model(tokens)
+    return not torch.equal(changed, base)
+
+
+def pattern_acts(model, tokens: Tensor | None = None) -> bool:
+    """Whether replacing ``hook_pattern`` (block 0 and the last block) changes the bridge's output."""
+    tokens = _tokens(model) if tokens is None else tokens
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in _probed_layers(model)]
+    if any(name not in model.hook_dict for name in names):
+        return False
+    with torch.no_grad():
+        base = model(tokens)
+        return all(_acts(model, tokens, name, base) for name in names)
+
+
+def _tokens(model) -> Tensor:
+    return torch.arange(1, 6, device=model.cfg.device)[None] % max(int(model.cfg.d_vocab), 2)
+
+
+def _frozen_problem(model, tokens: Tensor, kind: str, freeze: tuple[str, ...]) -> str | None:
     """Why the frozen mode would not freeze what it claims, or None: replacing each frozen hook's value
-    (a uniform causal pattern, a doubled scale) must change the output."""
+    (a uniform causal pattern, halved queries or keys, a doubled scale) must change the output."""
     if kind == "moe" and not any(n.endswith("mlp.hook_expert_weights") for n in model.hook_dict):
         return (
             "this TransformerBridge's mixture-of-experts router has no hook_expert_weights to freeze, so a frozen "
             f"Jacobian would keep the routing live; {_FROZEN_INSTEAD}"
         )
-    last = model.cfg.n_layers - 1
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in sorted({0, last})]
+    names = [f"blocks.{layer}.{suffix}" for layer in _probed_layers(model) for suffix in freeze]
     names += [f"blocks.0.{site}.hook_scale" for site in _SITES if f"blocks.0.{site}.hook_scale" in model.hook_dict]
     names += ["ln_final.hook_scale"] if "ln_final.hook_scale" in model.hook_dict else []
     names += ["blocks.0.mlp.hook_expert_weights"] if kind == "moe" else []
@@ -324,9 +396,7 @@ def _frozen_problem(model, tokens: Tensor, kind: str) -> str | None:
         for name in names:
             if name not in model.hook_dict:
                 return f"this bridge has no {name}, so the frozen mode cannot freeze it; {_FROZEN_INSTEAD}"
-            with model.hooks(fwd_hooks=[(name, _replacement(name))]):
-                changed = model(tokens)
-            if torch.equal(changed, base):
+            if not _acts(model, tokens, name, base):
                 return (
                     f"replacing {name} leaves this bridge's output unchanged (its forward pass does not use the "
                     f"hooked value), so a frozen Jacobian would keep that quantity live; {_FROZEN_INSTEAD}"
@@ -342,6 +412,8 @@ def _replacement(name: str):
             n = value.shape[-1]
             causal = torch.tril(torch.ones(n, n, dtype=value.dtype, device=value.device))
             return (causal / causal.sum(-1, keepdim=True)).expand_as(value).clone()
+        if name.endswith(("hook_q", "hook_k")):
+            return value * 0.5
         return value * 2.0
 
     return replace

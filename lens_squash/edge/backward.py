@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -24,7 +25,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .adapter import check_frozen, functorch_ready
+from .adapter import check_frozen, functorch_ready, pattern_freeze
+from .backends import is_bridge
 
 __all__ = [
     "FROZEN_SUFFIXES",
@@ -41,8 +43,18 @@ __all__ = [
 ]
 
 #: hooks the frozen mode detaches: attention patterns, norm scales, and mixture-of-experts router
-#: weights (frozen like the patterns; the certified bound assumes all three)
+#: weights (frozen like the patterns; the certified bound assumes all three). On a bridge whose
+#: ``hook_pattern`` fires after transformers' attention ran (OPT, GPT-J) the pattern is frozen by
+#: detaching its queries and keys instead (:func:`lens_squash.edge.adapter.pattern_freeze`).
 FROZEN_SUFFIXES = (".hook_scale", "attn.hook_pattern", "mlp.hook_expert_weights")
+
+#: TransformerLens 4's bridge norms on the native-autograd path (OPT, NeoX, Phi, StableLM, OLMo) warn
+#: when a hook edits ``hook_scale``, and then compute ``(x − mean) / scale · w + b`` from the edited
+#: scale. That reconstruction is the norm with its scale frozen, exactly what the frozen mode means
+#: (tests/test_bridge_conformance.py matches it to HF autograd with replayed scales, 1e-10 in
+#: float64), so the warning is only ignored for this message from that module.
+_NATIVE_NORM_FALLBACK = "A forward hook edited hook_scale/hook_normalized on the native-autograd path"
+_NATIVE_NORM_MODULE = r"transformer_lens\.model_bridge\.generalized_components\.normalization"
 
 
 @contextlib.contextmanager
@@ -74,11 +86,14 @@ def freeze_hooks(model, wrt: int = 0, layers: Iterable[int] | None = None) -> li
     (``ln_final.hook_scale``) always are. ``layers``: only those blocks' hooks (a checkpointed sweep
     reruns one block at a time), non-block hooks still included.
     """
-    check_frozen(model)  # a bridge whose hooks were not shown to act (OPT's hook_pattern) is refused
+    check_frozen(model)  # a bridge whose hooks were not shown to act is refused
+    suffixes = (".hook_scale", *pattern_freeze(model), "mlp.hook_expert_weights")
+    if is_bridge(model):
+        warnings.filterwarnings("ignore", message=re.escape(_NATIVE_NORM_FALLBACK), module=_NATIVE_NORM_MODULE)
     wanted = None if layers is None else set(layers)
     names = []
     for name in model.hook_dict:
-        if not name.endswith(FROZEN_SUFFIXES):
+        if not name.endswith(suffixes):
             continue
         match = re.match(r"blocks\.(\d+)\.", name)
         if match is None:

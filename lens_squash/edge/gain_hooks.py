@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .adapter import norm_facts
 from .lipschitz import (
     cached_gram_blocks,
     mlp_jacobian_frobenius,
@@ -78,9 +79,11 @@ def _solu_gain_hooks(model, shape, store: dict[str, Tensor]) -> list:
 def _routing(mlp, weights: Tensor, indices: Tensor, cfg) -> Tensor:
     """The weight each expert's output gets, ``[pos, expert]``, as TransformerLens's MoE forward uses it.
     GPT-OSS's hook holds them already; Mixtral's holds the softmax over all experts, which the
-    forward then cuts to the top k (and renormalises with ``norm_topk_prob``), in the same float32."""
-    if type(mlp).__name__ == "GptOssMoE":
-        return weights.double()
+    forward then cuts to the top k (and renormalises with ``norm_topk_prob``), in the same float32. A
+    bridge's hook holds the final weights, top k and renormalised (the adapter's probe recomputes the
+    MoE's output from them, :func:`lens_squash.edge.adapter_probe._check_moe`)."""
+    if type(mlp).__name__ == "GptOssMoE" or hasattr(mlp, "original_component"):
+        return weights.reshape(-1, weights.shape[-1]).double()
     top = torch.gather(weights, -1, indices)
     if getattr(cfg, "norm_topk_prob", False):
         top = top / top.sum(dim=-1, keepdim=True)
@@ -121,11 +124,11 @@ def _mlp_input_hook(model, layer: int, shape) -> tuple[str, Any]:
     gain and bias re-applied, or the residual the MLP reads when no norm precedes it."""
     if shape.mlp_in is None:
         return (f"blocks.{layer}.hook_resid_pre" if shape.parallel else f"blocks.{layer}.hook_resid_mid"), None
-    norm = getattr(model.blocks[layer], shape.mlp_in)
+    norm = norm_facts(getattr(model.blocks[layer], shape.mlp_in))  # the effective gain (w or 1 + w) and bias
 
     def affine(normalized: Tensor) -> Tensor:
-        out = normalized * norm.w if hasattr(norm, "w") else normalized
-        return out + norm.b if hasattr(norm, "b") else out
+        out = normalized.double() if norm.gain is None else normalized.double() * norm.gain.to(normalized.device)
+        return out if norm.bias is None else out + norm.bias.to(normalized.device)
 
     return f"blocks.{layer}.{shape.mlp_in}.hook_normalized", affine
 

@@ -40,7 +40,7 @@ from ..algebra.blocks import (
     weight_signature,
 )
 from ..algebra.symmetric_forms import LowerBlocks, lower_blocks, quadratic_form
-from .adapter import activation, mlp_matrices, norm_facts, norm_weight, read_model
+from .adapter import activation, mlp_matrices, moe_experts, norm_facts, norm_weight, read_model
 from .weight_cache import FactorCache
 
 __all__ = [
@@ -284,7 +284,7 @@ def moe_jacobian_frobenius(
     expert's elementwise map (its clamps included). Without the frozen norms' scales (float64)."""
     x = moe_in.detach().double()
     total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-    for index, expert in enumerate(block.mlp.experts):
+    for index, expert in enumerate(moe_experts(block)):  # modules, or views of fused tensors (bridges)
         weight = routing[:, index].double()
         if not (weight > 0).any():
             continue

@@ -1,5 +1,8 @@
 """The model side of over-mixing (Barbero et al. 2025, "Why do LLMs attend to the first token?").
 
+Both backends: a ``HookedTransformer``, or a ``TransformerBridge`` in compatibility mode (masking the
+sink needs a pattern hook that feeds the bridge's forward pass; :func:`mask_unsupported` says why not).
+
 * :func:`mask_sink_hooks` removes the attention sink: every query after the first pays nothing to
   key 0, and its row is renormalised to the mass it had (1 for a plain softmax). Query 0 can only
   see key 0, so its row is left alone.
@@ -22,12 +25,17 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..core.support import UnsupportedModelError
+from .adapter import check_structure, functorch_ready, pattern_freeze
+from .adapter_probe import PATTERN_FREEZE
+from .backends import is_bridge
+from .backward import check_hooks
 
 __all__ = [
     "Hook",
     "bos_token_id",
     "input_jacobian_norms",
     "mask_sink_hooks",
+    "mask_unsupported",
     "residual_hook_names",
     "residual_streams",
 ]
@@ -36,16 +44,32 @@ Hook = tuple[str, Callable]
 
 
 def _check_hooked(model) -> None:
+    """A HookedTransformer, or a TransformerBridge in compatibility mode (the legacy hook names), with
+    plain softmax attention."""
     if not hasattr(model, "run_with_hooks") or not hasattr(model, "blocks"):
         raise UnsupportedModelError(
-            f"over-mixing hooks each block of a HookedTransformer; got a {type(model).__name__}: "
-            "load the model with backend='hooked'"
+            f"over-mixing hooks each block of a HookedTransformer or TransformerBridge; got a {type(model).__name__}"
         )
+    if is_bridge(model):
+        check_structure(model)  # a model that is not a causal attention decoder is refused here
+        check_hooks(model, residual_hook_names(model))
     if getattr(model.cfg, "use_attention_sinks", False):
         raise UnsupportedModelError(
             "this model has learned sink logits in its softmax (use_attention_sinks), so masking key 0 "
             "does not remove its sink; over-mixing without the sink is defined for plain softmax attention"
         )
+
+
+def mask_unsupported(model) -> str | None:
+    """Why :func:`mask_sink_hooks` cannot remove the sink of ``model``, or None."""
+    _check_hooked(model)
+    if is_bridge(model) and pattern_freeze(model) != PATTERN_FREEZE:
+        return (
+            "this TransformerBridge runs transformers' own attention and fires hook_pattern after it (replacing it "
+            "changes nothing), so key 0 cannot be masked through it; use backend='hooked' (TransformerLens 3.9) "
+            "or a family whose bridge computes attention in TransformerLens"
+        )
+    return None
 
 
 def bos_token_id(model) -> int | None:
@@ -62,8 +86,13 @@ def residual_hook_names(model) -> list[str]:
 
 def mask_sink_hooks(model) -> list[Hook]:
     """Pattern hooks on every layer that zero key 0 for queries ``1…n−1`` and renormalise each row
-    to its former mass (a row that put all its mass on key 0 becomes uniform over its other keys)."""
-    _check_hooked(model)
+    to its former mass (a row that put all its mass on key 0 becomes uniform over its other keys).
+
+    On a TransformerBridge the pattern hook must feed the forward pass (the adapter proves it by
+    replacing it); where it does not (OPT, GPT-J), this raises with the reason."""
+    reason = mask_unsupported(model)
+    if reason is not None:
+        raise UnsupportedModelError(reason)
 
     def hook(pattern: Float[Tensor, "batch head_index query_pos key_pos"], hook) -> Tensor:
         n = pattern.shape[-1]
@@ -95,15 +124,18 @@ def residual_streams(
     names = residual_hook_names(model)
     store: dict[str, Tensor] = {}
 
-    def keep(tensor: Tensor, hook) -> None:
-        store[hook.name] = tensor.detach()
+    def keep(name: str):  # by the requested name: a bridge's hook.name is the aliased point's own
+        def hook(tensor: Tensor, hook) -> None:
+            store[name] = tensor.detach()
+
+        return hook
 
     wanted = list(names)
     if heads:
         for layer in range(model.cfg.n_layers):
             wanted += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.attn.hook_pattern"]
     with torch.no_grad():  # the caller's hooks first: what is stored is what the next layer reads
-        model.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks) + [(name, keep) for name in wanted])
+        model.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks) + [(name, keep(name)) for name in wanted])
     out = {"resid": torch.stack([store[name] for name in names], dim=1)}
     if heads:
         layers = range(model.cfg.n_layers)
@@ -158,11 +190,16 @@ def _tangent_squares(model, tokens, position, directions, fwd_hooks, names) -> T
         tangent[:, position] = directions.to(tangent)
         return fwAD.make_dual(resid.expand(batch, -1, -1).clone(), tangent)
 
-    def read(resid: Tensor, hook) -> None:
-        tangent = fwAD.unpack_dual(resid).tangent
-        tangents[hook.name] = torch.zeros_like(resid) if tangent is None else tangent.detach()
+    def read(name: str):  # by the requested name, as residual_streams
+        def hook(resid: Tensor, hook) -> None:
+            tangent = fwAD.unpack_dual(resid).tangent
+            tangents[name] = torch.zeros_like(resid) if tangent is None else tangent.detach()
 
-    hooks = [("blocks.0.hook_resid_pre", seed), *fwd_hooks, *[(name, read) for name in names]]
-    with torch.no_grad(), fwAD.dual_level():
-        model.run_with_hooks(tokens.reshape(1, -1), fwd_hooks=hooks)
+        return hook
+
+    hooks = [("blocks.0.hook_resid_pre", seed), *fwd_hooks, *[(name, read(name)) for name in names]]
+    # functorch_ready: BLOOM's GeLU is an autograd.Function without a forward-mode rule
+    with torch.no_grad(), fwAD.dual_level(), functorch_ready(model):
+        # every row carries the prompt: batch-shaped side inputs (BLOOM's ALiBi on a bridge) match the tangents
+        model.run_with_hooks(tokens.reshape(1, -1).expand(batch, -1), fwd_hooks=hooks)
     return torch.stack([tangents[name].double().pow(2).sum(dim=(0, -1)).cpu() for name in names])

@@ -18,9 +18,13 @@ from torch import Tensor
 
 from ..core import validate
 from ..core.records import provenance
-from ..core.support import UnsupportedModelError
-from ..edge.backends import is_bridge
-from ..edge.sink_removal import bos_token_id, input_jacobian_norms, mask_sink_hooks, residual_streams
+from ..edge.sink_removal import (
+    bos_token_id,
+    input_jacobian_norms,
+    mask_sink_hooks,
+    mask_unsupported,
+    residual_streams,
+)
 from ..edge.trace import as_tokens
 from .ablation import clamp_hooks
 from .mixing_result import SETTING_LABELS, MixingResult, relative_change
@@ -120,11 +124,6 @@ def mixing(
     estimates them from that many Gaussian tangents (for wide models).
     """
     tokens = as_tokens(model, prompt, chat=chat)
-    if is_bridge(model):  # its hooks read HookedTransformer's block internals; untested on bridges: refuse
-        raise UnsupportedModelError(
-            "mixing needs a HookedTransformer (it hooks and reruns TransformerLens's own blocks) and has not been "
-            "checked on a TransformerBridge; load the model with backend='hooked' (TransformerLens 3.9)"
-        )
     n = int(tokens.shape[0])
     validate.check_int(
         position, "position", minimum=1, maximum=n - 2, hint="a token after the first and before the last"
@@ -146,7 +145,10 @@ def mixing(
         else:  # the same sequence one position earlier: column j is still position `position + j`
             change["no_bos"], _ = _changes(model, batch[:, 1:], position - 1, (), heads=False)
             hooks["no_bos"] = []
-    if "mask" in removals:
+    mask_reason = mask_unsupported(model) if "mask" in removals else None  # also refuses a non-causal model
+    if mask_reason is not None:  # a bridge whose hook_pattern does not feed its forward pass (OPT, GPT-J)
+        skipped["mask"] = mask_reason
+    elif "mask" in removals:
         hooks["mask"] = mask_sink_hooks(model)
         change["mask"], _ = _changes(model, batch, position, hooks["mask"], heads=False)
     if "clamp" in removals:

@@ -7,15 +7,28 @@ where HF's forward applies them), and the norm modules' own outputs.
 
 from __future__ import annotations
 
+import warnings
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from lens_squash.algebra.blocks import block_shape
 from lens_squash.core.support import UnsupportedModelError
-from lens_squash.edge.adapter import norm_facts, read_model
-from lens_squash.edge.adapter_probe import probe_norm
+from lens_squash.edge.adapter import (
+    activation,
+    functorch_ready,
+    mlp_biases,
+    mlp_matrices,
+    moe_experts,
+    norm_facts,
+    pattern_freeze,
+    read_model,
+)
+from lens_squash.edge.adapter_probe import PATTERN_FREEZE, QK_FREEZE, pattern_acts, probe_bridge, probe_norm
 from lens_squash.edge.backends import has_hooked_transformer
 from lens_squash.edge.jacobian import jacobian
+from lens_squash.edge.trace import trace
 
 from ..hf_families import TOKENS, boot, build_hf
 
@@ -69,18 +82,48 @@ def test_plain_bridge_mlps_have_one_input_matrix(bridges):
 
 
 @pytest.mark.bridge
-def test_a_hook_that_does_not_feed_the_forward_pass_refuses_frozen_mode(bridges):
+def test_a_pattern_hook_fired_after_the_fact_freezes_queries_and_keys_instead(bridges):
+    """OPT's bridge runs transformers' attention and fires hook_pattern afterwards: replacing it changes
+    nothing, so the frozen mode detaches the queries and keys, whose replacement does change the output
+    (the frozen Jacobian itself is matched to HF autograd in tests/test_bridge_conformance.py)."""
     bridge = bridges["opt"]
-    with pytest.raises(UnsupportedModelError, match="hook_pattern leaves this bridge's output unchanged"):
-        jacobian(bridge, TOKENS, mode="frozen")
-    # the proof behind it: replacing OPT's pattern really changes nothing
+    assert not pattern_acts(bridge) and pattern_freeze(bridge) == QK_FREEZE
     with torch.no_grad():
         base = bridge(TOKENS[None])
         flat = [("blocks.0.attn.hook_pattern", lambda v, hook: torch.ones_like(v) / v.shape[-1])]
-        with bridge.hooks(fwd_hooks=flat):
+        with warnings.catch_warnings(), bridge.hooks(fwd_hooks=flat):
+            warnings.simplefilter("ignore", UserWarning)  # TransformerLens says the edit is discarded
             assert torch.equal(bridge(TOKENS[None]), base)
+        for name in ("blocks.0.attn.hook_q", "blocks.1.attn.hook_k"):
+            with bridge.hooks(fwd_hooks=[(name, lambda v, hook: v * 0.5)]):
+                assert not torch.equal(bridge(TOKENS[None]), base), name
     if not has_hooked_transformer():
         assert block_shape(bridge).mlp_in == "ln2"  # the certified bound reads traced values and stays available
+
+
+@pytest.mark.bridge
+@pytest.mark.parametrize("name", ["opt", "gpt2"])
+def test_the_checkpointed_frozen_sweep_freezes_the_same_hooks(bridges, name):
+    """Rerunning one block at a time (checkpoint=True) installs the same per-layer freeze hooks: equal to
+    the one-pass frozen Jacobian (itself matched to HF autograd in tests/test_bridge_conformance.py)."""
+    plain = jacobian(bridges[name], TOKENS, mode="frozen", keep_full=True, checkpoint=False).full
+    swept = jacobian(bridges[name], TOKENS, mode="frozen", keep_full=True, checkpoint=True).full
+    torch.testing.assert_close(swept, plain, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.bridge
+def test_bridges_computing_attention_in_transformerlens_freeze_the_pattern_itself(bridges):
+    assert pattern_acts(bridges["gpt2"]) and pattern_freeze(bridges["gpt2"]) == PATTERN_FREEZE
+
+
+@pytest.mark.bridge
+@pytest.mark.parametrize("name", ["opt", "gpt_neox", "phi"])
+def test_frozen_mode_raises_no_warning_on_native_path_norms(bridges, name):
+    """Detaching hook_scale makes TransformerLens 4 rebuild the norm from the frozen scale (the frozen
+    map itself) and warn; lens_squash ignores that one message, and nothing else is raised."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jacobian(bridges[name], TOKENS, mode="frozen")
 
 
 class _TwiceW(torch.nn.Module):
@@ -123,3 +166,73 @@ def test_low_precision_bridges_get_the_same_facts():
     assert facts.layers[0].norms["ln1"].convention == "1+w" and not facts.layers[0].norms["ln1"].centred
     gpt2 = read_model(boot(build_hf("gpt2", dtype=torch.bfloat16)))
     assert gpt2.layers[0].norms["ln1"].centred and gpt2.layers[0].norms["ln1"].convention == "w"
+
+
+@pytest.fixture(scope="module")
+def mixtral():
+    return build_hf("mixtral", dtype=torch.float32), boot(build_hf("mixtral", dtype=torch.float32))
+
+
+def _hf_moe_gains(hf, layer: int) -> torch.Tensor:
+    """``Σ_e g_e ‖∂ expert_e(γ ⊙ h / s) / ∂h‖_F`` per position, from the transformers modules alone:
+    the router's top-k weights ``g`` and the frozen RMSNorm scale ``s`` held fixed."""
+    block = hf.model.layers[layer]
+    seen = {}
+
+    def keep(module, args) -> None:  # None: the input is left as it is
+        seen.setdefault("h", args[0][0])
+
+    handle = block.post_attention_layernorm.register_forward_pre_hook(keep)
+    with torch.no_grad():
+        hf(input_ids=TOKENS[None])
+    handle.remove()
+    h, norm, moe = seen["h"], block.post_attention_layernorm, block.mlp
+    scale = h.pow(2).mean(-1, keepdim=True).add(norm.variance_epsilon).sqrt()
+    with torch.no_grad():
+        _, weights, indices = moe.gate(h / scale * norm.weight)
+    gains = torch.zeros(h.shape[0], dtype=torch.float64)
+    for e in range(moe.experts.gate_up_proj.shape[0]):
+        g = (weights * (indices == e)).sum(-1).double()
+        for pos in torch.nonzero(g).flatten().tolist():
+
+            def expert(x, pos=pos, e=e):
+                one = torch.full((1, 1), e, dtype=torch.long)
+                return moe.experts((x / scale[pos] * norm.weight)[None], one, torch.ones(1, 1))[0]
+
+            jac = torch.autograd.functional.jacobian(expert, h[pos])
+            gains[pos] += g[pos] * jac.double().norm()
+    return gains
+
+
+@pytest.mark.bridge
+def test_fused_moe_gains_equal_the_routed_sum_of_expert_jacobians_by_hf_autograd(mixtral):
+    """The certified bound's MoE gain on a bridge over transformers' fused experts: Σ_e g_e ‖J_e‖_F with the
+    router's weights frozen (the frozen model's MoE is Σ_e g_e expert_e, so this bounds ‖J_MoE‖_F)."""
+    hf, bridge = mixtral
+    if has_hooked_transformer():  # TransformerLens 3.9's bridge has no router hook: refused in one line
+        with pytest.raises(UnsupportedModelError, match="hook_expert_weights"):
+            block_shape(bridge)
+        return
+    gains = trace(bridge, TOKENS, lipschitz=True).mlp_gain
+    for layer in range(gains.shape[0]):
+        torch.testing.assert_close(gains[layer].double(), _hf_moe_gains(hf, layer), rtol=1e-4, atol=0)
+
+
+@pytest.mark.bridge
+def test_experts_read_wrong_are_caught_by_recomputing_the_moe(mixtral):
+    """The probe recomputes the MoE from the read experts and the router hook: experts with gate and up
+    swapped do not reproduce it, so the certified bound is refused rather than computed from them."""
+    _, bridge = mixtral
+    if has_hooked_transformer():
+        pytest.skip("TransformerLens 3.9's bridge fires no router hook: nothing to recompute")
+
+    def swapped(block):
+        experts = moe_experts(block)
+        return [SimpleNamespace(W_gate=e.W_in, W_in=e.W_gate, W_out=e.W_out, act_fn=e.act_fn) for e in experts]
+
+    probe = probe_bridge(
+        bridge, activation=activation, mlp_matrices=mlp_matrices, mlp_biases=mlp_biases,
+        runnable=functorch_ready, experts=swapped,
+    )  # fmt: skip
+    assert "does not compute Σ_e g_e" in probe.unsupported["certified"]
+    assert "certified" not in read_model(bridge).unsupported  # the right reading passes

@@ -1,5 +1,6 @@
 """Over-mixing: the spread against TransformerLens's own caches, the masked sink's renormalisation,
-the Jacobian norms against ``torch.func.jacrev``, and the rotary no-<bos> / masked-sink identity."""
+the Jacobian norms against ``torch.func.jacrev``, and the rotary no-<bos> / masked-sink identity; on
+TransformerBridges, the spread against the ``transformers`` model's own residual streams."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from lens_squash.edge.tiny import tiny_model
 from lens_squash.experiments.ablation import clamp_hooks
 from lens_squash.experiments.mixing import mixing
 
-pytestmark = pytest.mark.hooked  # builds HookedTransformer models (TransformerLens 3 only)
+#: the tests marked hooked build HookedTransformer models (TransformerLens 3 only); the bridge ones run on both
 
 BOS = 0
 TOKENS = torch.tensor([BOS, 17, 5, 33, 9, 41, 12, 7, 28, 3])
@@ -65,6 +66,7 @@ def _result():
     return mixing(_model(), TOKENS, POSITION, replacement=REPLACEMENTS, clamp_layer=0, bos=BOS)
 
 
+@pytest.mark.hooked
 def test_spread_equals_run_with_cache_on_the_two_prompts():
     result = _result()
     torch.testing.assert_close(result.change["sink"], _cached_change(_model()), rtol=1e-10, atol=0)
@@ -77,6 +79,7 @@ def test_spread_equals_run_with_cache_on_the_two_prompts():
     )
 
 
+@pytest.mark.hooked
 def test_summaries_count_and_average_the_positions_after_the_replaced_one():
     result = _result()
     after = result.change["sink"][:, 1:]
@@ -89,6 +92,7 @@ def test_summaries_count_and_average_the_positions_after_the_replaced_one():
     assert float(result.mean_change()[0]) == 0.0  # before block 0 only the replaced token differs
 
 
+@pytest.mark.hooked
 def test_masked_sink_renormalises_exactly():
     model, before, after = _model(), {}, {}
     names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
@@ -108,6 +112,7 @@ def test_masked_sink_renormalises_exactly():
         torch.testing.assert_close(masked[:, 1:, 1:], original[:, 1:, 1:] * scale, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.hooked
 def test_rotary_model_without_bos_equals_the_masked_sink():
     # rotary scores depend on relative positions only, so dropping token 0 is masking key 0
     result = _result()
@@ -137,6 +142,7 @@ def _jacrev_norms(model, hooks) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("setting", ["sink", "mask", "clamp"])
+@pytest.mark.hooked
 def test_jacobian_norms_equal_jacrev(setting):
     model = _model()
     hooks = {"sink": [], "mask": mask_sink_hooks(model), "clamp": clamp_hooks(model, 0)}[setting]
@@ -147,6 +153,7 @@ def test_jacobian_norms_equal_jacrev(setting):
         assert torch.equal(expected[:, :POSITION], torch.zeros_like(expected[:, :POSITION]))
 
 
+@pytest.mark.hooked
 def test_sketched_jacobian_is_close_to_the_exact_one_with_many_probes():
     model = _model()
     exact = input_jacobian_norms(model, TOKENS, POSITION)
@@ -154,6 +161,7 @@ def test_sketched_jacobian_is_close_to_the_exact_one_with_many_probes():
     torch.testing.assert_close(sketch[1:, POSITION:], exact[1:, POSITION:], rtol=0.1, atol=0)
 
 
+@pytest.mark.hooked
 def test_head_link_matches_the_caches():
     model, result = _model(), _result()
     _, clean = model.run_with_cache(TOKENS[None])
@@ -177,6 +185,7 @@ def test_head_link_matches_the_caches():
         assert float(result.layer_correlations[layer]) == pytest.approx(expected, nan_ok=True)
 
 
+@pytest.mark.hooked
 def test_random_replacements_are_seeded_and_never_the_original():
     a = mixing(_model(), TOKENS, POSITION, n_samples=5, seed=4, jacobian=False, removals=("mask",), bos=BOS)
     b = mixing(_model(), TOKENS, POSITION, n_samples=5, seed=4, jacobian=False, removals=("mask",), bos=BOS)
@@ -185,6 +194,7 @@ def test_random_replacements_are_seeded_and_never_the_original():
     torch.testing.assert_close(a.change["mask"], b.change["mask"], rtol=0, atol=0)
 
 
+@pytest.mark.hooked
 def test_removals_that_cannot_apply_are_skipped_with_the_reason():
     tokens = TOKENS.clone()
     tokens[0] = 11  # no <bos> in front
@@ -207,12 +217,14 @@ def test_removals_that_cannot_apply_are_skipped_with_the_reason():
         ({"threshold": 0.0}, "threshold"),
     ],
 )
+@pytest.mark.hooked
 def test_bad_input_is_refused(kwargs, match):
     kwargs = {"position": POSITION, **kwargs}
     with pytest.raises(ValueError, match=match):
         mixing(_model(), TOKENS, kwargs.pop("position"), jacobian=False, **kwargs)
 
 
+@pytest.mark.hooked
 def test_learned_sink_logits_are_refused():
     model = tiny_model(n_layers=1, d_model=8, n_heads=2, d_vocab=64, seed=0)
     model.cfg.use_attention_sinks = True
@@ -223,6 +235,7 @@ def test_learned_sink_logits_are_refused():
         model.cfg.use_attention_sinks = False
 
 
+@pytest.mark.hooked
 def test_result_round_trips_and_tabulates(tmp_path):
     result = _result()
     loaded = type(result).load(result.save(tmp_path / "mixing.json"))
@@ -233,6 +246,7 @@ def test_result_round_trips_and_tabulates(tmp_path):
     assert len(frame) == _model().cfg.n_layers + 1 and "ratio_mask" in frame
 
 
+@pytest.mark.hooked
 def test_the_clamp_acts_after_the_first_block_with_a_massive_first_token():
     from lens_squash.experiments.mixing import _clamp_layer
 
@@ -242,3 +256,30 @@ def test_the_clamp_acts_after_the_first_block_with_a_massive_first_token():
     assert _clamp_layer(resid, 10.0) == 2
     assert _clamp_layer(resid, 8.0) == 1
     assert _clamp_layer(resid, 20.0) is None
+
+
+@pytest.mark.bridge
+@pytest.mark.parametrize("name", ["gpt2", "opt"])
+def test_bridges_spread_equals_the_hf_models_own_streams(name):
+    """The sink and masked-sink spreads of a bridge equal the relative change of the HF model's
+    residual streams (its eager softmax masked at key 0); OPT's bridge, whose hook_pattern does not
+    feed its forward pass, skips the mask with the reason and still measures the rest."""
+    from ..edge.test_sink_removal import hf_streams
+    from ..hf_families import boot, build_hf
+
+    hf, bridge = build_hf(name), boot(build_hf(name))
+    result = mixing(bridge, TOKENS, POSITION, replacement=REPLACEMENTS, removals=("mask",), jacobian=False)
+    settings = {"sink": False} if name == "opt" else {"sink": False, "mask": True}
+    assert set(result.change) == set(settings)
+    if name == "opt":
+        assert "hook_pattern" in result.skipped["mask"]
+    for setting, masked in settings.items():
+        with torch.no_grad():
+            clean = hf_streams(hf, TOKENS, masked=masked)[:, POSITION:]
+            changes = []
+            for token in REPLACEMENTS:
+                perturbed = TOKENS.clone()
+                perturbed[POSITION] = token
+                changes.append((hf_streams(hf, perturbed, masked=masked)[:, POSITION:] - clean).norm(dim=-1))
+        expected = torch.stack(changes).mean(0) / clean.norm(dim=-1)
+        torch.testing.assert_close(result.change[setting].double(), expected, rtol=1e-9, atol=1e-12)
