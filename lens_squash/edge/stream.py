@@ -26,8 +26,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..algebra.bound_rows import BoundRows
 from ..algebra.symmetric_forms import N_BLOCKS
-from ..algebra.variants import PathBound, PathGraph, bound_from_row, build_graph
+from ..algebra.variants import PathBound, PathGraph, build_graph
 from ..core.progress import progress
 from ..core.support import UnsupportedModelError
 from .backends import has_hooked_transformer, is_bridge
@@ -198,10 +199,6 @@ def stream_bounds(
     A variant that cannot apply to the model raises ``UnsupportedModelError``, or, when ``skipped``
     is given, is left out with its reason recorded there (what ``analyze`` does for its defaults).
     """
-    n = traced.n_tokens
-    if not -n <= target_pos < n:
-        raise ValueError(f"target position {target_pos} is out of range for {n} tokens; use 0..{n - 1} or -1")
-    target_pos %= n
     graphs: dict[str, PathGraph] = {}
     for name in variants:
         try:
@@ -210,36 +207,16 @@ def stream_bounds(
             if skipped is None:
                 raise
             skipped[name] = str(error)
+    rows = BoundRows(traced, graphs, target_pos)  # checks the target first
     if not graphs:
         return {}
-    rows = {name: torch.zeros(n, dtype=torch.float64) for name in graphs}
-    for row in rows.values():
-        row[target_pos] = 1.0
-    totals = {name: [] for name, graph in graphs.items() if graph.normalise_rows}
-    needs_mean = any(g.head_factor is not None and g.query_scale is None for g in graphs.values())
-    source = _layer_source(model, traced, needs_mean)
-    layers = progress(
-        range(traced.n_layers - 1, -1, -1),
-        desc="bound rows",
-        total=traced.n_layers,
-        unit="layer",
-        enabled=None if n >= 1024 else False,
-    )
-    for layer in layers:
-        patterns, mean = source(layer)
-        for name, graph in graphs.items():
-            layer_totals = None
-            if graph.normalise_rows:
-                layer_totals = graph.layer_totals(layer, patterns)
-                totals[name].append(layer_totals)
-            rows[name] = graph.step(rows[name], layer, patterns, mean, totals=layer_totals)
-        del patterns, mean
-    bounds = {}
-    for name, graph in graphs.items():
-        if graph.normalise_rows:
-            graph = graph.row_normalised(totals=torch.stack(totals[name][::-1]))
-        bounds[name] = bound_from_row(traced, graph, target_pos, graph.output_scale[target_pos].double() * rows[name])
-    return bounds
+    source = _layer_source(model, traced, rows.needs_mean)
+    enabled = None if traced.n_tokens >= 1024 else False
+    for layer in progress(
+        range(traced.n_layers - 1, -1, -1), desc="bound rows", total=traced.n_layers, unit="layer", enabled=enabled
+    ):
+        rows.add(layer, *source(layer))  # one layer's patterns at a time, then let go
+    return rows.finish()
 
 
 # --------------------------------------------------------------------------------------------------
