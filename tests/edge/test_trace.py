@@ -259,6 +259,7 @@ def test_the_attention_check_is_a_typed_field_and_decides_alone():
         path_bound(broken, "rollout")
 
 
+@pytest.mark.hooked  # a SoLU config: HookedTransformer only
 def test_a_trace_that_cannot_compute_mlp_gains_says_why_in_a_typed_field():
     unsupported = tiny_model(dtype=torch.float64, act_fn="solu", gated_mlp=True)  # no certified MLP gain for SoLU
     traced = trace(unsupported, TOKENS, lipschitz=True)
