@@ -277,6 +277,10 @@ def summarize_attention(
 ) -> AttentionSummary:
     """The :class:`AttentionSummary` of a stored stack: its layers fed one at a time into the same
     :class:`AttentionStream` a streamed trace feeds during its pass (``defects``: the stack's, if known)."""
+    if patterns is None:  # e.g. a trace loaded from a file saved without its heavy fields
+        raise ValueError(
+            "there are no attention patterns to summarise (not kept, or not saved); trace the prompt again"
+        )
     if patterns.ndim != 4 or patterns.shape[-1] != patterns.shape[-2]:
         raise ValueError(f"patterns must be [layer, head, query_pos, key_pos], got {tuple(patterns.shape)}")
     stream = AttentionStream(patterns.shape[-1], spectral_atol=spectral_atol, defects=defects)
