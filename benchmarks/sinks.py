@@ -6,7 +6,7 @@ in one run and on the same prompt:
 
 * the plain forward pass (the baseline every ratio is taken against) and the trace that keeps the
   patterns and residual streams (``trace(keep_resid=True)``);
-* each metric family on the traced tensors, and the whole ``sink_report_from_trace``;
+* each metric family on the traced tensors, and the whole report (``sink_report`` of the trace's summary);
 * matrix entropy of the ``[31, n, 576]`` residual stack through the smaller Gram matrix against the
   SVD of the ``n × d`` matrices (``auto`` picks Gram when ``n > d``);
 * Dobrushin's coefficient of ``½(A^(l) + I)`` by its causal closed form (``rollout_dobrushin``)
@@ -33,11 +33,18 @@ from lens_squash.algebra.sinks import (
     rollout_dobrushin,
     rollout_mass,
     sink_rate,
+    sink_report,
 )
 from lens_squash.algebra.spectral import dobrushin
 from lens_squash.edge.models import load_model
 from lens_squash.edge.trace import trace
-from lens_squash.experiments.sinks import sink_report_from_trace
+
+
+def _report(tr):
+    """What ``sink_analysis`` does after its pass: the per-layer summary, then the one report builder."""
+    summary = tr.attention_summary()
+    return sink_report(summary, tr.resid_norms, representations=tr.resid, first_resid=tr.first_token_resid)
+
 
 PARAGRAPH = (
     "Consider the following sequence of digits and words. The river bends twice before the old mill, "
@@ -111,8 +118,8 @@ def main() -> None:
     rows.append((f"Dobrushin τ, pairwise O(n³), per layer ({len(lazy)} timed)", pair_s))
     rows.append(
         (
-            "sink_report_from_trace (all of it; entropy auto = Gram iff n > d)",
-            timed(lambda: sink_report_from_trace(tr), repeat)[0],
+            "sink_report of the trace (all of it; entropy auto = Gram iff n > d)",
+            timed(lambda: _report(tr), repeat)[0],
         )
     )
 

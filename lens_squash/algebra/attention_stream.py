@@ -1,20 +1,24 @@
-"""What the analyses read from a prompt's attention, gathered one layer at a time (long prompts).
+"""What the analyses read from a prompt's attention, gathered one layer at a time: the one per-layer pipeline.
 
 At n = 8192 one layer's ``[head, query_pos, key_pos]`` patterns of SmolLM2 are 2.4 GB in float32 and
 the whole stack 72 GB, so a long prompt's trace keeps none of them. Everything but the bound rows
-needs only O(n) numbers per layer, taken while each layer's patterns exist during the forward pass:
+needs only O(n) numbers per layer, folded into one :class:`AttentionStream` layer by layer: during
+the forward pass when the patterns stream, or from the stored stack afterwards
+(:func:`summarize_attention`: the whole stack is just stored layers streamed), so both give the same
+:class:`AttentionSummary` by the same code:
 
 * the patterns' defects (row sums, mass above the diagonal, smallest entry), merged over layers as
   :func:`lens_squash.algebra.attention.attention_defects` reports them for the whole stack;
 * the Perron–Frobenius / Dobrushin summary of the head-mean rollout matrices ``Λ̃^(l) = ½(A^(l) + I)``
   (:class:`lens_squash.algebra.spectral.SpectralStream`);
-* the sink curves (:mod:`lens_squash.algebra.sinks`): each layer's normalised mixing entropy, the
-  rollout mass of the last token on token 0 and ``τ(Λ̃^(l))``, in float64 as ``sink_report`` takes them.
+* the sink curves (:mod:`lens_squash.algebra.sinks`): each head's mean attention on token 0 (queries
+  1 … n-1), each layer's normalised mixing entropy, the rollout mass of the last token on token 0 and
+  ``τ(Λ̃^(l))``, in float64; :func:`lens_squash.algebra.sinks.sink_report` builds the report from them.
 
-The bound rows run top-down and recompute each layer's patterns instead
-(:mod:`lens_squash.edge.stream`). Every quantity here is computed by the same formula as the
-whole-stack functions, in float64, in chunks that bound the temporary memory; the tests check the
-two paths agree on every architecture family. A causal layer (every entry above the diagonal exactly
+The bound rows run top-down instead (:func:`lens_squash.edge.stream.stream_bounds`: stored layers, or
+each layer recomputed). Every quantity here is computed by the same formula as the pure functions of
+:mod:`lens_squash.algebra.sinks` and :mod:`lens_squash.algebra.spectral`, in float64, in chunks that
+bound the temporary memory; the tests check streamed and stored traces agree on every architecture family. A causal layer (every entry above the diagonal exactly
 0, none negative: what softmax gives) is read in one pass of row chunks over its causal keys only,
 each chunk hot in cache for all the statistics (about 5× cheaper than one whole-layer pass per statistic);
 any other layer goes through the whole-stack functions themselves.
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -32,11 +36,10 @@ from torch import Tensor
 
 from ..core.display import compact_repr
 from ..core.results import Record
-from . import sinks
 from .attention import attention_defects
 from .spectral import SpectralLayers, SpectralStream, dobrushin
 
-__all__ = ["AttentionStream", "AttentionSummary", "sink_report_from_summary"]
+__all__ = ["AttentionStream", "AttentionSummary", "summarize_attention"]
 
 _F64 = torch.float64
 #: float64 elements one chunk of the mixing entropy may hold (``head × rows × keys``, 256 MB)
@@ -55,7 +58,10 @@ class AttentionSummary(Record):
     when a layer failed its check; ``spectral_error`` then holds that check's message.
     """
 
+    n_tokens: int
     defects: dict[str, float]
+    #: each head's mean attention on position 0 over queries 1 … n-1 (float64; NaN for a 1-token prompt)
+    first_token_attention: Float[Tensor, "layer head"]
     mixing: Float[Tensor, "layer"]
     rollout_mass: Float[Tensor, "layer"]
     sink_dobrushin: Float[Tensor, "layer"]
@@ -152,10 +158,15 @@ def _rollout_rows(mean: Float[Tensor, "row key"], start: int) -> Tensor:
 
 class AttentionStream:
     """Folds in each layer's ``[head, query_pos, key_pos]`` patterns in layer order; ``finish`` gives
-    the :class:`AttentionSummary`. ``spectral_atol=None`` skips the spectral summary."""
+    the :class:`AttentionSummary`. ``spectral_atol=None`` skips the spectral summary. ``defects``: the
+    whole stack's :func:`~lens_squash.algebra.attention.attention_defects` when already known (a trace
+    scanned its stored stack once), so the layers are not scanned again."""
 
-    def __init__(self, n: int, *, spectral_atol: float | None):
-        self._defects: dict[str, float] | None = None
+    def __init__(self, n: int, *, spectral_atol: float | None, defects: dict[str, float] | None = None):
+        self._known = None if defects is None or math.isnan(defects["row_deviation"]) else dict(defects)
+        self._defects: dict[str, float] | None = self._known
+        self._n = n
+        self._first: list[Tensor] = []
         self._spectral = None if spectral_atol is None else SpectralStream(n, atol=spectral_atol)
         self._spectral_error: str | None = None
         self._column = torch.zeros(n, dtype=_F64)
@@ -169,10 +180,14 @@ class AttentionStream:
         return self._spectral is not None and self._spectral_error is None
 
     def add(self, layer: Float[Tensor, "head query_pos key_pos"]) -> None:
-        defects = attention_defects(layer)
-        self._defects = _merge_defects(self._defects, defects)
+        """Fold in the next layer's patterns."""
+        defects = self._known or attention_defects(layer)  # the whole stack's bound every layer's
+        if self._known is None:
+            self._defects = _merge_defects(self._defects, defects)
         if math.isnan(defects["row_deviation"]):
             return  # NaN patterns: the trace refuses them once the pass is over
+        # as sinks.first_token_attention: queries 1 … n-1, in float64 (NaN with one query)
+        self._first.append(layer[:, 1:, 0].to(_F64).mean(-1))
         # no mass above the diagonal and no negative entry: every entry there is exactly 0
         causal = defects["above_diagonal"] == 0 and defects["min_entry"] >= 0
         if causal and layer.ndim == 3 and layer.shape[-1] == self._column.shape[0]:
@@ -239,7 +254,9 @@ class AttentionStream:
         if self._spectral is not None and self._spectral_error is None and self._mass:
             spectral = self._spectral.finish()
         return AttentionSummary(
+            n_tokens=self._n,
             defects=self._defects or {},
+            first_token_attention=_stacked(self._first),
             mixing=_stacked(self._mixing),
             rollout_mass=_stacked(self._mass),
             sink_dobrushin=_stacked(self._tau),
@@ -252,45 +269,21 @@ def _stacked(values: list[Tensor]) -> Tensor:
     return torch.stack(values) if values else torch.zeros(0, dtype=_F64)
 
 
-def sink_report_from_summary(
-    summary: AttentionSummary,
-    attention_to_first: Float[Tensor, "layer head query_pos"],
-    resid_norms: Float[Tensor, "layers_covered pos"],
+def summarize_attention(
+    patterns: Float[Tensor, "layer head query_pos key_pos"],
     *,
-    representations: Float[Tensor, "layers_covered pos d_model"] | None = None,
-    first_resid: Float[Tensor, "layers_covered d_model"] | None = None,
-    eps: float = sinks.SINK_EPS,
-    factor: float = 10.0,
-    method: Literal["spearman", "pearson"] = "spearman",
-    provenance: dict[str, Any] | None = None,
-) -> sinks.SinkReport:
-    """:func:`lens_squash.algebra.sinks.sink_report` (``over_squashing=True``) from a streamed summary
-    and the attention every query pays to position 0: the same curves, correlations and phases."""
-    n_layers = attention_to_first.shape[0]
-    if attention_to_first.shape[-1] < 2:
-        raise ValueError("excluding query 0 needs at least 2 positions; pass a prompt of at least 2 tokens")
-    if not 0.0 <= eps < 1.0:
-        raise ValueError(f"eps is an attention fraction in [0, 1), got {eps}; try SINK_EPS = 0.3")
-    resid_norms = torch.as_tensor(resid_norms).to(_F64)
-    if resid_norms.ndim != 2 or resid_norms.shape[0] not in (n_layers, n_layers + 1):
+    spectral_atol: float | None,
+    defects: dict[str, float] | None = None,
+) -> AttentionSummary:
+    """The :class:`AttentionSummary` of a stored stack: its layers fed one at a time into the same
+    :class:`AttentionStream` a streamed trace feeds during its pass (``defects``: the stack's, if known)."""
+    if patterns is None:  # e.g. a trace loaded from a file saved without its heavy fields
         raise ValueError(
-            f"resid_norms must be [layer, pos] with {n_layers} or {n_layers + 1} rows, got {tuple(resid_norms.shape)}"
+            "there are no attention patterns to summarise (not kept, or not saved); trace the prompt again"
         )
-    head_mass = attention_to_first[..., 1:].to(_F64).mean(-1)  # [layer, head], as sinks.first_token_attention
-    is_sink = head_mass > eps
-    per_layer = is_sink.to(_F64).mean(-1)
-    return sinks.report_from_curves(
-        eps=eps,
-        mean_first_token_attention=head_mass.mean(-1),
-        sink_rate=per_layer,
-        sink_rate_overall=float(is_sink.to(_F64).mean()),
-        mixing=summary.mixing,
-        resid_norms=resid_norms,
-        first_resid=first_resid,
-        representations=representations,
-        rollout_mass=summary.rollout_mass,
-        dobrushin=summary.sink_dobrushin,
-        factor=factor,
-        method=method,
-        provenance=provenance,
-    )
+    if patterns.ndim != 4 or patterns.shape[-1] != patterns.shape[-2]:
+        raise ValueError(f"patterns must be [layer, head, query_pos, key_pos], got {tuple(patterns.shape)}")
+    stream = AttentionStream(patterns.shape[-1], spectral_atol=spectral_atol, defects=defects)
+    for layer in patterns:
+        stream.add(layer)
+    return stream.finish()

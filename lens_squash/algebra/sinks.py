@@ -48,6 +48,7 @@ from torch import Tensor
 
 from ..core.display import compact_repr
 from ..core.results import Record, Result
+from .attention_stream import AttentionSummary
 from .compression import _check_matrix_stack, compression_curves
 from .massive import massive_activations
 from .paths import rollout_matrices
@@ -62,7 +63,6 @@ __all__ = [
     "first_token_attention",
     "key_importance",
     "mixing_score",
-    "report_from_curves",
     "rollout_dobrushin",
     "rollout_mass",
     "sink_rate",
@@ -239,23 +239,6 @@ def _layer_tau(layer_mean: Tensor) -> Tensor:
     return dobrushin(rollout_matrices(layer_mean), atol=1e-4)
 
 
-def _attention_curves(patterns: Tensor, over_squashing: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Mixing, rollout mass and Dobrushin curves in ONE float64 conversion per layer (what
-    :func:`sink_report` uses; calling the three public functions converts every layer three times)."""
-    column = _first_column(patterns.shape[-1])
-    mixing, mass, taus = [], [], []
-    for layer_patterns in _layers_f64(patterns):
-        mixing.append(_layer_mixing(layer_patterns, normalize=True))
-        if over_squashing:
-            layer_mean = layer_patterns.mean(0)
-            column = _rollout_step(layer_mean, column)
-            mass.append(column[-1])
-            taus.append(_layer_tau(layer_mean))
-    if not over_squashing:
-        return torch.stack(mixing), None, None
-    return torch.stack(mixing), torch.stack(mass), torch.stack(taus)
-
-
 # ---------------------------------------------------------------------------------------------------
 # the report
 # ---------------------------------------------------------------------------------------------------
@@ -372,7 +355,7 @@ class SinkReport(Result):
 
 
 def sink_report(
-    patterns: Float[Tensor, "layer head query_pos key_pos"],
+    summary: AttentionSummary,
     resid_norms: Float[Tensor, "layers_covered pos"],
     *,
     representations: Float[Tensor, "layers_covered pos d_model"] | None = None,
@@ -383,64 +366,36 @@ def sink_report(
     over_squashing: bool = True,
     provenance: dict[str, Any] | None = None,
 ) -> SinkReport:
-    """All per-layer curves, phase boundaries and their cross-layer correlations in one report.
+    """All per-layer curves, phase boundaries and their cross-layer correlations in one report: the
+    one builder of a :class:`SinkReport`.
 
-    ``resid_norms[l]`` must be the stream *entering* layer ``l`` (``Trace.resid_norms``), so that
-    correlations pair it with layer ``l``'s attention. Phases come from the entropy curve when
-    ``representations`` are given; correlations are over the first ``L`` residual entries.
-    ``first_resid`` (the first token's residual vectors) adds the top massive dimensions.
-    ``over_squashing`` adds the rollout mass and Dobrushin curves (``O(L n²)``).
+    ``summary`` holds the attention curves, gathered one layer at a time
+    (:class:`~lens_squash.algebra.attention_stream.AttentionStream`: during a streamed trace, or
+    :func:`~lens_squash.algebra.attention_stream.summarize_attention` of a stored stack). ``resid_norms[l]``
+    must be the stream *entering* layer ``l`` (``Trace.resid_norms``), so that correlations pair it with
+    layer ``l``'s attention. Phases come from the entropy curve when ``representations`` are given;
+    correlations are over the first ``L`` residual entries. ``first_resid`` (the first token's residual
+    vectors) adds the top massive dimensions. ``over_squashing`` adds the rollout mass and Dobrushin curves.
     """
-    patterns = _check_patterns(patterns)
+    if summary.n_tokens < 2:
+        raise ValueError("excluding query 0 needs at least 2 positions; pass a prompt of at least 2 tokens")
+    if not 0.0 <= eps < 1.0:
+        raise ValueError(f"eps is an attention fraction in [0, 1), got {eps}; try SINK_EPS = 0.3")
+    head_mass = summary.first_token_attention  # [layer, head], as first_token_attention
+    n_layers = head_mass.shape[0]
     resid_norms = torch.as_tensor(resid_norms).to(_F64)
-    n_layers = patterns.shape[0]
     if resid_norms.ndim != 2 or resid_norms.shape[0] not in (n_layers, n_layers + 1):
         raise ValueError(
             f"resid_norms must be [layer, pos] with {n_layers} or {n_layers + 1} rows (one per residual "
             f"stream entering each layer, optionally plus the final one), got {tuple(resid_norms.shape)}"
         )
-    rate = sink_rate(patterns, eps)
-    mixing, rollout, tau = _attention_curves(patterns, over_squashing)
-    return report_from_curves(
-        eps=rate.eps,
-        mean_first_token_attention=first_token_attention(patterns).mean(-1),
-        sink_rate=rate.per_layer,
-        sink_rate_overall=rate.overall,
-        mixing=mixing,
-        resid_norms=resid_norms,
-        first_resid=first_resid,
-        representations=representations,
-        rollout_mass=rollout,
-        dobrushin=tau,
-        factor=factor,
-        method=method,
-        provenance=provenance,
-    )
-
-
-def report_from_curves(
-    *,
-    eps: float,
-    mean_first_token_attention: Float[Tensor, "layer"],
-    sink_rate: Float[Tensor, "layer"],
-    sink_rate_overall: float,
-    mixing: Float[Tensor, "layer"],
-    resid_norms: Float[Tensor, "layers_covered pos"],
-    first_resid: Float[Tensor, "layers_covered d_model"] | None,
-    representations: Float[Tensor, "layers_covered pos d_model"] | None,
-    rollout_mass: Float[Tensor, "layer"] | None,
-    dobrushin: Float[Tensor, "layer"] | None,
-    factor: float,
-    method: Literal["spearman", "pearson"],
-    provenance: dict[str, Any] | None,
-) -> SinkReport:
-    """A :class:`SinkReport` from per-layer attention curves, however they were gathered (whole
-    patterns here, one layer at a time in :mod:`.attention_stream`): the residual, compression,
-    phase, correlation and sink-layer parts are computed the same way for both."""
+    is_sink = (head_mass > eps).to(_F64)
+    rollout_mass = summary.rollout_mass if over_squashing else None
+    dobrushin = summary.sink_dobrushin if over_squashing else None
     massive = massive_activations(resid_norms, first_resid)
     entropy = aniso = phases = None
     links: dict[str, float] = {}
-    curves = {"first_token_norm": massive.first_norm, "sink_rate": sink_rate}
+    curves = {"first_token_norm": massive.first_norm, "sink_rate": is_sink.mean(-1)}
     if representations is not None:
         representations = _check_matrix_stack(representations, "representations")
         if representations.shape[:2] != resid_norms.shape:
@@ -452,15 +407,15 @@ def report_from_curves(
         phases = detect_phases(entropy)
         curves["entropy"] = entropy
     if rollout_mass is not None:
-        links = sink_layer_links(sink_rate, dobrushin, rollout_mass)
+        links = sink_layer_links(curves["sink_rate"], dobrushin, rollout_mass)
         curves["dobrushin"] = dobrushin
         curves["rollout_mass_gain"] = torch.diff(rollout_mass, prepend=rollout_mass.new_zeros(1))
     return SinkReport(
         eps=float(eps),
-        mean_first_token_attention=mean_first_token_attention,
-        sink_rate=sink_rate,
-        sink_rate_overall=float(sink_rate_overall),
-        mixing=mixing,
+        mean_first_token_attention=head_mass.mean(-1),
+        sink_rate=curves["sink_rate"],
+        sink_rate_overall=float(is_sink.mean()),
+        mixing=summary.mixing,
         first_token_norm=massive.first_norm,
         norm_ratio=massive.ratio,
         entropy=entropy,

@@ -363,16 +363,11 @@ def build_graph(trace, variant: str = "paper", *, model=None, **params) -> PathG
     comes from :func:`lens_squash.edge.stream.stream_bounds`, which recomputes each layer's patterns.
     """
     spec = get_variant(variant)  # refuses an unknown name, listing the registered ones
-    # a trace records its patterns' defects and the tolerance of its dtype once (see trace.py)
-    check = trace.provenance.get("attention_check", {})
-    check_attention(
-        trace.patterns,
-        defects=trace.provenance.get("attention_defects"),
-        atol=check.get("tolerance"),
-        dtype=getattr(torch, check["dtype"]) if "dtype" in check else None,
-        substochastic=check.get("substochastic", False),
-        n_keys=trace.n_tokens,
-    )
+    # a trace records its patterns' defects and the tolerance of its dtype once (its AttentionCheck)
+    if trace.attention_check is None:  # a hand-built trace: scan its patterns
+        check_attention(trace.patterns, n_keys=trace.n_tokens)
+    else:
+        trace.attention_check.verify(trace.patterns)
     return spec.build(trace, model, **params)
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "Encoder",
     "StoredDataError",
     "decode",
+    "dtype_named",
     "encode",
     "heavy",
     "record_type",
@@ -151,6 +152,11 @@ def _encode_tensor(t: torch.Tensor) -> dict[str, Any]:
     raw = flat.view(torch.uint8).numpy().tobytes()
     data = base64.b64encode(_little_endian(raw, flat.element_size())).decode("ascii")
     return {TYPE_KEY: "tensor", "dtype": dtype, "shape": list(t.shape), "byteorder": "little", "data": data}
+
+
+def dtype_named(name: str) -> torch.dtype:
+    """The dtype a record names (``"float32"``…), from the fixed table: never ``getattr(torch, name)``."""
+    return _stored_dtype(name)
 
 
 def _stored_dtype(name: Any) -> torch.dtype:

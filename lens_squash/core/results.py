@@ -166,15 +166,15 @@ class Record:
                 kwargs[name] = None
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ValueError(f"{cls.__name__}.{name} is missing from the data and has no default")
+        heavy_dropped = sorted(n for n in dropped if fields.get(n) is not None and fields[n].metadata.get("heavy"))
+        if heavy_dropped and "provenance" in fields and isinstance(kwargs.get("provenance", {}), dict):
+            # what a reader of this result cannot use, written before the frozen record exists
+            kwargs["provenance"] = {**kwargs.get("provenance", {}), "dropped": heavy_dropped}
         check_fields(cls, kwargs)
         try:
-            record = cls(**kwargs)
+            return cls(**kwargs)
         except (TypeError, ValueError) as err:  # a class's own checks of its fields (__post_init__)
             raise StoredDataError(f"{cls.__name__} refuses the stored fields: {err}", named=True) from None
-        heavy_dropped = sorted(n for n in dropped if fields.get(n) is not None and fields[n].metadata.get("heavy"))
-        if heavy_dropped and isinstance(getattr(record, "provenance", None), dict):
-            record.provenance["dropped"] = heavy_dropped  # what a reader of this result cannot use
-        return record
 
     # ------------------------------------------------------------------ files
 

@@ -1,13 +1,14 @@
-"""Bound rows of long prompts: a top-down sweep that recomputes one layer's patterns at a time.
+"""Bound rows: one top-down sweep over the layers, each layer's patterns stored or recomputed.
 
-A trace that streamed its patterns (``trace(..., keep_patterns=False)``, the default for long
-prompts) kept each layer's residual stream ``x^(l)`` (``L·n·d`` numbers) but not its
-``[head, query_pos, key_pos]`` patterns (``L·H·n²``). The bound row ``e_nᵀ M^(L-1) ⋯ M^(0)`` needs the
-layers last to first, so :func:`stream_bounds` walks down the layers, reruns block ``l`` on its
-stored input up to ``hook_pattern`` (the rest of the block is cut off; a TransformerBridge's block is
-called with the arguments the model passed it, its rotary tables and mask), and advances every
-variant's row by that layer (:meth:`lens_squash.algebra.variants.PathGraph.step`, the same
-arithmetic as the whole stack). Memory: one layer's patterns at a time, ``H·n²``.
+The bound row ``e_nᵀ M^(L-1) ⋯ M^(0)`` needs the layers last to first, so :func:`stream_bounds`
+walks down the layers and advances every variant's row by one layer at a time
+(:meth:`lens_squash.algebra.variants.PathGraph.step`). A trace that kept its patterns hands each
+stored layer in (its graphs keep the patterns, so flows and top paths stay available); a trace that
+streamed them (``trace(..., keep_patterns=False)``, the default for long prompts) kept each layer's
+residual stream ``x^(l)`` (``L·n·d`` numbers) but not its ``[head, query_pos, key_pos]`` patterns
+(``L·H·n²``), so block ``l`` is rerun on its stored input up to ``hook_pattern`` (the rest of the
+block is cut off; a TransformerBridge's block is called with the arguments the model passed it, its
+rotary tables and mask). Memory: one layer's patterns at a time, ``H·n²``.
 
 The recomputed patterns must be the traced ones: the sweep compares their first column with the
 one the trace kept and refuses, saying why, when they differ (a hook that edits the model
@@ -25,8 +26,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..algebra.bound_rows import BoundRows
 from ..algebra.symmetric_forms import N_BLOCKS
-from ..algebra.variants import PathBound, PathGraph, bound_from_row, build_graph
+from ..algebra.variants import PathBound, PathGraph, build_graph
 from ..core.progress import progress
 from ..core.support import UnsupportedModelError
 from .backends import has_hooked_transformer, is_bridge
@@ -165,6 +167,24 @@ def _check_same(traced: Trace, layer: int, patterns: Tensor) -> None:
         )
 
 
+def _layer_source(model, traced: Trace, needs_mean: bool):
+    """``layer -> (patterns, head mean)``: the trace's stored ones, or recomputed from the stored input
+    (checked against the first column the trace kept; the mean as the trace keeps it: patterns' dtype)."""
+    if traced.patterns is not None:
+        stored_mean = traced.mean_patterns if needs_mean else None
+        return lambda layer: (traced.patterns[layer], None if stored_mean is None else stored_mean[layer])
+    _check_streamable(model)
+    shortformer = _shortformer_embed(model, traced.tokens)
+    calls = block_calls(model, traced.tokens, range(traced.n_layers)) if is_bridge(model) else {}
+
+    def recomputed(layer: int) -> tuple[Tensor, Tensor | None]:
+        patterns = recompute_patterns(model, traced, layer, shortformer=shortformer, call=calls.pop(layer, None))
+        _check_same(traced, layer, patterns)
+        return patterns, patterns.mean(0) if needs_mean else None
+
+    return recomputed
+
+
 def stream_bounds(
     model,
     traced: Trace,
@@ -173,16 +193,12 @@ def stream_bounds(
     target_pos: int = -1,
     skipped: dict[str, str] | None = None,
 ) -> dict[str, PathBound]:
-    """Every variant's bound row for ``target_pos`` in one top-down sweep over the layers.
+    """Every variant's bound row for ``target_pos`` in one top-down sweep over the layers (stored
+    patterns, or each layer recomputed when the trace streamed them).
 
     A variant that cannot apply to the model raises ``UnsupportedModelError``, or, when ``skipped``
     is given, is left out with its reason recorded there (what ``analyze`` does for its defaults).
     """
-    _check_streamable(model)
-    n = traced.n_tokens
-    if not -n <= target_pos < n:
-        raise ValueError(f"target position {target_pos} is out of range for {n} tokens; use 0..{n - 1} or -1")
-    target_pos %= n
     graphs: dict[str, PathGraph] = {}
     for name in variants:
         try:
@@ -191,39 +207,16 @@ def stream_bounds(
             if skipped is None:
                 raise
             skipped[name] = str(error)
+    rows = BoundRows(traced, graphs, target_pos)  # checks the target first
     if not graphs:
         return {}
-    rows = {name: torch.zeros(n, dtype=torch.float64) for name in graphs}
-    for row in rows.values():
-        row[target_pos] = 1.0
-    totals = {name: [] for name, graph in graphs.items() if graph.normalise_rows}
-    shortformer = _shortformer_embed(model, traced.tokens)
-    calls = block_calls(model, traced.tokens, range(traced.n_layers)) if is_bridge(model) else {}
-    needs_mean = any(g.head_factor is not None and g.query_scale is None for g in graphs.values())
-    layers = progress(
-        range(traced.n_layers - 1, -1, -1),
-        desc="bound rows",
-        total=traced.n_layers,
-        unit="layer",
-        enabled=None if n >= 1024 else False,
-    )
-    for layer in layers:
-        patterns = recompute_patterns(model, traced, layer, shortformer=shortformer, call=calls.pop(layer, None))
-        _check_same(traced, layer, patterns)
-        mean = patterns.mean(0) if needs_mean else None  # as the trace keeps it: the patterns' dtype
-        for name, graph in graphs.items():
-            layer_totals = None
-            if graph.normalise_rows:
-                layer_totals = graph.layer_totals(layer, patterns)
-                totals[name].append(layer_totals)
-            rows[name] = graph.step(rows[name], layer, patterns, mean, totals=layer_totals)
-        del patterns, mean
-    bounds = {}
-    for name, graph in graphs.items():
-        if graph.normalise_rows:
-            graph = graph.row_normalised(totals=torch.stack(totals[name][::-1]))
-        bounds[name] = bound_from_row(traced, graph, target_pos, graph.output_scale[target_pos].double() * rows[name])
-    return bounds
+    source = _layer_source(model, traced, rows.needs_mean)
+    enabled = None if traced.n_tokens >= 1024 else False
+    for layer in progress(
+        range(traced.n_layers - 1, -1, -1), desc="bound rows", total=traced.n_layers, unit="layer", enabled=enabled
+    ):
+        rows.add(layer, *source(layer))  # one layer's patterns at a time, then let go
+    return rows.finish()
 
 
 # --------------------------------------------------------------------------------------------------

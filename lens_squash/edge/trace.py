@@ -20,9 +20,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..algebra.attention import attention_defects, pattern_tolerance
-from ..algebra.attention_stream import AttentionStream, AttentionSummary
-from ..algebra.spectral import rollout_tolerance
+from ..algebra.attention import attention_defects
+from ..algebra.attention_check import AttentionCheck, spectral_atol
+from ..algebra.attention_stream import AttentionStream, AttentionSummary, summarize_attention
 from ..core.display import compact_repr
 from ..core.progress import counter
 from ..core.records import provenance
@@ -48,8 +48,8 @@ class Trace(Result):
     Norm scales are ``None`` for models without that norm; ``ln1_scale``/``ln2_scale`` are
     ``blocks.{l}.ln1/ln2.hook_scale`` wherever those norms sit (before the sublayers in pre-norm
     models, on their outputs in OLMo-2: :mod:`lens_squash.algebra.blocks` says which). ``mlp_gain`` is
-    ``‖J_MLP‖_F`` with every frozen norm around the MLP included. ``provenance["attention_check"]``
-    records the tolerance the patterns were checked with and whether rows may sum to less than 1.
+    ``‖J_MLP‖_F`` with every frozen norm around the MLP included. The algebra reads the typed fields
+    (``attention_check``…); ``provenance`` is written once, for a reader, and never read back.
     """
 
     tokens: Int[Tensor, "pos"]
@@ -79,6 +79,10 @@ class Trace(Result):
     attention_to_first: Float[Tensor, "layer head query_pos"] | None = None
     #: per-layer statistics taken during the pass when the patterns were streamed, not kept
     attention: AttentionSummary | None = None
+    #: the patterns' defects and what they were checked against (``None`` only in a hand-built trace)
+    attention_check: AttentionCheck | None = None
+    #: why ``lipschitz=True`` could not compute MLP gains (the certified variant refuses with it), or None
+    lipschitz_unsupported: str | None = None
 
     @property
     def _shape(self) -> tuple[int, ...]:
@@ -98,8 +102,17 @@ class Trace(Result):
 
     @property
     def streamed(self) -> bool:
-        """Whether the patterns were streamed (statistics kept, patterns not)."""
+        """Whether the patterns were streamed (statistics kept, patterns not): for display only."""
         return self.patterns is None
+
+    def attention_summary(self) -> AttentionSummary:
+        """Every per-layer attention statistic (:class:`AttentionSummary`): the one a streamed trace took
+        during its pass, or the stored layers fed through the same accumulator now."""
+        if self.attention is not None:
+            return self.attention
+        check = self.attention_check  # None only in a hand-built trace: no spectral summary, layers scanned
+        atol, defects = (None, None) if check is None else (check.spectral_atol, check.defects)
+        return summarize_attention(self.patterns, spectral_atol=atol, defects=defects)
 
     def mean_first_token_attention(self) -> Float[Tensor, "layer"]:
         """Mean attention (over heads, queries 1..n-1) on position 0, per layer."""
@@ -263,11 +276,10 @@ def trace(
     store: dict[str, Tensor] = {}
     dtype = _analysis_dtype(model)
     keep_whole = keeps_patterns(model, n, keep_patterns)
-    stream = None
+    # learned sinks take a share of every row by design (the flag ModelFacts.sinks reads)
+    substochastic, stream = bool(getattr(model.cfg, "use_attention_sinks", False)), None
     if not keep_whole:
-        substochastic = bool(getattr(model.cfg, "use_attention_sinks", False))
-        atol = None if substochastic else rollout_tolerance(pattern_tolerance(model.cfg.dtype, n))
-        stream = AttentionStream(n, spectral_atol=atol)
+        stream = AttentionStream(n, spectral_atol=spectral_atol(model.cfg.dtype, n, substochastic=substochastic))
     hooks = _capture_hooks(model, store, dtype, stream, n)
     unsupported, shape = None, None
     if lipschitz:
@@ -290,12 +302,8 @@ def trace(
         last_logits = _last_logits(model, tokens, hooks, cache)
     gains = None if shape is None else mlp_gains(store, n_layers, shape)
     summary = None if stream is None else stream.finish()
-    result = _assemble(
-        model, tokens, store, last_logits.to("cpu", dtype), keep_resid or not keep_whole, chat, gains, summary
-    )
-    if unsupported is not None:
-        result.provenance["lipschitz_unsupported"] = unsupported
-    return result
+    kept = _Kept(last_logits.to("cpu", dtype), keep_resid or not keep_whole, gains, summary, unsupported, substochastic)
+    return _assemble(model, tokens, store, kept, chat)
 
 
 def _capture_hooks(
@@ -413,26 +421,30 @@ def _run(model, tokens: Tensor, hooks: list) -> Tensor:
         raise error
 
 
-def _attention_check(model, n_tokens: int, defects: dict[str, float]) -> dict[str, Any]:
-    """What the patterns will be checked against, recorded so a reader sees what was tolerated: the
-    dtype they were computed in, its row-sum tolerance, and whether rows may fall short of 1 (learned
-    sinks, ``use_attention_sinks``, take a share of every row by design)."""
-    tolerance = pattern_tolerance(model.cfg.dtype, n_tokens)
-    return {
-        "dtype": str(model.cfg.dtype).removeprefix("torch."),
-        "tolerance": tolerance,
-        "substochastic": bool(getattr(model.cfg, "use_attention_sinks", False)),
-        "tolerated_row_deviation": defects["row_deviation"] if defects["row_deviation"] <= tolerance else None,
-    }
+@dataclass(frozen=True)
+class _Kept:
+    """What the pass gave besides the hook store; ``substochastic``: rows short of 1 by design."""
+
+    last_logits: Tensor
+    keep_resid: bool
+    mlp_gain: Tensor | None
+    summary: AttentionSummary | None
+    lipschitz_unsupported: str | None
+    substochastic: bool
 
 
-def _assemble(model, tokens, store, last_logits, keep_resid: bool, chat, mlp_gain, summary) -> Trace:
-    n_layers = model.cfg.n_layers
+def _assemble(model, tokens, store, kept: _Kept, chat) -> Trace:
+    n_layers, n_tokens = model.cfg.n_layers, int(tokens.shape[0])
+    last_logits, mlp_gain, summary = kept.last_logits, kept.mlp_gain, kept.summary
     resid = torch.stack([store.pop(f"resid.{i}") for i in range(n_layers + 1)])  # [layers_covered, pos, d_model]
     patterns = stack_layers(store, "pattern", n_layers)
     # scanned once here (or layer by layer as they streamed), so every bound built from this trace
     # can skip the O(L·H·n²) check
     defects = attention_defects(patterns) if summary is None else summary.defects
+    check = AttentionCheck.of(model.cfg.dtype, n_tokens, defects, substochastic=kept.substochastic)
+    unsupported = {"lipschitz_unsupported": kept.lipschitz_unsupported} if kept.lipschitz_unsupported else {}
+    # written once, for a reader: the typed fields are what the algebra reads
+    made = provenance(model, chat=chat, n_tokens=n_tokens, attention_defects=defects, **unsupported)
     reported = {"attention patterns": defects["row_deviation"], "the residual stream": resid,
                 "last_logits": last_logits, "final_scale": store.get("final_scale"), "mlp_gain": mlp_gain}  # fmt: skip
     check_finite_values(reported, model.cfg.dtype, what="the forward pass")  # an argmax of NaN names a token
@@ -461,18 +473,14 @@ def _assemble(model, tokens, store, last_logits, keep_resid: bool, chat, mlp_gai
         y_last=y_last,
         last_logits=last_logits,
         predicted_token=predicted_str,
-        provenance=provenance(
-            model,
-            chat=chat,
-            n_tokens=int(tokens.shape[0]),
-            attention_defects=defects,
-            attention_check=_attention_check(model, int(tokens.shape[0]), defects),
-        ),
-        resid=resid if keep_resid else None,
+        provenance={**made, "attention_check": check.summary()},
+        resid=resid if kept.keep_resid else None,
         mlp_gain=mlp_gain,
         mean_patterns=stack_layers(store, "mean_pattern", n_layers),
         ln1_post_scale=stack_layers(store, "ln1_post", n_layers),
         ln2_post_scale=stack_layers(store, "ln2_post", n_layers),
         attention_to_first=stack_layers(store, "first", n_layers),
         attention=summary,
+        attention_check=check,
+        lipschitz_unsupported=kept.lipschitz_unsupported,
     )

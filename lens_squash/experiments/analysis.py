@@ -18,13 +18,12 @@ from typing import Any
 
 import pandas as pd
 
-from ..algebra.attention_stream import sink_report_from_summary
+from ..algebra.attention_stream import AttentionSummary
 from ..algebra.compare import Comparison, compare_variants
-from ..algebra.paths import rollout_matrices
-from ..algebra.sinks import SinkReport
-from ..algebra.spectral import SpectralReport, analyze_stack, rollout_tolerance, spectral_report
+from ..algebra.sinks import SinkReport, sink_report
+from ..algebra.spectral import SpectralReport, spectral_report
 from ..algebra.variant_registry import DEFAULT_VARIANTS, check_variant_names, unsupported_reason, variants_needing
-from ..algebra.variants import PathBound, path_bound
+from ..algebra.variants import PathBound
 from ..core import validate
 from ..core.display import compact_repr
 from ..core.results import Result
@@ -34,7 +33,6 @@ from ..edge.finite import check_finite_values
 from ..edge.jacobian import JacobianResult, jacobian
 from ..edge.stream import check_fits, stream_bounds
 from ..edge.trace import Trace, as_tokens, trace
-from .sinks import sink_report_from_trace
 from .verdict import analysis_verdict
 
 __all__ = ["DEFAULT_VARIANTS", "Analysis", "analyze"]
@@ -134,10 +132,11 @@ class Analysis(Result):
         (attention patterns, residual streams): ``provenance["dropped"]`` of each part lists them."""
         data = read_json(path)  # errors name the file
         report = data.pop("metadata", None) if isinstance(data, dict) else None
-        analysis = cls.from_dict(data, source=path)
-        if report is not None:
-            analysis.provenance.setdefault("report", report)
-        return analysis
+        stored = data.get("trace") if isinstance(data, dict) else None
+        if report is not None and isinstance(stored, dict) and isinstance(stored.get("provenance"), dict):
+            # into the trace's provenance before it is built: provenance is never written after
+            stored["provenance"] = {"report": report, **stored["provenance"]}
+        return cls.from_dict(data, source=path)
 
     __repr__ = compact_repr
 
@@ -199,49 +198,28 @@ def _plan_variants(model, variants: Sequence[str] | None) -> tuple[tuple[str, ..
     return tuple(name for name in names if name not in refused), refused
 
 
-def _bounds(traced, model, names, target, seconds, skipped, *, explicit: bool) -> dict[str, PathBound]:
-    bounds = {}
-    for name in names:
-        try:
-            bounds[name] = _timed(seconds, f"bound_{name}", path_bound, traced, name, model=model, target_pos=target)
-        except UnsupportedModelError as err:
-            if explicit:
-                raise
-            skipped[name] = str(err)
-    return bounds
-
-
-def _spectral(traced: Trace, skipped: dict[str, str]) -> SpectralReport | None:
-    """Perron–Frobenius / Dobrushin analysis of the head-mean rollout stack, or None (reason in
-    ``skipped``) when the rows are not stochastic by design.
+def _spectral(traced: Trace, summary: AttentionSummary, skipped: dict[str, str]) -> SpectralReport | None:
+    """Perron–Frobenius / Dobrushin analysis of the head-mean rollout stack, from the per-layer
+    summary, or None (reason in ``skipped``) when the rows are not stochastic by design.
 
     Lemmas B.6–B.7 and Prop. B.8 are about row-stochastic matrices. Rows that miss 1 by rounding (a
     16-bit model: the trace checked them against its dtype's tolerance) are analysed with that
     tolerance; rows that fall short of 1 by design (learned sinks take a share of every row) are not.
-    A trace that streamed its patterns took the same per-layer summary during its pass.
     """
-    check = traced.provenance.get("attention_check", {})
-    if check.get("substochastic"):
+    if traced.attention_check is not None and traced.attention_check.substochastic:
         skipped["spectral"] = (
             "the Perron–Frobenius analysis needs row-stochastic attention, and this model's learned "
             "attention sinks take a share of every row (use_attention_sinks); the path bounds still apply"
         )
         return None
-    if traced.streamed:
-        if traced.attention.spectral is None:
-            raise ValueError(traced.attention.spectral_error or "the streamed trace took no spectral summary")
-        return spectral_report(traced.attention.spectral)
-    # the trace's head-mean patterns: no float64 copy of the whole [layer, head, n, n] stack
-    stack = rollout_matrices(traced.mean_patterns.double())
-    return analyze_stack(stack, atol=rollout_tolerance(check.get("tolerance", 0.0)))
+    if summary.spectral is None:
+        raise ValueError(summary.spectral_error or "the trace's attention summary took no spectral summary")
+    return spectral_report(summary.spectral)
 
 
-def _sinks(traced: Trace) -> SinkReport:
-    if not traced.streamed:
-        return sink_report_from_trace(traced)
-    return sink_report_from_summary(
-        traced.attention,
-        traced.attention_to_first,
+def _sinks(traced: Trace, summary: AttentionSummary) -> SinkReport:
+    return sink_report(
+        summary,
         traced.resid_norms,
         representations=traced.resid,
         first_resid=traced.first_token_resid,
@@ -268,7 +246,8 @@ def analyze(
 
     ``keep_patterns`` (see :func:`lens_squash.edge.trace.trace`): by default per-head patterns are
     kept while they fit in ``KEEP_PATTERNS_BYTES`` (SmolLM2: n ≤ 704); longer prompts stream them,
-    so memory grows as ``L·n·d + H·n²``, and their bounds have rows but no flows or paths. A prompt
+    so memory grows as ``L·n·d + H·n²``, and their bounds have rows but no flows or paths. Both run
+    the same per-layer code, so every number is the same either way. A prompt
     whose estimate exceeds the free memory is refused first, with the longest that fits.
     """
     seconds: dict[str, float] = {}
@@ -289,21 +268,21 @@ def analyze(
         keep_resid=True,
         keep_patterns=keep_patterns,
     )
-    if traced.streamed:
-        bounds = _timed(
-            seconds,
-            "bounds",
-            stream_bounds,
-            model,
-            traced,
-            names,
-            target_pos=target_pos,
-            skipped=None if variants is not None else skipped,
-        )
-    else:
-        bounds = _bounds(traced, model, names, target_pos, seconds, skipped, explicit=variants is not None)
-    spectral = _timed(seconds, "spectral", _spectral, traced, skipped)
-    sinks = _timed(seconds, "sinks", _sinks, traced)
+    explicit = variants is not None  # a variant asked for by name that cannot apply is an error
+    bounds = _timed(
+        seconds,
+        "bounds",
+        stream_bounds,
+        model,
+        traced,
+        names,
+        target_pos=target_pos,
+        skipped=None if explicit else skipped,
+    )
+    # every other per-layer quantity from one summary: taken during a streamed pass, or the stored layers fed in now
+    summary = _timed(seconds, "attention_summary", traced.attention_summary)
+    spectral = _timed(seconds, "spectral", _spectral, traced, summary, skipped)
+    sinks = _timed(seconds, "sinks", _sinks, traced, summary)
     jac, table, comparisons = None, None, {}
     if jacobian_mode is not None:
         jac = _timed(

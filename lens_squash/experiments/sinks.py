@@ -4,7 +4,8 @@ The metrics are pure functions on tensors (:mod:`lens_squash.algebra.sinks`,
 :mod:`~lens_squash.algebra.massive`, :mod:`~lens_squash.algebra.compression`,
 :mod:`~lens_squash.algebra.phases`); this module is where a model meets them: it traces the
 prompt with its residual streams kept (:func:`lens_squash.edge.trace.trace`) and hands the trace's
-patterns, residual norms and representations to :func:`~lens_squash.algebra.sinks.sink_report`.
+per-layer attention summary, residual norms and representations to
+:func:`~lens_squash.algebra.sinks.sink_report`, the one builder of a report.
 """
 
 from __future__ import annotations
@@ -14,28 +15,9 @@ from typing import Literal
 from torch import Tensor
 
 from ..algebra.sinks import SINK_EPS, SinkReport, sink_report
-from ..edge.trace import Trace, as_tokens, trace
+from ..edge.trace import as_tokens, trace
 
-__all__ = ["sink_analysis", "sink_report_from_trace"]
-
-
-def sink_report_from_trace(tr: Trace, **kwargs) -> SinkReport:
-    """:func:`~lens_squash.algebra.sinks.sink_report` from a :class:`~lens_squash.edge.trace.Trace`
-    taken with ``keep_resid=True``.
-
-    All ``L + 1`` residual streams are used (the ones entering each layer plus the final output).
-    """
-    if tr.resid is None:
-        raise ValueError("this trace has no residual streams; trace the model with keep_resid=True")
-    provenance = {**tr.provenance, "str_tokens": list(tr.str_tokens), **kwargs.pop("provenance", {})}
-    return sink_report(
-        tr.patterns,
-        tr.resid_norms,
-        representations=tr.resid,
-        first_resid=tr.first_token_resid,
-        provenance=provenance,
-        **kwargs,
-    )
+__all__ = ["sink_analysis"]
 
 
 def sink_analysis(
@@ -53,6 +35,7 @@ def sink_analysis(
     ``prompt`` is text (chat template unless ``chat=False``) or token ids, as for
     :func:`~lens_squash.edge.trace.trace`. Hooks the caller has installed (e.g.
     :func:`lens_squash.experiments.ablation.clamp_massive_activation`) stay active during the pass.
+    All ``L + 1`` residual streams are used (the ones entering each layer plus the final output).
     """
     if len(as_tokens(model, prompt, chat=chat)) < 2:  # before the pass: query 0 alone says nothing
         raise ValueError(
@@ -60,11 +43,15 @@ def sink_analysis(
             "a prompt of at least 2 tokens"
         )
     tr = trace(model, prompt, chat=chat, keep_resid=True)
-    return sink_report_from_trace(
-        tr,
+    call = {"analysis": "sinks", "prompt": prompt if isinstance(prompt, str) else None}
+    return sink_report(
+        tr.attention_summary(),
+        tr.resid_norms,
+        representations=tr.resid,
+        first_resid=tr.first_token_resid,
         eps=eps,
         factor=factor,
         method=method,
         over_squashing=over_squashing,
-        provenance={"analysis": "sinks", "prompt": prompt if isinstance(prompt, str) else None},
+        provenance={**tr.provenance, "str_tokens": list(tr.str_tokens), **call},
     )

@@ -12,7 +12,7 @@ from lens_squash.algebra import attention_stream
 from lens_squash.algebra.attention import attention_defects
 from lens_squash.algebra.attention_stream import AttentionStream
 from lens_squash.algebra.paths import rollout_matrices
-from lens_squash.algebra.sinks import mixing_score, rollout_dobrushin, rollout_mass
+from lens_squash.algebra.sinks import first_token_attention, mixing_score, rollout_dobrushin, rollout_mass
 from lens_squash.algebra.spectral import analyze_stack, spectral_report
 
 ATOL = 1e-4
@@ -44,6 +44,7 @@ def _assert_whole_stack(summary, patterns: torch.Tensor, atol: float | None) -> 
     _close(summary.sink_dobrushin, rollout_dobrushin(patterns))
     if patterns.shape[-1] >= 2:
         _close(summary.mixing, mixing_score(patterns))
+        _close(summary.first_token_attention, first_token_attention(patterns))
     if atol is None:
         assert summary.spectral is None
         return
@@ -107,3 +108,27 @@ def test_a_nan_layer_poisons_the_defects_and_is_left_out_of_the_curves():
     _close(summary.mixing, mixing_score(kept))
     _close(summary.rollout_mass, rollout_mass(kept))
     _close(summary.sink_dobrushin, rollout_dobrushin(kept))
+
+
+def test_a_summary_of_no_patterns_is_refused_in_one_line():
+    from lens_squash.algebra.attention_stream import summarize_attention
+
+    with pytest.raises(ValueError, match="no attention patterns"):
+        summarize_attention(None, spectral_atol=None)
+    with pytest.raises(ValueError, match=r"\[layer, head, query_pos, key_pos\]"):
+        summarize_attention(torch.ones(2, 3, 3), spectral_atol=None)
+
+
+@pytest.mark.parametrize("n", [2, 17, 130])
+def test_a_stored_stack_replays_into_the_same_summary(n):
+    """summarize_attention (the whole stack, its defects known from one scan) equals the layer-by-layer
+    stream, number for number: the stored path and the streamed path are one accumulator."""
+    from lens_squash.algebra.attention_stream import summarize_attention
+
+    patterns = _patterns(n, seed=4)
+    streamed = _summary(patterns, ATOL)
+    replayed = summarize_attention(patterns, spectral_atol=ATOL, defects=attention_defects(patterns))
+    assert replayed.defects == streamed.defects and replayed.n_tokens == streamed.n_tokens == n
+    for name in ("first_token_attention", "mixing", "rollout_mass", "sink_dobrushin"):
+        assert torch.equal(getattr(replayed, name), getattr(streamed, name)), name
+    assert torch.equal(replayed.spectral.spectrum, streamed.spectral.spectrum)

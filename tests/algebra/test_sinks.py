@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from lens_squash.algebra.attention_stream import summarize_attention
 from lens_squash.algebra.paths import rollout_matrices
 from lens_squash.algebra.phases import sink_layer_links
 from lens_squash.algebra.sinks import (
@@ -127,13 +128,37 @@ def test_pattern_shape_errors():
 # --- the report --------------------------------------------------------------------------------------
 
 
+def report_of(patterns: torch.Tensor, resid_norms: torch.Tensor, **kwargs):
+    """The one builder, fed the stack's per-layer summary (its layers streamed through AttentionStream)."""
+    return sink_report(summarize_attention(patterns, spectral_atol=None), resid_norms, **kwargs)
+
+
+def test_the_reports_curves_are_the_pure_functions_of_the_patterns():
+    """The summary's per-layer accumulators against the whole-stack functions, computed independently."""
+    pat = random_causal_patterns(layers=5, heads=3, n=11)
+    pat[2, 1, 1:, 0] = 0.9  # one planted sink head (rows renormalised below)
+    pat[2, 1, 1:, 1:] *= 0.1 / pat[2, 1, 1:, 1:].sum(-1, keepdim=True)
+    pat[2, 1].tril_()
+    report = report_of(pat, torch.rand(6, 11, dtype=F64) + 1)
+    heads = first_token_attention(pat)
+    torch.testing.assert_close(report.mean_first_token_attention, heads.mean(-1), atol=1e-15, rtol=0)
+    rate = sink_rate(pat, SINK_EPS)
+    assert torch.equal(report.sink_rate, rate.per_layer) and report.sink_rate_overall == rate.overall
+    assert rate.per_layer[2] > 0  # the planted head counts
+    torch.testing.assert_close(report.mixing, mixing_score(pat), atol=1e-14, rtol=0)
+    torch.testing.assert_close(report.rollout_mass, rollout_mass(pat), atol=1e-15, rtol=0)
+    torch.testing.assert_close(report.dobrushin, rollout_dobrushin(pat), atol=1e-14, rtol=0)
+    with pytest.raises(ValueError, match="at least 2"):
+        report_of(pat[..., :1, :1], torch.ones(6, 1, dtype=F64))
+
+
 def test_sink_report_on_a_planted_compression_valley():
     n, d = 12, 16
     massive = torch.tensor([1.0, 1.0, 50.0, 80.0, 60.0, 1.0, 1.0])  # L + 1 = 7 residual streams
     reps = torch.randn(7, n, d, dtype=F64)
     reps[:, 0, 3] += massive.to(F64)
     sink_weights = torch.tensor([0.1, 0.2, 0.9, 0.9, 0.9, 0.2])[:, None].expand(6, 4)
-    report = sink_report(planted_sinks(sink_weights, n), reps.norm(dim=-1), representations=reps)
+    report = report_of(planted_sinks(sink_weights, n), reps.norm(dim=-1), representations=reps)
     assert report.phases == (2, 5)
     assert report.massive_range == (2, 5)
     assert report.sink_rate.tolist() == [0, 0, 1, 1, 1, 0]
@@ -143,7 +168,7 @@ def test_sink_report_on_a_planted_compression_valley():
     assert_json_carries(report)  # every curve, the phases and the correlations, by value
     assert "SinkReport" in report._repr_html_()
     with pytest.raises(ValueError, match="resid_norms"):
-        sink_report(planted_sinks(sink_weights, n), reps.norm(dim=-1)[:3])
+        report_of(planted_sinks(sink_weights, n), reps.norm(dim=-1)[:3])
 
 
 def test_report_describes_phases_massive_range_and_undefined_correlations_in_words():
@@ -152,14 +177,14 @@ def test_report_describes_phases_massive_range_and_undefined_correlations_in_wor
     reps = torch.randn(7, n, d, dtype=F64)
     reps[:, 0, 3] += massive.to(F64)
     sink_weights = torch.tensor([0.1, 0.2, 0.9, 0.9, 0.9, 0.2])[:, None].expand(6, 4)
-    report = sink_report(planted_sinks(sink_weights, n), reps.norm(dim=-1), representations=reps)
+    report = report_of(planted_sinks(sink_weights, n), reps.norm(dim=-1), representations=reps)
     assert report.phases == (2, 5)  # the planted valley, in words with inclusive ends
     assert report.phase_text() == "residual streams: mix 0–1, compress 2–4, refine 5–6"
     peak = int(report.norm_ratio.argmax())
     assert report.massive_text().startswith("massive first-token activation in residual streams 2–4")
     assert f"at {peak})" in report.massive_text()
     # a constant sink-rate curve (no sinks at all) makes its correlations undefined: said, not "nan"
-    flat = sink_report(planted_sinks(torch.full((6, 4), 0.05), n), torch.ones(7, n, dtype=F64), representations=reps)
+    flat = report_of(planted_sinks(torch.full((6, 4), 0.05), n), torch.ones(7, n, dtype=F64), representations=reps)
     assert flat.massive_range is None and flat.massive_text().startswith("no massive activation")
     undefined = [name for name, v in flat.correlations.items() if math.isnan(v)]
     assert undefined, "the flat curves should make some correlation undefined"
@@ -171,7 +196,7 @@ def test_report_describes_phases_massive_range_and_undefined_correlations_in_wor
 
 
 def test_phase_text_for_a_valley_at_either_end_and_none():
-    report = sink_report(planted_sinks(torch.full((3, 2), 0.5), 6), torch.ones(4, 6, dtype=F64))
+    report = report_of(planted_sinks(torch.full((3, 2), 0.5), 6), torch.ones(4, 6, dtype=F64))
     assert report.phases is None and report.phase_text().startswith("no compression valley")
     shaped = dataclasses.replace(report, entropy=torch.ones(4, dtype=F64), phases=(0, 4))
     assert shaped.phase_text() == (
@@ -233,7 +258,7 @@ def test_sink_report_links_sink_layers_to_over_squashing():
     sink_weights = torch.tensor([0.05, 0.05, 0.95, 0.95, 0.95, 0.05])[:, None].expand(layers, 3)
     pat = planted_sinks(sink_weights, n)
     norms = torch.rand(layers + 1, n, dtype=F64) + 1.0
-    report = sink_report(pat, norms)
+    report = report_of(pat, norms)
     torch.testing.assert_close(report.rollout_mass, rollout_mass(pat))
     torch.testing.assert_close(report.dobrushin, rollout_dobrushin(pat))
     # sink layers pull the last token's rollout mass onto token 0 and contract less (rows agree on token 0)
@@ -244,4 +269,4 @@ def test_sink_report_links_sink_layers_to_over_squashing():
     # the planted layers make the sink-rate curve 0/1 valued; every value, NaN as null, survives JSON
     loaded = assert_json_carries(report)
     assert loaded["links"]["n sink layers"] == 3.0 and loaded["entropy"] is None
-    assert sink_report(pat, norms, over_squashing=False).dobrushin is None
+    assert report_of(pat, norms, over_squashing=False).dobrushin is None

@@ -304,6 +304,7 @@ BUILDERS = {
     "TaskInstance": _task_instance,
     "ParsedAnswer": _parsed,
     "AttentionSummary": _attention_summary,
+    "AttentionCheck": lambda: _analysis().trace.attention_check,
     "SpectralLayers": lambda: _attention_summary().spectral,
     "ManyAnalyses": _many,
     "RunComparison": lambda: _run_comparison(),

@@ -93,7 +93,7 @@ def test_streamed_analysis_equals_the_whole_pattern_one(family):
     for key, value in whole.sinks.correlations.items():
         other = streamed.sinks.correlations[key]
         assert (math.isnan(value) and math.isnan(other)) or other == pytest.approx(value, rel=1e-9, abs=1e-12)
-    assert streamed.trace.provenance["attention_defects"] == whole.trace.provenance["attention_defects"]
+    assert streamed.trace.attention_check.defects == whole.trace.attention_check.defects
     torch.testing.assert_close(streamed.trace.mean_first_token_attention(), whole.trace.mean_first_token_attention())
 
 

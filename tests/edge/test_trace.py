@@ -233,3 +233,38 @@ def test_a_trace_with_its_progress_bar_on_gives_the_same_numbers(monkeypatch):
     assert torch.equal(loud.patterns, quiet.patterns) and torch.equal(loud.last_logits, quiet.last_logits)
     monkeypatch.setenv("LENS_SQUASH_PROGRESS", "0")  # the switch wins over the estimate
     assert not bars_enabled()
+
+
+@pytest.mark.hooked
+def test_the_attention_check_is_a_typed_field_and_decides_alone():
+    """The algebra reads the trace's AttentionCheck, never its provenance: with the provenance emptied
+    the bounds are the same, and a check recording NaN defects refuses, although the patterns are fine."""
+    import dataclasses
+
+    from lens_squash.algebra.attention import attention_defects, pattern_tolerance
+    from lens_squash.algebra.attention_check import AttentionCheck
+    from lens_squash.algebra.variants import path_bound
+
+    model = tiny_model(n_layers=2, n_heads=2, d_model=16, d_vocab=32, dtype=torch.float32, seed=2)
+    traced = trace(model, torch.arange(1, 9))
+    check = traced.attention_check
+    assert isinstance(check, AttentionCheck) and check.torch_dtype is torch.float32 and not check.substochastic
+    assert check.defects == attention_defects(traced.patterns)  # the stack's own defects, scanned independently
+    assert check.tolerance == pattern_tolerance(torch.float32, 8)
+    bare = dataclasses.replace(traced, provenance={})
+    assert torch.equal(path_bound(bare, "rollout").bound, path_bound(traced, "rollout").bound)
+    nan = dict.fromkeys(check.defects, float("nan"))
+    broken = dataclasses.replace(traced, attention_check=dataclasses.replace(check, defects=nan))
+    with pytest.raises(ValueError, match="NaN"):
+        path_bound(broken, "rollout")
+
+
+@pytest.mark.hooked  # a SoLU config: HookedTransformer only
+def test_a_trace_that_cannot_compute_mlp_gains_says_why_in_a_typed_field():
+    unsupported = tiny_model(dtype=torch.float64, act_fn="solu", gated_mlp=True)  # no certified MLP gain for SoLU
+    traced = trace(unsupported, TOKENS, lipschitz=True)
+    assert traced.mlp_gain is None and "SoLU" in traced.lipschitz_unsupported
+    assert traced.provenance["lipschitz_unsupported"] == traced.lipschitz_unsupported  # shown, written once
+    supported = trace(tiny_model(dtype=torch.float64), TOKENS, lipschitz=True)
+    assert supported.mlp_gain is not None and supported.lipschitz_unsupported is None
+    assert "lipschitz_unsupported" not in supported.provenance

@@ -324,3 +324,38 @@ def test_collapse_command_fast_path_says_where_its_thresholds_came_from(tmp_path
     assert fast["paths"] == {"float32": "prefix", "bfloat16": "prefix"}  # open-ended: read off one pass
     assert all(value >= 0 for value in fast["noise_floor"].values())
     assert "prefix" in capsys.readouterr().out
+
+
+@pytest.mark.hooked
+def test_streamed_and_stored_patterns_give_the_same_analysis_bit_for_bit(chat_model):
+    """One per-layer pipeline: the stored stack replays into the accumulators a streamed pass feeds,
+    and the bounds come from one sweep (stored layers or recomputed ones), so every number is equal."""
+    tokens = torch.arange(5, 19)
+    whole = analyze(chat_model, tokens, jacobian_mode=None, keep_patterns=True)
+    streamed = analyze(chat_model, tokens, jacobian_mode=None, keep_patterns=False)
+    assert whole.trace.patterns is not None and streamed.trace.patterns is None
+    assert set(whole.bounds) == set(streamed.bounds) and whole.skipped == streamed.skipped
+    for name, bound in whole.bounds.items():
+        assert torch.equal(bound.bound, streamed.bounds[name].bound), name
+        # the stored sweep's bound keeps its graph's patterns: its flows add up to the row (the streamed one has none)
+        assert bound.flows().total == pytest.approx(float(bound.bound.sum()), rel=1e-9, abs=0), name
+        with pytest.raises(ValueError, match="keep_patterns=True"):
+            streamed.bounds[name].flows()
+    for name, curve in whole.sinks.curves().items():
+        assert torch.equal(curve, streamed.sinks.curves()[name]), name
+    for name in ("spectrum", "dobrushin", "cumulative_dobrushin", "rollout_mass", "rank_one_distance"):
+        assert torch.equal(getattr(whole.spectral, name), getattr(streamed.spectral, name)), name
+    # and the stored path's bounds are the direct whole-stack row of each variant, computed apart
+    for name, bound in whole.bounds.items():
+        assert torch.equal(bound.bound, path_bound(whole.trace, name, model=chat_model).bound), name
+
+
+@pytest.mark.hooked
+def test_a_loaded_reports_metadata_sits_in_the_provenance_it_was_built_with(chat_model, tmp_path):
+    analysis = analyze(chat_model, torch.arange(5, 12), jacobian_mode=None)
+    data = analysis.to_dict(heavy=False) | {"metadata": {"command": "analyze"}}
+    (tmp_path / "results.json").write_text(json.dumps(to_jsonable(data)))
+    loaded = Analysis.load(tmp_path / "results.json")
+    assert loaded.provenance["report"] == {"command": "analyze"}
+    assert "patterns" in loaded.trace.provenance["dropped"] and loaded.trace.patterns is None
+    assert "report" not in analysis.provenance  # the analysis that was saved is untouched

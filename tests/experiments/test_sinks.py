@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from lens_squash.algebra.sinks import SINK_EPS, first_token_attention, rollout_mass
+from lens_squash.algebra.sinks import SINK_EPS, first_token_attention, rollout_mass, sink_report
 from lens_squash.edge.models import format_prompt
 from lens_squash.edge.trace import trace
 from lens_squash.experiments.ablation import ablation_effect
-from lens_squash.experiments.sinks import sink_analysis, sink_report_from_trace
+from lens_squash.experiments.sinks import sink_analysis
 
 from ..reference import assert_json_carries
 
@@ -87,11 +87,16 @@ def test_sink_analysis_agrees_with_run_with_cache_on_a_tiny_model(tiny):
 
 
 @pytest.mark.hooked
-def test_sink_report_from_trace_needs_the_residual_stream(tiny):
-    from lens_squash.edge.trace import trace
-
-    with pytest.raises(ValueError, match="keep_resid=True"):
-        sink_report_from_trace(trace(tiny, torch.arange(6)))
+def test_sink_analysis_equals_the_report_of_a_streamed_trace(tiny):
+    """Patterns kept and replayed, or folded in during the pass: one accumulator, the same curves."""
+    tokens = torch.arange(3, 12)
+    whole = sink_analysis(tiny, tokens)
+    streamed = trace(tiny, tokens, keep_resid=True, keep_patterns=False)
+    assert streamed.patterns is None
+    other = sink_report(streamed.attention_summary(), streamed.resid_norms, representations=streamed.resid)
+    for name, curve in whole.curves().items():
+        torch.testing.assert_close(getattr(other, name), curve, rtol=1e-12, atol=0, msg=name)
+    assert other.phases == whole.phases and other.sink_rate_overall == whole.sink_rate_overall
 
 
 @pytest.mark.slow

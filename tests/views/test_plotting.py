@@ -17,6 +17,7 @@ import scipy.stats
 import torch
 from plotly.colors import sample_colorscale, unlabel_rgb
 
+from lens_squash.algebra.attention_stream import summarize_attention
 from lens_squash.algebra.compare import compare_variants
 from lens_squash.algebra.sinks import sink_report
 from lens_squash.algebra.softmax_theory import tv_decay_experiment
@@ -680,7 +681,8 @@ def test_sink_figure_shades_the_three_phases():
 
 def test_sink_report_figure_reads_the_report():
     patterns = causal_patterns(layers=4, heads=2, n=6)
-    report = sink_report(patterns, torch.rand(5, 6) + 1, representations=torch.randn(5, 6, 8, dtype=F64))
+    summary = summarize_attention(patterns, spectral_atol=None)
+    report = sink_report(summary, torch.rand(5, 6) + 1, representations=torch.randn(5, 6, 8, dtype=F64))
     fig = sink_report_figure(report)
     names = [t.name for t in fig.data]
     assert names == ["mean_first_token_attention", "sink_rate", "mixing", "norm_ratio", "entropy", "anisotropy"]

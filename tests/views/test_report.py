@@ -229,7 +229,7 @@ def test_analysis_sections_cover_an_analysis_like_object(tiny):
         best_variant="rollout",
         summary=lambda: pd.DataFrame({"variant": ["rollout"], "spearman": [0.3]}),
         spectral=analyze_stack(rollout_matrices(aggregate_heads(traced.patterns.double()))),
-        sinks=sink_report(traced.patterns, traced.resid_norms),
+        sinks=sink_report(traced.attention_summary(), traced.resid_norms),
     )
     sections = analysis_sections(analysis, prompt=PAYLOADS[0])
     assert [s.title for s in sections] == [
