@@ -118,7 +118,7 @@ def _check_outputs(name: str, outputs: list) -> None:
 SAVED_WITH_OUTPUTS = ("01_quickstart", "02_bound_vs_gradient")
 
 #: the notebooks rewritten on the README's public API (``import lens_squash as ls``, ``analyze``, ``.plot``)
-PUBLIC_API = ("01_quickstart", "02_bound_vs_gradient")
+PUBLIC_API = NOTEBOOKS
 
 
 @pytest.mark.parametrize("name", PUBLIC_API)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 from collections import defaultdict
 
+import numpy as np
 import pytest
 
 from lens_squash.edge.models import load_model
@@ -84,6 +85,7 @@ def test_the_report_in_a_browser_verdict_heads_grid_and_connected_paths(analysis
 
 def _check_heads_grid(page, analysis) -> None:
     root = "document.querySelector('.ls-attn')"
+    page.wait_until(f"{root}.dataset.ready === '1'")  # the weights are inflated asynchronously
     n_heads = analysis.trace.patterns.shape[1]
     assert page.evaluate(f"{root}.querySelectorAll('.thumb').length") == n_heads
     assert page.evaluate(f"{root}.dataset.head") == "0"
@@ -107,6 +109,38 @@ def _check_heads_grid(page, analysis) -> None:
         "s.dispatchEvent(new Event('input')); })()"
     )
     assert page.evaluate(f"{root}.dataset.layer") == str(analysis.trace.patterns.shape[0] - 1)
+
+
+@pytest.mark.browser
+def test_the_head_view_colours_its_chips_by_the_truth_or_the_chosen_variant(analysis, browser, tmp_path):  # noqa: F811
+    """Switching 'colour by' repaints every chip with that profile ÷ its maximum, as the chips' alpha."""
+    path = analysis.report(tmp_path / "report.html")
+    page = _load(browser, path, path.read_text(encoding="utf-8").count('class="plotly-graph-div"'))
+    root = "document.querySelector('.ls-attn')"
+    page.wait_until(f"{root}.dataset.ready === '1'")
+    n = analysis.trace.n_tokens
+    truth = next(c for c in analysis.table.columns if str(c).startswith("jacobian_"))
+    expected = {name: bound.bound[:n].double().numpy() for name, bound in analysis.bounds.items()}
+    options = page.evaluate(f"[...{root}.querySelectorAll('select.colour-by option')].map(o => o.value)")
+    assert options[0] == "" and len(options) == 2 + len(expected)  # hover, the truth, each variant
+    expected[options[1]] = analysis.table[truth].to_numpy(dtype=float)
+    assert set(options[1:]) == set(expected)
+    seen = {}
+    for option in reversed(options[1:]):  # the truth is selected at first: start elsewhere so every switch changes it
+        page.evaluate(
+            f"(() => {{ const s = {root}.querySelector('select.colour-by'); s.value = {option!r}; "
+            "s.dispatchEvent(new Event('change')); })()"
+        )
+        shown = page.evaluate(f"[...{root}.querySelectorAll('.chip')].map(c => getComputedStyle(c).backgroundColor)")
+        assert all(colour.startswith(("rgba(200, 30, 30", "rgb(200, 30, 30")) for colour in shown), shown[:3]
+        alphas = np.array([float(c.split(",")[3].rstrip(")")) if c.startswith("rgba") else 1.0 for c in shown])
+        values = expected[option]
+        want = values / np.nanmax(values)
+        assert np.abs(alphas - want).max() <= 1 / 255 + 1e-3, option  # the chosen profile, to the colour's step
+        seen[option] = (alphas, want)
+    # two choices whose profiles differ (not merely in scale) paint the chips differently
+    differing = [(a, b) for a in seen for b in seen if a < b and np.abs(seen[a][1] - seen[b][1]).max() > 0.01]
+    assert differing and all(np.abs(seen[a][0] - seen[b][0]).max() > 0.005 for a, b in differing)
 
 
 def _check_connected_paths(page) -> int:
