@@ -16,6 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.offline
 
+from ..core.display import missing_as_nan
 from ..core.records import to_jsonable
 from ..core.tokens import BIDI_DISPLAY, escape_text, neutralize_controls
 from .compact import compact_figure
@@ -84,9 +85,14 @@ def render_table(table: pd.DataFrame | Mapping[str, Any] | None) -> str:
     if table is None:
         return ""
     if isinstance(table, pd.DataFrame):
+        # a named index labels the rows (a summary's dtype or encoding): a column, since index=False
+        if any(name is not None for name in table.index.names):
+            table = table.reset_index()
         # escape=True escapes cells and headers; controls are made visible first; the formatter keeps floats short
-        table = table.rename(columns=neutralize_controls).map(
-            lambda v: neutralize_controls(v) if isinstance(v, str) else v
+        table = (
+            missing_as_nan(table)
+            .rename(columns=neutralize_controls)
+            .map(lambda v: neutralize_controls(v) if isinstance(v, str) else v)
         )
         return table.to_html(
             escape=True,

@@ -5,14 +5,19 @@ every connected-path figure's drawn edges join a source column to the target col
 from __future__ import annotations
 
 import html
+import json
+import re
 from collections import defaultdict
 
 import numpy as np
 import pytest
 
+from lens_squash.edge.flow import flow
 from lens_squash.edge.models import load_model
+from lens_squash.edge.tiny import tiny_model
 from lens_squash.experiments.analysis import Analysis, analyze
 from lens_squash.experiments.many import analyze_many
+from lens_squash.experiments.task_prompts import copy_prompt
 from lens_squash.views.pages import ReportPage, many_summary
 from lens_squash.views.report import analysis_sections
 from tests.views.test_browser import _load, browser  # noqa: F401  (the module-scoped browser fixture)
@@ -191,3 +196,31 @@ def test_suite_writes_a_report_linking_every_saved_analysis(tmp_path, capsys):
     for row in rows:
         assert f'href="{row["analysis_file"]}"' in page and (out / row["analysis_file"]).is_file()
     assert page.index('class="verdict"') < page.index("per-variant Spearman across prompts</h2>")
+
+
+def _data_bytes(page: str) -> int:
+    """The page's bytes beyond the one inline copy of plotly.js."""
+    bundles = [
+        m.group(0) for m in re.finditer(r"<script[^>]*>(.*?)</script>", page, re.S) if "plotly.js v" in m.group(1)[:300]
+    ]
+    assert len(bundles) == 1, f"expected one inline plotly.js, found {len(bundles)}"
+    return len(page.encode()) - len(bundles[0].encode())
+
+
+@pytest.mark.slow
+@pytest.mark.hooked
+def test_a_smollm2_shaped_report_with_a_flow_carries_at_most_1_mb_beyond_plotly_js():
+    """Issue 28 item 6: the report's data stays ≤ 1 MB beyond plotly.js. A random model of SmolLM2's
+    shape (30 layers × 9 heads) on the demo's 89-token prompt is the worst case for the per-head view
+    (random attention deflates worse than a trained model's), and the view still keeps every layer."""
+    model = tiny_model(
+        n_layers=30, n_heads=9, d_model=72, positional="rotary", norm="RMS", gated_mlp=True, act_fn="silu",
+        tokenizer="smollm2", n_ctx=256,
+    )  # fmt: skip
+    prompt = copy_prompt(12)
+    analysis = analyze(model, prompt, jacobian_mode="sketch", n_probes=4)
+    assert analysis.trace.n_tokens == 89
+    page = analysis.plot("page", flow=flow(model, prompt, n_probes=4)).html
+    assert _data_bytes(page) <= 1_000_000
+    view = json.loads(re.search(r'getElementById\("ls-attn-[0-9a-f]+"\), (\{.*?\})\);</script>', page, re.S).group(1))
+    assert view["dropped"] == 0 and len(view["layers"]) == 30

@@ -761,6 +761,20 @@ def test_answer_histogram_counts_parsed_answers():
         answer_histogram(task_frame(), task="nope")
 
 
+def test_answer_histogram_gathers_runaway_answers_past_twice_the_largest_truth():
+    """One answer of 1111 among counts up to 10 goes into one bar at 21 (cap 20 + 1), named in its hover,
+    so the other bars keep their width; every sample is still counted once."""
+    frame = task_frame()
+    frame.loc[(frame["task"] == "count") & (frame["length"] == 10) & (frame["sample"] == 0), "parsed_answer"] = 1111
+    fig = answer_histogram(frame, task="count")
+    bars = [t for t in fig.data if isinstance(t, go.Bar)]
+    assert dict(zip(bars[1].x, bars[1].y, strict=True)) == {8: 2, 21: 1}
+    assert list(bars[1].customdata) == ["8", "> 20: 1111"]
+    assert sum(sum(b.y) for b in bars) == frame[frame["task"] == "count"]["parsed_answer"].notna().sum()
+    assert "above 20" in caption_of(fig)
+    assert "above" not in caption_of(answer_histogram(task_frame(), task="count"))
+
+
 # --- every builder -------------------------------------------------------------------------------
 
 
