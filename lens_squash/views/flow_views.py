@@ -216,7 +216,7 @@ def layer_heatmaps(flow, *, title: str | None = None) -> go.Figure:
     fig.update_layout(
         template=_TEMPLATE,
         height=max(420, 16 * L + 200),
-        width=max(700, 330 * len(sources)),
+        width=min(1200, max(700, 330 * len(sources))),  # a report's column: wider would need a scrollbar
         title={"text": title or f"Sensitivity of position {flow.target_pos}: layer × position"},
     )
     return with_caption(

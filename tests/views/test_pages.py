@@ -78,10 +78,13 @@ def test_analyze_many_takes_a_model_name_and_writes_a_report_linking_each_prompt
 
 @pytest.mark.browser
 def test_the_report_in_a_browser_verdict_heads_grid_and_connected_paths(analysis, browser, tmp_path):  # noqa: F811
-    path = analysis.report(tmp_path / "report.html")
+    truth = flow(load_model("tiny-random", n_ctx=256), PROMPT, n_probes=4)  # adds its heatmap and paths
+    path = analysis.plot("page", flow=truth).write(tmp_path / "report.html")
     n_figures = path.read_text(encoding="utf-8").count('class="plotly-graph-div"')
     page = _load(browser, path, n_figures)
     assert page.errors() == []
+    # nothing is wider than the 1280-pixel window: no figure or table needs a horizontal scrollbar
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     assert "Spearman" in page.evaluate("document.querySelector('.verdict').textContent")
     _check_heads_grid(page, analysis)
     checked = _check_connected_paths(page)
