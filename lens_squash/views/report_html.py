@@ -81,6 +81,9 @@ def _cell(value: Any) -> str:
     return escape_text(str(value))
 
 
+_HEADER = re.compile(r"(<th[^>]*>)([^<]*)(</th>)")
+
+
 def render_table(table: pd.DataFrame | Mapping[str, Any] | None) -> str:
     if table is None:
         return ""
@@ -94,7 +97,7 @@ def render_table(table: pd.DataFrame | Mapping[str, Any] | None) -> str:
             .rename(columns=neutralize_controls)
             .map(lambda v: neutralize_controls(v) if isinstance(v, str) else v)
         )
-        return table.to_html(
+        page = table.to_html(
             escape=True,
             index=False,
             border=0,
@@ -103,6 +106,9 @@ def render_table(table: pd.DataFrame | Mapping[str, Any] | None) -> str:
             max_rows=200,
             na_rep="-",
         )
+        # long snake_case headers (same_nontrivial_prediction) may wrap after an underscore, so a
+        # dozen columns fit the page instead of scrolling sideways
+        return _HEADER.sub(lambda m: m.group(1) + m.group(2).replace("_", "_<wbr>") + m.group(3), page)
     rows = "".join(f"<tr><th>{escape_text(str(k))}</th><td>{_cell(v)}</td></tr>" for k, v in table.items())
     return f'<table class="data kv">{rows}</table>'
 

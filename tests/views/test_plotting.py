@@ -855,3 +855,14 @@ def test_the_layer_slider_and_target_menu_work_in_chromium(tmp_path):
         assert names == [f"layer {l}, mean of heads", f"layer {l}, head 0", f"layer {l}, head 1"]
         assert f"layer {l}" in title and second_panel is True
     assert shown[4] == [[6]] and shown[5] == [[4]]  # each target's star, one at a time
+
+
+def test_collapse_band_and_encoding_figures_put_lengths_on_a_log_axis_when_they_span_a_factor_of_four():
+    lengths = [2, 8, 32, 128]
+    band = head_band_figure(lengths, [1.0, 0.5, 0.2, 0.1], [0.5, 0.2, 0.1, 0.05], [2.0, 1.0, 0.5, 0.3])
+    pe = pe_figure(lengths, {"rotary": (np.array([1.0, 0.5, 0.2, 0.1]), np.zeros(4))})
+    for fig in (band, pe):
+        assert fig.layout.xaxis.type == "log" and list(fig.layout.xaxis.tickvals) == lengths
+        assert "log axis" in fig.layout.xaxis.title.text
+    narrow = head_band_figure([4, 6, 8], [1.0, 0.5, 0.2], [0.5, 0.2, 0.1], [2.0, 1.0, 0.5])
+    assert narrow.layout.xaxis.type != "log"  # lengths within a factor of 2: a linear axis reads better

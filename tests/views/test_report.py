@@ -533,5 +533,7 @@ def test_a_table_keeps_its_row_labels_and_writes_missing_values_as_a_dash():
     cells = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)]
     assert cells == [["rotary", "0.5", "8", "True", "-"], ["none", "0.25", "-", "-", "1e-07"]]
     assert "NA" not in table
+    wide = build_report([ReportSection("t", table=pd.DataFrame({"same_nontrivial_prediction": [1]}))], title="t")
+    assert "<th>same_<wbr>nontrivial_<wbr>prediction</th>" in wide  # a long header may wrap at its underscores
     plain = build_report([ReportSection("t", table=pd.DataFrame({"a": [1, 2]}))], title="t")
     assert "<th>index</th>" not in plain  # an unnamed (default) index stays out
