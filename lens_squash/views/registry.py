@@ -212,7 +212,11 @@ def _collapse_dtypes(result: CollapseResult, *, versus: CollapseResult | None = 
             raise ValueError("versus= needs a result measured at the same lengths; rerun it with this one's lengths")
         both = (result, versus)
         curves = {f"{r.family} ({d})": v for r in both for d, v in zip(r.dtypes, r.final("inf"), strict=True)}
-        resolutions = {f"{r.family} ({d})": r.resolutions[d] for r in both for d in r.dtypes}
+        resolutions = {}
+        for r in both:  # one line (or note) per distinct resolution: two float32 families share theirs
+            for d in r.dtypes:
+                if r.resolutions[d] not in resolutions.values():
+                    resolutions[f"{r.family} ({d})"] = r.resolutions[d]
         kwargs.setdefault("title", f"Representational collapse: {result.family} against {versus.family}")
     kwargs.setdefault("y_title", "‖y − y*‖∞ / ‖y‖∞")
     kwargs.setdefault("title", f"Representational collapse: {result.family}")

@@ -121,6 +121,8 @@ def answer_histogram(
             # one runaway answer (a 1111 among counts up to 80) would squeeze every bar into a line:
             # answers beyond the cap are gathered in one bar just past it, their values in its hover
             counts = answers.clip(upper=cap + 1).value_counts().sort_index()
+            if counts.empty:  # every reply unparsable: a zero bar keeps the length (and its count) in the legend
+                counts = pd.Series([0], index=[0])
             beyond = sorted(answers[answers > cap].unique())
             unparsable = len(rows) - len(answers)
             name = f"n = {length}" + (f" ({unparsable} unparsable)" if unparsable else "")
