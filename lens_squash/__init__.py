@@ -41,6 +41,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "analyze": (".experiments.analysis", "analyze"),
     "analyze_many": (".experiments.many", "analyze_many"),
     "check_model": (".edge.models", "check_model"),
+    "collapse_curve": (".experiments.collapse", "collapse_curve"),
     "compare": (".experiments.compare_runs", "compare"),
     "copy_prompt": (".experiments.task_prompts", "copy_prompt"),
     "flow": (".edge.flow", "flow"),
@@ -49,6 +50,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "jacobian_norms": (".edge.jacobian", "jacobian"),
     "load_model": (".edge.models", "load_model"),
     "path_bound": (".algebra.variants", "path_bound"),
+    "pe_collapse": (".experiments.synthetic", "pe_collapse"),
+    "run_tasks": (".experiments.tasks", "run_tasks"),
     "tiny_model": (".edge.models", "tiny_model"),
     "trace": (".edge.trace", "trace"),
 }

@@ -109,16 +109,18 @@ def _check_outputs(name: str, outputs: list) -> None:
     warned = [o.text for o in outputs if o.output_type == "stream" and o.name == "stderr" and "Warning" in o.text]
     assert warned == [], f"{name} printed warnings: {warned}"
     assert not any(WIDGET_MIME in o.get("data", {}) for o in outputs), f"{name} saves widget state (progress bars)"
+    tables = ["".join(o.get("data", {}).get("text/html", "")) for o in outputs]
+    assert not any("&lt;NA&gt;" in t for t in tables), f"{name} shows <NA> in a table (missing values are '-')"
     if name in PUBLIC_API:  # every interactive figure also carries a static PNG (GitHub and nbviewer show it)
         figures = [o for o in outputs if FIGURE_MIME in o.get("data", {})]
         assert figures and all("image/png" in o["data"] for o in figures), f"{name}: a figure without its PNG"
 
 
 #: the notebooks committed with their outputs (run on SmolLM2); the others are committed clean
-SAVED_WITH_OUTPUTS = ("01_quickstart", "02_bound_vs_gradient")
+SAVED_WITH_OUTPUTS = ("01_quickstart", "02_bound_vs_gradient", "03_representational_collapse")
 
 #: the notebooks rewritten on the README's public API (``import lens_squash as ls``, ``analyze``, ``.plot``)
-PUBLIC_API = ("01_quickstart", "02_bound_vs_gradient")
+PUBLIC_API = NOTEBOOKS
 
 
 @pytest.mark.parametrize("name", PUBLIC_API)

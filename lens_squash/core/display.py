@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["compact_repr", "summarize_value"]
+__all__ = ["compact_repr", "missing_as_nan", "summarize_value"]
 
 _MAX_TEXT = 40
 _MAX_ITEMS = 4
@@ -49,3 +50,14 @@ def compact_repr(self) -> str:
     """``ClassName(field=summary, …)`` over the dataclass's repr fields (see :func:`summarize_value`)."""
     parts = (f"{f.name}={summarize_value(getattr(self, f.name))}" for f in dataclasses.fields(self) if f.repr)
     return f"{type(self).__name__}({', '.join(parts)})"
+
+
+def missing_as_nan(frame: Any) -> Any:
+    """``frame`` with its nullable-dtype columns (``Int64``, ``boolean``, ``Float64``) as objects that
+    hold NaN where a value is missing: ``to_html(na_rep="-")`` writes ``<NA>`` for those dtypes
+    whatever ``na_rep`` says (and, since pandas 3, ``None`` for a ``None``), and ``-`` for NaN."""
+    nullable = [column for column, dtype in frame.dtypes.items() if not isinstance(dtype, np.dtype)]
+    shown = frame.astype({column: object for column in nullable})
+    for column in nullable:
+        shown[column] = shown[column].where(frame[column].notna(), np.nan)
+    return shown

@@ -57,7 +57,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..algebra.attention import local_window_mask
-from ..core.display import compact_repr
+from ..core.display import compact_repr, missing_as_nan
 from ..core.records import provenance
 from ..core.results import Result
 from ..edge.models import resolve_dtype
@@ -242,7 +242,7 @@ class CollapseResult(Result):
             f"<b>Representational collapse</b> family <code>{html.escape(self.family)}</code>, "
             f"lengths {int(self.lengths[0])}…{int(self.lengths[-1])}; {html.escape(_path_note(self))}<br>"
         )
-        return head + frame.to_html(escape=True, float_format=lambda v: f"{v:.3e}", na_rep="-")
+        return head + missing_as_nan(frame).to_html(escape=True, float_format=lambda v: f"{v:.3e}", na_rep="-")
 
 
 def _path_note(result: CollapseResult) -> str:

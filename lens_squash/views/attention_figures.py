@@ -321,7 +321,9 @@ def attention_heatmap(
             **token_ticks(categories, categories, max_ticks, axis="y"),
         )
     annotations = [_panel_annotations(fig, [name for name, _ in panels], cols, n_panels) for _, _, panels in steps]
-    full_titles = [escape_label(title) + " — " + escape_label(view) + note for _, view, _ in steps]
+    # the note (what was left out for size) goes on a second, smaller line: on one line it ran past the figure
+    second = f"<br><span style='font-size:12px'>{note.strip()}</span>" if note else ""
+    full_titles = [escape_label(title) + " — " + escape_label(view) + second for _, view, _ in steps]
     if len(steps) > 1:
         slider_steps = [
             {
@@ -357,7 +359,7 @@ def attention_heatmap(
     return finish_layout(
         fig,
         title,
-        suffix=" — " + escape_label(steps[0][1]) + note,
+        suffix=full_titles[0].removeprefix(escape_label(title)),
         caption=caption,
         annotations=annotations[0],
         height=rows * panel + 150 + slider_room,

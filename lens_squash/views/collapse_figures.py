@@ -169,6 +169,14 @@ def _length_axis(x: np.ndarray) -> dict:
     return {"type": "log", "tickmode": "array", "tickvals": ticks, "ticktext": [str(t) for t in ticks]}
 
 
+def _length_title_and_axis(x: np.ndarray) -> dict:
+    """Lengths on a log axis (as the distance curves are) where they span a factor of 4 or more."""
+    positive = x[x > 0]
+    if positive.size and positive.max() >= 4 * positive.min():
+        return {"title_text": "prompt length n (log axis)", **_length_axis(x)}
+    return {"title_text": "prompt length n"}
+
+
 def _plain(text: str) -> str:
     """Axis math for a plain-text caption: the Unicode sub/superscripts where they exist."""
     return html.unescape(re.sub(r"</?su[bp]>", "", math_text(text)))
@@ -226,7 +234,7 @@ def head_band_figure(
             ),
         ]
     )
-    fig.update_xaxes(title_text="prompt length n")
+    fig.update_xaxes(**_length_title_and_axis(x))
     fig.update_yaxes(title_text=math_text(y_title), type="log" if log else "linear")
     caption = (
         f"The representational-collapse distance measured at each attention head of the last layer ({name}) "
@@ -293,7 +301,7 @@ def pe_figure(
                 hovertemplate=f"{label}<br>length %{{x}}<br>%{{y:.3e}} ± %{{customdata:.1e}}<extra></extra>",
             )
         )
-    fig.update_xaxes(title_text="prompt length n")
+    fig.update_xaxes(**_length_title_and_axis(x))
     fig.update_yaxes(title_text=math_text(y_title), type="log" if log else "linear")
     caption = (
         "Representational collapse in small untrained decoders that differ only in their positional encoding "

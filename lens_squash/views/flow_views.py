@@ -173,6 +173,7 @@ def layer_heatmaps(flow, *, title: str | None = None) -> go.Figure:
     sources = {"truth": flow.sensitivity.double().numpy()}
     sources.update({name: rows.double().numpy() for name, rows in flow.bounds.items()})
     labels, L = _labels(flow), flow.n_layers
+    categories = [f"{i}: {label}" for i, label in enumerate(labels)]  # unique even where tokens repeat
     fig = make_subplots(
         rows=1, cols=len(sources), shared_yaxes=True, horizontal_spacing=0.03, subplot_titles=list(sources)
     )
@@ -180,27 +181,30 @@ def layer_heatmaps(flow, *, title: str | None = None) -> go.Figure:
         peak = values.max(-1, keepdims=True)
         rel = np.divide(values, peak, out=np.zeros_like(values), where=peak > 0)
         z = np.log10(np.maximum(rel, 1e-6))
-        custom = np.dstack([np.broadcast_to(np.array(labels, dtype=object), z.shape), values])
+        # the hover reads the token from the category axis and the value from numeric customdata:
+        # a label per cell (as object customdata) made this figure ten times larger
         fig.add_trace(
             go.Heatmap(
                 z=z,
-                x=np.arange(flow.n_tokens),
+                x=categories,
                 y=np.arange(L + 1),
                 zmin=-6,
                 zmax=0,
                 colorscale="Viridis",
-                customdata=custom,
+                customdata=values,
                 showscale=col == 1,
                 colorbar={"title": {"text": "log10(÷ layer max)"}},
                 hovertemplate=(
-                    f"{name}<br>level %{{y}} · position %{{x}} %{{customdata[0]}}<br>"
-                    "value %{customdata[1]:.4g} · log10 share of max %{z:.2f}<extra></extra>"
+                    f"{name}<br>level %{{y}} · position %{{x}}<br>"
+                    "value %{customdata:.4g} · log10 share of max %{z:.2f}<extra></extra>"
                 ),
             ),
             row=1,
             col=col,
         )
-        fig.update_xaxes(title_text="position k", row=1, col=col, **_ticks(labels, 30))
+        ticks = _ticks(labels, 30)
+        ticks["tickvals"] = [categories[i] for i in ticks["tickvals"]]
+        fig.update_xaxes(title_text="position k", type="category", row=1, col=col, **ticks)
     fig.update_yaxes(
         title_text="layer (resid_pre; top = output)",
         tickmode="array",
@@ -212,7 +216,7 @@ def layer_heatmaps(flow, *, title: str | None = None) -> go.Figure:
     fig.update_layout(
         template=_TEMPLATE,
         height=max(420, 16 * L + 200),
-        width=max(700, 330 * len(sources)),
+        width=min(1200, max(700, 330 * len(sources))),  # a report's column: wider would need a scrollbar
         title={"text": title or f"Sensitivity of position {flow.target_pos}: layer × position"},
     )
     return with_caption(

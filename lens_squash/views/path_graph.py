@@ -83,8 +83,9 @@ def _panel(fig, col: int, selected: list, labels: list[str], n_layers: int, top:
                 legendgroup=kind,
                 showlegend=kind not in shown,
                 meta={"layer": layer, "hop": str(hop), "key": key, "query": query, "panel": col},
+                # labels are token_label's, already escaped: escaping again would show "&lt;" for "<"
                 hovertemplate=(
-                    f"{escape_label(where)}<br>{key} {escape_label(labels[key])} → {query} {escape_label(labels[query])}"
+                    f"{escape_label(where)}<br>{key} {labels[key]} → {query} {labels[query]}"
                     f"<br>weight of drawn paths {entry['weight']:.3g} (paths {', '.join(map(str, entry['paths']))})"
                     "<extra></extra>"
                 ),

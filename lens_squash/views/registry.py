@@ -201,12 +201,26 @@ _register(Trace, "head_view", lambda trace, **kwargs: _heads(trace, None, **kwar
 # --------------------------------------------------------------------------------------------------
 
 
-def _collapse_dtypes(result: CollapseResult, **kwargs):
-    """Relative ∞-distance of ``y`` per dtype, each dtype's resolution dashed."""
-    curves = dict(zip(result.dtypes, result.final("inf"), strict=True))
+def _collapse_dtypes(result: CollapseResult, *, versus: CollapseResult | None = None, **kwargs):
+    """Relative ∞-distance of ``y`` per dtype, each dtype's resolution dashed; ``versus=`` overlays
+    another family measured at the same lengths (e.g. ``copy_ones`` against ``copy_ones_commas``)."""
+    if versus is None:
+        curves = dict(zip(result.dtypes, result.final("inf"), strict=True))
+        resolutions = result.resolutions
+    else:
+        if list(map(int, versus.lengths)) != list(map(int, result.lengths)):
+            raise ValueError("versus= needs a result measured at the same lengths; rerun it with this one's lengths")
+        both = (result, versus)
+        curves = {f"{r.family} ({d})": v for r in both for d, v in zip(r.dtypes, r.final("inf"), strict=True)}
+        resolutions = {}
+        for r in both:  # one line (or note) per distinct resolution: two float32 families share theirs
+            for d in r.dtypes:
+                if r.resolutions[d] not in resolutions.values():
+                    resolutions[f"{r.family} ({d})"] = r.resolutions[d]
+        kwargs.setdefault("title", f"Representational collapse: {result.family} against {versus.family}")
     kwargs.setdefault("y_title", "‖y − y*‖∞ / ‖y‖∞")
     kwargs.setdefault("title", f"Representational collapse: {result.family}")
-    return collapse_figure(result.lengths, curves, result.resolutions, **kwargs)
+    return collapse_figure(result.lengths, curves, resolutions, **kwargs)
 
 
 def _collapse_heads(result: CollapseResult, dtype: str | None = None, **kwargs):

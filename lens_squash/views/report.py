@@ -66,9 +66,10 @@ __all__ = [
 ]
 
 #: attention cells the report's heatmap may hold (attention_heatmap's max_cells; a float32 cell is about
-#: 5.3 bytes of HTML): on the demo's 89-token prompt the mean of all layers and 11 of the 30 layers
-#: (about 0.55 MB), on a 1000-token prompt one map pooled into blocks of 4 positions per layer shown
-ATTENTION_CELLS = 100_000
+#: 5.3 bytes of HTML): the mean of all layers and heads and one layer on the demo's 89-token prompt
+#: (about 85 kB; the per-head view beside it carries every layer), one map pooled into blocks of 8
+#: positions on a 1000-token prompt
+ATTENTION_CELLS = 16_000
 
 #: the usual sections of an over-squashing report, in reading order (any subset may be present)
 SECTION_ORDER: tuple[str, ...] = (

@@ -16,6 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.offline
 
+from ..core.display import missing_as_nan
 from ..core.records import to_jsonable
 from ..core.tokens import BIDI_DISPLAY, escape_text, neutralize_controls
 from .compact import compact_figure
@@ -80,15 +81,23 @@ def _cell(value: Any) -> str:
     return escape_text(str(value))
 
 
+_HEADER = re.compile(r"(<th[^>]*>)([^<]*)(</th>)")
+
+
 def render_table(table: pd.DataFrame | Mapping[str, Any] | None) -> str:
     if table is None:
         return ""
     if isinstance(table, pd.DataFrame):
+        # a named index labels the rows (a summary's dtype or encoding): a column, since index=False
+        if any(name is not None for name in table.index.names):
+            table = table.reset_index()
         # escape=True escapes cells and headers; controls are made visible first; the formatter keeps floats short
-        table = table.rename(columns=neutralize_controls).map(
-            lambda v: neutralize_controls(v) if isinstance(v, str) else v
+        table = (
+            missing_as_nan(table)
+            .rename(columns=neutralize_controls)
+            .map(lambda v: neutralize_controls(v) if isinstance(v, str) else v)
         )
-        return table.to_html(
+        page = table.to_html(
             escape=True,
             index=False,
             border=0,
@@ -97,6 +106,9 @@ def render_table(table: pd.DataFrame | Mapping[str, Any] | None) -> str:
             max_rows=200,
             na_rep="-",
         )
+        # long snake_case headers (same_nontrivial_prediction) may wrap after an underscore, so a
+        # dozen columns fit the page instead of scrolling sideways
+        return _HEADER.sub(lambda m: m.group(1) + m.group(2).replace("_", "_<wbr>") + m.group(3), page)
     rows = "".join(f"<tr><th>{escape_text(str(k))}</th><td>{_cell(v)}</td></tr>" for k, v in table.items())
     return f'<table class="data kv">{rows}</table>'
 

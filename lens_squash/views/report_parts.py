@@ -19,7 +19,21 @@ from .bound_panels import bound_truth_from_table
 from .flow_views import layer_heatmaps
 from .path_graph import connected_paths
 
-__all__ = ["attention_view_html", "bound_figure", "flow_figures", "path_figures", "truth_column", "verdict_html"]
+__all__ = [
+    "VIEW_BYTES",
+    "attention_view_html",
+    "bound_figure",
+    "flow_figures",
+    "path_figures",
+    "truth_column",
+    "verdict_html",
+]
+
+
+#: base64 bytes the report's per-head view may carry (the report's data stays near 1 MB beyond
+#: plotly.js): every layer of SmolLM2 (30 × 9 heads, 89 tokens) fits in 15 steps of √a (287 kB;
+#: 31 steps take 421 kB, 255 take 915 kB); a tiny model keeps all 255
+VIEW_BYTES = 320_000
 
 
 def truth_column(analysis: Any) -> str | None:
@@ -81,7 +95,7 @@ def attention_view_html(analysis: Any) -> str:
         )
     n = traced.n_tokens
     colourings.update({name: bound.bound[:n] for name, bound in dict(analysis.bounds).items()})
-    return attention_view(traced.patterns, traced.str_tokens, colourings).html
+    return attention_view(traced.patterns, traced.str_tokens, colourings, max_bytes=VIEW_BYTES).html
 
 
 def flow_figures(flow: Any) -> list[go.Figure]:

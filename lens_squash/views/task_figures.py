@@ -103,6 +103,7 @@ def answer_histogram(
             raise ValueError(f"no rows for task {task!r}")
     series_names = sorted(frame["series"].unique())
     lengths = sorted(frame["length"].unique())
+    cap = _answer_cap(frame)
     height = max(400, 320 * len(series_names))
     fig = make_subplots(
         rows=len(series_names),
@@ -117,18 +118,25 @@ def answer_histogram(
             if rows.empty:
                 continue
             answers = pd.to_numeric(rows[column], errors="coerce").dropna().astype(int)
-            counts = answers.value_counts().sort_index()
+            # one runaway answer (a 1111 among counts up to 80) would squeeze every bar into a line:
+            # answers beyond the cap are gathered in one bar just past it, their values in its hover
+            counts = answers.clip(upper=cap + 1).value_counts().sort_index()
+            if counts.empty:  # every reply unparsable: a zero bar keeps the length (and its count) in the legend
+                counts = pd.Series([0], index=[0])
+            beyond = sorted(answers[answers > cap].unique())
             unparsable = len(rows) - len(answers)
             name = f"n = {length}" + (f" ({unparsable} unparsable)" if unparsable else "")
+            shown = [f"> {cap}: {', '.join(map(str, beyond))}" if x > cap else str(x) for x in counts.index]
             fig.add_trace(
                 go.Bar(
                     x=counts.index.to_numpy(),
                     y=counts.to_numpy(),
+                    customdata=shown,
                     name=name,
                     legendgroup=f"n{length}",
                     showlegend=row == 1,
                     marker={"color": palette_color(i)},
-                    hovertemplate=f"length {length}<br>answer %{{x}}: %{{y}} samples<extra></extra>",
+                    hovertemplate=f"length {length}<br>answer %{{customdata}}: %{{y}} samples<extra></extra>",
                 ),
                 row=row,
                 col=1,
@@ -156,7 +164,15 @@ def answer_histogram(
         "task and one bar colour per sequence length (cf. the paper's Figure 4); a triangle on the axis marks "
         "the true answer of that length. The legend counts the answers that could not be parsed."
     )
+    if (pd.to_numeric(frame[column], errors="coerce") > cap).any():
+        caption += f" Answers above {cap} (twice the largest true answer) are gathered in the bar at {cap + 1}."
     return finish_layout(fig, title, caption=caption, barmode="group", height=height)
+
+
+def _answer_cap(frame: pd.DataFrame) -> int:
+    """Twice the largest true answer (at least 10): the histogram's x-axis ends just past it."""
+    truths = pd.to_numeric(frame["truth"], errors="coerce").dropna() if "truth" in frame.columns else pd.Series()
+    return max(10, 2 * int(truths.max())) if len(truths) else 10**9
 
 
 #: chart name (``TaskFigure.chart``) -> builder(rows, *, title)

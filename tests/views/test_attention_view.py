@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import zlib
 
 import numpy as np
 import pytest
@@ -19,6 +20,17 @@ def _data(view) -> dict:
     return json.loads(script)
 
 
+def _decoded(data: dict, layers: int, heads: int, n: int) -> np.ndarray:
+    """The weights the page carries, inflated and (causal ones) put back into full square maps."""
+    raw = np.frombuffer(zlib.decompress(base64.b64decode(data["weights"])), dtype=np.uint8)
+    if not data["causal"]:
+        return raw.reshape(layers, heads, n, n)
+    full = np.zeros((layers, heads, n, n), dtype=np.uint8)
+    rows, keys = np.tril_indices(n)
+    full[:, :, rows, keys] = raw.reshape(layers, heads, -1)
+    return full
+
+
 def _patterns(layers=3, heads=2, n=5, seed=0):
     torch.manual_seed(seed)
     scores = torch.randn(layers, heads, n, n).masked_fill(torch.triu(torch.ones(n, n, dtype=torch.bool), 1), -torch.inf)
@@ -28,8 +40,8 @@ def _patterns(layers=3, heads=2, n=5, seed=0):
 def test_the_bytes_decode_to_the_patterns_within_one_quantisation_step():
     patterns = _patterns()
     data = _data(attention_view(patterns, [f"t{i}" for i in range(5)], {"truth": np.arange(5.0)}))
-    raw = np.frombuffer(base64.b64decode(data["weights"]), dtype=np.uint8).reshape(3, 2, 5, 5)
-    decoded = (raw / 255.0) ** 2
+    assert data["causal"]
+    decoded = (_decoded(data, 3, 2, 5) / 255.0) ** 2
     # √a is rounded to 1/255: the error in a is at most (2√a + 1/510) / 510
     bound = (2 * np.sqrt(patterns.numpy()) + 1 / 510) / 510
     assert (np.abs(decoded - patterns.numpy()) <= bound + 1e-12).all()
@@ -49,7 +61,26 @@ def test_a_stack_over_budget_keeps_evenly_spread_layers_and_says_so():
     view = attention_view(_patterns(layers=10), list("abcde"), max_weights=2 * 25 * 4)
     assert view.layers == (0, 3, 6, 9)
     data = _data(view)
-    assert data["dropped"] == 6 and len(base64.b64decode(data["weights"])) == 4 * 2 * 25
+    assert data["dropped"] == 6 and _decoded(data, 4, 2, 5).shape == (4, 2, 5, 5)
+
+
+def test_non_causal_patterns_travel_whole():
+    """A map with weight above the diagonal (an encoder's) is not cut to its lower triangle."""
+    patterns = torch.rand(2, 2, 4, 4).softmax(-1)
+    data = _data(attention_view(patterns, list("abcd")))
+    assert not data["causal"]
+    bound = (2 * np.sqrt(patterns.numpy()) + 1 / 510) / 510
+    assert (np.abs((_decoded(data, 2, 2, 4) / 255.0) ** 2 - patterns.numpy()) <= bound + 1e-12).all()
+
+
+def test_a_causal_stack_is_much_smaller_than_one_byte_per_weight():
+    """Deflated lower triangles: a mostly-sink stack (as trained models' are) costs far less than n² bytes a head."""
+    n, base = 64, torch.full((8, 4, 64, 64), -8.0)
+    base[..., 0] = 4.0  # every query puts almost all its weight on the first token
+    scores = base + 0.5 * torch.randn(8, 4, n, n)
+    patterns = scores.masked_fill(torch.triu(torch.ones(n, n, dtype=torch.bool), 1), -torch.inf).softmax(-1)
+    data = _data(attention_view(patterns, [f"t{i}" for i in range(n)]))
+    assert len(data["weights"]) < 0.25 * 8 * 4 * n * n
 
 
 def test_bad_input_is_refused():

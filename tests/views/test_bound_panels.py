@@ -8,10 +8,12 @@ import math
 import numpy as np
 import pytest
 
+from lens_squash.edge.flow import flow
 from lens_squash.edge.models import load_model
 from lens_squash.experiments.analysis import analyze
+from lens_squash.experiments.collapse import collapse_curve
 from lens_squash.views.bound_panels import MAX_DECADES, bound_truth_figure, clip_decades, decade_window
-from lens_squash.views.report import analysis_sections
+from lens_squash.views.report import analysis_sections, collapse_section
 from lens_squash.views.style import caption_of
 
 
@@ -41,11 +43,34 @@ def log_spans(fig) -> list[tuple[str, float]]:
     return spans
 
 
+def log_colour_spans(fig) -> list[tuple[str, float]]:
+    """Decades each log10-coloured heatmap shows: its colour range (zmax − zmin), else its z data."""
+    spans = []
+    for trace in fig.data:
+        bar = trace.colorbar.title.text if getattr(trace, "colorbar", None) is not None else None
+        if trace.type != "heatmap" or "log" not in str(bar or "") + str(trace.hovertemplate or ""):
+            continue
+        z = np.asarray(trace.z, dtype=float)
+        lo = trace.zmin if trace.zmin is not None else np.nanmin(z)
+        hi = trace.zmax if trace.zmax is not None else np.nanmax(z)
+        spans.append((f"{trace.name} colour", float(hi - lo)))
+    return spans
+
+
 def test_no_report_panel_spans_more_than_eight_decades():
-    analysis = analyze(load_model("tiny-random", n_ctx=256), "Copy: 1 1 1 1 1 0", jacobian_mode="sketch", n_probes=4)
-    figures = [fig for s in analysis_sections(analysis) for fig in s.figures]
-    checked = [(fig.layout.title.text, name, span) for fig in figures for name, span in log_spans(fig)]
-    assert checked  # the bound panels alone have two log axes
+    """Every figure of the report of a tiny model with a flow and a collapse section: every log axis, and
+    every log10 colour scale, shows at most 8 decades."""
+    model = load_model("tiny-random", n_ctx=256)
+    prompt = "Copy: 1 1 1 1 1 0"
+    analysis = analyze(model, prompt, jacobian_mode="sketch", n_probes=4)
+    sections = analysis_sections(analysis, flow=flow(model, prompt, n_probes=4))
+    sections.append(collapse_section(collapse_curve(model, "count_ones", (2, 4, 8, 16), ("float32", "bfloat16"))))
+    figures = [fig for s in sections for fig in s.figures]
+    checked = [
+        (fig.layout.title.text, name, span) for fig in figures for name, span in log_spans(fig) + log_colour_spans(fig)
+    ]
+    assert len(figures) >= 8 and len(checked) >= 6  # bound panels, flow heatmap, attention, collapse, spectral
+    assert any("colour" in name for _, name, _ in checked)
     assert all(span <= MAX_DECADES + 1e-9 for _, _, span in checked), checked
 
 

@@ -5,13 +5,19 @@ every connected-path figure's drawn edges join a source column to the target col
 from __future__ import annotations
 
 import html
+import json
+import re
 from collections import defaultdict
 
+import numpy as np
 import pytest
 
+from lens_squash.edge.flow import flow
 from lens_squash.edge.models import load_model
+from lens_squash.edge.tiny import tiny_model
 from lens_squash.experiments.analysis import Analysis, analyze
 from lens_squash.experiments.many import analyze_many
+from lens_squash.experiments.task_prompts import copy_prompt
 from lens_squash.views.pages import ReportPage, many_summary
 from lens_squash.views.report import analysis_sections
 from tests.views.test_browser import _load, browser  # noqa: F401  (the module-scoped browser fixture)
@@ -72,10 +78,13 @@ def test_analyze_many_takes_a_model_name_and_writes_a_report_linking_each_prompt
 
 @pytest.mark.browser
 def test_the_report_in_a_browser_verdict_heads_grid_and_connected_paths(analysis, browser, tmp_path):  # noqa: F811
-    path = analysis.report(tmp_path / "report.html")
+    truth = flow(load_model("tiny-random", n_ctx=256), PROMPT, n_probes=4)  # adds its heatmap and paths
+    path = analysis.plot("page", flow=truth).write(tmp_path / "report.html")
     n_figures = path.read_text(encoding="utf-8").count('class="plotly-graph-div"')
     page = _load(browser, path, n_figures)
     assert page.errors() == []
+    # nothing is wider than the 1280-pixel window: no figure or table needs a horizontal scrollbar
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     assert "Spearman" in page.evaluate("document.querySelector('.verdict').textContent")
     _check_heads_grid(page, analysis)
     checked = _check_connected_paths(page)
@@ -84,6 +93,7 @@ def test_the_report_in_a_browser_verdict_heads_grid_and_connected_paths(analysis
 
 def _check_heads_grid(page, analysis) -> None:
     root = "document.querySelector('.ls-attn')"
+    page.wait_until(f"{root}.dataset.ready === '1'")  # the weights are inflated asynchronously
     n_heads = analysis.trace.patterns.shape[1]
     assert page.evaluate(f"{root}.querySelectorAll('.thumb').length") == n_heads
     assert page.evaluate(f"{root}.dataset.head") == "0"
@@ -107,6 +117,38 @@ def _check_heads_grid(page, analysis) -> None:
         "s.dispatchEvent(new Event('input')); })()"
     )
     assert page.evaluate(f"{root}.dataset.layer") == str(analysis.trace.patterns.shape[0] - 1)
+
+
+@pytest.mark.browser
+def test_the_head_view_colours_its_chips_by_the_truth_or_the_chosen_variant(analysis, browser, tmp_path):  # noqa: F811
+    """Switching 'colour by' repaints every chip with that profile ÷ its maximum, as the chips' alpha."""
+    path = analysis.report(tmp_path / "report.html")
+    page = _load(browser, path, path.read_text(encoding="utf-8").count('class="plotly-graph-div"'))
+    root = "document.querySelector('.ls-attn')"
+    page.wait_until(f"{root}.dataset.ready === '1'")
+    n = analysis.trace.n_tokens
+    truth = next(c for c in analysis.table.columns if str(c).startswith("jacobian_"))
+    expected = {name: bound.bound[:n].double().numpy() for name, bound in analysis.bounds.items()}
+    options = page.evaluate(f"[...{root}.querySelectorAll('select.colour-by option')].map(o => o.value)")
+    assert options[0] == "" and len(options) == 2 + len(expected)  # hover, the truth, each variant
+    expected[options[1]] = analysis.table[truth].to_numpy(dtype=float)
+    assert set(options[1:]) == set(expected)
+    seen = {}
+    for option in reversed(options[1:]):  # the truth is selected at first: start elsewhere so every switch changes it
+        page.evaluate(
+            f"(() => {{ const s = {root}.querySelector('select.colour-by'); s.value = {option!r}; "
+            "s.dispatchEvent(new Event('change')); })()"
+        )
+        shown = page.evaluate(f"[...{root}.querySelectorAll('.chip')].map(c => getComputedStyle(c).backgroundColor)")
+        assert all(colour.startswith(("rgba(200, 30, 30", "rgb(200, 30, 30")) for colour in shown), shown[:3]
+        alphas = np.array([float(c.split(",")[3].rstrip(")")) if c.startswith("rgba") else 1.0 for c in shown])
+        values = expected[option]
+        want = values / np.nanmax(values)
+        assert np.abs(alphas - want).max() <= 1 / 255 + 1e-3, option  # the chosen profile, to the colour's step
+        seen[option] = (alphas, want)
+    # two choices whose profiles differ (not merely in scale) paint the chips differently
+    differing = [(a, b) for a in seen for b in seen if a < b and np.abs(seen[a][1] - seen[b][1]).max() > 0.01]
+    assert differing and all(np.abs(seen[a][0] - seen[b][0]).max() > 0.005 for a, b in differing)
 
 
 def _check_connected_paths(page) -> int:
@@ -157,3 +199,31 @@ def test_suite_writes_a_report_linking_every_saved_analysis(tmp_path, capsys):
     for row in rows:
         assert f'href="{row["analysis_file"]}"' in page and (out / row["analysis_file"]).is_file()
     assert page.index('class="verdict"') < page.index("per-variant Spearman across prompts</h2>")
+
+
+def _data_bytes(page: str) -> int:
+    """The page's bytes beyond the one inline copy of plotly.js."""
+    bundles = [
+        m.group(0) for m in re.finditer(r"<script[^>]*>(.*?)</script>", page, re.S) if "plotly.js v" in m.group(1)[:300]
+    ]
+    assert len(bundles) == 1, f"expected one inline plotly.js, found {len(bundles)}"
+    return len(page.encode()) - len(bundles[0].encode())
+
+
+@pytest.mark.slow
+@pytest.mark.hooked
+def test_a_smollm2_shaped_report_with_a_flow_carries_at_most_1_mb_beyond_plotly_js():
+    """Issue 28 item 6: the report's data stays ≤ 1 MB beyond plotly.js. A random model of SmolLM2's
+    shape (30 layers × 9 heads) on the demo's 89-token prompt is the worst case for the per-head view
+    (random attention deflates worse than a trained model's), and the view still keeps every layer."""
+    model = tiny_model(
+        n_layers=30, n_heads=9, d_model=72, positional="rotary", norm="RMS", gated_mlp=True, act_fn="silu",
+        tokenizer="smollm2", n_ctx=256,
+    )  # fmt: skip
+    prompt = copy_prompt(12)
+    analysis = analyze(model, prompt, jacobian_mode="sketch", n_probes=4)
+    assert analysis.trace.n_tokens == 89
+    page = analysis.plot("page", flow=flow(model, prompt, n_probes=4)).html
+    assert _data_bytes(page) <= 1_000_000
+    view = json.loads(re.search(r'getElementById\("ls-attn-[0-9a-f]+"\), (\{.*?\})\);</script>', page, re.S).group(1))
+    assert view["dropped"] == 0 and len(view["layers"]) == 30

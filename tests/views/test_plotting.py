@@ -763,6 +763,23 @@ def test_answer_histogram_counts_parsed_answers():
         answer_histogram(task_frame(), task="nope")
 
 
+def test_answer_histogram_gathers_runaway_answers_past_twice_the_largest_truth():
+    """One answer of 1111 among counts up to 10 goes into one bar at 21 (cap 20 + 1), named in its hover,
+    so the other bars keep their width; every sample is still counted once."""
+    frame = task_frame()
+    frame.loc[(frame["task"] == "count") & (frame["length"] == 10) & (frame["sample"] == 0), "parsed_answer"] = 1111
+    fig = answer_histogram(frame, task="count")
+    bars = [t for t in fig.data if isinstance(t, go.Bar)]
+    assert dict(zip(bars[1].x, bars[1].y, strict=True)) == {8: 2, 21: 1}
+    assert list(bars[1].customdata) == ["8", "> 20: 1111"]
+    assert sum(sum(b.y) for b in bars) == frame[frame["task"] == "count"]["parsed_answer"].notna().sum()
+    assert "above 20" in caption_of(fig)
+    unparsable = frame.assign(parsed_answer=np.where(frame["length"] == 5, None, frame["parsed_answer"]))
+    bars = [t for t in answer_histogram(unparsable, task="count").data if isinstance(t, go.Bar)]
+    assert bars[0].name == "n = 5 (3 unparsable)" and list(bars[0].y) == [0]  # still in the legend, no sample drawn
+    assert "above" not in caption_of(answer_histogram(task_frame(), task="count"))
+
+
 # --- every builder -------------------------------------------------------------------------------
 
 
@@ -843,3 +860,14 @@ def test_the_layer_slider_and_target_menu_work_in_chromium(tmp_path):
         assert names == [f"layer {l}, mean of heads", f"layer {l}, head 0", f"layer {l}, head 1"]
         assert f"layer {l}" in title and second_panel is True
     assert shown[4] == [[6]] and shown[5] == [[4]]  # each target's star, one at a time
+
+
+def test_collapse_band_and_encoding_figures_put_lengths_on_a_log_axis_when_they_span_a_factor_of_four():
+    lengths = [2, 8, 32, 128]
+    band = head_band_figure(lengths, [1.0, 0.5, 0.2, 0.1], [0.5, 0.2, 0.1, 0.05], [2.0, 1.0, 0.5, 0.3])
+    pe = pe_figure(lengths, {"rotary": (np.array([1.0, 0.5, 0.2, 0.1]), np.zeros(4))})
+    for fig in (band, pe):
+        assert fig.layout.xaxis.type == "log" and list(fig.layout.xaxis.tickvals) == lengths
+        assert "log axis" in fig.layout.xaxis.title.text
+    narrow = head_band_figure([4, 6, 8], [1.0, 0.5, 0.2], [0.5, 0.2, 0.1], [2.0, 1.0, 0.5])
+    assert narrow.layout.xaxis.type != "log"  # lengths within a factor of 2: a linear axis reads better

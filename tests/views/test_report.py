@@ -511,3 +511,29 @@ def test_the_report_sends_typed_arrays_rounded_to_the_digits_shown(tmp_path):
         f"the figures at full precision {full / 1e3:.1f} kB"
     )
     assert beyond <= 1_000_000  # issue 17's budget for the demo report holds for this smaller one
+
+
+def test_a_table_keeps_its_row_labels_and_writes_missing_values_as_a_dash():
+    """A summary indexed by its rows' names (PECollapseResult's encodings, CollapseResult's dtypes) shows
+    them as its first column, and nullable dtypes' missing values (pandas' <NA>) are '-'."""
+    frame = pd.DataFrame(
+        {
+            "mean@4": [0.5, 0.25],
+            "threshold": pd.array([8, None], dtype="Int64"),
+            "trivial": pd.array([True, None], dtype="boolean"),
+            "noise": pd.array([None, 1e-7], dtype="Float64"),
+        },
+        index=pd.Index(["rotary", "none"], name="encoding"),
+    )
+    page = build_report([ReportSection("synthetic positional encodings", table=frame)], title="t")
+    table = page[page.index('<table class="dataframe data">') :]
+    table = table[: table.index("</table>")]
+    headers = re.findall(r"<th>(.*?)</th>", table)
+    assert headers == ["encoding", "mean@4", "threshold", "trivial", "noise"]
+    cells = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)]
+    assert cells == [["rotary", "0.5", "8", "True", "-"], ["none", "0.25", "-", "-", "1e-07"]]
+    assert "NA" not in table
+    wide = build_report([ReportSection("t", table=pd.DataFrame({"same_nontrivial_prediction": [1]}))], title="t")
+    assert "<th>same_<wbr>nontrivial_<wbr>prediction</th>" in wide  # a long header may wrap at its underscores
+    plain = build_report([ReportSection("t", table=pd.DataFrame({"a": [1, 2]}))], title="t")
+    assert "<th>index</th>" not in plain  # an unnamed (default) index stays out
