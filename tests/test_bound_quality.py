@@ -50,7 +50,7 @@ def test_benchmark_runs_on_a_two_prompt_subset(smollm2, tmp_path):
     assert all(name in text for name in VARIANTS)
 
 
-CONTRIBUTIONS = ["alti", "globenc", "alti_linear", "rollout"]
+CONTRIBUTIONS = ["alti", "globenc", "alti_linear", "alti_resid", "rollout"]
 
 
 def test_contribution_proxies_rows_layers_and_render(tmp_path):
