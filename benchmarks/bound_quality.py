@@ -62,6 +62,25 @@ def _truth(model, tokens, *, exact: bool, probes: int, frozen: bool) -> dict:
     return truth
 
 
+def _usable(truth: dict | None, *, exact: bool, probes: int, frozen: bool) -> bool:
+    """A stored truth is reused when it is exact (better than any sketch, whatever ``--exact-max-tokens``
+    says), or the sketch asked for on a prompt too long for the exact one."""
+    if truth is None or (frozen and not truth["frozen_spec"]):
+        return False
+    return truth["jacobian"] == "exact" or (not exact and truth["jacobian"] == f"sketch{probes}")
+
+
+def read_truths(paths) -> dict:
+    """Prompt name → stored truth from every ``--truths`` file; an exact one wins over a sketch."""
+    truths: dict = {}
+    for path in paths or []:
+        for truth in read_lines(path):
+            known = truths.get(truth["prompt"])
+            if known is None or known["jacobian"] != "exact" or truth["jacobian"] == "exact":
+                truths[truth["prompt"]] = truth
+    return truths
+
+
 def measure_prompt(
     model, prompt, variants, *, exact_max_tokens: int, probes: int, frozen: bool, truths: dict | None = None
 ) -> list[dict]:
@@ -76,11 +95,7 @@ def measure_prompt(
     truths = {} if truths is None else truths
     truth = truths.get(prompt.name)
     frozen = frozen and exact and any(VARIANTS[v].is_bound for v in variants)
-    if (
-        truth is None
-        or truth["jacobian"] != ("exact" if exact else f"sketch{probes}")
-        or (frozen and not truth["frozen_spec"])
-    ):
+    if not _usable(truth, exact=exact, probes=probes, frozen=frozen):
         truth = truths[prompt.name] = {"prompt": prompt.name} | _truth(
             model, tokens, exact=exact, probes=probes, frozen=frozen
         )
@@ -225,7 +240,8 @@ def measure_suite(model, prompts, variants, args, sink) -> list[dict]:
     """Every prompt's rows, each prompt's appended to ``sink`` (JSON lines) as soon as it is done; the
     Jacobians are read from and added to ``--truths`` (JSON lines), so a rerun scores new variants only."""
     rows = []
-    truths = {t["prompt"]: t for t in read_lines(args.truths)}
+    truths = read_truths(args.truths)
+    out = args.truths[-1] if args.truths else None  # new truths go to the last file named
     for i, prompt in enumerate(prompts):
         known = truths.get(prompt.name)
         new = measure_prompt(
@@ -237,8 +253,8 @@ def measure_suite(model, prompts, variants, args, sink) -> list[dict]:
             frozen=not args.no_frozen,
             truths=truths,
         )
-        if args.truths is not None and truths[prompt.name] is not known:
-            with args.truths.open("a") as handle:
+        if out is not None and truths[prompt.name] is not known:
+            with out.open("a") as handle:
                 handle.write(json.dumps(truths[prompt.name]) + "\n")
         rows += new
         if sink is not None:
@@ -269,7 +285,12 @@ def run(argv=None, *, model=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     parser.add_argument("--diagnose", help="comma-separated suite prompt names: per-layer Spearman against flow")
     parser.add_argument("--lines", type=Path, help="append each prompt's rows here (JSON lines) as it finishes")
     parser.add_argument("--diagnosis-lines", type=Path, help="append each diagnosed prompt's layer rows here")
-    parser.add_argument("--truths", type=Path, help="Jacobians per prompt (JSON lines): reused, and new ones added")
+    parser.add_argument(
+        "--truths",
+        type=Path,
+        action="append",
+        help="Jacobians per prompt (JSON lines; repeatable, an exact one wins): reused; new ones go to the last",
+    )
     parser.add_argument("--render", action="store_true", help="no computing: tables from --lines/--diagnosis-lines")
     parser.add_argument("--seconds", type=float, default=0.0, help="with --render: the compute time to report")
     args = parser.parse_args(argv)

@@ -50,7 +50,7 @@ def test_benchmark_runs_on_a_two_prompt_subset(smollm2, tmp_path):
     assert all(name in text for name in VARIANTS)
 
 
-CONTRIBUTIONS = ["alti", "globenc", "alti_linear", "rollout"]
+CONTRIBUTIONS = ["alti", "globenc", "alti_linear", "alti_resid", "rollout"]
 
 
 def test_contribution_proxies_rows_layers_and_render(tmp_path):
@@ -80,3 +80,29 @@ def test_contribution_proxies_rows_layers_and_render(tmp_path):
     text = markdown.read_text()
     assert "## Per layer, against the true flow" in text and "| proxy |" in text
     assert torch.isfinite(torch.tensor(again["spearman_frob"].to_numpy())).all()
+
+
+def test_stored_exact_truths_win_over_sketches_and_are_reused(tmp_path):
+    """An exact Jacobian stored by one run is what a later sketch-only run scores against (it is the
+    better truth), whichever ``--truths`` file holds it; only missing truths are computed and appended."""
+    bench = load_benchmark()
+    model = load_model("tiny-random", n_ctx=512)
+    exact, sketch = tmp_path / "exact.jsonl", tmp_path / "sketch.jsonl"
+    common = ["--variants", "alti_resid", "--probes", "8"]
+    bench.run(["--names", "prose_tide", "--exact-max-tokens", "200", "--truths", str(exact), *common], model=model)
+    bench.run(["--names", "prose_tide,list_shopping", "--exact-max-tokens", "0", "--truths", str(sketch), *common],
+              model=model)  # fmt: skip
+    before = exact.read_text(), sketch.read_text()
+    frame, _ = bench.run(
+        ["--names", "prose_tide,list_shopping", "--exact-max-tokens", "0", "--truths", str(exact), "--truths",
+         str(sketch), *common], model=model,
+    )  # fmt: skip
+    assert (exact.read_text(), sketch.read_text()) == before  # nothing recomputed
+    kinds = dict(zip(frame["prompt"], frame["jacobian"], strict=True))
+    assert kinds == {"prose_tide": "exact", "list_shopping": "sketch8"}
+    (prompt,) = load_suite(names=["prose_tide"])
+    tokens = format_prompt(model, prompt.text, chat=prompt.chat)
+    truth = jacobian(model, tokens, mode="exact").frobenius
+    bound = path_bound(trace(model, tokens, keep_resid=True), "alti_resid", model=model).bound
+    assert frame.iloc[0]["spearman_frob"] == pytest.approx(spearman(bound, truth), abs=1e-9)
+    assert bench.read_truths([sketch, exact])["prose_tide"]["jacobian"] == "exact"  # in either order

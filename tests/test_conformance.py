@@ -115,7 +115,7 @@ def test_results_are_invariant_to_gqa_grouping(name):
     a, b = (trace(m, TOKENS, lipschitz=True, keep_resid=True) for m in (grouped, twin))
     torch.testing.assert_close(a.patterns, b.patterns, atol=1e-13, rtol=0)
     torch.testing.assert_close(a.value_norms, b.value_norms, atol=1e-13, rtol=1e-12)
-    for variant in ("value", "value_rownorm", "certified", "alti", "globenc", "alti_linear"):
+    for variant in ("value", "value_rownorm", "certified", "alti", "globenc", "alti_linear", "alti_resid"):
         torch.testing.assert_close(
             path_bound(a, variant, model=grouped).bound, path_bound(b, variant, model=twin).bound, atol=0, rtol=1e-10
         )

@@ -34,6 +34,14 @@ Per layer (``c`` before each row is scaled to sum 1; ``b_O`` and norm biases are
 | ``alti_linear`` | ``max(0, sign(N y_j)ᵀ N T_jk)`` | ``n²·d`` (a score-like product per head) |
 | ``globenc`` | ``‖N T_jk‖₂`` | ``n·H²·d + n²·H²`` (Gram of each key's head outputs) |
 
+``alti_resid`` is ``alti_linear`` measured in the residual stream's own coordinates (``norm=False``):
+in a pre-norm block nothing on the residual path normalises ``y_j``. ALTI measures after the post-LN
+because, in a post-LN encoder, that norm's output is the only thing the next layer reads; here ``ln2``
+is one reader of ``y_j`` (the MLP), while the residual carries ``y_j`` itself, unnormed, to every later
+layer's ``ln1`` (each with its own ``γ``) and to the final norm that the target reads. Measuring in
+``ln2``'s ``P diag(γ)`` weighs the coordinates by the MLP's gain only, which the rest of the stack
+does not share.
+
 ``alti_linear`` is ALTI's distance to first order in ``T_jk``, and never below it: coordinatewise
 ``|y_i| − |y_i − t_i| ≤ sign(y_i)·t_i``, with equality unless ``t_i`` flips the coordinate's sign. It reads
 ``N T_jk`` through ``W_O^h`` once per query (``r^h_j = W_O^h (γ P sign(N y_j))``), so its cost is that of
@@ -60,15 +68,19 @@ from .variants import PathGraph
 
 __all__ = [
     "KINDS",
+    "PROXIES",
     "ContributionGraph",
     "LayerTerms",
     "contribution_graph",
     "contribution_matrix",
+    "contribution_row",
     "layer_terms",
     "normalise_rows",
 ]
 
 KINDS: tuple[str, ...] = ("alti", "alti_linear", "globenc")
+#: the registered variants (``alti_resid`` is ``alti_linear`` with ``norm=False``)
+PROXIES: tuple[str, ...] = ("alti", "globenc", "alti_linear", "alti_resid")
 
 #: float elements of the ``[chunk, key, d_model]`` block ``alti`` forms at once
 CHUNK_ELEMENTS: int = 1 << 23
@@ -94,16 +106,13 @@ def _attention_part(terms: LayerTerms, patterns: Tensor) -> Tensor:
     return out if terms.query_scale is None else out * terms.query_scale[:, None]
 
 
-def _alti(terms: LayerTerms, patterns: Tensor, y: Tensor, chunk: int) -> Tensor:
+def _alti(terms: LayerTerms, patterns: Tensor, chunk: int):
     """Exact ALTI, ``chunk`` queries at a time over the keys they can see (``k ≤ j``, causal)."""
-    n, d = y.shape
     u = torch.einsum("hkd,hdm->hkm", terms.values, terms.w_out)  # [head, key, d_model]
     patterns = patterns.to(u.dtype)
+    y = terms.resid + _attention_part(terms, patterns)
     norms = y.abs().sum(-1)
-    out = torch.zeros(n, n, dtype=y.dtype)
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        keys = stop if _causal(patterns, start, stop) else n
+    for start, stop, keys in _query_chunks(patterns, chunk):
         a = patterns[:, start:stop, :keys].permute(2, 1, 0)  # [key, query, head]
         rest = torch.bmm(a, u[:, :keys].transpose(0, 1))  # [key, query, d]: Σ_h A^h_jk u^h_k
         if terms.query_scale is not None:
@@ -111,8 +120,7 @@ def _alti(terms: LayerTerms, patterns: Tensor, y: Tensor, chunk: int) -> Tensor:
         rest = y[None, start:stop] - rest
         own = torch.arange(start, min(stop, keys))
         rest[own, own - start] -= terms.resid[own]
-        out[start:stop, :keys] = (norms[start:stop, None] - rest.abs().sum(-1).T).clamp_min(0)
-    return out
+        yield start, stop, keys, (norms[start:stop, None] - rest.abs().sum(-1).T).clamp_min(0)
 
 
 def _causal(patterns: Tensor, start: int, stop: int) -> bool:
@@ -127,52 +135,50 @@ def _query_chunks(patterns: Tensor, chunk: int):
         yield start, stop, stop if _causal(patterns, start, stop) else n
 
 
-def _alti_linear(terms: LayerTerms, patterns: Tensor, chunk: int) -> Tensor:
+def _alti_linear(terms: LayerTerms, patterns: Tensor, chunk: int):
     """``max(0, sign(y_j)·T_jk)``: per head, ``r^h_j = W_O^h sign(y_j)`` against the values, a block
     of queries at a time (each reads only the keys it sees); ``y_j`` is formed on the way."""
     values, w_out = terms.values, terms.w_out
     patterns = patterns.to(values.dtype)
-    n = patterns.shape[-1]
-    out = torch.zeros(n, n, dtype=values.dtype)
     for start, stop, keys in _query_chunks(patterns, chunk):
         a = patterns[:, start:stop, :keys]
         attn = torch.einsum("hjd,hdm->jm", torch.bmm(a, values[:, :keys]), w_out)
         q = None if terms.query_scale is None else terms.query_scale[start:stop]
         y = terms.resid[start:stop] + (attn if q is None else attn * q[:, None])
         sign = torch.sign(y)
-        reads = torch.einsum("hdm,jm->hjd", w_out, sign)  # [head, query, d_head]
-        block = (torch.bmm(reads, values[:, :keys].transpose(1, 2)) * a).sum(0)
-        block = block if q is None else block * q[:, None]
+        reads = torch.einsum("hdm,jm->hjd", w_out, sign if q is None else sign * q[:, None])  # [head, query, d_head]
+        block = (
+            torch.bmm(reads, values[:, :keys].transpose(1, 2)).mul_(a).sum(0)
+        )  # Σ_h A^h_jk (r^h_j · v^h_k), in place: one [head, chunk, key] buffer
         own = torch.arange(start, stop)
         block[own - start, own] += (sign * terms.resid[start:stop]).sum(-1)
-        out[start:stop, :keys] = block.clamp_min(0)
-    return out
+        yield start, stop, keys, block.clamp_min_(0)
 
 
-def _globenc(terms: LayerTerms, patterns: Tensor, chunk: int) -> Tensor:
+def _globenc(terms: LayerTerms, patterns: Tensor, chunk: int):
     """``‖T_jk‖₂`` from each key's head Gram ``G_k^{hg} = u^h_k · u^g_k`` (no ``n²·d`` tensor)."""
     u = torch.einsum("hkd,hdm->hkm", terms.values, terms.w_out)
     gram = torch.einsum("hkm,gkm->hgk", u, u)  # [head, head, key]
     patterns = patterns.to(u.dtype)
-    n = patterns.shape[-1]
-    squares = torch.zeros(n, n, dtype=u.dtype)
+    own = torch.einsum("hj,hjm->jm", patterns.diagonal(dim1=1, dim2=2), u)
+    q = terms.query_scale
+    own = (own if q is None else own * q[:, None]) + terms.resid
     for start, stop, keys in _query_chunks(patterns, chunk):
         a = patterns[:, start:stop, :keys]  # kept in its [head, query, key] layout: no strided copy
+        squares = torch.zeros(stop - start, keys, dtype=u.dtype)
         for h in range(a.shape[0]):
-            squares[start:stop, :keys] += a[h] * (a * gram[h, :, None, :keys]).sum(0)
-    if terms.query_scale is not None:
-        squares = squares * terms.query_scale[:, None] ** 2
-    own = torch.einsum("hj,hjm->jm", patterns.diagonal(dim1=1, dim2=2), u)
-    if terms.query_scale is not None:
-        own = own * terms.query_scale[:, None]
-    squares.diagonal().copy_((own + terms.resid).pow(2).sum(-1))
-    return squares.clamp_min(0).sqrt()
+            squares += a[h] * (a * gram[h, :, None, :keys]).sum(0)
+        if q is not None:
+            squares = squares * q[start:stop, None] ** 2
+        diag = torch.arange(start, min(stop, keys))
+        squares[diag - start, diag] = own[diag].pow(2).sum(-1)
+        yield start, stop, keys, squares.clamp_min(0).sqrt()
 
 
-def contribution_matrix(
-    kind: str, patterns: Float[Tensor, "head query_pos key_pos"], terms: LayerTerms, *, chunk: int | None = None
-) -> Float[Tensor, "query_pos key_pos"]:
-    """One layer's contributions ``c_jk`` (rows not yet scaled; see the module docstring)."""
+_BLOCKS = {"alti": _alti, "alti_linear": _alti_linear, "globenc": _globenc}
+
+
+def _blocks(kind: str, patterns: Tensor, terms: LayerTerms, chunk: int | None):
     if kind not in KINDS:
         raise ValueError(f"unknown contribution kind {kind!r}; choose one of {', '.join(KINDS)}")
     n, d = terms.resid.shape
@@ -180,10 +186,38 @@ def contribution_matrix(
         raise ValueError(
             f"patterns must be [head, pos, pos] = {(terms.values.shape[0], n, n)}, got {tuple(patterns.shape)}"
         )
-    if kind == "alti":
-        y = terms.resid + _attention_part(terms, patterns)
-        return _alti(terms, patterns, y, chunk or max(1, CHUNK_ELEMENTS // max(1, n * d)))
-    return (_globenc if kind == "globenc" else _alti_linear)(terms, patterns, chunk or QUERY_CHUNK)
+    default = max(1, CHUNK_ELEMENTS // max(1, n * d)) if kind == "alti" else QUERY_CHUNK
+    return _BLOCKS[kind](terms, patterns, chunk or default)
+
+
+def contribution_matrix(
+    kind: str, patterns: Float[Tensor, "head query_pos key_pos"], terms: LayerTerms, *, chunk: int | None = None
+) -> Float[Tensor, "query_pos key_pos"]:
+    """One layer's contributions ``c_jk`` (rows not yet scaled; see the module docstring)."""
+    n = terms.resid.shape[0]
+    out = torch.zeros(n, n, dtype=terms.resid.dtype)
+    for start, stop, keys, block in _blocks(kind, patterns, terms, chunk):
+        out[start:stop, :keys] = block
+    return out
+
+
+def contribution_row(
+    kind: str,
+    patterns: Float[Tensor, "head query_pos key_pos"],
+    terms: LayerTerms,
+    row: Float[Tensor, "query_pos"],
+    *,
+    chunk: int | None = None,
+) -> Float[Tensor, "key_pos"]:
+    """``row @ normalise_rows(C)``, one block of queries at a time: the ``n×n`` matrix is never formed,
+    so a streamed row costs one block's memory, and each row is scaled through its weight (a vector)
+    instead of its ``n`` entries."""
+    row = row.double()
+    out = torch.zeros(row.shape[0], dtype=torch.float64)
+    for start, stop, keys, block in _blocks(kind, patterns, terms, chunk):
+        weights = row[start:stop] / block.sum(-1).double().clamp_min(torch.finfo(torch.float64).tiny)
+        out[:keys] += weights @ block.double()
+    return out
 
 
 def normalise_rows(c: Float[Tensor, "query_pos key_pos"]) -> Float[Tensor, "query_pos key_pos"]:
@@ -278,22 +312,30 @@ class ContributionGraph(PathGraph):
     """A contribution rollout as a :class:`PathGraph`: one pseudo-head whose "pattern" is ``C^(l)``,
     residual 0 (the residual is ``C``'s diagonal), key scale 1. Rows, flows, top paths and layer rows
     then work as for every variant. From a streamed trace ``patterns`` is ``None`` and :meth:`step`
-    computes ``C^(l)`` from the recomputed patterns (memory ``H·n²`` plus one chunk)."""
+    moves the row through the recomputed patterns a block of queries at a time (memory ``H·n²`` plus
+    one block: ``C^(l)`` itself is never formed)."""
 
-    layer_matrix: Callable[[int, Tensor], Tensor] | None = unserialised(
+    layer_row: Callable[[int, Tensor, Tensor], Tensor] | None = unserialised(
         "a function of the model's weights and the trace", default=None, repr=False
     )
 
     __repr__ = compact_repr
 
     def step(self, row, layer, patterns, mean=None, *, totals=None):
-        if totals is not None or self.layer_matrix is None:
+        if totals is not None or self.layer_row is None:
             raise ValueError(f"the {self.variant} graph's layers are row-stochastic already and need the model")
-        return row.double() @ self.layer_matrix(layer, patterns).double()
+        return self.layer_row(layer, patterns, row)
 
 
 def contribution_graph(
-    trace, model, kind: str, *, norm: bool = True, per_unit: bool = False, name: str | None = None, **kwargs: Any
+    trace,
+    model,
+    kind: str,
+    *,
+    norm: bool = True,
+    per_unit: bool = False,
+    name: str | None = None,
+    **kwargs: Any,
 ) -> ContributionGraph:
     """The ``kind`` rollout of a traced prompt (``norm``: measure in the next norm's coordinates).
 
@@ -306,12 +348,18 @@ def contribution_graph(
             f"the {name or kind} variant needs the model's weights: path_bound(trace, {name or kind!r}, model=model)"
         )
 
+    def input_sizes(layer: int) -> Tensor | float:
+        if not (per_unit and layer == 0):
+            return 1.0
+        return trace.resid[0].double().norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
+
     def layer_matrix(layer: int, patterns: Tensor) -> Tensor:
         terms = layer_terms(model, trace, layer, norm=norm)
-        matrix = normalise_rows(contribution_matrix(kind, patterns, terms, **kwargs))
-        if per_unit and layer == 0:
-            matrix = matrix / trace.resid[0].double().norm(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
-        return matrix
+        return normalise_rows(contribution_matrix(kind, patterns, terms, **kwargs)) / input_sizes(layer)
+
+    def layer_row(layer: int, patterns: Tensor, row: Tensor) -> Tensor:
+        terms = layer_terms(model, trace, layer, norm=norm)
+        return contribution_row(kind, patterns, terms, row, **kwargs) / input_sizes(layer)
 
     n_layers, n = trace.n_layers, trace.n_tokens
     layer_terms(model, trace, 0, norm=norm)  # refuses a trace without residual streams before any work
@@ -326,7 +374,7 @@ def contribution_graph(
         None,
         torch.ones(n, dtype=torch.float64),
         None,
-        layer_matrix=layer_matrix,
+        layer_row=layer_row,
     )
 
 
@@ -357,5 +405,8 @@ for _spec in (
     VariantSpec("alti_linear", _builder("alti_linear", "alti_linear"), "proxy", needs=_NEEDS, supports=block_shape,
                 summary="ALTI to first order: max(0, sign(N y_j)·N T_jk), at the cost of the attention scores",
                 statement=_STATEMENT),
+    VariantSpec("alti_resid", _builder("alti_linear", "alti_resid", norm=False), "proxy", needs=_NEEDS,
+                supports=block_shape, statement=_STATEMENT,
+                summary="first-order ALTI measured in the residual stream itself: max(0, sign(y_j)·T_jk), no next norm"),
 ):  # fmt: skip
     register_variant(_spec, replace=True)

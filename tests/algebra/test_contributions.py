@@ -73,6 +73,47 @@ def test_contributions_match_a_brute_force_loop(kind, query, chunk):
     torch.testing.assert_close(got, _brute_force(kind, patterns, terms), rtol=1e-10, atol=1e-10)
 
 
+def _causal_and_full(seed):
+    patterns, terms = _random_terms(n=9, seed=seed)
+    full = torch.rand(patterns.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return [(patterns, terms), (full / full.sum(-1, keepdim=True), terms)]  # a bidirectional pattern too
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("chunk", [None, 2, 4])
+def test_the_blockwise_row_is_the_row_through_the_scaled_matrix(kind, chunk):
+    # what a streamed row computes, block by block, against the whole matrix scaled then multiplied
+    for seed in range(3):
+        for patterns, terms in _causal_and_full(seed):
+            row = torch.rand(9, generator=torch.Generator().manual_seed(10 + seed), dtype=torch.float64)
+            expected = row @ normalise_rows(_brute_force(kind, patterns, terms))
+            got = C.contribution_row(kind, patterns, terms, row, chunk=chunk)
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_alti_resid_against_the_models_own_hooks():
+    """An independent build of ``alti_resid``: every ``T_jk`` from the cache's patterns, GQA values and
+    ``W_O`` (raw residual coordinates), ``c_jk = max(0, sign(y_j)·T_jk)``, rows scaled and multiplied."""
+    model = _model("llama_gqa")
+    traced, cache = _cached("llama_gqa")
+    n = families.TOKENS.shape[0]
+    row = torch.zeros(n, dtype=torch.float64)
+    row[-1] = 1.0
+    for layer in reversed(range(model.cfg.n_layers)):
+        a = cache[f"blocks.{layer}.attn.hook_pattern"][0].double()
+        v = cache[f"blocks.{layer}.attn.hook_v"][0].double()
+        v = v.repeat_interleave(model.cfg.n_heads // v.shape[1], dim=1)  # [pos, head, d_head]
+        per_head = torch.einsum("khd,hdm->hkm", v, model.blocks[layer].attn.W_O.double())
+        t = torch.einsum("hjk,hkm->jkm", a, per_head)
+        t[range(n), range(n)] += cache[f"blocks.{layer}.hook_resid_pre"][0].double()
+        y = t.sum(1)
+        c = torch.einsum("jm,jkm->jk", torch.sign(y), t).clamp_min(0)
+        row = row @ (c / c.sum(-1, keepdim=True))
+    got = path_bound(traced, "alti_resid", model=model).bound
+    torch.testing.assert_close(got, row, rtol=1e-5, atol=1e-8)
+    assert not torch.allclose(got, path_bound(traced, "alti_linear", model=model).bound, rtol=1e-3)
+
+
 def test_alti_linear_is_never_below_alti():
     # coordinatewise |y| − |y − t| ≤ sign(y)·t: the first-order distance bounds the exact one from above
     for seed in range(5):
@@ -217,8 +258,8 @@ def test_streamed_row_equals_the_whole_stack_row(name):
     model = _model(name)
     kept = trace(model, families.TOKENS, keep_resid=True, keep_patterns=True)
     streamed = trace(model, families.TOKENS, keep_patterns=False)
-    rows = stream_bounds(model, streamed, list(KINDS), target_pos=-2)
-    for kind in KINDS:
+    rows = stream_bounds(model, streamed, list(C.PROXIES), target_pos=-2)
+    for kind in C.PROXIES:
         whole = path_bound(kept, kind, model=model, target_pos=-2).bound
         torch.testing.assert_close(rows[kind].bound, whole, rtol=1e-9, atol=1e-12)
         assert rows[kind].graph.patterns is None
@@ -227,7 +268,7 @@ def test_streamed_row_equals_the_whole_stack_row(name):
 @pytest.mark.parametrize("name", list(families.FAMILIES))
 def test_every_family_runs_or_refuses_in_one_line(name):
     model = _model(name)
-    for kind in KINDS:
+    for kind in C.PROXIES:
         spec = get_variant(kind)
         if name in families.REFUSED:
             with pytest.raises(UnsupportedModelError, match=families.REFUSED[name]) as err:
@@ -242,7 +283,7 @@ def test_every_family_runs_or_refuses_in_one_line(name):
 def test_registered_as_proxies_never_bounds():
     model = _model("gpt2")
     traced, _ = _cached("gpt2")
-    for kind in KINDS:
+    for kind in C.PROXIES:
         spec = get_variant(kind)
         assert spec.guarantee == "proxy" and not spec.is_bound and "residual" in spec.needs
         bound = path_bound(traced, kind, model=model)
