@@ -18,6 +18,7 @@ import torch
 from lens_squash.edge import fast_attention as fast
 from lens_squash.edge.fast_attention import fast_attention, fast_layers
 from lens_squash.edge.models import TINY_MODEL, load_model
+from lens_squash.edge.stream import recompute_patterns
 from lens_squash.edge.trace import trace
 
 from ..families import FAMILIES, TOKENS, build
@@ -141,3 +142,22 @@ def test_smollm2_bit_identical(smollm2):
     tokens = torch.randint(0, smollm2.cfg.d_vocab, (300,), generator=torch.Generator().manual_seed(1))
     assert fast_layers(smollm2) == list(range(smollm2.cfg.n_layers))
     _assert_identical(_run(smollm2, tokens, fast_path=False), _run(smollm2, tokens, fast_path=True))
+
+
+def test_the_sweeps_recompute_is_bit_identical(monkeypatch):
+    """The long-prompt sweep reruns each block to its scores inside ``fast_attention``: its patterns
+    are the whole-pattern trace's, bit for bit, with and without the fast forward."""
+    model = load_model(TINY_MODEL, n_ctx=256)
+    tokens = torch.randint(0, model.cfg.d_vocab, (150,), generator=torch.Generator().manual_seed(2))
+    kept = trace(model, tokens, keep_patterns=True)
+    streamed = trace(model, tokens, keep_patterns=False)
+    calls = []
+    original = fast._masked
+    monkeypatch.setattr(fast, "_masked", lambda self, scores: calls.append(1) or original(self, scores))
+    ours = [recompute_patterns(model, streamed, layer) for layer in range(model.cfg.n_layers)]
+    assert len(calls) == model.cfg.n_layers  # the sweep went through the fast forward
+    monkeypatch.setattr(fast, "fast_layers", lambda model: [])
+    reference = [recompute_patterns(model, streamed, layer) for layer in range(model.cfg.n_layers)]
+    for layer in range(model.cfg.n_layers):
+        assert torch.equal(ours[layer], reference[layer])
+        assert torch.equal(ours[layer], kept.patterns[layer])
