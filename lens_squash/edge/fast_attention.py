@@ -201,7 +201,10 @@ def _softmax(self, scores: Tensor) -> Tensor:
     """``F.softmax(scores, -1)`` with NaNs set to 0, as TransformerLens takes it. Written over the
     scores when no hook on ``hook_attn_scores`` (nor a global module hook) could have kept them; the
     clean-up runs only when a NaN is there (entries are in [0, 1], so the sum is NaN iff one is)."""
-    hooked = self.hook_attn_scores._forward_hooks or torch.nn.modules.module._global_forward_hooks
+    module = torch.nn.modules.module
+    point = self.hook_attn_scores
+    hooked = point._forward_hooks or point._forward_pre_hooks  # a pre-hook sees (and may keep) the scores too
+    hooked = hooked or module._global_forward_hooks or module._global_forward_pre_hooks
     if hooked or not scores.is_contiguous():
         pattern = torch.nn.functional.softmax(scores, dim=-1)
     else:

@@ -161,3 +161,25 @@ def test_the_sweeps_recompute_is_bit_identical(monkeypatch):
     for layer in range(model.cfg.n_layers):
         assert torch.equal(ours[layer], reference[layer])
         assert torch.equal(ours[layer], kept.patterns[layer])
+
+
+def test_a_hook_that_keeps_the_scores_sees_them_unchanged():
+    """A forward pre-hook on ``hook_attn_scores`` holds the scores tensor itself: the softmax must not
+    be written over it."""
+    model = build("gpt2")
+    kept = {}
+
+    def keep(module, args):
+        kept[len(kept)] = args[0]
+
+    handles = [block.attn.hook_attn_scores.register_forward_pre_hook(keep) for block in model.blocks]
+    try:
+        with torch.no_grad(), fast_attention(model):
+            model(TOKENS[None])
+        ours, kept = dict(kept), {}
+        with torch.no_grad():
+            model(TOKENS[None])
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert all(torch.equal(ours[i], kept[i]) for i in kept) and len(kept) == model.cfg.n_layers
