@@ -187,10 +187,10 @@ def _masked(self, scores: Tensor) -> Tensor:
     if (self._attention_dir_override or self.cfg.attention_dir) != "causal":
         return scores
     n_query, n_key = scores.shape[-2:]
-    mask = self._make_causal_mask(query_ctx_length=n_query, key_ctx_length=n_key, past_kv_pos_offset=0,
-                                  device=scores.device)  # fmt: skip
     if n_query != n_key:  # TransformerLens raises here; let it
         return self.apply_causal_mask(scores, 0, None)
+    mask = self._make_causal_mask(query_ctx_length=n_query, key_ctx_length=n_key, past_kv_pos_offset=0,
+                                  device=scores.device)  # fmt: skip
     ignore = self.IGNORE.to(scores.device)
     if torch.result_type(scores, ignore) != scores.dtype:
         return torch.where(mask, scores, ignore)
