@@ -412,7 +412,8 @@ def _run(model, tokens: Tensor, hooks: list) -> Tensor:
     one TransformerLens itself cannot run (e.g. ``use_attn_in`` with grouped-query attention, or
     ``parallel_attn_mlp`` with ``attn_only``): say so in one line instead of its traceback."""
     try:
-        with functorch_ready(model), fast_attention(model):  # weightless bridge norms (OLMo) crash under hooks otherwise
+        # functorch_ready: weightless bridge norms (OLMo) crash under hooks otherwise
+        with functorch_ready(model), fast_attention(model):
             return model.run_with_hooks(tokens, fwd_hooks=hooks)
     except (UnsupportedModelError, torch.OutOfMemoryError):
         raise
