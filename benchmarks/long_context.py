@@ -35,7 +35,7 @@ SIZES = (512, 1024, 2048, 4096, 8192)
 GIB = 2**30
 
 
-def _child(n: int, jacobian: bool, repeats: int) -> dict:
+def _child(n: int, jacobian: bool, repeats: int, variants: list[str] | None = None) -> dict:
     """One measurement, in this (fresh) process: forward and the analysis alternate ``repeats`` times."""
     import torch
     from harness import alternate, analysis_flops, forward_flops, jacobian_flops, matmul_gflops
@@ -60,11 +60,12 @@ def _child(n: int, jacobian: bool, repeats: int) -> dict:
                 from lens_squash.edge.jacobian import jacobian as jac
 
                 return jac(model, tokens, mode="sketch", n_probes=64)
-            return analyze(model, tokens, jacobian_mode=None)
+            return analyze(model, tokens, jacobian_mode=None, variants=variants)
 
     pair = alternate(forward, analysis, repeats, labels=("forward", "analysis"))
     out = {
         "n": n,
+        "variants": variants or "default",
         "forward_s": pair.a[0].seconds,
         "threads": torch.get_num_threads(),
         "rss_before_gib": baseline / GIB,
@@ -88,7 +89,10 @@ def _child(n: int, jacobian: bool, repeats: int) -> dict:
         out["parts_s"] = dict(result.seconds)
         out["streamed"] = result.trace.streamed
         out["first_token_share"] = {k: b.first_token_share for k, b in result.bounds.items()}
-        out["analysis_parts_gflop"] = {k: v / 1e9 for k, v in analysis_flops(model.cfg, n, grams=True).items()}
+        parts = analysis_flops(model.cfg, n, grams=True)
+        if variants is not None and "certified" not in variants:  # no MLP gains: no Grams, no quadratic forms
+            parts = {k: v for k, v in parts.items() if "fp64" not in k}
+        out["analysis_parts_gflop"] = {k: v / 1e9 for k, v in parts.items()}
         out["analysis_gflop"] = sum(out["analysis_parts_gflop"].values())
     out["peak_gib"] = _rss_peak() / GIB
     return out
@@ -98,11 +102,12 @@ def _rss_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
-def _measure(n: int, jacobian: bool, timeout: float, repeats: int) -> dict:
+def _measure(n: int, jacobian: bool, timeout: float, repeats: int, variants: list[str] | None = None) -> dict:
     env = dict(os.environ, LENS_SQUASH_PROGRESS="0")
     cmd = [sys.executable, __file__, "--child", str(n), "--repeats", str(repeats)] + (
         ["--jacobian"] if jacobian else []
     )
+    cmd += ["--variants", ",".join(variants)] if variants else []
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if done.returncode != 0:
         return {"n": n, "error": (done.stderr.strip().splitlines() or ["killed"])[-1]}
@@ -255,10 +260,16 @@ def main() -> None:
         default=2,
         help="forward/analysis rounds per n (A B A B; the ratio is the pairwise median)",
     )
+    parser.add_argument(
+        "--variants",
+        type=lambda text: [name for name in text.split(",") if name],
+        help="bound rows to compute, comma-separated (default: the library's defaults; e.g. "
+        "paper,rollout,value_rownorm for the defaults without certified)",
+    )
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(_child(args.child, args.jacobian, args.repeats)))
+        print(json.dumps(_child(args.child, args.jacobian, args.repeats, args.variants)))
         return
     sizes = args.sizes or ((512, 1024) if args.quick else SIZES)
     rows = []
@@ -266,7 +277,7 @@ def main() -> None:
         rows = sorted((r for path in args.from_json for r in json.loads(path.read_text())), key=lambda r: r["n"])
         sizes = []
     for n in sizes:
-        rows.append(_measure(n, args.jacobian, args.timeout, args.repeats))
+        rows.append(_measure(n, args.jacobian, args.timeout, args.repeats, args.variants))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(json.dumps(rows, indent=1) if args.json else report(rows))
     if args.out:

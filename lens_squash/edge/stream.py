@@ -33,6 +33,7 @@ from ..core.progress import progress
 from ..core.support import UnsupportedModelError
 from .backends import has_hooked_transformer, is_bridge
 from .checkpoint import BlockCall, block_calls
+from .fast_attention import fast_attention
 from .lipschitz import gram_cache_budget
 from .trace import Trace, keeps_patterns, streamable
 
@@ -112,7 +113,7 @@ def _run_until(
         caught.append(value.detach())
         raise _StopAtPattern
 
-    with torch.no_grad(), model.hooks(fwd_hooks=[(f"blocks.{layer}.attn.{site}", stop)]):
+    with torch.no_grad(), model.hooks(fwd_hooks=[(f"blocks.{layer}.attn.{site}", stop)]), fast_attention(model):
         try:
             block(*args, **kwargs)
         except _StopAtPattern:

@@ -32,6 +32,7 @@ from ..core.topk import TopK
 from .adapter import functorch_ready, norm_facts
 from .backends import has_hooked_transformer, is_bridge
 from .cache_replay import replay_cache
+from .fast_attention import fast_attention
 from .finite import check_finite_values, check_finite_weights
 from .gain_hooks import mlp_gain_hooks, mlp_gains, stack_layers
 from .lipschitz import supports_certified
@@ -405,7 +406,8 @@ def _run(model, tokens: Tensor, hooks: list) -> Tensor:
     one TransformerLens itself cannot run (e.g. ``use_attn_in`` with grouped-query attention, or
     ``parallel_attn_mlp`` with ``attn_only``): say so in one line instead of its traceback."""
     try:
-        with functorch_ready(model):  # weightless bridge norms (OLMo) crash under hooks otherwise
+        # functorch_ready: weightless bridge norms (OLMo) crash under hooks otherwise
+        with functorch_ready(model), fast_attention(model):
             return model.run_with_hooks(tokens, fwd_hooks=hooks)
     except (UnsupportedModelError, torch.OutOfMemoryError):
         raise
