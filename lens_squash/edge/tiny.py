@@ -137,7 +137,8 @@ def _refuse(knob: str) -> ModelLoadError:
 
 def _hf_family(shape: _TinyShape, n_heads: int, d_model: int) -> str:
     """``gpt2`` (LN, learned positions), ``gpt_neox`` (LN, rotary), ``llama`` or ``mistral`` (RMS, rotary,
-    gated; GQA, windows): the ``transformers`` family with this block, or a refusal naming the knob."""
+    gated; GQA, windows), ``arcee`` (RMS, rotary, plain MLP; GQA): the ``transformers`` family with this
+    block, or a refusal naming the knob."""
     for knob, unexpressible in (
         ("causal=False", not shape.causal),
         ("attn_only=True", shape.attn_only),
@@ -147,10 +148,10 @@ def _hf_family(shape: _TinyShape, n_heads: int, d_model: int) -> str:
     ):
         if unexpressible:
             raise _refuse(knob)
-    if shape.norm == "RMS":  # Llama's block: rotary and a gated MLP come with it
-        if shape.positional != "rotary" or not shape.gated_mlp:
-            raise _refuse(f"norm='RMS', positional={shape.positional!r}, gated_mlp={shape.gated_mlp}")
-        return "mistral" if shape.window else "llama"
+    if shape.norm == "RMS":  # Llama's block (rotary comes with it); Arcee's has a plain MLP
+        if shape.positional != "rotary" or (shape.window and not shape.gated_mlp):
+            raise _refuse(f"norm='RMS', positional={shape.positional!r}, window={shape.window}, gated_mlp=False")
+        return ("mistral" if shape.window else "llama") if shape.gated_mlp else "arcee"
     for knob, unexpressible in (
         ("norm='LN', gated_mlp=True", shape.gated_mlp),
         ("norm='LN', n_key_value_heads=...", shape.n_key_value_heads not in (None, n_heads)),
@@ -181,7 +182,9 @@ def _hf_config(family: str, shape: _TinyShape, sizes: dict, d_vocab: int, n_ctx:
             rope_parameters={**rope, "partial_rotary_factor": 1.0}, use_parallel_residual=False,
             layer_norm_eps=1e-5, attention_dropout=0.0, hidden_dropout=0.0,
         )  # fmt: skip
-    config_class = transformers.MistralConfig if family == "mistral" else transformers.LlamaConfig
+    config_class = {"mistral": transformers.MistralConfig, "arcee": transformers.ArceeConfig}.get(
+        family, transformers.LlamaConfig
+    )
     window = {"sliding_window": shape.window} if family == "mistral" else {}
     return config_class(
         **common, **window, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,

@@ -48,7 +48,6 @@ def test_bad_patterns_are_refused_with_the_reason():
         check_attention(good[..., :4])
 
 
-@pytest.mark.hooked
 def test_trace_records_defects_and_refuses_overflow():
     model = tiny_model(n_layers=2, n_heads=2, d_model=16, d_vocab=32, seed=2)
     t = trace(model, torch.arange(6))

@@ -341,7 +341,6 @@ def _rollout(patterns: torch.Tensor) -> torch.Tensor:
     return lazy(aggregate_heads(patterns.double()))
 
 
-@pytest.mark.hooked
 def test_report_on_a_tiny_model_trace(tiny):
     traced = trace(tiny, torch.randint(0, 32, (12,)))
     report = analyze_stack(_rollout(traced.patterns))

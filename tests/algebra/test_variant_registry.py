@@ -122,7 +122,6 @@ def test_the_variants_view_is_live_and_read_only(scratch):
     assert VARIANTS.get("gone") is None and "gone" not in VARIANTS  # a mapping's answers, not an error
 
 
-@pytest.mark.hooked
 def test_a_proxy_registered_here_runs_in_analyze_with_its_guarantee(scratch):
     from lens_squash.experiments.analysis import analyze
 

@@ -19,7 +19,7 @@ from lens_squash.edge.jacobian import jacobian
 from lens_squash.edge.jacobian_memory import estimate_memory
 from lens_squash.edge.models import TINY_MODEL, load_model, tiny_model
 
-from ..families import FAMILIES, TOKENS, build
+from ..families import FAMILIES, TOKENS, build, params
 
 #: float64: the two paths run the same operations on the same numbers, in another order of blocks
 TOL64 = {"atol": 1e-12, "rtol": 1e-10}
@@ -40,10 +40,10 @@ def _assert_equal(plain, saved, tol):
             torch.testing.assert_close(getattr(saved, kind), getattr(plain, kind), **tol)
 
 
-#: every HookedTransformer family (TransformerLens 3), and the tiny-random bridge (either TransformerLens)
+#: every family (on TransformerLens 4: the bridge twins that freeze), and the tiny-random bridge
 @pytest.fixture(
     scope="module",
-    params=[pytest.param(name, marks=pytest.mark.hooked) for name in sorted(FAMILIES)] + ["tiny_random_bridge"],
+    params=[*params(sorted(FAMILIES), needs=("frozen",)), "tiny_random_bridge"],
 )
 def family(request):
     if request.param == "tiny_random_bridge":

@@ -207,7 +207,6 @@ def test_sketch_probe_rows_are_orthonormal_projections_of_the_jacobian():
     torch.testing.assert_close(sketch.frobenius.pow(2), estimate, **TOL64)
 
 
-@pytest.mark.hooked
 def test_sketch_is_unbiased_on_average_over_seeds():
     model = _tiny()
     tokens = _tokens(4)
@@ -221,7 +220,6 @@ def test_sketch_is_unbiased_on_average_over_seeds():
     torch.testing.assert_close(mean, exact, rtol=0.25, atol=0)
 
 
-@pytest.mark.hooked
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
@@ -242,7 +240,6 @@ def test_bad_requests_say_what_is_wrong(tiny, kwargs, pattern):
         jacobian(tiny, _tokens(7, 32), **kwargs)
 
 
-@pytest.mark.hooked
 def test_too_large_a_request_names_a_chunk_size_that_then_works(tiny):
     tokens = _tokens(7, 32)
     budget = estimate_memory(tiny, 7, chunk_size=3)
@@ -259,7 +256,6 @@ def test_too_large_a_request_names_a_chunk_size_that_then_works(tiny):
         jacobian(tiny, tokens, max_memory_bytes=1000)
 
 
-@pytest.mark.hooked
 def test_estimate_grows_with_tokens_and_chunk(tiny):
     assert estimate_memory(tiny, 8, 4) < estimate_memory(tiny, 16, 4) < estimate_memory(tiny, 16, 8)
     assert estimate_memory(tiny, 16, 4, mode="sketch", n_probes=4) < estimate_memory(tiny, 16, 4)
@@ -282,7 +278,6 @@ def _graph_bytes(model, tokens) -> int:
     return sum(saved.values())
 
 
-@pytest.mark.hooked
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 @pytest.mark.parametrize("n", [4, 24])
 def test_memory_estimate_covers_the_saved_autograd_graph(arch, n):
@@ -292,7 +287,6 @@ def test_memory_estimate_covers_the_saved_autograd_graph(arch, n):
     assert fixed >= _graph_bytes(model, _tokens(n)) and per_cotangent > 0
 
 
-@pytest.mark.hooked
 def test_result_renders_serialises_and_plots(tiny):
     tokens = _tokens(5, 32)
     result = jacobian(tiny, tokens)

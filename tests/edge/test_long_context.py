@@ -25,11 +25,11 @@ from lens_squash.edge.stream import (
 from lens_squash.edge.trace import KEEP_PATTERNS_BYTES, keeps_patterns, patterns_bytes, trace
 from lens_squash.experiments.analysis import analyze
 
-from ..families import FAMILIES, REFUSED, TOKENS, build
+from ..families import FAMILIES, REFUSED, TOKENS, build, params
 
 CAUSAL = [name for name in FAMILIES if name not in REFUSED]
-#: every HookedTransformer family (TransformerLens 3), and the tiny-random bridge (either TransformerLens)
-STREAMED = [pytest.param(name, marks=pytest.mark.hooked) for name in CAUSAL] + ["tiny_random_bridge"]
+#: every family (on TransformerLens 4: the bridge twins), and the tiny-random bridge
+STREAMED = [*params(CAUSAL), "tiny_random_bridge"]
 
 
 def _model(family: str):

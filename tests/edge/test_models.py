@@ -258,7 +258,6 @@ def test_nope_model_ignores_position_and_window_is_local():
     assert (pattern[:, (key <= query - 3) | (key > query)] == 0).all()
 
 
-@pytest.mark.hooked
 def test_bad_tiny_model_knobs():
     with pytest.raises(ValueError, match="positional"):
         tiny_model(positional="sinusoid")
@@ -286,7 +285,6 @@ def test_gguf_folder_found_without_importing_the_chat_app():
     assert not any(m.split(".")[0] == spec.package for m in seen["new"]), seen["new"]
 
 
-@pytest.mark.hooked
 def test_raw_prompt_longer_than_context_is_refused_not_truncated():
     model = tiny_model(tokenizer="smollm2", n_ctx=16)
     with pytest.raises(ValueError, match="n_ctx=16") as refused:

@@ -103,7 +103,6 @@ def test_bridge_and_hooked_traces_agree():
     assert ours.str_tokens == theirs.str_tokens and ours.predicted_token == theirs.predicted_token
 
 
-@pytest.mark.hooked
 def test_model_without_the_needed_hooks_is_refused():
     class NoHooks(torch.nn.Module):
         cfg = tiny_model().cfg
@@ -114,7 +113,6 @@ def test_model_without_the_needed_hooks_is_refused():
         trace(NoHooks(), TOKENS)
 
 
-@pytest.mark.hooked
 def test_bad_token_input():
     model = tiny_model(n_ctx=16)
     with pytest.raises(ValueError, match="n_ctx=16"):
@@ -127,7 +125,6 @@ def test_bad_token_input():
         trace(model, "hello")
 
 
-@pytest.mark.hooked
 def test_keep_resid_and_first_token_residual():
     model = tiny_model(dtype=torch.float64)
     result = trace(model, TOKENS, keep_resid=True)
@@ -218,7 +215,6 @@ def test_a_config_transformer_lens_cannot_run_is_one_clear_error(overrides):
         trace(model, TOKENS)
 
 
-@pytest.mark.hooked
 def test_a_trace_with_its_progress_bar_on_gives_the_same_numbers(monkeypatch):
     """The bar advances from a hook on every resid_pre; a hook's return value would replace the activation."""
     import lens_squash.edge.trace as trace_module
