@@ -70,7 +70,7 @@ def test_matmul_rate_is_positive_and_finite():
     assert 0 < rate < float("inf")
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # tiny_model(norm='RMS', positional='standard', gated_mlp=True) has no transformers twin
 def test_gram_and_quadratic_form_flops_equal_torchs_flop_counter():
     from lens_squash.algebra.symmetric_forms import quadratic_form
     from lens_squash.edge.lipschitz import _gram_blocks_from, _mlp_matrices, supports_certified

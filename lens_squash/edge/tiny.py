@@ -214,14 +214,19 @@ def _boot_tokenizer():
 
 
 def _tiny_bridge(shape: _TinyShape, sizes: dict, d_vocab, n_ctx, init_range, hf_tokenizer, dtype, seed):
-    """tiny_model as a bridge: seeded, deterministic, the caller's RNG untouched."""
+    """tiny_model as a bridge: seeded, deterministic, the caller's RNG untouched (transformers' init,
+    overwritten here, and the bridge's boot draw from the global RNG)."""
+    with torch.random.fork_rng(devices=[]):
+        return _boot_twin(shape, sizes, d_vocab, n_ctx, init_range, hf_tokenizer, dtype, seed)
+
+
+def _boot_twin(shape: _TinyShape, sizes: dict, d_vocab, n_ctx, init_range, hf_tokenizer, dtype, seed):
     import transformers
 
     family = _hf_family(shape, sizes["n_heads"], sizes["d_model"])
     config = _hf_config(family, shape, sizes, d_vocab, n_ctx)
     config._attn_implementation = "eager"  # the patterns hooks see are the ones the model uses
-    with torch.random.fork_rng(devices=[]):  # transformers' own init is overwritten below
-        hf_model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(dtype)
+    hf_model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(dtype)
     hf_model.config.architectures = [type(hf_model).__name__]  # how the bridge picks its adapter
     _init_as_hooked(hf_model, init_range if init_range is not None else 0.8 / sizes["d_model"] ** 0.5, seed)
     if shape.positional == "none":  # NoPE: learned positions held at zero, as on the hooked model

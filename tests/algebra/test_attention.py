@@ -103,7 +103,7 @@ def test_non_causal_patterns_raise_the_typed_refusal():
         check_attention(patterns)
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # families without a transformers twin
 def test_ov_norms_equal_the_spectral_norm_of_the_dense_ov_circuit():
     """ov_norms goes through the thin QR and a d_head × d_head Gram; the dense d_model × d_model
     product's largest singular value is the reference, on every architecture family."""

@@ -87,7 +87,7 @@ def test_variants_needing_reads_the_specs_and_refuses_an_unknown_capability(scra
         variants_needing(["nope"], "weights")
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # tiny_model(act_fn='solu') has no transformers twin
 def test_unsupported_reason_is_the_specs_refusal_or_none(scratch):
     plain = tiny_model(n_layers=1, d_model=8, d_vocab=16, dtype=torch.float64)
     solu = tiny_model(n_layers=1, d_model=8, d_vocab=16, dtype=torch.float64, act_fn="solu", gated_mlp=True)

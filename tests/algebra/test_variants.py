@@ -57,7 +57,7 @@ def test_row_normalised_variants_are_distributions(traced, variant):
         assert (bound.bound[bound.target_pos + 1 :] == 0).all()  # causality: no later position contributes
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # tiny_model(causal=False) has no transformers twin
 def test_bad_requests_are_refused(traced):
     model, t = traced
     with pytest.raises(ValueError, match="unknown variant"):
@@ -82,7 +82,7 @@ CERTIFIED_MODELS = {
 }
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # tiny_model(positional='alibi') has no transformers twin
 @pytest.mark.parametrize("name", sorted(CERTIFIED_MODELS))
 def test_certified_bound_dominates_the_frozen_jacobian(name):
     from lens_squash.edge.jacobian import jacobian

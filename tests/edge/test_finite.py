@@ -40,7 +40,7 @@ def model():
     return tiny_model(n_layers=3, n_heads=2, d_model=16, d_vocab=32, seed=3)
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # on a TL 4.3 bridge: KeyError: 'blocks.1.attn.W_Q'
 @pytest.mark.parametrize("target", ["blocks.1.attn.W_Q", "unembed.W_U", "embed.W_E", "blocks.2.mlp.b_in"])
 def test_the_first_non_finite_weight_is_named(model, target):
     broken = copy.deepcopy(model)
@@ -65,7 +65,7 @@ def test_only_low_precision_is_told_to_load_in_float32(dtype):
     check_finite_values({"a": torch.ones(2), "b": None, "c": 2.0}, dtype, what="it")  # finite: nothing raised
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # on a TL 4.3 bridge: AssertionError: Regex pattern did not match.
 def test_a_trace_refuses_a_nan_unembedding_column_instead_of_predicting_it(model):
     from lens_squash.edge.trace import trace
 

@@ -286,7 +286,7 @@ def test_analyze_with_defaults_runs_on_every_causal_family(family):
     assert set(result.comparisons) == set(result.bounds)
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # families without a transformers twin
 def test_analyze_refuses_a_bidirectional_model_in_one_clear_error():
     import lens_squash.experiments.analysis as analysis
     from lens_squash.core.support import UnsupportedModelError

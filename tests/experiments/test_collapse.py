@@ -154,7 +154,7 @@ def test_shared_passes_equal_separate_passes(model_name, open_ended, request):
         assert result.paths == {"float64": "prefix"} and result.noise_lengths == (1, 20)
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # on a TL 4.3 bridge: RuntimeError: The size of tensor a (49152) must match the size of tens
 def test_batching_random_digits_equals_separate_passes(absolute):
     lengths = [2, 5, 9]
     result = collapse_curve(absolute, "random_digits", lengths, ("float64",), chat=False, batch_tokens=64, exact=False)
@@ -169,7 +169,7 @@ def test_batching_random_digits_equals_separate_passes(absolute):
     assert batched.paths == {"float64": "batched"}
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # tiny_model(causal=False) has no transformers twin
 def test_bidirectional_models_get_separate_exact_passes():
     model = tiny_model(n_layers=1, n_heads=2, d_model=16, tokenizer="smollm2", causal=False, dtype=torch.float64)
     s = [torch.tensor([5, 6, 7]), torch.tensor([5, 6])]
@@ -202,7 +202,7 @@ def test_norms_heads_and_relative_distances_match_definitions(rotary):
         )
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # on a TL 4.3 bridge: lens_squash.core.support.UnsupportedModelError: a TransformerBridge ru
 def test_model_in_dtype_casts_parameters_and_rebuilds_buffers(rotary):
     bf16 = model_in_dtype(rotary, "bfloat16")
     assert bf16.cfg.dtype == torch.bfloat16 and rotary.cfg.dtype == torch.float64
@@ -215,7 +215,7 @@ def test_model_in_dtype_casts_parameters_and_rebuilds_buffers(rotary):
     assert model_in_dtype(rotary, torch.float64) is rotary
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # on a TL 4.3 bridge: lens_squash.core.support.UnsupportedModelError: a TransformerBridge ru
 def test_dtype_sweep_thresholds_and_native_mode(rotary):
     lengths = list(range(1, 60, 4))
     default = collapse_curve(
@@ -279,7 +279,7 @@ def test_bad_inputs_get_clear_errors(rotary):
         collapse_curve(rotary, "count_ones", [0])
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # on a TL 4.3 bridge: assert (tensor(0.1667, dtype=torch.float64) > 0.001 and tensor(False))
 def test_window_masks_attention_and_makes_long_runs_identical(rotary):
     tokens = family_pairs(rotary, "copy_ones", [30], chat=False, open_ended=True)[0][0]
     with rotary.hooks(fwd_hooks=window_hooks(rotary.cfg.n_layers, 3)):

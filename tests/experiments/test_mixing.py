@@ -63,7 +63,7 @@ def _result():
     return mixing(_model(), TOKENS, POSITION, replacement=REPLACEMENTS, clamp_layer=0, bos=BOS)
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # mixing runs on HookedTransformer only
 def test_spread_equals_run_with_cache_on_the_two_prompts():
     result = _result()
     torch.testing.assert_close(result.change["sink"], _cached_change(_model()), rtol=1e-10, atol=0)
@@ -76,7 +76,7 @@ def test_spread_equals_run_with_cache_on_the_two_prompts():
     )
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # mixing runs on HookedTransformer only
 def test_summaries_count_and_average_the_positions_after_the_replaced_one():
     result = _result()
     after = result.change["sink"][:, 1:]
@@ -89,7 +89,7 @@ def test_summaries_count_and_average_the_positions_after_the_replaced_one():
     assert float(result.mean_change()[0]) == 0.0  # before block 0 only the replaced token differs
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # on a TL 4.3 bridge: AssertionError: Tensor-likes are not close!
 def test_masked_sink_renormalises_exactly():
     model, before, after = _model(), {}, {}
     names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
@@ -109,7 +109,7 @@ def test_masked_sink_renormalises_exactly():
         torch.testing.assert_close(masked[:, 1:, 1:], original[:, 1:, 1:] * scale, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # mixing runs on HookedTransformer only
 def test_rotary_model_without_bos_equals_the_masked_sink():
     # rotary scores depend on relative positions only, so dropping token 0 is masking key 0
     result = _result()
@@ -138,7 +138,7 @@ def _jacrev_norms(model, hooks) -> torch.Tensor:
     return jac.pow(2).sum(dim=(-1, -2)).sqrt().detach()
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # on a TL 4.3 bridge: KeyError: 'blocks.0.hook_resid_pre'
 @pytest.mark.parametrize("setting", ["sink", "mask", "clamp"])
 def test_jacobian_norms_equal_jacrev(setting):
     model = _model()
@@ -150,7 +150,7 @@ def test_jacobian_norms_equal_jacrev(setting):
         assert torch.equal(expected[:, :POSITION], torch.zeros_like(expected[:, :POSITION]))
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # on a TL 4.3 bridge: KeyError: 'blocks.0.hook_resid_pre'
 def test_sketched_jacobian_is_close_to_the_exact_one_with_many_probes():
     model = _model()
     exact = input_jacobian_norms(model, TOKENS, POSITION)
@@ -158,7 +158,7 @@ def test_sketched_jacobian_is_close_to_the_exact_one_with_many_probes():
     torch.testing.assert_close(sketch[1:, POSITION:], exact[1:, POSITION:], rtol=0.1, atol=0)
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # mixing runs on HookedTransformer only
 def test_head_link_matches_the_caches():
     model, result = _model(), _result()
     _, clean = model.run_with_cache(TOKENS[None])
@@ -182,7 +182,7 @@ def test_head_link_matches_the_caches():
         assert float(result.layer_correlations[layer]) == pytest.approx(expected, nan_ok=True)
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # mixing runs on HookedTransformer only
 def test_random_replacements_are_seeded_and_never_the_original():
     a = mixing(_model(), TOKENS, POSITION, n_samples=5, seed=4, jacobian=False, removals=("mask",), bos=BOS)
     b = mixing(_model(), TOKENS, POSITION, n_samples=5, seed=4, jacobian=False, removals=("mask",), bos=BOS)
@@ -191,7 +191,7 @@ def test_random_replacements_are_seeded_and_never_the_original():
     torch.testing.assert_close(a.change["mask"], b.change["mask"], rtol=0, atol=0)
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # mixing runs on HookedTransformer only
 def test_removals_that_cannot_apply_are_skipped_with_the_reason():
     tokens = TOKENS.clone()
     tokens[0] = 11  # no <bos> in front
@@ -202,7 +202,7 @@ def test_removals_that_cannot_apply_are_skipped_with_the_reason():
         result.ratio("no_bos")
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # on a TL 4.3 bridge: AssertionError: Regex pattern did not match.
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -231,7 +231,7 @@ def test_learned_sink_logits_are_refused():
         model.cfg.use_attention_sinks = False
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # mixing runs on HookedTransformer only
 def test_result_round_trips_and_tabulates(tmp_path):
     result = _result()
     loaded = type(result).load(result.save(tmp_path / "mixing.json"))
