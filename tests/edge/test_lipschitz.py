@@ -12,6 +12,8 @@ from lens_squash.edge.lipschitz import supports_certified
 from lens_squash.edge.models import tiny_model
 from lens_squash.edge.trace import trace
 
+from ..families import params
+
 TOKENS = torch.tensor([5, 3, 9, 1, 7, 2])
 CASES = [
     dict(norm="LN", act_fn="gelu"),
@@ -29,8 +31,8 @@ def _with_random_gains(model):
     return model
 
 
-@pytest.mark.hooked  # on a TL 4.3 bridge: AssertionError: Scalars are not close!
-@pytest.mark.parametrize("knobs", CASES)
+# on TL 4.3 the RMS case (a Llama twin) misses 1e-10, and there is no twin without norms
+@pytest.mark.parametrize("knobs", [CASES[0], *(pytest.param(k, marks=pytest.mark.hooked) for k in CASES[1:])])
 def test_mlp_gain_equals_explicit_frozen_jacobian(knobs):
     model = _with_random_gains(tiny_model(dtype=torch.float64, seed=2, **knobs))
     result = trace(model, TOKENS, lipschitz=True)
@@ -53,8 +55,16 @@ def test_mlp_gain_equals_explicit_frozen_jacobian(knobs):
             )
 
 
-@pytest.mark.hooked  # tiny_model(norm=None) has no transformers twin
-@pytest.mark.parametrize("knobs", CASES + [dict(norm="RMS", n_heads=4, n_key_value_heads=2, positional="rotary")])
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        *CASES[:2],
+        *(  # no twin without norms; the Arcee twin of the last is not yet checked on TL 4.3
+            pytest.param(k, marks=pytest.mark.hooked)
+            for k in (CASES[2], dict(norm="RMS", n_heads=4, n_key_value_heads=2, positional="rotary"))
+        ),
+    ],
+)
 def test_ov_norms_equal_full_svd(knobs):
     model = _with_random_gains(tiny_model(dtype=torch.float64, seed=4, **knobs))
     got = ov_norms(model)
@@ -205,8 +215,9 @@ def test_solu_gain_equals_the_jacobian_with_frozen_neuron_norm(overrides):
             torch.testing.assert_close(result.mlp_gain[layer, pos], explicit, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.hooked  # families without a transformers twin
-@pytest.mark.parametrize("family", ["llama_gqa", "gpt2", "gemma2_post_norm", "moe_mixtral", "olmo2_output_norms"])
+@pytest.mark.parametrize(
+    "family", params(["llama_gqa", "gpt2", "gemma2_post_norm", "moe_mixtral", "olmo2_output_norms"])
+)
 def test_the_cached_lower_blocks_are_the_dense_grams(family):
     """The traced pass's Gram blocks (built block by block, W'_out W'_outᵀ once) are the blocks of
     the dense ``mlp_gain_gram``, and give the same gains."""
