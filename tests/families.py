@@ -5,13 +5,23 @@ turns one into a seeded float64 model (d_model 32, 3 layers, 4 heads of 8) whose
 and sink logits are random too, so every weight the analyses read is exercised. ``REFUSED`` names
 the families the certified bound refuses (with a word of the reason each refusal must contain).
 Shared by the conformance suite, ``scripts/architectures.py`` and anyone who wants to try a family.
+
+Without ``HookedTransformer`` (TransformerLens 4), ``build`` boots a ``TransformerBridge`` over the
+family's random-weight ``transformers`` twin (``HF_TWINS``; same sizes, norms and biases drawn away
+from their defaults) and keeps a plain copy of the twin, untouched by the bridge, for
+``tests/reference.py``. Families with no twin are TransformerLens 3 only: :func:`params` marks them
+``hooked``, so ``-m "not hooked"`` deselects them instead of skipping them.
 """
 
 from __future__ import annotations
 
+import weakref
+
+import pytest
 import torch
 
-__all__ = ["BASE", "FAMILIES", "REFUSED", "TOKENS", "build", "config"]
+__all__ = ["BASE", "BRIDGE_REFUSES", "FAMILIES", "HF_FLOAT32_INSIDE", "HF_TWINS", "REFUSED", "TOKENS"]
+__all__ += ["bridge_refusal", "build", "config", "hf_reference", "on_bridges", "params"]
 
 BASE = dict(
     n_layers=3,
@@ -95,6 +105,66 @@ REFUSED = {"bidirectional": "bidirectional"}
 
 TOKENS = torch.tensor([3, 17, 5, 5, 9, 30, 2, 11, 4, 41, 8, 1])
 
+_HF_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, head_dim=8)
+_HF_LLAMA = dict(_HF_LLAMA, max_position_embeddings=64, num_key_value_heads=4)
+_HF_GEMMA = dict(_HF_LLAMA, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=8)
+
+#: family -> (transformers config class, kwargs) of the same block, for the bridge on TransformerLens 4.
+#: Left out: MoE (transformers' experts have no float64 kernel), learned sinks, SoLU, split-QKV and
+#: ungrouped GQA inputs, attn-only, no/pre norms, final RMS, shortformer, bidirectional (no twin).
+HF_TWINS: dict[str, tuple[str, dict]] = {
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=3, n_head=4, n_positions=64, n_inner=64)),
+    "llama_gqa": ("LlamaConfig", dict(_HF_LLAMA, num_key_value_heads=2)),
+    "gemma": ("GemmaConfig", _HF_GEMMA),
+    "gemma2_post_norm": ("Gemma2Config", dict(
+        _HF_GEMMA, num_key_value_heads=2, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+        sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )),
+    "gemma3_post_norm_qk_norm": ("Gemma3TextConfig", dict(
+        _HF_GEMMA, num_key_value_heads=2, layer_types=["full_attention"] * 3,
+    )),
+    "mistral_windows": ("MistralConfig", dict(_HF_LLAMA, num_key_value_heads=2, sliding_window=3)),
+    "bloom_alibi": ("BloomConfig", dict(hidden_size=32, n_layer=3, n_head=4)),
+    "qwen2_biases": ("Qwen2Config", dict(_HF_LLAMA, num_key_value_heads=2)),
+    "pythia_parallel": ("GPTNeoXConfig", dict(
+        _HF_LLAMA, num_key_value_heads=None, rotary_pct=0.5, use_parallel_residual=True, hidden_act="gelu",
+    )),
+    "gptj_parallel": ("GPTJConfig", dict(n_embd=32, n_layer=3, n_head=4, n_positions=64, rotary_dim=4, n_inner=64)),
+    "phi_parallel": ("PhiConfig", dict(_HF_LLAMA, partial_rotary_factor=0.25)),
+    "olmo2_output_norms": ("Olmo2Config", _HF_LLAMA),
+    "olmo_clip_qkv": ("OlmoConfig", dict(_HF_LLAMA, clip_qkv=0.3)),
+}  # fmt: skip
+
+#: twins where transformers computes a step in float32 even in a float64 model (RMSNorm's upcast, OLMo's
+#: LayerNorm, NeoX's softmax): their references agree with a bridge to float32 resolution only (1e-5 of the
+#: largest entry, as in tests/test_bridge_conformance.py), the others to 1e-10
+HF_FLOAT32_INSIDE = frozenset(
+    {"llama_gqa", "gemma", "gemma2_post_norm", "gemma3_post_norm_qk_norm", "mistral_windows", "qwen2_biases"}
+    | {"olmo2_output_norms", "olmo_clip_qkv", "pythia_parallel"}
+)
+#: methods lens_squash refuses on a twin's bridge, with the refusal's wording (GPT-J's bridge computes its
+#: attention without the hooked pattern, so nothing can freeze it)
+BRIDGE_REFUSES = {"gptj_parallel": {"frozen": "hook_pattern leaves this bridge's output unchanged"}}
+
+
+def bridge_refusal(model, name: str, method: str) -> str | None:
+    """The refusal ``method`` must raise on ``model`` (a bridge twin of ``name``), or None."""
+    from lens_squash.edge.backends import is_bridge
+
+    return BRIDGE_REFUSES.get(name, {}).get(method) if is_bridge(model) else None
+
+
+def params(names, *, needs: tuple[str, ...] = ()) -> list:
+    """``names`` as pytest params, marked ``hooked`` (TransformerLens 3 only) where there is no bridge twin or
+    its bridge refuses a method the test ``needs``."""
+    bridged = on_bridges(needs=needs)
+    return [name if name in bridged else pytest.param(name, marks=pytest.mark.hooked) for name in names]
+
+
+def on_bridges(*, needs: tuple[str, ...] = ()) -> set[str]:
+    """The families whose bridge twin runs every method in ``needs``."""
+    return {n for n in HF_TWINS if not set(needs) & set(BRIDGE_REFUSES.get(n, {}))}
+
 
 def config(name: str, **overrides):
     from transformer_lens import HookedTransformerConfig  # TransformerLens 3 only: imported when a family is built
@@ -105,6 +175,10 @@ def config(name: str, **overrides):
 
 def build(name: str, *, seed: int = 0, **overrides):
     """A seeded float64 model of family ``name`` with random norm gains, biases and sink logits."""
+    from lens_squash.edge.backends import has_hooked_transformer
+
+    if not has_hooked_transformer():
+        return _build_bridge(name, seed=seed, **overrides)
     from transformer_lens import HookedTransformer  # TransformerLens 3 only
 
     torch.manual_seed(seed)
@@ -122,3 +196,40 @@ def build(name: str, *, seed: int = 0, **overrides):
             elif leaf.startswith("b") or leaf.startswith("_b") or leaf == "sinks" or leaf == "bias":
                 param.copy_(0.3 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
     return model.eval()
+
+
+#: bridge -> (plain transformers copy of its weights, the bridge's parameters when built)
+_REFERENCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _twin(name: str, seed: int):
+    from .hf_families import build_hf
+
+    hf = build_hf(name, dtype=torch.float64, seed=seed, table=HF_TWINS)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # every bias random, as on the hooked family (norm biases: build_hf's draw)
+        for pname, param in hf.named_parameters():
+            if pname.endswith("bias") and "norm" not in pname and "ln" not in pname.rsplit(".", 2)[-2]:
+                param.copy_(0.3 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+    return hf
+
+
+def _build_bridge(name: str, *, seed: int, **overrides):
+    from .hf_families import boot
+
+    if name not in HF_TWINS or overrides:
+        raise LookupError(f"family {name!r} (overrides {sorted(overrides)}) has no transformers twin: TL 3 only")
+    bridge = boot(_twin(name, seed))
+    snapshot = [p.detach().clone() for p in bridge.original_model.parameters()]
+    _REFERENCES[bridge] = (_twin(name, seed), snapshot)  # booting wraps the twin: the reference is a copy
+    return bridge
+
+
+def hf_reference(bridge):
+    """The plain ``transformers`` copy of a bridge ``build`` made; refused once the bridge's weights moved
+    (an edit after the build would make the copy a reference for another model)."""
+    reference, snapshot = _REFERENCES[bridge]
+    now = list(bridge.original_model.parameters())
+    if len(now) != len(snapshot) or not all(torch.equal(a, b) for a, b in zip(now, snapshot, strict=True)):
+        raise AssertionError("the bridge was edited after build(): its transformers copy is no reference")
+    return reference

@@ -6,6 +6,10 @@ constants, every attention pattern and norm scale recorded in a clean pass, in c
 with split Q/K/V inputs fires three times, with different head counts), instead of detaching them.
 ``adversarial`` makes the weight edits that broke the bound before: post norms renormalising shrunk
 sublayers, gains that amplify what a sublayer writes, sharp patterns, heavy sinks.
+
+On a ``TransformerBridge`` (TransformerLens 4) the reference is not taken through the bridge: it is
+plain autograd on an untouched ``transformers`` copy of its weights (``families.hf_reference``,
+``hf_families.hf_jacobian``), which replays HF's own softmaxes and norm scales when frozen.
 """
 
 from __future__ import annotations
@@ -35,6 +39,13 @@ def _recorded(model, tokens: Tensor, names: list[str]) -> tuple[Tensor, dict[str
 
 def reference_jacobian(model, tokens: Tensor, *, frozen: bool) -> Tensor:
     """``∂y_n/∂v_i`` for every position i, ``[d_out, pos, d_in]``, by ``jacrev`` of the full model."""
+    from lens_squash.edge.backends import is_bridge
+
+    if is_bridge(model):
+        from .families import hf_reference
+        from .hf_families import hf_jacobian
+
+        return hf_jacobian(hf_reference(model), tokens, frozen=frozen)
     names = frozen_names(model) if frozen else []
     v0, values = _recorded(model, tokens, names)
     last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
@@ -157,8 +168,14 @@ ADVERSARIAL = {
 
 
 def adversarial(model, name: str):
+    from lens_squash.edge.backends import is_bridge
+
+    before = [p.detach().clone() for p in model.parameters()]
     with torch.no_grad():
         ADVERSARIAL[name](model)
+    # a bridge exposes some weights as copies: an edit that never reached the model is no attack
+    if is_bridge(model) and all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)):
+        raise AssertionError(f"the {name} edit did not reach this bridge's weights")
     return model
 
 

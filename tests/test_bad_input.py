@@ -193,7 +193,6 @@ def test_trace_json_must_be_a_writable_file(no_load, hostile_paths, choice):
     assert existing.read_text() == "keep"
 
 
-@pytest.mark.hooked
 @settings(FAST, max_examples=12)
 @given(prompt=HOSTILE_TEXT.filter(str.strip))
 def test_hostile_but_valid_prompts_get_a_correct_trace(cached_tiny, prompt):
@@ -205,7 +204,6 @@ def test_hostile_but_valid_prompts_get_a_correct_trace(cached_tiny, prompt):
     assert out.splitlines()[1].startswith(f"{n_tokens} tokens: ")  # after the "loaded" line
 
 
-@pytest.mark.hooked
 def test_an_over_long_prompt_is_refused_after_loading_and_before_any_pass(cached_tiny, monkeypatch):
     def no_forward(*args, **kwargs):
         pytest.fail("a forward pass ran for a prompt that cannot fit")
@@ -363,14 +361,12 @@ def _refuses(call, error, *words: str) -> None:
     assert all(word in str(err.value) for word in words), str(err.value)
 
 
-@pytest.mark.hooked
 def test_analyze_refuses_an_empty_variant_list(tiny_random):
     from lens_squash.experiments.analysis import analyze
 
     _refuses(lambda: analyze(tiny_random, "1 1 0", variants=[], jacobian_mode=None), ValueError, "variants")
 
 
-@pytest.mark.hooked
 @pytest.mark.parametrize("entry", ["trace", "analyze"])
 def test_blank_prompts_are_refused_by_the_api(tiny_random, entry):
     from lens_squash.edge.trace import trace
@@ -381,7 +377,6 @@ def test_blank_prompts_are_refused_by_the_api(tiny_random, entry):
         _refuses(lambda p=prompt: call[entry](p), ValueError, "prompt")
 
 
-@pytest.mark.hooked
 @pytest.mark.parametrize("prompt", [None, ["a", "b"], b"1 1 0"], ids=["None", "list-of-str", "bytes"])
 def test_trace_refuses_a_prompt_of_the_wrong_type(tiny_random, prompt):
     from lens_squash.edge.trace import trace
@@ -389,7 +384,6 @@ def test_trace_refuses_a_prompt_of_the_wrong_type(tiny_random, prompt):
     _refuses(lambda: trace(tiny_random, prompt), TypeError, "prompt")
 
 
-@pytest.mark.hooked
 @pytest.mark.parametrize("prompt", [None, ["a", "b"]], ids=["None", "list-of-str"])
 def test_analyze_refuses_a_prompt_of_the_wrong_type(tiny_random, prompt):
     from lens_squash.experiments.analysis import analyze
@@ -397,7 +391,6 @@ def test_analyze_refuses_a_prompt_of_the_wrong_type(tiny_random, prompt):
     _refuses(lambda: analyze(tiny_random, prompt, jacobian_mode=None), TypeError, "prompt")
 
 
-@pytest.mark.hooked
 @pytest.mark.parametrize("bad", [999_999, -5])
 @pytest.mark.parametrize("entry", ["trace", "jacobian"])
 def test_token_ids_outside_the_vocabulary_are_refused(tiny_random, entry, bad):
@@ -412,7 +405,6 @@ def test_token_ids_outside_the_vocabulary_are_refused(tiny_random, entry, bad):
     _refuses(call, ValueError, str(bad), "vocabulary")
 
 
-@pytest.mark.hooked
 @pytest.mark.parametrize("entry", ["trace", "analyze"])
 def test_chat_must_be_none_or_a_bool(tiny_random, entry):
     from lens_squash.edge.trace import trace
@@ -425,7 +417,6 @@ def test_chat_must_be_none_or_a_bool(tiny_random, entry):
     _refuses(call, TypeError, "chat")
 
 
-@pytest.mark.hooked
 def test_analyze_refuses_the_first_token_as_target(tiny_random):
     from lens_squash.experiments.analysis import analyze
 

@@ -112,7 +112,6 @@ def test_an_existing_file_as_out_is_refused_and_left_alone(capsys, no_load, tmp_
     assert target.read_text() == "previous" and [p.name for p in tmp_path.iterdir()] == ["results"]
 
 
-@pytest.mark.hooked
 def test_a_layer_past_the_last_block_is_refused_after_loading_and_before_any_pass(
     capsys, loads_tiny, tiny_random, monkeypatch, tmp_path
 ):
@@ -129,7 +128,6 @@ def test_a_layer_past_the_last_block_is_refused_after_loading_and_before_any_pas
     assert not (tmp_path / "s").exists()
 
 
-@pytest.mark.hooked
 def test_sinks_prints_words_not_nan_none_or_tuples(capsys, loads_tiny, tmp_path):
     code, out, err = _run(capsys, "sinks", "--model", "tiny-random", "--out", str(tmp_path))
     assert code == 0, err
@@ -139,7 +137,6 @@ def test_sinks_prints_words_not_nan_none_or_tuples(capsys, loads_tiny, tmp_path)
     assert saved["metadata"]["command"] == "sinks"
 
 
-@pytest.mark.hooked
 def test_trace_writes_its_json_file(capsys, loads_tiny, tmp_path):
     path = tmp_path / "deep" / "trace.json"
     code, out, err = _run(capsys, "trace", "--model", "tiny-random", "--prompt", "1 1 0", "--json", str(path))
@@ -190,7 +187,6 @@ TASK_ARGS = [
 ]
 
 
-@pytest.mark.hooked
 def test_tasks_interrupted_says_what_was_saved_then_resumes(capsys, loads_tiny, monkeypatch, tmp_path):
     from lens_squash.experiments import task_eval
 
@@ -216,7 +212,6 @@ def test_tasks_interrupted_says_what_was_saved_then_resumes(capsys, loads_tiny, 
     assert len(rows) == 3 and len({json.loads(r)["fingerprint"] for r in rows}) == 1
 
 
-@pytest.mark.hooked
 def test_tasks_refuses_to_resume_another_run_before_loading(capsys, loads_tiny, monkeypatch, tmp_path):
     out_dir = tmp_path / "run"
     assert _run(capsys, *TASK_ARGS, "--out", str(out_dir))[0] == 0
@@ -291,7 +286,6 @@ def test_a_real_sigint_ends_tasks_with_one_line_and_exit_130(tmp_path):
     )
 
 
-@pytest.mark.hooked
 @pytest.mark.parametrize("command", ["analyze", "sinks"])
 def test_a_single_token_prompt_is_refused_after_loading_and_before_any_pass(
     capsys, loads_tiny, tiny_random, monkeypatch, tmp_path, command
@@ -418,7 +412,6 @@ def test_help_and_refused_flags_import_no_torch(argvs, code):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-@pytest.mark.hooked
 def test_the_light_name_lists_are_the_registries():
     from lens_squash import cli_names
     from lens_squash.algebra.variants import VARIANTS
@@ -478,7 +471,6 @@ def test_json_on_stdout_stays_valid_json_with_progress_bars_on(argv, tmp_path):
         assert re.search(r"prompts:\s+\d+%", done.stderr), done.stderr[-2000:]  # the bar, on stderr
 
 
-@pytest.mark.hooked
 def test_tasks_writes_the_page_of_figures_the_runner_no_longer_writes(capsys, loads_tiny, tmp_path):
     """The runner (experiments) writes rows, CSV and JSON; the command adds figures.html (views)."""
     out_dir = tmp_path / "run"

@@ -100,7 +100,6 @@ def _suite(capsys, prompts_path, out, *extra):
     )
 
 
-@pytest.mark.hooked
 def test_the_table_is_analyze_prompt_by_prompt_and_each_result_loads_back(capsys, counted, tiny_random, tmp_path):
     from lens_squash.experiments.analysis import Analysis, analyze
 
@@ -129,7 +128,6 @@ def test_the_table_is_analyze_prompt_by_prompt_and_each_result_loads_back(capsys
     assert saved["metadata"]["command"] == "suite" and len(saved["rows"]) == len(table) == 9
 
 
-@pytest.mark.hooked
 def test_an_interrupted_suite_resumes_to_the_same_table_without_redoing_a_prompt(
     capsys, counted, monkeypatch, tmp_path
 ):
@@ -160,7 +158,6 @@ def test_an_interrupted_suite_resumes_to_the_same_table_without_redoing_a_prompt
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "cut" / "table.csv"), whole)
 
 
-@pytest.mark.hooked
 def test_another_run_or_a_changed_prompt_is_refused_before_loading_and_overwrite_starts_over(capsys, counted, tmp_path):
     path = _write(tmp_path / "p.jsonl", PROMPTS)
     out = tmp_path / "out"
@@ -184,7 +181,6 @@ def test_another_run_or_a_changed_prompt_is_refused_before_loading_and_overwrite
     assert len((out / "prompts.jsonl").read_text().splitlines()) == 2  # the old run's rows are gone
 
 
-@pytest.mark.hooked
 def test_json_flag_puts_the_table_alone_on_stdout(capsys, counted, tmp_path):
     path = _write(tmp_path / "p.jsonl", PROMPTS[:2])
     code, out, err = _suite(capsys, path, tmp_path / "out", "--json")

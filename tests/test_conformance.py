@@ -14,20 +14,21 @@ import torch
 
 from lens_squash.algebra.variants import VARIANTS, path_bound
 from lens_squash.core.support import UnsupportedModelError
+from lens_squash.edge.backends import is_bridge
 from lens_squash.edge.jacobian import jacobian
 from lens_squash.edge.trace import trace
 
-from .families import FAMILIES, REFUSED, TOKENS, build
+from .families import FAMILIES, HF_FLOAT32_INSIDE, REFUSED, TOKENS, bridge_refusal, build, on_bridges, params
 from .reference import ADVERSARIAL, adversarial, edit_in_place, reference_jacobian
 
-#: the whole file is the per-family suite on HookedTransformer models (TransformerLens 3 only; minutes on
-#: two cores): `make test-fast` skips it, `make test-tl4` deselects it
-pytestmark = [pytest.mark.hooked, pytest.mark.conformance]
+#: the per-family suite (minutes on two cores; `make test-fast` skips it): on TransformerLens 4 each family
+#: with a transformers twin runs as a bridge over it (``families.params`` marks the others hooked)
+pytestmark = pytest.mark.conformance
 
 CERTIFIABLE = sorted(set(FAMILIES) - set(REFUSED))
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+@pytest.fixture(scope="module", params=params(sorted(FAMILIES)))
 def family(request):
     name = request.param
     model = build(name)
@@ -50,10 +51,18 @@ def _assert_dominates(bound: torch.Tensor, truth: torch.Tensor, label) -> None:
 @pytest.mark.parametrize("mode", ["exact", "frozen"])
 def test_jacobians_equal_jacrev_of_the_whole_model(family, mode):
     name, model, _ = family
+    reason = bridge_refusal(model, name, mode)
+    if reason is not None:
+        with pytest.raises(UnsupportedModelError, match=reason):
+            jacobian(model, TOKENS, mode=mode)
+        return
     got = jacobian(model, TOKENS, mode=mode, keep_full=True)
     expected = reference_jacobian(model, TOKENS, frozen=mode == "frozen")[:, : got.n_tokens]
-    torch.testing.assert_close(got.full, expected, atol=1e-10, rtol=1e-10, msg=lambda m: f"{name}: {m}")
-    torch.testing.assert_close(got.spectral, _spectral(expected), atol=1e-10, rtol=1e-10)
+    atol, rtol = 1e-10, 1e-10
+    if is_bridge(model) and name in HF_FLOAT32_INSIDE:  # the HF reference has float32 steps inside
+        atol, rtol = 1e-5 * float(expected.abs().max()), 0.0
+    torch.testing.assert_close(got.full, expected, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(got.spectral, _spectral(expected), atol=atol, rtol=rtol)
 
 
 def test_traced_patterns_equal_run_with_cache(family):
@@ -82,8 +91,24 @@ def test_certified_dominates_the_frozen_jacobian(family):
         _assert_dominates(bound, expected, (name, target))
 
 
-@pytest.mark.parametrize("attack", sorted(ADVERSARIAL))
-@pytest.mark.parametrize("name", CERTIFIABLE)
+#: attacks with nothing to edit on a family's transformers twin (TransformerLens 3 only there): no value
+#: bias to saturate, or (OLMo) a LayerNorm without a gain
+_NO_TARGET_ON_TWIN = {
+    "cancelling_values": {"gemma", "gemma2_post_norm", "gemma3_post_norm_qk_norm", "llama_gqa", "mistral_windows"}
+    | {"olmo2_output_norms", "olmo_clip_qkv"},
+    "amplifying_gains": {"olmo_clip_qkv"},
+    "large_random_gains": {"olmo_clip_qkv"},
+}
+_ATTACKS = [
+    (name, attack)
+    if name in on_bridges(needs=("frozen",)) and name not in _NO_TARGET_ON_TWIN.get(attack, ())
+    else pytest.param(name, attack, marks=pytest.mark.hooked)
+    for name in CERTIFIABLE
+    for attack in sorted(ADVERSARIAL)
+]  # the truth is a frozen Jacobian
+
+
+@pytest.mark.parametrize(("name", "attack"), _ATTACKS)
 def test_certified_dominates_under_adversarial_weights(name, attack):
     model = adversarial(build(name, seed=3), attack)
     t = trace(model, TOKENS, lipschitz=True)
@@ -106,6 +131,7 @@ def test_every_variant_runs_or_refuses_with_the_typed_error(family):
 GQA = sorted(n for n, kw in FAMILIES.items() if kw.get("n_key_value_heads") and n not in REFUSED)
 
 
+@pytest.mark.hooked  # the ungroup_grouped_query_attention twin is a HookedTransformerConfig knob
 @pytest.mark.parametrize("name", GQA)
 def test_results_are_invariant_to_gqa_grouping(name):
     grouped = build(name)
@@ -121,14 +147,15 @@ def test_results_are_invariant_to_gqa_grouping(name):
         )
 
 
-def _results(model):
+def _results(model, name):
     t = trace(model, TOKENS, lipschitz=True)
     out = {
         "y_last": t.y_last,
         "value_norms": t.value_norms,
         "exact": jacobian(model, TOKENS).spectral,
-        "frozen": jacobian(model, TOKENS, mode="frozen").spectral,
     }
+    if bridge_refusal(model, name, "frozen") is None:
+        out["frozen"] = jacobian(model, TOKENS, mode="frozen").spectral
     if t.mlp_gain is not None:
         out["mlp_gain"] = t.mlp_gain
     if "lipschitz_unsupported" not in t.provenance and model.cfg.attention_dir == "causal":
@@ -136,11 +163,11 @@ def _results(model):
     return out
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", params(sorted(FAMILIES)))
 def test_every_result_changes_after_an_in_place_weight_edit(name):
     model = build(name, seed=5)
-    before = _results(model)
+    before = _results(model, name)
     edit_in_place(model)
-    after = _results(model)
+    after = _results(model, name)
     for key, value in before.items():
         assert not torch.equal(value, after[key]), (name, key)

@@ -15,8 +15,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lens_squash.edge.models import tiny_model
 
-pytestmark = pytest.mark.hooked  # builds HookedTransformer models (TransformerLens 3 only)
-
 PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "harness.py"
 _spec = importlib.util.spec_from_file_location("harness", PATH)
 harness = importlib.util.module_from_spec(_spec)
@@ -72,6 +70,7 @@ def test_matmul_rate_is_positive_and_finite():
     assert 0 < rate < float("inf")
 
 
+@pytest.mark.hooked  # tiny_model(norm='RMS', positional='standard', gated_mlp=True) has no transformers twin
 def test_gram_and_quadratic_form_flops_equal_torchs_flop_counter():
     from lens_squash.algebra.symmetric_forms import quadratic_form
     from lens_squash.edge.lipschitz import _gram_blocks_from, _mlp_matrices, supports_certified

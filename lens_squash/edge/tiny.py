@@ -3,14 +3,19 @@
 :func:`tiny_model` has every knob those need (positional encoding, norm, causal or bidirectional
 attention, GQA, local windows); ``tiny-random`` is SmolLM2's architecture in miniature with its
 tokenizer, the one set of weights on both backends (a ``HookedTransformer`` and a bridge over an
-equivalent ``transformers`` Llama).
+equivalent ``transformers`` Llama). Where ``HookedTransformer`` is missing (TransformerLens 4),
+:func:`tiny_model` boots a bridge over the random-weight ``transformers`` twin of its shape (GPT-2,
+GPT-NeoX, Llama or Mistral), and refuses in one line the shapes ``transformers`` cannot express.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 
-from .backends import ModelLoadError, boot_bridge, hooked_api
+from .backends import ModelLoadError, boot_bridge, has_hooked_transformer, hooked_api
 from .dtypes import resolve_dtype
 from .gguf import offline_tokenizer
 from .model_names import TINY_MODEL
@@ -49,19 +54,26 @@ def tiny_model(
     (NoPE: a standard model whose position embedding is zero). ``norm`` is ``LN``, ``RMS`` or ``None``.
     ``window`` restricts every layer to a local attention window of that many keys.
     ``tokenizer="smollm2"`` attaches the offline SmolLM2 tokenizer (with its chat template), which sets
-    ``d_vocab`` to its vocabulary size.
+    ``d_vocab`` to its vocabulary size. On TransformerLens 4 (no ``HookedTransformer``) it is a
+    ``TransformerBridge`` over the equivalent ``transformers`` model (see :func:`_tiny_bridge`).
     """
-    HookedTransformer, HookedTransformerConfig = hooked_api()
     if positional not in _POSITIONAL:
         raise ValueError(f"positional must be one of {sorted(_POSITIONAL)}, got {positional!r}")
     if norm not in _NORMS:
         raise ValueError(f"norm must be 'LN', 'RMS' or None, got {norm!r}")
-    hf_tokenizer = offline_tokenizer() if tokenizer == "smollm2" else None
     if tokenizer not in (None, "smollm2"):
         raise ValueError(f"tokenizer must be None or 'smollm2', got {tokenizer!r}")
+    hf_tokenizer = offline_tokenizer() if tokenizer == "smollm2" else None
     if hf_tokenizer is not None:
         d_vocab = len(hf_tokenizer)
     d_head = d_head or d_model // n_heads
+    if not has_hooked_transformer():
+        shape = _TinyShape(
+            positional, _NORMS[norm], causal, n_key_value_heads, window, attn_only, gated_mlp, act_fn, d_head
+        )
+        sizes = dict(n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_mlp=d_mlp or 4 * d_model)
+        return _tiny_bridge(shape, sizes, d_vocab, n_ctx, init_range, hf_tokenizer, resolve_dtype(dtype), seed)
+    HookedTransformer, HookedTransformerConfig = hooked_api()
     local = {"attn_types": ["local"] * n_layers, "window_size": window, "use_local_attn": True} if window else {}
     cfg = HookedTransformerConfig(
         model_name=f"tiny-{positional}-{norm}-{'causal' if causal else 'bidirectional'}",
@@ -95,6 +107,143 @@ def tiny_model(
             model.pos_embed.W_pos.zero_()
         model.pos_embed.W_pos.requires_grad_(False)
     return model.eval()
+
+
+# tiny_model on TransformerLens 4: a bridge over the random-weight transformers twin
+
+
+class _TinyShape(NamedTuple):
+    positional: str
+    norm: str | None
+    causal: bool
+    n_key_value_heads: int | None
+    window: int | None
+    attn_only: bool
+    gated_mlp: bool
+    act_fn: str
+    d_head: int
+
+
+#: activations transformers' ACT2FN computes as TransformerLens does under the same name
+_HF_ACTS = frozenset({"gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu", "silu"})
+
+
+def _refuse(knob: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"tiny_model({knob}) has no transformers twin to boot a TransformerBridge over: it needs "
+        "HookedTransformer (install 'transformer-lens>=3.9,<4')"
+    )
+
+
+def _hf_family(shape: _TinyShape, n_heads: int, d_model: int) -> str:
+    """``gpt2`` (LN, learned positions), ``gpt_neox`` (LN, rotary), ``llama`` or ``mistral`` (RMS, rotary,
+    gated; GQA, windows), ``arcee`` (RMS, rotary, plain MLP; GQA): the ``transformers`` family with this
+    block, or a refusal naming the knob."""
+    for knob, unexpressible in (
+        ("causal=False", not shape.causal),
+        ("attn_only=True", shape.attn_only),
+        ("norm=None", shape.norm is None),
+        ("positional='alibi'", shape.positional == "alibi"),
+        (f"act_fn={shape.act_fn!r}", shape.act_fn not in _HF_ACTS),
+    ):
+        if unexpressible:
+            raise _refuse(knob)
+    if shape.norm == "RMS":  # Llama's block (rotary comes with it); Arcee's has a plain MLP
+        if shape.positional != "rotary" or (shape.window and not shape.gated_mlp):
+            raise _refuse(f"norm='RMS', positional={shape.positional!r}, window={shape.window}, gated_mlp=False")
+        return ("mistral" if shape.window else "llama") if shape.gated_mlp else "arcee"
+    for knob, unexpressible in (
+        ("norm='LN', gated_mlp=True", shape.gated_mlp),
+        ("norm='LN', n_key_value_heads=...", shape.n_key_value_heads not in (None, n_heads)),
+        ("norm='LN', window=...", shape.window is not None),
+        ("norm='LN', d_head * n_heads != d_model", shape.d_head * n_heads != d_model),
+    ):
+        if unexpressible:
+            raise _refuse(knob)
+    return "gpt_neox" if shape.positional == "rotary" else "gpt2"
+
+
+def _hf_config(family: str, shape: _TinyShape, sizes: dict, d_vocab: int, n_ctx: int):
+    import transformers
+
+    n_layers, n_heads, d_model, d_mlp = (sizes[k] for k in ("n_layers", "n_heads", "d_model", "d_mlp"))
+    common = dict(vocab_size=d_vocab, tie_word_embeddings=False)
+    if family == "gpt2":
+        return transformers.GPT2Config(
+            **common, n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_positions=n_ctx, n_inner=d_mlp,
+            activation_function=shape.act_fn, layer_norm_epsilon=1e-5,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )  # fmt: skip
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    if family == "gpt_neox":  # TransformerLens rotates all of d_head, NeoX-style halves, as rotary_pct=1 does
+        return transformers.GPTNeoXConfig(
+            **common, hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+            intermediate_size=d_mlp, hidden_act=shape.act_fn, max_position_embeddings=n_ctx,
+            rope_parameters={**rope, "partial_rotary_factor": 1.0}, use_parallel_residual=False,
+            layer_norm_eps=1e-5, attention_dropout=0.0, hidden_dropout=0.0,
+        )  # fmt: skip
+    config_class = {"mistral": transformers.MistralConfig, "arcee": transformers.ArceeConfig}.get(
+        family, transformers.LlamaConfig
+    )
+    window = {"sliding_window": shape.window} if family == "mistral" else {}
+    return config_class(
+        **common, **window, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=shape.n_key_value_heads or n_heads,
+        head_dim=shape.d_head, max_position_embeddings=n_ctx, rms_norm_eps=1e-5, rope_parameters=rope,
+        hidden_act=shape.act_fn, attention_bias=False, mlp_bias=False,
+    )  # fmt: skip
+
+
+def _init_as_hooked(hf_model, std: float, seed: int) -> None:
+    """HookedTransformer's GPT-2 init on the twin: every matrix ~ N(0, std), biases 0, norm gains 1."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in hf_model.named_parameters():
+            if param.ndim >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float64).to(param.dtype) * std)
+            elif name.endswith("weight"):  # 1-D weights are norm gains
+                param.fill_(1.0)
+            else:
+                param.zero_()
+
+
+@functools.lru_cache(maxsize=1)
+def _boot_tokenizer():
+    """The bridge needs a tokenizer to boot offline; one shared copy (1-2 s to read), dropped after the boot."""
+    return offline_tokenizer()
+
+
+def _tiny_bridge(shape: _TinyShape, sizes: dict, d_vocab, n_ctx, init_range, hf_tokenizer, dtype, seed):
+    """tiny_model as a bridge: seeded, deterministic, the caller's RNG untouched (transformers' init,
+    overwritten here, and the bridge's boot draw from the global RNG)."""
+    with torch.random.fork_rng(devices=[]):
+        return _boot_twin(shape, sizes, d_vocab, n_ctx, init_range, hf_tokenizer, dtype, seed)
+
+
+def _boot_twin(shape: _TinyShape, sizes: dict, d_vocab, n_ctx, init_range, hf_tokenizer, dtype, seed):
+    import transformers
+
+    family = _hf_family(shape, sizes["n_heads"], sizes["d_model"])
+    config = _hf_config(family, shape, sizes, d_vocab, n_ctx)
+    config._attn_implementation = "eager"  # the patterns hooks see are the ones the model uses
+    hf_model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(dtype)
+    hf_model.config.architectures = [type(hf_model).__name__]  # how the bridge picks its adapter
+    _init_as_hooked(hf_model, init_range if init_range is not None else 0.8 / sizes["d_model"] ** 0.5, seed)
+    if shape.positional == "none":  # NoPE: learned positions held at zero, as on the hooked model
+        hf_model.transformer.wpe.weight.data.zero_()
+        hf_model.transformer.wpe.weight.requires_grad_(False)
+    bridge = boot_bridge(
+        f"lens-squash/tiny-{family}",
+        hf_model=hf_model,
+        tokenizer=hf_tokenizer or _boot_tokenizer(),
+        dtype=dtype,
+        device="cpu",
+        n_ctx=n_ctx,
+        prepend_bos=False,
+    )
+    if hf_tokenizer is None:  # as the hooked tiny model: token ids in, no text
+        bridge.tokenizer = None
+    return bridge
 
 
 # tiny-random: one set of weights, on both backends

@@ -48,7 +48,6 @@ def test_bad_patterns_are_refused_with_the_reason():
         check_attention(good[..., :4])
 
 
-@pytest.mark.hooked
 def test_trace_records_defects_and_refuses_overflow():
     model = tiny_model(n_layers=2, n_heads=2, d_model=16, d_vocab=32, seed=2)
     t = trace(model, torch.arange(6))
@@ -104,7 +103,7 @@ def test_non_causal_patterns_raise_the_typed_refusal():
         check_attention(patterns)
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # families without a transformers twin
 def test_ov_norms_equal_the_spectral_norm_of_the_dense_ov_circuit():
     """ov_norms goes through the thin QR and a d_head × d_head Gram; the dense d_model × d_model
     product's largest singular value is the reference, on every architecture family."""

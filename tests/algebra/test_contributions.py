@@ -21,8 +21,6 @@ from lens_squash.edge.trace import trace
 
 from .. import families
 
-pytestmark = pytest.mark.hooked  # builds HookedTransformer models (TransformerLens 3 only)
-
 KINDS = C.KINDS
 
 
@@ -161,7 +159,13 @@ def _cached(name):
     return trace(model, families.TOKENS, keep_resid=True), cache
 
 
-@pytest.mark.parametrize("name", SUPPORTED)
+#: bridge twins whose attention has a b_O (the test subtracts it; the others have none, HookedTransformer a zero one)
+_WITH_B_O = {"gpt2", "bloom_alibi", "pythia_parallel", "phi_parallel"}
+
+
+@pytest.mark.parametrize(
+    "name", [n if n in _WITH_B_O else pytest.param(n, marks=pytest.mark.hooked) for n in SUPPORTED]
+)
 def test_terms_sum_to_what_attention_writes(name):
     """``Σ_k T_jk − x_j`` is hook_attn_out less its biases: the input norm, output norms, GQA and clipping
     are exactly the model's."""
@@ -181,6 +185,7 @@ def test_terms_sum_to_what_attention_writes(name):
         torch.testing.assert_close(part, expected, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.hooked  # reads cfg.clip_qkv, a HookedTransformerConfig field
 @pytest.mark.parametrize("name", ["llama_gqa", "olmo_clip_qkv", "gpt2", "olmo2_output_norms"])
 def test_values_are_the_models_per_query_head(name):
     """GQA: query head h reads its group's hook_v; the input norm and the clip are the model's."""
@@ -195,6 +200,7 @@ def test_values_are_the_models_per_query_head(name):
         torch.testing.assert_close(layer_terms(model, traced, layer).values, expected, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.hooked  # tells LayerNorm from RMSNorm by HookedTransformer class names
 @pytest.mark.parametrize("name", ["gpt2", "gemma"])
 def test_the_measuring_norm_is_the_next_norms_frozen_map(name):
     """norm=True measures T_jk after ln2's (P, γ): the same T as norm=False, mapped by P diag(γ)."""
@@ -253,7 +259,7 @@ def test_flows_paths_and_layer_rows(kind):
     torch.testing.assert_close(rows[0], bound.bound)
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "gemma2_post_norm", "gpt_oss_sinks", "pythia_parallel"])
+@pytest.mark.parametrize("name", families.params(["llama_gqa", "gemma2_post_norm", "gpt_oss_sinks", "pythia_parallel"]))
 def test_streamed_row_equals_the_whole_stack_row(name):
     model = _model(name)
     kept = trace(model, families.TOKENS, keep_resid=True, keep_patterns=True)
@@ -265,7 +271,7 @@ def test_streamed_row_equals_the_whole_stack_row(name):
         assert rows[kind].graph.patterns is None
 
 
-@pytest.mark.parametrize("name", list(families.FAMILIES))
+@pytest.mark.parametrize("name", families.params(list(families.FAMILIES)))
 def test_every_family_runs_or_refuses_in_one_line(name):
     model = _model(name)
     for kind in C.PROXIES:

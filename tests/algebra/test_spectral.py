@@ -341,7 +341,6 @@ def _rollout(patterns: torch.Tensor) -> torch.Tensor:
     return lazy(aggregate_heads(patterns.double()))
 
 
-@pytest.mark.hooked
 def test_report_on_a_tiny_model_trace(tiny):
     traced = trace(tiny, torch.randint(0, 32, (12,)))
     report = analyze_stack(_rollout(traced.patterns))
@@ -372,7 +371,7 @@ def test_report_on_a_tiny_model_trace(tiny):
         np.testing.assert_allclose(drawn[name][1], y, rtol=1e-12, atol=0, err_msg=name)
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # tiny_model(causal=False) has no transformers twin
 def test_bidirectional_model_is_rejected():
     model = tiny_model(n_layers=2, n_heads=2, d_model=16, d_vocab=32, dtype=F64, seed=1, causal=False)
     traced = trace(model, torch.randint(0, 32, (8,)))

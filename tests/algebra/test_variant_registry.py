@@ -87,7 +87,7 @@ def test_variants_needing_reads_the_specs_and_refuses_an_unknown_capability(scra
         variants_needing(["nope"], "weights")
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # tiny_model(act_fn='solu') has no transformers twin
 def test_unsupported_reason_is_the_specs_refusal_or_none(scratch):
     plain = tiny_model(n_layers=1, d_model=8, d_vocab=16, dtype=torch.float64)
     solu = tiny_model(n_layers=1, d_model=8, d_vocab=16, dtype=torch.float64, act_fn="solu", gated_mlp=True)
@@ -122,7 +122,6 @@ def test_the_variants_view_is_live_and_read_only(scratch):
     assert VARIANTS.get("gone") is None and "gone" not in VARIANTS  # a mapping's answers, not an error
 
 
-@pytest.mark.hooked
 def test_a_proxy_registered_here_runs_in_analyze_with_its_guarantee(scratch):
     from lens_squash.experiments.analysis import analyze
 

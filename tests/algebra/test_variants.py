@@ -19,7 +19,6 @@ def traced():
     return model, trace(model, TOKENS, lipschitz=True, keep_resid=True)
 
 
-@pytest.mark.hooked
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_flows_sum_to_the_row_of_every_variant(traced, variant):
     model, t = traced
@@ -37,7 +36,6 @@ def test_flows_sum_to_the_row_of_every_variant(traced, variant):
     assert top[0].positions[-1] == bound.target_pos
 
 
-@pytest.mark.hooked
 def test_paper_variant_is_theorem_b5_product(traced):
     model, t = traced
     bound = path_bound(t, "paper", model=model, beta1=2.0, beta2=3.0, beta3=1.5, sigma_psi=0.5, full_matrix=True)
@@ -49,7 +47,6 @@ def test_paper_variant_is_theorem_b5_product(traced):
     torch.testing.assert_close(bound.matrix, constant * product, rtol=1e-12, atol=0)
 
 
-@pytest.mark.hooked
 @pytest.mark.parametrize("variant", ["rollout", "value_rownorm", "certified_rownorm"])
 def test_row_normalised_variants_are_distributions(traced, variant):
     model, t = traced
@@ -60,7 +57,7 @@ def test_row_normalised_variants_are_distributions(traced, variant):
         assert (bound.bound[bound.target_pos + 1 :] == 0).all()  # causality: no later position contributes
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # tiny_model(causal=False) has no transformers twin
 def test_bad_requests_are_refused(traced):
     model, t = traced
     with pytest.raises(ValueError, match="unknown variant"):
@@ -85,7 +82,7 @@ CERTIFIED_MODELS = {
 }
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # tiny_model(positional='alibi') has no transformers twin
 @pytest.mark.parametrize("name", sorted(CERTIFIED_MODELS))
 def test_certified_bound_dominates_the_frozen_jacobian(name):
     from lens_squash.edge.jacobian import jacobian
@@ -132,7 +129,6 @@ def _hand_built_certified(model, tokens: torch.Tensor, target: int) -> torch.Ten
     return output[target] * product[target]
 
 
-@pytest.mark.hooked
 def test_certified_bound_equals_the_product_of_its_factors_built_by_hand():
     """Tightness of the construction, not just domination: a bound ×10, a transposed W_OV, a missing
     norm scale, an MLP gain off by a layer or γ left out all change this row."""
@@ -166,7 +162,6 @@ def test_certified_bound_dominates_on_smollm2(smollm2):
     assert (bound >= truth * (1 - 1e-4)).all(), (bound / truth).min()
 
 
-@pytest.mark.hooked
 @pytest.mark.parametrize("variant", ["paper", "rollout"])
 def test_head_mean_shortcut_equals_the_per_head_row(traced, variant):
     from dataclasses import replace

@@ -8,7 +8,6 @@ import inspect
 import pkgutil
 
 import pandas as pd
-import pytest
 import torch
 
 import lens_squash
@@ -55,7 +54,6 @@ def test_every_result_class_prints_compactly():
         assert vars(cls)["__repr__"] is compact_repr, f"{name} prints every tensor"
 
 
-@pytest.mark.hooked
 def test_a_trace_and_a_jacobian_print_in_a_line_not_kilobytes():
     model = tiny_model(n_layers=2, n_heads=2, d_model=16, d_vocab=40, dtype=torch.float64, seed=0)
     tokens = torch.arange(1, 30)

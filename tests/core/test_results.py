@@ -33,7 +33,6 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(view)
 
 
-@pytest.mark.hooked
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_float_tensors_come_back_bit_for_bit_with_their_dtype(dtype):
     generator = torch.Generator().manual_seed(0)

@@ -18,8 +18,6 @@ from hypothesis import strategies as st
 from lens_squash.core.codec import record_type
 from lens_squash.core.stored import tensor_annotations
 
-pytestmark = pytest.mark.hooked  # builds HookedTransformer models (TransformerLens 3 only)
-
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 

@@ -131,7 +131,6 @@ def test_bad_arguments_say_what_to_pass():
         sensitivity_html(["a"], [1.0], scale="log", decades=0)
 
 
-@pytest.mark.hooked
 def test_notebook_views_colour_the_prompt_by_the_true_sensitivity():
     """Analysis and SensitivityFlow show their tokens coloured by the Jacobian norm they computed."""
     from lens_squash.edge.flow import flow

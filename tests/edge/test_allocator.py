@@ -23,7 +23,6 @@ def _model():
     return tiny_model(n_layers=2, n_heads=2, d_model=32, d_vocab=50, dtype=torch.float32, seed=1)
 
 
-@pytest.mark.hooked
 def test_jacobian_is_bitwise_the_same_with_and_without_the_steady_heap(monkeypatch):
     model, tokens = _model(), torch.arange(3, 15)
     steady = jacobian(model, tokens, keep_full=True)

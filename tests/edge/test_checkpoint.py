@@ -18,7 +18,7 @@ from lens_squash.edge.jacobian import jacobian
 from lens_squash.edge.jacobian_memory import estimate_memory
 from lens_squash.edge.models import TINY_MODEL, load_model, tiny_model
 
-from ..families import FAMILIES, TOKENS, build
+from ..families import FAMILIES, TOKENS, build, params
 
 #: float64: the two paths run the same operations on the same numbers, in another order of blocks
 TOL64 = {"atol": 1e-12, "rtol": 1e-10}
@@ -39,10 +39,10 @@ def _assert_equal(plain, saved, tol):
             torch.testing.assert_close(getattr(saved, kind), getattr(plain, kind), **tol)
 
 
-#: every HookedTransformer family (TransformerLens 3), and the tiny-random bridge (either TransformerLens)
+#: every family (on TransformerLens 4: the bridge twins that freeze), and the tiny-random bridge
 @pytest.fixture(
     scope="module",
-    params=[pytest.param(name, marks=pytest.mark.hooked) for name in sorted(FAMILIES)] + ["tiny_random_bridge"],
+    params=[*params(sorted(FAMILIES), needs=("frozen",)), "tiny_random_bridge"],
 )
 def family(request):
     if request.param == "tiny_random_bridge":
@@ -58,7 +58,6 @@ def test_checkpointed_equals_plain_on_every_family(family, mode):
     assert plain.full.abs().max() > 0
 
 
-@pytest.mark.hooked
 @pytest.mark.parametrize(("layer", "wrt", "target_pos"), [(0, 0, -1), (1, 1, 5), ("final", 1, -1), (2, 0, 7)])
 @pytest.mark.parametrize("mode", ["exact", "frozen"])
 def test_checkpointed_layers_inputs_and_positions(layer, wrt, target_pos, mode):
@@ -68,8 +67,7 @@ def test_checkpointed_layers_inputs_and_positions(layer, wrt, target_pos, mode):
     assert saved.n_tokens == (target_pos % len(TOKENS)) + 1
 
 
-@pytest.mark.hooked
-@pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "gemma2_post_norm", "moe_mixtral"])
+@pytest.mark.parametrize("name", params(["gpt2", "llama_gqa", "gemma2_post_norm", "moe_mixtral"]))
 @pytest.mark.parametrize("mode", MODES)
 def test_checkpointed_equals_plain_in_float32(name, mode):
     model = build(name).to(torch.float32)
@@ -80,7 +78,6 @@ def test_checkpointed_equals_plain_in_float32(name, mode):
             torch.testing.assert_close(getattr(saved, kind), getattr(plain, kind), rtol=1e-5, atol=0)
 
 
-@pytest.mark.hooked
 def test_auto_mode_takes_the_smaller_estimate_and_plain_when_asked():
     model = tiny_model(n_layers=4, n_heads=2, d_model=16, d_vocab=40, dtype=torch.float64, seed=3)
     tokens = torch.randint(0, 40, (24,), generator=torch.Generator().manual_seed(0))
@@ -97,7 +94,6 @@ def test_auto_mode_takes_the_smaller_estimate_and_plain_when_asked():
     torch.testing.assert_close(tight.spectral, plain.spectral, **TOL64)
 
 
-@pytest.mark.hooked
 def test_refusal_names_checkpointed_mode_and_the_largest_prompt_that_fits():
     model = tiny_model(n_layers=4, n_heads=2, d_model=16, d_vocab=40, dtype=torch.float64, seed=3, n_ctx=64)
     tokens = torch.randint(0, 40, (40,), generator=torch.Generator().manual_seed(1))
@@ -118,13 +114,11 @@ def test_refusal_names_checkpointed_mode_and_the_largest_prompt_that_fits():
         jacobian(model, tokens[:30], max_memory_bytes=plain_budget, checkpoint=False)
 
 
-@pytest.mark.hooked
 def test_checkpoint_argument_is_checked():
     with pytest.raises(ValueError, match="checkpoint"):
         jacobian(build("gpt2"), TOKENS, checkpoint="yes")
 
 
-@pytest.mark.hooked
 @pytest.mark.parametrize("checkpoint", [False, True])
 def test_vjp_chunks_show_a_progress_bar_unless_silenced(monkeypatch, capsys, checkpoint):
     from lens_squash.core.progress import silenced
@@ -154,7 +148,6 @@ def _profiled_peak_bytes(fn) -> int:
     return peak
 
 
-@pytest.mark.hooked
 @pytest.mark.parametrize("n", [6, 24])
 def test_checkpointed_terms_count_the_tensors_the_sweep_keeps(n):
     from lens_squash.edge.backward import without_parameter_grads
@@ -190,7 +183,6 @@ def test_checkpointed_terms_count_the_tensors_the_sweep_keeps(n):
     assert 0 < sum(saved.values()) <= terms["block"]
 
 
-@pytest.mark.hooked
 def test_checkpointed_estimate_covers_the_allocated_peak():
     model = build("llama_gqa")
     tokens = torch.randint(0, model.cfg.d_vocab, (24,), generator=torch.Generator().manual_seed(2))

@@ -16,8 +16,6 @@ from hypothesis import strategies as st
 from lens_squash.edge.finite import _non_finite, check_finite_values, check_finite_weights
 from lens_squash.edge.models import tiny_model
 
-pytestmark = pytest.mark.hooked  # builds HookedTransformer models (TransformerLens 3 only)
-
 SPECIAL = st.sampled_from([math.nan, math.inf, -math.inf, 3.0e38, -3.0e38, 0.0, 1.5, 65504.0])
 
 
@@ -42,6 +40,7 @@ def model():
     return tiny_model(n_layers=3, n_heads=2, d_model=16, d_vocab=32, seed=3)
 
 
+@pytest.mark.hooked  # on a TL 4.3 bridge: KeyError: 'blocks.1.attn.W_Q'
 @pytest.mark.parametrize("target", ["blocks.1.attn.W_Q", "unembed.W_U", "embed.W_E", "blocks.2.mlp.b_in"])
 def test_the_first_non_finite_weight_is_named(model, target):
     broken = copy.deepcopy(model)
@@ -66,6 +65,7 @@ def test_only_low_precision_is_told_to_load_in_float32(dtype):
     check_finite_values({"a": torch.ones(2), "b": None, "c": 2.0}, dtype, what="it")  # finite: nothing raised
 
 
+@pytest.mark.hooked  # on a TL 4.3 bridge: AssertionError: Regex pattern did not match.
 def test_a_trace_refuses_a_nan_unembedding_column_instead_of_predicting_it(model):
     from lens_squash.edge.trace import trace
 

@@ -72,7 +72,7 @@ ARCHITECTURES = {
 }
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # on a TL 4.3 bridge: AttributeError: 'tuple' object has no attribute 'dtype'
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_exact_matches_jacrev_and_all_norms(arch):
     model = _tiny(**ARCHITECTURES[arch])
@@ -85,7 +85,7 @@ def test_exact_matches_jacrev_and_all_norms(arch):
     assert result.full.shape == (16, 7, 16) and result.tokens.tolist() == tokens.tolist()
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # on a TL 4.3 bridge: AttributeError: 'tuple' object has no attribute 'dtype'
 def test_earlier_target_position_drops_later_tokens_exactly():
     model = _tiny()
     tokens = _tokens(7)
@@ -96,7 +96,7 @@ def test_earlier_target_position_drops_later_tokens_exactly():
     assert ref[:, 4:].abs().max() == 0  # causality: the dropped positions have J_i = 0
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # on a TL 4.3 bridge: TypeError: tuple indices must be integers or slices, not tuple
 @pytest.mark.parametrize(("layer", "wrt"), [(0, 0), (1, 1), ("final", 1), (2, 1)])
 def test_layer_targets_and_inputs(layer, wrt):
     model = _tiny(n_layers=3, norm="RMS", positional="rotary")
@@ -107,7 +107,7 @@ def test_layer_targets_and_inputs(layer, wrt):
     torch.testing.assert_close(result.spectral, _norms_of(ref)["spectral"], **TOL64)
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # tiny_model(norm=None) has no transformers twin
 def test_final_target_without_final_norm_is_last_resid_post():
     model = _tiny(norm=None)
     tokens = _tokens(5)
@@ -117,7 +117,7 @@ def test_final_target_without_final_norm_is_last_resid_post():
     torch.testing.assert_close(final.full, reference_jacobian(model, tokens), **TOL64)
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # on a TL 4.3 bridge: AssertionError: UnembeddingBridge ran although y lies before it
 def test_forward_pass_stops_at_the_target_layer():
     model = _tiny(n_layers=3)
     tokens = _tokens(5)
@@ -152,7 +152,7 @@ def _constant_attention_model():
     return model
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # tiny_model(norm=None) has no transformers twin
 def test_frozen_equals_exact_when_attention_cannot_depend_on_the_input():
     model = _constant_attention_model()
     tokens = _tokens(6)
@@ -183,7 +183,7 @@ def test_frozen_matches_a_model_with_constant_patterns_and_scales(arch):
     assert (exact.full - frozen.full).abs().max() > 1e-3 * exact.full.abs().max()
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # on a TL 4.3 bridge: AssertionError: Tensor-likes are not close!
 def test_sketch_with_a_full_orthonormal_basis_is_exact():
     model = _tiny(norm="RMS", positional="rotary")
     tokens = _tokens(6)
@@ -195,7 +195,7 @@ def test_sketch_with_a_full_orthonormal_basis_is_exact():
         sketch.norms("spectral")
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # tiny_model(norm='RMS', positional='standard', window=None, gated_mlp=False) has no transformers twin
 def test_sketch_probe_rows_are_orthonormal_projections_of_the_jacobian():
     model = _tiny(norm="RMS")  # LayerNorm's centring would make J rank-deficient
     tokens = _tokens(5)
@@ -209,7 +209,6 @@ def test_sketch_probe_rows_are_orthonormal_projections_of_the_jacobian():
     torch.testing.assert_close(sketch.frobenius.pow(2), estimate, **TOL64)
 
 
-@pytest.mark.hooked
 def test_sketch_is_unbiased_on_average_over_seeds():
     model = _tiny()
     tokens = _tokens(4)
@@ -223,7 +222,6 @@ def test_sketch_is_unbiased_on_average_over_seeds():
     torch.testing.assert_close(mean, exact, rtol=0.25, atol=0)
 
 
-@pytest.mark.hooked
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
@@ -244,7 +242,6 @@ def test_bad_requests_say_what_is_wrong(tiny, kwargs, pattern):
         jacobian(tiny, _tokens(7, 32), **kwargs)
 
 
-@pytest.mark.hooked
 def test_too_large_a_request_names_a_chunk_size_that_then_works(tiny):
     tokens = _tokens(7, 32)
     budget = estimate_memory(tiny, 7, chunk_size=3)
@@ -261,7 +258,6 @@ def test_too_large_a_request_names_a_chunk_size_that_then_works(tiny):
         jacobian(tiny, tokens, max_memory_bytes=1000)
 
 
-@pytest.mark.hooked
 def test_estimate_grows_with_tokens_and_chunk(tiny):
     assert estimate_memory(tiny, 8, 4) < estimate_memory(tiny, 16, 4) < estimate_memory(tiny, 16, 8)
     assert estimate_memory(tiny, 16, 4, mode="sketch", n_probes=4) < estimate_memory(tiny, 16, 4)
@@ -284,7 +280,6 @@ def _graph_bytes(model, tokens) -> int:
     return sum(saved.values())
 
 
-@pytest.mark.hooked
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 @pytest.mark.parametrize("n", [4, 24])
 def test_memory_estimate_covers_the_saved_autograd_graph(arch, n):
@@ -294,7 +289,6 @@ def test_memory_estimate_covers_the_saved_autograd_graph(arch, n):
     assert fixed >= _graph_bytes(model, _tokens(n)) and per_cotangent > 0
 
 
-@pytest.mark.hooked
 def test_result_renders_serialises_and_plots(tiny):
     tokens = _tokens(5, 32)
     result = jacobian(tiny, tokens)

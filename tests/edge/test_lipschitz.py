@@ -12,7 +12,7 @@ from lens_squash.edge.lipschitz import supports_certified
 from lens_squash.edge.models import tiny_model
 from lens_squash.edge.trace import trace
 
-pytestmark = pytest.mark.hooked  # builds HookedTransformer models (TransformerLens 3 only)
+from ..families import params
 
 TOKENS = torch.tensor([5, 3, 9, 1, 7, 2])
 CASES = [
@@ -31,7 +31,8 @@ def _with_random_gains(model):
     return model
 
 
-@pytest.mark.parametrize("knobs", CASES)
+# on TL 4.3 the RMS case (a Llama twin) misses 1e-10, and there is no twin without norms
+@pytest.mark.parametrize("knobs", [CASES[0], *(pytest.param(k, marks=pytest.mark.hooked) for k in CASES[1:])])
 def test_mlp_gain_equals_explicit_frozen_jacobian(knobs):
     model = _with_random_gains(tiny_model(dtype=torch.float64, seed=2, **knobs))
     result = trace(model, TOKENS, lipschitz=True)
@@ -54,7 +55,16 @@ def test_mlp_gain_equals_explicit_frozen_jacobian(knobs):
             )
 
 
-@pytest.mark.parametrize("knobs", CASES + [dict(norm="RMS", n_heads=4, n_key_value_heads=2, positional="rotary")])
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        *CASES[:2],
+        *(  # no twin without norms; the Arcee twin of the last is not yet checked on TL 4.3
+            pytest.param(k, marks=pytest.mark.hooked)
+            for k in (CASES[2], dict(norm="RMS", n_heads=4, n_key_value_heads=2, positional="rotary"))
+        ),
+    ],
+)
 def test_ov_norms_equal_full_svd(knobs):
     model = _with_random_gains(tiny_model(dtype=torch.float64, seed=4, **knobs))
     got = ov_norms(model)
@@ -67,6 +77,7 @@ def test_ov_norms_equal_full_svd(knobs):
             torch.testing.assert_close(got[layer, head], torch.linalg.matrix_norm(full, ord=2), atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.hooked  # tiny_model(act_fn='solu') has no transformers twin
 @pytest.mark.parametrize(
     ("knobs", "reason"),
     [(dict(act_fn="solu", gated_mlp=True), "SoLU"), (dict(causal=False), "bidirectional")],
@@ -87,6 +98,7 @@ def _gains_and_bound(model):
     return t.mlp_gain, path_bound(t, "certified", model=model).bound
 
 
+@pytest.mark.hooked  # tiny_model(norm='RMS', positional='standard', gated_mlp=True) has no transformers twin
 @pytest.mark.parametrize("edit", ["in_place", "through_data"])
 def test_an_in_place_weight_edit_invalidates_the_gains(edit):
     model = _with_random_gains(tiny_model(dtype=torch.float64, seed=6, norm="RMS", gated_mlp=True, act_fn="silu"))
@@ -104,6 +116,7 @@ def test_an_in_place_weight_edit_invalidates_the_gains(edit):
     assert (new_bound > bound).all()
 
 
+@pytest.mark.hooked  # on a TL 4.3 bridge: ModuleNotFoundError: No module named 'transformer_lens.components'
 def test_ov_norms_expand_values_given_per_key_value_head(monkeypatch):
     """A TransformerBridge gives W_V per key/value head; the norms must equal the expanded model's."""
     from transformer_lens.components import GroupedQueryAttention
@@ -122,6 +135,7 @@ def test_ov_norms_expand_values_given_per_key_value_head(monkeypatch):
         torch.testing.assert_close(expected[0, head], torch.linalg.matrix_norm(full, ord=2), rtol=1e-10, atol=0)
 
 
+@pytest.mark.hooked
 @pytest.mark.parametrize(
     ("family", "experts_per_token"),
     [("moe_mixtral", 1), ("moe_mixtral", 2), ("moe_topk_renormalised", 2), ("gpt_oss_moe_sinks", 1)],
@@ -160,6 +174,7 @@ def test_moe_gain_against_the_jacobian_of_the_frozen_router_moe(family, experts_
                 assert result.mlp_gain[layer, pos] >= explicit * (1 - 1e-10)
 
 
+@pytest.mark.hooked  # families without a transformers twin
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -200,7 +215,9 @@ def test_solu_gain_equals_the_jacobian_with_frozen_neuron_norm(overrides):
             torch.testing.assert_close(result.mlp_gain[layer, pos], explicit, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("family", ["llama_gqa", "gpt2", "gemma2_post_norm", "moe_mixtral", "olmo2_output_norms"])
+@pytest.mark.parametrize(
+    "family", params(["llama_gqa", "gpt2", "gemma2_post_norm", "moe_mixtral", "olmo2_output_norms"])
+)
 def test_the_cached_lower_blocks_are_the_dense_grams(family):
     """The traced pass's Gram blocks (built block by block, W'_out W'_outᵀ once) are the blocks of
     the dense ``mlp_gain_gram``, and give the same gains."""
@@ -228,6 +245,7 @@ def test_the_cached_lower_blocks_are_the_dense_grams(family):
             )
 
 
+@pytest.mark.hooked  # families without a transformers twin
 @pytest.mark.parametrize("family", ["solu", "solu_gated_rms"])
 def test_the_solu_hadamard_blocks_give_the_dense_form(family):
     """SoLU's ``aᵀ(G_in ∘ G_M)a`` from per-call lower blocks equals the dense einsum it replaced."""

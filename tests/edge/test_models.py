@@ -93,7 +93,7 @@ def test_unknown_model_gets_one_short_line_with_close_names_not_the_whole_list()
     assert all(name in make_model_alias_map() for name in suggested)
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # builds a HookedTransformer (TransformerLens 3 only)
 def test_offline_hub_model_is_refused_before_from_pretrained(monkeypatch, tmp_path):
     from huggingface_hub import constants
     from transformer_lens import HookedTransformer
@@ -110,7 +110,7 @@ def test_offline_hub_model_is_refused_before_from_pretrained(monkeypatch, tmp_pa
     assert "smollm2-135m-instruct, tiny-random" in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # builds a HookedTransformer (TransformerLens 3 only)
 def test_cached_hub_model_loads_with_the_hub_offline_for_the_call(monkeypatch):
     from huggingface_hub import constants
     from transformer_lens import HookedTransformer
@@ -157,7 +157,6 @@ def test_empty_and_overlong_prompts_are_refused(smollm2):
         format_prompt(smollm2, "one " * 600)
 
 
-@pytest.mark.hooked
 def test_tiny_model_is_seeded_and_leaves_the_global_rng_alone():
     torch.manual_seed(123)
     expected_next = torch.rand(3)
@@ -191,7 +190,7 @@ def _rotate(x: torch.Tensor, base: float) -> torch.Tensor:
     return torch.cat([first * cos - second * sin, second * cos + first * sin], -1)
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # tiny_model(norm='LN', n_key_value_heads=...) has no transformers twin
 @pytest.mark.parametrize("positional", ["standard", "rotary", "alibi", "none"])
 @pytest.mark.parametrize("norm", ["LN", "RMS", None])
 def test_tiny_model_knobs_take_effect_in_the_attention_scores(positional, norm):
@@ -244,7 +243,7 @@ def test_on_a_repeated_token_the_scores_depend_on_what_the_positional_mechanism_
     assert (toeplitz < 1e-12) == (depends_on != "i and j")  # relative schemes see only the distance
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # tiny_model(causal=False) has no transformers twin
 def test_nope_model_ignores_position_and_window_is_local():
     nope = tiny_model(positional="none", causal=False, dtype=torch.float64)
     tokens = torch.tensor([[3, 1, 4, 1, 5]])
@@ -258,7 +257,6 @@ def test_nope_model_ignores_position_and_window_is_local():
     assert (pattern[:, (key <= query - 3) | (key > query)] == 0).all()
 
 
-@pytest.mark.hooked
 def test_bad_tiny_model_knobs():
     with pytest.raises(ValueError, match="positional"):
         tiny_model(positional="sinusoid")
@@ -286,7 +284,6 @@ def test_gguf_folder_found_without_importing_the_chat_app():
     assert not any(m.split(".")[0] == spec.package for m in seen["new"]), seen["new"]
 
 
-@pytest.mark.hooked
 def test_raw_prompt_longer_than_context_is_refused_not_truncated():
     model = tiny_model(tokenizer="smollm2", n_ctx=16)
     with pytest.raises(ValueError, match="n_ctx=16") as refused:

@@ -13,10 +13,13 @@ from lens_squash.edge.trace import final_representation, trace
 TOKENS = torch.tensor([3, 14, 15, 9, 2, 6, 5, 3])
 
 
-@pytest.mark.hooked
 @pytest.mark.parametrize(
     "knobs",
-    [dict(norm="LN"), dict(norm="RMS", positional="rotary", n_heads=4, n_key_value_heads=2), dict(norm=None)],
+    [
+        dict(norm="LN"),
+        dict(norm="RMS", positional="rotary", n_heads=4, n_key_value_heads=2),
+        pytest.param(dict(norm=None), marks=pytest.mark.hooked),  # no transformers twin without norms
+    ],
 )
 def test_trace_equals_run_with_cache(knobs):
     model = tiny_model(dtype=torch.float64, seed=3, **knobs)
@@ -44,7 +47,7 @@ def test_trace_equals_run_with_cache(knobs):
     assert result.predicted_token == str(int(logits[0, -1].argmax()))
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # tiny_model(norm='RMS', positional='standard', gated_mlp=False) has no transformers twin
 @pytest.mark.parametrize("norm", ["LN", "RMS"])
 def test_final_representation_matches_ln_final(norm):
     model = tiny_model(norm=norm, dtype=torch.float64)
@@ -77,7 +80,7 @@ def _tiny_llama_pair():
     return hf_model, tokenizer
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # builds a HookedTransformer (TransformerLens 3 only)
 def test_bridge_and_hooked_traces_agree():
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -103,7 +106,6 @@ def test_bridge_and_hooked_traces_agree():
     assert ours.str_tokens == theirs.str_tokens and ours.predicted_token == theirs.predicted_token
 
 
-@pytest.mark.hooked
 def test_model_without_the_needed_hooks_is_refused():
     class NoHooks(torch.nn.Module):
         cfg = tiny_model().cfg
@@ -114,7 +116,6 @@ def test_model_without_the_needed_hooks_is_refused():
         trace(NoHooks(), TOKENS)
 
 
-@pytest.mark.hooked
 def test_bad_token_input():
     model = tiny_model(n_ctx=16)
     with pytest.raises(ValueError, match="n_ctx=16"):
@@ -127,7 +128,6 @@ def test_bad_token_input():
         trace(model, "hello")
 
 
-@pytest.mark.hooked
 def test_keep_resid_and_first_token_residual():
     model = tiny_model(dtype=torch.float64)
     result = trace(model, TOKENS, keep_resid=True)
@@ -149,7 +149,7 @@ def _gqa_pair():
     return grouped, ungrouped
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # the ungrouped twin is a HookedTransformerConfig knob
 def test_value_norms_are_invariant_to_gqa_grouping():
     from lens_squash.algebra.variants import path_bound
 
@@ -171,7 +171,7 @@ def test_value_norms_are_invariant_to_gqa_grouping():
         )
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # builds a HookedTransformer (TransformerLens 3 only)
 def test_split_qkv_inputs_give_per_position_scales():
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -186,7 +186,7 @@ def test_split_qkv_inputs_give_per_position_scales():
     torch.testing.assert_close(b.mlp_gain, a.mlp_gain, rtol=1e-12, atol=0)
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # builds a HookedTransformer (TransformerLens 3 only)
 @pytest.mark.parametrize(
     "overrides", [dict(use_attn_in=True, n_key_value_heads=2, n_heads=4), dict(parallel_attn_mlp=True, attn_only=True)]
 )
@@ -218,7 +218,6 @@ def test_a_config_transformer_lens_cannot_run_is_one_clear_error(overrides):
         trace(model, TOKENS)
 
 
-@pytest.mark.hooked
 def test_a_trace_with_its_progress_bar_on_gives_the_same_numbers(monkeypatch):
     """The bar advances from a hook on every resid_pre; a hook's return value would replace the activation."""
     import lens_squash.edge.trace as trace_module

@@ -14,8 +14,6 @@ from lens_squash.edge.lipschitz import _gram_blocks_from, _mlp_matrices, cached_
 
 from ..families import build
 
-pytestmark = pytest.mark.hooked  # builds HookedTransformer models (TransformerLens 3 only)
-
 
 @pytest.fixture()
 def disk(tmp_path, monkeypatch):

@@ -11,8 +11,6 @@ from lens_squash.experiments.sinks import sink_analysis
 
 from ..reference import assert_json_carries
 
-pytestmark = pytest.mark.hooked  # builds HookedTransformer models (TransformerLens 3 only)
-
 F64 = torch.float64
 
 

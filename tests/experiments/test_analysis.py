@@ -18,7 +18,7 @@ from lens_squash.experiments.ablation import AblationResult
 from lens_squash.experiments.analysis import Analysis, analyze
 from lens_squash.experiments.collapse import CollapseResult
 
-from ..families import FAMILIES, REFUSED, TOKENS, build
+from ..families import FAMILIES, REFUSED, TOKENS, build, params
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,6 @@ def chat_model():
     )
 
 
-@pytest.mark.hooked
 def test_analysis_matches_its_parts(chat_model):
     result = analyze(chat_model, "Copy: 1 1 1 0", variants=("paper", "certified", "value_rownorm"))
     n = result.trace.n_tokens
@@ -53,7 +52,6 @@ def test_analysis_matches_its_parts(chat_model):
     assert payload["best_variant"] == best and len(payload["str_tokens"]) == n
 
 
-@pytest.mark.hooked
 def test_analysis_without_jacobian(chat_model):
     result = analyze(chat_model, "hello there", variants=("rollout",), jacobian_mode=None)
     assert result.jacobian is None and result.comparisons == {} and result.best_variant is None
@@ -224,7 +222,6 @@ def _refuse_certified(monkeypatch, reason="toy blocks are not modelled by the ce
     return reason
 
 
-@pytest.mark.hooked
 def test_default_variants_skip_what_the_model_cannot_support(chat_model, monkeypatch):
     from lens_squash.experiments.analysis import DEFAULT_VARIANTS
 
@@ -242,7 +239,6 @@ def test_default_variants_skip_what_the_model_cannot_support(chat_model, monkeyp
         torch.testing.assert_close(bound.bound, named.bounds[name].bound)
 
 
-@pytest.mark.hooked
 def test_a_variant_named_explicitly_that_cannot_apply_is_an_error(chat_model, monkeypatch):
     from lens_squash.core.support import UnsupportedModelError
 
@@ -251,7 +247,6 @@ def test_a_variant_named_explicitly_that_cannot_apply_is_an_error(chat_model, mo
         analyze(chat_model, "hello there", variants=("rollout", "certified"), jacobian_mode=None)
 
 
-@pytest.mark.hooked
 @pytest.mark.parametrize(
     "variants, message",
     [
@@ -268,8 +263,7 @@ def test_bad_variant_lists_are_refused_before_tracing(chat_model, variants, mess
         analyze(chat_model, "hello there", variants=variants, jacobian_mode=None)
 
 
-@pytest.mark.hooked
-@pytest.mark.parametrize("family", sorted(name for name in FAMILIES if name != "bidirectional"))
+@pytest.mark.parametrize("family", params(sorted(name for name in FAMILIES if name != "bidirectional")))
 def test_analyze_with_defaults_runs_on_every_causal_family(family):
     from lens_squash.experiments.analysis import DEFAULT_VARIANTS
 
@@ -279,7 +273,8 @@ def test_analyze_with_defaults_runs_on_every_causal_family(family):
 
     certified = {name for name in DEFAULT_VARIANTS if "mlp_gains" in get_variant(name).needs}
     expected_skips = certified if family in REFUSED else set()
-    sinks = model.cfg.use_attention_sinks  # rows short of 1 by design: no Perron–Frobenius analysis
+    # rows short of 1 by design: no Perron–Frobenius analysis (a bridge twin has no sinks, nor the field)
+    sinks = getattr(model.cfg, "use_attention_sinks", False)
     assert set(result.skipped) == expected_skips | ({"spectral"} if sinks else set())
     assert (result.spectral is None) == sinks
     for name in expected_skips:
@@ -291,7 +286,7 @@ def test_analyze_with_defaults_runs_on_every_causal_family(family):
     assert set(result.comparisons) == set(result.bounds)
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # families without a transformers twin
 def test_analyze_refuses_a_bidirectional_model_in_one_clear_error():
     import lens_squash.experiments.analysis as analysis
     from lens_squash.core.support import UnsupportedModelError

@@ -81,7 +81,6 @@ def _brute_distances(model, s, s_star):
     )
 
 
-@pytest.mark.hooked
 def test_family_texts_are_the_papers_verbatim(rotary):
     tok = rotary.tokenizer
     for name, template, seq, seq_star in [
@@ -108,7 +107,6 @@ def test_family_texts_are_the_papers_verbatim(rotary):
         assert s_chat[0].tolist() == format_prompt(rotary, tok.decode(s[0]), chat=True).tolist()
 
 
-@pytest.mark.hooked
 def test_random_digits_end_in_one_then_one_one(rotary):
     s, s_star, exact = family_pairs(rotary, "random_digits", [12], chat=False, open_ended=True)
     text, text_star = rotary.tokenizer.decode(s[0]), rotary.tokenizer.decode(s_star[0])
@@ -117,7 +115,6 @@ def test_random_digits_end_in_one_then_one_one(rotary):
     assert text_star == text + "1" and exact == (True,)
 
 
-@pytest.mark.hooked
 def test_comma_family_marks_which_pairs_are_exact_repeats(rotary):
     _, _, exact = family_pairs(rotary, "copy_ones_commas", [4, 5, 6], chat=False)
     assert exact == (True, True, False)  # 6 -> 7 ones adds ",1"
@@ -157,7 +154,7 @@ def test_shared_passes_equal_separate_passes(model_name, open_ended, request):
         assert result.paths == {"float64": "prefix"} and result.noise_lengths == (1, 20)
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # on a TL 4.3 bridge: RuntimeError: The size of tensor a (49152) must match the size of tens
 def test_batching_random_digits_equals_separate_passes(absolute):
     lengths = [2, 5, 9]
     result = collapse_curve(absolute, "random_digits", lengths, ("float64",), chat=False, batch_tokens=64, exact=False)
@@ -172,7 +169,7 @@ def test_batching_random_digits_equals_separate_passes(absolute):
     assert batched.paths == {"float64": "batched"}
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # tiny_model(causal=False) has no transformers twin
 def test_bidirectional_models_get_separate_exact_passes():
     model = tiny_model(n_layers=1, n_heads=2, d_model=16, tokenizer="smollm2", causal=False, dtype=torch.float64)
     s = [torch.tensor([5, 6, 7]), torch.tensor([5, 6])]
@@ -182,7 +179,6 @@ def test_bidirectional_models_get_separate_exact_passes():
     torch.testing.assert_close(measured.distances[:, :, 0], _brute_distances(model, s, s_star), atol=1e-12, rtol=1e-9)
 
 
-@pytest.mark.hooked
 def test_norms_heads_and_relative_distances_match_definitions(rotary):
     result = collapse_curve(rotary, "copy_ones", [4, 9], ("float64",), chat=False, open_ended=True)
     s, s_star, _ = family_pairs(rotary, "copy_ones", [4, 9], chat=False, open_ended=True)
@@ -206,7 +202,7 @@ def test_norms_heads_and_relative_distances_match_definitions(rotary):
         )
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # on a TL 4.3 bridge: lens_squash.core.support.UnsupportedModelError: a TransformerBridge ru
 def test_model_in_dtype_casts_parameters_and_rebuilds_buffers(rotary):
     bf16 = model_in_dtype(rotary, "bfloat16")
     assert bf16.cfg.dtype == torch.bfloat16 and rotary.cfg.dtype == torch.float64
@@ -219,7 +215,7 @@ def test_model_in_dtype_casts_parameters_and_rebuilds_buffers(rotary):
     assert model_in_dtype(rotary, torch.float64) is rotary
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # on a TL 4.3 bridge: lens_squash.core.support.UnsupportedModelError: a TransformerBridge ru
 def test_dtype_sweep_thresholds_and_native_mode(rotary):
     lengths = list(range(1, 60, 4))
     default = collapse_curve(
@@ -271,7 +267,6 @@ def test_dtype_sweep_thresholds_and_native_mode(rotary):
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=0)
 
 
-@pytest.mark.hooked
 def test_bad_inputs_get_clear_errors(rotary):
     with pytest.raises(ValueError, match="n_ctx"):
         collapse_curve(rotary, "count_ones", [200], ("float64",), chat=False)
@@ -284,7 +279,7 @@ def test_bad_inputs_get_clear_errors(rotary):
         collapse_curve(rotary, "count_ones", [0])
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # on a TL 4.3 bridge: assert (tensor(0.1667, dtype=torch.float64) > 0.001 and tensor(False))
 def test_window_masks_attention_and_makes_long_runs_identical(rotary):
     tokens = family_pairs(rotary, "copy_ones", [30], chat=False, open_ended=True)[0][0]
     with rotary.hooks(fwd_hooks=window_hooks(rotary.cfg.n_layers, 3)):
@@ -406,7 +401,6 @@ def test_exact_path_equals_separate_passes_bit_for_bit(wide_heads, dtype, family
     assert th["path"] == "separate" and th["noise_floor"] is None
 
 
-@pytest.mark.hooked
 def test_fast_path_reports_its_noise_floor_against_separate_passes(wide_heads):
     lengths = [1, 4, 90, 120, 160]  # on the development machine the prefix trick drifts at 90 here
     s, s_star, _ = family_pairs(wide_heads, "count_ones", lengths, chat=True, open_ended=True)
@@ -445,7 +439,6 @@ def _rigged(token: str):
     return model
 
 
-@pytest.mark.hooked
 def test_same_prediction_says_when_the_agreement_is_the_repeated_token():
     lengths = [2, 5, 9]
     trivial = collapse_curve(_rigged("1"), "count_ones", lengths, ("float32",), chat=False, open_ended=True)
@@ -461,7 +454,6 @@ def test_same_prediction_says_when_the_agreement_is_the_repeated_token():
     assert bool(row["same_prediction_trivial"]) and row["same_nontrivial_prediction"] is pd.NA
 
 
-@pytest.mark.hooked
 def test_format_summary_shows_paths_noise_and_unreached_thresholds(rotary):
     exact = collapse_curve(rotary, "count_ones", [2, 4], ("float64",), chat=False, open_ended=True)
     text = format_summary(exact)
@@ -476,7 +468,6 @@ def test_format_summary_shows_paths_noise_and_unreached_thresholds(rotary):
     assert exact.to_dict()["paths"] == {"float64": "separate"} and fast.to_dict()["noise_floor"]["float64"] >= 0
 
 
-@pytest.mark.hooked
 def test_path_arguments_are_checked(rotary):
     with pytest.raises(TypeError, match="exact must be True"):
         collapse_curve(rotary, "count_ones", [2], ("float64",), exact="yes")
@@ -514,7 +505,6 @@ def test_smollm2_bfloat16_thresholds_equal_separate_passes(smollm2):
     assert th["path"] == "separate" and result.forward_tokens["bfloat16"] == sum(map(len, runs))
 
 
-@pytest.mark.hooked
 def test_chat_none_means_the_template_when_the_tokenizer_has_one(monkeypatch):
     """One meaning of ``chat`` everywhere (issue 15): ``None`` is ``True`` with a chat template, and
     ``False`` (raw text) without one; the provenance records which was used."""

@@ -205,6 +205,7 @@ def test_removals_that_cannot_apply_are_skipped_with_the_reason():
         result.ratio("no_bos")
 
 
+@pytest.mark.hooked  # on a TL 4.3 bridge: AssertionError: Regex pattern did not match.
 @pytest.mark.parametrize(
     "kwargs, match",
     [

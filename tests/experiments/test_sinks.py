@@ -72,7 +72,6 @@ def assert_report_matches(report, expected: dict, rtol: float) -> None:
     assert report.top_dims[:, 0].tolist() == expected["top_dim"].tolist()
 
 
-@pytest.mark.hooked
 def test_sink_analysis_agrees_with_run_with_cache_on_a_tiny_model(tiny):
     tokens = torch.randint(0, tiny.cfg.d_vocab, (12,))
     report = sink_analysis(tiny, tokens)
@@ -86,7 +85,6 @@ def test_sink_analysis_agrees_with_run_with_cache_on_a_tiny_model(tiny):
     assert_json_carries(report)  # every curve, the provenance and the tokens, by value
 
 
-@pytest.mark.hooked
 def test_sink_analysis_equals_the_report_of_a_streamed_trace(tiny):
     """Patterns kept and replayed, or folded in during the pass: one accumulator, the same curves."""
     tokens = torch.arange(3, 12)
@@ -111,7 +109,6 @@ def test_sink_analysis_and_clamp_on_smollm2(smollm2):
     assert result.first_token_norm_change[12] < 0 and (result.first_token_norm_change[:12] == 0).all()
 
 
-@pytest.mark.hooked
 def test_sink_analysis_refuses_a_single_token_before_tracing(monkeypatch):
     from lens_squash.edge.models import tiny_model
     from lens_squash.experiments import sinks
@@ -126,7 +123,6 @@ def test_sink_analysis_refuses_a_single_token_before_tracing(monkeypatch):
         sinks.sink_analysis(model, torch.tensor([3]))
 
 
-@pytest.mark.hooked
 def test_the_three_first_token_quantities_have_three_names(tiny):
     """Trace.mean_first_token_attention (head mean), first_token_attention (per head) and the rollout
     mass (a product over layers) differ on a real pass."""
@@ -147,7 +143,7 @@ def test_the_three_first_token_quantities_have_three_names(tiny):
 RTOL = 1e-5
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # on a TL 4.3 bridge: AssertionError:
 def test_the_split_changed_no_number():
     """Every curve of a tiny model's report equals what the code before the split wrote
     (sinks_before_split.json): moving and renaming must not move a number."""

@@ -16,7 +16,6 @@ def tokenizer_model():
     return tiny_model(tokenizer="smollm2", n_ctx=512)
 
 
-@pytest.mark.hooked
 def test_suite_has_thirty_prompts_of_twenty_to_two_hundred_tokens(tokenizer_model):
     suite = load_suite()
     assert len(suite) >= 30 and len({p.name for p in suite}) == len(suite)

@@ -19,8 +19,6 @@ from lens_squash.experiments.task_theory import (
     sequence_positions,
 )
 
-pytestmark = pytest.mark.hooked  # builds HookedTransformer models (TransformerLens 3 only)
-
 
 @pytest.fixture(scope="module")
 def chat_tiny():
@@ -81,6 +79,7 @@ def exact_rollout(chat_tiny):
     return copy_sensitivity(chat_tiny, [2, 7], jacobian_mode="exact", variant="rollout")
 
 
+@pytest.mark.hooked  # on a TL 4.3 bridge: AttributeError: 'tuple' object has no attribute 'dtype'
 def test_copy_sensitivity_reads_jacobian_and_bound_at_the_answer_token(chat_tiny, exact_rollout):
     from lens_squash.edge.trace import trace
 
@@ -116,6 +115,7 @@ def test_certified_bound_is_above_the_frozen_jacobian_at_the_answer(chat_tiny):
         assert profile["bound"].shape == profile["jacobian"].shape
 
 
+@pytest.mark.hooked  # on a TL 4.3 bridge: AssertionError: Tensor-likes are not close!
 def test_sketch_with_d_model_probes_matches_the_exact_frobenius_norms(chat_tiny, exact_rollout):
     sketch = copy_sensitivity(chat_tiny, [2, 7], jacobian_mode="sketch", n_probes=10_000, variant="rollout")
     assert sketch.provenance["n_probes"] == chat_tiny.cfg.d_model  # capped: d_model orthonormal probes are exact
@@ -154,6 +154,7 @@ def _final_representation(model, prompt):
     return cache["ln_final.hook_normalized"][0, -1] * model.ln_final.w.detach(), logits[0, -1].argmax()
 
 
+@pytest.mark.hooked  # on a TL 4.3 bridge: assert 1.0970622370788587 == 1.0970622289972938 ± 1.1e-09
 def test_count_collapse_measures_n_against_n_plus_one_ones(chat_tiny):
     result = count_collapse(chat_tiny, [1, 3, 6])
     assert isinstance(result, CountCollapse) and result.frame.n.tolist() == [1, 3, 6]

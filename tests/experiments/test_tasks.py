@@ -392,7 +392,7 @@ def _naive_greedy(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
     return tokens[len(prompt) :]
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # on a TL 4.3 bridge: assert (False)
 @pytest.mark.parametrize("positional", ["standard", "rotary"])
 def test_batched_left_padded_generation_equals_one_at_a_time(positional):
     from lens_squash.edge.models import tiny_model
@@ -408,7 +408,6 @@ def test_batched_left_padded_generation_equals_one_at_a_time(positional):
         assert torch.equal(b, ref) and torch.equal(a, ref)
 
 
-@pytest.mark.hooked
 def test_generation_stops_at_a_stop_token_and_respects_the_context():
     from lens_squash.edge.models import tiny_model
 
@@ -443,7 +442,7 @@ def uninterrupted(chat_model):
     return evaluate(chat_model, **GRID, batch_size=3, progress=False)
 
 
-@pytest.mark.hooked
+@pytest.mark.hooked  # on a TL 4.3 bridge: AssertionError: assert ' fuselage ad...ers Promoting' == ' fuselage pa
 def test_evaluate_gives_a_tidy_frame(uninterrupted, chat_model):
     frame = uninterrupted.frame
     assert tuple(frame.columns) == RESULT_COLUMNS
@@ -478,7 +477,6 @@ def test_evaluate_gives_a_tidy_frame(uninterrupted, chat_model):
     assert "TaskResults" in uninterrupted._repr_html_()
 
 
-@pytest.mark.hooked
 def test_accuracy_by_length_equals_a_loop_over_the_rows(uninterrupted):
     # the random model answers nothing right: plant a mix of right, wrong and unparsable rows
     frame = uninterrupted.frame.copy()
@@ -513,7 +511,6 @@ def test_accuracy_by_length_equals_a_loop_over_the_rows(uninterrupted):
     assert summary.accuracy.tolist() == [0.5, 0.5, 0.0, 1.0]
 
 
-@pytest.mark.hooked
 def test_evaluate_scores_parsed_replies(chat_model, monkeypatch):
     """Canned replies in place of the random model's: decoding, parsing and scoring end to end."""
     tokenizer = chat_model.tokenizer
@@ -546,7 +543,6 @@ def test_evaluate_scores_parsed_replies(chat_model, monkeypatch):
     assert summary.loc[("sum_ones", 4), "mean_abs_error"] == 3.0
 
 
-@pytest.mark.hooked
 def test_a_reply_that_copies_the_run_of_ones_is_unparsable_not_a_crash(chat_model, monkeypatch):
     # what SmolLM2 wrote for a long count_ones prompt in demos/04: a number past int64 broke the table
     ones = "1" * 40
@@ -564,7 +560,6 @@ def test_a_reply_that_copies_the_run_of_ones_is_unparsable_not_a_crash(chat_mode
     assert frame.parsed_answer.isna().all() and not frame.correct.any()
 
 
-@pytest.mark.hooked
 def test_evaluate_matches_direct_generation_through_the_chat_template(uninterrupted, chat_model):
     from lens_squash.edge.models import format_prompt
 
@@ -576,7 +571,6 @@ def test_evaluate_matches_direct_generation_through_the_chat_template(uninterrup
     assert row.n_prompt_tokens == len(ids)
 
 
-@pytest.mark.hooked
 def test_interrupted_run_resumes_without_redoing_work(chat_model, uninterrupted, tmp_path, monkeypatch):
     calls = []
     real = task_eval.greedy_generate
@@ -620,7 +614,6 @@ def test_interrupted_run_resumes_without_redoing_work(chat_model, uninterrupted,
         )
 
 
-@pytest.mark.hooked
 @pytest.mark.parametrize("suffix", [".csv", ".json", ".jsonl"])
 def test_save_results_round_trips_atomically(uninterrupted, tmp_path, suffix):
     frame = uninterrupted.frame.copy()
@@ -734,7 +727,6 @@ RUN = {"tasks": ["copy_last", "copy_type2", "count_ones"], "lengths": [2, 4], "n
        "style": ["answer", "cot"], "max_new_tokens": 3, "batch_size": 3, "progress": False}  # fmt: skip
 
 
-@pytest.mark.hooked
 def test_run_tasks_writes_everything_and_resumes_after_an_interruption(chat_model, tmp_path, monkeypatch):
     reference = tasks.run_tasks(chat_model, **RUN)  # in memory, no files
     # copying tasks offer only "answer": 2 lengths x 2 samples each; count_ones both styles: 8 rows
@@ -779,7 +771,6 @@ def test_run_tasks_writes_everything_and_resumes_after_an_interruption(chat_mode
     ]
 
 
-@pytest.mark.hooked
 def test_run_tasks_refuses_a_style_a_task_does_not_offer(chat_model, tmp_path):
     with pytest.raises(ValueError, match="copying tasks have only 'answer'"):
         tasks.run_tasks(chat_model, ["copy_last"], [2], 1, "cot", tmp_path)
@@ -801,7 +792,6 @@ def _reference_weights_sha256(model) -> str:
     return digest.hexdigest()
 
 
-@pytest.mark.hooked
 def test_weights_hash_reads_every_byte(chat_model):
     from lens_squash.edge.models import tiny_model
 
@@ -826,7 +816,6 @@ def test_fingerprint_differences_name_each_field():
 SMALL = {"task": "copy_last", "lengths": [2, 3], "n_samples": 1, "max_new_tokens": 3, "progress": False}
 
 
-@pytest.mark.hooked
 def test_resuming_with_another_model_or_setting_is_refused_and_overwrite_starts_over(chat_model, tmp_path):
     from lens_squash.edge.models import tiny_model
 
@@ -848,7 +837,6 @@ def test_resuming_with_another_model_or_setting_is_refused_and_overwrite_starts_
     assert stored["fingerprint"]["model"]["weights_sha256"] == runs.weights_sha256(other)
 
 
-@pytest.mark.hooked
 def test_rows_carry_the_fingerprint_so_a_merged_file_cannot_hide_a_mix(chat_model, tmp_path):
     a = evaluate(chat_model, **SMALL)
     b = evaluate(chat_model, **{**SMALL, "max_new_tokens": 4})
@@ -865,7 +853,6 @@ def test_rows_carry_the_fingerprint_so_a_merged_file_cannot_hide_a_mix(chat_mode
         task_results.summarize_results(merged)
 
 
-@pytest.mark.hooked
 def test_a_results_file_with_foreign_rows_or_no_record_is_refused(chat_model, tmp_path):
     out = tmp_path / "results.jsonl"
     evaluate(chat_model, **SMALL, out_path=out)
@@ -879,7 +866,6 @@ def test_a_results_file_with_foreign_rows_or_no_record_is_refused(chat_model, tm
         evaluate(chat_model, **SMALL, out_path=out)
 
 
-@pytest.mark.hooked
 def test_every_prompt_is_checked_against_the_context_before_the_first_reply(chat_model, monkeypatch, tmp_path):
     def never(*args, **kwargs):
         pytest.fail("generated before the over-long prompt was refused")
@@ -913,7 +899,6 @@ def test_every_prompt_is_checked_against_the_context_before_the_first_reply(chat
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.hooked
 def test_overwrite_removes_the_old_runs_summaries_before_generating(chat_model, tmp_path, monkeypatch):
     out = tmp_path / "run"
     tasks.run_tasks(chat_model, "copy_last", [2], 1, "answer", out, max_new_tokens=3, progress=False)
@@ -934,7 +919,6 @@ def test_overwrite_removes_the_old_runs_summaries_before_generating(chat_model, 
     assert record["fingerprint"]["generation"]["max_new_tokens"] == 4
 
 
-@pytest.mark.hooked
 def test_a_record_left_without_rows_is_replaced_not_trusted(chat_model, tmp_path, monkeypatch):
     out = tmp_path / "results.jsonl"
 
@@ -952,7 +936,6 @@ def test_a_record_left_without_rows_is_replaced_not_trusted(chat_model, tmp_path
     evaluate(chat_model, **{**SMALL, "max_new_tokens": 4}, out_path=out)  # and it resumes
 
 
-@pytest.mark.hooked
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
@@ -968,7 +951,6 @@ def test_run_tasks_refuses_bad_settings_before_any_work(chat_model, tmp_path, mo
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.hooked
 def test_old_files_with_a_mode_field_still_resume(chat_model, tmp_path, monkeypatch):
     """``mode`` became ``style`` (issue 15: the word now means only the Jacobian's): a results file
     written with a ``mode`` field resumes."""

@@ -14,8 +14,6 @@ from lens_squash.lab.grid import grid_configs, run_grid
 from lens_squash.lab.results import LabGrid, LabRun
 from lens_squash.lab.train import LabConfig, load_trained, measure_mixing, train_run
 
-pytestmark = pytest.mark.hooked  # builds HookedTransformer models (TransformerLens 3 only)
-
 SMALL = dict(n_ctx=16, n_layers=1, d_model=32, n_heads=2, d_vocab=16, batch_size=8, eval_rows=8, mixing_prompts=2)
 
 
@@ -25,6 +23,7 @@ def _trained() -> tuple[LabRun, str]:
     return train_run(LabConfig(steps=60, eval_every=20, lr=1e-2, warmup=5, **SMALL), folder), folder
 
 
+@pytest.mark.hooked  # builds a HookedTransformer (TransformerLens 3 only)
 def test_training_loss_decreases():
     run, _ = _trained()
     assert run.steps.tolist() == [0, 20, 40, 60]
@@ -32,6 +31,7 @@ def test_training_loss_decreases():
     assert float(run.loss[0]) == pytest.approx(torch.log(torch.tensor(16.0)).item(), abs=0.5)  # untrained: near uniform
 
 
+@pytest.mark.hooked  # builds a HookedTransformer (TransformerLens 3 only)
 def test_a_saved_model_gives_the_same_numbers():
     run, folder = _trained()
     model, config = load_trained(folder)
@@ -50,6 +50,7 @@ def _held_out(config):
     return _held_out(config)
 
 
+@pytest.mark.hooked  # builds a HookedTransformer (TransformerLens 3 only)
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     config = LabConfig(steps=20, eval_every=10, packing="packed", **SMALL)
     straight = train_run(config, tmp_path / "straight")
@@ -70,12 +71,14 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
         train_run(LabConfig(steps=30, eval_every=10, packing="packed", **SMALL), tmp_path / "resumed")
 
 
+@pytest.mark.hooked  # builds a HookedTransformer (TransformerLens 3 only)
 def test_sink_share_is_the_share_of_heads_above_the_threshold():
     run, _ = _trained()
     expected = [(h > 0.3).double().mean().item() for h in run.head_attention]
     assert run.sink_share.tolist() == expected
 
 
+@pytest.mark.hooked  # builds a HookedTransformer (TransformerLens 3 only)
 def test_grid_reads_finished_runs_back(tmp_path):
     configs = grid_configs(
         [16],

@@ -10,8 +10,6 @@ from lens_squash.core.tokens import token_label
 from lens_squash.views.flow_views import path_figure
 from lens_squash.views.style import caption_of
 
-pytestmark = pytest.mark.hooked  # builds HookedTransformer models (TransformerLens 3 only)
-
 
 @pytest.fixture(scope="module")
 def rollout_paths(tiny):

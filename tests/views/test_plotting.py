@@ -508,7 +508,6 @@ def test_attention_paths_accepts_path_bound_like_objects_and_infers_the_target()
         attention_paths((head, resid[:, :3]))
 
 
-@pytest.mark.hooked
 def test_attention_paths_on_a_real_rollout_bound(tiny):
     from lens_squash.algebra.variants import path_bound
     from lens_squash.edge.trace import trace
@@ -565,7 +564,6 @@ def test_spectral_figure_panels_hold_the_curves():
     assert len(spectral_figure().data) == 0
 
 
-@pytest.mark.hooked
 def test_spectral_report_figure_shows_a_real_report(tiny):
     from lens_squash.algebra.attention import aggregate_heads
     from lens_squash.algebra.paths import rollout_matrices
