@@ -117,7 +117,7 @@ def _check_outputs(name: str, outputs: list) -> None:
 
 
 #: the notebooks committed with their outputs (run on SmolLM2); the others are committed clean
-SAVED_WITH_OUTPUTS = ("01_quickstart", "02_bound_vs_gradient", "03_representational_collapse")
+SAVED_WITH_OUTPUTS = NOTEBOOKS
 
 #: the notebooks rewritten on the README's public API (``import lens_squash as ls``, ``analyze``, ``.plot``)
 PUBLIC_API = NOTEBOOKS

@@ -121,26 +121,27 @@ def answer_histogram(
             # one runaway answer (a 1111 among counts up to 80) would squeeze every bar into a line:
             # answers beyond the cap are gathered in one bar just past it, their values in its hover
             counts = answers.clip(upper=cap + 1).value_counts().sort_index()
-            if counts.empty:  # every reply unparsable: a zero bar keeps the length (and its count) in the legend
-                counts = pd.Series([0], index=[0])
             beyond = sorted(answers[answers > cap].unique())
             unparsable = len(rows) - len(answers)
             name = f"n = {length}" + (f" ({unparsable} unparsable)" if unparsable else "")
             shown = [f"> {cap}: {', '.join(map(str, beyond))}" if x > cap else str(x) for x in counts.index]
-            fig.add_trace(
-                go.Bar(
-                    x=counts.index.to_numpy(),
-                    y=counts.to_numpy(),
-                    customdata=shown,
-                    name=name,
-                    legendgroup=f"n{length}",
-                    showlegend=row == 1,
-                    marker={"color": palette_color(i)},
-                    hovertemplate=f"length {length}<br>answer %{{customdata}}: %{{y}} samples<extra></extra>",
-                ),
-                row=row,
-                col=1,
-            )
+            # every reply unparsable: no bar (an empty one takes a slot of the group, a zero one narrows every
+            # bar); the truth's triangle carries the length and its count into the legend instead
+            if not counts.empty:
+                fig.add_trace(
+                    go.Bar(
+                        x=counts.index.to_numpy(),
+                        y=counts.to_numpy(),
+                        customdata=shown,
+                        name=name,
+                        legendgroup=f"n{length}",
+                        showlegend=row == 1,
+                        marker={"color": palette_color(i)},
+                        hovertemplate=f"length {length}<br>answer %{{customdata}}: %{{y}} samples<extra></extra>",
+                    ),
+                    row=row,
+                    col=1,
+                )
             truths = rows["truth"].unique() if "truth" in rows.columns else []
             if len(truths) == 1:
                 fig.add_trace(
@@ -149,8 +150,8 @@ def answer_histogram(
                         y=[0],
                         mode="markers",
                         legendgroup=f"n{length}",
-                        showlegend=False,
-                        name=f"truth, n = {length}",
+                        showlegend=row == 1 and counts.empty,
+                        name=name if counts.empty else f"truth, n = {length}",
                         marker={"symbol": "triangle-up", "size": 12, "color": palette_color(i)},
                         hovertemplate=f"true answer for length {length}: %{{x}}<extra></extra>",
                     ),

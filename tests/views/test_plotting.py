@@ -773,8 +773,10 @@ def test_answer_histogram_gathers_runaway_answers_past_twice_the_largest_truth()
     assert sum(sum(b.y) for b in bars) == frame[frame["task"] == "count"]["parsed_answer"].notna().sum()
     assert "above 20" in caption_of(fig)
     unparsable = frame.assign(parsed_answer=np.where(frame["length"] == 5, None, frame["parsed_answer"]))
-    bars = [t for t in answer_histogram(unparsable, task="count").data if isinstance(t, go.Bar)]
-    assert bars[0].name == "n = 5 (3 unparsable)" and list(bars[0].y) == [0]  # still in the legend, no sample drawn
+    fig = answer_histogram(unparsable, task="count")
+    assert [b.name for b in fig.data if isinstance(b, go.Bar)] == ["n = 10"]  # no bar (and no slot) for length 5
+    legend = [t.name for t in fig.data if t.showlegend is not False]
+    assert legend == ["n = 5 (3 unparsable)", "n = 10"]  # its truth triangle keeps it in the legend
     assert "above" not in caption_of(answer_histogram(task_frame(), task="count"))
 
 
