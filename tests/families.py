@@ -142,9 +142,9 @@ HF_FLOAT32_INSIDE = frozenset(
     {"llama_gqa", "gemma", "gemma2_post_norm", "gemma3_post_norm_qk_norm", "mistral_windows", "qwen2_biases"}
     | {"olmo2_output_norms", "olmo_clip_qkv", "pythia_parallel"}
 )
-#: methods lens_squash refuses on a twin's bridge, with the refusal's wording (GPT-J's bridge computes its
-#: attention without the hooked pattern, so nothing can freeze it)
-BRIDGE_REFUSES = {"gptj_parallel": {"frozen": "hook_pattern leaves this bridge's output unchanged"}}
+#: methods lens_squash refuses on a twin's bridge, with the refusal's wording. Empty since the adapter freezes
+#: OPT's and GPT-J's patterns through hook_q/hook_k (their hook_pattern fires after transformers' attention).
+BRIDGE_REFUSES: dict[str, dict[str, str]] = {}
 
 
 def bridge_refusal(model, name: str, method: str) -> str | None:
