@@ -42,6 +42,7 @@ VARIANT_NAMES: tuple[str, ...] = (
     "alti",
     "globenc",
     "alti_linear",
+    "alti_resid",
 )
 #: ``lens_squash.experiments.analysis.DEFAULT_VARIANTS``
 DEFAULT_VARIANTS: tuple[str, ...] = ("paper", "rollout", "certified", "value_rownorm")
