@@ -31,8 +31,9 @@ from ..core.stored import read_json
 from ..core.support import UnsupportedModelError
 from ..edge.finite import check_finite_values
 from ..edge.jacobian import JacobianResult, jacobian
+from ..edge.prompts import tokenize
 from ..edge.stream import check_fits, stream_bounds
-from ..edge.trace import Trace, as_tokens, trace
+from ..edge.trace import Trace, trace
 from .verdict import analysis_verdict
 
 __all__ = ["DEFAULT_VARIANTS", "Analysis", "analyze"]
@@ -251,11 +252,14 @@ def analyze(
     whose estimate exceeds the free memory is refused first, with the longest that fits.
     """
     seconds: dict[str, float] = {}
-    tokens = as_tokens(model, prompt, chat=chat)  # checks the model, the prompt and chat first
-    validate.check_target(target_pos, tokens.shape[0])
+    # one Tokens value (ids, strings, the chat template as applied), checked before any forward pass and
+    # passed down as it is: the trace and the Jacobian read the same tokens without converting again
+    tokens = tokenize(model, prompt, chat=chat)
+    n_tokens = int(tokens.ids.shape[0])
+    validate.check_target(target_pos, n_tokens)
     _check_causal(model)
     names, skipped = _plan_variants(model, variants)
-    check_fits(model, int(tokens.shape[0]), keep_patterns=keep_patterns)
+    check_fits(model, n_tokens, keep_patterns=keep_patterns)
     needs_weights = variants_needing(names, "mlp_gains")
     traced = _timed(
         seconds,
@@ -263,7 +267,7 @@ def analyze(
         trace,
         model,
         tokens,
-        chat=chat,
+        chat=tokens.chat,
         lipschitz=needs_weights,
         keep_resid=True,
         keep_patterns=keep_patterns,
@@ -290,7 +294,7 @@ def analyze(
             f"jacobian_{jacobian_mode}",
             jacobian,
             model,
-            traced.tokens,
+            tokens,
             mode=jacobian_mode,
             n_probes=n_probes,
             target_pos=target_pos,
