@@ -266,7 +266,16 @@ def test_a_real_sigint_ends_tasks_with_one_line_and_exit_130(tmp_path):
         str(out_dir),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # SIGINT's default action in the child: a shell without job control starts background jobs with SIGINT
+    # ignored, the child would inherit that, and Python installs no KeyboardInterrupt handler then
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 240
         while not (out_dir / "results.jsonl").exists():  # the first batch is saved: the run is under way
