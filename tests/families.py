@@ -20,8 +20,8 @@ import weakref
 import pytest
 import torch
 
-__all__ = ["BASE", "BRIDGE_REFUSES", "FAMILIES", "HF_FLOAT32_INSIDE", "HF_TWINS", "REFUSED", "TOKENS"]
-__all__ += ["bridge_refusal", "build", "config", "hf_reference", "on_bridges", "params"]
+__all__ = ["BASE", "FAMILIES", "HF_FLOAT32_INSIDE", "HF_TWINS", "REFUSED", "TOKENS"]
+__all__ += ["build", "config", "hf_reference", "params"]
 
 BASE = dict(
     n_layers=3,
@@ -142,28 +142,11 @@ HF_FLOAT32_INSIDE = frozenset(
     {"llama_gqa", "gemma", "gemma2_post_norm", "gemma3_post_norm_qk_norm", "mistral_windows", "qwen2_biases"}
     | {"olmo2_output_norms", "olmo_clip_qkv", "pythia_parallel"}
 )
-#: methods lens_squash refuses on a twin's bridge, with the refusal's wording. Empty since the adapter freezes
-#: OPT's and GPT-J's patterns through hook_q/hook_k (their hook_pattern fires after transformers' attention).
-BRIDGE_REFUSES: dict[str, dict[str, str]] = {}
 
 
-def bridge_refusal(model, name: str, method: str) -> str | None:
-    """The refusal ``method`` must raise on ``model`` (a bridge twin of ``name``), or None."""
-    from lens_squash.edge.backends import is_bridge
-
-    return BRIDGE_REFUSES.get(name, {}).get(method) if is_bridge(model) else None
-
-
-def params(names, *, needs: tuple[str, ...] = ()) -> list:
-    """``names`` as pytest params, marked ``hooked`` (TransformerLens 3 only) where there is no bridge twin or
-    its bridge refuses a method the test ``needs``."""
-    bridged = on_bridges(needs=needs)
-    return [name if name in bridged else pytest.param(name, marks=pytest.mark.hooked) for name in names]
-
-
-def on_bridges(*, needs: tuple[str, ...] = ()) -> set[str]:
-    """The families whose bridge twin runs every method in ``needs``."""
-    return {n for n in HF_TWINS if not set(needs) & set(BRIDGE_REFUSES.get(n, {}))}
+def params(names) -> list:
+    """``names`` as pytest params, marked ``hooked`` (TransformerLens 3 only) where there is no bridge twin."""
+    return [name if name in HF_TWINS else pytest.param(name, marks=pytest.mark.hooked) for name in names]
 
 
 def config(name: str, **overrides):

@@ -18,7 +18,7 @@ from lens_squash.edge.backends import is_bridge
 from lens_squash.edge.jacobian import jacobian
 from lens_squash.edge.trace import trace
 
-from .families import FAMILIES, HF_FLOAT32_INSIDE, REFUSED, TOKENS, bridge_refusal, build, on_bridges, params
+from .families import FAMILIES, HF_FLOAT32_INSIDE, HF_TWINS, REFUSED, TOKENS, build, params
 from .reference import ADVERSARIAL, adversarial, edit_in_place, reference_jacobian
 
 #: the per-family suite (minutes on two cores; `make test-fast` skips it): on TransformerLens 4 each family
@@ -51,11 +51,6 @@ def _assert_dominates(bound: torch.Tensor, truth: torch.Tensor, label) -> None:
 @pytest.mark.parametrize("mode", ["exact", "frozen"])
 def test_jacobians_equal_jacrev_of_the_whole_model(family, mode):
     name, model, _ = family
-    reason = bridge_refusal(model, name, mode)
-    if reason is not None:
-        with pytest.raises(UnsupportedModelError, match=reason):
-            jacobian(model, TOKENS, mode=mode)
-        return
     got = jacobian(model, TOKENS, mode=mode, keep_full=True)
     expected = reference_jacobian(model, TOKENS, frozen=mode == "frozen")[:, : got.n_tokens]
     atol, rtol = 1e-10, 1e-10
@@ -101,7 +96,7 @@ _NO_TARGET_ON_TWIN = {
 }
 _ATTACKS = [
     (name, attack)
-    if name in on_bridges(needs=("frozen",)) and name not in _NO_TARGET_ON_TWIN.get(attack, ())
+    if name in HF_TWINS and name not in _NO_TARGET_ON_TWIN.get(attack, ())
     else pytest.param(name, attack, marks=pytest.mark.hooked)
     for name in CERTIFIABLE
     for attack in sorted(ADVERSARIAL)
@@ -153,9 +148,8 @@ def _results(model, name):
         "y_last": t.y_last,
         "value_norms": t.value_norms,
         "exact": jacobian(model, TOKENS).spectral,
+        "frozen": jacobian(model, TOKENS, mode="frozen").spectral,
     }
-    if bridge_refusal(model, name, "frozen") is None:
-        out["frozen"] = jacobian(model, TOKENS, mode="frozen").spectral
     if t.mlp_gain is not None:
         out["mlp_gain"] = t.mlp_gain
     if "lipschitz_unsupported" not in t.provenance and model.cfg.attention_dir == "causal":

@@ -42,7 +42,7 @@ def _assert_equal(plain, saved, tol):
 #: every family (on TransformerLens 4: the bridge twins that freeze), and the tiny-random bridge
 @pytest.fixture(
     scope="module",
-    params=[*params(sorted(FAMILIES), needs=("frozen",)), "tiny_random_bridge"],
+    params=[*params(sorted(FAMILIES)), "tiny_random_bridge"],
 )
 def family(request):
     if request.param == "tiny_random_bridge":
