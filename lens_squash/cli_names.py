@@ -2,13 +2,14 @@
 
 ``lens-squash --help``, ``COMMAND -h`` and the refusal of a mistyped name must answer at once, so the
 parsers read their choices from here. Where the real registry is itself light (the model, dtype and
-backend names, the paper's prompt texts) it is used directly; the others are copies, kept equal to
-their registries by ``tests/test_cli.py`` (variants, default variants, tasks, prompting styles,
-collapse families, Jacobian modes, figure formats).
+backend names, the paper's prompt texts, the variant registry, whose built-in table names its builders
+as ``"module:function"``) it is used directly; the others are copies, kept equal to their registries
+by ``tests/test_cli.py`` (tasks, prompting styles, collapse families, Jacobian modes, figure formats).
 """
 
 from __future__ import annotations
 
+from .algebra.variant_registry import DEFAULT_VARIANTS, variant_names
 from .edge.model_names import BACKENDS, DEFAULT_MODEL, DTYPE_NAMES, TINY_MODEL, canonical_dtype
 from .experiments.task_texts import COPY_LAST
 
@@ -31,21 +32,8 @@ __all__ = [
     "canonical_dtype",
 ]
 
-#: ``lens_squash.algebra.variants.VARIANTS``, in its order
-VARIANT_NAMES: tuple[str, ...] = (
-    "paper",
-    "rollout",
-    "certified",
-    "value",
-    "value_rownorm",
-    "certified_rownorm",
-    "alti",
-    "globenc",
-    "alti_linear",
-    "alti_resid",
-)
-#: ``lens_squash.experiments.analysis.DEFAULT_VARIANTS``
-DEFAULT_VARIANTS: tuple[str, ...] = ("paper", "rollout", "certified", "value_rownorm")
+#: every registered variant, in its order (the registry itself: no torch)
+VARIANT_NAMES: tuple[str, ...] = variant_names()
 #: ``lens_squash.experiments.collapse_families.FAMILIES``, in its order
 COLLAPSE_FAMILIES: tuple[str, ...] = ("count_ones", "random_digits", "copy_ones", "copy_ones_commas")
 #: ``lens_squash.edge.jacobian.MODES``

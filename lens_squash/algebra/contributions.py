@@ -63,7 +63,6 @@ from ..core.results import unserialised
 from ..core.support import UnsupportedModelError
 from .blocks import apply_output_norms, block_shape
 from .model_facts import NormFacts, facts_of
-from .variant_registry import VariantSpec, register_variant
 from .variants import PathGraph
 
 __all__ = [
@@ -379,14 +378,8 @@ def contribution_graph(
 
 
 # --------------------------------------------------------------------------------------------------
-# registration
+# builders
 # --------------------------------------------------------------------------------------------------
-
-_NEEDS = frozenset({"weights", "residual", "norm_scales"})
-_STATEMENT = (
-    "shares of where the target's information comes from (token-to-token contributions composed like rollout), "
-    "with no inequality to the Jacobian"
-)
 
 
 def _builder(kind: str, name: str, **fixed: Any) -> Callable[..., ContributionGraph]:
@@ -397,16 +390,8 @@ def _builder(kind: str, name: str, **fixed: Any) -> Callable[..., ContributionGr
     return build
 
 
-for _spec in (
-    VariantSpec("alti", _builder("alti", "alti"), "proxy", needs=_NEEDS, supports=block_shape,
-                summary="ALTI: L1 contributions with the residual, in the next norm's coordinates", statement=_STATEMENT),
-    VariantSpec("globenc", _builder("globenc", "globenc"), "proxy", needs=_NEEDS, supports=block_shape,
-                summary="GlobEnc: ‖N T_jk‖₂ with the residual and the next norm", statement=_STATEMENT),
-    VariantSpec("alti_linear", _builder("alti_linear", "alti_linear"), "proxy", needs=_NEEDS, supports=block_shape,
-                summary="ALTI to first order: max(0, sign(N y_j)·N T_jk), at the cost of the attention scores",
-                statement=_STATEMENT),
-    VariantSpec("alti_resid", _builder("alti_linear", "alti_resid", norm=False), "proxy", needs=_NEEDS,
-                supports=block_shape, statement=_STATEMENT,
-                summary="first-order ALTI measured in the residual stream itself: max(0, sign(y_j)·T_jk), no next norm"),
-):  # fmt: skip
-    register_variant(_spec, replace=True)
+# the builders the registry names (lens_squash.algebra.variant_registry declares the variants)
+build_alti = _builder("alti", "alti")
+build_globenc = _builder("globenc", "globenc")
+build_alti_linear = _builder("alti_linear", "alti_linear")
+build_alti_resid = _builder("alti_linear", "alti_resid", norm=False)

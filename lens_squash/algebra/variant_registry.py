@@ -8,8 +8,11 @@ never read as a bound. In the manner of inseq's attribution registry::
     register_variant(VariantSpec("mine", build, guarantee="proxy", needs=frozenset({"value_norms"})))
 
 A builder is ``build(trace, model=None, **params) -> PathGraph`` (:mod:`lens_squash.algebra.variants`).
-Builders registered by this package's own modules are imported on the first lookup
-(:data:`_BUILTIN_MODULES`), so the registry is complete whichever module a caller imports first.
+
+This module is the one place a built-in variant is declared (:data:`_BUILTIN` below): its name, its
+default status, its guarantee, what it needs, and its builder and ``supports`` check named as
+``"module:function"``, imported on first call. So the module imports no torch, and the command line
+(:mod:`lens_squash.cli_names`) reads its choices from here while ``lens-squash --help`` stays light.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ __all__ = [
     "NEEDS",
     "UnknownVariantError",
     "VariantSpec",
+    "LazyFunction",
     "check_variant_names",
     "get_variant",
     "guarantee_of",
@@ -51,8 +55,33 @@ NEEDS: frozenset[str] = frozenset({"weights", "mlp_gains", "value_norms", "norm_
 #: the variants ``analyze``, ``flow`` and the CLI run when none are named, in display order
 DEFAULT_VARIANTS: tuple[str, ...] = ("paper", "rollout", "certified", "value_rownorm")
 
-#: this package's modules that register variants when imported
-_BUILTIN_MODULES: tuple[str, ...] = ("lens_squash.algebra.variants", "lens_squash.algebra.contributions")
+
+@dataclass(frozen=True)
+class LazyFunction:
+    """A function named ``"package.module:function"``, imported on its first call (so a table of them
+    imports nothing heavy)."""
+
+    ref: str
+
+    def __post_init__(self) -> None:
+        module, sep, name = self.ref.partition(":")
+        if not (module and sep and name.isidentifier()):
+            raise ValueError(f"a lazy function is named 'package.module:function', got {self.ref!r}")
+
+    def resolve(self) -> Callable[..., Any]:
+        """The function itself (its module imported now)."""
+        module, _, name = self.ref.partition(":")
+        found = getattr(importlib.import_module(module), name, None)
+        if not callable(found):
+            raise ValueError(f"{self.ref!r} names no function: {module} has no callable {name!r}")
+        return found
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.resolve()(*args, **kwargs)
+
+    @property
+    def __name__(self) -> str:
+        return self.ref.partition(":")[2]
 
 
 @dataclass(frozen=True)
@@ -85,6 +114,9 @@ class VariantSpec:
                 f"variant {self.name!r} needs unknown capabilities {sorted(unknown)}; known: {sorted(NEEDS)}"
             )
         object.__setattr__(self, "needs", frozenset(self.needs))
+        for name in ("build", "supports"):  # a name is imported when first called
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, LazyFunction(getattr(self, name)))
 
     @property
     def is_bound(self) -> bool:
@@ -92,7 +124,6 @@ class VariantSpec:
 
 
 _REGISTRY: dict[str, VariantSpec] = {}
-_loaded = False
 
 
 class UnknownVariantError(KeyError, ValueError):
@@ -132,11 +163,6 @@ def register_variant(spec: VariantSpec, *, replace: bool = False) -> VariantSpec
 
 
 def _registry() -> dict[str, VariantSpec]:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for module in _BUILTIN_MODULES:
-            importlib.import_module(module)
     return _REGISTRY
 
 
@@ -187,3 +213,47 @@ def check_variant_names(variants) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise ValueError(f"variants lists a name twice: {list(names)}")
     return names
+
+
+# --------------------------------------------------------------------------------------------------
+# the built-in variants: adding one is a line here (its builder a function of its algebra module)
+# --------------------------------------------------------------------------------------------------
+
+_V, _C, _BLOCKS = "lens_squash.algebra.variants:", "lens_squash.algebra.contributions:", "lens_squash.algebra.blocks:"
+_SHARES = "shares of where sensitivity lives, with no inequality to the Jacobian"
+_CERTIFIED_NEEDS = frozenset({"weights", "mlp_gains", "norm_scales"})
+_CONTRIBUTION_NEEDS = frozenset({"weights", "residual", "norm_scales"})
+_CONTRIBUTION_SHARES = (
+    "shares of where the target's information comes from (token-to-token contributions composed like rollout), "
+    "with no inequality to the Jacobian"
+)
+_BUILTIN: tuple[VariantSpec, ...] = (
+    VariantSpec("paper", _V + "_paper", "proxy", summary="Theorem B.5's path sum with the user's β's and σ_ψ",
+                statement="a bound only where Theorem B.5's Lipschitz and normalisation assumptions hold, which "
+                "lens_squash does not check; on real models read it as a path-sum proxy"),
+    VariantSpec("rollout", _V + "_rollout", "proxy", summary="attention rollout (Abnar & Zuidema), Prop. B.8's setting",
+                statement=_SHARES),
+    VariantSpec("certified", _V + "_certified", "bound", needs=_CERTIFIED_NEEDS, supports=_BLOCKS + "block_shape",
+                summary="frozen-model path sum with every norm and MLP gain",
+                statement="an upper bound on ‖∂y_n/∂v_i‖₂ of the model with attention patterns and norm scales frozen"),
+    VariantSpec("value", _V + "_value", "proxy", needs=frozenset({"value_norms", "residual"}),
+                summary="‖v W_O‖-weighted attention (Kobayashi et al. 2020)", statement=_SHARES),
+    VariantSpec("value_rownorm", _V + "_value_rownorm", "proxy", needs=frozenset({"value_norms", "residual"}),
+                summary="value, each row scaled to sum 1", statement=_SHARES),
+    VariantSpec("certified_rownorm", _V + "_certified_rownorm", "proxy", needs=_CERTIFIED_NEEDS,
+                supports=_BLOCKS + "block_shape", summary="certified's graph, each row scaled to sum 1",
+                statement=_SHARES),
+    VariantSpec("alti", _C + "build_alti", "proxy", needs=_CONTRIBUTION_NEEDS, supports=_BLOCKS + "block_shape",
+                summary="ALTI: L1 contributions with the residual, in the next norm's coordinates",
+                statement=_CONTRIBUTION_SHARES),
+    VariantSpec("globenc", _C + "build_globenc", "proxy", needs=_CONTRIBUTION_NEEDS, supports=_BLOCKS + "block_shape",
+                summary="GlobEnc: ‖N T_jk‖₂ with the residual and the next norm", statement=_CONTRIBUTION_SHARES),
+    VariantSpec("alti_linear", _C + "build_alti_linear", "proxy", needs=_CONTRIBUTION_NEEDS,
+                supports=_BLOCKS + "block_shape", statement=_CONTRIBUTION_SHARES,
+                summary="ALTI to first order: max(0, sign(N y_j)·N T_jk), at the cost of the attention scores"),
+    VariantSpec("alti_resid", _C + "build_alti_resid", "proxy", needs=_CONTRIBUTION_NEEDS,
+                supports=_BLOCKS + "block_shape", statement=_CONTRIBUTION_SHARES,
+                summary="first-order ALTI measured in the residual stream itself: max(0, sign(y_j)·T_jk), no next norm"),
+)  # fmt: skip
+for _spec in _BUILTIN:
+    register_variant(_spec)

@@ -43,7 +43,7 @@ from . import paths
 from .attention import check_attention, head_weights, ov_norms
 from .blocks import block_shape
 from .model_facts import facts_of
-from .variant_registry import VARIANTS, VariantSpec, get_variant, register_variant
+from .variant_registry import VARIANTS, get_variant
 
 __all__ = ["VARIANTS", "PathBound", "PathGraph", "bound_from_row", "build_graph", "final_norm_gain", "path_bound"]
 
@@ -333,27 +333,6 @@ def _value_rownorm(trace, model=None) -> PathGraph:
 
 def _certified_rownorm(trace, model=None) -> PathGraph:
     return _certified(trace, model).row_normalised()
-
-
-_SHARES = "shares of where sensitivity lives, with no inequality to the Jacobian"
-for _spec in (
-    VariantSpec("paper", _paper, "proxy", summary="Theorem B.5's path sum with the user's β's and σ_ψ",
-                statement="a bound only where Theorem B.5's Lipschitz and normalisation assumptions hold, which "
-                "lens_squash does not check; on real models read it as a path-sum proxy"),
-    VariantSpec("rollout", _rollout, "proxy", summary="attention rollout (Abnar & Zuidema), Prop. B.8's setting",
-                statement=_SHARES),
-    VariantSpec("certified", _certified, "bound", needs=frozenset({"weights", "mlp_gains", "norm_scales"}),
-                supports=block_shape, summary="frozen-model path sum with every norm and MLP gain",
-                statement="an upper bound on ‖∂y_n/∂v_i‖₂ of the model with attention patterns and norm scales frozen"),
-    VariantSpec("value", _value, "proxy", needs=frozenset({"value_norms", "residual"}),
-                summary="‖v W_O‖-weighted attention (Kobayashi et al. 2020)", statement=_SHARES),
-    VariantSpec("value_rownorm", _value_rownorm, "proxy", needs=frozenset({"value_norms", "residual"}),
-                summary="value, each row scaled to sum 1", statement=_SHARES),
-    VariantSpec("certified_rownorm", _certified_rownorm, "proxy",
-                needs=frozenset({"weights", "mlp_gains", "norm_scales"}), supports=block_shape,
-                summary="certified's graph, each row scaled to sum 1", statement=_SHARES),
-):  # fmt: skip
-    register_variant(_spec, replace=True)
 
 
 def build_graph(trace, variant: str = "paper", *, model=None, **params) -> PathGraph:

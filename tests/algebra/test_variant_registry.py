@@ -136,3 +136,44 @@ def test_a_proxy_registered_here_runs_in_analyze_with_its_guarantee(scratch):
     torch.testing.assert_close(proxy.bound, rollout.bound, atol=0, rtol=0)
     table = result.summary().set_index("variant")
     assert table.loc["test_proxy", "guarantee"] == "proxy" and table.loc["certified", "guarantee"] == "bound"
+
+
+def test_every_builtin_names_functions_that_exist():
+    # the built-in table names its builders as text (so the registry imports no torch): a typo there would
+    # only surface when the variant runs, so each name is resolved here
+    for spec in VARIANTS.values():
+        for lazy in (spec.build, spec.supports):
+            if isinstance(lazy, registry.LazyFunction):
+                assert callable(lazy.resolve()) and lazy.__name__ == lazy.ref.partition(":")[2]
+
+
+def test_a_lazy_function_refuses_a_malformed_or_missing_name():
+    with pytest.raises(ValueError, match="named 'package.module:function'"):
+        VariantSpec("mine", "lens_squash.algebra.variants", "proxy")
+    missing = VariantSpec("mine", "lens_squash.algebra.variants:no_such_builder", "proxy")
+    with pytest.raises(ValueError, match="has no callable 'no_such_builder'"):
+        missing.build(None)
+
+
+def test_a_lazy_builder_is_called_with_its_arguments(scratch):
+    # a spec naming rollout's builder as text builds exactly what the callable spec builds
+    model = tiny_model(n_layers=2, n_heads=2, d_model=16, d_vocab=32, dtype=torch.float64, seed=1)
+    from lens_squash.edge.trace import trace
+
+    traced = trace(model, torch.arange(3, 9))
+    lazy = VariantSpec("lazy", "lens_squash.algebra.variants:_rollout", "proxy")
+    torch.testing.assert_close(lazy.build(traced).row(5), get_variant("rollout").build(traced).row(5), atol=0, rtol=0)
+
+
+def test_the_registry_and_the_cli_names_import_no_torch():
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\nfrom lens_squash.cli_names import VARIANT_NAMES, DEFAULT_VARIANTS\n"
+        "print(json.dumps([list(VARIANT_NAMES), list(DEFAULT_VARIANTS), 'torch' in sys.modules]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    names, defaults, torch_loaded = json.loads(done.stdout)
+    assert names == list(VARIANTS) and defaults == list(DEFAULT_VARIANTS) and not torch_loaded
