@@ -173,10 +173,10 @@ def mixing_score(
     n = patterns.shape[-1]
     if n < 2:
         raise ValueError("mixing needs at least 2 positions (query 0 always has entropy 0)")
-    return torch.stack([_layer_mixing(layer, normalize) for layer in _layers_f64(patterns)])
+    return torch.stack([_layer_mixing(layer, normalize=normalize) for layer in _layers_f64(patterns)])
 
 
-def _layer_mixing(layer_patterns: Tensor, normalize: bool) -> Tensor:
+def _layer_mixing(layer_patterns: Tensor, *, normalize: bool) -> Tensor:
     rows = layer_patterns[:, 1:, :]
     # 0 · log 0 = 0; clamp keeps log finite where A = 0
     entropy = -(rows * rows.clamp_min(1e-300).log()).sum(-1)

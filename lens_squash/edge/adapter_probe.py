@@ -273,7 +273,7 @@ def _shape(rec: _Recorder, block, kind: str) -> BlockShape:
         )
     attn_in = _fed_by(rec, "attn", [s for s in sites if reads[s] == "x"], x)
     if kind == "none":
-        return BlockShape(attn_in, attn_out, None, (), False, True, False)
+        return BlockShape(attn_in, attn_out, None, (), parallel=False, attn_only=True, value_clip=False)
     if "mlp" not in rec.inputs or "mlp" not in rec.outputs:
         raise UnsupportedModelError(
             f"the MLP of {type(block).__name__} did not run as a module with hooks, so what it reads is unknown; "
@@ -291,7 +291,9 @@ def _shape(rec: _Recorder, block, kind: str) -> BlockShape:
             f"the output of {type(block).__name__} is not x + attention + MLP as read (a residual form the "
             f"certified bound does not model); {INSTEAD}"
         )
-    return BlockShape(attn_in, attn_out, mlp_in, mlp_out, parallel, False, False, moe=kind == "moe")
+    return BlockShape(
+        attn_in, attn_out, mlp_in, mlp_out, parallel=parallel, attn_only=False, value_clip=False, moe=kind == "moe"
+    )
 
 
 def _fed_by(rec: _Recorder, sublayer: str, norms: list[str], raw: Tensor | None) -> str | None:

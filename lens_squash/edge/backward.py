@@ -66,13 +66,13 @@ def without_parameter_grads(model) -> Iterator[None]:
     """
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
-        p.requires_grad_(False)
+        p.requires_grad_(requires_grad=False)
     try:
         with functorch_ready(model):  # BLOOM's GeLU is an autograd.Function torch.func cannot transform
             yield
     finally:
         for p in params:
-            p.requires_grad_(True)
+            p.requires_grad_(requires_grad=True)
 
 
 def _detach(value: Tensor, hook) -> Tensor:

@@ -57,10 +57,10 @@ def replay_cache(model, cache, hooks: list, n_tokens: int) -> Tensor:
             for fn in by_name.get(name, ()):
                 value = cache[name]
                 fn(value if batched else value[None], None)
-        return _logits_from_cache(model, cache, batched)
+        return _logits_from_cache(model, cache, batched=batched)
 
 
-def _logits_from_cache(model, cache, batched: bool) -> Tensor:
+def _logits_from_cache(model, cache, *, batched: bool) -> Tensor:
     """``unembed(ln_final(x))`` at the last position, from the cached final residual stream."""
     last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
     resid = cache[last] if batched else cache[last][None]

@@ -208,7 +208,7 @@ def _softmax(self, scores: Tensor) -> Tensor:
     if hooked or not scores.is_contiguous():
         pattern = torch.nn.functional.softmax(scores, dim=-1)
     else:
-        pattern = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+        pattern = torch.ops.aten._softmax.out(scores, -1, half_to_float=False, out=scores)
     if torch.isnan(pattern.sum()):
         pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
     return pattern

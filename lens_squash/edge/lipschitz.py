@@ -195,7 +195,7 @@ def _squared_norms(coeff: Tensor, gram: Tensor | LowerBlocks) -> Tensor:
 def _activation_coefficients(block, pre: Tensor, pre_linear: Tensor | None) -> Tensor:
     """``c`` per position: the MLP's diagonal Jacobian factors, ``[pos, k·d_mlp]``."""
     act = activation(block)
-    pre = pre.detach().double().requires_grad_(True)
+    pre = pre.detach().double().requires_grad_(requires_grad=True)
     with torch.enable_grad():
         value = act(pre)
         # The activation is elementwise, so the gradient of its sum is exactly its derivative.
@@ -289,8 +289,8 @@ def moe_jacobian_frobenius(
         if not (weight > 0).any():
             continue
         w_gate, w_in = (m.double() for m in _expert_matrices(expert)[0])
-        gate = (x @ w_gate + _bias(expert.W_gate)).requires_grad_(True)
-        up = (x @ w_in + _bias(expert.W_in)).requires_grad_(True)
+        gate = (x @ w_gate + _bias(expert.W_gate)).requires_grad_(requires_grad=True)
+        up = (x @ w_in + _bias(expert.W_in)).requires_grad_(requires_grad=True)
         with torch.enable_grad():
             slope_gate, slope_up = torch.autograd.grad(_expert_post(expert, gate, up).sum(), (gate, up))
         coeff = torch.cat([slope_gate, slope_up], dim=-1)  # elementwise map: these are its derivatives

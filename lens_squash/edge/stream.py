@@ -168,7 +168,7 @@ def _check_same(traced: Trace, layer: int, patterns: Tensor) -> None:
         )
 
 
-def _layer_source(model, traced: Trace, needs_mean: bool):
+def _layer_source(model, traced: Trace, *, needs_mean: bool):
     """``layer -> (patterns, head mean)``: the trace's stored ones, or recomputed from the stored input
     (checked against the first column the trace kept; the mean as the trace keeps it: patterns' dtype)."""
     if traced.patterns is not None:
@@ -211,7 +211,7 @@ def stream_bounds(
     rows = BoundRows(traced, graphs, target_pos)  # checks the target first
     if not graphs:
         return {}
-    source = _layer_source(model, traced, rows.needs_mean)
+    source = _layer_source(model, traced, needs_mean=rows.needs_mean)
     enabled = None if traced.n_tokens >= 1024 else False
     for layer in progress(
         range(traced.n_layers - 1, -1, -1), desc="bound rows", total=traced.n_layers, unit="layer", enabled=enabled
@@ -258,7 +258,9 @@ def memory_model(cfg, n_tokens: int, *, kept: bool, weights: int = 0) -> dict[st
 def analysis_memory(model, n_tokens: int, *, keep_patterns: bool | None = None) -> dict[str, int]:
     """:func:`memory_model` for ``model`` (patterns kept as ``trace`` would decide)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return memory_model(model.cfg, n_tokens, kept=keeps_patterns(model, n_tokens, keep_patterns), weights=weights)
+    return memory_model(
+        model.cfg, n_tokens, kept=keeps_patterns(model, n_tokens, keep_patterns=keep_patterns), weights=weights
+    )
 
 
 def check_fits(model, n_tokens: int, *, keep_patterns: bool | None = None, available: int | None = None) -> None:

@@ -105,7 +105,7 @@ def tiny_model(
     if positional == "none":
         with torch.no_grad():
             model.pos_embed.W_pos.zero_()
-        model.pos_embed.W_pos.requires_grad_(False)
+        model.pos_embed.W_pos.requires_grad_(requires_grad=False)
     return model.eval()
 
 
@@ -231,7 +231,7 @@ def _boot_twin(shape: _TinyShape, sizes: dict, d_vocab, n_ctx, init_range, hf_to
     _init_as_hooked(hf_model, init_range if init_range is not None else 0.8 / sizes["d_model"] ** 0.5, seed)
     if shape.positional == "none":  # NoPE: learned positions held at zero, as on the hooked model
         hf_model.transformer.wpe.weight.data.zero_()
-        hf_model.transformer.wpe.weight.requires_grad_(False)
+        hf_model.transformer.wpe.weight.requires_grad_(requires_grad=False)
     bridge = boot_bridge(
         f"lens-squash/tiny-{family}",
         hf_model=hf_model,

@@ -218,7 +218,7 @@ def patterns_bytes(model, n_tokens: int) -> int:
     return cfg.n_layers * (cfg.n_heads + 1) * n_tokens * n_tokens * per
 
 
-def keeps_patterns(model, n_tokens: int, keep_patterns: bool | None) -> bool:
+def keeps_patterns(model, n_tokens: int, *, keep_patterns: bool | None) -> bool:
     """``keep_patterns``, or by default whether the whole stack fits in :data:`KEEP_PATTERNS_BYTES`
     (always, for models whose blocks cannot be rerun alone to recompute patterns: :func:`streamable`)."""
     if keep_patterns is not None:
@@ -276,7 +276,7 @@ def trace(
         )
     store: dict[str, Tensor] = {}
     dtype = _analysis_dtype(model)
-    keep_whole = keeps_patterns(model, n, keep_patterns)
+    keep_whole = keeps_patterns(model, n, keep_patterns=keep_patterns)
     # learned sinks take a share of every row by design (the flag ModelFacts.sinks reads)
     substochastic, stream = bool(getattr(model.cfg, "use_attention_sinks", False)), None
     if not keep_whole:

@@ -54,7 +54,7 @@ def _ranking(comparisons: Mapping[str, Any], truth: str) -> str:
 
 
 def _below(
-    comparisons: Mapping[str, Any], guarantees: Mapping[str, str], n: int | None, covered: bool = True
+    comparisons: Mapping[str, Any], guarantees: Mapping[str, str], n: int | None, *, covered: bool = True
 ) -> list[str]:
     """The violation sentence first (bounds below the truth they cover), then the proxies below it.
 
@@ -107,7 +107,7 @@ def verdict(
     if unknown:
         raise ValueError(f"no guarantee given for {unknown}: every compared variant needs 'bound' or 'proxy'")
     first = _ranking(comparisons, truth)
-    below = _below(comparisons, guarantees, n_positions, covered)
+    below = _below(comparisons, guarantees, n_positions, covered=covered)
     violations = [s for s in below if s.startswith(VIOLATION_MARK)]
     rest = [s for s in below if not s.startswith(VIOLATION_MARK)]
     if best is None:

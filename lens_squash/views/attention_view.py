@@ -73,7 +73,7 @@ def _kept_layers(n_layers: int, per_layer: int, max_weights: int) -> list[int]:
     return sorted({round(i * (n_layers - 1) / max(fit - 1, 1)) for i in range(fit)})
 
 
-def _packed(roots: np.ndarray, causal: bool, max_bytes: int | None) -> tuple[str | None, int]:
+def _packed(roots: np.ndarray, *, causal: bool, max_bytes: int | None) -> tuple[str | None, int]:
     """√a (``roots``, in [0, 1]) as base64 of deflated bytes in the finest :data:`LEVELS` that fit
     ``max_bytes``; ``(None, 0)`` when none fits."""
     rows, keys = np.tril_indices(roots.shape[-1])
@@ -117,11 +117,11 @@ def attention_view(
     # causal patterns (every decoder's) travel as their lower triangle, row-major: query q's keys 0..q
     # start at q(q+1)/2; anything else (weight above the diagonal) travels whole
     causal = not np.triu(weights, 1).any()
-    packed, levels = _packed(np.sqrt(np.clip(weights[layers], 0, 1)), causal, max_bytes)
+    packed, levels = _packed(np.sqrt(np.clip(weights[layers], 0, 1)), causal=causal, max_bytes=max_bytes)
     while packed is None:  # not even the coarsest steps fit: keep fewer layers
         layers = _kept_layers(n_layers, n_heads * n * n, max(1, len(layers) // 2) * n_heads * n * n)
         packed, levels = _packed(
-            np.sqrt(np.clip(weights[layers], 0, 1)), causal, None if len(layers) == 1 else max_bytes
+            np.sqrt(np.clip(weights[layers], 0, 1)), causal=causal, max_bytes=None if len(layers) == 1 else max_bytes
         )
     profiles = {}
     for name, values in (colourings or {}).items():

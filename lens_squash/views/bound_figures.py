@@ -95,6 +95,7 @@ def _bound_caption(
     n: int,
     truth_name: str | None,
     names: list[str],
+    *,
     log: bool,
     normalised: bool,
     same: list[tuple[str, str]],
@@ -209,7 +210,15 @@ def bound_vs_jacobian(
         )
     bound_curves = {k: v for k, v in curves.items() if k in bounds}
     same = _coinciding(bound_curves)
-    caption = _bound_caption(n, truth_name if truth is not None else None, list(bounds), log, normalised, same, stats)
+    caption = _bound_caption(
+        n,
+        truth_name if truth is not None else None,
+        list(bounds),
+        log=log,
+        normalised=normalised,
+        same=same,
+        stats=stats,
+    )
     return finish_layout(
         fig,
         title,

@@ -22,7 +22,7 @@ def _shares(values: Any) -> np.ndarray:
     return values / total if total > 0 else np.full_like(values, np.nan)
 
 
-def _side(fig, row, x, values, tokens, name, colour, dash, window, legend=True) -> None:
+def _side(fig, row, x, values, tokens, name, colour, dash, window, *, legend=True) -> None:
     shown, _ = clip_decades(values, window)
     fig.add_trace(
         go.Scatter(

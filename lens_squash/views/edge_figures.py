@@ -70,7 +70,9 @@ def _infer_target(head: np.ndarray, resid: np.ndarray) -> int:
     return int(np.argmax(inflow))
 
 
-def _edge_trace(edge: dict, labels: list[str], w_max: float, group: str, n_heads: int, show_legend: bool) -> go.Scatter:
+def _edge_trace(
+    edge: dict, labels: list[str], w_max: float, group: str, n_heads: int, *, show_legend: bool
+) -> go.Scatter:
     l, h, j, k, w = edge["layer"], edge["head"], edge["to"], edge["from"], edge["flow"]
     kind = "residual" if h is None else f"head {h}"
     text = (
@@ -119,7 +121,7 @@ def _path_group(flows: Any, labels: list[str], target: int | None, top_k: int) -
     traces = []
     for edge in sorted(edges, key=lambda e: e["flow"]):  # heaviest drawn last, on top
         kind = "residual" if edge["head"] is None else f"head {edge['head']}"
-        traces.append(_edge_trace(edge, labels, w_max, group, head.shape[1], kind not in seen))
+        traces.append(_edge_trace(edge, labels, w_max, group, head.shape[1], show_legend=kind not in seen))
         seen.add(kind)
     traces.append(
         go.Scatter(

@@ -202,12 +202,14 @@ def test_the_default_keeps_patterns_only_while_they_fit():
     model = build("gpt2")
     n = int(math.isqrt(KEEP_PATTERNS_BYTES // (8 * model.cfg.n_layers * (model.cfg.n_heads + 1))))
     assert patterns_bytes(model, n) <= KEEP_PATTERNS_BYTES < patterns_bytes(model, n + 1)
-    assert keeps_patterns(model, n, None) and not keeps_patterns(model, n + 1, None)
-    assert not keeps_patterns(model, 4, False) and keeps_patterns(model, 10**6, True)
+    assert keeps_patterns(model, n, keep_patterns=None) and not keeps_patterns(model, n + 1, keep_patterns=None)
+    assert not keeps_patterns(model, 4, keep_patterns=False) and keeps_patterns(model, 10**6, keep_patterns=True)
     assert trace(model, TOKENS).patterns is not None  # a short prompt keeps them by default
     # blocks that cannot be rerun alone (a TransformerBridge's) keep their patterns whatever the length
     bridge_like = type("Bridge", (), {"cfg": model.cfg, "blocks": [torch.nn.Identity()]})()
-    assert keeps_patterns(bridge_like, 10**5, None) and not keeps_patterns(model, 10**5, None)
+    assert keeps_patterns(bridge_like, 10**5, keep_patterns=None) and not keeps_patterns(
+        model, 10**5, keep_patterns=None
+    )
 
 
 def test_a_prompt_that_will_not_fit_is_refused_with_the_longest_that_does():
