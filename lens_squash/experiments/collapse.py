@@ -68,6 +68,7 @@ from .collapse_families import (
     _check_lengths,
     _family,
     _family_pairs,
+    _Pairs,
     family_pairs,
 )
 from .collapse_passes import (
@@ -98,6 +99,8 @@ __all__ = [
 ]
 
 DEFAULT_DTYPES: tuple[str, ...] = ("float64", "float32", "bfloat16", "float16")
+#: the shared-pass path's defaults (``exact=False``): tokens per padded batch, lengths rerun separately
+_BATCH_TOKENS, _NOISE_SAMPLES = 8192, 3
 _INF = 0  # index of the ∞-norm in NORMS, used by the resolution criterion
 #: the threshold entries that are lengths (the others say how they were obtained)
 _LENGTH_KEYS = ("below_resolution", "exactly_zero", "same_prediction", "same_nontrivial_prediction")
@@ -278,11 +281,6 @@ def format_summary(result: CollapseResult) -> str:
     )
 
 
-def _resolved_chat(model, *, chat: bool | None) -> bool | None:
-    """``chat=None`` means the chat template when the tokenizer has one (as everywhere)."""
-    return chat if model.tokenizer is None else uses_chat(model.tokenizer, chat=chat)
-
-
 def collapse_curve(
     model,
     family: str | CollapseFamily,
@@ -295,9 +293,9 @@ def collapse_curve(
     separator: str = "",
     window: int | None = None,
     seed: int = 0,
-    batch_tokens: int = 8192,
+    batch_tokens: int = _BATCH_TOKENS,
     exact: bool = True,
-    noise_samples: int = 3,
+    noise_samples: int = _NOISE_SAMPLES,
 ) -> CollapseResult:
     """Measure representational collapse of ``family`` at each length (number of sequence elements)
     in each dtype. See the module docstring for the sites, norms, thresholds and the paths.
@@ -309,13 +307,32 @@ def collapse_curve(
     keys (Appendix C.6).
     """
     fam = _family(family)
-    chat = _resolved_chat(model, chat=chat)  # provenance records what was done: True or False
+    chat = uses_chat(model.tokenizer, chat=chat)  # resolved once: the pairs and provenance say what was done
     lengths = _check_lengths(lengths)
     _check_path_args(noise_samples, exact=exact)
-    dtype_names = tuple(str(resolve_dtype(d)).removeprefix("torch.") for d in dtypes)
-    if not dtype_names:
-        raise ValueError("pass at least one dtype, e.g. dtypes=('float32',)")
-    pairs = _family_pairs(model, fam, lengths, chat, open_ended, separator, seed)
+    dtype_names = _dtype_names(dtypes)
+    pairs = _family_pairs(model, fam, lengths, chat=chat, open_ended=open_ended, separator=separator, seed=seed)
+    return _pairs_curve(
+        model, fam, lengths, pairs, dtype_names, native=native, window=window, batch_tokens=batch_tokens,
+        exact=exact, noise_samples=noise_samples,
+    )  # fmt: skip
+
+
+def _pairs_curve(
+    model,
+    fam: CollapseFamily,
+    lengths: list[int],
+    pairs: _Pairs,
+    dtype_names: tuple[str, ...],
+    *,
+    native: bool,
+    window: int | None,
+    batch_tokens: int,
+    exact: bool,
+    noise_samples: int,
+) -> CollapseResult:
+    """:func:`collapse_curve` on pairs made once (:func:`~.collapse_families._family_pairs`), checked
+    arguments and dtype names; :func:`~.collapse_windows.window_sweep` reuses one set of pairs."""
     hooks = window_hooks(model.cfg.n_layers, window) if window is not None else []
     sample = () if exact else _spread(len(lengths), noise_samples)
     measured, noise, tokens = {}, {}, {}
@@ -351,15 +368,22 @@ def collapse_curve(
         provenance=provenance(
             model,
             family=fam.name,
-            chat=chat,
-            open_ended=open_ended,
-            separator=separator,
+            chat=pairs.chat,
+            open_ended=pairs.open_ended,
+            separator=pairs.separator,
             window=window,
-            seed=seed,
+            seed=pairs.seed,
             appended=list(pairs.appended),
             exact=exact,
         ),
     )
+
+
+def _dtype_names(dtypes: Sequence[str | torch.dtype]) -> tuple[str, ...]:
+    names = tuple(str(resolve_dtype(d)).removeprefix("torch.") for d in dtypes)
+    if not names:
+        raise ValueError("pass at least one dtype, e.g. dtypes=('float32',)")
+    return names
 
 
 def _check_path_args(noise_samples: int, *, exact: bool) -> None:

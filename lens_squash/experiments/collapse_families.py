@@ -113,7 +113,7 @@ def _tokenize(model, text: str) -> list[int]:
 
 
 def _prompt_text(model, family: CollapseFamily, seq: str, *, chat: bool, open_ended: bool) -> str:
-    # chat is resolved here already (uses_chat): True means the template, so one must exist
+    # chat was resolved at the boundary (uses_chat): True means the template, so one must exist
     before, _, after = family.template.partition("{seq}")
     message = before + seq + ("" if open_ended else after)
     if not chat:
@@ -143,6 +143,9 @@ def _check_insertion(s: list[int], s_star: list[int], appended: list[int], n: in
 
 @dataclass(frozen=True, eq=False)
 class _Pairs:
+    """A family's prompt pairs as token ids, made once (:func:`_family_pairs`) and passed down with how
+    they were made: ``chat`` is what was applied (resolved, never ``None``)."""
+
     s: list[list[int]]
     s_star: list[list[int]]
     exact_repeat: tuple[bool, ...]
@@ -150,6 +153,10 @@ class _Pairs:
     #: per length, the last token of the appended element (the repeated ``a`` of ``s* = s + [a]``):
     #: a next-token prediction equal to it just continues the run, a trivial agreement
     repeated: tuple[int, ...]
+    chat: bool
+    open_ended: bool
+    separator: str
+    seed: int
 
 
 def family_pairs(
@@ -163,15 +170,25 @@ def family_pairs(
     seed: int = 0,
 ) -> tuple[list[Tensor], list[Tensor], tuple[bool, ...]]:
     """Token ids of ``s`` and ``s*`` for each length, checked; and whether each is an exact repeat."""
-    pairs = _family_pairs(model, _family(family), _check_lengths(lengths), chat, open_ended, separator, seed)
+    pairs = _family_pairs(
+        model,
+        _family(family),
+        _check_lengths(lengths),
+        chat=uses_chat(model.tokenizer, chat=chat),
+        open_ended=open_ended,
+        separator=separator,
+        seed=seed,
+    )
     as_t = lambda xs: [torch.tensor(x, dtype=torch.long) for x in xs]  # noqa: E731
     return as_t(pairs.s), as_t(pairs.s_star), pairs.exact_repeat
 
 
-def _family_pairs(model, family, lengths, chat, open_ended, separator, seed) -> _Pairs:
+def _family_pairs(
+    model, family: CollapseFamily, lengths: list[int], *, chat: bool, open_ended: bool, separator: str, seed: int
+) -> _Pairs:
+    """The pairs of every length; ``chat`` already resolved by the caller (:func:`uses_chat`)."""
     if model.tokenizer is None:
         raise ValueError("prompt families need a tokenizer; use measure_pairs with token ids instead")
-    chat = uses_chat(model.tokenizer, chat=chat)
     s_all, star_all, exact, appended, repeated = [], [], [], [], []
     for n in lengths:
         seq, seq_star = family.sequences(n, separator, random.Random(seed))
@@ -186,7 +203,17 @@ def _family_pairs(model, family, lengths, chat, open_ended, separator, seed) -> 
         star_all.append(s_star)
         appended.append(extra)
         repeated.append(extra_ids[-1])
-    return _Pairs(s_all, star_all, tuple(exact), tuple(appended), tuple(repeated))
+    return _Pairs(
+        s_all,
+        star_all,
+        tuple(exact),
+        tuple(appended),
+        tuple(repeated),
+        chat=chat,
+        open_ended=open_ended,
+        separator=separator,
+        seed=seed,
+    )
 
 
 def _check_lengths(lengths: Sequence[int]) -> list[int]:

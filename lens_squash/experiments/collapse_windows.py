@@ -21,8 +21,18 @@ from torch import Tensor
 from ..core.display import compact_repr
 from ..core.records import provenance
 from ..core.results import Result
-from .collapse import CollapseFamily, CollapseResult, _resolved_chat, collapse_curve, window_hooks
-from .collapse_families import _check_lengths, _family, family_pairs
+from ..edge.prompts import uses_chat
+from .collapse import (
+    _BATCH_TOKENS,
+    _NOISE_SAMPLES,
+    CollapseFamily,
+    CollapseResult,
+    _check_path_args,
+    _dtype_names,
+    _pairs_curve,
+    window_hooks,
+)
+from .collapse_families import _check_lengths, _family, _family_pairs
 
 __all__ = ["WindowSweepResult", "window_sweep"]
 
@@ -89,23 +99,25 @@ def window_sweep(
     from ..edge.trace import trace as run_trace
 
     fam, lengths = _family(family), _check_lengths(lengths)
-    chat = _resolved_chat(model, chat=chat)
+    _check_path_args(_NOISE_SAMPLES, exact=exact)
+    chat = uses_chat(model.tokenizer, chat=chat)  # resolved once; every window measures the same pairs
+    pairs = _family_pairs(model, fam, lengths, chat=chat, open_ended=open_ended, separator=separator, seed=seed)
+    s_tokens = [torch.tensor(s, dtype=torch.long) for s in pairs.s]
     curves, first, last = [], [], []
-    s_tokens = family_pairs(model, fam, lengths, chat=chat, open_ended=open_ended, separator=separator, seed=seed)[0]
     for w in windows:
         curves.append(
-            collapse_curve(
+            _pairs_curve(
                 model,
                 fam,
                 lengths,
-                (model.cfg.dtype,),
-                chat=chat,
-                open_ended=open_ended,
-                separator=separator,
+                pairs,
+                _dtype_names((model.cfg.dtype,)),
+                native=False,
                 window=w,
-                seed=seed,
+                batch_tokens=_BATCH_TOKENS,
                 exact=exact,
-            )
+                noise_samples=_NOISE_SAMPLES,
+            )  # fmt: skip
         )
         shares = [_bound_shares(model, run_trace, toks, w) for toks in s_tokens] if bound else []
         first.append([f for f, _ in shares] or [float("nan")] * len(lengths))

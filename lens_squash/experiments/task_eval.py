@@ -144,6 +144,7 @@ def evaluate(
     progress: bool = True,
     on_batch: Callable[[int, list[dict]], None] | None = None,
     _fingerprint: dict[str, Any] | None = None,
+    _prompts: dict[tuple, torch.Tensor] | None = None,
 ) -> TaskResults:
     """Prompt ``model`` with every (task, style, length, sample) and score its greedy replies.
 
@@ -159,8 +160,9 @@ def evaluate(
     ``overwrite=True`` discards the old rows instead. ``loaded_as`` (the model name the user typed)
     is recorded so the command line can refuse a different ``--model`` before loading it.
     ``on_batch(index, rows)`` is called after each batch is saved. Copying tasks are deterministic:
-    their samples repeat the same prompt. (``_fingerprint`` is :func:`run_tasks`' way of hashing the
-    weights once for all its tasks; it must be ``run_fingerprint`` of these very arguments.)
+    their samples repeat the same prompt. (``_fingerprint`` and ``_prompts`` are :func:`run_tasks`' way of
+    hashing the weights and tokenizing every prompt once for all its tasks; they must be
+    ``run_fingerprint`` and :func:`tokenized_prompts` of these very arguments.)
     """
     check_int("batch_size", batch_size, 1)
     check_int("max_new_tokens", max_new_tokens, 1)
@@ -182,9 +184,9 @@ def evaluate(
     _check_resumable(done, instances, path)
     rows = {i.key: done[i.key] for i in instances if i.key in done}
     todo = [i for i in instances if i.key not in rows]
-    prompts = tokenized_prompts(
-        model, todo, chat=chat, max_new_tokens=max_new_tokens
-    )  # refuse over-long prompts before any work
+    if _prompts is None:  # refuse over-long prompts before any work
+        _prompts = tokenized_prompts(model, todo, chat=chat, max_new_tokens=max_new_tokens)
+    prompts = {i.key: _prompts[i.key] for i in todo}
     if path is not None:
         record_fingerprint(path, fingerprint, loaded_as, key=RESULT_KEY)
     with counter(

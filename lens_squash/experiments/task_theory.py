@@ -33,7 +33,7 @@ from ..core.display import compact_repr
 from ..core.records import provenance
 from ..core.results import Result
 from ..core.tokens import token_label
-from ..edge.prompts import Tokens, tokenize
+from ..edge.prompts import Tokens, tokenize, uses_chat
 from .task_prompts import TASKS, TaskInstance, make_instance
 
 __all__ = [
@@ -89,6 +89,11 @@ def sequence_positions(
     Uses the fast tokenizer's offset mapping, checked against the ids the model actually sees.
     """
     prompt = tokenize(model, instance.prompt, chat=chat)
+    return prompt.ids, _positions(model, instance, prompt)
+
+
+def _positions(model, instance: TaskInstance, prompt: Tokens) -> list[int]:
+    """:func:`sequence_positions` of a prompt tokenized once, at the boundary."""
     tokens, text = prompt.ids, _formatted_text(model, prompt)
     encoded = model.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
     ids, spans = list(encoded["input_ids"]), list(encoded["offset_mapping"])
@@ -104,7 +109,7 @@ def sequence_positions(
         if not hits:
             raise ValueError(f"no token covers character {char} of the formatted prompt of {instance.key}")
         positions.append(hits[0] + shift)
-    return tokens, positions
+    return positions
 
 
 def answer_position(model, instance: TaskInstance, *, chat: bool | None = None) -> tuple[Int[Tensor, "pos"], int]:
@@ -115,7 +120,11 @@ def answer_position(model, instance: TaskInstance, *, chat: bool | None = None) 
             "use a copying task (copy_first, copy_last, …)"
         )
     tokens, positions = sequence_positions(model, instance, chat=chat)
-    return tokens, positions[ANSWER_ELEMENT.get(instance.task, -1)]
+    return tokens, _answer(instance, positions)
+
+
+def _answer(instance: TaskInstance, positions: list[int]) -> int:
+    return positions[ANSWER_ELEMENT.get(instance.task, -1)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,18 +162,20 @@ class CopySensitivity(Result):
         )
 
 
-def _copy_row(model, instance: TaskInstance, *, chat, jacobian_mode, n_probes, variant, seed) -> tuple[dict, dict]:
+def _copy_row(
+    model, instance: TaskInstance, prompt: Tokens, *, jacobian_mode, n_probes, variant, seed
+) -> tuple[dict, dict]:
     from ..algebra.variants import path_bound
     from ..edge.jacobian import jacobian
     from ..edge.trace import trace
 
-    tokens, pos = answer_position(model, instance, chat=chat)
-    _, seq_pos = sequence_positions(model, instance, chat=chat)
-    jac = jacobian(model, tokens, mode=jacobian_mode, n_probes=n_probes, target_pos=-1, seed=seed)
+    tokens, seq_pos = prompt.ids, _positions(model, instance, prompt)
+    pos = _answer(instance, seq_pos)
+    jac = jacobian(model, prompt, mode=jacobian_mode, n_probes=n_probes, target_pos=-1, seed=seed)
     # MLP gains are needed only by the certified variants, and cost a pass per layer
     from ..algebra.variant_registry import variants_needing
 
-    traced = trace(model, tokens, lipschitz=variants_needing((variant,), "mlp_gains"))
+    traced = trace(model, prompt, lipschitz=variants_needing((variant,), "mlp_gains"))
     bound = path_bound(traced, variant, model=model).bound.double()
     frob = jac.frobenius.double()
     spectral = float("nan") if jac.spectral is None else float(jac.spectral[pos])
@@ -204,11 +215,14 @@ def copy_sensitivity(
     if not tasks or not lengths:
         raise ValueError("pass at least one copying task and one length, e.g. lengths=[5, 10, 20]")
     n_probes = min(n_probes, model.cfg.d_model)
+    chat = uses_chat(model.tokenizer, chat=chat)  # resolved once: what every prompt gets, and what provenance says
     rows, profiles = [], {}
     for task in tasks:
         for length in lengths:
-            row, profile = _copy_row(model, make_instance(task, length), chat=chat, jacobian_mode=jacobian_mode,
-                                     n_probes=n_probes, variant=variant, seed=seed)  # fmt: skip
+            instance = make_instance(task, length)
+            prompt = tokenize(model, instance.prompt, chat=chat)  # once: positions, Jacobian and trace read it
+            row, profile = _copy_row(model, instance, prompt, jacobian_mode=jacobian_mode, n_probes=n_probes,
+                                     variant=variant, seed=seed)  # fmt: skip
             rows.append(row)
             profiles[(task, length)] = profile
     meta = provenance(model, tasks=list(tasks), lengths=list(lengths), jacobian_mode=jacobian_mode,
@@ -267,6 +281,7 @@ def count_collapse(
         raise ValueError(f"ns must be positive integers, e.g. range(2, 40, 4); got {ns!r}")
     if task not in TASKS or set(make_instance(task, 3, style=style).sequence) != {1}:
         raise ValueError(f"task must repeat one token (count_ones or sum_ones), got {task!r}")
+    chat = uses_chat(model.tokenizer, chat=chat)  # resolved once, for every prompt and the provenance
     cache: dict[int, Any] = {}
 
     def traced(n: int):

@@ -89,9 +89,8 @@ def run_tasks(
     everything = [
         i for task, task_styles in plan.items() for i in make_instances(task, lengths, n_samples, task_styles, seed)
     ]
-    tokenized_prompts(
-        model, everything, chat=chat, max_new_tokens=max_new_tokens
-    )  # no task may fail for length after another has run
+    # every prompt tokenized once, here: no task may fail for length after another has run
+    prompts = tokenized_prompts(model, everything, chat=chat, max_new_tokens=max_new_tokens)
     out = None if out_dir is None else Path(out_dir)
     if out is not None and overwrite:  # the old run's summaries must not outlive its rows
         for name in _FINAL_FILES:
@@ -103,7 +102,7 @@ def run_tasks(
             model, task, lengths, n_samples, style=task_styles, seed=seed, batch_size=batch_size,
             max_new_tokens=max_new_tokens, chat=chat, progress=progress, loaded_as=loaded_as,
             out_path=None if out is None else out / "results.jsonl", overwrite=overwrite and index == 0,
-            _fingerprint=fingerprint,
+            _fingerprint=fingerprint, _prompts=prompts,
         )  # fmt: skip
         frames.append(part.frame)
         metas.append(part.provenance)

@@ -771,6 +771,27 @@ def test_run_tasks_writes_everything_and_resumes_after_an_interruption(chat_mode
     ]
 
 
+def test_run_tasks_tokenizes_each_prompt_once_and_equals_evaluate_per_task(chat_model, monkeypatch):
+    # the prompts are a value made once at the boundary: run_tasks checks their lengths and hands the
+    # same ids to every task's evaluate, which tokenizes nothing again
+    small = {**RUN, "tasks": ["copy_last", "count_ones"], "n_samples": 1}
+    separate = [
+        task_eval.evaluate(chat_model, task, small["lengths"], 1, style=styles, max_new_tokens=3, batch_size=3,
+                           progress=False)
+        for task, styles in (("copy_last", "answer"), ("count_ones", ["answer", "cot"]))
+    ]  # fmt: skip
+    real, made = task_eval.format_prompt, []
+
+    def counted(model, text, **kwargs):
+        made.append(text)
+        return real(model, text, **kwargs)
+
+    monkeypatch.setattr(task_eval, "format_prompt", counted)
+    together = tasks.run_tasks(chat_model, **small)
+    assert len(made) == len(together.frame) == 2 + 4 and sorted(made) == sorted(together.frame.prompt)
+    pd.testing.assert_frame_equal(together.frame, pd.concat([r.frame for r in separate], ignore_index=True))
+
+
 def test_run_tasks_refuses_a_style_a_task_does_not_offer(chat_model, tmp_path):
     with pytest.raises(ValueError, match="copying tasks have only 'answer'"):
         tasks.run_tasks(chat_model, ["copy_last"], [2], 1, "cot", tmp_path)
