@@ -12,6 +12,7 @@ and rebuilt when missing, stale or corrupt.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import importlib.metadata
@@ -337,9 +338,8 @@ def load_hf_reference(name: str = DEFAULT_MODEL):
 
 
 def offline_tokenizer():
-    """The SmolLM2 tokenizer, read from the reload cache (built once from the GGUF)."""
-    from transformers import AutoTokenizer
-
+    """The SmolLM2 tokenizer, read from the reload cache (built once from the GGUF); every call gets its
+    own copy."""
     spec = OFFLINE_MODELS[DEFAULT_MODEL]
     gguf = gguf_path(spec)
     key, meta = cache_key(gguf)
@@ -351,4 +351,14 @@ def offline_tokenizer():
         found = entries[0] if layout == "hooked" else entries[1]
         if read_cache_entry(found, layout=layout) is None:
             build_cache_entry(gguf, found, meta, layout=layout)
-    return AutoTokenizer.from_pretrained(found / "tokenizer")
+    folder = found / "tokenizer"
+    return copy.deepcopy(_read_tokenizer(str(folder), folder.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=2)
+def _read_tokenizer(folder: str, mtime_ns: int):
+    # read once per process (0.4 s; every tiny model with a tokenizer loads one): callers get deep copies
+    # (0.1 s), so one caller's edit (a chat template set to None) never reaches another
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)

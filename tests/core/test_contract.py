@@ -324,6 +324,7 @@ def _top_k():
     return TopK.of(_analysis().trace.last_logits, 5)
 
 
+@functools.cache  # built once for every check below: records are frozen, and none of these tests edits one
 def _instance(name: str):
     value = BUILDERS[name]()
     assert type(value) is RECORDS[name], f"the {name} builder made a {type(value).__name__}"

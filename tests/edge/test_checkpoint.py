@@ -39,10 +39,18 @@ def _assert_equal(plain, saved, tol):
             torch.testing.assert_close(getattr(saved, kind), getattr(plain, kind), **tol)
 
 
+def _swept(param):
+    """A family of the sweep as a ``conformance`` case (``make test-fast`` keeps the tiny-random bridge, the
+    float32 families and the layer/position checks below; ``make test`` runs every family)."""
+    if isinstance(param, str):
+        return pytest.param(param, marks=pytest.mark.conformance)
+    return pytest.param(*param.values, marks=[*param.marks, pytest.mark.conformance])
+
+
 #: every family (on TransformerLens 4: the bridge twins that freeze), and the tiny-random bridge
 @pytest.fixture(
     scope="module",
-    params=[*params(sorted(FAMILIES)), "tiny_random_bridge"],
+    params=[*map(_swept, params(sorted(FAMILIES))), "tiny_random_bridge"],
 )
 def family(request):
     if request.param == "tiny_random_bridge":

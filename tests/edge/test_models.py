@@ -36,6 +36,18 @@ def test_logits_match_transformers_on_a_real_prompt(smollm2, smollm2_hf):
     assert torch.equal(ours.argmax(-1), reference.argmax(-1))
 
 
+def test_each_offline_tokenizer_is_its_own_copy_of_the_one_read_from_disk():
+    # read once per process, handed out as deep copies: one caller's edit never reaches another
+    a, b = gguf.offline_tokenizer(), gguf.offline_tokenizer()
+    assert a is not b and a.chat_template and a.chat_template == b.chat_template
+    text = "Count the 1s: 1111, then <b>x</b>."
+    assert a(text)["input_ids"] == b(text)["input_ids"] and len(a) == len(b)
+    a.chat_template = None
+    a.add_special_tokens({"additional_special_tokens": ["<lens_squash_test>"]})
+    c = gguf.offline_tokenizer()
+    assert c.chat_template == b.chat_template and len(c) == len(b) and c(text)["input_ids"] == b(text)["input_ids"]
+
+
 @pytest.mark.slow
 def test_chat_prompt_starts_with_a_single_bos(smollm2):
     tokens = format_prompt(smollm2, "hello")
@@ -270,10 +282,11 @@ def test_gguf_folder_found_without_importing_the_chat_app():
     assert path.name == spec.gguf_file and Path(path).stat().st_size > 50_000_000
     assert path.parent == Path(importlib.util.find_spec(spec.package).submodule_search_locations[0])
     # in a fresh interpreter (this one may have imported it elsewhere): finding the file imports
-    # neither the wheel's package nor anything under it (its chat app pulls in a web stack)
+    # neither the wheel's package nor anything under it (its chat app pulls in a web stack); the
+    # interpreter imports gguf alone (2 s), not models with TransformerLens (7 s)
     code = (
-        "import json, sys\nfrom lens_squash.edge import gguf, models\n"
-        "spec = models.OFFLINE_MODELS[models.DEFAULT_MODEL]\nbefore = set(sys.modules)\n"
+        "import json, sys\nfrom lens_squash.edge import gguf, model_names\n"
+        "spec = gguf.OFFLINE_MODELS[model_names.DEFAULT_MODEL]\nbefore = set(sys.modules)\n"
         "path = gguf.gguf_path(spec)\n"
         "print(json.dumps({'path': str(path), 'loaded': sorted(m for m in sys.modules if m == spec.package "
         "or m.startswith(spec.package + '.')), 'new': sorted(set(sys.modules) - before)}))"
