@@ -149,6 +149,19 @@ def params(names) -> list:
     return [name if name in HF_TWINS else pytest.param(name, marks=pytest.mark.hooked) for name in names]
 
 
+def sweep(names, *, fast) -> list:
+    """:func:`params` of a per-family sweep: every family but those in ``fast`` is also a ``conformance``
+    case, so ``make test-fast`` runs the few in ``fast`` and ``make test`` every one."""
+    unknown = set(fast) - set(names)
+    if unknown:
+        raise ValueError(f"fast names families outside the sweep: {sorted(unknown)}")
+    swept = []
+    for param in params(names):
+        name, marks = (param, []) if isinstance(param, str) else (param.values[0], list(param.marks))
+        swept.append(param if name in fast else pytest.param(name, marks=[*marks, pytest.mark.conformance]))
+    return swept
+
+
 def config(name: str, **overrides):
     from transformer_lens import HookedTransformerConfig  # TransformerLens 3 only: imported when a family is built
 

@@ -18,7 +18,7 @@ from lens_squash.edge.jacobian import jacobian
 from lens_squash.edge.jacobian_memory import estimate_memory
 from lens_squash.edge.models import TINY_MODEL, load_model, tiny_model
 
-from ..families import FAMILIES, TOKENS, build, params
+from ..families import FAMILIES, TOKENS, build, params, sweep
 
 #: float64: the two paths run the same operations on the same numbers, in another order of blocks
 TOL64 = {"atol": 1e-12, "rtol": 1e-10}
@@ -39,18 +39,12 @@ def _assert_equal(plain, saved, tol):
             torch.testing.assert_close(getattr(saved, kind), getattr(plain, kind), **tol)
 
 
-def _swept(param):
-    """A family of the sweep as a ``conformance`` case (``make test-fast`` keeps the tiny-random bridge, the
-    float32 families and the layer/position checks below; ``make test`` runs every family)."""
-    if isinstance(param, str):
-        return pytest.param(param, marks=pytest.mark.conformance)
-    return pytest.param(*param.values, marks=[*param.marks, pytest.mark.conformance])
-
-
-#: every family (on TransformerLens 4: the bridge twins that freeze), and the tiny-random bridge
+#: every family (on TransformerLens 4: the bridge twins that freeze), and the tiny-random bridge; the
+#: families are a conformance sweep (test-fast keeps the tiny-random bridge, and the float32 families and
+#: the layer/position checks below)
 @pytest.fixture(
     scope="module",
-    params=[*map(_swept, params(sorted(FAMILIES))), "tiny_random_bridge"],
+    params=[*sweep(sorted(FAMILIES), fast=()), "tiny_random_bridge"],
 )
 def family(request):
     if request.param == "tiny_random_bridge":
