@@ -25,7 +25,7 @@ from lens_squash.edge.stream import (
 from lens_squash.edge.trace import KEEP_PATTERNS_BYTES, keeps_patterns, patterns_bytes, trace
 from lens_squash.experiments.analysis import analyze
 
-from ..families import FAMILIES, REFUSED, TOKENS, build, params
+from ..families import FAMILIES, REFUSED, TOKENS, build, params, sweep
 
 CAUSAL = [name for name in FAMILIES if name not in REFUSED]
 #: every family (on TransformerLens 4: the bridge twins), and the tiny-random bridge
@@ -68,7 +68,11 @@ def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> None:
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("family", STREAMED)
+# every causal family is a conformance sweep; test-fast keeps a LayerNorm, an RMSNorm/GQA, a sandwich-norm
+# family and the tiny-random bridge
+@pytest.mark.parametrize(
+    "family", [*sweep(CAUSAL, fast=("gpt2", "llama_gqa", "gemma2_post_norm")), "tiny_random_bridge"]
+)
 def test_streamed_analysis_equals_the_whole_pattern_one(family):
     model = _model(family)
     whole = analyze(model, TOKENS, jacobian_mode=None, keep_patterns=True)

@@ -18,7 +18,7 @@ from lens_squash.experiments.ablation import AblationResult
 from lens_squash.experiments.analysis import Analysis, analyze
 from lens_squash.experiments.collapse import CollapseResult
 
-from ..families import FAMILIES, REFUSED, TOKENS, build, params
+from ..families import FAMILIES, REFUSED, TOKENS, build, sweep
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +263,10 @@ def test_bad_variant_lists_are_refused_before_tracing(chat_model, variants, mess
         analyze(chat_model, "hello there", variants=variants, jacobian_mode=None)
 
 
-@pytest.mark.parametrize("family", params(sorted(name for name in FAMILIES if name != "bidirectional")))
+# a per-family sweep (conformance); test-fast keeps a LayerNorm and an RMSNorm/GQA family
+@pytest.mark.parametrize(
+    "family", sweep(sorted(name for name in FAMILIES if name != "bidirectional"), fast=("gpt2", "llama_gqa"))
+)
 def test_analyze_with_defaults_runs_on_every_causal_family(family):
     from lens_squash.experiments.analysis import DEFAULT_VARIANTS
 
