@@ -238,3 +238,19 @@ def test_experts_read_wrong_are_caught_by_recomputing_the_moe(mixtral):
     )  # fmt: skip
     assert "does not compute Σ_e g_e" in probe.unsupported["certified"]
     assert "certified" not in read_model(bridge).unsupported  # the right reading passes
+
+
+def test_clamped_values_are_read_from_the_transformers_config():
+    """OLMo's ``clip_qkv`` lives in the transformers config only (the bridge's cfg drops it): the adapter
+    must still see the clamp, so the certified OV norm is the clamp-proof product and the flow refuses."""
+    from lens_squash.edge.flow import flow
+
+    plain = boot(build_hf("olmo"))
+    assert read_model(plain).shape.value_clip is False
+    hf = build_hf("olmo")
+    hf.config.clip_qkv = 0.3  # read by OlmoAttention at every forward
+    clamped = boot(hf)
+    assert getattr(clamped.cfg, "clip_qkv", None) is None  # what made the bridge look unclamped
+    assert read_model(clamped).shape.value_clip is True
+    with pytest.raises(UnsupportedModelError, match=r"cfg\.clip_qkv=0\.3"):
+        flow(clamped, TOKENS, variants=())
