@@ -131,7 +131,7 @@ def _close(model, got, want, rtol=1e-10, atol=1e-12):
     """Tight float64 tolerances, or float32 resolution (1e-5 of the largest entry, as in
     tests/test_conformance.py) where the bridge rounds to float32 inside."""
     if model in _ROUNDED:
-        rtol, atol = 0.0, 1e-5 * float(want.abs().max())
+        rtol, atol = 0.0, 1e-5 * float(want.detach().abs().max())
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
 
 
@@ -391,6 +391,7 @@ def _brute_edges(model, tokens, mode):
         "gpt2",
         "llama_gqa",
         "gemma_sandwich",
+        "parallel",
         *(pytest.param(n, marks=pytest.mark.hooked) for n in ("ln_pre", "no_norm", "sinks")),
     ],
 )
