@@ -12,6 +12,9 @@ three must read ``ln1`` of its own copy of the residual: ``ln1(x + δ_q)``, ``ln
   applies) on the stored input ``x`` (:func:`bridge_offsets`). The value is the same (``δ = 0``); the
   graph now has one ``ln1`` per projection, as on the hooked block. The hooks check the block has the
   shape this assumes: ``ln1`` reads the block's input, each projection runs once on ``ln1``'s output.
+  A parallel block with one norm for both sublayers (GPT-J, Phi) has no ``ln2``: its MLP reads
+  ``ln1``'s output, and gets its own ``ln1(x + δ_mlp)`` the same way. Post-sublayer norms (Gemma-2)
+  act on what the sublayers write, after the points offset here, so they need nothing.
 
 On a bridge ``hook_resid_mid`` is ``ln2``'s input hook, which the skip connection does not pass, so
 the flow reads the middle gradient as ``g^(l+1) + mlp`` there (:func:`adds_mid_offset`).
