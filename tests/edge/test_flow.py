@@ -27,6 +27,8 @@ from lens_squash.edge.models import tiny_model
 from lens_squash.edge.trace import trace
 
 from .. import families
+from ..hf_families import _decoder_layers
+from ..reference import input_grad_only
 
 F64 = torch.float64
 
@@ -117,11 +119,15 @@ FLOAT32_INSIDE = frozenset({"llama_gqa", "gemma_sandwich", "parallel"})
 _ROUNDED: weakref.WeakSet = weakref.WeakSet()
 
 
+_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its MODELS name
+
+
 def _bridge_or_hooked(name):
     if has_hooked_transformer() or BRIDGE_TWINS[name] is None:
         model = MODELS[name]()
     else:
         model = families.build(BRIDGE_TWINS[name])
+    _NAMES[model] = name
     if is_bridge(model) and name in FLOAT32_INSIDE:
         _ROUNDED.add(model)
     return model
@@ -303,17 +309,76 @@ def _attention(block, query, value):
     return block.ln1_post(out) if hasattr(block, "ln1_post") else out  # Gemma-2's sandwich norm
 
 
-# TransformerLens 3 only: the reference feeds HookedTransformer's attention separate query/key/value
-# inputs; a bridge's runs transformers' attention on one input, with the rotary tables and mask its
-# model hands it. On bridges the parts are checked by their sum (test_parts_sum_to_autograd_float64),
-# the MLP part alone, and the value part head by head and edge by edge (brute force below).
-@pytest.mark.hooked
-def test_pattern_and_value_parts_are_the_attention_vjps(model):
+#: transformers twin -> (its attention module, the norm that attention reads, the module whose output is
+#: what attention writes: Gemma-2's post-norm, or the attention itself)
+_HF_ATTENTION = {
+    "gptj_parallel": ("attn", "ln_1", "attn"),
+    "gemma2_post_norm": ("self_attn", "input_layernorm", "post_attention_layernorm"),
+}
+
+
+def _hf_attention_vjps(model, layer, tokens, cotangents):
+    """(pattern, value) VJPs of what ``layer``'s attention writes, by autograd on the bridge's untouched
+    transformers copy: the layer's input replaced by ``v``, with the value projection (pattern part) or
+    the query and key projections (value part) fed the norm of the clean input ``x`` instead."""
+    hf = families.hf_reference(model)
+    block = _decoder_layers(hf)[layer]
+    attn_name, norm_name, out_name = _HF_ATTENTION[BRIDGE_TWINS[_NAMES[model]]]
+    attn, norm, written = getattr(block, attn_name), getattr(block, norm_name), getattr(block, out_name)
+    seen = {}
+
+    def keep_input(module, args, kwargs):
+        seen.setdefault("x", (args[0] if args else kwargs["hidden_states"]).detach())
+
+    handle = block.register_forward_pre_hook(keep_input, with_kwargs=True)
+    with torch.no_grad():
+        hf(input_ids=tokens[None])
+    handle.remove()
+    x = seen["x"]
+
+    def run(v, held: str):
+        def swap(module, args, kwargs):
+            return ((v, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": v})
+
+        def grab(module, args, output):
+            seen["out"] = output[0] if isinstance(output, tuple) else output
+
+        handles = [block.register_forward_pre_hook(swap, with_kwargs=True), written.register_forward_hook(grab)]
+        handles += [getattr(attn, f"{p}_proj").register_forward_pre_hook(lambda m, a: (norm(x),)) for p in held]
+        try:
+            hf(input_ids=tokens[None])
+        finally:
+            for h in handles:
+                h.remove()
+        return seen["out"][0]
+
+    with input_grad_only(hf):
+        _, vjp_qk = torch.func.vjp(lambda v: run(v, "v"), x)
+        _, vjp_v = torch.func.vjp(lambda v: run(v, "qk"), x)
+        return torch.stack([vjp_qk(g)[0][0] for g in cotangents]), torch.stack([vjp_v(g)[0][0] for g in cotangents])
+
+
+@pytest.mark.parametrize(
+    "name",  # the tiny GPT-2 and Llama bridges have no untouched transformers copy to differentiate
+    [
+        pytest.param(n, marks=pytest.mark.hooked) if n not in ("parallel", "gemma_sandwich") else n
+        for n in sorted(MODELS)
+    ],
+)
+def test_pattern_and_value_parts_are_the_attention_vjps(name):
     """Pattern part: backward through queries and keys with the values held; value part: through the
-    values with queries and keys held; both from a recomputed attention, no hooks."""
+    values with queries and keys held; both from a recomputed attention (HookedTransformer's, or on a
+    bridge transformers' own on its untouched copy), no lens_squash hooks."""
+    model = _bridge_or_hooked(name)
     tokens = _tokens()
     rows = torch.randn(2, model.cfg.d_model, dtype=F64)
     grads = flow_gradients(model, tokens, rows)
+    if is_bridge(model):
+        for layer in range(model.cfg.n_layers):
+            pattern, value = _hf_attention_vjps(model, layer, tokens, grads.mid[layer])
+            _close(model, grads.pattern[layer], pattern)
+            _close(model, grads.value[layer], value)
+        return
     _, cache = model.run_with_cache(tokens[None])
     for layer, block in enumerate(model.blocks):
         x = cache[f"blocks.{layer}.hook_resid_pre"]
