@@ -20,7 +20,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-__all__ = ["ADVERSARIAL", "adversarial", "edit_in_place", "frozen_names", "reference_jacobian"]
+__all__ = ["ADVERSARIAL", "adversarial", "edit_in_place", "frozen_names", "hf_layer_jacobian", "reference_jacobian"]
 
 
 def frozen_names(model) -> list[str]:
@@ -74,6 +74,48 @@ def reference_jacobian(model, tokens: Tensor, *, frozen: bool) -> Tensor:
         return y
 
     return torch.func.jacrev(f)(v0).detach()
+
+
+def hf_layer_jacobian(bridge, tokens: Tensor, *, layer="final", wrt: int = 0, target_pos: int = -1) -> Tensor:
+    """``∂y/∂x`` ``[d_out, pos, d_in]`` of a bridge ``families.build`` made, by plain autograd on its
+    untouched transformers copy: ``x`` decoder layer ``wrt``'s input, ``y`` layer ``layer``'s output at
+    ``target_pos`` (``"final"``: the final norm's output). No TransformerLens, no lens_squash code."""
+    from .families import hf_reference
+    from .hf_families import _decoder_layers
+
+    hf = hf_reference(bridge)
+    layers = _decoder_layers(hf)
+    seen: dict[str, Tensor] = {}
+
+    def keep_input(module, args, kwargs) -> None:
+        seen.setdefault("x", (args[0] if args else kwargs["hidden_states"]).detach()[0])
+
+    handle = layers[wrt].register_forward_pre_hook(keep_input, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            hf(input_ids=tokens[None])
+    finally:
+        handle.remove()
+
+    def f(x: Tensor) -> Tensor:
+        def swap(module, args, kwargs):
+            return ((x[None], *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x[None]})
+
+        def keep_output(module, args, output) -> None:
+            seen["y"] = (output[0] if isinstance(output, tuple) else output)[0, target_pos]
+
+        handles = [layers[wrt].register_forward_pre_hook(swap, with_kwargs=True)]
+        if layer != "final":
+            handles.append(layers[layer].register_forward_hook(keep_output))
+        try:
+            out = hf.base_model(input_ids=tokens[None]).last_hidden_state[0, target_pos]
+        finally:
+            for h in handles:
+                h.remove()
+        return out if layer == "final" else seen["y"]
+
+    with input_grad_only(hf):
+        return torch.autograd.functional.jacobian(f, seen["x"])
 
 
 def _norms(model):

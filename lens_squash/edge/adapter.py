@@ -25,6 +25,7 @@ call, so in-place edits (ablations, steering) are always seen.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ __all__ = [
     "activation",
     "check_frozen",
     "check_structure",
+    "clips_values",
     "moe_experts",
     "pattern_freeze",
     "functorch_ready",
@@ -384,7 +386,20 @@ def _bridge_structure(model) -> _Structure:
         runnable=functorch_ready,
         experts=moe_experts,
     )
-    return _Structure(probe.shape, probe.mlp_kind, dict(probe.unsupported), probe)
+    shape = probe.shape
+    if shape is not None and clips_values(model):  # the probe's pass cannot tell a clamp that did not bite
+        shape = dataclasses.replace(shape, value_clip=True)
+    return _Structure(shape, probe.mlp_kind, dict(probe.unsupported), probe)
+
+
+def clips_values(model) -> bool:
+    """Whether the values are clamped (OLMo's ``clip_qkv``). A bridge's TransformerLens config drops the
+    field; its ``transformers`` config keeps it, and that is what the attention clamps by. Counting a
+    clamp that is absent only loosens the bound; missing one lets ``‖W_V W_O‖`` undercut the Jacobian."""
+    if getattr(model.cfg, "clip_qkv", None) is not None:
+        return True
+    config = getattr(getattr(model, "original_model", None), "config", None)
+    return getattr(config, "clip_qkv", None) is not None
 
 
 def check_structure(model) -> None:

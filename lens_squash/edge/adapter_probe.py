@@ -218,7 +218,12 @@ def _check_causal(model, tokens: Tensor) -> None:
     other = tokens.clone()
     other[0, -1] = (other[0, -1] + 1) % max(int(model.cfg.d_vocab), 2)
     with torch.no_grad():
-        a, b = model(tokens), model(other)
+        a, b, again = model(tokens), model(other), model(tokens)
+    if torch.isfinite(a).all() and not _close(a, again):  # else a drifting hook would read as non-causal
+        raise RuntimeError(
+            "two identical forward passes of this bridge gave different outputs: a hook on the model edits it "
+            "differently on every call; remove it (model.reset_hooks()) or make it deterministic"
+        )
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         # NaN compares unequal to itself: name the non-finite weight instead of calling the model non-causal
         from .finite import check_finite_weights

@@ -42,6 +42,7 @@ def check_finite_weights(model) -> None:
     for name, param in model.named_parameters():
         nan, inf = _non_finite(param)
         if nan or inf:
+            name = name.replace("._original_component", "").replace("_original_component.", "")  # a bridge's wrapper
             raise ValueError(
                 f"the model's weight {name} holds {_count(nan, inf)} of {param.numel()} values; with NaN or inf "
                 "in the weights every number computed from them is meaningless: reload the model or repair that tensor"

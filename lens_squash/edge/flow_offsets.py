@@ -12,6 +12,9 @@ three must read ``ln1`` of its own copy of the residual: ``ln1(x + δ_q)``, ``ln
   applies) on the stored input ``x`` (:func:`bridge_offsets`). The value is the same (``δ = 0``); the
   graph now has one ``ln1`` per projection, as on the hooked block. The hooks check the block has the
   shape this assumes: ``ln1`` reads the block's input, each projection runs once on ``ln1``'s output.
+  A parallel block with one norm for both sublayers (GPT-J, Phi) has no ``ln2``: its MLP reads
+  ``ln1``'s output, and gets its own ``ln1(x + δ_mlp)`` the same way. Post-sublayer norms (Gemma-2)
+  act on what the sublayers write, after the points offset here, so they need nothing.
 
 On a bridge ``hook_resid_mid`` is ``ln2``'s input hook, which the skip connection does not pass, so
 the flow reads the middle gradient as ``g^(l+1) + mlp`` there (:func:`adds_mid_offset`).
@@ -40,26 +43,29 @@ def adds_mid_offset(model) -> bool:
 
 
 def check_bridge_blocks(model) -> None:
-    """Refuse, in one line, a bridge whose blocks are not sequential pre-norm blocks with separate query,
-    key and value projections (the only bridge shape :func:`bridge_offsets` knows)."""
+    """Refuse, in one line, a bridge whose blocks are not sequential pre-norm blocks (post-sublayer norms
+    allowed) with separate query, key and value projections (the bridge shapes :func:`bridge_offsets` knows)."""
     cfg = model.cfg
-    if getattr(cfg, "parallel_attn_mlp", False):
-        raise UnsupportedModelError(
-            f"the sensitivity flow on a TransformerBridge covers sequential blocks only; {_USE_JACOBIAN}"
-        )
     for layer, block in enumerate(model.blocks):
         names = set(getattr(block, "submodules", {}) or {}) | {name for name, _ in block.named_children()}
         missing = [name for name in ("ln1", "attn") if name not in names]
-        missing += [] if cfg.attn_only else [name for name in ("ln2",) if name not in names]
+        # a parallel block may share ln1 between attention and MLP (GPT-J, Phi): then the MLP reads ln1's output
+        missing += [] if cfg.attn_only or _shares_ln1(model, block) else [n for n in ("ln2",) if n not in names]
         missing += [
             name for name in ("q", "k", "v") if not isinstance(getattr(block.attn, name, None), torch.nn.Module)
         ]
-        extra = [name for name in ("ln1_post", "ln2_post") if name in names]
-        if missing or extra:
+        # post-sublayer norms (Gemma-2's ln1_post, ln2_post) act after hook_z and on the MLP's output:
+        # the captured ∂z and the MLP part at ln2's input already carry them, as on a HookedTransformer
+        if missing:
             raise UnsupportedModelError(
                 f"the sensitivity flow on a TransformerBridge needs pre-norm blocks with ln1, ln2 and separate "
-                f"q/k/v projections; block {layer} lacks {missing} or has post-sublayer norms {extra}; {_USE_JACOBIAN}"
+                f"q/k/v projections; block {layer} lacks {missing}; {_USE_JACOBIAN}"
             )
+
+
+def _shares_ln1(model, block) -> bool:
+    """A parallel bridge block without ``ln2``: its MLP reads ``ln1``'s output, as its attention does."""
+    return bool(getattr(model.cfg, "parallel_attn_mlp", False)) and not hasattr(block, "ln2") and hasattr(block, "mlp")
 
 
 def norm_input_offsets(model, offsets: dict, layers: Iterable[int] | None = None):
@@ -167,8 +173,9 @@ def bridge_offsets(model, offsets: dict, layers: Iterable[int] | None = None) ->
         def hook(module, args):
             calls[layer, name] += 1
             if not same(args[0], state[layer]["h"]):
+                where = "mlp" if name == "mlp" else f"attention.{name}"
                 raise UnsupportedModelError(
-                    f"block {layer}'s attention.{name} does not read ln1's output directly; {_USE_JACOBIAN}"
+                    f"block {layer}'s {where} does not read ln1's output directly; {_USE_JACOBIAN}"
                 )
             state[layer]["recomputing"] = True
             try:
@@ -186,8 +193,11 @@ def bridge_offsets(model, offsets: dict, layers: Iterable[int] | None = None) ->
         handles.append(block.ln1.register_forward_hook(ln1_post(layer)))
         for name in ("q", "k", "v"):
             handles.append(getattr(block.attn, name).register_forward_pre_hook(projection(layer, name)))
-        if offsets["mlp"]:
+        if offsets["mlp"] and _shares_ln1(model, block):  # the MLP's own ln1(x + δ_mlp), as each projection's
+            calls[layer, "mlp"] = 0
+            handles.append(block.mlp.register_forward_pre_hook(projection(layer, "mlp")))
+        elif offsets["mlp"]:
             handles.append(_add_to_ln2(model, offsets, layer))
     with _removing(handles):
         yield
-    _check_counts(calls, 1, "ln1, q, k or v")
+    _check_counts(calls, 1, "ln1, q, k, v or a shared-norm MLP")

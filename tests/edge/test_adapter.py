@@ -238,3 +238,51 @@ def test_experts_read_wrong_are_caught_by_recomputing_the_moe(mixtral):
     )  # fmt: skip
     assert "does not compute Σ_e g_e" in probe.unsupported["certified"]
     assert "certified" not in read_model(bridge).unsupported  # the right reading passes
+
+
+def test_clamped_values_are_read_from_the_transformers_config():
+    """OLMo's ``clip_qkv`` lives in the transformers config only (the bridge's cfg drops it): the adapter
+    must still see the clamp, so the certified OV norm is the clamp-proof product and the flow refuses."""
+    from lens_squash.edge.flow import flow
+
+    plain = boot(build_hf("olmo"))
+    assert read_model(plain).shape.value_clip is False
+    hf = build_hf("olmo")
+    hf.config.clip_qkv = 0.3  # read by OlmoAttention at every forward
+    clamped = boot(hf)
+    assert getattr(clamped.cfg, "clip_qkv", None) is None  # what made the bridge look unclamped
+    assert read_model(clamped).shape.value_clip is True
+    with pytest.raises(UnsupportedModelError, match=r"cfg\.clip_qkv=0\.3"):
+        flow(clamped, TOKENS, variants=())
+
+
+def _cancelled_clamped_olmo():
+    """OLMo whose every head has ``W_V W_O = 0`` (value dimension 1 is twice dimension 0, the output
+    rows cancel them, the rest write nothing), with ``clip_qkv`` between ``|v_0|`` and ``|v_1|``: the
+    clamp cuts ``v_1`` where ``v_0`` passes, so the heads write what ``‖W_V W_O‖ = 0`` says they cannot."""
+    hf = build_hf("olmo")
+    d_head = hf.config.hidden_size // hf.config.num_attention_heads
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            w_v, w_o = layer.self_attn.v_proj.weight, layer.self_attn.o_proj.weight  # [out, in]
+            w_v[1::d_head] = 2 * w_v[0::d_head]
+            w_o[:, 0::d_head] = -2 * w_o[:, 1::d_head]
+            for k in range(2, d_head):
+                w_o[:, k::d_head] = 0
+    values = []
+    handle = hf.model.layers[0].self_attn.v_proj.register_forward_hook(lambda m, a, out: values.append(out))
+    with torch.no_grad():
+        hf(input_ids=TOKENS[None])
+    handle.remove()
+    hf.config.clip_qkv = 1.5 * float(values[0][0, :, 0::d_head].abs().median())
+    return boot(hf)
+
+
+def test_the_certified_bound_covers_clamped_values_the_bridge_config_hides():
+    from lens_squash.algebra.variants import path_bound
+
+    model = _cancelled_clamped_olmo()
+    bound = path_bound(trace(model, TOKENS, lipschitz=True), "certified", model=model).bound
+    truth = jacobian(model, TOKENS, mode="frozen").spectral  # = HF autograd (tests/test_conformance.py)
+    assert truth[:-1].max() > 1.0  # earlier positions reach the last only through the cancelled heads
+    assert (bound >= truth * (1 - 1e-9)).all(), (bound / truth).min()

@@ -71,7 +71,6 @@ def test_jacobian_and_flow_share_their_request_defaults():
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for name, p in jac.items() if name not in ("model", "prompt"))
 
 
-@pytest.mark.hooked
 def test_a_frozen_sketch_over_a_whole_basis_is_the_frozen_frobenius_norm(model):
     # orthonormal probes spanning R^d: U Uᵀ = I, so the estimate is exact (module docstring of jacobian)
     d = model.cfg.d_model
@@ -83,7 +82,6 @@ def test_a_frozen_sketch_over_a_whole_basis_is_the_frozen_frobenius_norm(model):
     assert not torch.allclose(live.frobenius, frozen.frobenius)  # the axis does something here
 
 
-@pytest.mark.hooked
 def test_flow_refuses_a_request_it_cannot_cover(model):
     for request in (GradientRequest(layer=0), GradientRequest(wrt=1)):
         with pytest.raises(ValueError, match="layer='final'"):

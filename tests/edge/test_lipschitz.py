@@ -8,6 +8,7 @@ import torch
 from lens_squash.algebra.attention import ov_norms
 from lens_squash.algebra.variants import path_bound
 from lens_squash.core.support import UnsupportedModelError
+from lens_squash.edge.backends import is_bridge
 from lens_squash.edge.lipschitz import supports_certified
 from lens_squash.edge.models import tiny_model
 from lens_squash.edge.trace import trace
@@ -31,8 +32,8 @@ def _with_random_gains(model):
     return model
 
 
-# on TL 4.3 the RMS case (a Llama twin) misses 1e-10, and there is no twin without norms
-@pytest.mark.parametrize("knobs", [CASES[0], *(pytest.param(k, marks=pytest.mark.hooked) for k in CASES[1:])])
+# no transformers twin without norms
+@pytest.mark.parametrize("knobs", [*CASES[:2], pytest.param(CASES[2], marks=pytest.mark.hooked)])
 def test_mlp_gain_equals_explicit_frozen_jacobian(knobs):
     model = _with_random_gains(tiny_model(dtype=torch.float64, seed=2, **knobs))
     result = trace(model, TOKENS, lipschitz=True)
@@ -50,19 +51,18 @@ def test_mlp_gain_equals_explicit_frozen_jacobian(knobs):
                 return block.mlp(x[None, None])[0, 0]
 
             jac = torch.func.jacrev(mlp_of_frozen_norm)(mid[pos])
-            torch.testing.assert_close(
-                result.mlp_gain[layer, pos], torch.linalg.matrix_norm(jac), atol=1e-10, rtol=1e-10
-            )
+            expected = torch.linalg.matrix_norm(jac)
+            # a bridge's RMS twin (transformers' Llama) rounds its norm to float32 inside: that resolution
+            tol = 1e-5 * float(expected) if is_bridge(model) and knobs["norm"] == "RMS" else 1e-10
+            torch.testing.assert_close(result.mlp_gain[layer, pos], expected, atol=tol, rtol=1e-10)
 
 
 @pytest.mark.parametrize(
     "knobs",
     [
         *CASES[:2],
-        *(  # no twin without norms; the Arcee twin of the last is not yet checked on TL 4.3
-            pytest.param(k, marks=pytest.mark.hooked)
-            for k in (CASES[2], dict(norm="RMS", n_heads=4, n_key_value_heads=2, positional="rotary"))
-        ),
+        pytest.param(CASES[2], marks=pytest.mark.hooked),  # no transformers twin without norms
+        dict(norm="RMS", n_heads=4, n_key_value_heads=2, positional="rotary"),  # on TL 4.3: an Arcee twin
     ],
 )
 def test_ov_norms_equal_full_svd(knobs):
@@ -72,8 +72,10 @@ def test_ov_norms_equal_full_svd(knobs):
     centring = torch.eye(d, dtype=torch.float64) - (1.0 / d if knobs["norm"] == "LN" else 0.0)
     for layer, block in enumerate(model.blocks):
         gain = torch.diag(block.ln1.w.double()) if hasattr(block.ln1, "w") else torch.eye(d, dtype=torch.float64)
+        w_v = block.attn.W_V.double()  # a bridge gives it per key/value head: head h reads h // group
+        w_v = w_v.repeat_interleave(model.cfg.n_heads // w_v.shape[0], dim=0)
         for head in range(model.cfg.n_heads):
-            full = centring @ gain @ block.attn.W_V[head].double() @ block.attn.W_O[head].double()
+            full = centring @ gain @ w_v[head] @ block.attn.W_O[head].double()
             torch.testing.assert_close(got[layer, head], torch.linalg.matrix_norm(full, ord=2), atol=1e-10, rtol=1e-10)
 
 

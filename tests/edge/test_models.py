@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lens_squash.edge import gguf, hub, models
+from lens_squash.edge.backends import is_bridge
 from lens_squash.edge.models import (
     ModelLoadError,
     format_prompt,
@@ -239,10 +240,14 @@ def test_tiny_model_knobs_take_effect_in_the_attention_scores(positional, norm):
     )
 
 
-@pytest.mark.hooked
 @pytest.mark.parametrize(
     ("positional", "depends_on"),
-    [("none", "nothing"), ("alibi", "i - j"), ("rotary", "i - j"), ("standard", "i and j")],
+    [
+        ("none", "nothing"),
+        pytest.param("alibi", "i - j", marks=pytest.mark.hooked),  # tiny_model's ALiBi has no transformers twin
+        ("rotary", "i - j"),
+        ("standard", "i and j"),
+    ],
 )
 def test_on_a_repeated_token_the_scores_depend_on_what_the_positional_mechanism_says(positional, depends_on):
     # every position holds the same token, so only the positional mechanism can tell positions apart
@@ -251,8 +256,12 @@ def test_on_a_repeated_token_the_scores_depend_on_what_the_positional_mechanism_
     pairs = [(i, j) for i in range(9) for j in range(i + 1)]
     spread = max(float((scores[:, i, j] - scores[:, 0, 0]).abs().max()) for i, j in pairs)
     toeplitz = max(float((scores[:, i, j] - scores[:, i - j, 0]).abs().max()) for i, j in pairs)
-    assert (spread < 1e-12) == (depends_on == "nothing")  # NoPE cannot see position at all
-    assert (toeplitz < 1e-12) == (depends_on != "i and j")  # relative schemes see only the distance
+    # a bridge's rotary twin (transformers' GPT-NeoX) rounds to float32 inside: that resolution there;
+    # the scores are O(1), so a scheme that sees absolute positions is still far above it
+    size = max(float(scores[:, i, j].abs().max()) for i, j in pairs)  # the causal entries (a bridge masks with -inf)
+    tol = 1e-6 * max(size, 1.0) if is_bridge(model) else 1e-12
+    assert (spread < tol) == (depends_on == "nothing")  # NoPE cannot see position at all
+    assert (toeplitz < tol) == (depends_on != "i and j")  # relative schemes see only the distance
 
 
 @pytest.mark.hooked  # tiny_model(causal=False) has no transformers twin

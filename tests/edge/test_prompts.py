@@ -53,7 +53,6 @@ def test_a_tokens_value_passes_through_unchanged_and_is_checked(tiny_random):
         tokenize(tiny_random, tokens, chat=False)
 
 
-@pytest.mark.hooked
 def test_a_tokens_value_for_another_vocabulary_is_refused(tiny_random):
     tokens = tokenize(tiny_random, TEXT)
     small = tiny_model(n_layers=1, n_heads=1, d_model=8, d_vocab=16, seed=0)
