@@ -46,6 +46,7 @@ __all__ = [
     "moe_experts",
     "pattern_freeze",
     "functorch_ready",
+    "learned_sinks",
     "mlp_biases",
     "mlp_matrices",
     "norm_facts",
@@ -91,13 +92,26 @@ def read_model(model) -> ModelFacts:
         positional=str(getattr(cfg, "positional_embedding_type", "standard")),
         softcap=getattr(cfg, "attn_scores_soft_cap", None) if getattr(cfg, "attn_scores_soft_cap", -1) > 0 else None,
         window=getattr(cfg, "window_size", None),
-        sinks=bool(getattr(cfg, "use_attention_sinks", False)),
+        sinks=learned_sinks(model),
         scale_hooks=tuple(f"blocks.{{l}}.{site}.hook_scale" for site in sites),
         unsupported=dict(structure.unsupported),
     )
 
 
 register_reader(read_model)
+
+
+def learned_sinks(model) -> bool:
+    """Whether attention has learned sink logits in its softmax (rows then sum to less than 1 by design):
+    a HookedTransformer's ``use_attention_sinks``, or on a bridge a ``sinks`` tensor on a wrapped
+    attention module (TransformerLens 4.3 leaves the flag unset on GPT-OSS bridges)."""
+    if getattr(model.cfg, "use_attention_sinks", False):
+        return True
+    if not is_bridge(model):
+        return False
+    return any(
+        isinstance(getattr(getattr(b.attn, "original_component", None), "sinks", None), Tensor) for b in model.blocks
+    )
 
 
 def _structure(model) -> _Structure:
