@@ -25,6 +25,7 @@ call, so in-place edits (ablations, steering) are always seen.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ __all__ = [
     "norm_facts",
     "norm_weight",
     "read_model",
+    "value_clip",
 ]
 
 try:  # TransformerLens ≥ 3.8 names the architectures whose ln1/ln2 normalise sublayer outputs
@@ -93,6 +95,7 @@ def read_model(model) -> ModelFacts:
         softcap=getattr(cfg, "attn_scores_soft_cap", None) if getattr(cfg, "attn_scores_soft_cap", -1) > 0 else None,
         window=getattr(cfg, "window_size", None),
         sinks=learned_sinks(model),
+        value_clip=value_clip(model),
         scale_hooks=tuple(f"blocks.{{l}}.{site}.hook_scale" for site in sites),
         unsupported=dict(structure.unsupported),
     )
@@ -112,6 +115,15 @@ def learned_sinks(model) -> bool:
     return any(
         isinstance(getattr(getattr(b.attn, "original_component", None), "sinks", None), Tensor) for b in model.blocks
     )
+
+
+def value_clip(model) -> float | None:
+    """The clamp ``clip_qkv`` on queries, keys and values, or None: a HookedTransformer's config field, or
+    the one the wrapped ``transformers`` attention reads (TransformerLens's bridge config drops it: OLMo)."""
+    clip = getattr(model.cfg, "clip_qkv", None)
+    if clip is None and is_bridge(model):
+        clip = getattr(getattr(model.original_model, "config", None), "clip_qkv", None)
+    return None if clip is None else float(clip)
 
 
 def _structure(model) -> _Structure:
@@ -398,7 +410,10 @@ def _bridge_structure(model) -> _Structure:
         runnable=functorch_ready,
         experts=moe_experts,
     )
-    return _Structure(probe.shape, probe.mlp_kind, dict(probe.unsupported), probe)
+    shape = probe.shape
+    if shape is not None and value_clip(model) is not None:  # a 0/1 clamp between W_V and W_O
+        shape = dataclasses.replace(shape, value_clip=True)
+    return _Structure(shape, probe.mlp_kind, dict(probe.unsupported), probe)
 
 
 def check_structure(model) -> None:

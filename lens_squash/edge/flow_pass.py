@@ -29,6 +29,7 @@ from torch import Tensor
 from ..core.display import compact_repr
 from ..core.results import Record
 from ..core.support import UnsupportedModelError
+from .adapter import value_clip
 from .backends import has_hooked_transformer, is_bridge
 from .backward import ReachedHook, check_position, freeze_hooks, stop_at, without_parameter_grads
 from .checkpoint import BlockCall, run_block
@@ -66,7 +67,7 @@ def check_flow_support(model) -> None:
     """
     from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-    cfg = model.cfg
+    cfg, clip = model.cfg, value_clip(model)  # a bridge's cfg lacks clip_qkv: the adapter reads it
     refusals = [
         (
             getattr(cfg, "original_architecture", None) in POST_NORM_ARCHITECTURES,
@@ -80,7 +81,7 @@ def check_flow_support(model) -> None:
         ),
         (getattr(cfg, "use_attn_in", False), "use_attn_in", "per-head attention inputs are not hooked"),
         (
-            getattr(cfg, "clip_qkv", None) is not None,
+            clip is not None,
             "clip_qkv",
             "clamped values break the value-edge formula wherever the clamp is active",
         ),
@@ -99,7 +100,8 @@ def check_flow_support(model) -> None:
     for refused, name, why in refusals:
         if refused:
             raise UnsupportedModelError(
-                f"the sensitivity flow does not cover cfg.{name}={getattr(cfg, name, None)!r}: {why}; use "
+                f"the sensitivity flow does not cover cfg.{name}={clip if name == 'clip_qkv' else getattr(cfg, name, None)!r}: "
+                f"{why}; use "
                 "jacobian(model, prompt, wrt=l) for layer-wise sensitivity without the decomposition"
             )
     if is_bridge(model):
