@@ -321,7 +321,6 @@ def test_collapse_command_fast_path_says_where_its_thresholds_came_from(tmp_path
     assert "prefix" in capsys.readouterr().out
 
 
-@pytest.mark.hooked
 def test_streamed_and_stored_patterns_give_the_same_analysis_bit_for_bit(chat_model):
     """One per-layer pipeline: the stored stack replays into the accumulators a streamed pass feeds,
     and the bounds come from one sweep (stored layers or recomputed ones), so every number is equal."""
@@ -345,7 +344,6 @@ def test_streamed_and_stored_patterns_give_the_same_analysis_bit_for_bit(chat_mo
         assert torch.equal(bound.bound, path_bound(whole.trace, name, model=chat_model).bound), name
 
 
-@pytest.mark.hooked
 def test_a_loaded_reports_metadata_sits_in_the_provenance_it_was_built_with(chat_model, tmp_path):
     analysis = analyze(chat_model, torch.arange(5, 12), jacobian_mode=None)
     data = analysis.to_dict(heavy=False) | {"metadata": {"command": "analyze"}}
