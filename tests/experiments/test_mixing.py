@@ -275,3 +275,15 @@ def test_bridges_spread_equals_the_hf_models_own_streams(name):
                 changes.append((hf_streams(hf, perturbed, masked=masked)[:, POSITION:] - clean).norm(dim=-1))
         expected = torch.stack(changes).mean(0) / clean.norm(dim=-1)
         torch.testing.assert_close(result.change[setting].double(), expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.bridge
+def test_a_bridge_with_learned_sinks_is_refused():
+    """GPT-OSS's bridge leaves cfg.use_attention_sinks unset; its sinks are read from the attention
+    module, so key 0 is not masked as if it were the sink."""
+    from ..hf_families import boot, build_hf
+
+    bridge = boot(build_hf("gpt_oss"))
+    with pytest.raises(UnsupportedModelError, match="learned sink logits") as caught:
+        mask_sink_hooks(bridge)
+    assert "\n" not in str(caught.value)
