@@ -10,7 +10,8 @@ Without ``HookedTransformer`` (TransformerLens 4), ``build`` boots a ``Transform
 family's random-weight ``transformers`` twin (``HF_TWINS``; same sizes, norms and biases drawn away
 from their defaults) and keeps a plain copy of the twin, untouched by the bridge, for
 ``tests/reference.py``. Families with no twin are TransformerLens 3 only: :func:`params` marks them
-``hooked``, so ``-m "not hooked"`` deselects them instead of skipping them.
+``hooked``, so ``-m "not hooked"`` deselects them instead of skipping them. ``BRIDGE_ONLY`` families
+(StableLM, Falcon, StarCoder2, Phi-3, Qwen3: no HookedTransformer config) are bridges on both lines.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import weakref
 import pytest
 import torch
 
-__all__ = ["BASE", "FAMILIES", "HF_FLOAT32_INSIDE", "HF_TWINS", "REFUSED", "TOKENS"]
+__all__ = ["ALL", "BASE", "BRIDGE_ONLY", "FAMILIES", "HF_FLOAT32_INSIDE", "HF_TWINS", "REFUSED", "TOKENS"]
 __all__ += ["build", "config", "hf_reference", "params"]
 
 BASE = dict(
@@ -109,9 +110,12 @@ _HF_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_
 _HF_LLAMA = dict(_HF_LLAMA, max_position_embeddings=64, num_key_value_heads=4)
 _HF_GEMMA = dict(_HF_LLAMA, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=8)
 
+_HF_MOE = dict(_HF_LLAMA, num_experts_per_tok=2)
+
 #: family -> (transformers config class, kwargs) of the same block, for the bridge on TransformerLens 4.
-#: Left out: MoE (transformers' experts have no float64 kernel), learned sinks, SoLU, split-QKV and
-#: ungrouped GQA inputs, attn-only, no/pre norms, final RMS, shortformer, bidirectional (no twin).
+#: Left out (no twin): dense learned sinks (GPT-OSS's experts are biased and clamped, which the certified
+#: bound refuses), SoLU, split-QKV and ungrouped GQA inputs, attn-only, no/pre norms, final RMS,
+#: shortformer, bidirectional.
 HF_TWINS: dict[str, tuple[str, dict]] = {
     "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=3, n_head=4, n_positions=64, n_inner=64)),
     "llama_gqa": ("LlamaConfig", dict(_HF_LLAMA, num_key_value_heads=2)),
@@ -133,20 +137,48 @@ HF_TWINS: dict[str, tuple[str, dict]] = {
     "phi_parallel": ("PhiConfig", dict(_HF_LLAMA, partial_rotary_factor=0.25)),
     "olmo2_output_norms": ("Olmo2Config", _HF_LLAMA),
     "olmo_clip_qkv": ("OlmoConfig", dict(_HF_LLAMA, clip_qkv=0.3)),
+    # the same routing: TransformerLens's moe_mixtral keeps the softmax's top-k weights as they are (so does
+    # Qwen3-MoE without norm_topk_prob); transformers' Mixtral renormalises them to sum to 1
+    "moe_mixtral": ("Qwen3MoeConfig", dict(
+        _HF_MOE, num_experts=4, moe_intermediate_size=64, norm_topk_prob=False, attention_bias=True,
+    )),
+    "moe_topk_renormalised": ("MixtralConfig", dict(_HF_MOE, num_local_experts=4)),
 }  # fmt: skip
+
+#: families with no HookedTransformer config: ``build`` boots a bridge over the twin on either line
+#: (attention biases switched on where the family has them, so the value-bias attack has a target)
+BRIDGE_ONLY: dict[str, tuple[str, dict]] = {
+    "stablelm_partial_rotary": ("StableLmConfig", dict(
+        _HF_LLAMA, num_key_value_heads=2, partial_rotary_factor=0.5, use_qkv_bias=True,
+    )),
+    "falcon_parallel_mqa": ("FalconConfig", dict(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, new_decoder_architecture=False,
+        parallel_attn=True, alibi=False, multi_query=True, max_position_embeddings=64, bias=True,
+    )),
+    "starcoder2_windows": ("Starcoder2Config", dict(_HF_LLAMA, num_key_value_heads=2, sliding_window=4)),
+    "phi3_fused": ("Phi3Config", dict(_HF_LLAMA, num_key_value_heads=2, pad_token_id=0)),
+    "qwen3_qk_norm": ("Qwen3Config", dict(_HF_LLAMA, num_key_value_heads=2, attention_bias=True)),
+}  # fmt: skip
+
+#: every family: TransformerLens 3's configs, then the bridge-only ones
+ALL = [*FAMILIES, *BRIDGE_ONLY]
 
 #: twins where transformers computes a step in float32 even in a float64 model (RMSNorm's upcast, OLMo's
 #: LayerNorm, NeoX's softmax): their references agree with a bridge to float32 resolution only (1e-5 of the
 #: largest entry, as in tests/test_bridge_conformance.py), the others to 1e-10
 HF_FLOAT32_INSIDE = frozenset(
     {"llama_gqa", "gemma", "gemma2_post_norm", "gemma3_post_norm_qk_norm", "mistral_windows", "qwen2_biases"}
-    | {"olmo2_output_norms", "olmo_clip_qkv", "pythia_parallel"}
+    | {"olmo2_output_norms", "olmo_clip_qkv", "pythia_parallel", "moe_mixtral", "moe_topk_renormalised"}
+    | {"falcon_parallel_mqa", "phi3_fused", "qwen3_qk_norm"}
 )
 
 
 def params(names) -> list:
     """``names`` as pytest params, marked ``hooked`` (TransformerLens 3 only) where there is no bridge twin."""
-    return [name if name in HF_TWINS else pytest.param(name, marks=pytest.mark.hooked) for name in names]
+    return [
+        name if name in HF_TWINS or name in BRIDGE_ONLY else pytest.param(name, marks=pytest.mark.hooked)
+        for name in names
+    ]
 
 
 def sweep(names, *, fast) -> list:
@@ -173,7 +205,7 @@ def build(name: str, *, seed: int = 0, **overrides):
     """A seeded float64 model of family ``name`` with random norm gains, biases and sink logits."""
     from lens_squash.edge.backends import has_hooked_transformer
 
-    if not has_hooked_transformer():
+    if not has_hooked_transformer() or name in BRIDGE_ONLY:
         return _build_bridge(name, seed=seed, **overrides)
     from transformer_lens import HookedTransformer  # TransformerLens 3 only
 
@@ -201,7 +233,7 @@ _REFERENCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _twin(name: str, seed: int):
     from .hf_families import build_hf
 
-    hf = build_hf(name, dtype=torch.float64, seed=seed, table=HF_TWINS)
+    hf = build_hf(name, dtype=torch.float64, seed=seed, table={**HF_TWINS, **BRIDGE_ONLY})
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # every bias random, as on the hooked family (norm biases: build_hf's draw)
         for pname, param in hf.named_parameters():
@@ -213,7 +245,7 @@ def _twin(name: str, seed: int):
 def _build_bridge(name: str, *, seed: int, **overrides):
     from .hf_families import boot
 
-    if name not in HF_TWINS or overrides:
+    if (name not in HF_TWINS and name not in BRIDGE_ONLY) or overrides:
         raise LookupError(f"family {name!r} (overrides {sorted(overrides)}) has no transformers twin: TL 3 only")
     bridge = boot(_twin(name, seed))
     snapshot = [p.detach().clone() for p in bridge.original_model.parameters()]

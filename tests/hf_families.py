@@ -61,6 +61,17 @@ CAUSAL: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", _LLAMA_LIKE),
     "mistral": ("MistralConfig", {**_LLAMA_LIKE, "sliding_window": 4}),
     "mixtral": ("MixtralConfig", {**_LLAMA_LIKE, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3_moe": (  # top-k router weights not renormalised (Mixtral's are)
+        "Qwen3MoeConfig",
+        {**_LLAMA_LIKE, "head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+         "norm_topk_prob": False},
+    ),
+    "olmoe": ("OlmoeConfig", {**_LLAMA_LIKE, "num_experts": 4, "num_experts_per_tok": 2}),
+    "gpt_oss": (  # learned sinks, biased experts with a clamped SwiGLU, alternating sliding windows
+        "GptOssConfig",
+        {**_LLAMA_LIKE, "head_dim": 8, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 4,
+         "layer_types": ["sliding_attention", "full_attention"]},
+    ),
     "qwen2": ("Qwen2Config", _LLAMA_LIKE),
     "qwen3": ("Qwen3Config", {**_LLAMA_LIKE, "head_dim": 8}),
     "gemma": ("GemmaConfig", {**_LLAMA_LIKE, "head_dim": 8}),
@@ -112,14 +123,17 @@ def perturb_norms(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def build_hf(family: str, *, dtype: torch.dtype = torch.float64, seed: int = 0, table=None):
-    """A random-weight ``*ForCausalLM`` of ``family`` in eval mode, eager attention, norms perturbed."""
+    """A random-weight ``*ForCausalLM`` of ``family`` in eval mode, eager attention and MoE experts (the
+    per-expert loop: transformers' default grouped matmul has no float64 kernel), norms perturbed."""
     import transformers
 
     cls_name, kwargs = (table or {**CAUSAL, **NON_CAUSAL})[family]
     config = getattr(transformers, cls_name)(vocab_size=VOCAB, **kwargs)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model = transformers.AutoModelForCausalLM.from_config(
+        config, attn_implementation="eager", experts_implementation="eager"
+    )
     model = model.to(dtype).eval()
     model.config.architectures = [type(model).__name__]  # how the bridge picks its adapter
     with torch.no_grad():  # HF inits with std 0.02: too small to exercise anything at d_model 32

@@ -126,14 +126,32 @@ def _norms(model):
                 yield name, block, gain
 
 
+def _experts(mlp) -> list:
+    """A HookedTransformer's expert modules; a bridge's fused ``transformers`` experts as one
+    ``(gate_up_proj [expert, 2·d_mlp, d_model], down_proj [expert, d_model, d_mlp])`` pair."""
+    experts = getattr(mlp, "experts", None)
+    if experts is None or isinstance(experts, torch.nn.ModuleList):
+        return list(experts or [])
+    return [(experts.gate_up_proj, experts.down_proj)]
+
+
+def _expert_outs(mlp) -> list[Tensor]:
+    """Every expert's output weights (``[d_model, d_mlp]`` or fused ``[expert, d_model, d_mlp]``)."""
+    return [_expert_outs_of(e) for e in _experts(mlp)]
+
+
+def _expert_outs_of(expert) -> Tensor:
+    return expert[1] if isinstance(expert, tuple) else expert.W_out.weight
+
+
 def _shrink(factor: float):
     def edit(model):
         for block in model.blocks:
             block.attn.W_O.mul_(factor)
             if hasattr(getattr(block, "mlp", None), "W_out"):
                 block.mlp.W_out.mul_(factor)
-            for expert in getattr(getattr(block, "mlp", None), "experts", []):
-                expert.W_out.weight.mul_(factor)
+            for weight in _expert_outs(getattr(block, "mlp", None)):
+                weight.mul_(factor)
 
     return edit
 
@@ -167,21 +185,30 @@ def _split_gains(model):
                 getattr(mlp, name)[write, :] = 0
         if isinstance(getattr(mlp, "W_out", None), torch.nn.Parameter):
             mlp.W_out[:, read] = 0
-        for expert in getattr(mlp, "experts", []):  # nn.Linear weights are [out, in]
-            expert.W_gate.weight[:, write] = 0
-            expert.W_in.weight[:, write] = 0
-            expert.W_out.weight[read, :] = 0
+        for expert in _experts(mlp):  # nn.Linear weights are [out, in]; fused ones [expert, out, in]
+            inputs = list(expert[:1]) if isinstance(expert, tuple) else [expert.W_gate.weight, expert.W_in.weight]
+            for weight in inputs:
+                weight[..., write] = 0
+            _expert_outs_of(expert)[..., read, :] = 0
     for _, _, gain in _norms(model):
         gain.copy_(torch.where(write, 8.0, 0.125).to(gain.dtype))
 
 
 def _cancelling_values(model):
     """Two value dimensions whose contributions to W_V W_O cancel, one of them pushed into saturation by
-    its bias: under ``clip_qkv`` the clamp kills one and the head writes what ‖W_V W_O‖ says is zero."""
+    its bias: under ``clip_qkv`` the clamp kills one and the head writes what ‖W_V W_O‖ says is zero.
+    Without a value bias (most ``transformers`` twins) the first dimension saturates by its weights
+    (×30), the second is a copy scaled down by 300 whose ``W_O`` row is scaled up by 300, and the other
+    dimensions stay (a head writing nothing at all leaves a bridge's pattern hooks nothing to act on)."""
     for block in model.blocks:
         attn = block.attn
         w_v = attn._W_V if hasattr(attn, "_W_V") else attn.W_V
         b_v = attn._b_V if hasattr(attn, "_b_V") else attn.b_V
+        if b_v is None:
+            w_v[..., 0] *= 30.0
+            w_v[..., 1] = w_v[..., 0] / 300.0
+            attn.W_O[:, 1, :] = -300.0 * attn.W_O[:, 0, :]
+            continue
         w_v[..., 1] = w_v[..., 0]
         attn.W_O[:, 1, :] = -attn.W_O[:, 0, :]
         attn.W_O[:, 2:, :] = 0  # so W_V W_O = 0 exactly
@@ -231,8 +258,8 @@ def edit_in_place(model, factor: float = 1.7) -> None:
             return
         if hasattr(mlp, "W_out"):
             mlp.W_out.mul_(factor)
-        for expert in getattr(mlp, "experts", []):
-            expert.W_out.weight.mul_(factor)
+        for weight in _expert_outs(mlp):
+            weight.mul_(factor)
 
 
 @contextlib.contextmanager

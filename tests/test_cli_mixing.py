@@ -49,7 +49,6 @@ def tiny_random():
     return lens_squash.edge.models.load_model("tiny-random", n_ctx=256)
 
 
-@pytest.mark.hooked
 def test_mixing_prints_json_and_writes_a_report(capsys, monkeypatch, tiny_random, tmp_path):
     monkeypatch.setattr(lens_squash.edge.models, "load_model", lambda name, **kwargs: tiny_random)
     code = main(
@@ -88,7 +87,6 @@ def test_mixing_runs_on_a_bridge():
     assert bool(torch.isfinite(result.change["mask"]).all())
 
 
-@pytest.mark.hooked
 def test_analyze_adds_an_over_mixing_section_when_asked(capsys, monkeypatch, tiny_random, tmp_path):
     from lens_squash.experiments.mixing_result import MixingResult
 

@@ -1,4 +1,5 @@
-"""Conformance: every architecture family TransformerLens 3.9 runs, against independent references.
+"""Conformance: every architecture family TransformerLens 3.9 runs, and the bridge-only ones (StableLM,
+Falcon, StarCoder2, Phi-3, Qwen3), against independent references.
 
 On one random-weight float64 model per family (``tests/families.py``): exact and frozen Jacobians
 equal ``jacrev`` of the whole model with constant replayed patterns and scales; the certified bound
@@ -18,17 +19,17 @@ from lens_squash.edge.backends import is_bridge
 from lens_squash.edge.jacobian import jacobian
 from lens_squash.edge.trace import trace
 
-from .families import FAMILIES, HF_FLOAT32_INSIDE, HF_TWINS, REFUSED, TOKENS, build, params
+from .families import ALL, BRIDGE_ONLY, FAMILIES, HF_FLOAT32_INSIDE, HF_TWINS, REFUSED, TOKENS, build, params
 from .reference import ADVERSARIAL, adversarial, edit_in_place, reference_jacobian
 
 #: the per-family suite (minutes on two cores; `make test-fast` skips it): on TransformerLens 4 each family
 #: with a transformers twin runs as a bridge over it (``families.params`` marks the others hooked)
 pytestmark = pytest.mark.conformance
 
-CERTIFIABLE = sorted(set(FAMILIES) - set(REFUSED))
+CERTIFIABLE = sorted(set(ALL) - set(REFUSED))
 
 
-@pytest.fixture(scope="module", params=params(sorted(FAMILIES)))
+@pytest.fixture(scope="module", params=params(ALL))
 def family(request):
     name = request.param
     model = build(name)
@@ -86,20 +87,25 @@ def test_certified_dominates_the_frozen_jacobian(family):
         _assert_dominates(bound, expected, (name, target))
 
 
-#: attacks with nothing to edit on a family's transformers twin (TransformerLens 3 only there): no value
-#: bias to saturate, or (OLMo) a LayerNorm without a gain
+#: attacks with nothing to edit on a family's transformers twin (TransformerLens 3 only there): (OLMo) a
+#: LayerNorm without a gain
 _NO_TARGET_ON_TWIN = {
-    "cancelling_values": {"gemma", "gemma2_post_norm", "gemma3_post_norm_qk_norm", "llama_gqa", "mistral_windows"}
-    | {"olmo2_output_norms", "olmo_clip_qkv", "gptj_parallel"},
     "amplifying_gains": {"olmo_clip_qkv"},
     "large_random_gains": {"olmo_clip_qkv"},
 }
+
+
+def _attack(name: str, attack: str):
+    if name in BRIDGE_ONLY or (name in HF_TWINS and name not in _NO_TARGET_ON_TWIN.get(attack, ())):
+        return name, attack
+    return pytest.param(name, attack, marks=pytest.mark.hooked)
+
+
 _ATTACKS = [
-    (name, attack)
-    if name in HF_TWINS and name not in _NO_TARGET_ON_TWIN.get(attack, ())
-    else pytest.param(name, attack, marks=pytest.mark.hooked)
+    _attack(name, attack)
     for name in CERTIFIABLE
     for attack in sorted(ADVERSARIAL)
+    if name not in BRIDGE_ONLY or name not in _NO_TARGET_ON_TWIN.get(attack, ())  # a bridge-only family: no model
 ]  # the truth is a frozen Jacobian
 
 
@@ -157,7 +163,7 @@ def _results(model, name):
     return out
 
 
-@pytest.mark.parametrize("name", params(sorted(FAMILIES)))
+@pytest.mark.parametrize("name", params(ALL))
 def test_every_result_changes_after_an_in_place_weight_edit(name):
     model = build(name, seed=5)
     before = _results(model, name)

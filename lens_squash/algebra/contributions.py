@@ -289,7 +289,7 @@ def layer_terms(model, trace, layer: int, *, norm: bool = True) -> LayerTerms:
         else _input_norm(x, facts.norms[shape.attn_in], _trace_scale(trace, shape.attn_in)[layer])
     )
     values = _values(block.attn, facts.w_v, read, model.cfg.n_heads)
-    clip = getattr(model.cfg, "clip_qkv", None)
+    clip = facts_of(model).value_clip
     values = values if clip is None else values.clamp(-clip, clip)
     measure = shape.mlp_in if (norm and shape.mlp_in is not None and not shape.parallel) else None
     sites = () if measure is None else (measure,)

@@ -67,6 +67,8 @@ class ModelFacts:
     softcap: float | None = None
     window: int | None = None
     sinks: bool = False
+    #: ``clip_qkv``: the clamp on queries, keys and values (None: none)
+    value_clip: float | None = None
     #: hook names: the attention pattern and the norm scales of block 0 (``{l}`` stands for the layer)
     pattern_hook: str = "blocks.{l}.attn.hook_pattern"
     scale_hooks: tuple[str, ...] = ()

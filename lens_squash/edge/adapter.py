@@ -44,15 +44,16 @@ __all__ = [
     "activation",
     "check_frozen",
     "check_structure",
-    "clips_values",
     "moe_experts",
     "pattern_freeze",
     "functorch_ready",
+    "learned_sinks",
     "mlp_biases",
     "mlp_matrices",
     "norm_facts",
     "norm_weight",
     "read_model",
+    "value_clip",
 ]
 
 try:  # TransformerLens ≥ 3.8 names the architectures whose ln1/ln2 normalise sublayer outputs
@@ -93,13 +94,36 @@ def read_model(model) -> ModelFacts:
         positional=str(getattr(cfg, "positional_embedding_type", "standard")),
         softcap=getattr(cfg, "attn_scores_soft_cap", None) if getattr(cfg, "attn_scores_soft_cap", -1) > 0 else None,
         window=getattr(cfg, "window_size", None),
-        sinks=bool(getattr(cfg, "use_attention_sinks", False)),
+        sinks=learned_sinks(model),
+        value_clip=value_clip(model),
         scale_hooks=tuple(f"blocks.{{l}}.{site}.hook_scale" for site in sites),
         unsupported=dict(structure.unsupported),
     )
 
 
 register_reader(read_model)
+
+
+def learned_sinks(model) -> bool:
+    """Whether attention has learned sink logits in its softmax (rows then sum to less than 1 by design):
+    a HookedTransformer's ``use_attention_sinks``, or on a bridge a ``sinks`` tensor on a wrapped
+    attention module (TransformerLens 4.3 leaves the flag unset on GPT-OSS bridges)."""
+    if getattr(model.cfg, "use_attention_sinks", False):
+        return True
+    if not is_bridge(model):
+        return False
+    return any(
+        isinstance(getattr(getattr(b.attn, "original_component", None), "sinks", None), Tensor) for b in model.blocks
+    )
+
+
+def value_clip(model) -> float | None:
+    """The clamp ``clip_qkv`` on queries, keys and values, or None: a HookedTransformer's config field, or
+    the one the wrapped ``transformers`` attention reads (TransformerLens's bridge config drops it: OLMo)."""
+    clip = getattr(model.cfg, "clip_qkv", None)
+    if clip is None and is_bridge(model):
+        clip = getattr(getattr(model.original_model, "config", None), "clip_qkv", None)
+    return None if clip is None else float(clip)
 
 
 def _structure(model) -> _Structure:
@@ -387,19 +411,9 @@ def _bridge_structure(model) -> _Structure:
         experts=moe_experts,
     )
     shape = probe.shape
-    if shape is not None and clips_values(model):  # the probe's pass cannot tell a clamp that did not bite
+    if shape is not None and value_clip(model) is not None:  # a 0/1 clamp between W_V and W_O
         shape = dataclasses.replace(shape, value_clip=True)
     return _Structure(shape, probe.mlp_kind, dict(probe.unsupported), probe)
-
-
-def clips_values(model) -> bool:
-    """Whether the values are clamped (OLMo's ``clip_qkv``). A bridge's TransformerLens config drops the
-    field; its ``transformers`` config keeps it, and that is what the attention clamps by. Counting a
-    clamp that is absent only loosens the bound; missing one lets ``‖W_V W_O‖`` undercut the Jacobian."""
-    if getattr(model.cfg, "clip_qkv", None) is not None:
-        return True
-    config = getattr(getattr(model, "original_model", None), "config", None)
-    return getattr(config, "clip_qkv", None) is not None
 
 
 def check_structure(model) -> None:

@@ -29,7 +29,7 @@ from torch import Tensor
 from ..core.display import compact_repr
 from ..core.results import Record
 from ..core.support import UnsupportedModelError
-from .adapter import clips_values
+from .adapter import value_clip
 from .backends import has_hooked_transformer, is_bridge
 from .backward import ReachedHook, check_position, freeze_hooks, stop_at, without_parameter_grads
 from .checkpoint import BlockCall, run_block
@@ -67,7 +67,7 @@ def check_flow_support(model) -> None:
     """
     from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-    cfg = model.cfg
+    cfg, clip = model.cfg, value_clip(model)  # a bridge's cfg lacks clip_qkv: the adapter reads it
     refusals = [
         (
             getattr(cfg, "original_architecture", None) in POST_NORM_ARCHITECTURES,
@@ -81,7 +81,7 @@ def check_flow_support(model) -> None:
         ),
         (getattr(cfg, "use_attn_in", False), "use_attn_in", "per-head attention inputs are not hooked"),
         (
-            clips_values(model),  # a bridge's cfg drops clip_qkv: the adapter reads it
+            clip is not None,
             "clip_qkv",
             "clamped values break the value-edge formula wherever the clamp is active",
         ),
@@ -100,7 +100,8 @@ def check_flow_support(model) -> None:
     for refused, name, why in refusals:
         if refused:
             raise UnsupportedModelError(
-                f"the sensitivity flow does not cover cfg.{name}={_field(model, name)!r}: {why}; use "
+                f"the sensitivity flow does not cover cfg.{name}={clip if name == 'clip_qkv' else getattr(cfg, name, None)!r}: "
+                f"{why}; use "
                 "jacobian(model, prompt, wrt=l) for layer-wise sensitivity without the decomposition"
             )
     if is_bridge(model):
@@ -119,13 +120,6 @@ def check_flow_support(model) -> None:
             f"{getattr(cfg, 'original_architecture', None)!r}); use jacobian(model, prompt) instead"
         )
 
-
-def _field(model, name: str):
-    """A config field's value: TransformerLens's, else (a bridge's cfg drops some) transformers' own."""
-    value = getattr(model.cfg, name, None)
-    if value is None:
-        value = getattr(getattr(getattr(model, "original_model", None), "config", None), name, None)
-    return value
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from .backends import is_bridge
+
 __all__ = ["generate_answer", "greedy_generate", "stop_ids"]
 
 
@@ -71,6 +73,8 @@ def greedy_generate(
     device = model.cfg.device
     stop = torch.tensor(stop_list, dtype=torch.long, device=device)
     pad_id = stop_list[0] if stop_list else 0  # masked out: its value never matters
+    if is_bridge(model):
+        return [_cut_at_stop(_uncached(model, p.to(device), max_new_tokens, stop), stop.cpu()) for p in prompts]
     tokens, mask = _left_pad(prompts, pad_id, device)
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(prompts))
     logits = model(tokens, attention_mask=mask, past_kv_cache=cache)
@@ -86,6 +90,19 @@ def greedy_generate(
         logits = model(next_ids[:, None], attention_mask=ones, past_kv_cache=cache)
     generated = torch.stack(steps, dim=1).cpu()
     return [_cut_at_stop(row, stop.cpu()) for row in generated]
+
+
+def _uncached(model, prompt: torch.Tensor, max_new_tokens: int, stop: torch.Tensor) -> torch.Tensor:
+    """One prompt's greedy continuation, the whole sequence recomputed at every step: a TransformerBridge
+    ignores TransformerLens's key-value cache (each cached step would see its new token alone), so each
+    prompt runs unpadded and uncached, as the naive reference does."""
+    tokens = prompt
+    for _ in range(max_new_tokens):
+        next_id = model(tokens[None])[0, -1].argmax()
+        tokens = torch.cat([tokens, next_id[None]])
+        if bool(torch.isin(next_id, stop)):
+            break
+    return tokens[len(prompt) :].cpu()
 
 
 def generate_answer(model, tokens: torch.Tensor, max_new_tokens: int = 24) -> str:

@@ -25,7 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..core.support import UnsupportedModelError
-from .adapter import check_structure, functorch_ready, pattern_freeze
+from .adapter import check_structure, functorch_ready, learned_sinks, pattern_freeze
 from .adapter_probe import PATTERN_FREEZE
 from .backends import is_bridge
 from .backward import check_hooks
@@ -53,7 +53,7 @@ def _check_hooked(model) -> None:
     if is_bridge(model):
         check_structure(model)  # a model that is not a causal attention decoder is refused here
         check_hooks(model, residual_hook_names(model))
-    if getattr(model.cfg, "use_attention_sinks", False):
+    if learned_sinks(model):
         raise UnsupportedModelError(
             "this model has learned sink logits in its softmax (use_attention_sinks), so masking key 0 "
             "does not remove its sink; over-mixing without the sink is defined for plain softmax attention"

@@ -29,7 +29,7 @@ from ..core.records import provenance
 from ..core.results import Result, heavy, top_k
 from ..core.support import UnsupportedModelError
 from ..core.topk import TopK
-from .adapter import functorch_ready, norm_facts
+from .adapter import functorch_ready, learned_sinks, norm_facts
 from .backends import has_hooked_transformer, is_bridge
 from .cache_replay import replay_cache
 from .fast_attention import fast_attention
@@ -278,7 +278,7 @@ def trace(
     dtype = _analysis_dtype(model)
     keep_whole = keeps_patterns(model, n, keep_patterns=keep_patterns)
     # learned sinks take a share of every row by design (the flag ModelFacts.sinks reads)
-    substochastic, stream = bool(getattr(model.cfg, "use_attention_sinks", False)), None
+    substochastic, stream = learned_sinks(model), None
     if not keep_whole:
         stream = AttentionStream(n, spectral_atol=spectral_atol(model.cfg.dtype, n, substochastic=substochastic))
     hooks = _capture_hooks(model, store, dtype, stream, n)

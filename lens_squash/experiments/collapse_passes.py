@@ -37,6 +37,7 @@ from torch import Tensor
 
 from ..core.progress import progress
 from ..core.support import UnsupportedModelError
+from ..edge.backward import ReachedHook, stop_at
 from ..edge.models import is_bridge, resolve_dtype
 
 __all__ = ["NORMS", "PATHS", "PairMeasurement", "is_prefix_closed", "measure_pairs", "model_in_dtype", "relative_gap"]
@@ -181,12 +182,21 @@ def _run_batch(model, rows: list[list[int]], rows_idx: Tensor, pos_idx: Tensor, 
     left = model.tokenizer is not None and getattr(model.tokenizer, "padding_side", "right") == "left"
     kwargs = {"attention_mask": mask.to(model.cfg.device)} if padded or left else {}
     store: dict[str, Tensor] = {}
+
+    # the last block's output read by a hook that then ends the pass (a TransformerBridge ignores
+    # stop_at_layer and would return the logits); extra hooks run before it, as they would have
+    def keep_and_stop(value, hook) -> None:
+        store["post"] = value[rows_idx, pos_idx]
+        stop_at(value, hook)
+
     hooks = _capture_hooks(model, store, rows_idx, pos_idx) + list(extra_hooks)
+    hooks.append((f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", keep_and_stop))
     with torch.no_grad():
-        resid = model.run_with_hooks(
-            tokens.to(model.cfg.device), fwd_hooks=hooks, stop_at_layer=model.cfg.n_layers, **kwargs
-        )
-        post = resid[rows_idx, pos_idx]
+        try:
+            model.run_with_hooks(tokens.to(model.cfg.device), fwd_hooks=hooks, **kwargs)
+        except ReachedHook:
+            pass
+        post = store["post"]
         final = model.ln_final(post) if hasattr(model, "ln_final") else post
         logits = model.unembed(final[:, None])[:, 0]
         heads = _head_outputs(model, store["z"], native=native)

@@ -26,7 +26,6 @@ def _fed(traced, graphs, target_pos):
     return rows.finish()
 
 
-@pytest.mark.hooked
 @pytest.mark.parametrize("target_pos", [-1, 4])
 def test_rows_equal_the_row_of_the_explicit_matrix_product(traced_model, target_pos):
     model, traced = traced_model
@@ -41,7 +40,6 @@ def test_rows_equal_the_row_of_the_explicit_matrix_product(traced_model, target_
         assert bounds[name].graph.patterns is not None  # a stored stack: flows and paths stay available
 
 
-@pytest.mark.hooked
 def test_rows_refuse_layers_out_of_order_or_missing(traced_model):
     model, traced = traced_model
     rows = BoundRows(traced, {"rollout": build_graph(traced, "rollout", model=model)}, -1)

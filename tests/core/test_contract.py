@@ -60,7 +60,7 @@ CLASSES = _classes()
 RECORDS = {name: cls for name, cls in CLASSES.items() if issubclass(cls, Record) and cls not in (Record, Result)}
 RESULTS = {name: cls for name, cls in RECORDS.items() if issubclass(cls, Result)}
 #: classes whose instance builder makes a HookedTransformer of its own (the synthetic experiments)
-HOOKED_BUILDERS = frozenset({"PECollapseResult", "LabGrid", "LabRun", "MixingResult"})
+HOOKED_BUILDERS = frozenset({"PECollapseResult", "LabGrid", "LabRun"})
 
 
 def _names(classes: dict) -> list:

@@ -224,6 +224,7 @@ def test_the_cached_lower_blocks_are_the_dense_grams(family):
     """The traced pass's Gram blocks (built block by block, W'_out W'_outᵀ once) are the blocks of
     the dense ``mlp_gain_gram``, and give the same gains."""
     from lens_squash.algebra.symmetric_forms import lower_blocks_from_dense, quadratic_form
+    from lens_squash.edge.adapter import moe_experts
     from lens_squash.edge.lipschitz import _expert_matrices, _gram_from, cached_gram_blocks, mlp_gain_gram
 
     from ..families import build
@@ -231,7 +232,7 @@ def test_the_cached_lower_blocks_are_the_dense_grams(family):
     model = build(family)
     shape = supports_certified(model)
     for block in model.blocks:
-        experts = list(getattr(block.mlp, "experts", [])) or [None]
+        experts = moe_experts(block) if shape.moe else [None]
         for expert in experts:
             if expert is None:
                 dense = mlp_gain_gram(block, shape)

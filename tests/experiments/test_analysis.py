@@ -18,7 +18,7 @@ from lens_squash.experiments.ablation import AblationResult
 from lens_squash.experiments.analysis import Analysis, analyze
 from lens_squash.experiments.collapse import CollapseResult
 
-from ..families import FAMILIES, REFUSED, TOKENS, build, sweep
+from ..families import ALL, REFUSED, TOKENS, build, sweep
 
 
 @pytest.fixture(scope="module")
@@ -264,9 +264,7 @@ def test_bad_variant_lists_are_refused_before_tracing(chat_model, variants, mess
 
 
 # a per-family sweep (conformance); test-fast keeps a LayerNorm and an RMSNorm/GQA family
-@pytest.mark.parametrize(
-    "family", sweep(sorted(name for name in FAMILIES if name != "bidirectional"), fast=("gpt2", "llama_gqa"))
-)
+@pytest.mark.parametrize("family", sweep([name for name in ALL if name != "bidirectional"], fast=("gpt2", "llama_gqa")))
 def test_analyze_with_defaults_runs_on_every_causal_family(family):
     from lens_squash.experiments.analysis import DEFAULT_VARIANTS
 
@@ -324,7 +322,6 @@ def test_collapse_command_fast_path_says_where_its_thresholds_came_from(tmp_path
     assert "prefix" in capsys.readouterr().out
 
 
-@pytest.mark.hooked
 def test_streamed_and_stored_patterns_give_the_same_analysis_bit_for_bit(chat_model):
     """One per-layer pipeline: the stored stack replays into the accumulators a streamed pass feeds,
     and the bounds come from one sweep (stored layers or recomputed ones), so every number is equal."""
@@ -348,7 +345,6 @@ def test_streamed_and_stored_patterns_give_the_same_analysis_bit_for_bit(chat_mo
         assert torch.equal(bound.bound, path_bound(whole.trace, name, model=chat_model).bound), name
 
 
-@pytest.mark.hooked
 def test_a_loaded_reports_metadata_sits_in_the_provenance_it_was_built_with(chat_model, tmp_path):
     analysis = analyze(chat_model, torch.arange(5, 12), jacobian_mode=None)
     data = analysis.to_dict(heavy=False) | {"metadata": {"command": "analyze"}}

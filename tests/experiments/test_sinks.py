@@ -143,7 +143,7 @@ def test_the_three_first_token_quantities_have_three_names(tiny):
 RTOL = 1e-5
 
 
-@pytest.mark.hooked  # on a TL 4.3 bridge: AssertionError:
+@pytest.mark.hooked  # the file holds a HookedTransformer's numbers; a bridge twin draws other random weights
 def test_the_split_changed_no_number():
     """Every curve of a tiny model's report equals what the code before the split wrote
     (sinks_before_split.json): moving and renaming must not move a number."""

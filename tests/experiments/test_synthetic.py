@@ -75,8 +75,14 @@ def test_ratio_invariance_exact_for_bidirectional_nope():
     assert result.invariant() and result.distances.max() < 1e-14  # float rounding only
 
 
-@pytest.mark.hooked
-@pytest.mark.parametrize("causal, positional", [(True, "none"), (False, "standard"), (False, "rotary")])
+@pytest.mark.parametrize(
+    "causal, positional",
+    [
+        (True, "none"),  # a GPT-2 twin with zero position embeddings on TransformerLens 4
+        pytest.param(False, "standard", marks=pytest.mark.hooked),  # bidirectional: no transformers twin
+        pytest.param(False, "rotary", marks=pytest.mark.hooked),
+    ],
+)
 def test_ratio_invariance_broken_by_causal_mask_or_positions(causal, positional):
     model = tiny_model(
         n_layers=2, n_heads=2, d_model=16, d_vocab=8, causal=causal, positional=positional, dtype=torch.float64, seed=2

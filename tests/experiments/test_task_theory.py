@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from lens_squash.edge.backends import is_bridge
 from lens_squash.edge.models import format_prompt, tiny_model
 from lens_squash.experiments.task_prompts import make_instance
 from lens_squash.experiments.task_theory import (
@@ -18,6 +19,12 @@ from lens_squash.experiments.task_theory import (
     count_collapse,
     sequence_positions,
 )
+
+
+def _rtol(model, hooked: float) -> float:
+    """``hooked`` on a HookedTransformer; on TransformerLens 4's bridge over a float64 Llama twin, whose
+    transformers RMSNorm and softmax run in float32 inside, float32 resolution (1e-6)."""
+    return 1e-6 if is_bridge(model) else hooked
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +86,7 @@ def exact_rollout(chat_tiny):
     return copy_sensitivity(chat_tiny, [2, 7], jacobian_mode="exact", variant="rollout")
 
 
-@pytest.mark.hooked  # on a TL 4.3 bridge: AttributeError: 'tuple' object has no attribute 'dtype'
+@pytest.mark.hooked  # the brute force calls HookedTransformer blocks on a tensor (a bridge block needs its rotary args)
 def test_copy_sensitivity_reads_jacobian_and_bound_at_the_answer_token(chat_tiny, exact_rollout):
     from lens_squash.edge.trace import trace
 
@@ -115,12 +122,12 @@ def test_certified_bound_is_above_the_frozen_jacobian_at_the_answer(chat_tiny):
         assert profile["bound"].shape == profile["jacobian"].shape
 
 
-@pytest.mark.hooked  # on a TL 4.3 bridge: AssertionError: Tensor-likes are not close!
 def test_sketch_with_d_model_probes_matches_the_exact_frobenius_norms(chat_tiny, exact_rollout):
     sketch = copy_sensitivity(chat_tiny, [2, 7], jacobian_mode="sketch", n_probes=10_000, variant="rollout")
     assert sketch.provenance["n_probes"] == chat_tiny.cfg.d_model  # capped: d_model orthonormal probes are exact
     for key, profile in sketch.profiles.items():
-        torch.testing.assert_close(profile["jacobian"], exact_rollout.profiles[key]["jacobian"], rtol=1e-8, atol=0)
+        expected = exact_rollout.profiles[key]["jacobian"]
+        torch.testing.assert_close(profile["jacobian"], expected, rtol=_rtol(chat_tiny, 1e-8), atol=0)
     assert sketch.frame.jacobian_spectral.isna().all()
 
 
@@ -154,17 +161,17 @@ def _final_representation(model, prompt):
     return cache["ln_final.hook_normalized"][0, -1] * model.ln_final.w.detach(), logits[0, -1].argmax()
 
 
-@pytest.mark.hooked  # on a TL 4.3 bridge: assert 1.0970622370788587 == 1.0970622289972938 ± 1.1e-09
 def test_count_collapse_measures_n_against_n_plus_one_ones(chat_tiny):
     result = count_collapse(chat_tiny, [1, 3, 6])
+    rel = _rtol(chat_tiny, 1e-9)
     assert isinstance(result, CountCollapse) and result.frame.n.tolist() == [1, 3, 6]
     for row in result.frame.itertuples():
         y, top = _final_representation(chat_tiny, make_instance("count_ones", row.n).prompt)
         y_next, top_next = _final_representation(chat_tiny, make_instance("count_ones", row.n + 1).prompt)
         diff = (y - y_next).double()
-        assert row.dist_2 == pytest.approx(float(diff.norm()), rel=1e-9)
-        assert row.dist_inf == pytest.approx(float(diff.abs().max()), rel=1e-9)
-        assert row.dist_1 == pytest.approx(float(diff.abs().sum()), rel=1e-9)
+        assert row.dist_2 == pytest.approx(float(diff.norm()), rel=rel)
+        assert row.dist_inf == pytest.approx(float(diff.abs().max()), rel=rel)
+        assert row.dist_1 == pytest.approx(float(diff.abs().sum()), rel=rel)
         assert row.dist_inf <= row.dist_2 <= row.dist_1
         assert row.same_prediction == bool(top == top_next)
         assert row.n_tokens == len(format_prompt(chat_tiny, make_instance("count_ones", row.n).prompt))

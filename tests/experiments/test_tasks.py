@@ -392,7 +392,6 @@ def _naive_greedy(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
     return tokens[len(prompt) :]
 
 
-@pytest.mark.hooked  # on a TL 4.3 bridge: assert (False)
 @pytest.mark.parametrize("positional", ["standard", "rotary"])
 def test_batched_left_padded_generation_equals_one_at_a_time(positional):
     from lens_squash.edge.models import tiny_model
@@ -442,7 +441,6 @@ def uninterrupted(chat_model):
     return evaluate(chat_model, **GRID, batch_size=3, progress=False)
 
 
-@pytest.mark.hooked  # on a TL 4.3 bridge: AssertionError: assert ' fuselage ad...ers Promoting' == ' fuselage pa
 def test_evaluate_gives_a_tidy_frame(uninterrupted, chat_model):
     frame = uninterrupted.frame
     assert tuple(frame.columns) == RESULT_COLUMNS
