@@ -43,6 +43,7 @@ VARIANT_NAMES: tuple[str, ...] = (
     "globenc",
     "alti_linear",
     "alti_resid",
+    "alti_skip",
 )
 #: ``lens_squash.experiments.analysis.DEFAULT_VARIANTS``
 DEFAULT_VARIANTS: tuple[str, ...] = ("paper", "rollout", "certified", "value_rownorm")
