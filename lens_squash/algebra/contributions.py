@@ -184,13 +184,13 @@ def _alti_linear(terms: LayerTerms, patterns: Tensor, chunk: int):
         yield start, stop, keys, block.clamp_min_(0)
 
 
-def _alti_skip(terms: LayerTerms, patterns: Tensor, chunk: int):
-    """``max(0, a_jk) + δ_jk ‖y_j‖₁``: the skip connection passes ``y_j`` whole (gain 1), so it weighs
-    ``‖y_j‖₁`` where first-order ALTI credits only the residual's part ``sign(y_j)·x_j``."""
+def _alti_skip(terms: LayerTerms, patterns: Tensor, chunk: int, skip: float = 1.0):
+    """``max(0, a_jk) + δ_jk skip·‖y_j‖₁``: the skip connection passes ``y_j`` whole (gain ``skip = 1``, the
+    Jacobian's), so it weighs ``‖y_j‖₁`` where first-order ALTI credits only ``sign(y_j)·x_j``."""
     for start, stop, keys, block, _, size in _first_order(terms, patterns, chunk):
         block.clamp_min_(0)
         own = torch.arange(start, stop)
-        block[own - start, own] += size
+        block[own - start, own] += skip * size
         yield start, stop, keys, block
 
 
@@ -217,7 +217,7 @@ def _globenc(terms: LayerTerms, patterns: Tensor, chunk: int):
 _BLOCKS = {"alti": _alti, "alti_linear": _alti_linear, "alti_skip": _alti_skip, "globenc": _globenc}
 
 
-def _blocks(kind: str, patterns: Tensor, terms: LayerTerms, chunk: int | None):
+def _blocks(kind: str, patterns: Tensor, terms: LayerTerms, chunk: int | None, skip: float | None = None):
     if kind not in KINDS:
         raise ValueError(f"unknown contribution kind {kind!r}; choose one of {', '.join(KINDS)}")
     n, d = terms.resid.shape
@@ -226,16 +226,27 @@ def _blocks(kind: str, patterns: Tensor, terms: LayerTerms, chunk: int | None):
             f"patterns must be [head, pos, pos] = {(terms.values.shape[0], n, n)}, got {tuple(patterns.shape)}"
         )
     default = max(1, CHUNK_ELEMENTS // max(1, n * d)) if kind == "alti" else QUERY_CHUNK
-    return _BLOCKS[kind](terms, patterns, chunk or default)
+    if skip is None:
+        return _BLOCKS[kind](terms, patterns, chunk or default)
+    if kind != "alti_skip" or not skip > 0:
+        raise ValueError(f"skip (the skip connection's weight, > 0) applies to alti_skip only, got {kind} and {skip}")
+    return _alti_skip(terms, patterns, chunk or default, skip)
 
 
 def contribution_matrix(
-    kind: str, patterns: Float[Tensor, "head query_pos key_pos"], terms: LayerTerms, *, chunk: int | None = None
+    kind: str,
+    patterns: Float[Tensor, "head query_pos key_pos"],
+    terms: LayerTerms,
+    *,
+    chunk: int | None = None,
+    skip: float | None = None,
 ) -> Float[Tensor, "query_pos key_pos"]:
-    """One layer's contributions ``c_jk`` (rows not yet scaled; see the module docstring)."""
+    """One layer's contributions ``c_jk`` (rows not yet scaled; see the module docstring). ``skip``
+    (``alti_skip`` only) weighs the skip connection: 1, the Jacobian's gain, unless a held-out check says
+    otherwise (``benchmarks/bound_quality.py --knob``)."""
     n = terms.resid.shape[0]
     out = torch.zeros(n, n, dtype=terms.resid.dtype)
-    for start, stop, keys, block in _blocks(kind, patterns, terms, chunk):
+    for start, stop, keys, block in _blocks(kind, patterns, terms, chunk, skip):
         out[start:stop, :keys] = block
     return out
 
@@ -247,13 +258,14 @@ def contribution_row(
     row: Float[Tensor, "query_pos"],
     *,
     chunk: int | None = None,
+    skip: float | None = None,
 ) -> Float[Tensor, "key_pos"]:
     """``row @ normalise_rows(C)``, one block of queries at a time: the ``n×n`` matrix is never formed,
     so a streamed row costs one block's memory, and each row is scaled through its weight (a vector)
     instead of its ``n`` entries."""
     row = row.double()
     out = torch.zeros(row.shape[0], dtype=torch.float64)
-    for start, stop, keys, block in _blocks(kind, patterns, terms, chunk):
+    for start, stop, keys, block in _blocks(kind, patterns, terms, chunk, skip):
         weights = row[start:stop] / block.sum(-1).double().clamp_min(torch.finfo(torch.float64).tiny)
         out[:keys] += weights @ block.double()
     return out

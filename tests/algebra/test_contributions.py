@@ -357,3 +357,16 @@ def test_per_unit_divides_the_row_by_the_input_norms():
     plain = C.contribution_graph(traced, model, "alti_linear").row(-1)
     per_unit = C.contribution_graph(traced, model, "alti_linear", per_unit=True).row(-1)
     torch.testing.assert_close(per_unit, plain / traced.resid[0].double().norm(dim=-1))
+
+
+def test_the_skip_weight_scales_the_diagonal_only_and_is_refused_elsewhere():
+    patterns, terms = _random_terms(n=6, query=False)
+    one = contribution_matrix("alti_skip", patterns, terms)
+    half = contribution_matrix("alti_skip", patterns, terms, skip=0.5)
+    y = terms.resid + C._attention_part(terms, patterns)
+    torch.testing.assert_close(one - half, torch.diag(0.5 * y.abs().sum(-1)))  # ½‖y_j‖₁ off the diagonal
+    torch.testing.assert_close(contribution_matrix("alti_skip", patterns, terms, skip=1.0), one)
+    with pytest.raises(ValueError, match="alti_skip only"):
+        contribution_matrix("alti_linear", patterns, terms, skip=0.5)
+    with pytest.raises(ValueError, match="> 0"):
+        contribution_matrix("alti_skip", patterns, terms, skip=0.0)
