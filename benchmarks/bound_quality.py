@@ -167,7 +167,7 @@ def held_out(model, prompts, variant: str, knob: str, values, truths: dict) -> p
             rows.append({"half": "held" if i % 2 else "tune", knob: value, "spearman": spearman(bound, truth)})
     table = pd.DataFrame(rows).pivot_table(index=knob, columns="half", values="spearman", aggfunc=["median", "min"])
     table.columns = [f"{half}_{stat}" for stat, half in table.columns]
-    table = table.reset_index()
+    table = table.reset_index()[[knob, "tune_median", "tune_min", "held_median", "held_min"]]
     table["chosen"] = table["tune_median"] == table["tune_median"].max()
     return table
 
