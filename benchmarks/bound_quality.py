@@ -153,6 +153,25 @@ def per_layer_diagnosis(model, prompt, variants, *, probes: int, exact_max_token
     return pd.DataFrame(rows)
 
 
+def held_out(model, prompts, variant: str, knob: str, values, truths: dict) -> pd.DataFrame:
+    """A knob chosen on half the suite and reported on the other: the prompts alternate (suite order,
+    so each half holds every kind) between ``tune`` and ``held``; per value, the median and minimum
+    Spearman (Frobenius, the stored truth) on each half; ``chosen`` marks the best tune median."""
+    rows = []
+    for i, prompt in enumerate(prompts):
+        tokens = format_prompt(model, prompt.text, chat=prompt.chat)
+        traced = trace(model, tokens, keep_resid=True)
+        truth = torch.tensor(truths[prompt.name]["frob"], dtype=torch.float64)
+        for value in values:
+            bound = path_bound(traced, variant, model=model, **{knob: value}).bound
+            rows.append({"half": "held" if i % 2 else "tune", knob: value, "spearman": spearman(bound, truth)})
+    table = pd.DataFrame(rows).pivot_table(index=knob, columns="half", values="spearman", aggfunc=["median", "min"])
+    table.columns = [f"{half}_{stat}" for stat, half in table.columns]
+    table = table.reset_index()[[knob, "tune_median", "tune_min", "held_median", "held_min"]]
+    table["chosen"] = table["tune_median"] == table["tune_median"].max()
+    return table
+
+
 def summarise(frame: pd.DataFrame) -> pd.DataFrame:
     """Median (and min) rank agreement per variant across the prompts, with what the registry
     says the variant's numbers promise (``bound`` or ``proxy``)."""
@@ -265,6 +284,12 @@ def measure_suite(model, prompts, variants, args, sink) -> list[dict]:
     return rows
 
 
+def latest(rows: list[dict]) -> list[dict]:
+    """One row per (prompt, variant), the last one read: a prompt rescored against a new (exact) truth
+    replaces its earlier rows when the runs' lines are merged."""
+    return list({(row["prompt"], row["variant"]): row for row in rows}.values())
+
+
 def read_lines(path: Path | None) -> list[dict]:
     if path is None or not path.exists():
         return []
@@ -293,13 +318,30 @@ def run(argv=None, *, model=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     )
     parser.add_argument("--render", action="store_true", help="no computing: tables from --lines/--diagnosis-lines")
     parser.add_argument("--seconds", type=float, default=0.0, help="with --render: the compute time to report")
+    parser.add_argument(
+        "--knob",
+        help="VARIANT:NAME=V1,V2,...: choose the knob on half the prompts (stored --truths), report the other half",
+    )
     args = parser.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     command = "python benchmarks/bound_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     device = f"{torch.get_num_threads()} CPU threads" if not torch.cuda.is_available() else torch.cuda.get_device_name()
     started = time.perf_counter()
+    if args.knob:
+        variant, _, knob = args.knob.partition(":")
+        name, _, values = knob.partition("=")
+        table = held_out(
+            model if model is not None else load_model(n_ctx=512),
+            load_suite(names=args.names.split(",") if args.names else None),
+            variant,
+            name,
+            [float(v) for v in values.split(",")],
+            read_truths(args.truths),
+        )
+        print(table_md(table))
+        return table, table
     if args.render:
-        rows, diagnosis = read_lines(args.lines), pd.DataFrame(read_lines(args.diagnosis_lines))
+        rows, diagnosis = latest(read_lines(args.lines)), pd.DataFrame(read_lines(args.diagnosis_lines))
     else:
         names = QUICK_NAMES if args.quick else (args.names.split(",") if args.names else None)
         model = model if model is not None else load_model(n_ctx=512)

@@ -106,3 +106,30 @@ def test_stored_exact_truths_win_over_sketches_and_are_reused(tmp_path):
     bound = path_bound(trace(model, tokens, keep_resid=True), "alti_resid", model=model).bound
     assert frame.iloc[0]["spearman_frob"] == pytest.approx(spearman(bound, truth), abs=1e-9)
     assert bench.read_truths([sketch, exact])["prose_tide"]["jacobian"] == "exact"  # in either order
+
+
+def test_a_knob_is_chosen_on_one_half_and_reported_on_the_other(tmp_path):
+    """``--knob``: the prompts alternate between the halves; each cell is the Spearman of the variant
+    built with that value against the stored truth, and ``chosen`` is the best tune median."""
+    bench = load_benchmark()
+    model = load_model("tiny-random", n_ctx=512)
+    truths = tmp_path / "truths.jsonl"
+    names = "prose_tide,list_shopping"
+    bench.run(["--names", names, "--variants", "alti_skip", "--probes", "8", "--truths", str(truths)], model=model)
+    table, _ = bench.run(["--names", names, "--knob", "alti_skip:skip=0.5,1", "--truths", str(truths)], model=model)
+    stored = bench.read_truths([truths])
+    for half, prompt in zip(("tune", "held"), load_suite(names=names.split(",")), strict=True):
+        tokens = format_prompt(model, prompt.text, chat=prompt.chat)
+        traced = trace(model, tokens, keep_resid=True)
+        for value, cell in zip(table["skip"], table[f"{half}_median"], strict=True):
+            bound = path_bound(traced, "alti_skip", model=model, skip=value).bound
+            assert cell == pytest.approx(spearman(bound, torch.tensor(stored[prompt.name]["frob"])), abs=1e-9)
+    assert list(table["chosen"]) == list(table["tune_median"] == table["tune_median"].max())
+
+
+def test_merged_lines_keep_the_latest_row_per_prompt_and_variant():
+    rows = [{"prompt": "a", "variant": "v", "x": 1}, {"prompt": "b", "variant": "v", "x": 2}]
+    assert load_benchmark().latest([*rows, {"prompt": "a", "variant": "v", "x": 3}]) == [
+        {"prompt": "a", "variant": "v", "x": 3},
+        rows[1],
+    ]

@@ -32,6 +32,7 @@ Per layer (``c`` before each row is scaled to sum 1; ``b_O`` and norm biases are
 |---|---|---|
 | ``alti`` | ``max(0, ‖N y_j‖₁ − ‖N(y_j − T_jk)‖₁)`` | ``n²·H·d`` (chunked: ``chunk·n·d`` memory) |
 | ``alti_linear`` | ``max(0, sign(N y_j)ᵀ N T_jk)`` | ``n²·d`` (a score-like product per head) |
+| ``alti_skip`` | ``max(0, sign(N y_j)ᵀ N (T_jk − δ_jk x_j)) + δ_jk ‖N y_j‖₁`` | as ``alti_linear`` |
 | ``globenc`` | ``‖N T_jk‖₂`` | ``n·H²·d + n²·H²`` (Gram of each key's head outputs) |
 
 ``alti_resid`` is ``alti_linear`` measured in the residual stream's own coordinates (``norm=False``):
@@ -41,6 +42,17 @@ is one reader of ``y_j`` (the MLP), while the residual carries ``y_j`` itself, u
 layer's ``ln1`` (each with its own ``γ``) and to the final norm that the target reads. Measuring in
 ``ln2``'s ``P diag(γ)`` weighs the coordinates by the MLP's gain only, which the rest of the stack
 does not share.
+
+``alti_skip`` keeps the skip connection's gain. The block's Jacobian is ``∂y_j/∂x_k = δ_jk I +
+A_jk W_VO ∂N1(x_k)`` (patterns frozen): a unit of the target's sensitivity at ``y_j`` passes whole
+through the identity, however much attention writes. ALTI instead credits the residual its share
+``sign(y_j)·x_j / ‖y_j‖₁``, which shrinks whenever other tokens write, so every contribution rollout
+decays from the last token's own stream while the Jacobian's identity path keeps gain 1 from it to the
+target (lists, whose answer reads the last items, show it most). So the skip weighs ``‖y_j‖₁`` (all of
+``y_j``: gain 1) and each key its first-order ALTI part of the attention write, ``max(0, a_jk)``; the row
+``I + a⁺/‖y_j‖₁`` is scaled to sum 1 as attention rollout scales ``I + A``. Its self-weight
+``1/(1 + Σ_k a⁺_jk/‖y_j‖₁)`` is at least ``1/2`` per layer whenever the attention parts are non-negative
+(ALTI's is ``1 − Σ_k a_jk/‖y_j‖₁``, down to 0).
 
 ``alti_linear`` is ALTI's distance to first order in ``T_jk``, and never below it: coordinatewise
 ``|y_i| − |y_i − t_i| ≤ sign(y_i)·t_i``, with equality unless ``t_i`` flips the coordinate's sign. It reads
@@ -68,6 +80,7 @@ from .variants import PathGraph
 __all__ = [
     "KINDS",
     "PROXIES",
+    "FORMS",
     "ContributionGraph",
     "LayerTerms",
     "contribution_graph",
@@ -77,9 +90,17 @@ __all__ = [
     "normalise_rows",
 ]
 
-KINDS: tuple[str, ...] = ("alti", "alti_linear", "globenc")
-#: the registered variants (``alti_resid`` is ``alti_linear`` with ``norm=False``)
-PROXIES: tuple[str, ...] = ("alti", "globenc", "alti_linear", "alti_resid")
+KINDS: tuple[str, ...] = ("alti", "alti_linear", "alti_skip", "globenc")
+#: each registered variant's ``(kind, norm)``: ``alti_resid`` is ``alti_linear`` in residual coordinates
+FORMS: dict[str, tuple[str, bool]] = {
+    "alti": ("alti", True),
+    "globenc": ("globenc", True),
+    "alti_linear": ("alti_linear", True),
+    "alti_resid": ("alti_linear", False),
+    "alti_skip": ("alti_skip", False),
+}
+#: the registered variants
+PROXIES: tuple[str, ...] = tuple(FORMS)
 
 #: float elements of the ``[chunk, key, d_model]`` block ``alti`` forms at once
 CHUNK_ELEMENTS: int = 1 << 23
@@ -134,9 +155,11 @@ def _query_chunks(patterns: Tensor, chunk: int):
         yield start, stop, stop if _causal(patterns, start, stop) else n
 
 
-def _alti_linear(terms: LayerTerms, patterns: Tensor, chunk: int):
-    """``max(0, sign(y_j)·T_jk)``: per head, ``r^h_j = W_O^h sign(y_j)`` against the values, a block
-    of queries at a time (each reads only the keys it sees); ``y_j`` is formed on the way."""
+def _first_order(terms: LayerTerms, patterns: Tensor, chunk: int):
+    """Per block of queries (each reading only the keys it sees): the attention part
+    ``a_jk = sign(y_j)·q_j Σ_h A^h_jk u^h_k`` (unclamped), the residual part ``sign(y_j)·x_j`` and
+    ``‖y_j‖₁``; per head, ``r^h_j = W_O^h sign(y_j)`` is read against the values, and ``y_j`` is formed
+    on the way."""
     values, w_out = terms.values, terms.w_out
     patterns = patterns.to(values.dtype)
     for start, stop, keys in _query_chunks(patterns, chunk):
@@ -149,9 +172,25 @@ def _alti_linear(terms: LayerTerms, patterns: Tensor, chunk: int):
         block = (
             torch.bmm(reads, values[:, :keys].transpose(1, 2)).mul_(a).sum(0)
         )  # Σ_h A^h_jk (r^h_j · v^h_k), in place: one [head, chunk, key] buffer
+        yield start, stop, keys, block, (sign * terms.resid[start:stop]).sum(-1), y.abs().sum(-1)
+
+
+def _alti_linear(terms: LayerTerms, patterns: Tensor, chunk: int):
+    """``max(0, sign(y_j)·T_jk)``: the attention part plus, on the diagonal, the residual part."""
+    for start, stop, keys, block, resid, _ in _first_order(terms, patterns, chunk):
         own = torch.arange(start, stop)
-        block[own - start, own] += (sign * terms.resid[start:stop]).sum(-1)
+        block[own - start, own] += resid
         yield start, stop, keys, block.clamp_min_(0)
+
+
+def _alti_skip(terms: LayerTerms, patterns: Tensor, chunk: int, skip: float = 1.0):
+    """``max(0, a_jk) + δ_jk skip·‖y_j‖₁``: the skip connection passes ``y_j`` whole (gain ``skip = 1``, the
+    Jacobian's), so it weighs ``‖y_j‖₁`` where first-order ALTI credits only ``sign(y_j)·x_j``."""
+    for start, stop, keys, block, _, size in _first_order(terms, patterns, chunk):
+        block.clamp_min_(0)
+        own = torch.arange(start, stop)
+        block[own - start, own] += skip * size
+        yield start, stop, keys, block
 
 
 def _globenc(terms: LayerTerms, patterns: Tensor, chunk: int):
@@ -174,10 +213,10 @@ def _globenc(terms: LayerTerms, patterns: Tensor, chunk: int):
         yield start, stop, keys, squares.clamp_min(0).sqrt()
 
 
-_BLOCKS = {"alti": _alti, "alti_linear": _alti_linear, "globenc": _globenc}
+_BLOCKS = {"alti": _alti, "alti_linear": _alti_linear, "alti_skip": _alti_skip, "globenc": _globenc}
 
 
-def _blocks(kind: str, patterns: Tensor, terms: LayerTerms, chunk: int | None):
+def _blocks(kind: str, patterns: Tensor, terms: LayerTerms, chunk: int | None, skip: float | None = None):
     if kind not in KINDS:
         raise ValueError(f"unknown contribution kind {kind!r}; choose one of {', '.join(KINDS)}")
     n, d = terms.resid.shape
@@ -186,16 +225,27 @@ def _blocks(kind: str, patterns: Tensor, terms: LayerTerms, chunk: int | None):
             f"patterns must be [head, pos, pos] = {(terms.values.shape[0], n, n)}, got {tuple(patterns.shape)}"
         )
     default = max(1, CHUNK_ELEMENTS // max(1, n * d)) if kind == "alti" else QUERY_CHUNK
-    return _BLOCKS[kind](terms, patterns, chunk or default)
+    if skip is None:
+        return _BLOCKS[kind](terms, patterns, chunk or default)
+    if kind != "alti_skip" or not skip > 0:
+        raise ValueError(f"skip (the skip connection's weight, > 0) applies to alti_skip only, got {kind} and {skip}")
+    return _alti_skip(terms, patterns, chunk or default, skip)
 
 
 def contribution_matrix(
-    kind: str, patterns: Float[Tensor, "head query_pos key_pos"], terms: LayerTerms, *, chunk: int | None = None
+    kind: str,
+    patterns: Float[Tensor, "head query_pos key_pos"],
+    terms: LayerTerms,
+    *,
+    chunk: int | None = None,
+    skip: float | None = None,
 ) -> Float[Tensor, "query_pos key_pos"]:
-    """One layer's contributions ``c_jk`` (rows not yet scaled; see the module docstring)."""
+    """One layer's contributions ``c_jk`` (rows not yet scaled; see the module docstring). ``skip``
+    (``alti_skip`` only) weighs the skip connection: 1, the Jacobian's gain, unless a held-out check says
+    otherwise (``benchmarks/bound_quality.py --knob``)."""
     n = terms.resid.shape[0]
     out = torch.zeros(n, n, dtype=terms.resid.dtype)
-    for start, stop, keys, block in _blocks(kind, patterns, terms, chunk):
+    for start, stop, keys, block in _blocks(kind, patterns, terms, chunk, skip):
         out[start:stop, :keys] = block
     return out
 
@@ -207,13 +257,14 @@ def contribution_row(
     row: Float[Tensor, "query_pos"],
     *,
     chunk: int | None = None,
+    skip: float | None = None,
 ) -> Float[Tensor, "key_pos"]:
     """``row @ normalise_rows(C)``, one block of queries at a time: the ``n×n`` matrix is never formed,
     so a streamed row costs one block's memory, and each row is scaled through its weight (a vector)
     instead of its ``n`` entries."""
     row = row.double()
     out = torch.zeros(row.shape[0], dtype=torch.float64)
-    for start, stop, keys, block in _blocks(kind, patterns, terms, chunk):
+    for start, stop, keys, block in _blocks(kind, patterns, terms, chunk, skip):
         weights = row[start:stop] / block.sum(-1).double().clamp_min(torch.finfo(torch.float64).tiny)
         out[:keys] += weights @ block.double()
     return out
@@ -382,16 +433,19 @@ def contribution_graph(
 # --------------------------------------------------------------------------------------------------
 
 
-def _builder(kind: str, name: str, **fixed: Any) -> Callable[..., ContributionGraph]:
+def _builder(name: str) -> Callable[..., ContributionGraph]:
+    kind, norm = FORMS[name]
+
     def build(trace, model=None, **params: Any) -> ContributionGraph:
-        return contribution_graph(trace, model, kind, name=name, **{**fixed, **params})
+        return contribution_graph(trace, model, kind, name=name, **{"norm": norm, **params})
 
     build.__name__ = f"_{name}"
     return build
 
 
 # the builders the registry names (lens_squash.algebra.variant_registry declares the variants)
-build_alti = _builder("alti", "alti")
-build_globenc = _builder("globenc", "globenc")
-build_alti_linear = _builder("alti_linear", "alti_linear")
-build_alti_resid = _builder("alti_linear", "alti_resid", norm=False)
+build_alti = _builder("alti")
+build_globenc = _builder("globenc")
+build_alti_linear = _builder("alti_linear")
+build_alti_resid = _builder("alti_resid")
+build_alti_skip = _builder("alti_skip")

@@ -227,6 +227,14 @@ _CONTRIBUTION_SHARES = (
     "shares of where the target's information comes from (token-to-token contributions composed like rollout), "
     "with no inequality to the Jacobian"
 )
+_SKIP_STATEMENT = (
+    "shares, with no inequality to the Jacobian. Derivation: the block's Jacobian is ∂y_j/∂x_k = δ_jk I + A_jk W_VO "
+    "∂N1(x_k), so a unit of sensitivity at y_j passes whole (gain 1) through the skip connection, however much "
+    "attention writes, while ALTI credits the residual only its share sign(y_j)·x_j / ‖y_j‖₁, which shrinks as "
+    "others write (every rollout then decays from the last token's own stream). Here the skip keeps gain 1 and "
+    "each attention edge k → j weighs the share of y_j it wrote, max(0, sign(y_j)·attn_jk) / ‖y_j‖₁ (first-order "
+    "ALTI, residual coordinates); the row I + shares is scaled back to sum 1, as attention rollout scales I + A"
+)
 _BUILTIN: tuple[VariantSpec, ...] = (
     VariantSpec("paper", _V + "_paper", "proxy", summary="Theorem B.5's path sum with the user's β's and σ_ψ",
                 statement="a bound only where Theorem B.5's Lipschitz and normalisation assumptions hold, which "
@@ -254,6 +262,9 @@ _BUILTIN: tuple[VariantSpec, ...] = (
     VariantSpec("alti_resid", _C + "build_alti_resid", "proxy", needs=_CONTRIBUTION_NEEDS,
                 supports=_BLOCKS + "block_shape", statement=_CONTRIBUTION_SHARES,
                 summary="first-order ALTI measured in the residual stream itself: max(0, sign(y_j)·T_jk), no next norm"),
+    VariantSpec("alti_skip", _C + "build_alti_skip", "proxy", needs=_CONTRIBUTION_NEEDS,
+                supports=_BLOCKS + "block_shape", statement=_SKIP_STATEMENT,
+                summary="alti_resid with the skip connection kept at gain 1: rows ∝ ‖y_j‖₁ δ_jk + max(0, sign(y_j)·attn_jk)"),
 )  # fmt: skip
 for _spec in _BUILTIN:
     register_variant(_spec)

@@ -58,6 +58,9 @@ def _brute_force(kind, patterns, terms):
                 out[j, k] = max(0.0, float(y[j].abs().sum() - (y[j] - t[j, k]).abs().sum()))
             elif kind == "alti_linear":
                 out[j, k] = max(0.0, float(torch.sign(y[j]) @ t[j, k]))
+            elif kind == "alti_skip":  # the attention part clamped, the skip weighing all of y_j
+                attention = t[j, k] - (terms.resid[j] if j == k else 0.0)
+                out[j, k] = max(0.0, float(torch.sign(y[j]) @ attention)) + (float(y[j].abs().sum()) if j == k else 0.0)
             else:
                 out[j, k] = float(t[j, k].norm())
     return out
@@ -111,6 +114,46 @@ def test_alti_resid_against_the_models_own_hooks():
     got = path_bound(traced, "alti_resid", model=model).bound
     torch.testing.assert_close(got, row, rtol=1e-5, atol=1e-8)
     assert not torch.allclose(got, path_bound(traced, "alti_linear", model=model).bound, rtol=1e-3)
+
+
+def test_alti_skip_against_the_models_own_hooks():
+    """An independent build of ``alti_skip``: ``y_j`` is the model's own ``hook_resid_mid`` less ``b_O`` (what
+    the skip carries on, whole), each key's attention write ``T_jk`` is formed from the cache's patterns, GQA values
+    and ``W_O``; ``c_jk = max(0, sign(y_j)·T_jk) + δ_jk ‖y_j‖₁``, rows scaled to 1 and multiplied."""
+    model = _model("llama_gqa")
+    traced, cache = _cached("llama_gqa")
+    n = families.TOKENS.shape[0]
+    row = torch.zeros(n, dtype=torch.float64)
+    row[-1] = 1.0
+    for layer in reversed(range(model.cfg.n_layers)):
+        a = cache[f"blocks.{layer}.attn.hook_pattern"][0].double()
+        v = cache[f"blocks.{layer}.attn.hook_v"][0].double()
+        v = v.repeat_interleave(model.cfg.n_heads // v.shape[1], dim=1)  # [pos, head, d_head]
+        per_head = torch.einsum("khd,hdm->hkm", v, model.blocks[layer].attn.W_O.double())
+        y = cache[f"blocks.{layer}.hook_resid_mid"][0].double()
+        b_o = model.blocks[layer].attn.b_O  # a bridge has None for a bias-free W_O
+        y = y if b_o is None else y - b_o.double()  # b_O is attributed to no token
+        c = torch.einsum("jm,hjk,hkm->jk", torch.sign(y), a, per_head).clamp_min(0) + torch.diag(y.abs().sum(-1))
+        row = row @ (c / c.sum(-1, keepdim=True))
+    got = path_bound(traced, "alti_skip", model=model).bound
+    torch.testing.assert_close(got, row, rtol=1e-5, atol=1e-8)
+
+
+def test_the_skip_keeps_at_least_half_where_alti_loses_the_own_stream():
+    """The derivation's point: when every write agrees in sign with the stream (no cancellation), the
+    skip's self-weight is ``1/(1 + f_j)`` with ``f_j = Σ_k a_jk/‖y_j‖₁ < 1``, so above 1/2 per layer
+    however much attention writes, while ALTI's residual share ``sign(y_j)·x_j/‖y_j‖₁`` goes to 0."""
+    patterns, terms = _random_terms(n=8, query=False, seed=3)
+    positive = LayerTerms(terms.resid.abs() * 1e-3, terms.values.abs(), terms.w_out.abs(), None)
+    skip = normalise_rows(contribution_matrix("alti_skip", patterns, positive))
+    alti = normalise_rows(contribution_matrix("alti_linear", patterns, positive))
+    assert (skip.diagonal() > 0.5).all()
+    assert (skip.diagonal() >= alti.diagonal()).all() and (alti.diagonal()[1:] < 0.5).all()
+    # no attention write at all: both are the identity, the Jacobian of a block that only carries x_j
+    silent = LayerTerms(terms.resid, terms.values * 0, terms.w_out, None)
+    for kind in ("alti_skip", "alti_linear"):
+        eye = torch.eye(8, dtype=torch.float64)
+        torch.testing.assert_close(normalise_rows(contribution_matrix(kind, patterns, silent)), eye)
 
 
 def test_alti_linear_is_never_below_alti():
@@ -232,17 +275,20 @@ def test_parallel_blocks_measure_raw_coordinates():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_row_is_the_product_of_the_layer_matrices(kind):
+@pytest.mark.parametrize("name", C.PROXIES)
+def test_row_is_the_product_of_the_layer_matrices(name):
     model = _model("llama_gqa")
     traced, _ = _cached("llama_gqa")
+    kind, norm = C.FORMS[name]
     mats = torch.stack(
         [
-            normalise_rows(contribution_matrix(kind, traced.patterns[layer], layer_terms(model, traced, layer)))
+            normalise_rows(
+                contribution_matrix(kind, traced.patterns[layer], layer_terms(model, traced, layer, norm=norm))
+            )
             for layer in range(model.cfg.n_layers)
         ]
     )
-    bound = path_bound(traced, kind, model=model, full_matrix=True)
+    bound = path_bound(traced, name, model=model, full_matrix=True)
     torch.testing.assert_close(bound.bound, stack_product(mats)[-1], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(bound.matrix, stack_product(mats), rtol=1e-10, atol=1e-12)
     # rows of stochastic matrices: the rollout row is a distribution over input positions
@@ -315,3 +361,16 @@ def test_per_unit_divides_the_row_by_the_input_norms():
     plain = C.contribution_graph(traced, model, "alti_linear").row(-1)
     per_unit = C.contribution_graph(traced, model, "alti_linear", per_unit=True).row(-1)
     torch.testing.assert_close(per_unit, plain / traced.resid[0].double().norm(dim=-1))
+
+
+def test_the_skip_weight_scales_the_diagonal_only_and_is_refused_elsewhere():
+    patterns, terms = _random_terms(n=6, query=False)
+    one = contribution_matrix("alti_skip", patterns, terms)
+    half = contribution_matrix("alti_skip", patterns, terms, skip=0.5)
+    y = terms.resid + C._attention_part(terms, patterns)
+    torch.testing.assert_close(one - half, torch.diag(0.5 * y.abs().sum(-1)))  # ½‖y_j‖₁ off the diagonal
+    torch.testing.assert_close(contribution_matrix("alti_skip", patterns, terms, skip=1.0), one)
+    with pytest.raises(ValueError, match="alti_skip only"):
+        contribution_matrix("alti_linear", patterns, terms, skip=0.5)
+    with pytest.raises(ValueError, match="> 0"):
+        contribution_matrix("alti_skip", patterns, terms, skip=0.0)
