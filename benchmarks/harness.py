@@ -46,9 +46,12 @@ __all__ = [
     "machine_line",
     "matmul_gflops",
     "pattern_recompute_flops",
+    "peak_rss",
     "quadratic_form_flops",
+    "reset_peak_rss",
     "threads",
     "timed",
+    "with_peak",
 ]
 
 #: a run whose CPU share fell below this fraction of its threads is flagged
@@ -172,6 +175,41 @@ def alternate(
             out[side].append(timing_)
             out["r" + side].append(result)
     return Pair(tuple(out["a"]), tuple(out["b"]), out["ra"], out["rb"])
+
+
+# --------------------------------------------------------------------------------------------------
+# peak memory of one run (Linux: the resident high-water mark can be reset)
+# --------------------------------------------------------------------------------------------------
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's resident high-water mark (``VmHWM``, and so ``ru_maxrss``) to what is
+    resident now; ``False`` where the kernel does not offer it (then peaks are the process's so far)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int:
+    """Bytes: the resident high-water mark since the process started or :func:`reset_peak_rss`."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def with_peak(fn: Callable[[], Any], peaks: list[int]) -> Callable[[], Any]:
+    """``fn`` that appends the peak resident bytes of each of its calls to ``peaks`` (the high-water mark
+    is reset first, so one run's peak is not another's: the benchmarks alternate a plain forward pass
+    with the analysis, and each has its own)."""
+
+    def run():
+        reset_peak_rss()
+        result = fn()
+        peaks.append(peak_rss())
+        return result
+
+    return run
 
 
 # --------------------------------------------------------------------------------------------------

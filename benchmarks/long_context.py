@@ -38,7 +38,7 @@ GIB = 2**30
 def _child(n: int, jacobian: bool, repeats: int, variants: list[str] | None = None) -> dict:
     """One measurement, in this (fresh) process: forward and the analysis alternate ``repeats`` times."""
     import torch
-    from harness import alternate, analysis_flops, forward_flops, jacobian_flops, matmul_gflops
+    from harness import alternate, analysis_flops, forward_flops, jacobian_flops, matmul_gflops, with_peak
 
     from lens_squash.core.progress import silenced
     from lens_squash.edge.models import load_model
@@ -62,7 +62,11 @@ def _child(n: int, jacobian: bool, repeats: int, variants: list[str] | None = No
                 return jac(model, tokens, mode="sketch", n_probes=64)
             return analyze(model, tokens, jacobian_mode=None, variants=variants)
 
-    pair = alternate(forward, analysis, repeats, labels=("forward", "analysis"))
+    peaks: dict[str, list[int]] = {"forward": [], "analysis": []}
+    pair = alternate(
+        with_peak(forward, peaks["forward"]), with_peak(analysis, peaks["analysis"]), repeats,
+        labels=("forward", "analysis"),
+    )  # fmt: skip
     out = {
         "n": n,
         "variants": variants or "default",
@@ -94,7 +98,11 @@ def _child(n: int, jacobian: bool, repeats: int, variants: list[str] | None = No
             parts = {k: v for k, v in parts.items() if "fp64" not in k}
         out["analysis_parts_gflop"] = {k: v / 1e9 for k, v in parts.items()}
         out["analysis_gflop"] = sum(out["analysis_parts_gflop"].values())
-    out["peak_gib"] = _rss_peak() / GIB
+    # the process's peak (as before: the plain forward passes included, which run with the analysis's
+    # Gram cache resident), and each side's own (the high-water mark is reset before every run)
+    out["peak_gib"] = max(baseline, *peaks["forward"], *peaks["analysis"]) / GIB
+    out["analysis_peak_gib"] = [p / GIB for p in peaks["analysis"]]
+    out["forward_peak_gib"] = [p / GIB for p in peaks["forward"]]
     return out
 
 
@@ -226,6 +234,12 @@ def report(rows: list[dict]) -> str:
             + (", ".join(f"{k} {v:.0f}" for k, v in r.get("analysis_parts_gflop", {}).items()))
             + f"; matmul now fp32 {rates['fp32']:.0f}, fp64 {rates['fp64']:.0f} GFLOP/s"
         )
+        if "analysis_peak_gib" in r:
+            lines.append(
+                f"  peak GiB: process {r['peak_gib']:.2f}; each analysis "
+                f"{', '.join(f'{p:.2f}' for p in r['analysis_peak_gib'])}; each plain forward "
+                f"{', '.join(f'{p:.2f}' for p in r['forward_peak_gib'])} (resident before: {r['rss_before_gib']:.2f})"
+            )
         lines.extend(f"  {line}" for line in r["runs"])
     ok = [r for r in rows if "error" not in r and "analysis_s" in r]
     if len(ok) >= 2:

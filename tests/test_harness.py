@@ -85,3 +85,27 @@ def test_gram_and_quadratic_form_flops_equal_torchs_flop_counter():
         for gram in grams:
             quadratic_form(coeff, gram)
     assert harness.quadratic_form_flops(model.cfg, 5) == counter.get_total_flops()
+
+
+def test_with_peak_records_each_runs_own_high_water_mark():
+    """A run that touches 256 MiB peaks at least that far above what was resident; a later run that
+    touches 16 MiB is not charged the first run's peak once the high-water mark is reset."""
+    if not harness.reset_peak_rss():
+        pytest.skip("this kernel offers no resettable high-water mark (/proc/self/clear_refs)")
+    big, small = 256 * 2**20, 16 * 2**20
+    peaks: list[int] = []
+    resident = [0]
+
+    def touch(size):
+        def run():
+            resident[0] = harness.peak_rss()  # just after the reset: what is resident now
+            buffer = torch.ones(size // 4)  # written, so every page is resident
+            return float(buffer[-1])
+
+        return run
+
+    harness.with_peak(touch(big), peaks)()
+    first_resident = resident[0]
+    harness.with_peak(touch(small), peaks)()
+    assert peaks[0] >= first_resident + big * 0.95
+    assert peaks[1] < peaks[0] - (big - small) * 0.5  # the big run's peak was forgotten

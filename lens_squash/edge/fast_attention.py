@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .backends import has_hooked_transformer, is_bridge
 
-__all__ = ["fast_attention", "fast_layers"]
+__all__ = ["fast_attention", "fast_layers", "global_module_hooks", "softmax_over"]
 
 #: lines of TransformerLens 3.9 whose behaviour the fast forward reproduces; a release that no
 #: longer reads so keeps its own forward everywhere
@@ -201,17 +201,28 @@ def _softmax(self, scores: Tensor) -> Tensor:
     """``F.softmax(scores, -1)`` with NaNs set to 0, as TransformerLens takes it. Written over the
     scores when no hook on ``hook_attn_scores`` (nor a global module hook) could have kept them; the
     clean-up runs only when a NaN is there (entries are in [0, 1], so the sum is NaN iff one is)."""
-    module = torch.nn.modules.module
     point = self.hook_attn_scores
     hooked = point._forward_hooks or point._forward_pre_hooks  # a pre-hook sees (and may keep) the scores too
-    hooked = hooked or module._global_forward_hooks or module._global_forward_pre_hooks
-    if hooked or not scores.is_contiguous():
-        pattern = torch.nn.functional.softmax(scores, dim=-1)
-    else:
-        pattern = torch.ops.aten._softmax.out(scores, -1, half_to_float=False, out=scores)
+    hooked = hooked or global_module_hooks()
+    pattern = torch.nn.functional.softmax(scores, dim=-1) if hooked else softmax_over(scores)
     if torch.isnan(pattern.sum()):
         pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
     return pattern
+
+
+def global_module_hooks() -> bool:
+    """Whether a global module hook is set (it may have kept any module's input or output)."""
+    module = torch.nn.modules.module
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+
+
+def softmax_over(scores: Tensor) -> Tensor:
+    """``F.softmax(scores, dim=-1)`` written over ``scores`` (the same kernel, so the same values, without
+    a fresh tensor: at n = 2048 a fresh ``H·n²`` tensor's page faults cost about as much as the
+    softmax); out of place when ``scores`` is not contiguous. The caller must own ``scores``."""
+    if not scores.is_contiguous():
+        return torch.nn.functional.softmax(scores, dim=-1)
+    return torch.ops.aten._softmax.out(scores, -1, half_to_float=False, out=scores)
 
 
 def _output(self, z: Tensor) -> Tensor:

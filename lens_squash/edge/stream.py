@@ -33,7 +33,7 @@ from ..core.progress import progress
 from ..core.support import UnsupportedModelError
 from .backends import has_hooked_transformer, is_bridge
 from .checkpoint import BlockCall, block_calls
-from .fast_attention import fast_attention
+from .fast_attention import fast_attention, global_module_hooks, softmax_over
 from .lipschitz import gram_cache_budget
 from .trace import Trace, keeps_patterns, streamable
 
@@ -76,8 +76,8 @@ def recompute_patterns(
     gathered here, one forward pass).
 
     Where TransformerLens's attention ends in a plain softmax (:func:`softmax_after_scores`), the
-    block stops at ``hook_attn_scores`` and the softmax is taken here, on the same tensor with the same
-    call, so the patterns are bit-identical; what is skipped is TransformerLens's NaN clean-up, a
+    block stops at ``hook_attn_scores`` and the softmax is taken here, with the same kernel, written over
+    the scores, so the patterns are bit-identical; what is skipped is TransformerLens's NaN clean-up, a
     ``where`` over ``H·n²`` entries that only changes NaN rows (about a third of the recompute at
     n = 2048), applied here only when the patterns hold a NaN.
     """
@@ -89,7 +89,8 @@ def recompute_patterns(
         call = block_calls(model, traced.tokens, range(layer, layer + 1))[layer]
     value = _run_until(model, traced, layer, site, shortformer, call)
     if own_softmax:
-        value = torch.nn.functional.softmax(value, dim=-1)
+        # the scores were fresh and the block stopped there: unless a global hook kept them, nothing holds them
+        value = torch.nn.functional.softmax(value, dim=-1) if global_module_hooks() else softmax_over(value)
         if torch.isnan(value.sum()):  # entries are in [0, 1], so the sum is NaN iff one entry is
             value.masked_fill_(torch.isnan(value), 0.0)
     return value[0].to("cpu", traced.attention_to_first.dtype)

@@ -50,3 +50,48 @@ def test_rows_refuse_layers_out_of_order_or_missing(traced_model):
         rows.finish()
     with pytest.raises(ValueError, match="out of range"):
         BoundRows(traced, {}, traced.n_tokens)
+
+
+def _causal_patterns(n: int, heads: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    patterns = torch.rand(heads, n, n, generator=gen).tril()
+    return patterns / patterns.sum(-1, keepdim=True)  # float32, as traced
+
+
+@pytest.mark.parametrize("above", [False, True])
+def test_layer_totals_skip_only_keys_that_are_exactly_zero(above):
+    """The float64 totals read only a row block's causal keys when every later key is exactly 0, and
+    every key otherwise: against an independent whole-layer float64 sum, with and without an entry
+    above the diagonal (mass a causal-only read would miss)."""
+    from lens_squash.algebra.variants import PathGraph
+
+    n, heads = 300, 3
+    patterns = _causal_patterns(n, heads)
+    if above:
+        patterns[1, 40, 250] = 0.75  # one query attends ahead: its block must read every key
+    gen = torch.Generator().manual_seed(1)
+    key_scale = torch.rand(1, heads, n, generator=gen, dtype=torch.float64) + 0.5
+    residual = torch.rand(1, n, generator=gen, dtype=torch.float64)
+    graph = PathGraph("test", residual, patterns[None], key_scale, None, torch.ones(n), None)
+    expected = residual[0] + (patterns.double() * key_scale[0][:, None, :]).sum(dim=(0, 2))
+    torch.testing.assert_close(graph.layer_totals(0, patterns), expected, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("n", [37, 99, 512])
+def test_a_float32_step_equals_the_float64_product_to_float32_rounding(n):
+    """One layer's step on float32 patterns (the batched matmul over heads) against the float64 row of
+    the explicit matrix ``diag(r) + Σ_h diag(q) A^h diag(c^h)``: each float32 sum of ``n`` products is
+    within ``n·ε₃₂`` of the exact one, relative to the sum of the absolute terms."""
+    heads = 9
+    patterns = _causal_patterns(n, heads, seed=n)
+    gen = torch.Generator().manual_seed(2)
+    row = torch.rand(n, generator=gen, dtype=torch.float64) * 1e30  # beyond float32: rescaled inside
+    key_scale = torch.rand(heads, n, generator=gen, dtype=torch.float64) + 0.5
+    query = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
+    residual = torch.rand(n, generator=gen, dtype=torch.float64)
+    got = paths.factored_step(row, patterns, key_scale, residual, query_scale=query)
+    edges = query[None, :, None] * patterns.double() * key_scale[:, None, :]  # [head, query, key]
+    expected = row * residual + row @ edges.sum(0)
+    scale = row * residual + (row * query) @ (patterns.double() * key_scale[:, None, :]).sum(0)
+    assert (got - expected).abs().max() <= n * torch.finfo(torch.float32).eps * scale.abs().max()
+    assert torch.isfinite(got).all()
