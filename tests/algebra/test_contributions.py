@@ -93,6 +93,15 @@ def test_the_blockwise_row_is_the_row_through_the_scaled_matrix(kind, chunk):
             torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
+def _pattern_and_writes(model, cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``layer``'s ``[head, query, key]`` pattern and ``[head, key, d_model]`` value writes ``v^h_k W_O^h``
+    (GQA values repeated per query head), in float64, from the model's own cache."""
+    a = cache[f"blocks.{layer}.attn.hook_pattern"][0].double()
+    v = cache[f"blocks.{layer}.attn.hook_v"][0].double()
+    v = v.repeat_interleave(model.cfg.n_heads // v.shape[1], dim=1)  # [pos, head, d_head]
+    return a, torch.einsum("khd,hdm->hkm", v, model.blocks[layer].attn.W_O.double())
+
+
 def test_alti_resid_against_the_models_own_hooks():
     """An independent build of ``alti_resid``: every ``T_jk`` from the cache's patterns, GQA values and
     ``W_O`` (raw residual coordinates), ``c_jk = max(0, sign(y_j)·T_jk)``, rows scaled and multiplied."""
@@ -102,10 +111,7 @@ def test_alti_resid_against_the_models_own_hooks():
     row = torch.zeros(n, dtype=torch.float64)
     row[-1] = 1.0
     for layer in reversed(range(model.cfg.n_layers)):
-        a = cache[f"blocks.{layer}.attn.hook_pattern"][0].double()
-        v = cache[f"blocks.{layer}.attn.hook_v"][0].double()
-        v = v.repeat_interleave(model.cfg.n_heads // v.shape[1], dim=1)  # [pos, head, d_head]
-        per_head = torch.einsum("khd,hdm->hkm", v, model.blocks[layer].attn.W_O.double())
+        a, per_head = _pattern_and_writes(model, cache, layer)
         t = torch.einsum("hjk,hkm->jkm", a, per_head)
         t[range(n), range(n)] += cache[f"blocks.{layer}.hook_resid_pre"][0].double()
         y = t.sum(1)
@@ -126,10 +132,7 @@ def test_alti_skip_against_the_models_own_hooks():
     row = torch.zeros(n, dtype=torch.float64)
     row[-1] = 1.0
     for layer in reversed(range(model.cfg.n_layers)):
-        a = cache[f"blocks.{layer}.attn.hook_pattern"][0].double()
-        v = cache[f"blocks.{layer}.attn.hook_v"][0].double()
-        v = v.repeat_interleave(model.cfg.n_heads // v.shape[1], dim=1)  # [pos, head, d_head]
-        per_head = torch.einsum("khd,hdm->hkm", v, model.blocks[layer].attn.W_O.double())
+        a, per_head = _pattern_and_writes(model, cache, layer)
         y = cache[f"blocks.{layer}.hook_resid_mid"][0].double()
         b_o = model.blocks[layer].attn.b_O  # a bridge has None for a bias-free W_O
         y = y if b_o is None else y - b_o.double()  # b_O is attributed to no token
