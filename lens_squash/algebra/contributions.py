@@ -75,6 +75,7 @@ from ..core.results import unserialised
 from ..core.support import UnsupportedModelError
 from .blocks import apply_output_norms, block_shape
 from .model_facts import NormFacts, facts_of
+from .variant_registry import variant
 from .variants import PathGraph
 
 __all__ = [
@@ -443,9 +444,33 @@ def _builder(name: str) -> Callable[..., ContributionGraph]:
     return build
 
 
-# the builders the registry names (lens_squash.algebra.variant_registry declares the variants)
-build_alti = _builder("alti")
-build_globenc = _builder("globenc")
-build_alti_linear = _builder("alti_linear")
-build_alti_resid = _builder("alti_resid")
-build_alti_skip = _builder("alti_skip")
+# the variants (their declarations: lens_squash.algebra.variant_registry reads them from this source)
+_NEEDS = frozenset({"weights", "residual", "norm_scales"})
+_SHARES = (
+    "shares of where the target's information comes from (token-to-token contributions composed like rollout), "
+    "with no inequality to the Jacobian"
+)
+_SKIP_STATEMENT = (
+    "shares, with no inequality to the Jacobian. Derivation: the block's Jacobian is ∂y_j/∂x_k = δ_jk I + A_jk W_VO "
+    "∂N1(x_k), so a unit of sensitivity at y_j passes whole (gain 1) through the skip connection, however much "
+    "attention writes, while ALTI credits the residual only its share sign(y_j)·x_j / ‖y_j‖₁, which shrinks as "
+    "others write (every rollout then decays from the last token's own stream). Here the skip keeps gain 1 and "
+    "each attention edge k → j weighs the share of y_j it wrote, max(0, sign(y_j)·attn_jk) / ‖y_j‖₁ (first-order "
+    "ALTI, residual coordinates); the row I + shares is scaled back to sum 1, as attention rollout scales I + A"
+)
+build_alti = variant("alti", guarantee="proxy", needs=_NEEDS, supports=block_shape, statement=_SHARES,
+                     summary="ALTI: L1 contributions with the residual, in the next norm's coordinates")(_builder("alti"))  # fmt: skip
+build_globenc = variant("globenc", guarantee="proxy", needs=_NEEDS, supports=block_shape, statement=_SHARES,
+                        summary="GlobEnc: ‖N T_jk‖₂ with the residual and the next norm")(_builder("globenc"))  # fmt: skip
+build_alti_linear = variant(
+    "alti_linear", guarantee="proxy", needs=_NEEDS, supports=block_shape, statement=_SHARES,
+    summary="ALTI to first order: max(0, sign(N y_j)·N T_jk), at the cost of the attention scores",
+)(_builder("alti_linear"))  # fmt: skip
+build_alti_resid = variant(
+    "alti_resid", guarantee="proxy", needs=_NEEDS, supports=block_shape, statement=_SHARES,
+    summary="first-order ALTI measured in the residual stream itself: max(0, sign(y_j)·T_jk), no next norm",
+)(_builder("alti_resid"))  # fmt: skip
+build_alti_skip = variant(
+    "alti_skip", guarantee="proxy", needs=_NEEDS, supports=block_shape, statement=_SKIP_STATEMENT,
+    summary="alti_resid with the skip connection kept at gain 1: rows ∝ ‖y_j‖₁ δ_jk + max(0, sign(y_j)·attn_jk)",
+)(_builder("alti_skip"))  # fmt: skip

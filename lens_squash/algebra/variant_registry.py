@@ -9,17 +9,30 @@ never read as a bound. In the manner of inseq's attribution registry::
 
 A builder is ``build(trace, model=None, **params) -> PathGraph`` (:mod:`lens_squash.algebra.variants`).
 
-This module is the one place a built-in variant is declared (:data:`_BUILTIN` below): its name, its
-default status, its guarantee, what it needs, and its builder and ``supports`` check named as
-``"module:function"``, imported on first call. So the module imports no torch, and the command line
-(:mod:`lens_squash.cli_names`) reads its choices from here while ``lens-squash --help`` stays light.
+**A built-in variant is declared on its builder**, in the algebra module that defines it::
+
+    @variant("rollout", guarantee="proxy", default=True, summary="...", statement="...")
+    def _rollout(trace, model=None, *, head_scores=None) -> PathGraph: ...
+
+Adding one is that decorator and its test, nothing else. The command line must list the names without
+importing torch (``lens-squash --help``), so this module never imports the algebra: it reads the
+algebra package's *source* with :mod:`ast` and collects each ``variant("name", default=...)`` call
+(a literal name and default, or the scan refuses it). The spec itself is registered when its module is
+imported, on the first :func:`get_variant` that needs it. A package outside lens_squash declares its
+own the same way and calls :func:`discover_variants` with its name (or registers specs directly).
+Order: modules in import order (a module's variants follow those of the sibling modules it imports),
+then source order; ``DEFAULT_VARIANTS`` is the built-ins marked ``default=True``, in that order.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
-from collections.abc import Callable, Mapping
+import importlib.util
+import sys
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from ..core.support import UnsupportedModelError
@@ -30,13 +43,17 @@ __all__ = [
     "GUARANTEES",
     "NEEDS",
     "UnknownVariantError",
+    "Declared",
     "VariantSpec",
     "LazyFunction",
     "check_variant_names",
+    "declared_in",
+    "discover_variants",
     "get_variant",
     "guarantee_of",
     "register_variant",
     "unsupported_reason",
+    "variant",
     "variant_names",
     "variants_needing",
 ]
@@ -51,9 +68,6 @@ GUARANTEES: tuple[str, ...] = ("bound", "proxy")
 #: ``value_norms`` (‖v W_O‖ per head: ``attn.hook_v`` and ``W_O``), ``norm_scales`` (the traced
 #: ``hook_scale`` of every norm), ``residual`` (the residual stream's norms or vectors)
 NEEDS: frozenset[str] = frozenset({"weights", "mlp_gains", "value_norms", "norm_scales", "residual"})
-
-#: the variants ``analyze``, ``flow`` and the CLI run when none are named, in display order
-DEFAULT_VARIANTS: tuple[str, ...] = ("paper", "rollout", "certified", "value_rownorm")
 
 
 @dataclass(frozen=True)
@@ -126,6 +140,25 @@ class VariantSpec:
 _REGISTRY: dict[str, VariantSpec] = {}
 
 
+@dataclass(frozen=True)
+class Declared:
+    """A ``variant("name", ...)`` call found in a module's source: known before the module is imported."""
+
+    name: str
+    module: str
+    default: bool = False
+
+
+#: every declared variant, name → declaration, in discovery order (the built-ins first)
+_DECLARED: dict[str, Declared] = {}
+#: the packages already scanned, each with its declarations
+_PACKAGES: dict[str, tuple[Declared, ...]] = {}
+#: module → the names its ``variant`` decorators registered when it was imported
+_DECLARED_BY: dict[str, list[str]] = {}
+#: the declaring modules imported and checked against their declarations
+_LOADED: set[str] = set()
+
+
 class UnknownVariantError(KeyError, ValueError):
     """A name nobody registered: a ValueError to callers, and a KeyError so that ``name in VARIANTS``
     and ``VARIANTS.get(name)`` answer as a mapping's do instead of raising."""
@@ -135,16 +168,20 @@ class UnknownVariantError(KeyError, ValueError):
 
 
 class _RegistryView(Mapping):
-    """A read-only, live view of the registry: name → :class:`VariantSpec`, in registration order."""
+    """A read-only, live view of the registry: name → :class:`VariantSpec`, in :func:`variant_names` order.
+    Iterating, ``len`` and ``in`` read names only (no torch); a value imports its declaring module."""
 
     def __getitem__(self, name: str) -> VariantSpec:
         return get_variant(name)
 
     def __iter__(self):
-        return iter(_registry())
+        return iter(variant_names())
 
     def __len__(self) -> int:
-        return len(_registry())
+        return len(variant_names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in variant_names()
 
     def __repr__(self) -> str:
         return f"VARIANTS({', '.join(self)})"
@@ -154,8 +191,163 @@ class _RegistryView(Mapping):
 VARIANTS: Mapping[str, VariantSpec] = _RegistryView()
 
 
+# --------------------------------------------------------------------------------------------------
+# declaring (the decorator) and discovering (the source scan) variants
+# --------------------------------------------------------------------------------------------------
+
+
+def variant(
+    name: str,
+    *,
+    guarantee: Literal["bound", "proxy"],
+    needs: Iterable[str] = (),
+    supports: Callable[[Any], Any] | str | None = None,
+    streams: bool = True,
+    default: bool = False,
+    summary: str = "",
+    statement: str = "",
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declare the decorated builder as variant ``name`` (the fields of :class:`VariantSpec`).
+
+    ``name`` and ``default`` must be literals: the registry reads them from the source without importing
+    the module. ``default=True`` puts a built-in in :data:`DEFAULT_VARIANTS`. Returns the builder unchanged.
+    """
+    module = sys._getframe(1).f_globals.get("__name__", "")  # the module the declaration is written in
+
+    def declare(build: Callable[..., Any]) -> Callable[..., Any]:
+        declared = _DECLARED.get(name)
+        if default and not (declared and declared.default):
+            raise ValueError(f"variant {name!r}: default=True is for lens_squash's built-ins; pass variants= to run it")
+        existing = _REGISTRY.get(name)
+        if existing is not None and not (declared and declared.module == module):
+            raise ValueError(f"variant {name!r} is already registered; pass replace=True to register_variant")
+        _DECLARED_BY.setdefault(module, []).append(name)
+        if existing is None:  # a replacement registered before this module was imported wins
+            _REGISTRY[name] = VariantSpec(
+                name, build, guarantee, frozenset(needs), supports, streams, summary, statement
+            )
+        return build
+
+    return declare
+
+
+def _variant_calls(tree: ast.AST):
+    """Every ``variant(...)`` / ``x.variant(...)`` call in a module's syntax tree."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            if (isinstance(func, ast.Name) and func.id == "variant") or (
+                isinstance(func, ast.Attribute) and func.attr == "variant"
+            ):
+                yield node
+
+
+def _literal(call: ast.Call, where: str) -> tuple[str, bool]:
+    """The call's literal name and default, or a ValueError saying how to write them."""
+    name = call.args[0] if call.args else None
+    default = next((k.value for k in call.keywords if k.arg == "default"), ast.Constant(False))
+    if not (isinstance(name, ast.Constant) and isinstance(name.value, str)):
+        raise ValueError(f"{where}:{call.lineno}: declare a variant with a literal name, variant('name', ...)")
+    if not (isinstance(default, ast.Constant) and isinstance(default.value, bool)):
+        raise ValueError(f"{where}:{call.lineno}: variant {name.value!r} needs a literal default=True or False")
+    return name.value, default.value
+
+
+def _sibling_imports(tree: ast.Module, package: str) -> set[str]:
+    """The modules of ``package`` this module imports directly (``from .x import``, ``from . import x``)."""
+    found = set()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom):
+            absolute = node.module if node.level == 0 else None
+            if node.level == 1 and node.module:
+                found.add(node.module.split(".")[0])
+            elif node.level == 1:
+                found.update(alias.name for alias in node.names)
+            elif absolute and absolute.startswith(package + "."):
+                found.add(absolute[len(package) + 1 :].split(".")[0])
+    return found
+
+
+def _in_import_order(imports: dict[str, set[str]]) -> list[str]:
+    """Module names, each after the others it imports, ties by name (a cycle keeps name order)."""
+    order: list[str] = []
+    waiting = sorted(imports)
+    while waiting:
+        ready = [m for m in waiting if not (imports[m] & set(waiting)) - {m}] or waiting[:1]
+        order.append(ready[0])
+        waiting.remove(ready[0])
+    return order
+
+
+def declared_in(directory: Path, package: str) -> tuple[Declared, ...]:
+    """The ``variant`` declarations in the modules of ``package`` (its sources in ``directory``), read
+    with :mod:`ast`, nothing imported; in module import order, then source order."""
+    calls: dict[str, list[tuple[str, bool]]] = {}
+    imports: dict[str, set[str]] = {}
+    for path in sorted(Path(directory).glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if "variant(" not in text:  # most modules: no parse
+            continue
+        tree = ast.parse(text, filename=str(path))
+        found = [_literal(call, str(path)) for call in _variant_calls(tree)]
+        if found:
+            calls[path.stem], imports[path.stem] = found, _sibling_imports(tree, package)
+    return tuple(
+        Declared(name, package if stem == "__init__" else f"{package}.{stem}", default)
+        for stem in _in_import_order(imports)
+        for name, default in calls[stem]
+    )
+
+
+def _add_declarations(package: str, declarations: tuple[Declared, ...]) -> tuple[str, ...]:
+    for d in declarations:
+        if d.name in _DECLARED or d.name in _REGISTRY:
+            where = _DECLARED[d.name].module if d.name in _DECLARED else "register_variant"
+            raise ValueError(f"variant {d.name!r} of {d.module} is already declared in {where}; rename one")
+    _DECLARED.update((d.name, d) for d in declarations)
+    _PACKAGES[package] = declarations
+    return tuple(d.name for d in declarations)
+
+
+def discover_variants(package: str) -> tuple[str, ...]:
+    """Declare the variants that ``package``'s modules declare with :func:`variant`, without importing
+    them (each is imported on first use); returns their names. Built-ins alone may be defaults."""
+    if package in _PACKAGES:
+        return tuple(d.name for d in _PACKAGES[package])
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"{package!r} is not an importable package; pass a package name such as 'my_plugin'")
+    found = tuple(d for directory in spec.submodule_search_locations for d in declared_in(Path(directory), package))
+    defaults = [d.name for d in found if d.default]
+    if defaults:
+        raise ValueError(f"{package}: default=True is for lens_squash's built-ins ({defaults}); drop it")
+    return _add_declarations(package, found)
+
+
+def _load(module: str) -> None:
+    """Import a declaring module and check that it registered exactly what its source declares."""
+    if module in _LOADED:
+        return
+    importlib.import_module(module)
+    expected = sorted(d.name for d in _DECLARED.values() if d.module == module)
+    registered = sorted(_DECLARED_BY.get(module, ()))
+    if expected != registered:
+        raise ValueError(
+            f"{module} declares variants {expected} in its source but registered {registered} on import; "
+            "declare each once, at module level, with variant('literal name', ...)"
+        )
+    _LOADED.add(module)
+
+
+# --------------------------------------------------------------------------------------------------
+# looking variants up
+# --------------------------------------------------------------------------------------------------
+
+
 def register_variant(spec: VariantSpec, *, replace: bool = False) -> VariantSpec:
     """Add ``spec`` to the registry (``replace=True`` to redefine a name); returns it."""
+    if not replace and spec.name in _DECLARED:
+        _load(_DECLARED[spec.name].module)  # a declared name is taken even before its module is imported
     if spec.name in _REGISTRY and not replace and _REGISTRY[spec.name] is not spec:
         raise ValueError(f"variant {spec.name!r} is already registered; pass replace=True to redefine it")
     _REGISTRY[spec.name] = spec
@@ -163,19 +355,24 @@ def register_variant(spec: VariantSpec, *, replace: bool = False) -> VariantSpec
 
 
 def _registry() -> dict[str, VariantSpec]:
-    return _REGISTRY
+    """Every spec, name → spec in :func:`variant_names` order (every declaring module imported)."""
+    for module in dict.fromkeys(d.module for d in _DECLARED.values()):
+        _load(module)
+    return {name: _REGISTRY[name] for name in variant_names()}
 
 
 def variant_names() -> tuple[str, ...]:
-    """Every registered name, in registration order."""
-    return tuple(_registry())
+    """Every name, declared or registered (no import): the declared in discovery order, then the rest
+    in registration order."""
+    return (*_DECLARED, *(name for name in _REGISTRY if name not in _DECLARED))
 
 
 def get_variant(name: str) -> VariantSpec:
-    registry = _registry()
-    if name not in registry:
-        raise UnknownVariantError(f"unknown variant {name!r}; choose one of {', '.join(registry)}")
-    return registry[name]
+    if name in _DECLARED:
+        _load(_DECLARED[name].module)
+    if name not in _REGISTRY:
+        raise UnknownVariantError(f"unknown variant {name!r}; choose one of {', '.join(variant_names())}")
+    return _REGISTRY[name]
 
 
 def guarantee_of(name: str) -> str:
@@ -207,7 +404,7 @@ def check_variant_names(variants) -> tuple[str, ...]:
     known = ", ".join(variant_names())
     if not names:
         raise ValueError(f"variants is empty; pass None for the defaults or some of {known}")
-    unknown = [name for name in names if name not in _registry()]
+    unknown = [name for name in names if name not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {', '.join(map(repr, unknown))}; choose from {known}")
     if len(set(names)) != len(names):
@@ -215,56 +412,9 @@ def check_variant_names(variants) -> tuple[str, ...]:
     return names
 
 
-# --------------------------------------------------------------------------------------------------
-# the built-in variants: adding one is a line here (its builder a function of its algebra module)
-# --------------------------------------------------------------------------------------------------
+# the built-ins: every variant declared in this package's modules (read, not imported)
+_add_declarations(__package__, declared_in(Path(__file__).parent, __package__))
 
-_V, _C, _BLOCKS = "lens_squash.algebra.variants:", "lens_squash.algebra.contributions:", "lens_squash.algebra.blocks:"
-_SHARES = "shares of where sensitivity lives, with no inequality to the Jacobian"
-_CERTIFIED_NEEDS = frozenset({"weights", "mlp_gains", "norm_scales"})
-_CONTRIBUTION_NEEDS = frozenset({"weights", "residual", "norm_scales"})
-_CONTRIBUTION_SHARES = (
-    "shares of where the target's information comes from (token-to-token contributions composed like rollout), "
-    "with no inequality to the Jacobian"
-)
-_SKIP_STATEMENT = (
-    "shares, with no inequality to the Jacobian. Derivation: the block's Jacobian is ∂y_j/∂x_k = δ_jk I + A_jk W_VO "
-    "∂N1(x_k), so a unit of sensitivity at y_j passes whole (gain 1) through the skip connection, however much "
-    "attention writes, while ALTI credits the residual only its share sign(y_j)·x_j / ‖y_j‖₁, which shrinks as "
-    "others write (every rollout then decays from the last token's own stream). Here the skip keeps gain 1 and "
-    "each attention edge k → j weighs the share of y_j it wrote, max(0, sign(y_j)·attn_jk) / ‖y_j‖₁ (first-order "
-    "ALTI, residual coordinates); the row I + shares is scaled back to sum 1, as attention rollout scales I + A"
-)
-_BUILTIN: tuple[VariantSpec, ...] = (
-    VariantSpec("paper", _V + "_paper", "proxy", summary="Theorem B.5's path sum with the user's β's and σ_ψ",
-                statement="a bound only where Theorem B.5's Lipschitz and normalisation assumptions hold, which "
-                "lens_squash does not check; on real models read it as a path-sum proxy"),
-    VariantSpec("rollout", _V + "_rollout", "proxy", summary="attention rollout (Abnar & Zuidema), Prop. B.8's setting",
-                statement=_SHARES),
-    VariantSpec("certified", _V + "_certified", "bound", needs=_CERTIFIED_NEEDS, supports=_BLOCKS + "block_shape",
-                summary="frozen-model path sum with every norm and MLP gain",
-                statement="an upper bound on ‖∂y_n/∂v_i‖₂ of the model with attention patterns and norm scales frozen"),
-    VariantSpec("value", _V + "_value", "proxy", needs=frozenset({"value_norms", "residual"}),
-                summary="‖v W_O‖-weighted attention (Kobayashi et al. 2020)", statement=_SHARES),
-    VariantSpec("value_rownorm", _V + "_value_rownorm", "proxy", needs=frozenset({"value_norms", "residual"}),
-                summary="value, each row scaled to sum 1", statement=_SHARES),
-    VariantSpec("certified_rownorm", _V + "_certified_rownorm", "proxy", needs=_CERTIFIED_NEEDS,
-                supports=_BLOCKS + "block_shape", summary="certified's graph, each row scaled to sum 1",
-                statement=_SHARES),
-    VariantSpec("alti", _C + "build_alti", "proxy", needs=_CONTRIBUTION_NEEDS, supports=_BLOCKS + "block_shape",
-                summary="ALTI: L1 contributions with the residual, in the next norm's coordinates",
-                statement=_CONTRIBUTION_SHARES),
-    VariantSpec("globenc", _C + "build_globenc", "proxy", needs=_CONTRIBUTION_NEEDS, supports=_BLOCKS + "block_shape",
-                summary="GlobEnc: ‖N T_jk‖₂ with the residual and the next norm", statement=_CONTRIBUTION_SHARES),
-    VariantSpec("alti_linear", _C + "build_alti_linear", "proxy", needs=_CONTRIBUTION_NEEDS,
-                supports=_BLOCKS + "block_shape", statement=_CONTRIBUTION_SHARES,
-                summary="ALTI to first order: max(0, sign(N y_j)·N T_jk), at the cost of the attention scores"),
-    VariantSpec("alti_resid", _C + "build_alti_resid", "proxy", needs=_CONTRIBUTION_NEEDS,
-                supports=_BLOCKS + "block_shape", statement=_CONTRIBUTION_SHARES,
-                summary="first-order ALTI measured in the residual stream itself: max(0, sign(y_j)·T_jk), no next norm"),
-    VariantSpec("alti_skip", _C + "build_alti_skip", "proxy", needs=_CONTRIBUTION_NEEDS,
-                supports=_BLOCKS + "block_shape", statement=_SKIP_STATEMENT,
-                summary="alti_resid with the skip connection kept at gain 1: rows ∝ ‖y_j‖₁ δ_jk + max(0, sign(y_j)·attn_jk)"),
-)  # fmt: skip
-for _spec in _BUILTIN:
-    register_variant(_spec)
+#: the variants ``analyze``, ``flow`` and the CLI run when none are named (built-ins declared
+#: ``default=True``), in display order
+DEFAULT_VARIANTS: tuple[str, ...] = tuple(d.name for d in _DECLARED.values() if d.default)

@@ -43,7 +43,7 @@ from . import paths
 from .attention import check_attention, head_weights, ov_norms
 from .blocks import block_shape
 from .model_facts import facts_of
-from .variant_registry import VARIANTS, get_variant
+from .variant_registry import VARIANTS, get_variant, variant
 
 __all__ = ["VARIANTS", "PathBound", "PathGraph", "bound_from_row", "build_graph", "final_norm_gain", "path_bound"]
 
@@ -220,6 +220,14 @@ def _head_mean(trace, head_scores, per_layer: Tensor) -> dict[str, Tensor | None
     return {"head_factor": per_layer.to(torch.float64), "mean_patterns": trace.mean_patterns}
 
 
+#: what a proxy's numbers estimate (its ``statement``)
+_SHARES = "shares of where sensitivity lives, with no inequality to the Jacobian"
+_CERTIFIED_NEEDS = frozenset({"weights", "mlp_gains", "norm_scales"})
+
+
+@variant("paper", guarantee="proxy", default=True, summary="Theorem B.5's path sum with the user's β's and σ_ψ",
+         statement="a bound only where Theorem B.5's Lipschitz and normalisation assumptions hold, which "
+         "lens_squash does not check; on real models read it as a path-sum proxy")  # fmt: skip
 def _paper(trace, model=None, *, beta1=1.0, beta2=1.0, beta3=1.0, sigma_psi=1.0, head_scores=None) -> PathGraph:
     n_layers, n_heads, n = trace.n_layers, trace.n_heads, trace.n_tokens
     beta1 = torch.as_tensor(beta1, dtype=torch.float64).expand(n_layers)
@@ -238,6 +246,8 @@ def _paper(trace, model=None, *, beta1=1.0, beta2=1.0, beta3=1.0, sigma_psi=1.0,
     )
 
 
+@variant("rollout", guarantee="proxy", default=True, statement=_SHARES,
+         summary="attention rollout (Abnar & Zuidema), Prop. B.8's setting")  # fmt: skip
 def _rollout(trace, model=None, *, head_scores=None) -> PathGraph:
     n_layers, n_heads, n = trace.n_layers, trace.n_heads, trace.n_tokens
     w = head_weights(n_layers, n_heads, head_scores)
@@ -270,6 +280,9 @@ def _scale(trace, site: str) -> Tensor:
     return value.double()
 
 
+@variant("certified", guarantee="bound", default=True, needs=_CERTIFIED_NEEDS, supports=block_shape,
+         summary="frozen-model path sum with every norm and MLP gain",
+         statement="an upper bound on ‖∂y_n/∂v_i‖₂ of the model with attention patterns and norm scales frozen")  # fmt: skip
 def _certified(trace, model=None) -> PathGraph:
     """The certified graph for the model's block shape (:mod:`lens_squash.algebra.blocks`).
 
@@ -319,6 +332,8 @@ def _certified(trace, model=None) -> PathGraph:
     )
 
 
+@variant("value", guarantee="proxy", needs={"value_norms", "residual"}, statement=_SHARES,
+         summary="‖v W_O‖-weighted attention (Kobayashi et al. 2020)")  # fmt: skip
 def _value(trace, model=None) -> PathGraph:
     if trace.value_norms is None:
         raise ValueError("the value variant needs ‖v W_O‖ per head; trace a model that exposes attn.hook_v and W_O")
@@ -329,10 +344,14 @@ def _value(trace, model=None) -> PathGraph:
     )
 
 
+@variant("value_rownorm", guarantee="proxy", default=True, needs={"value_norms", "residual"},
+         summary="value, each row scaled to sum 1", statement=_SHARES)  # fmt: skip
 def _value_rownorm(trace, model=None) -> PathGraph:
     return _value(trace, model).row_normalised()
 
 
+@variant("certified_rownorm", guarantee="proxy", needs=_CERTIFIED_NEEDS, supports=block_shape,
+         summary="certified's graph, each row scaled to sum 1", statement=_SHARES)  # fmt: skip
 def _certified_rownorm(trace, model=None) -> PathGraph:
     return _certified(trace, model).row_normalised()
 
