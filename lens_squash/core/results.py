@@ -12,9 +12,11 @@ The encoding itself (tensors bit-exact, shared tensors once, dropped and heavy f
 :mod:`.codec`; its names are re-exported here.
 
 **Figures.** ``Result.plot`` dispatches through a registry keyed by (result class, kind). Core code
-must not import the views, so the registry is filled by a plugin module,
-:data:`FIGURE_PLUGIN`, imported on the first ``plot()`` (as pandas loads its plotting backend); its
-builders are registered with :func:`register_figure`, which refuses duplicates.
+must not import the views, so the registry is filled by a plugin module, :data:`FIGURE_PLUGIN`,
+imported on the first ``plot()`` (as pandas loads its plotting backend); it imports every views
+module, and each builder registers itself where it is defined with the decorator
+:func:`register_figure` (``@register_figure(Trace, "attention", default=True)``), which refuses
+duplicates. A class's default kind is the one marked ``default=True``, else its first registered.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ __all__ = [
     "encode",
     "figure_kinds",
     "heavy",
+    "html_figure_kinds",
     "top_k",
     "record_types",
     "register_figure",
@@ -213,14 +216,24 @@ class UnknownFigureKindError(ValueError):
 
 
 # (result class, kind) -> builder(result, **kwargs) -> go.Figure; the first kind of a class is its default
+# unless one is registered with default=True
 _FIGURES: dict[type, dict[str, Callable[..., Any]]] = {}
 _DEFAULT_KIND: dict[type, str] = {}
+_MARKED_DEFAULT: set[type] = set()
+#: the kinds that draw an HTML page or an HTML/JS view, not a plotly figure
+_HTML_KINDS: set[str] = set()
 _PLUGIN_LOCK = threading.Lock()
 _plugin_loaded = False
 
 
-def register_figure(cls: type, kind: str, *, default: bool = False) -> Callable[[Callable], Callable]:
-    """Register ``builder(result, **kwargs)`` as ``cls``'s figure ``kind``; a duplicate is an error."""
+def register_figure(
+    cls: type, kind: str, *, default: bool = False, html: bool = False
+) -> Callable[[Callable], Callable]:
+    """Decorate ``builder(result, **kwargs)`` as ``cls``'s figure ``kind``; a duplicate is an error.
+
+    ``default``: the kind ``plot()`` draws when none is named (one per class; without it, the first
+    registered). ``html``: the builder returns an HTML page or view (``_repr_html_``, ``.write(path)``),
+    not a plotly figure. Returns the builder unchanged, so decorators stack."""
     if not (isinstance(cls, type) and issubclass(cls, Result)):
         raise TypeError(f"figures are registered for Result classes, not {cls!r}")
 
@@ -228,12 +241,24 @@ def register_figure(cls: type, kind: str, *, default: bool = False) -> Callable[
         kinds = _FIGURES.setdefault(cls, {})
         if kind in kinds:
             raise ValueError(f"{cls.__name__} already has a figure kind {kind!r} ({kinds[kind].__qualname__})")
+        if default and cls in _MARKED_DEFAULT:
+            raise ValueError(f"{cls.__name__} already has a default figure kind {_DEFAULT_KIND[cls]!r}; mark one")
         kinds[kind] = builder
         if default or cls not in _DEFAULT_KIND:
             _DEFAULT_KIND[cls] = kind
+        if default:
+            _MARKED_DEFAULT.add(cls)
+        if html:
+            _HTML_KINDS.add(kind)
         return builder
 
     return decorate
+
+
+def html_figure_kinds() -> frozenset[str]:
+    """The kinds registered so far with ``html=True`` (a page or an HTML/JS view, not a plotly figure);
+    :data:`lens_squash.views.registry.HTML_KINDS` holds them all, once the views are loaded."""
+    return frozenset(_HTML_KINDS)
 
 
 def _load_plugin() -> None:

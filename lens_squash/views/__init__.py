@@ -14,14 +14,17 @@ never shown or written (DESIGN §8); every figure titles its axes and carries a 
 | :mod:`.task_figures` | ``accuracy_figure``, ``abs_error_figure``, ``answer_histogram`` | Figs. 2–4 |
 | :mod:`.task_theory_figures` | the answer digit's sensitivity, counting collapse | §3, Thm. 4.2, 5.1 |
 | :mod:`.result_figures` | one ``Comparison``; many prompts (``ManyAnalyses``) | |
-| :mod:`.registry` | ``(result class, kind) → builder``: what ``result.plot(kind)`` draws | |
 | :mod:`.style` | shared palettes, ticks, captions (``with_caption``, ``caption_of``), ``math_text`` | |
 | :mod:`.compact` | ``compact_figure``, ``rounded``: small figure data | |
 | :mod:`.task_theory_figures` | ``copy_sensitivity_figure``, ``count_collapse_figure`` | §3 ↔ Thm. 4.2, 5.1 |
 | :mod:`.result_figures` | ``comparison_figure_of``, ``prompts_figure``: one comparison, many prompts | |
-| :mod:`.registry` | every result's figure kinds, ``(class, kind) -> builder``; ``Result.plot`` imports it | |
+| :mod:`.registry` | imports every module here, so each builder's ``@register_figure(cls, kind)`` runs | |
 | :mod:`.report`, :mod:`.export` | the HTML + JSON report; PNG / SVG / PDF through kaleido | |
 
-``Result.plot(kind)`` (:mod:`lens_squash.core.results`) imports :mod:`.registry` on first use, like a
-plotting backend: core code never imports the views above it.
+**Figure kinds.** A builder declares what it draws where it is defined:
+``@register_figure(ResultClass, "kind")`` (:func:`lens_squash.core.results.register_figure`;
+``default=True`` for the kind ``plot()`` draws unasked, ``html=True`` for a page or an HTML/JS view).
+``Result.plot(kind)`` imports :mod:`.registry` on first use, like a plotting backend (core code never
+imports the views above it), and it imports every module of this package. Adding a figure is one
+decorated builder in one module, plus its example in ``scripts/gallery.py``.
 """

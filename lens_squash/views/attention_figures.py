@@ -17,6 +17,9 @@ from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from ..core.results import register_figure
+from ..edge.trace import Trace
+from ..experiments.analysis import Analysis
 from .style import (
     MAX_TICKS,
     as_array,
@@ -27,12 +30,7 @@ from .style import (
     trace_data,
 )
 
-__all__ = [
-    "COLOR_SCALES",
-    "attention_heatmap",
-    "block_size",
-    "pooled",
-]
+__all__ = ["attention_heatmap", "block_size", "pooled", "trace_patterns", "COLOR_SCALES"]
 
 #: colour scales for attention: name -> (value -> colour position in [0, 1]) given ``floor`` and ``gamma``
 COLOR_SCALES: tuple[str, ...] = ("log", "power", "linear")
@@ -394,3 +392,33 @@ def _heatmap_caption(n: int, steps, color_scale: str, floor: float, gamma: float
             f"To keep the figure small, {note.strip(' ()').split(':')[0]}; pass layer= to see one layer and its heads."
         )
     return " ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# figure kinds: a trace's and an analysis's patterns (Result.plot)
+# --------------------------------------------------------------------------------------------------
+
+
+def trace_patterns(trace: Trace):
+    """The trace's per-head patterns, or a message saying why there are none and how to get them."""
+    if trace.patterns is not None:
+        return trace.patterns
+    if "patterns" in trace.provenance.get("dropped", []):
+        raise ValueError(
+            "the attention patterns were not saved (a report's results.json and save(heavy=False) leave them out); "
+            "rerun analyze(...) or load a file saved with heavy fields (result.save(path))"
+        )
+    raise ValueError(
+        f"this {trace.n_tokens}-token trace streamed its attention patterns instead of keeping them; "
+        "rerun with keep_patterns=True (memory grows as layer × head × pos²)"
+    )
+
+
+@register_figure(Trace, "attention", default=True)
+def _trace_attention(trace: Trace, **kwargs):
+    return attention_heatmap(trace_patterns(trace), trace.str_tokens, **kwargs)
+
+
+@register_figure(Analysis, "attention")
+def _analysis_attention(analysis: Analysis, **kwargs):
+    return _trace_attention(analysis.trace, **kwargs)

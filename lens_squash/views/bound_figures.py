@@ -15,6 +15,9 @@ from plotly.subplots import make_subplots
 from torch import Tensor
 
 from ..algebra import ranks
+from ..algebra.variants import PathBound
+from ..core.results import register_figure
+from ..edge.jacobian import JacobianResult
 from .style import (
     as_array,
     escape_label,
@@ -260,3 +263,33 @@ def comparison_figure(table: pd.DataFrame, comparisons: Mapping[str, Any] | None
         else:
             kwargs.setdefault("stats", _table_stats(table, truth_cols[0], list(bounds)))
     return bound_vs_jacobian(tokens, truth, bounds, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# figure kinds: a Jacobian's norms and a bound's profile (Result.plot)
+# --------------------------------------------------------------------------------------------------
+
+_NORM_NAMES = {"spectral": "‖J_i‖₂", "frobenius": "‖J_i‖_F", "l1": "‖J_i‖₁ (entrywise)"}
+
+
+def _jacobian_norm(norm: str | None):
+    def draw(result: JacobianResult, **kwargs):
+        kind = norm or result.best_norm()
+        kwargs.setdefault("truth_name", f"{result.mode} Jacobian {_NORM_NAMES[kind]}")
+        kwargs.setdefault("normalised", False)
+        kwargs.setdefault("title", f"Sensitivity of position {result.target_pos} to each input position")
+        return bound_vs_jacobian(result.str_tokens, result.norms(kind), {}, **kwargs)
+
+    return draw
+
+
+register_figure(JacobianResult, "norm")(_jacobian_norm(None))
+for _norm in _NORM_NAMES:
+    register_figure(JacobianResult, _norm)(_jacobian_norm(_norm))
+
+
+@register_figure(PathBound, "profile", default=True)
+def _bound_profile(bound: PathBound, **kwargs):
+    kwargs.setdefault("normalised", False)
+    kwargs.setdefault("title", f"The {bound.variant} bound of position {bound.target_pos} on each input position")
+    return bound_vs_jacobian(bound.str_tokens, None, {bound.variant: bound.bound}, **kwargs)

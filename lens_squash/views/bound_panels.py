@@ -25,6 +25,9 @@ import torch
 from plotly.subplots import make_subplots
 
 from ..algebra.ranks import rank_average
+from ..core.results import register_figure
+from ..experiments.analysis import Analysis
+from .bound_figures import bound_vs_jacobian
 from .style import escape_label, finish_layout, line_style, palette_color, position_labels, token_ticks
 
 __all__ = ["MAX_DECADES", "bound_truth_figure", "bound_truth_from_table", "clip_decades", "decade_window"]
@@ -253,3 +256,13 @@ def bound_truth_from_table(table: pd.DataFrame, guarantees: Mapping[str, str], c
     return bound_truth_figure(
         tokens, table[truth_cols[0]].to_numpy(dtype=float), bounds, guarantees, stats=comparisons, **kwargs
     )
+
+
+@register_figure(Analysis, "bounds", default=True)
+def _analysis_bounds(analysis: Analysis, **kwargs):
+    """The report's "bound vs gradient" figure: each bound against the Jacobian it was compared with."""
+    if analysis.table is not None:
+        guarantees = {name: bound.guarantee_kind for name, bound in analysis.bounds.items()}
+        return bound_truth_from_table(analysis.table, guarantees, analysis.comparisons, **kwargs)
+    bounds = {name: bound.bound for name, bound in analysis.bounds.items()}
+    return bound_vs_jacobian(analysis.trace.str_tokens, None, bounds, **kwargs)

@@ -13,6 +13,11 @@ import plotly.graph_objects as go
 from jaxtyping import Float
 from torch import Tensor
 
+from ..algebra.softmax_theory import TVDecayResult
+from ..core.results import register_figure
+from ..experiments.collapse import CollapseResult
+from ..experiments.collapse_windows import WindowSweepResult
+from ..experiments.synthetic import PECollapseResult, RatioInvarianceResult
 from .style import (
     as_array,
     escape_label,
@@ -371,6 +376,72 @@ def tv_figure(
     return finish_layout(fig, title, caption=caption, height=450)
 
 
+@register_figure(TVDecayResult, "tv")
 def tv_decay_figure(result: Any, **kwargs) -> go.Figure:
     """:func:`tv_figure` for a ``softmax_theory.TVDecayResult``."""
     return tv_figure(result.lengths, result.tv, result.bound, seeds=result.seeds, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# figure kinds: collapse, sliding windows, positional encodings (Result.plot)
+# --------------------------------------------------------------------------------------------------
+
+
+@register_figure(CollapseResult, "dtypes")
+def _collapse_dtypes(result: CollapseResult, *, versus: CollapseResult | None = None, **kwargs):
+    """Relative ∞-distance of ``y`` per dtype, each dtype's resolution dashed; ``versus=`` overlays
+    another family measured at the same lengths (e.g. ``copy_ones`` against ``copy_ones_commas``)."""
+    if versus is None:
+        curves = dict(zip(result.dtypes, result.final("inf"), strict=True))
+        resolutions = result.resolutions
+    else:
+        if list(map(int, versus.lengths)) != list(map(int, result.lengths)):
+            raise ValueError("versus= needs a result measured at the same lengths; rerun it with this one's lengths")
+        both = (result, versus)
+        curves = {f"{r.family} ({d})": v for r in both for d, v in zip(r.dtypes, r.final("inf"), strict=True)}
+        resolutions = {}
+        for r in both:  # one line (or note) per distinct resolution: two float32 families share theirs
+            for d in r.dtypes:
+                if r.resolutions[d] not in resolutions.values():
+                    resolutions[f"{r.family} ({d})"] = r.resolutions[d]
+        kwargs.setdefault("title", f"Representational collapse: {result.family} against {versus.family}")
+    kwargs.setdefault("y_title", "‖y − y*‖∞ / ‖y‖∞")
+    kwargs.setdefault("title", f"Representational collapse: {result.family}")
+    return collapse_figure(result.lengths, curves, resolutions, **kwargs)
+
+
+@register_figure(CollapseResult, "heads")
+def _collapse_heads(result: CollapseResult, dtype: str | None = None, **kwargs):
+    """Mean and min–max over last-layer heads for one dtype (Fig. 5)."""
+    d = result.dtypes.index(dtype) if dtype is not None else 0
+    h = result.head_distances[d]
+    kwargs.setdefault("name", f"last-layer heads ({result.dtypes[d]})")
+    kwargs.setdefault("title", f"Collapse per head: {result.family}")
+    return head_band_figure(result.lengths, h.mean(-1), h.min(-1).values, h.max(-1).values, **kwargs)
+
+
+def _window_sweep(what: str):
+    def draw(result: WindowSweepResult, **kwargs):
+        values = result.distance if what == "distance" else result.bound_first_share
+        kwargs.setdefault("y_title", "‖y − y*‖∞ / ‖y‖∞" if what == "distance" else "rollout bound share on token 0")
+        kwargs.setdefault("title", f"Sliding-window attention (App. C.6): {result.family}")
+        return collapse_figure(result.lengths, dict(zip(result._labels(), values, strict=True)), **kwargs)
+
+    return draw
+
+
+register_figure(WindowSweepResult, "distance")(_window_sweep("distance"))
+register_figure(WindowSweepResult, "bound")(_window_sweep("bound"))
+
+
+@register_figure(PECollapseResult, "distance")
+def _pe_collapse(result: PECollapseResult, **kwargs):
+    kwargs.setdefault("title", f"Collapse by positional encoding ({result.site})")
+    return pe_figure(result.lengths, result.mean_std(), **kwargs)
+
+
+@register_figure(RatioInvarianceResult, "distance")
+def _ratio_invariance(result: RatioInvarianceResult, **kwargs):
+    kwargs.setdefault("y_title", "‖y(k) − y(1)‖ / ‖y(1)‖")
+    kwargs.setdefault("title", "Ratio invariance (Prop. B.9)")
+    return collapse_figure(list(result.multiples), {"relative distance": result.distances}, **kwargs)

@@ -9,7 +9,9 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..core.results import register_figure
 from ..core.tokens import token_label
+from ..experiments.compare_runs import RunComparison
 from .bound_panels import clip_decades, decade_window
 from .style import escape_label, finish_layout, palette_color
 
@@ -44,6 +46,7 @@ def _side(fig, row, x, values, tokens, name, colour, dash, window, *, legend=Tru
     )
 
 
+@register_figure(RunComparison, "curves")
 def comparison_runs_figure(result: Any, *, title: str | None = None) -> go.Figure:
     """Row 1: the truth of each side as a share of its total; row 2: every common variant likewise
     (side a solid, side b dashed, one colour per variant); row 3: the sink curve of each side."""

@@ -12,6 +12,9 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 
+from ..algebra.paths import BoundFlows
+from ..algebra.variants import PathBound
+from ..core.results import register_figure
 from .style import (
     HEAD_PALETTE,
     RESIDUAL_GREY,
@@ -233,3 +236,18 @@ def attention_paths(
         legend={"title": {"text": "edge"}},
         margin={"t": 110 if len(groups) > 1 else 80},
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# figure kinds: a bound's flow decomposition (Result.plot)
+# --------------------------------------------------------------------------------------------------
+
+
+@register_figure(PathBound, "flows")
+def _bound_flows(bound: PathBound, *, source: int | None = None, **kwargs):
+    return attention_paths(bound.flows(source), bound.str_tokens, **kwargs)
+
+
+@register_figure(BoundFlows, "edges")
+def _flows_edges(flows: BoundFlows, **kwargs):
+    return attention_paths(flows, **kwargs)

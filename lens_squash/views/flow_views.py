@@ -21,7 +21,10 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from ..algebra.flow_paths import FlowPaths
+from ..core.results import register_figure
 from ..core.tokens import token_label
+from ..edge.flow import SensitivityFlow
 from .style import with_caption
 
 __all__ = ["head_grid", "layer_heatmaps", "path_figure", "truth_vs_bounds"]
@@ -63,6 +66,7 @@ def _share(values: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
+@register_figure(SensitivityFlow, "layers", default=True)
 def truth_vs_bounds(flow, layer: int = 0, *, title: str | None = None) -> go.Figure:
     """Top: the true sensitivity of ``y`` to each position at ``layer`` (log axis). Bottom: the same as
     a share of its row beside each bound's row as a share, on the same position axis. A menu picks the
@@ -167,6 +171,7 @@ def truth_vs_bounds(flow, layer: int = 0, *, title: str | None = None) -> go.Fig
 # --------------------------------------------------------------------------------------------------
 
 
+@register_figure(SensitivityFlow, "heatmap")
 def layer_heatmaps(flow, *, title: str | None = None) -> go.Figure:
     """One ``[layer × position]`` heatmap per source (truth first, then each bound), every layer's row
     divided by its maximum and shown as log10, so each layer's ranking of positions reads directly."""
@@ -236,6 +241,7 @@ def layer_heatmaps(flow, *, title: str | None = None) -> go.Figure:
 # --------------------------------------------------------------------------------------------------
 
 
+@register_figure(SensitivityFlow, "heads")
 def head_grid(flow, layers: list[int] | None = None, *, max_layers: int = 6, title: str | None = None) -> go.Figure:
     """Small multiples, rows = layers, columns = heads: the value-edge flow entering head ``h`` at each
     query position (``Σ_k ‖edge_{h,j,k}‖``, solid) and leaving it at each key position (the head's
@@ -332,6 +338,8 @@ def _edge_style(hop, layer: int) -> tuple[str, str, int]:
     return _HEADS[(layer * 7 + int(hop)) % len(_HEADS)], f"layer {layer} head {hop}", 10 + 1000 * layer + int(hop)
 
 
+@register_figure(SensitivityFlow, "paths")
+@register_figure(FlowPaths, "paths", default=True)
 def path_figure(
     paths, *, k: int = 5, min_share: float = 0.05, max_paths: int = 60, title: str | None = None
 ) -> go.Figure:

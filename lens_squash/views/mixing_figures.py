@@ -8,6 +8,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..core.results import register_figure
 from ..experiments.mixing_result import SETTING_LABELS, MixingResult
 from ..lab.results import SINK_SHARE_EPS, LabGrid, LabRun
 from .report import ReportSection
@@ -40,6 +41,7 @@ def _line(fig, x, y, name: str, i: int, **where) -> None:
     )
 
 
+@register_figure(MixingResult, "spread")
 def mixing_spread_figure(result: MixingResult, *, title: str | None = None) -> go.Figure:
     """Mean relative change after the replaced position, and how many positions pass the threshold,
     per residual stream, one line per setting."""
@@ -73,6 +75,7 @@ def mixing_spread_figure(result: MixingResult, *, title: str | None = None) -> g
     )
 
 
+@register_figure(MixingResult, "heatmap")
 def mixing_heatmap(result: MixingResult, setting: str = "sink", *, title: str | None = None) -> go.Figure:
     """``log10`` relative change per residual stream and position for one setting."""
     if setting not in result.change:
@@ -94,6 +97,7 @@ def mixing_heatmap(result: MixingResult, setting: str = "sink", *, title: str | 
     return finish_layout(fig, title or f"Relative change per layer and position ({setting})", caption=caption)
 
 
+@register_figure(MixingResult, "jacobian")
 def mixing_jacobian_figure(result: MixingResult, *, title: str | None = None) -> go.Figure:
     """The finite change and ``‖∂h_l,i / ∂x_k‖_F`` side by side, mean over positions after ``k``."""
     if result.jacobian is None:
@@ -111,6 +115,7 @@ def mixing_jacobian_figure(result: MixingResult, *, title: str | None = None) ->
     return finish_layout(fig, title or "Over-mixing: finite change and Jacobian", caption=caption)
 
 
+@register_figure(MixingResult, "heads")
 def mixing_heads_figure(result: MixingResult, *, title: str | None = None) -> go.Figure:
     """Per head: attention to the sink against the change it writes at later positions."""
     sink, spread = result.sink_attention.numpy(), result.head_spread.numpy()
@@ -146,6 +151,7 @@ def mixing_section(result: MixingResult) -> ReportSection:
     )
 
 
+@register_figure(LabRun, "training")
 def lab_run_figure(run: LabRun, *, title: str | None = None) -> go.Figure:
     """One run across training: held-out loss, sink share and each layer's first-token attention."""
     fig = make_subplots(
@@ -169,6 +175,7 @@ def lab_run_figure(run: LabRun, *, title: str | None = None) -> go.Figure:
     )
 
 
+@register_figure(LabGrid, "training")
 def lab_training_figure(grid: LabGrid, *, title: str | None = None) -> go.Figure:
     """Sink share across training, one line per run."""
     fig = go.Figure()
@@ -181,6 +188,7 @@ def lab_training_figure(grid: LabGrid, *, title: str | None = None) -> go.Figure
     )
 
 
+@register_figure(LabGrid, "sink_share", default=True)
 def lab_grid_figure(grid: LabGrid, column: str = "sink_share", *, title: str | None = None) -> go.Figure:
     """One grid column (``sink_share``, ``first_token_attention``, ``spread_ratio_mask`` …) per cell,
     one marker per seed."""
@@ -204,3 +212,8 @@ def lab_grid_figure(grid: LabGrid, column: str = "sink_share", *, title: str | N
     fig.update_yaxes(title_text=escape_label(column.replace("_", " ")))
     caption = "spread ratio: mean change without the sink over with it (> 1: the sink held the perturbation back)."
     return finish_layout(fig, title or f"Training lab: {column.replace('_', ' ')} per cell", caption=caption)
+
+
+@register_figure(LabGrid, "spread")
+def _lab_grid_spread(grid: LabGrid, **kwargs) -> go.Figure:
+    return lab_grid_figure(grid, "spread_ratio_mask", **kwargs)

@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from ..core.records import write_text_atomic
+from ..core.results import register_figure
 from ..core.tokens import escape_text
 from ..experiments.analysis import Analysis
 from ..experiments.many import ManyAnalyses
@@ -51,6 +52,7 @@ class ReportPage:
         return f"ReportPage({self.title!r}, {len(self.html) / 1e6:.1f} MB)"
 
 
+@register_figure(Analysis, "page", html=True)
 def analysis_page(
     analysis: Any, *, flow: Any = None, prompt: str | None = None, title: str | None = None
 ) -> ReportPage:
@@ -127,6 +129,7 @@ def _many_verdict(summary: pd.DataFrame, n: int, guarantees: dict[str, str]) -> 
     return " ".join(parts)
 
 
+@register_figure(ManyAnalyses, "page", html=True)
 def many_page(many: Any, *, links: Sequence[str] | None = None, title: str | None = None) -> ReportPage:
     """Per-variant Spearman across prompts, the prompts from best to worst, a link to each analysis
     (``links[i]``: the i-th prompt's report, relative to the page)."""

@@ -20,7 +20,11 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..algebra.flow_paths import FlowPaths, graph_paths
+from ..algebra.variants import PathBound
+from ..core.results import register_figure
 from ..core.tokens import token_label
+from ..edge.flow import SensitivityFlow
 from .style import escape_label, finish_layout
 
 __all__ = ["HOP_COLOURS", "connected_paths", "route_paths"]
@@ -128,6 +132,7 @@ def _source_labels(fig, col: int, selected: list, column: dict[int, int]) -> Non
         )  # fmt: skip
 
 
+@register_figure(FlowPaths, "connected")
 def connected_paths(
     paths: Any, *, per_route: int = 5, sinks: Sequence[int] = (0,), title: str | None = None
 ) -> go.Figure:
@@ -196,3 +201,19 @@ def _caption(paths: Any, n_sink: int, n_content: int, sink_names: str) -> str:
         f"{weight}. Under each source, #rank weight (its share of all paths from that source). "
         "Hover an edge for its layer, head and tokens."
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# figure kinds: the heaviest connected paths of a bound and of a flow (Result.plot)
+# --------------------------------------------------------------------------------------------------
+
+
+@register_figure(PathBound, "paths")
+def _bound_paths(bound: PathBound, *, k: int = 5, **kwargs):
+    """The bound graph's heaviest connected paths, sink route beside content route."""
+    return connected_paths(graph_paths(bound.graph, bound.target_pos, k=k, str_tokens=bound.str_tokens), **kwargs)
+
+
+@register_figure(SensitivityFlow, "connected")
+def _flow_connected(flow: SensitivityFlow, *, k: int = 5, **kwargs):
+    return connected_paths(flow.top_paths(k=k), **kwargs)

@@ -11,9 +11,13 @@ from typing import Any
 import plotly.graph_objects as go
 
 from ..algebra.flow_paths import graph_paths
+from ..core.results import register_figure
 from ..core.tokens import escape_text
+from ..edge.trace import Trace
+from ..experiments.analysis import Analysis
 from ..experiments.verdict import VIOLATION_MARK, analysis_verdict
-from .attention_view import attention_view
+from .attention_figures import trace_patterns
+from .attention_view import AttentionView, attention_view
 from .bound_figures import bound_vs_jacobian
 from .bound_panels import bound_truth_from_table
 from .flow_views import layer_heatmaps
@@ -101,3 +105,20 @@ def attention_view_html(analysis: Any) -> str:
 def flow_figures(flow: Any) -> list[go.Figure]:
     """The flow's per-layer heatmap of truth beside bounds (where the bounds stop ranking like the gradient)."""
     return [] if flow is None else [layer_heatmaps(flow)]
+
+
+# --------------------------------------------------------------------------------------------------
+# figure kinds: the per-head attention view, an HTML/JS view (not a plotly figure)
+# --------------------------------------------------------------------------------------------------
+
+
+@register_figure(Trace, "head_view", html=True)
+def _trace_heads(trace: Trace, **kwargs):
+    return attention_view(trace_patterns(trace), trace.str_tokens, **kwargs)
+
+
+@register_figure(Analysis, "head_view", html=True)
+def _analysis_heads(analysis: Analysis, **kwargs):
+    """The per-head view with chips coloured by the truth and each variant."""
+    patterns = trace_patterns(analysis.trace)  # refuses a trace that kept no patterns, saying why
+    return AttentionView(attention_view_html(analysis), (), patterns.shape[1])

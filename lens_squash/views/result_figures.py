@@ -14,6 +14,9 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..algebra.compare import Comparison
+from ..core.results import register_figure
+from ..experiments.many import ManyAnalyses
 from .style import escape_label, finish_layout, line_style, log_axis, palette_color
 
 __all__ = ["comparison_figure_of", "prompts_figure"]
@@ -22,6 +25,7 @@ _RANKS = (("spearman", "Spearman ρ"), ("kendall", "Kendall τ"), ("top5_overlap
 _RATIOS = (("ratio_min", "min"), ("ratio_median", "median"), ("ratio_max", "max"))
 
 
+@register_figure(Comparison, "statistics")
 def comparison_figure_of(comparison: Any, *, title: str | None = None) -> go.Figure:
     """Two panels: the rank agreements on [−1, 1], and the bound ÷ truth ratios on a log axis."""
     fig = make_subplots(
@@ -118,3 +122,8 @@ def prompts_figure(frame: Any, *, column: str = "spearman", title: str | None = 
         showlegend=False,
         height=420,
     )
+
+
+@register_figure(ManyAnalyses, "spearman", default=True)
+def _many_spearman(many: ManyAnalyses, **kwargs):
+    return prompts_figure(many.frame, **kwargs)

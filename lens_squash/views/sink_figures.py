@@ -11,6 +11,11 @@ from jaxtyping import Float
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from ..algebra.sinks import SinkReport
+from ..core.results import register_figure
+from ..experiments.ablation import AblationResult
+from ..experiments.analysis import Analysis
+from .bound_figures import bound_vs_jacobian
 from .style import (
     as_array,
     escape_label,
@@ -126,9 +131,51 @@ def sink_figure(
 _SINK_CURVES = ("mean_first_token_attention", "sink_rate", "mixing", "norm_ratio", "entropy", "anisotropy")
 
 
+@register_figure(SinkReport, "curves")
 def sink_report_figure(report: Any, **kwargs) -> go.Figure:
     """:func:`sink_figure` for a ``sinks.SinkReport`` (its curves, phases, log axis for norm ratios)."""
     present = report.curves()  # the report names its own curves: a renamed field cannot drop a panel silently
     curves = {name: present[name] for name in _SINK_CURVES if name in present}
     kwargs.setdefault("log", ("norm_ratio",))
     return sink_figure(curves, report.phases, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# figure kinds: an analysis's sinks, and clamping the massive activation (Result.plot)
+# --------------------------------------------------------------------------------------------------
+
+
+@register_figure(Analysis, "sinks")
+def _analysis_sinks(analysis: Analysis, **kwargs):
+    return sink_report_figure(analysis.sinks, **kwargs)
+
+
+@register_figure(AblationResult, "changes")
+def _ablation_changes(result: AblationResult, **kwargs):
+    """Per-layer changes (and both first-token norm ratios), the baseline's phases shaded."""
+    curves = {
+        "Δ sink rate": result.sink_rate_change,
+        "Δ matrix entropy": result.entropy_change,
+        "first-token norm ÷ median, baseline": result.baseline.norm_ratio,
+        "first-token norm ÷ median, ablated": result.ablated.norm_ratio,
+    }
+    kwargs.setdefault("log", tuple(name for name in curves if "÷" in name))
+    kwargs.setdefault(
+        "title", f"Clamping the massive activation of position {result.position} after layer {result.layer}"
+    )
+    return sink_figure(curves, result.baseline.phases, **kwargs)
+
+
+@register_figure(AblationResult, "jacobian")
+def _ablation_jacobian(result: AblationResult, **kwargs):
+    """The last token's Jacobian sensitivity per position, baseline against ablated."""
+    if result.jacobian_baseline is None:
+        raise ValueError("this result has no Jacobians; run ablation_effect with jacobian=True")
+    kwargs.setdefault("title", f"Sensitivity of the last token, clamp after layer {result.layer}")
+    return bound_vs_jacobian(
+        result.str_tokens,
+        result.jacobian_baseline,
+        {"ablated ‖J‖_F": result.jacobian_ablated},
+        truth_name="baseline ‖J‖_F",
+        **kwargs,
+    )

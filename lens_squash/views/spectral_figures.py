@@ -10,6 +10,9 @@ from jaxtyping import Float
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from ..algebra.spectral import SpectralReport
+from ..core.results import register_figure
+from ..experiments.analysis import Analysis
 from .style import (
     as_array,
     finish_layout,
@@ -145,8 +148,17 @@ def _report_fields(report: Any) -> dict[str, Any]:
     return fields
 
 
+@register_figure(SpectralReport, "report")
 def spectral_report_figure(report: Any, **kwargs) -> go.Figure:
     """:func:`spectral_figure` for a ``spectral.SpectralReport``: its ``spectrum``, ``second_eigenvalue``,
     ``dobrushin``, ``rollout_mass`` (drawn as the first-token mass by depth) and ``rank_one_distance``,
     each of which must be present."""
     return spectral_figure(**_report_fields(report), **kwargs)
+
+
+@register_figure(Analysis, "spectral")
+def _analysis_spectral(analysis: Analysis, **kwargs):
+    if analysis.spectral is None:
+        reason = analysis.skipped.get("spectral", "it was not computed")
+        raise ValueError(f"this analysis has no spectral report: {reason}")
+    return spectral_report_figure(analysis.spectral, **kwargs)

@@ -8,6 +8,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..core.results import register_figure
+from ..experiments.task_results import TASK_FIGURES, TaskResults, task_figure_rows
 from .style import (
     escape_label,
     finish_layout,
@@ -178,3 +180,20 @@ def _answer_cap(frame: pd.DataFrame) -> int:
 
 #: chart name (``TaskFigure.chart``) -> builder(rows, *, title)
 TASK_CHARTS = {"accuracy": accuracy_figure, "abs_error": abs_error_figure, "histogram": answer_histogram}
+
+
+# --------------------------------------------------------------------------------------------------
+# figure kinds: the paper's task figures (Result.plot)
+# --------------------------------------------------------------------------------------------------
+
+
+def _task(kind: str):
+    def draw(results: TaskResults, *, tasks=None):
+        rows, figure = task_figure_rows(results, kind, tasks)
+        return TASK_CHARTS[figure.chart](rows, title=figure.title)
+
+    return draw
+
+
+for _kind in TASK_FIGURES:  # the paper's Figs. 2, 3, 4 and 11, "accuracy" (Fig. 2) first: the default
+    register_figure(TaskResults, _kind)(_task(_kind))

@@ -13,6 +13,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..core.results import register_figure
+from ..experiments.task_theory import CopySensitivity, CountCollapse
 from .style import escape_label, finish_layout, line_style, palette_color
 
 __all__ = ["copy_sensitivity_figure", "count_collapse_figure", "lines_figure"]
@@ -48,6 +50,7 @@ def lines_figure(
     return finish_layout(fig, title, caption=caption, height=420)
 
 
+@register_figure(CopySensitivity, "sensitivity")
 def copy_sensitivity_figure(result: Any, **kwargs) -> go.Figure:
     """Jacobian norm and path bound at the answer position against length, first vs last digit."""
     variant = result.provenance.get("variant", "bound")
@@ -68,6 +71,7 @@ def copy_sensitivity_figure(result: Any, **kwargs) -> go.Figure:
     )  # fmt: skip
 
 
+@register_figure(CountCollapse, "distances")
 def count_collapse_figure(result: Any, *, title: str | None = None) -> go.Figure:
     """The three distances against ``n`` (log scale) with the dtype's resolution as a dashed line."""
     frame = result.frame

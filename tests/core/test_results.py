@@ -161,6 +161,22 @@ def test_figures_dispatch_by_kind_with_a_typed_error(monkeypatch):
         results.register_figure(_Toy, "first")(lambda r: None)
 
 
+def test_a_marked_default_wins_over_registration_order_once_per_class(monkeypatch):
+    monkeypatch.setattr(results, "_plugin_loaded", True)
+    for name, empty in (("_FIGURES", {}), ("_DEFAULT_KIND", {}), ("_MARKED_DEFAULT", set()), ("_HTML_KINDS", set())):
+        monkeypatch.setattr(results, name, empty)
+    results.register_figure(_Toy, "early")(lambda r: "early")
+    results.register_figure(_Toy, "marked", default=True)(lambda r: "marked")
+    results.register_figure(_Toy, "late")(lambda r: "late")  # registered after: not the default
+    toy = _Toy(torch.zeros(1), "x")
+    assert toy.plot() == "marked" and results.figure_kinds(_Toy) == ("marked", "early", "late")
+    with pytest.raises(ValueError, match="_Toy already has a default figure kind 'marked'"):
+        results.register_figure(_Toy, "other", default=True)(lambda r: None)
+    assert "other" not in results.figure_kinds(_Toy)  # the refused one registered nothing
+    results.register_figure(_Toy, "view", html=True)(lambda r: "<div/>")
+    assert results.html_figure_kinds() == {"view"}
+
+
 def test_tables_refuse_clearly():
     toy = _Toy(torch.zeros(1), "x", provenance={"model": "m"})
     with pytest.raises(TypeError, match="_Toy is not a table"):
