@@ -2,8 +2,8 @@
 
 ``lens-squash --help``, ``COMMAND -h`` and the refusal of a mistyped name must answer at once, so the
 parsers read their choices from here. Where the real registry is itself light (the model, dtype and
-backend names, the paper's prompt texts, the variant registry, whose built-in table names its builders
-as ``"module:function"``) it is used directly; the others are copies, kept equal to their registries
+backend names, the paper's prompt texts, the variant registry, which reads the built-in variants'
+names and defaults from the algebra's source without importing it) it is used directly; the others are copies, kept equal to their registries
 by ``tests/test_cli.py`` (tasks, prompting styles, collapse families, Jacobian modes, figure formats).
 """
 
@@ -32,7 +32,7 @@ __all__ = [
     "canonical_dtype",
 ]
 
-#: every registered variant, in its order (the registry itself: no torch)
+#: every declared or registered variant, in the registry's order (read from source: no torch)
 VARIANT_NAMES: tuple[str, ...] = variant_names()
 #: ``lens_squash.experiments.collapse_families.FAMILIES``, in its order
 COLLAPSE_FAMILIES: tuple[str, ...] = ("count_ones", "random_digits", "copy_ones", "copy_ones_commas")
