@@ -58,6 +58,9 @@ target (lists, whose answer reads the last items, show it most). So the skip wei
 ``|y_i| − |y_i − t_i| ≤ sign(y_i)·t_i``, with equality unless ``t_i`` flips the coordinate's sign. It reads
 ``N T_jk`` through ``W_O^h`` once per query (``r^h_j = W_O^h (γ P sign(N y_j))``), so its cost is that of
 the attention scores, not of ``n²`` vectors.
+
+Each registered proxy is declared at the end of this module with
+:func:`lens_squash.algebra.variant_registry.variant`, next to its builder.
 """
 
 from __future__ import annotations

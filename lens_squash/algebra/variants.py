@@ -24,7 +24,9 @@ for ``certified`` is ``‖P diag(γ_f)‖₂ / s_f,n`` from the final norm. In `
 and ``q_j = 1/s_out,j`` those of the norms on attention's output (Gemma-2's ``ln1_post``, OLMo-2's
 ``ln1``), and ``g_j = ‖J_MLP‖_F`` with every frozen norm around the MLP (:mod:`lens_squash.algebra.blocks`
 lists the block shapes; :func:`_certified` has the proof sketch). Only ``paper`` (under the theorem's assumptions) and
-``certified`` are bounds; the rest are estimates of where sensitivity lives.
+``certified`` are bounds; the rest are estimates of where sensitivity lives. Each builder is declared
+where it is defined, ``@variant(name, guarantee=..., needs=..., default=...)``
+(:func:`lens_squash.algebra.variant_registry.variant`): a new variant is one decorated builder.
 """
 
 from __future__ import annotations
