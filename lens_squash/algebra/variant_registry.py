@@ -29,6 +29,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -279,14 +280,20 @@ def _in_import_order(imports: dict[str, set[str]]) -> list[str]:
     return order
 
 
+_HERE = Path(__file__).resolve()
+_CALL = re.compile(r"(?<![\w])variant\(")  # variant(...) or x.variant(...), not get_variant(...)
+
+
 def declared_in(directory: Path, package: str) -> tuple[Declared, ...]:
     """The ``variant`` declarations in the modules of ``package`` (its sources in ``directory``), read
     with :mod:`ast`, nothing imported; in module import order, then source order."""
     calls: dict[str, list[tuple[str, bool]]] = {}
     imports: dict[str, set[str]] = {}
     for path in sorted(Path(directory).glob("*.py")):
+        if path.resolve() == _HERE:  # this module defines variant() and declares none
+            continue
         text = path.read_text(encoding="utf-8")
-        if "variant(" not in text:  # most modules: no parse
+        if not _CALL.search(text):  # most modules: no parse
             continue
         tree = ast.parse(text, filename=str(path))
         found = [_literal(call, str(path)) for call in _variant_calls(tree)]
