@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import lens_squash.views
 from lens_squash.core import results
 from lens_squash.core.results import figure_kinds
@@ -73,6 +75,7 @@ def test_the_discovered_table_is_todays():
         assert figure_kinds(cls) == (default, *sorted(kinds - {default}))
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch, TransformerLens and plotly: 20 s under load
 def test_the_defaults_do_not_depend_on_the_import_order():
     # a class whose kinds live in several modules marks its default; imported backwards, nothing changes
     modules = sorted(registry.FIGURE_MODULES, reverse=True)
