@@ -14,6 +14,8 @@ the forward pass when the patterns stream, or from the stored stack afterwards
 * the sink curves (:mod:`lens_squash.algebra.sinks`): each head's mean attention on token 0 (queries
   1 … n-1), each layer's normalised mixing entropy, the rollout mass of the last token on token 0 and
   ``τ(Λ̃^(l))``, in float64; :func:`lens_squash.algebra.sinks.sink_report` builds the report from them.
+* every per-layer metric registered with :func:`~lens_squash.algebra.attention_stream_metrics.layer_metric`
+  (``AttentionSummary.metrics``; none by default): the place to add one.
 
 The bound rows run top-down instead (:func:`lens_squash.edge.stream.stream_bounds`: stored layers, or
 each layer recomputed). Every quantity here is computed by the same formula as the pure functions of
@@ -37,6 +39,7 @@ from torch import Tensor
 from ..core.display import compact_repr
 from ..core.results import Record
 from .attention import attention_defects
+from .attention_stream_metrics import WritesMetricsIfAny, active_metrics, metrics_field
 from .spectral import SpectralLayers, SpectralStream, dobrushin
 
 __all__ = ["AttentionStream", "AttentionSummary", "summarize_attention"]
@@ -51,11 +54,12 @@ ROW_CHUNK: int = 2**18
 
 
 @dataclass(frozen=True, eq=False)
-class AttentionSummary(Record):
+class AttentionSummary(WritesMetricsIfAny, Record):
     """Per-layer attention statistics of one prompt (see the module docstring).
 
     ``spectral`` is ``None`` when it was not asked for (learned sinks make rows sub-stochastic) or
-    when a layer failed its check; ``spectral_error`` then holds that check's message.
+    when a layer failed its check; ``spectral_error`` then holds that check's message. ``metrics``:
+    each registered per-layer metric's curve (:mod:`~lens_squash.algebra.attention_stream_metrics`).
     """
 
     n_tokens: int
@@ -68,6 +72,8 @@ class AttentionSummary(Record):
     spectral: SpectralLayers | None = None
     spectral_error: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: name -> one float64 value per layer, for each metric registered when the stream started
+    metrics: dict[str, Float[Tensor, "layer"]] = metrics_field()
 
     __repr__ = compact_repr
 
@@ -174,6 +180,9 @@ class AttentionStream:
         self._mixing: list[Tensor] = []
         self._mass: list[Tensor] = []
         self._tau: list[Tensor] = []
+        # the registry as it stands now: one metric registered mid-pass would miss earlier layers
+        self._metrics = active_metrics()
+        self._metric_values: dict[str, list[Tensor]] = {m.name: [] for m in self._metrics}
 
     @property
     def _spectral_on(self) -> bool:
@@ -194,6 +203,8 @@ class AttentionStream:
             self._add_causal(layer)
         else:
             self._add_any(layer)
+        for metric in self._metrics:  # none registered: an empty loop
+            self._metric_values[metric.name].append(metric.value(layer))
 
     def _add_spectral(self, lam: Tensor) -> None:
         try:
@@ -262,6 +273,7 @@ class AttentionStream:
             sink_dobrushin=_stacked(self._tau),
             spectral=spectral,
             spectral_error=self._spectral_error,
+            metrics={name: _stacked(values) for name, values in self._metric_values.items()},
         )
 
 

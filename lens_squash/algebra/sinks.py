@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import html
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
@@ -49,6 +49,7 @@ from torch import Tensor
 from ..core.display import compact_repr
 from ..core.results import Record, Result
 from .attention_stream import AttentionSummary
+from .attention_stream_metrics import WritesMetricsIfAny, metrics_field
 from .compression import _check_matrix_stack, compression_curves
 from .massive import massive_activations
 from .paths import rollout_matrices
@@ -245,13 +246,14 @@ def _layer_tau(layer_mean: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True, eq=False)
-class SinkReport(Result):
+class SinkReport(WritesMetricsIfAny, Result):
     """Per-layer sink, massive-activation, compression and mixing curves of one forward pass.
 
     Attention curves have one entry per layer ``L``; residual curves one per residual stream that
     was passed (``L`` or ``L + 1`` when the final ``resid_post`` is included). ``rollout_mass[l]`` is
     the last token's mass on token 0 after layers ``0 … l`` of the rollout product, ``dobrushin[l]``
     the coefficient of layer ``l``'s ``½(A^(l) + I)``; ``links`` compares them in and out of sink layers.
+    ``metrics``: the registered per-layer metrics' curves (:mod:`~lens_squash.algebra.attention_stream_metrics`).
     """
 
     eps: float
@@ -272,6 +274,11 @@ class SinkReport(Result):
     rollout_mass: Float[Tensor, "layer"] | None = None
     dobrushin: Float[Tensor, "layer"] | None = None
     links: dict[str, float] = field(default_factory=dict)
+    #: name -> one value per layer, for each registered per-layer metric (written only when there is one)
+    metrics: dict[str, Float[Tensor, "layer"]] = metrics_field()
+
+    def __post_init__(self):
+        _check_metrics(self.metrics, self.mean_first_token_attention.numel(), type(self))
 
     @property
     def n_layers(self) -> int:
@@ -289,7 +296,7 @@ class SinkReport(Result):
             "rollout_mass": self.rollout_mass,
             "dobrushin": self.dobrushin,
         }
-        return {name: values for name, values in curves.items() if values is not None}
+        return {name: values for name, values in curves.items() if values is not None} | dict(self.metrics)
 
     def phase_text(self) -> str:
         """The Mix–Compress–Refine boundaries in words (``phases`` indexes the residual streams)."""
@@ -352,6 +359,22 @@ class SinkReport(Result):
         ]
         body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
         return f"<b>lens_squash SinkReport</b><table>{body}</table>"
+
+
+def _check_metrics(metrics: Any, n_layers: int, cls: type) -> None:
+    """Refuse metrics that are not one float curve per layer, or that reuse a field's name (a panel
+    of the figure would then be ambiguous)."""
+    if not isinstance(metrics, dict):
+        raise TypeError(f"{cls.__name__}.metrics maps names to per-layer tensors, got {type(metrics).__name__}")
+    names = {f.name for f in fields(cls)}
+    for name, values in metrics.items():
+        if not isinstance(name, str) or name in names:
+            raise ValueError(f"{cls.__name__}.metrics[{name!r}]: a metric needs a name no field has; rename it")
+        if not (isinstance(values, Tensor) and values.is_floating_point() and values.shape == (n_layers,)):
+            shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+            raise ValueError(
+                f"{cls.__name__}.metrics[{name!r}] is {shape}, expected a float tensor of {n_layers} layers"
+            )
 
 
 def sink_report(
@@ -429,4 +452,5 @@ def sink_report(
         rollout_mass=rollout_mass,
         dobrushin=dobrushin,
         links=links,
+        metrics=dict(summary.metrics),
     )

@@ -11,6 +11,7 @@ from jaxtyping import Float
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from ..algebra.attention_stream_metrics import metric_labels
 from ..algebra.sinks import SinkReport
 from ..core.results import register_figure
 from ..experiments.ablation import AblationResult
@@ -53,14 +54,17 @@ def sink_figure(
     *,
     log: Sequence[str] = (),
     title: str = "Sinks, massive activations and compression by layer",
+    labels: Mapping[str, tuple[str, str]] | None = None,
 ) -> go.Figure:
     """One panel per per-layer curve, sharing the layer axis; Mix–Compress–Refine shaded.
 
     ``phases = (mix_end, compress_end)`` as returned by ``sinks.detect_phases``: layers
     ``[0, mix_end)`` mix, ``[mix_end, compress_end)`` compress, the rest refine. Curves named in
     ``log`` get a log y axis (norm ratios span orders of magnitude). Curves named as in
-    :data:`SINK_CURVES` get its axis titles and descriptions; others are titled by their name.
+    :data:`SINK_CURVES` (or in ``labels``: name -> (y-axis title, description)) get those axis titles
+    and descriptions; others are titled by their name.
     """
+    named = SINK_CURVES if not labels else {**SINK_CURVES, **labels}
     curves = {str(k): as_array(v, f"curves[{k}]", ndim=1) for k, v in curves.items() if v is not None}
     if not curves:
         raise ValueError("pass at least one per-layer curve")
@@ -71,7 +75,7 @@ def sink_figure(
         cols=1,
         shared_xaxes=True,
         vertical_spacing=110 / height,
-        subplot_titles=[escape_label(SINK_CURVES.get(k, (k, k))[1]) for k in curves],
+        subplot_titles=[escape_label(named.get(k, (k, k))[1]) for k in curves],
     )
     for i, (name, values) in enumerate(curves.items()):
         fig.add_trace(
@@ -89,7 +93,7 @@ def sink_figure(
             col=1,
         )
         fig.update_yaxes(
-            title_text=escape_label(SINK_CURVES.get(name, (name, ""))[0]),
+            title_text=escape_label(named.get(name, (name, ""))[0]),
             type="log" if name in log else "linear",
             row=i + 1,
             col=1,
@@ -115,7 +119,7 @@ def sink_figure(
     caption = (
         "Per-layer profiles of one forward pass, one panel each (x: layer index; curves computed from residual "
         "streams are indexed by the stream entering that layer): "
-        + "; ".join(f"{name}: {SINK_CURVES.get(name, (name, 'as named'))[1]}" for name in curves)
+        + "; ".join(f"{name}: {named.get(name, (name, 'as named'))[1]}" for name in curves)
         + "."
         + (
             " Shading marks the Mix, Compress and Refine phases of depth (Queipo-de-Llano et al.): the Compress "
@@ -133,11 +137,15 @@ _SINK_CURVES = ("mean_first_token_attention", "sink_rate", "mixing", "norm_ratio
 
 @register_figure(SinkReport, "curves")
 def sink_report_figure(report: Any, **kwargs) -> go.Figure:
-    """:func:`sink_figure` for a ``sinks.SinkReport`` (its curves, phases, log axis for norm ratios)."""
+    """:func:`sink_figure` for a ``sinks.SinkReport`` (its curves, phases, log axis for norm ratios), then
+    one panel per registered per-layer metric it holds (labelled as declared; by name if the metric is
+    not registered in this process, e.g. a loaded file)."""
     present = report.curves()  # the report names its own curves: a renamed field cannot drop a panel silently
-    curves = {name: present[name] for name in _SINK_CURVES if name in present}
-    kwargs.setdefault("log", ("norm_ratio",))
-    return sink_figure(curves, report.phases, **kwargs)
+    curves = {name: present[name] for name in _SINK_CURVES if name in present} | dict(report.metrics)
+    declared = {name: label for name, label in metric_labels().items() if name in report.metrics}
+    kwargs.setdefault("log", ("norm_ratio", *(name for name, (_, _, log) in declared.items() if log)))
+    labels = {name: (axis, summary) for name, (axis, summary, _) in declared.items()} | kwargs.pop("labels", {})
+    return sink_figure(curves, report.phases, labels=labels, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
