@@ -147,7 +147,7 @@ def discover_layer_metrics(package: str) -> tuple[str, ...]:
 
 
 def active_metrics() -> tuple[LayerMetric, ...]:
-    """The registered metrics, in registration order (the algebra's declarations loaded first)."""
+    """The registered metrics, in registration order, once the algebra modules declaring one are imported."""
     discover_layer_metrics(__package__)
     with _LOCK:
         return tuple(_REGISTRY.values())
