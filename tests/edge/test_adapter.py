@@ -219,6 +219,17 @@ def test_fused_moe_gains_equal_the_routed_sum_of_expert_jacobians_by_hf_autograd
         torch.testing.assert_close(gains[layer].double(), _hf_moe_gains(hf, layer), rtol=1e-4, atol=0)
 
 
+def _assert_refused_when_read_as(bridge, experts) -> None:
+    """The probe recomputes the MoE from ``experts(block)`` and the router hook: the wrong reading is
+    refused for the certified bound, the adapter's own reading passes."""
+    probe = probe_bridge(
+        bridge, activation=activation, mlp_matrices=mlp_matrices, mlp_biases=mlp_biases,
+        runnable=functorch_ready, experts=experts,
+    )  # fmt: skip
+    assert "does not compute Σ_e g_e" in probe.unsupported["certified"]
+    assert "certified" not in read_model(bridge).unsupported
+
+
 @pytest.mark.bridge
 def test_experts_read_wrong_are_caught_by_recomputing_the_moe(mixtral):
     """The probe recomputes the MoE from the read experts and the router hook: experts with gate and up
@@ -233,12 +244,7 @@ def test_experts_read_wrong_are_caught_by_recomputing_the_moe(mixtral):
         experts = moe_experts(block)
         return [SimpleNamespace(W_gate=e.W_in, W_in=e.W_gate, W_out=e.W_out, glu=e.glu) for e in experts]
 
-    probe = probe_bridge(
-        bridge, activation=activation, mlp_matrices=mlp_matrices, mlp_biases=mlp_biases,
-        runnable=functorch_ready, experts=swapped,
-    )  # fmt: skip
-    assert "does not compute Σ_e g_e" in probe.unsupported["certified"]
-    assert "certified" not in read_model(bridge).unsupported  # the right reading passes
+    _assert_refused_when_read_as(bridge, swapped)
 
 
 #: GPT-OSS with the default layout (sliding and full layers, YaRN) but its SwiGLU limit and slope moved off
@@ -334,12 +340,7 @@ def test_gpt_oss_experts_read_wrong_are_caught_by_recomputing_the_moe(gpt_oss, m
             for e in moe_experts(block)
         ]
 
-    probe = probe_bridge(
-        bridge, activation=activation, mlp_matrices=mlp_matrices, mlp_biases=mlp_biases,
-        runnable=functorch_ready, experts=wrong,
-    )  # fmt: skip
-    assert "does not compute Σ_e g_e" in probe.unsupported["certified"]
-    assert "certified" not in read_model(bridge).unsupported  # the right reading passes
+    _assert_refused_when_read_as(bridge, wrong)
 
 
 @pytest.mark.bridge
