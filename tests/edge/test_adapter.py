@@ -366,6 +366,19 @@ def test_an_expert_gate_map_other_than_gpt_oss_clamped_swiglu_is_refused():
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.bridge
+def test_a_shared_expert_is_refused_in_one_line_not_dropped():
+    """Qwen2-MoE adds a gated shared expert to the routed ones: the experts' views alone do not reproduce
+    the MoE, so the certified bound is refused (a bound from the routed experts alone would miss a term)."""
+    from ..hf_families import _LLAMA_LIKE
+
+    config = {**_LLAMA_LIKE, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24}
+    table = {"qwen2_moe": ("Qwen2MoeConfig", dict(config, shared_expert_intermediate_size=24))}
+    reason = read_model(boot(build_hf("qwen2_moe", table=table))).unsupported["certified"]
+    assert ("a shared expert" if not has_hooked_transformer() else "hook_expert_weights") in reason
+    assert "\n" not in reason
+
+
 def test_clamped_values_are_read_from_the_transformers_config():
     """OLMo's ``clip_qkv`` lives in the transformers config only (the bridge's cfg drops it): the adapter
     must still see the clamp, so the certified OV norm is the clamp-proof product and the flow refuses."""
