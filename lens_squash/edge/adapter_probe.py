@@ -204,6 +204,8 @@ def probe_bridge(
             _check_mlp(rec, block, activation, mlp_matrices, mlp_biases)
         elif kind == "moe":
             _check_moe(rec, block, experts)
+            for later in list(model.blocks)[1:]:  # each layer's experts hold their own alpha and limit
+                _check_gate_map(later)
     except UnsupportedModelError as error:
         unsupported["certified"] = str(error)
     with runnable(model):

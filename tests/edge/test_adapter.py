@@ -344,13 +344,14 @@ def test_gpt_oss_experts_read_wrong_are_caught_by_recomputing_the_moe(gpt_oss, m
 
 
 @pytest.mark.bridge
-def test_an_expert_gate_map_other_than_gpt_oss_clamped_swiglu_is_refused():
+@pytest.mark.parametrize("layers", ["every", "last"])  # last: block 0, the one the probe runs, is GPT-OSS's
+def test_an_expert_gate_map_other_than_gpt_oss_clamped_swiglu_is_refused(layers):
     """A GPT-OSS-like experts module (alpha, limit) whose own gate map differs (here: no ``+ 1`` on the up
     branch) is not differentiated as if it were GPT-OSS's: the certified bound is refused in one line."""
     from lens_squash.algebra.variants import path_bound
 
     bridge = boot(_gpt_oss(seed=1))
-    for block in bridge.blocks:
+    for block in bridge.blocks if layers == "every" else bridge.blocks[-1:]:
         experts = block.mlp.experts
 
         def other(gate_up, experts=experts):
