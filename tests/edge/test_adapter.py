@@ -368,6 +368,25 @@ def test_an_expert_gate_map_other_than_gpt_oss_clamped_swiglu_is_refused(layers)
 
 
 @pytest.mark.bridge
+def test_the_gpt_oss_twin_traces_the_patterns_and_output_transformers_computes():
+    """tests/families.py's GPT-OSS twin (sinks, biased router and experts, every layer full attention): the
+    traced patterns are HF's ``output_attentions`` (sink column dropped) and ``y_last`` its final-norm output,
+    to float32 resolution (transformers' RMSNorm and rotary tables run in float32 in a float64 model)."""
+    from ..families import HF_TWINS
+    from ..families import TOKENS as tokens
+    from ..hf_families import hf_final
+
+    reference = build_hf("gpt_oss_moe_sinks", table=HF_TWINS)
+    traced = trace(boot(build_hf("gpt_oss_moe_sinks", table=HF_TWINS)), tokens)
+    out = hf_final(reference, tokens, output_attentions=True)
+    expected = torch.stack([a[0] for a in out.attentions])
+    assert float(expected.sum(-1).max()) < 1 - 1e-3  # the sinks take mass: rows short of 1
+    torch.testing.assert_close(traced.patterns, expected, rtol=0, atol=1e-5)
+    y = out.last_hidden_state[0, -1]
+    torch.testing.assert_close(traced.y_last, y, rtol=0, atol=1e-5 * float(y.abs().max()))
+
+
+@pytest.mark.bridge
 def test_a_shared_expert_is_refused_in_one_line_not_dropped():
     """Qwen2-MoE adds a gated shared expert to the routed ones: the experts' views alone do not reproduce
     the MoE, so the certified bound is refused (a bound from the routed experts alone would miss a term)."""
