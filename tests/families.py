@@ -113,9 +113,8 @@ _HF_GEMMA = dict(_HF_LLAMA, hidden_activation="gelu_pytorch_tanh", query_pre_att
 _HF_MOE = dict(_HF_LLAMA, num_experts_per_tok=2)
 
 #: family -> (transformers config class, kwargs) of the same block, for the bridge on TransformerLens 4.
-#: Left out (no twin): dense learned sinks (GPT-OSS's experts are biased and clamped, which the certified
-#: bound refuses), SoLU, split-QKV and ungrouped GQA inputs, attn-only, no/pre norms, final RMS,
-#: shortformer, bidirectional.
+#: Left out (no twin): dense learned sinks (transformers' GPT-OSS is always a mixture of experts), SoLU,
+#: split-QKV and ungrouped GQA inputs, attn-only, no/pre norms, final RMS, shortformer, bidirectional.
 HF_TWINS: dict[str, tuple[str, dict]] = {
     "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=3, n_head=4, n_positions=64, n_inner=64)),
     "llama_gqa": ("LlamaConfig", dict(_HF_LLAMA, num_key_value_heads=2)),
@@ -143,6 +142,13 @@ HF_TWINS: dict[str, tuple[str, dict]] = {
         _HF_MOE, num_experts=4, moe_intermediate_size=64, norm_topk_prob=False, attention_bias=True,
     )),
     "moe_topk_renormalised": ("MixtralConfig", dict(_HF_MOE, num_local_experts=4)),
+    # GPT-OSS: learned sinks, a biased router (softmax over the top k), biased experts with the clamped SwiGLU
+    # on interleaved gate_up_proj columns; every layer full attention and plain rotary, as the hooked family
+    # (transformers' defaults alternate sliding windows and use YaRN)
+    "gpt_oss_moe_sinks": ("GptOssConfig", dict(
+        _HF_MOE, num_key_value_heads=2, num_local_experts=4, layer_types=["full_attention"] * 3,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )),
 }  # fmt: skip
 
 #: families with no HookedTransformer config: ``build`` boots a bridge over the twin on either line
@@ -170,6 +176,7 @@ HF_FLOAT32_INSIDE = frozenset(
     {"llama_gqa", "gemma", "gemma2_post_norm", "gemma3_post_norm_qk_norm", "mistral_windows", "qwen2_biases"}
     | {"olmo2_output_norms", "olmo_clip_qkv", "pythia_parallel", "moe_mixtral", "moe_topk_renormalised"}
     | {"falcon_parallel_mqa", "phi3_fused", "qwen3_qk_norm"}
+    | {"gpt_oss_moe_sinks"}  # RMSNorm's float32 upcast, rotary cos/sin computed in float32
 )
 
 
@@ -235,9 +242,10 @@ def _twin(name: str, seed: int):
 
     hf = build_hf(name, dtype=torch.float64, seed=seed, table={**HF_TWINS, **BRIDGE_ONLY})
     generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # every bias random, as on the hooked family (norm biases: build_hf's draw)
+    with torch.no_grad():  # every bias and sink logit random, as on the hooked family (norm biases: build_hf's)
         for pname, param in hf.named_parameters():
-            if pname.endswith("bias") and "norm" not in pname and "ln" not in pname.rsplit(".", 2)[-2]:
+            sinks = pname.endswith(".sinks")  # GPT-OSS's learned sink logits (HF draws them at std 0.02)
+            if sinks or pname.endswith("bias") and "norm" not in pname and "ln" not in pname.rsplit(".", 2)[-2]:
                 param.copy_(0.3 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
     return hf
 

@@ -132,6 +132,8 @@ def _experts(mlp) -> list:
     experts = getattr(mlp, "experts", None)
     if experts is None or isinstance(experts, torch.nn.ModuleList):
         return list(experts or [])
+    if getattr(experts, "is_transposed", False):  # GPT-OSS stores [expert, in, out]: edit through [out, in] views
+        return [(experts.gate_up_proj.transpose(-1, -2), experts.down_proj.transpose(-1, -2))]
     return [(experts.gate_up_proj, experts.down_proj)]
 
 

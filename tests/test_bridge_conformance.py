@@ -7,8 +7,7 @@ exact, frozen and sketched Jacobians equal ``torch.autograd.functional.jacobian`
 frozen one replays HF's own softmaxes and norm scales as constants); traced patterns equal HF's
 ``output_attentions``; ``y_last`` equals HF's final-norm output; the certified bound is at or above
 the frozen Jacobian, also with adversarial gains. Where lens_squash refuses a method it must say so in
-one typed line (MoE on TransformerLens 3.9's bridge, which has no router hook; GPT-OSS's clamped,
-biased experts for the certified bound). OPT's and GPT-J's bridges run transformers' own attention and fire ``hook_pattern``
+one typed line (MoE on TransformerLens 3.9's bridge, which has no router hook). OPT's and GPT-J's bridges run transformers' own attention and fire ``hook_pattern``
 after it: their frozen mode detaches the queries and keys, and must still equal HF's replayed patterns.
 
 Tolerance: 1e-10 relative in float64 where the HF model computes in float64. Where HF computes a step
@@ -51,10 +50,7 @@ FLOAT32_INSIDE = frozenset(
 )
 MOE = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss")
 #: families lens_squash refuses a method on, with the refusal's wording
-REFUSES: dict[str, dict[str, str]] = {
-    # biased experts with a clamped SwiGLU: not the act(x W_gate)·(x W_in) W_out the MoE gains are made of
-    "gpt_oss": {"certified": "cannot read the experts of GptOssExperts"},
-}
+REFUSES: dict[str, dict[str, str]] = {}
 if has_hooked_transformer():  # TransformerLens 3.9's bridge: OPT's MLP hooks never fire, MoE has no router hook
     REFUSES["opt"] = {"certified": "did not run as a module with hooks"}
     for _moe in MOE:

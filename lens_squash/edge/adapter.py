@@ -39,6 +39,7 @@ from ..algebra.model_facts import LayerFacts, ModelFacts, NormFacts, register_re
 from ..core.support import UnsupportedModelError
 from .adapter_probe import PATTERN_FREEZE, BridgeProbe, probe_bridge, probe_norm
 from .backends import is_bridge
+from .experts import moe_experts  # the one expert reader (hooked modules or fused views)
 
 __all__ = [
     "activation",
@@ -257,54 +258,6 @@ def activation(block):
         f"cannot find the activation of {type(mlp).__name__} (no act_fn on it or its wrapped module), so the "
         f"certified bound's MLP gains cannot be computed; {INSTEAD}"
     )
-
-
-class _Linear:
-    """``nn.Linear``'s reading surface (``weight [out, in]``, ``bias``) over one slice of a fused tensor."""
-
-    def __init__(self, read):
-        self._read = read
-        self.bias = None
-
-    @property
-    def weight(self) -> Tensor:
-        return self._read()
-
-
-class FusedExpert:
-    """Expert ``e`` of a ``transformers`` MoE whose experts are fused 3-D tensors (Mixtral's
-    ``gate_up_proj [expert, 2·d_mlp, d_model]``, ``down_proj [expert, d_model, d_mlp]``), seen as a
-    HookedTransformer expert: ``W_gate``, ``W_in``, ``W_out`` (``nn.Linear`` layout) and ``act_fn``.
-    The slices are taken on every read, so in-place edits are seen; the probe
-    (:mod:`lens_squash.edge.adapter_probe`) checks that these weights reproduce the MoE's output."""
-
-    def __init__(self, experts: torch.nn.Module, index: int):
-        half = experts.gate_up_proj.shape[1] // 2
-        owner = weakref.ref(experts)  # a strong reference would keep the module alive as a cache key
-        self.W_gate = _Linear(lambda: owner().gate_up_proj[index, :half])
-        self.W_in = _Linear(lambda: owner().gate_up_proj[index, half:])
-        self.W_out = _Linear(lambda: owner().down_proj[index])
-        self.act_fn = experts.act_fn
-
-
-_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def moe_experts(block) -> list:
-    """The experts of ``block``'s MoE: a HookedTransformer's modules, or views of fused ``transformers``
-    tensors (kept per module, so the Gram cache keyed on each expert is reused)."""
-    experts = block.mlp.experts
-    if isinstance(experts, torch.nn.ModuleList):
-        return list(experts)
-    fused = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
-    if not all(isinstance(t, Tensor) and t.ndim == 3 for t in fused) or not callable(getattr(experts, "act_fn", None)):
-        raise UnsupportedModelError(
-            f"cannot read the experts of {type(experts).__name__} (neither a list of expert modules nor fused "
-            f"gate_up_proj / down_proj tensors with an act_fn); {INSTEAD}"
-        )
-    if experts not in _FUSED:
-        _FUSED[experts] = [FusedExpert(experts, e) for e in range(fused[0].shape[0])]
-    return _FUSED[experts]
 
 
 # ------------------------------------------------------------------------------------------------

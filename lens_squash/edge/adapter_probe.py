@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..algebra.blocks import INSTEAD, BlockShape
 from ..core.support import UnsupportedModelError
+from .experts import expert_glu, fused_glu
 
 __all__ = ["PATTERN_FREEZE", "QK_FREEZE", "BridgeProbe", "pattern_acts", "probe_bridge", "probe_norm"]
 
@@ -203,6 +204,8 @@ def probe_bridge(
             _check_mlp(rec, block, activation, mlp_matrices, mlp_biases)
         elif kind == "moe":
             _check_moe(rec, block, experts)
+            for later in list(model.blocks)[1:]:  # each layer's experts hold their own alpha and limit
+                _check_gate_map(later)
     except UnsupportedModelError as error:
         unsupported["certified"] = str(error)
     with runnable(model):
@@ -331,26 +334,67 @@ def _check_mlp(rec: _Recorder, block, activation: Callable, mlp_matrices: Callab
 
 
 def _check_moe(rec: _Recorder, block, experts: Callable) -> None:
-    """``Σ_e g_e act(u W_gate,e) ⊙ (u W_in,e) W_out,e`` with ``g`` the router hook's weights must equal what
-    the MoE returned: the expert weights are read right and the hook holds the final routing weights
-    (top-k, renormalised), which the certified bound's MLP gains and the frozen mode use as they are."""
+    """``Σ_e g_e (glu(u W_gate,e + b_gate,e, u W_in,e + b_in,e) W_out,e + b_out,e)`` with ``g`` the router
+    hook's weights must equal what the MoE returned: the expert weights, biases and activation are read
+    right and the hook holds the final routing weights (top-k, renormalised), which the certified
+    bound's MLP gains and the frozen mode use as they are."""
     routing = rec.extra.get("routing")
     if routing is None:
         raise UnsupportedModelError(
             "the certified bound needs a mixture-of-experts router's final weights (hook_expert_weights), which "
             f"this TransformerBridge does not fire; {INSTEAD}"
         )
+    _check_gate_map(block)
     u = rec.inputs["mlp"].reshape(-1, rec.inputs["mlp"].shape[-1])
     out = torch.zeros_like(u)
     with torch.no_grad():
         for index, expert in enumerate(experts(block)):
             weight = routing.reshape(u.shape[0], -1)[:, index : index + 1].to(u.dtype)
-            hidden = expert.act_fn(u @ expert.W_gate.weight.T) * (u @ expert.W_in.weight.T)
-            out = out + weight * (hidden @ expert.W_out.weight.T)
+            gate, up = (_affine(u, linear) for linear in (expert.W_gate, expert.W_in))
+            out = out + weight * _affine(expert_glu(expert)(gate, up), expert.W_out)
     if not _close(out, _contribution(rec, "mlp")):
         raise UnsupportedModelError(
-            f"{type(block.mlp).__name__} does not compute Σ_e g_e act(x W_gate,e)·(x W_in,e) W_out,e from its "
-            f"experts' weights and its router hook's weights (a shared expert, biases or clamps); {INSTEAD}"
+            f"{type(block.mlp).__name__} does not compute Σ_e g_e glu(x W_gate,e + b, x W_in,e + b) W_out,e + b "
+            f"from its experts' weights, biases and activation and its router hook's weights (a shared expert or "
+            f"an unknown activation); {INSTEAD}"
+        )
+
+
+def _affine(x: Tensor, linear) -> Tensor:
+    """``x Wᵀ + b`` of an ``nn.Linear``-like reading surface (no bias: none added)."""
+    out = x @ linear.weight.T.to(x.dtype)
+    return out if linear.bias is None else out + linear.bias.to(x.dtype)
+
+
+def _check_gate_map(block) -> None:
+    """Fused ``transformers`` experts apply their gate map through ``_apply_gate`` on the fused
+    ``[gate, up]`` columns (halves, or GPT-OSS's interleaved pairs): it must equal the map the bound
+    differentiates, also past the clamps (inputs span ``±3 L``, so a limit or slope read wrong is off
+    by O(1))."""
+    fused = getattr(block.mlp, "experts", None)
+    if fused is None or isinstance(fused, torch.nn.ModuleList):
+        return
+    apply_gate = getattr(fused, "_apply_gate", None)
+    glu = fused_glu(fused)
+    limit = getattr(fused, "limit", None)
+    if not callable(apply_gate):
+        if isinstance(limit, (int, float)):  # a few recorded tokens may never reach the clamps: no proof
+            raise UnsupportedModelError(
+                f"{type(fused).__name__} holds a clamp limit but no _apply_gate to check its gate map against "
+                f"(transformers older than the experts interface); {INSTEAD}"
+            )
+        return  # act_fn(gate)·up: the recomputed MoE checks it
+    span = 3 * max(float(limit) if isinstance(limit, (int, float)) else 1.0, 1.0)
+    ref = fused.gate_up_proj
+    x = torch.linspace(-span, span, 128, dtype=torch.float64).to(ref.device, ref.dtype).reshape(2, 64)
+    concatenated = bool(getattr(fused, "is_concatenated", True))
+    gate, up = (x[:, :32], x[:, 32:]) if concatenated else (x[:, ::2], x[:, 1::2])
+    with torch.no_grad():
+        theirs, ours = apply_gate(x), glu(gate, up)
+    if not _close(ours, theirs):
+        raise UnsupportedModelError(
+            f"{type(fused).__name__}'s gate map is neither act_fn(gate)·up nor GPT-OSS's clamped SwiGLU "
+            f"(clamp(up, ±L) + 1)·g σ(α g) with the alpha and limit it holds; {INSTEAD}"
         )
 
 

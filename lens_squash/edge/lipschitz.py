@@ -40,7 +40,8 @@ from ..algebra.blocks import (
     weight_signature,
 )
 from ..algebra.symmetric_forms import LowerBlocks, lower_blocks, quadratic_form
-from .adapter import activation, mlp_matrices, moe_experts, norm_facts, norm_weight, read_model
+from .adapter import activation, mlp_matrices, norm_facts, norm_weight, read_model
+from .experts import expert_glu, moe_experts
 from .weight_cache import FactorCache
 
 __all__ = [
@@ -263,17 +264,6 @@ def solu_jacobian_frobenius(
     return norms if ln_scale is None else norms / ln_scale.double()
 
 
-def _expert_post(expert, gate: Tensor, up: Tensor) -> Tensor:
-    """The expert's elementwise map from its two projections to what ``W_out`` reads."""
-    if type(expert).__name__ == "GptOssExpert":  # TL's GPT-OSS GLU: clamps, then gate·σ(α gate)·(up + 1)
-        from transformer_lens.components.mlps.gpt_oss_moe import GPT_OSS_ALPHA, GPT_OSS_LIMIT
-
-        gate = gate.clamp(max=GPT_OSS_LIMIT)
-        up = up.clamp(min=-GPT_OSS_LIMIT, max=GPT_OSS_LIMIT)
-        return (up + 1) * gate * torch.sigmoid(gate * GPT_OSS_ALPHA)
-    return expert.act_fn(gate) * up
-
-
 def moe_jacobian_frobenius(
     block, shape: BlockShape, moe_in: Float[Tensor, "pos d_model"], routing: Float[Tensor, "pos expert"]
 ) -> Float[Tensor, "pos"]:
@@ -281,7 +271,8 @@ def moe_jacobian_frobenius(
     frozen mode freezes ``hook_expert_weights``) the MoE is ``Σ_e g_e expert_e``, so its Jacobian is
     ``Σ_e g_e J_e`` and the triangle inequality bounds its norm. Each ``‖J_e‖_F`` comes from the
     expert's Gram like a gated MLP's; the coefficients are the exact partial derivatives of the
-    expert's elementwise map (its clamps included). Without the frozen norms' scales (float64)."""
+    expert's elementwise map (GPT-OSS's clamps included) at its biased projections. Without the
+    frozen norms' scales (float64)."""
     x = moe_in.detach().double()
     total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     for index, expert in enumerate(moe_experts(block)):  # modules, or views of fused tensors (bridges)
@@ -292,7 +283,7 @@ def moe_jacobian_frobenius(
         gate = (x @ w_gate + _bias(expert.W_gate)).requires_grad_(requires_grad=True)
         up = (x @ w_in + _bias(expert.W_in)).requires_grad_(requires_grad=True)
         with torch.enable_grad():
-            slope_gate, slope_up = torch.autograd.grad(_expert_post(expert, gate, up).sum(), (gate, up))
+            slope_gate, slope_up = torch.autograd.grad(expert_glu(expert)(gate, up).sum(), (gate, up))
         coeff = torch.cat([slope_gate, slope_up], dim=-1)  # elementwise map: these are its derivatives
         squared = quadratic_form(coeff, cached_gram_blocks(block, shape, expert)).clamp_min(0.0)
         total = total + weight * squared.sqrt()

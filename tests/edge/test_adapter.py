@@ -30,7 +30,7 @@ from lens_squash.edge.backends import has_hooked_transformer
 from lens_squash.edge.jacobian import jacobian
 from lens_squash.edge.trace import trace
 
-from ..hf_families import TOKENS, boot, build_hf
+from ..hf_families import CAUSAL, TOKENS, boot, build_hf
 
 
 @pytest.fixture(scope="module")
@@ -188,8 +188,9 @@ def _hf_moe_gains(hf, layer: int) -> torch.Tensor:
     handle.remove()
     h, norm, moe = seen["h"], block.post_attention_layernorm, block.mlp
     scale = h.pow(2).mean(-1, keepdim=True).add(norm.variance_epsilon).sqrt()
+    router = moe.router if hasattr(moe, "router") else moe.gate  # GPT-OSS's is "router", Mixtral's "gate"
     with torch.no_grad():
-        _, weights, indices = moe.gate(h / scale * norm.weight)
+        _, weights, indices = router(h / scale * norm.weight)
     gains = torch.zeros(h.shape[0], dtype=torch.float64)
     for e in range(moe.experts.gate_up_proj.shape[0]):
         g = (weights * (indices == e)).sum(-1).double()
@@ -218,6 +219,17 @@ def test_fused_moe_gains_equal_the_routed_sum_of_expert_jacobians_by_hf_autograd
         torch.testing.assert_close(gains[layer].double(), _hf_moe_gains(hf, layer), rtol=1e-4, atol=0)
 
 
+def _assert_refused_when_read_as(bridge, experts) -> None:
+    """The probe recomputes the MoE from ``experts(block)`` and the router hook: the wrong reading is
+    refused for the certified bound, the adapter's own reading passes."""
+    probe = probe_bridge(
+        bridge, activation=activation, mlp_matrices=mlp_matrices, mlp_biases=mlp_biases,
+        runnable=functorch_ready, experts=experts,
+    )  # fmt: skip
+    assert "does not compute Σ_e g_e" in probe.unsupported["certified"]
+    assert "certified" not in read_model(bridge).unsupported
+
+
 @pytest.mark.bridge
 def test_experts_read_wrong_are_caught_by_recomputing_the_moe(mixtral):
     """The probe recomputes the MoE from the read experts and the router hook: experts with gate and up
@@ -230,14 +242,171 @@ def test_experts_read_wrong_are_caught_by_recomputing_the_moe(mixtral):
 
     def swapped(block):
         experts = moe_experts(block)
-        return [SimpleNamespace(W_gate=e.W_in, W_in=e.W_gate, W_out=e.W_out, act_fn=e.act_fn) for e in experts]
+        return [SimpleNamespace(W_gate=e.W_in, W_in=e.W_gate, W_out=e.W_out, glu=e.glu) for e in experts]
 
-    probe = probe_bridge(
-        bridge, activation=activation, mlp_matrices=mlp_matrices, mlp_biases=mlp_biases,
-        runnable=functorch_ready, experts=swapped,
-    )  # fmt: skip
-    assert "does not compute Σ_e g_e" in probe.unsupported["certified"]
-    assert "certified" not in read_model(bridge).unsupported  # the right reading passes
+    _assert_refused_when_read_as(bridge, swapped)
+
+
+#: GPT-OSS with the default layout (sliding and full layers, YaRN) but its SwiGLU limit and slope moved off
+#: transformers' defaults (7, 1.702), so a reader that hard-codes them is wrong, and a limit small enough
+#: that the clamps bite at these weights
+_GPT_OSS = {"gpt_oss": ("GptOssConfig", {**CAUSAL["gpt_oss"][1], "swiglu_limit": 0.6, "swiglu_alpha": 1.3})}
+
+
+def _gpt_oss(seed: int = 0):
+    """A GPT-OSS whose fused expert weights are O(1) (build_hf scales only 2-D weights) and whose expert
+    and router biases are drawn (transformers initialises them to 0)."""
+    hf = build_hf("gpt_oss", table=_GPT_OSS, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 5)
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if param.ndim == 3:
+                param.mul_(10.0)
+            elif name.endswith(("proj_bias", "router.bias")):
+                param.copy_(0.3 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+    return hf
+
+
+@pytest.fixture(scope="module")
+def gpt_oss():
+    return _gpt_oss(), boot(_gpt_oss())
+
+
+def _clamped_share(hf, layer: int) -> float:
+    """The share of layer ``layer``'s routed gate and up projections that GPT-OSS's clamps cut."""
+    experts, seen = hf.model.layers[layer].mlp.experts, {}
+    handle = experts.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))  # None: args kept
+    with torch.no_grad():
+        hf(input_ids=TOKENS[None])
+    handle.remove()
+    gate_up = torch.einsum("td,edf->etf", seen["x"], experts.gate_up_proj) + experts.gate_up_proj_bias[:, None]
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    return float(((gate > experts.limit).sum() + (up.abs() > experts.limit).sum()) / gate_up.numel())
+
+
+@pytest.mark.bridge
+def test_gpt_oss_moe_gains_equal_the_routed_sum_of_expert_jacobians_by_hf_autograd(gpt_oss):
+    """GPT-OSS's biased, clamped SwiGLU experts on interleaved fused columns, with its config's limit and
+    slope: the certified MoE gain equals Σ_e g_e ‖J_e‖_F by autograd through transformers' own experts."""
+    hf, bridge = gpt_oss
+    if has_hooked_transformer():  # TransformerLens 3.9's bridge has no router hook: refused in one line
+        with pytest.raises(UnsupportedModelError, match="hook_expert_weights"):
+            block_shape(bridge)
+        return
+    assert all(0.1 < _clamped_share(hf, layer) < 0.9 for layer in range(2))  # the clamps matter
+    gains = trace(bridge, TOKENS, lipschitz=True).mlp_gain
+    for layer in range(gains.shape[0]):
+        torch.testing.assert_close(gains[layer].double(), _hf_moe_gains(hf, layer), rtol=1e-6, atol=0)
+
+
+@pytest.mark.bridge
+def test_gpt_oss_router_hook_holds_the_weights_transformers_routes_with(gpt_oss):
+    """The MoE gains read ``hook_expert_weights``: it must hold transformers' own router scores (softmax
+    over the top k of a biased linear map), scattered over all experts, not a recomputation."""
+    hf, bridge = gpt_oss
+    if has_hooked_transformer():
+        assert "blocks.0.mlp.hook_expert_weights" not in bridge.hook_dict
+        return
+    scores = []
+    handles = [
+        layer.mlp.router.register_forward_hook(lambda m, a, out: scores.append(out)) for layer in hf.model.layers
+    ]
+    with torch.no_grad():
+        hf(input_ids=TOKENS[None])
+    for handle in handles:
+        handle.remove()
+    names = [f"blocks.{layer}.mlp.hook_expert_weights" for layer in range(len(scores))]
+    _, cache = bridge.run_with_cache(TOKENS[None], names_filter=names)
+    for name, (logits, weights, indices) in zip(names, scores, strict=True):
+        expected = torch.zeros_like(logits).scatter(-1, indices, weights)
+        torch.testing.assert_close(cache[name].reshape(expected.shape), expected, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.bridge
+@pytest.mark.parametrize("misread", ["gate_and_up_swapped", "biases_dropped"])
+def test_gpt_oss_experts_read_wrong_are_caught_by_recomputing_the_moe(gpt_oss, misread):
+    _, bridge = gpt_oss
+    if has_hooked_transformer():
+        return  # no router hook: refused before any reading (test above)
+
+    def unbiased(linear):
+        return SimpleNamespace(weight=linear.weight, bias=None)
+
+    def wrong(block):
+        if misread == "gate_and_up_swapped":
+            return [SimpleNamespace(W_gate=e.W_in, W_in=e.W_gate, W_out=e.W_out, glu=e.glu) for e in moe_experts(block)]
+        return [
+            SimpleNamespace(W_gate=unbiased(e.W_gate), W_in=unbiased(e.W_in), W_out=unbiased(e.W_out), glu=e.glu)
+            for e in moe_experts(block)
+        ]
+
+    _assert_refused_when_read_as(bridge, wrong)
+
+
+@pytest.mark.bridge
+@pytest.mark.parametrize("layers", ["every", "last"])  # last: block 0, the one the probe runs, is GPT-OSS's
+def test_an_expert_gate_map_other_than_gpt_oss_clamped_swiglu_is_refused(layers):
+    """A GPT-OSS-like experts module (alpha, limit) whose own gate map differs (here: no ``+ 1`` on the up
+    branch) is not differentiated as if it were GPT-OSS's: the certified bound is refused in one line."""
+    from lens_squash.algebra.variants import path_bound
+
+    bridge = boot(_gpt_oss(seed=1))
+    for block in bridge.blocks if layers == "every" else bridge.blocks[-1:]:
+        experts = block.mlp.experts
+
+        def other(gate_up, experts=experts):
+            gate = gate_up[..., ::2].clamp(max=experts.limit)
+            return gate_up[..., 1::2].clamp(-experts.limit, experts.limit) * gate * torch.sigmoid(gate * experts.alpha)
+
+        experts._apply_gate = other  # what the experts' forward calls, so the model computes it too
+    if has_hooked_transformer():
+        return  # refused for the missing router hook before the gate map is read
+    assert "gate map" in read_model(bridge).unsupported["certified"]
+    with pytest.raises(UnsupportedModelError, match="gate map") as caught:
+        path_bound(trace(bridge, TOKENS, lipschitz=True), "certified", model=bridge)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.bridge
+def test_the_gpt_oss_twin_traces_the_patterns_and_output_transformers_computes():
+    """tests/families.py's GPT-OSS twin (sinks, biased router and experts, every layer full attention): the
+    traced patterns are HF's ``output_attentions`` (sink column dropped) and ``y_last`` its final-norm output,
+    to float32 resolution (transformers' RMSNorm and rotary tables run in float32 in a float64 model)."""
+    from ..families import HF_TWINS
+    from ..families import TOKENS as tokens
+    from ..hf_families import hf_final
+
+    reference = build_hf("gpt_oss_moe_sinks", table=HF_TWINS)
+    traced = trace(boot(build_hf("gpt_oss_moe_sinks", table=HF_TWINS)), tokens)
+    out = hf_final(reference, tokens, output_attentions=True)
+    expected = torch.stack([a[0] for a in out.attentions])
+    assert float(expected.sum(-1).max()) < 1 - 1e-3  # the sinks take mass: rows short of 1
+    torch.testing.assert_close(traced.patterns, expected, rtol=0, atol=1e-5)
+    y = out.last_hidden_state[0, -1]
+    torch.testing.assert_close(traced.y_last, y, rtol=0, atol=1e-5 * float(y.abs().max()))
+
+
+@pytest.mark.bridge
+def test_a_shared_expert_is_refused_in_one_line_not_dropped():
+    """Qwen2-MoE adds a gated shared expert to the routed ones: the experts' views alone do not reproduce
+    the MoE, so the certified bound is refused (a bound from the routed experts alone would miss a term)."""
+    from ..hf_families import _LLAMA_LIKE
+
+    config = {**_LLAMA_LIKE, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24}
+    table = {"qwen2_moe": ("Qwen2MoeConfig", dict(config, shared_expert_intermediate_size=24))}
+    reason = read_model(boot(build_hf("qwen2_moe", table=table))).unsupported["certified"]
+    assert ("a shared expert" if not has_hooked_transformer() else "hook_expert_weights") in reason
+    assert "\n" not in reason
+
+
+def test_clamped_experts_without_their_own_gate_map_are_refused():
+    """Fused experts with a clamp limit but no ``_apply_gate`` (the map transformers runs) give nothing to
+    check the clamped SwiGLU against past the clamps, which a 5-token probe may never reach: refused."""
+    from lens_squash.edge.adapter_probe import _check_gate_map
+
+    experts = SimpleNamespace(alpha=1.702, limit=7.0, gate_up_proj=torch.zeros(2, 4, 6), down_proj=torch.zeros(2, 3, 4))
+    with pytest.raises(UnsupportedModelError, match="no _apply_gate"):
+        _check_gate_map(SimpleNamespace(mlp=SimpleNamespace(experts=experts)))
 
 
 def test_clamped_values_are_read_from_the_transformers_config():
