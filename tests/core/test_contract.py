@@ -59,8 +59,9 @@ def _classes() -> dict[str, type]:
 CLASSES = _classes()
 RECORDS = {name: cls for name, cls in CLASSES.items() if issubclass(cls, Record) and cls not in (Record, Result)}
 RESULTS = {name: cls for name, cls in RECORDS.items() if issubclass(cls, Result)}
-#: classes whose instance builder makes a HookedTransformer of its own (the synthetic experiments)
-HOOKED_BUILDERS = frozenset({"PECollapseResult", "LabGrid", "LabRun"})
+#: classes whose instance builder makes a HookedTransformer of its own (the synthetic toy decoders;
+#: the lab builds a bridge on TransformerLens 4)
+HOOKED_BUILDERS = frozenset({"PECollapseResult"})
 
 
 def _names(classes: dict) -> list:
