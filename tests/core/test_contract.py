@@ -172,10 +172,9 @@ def _lab_grid():
 
 
 def _collapse():
-    from lens_squash.edge.models import is_bridge
     from lens_squash.experiments.collapse import collapse_curve
 
-    dtypes = ("float64",) if is_bridge(_model()) else ("float64", "bfloat16")  # a bridge runs in its own dtype only
+    dtypes = ("float64", "bfloat16")  # a bridge is cast as a HookedTransformer is (model_in_dtype)
     return collapse_curve(_model(), "count_ones", [2, 5], dtypes, chat=False, open_ended=True, exact=False)
 
 
