@@ -63,7 +63,6 @@ def test_mixing_prints_json_and_writes_a_report(capsys, monkeypatch, tiny_random
     assert code == 2 and "--position 5" in capsys.readouterr().err
 
 
-@pytest.mark.hooked
 def test_lab_trains_a_grid_and_reads_it_back(capsys, tmp_path):
     argv = ["lab", "--contexts", "16", "--depths", "1", "--seeds", "0", "--steps", "4", "--eval-every", "2"]
     argv += ["--d-model", "16", "--batch-size", "4", "--out", str(tmp_path)]

@@ -1,6 +1,8 @@
 """The model side of the training lab (:mod:`lens_squash.lab`): build, step, measure, checkpoint.
 
-Tiny causal :class:`HookedTransformer`\\ s trained from scratch on CPU. Everything that runs or
+Tiny causal transformers trained from scratch on CPU: a :class:`HookedTransformer` where
+TransformerLens has one (3.x), else (4.x) a ``TransformerBridge`` over the same block as a
+``transformers`` GPT-NeoX model (:func:`~lens_squash.edge.tiny.tiny_model`'s twin, same init). Everything that runs or
 changes a model is here, so the lab above the experiments only generates data and keeps records.
 Checkpoints are one ``torch.save`` file (model and optimiser state, the config, the step and the
 history so far), written atomically so a run killed mid-write resumes from the previous one.
@@ -18,10 +20,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..core.records import atomic_write
-from .backends import hooked_api
+from .backends import has_hooked_transformer, hooked_api, is_bridge
+from .tiny import tiny_model
 
 __all__ = [
     "build_lab_model",
+    "lab_backend",
     "first_token_attention",
     "load_checkpoint",
     "lm_loss",
@@ -33,7 +37,13 @@ __all__ = [
 
 def build_lab_model(*, n_layers: int, d_model: int, n_heads: int, n_ctx: int, d_vocab: int, seed: int):
     """A seeded pre-LayerNorm causal transformer with rotary positions (so position 0 is not marked
-    by a learned embedding of its own: a sink at 0 must come from the data)."""
+    by a learned embedding of its own: a sink at 0 must come from the data). On TransformerLens 4 it
+    is a bridge over the GPT-NeoX twin of that block (other weights than the hooked model's draw)."""
+    if not has_hooked_transformer():
+        return tiny_model(
+            n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_mlp=4 * d_model, d_vocab=d_vocab, n_ctx=n_ctx,
+            positional="rotary", norm="LN", act_fn="gelu", seed=seed,
+        )  # fmt: skip
     HookedTransformer, HookedTransformerConfig = hooked_api()
     cfg = HookedTransformerConfig(
         n_layers=n_layers,
@@ -54,6 +64,11 @@ def build_lab_model(*, n_layers: int, d_model: int, n_heads: int, n_ctx: int, d_
     )
     torch.manual_seed(seed)
     return HookedTransformer(cfg)
+
+
+def lab_backend(model) -> str:
+    """``"bridge"`` or ``"hooked"``: checkpoints record it, as the two hold different state-dict keys."""
+    return "bridge" if is_bridge(model) else "hooked"
 
 
 def make_optimizer(model, lr: float, weight_decay: float = 0.01) -> torch.optim.Optimizer:
@@ -94,13 +109,20 @@ def first_token_attention(model, tokens: Int[Tensor, "batch pos"]) -> tuple[Floa
 
 def save_checkpoint(path: str | os.PathLike, model, optimizer, state: Mapping[str, Any]) -> Path:
     """Model and optimiser state plus ``state`` (config, step, history), atomically."""
-    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": dict(state)}
+    state = {**state, "backend": lab_backend(model)}
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_checkpoint(path: str | os.PathLike, model, optimizer=None) -> dict[str, Any]:
     """Load a :func:`save_checkpoint` file into ``model`` (and ``optimizer``); returns its ``state``."""
     payload = torch.load(path, map_location="cpu", weights_only=False)
+    saved = payload["state"].get("backend", "hooked")  # checkpoints before the bridge path were hooked
+    if saved != lab_backend(model):
+        raise ValueError(
+            f"{path} holds a {saved} model but this TransformerLens builds a {lab_backend(model)} one: "
+            "retrain it in a new folder or use the TransformerLens it was trained with"
+        )
     model.load_state_dict(payload["model"])
     if optimizer is not None:
         optimizer.load_state_dict(payload["optimizer"])

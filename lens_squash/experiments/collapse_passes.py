@@ -36,8 +36,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..core.progress import progress
-from ..core.support import UnsupportedModelError
 from ..edge.backward import ReachedHook, stop_at
+from ..edge.bridge_dtype import bridge_in_dtype
 from ..edge.models import is_bridge, resolve_dtype
 
 __all__ = ["NORMS", "PATHS", "PairMeasurement", "is_prefix_closed", "measure_pairs", "model_in_dtype", "relative_gap"]
@@ -51,17 +51,16 @@ NORMS: dict[str, float] = {"inf": float("inf"), "1": 1.0, "2": 2.0}
 def model_in_dtype(model, dtype: torch.dtype | str):
     """``model`` itself if it already has ``dtype``, else a fresh copy with its parameters cast.
 
-    The copy is rebuilt from the config (not ``.to(dtype)``) so buffers — rotary tables, masks —
-    are computed at the new dtype exactly as TransformerLens would for a model loaded in it.
+    A ``HookedTransformer`` copy is rebuilt from the config (not ``.to(dtype)``) so buffers — rotary
+    tables, masks — are computed at the new dtype exactly as TransformerLens would for a model loaded
+    in it. A bridge is cast as :func:`~lens_squash.edge.backends.boot_bridge` casts the model it boots
+    (:func:`~lens_squash.edge.bridge_dtype.bridge_in_dtype`).
     """
     dtype = resolve_dtype(dtype)
     if model.cfg.dtype == dtype:
         return model
-    if is_bridge(model):  # a bridge's config builds no HookedTransformer twin
-        raise UnsupportedModelError(
-            f"a TransformerBridge runs collapse in its own dtype ({model.cfg.dtype}) only; load it with "
-            f"load_model(name, dtype={str(dtype).removeprefix('torch.')!r}) for that dtype"
-        )
+    if is_bridge(model):
+        return bridge_in_dtype(model, dtype)
     from transformer_lens import HookedTransformer
 
     cfg = copy.deepcopy(model.cfg)

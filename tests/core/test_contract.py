@@ -59,8 +59,9 @@ def _classes() -> dict[str, type]:
 CLASSES = _classes()
 RECORDS = {name: cls for name, cls in CLASSES.items() if issubclass(cls, Record) and cls not in (Record, Result)}
 RESULTS = {name: cls for name, cls in RECORDS.items() if issubclass(cls, Result)}
-#: classes whose instance builder makes a HookedTransformer of its own (the synthetic experiments)
-HOOKED_BUILDERS = frozenset({"PECollapseResult", "LabGrid", "LabRun"})
+#: classes whose instance builder makes a HookedTransformer of its own (the synthetic toy decoders;
+#: the lab builds a bridge on TransformerLens 4)
+HOOKED_BUILDERS = frozenset({"PECollapseResult"})
 
 
 def _names(classes: dict) -> list:
@@ -171,10 +172,9 @@ def _lab_grid():
 
 
 def _collapse():
-    from lens_squash.edge.models import is_bridge
     from lens_squash.experiments.collapse import collapse_curve
 
-    dtypes = ("float64",) if is_bridge(_model()) else ("float64", "bfloat16")  # a bridge runs in its own dtype only
+    dtypes = ("float64", "bfloat16")  # a bridge is cast as a HookedTransformer is (model_in_dtype)
     return collapse_curve(_model(), "count_ones", [2, 5], dtypes, chat=False, open_ended=True, exact=False)
 
 

@@ -189,7 +189,6 @@ def test_a_hook_that_changes_the_second_pass_is_refused():
         model.reset_hooks()
 
 
-@pytest.mark.hooked  # families without a transformers twin
 def test_trace_from_an_activation_cache_equals_a_fresh_trace():
     model = build("moe_mixtral")
     fresh = trace(model, TOKENS, lipschitz=True, keep_resid=True)

@@ -92,10 +92,19 @@ def test_unknown_model_offline_names_the_offline_models(monkeypatch):
     assert "no-such-model-xyz" in str(info.value)
 
 
-@pytest.mark.hooked  # its reference is TransformerLens 3's alias map
-def test_unknown_model_gets_one_short_line_with_close_names_not_the_whole_list():
-    from transformer_lens.loading_from_pretrained import make_model_alias_map
+def _names_transformer_lens_knows() -> set[str]:
+    """The reference: the default backend's own name table (TransformerLens 3's alias map, or 4's
+    supported-model list and aliases), read here, not through lens_squash."""
+    if models.default_backend() == "hooked":
+        from transformer_lens.loading_from_pretrained import make_model_alias_map
 
+        return set(make_model_alias_map())
+    from transformer_lens.supported_models import MODEL_ALIASES, OFFICIAL_MODEL_NAMES
+
+    return {*OFFICIAL_MODEL_NAMES, *(alias for aliases in MODEL_ALIASES.values() for alias in aliases)}
+
+
+def test_unknown_model_gets_one_short_line_with_close_names_not_the_whole_list():
     with pytest.raises(ModelLoadError) as info:
         load_model("gpt2-smal")
     message = str(info.value)
@@ -103,13 +112,24 @@ def test_unknown_model_gets_one_short_line_with_close_names_not_the_whole_list()
     suggested = re.findall(r"'([^']+)'", message.split("Did you mean ")[1].split("?")[0])
     # a few whole names that load (quoted, never cut mid-name), the intended one among them
     assert "gpt2-small" in suggested and 1 <= len(suggested) <= 3
-    assert all(name in make_model_alias_map() for name in suggested)
+    assert all(name in _names_transformer_lens_knows() for name in suggested)
 
 
-@pytest.mark.hooked  # builds a HookedTransformer (TransformerLens 3 only)
+def _patch_hub_loader(monkeypatch, loader) -> None:
+    """Replace the call that loads a Hub model on the default backend: ``HookedTransformer.from_pretrained``
+    (TransformerLens 3) or ``TransformerBridge.boot_transformers``."""
+    if models.default_backend() == "hooked":
+        from transformer_lens import HookedTransformer
+
+        monkeypatch.setattr(HookedTransformer, "from_pretrained", loader)
+    else:
+        from transformer_lens.model_bridge import TransformerBridge
+
+        monkeypatch.setattr(TransformerBridge, "boot_transformers", staticmethod(loader))
+
+
 def test_offline_hub_model_is_refused_before_from_pretrained(monkeypatch, tmp_path):
     from huggingface_hub import constants
-    from transformer_lens import HookedTransformer
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
@@ -117,27 +137,26 @@ def test_offline_hub_model_is_refused_before_from_pretrained(monkeypatch, tmp_pa
     def no_download(*args, **kwargs):
         raise AssertionError("from_pretrained ran although the Hub is unreachable and nothing is cached")
 
-    monkeypatch.setattr(HookedTransformer, "from_pretrained", no_download)
+    _patch_hub_loader(monkeypatch, no_download)
     with pytest.raises(ModelLoadError, match="unreachable") as info:
         load_model("gpt2")
     assert "smollm2-135m-instruct, tiny-random" in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.hooked  # builds a HookedTransformer (TransformerLens 3 only)
 def test_cached_hub_model_loads_with_the_hub_offline_for_the_call(monkeypatch):
     from huggingface_hub import constants
-    from transformer_lens import HookedTransformer
 
     seen = {}
+    cached = tiny_model(n_ctx=2048)  # built before the patch: on TransformerLens 4 it boots a bridge itself
 
     def fake_from_pretrained(name, **kwargs):
         seen["offline"] = constants.HF_HUB_OFFLINE
-        return tiny_model()
+        return cached
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub, "_hub_reachable", lambda timeout=1.0: False)
     monkeypatch.setattr(hub, "_in_hf_cache", lambda repo: True)
-    monkeypatch.setattr(HookedTransformer, "from_pretrained", fake_from_pretrained)
+    _patch_hub_loader(monkeypatch, fake_from_pretrained)
     load_model("gpt2")
     assert seen["offline"] is True and constants.HF_HUB_OFFLINE is False  # set for the call, then restored
 
@@ -203,9 +222,30 @@ def _rotate(x: torch.Tensor, base: float) -> torch.Tensor:
     return torch.cat([first * cos - second * sin, second * cos + first * sin], -1)
 
 
-@pytest.mark.hooked  # tiny_model(norm='LN', n_key_value_heads=...) has no transformers twin
-@pytest.mark.parametrize("positional", ["standard", "rotary", "alibi", "none"])
-@pytest.mark.parametrize("norm", ["LN", "RMS", None])
+def _bias(b: torch.Tensor | None) -> torch.Tensor | float:
+    return 0.0 if b is None else b  # a bridge over a bias-free transformers model (Llama) has none
+
+
+#: the knobs whose tiny_model has a transformers twin that computes in float64 (GPT-2, GPT-2 with zero
+#: positions); the others need HookedTransformer: no norm, ALiBi, RMS with absolute positions and LN with
+#: GQA have no twin, and RMS with rotary has one (Arcee) whose RMSNorm runs in float32 (transformers casts
+#: up to float32 only), 1.6e-7 off this float64 computation
+_TWINNED_KNOBS = {("LN", "standard"), ("LN", "none")}
+
+
+def _knobs(norm: str | None, positional: str):
+    marks = () if (norm, positional) in _TWINNED_KNOBS else pytest.mark.hooked
+    return pytest.param(norm, positional, marks=marks, id=f"{norm}-{positional}")
+
+
+@pytest.mark.parametrize(
+    ("norm", "positional"),
+    [
+        _knobs(norm, positional)
+        for norm in ("LN", "RMS", None)
+        for positional in ("standard", "rotary", "alibi", "none")
+    ],
+)
 def test_tiny_model_knobs_take_effect_in_the_attention_scores(positional, norm):
     """Layer 0's attention scores recomputed by hand from the weights for each knob: the embedding
     (learned positions added, or not), the norm (LN, RMS, none), q·k/√d_head, then the positional
@@ -221,9 +261,11 @@ def test_tiny_model_knobs_take_effect_in_the_attention_scores(positional, norm):
     resid = model.W_E[tokens] + (model.W_pos[:n] if positional == "standard" else 0)
     torch.testing.assert_close(cache["blocks.0.hook_resid_pre"][0], resid, atol=1e-12, rtol=0)
     x = _normalised(resid, norm, block, model.cfg.eps)
-    q = torch.einsum("pd,hde->phe", x, block.attn.W_Q) + block.attn.b_Q
-    w_k, b_k = (block.attn._W_K, block.attn._b_K) if kv_heads else (block.attn.W_K, block.attn.b_K)
-    k = torch.einsum("pd,hde->phe", x, w_k) + b_k
+    q = torch.einsum("pd,hde->phe", x, block.attn.W_Q) + _bias(block.attn.b_Q)
+    # the per-key-head weights: a HookedTransformer keeps them in _W_K (its W_K is expanded), a bridge in W_K
+    w_k, b_k = (block.attn._W_K, block.attn._b_K) if hasattr(block.attn, "_W_K") else (block.attn.W_K, block.attn.b_K)
+    assert w_k.shape[0] == (kv_heads or n_heads)
+    k = torch.einsum("pd,hde->phe", x, w_k) + _bias(b_k)
     torch.testing.assert_close(cache["blocks.0.attn.hook_q"][0], q, atol=1e-12, rtol=0)
     if kv_heads:
         k = k.repeat_interleave(n_heads // kv_heads, dim=1)
@@ -276,6 +318,20 @@ def test_nope_model_ignores_position_and_window_is_local():
     pattern = cache["blocks.0.attn.hook_pattern"][0]
     query, key = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
     assert (pattern[:, (key <= query - 3) | (key > query)] == 0).all()
+
+
+def test_a_windowed_tiny_model_attends_only_to_its_last_keys():
+    """``window=3``: each query sees itself and the two keys before it, and nothing else, in every layer.
+    The RMS, rotary, gated shape is one a bridge boots too (a transformers Mistral), so this runs on both
+    backends; test_nope_model_ignores_position_and_window_is_local checks the LN window (HookedTransformer)."""
+    local = tiny_model(window=3, norm="RMS", positional="rotary", gated_mlp=True, act_fn="silu")
+    _, cache = local.run_with_cache(torch.arange(8)[None])
+    query, key = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    for layer in range(local.cfg.n_layers):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0]
+        assert (pattern[:, (key <= query - 3) | (key > query)] == 0).all(), layer
+        assert (pattern[:, (key > query - 3) & (key <= query)] > 0).all(), layer
+        torch.testing.assert_close(pattern.sum(-1), torch.ones_like(pattern.sum(-1)))
 
 
 def test_bad_tiny_model_knobs():

@@ -152,7 +152,7 @@ def test_tasks_command_runs_and_resumes(tmp_path, capsys):
     assert (tmp_path / "results.jsonl").read_text().splitlines() == rows
 
 
-@pytest.mark.hooked  # several dtypes: a HookedTransformer twin per dtype
+@pytest.mark.hooked  # the theory section's toy decoders are attn-only HookedTransformers (no transformers twin)
 def test_collapse_command_writes_every_figure(tmp_path, capsys):
     argv = [
         "collapse",
@@ -299,7 +299,6 @@ def test_analyze_refuses_a_bidirectional_model_in_one_clear_error():
             analyze(build("bidirectional"), TOKENS, jacobian_mode=None)
 
 
-@pytest.mark.hooked  # several dtypes
 def test_collapse_command_fast_path_says_where_its_thresholds_came_from(tmp_path, capsys):
     base = [
         "collapse",

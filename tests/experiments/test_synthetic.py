@@ -92,21 +92,19 @@ def test_ratio_invariance_broken_by_causal_mask_or_positions(causal, positional)
     assert "Prop. B.9" in result._repr_html_()
 
 
-@pytest.mark.hooked
 @pytest.mark.slow
-def test_longest_distinguishable_run_is_where_equality_starts():
+@pytest.mark.parametrize(
+    "shape",
+    [
+        pytest.param({"norm": "RMS", "attn_only": True}, marks=pytest.mark.hooked, id="attn_only-RMS"),  # no twin
+        pytest.param({"norm": "LN"}, id="LN-with-MLP"),  # a GPT-2 twin with zero positions on TransformerLens 4
+    ],
+)
+def test_longest_distinguishable_run_is_where_equality_starts(shape):
     model = tiny_model(
-        n_layers=1,
-        n_heads=1,
-        d_model=16,
-        n_ctx=320,
-        tokenizer="smollm2",
-        positional="none",
-        norm="RMS",
-        attn_only=True,
-        dtype=torch.float32,
-        seed=0,
-    )
+        n_layers=1, n_heads=1, d_model=16, n_ctx=320, tokenizer="smollm2", positional="none", dtype=torch.float32,
+        seed=0, **shape,
+    )  # fmt: skip
     longest, curve = longest_distinguishable_run(model, ("float32", "bfloat16"), max_len=300, chat=False)
     for d, name in enumerate(curve.dtypes):
         n = longest[name]

@@ -9,7 +9,7 @@ import tempfile
 import pytest
 import torch
 
-from lens_squash.edge.lab_models import first_token_attention
+from lens_squash.edge.lab_models import first_token_attention, lab_backend
 from lens_squash.lab.grid import grid_configs, run_grid
 from lens_squash.lab.results import LabGrid, LabRun
 from lens_squash.lab.train import LabConfig, load_trained, measure_mixing, train_run
@@ -23,7 +23,6 @@ def _trained() -> tuple[LabRun, str]:
     return train_run(LabConfig(steps=60, eval_every=20, lr=1e-2, warmup=5, **SMALL), folder), folder
 
 
-@pytest.mark.hooked  # builds a HookedTransformer (TransformerLens 3 only)
 def test_training_loss_decreases():
     run, _ = _trained()
     assert run.steps.tolist() == [0, 20, 40, 60]
@@ -31,7 +30,6 @@ def test_training_loss_decreases():
     assert float(run.loss[0]) == pytest.approx(torch.log(torch.tensor(16.0)).item(), abs=0.5)  # untrained: near uniform
 
 
-@pytest.mark.hooked  # builds a HookedTransformer (TransformerLens 3 only)
 def test_a_saved_model_gives_the_same_numbers():
     run, folder = _trained()
     model, config = load_trained(folder)
@@ -50,7 +48,6 @@ def _held_out(config):
     return _held_out(config)
 
 
-@pytest.mark.hooked  # builds a HookedTransformer (TransformerLens 3 only)
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     config = LabConfig(steps=20, eval_every=10, packing="packed", **SMALL)
     straight = train_run(config, tmp_path / "straight")
@@ -71,14 +68,12 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
         train_run(LabConfig(steps=30, eval_every=10, packing="packed", **SMALL), tmp_path / "resumed")
 
 
-@pytest.mark.hooked  # builds a HookedTransformer (TransformerLens 3 only)
 def test_sink_share_is_the_share_of_heads_above_the_threshold():
     run, _ = _trained()
     expected = [(h > 0.3).double().mean().item() for h in run.head_attention]
     assert run.sink_share.tolist() == expected
 
 
-@pytest.mark.hooked  # builds a HookedTransformer (TransformerLens 3 only)
 def test_grid_reads_finished_runs_back(tmp_path):
     configs = grid_configs(
         [16],
@@ -96,3 +91,16 @@ def test_grid_reads_finished_runs_back(tmp_path):
     again = run_grid(tmp_path, configs)
     assert [r.wall_s for r in again.runs] == [r.wall_s for r in grid.runs]  # read back, not retrained
     assert LabGrid.load(tmp_path / "grid.json").to_frame().equals(again.to_frame())
+
+
+def test_a_checkpoint_of_the_other_backend_is_refused_in_one_line(tmp_path):
+    """A hooked checkpoint's state-dict keys are not a bridge's: loading it says so instead of a key error."""
+    _, folder = _trained()
+    payload = torch.load(f"{folder}/checkpoint.pt", map_location="cpu", weights_only=False)
+    model, _ = load_trained(folder)
+    assert payload["state"]["backend"] == lab_backend(model)
+    payload["state"]["backend"] = {"hooked": "bridge", "bridge": "hooked"}[lab_backend(model)]
+    torch.save(payload, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="retrain it in a new folder") as refused:
+        load_trained(tmp_path)
+    assert len(str(refused.value).splitlines()) == 1

@@ -263,7 +263,6 @@ def test_analysis_sections_cover_an_analysis_like_object(tiny):
         )
 
 
-@pytest.mark.hooked  # collapse in float64 of a float32 model: HookedTransformer only (a bridge refuses)
 def test_collapse_and_tasks_sections_show_the_results():
     from lens_squash.edge.models import tiny_model
     from lens_squash.experiments.collapse import collapse_curve
