@@ -232,8 +232,8 @@ def boot(hf_model, *, compatibility: bool = True, no_processing: bool = True):
     return bridge.eval()
 
 
-#: families whose norms store ``w`` and scale by ``1 + w``
-OFFSET_GAINS = frozenset({"gemma", "gemma2", "gemma3_text"})
+#: families whose norms store ``w`` and scale by ``1 + w`` (Nemotron's LayerNorm1p)
+OFFSET_GAINS = frozenset({"gemma", "gemma2", "gemma3_text", "nemotron"})
 
 
 def _norm_weights(model) -> list[torch.Tensor]:

@@ -33,6 +33,7 @@ from lens_squash.edge.trace import trace
 from .hf_families import (
     ADVERSARIAL_GAINS,
     CAUSAL,
+    FLOAT32_BUILT,
     NON_CAUSAL,
     TOKENS,
     boot,
@@ -48,18 +49,31 @@ pytestmark = [pytest.mark.bridge, pytest.mark.conformance]
 FLOAT32_INSIDE = frozenset(
     {"phi3", "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "olmo"}
     | {"qwen3_moe", "olmoe", "gpt_oss", "gpt_neox", "falcon"}
+    | {"cohere", "granite", "granitemoe", "qwen2_moe", "smollm3", "olmo3", "exaone4", "hunyuan_v1_dense"}
+    | {"seed_oss", "apertus", "arcee", "glm", "glm4", "ernie4_5", "gpt_bigcode", "llama4_text"}
+    | FLOAT32_BUILT  # XGLM: the whole model in float32
 )
 MOE = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss")
 #: families lens_squash refuses a method on, with the refusal's wording
 REFUSES: dict[str, dict[str, str]] = {
     # biased experts with a clamped SwiGLU: not the act(x W_gate)·(x W_in) W_out the MoE gains are made of
     "gpt_oss": {"certified": "cannot read the experts of GptOssExperts"},
+    # residual_multiplier scales what each sublayer adds: the block is not x + attention + MLP
+    "granite": {"certified": "reads .*a residual multiplier"},
+    "granitemoe": {"certified": "reads .*a residual multiplier"},
+    "qwen2_moe": {"certified": "a shared expert"},  # a gated shared expert beside the routed sum
+    "llama4_text": {"frozen": "router has no hook_expert_weights", "certified": "hook_expert_weights"},
+}
+#: families lens_squash refuses whole, in one line, before any work (check_model)
+REFUSED: dict[str, str] = {
+    "codegen": "fails its own forward pass",  # TransformerLens 4.3's CodeGen bridge on transformers 5
+    "deepseek_v3": "no attention with readable W_V",  # multi-head latent attention
 }
 if has_hooked_transformer():  # TransformerLens 3.9's bridge: OPT's MLP hooks never fire, MoE has no router hook
     REFUSES["opt"] = {"certified": "did not run as a module with hooks"}
     for _moe in MOE:
         REFUSES[_moe] = {"frozen": "router has no hook_expert_weights", "certified": "hook_expert_weights"}
-FAMILIES = sorted(CAUSAL)
+FAMILIES = sorted(set(CAUSAL) - set(REFUSED))
 
 
 def _rtol(name: str) -> float:
@@ -184,4 +198,14 @@ def test_non_causal_models_are_refused_in_one_line(name):
     with pytest.raises((UnsupportedModelError, ValueError)) as caught:
         check_model(bridge)
         trace(bridge, TOKENS)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_families_lens_squash_cannot_read_are_refused_whole_in_one_line(name):
+    """Multi-head latent attention has no per-head W_V; a bridge whose own forward fails has nothing to
+    read. Both are refused by check_model, before any work, in one line that says which."""
+    bridge = boot(build_hf(name))
+    with pytest.raises(UnsupportedModelError, match=REFUSED[name]) as caught:
+        check_model(bridge)
     assert "\n" not in str(caught.value)

@@ -342,7 +342,8 @@ def _shape(rec: _Recorder, block, kind: str) -> BlockShape:
     unknown = [s for s in sites if reads[s] is None]
     if unknown:
         raise UnsupportedModelError(
-            f"cannot establish what the norm {unknown[0]} of {type(block).__name__} reads; {INSTEAD}"
+            f"cannot establish what the norm {unknown[0]} of {type(block).__name__} reads (not the residual x, "
+            f"x + attention, or a sublayer's output: a residual multiplier?); {INSTEAD}"
         )
     attn_in = _fed_by(rec, "attn", [s for s in sites if reads[s] == "x"], x)
     if kind == "none":
