@@ -155,6 +155,35 @@ CAUSAL: dict[str, tuple[str, dict]] = {
          "v_head_dim": 8, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
          "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1},
     ),
+    "cohere2": (
+        "Cohere2Config", {**_LLAMA_LIKE, "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},
+    ),
+    "ministral3": ("Ministral3Config", {**_LLAMA_LIKE, "head_dim": 8}),
+    "exaone": (
+        "ExaoneConfig", {"hidden_size": 32, "num_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                         "intermediate_size": 48, "max_position_embeddings": 64},
+    ),
+    "glm4_moe": (  # a dense first layer, then routed experts with a shared one
+        "Glm4MoeConfig",
+        {**_LLAMA_LIKE, "head_dim": 8, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+         "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "pad_token_id": 0},
+    ),
+    "ernie4_5_moe": (
+        "Ernie4_5_MoeConfig",
+        {**_LLAMA_LIKE, "head_dim": 8, "moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 24,
+         "moe_layer_start_index": 1},
+    ),
+    "jetmoe": (  # mixture of attention heads: no per-head W_V
+        "JetMoeConfig",
+        {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "kv_channels": 8, "intermediate_size": 48, "num_local_experts": 4, "num_experts_per_tok": 2,
+         "max_position_embeddings": 64},
+    ),
+    "falcon_h1": (  # a Mamba-2 mixer beside attention in every block: a hybrid
+        "FalconH1Config",
+        {**_LLAMA_LIKE, "head_dim": 8, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_ssm": 64, "mamba_d_state": 8,
+         "mamba_n_groups": 1},
+    ),
 }  # fmt: skip
 
 #: families whose ``transformers`` class name is not the one TransformerLens's bridge registers
@@ -167,6 +196,18 @@ NON_CAUSAL: dict[str, tuple[str, dict]] = {
     "bert": ("BertConfig", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
                             "intermediate_size": 48}),
     "mamba": ("MambaConfig", {"hidden_size": 32, "num_hidden_layers": 2, "state_size": 4}),
+    # hybrids: some layers are not attention (Mamba-2, short convolutions, linear attention)
+    "bamba": ("BambaConfig", {**_LLAMA_LIKE, "attn_layer_indices": [1], "mamba_n_heads": 4, "mamba_d_head": 16,
+                              "mamba_d_state": 8, "mamba_n_groups": 1}),
+    "lfm2": ("Lfm2Config", {**_LLAMA_LIKE, "layer_types": ["conv", "full_attention"]}),
+    "qwen3_next": ("Qwen3NextConfig", {**_LLAMA_LIKE, "head_dim": 8, "layer_types": ["linear_attention", "full_attention"],
+                                       "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+                                       "shared_expert_intermediate_size": 24, "linear_num_value_heads": 4,
+                                       "linear_num_key_heads": 2, "linear_key_head_dim": 8,
+                                       "linear_value_head_dim": 8}),
+    "granitemoehybrid": ("GraniteMoeHybridConfig", {**_LLAMA_LIKE, "layer_types": ["mamba", "attention"],
+                                                    "num_local_experts": 4, "num_experts_per_tok": 2,
+                                                    "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 8}),
 }  # fmt: skip
 
 

@@ -16,7 +16,14 @@ from torch import Tensor
 
 from ..algebra.blocks import INSTEAD, BlockShape
 from ..core.support import UnsupportedModelError
-from .adapter_guard import check_attention, readable
+from .adapter_guard import (
+    check_against_wrapped,
+    check_attention,
+    check_known_sublayers,
+    forward_failure,
+    hooked_output,
+    readable,
+)
 
 __all__ = ["PATTERN_FREEZE", "QK_FREEZE", "BridgeProbe", "pattern_acts", "probe_bridge", "probe_norm"]
 
@@ -107,6 +114,7 @@ class _Recorder:
         self.extra: dict[str, Tensor | None] = {}
         self.outputs: dict[str, Tensor] = {}
         self.fallback_out: dict[str, Tensor] = {}
+        self.calls: dict[str, tuple] = {}
         self.handles = []
         for name in (*_SITES, "attn", "mlp"):
             module = getattr(block, name, None)
@@ -142,6 +150,7 @@ class _Recorder:
                 tensors[1].detach() if len(tensors) > 1 and tensors[1].shape == tensors[0].shape else None
             )
             self.outputs[name] = (output[0] if isinstance(output, tuple) else output).detach()
+            self.calls[name] = (args, kwargs)  # to rerun the wrapped transformers module on the same inputs
 
         return hook
 
@@ -185,17 +194,20 @@ def probe_bridge(
                 "an SSM or a hybrid layer): lens_squash analyses causal attention transformers (decoder-only) "
                 "with per-head value and output matrices"
             )
+        check_known_sublayers(block)
     tokens = _tokens(model)
     recs = _recorders(model, blocks)
     try:
         with torch.no_grad(), runnable(model):
             model(tokens)
     except (RuntimeError, AttributeError, NotImplementedError, TypeError, IndexError, KeyError) as error:
-        raise _forward_failure(model, error) from error
+        raise forward_failure(model, error) from error
     finally:
         for rec in recs:
             rec.close()
     _check_causal(model, tokens)
+    for layer, (rec, block) in enumerate(zip(recs, blocks, strict=True)):
+        check_against_wrapped(layer, block, rec.calls.get("attn"), rec.outputs.get("attn"))
     kind = _mlp_kind(blocks[0])
     unsupported: dict[str, str] = {}
     shape = None
@@ -232,23 +244,6 @@ def _keeper(store: dict, key: str) -> Callable:
     return keep
 
 
-def _forward_failure(model, error: Exception) -> UnsupportedModelError:
-    """The forward pass failed: in float64 (OLMo's bridge in bfloat16, XGLM's in float64) say which dtype
-    works; otherwise TransformerLens cannot run this model (CodeGen's bridge on transformers 5)."""
-    first = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    dtype = next(model.parameters()).dtype
-    name = type(getattr(model, "original_model", model)).__name__
-    if isinstance(error, RuntimeError) and dtype != torch.float32:
-        other = "float32" if dtype == torch.float64 else "float32 or float64"
-        return UnsupportedModelError(
-            f"this bridge's forward pass fails in {str(dtype).removeprefix('torch.')} ({first}); load the model in {other}"
-        )
-    return UnsupportedModelError(
-        f"TransformerLens's bridge over {name} fails its own forward pass ({first}), so lens_squash cannot read it; "
-        "try another transformers/TransformerLens version or a HookedTransformer"
-    )
-
-
 def _block_facts(rec, block, kind, activation, mlp_matrices, mlp_biases, experts, clip) -> BlockShape:
     shape = _shape(rec, block, kind)
     if kind in ("plain", "gated"):
@@ -257,6 +252,13 @@ def _block_facts(rec, block, kind, activation, mlp_matrices, mlp_biases, experts
         _check_moe(rec, block, experts)
     _check_attention(rec, block, clip)
     return shape
+
+
+def _check_attention(rec: _Recorder, block, clip: float | None) -> None:
+    pattern = rec.extra.get("pattern")
+    if pattern is None or "attn" not in rec.inputs or "attn" not in rec.outputs:
+        raise UnsupportedModelError(f"the attention of {type(block).__name__} fired no hook_pattern; {INSTEAD}")
+    check_attention(block, rec.inputs["attn"], _contribution(rec, "attn"), pattern, clip)
 
 
 def _same_as_first(layer, first, kind, rec, block, *readers) -> None:
@@ -272,13 +274,6 @@ def _same_as_first(layer, first, kind, rec, block, *readers) -> None:
             f"block {layer} ({type(block).__name__}) is shaped differently from block 0 (norms or parallel "
             f"sublayers); the certified bound reads one block shape for every layer; {INSTEAD}"
         )
-
-
-def _check_attention(rec: _Recorder, block, clip: float | None) -> None:
-    pattern = rec.extra.get("pattern")
-    if pattern is None or "attn" not in rec.inputs or "attn" not in rec.outputs:
-        raise UnsupportedModelError(f"the attention of {type(block).__name__} fired no hook_pattern; {INSTEAD}")
-    check_attention(block, rec.inputs["attn"], _contribution(rec, "attn"), pattern, clip)
 
 
 def _check_causal(model, tokens: Tensor) -> None:
@@ -477,6 +472,12 @@ def _frozen_problem(model, tokens: Tensor, kind: str, freeze: tuple[str, ...]) -
                     f"replacing {name} leaves this bridge's output unchanged (its forward pass does not use the "
                     f"hooked value), so a frozen Jacobian would keep that quantity live; {_FROZEN_INSTEAD}"
                 )
+        suffixes = (".hook_scale", *freeze, "mlp.hook_expert_weights")
+        if not _close(hooked_output(model, tokens, [n for n in model.hook_dict if n.endswith(suffixes)]), base):
+            return (
+                "attaching the frozen mode's hooks (each returning its value unchanged) changes this bridge's output: "
+                f"its hooked path computes another model (a norm's 1 + w gain read as w?); {_FROZEN_INSTEAD}"
+            )
     return None
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 
 from lens_squash.algebra.variants import path_bound
 from lens_squash.core.support import UnsupportedModelError
 from lens_squash.edge.adapter import read_model
-from lens_squash.edge.adapter_guard import attention_write, positionwise_spread
+from lens_squash.edge.adapter_guard import attention_write, check_against_wrapped, hooked_output, positionwise_spread
 from lens_squash.edge.trace import trace
 
 from ..hf_families import TOKENS, boot, build_hf
@@ -77,17 +78,64 @@ def test_an_unedited_bridge_passes_every_blocks_check():
 
 @pytest.mark.parametrize(
     ("edit", "reason"),
-    [("attention", "does not write Σ_h A_h x W_V W_O"), ("residual", "is not x \\+ attention \\+ MLP")],
+    [
+        ("output_projection", "does not write Σ_h A_h x W_V W_O"),  # inside transformers' attention
+        ("attention", "differs from the transformers LlamaAttention"),  # on the bridge's attention only
+        ("residual", "is not x \\+ attention \\+ MLP"),
+    ],
 )
 def test_a_factor_on_a_later_block_only_refuses_the_certified_bound(edit, reason):
-    """Block 0 is untouched: a probe of block 0 alone would read the model as plain Llama and bound it."""
+    """Block 0 is untouched: a probe of block 0 alone would read the model as plain Llama and bound it.
+    A factor on the bridge's attention module alone is not what the wrapped transformers module computes:
+    refused whole (before the trace)."""
     bridge = boot(build_hf("llama"))
     block = bridge.blocks[1]
-    if edit == "attention":
+    if edit == "output_projection":  # what W_O is read from, times 3, where transformers calls it
+        block.attn.o.register_forward_hook(_scale_attention)
+    elif edit == "attention":
         block.attn.register_forward_hook(_scale_attention)
     else:
         block.register_forward_hook(_halve_residual_update, with_kwargs=True)
-    traced = trace(bridge, TOKENS, lipschitz=True)
     with pytest.raises(UnsupportedModelError, match=reason) as caught:
-        path_bound(traced, "certified", model=bridge)
+        path_bound(trace(bridge, TOKENS, lipschitz=True), "certified", model=bridge)
     assert "\n" not in str(caught.value)
+
+
+def _attention_call(bridge, layer: int) -> tuple[tuple, Tensor]:
+    """The call block ``layer``'s attention received in a forward pass, and what it returned."""
+    seen = {}
+
+    def keep(module, args, kwargs, output) -> None:
+        seen.setdefault("call", (args, kwargs))
+        seen.setdefault("out", output[0] if isinstance(output, tuple) else output)
+
+    handle = bridge.blocks[layer].attn.register_forward_hook(keep, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            bridge(TOKENS[None])
+    finally:
+        handle.remove()
+    return seen["call"], seen["out"]
+
+
+def test_an_attention_that_differs_from_the_transformers_module_it_wraps_is_refused():
+    """Rerunning the wrapped transformers attention on the recorded call reproduces a faithful bridge's
+    output; an output 1 % off (a reimplementation with another rotary layout) is refused whole."""
+    bridge = boot(build_hf("qwen2"))
+    call, out = _attention_call(bridge, 1)
+    check_against_wrapped(1, bridge.blocks[1], call, out)
+    with pytest.raises(UnsupportedModelError, match="differs from the transformers Qwen2Attention") as caught:
+        check_against_wrapped(1, bridge.blocks[1], call, out * 1.01)
+    assert "\n" not in str(caught.value)
+
+
+def test_identity_hooks_leave_a_faithful_bridge_unchanged():
+    """Independent reference: the same bridge's own unhooked output."""
+    bridge = boot(build_hf("gemma2"))  # 1 + w gains: a hooked path that read w would move the output
+    names = [n for n in bridge.hook_dict if n.endswith((".hook_scale", "attn.hook_pattern"))]
+    with torch.no_grad():
+        base = bridge(TOKENS[None])
+    # hooked, the bridge computes the norms in the model's float64 where transformers upcasts to float32
+    # only: the two agree to float32 resolution, far from the O(1) of a 1 + w gain read as w
+    err = float((hooked_output(bridge, TOKENS[None], names) - base).norm())
+    assert err <= 1e-5 * float(base.norm())
