@@ -12,6 +12,8 @@ block with a sublayer beside attention and the MLP (an SSM hybrid), or a bridge 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -162,5 +164,7 @@ def hooked_output(model, tokens: Tensor, names: list[str]) -> Tensor:
     def same(value: Tensor, hook) -> Tensor:
         return value.detach()
 
-    with torch.no_grad(), model.hooks(fwd_hooks=[(name, same) for name in names]):
-        return model(tokens)
+    with warnings.catch_warnings():  # TransformerLens warns that a hooked norm takes its native path: we test that
+        warnings.simplefilter("ignore", UserWarning)
+        with torch.no_grad(), model.hooks(fwd_hooks=[(name, same) for name in names]):
+            return model(tokens)
