@@ -89,11 +89,11 @@ def _masked_sink(reference, bridge) -> str:
 
 def _row(name: str) -> list[str]:
     reference, bridge = _models(name)
-    out = hf_final(reference, TOKENS, output_attentions=True)
     try:
         traced = trace(bridge, TOKENS, lipschitz=True)
     except Exception as error:  # noqa: BLE001 - a family refused whole (check_model) gets one cell per column
         return [_describe(error)] * 6
+    out = hf_final(reference, TOKENS, output_attentions=True)
     patterns = torch.stack([a[0] for a in out.attentions])
     cells = [
         _rel(traced.patterns, patterns),
@@ -140,7 +140,9 @@ autograd on the HF model (frozen: HF's own softmaxes and norm scales replayed as
 the smallest bound / HF frozen-Jacobian ratio over the base weights and the adversarial gains
 (small_gains, split_gains); a theorem says it is ≥ 1. *masked sink*: over-mixing's residual streams with
 key 0 masked and renormalised, against HF's eager attention with key 0's scores at −∞.
-A refusal raises `UnsupportedModelError` in one line.
+A refusal raises `UnsupportedModelError` in one line; a family refused whole (multi-head latent attention,
+mixture-of-attention heads, SSM hybrids, a bridge that fails or does not compute its transformers model)
+shows the same refusal in every column.
 Differences near 1e-7 come from steps transformers computes in float32 inside a float64 model.
 """
 
@@ -155,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {' | '.join(rows[name])}", flush=True)
     new = section(rows)
     text = args.out.read_text() if args.out.exists() else HEADER
+    text = HEADER + text[text.index("<!-- tl") :] if "<!-- tl" in text else text  # the header is this script's
     marker = new.split("\n", 1)[0]
     pattern = re.escape(marker) + r".*?" + re.escape(marker.replace("<!-- ", "<!-- /"))
     text = re.sub(pattern, lambda _: new, text, flags=re.S) if marker in text else text.rstrip() + "\n\n" + new

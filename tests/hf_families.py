@@ -151,7 +151,7 @@ CAUSAL: dict[str, tuple[str, dict]] = {
     ),
     "deepseek_v3": (  # multi-head latent attention (no W_V), a dense then a MoE layer
         "DeepseekV3Config",
-        {**_LLAMA_LIKE, "q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4,
+        {**_LLAMA_LIKE, "num_key_value_heads": 4, "q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4,
          "v_head_dim": 8, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
          "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1},
     ),
