@@ -141,8 +141,11 @@ def render(rows: dict[str, list[str]]) -> str:
         "",
         "**TransformerBridge.** Every analysis reads the same hook names on a bridge in compatibility mode "
         "(`enable_compatibility_mode(no_processing=True)`); `lens_squash.edge.adapter` establishes each "
-        "bridge's norm gains and block shape by probing its modules. Twenty families, each against plain "
-        "autograd on the `transformers` model, on TransformerLens 3.9 and 4.3: "
+        "bridge's norm gains and block shape by probing its modules, and checks on every block that the "
+        "attention, MLP and residual update it reads reproduce what the bridge computed and what the wrapped "
+        "`transformers` attention computes (else it refuses, in one line). Fifty-three causal decoder families "
+        "(and six SSM, hybrid or bidirectional ones, refused), each against plain autograd on the `transformers` "
+        "model, on TransformerLens 3.9 and 4.3: "
         "[architectures_bridge.md](architectures_bridge.md) (`scripts/architectures_bridge.py`, "
         "`tests/test_bridge_conformance.py`).",
     ]

@@ -16,7 +16,9 @@ import torch
 
 __all__ = [
     "ADVERSARIAL_GAINS",
+    "ARCHITECTURE_NAMES",
     "CAUSAL",
+    "FLOAT32_BUILT",
     "NON_CAUSAL",
     "OFFSET_GAINS",
     "TOKENS",
@@ -93,13 +95,119 @@ CAUSAL: dict[str, tuple[str, dict]] = {
          "parallel_attn": True, "alibi": False, "multi_query": True},
     ),
     "starcoder2": ("Starcoder2Config", {**_LLAMA_LIKE, "sliding_window": 8}),
+    # further families TransformerLens 4.3's bridge boots (issue 22): local layers, ALiBi, multipliers, ...
+    "gpt_neo": (  # a global then a local (windowed) attention layer
+        "GPTNeoConfig",
+        {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "attention_types": [[["global", "local"], 1]],
+         "window_size": 4, "max_position_embeddings": 64, "intermediate_size": 48},
+    ),
+    "codegen": (
+        "CodeGenConfig",
+        {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64, "rotary_dim": 4, "n_inner": 48, "n_ctx": 64},
+    ),
+    "gpt_bigcode": (
+        "GPTBigCodeConfig", {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64, "n_inner": 48,
+                             "multi_query": True},
+    ),
+    "mpt": ("MptConfig", {"d_model": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 64, "expansion_ratio": 2}),
+    "cohere": ("CohereConfig", {**_LLAMA_LIKE, "logit_scale": 0.5}),  # parallel block, one LayerNorm, no bias
+    "granite": (  # embedding, residual and attention multipliers
+        "GraniteConfig",
+        {**_LLAMA_LIKE, "embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.3,
+         "logits_scaling": 2.0},
+    ),
+    "granitemoe": (
+        "GraniteMoeConfig",
+        {**_LLAMA_LIKE, "num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 2.0,
+         "residual_multiplier": 0.5, "attention_multiplier": 0.3, "logits_scaling": 2.0},
+    ),
+    "nemotron": ("NemotronConfig", {**_LLAMA_LIKE, "head_dim": 8, "partial_rotary_factor": 0.5}),  # LayerNorm1p
+    "qwen2_moe": (  # a gated shared expert beside the routed ones
+        "Qwen2MoeConfig",
+        {**_LLAMA_LIKE, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+         "shared_expert_intermediate_size": 24},
+    ),
+    "smollm3": ("SmolLM3Config", {**_LLAMA_LIKE, "no_rope_layers": [1, 0], "pad_token_id": 0}),  # a NoPE layer
+    "olmo3": (
+        "Olmo3Config", {**_LLAMA_LIKE, "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},
+    ),
+    "xglm": (  # sinusoidal positions; TransformerLens's bridge overflows in float64, so built in float32
+        "XGLMConfig", {"d_model": 32, "num_layers": 2, "attention_heads": 4, "ffn_dim": 48,
+                       "max_position_embeddings": 64},
+    ),
+    "phimoe": ("PhimoeConfig", {**_LLAMA_LIKE, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "exaone4": ("Exaone4Config", {**_LLAMA_LIKE, "head_dim": 8}),
+    "hunyuan_v1_dense": ("HunYuanDenseV1Config", {**_LLAMA_LIKE, "head_dim": 8}),
+    "seed_oss": ("SeedOssConfig", {**_LLAMA_LIKE, "head_dim": 8}),
+    "apertus": ("ApertusConfig", {**_LLAMA_LIKE, "head_dim": 8}),  # xIELU activation
+    "arcee": ("ArceeConfig", {**_LLAMA_LIKE, "head_dim": 8}),  # ReLU² plain MLP
+    "glm": ("GlmConfig", {**_LLAMA_LIKE, "head_dim": 8, "pad_token_id": 0}),
+    "glm4": ("Glm4Config", {**_LLAMA_LIKE, "head_dim": 8, "pad_token_id": 0}),  # post norms on both sublayers
+    "ernie4_5": ("Ernie4_5Config", {**_LLAMA_LIKE, "head_dim": 8}),
+    "llama4_text": (  # NoPE and rope layers, a dense then a MoE layer with a shared expert
+        "Llama4TextConfig",
+        {**_LLAMA_LIKE, "head_dim": 8, "num_local_experts": 4, "num_experts_per_tok": 1, "intermediate_size_mlp": 48,
+         "no_rope_layers": [1, 0], "interleave_moe_layer_step": 2},
+    ),
+    "deepseek_v3": (  # multi-head latent attention (no W_V), a dense then a MoE layer
+        "DeepseekV3Config",
+        {**_LLAMA_LIKE, "num_key_value_heads": 4, "q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4,
+         "v_head_dim": 8, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+         "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1},
+    ),
+    "cohere2": (
+        "Cohere2Config", {**_LLAMA_LIKE, "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},
+    ),
+    "ministral3": ("Ministral3Config", {**_LLAMA_LIKE, "head_dim": 8}),
+    "exaone": (
+        "ExaoneConfig", {"hidden_size": 32, "num_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                         "intermediate_size": 48, "max_position_embeddings": 64},
+    ),
+    "glm4_moe": (  # a dense first layer, then routed experts with a shared one
+        "Glm4MoeConfig",
+        {**_LLAMA_LIKE, "head_dim": 8, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+         "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "pad_token_id": 0},
+    ),
+    "ernie4_5_moe": (
+        "Ernie4_5_MoeConfig",
+        {**_LLAMA_LIKE, "head_dim": 8, "moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 24,
+         "moe_layer_start_index": 1},
+    ),
+    "jetmoe": (  # mixture of attention heads: no per-head W_V
+        "JetMoeConfig",
+        {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "kv_channels": 8, "intermediate_size": 48, "num_local_experts": 4, "num_experts_per_tok": 2,
+         "max_position_embeddings": 64},
+    ),
+    "falcon_h1": (  # a Mamba-2 mixer beside attention in every block: a hybrid
+        "FalconH1Config",
+        {**_LLAMA_LIKE, "head_dim": 8, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_ssm": 64, "mamba_d_state": 8,
+         "mamba_n_groups": 1},
+    ),
 }  # fmt: skip
+
+#: families whose ``transformers`` class name is not the one TransformerLens's bridge registers
+ARCHITECTURE_NAMES = {"phimoe": "PhiMoEForCausalLM"}
+#: families built in float32 (TransformerLens's bridge fails on them in float64)
+FLOAT32_BUILT = frozenset({"xglm"})
 
 #: families that are not causal attention decoders: lens_squash refuses them
 NON_CAUSAL: dict[str, tuple[str, dict]] = {
     "bert": ("BertConfig", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
                             "intermediate_size": 48}),
     "mamba": ("MambaConfig", {"hidden_size": 32, "num_hidden_layers": 2, "state_size": 4}),
+    # hybrids: some layers are not attention (Mamba-2, short convolutions, linear attention)
+    "bamba": ("BambaConfig", {**_LLAMA_LIKE, "attn_layer_indices": [1], "mamba_n_heads": 4, "mamba_d_head": 16,
+                              "mamba_d_state": 8, "mamba_n_groups": 1}),
+    "lfm2": ("Lfm2Config", {**_LLAMA_LIKE, "layer_types": ["conv", "full_attention"]}),
+    "qwen3_next": ("Qwen3NextConfig", {**_LLAMA_LIKE, "head_dim": 8, "layer_types": ["linear_attention", "full_attention"],
+                                       "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+                                       "shared_expert_intermediate_size": 24, "linear_num_value_heads": 4,
+                                       "linear_num_key_heads": 2, "linear_key_head_dim": 8,
+                                       "linear_value_head_dim": 8}),
+    "granitemoehybrid": ("GraniteMoeHybridConfig", {**_LLAMA_LIKE, "layer_types": ["mamba", "attention"],
+                                                    "num_local_experts": 4, "num_experts_per_tok": 2,
+                                                    "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 8}),
 }  # fmt: skip
 
 
@@ -134,8 +242,9 @@ def build_hf(family: str, *, dtype: torch.dtype = torch.float64, seed: int = 0, 
     model = transformers.AutoModelForCausalLM.from_config(
         config, attn_implementation="eager", experts_implementation="eager"
     )
-    model = model.to(dtype).eval()
-    model.config.architectures = [type(model).__name__]  # how the bridge picks its adapter
+    model = model.to(torch.float32 if family in FLOAT32_BUILT else dtype).eval()
+    # how the bridge picks its adapter
+    model.config.architectures = [ARCHITECTURE_NAMES.get(family, type(model).__name__)]
     with torch.no_grad():  # HF inits with std 0.02: too small to exercise anything at d_model 32
         for param in model.parameters():
             if param.ndim == 2:
@@ -164,8 +273,8 @@ def boot(hf_model, *, compatibility: bool = True, no_processing: bool = True):
     return bridge.eval()
 
 
-#: families whose norms store ``w`` and scale by ``1 + w``
-OFFSET_GAINS = frozenset({"gemma", "gemma2", "gemma3_text"})
+#: families whose norms store ``w`` and scale by ``1 + w`` (Nemotron's LayerNorm1p)
+OFFSET_GAINS = frozenset({"gemma", "gemma2", "gemma3_text", "nemotron"})
 
 
 def _norm_weights(model) -> list[torch.Tensor]:
@@ -198,16 +307,22 @@ ADVERSARIAL_GAINS = {
 # References by plain autograd on the transformers model (no TransformerLens, no lens_squash code)
 
 
+def _body(hf) -> torch.nn.Module:
+    """The decoder without its head (Llama-4's text model names no ``base_model_prefix`` module)."""
+    body = hf.base_model
+    return hf.model if body is hf else body
+
+
 def _decoder_layers(hf) -> torch.nn.ModuleList:
     n_layers = hf.config.num_hidden_layers
-    for module in hf.base_model.modules():
+    for module in _body(hf).modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
             return module
     raise AssertionError(f"no ModuleList of {n_layers} layers in {type(hf).__name__}")
 
 
 class _Frozen:
-    """Records every softmax (attention patterns, MoE routers), ``rsqrt`` (RMSNorm scales) and
+    """Records every softmax (attention patterns, MoE routers; ``F.softmax`` and ``torch.softmax``), ``rsqrt`` (RMSNorm scales) and
     LayerNorm scale of one forward pass, then replays them as constants: the frozen model."""
 
     def __init__(self):
@@ -225,7 +340,7 @@ class _Frozen:
     @contextlib.contextmanager
     def patched(self):
         F = torch.nn.functional
-        softmax, rsqrt, layer_norm = F.softmax, torch.rsqrt, F.layer_norm
+        softmax, rsqrt, layer_norm, torch_softmax = F.softmax, torch.rsqrt, F.layer_norm, torch.softmax
 
         def frozen_layer_norm(x, shape, weight=None, bias=None, eps=1e-5):
             centred = x - x.mean(-1, keepdim=True)
@@ -235,13 +350,14 @@ class _Frozen:
             return y if bias is None else y + bias
 
         F.softmax = lambda *a, **k: self._constant(softmax(*a, **k))
+        torch.softmax = lambda *a, **k: self._constant(torch_softmax(*a, **k))  # GraniteMoE's router
         torch.rsqrt = lambda *a, **k: self._constant(rsqrt(*a, **k))
         F.layer_norm = frozen_layer_norm
         self.calls = 0
         try:
             yield
         finally:
-            F.softmax, torch.rsqrt, F.layer_norm = softmax, rsqrt, layer_norm
+            F.softmax, torch.rsqrt, F.layer_norm, torch.softmax = softmax, rsqrt, layer_norm, torch_softmax
 
 
 def hf_block_input(hf, tokens: torch.Tensor) -> torch.Tensor:
@@ -264,7 +380,7 @@ def hf_block_input(hf, tokens: torch.Tensor) -> torch.Tensor:
 def hf_final(hf, tokens: torch.Tensor, **kwargs):
     """The base model's output on ``tokens``: ``last_hidden_state`` is the final norm's output."""
     with torch.no_grad():
-        return hf.base_model(input_ids=tokens[None], **kwargs)
+        return _body(hf)(input_ids=tokens[None], **kwargs)
 
 
 def hf_jacobian(hf, tokens: torch.Tensor, *, frozen: bool) -> torch.Tensor:
@@ -276,7 +392,7 @@ def hf_jacobian(hf, tokens: torch.Tensor, *, frozen: bool) -> torch.Tensor:
     freezer = _Frozen()
     if frozen:
         with freezer.patched(), torch.no_grad():
-            hf.base_model(input_ids=tokens[None])
+            _body(hf)(input_ids=tokens[None])
         freezer.replay = True
 
     def f(x):
@@ -288,7 +404,7 @@ def hf_jacobian(hf, tokens: torch.Tensor, *, frozen: bool) -> torch.Tensor:
         handle = layer.register_forward_pre_hook(swap, with_kwargs=True)
         try:
             with freezer.patched() if frozen else contextlib.nullcontext():
-                out = hf.base_model(input_ids=tokens[None]).last_hidden_state[0, -1]
+                out = _body(hf)(input_ids=tokens[None]).last_hidden_state[0, -1]
             if frozen:
                 assert freezer.calls == len(freezer.values), "the frozen replay saw a different forward pass"
             return out

@@ -10,6 +10,10 @@ the frozen Jacobian, also with adversarial gains. Where lens_squash refuses a me
 one typed line (MoE on TransformerLens 3.9's bridge, which has no router hook). OPT's and GPT-J's bridges run transformers' own attention and fire ``hook_pattern``
 after it: their frozen mode detaches the queries and keys, and must still equal HF's replayed patterns.
 
+Families lens_squash cannot read are refused whole, in one line, by ``check_model`` (:data:`REFUSED`:
+multi-head latent attention, mixture-of-attention heads, SSM hybrids, a bridge whose own forward fails,
+and on TransformerLens 3.9 bridges whose attention differs from the transformers module they wrap).
+
 Tolerance: 1e-10 relative in float64 where the HF model computes in float64. Where HF computes a step
 in float32 that the bridge's hooked path computes in the model's dtype, the two agree only to float32
 resolution (1e-5): RMSNorm families (``hidden_states.to(torch.float32)``), OLMo's LayerNorm, and the
@@ -32,6 +36,7 @@ from lens_squash.edge.trace import trace
 from .hf_families import (
     ADVERSARIAL_GAINS,
     CAUSAL,
+    FLOAT32_BUILT,
     NON_CAUSAL,
     TOKENS,
     boot,
@@ -47,15 +52,45 @@ pytestmark = [pytest.mark.bridge, pytest.mark.conformance]
 FLOAT32_INSIDE = frozenset(
     {"phi3", "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "olmo"}
     | {"qwen3_moe", "olmoe", "gpt_oss", "gpt_neox", "falcon"}
+    | {"cohere", "granite", "granitemoe", "qwen2_moe", "smollm3", "olmo3", "exaone4", "hunyuan_v1_dense"}
+    | {"seed_oss", "apertus", "arcee", "glm", "glm4", "ernie4_5", "gpt_bigcode", "llama4_text"}
+    | {"cohere2", "ministral3", "exaone", "glm4_moe", "ernie4_5_moe"}
+    | FLOAT32_BUILT  # XGLM: the whole model in float32
 )
 MOE = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss")
 #: families lens_squash refuses a method on, with the refusal's wording
-REFUSES: dict[str, dict[str, str]] = {}
+REFUSES: dict[str, dict[str, str]] = {
+    # residual_multiplier scales what each sublayer adds: the block is not x + attention + MLP
+    "granite": {"certified": "reads .*a residual multiplier"},
+    "granitemoe": {"certified": "reads .*a residual multiplier"},
+    "qwen2_moe": {"certified": "a shared expert"},  # a gated shared expert beside the routed sum
+    "llama4_text": {"frozen": "router has no hook_expert_weights", "certified": "hook_expert_weights"},
+    # a dense first layer (no router hook there), then experts whose router fires no hook_expert_weights
+    "glm4_moe": {"frozen": "no blocks.0.mlp.hook_expert_weights", "certified": "hook_expert_weights"},
+    "ernie4_5_moe": {"frozen": "router has no hook_expert_weights", "certified": "hook_expert_weights"},
+}
+#: families lens_squash refuses whole, in one line, before any work (check_model)
+REFUSED: dict[str, str] = {
+    "codegen": "fails its own forward pass",  # TransformerLens 4.3's CodeGen bridge on transformers 5
+    "deepseek_v3": "no attention with readable W_V",  # multi-head latent attention
+    "jetmoe": "no attention with readable W_V",  # mixture of attention heads
+    "falcon_h1": "has a sublayer 'mamba'",  # a Mamba-2 mixer beside attention: a hybrid
+}
 if has_hooked_transformer():  # TransformerLens 3.9's bridge: OPT's MLP hooks never fire, MoE has no router hook
     REFUSES["opt"] = {"certified": "did not run as a module with hooks"}
+    REFUSES["xglm"] = {"certified": "did not run as a module with hooks"}
     for _moe in MOE:
         REFUSES[_moe] = {"frozen": "router has no hook_expert_weights", "certified": "hook_expert_weights"}
-FAMILIES = sorted(CAUSAL)
+    for _moe in ("phimoe", "qwen2_moe", "granitemoe", "glm4_moe", "ernie4_5_moe", "llama4_text"):
+        _first = REFUSES.get(_moe, {}).get(
+            "certified", "hook_expert_weights"
+        )  # the probe may stop at another fact first
+        REFUSES[_moe] = {"frozen": "hook_expert_weights", "certified": f"{_first}|hook_expert_weights"}
+    # its hooked norm path scales by w where Nemotron's LayerNorm1p scales by 1 + w
+    REFUSES["nemotron"] = {"frozen": "attaching the frozen mode's hooks"}
+    # TransformerLens 3.9 reimplements their attention differently from transformers (rotary layout)
+    REFUSED["cohere"] = REFUSED["cohere2"] = REFUSED["hunyuan_v1_dense"] = "differs from the transformers"
+FAMILIES = sorted(set(CAUSAL) - set(REFUSED))
 
 
 def _rtol(name: str) -> float:
@@ -180,4 +215,14 @@ def test_non_causal_models_are_refused_in_one_line(name):
     with pytest.raises((UnsupportedModelError, ValueError)) as caught:
         check_model(bridge)
         trace(bridge, TOKENS)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_families_lens_squash_cannot_read_are_refused_whole_in_one_line(name):
+    """Multi-head latent attention has no per-head W_V; a bridge whose own forward fails has nothing to
+    read. Both are refused by check_model, before any work, in one line that says which."""
+    bridge = boot(build_hf(name))
+    with pytest.raises(UnsupportedModelError, match=REFUSED[name]) as caught:
+        check_model(bridge)
     assert "\n" not in str(caught.value)

@@ -362,6 +362,7 @@ def _bridge_structure(model) -> _Structure:
         mlp_biases=mlp_biases,
         runnable=functorch_ready,
         experts=moe_experts,
+        clip=value_clip(model),
     )
     shape = probe.shape
     if shape is not None and value_clip(model) is not None:  # a 0/1 clamp between W_V and W_O

@@ -16,6 +16,14 @@ from torch import Tensor
 
 from ..algebra.blocks import INSTEAD, BlockShape
 from ..core.support import UnsupportedModelError
+from .adapter_guard import (
+    check_against_wrapped,
+    check_attention,
+    check_known_sublayers,
+    forward_failure,
+    hooked_output,
+    readable,
+)
 from .experts import expert_glu, fused_glu
 
 __all__ = ["PATTERN_FREEZE", "QK_FREEZE", "BridgeProbe", "pattern_acts", "probe_bridge", "probe_norm"]
@@ -107,6 +115,7 @@ class _Recorder:
         self.extra: dict[str, Tensor | None] = {}
         self.outputs: dict[str, Tensor] = {}
         self.fallback_out: dict[str, Tensor] = {}
+        self.calls: dict[str, tuple] = {}
         self.handles = []
         for name in (*_SITES, "attn", "mlp"):
             module = getattr(block, name, None)
@@ -142,6 +151,7 @@ class _Recorder:
                 tensors[1].detach() if len(tensors) > 1 and tensors[1].shape == tensors[0].shape else None
             )
             self.outputs[name] = (output[0] if isinstance(output, tuple) else output).detach()
+            self.calls[name] = (args, kwargs)  # to rerun the wrapped transformers module on the same inputs
 
         return hook
 
@@ -169,43 +179,44 @@ def probe_bridge(
     mlp_biases: Callable,
     runnable: Callable,
     experts: Callable,
+    clip: float | None = None,
 ) -> BridgeProbe:
-    """Block shape, MLP kind and frozen-hook effect of a bridge, from short forward passes."""
-    block = model.blocks[0]
-    if not (hasattr(block, "attn") and hasattr(block.attn, "W_V") and hasattr(block.attn, "W_O")):
-        raise UnsupportedModelError(
-            f"{type(block).__name__} has no attention with W_V / W_O: lens_squash analyses causal attention "
-            "transformers (decoder-only); SSMs, hybrids and encoder-decoders are not supported"
-        )
+    """Block shape, MLP kind and frozen-hook effect of a bridge, from short forward passes.
+
+    Every block is checked, not only the first: its residual update must be ``x + attention + MLP`` as
+    read, its MLP and attention must compute what the read weights say, and its shape and MLP kind
+    must be block 0's (a dense first layer before MoE ones, a layer with a multiplier). Whatever fails
+    refuses the certified bound, so an architecture nobody listed is refused rather than wrong."""
+    blocks = list(model.blocks)
+    for block in blocks:
+        if not (hasattr(block, "attn") and readable(block.attn, "W_V") and readable(block.attn, "W_O")):
+            raise UnsupportedModelError(
+                f"{type(block).__name__} has no attention with readable W_V / W_O (multi-head latent attention, "
+                "an SSM or a hybrid layer): lens_squash analyses causal attention transformers (decoder-only) "
+                "with per-head value and output matrices"
+            )
+        check_known_sublayers(block)
     tokens = _tokens(model)
-    rec = _Recorder(block)
-    router = model.hook_dict.get("blocks.0.mlp.hook_expert_weights")
-    if router is not None:  # the MoE's final per-expert weights, [token, expert]
-        rec.handles.append(router.register_forward_hook(lambda m, a, out: rec.extra.setdefault("routing", out)))
+    recs = _recorders(model, blocks)
     try:
         with torch.no_grad(), runnable(model):
             model(tokens)
-    except RuntimeError as error:  # the forward fails (OLMo's bridge in bfloat16, Mixtral's experts in float64)
-        dtype = next(model.parameters()).dtype
-        other = "float32" if dtype == torch.float64 else "float32 or float64"
-        raise UnsupportedModelError(
-            f"this bridge's forward pass fails in {str(dtype).removeprefix('torch.')} "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); load the model in {other}"
-        ) from error
+    except (RuntimeError, AttributeError, NotImplementedError, TypeError, IndexError, KeyError) as error:
+        raise forward_failure(model, error) from error
     finally:
-        rec.close()
+        for rec in recs:
+            rec.close()
     _check_causal(model, tokens)
-    kind = _mlp_kind(block)
+    for layer, (rec, block) in enumerate(zip(recs, blocks, strict=True)):
+        check_against_wrapped(layer, block, rec.calls.get("attn"), rec.outputs.get("attn"))
+    kind = _mlp_kind(blocks[0])
     unsupported: dict[str, str] = {}
     shape = None
     try:
-        shape = _shape(rec, block, kind)
-        if kind in ("plain", "gated"):
-            _check_mlp(rec, block, activation, mlp_matrices, mlp_biases)
-        elif kind == "moe":
-            _check_moe(rec, block, experts)
-            for later in list(model.blocks)[1:]:  # each layer's experts hold their own alpha and limit
-                _check_gate_map(later)
+        shape = _block_facts(recs[0], blocks[0], kind, activation, mlp_matrices, mlp_biases, experts, clip)
+        for layer in range(1, len(blocks)):
+            _same_as_first(layer, shape, kind, recs[layer], blocks[layer], activation, mlp_matrices, mlp_biases,
+                           experts, clip)  # fmt: skip
     except UnsupportedModelError as error:
         unsupported["certified"] = str(error)
     with runnable(model):
@@ -214,6 +225,56 @@ def probe_bridge(
     if frozen is not None:
         unsupported["frozen"] = frozen
     return BridgeProbe(shape, kind, unsupported, freeze)
+
+
+def _recorders(model, blocks: list) -> list[_Recorder]:
+    """One recorder per block, each also keeping its router's weights and its attention pattern."""
+    recs = [_Recorder(block) for block in blocks]
+    for layer, rec in enumerate(recs):
+        for hook, key in (("mlp.hook_expert_weights", "routing"), ("attn.hook_pattern", "pattern")):
+            point = model.hook_dict.get(f"blocks.{layer}.{hook}")
+            if point is not None:  # routing: the MoE's final per-expert weights, [token, expert]
+                rec.handles.append(point.register_forward_hook(_keeper(rec.extra, key)))
+    return recs
+
+
+def _keeper(store: dict, key: str) -> Callable:
+    def keep(module, args, output) -> None:
+        store.setdefault(key, output.detach())
+
+    return keep
+
+
+def _block_facts(rec, block, kind, activation, mlp_matrices, mlp_biases, experts, clip) -> BlockShape:
+    shape = _shape(rec, block, kind)
+    if kind in ("plain", "gated"):
+        _check_mlp(rec, block, activation, mlp_matrices, mlp_biases)
+    elif kind == "moe":
+        _check_moe(rec, block, experts)
+    _check_attention(rec, block, clip)
+    return shape
+
+
+def _check_attention(rec: _Recorder, block, clip: float | None) -> None:
+    pattern = rec.extra.get("pattern")
+    if pattern is None or "attn" not in rec.inputs or "attn" not in rec.outputs:
+        raise UnsupportedModelError(f"the attention of {type(block).__name__} fired no hook_pattern; {INSTEAD}")
+    check_attention(block, rec.inputs["attn"], _contribution(rec, "attn"), pattern, clip)
+
+
+def _same_as_first(layer, first, kind, rec, block, *readers) -> None:
+    other_kind = _mlp_kind(block)
+    if other_kind != kind:
+        raise UnsupportedModelError(
+            f"block {layer}'s MLP is {other_kind} where block 0's is {kind}; the certified bound reads one MLP kind "
+            f"for every layer; {INSTEAD}"
+        )
+    other = _block_facts(rec, block, kind, *readers)
+    if other != first:
+        raise UnsupportedModelError(
+            f"block {layer} ({type(block).__name__}) is shaped differently from block 0 (norms or parallel "
+            f"sublayers); the certified bound reads one block shape for every layer; {INSTEAD}"
+        )
 
 
 def _check_causal(model, tokens: Tensor) -> None:
@@ -277,7 +338,8 @@ def _shape(rec: _Recorder, block, kind: str) -> BlockShape:
     unknown = [s for s in sites if reads[s] is None]
     if unknown:
         raise UnsupportedModelError(
-            f"cannot establish what the norm {unknown[0]} of {type(block).__name__} reads; {INSTEAD}"
+            f"cannot establish what the norm {unknown[0]} of {type(block).__name__} reads (not the residual x, "
+            f"x + attention, or a sublayer's output: a residual multiplier?); {INSTEAD}"
         )
     attn_in = _fed_by(rec, "attn", [s for s in sites if reads[s] == "x"], x)
     if kind == "none":
@@ -452,6 +514,12 @@ def _frozen_problem(model, tokens: Tensor, kind: str, freeze: tuple[str, ...]) -
                     f"replacing {name} leaves this bridge's output unchanged (its forward pass does not use the "
                     f"hooked value), so a frozen Jacobian would keep that quantity live; {_FROZEN_INSTEAD}"
                 )
+        suffixes = (".hook_scale", *freeze, "mlp.hook_expert_weights")
+        if not _close(hooked_output(model, tokens, [n for n in model.hook_dict if n.endswith(suffixes)]), base):
+            return (
+                "attaching the frozen mode's hooks (each returning its value unchanged) changes this bridge's output: "
+                f"its hooked path computes another model (a norm's 1 + w gain read as w?); {_FROZEN_INSTEAD}"
+            )
     return None
 
 
