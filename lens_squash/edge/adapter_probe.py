@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..algebra.blocks import INSTEAD, BlockShape
 from ..core.support import UnsupportedModelError
+from .hook_flags import per_head_norms_hooked
 
 __all__ = ["PATTERN_FREEZE", "QK_FREEZE", "BridgeProbe", "pattern_acts", "probe_bridge", "probe_norm"]
 
@@ -205,7 +206,7 @@ def probe_bridge(
             _check_moe(rec, block, experts)
     except UnsupportedModelError as error:
         unsupported["certified"] = str(error)
-    with runnable(model):
+    with runnable(model), per_head_norms_hooked(model):  # as the frozen passes run it (edge/backward.py)
         freeze = PATTERN_FREEZE if pattern_acts(model, tokens) else QK_FREEZE
         frozen = _frozen_problem(model, tokens, kind, freeze)
     if frozen is not None:

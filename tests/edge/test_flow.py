@@ -216,6 +216,7 @@ def test_target_position_and_non_last_target(model):
 
 #: family twins the flow refuses on both backends, with a word of the reason
 _FLOW_REFUSES = {"olmo2_output_norms": "norm", "olmo_clip_qkv": "clip_qkv"}
+_FLOW_REFUSES |= {"split_qkv": "use_split_qkv_input", "split_qkv_gqa": "use_split_qkv_input"}
 
 
 @pytest.mark.parametrize("name", sorted(families.HF_TWINS))
