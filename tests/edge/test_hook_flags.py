@@ -4,7 +4,8 @@ numbers of the same bridge with the flag off, or refuse in one line naming the f
 switches it off. The frozen and exact Jacobians are also checked against plain autograd on an untouched
 ``transformers`` copy of the weights (``hf_families.hf_jacobian``: no TransformerLens, no lens_squash).
 Bridges on both lines (TransformerLens 3.9 has the bridge too); GPT-2 (a joint QKV attention) and Llama
-(rotary, grouped-query attention), the two attention bridges that honour the split flags.
+(rotary, grouped-query attention), the two attention bridges that honour the split flags; the collapse
+curve on the tiny-random bridge, whose tokenizer turns the family's texts into ids it knows.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from lens_squash.core.support import UnsupportedModelError
 from lens_squash.edge.flow import flow
 from lens_squash.edge.hook_flags import HOOK_FLAGS, hook_flags
 from lens_squash.edge.jacobian import jacobian
+from lens_squash.edge.models import TINY_MODEL, load_model
 from lens_squash.edge.trace import trace
 from lens_squash.experiments.analysis import analyze
+from lens_squash.experiments.collapse import collapse_curve
 from lens_squash.experiments.sinks import sink_analysis
 
 from ..hf_families import TOKENS, boot, build_hf, hf_jacobian
@@ -170,3 +173,19 @@ def test_a_flag_switched_after_a_first_analysis_is_seen(family):
     tol = 1e-5 if family == "llama" else 1e-10
     for got in (before, after):
         torch.testing.assert_close(got.to(truth.dtype), truth, rtol=0, atol=tol * float(truth.max()))
+
+
+@functools.cache
+def _collapse(flag: str | None):
+    """collapse_curve on the tiny-random bridge (SmolLM2's tokenizer: the family's texts tokenize)."""
+    model = load_model(TINY_MODEL, backend="bridge", dtype=torch.float64, n_ctx=64)
+    if flag is not None:
+        getattr(model, f"set_{flag}")(True)
+    return collapse_curve(model, "count_ones", [1, 3, 8], ("float64",), chat=False)
+
+
+@pytest.mark.parametrize("flag", HOOK_FLAGS)
+def test_collapse_with_a_flag_on_equals_flags_off(flag):
+    on, off = _collapse(flag), _collapse(None)
+    assert float(off.distances.max()) > 0  # distinct prompts: a comparison of zeros would prove nothing
+    _assert_same(on, off, 1e-10, ("collapse", flag))
