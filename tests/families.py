@@ -24,8 +24,8 @@ import weakref
 import pytest
 import torch
 
-__all__ = ["ALL", "BASE", "BRIDGE_FLAGS", "BRIDGE_ONLY", "FAMILIES", "HF_FLOAT32_INSIDE", "HF_TWINS", "REFUSED", "TOKENS"]
-__all__ += ["build", "config", "hf_reference", "params"]
+__all__ = ["ALL", "BASE", "BRIDGE_ONLY", "FAMILIES", "HF_FLOAT32_INSIDE", "HF_TWINS", "REFUSED", "TOKENS"]
+__all__ += ["BRIDGE_FLAGS", "build", "config", "hf_reference", "params"]
 
 BASE = dict(
     n_layers=3,

@@ -19,9 +19,11 @@ from collections.abc import Iterator
 
 from torch import Tensor
 
+from ..core.support import UnsupportedModelError
 from .backends import is_bridge
 
-__all__ = ["HOOK_FLAGS", "check_per_head_norms_hooked", "hook_flags", "per_head_norms_hooked", "switch_off"]
+__all__ = ["HOOK_FLAGS", "check_fork_unhooked", "check_per_head_norms_hooked", "hook_flags", "per_head_norms_hooked"]
+__all__ += ["switch_off"]
 
 #: the bridge's user-switchable hook flags, each with the setter that switches it
 HOOK_FLAGS = ("use_split_qkv_input", "use_attn_in", "use_attn_result", "use_hook_mlp_in")
@@ -70,6 +72,25 @@ def _pairs(model) -> list:
 
 def _routed(model) -> bool:
     return any("_apply_ln1_per_head" in vars(attn) for attn, _ in _pairs(model))
+
+
+#: the hook points on a bridge attention's per-head copies of the residual (before the per-head ln1)
+_FORK_HOOKS = ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input")
+
+
+def check_fork_unhooked(model) -> None:
+    """Refuse a trace of a forking bridge with a hook on its per-head residual copies: the trace reads
+    ``ln1``'s main-path scale, which equals the per-head ones only while nothing edits the copies."""
+    if not _forks(model):
+        return
+    for layer, block in enumerate(model.blocks):
+        for name in _FORK_HOOKS:
+            if getattr(getattr(block.attn, name, None), "_forward_hooks", None):
+                raise UnsupportedModelError(
+                    f"a hook on blocks.{layer}.attn.{name} edits the per-head copies of the residual, whose norm "
+                    "scales this bridge computes outside ln1's hooks, so a trace would read scales the model does "
+                    "not use; remove the hook (model.reset_hooks()) before tracing"
+                )
 
 
 def check_per_head_norms_hooked(model) -> None:

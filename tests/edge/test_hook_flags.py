@@ -189,3 +189,17 @@ def test_collapse_with_a_flag_on_equals_flags_off(flag):
     on, off = _collapse(flag), _collapse(None)
     assert float(off.distances.max()) > 0  # distinct prompts: a comparison of zeros would prove nothing
     _assert_same(on, off, 1e-10, ("collapse", flag))
+
+
+@pytest.mark.parametrize("flag, point", [("use_split_qkv_input", "hook_k_input"), ("use_attn_in", "hook_attn_in")])
+def test_a_trace_refuses_a_hook_on_the_per_head_copies(flag, point):
+    """The trace reads ln1's main-path scale; an edit of the per-head copies would make it one the model does
+    not use, so it is refused in one line naming the hook (and the traced numbers are not returned)."""
+    model = _bridge("gpt2", flag)
+    model.blocks[1].attn.get_submodule(point).add_hook(lambda x, hook: 2.0 * x)
+    try:
+        with pytest.raises(UnsupportedModelError, match=re.escape(f"blocks.1.attn.{point}")):
+            trace(model, TOKENS)
+    finally:
+        model.reset_hooks()
+    assert trace(model, TOKENS).ln1_scale.shape == (2, len(TOKENS))
