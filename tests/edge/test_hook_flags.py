@@ -27,7 +27,8 @@ from lens_squash.experiments.analysis import analyze
 from lens_squash.experiments.collapse import collapse_curve
 from lens_squash.experiments.sinks import sink_analysis
 
-from ..hf_families import TOKENS, boot, build_hf, hf_jacobian
+from ..hf_families import CAUSAL, TOKENS, boot, build_hf, hf_jacobian
+from ..test_bridge_conformance import FLOAT32_INSIDE
 
 FAMILIES = ("gpt2", "llama")
 #: flags that fork the residual into per-head copies before ln1 (TransformerLens recomputes attention itself)
@@ -203,3 +204,41 @@ def test_a_trace_refuses_a_hook_on_the_per_head_copies(flag, point):
     finally:
         model.reset_hooks()
     assert trace(model, TOKENS).ln1_scale.shape == (2, len(TOKENS))
+
+
+def _outcome(call):
+    try:
+        return call()
+    except UnsupportedModelError as error:
+        return error
+
+
+#: every causal family of tests/hf_families.py with each flag; GPT-2 in the fast set, the others conformance
+SWEEP = [
+    pytest.param(family, flag, marks=[] if family == "gpt2" else [pytest.mark.conformance])
+    for family in CAUSAL
+    for flag in HOOK_FLAGS
+]
+
+
+@pytest.mark.parametrize(("family", "flag"), SWEEP)
+def test_every_family_with_a_flag_gives_hf_autograd_or_the_flags_off_refusal(family, flag):
+    """Exact and frozen Jacobians against plain autograd on the transformers model (float32 resolution where
+    transformers computes a step in float32: tests/test_bridge_conformance.py's FLOAT32_INSIDE), the trace
+    against the flags-off one; where the flags-off bridge refuses a method, the flagged one refuses the same."""
+    model = _bridge(family)
+    try:
+        getattr(model, f"set_{flag}")(True)
+    except NotImplementedError as error:  # TransformerLens refuses the flag on this attention: nothing runs
+        assert flag in str(error)
+        return
+    off, hf = _bridge(family), build_hf(family)
+    tol = 1e-5 if family in FLOAT32_INSIDE else 1e-10
+    for mode in ("exact", "frozen"):
+        got, plain = (_outcome(lambda m=m, mode=mode: jacobian(m, TOKENS, mode=mode)) for m in (model, off))
+        if isinstance(plain, UnsupportedModelError):
+            assert isinstance(got, UnsupportedModelError) and str(got) == str(plain), (mode, got)
+            continue
+        truth = hf_jacobian(hf, TOKENS, frozen=mode == "frozen").norm(dim=(0, 2))
+        torch.testing.assert_close(got.frobenius.to(truth.dtype), truth, rtol=0, atol=tol * float(truth.max()))
+    _assert_same(trace(model, TOKENS), trace(off, TOKENS), 1e-10, (family, flag, "trace"))
