@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from lens_squash.core.support import UnsupportedModelError
+from lens_squash.edge import adapter
 from lens_squash.edge.flow import flow
 from lens_squash.edge.hook_flags import HOOK_FLAGS, hook_flags
 from lens_squash.edge.jacobian import jacobian
@@ -164,12 +165,13 @@ def test_freezing_acts_on_the_per_head_norms_and_leaves_the_bridge_as_found(fami
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_flag_switched_after_a_first_analysis_is_seen(family):
-    """The adapter caches what it probed per model: switching split inputs on afterwards must not reuse
-    the flags-off findings (the frozen Jacobian then still equals HF autograd with replayed scales)."""
+    """The adapter caches what it probed per model: switching split inputs on afterwards re-probes (the cached
+    findings are those of the flags as set now), and the frozen Jacobian still equals HF autograd."""
     model = _bridge(family)
     before = jacobian(model, TOKENS, mode="frozen").frobenius
     model.set_use_split_qkv_input(True)
     after = jacobian(model, TOKENS, mode="frozen").frobenius
+    assert adapter._STRUCTURES[model][0] == hook_flags(model) != (False,) * len(HOOK_FLAGS)
     truth = hf_jacobian(build_hf(family), TOKENS, frozen=True).norm(dim=(0, 2))
     tol = 1e-5 if family == "llama" else 1e-10
     for got in (before, after):
