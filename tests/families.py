@@ -12,6 +12,9 @@ from their defaults) and keeps a plain copy of the twin, untouched by the bridge
 ``tests/reference.py``. Families with no twin are TransformerLens 3 only: :func:`params` marks them
 ``hooked``, so ``-m "not hooked"`` deselects them instead of skipping them. ``BRIDGE_ONLY`` families
 (StableLM, Falcon, StarCoder2, Phi-3, Qwen3: no HookedTransformer config) are bridges on both lines.
+A family whose HookedTransformer config only switches hook flags on (split Q/K/V inputs) has as twin
+another family's twin booted and then switched the same way (``BRIDGE_FLAGS``: ``bridge.set_<flag>(value)``
+after the boot, as a user does), so it runs on TransformerLens 4 too.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import pytest
 import torch
 
 __all__ = ["ALL", "BASE", "BRIDGE_ONLY", "FAMILIES", "HF_FLOAT32_INSIDE", "HF_TWINS", "REFUSED", "TOKENS"]
-__all__ += ["build", "config", "hf_reference", "params"]
+__all__ += ["BRIDGE_FLAGS", "build", "config", "hf_reference", "params"]
 
 BASE = dict(
     n_layers=3,
@@ -114,7 +117,8 @@ _HF_MOE = dict(_HF_LLAMA, num_experts_per_tok=2)
 
 #: family -> (transformers config class, kwargs) of the same block, for the bridge on TransformerLens 4.
 #: Left out (no twin): dense learned sinks (transformers' GPT-OSS is always a mixture of experts), SoLU,
-#: split-QKV and ungrouped GQA inputs, attn-only, no/pre norms, final RMS, shortformer, bidirectional.
+#: ungrouped GQA inputs, attn-only, no/pre norms, final RMS, shortformer, bidirectional. Split-QKV
+#: families are another family's twin with a bridge hook flag on (``BRIDGE_FLAGS``).
 HF_TWINS: dict[str, tuple[str, dict]] = {
     "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=3, n_head=4, n_positions=64, n_inner=64)),
     "llama_gqa": ("LlamaConfig", dict(_HF_LLAMA, num_key_value_heads=2)),
@@ -151,6 +155,16 @@ HF_TWINS: dict[str, tuple[str, dict]] = {
     )),
 }  # fmt: skip
 
+#: family -> the bridge hook flags ``build`` switches on after booting its twin, by the bridge's own setters
+#: (``bridge.set_use_split_qkv_input(True)``): the TransformerLens 3 config sets the same field. Its twin is
+#: the twin of the family it adds the flag to, so the HF reference (plain autograd, no hooks) is the same.
+BRIDGE_FLAGS: dict[str, dict[str, bool]] = {
+    "split_qkv": {"use_split_qkv_input": True},
+    "split_qkv_gqa": {"use_split_qkv_input": True},
+}
+HF_TWINS |= {"split_qkv": HF_TWINS["gpt2"], "split_qkv_gqa": HF_TWINS["llama_gqa"]}
+assert all(FAMILIES[name].get(flag) == value for name, flags in BRIDGE_FLAGS.items() for flag, value in flags.items())
+
 #: families with no HookedTransformer config: ``build`` boots a bridge over the twin on either line
 #: (attention biases switched on where the family has them, so the value-bias attack has a target)
 BRIDGE_ONLY: dict[str, tuple[str, dict]] = {
@@ -175,7 +189,7 @@ ALL = [*FAMILIES, *BRIDGE_ONLY]
 HF_FLOAT32_INSIDE = frozenset(
     {"llama_gqa", "gemma", "gemma2_post_norm", "gemma3_post_norm_qk_norm", "mistral_windows", "qwen2_biases"}
     | {"olmo2_output_norms", "olmo_clip_qkv", "pythia_parallel", "moe_mixtral", "moe_topk_renormalised"}
-    | {"falcon_parallel_mqa", "phi3_fused", "qwen3_qk_norm"}
+    | {"falcon_parallel_mqa", "phi3_fused", "qwen3_qk_norm", "split_qkv_gqa"}
     | {"gpt_oss_moe_sinks"}  # RMSNorm's float32 upcast, rotary cos/sin computed in float32
 )
 
@@ -256,6 +270,8 @@ def _build_bridge(name: str, *, seed: int, **overrides):
     if (name not in HF_TWINS and name not in BRIDGE_ONLY) or overrides:
         raise LookupError(f"family {name!r} (overrides {sorted(overrides)}) has no transformers twin: TL 3 only")
     bridge = boot(_twin(name, seed))
+    for flag, value in BRIDGE_FLAGS.get(name, {}).items():
+        getattr(bridge, f"set_{flag}")(value)
     snapshot = [p.detach().clone() for p in bridge.original_model.parameters()]
     _REFERENCES[bridge] = (_twin(name, seed), snapshot)  # booting wraps the twin: the reference is a copy
     return bridge

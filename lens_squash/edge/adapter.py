@@ -40,6 +40,7 @@ from ..core.support import UnsupportedModelError
 from .adapter_probe import PATTERN_FREEZE, BridgeProbe, probe_bridge, probe_norm
 from .backends import is_bridge
 from .experts import moe_experts  # the one expert reader (hooked modules or fused views)
+from .hook_flags import hook_flags
 
 __all__ = [
     "activation",
@@ -128,10 +129,10 @@ def value_clip(model) -> float | None:
 
 
 def _structure(model) -> _Structure:
-    structure = _STRUCTURES.get(model)
-    if structure is None:
+    flags, structure = _STRUCTURES.get(model, (None, None))
+    if structure is None or flags != hook_flags(model):  # a hook flag switched since: probed afresh
         structure = _bridge_structure(model) if is_bridge(model) else _hooked_structure(model)
-        _STRUCTURES[model] = structure
+        _STRUCTURES[model] = (hook_flags(model), structure)
     return structure
 
 

@@ -24,11 +24,12 @@ from .adapter_guard import (
     hooked_output,
     readable,
 )
-from .experts import expert_glu, fused_glu
+from .adapter_mlp import check_mlp, check_moe
+from .adapter_mlp import close as _close
+from .hook_flags import per_head_norms_hooked
 
 __all__ = ["PATTERN_FREEZE", "QK_FREEZE", "BridgeProbe", "pattern_acts", "probe_bridge", "probe_norm"]
 
-_RTOL = 1e-4
 _SITES = ("ln1", "ln2", "ln1_post", "ln2_post")
 _FROZEN_INSTEAD = "use mode='exact' or mode='sketch', or a HookedTransformer (transformer-lens>=3.9,<4)"
 
@@ -49,18 +50,6 @@ class BridgeProbe:
     unsupported: dict[str, str] = field(default_factory=dict)
     #: hook suffixes whose detach freezes the pattern (:data:`PATTERN_FREEZE` or :data:`QK_FREEZE`)
     pattern_freeze: tuple[str, ...] = PATTERN_FREEZE
-
-
-def _close(a: Tensor, b: Tensor, dtype: torch.dtype | None = None) -> bool:
-    """``a ≈ b`` to 20 eps of the coarser dtype (or of ``dtype``, the one they were computed in):
-    float16/bfloat16 models round at ~1e-3, still far from an O(1) error."""
-    dtypes = [dtype] if dtype is not None else [t.dtype for t in (a, b)]
-    eps = max(torch.finfo(d).eps if d.is_floating_point else 0.0 for d in dtypes)
-    rtol = max(_RTOL, 20 * eps)
-    a, b = a.detach().double(), b.detach().double()
-    if a.numel() == b.numel() and a.numel() > 0:  # OPT's bridge flattens batch and positions before ln2
-        a, b = a.reshape(b.shape), b
-    return a.shape == b.shape and float((a - b).norm()) <= rtol * max(float(b.norm()), 1e-30)
 
 
 def probe_norm(module) -> tuple[bool, str]:
@@ -219,7 +208,7 @@ def probe_bridge(
                            experts, clip)  # fmt: skip
     except UnsupportedModelError as error:
         unsupported["certified"] = str(error)
-    with runnable(model):
+    with runnable(model), per_head_norms_hooked(model):  # as the frozen passes run it (edge/backward.py)
         freeze = PATTERN_FREEZE if pattern_acts(model, tokens) else QK_FREEZE
         frozen = _frozen_problem(model, tokens, kind, freeze)
     if frozen is not None:
@@ -248,9 +237,9 @@ def _keeper(store: dict, key: str) -> Callable:
 def _block_facts(rec, block, kind, activation, mlp_matrices, mlp_biases, experts, clip) -> BlockShape:
     shape = _shape(rec, block, kind)
     if kind in ("plain", "gated"):
-        _check_mlp(rec, block, activation, mlp_matrices, mlp_biases)
+        check_mlp(rec.inputs["mlp"], _contribution(rec, "mlp"), block, activation, mlp_matrices, mlp_biases)
     elif kind == "moe":
-        _check_moe(rec, block, experts)
+        check_moe(rec.inputs["mlp"], _contribution(rec, "mlp"), rec.extra.get("routing"), block, experts)
     _check_attention(rec, block, clip)
     return shape
 
@@ -376,92 +365,6 @@ def _fed_by(rec: _Recorder, sublayer: str, norms: list[str], raw: Tensor | None)
     if raw is None:
         return None
     raise UnsupportedModelError(f"cannot establish which norm the {sublayer} of block 0 reads; {INSTEAD}")
-
-
-def _check_mlp(rec: _Recorder, block, activation: Callable, mlp_matrices: Callable, mlp_biases: Callable) -> None:
-    """``act(u W_a + b_a) [⊙ (u W_in + b_in)] W_out + b_out`` must equal what the MLP returned."""
-    act = activation(block)
-    mats, w_out = mlp_matrices(block)
-    biases, b_out = mlp_biases(block)
-    u = rec.inputs["mlp"]
-    pre = [u @ w.to(u.dtype) + (0 if b is None else b.to(u.dtype)) for w, b in zip(mats, biases, strict=True)]
-    with torch.no_grad():
-        hidden = act(pre[0]) if len(pre) == 1 else act(pre[0]) * pre[1]
-        out = hidden @ w_out.to(u.dtype) + (0 if b_out is None else b_out.to(u.dtype))
-    if not _close(out, _contribution(rec, "mlp")):
-        raise UnsupportedModelError(
-            f"{type(block.mlp).__name__} does not compute act(x W_gate)·(x W_in) W_out (or act(x W_in) W_out) "
-            f"from the weights it exposes; {INSTEAD}"
-        )
-
-
-def _check_moe(rec: _Recorder, block, experts: Callable) -> None:
-    """``Σ_e g_e (glu(u W_gate,e + b_gate,e, u W_in,e + b_in,e) W_out,e + b_out,e)`` with ``g`` the router
-    hook's weights must equal what the MoE returned: the expert weights, biases and activation are read
-    right and the hook holds the final routing weights (top-k, renormalised), which the certified
-    bound's MLP gains and the frozen mode use as they are."""
-    routing = rec.extra.get("routing")
-    if routing is None:
-        raise UnsupportedModelError(
-            "the certified bound needs a mixture-of-experts router's final weights (hook_expert_weights), which "
-            f"this TransformerBridge does not fire; {INSTEAD}"
-        )
-    _check_gate_map(block)
-    u = rec.inputs["mlp"].reshape(-1, rec.inputs["mlp"].shape[-1])
-    out = torch.zeros_like(u)
-    with torch.no_grad():
-        for index, expert in enumerate(experts(block)):
-            weight = routing.reshape(u.shape[0], -1)[:, index : index + 1].to(u.dtype)
-            gate, up = (_affine(u, linear) for linear in (expert.W_gate, expert.W_in))
-            out = out + weight * _affine(expert_glu(expert)(gate, up), expert.W_out)
-    if not _close(out, _contribution(rec, "mlp")):
-        raise UnsupportedModelError(
-            f"{type(block.mlp).__name__} does not compute Σ_e g_e glu(x W_gate,e + b, x W_in,e + b) W_out,e + b "
-            f"from its experts' weights, biases and activation and its router hook's weights (a shared expert or "
-            f"an unknown activation); {INSTEAD}"
-        )
-
-
-def _affine(x: Tensor, linear) -> Tensor:
-    """``x Wᵀ + b`` of an ``nn.Linear``-like reading surface (no bias: none added)."""
-    out = x @ linear.weight.T.to(x.dtype)
-    return out if linear.bias is None else out + linear.bias.to(x.dtype)
-
-
-def _check_gate_map(block) -> None:
-    """Fused ``transformers`` experts apply their gate map through ``_apply_gate`` on the fused
-    ``[gate, up]`` columns (halves, or GPT-OSS's interleaved pairs): it must equal the map the bound
-    differentiates, also past the clamps (inputs span ``±3 L``, so a limit or slope read wrong is off
-    by O(1))."""
-    fused = getattr(block.mlp, "experts", None)
-    if fused is None or isinstance(fused, torch.nn.ModuleList):
-        return
-    apply_gate = getattr(fused, "_apply_gate", None)
-    glu = fused_glu(fused)
-    limit = getattr(fused, "limit", None)
-    if not callable(apply_gate):
-        if isinstance(limit, (int, float)):  # a few recorded tokens may never reach the clamps: no proof
-            raise UnsupportedModelError(
-                f"{type(fused).__name__} holds a clamp limit but no _apply_gate to check its gate map against "
-                f"(transformers older than the experts interface); {INSTEAD}"
-            )
-        return  # act_fn(gate)·up: the recomputed MoE checks it
-    span = 3 * max(float(limit) if isinstance(limit, (int, float)) else 1.0, 1.0)
-    ref = fused.gate_up_proj
-    x = torch.linspace(-span, span, 128, dtype=torch.float64).to(ref.device, ref.dtype).reshape(2, 64)
-    concatenated = bool(getattr(fused, "is_concatenated", True))
-    gate, up = (x[:, :32], x[:, 32:]) if concatenated else (x[:, ::2], x[:, 1::2])
-    with torch.no_grad():
-        theirs, ours = apply_gate(x), glu(gate, up)
-    if not _close(ours, theirs):
-        raise UnsupportedModelError(
-            f"{type(fused).__name__}'s gate map is neither act_fn(gate)·up nor GPT-OSS's clamped SwiGLU "
-            f"(clamp(up, ±L) + 1)·g σ(α g) with the alpha and limit it holds; {INSTEAD}"
-        )
-
-
-# ------------------------------------------------------------------------------------------------
-# Frozen hooks must act
 
 
 def _probed_layers(model) -> list[int]:

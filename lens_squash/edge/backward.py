@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .adapter import check_frozen, functorch_ready, pattern_freeze
 from .backends import is_bridge
+from .hook_flags import check_per_head_norms_hooked, per_head_norms_hooked
 
 __all__ = [
     "FROZEN_SUFFIXES",
@@ -68,7 +69,9 @@ def without_parameter_grads(model) -> Iterator[None]:
     for p in params:
         p.requires_grad_(requires_grad=False)
     try:
-        with functorch_ready(model):  # BLOOM's GeLU is an autograd.Function torch.func cannot transform
+        # BLOOM's GeLU is an autograd.Function torch.func cannot transform; a bridge's per-head ln1 (split
+        # Q/K/V inputs) runs through its hooks, so the frozen mode's detach reaches the scale it uses
+        with functorch_ready(model), per_head_norms_hooked(model):
             yield
     finally:
         for p in params:
@@ -77,6 +80,17 @@ def without_parameter_grads(model) -> Iterator[None]:
 
 def _detach(value: Tensor, hook) -> Tensor:
     return value.detach()
+
+
+def _detach_routed(model):
+    """``_detach`` for a bridge's ``ln1.hook_scale`` where split Q/K/V inputs fork the residual: it checks,
+    as it runs, that the per-head norms fire it (else it would freeze an unused scale)."""
+
+    def detach(value: Tensor, hook) -> Tensor:
+        check_per_head_norms_hooked(model)
+        return value.detach()
+
+    return detach
 
 
 def freeze_hooks(model, wrt: int = 0, layers: Iterable[int] | None = None) -> list[tuple[str, Any]]:
@@ -102,7 +116,8 @@ def freeze_hooks(model, wrt: int = 0, layers: Iterable[int] | None = None) -> li
         layer = int(match.group(1))
         if layer >= wrt and (wanted is None or layer in wanted):
             names.append(name)
-    return [(name, _detach) for name in names]
+    routed = _detach_routed(model)
+    return [(name, routed if name.endswith("ln1.hook_scale") else _detach) for name in names]
 
 
 class ReachedHook(Exception):

@@ -34,6 +34,7 @@ from .backends import has_hooked_transformer, is_bridge
 from .backward import ReachedHook, check_position, freeze_hooks, stop_at, without_parameter_grads
 from .checkpoint import BlockCall, run_block
 from .flow_offsets import adds_mid_offset, check_bridge_blocks, norm_input_offsets
+from .hook_flags import HOOK_FLAGS, switch_off
 from .jacobian_memory import MODES
 from .prompts import Tokens, tokenize
 
@@ -99,9 +100,11 @@ def check_flow_support(model) -> None:
     ]
     for refused, name, why in refusals:
         if refused:
+            # a bridge's hook flag only adds hooks: switched off, the same model has the same numbers
+            fix = f"call {switch_off(model, name)} first, or " if is_bridge(model) and name in HOOK_FLAGS else ""
             raise UnsupportedModelError(
                 f"the sensitivity flow does not cover cfg.{name}={clip if name == 'clip_qkv' else getattr(cfg, name, None)!r}: "
-                f"{why}; use "
+                f"{why}; {fix}use "
                 "jacobian(model, prompt, wrt=l) for layer-wise sensitivity without the decomposition"
             )
     if is_bridge(model):

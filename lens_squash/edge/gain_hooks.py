@@ -81,7 +81,7 @@ def _routing(mlp, weights: Tensor, indices: Tensor, cfg) -> Tensor:
     GPT-OSS's hook holds them already; Mixtral's holds the softmax over all experts, which the
     forward then cuts to the top k (and renormalises with ``norm_topk_prob``), in the same float32. A
     bridge's hook holds the final weights, top k and renormalised (the adapter's probe recomputes the
-    MoE's output from them, :func:`lens_squash.edge.adapter_probe._check_moe`)."""
+    MoE's output from them, :func:`lens_squash.edge.adapter_mlp.check_moe`)."""
     if type(mlp).__name__ == "GptOssMoE" or hasattr(mlp, "original_component"):
         return weights.reshape(-1, weights.shape[-1]).double()
     top = torch.gather(weights, -1, indices)

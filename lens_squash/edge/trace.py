@@ -35,6 +35,7 @@ from .cache_replay import replay_cache
 from .fast_attention import fast_attention
 from .finite import check_finite_values, check_finite_weights
 from .gain_hooks import mlp_gain_hooks, mlp_gains, stack_layers
+from .hook_flags import check_fork_unhooked
 from .lipschitz import supports_certified
 from .prompts import as_tokens  # the one conversion of a prompt (re-exported: callers import it from here)
 
@@ -274,6 +275,7 @@ def trace(
             f"{' …' if len(missing) > 3 else ''}); use a HookedTransformer, or a TransformerBridge "
             "after bridge.enable_compatibility_mode(no_processing=True)"
         )
+    check_fork_unhooked(model)  # a bridge's per-head residual copies: ln1's scale read must be the one used
     store: dict[str, Tensor] = {}
     dtype = _analysis_dtype(model)
     keep_whole = keeps_patterns(model, n, keep_patterns=keep_patterns)

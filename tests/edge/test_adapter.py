@@ -402,11 +402,11 @@ def test_a_shared_expert_is_refused_in_one_line_not_dropped():
 def test_clamped_experts_without_their_own_gate_map_are_refused():
     """Fused experts with a clamp limit but no ``_apply_gate`` (the map transformers runs) give nothing to
     check the clamped SwiGLU against past the clamps, which a 5-token probe may never reach: refused."""
-    from lens_squash.edge.adapter_probe import _check_gate_map
+    from lens_squash.edge.adapter_mlp import check_gate_map
 
     experts = SimpleNamespace(alpha=1.702, limit=7.0, gate_up_proj=torch.zeros(2, 4, 6), down_proj=torch.zeros(2, 3, 4))
     with pytest.raises(UnsupportedModelError, match="no _apply_gate"):
-        _check_gate_map(SimpleNamespace(mlp=SimpleNamespace(experts=experts)))
+        check_gate_map(SimpleNamespace(mlp=SimpleNamespace(experts=experts)))
 
 
 def test_clamped_values_are_read_from_the_transformers_config():

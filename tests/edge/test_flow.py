@@ -216,6 +216,7 @@ def test_target_position_and_non_last_target(model):
 
 #: family twins the flow refuses on both backends, with a word of the reason
 _FLOW_REFUSES = {"olmo2_output_norms": "norm", "olmo_clip_qkv": "clip_qkv"}
+_FLOW_REFUSES |= {"split_qkv": "use_split_qkv_input", "split_qkv_gqa": "use_split_qkv_input"}
 
 
 @pytest.mark.parametrize("name", sorted(families.HF_TWINS))
@@ -617,12 +618,22 @@ def test_flow_carries_bounds_and_serialises():
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("flag", ["use_split_qkv_input", "use_attn_in"])
+def test_per_head_inputs_are_refused_naming_the_flag(flag):
+    """Split Q/K/V inputs or a per-head attention input, switched on as users do (``model.set_<flag>``, on
+    TL 4 on GPT-2's bridge twin): refused naming the field, and on a bridge the call that switches it off."""
+    model = families.build("gpt2")
+    getattr(model, f"set_{flag}")(True)
+    with pytest.raises(UnsupportedModelError, match=f"cfg.{flag}") as refusal:
+        flow(model, families.TOKENS[:7], variants=())
+    assert "\n" not in str(refusal.value)
+    assert (f"bridge.set_{flag}(False)" in str(refusal.value)) == is_bridge(model)
+
+
 @pytest.mark.hooked  # builds a HookedTransformer (TransformerLens 3 only)
 @pytest.mark.parametrize(
     "field_name, kw",
     [
-        ("use_split_qkv_input", {"use_split_qkv_input": True}),
-        ("use_attn_in", {"use_attn_in": True}),
         ("act_fn", {"act_fn": "solu_ln"}),
         ("original_architecture", {"original_architecture": "Olmo2ForCausalLM"}),
     ],

@@ -10,6 +10,8 @@ from lens_squash.edge.gguf import offline_tokenizer
 from lens_squash.edge.models import from_hf_llama, tiny_model
 from lens_squash.edge.trace import final_representation, trace
 
+from .. import families
+
 TOKENS = torch.tensor([3, 14, 15, 9, 2, 6, 5, 3])
 
 
@@ -171,17 +173,13 @@ def test_value_norms_are_invariant_to_gqa_grouping():
         )
 
 
-@pytest.mark.hooked  # builds a HookedTransformer (TransformerLens 3 only)
 def test_split_qkv_inputs_give_per_position_scales():
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    plain = tiny_model(dtype=torch.float64, seed=9)
-    cfg = plain.cfg.to_dict()
-    cfg["use_split_qkv_input"] = True
-    split = HookedTransformer(HookedTransformerConfig(**cfg))
-    split.load_state_dict(plain.state_dict())
-    a, b = trace(plain, TOKENS, lipschitz=True), trace(split, TOKENS, lipschitz=True)
-    assert b.ln1_scale.shape == (plain.cfg.n_layers, len(TOKENS))
+    """The split family is GPT-2's with split Q/K/V inputs, the same weights (on TL 4 its bridge twin with
+    ``set_use_split_qkv_input(True)``): ln1's scale, per head on a HookedTransformer, is one per position."""
+    plain, split = families.build("gpt2"), families.build("split_qkv")
+    a, b = trace(plain, families.TOKENS, lipschitz=True), trace(split, families.TOKENS, lipschitz=True)
+    assert split.cfg.use_split_qkv_input and not plain.cfg.use_split_qkv_input
+    assert b.ln1_scale.shape == (plain.cfg.n_layers, len(families.TOKENS))
     torch.testing.assert_close(b.ln1_scale, a.ln1_scale, rtol=1e-12, atol=0)
     torch.testing.assert_close(b.mlp_gain, a.mlp_gain, rtol=1e-12, atol=0)
 
