@@ -28,7 +28,8 @@ from lens_squash.experiments.analysis import analyze
 from lens_squash.experiments.collapse import collapse_curve
 from lens_squash.experiments.sinks import sink_analysis
 
-from ..hf_families import CAUSAL, TOKENS, boot, build_hf, hf_jacobian
+from ..hf_families import TOKENS, boot, build_hf, hf_jacobian
+from ..test_bridge_conformance import FAMILIES as READ_FAMILIES
 from ..test_bridge_conformance import FLOAT32_INSIDE
 
 FAMILIES = ("gpt2", "llama")
@@ -215,12 +216,19 @@ def _outcome(call):
         return error
 
 
-#: every causal family of tests/hf_families.py with each flag; GPT-2 in the fast set, the others conformance
+#: every family the bridge conformance suite reads (tests/hf_families.py's causal ones less those refused whole)
+#: with each flag; GPT-2 in the fast set, the others conformance
 SWEEP = [
     pytest.param(family, flag, marks=[] if family == "gpt2" else [pytest.mark.conformance])
-    for family in CAUSAL
+    for family in READ_FAMILIES
     for flag in HOOK_FLAGS
 ]
+#: flags that fork the residual into per-head copies: TransformerLens then recomputes the attention and the
+#: gradient passes normalise each copy through the block's hooked ln1, in the model's dtype (edge/hook_flags.py).
+#: Cohere's transformers module computes steps in float32, so with these flags its trace and Jacobians agree with
+#: the flags-off bridge and HF autograd to float32 resolution only (flags off, the bridge runs that module)
+ROUTED = frozenset({"use_split_qkv_input", "use_attn_in"})
+NORM_IN_FLOAT32 = frozenset({"cohere", "cohere2"})
 
 
 @pytest.mark.parametrize(("family", "flag"), SWEEP)
@@ -235,7 +243,8 @@ def test_every_family_with_a_flag_gives_hf_autograd_or_the_flags_off_refusal(fam
         assert flag in str(error)
         return
     off, hf = _bridge(family), build_hf(family)
-    tol = 1e-5 if family in FLOAT32_INSIDE else 1e-10
+    float32_inside = family in FLOAT32_INSIDE or (flag in ROUTED and family in NORM_IN_FLOAT32)
+    tol = 1e-5 if float32_inside else 1e-10
     for mode in ("exact", "frozen"):
         got, plain = (_outcome(lambda m=m, mode=mode: jacobian(m, TOKENS, mode=mode)) for m in (model, off))
         if isinstance(plain, UnsupportedModelError):
@@ -243,4 +252,5 @@ def test_every_family_with_a_flag_gives_hf_autograd_or_the_flags_off_refusal(fam
             continue
         truth = hf_jacobian(hf, TOKENS, frozen=mode == "frozen").norm(dim=(0, 2))
         torch.testing.assert_close(got.frobenius.to(truth.dtype), truth, rtol=0, atol=tol * float(truth.max()))
-    _assert_same(trace(model, TOKENS), trace(off, TOKENS), 1e-10, (family, flag, "trace"))
+    # float32 inside: the forking flags' own attention recompute rounds where transformers' module does not
+    _assert_same(trace(model, TOKENS), trace(off, TOKENS), tol if float32_inside else 1e-10, (family, flag, "trace"))
