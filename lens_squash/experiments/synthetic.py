@@ -2,7 +2,9 @@
 
 **Toy decoders** (Fig. 8, Fig. 10). One attention layer, ``d = 64``, one head, untrained, built
 with :func:`lens_squash.edge.models.tiny_model` so they run through the same TransformerLens code as real
-models (on TransformerLens 4, a bridge over an equivalent ``transformers`` model). Token embeddings are standard Gaussian; the (pre-)LayerNorm makes each input unit-variance,
+models (on TransformerLens 4, a bridge over an equivalent ``transformers`` model, :func:`toy_weights`
+written into it; GPT-NeoX's RoPE angles and MPT's ALiBi softmax are float32 inside, ~1e-8 off in
+float64). Token embeddings are standard Gaussian; the (pre-)LayerNorm makes each input unit-variance,
 and ``W_Q, W_K, W_V ~ N(0, 1/d²)`` then give queries, keys and values of variance ``1/d`` per
 coordinate, the paper's setting; ``W_O ~ N(0, 1/d)``. Positional encodings (:data:`ENCODINGS`):
 sinusoidal APE (Vaswani et al.), learned-style APE (Gaussian ``W_pos``, as embeddings), RoPE, ALiBi
@@ -204,6 +206,7 @@ def pe_collapse(
     seed_list = tuple(range(seeds)) if isinstance(seeds, int) else tuple(int(s) for s in seeds)
     n_ctx = max(lengths) + 1
     table = torch.zeros(len(encodings), len(seed_list), len(lengths), dtype=torch.float64)
+    models = {}  # which model each encoding ran on (a HookedTransformer, or a bridge's transformers twin)
     for e, enc in enumerate(encodings):
         for j, seed in enumerate(seed_list):
             model = toy_decoder(enc, d_model=d_model, d_vocab=d_vocab, n_ctx=n_ctx, seed=seed, dtype=dtype)
@@ -212,6 +215,7 @@ def pe_collapse(
             s = [tokens[:n] for n in lengths]
             s_star = [torch.cat([tokens[:n], tokens[n - 1 : n]]) for n in lengths]
             table[e, j] = _distances_at(model, s, s_star, site)
+            models[enc] = model.cfg.model_name
     return PECollapseResult(
         encodings=tuple(encodings),
         seeds=seed_list,
@@ -225,6 +229,7 @@ def pe_collapse(
             "n_heads": 1,
             "n_layers": 1,
             "qkv_variance": f"1/{d_model}",
+            "models": models,
         },
     )
 

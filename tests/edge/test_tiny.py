@@ -135,3 +135,14 @@ def test_attn_only_twins_add_no_mlp_and_keep_the_bound(plain_twin, positional):
     truth = torch.linalg.matrix_norm(hf_jacobian(plain_twin[0], TOKENS[0], frozen=True).permute(1, 0, 2), ord=2)
     bound = path_bound(t, "certified", model=model).bound
     assert (bound >= truth * (1 - 1e-9)).all(), (bound / truth).min()
+
+
+@pytest.mark.parametrize("mode", ["exact", "frozen"])
+def test_the_alibi_twin_jacobians_equal_plain_autograd(plain_twin, mode):
+    """MPT (ALiBi, with its MLP): the toolkit's exact and frozen Jacobians on the bridge equal plain autograd on
+    the transformers twin (frozen: HF's own softmaxes and norm scales replayed)."""
+    model = tiny.tiny_model(n_layers=2, n_heads=2, d_model=16, d_vocab=40, positional="alibi", dtype=torch.float64)
+    got = jacobian(model, TOKENS[0], mode=mode, keep_full=True).full
+    expected = hf_jacobian(plain_twin[0], TOKENS[0], frozen=mode == "frozen")
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+    assert float(expected.abs().max()) > 1e-3  # not a vanishing Jacobian
