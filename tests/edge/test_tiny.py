@@ -146,3 +146,17 @@ def test_the_alibi_twin_jacobians_equal_plain_autograd(plain_twin, mode):
     expected = hf_jacobian(plain_twin[0], TOKENS[0], frozen=mode == "frozen")
     torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
     assert float(expected.abs().max()) > 1e-3  # not a vanishing Jacobian
+
+
+@pytest.mark.parametrize("bridge", [pytest.param(False, marks=pytest.mark.hooked), True])
+def test_weights_are_written_or_refused(monkeypatch, bridge):
+    """``weights=`` lands in the model (read back through TransformerLens names) or is refused, never dropped."""
+    if bridge:
+        monkeypatch.setattr(tiny, "has_hooked_transformer", lambda: False)
+    w_q = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    model = tiny.tiny_model(d_model=16, d_vocab=40, dtype=torch.float64, weights={"blocks.1.attn.W_Q": w_q})
+    assert torch.equal(model.blocks[1].attn.W_Q, w_q) and not torch.equal(model.blocks[0].attn.W_Q, w_q)
+    with pytest.raises(ValueError, match="is \\(2, 16\\), not"):
+        tiny.tiny_model(d_model=16, d_vocab=40, weights={"blocks.0.attn.W_O": torch.zeros(2, 16)})
+    with pytest.raises(ValueError, match="'blocks.0.attn.W_X'"):
+        tiny.tiny_model(d_model=16, d_vocab=40, weights={"blocks.0.attn.W_X": torch.zeros(2, 16, 8)})

@@ -90,6 +90,27 @@ def test_toy_decoder_computes_the_one_layer_model_written_out(encoding):
     assert float((y[0, 1:] - y[1, 1:]).abs().max()) > 1e-2  # the tokens matter: not a constant function
 
 
+@pytest.mark.hooked  # both kinds of model in one process: TransformerLens 3 has the bridge too
+@pytest.mark.parametrize("encoding", list(ENCODINGS))
+def test_toy_decoder_is_one_function_on_both_backends(monkeypatch, encoding):
+    """The HookedTransformer and the bridge over its transformers twin, built from the same draws, agree."""
+    from lens_squash.edge import tiny
+
+    tokens = torch.randint(32, (2, 30), generator=torch.Generator().manual_seed(4))
+    names = ("ln_final.hook_normalized", "blocks.0.attn.hook_pattern", "blocks.0.hook_attn_out")
+    outputs = []
+    for hooked in (True, False):
+        monkeypatch.setattr(tiny, "has_hooked_transformer", lambda hooked=hooked: hooked)
+        model = toy_decoder(encoding, d_model=16, d_vocab=32, n_ctx=40, seed=2)
+        assert type(model).__name__ == ("HookedTransformer" if hooked else "TransformerBridge")
+        with torch.no_grad():
+            logits, cache = model.run_with_cache(tokens)
+        outputs.append([logits, *(cache[n] for n in names)])
+    tol = _TOLERANCE.get(encoding, 1e-12)
+    for ours, theirs in zip(*outputs, strict=True):
+        torch.testing.assert_close(theirs, ours, rtol=0, atol=10 * tol)
+
+
 @pytest.mark.slow
 def test_synthetic_collapse_distance_falls_with_length_averaged_over_seeds():
     lengths = [2, 16, 128]
