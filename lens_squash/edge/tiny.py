@@ -8,6 +8,8 @@ equivalent ``transformers`` Llama). Where ``HookedTransformer`` is missing (Tran
 GPT-NeoX, MPT for ALiBi, Llama, Mistral or Arcee; ``attn_only`` as the twin with its MLP's output
 projection held at exactly zero), and refuses in one line the shapes ``transformers`` cannot express.
 ``weights`` (TransformerLens layout) are written into either model, the twin's in ``transformers``' layout.
+MPT's ALiBi adds ``m·(j − n + 1)`` to its ``hook_attn_scores`` where TransformerLens adds ``−m·(i − j)``: a
+constant per query row, so the patterns agree and the raw scores do not.
 """
 
 from __future__ import annotations
