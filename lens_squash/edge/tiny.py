@@ -5,7 +5,11 @@ attention, GQA, local windows); ``tiny-random`` is SmolLM2's architecture in min
 tokenizer, the one set of weights on both backends (a ``HookedTransformer`` and a bridge over an
 equivalent ``transformers`` Llama). Where ``HookedTransformer`` is missing (TransformerLens 4),
 :func:`tiny_model` boots a bridge over the random-weight ``transformers`` twin of its shape (GPT-2,
-GPT-NeoX, Llama or Mistral), and refuses in one line the shapes ``transformers`` cannot express.
+GPT-NeoX, MPT for ALiBi, Llama, Mistral or Arcee; ``attn_only`` as the twin with its MLP's output
+projection held at exactly zero), and refuses in one line the shapes ``transformers`` cannot express.
+``weights`` (TransformerLens layout) are written into either model, the twin's in ``transformers``' layout.
+MPT's ALiBi adds ``m·(j − n + 1)`` to its ``hook_attn_scores`` where TransformerLens adds ``−m·(i − j)``: a
+constant per query row, so the patterns agree and the raw scores do not.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ def tiny_model(
     tokenizer: str | None = None,
     dtype: torch.dtype | str = torch.float32,
     seed: int = 0,
+    weights: dict[str, torch.Tensor] | None = None,
 ):
     """A seeded, randomly initialised :class:`HookedTransformer` for tests and theory checks.
 
@@ -56,6 +61,8 @@ def tiny_model(
     ``tokenizer="smollm2"`` attaches the offline SmolLM2 tokenizer (with its chat template), which sets
     ``d_vocab`` to its vocabulary size. On TransformerLens 4 (no ``HookedTransformer``) it is a
     ``TransformerBridge`` over the equivalent ``transformers`` model (see :func:`_tiny_bridge`).
+    ``weights`` overwrites the seeded draws: TransformerLens names and layout (``embed.W_E``,
+    ``pos_embed.W_pos``, ``blocks.{l}.attn.W_Q``/``W_K``/``W_V``/``W_O``, ``unembed.W_U``), on either model.
     """
     if positional not in _POSITIONAL:
         raise ValueError(f"positional must be one of {sorted(_POSITIONAL)}, got {positional!r}")
@@ -72,7 +79,8 @@ def tiny_model(
             positional, _NORMS[norm], causal, n_key_value_heads, window, attn_only, gated_mlp, act_fn, d_head
         )
         sizes = dict(n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_mlp=d_mlp or 4 * d_model)
-        return _tiny_bridge(shape, sizes, d_vocab, n_ctx, init_range, hf_tokenizer, resolve_dtype(dtype), seed)
+        twin = (d_vocab, n_ctx, init_range, hf_tokenizer, resolve_dtype(dtype), seed, weights or {})
+        return _tiny_bridge(shape, sizes, *twin)
     HookedTransformer, HookedTransformerConfig = hooked_api()
     local = {"attn_types": ["local"] * n_layers, "window_size": window, "use_local_attn": True} if window else {}
     cfg = HookedTransformerConfig(
@@ -106,7 +114,20 @@ def tiny_model(
         with torch.no_grad():
             model.pos_embed.W_pos.zero_()
         model.pos_embed.W_pos.requires_grad_(requires_grad=False)
+    _write_hooked(model, weights or {})
     return model.eval()
+
+
+def _write_hooked(model, weights: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, value in weights.items():
+            try:
+                param = model.get_parameter(name)
+            except AttributeError as err:
+                raise ValueError(f"tiny_model(weights=...): {name!r} is not a parameter of this model") from err
+            if param.shape != value.shape:
+                raise ValueError(f"tiny_model(weights=...): {name} is {tuple(value.shape)}, not {tuple(param.shape)}")
+            param.copy_(value)
 
 
 # tiny_model on TransformerLens 4: a bridge over the random-weight transformers twin
@@ -135,15 +156,15 @@ def _refuse(knob: str) -> ModelLoadError:
     )
 
 
-def _hf_family(shape: _TinyShape, n_heads: int, d_model: int) -> str:
-    """``gpt2`` (LN, learned positions), ``gpt_neox`` (LN, rotary), ``llama`` or ``mistral`` (RMS, rotary,
-    gated; GQA, windows), ``arcee`` (RMS, rotary, plain MLP; GQA): the ``transformers`` family with this
-    block, or a refusal naming the knob."""
+def _hf_family(shape: _TinyShape, n_heads: int, d_model: int, d_mlp: int) -> str:
+    """``gpt2`` (LN, learned positions), ``gpt_neox`` (LN, rotary), ``mpt`` (LN, ALiBi, no biases, d_mlp
+    = 4 d_model, exact GELU), ``llama`` or ``mistral`` (RMS, rotary, gated; GQA, windows), ``arcee`` (RMS,
+    rotary, plain MLP; GQA): the ``transformers`` family with this block, or a refusal naming the knob.
+    ``attn_only`` is any of them with the MLP's output zeroed (:func:`_silence_mlps`)."""
     for knob, unexpressible in (
         ("causal=False", not shape.causal),
-        ("attn_only=True", shape.attn_only),
         ("norm=None", shape.norm is None),
-        ("positional='alibi'", shape.positional == "alibi"),
+        ("positional='alibi', norm='RMS'", shape.positional == "alibi" and shape.norm == "RMS"),
         (f"act_fn={shape.act_fn!r}", shape.act_fn not in _HF_ACTS),
     ):
         if unexpressible:
@@ -160,6 +181,10 @@ def _hf_family(shape: _TinyShape, n_heads: int, d_model: int) -> str:
     ):
         if unexpressible:
             raise _refuse(knob)
+    if shape.positional == "alibi":  # MPT's MLP is GELU(exact) at 4 d_model, no biases anywhere
+        if not shape.attn_only and (d_mlp != 4 * d_model or shape.act_fn != "gelu"):
+            raise _refuse(f"positional='alibi', d_mlp={d_mlp}, act_fn={shape.act_fn!r}")
+        return "mpt"
     return "gpt_neox" if shape.positional == "rotary" else "gpt2"
 
 
@@ -173,6 +198,12 @@ def _hf_config(family: str, shape: _TinyShape, sizes: dict, d_vocab: int, n_ctx:
             **common, n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_positions=n_ctx, n_inner=d_mlp,
             activation_function=shape.act_fn, layer_norm_epsilon=1e-5,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )  # fmt: skip
+    if family == "mpt":  # MPT's MLP is 4 d_model wide whatever expansion_ratio says
+        return transformers.MptConfig(
+            **common, d_model=d_model, n_heads=n_heads, n_layers=n_layers, max_seq_len=n_ctx, no_bias=True,
+            layer_norm_epsilon=1e-5, resid_pdrop=0.0, emb_pdrop=0.0,
+            attn_config={"alibi": True, "alibi_bias_max": 8, "attn_pdrop": 0, "clip_qkv": None, "qk_ln": False},
         )  # fmt: skip
     rope = {"rope_type": "default", "rope_theta": 10000.0}
     if family == "gpt_neox":  # TransformerLens rotates all of d_head, NeoX-style halves, as rotary_pct=1 does
@@ -207,23 +238,84 @@ def _init_as_hooked(hf_model, std: float, seed: int) -> None:
                 param.zero_()
 
 
+#: each family's MLP output projection inside block ``l`` (Llama, Mistral, Arcee: ``mlp.down_proj``)
+_MLP_OUT = {"gpt2": "mlp.c_proj", "gpt_neox": "mlp.dense_4h_to_h", "mpt": "ffn.down_proj"}
+
+
+def _silence_mlps(hf_model, family: str, n_layers: int) -> None:
+    """attn_only on a twin: every MLP's output projection (weight and bias) held at 0.0, so the MLP adds
+    exactly 0 and the residual stream is the attention's alone (no transformers decoder omits its MLP)."""
+    out = _MLP_OUT.get(family, "mlp.down_proj")
+    with torch.no_grad():
+        for l in range(n_layers):
+            params = [p for name, p in hf_model.named_parameters() if f".{l}.{out}." in name]
+            if not params:  # another transformers release: fail here rather than keep a live MLP
+                raise ModelLoadError(f"tiny_model(attn_only=True): no {out} in layer {l} of {type(hf_model).__name__}")
+            for param in params:
+                param.zero_()
+                param.requires_grad_(requires_grad=False)
+
+
+def _twin_view(hf_model, family: str, name: str, n_heads: int) -> torch.Tensor:
+    """The twin's parameter behind TransformerLens weight ``name``, as a view in TransformerLens layout
+    (writing it writes the twin): fused QKV sliced per family (GPT-2 columns, MPT row chunks, NeoX
+    per-head interleaved rows), ``nn.Linear`` weights transposed."""
+    get, heads = hf_model.get_parameter, (n_heads, -1)
+    if name in ("embed.W_E", "unembed.W_U"):
+        return hf_model.get_input_embeddings().weight if name == "embed.W_E" else hf_model.lm_head.weight.T
+    if name == "pos_embed.W_pos" and family == "gpt2":
+        return get("transformer.wpe.weight")
+    parts = name.split(".")
+    if len(parts) != 4 or parts[0] != "blocks" or parts[2] != "attn" or parts[3] not in ("W_Q", "W_K", "W_V", "W_O"):
+        raise ValueError(f"tiny_model(weights=...): {name!r} has no place in the {family} twin")
+    l, k = parts[1], "QKV".find(parts[3][-1])  # k = -1 for W_O
+    if family == "gpt2":
+        if k < 0:
+            return get(f"transformer.h.{l}.attn.c_proj.weight").unflatten(0, heads)
+        fused = get(f"transformer.h.{l}.attn.c_attn.weight")  # Conv1D [d_model, 3 d_model]: x @ W
+        return fused.chunk(3, dim=1)[k].unflatten(1, heads).permute(1, 0, 2)
+    prefix = {"gpt_neox": f"gpt_neox.layers.{l}.attention.", "mpt": f"transformer.blocks.{l}.attn."}
+    prefix = prefix.get(family, f"model.layers.{l}.self_attn.")
+    if k < 0:
+        out = {"gpt_neox": "dense", "mpt": "out_proj"}.get(family, "o_proj")
+        return get(f"{prefix}{out}.weight").T.unflatten(0, heads)
+    if family == "gpt_neox":  # rows: head-major, then q | k | v
+        fused = get(f"{prefix}query_key_value.weight").unflatten(0, (n_heads, 3, -1))
+        return fused[:, k].transpose(1, 2)
+    if family == "mpt":
+        return get(f"{prefix}Wqkv.weight").chunk(3)[k].unflatten(0, heads).transpose(1, 2)
+    return get(f"{prefix}{'qkv'[k]}_proj.weight").unflatten(0, heads).transpose(1, 2)
+
+
+def _write_twin(hf_model, family: str, weights: dict[str, torch.Tensor], n_heads: int) -> None:
+    with torch.no_grad():
+        for name, value in weights.items():
+            try:
+                view = _twin_view(hf_model, family, name, n_heads)
+            except AttributeError as err:
+                raise ValueError(f"tiny_model(weights=...): {name!r} has no place in the {family} twin") from err
+            if view.shape != value.shape:
+                raise ValueError(f"tiny_model(weights=...): {name} is {tuple(value.shape)}, not {tuple(view.shape)}")
+            view.copy_(value)
+
+
 @functools.lru_cache(maxsize=1)
 def _boot_tokenizer():
     """The bridge needs a tokenizer to boot offline; one shared copy (1-2 s to read), dropped after the boot."""
     return offline_tokenizer()
 
 
-def _tiny_bridge(shape: _TinyShape, sizes: dict, d_vocab, n_ctx, init_range, hf_tokenizer, dtype, seed):
+def _tiny_bridge(shape: _TinyShape, sizes: dict, d_vocab, n_ctx, init_range, hf_tokenizer, dtype, seed, weights):
     """tiny_model as a bridge: seeded, deterministic, the caller's RNG untouched (transformers' init,
     overwritten here, and the bridge's boot draw from the global RNG)."""
     with torch.random.fork_rng(devices=[]):
-        return _boot_twin(shape, sizes, d_vocab, n_ctx, init_range, hf_tokenizer, dtype, seed)
+        return _boot_twin(shape, sizes, d_vocab, n_ctx, init_range, hf_tokenizer, dtype, seed, weights)
 
 
-def _boot_twin(shape: _TinyShape, sizes: dict, d_vocab, n_ctx, init_range, hf_tokenizer, dtype, seed):
+def _boot_twin(shape: _TinyShape, sizes: dict, d_vocab, n_ctx, init_range, hf_tokenizer, dtype, seed, weights):
     import transformers
 
-    family = _hf_family(shape, sizes["n_heads"], sizes["d_model"])
+    family = _hf_family(shape, sizes["n_heads"], sizes["d_model"], sizes["d_mlp"])
     config = _hf_config(family, shape, sizes, d_vocab, n_ctx)
     config._attn_implementation = "eager"  # the patterns hooks see are the ones the model uses
     hf_model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(dtype)
@@ -232,6 +324,10 @@ def _boot_twin(shape: _TinyShape, sizes: dict, d_vocab, n_ctx, init_range, hf_to
     if shape.positional == "none":  # NoPE: learned positions held at zero, as on the hooked model
         hf_model.transformer.wpe.weight.data.zero_()
         hf_model.transformer.wpe.weight.requires_grad_(requires_grad=False)
+    if shape.attn_only:
+        _silence_mlps(hf_model, family, sizes["n_layers"])
+    # before the boot: a bridge may copy fused weights (MPT splits Wqkv) when it wraps the twin
+    _write_twin(hf_model, family, weights, sizes["n_heads"])
     bridge = boot_bridge(
         f"lens-squash/tiny-{family}",
         hf_model=hf_model,

@@ -2,7 +2,9 @@
 
 **Toy decoders** (Fig. 8, Fig. 10). One attention layer, ``d = 64``, one head, untrained, built
 with :func:`lens_squash.edge.models.tiny_model` so they run through the same TransformerLens code as real
-models. Token embeddings are standard Gaussian; the (pre-)LayerNorm makes each input unit-variance,
+models (on TransformerLens 4, a bridge over an equivalent ``transformers`` model, :func:`toy_weights`
+written into it; GPT-NeoX's RoPE angles and MPT's ALiBi softmax are float32 inside, ~1e-8 off in
+float64). Token embeddings are standard Gaussian; the (pre-)LayerNorm makes each input unit-variance,
 and ``W_Q, W_K, W_V ~ N(0, 1/d²)`` then give queries, keys and values of variance ``1/d`` per
 coordinate, the paper's setting; ``W_O ~ N(0, 1/d)``. Positional encodings (:data:`ENCODINGS`):
 sinusoidal APE (Vaswani et al.), learned-style APE (Gaussian ``W_pos``, as embeddings), RoPE, ALiBi
@@ -50,6 +52,7 @@ __all__ = [
     "ratio_invariance",
     "sinusoidal_table",
     "toy_decoder",
+    "toy_weights",
 ]
 
 
@@ -63,16 +66,16 @@ def sinusoidal_table(n_ctx: int, d_model: int) -> Float[Tensor, "pos d_model"]:
     return table
 
 
-def _no_pos(model, gen):
+def _no_pos(n_ctx, d_model, gen):
     return None
 
 
-def _sinusoidal(model, gen):
-    return sinusoidal_table(model.cfg.n_ctx, model.cfg.d_model)
+def _sinusoidal(n_ctx, d_model, gen):
+    return sinusoidal_table(n_ctx, d_model)
 
 
-def _learned(model, gen):
-    return torch.randn(model.cfg.n_ctx, model.cfg.d_model, generator=gen, dtype=torch.float64)
+def _learned(n_ctx, d_model, gen):
+    return torch.randn(n_ctx, d_model, generator=gen, dtype=torch.float64)
 
 
 #: encoding name → (tiny_model ``positional``, builder of ``W_pos`` or None)
@@ -83,6 +86,24 @@ ENCODINGS: dict[str, tuple[str, Callable]] = {
     "alibi": ("alibi", _no_pos),
     "nope": ("none", _no_pos),
 }
+
+
+def toy_weights(encoding: str, *, d_model: int, n_layers: int, d_vocab: int, n_ctx: int, seed: int):
+    """The toy decoder's draws in TransformerLens layout (one head, ``d_head = d_model``), in a fixed
+    order from one seeded generator, so both TransformerLens lines build the same function from them:
+    ``W_E ~ N(0, 1)``, ``W_Q, W_K, W_V ~ N(0, 1/d²)``, ``W_O ~ N(0, 1/d)``, ``W_pos`` per encoding,
+    ``W_U ~ N(0, 1/d)``."""
+    gen, d = torch.Generator().manual_seed(10_000 + seed), d_model
+    weights = {"embed.W_E": torch.randn(d_vocab, d, generator=gen, dtype=torch.float64)}
+    for l in range(n_layers):
+        for w in ("W_Q", "W_K", "W_V"):
+            weights[f"blocks.{l}.attn.{w}"] = torch.randn(1, d, d, generator=gen, dtype=torch.float64) / d
+        weights[f"blocks.{l}.attn.W_O"] = torch.randn(1, d, d, generator=gen, dtype=torch.float64) / math.sqrt(d)
+    table = ENCODINGS[encoding][1](n_ctx, d, gen)
+    if table is not None:
+        weights["pos_embed.W_pos"] = table
+    weights["unembed.W_U"] = torch.randn(d, d_vocab, generator=gen, dtype=torch.float64) / math.sqrt(d)
+    return weights
 
 
 def toy_decoder(
@@ -96,36 +117,23 @@ def toy_decoder(
     seed: int = 0,
     dtype: torch.dtype | str = torch.float64,
 ):
-    """The paper's untrained one-layer, one-head decoder (see the module docstring)."""
+    """The paper's untrained one-layer, one-head decoder (see the module docstring): a HookedTransformer,
+    or on TransformerLens 4 a bridge over its ``transformers`` twin (GPT-2, GPT-NeoX for RoPE, MPT for
+    ALiBi, each with its MLP's output held at 0), carrying the same :func:`toy_weights`."""
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown positional encoding {encoding!r}; use one of {', '.join(ENCODINGS)}")
-    positional, w_pos = ENCODINGS[encoding]
-    model = tiny_model(
-        n_layers=n_layers,
+    sizes = dict(d_model=d_model, n_layers=n_layers, d_vocab=d_vocab, n_ctx=n_ctx)
+    return tiny_model(
+        **sizes,
         n_heads=1,
-        d_model=d_model,
-        d_vocab=d_vocab,
-        n_ctx=n_ctx,
-        positional=positional,
+        positional=ENCODINGS[encoding][0],
         norm="LN",
         causal=causal,
         attn_only=True,
         dtype=dtype,
         seed=seed,
+        weights=toy_weights(encoding, **sizes, seed=seed),
     )
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    d = d_model
-    with torch.no_grad():
-        model.embed.W_E.copy_(torch.randn(d_vocab, d, generator=gen, dtype=torch.float64))
-        for block in model.blocks:
-            attn = block.attn
-            for w in (attn.W_Q, attn.W_K, attn.W_V):
-                w.copy_(torch.randn(w.shape, generator=gen, dtype=torch.float64) / d)
-            attn.W_O.copy_(torch.randn(attn.W_O.shape, generator=gen, dtype=torch.float64) / math.sqrt(d))
-        table = w_pos(model, gen)
-        if table is not None:
-            model.pos_embed.W_pos.copy_(table)
-    return model
 
 
 _SITES = ("attn_out", "resid_post", "ln_final")
@@ -198,6 +206,7 @@ def pe_collapse(
     seed_list = tuple(range(seeds)) if isinstance(seeds, int) else tuple(int(s) for s in seeds)
     n_ctx = max(lengths) + 1
     table = torch.zeros(len(encodings), len(seed_list), len(lengths), dtype=torch.float64)
+    models = {}  # which model each encoding ran on (a HookedTransformer, or a bridge's transformers twin)
     for e, enc in enumerate(encodings):
         for j, seed in enumerate(seed_list):
             model = toy_decoder(enc, d_model=d_model, d_vocab=d_vocab, n_ctx=n_ctx, seed=seed, dtype=dtype)
@@ -206,6 +215,7 @@ def pe_collapse(
             s = [tokens[:n] for n in lengths]
             s_star = [torch.cat([tokens[:n], tokens[n - 1 : n]]) for n in lengths]
             table[e, j] = _distances_at(model, s, s_star, site)
+            models[enc] = model.cfg.model_name
     return PECollapseResult(
         encodings=tuple(encodings),
         seeds=seed_list,
@@ -219,6 +229,7 @@ def pe_collapse(
             "n_heads": 1,
             "n_layers": 1,
             "qkv_variance": f"1/{d_model}",
+            "models": models,
         },
     )
 

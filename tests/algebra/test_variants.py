@@ -82,8 +82,8 @@ CERTIFIED_MODELS = {
 }
 
 
-#: tiny_model has no transformers twin for ALiBi or norm-free models: TransformerLens 3 only
-_NO_TWIN = {"LN+alibi", "no norm"}
+#: tiny_model has no transformers twin for norm-free models: TransformerLens 3 only (ALiBi boots MPT)
+_NO_TWIN = {"no norm"}
 
 
 @pytest.mark.parametrize(

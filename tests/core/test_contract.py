@@ -59,9 +59,9 @@ def _classes() -> dict[str, type]:
 CLASSES = _classes()
 RECORDS = {name: cls for name, cls in CLASSES.items() if issubclass(cls, Record) and cls not in (Record, Result)}
 RESULTS = {name: cls for name, cls in RECORDS.items() if issubclass(cls, Result)}
-#: classes whose instance builder makes a HookedTransformer of its own (the synthetic toy decoders;
-#: the lab builds a bridge on TransformerLens 4)
-HOOKED_BUILDERS = frozenset({"PECollapseResult"})
+#: classes whose instance builder makes a HookedTransformer of its own (none left: the synthetic toy
+#: decoders and the lab build a bridge on TransformerLens 4)
+HOOKED_BUILDERS: frozenset[str] = frozenset()
 
 
 def _names(classes: dict) -> list:

@@ -227,8 +227,9 @@ def _bias(b: torch.Tensor | None) -> torch.Tensor | float:
 
 
 #: the knobs whose tiny_model has a transformers twin that computes in float64 (GPT-2, GPT-2 with zero
-#: positions); the others need HookedTransformer: no norm, ALiBi, RMS with absolute positions and LN with
-#: GQA have no twin, and RMS with rotary has one (Arcee) whose RMSNorm runs in float32 (transformers casts
+#: positions); the others need HookedTransformer: no norm, RMS with absolute positions and LN with GQA have
+#: no twin, ALiBi's (MPT) adds m·(j − n + 1) to the scores (a row constant away from −m·(i − j): the same
+#: pattern, other raw scores), and RMS with rotary has one (Arcee) whose RMSNorm runs in float32 (transformers casts
 #: up to float32 only), 1.6e-7 off this float64 computation
 _TWINNED_KNOBS = {("LN", "standard"), ("LN", "none")}
 
@@ -286,7 +287,8 @@ def test_tiny_model_knobs_take_effect_in_the_attention_scores(positional, norm):
     ("positional", "depends_on"),
     [
         ("none", "nothing"),
-        pytest.param("alibi", "i - j", marks=pytest.mark.hooked),  # tiny_model's ALiBi has no transformers twin
+        # tiny_model's ALiBi twin (MPT) scores m·(j − n + 1): key position only, the same softmax
+        pytest.param("alibi", "i - j", marks=pytest.mark.hooked),
         ("rotary", "i - j"),
         ("standard", "i and j"),
     ],

@@ -152,7 +152,6 @@ def test_tasks_command_runs_and_resumes(tmp_path, capsys):
     assert (tmp_path / "results.jsonl").read_text().splitlines() == rows
 
 
-@pytest.mark.hooked  # the theory section's toy decoders are attn-only HookedTransformers (no transformers twin)
 def test_collapse_command_writes_every_figure(tmp_path, capsys):
     argv = [
         "collapse",
