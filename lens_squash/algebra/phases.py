@@ -96,7 +96,8 @@ def layer_correlations(
 
     Typical curves: ``first_token_norm`` (or its ratio), ``entropy`` and ``sink_rate``. Curves of
     different lengths (residual streams have ``L + 1`` entries, attention ``L``) are compared on
-    their common first layers.
+    their common first layers. Over fewer than two common layers a correlation is undefined: NaN, as
+    for a constant curve (a one-layer model has no across-layer trend to correlate).
     """
     corr = {"spearman": spearman, "pearson": pearson}.get(method)
     if corr is None:
@@ -104,7 +105,7 @@ def layer_correlations(
     out = {}
     for (name_a, a), (name_b, b) in combinations(curves.items(), 2):
         n = min(len(a), len(b))
-        out[f"{name_a} vs {name_b}"] = corr(torch.as_tensor(a)[:n], torch.as_tensor(b)[:n])
+        out[f"{name_a} vs {name_b}"] = corr(torch.as_tensor(a)[:n], torch.as_tensor(b)[:n]) if n >= 2 else math.nan
     return out
 
 

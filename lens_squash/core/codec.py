@@ -149,6 +149,8 @@ def _encode_tensor(t: torch.Tensor) -> dict[str, Any]:
         raise TypeError(f"tensors of dtype {dtype} are not stored; use one of {sorted(_TORCH_DTYPES)}")
     flat = t.contiguous().reshape(-1)
     flat = torch.view_as_real(flat).reshape(-1) if t.is_complex() else flat
+    if flat.numel() and flat.stride(-1) != 1:  # one element sliced from a wider tensor keeps its stride
+        flat = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)
     raw = flat.view(torch.uint8).numpy().tobytes()
     data = base64.b64encode(_little_endian(raw, flat.element_size())).decode("ascii")
     return {TYPE_KEY: "tensor", "dtype": dtype, "shape": list(t.shape), "byteorder": "little", "data": data}

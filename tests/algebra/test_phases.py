@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import scipy.stats
 import torch
@@ -66,3 +68,12 @@ def test_pearson_correlations_equal_numpy():
     a, b = torch.randn(7, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
     got = layer_correlations({"a": a, "b": b}, method="pearson")["a vs b"]
     assert got == pytest.approx(float(scipy.stats.pearsonr(a.numpy(), b.numpy()).statistic), abs=1e-12)
+
+
+def test_a_single_common_layer_has_no_correlation():
+    """A one-layer model: attention curves have one entry, residual ones two; a correlation across one layer
+    is undefined (NaN, as for a constant curve), where scipy warns and returns NaN too."""
+    got = layer_correlations({"first_token_norm": torch.tensor([1.0, 3.0]), "sink_rate": torch.tensor([0.5])})
+    assert list(got) == ["first_token_norm vs sink_rate"] and math.isnan(got["first_token_norm vs sink_rate"])
+    two = layer_correlations({"a": torch.tensor([1.0, 3.0]), "b": torch.tensor([2.0, 1.0, 7.0])})
+    assert two["a vs b"] == pytest.approx(-1.0)  # two common layers: defined

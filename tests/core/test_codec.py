@@ -82,3 +82,13 @@ def test_a_bool_tensor_holds_only_zero_and_one_bytes():
     stored["data"] = base64.b64encode(bytes([1, 2])).decode()
     with pytest.raises(StoredDataError, match="other than 0 and 1"):
         decode(stored)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.complex64])
+def test_one_element_sliced_from_a_wider_tensor_round_trips(dtype):
+    """A one-element view keeps its parent's stride (here 12), which a byte view refuses; a one-layer model's
+    per-layer curves are such slices."""
+    parent = (torch.arange(36, dtype=torch.float64).reshape(3, 12) + 0.5).to(dtype)
+    for view in (parent[:1, 5], parent[2:, 7:8], parent[1, 3]):
+        back = decode(json.loads(json.dumps(encode(view))))
+        assert back.dtype == view.dtype and back.shape == view.shape and torch.equal(back, view)

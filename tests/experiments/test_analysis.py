@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -352,3 +353,19 @@ def test_a_loaded_reports_metadata_sits_in_the_provenance_it_was_built_with(chat
     assert loaded.provenance["report"] == {"command": "analyze"}
     assert "patterns" in loaded.trace.provenance["dropped"] and loaded.trace.patterns is None
     assert "report" not in analysis.provenance  # the analysis that was saved is untouched
+
+
+def test_a_one_layer_model_is_analysed_saved_and_loaded(tmp_path):
+    """One block: no across-layer correlation exists (NaN, not a crash), the certified bound still dominates the
+    exact Jacobian (it is the frozen model's, and one layer's attention pattern is no input to itself), and its
+    one-element per-layer curves survive the file."""
+    model = tiny_model(n_layers=1, n_heads=2, d_model=16, d_vocab=40, n_ctx=32, dtype=torch.float64, seed=5)
+    frozen = jacobian(model, torch.tensor([3, 5, 7, 9, 11, 2]), mode="frozen").spectral
+    analysis = analyze(model, torch.tensor([3, 5, 7, 9, 11, 2]), jacobian_mode="exact")
+    values = list(analysis.sinks.correlations.values())  # pairs over one common layer: NaN; over two: defined
+    assert any(math.isnan(v) for v in values) and all(math.isnan(v) or abs(v) <= 1 + 1e-12 for v in values)
+    assert bool((analysis.bounds["certified"].bound >= frozen * (1 - 1e-12)).all())
+    (tmp_path / "results.json").write_text(json.dumps(to_jsonable(analysis.to_dict(heavy=False))))
+    loaded = Analysis.load(tmp_path / "results.json")
+    assert torch.equal(loaded.bounds["certified"].bound, analysis.bounds["certified"].bound)
+    assert torch.equal(loaded.spectral.dobrushin, analysis.spectral.dobrushin)
