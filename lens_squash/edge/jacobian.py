@@ -280,6 +280,8 @@ def _spectral_norms(blocks: Float[Tensor, "pos d_out d_in"], group: int = 8) -> 
     norms = []
     for i in range(0, blocks.shape[0], group):
         part = blocks[i : i + group]
+        if part.dtype.itemsize < 4:  # a 16-bit model's entries, exact in float32 (eigvalsh has no 16-bit kernel)
+            part = part.float()
         gram = part @ part.transpose(1, 2) if part.shape[1] <= part.shape[2] else part.transpose(1, 2) @ part
         norms.append(torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0).sqrt())
     return torch.cat(norms)

@@ -367,3 +367,19 @@ def test_smollm2_memory_estimate_covers_the_saved_autograd_graph(smollm2):
     saved = _graph_bytes(smollm2, tokens)
     assert saved > 400 * 2**20  # the weight copies (~405 MiB) the old formula left out
     assert fixed >= saved
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_16_bit_model_gets_its_jacobian_norms_within_its_precision_of_the_float32_twin(dtype):
+    """A 16-bit model's Jacobian blocks are 16-bit; their spectral norms go through float32 (exact for those
+    entries: torch has no 16-bit eigvalsh). The same weights in float32 agree to a few of the dtype's eps."""
+    from lens_squash.edge.models import load_model
+
+    tokens = torch.tensor([1, 5, 9, 2, 7, 30, 4])
+    low, full = load_model("tiny-random", dtype=dtype, n_ctx=64), load_model("tiny-random", dtype="float32", n_ctx=64)
+    tol = 8 * torch.finfo(getattr(torch, dtype)).eps
+    for mode in ("exact", "frozen"):
+        got, want = jacobian(low, tokens, mode=mode), jacobian(full, tokens, mode=mode)
+        for norm in ("spectral", "frobenius"):
+            a, b = getattr(got, norm).double(), getattr(want, norm).double()
+            assert torch.isfinite(a).all() and float(((a - b).abs() / b).max()) <= tol, (mode, norm)
