@@ -152,7 +152,9 @@ def check_against_wrapped(layer: int, block, call: tuple | None, written: Tensor
         raise UnsupportedModelError(
             f"the attention of block {layer} ({type(block.attn).__name__}) differs from the transformers "
             f"{type(original).__name__} it wraps (relative {err / float(expected.double().norm()):.1e}): this "
-            "TransformerLens bridge does not compute the model; use another TransformerLens version"
+            "TransformerLens bridge does not compute the model, or its weights were edited through the bridge's own "
+            "copies (q/k/v split off a fused weight), which the wrapped module does not see; edit the transformers "
+            "module's weights (bridge.original_model), or use another TransformerLens version"
         )
 
 
