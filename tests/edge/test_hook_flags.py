@@ -242,15 +242,28 @@ def test_every_family_with_a_flag_gives_hf_autograd_or_the_flags_off_refusal(fam
     except NotImplementedError as error:  # TransformerLens refuses the flag on this attention: nothing runs
         assert flag in str(error)
         return
-    off, hf = _bridge(family), build_hf(family)
+    reference = _flags_off(family)
     float32_inside = family in FLOAT32_INSIDE or (flag in ROUTED and family in NORM_IN_FLOAT32)
     tol = 1e-5 if float32_inside else 1e-10
     for mode in ("exact", "frozen"):
-        got, plain = (_outcome(lambda m=m, mode=mode: jacobian(m, TOKENS, mode=mode)) for m in (model, off))
+        got, plain = _outcome(lambda mode=mode: jacobian(model, TOKENS, mode=mode)), reference[mode]
         if isinstance(plain, UnsupportedModelError):
             assert isinstance(got, UnsupportedModelError) and str(got) == str(plain), (mode, got)
             continue
-        truth = hf_jacobian(hf, TOKENS, frozen=mode == "frozen").norm(dim=(0, 2))
+        truth = reference[f"hf_{mode}"]
         torch.testing.assert_close(got.frobenius.to(truth.dtype), truth, rtol=0, atol=tol * float(truth.max()))
     # float32 inside: the forking flags' own attention recompute rounds where transformers' module does not
-    _assert_same(trace(model, TOKENS), trace(off, TOKENS), tol if float32_inside else 1e-10, (family, flag, "trace"))
+    tol_trace = tol if float32_inside else 1e-10
+    _assert_same(trace(model, TOKENS), reference["trace"], tol_trace, (family, flag, "trace"))
+
+
+@functools.cache
+def _flags_off(family: str) -> dict:
+    """What the sweep compares every flag of ``family`` with, computed once: the flags-off bridge's Jacobians
+    (or refusals) and trace, and plain autograd on the transformers model (flag-independent)."""
+    off, hf = _bridge(family), build_hf(family)
+    out = {mode: _outcome(lambda mode=mode: jacobian(off, TOKENS, mode=mode)) for mode in ("exact", "frozen")}
+    for mode in ("exact", "frozen"):
+        if not isinstance(out[mode], UnsupportedModelError):
+            out[f"hf_{mode}"] = hf_jacobian(hf, TOKENS, frozen=mode == "frozen").norm(dim=(0, 2))
+    return out | {"trace": trace(off, TOKENS)}
