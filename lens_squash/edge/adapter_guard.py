@@ -133,7 +133,7 @@ def check_against_wrapped(layer: int, block, call: tuple | None, written: Tensor
     that differs (TransformerLens 3.9's Cohere and HunYuan bridges) makes every pattern and Jacobian wrong,
     so the model is refused whole. Skipped where the wrapped module cannot be rerun on the recorded call."""
     original = getattr(block.attn, "original_component", None)
-    if original is None or call is None or written is None:
+    if original is None or call is None or written is None or not _wrapped_is_evidence(block.attn, original):
         return
     # the recorded key/value cache already holds this layer's keys: rerun without one
     kwargs = {k: None if type(v).__name__.endswith("Cache") else v for k, v in call[1].items()}
@@ -152,10 +152,25 @@ def check_against_wrapped(layer: int, block, call: tuple | None, written: Tensor
         raise UnsupportedModelError(
             f"the attention of block {layer} ({type(block.attn).__name__}) differs from the transformers "
             f"{type(original).__name__} it wraps (relative {err / float(expected.double().norm()):.1e}): this "
-            "TransformerLens bridge does not compute the model, or its weights were edited through the bridge's own "
-            "copies (q/k/v split off a fused weight), which the wrapped module does not see; edit the transformers "
-            "module's weights (bridge.original_model), or use another TransformerLens version"
+            "TransformerLens bridge does not compute the model; use another TransformerLens version"
         )
+
+
+def _wrapped_is_evidence(attn, original) -> bool:
+    """Rerunning the wrapped module tests the bridge's attention only where both compute from the same weights
+    and no hook edits the bridge's side: a bridge that splits q/k/v copies off a fused weight (GPT-NeoX, Falcon,
+    BLOOM) computes from the copies, which training, ablations and edits change while the wrapped module keeps
+    the old fused weight; a user's hook on the attention (a window, a mask, a clamp) changes the bridge's output
+    and not the module's. Neither difference is a misread model, so neither is compared."""
+    own = {p.data_ptr() for p in original.parameters()}
+    if any(p.data_ptr() not in own for p in attn.parameters()):
+        return False
+    from transformer_lens.hook_points import HookPoint  # TransformerLens 3.9 and 4.3 keep it here
+
+    # the probe's recorders are removed before this check runs: a hook left on a hook point is a user's
+    return not any(
+        module._forward_hooks or module._forward_pre_hooks for module in attn.modules() if isinstance(module, HookPoint)
+    )
 
 
 def hooked_output(model, tokens: Tensor, names: list[str]) -> Tensor:

@@ -321,9 +321,10 @@ def _shape(rec: _Recorder, block, kind: str) -> BlockShape:
     attn_out = tuple(s for s in sites if reads[s] == "attn")
     attn_write = rec.outputs[attn_out[-1]] if attn_out else attn_raw
     mid = x + attn_write
-    for site in sites:
-        if reads[site] is None and _close(rec.inputs[site], mid):
-            reads[site] = "mid"
+    for site in sites:  # mid where it is the closer of the two: in 16 bits, x + a small write is within 20 eps of x
+        if reads[site] in (None, "x") and _close(rec.inputs[site], mid):
+            if reads[site] is None or _gap(rec.inputs[site], mid) < _gap(rec.inputs[site], x):
+                reads[site] = "mid"
     unknown = [s for s in sites if reads[s] is None]
     if unknown:
         raise UnsupportedModelError(
@@ -353,6 +354,13 @@ def _shape(rec: _Recorder, block, kind: str) -> BlockShape:
     return BlockShape(
         attn_in, attn_out, mlp_in, mlp_out, parallel=parallel, attn_only=False, value_clip=False, moe=kind == "moe"
     )
+
+
+def _gap(a: Tensor, b: Tensor) -> float:
+    """``‖a − b‖ / ‖b‖`` in float64 (shapes as :func:`_close` aligns them)."""
+    a, b = a.detach().double(), b.detach().double()
+    a = a.reshape(b.shape) if a.numel() == b.numel() else a
+    return float((a - b).norm()) / max(float(b.norm()), 1e-30) if a.shape == b.shape else float("inf")
 
 
 def _fed_by(rec: _Recorder, sublayer: str, norms: list[str], raw: Tensor | None) -> str | None:
