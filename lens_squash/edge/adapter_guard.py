@@ -20,9 +20,7 @@ from torch import Tensor
 
 from ..algebra.blocks import INSTEAD
 from ..core.support import UnsupportedModelError
-
-#: the probe's tolerance (:mod:`lens_squash.edge.adapter_probe`): 1e-4 relative, or 20 eps of the model's dtype
-_RTOL = 1e-4
+from .adapter_mlp import tolerance
 
 __all__ = [
     "attention_write",
@@ -86,7 +84,7 @@ def check_attention(block, u: Tensor, written: Tensor, pattern: Tensor, clip: fl
         spread = positionwise_spread(written.double().reshape(predicted.shape) - predicted)
     except RuntimeError:  # shapes that do not line up (a sink column in the pattern, a fused layout)
         spread = float("inf")
-    rtol = max(_RTOL, 20 * torch.finfo(written.dtype).eps)
+    rtol = tolerance(written.dtype)
     if not spread <= rtol * max(float(written.double().norm()), 1e-30):
         raise UnsupportedModelError(
             f"the attention of {type(block).__name__} does not write Σ_h A_h x W_V W_O from its pattern and the "
@@ -146,7 +144,7 @@ def check_against_wrapped(layer: int, block, call: tuple | None, written: Tensor
     expected = out[0] if isinstance(out, tuple) else out
     if not isinstance(expected, Tensor) or expected.shape != written.shape:
         return
-    rtol = max(_RTOL, 20 * torch.finfo(written.dtype).eps)
+    rtol = tolerance(written.dtype)
     err = float((written.double() - expected.double()).norm())
     if err > rtol * max(float(expected.double().norm()), 1e-30):
         raise UnsupportedModelError(

@@ -15,22 +15,29 @@ from ..algebra.blocks import INSTEAD
 from ..core.support import UnsupportedModelError
 from .experts import expert_glu, fused_glu
 
-__all__ = ["RTOL", "check_gate_map", "check_mlp", "check_moe", "close"]
+__all__ = ["RTOL", "check_gate_map", "check_mlp", "check_moe", "close", "gap", "tolerance"]
 
 #: a read fact's prediction must equal the module's output to this, relative (or 20 eps of the dtype)
 RTOL = 1e-4
 
 
-def close(a: Tensor, b: Tensor, dtype: torch.dtype | None = None) -> bool:
-    """``a ≈ b`` to 20 eps of the coarser dtype (or of ``dtype``, the one they were computed in):
-    float16/bfloat16 models round at ~1e-3, still far from an O(1) error."""
-    dtypes = [dtype] if dtype is not None else [t.dtype for t in (a, b)]
-    eps = max(torch.finfo(d).eps if d.is_floating_point else 0.0 for d in dtypes)
-    rtol = max(RTOL, 20 * eps)
+def tolerance(*dtypes: torch.dtype) -> float:
+    """:data:`RTOL`, or 20 eps of the coarsest of ``dtypes``: float16/bfloat16 models round at ~1e-3, still
+    far from an O(1) error."""
+    return max(RTOL, 20 * max(torch.finfo(d).eps if d.is_floating_point else 0.0 for d in dtypes))
+
+
+def gap(a: Tensor, b: Tensor) -> float:
+    """``‖a − b‖ / ‖b‖`` in float64; ``inf`` where the shapes differ. Equal sizes are compared as ``b``'s shape
+    (OPT's bridge flattens batch and positions before ln2)."""
     a, b = a.detach().double(), b.detach().double()
-    if a.numel() == b.numel() and a.numel() > 0:  # OPT's bridge flattens batch and positions before ln2
-        a, b = a.reshape(b.shape), b
-    return a.shape == b.shape and float((a - b).norm()) <= rtol * max(float(b.norm()), 1e-30)
+    a = a.reshape(b.shape) if a.numel() == b.numel() else a
+    return float((a - b).norm()) / max(float(b.norm()), 1e-30) if a.shape == b.shape else float("inf")
+
+
+def close(a: Tensor, b: Tensor, dtype: torch.dtype | None = None) -> bool:
+    """``a ≈ b`` to :func:`tolerance` of the coarser dtype (or of ``dtype``, the one they were computed in)."""
+    return gap(a, b) <= tolerance(*([dtype] if dtype is not None else [a.dtype, b.dtype]))
 
 
 def check_mlp(

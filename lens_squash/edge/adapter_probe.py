@@ -24,7 +24,7 @@ from .adapter_guard import (
     hooked_output,
     readable,
 )
-from .adapter_mlp import check_mlp, check_moe
+from .adapter_mlp import check_mlp, check_moe, gap
 from .adapter_mlp import close as _close
 from .hook_flags import per_head_norms_hooked
 
@@ -323,7 +323,7 @@ def _shape(rec: _Recorder, block, kind: str) -> BlockShape:
     mid = x + attn_write
     for site in sites:  # mid where it is the closer of the two: in 16 bits, x + a small write is within 20 eps of x
         if reads[site] in (None, "x") and _close(rec.inputs[site], mid):
-            if reads[site] is None or _gap(rec.inputs[site], mid) < _gap(rec.inputs[site], x):
+            if reads[site] is None or gap(rec.inputs[site], mid) < gap(rec.inputs[site], x):
                 reads[site] = "mid"
     unknown = [s for s in sites if reads[s] is None]
     if unknown:
@@ -354,13 +354,6 @@ def _shape(rec: _Recorder, block, kind: str) -> BlockShape:
     return BlockShape(
         attn_in, attn_out, mlp_in, mlp_out, parallel=parallel, attn_only=False, value_clip=False, moe=kind == "moe"
     )
-
-
-def _gap(a: Tensor, b: Tensor) -> float:
-    """``‖a − b‖ / ‖b‖`` in float64 (shapes as :func:`_close` aligns them)."""
-    a, b = a.detach().double(), b.detach().double()
-    a = a.reshape(b.shape) if a.numel() == b.numel() else a
-    return float((a - b).norm()) / max(float(b.norm()), 1e-30) if a.shape == b.shape else float("inf")
 
 
 def _fed_by(rec: _Recorder, sublayer: str, norms: list[str], raw: Tensor | None) -> str | None:

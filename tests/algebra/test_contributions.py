@@ -102,21 +102,30 @@ def _pattern_and_writes(model, cache, layer: int) -> tuple[torch.Tensor, torch.T
     return a, torch.einsum("khd,hdm->hkm", v, model.blocks[layer].attn.W_O.double())
 
 
+def _rolled_out(model, cache, contributions):
+    """The last token's row of the rollout of ``contributions(layer, pattern, per_head_writes)``, each layer's
+    ``c_jk`` scaled to rows of 1, composed from the last layer down."""
+    row = torch.zeros(families.TOKENS.shape[0], dtype=torch.float64)
+    row[-1] = 1.0
+    for layer in reversed(range(model.cfg.n_layers)):
+        c = contributions(layer, *_pattern_and_writes(model, cache, layer))
+        row = row @ (c / c.sum(-1, keepdim=True))
+    return row
+
+
 def test_alti_resid_against_the_models_own_hooks():
     """An independent build of ``alti_resid``: every ``T_jk`` from the cache's patterns, GQA values and
     ``W_O`` (raw residual coordinates), ``c_jk = max(0, sign(y_j)·T_jk)``, rows scaled and multiplied."""
     model = _model("llama_gqa")
     traced, cache = _cached("llama_gqa")
     n = families.TOKENS.shape[0]
-    row = torch.zeros(n, dtype=torch.float64)
-    row[-1] = 1.0
-    for layer in reversed(range(model.cfg.n_layers)):
-        a, per_head = _pattern_and_writes(model, cache, layer)
+
+    def contributions(layer, a, per_head):
         t = torch.einsum("hjk,hkm->jkm", a, per_head)
         t[range(n), range(n)] += cache[f"blocks.{layer}.hook_resid_pre"][0].double()
-        y = t.sum(1)
-        c = torch.einsum("jm,jkm->jk", torch.sign(y), t).clamp_min(0)
-        row = row @ (c / c.sum(-1, keepdim=True))
+        return torch.einsum("jm,jkm->jk", torch.sign(t.sum(1)), t).clamp_min(0)
+
+    row = _rolled_out(model, cache, contributions)
     got = path_bound(traced, "alti_resid", model=model).bound
     torch.testing.assert_close(got, row, rtol=1e-5, atol=1e-8)
     assert not torch.allclose(got, path_bound(traced, "alti_linear", model=model).bound, rtol=1e-3)
@@ -128,16 +137,14 @@ def test_alti_skip_against_the_models_own_hooks():
     and ``W_O``; ``c_jk = max(0, sign(y_j)·T_jk) + δ_jk ‖y_j‖₁``, rows scaled to 1 and multiplied."""
     model = _model("llama_gqa")
     traced, cache = _cached("llama_gqa")
-    n = families.TOKENS.shape[0]
-    row = torch.zeros(n, dtype=torch.float64)
-    row[-1] = 1.0
-    for layer in reversed(range(model.cfg.n_layers)):
-        a, per_head = _pattern_and_writes(model, cache, layer)
+
+    def contributions(layer, a, per_head):
         y = cache[f"blocks.{layer}.hook_resid_mid"][0].double()
         b_o = model.blocks[layer].attn.b_O  # a bridge has None for a bias-free W_O
         y = y if b_o is None else y - b_o.double()  # b_O is attributed to no token
-        c = torch.einsum("jm,hjk,hkm->jk", torch.sign(y), a, per_head).clamp_min(0) + torch.diag(y.abs().sum(-1))
-        row = row @ (c / c.sum(-1, keepdim=True))
+        return torch.einsum("jm,hjk,hkm->jk", torch.sign(y), a, per_head).clamp_min(0) + torch.diag(y.abs().sum(-1))
+
+    row = _rolled_out(model, cache, contributions)
     got = path_bound(traced, "alti_skip", model=model).bound
     torch.testing.assert_close(got, row, rtol=1e-5, atol=1e-8)
 

@@ -357,8 +357,7 @@ def test_a_loaded_reports_metadata_sits_in_the_provenance_it_was_built_with(chat
 
 def test_a_one_layer_model_is_analysed_saved_and_loaded(tmp_path):
     """One block: no across-layer correlation exists (NaN, not a crash), the certified bound still dominates the
-    exact Jacobian (it is the frozen model's, and one layer's attention pattern is no input to itself), and its
-    one-element per-layer curves survive the file."""
+    frozen Jacobian it bounds, and the one-element per-layer curves survive the file."""
     model = tiny_model(n_layers=1, n_heads=2, d_model=16, d_vocab=40, n_ctx=32, dtype=torch.float64, seed=5)
     frozen = jacobian(model, torch.tensor([3, 5, 7, 9, 11, 2]), mode="frozen").spectral
     analysis = analyze(model, torch.tensor([3, 5, 7, 9, 11, 2]), jacobian_mode="exact")
